@@ -1,0 +1,131 @@
+//! The Volume API that front ends (NBD, iSCSI) and the CLI call.
+//!
+//! Every operation is a [`Request`] submitted with a [`Completion`] callback, so a front end can keep
+//! many requests in flight per connection without a thread per request. Blocking helpers wrap
+//! `submit` for tests and the CLI.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// Smallest addressable unit of a volume: requests must be aligned to it.
+pub const SECTOR_BYTES: u64 = 512;
+/// The engine's block: the unit of mapping, checksumming and (later) dedup.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Largest single request the engine accepts (reads, writes, and the data of one call).
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
+/// One I/O request against a volume. Offsets and lengths are in bytes, 512-byte aligned.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Read `len` bytes (at most [`MAX_REQUEST_BYTES`]).
+    Read { offset: u64, len: u32 },
+    /// Write `data`; with `fua` the data is durable before the completion runs.
+    Write { offset: u64, data: Bytes, fua: bool },
+    /// Make the range read as zeroes. Whole blocks become holes (no space used).
+    WriteZeroes { offset: u64, len: u64, fua: bool },
+    /// Discard the range: it reads back as zeroes and frees its space.
+    Trim { offset: u64, len: u64, fua: bool },
+    /// Make every write completed before this request durable (on every connection).
+    Flush,
+}
+
+/// What a successful request returns.
+#[derive(Debug)]
+pub enum Reply {
+    /// Data of a read, exactly the requested length.
+    Data(Vec<u8>),
+    /// A write, zero, trim or flush completed.
+    Done,
+}
+
+/// Callback run exactly once when a request completes, on an engine thread: keep it short
+/// (hand the result to a channel).
+pub type Completion = Box<dyn FnOnce(Result<Reply>) + Send + 'static>;
+
+/// A run of blocks with the same allocation state, as NBD `base:allocation` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    /// Length of the run in bytes.
+    pub len: u64,
+    /// True when no data is stored for the run (never written, trimmed or zeroed); it reads as
+    /// zeroes.
+    pub hole: bool,
+}
+
+/// Public description of a volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Bytes of the volume that map to stored data (not holes).
+    pub mapped_bytes: u64,
+}
+
+/// Pool-wide statistics, printed by `ingot stats --json`. Field names are a contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Bytes of segment space the pool can hold.
+    pub capacity_bytes: u64,
+    /// Bytes of segments in use (data, metadata, open).
+    pub physical_used_bytes: u64,
+    /// Bytes of all volumes that map to stored blocks.
+    pub logical_mapped_bytes: u64,
+    /// Bytes of live stored payloads.
+    pub stored_bytes: u64,
+    pub segments_total: u64,
+    pub segments_free: u64,
+    pub segment_bytes: u64,
+    pub volumes: Vec<VolumeInfo>,
+    /// Bytes written by clients since the pool was opened.
+    pub client_written_bytes: u64,
+    /// Bytes written to devices since the pool was opened (records, checkpoints, superblocks).
+    pub device_written_bytes: u64,
+    pub cache_bytes: u64,
+    pub cache_capacity_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub checkpoint_seq: u64,
+    pub last_seq: u64,
+    pub io_engine: String,
+    pub shards: usize,
+}
+
+/// A problem `check` found; `ingot check` prints each and exits non-zero if any exists.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Short machine-readable kind: `checksum`, `io`, `refcount`, `location`, `segment_usage`.
+    pub kind: &'static str,
+    /// Where and what, for a human.
+    pub detail: String,
+}
+
+/// Outcome of a full consistency check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub blocks_checked: u64,
+    pub bytes_checked: u64,
+    pub volumes_checked: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Check that a request range is inside a volume of `size` bytes, sector-aligned and not larger
+/// than `max` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64, max: u64) -> Result<()> {
+    use crate::error::Error;
+    if offset % SECTOR_BYTES != 0 || len % SECTOR_BYTES != 0 {
+        return Err(Error::Unaligned {
+            offset,
+            len,
+            align: SECTOR_BYTES,
+        });
+    }
+    if len > max {
+        return Err(Error::TooLarge { len, max });
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
