@@ -106,13 +106,11 @@ impl Error {
                 ascq: 0x00,
             },
             // INVALID FIELD IN CDB
-            Error::Unaligned { .. } | Error::TooLarge { .. } | Error::InvalidSize { .. } => {
-                Sense {
-                    key: ILLEGAL_REQUEST,
-                    asc: 0x24,
-                    ascq: 0x00,
-                }
-            }
+            Error::Unaligned { .. } | Error::TooLarge { .. } | Error::InvalidSize { .. } => Sense {
+                key: ILLEGAL_REQUEST,
+                asc: 0x24,
+                ascq: 0x00,
+            },
             // SPACE ALLOCATION FAILED WRITE PROTECT
             Error::NoSpace => Sense {
                 key: DATA_PROTECT,

@@ -3,12 +3,25 @@
 //! See `docs/architecture.md` for the write path and `docs/format.md` for the on-disk layout.
 
 pub mod api;
+mod cache;
+mod checkpoint;
 pub mod error;
+pub mod format;
+pub mod io;
+mod job;
+mod lbamap;
 mod pool;
+mod recovery;
+mod shard;
+mod space;
+mod volume;
 
 pub use api::{
     check_range, CheckReport, Completion, Extent, Problem, Reply, Request, Stats, VolumeInfo,
     BLOCK_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES,
 };
 pub use error::{Error, Result, Sense};
-pub use pool::{CreateOptions, IoKind, Pool, PoolOptions, Volume};
+pub use io::fault::{CutMode, FaultPlan};
+pub use io::IoKind;
+pub use pool::{CreateOptions, Pool, PoolOptions, POOL_FILE};
+pub use volume::Volume;

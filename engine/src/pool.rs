@@ -1,63 +1,1518 @@
-//! Temporary API skeleton; replaced by the real pool.
-use std::path::Path;
+//! The pool: devices, volumes, shard workers, the flusher and the checkpointer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crate::api::*;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{CheckReport, Problem, Stats, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES};
+use crate::checkpoint::{self, Image, VolumeImage};
 use crate::error::{Error, Result};
+use crate::format::{
+    SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, IO_ALIGN, NO_SEGMENT,
+    SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
+};
+use crate::io::fault::{FaultDevices, FaultPlan};
+use crate::io::sync::FileSet;
+use crate::io::{open_devices, AlignedBuf, Devices, IoKind, SharedDevices};
+use crate::job::FlushMsg;
+use crate::lbamap::shard_of;
+use crate::recovery::{scan_chain, Entry};
+use crate::shard::{trim_owned, Shard, ShardMsg, ShardPosition};
+use crate::space::{BlockEntry, SegState, Space};
+use crate::volume::{Volume, VolumeState};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum IoKind {
-    #[default]
-    Auto,
-    Uring,
-    Sync,
-}
+/// Name of the file in the pool directory that lists the devices.
+pub const POOL_FILE: &str = "pool.json";
+const LOCK_FILE: &str = "pool.lock";
+const DEFAULT_SEGMENT_BYTES: u64 = 8 << 20;
 
+/// How to create a pool.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
+    /// Capacity in bytes (segments); the backing file is this plus 1 MiB of superblocks.
     pub size_bytes: u64,
+    /// Segment size, a power of two from 2 MiB to 1 GiB (default 8 MiB).
     pub segment_bytes: u64,
+    /// Backing files or block devices; empty: one file `dev0.img` in the pool directory.
+    pub devices: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default)]
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size_bytes: 16 << 30,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// How to run an open pool.
+#[derive(Clone)]
 pub struct PoolOptions {
     pub io: IoKind,
+    /// Shard workers; 0 = one per core.
+    pub shards: usize,
+    /// DRAM read cache; `None` = a tenth of available memory, at most 4 GiB.
+    pub cache_bytes: Option<u64>,
+    /// Client bytes written between automatic checkpoints (bounds recovery time).
+    pub checkpoint_interval_bytes: u64,
+    /// Tests: inject faults through these rules.
+    pub fault: Option<Arc<FaultPlan>>,
 }
 
-pub struct Pool {}
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            io: IoKind::Auto,
+            shards: 0,
+            cache_bytes: None,
+            checkpoint_interval_bytes: 1 << 30,
+            fault: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for PoolOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolOptions")
+            .field("io", &self.io)
+            .field("shards", &self.shards)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("checkpoint_interval_bytes", &self.checkpoint_interval_bytes)
+            .finish()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PoolFile {
+    format_version: u32,
+    devices: Vec<PathBuf>,
+}
+
+/// Segment numbering across devices.
+#[derive(Debug, Clone)]
+pub(crate) struct Geometry {
+    pub segment_bytes: u64,
+    /// (first segment, count) per device.
+    pub devs: Vec<(u32, u32)>,
+    pub total_segments: u32,
+}
+
+impl Geometry {
+    /// Device and byte offset of a segment's start.
+    pub fn locate(&self, seg: u32) -> (u16, u64) {
+        for (d, &(first, count)) in self.devs.iter().enumerate() {
+            if seg >= first && seg < first + count {
+                return (
+                    d as u16,
+                    DATA_START + u64::from(seg - first) * self.segment_bytes,
+                );
+            }
+        }
+        (0, DATA_START)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct ShardStats {
+    /// Records applied (the next shard_seq expected to apply).
+    pub applied_shard_seq: AtomicU64,
+    /// Records known durable (a sync completed after they were applied).
+    pub durable_shard_seq: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_bytes: AtomicU64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub client_written: AtomicU64,
+    pub device_written: AtomicU64,
+}
+
+struct CkptState {
+    generation: u64,
+    segments: Vec<u32>,
+    seq_end: u64,
+    written_at_last: u64,
+}
+
+struct VolumeTable {
+    by_name: BTreeMap<String, Arc<VolumeState>>,
+    next_id: u32,
+}
+
+pub(crate) struct Inner {
+    pub devices: SharedDevices,
+    pub geo: Geometry,
+    pub pool_uuid: [u8; 16],
+    pub epoch: u64,
+    pub space: Mutex<Space>,
+    /// Next sequence number to assign.
+    pub seq: AtomicU64,
+    pub shard_stats: Vec<ShardStats>,
+    pub counters: Counters,
+    pub flusher: Sender<FlushMsg>,
+    pub chain_broken: AtomicBool,
+    senders: Vec<Sender<ShardMsg>>,
+    volumes: RwLock<VolumeTable>,
+    ckpt: Mutex<CkptState>,
+    superblocks: Vec<Superblock>,
+    closed: AtomicBool,
+    kick: Sender<CkptMsg>,
+    cache_capacity: u64,
+    checkpoint_interval: u64,
+}
+
+enum CkptMsg {
+    Kick,
+    Stop,
+}
+
+impl Inner {
+    pub fn shards(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn send_to_shard(&self, shard: usize, msg: ShardMsg) {
+        if let Err(crossbeam_channel::SendError(msg)) = self.senders[shard].send(msg) {
+            fail_msg(msg);
+        }
+    }
+
+    pub fn kick_checkpoint(&self) {
+        let _ = self.kick.try_send(CkptMsg::Kick);
+    }
+
+    /// Segments kept back from data so that a checkpoint always fits.
+    pub fn reserve_segments(&self) -> usize {
+        let vols = self.volumes.read();
+        let mut pages = 0u64;
+        for v in vols.by_name.values() {
+            for m in &v.maps {
+                pages += m.lock().pages.iter().filter(|p| p.is_some()).count() as u64;
+            }
+        }
+        let blocks = self.space.lock().live_blocks;
+        let est = checkpoint::estimate_bytes(
+            pages,
+            blocks,
+            vols.by_name.len() as u64,
+            self.shards() as u64,
+        );
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
+        self.volumes.read().by_name.get(name).cloned()
+    }
+
+    /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
+    /// the sequence number that the checkpoint will cover (volume create, delete, resize).
+    fn checkpoint_with(
+        &self,
+        mutate: Option<&mut dyn FnMut(&Inner, u64) -> Result<()>>,
+    ) -> Result<()> {
+        let mut ck = self.ckpt.lock();
+        let (ptx, prx) = crossbeam_channel::unbounded();
+        let mut resumes = Vec::new();
+        let mut positions = vec![None; self.shards()];
+        for (i, tx) in self.senders.iter().enumerate() {
+            let (rtx, rrx) = crossbeam_channel::bounded::<()>(1);
+            let (one_tx, one_rx) = crossbeam_channel::bounded(1);
+            if tx
+                .send(ShardMsg::Pause {
+                    paused: one_tx,
+                    resume: rrx,
+                })
+                .is_err()
+            {
+                return Err(Error::ShutDown);
+            }
+            resumes.push(rtx);
+            let ptx = ptx.clone();
+            // Collect replies tagged with the shard number.
+            std::thread::spawn(move || {
+                if let Ok(r) = one_rx.recv() {
+                    let _ = ptx.send((i, r));
+                }
+            });
+        }
+        drop(ptx);
+        let mut first_err = None;
+        for _ in 0..self.shards() {
+            match prx.recv() {
+                Ok((i, Ok(pos))) => positions[i] = Some(pos),
+                Ok((_, Err(e))) => first_err = first_err.or(Some(e)),
+                Err(_) => first_err = first_err.or(Some(Error::ShutDown)),
+            }
+        }
+        let seq_end = self.seq.load(Ordering::Acquire);
+        let mut result = first_err.map_or(Ok(()), Err);
+        if result.is_ok() {
+            if let Some(m) = mutate {
+                result = m(self, seq_end.saturating_sub(1));
+            }
+        }
+        let positions: Vec<ShardPosition> = positions
+            .into_iter()
+            .map(|p| {
+                p.unwrap_or(ShardPosition {
+                    segment: NO_SEGMENT,
+                    offset: 0,
+                    next: NO_SEGMENT,
+                    shard_seq: 0,
+                })
+            })
+            .collect();
+        let (image, live_then) = self.snapshot(seq_end, positions);
+        self.chain_broken.store(false, Ordering::Release);
+        drop(resumes);
+        result?;
+        self.commit(&mut ck, &image, &live_then)
+    }
+
+    /// A consistent image of the current state (shards paused, or not yet running).
+    fn snapshot(&self, seq_end: u64, shards: Vec<ShardPosition>) -> (Image, Vec<u64>) {
+        let vols = self.volumes.read();
+        let n = self.shards().max(1);
+        let mut volumes = Vec::new();
+        for v in vols.by_name.values() {
+            let maps: Vec<_> = v.maps.iter().map(|m| m.lock().pages.clone()).collect();
+            let npages = maps.first().map_or(0, Vec::len);
+            let mut pages = Vec::new();
+            for p in 0..npages {
+                if let Some(Some(page)) = maps[p % n].get(p) {
+                    pages.push((p as u64, page.clone()));
+                }
+            }
+            volumes.push(VolumeImage {
+                id: v.id,
+                name: v.name.clone(),
+                size_bytes: v.size(),
+                pages,
+            });
+        }
+        let space = self.space.lock();
+        let image = Image {
+            seq: seq_end,
+            epoch: self.epoch,
+            next_volume_id: vols.next_id,
+            volumes,
+            blocks: space.blocks.clone(),
+            shards,
+        };
+        (image, space.seg_live.clone())
+    }
+
+    /// Write a checkpoint image, make it and everything before it durable, point the
+    /// superblocks at it, then free what it no longer needs.
+    fn commit(&self, ck: &mut CkptState, image: &Image, live_then: &[u64]) -> Result<()> {
+        let blob = checkpoint::encode(image);
+        let crc = crc32fast::hash(&blob);
+        let per_seg = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
+        let nsegs = blob.len().div_ceil(per_seg).max(1);
+        let segs: Vec<u32> = {
+            let mut space = self.space.lock();
+            let mut got = Vec::new();
+            for _ in 0..nsegs {
+                match space.alloc_segment(SegState::Checkpoint, 0) {
+                    Some(s) => got.push(s),
+                    None => {
+                        for &s in &got {
+                            space.set_state(s, SegState::Free);
+                        }
+                        return Err(Error::NoSpace);
+                    }
+                }
+            }
+            got
+        };
+        let mut write = || -> Result<()> {
+            for (i, &seg) in segs.iter().enumerate() {
+                let chunk = &blob[i * per_seg..((i + 1) * per_seg).min(blob.len())];
+                let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + chunk.len());
+                SegmentHeader {
+                    kind: SegmentKind::Checkpoint,
+                    segment: seg,
+                    shard: 0,
+                    pool_uuid: self.pool_uuid,
+                    epoch: image.epoch,
+                    next_segment: segs.get(i + 1).copied().unwrap_or(NO_SEGMENT),
+                }
+                .encode(&mut buf);
+                buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
+                    .copy_from_slice(chunk);
+                let (dev, base) = self.geo.locate(seg);
+                self.devices
+                    .write_at(dev, &buf, base)
+                    .map_err(|source| Error::Io {
+                        device: dev,
+                        offset: base,
+                        source,
+                    })?;
+                self.counters
+                    .device_written
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            // Records before the checkpoint and the checkpoint itself, durable before the
+            // superblock points at it.
+            self.sync()?;
+            let generation = ck.generation + 1;
+            let mut buf = AlignedBuf::new(IO_ALIGN);
+            for sb in &self.superblocks {
+                let sb = Superblock {
+                    generation,
+                    checkpoint_segment: segs[0],
+                    checkpoint_seq: image.seq,
+                    checkpoint_bytes: blob.len() as u64,
+                    checkpoint_crc: crc,
+                    ..sb.clone()
+                };
+                sb.encode(&mut buf);
+                let off = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
+                self.devices
+                    .write_at(sb.device_index, &buf, off)
+                    .map_err(|source| Error::Io {
+                        device: sb.device_index,
+                        offset: off,
+                        source,
+                    })?;
+            }
+            self.sync()?;
+            ck.generation = generation;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let mut space = self.space.lock();
+            for &s in &segs {
+                space.set_state(s, SegState::Free);
+            }
+            return Err(e);
+        }
+        let mut space = self.space.lock();
+        for &s in &ck.segments {
+            space.set_state(s, SegState::OldCheckpoint);
+        }
+        let freed = space.reclaim(image.seq, live_then);
+        space.release_ids(image.seq);
+        drop(space);
+        for s in freed {
+            let (dev, base) = self.geo.locate(s);
+            // Give the space back to the file system / device; best effort.
+            let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
+        }
+        ck.segments = segs;
+        ck.seq_end = image.seq;
+        ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.devices.sync().map_err(|source| Error::Io {
+            device: 0,
+            offset: 0,
+            source,
+        })
+    }
+}
+
+fn fail_msg(msg: ShardMsg) {
+    match msg {
+        ShardMsg::Read { job, .. } | ShardMsg::Write { job, .. } | ShardMsg::Zero { job, .. } => {
+            job.part_done(Err(Error::ShutDown))
+        }
+        ShardMsg::Pause { paused, .. } => {
+            let _ = paused.send(Err(Error::ShutDown));
+        }
+        ShardMsg::Stop => {}
+    }
+}
+
+/// An open pool. Dropping it shuts it down cleanly (flush and checkpoint).
+pub struct Pool {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    dir: PathBuf,
+    _lock: File,
+    halted: AtomicBool,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_string()))
+    }
+}
+
+fn validate_size(size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::InvalidSize {
+            size,
+            reason: "must be greater than zero",
+        });
+    }
+    if size % SECTOR_BYTES != 0 {
+        return Err(Error::InvalidSize {
+            size,
+            reason: "must be a multiple of 512",
+        });
+    }
+    if size > 1 << 60 {
+        return Err(Error::InvalidSize {
+            size,
+            reason: "larger than 1 EiB",
+        });
+    }
+    Ok(())
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::File {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock on an fd we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::Locked {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(f)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = (&f).read_exact(&mut u);
+    }
+    u
+}
+
+fn default_cache_bytes() -> u64 {
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kib| kib * 1024);
+    (avail / 10).min(4 << 30)
+}
 
 impl Pool {
-    pub fn create(_dir: &Path, _c: &CreateOptions, _o: &PoolOptions) -> Result<Arc<Pool>> {
-        Err(Error::ShutDown)
+    /// True when `dir` holds a pool.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(POOL_FILE).exists()
     }
-    pub fn open(_dir: &Path, _o: &PoolOptions) -> Result<Arc<Pool>> {
-        Err(Error::ShutDown)
+
+    /// Create a pool in `dir` (created if missing; must not hold a pool) and open it.
+    pub fn create(dir: &Path, c: &CreateOptions, o: &PoolOptions) -> Result<Pool> {
+        let seg = c.segment_bytes;
+        if !seg.is_power_of_two() || !(2 << 20..=1 << 30).contains(&seg) {
+            return Err(Error::InvalidSize {
+                size: seg,
+                reason: "segment size must be a power of two from 2 MiB to 1 GiB",
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| Error::File {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let lock = lock_dir(dir)?;
+        if Pool::exists(dir) {
+            return Err(Error::InvalidSize {
+                size: 0,
+                reason: "the directory already holds a pool",
+            });
+        }
+        let paths: Vec<PathBuf> = if c.devices.is_empty() {
+            vec![PathBuf::from("dev0.img")]
+        } else {
+            c.devices.clone()
+        };
+        let per_dev = c.size_bytes / paths.len() as u64;
+        let mut abs = Vec::new();
+        for p in &paths {
+            let full = if p.is_absolute() {
+                p.clone()
+            } else {
+                dir.join(p)
+            };
+            let is_blk = std::fs::metadata(&full)
+                .map(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_block_device()
+                })
+                .unwrap_or(false);
+            if !is_blk {
+                let segs = per_dev / seg;
+                if segs < 4 {
+                    return Err(Error::InvalidSize {
+                        size: c.size_bytes,
+                        reason: "a pool needs at least 4 segments per device",
+                    });
+                }
+                let f = OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&full)
+                    .map_err(|source| Error::File {
+                        path: full.clone(),
+                        source,
+                    })?;
+                f.set_len(DATA_START + segs * seg)
+                    .map_err(|source| Error::File {
+                        path: full.clone(),
+                        source,
+                    })?;
+            }
+            abs.push(full);
+        }
+        let files = FileSet::open(&abs).map_err(|source| Error::File {
+            path: abs[0].clone(),
+            source,
+        })?;
+        let pool_uuid = random_uuid();
+        let mut first = 0u32;
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        let created = now_unix();
+        let mut sbs = Vec::new();
+        let total: u32 = (0..abs.len())
+            .map(|d| ((files.size(d as u16).saturating_sub(DATA_START)) / seg) as u32)
+            .sum();
+        for d in 0..abs.len() {
+            let count = (files.size(d as u16).saturating_sub(DATA_START) / seg) as u32;
+            let sb = Superblock {
+                device_index: d as u16,
+                device_count: abs.len() as u16,
+                pool_uuid,
+                device_uuid: random_uuid(),
+                generation: 0,
+                segment_bytes: seg,
+                first_segment: first,
+                segment_count: count,
+                total_segments: total,
+                checkpoint_segment: NO_SEGMENT,
+                checkpoint_seq: 0,
+                checkpoint_bytes: 0,
+                checkpoint_crc: 0,
+                created_unix: created,
+            };
+            sb.encode(&mut buf);
+            for off in SUPERBLOCK_OFFSETS {
+                files
+                    .write_at(d as u16, &buf, off)
+                    .map_err(|source| Error::File {
+                        path: abs[d].clone(),
+                        source,
+                    })?;
+            }
+            sbs.push(sb);
+            first += count;
+        }
+        {
+            files.sync().map_err(|source| Error::File {
+                path: abs[0].clone(),
+                source,
+            })?;
+        }
+        drop(files);
+        let pf = PoolFile {
+            format_version: crate::format::FORMAT_VERSION,
+            devices: paths,
+        };
+        let json = serde_json::to_vec_pretty(&pf).unwrap_or_default();
+        let tmp = dir.join(format!("{POOL_FILE}.tmp"));
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(POOL_FILE)))
+            .map_err(|source| Error::File {
+                path: dir.join(POOL_FILE),
+                source,
+            })?;
+        Pool::open_locked(dir, o, lock)
     }
+
+    /// Open an existing pool: load the newest checkpoint, replay the log after it, write a new
+    /// checkpoint, start the workers.
+    pub fn open(dir: &Path, o: &PoolOptions) -> Result<Pool> {
+        if !Pool::exists(dir) {
+            return Err(Error::NotAPool {
+                path: dir.to_path_buf(),
+                reason: "no pool.json (create one with `ingot pool create`)",
+            });
+        }
+        let lock = lock_dir(dir)?;
+        Pool::open_locked(dir, o, lock)
+    }
+
+    fn open_locked(dir: &Path, o: &PoolOptions, lock: File) -> Result<Pool> {
+        let pf_path = dir.join(POOL_FILE);
+        let raw = std::fs::read(&pf_path).map_err(|source| Error::File {
+            path: pf_path.clone(),
+            source,
+        })?;
+        let pf: PoolFile = serde_json::from_slice(&raw).map_err(|_| Error::NotAPool {
+            path: pf_path.clone(),
+            reason: "pool.json is not valid",
+        })?;
+        if pf.devices.is_empty() {
+            return Err(Error::NotAPool {
+                path: pf_path,
+                reason: "pool.json lists no devices",
+            });
+        }
+        let abs: Vec<PathBuf> = pf
+            .devices
+            .iter()
+            .map(|p| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    dir.join(p)
+                }
+            })
+            .collect();
+        let files = FileSet::open(&abs).map_err(|source| Error::File {
+            path: abs[0].clone(),
+            source,
+        })?;
+        let base = open_devices(files, o.io).map_err(|source| Error::File {
+            path: abs[0].clone(),
+            source,
+        })?;
+        let devices: SharedDevices = match &o.fault {
+            Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
+            None => base,
+        };
+        let sbs = read_superblocks(&*devices, &abs)?;
+        let newest = sbs
+            .iter()
+            .max_by_key(|s| s.generation)
+            .cloned()
+            .ok_or(Error::Corrupt {
+                what: "no superblock",
+            })?;
+        let geo = Geometry {
+            segment_bytes: newest.segment_bytes,
+            devs: sbs
+                .iter()
+                .map(|s| (s.first_segment, s.segment_count))
+                .collect(),
+            total_segments: newest.total_segments,
+        };
+        for (d, s) in sbs.iter().enumerate() {
+            let need = DATA_START + u64::from(s.segment_count) * geo.segment_bytes;
+            if devices.size(d as u16) < need {
+                return Err(Error::NotAPool {
+                    path: abs[d].clone(),
+                    reason: "device is smaller than its superblock says (truncated?)",
+                });
+            }
+        }
+        let mut space = Space::new(geo.total_segments);
+        // Load the checkpoint.
+        let (image, ckpt_segs) = if newest.checkpoint_segment == NO_SEGMENT {
+            (
+                Image {
+                    seq: 1,
+                    epoch: 0,
+                    next_volume_id: 1,
+                    volumes: Vec::new(),
+                    blocks: vec![BlockEntry::default()],
+                    shards: Vec::new(),
+                },
+                Vec::new(),
+            )
+        } else {
+            read_checkpoint(&*devices, &geo, &newest)?
+        };
+        for &s in &ckpt_segs {
+            space.set_state(s, SegState::Checkpoint);
+        }
+        let nshards = if o.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            o.shards
+        }
+        .clamp(1, 64);
+        let old_shards = image.shards.len();
+        // Volumes and maps.
+        let mut table = VolumeTable {
+            by_name: BTreeMap::new(),
+            next_id: image.next_volume_id.max(1),
+        };
+        let mut by_id: HashMap<u32, Arc<VolumeState>> = HashMap::new();
+        space.blocks = image.blocks;
+        if space.blocks.is_empty() {
+            space.blocks.push(BlockEntry::default());
+        }
+        for v in image.volumes {
+            let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards);
+            for (idx, page) in v.pages {
+                let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
+                if (idx as usize) < m.pages.len() {
+                    m.mapped += page.iter().filter(|&&id| id != 0).count() as u64;
+                    for &id in page.iter() {
+                        if id != 0 {
+                            space.add_ref(id);
+                        }
+                    }
+                    m.pages[idx as usize] = Some(page);
+                }
+            }
+            let vs = Arc::new(vs);
+            by_id.insert(v.id, vs.clone());
+            table.by_name.insert(v.name, vs);
+        }
+        // Replay.
+        let mut records = Vec::new();
+        let mut chain_segs = Vec::new();
+        for (i, pos) in image.shards.iter().enumerate() {
+            let scan = scan_chain(
+                &*devices,
+                &geo,
+                &newest.pool_uuid,
+                image.epoch,
+                i as u16,
+                *pos,
+            )?;
+            records.extend(scan.records);
+            chain_segs.extend(scan.segments);
+            if pos.next != NO_SEGMENT {
+                chain_segs.push(pos.next);
+            }
+        }
+        records.sort_by_key(|r| r.seq);
+        let mut seq_end = image.seq.max(1);
+        for r in &records {
+            seq_end = seq_end.max(r.seq + 1);
+            for e in &r.entries {
+                match e {
+                    Entry::Data(d) => {
+                        let Some(vol) = by_id.get(&d.volume) else {
+                            continue;
+                        };
+                        if d.lba >= vol.blocks() {
+                            continue;
+                        }
+                        if d.block_id != 0 {
+                            space.place(
+                                d.block_id,
+                                BlockEntry {
+                                    segment: r.segment,
+                                    offset: r.offset + d.payload_offset,
+                                    stored_len: d.stored_len as u16,
+                                    flags: d.flags,
+                                    crc: d.payload_crc,
+                                    refs: 0,
+                                    generation: 0,
+                                },
+                            );
+                            space.add_ref(d.block_id);
+                        }
+                        let old = vol.maps[shard_of(d.lba, nshards)]
+                            .lock()
+                            .set(d.lba, d.block_id);
+                        if old != 0 {
+                            space.drop_ref(old, r.seq);
+                        }
+                    }
+                    Entry::Trim(t) => {
+                        let Some(vol) = by_id.get(&t.volume) else {
+                            continue;
+                        };
+                        // Only the pages the writing shard owned at the time.
+                        for s in 0..nshards {
+                            let mut map = vol.maps[s].lock();
+                            let mut freed = Vec::new();
+                            let writer = r.shard as usize;
+                            trim_owned(&mut map, t.lba, t.count, writer, old_shards.max(1), |id| {
+                                freed.push(id)
+                            });
+                            drop(map);
+                            for id in freed {
+                                space.drop_ref(id, r.seq);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Segment states: whatever holds live data, or was part of a chain, stays.
+        for &s in &chain_segs {
+            if (s as usize) < space.seg_state.len() && space.seg_state[s as usize] == SegState::Free
+            {
+                space.set_state(s, SegState::Sealed { seq: seq_end });
+            }
+        }
+        for s in 0..space.seg_state.len() {
+            if space.seg_live[s] > 0 && space.seg_state[s] == SegState::Free {
+                space.set_state(s as u32, SegState::Sealed { seq: seq_end });
+            }
+        }
+        // New chains for the new epoch.
+        let epoch = image.epoch + 1;
+        let mut positions = Vec::new();
+        for i in 0..nshards {
+            let seg = space
+                .alloc_segment(SegState::Open, 0)
+                .ok_or(Error::NoSpace)?;
+            let next = space.alloc_segment(SegState::Next, 0).unwrap_or(NO_SEGMENT);
+            let mut buf = AlignedBuf::new(IO_ALIGN);
+            SegmentHeader {
+                kind: SegmentKind::Data,
+                segment: seg,
+                shard: i as u16,
+                pool_uuid: newest.pool_uuid,
+                epoch,
+                next_segment: next,
+            }
+            .encode(&mut buf);
+            let (dev, b) = geo.locate(seg);
+            devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
+                device: dev,
+                offset: b,
+                source,
+            })?;
+            positions.push(ShardPosition {
+                segment: seg,
+                offset: SEGMENT_HEADER_BYTES as u32,
+                next,
+                shard_seq: 0,
+            });
+        }
+        let (ftx, frx) = crossbeam_channel::unbounded();
+        let (ktx, krx) = crossbeam_channel::bounded(1);
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..nshards {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
+        let inner = Arc::new(Inner {
+            devices: devices.clone(),
+            geo,
+            pool_uuid: newest.pool_uuid,
+            epoch,
+            space: Mutex::new(space),
+            seq: AtomicU64::new(seq_end),
+            shard_stats: (0..nshards).map(|_| ShardStats::default()).collect(),
+            counters: Counters::default(),
+            flusher: ftx,
+            chain_broken: AtomicBool::new(false),
+            senders,
+            volumes: RwLock::new(table),
+            ckpt: Mutex::new(CkptState {
+                generation: newest.generation,
+                segments: ckpt_segs,
+                seq_end: image.seq,
+                written_at_last: 0,
+            }),
+            superblocks: sbs,
+            closed: AtomicBool::new(false),
+            kick: ktx,
+            cache_capacity,
+            checkpoint_interval: o.checkpoint_interval_bytes.max(64 << 20),
+        });
+        // The recovery checkpoint: the new epoch and chains are durable before any write.
+        {
+            let (image, live_then) = inner.snapshot(seq_end, positions.clone());
+            let mut ck = inner.ckpt.lock();
+            inner.commit(&mut ck, &image, &live_then)?;
+            inner.space.lock().rebuild_free_ids();
+        }
+        let mut threads = Vec::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let queue = devices.queue(256).map_err(|source| Error::Io {
+                device: 0,
+                offset: 0,
+                source,
+            })?;
+            let si = inner.clone();
+            let pos = positions[i];
+            let cache = cache_capacity / nshards as u64;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ingot-shard-{i}"))
+                    .spawn(move || Shard::new(i, si, rx, queue, pos, cache).run())
+                    .map_err(|source| Error::File {
+                        path: PathBuf::from("thread"),
+                        source,
+                    })?,
+            );
+        }
+        let fi = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ingot-flusher".into())
+                .spawn(move || flusher(fi, frx))
+                .map_err(|source| Error::File {
+                    path: PathBuf::from("thread"),
+                    source,
+                })?,
+        );
+        let ci = inner.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("ingot-checkpointer".into())
+                .spawn(move || checkpointer(ci, krx))
+                .map_err(|source| Error::File {
+                    path: PathBuf::from("thread"),
+                    source,
+                })?,
+        );
+        Ok(Pool {
+            inner,
+            threads: Mutex::new(threads),
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            halted: AtomicBool::new(false),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn volume(&self, name: &str) -> Result<Volume> {
-        Err(Error::VolumeNotFound(name.into()))
+        let state = self
+            .inner
+            .lookup(name)
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        Ok(Volume {
+            inner: self.inner.clone(),
+            state,
+        })
     }
+
     pub fn volumes(&self) -> Vec<VolumeInfo> {
-        Vec::new()
+        self.inner
+            .volumes
+            .read()
+            .by_name
+            .values()
+            .map(|v| VolumeInfo {
+                name: v.name.clone(),
+                size_bytes: v.size(),
+                mapped_bytes: v.mapped_blocks() * BLOCK_BYTES,
+            })
+            .collect()
     }
-    pub fn create_volume(&self, _name: &str, _size: u64) -> Result<()> {
-        Err(Error::ShutDown)
+
+    /// Create a thin volume; durable when this returns.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
+        validate_name(name)?;
+        validate_size(size_bytes)?;
+        let name = name.to_string();
+        let shards = self.inner.shards();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
+            let mut t = inner.volumes.write();
+            if t.by_name.contains_key(&name) {
+                return Err(Error::VolumeExists(name.clone()));
+            }
+            let id = t.next_id;
+            t.next_id += 1;
+            t.by_name.insert(
+                name.clone(),
+                Arc::new(VolumeState::new(id, name.clone(), size_bytes, shards)),
+            );
+            Ok(())
+        }))
+    }
+
+    /// Delete a volume and free what only it referenced; durable when this returns.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
+            let v = inner
+                .volumes
+                .write()
+                .by_name
+                .remove(&name)
+                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+            v.deleted.store(true, Ordering::Release);
+            let mut space = inner.space.lock();
+            for m in &v.maps {
+                let mut m = m.lock();
+                for (_, id) in m.iter() {
+                    space.drop_ref(id, seq);
+                }
+                *m = Default::default();
+            }
+            Ok(())
+        }))
+    }
+
+    /// Change a volume's size; shrinking frees the blocks past the new end.
+    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
+        validate_size(size_bytes)?;
+        let name = name.to_string();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
+            let v = inner
+                .lookup(&name)
+                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+            let blocks = size_bytes.div_ceil(BLOCK_BYTES);
+            let mut space = inner.space.lock();
+            for m in &v.maps {
+                for id in m.lock().resize(blocks) {
+                    space.drop_ref(id, seq);
+                }
+            }
+            v.size_bytes.store(size_bytes, Ordering::Release);
+            Ok(())
+        }))
+    }
+
+    /// Write a checkpoint now.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.inner.checkpoint_with(None)
+    }
+
+    /// Make every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.sync()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let volumes = self.volumes();
+        let space = inner.space.lock();
+        let seg = inner.geo.segment_bytes;
+        let total = u64::from(inner.geo.total_segments);
+        let sum = |f: fn(&ShardStats) -> &AtomicU64| -> u64 {
+            inner
+                .shard_stats
+                .iter()
+                .map(|s| f(s).load(Ordering::Relaxed))
+                .sum()
+        };
+        Stats {
+            capacity_bytes: total * seg,
+            physical_used_bytes: (total - space.free_segments as u64) * seg,
+            logical_mapped_bytes: volumes.iter().map(|v| v.mapped_bytes).sum(),
+            stored_bytes: space.stored_bytes,
+            segments_total: total,
+            segments_free: space.free_segments as u64,
+            segment_bytes: seg,
+            volumes,
+            client_written_bytes: inner.counters.client_written.load(Ordering::Relaxed),
+            device_written_bytes: inner.counters.device_written.load(Ordering::Relaxed),
+            cache_bytes: sum(|s| &s.cache_bytes),
+            cache_capacity_bytes: inner.cache_capacity,
+            cache_hits: sum(|s| &s.cache_hits),
+            cache_misses: sum(|s| &s.cache_misses),
+            checkpoint_seq: inner.ckpt.lock().seq_end,
+            last_seq: inner.seq.load(Ordering::Relaxed).saturating_sub(1),
+            io_engine: inner.devices.engine_name().to_string(),
+            shards: inner.shards(),
+        }
+    }
+
+    /// Verify every stored block's checksum and the invariants: reference counts equal the
+    /// map entries pointing at each block, segment usage equals the sum of live block sizes.
+    /// `progress(done, total)` is called as blocks are verified.
+    pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> CheckReport {
+        let inner = &self.inner;
+        // Holding the checkpoint lock keeps segments and block ids from being reused meanwhile.
+        let _ck = inner.ckpt.lock();
+        let mut report = CheckReport::default();
+        let vols: Vec<Arc<VolumeState>> = inner.volumes.read().by_name.values().cloned().collect();
+        let (blocks, seg_live) = {
+            let s = inner.space.lock();
+            (s.blocks.clone(), s.seg_live.clone())
+        };
+        let mut counted = vec![0u32; blocks.len()];
+        let mut owner: HashMap<u64, (String, u64)> = HashMap::new();
+        for v in &vols {
+            report.volumes_checked += 1;
+            for m in &v.maps {
+                let m = m.lock().clone();
+                for (lba, id) in m.iter() {
+                    match counted.get_mut(id as usize) {
+                        Some(c) if blocks[id as usize].refs > 0 => {
+                            *c += 1;
+                            owner.entry(id).or_insert_with(|| (v.name.clone(), lba));
+                        }
+                        _ => report.problems.push(Problem {
+                            kind: "location",
+                            detail: format!(
+                                "volume {} block {lba} (byte {}) maps to block id {id}, which is not in the block table",
+                                v.name,
+                                lba * BLOCK_BYTES
+                            ),
+                        }),
+                    }
+                }
+            }
+        }
+        let mut live = vec![0u64; seg_live.len()];
+        for (id, b) in blocks.iter().enumerate() {
+            if b.refs != counted[id] {
+                report.problems.push(Problem {
+                    kind: "refcount",
+                    detail: format!(
+                        "block id {id}: reference count {} but {} map entries point at it",
+                        b.refs, counted[id]
+                    ),
+                });
+            }
+            if b.refs > 0 {
+                if let Some(l) = live.get_mut(b.segment as usize) {
+                    *l += u64::from(b.stored_len);
+                }
+            }
+        }
+        for (s, (&want, &have)) in live.iter().zip(seg_live.iter()).enumerate() {
+            if want != have {
+                report.problems.push(Problem {
+                    kind: "segment_usage",
+                    detail: format!("segment {s}: usage {have} bytes, blocks add up to {want}"),
+                });
+            }
+        }
+        // Read blocks in disk order, in runs of contiguous blocks.
+        let mut ids: Vec<u64> = (1..blocks.len() as u64)
+            .filter(|&id| blocks[id as usize].refs > 0)
+            .collect();
+        ids.sort_by_key(|&id| (blocks[id as usize].segment, blocks[id as usize].offset));
+        let total = ids.len() as u64;
+        let mut i = 0;
+        while i < ids.len() {
+            let first = blocks[ids[i] as usize];
+            let mut j = i + 1;
+            while j < ids.len() && j - i < 256 {
+                let b = blocks[ids[j] as usize];
+                let prev = blocks[ids[j - 1] as usize];
+                if b.segment != first.segment
+                    || b.offset != prev.offset + u32::from(prev.stored_len)
+                {
+                    break;
+                }
+                j += 1;
+            }
+            let last = blocks[ids[j - 1] as usize];
+            let span = (last.offset + u32::from(last.stored_len) - first.offset) as usize;
+            let start_pad = first.offset as usize % IO_ALIGN;
+            let mut buf = AlignedBuf::new(start_pad + span);
+            let (dev, base) = inner.geo.locate(first.segment);
+            let at = base + u64::from(first.offset) - start_pad as u64;
+            let len = buf.len();
+            let read = inner.devices.read_at(dev, &mut buf[..len], at);
+            for &id in &ids[i..j] {
+                let b = blocks[id as usize];
+                let who = owner
+                    .get(&id)
+                    .map(|(v, lba)| format!("volume {v} block {lba} (byte {})", lba * BLOCK_BYTES))
+                    .unwrap_or_default();
+                match &read {
+                    Err(e) => report.problems.push(Problem {
+                        kind: "io",
+                        detail: format!(
+                            "{who}: block id {id} at segment {} offset {}: read failed: {e}",
+                            b.segment, b.offset
+                        ),
+                    }),
+                    Ok(()) => {
+                        let o = start_pad + (b.offset - first.offset) as usize;
+                        let got = crc32fast::hash(&buf[o..o + b.stored_len as usize]);
+                        if got != b.crc {
+                            report.problems.push(Problem {
+                                kind: "checksum",
+                                detail: format!(
+                                    "{who}: block id {id} at segment {} offset {}: checksum {got:#010x}, expected {:#010x}",
+                                    b.segment, b.offset, b.crc
+                                ),
+                            });
+                        }
+                        report.bytes_checked += u64::from(b.stored_len);
+                    }
+                }
+                report.blocks_checked += 1;
+            }
+            progress(report.blocks_checked, total);
+            i = j;
+        }
+        progress(report.blocks_checked, total);
+        report
+    }
+
+    /// Flush, checkpoint and stop every thread. Idempotent.
+    pub fn shutdown(&self) -> Result<()> {
+        if self.halted.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.inner.checkpoint_with(None);
+        self.stop_threads();
+        r
+    }
+
+    /// Stop every thread without a final flush or checkpoint, as a crash would (tests).
+    #[doc(hidden)]
+    pub fn halt(&self) {
+        if self.halted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop_threads();
+    }
+
+    fn stop_threads(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        for tx in &self.inner.senders {
+            let _ = tx.send(ShardMsg::Stop);
+        }
+        let _ = self.inner.flusher.send(FlushMsg::Stop);
+        let _ = self.inner.kick.send(CkptMsg::Stop);
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
-#[derive(Clone)]
-pub struct Volume {}
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
 
-impl Volume {
-    pub fn name(&self) -> &str {
-        ""
+fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
+    loop {
+        let Ok(first) = rx.recv() else { return };
+        let mut waiting = Vec::new();
+        let mut stop = false;
+        for m in std::iter::once(first).chain(rx.try_iter()) {
+            match m {
+                FlushMsg::Flush(c) => waiting.push(c),
+                FlushMsg::Stop => stop = true,
+            }
+        }
+        if !waiting.is_empty() {
+            let applied: Vec<u64> = inner
+                .shard_stats
+                .iter()
+                .map(|s| s.applied_shard_seq.load(Ordering::Acquire))
+                .collect();
+            // A failed record left a gap in a chain: only a checkpoint makes what follows it
+            // recoverable, so a flush must wait for one.
+            let r = if inner.chain_broken.load(Ordering::Acquire) {
+                inner.checkpoint_with(None)
+            } else {
+                inner.sync()
+            };
+            if r.is_ok() {
+                for (s, a) in inner.shard_stats.iter().zip(applied) {
+                    s.durable_shard_seq.fetch_max(a, Ordering::AcqRel);
+                }
+            }
+            for c in waiting {
+                c(match &r {
+                    Ok(()) => Ok(crate::api::Reply::Done),
+                    Err(e) => Err(Error::Io {
+                        device: 0,
+                        offset: 0,
+                        source: std::io::Error::other(e.to_string()),
+                    }),
+                });
+            }
+        }
+        if stop {
+            return;
+        }
     }
-    pub fn size_bytes(&self) -> u64 {
-        0
+}
+
+fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
+    loop {
+        let kicked = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(CkptMsg::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            Ok(CkptMsg::Kick) => true,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
+        };
+        if inner.is_closed() {
+            return;
+        }
+        let written = inner.counters.client_written.load(Ordering::Relaxed);
+        let since = written.saturating_sub(inner.ckpt.lock().written_at_last);
+        let low_space = {
+            let free = inner.space.lock().free_segments;
+            free <= inner.reserve_segments() + 2 * inner.shards() + 2
+        };
+        let broken = inner.chain_broken.load(Ordering::Acquire);
+        if kicked || broken || since >= inner.checkpoint_interval || (low_space && since > 0) {
+            if let Err(e) = inner.checkpoint_with(None) {
+                eprintln!("ingot: checkpoint failed: {e}");
+            }
+        }
     }
-    pub fn submit(&self, _req: Request, done: Completion) {
-        done(Err(Error::ShutDown))
+}
+
+fn read_superblocks(devices: &dyn Devices, paths: &[PathBuf]) -> Result<Vec<Superblock>> {
+    let mut out: Vec<Superblock> = Vec::new();
+    let mut buf = AlignedBuf::new(IO_ALIGN);
+    for (d, path) in paths.iter().enumerate() {
+        if devices.size(d as u16) < DATA_START {
+            return Err(Error::NotAPool {
+                path: path.clone(),
+                reason: "file is too small to hold a pool",
+            });
+        }
+        let mut best: Option<Superblock> = None;
+        let mut fault = None;
+        for off in SUPERBLOCK_OFFSETS {
+            devices
+                .read_at(d as u16, &mut buf, off)
+                .map_err(|source| Error::File {
+                    path: path.clone(),
+                    source,
+                })?;
+            match Superblock::decode(&buf) {
+                Ok(Some(sb)) => {
+                    if best.as_ref().is_none_or(|b| sb.generation > b.generation) {
+                        best = Some(sb);
+                    }
+                }
+                Ok(None) => {}
+                Err(f) => fault = Some(f),
+            }
+        }
+        let sb = match (best, fault) {
+            (Some(sb), _) => sb,
+            (None, Some(SuperblockFault::Version(v))) => {
+                return Err(Error::UnsupportedVersion {
+                    path: path.clone(),
+                    found: v,
+                    supported: crate::format::FORMAT_VERSION,
+                })
+            }
+            (None, Some(SuperblockFault::Checksum)) => {
+                return Err(Error::NotAPool {
+                    path: path.clone(),
+                    reason: "both superblock copies fail their checksum",
+                })
+            }
+            (None, None) => {
+                return Err(Error::NotAPool {
+                    path: path.clone(),
+                    reason: "no ingot superblock (foreign file?)",
+                })
+            }
+        };
+        if sb.device_index as usize != d || sb.device_count as usize != paths.len() {
+            return Err(Error::NotAPool {
+                path: path.clone(),
+                reason: "device order or count does not match pool.json",
+            });
+        }
+        if let Some(first) = out.first() {
+            if first.pool_uuid != sb.pool_uuid {
+                return Err(Error::NotAPool {
+                    path: path.clone(),
+                    reason: "device belongs to another pool",
+                });
+            }
+        }
+        if !sb.segment_bytes.is_power_of_two() || sb.segment_bytes < 2 << 20 {
+            return Err(Error::Corrupt {
+                what: "superblock segment size",
+            });
+        }
+        out.push(sb);
     }
-    pub fn block_status(&self, _offset: u64, _len: u64) -> Result<Vec<Extent>> {
-        Err(Error::ShutDown)
+    Ok(out)
+}
+
+/// Read and verify the checkpoint the superblock points at; returns it and its segments.
+fn read_checkpoint(
+    devices: &dyn Devices,
+    geo: &Geometry,
+    sb: &Superblock,
+) -> Result<(Image, Vec<u32>)> {
+    let per_seg = geo.segment_bytes - SEGMENT_HEADER_BYTES;
+    let len = sb.checkpoint_bytes;
+    if len > u64::from(geo.total_segments) * per_seg {
+        return Err(Error::Corrupt {
+            what: "checkpoint length",
+        });
     }
+    let mut blob = Vec::with_capacity(len as usize);
+    let mut segs = Vec::new();
+    let mut seg = sb.checkpoint_segment;
+    while (blob.len() as u64) < len {
+        if seg == NO_SEGMENT || seg >= geo.total_segments || segs.contains(&seg) {
+            return Err(Error::Corrupt {
+                what: "checkpoint segment chain",
+            });
+        }
+        let want = (len - blob.len() as u64).min(per_seg) as usize;
+        let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + want);
+        let (dev, base) = geo.locate(seg);
+        let n = buf.len();
+        devices
+            .read_at(dev, &mut buf[..n], base)
+            .map_err(|source| Error::Io {
+                device: dev,
+                offset: base,
+                source,
+            })?;
+        let h = SegmentHeader::decode(&buf).ok_or(Error::Corrupt {
+            what: "checkpoint segment header",
+        })?;
+        if h.kind != SegmentKind::Checkpoint || h.segment != seg || h.pool_uuid != sb.pool_uuid {
+            return Err(Error::Corrupt {
+                what: "checkpoint segment header",
+            });
+        }
+        blob.extend_from_slice(
+            &buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + want],
+        );
+        segs.push(seg);
+        seg = h.next_segment;
+    }
+    if crc32fast::hash(&blob) != sb.checkpoint_crc {
+        return Err(Error::Corrupt {
+            what: "checkpoint checksum",
+        });
+    }
+    let image = checkpoint::decode(&blob)?;
+    Ok((image, segs))
 }

@@ -1,0 +1,177 @@
+//! Checkpoint blobs: a consistent image of every volume map, the block table and each shard's
+//! chain position. Layout in `format::CheckpointHeader`.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::{CheckpointHeader, Get, MAP_PAGE_ENTRIES};
+use crate::lbamap::MapPage;
+use crate::shard::ShardPosition;
+use crate::space::BlockEntry;
+
+pub(crate) struct VolumeImage {
+    pub id: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    /// (global page index, page) for every allocated page.
+    pub pages: Vec<(u64, Arc<MapPage>)>,
+}
+
+pub(crate) struct Image {
+    pub seq: u64,
+    pub epoch: u64,
+    pub next_volume_id: u32,
+    pub volumes: Vec<VolumeImage>,
+    /// Indexed by block id; entries with `refs == 0` are free and not written.
+    pub blocks: Vec<BlockEntry>,
+    pub shards: Vec<ShardPosition>,
+}
+
+/// Upper bound on the blob size for a pool holding this much, used to reserve space.
+pub(crate) fn estimate_bytes(pages: u64, blocks: u64, volumes: u64, shards: u64) -> u64 {
+    CheckpointHeader::BYTES as u64
+        + volumes * (20 + 64)
+        + pages * (8 + MAP_PAGE_ENTRIES * 8)
+        + blocks * 32
+        + shards * 24
+}
+
+pub(crate) fn encode(img: &Image) -> Vec<u8> {
+    let live = img.blocks.iter().filter(|b| b.refs > 0).count() as u64;
+    let pages: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
+    let mut out = Vec::with_capacity(estimate_bytes(
+        pages,
+        live,
+        img.volumes.len() as u64,
+        img.shards.len() as u64,
+    ) as usize);
+    CheckpointHeader {
+        seq: img.seq,
+        epoch: img.epoch,
+        next_block_id: img.blocks.len() as u64,
+        next_volume_id: img.next_volume_id,
+        volume_count: img.volumes.len() as u32,
+        block_count: live,
+        shard_count: img.shards.len() as u32,
+    }
+    .encode(&mut out);
+    for v in &img.volumes {
+        out.extend_from_slice(&v.id.to_le_bytes());
+        out.extend_from_slice(&(v.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&v.size_bytes.to_le_bytes());
+        out.extend_from_slice(&(v.pages.len() as u32).to_le_bytes());
+        out.extend_from_slice(v.name.as_bytes());
+        for (idx, page) in &v.pages {
+            out.extend_from_slice(&idx.to_le_bytes());
+            for id in page.iter() {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+    for (id, b) in img.blocks.iter().enumerate() {
+        if b.refs == 0 {
+            continue;
+        }
+        out.extend_from_slice(&(id as u64).to_le_bytes());
+        out.extend_from_slice(&b.segment.to_le_bytes());
+        out.extend_from_slice(&b.offset.to_le_bytes());
+        out.extend_from_slice(&u32::from(b.stored_len).to_le_bytes());
+        out.extend_from_slice(&b.crc.to_le_bytes());
+        out.extend_from_slice(&u32::from(b.flags).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    for s in &img.shards {
+        out.extend_from_slice(&s.segment.to_le_bytes());
+        out.extend_from_slice(&s.offset.to_le_bytes());
+        out.extend_from_slice(&s.next.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&s.shard_seq.to_le_bytes());
+    }
+    out
+}
+
+/// Decode a blob whose CRC the caller has verified. Reference counts are left at zero: the
+/// caller rebuilds them from the maps.
+pub(crate) fn decode(blob: &[u8]) -> Result<Image> {
+    let mut g = Get::new(blob, "checkpoint");
+    let h = CheckpointHeader::decode(&mut g)?;
+    let mut volumes = Vec::new();
+    for _ in 0..h.volume_count {
+        let id = g.u32()?;
+        let name_len = g.u16()? as usize;
+        g.skip(2)?;
+        let size_bytes = g.u64()?;
+        let page_count = g.u32()? as usize;
+        let name = std::str::from_utf8(g.bytes(name_len)?)
+            .map_err(|_| Error::Corrupt {
+                what: "volume name",
+            })?
+            .to_string();
+        let mut pages = Vec::with_capacity(page_count.min(g.remaining() / 4096 + 1));
+        for _ in 0..page_count {
+            let idx = g.u64()?;
+            let raw = g.bytes(MAP_PAGE_ENTRIES as usize * 8)?;
+            let mut page = [0u64; MAP_PAGE_ENTRIES as usize];
+            for (slot, c) in page.iter_mut().zip(raw.chunks_exact(8)) {
+                *slot = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            }
+            pages.push((idx, Arc::new(page)));
+        }
+        volumes.push(VolumeImage {
+            id,
+            name,
+            size_bytes,
+            pages,
+        });
+    }
+    let next_block_id = h.next_block_id.max(1);
+    if next_block_id > (g.remaining() as u64 / 32 + 1) * 1024 + (1 << 20) {
+        // A next id far beyond what the blob could describe is corruption, not a huge pool:
+        // refuse before allocating.
+        if h.block_count == 0 || next_block_id / h.block_count > 1 << 20 {
+            return Err(Error::Corrupt {
+                what: "checkpoint block id range",
+            });
+        }
+    }
+    let mut blocks = vec![BlockEntry::default(); next_block_id as usize];
+    for _ in 0..h.block_count {
+        let id = g.u64()?;
+        let e = BlockEntry {
+            segment: g.u32()?,
+            offset: g.u32()?,
+            stored_len: g.u32()? as u16,
+            crc: g.u32()?,
+            flags: g.u32()? as u16,
+            refs: 0,
+            generation: 0,
+        };
+        g.skip(4)?;
+        let slot = blocks.get_mut(id as usize).ok_or(Error::Corrupt {
+            what: "checkpoint block id",
+        })?;
+        *slot = e;
+    }
+    let mut shards = Vec::new();
+    for _ in 0..h.shard_count {
+        let segment = g.u32()?;
+        let offset = g.u32()?;
+        let next = g.u32()?;
+        g.skip(4)?;
+        shards.push(ShardPosition {
+            segment,
+            offset,
+            next,
+            shard_seq: g.u64()?,
+        });
+    }
+    Ok(Image {
+        seq: h.seq,
+        epoch: h.epoch,
+        next_volume_id: h.next_volume_id,
+        volumes,
+        blocks,
+        shards,
+    })
+}

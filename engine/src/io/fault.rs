@@ -1,0 +1,199 @@
+//! Fault-injecting devices for tests: fail chosen writes or reads, corrupt reads, and simulate a
+//! power cut by undoing (or tearing) every write that no `sync` has made durable.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{AlignedBuf, Devices, IoDone, IoOp, IoQueue, OpKind, SharedDevices};
+
+/// What to inject; shared between the test and the devices.
+#[derive(Default)]
+pub struct FaultPlan {
+    /// Fail every data-path write with EIO while set.
+    pub fail_writes: AtomicBool,
+    /// Fail every data-path read with EIO while set.
+    pub fail_reads: AtomicBool,
+    /// Flip one bit in data-path reads that cover these (device, byte offset) points.
+    pub corrupt_reads: Mutex<Vec<(u16, u64)>>,
+    /// Record the old contents of unsynced writes so [`FaultDevices::power_cut`] can undo them.
+    pub track_unsynced: AtomicBool,
+    undo: Mutex<Vec<Undo>>,
+    /// Writes seen (data path and metadata).
+    pub writes: AtomicU64,
+}
+
+struct Undo {
+    dev: u16,
+    offset: u64,
+    old: AlignedBuf,
+}
+
+/// How much of the unsynced writes survives a simulated power cut.
+#[derive(Debug, Clone, Copy)]
+pub enum CutMode {
+    /// Every unsynced write is lost.
+    LoseAll,
+    /// Each unsynced write survives or not at random (from `seed`); one surviving write may be
+    /// torn at a 4 KiB boundary.
+    Random { seed: u64 },
+}
+
+impl FaultPlan {
+    pub fn new() -> Arc<FaultPlan> {
+        Arc::new(FaultPlan::default())
+    }
+
+    fn note_write(&self, inner: &dyn Devices, dev: u16, offset: u64, len: usize) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        if !self.track_unsynced.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut old = AlignedBuf::new(len);
+        if inner.read_at(dev, &mut old, offset).is_ok() {
+            self.undo.lock().push(Undo { dev, offset, old });
+        }
+    }
+
+    fn corrupt(&self, dev: u16, offset: u64, buf: &mut [u8]) {
+        for &(d, at) in self.corrupt_reads.lock().iter() {
+            if d == dev && at >= offset && at < offset + buf.len() as u64 {
+                buf[(at - offset) as usize] ^= 0x01;
+            }
+        }
+    }
+}
+
+/// Devices wrapper that applies a [`FaultPlan`].
+pub struct FaultDevices {
+    inner: SharedDevices,
+    plan: Arc<FaultPlan>,
+}
+
+impl FaultDevices {
+    pub fn new(inner: SharedDevices, plan: Arc<FaultPlan>) -> Self {
+        FaultDevices { inner, plan }
+    }
+
+    /// Simulate a power cut: restore the old contents of unsynced writes (newest first), per
+    /// `mode`. Call only after the pool using these devices has stopped.
+    pub fn power_cut(plan: &FaultPlan, inner: &dyn Devices, mode: CutMode) -> io::Result<()> {
+        let undo = std::mem::take(&mut *plan.undo.lock());
+        let mut rng = match mode {
+            CutMode::LoseAll => None,
+            CutMode::Random { seed } => Some(seed | 1),
+        };
+        let mut next = move || {
+            rng.as_mut().map(|x| {
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                *x
+            })
+        };
+        let mut torn_one = false;
+        for u in undo.iter().rev() {
+            match next() {
+                None => inner.write_at(u.dev, &u.old, u.offset)?,
+                Some(r) if r % 2 == 0 => inner.write_at(u.dev, &u.old, u.offset)?,
+                Some(r) if !torn_one && u.old.len() > 4096 && r % 3 == 0 => {
+                    // Torn: the first blocks reached the device, the rest did not.
+                    torn_one = true;
+                    let keep = ((r >> 8) as usize % (u.old.len() / 4096)).max(1) * 4096;
+                    inner.write_at(u.dev, &u.old[keep..], u.offset + keep as u64)?;
+                }
+                Some(_) => {}
+            }
+        }
+        inner.sync()
+    }
+}
+
+impl Devices for FaultDevices {
+    fn engine_name(&self) -> &'static str {
+        self.inner.engine_name()
+    }
+    fn count(&self) -> usize {
+        self.inner.count()
+    }
+    fn size(&self, dev: u16) -> u64 {
+        self.inner.size(dev)
+    }
+    fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(dev, buf, offset)?;
+        self.plan.corrupt(dev, offset, buf);
+        Ok(())
+    }
+    fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.plan.note_write(&*self.inner, dev, offset, buf.len());
+        self.inner.write_at(dev, buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()?;
+        self.plan.undo.lock().clear();
+        Ok(())
+    }
+    fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(dev, offset, len)
+    }
+    fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>> {
+        Ok(Box::new(FaultQueue {
+            inner: self.inner.queue(depth)?,
+            devices: self.inner.clone(),
+            plan: self.plan.clone(),
+            failed: Vec::new(),
+        }))
+    }
+}
+
+struct FaultQueue {
+    inner: Box<dyn IoQueue>,
+    devices: SharedDevices,
+    plan: Arc<FaultPlan>,
+    failed: Vec<IoDone>,
+}
+
+impl IoQueue for FaultQueue {
+    fn push(&mut self, op: IoOp) {
+        let fail = match op.kind {
+            OpKind::Write => self.plan.fail_writes.load(Ordering::Relaxed),
+            OpKind::Read => self.plan.fail_reads.load(Ordering::Relaxed),
+        };
+        if fail {
+            self.failed.push(IoDone {
+                tag: op.tag,
+                kind: op.kind,
+                dev: op.dev,
+                offset: op.offset,
+                buf: op.buf,
+                result: Err(io::Error::from_raw_os_error(libc::EIO)),
+            });
+            return;
+        }
+        if op.kind == OpKind::Write {
+            self.plan
+                .note_write(&*self.devices, op.dev, op.offset, op.len);
+        }
+        self.inner.push(op);
+    }
+    fn submit(&mut self, min_complete: usize) -> io::Result<()> {
+        let want = min_complete.saturating_sub(self.failed.len());
+        self.inner.submit(want.min(self.inner.in_flight()))
+    }
+    fn reap(&mut self, out: &mut Vec<IoDone>) {
+        out.append(&mut self.failed);
+        let start = out.len();
+        self.inner.reap(out);
+        for d in &mut out[start..] {
+            if d.kind == OpKind::Read && d.result.is_ok() {
+                let len = d.buf.len();
+                self.plan.corrupt(d.dev, d.offset, &mut d.buf[..len]);
+            }
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.failed.len() + self.inner.in_flight()
+    }
+}

@@ -1,0 +1,114 @@
+//! Device I/O: one trait, three implementations.
+//!
+//! [`Devices`] is the set of backing files or block devices of a pool. Metadata (superblocks,
+//! checkpoints) uses its blocking calls; each shard worker gets its own [`IoQueue`] for the data
+//! path: an io_uring ring ([`uring`]), a pread/pwrite loop ([`sync`]), or either wrapped by the
+//! fault injector ([`fault`]) in tests.
+
+mod buf;
+pub mod fault;
+pub mod sync;
+pub mod uring;
+
+use std::io;
+use std::sync::Arc;
+
+pub use buf::AlignedBuf;
+
+/// What an [`IoOp`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+}
+
+/// One queued device operation. The buffer travels with the op and comes back in [`IoDone`], so
+/// it stays alive (and pinned) while the kernel uses it.
+#[derive(Debug)]
+pub struct IoOp {
+    pub kind: OpKind,
+    pub dev: u16,
+    pub offset: u64,
+    /// Bytes of `buf` to transfer (a multiple of 4 KiB).
+    pub len: usize,
+    pub buf: AlignedBuf,
+    /// Caller's cookie, returned in the completion.
+    pub tag: u64,
+}
+
+/// A completed [`IoOp`]. A short transfer is reported as an error.
+#[derive(Debug)]
+pub struct IoDone {
+    pub tag: u64,
+    pub kind: OpKind,
+    pub dev: u16,
+    pub offset: u64,
+    pub buf: AlignedBuf,
+    pub result: io::Result<()>,
+}
+
+/// A per-shard submission/completion queue (the NVMe queue-pair analogue).
+pub trait IoQueue: Send {
+    /// Queue an op; it is handed to the device at the next [`IoQueue::submit`].
+    fn push(&mut self, op: IoOp);
+    /// Submit everything queued and wait until at least `min_complete` ops have completed
+    /// (0: do not wait).
+    fn submit(&mut self, min_complete: usize) -> io::Result<()>;
+    /// Move completed ops into `out`.
+    fn reap(&mut self, out: &mut Vec<IoDone>);
+    /// Ops pushed and not yet reaped.
+    fn in_flight(&self) -> usize;
+}
+
+/// The devices of a pool.
+pub trait Devices: Send + Sync {
+    /// `"io_uring"`, `"sync"`, or a wrapper's name.
+    fn engine_name(&self) -> &'static str;
+    fn count(&self) -> usize;
+    /// Usable bytes of device `dev`.
+    fn size(&self, dev: u16) -> u64;
+    fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable on every device (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Tell the device a range is unused (punch a hole / BLKDISCARD). Best effort.
+    fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()>;
+    /// A new queue for one shard worker.
+    fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>>;
+}
+
+pub type SharedDevices = Arc<dyn Devices>;
+
+/// Which implementation to open devices with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoKind {
+    /// io_uring when the kernel offers it, else sync.
+    #[default]
+    Auto,
+    Uring,
+    Sync,
+}
+
+impl std::str::FromStr for IoKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoKind::Auto),
+            "uring" | "io_uring" => Ok(IoKind::Uring),
+            "sync" => Ok(IoKind::Sync),
+            _ => Err(format!("unknown I/O engine {s:?} (auto, uring, sync)")),
+        }
+    }
+}
+
+/// Open the backing files with the chosen engine.
+pub fn open_devices(files: sync::FileSet, kind: IoKind) -> io::Result<SharedDevices> {
+    match kind {
+        IoKind::Sync => Ok(Arc::new(files)),
+        IoKind::Uring => Ok(Arc::new(uring::UringDevices::new(files)?)),
+        IoKind::Auto => match uring::probe() {
+            Ok(()) => Ok(Arc::new(uring::UringDevices::new(files)?)),
+            Err(_) => Ok(Arc::new(files)),
+        },
+    }
+}

@@ -1,0 +1,103 @@
+//! The LBA map of a volume: 4 KiB block number -> block id (0 = hole).
+//!
+//! Pages of 512 entries are allocated on first write and shared copy-on-write (`Arc`) so that a
+//! checkpoint snapshot (and later, snapshots of volumes) costs one pointer per page, not a copy.
+
+use std::sync::Arc;
+
+use crate::format::MAP_PAGE_ENTRIES;
+
+pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
+
+/// Map pages of one volume that one shard owns (pages `p` with `p % shards == shard`); the
+/// vector is indexed by the global page number.
+#[derive(Clone, Default)]
+pub struct LbaMap {
+    pub pages: Vec<Option<Arc<MapPage>>>,
+    /// Entries that are not holes.
+    pub mapped: u64,
+}
+
+impl LbaMap {
+    pub fn new(blocks: u64) -> Self {
+        LbaMap {
+            pages: vec![None; blocks.div_ceil(MAP_PAGE_ENTRIES) as usize],
+            mapped: 0,
+        }
+    }
+
+    pub fn get(&self, lba: u64) -> u64 {
+        let (p, i) = split(lba);
+        match self.pages.get(p) {
+            Some(Some(page)) => page[i],
+            _ => 0,
+        }
+    }
+
+    /// Set an entry, returning the previous block id (0 for a hole).
+    pub fn set(&mut self, lba: u64, id: u64) -> u64 {
+        let (p, i) = split(lba);
+        if p >= self.pages.len() {
+            return 0;
+        }
+        let slot = &mut self.pages[p];
+        let old = match slot {
+            Some(page) => page[i],
+            None => 0,
+        };
+        if old == id {
+            return old;
+        }
+        if id != 0 {
+            let page = slot.get_or_insert_with(|| Arc::new([0; MAP_PAGE_ENTRIES as usize]));
+            Arc::make_mut(page)[i] = id;
+        } else if let Some(page) = slot {
+            Arc::make_mut(page)[i] = 0;
+        }
+        match (old, id) {
+            (0, _) => self.mapped += 1,
+            (_, 0) => self.mapped -= 1,
+            _ => {}
+        }
+        old
+    }
+
+    /// Resize to `blocks` entries, returning the block ids dropped past the new end.
+    pub fn resize(&mut self, blocks: u64) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        let old_len = self.pages.len() as u64 * MAP_PAGE_ENTRIES;
+        for lba in blocks..old_len {
+            let id = self.set(lba, 0);
+            if id != 0 {
+                dropped.push(id);
+            }
+        }
+        self.pages
+            .resize(blocks.div_ceil(MAP_PAGE_ENTRIES) as usize, None);
+        dropped
+    }
+
+    /// Iterate (lba, block id) over mapped entries.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.pages.iter().enumerate().flat_map(|(p, page)| {
+            page.iter().flat_map(move |page| {
+                page.iter()
+                    .enumerate()
+                    .filter(|(_, &id)| id != 0)
+                    .map(move |(i, &id)| (p as u64 * MAP_PAGE_ENTRIES + i as u64, id))
+            })
+        })
+    }
+}
+
+fn split(lba: u64) -> (usize, usize) {
+    (
+        (lba / MAP_PAGE_ENTRIES) as usize,
+        (lba % MAP_PAGE_ENTRIES) as usize,
+    )
+}
+
+/// The shard that owns a block of a volume.
+pub fn shard_of(lba: u64, shards: usize) -> usize {
+    ((lba / MAP_PAGE_ENTRIES) % shards as u64) as usize
+}

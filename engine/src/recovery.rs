@@ -1,0 +1,160 @@
+//! Replay of the records written after the last checkpoint.
+//!
+//! Each shard's chain is read from its checkpoint position: records must carry the
+//! checkpoint's epoch, this segment's number and the next per-shard sequence number. The chain
+//! continues into the reserved next segment when its header is valid. The first record that
+//! fails these checks ends the chain (a torn tail). A record whose header is valid but whose
+//! payload checksum fails ends it too, unless a later record of the chain says it had been
+//! flushed (`durable_shard_seq`): then it is corruption, applied so that reads of the block
+//! report it, never silently dropped.
+
+use crate::error::Result;
+use crate::format::{
+    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
+    NO_SEGMENT, SEGMENT_HEADER_BYTES,
+};
+use crate::io::{AlignedBuf, Devices};
+use crate::pool::Geometry;
+use crate::shard::ShardPosition;
+
+pub(crate) enum Entry {
+    Data(DataEntry),
+    Trim(TrimEntry),
+}
+
+pub(crate) struct ReplayRecord {
+    pub seq: u64,
+    pub shard: u16,
+    pub segment: u32,
+    /// Byte offset of the record in its segment.
+    pub offset: u32,
+    pub entries: Vec<Entry>,
+}
+
+pub(crate) struct ChainScan {
+    pub records: Vec<ReplayRecord>,
+    /// Every segment the chain touched (to keep until the next checkpoint).
+    pub segments: Vec<u32>,
+}
+
+struct Scanned {
+    rec: ReplayRecord,
+    shard_seq: u64,
+    durable: u64,
+    payload_ok: bool,
+}
+
+/// Read one shard's chain.
+pub(crate) fn scan_chain(
+    dev: &dyn Devices,
+    geo: &Geometry,
+    pool_uuid: &[u8; 16],
+    epoch: u64,
+    shard: u16,
+    start: ShardPosition,
+) -> Result<ChainScan> {
+    let mut scanned: Vec<Scanned> = Vec::new();
+    let mut segments = Vec::new();
+    let mut seg = start.segment;
+    let mut next = start.next;
+    let mut off = u64::from(start.offset);
+    let mut expect = start.shard_seq;
+    let seg_bytes = geo.segment_bytes;
+    let mut first = AlignedBuf::new(IO_ALIGN);
+    'chain: while seg != NO_SEGMENT && (seg as usize) < geo.total_segments as usize {
+        segments.push(seg);
+        let (d, base) = geo.locate(seg);
+        while off + IO_ALIGN as u64 <= seg_bytes {
+            if dev.read_at(d, &mut first, base + off).is_err() {
+                break 'chain;
+            }
+            let Some(h) = RecordHeader::decode(&first) else {
+                break;
+            };
+            if h.epoch != epoch
+                || h.segment != seg
+                || h.shard != shard
+                || h.shard_seq != expect
+                || off + u64::from(h.record_bytes) > seg_bytes
+            {
+                break;
+            }
+            let mut buf = AlignedBuf::new(h.record_bytes as usize);
+            if dev.read_at(d, &mut buf, base + off).is_err() {
+                break 'chain;
+            }
+            if !h.verify(&buf[..h.header_bytes as usize]) {
+                break 'chain;
+            }
+            let eb = h.entry_bytes();
+            let mut entries = Vec::with_capacity(h.entry_count as usize);
+            let mut payload_ok = true;
+            for i in 0..h.entry_count as usize {
+                let at = RecordHeader::BYTES + i * eb;
+                let raw = &buf[at..at + eb];
+                match h.kind {
+                    RecordKind::Data => {
+                        let e = DataEntry::decode(raw)?;
+                        if e.block_id != 0 {
+                            let p = e.payload_offset as usize;
+                            let ok = p >= h.header_bytes as usize
+                                && p + e.stored_len as usize <= buf.len()
+                                && crc32fast::hash(&buf[p..p + e.stored_len as usize])
+                                    == e.payload_crc;
+                            payload_ok &= ok;
+                        }
+                        entries.push(Entry::Data(e));
+                    }
+                    RecordKind::Trim => entries.push(Entry::Trim(TrimEntry::decode(raw)?)),
+                }
+            }
+            scanned.push(Scanned {
+                rec: ReplayRecord {
+                    seq: h.seq,
+                    shard,
+                    segment: seg,
+                    offset: off as u32,
+                    entries,
+                },
+                shard_seq: h.shard_seq,
+                durable: h.durable_shard_seq,
+                payload_ok,
+            });
+            expect += 1;
+            off += u64::from(h.record_bytes);
+        }
+        // End of the records in this segment: follow the chain if the next one was opened.
+        if next == NO_SEGMENT {
+            break;
+        }
+        let (nd, nbase) = geo.locate(next);
+        if dev.read_at(nd, &mut first, nbase).is_err() {
+            break;
+        }
+        match SegmentHeader::decode(&first) {
+            Some(sh)
+                if sh.kind == SegmentKind::Data
+                    && sh.segment == next
+                    && sh.epoch == epoch
+                    && sh.shard == shard
+                    && &sh.pool_uuid == pool_uuid =>
+            {
+                seg = next;
+                next = sh.next_segment;
+                off = SEGMENT_HEADER_BYTES;
+            }
+            _ => break,
+        }
+    }
+    // A bad payload at or below what a later record declares flushed is corruption (kept);
+    // above it, a torn tail (the chain ends there).
+    let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
+    let mut records = Vec::with_capacity(scanned.len());
+    for s in scanned {
+        if !s.payload_ok && s.shard_seq >= durable {
+            break;
+        }
+        records.push(s.rec);
+    }
+    Ok(ChainScan { records, segments })
+}

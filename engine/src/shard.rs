@@ -1,0 +1,1048 @@
+//! Shard workers: one thread per core, each with its own I/O queue, open segment and the map
+//! pages it owns. A worker gathers requests from its channel, packs writes into records
+//! (group commit: everything that arrived while the previous records were in flight), submits
+//! them in one batch, and applies completed records to the maps strictly in order before
+//! acknowledging them.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::api::BLOCK_BYTES;
+use crate::cache::BlockCache;
+use crate::error::Error;
+use crate::format::{
+    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
+    MAP_PAGE_ENTRIES, MAX_RECORD_ENTRIES, NO_SEGMENT, SEGMENT_HEADER_BYTES,
+};
+use crate::io::{AlignedBuf, IoDone, IoOp, IoQueue, OpKind};
+use crate::job::Job;
+use crate::lbamap::shard_of;
+use crate::pool::Inner;
+use crate::space::{BlockEntry, SegState};
+use crate::volume::VolumeState;
+
+const BLOCK: usize = BLOCK_BYTES as usize;
+/// Most messages taken from the channel per loop turn.
+const MAX_BATCH_MSGS: usize = 1024;
+/// Most payload bytes gathered per loop turn.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Records in flight per shard before the worker waits for completions.
+const MAX_INFLIGHT_RECORDS: usize = 64;
+
+pub(crate) enum ShardMsg {
+    Read {
+        vol: Arc<VolumeState>,
+        offset: u64,
+        len: usize,
+        /// Where this part's data goes in the job's buffer.
+        at: usize,
+        job: Arc<Job>,
+    },
+    Write {
+        vol: Arc<VolumeState>,
+        offset: u64,
+        data: Bytes,
+        job: Arc<Job>,
+    },
+    Zero {
+        vol: Arc<VolumeState>,
+        offset: u64,
+        len: u64,
+        job: Arc<Job>,
+    },
+    /// Drain in-flight I/O, move to a fresh segment, report the chain position, wait.
+    Pause {
+        paused: Sender<Result<ShardPosition, Error>>,
+        resume: Receiver<()>,
+    },
+    Stop,
+}
+
+/// Where replay of a shard's chain starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ShardPosition {
+    pub segment: u32,
+    pub offset: u32,
+    pub next: u32,
+    pub shard_seq: u64,
+}
+
+/// Progress of one message across the records that carry it.
+struct Part {
+    job: Arc<Job>,
+    records: Cell<usize>,
+    error: RefCell<Option<Error>>,
+}
+
+impl Part {
+    fn new(job: Arc<Job>) -> Rc<Part> {
+        Rc::new(Part {
+            job,
+            records: Cell::new(0),
+            error: RefCell::new(None),
+        })
+    }
+    fn fail(&self, e: Error) {
+        let mut slot = self.error.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+    /// One record carrying this part completed; when all did (and the message was fully
+    /// packed), finish the part.
+    fn record_done(&self) {
+        let n = self.records.get() - 1;
+        self.records.set(n);
+        if n == 0 {
+            let err = self.error.borrow_mut().take();
+            self.job.part_done(err.map_or(Ok(()), Err));
+        }
+    }
+}
+
+enum Apply {
+    Block {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        id: u64,
+        entry: BlockEntry,
+        /// Offset of the payload in the record buffer, for the cache.
+        buf_at: u32,
+    },
+    Hole {
+        vol: Arc<VolumeState>,
+        lba: u64,
+    },
+    Trim {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        count: u64,
+    },
+}
+
+struct Inflight {
+    tag: u64,
+    result: Option<std::io::Result<()>>,
+    buf: Option<AlignedBuf>,
+    seq: u64,
+    shard_seq: Option<u64>,
+    applies: Vec<Apply>,
+    parts: Vec<Rc<Part>>,
+}
+
+/// One block of a read waiting for the device.
+struct BlockRead {
+    id: u64,
+    generation: u32,
+    crc: u32,
+    segment: u32,
+    seg_offset: u32,
+    /// Offset of the block in the run buffer.
+    run_at: usize,
+    /// Bytes of the block wanted, and where they go in the job buffer.
+    from: usize,
+    len: usize,
+    dst: usize,
+}
+
+struct PendingRead {
+    part: Rc<Part>,
+    blocks: Vec<BlockRead>,
+}
+
+/// A block about to be packed into a data record.
+enum Item {
+    Data {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        src: BlockSrc,
+        part: Rc<Part>,
+    },
+    Hole {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        part: Rc<Part>,
+    },
+    Trim {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        count: u64,
+        part: Rc<Part>,
+    },
+}
+
+enum BlockSrc {
+    Slice(Bytes),
+    Owned(Box<[u8]>),
+}
+
+impl BlockSrc {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            BlockSrc::Slice(b) => b,
+            BlockSrc::Owned(b) => b,
+        }
+    }
+}
+
+pub(crate) struct Shard {
+    id: usize,
+    inner: Arc<Inner>,
+    rx: Receiver<ShardMsg>,
+    queue: Box<dyn IoQueue>,
+    pos: ShardPosition,
+    inflight: VecDeque<Inflight>,
+    reads: HashMap<u64, PendingRead>,
+    cache: BlockCache,
+    next_tag: u64,
+    items: Vec<Item>,
+    /// Parts of messages processed this turn: each holds one count until its items are packed,
+    /// so no part completes before all of its records exist.
+    held: Vec<Rc<Part>>,
+    done: Vec<IoDone>,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        inner: Arc<Inner>,
+        rx: Receiver<ShardMsg>,
+        queue: Box<dyn IoQueue>,
+        pos: ShardPosition,
+        cache_bytes: u64,
+    ) -> Self {
+        Shard {
+            id,
+            inner,
+            rx,
+            queue,
+            pos,
+            inflight: VecDeque::new(),
+            reads: HashMap::new(),
+            cache: BlockCache::new(cache_bytes),
+            next_tag: 1,
+            items: Vec::new(),
+            held: Vec::new(),
+            done: Vec::new(),
+        }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            let busy = !self.inflight.is_empty() || !self.reads.is_empty();
+            let first = if busy {
+                match self.rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => Some(ShardMsg::Stop),
+                }
+            } else {
+                Some(self.rx.recv().unwrap_or(ShardMsg::Stop))
+            };
+            let mut stop = false;
+            let mut pause = None;
+            let got_msgs = first.is_some();
+            if let Some(first) = first {
+                let mut bytes = 0usize;
+                let mut n = 0usize;
+                let mut msg = Some(first);
+                while let Some(m) = msg.take() {
+                    n += 1;
+                    match m {
+                        ShardMsg::Stop => {
+                            stop = true;
+                            break;
+                        }
+                        ShardMsg::Pause { paused, resume } => {
+                            pause = Some((paused, resume));
+                            break;
+                        }
+                        ShardMsg::Read {
+                            vol,
+                            offset,
+                            len,
+                            at,
+                            job,
+                        } => self.read(vol, offset, len, at, job),
+                        ShardMsg::Write {
+                            vol,
+                            offset,
+                            data,
+                            job,
+                        } => {
+                            bytes += data.len();
+                            self.write(vol, offset, data, job);
+                        }
+                        ShardMsg::Zero {
+                            vol,
+                            offset,
+                            len,
+                            job,
+                        } => self.zero(vol, offset, len, job),
+                    }
+                    if n >= MAX_BATCH_MSGS
+                        || bytes >= MAX_BATCH_BYTES
+                        || self.inflight.len() >= MAX_INFLIGHT_RECORDS
+                    {
+                        break;
+                    }
+                    msg = self.rx.try_recv().ok();
+                }
+                self.pack_records();
+                for p in std::mem::take(&mut self.held) {
+                    p.record_done();
+                }
+            }
+            // Submit what was queued; when the channel had nothing, wait for one completion.
+            let want = usize::from(!got_msgs && self.queue.in_flight() > 0);
+            if let Err(e) = self.queue.submit(want) {
+                self.fail_all_inflight(e);
+            }
+            self.reap();
+            if stop || pause.is_some() {
+                self.drain();
+            }
+            if let Some((paused, resume)) = pause {
+                let r = self.restart_chain();
+                let _ = paused.send(r.map(|()| self.pos));
+                let _ = resume.recv();
+            }
+            let st = &self.inner.shard_stats[self.id];
+            st.cache_hits.store(self.cache.hits, Ordering::Relaxed);
+            st.cache_misses.store(self.cache.misses, Ordering::Relaxed);
+            st.cache_bytes
+                .store(self.cache.len_bytes(), Ordering::Relaxed);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Wait for every in-flight op and process it.
+    fn drain(&mut self) {
+        while self.queue.in_flight() > 0 || !self.inflight.is_empty() {
+            if let Err(e) = self.queue.submit(1) {
+                self.fail_all_inflight(e);
+            }
+            self.reap();
+            if self.queue.in_flight() == 0 && !self.inflight.is_empty() {
+                // Records whose ops vanished cannot complete; fail them rather than hang.
+                self.fail_all_inflight(std::io::Error::other("lost I/O completion"));
+            }
+        }
+    }
+
+    fn fail_all_inflight(&mut self, e: std::io::Error) {
+        for r in self.inflight.iter_mut() {
+            if r.result.is_none() {
+                r.result = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
+            }
+        }
+        self.apply_completed();
+    }
+
+    fn reap(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        self.queue.reap(&mut done);
+        for d in done.drain(..) {
+            if let Some(pr) = self.reads.remove(&d.tag) {
+                self.finish_read(pr, d);
+            } else if let Some(r) = self.inflight.iter_mut().find(|r| r.tag == d.tag) {
+                r.result = Some(d.result);
+                r.buf = Some(d.buf);
+            }
+        }
+        self.done = done;
+        self.apply_completed();
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    fn read(&mut self, vol: Arc<VolumeState>, offset: u64, len: usize, at: usize, job: Arc<Job>) {
+        let part = Part::new(job);
+        part.records.set(1); // released at the end of this function
+        let first = offset / BLOCK_BYTES;
+        let last = (offset + len as u64 - 1) / BLOCK_BYTES;
+        let ids: Vec<u64> = {
+            let map = vol.maps[self.id].lock();
+            (first..=last).map(|lba| map.get(lba)).collect()
+        };
+        let entries: Vec<Option<BlockEntry>> = {
+            let space = self.inner.space.lock();
+            ids.iter()
+                .map(|&id| if id == 0 { None } else { space.get(id) })
+                .collect()
+        };
+        let mut runs: Vec<Vec<BlockRead>> = Vec::new();
+        for (i, lba) in (first..=last).enumerate() {
+            let bstart = lba * BLOCK_BYTES;
+            let from = offset.max(bstart) - bstart;
+            let to = (offset + len as u64).min(bstart + BLOCK_BYTES) - bstart;
+            let dst = at + (bstart + from - offset) as usize;
+            let (from, n) = (from as usize, (to - from as u64) as usize);
+            let Some(e) = entries[i] else {
+                if ids[i] != 0 {
+                    part.fail(Error::Corrupt {
+                        what: "map points at a free block",
+                    });
+                }
+                continue; // hole: the job buffer is already zero
+            };
+            let id = ids[i];
+            if let Some(data) = self.cache.get(id, e.generation) {
+                part.job.fill(dst, &data[from..from + n]);
+                continue;
+            }
+            let br = BlockRead {
+                id,
+                generation: e.generation,
+                crc: e.crc,
+                segment: e.segment,
+                seg_offset: e.offset,
+                run_at: 0,
+                from,
+                len: n,
+                dst,
+            };
+            // Extend the current run when the block follows the previous one on disk.
+            match runs.last_mut() {
+                Some(run)
+                    if run.last().is_some_and(|p| {
+                        p.segment == e.segment
+                            && u64::from(p.seg_offset) + BLOCK_BYTES == u64::from(e.offset)
+                    }) && e.stored_len as usize == BLOCK =>
+                {
+                    let run_at = run.len() * BLOCK;
+                    run.push(BlockRead { run_at, ..br });
+                }
+                _ => runs.push(vec![br]),
+            }
+        }
+        for run in runs {
+            let (dev, base) = self.inner.geo.locate(run[0].segment);
+            let tag = self.tag();
+            let len = run.len() * BLOCK;
+            self.queue.push(IoOp {
+                kind: OpKind::Read,
+                dev,
+                offset: base + u64::from(run[0].seg_offset),
+                len,
+                buf: AlignedBuf::new(len),
+                tag,
+            });
+            part.records.set(part.records.get() + 1);
+            self.reads.insert(
+                tag,
+                PendingRead {
+                    part: part.clone(),
+                    blocks: run,
+                },
+            );
+        }
+        part.record_done();
+    }
+
+    fn finish_read(&mut self, pr: PendingRead, d: IoDone) {
+        match d.result {
+            Err(e) => {
+                let first = &pr.blocks[0];
+                pr.part.fail(Error::Io {
+                    device: d.dev,
+                    offset: d.offset,
+                    source: e,
+                });
+                let _ = first;
+            }
+            Ok(()) => {
+                let buf = Arc::new(d.buf);
+                for b in &pr.blocks {
+                    let block = &buf[b.run_at..b.run_at + BLOCK];
+                    let got = crc32fast::hash(block);
+                    if got != b.crc {
+                        pr.part.fail(Error::ChecksumMismatch {
+                            block_id: b.id,
+                            segment: b.segment,
+                            offset: b.seg_offset,
+                            expected: b.crc,
+                            got,
+                        });
+                        continue;
+                    }
+                    pr.part.job.fill(b.dst, &block[b.from..b.from + b.len]);
+                    self.cache
+                        .insert(b.id, b.generation, buf.clone(), b.run_at as u32);
+                }
+            }
+        }
+        pr.part.record_done();
+    }
+
+    /// Read one block's current contents synchronously (for read-modify-write).
+    fn read_block_now(&mut self, vol: &VolumeState, lba: u64) -> Result<Box<[u8]>, Error> {
+        let mut out = vec![0u8; BLOCK].into_boxed_slice();
+        let id = vol.maps[self.id].lock().get(lba);
+        if id == 0 {
+            return Ok(out);
+        }
+        let e = self.inner.space.lock().get(id).ok_or(Error::Corrupt {
+            what: "map points at a free block",
+        })?;
+        if let Some(data) = self.cache.get(id, e.generation) {
+            out.copy_from_slice(data);
+            return Ok(out);
+        }
+        let (dev, base) = self.inner.geo.locate(e.segment);
+        let mut buf = AlignedBuf::new(BLOCK);
+        let offset = base + u64::from(e.offset);
+        self.inner
+            .devices
+            .read_at(dev, &mut buf, offset)
+            .map_err(|source| Error::Io {
+                device: dev,
+                offset,
+                source,
+            })?;
+        let got = crc32fast::hash(&buf[..BLOCK]);
+        if got != e.crc {
+            return Err(Error::ChecksumMismatch {
+                block_id: id,
+                segment: e.segment,
+                offset: e.offset,
+                expected: e.crc,
+                got,
+            });
+        }
+        out.copy_from_slice(&buf[..BLOCK]);
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    fn write(&mut self, vol: Arc<VolumeState>, offset: u64, data: Bytes, job: Arc<Job>) {
+        let part = Part::new(job);
+        part.records.set(1);
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let lba = pos / BLOCK_BYTES;
+            let bstart = lba * BLOCK_BYTES;
+            let bend = bstart + BLOCK_BYTES;
+            let at = (pos - offset) as usize;
+            if pos == bstart && end >= bend {
+                let src = data.slice(at..at + BLOCK);
+                self.push_block(&vol, lba, BlockSrc::Slice(src), &part);
+                pos = bend;
+                continue;
+            }
+            // Partial block: merge with the current contents, after everything in flight has
+            // landed so that no earlier write to this block is missed.
+            let upto = end.min(bend);
+            match self.settle_and_read(&vol, lba) {
+                Ok(mut block) => {
+                    let from = (pos - bstart) as usize;
+                    let n = (upto - pos) as usize;
+                    block[from..from + n].copy_from_slice(&data[at..at + n]);
+                    self.push_block(&vol, lba, BlockSrc::Owned(block), &part);
+                }
+                Err(e) => part.fail(e),
+            }
+            pos = upto;
+        }
+        self.held.push(part);
+    }
+
+    fn zero(&mut self, vol: Arc<VolumeState>, offset: u64, len: u64, job: Arc<Job>) {
+        let part = Part::new(job);
+        part.records.set(1);
+        let end = offset + len;
+        let first_full = offset.div_ceil(BLOCK_BYTES);
+        let end_full = end / BLOCK_BYTES;
+        // Partial blocks at either end are rewritten with zeroes in place.
+        let mut partial = Vec::new();
+        if offset % BLOCK_BYTES != 0 {
+            partial.push((offset, end.min((offset / BLOCK_BYTES + 1) * BLOCK_BYTES)));
+        }
+        if end % BLOCK_BYTES != 0
+            && end_full >= first_full
+            && end / BLOCK_BYTES * BLOCK_BYTES > offset
+        {
+            partial.push((end / BLOCK_BYTES * BLOCK_BYTES, end));
+        }
+        for (from, to) in partial {
+            let lba = from / BLOCK_BYTES;
+            if shard_of(lba, self.inner.shards()) != self.id {
+                continue;
+            }
+            match self.settle_and_read(&vol, lba) {
+                Ok(mut block) => {
+                    let a = (from - lba * BLOCK_BYTES) as usize;
+                    let b = (to - lba * BLOCK_BYTES) as usize;
+                    block[a..b].fill(0);
+                    self.push_block(&vol, lba, BlockSrc::Owned(block), &part);
+                }
+                Err(e) => part.fail(e),
+            }
+        }
+        if end_full > first_full {
+            self.items.push(Item::Trim {
+                vol,
+                lba: first_full,
+                count: end_full - first_full,
+                part: part.clone(),
+            });
+        }
+        self.held.push(part);
+    }
+
+    fn push_block(&mut self, vol: &Arc<VolumeState>, lba: u64, src: BlockSrc, part: &Rc<Part>) {
+        let item = if is_zero(src.bytes()) {
+            Item::Hole {
+                vol: vol.clone(),
+                lba,
+                part: part.clone(),
+            }
+        } else {
+            Item::Data {
+                vol: vol.clone(),
+                lba,
+                src,
+                part: part.clone(),
+            }
+        };
+        self.items.push(item);
+    }
+
+    /// Pack and submit queued items, wait for all records to apply, then read the block.
+    fn settle_and_read(&mut self, vol: &VolumeState, lba: u64) -> Result<Box<[u8]>, Error> {
+        if !self.items.is_empty() || !self.inflight.is_empty() {
+            self.pack_records();
+            self.drain();
+        }
+        self.read_block_now(vol, lba)
+    }
+
+    /// Turn queued items into records and queue their writes.
+    fn pack_records(&mut self) {
+        let mut items = std::mem::take(&mut self.items);
+        while let Some(first) = items.first() {
+            let is_trim = matches!(first, Item::Trim { .. });
+            let end = items
+                .iter()
+                .take(MAX_RECORD_ENTRIES)
+                .take_while(|i| matches!(i, Item::Trim { .. }) == is_trim)
+                .count();
+            let batch: Vec<Item> = items.drain(..end).collect();
+            self.build_record(batch, is_trim);
+        }
+        self.items = items;
+    }
+
+    fn build_record(&mut self, batch: Vec<Item>, is_trim: bool) {
+        let (kind, entry_bytes) = if is_trim {
+            (RecordKind::Trim, TrimEntry::BYTES)
+        } else {
+            (RecordKind::Data, DataEntry::BYTES)
+        };
+        let n_payload = batch
+            .iter()
+            .filter(|i| matches!(i, Item::Data { .. }))
+            .count();
+        let header_bytes = RecordHeader::header_area(batch.len(), entry_bytes);
+        let record_bytes = header_bytes + n_payload * BLOCK;
+        let parts: Vec<Rc<Part>> = batch.iter().map(item_part).cloned().collect();
+        for p in &parts {
+            p.records.set(p.records.get() + 1);
+        }
+        if let Err(e) = self.make_room(record_bytes as u64) {
+            for p in &parts {
+                p.fail(clone_err(&e));
+                p.record_done();
+            }
+            return;
+        }
+        let segment = self.pos.segment;
+        let seg_off = self.pos.offset;
+        let ids: Vec<u64> = {
+            let mut space = self.inner.space.lock();
+            (0..n_payload).map(|_| space.alloc_id()).collect()
+        };
+        let mut buf = AlignedBuf::new(record_bytes);
+        let mut applies = Vec::with_capacity(batch.len());
+        let mut next_payload = header_bytes;
+        let mut ids = ids.into_iter();
+        for (i, item) in batch.into_iter().enumerate() {
+            let at = RecordHeader::BYTES + i * entry_bytes;
+            match item {
+                Item::Data { vol, lba, src, .. } => {
+                    let id = ids.next().unwrap_or(0);
+                    let payload = src.bytes();
+                    buf[next_payload..next_payload + BLOCK].copy_from_slice(payload);
+                    let crc = crc32fast::hash(payload);
+                    let fingerprint = xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes();
+                    DataEntry {
+                        volume: vol.id,
+                        flags: 0,
+                        lba,
+                        block_id: id,
+                        fingerprint,
+                        payload_offset: next_payload as u32,
+                        stored_len: BLOCK as u32,
+                        payload_crc: crc,
+                    }
+                    .encode(&mut buf[at..]);
+                    applies.push(Apply::Block {
+                        vol,
+                        lba,
+                        id,
+                        entry: BlockEntry {
+                            segment,
+                            offset: seg_off + next_payload as u32,
+                            stored_len: BLOCK as u16,
+                            flags: 0,
+                            crc,
+                            refs: 0,
+                            generation: 0,
+                        },
+                        buf_at: next_payload as u32,
+                    });
+                    next_payload += BLOCK;
+                }
+                Item::Hole { vol, lba, .. } => {
+                    DataEntry {
+                        volume: vol.id,
+                        flags: 0,
+                        lba,
+                        block_id: 0,
+                        fingerprint: [0; 16],
+                        payload_offset: 0,
+                        stored_len: 0,
+                        payload_crc: 0,
+                    }
+                    .encode(&mut buf[at..]);
+                    applies.push(Apply::Hole { vol, lba });
+                }
+                Item::Trim {
+                    vol, lba, count, ..
+                } => {
+                    TrimEntry {
+                        volume: vol.id,
+                        lba,
+                        count,
+                    }
+                    .encode(&mut buf[at..]);
+                    applies.push(Apply::Trim { vol, lba, count });
+                }
+            }
+        }
+        let seq = self.inner.seq.fetch_add(1, Ordering::AcqRel);
+        let shard_seq = self.pos.shard_seq;
+        self.pos.shard_seq += 1;
+        let durable = self.inner.shard_stats[self.id]
+            .durable_shard_seq
+            .load(Ordering::Acquire);
+        RecordHeader {
+            kind,
+            seq,
+            shard_seq,
+            epoch: self.inner.epoch,
+            segment,
+            entry_count: applies.len() as u32,
+            record_bytes: record_bytes as u32,
+            header_bytes: header_bytes as u32,
+            durable_shard_seq: durable,
+            shard: self.id as u16,
+        }
+        .encode_and_seal(&mut buf[..header_bytes], entry_bytes);
+        self.pos.offset += record_bytes as u32;
+        let (dev, base) = self.inner.geo.locate(segment);
+        let tag = self.tag();
+        self.queue.push(IoOp {
+            kind: OpKind::Write,
+            dev,
+            offset: base + u64::from(seg_off),
+            len: record_bytes,
+            buf,
+            tag,
+        });
+        self.inner
+            .counters
+            .device_written
+            .fetch_add(record_bytes as u64, Ordering::Relaxed);
+        self.inflight.push_back(Inflight {
+            tag,
+            result: None,
+            buf: None,
+            seq,
+            shard_seq: Some(shard_seq),
+            applies,
+            parts,
+        });
+    }
+
+    /// Make sure `bytes` fit in the open segment, moving to the next one if needed.
+    fn make_room(&mut self, bytes: u64) -> Result<(), Error> {
+        let seg_bytes = self.inner.geo.segment_bytes;
+        if u64::from(self.pos.offset) + bytes <= seg_bytes && self.pos.segment != NO_SEGMENT {
+            return Ok(());
+        }
+        if self.pos.next == NO_SEGMENT {
+            // Ask for a checkpoint: it frees segments and restarts the chain.
+            self.inner.kick_checkpoint();
+            return Err(Error::NoSpace);
+        }
+        let reserve = self.inner.reserve_segments();
+        let mut space = self.inner.space.lock();
+        let next2 = space
+            .alloc_segment(SegState::Next, reserve)
+            .unwrap_or(NO_SEGMENT);
+        let last_seq = self.inner.seq.load(Ordering::Acquire);
+        space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
+        space.set_state(self.pos.next, SegState::Open);
+        drop(space);
+        self.pos.segment = self.pos.next;
+        self.pos.next = next2;
+        self.pos.offset = SEGMENT_HEADER_BYTES as u32;
+        if next2 == NO_SEGMENT {
+            self.inner.kick_checkpoint();
+        }
+        // The header goes through the ordered queue: no record after it is acknowledged before
+        // the header itself is on the device.
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        self.segment_header().encode(&mut buf);
+        let (dev, base) = self.inner.geo.locate(self.pos.segment);
+        let tag = self.tag();
+        self.queue.push(IoOp {
+            kind: OpKind::Write,
+            dev,
+            offset: base,
+            len: IO_ALIGN,
+            buf,
+            tag,
+        });
+        self.inflight.push_back(Inflight {
+            tag,
+            result: None,
+            buf: None,
+            seq: 0,
+            shard_seq: None,
+            applies: Vec::new(),
+            parts: Vec::new(),
+        });
+        if u64::from(self.pos.offset) + bytes > seg_bytes {
+            return Err(Error::NoSpace);
+        }
+        Ok(())
+    }
+
+    fn segment_header(&self) -> SegmentHeader {
+        SegmentHeader {
+            kind: SegmentKind::Data,
+            segment: self.pos.segment,
+            shard: self.id as u16,
+            pool_uuid: self.inner.pool_uuid,
+            epoch: self.inner.epoch,
+            next_segment: self.pos.next,
+        }
+    }
+
+    /// At a checkpoint: seal the open segment and start a new chain in the reserved next one
+    /// (its header written and made durable by the checkpoint's sync).
+    fn restart_chain(&mut self) -> Result<(), Error> {
+        let reserve = 0;
+        let mut space = self.inner.space.lock();
+        let last_seq = self.inner.seq.load(Ordering::Acquire);
+        if self.pos.segment != NO_SEGMENT {
+            space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
+        }
+        let seg = if self.pos.next != NO_SEGMENT {
+            self.pos.next
+        } else {
+            match space.alloc_segment(SegState::Open, reserve) {
+                Some(s) => s,
+                None => {
+                    self.pos.segment = NO_SEGMENT;
+                    return Ok(());
+                }
+            }
+        };
+        space.set_state(seg, SegState::Open);
+        let next = space
+            .alloc_segment(SegState::Next, reserve)
+            .unwrap_or(NO_SEGMENT);
+        drop(space);
+        self.pos.segment = seg;
+        self.pos.next = next;
+        self.pos.offset = SEGMENT_HEADER_BYTES as u32;
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        self.segment_header().encode(&mut buf);
+        let (dev, base) = self.inner.geo.locate(seg);
+        self.inner
+            .devices
+            .write_at(dev, &buf, base)
+            .map_err(|source| Error::Io {
+                device: dev,
+                offset: base,
+                source,
+            })
+    }
+
+    /// Apply completed records at the head of the queue, in order, and acknowledge them.
+    fn apply_completed(&mut self) {
+        while self.inflight.front().is_some_and(|r| r.result.is_some()) {
+            let Some(rec) = self.inflight.pop_front() else {
+                break;
+            };
+            let ok = matches!(rec.result, Some(Ok(())));
+            if let Some(ss) = rec.shard_seq {
+                self.inner.shard_stats[self.id]
+                    .applied_shard_seq
+                    .store(ss + 1, Ordering::Release);
+            }
+            if ok {
+                self.apply(rec.seq, rec.applies, rec.buf);
+            } else {
+                self.inner.chain_broken.store(true, Ordering::Release);
+                let mut space = self.inner.space.lock();
+                for a in &rec.applies {
+                    if let Apply::Block { id, .. } = a {
+                        space.discard_id(*id, rec.seq);
+                    }
+                }
+                drop(space);
+                let msg = match &rec.result {
+                    Some(Err(e)) => e.to_string(),
+                    _ => String::new(),
+                };
+                for p in &rec.parts {
+                    p.fail(Error::Io {
+                        device: 0,
+                        offset: 0,
+                        source: std::io::Error::other(msg.clone()),
+                    });
+                }
+                if rec.shard_seq.is_none() {
+                    // A segment header failed: the chain is broken until the next checkpoint.
+                    self.inner.kick_checkpoint();
+                }
+            }
+            for p in &rec.parts {
+                p.record_done();
+            }
+        }
+    }
+
+    fn apply(&mut self, seq: u64, applies: Vec<Apply>, buf: Option<AlignedBuf>) {
+        let buf = buf.map(Arc::new);
+        let shards = self.inner.shards();
+        let mut space = self.inner.space.lock();
+        for a in applies {
+            match a {
+                Apply::Block {
+                    vol,
+                    lba,
+                    id,
+                    entry,
+                    buf_at,
+                } => {
+                    space.place(id, entry);
+                    if vol.deleted.load(Ordering::Acquire) || lba >= vol.blocks() {
+                        space.discard_id(id, seq);
+                        continue;
+                    }
+                    space.add_ref(id);
+                    let old = vol.maps[self.id].lock().set(lba, id);
+                    if old != 0 {
+                        space.drop_ref(old, seq);
+                    }
+                    if let (Some(b), Some(e)) = (&buf, space.get(id)) {
+                        self.cache.insert(id, e.generation, b.clone(), buf_at);
+                    }
+                    self.inner
+                        .counters
+                        .client_written
+                        .fetch_add(BLOCK_BYTES, Ordering::Relaxed);
+                }
+                Apply::Hole { vol, lba } => {
+                    let old = vol.maps[self.id].lock().set(lba, 0);
+                    if old != 0 {
+                        space.drop_ref(old, seq);
+                    }
+                    self.inner
+                        .counters
+                        .client_written
+                        .fetch_add(BLOCK_BYTES, Ordering::Relaxed);
+                }
+                Apply::Trim { vol, lba, count } => {
+                    let mut map = vol.maps[self.id].lock();
+                    trim_owned(&mut map, lba, count, self.id, shards, |old| {
+                        space.drop_ref(old, seq)
+                    });
+                }
+            }
+        }
+    }
+
+    fn tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+}
+
+/// Clear `lba..lba+count` in the pages of `map` that `shard` owns, calling `freed` for each
+/// block id removed. Cost is per page, not per block, for pages that are holes already.
+pub(crate) fn trim_owned(
+    map: &mut crate::lbamap::LbaMap,
+    lba: u64,
+    count: u64,
+    shard: usize,
+    shards: usize,
+    mut freed: impl FnMut(u64),
+) {
+    let end = (lba + count).min(map.pages.len() as u64 * MAP_PAGE_ENTRIES);
+    let mut pos = lba;
+    while pos < end {
+        let page = pos / MAP_PAGE_ENTRIES;
+        let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
+        if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
+            for l in pos..page_end {
+                let old = map.set(l, 0);
+                if old != 0 {
+                    freed(old);
+                }
+            }
+        }
+        pos = page_end;
+    }
+}
+
+fn item_part(i: &Item) -> &Rc<Part> {
+    match i {
+        Item::Data { part, .. } | Item::Hole { part, .. } | Item::Trim { part, .. } => part,
+    }
+}
+
+fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::NoSpace => Error::NoSpace,
+        other => Error::Io {
+            device: 0,
+            offset: 0,
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let chunks = b.chunks_exact(8);
+    let tail = chunks.remainder();
+    tail.iter().all(|&x| x == 0)
+        && chunks
+            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .all(|w| w == 0)
+}

@@ -1,0 +1,221 @@
+//! The block table (block id -> location, checksum, reference count) and segment accounting.
+//!
+//! One mutex guards both; shards take it once per record batch or read request.
+
+use crate::format::NO_SEGMENT;
+
+/// Where a stored block lives and how to verify it. 24 bytes per block in RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockEntry {
+    pub segment: u32,
+    /// Byte offset of the payload within the segment.
+    pub offset: u32,
+    pub stored_len: u16,
+    pub flags: u16,
+    pub crc: u32,
+    /// Map entries pointing at this block; 0 = free.
+    pub refs: u32,
+    /// Bumped each time the id is reused, so caches keyed by id can tell versions apart.
+    pub generation: u32,
+}
+
+/// Life of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegState {
+    Free,
+    /// A shard appends to it.
+    Open,
+    /// Reserved as the next segment of a shard's chain.
+    Next,
+    /// Full (or abandoned at restart); every record in it has a sequence number below `seq`.
+    Sealed {
+        seq: u64,
+    },
+    /// Holds the current checkpoint.
+    Checkpoint,
+    /// Held the previous checkpoint; free once the next superblock is durable.
+    OldCheckpoint,
+}
+
+pub struct Space {
+    pub blocks: Vec<BlockEntry>,
+    free_ids: Vec<u64>,
+    /// Ids whose last reference went away at `seq`; reusable once a checkpoint covers `seq`.
+    pending_ids: Vec<(u64, u64)>,
+    pub seg_state: Vec<SegState>,
+    pub seg_live: Vec<u64>,
+    pub free_segments: usize,
+    next_seg_hint: usize,
+    pub stored_bytes: u64,
+    pub live_blocks: u64,
+}
+
+impl Space {
+    pub fn new(total_segments: u32) -> Self {
+        Space {
+            blocks: vec![BlockEntry::default()],
+            free_ids: Vec::new(),
+            pending_ids: Vec::new(),
+            seg_state: vec![SegState::Free; total_segments as usize],
+            seg_live: vec![0; total_segments as usize],
+            free_segments: total_segments as usize,
+            next_seg_hint: 0,
+            stored_bytes: 0,
+            live_blocks: 0,
+        }
+    }
+
+    /// Allocate an id for a new block (refs starts at 0; [`Space::add_ref`] adds the first).
+    pub fn alloc_id(&mut self) -> u64 {
+        if let Some(id) = self.free_ids.pop() {
+            return id;
+        }
+        self.blocks.push(BlockEntry::default());
+        (self.blocks.len() - 1) as u64
+    }
+
+    /// Set a block's location (a new block, or one replayed from the log).
+    pub fn place(&mut self, id: u64, mut e: BlockEntry) {
+        let idx = id as usize;
+        if idx >= self.blocks.len() {
+            self.blocks.resize(idx + 1, BlockEntry::default());
+        }
+        let old = self.blocks[idx];
+        if old.refs > 0 {
+            self.unaccount(&old);
+        }
+        e.generation = old.generation.wrapping_add(1);
+        e.refs = old.refs;
+        self.blocks[idx] = e;
+        if e.refs > 0 {
+            self.account(&e);
+        }
+    }
+
+    fn account(&mut self, e: &BlockEntry) {
+        if let Some(l) = self.seg_live.get_mut(e.segment as usize) {
+            *l += u64::from(e.stored_len);
+        }
+        self.stored_bytes += u64::from(e.stored_len);
+        self.live_blocks += 1;
+    }
+
+    fn unaccount(&mut self, e: &BlockEntry) {
+        if let Some(l) = self.seg_live.get_mut(e.segment as usize) {
+            *l = l.saturating_sub(u64::from(e.stored_len));
+        }
+        self.stored_bytes = self.stored_bytes.saturating_sub(u64::from(e.stored_len));
+        self.live_blocks = self.live_blocks.saturating_sub(1);
+    }
+
+    pub fn get(&self, id: u64) -> Option<BlockEntry> {
+        self.blocks.get(id as usize).copied().filter(|e| e.refs > 0)
+    }
+
+    pub fn add_ref(&mut self, id: u64) {
+        let Some(e) = self.blocks.get_mut(id as usize) else {
+            return;
+        };
+        e.refs += 1;
+        if e.refs == 1 {
+            let e = *e;
+            self.account(&e);
+        }
+    }
+
+    /// Drop one reference; the id becomes reusable after a checkpoint covering `seq`.
+    pub fn drop_ref(&mut self, id: u64, seq: u64) {
+        let Some(e) = self.blocks.get_mut(id as usize) else {
+            return;
+        };
+        if e.refs == 0 {
+            return;
+        }
+        e.refs -= 1;
+        if e.refs == 0 {
+            let e = *e;
+            self.unaccount(&e);
+            self.pending_ids.push((seq, id));
+        }
+    }
+
+    /// Give back an id that was allocated but never referenced (a failed or dropped write).
+    pub fn discard_id(&mut self, id: u64, seq: u64) {
+        if self.blocks.get(id as usize).is_some_and(|e| e.refs == 0) {
+            self.pending_ids.push((seq, id));
+        }
+    }
+
+    /// Ids freed by records before `seq_end` become reusable (a durable checkpoint covers them).
+    pub fn release_ids(&mut self, seq_end: u64) {
+        let (ready, keep): (Vec<_>, Vec<_>) =
+            self.pending_ids.iter().partition(|(s, _)| *s < seq_end);
+        self.pending_ids = keep;
+        self.free_ids.extend(ready.into_iter().map(|(_, id)| id));
+    }
+
+    /// After loading a checkpoint: every unreferenced id is free.
+    pub fn rebuild_free_ids(&mut self) {
+        self.free_ids = (1..self.blocks.len() as u64)
+            .rev()
+            .filter(|&id| self.blocks[id as usize].refs == 0)
+            .collect();
+        self.pending_ids.clear();
+    }
+
+    /// Take a free segment for `state`, keeping `reserve` segments back (for checkpoints).
+    pub fn alloc_segment(&mut self, state: SegState, reserve: usize) -> Option<u32> {
+        if self.free_segments <= reserve {
+            return None;
+        }
+        let n = self.seg_state.len();
+        for k in 0..n {
+            let s = (self.next_seg_hint + k) % n;
+            if self.seg_state[s] == SegState::Free {
+                self.seg_state[s] = state;
+                self.free_segments -= 1;
+                self.next_seg_hint = (s + 1) % n;
+                return Some(s as u32);
+            }
+        }
+        None
+    }
+
+    pub fn set_state(&mut self, seg: u32, state: SegState) {
+        if seg == NO_SEGMENT {
+            return;
+        }
+        let Some(cur) = self.seg_state.get_mut(seg as usize) else {
+            return;
+        };
+        match (*cur == SegState::Free, state == SegState::Free) {
+            (true, false) => self.free_segments -= 1,
+            (false, true) => self.free_segments += 1,
+            _ => {}
+        }
+        *cur = state;
+    }
+
+    /// Free sealed segments whose records all precede `seq_end` (a durable checkpoint covers
+    /// them), that held no live data at that checkpoint (`live_then`) and hold none now; and
+    /// the previous checkpoint's segments. Returns the freed segments.
+    pub fn reclaim(&mut self, seq_end: u64, live_then: &[u64]) -> Vec<u32> {
+        let mut freed = Vec::new();
+        for s in 0..self.seg_state.len() {
+            let free = match self.seg_state[s] {
+                SegState::Sealed { seq: sealed } => {
+                    sealed <= seq_end
+                        && self.seg_live[s] == 0
+                        && live_then.get(s).copied().unwrap_or(0) == 0
+                }
+                SegState::OldCheckpoint => true,
+                _ => false,
+            };
+            if free {
+                self.set_state(s as u32, SegState::Free);
+                freed.push(s as u32);
+            }
+        }
+        freed
+    }
+}

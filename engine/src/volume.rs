@@ -1,0 +1,255 @@
+//! Per-volume runtime state and the [`Volume`] handle front ends use.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::api::{check_range, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
+use crate::error::{Error, Result};
+use crate::format::MAP_PAGE_ENTRIES;
+use crate::job::{FlushMsg, Job};
+use crate::lbamap::{shard_of, LbaMap};
+use crate::pool::Inner;
+use crate::shard::ShardMsg;
+
+pub(crate) struct VolumeState {
+    pub id: u32,
+    pub name: String,
+    pub size_bytes: AtomicU64,
+    /// One map per shard (each holds the pages that shard owns).
+    pub maps: Vec<Mutex<LbaMap>>,
+    pub deleted: AtomicBool,
+}
+
+impl VolumeState {
+    pub fn new(id: u32, name: String, size_bytes: u64, shards: usize) -> Self {
+        let blocks = size_bytes.div_ceil(BLOCK_BYTES);
+        VolumeState {
+            id,
+            name,
+            size_bytes: AtomicU64::new(size_bytes),
+            maps: (0..shards)
+                .map(|_| Mutex::new(LbaMap::new(blocks)))
+                .collect(),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size().div_ceil(BLOCK_BYTES)
+    }
+
+    pub fn lookup(&self, lba: u64) -> u64 {
+        self.maps[shard_of(lba, self.maps.len())].lock().get(lba)
+    }
+
+    pub fn mapped_blocks(&self) -> u64 {
+        self.maps.iter().map(|m| m.lock().mapped).sum()
+    }
+}
+
+/// A handle on one volume. Cheap to clone; stays valid (and fails requests) after deletion.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) state: Arc<VolumeState>,
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.state.size()
+    }
+
+    /// Submit a request; `done` runs once, on an engine thread, when it completes.
+    pub fn submit(&self, req: Request, done: Completion) {
+        if let Err(e) = self.dispatch(req, done) {
+            // dispatch only fails before taking ownership of the completion.
+            let _ = e;
+        }
+    }
+
+    fn dispatch(&self, req: Request, done: Completion) -> std::result::Result<(), ()> {
+        let inner = &self.inner;
+        if inner.is_closed() || self.state.deleted.load(Ordering::Acquire) {
+            let e = if self.state.deleted.load(Ordering::Acquire) {
+                Error::VolumeNotFound(self.state.name.clone())
+            } else {
+                Error::ShutDown
+            };
+            done(Err(e));
+            return Err(());
+        }
+        let size = self.state.size();
+        let (offset, len, fua) = match &req {
+            Request::Read { offset, len } => (*offset, u64::from(*len), false),
+            Request::Write { offset, data, fua } => (*offset, data.len() as u64, *fua),
+            Request::WriteZeroes { offset, len, fua } | Request::Trim { offset, len, fua } => {
+                (*offset, *len, *fua)
+            }
+            Request::Flush => {
+                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
+                    inner.flusher.send(FlushMsg::Flush(done))
+                {
+                    done(Err(Error::ShutDown));
+                }
+                return Ok(());
+            }
+        };
+        // Zeroing and trimming touch only metadata, so they may cover the whole volume.
+        let max = match req {
+            Request::Read { .. } | Request::Write { .. } => MAX_REQUEST_BYTES,
+            _ => u64::MAX,
+        };
+        if let Err(e) = check_range(offset, len, size, max) {
+            done(Err(e));
+            return Err(());
+        }
+        if len == 0 {
+            done(Ok(match req {
+                Request::Read { .. } => Reply::Data(Vec::new()),
+                _ => Reply::Done,
+            }));
+            return Ok(());
+        }
+        let parts = match req {
+            Request::Read { .. } | Request::Write { .. } => split(offset, len, inner.shards()),
+            // A zero/trim part covers the whole range; each shard handles the pages it owns.
+            _ => {
+                let p = split(offset, len, inner.shards());
+                if p.len() <= 1 {
+                    p
+                } else {
+                    (0..inner.shards()).map(|s| (s, offset, len)).collect()
+                }
+            }
+        };
+        let read_len = matches!(req, Request::Read { .. }).then_some(len as usize);
+        let fua_tx = fua.then(|| inner.flusher.clone());
+        let job = Job::new(parts.len(), read_len, fua_tx, done);
+        for (shard, off, l) in parts {
+            let at = (off - offset) as usize;
+            let msg = match &req {
+                Request::Read { .. } => ShardMsg::Read {
+                    vol: self.state.clone(),
+                    offset: off,
+                    len: l as usize,
+                    at,
+                    job: job.clone(),
+                },
+                Request::Write { data, .. } => ShardMsg::Write {
+                    vol: self.state.clone(),
+                    offset: off,
+                    data: data.slice(at..at + l as usize),
+                    job: job.clone(),
+                },
+                _ => ShardMsg::Zero {
+                    vol: self.state.clone(),
+                    offset: off,
+                    len: l,
+                    job: job.clone(),
+                },
+            };
+            inner.send_to_shard(shard, msg);
+        }
+        Ok(())
+    }
+
+    /// Blocking helper around [`Volume::submit`].
+    pub fn call(&self, req: Request) -> Result<Reply> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.submit(
+            req,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(Error::ShutDown))
+    }
+
+    pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        match self.call(Request::Read { offset, len })? {
+            Reply::Data(d) => Ok(d),
+            Reply::Done => Ok(Vec::new()),
+        }
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.call(Request::Write {
+            offset,
+            data: bytes::Bytes::copy_from_slice(data),
+            fua,
+        })
+        .map(|_| ())
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.call(Request::WriteZeroes { offset, len, fua })
+            .map(|_| ())
+    }
+
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.call(Request::Trim { offset, len, fua }).map(|_| ())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.call(Request::Flush).map(|_| ())
+    }
+
+    /// Allocation of `offset..offset+len` as runs of data and holes (metadata only).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.state.size();
+        check_range(offset, len, size, u64::MAX)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let lba = pos / BLOCK_BYTES;
+            let next = ((lba + 1) * BLOCK_BYTES).min(end);
+            let hole = self.state.lookup(lba) == 0;
+            let run = next - pos;
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len += run,
+                _ => out.push(Extent { len: run, hole }),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+}
+
+/// Split a byte range into per-shard parts along map-page boundaries.
+fn split(offset: u64, len: u64, shards: usize) -> Vec<(usize, u64, u64)> {
+    let stripe = MAP_PAGE_ENTRIES * BLOCK_BYTES;
+    let mut parts = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let next = ((pos / stripe + 1) * stripe).min(end);
+        let shard = shard_of(pos / BLOCK_BYTES, shards);
+        match parts.last_mut() {
+            Some((s, _, l)) if *s == shard => *l += next - pos,
+            _ => parts.push((shard, pos, next - pos)),
+        }
+        pos = next;
+        if shards == 1 {
+            if let Some((_, _, l)) = parts.last_mut() {
+                *l = end - offset;
+            }
+            break;
+        }
+        if parts.len() > shards && parts.len() > 64 {
+            // Only zero/trim ranges get this long; the caller fans them out per shard.
+            break;
+        }
+    }
+    parts
+}
