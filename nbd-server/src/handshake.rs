@@ -319,7 +319,7 @@ impl State<'_, '_> {
             return error_reply(out, option, REP_ERR_UNKNOWN, "no such export");
         };
         let selected = if set {
-            queries.iter().any(|q| *q == META_BASE_ALLOCATION)
+            queries.contains(&META_BASE_ALLOCATION)
         } else {
             queries.is_empty()
                 || queries

@@ -750,3 +750,85 @@ fn stale_unix_socket_is_replaced_but_live_one_is_not() {
     l.close();
     assert!(!path.exists());
 }
+
+#[test]
+fn concurrent_connections_share_the_export() {
+    let t = TestServer::start();
+    let threads: Vec<_> = (0..8u64)
+        .map(|i| {
+            let mut c = t.raw();
+            std::thread::spawn(move || {
+                c.go("vol0", i % 2 == 0, false);
+                for j in 0..16u64 {
+                    let off = i * 65536 + j * 4096;
+                    c.write(0, j, off, &[(i * 16 + j) as u8; 4096]);
+                }
+                for _ in 0..16 {
+                    assert_eq!(c.simple().0, 0);
+                }
+                c.request(0, CMD_FLUSH, 99, 0, 0);
+                assert_eq!(c.simple(), (0, 99));
+                c.disconnect();
+                assert!(c.closed());
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    for i in 0..8u64 {
+        for j in 0..16u64 {
+            let got = t.exports[0].contents(i * 65536 + j * 4096, 4096);
+            assert!(got.iter().all(|&b| b == (i * 16 + j) as u8));
+        }
+    }
+    t.wait_idle();
+}
+
+/// Deterministic garbage generator (xorshift).
+fn garbage(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_input_never_takes_the_server_down() {
+    let cfg = ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let t = TestServer::with(vec![MemExport::new("v", 1 << 20)], cfg);
+    for seed in 0..40u64 {
+        let mut c = t.raw();
+        let junk = garbage(seed, 64 + (seed as usize * 37) % 2000);
+        if seed % 2 == 0 {
+            // Garbage during option haggling (valid option magic, random rest).
+            c.greet(FLAG_C_FIXED_NEWSTYLE);
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&junk);
+            let _ = c.s.write_all(&m);
+        } else {
+            // Garbage request headers in transmission (valid magic, random rest).
+            c.go("v", seed % 3 == 0, false);
+            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&junk);
+            let _ = c.s.write_all(&m);
+        }
+        let _ = c.s.shutdown(std::net::Shutdown::Write);
+        // Drain whatever the server answers until it closes.
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c.s, &mut sink);
+    }
+    t.wait_idle();
+    let mut c = t.raw();
+    c.go("v", true, false);
+    c.request(0, CMD_READ, 1, 0, 512);
+    assert_eq!(c.chunk().kind, REPLY_TYPE_OFFSET_DATA);
+}
