@@ -1,1 +1,31 @@
-//! NBD server.
+//! NBD server front end for the ingot engine.
+//!
+//! The server speaks the fixed newstyle NBD protocol (structured replies, `base:allocation`
+//! block status) over TCP and unix sockets. It is thread based: one accept thread per listener,
+//! and per connection a reader thread that submits requests without waiting and a writer thread
+//! that sends replies as they complete (possibly out of order).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig};
+//! # fn run(pool: Arc<ingot_engine::Pool>) -> Result<(), Box<dyn std::error::Error>> {
+//! let server = NbdServer::new(Arc::new(PoolExports::new(pool)), ServerConfig::default());
+//! server.listen(&"0.0.0.0:10809".parse::<ListenAddr>()?)?;
+//! server.listen(&"unix:/run/ingot/nbd.sock".parse::<ListenAddr>()?)?;
+//! server.wait(); // until another thread calls server.shutdown()
+//! # Ok(()) }
+//! ```
+
+mod engine_export;
+mod error;
+mod export;
+mod handshake;
+pub mod proto;
+mod server;
+mod stream;
+mod transmission;
+
+pub use engine_export::PoolExports;
+pub use error::{NbdError, Result};
+pub use export::{Export, ExportSource, StaticExports};
+pub use server::{BoundAddr, ListenAddr, ListenerHandle, NbdServer, ServerConfig};

@@ -1,0 +1,451 @@
+//! Listeners, connection admission and accounting, and server shutdown.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, BufReader};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{NbdError, Result};
+use crate::export::ExportSource;
+use crate::handshake::{negotiate, HandshakeCtx};
+use crate::stream::Stream;
+use crate::transmission;
+
+/// How often accept threads look at the stop flags.
+const ACCEPT_POLL_MS: i32 = 100;
+const READ_BUFFER_BYTES: usize = 128 << 10;
+
+/// Tunables of an [`NbdServer`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; further clients are accepted and closed immediately.
+    pub max_connections: usize,
+    /// Payload bytes in flight per connection before the server stops reading requests.
+    pub max_inflight_bytes: u64,
+    /// Largest option the handshake accepts; larger ones end the connection.
+    pub max_option_bytes: u32,
+    /// Time a client may take between handshake messages (`None`: forever).
+    pub handshake_timeout: Option<Duration>,
+    /// Serve every export read-only.
+    pub read_only: bool,
+    /// On [`NbdServer::shutdown`], how long connections get to finish in-flight requests before
+    /// their sockets are closed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 256,
+            max_inflight_bytes: 64 << 20,
+            max_option_bytes: 64 << 10,
+            handshake_timeout: Some(Duration::from_secs(30)),
+            read_only: false,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where to listen: `HOST:PORT`, `[V6ADDR]:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address, `HOST:PORT` (host names are resolved when listening).
+    Tcp(String),
+    /// A unix socket path; a stale socket file there is removed first.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = NbdError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |reason| NbdError::BadAddress {
+            addr: s.to_string(),
+            reason,
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad("empty unix socket path"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if s.parse::<SocketAddr>().is_ok() {
+            return Ok(ListenAddr::Tcp(s.to_string()));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected HOST:PORT, [IPV6]:PORT or unix:PATH"))?;
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        if host.contains(':') {
+            return Err(bad(
+                "IPv6 addresses must be written in brackets: [ADDR]:PORT",
+            ));
+        }
+        if port.parse::<u16>().is_err() {
+            return Err(bad("invalid port"));
+        }
+        Ok(ListenAddr::Tcp(s.to_string()))
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(a: SocketAddr) -> Self {
+        ListenAddr::Tcp(a.to_string())
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => f.write_str(a),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The address a listener actually bound (with the real port when port 0 was asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for BoundAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BoundAddr::Tcp(a) => write!(f, "{a}"),
+            BoundAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok((Stream::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                Ok((Stream::Unix(s), "unix".to_string()))
+            }
+        }
+    }
+}
+
+struct ListenerInner {
+    closed: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Socket file to remove on close, with its (device, inode) so a file that replaced ours
+    /// is left alone.
+    unix_path: Option<(PathBuf, u64, u64)>,
+}
+
+impl ListenerInner {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let handle = self.thread.lock().take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        if let Some((path, dev, ino)) = &self.unix_path {
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if m.dev() == *dev && m.ino() == *ino {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+/// A running listener. Dropping the handle keeps it running; call [`ListenerHandle::close`] or
+/// [`NbdServer::shutdown`] to stop it.
+pub struct ListenerHandle {
+    inner: Arc<ListenerInner>,
+    local: BoundAddr,
+}
+
+impl ListenerHandle {
+    /// The bound address (TCP port resolved).
+    pub fn local_addr(&self) -> &BoundAddr {
+        &self.local
+    }
+
+    /// Stop accepting on this listener (existing connections keep running) and remove its unix
+    /// socket file.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+struct Shared {
+    source: Arc<dyn ExportSource>,
+    cfg: ServerConfig,
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    /// Live connections: a handle on each socket so shutdown can close them.
+    conns: Mutex<HashMap<u64, Stream>>,
+    conns_cv: Condvar,
+    listeners: Mutex<Vec<Arc<ListenerInner>>>,
+    stopped: Mutex<bool>,
+    stopped_cv: Condvar,
+}
+
+/// An NBD server: any number of listeners feeding connections that serve the exports of one
+/// [`ExportSource`]. Cheap to clone; clones share the same server.
+#[derive(Clone)]
+pub struct NbdServer {
+    shared: Arc<Shared>,
+}
+
+impl NbdServer {
+    pub fn new(source: Arc<dyn ExportSource>, cfg: ServerConfig) -> Self {
+        NbdServer {
+            shared: Arc::new(Shared {
+                source,
+                cfg,
+                stopping: AtomicBool::new(false),
+                next_id: AtomicU64::new(0),
+                conns: Mutex::new(HashMap::new()),
+                conns_cv: Condvar::new(),
+                listeners: Mutex::new(Vec::new()),
+                stopped: Mutex::new(false),
+                stopped_cv: Condvar::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.cfg
+    }
+
+    /// Bind `addr` and start accepting connections on a new thread.
+    pub fn listen(&self, addr: &ListenAddr) -> io::Result<ListenerHandle> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(io::Error::other("the server is shutting down"));
+        }
+        let (listener, local, unix_path) = match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a.as_str())?;
+                let local = BoundAddr::Tcp(l.local_addr()?);
+                (Listener::Tcp(l), local, None)
+            }
+            ListenAddr::Unix(p) => {
+                let l = bind_unix(p)?;
+                let m = std::fs::symlink_metadata(p)?;
+                (
+                    Listener::Unix(l),
+                    BoundAddr::Unix(p.clone()),
+                    Some((p.clone(), m.dev(), m.ino())),
+                )
+            }
+        };
+        match &listener {
+            Listener::Tcp(l) => l.set_nonblocking(true)?,
+            Listener::Unix(l) => l.set_nonblocking(true)?,
+        }
+        let inner = Arc::new(ListenerInner {
+            closed: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            unix_path,
+        });
+        let shared = self.shared.clone();
+        let thread_inner = inner.clone();
+        let handle = thread::Builder::new()
+            .name(format!("nbd-accept {local}"))
+            .spawn(move || accept_loop(shared, listener, thread_inner))?;
+        *inner.thread.lock() = Some(handle);
+        self.shared.listeners.lock().push(inner.clone());
+        Ok(ListenerHandle { inner, local })
+    }
+
+    /// Number of connections currently open (in handshake or transmission).
+    pub fn connection_count(&self) -> usize {
+        self.shared.conns.lock().len()
+    }
+
+    /// Stop every listener, let connections finish their in-flight requests (up to
+    /// [`ServerConfig::shutdown_grace`]), close them, and return once all are gone.
+    pub fn shutdown(&self) {
+        let shared = &self.shared;
+        shared.stopping.store(true, Ordering::Release);
+        let listeners: Vec<_> = shared.listeners.lock().drain(..).collect();
+        for l in listeners {
+            l.close();
+        }
+        // Closing the read side ends each reader at its next request; replies still go out.
+        for c in shared.conns.lock().values() {
+            c.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + shared.cfg.shutdown_grace;
+        let mut conns = shared.conns.lock();
+        while !conns.is_empty() {
+            if shared.conns_cv.wait_until(&mut conns, deadline).timed_out() {
+                break;
+            }
+        }
+        for c in conns.values() {
+            c.shutdown(Shutdown::Both);
+        }
+        while !conns.is_empty() {
+            shared.conns_cv.wait(&mut conns);
+        }
+        drop(conns);
+        *shared.stopped.lock() = true;
+        shared.stopped_cv.notify_all();
+    }
+
+    /// Block until [`NbdServer::shutdown`] has completed (called from another thread).
+    pub fn wait(&self) {
+        let mut stopped = self.shared.stopped.lock();
+        while !*stopped {
+            self.shared.stopped_cv.wait(&mut stopped);
+        }
+    }
+}
+
+/// Bind a unix socket, replacing a stale socket file (one nobody listens on).
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another server is listening there", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Wait up to `timeout_ms` for `fd` to become readable.
+fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd that outlives the call; `fd` stays open meanwhile.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    r > 0
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: Listener, me: Arc<ListenerInner>) {
+    loop {
+        if shared.stopping.load(Ordering::Acquire) || me.closed.load(Ordering::Acquire) {
+            break;
+        }
+        if !wait_readable(listener.fd(), ACCEPT_POLL_MS) {
+            continue;
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => admit(&shared, stream, peer),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                eprintln!("ingot-nbd: accept failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let Ok(control) = stream.try_clone() else {
+        return;
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut conns = shared.conns.lock();
+        if conns.len() >= shared.cfg.max_connections || shared.stopping.load(Ordering::Acquire) {
+            // Over the limit: close right away (dropping the stream closes it).
+            return;
+        }
+        conns.insert(id, control);
+    }
+    let thread_shared = shared.clone();
+    let spawned = thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            if let Err(e) = run_connection(&thread_shared, stream) {
+                eprintln!("ingot-nbd: connection from {peer}: {e}");
+            }
+            thread_shared.remove(id);
+        });
+    if spawned.is_err() {
+        shared.remove(id);
+    }
+}
+
+impl Shared {
+    fn remove(&self, id: u64) {
+        let mut conns = self.conns.lock();
+        if let Some(c) = conns.remove(&id) {
+            c.shutdown(Shutdown::Both);
+        }
+        self.conns_cv.notify_all();
+    }
+}
+
+fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
+    stream.set_read_timeout(shared.cfg.handshake_timeout)?;
+    let write_half = stream.try_clone()?;
+    let mut handshake_writer = stream.try_clone()?;
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    let ctx = HandshakeCtx {
+        source: &*shared.source,
+        max_option_bytes: shared.cfg.max_option_bytes,
+        force_read_only: shared.cfg.read_only,
+        stopping: &shared.stopping,
+    };
+    let Some(neg) = negotiate(&mut reader, &mut handshake_writer, &ctx)? else {
+        return Ok(());
+    };
+    drop(handshake_writer);
+    reader.get_ref().set_read_timeout(None)?;
+    transmission::serve(reader, write_half, neg, shared.cfg.max_inflight_bytes)
+}
