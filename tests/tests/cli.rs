@@ -1,0 +1,474 @@
+//! The `ingot` command line: pools, volumes and stats with and without a running server (then
+//! through its control socket), refusals (second server, foreign pool files, wrong arguments).
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ingot_tests::*;
+use serde_json::Value;
+
+fn pool_arg(pool: &Path) -> [&std::ffi::OsStr; 2] {
+    ["--pool".as_ref(), pool.as_os_str()]
+}
+
+/// Run `ingot ARGS --pool POOL`.
+fn ingot_pool(pool: &Path, args: &[&str]) -> Output {
+    output(ingot().args(args).args(pool_arg(pool)))
+}
+
+fn ingot_pool_ok(pool: &Path, args: &[&str]) -> String {
+    run_stdout(ingot().args(args).args(pool_arg(pool)))
+}
+
+fn assert_fails(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{what} should fail but exited 0\n--- stdout ---\n{}\n--- stderr ---\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !stderr.trim().is_empty(),
+        "{what} failed ({}) without saying why on stderr",
+        out.status
+    );
+    stderr
+}
+
+fn u64_of(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{field}` missing or not an unsigned integer in {v}"))
+}
+
+fn sizes(pool: &Path) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = volumes(pool)
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().expect("volume name").to_string(),
+                u64_of(v, "size_bytes"),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Fields of `stats --json` and the relations between them that must always hold.
+fn check_stats(s: &Value) {
+    for f in [
+        "capacity_bytes",
+        "physical_used_bytes",
+        "logical_mapped_bytes",
+        "stored_bytes",
+        "segments_total",
+        "segments_free",
+    ] {
+        u64_of(s, f);
+    }
+    let vols = s["volumes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stats --json: `volumes` is not an array: {s}"));
+    let mut mapped_sum = 0;
+    for v in vols {
+        assert!(v["name"].is_string(), "volume without a name in {s}");
+        let size = u64_of(v, "size_bytes");
+        let mapped = u64_of(v, "mapped_bytes");
+        assert!(mapped <= size, "volume maps more than its size: {v}");
+        mapped_sum += mapped;
+    }
+    assert_eq!(
+        u64_of(s, "logical_mapped_bytes"),
+        mapped_sum,
+        "logical_mapped_bytes is not the sum of the volumes' mapped_bytes: {s}"
+    );
+    assert!(u64_of(s, "capacity_bytes") > 0, "zero capacity: {s}");
+    assert!(
+        u64_of(s, "physical_used_bytes") <= u64_of(s, "capacity_bytes"),
+        "more used than capacity: {s}"
+    );
+    assert!(
+        u64_of(s, "stored_bytes") <= u64_of(s, "physical_used_bytes"),
+        "more stored than used: {s}"
+    );
+    assert!(
+        u64_of(s, "segments_free") <= u64_of(s, "segments_total"),
+        "more free segments than segments: {s}"
+    );
+    assert!(u64_of(s, "segments_total") > 0, "no segments: {s}");
+}
+
+#[test]
+fn pool_and_volumes_without_server() {
+    let dir = TempDir::new("cli-offline");
+    let pool = dir.join("pool");
+    let out = ingot_pool_ok(
+        &pool,
+        &["pool", "create", "--size", "2G", "--segment-size", "4M"],
+    );
+    assert!(
+        pool.join("dev0.img").exists(),
+        "pool create made no dev0.img: {out}"
+    );
+    let s = stats(&pool);
+    check_stats(&s);
+    let cap = u64_of(&s, "capacity_bytes");
+    assert!(
+        (2 * GIB - 64 * MIB..=2 * GIB).contains(&cap),
+        "a 2G pool has capacity {cap}"
+    );
+    assert_eq!(
+        u64_of(&s, "segments_total") * 4 * MIB,
+        cap,
+        "segments_total x 4M segments != capacity: {s}"
+    );
+    assert_eq!(u64_of(&s, "logical_mapped_bytes"), 0, "new pool maps data");
+    let before = sizes(&pool);
+
+    // Creating a pool over an existing one must fail and leave it intact.
+    let out = ingot_pool(&pool, &["pool", "create", "--size", "1G"]);
+    assert_fails(&out, "pool create on an existing pool");
+
+    ingot_pool_ok(&pool, &["volume", "create", "a", "--size", "1G"]);
+    ingot_pool_ok(&pool, &["volume", "create", "b", "--size", "4096K"]);
+    let mut want = before.clone();
+    want.push(("a".into(), GIB));
+    want.push(("b".into(), 4 * MIB));
+    want.sort();
+    assert_eq!(sizes(&pool), want);
+    let v = volume(&pool, "a").expect("a listed");
+    assert_eq!(u64_of(&v, "mapped_bytes"), 0, "new volume maps data: {v}");
+
+    // Duplicates and unknown names are refused.
+    assert_fails(
+        &ingot_pool(&pool, &["volume", "create", "a", "--size", "1M"]),
+        "volume create of an existing name",
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["volume", "delete", "nosuch"]),
+        "volume delete of an unknown volume",
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["volume", "resize", "nosuch", "--size", "1G"]),
+        "volume resize of an unknown volume",
+    );
+
+    ingot_pool_ok(&pool, &["volume", "resize", "a", "--size", "1536M"]);
+    ingot_pool_ok(&pool, &["volume", "delete", "b"]);
+    let mut want = before.clone();
+    want.push(("a".into(), 1536 * MIB));
+    want.sort();
+    assert_eq!(sizes(&pool), want);
+
+    // The human-readable list names the volume too.
+    let text = ingot_pool_ok(&pool, &["volume", "list"]);
+    assert!(text.contains('a'), "volume list does not show a: {text}");
+
+    // The state survives a server start and is what the server exports.
+    let srv = Server::start(ServeOpts::new(&pool, &dir.join("nbd.sock")));
+    assert_eq!(nbd_export_size(&srv.unix_uri("a")), 1536 * MIB);
+    srv.stop();
+    let out = ingot_pool(&pool, &["check"]);
+    assert!(
+        out.status.success(),
+        "ingot check failed on a fresh pool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn volumes_through_running_server() {
+    let dir = TempDir::new("cli-online");
+    let srv = Server::start_in(dir.path());
+    let pool = srv.pool().to_path_buf();
+    assert!(
+        pool.join("control.sock").exists(),
+        "running server has no control socket at {}",
+        pool.join("control.sock").display()
+    );
+    assert_eq!(sizes(&pool), vec![("vol0".to_string(), 8 * GIB)]);
+
+    ingot_pool_ok(&pool, &["volume", "create", "db", "--size", "3G"]);
+    assert_eq!(nbd_export_size(&srv.unix_uri("db")), 3 * GIB);
+    ingot_pool_ok(&pool, &["volume", "resize", "db", "--size", "5G"]);
+    assert_eq!(nbd_export_size(&srv.tcp_uri("db")), 5 * GIB);
+    ingot_pool_ok(&pool, &["volume", "create", "tmp", "--size", "1M"]);
+    assert_eq!(
+        sizes(&pool),
+        vec![
+            ("db".to_string(), 5 * GIB),
+            ("tmp".to_string(), MIB),
+            ("vol0".to_string(), 8 * GIB)
+        ]
+    );
+    ingot_pool_ok(&pool, &["volume", "delete", "tmp"]);
+    // A deleted volume is no longer exported.
+    let out = output(
+        Command::new(require_tool("nbdinfo"))
+            .arg("--json")
+            .arg(srv.unix_uri("tmp")),
+    );
+    assert!(
+        !out.status.success(),
+        "nbdinfo still sees deleted volume tmp"
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["volume", "create", "db", "--size", "1M"]),
+        "volume create of an existing name through the server",
+    );
+    check_stats(&stats(&pool));
+    let out = ingot_pool(&pool, &["check"]);
+    assert!(
+        out.status.success(),
+        "ingot check through the server failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    srv.stop();
+    assert!(
+        !pool.join("control.sock").exists(),
+        "control socket left behind after a clean stop"
+    );
+    // The changes were made durable by the server.
+    assert_eq!(
+        sizes(&pool),
+        vec![("db".to_string(), 5 * GIB), ("vol0".to_string(), 8 * GIB)]
+    );
+}
+
+fn mapped(pool: &Path, vol: &str) -> (u64, u64) {
+    let s = stats(pool);
+    check_stats(&s);
+    let v = s["volumes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == vol).cloned())
+        .unwrap_or_else(|| panic!("stats --json lists no volume {vol}: {s}"));
+    (
+        u64_of(&s, "logical_mapped_bytes"),
+        u64_of(&v, "mapped_bytes"),
+    )
+}
+
+#[test]
+fn stats_follow_writes_and_trims() {
+    let qemu_io = require_tool("qemu-io");
+    let nbdsh = require_tool("nbdsh");
+    require_python_nbd();
+    let dir = TempDir::new("cli-stats");
+    let srv = Server::start_in(dir.path());
+    let pool = srv.pool().to_path_buf();
+    let s = stats(&pool);
+    check_stats(&s);
+    let cap = u64_of(&s, "capacity_bytes");
+    assert!(
+        (15 * GIB..=16 * GIB).contains(&cap),
+        "the default pool has capacity {cap}, expected 16 GiB"
+    );
+    assert_eq!(mapped(&pool, "vol0"), (0, 0));
+
+    let uri = srv.unix_uri("vol0");
+    run(Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 32M", "-c", "flush"])
+        .arg(&uri));
+    assert_eq!(mapped(&pool, "vol0"), (32 * MIB, 32 * MIB));
+    let s = stats(&pool);
+    assert!(
+        u64_of(&s, "physical_used_bytes") > 0 && u64_of(&s, "stored_bytes") > 0,
+        "32 MiB written but nothing stored: {s}"
+    );
+
+    // Trim 16 MiB in the middle with qemu-io.
+    run(Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "discard 8M 16M", "-c", "flush"])
+        .arg(&uri));
+    assert_eq!(mapped(&pool, "vol0"), (16 * MIB, 16 * MIB));
+    // And 4 MiB more with nbdsh (libnbd), over TCP.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new(&nbdsh)
+        .env("PATH", path)
+        .args(["-u", &srv.tcp_uri("vol0")])
+        .args(["-c", "h.trim(4 * 1024 * 1024, 0); h.flush()"]));
+    assert_eq!(mapped(&pool, "vol0"), (12 * MIB, 12 * MIB));
+    // The trimmed ranges read as zeroes, the rest as written.
+    run(Command::new(&qemu_io)
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 4M",
+            "-c",
+            "read -P 0x5a 4M 4M",
+            "-c",
+            "read -P 0 8M 16M",
+            "-c",
+            "read -P 0x5a 24M 8M",
+        ])
+        .arg(&uri));
+
+    // Stats survive a restart (read offline from the pool).
+    srv.stop();
+    assert_eq!(mapped(&pool, "vol0"), (12 * MIB, 12 * MIB));
+}
+
+#[test]
+fn second_server_on_same_pool_is_refused() {
+    let dir = TempDir::new("cli-second");
+    let srv = Server::start_in(dir.path());
+    let out = output_timeout(
+        ingot()
+            .arg("serve")
+            .arg("--pool")
+            .arg(srv.pool())
+            .arg("--nbd")
+            .arg(format!("unix:{}", dir.join("second.sock").display())),
+        Duration::from_secs(30),
+    );
+    let stderr = assert_fails(&out, "a second ingot serve on the same pool");
+    let lower = stderr.to_lowercase();
+    assert!(
+        ["in use", "lock", "already", "running", "another", "busy"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the refusal does not say the pool is in use: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(SERVING),
+        "the second server claimed to serve"
+    );
+    // The first one is unharmed.
+    assert_eq!(nbd_export_size(&srv.unix_uri("vol0")), 8 * GIB);
+    check_stats(&stats(srv.pool()));
+    srv.stop();
+}
+
+#[test]
+fn wrong_arguments_exit_2() {
+    let dir = TempDir::new("cli-args");
+    let pool = dir.join("pool");
+    let p = pool.to_str().expect("utf-8 path");
+    let cases: &[&[&str]] = &[
+        &[],
+        &["frobnicate"],
+        &["volume"],
+        &["volume", "create", "--pool", p],
+        &["volume", "create", "x", "--pool", p],
+        &["volume", "create", "x", "--size", "12Q", "--pool", p],
+        &["volume", "create", "x", "--size", "lots", "--pool", p],
+        &["volume", "resize", "x", "--pool", p],
+        &["volume", "list", "--bogus"],
+        &["pool", "create", "--pool", p],
+        &[
+            "pool",
+            "create",
+            "--pool",
+            p,
+            "--size",
+            "1G",
+            "--segment-size",
+            "x",
+        ],
+        &["serve", "--io", "bogus", "--pool", p],
+        &["serve", "--cache-size", "many", "--pool", p],
+        &["stats", "--pool"],
+        &["check", "extra", "--pool", p],
+    ];
+    for args in cases {
+        let out = output_timeout(ingot().args(*args), Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "`ingot {}` should exit 2 (usage error), got {}\n--- stdout ---\n{}\n--- stderr ---\n{stderr}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            !stderr.trim().is_empty(),
+            "`ingot {}` exited 2 without a message",
+            args.join(" ")
+        );
+    }
+    assert!(
+        !pool.exists(),
+        "a rejected command line created the pool directory"
+    );
+    // --help is not an error.
+    let out = run_stdout(ingot().arg("--help"));
+    for sub in ["pool", "serve", "volume", "stats", "check"] {
+        assert!(
+            out.contains(sub),
+            "ingot --help does not mention {sub}: {out}"
+        );
+    }
+}
+
+#[test]
+fn foreign_files_are_refused() {
+    let dir = TempDir::new("cli-foreign");
+    let pool = dir.join("pool");
+    ingot_pool_ok(&pool, &["pool", "create", "--size", "1G"]);
+    ingot_pool_ok(&pool, &["volume", "create", "v", "--size", "64M"]);
+    // Replace the device with 8 MiB of random bytes.
+    let mut junk = vec![0u8; (8 * MIB) as usize];
+    Prng::new(99).fill(&mut junk);
+    std::fs::write(pool.join("dev0.img"), &junk).expect("overwrite dev0.img");
+
+    let sock = dir.join("nbd.sock");
+    let out = output_timeout(
+        ingot()
+            .arg("serve")
+            .args(pool_arg(&pool))
+            .arg("--nbd")
+            .arg(format!("unix:{}", sock.display())),
+        Duration::from_secs(30),
+    );
+    assert_fails(&out, "ingot serve on a pool whose dev0.img is random bytes");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(SERVING),
+        "served a foreign file"
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["volume", "list", "--json"]),
+        "volume list on a foreign dev0.img",
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["stats", "--json"]),
+        "stats on a foreign dev0.img",
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["check"]),
+        "check on a foreign dev0.img",
+    );
+    assert_eq!(
+        read_file(&pool.join("dev0.img")),
+        junk,
+        "a refused command modified the foreign dev0.img"
+    );
+
+    // A non-empty directory that is not a pool is not turned into one.
+    let other = dir.join("notapool");
+    std::fs::create_dir(&other).expect("mkdir notapool");
+    std::fs::write(other.join("important.txt"), b"keep me\n").expect("write file");
+    let out = output_timeout(
+        ingot()
+            .arg("serve")
+            .args(pool_arg(&other))
+            .arg("--nbd")
+            .arg(format!("unix:{}", dir.join("other.sock").display())),
+        Duration::from_secs(30),
+    );
+    assert_fails(&out, "ingot serve on a non-empty directory that is no pool");
+    let names: Vec<_> = std::fs::read_dir(&other)
+        .expect("read notapool")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("important.txt")],
+        "ingot wrote into a directory that is no pool"
+    );
+}

@@ -1,0 +1,431 @@
+//! Crash consistency of the real server: `ingot serve` is SIGKILLed at random moments (while
+//! clients write, and sometimes while it recovers) many times over one pool. Two libnbd clients
+//! (Python, Debian's `python3-libnbd`) write random blocks at random offsets, zero and trim ranges,
+//! flush every few requests and sometimes use FUA; each logs every request before sending it and
+//! every completed flush / FUA write. After each restart every block must read back as its last
+//! durable value (flushed, or FUA-acknowledged) or as one of the values written after it; blocks
+//! never durably written read as before. `ingot check` on the crashed (and finally the cleanly
+//! stopped) pool must find no problem.
+//!
+//! Environment: `INGOT_CRASH_SEED` (reproduce a run; the seed is printed), `INGOT_CRASH_CYCLES`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ingot_tests::*;
+
+const BLOCK: usize = 4096;
+/// Blocks in the test volume (64 MiB).
+const VOL_BLOCKS: u64 = 16384;
+
+const WRITER: &str = r#"
+import random, struct, sys, zlib
+import nbd
+
+uri, log_path, seed, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(seed)
+log = open(log_path, "a", buffering=1)
+h = nbd.NBD()
+h.connect_uri(uri)
+fua_ok = h.can_fua()
+trim_ok = h.can_trim()
+zero_ok = h.can_zero()
+log.write("S %d fua=%d trim=%d zero=%d\n" % (seed, fua_ok, trim_ok, zero_ok))
+tag = seed * 10_000_000
+hot = min(count, 512)
+while True:
+    for _ in range(rng.randint(1, 8)):
+        n = rng.choice([1, 1, 1, 2, 3, 4, 8, 16])
+        if rng.random() < 0.5:
+            lba = first + rng.randrange(0, hot - n + 1)
+        else:
+            lba = first + rng.randrange(0, count - n + 1)
+        tag += 1
+        r = rng.random()
+        if r < 0.05 and trim_ok:
+            log.write("T %d %d %d\n" % (tag, lba, n))
+            h.trim(n * 4096, lba * 4096)
+            continue
+        if r < 0.10 and zero_ok:
+            log.write("Z %d %d %d\n" % (tag, lba, n))
+            h.zero(n * 4096, lba * 4096)
+            continue
+        parts, crcs = [], []
+        for i in range(n):
+            head = struct.pack("<8sQQ", b"INGOTCRS", tag, lba + i)
+            k = rng.random()
+            if k < 0.6:
+                body = rng.randbytes(4096 - len(head))
+            elif k < 0.85:
+                body = bytes([rng.randrange(256)]) * (4096 - len(head))
+            else:
+                body = bytes(4096 - len(head))
+            blk = head + body
+            parts.append(blk)
+            crcs.append("%08x" % zlib.crc32(blk))
+        fua = fua_ok and rng.random() < 0.1
+        log.write("W %d %d %s\n" % (tag, lba, ",".join(crcs)))
+        h.pwrite(b"".join(parts), lba * 4096, nbd.CMD_FLAG_FUA if fua else 0)
+        if fua:
+            log.write("U %d\n" % tag)
+    h.flush()
+    log.write("F %d\n" % tag)
+"#;
+
+#[derive(Debug)]
+enum Op {
+    /// Write of consecutive blocks from `lba` with these CRCs.
+    Write { tag: u64, lba: u64, crcs: Vec<u32> },
+    /// Trim or write-zeroes of `n` blocks: they read as zeroes.
+    Zero { tag: u64, lba: u64, n: u64 },
+}
+
+/// Parse one writer's log of one cycle: the requests in order, and whether each is durable (a
+/// flush completed after it, or it was a FUA write that was acknowledged).
+fn parse_log(path: &Path) -> (Vec<(Op, bool)>, usize) {
+    let text = String::from_utf8(read_file(path)).expect("log is UTF-8");
+    let mut ops: Vec<(Op, bool)> = Vec::new();
+    let mut flushes = 0;
+    let mut by_tag: HashMap<u64, usize> = HashMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let num = |i: usize| -> u64 {
+            f.get(i)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("bad log line {line:?} in {}", path.display()))
+        };
+        match f[0] {
+            "S" => {}
+            "W" => {
+                let crcs = f
+                    .get(3)
+                    .unwrap_or_else(|| panic!("bad log line {line:?}"))
+                    .split(',')
+                    .map(|c| u32::from_str_radix(c, 16).expect("crc hex"))
+                    .collect();
+                by_tag.insert(num(1), ops.len());
+                ops.push((
+                    Op::Write {
+                        tag: num(1),
+                        lba: num(2),
+                        crcs,
+                    },
+                    false,
+                ));
+            }
+            "T" | "Z" => {
+                by_tag.insert(num(1), ops.len());
+                ops.push((
+                    Op::Zero {
+                        tag: num(1),
+                        lba: num(2),
+                        n: num(3),
+                    },
+                    false,
+                ));
+            }
+            "U" => {
+                let i = by_tag[&num(1)];
+                ops[i].1 = true;
+            }
+            "F" => {
+                flushes += 1;
+                for op in ops.iter_mut() {
+                    op.1 = true;
+                }
+            }
+            _ => panic!("bad log line {line:?} in {}", path.display()),
+        }
+    }
+    (ops, flushes)
+}
+
+/// Per block: the CRCs it may read back as after a crash at the end of these logs, given the
+/// value it had (`state`) before them.
+fn acceptable(state: &[u32], logs: &[(Vec<(Op, bool)>, usize)]) -> Vec<Vec<(u32, u64)>> {
+    let zero = crc32(&[0u8; BLOCK]);
+    // Per block: the (crc, tag, durable) of each request that touched it, in order.
+    let mut touches: Vec<Vec<(u32, u64, bool)>> = vec![Vec::new(); state.len()];
+    for (ops, _) in logs {
+        for (op, durable) in ops {
+            match op {
+                Op::Write { tag, lba, crcs } => {
+                    for (i, c) in crcs.iter().enumerate() {
+                        touches[*lba as usize + i].push((*c, *tag, *durable));
+                    }
+                }
+                Op::Zero { tag, lba, n } => {
+                    for b in *lba..*lba + *n {
+                        touches[b as usize].push((zero, *tag, *durable));
+                    }
+                }
+            }
+        }
+    }
+    touches
+        .into_iter()
+        .enumerate()
+        .map(|(b, t)| {
+            let last_durable = t.iter().rposition(|x| x.2);
+            let mut ok = Vec::new();
+            match last_durable {
+                Some(d) => {
+                    ok.push((t[d].0, t[d].1));
+                    ok.extend(t[d + 1..].iter().map(|x| (x.0, x.1)));
+                }
+                None => {
+                    ok.push((state[b], 0));
+                    ok.extend(t.iter().map(|x| (x.0, x.1)));
+                }
+            }
+            ok
+        })
+        .collect()
+}
+
+/// Read the whole volume with nbdcopy and check every block against the model; the model then
+/// holds what was read.
+fn verify(
+    srv: &Server,
+    dir: &Path,
+    state: &mut [u32],
+    logs: &[(Vec<(Op, bool)>, usize)],
+    when: &str,
+) {
+    let ok = acceptable(state, logs);
+    let dump = dir.join("dump.raw");
+    let _ = std::fs::remove_file(&dump);
+    run(Command::new(require_tool("nbdcopy"))
+        .arg(srv.unix_uri("crash"))
+        .arg(&dump));
+    let data = read_file(&dump);
+    assert_eq!(data.len() as u64, VOL_BLOCKS * BLOCK as u64, "dump size");
+    let mut bad = Vec::new();
+    for (b, blk) in data.chunks(BLOCK).enumerate() {
+        let c = crc32(blk);
+        if ok[b].iter().any(|x| x.0 == c) {
+            state[b] = c;
+        } else {
+            let found = if &blk[..8] == b"INGOTCRS" {
+                format!(
+                    "a block written by request {} for block {}",
+                    u64::from_le_bytes(blk[8..16].try_into().unwrap()),
+                    u64::from_le_bytes(blk[16..24].try_into().unwrap())
+                )
+            } else if blk.iter().all(|&x| x == 0) {
+                "zeroes".to_string()
+            } else {
+                format!("unknown data starting {:02x?}", &blk[..16])
+            };
+            bad.push(format!(
+                "block {b} (offset {}): read {found}; acceptable: {}",
+                b * BLOCK,
+                ok[b]
+                    .iter()
+                    .map(|(c, t)| if *t == 0 {
+                        format!("previous value {c:08x}")
+                    } else {
+                        format!("request {t}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{when}: {} of {VOL_BLOCKS} blocks lost a durable write or hold torn data:\n{}\n\
+         --- server stderr ---\n{}",
+        bad.len(),
+        bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
+        srv.stderr()
+    );
+}
+
+fn check_pool(pool: &Path, when: &str) {
+    let out = output_timeout(
+        ingot().arg("check").arg("--pool").arg(pool),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "{when}: `ingot check --pool {}` exited {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        pool.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Writer {
+    child: Child,
+    log: PathBuf,
+    err: PathBuf,
+}
+
+/// A Python writer on blocks `range` (first, count) of the volume.
+fn start_writer(
+    py: &Path,
+    script: &Path,
+    uri: &str,
+    dir: &Path,
+    name: &str,
+    seed: u64,
+    range: (u64, u64),
+) -> Writer {
+    let (first, count) = range;
+    let log = dir.join(format!("{name}.log"));
+    let err = dir.join(format!("{name}.err"));
+    let _ = std::fs::remove_file(&log);
+    let child = Command::new(py)
+        .arg(script)
+        .arg(uri)
+        .arg(&log)
+        .arg(seed.to_string())
+        .arg(first.to_string())
+        .arg(count.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&err).expect("create writer stderr"))
+        .spawn()
+        .expect("spawn python writer");
+    Writer { child, log, err }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_no_flushed_write() {
+    let py = require_python_nbd();
+    require_tool("nbdcopy");
+    let seed = std::env::var("INGOT_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    let cycles: u64 = std::env::var("INGOT_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    eprintln!("crash test: INGOT_CRASH_SEED={seed} INGOT_CRASH_CYCLES={cycles}");
+    let mut rng = Prng::new(seed);
+    let started = Instant::now();
+
+    let dir = TempDir::new("crash");
+    let pool = dir.join("pool");
+    let script = dir.join("writer.py");
+    std::fs::write(&script, WRITER).expect("write writer.py");
+    ingot_ok([
+        "pool".as_ref(),
+        "create".as_ref(),
+        "--pool".as_ref(),
+        pool.as_os_str(),
+        "--size".as_ref(),
+        "4G".as_ref(),
+    ]);
+    create_volume(&pool, "crash", "64M");
+    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
+    opts.tcp_port = None;
+
+    let mut state = vec![crc32(&[0u8; BLOCK]); VOL_BLOCKS as usize];
+    let mut logs: Vec<(Vec<(Op, bool)>, usize)> = Vec::new();
+    let (mut total_ops, mut total_flushes, mut startup_kills) = (0usize, 0usize, 0);
+    for cycle in 0..cycles {
+        // Sometimes kill it while it opens and recovers the pool.
+        if cycle > 0 && rng.below(4) == 0 {
+            let s = Server::spawn(opts.clone());
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            s.kill9();
+            startup_kills += 1;
+        }
+        let srv = Server::start(opts.clone());
+        verify(
+            &srv,
+            dir.path(),
+            &mut state,
+            &logs,
+            &format!("after crash {cycle} (seed {seed})"),
+        );
+        let uri = srv.unix_uri("crash");
+        let half = VOL_BLOCKS / 2;
+        let mut writers = vec![
+            start_writer(
+                &py,
+                &script,
+                &uri,
+                dir.path(),
+                "a",
+                seed % 1000 * 100 + cycle * 2, (0, half),
+            ),
+            start_writer(
+                &py,
+                &script,
+                &uri,
+                dir.path(),
+                "b",
+                seed % 1000 * 100 + cycle * 2 + 1, (half, half),
+            ),
+        ];
+        std::thread::sleep(Duration::from_millis(300 + rng.below(1700)));
+        for w in writers.iter_mut() {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                panic!(
+                    "writer exited ({status}) before the server was killed:\n{}\n--- server stderr ---\n{}",
+                    std::fs::read_to_string(&w.err).unwrap_or_default(),
+                    srv.stderr()
+                );
+            }
+        }
+        srv.kill9();
+        logs.clear();
+        for mut w in writers {
+            if wait_timeout(&mut w.child, Duration::from_secs(30)).is_none() {
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+                panic!("writer still running 30 s after the server was killed");
+            }
+            let parsed = parse_log(&w.log);
+            assert!(
+                parsed.1 > 0,
+                "a writer completed no flush in cycle {cycle}: {}",
+                std::fs::read_to_string(&w.err).unwrap_or_default()
+            );
+            total_ops += parsed.0.len();
+            total_flushes += parsed.1;
+            logs.push(parsed);
+        }
+        if cycle % 4 == 3 {
+            check_pool(&pool, &format!("after crash {cycle} (seed {seed})"));
+        }
+    }
+    let srv = Server::start(opts.clone());
+    verify(
+        &srv,
+        dir.path(),
+        &mut state,
+        &logs,
+        &format!("after the last crash (seed {seed})"),
+    );
+    logs.clear();
+    srv.stop();
+    check_pool(&pool, &format!("after a clean stop (seed {seed})"));
+    let srv = Server::start(opts);
+    verify(
+        &srv,
+        dir.path(),
+        &mut state,
+        &logs,
+        &format!("after a clean restart (seed {seed})"),
+    );
+    srv.stop();
+    eprintln!(
+        "crash test: {cycles} SIGKILLs while writing, {startup_kills} during start-up, \
+         {total_ops} requests, {total_flushes} flushes, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
