@@ -1,1 +1,439 @@
-fn main() {}
+//! `ingot`: create pools, manage volumes, serve them over NBD, and check them.
+
+mod control;
+mod size;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Stats, VolumeInfo};
+use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig};
+
+use control::Request;
+use size::{human, parse_size};
+
+const DEFAULT_POOL: &str = "./ingot-data";
+const DEFAULT_NBD: &str = "127.0.0.1:10809";
+const DEFAULT_POOL_BYTES: u64 = 16 << 30;
+const DEFAULT_VOLUME_BYTES: u64 = 8 << 30;
+const DEFAULT_VOLUME: &str = "vol0";
+
+#[derive(Parser)]
+#[command(
+    name = "ingot",
+    version,
+    about = "A log-structured, all-flash block store served over NBD"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct PoolArg {
+    /// Pool directory.
+    #[arg(long, default_value = DEFAULT_POOL)]
+    pool: PathBuf,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// I/O engine: auto (io_uring when available), uring, sync.
+    #[arg(long, default_value = "auto", value_parser = parse_io)]
+    io: IoKind,
+    /// DRAM read cache size (default: a tenth of available memory, at most 4 GiB).
+    #[arg(long, value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Shard workers (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Client bytes written between automatic checkpoints; bounds recovery time.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    checkpoint_interval: u64,
+}
+
+impl RunArgs {
+    fn options(&self) -> PoolOptions {
+        PoolOptions {
+            io: self.io,
+            shards: self.shards,
+            cache_bytes: self.cache_size,
+            checkpoint_interval_bytes: self.checkpoint_interval,
+            fault: None,
+        }
+    }
+}
+
+fn parse_io(s: &str) -> Result<IoKind, String> {
+    s.parse()
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or inspect pools.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Serve every volume of a pool over NBD (creates a default pool in an empty directory).
+    Serve {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// NBD listener: HOST:PORT, [::1]:PORT or unix:PATH (repeatable).
+        #[arg(long = "nbd")]
+        nbd: Vec<String>,
+        /// Serve every export read-only.
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Create, list, resize and delete volumes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Capacity, usage and I/O counters.
+    Stats {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every block checksum and the pool's invariants; non-zero exit on any problem.
+    Check {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Create a pool.
+    Create {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Capacity (K/M/G/T suffixes).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Segment size, a power of two from 2M to 1G.
+        #[arg(long, default_value = "8M", value_parser = parse_size)]
+        segment_size: u64,
+        /// Backing file or block device (repeatable; default: dev0.img in the pool directory).
+        #[arg(long)]
+        device: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        pool: PoolArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and free its blocks.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
+    /// Change a volume's size (shrinking discards the data past the new end).
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ingot: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Pool {
+            cmd:
+                PoolCmd::Create {
+                    pool,
+                    size,
+                    segment_size,
+                    device,
+                },
+        } => {
+            let c = CreateOptions {
+                size_bytes: size,
+                segment_bytes: segment_size,
+                devices: device,
+            };
+            let p = Pool::create(&pool.pool, &c, &PoolOptions::default())
+                .with_context(|| format!("creating a pool in {}", pool.pool.display()))?;
+            let s = p.stats();
+            p.shutdown()?;
+            println!(
+                "created pool {} with {} ({} segments of {})",
+                pool.pool.display(),
+                human(s.capacity_bytes),
+                s.segments_total,
+                human(s.segment_bytes)
+            );
+            Ok(0)
+        }
+        Cmd::Serve {
+            pool,
+            nbd,
+            read_only,
+            run,
+        } => serve(&pool.pool, nbd, read_only, &run),
+        Cmd::Volume { cmd } => volume(cmd),
+        Cmd::Stats { pool, json } => {
+            let v = request(&pool.pool, Request::Stats)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let s: Stats = serde_json::from_value(v)?;
+                print_stats(&s);
+            }
+            Ok(0)
+        }
+        Cmd::Check { pool, json } => check(&pool.pool, json),
+    }
+}
+
+/// Run a control request: through the server's socket when one holds the pool, otherwise by
+/// opening the pool here.
+fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
+    if let Some(r) = control::call(dir, &req) {
+        return r;
+    }
+    let pool = Pool::open(dir, &PoolOptions::default())
+        .with_context(|| format!("opening pool {}", dir.display()))?;
+    let r = control::execute(&pool, &req);
+    pool.shutdown()?;
+    r
+}
+
+fn volume(cmd: VolumeCmd) -> Result<i32> {
+    match cmd {
+        VolumeCmd::Create { name, size, pool } => {
+            request(
+                &pool.pool,
+                Request::VolumeCreate {
+                    name: name.clone(),
+                    size_bytes: size,
+                },
+            )?;
+            println!("created volume {name} ({})", human(size));
+        }
+        VolumeCmd::List { pool, json } => {
+            let v = request(&pool.pool, Request::VolumeList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let vols: Vec<VolumeInfo> = serde_json::from_value(v)?;
+                println!("{:<24} {:>12} {:>12}", "NAME", "SIZE", "MAPPED");
+                for v in vols {
+                    println!(
+                        "{:<24} {:>12} {:>12}",
+                        v.name,
+                        human(v.size_bytes),
+                        human(v.mapped_bytes)
+                    );
+                }
+            }
+        }
+        VolumeCmd::Delete { name, pool } => {
+            request(&pool.pool, Request::VolumeDelete { name: name.clone() })?;
+            println!("deleted volume {name}");
+        }
+        VolumeCmd::Resize { name, size, pool } => {
+            request(
+                &pool.pool,
+                Request::VolumeResize {
+                    name: name.clone(),
+                    size_bytes: size,
+                },
+            )?;
+            println!("resized volume {name} to {}", human(size));
+        }
+    }
+    Ok(0)
+}
+
+fn print_stats(s: &Stats) {
+    println!(
+        "capacity        {} ({} segments of {}, {} free)",
+        human(s.capacity_bytes),
+        s.segments_total,
+        human(s.segment_bytes),
+        s.segments_free
+    );
+    println!("physical used   {}", human(s.physical_used_bytes));
+    println!("logical mapped  {}", human(s.logical_mapped_bytes));
+    println!("stored          {}", human(s.stored_bytes));
+    println!(
+        "written         {} by clients, {} to devices",
+        human(s.client_written_bytes),
+        human(s.device_written_bytes)
+    );
+    println!(
+        "cache           {} of {} ({} hits, {} misses)",
+        human(s.cache_bytes),
+        human(s.cache_capacity_bytes),
+        s.cache_hits,
+        s.cache_misses
+    );
+    println!("engine          {} x {} shards", s.io_engine, s.shards);
+    for v in &s.volumes {
+        println!(
+            "volume {:<16} {:>12} mapped of {}",
+            v.name,
+            human(v.mapped_bytes),
+            human(v.size_bytes)
+        );
+    }
+}
+
+fn check(dir: &Path, json: bool) -> Result<i32> {
+    let report: ingot_engine::CheckReport = match control::call(dir, &Request::Check) {
+        Some(r) => serde_json::from_value(r?)?,
+        None => {
+            let pool = Pool::open(dir, &PoolOptions::default())
+                .with_context(|| format!("opening pool {}", dir.display()))?;
+            let tty = std::io::stderr().is_terminal();
+            let r = pool.check(&mut |done, total| {
+                if tty && (done % 4096 == 0 || done == total) {
+                    eprint!("\rchecking blocks: {done}/{total}");
+                }
+            });
+            if tty {
+                eprintln!();
+            }
+            pool.shutdown()?;
+            r
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.problems {
+            println!("PROBLEM [{}] {}", p.kind, p.detail);
+        }
+        println!(
+            "checked {} volumes, {} blocks ({}): {} problems",
+            report.volumes_checked,
+            report.blocks_checked,
+            human(report.bytes_checked),
+            report.problems.len()
+        );
+    }
+    Ok(if report.problems.is_empty() { 0 } else { 1 })
+}
+
+fn dir_is_empty_or_missing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => it.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+fn serve(dir: &Path, nbd: Vec<String>, read_only: bool, run: &RunArgs) -> Result<i32> {
+    let opts = run.options();
+    let pool = if dir_is_empty_or_missing(dir) {
+        let c = CreateOptions {
+            size_bytes: DEFAULT_POOL_BYTES,
+            ..Default::default()
+        };
+        let p = Pool::create(dir, &c, &opts)
+            .with_context(|| format!("creating a pool in {}", dir.display()))?;
+        p.create_volume(DEFAULT_VOLUME, DEFAULT_VOLUME_BYTES)?;
+        println!(
+            "ingot: created pool {} ({}) with volume {DEFAULT_VOLUME} ({})",
+            dir.display(),
+            human(DEFAULT_POOL_BYTES),
+            human(DEFAULT_VOLUME_BYTES)
+        );
+        p
+    } else {
+        if !Pool::exists(dir) {
+            bail!(
+                "{} is not empty and holds no pool; create one with `ingot pool create --pool {} --size SIZE`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Pool::open(dir, &opts).with_context(|| format!("opening pool {}", dir.display()))?
+    };
+    let pool = Arc::new(pool);
+    let listens = if nbd.is_empty() {
+        vec![DEFAULT_NBD.to_string()]
+    } else {
+        nbd
+    };
+    let cfg = ServerConfig {
+        read_only,
+        ..Default::default()
+    };
+    let server = NbdServer::new(Arc::new(PoolExports::new(pool.clone())), cfg);
+    control::serve(dir, pool.clone())?;
+    for l in &listens {
+        let addr: ListenAddr = l.parse().map_err(|e| anyhow::anyhow!("--nbd {l}: {e}"))?;
+        let h = server
+            .listen(&addr)
+            .with_context(|| format!("listening on {l}"))?;
+        println!("ingot: serving NBD on {}", h.local_addr());
+    }
+    let s = pool.stats();
+    println!(
+        "ingot: pool {} ({} io, {} shards), volumes: {}",
+        dir.display(),
+        s.io_engine,
+        s.shards,
+        s.volumes
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // Wait for SIGINT or SIGTERM.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("ingot: shutting down");
+    server.shutdown();
+    let _ = std::fs::remove_file(control::socket_path(dir));
+    pool.shutdown().context("final checkpoint")?;
+    Ok(0)
+}

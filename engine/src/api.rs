@@ -5,7 +5,7 @@
 //! `submit` for tests and the CLI.
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
@@ -45,7 +45,7 @@ pub enum Reply {
 pub type Completion = Box<dyn FnOnce(Result<Reply>) + Send + 'static>;
 
 /// A run of blocks with the same allocation state, as NBD `base:allocation` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
     /// Length of the run in bytes.
     pub len: u64,
@@ -55,7 +55,7 @@ pub struct Extent {
 }
 
 /// Public description of a volume.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub name: String,
     pub size_bytes: u64,
@@ -64,7 +64,7 @@ pub struct VolumeInfo {
 }
 
 /// Pool-wide statistics, printed by `ingot stats --json`. Field names are a contract.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {
     /// Bytes of segment space the pool can hold.
     pub capacity_bytes: u64,
@@ -93,16 +93,16 @@ pub struct Stats {
 }
 
 /// A problem `check` found; `ingot check` prints each and exits non-zero if any exists.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Problem {
     /// Short machine-readable kind: `checksum`, `io`, `refcount`, `location`, `segment_usage`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Where and what, for a human.
     pub detail: String,
 }
 
 /// Outcome of a full consistency check.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckReport {
     pub blocks_checked: u64,
     pub bytes_checked: u64,

@@ -174,6 +174,9 @@ pub(crate) struct Inner {
     checkpoint_interval: u64,
 }
 
+/// A change to volumes applied while every shard is paused for a checkpoint.
+type Mutation<'a> = dyn FnMut(&Inner, u64) -> Result<()> + 'a;
+
 enum CkptMsg {
     Kick,
     Stop,
@@ -223,10 +226,7 @@ impl Inner {
 
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
-    fn checkpoint_with(
-        &self,
-        mutate: Option<&mut dyn FnMut(&Inner, u64) -> Result<()>>,
-    ) -> Result<()> {
+    fn checkpoint_with(&self, mutate: Option<&mut Mutation<'_>>) -> Result<()> {
         let mut ck = self.ckpt.lock();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();
@@ -1175,7 +1175,7 @@ impl Pool {
                             owner.entry(id).or_insert_with(|| (v.name.clone(), lba));
                         }
                         _ => report.problems.push(Problem {
-                            kind: "location",
+                            kind: "location".into(),
                             detail: format!(
                                 "volume {} block {lba} (byte {}) maps to block id {id}, which is not in the block table",
                                 v.name,
@@ -1190,7 +1190,7 @@ impl Pool {
         for (id, b) in blocks.iter().enumerate() {
             if b.refs != counted[id] {
                 report.problems.push(Problem {
-                    kind: "refcount",
+                    kind: "refcount".into(),
                     detail: format!(
                         "block id {id}: reference count {} but {} map entries point at it",
                         b.refs, counted[id]
@@ -1206,7 +1206,7 @@ impl Pool {
         for (s, (&want, &have)) in live.iter().zip(seg_live.iter()).enumerate() {
             if want != have {
                 report.problems.push(Problem {
-                    kind: "segment_usage",
+                    kind: "segment_usage".into(),
                     detail: format!("segment {s}: usage {have} bytes, blocks add up to {want}"),
                 });
             }
@@ -1247,7 +1247,7 @@ impl Pool {
                     .unwrap_or_default();
                 match &read {
                     Err(e) => report.problems.push(Problem {
-                        kind: "io",
+                        kind: "io".into(),
                         detail: format!(
                             "{who}: block id {id} at segment {} offset {}: read failed: {e}",
                             b.segment, b.offset
@@ -1258,7 +1258,7 @@ impl Pool {
                         let got = crc32fast::hash(&buf[o..o + b.stored_len as usize]);
                         if got != b.crc {
                             report.problems.push(Problem {
-                                kind: "checksum",
+                                kind: "checksum".into(),
                                 detail: format!(
                                     "{who}: block id {id} at segment {} offset {}: checksum {got:#010x}, expected {:#010x}",
                                     b.segment, b.offset, b.crc

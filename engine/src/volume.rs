@@ -71,13 +71,6 @@ impl Volume {
 
     /// Submit a request; `done` runs once, on an engine thread, when it completes.
     pub fn submit(&self, req: Request, done: Completion) {
-        if let Err(e) = self.dispatch(req, done) {
-            // dispatch only fails before taking ownership of the completion.
-            let _ = e;
-        }
-    }
-
-    fn dispatch(&self, req: Request, done: Completion) -> std::result::Result<(), ()> {
         let inner = &self.inner;
         if inner.is_closed() || self.state.deleted.load(Ordering::Acquire) {
             let e = if self.state.deleted.load(Ordering::Acquire) {
@@ -86,7 +79,7 @@ impl Volume {
                 Error::ShutDown
             };
             done(Err(e));
-            return Err(());
+            return;
         }
         let size = self.state.size();
         let (offset, len, fua) = match &req {
@@ -101,7 +94,7 @@ impl Volume {
                 {
                     done(Err(Error::ShutDown));
                 }
-                return Ok(());
+                return;
             }
         };
         // Zeroing and trimming touch only metadata, so they may cover the whole volume.
@@ -111,14 +104,14 @@ impl Volume {
         };
         if let Err(e) = check_range(offset, len, size, max) {
             done(Err(e));
-            return Err(());
+            return;
         }
         if len == 0 {
             done(Ok(match req {
                 Request::Read { .. } => Reply::Data(Vec::new()),
                 _ => Reply::Done,
             }));
-            return Ok(());
+            return;
         }
         let parts = match req {
             Request::Read { .. } | Request::Write { .. } => split(offset, len, inner.shards()),
@@ -160,7 +153,6 @@ impl Volume {
             };
             inner.send_to_shard(shard, msg);
         }
-        Ok(())
     }
 
     /// Blocking helper around [`Volume::submit`].
