@@ -360,7 +360,8 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
                 &uri,
                 dir.path(),
                 "a",
-                seed % 1000 * 100 + cycle * 2, (0, half),
+                seed % 1000 * 100 + cycle * 2,
+                (0, half),
             ),
             start_writer(
                 &py,
@@ -368,7 +369,8 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
                 &uri,
                 dir.path(),
                 "b",
-                seed % 1000 * 100 + cycle * 2 + 1, (half, half),
+                seed % 1000 * 100 + cycle * 2 + 1,
+                (half, half),
             ),
         ];
         std::thread::sleep(Duration::from_millis(300 + rng.below(1700)));
