@@ -299,6 +299,7 @@ fn start_writer(
 fn sigkill_at_random_moments_loses_no_flushed_write() {
     let py = require_python_nbd();
     require_tool("nbdcopy");
+    require_tool("qemu-io");
     let seed = std::env::var("INGOT_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -423,6 +424,18 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
         &mut state,
         &logs,
         &format!("after a clean restart (seed {seed})"),
+    );
+    // The checker is not vacuous: a block changed behind its back is reported.
+    run(Command::new(require_tool("qemu-io"))
+        .args(["-f", "raw", "-c", "write -P 0x77 40960 4096", "-c", "flush"])
+        .arg(srv.unix_uri("crash")));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut s = state.clone();
+        verify(&srv, dir.path(), &mut s, &[], "self-test");
+    }));
+    assert!(
+        caught.is_err(),
+        "the checker did not notice a block overwritten outside the log"
     );
     srv.stop();
     eprintln!(
