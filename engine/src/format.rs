@@ -646,6 +646,13 @@ impl CheckpointHeader {
 const _: () = assert!(RecordHeader::BYTES + MAX_RECORD_ENTRIES * DataEntry::BYTES <= 4 * IO_ALIGN);
 const _: () = assert!(Superblock::BYTES <= IO_ALIGN);
 
+/// Fuzzing entry point: decode a checkpoint blob (the CRC is not checked, so the fuzzer reaches
+/// the parser). Returns whether it decoded.
+#[doc(hidden)]
+pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
+    crate::checkpoint::decode(blob, 1 << 20).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,11 +718,4 @@ mod tests {
         area[64 + 8] ^= 0x10;
         assert!(!d.verify(&area));
     }
-}
-
-/// Fuzzing entry point: decode a checkpoint blob (the CRC is not checked, so the fuzzer reaches
-/// the parser). Returns whether it decoded.
-#[doc(hidden)]
-pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
-    crate::checkpoint::decode(blob, 1 << 20).is_ok()
 }
