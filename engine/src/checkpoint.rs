@@ -91,9 +91,10 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
     out
 }
 
-/// Decode a blob whose CRC the caller has verified. Reference counts are left at zero: the
+/// Decode a blob whose CRC the caller has verified; `max_blocks` bounds block ids (the pool's
+/// capacity in blocks). Reference counts are left at zero: the
 /// caller rebuilds them from the maps.
-pub(crate) fn decode(blob: &[u8]) -> Result<Image> {
+pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
     let mut g = Get::new(blob, "checkpoint");
     let h = CheckpointHeader::decode(&mut g)?;
     let mut volumes = Vec::new();
@@ -126,14 +127,12 @@ pub(crate) fn decode(blob: &[u8]) -> Result<Image> {
         });
     }
     let next_block_id = h.next_block_id.max(1);
-    if next_block_id > (g.remaining() as u64 / 32 + 1) * 1024 + (1 << 20) {
-        // A next id far beyond what the blob could describe is corruption, not a huge pool:
-        // refuse before allocating.
-        if h.block_count == 0 || next_block_id / h.block_count > 1 << 20 {
-            return Err(Error::Corrupt {
-                what: "checkpoint block id range",
-            });
-        }
+    // Ids never exceed the blocks the pool can hold: anything larger is corruption, refused
+    // before it becomes an allocation.
+    if next_block_id > max_blocks || h.block_count > max_blocks {
+        return Err(Error::Corrupt {
+            what: "checkpoint block id range",
+        });
     }
     let mut blocks = vec![BlockEntry::default(); next_block_id as usize];
     for _ in 0..h.block_count {

@@ -142,7 +142,7 @@ fn crc_with_zeroed_field(bytes: &[u8], crc_at: usize) -> u32 {
 /// | 68 | 4 | segment_count | segments on this device |
 /// | 72 | 4 | total_segments | segments in the pool |
 /// | 76 | 4 | checkpoint_segment | first metadata segment of the checkpoint, or `NO_SEGMENT` |
-/// | 80 | 8 | checkpoint_seq | sequence number the checkpoint covers |
+/// | 80 | 8 | checkpoint_seq | records with a lower sequence number are in the checkpoint |
 /// | 88 | 8 | checkpoint_bytes | blob length |
 /// | 96 | 4 | checkpoint_crc | CRC-32 of the blob |
 /// | 100 | 4 | reserved | |
@@ -581,7 +581,7 @@ impl TrimEntry {
 /// |----:|----:|---|
 /// | 0 | 4 | magic `ICKP` |
 /// | 4 | 4 | version |
-/// | 8 | 8 | seq (last record included) |
+/// | 8 | 8 | seq_end (records below it are included) |
 /// | 16 | 8 | epoch (records after this checkpoint carry it) |
 /// | 24 | 8 | next_block_id |
 /// | 32 | 4 | next_volume_id |
@@ -645,6 +645,13 @@ impl CheckpointHeader {
 
 const _: () = assert!(RecordHeader::BYTES + MAX_RECORD_ENTRIES * DataEntry::BYTES <= 4 * IO_ALIGN);
 const _: () = assert!(Superblock::BYTES <= IO_ALIGN);
+
+/// Fuzzing entry point: decode a checkpoint blob (the CRC is not checked, so the fuzzer reaches
+/// the parser). Returns whether it decoded.
+#[doc(hidden)]
+pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
+    crate::checkpoint::decode(blob, 1 << 20).is_ok()
+}
 
 #[cfg(test)]
 mod tests {

@@ -1513,6 +1513,7 @@ fn read_checkpoint(
             what: "checkpoint checksum",
         });
     }
-    let image = checkpoint::decode(&blob)?;
+    let max_blocks = u64::from(geo.total_segments) * (geo.segment_bytes / 4096) + 1;
+    let image = checkpoint::decode(&blob, max_blocks)?;
     Ok((image, segs))
 }

@@ -672,7 +672,23 @@ impl Shard {
             let mut space = self.inner.space.lock();
             (0..n_payload).map(|_| space.alloc_id()).collect()
         };
-        let mut buf = AlignedBuf::new(record_bytes);
+        // SAFETY: the header area is zeroed here and every payload slot is written below (one
+        // per Data item, `n_payload` of them), so all `record_bytes` are initialised before the
+        // first slice access.
+        let mut buf = unsafe {
+            let mut b = AlignedBuf::new_uninit(record_bytes);
+            std::ptr::write_bytes(b.as_mut_ptr(), 0, header_bytes);
+            let mut at = header_bytes;
+            for item in &batch {
+                if let Item::Data { src, .. } = item {
+                    let p = src.bytes();
+                    assert_eq!(p.len(), BLOCK, "record payloads are whole blocks");
+                    std::ptr::copy_nonoverlapping(p.as_ptr(), b.as_mut_ptr().add(at), BLOCK);
+                    at += BLOCK;
+                }
+            }
+            b
+        };
         let mut applies = Vec::with_capacity(batch.len());
         let mut next_payload = header_bytes;
         let mut ids = ids.into_iter();
@@ -682,7 +698,6 @@ impl Shard {
                 Item::Data { vol, lba, src, .. } => {
                     let id = ids.next().unwrap_or(0);
                     let payload = src.bytes();
-                    buf[next_payload..next_payload + BLOCK].copy_from_slice(payload);
                     let crc = crc32fast::hash(payload);
                     let fingerprint = xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes();
                     DataEntry {

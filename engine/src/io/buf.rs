@@ -1,6 +1,6 @@
 //! 4 KiB-aligned heap buffers, as O_DIRECT requires.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
 use crate::format::IO_ALIGN;
@@ -23,6 +23,21 @@ impl AlignedBuf {
         let layout = Layout::from_size_align(len, IO_ALIGN).expect("valid layout");
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    /// Allocate without zeroing, for buffers the caller fills completely (record buffers: the
+    /// zeroing showed up as ~10% of the write path).
+    ///
+    /// # Safety
+    /// Every byte must be written through [`AlignedBuf::as_mut_ptr`] before the buffer is used
+    /// as a slice (deref) or handed to a device.
+    pub unsafe fn new_uninit(len: usize) -> Self {
+        let len = len.max(1).next_multiple_of(IO_ALIGN);
+        let layout = Layout::from_size_align(len, IO_ALIGN).expect("valid layout");
+        // SAFETY: layout has non-zero size; the caller initialises the contents.
+        let raw = unsafe { alloc(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len }
     }
