@@ -393,14 +393,19 @@ impl Server {
     }
 
     /// SIGTERM and wait (at most 120 s) for it to exit; returns its exit status.
-    pub fn terminate(mut self) -> (ExitStatus, String) {
+    pub fn terminate(self) -> (ExitStatus, String) {
+        self.signal_and_wait("TERM")
+    }
+
+    /// Send `sig` (`TERM`, `INT`) and wait (at most 120 s) for it to exit.
+    pub fn signal_and_wait(mut self, sig: &str) -> (ExitStatus, String) {
         let mut c = self.child.take().expect("server running");
-        signal(c.id(), "TERM");
+        signal(c.id(), sig);
         let status = wait_timeout(&mut c, Duration::from_secs(120)).unwrap_or_else(|| {
             let _ = c.kill();
             let _ = c.wait();
             panic!(
-                "ingot serve did not exit within 120 s of SIGTERM\n--- stderr ---\n{}",
+                "ingot serve did not exit within 120 s of SIG{sig}\n--- stderr ---\n{}",
                 self.stderr()
             )
         });

@@ -472,3 +472,61 @@ fn foreign_files_are_refused() {
         "ingot wrote into a directory that is no pool"
     );
 }
+
+#[test]
+fn resize_shrink_drops_data_and_sigint_stops_cleanly() {
+    let qemu_io = require_tool("qemu-io");
+    let dir = TempDir::new("cli-resize");
+    let srv = Server::start_in(dir.path());
+    let pool = srv.pool().to_path_buf();
+    ingot_pool_ok(&pool, &["volume", "create", "r", "--size", "16M"]);
+    let uri = srv.unix_uri("r");
+    run(Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "write -P 0x11 0 16M", "-c", "flush"])
+        .arg(&uri));
+    assert_eq!(mapped(&pool, "r").1, 16 * MIB);
+    // Shrinking drops the blocks past the new end...
+    ingot_pool_ok(&pool, &["volume", "resize", "r", "--size", "4M"]);
+    assert_eq!(nbd_export_size(&uri), 4 * MIB);
+    assert_eq!(mapped(&pool, "r").1, 4 * MIB);
+    // ...so growing again shows zeroes there, and the kept part is intact.
+    ingot_pool_ok(&pool, &["volume", "resize", "r", "--size", "12M"]);
+    assert_eq!(nbd_export_size(&uri), 12 * MIB);
+    run(Command::new(&qemu_io)
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 4M",
+            "-c",
+            "read -P 0 4M 8M",
+        ])
+        .arg(&uri));
+    let out = ingot_pool(&pool, &["check"]);
+    assert!(
+        out.status.success(),
+        "ingot check after resizes: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SIGINT is a clean stop too.
+    let opts = srv.opts.clone();
+    let (status, stderr) = srv.signal_and_wait("INT");
+    assert!(
+        status.success(),
+        "ingot serve exited with {status} after SIGINT (expected 0)\n{stderr}"
+    );
+    let srv = Server::start(opts);
+    assert_eq!(nbd_export_size(&srv.unix_uri("r")), 12 * MIB);
+    run(Command::new(&qemu_io)
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 4M",
+            "-c",
+            "read -P 0 4M 8M",
+        ])
+        .arg(srv.unix_uri("r")));
+    srv.stop();
+}

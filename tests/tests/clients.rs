@@ -57,9 +57,11 @@ fn qemu_img_convert_and_compare() {
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&src)
         .arg(&uri));
-    // Over TCP too, and after a clean restart of the server.
-    let opts = srv.opts.clone();
+    // Over TCP too, after a clean restart of the server with the synchronous I/O engine.
+    let mut opts = srv.opts.clone();
     srv.stop();
+    opts.extra_args
+        .extend(["--io".to_string(), "sync".to_string()]);
     let srv = Server::start(opts);
     run(Command::new(&qemu_img)
         .args(["compare", "-f", "raw", "-F", "raw"])
