@@ -530,3 +530,66 @@ fn resize_shrink_drops_data_and_sigint_stops_cleanly() {
         .arg(srv.unix_uri("r")));
     srv.stop();
 }
+
+#[test]
+fn full_pool_refuses_writes_but_reopens() {
+    let qemu_img = require_tool("qemu-img");
+    let qemu_io = require_tool("qemu-io");
+    let dir = TempDir::new("cli-full");
+    let pool = dir.join("pool");
+    ingot_pool_ok(
+        &pool,
+        &["pool", "create", "--size", "32M", "--segment-size", "2M"],
+    );
+    ingot_pool_ok(&pool, &["volume", "create", "v", "--size", "64M"]);
+    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
+    opts.tcp_port = None;
+    let srv = Server::start(opts.clone());
+    // 8 MiB that fit, flushed...
+    run(Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "write -P 0x33 0 8M", "-c", "flush"])
+        .arg(srv.unix_uri("v")));
+    // ...then 64 MiB of random data into 32 MiB of space: the writes must fail with ENOSPC.
+    let src = dir.join("random.raw");
+    let mut data = vec![0u8; (64 * MIB) as usize];
+    Prng::new(5).fill(&mut data);
+    data[..(8 * MIB) as usize].fill(0x33);
+    std::fs::write(&src, &data).expect("write random.raw");
+    let out = output(
+        Command::new(&qemu_img)
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(srv.unix_uri("v")),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("No space left on device"),
+        "writing 64 MiB into a 32 MiB pool should fail with ENOSPC: {} {stderr}",
+        out.status
+    );
+    // The server is still up and the flushed data reads back.
+    run(Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "read -P 0x33 0 8M"])
+        .arg(srv.unix_uri("v")));
+    let (status, stderr) = srv.terminate();
+    eprintln!("stop of a full pool: {status}\n{stderr}");
+    // A full pool must still open: to read its data, to trim, to check it.
+    let out = ingot_pool(&pool, &["volume", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "a full pool cannot be opened any more (volume list): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let srv = Server::start(opts);
+    run(Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "read -P 0x33 0 8M"])
+        .arg(srv.unix_uri("v")));
+    srv.stop();
+    let out = ingot_pool(&pool, &["check"]);
+    assert!(
+        out.status.success(),
+        "ingot check on a full pool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
