@@ -217,8 +217,7 @@ impl Inner {
             vols.by_name.len() as u64,
             self.shards() as u64,
         );
-        // One checkpoint, one spare, and one segment per shard for chain moves and trims.
-        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.shards()
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
@@ -807,7 +806,6 @@ impl Pool {
         // Replay.
         let mut records = Vec::new();
         let mut chain_segs = Vec::new();
-        let mut ends = Vec::new();
         for (i, pos) in image.shards.iter().enumerate() {
             let scan = scan_chain(
                 &*devices,
@@ -819,7 +817,6 @@ impl Pool {
             )?;
             records.extend(scan.records);
             chain_segs.extend(scan.segments);
-            ends.push(scan.end);
             if pos.next != NO_SEGMENT {
                 chain_segs.push(pos.next);
             }
@@ -892,28 +889,13 @@ impl Pool {
                 space.set_state(s as u32, SegState::Sealed { seq: seq_end });
             }
         }
-        // Chains of the new epoch: each shard goes on where its chain ended (stale records
-        // after that point carry the old epoch and are never replayed); shards without a chain
-        // get a fresh segment if one is free, or none (writes fail with ENOSPC until a
-        // checkpoint frees space).
+        // New chains for the new epoch.
         let epoch = image.epoch + 1;
         let mut positions = Vec::new();
         for i in 0..nshards {
-            if let Some(end) = ends.get(i).filter(|e| e.segment != NO_SEGMENT) {
-                space.set_state(end.segment, SegState::Open);
-                space.set_state(end.next, SegState::Next);
-                positions.push(*end);
-                continue;
-            }
-            let Some(seg) = space.alloc_segment(SegState::Open, 0) else {
-                positions.push(ShardPosition {
-                    segment: NO_SEGMENT,
-                    offset: 0,
-                    next: NO_SEGMENT,
-                    shard_seq: 0,
-                });
-                continue;
-            };
+            let seg = space
+                .alloc_segment(SegState::Open, 0)
+                .ok_or(Error::NoSpace)?;
             let next = space.alloc_segment(SegState::Next, 0).unwrap_or(NO_SEGMENT);
             let mut buf = AlignedBuf::new(IO_ALIGN);
             SegmentHeader {

@@ -35,15 +35,10 @@ pub(crate) struct ChainScan {
     pub records: Vec<ReplayRecord>,
     /// Every segment the chain touched (to keep until the next checkpoint).
     pub segments: Vec<u32>,
-    /// Where the chain ends: the shard continues appending here in the new epoch (stale
-    /// records after it carry the old epoch and are never replayed again).
-    pub end: ShardPosition,
 }
 
 struct Scanned {
     rec: ReplayRecord,
-    /// The `next` of the record's segment.
-    seg_next: u32,
     shard_seq: u64,
     durable: u64,
     payload_ok: bool,
@@ -121,7 +116,6 @@ pub(crate) fn scan_chain(
                     offset: off as u32,
                     entries,
                 },
-                seg_next: next,
                 shard_seq: h.shard_seq,
                 durable: h.durable_shard_seq,
                 payload_ok,
@@ -154,29 +148,13 @@ pub(crate) fn scan_chain(
     }
     // A bad payload at or below what a later record declares flushed is corruption (kept);
     // above it, a torn tail (the chain ends there).
-    let mut end = ShardPosition {
-        segment: seg,
-        offset: off.min(seg_bytes) as u32,
-        next,
-        shard_seq: 0,
-    };
     let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
     let mut records = Vec::with_capacity(scanned.len());
     for s in scanned {
         if !s.payload_ok && s.shard_seq >= durable {
-            end = ShardPosition {
-                segment: s.rec.segment,
-                offset: s.rec.offset,
-                next: s.seg_next,
-                shard_seq: 0,
-            };
             break;
         }
         records.push(s.rec);
     }
-    Ok(ChainScan {
-        records,
-        segments,
-        end,
-    })
+    Ok(ChainScan { records, segments })
 }

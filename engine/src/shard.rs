@@ -206,9 +206,6 @@ pub(crate) struct Shard {
     /// so no part completes before all of its records exist.
     held: Vec<Rc<Part>>,
     done: Vec<IoDone>,
-    /// A record or segment header of this shard failed to write: the chain has a gap until the
-    /// next checkpoint restarts it.
-    broken: bool,
 }
 
 impl Shard {
@@ -233,7 +230,6 @@ impl Shard {
             items: Vec::new(),
             held: Vec::new(),
             done: Vec::new(),
-            broken: false,
         }
     }
 
@@ -313,15 +309,7 @@ impl Shard {
                 self.drain();
             }
             if let Some((paused, resume)) = pause {
-                // Keep appending where we are unless the chain has a gap (a failed write) or
-                // cannot continue (no segment reserved to move to).
-                let r =
-                    if self.broken || self.pos.segment == NO_SEGMENT || self.pos.next == NO_SEGMENT
-                    {
-                        self.restart_chain()
-                    } else {
-                        Ok(())
-                    };
+                let r = self.restart_chain();
                 let _ = paused.send(r.map(|()| self.pos));
                 let _ = resume.recv();
             }
@@ -671,7 +659,7 @@ impl Shard {
         for p in &parts {
             p.records.set(p.records.get() + 1);
         }
-        if let Err(e) = self.make_room(record_bytes as u64, n_payload > 0) {
+        if let Err(e) = self.make_room(record_bytes as u64) {
             for p in &parts {
                 p.fail(clone_err(&e));
                 p.record_done();
@@ -813,7 +801,7 @@ impl Shard {
     }
 
     /// Make sure `bytes` fit in the open segment, moving to the next one if needed.
-    fn make_room(&mut self, bytes: u64, payload: bool) -> Result<(), Error> {
+    fn make_room(&mut self, bytes: u64) -> Result<(), Error> {
         let seg_bytes = self.inner.geo.segment_bytes;
         if u64::from(self.pos.offset) + bytes <= seg_bytes && self.pos.segment != NO_SEGMENT {
             return Ok(());
@@ -823,13 +811,7 @@ impl Shard {
             self.inner.kick_checkpoint();
             return Err(Error::NoSpace);
         }
-        // Records without payload (trims, holes) free space: let them dip into the per-shard
-        // share of the reserve so that a full pool can always be trimmed.
-        let reserve = self.inner.reserve_segments().saturating_sub(if payload {
-            0
-        } else {
-            self.inner.shards()
-        });
+        let reserve = self.inner.reserve_segments();
         let mut space = self.inner.space.lock();
         let next2 = space
             .alloc_segment(SegState::Next, reserve)
@@ -912,7 +894,6 @@ impl Shard {
         self.pos.segment = seg;
         self.pos.next = next;
         self.pos.offset = SEGMENT_HEADER_BYTES as u32;
-        self.broken = false;
         let mut buf = AlignedBuf::new(IO_ALIGN);
         self.segment_header().encode(&mut buf);
         let (dev, base) = self.inner.geo.locate(seg);
@@ -942,7 +923,6 @@ impl Shard {
                 self.apply(rec.seq, rec.applies, rec.buf);
             } else {
                 self.inner.chain_broken.store(true, Ordering::Release);
-                self.broken = true;
                 let mut space = self.inner.space.lock();
                 for a in &rec.applies {
                     if let Apply::Block { id, .. } = a {
