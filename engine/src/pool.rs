@@ -174,6 +174,9 @@ pub(crate) struct Inner {
     checkpoint_interval: u64,
 }
 
+/// A change made while every shard is paused for a checkpoint (volume create, delete, resize).
+type Mutate<'a> = &'a mut dyn FnMut(&Inner, u64) -> Result<()>;
+
 enum CkptMsg {
     Kick,
     Stop,
@@ -223,10 +226,7 @@ impl Inner {
 
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
-    fn checkpoint_with(
-        &self,
-        mutate: Option<&mut dyn FnMut(&Inner, u64) -> Result<()>>,
-    ) -> Result<()> {
+    fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
         let mut ck = self.ckpt.lock();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();

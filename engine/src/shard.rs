@@ -385,7 +385,7 @@ impl Shard {
             let from = offset.max(bstart) - bstart;
             let to = (offset + len as u64).min(bstart + BLOCK_BYTES) - bstart;
             let dst = at + (bstart + from - offset) as usize;
-            let (from, n) = (from as usize, (to - from as u64) as usize);
+            let (from, n) = (from as usize, (to - from) as usize);
             let Some(e) = entries[i] else {
                 if ids[i] != 0 {
                     part.fail(Error::Corrupt {

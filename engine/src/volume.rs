@@ -71,10 +71,8 @@ impl Volume {
 
     /// Submit a request; `done` runs once, on an engine thread, when it completes.
     pub fn submit(&self, req: Request, done: Completion) {
-        if let Err(e) = self.dispatch(req, done) {
-            // dispatch only fails before taking ownership of the completion.
-            let _ = e;
-        }
+        // dispatch only fails after running the completion with the error.
+        let _ = self.dispatch(req, done);
     }
 
     fn dispatch(&self, req: Request, done: Completion) -> std::result::Result<(), ()> {
