@@ -568,9 +568,8 @@ impl Shard {
         if offset % BLOCK_BYTES != 0 {
             partial.push((offset, end.min((offset / BLOCK_BYTES + 1) * BLOCK_BYTES)));
         }
-        if end % BLOCK_BYTES != 0
-            && end_full >= first_full
-            && end / BLOCK_BYTES * BLOCK_BYTES > offset
+        // The tail block, unless the head partial above is that same block.
+        if end % BLOCK_BYTES != 0 && (offset % BLOCK_BYTES == 0 || end_full != offset / BLOCK_BYTES)
         {
             partial.push((end / BLOCK_BYTES * BLOCK_BYTES, end));
         }
