@@ -1087,6 +1087,14 @@ impl Pool {
     /// Change a volume's size; shrinking frees the blocks past the new end.
     pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
         validate_size(size_bytes)?;
+        // A new end inside a block keeps that block: zero its bytes past the new end first, or
+        // growing the volume again would bring them back instead of zeroes.
+        let vol = self.volume(name)?;
+        let old = vol.size_bytes();
+        if size_bytes < old && size_bytes % BLOCK_BYTES != 0 {
+            let end = size_bytes.next_multiple_of(BLOCK_BYTES).min(old);
+            vol.write_zeroes(size_bytes, end - size_bytes, false)?;
+        }
         let name = name.to_string();
         self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
             let v = inner
