@@ -142,7 +142,10 @@ pub(crate) struct Counters {
 
 struct CkptState {
     generation: u64,
+    /// Segments of the newest checkpoint.
     segments: Vec<u32>,
+    /// Segments of the checkpoint before it (the older superblock copy points there).
+    prev_segments: Vec<u32>,
     seq_end: u64,
     written_at_last: u64,
 }
@@ -405,10 +408,16 @@ impl Inner {
             return Err(e);
         }
         let mut space = self.space.lock();
+        // The previous checkpoint stays until the next commit: the other superblock copy points
+        // at it, so a damaged newest copy can fall back to it. The one before is unreferenced.
+        let mut freed = std::mem::take(&mut ck.prev_segments);
+        for &s in &freed {
+            space.set_state(s, SegState::Free);
+        }
         for &s in &ck.segments {
             space.set_state(s, SegState::OldCheckpoint);
         }
-        let freed = space.reclaim(image.seq, live_then);
+        freed.extend(space.reclaim(image.seq, live_then));
         space.release_ids(image.seq);
         drop(space);
         for s in freed {
@@ -416,7 +425,7 @@ impl Inner {
             // Give the space back to the file system / device; best effort.
             let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
         }
-        ck.segments = segs;
+        ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
         Ok(())
@@ -946,6 +955,7 @@ impl Pool {
             ckpt: Mutex::new(CkptState {
                 generation: newest.generation,
                 segments: ckpt_segs,
+                prev_segments: Vec::new(),
                 seq_end: image.seq,
                 written_at_last: 0,
             }),
