@@ -686,7 +686,10 @@ fn shrink_inside_block_then_grow_reads_zeroes() {
     let got = v.read(0, 8192).unwrap();
     let mut want = vec![9u8; 4608];
     want.resize(8192, 0);
-    assert!(got == want, "bytes past a shrunk end came back after growing");
+    assert!(
+        got == want,
+        "bytes past a shrunk end came back after growing"
+    );
     assert_eq!(pool.stats().logical_mapped_bytes, 8192);
     drop(pool);
     let pool = Pool::open(dir.path(), &pool_options(Engine::Sync, &None)).unwrap();
