@@ -204,7 +204,8 @@ impl Inner {
         let _ = self.kick.try_send(CkptMsg::Kick);
     }
 
-    /// Segments kept back from data so that a checkpoint always fits.
+    /// Segments kept back from data so that a checkpoint always fits, and one per shard so
+    /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
         let vols = self.volumes.read();
         let mut pages = 0u64;
@@ -220,7 +221,7 @@ impl Inner {
             vols.by_name.len() as u64,
             self.shards() as u64,
         );
-        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.shards()
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
@@ -230,6 +231,22 @@ impl Inner {
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
     fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
+        let starved = self.checkpoint_once(mutate)?;
+        // A shard that found no free segment at the pause kept appending to its open segment
+        // with no next one; if this checkpoint freed segments, a second one gives it a fresh
+        // chain, so writes succeed again right away instead of failing until the next kick.
+        if starved {
+            let reserve = self.reserve_segments();
+            let free = self.space.lock().free_segments;
+            if free > reserve + 1 {
+                self.checkpoint_once(None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One checkpoint; returns whether a shard was left without a next segment.
+    fn checkpoint_once(&self, mutate: Option<Mutate<'_>>) -> Result<bool> {
         let mut ck = self.ckpt.lock();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();
@@ -282,11 +299,13 @@ impl Inner {
                 })
             })
             .collect();
+        let starved = positions.iter().any(|p| p.next == NO_SEGMENT);
         let (image, live_then) = self.snapshot(seq_end, positions);
         self.chain_broken.store(false, Ordering::Release);
         drop(resumes);
         result?;
-        self.commit(&mut ck, &image, &live_then)
+        self.commit(&mut ck, &image, &live_then)?;
+        Ok(starved)
     }
 
     /// A consistent image of the current state (shards paused, or not yet running).
@@ -898,14 +917,34 @@ impl Pool {
                 space.set_state(s as u32, SegState::Sealed { seq: seq_end });
             }
         }
-        // New chains for the new epoch.
+        // New chains for the new epoch: an open segment per shard first (the running pool
+        // keeps one free per shard for this), then next segments only beyond the reserve the
+        // running pool keeps (the recovery checkpoint and the next open need it).
         let epoch = image.epoch + 1;
+        let ckpt_reserve = {
+            let mut pages = 0u64;
+            for v in table.by_name.values() {
+                for m in &v.maps {
+                    pages += m.lock().pages.iter().filter(|p| p.is_some()).count() as u64;
+                }
+            }
+            let est = checkpoint::estimate_bytes(
+                pages,
+                space.live_blocks,
+                table.by_name.len() as u64,
+                nshards as u64,
+            );
+            // As `Inner::reserve_segments` will keep back.
+            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards
+        };
+        let opens = (0..nshards)
+            .map(|_| space.alloc_segment(SegState::Open, 0).ok_or(Error::NoSpace))
+            .collect::<Result<Vec<u32>>>()?;
         let mut positions = Vec::new();
-        for i in 0..nshards {
-            let seg = space
-                .alloc_segment(SegState::Open, 0)
-                .ok_or(Error::NoSpace)?;
-            let next = space.alloc_segment(SegState::Next, 0).unwrap_or(NO_SEGMENT);
+        for (i, seg) in opens.into_iter().enumerate() {
+            let next = space
+                .alloc_segment(SegState::Next, ckpt_reserve)
+                .unwrap_or(NO_SEGMENT);
             let mut buf = AlignedBuf::new(IO_ALIGN);
             SegmentHeader {
                 kind: SegmentKind::Data,
