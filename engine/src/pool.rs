@@ -834,6 +834,7 @@ impl Pool {
         // Replay.
         let mut records = Vec::new();
         let mut chain_segs = Vec::new();
+        let mut ends = Vec::new();
         for (i, pos) in image.shards.iter().enumerate() {
             let scan = scan_chain(
                 &*devices,
@@ -845,6 +846,7 @@ impl Pool {
             )?;
             records.extend(scan.records);
             chain_segs.extend(scan.segments);
+            ends.push(scan.end);
             if pos.next != NO_SEGMENT {
                 chain_segs.push(pos.next);
             }
@@ -917,9 +919,8 @@ impl Pool {
                 space.set_state(s as u32, SegState::Sealed { seq: seq_end });
             }
         }
-        // New chains for the new epoch: an open segment per shard first (the running pool
-        // keeps one free per shard for this), then next segments only beyond the reserve the
-        // running pool keeps (the recovery checkpoint and the next open need it).
+        // New chains for the new epoch: an open segment per shard first, then next segments
+        // only beyond the reserve the running pool keeps (the recovery checkpoint needs it).
         let epoch = image.epoch + 1;
         let ckpt_reserve = {
             let mut pages = 0u64;
@@ -937,33 +938,56 @@ impl Pool {
             // As `Inner::reserve_segments` will keep back.
             est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards
         };
-        let opens = (0..nshards)
-            .map(|_| space.alloc_segment(SegState::Open, 0).ok_or(Error::NoSpace))
-            .collect::<Result<Vec<u32>>>()?;
+        // A shard's new chain continues its old one just past the last replayed record when
+        // that segment has room: otherwise every open would strand a partly filled segment per
+        // shard, and a full pool could not be opened at all. Replay starts at the checkpoint's
+        // position, so the segment's old header (old epoch) is never read for this chain.
+        let mut starts: Vec<(u32, u32, bool)> = Vec::new();
+        for i in 0..nshards {
+            let cont = ends.get(i).filter(|e| {
+                e.segment != NO_SEGMENT
+                    && e.segment < geo.total_segments
+                    && u64::from(e.offset) + 2 * IO_ALIGN as u64 <= geo.segment_bytes
+            });
+            match cont {
+                Some(e) => {
+                    space.set_state(e.segment, SegState::Open);
+                    starts.push((e.segment, e.offset, false));
+                }
+                None => starts.push((NO_SEGMENT, SEGMENT_HEADER_BYTES as u32, true)),
+            }
+        }
+        for st in starts.iter_mut().filter(|st| st.2) {
+            st.0 = space
+                .alloc_segment(SegState::Open, 0)
+                .ok_or(Error::NoSpace)?;
+        }
         let mut positions = Vec::new();
-        for (i, seg) in opens.into_iter().enumerate() {
+        for (i, (seg, offset, fresh)) in starts.into_iter().enumerate() {
             let next = space
                 .alloc_segment(SegState::Next, ckpt_reserve)
                 .unwrap_or(NO_SEGMENT);
-            let mut buf = AlignedBuf::new(IO_ALIGN);
-            SegmentHeader {
-                kind: SegmentKind::Data,
-                segment: seg,
-                shard: i as u16,
-                pool_uuid: newest.pool_uuid,
-                epoch,
-                next_segment: next,
+            if fresh {
+                let mut buf = AlignedBuf::new(IO_ALIGN);
+                SegmentHeader {
+                    kind: SegmentKind::Data,
+                    segment: seg,
+                    shard: i as u16,
+                    pool_uuid: newest.pool_uuid,
+                    epoch,
+                    next_segment: next,
+                }
+                .encode(&mut buf);
+                let (dev, b) = geo.locate(seg);
+                devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
+                    device: dev,
+                    offset: b,
+                    source,
+                })?;
             }
-            .encode(&mut buf);
-            let (dev, b) = geo.locate(seg);
-            devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
-                device: dev,
-                offset: b,
-                source,
-            })?;
             positions.push(ShardPosition {
                 segment: seg,
-                offset: SEGMENT_HEADER_BYTES as u32,
+                offset,
                 next,
                 shard_seq: 0,
             });

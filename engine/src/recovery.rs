@@ -35,6 +35,9 @@ pub(crate) struct ChainScan {
     pub records: Vec<ReplayRecord>,
     /// Every segment the chain touched (to keep until the next checkpoint).
     pub segments: Vec<u32>,
+    /// Just past the last record replayed (segment, offset, that segment's next): a new chain
+    /// may continue there instead of taking a fresh segment.
+    pub end: ShardPosition,
 }
 
 struct Scanned {
@@ -42,6 +45,8 @@ struct Scanned {
     shard_seq: u64,
     durable: u64,
     payload_ok: bool,
+    end: u64,
+    next: u32,
 }
 
 /// Read one shard's chain.
@@ -119,6 +124,8 @@ pub(crate) fn scan_chain(
                 shard_seq: h.shard_seq,
                 durable: h.durable_shard_seq,
                 payload_ok,
+                end: off + u64::from(h.record_bytes),
+                next,
             });
             expect += 1;
             off += u64::from(h.record_bytes);
@@ -150,11 +157,22 @@ pub(crate) fn scan_chain(
     // above it, a torn tail (the chain ends there).
     let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
     let mut records = Vec::with_capacity(scanned.len());
+    let mut end = start;
     for s in scanned {
         if !s.payload_ok && s.shard_seq >= durable {
             break;
         }
+        end = ShardPosition {
+            segment: s.rec.segment,
+            offset: s.end as u32,
+            next: s.next,
+            shard_seq: s.shard_seq + 1,
+        };
         records.push(s.rec);
     }
-    Ok(ChainScan { records, segments })
+    Ok(ChainScan {
+        records,
+        segments,
+        end,
+    })
 }
