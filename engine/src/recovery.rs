@@ -8,7 +8,7 @@
 //! flushed (`durable_shard_seq`): then it is corruption, applied so that reads of the block
 //! report it, never silently dropped.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{
     DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
     NO_SEGMENT, SEGMENT_HEADER_BYTES,
@@ -153,6 +153,28 @@ pub(crate) fn scan_chain(
             _ => break,
         }
     }
+    // Where the chain stopped, a record that does not decode, verify or follow on is a torn
+    // tail, unless a later record of the chain says it had been flushed: then it is corruption
+    // of a durable record whose entries are unknown, and opening would silently lose it and
+    // every flushed record after it.
+    let (gseg, goff, gnext) = scanned
+        .last()
+        .map_or((start.segment, u64::from(start.offset), start.next), |s| {
+            (s.rec.segment, s.end, s.next)
+        });
+    if later_record_says_flushed(
+        dev,
+        geo,
+        pool_uuid,
+        epoch,
+        shard,
+        (gseg, goff, gnext),
+        expect,
+    ) {
+        return Err(Error::Corrupt {
+            what: "a flushed log record is unreadable (bad record header), records after it were flushed too",
+        });
+    }
     // A bad payload at or below what a later record declares flushed is corruption (kept);
     // above it, a torn tail (the chain ends there).
     let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
@@ -175,4 +197,73 @@ pub(crate) fn scan_chain(
         segments,
         end,
     })
+}
+
+/// Whether a record of this chain after the stop at `from` (segment, offset, that segment's
+/// next) declares record `expect` flushed (`durable_shard_seq > expect`). Searches the rest of
+/// the segment and the chain's next segment, 4 KiB-aligned, for valid record headers.
+fn later_record_says_flushed(
+    dev: &dyn Devices,
+    geo: &Geometry,
+    pool_uuid: &[u8; 16],
+    epoch: u64,
+    shard: u16,
+    from: (u32, u64, u32),
+    expect: u64,
+) -> bool {
+    const CHUNK: u64 = 1 << 20;
+    let (seg, off, next) = from;
+    let seg_bytes = geo.segment_bytes;
+    let mut places = Vec::new();
+    if seg != NO_SEGMENT && seg < geo.total_segments {
+        places.push((seg, off));
+    }
+    if next != NO_SEGMENT && next < geo.total_segments {
+        let (d, base) = geo.locate(next);
+        let mut hdr = AlignedBuf::new(IO_ALIGN);
+        if dev.read_at(d, &mut hdr, base).is_ok() {
+            if let Some(sh) = SegmentHeader::decode(&hdr) {
+                if sh.kind == SegmentKind::Data
+                    && sh.segment == next
+                    && sh.epoch == epoch
+                    && sh.shard == shard
+                    && &sh.pool_uuid == pool_uuid
+                {
+                    places.push((next, SEGMENT_HEADER_BYTES));
+                }
+            }
+        }
+    }
+    for (s, from) in places {
+        let (d, base) = geo.locate(s);
+        let mut pos = from;
+        while pos + IO_ALIGN as u64 <= seg_bytes {
+            let n = (seg_bytes - pos).min(CHUNK) / IO_ALIGN as u64 * IO_ALIGN as u64;
+            let mut buf = AlignedBuf::new(n as usize);
+            if dev.read_at(d, &mut buf, base + pos).is_err() {
+                break;
+            }
+            for i in (0..n as usize).step_by(IO_ALIGN) {
+                let Some(h) = RecordHeader::decode(&buf[i..]) else {
+                    continue;
+                };
+                let at = pos + i as u64;
+                if h.epoch != epoch
+                    || h.shard != shard
+                    || h.segment != s
+                    || h.shard_seq <= expect
+                    || h.durable_shard_seq <= expect
+                    || at + u64::from(h.record_bytes) > seg_bytes
+                {
+                    continue;
+                }
+                let mut area = AlignedBuf::new(h.header_bytes as usize);
+                if dev.read_at(d, &mut area, base + at).is_ok() && h.verify(&area) {
+                    return true;
+                }
+            }
+            pos += n;
+        }
+    }
+    false
 }
