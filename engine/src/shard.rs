@@ -914,6 +914,12 @@ impl Shard {
                 break;
             };
             let ok = matches!(rec.result, Some(Ok(())));
+            if !ok {
+                // Before `applied_shard_seq` moves past the failed record: a flusher that sees
+                // the new value must also see the broken chain, or it would only sync and let
+                // later records claim the missing one durable.
+                self.inner.chain_broken.store(true, Ordering::Release);
+            }
             if let Some(ss) = rec.shard_seq {
                 self.inner.shard_stats[self.id]
                     .applied_shard_seq
@@ -922,7 +928,6 @@ impl Shard {
             if ok {
                 self.apply(rec.seq, rec.applies, rec.buf);
             } else {
-                self.inner.chain_broken.store(true, Ordering::Release);
                 let mut space = self.inner.space.lock();
                 for a in &rec.applies {
                     if let Apply::Block { id, .. } = a {
