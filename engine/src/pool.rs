@@ -142,7 +142,10 @@ pub(crate) struct Counters {
 
 struct CkptState {
     generation: u64,
+    /// Segments of the newest checkpoint.
     segments: Vec<u32>,
+    /// Segments of the checkpoint before it (the older superblock copy points there).
+    prev_segments: Vec<u32>,
     seq_end: u64,
     written_at_last: u64,
 }
@@ -174,8 +177,8 @@ pub(crate) struct Inner {
     checkpoint_interval: u64,
 }
 
-/// A change to volumes applied while every shard is paused for a checkpoint.
-type Mutation<'a> = dyn FnMut(&Inner, u64) -> Result<()> + 'a;
+/// A change made while every shard is paused for a checkpoint (volume create, delete, resize).
+type Mutate<'a> = &'a mut dyn FnMut(&Inner, u64) -> Result<()>;
 
 enum CkptMsg {
     Kick,
@@ -201,7 +204,8 @@ impl Inner {
         let _ = self.kick.try_send(CkptMsg::Kick);
     }
 
-    /// Segments kept back from data so that a checkpoint always fits.
+    /// Segments kept back from data so that a checkpoint always fits, and one per shard so
+    /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
         let vols = self.volumes.read();
         let mut pages = 0u64;
@@ -217,7 +221,7 @@ impl Inner {
             vols.by_name.len() as u64,
             self.shards() as u64,
         );
-        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.shards()
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
@@ -226,7 +230,23 @@ impl Inner {
 
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
-    fn checkpoint_with(&self, mutate: Option<&mut Mutation<'_>>) -> Result<()> {
+    fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
+        let starved = self.checkpoint_once(mutate)?;
+        // A shard that found no free segment at the pause kept appending to its open segment
+        // with no next one; if this checkpoint freed segments, a second one gives it a fresh
+        // chain, so writes succeed again right away instead of failing until the next kick.
+        if starved {
+            let reserve = self.reserve_segments();
+            let free = self.space.lock().free_segments;
+            if free > reserve + 1 {
+                self.checkpoint_once(None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One checkpoint; returns whether a shard was left without a next segment.
+    fn checkpoint_once(&self, mutate: Option<Mutate<'_>>) -> Result<bool> {
         let mut ck = self.ckpt.lock();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();
@@ -279,11 +299,13 @@ impl Inner {
                 })
             })
             .collect();
+        let starved = positions.iter().any(|p| p.next == NO_SEGMENT);
         let (image, live_then) = self.snapshot(seq_end, positions);
         self.chain_broken.store(false, Ordering::Release);
         drop(resumes);
         result?;
-        self.commit(&mut ck, &image, &live_then)
+        self.commit(&mut ck, &image, &live_then)?;
+        Ok(starved)
     }
 
     /// A consistent image of the current state (shards paused, or not yet running).
@@ -405,10 +427,16 @@ impl Inner {
             return Err(e);
         }
         let mut space = self.space.lock();
+        // The previous checkpoint stays until the next commit: the other superblock copy points
+        // at it, so a damaged newest copy can fall back to it. The one before is unreferenced.
+        let mut freed = std::mem::take(&mut ck.prev_segments);
+        for &s in &freed {
+            space.set_state(s, SegState::Free);
+        }
         for &s in &ck.segments {
             space.set_state(s, SegState::OldCheckpoint);
         }
-        let freed = space.reclaim(image.seq, live_then);
+        freed.extend(space.reclaim(image.seq, live_then));
         space.release_ids(image.seq);
         drop(space);
         for s in freed {
@@ -416,7 +444,7 @@ impl Inner {
             // Give the space back to the file system / device; best effort.
             let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
         }
-        ck.segments = segs;
+        ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
         Ok(())
@@ -806,6 +834,7 @@ impl Pool {
         // Replay.
         let mut records = Vec::new();
         let mut chain_segs = Vec::new();
+        let mut ends = Vec::new();
         for (i, pos) in image.shards.iter().enumerate() {
             let scan = scan_chain(
                 &*devices,
@@ -817,6 +846,7 @@ impl Pool {
             )?;
             records.extend(scan.records);
             chain_segs.extend(scan.segments);
+            ends.push(scan.end);
             if pos.next != NO_SEGMENT {
                 chain_segs.push(pos.next);
             }
@@ -889,33 +919,75 @@ impl Pool {
                 space.set_state(s as u32, SegState::Sealed { seq: seq_end });
             }
         }
-        // New chains for the new epoch.
+        // New chains for the new epoch: an open segment per shard first, then next segments
+        // only beyond the reserve the running pool keeps (the recovery checkpoint needs it).
         let epoch = image.epoch + 1;
-        let mut positions = Vec::new();
+        let ckpt_reserve = {
+            let mut pages = 0u64;
+            for v in table.by_name.values() {
+                for m in &v.maps {
+                    pages += m.lock().pages.iter().filter(|p| p.is_some()).count() as u64;
+                }
+            }
+            let est = checkpoint::estimate_bytes(
+                pages,
+                space.live_blocks,
+                table.by_name.len() as u64,
+                nshards as u64,
+            );
+            // As `Inner::reserve_segments` will keep back.
+            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards
+        };
+        // A shard's new chain continues its old one just past the last replayed record when
+        // that segment has room: otherwise every open would strand a partly filled segment per
+        // shard, and a full pool could not be opened at all. Replay starts at the checkpoint's
+        // position, so the segment's old header (old epoch) is never read for this chain.
+        let mut starts: Vec<(u32, u32, bool)> = Vec::new();
         for i in 0..nshards {
-            let seg = space
+            let cont = ends.get(i).filter(|e| {
+                e.segment != NO_SEGMENT
+                    && e.segment < geo.total_segments
+                    && u64::from(e.offset) + 2 * IO_ALIGN as u64 <= geo.segment_bytes
+            });
+            match cont {
+                Some(e) => {
+                    space.set_state(e.segment, SegState::Open);
+                    starts.push((e.segment, e.offset, false));
+                }
+                None => starts.push((NO_SEGMENT, SEGMENT_HEADER_BYTES as u32, true)),
+            }
+        }
+        for st in starts.iter_mut().filter(|st| st.2) {
+            st.0 = space
                 .alloc_segment(SegState::Open, 0)
                 .ok_or(Error::NoSpace)?;
-            let next = space.alloc_segment(SegState::Next, 0).unwrap_or(NO_SEGMENT);
-            let mut buf = AlignedBuf::new(IO_ALIGN);
-            SegmentHeader {
-                kind: SegmentKind::Data,
-                segment: seg,
-                shard: i as u16,
-                pool_uuid: newest.pool_uuid,
-                epoch,
-                next_segment: next,
+        }
+        let mut positions = Vec::new();
+        for (i, (seg, offset, fresh)) in starts.into_iter().enumerate() {
+            let next = space
+                .alloc_segment(SegState::Next, ckpt_reserve)
+                .unwrap_or(NO_SEGMENT);
+            if fresh {
+                let mut buf = AlignedBuf::new(IO_ALIGN);
+                SegmentHeader {
+                    kind: SegmentKind::Data,
+                    segment: seg,
+                    shard: i as u16,
+                    pool_uuid: newest.pool_uuid,
+                    epoch,
+                    next_segment: next,
+                }
+                .encode(&mut buf);
+                let (dev, b) = geo.locate(seg);
+                devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
+                    device: dev,
+                    offset: b,
+                    source,
+                })?;
             }
-            .encode(&mut buf);
-            let (dev, b) = geo.locate(seg);
-            devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
-                device: dev,
-                offset: b,
-                source,
-            })?;
             positions.push(ShardPosition {
                 segment: seg,
-                offset: SEGMENT_HEADER_BYTES as u32,
+                offset,
                 next,
                 shard_seq: 0,
             });
@@ -946,6 +1018,7 @@ impl Pool {
             ckpt: Mutex::new(CkptState {
                 generation: newest.generation,
                 segments: ckpt_segs,
+                prev_segments: Vec::new(),
                 seq_end: image.seq,
                 written_at_last: 0,
             }),
@@ -1087,6 +1160,14 @@ impl Pool {
     /// Change a volume's size; shrinking frees the blocks past the new end.
     pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
         validate_size(size_bytes)?;
+        // A new end inside a block keeps that block: zero its bytes past the new end first, or
+        // growing the volume again would bring them back instead of zeroes.
+        let vol = self.volume(name)?;
+        let old = vol.size_bytes();
+        if size_bytes < old && size_bytes % BLOCK_BYTES != 0 {
+            let end = size_bytes.next_multiple_of(BLOCK_BYTES).min(old);
+            vol.write_zeroes(size_bytes, end - size_bytes, false)?;
+        }
         let name = name.to_string();
         self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
             let v = inner

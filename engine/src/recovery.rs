@@ -8,7 +8,7 @@
 //! flushed (`durable_shard_seq`): then it is corruption, applied so that reads of the block
 //! report it, never silently dropped.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{
     DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
     NO_SEGMENT, SEGMENT_HEADER_BYTES,
@@ -35,6 +35,9 @@ pub(crate) struct ChainScan {
     pub records: Vec<ReplayRecord>,
     /// Every segment the chain touched (to keep until the next checkpoint).
     pub segments: Vec<u32>,
+    /// Just past the last record replayed (segment, offset, that segment's next): a new chain
+    /// may continue there instead of taking a fresh segment.
+    pub end: ShardPosition,
 }
 
 struct Scanned {
@@ -42,6 +45,8 @@ struct Scanned {
     shard_seq: u64,
     durable: u64,
     payload_ok: bool,
+    end: u64,
+    next: u32,
 }
 
 /// Read one shard's chain.
@@ -119,6 +124,8 @@ pub(crate) fn scan_chain(
                 shard_seq: h.shard_seq,
                 durable: h.durable_shard_seq,
                 payload_ok,
+                end: off + u64::from(h.record_bytes),
+                next,
             });
             expect += 1;
             off += u64::from(h.record_bytes);
@@ -146,15 +153,117 @@ pub(crate) fn scan_chain(
             _ => break,
         }
     }
+    // Where the chain stopped, a record that does not decode, verify or follow on is a torn
+    // tail, unless a later record of the chain says it had been flushed: then it is corruption
+    // of a durable record whose entries are unknown, and opening would silently lose it and
+    // every flushed record after it.
+    let (gseg, goff, gnext) = scanned
+        .last()
+        .map_or((start.segment, u64::from(start.offset), start.next), |s| {
+            (s.rec.segment, s.end, s.next)
+        });
+    if later_record_says_flushed(
+        dev,
+        geo,
+        pool_uuid,
+        epoch,
+        shard,
+        (gseg, goff, gnext),
+        expect,
+    ) {
+        return Err(Error::Corrupt {
+            what: "a flushed log record is unreadable (bad record header), records after it were flushed too",
+        });
+    }
     // A bad payload at or below what a later record declares flushed is corruption (kept);
     // above it, a torn tail (the chain ends there).
     let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
     let mut records = Vec::with_capacity(scanned.len());
+    let mut end = start;
     for s in scanned {
         if !s.payload_ok && s.shard_seq >= durable {
             break;
         }
+        end = ShardPosition {
+            segment: s.rec.segment,
+            offset: s.end as u32,
+            next: s.next,
+            shard_seq: s.shard_seq + 1,
+        };
         records.push(s.rec);
     }
-    Ok(ChainScan { records, segments })
+    Ok(ChainScan {
+        records,
+        segments,
+        end,
+    })
+}
+
+/// Whether a record of this chain after the stop at `from` (segment, offset, that segment's
+/// next) declares record `expect` flushed (`durable_shard_seq > expect`). Searches the rest of
+/// the segment and the chain's next segment, 4 KiB-aligned, for valid record headers.
+fn later_record_says_flushed(
+    dev: &dyn Devices,
+    geo: &Geometry,
+    pool_uuid: &[u8; 16],
+    epoch: u64,
+    shard: u16,
+    from: (u32, u64, u32),
+    expect: u64,
+) -> bool {
+    const CHUNK: u64 = 1 << 20;
+    let (seg, off, next) = from;
+    let seg_bytes = geo.segment_bytes;
+    let mut places = Vec::new();
+    if seg != NO_SEGMENT && seg < geo.total_segments {
+        places.push((seg, off));
+    }
+    if next != NO_SEGMENT && next < geo.total_segments {
+        let (d, base) = geo.locate(next);
+        let mut hdr = AlignedBuf::new(IO_ALIGN);
+        if dev.read_at(d, &mut hdr, base).is_ok() {
+            if let Some(sh) = SegmentHeader::decode(&hdr) {
+                if sh.kind == SegmentKind::Data
+                    && sh.segment == next
+                    && sh.epoch == epoch
+                    && sh.shard == shard
+                    && &sh.pool_uuid == pool_uuid
+                {
+                    places.push((next, SEGMENT_HEADER_BYTES));
+                }
+            }
+        }
+    }
+    for (s, from) in places {
+        let (d, base) = geo.locate(s);
+        let mut pos = from;
+        while pos + IO_ALIGN as u64 <= seg_bytes {
+            let n = (seg_bytes - pos).min(CHUNK) / IO_ALIGN as u64 * IO_ALIGN as u64;
+            let mut buf = AlignedBuf::new(n as usize);
+            if dev.read_at(d, &mut buf, base + pos).is_err() {
+                break;
+            }
+            for i in (0..n as usize).step_by(IO_ALIGN) {
+                let Some(h) = RecordHeader::decode(&buf[i..]) else {
+                    continue;
+                };
+                let at = pos + i as u64;
+                if h.epoch != epoch
+                    || h.shard != shard
+                    || h.segment != s
+                    || h.shard_seq <= expect
+                    || h.durable_shard_seq <= expect
+                    || at + u64::from(h.record_bytes) > seg_bytes
+                {
+                    continue;
+                }
+                let mut area = AlignedBuf::new(h.header_bytes as usize);
+                if dev.read_at(d, &mut area, base + at).is_ok() && h.verify(&area) {
+                    return true;
+                }
+            }
+            pos += n;
+        }
+    }
+    false
 }

@@ -34,6 +34,8 @@ const MAX_BATCH_MSGS: usize = 1024;
 const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Records in flight per shard before the worker waits for completions.
 const MAX_INFLIGHT_RECORDS: usize = 64;
+/// Log space of the last segment kept for trim records, so a full pool can still be trimmed.
+const TRIM_RESERVE_BYTES: u64 = 64 << 10;
 
 pub(crate) enum ShardMsg {
     Read {
@@ -568,9 +570,8 @@ impl Shard {
         if offset % BLOCK_BYTES != 0 {
             partial.push((offset, end.min((offset / BLOCK_BYTES + 1) * BLOCK_BYTES)));
         }
-        if end % BLOCK_BYTES != 0
-            && end_full >= first_full
-            && end / BLOCK_BYTES * BLOCK_BYTES > offset
+        // The tail block, unless the head partial above is that same block.
+        if end % BLOCK_BYTES != 0 && (offset % BLOCK_BYTES == 0 || end_full != offset / BLOCK_BYTES)
         {
             partial.push((end / BLOCK_BYTES * BLOCK_BYTES, end));
         }
@@ -659,7 +660,7 @@ impl Shard {
         for p in &parts {
             p.records.set(p.records.get() + 1);
         }
-        if let Err(e) = self.make_room(record_bytes as u64) {
+        if let Err(e) = self.make_room(record_bytes as u64, is_trim) {
             for p in &parts {
                 p.fail(clone_err(&e));
                 p.record_done();
@@ -800,10 +801,19 @@ impl Shard {
         });
     }
 
-    /// Make sure `bytes` fit in the open segment, moving to the next one if needed.
-    fn make_room(&mut self, bytes: u64) -> Result<(), Error> {
+    /// Make sure `bytes` fit in the open segment, moving to the next one if needed. When there
+    /// is no next segment, data records leave [`TRIM_RESERVE_BYTES`] free so that trims (which
+    /// free space) still fit on a full pool.
+    fn make_room(&mut self, bytes: u64, is_trim: bool) -> Result<(), Error> {
         let seg_bytes = self.inner.geo.segment_bytes;
-        if u64::from(self.pos.offset) + bytes <= seg_bytes && self.pos.segment != NO_SEGMENT {
+        let margin = if is_trim || self.pos.next != NO_SEGMENT {
+            0
+        } else {
+            TRIM_RESERVE_BYTES
+        };
+        if u64::from(self.pos.offset) + bytes + margin <= seg_bytes
+            && self.pos.segment != NO_SEGMENT
+        {
             return Ok(());
         }
         if self.pos.next == NO_SEGMENT {
@@ -868,24 +878,29 @@ impl Shard {
 
     /// At a checkpoint: seal the open segment and start a new chain in the reserved next one
     /// (its header written and made durable by the checkpoint's sync).
+    ///
+    /// With no next segment and no free one (beyond the checkpoint reserve), the chain goes on in
+    /// the open segment from the current offset: sealing it would leave the shard with no log
+    /// at all, not even for the trims that free space.
     fn restart_chain(&mut self) -> Result<(), Error> {
-        let reserve = 0;
+        let reserve = self.inner.reserve_segments();
         let mut space = self.inner.space.lock();
         let last_seq = self.inner.seq.load(Ordering::Acquire);
-        if self.pos.segment != NO_SEGMENT {
-            space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
-        }
         let seg = if self.pos.next != NO_SEGMENT {
             self.pos.next
         } else {
             match space.alloc_segment(SegState::Open, reserve) {
                 Some(s) => s,
                 None => {
-                    self.pos.segment = NO_SEGMENT;
+                    // Replay resumes at the current offset of the open segment (or, with no
+                    // segment at all, the shard waits for a checkpoint that frees one).
                     return Ok(());
                 }
             }
         };
+        if self.pos.segment != NO_SEGMENT {
+            space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
+        }
         space.set_state(seg, SegState::Open);
         let next = space
             .alloc_segment(SegState::Next, reserve)
@@ -914,6 +929,12 @@ impl Shard {
                 break;
             };
             let ok = matches!(rec.result, Some(Ok(())));
+            if !ok {
+                // Before `applied_shard_seq` moves past the failed record: a flusher that sees
+                // the new value must also see the broken chain, or it would only sync and let
+                // later records claim the missing one durable.
+                self.inner.chain_broken.store(true, Ordering::Release);
+            }
             if let Some(ss) = rec.shard_seq {
                 self.inner.shard_stats[self.id]
                     .applied_shard_seq
@@ -922,7 +943,6 @@ impl Shard {
             if ok {
                 self.apply(rec.seq, rec.applies, rec.buf);
             } else {
-                self.inner.chain_broken.store(true, Ordering::Release);
                 let mut space = self.inner.space.lock();
                 for a in &rec.applies {
                     if let Apply::Block { id, .. } = a {

@@ -33,7 +33,8 @@ pub enum SegState {
     },
     /// Holds the current checkpoint.
     Checkpoint,
-    /// Held the previous checkpoint; free once the next superblock is durable.
+    /// Holds the previous checkpoint (the older superblock copy's); freed by the commit after
+    /// next, once no superblock copy points at it.
     OldCheckpoint,
 }
 
@@ -197,8 +198,8 @@ impl Space {
     }
 
     /// Free sealed segments whose records all precede `seq_end` (a durable checkpoint covers
-    /// them), that held no live data at that checkpoint (`live_then`) and hold none now; and
-    /// the previous checkpoint's segments. Returns the freed segments.
+    /// them), that held no live data at that checkpoint (`live_then`) and hold none now.
+    /// Returns the freed segments.
     pub fn reclaim(&mut self, seq_end: u64, live_then: &[u64]) -> Vec<u32> {
         let mut freed = Vec::new();
         for s in 0..self.seg_state.len() {
@@ -208,7 +209,6 @@ impl Space {
                         && self.seg_live[s] == 0
                         && live_then.get(s).copied().unwrap_or(0) == 0
                 }
-                SegState::OldCheckpoint => true,
                 _ => false,
             };
             if free {

@@ -1,0 +1,653 @@
+//! Fault injection: bit rot in stored blocks, torn and corrupted log records, device write and
+//! read errors, foreign and damaged pool files, and a full pool.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingot_engine::format::{DATA_START, SUPERBLOCK_OFFSETS};
+use ingot_engine::io::fault::FaultDevices;
+use ingot_engine::io::sync::FileSet;
+use ingot_engine::{CreateOptions, CutMode, Error, FaultPlan, IoKind, Pool, PoolOptions};
+
+const BLOCK: usize = 4096;
+const SEG: u64 = 2 << 20;
+
+fn opts(plan: Option<Arc<FaultPlan>>) -> PoolOptions {
+    PoolOptions {
+        io: IoKind::Sync,
+        shards: 2,
+        // No cache: every read goes to the device.
+        cache_bytes: Some(0),
+        fault: plan,
+        ..Default::default()
+    }
+}
+
+fn create(dir: &Path, size_bytes: u64, plan: Option<Arc<FaultPlan>>) -> Pool {
+    let c = CreateOptions {
+        size_bytes,
+        segment_bytes: SEG,
+        devices: vec![],
+    };
+    Pool::create(dir, &c, &opts(plan)).expect("create pool")
+}
+
+fn dev0(dir: &Path) -> PathBuf {
+    dir.join("dev0.img")
+}
+
+/// A distinctive, non-repeating 4 KiB block.
+fn block(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(BLOCK);
+    while out.len() < BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn blocks(seed: u64, n: usize) -> Vec<u8> {
+    (0..n as u64).flat_map(|i| block(seed * 1000 + i)).collect()
+}
+
+/// Byte offsets in `dev0.img` where `needle` (one 4 KiB block) is stored.
+fn find_block(dir: &Path, needle: &[u8]) -> Vec<u64> {
+    let file = std::fs::read(dev0(dir)).expect("read dev0.img");
+    file.chunks_exact(BLOCK)
+        .enumerate()
+        .filter(|(_, b)| *b == needle)
+        .map(|(i, _)| (i * BLOCK) as u64)
+        .collect()
+}
+
+fn the_block(dir: &Path, needle: &[u8]) -> u64 {
+    let at = find_block(dir, needle);
+    assert_eq!(at.len(), 1, "block stored once: {at:?}");
+    at[0]
+}
+
+fn patch(dir: &Path, offset: u64, f: impl FnOnce(&mut [u8])) {
+    patch_len(dir, offset, BLOCK, f)
+}
+
+fn patch_len(dir: &Path, offset: u64, len: usize, f: impl FnOnce(&mut [u8])) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev0(dir))
+        .expect("open dev0.img");
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset).expect("read");
+    f(&mut buf);
+    file.write_all_at(&buf, offset).expect("write");
+    file.sync_all().expect("sync");
+}
+
+fn assert_clean(pool: &Pool) {
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Run `f` on a thread and fail the test if it does not finish in time (no hangs).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .expect("operation hung")
+}
+
+// ------------------------------------------------------------------ bit rot
+
+#[test]
+fn flipped_bit_in_stored_block_is_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = block(1);
+    let b = blocks(2, 4);
+    {
+        let pool = create(dir.path(), 64 << 20, None);
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(3 * 4096, &a, false).unwrap();
+        v.write(10 * 4096, &b, false).unwrap();
+        v.flush().unwrap();
+        pool.shutdown().unwrap();
+    }
+    let at = the_block(dir.path(), &a);
+    patch(dir.path(), at, |blk| blk[100] ^= 0x10);
+
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    let v = pool.volume("v").unwrap();
+    for (off, len) in [(3 * 4096, 4096), (3 * 4096 + 512, 512), (0, 16 * 4096)] {
+        match v.read(off, len) {
+            Err(Error::ChecksumMismatch {
+                block_id,
+                segment,
+                offset,
+                expected,
+                got,
+            }) => {
+                assert!(block_id != 0);
+                assert_ne!(expected, got);
+                assert_eq!(
+                    DATA_START + u64::from(segment) * SEG + u64::from(offset),
+                    at,
+                    "the error names where the block is"
+                );
+            }
+            other => panic!("read {off}+{len} of a rotten block: {other:?}"),
+        }
+    }
+    let e = v.read(3 * 4096, 4096).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(e.scsi_sense().key, 0x03, "MEDIUM ERROR");
+    // Other blocks are fine.
+    assert_eq!(v.read(10 * 4096, 4 * 4096).unwrap(), b);
+    assert_eq!(v.read(0, 3 * 4096).unwrap(), vec![0u8; 3 * 4096]);
+    // check names the volume and the block.
+    let report = pool.check(&mut |_, _| {});
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let p = &report.problems[0];
+    assert_eq!(p.kind, "checksum");
+    assert!(
+        p.detail.contains("volume v block 3 "),
+        "problem names volume and block: {}",
+        p.detail
+    );
+    // Overwriting the block heals it.
+    v.write(3 * 4096, &block(3), false).unwrap();
+    assert_eq!(v.read(3 * 4096, 4096).unwrap(), block(3));
+    assert_clean(&pool);
+}
+
+#[test]
+fn corrupt_reads_from_the_fault_plan_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let data = blocks(7, 8);
+    v.write(0, &data, false).unwrap();
+    v.flush().unwrap();
+    let at = the_block(dir.path(), &data[5 * BLOCK..6 * BLOCK]);
+    plan.corrupt_reads.lock().push((0, at + 4000));
+    match v.read(0, 8 * 4096) {
+        Err(Error::ChecksumMismatch { .. }) => {}
+        other => panic!("corrupted read returned {other:?}"),
+    }
+    assert_eq!(v.read(0, 5 * 4096).unwrap(), data[..5 * BLOCK]);
+    let report = pool.check(&mut |_, _| {});
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems[0].kind, "checksum");
+    assert!(report.problems[0].detail.contains("volume v block 5 "));
+    plan.corrupt_reads.lock().clear();
+    assert_eq!(v.read(0, 8 * 4096).unwrap(), data);
+    assert_clean(&pool);
+}
+
+// ------------------------------------------------------------------ torn and corrupt records
+
+/// The write path of the torn-record tests: `a` flushed at block 0, then `b` (16 blocks, one
+/// record) over blocks 2..18 acknowledged but not flushed, then a crash.
+fn torn_setup(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let a = blocks(11, 4);
+    let b = blocks(12, 16);
+    let pool = create(dir, 64 << 20, None);
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(0, &a, false).unwrap();
+    v.flush().unwrap();
+    v.write(2 * 4096, &b, false).unwrap();
+    pool.halt();
+    (a, b)
+}
+
+fn assert_torn_write_absent(dir: &Path, a: &[u8]) {
+    let pool = Pool::open(dir, &opts(None)).expect("reopen after a torn record");
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.read(0, 4 * 4096).unwrap(), a, "flushed data intact");
+    assert_eq!(
+        v.read(4 * 4096, 14 * 4096).unwrap(),
+        vec![0u8; 14 * 4096],
+        "the torn write is absent"
+    );
+    assert_eq!(pool.stats().logical_mapped_bytes, 4 * 4096);
+    assert_clean(&pool);
+    // The pool goes on.
+    v.write(4 * 4096, &block(99), true).unwrap();
+    assert_eq!(v.read(4 * 4096, 4096).unwrap(), block(99));
+    drop(pool);
+    let pool = Pool::open(dir, &opts(None)).unwrap();
+    assert_eq!(pool.volume("v").unwrap().read(0, 4 * 4096).unwrap(), a);
+    assert_clean(&pool);
+}
+
+#[test]
+fn torn_record_payload_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = torn_setup(dir.path());
+    // Only the first half of the record's payloads reached the disk.
+    for i in 8..16 {
+        let at = the_block(dir.path(), &b[i * BLOCK..(i + 1) * BLOCK]);
+        patch(dir.path(), at, |blk| blk.fill(0));
+    }
+    assert_torn_write_absent(dir.path(), &a);
+}
+
+#[test]
+fn torn_record_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = torn_setup(dir.path());
+    // The record's header block (just before its first payload) never reached the disk.
+    let first = the_block(dir.path(), &b[..BLOCK]);
+    patch(dir.path(), first - BLOCK as u64, |blk| blk.fill(0));
+    assert_torn_write_absent(dir.path(), &a);
+}
+
+#[test]
+fn power_cut_loses_only_unflushed_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    plan.track_unsynced.store(true, Ordering::Relaxed);
+    let a = blocks(21, 64);
+    let b = blocks(22, 64);
+    {
+        let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &a, false).unwrap();
+        v.flush().unwrap();
+        v.write(32 * 4096, &b, false).unwrap();
+        pool.halt();
+    }
+    let files = FileSet::open(&[dev0(dir.path())]).unwrap();
+    FaultDevices::power_cut(&plan, &files, CutMode::LoseAll).unwrap();
+    drop(files);
+    let pool = Pool::open(dir.path(), &opts(Some(plan))).unwrap();
+    let v = pool.volume("v").unwrap();
+    let got = v.read(0, 96 * 4096).unwrap();
+    assert_eq!(&got[..32 * BLOCK], &a[..32 * BLOCK]);
+    // Blocks 32..64 were overwritten after the flush: all old (the write is lost).
+    assert_eq!(&got[32 * BLOCK..64 * BLOCK], &a[32 * BLOCK..]);
+    assert_eq!(&got[64 * BLOCK..], vec![0u8; 32 * BLOCK]);
+    assert_clean(&pool);
+}
+
+/// A flushed record in the middle of the log whose payload rotted: replay keeps it (a later
+/// record says it was flushed, so it is corruption, not a torn tail), reads of the block fail
+/// with a checksum error, `check` reports it, and the later records are all replayed.
+#[test]
+fn corrupt_flushed_record_in_the_middle_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = blocks(31, 4);
+    let b = blocks(32, 4);
+    let c = blocks(33, 4);
+    {
+        let pool = create(dir.path(), 64 << 20, None);
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &a, false).unwrap();
+        v.flush().unwrap();
+        v.write(10 * 4096, &b, false).unwrap();
+        v.flush().unwrap();
+        // Acknowledged, not flushed: the process dies, the OS keeps it.
+        v.write(20 * 4096, &c, false).unwrap();
+        pool.halt();
+    }
+    let at = the_block(dir.path(), &a[BLOCK..2 * BLOCK]);
+    patch(dir.path(), at, |blk| blk[7] ^= 0x80);
+    let pool = Pool::open(dir.path(), &opts(None)).expect("reopen");
+    let v = pool.volume("v").unwrap();
+    match v.read(4096, 4096) {
+        Err(Error::ChecksumMismatch { .. }) => {}
+        other => panic!("read of the corrupted block: {other:?}"),
+    }
+    assert_eq!(v.read(0, 4096).unwrap(), a[..BLOCK]);
+    assert_eq!(v.read(2 * 4096, 2 * 4096).unwrap(), a[2 * BLOCK..]);
+    assert_eq!(
+        v.read(10 * 4096, 4 * 4096).unwrap(),
+        b,
+        "later flushed record"
+    );
+    assert_eq!(
+        v.read(20 * 4096, 4 * 4096).unwrap(),
+        c,
+        "later acknowledged record"
+    );
+    let report = pool.check(&mut |_, _| {});
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems[0].kind, "checksum");
+    assert!(report.problems[0].detail.contains("volume v block 1 "));
+}
+
+/// A flushed record whose header rotted cannot be replayed (its entries are unknown). The
+/// records after it were flushed too: dropping them silently would lose acknowledged, flushed
+/// writes, so the open must fail with `Corrupt` instead.
+#[test]
+fn corrupt_header_of_flushed_record_is_not_silently_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = blocks(41, 4);
+    let b = blocks(42, 4);
+    let c = blocks(43, 4);
+    {
+        let pool = create(dir.path(), 64 << 20, None);
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &a, false).unwrap();
+        v.flush().unwrap();
+        v.write(10 * 4096, &b, false).unwrap();
+        v.flush().unwrap();
+        v.write(20 * 4096, &c, false).unwrap();
+        pool.halt();
+    }
+    let first = the_block(dir.path(), &a[..BLOCK]);
+    // One bit in the first entry of the record's header area.
+    patch(dir.path(), first - BLOCK as u64, |blk| blk[64 + 9] ^= 0x01);
+    match Pool::open(dir.path(), &opts(None)) {
+        Err(Error::Corrupt { .. }) => {}
+        Err(e) => panic!("open failed with an unexpected error: {e}"),
+        Ok(pool) => {
+            let v = pool.volume("v").unwrap();
+            let got_b = v.read(10 * 4096, 4 * 4096).unwrap();
+            panic!(
+                "open succeeded; later flushed record {}",
+                if got_b == b {
+                    "kept"
+                } else {
+                    "silently dropped"
+                }
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------ device errors
+
+#[test]
+fn write_and_read_errors_fail_the_request_and_the_pool_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    plan.track_unsynced.store(true, Ordering::Relaxed);
+    let a = blocks(51, 8);
+    let b = blocks(52, 8);
+    let c = blocks(53, 8);
+    let d = blocks(54, 8);
+    {
+        let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &a, false).unwrap();
+        v.flush().unwrap();
+
+        plan.fail_writes.store(true, Ordering::Relaxed);
+        let e = v.write(16 * 4096, &b, false).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert_eq!(e.errno(), libc::EIO);
+        // A partial-block write (read-modify-write) fails the same way.
+        let e = v.write(40 * 4096 + 512, &[5u8; 512], false).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        plan.fail_writes.store(false, Ordering::Relaxed);
+
+        // The failed records left a gap in the shard's chain; later writes still work, and the
+        // next flush checkpoints so that they are recoverable.
+        v.write(24 * 4096, &c, false).unwrap();
+        v.flush().unwrap();
+        v.write(32 * 4096, &d, false).unwrap();
+        v.flush().unwrap();
+
+        plan.fail_reads.store(true, Ordering::Relaxed);
+        let e = v.read(0, 8 * 4096).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert_eq!(e.errno(), libc::EIO);
+        plan.fail_reads.store(false, Ordering::Relaxed);
+        assert_eq!(v.read(0, 8 * 4096).unwrap(), a);
+        pool.halt();
+    }
+    let files = FileSet::open(&[dev0(dir.path())]).unwrap();
+    FaultDevices::power_cut(&plan, &files, CutMode::LoseAll).unwrap();
+    drop(files);
+    let pool = Pool::open(dir.path(), &opts(Some(plan))).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.read(0, 8 * 4096).unwrap(), a);
+    assert_eq!(v.read(16 * 4096, 8 * 4096).unwrap(), vec![0u8; 8 * BLOCK]);
+    assert_eq!(v.read(24 * 4096, 8 * 4096).unwrap(), c);
+    assert_eq!(v.read(32 * 4096, 8 * 4096).unwrap(), d);
+    assert_eq!(v.read(40 * 4096, 4096).unwrap(), vec![0u8; BLOCK]);
+    assert_clean(&pool);
+}
+
+// ------------------------------------------------------------------ foreign and damaged files
+
+fn made_pool(dir: &Path) -> Vec<u8> {
+    let data = blocks(61, 16);
+    let pool = create(dir, 64 << 20, None);
+    pool.create_volume("v", 16 << 20).unwrap();
+    pool.volume("v").unwrap().write(0, &data, false).unwrap();
+    pool.shutdown().unwrap();
+    data
+}
+
+fn open_err(dir: &Path) -> Error {
+    match Pool::open(dir, &opts(None)) {
+        Ok(_) => panic!("opened a damaged pool"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn random_bytes_are_not_a_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    made_pool(dir.path());
+    let len = std::fs::metadata(dev0(dir.path())).unwrap().len() as usize;
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let junk: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dev0(dir.path()), junk).unwrap();
+    let e = open_err(dir.path());
+    assert!(matches!(e, Error::NotAPool { .. }), "{e:?}");
+}
+
+#[test]
+fn truncated_device_is_not_a_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    made_pool(dir.path());
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dev0(dir.path()))
+        .unwrap();
+    f.set_len(DATA_START + 5 * SEG).unwrap();
+    let e = open_err(dir.path());
+    match &e {
+        Error::NotAPool { reason, .. } => assert!(reason.contains("truncated"), "{e}"),
+        _ => panic!("{e:?}"),
+    }
+    f.set_len(4096).unwrap();
+    let e = open_err(dir.path());
+    assert!(matches!(e, Error::NotAPool { .. }), "{e:?}");
+}
+
+/// Rewrite a superblock copy with `f` applied, and a valid checksum.
+fn edit_superblock(dir: &Path, slot: usize, f: impl FnOnce(&mut [u8])) {
+    patch(dir, SUPERBLOCK_OFFSETS[slot], |b| {
+        f(b);
+        b[124..128].fill(0);
+        let crc = crc32fast::hash(&b[..128]);
+        b[124..128].copy_from_slice(&crc.to_le_bytes());
+    });
+}
+
+fn generation(dir: &Path, slot: usize) -> u64 {
+    let mut g = 0;
+    patch(dir, SUPERBLOCK_OFFSETS[slot], |b| {
+        g = u64::from_le_bytes(b[48..56].try_into().unwrap());
+    });
+    g
+}
+
+#[test]
+fn future_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    made_pool(dir.path());
+    for slot in 0..2 {
+        edit_superblock(dir.path(), slot, |b| {
+            b[8..12].copy_from_slice(&7u32.to_le_bytes())
+        });
+    }
+    match open_err(dir.path()) {
+        Error::UnsupportedVersion {
+            found, supported, ..
+        } => {
+            assert_eq!(found, 7);
+            assert_eq!(supported, 1);
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
+fn one_bad_superblock_copy_opens_from_the_other() {
+    for newest in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = made_pool(dir.path());
+        let (g0, g1) = (generation(dir.path(), 0), generation(dir.path(), 1));
+        assert_ne!(g0, g1);
+        let newest_slot = usize::from(g1 > g0);
+        let slot = if newest { newest_slot } else { 1 - newest_slot };
+        patch(dir.path(), SUPERBLOCK_OFFSETS[slot], |b| b[50] ^= 0x04);
+        let pool = Pool::open(dir.path(), &opts(None)).unwrap_or_else(|e| {
+            panic!(
+                "open with the {} superblock copy corrupted: {e}",
+                if newest { "newest" } else { "older" }
+            )
+        });
+        assert_eq!(pool.volume("v").unwrap().read(0, 16 * 4096).unwrap(), data);
+        assert_clean(&pool);
+        drop(pool);
+        // Both copies are good again.
+        drop(Pool::open(dir.path(), &opts(None)).unwrap());
+        patch(dir.path(), SUPERBLOCK_OFFSETS[1 - slot], |b| b[50] ^= 0x04);
+        let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+        assert_eq!(pool.volume("v").unwrap().read(0, 16 * 4096).unwrap(), data);
+    }
+}
+
+#[test]
+fn garbage_pool_json_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    made_pool(dir.path());
+    std::fs::write(dir.path().join("pool.json"), b"{ this is not json").unwrap();
+    let e = open_err(dir.path());
+    assert!(matches!(e, Error::NotAPool { .. }), "{e:?}");
+    assert!(e.to_string().contains("pool.json"), "{e}");
+    std::fs::remove_file(dir.path().join("pool.json")).unwrap();
+    let e = open_err(dir.path());
+    assert!(matches!(e, Error::NotAPool { .. }), "{e:?}");
+}
+
+#[test]
+fn a_pool_open_elsewhere_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    made_pool(dir.path());
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    let e = open_err(dir.path());
+    assert!(matches!(e, Error::Locked { .. }), "{e:?}");
+    assert_eq!(e.errno(), libc::EBUSY);
+    drop(pool);
+    Pool::open(dir.path(), &opts(None)).expect("open once the other is closed");
+}
+
+// ------------------------------------------------------------------ full pool
+
+#[test]
+fn full_pool_fails_writes_with_enospc_and_recovers_after_trim() {
+    within(120, || {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = create(dir.path(), 32 << 20, None);
+        pool.create_volume("v", 256 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        const CHUNK: usize = 256 << 10;
+        let mut written = 0u64;
+        let err = loop {
+            let data = blocks(1000 + written, CHUNK / BLOCK);
+            match v.write(written * CHUNK as u64, &data, false) {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 1024, "a 32 MiB pool took 256 MiB");
+        };
+        assert!(matches!(err, Error::NoSpace), "{err:?}");
+        assert_eq!(err.errno(), libc::ENOSPC);
+        assert!(
+            written * CHUNK as u64 >= 8 << 20,
+            "only {written} chunks fit"
+        );
+        // Flush still works.
+        v.flush().unwrap();
+        // Everything acknowledged reads back.
+        for i in 0..written {
+            let got = v.read(i * CHUNK as u64, CHUNK as u32).unwrap();
+            assert!(got == blocks(1000 + i, CHUNK / BLOCK), "chunk {i}");
+        }
+        assert_clean(&pool);
+        // Free space and write again.
+        v.trim(0, 256 << 20, false).unwrap();
+        pool.checkpoint().unwrap();
+        let data = blocks(77, CHUNK / BLOCK);
+        v.write(0, &data, false).unwrap();
+        assert_eq!(v.read(0, CHUNK as u32).unwrap(), data);
+        // And fill it again, then restart.
+        let mut again = 0u64;
+        while v.write(again * CHUNK as u64, &data, false).is_ok() {
+            again += 1;
+            assert!(again < 1024);
+        }
+        assert!(
+            again * 2 >= written,
+            "refilled {again} chunks, first fill {written}"
+        );
+        // A full pool opens again after a clean shutdown and after a crash.
+        drop(pool);
+        let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+        let v = pool.volume("v").unwrap();
+        assert_eq!(v.read(0, CHUNK as u32).unwrap(), data);
+        assert_clean(&pool);
+        while v.write(again * CHUNK as u64, &data, false).is_ok() {
+            again += 1;
+            assert!(again < 1024);
+        }
+        let mut pool = pool;
+        for round in 0..4 {
+            if round % 2 == 0 {
+                pool.halt();
+            }
+            drop(pool);
+            pool = Pool::open(dir.path(), &opts(None))
+                .unwrap_or_else(|e| panic!("reopen {round} of a full pool: {e}"));
+            let v = pool.volume("v").unwrap();
+            for i in 0..again {
+                assert!(v.read(i * CHUNK as u64, CHUNK as u32).unwrap() == data);
+            }
+            assert_clean(&pool);
+            // Overwrites may or may not fit; they must fail cleanly if not.
+            match v.write(0, &data, false) {
+                Ok(()) | Err(Error::NoSpace) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    });
+}
