@@ -41,6 +41,12 @@ enum Cmd {
         /// Skip the fio reference run.
         #[arg(long)]
         no_fio: bool,
+        /// Shard workers (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        shards: usize,
+        /// Only jobs whose name contains this (e.g. `randwrite`).
+        #[arg(long, default_value = "")]
+        only: String,
     },
 }
 
@@ -53,7 +59,9 @@ fn main() -> Result<()> {
             io,
             qd,
             no_fio,
-        } => engine(&dir, size_mib << 20, seconds, &io, qd, no_fio),
+            only,
+            shards,
+        } => engine(&dir, size_mib << 20, seconds, &io, qd, no_fio, &only, shards),
     }
 }
 
@@ -96,7 +104,17 @@ const JOBS: [Job; 4] = [
     },
 ];
 
-fn engine(dir: &Path, size: u64, seconds: u64, io: &str, qd: usize, no_fio: bool) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn engine(
+    dir: &Path,
+    size: u64,
+    seconds: u64,
+    io: &str,
+    qd: usize,
+    no_fio: bool,
+    only: &str,
+    shards: usize,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let pool_dir = dir.join("bench-pool");
     let _ = std::fs::remove_dir_all(&pool_dir);
@@ -105,6 +123,7 @@ fn engine(dir: &Path, size: u64, seconds: u64, io: &str, qd: usize, no_fio: bool
         io,
         // Reads must reach the device to be comparable with fio's O_DIRECT reads.
         cache_bytes: Some(0),
+        shards,
         ..Default::default()
     };
     let c = CreateOptions {
@@ -118,7 +137,7 @@ fn engine(dir: &Path, size: u64, seconds: u64, io: &str, qd: usize, no_fio: bool
         "{:<14} {:>12} {:>10} {:>12} {:>10} {:>7}",
         "job", "ingot IOPS", "MB/s", "fio IOPS", "MB/s", "ratio"
     );
-    for job in &JOBS {
+    for job in JOBS.iter().filter(|j| j.name.contains(only)) {
         if !job.write {
             // Fill the volume so reads hit stored data.
             fill(&vol, size)?;
@@ -144,11 +163,12 @@ fn engine(dir: &Path, size: u64, seconds: u64, io: &str, qd: usize, no_fio: bool
     }
     let s = pool.stats();
     println!(
-        "engine {} x{} shards; client {} MiB written, device {} MiB written",
+        "engine {} x{} shards; client {} MiB written, device {} MiB written, {:.1} blocks per record",
         s.io_engine,
         s.shards,
         s.client_written_bytes >> 20,
-        s.device_written_bytes >> 20
+        s.device_written_bytes >> 20,
+        s.client_written_bytes as f64 / 4096.0 / s.last_seq.max(1) as f64
     );
     pool.shutdown()?;
     drop(pool);
@@ -183,7 +203,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Keep `qd` requests in flight for `seconds`; writes flush every 1,000 requests.
 fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Result<(u64, f64)> {
-    let (tx, rx) = crossbeam_channel::unbounded::<Result<(), String>>();
+    let (tx, rx) = crossbeam_channel::unbounded::<(bool, Result<(), String>)>();
     let data = bytes::Bytes::from(pattern(job.bs, 42));
     let blocks = size / job.bs as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -217,7 +237,7 @@ fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Re
         vol.submit(
             req,
             Box::new(move |r| {
-                let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+                let _ = tx.send((false, r.map(|_| ()).map_err(|e| e.to_string())));
             }),
         );
     };
@@ -230,14 +250,25 @@ fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Re
     let mut done = 0u64;
     let mut inflight = qd;
     while inflight > 0 {
-        let r = rx.recv().context("engine stopped")?;
+        let (is_flush, r) = rx.recv().context("engine stopped")?;
         if let Err(e) = r {
             bail!("I/O failed: {e}");
         }
-        done += 1;
         inflight -= 1;
+        if is_flush {
+            continue;
+        }
+        done += 1;
         if job.write && done % 1000 == 0 {
-            vol.flush()?;
+            // A flush every 1,000 writes, in flight with the writes as a database issues it.
+            let tx = tx.clone();
+            vol.submit(
+                Request::Flush,
+                Box::new(move |r| {
+                    let _ = tx.send((true, r.map(|_| ()).map_err(|e| e.to_string())));
+                }),
+            );
+            inflight += 1;
         }
         if Instant::now() < deadline {
             submit(next_offset());
