@@ -51,6 +51,12 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // As the `ingot` binary does: large short-lived buffers from the heap, not fresh mmaps.
+    // SAFETY: mallopt only changes allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
     match Cli::parse().cmd {
         Cmd::Engine {
             dir,
@@ -61,7 +67,16 @@ fn main() -> Result<()> {
             no_fio,
             only,
             shards,
-        } => engine(&dir, size_mib << 20, seconds, &io, qd, no_fio, &only, shards),
+        } => engine(
+            &dir,
+            size_mib << 20,
+            seconds,
+            &io,
+            qd,
+            no_fio,
+            &only,
+            shards,
+        ),
     }
 }
 

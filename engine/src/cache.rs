@@ -3,9 +3,31 @@
 //! block just read), so caching a write costs no copy. CLOCK eviction.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::io::AlignedBuf;
+
+/// Block ids are dense integers chosen by us, not by clients: a multiply-shift hash is enough
+/// and far cheaper than SipHash on the write path.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(32);
+    }
+}
+
+pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 struct Entry {
     buf: Arc<AlignedBuf>,
@@ -15,7 +37,7 @@ struct Entry {
 }
 
 pub struct BlockCache {
-    map: HashMap<u64, Entry>,
+    map: IdMap<Entry>,
     clock: VecDeque<u64>,
     capacity_blocks: usize,
     pub hits: u64,
@@ -25,7 +47,7 @@ pub struct BlockCache {
 impl BlockCache {
     pub fn new(capacity_bytes: u64) -> Self {
         BlockCache {
-            map: HashMap::new(),
+            map: IdMap::default(),
             clock: VecDeque::new(),
             capacity_blocks: (capacity_bytes / 4096) as usize,
             hits: 0,

@@ -5,7 +5,7 @@
 //! acknowledging them.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::api::BLOCK_BYTES;
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, IdMap};
 use crate::error::Error;
 use crate::format::{
     DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
@@ -22,7 +22,7 @@ use crate::format::{
 };
 use crate::io::{AlignedBuf, IoDone, IoOp, IoQueue, OpKind};
 use crate::job::Job;
-use crate::lbamap::shard_of;
+use crate::lbamap::{shard_of, LbaMap};
 use crate::pool::Inner;
 use crate::space::{BlockEntry, SegState};
 use crate::volume::VolumeState;
@@ -200,7 +200,7 @@ pub(crate) struct Shard {
     queue: Box<dyn IoQueue>,
     pos: ShardPosition,
     inflight: VecDeque<Inflight>,
-    reads: HashMap<u64, PendingRead>,
+    reads: IdMap<PendingRead>,
     cache: BlockCache,
     next_tag: u64,
     items: Vec<Item>,
@@ -226,7 +226,7 @@ impl Shard {
             queue,
             pos,
             inflight: VecDeque::new(),
-            reads: HashMap::new(),
+            reads: IdMap::default(),
             cache: BlockCache::new(cache_bytes),
             next_tag: 1,
             items: Vec::new(),
@@ -835,6 +835,8 @@ impl Shard {
         self.pos.offset = SEGMENT_HEADER_BYTES as u32;
         if next2 == NO_SEGMENT {
             self.inner.kick_checkpoint();
+        } else {
+            self.preallocate(next2);
         }
         // The header goes through the ordered queue: no record after it is acknowledged before
         // the header itself is on the device.
@@ -863,6 +865,18 @@ impl Shard {
             return Err(Error::NoSpace);
         }
         Ok(())
+    }
+
+    /// Re-allocate a segment that a checkpoint may have punched out of the file, ahead of use.
+    fn preallocate(&self, seg: u32) {
+        if seg != NO_SEGMENT {
+            let (dev, base) = self.inner.geo.locate(seg);
+            // Best effort: without it writes still work, only slower.
+            let _ = self
+                .inner
+                .devices
+                .preallocate(dev, base, self.inner.geo.segment_bytes);
+        }
     }
 
     fn segment_header(&self) -> SegmentHeader {
@@ -909,6 +923,8 @@ impl Shard {
         self.pos.segment = seg;
         self.pos.next = next;
         self.pos.offset = SEGMENT_HEADER_BYTES as u32;
+        self.preallocate(seg);
+        self.preallocate(next);
         let mut buf = AlignedBuf::new(IO_ALIGN);
         self.segment_header().encode(&mut buf);
         let (dev, base) = self.inner.geo.locate(seg);
@@ -975,8 +991,21 @@ impl Shard {
     fn apply(&mut self, seq: u64, applies: Vec<Apply>, buf: Option<AlignedBuf>) {
         let buf = buf.map(Arc::new);
         let shards = self.inner.shards();
+        let me = self.id;
+        let mut written = 0u64;
         let mut space = self.inner.space.lock();
-        for a in applies {
+        // Records nearly always hold one volume: keep its map locked across entries.
+        let mut map: Option<(&Arc<VolumeState>, parking_lot::MutexGuard<'_, LbaMap>)> = None;
+        macro_rules! map_of {
+            ($vol:expr) => {{
+                if !map.as_ref().is_some_and(|(v, _)| Arc::ptr_eq(v, $vol)) {
+                    drop(map.take());
+                    map = Some(($vol, $vol.maps[me].lock()));
+                }
+                &mut map.as_mut().expect("just set").1
+            }};
+        }
+        for a in &applies {
             match a {
                 Apply::Block {
                     vol,
@@ -985,42 +1014,41 @@ impl Shard {
                     entry,
                     buf_at,
                 } => {
-                    space.place(id, entry);
-                    if vol.deleted.load(Ordering::Acquire) || lba >= vol.blocks() {
-                        space.discard_id(id, seq);
+                    let generation = space.place(*id, *entry);
+                    if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
+                        space.discard_id(*id, seq);
                         continue;
                     }
-                    space.add_ref(id);
-                    let old = vol.maps[self.id].lock().set(lba, id);
+                    space.add_ref(*id);
+                    let old = map_of!(vol).set(*lba, *id);
                     if old != 0 {
                         space.drop_ref(old, seq);
                     }
-                    if let (Some(b), Some(e)) = (&buf, space.get(id)) {
-                        self.cache.insert(id, e.generation, b.clone(), buf_at);
+                    if let Some(b) = &buf {
+                        self.cache.insert(*id, generation, b.clone(), *buf_at);
                     }
-                    self.inner
-                        .counters
-                        .client_written
-                        .fetch_add(BLOCK_BYTES, Ordering::Relaxed);
+                    written += BLOCK_BYTES;
                 }
                 Apply::Hole { vol, lba } => {
-                    let old = vol.maps[self.id].lock().set(lba, 0);
+                    let old = map_of!(vol).set(*lba, 0);
                     if old != 0 {
                         space.drop_ref(old, seq);
                     }
-                    self.inner
-                        .counters
-                        .client_written
-                        .fetch_add(BLOCK_BYTES, Ordering::Relaxed);
+                    written += BLOCK_BYTES;
                 }
                 Apply::Trim { vol, lba, count } => {
-                    let mut map = vol.maps[self.id].lock();
-                    trim_owned(&mut map, lba, count, self.id, shards, |old| {
+                    trim_owned(map_of!(vol), *lba, *count, me, shards, |old| {
                         space.drop_ref(old, seq)
                     });
                 }
             }
         }
+        drop(map);
+        drop(space);
+        self.inner
+            .counters
+            .client_written
+            .fetch_add(written, Ordering::Relaxed);
     }
 
     fn tag(&mut self) -> u64 {

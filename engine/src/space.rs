@@ -75,8 +75,9 @@ impl Space {
         (self.blocks.len() - 1) as u64
     }
 
-    /// Set a block's location (a new block, or one replayed from the log).
-    pub fn place(&mut self, id: u64, mut e: BlockEntry) {
+    /// Set a block's location (a new block, or one replayed from the log); returns the
+    /// generation the id now has.
+    pub fn place(&mut self, id: u64, mut e: BlockEntry) -> u32 {
         let idx = id as usize;
         if idx >= self.blocks.len() {
             self.blocks.resize(idx + 1, BlockEntry::default());
@@ -91,6 +92,7 @@ impl Space {
         if e.refs > 0 {
             self.account(&e);
         }
+        e.generation
     }
 
     fn account(&mut self, e: &BlockEntry) {

@@ -138,6 +138,9 @@ impl Devices for FaultDevices {
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.inner.discard(dev, offset, len)
     }
+    fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.preallocate(dev, offset, len)
+    }
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>> {
         Ok(Box::new(FaultQueue {
             inner: self.inner.queue(depth)?,

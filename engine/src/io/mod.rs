@@ -73,6 +73,10 @@ pub trait Devices: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Tell the device a range is unused (punch a hole / BLKDISCARD). Best effort.
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()>;
+    /// Allocate a range of a backing file ahead of writes (`fallocate`), so that O_DIRECT writes
+    /// convert extents instead of allocating blocks (measured: 129 µs instead of 222 µs for a
+    /// 96 KiB write here). A no-op for block devices. Best effort.
+    fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()>;
     /// A new queue for one shard worker.
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>>;
 }

@@ -59,6 +59,9 @@ impl Devices for UringDevices {
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.files.discard(dev, offset, len)
     }
+    fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.files.preallocate(dev, offset, len)
+    }
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>> {
         Ok(Box::new(UringQueue::new(&self.files, depth)?))
     }
