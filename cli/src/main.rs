@@ -1,6 +1,7 @@
 //! `ingot`: create pools, manage volumes, serve them over NBD, and check them.
 
 mod control;
+mod metrics;
 mod size;
 
 use std::io::IsTerminal;
@@ -89,6 +90,9 @@ enum Cmd {
         /// Serve every export read-only.
         #[arg(long)]
         read_only: bool,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+        #[arg(long)]
+        metrics: Option<String>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -102,8 +106,11 @@ enum Cmd {
         #[command(flatten)]
         pool: PoolArg,
         /// Print one JSON object.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prometheus")]
         json: bool,
+        /// Print Prometheus text format.
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Verify every block checksum and the pool's invariants; non-zero exit on any problem.
     Check {
@@ -221,16 +228,25 @@ fn run(cli: Cli) -> Result<i32> {
             pool,
             nbd,
             read_only,
+            metrics,
             run,
-        } => serve(&pool.pool, nbd, read_only, &run),
+        } => serve(&pool.pool, nbd, read_only, metrics, &run),
         Cmd::Volume { cmd } => volume(cmd),
-        Cmd::Stats { pool, json } => {
+        Cmd::Stats {
+            pool,
+            json,
+            prometheus,
+        } => {
             let v = request(&pool.pool, Request::Stats)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let s: Stats = serde_json::from_value(v)?;
-                print_stats(&s);
+                if prometheus {
+                    print!("{}", metrics::render(&s));
+                } else {
+                    print_stats(&s);
+                }
             }
             Ok(0)
         }
@@ -375,7 +391,13 @@ fn dir_is_empty_or_missing(dir: &Path) -> bool {
     }
 }
 
-fn serve(dir: &Path, nbd: Vec<String>, read_only: bool, run: &RunArgs) -> Result<i32> {
+fn serve(
+    dir: &Path,
+    nbd: Vec<String>,
+    read_only: bool,
+    metrics_addr: Option<String>,
+    run: &RunArgs,
+) -> Result<i32> {
     let opts = run.options();
     let pool = if dir_is_empty_or_missing(dir) {
         let c = CreateOptions {
@@ -420,6 +442,10 @@ fn serve(dir: &Path, nbd: Vec<String>, read_only: bool, run: &RunArgs) -> Result
             .listen(&addr)
             .with_context(|| format!("listening on {l}"))?;
         println!("ingot: serving NBD on {}", h.local_addr());
+    }
+    if let Some(addr) = metrics_addr {
+        let local = metrics::serve(&addr, pool.clone())?;
+        println!("ingot: serving metrics on http://{local}/metrics");
     }
     let s = pool.stats();
     println!(

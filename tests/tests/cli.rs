@@ -593,3 +593,34 @@ fn full_pool_refuses_writes_but_reopens() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn prometheus_metrics_from_the_cli_and_the_server() {
+    let dir = TempDir::new("cli-metrics");
+    let pool = dir.join("pool");
+    let port = free_port();
+    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
+    opts.extra_args
+        .extend(["--metrics".to_string(), format!("127.0.0.1:{port}")]);
+    let srv = Server::start(opts);
+    // Through the running server's control socket.
+    let text = ingot_ok(["stats", "--prometheus", "--pool", pool.to_str().unwrap()]);
+    for name in [
+        "ingot_capacity_bytes ",
+        "ingot_physical_used_bytes ",
+        "ingot_logical_mapped_bytes 0",
+        "ingot_volume_size_bytes{volume=\"vol0\"} 8589934592",
+    ] {
+        assert!(text.contains(name), "{name:?} missing from:\n{text}");
+    }
+    // The HTTP endpoint, read with a plain socket.
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("ingot_segments_free "), "{body}");
+    srv.stop();
+}

@@ -1,0 +1,134 @@
+//! Prometheus text exposition of the pool's stats, printed by `ingot stats --prometheus` and
+//! served by `ingot serve --metrics HOST:PORT` at `/metrics`.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ingot_engine::{Pool, Stats};
+
+pub fn render(s: &Stats) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(out, "# HELP ingot_{name} {help}");
+        let _ = writeln!(out, "# TYPE ingot_{name} {kind}");
+        let _ = writeln!(out, "ingot_{name} {v}");
+    };
+    gauge(
+        "capacity_bytes",
+        "Segment space of the pool.",
+        "gauge",
+        s.capacity_bytes,
+    );
+    gauge(
+        "physical_used_bytes",
+        "Segment space in use.",
+        "gauge",
+        s.physical_used_bytes,
+    );
+    gauge(
+        "logical_mapped_bytes",
+        "Volume bytes that map to stored blocks.",
+        "gauge",
+        s.logical_mapped_bytes,
+    );
+    gauge(
+        "stored_bytes",
+        "Bytes of live stored payloads.",
+        "gauge",
+        s.stored_bytes,
+    );
+    gauge(
+        "segments_total",
+        "Segments in the pool.",
+        "gauge",
+        s.segments_total,
+    );
+    gauge("segments_free", "Free segments.", "gauge", s.segments_free);
+    gauge(
+        "client_written_bytes_total",
+        "Bytes written by clients since open.",
+        "counter",
+        s.client_written_bytes,
+    );
+    gauge(
+        "device_written_bytes_total",
+        "Bytes written to devices since open.",
+        "counter",
+        s.device_written_bytes,
+    );
+    gauge(
+        "cache_bytes",
+        "Bytes held by the block cache.",
+        "gauge",
+        s.cache_bytes,
+    );
+    gauge(
+        "cache_hits_total",
+        "Block cache hits.",
+        "counter",
+        s.cache_hits,
+    );
+    gauge(
+        "cache_misses_total",
+        "Block cache misses.",
+        "counter",
+        s.cache_misses,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ingot_volume_size_bytes Logical size of each volume."
+    );
+    let _ = writeln!(out, "# TYPE ingot_volume_size_bytes gauge");
+    for v in &s.volumes {
+        let _ = writeln!(
+            out,
+            "ingot_volume_size_bytes{{volume=\"{}\"}} {}",
+            v.name, v.size_bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ingot_volume_mapped_bytes Bytes of each volume that map to stored blocks."
+    );
+    let _ = writeln!(out, "# TYPE ingot_volume_mapped_bytes gauge");
+    for v in &s.volumes {
+        let _ = writeln!(
+            out,
+            "ingot_volume_mapped_bytes{{volume=\"{}\"}} {}",
+            v.name, v.mapped_bytes
+        );
+    }
+    out
+}
+
+/// Serve `GET /metrics` on `addr` from a background thread.
+pub fn serve(addr: &str, pool: Arc<Pool>) -> Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("--metrics {addr}"))?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("ingot-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut line = String::new();
+                if BufReader::new(&conn).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let resp = if line.starts_with("GET /metrics") {
+                    let body = render(&pool.stats());
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                };
+                let _ = conn.write_all(resp.as_bytes());
+            }
+        })?;
+    Ok(local)
+}
