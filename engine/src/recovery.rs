@@ -69,11 +69,21 @@ pub(crate) fn scan_chain(
     'chain: while seg != NO_SEGMENT && (seg as usize) < geo.total_segments as usize {
         segments.push(seg);
         let (d, base) = geo.locate(seg);
+        // The rest of the segment in one read: replay is bounded by the device's sequential
+        // bandwidth, not by a read per record.
+        let seg_start = off.min(seg_bytes);
+        let mut segbuf = AlignedBuf::new((seg_bytes - seg_start) as usize);
+        let seg_len = (seg_bytes - seg_start) as usize;
+        if seg_len > 0
+            && dev
+                .read_at(d, &mut segbuf[..seg_len], base + seg_start)
+                .is_err()
+        {
+            break 'chain;
+        }
         while off + IO_ALIGN as u64 <= seg_bytes {
-            if dev.read_at(d, &mut first, base + off).is_err() {
-                break 'chain;
-            }
-            let Some(h) = RecordHeader::decode(&first) else {
+            let rel = (off - seg_start) as usize;
+            let Some(h) = RecordHeader::decode(&segbuf[rel..rel + IO_ALIGN]) else {
                 break;
             };
             if h.epoch != epoch
@@ -84,10 +94,7 @@ pub(crate) fn scan_chain(
             {
                 break;
             }
-            let mut buf = AlignedBuf::new(h.record_bytes as usize);
-            if dev.read_at(d, &mut buf, base + off).is_err() {
-                break 'chain;
-            }
+            let buf = &segbuf[rel..rel + h.record_bytes as usize];
             if !h.verify(&buf[..h.header_bytes as usize]) {
                 break 'chain;
             }
