@@ -1190,9 +1190,20 @@ impl Pool {
         self.inner.checkpoint_with(None)
     }
 
-    /// Make every completed write durable.
+    /// Make every completed write durable. Goes through the flusher like a volume's flush: a
+    /// plain device sync would neither checkpoint past a failed record (the writes after it
+    /// would stay unrecoverable) nor advance what later records declare flushed.
     pub fn flush(&self) -> Result<()> {
-        self.inner.sync()
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let done: crate::api::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
+            self.inner.flusher.send(FlushMsg::Flush(done))
+        {
+            done(Err(Error::ShutDown));
+        }
+        rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
     }
 
     pub fn stats(&self) -> Stats {
