@@ -741,22 +741,22 @@ fn run_model(engine: Engine, default_cases: u32) {
 
 #[test]
 fn model_sync() {
-    run_model(Engine::Sync, 12);
+    run_model(Engine::Sync, 40);
 }
 
 #[test]
 fn model_uring() {
-    run_model(Engine::Uring, 12);
+    run_model(Engine::Uring, 40);
 }
 
 #[test]
 fn model_fault_power_cut() {
-    run_model(Engine::Fault(IoKind::Sync), 12);
+    run_model(Engine::Fault(IoKind::Sync), 40);
 }
 
 #[test]
 fn model_fault_power_cut_uring() {
-    run_model(Engine::Fault(IoKind::Uring), 6);
+    run_model(Engine::Fault(IoKind::Uring), 20);
 }
 
 fn small_pool(dir: &std::path::Path) -> Pool {
