@@ -702,3 +702,38 @@ fn pool_flush_after_a_failed_write_makes_later_writes_durable() {
     assert!(v.read(0, 4 * 4096).unwrap() == vec![0u8; 4 * BLOCK]);
     assert_clean(&pool);
 }
+
+/// Found by the model: a refused volume operation (here: create of an existing name) paused the
+/// shards, marked a broken chain repaired and returned without a checkpoint; the next FUA
+/// write only synced and was lost at a power cut.
+#[test]
+fn refused_volume_operation_does_not_hide_a_broken_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    plan.track_unsynced.store(true, Ordering::Relaxed);
+    let c = blocks(81, 4);
+    {
+        let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        plan.fail_writes.store(true, Ordering::Relaxed);
+        assert!(v.write(0, &blocks(80, 1), false).is_err());
+        plan.fail_writes.store(false, Ordering::Relaxed);
+        assert!(matches!(
+            pool.create_volume("v", 1 << 20),
+            Err(Error::VolumeExists(_))
+        ));
+        v.write(8 * 4096, &c, true).unwrap();
+        pool.halt();
+    }
+    let files = FileSet::open(&[dev0(dir.path())]).unwrap();
+    FaultDevices::power_cut(&plan, &files, CutMode::LoseAll).unwrap();
+    drop(files);
+    let pool = Pool::open(dir.path(), &opts(Some(plan))).unwrap();
+    same!(
+        pool.volume("v").unwrap().read(8 * 4096, 4 * 4096).unwrap(),
+        c,
+        "FUA write lost"
+    );
+    assert_clean(&pool);
+}
