@@ -737,3 +737,43 @@ fn refused_volume_operation_does_not_hide_a_broken_chain() {
     );
     assert_clean(&pool);
 }
+
+/// After a failed write, later acknowledged writes survive a process crash (the OS keeps what
+/// was written) even before any flush or checkpoint: replay must not stop at the failed
+/// record's hole.
+#[test]
+fn acknowledged_writes_after_a_failed_write_survive_a_process_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let a = blocks(91, 4);
+    let c = blocks(92, 4);
+    let d = blocks(93, 300);
+    {
+        let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &a, false).unwrap();
+        plan.fail_writes.store(true, Ordering::Relaxed);
+        assert!(v.write(16 * 4096, &blocks(90, 4), false).is_err());
+        plan.fail_writes.store(false, Ordering::Relaxed);
+        v.write(32 * 4096, &c, false).unwrap();
+        // More than one record, also crossing into the other shard's stripe.
+        v.write(64 * 4096, &d, false).unwrap();
+        pool.halt();
+    }
+    let pool = Pool::open(dir.path(), &opts(Some(plan))).unwrap();
+    let v = pool.volume("v").unwrap();
+    same!(v.read(0, 4 * 4096).unwrap(), a);
+    same!(v.read(16 * 4096, 4 * 4096).unwrap(), vec![0u8; 4 * BLOCK]);
+    same!(
+        v.read(32 * 4096, 4 * 4096).unwrap(),
+        c,
+        "acknowledged write lost"
+    );
+    same!(
+        v.read(64 * 4096, 300 * 4096).unwrap(),
+        d,
+        "acknowledged write lost"
+    );
+    assert_clean(&pool);
+}
