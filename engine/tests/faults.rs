@@ -777,3 +777,46 @@ fn acknowledged_writes_after_a_failed_write_survive_a_process_crash() {
     );
     assert_clean(&pool);
 }
+
+/// A write that fails just as its shard moves to a new segment also fails that segment's
+/// header; the acknowledged writes that follow in the segment must still be found by replay
+/// after a process crash.
+#[test]
+fn failed_segment_header_does_not_lose_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    const CHUNK: usize = 256 << 10;
+    let later = blocks(101, CHUNK / BLOCK);
+    {
+        let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        // Seven records of 260 KiB fill shard 0's 2 MiB segment; the eighth does not fit.
+        for i in 0..7u64 {
+            v.write(i * CHUNK as u64, &blocks(200 + i, CHUNK / BLOCK), false)
+                .unwrap();
+        }
+        plan.fail_writes.store(true, Ordering::Relaxed);
+        assert!(v
+            .write(7 * CHUNK as u64, &blocks(207, CHUNK / BLOCK), false)
+            .is_err());
+        plan.fail_writes.store(false, Ordering::Relaxed);
+        // Shard 0 again (stripes of 2 MiB alternate between the two shards).
+        v.write(4 << 20, &later, false).unwrap();
+        pool.halt();
+    }
+    let pool = Pool::open(dir.path(), &opts(Some(plan))).unwrap();
+    let v = pool.volume("v").unwrap();
+    for i in 0..7u64 {
+        same!(
+            v.read(i * CHUNK as u64, CHUNK as u32).unwrap(),
+            blocks(200 + i, CHUNK / BLOCK)
+        );
+    }
+    same!(
+        v.read(4 << 20, CHUNK as u32).unwrap(),
+        later,
+        "acknowledged write lost"
+    );
+    assert_clean(&pool);
+}
