@@ -282,12 +282,15 @@ impl Inner {
             }
         }
         let seq_end = self.seq.load(Ordering::Acquire);
-        let mut result = first_err.map_or(Ok(()), Err);
-        if result.is_ok() {
-            if let Some(m) = mutate {
-                result = m(self, seq_end.saturating_sub(1));
-            }
+        if let Some(e) = first_err {
+            // Paused shards moved to new chains that only a checkpoint reaches.
+            self.chain_broken.store(true, Ordering::Release);
+            return Err(e);
         }
+        let mutated = match mutate {
+            Some(m) => m(self, seq_end.saturating_sub(1)),
+            None => Ok(()),
+        };
         let positions: Vec<ShardPosition> = positions
             .into_iter()
             .map(|p| {
@@ -303,8 +306,14 @@ impl Inner {
         let (image, live_then) = self.snapshot(seq_end, positions);
         self.chain_broken.store(false, Ordering::Release);
         drop(resumes);
-        result?;
-        self.commit(&mut ck, &image, &live_then)?;
+        // Commit even when the mutation was refused (volume exists, not found): the shards
+        // have restarted their chains, possibly in segments only this checkpoint reaches, and a
+        // broken chain was just marked repaired.
+        if let Err(e) = self.commit(&mut ck, &image, &live_then) {
+            self.chain_broken.store(true, Ordering::Release);
+            return Err(e);
+        }
+        mutated?;
         Ok(starved)
     }
 
@@ -1201,9 +1210,20 @@ impl Pool {
         self.inner.checkpoint_with(None)
     }
 
-    /// Make every completed write durable.
+    /// Make every completed write durable. Goes through the flusher like a volume's flush: a
+    /// plain device sync would neither checkpoint past a failed record (the writes after it
+    /// would stay unrecoverable) nor advance what later records declare flushed.
     pub fn flush(&self) -> Result<()> {
-        self.inner.sync()
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let done: crate::api::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
+            self.inner.flusher.send(FlushMsg::Flush(done))
+        {
+            done(Err(Error::ShutDown));
+        }
+        rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
     }
 
     pub fn stats(&self) -> Stats {
