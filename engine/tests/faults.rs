@@ -55,7 +55,7 @@ fn create(dir: &Path, size_bytes: u64, plan: Option<Arc<FaultPlan>>) -> Pool {
     let c = CreateOptions {
         size_bytes,
         segment_bytes: SEG,
-        devices: vec![],
+        ..Default::default()
     };
     Pool::create(dir, &c, &opts(plan)).expect("create pool")
 }

@@ -302,7 +302,7 @@ impl Harness {
         let c = CreateOptions {
             size_bytes: 256 << 20,
             segment_bytes: 2 << 20,
-            devices: vec![],
+            ..Default::default()
         };
         let pool = Pool::create(dir.path(), &c, &pool_options(engine, &plan)).expect("create");
         pool.create_volume(NAMES[0], 8 << 20).expect("create alpha");
@@ -765,7 +765,7 @@ fn small_pool(dir: &std::path::Path) -> Pool {
     let c = CreateOptions {
         size_bytes: 64 << 20,
         segment_bytes: 2 << 20,
-        devices: vec![],
+        ..Default::default()
     };
     Pool::create(dir, &c, &pool_options(Engine::Sync, &None)).expect("create")
 }
