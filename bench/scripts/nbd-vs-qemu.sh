@@ -22,7 +22,9 @@ fio_run() { # uri rw bs qd
 
 declare -A R
 echo "ingot: starting" >&2
-"$INGOT" pool create --pool "$DIR/pool" --size 24G >/dev/null
+# Both stores start on written blocks (as a block device or a laid-out file would): the ingot
+# pool is prefilled, the raw file is written with zeroes.
+"$INGOT" pool create --pool "$DIR/pool" --size 12G --prefill >/dev/null 2>&1
 "$INGOT" volume create vol0 --size $SIZE --pool "$DIR/pool" >/dev/null
 "$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" >"$DIR/ingot.log" 2>&1 &
 IPID=$!
@@ -32,7 +34,7 @@ R[ingot_sw]=$(fio_run "nbd+unix:///vol0?socket=$DIR/ingot.sock" write 1M 8)
 kill -INT $IPID; wait $IPID || true
 
 echo "qemu-nbd: starting" >&2
-truncate -s $SIZE "$DIR/raw.img"
+dd if=/dev/zero of="$DIR/raw.img" bs=8M count=512 oflag=direct status=none
 qemu-nbd -f raw --cache=none --aio=io_uring -x vol0 -k "$DIR/qemu.sock" -t "$DIR/raw.img" &
 QPID=$!
 for _ in $(seq 50); do [ -S "$DIR/qemu.sock" ] && break; sleep 0.1; done

@@ -22,6 +22,7 @@ pub enum Request {
     VolumeResize { name: String, size_bytes: u64 },
     Stats,
     Check,
+    Gc { max_utilisation: f64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +52,9 @@ pub fn execute(pool: &Pool, req: &Request) -> Result<Value> {
         }
         Request::Stats => serde_json::to_value(pool.stats())?,
         Request::Check => serde_json::to_value(pool.check(&mut |_, _| {}))?,
+        Request::Gc { max_utilisation } => {
+            serde_json::to_value(pool.gc(*max_utilisation, &mut |_, _| {})?)?
+        }
     })
 }
 

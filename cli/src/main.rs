@@ -112,6 +112,17 @@ enum Cmd {
         #[arg(long)]
         prometheus: bool,
     },
+    /// Clean now: rewrite the live data of partly dead segments so their space comes back.
+    Gc {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Clean segments at most this full (0.0-1.0).
+        #[arg(long, default_value_t = 0.9)]
+        max_utilisation: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify every block checksum and the pool's invariants; non-zero exit on any problem.
     Check {
         #[command(flatten)]
@@ -260,6 +271,11 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Check { pool, json } => check(&pool.pool, json),
+        Cmd::Gc {
+            pool,
+            max_utilisation,
+            json,
+        } => gc(&pool.pool, max_utilisation, json),
     }
 }
 
@@ -391,6 +407,44 @@ fn check(dir: &Path, json: bool) -> Result<i32> {
         );
     }
     Ok(if report.problems.is_empty() { 0 } else { 1 })
+}
+
+fn gc(dir: &Path, max_utilisation: f64, json: bool) -> Result<i32> {
+    if !(0.0..=1.0).contains(&max_utilisation) {
+        bail!("--max-utilisation must be between 0 and 1");
+    }
+    let req = Request::Gc { max_utilisation };
+    let report: ingot_engine::GcReport = match control::call(dir, &req) {
+        Some(r) => serde_json::from_value(r?)?,
+        None => {
+            let pool = Pool::open(dir, &PoolOptions::default())
+                .with_context(|| format!("opening pool {}", dir.display()))?;
+            let tty = std::io::stderr().is_terminal();
+            let r = pool.gc(max_utilisation, &mut |done, total| {
+                if tty {
+                    eprint!("\rcleaning segments: {done}/{total}");
+                }
+            });
+            if tty {
+                eprintln!();
+            }
+            let s = pool.shutdown();
+            let r = r?;
+            s?;
+            r
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "cleaned {} segments, moved {}, freed {} segments",
+            report.segments_cleaned,
+            human(report.bytes_moved),
+            report.segments_freed
+        );
+    }
+    Ok(0)
 }
 
 fn dir_is_empty_or_missing(dir: &Path) -> bool {

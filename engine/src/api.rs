@@ -90,6 +90,14 @@ pub struct Stats {
     pub last_seq: u64,
     pub io_engine: String,
     pub shards: usize,
+    /// Bytes of sealed segments not holding live data: what cleaning can give back.
+    pub reclaimable_bytes: u64,
+    /// Payload bytes the cleaner has moved since the pool was opened.
+    pub gc_bytes_moved: u64,
+    /// Device bytes written / client bytes written since the pool was opened.
+    pub write_amplification: f64,
+    /// Segments the running cleaning pass is emptying (0 when idle).
+    pub segments_cleaning: u64,
 }
 
 /// A problem `check` found; `ingot check` prints each and exits non-zero if any exists.

@@ -343,6 +343,10 @@ pub enum RecordKind {
     Data = 1,
     /// Entries are [`TrimEntry`] (trim and write-zeroes); no payload.
     Trim = 2,
+    /// Entries are [`DataEntry`] written by the cleaner: a live block copied out of a segment
+    /// being cleaned. `volume` is `u32::MAX` and `lba` holds the block's previous location
+    /// (`segment << 32 | offset`): the move applies only if the block is still live there.
+    Move = 3,
 }
 
 /// Header of a record: one write to the log, covering up to [`MAX_RECORD_ENTRIES`] entries.
@@ -424,6 +428,7 @@ impl RecordHeader {
         let kind = match g.u16().ok()? {
             1 => RecordKind::Data,
             2 => RecordKind::Trim,
+            3 => RecordKind::Move,
             _ => return None,
         };
         let h = RecordHeader {
@@ -451,7 +456,7 @@ impl RecordHeader {
 
     pub fn entry_bytes(&self) -> usize {
         match self.kind {
-            RecordKind::Data => DataEntry::BYTES,
+            RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
             RecordKind::Trim => TrimEntry::BYTES,
         }
     }

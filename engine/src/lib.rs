@@ -23,5 +23,5 @@ pub use api::{
 pub use error::{Error, Result, Sense};
 pub use io::fault::{CutMode, FaultPlan};
 pub use io::IoKind;
-pub use pool::{CreateOptions, Pool, PoolOptions, POOL_FILE};
+pub use pool::{CreateOptions, GcReport, Pool, PoolOptions, POOL_FILE};
 pub use volume::Volume;

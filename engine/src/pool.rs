@@ -23,10 +23,10 @@ use crate::format::{
 use crate::io::fault::{FaultDevices, FaultPlan};
 use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, Devices, IoKind, SharedDevices};
-use crate::job::FlushMsg;
+use crate::job::{FlushMsg, Job};
 use crate::lbamap::shard_of;
 use crate::recovery::{scan_chain, Entry};
-use crate::shard::{trim_owned, Shard, ShardMsg, ShardPosition};
+use crate::shard::{trim_owned, Relocation, Shard, ShardMsg, ShardPosition};
 use crate::space::{BlockEntry, SegState, Space};
 use crate::volume::{Volume, VolumeState};
 
@@ -147,6 +147,10 @@ pub(crate) struct ShardStats {
 pub(crate) struct Counters {
     pub client_written: AtomicU64,
     pub device_written: AtomicU64,
+    /// Payload bytes the cleaner moved.
+    pub gc_moved: AtomicU64,
+    /// Segments the running cleaning pass is emptying.
+    pub gc_cleaning: AtomicU64,
 }
 
 struct CkptState {
@@ -186,10 +190,25 @@ pub(crate) struct Inner {
     checkpoint_interval: u64,
     /// Punch freed segments out of the backing files (not for prefilled pools).
     discard_freed: bool,
+    /// One cleaning pass at a time (the checkpointer's and `ingot gc`'s).
+    gc_lock: Mutex<()>,
 }
 
 /// A change made while every shard is paused for a checkpoint (volume create, delete, resize).
 type Mutate<'a> = &'a mut dyn FnMut(&Inner, u64) -> Result<()>;
+
+/// Segments one automatic cleaning pass empties before it checkpoints and re-checks space.
+const GC_VICTIMS_PER_PASS: usize = 8;
+/// Segments fuller than this are not worth cleaning (rewriting them frees too little).
+const GC_MAX_UTILISATION: f64 = 0.95;
+
+/// What a cleaning pass did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcReport {
+    pub segments_cleaned: u64,
+    pub segments_freed: u64,
+    pub bytes_moved: u64,
+}
 
 enum CkptMsg {
     Kick,
@@ -233,6 +252,184 @@ impl Inner {
             self.shards() as u64,
         );
         est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.shards()
+    }
+
+    /// Segments only a checkpoint may use: one checkpoint's worth and a spare.
+    pub fn ckpt_reserve(&self) -> usize {
+        self.reserve_segments() - self.shards()
+    }
+
+    /// Below this many free segments data writes stop (checkpoints, trims and the cleaner
+    /// keep the rest).
+    pub fn data_reserve(&self) -> usize {
+        self.reserve_segments() + self.shards()
+    }
+
+    /// Segments' worth of dead space in sealed segments the cleaner could reclaim (segments
+    /// fuller than the cleaning threshold do not count).
+    pub fn reclaimable_segments(&self) -> usize {
+        let usable = self.geo.segment_bytes - SEGMENT_HEADER_BYTES;
+        let space = self.space.lock();
+        let dead: u64 = space
+            .seg_state
+            .iter()
+            .enumerate()
+            .filter(|(s, st)| {
+                matches!(st, SegState::Sealed { .. })
+                    && (space.seg_live[*s] as f64) <= usable as f64 * GC_MAX_UTILISATION
+            })
+            .map(|(s, _)| usable.saturating_sub(space.seg_live[s]))
+            .sum();
+        (dead / usable) as usize
+    }
+
+    /// Whether free space is low enough for the cleaner to run on its own.
+    fn cleaning_wanted(&self) -> bool {
+        let total = self.geo.total_segments as usize;
+        let free = self.space.lock().free_segments;
+        free < self.data_reserve() + (total / 10).max(2)
+    }
+
+    /// Empty up to `max_victims` sealed segments, best cost-benefit first (LFS: the free space
+    /// gained times its age, over the cost of reading and rewriting the live part), moving their
+    /// live blocks through the shards' logs, then checkpoint so the victims are freed. Only
+    /// segments at most `max_utilisation` full are considered.
+    fn clean(
+        &self,
+        max_victims: usize,
+        max_utilisation: f64,
+        only: Option<&[u32]>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<GcReport> {
+        let _one = self.gc_lock.lock();
+        let usable = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
+        let ckpt_reserve = self.ckpt_reserve();
+        let (victims, moves_by_victim) = {
+            let space = self.space.lock();
+            let now = self.seq.load(Ordering::Acquire);
+            let mut cands: Vec<(f64, u32)> = space
+                .seg_state
+                .iter()
+                .enumerate()
+                .filter_map(|(s, st)| match *st {
+                    SegState::Sealed { seq }
+                        if space.seg_live[s] > 0
+                            && only.is_none_or(|o| o.contains(&(s as u32))) =>
+                    {
+                        let u = space.seg_live[s] as f64 / usable;
+                        let age = now.saturating_sub(seq) as f64 + 1.0;
+                        (u <= max_utilisation).then_some(((1.0 - u) * age / (1.0 + u), s as u32))
+                    }
+                    _ => None,
+                })
+                .collect();
+            cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+            // Victims are freed only at the checkpoint after their moves: take no more live
+            // data than the free space beyond the checkpoint reserve holds.
+            let room = (space.free_segments.saturating_sub(ckpt_reserve + 1)) as f64 * usable;
+            let mut taken = 0.0;
+            let mut victims: Vec<u32> = Vec::new();
+            for (_, s) in cands {
+                let live = space.seg_live[s as usize] as f64;
+                if victims.len() >= max_victims || (taken + live > room && !victims.is_empty()) {
+                    break;
+                }
+                if taken + live > room {
+                    break;
+                }
+                taken += live;
+                victims.push(s);
+            }
+            let mut moves: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
+            for (id, e) in space.blocks.iter().enumerate() {
+                if e.refs > 0 {
+                    if let Some(i) = victims.iter().position(|&v| v == e.segment) {
+                        moves[i].push((id as u64, *e));
+                    }
+                }
+            }
+            (victims, moves)
+        };
+        let mut report = GcReport::default();
+        if victims.is_empty() {
+            return Ok(report);
+        }
+        self.counters
+            .gc_cleaning
+            .store(victims.len() as u64, Ordering::Relaxed);
+        let total = victims.len() as u64;
+        let mut result = Ok(());
+        for (i, (&seg, blocks)) in victims.iter().zip(&moves_by_victim).enumerate() {
+            if let Err(e) = self.evacuate(seg, blocks, &mut report) {
+                result = Err(e);
+                break;
+            }
+            report.segments_cleaned += 1;
+            progress(i as u64 + 1, total);
+        }
+        self.counters.gc_cleaning.store(0, Ordering::Relaxed);
+        result?;
+        let before = self.space.lock().free_segments;
+        self.checkpoint_with(None)?;
+        let after = self.space.lock().free_segments;
+        report.segments_freed = after.saturating_sub(before) as u64;
+        Ok(report)
+    }
+
+    /// Copy the live blocks of one victim segment into the logs.
+    fn evacuate(
+        &self,
+        seg: u32,
+        blocks: &[(u64, BlockEntry)],
+        report: &mut GcReport,
+    ) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let (dev, base) = self.geo.locate(seg);
+        let mut buf = AlignedBuf::new(self.geo.segment_bytes as usize);
+        self.devices
+            .read_at(dev, &mut buf, base)
+            .map_err(|source| Error::Io {
+                device: dev,
+                offset: base,
+                source,
+            })?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut waiting = 0;
+        for (n, chunk) in blocks.chunks(crate::format::MAX_RECORD_ENTRIES).enumerate() {
+            let moves: Vec<Relocation> = chunk
+                .iter()
+                .filter_map(|&(id, e)| {
+                    let at = e.offset as usize;
+                    let data = buf.get(at..at + usize::from(e.stored_len))?;
+                    Some(Relocation {
+                        id,
+                        from_segment: seg,
+                        from_offset: e.offset,
+                        data: data.into(),
+                        crc: e.crc,
+                        flags: e.flags,
+                    })
+                })
+                .collect();
+            report.bytes_moved += moves.iter().map(|m| m.data.len() as u64).sum::<u64>();
+            let tx = tx.clone();
+            let job = Job::new(
+                1,
+                None,
+                None,
+                Box::new(move |r| {
+                    let _ = tx.send(r.map(|_| ()));
+                }),
+            );
+            self.send_to_shard(n % self.shards(), ShardMsg::Relocate { moves, job });
+            waiting += 1;
+        }
+        for _ in 0..waiting {
+            rx.recv().map_err(|_| Error::ShutDown)??;
+        }
+        Ok(())
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
@@ -483,9 +680,10 @@ impl Inner {
 
 fn fail_msg(msg: ShardMsg) {
     match msg {
-        ShardMsg::Read { job, .. } | ShardMsg::Write { job, .. } | ShardMsg::Zero { job, .. } => {
-            job.part_done(Err(Error::ShutDown))
-        }
+        ShardMsg::Read { job, .. }
+        | ShardMsg::Write { job, .. }
+        | ShardMsg::Zero { job, .. }
+        | ShardMsg::Relocate { job, .. } => job.part_done(Err(Error::ShutDown)),
         ShardMsg::Pause { paused, .. } => {
             let _ = paused.send(Err(Error::ShutDown));
         }
@@ -937,6 +1135,22 @@ impl Pool {
                             space.drop_ref(old, r.seq);
                         }
                     }
+                    Entry::Move(d) => {
+                        space.relocate(
+                            d.block_id,
+                            (d.lba >> 32) as u32,
+                            d.lba as u32,
+                            &BlockEntry {
+                                segment: r.segment,
+                                offset: r.offset + d.payload_offset,
+                                stored_len: d.stored_len as u16,
+                                flags: d.flags,
+                                crc: d.payload_crc,
+                                refs: 0,
+                                generation: 0,
+                            },
+                        );
+                    }
                     Entry::Trim(t) => {
                         let Some(vol) = by_id.get(&t.volume) else {
                             continue;
@@ -1079,6 +1293,7 @@ impl Pool {
             cache_capacity,
             checkpoint_interval: o.checkpoint_interval_bytes.max(64 << 20),
             discard_freed: !pf.prefilled,
+            gc_lock: Mutex::new(()),
         });
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         {
@@ -1237,6 +1452,43 @@ impl Pool {
         }))
     }
 
+    /// Clean now: empty every sealed segment worth cleaning (at most `max_utilisation` full),
+    /// best candidates first, checkpointing after each batch. `progress(done, total)` reports
+    /// segments.
+    pub fn gc(&self, max_utilisation: f64, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
+        // The segments worth cleaning now; segments the pass itself fills are left alone, so
+        // it ends.
+        let todo = self.gc_candidates(max_utilisation);
+        let mut total = GcReport::default();
+        progress(0, todo.len() as u64);
+        for chunk in todo.chunks(GC_VICTIMS_PER_PASS) {
+            let r = self
+                .inner
+                .clean(chunk.len(), max_utilisation, Some(chunk), &mut |_, _| {})?;
+            total.segments_cleaned += r.segments_cleaned;
+            total.segments_freed += r.segments_freed;
+            total.bytes_moved += r.bytes_moved;
+            progress(total.segments_cleaned, todo.len() as u64);
+        }
+        Ok(total)
+    }
+
+    fn gc_candidates(&self, max_utilisation: f64) -> Vec<u32> {
+        let usable = (self.inner.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
+        let space = self.inner.space.lock();
+        space
+            .seg_state
+            .iter()
+            .enumerate()
+            .filter(|(s, st)| {
+                matches!(st, SegState::Sealed { .. })
+                    && space.seg_live[*s] > 0
+                    && space.seg_live[*s] as f64 / usable <= max_utilisation
+            })
+            .map(|(s, _)| s as u32)
+            .collect()
+    }
+
     /// Write a checkpoint now.
     pub fn checkpoint(&self) -> Result<()> {
         self.inner.checkpoint_with(None)
@@ -1290,6 +1542,24 @@ impl Pool {
             last_seq: inner.seq.load(Ordering::Relaxed).saturating_sub(1),
             io_engine: inner.devices.engine_name().to_string(),
             shards: inner.shards(),
+            reclaimable_bytes: space
+                .seg_state
+                .iter()
+                .enumerate()
+                .filter(|(_, st)| matches!(st, SegState::Sealed { .. }))
+                .map(|(s, _)| (seg - SEGMENT_HEADER_BYTES).saturating_sub(space.seg_live[s]))
+                .sum(),
+            gc_bytes_moved: inner.counters.gc_moved.load(Ordering::Relaxed),
+            write_amplification: {
+                let client = inner.counters.client_written.load(Ordering::Relaxed);
+                let device = inner.counters.device_written.load(Ordering::Relaxed);
+                if client == 0 {
+                    0.0
+                } else {
+                    device as f64 / client as f64
+                }
+            },
+            segments_cleaning: inner.counters.gc_cleaning.load(Ordering::Relaxed),
         }
     }
 
@@ -1525,6 +1795,25 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
         if kicked || broken || since >= inner.checkpoint_interval || (low_space && since > 0) {
             if let Err(e) = inner.checkpoint_with(None) {
                 eprintln!("ingot: checkpoint failed: {e}");
+            }
+        }
+        // Clean while free space is low, a few segments at a time so that foreground writes
+        // interleave; stop when a pass frees nothing (everything left is full).
+        while inner.cleaning_wanted() && !inner.is_closed() {
+            match inner.clean(
+                GC_VICTIMS_PER_PASS,
+                GC_MAX_UTILISATION,
+                None,
+                &mut |_, _| {},
+            ) {
+                Ok(r) if r.segments_freed > 0 => {}
+                Ok(_) => break,
+                Err(e) => {
+                    if !inner.is_closed() {
+                        eprintln!("ingot: cleaning failed: {e}");
+                    }
+                    break;
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ use crate::shard::ShardPosition;
 pub(crate) enum Entry {
     Data(DataEntry),
     Trim(TrimEntry),
+    /// A cleaner move: `lba` holds the old location (see `RecordKind::Move`).
+    Move(DataEntry),
 }
 
 pub(crate) struct ReplayRecord {
@@ -137,6 +139,19 @@ pub(crate) fn scan_chain(
                         entries.push(Entry::Data(e));
                     }
                     RecordKind::Trim => entries.push(Entry::Trim(TrimEntry::decode(raw)?)),
+                    RecordKind::Move => {
+                        // A move whose copy did not land (or whose source was already corrupt)
+                        // is dropped: the block stays where it was, which the cleaner frees
+                        // only after a checkpoint that covers the move.
+                        let e = DataEntry::decode(raw)?;
+                        let p = e.payload_offset as usize;
+                        let ok = p >= h.header_bytes as usize
+                            && p + e.stored_len as usize <= buf.len()
+                            && crc32fast::hash(&buf[p..p + e.stored_len as usize]) == e.payload_crc;
+                        if ok {
+                            entries.push(Entry::Move(e));
+                        }
+                    }
                 }
             }
             scanned.push(Scanned {

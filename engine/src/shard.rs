@@ -32,6 +32,10 @@ const BLOCK: usize = BLOCK_BYTES as usize;
 const MAX_BATCH_MSGS: usize = 1024;
 /// Most payload bytes gathered per loop turn.
 const MAX_BATCH_BYTES: usize = 16 << 20;
+/// How often a shard with stalled writes looks for free space again.
+const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+/// Longest a write waits for the cleaner before it fails with ENOSPC.
+const MAX_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Records in flight per shard before the worker waits for completions.
 const MAX_INFLIGHT_RECORDS: usize = 64;
 /// Log space of the last segment kept for trim records, so a full pool can still be trimmed.
@@ -58,12 +62,37 @@ pub(crate) enum ShardMsg {
         len: u64,
         job: Arc<Job>,
     },
+    /// Copy blocks out of segments being cleaned (see [`Relocation`]).
+    Relocate {
+        moves: Vec<Relocation>,
+        job: Arc<Job>,
+    },
     /// Drain in-flight I/O, move to a fresh segment, report the chain position, wait.
     Pause {
         paused: Sender<Result<ShardPosition, Error>>,
         resume: Receiver<()>,
     },
     Stop,
+}
+
+/// A live block the cleaner read out of a segment it is emptying: written again by a shard as
+/// a Move record, then applied only if the block is still live at its old location.
+pub(crate) struct Relocation {
+    pub id: u64,
+    pub from_segment: u32,
+    pub from_offset: u32,
+    /// The stored payload, exactly as it was (its CRC is kept, so corruption is not laundered).
+    pub data: Box<[u8]>,
+    pub crc: u32,
+    pub flags: u16,
+}
+
+/// What a record is for, which decides how much of the reserve it may use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Room {
+    Data,
+    /// Trims and cleaner moves free space: they may use the reserve kept back from data.
+    Freeing,
 }
 
 /// Where replay of a shard's chain starts.
@@ -126,6 +155,12 @@ enum Apply {
         lba: u64,
         count: u64,
     },
+    Move {
+        id: u64,
+        from_segment: u32,
+        from_offset: u32,
+        entry: BlockEntry,
+    },
 }
 
 struct Inflight {
@@ -179,6 +214,29 @@ enum Item {
         count: u64,
         part: Rc<Part>,
     },
+    Move {
+        rel: Relocation,
+        part: Rc<Part>,
+    },
+}
+
+impl Item {
+    fn kind(&self) -> RecordKind {
+        match self {
+            Item::Data { .. } | Item::Hole { .. } => RecordKind::Data,
+            Item::Trim { .. } => RecordKind::Trim,
+            Item::Move { .. } => RecordKind::Move,
+        }
+    }
+
+    /// The payload this item stores, if any.
+    fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Item::Data { src, .. } => Some(src.bytes()),
+            Item::Move { rel, .. } => Some(&rel.data),
+            _ => None,
+        }
+    }
 }
 
 enum BlockSrc {
@@ -206,6 +264,13 @@ pub(crate) struct Shard {
     cache: BlockCache,
     next_tag: u64,
     items: Vec<Item>,
+    /// Items waiting for the cleaner to free space, in order; each holds a count on its part.
+    stalled: VecDeque<Item>,
+    /// When the oldest stalled item stalled.
+    stalled_since: Option<std::time::Instant>,
+    /// Writes and zeroes that arrived while items were stalled, processed in order after them
+    /// (so that read-modify-write never merges with a map that misses a stalled write).
+    deferred: VecDeque<ShardMsg>,
     /// Parts of messages processed this turn: each holds one count until its items are packed,
     /// so no part completes before all of its records exist.
     held: Vec<Rc<Part>>,
@@ -232,6 +297,9 @@ impl Shard {
             cache: BlockCache::new(cache_bytes),
             next_tag: 1,
             items: Vec::new(),
+            stalled: VecDeque::new(),
+            stalled_since: None,
+            deferred: VecDeque::new(),
             held: Vec::new(),
             done: Vec::new(),
         }
@@ -245,6 +313,13 @@ impl Shard {
                     Ok(m) => Some(m),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => Some(ShardMsg::Stop),
+                }
+            } else if !self.stalled.is_empty() {
+                // Waiting for space: look again soon even if nothing arrives.
+                match self.rx.recv_timeout(STALL_POLL) {
+                    Ok(m) => Some(m),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Some(ShardMsg::Stop),
                 }
             } else {
                 Some(self.rx.recv().unwrap_or(ShardMsg::Stop))
@@ -267,28 +342,12 @@ impl Shard {
                             pause = Some((paused, resume));
                             break;
                         }
-                        ShardMsg::Read {
-                            vol,
-                            offset,
-                            len,
-                            at,
-                            job,
-                        } => self.read(vol, offset, len, at, job),
-                        ShardMsg::Write {
-                            vol,
-                            offset,
-                            data,
-                            job,
-                        } => {
-                            bytes += data.len();
-                            self.write(vol, offset, data, job);
+                        ShardMsg::Write { .. } | ShardMsg::Zero { .. }
+                            if !self.stalled.is_empty() || !self.deferred.is_empty() =>
+                        {
+                            self.deferred.push_back(m);
                         }
-                        ShardMsg::Zero {
-                            vol,
-                            offset,
-                            len,
-                            job,
-                        } => self.zero(vol, offset, len, job),
+                        m => bytes += self.process(m),
                     }
                     if n >= MAX_BATCH_MSGS
                         || bytes >= MAX_BATCH_BYTES
@@ -298,9 +357,18 @@ impl Shard {
                     }
                     msg = self.rx.try_recv().ok();
                 }
+            }
+            if got_msgs || !self.stalled.is_empty() {
                 self.pack_records();
-                for p in std::mem::take(&mut self.held) {
-                    p.record_done();
+                self.release_held();
+                // Space came back: go on with what arrived meanwhile, in order.
+                while self.stalled.is_empty() {
+                    let Some(m) = self.deferred.pop_front() else {
+                        break;
+                    };
+                    self.process(m);
+                    self.pack_records();
+                    self.release_held();
                 }
             }
             // Submit what was queued; when the channel had nothing, wait for one completion.
@@ -313,7 +381,7 @@ impl Shard {
                 self.drain();
             }
             if let Some((paused, resume)) = pause {
-                let r = self.restart_chain();
+                let r = self.at_checkpoint();
                 let _ = paused.send(r.map(|()| self.pos));
                 let _ = resume.recv();
             }
@@ -323,7 +391,82 @@ impl Shard {
             st.cache_bytes
                 .store(self.cache.len_bytes(), Ordering::Relaxed);
             if stop {
+                self.fail_waiting();
                 return;
+            }
+        }
+    }
+
+    /// Handle a read, write, zero or relocation; returns the payload bytes it carried.
+    fn process(&mut self, m: ShardMsg) -> usize {
+        match m {
+            ShardMsg::Read {
+                vol,
+                offset,
+                len,
+                at,
+                job,
+            } => {
+                self.read(vol, offset, len, at, job);
+                0
+            }
+            ShardMsg::Write {
+                vol,
+                offset,
+                data,
+                job,
+            } => {
+                let n = data.len();
+                self.write(vol, offset, data, job);
+                n
+            }
+            ShardMsg::Zero {
+                vol,
+                offset,
+                len,
+                job,
+            } => {
+                self.zero(vol, offset, len, job);
+                0
+            }
+            ShardMsg::Relocate { moves, job } => {
+                let part = Part::new(job);
+                part.records.set(1);
+                let mut n = 0;
+                for rel in moves {
+                    n += rel.data.len();
+                    self.items.push(Item::Move {
+                        rel,
+                        part: part.clone(),
+                    });
+                }
+                self.held.push(part);
+                n
+            }
+            ShardMsg::Pause { paused, .. } => {
+                let _ = paused.send(Err(Error::ShutDown));
+                0
+            }
+            ShardMsg::Stop => 0,
+        }
+    }
+
+    fn release_held(&mut self) {
+        for p in std::mem::take(&mut self.held) {
+            p.record_done();
+        }
+    }
+
+    /// At stop: fail what is stalled or deferred.
+    fn fail_waiting(&mut self) {
+        for item in std::mem::take(&mut self.stalled) {
+            let p = item_part(&item);
+            p.fail(Error::ShutDown);
+            p.record_done();
+        }
+        for m in std::mem::take(&mut self.deferred) {
+            if let ShardMsg::Write { job, .. } | ShardMsg::Zero { job, .. } = m {
+                job.part_done(Err(Error::ShutDown));
             }
         }
     }
@@ -627,42 +770,126 @@ impl Shard {
             self.pack_records();
             self.drain();
         }
+        if !self.stalled.is_empty() {
+            // An earlier write of this batch waits for space: the map does not hold it yet, so
+            // merging with it now would lose it. Rare (space ran out within one batch).
+            return Err(Error::NoSpace);
+        }
         self.read_block_now(vol, lba)
     }
 
-    /// Turn queued items into records and queue their writes.
+    /// Turn queued items into records and queue their writes. Data that would eat into the
+    /// space kept for the cleaner waits (stalls) while cleaning can free space, instead of
+    /// failing; cleaner moves never wait.
     fn pack_records(&mut self) {
-        let mut items = std::mem::take(&mut self.items);
-        while let Some(first) = items.first() {
-            let is_trim = matches!(first, Item::Trim { .. });
-            let end = items
-                .iter()
-                .take(MAX_RECORD_ENTRIES)
-                .take_while(|i| matches!(i, Item::Trim { .. }) == is_trim)
-                .count();
-            let batch: Vec<Item> = items.drain(..end).collect();
-            self.build_record(batch, is_trim);
+        let fresh = std::mem::take(&mut self.items);
+        let (moves, fresh): (Vec<Item>, Vec<Item>) = fresh
+            .into_iter()
+            .partition(|i| matches!(i, Item::Move { .. }));
+        let mut moves = moves;
+        while !moves.is_empty() {
+            let fits = self
+                .entries_that_fit(RecordKind::Move)
+                .clamp(1, MAX_RECORD_ENTRIES);
+            let batch: Vec<Item> = moves.drain(..fits.min(moves.len())).collect();
+            self.build_record(batch, RecordKind::Move);
         }
-        self.items = items;
+        // Previously stalled items (each holding a count on its part) come first.
+        let mut queue: VecDeque<(Item, bool)> = std::mem::take(&mut self.stalled)
+            .into_iter()
+            .map(|i| (i, true))
+            .chain(fresh.into_iter().map(|i| (i, false)))
+            .collect();
+        while let Some((first, _)) = queue.front() {
+            let kind = first.kind();
+            // Cut the record to what the open segment still holds, so that segment tails are
+            // not left empty (with 1 MiB writes and 2 MiB segments that wasted half the pool).
+            let fits = self.entries_that_fit(kind).clamp(1, MAX_RECORD_ENTRIES);
+            let end = queue
+                .iter()
+                .take(fits)
+                .take_while(|(i, _)| i.kind() == kind)
+                .count();
+            let payload = queue
+                .iter()
+                .take(end)
+                .filter(|(i, _)| i.payload().is_some())
+                .count();
+            let bytes = RecordHeader::header_area(end, DataEntry::BYTES) + payload * BLOCK;
+            if kind == RecordKind::Data && self.must_wait_for_space(bytes as u64) {
+                break;
+            }
+            let batch: Vec<(Item, bool)> = queue.drain(..end).collect();
+            let held: Vec<Rc<Part>> = batch
+                .iter()
+                .filter(|(_, h)| *h)
+                .map(|(i, _)| item_part(i).clone())
+                .collect();
+            self.build_record(batch.into_iter().map(|(i, _)| i).collect(), kind);
+            for p in held {
+                p.record_done();
+            }
+        }
+        for (item, held) in queue {
+            if !held {
+                let p = item_part(&item);
+                p.records.set(p.records.get() + 1);
+            }
+            self.stalled.push_back(item);
+        }
+        if self.stalled.is_empty() {
+            self.stalled_since = None;
+        } else {
+            self.stalled_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
     }
 
-    fn build_record(&mut self, batch: Vec<Item>, is_trim: bool) {
-        let (kind, entry_bytes) = if is_trim {
-            (RecordKind::Trim, TrimEntry::BYTES)
-        } else {
-            (RecordKind::Data, DataEntry::BYTES)
+    /// Whether a data record of `bytes` should wait for the cleaner rather than fail: it does
+    /// not fit in the open segment, free space is at the data reserve, cleaning can give some
+    /// back, and it has not waited too long already.
+    fn must_wait_for_space(&mut self, bytes: u64) -> bool {
+        let seg_bytes = self.inner.geo.segment_bytes;
+        let fits_here = self.pos.segment != NO_SEGMENT
+            && u64::from(self.pos.offset) + bytes + TRIM_RESERVE_BYTES <= seg_bytes;
+        if fits_here {
+            return false;
+        }
+        let free = self.inner.space.lock().free_segments;
+        let reserve = self.inner.data_reserve();
+        if self.pos.next != NO_SEGMENT && free > reserve {
+            return false;
+        }
+        if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) {
+            return false;
+        }
+        // A checkpoint gives a shard without a next segment one; the cleaner makes free space.
+        self.inner.kick_checkpoint();
+        free > reserve || self.inner.reclaimable_segments() > 0
+    }
+
+    fn build_record(&mut self, batch: Vec<Item>, kind: RecordKind) {
+        let entry_bytes = match kind {
+            RecordKind::Trim => TrimEntry::BYTES,
+            RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
         };
-        let n_payload = batch
+        let room = if kind == RecordKind::Data {
+            Room::Data
+        } else {
+            Room::Freeing
+        };
+        let n_new_ids = batch
             .iter()
             .filter(|i| matches!(i, Item::Data { .. }))
             .count();
+        let n_payload = batch.iter().filter(|i| i.payload().is_some()).count();
         let header_bytes = RecordHeader::header_area(batch.len(), entry_bytes);
         let record_bytes = header_bytes + n_payload * BLOCK;
         let parts: Vec<Rc<Part>> = batch.iter().map(item_part).cloned().collect();
         for p in &parts {
             p.records.set(p.records.get() + 1);
         }
-        if let Err(e) = self.make_room(record_bytes as u64, is_trim) {
+        if let Err(e) = self.make_room(record_bytes as u64, room) {
             for p in &parts {
                 p.fail(clone_err(&e));
                 p.record_done();
@@ -673,22 +900,19 @@ impl Shard {
         let seg_off = self.pos.offset;
         let ids: Vec<u64> = {
             let mut space = self.inner.space.lock();
-            (0..n_payload).map(|_| space.alloc_id()).collect()
+            (0..n_new_ids).map(|_| space.alloc_id()).collect()
         };
         // SAFETY: the header area is zeroed here and every payload slot is written below (one
-        // per Data item, `n_payload` of them), so all `record_bytes` are initialised before the
-        // first slice access.
+        // per item with a payload, `n_payload` of them), so all `record_bytes` are initialised
+        // before the first slice access.
         let mut buf = unsafe {
             let mut b = AlignedBuf::new_uninit(record_bytes);
             std::ptr::write_bytes(b.as_mut_ptr(), 0, header_bytes);
             let mut at = header_bytes;
-            for item in &batch {
-                if let Item::Data { src, .. } = item {
-                    let p = src.bytes();
-                    assert_eq!(p.len(), BLOCK, "record payloads are whole blocks");
-                    std::ptr::copy_nonoverlapping(p.as_ptr(), b.as_mut_ptr().add(at), BLOCK);
-                    at += BLOCK;
-                }
+            for p in batch.iter().filter_map(Item::payload) {
+                assert_eq!(p.len(), BLOCK, "record payloads are whole blocks");
+                std::ptr::copy_nonoverlapping(p.as_ptr(), b.as_mut_ptr().add(at), BLOCK);
+                at += BLOCK;
             }
             b
         };
@@ -756,6 +980,35 @@ impl Shard {
                     .encode(&mut buf[at..]);
                     applies.push(Apply::Trim { vol, lba, count });
                 }
+                Item::Move { rel, .. } => {
+                    let fingerprint = xxhash_rust::xxh3::xxh3_128(&rel.data).to_le_bytes();
+                    DataEntry {
+                        volume: u32::MAX,
+                        flags: rel.flags,
+                        lba: u64::from(rel.from_segment) << 32 | u64::from(rel.from_offset),
+                        block_id: rel.id,
+                        fingerprint,
+                        payload_offset: next_payload as u32,
+                        stored_len: rel.data.len() as u32,
+                        payload_crc: rel.crc,
+                    }
+                    .encode(&mut buf[at..]);
+                    applies.push(Apply::Move {
+                        id: rel.id,
+                        from_segment: rel.from_segment,
+                        from_offset: rel.from_offset,
+                        entry: BlockEntry {
+                            segment,
+                            offset: seg_off + next_payload as u32,
+                            stored_len: rel.data.len() as u16,
+                            flags: rel.flags,
+                            crc: rel.crc,
+                            refs: 0,
+                            generation: 0,
+                        },
+                    });
+                    next_payload += BLOCK;
+                }
             }
         }
         let seq = self.inner.seq.fetch_add(1, Ordering::AcqRel);
@@ -804,12 +1057,37 @@ impl Shard {
         });
     }
 
+    /// How many entries of `kind`, each with a payload block, fit in the rest of the open
+    /// segment (0 when not even one does: the record then starts the next segment).
+    fn entries_that_fit(&self, kind: RecordKind) -> usize {
+        let left = self
+            .inner
+            .geo
+            .segment_bytes
+            .saturating_sub(u64::from(self.pos.offset)) as usize;
+        let eb = match kind {
+            RecordKind::Trim => return MAX_RECORD_ENTRIES,
+            RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
+        };
+        let mut n = left.saturating_sub(IO_ALIGN) / BLOCK;
+        while n > 0 && RecordHeader::header_area(n, eb) + n * BLOCK > left {
+            n -= 1;
+        }
+        if n == 0 {
+            MAX_RECORD_ENTRIES
+        } else {
+            n
+        }
+    }
+
     /// Make sure `bytes` fit in the open segment, moving to the next one if needed. When there
     /// is no next segment, data records leave [`TRIM_RESERVE_BYTES`] free so that trims (which
-    /// free space) still fit on a full pool.
-    fn make_room(&mut self, bytes: u64, is_trim: bool) -> Result<(), Error> {
+    /// free space) still fit on a full pool. Data may not move into a new segment once free
+    /// space is down to the data reserve: the rest is for checkpoints, trims and the cleaner,
+    /// so that cleaning can always make progress.
+    fn make_room(&mut self, bytes: u64, room: Room) -> Result<(), Error> {
         let seg_bytes = self.inner.geo.segment_bytes;
-        let margin = if is_trim || self.pos.next != NO_SEGMENT {
+        let margin = if room == Room::Freeing || self.pos.next != NO_SEGMENT {
             0
         } else {
             TRIM_RESERVE_BYTES
@@ -824,7 +1102,15 @@ impl Shard {
             self.inner.kick_checkpoint();
             return Err(Error::NoSpace);
         }
-        let reserve = self.inner.reserve_segments();
+        // Next segments may come out of everything but the checkpoint's own reserve: data is
+        // held back at the data reserve above it, so what lies between is the cleaner's.
+        let reserve = self.inner.ckpt_reserve();
+        let free = self.inner.space.lock().free_segments;
+        if room == Room::Data && free <= self.inner.data_reserve() {
+            // Wake the cleaner; the write fails now rather than eat the cleaner's headroom.
+            self.inner.kick_checkpoint();
+            return Err(Error::NoSpace);
+        }
         let mut space = self.inner.space.lock();
         let next2 = space
             .alloc_segment(SegState::Next, reserve)
@@ -894,7 +1180,30 @@ impl Shard {
         }
     }
 
-    /// At a checkpoint: seal the open segment and start a new chain in the reserved next one
+    /// At a checkpoint the chain goes on where it is (the checkpoint records the position and
+    /// the next segment, so replay starts there): sealing a half-full segment at every
+    /// checkpoint only made work for the cleaner. A shard left without a next segment gets one
+    /// now if space allows, and a shard without any segment starts a new chain.
+    fn at_checkpoint(&mut self) -> Result<(), Error> {
+        if self.pos.segment == NO_SEGMENT {
+            return self.restart_chain();
+        }
+        if self.pos.next == NO_SEGMENT {
+            let reserve = self.inner.ckpt_reserve();
+            let next = self
+                .inner
+                .space
+                .lock()
+                .alloc_segment(SegState::Next, reserve);
+            if let Some(next) = next {
+                self.pos.next = next;
+                self.preallocate(next);
+            }
+        }
+        Ok(())
+    }
+
+    /// Seal the open segment and start a new chain in the reserved next one
     /// (its header written and made durable by the checkpoint's sync).
     ///
     /// With no next segment and no free one (beyond the checkpoint reserve), the chain goes on in
@@ -1003,6 +1312,7 @@ impl Shard {
         let shards = self.inner.shards();
         let me = self.id;
         let mut written = 0u64;
+        let mut moved = 0u64;
         let mut space = self.inner.space.lock();
         // Records nearly always hold one volume: keep its map locked across entries.
         let mut map: Option<(&Arc<VolumeState>, parking_lot::MutexGuard<'_, LbaMap>)> = None;
@@ -1051,6 +1361,16 @@ impl Shard {
                         space.drop_ref(old, seq)
                     });
                 }
+                Apply::Move {
+                    id,
+                    from_segment,
+                    from_offset,
+                    entry,
+                } => {
+                    if space.relocate(*id, *from_segment, *from_offset, entry) {
+                        moved += u64::from(entry.stored_len);
+                    }
+                }
             }
         }
         drop(map);
@@ -1059,6 +1379,10 @@ impl Shard {
             .counters
             .client_written
             .fetch_add(written, Ordering::Relaxed);
+        self.inner
+            .counters
+            .gc_moved
+            .fetch_add(moved, Ordering::Relaxed);
     }
 
     fn tag(&mut self) -> u64 {
@@ -1096,7 +1420,10 @@ pub(crate) fn trim_owned(
 
 fn item_part(i: &Item) -> &Rc<Part> {
     match i {
-        Item::Data { part, .. } | Item::Hole { part, .. } | Item::Trim { part, .. } => part,
+        Item::Data { part, .. }
+        | Item::Hole { part, .. }
+        | Item::Trim { part, .. }
+        | Item::Move { part, .. } => part,
     }
 }
 

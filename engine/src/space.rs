@@ -142,6 +142,33 @@ impl Space {
         }
     }
 
+    /// The cleaner copied block `id` from (`from_segment`, `from_offset`) to `to`: take the new
+    /// location if the block is still live at the old one (it may have been overwritten or
+    /// trimmed meanwhile, then the copy is garbage). Returns whether it moved.
+    pub fn relocate(
+        &mut self,
+        id: u64,
+        from_segment: u32,
+        from_offset: u32,
+        to: &BlockEntry,
+    ) -> bool {
+        let Some(e) = self.blocks.get(id as usize).copied() else {
+            return false;
+        };
+        if e.refs == 0 || e.segment != from_segment || e.offset != from_offset {
+            return false;
+        }
+        self.unaccount(&e);
+        let moved = BlockEntry {
+            segment: to.segment,
+            offset: to.offset,
+            ..e
+        };
+        self.blocks[id as usize] = moved;
+        self.account(&moved);
+        true
+    }
+
     /// Give back an id that was allocated but never referenced (a failed or dropped write).
     pub fn discard_id(&mut self, id: u64, seq: u64) {
         if self.blocks.get(id as usize).is_some_and(|e| e.refs == 0) {
