@@ -223,7 +223,8 @@ impl<R: Read> Conn<R> {
             if h.magic != EXTENDED_REQUEST_MAGIC {
                 return Err(NbdError::BadRequestMagic(h.magic));
             }
-            let payload = if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+            // Writes always carry their payload; qemu leaves PAYLOAD_LEN off them.
+            let payload = if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 || h.command == CMD_WRITE {
                 if h.len > MAX_REQUEST_BYTES {
                     // The spec asks for a hard disconnect: the stream cannot be trusted.
                     return Err(NbdError::PayloadTooLarge(h.len));
@@ -383,12 +384,6 @@ impl<R: Read> Conn<R> {
         let has_payload = h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
         let flags = h.flags & !CMD_FLAG_PAYLOAD_LEN;
         if self.mode == Mode::Extended {
-            if h.command == CMD_WRITE && !has_payload {
-                return Err((
-                    EINVAL,
-                    "extended writes must carry NBD_CMD_FLAG_PAYLOAD_LEN",
-                ));
-            }
             if h.command != CMD_WRITE && has_payload {
                 return Err((EINVAL, "this command takes no payload"));
             }
