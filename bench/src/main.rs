@@ -141,8 +141,10 @@ fn engine(
         shards,
         ..Default::default()
     };
+    // Prefilled, as a block device or a laid-out fio file is: writes overwrite written blocks.
     let c = CreateOptions {
-        size_bytes: size + (32 << 30),
+        size_bytes: size * 2 + (8 << 30),
+        prefill: true,
         ..Default::default()
     };
     let pool = Pool::create(&pool_dir, &c, &opts)?;

@@ -164,6 +164,10 @@ enum PoolCmd {
         /// Backing file or block device (repeatable; default: dev0.img in the pool directory).
         #[arg(long)]
         device: Vec<PathBuf>,
+        /// Write zeroes over the backing files first, so log writes never allocate file blocks
+        /// (faster writes on a file system; freed space is then not returned to it).
+        #[arg(long)]
+        prefill: bool,
     },
 }
 
@@ -231,12 +235,17 @@ fn run(cli: Cli) -> Result<i32> {
                     size,
                     segment_size,
                     device,
+                    prefill,
                 },
         } => {
+            if prefill {
+                eprintln!("ingot: writing zeroes over {} ...", human(size));
+            }
             let c = CreateOptions {
                 size_bytes: size,
                 segment_bytes: segment_size,
                 devices: device,
+                prefill,
             };
             let p = Pool::create(&pool.pool, &c, &PoolOptions::default())
                 .with_context(|| format!("creating a pool in {}", pool.pool.display()))?;

@@ -2,11 +2,14 @@
 //!
 //! Each shard's chain is read from its checkpoint position: records must carry the
 //! checkpoint's epoch, this segment's number and the next per-shard sequence number. The chain
-//! continues into the reserved next segment when its header is valid. The first record that
-//! fails these checks ends the chain (a torn tail). A record whose header is valid but whose
-//! payload checksum fails ends it too, unless a later record of the chain says it had been
-//! flushed (`durable_shard_seq`): then it is corruption, applied so that reads of the block
-//! report it, never silently dropped.
+//! continues into the reserved next segment when its header is valid. Where the expected record
+//! is missing or unreadable (a write that failed with an error while later ones succeeded, or a
+//! torn write at a power cut), replay goes on at the next valid record of the chain in the same
+//! segment: unflushed writes carry no ordering promise, and the acknowledged ones after a failed
+//! write must survive a process crash. A missing record that a later record declares flushed
+//! (`durable_shard_seq`) makes the open fail with `Corrupt` instead of silently losing it. A
+//! record whose payload checksum fails is dropped, unless a later record says it had been
+//! flushed: then it is corruption, applied so that reads of the block report it.
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -60,6 +63,8 @@ pub(crate) fn scan_chain(
 ) -> Result<ChainScan> {
     let mut scanned: Vec<Scanned> = Vec::new();
     let mut segments = Vec::new();
+    // First missing shard_seq of each hole skipped over.
+    let mut holes: Vec<u64> = Vec::new();
     let mut seg = start.segment;
     let mut next = start.next;
     let mut off = u64::from(start.offset);
@@ -69,28 +74,49 @@ pub(crate) fn scan_chain(
     'chain: while seg != NO_SEGMENT && (seg as usize) < geo.total_segments as usize {
         segments.push(seg);
         let (d, base) = geo.locate(seg);
+        // The rest of the segment in one read: replay is bounded by the device's sequential
+        // bandwidth, not by a read per record.
+        let seg_start = off.min(seg_bytes);
+        let mut segbuf = AlignedBuf::new((seg_bytes - seg_start) as usize);
+        let seg_len = (seg_bytes - seg_start) as usize;
+        if seg_len > 0
+            && dev
+                .read_at(d, &mut segbuf[..seg_len], base + seg_start)
+                .is_err()
+        {
+            break 'chain;
+        }
         while off + IO_ALIGN as u64 <= seg_bytes {
-            if dev.read_at(d, &mut first, base + off).is_err() {
-                break 'chain;
+            let rel = (off - seg_start) as usize;
+            let mut rec = RecordHeader::decode(&segbuf[rel..rel + IO_ALIGN]).filter(|h| {
+                h.epoch == epoch
+                    && h.segment == seg
+                    && h.shard == shard
+                    && h.shard_seq == expect
+                    && off + u64::from(h.record_bytes) <= seg_bytes
+            });
+            let mut buf: &[u8] = &[];
+            if let Some(h) = &rec {
+                buf = &segbuf[rel..rel + h.record_bytes as usize];
+                if !h.verify(&buf[..h.header_bytes as usize]) {
+                    rec = None;
+                }
             }
-            let Some(h) = RecordHeader::decode(&first) else {
-                break;
+            let Some(h) = rec else {
+                // Not the expected record: a hole left by a failed write (later records were
+                // acknowledged after it), a torn or reordered write at a power cut, or the end
+                // of this segment's records. Go on at the next valid record of the chain in this
+                // segment, if any; holes that a later record declares flushed are refused below.
+                match find_next_record(dev, geo, seg, off + IO_ALIGN as u64, epoch, shard, expect) {
+                    Some((at, seq)) => {
+                        holes.push(expect);
+                        off = at;
+                        expect = seq;
+                        continue;
+                    }
+                    None => break,
+                }
             };
-            if h.epoch != epoch
-                || h.segment != seg
-                || h.shard != shard
-                || h.shard_seq != expect
-                || off + u64::from(h.record_bytes) > seg_bytes
-            {
-                break;
-            }
-            let mut buf = AlignedBuf::new(h.record_bytes as usize);
-            if dev.read_at(d, &mut buf, base + off).is_err() {
-                break 'chain;
-            }
-            if !h.verify(&buf[..h.header_bytes as usize]) {
-                break 'chain;
-            }
             let eb = h.entry_bytes();
             let mut entries = Vec::with_capacity(h.entry_count as usize);
             let mut payload_ok = true;
@@ -153,36 +179,22 @@ pub(crate) fn scan_chain(
             _ => break,
         }
     }
-    // Where the chain stopped, a record that does not decode, verify or follow on is a torn
-    // tail, unless a later record of the chain says it had been flushed: then it is corruption
-    // of a durable record whose entries are unknown, and opening would silently lose it and
-    // every flushed record after it.
-    let (gseg, goff, gnext) = scanned
-        .last()
-        .map_or((start.segment, u64::from(start.offset), start.next), |s| {
-            (s.rec.segment, s.end, s.next)
-        });
-    if later_record_says_flushed(
-        dev,
-        geo,
-        pool_uuid,
-        epoch,
-        shard,
-        (gseg, goff, gnext),
-        expect,
-    ) {
+    let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
+    // A missing or unreadable record that a later record declares flushed: its entries are
+    // unknown, so opening would silently lose a durable write.
+    if holes.iter().any(|&h| h < durable) {
         return Err(Error::Corrupt {
-            what: "a flushed log record is unreadable (bad record header), records after it were flushed too",
+            what: "a flushed log record is missing or unreadable (bad record header)",
         });
     }
-    // A bad payload at or below what a later record declares flushed is corruption (kept);
-    // above it, a torn tail (the chain ends there).
-    let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
+    // A bad payload at or below what a later record declares flushed is corruption (kept, so
+    // that reads of the block report it); above it, a torn write that was never flushed
+    // (dropped, like a hole).
     let mut records = Vec::with_capacity(scanned.len());
     let mut end = start;
     for s in scanned {
         if !s.payload_ok && s.shard_seq >= durable {
-            break;
+            continue;
         }
         end = ShardPosition {
             segment: s.rec.segment,
@@ -199,71 +211,47 @@ pub(crate) fn scan_chain(
     })
 }
 
-/// Whether a record of this chain after the stop at `from` (segment, offset, that segment's
-/// next) declares record `expect` flushed (`durable_shard_seq > expect`). Searches the rest of
-/// the segment and the chain's next segment, 4 KiB-aligned, for valid record headers.
-fn later_record_says_flushed(
+/// The first valid record of this chain in `seg` at or after byte `from` (4 KiB-aligned) with a
+/// shard_seq above `expect`: (offset, shard_seq). Records of earlier uses of the segment carry
+/// older epochs or lower shard_seqs and are passed over.
+fn find_next_record(
     dev: &dyn Devices,
     geo: &Geometry,
-    pool_uuid: &[u8; 16],
+    seg: u32,
+    from: u64,
     epoch: u64,
     shard: u16,
-    from: (u32, u64, u32),
     expect: u64,
-) -> bool {
+) -> Option<(u64, u64)> {
     const CHUNK: u64 = 1 << 20;
-    let (seg, off, next) = from;
     let seg_bytes = geo.segment_bytes;
-    let mut places = Vec::new();
-    if seg != NO_SEGMENT && seg < geo.total_segments {
-        places.push((seg, off));
-    }
-    if next != NO_SEGMENT && next < geo.total_segments {
-        let (d, base) = geo.locate(next);
-        let mut hdr = AlignedBuf::new(IO_ALIGN);
-        if dev.read_at(d, &mut hdr, base).is_ok() {
-            if let Some(sh) = SegmentHeader::decode(&hdr) {
-                if sh.kind == SegmentKind::Data
-                    && sh.segment == next
-                    && sh.epoch == epoch
-                    && sh.shard == shard
-                    && &sh.pool_uuid == pool_uuid
-                {
-                    places.push((next, SEGMENT_HEADER_BYTES));
-                }
+    let (d, base) = geo.locate(seg);
+    let mut pos = from;
+    while pos + IO_ALIGN as u64 <= seg_bytes {
+        let n = (seg_bytes - pos).min(CHUNK) / IO_ALIGN as u64 * IO_ALIGN as u64;
+        let mut buf = AlignedBuf::new(n as usize);
+        if dev.read_at(d, &mut buf, base + pos).is_err() {
+            return None;
+        }
+        for i in (0..n as usize).step_by(IO_ALIGN) {
+            let Some(h) = RecordHeader::decode(&buf[i..]) else {
+                continue;
+            };
+            let at = pos + i as u64;
+            if h.epoch != epoch
+                || h.shard != shard
+                || h.segment != seg
+                || h.shard_seq <= expect
+                || at + u64::from(h.record_bytes) > seg_bytes
+            {
+                continue;
+            }
+            let mut area = AlignedBuf::new(h.header_bytes as usize);
+            if dev.read_at(d, &mut area, base + at).is_ok() && h.verify(&area) {
+                return Some((at, h.shard_seq));
             }
         }
+        pos += n;
     }
-    for (s, from) in places {
-        let (d, base) = geo.locate(s);
-        let mut pos = from;
-        while pos + IO_ALIGN as u64 <= seg_bytes {
-            let n = (seg_bytes - pos).min(CHUNK) / IO_ALIGN as u64 * IO_ALIGN as u64;
-            let mut buf = AlignedBuf::new(n as usize);
-            if dev.read_at(d, &mut buf, base + pos).is_err() {
-                break;
-            }
-            for i in (0..n as usize).step_by(IO_ALIGN) {
-                let Some(h) = RecordHeader::decode(&buf[i..]) else {
-                    continue;
-                };
-                let at = pos + i as u64;
-                if h.epoch != epoch
-                    || h.shard != shard
-                    || h.segment != s
-                    || h.shard_seq <= expect
-                    || h.durable_shard_seq <= expect
-                    || at + u64::from(h.record_bytes) > seg_bytes
-                {
-                    continue;
-                }
-                let mut area = AlignedBuf::new(h.header_bytes as usize);
-                if dev.read_at(d, &mut area, base + at).is_ok() && h.verify(&area) {
-                    return true;
-                }
-            }
-            pos += n;
-        }
-    }
-    false
+    None
 }

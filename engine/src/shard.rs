@@ -134,6 +134,8 @@ struct Inflight {
     buf: Option<AlignedBuf>,
     seq: u64,
     shard_seq: Option<u64>,
+    /// A segment header: its device and byte offset (to write it again if it fails).
+    header_at: Option<(u16, u64)>,
     applies: Vec<Apply>,
     parts: Vec<Rc<Part>>,
 }
@@ -796,6 +798,7 @@ impl Shard {
             buf: None,
             seq,
             shard_seq: Some(shard_seq),
+            header_at: None,
             applies,
             parts,
         });
@@ -858,6 +861,7 @@ impl Shard {
             buf: None,
             seq: 0,
             shard_seq: None,
+            header_at: Some((dev, base)),
             applies: Vec::new(),
             parts: Vec::new(),
         });
@@ -944,7 +948,13 @@ impl Shard {
             let Some(rec) = self.inflight.pop_front() else {
                 break;
             };
-            let ok = matches!(rec.result, Some(Ok(())));
+            let mut ok = matches!(rec.result, Some(Ok(())));
+            if let (false, Some((dev, at)), Some(buf)) = (ok, rec.header_at, &rec.buf) {
+                // Every record after a failed segment header is unreachable by replay (some may
+                // already be on the device): write the header again, synchronously, before any
+                // of them is acknowledged.
+                ok = self.inner.devices.write_at(dev, buf, at).is_ok();
+            }
             if !ok {
                 // Before `applied_shard_seq` moves past the failed record: a flusher that sees
                 // the new value must also see the broken chain, or it would only sync and let

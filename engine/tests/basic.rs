@@ -12,10 +12,12 @@ fn opts(io: IoKind) -> PoolOptions {
 }
 
 fn create(dir: &std::path::Path, io: IoKind) -> Pool {
+    // The io_uring run also covers prefilled backing files.
     let c = CreateOptions {
         size_bytes: 256 << 20,
         segment_bytes: 4 << 20,
-        devices: vec![],
+        prefill: io == IoKind::Uring,
+        ..Default::default()
     };
     Pool::create(dir, &c, &opts(io)).expect("create")
 }
