@@ -145,7 +145,7 @@ fn nbdcopy_and_fio_over_several_connections() {
     let back = dir.join("back.img");
     run(Command::new(require_tool("nbdcopy"))
         .args(["--connections=4"])
-        .arg(format!("{uri}"))
+        .arg(&uri)
         .arg(&back));
     assert_eq!(
         sha256_file(&back),
