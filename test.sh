@@ -16,6 +16,8 @@ declare -A PKG=(
   [nbdsh]=python3-libnbd
   [fio]=fio [nbdkit]=nbdkit [fusermount3]=fuse3
   [sha256sum]=coreutils [kill]=procps
+  [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [losetup]=util-linux
+  [pgbench]=postgresql-contrib [/usr/lib/postgresql/15/bin/initdb]=postgresql
 )
 missing_pkgs() {
   local t pkgs=()

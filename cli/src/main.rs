@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Stats, VolumeInfo};
-use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig};
+use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig, TlsConfig};
 
 use control::Request;
 use size::{human, parse_size};
@@ -94,6 +94,8 @@ enum Cmd {
         #[arg(long)]
         metrics: Option<String>,
         #[command(flatten)]
+        nbd_opts: NbdArgs,
+        #[command(flatten)]
         run: RunArgs,
     },
     /// Create, list, resize and delete volumes.
@@ -131,6 +133,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// NBD server settings of `ingot serve`.
+#[derive(clap::Args)]
+struct NbdArgs {
+    /// Offer TLS (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse clients that do not switch to TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
+    /// Connections served at once; more are closed right after accept.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Disconnect clients that send no request for this many seconds while nothing is in
+    /// flight (0: never).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout: u64,
+    /// Disconnect clients that stall this many seconds in the middle of a request, or leave a
+    /// reply unread that long (0: never).
+    #[arg(long, default_value_t = 60)]
+    request_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -249,8 +276,9 @@ fn run(cli: Cli) -> Result<i32> {
             nbd,
             read_only,
             metrics,
+            nbd_opts,
             run,
-        } => serve(&pool.pool, nbd, read_only, metrics, &run),
+        } => serve(&pool.pool, nbd, read_only, metrics, &nbd_opts, &run),
         Cmd::Volume { cmd } => volume(cmd),
         Cmd::Stats {
             pool,
@@ -459,6 +487,7 @@ fn serve(
     nbd: Vec<String>,
     read_only: bool,
     metrics_addr: Option<String>,
+    nbd_opts: &NbdArgs,
     run: &RunArgs,
 ) -> Result<i32> {
     let opts = run.options();
@@ -493,8 +522,22 @@ fn serve(
     } else {
         nbd
     };
+    let tls = match (&nbd_opts.tls_cert, &nbd_opts.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsConfig::from_pem_files(cert, key)
+                .with_context(|| format!("loading TLS certificate {}", cert.display()))?,
+        ),
+        _ => None,
+    };
+    let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
     let cfg = ServerConfig {
         read_only,
+        tls,
+        tls_required: nbd_opts.tls_required,
+        max_connections: nbd_opts.max_connections,
+        idle_timeout: secs(nbd_opts.idle_timeout),
+        request_timeout: secs(nbd_opts.request_timeout),
+        reply_timeout: secs(nbd_opts.request_timeout),
         ..Default::default()
     };
     let server = NbdServer::new(Arc::new(PoolExports::new(pool.clone())), cfg);

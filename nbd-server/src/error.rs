@@ -20,6 +20,20 @@ pub enum NbdError {
     TooManyOptions(usize),
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("client asked for an export without TLS while TLS is required")]
+    TlsRequired,
+    #[error("client used NBD_OPT_EXPORT_NAME after negotiating extended headers")]
+    ExportNameAfterExtendedHeaders,
+    #[error("client sent data after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("client was idle for longer than the idle timeout")]
+    IdleTimeout,
+    #[error("client stopped sending in the middle of a request")]
+    RequestTimeout,
+    #[error("client sent a payload of {0} bytes, more than the maximum")]
+    PayloadTooLarge(u64),
     #[error("connection closed in the middle of a message")]
     Truncated,
     #[error("invalid listen address {addr:?}: {reason}")]

@@ -19,7 +19,10 @@ const PREFERRED_BLOCK: u32 = ingot_engine::BLOCK_BYTES as u32;
 pub(crate) struct Negotiated {
     pub export: Arc<dyn Export>,
     pub read_only: bool,
+    /// Structured replies (also true with extended headers).
     pub structured: bool,
+    /// Extended (64-bit) request and reply headers.
+    pub extended: bool,
     /// Context id of `base:allocation` when the client selected it for this export.
     pub meta_context: Option<u32>,
 }
@@ -30,6 +33,18 @@ pub(crate) struct HandshakeCtx<'a> {
     pub max_option_bytes: u32,
     pub force_read_only: bool,
     pub stopping: &'a AtomicBool,
+    /// NBD_OPT_STARTTLS is available.
+    pub tls_available: bool,
+    /// Every option but STARTTLS and ABORT is refused until TLS is active.
+    pub tls_required: bool,
+}
+
+/// The connection as negotiation sees it: a byte stream that can switch to TLS.
+pub(crate) trait HandshakeIo {
+    fn reader(&mut self) -> &mut dyn Read;
+    fn writer(&mut self) -> &mut dyn Write;
+    /// Run the TLS handshake; called after the ACK of NBD_OPT_STARTTLS has been sent.
+    fn start_tls(&mut self) -> Result<()>;
 }
 
 /// Transmission flags for an export.
@@ -37,13 +52,12 @@ pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
         | TFLAG_SEND_FUA
-        | TFLAG_SEND_TRIM
-        | TFLAG_SEND_WRITE_ZEROES
-        | TFLAG_SEND_FAST_ZERO
         | TFLAG_SEND_CACHE
         | TFLAG_CAN_MULTI_CONN;
     if read_only {
         f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
     }
     if structured {
         f |= TFLAG_SEND_DF;
@@ -54,6 +68,8 @@ pub(crate) fn transmission_flags(read_only: bool, structured: bool) -> u16 {
 struct State<'a, 'c> {
     ctx: &'a HandshakeCtx<'c>,
     structured: bool,
+    extended: bool,
+    tls_active: bool,
     no_zeroes: bool,
     /// Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
     meta_for: Option<String>,
@@ -61,20 +77,21 @@ struct State<'a, 'c> {
 
 /// Run the handshake. `Ok(None)` means the client ended the session (NBD_OPT_ABORT or EOF
 /// between options).
-pub(crate) fn negotiate<R: Read, W: Write>(
-    r: &mut R,
-    w: &mut W,
+pub(crate) fn negotiate(
+    io: &mut dyn HandshakeIo,
     ctx: &HandshakeCtx<'_>,
 ) -> Result<Option<Negotiated>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
     hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&hello)?;
-    w.flush()?;
+    io.writer().write_all(&hello)?;
+    io.writer().flush()?;
 
     let mut flags = [0u8; 4];
-    r.read_exact(&mut flags).map_err(NbdError::from_read)?;
+    io.reader()
+        .read_exact(&mut flags)
+        .map_err(NbdError::from_read)?;
     let client_flags = u32::from_be_bytes(flags);
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(NbdError::BadClientFlags(client_flags));
@@ -82,13 +99,15 @@ pub(crate) fn negotiate<R: Read, W: Write>(
     let mut st = State {
         ctx,
         structured: false,
+        extended: false,
+        tls_active: false,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         meta_for: None,
     };
 
     for _ in 0..MAX_OPTIONS {
         let mut hdr = [0u8; 16];
-        if !read_exact_or_eof(r, &mut hdr)? {
+        if !read_exact_or_eof(io.reader(), &mut hdr)? {
             return Ok(None);
         }
         let mut c = Cursor::new(&hdr);
@@ -101,6 +120,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
         if len > ctx.max_option_bytes {
             let mut out = Vec::new();
             put_option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option data too large");
+            let w = io.writer();
             let _ = w.write_all(&out).and_then(|_| w.flush());
             return Err(NbdError::OptionTooLarge {
                 option,
@@ -110,14 +130,24 @@ pub(crate) fn negotiate<R: Read, W: Write>(
         }
         // `len` is bounded by max_option_bytes (a u32), so this allocation is bounded too.
         let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data).map_err(NbdError::from_read)?;
+        io.reader()
+            .read_exact(&mut data)
+            .map_err(NbdError::from_read)?;
 
         let mut out = Vec::new();
         let step = st.option(option, &data, &mut out)?;
-        w.write_all(&out)?;
-        w.flush()?;
+        io.writer().write_all(&out)?;
+        io.writer().flush()?;
         match step {
             Step::Continue => {}
+            Step::StartTls => {
+                io.start_tls()?;
+                // Everything negotiated in the clear is forgotten.
+                st.tls_active = true;
+                st.structured = false;
+                st.extended = false;
+                st.meta_for = None;
+            }
             Step::Abort => return Ok(None),
             Step::Transmit(n) => return Ok(Some(n)),
         }
@@ -127,6 +157,7 @@ pub(crate) fn negotiate<R: Read, W: Write>(
 
 enum Step {
     Continue,
+    StartTls,
     Abort,
     Transmit(Negotiated),
 }
@@ -158,7 +189,8 @@ impl State<'_, '_> {
         Negotiated {
             read_only: self.read_only(&*export),
             export,
-            structured: self.structured,
+            structured: self.structured || self.extended,
+            extended: self.extended,
             meta_context,
         }
     }
@@ -173,6 +205,20 @@ impl State<'_, '_> {
                 return Err(NbdError::Io(std::io::ErrorKind::ConnectionAborted.into()));
             }
             return error_reply(out, option, REP_ERR_SHUTDOWN, "server is shutting down");
+        }
+        if option == OPT_STARTTLS {
+            return self.starttls(data, out);
+        }
+        if self.ctx.tls_required && !self.tls_active {
+            if option == OPT_EXPORT_NAME {
+                return Err(NbdError::TlsRequired);
+            }
+            return error_reply(
+                out,
+                option,
+                REP_ERR_TLS_REQD,
+                "TLS is required (NBD_OPT_STARTTLS)",
+            );
         }
         match option {
             OPT_EXPORT_NAME => self.export_name(data, out),
@@ -191,6 +237,14 @@ impl State<'_, '_> {
                 Ok(Step::Continue)
             }
             OPT_STRUCTURED_REPLY => {
+                if self.extended {
+                    return error_reply(
+                        out,
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    );
+                }
                 if !data.is_empty() {
                     return error_reply(
                         out,
@@ -205,12 +259,53 @@ impl State<'_, '_> {
             }
             OPT_INFO | OPT_GO => self.info_go(option, data, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data, out),
-            OPT_STARTTLS => error_reply(out, option, REP_ERR_POLICY, "TLS is not supported"),
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    return error_reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    );
+                }
+                self.extended = true;
+                put_option_reply(out, option, REP_ACK, &[]);
+                Ok(Step::Continue)
+            }
             _ => error_reply(out, option, REP_ERR_UNSUP, "unsupported option"),
         }
     }
 
+    fn starttls(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Step> {
+        let option = OPT_STARTTLS;
+        if !data.is_empty() {
+            return error_reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            );
+        }
+        if !self.ctx.tls_available {
+            return error_reply(
+                out,
+                option,
+                REP_ERR_UNSUP,
+                "TLS is not configured on this server",
+            );
+        }
+        if self.tls_active {
+            return error_reply(out, option, REP_ERR_INVALID, "TLS is already active");
+        }
+        put_option_reply(out, option, REP_ACK, &[]);
+        Ok(Step::StartTls)
+    }
+
     fn export_name(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Step> {
+        if self.extended {
+            // Clients must use NBD_OPT_GO once extended headers are on; no way to say so.
+            return Err(NbdError::ExportNameAfterExtendedHeaders);
+        }
         let name = String::from_utf8_lossy(data).into_owned();
         let export = match self.resolve(&name) {
             Some(e) => e,
@@ -251,7 +346,9 @@ impl State<'_, '_> {
         let mut d = Vec::with_capacity(12);
         d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
         d.extend_from_slice(&export.size_bytes().to_be_bytes());
-        d.extend_from_slice(&transmission_flags(read_only, self.structured).to_be_bytes());
+        d.extend_from_slice(
+            &transmission_flags(read_only, self.structured || self.extended).to_be_bytes(),
+        );
         put_option_reply(out, option, REP_INFO, &d);
 
         if infos.contains(&INFO_NAME) {
@@ -284,7 +381,7 @@ impl State<'_, '_> {
         if set {
             // SET replaces the previous selection even when it fails.
             self.meta_for = None;
-            if !self.structured {
+            if !self.structured && !self.extended {
                 return error_reply(
                     out,
                     option,
@@ -341,7 +438,7 @@ impl State<'_, '_> {
 }
 
 /// Fill `buf`; `Ok(false)` on a clean EOF before the first byte, `Truncated` on EOF after it.
-pub(crate) fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<bool> {
+pub(crate) fn read_exact_or_eof<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<bool> {
     let mut got = 0;
     while got < buf.len() {
         let Some(rest) = buf.get_mut(got..) else {

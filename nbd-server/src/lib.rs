@@ -19,13 +19,17 @@
 mod engine_export;
 mod error;
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 pub mod proto;
 mod server;
 mod stream;
+mod tls;
 mod transmission;
 
 pub use engine_export::PoolExports;
 pub use error::{NbdError, Result};
 pub use export::{Export, ExportSource, StaticExports};
 pub use server::{BoundAddr, ListenAddr, ListenerHandle, NbdServer, ServerConfig};
+pub use tls::TlsConfig;

@@ -10,6 +10,8 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -27,6 +29,7 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -36,9 +39,11 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub const REP_ERR_SHUTDOWN: u32 = 0x8000_0007;
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
 
 // Information types for NBD_OPT_INFO / NBD_OPT_GO.
 pub const INFO_EXPORT: u16 = 0;
@@ -64,6 +69,7 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
@@ -79,7 +85,9 @@ pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = 0x8001;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = 0x8002;
 
@@ -107,6 +115,8 @@ pub const MAX_STRING_BYTES: usize = 4096;
 
 /// Size of a request header on the wire.
 pub const REQUEST_HEADER_BYTES: usize = 28;
+/// Size of an extended request header (and of an extended reply header).
+pub const EXTENDED_HEADER_BYTES: usize = 32;
 
 /// Map any errno to one of the values the NBD protocol allows (`EIO` for the rest).
 pub fn wire_errno(errno: i32) -> u32 {
@@ -151,6 +161,42 @@ impl RequestHeader {
         v.extend_from_slice(&self.len.to_be_bytes());
         let mut out = [0u8; REQUEST_HEADER_BYTES];
         out.copy_from_slice(&v);
+        out
+    }
+}
+
+/// An extended (64-bit length) request header, used after NBD_OPT_EXTENDED_HEADERS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtRequestHeader {
+    pub magic: u32,
+    pub flags: u16,
+    pub command: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ExtRequestHeader {
+    pub fn parse(b: &[u8; EXTENDED_HEADER_BYTES]) -> ExtRequestHeader {
+        let mut c = Cursor::new(b);
+        ExtRequestHeader {
+            magic: c.u32().unwrap_or_default(),
+            flags: c.u16().unwrap_or_default(),
+            command: c.u16().unwrap_or_default(),
+            cookie: c.u64().unwrap_or_default(),
+            offset: c.u64().unwrap_or_default(),
+            len: c.u64().unwrap_or_default(),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; EXTENDED_HEADER_BYTES] {
+        let mut out = [0u8; EXTENDED_HEADER_BYTES];
+        out[0..4].copy_from_slice(&self.magic.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[6..8].copy_from_slice(&self.command.to_be_bytes());
+        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        out[24..32].copy_from_slice(&self.len.to_be_bytes());
         out
     }
 }
@@ -228,6 +274,23 @@ pub fn put_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, l
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
     out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Append an extended reply chunk header.
+pub fn put_extended_header(
+    out: &mut Vec<u8>,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) {
+    out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
 }
 

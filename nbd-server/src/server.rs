@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -18,9 +18,10 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{NbdError, Result};
 use crate::export::ExportSource;
-use crate::handshake::{negotiate, HandshakeCtx};
+use crate::handshake::{negotiate, HandshakeCtx, HandshakeIo};
 use crate::stream::Stream;
-use crate::transmission;
+use crate::tls::{self, TlsConfig, TlsReader, TlsWriter};
+use crate::transmission::{self, Limits};
 
 /// How often accept threads look at the stop flags.
 const ACCEPT_POLL_MS: i32 = 100;
@@ -39,6 +40,18 @@ pub struct ServerConfig {
     pub handshake_timeout: Option<Duration>,
     /// Serve every export read-only.
     pub read_only: bool,
+    /// Offer NBD_OPT_STARTTLS with this certificate.
+    pub tls: Option<TlsConfig>,
+    /// Refuse everything but NBD_OPT_STARTTLS (and ABORT) until TLS is active.
+    pub tls_required: bool,
+    /// Time a client in transmission may send no request while nothing is in flight
+    /// (`None`: forever).
+    pub idle_timeout: Option<Duration>,
+    /// Time a client may stall in the middle of sending a request (`None`: forever).
+    pub request_timeout: Option<Duration>,
+    /// Time a reply may wait for the client to read it (`None`: forever); a client that does
+    /// not read its replies is disconnected after this.
+    pub reply_timeout: Option<Duration>,
     /// On [`NbdServer::shutdown`], how long connections get to finish in-flight requests before
     /// their sockets are closed.
     pub shutdown_grace: Duration,
@@ -52,6 +65,11 @@ impl Default for ServerConfig {
             max_option_bytes: 64 << 10,
             handshake_timeout: Some(Duration::from_secs(30)),
             read_only: false,
+            tls: None,
+            tls_required: false,
+            idle_timeout: None,
+            request_timeout: Some(Duration::from_secs(60)),
+            reply_timeout: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -431,21 +449,111 @@ impl Shared {
     }
 }
 
+/// A connection's byte streams during negotiation: plain, or TLS after NBD_OPT_STARTTLS.
+enum Transport {
+    Plain {
+        r: BufReader<Stream>,
+        w: Stream,
+    },
+    Tls {
+        r: BufReader<TlsReader>,
+        w: TlsWriter,
+    },
+    Closed,
+}
+
+struct ConnIo<'a> {
+    t: Transport,
+    tls: Option<&'a TlsConfig>,
+    sock: &'a Stream,
+    empty: io::Empty,
+    sink: io::Sink,
+}
+
+impl HandshakeIo for ConnIo<'_> {
+    fn reader(&mut self) -> &mut dyn Read {
+        match &mut self.t {
+            Transport::Plain { r, .. } => r,
+            Transport::Tls { r, .. } => r,
+            Transport::Closed => &mut self.empty,
+        }
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match &mut self.t {
+            Transport::Plain { w, .. } => w,
+            Transport::Tls { w, .. } => w,
+            Transport::Closed => &mut self.sink,
+        }
+    }
+
+    fn start_tls(&mut self) -> Result<()> {
+        let Some(cfg) = self.tls else {
+            return Err(NbdError::Tls(io::ErrorKind::Unsupported.into()));
+        };
+        match std::mem::replace(&mut self.t, Transport::Closed) {
+            Transport::Plain { r, .. } => {
+                // Bytes sent before the TLS handshake would otherwise be taken as protected.
+                if !r.buffer().is_empty() {
+                    return Err(NbdError::DataBeforeTls);
+                }
+                let (tr, tw) = tls::accept(cfg, self.sock).map_err(NbdError::Tls)?;
+                self.t = Transport::Tls {
+                    r: BufReader::with_capacity(READ_BUFFER_BYTES, tr),
+                    w: tw,
+                };
+                Ok(())
+            }
+            other => {
+                self.t = other;
+                Err(NbdError::Tls(io::ErrorKind::AlreadyExists.into()))
+            }
+        }
+    }
+}
+
 fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
-    stream.set_read_timeout(shared.cfg.handshake_timeout)?;
-    let write_half = stream.try_clone()?;
-    let mut handshake_writer = stream.try_clone()?;
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    let cfg = &shared.cfg;
+    stream.set_read_timeout(cfg.handshake_timeout)?;
+    stream.set_write_timeout(cfg.reply_timeout.or(cfg.handshake_timeout))?;
+    let sock = stream.try_clone()?;
+    let mut io = ConnIo {
+        t: Transport::Plain {
+            r: BufReader::with_capacity(READ_BUFFER_BYTES, stream.try_clone()?),
+            w: stream,
+        },
+        tls: cfg.tls.as_ref(),
+        sock: &sock,
+        empty: io::empty(),
+        sink: io::sink(),
+    };
     let ctx = HandshakeCtx {
         source: &*shared.source,
-        max_option_bytes: shared.cfg.max_option_bytes,
-        force_read_only: shared.cfg.read_only,
+        max_option_bytes: cfg.max_option_bytes,
+        force_read_only: cfg.read_only,
         stopping: &shared.stopping,
+        tls_available: cfg.tls.is_some(),
+        tls_required: cfg.tls_required,
     };
-    let Some(neg) = negotiate(&mut reader, &mut handshake_writer, &ctx)? else {
+    let Some(neg) = negotiate(&mut io, &ctx)? else {
         return Ok(());
     };
-    drop(handshake_writer);
-    reader.get_ref().set_read_timeout(None)?;
-    transmission::serve(reader, write_half, neg, shared.cfg.max_inflight_bytes)
+    // One socket timeout serves both transmission timeouts (each is counted in steps of it).
+    let read_timeout = match (cfg.idle_timeout, cfg.request_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    sock.set_read_timeout(read_timeout)?;
+    sock.set_write_timeout(cfg.reply_timeout)?;
+    let limits = Limits {
+        max_inflight_bytes: cfg.max_inflight_bytes,
+        idle_timeout: cfg.idle_timeout,
+        request_timeout: cfg.request_timeout,
+    };
+    let control = Some(sock.try_clone()?);
+    match io.t {
+        Transport::Plain { r, w } => transmission::serve(r, w, control, neg, limits),
+        Transport::Tls { r, w } => transmission::serve(r, w, control, neg, limits),
+        Transport::Closed => Ok(()),
+    }
 }

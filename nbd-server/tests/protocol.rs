@@ -830,5 +830,9 @@ fn garbage_input_never_takes_the_server_down() {
     let mut c = t.raw();
     c.go("v", true, false);
     c.request(0, CMD_READ, 1, 0, 512);
-    assert_eq!(c.chunk().kind, REPLY_TYPE_OFFSET_DATA);
+    let kind = c.chunk().kind;
+    assert!(
+        kind == REPLY_TYPE_OFFSET_DATA || kind == REPLY_TYPE_OFFSET_HOLE,
+        "{kind}"
+    );
 }
