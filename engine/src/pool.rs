@@ -1513,6 +1513,9 @@ impl Pool {
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
         let volumes = self.volumes();
+        // Lock order is checkpoint state, then space (as a checkpoint takes them): read the
+        // checkpoint's sequence number before taking the space lock.
+        let checkpoint_seq = inner.ckpt.lock().seq_end;
         let space = inner.space.lock();
         let seg = inner.geo.segment_bytes;
         let total = u64::from(inner.geo.total_segments);
@@ -1538,7 +1541,7 @@ impl Pool {
             cache_capacity_bytes: inner.cache_capacity,
             cache_hits: sum(|s| &s.cache_hits),
             cache_misses: sum(|s| &s.cache_misses),
-            checkpoint_seq: inner.ckpt.lock().seq_end,
+            checkpoint_seq,
             last_seq: inner.seq.load(Ordering::Relaxed).saturating_sub(1),
             io_engine: inner.devices.engine_name().to_string(),
             shards: inner.shards(),
