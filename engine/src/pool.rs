@@ -192,6 +192,8 @@ pub(crate) struct Inner {
     discard_freed: bool,
     /// One cleaning pass at a time (the checkpointer's and `ingot gc`'s).
     gc_lock: Mutex<()>,
+    /// The last automatic cleaning pass freed nothing: writes waiting for space fail now.
+    pub gc_stuck: AtomicBool,
 }
 
 /// A change made while every shard is paused for a checkpoint (volume create, delete, resize).
@@ -1294,6 +1296,7 @@ impl Pool {
             checkpoint_interval: o.checkpoint_interval_bytes.max(64 << 20),
             discard_freed: !pf.prefilled,
             gc_lock: Mutex::new(()),
+            gc_stuck: AtomicBool::new(false),
         });
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         {
@@ -1809,8 +1812,11 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
                 None,
                 &mut |_, _| {},
             ) {
-                Ok(r) if r.segments_freed > 0 => {}
-                Ok(_) => break,
+                Ok(r) if r.segments_freed > 0 => inner.gc_stuck.store(false, Ordering::Release),
+                Ok(_) => {
+                    inner.gc_stuck.store(true, Ordering::Release);
+                    break;
+                }
                 Err(e) => {
                     if !inner.is_closed() {
                         eprintln!("ingot: cleaning failed: {e}");

@@ -863,6 +863,11 @@ impl Shard {
         if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) {
             return false;
         }
+        if free <= reserve && self.inner.gc_stuck.load(Ordering::Acquire) {
+            // The cleaner found nothing to free: the pool is full of live data.
+            self.inner.kick_checkpoint();
+            return false;
+        }
         // A checkpoint gives a shard without a next segment one; the cleaner makes free space.
         self.inner.kick_checkpoint();
         free > reserve || self.inner.reclaimable_segments() > 0
