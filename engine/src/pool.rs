@@ -1315,36 +1315,16 @@ impl Pool {
             let si = inner.clone();
             let pos = positions[i];
             let cache = cache_capacity / nshards as u64;
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("ingot-shard-{i}"))
-                    .spawn(move || Shard::new(i, si, rx, queue, pos, cache).run())
-                    .map_err(|source| Error::File {
-                        path: PathBuf::from("thread"),
-                        source,
-                    })?,
-            );
+            threads.push(spawn(format!("ingot-shard-{i}"), move || {
+                Shard::new(i, si, rx, queue, pos, cache).run()
+            })?);
         }
         let fi = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("ingot-flusher".into())
-                .spawn(move || flusher(fi, frx))
-                .map_err(|source| Error::File {
-                    path: PathBuf::from("thread"),
-                    source,
-                })?,
-        );
+        threads.push(spawn("ingot-flusher".into(), move || flusher(fi, frx))?);
         let ci = inner.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("ingot-checkpointer".into())
-                .spawn(move || checkpointer(ci, krx))
-                .map_err(|source| Error::File {
-                    path: PathBuf::from("thread"),
-                    source,
-                })?,
-        );
+        threads.push(spawn("ingot-checkpointer".into(), move || {
+            checkpointer(ci, krx)
+        })?);
         Ok(Pool {
             inner,
             threads: Mutex::new(threads),
@@ -1733,6 +1713,16 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|source| Error::File {
+            path: PathBuf::from("thread"),
+            source,
+        })
 }
 
 fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {

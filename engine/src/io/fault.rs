@@ -165,14 +165,8 @@ impl IoQueue for FaultQueue {
             OpKind::Read => self.plan.fail_reads.load(Ordering::Relaxed),
         };
         if fail {
-            self.failed.push(IoDone {
-                tag: op.tag,
-                kind: op.kind,
-                dev: op.dev,
-                offset: op.offset,
-                buf: op.buf,
-                result: Err(io::Error::from_raw_os_error(libc::EIO)),
-            });
+            self.failed
+                .push(op.done(Err(io::Error::from_raw_os_error(libc::EIO))));
             return;
         }
         if op.kind == OpKind::Write {

@@ -36,6 +36,20 @@ pub struct IoOp {
     pub tag: u64,
 }
 
+impl IoOp {
+    /// The completion of this op with `result`.
+    pub fn done(self, result: io::Result<()>) -> IoDone {
+        IoDone {
+            tag: self.tag,
+            kind: self.kind,
+            dev: self.dev,
+            offset: self.offset,
+            buf: self.buf,
+            result,
+        }
+    }
+}
+
 /// A completed [`IoOp`]. A short transfer is reported as an error.
 #[derive(Debug)]
 pub struct IoDone {

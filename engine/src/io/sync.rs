@@ -177,14 +177,7 @@ pub fn run_op(f: &File, mut op: IoOp) -> IoDone {
         OpKind::Read => f.read_exact_at(&mut op.buf[..op.len], op.offset),
         OpKind::Write => f.write_all_at(&op.buf[..op.len], op.offset),
     };
-    IoDone {
-        tag: op.tag,
-        kind: op.kind,
-        dev: op.dev,
-        offset: op.offset,
-        buf: op.buf,
-        result,
-    }
+    op.done(result)
 }
 
 impl IoQueue for SyncQueue {

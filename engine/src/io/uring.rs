@@ -181,14 +181,7 @@ impl UringQueue {
             } else {
                 Ok(())
             };
-            self.done.push(IoDone {
-                tag: op.tag,
-                kind: op.kind,
-                dev: op.dev,
-                offset: op.offset,
-                buf: op.buf,
-                result,
-            });
+            self.done.push(op.done(result));
         }
     }
 }
