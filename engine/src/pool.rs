@@ -1116,18 +1116,7 @@ impl Pool {
                             continue;
                         }
                         if d.block_id != 0 {
-                            space.place(
-                                d.block_id,
-                                BlockEntry {
-                                    segment: r.segment,
-                                    offset: r.offset + d.payload_offset,
-                                    stored_len: d.stored_len as u16,
-                                    flags: d.flags,
-                                    crc: d.payload_crc,
-                                    refs: 0,
-                                    generation: 0,
-                                },
-                            );
+                            space.place(d.block_id, r.block_entry(d));
                             space.add_ref(d.block_id);
                         }
                         let old = vol.maps[shard_of(d.lba, nshards)]
@@ -1142,15 +1131,7 @@ impl Pool {
                             d.block_id,
                             (d.lba >> 32) as u32,
                             d.lba as u32,
-                            &BlockEntry {
-                                segment: r.segment,
-                                offset: r.offset + d.payload_offset,
-                                stored_len: d.stored_len as u16,
-                                flags: d.flags,
-                                crc: d.payload_crc,
-                                refs: 0,
-                                generation: 0,
-                            },
+                            &r.block_entry(d),
                         );
                     }
                     Entry::Trim(t) => {

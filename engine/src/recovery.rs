@@ -19,6 +19,7 @@ use crate::format::{
 use crate::io::{AlignedBuf, Devices};
 use crate::pool::Geometry;
 use crate::shard::ShardPosition;
+use crate::space::BlockEntry;
 
 pub(crate) enum Entry {
     Data(DataEntry),
@@ -34,6 +35,21 @@ pub(crate) struct ReplayRecord {
     /// Byte offset of the record in its segment.
     pub offset: u32,
     pub entries: Vec<Entry>,
+}
+
+impl ReplayRecord {
+    /// Where the payload of entry `d` of this record lives.
+    pub fn block_entry(&self, d: &DataEntry) -> BlockEntry {
+        BlockEntry {
+            segment: self.segment,
+            offset: self.offset + d.payload_offset,
+            stored_len: d.stored_len as u16,
+            flags: d.flags,
+            crc: d.payload_crc,
+            refs: 0,
+            generation: 0,
+        }
+    }
 }
 
 pub(crate) struct ChainScan {
