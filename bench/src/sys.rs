@@ -1,0 +1,139 @@
+//! What machine a run was taken on, and whether anything else was competing for it.
+
+use std::fs;
+use std::process::Command;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub filesystem: String,
+    pub fio: String,
+}
+
+pub fn machine(dir: &std::path::Path) -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let memory_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|s| s.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let out = |c: &mut Command| {
+        c.output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    Machine {
+        cpu_model,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_gib: (memory_gib * 10.0).round() / 10.0,
+        kernel: out(Command::new("uname").arg("-r")),
+        filesystem: out(Command::new("df")
+            .args(["--output=source,fstype", "-h"])
+            .arg(dir))
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" "),
+        fio: out(Command::new("fio").arg("--version")),
+    }
+}
+
+/// Compilers and other heavy processes running now (other engineers' builds make figures noisy).
+pub fn competing_processes() -> Vec<String> {
+    const HEAVY: [&str; 4] = ["rustc", "cargo", "cc1", "ld"];
+    let mut seen = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+                .is_none()
+            {
+                continue;
+            }
+            if let Ok(c) = fs::read_to_string(e.path().join("comm")) {
+                let c = c.trim().to_string();
+                if HEAVY.contains(&c.as_str()) && !seen.contains(&c) {
+                    seen.push(c);
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// 1-minute load average.
+pub fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// Load and competing processes seen over a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Noise {
+    pub max_load_average: f64,
+    pub samples_with_compilers: u32,
+    pub samples: u32,
+    pub compilers_seen: Vec<String>,
+}
+
+impl Noise {
+    pub fn sample(&mut self) {
+        let l = load_average();
+        if l.is_finite() && l > self.max_load_average {
+            self.max_load_average = l;
+        }
+        let c = competing_processes();
+        self.samples += 1;
+        if !c.is_empty() {
+            self.samples_with_compilers += 1;
+        }
+        for x in c {
+            if !self.compilers_seen.contains(&x) {
+                self.compilers_seen.push(x);
+            }
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        if self.samples_with_compilers == 0 {
+            format!(
+                "no compilers seen during the run; max load average {:.1}",
+                self.max_load_average
+            )
+        } else {
+            format!(
+                "NOISY: {} ({}) running during {} of {} measurements; max load average {:.1}",
+                self.compilers_seen.join(", "),
+                "other builds",
+                self.samples_with_compilers,
+                self.samples,
+                self.max_load_average
+            )
+        }
+    }
+}
