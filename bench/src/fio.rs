@@ -22,11 +22,6 @@ impl Workload {
     pub fn is_write(&self) -> bool {
         self.rw.contains("write")
     }
-
-    /// Small-block jobs are judged by IOPS, large ones by bandwidth.
-    pub fn by_iops(&self) -> bool {
-        self.block_bytes <= 64 << 10
-    }
 }
 
 pub const WORKLOADS: [Workload; 4] = [
