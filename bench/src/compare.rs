@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::fio::{self, Measured, Target, Workload, WORKLOADS};
 use crate::flush::{self, FlushLatency};
-use crate::peers::{self, Server, Spec};
+use crate::peers::{self, Peer, Spec};
 use crate::svg;
 use crate::sys::{self, Machine, Noise};
 
@@ -23,7 +23,7 @@ pub struct CompareArgs {
     #[arg(long, default_value = "/tmp/ingot-compare")]
     pub dir: PathBuf,
     /// Export size (K/M/G suffixes).
-    #[arg(long, default_value = "4G", value_parser = crate::parse_size)]
+    #[arg(long, default_value = "2G", value_parser = crate::parse_size)]
     pub size: u64,
     /// Seconds per fio job (plus 1 s of ramp).
     #[arg(long, default_value_t = 10)]
@@ -99,6 +99,12 @@ pub struct Report {
     pub wall_seconds: f64,
 }
 
+/// ingot's pool: three times the export, so that cleaning under sustained random writes finds
+/// segments two-thirds empty (allocated up front, as a raw device would be).
+fn pool_bytes(size: u64) -> u64 {
+    size * 3
+}
+
 fn progress(start: Instant, step: usize, steps: usize, what: &str) {
     use std::io::IsTerminal;
     let e = start.elapsed().as_secs();
@@ -117,7 +123,7 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
     let servers = a
         .servers
         .iter()
-        .map(|s| Server::parse(s))
+        .map(|s| Peer::parse(s))
         .collect::<Result<Vec<_>>>()?;
     let ingot_bin = peers::ingot_bin(a.ingot_bin.clone());
     peers::check_tools(&servers, &ingot_bin, &[("fio", "fio")])?;
@@ -128,6 +134,8 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
         );
     }
     fs::create_dir_all(&a.dir)?;
+    // The raw file and ingot's pool exist together at most.
+    sys::ensure_space(&a.dir, a.size + pool_bytes(a.size) + (256 << 20))?;
     let raw_file = a.dir.join("raw.img");
     let workloads: Vec<Workload> = {
         // Reads first (they need the prefill only), then writes.
@@ -139,7 +147,7 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
         w.sort_by_key(|w| w.is_write());
         w
     };
-    let targets: Vec<Option<Server>> = servers
+    let targets: Vec<Option<Peer>> = servers
         .iter()
         .copied()
         .map(Some)
@@ -178,7 +186,7 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
                     raw_file: raw_file.clone(),
                     size_bytes: a.size,
                     ingot_bin: ingot_bin.clone(),
-                    pool_bytes: a.size * 2 + (4 << 30),
+                    pool_bytes: pool_bytes(a.size),
                     prefill: true,
                     ingot_args: a.ingot_args.clone(),
                 };

@@ -491,7 +491,9 @@ impl Size {
         let declarations = ((DECLARATIONS_PER_SCALE * scale).round() as u64).max(100);
         Size {
             declarations,
-            legacy_declarations: (declarations / 20).max(10),
+            // The legacy load is bound by commit latency: capped so that large scales grow
+            // the bulk phases, not the run time of this one.
+            legacy_declarations: (declarations / 20).clamp(10, 4000),
             commit_every: commit_every.max(1),
         }
     }
@@ -660,7 +662,7 @@ pub fn generate(dir: &Path, size: Size, seed: u64) -> Result<Counts> {
             registered_day,
             burst_week: rng.chance(0.03).then(|| 2 + rng.below(10) as i64),
             splitter: rng.chance(0.01),
-            origin: *rng.weighted(ORIGINS),
+            origin: rng.weighted::<&str>(ORIGINS),
             hs_bias: rng.below(HS_CODES.len() as u64) as usize,
         };
         line.clear();
@@ -724,7 +726,7 @@ pub fn generate(dir: &Path, size: Size, seed: u64) -> Result<Counts> {
             .iter()
             .filter(|p| p.0 == origin)
             .map(|p| p.1)
-            .nth(0)
+            .next()
             .unwrap_or("CNSHA");
         let n_lines = if split {
             1
@@ -753,7 +755,7 @@ pub fn generate(dir: &Path, size: Size, seed: u64) -> Result<Counts> {
             let mut value = net * rng.lognormal(vpk, 0.35);
             if split {
                 value = 120.0 + rng.unit() * 29.0;
-            } else if rng.chance(0.02) {
+            } else if rng.chance(0.004) {
                 value *= 0.05 + rng.unit() * 0.1; // undervalued
             }
             let gross = net * (1.04 + rng.unit() * 0.12);
@@ -802,14 +804,14 @@ pub fn generate(dir: &Path, size: Size, seed: u64) -> Result<Counts> {
             ]);
         }
         // Routing: some sensitive goods go through a hub and are dispatched from there.
-        let (dispatch, hub) = if sensitive && origin == "CN" && rng.chance(0.15) || rng.chance(0.03)
+        let (dispatch, hub) = if sensitive && origin == "CN" && rng.chance(0.1) || rng.chance(0.01)
         {
             let (c, p) = rng.pick(HUBS);
             (*c, Some(*p))
         } else {
             (origin, None)
         };
-        let declared_gross = if rng.chance(0.03) {
+        let declared_gross = if rng.chance(0.01) {
             total_gross * (1.3 + rng.unit())
         } else {
             total_gross * (1.0 + rng.unit() * 0.02)
@@ -846,14 +848,14 @@ pub fn generate(dir: &Path, size: Size, seed: u64) -> Result<Counts> {
             V::Raw((ti + 1).to_string()),
             V::S(&lodged),
             V::S(office),
-            V::S(*rng.weighted(PROCEDURES)),
+            V::S(rng.weighted::<&str>(PROCEDURES)),
             V::S(origin),
             V::S(dispatch),
             V::S(loading),
             V::S(discharge),
             V::Raw(mode.to_string()),
             hub.map(V::S).unwrap_or(V::Null),
-            V::S(*rng.weighted(INCOTERMS)),
+            V::S(rng.weighted::<&str>(INCOTERMS)),
             V::S(currency),
             V::Raw(format!("{total_value:.2}")),
             V::Raw(format!("{declared_gross:.3}")),

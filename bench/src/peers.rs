@@ -18,7 +18,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Server {
+pub enum Peer {
     Ingot,
     QemuNbd,
     NbdkitFile,
@@ -26,27 +26,27 @@ pub enum Server {
     NbdkitMemory,
 }
 
-impl Server {
-    pub const ALL: [Server; 5] = [
-        Server::Ingot,
-        Server::QemuNbd,
-        Server::NbdkitFile,
-        Server::NbdServer,
-        Server::NbdkitMemory,
+impl Peer {
+    pub const ALL: [Peer; 5] = [
+        Peer::Ingot,
+        Peer::QemuNbd,
+        Peer::NbdkitFile,
+        Peer::NbdServer,
+        Peer::NbdkitMemory,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
-            Server::Ingot => "ingot",
-            Server::QemuNbd => "qemu-nbd",
-            Server::NbdkitFile => "nbdkit-file",
-            Server::NbdServer => "nbd-server",
-            Server::NbdkitMemory => "nbdkit-memory",
+            Peer::Ingot => "ingot",
+            Peer::QemuNbd => "qemu-nbd",
+            Peer::NbdkitFile => "nbdkit-file",
+            Peer::NbdServer => "nbd-server",
+            Peer::NbdkitMemory => "nbdkit-memory",
         }
     }
 
-    pub fn parse(s: &str) -> Result<Server> {
-        Server::ALL
+    pub fn parse(s: &str) -> Result<Peer> {
+        Peer::ALL
             .into_iter()
             .find(|k| k.name() == s)
             .with_context(|| {
@@ -56,19 +56,16 @@ impl Server {
 
     /// Whether the server keeps its data in a raw file (`raw.img`).
     pub fn uses_raw_file(self) -> bool {
-        matches!(
-            self,
-            Server::QemuNbd | Server::NbdkitFile | Server::NbdServer
-        )
+        matches!(self, Peer::QemuNbd | Peer::NbdkitFile | Peer::NbdServer)
     }
 
     /// The tool the server needs and its Debian package.
     pub fn tool(self) -> (&'static str, &'static str) {
         match self {
-            Server::Ingot => ("ingot", "cargo build --release -p ingot-cli"),
-            Server::QemuNbd => ("qemu-nbd", "qemu-utils"),
-            Server::NbdkitFile | Server::NbdkitMemory => ("nbdkit", "nbdkit"),
-            Server::NbdServer => ("nbd-server", "nbd-server"),
+            Peer::Ingot => ("ingot", "cargo build --release -p ingot-cli"),
+            Peer::QemuNbd => ("qemu-nbd", "qemu-utils"),
+            Peer::NbdkitFile | Peer::NbdkitMemory => ("nbdkit", "nbdkit"),
+            Peer::NbdServer => ("nbd-server", "nbd-server"),
         }
     }
 }
@@ -76,7 +73,7 @@ impl Server {
 /// How to start a server.
 #[derive(Debug, Clone)]
 pub struct Spec {
-    pub server: Server,
+    pub server: Peer,
     /// Directory for the socket, logs, pid files and the ingot pool.
     pub dir: PathBuf,
     /// Raw file served by qemu-nbd, nbdkit file and nbd-server.
@@ -97,7 +94,7 @@ impl Spec {
     /// The command line the server runs with, for reports.
     pub fn describe(&self) -> String {
         match self.server {
-            Server::Ingot => format!(
+            Peer::Ingot => format!(
                 "ingot serve --nbd unix:SOCK {}(pool {} GiB{})",
                 self.ingot_args
                     .iter()
@@ -106,19 +103,19 @@ impl Spec {
                 self.pool_bytes >> 30,
                 if self.prefill { ", prefilled" } else { "" }
             ),
-            Server::QemuNbd => "qemu-nbd -f raw --cache=none --aio=io_uring -t -e 8 raw.img".into(),
-            Server::NbdkitFile => "nbdkit -f file raw.img (page cache)".into(),
-            Server::NbdServer => {
+            Peer::QemuNbd => "qemu-nbd -f raw --cache=none --aio=io_uring -t -e 8 raw.img".into(),
+            Peer::NbdkitFile => "nbdkit -f file raw.img (page cache)".into(),
+            Peer::NbdServer => {
                 "nbd-server -C CONF (export raw.img, flush = true, fua = true; page cache)".into()
             }
-            Server::NbdkitMemory => format!("nbdkit -f memory size={}", self.size_bytes),
+            Peer::NbdkitMemory => format!("nbdkit -f memory size={}", self.size_bytes),
         }
     }
 }
 
 /// A server this process started.
 pub struct Running {
-    pub server: Server,
+    pub server: Peer,
     pub uri: String,
     pub socket: PathBuf,
     pub pool_dir: Option<PathBuf>,
@@ -168,7 +165,7 @@ pub fn start(spec: &Spec) -> Result<Running> {
     let raw = spec.raw_file.display().to_string();
     let mut pool_dir = None;
     let (child, pid) = match spec.server {
-        Server::Ingot => {
+        Peer::Ingot => {
             let pool = dir.join("ingot-pool");
             let _ = fs::remove_dir_all(&pool);
             let mut c = Command::new(&spec.ingot_bin);
@@ -195,7 +192,7 @@ pub fn start(spec: &Spec) -> Result<Running> {
             let pid = child.id() as i32;
             (Some(child), pid)
         }
-        Server::QemuNbd => {
+        Peer::QemuNbd => {
             let child = spawn(
                 Command::new("qemu-nbd")
                     .args(["-f", "raw", "--cache=none", "--aio=io_uring", "-t"])
@@ -208,10 +205,10 @@ pub fn start(spec: &Spec) -> Result<Running> {
             let pid = child.id() as i32;
             (Some(child), pid)
         }
-        Server::NbdkitFile | Server::NbdkitMemory => {
+        Peer::NbdkitFile | Peer::NbdkitMemory => {
             let mut c = Command::new("nbdkit");
             c.args(["-f", "-e", EXPORT, "-U"]).arg(&socket);
-            if spec.server == Server::NbdkitFile {
+            if spec.server == Peer::NbdkitFile {
                 c.args(["file", &format!("file={raw}")]);
             } else {
                 c.args(["memory", &format!("size={size}")]);
@@ -220,7 +217,7 @@ pub fn start(spec: &Spec) -> Result<Running> {
             let pid = child.id() as i32;
             (Some(child), pid)
         }
-        Server::NbdServer => {
+        Peer::NbdServer => {
             let conf = dir.join("nbd-server.conf");
             let pidfile = dir.join("nbd-server.pid");
             let _ = fs::remove_file(&pidfile);
@@ -347,7 +344,7 @@ impl Running {
     /// Stop the server: ingot gets SIGINT (it flushes and checkpoints), the others SIGTERM;
     /// SIGKILL after [`STOP_TIMEOUT`].
     pub fn stop(&mut self) -> Result<()> {
-        let sig = if self.server == Server::Ingot {
+        let sig = if self.server == Peer::Ingot {
             libc::SIGINT
         } else {
             libc::SIGTERM
@@ -400,11 +397,11 @@ impl Drop for Running {
 }
 
 /// Check that the tools of `servers` are installed; name the packages that are missing.
-pub fn check_tools(servers: &[Server], ingot_bin: &Path, extra: &[(&str, &str)]) -> Result<()> {
+pub fn check_tools(servers: &[Peer], ingot_bin: &Path, extra: &[(&str, &str)]) -> Result<()> {
     let mut missing = Vec::new();
     for s in servers {
         let (tool, pkg) = s.tool();
-        let ok = if *s == Server::Ingot {
+        let ok = if *s == Peer::Ingot {
             ingot_bin.exists()
         } else {
             which(tool)

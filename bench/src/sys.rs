@@ -137,3 +137,30 @@ impl Noise {
         }
     }
 }
+
+/// Bytes available to unprivileged users on the file system holding `dir`.
+pub fn available_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct it is given; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Refuse to start when `dir`'s file system has less than `need` bytes free: a benchmark that
+/// fills a shared disk breaks everyone's work.
+pub fn ensure_space(dir: &std::path::Path, need: u64) -> anyhow::Result<()> {
+    if let Some(avail) = available_bytes(dir) {
+        if avail < need {
+            anyhow::bail!(
+                "{} has {} MiB free, this run needs about {} MiB: choose a smaller size or \
+                 another --dir (a tmpfs such as /dev/shm measures software overhead only)",
+                dir.display(),
+                avail >> 20,
+                need >> 20
+            );
+        }
+    }
+    Ok(())
+}

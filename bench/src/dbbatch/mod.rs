@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::peers::{self, run_quiet, Running, Server, Spec};
+use crate::peers::{self, run_quiet, Peer, Running, Spec};
 use crate::svg;
 use crate::sys::{self, Machine, Noise};
 use ingot_bench::gen;
@@ -22,6 +22,7 @@ use ingot_bench::gen;
 /// The memory cgroup (v1) PostgreSQL runs in.
 const CGROUP: &str = "/sys/fs/cgroup/memory/ingot-bench-pg";
 const LOCAL: &str = "local-dir";
+const LOCAL_LOOP: &str = "local-loop";
 
 #[derive(clap::Args, Debug)]
 pub struct DbBatchArgs {
@@ -38,14 +39,17 @@ pub struct DbBatchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "local-dir,ingot,qemu-nbd,nbdkit-file,nbd-server,nbdkit-memory"
+        default_value = "local-dir,local-loop,ingot,qemu-nbd,nbdkit-file,nbd-server,nbdkit-memory"
     )]
     pub targets: Vec<String>,
+    /// The target whose total is subtracted to get each storage share.
+    #[arg(long, default_value = LOCAL)]
+    pub baseline: String,
     /// Memory limit of PostgreSQL's cgroup, page cache included.
     #[arg(long, default_value = "1G", value_parser = crate::parse_size)]
     pub memory_limit: u64,
     /// Volume size.
-    #[arg(long, default_value = "4G", value_parser = crate::parse_size)]
+    #[arg(long, default_value = "2G", value_parser = crate::parse_size)]
     pub volume_size: u64,
     /// Rows per transaction in the legacy-style load.
     #[arg(long, default_value_t = 5)]
@@ -79,14 +83,17 @@ pub const PHASES: [&str; 6] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Local,
-    Server(Server),
+    /// ext4 on a loop device over a raw file in DIR: the volume stack without NBD and FUSE.
+    LocalLoop,
+    Peer(Peer),
 }
 
 impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Local => LOCAL,
-            Target::Server(s) => s.name(),
+            Target::LocalLoop => LOCAL_LOOP,
+            Target::Peer(s) => s.name(),
         }
     }
 }
@@ -124,6 +131,7 @@ pub struct Summary {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub machine: Machine,
+    pub baseline: String,
     pub noise: Noise,
     pub scale: f64,
     pub data: gen::Counts,
@@ -173,16 +181,18 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
         .map(|t| {
             if t == LOCAL {
                 Ok(Target::Local)
+            } else if t == LOCAL_LOOP {
+                Ok(Target::LocalLoop)
             } else {
-                Server::parse(t).map(Target::Server)
+                Peer::parse(t).map(Target::Peer)
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let servers: Vec<Server> = targets
+    let servers: Vec<Peer> = targets
         .iter()
         .filter_map(|t| match t {
-            Target::Server(s) => Some(*s),
-            Target::Local => None,
+            Target::Peer(s) => Some(*s),
+            Target::Local | Target::LocalLoop => None,
         })
         .collect();
     let ingot_bin = peers::ingot_bin(a.ingot_bin.clone());
@@ -208,6 +218,8 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
     fs::set_permissions(&a.dir, fs::Permissions::from_mode(0o755))?;
     let data = a.dir.join("data");
     let size = gen::Size::from_scale(a.scale, a.commit_every);
+    // ingot's pool is allocated up front; the others' raw files grow with the database.
+    sys::ensure_space(&a.dir, a.volume_size + (1 << 30) + (a.scale * 1e9) as u64)?;
     eprintln!(
         "generating {} declarations ({} legacy-style, a commit every {} rows) ...",
         size.declarations, size.legacy_declarations, size.commit_every
@@ -256,7 +268,7 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
     }
     let local_total = median(
         runs.iter()
-            .filter(|r| r.target == LOCAL)
+            .filter(|r| r.target == a.baseline)
             .map(|r| r.total_seconds)
             .collect(),
     );
@@ -278,9 +290,10 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
         })
         .collect();
     let digests_agree = runs.windows(2).all(|w| w[0].digest == w[1].digest);
-    let goals = goals(&summary);
+    let goals = goals(&summary, &a.baseline);
     Ok(Report {
         machine,
+        baseline: a.baseline.clone(),
         noise,
         scale: a.scale,
         data: counts,
@@ -294,23 +307,28 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
     })
 }
 
-fn goals(summary: &[Summary]) -> Vec<crate::compare::Goal> {
+fn goals(summary: &[Summary], baseline: &str) -> Vec<crate::compare::Goal> {
     use crate::compare::Goal;
     let get = |n: &str| summary.iter().find(|s| s.target == n);
     let mut out = Vec::new();
     let Some(ingot) = get("ingot") else {
         return out;
     };
-    if get(LOCAL).is_some() {
+    if get(baseline).is_some() {
         out.push(Goal {
-            goal: "ingot total / local-dir total (at most)".into(),
+            goal: format!("ingot total / {baseline} total (at most)"),
             ratio: ingot.ratio_to_local,
             wanted: 1.05,
             met: ingot.ratio_to_local <= 1.05,
         });
         for (peer, frac) in [("qemu-nbd", 1.0 / 3.0), ("nbdkit-file", 0.5)] {
             if let Some(p) = get(peer) {
-                let r = ingot.storage_share_seconds / p.storage_share_seconds;
+                // A share at or below zero (the baseline was slower) makes the ratio meaningless.
+                let r = if p.storage_share_seconds > 0.0 {
+                    ingot.storage_share_seconds.max(0.0) / p.storage_share_seconds
+                } else {
+                    f64::NAN
+                };
                 out.push(Goal {
                     goal: format!("ingot storage share / {peer} storage share (at most)"),
                     ratio: r,
@@ -435,14 +453,12 @@ fn clean_stale(work: &Path) {
     if mounts.contains(&format!(" {} ", mnt.display())) {
         let _ = Command::new("umount").arg(&mnt).output();
     }
-    if let Ok(o) = Command::new("losetup")
-        .arg("-j")
-        .arg(fuse.join("nbd"))
-        .output()
-    {
-        for l in String::from_utf8_lossy(&o.stdout).lines() {
-            if let Some(dev) = l.split(':').next() {
-                let _ = Command::new("losetup").args(["-d", dev]).output();
+    for backing in [fuse.join("nbd"), work.join("raw.img")] {
+        if let Ok(o) = Command::new("losetup").arg("-j").arg(&backing).output() {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                if let Some(dev) = l.split(':').next() {
+                    let _ = Command::new("losetup").args(["-d", dev]).output();
+                }
             }
         }
     }
@@ -503,7 +519,13 @@ fn one_run(
             fs::create_dir_all(&d)?;
             d
         }
-        Target::Server(server) => {
+        Target::LocalLoop => {
+            let raw = work.join("raw.img");
+            crate::fio::sparse_file(&raw, a.volume_size)?;
+            desc = "ext4 on losetup --direct-io=on over a sparse raw file".into();
+            mount_ext4(&mut st, &work, &raw)?
+        }
+        Target::Peer(server) => {
             let raw = work.join("raw.img");
             if server.uses_raw_file() {
                 crate::fio::sparse_file(&raw, a.volume_size)?;
@@ -514,7 +536,7 @@ fn one_run(
                 raw_file: raw,
                 size_bytes: a.volume_size,
                 ingot_bin: ingot_bin.to_path_buf(),
-                pool_bytes: a.volume_size * 2 + (2 << 30),
+                pool_bytes: a.volume_size + (1 << 30),
                 prefill: false,
                 ingot_args: a.ingot_args.clone(),
             };
@@ -541,24 +563,7 @@ fn one_run(
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let dev = run_quiet(
-                Command::new("losetup")
-                    .args(["-f", "--show", "--direct-io=on"])
-                    .arg(&file),
-            )?
-            .trim()
-            .to_string();
-            st.loop_dev = Some(dev.clone());
-            run_quiet(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", &dev]))?;
-            let mnt = work.join("mnt");
-            fs::create_dir_all(&mnt)?;
-            run_quiet(
-                Command::new("mount")
-                    .args(["-o", "noatime", &dev])
-                    .arg(&mnt),
-            )?;
-            st.mount = Some(mnt.clone());
-            mnt
+            mount_ext4(&mut st, &work, &file)?
         }
     };
     let pgdata = root.join("pgdata");
@@ -660,7 +665,7 @@ fn one_run(
     .unwrap_or(0);
     st.unmount()?;
     let ingot = match &st.server {
-        Some(s) if s.server == Server::Ingot => {
+        Some(s) if s.server == Peer::Ingot => {
             let v = s.ingot_stats()?;
             let g = |k: &str| v[k].as_u64().unwrap_or(0);
             Some(IngotBytes {
@@ -688,6 +693,28 @@ fn one_run(
     ))
 }
 
+/// `losetup --direct-io=on` over `file`, mkfs.ext4, mount on `work/mnt`.
+fn mount_ext4(st: &mut Stack, work: &Path, file: &Path) -> Result<PathBuf> {
+    let dev = run_quiet(
+        Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(file),
+    )?
+    .trim()
+    .to_string();
+    st.loop_dev = Some(dev.clone());
+    run_quiet(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", &dev]))?;
+    let mnt = work.join("mnt");
+    fs::create_dir_all(&mnt)?;
+    run_quiet(
+        Command::new("mount")
+            .args(["-o", "noatime", &dev])
+            .arg(&mnt),
+    )?;
+    st.mount = Some(mnt.clone());
+    Ok(mnt)
+}
+
 fn secs(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.1}")
@@ -702,7 +729,10 @@ pub fn table(r: &Report) -> String {
     for p in PHASES {
         s.push_str(&format!(" {p} s |"));
     }
-    s.push_str(" total s | storage share s | ÷ local-dir |\n|---|");
+    s.push_str(&format!(
+        " total s | storage share s | ÷ {} |\n|---|",
+        r.baseline
+    ));
     for _ in 0..PHASES.len() + 3 {
         s.push_str("---:|");
     }
@@ -748,9 +778,13 @@ pub fn table(r: &Report) -> String {
         s.push_str("\n| goal (this run) | ratio | wanted | met |\n|---|---:|---:|---|\n");
         for g in &r.goals {
             s.push_str(&format!(
-                "| {} | {:.2} | {:.2} | {} |\n",
+                "| {} | {} | {:.2} | {} |\n",
                 g.goal,
-                g.ratio,
+                if g.ratio.is_finite() {
+                    format!("{:.2}", g.ratio)
+                } else {
+                    "n/a (baseline slower than the peer)".into()
+                },
                 g.wanted,
                 if g.met { "yes" } else { "**no**" }
             ));
@@ -780,7 +814,7 @@ fn chart(r: &Report) -> String {
         values: r.summary.iter().map(|x| x.total_seconds_median).collect(),
     });
     panels.push(svg::Panel {
-        title: "storage share (total - local-dir)".into(),
+        title: format!("storage share (total - {})", r.baseline),
         unit: "seconds".into(),
         values: r
             .summary

@@ -29,7 +29,6 @@ pub const COPY_FILES: [(&str, &str); 4] = [
 ];
 
 pub const INDEXES: &str = r#"
-\set ON_ERROR_STOP 1
 ALTER TABLE hs_reference ADD PRIMARY KEY (hs_code);
 ALTER TABLE traders ADD PRIMARY KEY (trader_id);
 ALTER TABLE declarations ADD PRIMARY KEY (decl_id);
@@ -45,7 +44,6 @@ CREATE INDEX lines_origin ON declaration_lines (origin_country, hs_code);
 /// statistics that read every line. The last statement prints a digest that must be the same
 /// on every server (same data, same answers).
 pub const QUERIES: &str = r#"
-\set ON_ERROR_STOP 1
 CREATE TABLE risk_hits (decl_id bigint, rule text, score int, detail text);
 
 -- R1 undervaluation: value per kg far below the median of its HS code.
@@ -94,7 +92,7 @@ SELECT d.decl_id, 'velocity_spike', 20,
        'week of ' || t.week::date || ': ' || t.n || ' declarations, trailing ' || round(t.base, 1)
 FROM trend t
 JOIN declarations d ON d.trader_id = t.trader_id AND date_trunc('week', d.lodged_at) = t.week
-WHERE t.base IS NOT NULL AND t.n >= 4 AND t.n > 3 * t.base;
+WHERE t.base IS NOT NULL AND t.n >= 6 AND t.n > 4 * t.base;
 
 -- R5 split consignments: one trader, one day, several declarations just under 150 EUR.
 INSERT INTO risk_hits
@@ -139,7 +137,9 @@ GROUP BY 1, 2, 3;
 
 -- Selection for physical control: top 20 per office.
 SELECT count(*) AS selected FROM risk_scores WHERE office_rank <= 20;
-SELECT 'digest ' || (SELECT count(*) FROM risk_hits) || ' hits, '
+SELECT 'digest ' || (SELECT count(*) FROM risk_hits) || ' hits ('
+       || (SELECT string_agg(rule || ' ' || n, ', ' ORDER BY rule)
+           FROM (SELECT rule, count(*) AS n FROM risk_hits GROUP BY rule) r) || '), '
        || (SELECT count(*) FROM risk_scores) || ' scored, '
        || (SELECT sum(score) FROM risk_scores) || ' points, '
        || (SELECT count(*) FROM trade_stats) || ' stat rows' AS digest;
