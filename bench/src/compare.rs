@@ -65,6 +65,8 @@ pub struct Row {
     pub connections: u32,
     #[serde(flatten)]
     pub measured: Measured,
+    /// What bounded it: client CPU, server CPU, or neither (device, latency).
+    pub limit: String,
     /// ingot's IOPS divided by this target's (above 1: ingot is faster).
     pub ingot_ratio: f64,
 }
@@ -209,12 +211,20 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
                 step += 1;
                 progress(start, step, steps, &format!("{name}: {} x{c} conn", w.name));
                 noise.sample();
-                let m = fio::run(&target, w, c, a.size, a.seconds)
-                    .with_context(|| format!("{name}: {} x{c}", w.name))?;
+                let m = fio::run(
+                    &target,
+                    running.as_ref().map(|r| r.pid()),
+                    w,
+                    c,
+                    a.size,
+                    a.seconds,
+                )
+                .with_context(|| format!("{name}: {} x{c}", w.name))?;
                 rows.push(Row {
                     target: name.clone(),
                     workload: w.name.into(),
                     connections: c,
+                    limit: sys::limit(m.client_cpu_pct, m.server_cpu_pct, c, machine.cores),
                     measured: m,
                     ingot_ratio: f64::NAN,
                 });
@@ -333,8 +343,10 @@ fn us(v: f64) -> String {
 /// The report as Markdown tables (printed, and pasted into docs/benchmarks.md).
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    s.push_str("| workload | conns | target | IOPS | MB/s | p50 | p99 | ingot ÷ target |\n");
-    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|\n");
+    s.push_str(
+        "| workload | conns | target | IOPS | MB/s | p50 | p99 | ingot ÷ target | fio CPU | server CPU | limit |\n",
+    );
+    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut keys: Vec<(String, u32)> = Vec::new();
     for row in &r.rows {
         let k = (row.workload.clone(), row.connections);
@@ -349,13 +361,16 @@ pub fn table(r: &Report) -> String {
             .filter(|x| &x.workload == w && x.connections == *c)
         {
             s.push_str(&format!(
-                "| {w} | {c} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+                "| {w} | {c} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |\n",
                 row.target,
                 row.measured.iops,
                 row.measured.mb_per_s,
                 us(row.measured.latency_us_p50),
                 us(row.measured.latency_us_p99),
                 ratio(row.ingot_ratio),
+                pct(row.measured.client_cpu_pct),
+                pct(row.measured.server_cpu_pct),
+                row.limit,
             ));
         }
     }
@@ -386,6 +401,14 @@ pub fn table(r: &Report) -> String {
         }
     }
     s
+}
+
+fn pct(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.0}%")
+    } else {
+        "-".into()
+    }
 }
 
 fn ratio(v: f64) -> String {

@@ -66,6 +66,10 @@ pub struct Measured {
     pub mb_per_s: f64,
     pub latency_us_p50: f64,
     pub latency_us_p99: f64,
+    /// CPU used by fio over the job, in % of one core.
+    pub client_cpu_pct: f64,
+    /// CPU used by the server over the job, in % of one core (NaN: no server).
+    pub server_cpu_pct: f64,
 }
 
 fn engine_args(target: &Target) -> Vec<String> {
@@ -117,9 +121,10 @@ pub fn prefill(target: &Target, size_bytes: u64) -> Result<()> {
 }
 
 /// Run `w` over `connections` fio jobs (one NBD connection each; each job covers its own slice
-/// of the target) for `seconds`, and sum them.
+/// of the target) for `seconds`, and sum them. CPU is counted for fio and for `server_pid`.
 pub fn run(
     target: &Target,
+    server_pid: Option<i32>,
     w: &Workload,
     connections: u32,
     size_bytes: u64,
@@ -142,7 +147,16 @@ pub fn run(
         "--output-format=json".into(),
     ];
     args.extend(engine_args(target));
+    let started = std::time::Instant::now();
+    let cpu0 = crate::sys::children_cpu_seconds();
+    let srv0 = server_pid.map(crate::sys::process_cpu_seconds);
     let v = run_fio(&args)?;
+    let wall = started.elapsed().as_secs_f64();
+    let client_cpu_pct = (crate::sys::children_cpu_seconds() - cpu0) / wall * 100.0;
+    let server_cpu_pct = match (server_pid, srv0) {
+        (Some(p), Some(c0)) => (crate::sys::process_cpu_seconds(p) - c0) / wall * 100.0,
+        _ => f64::NAN,
+    };
     let part = if w.is_write() { "write" } else { "read" };
     let j = &v["jobs"][0][part];
     let pct = |k: &str| j["clat_ns"]["percentile"][k].as_f64().unwrap_or(f64::NAN) / 1000.0;
@@ -152,6 +166,8 @@ pub fn run(
         mb_per_s: j["bw_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
         latency_us_p50: pct("50.000000"),
         latency_us_p99: pct("99.000000"),
+        client_cpu_pct,
+        server_cpu_pct,
     })
 }
 

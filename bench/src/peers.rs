@@ -327,6 +327,10 @@ fn signal(pid: i32, sig: i32) {
 }
 
 impl Running {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// `ingot stats --json` through the server's control socket.
     pub fn ingot_stats(&self) -> Result<serde_json::Value> {
         let pool = self

@@ -164,3 +164,57 @@ pub fn ensure_space(dir: &std::path::Path, need: u64) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// CPU seconds used so far by the children this process has waited for (fio and its jobs).
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds of process `pid`, its threads and the children it has reaped (nbd-server's
+/// per-connection processes).
+pub fn process_cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // After the command name: state is field 3; utime, stime, cutime, cstime are 14-17.
+    let rest: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: f64 = (11..15)
+        .filter_map(|i| rest.get(i).and_then(|x| x.parse::<f64>().ok()))
+        .sum();
+    ticks / hz
+}
+
+/// What bounded a measurement, from the CPU the client and the server used over it.
+pub fn limit(client_cpu_pct: f64, server_cpu_pct: f64, connections: u32, cores: usize) -> String {
+    let server = if server_cpu_pct.is_finite() {
+        server_cpu_pct
+    } else {
+        0.0
+    };
+    let machine = 100.0 * cores as f64;
+    if client_cpu_pct + server >= 0.85 * machine {
+        if client_cpu_pct >= server {
+            "CPU (client)".into()
+        } else {
+            "CPU (server)".into()
+        }
+    } else if client_cpu_pct >= 85.0 * f64::from(connections) {
+        "CPU (client)".into()
+    } else {
+        "device / latency".into()
+    }
+}
