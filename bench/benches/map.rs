@@ -11,7 +11,11 @@ use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions};
 const VOLUME_BYTES: u64 = 1 << 30;
 
 fn map(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("temporary directory");
+    let dir = match std::env::var_os("INGOT_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .expect("temporary directory");
     let pool = Pool::create(
         dir.path(),
         &CreateOptions {

@@ -70,6 +70,8 @@ pub struct Measured {
     pub client_cpu_pct: f64,
     /// CPU used by the server over the job, in % of one core (NaN: no server).
     pub server_cpu_pct: f64,
+    /// CPU used by the whole machine over the job (other processes included), in % of one core.
+    pub machine_cpu_pct: f64,
 }
 
 fn engine_args(target: &Target) -> Vec<String> {
@@ -150,8 +152,13 @@ pub fn run(
     let started = std::time::Instant::now();
     let cpu0 = crate::sys::children_cpu_seconds();
     let srv0 = server_pid.map(crate::sys::process_cpu_seconds);
+    let machine0 = crate::sys::cpu_jiffies();
     let v = run_fio(&args)?;
     let wall = started.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let machine_cpu_pct = crate::sys::machine_cpu_pct(machine0, crate::sys::cpu_jiffies(), cores);
     let client_cpu_pct = (crate::sys::children_cpu_seconds() - cpu0) / wall * 100.0;
     let server_cpu_pct = match (server_pid, srv0) {
         (Some(p), Some(c0)) => (crate::sys::process_cpu_seconds(p) - c0) / wall * 100.0,
@@ -168,6 +175,7 @@ pub fn run(
         latency_us_p99: pct("99.000000"),
         client_cpu_pct,
         server_cpu_pct,
+        machine_cpu_pct,
     })
 }
 

@@ -218,3 +218,17 @@ pub fn limit(client_cpu_pct: f64, server_cpu_pct: f64, connections: u32, cores: 
         "device / latency".into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::limit;
+
+    #[test]
+    fn limits() {
+        assert_eq!(limit(95.0, 50.0, 150.0, 1, 2), "CPU (client)");
+        assert_eq!(limit(40.0, 140.0, 190.0, 1, 2), "CPU (server)");
+        assert_eq!(limit(30.0, 40.0, 195.0, 1, 2), "CPU (other processes)");
+        assert_eq!(limit(30.0, 40.0, 80.0, 1, 2), "device / latency");
+        assert_eq!(limit(60.0, f64::NAN, f64::NAN, 1, 2), "device / latency");
+    }
+}

@@ -209,6 +209,10 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
             ("mkfs.ext4", "e2fsprogs"),
         ],
     )?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("db-batch needs root (memory cgroup, losetup, mount, dropping caches, su postgres)");
+    }
     if !Path::new("/sys/fs/cgroup/memory").is_dir() {
         bail!("no cgroup v1 memory controller at /sys/fs/cgroup/memory");
     }
