@@ -224,7 +224,13 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
                     target: name.clone(),
                     workload: w.name.into(),
                     connections: c,
-                    limit: sys::limit(m.client_cpu_pct, m.server_cpu_pct, c, machine.cores),
+                    limit: sys::limit(
+                        m.client_cpu_pct,
+                        m.server_cpu_pct,
+                        m.machine_cpu_pct,
+                        c,
+                        machine.cores,
+                    ),
                     measured: m,
                     ingot_ratio: f64::NAN,
                 });

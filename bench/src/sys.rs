@@ -198,22 +198,64 @@ pub fn process_cpu_seconds(pid: i32) -> f64 {
     ticks / hz
 }
 
-/// What bounded a measurement, from the CPU the client and the server used over it.
-pub fn limit(client_cpu_pct: f64, server_cpu_pct: f64, connections: u32, cores: usize) -> String {
+/// Busy and total jiffies of all CPUs (`/proc/stat`).
+pub fn cpu_jiffies() -> (u64, u64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th numbers.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// Machine-wide CPU use between two [`cpu_jiffies`] samples, in % of one core.
+pub fn machine_cpu_pct(before: (u64, u64), after: (u64, u64), cores: usize) -> f64 {
+    let busy = after.0.saturating_sub(before.0) as f64;
+    let total = after.1.saturating_sub(before.1) as f64;
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    busy / total * 100.0 * cores as f64
+}
+
+/// What bounded a measurement, from the CPU the client, the server and the whole machine used
+/// over it (all in % of one core).
+pub fn limit(
+    client_cpu_pct: f64,
+    server_cpu_pct: f64,
+    machine_cpu_pct: f64,
+    connections: u32,
+    cores: usize,
+) -> String {
     let server = if server_cpu_pct.is_finite() {
         server_cpu_pct
     } else {
         0.0
     };
-    let machine = 100.0 * cores as f64;
-    if client_cpu_pct + server >= 0.85 * machine {
-        if client_cpu_pct >= server {
+    let ours = client_cpu_pct + server;
+    let capacity = 100.0 * cores as f64;
+    let machine = if machine_cpu_pct.is_finite() {
+        machine_cpu_pct.max(ours)
+    } else {
+        ours
+    };
+    if client_cpu_pct >= 85.0 * f64::from(connections) {
+        "CPU (client)".into()
+    } else if machine >= 0.85 * capacity {
+        if ours < 0.6 * machine {
+            "CPU (other processes)".into()
+        } else if client_cpu_pct >= server {
             "CPU (client)".into()
         } else {
             "CPU (server)".into()
         }
-    } else if client_cpu_pct >= 85.0 * f64::from(connections) {
-        "CPU (client)".into()
     } else {
         "device / latency".into()
     }
