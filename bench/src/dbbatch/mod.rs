@@ -585,9 +585,12 @@ fn one_run(
         .append(true)
         .open(pgdata.join("postgresql.conf"))?;
     use std::io::Write;
+    // Shared buffers at most a quarter of the cgroup, so that small limits leave room for
+    // backends and the page cache instead of killing PostgreSQL.
+    let shared_buffers_mib = (a.memory_limit >> 20).div_ceil(4).clamp(16, 128);
     writeln!(
         conf,
-        "listen_addresses = ''\nunix_socket_directories = '{}'\nshared_buffers = 128MB\nmax_wal_size = 1GB",
+        "listen_addresses = ''\nunix_socket_directories = '{}'\nshared_buffers = {shared_buffers_mib}MB\nmax_wal_size = 1GB",
         sock.display()
     )?;
     drop(conf);
