@@ -341,8 +341,10 @@ fn us(v: f64) -> String {
         "-".into()
     } else if v >= 10_000.0 {
         format!("{:.1} ms", v / 1000.0)
-    } else {
+    } else if v >= 100.0 {
         format!("{v:.0} µs")
+    } else {
+        format!("{v:.1} µs")
     }
 }
 
@@ -350,9 +352,9 @@ fn us(v: f64) -> String {
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(
-        "| workload | conns | target | IOPS | MB/s | p50 | p99 | ingot ÷ target | fio CPU | server CPU | machine CPU | limit |\n",
+        "| workload | conns | target | IOPS | MB/s | p50 | p99 | ingot ÷ target | fio CPU | server CPU | server CPU per I/O | machine CPU | limit |\n",
     );
-    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut keys: Vec<(String, u32)> = Vec::new();
     for row in &r.rows {
         let k = (row.workload.clone(), row.connections);
@@ -367,7 +369,7 @@ pub fn table(r: &Report) -> String {
             .filter(|x| &x.workload == w && x.connections == *c)
         {
             s.push_str(&format!(
-                "| {w} | {c} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {w} | {c} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 row.target,
                 row.measured.iops,
                 row.measured.mb_per_s,
@@ -376,6 +378,7 @@ pub fn table(r: &Report) -> String {
                 ratio(row.ingot_ratio),
                 pct(row.measured.client_cpu_pct),
                 pct(row.measured.server_cpu_pct),
+                us(row.measured.server_cpu_pct / 100.0 / row.measured.iops * 1e6),
                 pct(row.measured.machine_cpu_pct),
                 row.limit,
             ));
