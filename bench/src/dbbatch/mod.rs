@@ -122,6 +122,9 @@ pub struct Summary {
     /// Median of each phase, in [`PHASES`] order.
     pub phase_seconds_median: Vec<f64>,
     pub total_seconds_median: f64,
+    /// Fastest and slowest total: the spread says how much the medians can be trusted.
+    pub total_seconds_min: f64,
+    pub total_seconds_max: f64,
     /// Median total minus the local directory's.
     pub storage_share_seconds: f64,
     pub ratio_to_local: f64,
@@ -287,6 +290,14 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
                     .map(|i| median(mine.iter().map(|r| r.phase_seconds[i]).collect()))
                     .collect(),
                 total_seconds_median: total,
+                total_seconds_min: mine
+                    .iter()
+                    .map(|r| r.total_seconds)
+                    .fold(f64::INFINITY, f64::min),
+                total_seconds_max: mine
+                    .iter()
+                    .map(|r| r.total_seconds)
+                    .fold(f64::NEG_INFINITY, f64::max),
                 storage_share_seconds: total - local_total,
                 ratio_to_local: total / local_total,
                 ingot: mine.last().and_then(|r| r.ingot.clone()),
@@ -737,10 +748,10 @@ pub fn table(r: &Report) -> String {
         s.push_str(&format!(" {p} s |"));
     }
     s.push_str(&format!(
-        " total s | storage share s | ÷ {} |\n|---|",
+        " total s | total min–max s | storage share s | ÷ {} |\n|---|",
         r.baseline
     ));
-    for _ in 0..PHASES.len() + 3 {
+    for _ in 0..PHASES.len() + 4 {
         s.push_str("---:|");
     }
     s.push('\n');
@@ -750,8 +761,10 @@ pub fn table(r: &Report) -> String {
             s.push_str(&format!(" {} |", secs(*v)));
         }
         s.push_str(&format!(
-            " {} | {} | {:.2}x |\n",
+            " {} | {}–{} | {} | {:.2}x |\n",
             secs(x.total_seconds_median),
+            secs(x.total_seconds_min),
+            secs(x.total_seconds_max),
             secs(x.storage_share_seconds),
             x.ratio_to_local
         ));
