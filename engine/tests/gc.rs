@@ -48,7 +48,11 @@ fn overwrite_many_times(io: IoKind, vol_mib: u64, pool_mib: u64, rounds: u64) {
     let mut rng = Rng(0x1234_5678_9abc_def1 ^ vol_mib);
     // Fill the volume, then overwrite `rounds` times the pool's size at random.
     let v = pool.volume("v").unwrap();
-    let fill: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 | 1).collect();
+    // Incompressible, unique data (so that the pool fills), with a quarter of the overwrites
+    // compressible (so that the cleaner also moves compressed groups).
+    let fill: Vec<u8> = (0..size / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
     for off in (0..size).step_by(MIB as usize) {
         v.write(off, &fill[off as usize..(off + MIB) as usize], false)
             .unwrap();
@@ -62,9 +66,16 @@ fn overwrite_many_times(io: IoKind, vol_mib: u64, pool_mib: u64, rounds: u64) {
         let blocks = 1 + rng.next() % 64;
         let len = blocks * 4096;
         let off = (rng.next() % (size / 4096 - blocks + 1)) * 4096;
-        let seed = rng.next() as u8 | 1;
-        let data: Vec<u8> = (0..len)
-            .map(|i| seed.wrapping_add((i / 512) as u8))
+        let compressible = step % 4 == 0;
+        let data: Vec<u8> = (0..len / 8)
+            .flat_map(|i| {
+                let r = rng.next();
+                if compressible && i % 8 != 0 {
+                    (r & 0x0303_0303_0303_0303).to_le_bytes()
+                } else {
+                    r.to_le_bytes()
+                }
+            })
             .collect();
         v.write(off, &data, step % 31 == 0).unwrap_or_else(|e| {
             panic!(
