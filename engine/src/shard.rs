@@ -1846,7 +1846,7 @@ fn plan_payloads(batch: &[Item]) -> Plan<'_> {
                         _ => &[][..],
                     })
                     .collect();
-                let compressed = if !compress {
+                let compressed = if !compress || reduce::looks_incompressible(srcs[0]) {
                     None
                 } else if srcs.len() == 1 {
                     reduce::compress(src)
