@@ -1846,7 +1846,7 @@ fn plan_payloads(batch: &[Item]) -> Plan<'_> {
                         _ => &[][..],
                     })
                     .collect();
-                let compressed = if !compress || reduce::looks_incompressible(srcs[0]) {
+                let compressed = if !compress || !reduce::worth_compressing(srcs[0]) {
                     None
                 } else if srcs.len() == 1 {
                     reduce::compress(src)
