@@ -71,6 +71,13 @@ impl BlockCache {
         }
     }
 
+    /// Whether block `id` at `generation` is cached (no hit or miss counted).
+    pub fn contains(&self, id: u64, generation: u32) -> bool {
+        self.map
+            .get(&id)
+            .is_some_and(|e| e.generation == generation)
+    }
+
     /// Cache `data` (one 4 KiB block) as the contents of `id` at `generation`.
     pub fn insert(&mut self, id: u64, generation: u32, data: Bytes) {
         if self.capacity_blocks == 0 || data.len() != 4096 {

@@ -202,10 +202,11 @@ struct Want {
     generation: u32,
     /// Position of the block in its group.
     index: usize,
-    /// Bytes of the block wanted, and where they go in the job buffer.
+    /// Bytes of the block wanted, and where they go in the job buffer (`None`: a neighbour in
+    /// the same group, only cached).
     from: usize,
     len: usize,
-    dst: usize,
+    dst: Option<usize>,
 }
 
 /// One stored payload (a raw block or a compressed group) within a read.
@@ -576,15 +577,37 @@ impl Shard {
         part.records.set(1); // released at the end of this function
         let first = offset / BLOCK_BYTES;
         let last = (offset + len as u64 - 1) / BLOCK_BYTES;
+        // The neighbours a compressed group may share with the blocks read come along: the
+        // group is read and decompressed anyway, and caching all of it saves a sequential
+        // reader from decompressing it once per block.
+        let lo = first.saturating_sub(reduce::GROUP_BLOCKS as u64 - 1);
+        let hi = (last + reduce::GROUP_BLOCKS as u64 - 1).min(vol.blocks().saturating_sub(1));
         let ids: Vec<u64> = {
             let map = vol.maps[self.id].lock();
-            (first..=last).map(|lba| map.get(lba)).collect()
+            (lo..=hi.max(last)).map(|lba| map.get(lba)).collect()
         };
         let entries: Vec<Option<BlockEntry>> = {
             let space = self.inner.space.lock();
             ids.iter()
                 .map(|&id| if id == 0 { None } else { space.get(id) })
                 .collect()
+        };
+        let (ids, entries, around) = {
+            let skip = (first - lo) as usize;
+            let n = (last - first + 1) as usize;
+            let around: Vec<(u64, BlockEntry)> = ids
+                .iter()
+                .zip(&entries)
+                .enumerate()
+                .filter(|&(i, _)| i < skip || i >= skip + n)
+                .filter_map(|(_, (&id, e))| Some((id, (*e)?)))
+                .filter(|(_, e)| reduce::group_of(e.flags).1 > 1)
+                .collect();
+            (
+                ids[skip..skip + n].to_vec(),
+                entries[skip..skip + n].to_vec(),
+                around,
+            )
         };
         let mut spans: Vec<PendingRead> = Vec::new();
         for (i, lba) in (first..=last).enumerate() {
@@ -612,9 +635,27 @@ impl Shard {
                 index: reduce::group_of(e.flags).0,
                 from,
                 len: n,
-                dst,
+                dst: Some(dst),
             };
             add_to_spans(&mut spans, &part, &e, want);
+        }
+        for (id, e) in around {
+            let piece = spans
+                .iter_mut()
+                .flat_map(|s| s.pieces.iter_mut())
+                .find(|p| p.segment == e.segment && p.offset == e.offset);
+            if let Some(p) = piece {
+                if !p.wants.iter().any(|w| w.id == id) && !self.cache.contains(id, e.generation) {
+                    p.wants.push(Want {
+                        id,
+                        generation: e.generation,
+                        index: reduce::group_of(e.flags).0,
+                        from: 0,
+                        len: 0,
+                        dst: None,
+                    });
+                }
+            }
         }
         for span in spans {
             let (dev, base) = self.inner.geo.locate(span.segment);
@@ -651,12 +692,14 @@ impl Shard {
                         Ok(plain) => {
                             for w in &p.wants {
                                 let block = plain.slice(w.index * BLOCK..(w.index + 1) * BLOCK);
-                                pr.part.job.fill(w.dst, &block[w.from..w.from + w.len]);
+                                if let Some(dst) = w.dst {
+                                    pr.part.job.fill(dst, &block[w.from..w.from + w.len]);
+                                }
                                 self.cache.insert(w.id, w.generation, block);
                             }
                         }
                         Err(f) => {
-                            for w in &p.wants {
+                            for w in p.wants.iter().filter(|w| w.dst.is_some()) {
                                 pr.part.fail(f.error(w.id));
                             }
                         }

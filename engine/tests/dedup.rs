@@ -365,3 +365,42 @@ fn index_past_its_budget_samples_and_never_fails_a_write() {
     }
     clean(&pool);
 }
+
+#[test]
+fn reading_one_block_of_a_group_caches_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..8u64).flat_map(|i| text_block(i * 40)).collect();
+    let cached = PoolOptions {
+        cache_bytes: Some(1 << 20),
+        ..opts(None)
+    };
+    {
+        let pool = Pool::create(
+            dir.path(),
+            &CreateOptions {
+                size_bytes: 64 << 20,
+                segment_bytes: 2 << 20,
+                ..Default::default()
+            },
+            &cached,
+        )
+        .unwrap();
+        pool.create_volume("v", 16 << 20).unwrap();
+        pool.volume("v").unwrap().write(0, &data, false).unwrap();
+    }
+    // A fresh process: nothing cached.
+    let pool = Pool::open(dir.path(), &cached).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.read(3 * 4096, 4096).unwrap(), &data[3 * 4096..4 * 4096]);
+    let s = pool.stats();
+    let misses = s.cache_misses;
+    for i in 0..8u64 {
+        assert_eq!(
+            v.read(i * 4096, 4096).unwrap(),
+            &data[(i * 4096) as usize..((i + 1) * 4096) as usize]
+        );
+    }
+    let s = pool.stats();
+    assert_eq!(s.cache_misses, misses, "the rest of the group was cached");
+    assert!(s.cache_hits >= 8);
+}
