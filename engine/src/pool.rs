@@ -229,6 +229,36 @@ enum CkptMsg {
 }
 
 impl Inner {
+    /// Make every completed write durable through the flusher (which checkpoints instead of
+    /// syncing when a failed record broke a chain).
+    fn flush(&self) -> Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let done: crate::api::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
+            self.flusher.send(FlushMsg::Flush(done))
+        {
+            done(Err(Error::ShutDown));
+        }
+        rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
+    }
+
+    /// Wait until every shard has finished the I/O it had in flight (reads that may still
+    /// target a segment about to be freed).
+    fn fence(&self) -> Result<()> {
+        let mut waits = Vec::new();
+        for shard in 0..self.shards() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.send_to_shard(shard, ShardMsg::Fence(tx));
+            waits.push(rx);
+        }
+        for rx in waits {
+            rx.recv().map_err(|_| Error::ShutDown)?;
+        }
+        Ok(())
+    }
+
     pub fn dedup_key(&self, fp: u128) -> u64 {
         fp as u64 & self.dedup_key_mask
     }
@@ -321,6 +351,8 @@ impl Inner {
         let _one = self.gc_lock.lock();
         let usable = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
         let ckpt_reserve = self.ckpt_reserve();
+        // Lock order: checkpoint state before space.
+        let ckpt_seq = self.ckpt.lock().seq_end;
         let (victims, moves_by_victim) = {
             let space = self.space.lock();
             let now = self.seq.load(Ordering::Acquire);
@@ -386,11 +418,51 @@ impl Inner {
         }
         self.counters.gc_cleaning.store(0, Ordering::Relaxed);
         result?;
-        let before = self.space.lock().free_segments;
-        self.checkpoint_with(None)?;
-        let after = self.space.lock().free_segments;
-        report.segments_freed = after.saturating_sub(before) as u64;
+        // Victims sealed before the last checkpoint are outside every replay chain: once the
+        // moves out of them are durable and no read of them is in flight, they are free. The
+        // others are freed by a checkpoint (replay may still walk through them).
+        let (old, recent): (Vec<u32>, Vec<u32>) = {
+            let space = self.space.lock();
+            victims.iter().partition(|&&v| {
+                matches!(space.seg_state[v as usize], SegState::Sealed { seq } if seq <= ckpt_seq)
+            })
+        };
+        if !old.is_empty() {
+            self.flush()?;
+            self.fence()?;
+            // The checkpoint lock keeps `check` (which reads by location) and a commit out.
+            let _ck = self.ckpt.lock();
+            let mut space = self.space.lock();
+            let mut freed = Vec::new();
+            for &v in &old {
+                if matches!(space.seg_state[v as usize], SegState::Sealed { .. })
+                    && space.seg_live[v as usize] == 0
+                {
+                    space.set_state(v, SegState::Free);
+                    freed.push(v);
+                }
+            }
+            drop(space);
+            report.segments_freed += freed.len() as u64;
+            self.discard_segments(&freed);
+        }
+        if !recent.is_empty() {
+            let before = self.space.lock().free_segments;
+            self.checkpoint_with(None)?;
+            let after = self.space.lock().free_segments;
+            report.segments_freed += after.saturating_sub(before) as u64;
+        }
         Ok(report)
+    }
+
+    /// Give freed segments back to the file system / device (best effort).
+    fn discard_segments(&self, segs: &[u32]) {
+        if self.discard_freed {
+            for &s in segs {
+                let (dev, base) = self.geo.locate(s);
+                let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
+            }
+        }
     }
 
     /// Copy the live blocks of one victim segment into the logs.
@@ -699,13 +771,7 @@ impl Inner {
         freed.extend(space.reclaim(image.seq, live_then));
         space.release_ids(image.seq);
         drop(space);
-        if self.discard_freed {
-            for s in freed {
-                let (dev, base) = self.geo.locate(s);
-                // Give the space back to the file system / device; best effort.
-                let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
-            }
-        }
+        self.discard_segments(&freed);
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
@@ -730,7 +796,8 @@ fn fail_msg(msg: ShardMsg) {
         ShardMsg::Pause { paused, .. } => {
             let _ = paused.send(Err(Error::ShutDown));
         }
-        ShardMsg::Stop => {}
+        // Dropping the sender answers the fence with an error.
+        ShardMsg::Fence(_) | ShardMsg::Stop => {}
     }
 }
 
@@ -1573,16 +1640,7 @@ impl Pool {
     /// plain device sync would neither checkpoint past a failed record (the writes after it
     /// would stay unrecoverable) nor advance what later records declare flushed.
     pub fn flush(&self) -> Result<()> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let done: crate::api::Completion = Box::new(move |r| {
-            let _ = tx.send(r);
-        });
-        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
-            self.inner.flusher.send(FlushMsg::Flush(done))
-        {
-            done(Err(Error::ShutDown));
-        }
-        rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
+        self.inner.flush()
     }
 
     pub fn stats(&self) -> Stats {
@@ -1967,6 +2025,12 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
                 &mut |_, _| {},
             ) {
                 Ok(r) if r.segments_freed > 0 => inner.gc_stuck.store(false, Ordering::Release),
+                Ok(r) if r.segments_cleaned == 0 && inner.reclaimable_segments() == 0 => {
+                    // Nothing worth cleaning yet (every segment nearly full): not stuck; writes
+                    // fail at the reserve only while nothing is reclaimable.
+                    inner.gc_stuck.store(false, Ordering::Release);
+                    break;
+                }
                 Ok(_) => {
                     inner.gc_stuck.store(true, Ordering::Release);
                     break;

@@ -73,6 +73,8 @@ pub(crate) enum ShardMsg {
         paused: Sender<Result<ShardPosition, Error>>,
         resume: Receiver<()>,
     },
+    /// Finish every I/O in flight, then answer (the cleaner frees segments after this).
+    Fence(Sender<()>),
     Stop,
 }
 
@@ -502,6 +504,11 @@ impl Shard {
             }
             ShardMsg::Pause { paused, .. } => {
                 let _ = paused.send(Err(Error::ShutDown));
+                0
+            }
+            ShardMsg::Fence(done) => {
+                self.drain();
+                let _ = done.send(());
                 0
             }
             ShardMsg::Stop => 0,
