@@ -51,27 +51,22 @@ pub fn share(stored_len: u16, flags: u16) -> u64 {
     len / n + u64::from((idx as u64) < len % n)
 }
 
-/// Whether a group starting with `block` is worth compressing: a 1 KiB probe made of four
-/// 256-byte slices spread over the block shrinks at all. Random bytes (encrypted or already
-/// compressed data, fio's default buffers) never shrink under LZ4, so they are rejected for a
-/// quarter of one block's attempt (compressing them took 40% of the write path's CPU and saved
-/// nothing); data that is compressible only in part of the block still gets its chance.
+/// Whether a group starting with `block` is worth compressing: its first KiB, or else its
+/// last KiB, shrinks at all under LZ4. Random bytes (encrypted or already compressed data, fio's
+/// default buffers) never do, so they are rejected for half of one block's attempt (compressing
+/// them took 40% of the write path's CPU and saved nothing); blocks compressible in only part
+/// of their length (zero-padded records) still get their chance.
 pub fn worth_compressing(block: &[u8]) -> bool {
-    const SLICE: usize = 256;
-    let mut probe = [0u8; 4 * SLICE];
-    let step = block.len() / 4;
-    if step < SLICE {
+    const PROBE: usize = 1024;
+    if block.len() < 2 * PROBE {
         return true;
     }
-    for (i, dst) in probe.chunks_exact_mut(SLICE).enumerate() {
-        dst.copy_from_slice(&block[i * step..i * step + SLICE]);
-    }
-    let mut out = [0u8; 1200];
-    debug_assert!(lz4_flex::block::get_maximum_output_size(probe.len()) <= out.len());
-    match lz4_flex::block::compress_into(&probe, &mut out) {
-        Ok(n) => n + 16 <= probe.len(),
-        Err(_) => false,
-    }
+    let shrinks = |probe: &[u8]| {
+        let mut out = [0u8; 1200];
+        debug_assert!(lz4_flex::block::get_maximum_output_size(probe.len()) <= out.len());
+        matches!(lz4_flex::block::compress_into(probe, &mut out), Ok(n) if n + 16 <= probe.len())
+    };
+    shrinks(&block[..PROBE]) || shrinks(&block[block.len() - PROBE..])
 }
 
 /// Compress `plain` (whole blocks); `Some(bytes)` when it saves at least an eighth.
