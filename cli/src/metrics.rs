@@ -77,6 +77,39 @@ pub fn render(s: &Stats) -> String {
         "counter",
         s.cache_misses,
     );
+    gauge(
+        "unique_blocks",
+        "Distinct stored blocks.",
+        "gauge",
+        s.unique_blocks,
+    );
+    gauge(
+        "dedup_index_bytes",
+        "RAM held by the dedup index.",
+        "gauge",
+        s.dedup_index_bytes,
+    );
+    for (name, help, v) in [
+        (
+            "dedup_ratio",
+            "Mapped blocks / unique blocks.",
+            s.dedup_ratio,
+        ),
+        (
+            "compression_ratio",
+            "Unique blocks' bytes / stored bytes.",
+            s.compression_ratio,
+        ),
+        (
+            "data_reduction_ratio",
+            "Logical mapped bytes / stored bytes.",
+            s.data_reduction_ratio,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP ingot_{name} {help}");
+        let _ = writeln!(out, "# TYPE ingot_{name} gauge");
+        let _ = writeln!(out, "ingot_{name} {v}");
+    }
     let _ = writeln!(
         out,
         "# HELP ingot_volume_size_bytes Logical size of each volume."
@@ -99,6 +132,30 @@ pub fn render(s: &Stats) -> String {
             out,
             "ingot_volume_mapped_bytes{{volume=\"{}\"}} {}",
             v.name, v.mapped_bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ingot_volume_stored_bytes Stored bytes attributed to each volume (shared blocks split)."
+    );
+    let _ = writeln!(out, "# TYPE ingot_volume_stored_bytes gauge");
+    for v in &s.volumes {
+        let _ = writeln!(
+            out,
+            "ingot_volume_stored_bytes{{volume=\"{}\"}} {}",
+            v.name, v.stored_bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ingot_volume_data_reduction_ratio Mapped bytes / attributed stored bytes."
+    );
+    let _ = writeln!(out, "# TYPE ingot_volume_data_reduction_ratio gauge");
+    for v in &s.volumes {
+        let _ = writeln!(
+            out,
+            "ingot_volume_data_reduction_ratio{{volume=\"{}\"}} {}",
+            v.name, v.data_reduction_ratio
         );
     }
     out
