@@ -125,15 +125,25 @@ pub fn engine(
 
 fn fill(vol: &Volume, size: u64) -> Result<()> {
     let chunk = 4 << 20;
-    let data = pattern(chunk, 7);
+    let mut data = pattern(chunk, 7);
     let mut off = 0;
     while off < size {
         let n = chunk.min((size - off) as usize);
+        stamp(&mut data, off);
         vol.write(off, &data[..n], false)?;
         off += n as u64;
     }
     vol.flush()?;
     Ok(())
+}
+
+/// Make every 4 KiB block of `buf` unique (as fio's `scramble_buffers` does): the engine
+/// deduplicates, and a repeated buffer would measure reference counting, not writes.
+fn stamp(buf: &mut [u8], serial: u64) {
+    for (i, block) in buf.chunks_mut(4096).enumerate() {
+        let tag = serial.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64;
+        block[..8].copy_from_slice(&tag.to_le_bytes());
+    }
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -151,7 +161,8 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// Keep `qd` requests in flight for `seconds`; writes flush every 1,000 requests.
 fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Result<(u64, f64)> {
     let (tx, rx) = crossbeam_channel::unbounded::<(bool, Result<(), String>)>();
-    let data = bytes::Bytes::from(pattern(job.bs, 42));
+    let data = pattern(job.bs, 42);
+    let serial = std::cell::Cell::new(0u64);
     let blocks = size / job.bs as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut seq = 0u64;
@@ -172,7 +183,12 @@ fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Re
         let req = if job.write {
             Request::Write {
                 offset: off,
-                data: data.clone(),
+                data: {
+                    let mut d = data.clone();
+                    serial.set(serial.get() + 1);
+                    stamp(&mut d, serial.get());
+                    bytes::Bytes::from(d)
+                },
                 fua: false,
             }
         } else {
