@@ -273,6 +273,8 @@ fn batch(a: &DbBatchArgs) -> Result<Report> {
             runs.push(r);
         }
     }
+    // The cgroup is empty once the last run stopped PostgreSQL.
+    let _ = fs::remove_dir(CGROUP);
     let local_total = median(
         runs.iter()
             .filter(|r| r.target == a.baseline)
