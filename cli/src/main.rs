@@ -351,6 +351,20 @@ fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
     r
 }
 
+fn set_policy(
+    pool: &Path,
+    name: &str,
+    dedup: Option<bool>,
+    compression: Option<bool>,
+) -> Result<()> {
+    let req = Request::VolumeSet {
+        name: name.to_string(),
+        dedup,
+        compression,
+    };
+    request(pool, req).map(|_| ())
+}
+
 fn volume(cmd: VolumeCmd) -> Result<i32> {
     match cmd {
         VolumeCmd::Create {
@@ -368,14 +382,7 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
                 },
             )?;
             if dedup.is_some() || compression.is_some() {
-                request(
-                    &pool.pool,
-                    Request::VolumeSet {
-                        name: name.clone(),
-                        dedup,
-                        compression,
-                    },
-                )?;
+                set_policy(&pool.pool, &name, dedup, compression)?;
             }
             println!("created volume {name} ({})", human(size));
         }
@@ -388,14 +395,7 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
             if dedup.is_none() && compression.is_none() {
                 bail!("nothing to set: give --dedup on|off and/or --compression on|off");
             }
-            request(
-                &pool.pool,
-                Request::VolumeSet {
-                    name: name.clone(),
-                    dedup,
-                    compression,
-                },
-            )?;
+            set_policy(&pool.pool, &name, dedup, compression)?;
             let word = |b: Option<bool>| match b {
                 Some(true) => "on",
                 Some(false) => "off",

@@ -2085,9 +2085,14 @@ pub(crate) fn load_payload(inner: &Inner, e: &BlockEntry) -> Result<Bytes, Paylo
             kind: err.kind(),
             msg: err.to_string(),
         })?;
+    decode_entry(&Bytes::from_owner(buf), (e.offset - base) as usize, e)
+}
+
+/// [`decode_piece`] for the payload of block `e`, found at `at` in `all`.
+pub(crate) fn decode_entry(all: &Bytes, at: usize, e: &BlockEntry) -> Result<Bytes, PayloadFault> {
     decode_piece(
-        &Bytes::from_owner(buf),
-        (e.offset - base) as usize,
+        all,
+        at,
         e.segment,
         e.offset,
         u32::from(e.stored_len),
