@@ -195,6 +195,17 @@ enum PoolCmd {
     },
 }
 
+/// A volume's data reduction policy; what is not given stays as it is.
+#[derive(clap::Args, Clone, Copy)]
+struct PolicyArgs {
+    /// Deduplicate new writes: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    dedup: Option<bool>,
+    /// Compress new writes: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    compression: Option<bool>,
+}
+
 #[derive(Subcommand)]
 enum VolumeCmd {
     /// Create a thin volume (deduplication and compression on unless turned off).
@@ -202,24 +213,16 @@ enum VolumeCmd {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// Deduplicate new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        dedup: Option<bool>,
-        /// Compress new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        compression: Option<bool>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         pool: PoolArg,
     },
     /// Change a volume's data reduction policy, online; applies to new writes.
     Set {
         name: String,
-        /// Deduplicate new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        dedup: Option<bool>,
-        /// Compress new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        compression: Option<bool>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         pool: PoolArg,
     },
@@ -370,8 +373,7 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
         VolumeCmd::Create {
             name,
             size,
-            dedup,
-            compression,
+            policy: PolicyArgs { dedup, compression },
             pool,
         } => {
             request(
@@ -388,8 +390,7 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
         }
         VolumeCmd::Set {
             name,
-            dedup,
-            compression,
+            policy: PolicyArgs { dedup, compression },
             pool,
         } => {
             if dedup.is_none() && compression.is_none() {
