@@ -971,17 +971,9 @@ impl Pool {
                         path: full.clone(),
                         source,
                     })?;
-                // Allocated up front, as a raw image would be: writes then convert extents
-                // instead of allocating blocks. Not every file system can; that only costs speed.
-                // SAFETY: plain syscall on an owned fd.
-                let _ = unsafe {
-                    libc::fallocate(
-                        std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                        0,
-                        0,
-                        (DATA_START + segs * seg) as libc::off_t,
-                    )
-                };
+                // Sparse: each segment is allocated (fallocate) when a shard reserves it, one
+                // ahead of use, so an idle pool takes no disk and writes still land in allocated
+                // extents.
             }
             abs.push(full);
         }
