@@ -481,7 +481,7 @@ fn concurrent_writers_sharing_blocks_while_the_cleaner_runs() {
             let got = vol.read(base * 4096, (BLOCKS / 2 * 4096) as u32).unwrap();
             for (i, want) in model.iter().enumerate() {
                 assert!(
-                    &got[i * BLOCK..(i + 1) * BLOCK] == &want[..],
+                    got[i * BLOCK..(i + 1) * BLOCK] == want[..],
                     "thread {t} block {i}"
                 );
             }
