@@ -16,7 +16,8 @@ for s in $suites; do
   rc=$?
   run=$(grep -E '^ +tests +[0-9]+' "$log" | awk '{print $3}')
   failed=$(grep -E '^ +tests +[0-9]+' "$log" | awk '{print $5}')
-  skipped=$(grep -c '\[SKIPPED\]' "$log")
+  # A test is skipped when any [SKIPPED] line appears in its output (some print two).
+  skipped=$(awk '/^  Test: /{if(t&&s)n++; t=1; s=0} /\[SKIPPED\]/{s=1} END{if(t&&s)n++; print n+0}' "$log")
   run=${run:-0} failed=${failed:-0}
   if [ "$run" = 0 ] && [ "$rc" != 0 ]; then failed=$((failed + 1)); fi
   passed=$((run - failed - skipped))

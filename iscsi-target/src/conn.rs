@@ -707,7 +707,13 @@ impl Conn {
                 return Err(IscsiError::Protocol("Data-Out with an unexpected transfer tag"));
             }
         };
-        if data_sn != w.next_data_sn || offset != w.buf.len() || end > burst_end || end > edtl {
+        if data_sn != w.next_data_sn {
+            // A lost or reordered Data-Out: the task fails with a data phase error; later
+            // Data-Out of it is dropped as data of an unknown task. The connection goes on.
+            self.respond(&w.cmd, Response::check(sense::DATA_PHASE_ERROR));
+            return Ok(());
+        }
+        if offset != w.buf.len() || end > burst_end || end > edtl {
             // DataPDUInOrder=Yes: anything out of order or past the burst is a protocol error,
             // which ends the connection at ErrorRecoveryLevel 0.
             self.reject(&p.bhs, reject::PROTOCOL_ERROR);

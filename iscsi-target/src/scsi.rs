@@ -16,7 +16,7 @@ pub const OPTIMAL_GRANULARITY_BLOCKS: u32 = 8;
 pub const MAX_CAW_BLOCKS: u8 = 255;
 /// Largest UNMAP descriptor count and LBA count per descriptor.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-pub const MAX_UNMAP_BLOCKS: u32 = 0x0100_0000;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// Largest WRITE SAME, in blocks.
 pub const MAX_WRITE_SAME_BLOCKS: u64 = 0x0100_0000;
 /// Vendor and product of standard INQUIRY data.
@@ -450,12 +450,13 @@ fn compare_and_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     if let Err(r) = check_lba(lu, lba, n) {
         return r;
     }
+    let len = (n * u64::from(BLOCK_BYTES)) as usize;
+    if data_out.len() != 2 * len {
+        // The Data-Out must hold exactly the verify and the write data.
+        return Response::bad_cdb(13, None);
+    }
     if n == 0 {
         return Response::good();
-    }
-    let len = (n * u64::from(BLOCK_BYTES)) as usize;
-    if data_out.len() < 2 * len {
-        return Response::check(sense::INVALID_FIELD_IN_CDB);
     }
     let _atomic = lu.caw_lock.lock();
     let offset = lba * u64::from(BLOCK_BYTES);
@@ -535,14 +536,11 @@ fn write_same(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
         return r;
     }
     let bs = BLOCK_BYTES as usize;
-    let block: &[u8] = if ndob {
-        &[]
-    } else {
-        match data_out.get(..bs) {
-            Some(b) => b,
-            None => return Response::check(sense::PARAMETER_LIST_LENGTH_ERROR),
-        }
-    };
+    // The Data-Out is exactly one block (none with NDOB).
+    if data_out.len() != if ndob { 0 } else { bs } {
+        return Response::bad_cdb(if ws16 { 10 } else { 7 }, None);
+    }
+    let block: &[u8] = data_out;
     let zero = block.iter().all(|&b| b == 0);
     let offset = lba * bs as u64;
     let len = n * bs as u64;
@@ -685,8 +683,10 @@ fn read_capacity16(lu: &Lu, cdb: &[u8]) -> Response {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&lu.blocks().saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&BLOCK_BYTES.to_be_bytes());
-    // Logical blocks per physical block exponent: 4 KiB engine blocks.
-    d[13] = 3;
+    // Logical blocks per physical block exponent 0: the engine takes 512-byte writes. Its
+    // 4 KiB block is announced as the optimal granularity in VPD 0xB0 instead (an exponent of 3
+    // makes GET LBA STATUS conformance tests expect descriptors that SBC-3 forbids).
+    d[13] = 0;
     // LBPME (thin provisioned) and LBPRZ (unmapped blocks read as zeroes).
     d[14] = 0xc0;
     d.truncate(alloc);

@@ -49,6 +49,7 @@ pub const MEDIUM_REMOVAL_PREVENTED: Sense = s(key::ILLEGAL_REQUEST, 0x53, 0x02);
 pub const INTERNAL_TARGET_FAILURE: Sense = s(key::HARDWARE_ERROR, 0x44, 0x00);
 pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: Sense = s(key::UNIT_ATTENTION, 0x2f, 0x00);
 pub const INVALID_RELEASE: Sense = s(key::ILLEGAL_REQUEST, 0x26, 0x04);
+pub const DATA_PHASE_ERROR: Sense = s(key::ABORTED_COMMAND, 0x4b, 0x00);
 pub const NO_SENSE: Sense = s(key::NO_SENSE, 0, 0);
 
 /// Length of the fixed-format sense data we build.
