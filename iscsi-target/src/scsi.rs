@@ -139,8 +139,8 @@ fn access_of(op: u8, cdb: &[u8]) -> Access {
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 | 0x9e | 0x1a | 0x5a => {
             Access::Read
         }
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x35
-        | 0x91 => Access::Write,
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b
+        | 0x35 | 0x91 => Access::Write,
         0x16 | 0x17 | 0x15 | 0x55 | 0x1b | 0x1e => Access::Exclusive,
         _ => Access::Any,
     }
@@ -241,6 +241,7 @@ pub fn execute(lu: &Lu, nexus: &Nexus<'_>, cdb: &[u8], data_out: Vec<u8>) -> Act
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => write(lu, cdb, data_out),
         0x2f | 0xaf | 0x8f => Action::Done(verify(lu, cdb, &data_out)),
         0x89 => Action::Done(compare_and_write(lu, cdb, &data_out)),
+        0x8b => Action::Done(or_write(lu, cdb, &data_out)),
         0x35 | 0x91 => Action::Done(synchronize_cache(lu, cdb)),
         0x34 | 0x90 => Action::Done(prefetch(lu, cdb)),
         0x41 | 0x93 => Action::Done(write_same(lu, cdb, &data_out)),
@@ -276,7 +277,7 @@ pub fn data_out_len(cdb: &[u8]) -> u64 {
         }
         0x2a | 0x2e => u64::from(be16(cdb, 7)) * bs,
         0xaa | 0xae => u64::from(be32(cdb, 6)) * bs,
-        0x8a | 0x8e => u64::from(be32(cdb, 10)) * bs,
+        0x8a | 0x8e | 0x8b => u64::from(be32(cdb, 10)) * bs,
         0x2f | 0xaf | 0x8f => {
             let n = match cdb[0] {
                 0x2f => u64::from(be16(cdb, 7)),
@@ -479,6 +480,45 @@ fn compare_and_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     }
 }
 
+/// OR WRITE (SBC-3 §5.9): OR the Data-Out into the blocks, atomically with respect to other
+/// OR WRITE and COMPARE AND WRITE commands.
+fn or_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
+    let (lba, n) = lba_len(cdb);
+    if cdb[1] & 0xe0 != 0 {
+        // ORPROTECT: no protection information here.
+        return Response::bad_cdb(1, Some(7));
+    }
+    if let Err(r) = check_lba(lu, lba, u64::from(n)) {
+        return r;
+    }
+    if n > MAX_TRANSFER_BLOCKS {
+        return Response::bad_cdb(10, None);
+    }
+    let len = (n as usize) * BLOCK_BYTES as usize;
+    let have = data_out.len().min(len) / BLOCK_BYTES as usize * BLOCK_BYTES as usize;
+    if have == 0 {
+        return Response::good();
+    }
+    let _atomic = lu.caw_lock.lock();
+    let offset = lba * u64::from(BLOCK_BYTES);
+    let mut medium = match read_sync(lu, offset, have as u64) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    for (m, d) in medium.iter_mut().zip(data_out) {
+        *m |= *d;
+    }
+    let fua = cdb[1] & 0x08 != 0 || !lu.state.lock().wce;
+    match lu.volume.call(Request::Write {
+        offset,
+        data: Bytes::from(medium),
+        fua,
+    }) {
+        Ok(_) => Response::good(),
+        Err(e) => Response::engine(&e),
+    }
+}
+
 fn synchronize_cache(lu: &Lu, cdb: &[u8]) -> Response {
     let (lba, n) = if cdb[0] == 0x35 {
         (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
@@ -525,11 +565,16 @@ fn write_same(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
         // Anchored blocks are not supported (ANC_SUP = 0).
         return Response::bad_cdb(1, Some(4));
     }
-    if n == 0 {
-        // WSNZ = 1: a zero block count is invalid.
-        return Response::bad_cdb(if ws16 { 10 } else { 7 }, None);
-    }
-    if n > MAX_WRITE_SAME_BLOCKS {
+    // A zero block count means "up to the last block" (WSNZ = 0).
+    let n = if n == 0 {
+        match lu.blocks().checked_sub(lba) {
+            Some(rest) if rest > 0 => rest,
+            _ => return Response::check(sense::LBA_OUT_OF_RANGE),
+        }
+    } else {
+        n
+    };
+    if n > MAX_WRITE_SAME_BLOCKS && !(unmap || ndob || data_out.iter().all(|&b| b == 0)) {
         return Response::bad_cdb(if ws16 { 10 } else { 7 }, None);
     }
     if let Err(r) = check_lba(lu, lba, n) {
@@ -545,7 +590,9 @@ fn write_same(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     let offset = lba * bs as u64;
     let len = n * bs as u64;
     let fua = !lu.state.lock().wce;
-    let req = if zero && unmap {
+    // With UNMAP the blocks are deallocated whatever the pattern: they then read as zeroes
+    // (LBPRZ = 1), as SBC-3 allows for a thin-provisioned logical unit.
+    let req = if unmap {
         Request::Trim { offset, len, fua }
     } else if zero {
         Request::WriteZeroes { offset, len, fua }
@@ -801,7 +848,6 @@ fn vpd(lu: &Lu, nexus: &Nexus<'_>, page: u8) -> Option<Vec<u8>> {
         }
         0xb0 => {
             let mut b = [0u8; 60];
-            b[0] = 0; // WSNZ off? see below
             b[1] = MAX_CAW_BLOCKS;
             b[2..4].copy_from_slice(&(OPTIMAL_GRANULARITY_BLOCKS as u16).to_be_bytes());
             b[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
@@ -812,8 +858,7 @@ fn vpd(lu: &Lu, nexus: &Nexus<'_>, page: u8) -> Option<Vec<u8>> {
             b[24..28].copy_from_slice(&OPTIMAL_GRANULARITY_BLOCKS.to_be_bytes());
             b[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
             b[32..40].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
-            // byte 4 of the page (b[0]) bit 0: WSNZ.
-            b[0] = 0x01;
+            // byte 4 of the page (b[0]) bit 0: WSNZ = 0 (zero blocks means to the end).
             d.extend_from_slice(&b);
         }
         0xb1 => {
@@ -1142,6 +1187,7 @@ const OPCODES: &[(u8, Option<u16>, u8)] = &[
     (0x88, None, 16),
     (0x89, None, 16),
     (0x8a, None, 16),
+    (0x8b, None, 16),
     (0x8e, None, 16),
     (0x8f, None, 16),
     (0x90, None, 16),
