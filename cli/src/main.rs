@@ -192,7 +192,11 @@ impl IscsiArgs {
                     continue;
                 }
                 if f.len() != 3 && f.len() != 5 {
-                    bail!("{}:{}: expected VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]", path.display(), n + 1);
+                    bail!(
+                        "{}:{}: expected VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]",
+                        path.display(),
+                        n + 1
+                    );
                 }
                 let chap = ChapConfig {
                     user: f[1].to_string(),

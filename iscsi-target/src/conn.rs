@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{IscsiError, Result};
 use crate::login::{self, Login, LoginConfig, Outcome, Params, Session, SessionType, TargetLookup};
 use crate::lu::Lu;
-use crate::pdu::{self, decode_lun, op, reject, read_pdu, Bhs, Pdu, ScsiCmd, RESERVED_TAG};
+use crate::pdu::{self, decode_lun, op, read_pdu, reject, Bhs, Pdu, ScsiCmd, RESERVED_TAG};
 use crate::scsi::{self, Action, Nexus, Response};
 use crate::sense::{self, status};
 use crate::target::Shared;
@@ -163,7 +163,11 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
             let port = format!(
                 "{},i,0x{}",
                 session.initiator_name,
-                session.isid.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                session
+                    .isid
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
             );
             shared.reinstate(&port, &session.target_name, conn_id, &stream);
             lu.attach(&port);
@@ -367,8 +371,7 @@ impl Conn {
         let mut b = Bhs::new(op::REJECT, 0x80);
         b.0[2] = reason;
         b.set_itt(RESERVED_TAG);
-        self.ctx
-            .send(b, Bytes::copy_from_slice(&bhs.0), true);
+        self.ctx.send(b, Bytes::copy_from_slice(&bhs.0), true);
     }
 
     /// Handle one PDU; `Ok(false)` ends the connection cleanly.
@@ -426,7 +429,11 @@ impl Conn {
 
     /// CmdSN bookkeeping for non-SCSI requests.
     fn admit_sn(&self, b: &Bhs) {
-        if !b.immediate() && b.cmd_sn() == self.ctx.exp_cmd_sn.load(Ordering::Acquire) {
+        let exp = self.ctx.exp_cmd_sn.load(Ordering::Acquire);
+        if !b.immediate()
+            && !sn_lt(b.cmd_sn(), exp)
+            && sn_lt(b.cmd_sn(), exp.wrapping_add(self.ctx.window))
+        {
             self.ctx
                 .exp_cmd_sn
                 .store(b.cmd_sn().wrapping_add(1), Ordering::Release);
@@ -451,11 +458,11 @@ impl Conn {
             // Outside the command window: ignore (RFC 7143 §4.2.2.1).
             return None;
         }
-        if cmd.cmd_sn == exp {
-            self.ctx
-                .exp_cmd_sn
-                .store(exp.wrapping_add(1), Ordering::Release);
-        }
+        // One connection per session keeps commands in order, so a gap can only come from a
+        // PDU we rejected or dropped: move past it rather than stall the window.
+        self.ctx
+            .exp_cmd_sn
+            .store(cmd.cmd_sn.wrapping_add(1), Ordering::Release);
         Some(cmd)
     }
 
@@ -704,7 +711,9 @@ impl Conn {
             None if ttt == RESERVED_TAG && !w.unsolicited_done => w.unsolicited_end,
             _ => {
                 self.reject(&p.bhs, reject::PROTOCOL_ERROR);
-                return Err(IscsiError::Protocol("Data-Out with an unexpected transfer tag"));
+                return Err(IscsiError::Protocol(
+                    "Data-Out with an unexpected transfer tag",
+                ));
             }
         };
         if data_sn != w.next_data_sn {
@@ -717,7 +726,9 @@ impl Conn {
             // DataPDUInOrder=Yes: anything out of order or past the burst is a protocol error,
             // which ends the connection at ErrorRecoveryLevel 0.
             self.reject(&p.bhs, reject::PROTOCOL_ERROR);
-            return Err(IscsiError::Protocol("Data-Out out of order or past the burst"));
+            return Err(IscsiError::Protocol(
+                "Data-Out out of order or past the burst",
+            ));
         }
         w.next_data_sn = w.next_data_sn.wrapping_add(1);
         w.buf.extend_from_slice(&p.data);

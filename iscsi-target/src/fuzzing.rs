@@ -52,7 +52,10 @@ pub fn login_text(data: &[u8]) {
     // The first 2 bytes pick the login flags of each step; the rest is split into steps.
     let (flags, body) = data.split_at(data.len().min(2));
     for (i, chunk) in body.split(|&b| b == 0xff).take(8).enumerate() {
-        let mut b = pdu::Bhs::new(pdu::op::LOGIN_REQ, flags.get(i % 2).copied().unwrap_or(0x81));
+        let mut b = pdu::Bhs::new(
+            pdu::op::LOGIN_REQ,
+            flags.get(i % 2).copied().unwrap_or(0x81),
+        );
         b.set_data_len(chunk.len());
         let p = pdu::Pdu {
             bhs: b,

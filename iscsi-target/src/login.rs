@@ -397,7 +397,11 @@ impl Login {
         keys: &[(String, String)],
         reply: &mut Vec<(String, String)>,
     ) -> Result<(), u16> {
-        let get = |name: &str| keys.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let get = |name: &str| {
+            keys.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         if let Some(methods) = get("AuthMethod") {
             if self.auth != Auth::Start {
                 return Err(status::INITIATOR_ERROR);
@@ -488,8 +492,8 @@ impl Login {
                 _ => Err(status::INITIATOR_ERROR),
             };
             let answer = match k.as_str() {
-                "InitiatorName" | "SessionType" | "TargetName" | "InitiatorAlias" | "AuthMethod"
-                | "CHAP_A" | "CHAP_N" | "CHAP_R" | "CHAP_I" | "CHAP_C" => continue,
+                "InitiatorName" | "SessionType" | "TargetName" | "InitiatorAlias"
+                | "AuthMethod" | "CHAP_A" | "CHAP_N" | "CHAP_R" | "CHAP_I" | "CHAP_C" => continue,
                 "HeaderDigest" | "DataDigest" => {
                     let pick = v
                         .split(',')
@@ -714,7 +718,11 @@ mod tests {
     fn unknown_target_and_missing_name() {
         let mut l = Login::new(LoginConfig::default(), 1, 64);
         let s = l.step(
-            &req(0x81, 1, &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.nope")]),
+            &req(
+                0x81,
+                1,
+                &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.nope")],
+            ),
             &lookup_open,
         );
         assert_eq!(s.outcome, Some(Outcome::Failed(status::NOT_FOUND)));
@@ -789,7 +797,11 @@ mod tests {
         // Skipping the security stage is refused too.
         let mut l = Login::new(LoginConfig::default(), 1, 64);
         let s = l.step(
-            &req(0x87, 1, &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t")]),
+            &req(
+                0x87,
+                1,
+                &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.t")],
+            ),
             &lookup_chap,
         );
         assert_eq!(s.outcome, Some(Outcome::Failed(status::AUTH_FAILURE)));

@@ -146,7 +146,12 @@ impl Lu {
 
     /// A session of `port` started.
     pub fn attach(&self, port: &str) {
-        *self.state.lock().nexuses.entry(port.to_string()).or_default() += 1;
+        *self
+            .state
+            .lock()
+            .nexuses
+            .entry(port.to_string())
+            .or_default() += 1;
     }
 
     /// A session of `port` ended (I_T nexus loss): RESERVE(6) is released.

@@ -343,8 +343,14 @@ mod tests {
     #[test]
     fn crc32c_matches_rfc_vector() {
         // RFC 3720 B.4: 32 bytes of zeroes -> aa 36 91 8a (little-endian on the wire).
-        assert_eq!(crc32c(&[&[0u8; 32]]).to_le_bytes(), [0xaa, 0x36, 0x91, 0x8a]);
-        assert_eq!(crc32c(&[&[0xffu8; 32]]).to_le_bytes(), [0x43, 0xab, 0xa8, 0x62]);
+        assert_eq!(
+            crc32c(&[&[0u8; 32]]).to_le_bytes(),
+            [0xaa, 0x36, 0x91, 0x8a]
+        );
+        assert_eq!(
+            crc32c(&[&[0xffu8; 32]]).to_le_bytes(),
+            [0x43, 0xab, 0xa8, 0x62]
+        );
     }
 
     #[test]
@@ -389,7 +395,9 @@ mod tests {
             read_pdu(&mut &wire[..10], &lim(false, false)),
             Err(IscsiError::Truncated)
         ));
-        assert!(read_pdu(&mut &[][..], &lim(false, false)).unwrap().is_none());
+        assert!(read_pdu(&mut &[][..], &lim(false, false))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -397,7 +405,9 @@ mod tests {
         let mut b = Bhs::new(op::SCSI_CMD, 0xc1);
         b.set_u32(20, 4096);
         b.0[32] = 0x7f;
-        let ahs = vec![0, 17, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0];
+        let ahs = vec![
+            0, 17, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0,
+        ];
         b.0[4] = (ahs.len() / 4) as u8;
         let p = Pdu {
             bhs: b,

@@ -96,9 +96,16 @@ impl Response {
 pub enum Action {
     Done(Response),
     /// Read `len` bytes at `offset`; the data is the Data-In.
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// Write `data` at `offset`.
-    Write { offset: u64, data: Bytes, fua: bool },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
 }
 
 /// Who sent a command: the initiator port (`iqn...,i,0xISID`).
@@ -371,7 +378,8 @@ fn write(lu: &Lu, cdb: &[u8], data_out: Vec<u8>) -> Action {
     data.truncate(have);
     let wce = lu.state.lock().wce;
     // FUA (byte 1 bit 3) on the 10/12/16 forms; WRITE AND VERIFY is always durable.
-    let fua = !wce || (cdb[0] != 0x0a && cdb[1] & 0x08 != 0) || matches!(cdb[0], 0x2e | 0xae | 0x8e);
+    let fua =
+        !wce || (cdb[0] != 0x0a && cdb[1] & 0x08 != 0) || matches!(cdb[0], 0x2e | 0xae | 0x8e);
     Action::Write {
         offset: lba * u64::from(BLOCK_BYTES),
         data: Bytes::from(data),
@@ -1322,7 +1330,7 @@ fn pr_in(lu: &Lu, cdb: &[u8]) -> Response {
             d.extend_from_slice(&8u16.to_be_bytes());
             d.push(0x00); // CRH 0, SIP_C 0, ATP_C 0, PTPL_C 0
             d.push(0x80); // TMV; ALLOW COMMANDS 0; PTPL_A 0
-            // Persistent reservation type mask: WE, EA, WERO, EARO, WEAR, EAAR.
+                          // Persistent reservation type mask: WE, EA, WERO, EARO, WEAR, EAAR.
             d.push(0xea); // bit7 WR_EX_AR, bit6 EX_AC_RO, bit5 WR_EX_RO, bit3 EX_AC, bit1 WR_EX
             d.push(0x01); // EX_AC_AR
             d.extend_from_slice(&[0; 2]);

@@ -197,7 +197,10 @@ impl IscsiTarget {
     /// Listen on `addr` (`HOST:PORT`; a missing port means 3260) and serve in the background.
     /// Returns the bound address.
     pub fn listen(&self, addr: &str) -> Result<SocketAddr> {
-        let addr = if addr.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        let addr = if addr
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             addr.to_string()
         } else {
             format!("{addr}:{DEFAULT_PORT}")

@@ -158,10 +158,7 @@ mod tests {
     fn parse_errors() {
         assert_eq!(parse(b"novalue\0"), Err(TextError::MissingEquals));
         assert_eq!(parse(b"=v\0"), Err(TextError::EmptyKey));
-        assert_eq!(
-            parse(b"a=1\0a=2\0"),
-            Err(TextError::Duplicate("a".into()))
-        );
+        assert_eq!(parse(b"a=1\0a=2\0"), Err(TextError::Duplicate("a".into())));
         assert_eq!(parse(&[b'k', b'=', 0xff, 0]), Err(TextError::NotUtf8));
         let long = format!("{}=1", "k".repeat(64));
         assert_eq!(parse(long.as_bytes()), Err(TextError::KeyTooLong));
