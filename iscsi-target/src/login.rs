@@ -583,13 +583,13 @@ impl Login {
             };
             reply.push((k.clone(), answer));
         }
-        if declared_mrdsl || self.stage == 1 {
-            if !reply.iter().any(|(k, _)| k == "MaxRecvDataSegmentLength") {
-                reply.push((
-                    "MaxRecvDataSegmentLength".into(),
-                    self.cfg.max_recv_data.to_string(),
-                ));
-            }
+        if (declared_mrdsl || self.stage == 1)
+            && !reply.iter().any(|(k, _)| k == "MaxRecvDataSegmentLength")
+        {
+            reply.push((
+                "MaxRecvDataSegmentLength".into(),
+                self.cfg.max_recv_data.to_string(),
+            ));
         }
         if p.first_burst > p.max_burst {
             p.first_burst = p.max_burst;

@@ -13,15 +13,9 @@ const MAX_PENDING_UA: usize = 16;
 /// Most persistent-reservation registrations per logical unit.
 pub const MAX_REGISTRATIONS: usize = 256;
 
-/// Persistent reservation types (SPC-4 Table 193).
+/// Persistent reservation types (SPC-4 Table 193): 1 Write Exclusive, 3 Exclusive Access,
+/// 5/6 the same for registrants only, 7/8 the same for all registrants.
 pub mod pr_type {
-    pub const WRITE_EXCLUSIVE: u8 = 1;
-    pub const EXCLUSIVE_ACCESS: u8 = 3;
-    pub const WRITE_EXCLUSIVE_RO: u8 = 5;
-    pub const EXCLUSIVE_ACCESS_RO: u8 = 6;
-    pub const WRITE_EXCLUSIVE_AR: u8 = 7;
-    pub const EXCLUSIVE_ACCESS_AR: u8 = 8;
-
     pub fn valid(t: u8) -> bool {
         matches!(t, 1 | 3 | 5 | 6 | 7 | 8)
     }

@@ -6,21 +6,14 @@ use ingot_engine::Sense;
 pub mod status {
     pub const GOOD: u8 = 0x00;
     pub const CHECK_CONDITION: u8 = 0x02;
-    pub const CONDITION_MET: u8 = 0x04;
-    pub const BUSY: u8 = 0x08;
     pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
 }
 
 /// Sense keys.
 pub mod key {
     pub const NO_SENSE: u8 = 0x00;
-    pub const NOT_READY: u8 = 0x02;
-    pub const MEDIUM_ERROR: u8 = 0x03;
-    pub const HARDWARE_ERROR: u8 = 0x04;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
-    pub const DATA_PROTECT: u8 = 0x07;
     pub const ABORTED_COMMAND: u8 = 0x0b;
     pub const MISCOMPARE: u8 = 0x0e;
 }
@@ -38,16 +31,10 @@ pub const PARAMETER_LIST_LENGTH_ERROR: Sense = s(key::ILLEGAL_REQUEST, 0x1a, 0x0
 pub const SAVING_PARAMETERS_NOT_SUPPORTED: Sense = s(key::ILLEGAL_REQUEST, 0x39, 0x00);
 pub const INSUFFICIENT_REGISTRATION_RESOURCES: Sense = s(key::ILLEGAL_REQUEST, 0x55, 0x04);
 pub const RESET_OCCURRED: Sense = s(key::UNIT_ATTENTION, 0x29, 0x00);
-pub const MODE_PARAMETERS_CHANGED: Sense = s(key::UNIT_ATTENTION, 0x2a, 0x01);
 pub const RESERVATIONS_PREEMPTED: Sense = s(key::UNIT_ATTENTION, 0x2a, 0x03);
 pub const RESERVATIONS_RELEASED: Sense = s(key::UNIT_ATTENTION, 0x2a, 0x04);
 pub const REGISTRATIONS_PREEMPTED: Sense = s(key::UNIT_ATTENTION, 0x2a, 0x05);
-pub const REPORTED_LUNS_CHANGED: Sense = s(key::UNIT_ATTENTION, 0x3f, 0x0e);
 pub const MISCOMPARE_DURING_VERIFY: Sense = s(key::MISCOMPARE, 0x1d, 0x00);
-pub const NOT_READY_STOPPED: Sense = s(key::NOT_READY, 0x04, 0x02);
-pub const MEDIUM_REMOVAL_PREVENTED: Sense = s(key::ILLEGAL_REQUEST, 0x53, 0x02);
-pub const INTERNAL_TARGET_FAILURE: Sense = s(key::HARDWARE_ERROR, 0x44, 0x00);
-pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: Sense = s(key::UNIT_ATTENTION, 0x2f, 0x00);
 pub const INVALID_RELEASE: Sense = s(key::ILLEGAL_REQUEST, 0x26, 0x04);
 pub const DATA_PHASE_ERROR: Sense = s(key::ABORTED_COMMAND, 0x4b, 0x00);
 pub const NO_SENSE: Sense = s(key::NO_SENSE, 0, 0);

@@ -275,7 +275,7 @@ impl Initiator {
         } else {
             read_len
         };
-        let mut b = self.command_bhs(cdb, edtl, read_len > 0, write);
+        let b = self.command_bhs(cdb, edtl, read_len > 0, write);
         // Immediate data up to the first burst; with InitialR2T=Yes the rest waits for R2Ts
         // (the F bit stays set: no unsolicited Data-Out follows).
         let imm = data_out.len().min(self.target_mrdsl).min(65536);
