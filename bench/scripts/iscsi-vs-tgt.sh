@@ -39,6 +39,14 @@ load() { # port target lun mode -> "IOPS p50 p99"
 
 head -c ${SIZE_MB}M /dev/urandom >"$DIR/data.img"
 
+IPID= TPID=
+cleanup() {
+  [ -n "$IPID" ] && kill -INT "$IPID" 2>/dev/null
+  [ -n "$TPID" ] && kill -9 "$TPID" 2>/dev/null
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
 declare -A R
 echo "ingot: starting" >&2
 "$INGOT" pool create --pool "$DIR/pool" --size 3G --prefill >/dev/null 2>&1
@@ -52,7 +60,7 @@ IT=iqn.2026-11.io.ingot:vol0
 R[ingot_perf]=$(perf "iscsi://127.0.0.1:$IPORT/$IT/0")
 R[ingot_rr]=$(load $IPORT $IT 0 read)
 R[ingot_rw]=$(load $IPORT $IT 0 write)
-kill -INT $IPID; wait $IPID || true
+kill -INT $IPID; wait $IPID || true; IPID=
 
 echo "tgt: starting" >&2
 cp "$DIR/data.img" "$DIR/raw.img"
@@ -66,7 +74,7 @@ tgtadm -C $TCTL --lld iscsi --op bind --mode target --tid 1 -I ALL
 R[tgt_perf]=$(perf "iscsi://127.0.0.1:$TPORT/$TT/1")
 R[tgt_rr]=$(load $TPORT $TT 1 read)
 R[tgt_rw]=$(load $TPORT $TT 1 write)
-kill $TPID; wait $TPID 2>/dev/null || true
+kill -9 $TPID; wait $TPID 2>/dev/null || true; TPID=  # tgtd ignores SIGTERM while it has targets
 rm -rf "$DIR/pool" "$DIR/raw.img" "$DIR/data.img"
 
 printf '%-34s %12s %12s %8s\n' job ingot_iops tgt_iops ratio

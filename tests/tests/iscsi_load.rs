@@ -46,6 +46,18 @@ fn iscsi_load() {
         )
         .expect("login");
     assert_eq!(r.bhs[36..38], [0, 0], "login failed");
+    // Clear unit attentions (tgt reports a power-on reset to each new session).
+    for _ in 0..5 {
+        let mut cdb = [0u8; 6];
+        cdb[0] = 0x00;
+        let mut b = ini.command_bhs(&cdb, 0, false, false);
+        b[8..16].copy_from_slice(&(lun << 48).to_be_bytes());
+        ini.send(&b, &[]).expect("send TUR");
+        let p = ini.recv().expect("TUR response");
+        if p.bhs[3] == 0 {
+            break;
+        }
+    }
     let mut rng = Prng::new(42);
     let mut data = vec![0u8; 4096];
     rng.fill(&mut data);
