@@ -504,9 +504,10 @@ impl Conn {
             if k == "SendTargets" {
                 let portal = &self.portal;
                 for name in self.shared.target_names() {
+                    // A normal session only learns about its own target.
                     let visible = match v.as_str() {
-                        "All" => self.session.kind == SessionType::Discovery,
-                        "" => name == self.session.target_name,
+                        "All" if self.session.kind == SessionType::Discovery => true,
+                        "All" | "" => name == self.session.target_name,
                         other => other == name,
                     };
                     if visible {
@@ -606,7 +607,7 @@ impl Conn {
                 Some(0xa0) => scsi_report_luns(&cmd),
                 _ => Response::check(sense::LU_NOT_SUPPORTED),
             };
-            self.drain_unsolicited(&p, &cmd);
+            // Any unsolicited Data-Out that follows is dropped as data of an unknown task.
             self.respond(&cmd, r);
             return Ok(());
         };
@@ -640,7 +641,8 @@ impl Conn {
             } else {
                 edtl.min(self.ctx.params.first_burst as usize)
             };
-            let mut buf = Vec::with_capacity(edtl);
+            // Grow with the data rather than trust the announced length up front.
+            let mut buf = Vec::with_capacity(edtl.min(self.ctx.params.first_burst as usize));
             buf.extend_from_slice(&p.data);
             let mut w = PendingWrite {
                 cmd,
@@ -665,10 +667,6 @@ impl Conn {
         self.execute(cmd, lun, Vec::new());
         Ok(())
     }
-
-    /// Answer a command to a missing LUN: any unsolicited data that follows is discarded by
-    /// [`Conn::data_out`] as an unknown task.
-    fn drain_unsolicited(&self, _p: &Pdu, _cmd: &ScsiCmd) {}
 
     fn send_r2t(&mut self, w: &mut PendingWrite) {
         let offset = w.buf.len();

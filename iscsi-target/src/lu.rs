@@ -56,6 +56,8 @@ pub struct LuState {
     pub prevent: HashSet<String>,
     /// Initiator ports with a live session (unit attentions are only queued for them).
     pub nexuses: HashMap<String, usize>,
+    /// Block count last seen, to report CAPACITY DATA HAS CHANGED after a resize.
+    pub known_blocks: u64,
 }
 
 impl LuState {
@@ -111,6 +113,7 @@ pub struct Lu {
 
 impl Lu {
     pub fn new(volume: Volume) -> Lu {
+        let known_blocks = volume.size_bytes() / u64::from(BLOCK_BYTES);
         let h = fnv1a(volume.name().as_bytes());
         let serial = format!("{h:016x}");
         let mut naa = [0u8; 16];
@@ -127,6 +130,7 @@ impl Lu {
             naa,
             state: Mutex::new(LuState {
                 wce: true,
+                known_blocks,
                 ..LuState::default()
             }),
             caw_lock: Mutex::new(()),

@@ -199,6 +199,12 @@ pub fn execute(lu: &Lu, nexus: &Nexus<'_>, cdb: &[u8], data_out: Vec<u8>) -> Act
     let op = cdb[0];
     {
         let mut st = lu.state.lock();
+        let blocks = lu.blocks();
+        if blocks != st.known_blocks {
+            // The volume was resized: every initiator hears of it once.
+            st.known_blocks = blocks;
+            st.ua_all(sense::CAPACITY_CHANGED, None);
+        }
         // Unit attentions are reported to anything but INQUIRY, REPORT LUNS and REQUEST SENSE.
         if !matches!(op, 0x12 | 0xa0 | 0x03) {
             if let Some(q) = st.ua.get_mut(nexus.port) {

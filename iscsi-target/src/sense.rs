@@ -37,6 +37,7 @@ pub const REGISTRATIONS_PREEMPTED: Sense = s(key::UNIT_ATTENTION, 0x2a, 0x05);
 pub const MISCOMPARE_DURING_VERIFY: Sense = s(key::MISCOMPARE, 0x1d, 0x00);
 pub const INVALID_RELEASE: Sense = s(key::ILLEGAL_REQUEST, 0x26, 0x04);
 pub const DATA_PHASE_ERROR: Sense = s(key::ABORTED_COMMAND, 0x4b, 0x00);
+pub const CAPACITY_CHANGED: Sense = s(key::UNIT_ATTENTION, 0x2a, 0x09);
 pub const NO_SENSE: Sense = s(key::NO_SENSE, 0, 0);
 
 /// Length of the fixed-format sense data we build.

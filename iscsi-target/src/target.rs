@@ -116,12 +116,13 @@ impl Shared {
             .map_err(|_| IscsiError::Login("target volume disappeared"))?;
         let mut lus = self.lus.lock();
         if let Some(lu) = lus.get(vol) {
-            let idle = {
-                let st = lu.state.lock();
-                st.nexuses.is_empty() && st.registrations.is_empty() && st.reserve6.is_none()
-            };
-            // A volume deleted and created again gets fresh state.
-            if !idle || lu.volume.size_bytes() == volume.size_bytes() {
+            // A handle on a deleted volume fails even empty requests: a volume deleted and
+            // created again under the same name gets a fresh logical unit.
+            let stale = lu
+                .volume
+                .call(ingot_engine::Request::Read { offset: 0, len: 0 })
+                .is_err();
+            if !stale {
                 return Ok(lu.clone());
             }
         }

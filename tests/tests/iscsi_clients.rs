@@ -275,3 +275,47 @@ fn data_written_over_iscsi_reads_back_over_nbd_and_back() {
     i.logout().expect("logout");
     srv.stop();
 }
+
+#[test]
+fn resize_raises_a_unit_attention_and_recreated_volumes_work() {
+    let dir = TempDir::new("iscsi-resize");
+    let (srv, port) = iscsi_server(dir.path(), "1G", "64M", &[]);
+    let pool = srv.pool().display().to_string();
+    let mut i = Initiator::login_normal(port, TARGET);
+    assert_eq!(i.test_unit_ready().expect("TUR").status, 0);
+    ingot_ok([
+        "volume", "resize", "vol0", "--size", "128M", "--pool", &pool,
+    ]);
+    let r = i.test_unit_ready().expect("TUR");
+    assert_eq!(r.status, 2, "no unit attention after a resize: {r:?}");
+    assert_eq!(r.sense_key(), Some(6));
+    assert_eq!(r.asc(), Some((0x2a, 0x09)), "CAPACITY DATA HAS CHANGED");
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x25;
+    let cap = i.scsi(&cdb, &[], 8).expect("READ CAPACITY(10)");
+    assert_eq!(cap.status, 0);
+    assert_eq!(
+        u32::from_be_bytes([cap.data[0], cap.data[1], cap.data[2], cap.data[3]]),
+        (128 << 20) / 512 - 1
+    );
+    i.logout().expect("logout");
+
+    // Delete and create again under the same name: a new session sees the new, empty volume.
+    create_volume(srv.pool(), "again", "32M");
+    let target = "iqn.2026-11.io.ingot:again";
+    let mut a = Initiator::login_normal(port, target);
+    assert_eq!(a.write10(0, &[0x77u8; 4096]).expect("write").status, 0);
+    a.logout().expect("logout");
+    ingot_ok(["volume", "delete", "again", "--pool", &pool]);
+    create_volume(srv.pool(), "again", "32M");
+    let mut a = Initiator::login_normal(port, target);
+    let _ = a.test_unit_ready();
+    let r = a.read10(0, 8).expect("read");
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(
+        r.data.iter().all(|&b| b == 0),
+        "recreated volume shows old data"
+    );
+    a.logout().expect("logout");
+    srv.stop();
+}
