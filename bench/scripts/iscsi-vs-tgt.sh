@@ -49,7 +49,7 @@ trap cleanup EXIT
 
 declare -A R
 echo "ingot: starting" >&2
-"$INGOT" pool create --pool "$DIR/pool" --size 3G --prefill >/dev/null 2>&1
+"$INGOT" pool create --pool "$DIR/pool" --size "${POOL_SIZE:-8G}" --prefill >/dev/null 2>&1
 "$INGOT" volume create vol0 --size ${SIZE_MB}M --pool "$DIR/pool" >/dev/null
 "$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" --iscsi "127.0.0.1:$IPORT" \
   >"$DIR/ingot.log" 2>&1 &

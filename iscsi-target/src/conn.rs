@@ -58,6 +58,8 @@ struct Ctx {
     exp_cmd_sn: AtomicU32,
     /// Commands submitted to the engine and not yet answered, by ITT.
     inflight: Mutex<HashSet<u32>>,
+    /// `inflight.len()`, readable without the lock (the writer needs it for every PDU).
+    inflight_count: AtomicU32,
     drained: Condvar,
     /// Commands the window admits beyond ExpCmdSN.
     window: u32,
@@ -71,9 +73,16 @@ impl Ctx {
         let _ = self.tx.send(Out::Pdu { bhs, data, advance });
     }
 
+    fn start(&self, itt: u32) {
+        let mut f = self.inflight.lock();
+        f.insert(itt);
+        self.inflight_count.store(f.len() as u32, Ordering::Release);
+    }
+
     fn finish(&self, itt: u32) {
         let mut f = self.inflight.lock();
         f.remove(&itt);
+        self.inflight_count.store(f.len() as u32, Ordering::Release);
         if f.is_empty() {
             self.drained.notify_all();
         }
@@ -202,6 +211,7 @@ fn full_feature(
         params: params.clone(),
         exp_cmd_sn: AtomicU32::new(session.exp_cmd_sn),
         inflight: Mutex::new(HashSet::new()),
+        inflight_count: AtomicU32::new(0),
         drained: Condvar::new(),
         window: cfg.window,
         last_rx_ms: AtomicU64::new(0),
@@ -258,7 +268,6 @@ fn writer_loop(
     let hd = ctx.params.header_digest;
     let dd = ctx.params.data_digest;
     let mut w = BufWriter::with_capacity(256 << 10, &stream);
-    let mut buf = Vec::with_capacity(64 << 10);
     let mut max_cmd_sn = ctx
         .exp_cmd_sn
         .load(Ordering::Acquire)
@@ -305,7 +314,7 @@ fn writer_loop(
                 advance,
             } => {
                 let exp = ctx.exp_cmd_sn.load(Ordering::Acquire);
-                let inflight = ctx.inflight.lock().len() as u32;
+                let inflight = ctx.inflight_count.load(Ordering::Acquire);
                 let room = ctx.window.saturating_sub(inflight).max(1);
                 let m = exp.wrapping_add(room).wrapping_sub(1);
                 // MaxCmdSN never moves backwards (serial number arithmetic).
@@ -318,9 +327,7 @@ fn writer_loop(
                 if advance {
                     stat_sn = stat_sn.wrapping_add(1);
                 }
-                buf.clear();
-                pdu::encode_pdu(&mut buf, &bhs, &data, hd, dd);
-                if w.write_all(&buf).is_err() {
+                if pdu::write_pdu(&mut w, &bhs, &data, hd, dd).is_err() {
                     break;
                 }
             }
@@ -771,7 +778,7 @@ impl Conn {
         match scsi::execute(&lu, &nexus, &cmd.cdb, data_out) {
             Action::Done(r) => self.respond(&cmd, r),
             Action::Read { offset, len } => {
-                self.ctx.inflight.lock().insert(cmd.itt);
+                self.ctx.start(cmd.itt);
                 let ctx = self.ctx.clone();
                 lu.volume.submit(
                     Request::Read { offset, len },
@@ -787,7 +794,7 @@ impl Conn {
                 );
             }
             Action::Write { offset, data, fua } => {
-                self.ctx.inflight.lock().insert(cmd.itt);
+                self.ctx.start(cmd.itt);
                 let ctx = self.ctx.clone();
                 lu.volume.submit(
                     Request::Write { offset, data, fua },

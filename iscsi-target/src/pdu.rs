@@ -2,7 +2,7 @@
 //! data segment and the optional CRC32C digests. Pure encode/decode plus one blocking reader;
 //! nothing here knows about sessions or SCSI.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use crate::error::{IscsiError, Result};
 
@@ -241,22 +241,35 @@ pub fn encode_pdu(
     header_digest: bool,
     data_digest: bool,
 ) {
+    // Writing to a Vec cannot fail.
+    let _ = write_pdu(out, bhs, data, header_digest, data_digest);
+}
+
+/// Write a target PDU (no AHS) with optional digests to `w`, piece by piece (no staging copy).
+pub fn write_pdu<W: Write>(
+    w: &mut W,
+    bhs: &Bhs,
+    data: &[u8],
+    header_digest: bool,
+    data_digest: bool,
+) -> io::Result<()> {
     let mut bhs = bhs.clone();
     bhs.0[4] = 0;
     bhs.set_data_len(data.len());
-    out.extend_from_slice(&bhs.0);
+    w.write_all(&bhs.0)?;
     if header_digest {
-        out.extend_from_slice(&crc32c(&[&bhs.0]).to_le_bytes());
+        w.write_all(&crc32c(&[&bhs.0]).to_le_bytes())?;
     }
     if !data.is_empty() {
         let pad = [0u8; 3];
         let pad = &pad[..pad_len(data.len())];
-        out.extend_from_slice(data);
-        out.extend_from_slice(pad);
+        w.write_all(data)?;
+        w.write_all(pad)?;
         if data_digest {
-            out.extend_from_slice(&crc32c(&[data, pad]).to_le_bytes());
+            w.write_all(&crc32c(&[data, pad]).to_le_bytes())?;
         }
     }
+    Ok(())
 }
 
 /// SCSI Command PDU fields (RFC 7143 §11.3).
