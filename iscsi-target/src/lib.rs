@@ -26,6 +26,7 @@ mod scsi;
 mod sense;
 mod target;
 pub mod text;
+mod xcopy;
 
 pub use error::{IscsiError, Result};
 pub use login::ChapConfig;

@@ -58,6 +58,10 @@ pub struct LuState {
     pub nexuses: HashMap<String, usize>,
     /// Block count last seen, to report CAPACITY DATA HAS CHANGED after a resize.
     pub known_blocks: u64,
+    /// Results of EXTENDED COPY commands held for RECEIVE COPY RESULTS, by initiator port and
+    /// list identifier: segments processed and bytes copied. Dropped once reported, and with
+    /// the I_T nexus.
+    pub copies: HashMap<(String, u8), (u16, u64)>,
 }
 
 impl LuState {
@@ -161,6 +165,7 @@ impl Lu {
                 st.nexuses.remove(port);
                 st.ua.remove(port);
                 st.prevent.remove(port);
+                st.copies.retain(|(p, _), _| p != port);
                 if st.reserve6.as_deref() == Some(port) {
                     st.reserve6 = None;
                 }

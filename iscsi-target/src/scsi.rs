@@ -147,7 +147,7 @@ fn access_of(op: u8, cdb: &[u8]) -> Access {
             Access::Read
         }
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b
-        | 0x35 | 0x91 => Access::Write,
+        | 0x35 | 0x91 | 0x83 => Access::Write,
         0x16 | 0x17 | 0x15 | 0x55 | 0x1b | 0x1e => Access::Exclusive,
         _ => Access::Any,
     }
@@ -269,6 +269,8 @@ pub fn execute(lu: &Lu, nexus: &Nexus<'_>, cdb: &[u8], data_out: Vec<u8>) -> Act
         0x5e => Action::Done(pr_in(lu, cdb)),
         0x5f => Action::Done(pr_out(lu, nexus, cdb, &data_out)),
         0x37 | 0xb7 => Action::Done(read_defect_data(cdb)),
+        0x83 => Action::Done(crate::xcopy::extended_copy(lu, nexus.port, cdb, &data_out)),
+        0x84 => Action::Done(crate::xcopy::receive_copy_results(lu, nexus.port, cdb)),
         _ => Action::Done(Response::check(sense::INVALID_OPCODE)),
     }
 }
@@ -315,6 +317,7 @@ pub fn data_out_len(cdb: &[u8]) -> u64 {
         0x15 => u64::from(cdb[4]),
         0x55 => u64::from(be16(cdb, 7)),
         0x5f => u64::from(be32(cdb, 5)),
+        0x83 => u64::from(be32(cdb, 10)),
         _ => 0,
     }
 }
@@ -818,7 +821,7 @@ fn standard_inquiry() -> Vec<u8> {
     d[2] = 0x06; // SPC-4
     d[3] = 0x12; // HISUP, response data format 2
     d[4] = (d.len() - 5) as u8;
-    d[5] = 0x00;
+    d[5] = 0x08; // 3PC: EXTENDED COPY
     d[6] = 0x00;
     d[7] = 0x02; // CMDQUE
     d[8..16].copy_from_slice(VENDOR);
@@ -1198,6 +1201,9 @@ const OPCODES: &[(u8, Option<u16>, u8)] = &[
     (0x5f, Some(4), 10),
     (0x5f, Some(5), 10),
     (0x5f, Some(6), 10),
+    (0x83, Some(0), 16),
+    (0x84, Some(0), 16),
+    (0x84, Some(3), 16),
     (0x88, None, 16),
     (0x89, None, 16),
     (0x8a, None, 16),

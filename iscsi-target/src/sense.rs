@@ -15,6 +15,7 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
     pub const ABORTED_COMMAND: u8 = 0x0b;
+    pub const COPY_ABORTED: u8 = 0x0a;
     pub const MISCOMPARE: u8 = 0x0e;
 }
 
