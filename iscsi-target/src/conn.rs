@@ -271,7 +271,7 @@ fn writer_loop(
     let mut max_cmd_sn = ctx
         .exp_cmd_sn
         .load(Ordering::Acquire)
-        .wrapping_add(ctx.window - 1);
+        .wrapping_add(ctx.window.saturating_sub(1));
     let mut ping_ttt: u32 = 0x1000_0000;
     let tick = nop.unwrap_or(Duration::from_secs(3600));
     loop {

@@ -228,7 +228,7 @@ impl Login {
         b.set_itt(req.itt());
         b.set_u32(24, self.stat_sn);
         b.set_u32(28, req.cmd_sn());
-        b.set_u32(32, req.cmd_sn().wrapping_add(self.window - 1));
+        b.set_u32(32, req.cmd_sn().wrapping_add(self.window.saturating_sub(1)));
         b.0[36] = (status >> 8) as u8;
         b.0[37] = status as u8;
         self.stat_sn = self.stat_sn.wrapping_add(1);

@@ -179,7 +179,10 @@ pub struct IscsiTarget {
 }
 
 impl IscsiTarget {
-    pub fn new(pool: Arc<Pool>, cfg: TargetConfig) -> IscsiTarget {
+    pub fn new(pool: Arc<Pool>, mut cfg: TargetConfig) -> IscsiTarget {
+        // A window of at least one command, and data segments the RFC allows.
+        cfg.window = cfg.window.max(1);
+        cfg.max_recv_data = cfg.max_recv_data.clamp(512, (1 << 24) - 1);
         IscsiTarget {
             shared: Arc::new(Shared {
                 cfg,
