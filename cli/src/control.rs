@@ -16,13 +16,28 @@ pub const SOCKET: &str = "control.sock";
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    VolumeCreate { name: String, size_bytes: u64 },
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+    },
     VolumeList,
-    VolumeDelete { name: String },
-    VolumeResize { name: String, size_bytes: u64 },
+    VolumeDelete {
+        name: String,
+    },
+    VolumeResize {
+        name: String,
+        size_bytes: u64,
+    },
+    VolumeSet {
+        name: String,
+        dedup: Option<bool>,
+        compression: Option<bool>,
+    },
     Stats,
     Check,
-    Gc { max_utilisation: f64 },
+    Gc {
+        max_utilisation: f64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,6 +63,14 @@ pub fn execute(pool: &Pool, req: &Request) -> Result<Value> {
         }
         Request::VolumeResize { name, size_bytes } => {
             pool.resize_volume(name, *size_bytes)?;
+            Value::Null
+        }
+        Request::VolumeSet {
+            name,
+            dedup,
+            compression,
+        } => {
+            pool.set_volume_policy(name, *dedup, *compression)?;
             Value::Null
         }
         Request::Stats => serde_json::to_value(pool.stats())?,

@@ -56,6 +56,10 @@ struct RunArgs {
     /// Client bytes written between automatic checkpoints; bounds recovery time.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     checkpoint_interval: u64,
+    /// RAM for the dedup index (default: 2% of physical memory, at least 64 MiB); past it the
+    /// index keeps a sample of fingerprints.
+    #[arg(long, value_parser = parse_size)]
+    dedup_index_mem: Option<u64>,
 }
 
 impl RunArgs {
@@ -66,7 +70,16 @@ impl RunArgs {
             cache_bytes: self.cache_size,
             checkpoint_interval_bytes: self.checkpoint_interval,
             fault: None,
+            dedup_index_bytes: self.dedup_index_mem,
         }
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
     }
 }
 
@@ -243,13 +256,34 @@ enum PoolCmd {
     },
 }
 
+/// A volume's data reduction policy; what is not given stays as it is.
+#[derive(clap::Args, Clone, Copy)]
+struct PolicyArgs {
+    /// Deduplicate new writes: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    dedup: Option<bool>,
+    /// Compress new writes: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    compression: Option<bool>,
+}
+
 #[derive(Subcommand)]
 enum VolumeCmd {
-    /// Create a thin volume.
+    /// Create a thin volume (deduplication and compression on unless turned off).
     Create {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
+    /// Change a volume's data reduction policy, online; applies to new writes.
+    Set {
+        name: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         pool: PoolArg,
     },
@@ -382,9 +416,28 @@ fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
     r
 }
 
+fn set_policy(
+    pool: &Path,
+    name: &str,
+    dedup: Option<bool>,
+    compression: Option<bool>,
+) -> Result<()> {
+    let req = Request::VolumeSet {
+        name: name.to_string(),
+        dedup,
+        compression,
+    };
+    request(pool, req).map(|_| ())
+}
+
 fn volume(cmd: VolumeCmd) -> Result<i32> {
     match cmd {
-        VolumeCmd::Create { name, size, pool } => {
+        VolumeCmd::Create {
+            name,
+            size,
+            policy: PolicyArgs { dedup, compression },
+            pool,
+        } => {
             request(
                 &pool.pool,
                 Request::VolumeCreate {
@@ -392,7 +445,30 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
                     size_bytes: size,
                 },
             )?;
+            if dedup.is_some() || compression.is_some() {
+                set_policy(&pool.pool, &name, dedup, compression)?;
+            }
             println!("created volume {name} ({})", human(size));
+        }
+        VolumeCmd::Set {
+            name,
+            policy: PolicyArgs { dedup, compression },
+            pool,
+        } => {
+            if dedup.is_none() && compression.is_none() {
+                bail!("nothing to set: give --dedup on|off and/or --compression on|off");
+            }
+            set_policy(&pool.pool, &name, dedup, compression)?;
+            let word = |b: Option<bool>| match b {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "unchanged",
+            };
+            println!(
+                "volume {name}: dedup {}, compression {}",
+                word(dedup),
+                word(compression)
+            );
         }
         VolumeCmd::List { pool, json } => {
             let v = request(&pool.pool, Request::VolumeList)?;
@@ -400,13 +476,19 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let vols: Vec<VolumeInfo> = serde_json::from_value(v)?;
-                println!("{:<24} {:>12} {:>12}", "NAME", "SIZE", "MAPPED");
+                println!(
+                    "{:<24} {:>12} {:>12} {:>6} {:>11}",
+                    "NAME", "SIZE", "MAPPED", "DEDUP", "COMPRESSION"
+                );
+                let word = |b: bool| if b { "on" } else { "off" };
                 for v in vols {
                     println!(
-                        "{:<24} {:>12} {:>12}",
+                        "{:<24} {:>12} {:>12} {:>6} {:>11}",
                         v.name,
                         human(v.size_bytes),
-                        human(v.mapped_bytes)
+                        human(v.mapped_bytes),
+                        word(v.dedup),
+                        word(v.compression)
                     );
                 }
             }
@@ -441,6 +523,16 @@ fn print_stats(s: &Stats) {
     println!("logical mapped  {}", human(s.logical_mapped_bytes));
     println!("stored          {}", human(s.stored_bytes));
     println!(
+        "reduction       {:.2}x (dedup {:.2}x, compression {:.2}x; {} unique blocks)",
+        s.data_reduction_ratio, s.dedup_ratio, s.compression_ratio, s.unique_blocks
+    );
+    println!(
+        "dedup index     {} entries, {} of RAM, keeps 1 in {} fingerprints",
+        s.dedup_index_entries,
+        human(s.dedup_index_bytes),
+        s.dedup_index_sampling
+    );
+    println!(
         "written         {} by clients, {} to devices",
         human(s.client_written_bytes),
         human(s.device_written_bytes)
@@ -455,10 +547,14 @@ fn print_stats(s: &Stats) {
     println!("engine          {} x {} shards", s.io_engine, s.shards);
     for v in &s.volumes {
         println!(
-            "volume {:<16} {:>12} mapped of {}",
+            "volume {:<16} {:>12} mapped of {}, {} stored: reduction {:.2}x (dedup {:.2}x, compression {:.2}x)",
             v.name,
             human(v.mapped_bytes),
-            human(v.size_bytes)
+            human(v.size_bytes),
+            human(v.stored_bytes),
+            v.data_reduction_ratio,
+            v.dedup_ratio,
+            v.compression_ratio
         );
     }
 }

@@ -61,6 +61,32 @@ pub struct VolumeInfo {
     pub size_bytes: u64,
     /// Bytes of the volume that map to stored data (not holes).
     pub mapped_bytes: u64,
+    /// New blocks are deduplicated (`ingot volume set --dedup`).
+    #[serde(default = "yes")]
+    pub dedup: bool,
+    /// New blocks are compressed (`ingot volume set --compression`).
+    #[serde(default = "yes")]
+    pub compression: bool,
+    /// Data reduction, filled in by `stats` (a block shared by n map entries counts 1/n to
+    /// each): stored bytes attributed to the volume.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Blocks attributed to the volume.
+    #[serde(default)]
+    pub unique_blocks: u64,
+    /// Mapped blocks / attributed blocks.
+    #[serde(default)]
+    pub dedup_ratio: f64,
+    /// Attributed blocks' plaintext bytes / attributed stored bytes.
+    #[serde(default)]
+    pub compression_ratio: f64,
+    /// Mapped bytes / attributed stored bytes.
+    #[serde(default)]
+    pub data_reduction_ratio: f64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Pool-wide statistics, printed by `ingot stats --json`. Field names are a contract.
@@ -98,6 +124,29 @@ pub struct Stats {
     pub write_amplification: f64,
     /// Segments the running cleaning pass is emptying (0 when idle).
     pub segments_cleaning: u64,
+    /// Distinct stored blocks (each stored once however many LBAs map to it).
+    pub unique_blocks: u64,
+    /// Mapped blocks / unique blocks.
+    pub dedup_ratio: f64,
+    /// Unique blocks' plaintext bytes / stored bytes.
+    pub compression_ratio: f64,
+    /// Logical mapped bytes / stored bytes.
+    pub data_reduction_ratio: f64,
+    /// RAM held by the dedup index.
+    pub dedup_index_bytes: u64,
+    /// Fingerprints in the dedup index.
+    pub dedup_index_entries: u64,
+    /// The index keeps 1 in this many fingerprints (1 until its memory budget is reached).
+    pub dedup_index_sampling: u64,
+}
+
+/// `a / b`, or 1 when there is nothing to divide (an empty pool has no reduction).
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        1.0
+    }
 }
 
 /// A problem `check` found; `ingot check` prints each and exits non-zero if any exists.

@@ -1,12 +1,10 @@
 //! Per-shard DRAM cache of plaintext 4 KiB blocks, keyed by block id and checked against the
-//! id's generation. Entries point into the buffer they arrived in (a record just written, or a
-//! block just read), so caching a write costs no copy. CLOCK eviction.
+//! id's generation. Entries are slices of the buffer they arrived in (a client's write, a read
+//! buffer, a decompressed group), so caching costs no copy. CLOCK eviction.
 
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
-
-use crate::io::AlignedBuf;
 
 /// Block ids are dense integers chosen by us, not by clients: a multiply-shift hash is enough
 /// and far cheaper than SipHash on the write path.
@@ -30,8 +28,7 @@ impl Hasher for IdHasher {
 pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 struct Entry {
-    buf: Arc<AlignedBuf>,
-    offset: u32,
+    data: Bytes,
     generation: u32,
     referenced: bool,
 }
@@ -65,8 +62,7 @@ impl BlockCache {
             Some(e) if e.generation == generation => {
                 self.hits += 1;
                 e.referenced = true;
-                let off = e.offset as usize;
-                e.buf.get(off..off + 4096)
+                Some(&e.data)
             }
             _ => {
                 self.misses += 1;
@@ -75,13 +71,20 @@ impl BlockCache {
         }
     }
 
-    pub fn insert(&mut self, id: u64, generation: u32, buf: Arc<AlignedBuf>, offset: u32) {
-        if self.capacity_blocks == 0 {
+    /// Whether block `id` at `generation` is cached (no hit or miss counted).
+    pub fn contains(&self, id: u64, generation: u32) -> bool {
+        self.map
+            .get(&id)
+            .is_some_and(|e| e.generation == generation)
+    }
+
+    /// Cache `data` (one 4 KiB block) as the contents of `id` at `generation`.
+    pub fn insert(&mut self, id: u64, generation: u32, data: Bytes) {
+        if self.capacity_blocks == 0 || data.len() != 4096 {
             return;
         }
         let e = Entry {
-            buf,
-            offset,
+            data,
             generation,
             referenced: false,
         };

@@ -13,6 +13,8 @@ pub(crate) struct VolumeImage {
     pub id: u32,
     pub name: String,
     pub size_bytes: u64,
+    /// `format::VOLUME_NO_DEDUP` / `VOLUME_NO_COMPRESSION`.
+    pub flags: u16,
     /// (global page index, page) for every allocated page.
     pub pages: Vec<(u64, Arc<MapPage>)>,
 }
@@ -25,6 +27,9 @@ pub(crate) struct Image {
     /// Indexed by block id; entries with `refs == 0` are free and not written.
     pub blocks: Vec<BlockEntry>,
     pub shards: Vec<ShardPosition>,
+    /// Dedup index entries (key, block id) and its sampling level.
+    pub index: Vec<(u64, u64)>,
+    pub index_sample_bits: u8,
 }
 
 /// Upper bound on the blob size for a pool holding this much, used to reserve space.
@@ -32,7 +37,7 @@ pub(crate) fn estimate_bytes(pages: u64, blocks: u64, volumes: u64, shards: u64)
     CheckpointHeader::BYTES as u64
         + volumes * (20 + 64)
         + pages * (8 + MAP_PAGE_ENTRIES * 8)
-        + blocks * 32
+        + blocks * (32 + 16)
         + shards * 24
 }
 
@@ -53,12 +58,14 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         volume_count: img.volumes.len() as u32,
         block_count: live,
         shard_count: img.shards.len() as u32,
+        index_count: img.index.len() as u64,
+        index_sample_bits: img.index_sample_bits,
     }
     .encode(&mut out);
     for v in &img.volumes {
         out.extend_from_slice(&v.id.to_le_bytes());
         out.extend_from_slice(&(v.name.len() as u16).to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&v.flags.to_le_bytes());
         out.extend_from_slice(&v.size_bytes.to_le_bytes());
         out.extend_from_slice(&(v.pages.len() as u32).to_le_bytes());
         out.extend_from_slice(v.name.as_bytes());
@@ -88,6 +95,10 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&s.shard_seq.to_le_bytes());
     }
+    for &(key, id) in &img.index {
+        out.extend_from_slice(&key.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
     out
 }
 
@@ -101,7 +112,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
     for _ in 0..h.volume_count {
         let id = g.u32()?;
         let name_len = g.u16()? as usize;
-        g.skip(2)?;
+        let flags = g.u16()?;
         let size_bytes = g.u64()?;
         let page_count = g.u32()? as usize;
         let name = std::str::from_utf8(g.bytes(name_len)?)
@@ -123,6 +134,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             id,
             name,
             size_bytes,
+            flags,
             pages,
         });
     }
@@ -165,6 +177,14 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             shard_seq: g.u64()?,
         });
     }
+    let mut index = Vec::with_capacity(h.index_count.min(g.remaining() as u64 / 16) as usize);
+    for _ in 0..h.index_count {
+        let key = g.u64()?;
+        let id = g.u64()?;
+        if id < next_block_id {
+            index.push((key, id));
+        }
+    }
     Ok(Image {
         seq: h.seq,
         epoch: h.epoch,
@@ -172,5 +192,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         volumes,
         blocks,
         shards,
+        index,
+        index_sample_bits: h.index_sample_bits,
     })
 }

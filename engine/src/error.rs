@@ -34,6 +34,15 @@ pub enum Error {
         expected: u32,
         got: u32,
     },
+    #[error(
+        "block {block_id} (segment {segment}, offset {offset}) passed its checksum but its \
+         compressed payload does not decode"
+    )]
+    Undecodable {
+        block_id: u64,
+        segment: u32,
+        offset: u32,
+    },
     #[error("range {offset}+{len} is outside the volume ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("range {offset}+{len} is not aligned to {align} bytes")]
@@ -124,7 +133,7 @@ impl Error {
                 ascq: 0x01,
             },
             // UNRECOVERED READ ERROR
-            Error::Io { .. } => Sense {
+            Error::Io { .. } | Error::Undecodable { .. } => Sense {
                 key: MEDIUM_ERROR,
                 asc: 0x11,
                 ascq: 0x00,

@@ -37,6 +37,19 @@ pub const SEGMENT_MAGIC: [u8; 4] = *b"ISEG";
 pub const RECORD_MAGIC: [u8; 4] = *b"IREC";
 pub const CHECKPOINT_MAGIC: [u8; 4] = *b"ICKP";
 
+/// [`DataEntry`] / block flag: the payload is LZ4 block format.
+pub const FLAG_LZ4: u16 = 1 << 0;
+/// [`DataEntry`] flag: the entry maps its LBA to an existing block (a dedup hit); no payload.
+pub const FLAG_REF: u16 = 1 << 1;
+/// Position of a block's index within its group, in block flags.
+pub const GROUP_INDEX_SHIFT: u16 = 8;
+/// Position of (blocks in the group − 1), in block flags.
+pub const GROUP_COUNT_SHIFT: u16 = 12;
+/// Checkpoint volume flag: deduplication is off for the volume.
+pub const VOLUME_NO_DEDUP: u16 = 1 << 0;
+/// Checkpoint volume flag: compression is off for the volume.
+pub const VOLUME_NO_COMPRESSION: u16 = 1 << 1;
+
 /// Little-endian writer over a fixed buffer; panics only on programmer error (sizes are constant).
 pub struct Put<'a> {
     buf: &'a mut [u8],
@@ -479,15 +492,18 @@ impl RecordHeader {
 /// | off | size | field | why |
 /// |----:|----:|---|---|
 /// | 0 | 4 | volume | volume id |
-/// | 4 | 2 | flags | bit 0: payload is LZ4-compressed (reserved for compression) |
+/// | 4 | 2 | flags | bit 0 [`FLAG_LZ4`]: payload is LZ4-compressed; bit 1 [`FLAG_REF`]: a dedup reference to the existing block `block_id`, no payload; bits 8–11: index of this block in its group; bits 12–15: blocks in the group − 1 (a group is one payload holding several blocks) |
 /// | 6 | 2 | reserved | |
 /// | 8 | 8 | lba | 4 KiB block number in the volume |
 /// | 16 | 8 | block_id | id in the block table; the map points at it, not at a location, so GC and dedup move blocks without touching maps |
-/// | 24 | 16 | fingerprint | XXH3-128 of the 4 KiB plaintext (dedup index rebuild) |
-/// | 40 | 4 | payload_offset | from the record start |
-/// | 44 | 4 | stored_len | payload bytes |
+/// | 24 | 16 | fingerprint | XXH3-128 of the 4 KiB plaintext (rebuilds the dedup index); zero in move entries |
+/// | 40 | 4 | payload_offset | from the record start; the members of a group share one payload |
+/// | 44 | 4 | stored_len | payload bytes (the whole group's) |
 /// | 48 | 4 | payload_crc | CRC-32 of the stored payload, kept apart from the payload |
 /// | 52 | 4 | reserved | |
+///
+/// Payloads follow the header area: uncompressed 4 KiB payloads first, each 4 KiB-aligned,
+/// then compressed payloads packed byte-tight, the record padded to 4 KiB at its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataEntry {
     pub volume: u32,
@@ -574,13 +590,17 @@ impl TrimEntry {
 }
 
 /// Start of a checkpoint blob. The sections that follow are, in order:
-/// 1. `volume_count` volumes: id u32, name_len u16, reserved u16, size_bytes u64,
-///    page_count u32, name bytes, then `page_count` × (page_index u64, 512 × block_id u64).
+/// 1. `volume_count` volumes: id u32, name_len u16, flags u16 ([`VOLUME_NO_DEDUP`],
+///    [`VOLUME_NO_COMPRESSION`]), size_bytes u64, page_count u32, name bytes, then
+///    `page_count` × (page_index u64, 512 × block_id u64).
 /// 2. `block_count` blocks: block_id u64, segment u32, offset u32, stored_len u32, crc u32,
-///    flags u32, reserved u32 (32 bytes). Reference counts are not stored: they are rebuilt
-///    from the maps, which also checks them.
+///    flags u32 (as in [`DataEntry`]), reserved u32 (32 bytes). Reference counts are not
+///    stored: they are rebuilt from the maps, which also checks them.
 /// 3. `shard_count` shard chains: segment u32, offset u32, next_segment u32, reserved u32,
 ///    shard_seq u64: where replay of each shard resumes.
+/// 4. `index_count` dedup index entries: key u64 (low 64 bits of the fingerprint), block_id
+///    u64. Hints only (a hit is verified byte for byte), so a stale entry costs a read, not
+///    data.
 ///
 /// | off | size | field |
 /// |----:|----:|---|
@@ -593,7 +613,9 @@ impl TrimEntry {
 /// | 36 | 4 | volume_count |
 /// | 40 | 8 | block_count |
 /// | 48 | 4 | shard_count |
-/// | 52 | 12 | reserved |
+/// | 52 | 8 | index_count |
+/// | 60 | 1 | index_sample_bits (the index keeps 1 in 2^n fingerprints) |
+/// | 61 | 3 | reserved |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointHeader {
     pub seq: u64,
@@ -603,6 +625,8 @@ pub struct CheckpointHeader {
     pub volume_count: u32,
     pub block_count: u64,
     pub shard_count: u32,
+    pub index_count: u64,
+    pub index_sample_bits: u8,
 }
 
 impl CheckpointHeader {
@@ -619,7 +643,9 @@ impl CheckpointHeader {
             .u32(self.next_volume_id)
             .u32(self.volume_count)
             .u64(self.block_count)
-            .u32(self.shard_count);
+            .u32(self.shard_count)
+            .u64(self.index_count)
+            .bytes(&[self.index_sample_bits]);
         out.extend_from_slice(&b);
     }
 
@@ -642,8 +668,10 @@ impl CheckpointHeader {
             volume_count: g.u32()?,
             block_count: g.u64()?,
             shard_count: g.u32()?,
+            index_count: g.u64()?,
+            index_sample_bits: g.array::<1>()?[0],
         };
-        g.skip(12)?;
+        g.skip(3)?;
         Ok(h)
     }
 }

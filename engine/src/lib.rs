@@ -12,6 +12,7 @@ mod job;
 mod lbamap;
 mod pool;
 mod recovery;
+pub mod reduce;
 mod shard;
 mod space;
 mod volume;

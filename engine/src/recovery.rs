@@ -13,7 +13,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
+    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, FLAG_REF, IO_ALIGN,
     NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, Devices};
@@ -144,7 +144,8 @@ pub(crate) fn scan_chain(
                 match h.kind {
                     RecordKind::Data => {
                         let e = DataEntry::decode(raw)?;
-                        if e.block_id != 0 {
+                        // Dedup references carry no payload.
+                        if e.block_id != 0 && e.flags & FLAG_REF == 0 {
                             let p = e.payload_offset as usize;
                             let ok = p >= h.header_bytes as usize
                                 && p + e.stored_len as usize <= buf.len()

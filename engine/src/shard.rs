@@ -5,7 +5,7 @@
 //! acknowledging them.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,13 +17,14 @@ use crate::api::BLOCK_BYTES;
 use crate::cache::{BlockCache, IdMap};
 use crate::error::Error;
 use crate::format::{
-    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
-    MAP_PAGE_ENTRIES, MAX_RECORD_ENTRIES, NO_SEGMENT, SEGMENT_HEADER_BYTES,
+    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, FLAG_LZ4, FLAG_REF,
+    IO_ALIGN, MAP_PAGE_ENTRIES, MAX_RECORD_ENTRIES, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, IoDone, IoOp, IoQueue, OpKind};
 use crate::job::Job;
 use crate::lbamap::{shard_of, LbaMap};
 use crate::pool::Inner;
+use crate::reduce;
 use crate::space::{BlockEntry, SegState};
 use crate::volume::VolumeState;
 
@@ -72,19 +73,29 @@ pub(crate) enum ShardMsg {
         paused: Sender<Result<ShardPosition, Error>>,
         resume: Receiver<()>,
     },
+    /// Finish every I/O in flight, then answer (the cleaner frees segments after this).
+    Fence(Sender<()>),
     Stop,
 }
 
-/// A live block the cleaner read out of a segment it is emptying: written again by a shard as
-/// a Move record, then applied only if the block is still live at its old location.
+/// A stored payload the cleaner read out of a segment it is emptying, with the blocks in it
+/// that were live: written again by a shard as a Move record, each block's move then applied
+/// only if the block is still live at its old location.
 pub(crate) struct Relocation {
-    pub id: u64,
     pub from_segment: u32,
     pub from_offset: u32,
     /// The stored payload, exactly as it was (its CRC is kept, so corruption is not laundered).
     pub data: Box<[u8]>,
     pub crc: u32,
-    pub flags: u16,
+    /// Live blocks stored in this payload: (block id, flags).
+    pub members: Vec<(u64, u16)>,
+}
+
+impl Relocation {
+    /// Uncompressed payloads keep their own 4 KiB-aligned slot.
+    fn is_raw(&self) -> bool {
+        self.members.first().is_none_or(|&(_, f)| f & FLAG_LZ4 == 0)
+    }
 }
 
 /// What a record is for, which decides how much of the reserve it may use.
@@ -143,8 +154,20 @@ enum Apply {
         lba: u64,
         id: u64,
         entry: BlockEntry,
-        /// Offset of the payload in the record buffer, for the cache.
-        buf_at: u32,
+        /// The plaintext, for the cache.
+        plain: Bytes,
+        /// Dedup index key to record once the block is applied (dedup volumes only).
+        key: Option<u64>,
+    },
+    /// The LBA now maps to an existing block (a dedup hit).
+    Ref {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        id: u64,
+        /// The reference was taken when the hit was verified (a block already stored);
+        /// otherwise the block is placed earlier in the same record and the reference is taken
+        /// when applied.
+        pinned: bool,
     },
     Hole {
         vol: Arc<VolumeState>,
@@ -175,24 +198,52 @@ struct Inflight {
     parts: Vec<Rc<Part>>,
 }
 
-/// One block of a read waiting for the device.
-struct BlockRead {
+/// One block a read wants out of a stored payload.
+struct Want {
     id: u64,
     generation: u32,
-    crc: u32,
-    segment: u32,
-    seg_offset: u32,
-    /// Offset of the block in the run buffer.
-    run_at: usize,
-    /// Bytes of the block wanted, and where they go in the job buffer.
+    /// Position of the block in its group.
+    index: usize,
+    /// Bytes of the block wanted, and where they go in the job buffer (`None`: a neighbour in
+    /// the same group, only cached).
     from: usize,
     len: usize,
-    dst: usize,
+    dst: Option<usize>,
 }
 
+/// One stored payload (a raw block or a compressed group) within a read.
+struct Piece {
+    segment: u32,
+    offset: u32,
+    stored_len: u32,
+    crc: u32,
+    flags: u16,
+    wants: Vec<Want>,
+}
+
+/// One device read covering adjacent payloads of a segment.
 struct PendingRead {
     part: Rc<Part>,
-    blocks: Vec<BlockRead>,
+    segment: u32,
+    /// Segment byte offset where the buffer starts (4 KiB-aligned) and ends.
+    base: u32,
+    end: u32,
+    pieces: Vec<Piece>,
+}
+
+/// Longest single device read a request is split into.
+const MAX_READ_SPAN: u32 = 1 << 20;
+
+/// A stored payload read to verify dedup candidates against the blocks being written.
+struct VerifyRead {
+    segment: u32,
+    offset: u32,
+    base: u32,
+    stored_len: u32,
+    crc: u32,
+    flags: u16,
+    /// (item index, candidate id, its generation, its index in the group)
+    cands: Vec<(usize, u64, u32, usize)>,
 }
 
 /// A block about to be packed into a data record.
@@ -200,7 +251,16 @@ enum Item {
     Data {
         vol: Arc<VolumeState>,
         lba: u64,
-        src: BlockSrc,
+        src: Bytes,
+        fp: u128,
+        part: Rc<Part>,
+    },
+    /// A dedup hit, verified byte for byte, holding a reference on block `id`.
+    Ref {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        id: u64,
+        fp: u128,
         part: Rc<Part>,
     },
     Hole {
@@ -223,32 +283,26 @@ enum Item {
 impl Item {
     fn kind(&self) -> RecordKind {
         match self {
-            Item::Data { .. } | Item::Hole { .. } => RecordKind::Data,
+            Item::Data { .. } | Item::Ref { .. } | Item::Hole { .. } => RecordKind::Data,
             Item::Trim { .. } => RecordKind::Trim,
             Item::Move { .. } => RecordKind::Move,
         }
     }
 
-    /// The payload this item stores, if any.
-    fn payload(&self) -> Option<&[u8]> {
+    fn entries(&self) -> usize {
         match self {
-            Item::Data { src, .. } => Some(src.bytes()),
-            Item::Move { rel, .. } => Some(&rel.data),
-            _ => None,
+            Item::Move { rel, .. } => rel.members.len().max(1),
+            _ => 1,
         }
     }
-}
 
-enum BlockSrc {
-    Slice(Bytes),
-    Owned(Box<[u8]>),
-}
-
-impl BlockSrc {
-    fn bytes(&self) -> &[u8] {
+    /// Payload bytes this item may take in a record (before compression).
+    fn payload_estimate(&self) -> usize {
         match self {
-            BlockSrc::Slice(b) => b,
-            BlockSrc::Owned(b) => b,
+            Item::Data { .. } => BLOCK,
+            Item::Move { rel, .. } if rel.is_raw() => BLOCK,
+            Item::Move { rel, .. } => rel.data.len(),
+            _ => 0,
         }
     }
 }
@@ -261,6 +315,9 @@ pub(crate) struct Shard {
     pos: ShardPosition,
     inflight: VecDeque<Inflight>,
     reads: IdMap<PendingRead>,
+    /// Dedup candidates being read for verification, and those whose read completed.
+    verifying: IdMap<VerifyRead>,
+    verified: Vec<(VerifyRead, IoDone)>,
     cache: BlockCache,
     next_tag: u64,
     items: Vec<Item>,
@@ -294,6 +351,8 @@ impl Shard {
             pos,
             inflight: VecDeque::new(),
             reads: IdMap::default(),
+            verifying: IdMap::default(),
+            verified: Vec::new(),
             cache: BlockCache::new(cache_bytes),
             next_tag: 1,
             items: Vec::new(),
@@ -434,7 +493,7 @@ impl Shard {
                 part.records.set(1);
                 let mut n = 0;
                 for rel in moves {
-                    n += rel.data.len();
+                    n += rel.data.len() * rel.members.len();
                     self.items.push(Item::Move {
                         rel,
                         part: part.clone(),
@@ -445,6 +504,11 @@ impl Shard {
             }
             ShardMsg::Pause { paused, .. } => {
                 let _ = paused.send(Err(Error::ShutDown));
+                0
+            }
+            ShardMsg::Fence(done) => {
+                self.drain();
+                let _ = done.send(());
                 0
             }
             ShardMsg::Stop => 0,
@@ -459,7 +523,9 @@ impl Shard {
 
     /// At stop: fail what is stalled or deferred.
     fn fail_waiting(&mut self) {
-        for item in std::mem::take(&mut self.stalled) {
+        let stalled = std::mem::take(&mut self.stalled);
+        self.unpin(stalled.iter());
+        for item in stalled {
             let p = item_part(&item);
             p.fail(Error::ShutDown);
             p.record_done();
@@ -500,6 +566,8 @@ impl Shard {
         for d in done.drain(..) {
             if let Some(pr) = self.reads.remove(&d.tag) {
                 self.finish_read(pr, d);
+            } else if let Some(v) = self.verifying.remove(&d.tag) {
+                self.verified.push((v, d));
             } else if let Some(r) = self.inflight.iter_mut().find(|r| r.tag == d.tag) {
                 r.result = Some(d.result);
                 r.buf = Some(d.buf);
@@ -516,9 +584,14 @@ impl Shard {
         part.records.set(1); // released at the end of this function
         let first = offset / BLOCK_BYTES;
         let last = (offset + len as u64 - 1) / BLOCK_BYTES;
+        // The neighbours a compressed group may share with the blocks read come along: the
+        // group is read and decompressed anyway, and caching all of it saves a sequential
+        // reader from decompressing it once per block.
+        let lo = first.saturating_sub(reduce::GROUP_BLOCKS as u64 - 1);
+        let hi = (last + reduce::GROUP_BLOCKS as u64 - 1).min(vol.blocks().saturating_sub(1));
         let ids: Vec<u64> = {
             let map = vol.maps[self.id].lock();
-            (first..=last).map(|lba| map.get(lba)).collect()
+            (lo..=hi.max(last)).map(|lba| map.get(lba)).collect()
         };
         let entries: Vec<Option<BlockEntry>> = {
             let space = self.inner.space.lock();
@@ -526,7 +599,24 @@ impl Shard {
                 .map(|&id| if id == 0 { None } else { space.get(id) })
                 .collect()
         };
-        let mut runs: Vec<Vec<BlockRead>> = Vec::new();
+        let (ids, entries, around) = {
+            let skip = (first - lo) as usize;
+            let n = (last - first + 1) as usize;
+            let around: Vec<(u64, BlockEntry)> = ids
+                .iter()
+                .zip(&entries)
+                .enumerate()
+                .filter(|&(i, _)| i < skip || i >= skip + n)
+                .filter_map(|(_, (&id, e))| Some((id, (*e)?)))
+                .filter(|(_, e)| reduce::group_of(e.flags).1 > 1)
+                .collect();
+            (
+                ids[skip..skip + n].to_vec(),
+                entries[skip..skip + n].to_vec(),
+                around,
+            )
+        };
+        let mut spans: Vec<PendingRead> = Vec::new();
         for (i, lba) in (first..=last).enumerate() {
             let bstart = lba * BLOCK_BYTES;
             let from = offset.max(bstart) - bstart;
@@ -546,84 +636,81 @@ impl Shard {
                 part.job.fill(dst, &data[from..from + n]);
                 continue;
             }
-            let br = BlockRead {
+            let want = Want {
                 id,
                 generation: e.generation,
-                crc: e.crc,
-                segment: e.segment,
-                seg_offset: e.offset,
-                run_at: 0,
+                index: reduce::group_of(e.flags).0,
                 from,
                 len: n,
-                dst,
+                dst: Some(dst),
             };
-            // Extend the current run when the block follows the previous one on disk.
-            match runs.last_mut() {
-                Some(run)
-                    if run.last().is_some_and(|p| {
-                        p.segment == e.segment
-                            && u64::from(p.seg_offset) + BLOCK_BYTES == u64::from(e.offset)
-                    }) && e.stored_len as usize == BLOCK =>
-                {
-                    let run_at = run.len() * BLOCK;
-                    run.push(BlockRead { run_at, ..br });
+            add_to_spans(&mut spans, &part, &e, want);
+        }
+        for (id, e) in around {
+            let piece = spans
+                .iter_mut()
+                .flat_map(|s| s.pieces.iter_mut())
+                .find(|p| p.segment == e.segment && p.offset == e.offset);
+            if let Some(p) = piece {
+                if !p.wants.iter().any(|w| w.id == id) && !self.cache.contains(id, e.generation) {
+                    p.wants.push(Want {
+                        id,
+                        generation: e.generation,
+                        index: reduce::group_of(e.flags).0,
+                        from: 0,
+                        len: 0,
+                        dst: None,
+                    });
                 }
-                _ => runs.push(vec![br]),
             }
         }
-        for run in runs {
-            let (dev, base) = self.inner.geo.locate(run[0].segment);
+        for span in spans {
+            let (dev, base) = self.inner.geo.locate(span.segment);
             let tag = self.tag();
-            let len = run.len() * BLOCK;
+            let len = (span.end - span.base) as usize;
             self.queue.push(IoOp {
                 kind: OpKind::Read,
                 dev,
-                offset: base + u64::from(run[0].seg_offset),
+                offset: base + u64::from(span.base),
                 len,
-                buf: AlignedBuf::new(len),
+                // SAFETY: a read fills the whole buffer before anything looks at it.
+                buf: unsafe { AlignedBuf::new_uninit(len) },
                 tag,
             });
             part.records.set(part.records.get() + 1);
-            self.reads.insert(
-                tag,
-                PendingRead {
-                    part: part.clone(),
-                    blocks: run,
-                },
-            );
+            self.reads.insert(tag, span);
         }
         part.record_done();
     }
 
     fn finish_read(&mut self, pr: PendingRead, d: IoDone) {
         match d.result {
-            Err(e) => {
-                let first = &pr.blocks[0];
-                pr.part.fail(Error::Io {
-                    device: d.dev,
-                    offset: d.offset,
-                    source: e,
-                });
-                let _ = first;
-            }
+            Err(e) => pr.part.fail(Error::Io {
+                device: d.dev,
+                offset: d.offset,
+                source: e,
+            }),
             Ok(()) => {
-                let buf = Arc::new(d.buf);
-                for b in &pr.blocks {
-                    let block = &buf[b.run_at..b.run_at + BLOCK];
-                    let got = crc32fast::hash(block);
-                    if got != b.crc {
-                        pr.part.fail(Error::ChecksumMismatch {
-                            block_id: b.id,
-                            segment: b.segment,
-                            offset: b.seg_offset,
-                            expected: b.crc,
-                            got,
-                        });
-                        continue;
+                let all = Bytes::from_owner(d.buf);
+                for p in &pr.pieces {
+                    let at = (p.offset - pr.base) as usize;
+                    match decode_piece(&all, at, p.segment, p.offset, p.stored_len, p.crc, p.flags)
+                    {
+                        Ok(plain) => {
+                            for w in &p.wants {
+                                let block = plain.slice(w.index * BLOCK..(w.index + 1) * BLOCK);
+                                if let Some(dst) = w.dst {
+                                    pr.part.job.fill(dst, &block[w.from..w.from + w.len]);
+                                }
+                                self.cache.insert(w.id, w.generation, block);
+                            }
+                        }
+                        Err(f) => {
+                            for w in p.wants.iter().filter(|w| w.dst.is_some()) {
+                                pr.part.fail(f.error(w.id));
+                            }
+                        }
                     }
-                    pr.part.job.fill(b.dst, &block[b.from..b.from + b.len]);
-                    self.cache
-                        .insert(b.id, b.generation, buf.clone(), b.run_at as u32);
                 }
             }
         }
@@ -632,41 +719,21 @@ impl Shard {
 
     /// Read one block's current contents synchronously (for read-modify-write).
     fn read_block_now(&mut self, vol: &VolumeState, lba: u64) -> Result<Box<[u8]>, Error> {
-        let mut out = vec![0u8; BLOCK].into_boxed_slice();
         let id = vol.maps[self.id].lock().get(lba);
         if id == 0 {
-            return Ok(out);
+            return Ok(vec![0u8; BLOCK].into_boxed_slice());
         }
         let e = self.inner.space.lock().get(id).ok_or(Error::Corrupt {
             what: "map points at a free block",
         })?;
         if let Some(data) = self.cache.get(id, e.generation) {
-            out.copy_from_slice(data);
-            return Ok(out);
+            return Ok(data.to_vec().into_boxed_slice());
         }
-        let (dev, base) = self.inner.geo.locate(e.segment);
-        let mut buf = AlignedBuf::new(BLOCK);
-        let offset = base + u64::from(e.offset);
-        self.inner
-            .devices
-            .read_at(dev, &mut buf, offset)
-            .map_err(|source| Error::Io {
-                device: dev,
-                offset,
-                source,
-            })?;
-        let got = crc32fast::hash(&buf[..BLOCK]);
-        if got != e.crc {
-            return Err(Error::ChecksumMismatch {
-                block_id: id,
-                segment: e.segment,
-                offset: e.offset,
-                expected: e.crc,
-                got,
-            });
-        }
-        out.copy_from_slice(&buf[..BLOCK]);
-        Ok(out)
+        let plain = load_payload(&self.inner, &e).map_err(|f| f.error(id))?;
+        let i = reduce::group_of(e.flags).0;
+        Ok(plain[i * BLOCK..(i + 1) * BLOCK]
+            .to_vec()
+            .into_boxed_slice())
     }
 
     // ---------------------------------------------------------------- writes
@@ -683,7 +750,7 @@ impl Shard {
             let at = (pos - offset) as usize;
             if pos == bstart && end >= bend {
                 let src = data.slice(at..at + BLOCK);
-                self.push_block(&vol, lba, BlockSrc::Slice(src), &part);
+                self.push_block(&vol, lba, src, &part);
                 pos = bend;
                 continue;
             }
@@ -695,7 +762,7 @@ impl Shard {
                     let from = (pos - bstart) as usize;
                     let n = (upto - pos) as usize;
                     block[from..from + n].copy_from_slice(&data[at..at + n]);
-                    self.push_block(&vol, lba, BlockSrc::Owned(block), &part);
+                    self.push_block(&vol, lba, Bytes::from(block), &part);
                 }
                 Err(e) => part.fail(e),
             }
@@ -730,7 +797,7 @@ impl Shard {
                     let a = (from - lba * BLOCK_BYTES) as usize;
                     let b = (to - lba * BLOCK_BYTES) as usize;
                     block[a..b].fill(0);
-                    self.push_block(&vol, lba, BlockSrc::Owned(block), &part);
+                    self.push_block(&vol, lba, Bytes::from(block), &part);
                 }
                 Err(e) => part.fail(e),
             }
@@ -746,8 +813,8 @@ impl Shard {
         self.held.push(part);
     }
 
-    fn push_block(&mut self, vol: &Arc<VolumeState>, lba: u64, src: BlockSrc, part: &Rc<Part>) {
-        let item = if is_zero(src.bytes()) {
+    fn push_block(&mut self, vol: &Arc<VolumeState>, lba: u64, src: Bytes, part: &Rc<Part>) {
+        let item = if is_zero(&src) {
             Item::Hole {
                 vol: vol.clone(),
                 lba,
@@ -757,6 +824,7 @@ impl Shard {
             Item::Data {
                 vol: vol.clone(),
                 lba,
+                fp: reduce::fingerprint(&src),
                 src,
                 part: part.clone(),
             }
@@ -778,22 +846,226 @@ impl Shard {
         self.read_block_now(vol, lba)
     }
 
+    /// Replace new blocks that duplicate stored ones with references to them. Candidates come
+    /// from the dedup index and are compared byte for byte (from the cache, or read from the
+    /// device in one batch); each hit holds a reference from here until its record applies.
+    fn dedup_pass(&mut self, items: &mut Vec<Item>) {
+        let mut cands: Vec<(usize, u64)> = Vec::new();
+        {
+            let index = self.inner.dedup.lock();
+            if index.is_empty() {
+                return;
+            }
+            for (i, it) in items.iter().enumerate() {
+                if let Item::Data { vol, fp, .. } = it {
+                    if vol.dedup.load(Ordering::Relaxed) {
+                        if let Some(id) = index.get(self.inner.dedup_key(*fp)) {
+                            cands.push((i, id));
+                        }
+                    }
+                }
+            }
+        }
+        if cands.is_empty() {
+            return;
+        }
+        // Pin every live candidate so it cannot be freed (and its id reused) meanwhile.
+        let pinned: Vec<(usize, u64, BlockEntry)> = {
+            let mut space = self.inner.space.lock();
+            cands
+                .into_iter()
+                .filter_map(|(i, id)| {
+                    let e = space.get(id)?;
+                    space.add_ref(id);
+                    Some((i, id, e))
+                })
+                .collect()
+        };
+        let mut hit: Vec<Option<u64>> = vec![None; items.len()];
+        let mut misses: Vec<u64> = Vec::new();
+        let mut reads: HashMap<(u32, u32), VerifyRead> = HashMap::new();
+        for (i, id, e) in pinned {
+            let Item::Data { src, .. } = &items[i] else {
+                continue;
+            };
+            if let Some(c) = self.cache.get(id, e.generation) {
+                if c[..] == src[..] {
+                    hit[i] = Some(id);
+                } else {
+                    misses.push(id);
+                }
+                continue;
+            }
+            let base = e.offset & !(IO_ALIGN as u32 - 1);
+            reads
+                .entry((e.segment, e.offset))
+                .or_insert_with(|| VerifyRead {
+                    segment: e.segment,
+                    offset: e.offset,
+                    base,
+                    stored_len: u32::from(e.stored_len),
+                    crc: e.crc,
+                    flags: e.flags,
+                    cands: Vec::new(),
+                })
+                .cands
+                .push((i, id, e.generation, reduce::group_of(e.flags).0));
+        }
+        for (_, v) in reads {
+            let (dev, seg_base) = self.inner.geo.locate(v.segment);
+            let len =
+                ((v.offset + v.stored_len).next_multiple_of(IO_ALIGN as u32) - v.base) as usize;
+            let tag = self.tag();
+            self.queue.push(IoOp {
+                kind: OpKind::Read,
+                dev,
+                offset: seg_base + u64::from(v.base),
+                len,
+                // SAFETY: a read fills the whole buffer before anything looks at it.
+                buf: unsafe { AlignedBuf::new_uninit(len) },
+                tag,
+            });
+            self.verifying.insert(tag, v);
+        }
+        while !self.verifying.is_empty() {
+            if self.queue.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = self.queue.submit(1) {
+                self.fail_all_inflight(e);
+                break;
+            }
+            self.reap();
+        }
+        // Reads whose completion vanished count as misses.
+        for (_, v) in std::mem::take(&mut self.verifying) {
+            misses.extend(v.cands.iter().map(|c| c.1));
+        }
+        for (v, d) in std::mem::take(&mut self.verified) {
+            let plain = match d.result {
+                Ok(()) => {
+                    let all = Bytes::from_owner(d.buf);
+                    let at = (v.offset - v.base) as usize;
+                    decode_piece(&all, at, v.segment, v.offset, v.stored_len, v.crc, v.flags).ok()
+                }
+                Err(_) => None,
+            };
+            for &(i, id, generation, index) in &v.cands {
+                let block = plain
+                    .as_ref()
+                    .map(|p| p.slice(index * BLOCK..(index + 1) * BLOCK));
+                match (&items[i], block) {
+                    (Item::Data { src, .. }, Some(b)) if b[..] == src[..] => {
+                        hit[i] = Some(id);
+                        self.cache.insert(id, generation, b);
+                    }
+                    _ => misses.push(id),
+                }
+            }
+        }
+        if !misses.is_empty() {
+            let seq = self.inner.seq.load(Ordering::Acquire);
+            let mut space = self.inner.space.lock();
+            for id in misses {
+                space.drop_ref(id, seq);
+            }
+        }
+        if hit.iter().all(Option::is_none) {
+            return;
+        }
+        let old = std::mem::take(items);
+        items.extend(old.into_iter().zip(hit).map(|(it, h)| match (it, h) {
+            (
+                Item::Data {
+                    vol, lba, fp, part, ..
+                },
+                Some(id),
+            ) => Item::Ref {
+                vol,
+                lba,
+                id,
+                fp,
+                part,
+            },
+            (it, _) => it,
+        }));
+    }
+
+    /// Give back the references dedup hits hold (their records will not be written).
+    fn unpin<'a>(&self, items: impl Iterator<Item = &'a Item>) {
+        let ids: Vec<u64> = items
+            .filter_map(|i| match i {
+                Item::Ref { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let seq = self.inner.seq.load(Ordering::Acquire);
+        let mut space = self.inner.space.lock();
+        for id in ids {
+            space.drop_ref(id, seq);
+        }
+    }
+
+    /// How many of `items` (all of `kind` up to the first of another kind) go into the next
+    /// record: as many as fit in the rest of the open segment, or in a fresh segment when not
+    /// even the first one fits here. Payloads count uncompressed, so compression only leaves
+    /// the record shorter.
+    fn cut<'a>(&self, items: impl Iterator<Item = &'a Item>, kind: RecordKind) -> (usize, u64) {
+        let eb = entry_bytes(kind);
+        let seg = self.inner.geo.segment_bytes as usize;
+        let left = if self.pos.segment == NO_SEGMENT {
+            0
+        } else {
+            seg.saturating_sub(self.pos.offset as usize)
+        };
+        let fresh = seg - SEGMENT_HEADER_BYTES as usize;
+        let mut budget = left;
+        let (mut n, mut entries, mut bytes) = (0usize, 0usize, 0usize);
+        let mut size = 0;
+        for it in items {
+            if it.kind() != kind {
+                break;
+            }
+            let e2 = entries + it.entries();
+            let b2 = bytes + it.payload_estimate();
+            if e2 > MAX_RECORD_ENTRIES && n > 0 {
+                break;
+            }
+            let s2 = RecordHeader::header_area(e2, eb) + b2.next_multiple_of(IO_ALIGN);
+            if s2 > budget {
+                if n == 0 && budget < fresh {
+                    budget = fresh;
+                }
+                if s2 > budget && n > 0 {
+                    break;
+                }
+            }
+            n += 1;
+            entries = e2;
+            bytes = b2;
+            size = s2;
+        }
+        (n.max(1), size as u64)
+    }
+
     /// Turn queued items into records and queue their writes. Data that would eat into the
     /// space kept for the cleaner waits (stalls) while cleaning can free space, instead of
     /// failing; cleaner moves never wait.
     fn pack_records(&mut self) {
         let fresh = std::mem::take(&mut self.items);
-        let (moves, fresh): (Vec<Item>, Vec<Item>) = fresh
+        let (moves, mut fresh): (Vec<Item>, Vec<Item>) = fresh
             .into_iter()
             .partition(|i| matches!(i, Item::Move { .. }));
-        let mut moves = moves;
+        let mut moves: VecDeque<Item> = moves.into();
         while !moves.is_empty() {
-            let fits = self
-                .entries_that_fit(RecordKind::Move)
-                .clamp(1, MAX_RECORD_ENTRIES);
-            let batch: Vec<Item> = moves.drain(..fits.min(moves.len())).collect();
+            let (n, _) = self.cut(moves.iter(), RecordKind::Move);
+            let batch: Vec<Item> = moves.drain(..n.min(moves.len())).collect();
             self.build_record(batch, RecordKind::Move);
         }
+        self.dedup_pass(&mut fresh);
         // Previously stalled items (each holding a count on its part) come first.
         let mut queue: VecDeque<(Item, bool)> = std::mem::take(&mut self.stalled)
             .into_iter()
@@ -804,19 +1076,9 @@ impl Shard {
             let kind = first.kind();
             // Cut the record to what the open segment still holds, so that segment tails are
             // not left empty (with 1 MiB writes and 2 MiB segments that wasted half the pool).
-            let fits = self.entries_that_fit(kind).clamp(1, MAX_RECORD_ENTRIES);
-            let end = queue
-                .iter()
-                .take(fits)
-                .take_while(|(i, _)| i.kind() == kind)
-                .count();
-            let payload = queue
-                .iter()
-                .take(end)
-                .filter(|(i, _)| i.payload().is_some())
-                .count();
-            let bytes = RecordHeader::header_area(end, DataEntry::BYTES) + payload * BLOCK;
-            if kind == RecordKind::Data && self.must_wait_for_space(bytes as u64) {
+            let (end, bytes) = self.cut(queue.iter().map(|(i, _)| i), kind);
+            let end = end.min(queue.len());
+            if kind == RecordKind::Data && self.must_wait_for_space(bytes) {
                 break;
             }
             let batch: Vec<(Item, bool)> = queue.drain(..end).collect();
@@ -874,27 +1136,29 @@ impl Shard {
     }
 
     fn build_record(&mut self, batch: Vec<Item>, kind: RecordKind) {
-        let entry_bytes = match kind {
-            RecordKind::Trim => TrimEntry::BYTES,
-            RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
-        };
+        let entry_bytes = entry_bytes(kind);
         let room = if kind == RecordKind::Data {
             Room::Data
         } else {
             Room::Freeing
         };
-        let n_new_ids = batch
-            .iter()
-            .filter(|i| matches!(i, Item::Data { .. }))
-            .count();
-        let n_payload = batch.iter().filter(|i| i.payload().is_some()).count();
-        let header_bytes = RecordHeader::header_area(batch.len(), entry_bytes);
-        let record_bytes = header_bytes + n_payload * BLOCK;
         let parts: Vec<Rc<Part>> = batch.iter().map(item_part).cloned().collect();
         for p in &parts {
             p.records.set(p.records.get() + 1);
         }
+        let plan = plan_payloads(&batch);
+        let n_entries: usize = batch.iter().map(Item::entries).sum();
+        let header_bytes = RecordHeader::header_area(n_entries, entry_bytes);
+        let packed_start = header_bytes + plan.raw.len() * BLOCK;
+        let mut packed_at = Vec::with_capacity(plan.packed.len());
+        let mut data_end = packed_start;
+        for p in &plan.packed {
+            packed_at.push(data_end);
+            data_end += p.len();
+        }
+        let record_bytes = data_end.next_multiple_of(IO_ALIGN);
         if let Err(e) = self.make_room(record_bytes as u64, room) {
+            self.unpin(batch.iter());
             for p in &parts {
                 p.fail(clone_err(&e));
                 p.record_done();
@@ -903,62 +1167,130 @@ impl Shard {
         }
         let segment = self.pos.segment;
         let seg_off = self.pos.offset;
-        let ids: Vec<u64> = {
+        let mut ids = vec![0u64; batch.len()];
+        {
             let mut space = self.inner.space.lock();
-            (0..n_new_ids).map(|_| space.alloc_id()).collect()
-        };
-        // SAFETY: the header area is zeroed here and every payload slot is written below (one
-        // per item with a payload, `n_payload` of them), so all `record_bytes` are initialised
-        // before the first slice access.
+            for (i, slot) in plan.slots.iter().enumerate() {
+                if matches!(batch[i], Item::Data { .. })
+                    && matches!(slot, Slot::Raw(_) | Slot::Packed(..))
+                {
+                    ids[i] = space.alloc_id();
+                }
+            }
+        }
+        // SAFETY: the header area is zeroed here, every raw and packed payload is copied in
+        // below and the tail past the last payload is zeroed, so all `record_bytes` are
+        // initialised before the first slice access.
         let mut buf = unsafe {
             let mut b = AlignedBuf::new_uninit(record_bytes);
-            std::ptr::write_bytes(b.as_mut_ptr(), 0, header_bytes);
+            let base = b.as_mut_ptr();
+            std::ptr::write_bytes(base, 0, header_bytes);
             let mut at = header_bytes;
-            for p in batch.iter().filter_map(Item::payload) {
-                assert_eq!(p.len(), BLOCK, "record payloads are whole blocks");
-                std::ptr::copy_nonoverlapping(p.as_ptr(), b.as_mut_ptr().add(at), BLOCK);
+            for r in &plan.raw {
+                assert_eq!(r.len(), BLOCK, "raw payloads are whole blocks");
+                std::ptr::copy_nonoverlapping(r.as_ptr(), base.add(at), BLOCK);
                 at += BLOCK;
             }
+            for p in &plan.packed {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), base.add(at), p.len());
+                at += p.len();
+            }
+            std::ptr::write_bytes(base.add(at), 0, record_bytes - at);
             b
         };
-        let mut applies = Vec::with_capacity(batch.len());
-        let mut next_payload = header_bytes;
-        let mut ids = ids.into_iter();
+        let packed_crc: Vec<u32> = plan
+            .packed
+            .iter()
+            .zip(&plan.packed_crc)
+            .map(|(p, c)| c.unwrap_or_else(|| crc32fast::hash(p)))
+            .collect();
+        let packed_len: Vec<usize> = plan.packed.iter().map(|p| p.len()).collect();
+        let slots = plan.slots;
+        drop(plan.raw);
+        drop(plan.packed);
+        let mut applies = Vec::with_capacity(n_entries);
+        let mut e_idx = 0usize;
         for (i, item) in batch.into_iter().enumerate() {
-            let at = RecordHeader::BYTES + i * entry_bytes;
+            let at = RecordHeader::BYTES + e_idx * entry_bytes;
+            e_idx += item.entries();
+            // (payload offset in the record, stored length, crc, flags) of slot-holding items.
+            let place =
+                |slot: Slot, raw: &[u8], raw_crc: Option<u32>| -> (usize, usize, u32, u16) {
+                    match slot {
+                        Slot::Raw(k) => (
+                            header_bytes + k * BLOCK,
+                            BLOCK,
+                            raw_crc.unwrap_or_else(|| crc32fast::hash(raw)),
+                            0,
+                        ),
+                        Slot::Packed(k, gi, n) => (
+                            packed_at[k],
+                            packed_len[k],
+                            packed_crc[k],
+                            reduce::group_flags(true, gi, n),
+                        ),
+                        _ => (0, 0, 0, 0),
+                    }
+                };
             match item {
-                Item::Data { vol, lba, src, .. } => {
-                    let id = ids.next().unwrap_or(0);
-                    let payload = src.bytes();
-                    let crc = crc32fast::hash(payload);
-                    let fingerprint = xxhash_rust::xxh3::xxh3_128(payload).to_le_bytes();
+                Item::Data {
+                    vol, lba, src, fp, ..
+                } => {
+                    if let Slot::Dup(j) = slots[i] {
+                        let id = ids[j];
+                        ref_entry(&vol, lba, id, fp).encode(&mut buf[at..]);
+                        applies.push(Apply::Ref {
+                            vol,
+                            lba,
+                            id,
+                            pinned: false,
+                        });
+                        continue;
+                    }
+                    let id = ids[i];
+                    let (off, stored, crc, flags) = place(slots[i], &src, None);
                     DataEntry {
                         volume: vol.id,
-                        flags: 0,
+                        flags,
                         lba,
                         block_id: id,
-                        fingerprint,
-                        payload_offset: next_payload as u32,
-                        stored_len: BLOCK as u32,
+                        fingerprint: fp.to_le_bytes(),
+                        payload_offset: off as u32,
+                        stored_len: stored as u32,
                         payload_crc: crc,
                     }
                     .encode(&mut buf[at..]);
+                    let key = vol
+                        .dedup
+                        .load(Ordering::Relaxed)
+                        .then(|| self.inner.dedup_key(fp));
                     applies.push(Apply::Block {
                         vol,
                         lba,
                         id,
                         entry: BlockEntry {
                             segment,
-                            offset: seg_off + next_payload as u32,
-                            stored_len: BLOCK as u16,
-                            flags: 0,
+                            offset: seg_off + off as u32,
+                            stored_len: stored as u16,
+                            flags,
                             crc,
                             refs: 0,
                             generation: 0,
                         },
-                        buf_at: next_payload as u32,
+                        plain: src,
+                        key,
                     });
-                    next_payload += BLOCK;
+                }
+                Item::Ref {
+                    vol, lba, id, fp, ..
+                } => {
+                    ref_entry(&vol, lba, id, fp).encode(&mut buf[at..]);
+                    applies.push(Apply::Ref {
+                        vol,
+                        lba,
+                        id,
+                        pinned: true,
+                    });
                 }
                 Item::Hole { vol, lba, .. } => {
                     DataEntry {
@@ -986,33 +1318,34 @@ impl Shard {
                     applies.push(Apply::Trim { vol, lba, count });
                 }
                 Item::Move { rel, .. } => {
-                    let fingerprint = xxhash_rust::xxh3::xxh3_128(&rel.data).to_le_bytes();
-                    DataEntry {
-                        volume: u32::MAX,
-                        flags: rel.flags,
-                        lba: u64::from(rel.from_segment) << 32 | u64::from(rel.from_offset),
-                        block_id: rel.id,
-                        fingerprint,
-                        payload_offset: next_payload as u32,
-                        stored_len: rel.data.len() as u32,
-                        payload_crc: rel.crc,
+                    let (off, stored, _, _) = place(slots[i], &rel.data, Some(rel.crc));
+                    for (m, &(id, flags)) in rel.members.iter().enumerate() {
+                        DataEntry {
+                            volume: u32::MAX,
+                            flags,
+                            lba: u64::from(rel.from_segment) << 32 | u64::from(rel.from_offset),
+                            block_id: id,
+                            fingerprint: [0; 16],
+                            payload_offset: off as u32,
+                            stored_len: stored as u32,
+                            payload_crc: rel.crc,
+                        }
+                        .encode(&mut buf[at + m * entry_bytes..]);
+                        applies.push(Apply::Move {
+                            id,
+                            from_segment: rel.from_segment,
+                            from_offset: rel.from_offset,
+                            entry: BlockEntry {
+                                segment,
+                                offset: seg_off + off as u32,
+                                stored_len: stored as u16,
+                                flags,
+                                crc: rel.crc,
+                                refs: 0,
+                                generation: 0,
+                            },
+                        });
                     }
-                    .encode(&mut buf[at..]);
-                    applies.push(Apply::Move {
-                        id: rel.id,
-                        from_segment: rel.from_segment,
-                        from_offset: rel.from_offset,
-                        entry: BlockEntry {
-                            segment,
-                            offset: seg_off + next_payload as u32,
-                            stored_len: rel.data.len() as u16,
-                            flags: rel.flags,
-                            crc: rel.crc,
-                            refs: 0,
-                            generation: 0,
-                        },
-                    });
-                    next_payload += BLOCK;
                 }
             }
         }
@@ -1028,7 +1361,7 @@ impl Shard {
             shard_seq,
             epoch: self.inner.epoch,
             segment,
-            entry_count: applies.len() as u32,
+            entry_count: n_entries as u32,
             record_bytes: record_bytes as u32,
             header_bytes: header_bytes as u32,
             durable_shard_seq: durable,
@@ -1060,29 +1393,6 @@ impl Shard {
             applies,
             parts,
         });
-    }
-
-    /// How many entries of `kind`, each with a payload block, fit in the rest of the open
-    /// segment (0 when not even one does: the record then starts the next segment).
-    fn entries_that_fit(&self, kind: RecordKind) -> usize {
-        let left = self
-            .inner
-            .geo
-            .segment_bytes
-            .saturating_sub(u64::from(self.pos.offset)) as usize;
-        let eb = match kind {
-            RecordKind::Trim => return MAX_RECORD_ENTRIES,
-            RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
-        };
-        let mut n = left.saturating_sub(IO_ALIGN) / BLOCK;
-        while n > 0 && RecordHeader::header_area(n, eb) + n * BLOCK > left {
-            n -= 1;
-        }
-        if n == 0 {
-            MAX_RECORD_ENTRIES
-        } else {
-            n
-        }
     }
 
     /// Make sure `bytes` fit in the open segment, moving to the next one if needed. When there
@@ -1281,12 +1591,16 @@ impl Shard {
                     .store(ss + 1, Ordering::Release);
             }
             if ok {
-                self.apply(rec.seq, rec.applies, rec.buf);
+                self.apply(rec.seq, rec.applies);
             } else {
                 let mut space = self.inner.space.lock();
                 for a in &rec.applies {
-                    if let Apply::Block { id, .. } = a {
-                        space.discard_id(*id, rec.seq);
+                    match a {
+                        Apply::Block { id, .. } => space.discard_id(*id, rec.seq),
+                        Apply::Ref {
+                            id, pinned: true, ..
+                        } => space.drop_ref(*id, rec.seq),
+                        _ => {}
                     }
                 }
                 drop(space);
@@ -1312,12 +1626,12 @@ impl Shard {
         }
     }
 
-    fn apply(&mut self, seq: u64, applies: Vec<Apply>, buf: Option<AlignedBuf>) {
-        let buf = buf.map(Arc::new);
+    fn apply(&mut self, seq: u64, applies: Vec<Apply>) {
         let shards = self.inner.shards();
         let me = self.id;
         let mut written = 0u64;
         let mut moved = 0u64;
+        let mut keys: Vec<(u64, u64)> = Vec::new();
         let mut space = self.inner.space.lock();
         // Records nearly always hold one volume: keep its map locked across entries.
         let mut map: Option<(&Arc<VolumeState>, parking_lot::MutexGuard<'_, LbaMap>)> = None;
@@ -1337,7 +1651,8 @@ impl Shard {
                     lba,
                     id,
                     entry,
-                    buf_at,
+                    plain,
+                    key,
                 } => {
                     let generation = space.place(*id, *entry);
                     if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
@@ -1349,8 +1664,30 @@ impl Shard {
                     if old != 0 {
                         space.drop_ref(old, seq);
                     }
-                    if let Some(b) = &buf {
-                        self.cache.insert(*id, generation, b.clone(), *buf_at);
+                    self.cache.insert(*id, generation, plain.clone());
+                    if let Some(k) = key {
+                        keys.push((*k, *id));
+                    }
+                    written += BLOCK_BYTES;
+                }
+                Apply::Ref {
+                    vol,
+                    lba,
+                    id,
+                    pinned,
+                } => {
+                    if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
+                        if *pinned {
+                            space.drop_ref(*id, seq);
+                        }
+                        continue;
+                    }
+                    if !*pinned {
+                        space.add_ref(*id);
+                    }
+                    let old = map_of!(vol).set(*lba, *id);
+                    if old != 0 {
+                        space.drop_ref(old, seq);
                     }
                     written += BLOCK_BYTES;
                 }
@@ -1373,13 +1710,19 @@ impl Shard {
                     entry,
                 } => {
                     if space.relocate(*id, *from_segment, *from_offset, entry) {
-                        moved += u64::from(entry.stored_len);
+                        moved += entry.share();
                     }
                 }
             }
         }
         drop(map);
         drop(space);
+        if !keys.is_empty() {
+            let mut index = self.inner.dedup.lock();
+            for (k, id) in keys {
+                index.insert(k, id);
+            }
+        }
         self.inner
             .counters
             .client_written
@@ -1426,6 +1769,7 @@ pub(crate) fn trim_owned(
 fn item_part(i: &Item) -> &Rc<Part> {
     match i {
         Item::Data { part, .. }
+        | Item::Ref { part, .. }
         | Item::Hole { part, .. }
         | Item::Trim { part, .. }
         | Item::Move { part, .. } => part,
@@ -1450,4 +1794,309 @@ fn is_zero(b: &[u8]) -> bool {
         && chunks
             .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .all(|w| w == 0)
+}
+
+fn entry_bytes(kind: RecordKind) -> usize {
+    match kind {
+        RecordKind::Trim => TrimEntry::BYTES,
+        RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
+    }
+}
+
+/// The log entry of a dedup reference: `lba` now maps to the stored block `id`.
+fn ref_entry(vol: &VolumeState, lba: u64, id: u64, fp: u128) -> DataEntry {
+    DataEntry {
+        volume: vol.id,
+        flags: FLAG_REF,
+        lba,
+        block_id: id,
+        fingerprint: fp.to_le_bytes(),
+        payload_offset: 0,
+        stored_len: 0,
+        payload_crc: 0,
+    }
+}
+
+/// Where an item's payload goes in its record.
+#[derive(Clone, Copy)]
+enum Slot {
+    None,
+    /// The n-th 4 KiB-aligned raw payload.
+    Raw(usize),
+    /// The n-th packed payload; this block's index in it and the blocks it holds.
+    Packed(usize, usize, usize),
+    /// The same bytes as the new block of an earlier item of this record.
+    Dup(usize),
+}
+
+struct Plan<'a> {
+    slots: Vec<Slot>,
+    raw: Vec<&'a [u8]>,
+    packed: Vec<std::borrow::Cow<'a, [u8]>>,
+    /// A packed payload's checksum when it is already known (cleaner moves keep theirs).
+    packed_crc: Vec<Option<u32>>,
+}
+
+/// Decide each item's payload: duplicates within the record share the first copy's block;
+/// new blocks for consecutive LBAs of a volume are compressed together, up to
+/// [`reduce::GROUP_BLOCKS`]; what does not shrink is stored raw.
+fn plan_payloads(batch: &[Item]) -> Plan<'_> {
+    let mut slots = vec![Slot::None; batch.len()];
+    let mut seen: HashMap<u128, usize> = HashMap::new();
+    for (i, it) in batch.iter().enumerate() {
+        let Item::Data { vol, src, fp, .. } = it else {
+            continue;
+        };
+        if !vol.dedup.load(Ordering::Relaxed) {
+            continue;
+        }
+        match seen.get(fp) {
+            Some(&j) => {
+                if let Item::Data { src: first, .. } = &batch[j] {
+                    if first[..] == src[..] {
+                        slots[i] = Slot::Dup(j);
+                    }
+                }
+            }
+            None => {
+                seen.insert(*fp, i);
+            }
+        }
+    }
+    let mut plan = Plan {
+        slots,
+        raw: Vec::new(),
+        packed: Vec::new(),
+        packed_crc: Vec::new(),
+    };
+    let mut i = 0;
+    while i < batch.len() {
+        match &batch[i] {
+            Item::Data { vol, lba, src, .. } if !matches!(plan.slots[i], Slot::Dup(_)) => {
+                let compress = vol.compress.load(Ordering::Relaxed);
+                let mut j = i + 1;
+                if compress {
+                    while j < batch.len() && j - i < reduce::GROUP_BLOCKS {
+                        match &batch[j] {
+                            Item::Data {
+                                vol: v2, lba: l2, ..
+                            } if Arc::ptr_eq(vol, v2)
+                                && *l2 == lba + (j - i) as u64
+                                && !matches!(plan.slots[j], Slot::Dup(_)) =>
+                            {
+                                j += 1
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                let srcs: Vec<&[u8]> = (i..j)
+                    .map(|k| match &batch[k] {
+                        Item::Data { src, .. } => &src[..],
+                        _ => &[][..],
+                    })
+                    .collect();
+                let compressed = if !compress || !reduce::worth_compressing(srcs[0]) {
+                    None
+                } else if srcs.len() == 1 {
+                    reduce::compress(src)
+                } else {
+                    reduce::compress(&srcs.concat())
+                };
+                match compressed {
+                    Some(c) => {
+                        let n = j - i;
+                        for k in i..j {
+                            plan.slots[k] = Slot::Packed(plan.packed.len(), k - i, n);
+                        }
+                        plan.packed.push(std::borrow::Cow::Owned(c));
+                        plan.packed_crc.push(None);
+                    }
+                    None => {
+                        for (k, s) in (i..j).zip(srcs) {
+                            plan.slots[k] = Slot::Raw(plan.raw.len());
+                            plan.raw.push(s);
+                        }
+                    }
+                }
+                i = j;
+            }
+            Item::Move { rel, .. } => {
+                if rel.is_raw() {
+                    plan.slots[i] = Slot::Raw(plan.raw.len());
+                    plan.raw.push(&rel.data);
+                } else {
+                    plan.slots[i] = Slot::Packed(plan.packed.len(), 0, 1);
+                    plan.packed.push(std::borrow::Cow::Borrowed(&rel.data));
+                    plan.packed_crc.push(Some(rel.crc));
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    plan
+}
+
+/// Add a wanted block to the reads of a request: to the payload read just before when it is
+/// the same one, to the current device read when its payload starts within or right after
+/// it, else to a new device read.
+fn add_to_spans(spans: &mut Vec<PendingRead>, part: &Rc<Part>, e: &BlockEntry, want: Want) {
+    let align = IO_ALIGN as u32;
+    let pstart = e.offset & !(align - 1);
+    let pend = (e.offset + u32::from(e.stored_len)).next_multiple_of(align);
+    if let Some(sp) = spans.last_mut() {
+        if let Some(p) = sp.pieces.last_mut() {
+            if p.segment == e.segment && p.offset == e.offset {
+                p.wants.push(want);
+                return;
+            }
+        }
+        if sp.segment == e.segment
+            && pstart >= sp.base
+            && pstart <= sp.end
+            && pend.max(sp.end) - sp.base <= MAX_READ_SPAN
+        {
+            sp.end = sp.end.max(pend);
+            sp.pieces.push(piece(e, want));
+            return;
+        }
+    }
+    spans.push(PendingRead {
+        part: part.clone(),
+        segment: e.segment,
+        base: pstart,
+        end: pend,
+        pieces: vec![piece(e, want)],
+    });
+}
+
+fn piece(e: &BlockEntry, want: Want) -> Piece {
+    Piece {
+        segment: e.segment,
+        offset: e.offset,
+        stored_len: u32::from(e.stored_len),
+        crc: e.crc,
+        flags: e.flags,
+        wants: vec![want],
+    }
+}
+
+/// Why a stored payload could not be turned into blocks.
+pub(crate) enum PayloadFault {
+    Io {
+        device: u16,
+        offset: u64,
+        kind: std::io::ErrorKind,
+        msg: String,
+    },
+    Checksum {
+        segment: u32,
+        offset: u32,
+        expected: u32,
+        got: u32,
+    },
+    Undecodable {
+        segment: u32,
+        offset: u32,
+    },
+}
+
+impl PayloadFault {
+    /// The error a read of block `block_id` reports.
+    pub fn error(&self, block_id: u64) -> Error {
+        match self {
+            PayloadFault::Io {
+                device,
+                offset,
+                kind,
+                msg,
+            } => Error::Io {
+                device: *device,
+                offset: *offset,
+                source: std::io::Error::new(*kind, msg.clone()),
+            },
+            &PayloadFault::Checksum {
+                segment,
+                offset,
+                expected,
+                got,
+            } => Error::ChecksumMismatch {
+                block_id,
+                segment,
+                offset,
+                expected,
+                got,
+            },
+            &PayloadFault::Undecodable { segment, offset } => Error::Undecodable {
+                block_id,
+                segment,
+                offset,
+            },
+        }
+    }
+}
+
+/// Verify the payload at `at` in `all` and return its plaintext (the whole group).
+pub(crate) fn decode_piece(
+    all: &Bytes,
+    at: usize,
+    segment: u32,
+    offset: u32,
+    stored_len: u32,
+    crc: u32,
+    flags: u16,
+) -> Result<Bytes, PayloadFault> {
+    let undecodable = PayloadFault::Undecodable { segment, offset };
+    let Some(stored) = all.get(at..at + stored_len as usize) else {
+        return Err(undecodable);
+    };
+    let got = crc32fast::hash(stored);
+    if got != crc {
+        return Err(PayloadFault::Checksum {
+            segment,
+            offset,
+            expected: crc,
+            got,
+        });
+    }
+    if flags & FLAG_LZ4 == 0 && stored.len() == BLOCK {
+        return Ok(all.slice(at..at + BLOCK));
+    }
+    reduce::decode(stored, flags)
+        .map(Bytes::from)
+        .map_err(|_| undecodable)
+}
+
+/// Read and verify the payload block `e` lives in, synchronously; its plaintext (the group).
+pub(crate) fn load_payload(inner: &Inner, e: &BlockEntry) -> Result<Bytes, PayloadFault> {
+    let align = IO_ALIGN as u32;
+    let base = e.offset & !(align - 1);
+    let end = (e.offset + u32::from(e.stored_len)).next_multiple_of(align);
+    let mut buf = AlignedBuf::new((end - base) as usize);
+    let (dev, seg_base) = inner.geo.locate(e.segment);
+    let at = seg_base + u64::from(base);
+    inner
+        .devices
+        .read_at(dev, &mut buf, at)
+        .map_err(|err| PayloadFault::Io {
+            device: dev,
+            offset: at,
+            kind: err.kind(),
+            msg: err.to_string(),
+        })?;
+    decode_entry(&Bytes::from_owner(buf), (e.offset - base) as usize, e)
+}
+
+/// [`decode_piece`] for the payload of block `e`, found at `at` in `all`.
+pub(crate) fn decode_entry(all: &Bytes, at: usize, e: &BlockEntry) -> Result<Bytes, PayloadFault> {
+    decode_piece(
+        all,
+        at,
+        e.segment,
+        e.offset,
+        u32::from(e.stored_len),
+        e.crc,
+        e.flags,
+    )
 }

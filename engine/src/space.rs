@@ -8,15 +8,24 @@ use crate::format::NO_SEGMENT;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlockEntry {
     pub segment: u32,
-    /// Byte offset of the payload within the segment.
+    /// Byte offset of the payload within the segment (a group's members share one payload).
     pub offset: u32,
+    /// Bytes of the whole payload.
     pub stored_len: u16,
+    /// As in `format::DataEntry` (compression, position in the group).
     pub flags: u16,
     pub crc: u32,
     /// Map entries pointing at this block; 0 = free.
     pub refs: u32,
     /// Bumped each time the id is reused, so caches keyed by id can tell versions apart.
     pub generation: u32,
+}
+
+impl BlockEntry {
+    /// Stored bytes this block accounts for (its share of a group's payload).
+    pub fn share(&self) -> u64 {
+        crate::reduce::share(self.stored_len, self.flags)
+    }
 }
 
 /// Life of a segment.
@@ -96,19 +105,29 @@ impl Space {
     }
 
     fn account(&mut self, e: &BlockEntry) {
+        let n = e.share();
         if let Some(l) = self.seg_live.get_mut(e.segment as usize) {
-            *l += u64::from(e.stored_len);
+            *l += n;
         }
-        self.stored_bytes += u64::from(e.stored_len);
+        self.stored_bytes += n;
         self.live_blocks += 1;
     }
 
     fn unaccount(&mut self, e: &BlockEntry) {
+        let n = e.share();
         if let Some(l) = self.seg_live.get_mut(e.segment as usize) {
-            *l = l.saturating_sub(u64::from(e.stored_len));
+            *l = l.saturating_sub(n);
         }
-        self.stored_bytes = self.stored_bytes.saturating_sub(u64::from(e.stored_len));
+        self.stored_bytes = self.stored_bytes.saturating_sub(n);
         self.live_blocks = self.live_blocks.saturating_sub(1);
+    }
+
+    /// Whether `id` holds a stored block (placed, whatever its reference count): a dedup
+    /// reference replayed from the log may only point at such a block.
+    pub fn is_placed(&self, id: u64) -> bool {
+        self.blocks
+            .get(id as usize)
+            .is_some_and(|e| id != 0 && e.stored_len > 0)
     }
 
     pub fn get(&self, id: u64) -> Option<BlockEntry> {
@@ -177,11 +196,20 @@ impl Space {
     }
 
     /// Ids freed by records before `seq_end` become reusable (a durable checkpoint covers them).
+    /// An id referenced again meanwhile (a dedup hit on a block in the same record whose first
+    /// reference was dropped) stays in use; an id released twice is freed once.
     pub fn release_ids(&mut self, seq_end: u64) {
         let (ready, keep): (Vec<_>, Vec<_>) =
             self.pending_ids.iter().partition(|(s, _)| *s < seq_end);
         self.pending_ids = keep;
-        self.free_ids.extend(ready.into_iter().map(|(_, id)| id));
+        let mut ready: Vec<u64> = ready
+            .into_iter()
+            .map(|(_, id)| id)
+            .filter(|&id| self.blocks.get(id as usize).is_some_and(|e| e.refs == 0))
+            .collect();
+        ready.sort_unstable();
+        ready.dedup();
+        self.free_ids.extend(ready);
     }
 
     /// After loading a checkpoint: every unreferenced id is free.

@@ -20,6 +20,10 @@ pub(crate) struct VolumeState {
     /// One map per shard (each holds the pages that shard owns).
     pub maps: Vec<Mutex<LbaMap>>,
     pub deleted: AtomicBool,
+    /// New blocks are deduplicated against stored ones.
+    pub dedup: AtomicBool,
+    /// New blocks are compressed.
+    pub compress: AtomicBool,
 }
 
 impl VolumeState {
@@ -33,7 +37,30 @@ impl VolumeState {
                 .map(|_| Mutex::new(LbaMap::new(blocks)))
                 .collect(),
             deleted: AtomicBool::new(false),
+            dedup: AtomicBool::new(true),
+            compress: AtomicBool::new(true),
         }
+    }
+
+    /// Checkpoint flags (`format::VOLUME_NO_DEDUP`, `format::VOLUME_NO_COMPRESSION`).
+    pub fn flags(&self) -> u16 {
+        let mut f = 0;
+        if !self.dedup.load(Ordering::Relaxed) {
+            f |= crate::format::VOLUME_NO_DEDUP;
+        }
+        if !self.compress.load(Ordering::Relaxed) {
+            f |= crate::format::VOLUME_NO_COMPRESSION;
+        }
+        f
+    }
+
+    pub fn set_flags(&self, f: u16) {
+        self.dedup
+            .store(f & crate::format::VOLUME_NO_DEDUP == 0, Ordering::Relaxed);
+        self.compress.store(
+            f & crate::format::VOLUME_NO_COMPRESSION == 0,
+            Ordering::Relaxed,
+        );
     }
 
     pub fn size(&self) -> u64 {

@@ -634,9 +634,16 @@ fn full_pool_fails_writes_with_enospc_and_recovers_after_trim() {
         let data = blocks(77, CHUNK / BLOCK);
         v.write(0, &data, false).unwrap();
         same!(v.read(0, CHUNK as u32).unwrap(), data);
-        // And fill it again, then restart.
-        let mut again = 0u64;
-        while v.write(again * CHUNK as u64, &data, false).is_ok() {
+        // And fill it again (with distinct chunks: equal ones would deduplicate), then restart.
+        let refill = |i: u64| {
+            if i == 0 {
+                data.clone()
+            } else {
+                blocks(5000 + i, CHUNK / BLOCK)
+            }
+        };
+        let mut again = 1u64;
+        while v.write(again * CHUNK as u64, &refill(again), false).is_ok() {
             again += 1;
             assert!(again < 1024);
         }
@@ -650,7 +657,7 @@ fn full_pool_fails_writes_with_enospc_and_recovers_after_trim() {
         let v = pool.volume("v").unwrap();
         same!(v.read(0, CHUNK as u32).unwrap(), data);
         assert_clean(&pool);
-        while v.write(again * CHUNK as u64, &data, false).is_ok() {
+        while v.write(again * CHUNK as u64, &refill(again), false).is_ok() {
             again += 1;
             assert!(again < 1024);
         }
@@ -664,7 +671,7 @@ fn full_pool_fails_writes_with_enospc_and_recovers_after_trim() {
                 .unwrap_or_else(|e| panic!("reopen {round} of a full pool: {e}"));
             let v = pool.volume("v").unwrap();
             for i in 0..again {
-                assert!(v.read(i * CHUNK as u64, CHUNK as u32).unwrap() == data);
+                assert!(v.read(i * CHUNK as u64, CHUNK as u32).unwrap() == refill(i));
             }
             assert_clean(&pool);
             // Overwrites may or may not fit; they must fail cleanly if not.

@@ -48,7 +48,11 @@ fn overwrite_many_times(io: IoKind, vol_mib: u64, pool_mib: u64, rounds: u64) {
     let mut rng = Rng(0x1234_5678_9abc_def1 ^ vol_mib);
     // Fill the volume, then overwrite `rounds` times the pool's size at random.
     let v = pool.volume("v").unwrap();
-    let fill: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 | 1).collect();
+    // Incompressible, unique data (so that the pool fills), with a quarter of the overwrites
+    // compressible (so that the cleaner also moves compressed groups).
+    let fill: Vec<u8> = (0..size / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
     for off in (0..size).step_by(MIB as usize) {
         v.write(off, &fill[off as usize..(off + MIB) as usize], false)
             .unwrap();
@@ -62,9 +66,16 @@ fn overwrite_many_times(io: IoKind, vol_mib: u64, pool_mib: u64, rounds: u64) {
         let blocks = 1 + rng.next() % 64;
         let len = blocks * 4096;
         let off = (rng.next() % (size / 4096 - blocks + 1)) * 4096;
-        let seed = rng.next() as u8 | 1;
-        let data: Vec<u8> = (0..len)
-            .map(|i| seed.wrapping_add((i / 512) as u8))
+        let compressible = step % 4 == 0;
+        let data: Vec<u8> = (0..len / 8)
+            .flat_map(|i| {
+                let r = rng.next();
+                if compressible && i % 8 != 0 {
+                    (r & 0x0303_0303_0303_0303).to_le_bytes()
+                } else {
+                    r.to_le_bytes()
+                }
+            })
             .collect();
         v.write(off, &data, step % 31 == 0).unwrap_or_else(|e| {
             panic!(
@@ -124,4 +135,64 @@ fn full_volume_overwritten_three_pools_worth_sync() {
 #[test]
 fn full_volume_overwritten_three_pools_worth_uring() {
     overwrite_many_times(IoKind::Uring, 20, 64, 3);
+}
+
+/// Allocated bytes of a file (what `du` reports).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn trimming_everything_gives_space_back_to_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 256 * MIB,
+        segment_bytes: 2 * MIB,
+        ..Default::default()
+    };
+    let pool = Pool::create(dir.path(), &c, &opts(IoKind::Uring)).unwrap();
+    pool.create_volume("v", 128 * MIB).unwrap();
+    let v = pool.volume("v").unwrap();
+    let img = dir.path().join("dev0.img");
+    let empty = allocated(&img);
+    let mut rng = Rng(77);
+    for off in (0..128 * MIB).step_by(MIB as usize) {
+        let data: Vec<u8> = (0..MIB / 8)
+            .flat_map(|_| rng.next().to_le_bytes())
+            .collect();
+        v.write(off, &data, false).unwrap();
+    }
+    v.flush().unwrap();
+    let full = allocated(&img);
+    let used = pool.stats().physical_used_bytes;
+    // The backing file is allocated up front (fallocate), as a raw image would be.
+    assert!(full >= 128 * MIB && full >= empty, "du {full}");
+    assert!(used >= 128 * MIB, "physical_used_bytes {used}");
+    // One trim of the whole volume is a metadata operation.
+    let t = std::time::Instant::now();
+    v.trim(0, 128 * MIB, false).unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "trim of 128 MiB took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(pool.stats().stored_bytes, 0);
+    // Freed segments are punched out of the file once checkpoints no longer need them.
+    for _ in 0..3 {
+        pool.checkpoint().unwrap();
+    }
+    let s = pool.stats();
+    assert!(
+        s.physical_used_bytes <= 16 * MIB,
+        "physical_used_bytes {} after trimming everything",
+        s.physical_used_bytes
+    );
+    let after = allocated(&img);
+    assert!(
+        after + 100 * MIB <= full,
+        "du shrank from {full} to {after} only"
+    );
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -624,3 +624,106 @@ fn prometheus_metrics_from_the_cli_and_the_server() {
     assert!(body.contains("ingot_segments_free "), "{body}");
     srv.stop();
 }
+
+fn f64_of(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{field}` missing or not a number in {v}"))
+}
+
+fn volume_stats(s: &Value, vol: &str) -> Value {
+    s["volumes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == vol).cloned())
+        .unwrap_or_else(|| panic!("stats --json lists no volume {vol}: {s}"))
+}
+
+#[test]
+fn data_reduction_policy_and_stats() {
+    let qemu_io = require_tool("qemu-io");
+    let dir = TempDir::new("cli-reduction");
+    let srv = Server::start_in(dir.path());
+    let pool = srv.pool().to_path_buf();
+    ingot_pool_ok(
+        &pool,
+        &[
+            "volume",
+            "create",
+            "raw",
+            "--size",
+            "64M",
+            "--dedup",
+            "off",
+            "--compression",
+            "off",
+        ],
+    );
+    // 8 MiB of one repeated block into each volume (qemu-io's pattern fill).
+    for vol in ["vol0", "raw"] {
+        run(Command::new(&qemu_io)
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 8M", "-c", "flush"])
+            .arg(srv.unix_uri(vol)));
+    }
+    let s = stats(&pool);
+    check_stats(&s);
+    for f in ["dedup_ratio", "compression_ratio", "data_reduction_ratio"] {
+        assert!(f64_of(&s, f) >= 1.0, "{f} below 1: {s}");
+    }
+    u64_of(&s, "unique_blocks");
+    u64_of(&s, "dedup_index_bytes");
+    let on = volume_stats(&s, "vol0");
+    let raw = volume_stats(&s, "raw");
+    assert_eq!(u64_of(&on, "mapped_bytes"), 8 * MIB);
+    assert!(
+        u64_of(&on, "stored_bytes") <= 4096,
+        "2048 equal blocks stored as more than one: {on}"
+    );
+    assert!(f64_of(&on, "data_reduction_ratio") >= 2048.0, "{on}");
+    assert_eq!(on["dedup"], true);
+    assert_eq!(
+        u64_of(&raw, "stored_bytes"),
+        8 * MIB,
+        "policy off must store every block raw: {raw}"
+    );
+    assert_eq!(raw["dedup"], false);
+    assert_eq!(raw["compression"], false);
+    let text = ingot_pool_ok(&pool, &["stats"]);
+    assert!(
+        text.contains("reduction") && text.contains("dedup index"),
+        "human-readable stats lack the reduction lines:\n{text}"
+    );
+
+    // Online policy change, visible in the listing and durable across a restart.
+    ingot_pool_ok(&pool, &["volume", "set", "raw", "--dedup", "on"]);
+    let out = assert_fails(
+        &ingot_pool(&pool, &["volume", "set", "raw"]),
+        "volume set without a setting",
+    );
+    assert!(out.contains("nothing to set"), "{out}");
+    let out = ingot_pool(&pool, &["volume", "set", "raw", "--dedup", "maybe"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad on/off value is a usage error"
+    );
+    assert_fails(
+        &ingot_pool(&pool, &["volume", "set", "nope", "--dedup", "on"]),
+        "volume set of a missing volume",
+    );
+    srv.stop();
+    let listed = volumes(&pool);
+    let raw = listed
+        .iter()
+        .find(|v| v["name"] == "raw")
+        .expect("volume raw listed");
+    assert_eq!(
+        (raw["dedup"].clone(), raw["compression"].clone()),
+        (Value::Bool(true), Value::Bool(false))
+    );
+    let out = ingot_pool(&pool, &["check"]);
+    assert!(
+        out.status.success(),
+        "ingot check failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -23,6 +23,9 @@ pub struct FaultPlan {
     undo: Mutex<Vec<Undo>>,
     /// Writes seen (data path and metadata).
     pub writes: AtomicU64,
+    /// Make every block's dedup key the same (set before the pool opens): every write then
+    /// finds a candidate whose fingerprint "collides", which byte comparison must reject.
+    pub collide_fingerprints: AtomicBool,
 }
 
 struct Undo {

@@ -1,0 +1,406 @@
+//! Data reduction: deduplication across LBAs, volumes, restarts and crashes; forced fingerprint
+//! collisions; compression, packing and corruption of compressed groups; policy; index budget.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ingot_engine::{CreateOptions, Error, FaultPlan, IoKind, Pool, PoolOptions};
+
+const BLOCK: usize = 4096;
+
+fn opts(plan: Option<Arc<FaultPlan>>) -> PoolOptions {
+    PoolOptions {
+        io: IoKind::Sync,
+        // One shard: every write goes through one dedup pass in order, so counts are exact.
+        shards: 1,
+        cache_bytes: Some(0),
+        fault: plan,
+        ..Default::default()
+    }
+}
+
+fn create(dir: &Path, plan: Option<Arc<FaultPlan>>) -> Pool {
+    let c = CreateOptions {
+        size_bytes: 256 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    Pool::create(dir, &c, &opts(plan)).expect("create pool")
+}
+
+/// An incompressible block.
+fn random_block(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..BLOCK / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+/// A block that compresses about 4x, different for each seed.
+fn text_block(seed: u64) -> Vec<u8> {
+    let mut s = String::new();
+    let mut i = seed;
+    while s.len() < BLOCK {
+        s.push_str(&format!(
+            "declaration {i:08} trader CN-{:05} hs 8471.30 value {:>9}.00 EUR route SHA-RTM\n",
+            i % 977,
+            (i * 7919) % 1_000_000
+        ));
+        i += 1;
+    }
+    s.into_bytes()[..BLOCK].to_vec()
+}
+
+fn clean(pool: &Pool) {
+    let r = pool.check(&mut |_, _| {});
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}
+
+#[test]
+fn same_block_at_many_lbas_and_volumes_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = random_block(1);
+    {
+        let pool = create(dir.path(), None);
+        pool.create_volume("a", 64 << 20).unwrap();
+        pool.create_volume("b", 64 << 20).unwrap();
+        let a = pool.volume("a").unwrap();
+        let b = pool.volume("b").unwrap();
+        for i in 0..50u64 {
+            a.write(i * 3 * BLOCK as u64, &x, false).unwrap();
+            b.write((i * 5 + 1) * BLOCK as u64, &x, false).unwrap();
+        }
+        // One request holding the same block many times (deduplicated within the record).
+        let run: Vec<u8> = x.iter().copied().cycle().take(64 * BLOCK).collect();
+        a.write(32 << 20, &run, false).unwrap();
+        let s = pool.stats();
+        assert_eq!(s.unique_blocks, 1, "{s:?}");
+        assert_eq!(s.logical_mapped_bytes, (50 + 50 + 64) * BLOCK as u64);
+        assert_eq!(
+            s.stored_bytes, BLOCK as u64,
+            "incompressible: stored raw, once"
+        );
+        assert!((s.dedup_ratio - 164.0).abs() < 1e-9, "{}", s.dedup_ratio);
+        let va = s.volumes.iter().find(|v| v.name == "a").unwrap();
+        let vb = s.volumes.iter().find(|v| v.name == "b").unwrap();
+        assert_eq!(va.stored_bytes + vb.stored_bytes, BLOCK as u64);
+        assert!(va.dedup_ratio > 100.0 && vb.dedup_ratio > 100.0);
+        clean(&pool);
+        // Overwrite one copy, trim another, delete volume b: the others are intact.
+        let y = random_block(2);
+        a.write(0, &y, false).unwrap();
+        a.trim(3 * BLOCK as u64, BLOCK as u64, false).unwrap();
+        assert_eq!(a.read(0, BLOCK as u32).unwrap(), y);
+        assert_eq!(
+            a.read(3 * BLOCK as u64, BLOCK as u32).unwrap(),
+            vec![0; BLOCK]
+        );
+        assert_eq!(a.read(6 * BLOCK as u64, BLOCK as u32).unwrap(), x);
+        assert_eq!(b.read(BLOCK as u64, BLOCK as u32).unwrap(), x);
+        pool.delete_volume("b").unwrap();
+        assert_eq!(a.read(9 * BLOCK as u64, BLOCK as u32).unwrap(), x);
+        let s = pool.stats();
+        assert_eq!(s.unique_blocks, 2);
+        clean(&pool);
+        pool.shutdown().unwrap();
+    }
+    // After a restart the index still knows the block (it is in the checkpoint).
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    let a = pool.volume("a").unwrap();
+    assert_eq!(a.read(6 * BLOCK as u64, BLOCK as u32).unwrap(), x);
+    a.write(40 << 20, &x, false).unwrap();
+    assert_eq!(pool.stats().unique_blocks, 2);
+    // Trim every copy: the block is freed.
+    a.trim(0, 64 << 20, false).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.unique_blocks, s.stored_bytes), (0, 0), "{s:?}");
+    clean(&pool);
+}
+
+#[test]
+fn crash_between_dedup_hits_and_their_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = random_block(7);
+    let z = random_block(8);
+    {
+        let pool = create(dir.path(), None);
+        pool.create_volume("v", 64 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &x, false).unwrap();
+        v.flush().unwrap();
+        // Flushed hits, then unflushed ones, then a crash.
+        v.write(BLOCK as u64, &x, false).unwrap();
+        v.write(2 * BLOCK as u64, &x, false).unwrap();
+        v.flush().unwrap();
+        v.write(3 * BLOCK as u64, &x, false).unwrap();
+        v.write(4 * BLOCK as u64, &z, false).unwrap();
+        v.write(5 * BLOCK as u64, &z, false).unwrap();
+        pool.halt();
+    }
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    let v = pool.volume("v").unwrap();
+    for i in 0..3u64 {
+        assert_eq!(
+            v.read(i * BLOCK as u64, BLOCK as u32).unwrap(),
+            x,
+            "block {i}"
+        );
+    }
+    // Unflushed writes: old (zero) or new contents, never anything else.
+    for (i, want) in [(3u64, &x), (4, &z), (5, &z)] {
+        let got = v.read(i * BLOCK as u64, BLOCK as u32).unwrap();
+        assert!(got == *want || got == vec![0; BLOCK], "block {i}");
+    }
+    clean(&pool);
+    // The index was rebuilt from the log: the next copy is a hit.
+    let before = pool.stats().unique_blocks;
+    v.write(10 * BLOCK as u64, &x, false).unwrap();
+    assert_eq!(pool.stats().unique_blocks, before);
+}
+
+#[test]
+fn forced_fingerprint_collisions_never_share_different_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    plan.collide_fingerprints.store(true, Ordering::Relaxed);
+    let pool = create(dir.path(), Some(plan.clone()));
+    pool.create_volume("v", 64 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    // Every block's key is the same: each write finds a candidate, and only equal bytes may be
+    // shared.
+    let mut want = Vec::new();
+    for i in 0..200u64 {
+        let b = if i % 4 == 3 {
+            random_block(i - 1)
+        } else {
+            random_block(i)
+        };
+        v.write(i * BLOCK as u64, &b, false).unwrap();
+        want.push(b);
+    }
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(
+            &v.read((i * BLOCK) as u64, BLOCK as u32).unwrap(),
+            b,
+            "block {i}"
+        );
+    }
+    let s = pool.stats();
+    // 150 distinct blocks; the copies whose candidate happened to be equal were shared.
+    assert!(
+        (150..=200).contains(&s.unique_blocks),
+        "unique {}",
+        s.unique_blocks
+    );
+    assert!(s.unique_blocks < 200, "the equal candidates were shared");
+    clean(&pool);
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts(Some(plan))).unwrap();
+    let v = pool.volume("v").unwrap();
+    for (i, b) in want.iter().enumerate() {
+        assert_eq!(&v.read((i * BLOCK) as u64, BLOCK as u32).unwrap(), b);
+    }
+}
+
+#[test]
+fn compressed_groups_are_packed_moved_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..1024u64).flat_map(|i| text_block(i * 40)).collect();
+    {
+        let pool = create(dir.path(), None);
+        pool.create_volume("v", 64 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        let before = pool.stats().device_written_bytes;
+        v.write(0, &data, false).unwrap();
+        let s = pool.stats();
+        assert_eq!(s.unique_blocks, 1024);
+        // The log shrinks too (packed payloads), not only a counter.
+        let logged = s.device_written_bytes - before;
+        assert!(logged * 2 < data.len() as u64, "logged {logged}");
+        assert!(
+            s.stored_bytes * 2 < data.len() as u64,
+            "stored {} of {}",
+            s.stored_bytes,
+            data.len()
+        );
+        assert!(s.compression_ratio > 2.0, "{}", s.compression_ratio);
+        // Unaligned reads inside groups, and a partial overwrite inside one.
+        assert_eq!(
+            v.read(4096 + 512, 9216).unwrap(),
+            &data[4096 + 512..4096 + 512 + 9216]
+        );
+        v.write(3 * 4096 + 512, &[0xAB; 1024], false).unwrap();
+        let mut model = data.clone();
+        model[3 * 4096 + 512..3 * 4096 + 1536].fill(0xAB);
+        assert!(v.read(0, data.len() as u32).unwrap() == model);
+        // Overwrite half the blocks so groups are partly dead, then clean everything.
+        for i in (0..1024u64).step_by(2) {
+            let b = text_block(1_000_000 + i);
+            v.write(i * 4096, &b, false).unwrap();
+            model[(i * 4096) as usize..(i * 4096) as usize + BLOCK].copy_from_slice(&b);
+        }
+        pool.gc(0.99, &mut |_, _| {}).unwrap();
+        assert!(v.read(0, data.len() as u32).unwrap() == model);
+        clean(&pool);
+        drop(pool);
+        let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+        let v = pool.volume("v").unwrap();
+        assert!(v.read(0, data.len() as u32).unwrap() == model);
+        clean(&pool);
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_a_compressed_group_is_reported_for_its_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..8u64).flat_map(|i| text_block(i * 40)).collect();
+    let pool = create(dir.path(), None);
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(0, &data, false).unwrap();
+    v.flush().unwrap();
+    pool.shutdown().unwrap();
+    drop(pool);
+    // Find the group's compressed bytes in the backing file and flip one bit.
+    let stored = ingot_engine::reduce::compress(&data).expect("compressible");
+    let img = dir.path().join("dev0.img");
+    let bytes = std::fs::read(&img).unwrap();
+    let at = bytes
+        .windows(stored.len())
+        .position(|w| w == &stored[..])
+        .expect("compressed group on disk");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(
+        &[bytes[at + stored.len() / 2] ^ 0x10],
+        (at + stored.len() / 2) as u64,
+    )
+    .unwrap();
+    f.sync_all().unwrap();
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    let v = pool.volume("v").unwrap();
+    for i in 0..8u64 {
+        match v.read(i * 4096, 4096) {
+            Err(Error::ChecksumMismatch { .. }) => {}
+            other => panic!("block {i}: {other:?}"),
+        }
+    }
+    let r = pool.check(&mut |_, _| {});
+    let bad = r.problems.iter().filter(|p| p.kind == "checksum").count();
+    assert_eq!(bad, 8, "{:?}", r.problems);
+    // Rewriting the blocks heals the volume.
+    v.write(0, &data, false).unwrap();
+    assert!(v.read(0, data.len() as u32).unwrap() == data);
+}
+
+#[test]
+fn policy_off_stores_every_copy_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), None);
+    pool.create_volume("v", 16 << 20).unwrap();
+    pool.set_volume_policy("v", Some(false), Some(false))
+        .unwrap();
+    let v = pool.volume("v").unwrap();
+    let t = text_block(5);
+    v.write(0, &t, false).unwrap();
+    v.write(4096, &t, false).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.unique_blocks, s.stored_bytes), (2, 8192), "{s:?}");
+    let info = &pool.volumes()[0];
+    assert!(!info.dedup && !info.compression);
+    // The policy is durable and can be changed online.
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    let info = &pool.volumes()[0];
+    assert!(!info.dedup && !info.compression);
+    pool.set_volume_policy("v", Some(true), Some(true)).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(8192, &t, false).unwrap();
+    v.write(12288, &t, false).unwrap();
+    let s = pool.stats();
+    assert_eq!(s.unique_blocks, 3, "one new block, compressed, then a hit");
+    assert!(s.stored_bytes < 8192 + 4096);
+    assert!(matches!(
+        pool.set_volume_policy("nope", Some(true), None),
+        Err(Error::VolumeNotFound(_))
+    ));
+    clean(&pool);
+}
+
+#[test]
+fn index_past_its_budget_samples_and_never_fails_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 256 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let o = PoolOptions {
+        dedup_index_bytes: Some(1),
+        ..opts(None)
+    };
+    let pool = Pool::create(dir.path(), &c, &o).unwrap();
+    pool.create_volume("v", 64 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    for i in 0..5000u64 {
+        v.write(i * 4096, &random_block(i), false).unwrap();
+    }
+    let s = pool.stats();
+    assert!(s.dedup_index_sampling > 1, "{s:?}");
+    assert!(s.dedup_index_entries <= 1024);
+    // Copies of the whole set: some hit (the sampled ones), all succeed.
+    for i in 0..5000u64 {
+        v.write((6000 + i) * 4096, &random_block(i), false).unwrap();
+    }
+    let s = pool.stats();
+    assert!(s.unique_blocks < 10_000 && s.unique_blocks >= 5000, "{s:?}");
+    for i in (0..5000u64).step_by(97) {
+        assert_eq!(v.read((6000 + i) * 4096, 4096).unwrap(), random_block(i));
+    }
+    clean(&pool);
+}
+
+#[test]
+fn reading_one_block_of_a_group_caches_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..8u64).flat_map(|i| text_block(i * 40)).collect();
+    let cached = PoolOptions {
+        cache_bytes: Some(1 << 20),
+        ..opts(None)
+    };
+    {
+        let pool = Pool::create(
+            dir.path(),
+            &CreateOptions {
+                size_bytes: 64 << 20,
+                segment_bytes: 2 << 20,
+                ..Default::default()
+            },
+            &cached,
+        )
+        .unwrap();
+        pool.create_volume("v", 16 << 20).unwrap();
+        pool.volume("v").unwrap().write(0, &data, false).unwrap();
+    }
+    // A fresh process: nothing cached.
+    let pool = Pool::open(dir.path(), &cached).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.read(3 * 4096, 4096).unwrap(), &data[3 * 4096..4 * 4096]);
+    let s = pool.stats();
+    let misses = s.cache_misses;
+    for i in 0..8u64 {
+        assert_eq!(
+            v.read(i * 4096, 4096).unwrap(),
+            &data[(i * 4096) as usize..((i + 1) * 4096) as usize]
+        );
+    }
+    let s = pool.stats();
+    assert_eq!(s.cache_misses, misses, "the rest of the group was cached");
+    assert!(s.cache_hits >= 8);
+}
