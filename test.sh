@@ -17,6 +17,8 @@ declare -A PKG=(
   [fio]=fio [nbdkit]=nbdkit [fusermount3]=fuse3
   [sha256sum]=coreutils [kill]=procps
   [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [losetup]=util-linux
+  [iscsi-inq]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-test-cu]=libiscsi-bin
+  [iscsi-readcapacity16]=libiscsi-bin
   [pgbench]=postgresql-contrib [/usr/lib/postgresql/15/bin/initdb]=postgresql
 )
 missing_pkgs() {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Stats, VolumeInfo};
+use ingot_iscsi::{ChapConfig, IscsiTarget, TargetConfig as IscsiConfig};
 use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig, TlsConfig};
 
 use control::Request;
@@ -109,6 +110,8 @@ enum Cmd {
         #[command(flatten)]
         nbd_opts: NbdArgs,
         #[command(flatten)]
+        iscsi: IscsiArgs,
+        #[command(flatten)]
         run: RunArgs,
     },
     /// Create, list, resize and delete volumes.
@@ -173,6 +176,64 @@ struct NbdArgs {
     request_timeout: u64,
 }
 
+/// iSCSI target settings of `ingot serve`.
+#[derive(clap::Args)]
+struct IscsiArgs {
+    /// Also serve every volume as iSCSI target iqn.2026-11.io.ingot:VOLUME on HOST[:PORT]
+    /// (port 3260 when left out; repeatable).
+    #[arg(long = "iscsi")]
+    iscsi: Vec<String>,
+    /// CHAP secrets: lines `VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]`; VOLUME `*` covers
+    /// every volume not listed. Listed targets refuse logins without CHAP.
+    #[arg(long)]
+    iscsi_chap_file: Option<PathBuf>,
+}
+
+impl IscsiArgs {
+    /// Start the iSCSI target when `--iscsi` was given.
+    fn start(&self, pool: &Arc<Pool>) -> Result<Option<IscsiTarget>> {
+        if self.iscsi.is_empty() {
+            return Ok(None);
+        }
+        let mut cfg = IscsiConfig::default();
+        if let Some(path) = &self.iscsi_chap_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.is_empty() || f[0].starts_with('#') {
+                    continue;
+                }
+                if f.len() != 3 && f.len() != 5 {
+                    bail!(
+                        "{}:{}: expected VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]",
+                        path.display(),
+                        n + 1
+                    );
+                }
+                let chap = ChapConfig {
+                    user: f[1].to_string(),
+                    secret: f[2].to_string(),
+                    mutual: (f.len() == 5).then(|| (f[3].to_string(), f[4].to_string())),
+                };
+                if f[0] == "*" {
+                    cfg.default_chap = Some(chap);
+                } else {
+                    cfg.chap.insert(f[0].to_string(), chap);
+                }
+            }
+        }
+        let target = IscsiTarget::new(pool.clone(), cfg);
+        for l in &self.iscsi {
+            let addr = target
+                .listen(l)
+                .with_context(|| format!("--iscsi {l}: listening"))?;
+            println!("ingot: serving iSCSI on {addr}");
+        }
+        Ok(Some(target))
+    }
+}
+
 #[derive(Subcommand)]
 enum PoolCmd {
     /// Create a pool.
@@ -195,6 +256,17 @@ enum PoolCmd {
     },
 }
 
+/// A volume's data reduction policy; what is not given stays as it is.
+#[derive(clap::Args, Clone, Copy)]
+struct PolicyArgs {
+    /// Deduplicate new writes: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    dedup: Option<bool>,
+    /// Compress new writes: on or off.
+    #[arg(long, value_parser = parse_on_off)]
+    compression: Option<bool>,
+}
+
 #[derive(Subcommand)]
 enum VolumeCmd {
     /// Create a thin volume (deduplication and compression on unless turned off).
@@ -202,24 +274,16 @@ enum VolumeCmd {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// Deduplicate new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        dedup: Option<bool>,
-        /// Compress new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        compression: Option<bool>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         pool: PoolArg,
     },
     /// Change a volume's data reduction policy, online; applies to new writes.
     Set {
         name: String,
-        /// Deduplicate new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        dedup: Option<bool>,
-        /// Compress new writes: on or off.
-        #[arg(long, value_parser = parse_on_off)]
-        compression: Option<bool>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         #[command(flatten)]
         pool: PoolArg,
     },
@@ -308,8 +372,9 @@ fn run(cli: Cli) -> Result<i32> {
             read_only,
             metrics,
             nbd_opts,
+            iscsi,
             run,
-        } => serve(&pool.pool, nbd, read_only, metrics, &nbd_opts, &run),
+        } => serve(&pool.pool, nbd, read_only, metrics, &nbd_opts, &iscsi, &run),
         Cmd::Volume { cmd } => volume(cmd),
         Cmd::Stats {
             pool,
@@ -351,13 +416,26 @@ fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
     r
 }
 
+fn set_policy(
+    pool: &Path,
+    name: &str,
+    dedup: Option<bool>,
+    compression: Option<bool>,
+) -> Result<()> {
+    let req = Request::VolumeSet {
+        name: name.to_string(),
+        dedup,
+        compression,
+    };
+    request(pool, req).map(|_| ())
+}
+
 fn volume(cmd: VolumeCmd) -> Result<i32> {
     match cmd {
         VolumeCmd::Create {
             name,
             size,
-            dedup,
-            compression,
+            policy: PolicyArgs { dedup, compression },
             pool,
         } => {
             request(
@@ -368,34 +446,19 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
                 },
             )?;
             if dedup.is_some() || compression.is_some() {
-                request(
-                    &pool.pool,
-                    Request::VolumeSet {
-                        name: name.clone(),
-                        dedup,
-                        compression,
-                    },
-                )?;
+                set_policy(&pool.pool, &name, dedup, compression)?;
             }
             println!("created volume {name} ({})", human(size));
         }
         VolumeCmd::Set {
             name,
-            dedup,
-            compression,
+            policy: PolicyArgs { dedup, compression },
             pool,
         } => {
             if dedup.is_none() && compression.is_none() {
                 bail!("nothing to set: give --dedup on|off and/or --compression on|off");
             }
-            request(
-                &pool.pool,
-                Request::VolumeSet {
-                    name: name.clone(),
-                    dedup,
-                    compression,
-                },
-            )?;
+            set_policy(&pool.pool, &name, dedup, compression)?;
             let word = |b: Option<bool>| match b {
                 Some(true) => "on",
                 Some(false) => "off",
@@ -583,6 +646,7 @@ fn serve(
     read_only: bool,
     metrics_addr: Option<String>,
     nbd_opts: &NbdArgs,
+    iscsi: &IscsiArgs,
     run: &RunArgs,
 ) -> Result<i32> {
     let opts = run.options();
@@ -637,6 +701,7 @@ fn serve(
     };
     let server = NbdServer::new(Arc::new(PoolExports::new(pool.clone())), cfg);
     control::serve(dir, pool.clone())?;
+    let iscsi_target = iscsi.start(&pool)?;
     for l in &listens {
         let addr: ListenAddr = l.parse().map_err(|e| anyhow::anyhow!("--nbd {l}: {e}"))?;
         let h = server
@@ -671,6 +736,9 @@ fn serve(
     }
     eprintln!("ingot: shutting down");
     server.shutdown();
+    if let Some(t) = iscsi_target {
+        t.shutdown();
+    }
     let _ = std::fs::remove_file(control::socket_path(dir));
     pool.shutdown().context("final checkpoint")?;
     Ok(0)

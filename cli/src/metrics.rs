@@ -110,53 +110,38 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "# TYPE ingot_{name} gauge");
         let _ = writeln!(out, "ingot_{name} {v}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP ingot_volume_size_bytes Logical size of each volume."
-    );
-    let _ = writeln!(out, "# TYPE ingot_volume_size_bytes gauge");
-    for v in &s.volumes {
-        let _ = writeln!(
-            out,
-            "ingot_volume_size_bytes{{volume=\"{}\"}} {}",
-            v.name, v.size_bytes
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ingot_volume_mapped_bytes Bytes of each volume that map to stored blocks."
-    );
-    let _ = writeln!(out, "# TYPE ingot_volume_mapped_bytes gauge");
-    for v in &s.volumes {
-        let _ = writeln!(
-            out,
-            "ingot_volume_mapped_bytes{{volume=\"{}\"}} {}",
-            v.name, v.mapped_bytes
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ingot_volume_stored_bytes Stored bytes attributed to each volume (shared blocks split)."
-    );
-    let _ = writeln!(out, "# TYPE ingot_volume_stored_bytes gauge");
-    for v in &s.volumes {
-        let _ = writeln!(
-            out,
-            "ingot_volume_stored_bytes{{volume=\"{}\"}} {}",
-            v.name, v.stored_bytes
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ingot_volume_data_reduction_ratio Mapped bytes / attributed stored bytes."
-    );
-    let _ = writeln!(out, "# TYPE ingot_volume_data_reduction_ratio gauge");
-    for v in &s.volumes {
-        let _ = writeln!(
-            out,
-            "ingot_volume_data_reduction_ratio{{volume=\"{}\"}} {}",
-            v.name, v.data_reduction_ratio
-        );
+    type Field = fn(&ingot_engine::VolumeInfo) -> String;
+    let per_volume: [(&str, &str, Field); 4] = [
+        ("size_bytes", "Logical size of each volume.", |v| {
+            v.size_bytes.to_string()
+        }),
+        (
+            "mapped_bytes",
+            "Bytes of each volume that map to stored blocks.",
+            |v| v.mapped_bytes.to_string(),
+        ),
+        (
+            "stored_bytes",
+            "Stored bytes attributed to each volume (shared blocks split).",
+            |v| v.stored_bytes.to_string(),
+        ),
+        (
+            "data_reduction_ratio",
+            "Mapped bytes / attributed stored bytes.",
+            |v| v.data_reduction_ratio.to_string(),
+        ),
+    ];
+    for (name, help, value) in per_volume {
+        let _ = writeln!(out, "# HELP ingot_volume_{name} {help}");
+        let _ = writeln!(out, "# TYPE ingot_volume_{name} gauge");
+        for v in &s.volumes {
+            let _ = writeln!(
+                out,
+                "ingot_volume_{name}{{volume=\"{}\"}} {}",
+                v.name,
+                value(v)
+            );
+        }
     }
     out
 }

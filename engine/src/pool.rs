@@ -28,7 +28,7 @@ use crate::lbamap::shard_of;
 use crate::recovery::{scan_chain, Entry};
 use crate::reduce::DedupIndex;
 use crate::shard::{
-    decode_piece, trim_owned, PayloadFault, Relocation, Shard, ShardMsg, ShardPosition,
+    decode_entry, trim_owned, PayloadFault, Relocation, Shard, ShardMsg, ShardPosition,
 };
 use crate::space::{BlockEntry, SegState, Space};
 use crate::volume::{Volume, VolumeState};
@@ -971,17 +971,9 @@ impl Pool {
                         path: full.clone(),
                         source,
                     })?;
-                // Allocated up front, as a raw image would be: writes then convert extents
-                // instead of allocating blocks. Not every file system can; that only costs speed.
-                // SAFETY: plain syscall on an owned fd.
-                let _ = unsafe {
-                    libc::fallocate(
-                        std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                        0,
-                        0,
-                        (DATA_START + segs * seg) as libc::off_t,
-                    )
-                };
+                // Sparse: each segment is allocated (fallocate) when a shard reserves it, one
+                // ahead of use, so an idle pool takes no disk and writes still land in allocated
+                // extents.
             }
             abs.push(full);
         }
@@ -1852,24 +1844,16 @@ impl Pool {
                 }
                 let fault: Option<(&str, String)> = match &read {
                     Err(e) => Some(("io", format!("read failed: {e}"))),
-                    Ok(()) => decode_piece(
-                        &all,
-                        (b.offset - base) as usize,
-                        b.segment,
-                        b.offset,
-                        u32::from(b.stored_len),
-                        b.crc,
-                        b.flags,
-                    )
-                    .err()
-                    .map(|f| {
-                        let kind = match f {
-                            PayloadFault::Checksum { .. } => "checksum",
-                            PayloadFault::Undecodable { .. } => "decode",
-                            PayloadFault::Io { .. } => "io",
-                        };
-                        (kind, f.error(ids[k]).to_string())
-                    }),
+                    Ok(()) => decode_entry(&all, (b.offset - base) as usize, &b)
+                        .err()
+                        .map(|f| {
+                            let kind = match f {
+                                PayloadFault::Checksum { .. } => "checksum",
+                                PayloadFault::Undecodable { .. } => "decode",
+                                PayloadFault::Io { .. } => "io",
+                            };
+                            (kind, f.error(ids[k]).to_string())
+                        }),
                 };
                 for &id in &ids[k..m] {
                     if let Some((kind, f)) = &fault {

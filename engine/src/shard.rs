@@ -39,6 +39,8 @@ const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 const MAX_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Records in flight per shard before the worker waits for completions.
 const MAX_INFLIGHT_RECORDS: usize = 64;
+/// Blocks one trim record covers at most (1 GiB): the unit in which a huge discard is applied.
+const TRIM_CHUNK_BLOCKS: u64 = 1 << 18;
 /// Log space of the last segment kept for trim records, so a full pool can still be trimmed.
 const TRIM_RESERVE_BYTES: u64 = 64 << 10;
 
@@ -802,13 +804,18 @@ impl Shard {
                 Err(e) => part.fail(e),
             }
         }
-        if end_full > first_full {
+        // A huge discard becomes one record per chunk: each applies under the space lock on
+        // its own, so other shards' I/O interleaves instead of waiting for the whole range.
+        let mut lba = first_full;
+        while lba < end_full {
+            let count = (end_full - lba).min(TRIM_CHUNK_BLOCKS);
             self.items.push(Item::Trim {
-                vol,
-                lba: first_full,
-                count: end_full - first_full,
+                vol: vol.clone(),
+                lba,
+                count,
                 part: part.clone(),
             });
+            lba += count;
         }
         self.held.push(part);
     }
@@ -1025,9 +1032,16 @@ impl Shard {
         let mut budget = left;
         let (mut n, mut entries, mut bytes) = (0usize, 0usize, 0usize);
         let mut size = 0;
+        let mut trimmed = 0u64;
         for it in items {
             if it.kind() != kind {
                 break;
+            }
+            if let Item::Trim { count, .. } = it {
+                trimmed += count;
+                if trimmed > TRIM_CHUNK_BLOCKS && n > 0 {
+                    break;
+                }
             }
             let e2 = entries + it.entries();
             let b2 = bytes + it.payload_estimate();
@@ -2085,9 +2099,14 @@ pub(crate) fn load_payload(inner: &Inner, e: &BlockEntry) -> Result<Bytes, Paylo
             kind: err.kind(),
             msg: err.to_string(),
         })?;
+    decode_entry(&Bytes::from_owner(buf), (e.offset - base) as usize, e)
+}
+
+/// [`decode_piece`] for the payload of block `e`, found at `at` in `all`.
+pub(crate) fn decode_entry(all: &Bytes, at: usize, e: &BlockEntry) -> Result<Bytes, PayloadFault> {
     decode_piece(
-        &Bytes::from_owner(buf),
-        (e.offset - base) as usize,
+        all,
+        at,
         e.segment,
         e.offset,
         u32::from(e.stored_len),

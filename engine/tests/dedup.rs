@@ -404,3 +404,98 @@ fn reading_one_block_of_a_group_caches_the_group() {
     assert_eq!(s.cache_misses, misses, "the rest of the group was cached");
     assert!(s.cache_hits >= 8);
 }
+
+#[test]
+fn concurrent_writers_sharing_blocks_while_the_cleaner_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 48 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let o = PoolOptions {
+        shards: 2,
+        cache_bytes: Some(256 << 10),
+        ..opts(None)
+    };
+    let pool = Arc::new(Pool::create(dir.path(), &c, &o).unwrap());
+    pool.create_volume("a", 8 << 20).unwrap();
+    pool.create_volume("b", 8 << 20).unwrap();
+    // A few contents shared by everyone (incompressible and compressible), plus unique ones.
+    let shared: Vec<Vec<u8>> = (0..6u64)
+        .map(|i| {
+            if i < 3 {
+                random_block(900 + i)
+            } else {
+                text_block(900 + i)
+            }
+        })
+        .collect();
+    const BLOCKS: u64 = 2048; // per volume
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let pool = pool.clone();
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let vol = pool.volume(if t % 2 == 0 { "a" } else { "b" }).unwrap();
+                // Each thread owns half of its volume's blocks.
+                let base = (t / 2) * BLOCKS / 2;
+                let mut model = vec![vec![0u8; BLOCK]; (BLOCKS / 2) as usize];
+                let mut x = 0x9e37_79b9u64 + t;
+                let mut next = || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                for op in 0..3000u64 {
+                    let n = 1 + next() % 8;
+                    let at = next() % (BLOCKS / 2 - n);
+                    if next() % 10 == 0 {
+                        vol.trim((base + at) * 4096, n * 4096, false).unwrap();
+                        for i in 0..n {
+                            model[(at + i) as usize] = vec![0u8; BLOCK];
+                        }
+                        continue;
+                    }
+                    let mut data = Vec::with_capacity((n as usize) * BLOCK);
+                    for i in 0..n {
+                        let b = if next() % 3 == 0 {
+                            random_block(t << 32 | op << 8 | i)
+                        } else {
+                            shared[(next() % shared.len() as u64) as usize].clone()
+                        };
+                        model[(at + i) as usize] = b.clone();
+                        data.extend(b);
+                    }
+                    vol.write((base + at) * 4096, &data, op % 50 == 0).unwrap();
+                }
+                (t, base, model)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|h| h.join().unwrap()).collect();
+    let verify = |pool: &Pool| {
+        for (t, base, model) in &results {
+            let vol = pool.volume(if t % 2 == 0 { "a" } else { "b" }).unwrap();
+            let got = vol.read(base * 4096, (BLOCKS / 2 * 4096) as u32).unwrap();
+            for (i, want) in model.iter().enumerate() {
+                assert!(
+                    got[i * BLOCK..(i + 1) * BLOCK] == want[..],
+                    "thread {t} block {i}"
+                );
+            }
+        }
+        let r = pool.check(&mut |_, _| {});
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    };
+    verify(&pool);
+    let s = pool.stats();
+    assert!(s.gc_bytes_moved > 0, "the cleaner never ran: {s:?}");
+    assert!(s.dedup_ratio > 1.5, "{s:?}");
+    let pool = Arc::try_unwrap(pool).ok().expect("threads done");
+    pool.halt();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &o).unwrap();
+    verify(&pool);
+}

@@ -5,6 +5,8 @@
 //! Only the standard library is used here, so this crate adds nothing to the workspace's
 //! dependencies.
 
+pub mod iscsi;
+
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -82,6 +84,10 @@ pub fn debian_package(tool: &str) -> &'static str {
         "fusermount3" => "fuse3",
         "sha256sum" | "cmp" | "truncate" => "coreutils",
         "kill" => "procps",
+        "iscsi-inq" | "iscsi-ls" | "iscsi-test-cu" | "iscsi-readcapacity16" | "iscsi-perf" => {
+            "libiscsi-bin"
+        }
+        "stdbuf" => "coreutils",
         _ => "(unknown package)",
     }
 }

@@ -297,6 +297,17 @@ fn start_writer(
 
 #[test]
 fn sigkill_at_random_moments_loses_no_flushed_write() {
+    crash_cycles("crash", "4G", "8M", false);
+}
+
+/// The same in a pool barely larger than the volume, so that the cleaner runs all the time and
+/// the kills land while it moves blocks and frees segments.
+#[test]
+fn sigkill_while_cleaning_loses_no_flushed_write() {
+    crash_cycles("crash-gc", "96M", "2M", true);
+}
+
+fn crash_cycles(tag: &str, pool_size: &str, segment_size: &str, cleaning: bool) {
     let py = require_python_nbd();
     require_tool("nbdcopy");
     require_tool("qemu-io");
@@ -317,7 +328,7 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
     let mut rng = Prng::new(seed);
     let started = Instant::now();
 
-    let dir = TempDir::new("crash");
+    let dir = TempDir::new(tag);
     let pool = dir.join("pool");
     let script = dir.join("writer.py");
     std::fs::write(&script, WRITER).expect("write writer.py");
@@ -327,7 +338,9 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
         "--pool".as_ref(),
         pool.as_os_str(),
         "--size".as_ref(),
-        "4G".as_ref(),
+        pool_size.as_ref(),
+        "--segment-size".as_ref(),
+        segment_size.as_ref(),
     ]);
     create_volume(&pool, "crash", "64M");
     let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
@@ -336,6 +349,7 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
     let mut state = vec![crc32(&[0u8; BLOCK]); VOL_BLOCKS as usize];
     let mut logs: Vec<(Vec<(Op, bool)>, usize)> = Vec::new();
     let (mut total_ops, mut total_flushes, mut startup_kills) = (0usize, 0usize, 0);
+    let mut moved = 0u64;
     for cycle in 0..cycles {
         // Sometimes kill it while it opens and recovers the pool.
         if cycle > 0 && rng.below(4) == 0 {
@@ -383,6 +397,15 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
                     srv.stderr()
                 );
             }
+        }
+        if cleaning {
+            let st = parse_json(&ingot_ok([
+                "stats".as_ref(),
+                "--json".as_ref(),
+                "--pool".as_ref(),
+                pool.as_os_str(),
+            ]));
+            moved += st["gc_bytes_moved"].as_u64().unwrap_or(0);
         }
         srv.kill9();
         logs.clear();
@@ -440,7 +463,12 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
     srv.stop();
     eprintln!(
         "crash test: {cycles} SIGKILLs while writing, {startup_kills} during start-up, \
-         {total_ops} requests, {total_flushes} flushes, {:.1} s",
+         {total_ops} requests, {total_flushes} flushes, {moved} bytes moved by the cleaner, \
+         {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        !cleaning || moved > 0,
+        "the cleaner never ran: the kills did not test cleaning"
     );
 }

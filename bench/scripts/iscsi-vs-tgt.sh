@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# 4k random reads and writes at QD32 over iSCSI: `ingot serve --iscsi` against tgt (tgtd serving
+# a raw file in the same directory), in one run, with the same clients:
+#   - iscsi-perf (libiscsi-bin; reads only), 4k random reads, 32 requests in flight;
+#   - the pipelined raw initiator of tests/tests/iscsi_load.rs, 4k random reads and writes, QD32.
+# Both stores first get the same 1 GiB of random data (so reads hit stored blocks, not holes).
+# Usage: bench/scripts/iscsi-vs-tgt.sh [DIR] [SECONDS]     (run as root: tgtd needs it)
+set -euo pipefail
+DIR=${1:-/tmp/ingot-iscsi-bench}
+SECS=${2:-15}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+INGOT=${INGOT_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ingot}
+for t in iscsi-perf tgtd tgtadm nbdcopy "$INGOT"; do
+  command -v "$t" >/dev/null || {
+    echo "missing: $t (apt-get install libiscsi-bin tgt libnbd-bin; cargo build --release)" >&2
+    exit 1
+  }
+done
+IPORT=${IPORT:-3290}
+TPORT=${TPORT:-3291}
+TCTL=${TCTL:-17}
+mkdir -p "$DIR"; rm -rf "$DIR/pool" "$DIR"/*.sock "$DIR/raw.img"
+SIZE_MB=1024
+BLOCKS=$((SIZE_MB * 2048))
+
+echo "building the load generator" >&2
+(cd "$ROOT" && cargo test --release -p ingot-tests --test iscsi_load --no-run >/dev/null 2>&1)
+
+perf() { # url -> IOPS
+  iscsi-perf -m 32 -b 8 -r -t "$SECS" "$1" 2>&1 | tr '\r' '\n' |
+    sed -n 's/.*iops average \([0-9]*\) (\([0-9]*\) MB\/s) *$/\1/p' | tail -1
+}
+load() { # port target lun mode -> "IOPS p50 p99"
+  (cd "$ROOT" && ISCSI_LOAD_PORT=$1 ISCSI_LOAD_TARGET=$2 ISCSI_LOAD_LUN=$3 ISCSI_LOAD_MODE=$4 \
+    ISCSI_LOAD_QD=32 ISCSI_LOAD_SECS=$SECS ISCSI_LOAD_BLOCKS=$BLOCKS \
+    cargo test --release -p ingot-tests --test iscsi_load -- --ignored --nocapture 2>/dev/null) |
+    sed -n 's/^iscsi-load .*: \([0-9]*\) IOPS, .* p50 \([0-9]*\) us, p99 \([0-9]*\) us.*/\1 \2 \3/p'
+}
+
+head -c ${SIZE_MB}M /dev/urandom >"$DIR/data.img"
+
+IPID= TPID=
+cleanup() {
+  [ -n "$IPID" ] && kill -INT "$IPID" 2>/dev/null
+  [ -n "$TPID" ] && kill -9 "$TPID" 2>/dev/null
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+declare -A R
+echo "ingot: starting" >&2
+"$INGOT" pool create --pool "$DIR/pool" --size "${POOL_SIZE:-8G}" --prefill >/dev/null 2>&1
+"$INGOT" volume create vol0 --size ${SIZE_MB}M --pool "$DIR/pool" >/dev/null
+"$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" --iscsi "127.0.0.1:$IPORT" \
+  >"$DIR/ingot.log" 2>&1 &
+IPID=$!
+for _ in $(seq 100); do [ -S "$DIR/ingot.sock" ] && break; sleep 0.1; done
+nbdcopy "$DIR/data.img" "nbd+unix:///vol0?socket=$DIR/ingot.sock"
+IT=iqn.2026-11.io.ingot:vol0
+R[ingot_perf]=$(perf "iscsi://127.0.0.1:$IPORT/$IT/0")
+R[ingot_rr]=$(load $IPORT $IT 0 read)
+R[ingot_rw]=$(load $IPORT $IT 0 write)
+kill -INT $IPID; wait $IPID || true; IPID=
+
+echo "tgt: starting" >&2
+cp "$DIR/data.img" "$DIR/raw.img"
+tgtd -f -C $TCTL --iscsi "portal=127.0.0.1:$TPORT" >"$DIR/tgtd.log" 2>&1 &
+TPID=$!
+sleep 1
+TT=iqn.2026-11.bench:tgt
+tgtadm -C $TCTL --lld iscsi --op new --mode target --tid 1 -T $TT
+tgtadm -C $TCTL --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$DIR/raw.img"
+tgtadm -C $TCTL --lld iscsi --op bind --mode target --tid 1 -I ALL
+R[tgt_perf]=$(perf "iscsi://127.0.0.1:$TPORT/$TT/1")
+R[tgt_rr]=$(load $TPORT $TT 1 read)
+R[tgt_rw]=$(load $TPORT $TT 1 write)
+kill -9 $TPID; wait $TPID 2>/dev/null || true; TPID=  # tgtd ignores SIGTERM while it has targets
+rm -rf "$DIR/pool" "$DIR/raw.img" "$DIR/data.img"
+
+printf '%-34s %12s %12s %8s\n' job ingot_iops tgt_iops ratio
+ratio() { python3 -c "print('%.2fx' % ($1/$2))"; }
+printf '%-34s %12s %12s %8s\n' "iscsi-perf 4k randread QD32" "${R[ingot_perf]}" "${R[tgt_perf]}" \
+  "$(ratio "${R[ingot_perf]}" "${R[tgt_perf]}")"
+for j in rr:'raw initiator 4k randread QD32' rw:'raw initiator 4k randwrite QD32'; do
+  k=${j%%:*}; name=${j#*:}
+  read -r ii ip50 ip99 <<<"${R[ingot_$k]}"; read -r ti tp50 tp99 <<<"${R[tgt_$k]}"
+  printf '%-34s %12s %12s %8s   (p50/p99 us: ingot %s/%s, tgt %s/%s)\n' "$name" "$ii" "$ti" \
+    "$(ratio "$ii" "$ti")" "$ip50" "$ip99" "$tp50" "$tp99"
+done

@@ -1,0 +1,896 @@
+//! One iSCSI connection: the login phase, then the full feature phase with a reader thread
+//! (this one: decodes PDUs, collects Data-Out, runs commands) and a writer thread (sends
+//! responses in the order they complete, stamping StatSN / ExpCmdSN / MaxCmdSN).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ingot_engine::{Reply as EngineReply, Request};
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{IscsiError, Result};
+use crate::login::{self, Login, LoginConfig, Outcome, Params, Session, SessionType, TargetLookup};
+use crate::lu::Lu;
+use crate::pdu::{self, decode_lun, op, read_pdu, reject, Bhs, Pdu, ScsiCmd, RESERVED_TAG};
+use crate::scsi::{self, Action, Nexus, Response};
+use crate::sense::{self, status};
+use crate::target::Shared;
+use crate::text;
+
+/// TMF function codes (RFC 7143 §11.5.1).
+mod tmf {
+    pub const ABORT_TASK: u8 = 1;
+    pub const ABORT_TASK_SET: u8 = 2;
+    pub const CLEAR_ACA: u8 = 3;
+    pub const CLEAR_TASK_SET: u8 = 4;
+    pub const LUN_RESET: u8 = 5;
+    pub const TARGET_WARM_RESET: u8 = 6;
+    pub const TARGET_COLD_RESET: u8 = 7;
+    // Responses.
+    pub const COMPLETE: u8 = 0;
+    pub const NO_TASK: u8 = 1;
+    pub const NO_LUN: u8 = 2;
+    pub const NOT_SUPPORTED: u8 = 5;
+}
+
+/// Something for the writer thread to send.
+enum Out {
+    Pdu {
+        bhs: Bhs,
+        data: Bytes,
+        /// Status PDUs take a StatSN and advance it; others carry the next one.
+        advance: bool,
+    },
+    /// Send everything queued, then close the connection.
+    Close,
+}
+
+/// State shared by the reader, the writer and engine completions.
+struct Ctx {
+    tx: Sender<Out>,
+    params: Params,
+    exp_cmd_sn: AtomicU32,
+    /// Commands submitted to the engine and not yet answered, by ITT.
+    inflight: Mutex<HashSet<u32>>,
+    /// `inflight.len()`, readable without the lock (the writer needs it for every PDU).
+    inflight_count: AtomicU32,
+    drained: Condvar,
+    /// Commands the window admits beyond ExpCmdSN.
+    window: u32,
+    /// Time of the last PDU from the initiator (ms since `epoch`).
+    last_rx_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Ctx {
+    fn send(&self, bhs: Bhs, data: Bytes, advance: bool) {
+        let _ = self.tx.send(Out::Pdu { bhs, data, advance });
+    }
+
+    fn start(&self, itt: u32) {
+        let mut f = self.inflight.lock();
+        f.insert(itt);
+        self.inflight_count.store(f.len() as u32, Ordering::Release);
+    }
+
+    fn finish(&self, itt: u32) {
+        let mut f = self.inflight.lock();
+        f.remove(&itt);
+        self.inflight_count.store(f.len() as u32, Ordering::Release);
+        if f.is_empty() {
+            self.drained.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut f = self.inflight.lock();
+        while !f.is_empty() {
+            self.drained.wait(&mut f);
+        }
+    }
+
+    fn touch(&self) {
+        self.last_rx_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A write waiting for its Data-Out.
+struct PendingWrite {
+    cmd: ScsiCmd,
+    lu: u16,
+    buf: Vec<u8>,
+    /// Bytes of the unsolicited burst (immediate + unsolicited Data-Out).
+    unsolicited_end: usize,
+    unsolicited_done: bool,
+    next_data_sn: u32,
+    /// Current R2T: target transfer tag and the end of its burst.
+    r2t: Option<(u32, usize)>,
+    r2t_sn: u32,
+}
+
+/// Serve one accepted connection until it ends.
+pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Result<()> {
+    let _ = stream.set_nodelay(true);
+    let cfg = shared.cfg.clone();
+    stream.set_read_timeout(Some(cfg.login_timeout))?;
+    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    let mut wr = stream.try_clone()?;
+    let tsih = shared.next_tsih();
+    let mut login = Login::new(
+        LoginConfig {
+            max_recv_data: cfg.max_recv_data,
+            allow_digests: true,
+            portal_group_tag: 1,
+        },
+        tsih,
+        cfg.window,
+    );
+    let lookup = |name: &str| match shared.lookup_target(name) {
+        Some(vol) => TargetLookup::Found(cfg.chap.get(&vol).cloned().or(cfg.default_chap.clone())),
+        None => TargetLookup::Missing,
+    };
+    let login_limits = pdu::Limits {
+        max_data: login::MAX_LOGIN_DATA,
+        header_digest: false,
+        data_digest: false,
+    };
+    let session = loop {
+        let Some(p) = read_pdu(&mut reader, &login_limits)? else {
+            return Ok(());
+        };
+        if p.bhs.opcode() != op::LOGIN_REQ {
+            // Anything but a login before the full feature phase ends the connection.
+            return Err(IscsiError::NotLoggedIn(p.bhs.opcode()));
+        }
+        let step = login.step(&p, &lookup);
+        let mut out = Vec::new();
+        pdu::encode_pdu(&mut out, &step.bhs, &step.data, false, false);
+        wr.write_all(&out)?;
+        match step.outcome {
+            None => {}
+            Some(Outcome::Failed(code)) => {
+                shared.log(&format!("login failed with status {code:#06x}"));
+                return Ok(());
+            }
+            Some(Outcome::FullFeature(s)) => break *s,
+        }
+    };
+    match session.kind {
+        SessionType::Discovery => full_feature(&shared, stream, reader, session, None, conn_id),
+        SessionType::Normal => {
+            let Some(vol) = shared.lookup_target(&session.target_name) else {
+                return Ok(());
+            };
+            let lu = shared.lu(&vol)?;
+            let port = format!(
+                "{},i,0x{}",
+                session.initiator_name,
+                session
+                    .isid
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
+            shared.reinstate(&port, &session.target_name, conn_id, &stream);
+            lu.attach(&port);
+            let r = full_feature(
+                &shared,
+                stream,
+                reader,
+                session.clone(),
+                Some((lu.clone(), port.clone())),
+                conn_id,
+            );
+            lu.detach(&port);
+            shared.forget_session(&port, &session.target_name, conn_id);
+            r
+        }
+    }
+}
+
+fn full_feature(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    mut reader: BufReader<TcpStream>,
+    session: Session,
+    lu: Option<(Arc<Lu>, String)>,
+    _conn_id: u64,
+) -> Result<()> {
+    let cfg = &shared.cfg;
+    let params = session.params.clone();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let ctx = Arc::new(Ctx {
+        tx,
+        params: params.clone(),
+        exp_cmd_sn: AtomicU32::new(session.exp_cmd_sn),
+        inflight: Mutex::new(HashSet::new()),
+        inflight_count: AtomicU32::new(0),
+        drained: Condvar::new(),
+        window: cfg.window,
+        last_rx_ms: AtomicU64::new(0),
+        epoch: Instant::now(),
+    });
+    let writer = {
+        let ctx = ctx.clone();
+        let stream = stream.try_clone()?;
+        let nop = cfg.nop_interval;
+        let stat_sn = session.stat_sn;
+        std::thread::Builder::new()
+            .name("iscsi-writer".into())
+            .spawn(move || writer_loop(ctx, stream, rx, stat_sn, nop))?
+    };
+    // A silent initiator is dropped after the NOP-In interval plus its timeout.
+    let idle = cfg.nop_interval.map(|i| i + cfg.nop_timeout);
+    stream.set_read_timeout(idle)?;
+    let limits = pdu::Limits {
+        max_data: params.max_recv_data as usize,
+        header_digest: params.header_digest,
+        data_digest: params.data_digest,
+    };
+    let mut conn = Conn {
+        shared: shared.clone(),
+        ctx: ctx.clone(),
+        session,
+        lu,
+        pending: HashMap::new(),
+        next_ttt: 1,
+        portal: stream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+    };
+    let result = conn.run(&mut reader, &limits);
+    // Let engine completions finish before the writer goes.
+    ctx.wait_idle();
+    let _ = ctx.tx.send(Out::Close);
+    let _ = writer.join();
+    let _ = stream.shutdown(Shutdown::Both);
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn writer_loop(
+    ctx: Arc<Ctx>,
+    stream: TcpStream,
+    rx: Receiver<Out>,
+    mut stat_sn: u32,
+    nop: Option<Duration>,
+) {
+    let hd = ctx.params.header_digest;
+    let dd = ctx.params.data_digest;
+    let mut w = BufWriter::with_capacity(256 << 10, &stream);
+    let mut max_cmd_sn = ctx
+        .exp_cmd_sn
+        .load(Ordering::Acquire)
+        .wrapping_add(ctx.window.saturating_sub(1));
+    let mut ping_ttt: u32 = 0x1000_0000;
+    let tick = nop.unwrap_or(Duration::from_secs(3600));
+    loop {
+        let msg = match rx.try_recv() {
+            Ok(m) => m,
+            Err(_) => {
+                if w.flush().is_err() {
+                    break;
+                }
+                match rx.recv_timeout(tick) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let now = ctx.epoch.elapsed().as_millis() as u64;
+                        let last = ctx.last_rx_ms.load(Ordering::Relaxed);
+                        if nop.is_some() && now.saturating_sub(last) >= tick.as_millis() as u64 {
+                            // Keep-alive: a NOP-In the initiator must answer.
+                            let mut b = Bhs::new(op::NOP_IN, 0x80);
+                            b.set_lun(0);
+                            b.set_itt(RESERVED_TAG);
+                            ping_ttt = ping_ttt.wrapping_add(1) | 0x1000_0000;
+                            b.set_u32(20, ping_ttt);
+                            Out::Pdu {
+                                bhs: b,
+                                data: Bytes::new(),
+                                advance: false,
+                            }
+                        } else {
+                            continue;
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        match msg {
+            Out::Close => break,
+            Out::Pdu {
+                mut bhs,
+                data,
+                advance,
+            } => {
+                let exp = ctx.exp_cmd_sn.load(Ordering::Acquire);
+                let inflight = ctx.inflight_count.load(Ordering::Acquire);
+                let room = ctx.window.saturating_sub(inflight).max(1);
+                let m = exp.wrapping_add(room).wrapping_sub(1);
+                // MaxCmdSN never moves backwards (serial number arithmetic).
+                if (m.wrapping_sub(max_cmd_sn) as i32) > 0 {
+                    max_cmd_sn = m;
+                }
+                bhs.set_u32(24, stat_sn);
+                bhs.set_u32(28, exp);
+                bhs.set_u32(32, max_cmd_sn);
+                if advance {
+                    stat_sn = stat_sn.wrapping_add(1);
+                }
+                if pdu::write_pdu(&mut w, &bhs, &data, hd, dd).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = w.flush();
+    drop(w);
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    ctx: Arc<Ctx>,
+    session: Session,
+    lu: Option<(Arc<Lu>, String)>,
+    pending: HashMap<u32, PendingWrite>,
+    next_ttt: u32,
+    /// `HOST:PORT` this connection arrived on, for SendTargets.
+    portal: String,
+}
+
+/// Serial number comparison (RFC 1982): a < b.
+fn sn_lt(a: u32, b: u32) -> bool {
+    a != b && (b.wrapping_sub(a) as i32) > 0
+}
+
+impl Conn {
+    fn run<R: Read>(&mut self, reader: &mut R, limits: &pdu::Limits) -> Result<()> {
+        loop {
+            let p = match read_pdu(reader, limits) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(IscsiError::DataDigest { pdu, .. }) => {
+                    // ERL 0: reject the PDU, then give up on the connection.
+                    self.reject(&pdu.bhs, reject::DATA_DIGEST_ERROR);
+                    return Err(IscsiError::Protocol("data digest error"));
+                }
+                Err(e) => return Err(e),
+            };
+            self.ctx.touch();
+            if !self.handle(p)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn reject(&self, bhs: &Bhs, reason: u8) {
+        let mut b = Bhs::new(op::REJECT, 0x80);
+        b.0[2] = reason;
+        b.set_itt(RESERVED_TAG);
+        self.ctx.send(b, Bytes::copy_from_slice(&bhs.0), true);
+    }
+
+    /// Handle one PDU; `Ok(false)` ends the connection cleanly.
+    fn handle(&mut self, p: Pdu) -> Result<bool> {
+        let opcode = p.bhs.opcode();
+        let discovery = self.session.kind == SessionType::Discovery;
+        match opcode {
+            op::NOP_OUT => self.nop_out(p),
+            op::SCSI_CMD if !discovery => {
+                if let Some(cmd) = self.admit(&p) {
+                    self.scsi_command(p, cmd)?;
+                }
+                Ok(true)
+            }
+            op::DATA_OUT if !discovery => {
+                self.data_out(p)?;
+                Ok(true)
+            }
+            op::TMF_REQ if !discovery => {
+                self.admit_sn(&p.bhs);
+                self.task_management(&p);
+                Ok(true)
+            }
+            op::TEXT_REQ => {
+                self.admit_sn(&p.bhs);
+                self.text(&p);
+                Ok(true)
+            }
+            op::LOGOUT_REQ => {
+                self.admit_sn(&p.bhs);
+                self.ctx.wait_idle();
+                self.pending.clear();
+                let mut b = Bhs::new(op::LOGOUT_RESP, 0x80);
+                b.0[2] = 0; // connection or session closed successfully
+                b.set_itt(p.bhs.itt());
+                self.ctx.send(b, Bytes::new(), true);
+                Ok(false)
+            }
+            op::LOGIN_REQ => {
+                // A login in the full feature phase is a protocol error.
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+                Err(IscsiError::Protocol("login request in full feature phase"))
+            }
+            op::SNACK_REQ => {
+                // No SNACK at ErrorRecoveryLevel 0.
+                self.reject(&p.bhs, reject::SNACK_REJECT);
+                Ok(true)
+            }
+            _ => {
+                self.reject(&p.bhs, reject::COMMAND_NOT_SUPPORTED);
+                Ok(true)
+            }
+        }
+    }
+
+    /// CmdSN bookkeeping for non-SCSI requests.
+    fn admit_sn(&self, b: &Bhs) {
+        let exp = self.ctx.exp_cmd_sn.load(Ordering::Acquire);
+        if !b.immediate()
+            && !sn_lt(b.cmd_sn(), exp)
+            && sn_lt(b.cmd_sn(), exp.wrapping_add(self.ctx.window))
+        {
+            self.ctx
+                .exp_cmd_sn
+                .store(b.cmd_sn().wrapping_add(1), Ordering::Release);
+        }
+    }
+
+    /// Check a SCSI command's CmdSN against the window; `None` drops it silently.
+    fn admit(&self, p: &Pdu) -> Option<ScsiCmd> {
+        let cmd = match ScsiCmd::parse(p) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.reject(&p.bhs, reason);
+                return None;
+            }
+        };
+        let exp = self.ctx.exp_cmd_sn.load(Ordering::Acquire);
+        if p.bhs.immediate() {
+            return Some(cmd);
+        }
+        let limit = exp.wrapping_add(self.ctx.window);
+        if sn_lt(cmd.cmd_sn, exp) || !sn_lt(cmd.cmd_sn, limit) {
+            // Outside the command window: ignore (RFC 7143 §4.2.2.1).
+            return None;
+        }
+        // One connection per session keeps commands in order, so a gap can only come from a
+        // PDU we rejected or dropped: move past it rather than stall the window.
+        self.ctx
+            .exp_cmd_sn
+            .store(cmd.cmd_sn.wrapping_add(1), Ordering::Release);
+        Some(cmd)
+    }
+
+    fn nop_out(&mut self, p: Pdu) -> Result<bool> {
+        let itt = p.bhs.itt();
+        if itt == RESERVED_TAG {
+            // The answer to our ping, or a one-way keep-alive: nothing to send.
+            return Ok(true);
+        }
+        self.admit_sn(&p.bhs);
+        let mut b = Bhs::new(op::NOP_IN, 0x80);
+        b.set_lun(p.bhs.lun());
+        b.set_itt(itt);
+        b.set_u32(20, RESERVED_TAG);
+        let data = p.data;
+        self.ctx.send(b, Bytes::from(data), true);
+        Ok(true)
+    }
+
+    fn text(&mut self, p: &Pdu) {
+        let itt = p.bhs.itt();
+        let mut b = Bhs::new(op::TEXT_RESP, 0x80);
+        b.set_itt(itt);
+        b.set_u32(20, RESERVED_TAG);
+        if p.bhs.flags() & 0x40 != 0 {
+            // Continued text requests are not supported.
+            self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+            return;
+        }
+        let keys = match text::parse(&p.data) {
+            Ok(k) => k,
+            Err(_) => {
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+                return;
+            }
+        };
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (k, v) in &keys {
+            if k == "SendTargets" {
+                let portal = &self.portal;
+                for name in self.shared.target_names() {
+                    // A normal session only learns about its own target.
+                    let visible = match v.as_str() {
+                        "All" if self.session.kind == SessionType::Discovery => true,
+                        "All" | "" => name == self.session.target_name,
+                        other => other == name,
+                    };
+                    if visible {
+                        out.push(("TargetName".into(), name.clone()));
+                        out.push(("TargetAddress".into(), format!("{portal},1")));
+                    }
+                }
+            } else {
+                out.push((k.clone(), "NotUnderstood".into()));
+            }
+        }
+        let mut data = text::encode(&out);
+        // One PDU only: clip at the initiator's limit on a pair boundary.
+        let max = self.ctx.params.max_send_data as usize;
+        if data.len() > max {
+            let mut cut = 0;
+            for (i, b) in data.iter().enumerate() {
+                if *b == 0 && i < max {
+                    cut = i + 1;
+                }
+            }
+            data.truncate(cut);
+        }
+        self.ctx.send(b, Bytes::from(data), true);
+    }
+
+    fn task_management(&mut self, p: &Pdu) {
+        let function = p.bhs.flags() & 0x7f;
+        let rtt = p.bhs.u32_at(20);
+        let lun = decode_lun(p.bhs.lun());
+        let response = match function {
+            tmf::ABORT_TASK => {
+                if self.pending.remove(&rtt).is_some() {
+                    tmf::COMPLETE
+                } else {
+                    // A running task finishes (its response goes first); then it is gone.
+                    let running = self.ctx.inflight.lock().contains(&rtt);
+                    if running {
+                        let mut f = self.ctx.inflight.lock();
+                        while f.contains(&rtt) {
+                            self.ctx.drained.wait_for(&mut f, Duration::from_millis(10));
+                        }
+                    }
+                    tmf::NO_TASK
+                }
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
+                self.pending.clear();
+                self.ctx.wait_idle();
+                tmf::COMPLETE
+            }
+            tmf::LUN_RESET => {
+                if lun != Some(0) {
+                    tmf::NO_LUN
+                } else {
+                    self.pending.clear();
+                    self.ctx.wait_idle();
+                    if let Some((lu, _)) = &self.lu {
+                        lu.reset();
+                    }
+                    tmf::COMPLETE
+                }
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                self.pending.clear();
+                self.ctx.wait_idle();
+                if let Some((lu, _)) = &self.lu {
+                    lu.reset();
+                }
+                tmf::COMPLETE
+            }
+            tmf::CLEAR_ACA => tmf::NOT_SUPPORTED,
+            _ => tmf::NOT_SUPPORTED,
+        };
+        let mut b = Bhs::new(op::TMF_RESP, 0x80);
+        b.0[2] = response;
+        b.set_itt(p.bhs.itt());
+        self.ctx.send(b, Bytes::new(), true);
+        if function == tmf::TARGET_COLD_RESET && response == tmf::COMPLETE {
+            // A cold reset also ends every session of the target, this one included.
+            self.shared.drop_target_sessions(&self.session.target_name);
+        }
+    }
+
+    fn scsi_command(&mut self, p: Pdu, cmd: ScsiCmd) -> Result<()> {
+        let Some(lun) = decode_lun(cmd.lun).filter(|l| *l == 0) else {
+            // Only LUN 0 exists. INQUIRY still answers (peripheral qualifier 011b).
+            let r = match cmd.cdb.first() {
+                Some(0x12) => {
+                    let mut d = vec![0u8; 36];
+                    d[0] = 0x7f;
+                    d[2] = 0x06;
+                    d[3] = 0x12;
+                    d[4] = 31;
+                    Response::data(d)
+                }
+                Some(0xa0) => scsi_report_luns(&cmd),
+                _ => Response::check(sense::LU_NOT_SUPPORTED),
+            };
+            // Any unsolicited Data-Out that follows is dropped as data of an unknown task.
+            self.respond(&cmd, r);
+            return Ok(());
+        };
+        if self.pending.contains_key(&cmd.itt) || self.ctx.inflight.lock().contains(&cmd.itt) {
+            // A reused task tag while the task is alive is a protocol error.
+            self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+            return Ok(());
+        }
+        if cmd.write {
+            let edtl = cmd.edtl as usize;
+            let imm = p.data.len();
+            if imm > 0 && !self.ctx.params.immediate_data {
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+                return Err(IscsiError::Protocol("immediate data without ImmediateData"));
+            }
+            if imm > edtl || imm > self.ctx.params.first_burst as usize {
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+                return Err(IscsiError::Protocol("immediate data beyond the burst"));
+            }
+            if edtl > self.shared.cfg.max_write_bytes {
+                let r = Response::check(sense::INVALID_FIELD_IN_CDB);
+                if p.bhs.final_bit() {
+                    self.respond(&cmd, r);
+                } else {
+                    return Err(IscsiError::Protocol("write larger than the target accepts"));
+                }
+                return Ok(());
+            }
+            let unsolicited_end = if self.ctx.params.initial_r2t {
+                imm
+            } else {
+                edtl.min(self.ctx.params.first_burst as usize)
+            };
+            // Grow with the data rather than trust the announced length up front.
+            let mut buf = Vec::with_capacity(edtl.min(self.ctx.params.first_burst as usize));
+            buf.extend_from_slice(&p.data);
+            let mut w = PendingWrite {
+                cmd,
+                lu: lun,
+                buf,
+                unsolicited_end,
+                unsolicited_done: p.bhs.final_bit() || imm >= unsolicited_end,
+                next_data_sn: 0,
+                r2t: None,
+                r2t_sn: 0,
+            };
+            if w.buf.len() >= edtl {
+                self.execute(w.cmd, w.lu, w.buf);
+                return Ok(());
+            }
+            if w.unsolicited_done {
+                self.send_r2t(&mut w);
+            }
+            self.pending.insert(w.cmd.itt, w);
+            return Ok(());
+        }
+        self.execute(cmd, lun, Vec::new());
+        Ok(())
+    }
+
+    fn send_r2t(&mut self, w: &mut PendingWrite) {
+        let offset = w.buf.len();
+        let edtl = w.cmd.edtl as usize;
+        let len = (edtl - offset).min(self.ctx.params.max_burst as usize);
+        let ttt = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        let mut b = Bhs::new(op::R2T, 0x80);
+        b.set_lun(w.cmd.lun);
+        b.set_itt(w.cmd.itt);
+        b.set_u32(20, ttt);
+        b.set_u32(36, w.r2t_sn);
+        b.set_u32(40, offset as u32);
+        b.set_u32(44, len as u32);
+        w.r2t_sn = w.r2t_sn.wrapping_add(1);
+        w.r2t = Some((ttt, offset + len));
+        w.next_data_sn = 0;
+        self.ctx.send(b, Bytes::new(), false);
+    }
+
+    fn data_out(&mut self, p: Pdu) -> Result<()> {
+        let itt = p.bhs.itt();
+        let ttt = p.bhs.u32_at(20);
+        let data_sn = p.bhs.u32_at(36);
+        let offset = p.bhs.u32_at(40) as usize;
+        let Some(mut w) = self.pending.remove(&itt) else {
+            // Data for a task we do not know (aborted, or never existed).
+            if itt == RESERVED_TAG {
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+            }
+            return Ok(());
+        };
+        let edtl = w.cmd.edtl as usize;
+        let end = offset + p.data.len();
+        let burst_end = match w.r2t {
+            Some((t, e)) if t == ttt => e,
+            None if ttt == RESERVED_TAG && !w.unsolicited_done => w.unsolicited_end,
+            _ => {
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+                return Err(IscsiError::Protocol(
+                    "Data-Out with an unexpected transfer tag",
+                ));
+            }
+        };
+        if data_sn != w.next_data_sn {
+            // A lost or reordered Data-Out: the task fails with a data phase error; later
+            // Data-Out of it is dropped as data of an unknown task. The connection goes on.
+            self.respond(&w.cmd, Response::check(sense::DATA_PHASE_ERROR));
+            return Ok(());
+        }
+        if offset != w.buf.len() || end > burst_end || end > edtl {
+            // DataPDUInOrder=Yes: anything out of order or past the burst is a protocol error,
+            // which ends the connection at ErrorRecoveryLevel 0.
+            self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+            return Err(IscsiError::Protocol(
+                "Data-Out out of order or past the burst",
+            ));
+        }
+        w.next_data_sn = w.next_data_sn.wrapping_add(1);
+        w.buf.extend_from_slice(&p.data);
+        let fin = p.bhs.final_bit();
+        if w.buf.len() == burst_end && !fin {
+            self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+            return Err(IscsiError::Protocol("burst complete without the F bit"));
+        }
+        if fin {
+            if w.buf.len() != burst_end {
+                self.reject(&p.bhs, reject::PROTOCOL_ERROR);
+                return Err(IscsiError::Protocol("F bit before the end of the burst"));
+            }
+            if w.r2t.is_none() {
+                w.unsolicited_done = true;
+            }
+            w.r2t = None;
+            if w.buf.len() >= edtl {
+                self.execute(w.cmd, w.lu, w.buf);
+                return Ok(());
+            }
+            self.send_r2t(&mut w);
+        }
+        self.pending.insert(itt, w);
+        Ok(())
+    }
+
+    fn execute(&mut self, cmd: ScsiCmd, _lun: u16, data_out: Vec<u8>) {
+        let Some((lu, port)) = self.lu.clone() else {
+            self.respond(&cmd, Response::check(sense::LU_NOT_SUPPORTED));
+            return;
+        };
+        if cmd.write && cmd.read {
+            // Bidirectional commands are not supported.
+            self.respond(&cmd, Response::check(sense::INVALID_FIELD_IN_CDB));
+            return;
+        }
+        let nexus = Nexus {
+            port: &port,
+            target_name: &self.session.target_name,
+        };
+        match scsi::execute(&lu, &nexus, &cmd.cdb, data_out) {
+            Action::Done(r) => self.respond(&cmd, r),
+            Action::Read { offset, len } => {
+                self.ctx.start(cmd.itt);
+                let ctx = self.ctx.clone();
+                lu.volume.submit(
+                    Request::Read { offset, len },
+                    Box::new(move |r| {
+                        let resp = match r {
+                            Ok(EngineReply::Data(d)) => Response::data(d),
+                            Ok(EngineReply::Done) => Response::data(vec![0; len as usize]),
+                            Err(e) => Response::engine(&e),
+                        };
+                        respond(&ctx, &cmd, resp);
+                        ctx.finish(cmd.itt);
+                    }),
+                );
+            }
+            Action::Write { offset, data, fua } => {
+                self.ctx.start(cmd.itt);
+                let ctx = self.ctx.clone();
+                lu.volume.submit(
+                    Request::Write { offset, data, fua },
+                    Box::new(move |r| {
+                        let resp = match r {
+                            Ok(_) => Response::good(),
+                            Err(e) => Response::engine(&e),
+                        };
+                        respond(&ctx, &cmd, resp);
+                        ctx.finish(cmd.itt);
+                    }),
+                );
+            }
+        }
+    }
+
+    fn respond(&self, cmd: &ScsiCmd, r: Response) {
+        respond(&self.ctx, cmd, r)
+    }
+}
+
+fn scsi_report_luns(cmd: &ScsiCmd) -> Response {
+    let alloc = cmd
+        .cdb
+        .get(6..10)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(0);
+    let mut d = vec![0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    d.truncate(alloc);
+    Response::data(d)
+}
+
+/// Send Data-In and/or the SCSI Response for a finished command.
+fn respond(ctx: &Ctx, cmd: &ScsiCmd, r: Response) {
+    let edtl = cmd.edtl as usize;
+    // Residuals: what the command wanted to move against what the initiator expected.
+    let (moved, wanted) = if cmd.write {
+        let want = scsi::data_out_len(&cmd.cdb) as usize;
+        (edtl.min(want), want)
+    } else if cmd.read {
+        (r.data.len().min(edtl), r.data.len())
+    } else {
+        (0, r.data.len().max(scsi::data_out_len(&cmd.cdb) as usize))
+    };
+    let (flags, residual) = if wanted > edtl {
+        (0x04, (wanted - edtl) as u32)
+    } else if wanted < edtl {
+        (0x02, (edtl - wanted) as u32)
+    } else {
+        (0, 0)
+    };
+    let send_data = cmd.read && moved > 0 && r.status == status::GOOD;
+    if send_data {
+        let data = Bytes::from(r.data).slice(..moved);
+        let max_seg = ctx.params.max_send_data as usize;
+        let burst = ctx.params.max_burst as usize;
+        let mut off = 0;
+        let mut sn = 0u32;
+        while off < moved {
+            let len = (moved - off).min(max_seg).min(burst - off % burst);
+            let last = off + len == moved;
+            let mut b = Bhs::new(op::DATA_IN, 0);
+            let end_of_burst = (off + len) % burst == 0;
+            let mut f = if last || end_of_burst { 0x80 } else { 0 };
+            if last {
+                f |= 0x01 | flags; // S bit with status and residuals
+                b.0[3] = r.status;
+                b.set_u32(44, residual);
+            }
+            b.0[1] = f;
+            b.set_lun(cmd.lun);
+            b.set_itt(cmd.itt);
+            b.set_u32(20, RESERVED_TAG);
+            b.set_u32(36, sn);
+            b.set_u32(40, off as u32);
+            ctx.send(b, data.slice(off..off + len), last);
+            off += len;
+            sn = sn.wrapping_add(1);
+        }
+        return;
+    }
+    let mut b = Bhs::new(op::SCSI_RESP, 0x80 | flags);
+    b.0[2] = 0; // command completed at target
+    b.0[3] = r.status;
+    b.set_itt(cmd.itt);
+    b.set_u32(20, 0);
+    b.set_u32(36, 0);
+    b.set_u32(44, residual);
+    let data = match &r.sense {
+        Some(s) => {
+            let mut d = Vec::with_capacity(2 + s.len());
+            d.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            d.extend_from_slice(s);
+            Bytes::from(d)
+        }
+        None => Bytes::new(),
+    };
+    ctx.send(b, data, true);
+}

@@ -1,0 +1,273 @@
+//! The target: listeners, the volume ↔ target-name mapping, logical units, sessions.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use ingot_engine::Pool;
+use parking_lot::Mutex;
+
+use crate::error::{IscsiError, Result};
+use crate::login::{ChapConfig, OUR_MAX_RECV_DATA};
+use crate::lu::Lu;
+
+/// Prefix of every target name: `iqn.2026-11.io.ingot:<volume>`.
+pub const IQN_PREFIX: &str = "iqn.2026-11.io.ingot:";
+/// Default iSCSI port.
+pub const DEFAULT_PORT: u16 = 3260;
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+/// Tunables of an [`IscsiTarget`].
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// CHAP secrets per volume name; a volume listed here refuses logins without CHAP.
+    pub chap: HashMap<String, ChapConfig>,
+    /// CHAP secrets for every volume not in `chap`.
+    pub default_chap: Option<ChapConfig>,
+    /// Commands each session may have outstanding (the CmdSN window).
+    pub window: u32,
+    /// Our MaxRecvDataSegmentLength.
+    pub max_recv_data: u32,
+    /// Largest write (expected data transfer length) accepted.
+    pub max_write_bytes: usize,
+    /// Time a client may take per login PDU.
+    pub login_timeout: Duration,
+    /// Send a NOP-In after this much silence from the initiator (`None`: never).
+    pub nop_interval: Option<Duration>,
+    /// Drop the connection when the initiator stays silent this long after a NOP-In.
+    pub nop_timeout: Duration,
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Print connection errors to stderr.
+    pub verbose: bool,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig {
+            chap: HashMap::new(),
+            default_chap: None,
+            window: 128,
+            max_recv_data: OUR_MAX_RECV_DATA,
+            max_write_bytes: ingot_engine::MAX_REQUEST_BYTES as usize,
+            login_timeout: Duration::from_secs(30),
+            nop_interval: Some(Duration::from_secs(30)),
+            nop_timeout: Duration::from_secs(30),
+            max_connections: 256,
+            verbose: false,
+        }
+    }
+}
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub cfg: TargetConfig,
+    pool: Arc<Pool>,
+    lus: Mutex<HashMap<String, Arc<Lu>>>,
+    tsih: AtomicU16,
+    next_conn: AtomicU64,
+    stop: AtomicBool,
+    /// Live connections (for shutdown and session reinstatement).
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Normal sessions by (initiator port, target name) → connection id.
+    sessions: Mutex<HashMap<(String, String), u64>>,
+}
+
+impl Shared {
+    pub fn log(&self, msg: &str) {
+        if self.cfg.verbose {
+            eprintln!("ingot iscsi: {msg}");
+        }
+    }
+
+    pub fn next_tsih(&self) -> u16 {
+        loop {
+            let t = self.tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
+    /// The volume a target name refers to, if it exists now.
+    pub fn lookup_target(&self, name: &str) -> Option<String> {
+        let vol = name.strip_prefix(IQN_PREFIX)?;
+        self.pool.volume(vol).ok().map(|_| vol.to_string())
+    }
+
+    /// Every target (one per volume), looked up now so new volumes appear at once.
+    pub fn target_names(&self) -> Vec<String> {
+        self.pool
+            .volumes()
+            .into_iter()
+            .map(|v| format!("{IQN_PREFIX}{}", v.name))
+            .collect()
+    }
+
+    /// The logical unit of a volume, created on first use.
+    pub fn lu(&self, vol: &str) -> Result<Arc<Lu>> {
+        let volume = self
+            .pool
+            .volume(vol)
+            .map_err(|_| IscsiError::Login("target volume disappeared"))?;
+        let mut lus = self.lus.lock();
+        if let Some(lu) = lus.get(vol) {
+            // A handle on a deleted volume fails even empty requests: a volume deleted and
+            // created again under the same name gets a fresh logical unit.
+            let stale = lu
+                .volume
+                .call(ingot_engine::Request::Read { offset: 0, len: 0 })
+                .is_err();
+            if !stale {
+                return Ok(lu.clone());
+            }
+        }
+        let lu = Arc::new(Lu::new(volume));
+        lus.insert(vol.to_string(), lu.clone());
+        Ok(lu)
+    }
+
+    /// A new session of the same initiator port to the same target replaces the old one.
+    pub fn reinstate(&self, port: &str, target: &str, conn_id: u64, _stream: &TcpStream) {
+        let old = self
+            .sessions
+            .lock()
+            .insert((port.to_string(), target.to_string()), conn_id);
+        if let Some(old) = old {
+            if old != conn_id {
+                if let Some(s) = self.conns.lock().get(&old) {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    pub fn forget_session(&self, port: &str, target: &str, conn_id: u64) {
+        let mut s = self.sessions.lock();
+        let key = (port.to_string(), target.to_string());
+        if s.get(&key) == Some(&conn_id) {
+            s.remove(&key);
+        }
+    }
+
+    /// Close every session of `target` (TARGET COLD RESET).
+    pub fn drop_target_sessions(&self, target: &str) {
+        let ids: Vec<u64> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|((_, t), _)| t == target)
+            .map(|(_, id)| *id)
+            .collect();
+        let conns = self.conns.lock();
+        for id in ids {
+            if let Some(s) = conns.get(&id) {
+                let _ = s.shutdown(Shutdown::Read);
+            }
+        }
+    }
+}
+
+/// An iSCSI target serving every volume of a pool.
+pub struct IscsiTarget {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl IscsiTarget {
+    pub fn new(pool: Arc<Pool>, mut cfg: TargetConfig) -> IscsiTarget {
+        // A window of at least one command, and data segments the RFC allows.
+        cfg.window = cfg.window.max(1);
+        cfg.max_recv_data = cfg.max_recv_data.clamp(512, (1 << 24) - 1);
+        IscsiTarget {
+            shared: Arc::new(Shared {
+                cfg,
+                pool,
+                lus: Mutex::new(HashMap::new()),
+                tsih: AtomicU16::new(1),
+                next_conn: AtomicU64::new(1),
+                stop: AtomicBool::new(false),
+                conns: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
+            }),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Listen on `addr` (`HOST:PORT`; a missing port means 3260) and serve in the background.
+    /// Returns the bound address.
+    pub fn listen(&self, addr: &str) -> Result<SocketAddr> {
+        let addr = if addr
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            addr.to_string()
+        } else {
+            format!("{addr}:{DEFAULT_PORT}")
+        };
+        let listener = TcpListener::bind(&addr)?;
+        let local = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let shared = self.shared.clone();
+        let h = thread::Builder::new()
+            .name("iscsi-accept".into())
+            .spawn(move || accept_loop(shared, listener))?;
+        self.threads.lock().push(h);
+        Ok(local)
+    }
+
+    /// Stop accepting and close every connection.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for (_, s) in self.shared.conns.lock().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for h in self.threads.lock().drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for IscsiTarget {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    while !shared.stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nonblocking(false);
+                if shared.conns.lock().len() >= shared.cfg.max_connections {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                let Ok(clone) = stream.try_clone() else {
+                    continue;
+                };
+                shared.conns.lock().insert(id, clone);
+                let sh = shared.clone();
+                let spawned = thread::Builder::new()
+                    .name("iscsi-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = crate::conn::serve(sh.clone(), stream, id) {
+                            sh.log(&format!("connection from {peer}: {e}"));
+                        }
+                        sh.conns.lock().remove(&id);
+                    });
+                if spawned.is_err() {
+                    shared.conns.lock().remove(&id);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => thread::sleep(ACCEPT_POLL),
+        }
+    }
+}

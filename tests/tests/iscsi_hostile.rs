@@ -1,0 +1,289 @@
+//! Hostile input on the iSCSI port, as raw bytes: each case gets the protocol's Reject or a
+//! dropped connection, while another session keeps working and data written before survives.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use ingot_tests::iscsi::{crc32c, Initiator, BHS};
+use ingot_tests::*;
+
+const TARGET: &str = "iqn.2026-11.io.ingot:vol0";
+
+fn iscsi_server(dir: &Path) -> (Server, u16) {
+    let pool = dir.join("pool");
+    ingot_ok([
+        "pool",
+        "create",
+        "--pool",
+        &pool.display().to_string(),
+        "--size",
+        "1G",
+    ]);
+    create_volume(&pool, "vol0", "64M");
+    let port = free_port();
+    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
+    opts.extra_args
+        .extend(["--iscsi".to_string(), format!("127.0.0.1:{port}")]);
+    (Server::start(opts), port)
+}
+
+/// The bystander session still answers, and the reference data is intact.
+fn still_serving(bystander: &mut Initiator, reference: &[u8], srv: &Server) {
+    let r = bystander.test_unit_ready().expect("bystander TUR");
+    assert_eq!(r.status, 0, "bystander TUR failed: {r:?}");
+    let back = bystander.read10(0, 64).expect("bystander read");
+    assert_eq!(back.status, 0);
+    assert_eq!(back.data, reference, "data written earlier changed");
+    let stderr = srv.stderr();
+    assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
+}
+
+fn bhs(opcode: u8, flags: u8) -> [u8; BHS] {
+    let mut b = [0u8; BHS];
+    b[0] = opcode;
+    b[1] = flags;
+    b
+}
+
+#[test]
+fn hostile_pdus_are_rejected_or_dropped_and_the_target_keeps_serving() {
+    let dir = TempDir::new("iscsi-hostile");
+    let (srv, port) = iscsi_server(dir.path());
+    let mut reference = vec![0u8; 64 * 512];
+    Prng::new(7).fill(&mut reference);
+    let mut bystander = Initiator::connect(port).expect("connect");
+    // Its own ISID, so that the other sessions of this test do not reinstate it.
+    bystander.isid[5] ^= 0x40;
+    let r = bystander
+        .login(
+            Some(TARGET),
+            &[
+                ("ImmediateData", "Yes"),
+                ("MaxRecvDataSegmentLength", "65536"),
+            ],
+        )
+        .expect("login");
+    assert_eq!(r.bhs[36..38], [0, 0]);
+    let r = bystander.write10(0, &reference).expect("write reference");
+    assert_eq!(r.status, 0);
+    assert_eq!(bystander.sync_cache().expect("sync").status, 0);
+
+    // 1. A SCSI command before login: the connection is dropped.
+    let mut raw = Initiator::connect(port).expect("connect");
+    let mut cmd = bhs(0x01, 0xc1);
+    cmd[32] = 0x28; // READ(10)
+    cmd[20..24].copy_from_slice(&512u32.to_be_bytes());
+    raw.send(&cmd, &[]).expect("send");
+    assert!(
+        raw.closed_by_target(),
+        "SCSI command before login was served"
+    );
+    still_serving(&mut bystander, &reference, &srv);
+
+    // 2. Garbage instead of a login.
+    let mut raw = Initiator::connect(port).expect("connect");
+    raw.stream.write_all(&[0xffu8; 4096]).expect("send garbage");
+    assert!(raw.closed_by_target(), "garbage was not dropped");
+    still_serving(&mut bystander, &reference, &srv);
+
+    // 3. An unknown opcode in the full feature phase: Reject (COMMAND NOT SUPPORTED), and the
+    // session goes on.
+    let mut s = Initiator::login_normal(port, TARGET);
+    let mut b = bhs(0x1c, 0x80);
+    b[16..20].copy_from_slice(&77u32.to_be_bytes());
+    s.send(&b, &[]).expect("send");
+    let p = s.recv().expect("reject");
+    assert_eq!(
+        p.opcode(),
+        0x3f,
+        "expected a Reject, got {:#04x}",
+        p.opcode()
+    );
+    assert_eq!(p.bhs[2], 0x05, "reject reason");
+    assert_eq!(&p.data[..4], &b[..4], "reject carries the offending header");
+    assert_eq!(s.test_unit_ready().expect("TUR after reject").status, 0);
+
+    // 4. SNACK at ErrorRecoveryLevel 0: Reject, session goes on.
+    let b = bhs(0x10, 0x80);
+    s.send(&b, &[]).expect("send");
+    let p = s.recv().expect("reject");
+    assert_eq!(p.opcode(), 0x3f);
+    assert_eq!(s.test_unit_ready().expect("TUR").status, 0);
+
+    // 5. A malformed AHS on a SCSI command (length past its end): Reject.
+    let mut c = s.command_bhs(&[0u8; 16], 0, false, false);
+    c[4] = 1; // one AHS word follows
+    let mut wire = c.to_vec();
+    wire[5..8].copy_from_slice(&[0, 0, 0]);
+    wire.extend_from_slice(&[0x00, 0x40, 0x01, 0x00]); // AHS claims 64 bytes
+    s.stream.write_all(&wire).expect("send");
+    let p = s.recv().expect("reject");
+    assert_eq!(p.opcode(), 0x3f, "malformed AHS not rejected");
+    assert_eq!(s.test_unit_ready().expect("TUR").status, 0);
+
+    // 6. A CmdSN far outside the window is ignored; the next good command is answered.
+    let mut c = s.command_bhs(&[0u8; 16], 0, false, false);
+    c[24..28].copy_from_slice(&(s.cmd_sn.wrapping_add(100_000)).to_be_bytes());
+    s.cmd_sn = s.cmd_sn.wrapping_sub(1);
+    s.send(&c, &[]).expect("send");
+    assert_eq!(s.test_unit_ready().expect("TUR").status, 0);
+    s.logout().expect("logout");
+
+    // 7. A data segment longer than the negotiated MaxRecvDataSegmentLength: dropped.
+    let mut s = Initiator::login_normal(port, TARGET);
+    let mut b = bhs(0x40, 0x80);
+    b[16..20].copy_from_slice(&5u32.to_be_bytes());
+    let len = 0x00ff_ffff; // the largest a 24-bit length can say
+    b[5] = (len >> 16) as u8;
+    b[6] = (len >> 8) as u8;
+    b[7] = len as u8;
+    s.stream.write_all(&b).expect("send header");
+    let _ = s.stream.write_all(&vec![0u8; 1 << 20]);
+    assert!(s.closed_by_target(), "oversized data segment was accepted");
+    still_serving(&mut bystander, &reference, &srv);
+
+    // 8. A wrong header digest: dropped.
+    let mut s = Initiator::connect(port).expect("connect");
+    let r = s
+        .login(
+            Some(TARGET),
+            &[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")],
+        )
+        .expect("login");
+    assert_eq!(r.bhs[36..38], [0, 0]);
+    let c = s.command_bhs(&[0u8; 16], 0, false, false);
+    let mut wire = c.to_vec();
+    wire.extend_from_slice(&(crc32c(&c) ^ 1).to_le_bytes());
+    s.stream.write_all(&wire).expect("send");
+    assert!(s.closed_by_target(), "bad header digest accepted");
+    still_serving(&mut bystander, &reference, &srv);
+
+    // 9. A wrong data digest on a write: Reject (DATA DIGEST ERROR) then dropped; nothing written.
+    let mut s = Initiator::connect(port).expect("connect");
+    s.login(
+        Some(TARGET),
+        &[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")],
+    )
+    .expect("login");
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[8] = 1; // one block at LBA 0
+    let c = s.command_bhs(&cdb, 512, false, true);
+    let mut c = c;
+    c[5..8].copy_from_slice(&[0, 2, 0]);
+    let mut wire = c.to_vec();
+    wire.extend_from_slice(&crc32c(&c).to_le_bytes());
+    let data = vec![0xeeu8; 512];
+    wire.extend_from_slice(&data);
+    wire.extend_from_slice(&(crc32c(&data) ^ 0xdead).to_le_bytes());
+    s.stream.write_all(&wire).expect("send");
+    let p = s.recv().expect("reject for data digest");
+    assert_eq!(p.opcode(), 0x3f);
+    assert_eq!(p.bhs[2], 0x02, "reject reason DATA DIGEST ERROR");
+    assert!(
+        s.closed_by_target(),
+        "connection kept after a data digest error"
+    );
+    still_serving(&mut bystander, &reference, &srv);
+
+    // 10. A connection dropped in the middle of a Data-Out sequence: nothing of the write lands.
+    let mut s = Initiator::login_normal(port, TARGET);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&64u16.to_be_bytes()); // 64 blocks at LBA 0
+    let c = s.command_bhs(&cdb, 64 * 512, false, true);
+    let itt = u32::from_be_bytes([c[16], c[17], c[18], c[19]]);
+    s.send(&c, &[0x55u8; 4096])
+        .expect("send with immediate data");
+    let r2t = s.recv().expect("R2T");
+    assert_eq!(r2t.opcode(), 0x31, "expected an R2T");
+    let mut d = bhs(0x05, 0x00);
+    d[16..20].copy_from_slice(&itt.to_be_bytes());
+    d[20..24].copy_from_slice(&r2t.bhs[20..24]);
+    d[40..44].copy_from_slice(&4096u32.to_be_bytes());
+    s.send(&d, &[0x55u8; 4096]).expect("half the data");
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    still_serving(&mut bystander, &reference, &srv);
+
+    // 11. Login with bad keys and a login PDU in the full feature phase.
+    let mut s = Initiator::connect(port).expect("connect");
+    let mut b = bhs(0x43, 0x81);
+    b[16..20].copy_from_slice(&1u32.to_be_bytes());
+    s.send(&b, b"no-equals-sign\0").expect("send");
+    let p = s.recv().expect("login response");
+    assert_eq!(p.opcode(), 0x23);
+    assert_eq!(p.bhs[36], 0x02, "initiator error class expected");
+    let mut s = Initiator::login_normal(port, TARGET);
+    let mut b = bhs(0x43, 0x81);
+    b[16..20].copy_from_slice(&9u32.to_be_bytes());
+    s.send(&b, b"InitiatorName=x\0").expect("send");
+    let p = s.recv().expect("reject");
+    assert_eq!(p.opcode(), 0x3f);
+    assert!(s.closed_by_target());
+    still_serving(&mut bystander, &reference, &srv);
+
+    bystander.logout().expect("logout");
+    srv.stop();
+}
+
+#[test]
+fn task_management_and_nop() {
+    let dir = TempDir::new("iscsi-tmf");
+    let (srv, port) = iscsi_server(dir.path());
+    let mut s = Initiator::login_normal(port, TARGET);
+    // NOP-Out ping with data is echoed.
+    let mut b = bhs(0x40, 0x80);
+    b[16..20].copy_from_slice(&1234u32.to_be_bytes());
+    b[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    b[24..28].copy_from_slice(&s.cmd_sn.to_be_bytes());
+    s.send(&b, b"ping").expect("send");
+    let p = s.recv().expect("nop-in");
+    assert_eq!(p.opcode(), 0x20);
+    assert_eq!(p.itt(), 1234);
+    assert_eq!(p.data, b"ping");
+    // LUN RESET: function complete, then a unit attention (29/00) on the next command.
+    let mut t = bhs(0x42, 0x85);
+    t[16..20].copy_from_slice(&99u32.to_be_bytes());
+    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    t[24..28].copy_from_slice(&s.cmd_sn.to_be_bytes());
+    s.send(&t, &[]).expect("send");
+    let p = s.recv().expect("tmf response");
+    assert_eq!(p.opcode(), 0x22);
+    assert_eq!(p.bhs[2], 0, "LUN RESET response");
+    let r = s.test_unit_ready().expect("TUR");
+    assert_eq!(r.status, 2);
+    assert_eq!(r.sense_key(), Some(6));
+    assert_eq!(r.asc(), Some((0x29, 0)));
+    assert_eq!(s.test_unit_ready().expect("TUR").status, 0);
+    // ABORT TASK of an unknown task: "task does not exist".
+    let mut t = bhs(0x42, 0x81);
+    t[16..20].copy_from_slice(&100u32.to_be_bytes());
+    t[20..24].copy_from_slice(&4242u32.to_be_bytes());
+    t[24..28].copy_from_slice(&s.cmd_sn.to_be_bytes());
+    s.send(&t, &[]).expect("send");
+    let p = s.recv().expect("tmf response");
+    assert_eq!(p.bhs[2], 1);
+    // ABORT TASK of a write still waiting for its data: aborted, the data is never written.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&16u16.to_be_bytes());
+    let c = s.command_bhs(&cdb, 16 * 512, false, true);
+    let itt = u32::from_be_bytes([c[16], c[17], c[18], c[19]]);
+    s.send(&c, &[0xabu8; 512]).expect("send");
+    let r2t = s.recv().expect("R2T");
+    assert_eq!(r2t.opcode(), 0x31);
+    let mut t = bhs(0x42, 0x81);
+    t[16..20].copy_from_slice(&101u32.to_be_bytes());
+    t[20..24].copy_from_slice(&itt.to_be_bytes());
+    t[24..28].copy_from_slice(&s.cmd_sn.to_be_bytes());
+    s.send(&t, &[]).expect("send");
+    let p = s.recv().expect("tmf response");
+    assert_eq!(p.opcode(), 0x22);
+    assert_eq!(p.bhs[2], 0, "ABORT TASK of a pending write");
+    let back = s.read10(0, 16).expect("read");
+    assert!(back.data.iter().all(|&b| b == 0), "aborted write landed");
+    s.logout().expect("logout");
+    srv.stop();
+}
