@@ -499,3 +499,25 @@ fn concurrent_writers_sharing_blocks_while_the_cleaner_runs() {
     let pool = Pool::open(dir.path(), &o).unwrap();
     verify(&pool);
 }
+
+#[test]
+fn copies_of_compressed_groups_are_found_without_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), None);
+    pool.create_volume("v", 64 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let data: Vec<u8> = (0..64u64).flat_map(|i| text_block(i * 40)).collect();
+    v.write(0, &data, false).unwrap();
+    let first = pool.stats();
+    assert_eq!(first.unique_blocks, 64);
+    // Copies at other offsets, aligned differently against the groups.
+    v.write(1 << 20, &data, false).unwrap();
+    v.write((2 << 20) + 3 * 4096, &data, false).unwrap();
+    let s = pool.stats();
+    assert_eq!(s.unique_blocks, 64, "{s:?}");
+    assert_eq!(s.stored_bytes, first.stored_bytes);
+    assert_eq!(
+        v.read((2 << 20) + 3 * 4096, data.len() as u32).unwrap(),
+        data
+    );
+}
