@@ -536,12 +536,18 @@ fn or_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     }
 }
 
-fn synchronize_cache(lu: &Lu, cdb: &[u8]) -> Response {
-    let (lba, n) = if cdb[0] == 0x35 {
+/// LBA and block count of a command with a 10-byte form (`short` opcode: 4-byte LBA at 2,
+/// 2-byte count at 7) and a 16-byte form (8-byte LBA at 2, 4-byte count at 10).
+fn lba_count_10_16(cdb: &[u8], short: u8) -> (u64, u64) {
+    if cdb[0] == short {
         (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
     } else {
         (be64(cdb, 2), u64::from(be32(cdb, 10)))
-    };
+    }
+}
+
+fn synchronize_cache(lu: &Lu, cdb: &[u8]) -> Response {
+    let (lba, n) = lba_count_10_16(cdb, 0x35);
     if let Err(r) = check_lba(lu, lba, n) {
         return r;
     }
@@ -552,11 +558,7 @@ fn synchronize_cache(lu: &Lu, cdb: &[u8]) -> Response {
 }
 
 fn prefetch(lu: &Lu, cdb: &[u8]) -> Response {
-    let (lba, n) = if cdb[0] == 0x34 {
-        (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
-    } else {
-        (be64(cdb, 2), u64::from(be32(cdb, 10)))
-    };
+    let (lba, n) = lba_count_10_16(cdb, 0x34);
     if let Err(r) = check_lba(lu, lba, n) {
         return r;
     }

@@ -760,3 +760,29 @@ pub fn output_timeout(cmd: &mut Command, t: Duration) -> Output {
         ),
     }
 }
+
+/// A pool of `pool_size` in `dir/pool` with volume vol0 of `vol_size`, served over NBD (unix
+/// socket and TCP) and iSCSI on a free port, with `extra` serve arguments; the iSCSI port.
+pub fn iscsi_server(
+    dir: &Path,
+    pool_size: &str,
+    vol_size: &str,
+    extra: &[String],
+) -> (Server, u16) {
+    let pool = dir.join("pool");
+    ingot_ok([
+        "pool",
+        "create",
+        "--pool",
+        &pool.display().to_string(),
+        "--size",
+        pool_size,
+    ]);
+    create_volume(&pool, "vol0", vol_size);
+    let port = free_port();
+    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
+    opts.extra_args
+        .extend(["--iscsi".to_string(), format!("127.0.0.1:{port}")]);
+    opts.extra_args.extend(extra.iter().cloned());
+    (Server::start(opts), port)
+}

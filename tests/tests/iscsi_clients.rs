@@ -2,34 +2,12 @@
 //! iscsi-readcapacity16) and by the raw initiator in `ingot_tests::iscsi`, with data crossing
 //! between the iSCSI and NBD front ends.
 
-use std::path::Path;
 use std::process::Command;
 
 use ingot_tests::iscsi::Initiator;
 use ingot_tests::*;
 
 const TARGET: &str = "iqn.2026-11.io.ingot:vol0";
-
-/// A pool of `pool_size` with volume vol0 of `vol_size`, served over NBD and iSCSI.
-fn iscsi_server(dir: &Path, pool_size: &str, vol_size: &str, extra: &[String]) -> (Server, u16) {
-    let pool = dir.join("pool");
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        pool_size,
-    ]);
-    create_volume(&pool, "vol0", vol_size);
-    let port = free_port();
-    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
-    opts.extra_args
-        .extend(["--iscsi".to_string(), format!("127.0.0.1:{port}")]);
-    opts.extra_args.extend(extra.iter().cloned());
-    let srv = Server::start(opts);
-    (srv, port)
-}
 
 fn url(port: u16, target: &str) -> String {
     format!("iscsi://127.0.0.1:{port}/{target}/0")

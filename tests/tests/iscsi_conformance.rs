@@ -46,21 +46,7 @@ fn iscsi_test_cu_all_suites_pass() {
     let cu = require_tool("iscsi-test-cu");
     let stdbuf = require_tool("stdbuf");
     let dir = TempDir::new("iscsi-cu");
-    let pool = dir.join("pool");
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        "2G",
-    ]);
-    create_volume(&pool, "vol0", "1G");
-    let port = free_port();
-    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
-    opts.extra_args
-        .extend(["--iscsi".to_string(), format!("127.0.0.1:{port}")]);
-    let srv = Server::start(opts);
+    let (srv, port) = iscsi_server(dir.path(), "2G", "1G", &[]);
     let url = format!("iscsi://127.0.0.1:{port}/iqn.2026-11.io.ingot:vol0/0");
 
     let list = run_stdout(Command::new(&cu).arg("-l"));

@@ -2,31 +2,12 @@
 //! dropped connection, while another session keeps working and data written before survives.
 
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 use ingot_tests::iscsi::{crc32c, Initiator, BHS};
 use ingot_tests::*;
 
 const TARGET: &str = "iqn.2026-11.io.ingot:vol0";
-
-fn iscsi_server(dir: &Path) -> (Server, u16) {
-    let pool = dir.join("pool");
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        "1G",
-    ]);
-    create_volume(&pool, "vol0", "64M");
-    let port = free_port();
-    let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));
-    opts.extra_args
-        .extend(["--iscsi".to_string(), format!("127.0.0.1:{port}")]);
-    (Server::start(opts), port)
-}
 
 /// The bystander session still answers, and the reference data is intact.
 fn still_serving(bystander: &mut Initiator, reference: &[u8], srv: &Server) {
@@ -49,7 +30,7 @@ fn bhs(opcode: u8, flags: u8) -> [u8; BHS] {
 #[test]
 fn hostile_pdus_are_rejected_or_dropped_and_the_target_keeps_serving() {
     let dir = TempDir::new("iscsi-hostile");
-    let (srv, port) = iscsi_server(dir.path());
+    let (srv, port) = iscsi_server(dir.path(), "1G", "64M", &[]);
     let mut reference = vec![0u8; 64 * 512];
     Prng::new(7).fill(&mut reference);
     let mut bystander = Initiator::connect(port).expect("connect");
@@ -231,7 +212,7 @@ fn hostile_pdus_are_rejected_or_dropped_and_the_target_keeps_serving() {
 #[test]
 fn task_management_and_nop() {
     let dir = TempDir::new("iscsi-tmf");
-    let (srv, port) = iscsi_server(dir.path());
+    let (srv, port) = iscsi_server(dir.path(), "1G", "64M", &[]);
     let mut s = Initiator::login_normal(port, TARGET);
     // NOP-Out ping with data is echoed.
     let mut b = bhs(0x40, 0x80);
