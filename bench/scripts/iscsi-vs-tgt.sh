@@ -2,7 +2,7 @@
 # 4k random reads and writes at QD32 over iSCSI: `ingot serve --iscsi` against tgt (tgtd serving
 # a raw file in the same directory), in one run, with the same clients:
 #   - iscsi-perf (libiscsi-bin; reads only), 4k random reads, 32 requests in flight;
-#   - the pipelined raw initiator of tests/tests/iscsi_load.rs, 4k random reads and writes, QD32.
+#   - the pipelined raw initiator of tests/examples/iscsi_load.rs, 4k random reads and writes, QD32.
 # Both stores first get the same 1 GiB of random data (so reads hit stored blocks, not holes).
 # Usage: bench/scripts/iscsi-vs-tgt.sh [DIR] [SECONDS]     (run as root: tgtd needs it)
 set -euo pipefail
@@ -24,7 +24,7 @@ SIZE_MB=1024
 BLOCKS=$((SIZE_MB * 2048))
 
 echo "building the load generator" >&2
-(cd "$ROOT" && cargo test --release -p ingot-tests --test iscsi_load --no-run >/dev/null 2>&1)
+(cd "$ROOT" && cargo build --release -p ingot-tests --example iscsi_load >/dev/null 2>&1)
 
 perf() { # url -> IOPS
   iscsi-perf -m 32 -b 8 -r -t "$SECS" "$1" 2>&1 | tr '\r' '\n' |
@@ -33,7 +33,7 @@ perf() { # url -> IOPS
 load() { # port target lun mode -> "IOPS p50 p99"
   (cd "$ROOT" && ISCSI_LOAD_PORT=$1 ISCSI_LOAD_TARGET=$2 ISCSI_LOAD_LUN=$3 ISCSI_LOAD_MODE=$4 \
     ISCSI_LOAD_QD=32 ISCSI_LOAD_SECS=$SECS ISCSI_LOAD_BLOCKS=$BLOCKS \
-    cargo test --release -p ingot-tests --test iscsi_load -- --ignored --nocapture 2>/dev/null) |
+    cargo run --release -p ingot-tests --example iscsi_load 2>/dev/null) |
     sed -n 's/^iscsi-load .*: \([0-9]*\) IOPS, .* p50 \([0-9]*\) us, p99 \([0-9]*\) us.*/\1 \2 \3/p'
 }
 

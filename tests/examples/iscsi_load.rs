@@ -1,11 +1,11 @@
-//! A small pipelined iSCSI load generator for `bench/scripts/iscsi-vs-tgt.sh` (ignored in normal
-//! test runs): random 4 KiB READ(10) or WRITE(10) commands, QD commands in flight on one
-//! session, against any target (ingot or tgt). Writes carry their data as immediate data.
+//! A small pipelined iSCSI load generator for `bench/scripts/iscsi-vs-tgt.sh`: random 4 KiB
+//! READ(10) or WRITE(10) commands, QD commands in flight on one session, against any target
+//! (ingot or tgt). Writes carry their data as immediate data.
 //!
 //! ```text
 //! ISCSI_LOAD_PORT=3260 ISCSI_LOAD_TARGET=iqn... ISCSI_LOAD_MODE=write ISCSI_LOAD_QD=32 \
-//! ISCSI_LOAD_SECS=20 ISCSI_LOAD_BLOCKS=2097152 cargo test --release -p ingot-tests \
-//!   --test iscsi_load -- --ignored --nocapture
+//! ISCSI_LOAD_SECS=20 ISCSI_LOAD_BLOCKS=2097152 cargo run --release -p ingot-tests \
+//!   --example iscsi_load
 //! ```
 
 use std::collections::HashMap;
@@ -18,9 +18,7 @@ fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-#[test]
-#[ignore = "load generator for bench/scripts/iscsi-vs-tgt.sh"]
-fn iscsi_load() {
+fn main() {
     let port: u16 = env("ISCSI_LOAD_PORT", "3260").parse().expect("port");
     let target = env("ISCSI_LOAD_TARGET", "iqn.2026-11.io.ingot:vol0");
     let lun: u64 = env("ISCSI_LOAD_LUN", "0").parse().expect("lun");
