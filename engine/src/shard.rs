@@ -586,14 +586,9 @@ impl Shard {
         part.records.set(1); // released at the end of this function
         let first = offset / BLOCK_BYTES;
         let last = (offset + len as u64 - 1) / BLOCK_BYTES;
-        // The neighbours a compressed group may share with the blocks read come along: the
-        // group is read and decompressed anyway, and caching all of it saves a sequential
-        // reader from decompressing it once per block.
-        let lo = first.saturating_sub(reduce::GROUP_BLOCKS as u64 - 1);
-        let hi = (last + reduce::GROUP_BLOCKS as u64 - 1).min(vol.blocks().saturating_sub(1));
         let ids: Vec<u64> = {
             let map = vol.maps[self.id].lock();
-            (lo..=hi.max(last)).map(|lba| map.get(lba)).collect()
+            (first..=last).map(|lba| map.get(lba)).collect()
         };
         let entries: Vec<Option<BlockEntry>> = {
             let space = self.inner.space.lock();
@@ -601,22 +596,32 @@ impl Shard {
                 .map(|&id| if id == 0 { None } else { space.get(id) })
                 .collect()
         };
-        let (ids, entries, around) = {
-            let skip = (first - lo) as usize;
-            let n = (last - first + 1) as usize;
-            let around: Vec<(u64, BlockEntry)> = ids
-                .iter()
-                .zip(&entries)
-                .enumerate()
-                .filter(|&(i, _)| i < skip || i >= skip + n)
-                .filter_map(|(_, (&id, e))| Some((id, (*e)?)))
+        // When a block read belongs to a compressed group, the neighbours in the same group
+        // come along: the group is read and decompressed anyway, and caching all of it saves a
+        // sequential reader from decompressing it once per block.
+        let grouped = entries
+            .iter()
+            .flatten()
+            .any(|e| reduce::group_of(e.flags).1 > 1);
+        let around: Vec<(u64, BlockEntry)> = if grouped {
+            let reach = reduce::GROUP_BLOCKS as u64 - 1;
+            let lo = first.saturating_sub(reach);
+            let hi = (last + reach).min(vol.blocks().saturating_sub(1));
+            let near: Vec<u64> = {
+                let map = vol.maps[self.id].lock();
+                (lo..first)
+                    .chain(last + 1..=hi)
+                    .map(|lba| map.get(lba))
+                    .filter(|&id| id != 0)
+                    .collect()
+            };
+            let space = self.inner.space.lock();
+            near.into_iter()
+                .filter_map(|id| Some((id, space.get(id)?)))
                 .filter(|(_, e)| reduce::group_of(e.flags).1 > 1)
-                .collect();
-            (
-                ids[skip..skip + n].to_vec(),
-                entries[skip..skip + n].to_vec(),
-                around,
-            )
+                .collect()
+        } else {
+            Vec::new()
         };
         let mut spans: Vec<PendingRead> = Vec::new();
         for (i, lba) in (first..=last).enumerate() {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use ingot_engine::{Request, Sense};
 
 use crate::lu::{Lu, BLOCK_BYTES};
-use crate::scsi::Response;
+use crate::scsi::{be16, be32, be64, Response};
 use crate::sense::{self, fixed, key};
 
 /// Limits reported in RECEIVE COPY RESULTS (OPERATING PARAMETERS).
@@ -32,18 +32,6 @@ const TOO_MANY_SEGMENT_DESCRIPTORS: Sense = s(key::ILLEGAL_REQUEST, 0x26, 0x08);
 const UNSUPPORTED_SEGMENT_DESCRIPTOR: Sense = s(key::ILLEGAL_REQUEST, 0x26, 0x09);
 const UNREACHABLE_COPY_TARGET: Sense = s(key::COPY_ABORTED, 0x08, 0x04);
 const COPY_TARGET_DATA_OVERRUN: Sense = s(key::COPY_ABORTED, 0x0d, 0x02);
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
-}
 
 /// EXTENDED COPY (LID1).
 pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
