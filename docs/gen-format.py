@@ -6,7 +6,7 @@ import re
 
 src = open("engine/src/format.rs").read().splitlines()
 doc = open("docs/format.md").read()
-head = doc[: doc.index("## Superblock\n")]
+head = doc[: doc.index("## Put\n")]
 tail = doc[doc.index("## Compatibility"):]
 
 sections, consts, buf = [], [], []

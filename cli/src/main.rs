@@ -519,9 +519,17 @@ fn print_stats(s: &Stats) {
         human(s.segment_bytes),
         s.segments_free
     );
+    println!(
+        "usable          {} for stored data (the rest holds checkpoints and the cleaner's headroom)",
+        human(s.usable_bytes)
+    );
     println!("physical used   {}", human(s.physical_used_bytes));
     println!("logical mapped  {}", human(s.logical_mapped_bytes));
-    println!("stored          {}", human(s.stored_bytes));
+    println!(
+        "stored          {} ({:.1}% of usable)",
+        human(s.stored_bytes),
+        s.stored_bytes as f64 * 100.0 / s.usable_bytes.max(1) as f64
+    );
     println!(
         "reduction       {:.2}x (dedup {:.2}x, compression {:.2}x; {} unique blocks)",
         s.data_reduction_ratio, s.dedup_ratio, s.compression_ratio, s.unique_blocks
@@ -545,6 +553,9 @@ fn print_stats(s: &Stats) {
         s.cache_misses
     );
     println!("engine          {} x {} shards", s.io_engine, s.shards);
+    if let Some(w) = &s.space_warning {
+        println!("warning         {w}");
+    }
     for v in &s.volumes {
         println!(
             "volume {:<16} {:>12} mapped of {}, {} stored: reduction {:.2}x (dedup {:.2}x, compression {:.2}x)",

@@ -23,6 +23,12 @@ pub fn render(s: &Stats) -> String {
         s.capacity_bytes,
     );
     gauge(
+        "usable_bytes",
+        "Payload bytes stored before writes to unmapped blocks fail with ENOSPC.",
+        "gauge",
+        s.usable_bytes,
+    );
+    gauge(
         "physical_used_bytes",
         "Segment space in use.",
         "gauge",

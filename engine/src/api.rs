@@ -94,6 +94,11 @@ fn yes() -> bool {
 pub struct Stats {
     /// Bytes of segment space the pool can hold.
     pub capacity_bytes: u64,
+    /// Payload bytes the pool stores before writes to unmapped blocks fail with ENOSPC: the
+    /// segments less metadata reserves and the cleaner's headroom (overwrites still succeed).
+    pub usable_bytes: u64,
+    /// Set when stored bytes pass 85% of `usable_bytes`: what happens next and what to do.
+    pub space_warning: Option<String>,
     /// Bytes of segments in use (data, metadata, open).
     pub physical_used_bytes: u64,
     /// Bytes of all volumes that map to stored blocks.

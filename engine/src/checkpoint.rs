@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::{CheckpointHeader, Get, MAP_PAGE_ENTRIES};
+use crate::format::{
+    CheckpointHeader, Get, CHECKPOINT_FRAME_BYTES, CHECKPOINT_LZ4, MAP_PAGE_ENTRIES,
+};
 use crate::lbamap::MapPage;
 use crate::shard::ShardPosition;
 use crate::space::BlockEntry;
@@ -60,6 +62,7 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         shard_count: img.shards.len() as u32,
         index_count: img.index.len() as u64,
         index_sample_bits: img.index_sample_bits,
+        flags: CHECKPOINT_LZ4,
     }
     .encode(&mut out);
     for v in &img.volumes {
@@ -99,15 +102,51 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         out.extend_from_slice(&key.to_le_bytes());
         out.extend_from_slice(&id.to_le_bytes());
     }
-    out
+    let body = &out[CheckpointHeader::BYTES..];
+    let mut packed = Vec::with_capacity(CheckpointHeader::BYTES + body.len() / 2);
+    packed.extend_from_slice(&out[..CheckpointHeader::BYTES]);
+    for chunk in body.chunks(CHECKPOINT_FRAME_BYTES) {
+        let frame = lz4_flex::compress_prepend_size(chunk);
+        packed.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        packed.extend_from_slice(&frame);
+    }
+    packed
+}
+
+/// The sections after the header, decompressed when the checkpoint is LZ4-framed.
+fn sections(blob: &[u8], h: &CheckpointHeader) -> Result<Vec<u8>> {
+    let body = &blob[CheckpointHeader::BYTES.min(blob.len())..];
+    if h.flags & CHECKPOINT_LZ4 == 0 {
+        return Ok(body.to_vec());
+    }
+    let bad = || Error::Corrupt {
+        what: "checkpoint frame",
+    };
+    let mut out = Vec::new();
+    let mut g = Get::new(body, "checkpoint frame");
+    while g.remaining() > 0 {
+        let len = g.u32()? as usize;
+        let frame = g.bytes(len)?;
+        // The decompressed length leads the frame: bound it before anything is allocated.
+        let size = frame
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(bad)?;
+        if size > CHECKPOINT_FRAME_BYTES {
+            return Err(bad());
+        }
+        out.extend(lz4_flex::decompress_size_prepended(frame).map_err(|_| bad())?);
+    }
+    Ok(out)
 }
 
 /// Decode a blob whose CRC the caller has verified; `max_blocks` bounds block ids (the pool's
 /// capacity in blocks). Reference counts are left at zero: the
 /// caller rebuilds them from the maps.
 pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
-    let mut g = Get::new(blob, "checkpoint");
-    let h = CheckpointHeader::decode(&mut g)?;
+    let h = CheckpointHeader::decode(&mut Get::new(blob, "checkpoint"))?;
+    let body = sections(blob, &h)?;
+    let mut g = Get::new(&body, "checkpoint");
     let mut volumes = Vec::new();
     for _ in 0..h.volume_count {
         let id = g.u32()?;

@@ -139,7 +139,8 @@ fn crc_with_zeroed_field(bytes: &[u8], crc_at: usize) -> u32 {
 }
 
 /// Superblock: identifies the device and points at the newest checkpoint. 128 bytes used of a
-/// 4 KiB slot; two slots are written alternately so a torn write leaves the other intact.
+/// 4 KiB slot; a commit writes the slot not holding the current generation, syncs, then the
+/// other slot, so a torn write always leaves one slot pointing at a checkpoint that exists.
 ///
 /// | off | size | field | why |
 /// |----:|----:|---|---|
@@ -615,7 +616,14 @@ impl TrimEntry {
 /// | 48 | 4 | shard_count |
 /// | 52 | 8 | index_count |
 /// | 60 | 1 | index_sample_bits (the index keeps 1 in 2^n fingerprints) |
-/// | 61 | 3 | reserved |
+/// | 61 | 1 | flags: [`CHECKPOINT_LZ4`] |
+/// | 62 | 2 | reserved |
+///
+/// With [`CHECKPOINT_LZ4`], the sections after the header are stored as a sequence of frames,
+/// each `compressed_len` u32 then an LZ4 block whose first 4 bytes give its decompressed length
+/// (at most [`CHECKPOINT_FRAME_BYTES`]); the frames' output, concatenated, is the sections.
+/// Block ids in id order, map pages and constant fields shrink the blob to about half, which
+/// halves what each checkpoint writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointHeader {
     pub seq: u64,
@@ -627,7 +635,13 @@ pub struct CheckpointHeader {
     pub shard_count: u32,
     pub index_count: u64,
     pub index_sample_bits: u8,
+    pub flags: u8,
 }
+
+/// Checkpoint flag: the sections after the header are LZ4 frames.
+pub const CHECKPOINT_LZ4: u8 = 1;
+/// Largest decompressed size of one checkpoint frame.
+pub const CHECKPOINT_FRAME_BYTES: usize = 4 << 20;
 
 impl CheckpointHeader {
     pub const BYTES: usize = 64;
@@ -645,7 +659,7 @@ impl CheckpointHeader {
             .u64(self.block_count)
             .u32(self.shard_count)
             .u64(self.index_count)
-            .bytes(&[self.index_sample_bits]);
+            .bytes(&[self.index_sample_bits, self.flags]);
         out.extend_from_slice(&b);
     }
 
@@ -670,8 +684,9 @@ impl CheckpointHeader {
             shard_count: g.u32()?,
             index_count: g.u64()?,
             index_sample_bits: g.array::<1>()?[0],
+            flags: g.array::<1>()?[0],
         };
-        g.skip(3)?;
+        g.skip(2)?;
         Ok(h)
     }
 }

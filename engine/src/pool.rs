@@ -201,6 +201,8 @@ pub(crate) struct Inner {
     gc_lock: Mutex<()>,
     /// The last automatic cleaning pass freed nothing: writes waiting for space fail now.
     pub gc_stuck: AtomicBool,
+    /// Payload bytes the pool stores before writes of new blocks fail (see `usable_bytes`).
+    pub usable_bytes: u64,
     /// Fingerprint key -> block id hints (see `reduce`). Never held while taking `space`.
     pub dedup: Mutex<DedupIndex>,
     /// Bits of the fingerprint the index keys on (all; none when tests force collisions).
@@ -214,6 +216,44 @@ type Mutate<'a> = &'a mut dyn FnMut(&Inner, u64) -> Result<()>;
 const GC_VICTIMS_PER_PASS: usize = 8;
 /// Segments fuller than this are not worth cleaning (rewriting them frees too little).
 const GC_MAX_UTILISATION: f64 = 0.95;
+/// When writes wait for space, fuller segments are cleaned too: each 4 KiB block moved costs
+/// its payload plus a 56-byte entry (1.4%), so a victim must be at least ~2.5% dead to gain.
+const GC_URGENT_UTILISATION: f64 = 0.975;
+
+/// Share of the data segments kept free for the cleaner when the pool is full. At 100% of the
+/// usable capacity, sealed segments are then at most ~90% live, where cleaning costs about 5
+/// bytes moved per byte written under uniform random overwrites: the cliff log-structured stores
+/// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
+const GC_HEADROOM: f64 = 0.10;
+
+/// Payload bytes a pool of this geometry takes: its segments less what a full pool's checkpoint
+/// (one held, one being written, and a spare), the shards' open and next segments, the data
+/// reserve and the per-block log entries need, less the cleaner's headroom. Assumes
+/// uncompressed blocks; compressed ones take less payload each, and the running pool's own
+/// reserve (from the real block count) still holds writes back if checkpoints grow past it.
+fn usable_bytes(geo: &Geometry, shards: usize) -> u64 {
+    let per_seg = geo.segment_bytes - SEGMENT_HEADER_BYTES;
+    let total = u64::from(geo.total_segments);
+    let entry = crate::format::DataEntry::BYTES as u64;
+    let blocks = total * per_seg / (BLOCK_BYTES + entry);
+    let pages = blocks.div_ceil(crate::format::MAP_PAGE_ENTRIES);
+    let ckpt_segs = checkpoint::estimate_bytes(pages, blocks, 1, shards as u64).div_ceil(per_seg);
+    let fixed = 2 * ckpt_segs + 1 + 3 * shards as u64;
+    let data_segs = total.saturating_sub(fixed);
+    let payload = data_segs * per_seg / (BLOCK_BYTES + entry) * BLOCK_BYTES;
+    (payload as f64 * (1.0 - GC_HEADROOM)) as u64
+}
+
+/// The warning `stats` gives once stored data passes 85% of the usable capacity.
+fn space_warning(stored: u64, usable: u64) -> Option<String> {
+    let pct = stored as f64 * 100.0 / usable.max(1) as f64;
+    (pct >= 85.0).then(|| {
+        format!(
+            "pool is {pct:.0}% full: at 100% writes to unmapped blocks fail with ENOSPC \
+             (overwrites, trims and reads go on); trim or delete volumes, or add a larger pool"
+        )
+    })
+}
 
 /// What a cleaning pass did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -224,7 +264,10 @@ pub struct GcReport {
 }
 
 enum CkptMsg {
+    /// Take a checkpoint now (a shard needs a fresh chain, or a test asked).
     Kick,
+    /// Writes are waiting for space: clean now.
+    Space,
     Stop,
 }
 
@@ -281,6 +324,11 @@ impl Inner {
         let _ = self.kick.try_send(CkptMsg::Kick);
     }
 
+    /// Wake the cleaner: a write is waiting for free segments.
+    pub fn kick_cleaner(&self) {
+        let _ = self.kick.try_send(CkptMsg::Space);
+    }
+
     /// Segments kept back from data so that a checkpoint always fits, and one per shard so
     /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
@@ -314,7 +362,7 @@ impl Inner {
 
     /// Segments' worth of dead space in sealed segments the cleaner could reclaim (segments
     /// fuller than the cleaning threshold do not count).
-    pub fn reclaimable_segments(&self) -> usize {
+    fn reclaimable_segments_at(&self, max_utilisation: f64) -> usize {
         let usable = self.geo.segment_bytes - SEGMENT_HEADER_BYTES;
         let space = self.space.lock();
         let dead: u64 = space
@@ -323,29 +371,71 @@ impl Inner {
             .enumerate()
             .filter(|(s, st)| {
                 matches!(st, SegState::Sealed { .. })
-                    && (space.seg_live[*s] as f64) <= usable as f64 * GC_MAX_UTILISATION
+                    && (space.seg_live[*s] as f64) <= usable as f64 * max_utilisation
             })
             .map(|(s, _)| usable.saturating_sub(space.seg_live[s]))
             .sum();
         (dead / usable) as usize
     }
 
-    /// Whether free space is low enough for the cleaner to run on its own.
-    fn cleaning_wanted(&self) -> bool {
-        let total = self.geo.total_segments as usize;
-        let free = self.space.lock().free_segments;
-        free < self.data_reserve() + (total / 10).max(2)
+    /// Free segments below which the cleaner runs on its own (a tenth of the pool above the
+    /// data reserve).
+    fn cleaning_threshold(&self) -> usize {
+        self.data_reserve() + (self.geo.total_segments as usize / 10).max(2)
+    }
+
+    /// Free segments at or below which writes wait and the cleaner runs flat out.
+    fn urgent_threshold(&self) -> usize {
+        self.data_reserve() + self.shards()
+    }
+
+    /// Free sealed segments that hold nothing live and lie before the last checkpoint (outside
+    /// every replay chain), once the records that emptied them are durable. Cheaper than a
+    /// checkpoint, which is the only other thing that frees them.
+    fn free_dead_segments(&self) -> Result<u64> {
+        let _one = self.gc_lock.lock();
+        let ckpt_seq = self.ckpt.lock().seq_end;
+        let any = {
+            let space = self.space.lock();
+            space.seg_state.iter().enumerate().any(|(s, st)| {
+                matches!(*st, SegState::Sealed { seq } if seq <= ckpt_seq) && space.seg_live[s] == 0
+            })
+        };
+        if !any {
+            return Ok(0);
+        }
+        self.flush()?;
+        self.fence()?;
+        let _ck = self.ckpt.lock();
+        let mut space = self.space.lock();
+        let mut freed = Vec::new();
+        for s in 0..space.seg_state.len() {
+            if matches!(space.seg_state[s], SegState::Sealed { seq } if seq <= ckpt_seq)
+                && space.seg_live[s] == 0
+            {
+                space.set_state(s as u32, SegState::Free);
+                freed.push(s as u32);
+            }
+        }
+        drop(space);
+        self.discard_segments(&freed);
+        Ok(freed.len() as u64)
     }
 
     /// Empty up to `max_victims` sealed segments, best cost-benefit first (LFS: the free space
     /// gained times its age, over the cost of reading and rewriting the live part), moving their
     /// live blocks through the shards' logs, then checkpoint so the victims are freed. Only
     /// segments at most `max_utilisation` full are considered.
+    ///
+    /// With `greedy` (writes are waiting), victims are the emptiest segments instead: they give
+    /// the most space now for the least copying (cost-benefit's age term prefers old, fuller
+    /// segments, which pays off only when there is time to wait for the young ones to die).
     fn clean(
         &self,
         max_victims: usize,
         max_utilisation: f64,
         only: Option<&[u32]>,
+        greedy: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<GcReport> {
         let _one = self.gc_lock.lock();
@@ -367,7 +457,12 @@ impl Inner {
                     {
                         let u = space.seg_live[s] as f64 / usable;
                         let age = now.saturating_sub(seq) as f64 + 1.0;
-                        (u <= max_utilisation).then_some(((1.0 - u) * age / (1.0 + u), s as u32))
+                        let score = if greedy {
+                            1.0 - u
+                        } else {
+                            (1.0 - u) * age / (1.0 + u)
+                        };
+                        (u <= max_utilisation).then_some((score, s as u32))
                     }
                     _ => None,
                 })
@@ -400,6 +495,21 @@ impl Inner {
             (victims, moves)
         };
         let mut report = GcReport::default();
+        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
+            let space = self.space.lock();
+            let us: Vec<String> = victims
+                .iter()
+                .map(|&v| {
+                    let old = matches!(space.seg_state[v as usize], SegState::Sealed { seq } if seq <= ckpt_seq);
+                    format!("{:.2}{}", space.seg_live[v as usize] as f64 / usable, if old { "" } else { "r" })
+                })
+                .collect();
+            eprintln!(
+                "gc: greedy={greedy} free={} victims {}",
+                space.free_segments,
+                us.join(" ")
+            );
+        }
         if victims.is_empty() {
             return Ok(report);
         }
@@ -408,16 +518,21 @@ impl Inner {
             .store(victims.len() as u64, Ordering::Relaxed);
         let total = victims.len() as u64;
         let mut result = Ok(());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut sent = 0;
         for (i, (&seg, blocks)) in victims.iter().zip(&moves_by_victim).enumerate() {
-            if let Err(e) = self.evacuate(seg, blocks, &mut report) {
+            if let Err(e) = self.evacuate(seg, blocks, &mut report, &tx, &mut sent) {
                 result = Err(e);
                 break;
             }
             report.segments_cleaned += 1;
             progress(i as u64 + 1, total);
         }
+        // Whatever was sent is written and waited for, even after an error.
+        let finished = self.finish_moves(&tx, &rx, sent);
         self.counters.gc_cleaning.store(0, Ordering::Relaxed);
         result?;
+        finished?;
         // Victims sealed before the last checkpoint are outside every replay chain: once the
         // moves out of them are durable and no read of them is in flight, they are free. The
         // others are freed by a checkpoint (replay may still walk through them).
@@ -465,12 +580,15 @@ impl Inner {
         }
     }
 
-    /// Copy the live blocks of one victim segment into the logs.
+    /// Copy the live blocks of one victim segment into the logs: send them to the shards, to be
+    /// held until `finish_moves` ends the pass. Returns the number of jobs sent on `tx`.
     fn evacuate(
         &self,
         seg: u32,
         blocks: &[(u64, BlockEntry)],
         report: &mut GcReport,
+        tx: &Sender<Result<()>>,
+        sent: &mut usize,
     ) -> Result<()> {
         if blocks.is_empty() {
             return Ok(());
@@ -503,10 +621,7 @@ impl Inner {
                 .members
                 .push((id, e.flags));
         }
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let mut waiting = 0;
         let mut payloads: Vec<Relocation> = payloads.into_values().collect();
-        let mut n = 0;
         while !payloads.is_empty() {
             // Up to a record's worth of entries per message.
             let mut entries = 0;
@@ -520,23 +635,49 @@ impl Inner {
                 .max(1);
             let moves: Vec<Relocation> = payloads.drain(..take).collect();
             report.bytes_moved += moves.iter().map(|m| m.data.len() as u64).sum::<u64>();
-            let tx = tx.clone();
-            let job = Job::new(
-                1,
-                None,
-                None,
-                Box::new(move |r| {
-                    let _ = tx.send(r.map(|_| ()));
-                }),
-            );
-            self.send_to_shard(n % self.shards(), ShardMsg::Relocate { moves, job });
-            n += 1;
-            waiting += 1;
-        }
-        for _ in 0..waiting {
-            rx.recv().map_err(|_| Error::ShutDown)??;
+            self.send_moves(*sent % self.shards(), moves, false, tx);
+            *sent += 1;
         }
         Ok(())
+    }
+
+    fn send_moves(
+        &self,
+        shard: usize,
+        moves: Vec<Relocation>,
+        last: bool,
+        tx: &Sender<Result<()>>,
+    ) {
+        let tx = tx.clone();
+        let job = Job::new(
+            1,
+            None,
+            None,
+            Box::new(move |r| {
+                let _ = tx.send(r.map(|_| ()));
+            }),
+        );
+        self.send_to_shard(shard, ShardMsg::Relocate { moves, job, last });
+    }
+
+    /// End a pass: every shard writes the moves it holds; wait for all `sent` jobs.
+    fn finish_moves(
+        &self,
+        tx: &Sender<Result<()>>,
+        rx: &Receiver<Result<()>>,
+        sent: usize,
+    ) -> Result<()> {
+        for shard in 0..self.shards() {
+            self.send_moves(shard, Vec::new(), true, tx);
+        }
+        let mut first = Ok(());
+        for _ in 0..sent + self.shards() {
+            let r = rx.recv().map_err(|_| Error::ShutDown).and_then(|r| r);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
@@ -677,6 +818,9 @@ impl Inner {
     /// superblocks at it, then free what it no longer needs.
     fn commit(&self, ck: &mut CkptState, image: &Image, live_then: &[u64]) -> Result<()> {
         let blob = checkpoint::encode(image);
+        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
+            eprintln!("checkpoint: {} bytes", blob.len());
+        }
         let crc = crc32fast::hash(&blob);
         let per_seg = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
         let nsegs = blob.len().div_ceil(per_seg).max(1);
@@ -727,27 +871,9 @@ impl Inner {
             // superblock points at it.
             self.sync()?;
             let generation = ck.generation + 1;
-            let mut buf = AlignedBuf::new(IO_ALIGN);
-            for sb in &self.superblocks {
-                let sb = Superblock {
-                    generation,
-                    checkpoint_segment: segs[0],
-                    checkpoint_seq: image.seq,
-                    checkpoint_bytes: blob.len() as u64,
-                    checkpoint_crc: crc,
-                    ..sb.clone()
-                };
-                sb.encode(&mut buf);
-                let off = SUPERBLOCK_OFFSETS[(generation % 2) as usize];
-                self.devices
-                    .write_at(sb.device_index, &buf, off)
-                    .map_err(|source| Error::Io {
-                        device: sb.device_index,
-                        offset: off,
-                        source,
-                    })?;
-            }
-            self.sync()?;
+            // The copy the older generation is not in first, then the other: a torn write of
+            // either leaves one copy pointing at a checkpoint that still exists.
+            self.write_superblocks(image, &segs, blob.len() as u64, crc, generation, generation)?;
             ck.generation = generation;
             Ok(())
         };
@@ -758,15 +884,28 @@ impl Inner {
             }
             return Err(e);
         }
+        let second = self.write_superblocks(
+            image,
+            &segs,
+            blob.len() as u64,
+            crc,
+            ck.generation,
+            ck.generation + 1,
+        );
         let mut space = self.space.lock();
-        // The previous checkpoint stays until the next commit: the other superblock copy points
-        // at it, so a damaged newest copy can fall back to it. The one before is unreferenced.
+        // Once both copies point at the new checkpoint the previous one is unreferenced; if the
+        // second copy could not be written it still points at the previous one, kept until the
+        // next commit.
         let mut freed = std::mem::take(&mut ck.prev_segments);
+        if second.is_ok() {
+            freed.extend(std::mem::take(&mut ck.segments));
+        } else {
+            for &s in &ck.segments {
+                space.set_state(s, SegState::OldCheckpoint);
+            }
+        }
         for &s in &freed {
             space.set_state(s, SegState::Free);
-        }
-        for &s in &ck.segments {
-            space.set_state(s, SegState::OldCheckpoint);
         }
         freed.extend(space.reclaim(image.seq, live_then));
         space.release_ids(image.seq);
@@ -775,7 +914,41 @@ impl Inner {
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
-        Ok(())
+        second
+    }
+
+    /// Point every device's superblock copy at slot `slot % 2` to the checkpoint in `segs`,
+    /// durably.
+    fn write_superblocks(
+        &self,
+        image: &Image,
+        segs: &[u32],
+        bytes: u64,
+        crc: u32,
+        generation: u64,
+        slot: u64,
+    ) -> Result<()> {
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        for sb in &self.superblocks {
+            let sb = Superblock {
+                generation,
+                checkpoint_segment: segs[0],
+                checkpoint_seq: image.seq,
+                checkpoint_bytes: bytes,
+                checkpoint_crc: crc,
+                ..sb.clone()
+            };
+            sb.encode(&mut buf);
+            let off = SUPERBLOCK_OFFSETS[(slot % 2) as usize];
+            self.devices
+                .write_at(sb.device_index, &buf, off)
+                .map_err(|source| Error::Io {
+                    device: sb.device_index,
+                    offset: off,
+                    source,
+                })?;
+        }
+        self.sync()
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -1388,6 +1561,7 @@ impl Pool {
             receivers.push(rx);
         }
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
+        let usable_bytes = usable_bytes(&geo, nshards);
         let inner = Arc::new(Inner {
             devices: devices.clone(),
             geo,
@@ -1416,6 +1590,7 @@ impl Pool {
             discard_freed: !pf.prefilled,
             gc_lock: Mutex::new(()),
             gc_stuck: AtomicBool::new(false),
+            usable_bytes,
             dedup: Mutex::new(dedup),
             dedup_key_mask,
         });
@@ -1590,15 +1765,22 @@ impl Pool {
     /// best candidates first, checkpointing after each batch. `progress(done, total)` reports
     /// segments.
     pub fn gc(&self, max_utilisation: f64, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
+        // A checkpoint first puts every sealed segment behind it, so that cleaned victims are
+        // freed after a flush instead of one checkpoint per chunk.
+        self.inner.checkpoint_with(None)?;
         // The segments worth cleaning now; segments the pass itself fills are left alone, so
         // it ends.
         let todo = self.gc_candidates(max_utilisation);
         let mut total = GcReport::default();
         progress(0, todo.len() as u64);
         for chunk in todo.chunks(GC_VICTIMS_PER_PASS) {
-            let r = self
-                .inner
-                .clean(chunk.len(), max_utilisation, Some(chunk), &mut |_, _| {})?;
+            let r = self.inner.clean(
+                chunk.len(),
+                max_utilisation,
+                Some(chunk),
+                false,
+                &mut |_, _| {},
+            )?;
             total.segments_cleaned += r.segments_cleaned;
             total.segments_freed += r.segments_freed;
             total.bytes_moved += r.bytes_moved;
@@ -1683,6 +1865,8 @@ impl Pool {
         };
         Stats {
             capacity_bytes: total * seg,
+            usable_bytes: inner.usable_bytes,
+            space_warning: space_warning(space.stored_bytes, inner.usable_bytes),
             physical_used_bytes: (total - space.free_segments as u64) * seg,
             logical_mapped_bytes: logical,
             stored_bytes: space.stored_bytes,
@@ -1978,53 +2162,94 @@ fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
 }
 
 fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
+    let mut wait = Duration::from_millis(500);
     loop {
-        let kicked = match rx.recv_timeout(Duration::from_millis(500)) {
+        let msg = rx.recv_timeout(wait);
+        let kicked = match msg {
             Ok(CkptMsg::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             Ok(CkptMsg::Kick) => true,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
+            Ok(CkptMsg::Space) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
         };
+        wait = Duration::from_millis(500);
         if inner.is_closed() {
             return;
         }
         let written = inner.counters.client_written.load(Ordering::Relaxed);
         let since = written.saturating_sub(inner.ckpt.lock().written_at_last);
-        let low_space = {
-            let free = inner.space.lock().free_segments;
-            free <= inner.reserve_segments() + 2 * inner.shards() + 2
-        };
+        let free = inner.space.lock().free_segments;
         let broken = inner.chain_broken.load(Ordering::Acquire);
-        if kicked || broken || since >= inner.checkpoint_interval || (low_space && since > 0) {
+        // Low on space, checkpoint every quarter of the pool written: that puts sealed
+        // segments behind a checkpoint, where the cleaner frees them without one.
+        let pool_bytes = u64::from(inner.geo.total_segments) * inner.geo.segment_bytes;
+        let low = free < inner.cleaning_threshold();
+        if kicked
+            || broken
+            || since >= inner.checkpoint_interval
+            || (low && since >= pool_bytes / 4)
+        {
             if let Err(e) = inner.checkpoint_with(None) {
                 eprintln!("ingot: checkpoint failed: {e}");
             }
         }
-        // Clean while free space is low, a few segments at a time so that foreground writes
-        // interleave; stop when a pass frees nothing (everything left is full).
-        while inner.cleaning_wanted() && !inner.is_closed() {
-            match inner.clean(
-                GC_VICTIMS_PER_PASS,
-                GC_MAX_UTILISATION,
-                None,
-                &mut |_, _| {},
-            ) {
-                Ok(r) if r.segments_freed > 0 => inner.gc_stuck.store(false, Ordering::Release),
-                Ok(r) if r.segments_cleaned == 0 && inner.reclaimable_segments() == 0 => {
-                    // Nothing worth cleaning yet (every segment nearly full): not stuck; writes
-                    // fail at the reserve only while nothing is reclaimable.
-                    inner.gc_stuck.store(false, Ordering::Release);
-                    break;
-                }
-                Ok(_) => {
-                    inner.gc_stuck.store(true, Ordering::Release);
-                    break;
-                }
+        if !low || inner.is_closed() {
+            inner.gc_stuck.store(false, Ordering::Release);
+            continue;
+        }
+        if let Err(e) = inner.free_dead_segments() {
+            if !inner.is_closed() {
+                eprintln!("ingot: freeing dead segments failed: {e}");
+            }
+            continue;
+        }
+        // Pacing: one pass per wake-up while there is headroom, back to back once writes
+        // wait (free space at the urgent threshold), where fuller segments are taken too.
+        let mut checkpointed = false;
+        loop {
+            let free = inner.space.lock().free_segments;
+            if free >= inner.cleaning_threshold() || inner.is_closed() {
+                inner.gc_stuck.store(false, Ordering::Release);
+                break;
+            }
+            let urgent = free <= inner.urgent_threshold();
+            let max_u = if urgent {
+                GC_URGENT_UTILISATION
+            } else {
+                GC_MAX_UTILISATION
+            };
+            // Victims sealed since the last checkpoint are freed by a checkpoint: take enough
+            // of them per pass that its cost (about 1.4% of the data) stays a small share.
+            let victims = GC_VICTIMS_PER_PASS.max(4 * inner.ckpt_reserve());
+            let r = inner.clean(victims, max_u, None, urgent, &mut |_, _| {});
+            let r = match r {
+                Ok(r) => r,
                 Err(e) => {
                     if !inner.is_closed() {
                         eprintln!("ingot: cleaning failed: {e}");
                     }
                     break;
                 }
+            };
+            // Stuck (writes that wait fail at once) only when even the fullest cleaning could
+            // not win two segments back: the pool is full of live data.
+            let stuck = urgent && inner.reclaimable_segments_at(GC_URGENT_UTILISATION) < 2;
+            inner.gc_stuck.store(stuck, Ordering::Release);
+            if r.segments_cleaned == 0 {
+                // Nothing behind the last checkpoint is worth cleaning: checkpoint, so that
+                // the segments sealed since become candidates, unless nothing was written.
+                if urgent && !checkpointed && inner.reclaimable_segments_at(max_u) > 0 {
+                    checkpointed = true;
+                    if let Err(e) = inner.checkpoint_with(None) {
+                        eprintln!("ingot: checkpoint failed: {e}");
+                        break;
+                    }
+                    continue;
+                }
+                break;
+            }
+            if !urgent {
+                // Let the foreground run; the next wake-up cleans again.
+                wait = Duration::from_millis(50);
+                break;
             }
         }
     }

@@ -65,10 +65,12 @@ pub(crate) enum ShardMsg {
         len: u64,
         job: Arc<Job>,
     },
-    /// Copy blocks out of segments being cleaned (see [`Relocation`]).
+    /// Copy blocks out of segments being cleaned (see [`Relocation`]). Moves are held until
+    /// the message with `last` (the end of the cleaning pass), then written back to back.
     Relocate {
         moves: Vec<Relocation>,
         job: Arc<Job>,
+        last: bool,
     },
     /// Drain in-flight I/O, move to a fresh segment, report the chain position, wait.
     Pause {
@@ -333,6 +335,13 @@ pub(crate) struct Shard {
     /// Parts of messages processed this turn: each holds one count until its items are packed,
     /// so no part completes before all of its records exist.
     held: Vec<Rc<Part>>,
+    /// Cleaner moves held until their pass ends (with their parts, and their payload bytes):
+    /// written back to back, a pass's moves fill segments of their own instead of interleaving
+    /// with foreground writes. Moved blocks are the cold ones; kept apart from hot writes, the
+    /// segments they land in stay full and are not cleaned again and again.
+    moves: Vec<Item>,
+    move_parts: Vec<Rc<Part>>,
+    move_bytes: usize,
     done: Vec<IoDone>,
 }
 
@@ -362,6 +371,9 @@ impl Shard {
             stalled_since: None,
             deferred: VecDeque::new(),
             held: Vec::new(),
+            moves: Vec::new(),
+            move_parts: Vec::new(),
+            move_bytes: 0,
             done: Vec::new(),
         }
     }
@@ -490,18 +502,27 @@ impl Shard {
                 self.zero(vol, offset, len, job);
                 0
             }
-            ShardMsg::Relocate { moves, job } => {
+            ShardMsg::Relocate { moves, job, last } => {
                 let part = Part::new(job);
                 part.records.set(1);
                 let mut n = 0;
                 for rel in moves {
                     n += rel.data.len() * rel.members.len();
-                    self.items.push(Item::Move {
+                    self.move_bytes += rel.data.len();
+                    self.moves.push(Item::Move {
                         rel,
                         part: part.clone(),
                     });
                 }
-                self.held.push(part);
+                // The part keeps its count while its moves are held (its job must not complete
+                // before they are written).
+                self.move_parts.push(part);
+                let cap = 4 * self.inner.geo.segment_bytes as usize;
+                if last || self.move_bytes >= cap {
+                    self.items.append(&mut self.moves);
+                    self.held.append(&mut self.move_parts);
+                    self.move_bytes = 0;
+                }
                 n
             }
             ShardMsg::Pause { paused, .. } => {
@@ -525,6 +546,11 @@ impl Shard {
 
     /// At stop: fail what is stalled or deferred.
     fn fail_waiting(&mut self) {
+        self.moves.clear();
+        for p in std::mem::take(&mut self.move_parts) {
+            p.fail(Error::ShutDown);
+            p.record_done();
+        }
         let stalled = std::mem::take(&mut self.stalled);
         self.unpin(stalled.iter());
         for item in stalled {
@@ -749,6 +775,11 @@ impl Shard {
         let part = Part::new(job);
         part.records.set(1);
         let end = offset + data.len() as u64;
+        if self.over_capacity(&vol, offset, end) {
+            part.fail(Error::NoSpace);
+            self.held.push(part);
+            return;
+        }
         let mut pos = offset;
         while pos < end {
             let lba = pos / BLOCK_BYTES;
@@ -776,6 +807,22 @@ impl Shard {
             pos = upto;
         }
         self.held.push(part);
+    }
+
+    /// Whether this write would take stored data past the pool's usable capacity: only blocks
+    /// not mapped yet count (an overwrite frees what it replaces), so a full pool still takes
+    /// overwrites, and trims make room again.
+    fn over_capacity(&self, vol: &VolumeState, offset: u64, end: u64) -> bool {
+        let stored = self.inner.space.lock().stored_bytes;
+        let usable = self.inner.usable_bytes;
+        if stored + (end - offset) <= usable {
+            return false;
+        }
+        let n = self.inner.shards();
+        let new = (offset / BLOCK_BYTES..end.div_ceil(BLOCK_BYTES))
+            .filter(|&lba| shard_of(lba, n) == self.id && vol.lookup(lba) == 0)
+            .count() as u64;
+        new > 0 && stored + new * BLOCK_BYTES > usable
     }
 
     fn zero(&mut self, vol: Arc<VolumeState>, offset: u64, len: u64, job: Arc<Job>) {
@@ -1145,13 +1192,17 @@ impl Shard {
             return false;
         }
         if free <= reserve && self.inner.gc_stuck.load(Ordering::Acquire) {
-            // The cleaner found nothing to free: the pool is full of live data.
-            self.inner.kick_checkpoint();
+            // The cleaner cannot win space back: the pool is full of live data.
+            self.inner.kick_cleaner();
             return false;
         }
         // A checkpoint gives a shard without a next segment one; the cleaner makes free space.
-        self.inner.kick_checkpoint();
-        free > reserve || self.inner.reclaimable_segments() > 0
+        if self.pos.next == NO_SEGMENT && free > reserve {
+            self.inner.kick_checkpoint();
+        } else {
+            self.inner.kick_cleaner();
+        }
+        true
     }
 
     fn build_record(&mut self, batch: Vec<Item>, kind: RecordKind) {
@@ -1442,7 +1493,7 @@ impl Shard {
         let free = self.inner.space.lock().free_segments;
         if room == Room::Data && free <= self.inner.data_reserve() {
             // Wake the cleaner; the write fails now rather than eat the cleaner's headroom.
-            self.inner.kick_checkpoint();
+            self.inner.kick_cleaner();
             return Err(Error::NoSpace);
         }
         let mut space = self.inner.space.lock();
