@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -485,10 +486,18 @@ impl Inner {
                 victims.push(s);
             }
             let mut moves: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
+            // Segment -> victim index, so the scan of the block table is one lookup per block.
+            let mut victim_of = vec![u32::MAX; space.seg_state.len()];
+            for (i, &v) in victims.iter().enumerate() {
+                victim_of[v as usize] = i as u32;
+            }
             for (id, e) in space.blocks.iter().enumerate() {
                 if e.refs > 0 {
-                    if let Some(i) = victims.iter().position(|&v| v == e.segment) {
-                        moves[i].push((id as u64, *e));
+                    if let Some(&i) = victim_of
+                        .get(e.segment as usize)
+                        .filter(|&&i| i != u32::MAX)
+                    {
+                        moves[i as usize].push((id as u64, *e));
                     }
                 }
             }
@@ -594,7 +603,8 @@ impl Inner {
             return Ok(());
         }
         let (dev, base) = self.geo.locate(seg);
-        let mut buf = AlignedBuf::new(self.geo.segment_bytes as usize);
+        // SAFETY: the read fills the whole buffer (or fails) before anything looks at it.
+        let mut buf = unsafe { AlignedBuf::new_uninit(self.geo.segment_bytes as usize) };
         self.devices
             .read_at(dev, &mut buf, base)
             .map_err(|source| Error::Io {
@@ -602,26 +612,38 @@ impl Inner {
                 offset: base,
                 source,
             })?;
-        // One relocation per stored payload, with every live block it holds.
-        let mut payloads: BTreeMap<u32, Relocation> = BTreeMap::new();
-        for &(id, e) in blocks {
+        let buf = Bytes::from_owner(buf);
+        // One relocation per stored payload, with every live block it holds (the blocks of a
+        // compressed group share one payload).
+        let mut live: Vec<&(u64, BlockEntry)> = blocks.iter().collect();
+        live.sort_unstable_by_key(|(_, e)| e.offset);
+        // Slices keep the whole segment buffer alive until the moves are written: worth it
+        // only when most of it moves; a mostly dead victim has its few payloads copied out.
+        let live_bytes: usize = live.iter().map(|(_, e)| usize::from(e.stored_len)).sum();
+        let share = 2 * live_bytes >= buf.len();
+        let mut payloads: Vec<Relocation> = Vec::new();
+        for &&(id, e) in &live {
             let at = e.offset as usize;
-            let Some(data) = buf.get(at..at + usize::from(e.stored_len)) else {
+            let end = at + usize::from(e.stored_len);
+            if end > buf.len() {
                 continue;
-            };
-            payloads
-                .entry(e.offset)
-                .or_insert_with(|| Relocation {
+            }
+            match payloads.last_mut() {
+                Some(r) if r.from_offset == e.offset => r.members.push((id, e.flags)),
+                _ => payloads.push(Relocation {
                     from_segment: seg,
                     from_offset: e.offset,
-                    data: data.into(),
+                    data: if share {
+                        buf.slice(at..end)
+                    } else {
+                        Bytes::copy_from_slice(&buf[at..end])
+                    },
                     crc: e.crc,
-                    members: Vec::new(),
-                })
-                .members
-                .push((id, e.flags));
+                    members: vec![(id, e.flags)],
+                }),
+            }
         }
-        let mut payloads: Vec<Relocation> = payloads.into_values().collect();
+
         while !payloads.is_empty() {
             // Up to a record's worth of entries per message.
             let mut entries = 0;
@@ -2218,7 +2240,7 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             };
             // Victims sealed since the last checkpoint are freed by a checkpoint: take enough
             // of them per pass that its cost (about 1.4% of the data) stays a small share.
-            let victims = GC_VICTIMS_PER_PASS.max(4 * inner.ckpt_reserve());
+            let victims = GC_VICTIMS_PER_PASS.max(4 * inner.ckpt_reserve()).min(64);
             let r = inner.clean(victims, max_u, None, urgent, &mut |_, _| {});
             let r = match r {
                 Ok(r) => r,

@@ -88,8 +88,9 @@ pub(crate) enum ShardMsg {
 pub(crate) struct Relocation {
     pub from_segment: u32,
     pub from_offset: u32,
-    /// The stored payload, exactly as it was (its CRC is kept, so corruption is not laundered).
-    pub data: Box<[u8]>,
+    /// The stored payload, exactly as it was (its CRC is kept, so corruption is not laundered);
+    /// a slice of the victim segment's buffer.
+    pub data: Bytes,
     pub crc: u32,
     /// Live blocks stored in this payload: (block id, flags).
     pub members: Vec<(u64, u16)>,

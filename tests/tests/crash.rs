@@ -304,7 +304,7 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
 /// the kills land while it moves blocks and frees segments.
 #[test]
 fn sigkill_while_cleaning_loses_no_flushed_write() {
-    crash_cycles("crash-gc", "160M", "2M", true);
+    crash_cycles("crash-gc", "96M", "2M", true);
 }
 
 fn crash_cycles(tag: &str, pool_size: &str, segment_size: &str, cleaning: bool) {
