@@ -179,6 +179,39 @@ fn ninety_percent_full_overwritten_five_pools_worth_then_full() {
             "read -P 0x7c 128M 32M",
         ])
         .arg(srv.unix_uri("w")));
+    // Trimming everything gives the space back, to the pool and to the host's file system.
+    let du = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).expect("pool file").blocks() * 512
+    };
+    let img = pool.join("dev0.img");
+    let before = du(&img);
+    for (vol, size) in [("v", vol_bytes), ("w", 256 * MIB)] {
+        run(Command::new(&qemu_io)
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("discard 0 {size}"),
+                "-c",
+                "flush",
+            ])
+            .arg(srv.unix_uri(vol)));
+    }
+    ingot_ok(["gc".as_ref(), "--pool".as_ref(), pool.as_os_str()]);
+    let s = stats(&pool);
+    assert_eq!(u64_of(&s, "stored_bytes"), 0, "{s}");
+    let used = u64_of(&s, "physical_used_bytes");
+    let after = du(&img);
+    eprintln!("after trimming everything: physical_used_bytes {used}, du {before} -> {after}");
+    assert!(
+        used <= pool_bytes / 4,
+        "physical_used_bytes {used} after trimming everything: {s}"
+    );
+    assert!(
+        after + pool_bytes / 2 <= before,
+        "the pool file's allocation shrank from {before} to {after} only"
+    );
     srv.stop();
     let out = output(ingot().args(["check", "--pool"]).arg(&pool));
     assert!(
