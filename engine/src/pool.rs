@@ -485,6 +485,13 @@ impl Inner {
                 taken += live;
                 victims.push(s);
             }
+            // Oldest victims first: their live blocks are the coldest, and the pass's moves
+            // land back to back in this order, so blocks of like age share segments (LFS sorts
+            // moved blocks by age for the same reason).
+            victims.sort_by_key(|&v| match space.seg_state[v as usize] {
+                SegState::Sealed { seq } => seq,
+                _ => u64::MAX,
+            });
             let mut moves: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
             // Segment -> victim index, so the scan of the block table is one lookup per block.
             let mut victim_of = vec![u32::MAX; space.seg_state.len()];
