@@ -41,14 +41,4 @@ impl Credit {
         *used = used.saturating_sub(n);
         self.cv.notify_all();
     }
-
-    /// Wait until nothing is charged: every request charged has been replied to (or its reply
-    /// dropped with the connection).
-    pub fn wait_idle(&self) {
-        let mut used = self.used.lock();
-        while *used > 0 {
-            self.cv.wait(&mut used);
-        }
-    }
 }
-

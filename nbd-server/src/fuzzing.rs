@@ -147,7 +147,6 @@ fn limits() -> Limits {
         max_inflight_bytes: 64 << 20,
         idle_timeout: None,
         request_timeout: None,
-        reply_timeout: None,
     }
 }
 

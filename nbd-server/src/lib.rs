@@ -2,10 +2,8 @@
 //!
 //! The server speaks the fixed newstyle NBD protocol (structured replies, `base:allocation`
 //! block status) over TCP and unix sockets. It is thread based: one accept thread per listener,
-//! and per connection a reader thread that submits requests without waiting. Replies go out as
-//! requests complete (possibly out of order), sent by the engine thread that completed them with
-//! a non-blocking write; a per-connection flusher thread takes over only while the client is
-//! slow to read (TLS connections have a writer thread instead).
+//! and per connection a reader thread that submits requests without waiting and a writer thread
+//! that sends replies as they complete (possibly out of order).
 //!
 //! ```no_run
 //! use std::sync::Arc;

@@ -45,28 +45,13 @@ pub(crate) struct Outgoing {
     pub body: Body,
 }
 
-/// A reply encoded for the socket: `head` then `data` (a read's bytes, sent from the engine's
-/// buffer without another copy).
+/// A reply encoded for the socket: `head` then `data` (a read's bytes, written from the
+/// engine's buffer: a large read bypasses the write buffer, no copy).
 pub(crate) struct Wire {
     pub head: Vec<u8>,
     pub data: Vec<u8>,
-    /// Bytes of `head` + `data` already sent.
-    pub sent: usize,
-    /// Credit to give back once the whole reply is sent (or dropped).
+    /// Credit to give back once the reply is written (or dropped).
     pub cost: u64,
-}
-
-impl Wire {
-    pub fn len(&self) -> usize {
-        self.head.len() + self.data.len()
-    }
-
-    /// The unsent part as up to two slices.
-    pub fn unsent(&self) -> (&[u8], &[u8]) {
-        let h = self.head.get(self.sent..).unwrap_or(&[]);
-        let d_from = self.sent.saturating_sub(self.head.len());
-        (h, self.data.get(d_from..).unwrap_or(&[]))
-    }
 }
 
 /// Room for the largest fast-path header (extended header + data offset).
@@ -88,7 +73,9 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
             return Wire::new(head, Vec::new(), ctx.cost);
         }
         Body::Read(Ok(Reply::Data(d)), holes)
-            if is_read && d.len() as u64 == ctx.len && (holes.is_empty() || mode == Mode::Simple) =>
+            if is_read
+                && d.len() as u64 == ctx.len
+                && (holes.is_empty() || mode == Mode::Simple) =>
         {
             if mode == Mode::Simple {
                 put_simple_reply(&mut head, 0, ctx.cookie);
@@ -112,12 +99,7 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
 
 impl Wire {
     fn new(head: Vec<u8>, data: Vec<u8>, cost: u64) -> Wire {
-        Wire {
-            head,
-            data,
-            sent: 0,
-            cost,
-        }
+        Wire { head, data, cost }
     }
 }
 

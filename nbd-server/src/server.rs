@@ -550,19 +550,16 @@ fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
         max_inflight_bytes: cfg.max_inflight_bytes,
         idle_timeout: cfg.idle_timeout,
         request_timeout: cfg.request_timeout,
-        reply_timeout: cfg.reply_timeout,
     };
+    let control = Some(sock.try_clone()?);
     match io.t {
         Transport::Plain { r, w } => {
             // Bytes the handshake's buffer already holds are the first requests.
             let reader = SockReader::new(sock.try_clone()?, r.buffer());
             drop(r);
-            transmission::serve_socket(reader, w, neg, limits)
+            transmission::serve(reader, w, control, neg, limits)
         }
-        Transport::Tls { r, w } => {
-            let control = Some(sock.try_clone()?);
-            transmission::serve(r, w, control, neg, limits)
-        }
+        Transport::Tls { r, w } => transmission::serve(r, w, control, neg, limits),
         Transport::Closed => Ok(()),
     }
 }

@@ -1,6 +1,6 @@
 //! The transmission phase: a reader (this thread) that decodes, validates and submits requests
-//! without waiting for them; replies go out as requests complete, possibly out of order, through
-//! the connection's [`Replies`] (see `sender.rs`).
+//! without waiting for them, and a writer thread that sends replies as they complete, possibly out
+//! of order (`sender.rs`).
 
 use std::io;
 use std::io::Write;
@@ -17,10 +17,10 @@ use crate::credit::Credit;
 use crate::error::{NbdError, Result};
 use crate::export::Export;
 use crate::handshake::Negotiated;
-use crate::input::{Input, SockReader};
+use crate::input::Input;
 use crate::proto::*;
 use crate::reply::{Body, Mode, ReqCtx};
-use crate::sender::{writer_loop, Direct, Replies};
+use crate::sender::{writer_loop, Replies};
 use crate::stream::Stream;
 
 /// Bytes charged against the in-flight budget for any request, on top of its payload.
@@ -36,9 +36,6 @@ pub(crate) struct Limits {
     pub idle_timeout: Option<Duration>,
     /// Longest time without progress in the middle of a request (`None`: forever).
     pub request_timeout: Option<Duration>,
-    /// Longest time a reply may wait for the client to read it on a plain socket (`None`:
-    /// forever); streams with a writer thread use the socket's write timeout instead.
-    pub reply_timeout: Option<Duration>,
 }
 
 fn mode_of(neg: &Negotiated) -> Mode {
@@ -51,30 +48,8 @@ fn mode_of(neg: &Negotiated) -> Mode {
     }
 }
 
-/// Serve requests from a plain socket until the client disconnects, then wait for every reply
-/// to be sent. Replies are sent by the threads that complete the requests (see `sender.rs`).
-pub(crate) fn serve_socket(
-    reader: SockReader,
-    sock: Stream,
-    neg: Negotiated,
-    limits: Limits,
-) -> Result<()> {
-    let credit = Arc::new(Credit::new(limits.max_inflight_bytes));
-    let control = sock.try_clone()?;
-    let (direct, flusher) = Direct::start(sock, mode_of(&neg), credit.clone(), limits.reply_timeout)?;
-    let res = run(reader, Replies::Direct(direct.clone()), credit.clone(), neg, limits);
-    // Every request charged credit until its reply was sent (or dropped with a broken
-    // connection), so this waits for every in-flight request.
-    credit.wait_idle();
-    direct.close();
-    let _ = flusher.join();
-    control.shutdown(std::net::Shutdown::Both);
-    res
-}
-
-/// Serve requests until the client disconnects, then wait for every reply to be written by a
-/// writer thread (for streams threads cannot share: TLS, the fuzzer's in-memory bytes).
-/// `control`, when given, is shut down to wake the reader when the writer fails.
+/// Serve requests until the client disconnects, then wait for every reply to be written by the
+/// writer thread. `control`, when given, is shut down to wake the reader when the writer fails.
 pub(crate) fn serve<R: Input, W: Write + Send + 'static>(
     reader: R,
     writer: W,
@@ -95,7 +70,7 @@ pub(crate) fn serve<R: Input, W: Write + Send + 'static>(
     })?;
     // Dropping the last sender (the reader's, then each completion's) lets the writer finish
     // once every in-flight request has completed and its reply has been written.
-    let res = run(reader, Replies::Thread(tx), credit, neg, limits);
+    let res = run(reader, Replies(tx), credit, neg, limits);
     let _ = writer.join();
     if let Some(c) = control {
         c.shutdown(std::net::Shutdown::Both);
