@@ -1,8 +1,11 @@
 //! Replies of the transmission phase: what a request's reply is made of, and its encoding into
 //! the bytes sent to the client ([`Wire`]).
 
-use ingot_engine::Reply;
+use std::sync::Arc;
 
+use ingot_engine::{Reply, SECTOR_BYTES};
+
+use crate::export::Export;
 use crate::proto::*;
 
 /// Which reply headers the connection uses.
@@ -27,8 +30,9 @@ pub(crate) struct ReqCtx {
 pub(crate) enum Body {
     /// Straight from the engine.
     Engine(ingot_engine::Result<Reply>),
-    /// A read's data with the ranges (absolute offset, length) the export reported as holes.
-    Read(ingot_engine::Result<Reply>, Vec<(u64, u64)>),
+    /// A read's data, with the export to ask for holes when runs of zeroes may be sent as
+    /// holes (structured replies without NBD_CMD_FLAG_DF).
+    Read(ingot_engine::Result<Reply>, Option<Arc<dyn Export>>),
     Done,
     /// Block status descriptors (length, flags) for one metadata context.
     Extents(u32, Vec<(u64, u32)>),
@@ -75,7 +79,7 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
         Body::Read(Ok(Reply::Data(d)), holes)
             if is_read
                 && d.len() as u64 == ctx.len
-                && (holes.is_empty() || mode == Mode::Simple) =>
+                && (mode == Mode::Simple || holes.is_none() || !has_zero_sector(&d)) =>
         {
             if mode == Mode::Simple {
                 put_simple_reply(&mut head, 0, ctx.cookie);
@@ -137,12 +141,19 @@ fn is_zero(s: &[u8]) -> bool {
 /// Every other reply, encoded whole into `out`.
 fn encode_general(out: &mut Vec<u8>, mode: Mode, ctx: &ReqCtx, body: Body) {
     let is_read = ctx.command == CMD_READ;
-    let (res, holes) = match body {
-        Body::Read(res, holes) => (Body::Engine(res), holes),
-        other => (other, Vec::new()),
+    let (res, export) = match body {
+        Body::Read(res, export) => (Body::Engine(res), export),
+        other => (other, None),
     };
     let body = match res {
         Body::Engine(Ok(Reply::Data(d))) if is_read && d.len() as u64 == ctx.len => {
+            // Only a read with a sector of zeroes can have a hole to report.
+            let holes = match export {
+                Some(e) if mode != Mode::Simple && has_zero_sector(&d) => {
+                    holes(&*e, ctx.offset, ctx.len)
+                }
+                _ => Vec::new(),
+            };
             return encode_data(out, mode, ctx, &d, &holes);
         }
         Body::Engine(Ok(Reply::Done)) if !is_read => Body::Done,
@@ -230,6 +241,33 @@ fn encode_general(out: &mut Vec<u8>, mode: Mode, ctx: &ReqCtx, body: Body) {
             }
         }
     }
+}
+
+/// True when some 512-byte sector of `data` (a read's, sector-aligned) is all zero.
+fn has_zero_sector(data: &[u8]) -> bool {
+    data.chunks(SECTOR_BYTES as usize).any(is_zero)
+}
+
+/// Ranges (absolute offset, length) of `offset..offset+len` the export reports as holes (none
+/// if it cannot tell).
+fn holes(export: &dyn Export, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let Ok(extents) = export.block_status(offset, len) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    for e in extents {
+        if pos >= end {
+            break;
+        }
+        let l = e.len.min(end - pos);
+        if e.hole && l > 0 {
+            out.push((pos, l));
+        }
+        pos += l;
+    }
+    out
 }
 
 /// A read's data: one simple reply, or structured chunks where ranges the export reported as

@@ -393,12 +393,10 @@ impl<R: Input> Conn<R> {
                     self.send(ctx, Body::Done);
                 } else {
                     // Holes are sent as NBD_REPLY_TYPE_OFFSET_HOLE chunks unless the client
-                    // asked for a single chunk.
-                    let holes = if structured && flags & CMD_FLAG_DF == 0 {
-                        self.holes(offset, len)
-                    } else {
-                        Vec::new()
-                    };
+                    // asked for a single chunk. The writer asks the export for them, and only
+                    // when the data has a sector of zeroes (see `reply::encode`).
+                    let holes =
+                        (structured && flags & CMD_FLAG_DF == 0).then(|| self.export.clone());
                     let replies = self.replies.clone();
                     let done: Completion =
                         Box::new(move |res| replies.post(ctx, Body::Read(res, holes)));
@@ -498,27 +496,6 @@ impl<R: Input> Conn<R> {
             _ => return Err((EINVAL, "unknown command")),
         }
         Ok(())
-    }
-
-    /// Ranges of `offset..offset+len` the export reports as holes (none if it cannot tell).
-    fn holes(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        let Ok(extents) = self.export.block_status(offset, len) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        let mut pos = offset;
-        let end = offset + len;
-        for e in extents {
-            if pos >= end {
-                break;
-            }
-            let l = e.len.min(end - pos);
-            if e.hole && l > 0 {
-                out.push((pos, l));
-            }
-            pos += l;
-        }
-        out
     }
 
     fn block_status(&self, context_id: u32, offset: u64, len: u64, req_one: bool) -> Body {
