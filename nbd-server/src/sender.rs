@@ -7,9 +7,10 @@
 //!
 //! Measured and rejected: sending each reply from the engine thread that completed it, with a
 //! non-blocking `sendmsg` (a flusher thread taking over only while the socket was full). It saved
-//! the hand-off (4-13% of the server's CPU per 4 KiB write with one connection, nothing with
-//! two), but replies left one by one and the client woke for each: fio had 1.3-4x the context
-//! switches and 13-58% more CPU per I/O, a net loss on a 2-core machine.
+//! the hand-off (a median 8% of the server's CPU per 4 KiB write with one connection, nothing
+//! with two), but replies left one by one and the client woke for each: fio had 1.25-4x the
+//! context switches and 3-58% more CPU per I/O, and fewer IOPS in 13 of 18 same-session pairs
+//! (docs/benchmarks.md).
 
 use std::io::{BufWriter, Write};
 use std::net::Shutdown;
