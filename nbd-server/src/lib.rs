@@ -16,13 +16,17 @@
 //! # Ok(()) }
 //! ```
 
+mod credit;
 mod engine_export;
 mod error;
 mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
+mod input;
 pub mod proto;
+mod reply;
+mod sender;
 mod server;
 mod stream;
 mod tls;

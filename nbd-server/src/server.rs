@@ -19,6 +19,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{NbdError, Result};
 use crate::export::ExportSource;
 use crate::handshake::{negotiate, HandshakeCtx, HandshakeIo};
+use crate::input::SockReader;
 use crate::stream::Stream;
 use crate::tls::{self, TlsConfig, TlsReader, TlsWriter};
 use crate::transmission::{self, Limits};
@@ -552,7 +553,12 @@ fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
     };
     let control = Some(sock.try_clone()?);
     match io.t {
-        Transport::Plain { r, w } => transmission::serve(r, w, control, neg, limits),
+        Transport::Plain { r, w } => {
+            // Bytes the handshake's buffer already holds are the first requests.
+            let reader = SockReader::new(sock.try_clone()?, r.buffer());
+            drop(r);
+            transmission::serve(reader, w, control, neg, limits)
+        }
         Transport::Tls { r, w } => transmission::serve(r, w, control, neg, limits),
         Transport::Closed => Ok(()),
     }

@@ -1,108 +1,32 @@
 //! The transmission phase: a reader (this thread) that decodes, validates and submits requests
-//! without waiting for them, and a writer thread that sends replies as they complete.
+//! without waiting for them, and a writer thread that sends replies as they complete, possibly out
+//! of order (`sender.rs`).
 
-use std::io::{self, BufWriter, Read, Write};
-use std::net::Shutdown;
+use std::io;
+use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use ingot_engine::{Completion, Reply, Request, MAX_REQUEST_BYTES, SECTOR_BYTES};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
+use crate::credit::Credit;
 use crate::error::{NbdError, Result};
 use crate::export::Export;
 use crate::handshake::Negotiated;
+use crate::input::Input;
 use crate::proto::*;
+use crate::reply::{Body, Mode, ReqCtx};
+use crate::sender::{writer_loop, Replies};
 use crate::stream::Stream;
 
 /// Bytes charged against the in-flight budget for any request, on top of its payload.
 const REQUEST_OVERHEAD: u64 = 4096;
 /// Largest range one `block_status` call to the export covers.
 const BLOCK_STATUS_QUERY_BYTES: u64 = MAX_REQUEST_BYTES;
-/// Write buffer of the reply writer.
-const WRITE_BUFFER_BYTES: usize = 256 << 10;
-
-/// Budget of bytes in flight on one connection (payloads of requests not yet replied to).
-struct Credit {
-    used: Mutex<u64>,
-    cv: Condvar,
-    max: u64,
-}
-
-impl Credit {
-    fn new(max: u64) -> Self {
-        Credit {
-            used: Mutex::new(0),
-            cv: Condvar::new(),
-            max: max.max(1),
-        }
-    }
-
-    /// Wait until `n` bytes (at most the whole budget) fit; returns what was charged.
-    fn acquire(&self, n: u64) -> u64 {
-        let n = n.min(self.max);
-        let mut used = self.used.lock();
-        while used.saturating_add(n) > self.max {
-            self.cv.wait(&mut used);
-        }
-        *used += n;
-        n
-    }
-
-    fn used(&self) -> u64 {
-        *self.used.lock()
-    }
-
-    fn release(&self, n: u64) {
-        let mut used = self.used.lock();
-        *used = used.saturating_sub(n);
-        self.cv.notify_all();
-    }
-}
-
-/// What the writer needs to know about a request to format its reply.
-#[derive(Debug, Clone, Copy)]
-struct ReqCtx {
-    cookie: u64,
-    command: u16,
-    offset: u64,
-    len: u64,
-    /// Bytes charged to the in-flight budget, released once the reply is written.
-    cost: u64,
-}
-
-enum Body {
-    /// Straight from the engine.
-    Engine(ingot_engine::Result<Reply>),
-    /// A read's data with the ranges (absolute offset, length) the export reported as holes.
-    Read(ingot_engine::Result<Reply>, Vec<(u64, u64)>),
-    Done,
-    /// Block status descriptors (length, flags) for one metadata context.
-    Extents(u32, Vec<(u64, u32)>),
-    /// `at_offset`: report with NBD_REPLY_TYPE_ERROR_OFFSET (engine failures of a read).
-    Error {
-        errno: u32,
-        msg: String,
-        at_offset: bool,
-    },
-}
-
-struct Outgoing {
-    ctx: ReqCtx,
-    body: Body,
-}
-
-/// Which reply headers the connection uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Structured,
-    Extended,
-}
 
 /// Limits of the transmission phase.
 #[derive(Debug, Clone, Copy)]
@@ -114,9 +38,19 @@ pub(crate) struct Limits {
     pub request_timeout: Option<Duration>,
 }
 
-/// Serve requests until the client disconnects, then wait for every reply to be written.
-/// `control`, when given, is shut down to wake the reader when the writer fails.
-pub(crate) fn serve<R: Read, W: Write + Send + 'static>(
+fn mode_of(neg: &Negotiated) -> Mode {
+    if neg.extended {
+        Mode::Extended
+    } else if neg.structured {
+        Mode::Structured
+    } else {
+        Mode::Simple
+    }
+}
+
+/// Serve requests until the client disconnects, then wait for every reply to be written by the
+/// writer thread. `control`, when given, is shut down to wake the reader when the writer fails.
+pub(crate) fn serve<R: Input, W: Write + Send + 'static>(
     reader: R,
     writer: W,
     control: Option<Stream>,
@@ -125,13 +59,7 @@ pub(crate) fn serve<R: Read, W: Write + Send + 'static>(
 ) -> Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let credit = Arc::new(Credit::new(limits.max_inflight_bytes));
-    let mode = if neg.extended {
-        Mode::Extended
-    } else if neg.structured {
-        Mode::Structured
-    } else {
-        Mode::Simple
-    };
+    let mode = mode_of(&neg);
     let writer_control = match &control {
         Some(c) => Some(c.try_clone()?),
         None => None,
@@ -140,26 +68,35 @@ pub(crate) fn serve<R: Read, W: Write + Send + 'static>(
         let credit = credit.clone();
         move || writer_loop(writer, writer_control, rx, credit, mode)
     })?;
+    // Dropping the last sender (the reader's, then each completion's) lets the writer finish
+    // once every in-flight request has completed and its reply has been written.
+    let res = run(reader, Replies(tx), credit, neg, limits);
+    let _ = writer.join();
+    if let Some(c) = control {
+        c.shutdown(std::net::Shutdown::Both);
+    }
+    res
+}
+
+fn run<R: Input>(
+    reader: R,
+    replies: Replies,
+    credit: Arc<Credit>,
+    neg: Negotiated,
+    limits: Limits,
+) -> Result<()> {
     let mut conn = Conn {
         r: reader,
         size: neg.export.size_bytes(),
+        mode: mode_of(&neg),
         export: neg.export,
         read_only: neg.read_only,
-        mode,
         meta_context: neg.meta_context,
-        tx,
+        replies,
         credit,
         limits,
     };
-    let res = conn.run();
-    // Dropping the last reader-side sender lets the writer finish once every in-flight request
-    // has completed and its reply has been written.
-    drop(conn);
-    let _ = writer.join();
-    if let Some(c) = control {
-        c.shutdown(Shutdown::Both);
-    }
-    res
+    conn.run()
 }
 
 struct Conn<R> {
@@ -169,7 +106,7 @@ struct Conn<R> {
     read_only: bool,
     mode: Mode,
     meta_context: Option<u32>,
-    tx: Sender<Outgoing>,
+    replies: Replies,
     credit: Arc<Credit>,
     limits: Limits,
 }
@@ -200,7 +137,7 @@ struct Req {
     payload: u64,
 }
 
-impl<R: Read> Conn<R> {
+impl<R: Input> Conn<R> {
     fn run(&mut self) -> Result<()> {
         loop {
             let Some(h) = self.next_header()? else {
@@ -279,40 +216,59 @@ impl<R: Read> Conn<R> {
                     got += n;
                     since = Instant::now();
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
-                    let waited = since.elapsed();
-                    if header && got == 0 {
-                        if self.credit.used() > 0 {
-                            // The client waits for replies: not idle.
-                            since = Instant::now();
-                        } else if self.limits.idle_timeout.is_some_and(|t| waited >= t) {
-                            return Err(NbdError::IdleTimeout);
-                        }
-                    } else if self.limits.request_timeout.is_some_and(|t| waited >= t) {
-                        return Err(NbdError::RequestTimeout);
-                    }
-                }
-                Err(e) => return Err(NbdError::Io(e)),
+                Err(e) => self.read_error(e, header && got == 0, &mut since)?,
             }
         }
         Ok(true)
     }
 
+    /// Read a write's payload of `len` bytes into a buffer of its own (not zeroed first).
+    fn fill_payload(&mut self, len: usize) -> Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len);
+        let mut since = Instant::now();
+        while buf.len() < len {
+            let want = len - buf.len();
+            match self.r.read_append(&mut buf, want) {
+                Ok(0) => return Err(NbdError::Truncated),
+                Ok(_) => since = Instant::now(),
+                Err(e) => self.read_error(e, false, &mut since)?,
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Judge a failed read: `Ok` to read again (interrupted, or a socket read timeout within
+    /// the limits), else the error ending the connection. Timeouts count against the idle
+    /// timeout while waiting for a header with nothing in flight (`idle`), against the request
+    /// timeout otherwise; `since` is when the wait began.
+    fn read_error(&self, e: io::Error, idle: bool, since: &mut Instant) -> Result<()> {
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        if !is_timeout(&e) {
+            return Err(NbdError::Io(e));
+        }
+        let waited = since.elapsed();
+        if idle {
+            if self.credit.used() > 0 {
+                // The client waits for replies: not idle.
+                *since = Instant::now();
+            } else if self.limits.idle_timeout.is_some_and(|t| waited >= t) {
+                return Err(NbdError::IdleTimeout);
+            }
+        } else if self.limits.request_timeout.is_some_and(|t| waited >= t) {
+            return Err(NbdError::RequestTimeout);
+        }
+        Ok(())
+    }
+
     fn send(&self, ctx: ReqCtx, body: Body) {
-        // The writer only goes away after every sender is dropped, so this cannot fail while
-        // `self` is alive; ignore it anyway.
-        let _ = self.tx.send(Outgoing { ctx, body });
+        self.replies.post(ctx, body);
     }
 
     fn completion(&self, ctx: ReqCtx) -> Completion {
-        let tx = self.tx.clone();
-        Box::new(move |res| {
-            let _ = tx.send(Outgoing {
-                ctx,
-                body: Body::Engine(res),
-            });
-        })
+        let replies = self.replies.clone();
+        Box::new(move |res| replies.post(ctx, Body::Engine(res)))
     }
 
     fn in_range(&self, offset: u64, len: u64) -> bool {
@@ -335,27 +291,13 @@ impl<R: Read> Conn<R> {
             cost,
         };
 
-        let data = if h.payload > MAX_REQUEST_BYTES {
-            // Compact writes only (extended ones were refused with the header): keep the
-            // stream in sync by skipping the payload, then fail the request.
-            let mut scratch = vec![0u8; 64 << 10];
-            let mut left = h.payload;
-            while left > 0 {
-                let n = left.min(scratch.len() as u64) as usize;
-                let Some(part) = scratch.get_mut(..n) else {
-                    break;
-                };
-                self.fill(part, false)?;
-                left -= n as u64;
+        let data = match self.payload(&h) {
+            Ok(d) => d,
+            Err(e) => {
+                // No reply will be sent for this request.
+                self.credit.release(cost);
+                return Err(e);
             }
-            None
-        } else if h.payload > 0 {
-            // `payload` <= 32 MiB here.
-            let mut buf = vec![0u8; h.payload as usize];
-            self.fill(&mut buf, false)?;
-            Some(buf)
-        } else {
-            None
         };
 
         match self.dispatch(h, ctx, data) {
@@ -370,6 +312,30 @@ impl<R: Read> Conn<R> {
             ),
         }
         Ok(())
+    }
+
+    /// Read a request's payload; `None` when it has none or it was too large to keep (skipped,
+    /// so that the stream stays in sync, and the request is failed).
+    fn payload(&mut self, h: &Req) -> Result<Option<Vec<u8>>> {
+        if h.payload > MAX_REQUEST_BYTES {
+            // Compact writes only (extended ones were refused with the header).
+            let mut scratch = vec![0u8; 64 << 10];
+            let mut left = h.payload;
+            while left > 0 {
+                let n = left.min(scratch.len() as u64) as usize;
+                let Some(part) = scratch.get_mut(..n) else {
+                    break;
+                };
+                self.fill(part, false)?;
+                left -= n as u64;
+            }
+            Ok(None)
+        } else if h.payload > 0 {
+            // `payload` <= 32 MiB here.
+            Ok(Some(self.fill_payload(h.payload as usize)?))
+        } else {
+            Ok(None)
+        }
     }
 
     fn dispatch(
@@ -427,19 +393,13 @@ impl<R: Read> Conn<R> {
                     self.send(ctx, Body::Done);
                 } else {
                     // Holes are sent as NBD_REPLY_TYPE_OFFSET_HOLE chunks unless the client
-                    // asked for a single chunk.
-                    let holes = if structured && flags & CMD_FLAG_DF == 0 {
-                        self.holes(offset, len)
-                    } else {
-                        Vec::new()
-                    };
-                    let tx = self.tx.clone();
-                    let done: Completion = Box::new(move |res| {
-                        let _ = tx.send(Outgoing {
-                            ctx,
-                            body: Body::Read(res, holes),
-                        });
-                    });
+                    // asked for a single chunk. The writer asks the export for them, and only
+                    // when the data has a sector of zeroes (see `reply::encode`).
+                    let holes =
+                        (structured && flags & CMD_FLAG_DF == 0).then(|| self.export.clone());
+                    let replies = self.replies.clone();
+                    let done: Completion =
+                        Box::new(move |res| replies.post(ctx, Body::Read(res, holes)));
                     // len <= 32 MiB.
                     self.export.submit(
                         Request::Read {
@@ -536,27 +496,6 @@ impl<R: Read> Conn<R> {
             _ => return Err((EINVAL, "unknown command")),
         }
         Ok(())
-    }
-
-    /// Ranges of `offset..offset+len` the export reports as holes (none if it cannot tell).
-    fn holes(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        let Ok(extents) = self.export.block_status(offset, len) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        let mut pos = offset;
-        let end = offset + len;
-        for e in extents {
-            if pos >= end {
-                break;
-            }
-            let l = e.len.min(end - pos);
-            if e.hole && l > 0 {
-                out.push((pos, l));
-            }
-            pos += l;
-        }
-        out
     }
 
     fn block_status(&self, context_id: u32, offset: u64, len: u64, req_one: bool) -> Body {
@@ -659,241 +598,4 @@ fn submit_split(
             }),
         );
     }
-}
-
-fn writer_loop<W: Write>(
-    stream: W,
-    control: Option<Stream>,
-    rx: Receiver<Outgoing>,
-    credit: Arc<Credit>,
-    mode: Mode,
-) {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
-    let mut broken = false;
-    let fail = |broken: &mut bool| {
-        *broken = true;
-        // Wake the reader: the client is gone or not reading.
-        if let Some(c) = &control {
-            c.shutdown(Shutdown::Both);
-        }
-    };
-    loop {
-        let msg = match rx.try_recv() {
-            Ok(m) => m,
-            Err(TryRecvError::Empty) => {
-                if !broken && w.flush().is_err() {
-                    fail(&mut broken);
-                }
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        let cost = msg.ctx.cost;
-        if !broken && write_reply(&mut w, mode, msg).is_err() {
-            fail(&mut broken);
-        }
-        credit.release(cost);
-    }
-    if !broken {
-        let _ = w.flush();
-    }
-}
-
-/// Append a chunk header (structured or extended) for a reply to `ctx`.
-fn chunk_header(out: &mut Vec<u8>, mode: Mode, flags: u16, kind: u16, ctx: &ReqCtx, len: u64) {
-    if mode == Mode::Extended {
-        put_extended_header(out, flags, kind, ctx.cookie, ctx.offset, len);
-    } else {
-        // Chunk payloads are bounded by the 32 MiB request limit.
-        put_chunk_header(
-            out,
-            flags,
-            kind,
-            ctx.cookie,
-            u32::try_from(len).unwrap_or(u32::MAX),
-        );
-    }
-}
-
-/// True when every byte of `s` is zero.
-fn is_zero(s: &[u8]) -> bool {
-    s.chunks(256)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
-}
-
-fn write_reply<W: Write>(w: &mut W, mode: Mode, msg: Outgoing) -> io::Result<()> {
-    let ctx = msg.ctx;
-    let is_read = ctx.command == CMD_READ;
-    let (res, holes) = match msg.body {
-        Body::Read(res, holes) => (Body::Engine(res), holes),
-        other => (other, Vec::new()),
-    };
-    let body = match res {
-        Body::Engine(Ok(Reply::Data(d))) if is_read && d.len() as u64 == ctx.len => {
-            return write_data(w, mode, &ctx, &d, &holes);
-        }
-        Body::Engine(Ok(Reply::Done)) if !is_read => Body::Done,
-        Body::Engine(Ok(_)) => Body::Error {
-            errno: EIO,
-            msg: "engine returned a reply of the wrong kind or length".into(),
-            at_offset: is_read,
-        },
-        Body::Engine(Err(e)) => Body::Error {
-            errno: wire_errno(e.errno()),
-            msg: e.to_string(),
-            at_offset: is_read,
-        },
-        other => other,
-    };
-    let mut out = Vec::with_capacity(64);
-    match body {
-        Body::Done | Body::Engine(_) | Body::Read(..) => match mode {
-            Mode::Simple => put_simple_reply(&mut out, 0, ctx.cookie),
-            Mode::Structured if !is_read => put_simple_reply(&mut out, 0, ctx.cookie),
-            _ => chunk_header(&mut out, mode, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &ctx, 0),
-        },
-        Body::Extents(context_id, ext) => {
-            if mode == Mode::Extended {
-                let len = (ext.len() as u64).saturating_mul(16).saturating_add(8);
-                chunk_header(
-                    &mut out,
-                    mode,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_BLOCK_STATUS_EXT,
-                    &ctx,
-                    len,
-                );
-                out.extend_from_slice(&context_id.to_be_bytes());
-                // At most one descriptor per 4 KiB block of a 32 MiB query.
-                out.extend_from_slice(&(ext.len() as u32).to_be_bytes());
-                for (l, f) in ext {
-                    out.extend_from_slice(&l.to_be_bytes());
-                    out.extend_from_slice(&u64::from(f).to_be_bytes());
-                }
-            } else {
-                let len = (ext.len() as u64).saturating_mul(8).saturating_add(4);
-                chunk_header(
-                    &mut out,
-                    mode,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_BLOCK_STATUS,
-                    &ctx,
-                    len,
-                );
-                out.extend_from_slice(&context_id.to_be_bytes());
-                for (l, f) in ext {
-                    // Queries cover at most 32 MiB, so lengths fit in 32 bits.
-                    out.extend_from_slice(&u32::try_from(l).unwrap_or(u32::MAX).to_be_bytes());
-                    out.extend_from_slice(&f.to_be_bytes());
-                }
-            }
-        }
-        Body::Error {
-            errno,
-            msg,
-            at_offset,
-        } => {
-            let errno = if errno == 0 { EIO } else { errno };
-            if mode == Mode::Simple {
-                put_simple_reply(&mut out, errno, ctx.cookie);
-            } else {
-                let msg = truncate_message(&msg).as_bytes();
-                // msg <= 4096 bytes.
-                let mlen = msg.len() as u16;
-                let (kind, extra) = if at_offset {
-                    (REPLY_TYPE_ERROR_OFFSET, 8u64)
-                } else {
-                    (REPLY_TYPE_ERROR, 0)
-                };
-                chunk_header(
-                    &mut out,
-                    mode,
-                    REPLY_FLAG_DONE,
-                    kind,
-                    &ctx,
-                    6 + u64::from(mlen) + extra,
-                );
-                out.extend_from_slice(&errno.to_be_bytes());
-                out.extend_from_slice(&mlen.to_be_bytes());
-                out.extend_from_slice(msg);
-                if at_offset {
-                    out.extend_from_slice(&ctx.offset.to_be_bytes());
-                }
-            }
-        }
-    }
-    w.write_all(&out)
-}
-
-/// Send a read's data: one simple reply, or structured chunks where ranges the export reported
-/// as holes (and that do read as zeroes) go as NBD_REPLY_TYPE_OFFSET_HOLE without their bytes.
-fn write_data<W: Write>(
-    w: &mut W,
-    mode: Mode,
-    ctx: &ReqCtx,
-    data: &[u8],
-    holes: &[(u64, u64)],
-) -> io::Result<()> {
-    let mut hdr = Vec::with_capacity(40);
-    if mode == Mode::Simple {
-        put_simple_reply(&mut hdr, 0, ctx.cookie);
-        w.write_all(&hdr)?;
-        return w.write_all(data);
-    }
-    // Pieces: (start, end, is_hole) relative to the request, in order.
-    let mut pieces: Vec<(usize, usize, bool)> = Vec::new();
-    let push = |pieces: &mut Vec<(usize, usize, bool)>, a: usize, b: usize, hole: bool| {
-        if a >= b {
-            return;
-        }
-        match pieces.last_mut() {
-            Some(last) if last.2 == hole && last.1 == a => last.1 = b,
-            _ => pieces.push((a, b, hole)),
-        }
-    };
-    let mut pos = 0usize;
-    for &(off, len) in holes {
-        let a = usize::try_from(off.saturating_sub(ctx.offset)).unwrap_or(usize::MAX);
-        let b = usize::try_from(off.saturating_add(len).saturating_sub(ctx.offset))
-            .unwrap_or(usize::MAX)
-            .min(data.len());
-        if a < pos || a >= b {
-            continue;
-        }
-        push(&mut pieces, pos, a, false);
-        // A hole that no longer reads as zeroes (a racing write) goes as data.
-        let zero = data.get(a..b).is_some_and(is_zero);
-        push(&mut pieces, a, b, zero);
-        pos = b;
-    }
-    push(&mut pieces, pos, data.len(), false);
-    let n = pieces.len();
-    for (i, (a, b, hole)) in pieces.into_iter().enumerate() {
-        let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-        let off = ctx.offset + a as u64;
-        hdr.clear();
-        if hole {
-            chunk_header(&mut hdr, mode, flags, REPLY_TYPE_OFFSET_HOLE, ctx, 12);
-            hdr.extend_from_slice(&off.to_be_bytes());
-            // Bounded by the 32 MiB request size.
-            hdr.extend_from_slice(&((b - a) as u32).to_be_bytes());
-            w.write_all(&hdr)?;
-        } else {
-            chunk_header(
-                &mut hdr,
-                mode,
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                ctx,
-                8 + (b - a) as u64,
-            );
-            hdr.extend_from_slice(&off.to_be_bytes());
-            w.write_all(&hdr)?;
-            w.write_all(data.get(a..b).unwrap_or(&[]))?;
-        }
-    }
-    Ok(())
 }
