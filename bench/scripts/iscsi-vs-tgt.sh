@@ -3,6 +3,9 @@
 # a raw file in the same directory), in one run, with the same clients:
 #   - iscsi-perf (libiscsi-bin; reads only), 4k random reads, 32 requests in flight;
 #   - the pipelined raw initiator of tests/examples/iscsi_load.rs, 4k random reads and writes, QD32.
+#     It reads responses in large buffered reads and sends the commands replacing a batch of
+#     responses in one write, as a kernel initiator would; ISCSI_LOAD_BATCH=0 makes it read each
+#     PDU and write each command with its own system calls (figures before 26 Nov 2026, 08:00).
 # Both stores first get the same 1 GiB of random data (so reads hit stored blocks, not holes).
 # Usage: bench/scripts/iscsi-vs-tgt.sh [DIR] [SECONDS]     (run as root: tgtd needs it)
 set -euo pipefail

@@ -648,9 +648,15 @@ impl Conn {
             } else {
                 edtl.min(self.ctx.params.first_burst as usize)
             };
-            // Grow with the data rather than trust the announced length up front.
-            let mut buf = Vec::with_capacity(edtl.min(self.ctx.params.first_burst as usize));
-            buf.extend_from_slice(&p.data);
+            let buf = if imm >= edtl {
+                // All the data came with the command (the usual small write): keep its buffer.
+                p.data
+            } else {
+                // Grow with the data rather than trust the announced length up front.
+                let mut buf = Vec::with_capacity(edtl.min(self.ctx.params.first_burst as usize));
+                buf.extend_from_slice(&p.data);
+                buf
+            };
             let mut w = PendingWrite {
                 cmd,
                 lu: lun,

@@ -2,6 +2,10 @@
 //! READ(10) or WRITE(10) commands, QD commands in flight on one session, against any target
 //! (ingot or tgt). Writes carry their data as immediate data.
 //!
+//! Like a kernel initiator, it reads responses in large buffered reads and sends the commands
+//! that replace a batch of responses in one write (`ISCSI_LOAD_BATCH=0`: one read per PDU
+//! header and data, one write per command, as before).
+//!
 //! ```text
 //! ISCSI_LOAD_PORT=3260 ISCSI_LOAD_TARGET=iqn... ISCSI_LOAD_MODE=write ISCSI_LOAD_QD=32 \
 //! ISCSI_LOAD_SECS=20 ISCSI_LOAD_BLOCKS=2097152 cargo run --release -p ingot-tests \
@@ -9,6 +13,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use ingot_tests::iscsi::Initiator;
@@ -27,6 +32,7 @@ fn main() {
     let secs: u64 = env("ISCSI_LOAD_SECS", "20").parse().expect("secs");
     // Logical blocks (512 bytes) of the LUN to spread the I/O over.
     let blocks: u64 = env("ISCSI_LOAD_BLOCKS", "2097152").parse().expect("blocks");
+    let batch = env("ISCSI_LOAD_BATCH", "1") != "0";
     let mut ini = Initiator::connect(port).expect("connect");
     ini.isid[5] = std::process::id() as u8;
     let r = ini
@@ -65,7 +71,12 @@ fn main() {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let begin = Instant::now();
     let mut done = 0u64;
-    let send_one = |ini: &mut Initiator, rng: &mut Prng, started: &mut HashMap<u32, Instant>| {
+    // Commands to send, encoded (header and immediate data, no digests were negotiated).
+    let mut out: Vec<u8> = Vec::with_capacity(qd * (48 + 4096));
+    let queue_one = |ini: &mut Initiator,
+                     rng: &mut Prng,
+                     started: &mut HashMap<u32, Instant>,
+                     out: &mut Vec<u8>| {
         let lba = (rng.below(slots) * 8) as u32;
         let mut cdb = [0u8; 10];
         cdb[0] = if write { 0x2a } else { 0x28 };
@@ -74,32 +85,64 @@ fn main() {
         let mut b = ini.command_bhs(&cdb, 4096, !write, write);
         b[8..16].copy_from_slice(&(lun << 48).to_be_bytes());
         let itt = u32::from_be_bytes([b[16], b[17], b[18], b[19]]);
-        ini.send(&b, if write { &data[..] } else { &[] })
-            .expect("send");
+        if write {
+            b[5..8].copy_from_slice(&[0, 0x10, 0]); // 4096 bytes of immediate data
+        }
+        out.extend_from_slice(&b);
+        if write {
+            out.extend_from_slice(&data);
+        }
         started.insert(itt, Instant::now());
     };
+    let mut rd = BufReader::with_capacity(1 << 20, ini.stream.try_clone().expect("clone"));
     for _ in 0..qd {
-        send_one(&mut ini, &mut rng, &mut started);
+        queue_one(&mut ini, &mut rng, &mut started, &mut out);
+        if !batch {
+            ini.stream.write_all(&out).expect("send");
+            out.clear();
+        }
     }
+    ini.stream.write_all(&out).expect("send");
+    out.clear();
     while !started.is_empty() {
-        let p = ini.recv().expect("recv");
-        let fin = match p.opcode() {
+        let (bhs, stat_sn) = if batch {
+            // A whole PDU from the buffer (refilled by one large read when empty).
+            let mut bhs = [0u8; 48];
+            rd.read_exact(&mut bhs).expect("recv");
+            let len = (usize::from(bhs[4]) * 4)
+                + ((usize::from(bhs[5]) << 16) | (usize::from(bhs[6]) << 8) | usize::from(bhs[7]));
+            let mut skip = vec![0u8; len.div_ceil(4) * 4];
+            rd.read_exact(&mut skip).expect("recv data");
+            (
+                bhs,
+                u32::from_be_bytes([bhs[24], bhs[25], bhs[26], bhs[27]]),
+            )
+        } else {
+            let p = ini.recv().expect("recv");
+            (p.bhs, p.u32_at(24))
+        };
+        let fin = match bhs[0] & 0x3f {
             0x21 => true,
-            0x25 => p.bhs[1] & 0x01 != 0,
+            0x25 => bhs[1] & 0x01 != 0,
             _ => false,
         };
-        if !fin {
-            continue;
+        if fin {
+            // Status sits in byte 3 of a SCSI Response and of a final Data-In alike.
+            assert_eq!(bhs[3], 0, "command failed: {:?}", &bhs[..]);
+            ini.exp_stat_sn = stat_sn.wrapping_add(1);
+            let itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]);
+            if let Some(t) = started.remove(&itt) {
+                lat_us.push(t.elapsed().as_micros() as u64);
+            }
+            done += 1;
+            if Instant::now() < deadline {
+                queue_one(&mut ini, &mut rng, &mut started, &mut out);
+            }
         }
-        // Status sits in byte 3 of a SCSI Response and of a final Data-In alike.
-        let status = p.bhs[3];
-        assert_eq!(status, 0, "command failed: {:?}", &p.bhs[..]);
-        if let Some(t) = started.remove(&p.itt()) {
-            lat_us.push(t.elapsed().as_micros() as u64);
-        }
-        done += 1;
-        if Instant::now() < deadline {
-            send_one(&mut ini, &mut rng, &mut started);
+        // Send the new commands once the responses that came together are handled.
+        if !out.is_empty() && (!batch || rd.buffer().is_empty()) {
+            ini.stream.write_all(&out).expect("send");
+            out.clear();
         }
     }
     let elapsed = begin.elapsed().as_secs_f64();
