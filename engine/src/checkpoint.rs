@@ -140,9 +140,9 @@ fn sections(blob: &[u8], h: &CheckpointHeader) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decode a blob whose CRC the caller has verified; `max_blocks` bounds block ids (the pool's
-/// capacity in blocks). Reference counts are left at zero: the
-/// caller rebuilds them from the maps.
+/// Decode a blob whose CRC the caller has verified; `max_blocks` bounds block ids (see
+/// `read_checkpoint`). Reference counts are left at zero: the caller rebuilds them from the
+/// maps.
 pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
     let h = CheckpointHeader::decode(&mut Get::new(blob, "checkpoint"))?;
     let body = sections(blob, &h)?;
@@ -178,9 +178,12 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         });
     }
     let next_block_id = h.next_block_id.max(1);
-    // Ids never exceed the blocks the pool can hold: anything larger is corruption, refused
-    // before it becomes an allocation.
-    if next_block_id > max_blocks || h.block_count > max_blocks {
+    // Ids stay within what the pool can reference, and each block entry takes 32 bytes of the
+    // blob: anything larger is corruption, refused before it becomes an allocation.
+    if next_block_id > max_blocks
+        || h.block_count > max_blocks
+        || h.block_count > g.remaining() as u64 / 32
+    {
         return Err(Error::Corrupt {
             what: "checkpoint block id range",
         });

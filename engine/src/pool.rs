@@ -2425,7 +2425,10 @@ fn read_checkpoint(
             what: "checkpoint checksum",
         });
     }
-    let max_blocks = u64::from(geo.total_segments) * (geo.segment_bytes / 4096) + 1;
+    // Block ids outnumber the pool's 4 KiB slots: compressed blocks share payloads (8 blocks of
+    // a repeated byte take ~140 bytes), and ids freed since a checkpoint are reused only after
+    // it. A slot per 8 bytes bounds both; more is corruption, refused before the allocation.
+    let max_blocks = u64::from(geo.total_segments) * geo.segment_bytes / 8 + 1;
     let image = checkpoint::decode(&blob, max_blocks)?;
     Ok((image, segs))
 }

@@ -1492,8 +1492,12 @@ impl Shard {
         // held back at the data reserve above it, so what lies between is the cleaner's.
         let reserve = self.inner.ckpt_reserve();
         let free = self.inner.space.lock().free_segments;
-        if room == Room::Data && free <= self.inner.data_reserve() {
-            // Wake the cleaner; the write fails now rather than eat the cleaner's headroom.
+        // `must_wait_for_space` held data back at the data reserve; by now the other shard or
+        // the cleaner may have taken a segment (failing here made a write at 90% full fail with
+        // ENOSPC while the cleaner was winning space back), so data only stops short of the
+        // checkpoint's own reserve.
+        if room == Room::Data && free <= reserve + 1 {
+            // Wake the cleaner; the write fails now rather than eat the checkpoint's reserve.
             self.inner.kick_cleaner();
             return Err(Error::NoSpace);
         }

@@ -25,6 +25,16 @@ fn u64_of(v: &Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("`{field}` missing or not an unsigned integer in {v}"))
 }
 
+/// Run `qemu-io -f raw` with each of `cmds` on the export `uri`; fails the test if one fails.
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut cmd = Command::new(require_tool("qemu-io"));
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(uri));
+}
+
 /// Run fio with the nbd engine; returns its JSON report's first job.
 fn fio(uri: &str, args: &[&str]) -> Value {
     let mut cmd = Command::new(require_tool("fio"));
@@ -41,7 +51,7 @@ fn fio(uri: &str, args: &[&str]) -> Value {
 
 #[test]
 fn ninety_percent_full_overwritten_five_pools_worth_then_full() {
-    let qemu_io = require_tool("qemu-io");
+    require_tool("qemu-io");
     require_tool("fio");
     let dir = TempDir::new("space-full");
     let pool = dir.join("pool");
@@ -141,44 +151,15 @@ fn ninety_percent_full_overwritten_five_pools_worth_then_full() {
         "writing 256 MiB of new blocks into a full pool should fail with ENOSPC: {job}"
     );
     // Overwrites of mapped blocks and reads go on, on both volumes.
-    run(Command::new(&qemu_io)
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 0 1M",
-            "-c",
-            "flush",
-            "-c",
-            "read -P 0x5a 0 1M",
-        ])
-        .arg(&uri));
-    run(Command::new(&qemu_io)
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x6b 0 64k",
-            "-c",
-            "read -P 0x6b 0 64k",
-        ])
-        .arg(srv.unix_uri("w")));
+    qemu_io(&uri, &["write -P 0x5a 0 1M", "flush", "read -P 0x5a 0 1M"]);
+    let w = srv.unix_uri("w");
+    qemu_io(&w, &["write -P 0x6b 0 64k", "read -P 0x6b 0 64k"]);
     // A trim gives room back: new blocks fit again.
-    run(Command::new(&qemu_io)
-        .args(["-f", "raw", "-c", "discard 0 64M", "-c", "flush"])
-        .arg(&uri));
-    run(Command::new(&qemu_io)
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x7c 128M 32M",
-            "-c",
-            "flush",
-            "-c",
-            "read -P 0x7c 128M 32M",
-        ])
-        .arg(srv.unix_uri("w")));
+    qemu_io(&uri, &["discard 0 64M", "flush"]);
+    qemu_io(
+        &w,
+        &["write -P 0x7c 128M 32M", "flush", "read -P 0x7c 128M 32M"],
+    );
     // Trimming everything gives the space back, to the pool and to the host's file system.
     let du = |p: &Path| {
         use std::os::unix::fs::MetadataExt;
@@ -187,16 +168,7 @@ fn ninety_percent_full_overwritten_five_pools_worth_then_full() {
     let img = pool.join("dev0.img");
     let before = du(&img);
     for (vol, size) in [("v", vol_bytes), ("w", 256 * MIB)] {
-        run(Command::new(&qemu_io)
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                &format!("discard 0 {size}"),
-                "-c",
-                "flush",
-            ])
-            .arg(srv.unix_uri(vol)));
+        qemu_io(&srv.unix_uri(vol), &[&format!("discard 0 {size}"), "flush"]);
     }
     ingot_ok(["gc".as_ref(), "--pool".as_ref(), pool.as_os_str()]);
     let s = stats(&pool);
