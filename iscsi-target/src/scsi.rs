@@ -345,18 +345,29 @@ fn check_lba(lu: &Lu, lba: u64, n: u64) -> Result<(), Response> {
     }
 }
 
-fn read(lu: &Lu, cdb: &[u8]) -> Action {
+/// The checks READ and WRITE share: no protection information (RDPROTECT/WRPROTECT, absent
+/// from the 6-byte CDB `short_op`), the range within the volume, and the transfer length
+/// (field at byte 7 in the 10-byte CDB `ten_op`, else byte 6).
+fn rw_range(lu: &Lu, cdb: &[u8], short_op: u8, ten_op: u8) -> Result<(u64, u32), Response> {
     let (lba, n) = lba_len(cdb);
-    if cdb[0] != 0x08 && cdb[1] & 0xe0 != 0 {
-        // RDPROTECT: no protection information here.
-        return Action::Done(Response::bad_cdb(1, Some(7)));
+    if cdb[0] != short_op && cdb[1] & 0xe0 != 0 {
+        return Err(Response::bad_cdb(1, Some(7)));
     }
-    if let Err(r) = check_lba(lu, lba, u64::from(n)) {
-        return Action::Done(r);
-    }
+    check_lba(lu, lba, u64::from(n))?;
     if n > MAX_TRANSFER_BLOCKS {
-        return Action::Done(Response::bad_cdb(if cdb[0] == 0x28 { 7 } else { 6 }, None));
+        return Err(Response::bad_cdb(
+            if cdb[0] == ten_op { 7 } else { 6 },
+            None,
+        ));
     }
+    Ok((lba, n))
+}
+
+fn read(lu: &Lu, cdb: &[u8]) -> Action {
+    let (lba, n) = match rw_range(lu, cdb, 0x08, 0x28) {
+        Ok(r) => r,
+        Err(r) => return Action::Done(r),
+    };
     if n == 0 {
         return Action::Done(Response::good());
     }
@@ -367,17 +378,10 @@ fn read(lu: &Lu, cdb: &[u8]) -> Action {
 }
 
 fn write(lu: &Lu, cdb: &[u8], data_out: Vec<u8>) -> Action {
-    let (lba, n) = lba_len(cdb);
-    if cdb[0] != 0x0a && cdb[1] & 0xe0 != 0 {
-        // WRPROTECT: no protection information here.
-        return Action::Done(Response::bad_cdb(1, Some(7)));
-    }
-    if let Err(r) = check_lba(lu, lba, u64::from(n)) {
-        return Action::Done(r);
-    }
-    if n > MAX_TRANSFER_BLOCKS {
-        return Action::Done(Response::bad_cdb(if cdb[0] == 0x2a { 7 } else { 6 }, None));
-    }
+    let (lba, n) = match rw_range(lu, cdb, 0x0a, 0x2a) {
+        Ok(r) => r,
+        Err(r) => return Action::Done(r),
+    };
     // Write what the initiator sent, up to the CDB's length, in whole blocks.
     let want = (n as usize) * BLOCK_BYTES as usize;
     let have = data_out.len().min(want) / BLOCK_BYTES as usize * BLOCK_BYTES as usize;
