@@ -8,7 +8,8 @@
 #   bench/scripts/nbd-ab.sh DIR ROUNDS JOB CONNS SECONDS BIN...
 #   JOB: rw4k (4k randwrite QD32) | rr4k (4k randread QD32) | sw1m (1M write QD8) |
 #        rr1m (1M read QD8) | fill (write every block once with 1M writes)
-#   env: POOL_SIZE (default 6G), VOL_MIB (default 2048)
+#   env: POOL_SIZE (default 6G), VOL_MIB (default 2048), WARM=1 (read the volume once with 1M
+#        reads before the measured job, so that the block cache holds it)
 #
 # The pool (DIR/pool, created by the first binary, prefilled) and its volume vol0 are kept
 # between runs: run `fill` once first so that reads hit written blocks. Every run starts a
@@ -45,6 +46,10 @@ one() { # BIN
     *) echo "unknown job $JOB" >&2; kill "$pid"; exit 2 ;;
   esac
   local c0 t0 c1 t1 out
+  if [ -n "${WARM:-}" ]; then
+    fio --ioengine=nbd --uri="nbd+unix:///vol0?socket=$sock" --rw=read --bs=1M --iodepth=8 \
+      --size="${VOL_MIB}M" --name=warm >/dev/null 2>&1
+  fi
   c0=$(total); t0=$(threads)
   out=$(fio --ioengine=nbd --uri="nbd+unix:///vol0?socket=$sock" --rw=$rw --bs=$bs --iodepth=$qd \
     --numjobs="$CONNS" --size=$((VOL_MIB / CONNS))M --offset_increment=$((VOL_MIB / CONNS))M \

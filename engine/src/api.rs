@@ -34,8 +34,8 @@ pub enum Request {
 /// What a successful request returns.
 #[derive(Debug)]
 pub enum Reply {
-    /// Data of a read, exactly the requested length.
-    Data(Vec<u8>),
+    /// Data of a read, exactly the requested length (often a slice of a cached block: no copy).
+    Data(Bytes),
     /// A write, zero, trim or flush completed.
     Done,
 }

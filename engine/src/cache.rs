@@ -57,7 +57,7 @@ impl BlockCache {
     }
 
     /// The cached plaintext of block `id` at `generation`, if present.
-    pub fn get(&mut self, id: u64, generation: u32) -> Option<&[u8]> {
+    pub fn get(&mut self, id: u64, generation: u32) -> Option<&Bytes> {
         match self.map.get_mut(&id) {
             Some(e) if e.generation == generation => {
                 self.hits += 1;
@@ -68,6 +68,19 @@ impl BlockCache {
                 self.misses += 1;
                 None
             }
+        }
+    }
+
+    /// Like [`BlockCache::get`], but a miss is not counted (the caller falls back to a path that
+    /// looks again and counts it).
+    pub fn get_if_cached(&mut self, id: u64, generation: u32) -> Option<&Bytes> {
+        match self.map.get_mut(&id) {
+            Some(e) if e.generation == generation => {
+                self.hits += 1;
+                e.referenced = true;
+                Some(&e.data)
+            }
+            _ => None,
         }
     }
 

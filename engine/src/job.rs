@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
@@ -12,12 +13,35 @@ use crate::error::Error;
 pub(crate) struct Job {
     remaining: AtomicUsize,
     /// Read data, assembled by the parts.
-    pub data: Mutex<Vec<u8>>,
+    data: Mutex<ReadData>,
+    read_len: usize,
     error: Mutex<Option<Error>>,
     done: Mutex<Option<Completion>>,
     is_read: bool,
     /// FUA: the completion goes through the flusher before it runs.
     fua: Option<Sender<FlushMsg>>,
+}
+
+/// A read's data as the parts deliver it. A read served by one piece (a 4 KiB read from the
+/// cache or from one device read) is handed on as that piece, without a copy: the 4 KiB copy
+/// out of cold cache memory was ~18% of a cached random-read profile.
+enum ReadData {
+    /// Nothing delivered yet: unwritten ranges read as zeroes.
+    Empty,
+    /// One piece covering the whole request.
+    Whole(Bytes),
+    /// Pieces copied into place (the rest zeroes).
+    Assembled(Vec<u8>),
+}
+
+/// Zeroes for reads of holes, shared (its pages are never written).
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+pub(crate) fn zeroes(len: usize) -> Bytes {
+    match ZEROES.get(..len) {
+        Some(z) => Bytes::from_static(z),
+        None => Bytes::from(vec![0u8; len]),
+    }
 }
 
 /// Work for the flusher thread.
@@ -35,7 +59,8 @@ impl Job {
     ) -> Arc<Job> {
         Arc::new(Job {
             remaining: AtomicUsize::new(parts),
-            data: Mutex::new(vec![0u8; read_len.unwrap_or(0)]),
+            data: Mutex::new(ReadData::Empty),
+            read_len: read_len.unwrap_or(0),
             error: Mutex::new(None),
             done: Mutex::new(Some(done)),
             is_read: read_len.is_some(),
@@ -43,11 +68,29 @@ impl Job {
         })
     }
 
-    /// Copy read data for a part into place.
-    pub fn fill(&self, at: usize, bytes: &[u8]) {
+    /// Deliver read data for bytes `at..at + bytes.len()` of the request.
+    pub fn fill(&self, at: usize, bytes: Bytes) {
         let mut d = self.data.lock();
-        if let Some(dst) = d.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(bytes);
+        if at == 0 && bytes.len() == self.read_len && matches!(*d, ReadData::Empty) {
+            *d = ReadData::Whole(bytes);
+            return;
+        }
+        let buf = match &mut *d {
+            ReadData::Assembled(v) => v,
+            other => {
+                let v = match std::mem::replace(other, ReadData::Empty) {
+                    ReadData::Whole(b) => b.to_vec(),
+                    _ => vec![0u8; self.read_len],
+                };
+                *other = ReadData::Assembled(v);
+                let ReadData::Assembled(v) = other else {
+                    unreachable!("just assembled")
+                };
+                v
+            }
+        };
+        if let Some(dst) = buf.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(&bytes);
         }
     }
 
@@ -69,7 +112,11 @@ impl Job {
             return done(Err(e));
         }
         if self.is_read {
-            let data = std::mem::take(&mut *self.data.lock());
+            let data = match std::mem::replace(&mut *self.data.lock(), ReadData::Empty) {
+                ReadData::Empty => zeroes(self.read_len),
+                ReadData::Whole(b) => b,
+                ReadData::Assembled(v) => Bytes::from(v),
+            };
             return done(Ok(Reply::Data(data)));
         }
         match &self.fua {

@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ratio, CheckReport, Problem, Stats, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES};
+use crate::cache::BlockCache;
 use crate::checkpoint::{self, Image, VolumeImage};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -146,9 +147,6 @@ pub(crate) struct ShardStats {
     pub applied_shard_seq: AtomicU64,
     /// Records known durable (a sync completed after they were applied).
     pub durable_shard_seq: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub cache_bytes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -185,6 +183,9 @@ pub(crate) struct Inner {
     /// Next sequence number to assign.
     pub seq: AtomicU64,
     pub shard_stats: Vec<ShardStats>,
+    /// Each shard's block cache. The shard fills it; front-end threads read cached blocks from
+    /// it directly ([`crate::Volume::submit`]), saving the hand-off to the shard and back.
+    pub caches: Vec<Mutex<BlockCache>>,
     pub counters: Counters,
     pub flusher: Sender<FlushMsg>,
     pub chain_broken: AtomicBool,
@@ -1611,6 +1612,9 @@ impl Pool {
             space: Mutex::new(space),
             seq: AtomicU64::new(seq_end),
             shard_stats: (0..nshards).map(|_| ShardStats::default()).collect(),
+            caches: (0..nshards)
+                .map(|_| Mutex::new(BlockCache::new(cache_capacity / nshards as u64)))
+                .collect(),
             counters: Counters::default(),
             flusher: ftx,
             chain_broken: AtomicBool::new(false),
@@ -1651,9 +1655,8 @@ impl Pool {
             })?;
             let si = inner.clone();
             let pos = positions[i];
-            let cache = cache_capacity / nshards as u64;
             threads.push(spawn(format!("ingot-shard-{i}"), move || {
-                Shard::new(i, si, rx, queue, pos, cache).run()
+                Shard::new(i, si, rx, queue, pos).run()
             })?);
         }
         let fi = inner.clone();
@@ -1897,13 +1900,8 @@ impl Pool {
         let logical: u64 = volumes.iter().map(|v| v.mapped_bytes).sum();
         let seg = inner.geo.segment_bytes;
         let total = u64::from(inner.geo.total_segments);
-        let sum = |f: fn(&ShardStats) -> &AtomicU64| -> u64 {
-            inner
-                .shard_stats
-                .iter()
-                .map(|s| f(s).load(Ordering::Relaxed))
-                .sum()
-        };
+        let cache_sum =
+            |f: fn(&BlockCache) -> u64| -> u64 { inner.caches.iter().map(|c| f(&c.lock())).sum() };
         Stats {
             capacity_bytes: total * seg,
             usable_bytes: inner.usable_bytes,
@@ -1917,10 +1915,10 @@ impl Pool {
             volumes,
             client_written_bytes: inner.counters.client_written.load(Ordering::Relaxed),
             device_written_bytes: inner.counters.device_written.load(Ordering::Relaxed),
-            cache_bytes: sum(|s| &s.cache_bytes),
+            cache_bytes: cache_sum(|c| c.len_bytes()),
             cache_capacity_bytes: inner.cache_capacity,
-            cache_hits: sum(|s| &s.cache_hits),
-            cache_misses: sum(|s| &s.cache_misses),
+            cache_hits: cache_sum(|c| c.hits),
+            cache_misses: cache_sum(|c| c.misses),
             checkpoint_seq,
             last_seq: inner.seq.load(Ordering::Relaxed).saturating_sub(1),
             io_engine: inner.devices.engine_name().to_string(),

@@ -854,7 +854,7 @@ fn respond(ctx: &Ctx, cmd: &ScsiCmd, r: Response) {
     };
     let send_data = cmd.read && moved > 0 && r.status == status::GOOD;
     if send_data {
-        let data = Bytes::from(r.data).slice(..moved);
+        let data = r.data.slice(..moved);
         let max_seg = ctx.params.max_send_data as usize;
         let burst = ctx.params.max_burst as usize;
         let mut off = 0;

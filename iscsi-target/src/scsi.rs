@@ -29,7 +29,7 @@ const REVISION: &[u8; 4] = b"0001";
 pub struct Response {
     pub status: u8,
     /// Data-In (before truncation to the expected transfer length).
-    pub data: Vec<u8>,
+    pub data: Bytes,
     pub sense: Option<[u8; SENSE_BYTES]>,
 }
 
@@ -37,35 +37,35 @@ impl Response {
     pub fn good() -> Response {
         Response {
             status: status::GOOD,
-            data: Vec::new(),
+            data: Bytes::new(),
             sense: None,
         }
     }
-    pub fn data(data: Vec<u8>) -> Response {
+    pub fn data(data: impl Into<Bytes>) -> Response {
         Response {
             status: status::GOOD,
-            data,
+            data: data.into(),
             sense: None,
         }
     }
     pub fn check(s: Sense) -> Response {
         Response {
             status: status::CHECK_CONDITION,
-            data: Vec::new(),
+            data: Bytes::new(),
             sense: Some(fixed(s, None)),
         }
     }
     pub fn check_raw(sense: [u8; SENSE_BYTES]) -> Response {
         Response {
             status: status::CHECK_CONDITION,
-            data: Vec::new(),
+            data: Bytes::new(),
             sense: Some(sense),
         }
     }
     pub fn conflict() -> Response {
         Response {
             status: status::RESERVATION_CONFLICT,
-            data: Vec::new(),
+            data: Bytes::new(),
             sense: None,
         }
     }

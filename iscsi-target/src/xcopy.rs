@@ -137,12 +137,12 @@ pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
                 len: (n * bs) as u32,
             }) {
                 Ok(ingot_engine::Reply::Data(d)) => d,
-                Ok(ingot_engine::Reply::Done) => vec![0; (n * bs) as usize],
+                Ok(ingot_engine::Reply::Done) => Bytes::from(vec![0; (n * bs) as usize]),
                 Err(e) => return Response::engine(&e),
             };
             if let Err(e) = lu.volume.call(Request::Write {
                 offset: (dst_lba + pos) * bs,
-                data: Bytes::from(data),
+                data,
                 fua: false,
             }) {
                 return Response::engine(&e);

@@ -43,7 +43,9 @@ impl MemExport {
             Request::Read { offset, len } => {
                 check_range(offset, u64::from(len), EXPORT_BYTES, u64::MAX)?;
                 let (a, b) = (offset as usize, (offset + u64::from(len)) as usize);
-                Ok(Reply::Data(data.get(a..b).unwrap_or(&[]).to_vec()))
+                Ok(Reply::Data(bytes::Bytes::copy_from_slice(
+                    data.get(a..b).unwrap_or(&[]),
+                )))
             }
             Request::Write {
                 offset, data: d, ..

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ingot_engine::{Reply, SECTOR_BYTES};
 
 use crate::export::Export;
@@ -53,7 +54,8 @@ pub(crate) struct Outgoing {
 /// engine's buffer: a large read bypasses the write buffer, no copy).
 pub(crate) struct Wire {
     pub head: Vec<u8>,
-    pub data: Vec<u8>,
+    /// A read's data, as the engine gave it (often a cached block: sent without a copy).
+    pub data: Bytes,
     /// Credit to give back once the reply is written (or dropped).
     pub cost: u64,
 }
@@ -70,11 +72,11 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
     match msg.body {
         Body::Done => {
             done_header(&mut head, mode, &ctx);
-            return Wire::new(head, Vec::new(), ctx.cost);
+            return Wire::new(head, Bytes::new(), ctx.cost);
         }
         Body::Engine(Ok(Reply::Done)) if !is_read => {
             done_header(&mut head, mode, &ctx);
-            return Wire::new(head, Vec::new(), ctx.cost);
+            return Wire::new(head, Bytes::new(), ctx.cost);
         }
         Body::Read(Ok(Reply::Data(d)), holes)
             if is_read
@@ -98,11 +100,11 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
         }
         body => encode_general(&mut head, mode, &ctx, body),
     }
-    Wire::new(head, Vec::new(), ctx.cost)
+    Wire::new(head, Bytes::new(), ctx.cost)
 }
 
 impl Wire {
-    fn new(head: Vec<u8>, data: Vec<u8>, cost: u64) -> Wire {
+    fn new(head: Vec<u8>, data: Bytes, cost: u64) -> Wire {
         Wire { head, data, cost }
     }
 }

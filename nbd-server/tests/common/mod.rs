@@ -89,7 +89,7 @@ impl MemExport {
                 if self.fail_io.load(Ordering::Relaxed) {
                     return Err(io_err());
                 }
-                Ok(Reply::Data(self.contents(offset, len as u64)))
+                Ok(Reply::Data(self.contents(offset, len as u64).into()))
             }
             Request::Write { offset, data, .. } => {
                 check_range(offset, data.len() as u64, self.size, u64::MAX)?;
