@@ -29,6 +29,11 @@ impl Credit {
         n
     }
 
+    /// Whether [`Credit::acquire`] of `n` bytes would wait now.
+    pub fn would_wait(&self, n: u64) -> bool {
+        self.used.lock().saturating_add(n.min(self.max)) > self.max
+    }
+
     pub fn used(&self) -> u64 {
         *self.used.lock()
     }

@@ -16,6 +16,12 @@ const DIRECT_READ_BYTES: usize = 32 << 10;
 
 /// A byte stream requests are read from.
 pub(crate) trait Input: Read {
+    /// Bytes that can be read without a system call (0 when unknown): the connection hands
+    /// held replies to the writer before a read that may block.
+    fn buffered_len(&self) -> usize {
+        0
+    }
+
     /// Append at most `want` bytes to `buf`; returns how many (0 at the end of the stream).
     fn read_append(&mut self, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
         let start = buf.len();
@@ -30,7 +36,11 @@ pub(crate) trait Input: Read {
 }
 
 impl Input for &[u8] {}
-impl<R: Read> Input for BufReader<R> {}
+impl<R: Read> Input for BufReader<R> {
+    fn buffered_len(&self) -> usize {
+        self.buffer().len()
+    }
+}
 
 /// Buffered reader of a plain socket.
 pub(crate) struct SockReader {
@@ -91,6 +101,10 @@ impl Read for SockReader {
 }
 
 impl Input for SockReader {
+    fn buffered_len(&self) -> usize {
+        self.end - self.pos
+    }
+
     fn read_append(&mut self, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
         if self.pos == self.end {
             if want < DIRECT_READ_BYTES {

@@ -20,7 +20,7 @@ use crate::handshake::Negotiated;
 use crate::input::Input;
 use crate::proto::*;
 use crate::reply::{Body, Mode, ReqCtx};
-use crate::sender::{writer_loop, Replies};
+use crate::sender::{self, writer_loop, Replies};
 use crate::stream::Stream;
 
 /// Bytes charged against the in-flight budget for any request, on top of its payload.
@@ -96,8 +96,15 @@ fn run<R: Input>(
         credit,
         limits,
     };
-    conn.run()
+    // Replies completed on this thread wait for the end of each batch of buffered requests.
+    sender::hold_replies(true);
+    let res = conn.run();
+    sender::hold_replies(false);
+    res
 }
+
+/// Most replies held on the reader thread before they go to the writer anyway.
+const MAX_HELD: usize = 256;
 
 struct Conn<R> {
     r: R,
@@ -209,6 +216,9 @@ impl<R: Input> Conn<R> {
             let Some(rest) = buf.get_mut(got..) else {
                 break;
             };
+            if self.r.buffered_len() == 0 {
+                sender::release_held();
+            }
             match self.r.read(rest) {
                 Ok(0) if got == 0 && header => return Ok(false),
                 Ok(0) => return Err(NbdError::Truncated),
@@ -228,6 +238,9 @@ impl<R: Input> Conn<R> {
         let mut since = Instant::now();
         while buf.len() < len {
             let want = len - buf.len();
+            if self.r.buffered_len() == 0 {
+                sender::release_held();
+            }
             match self.r.read_append(&mut buf, want) {
                 Ok(0) => return Err(NbdError::Truncated),
                 Ok(_) => since = Instant::now(),
@@ -280,9 +293,12 @@ impl<R: Input> Conn<R> {
             CMD_READ => h.len.min(MAX_REQUEST_BYTES),
             _ => h.payload,
         };
-        let cost = self
-            .credit
-            .acquire(REQUEST_OVERHEAD.saturating_add(payload));
+        let want = REQUEST_OVERHEAD.saturating_add(payload);
+        // Held replies give credit back once written: never wait for credit while holding any.
+        if sender::held() >= MAX_HELD || (sender::held() > 0 && self.credit.would_wait(want)) {
+            sender::release_held();
+        }
+        let cost = self.credit.acquire(want);
         let ctx = ReqCtx {
             cookie: h.cookie,
             command: h.command,
