@@ -174,7 +174,7 @@ pub fn session(data: &[u8]) {
         w: io::sink(),
     };
     if let Ok(Some(neg)) = negotiate(&mut io, &ctx) {
-        let _ = transmission::serve(io.r, io::sink(), None, neg, limits());
+        let _ = transmission::serve(io.r, io::sink(), None, None, neg, limits());
     }
 }
 
@@ -197,5 +197,5 @@ pub fn requests(data: &[u8]) {
         extended: mode & 2 != 0,
         meta_context: (mode & 4 != 0).then_some(crate::proto::META_BASE_ALLOCATION_ID),
     };
-    let _ = transmission::serve(rest, io::sink(), None, neg, limits());
+    let _ = transmission::serve(rest, io::sink(), None, None, neg, limits());
 }

@@ -1,4 +1,5 @@
-//! Sending replies to the client: one writer thread per connection.
+//! Sending replies to the client: one writer thread per connection, and the reader thread for
+//! the replies it completed itself (reads served from the cache).
 //!
 //! Engine threads hand each completed request's reply to the writer over a channel and go on;
 //! the writer encodes replies into a write buffer and flushes it whenever no reply is waiting, so
@@ -14,11 +15,14 @@
 
 use std::cell::RefCell;
 use std::io::{IoSlice, Write};
+use std::collections::VecDeque;
 use std::net::Shutdown;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::credit::Credit;
 use crate::reply::{encode, Body, Mode, Outgoing, ReqCtx};
@@ -26,12 +30,26 @@ use crate::stream::Stream;
 
 /// Bytes of replies gathered before they are written even though more are waiting.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
-/// Where a connection's replies go: the writer thread. Cheap to clone (one per request in
-/// flight).
+
+/// Where a connection's replies go. Cheap to clone (one per request in flight).
 #[derive(Clone)]
-pub(crate) struct Replies(pub Sender<Outgoing>);
+pub(crate) struct Replies {
+    tx: Sender<Msg>,
+    out: Arc<dyn WriteNow>,
+}
+
+/// What the writer thread is asked to do.
+pub(crate) enum Msg {
+    Reply(Outgoing),
+    /// Finish writing what the reader thread gathered but could not send without blocking.
+    Flush,
+}
 
 impl Replies {
+    pub fn new(tx: Sender<Msg>, out: Arc<dyn WriteNow>) -> Replies {
+        Replies { tx, out }
+    }
+
     pub fn post(&self, ctx: ReqCtx, body: Body) {
         let msg = Outgoing { ctx, body };
         let msg = match HELD.with(|h| h.borrow_mut().hold(self, msg)) {
@@ -39,7 +57,7 @@ impl Replies {
             None => return,
         };
         // The writer only goes away after every sender is dropped.
-        let _ = self.0.send(msg);
+        let _ = self.tx.send(Msg::Reply(msg));
     }
 }
 
@@ -48,9 +66,10 @@ thread_local! {
 }
 
 /// Replies posted on a connection's reader thread (cached reads complete inline, errors) while
-/// it still has requests buffered: handed to the writer together when the reader is about to
-/// block, so the writer wakes once per batch instead of once per reply (waking it per reply
-/// had it and the client ping-pong, with 2-6x the context switches).
+/// it still has requests buffered. When it is about to block, the reader writes them itself,
+/// together: no hand-off to the writer thread, one write and one wake-up of the client per
+/// batch. (Handing each to the writer had the two threads and the client ping-pong, with 2-6x
+/// the context switches.)
 struct Held {
     on: bool,
     msgs: Vec<(Replies, Outgoing)>,
@@ -76,14 +95,28 @@ pub(crate) fn hold_replies(on: bool) {
     }
 }
 
-/// Send the replies this thread holds. Returns how many.
-pub(crate) fn release_held() -> usize {
+/// Write the replies this thread holds: on this thread when that cannot block, else through
+/// the writer thread.
+pub(crate) fn release_held() {
     let msgs = HELD.with(|h| std::mem::take(&mut h.borrow_mut().msgs));
-    let n = msgs.len();
-    for (to, msg) in msgs {
-        let _ = to.0.send(msg);
+    let mut msgs = msgs.into_iter().peekable();
+    while let Some((to, first)) = msgs.next() {
+        let mut batch = vec![first];
+        while let Some((_, m)) = msgs.next_if(|(r, _)| r.tx.same_channel(&to.tx)) {
+            batch.push(m);
+        }
+        match to.out.write_now(batch) {
+            Now::Sent => {}
+            Now::Unsent(rest) => {
+                for m in rest {
+                    let _ = to.tx.send(Msg::Reply(m));
+                }
+            }
+            Now::Partly => {
+                let _ = to.tx.send(Msg::Flush);
+            }
+        }
     }
-    n
 }
 
 /// Replies held on this thread.
@@ -91,48 +124,127 @@ pub(crate) fn held() -> usize {
     HELD.with(|h| h.borrow().msgs.len())
 }
 
-/// The writer thread: sends replies in arrival order, flushing whenever none is waiting.
-pub(crate) fn writer_loop<W: Write>(
-    mut stream: W,
+/// Writing replies on the calling thread.
+pub(crate) trait WriteNow: Send + Sync {
+    /// Encode `msgs` and send them (after anything gathered before) without blocking.
+    fn write_now(&self, msgs: Vec<Outgoing>) -> Now;
+}
+
+/// What [`WriteNow::write_now`] did.
+pub(crate) enum Now {
+    Sent,
+    /// Nothing: the writer thread is busy with the stream (or it cannot be written without
+    /// blocking); the replies go to it.
+    Unsent(Vec<Outgoing>),
+    /// Gathered and partly sent: the writer thread must send the rest.
+    Partly,
+}
+
+/// A connection's output, shared by its writer thread and its reader thread (which writes the
+/// replies it completed itself): the stream and the replies gathered for it.
+pub(crate) struct Output<W> {
+    state: Mutex<OutState<W>>,
+    /// The plain socket under `w`, for sends that must not block (none with TLS).
+    fd: Option<RawFd>,
     control: Option<Stream>,
-    rx: Receiver<Outgoing>,
     credit: Arc<Credit>,
     mode: Mode,
-) {
-    let mut out = Gather::default();
-    let mut broken = false;
-    let fail = |broken: &mut bool| {
-        *broken = true;
-        // Wake the reader: the client is gone or not reading.
-        if let Some(c) = &control {
-            c.shutdown(Shutdown::Both);
+}
+
+struct OutState<W> {
+    w: W,
+    gather: Gather,
+    broken: bool,
+}
+
+impl<W: Write + Send> Output<W> {
+    pub fn new(
+        w: W,
+        fd: Option<RawFd>,
+        control: Option<Stream>,
+        credit: Arc<Credit>,
+        mode: Mode,
+    ) -> Self {
+        Output {
+            state: Mutex::new(OutState {
+                w,
+                gather: Gather::default(),
+                broken: false,
+            }),
+            fd,
+            control,
+            credit,
+            mode,
         }
-    };
-    loop {
-        let msg = match rx.try_recv() {
-            Ok(m) => m,
-            Err(TryRecvError::Empty) => {
-                if !broken && out.flush(&mut stream).is_err() {
-                    fail(&mut broken);
-                }
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
-        };
-        let wire = encode(mode, msg);
-        if !broken {
-            out.push(&wire.head, wire.data);
-            if out.full() && out.flush(&mut stream).is_err() {
-                fail(&mut broken);
-            }
-        }
-        credit.release(wire.cost);
     }
-    if !broken {
-        let _ = out.flush(&mut stream);
+
+    fn push(&self, st: &mut OutState<W>, msg: Outgoing) {
+        let wire = encode(self.mode, msg);
+        if !st.broken {
+            st.gather.push(&wire.head, wire.data);
+            if st.gather.full() {
+                self.flush(st);
+            }
+        }
+        self.credit.release(wire.cost);
+    }
+
+    fn flush(&self, st: &mut OutState<W>) {
+        if st.broken {
+            return;
+        }
+        let OutState { w, gather, broken } = st;
+        if gather.flush(w).is_err() {
+            *broken = true;
+            // Wake the reader: the client is gone or not reading.
+            if let Some(c) = &self.control {
+                c.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl<W: Write + Send> WriteNow for Output<W> {
+    fn write_now(&self, msgs: Vec<Outgoing>) -> Now {
+        let Some(fd) = self.fd else {
+            return Now::Unsent(msgs);
+        };
+        let Some(mut st) = self.state.try_lock() else {
+            return Now::Unsent(msgs);
+        };
+        for m in msgs {
+            let wire = encode(self.mode, m);
+            if !st.broken {
+                st.gather.push(&wire.head, wire.data);
+            }
+            self.credit.release(wire.cost);
+        }
+        if st.broken {
+            return Now::Sent;
+        }
+        match st.gather.send_nonblocking(fd) {
+            Ok(true) => Now::Sent,
+            Ok(false) => Now::Partly,
+            Err(_) => {
+                // The writer thread meets the same error and shuts the connection down.
+                Now::Partly
+            }
+        }
+    }
+}
+
+/// The writer thread: sends replies in arrival order, flushing whenever none is waiting.
+pub(crate) fn writer_loop<W: Write + Send>(out: Arc<Output<W>>, rx: Receiver<Msg>) {
+    while let Ok(first) = rx.recv() {
+        let mut st = out.state.lock();
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            if let Msg::Reply(r) = m {
+                out.push(&mut st, r);
+            }
+            next = rx.try_recv().ok();
+        }
+        out.flush(&mut st);
     }
 }
 
@@ -143,9 +255,11 @@ pub(crate) fn writer_loop<W: Write>(
 struct Gather {
     small: Vec<u8>,
     /// Pieces in order: a range of `small`, or a payload.
-    pieces: Vec<Piece>,
+    pieces: VecDeque<Piece>,
     /// Where the part of `small` not yet in `pieces` starts.
     open: usize,
+    /// Bytes of the first piece already sent.
+    sent: usize,
     bytes: usize,
 }
 
@@ -167,46 +281,115 @@ impl Gather {
             self.small.extend_from_slice(&data);
             return;
         }
+        self.seal();
+        self.pieces.push_back(Piece::Data(data));
+    }
+
+    /// Close the open range of `small` as a piece.
+    fn seal(&mut self) {
         if self.open < self.small.len() {
-            self.pieces.push(Piece::Small(self.open, self.small.len()));
+            self.pieces.push_back(Piece::Small(self.open, self.small.len()));
             self.open = self.small.len();
         }
-        self.pieces.push(Piece::Data(data));
     }
 
     fn full(&self) -> bool {
         self.bytes >= WRITE_BUFFER_BYTES || self.pieces.len() >= MAX_PIECES
     }
 
-    fn flush<W: Write>(&mut self, w: &mut W) -> std::io::Result<()> {
-        if self.open < self.small.len() {
-            self.pieces.push(Piece::Small(self.open, self.small.len()));
-        }
-        let mut slices: Vec<IoSlice<'_>> = self
-            .pieces
+    /// The unsent bytes, as at most [`MAX_PIECES`] slices.
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        self.pieces
             .iter()
-            .map(|p| match p {
-                Piece::Small(a, b) => IoSlice::new(&self.small[*a..*b]),
-                Piece::Data(d) => IoSlice::new(d),
+            .take(MAX_PIECES)
+            .enumerate()
+            .map(|(i, p)| {
+                let b: &[u8] = match p {
+                    Piece::Small(a, b) => &self.small[*a..*b],
+                    Piece::Data(d) => d,
+                };
+                IoSlice::new(if i == 0 { &b[self.sent..] } else { b })
             })
-            .collect();
-        let mut rest = &mut slices[..];
-        let result = loop {
-            if rest.is_empty() {
-                break w.flush();
+            .collect()
+    }
+
+    /// `n` more bytes were sent.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.pieces.front() else {
+                break;
+            };
+            let len = match front {
+                Piece::Small(a, b) => b - a,
+                Piece::Data(d) => d.len(),
+            } - self.sent;
+            if n < len {
+                self.sent += n;
+                return;
             }
-            match w.write_vectored(rest) {
-                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        drop(slices);
+            n -= len;
+            self.sent = 0;
+            self.pieces.pop_front();
+        }
+        if self.pieces.is_empty() && self.open == self.small.len() {
+            self.clear();
+        }
+    }
+
+    fn clear(&mut self) {
         self.small.clear();
         self.pieces.clear();
         self.open = 0;
+        self.sent = 0;
         self.bytes = 0;
-        result
+    }
+
+    /// Write everything (blocking).
+    fn flush<W: Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.seal();
+        while !self.pieces.is_empty() {
+            let r = w.write_vectored(&self.slices());
+            match r {
+                Ok(0) => {
+                    self.clear();
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.clear();
+                    return Err(e);
+                }
+            }
+        }
+        w.flush()
+    }
+
+    /// Send what the socket takes without blocking; `Ok(true)` when all of it went.
+    fn send_nonblocking(&mut self, fd: RawFd) -> std::io::Result<bool> {
+        self.seal();
+        while !self.pieces.is_empty() {
+            let n = {
+                let slices = self.slices();
+                // SAFETY: an all-zero msghdr is valid; it then points at `slices`, which lives
+                // across the call.
+                let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+                hdr.msg_iov = slices.as_ptr() as *mut libc::iovec;
+                hdr.msg_iovlen = slices.len() as _;
+                // SAFETY: IoSlice is ABI-compatible with iovec; `fd` is the connection's open
+                // socket; MSG_DONTWAIT keeps this thread from blocking.
+                unsafe { libc::sendmsg(fd, &hdr, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => return Ok(false),
+                    _ => return Err(e),
+                }
+            }
+            self.advance(n as usize);
+        }
+        Ok(true)
     }
 }

@@ -557,9 +557,10 @@ fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
             // Bytes the handshake's buffer already holds are the first requests.
             let reader = SockReader::new(sock.try_clone()?, r.buffer());
             drop(r);
-            transmission::serve(reader, w, control, neg, limits)
+            let fd = Some(w.as_raw_fd());
+            transmission::serve(reader, w, fd, control, neg, limits)
         }
-        Transport::Tls { r, w } => transmission::serve(r, w, control, neg, limits),
+        Transport::Tls { r, w } => transmission::serve(r, w, None, control, neg, limits),
         Transport::Closed => Ok(()),
     }
 }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -20,7 +21,7 @@ use crate::handshake::Negotiated;
 use crate::input::Input;
 use crate::proto::*;
 use crate::reply::{Body, Mode, ReqCtx};
-use crate::sender::{self, writer_loop, Replies};
+use crate::sender::{self, writer_loop, Output, Replies};
 use crate::stream::Stream;
 
 /// Bytes charged against the in-flight budget for any request, on top of its payload.
@@ -53,6 +54,7 @@ fn mode_of(neg: &Negotiated) -> Mode {
 pub(crate) fn serve<R: Input, W: Write + Send + 'static>(
     reader: R,
     writer: W,
+    fd: Option<RawFd>,
     control: Option<Stream>,
     neg: Negotiated,
     limits: Limits,
@@ -64,13 +66,14 @@ pub(crate) fn serve<R: Input, W: Write + Send + 'static>(
         Some(c) => Some(c.try_clone()?),
         None => None,
     };
+    let out = Arc::new(Output::new(writer, fd, writer_control, credit.clone(), mode));
     let writer = thread::Builder::new().name("nbd-writer".into()).spawn({
-        let credit = credit.clone();
-        move || writer_loop(writer, writer_control, rx, credit, mode)
+        let out = out.clone();
+        move || writer_loop(out, rx)
     })?;
     // Dropping the last sender (the reader's, then each completion's) lets the writer finish
     // once every in-flight request has completed and its reply has been written.
-    let res = run(reader, Replies(tx), credit, neg, limits);
+    let res = run(reader, Replies::new(tx, out), credit, neg, limits);
     let _ = writer.join();
     if let Some(c) = control {
         c.shutdown(std::net::Shutdown::Both);
