@@ -3,7 +3,7 @@
 //! responses in the order they complete, stamping StatSN / ExpCmdSN / MaxCmdSN).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -47,13 +47,108 @@ enum Out {
         /// Status PDUs take a StatSN and advance it; others carry the next one.
         advance: bool,
     },
+    /// Send what the reader thread gathered but could not send without blocking.
+    Flush,
     /// Send everything queued, then close the connection.
     Close,
+}
+
+thread_local! {
+    /// PDUs posted on a connection's reader thread (commands served from the cache complete
+    /// inline) while it has more PDUs buffered: written together by that thread when it is about
+    /// to block, without a hand-off to the writer (see [`Ctx::release_held`]).
+    static HELD: std::cell::RefCell<Held> =
+        const { std::cell::RefCell::new(Held { ctx: 0, pdus: Vec::new() }) };
+}
+
+struct Held {
+    /// The connection (its `Ctx` address) whose PDUs this thread holds; 0: none.
+    ctx: usize,
+    pdus: Vec<Out>,
+}
+
+/// Most PDUs held on the reader thread before they are written anyway.
+const MAX_HELD: usize = 256;
+
+/// The writer's side of a connection, shared with the reader thread: sequence numbers and the
+/// bytes encoded and not yet sent.
+struct WState {
+    buf: Vec<u8>,
+    stat_sn: u32,
+    max_cmd_sn: u32,
+    broken: bool,
+}
+
+impl WState {
+    /// Encode a PDU, stamping StatSN, ExpCmdSN and MaxCmdSN.
+    fn encode(&mut self, ctx: &Ctx, mut bhs: Bhs, data: &[u8], advance: bool) {
+        let exp = ctx.exp_cmd_sn.load(Ordering::Acquire);
+        let inflight = ctx.inflight_count.load(Ordering::Acquire);
+        let room = ctx.window.saturating_sub(inflight).max(1);
+        let m = exp.wrapping_add(room).wrapping_sub(1);
+        // MaxCmdSN never moves backwards (serial number arithmetic).
+        if (m.wrapping_sub(self.max_cmd_sn) as i32) > 0 {
+            self.max_cmd_sn = m;
+        }
+        bhs.set_u32(24, self.stat_sn);
+        bhs.set_u32(28, exp);
+        bhs.set_u32(32, self.max_cmd_sn);
+        if advance {
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+        }
+        let (hd, dd) = (ctx.params.header_digest, ctx.params.data_digest);
+        // Writing into a Vec cannot fail.
+        let _ = pdu::write_pdu(&mut self.buf, &bhs, data, hd, dd);
+    }
+
+    /// Send everything (blocking).
+    fn flush(&mut self, stream: &TcpStream) {
+        if !self.broken && !self.buf.is_empty() {
+            let mut w = stream;
+            if w.write_all(&self.buf).is_err() {
+                self.broken = true;
+            }
+        }
+        self.buf.clear();
+    }
+
+    /// Send what the socket takes without blocking; true when all of it went.
+    fn send_nonblocking(&mut self, stream: &TcpStream) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut at = 0;
+        while at < self.buf.len() && !self.broken {
+            let rest = &self.buf[at..];
+            // SAFETY: `rest` is valid for its length; the socket is open for the call;
+            // MSG_DONTWAIT keeps the reader thread from blocking.
+            let n = unsafe {
+                libc::send(
+                    stream.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock => break,
+                    // The writer thread meets the error too and ends the connection.
+                    _ => break,
+                }
+            }
+            at += n as usize;
+        }
+        self.buf.drain(..at);
+        self.buf.is_empty()
+    }
 }
 
 /// State shared by the reader, the writer and engine completions.
 struct Ctx {
     tx: Sender<Out>,
+    wstate: Mutex<WState>,
+    /// The socket, for the reader thread's non-blocking sends.
+    stream: TcpStream,
     params: Params,
     exp_cmd_sn: AtomicU32,
     /// Commands submitted to the engine and not yet answered, by ITT.
@@ -70,7 +165,54 @@ struct Ctx {
 
 impl Ctx {
     fn send(&self, bhs: Bhs, data: Bytes, advance: bool) {
-        let _ = self.tx.send(Out::Pdu { bhs, data, advance });
+        let out = Out::Pdu { bhs, data, advance };
+        let me = self as *const Ctx as usize;
+        let out = HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.ctx == me {
+                h.pdus.push(out);
+                None
+            } else {
+                Some(out)
+            }
+        });
+        if let Some(out) = out {
+            let _ = self.tx.send(out);
+        }
+    }
+
+    /// Hold PDUs posted on this thread (the connection's reader) until [`Ctx::release_held`].
+    fn hold_here(&self, on: bool) {
+        let me = if on { self as *const Ctx as usize } else { 0 };
+        HELD.with(|h| h.borrow_mut().ctx = me);
+    }
+
+    fn held(&self) -> usize {
+        HELD.with(|h| h.borrow().pdus.len())
+    }
+
+    /// Write the PDUs this thread holds: on this thread when the writer is idle and the socket
+    /// takes them without blocking, else (the rest) through the writer thread.
+    fn release_held(&self) {
+        let pdus = HELD.with(|h| std::mem::take(&mut h.borrow_mut().pdus));
+        if pdus.is_empty() {
+            return;
+        }
+        let Some(mut st) = self.wstate.try_lock() else {
+            for p in pdus {
+                let _ = self.tx.send(p);
+            }
+            return;
+        };
+        for p in pdus {
+            if let Out::Pdu { bhs, data, advance } = p {
+                st.encode(self, bhs, &data, advance);
+            }
+        }
+        if !st.send_nonblocking(&self.stream) {
+            drop(st);
+            let _ = self.tx.send(Out::Flush);
+        }
     }
 
     fn start(&self, itt: u32) {
@@ -206,8 +348,18 @@ fn full_feature(
     let cfg = &shared.cfg;
     let params = session.params.clone();
     let (tx, rx) = crossbeam_channel::unbounded();
+    let max_cmd_sn = session
+        .exp_cmd_sn
+        .wrapping_add(cfg.window.saturating_sub(1));
     let ctx = Arc::new(Ctx {
         tx,
+        wstate: Mutex::new(WState {
+            buf: Vec::with_capacity(256 << 10),
+            stat_sn: session.stat_sn,
+            max_cmd_sn,
+            broken: false,
+        }),
+        stream: stream.try_clone()?,
         params: params.clone(),
         exp_cmd_sn: AtomicU32::new(session.exp_cmd_sn),
         inflight: Mutex::new(HashSet::new()),
@@ -221,10 +373,9 @@ fn full_feature(
         let ctx = ctx.clone();
         let stream = stream.try_clone()?;
         let nop = cfg.nop_interval;
-        let stat_sn = session.stat_sn;
         std::thread::Builder::new()
             .name("iscsi-writer".into())
-            .spawn(move || writer_loop(ctx, stream, rx, stat_sn, nop))?
+            .spawn(move || writer_loop(ctx, stream, rx, nop))?
     };
     // A silent initiator is dropped after the NOP-In interval plus its timeout.
     let idle = cfg.nop_interval.map(|i| i + cfg.nop_timeout);
@@ -246,7 +397,10 @@ fn full_feature(
             .map(|a| a.to_string())
             .unwrap_or_default(),
     };
+    ctx.hold_here(true);
     let result = conn.run(&mut reader, &limits);
+    ctx.hold_here(false);
+    ctx.release_held();
     // Let engine completions finish before the writer goes.
     ctx.wait_idle();
     let _ = ctx.tx.send(Out::Close);
@@ -258,29 +412,19 @@ fn full_feature(
     }
 }
 
-fn writer_loop(
-    ctx: Arc<Ctx>,
-    stream: TcpStream,
-    rx: Receiver<Out>,
-    mut stat_sn: u32,
-    nop: Option<Duration>,
-) {
-    let hd = ctx.params.header_digest;
-    let dd = ctx.params.data_digest;
-    let mut w = BufWriter::with_capacity(256 << 10, &stream);
-    let mut max_cmd_sn = ctx
-        .exp_cmd_sn
-        .load(Ordering::Acquire)
-        .wrapping_add(ctx.window.saturating_sub(1));
+fn writer_loop(ctx: Arc<Ctx>, stream: TcpStream, rx: Receiver<Out>, nop: Option<Duration>) {
     let mut ping_ttt: u32 = 0x1000_0000;
     let tick = nop.unwrap_or(Duration::from_secs(3600));
     loop {
         let msg = match rx.try_recv() {
             Ok(m) => m,
             Err(_) => {
-                if w.flush().is_err() {
+                let mut st = ctx.wstate.lock();
+                st.flush(&stream);
+                if st.broken {
                     break;
                 }
+                drop(st);
                 match rx.recv_timeout(tick) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
@@ -308,33 +452,20 @@ fn writer_loop(
         };
         match msg {
             Out::Close => break,
-            Out::Pdu {
-                mut bhs,
-                data,
-                advance,
-            } => {
-                let exp = ctx.exp_cmd_sn.load(Ordering::Acquire);
-                let inflight = ctx.inflight_count.load(Ordering::Acquire);
-                let room = ctx.window.saturating_sub(inflight).max(1);
-                let m = exp.wrapping_add(room).wrapping_sub(1);
-                // MaxCmdSN never moves backwards (serial number arithmetic).
-                if (m.wrapping_sub(max_cmd_sn) as i32) > 0 {
-                    max_cmd_sn = m;
+            Out::Flush => {}
+            Out::Pdu { bhs, data, advance } => {
+                let mut st = ctx.wstate.lock();
+                st.encode(&ctx, bhs, &data, advance);
+                if st.buf.len() >= 256 << 10 {
+                    st.flush(&stream);
                 }
-                bhs.set_u32(24, stat_sn);
-                bhs.set_u32(28, exp);
-                bhs.set_u32(32, max_cmd_sn);
-                if advance {
-                    stat_sn = stat_sn.wrapping_add(1);
-                }
-                if pdu::write_pdu(&mut w, &bhs, &data, hd, dd).is_err() {
+                if st.broken {
                     break;
                 }
             }
         }
     }
-    let _ = w.flush();
-    drop(w);
+    ctx.wstate.lock().flush(&stream);
     let _ = stream.shutdown(Shutdown::Both);
 }
 
@@ -355,8 +486,11 @@ fn sn_lt(a: u32, b: u32) -> bool {
 }
 
 impl Conn {
-    fn run<R: Read>(&mut self, reader: &mut R, limits: &pdu::Limits) -> Result<()> {
+    fn run(&mut self, reader: &mut BufReader<TcpStream>, limits: &pdu::Limits) -> Result<()> {
         loop {
+            if reader.buffer().is_empty() || self.ctx.held() >= MAX_HELD {
+                self.ctx.release_held();
+            }
             let p = match read_pdu(reader, limits) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
@@ -368,8 +502,13 @@ impl Conn {
                 Err(e) => return Err(e),
             };
             self.ctx.touch();
+            let opcode = p.bhs.opcode();
             if !self.handle(p)? {
                 return Ok(());
+            }
+            // Other PDUs (task management, logout, ...) may wait for commands: nothing held then.
+            if opcode != op::SCSI_CMD && opcode != op::DATA_OUT {
+                self.ctx.release_held();
             }
         }
     }
