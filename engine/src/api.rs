@@ -44,6 +44,54 @@ pub enum Reply {
 /// (hand the result to a channel).
 pub type Completion = Box<dyn FnOnce(Result<Reply>) + Send + 'static>;
 
+/// Work deferred to the end of a batch.
+type Deferred = Vec<Box<dyn FnOnce()>>;
+
+thread_local! {
+    /// Work deferred to the end of the current batch of completions on an engine thread.
+    static AFTER_BATCH: std::cell::RefCell<Option<Deferred>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` once the engine thread running this completion has run the rest of its current batch
+/// of completions (before it waits for more work), or now on any other thread. A front end
+/// uses it to send the replies of one batch together from the completing thread, instead of
+/// handing each to a writer thread.
+pub fn after_batch(f: Box<dyn FnOnce()>) {
+    let f = AFTER_BATCH.with(|a| match a.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(f);
+            None
+        }
+        None => Some(f),
+    });
+    if let Some(f) = f {
+        f();
+    }
+}
+
+/// Start collecting [`after_batch`] work on this (engine) thread.
+pub(crate) fn begin_batch() {
+    AFTER_BATCH.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.is_none() {
+            *a = Some(Vec::new());
+        }
+    });
+}
+
+/// Run the [`after_batch`] work collected so far (more may be added while it runs; that runs
+/// too); collecting goes on.
+pub(crate) fn end_batch() {
+    loop {
+        let work = AFTER_BATCH.with(|a| a.borrow_mut().as_mut().map(std::mem::take));
+        match work {
+            Some(w) if !w.is_empty() => w.into_iter().for_each(|f| f()),
+            _ => return,
+        }
+    }
+}
+
 /// A run of blocks with the same allocation state, as NBD `base:allocation` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {

@@ -382,6 +382,9 @@ impl Shard {
     }
 
     pub fn run(mut self) {
+        // Front ends defer the replies of completions to the end of each turn (see
+        // `api::after_batch`), so that one turn's replies leave together.
+        crate::api::begin_batch();
         loop {
             let busy = !self.inflight.is_empty() || !self.reads.is_empty();
             let first = if busy {
@@ -456,6 +459,7 @@ impl Shard {
             if stop || pause.is_some() {
                 self.drain();
             }
+            crate::api::end_batch();
             if let Some((paused, resume)) = pause {
                 let r = self.at_checkpoint();
                 let _ = paused.send(r.map(|()| self.pos));
@@ -463,6 +467,7 @@ impl Shard {
             }
             if stop {
                 self.fail_waiting();
+                crate::api::end_batch();
                 return;
             }
         }

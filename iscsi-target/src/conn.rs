@@ -54,6 +54,9 @@ enum Out {
 }
 
 thread_local! {
+    /// PDUs completed by this (engine) thread in its current batch.
+    static BATCH: std::cell::RefCell<Vec<(Arc<Ctx>, Out)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
     /// PDUs posted on a connection's reader thread (commands served from the cache complete
     /// inline) while it has more PDUs buffered: written together by that thread when it is about
     /// to block, without a hand-off to the writer (see [`Ctx::release_held`]).
@@ -145,6 +148,8 @@ impl WState {
 
 /// State shared by the reader, the writer and engine completions.
 struct Ctx {
+    /// This context, for replies sent at the end of an engine thread's batch.
+    me: std::sync::Weak<Ctx>,
     tx: Sender<Out>,
     wstate: Mutex<WState>,
     /// The socket, for the reader thread's non-blocking sends.
@@ -176,8 +181,31 @@ impl Ctx {
                 Some(out)
             }
         });
-        if let Some(out) = out {
+        let Some(out) = out else {
+            return;
+        };
+        let Some(ctx) = self.me.upgrade() else {
             let _ = self.tx.send(out);
+            return;
+        };
+        // An engine thread: this batch's PDUs are sent together at its end, from there.
+        let first = BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            b.push((ctx, out));
+            b.len() == 1
+        });
+        if first {
+            ingot_engine::after_batch(Box::new(|| {
+                let all = BATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
+                let mut all = all.into_iter().peekable();
+                while let Some((ctx, first)) = all.next() {
+                    let mut pdus = vec![first];
+                    while let Some((_, p)) = all.next_if(|(c, _)| Arc::ptr_eq(c, &ctx)) {
+                        pdus.push(p);
+                    }
+                    ctx.send_now(pdus);
+                }
+            }));
         }
     }
 
@@ -194,7 +222,12 @@ impl Ctx {
     /// Write the PDUs this thread holds: on this thread when the writer is idle and the socket
     /// takes them without blocking, else (the rest) through the writer thread.
     fn release_held(&self) {
-        let pdus = HELD.with(|h| std::mem::take(&mut h.borrow_mut().pdus));
+        self.send_now(HELD.with(|h| std::mem::take(&mut h.borrow_mut().pdus)));
+    }
+
+    /// Send `pdus` from this thread when the writer is idle and the socket takes them without
+    /// blocking; else (the rest) through the writer thread.
+    fn send_now(&self, pdus: Vec<Out>) {
         if pdus.is_empty() {
             return;
         }
@@ -351,7 +384,9 @@ fn full_feature(
     let max_cmd_sn = session
         .exp_cmd_sn
         .wrapping_add(cfg.window.saturating_sub(1));
-    let ctx = Arc::new(Ctx {
+    let ctx_stream = stream.try_clone()?;
+    let ctx = Arc::new_cyclic(|me| Ctx {
+        me: me.clone(),
         tx,
         wstate: Mutex::new(WState {
             buf: Vec::with_capacity(256 << 10),
@@ -359,7 +394,7 @@ fn full_feature(
             max_cmd_sn,
             broken: false,
         }),
-        stream: stream.try_clone()?,
+        stream: ctx_stream,
         params: params.clone(),
         exp_cmd_sn: AtomicU32::new(session.exp_cmd_sn),
         inflight: Mutex::new(HashSet::new()),

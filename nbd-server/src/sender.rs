@@ -14,8 +14,8 @@
 //! (docs/benchmarks.md).
 
 use std::cell::RefCell;
-use std::io::{IoSlice, Write};
 use std::collections::VecDeque;
+use std::io::{IoSlice, Write};
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -56,13 +56,24 @@ impl Replies {
             Some(m) => m,
             None => return,
         };
-        // The writer only goes away after every sender is dropped.
-        let _ = self.tx.send(Msg::Reply(msg));
+        // An engine thread: this batch's replies are sent together at its end, from there.
+        let first = BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            b.push((self.clone(), msg));
+            b.len() == 1
+        });
+        if first {
+            ingot_engine::after_batch(Box::new(|| {
+                send_now(BATCH.with(|b| std::mem::take(&mut *b.borrow_mut())));
+            }));
+        }
     }
 }
 
 thread_local! {
     static HELD: RefCell<Held> = const { RefCell::new(Held { on: false, msgs: Vec::new() }) };
+    /// Replies completed by this (engine) thread in its current batch.
+    static BATCH: RefCell<Vec<(Replies, Outgoing)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Replies posted on a connection's reader thread (cached reads complete inline, errors) while
@@ -98,7 +109,11 @@ pub(crate) fn hold_replies(on: bool) {
 /// Write the replies this thread holds: on this thread when that cannot block, else through
 /// the writer thread.
 pub(crate) fn release_held() {
-    let msgs = HELD.with(|h| std::mem::take(&mut h.borrow_mut().msgs));
+    send_now(HELD.with(|h| std::mem::take(&mut h.borrow_mut().msgs)));
+}
+
+/// Send replies from this thread when that cannot block; the rest through the writer threads.
+fn send_now(msgs: Vec<(Replies, Outgoing)>) {
     let mut msgs = msgs.into_iter().peekable();
     while let Some((to, first)) = msgs.next() {
         let mut batch = vec![first];
@@ -288,7 +303,8 @@ impl Gather {
     /// Close the open range of `small` as a piece.
     fn seal(&mut self) {
         if self.open < self.small.len() {
-            self.pieces.push_back(Piece::Small(self.open, self.small.len()));
+            self.pieces
+                .push_back(Piece::Small(self.open, self.small.len()));
             self.open = self.small.len();
         }
     }

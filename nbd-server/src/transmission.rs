@@ -66,7 +66,13 @@ pub(crate) fn serve<R: Input, W: Write + Send + 'static>(
         Some(c) => Some(c.try_clone()?),
         None => None,
     };
-    let out = Arc::new(Output::new(writer, fd, writer_control, credit.clone(), mode));
+    let out = Arc::new(Output::new(
+        writer,
+        fd,
+        writer_control,
+        credit.clone(),
+        mode,
+    ));
     let writer = thread::Builder::new().name("nbd-writer".into()).spawn({
         let out = out.clone();
         move || writer_loop(out, rx)
