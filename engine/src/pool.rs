@@ -14,7 +14,9 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ratio, CheckReport, Problem, Stats, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES};
+use crate::api::{
+    ratio, CheckReport, Problem, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES, SECTOR_BYTES,
+};
 use crate::checkpoint::{self, Image, VolumeImage};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -159,6 +161,11 @@ pub(crate) struct Counters {
     pub gc_moved: AtomicU64,
     /// Segments the running cleaning pass is emptying.
     pub gc_cleaning: AtomicU64,
+    /// `WriteBreakdown`, by record kind: [records, entries, bytes, header bytes] for data
+    /// (and trim) records, then for move records.
+    pub records: [[AtomicU64; 4]; 2],
+    pub checkpoints: AtomicU64,
+    pub checkpoint_bytes: AtomicU64,
 }
 
 struct CkptState {
@@ -908,6 +915,11 @@ impl Inner {
                     .device_written
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
             }
+            self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.counters.checkpoint_bytes.fetch_add(
+                (blob.len() + segs.len() * SEGMENT_HEADER_BYTES as usize) as u64,
+                Ordering::Relaxed,
+            );
             // Records before the checkpoint and the checkpoint itself, durable before the
             // superblock points at it.
             self.sync()?;
@@ -1953,6 +1965,22 @@ impl Pool {
             dedup_index_bytes: index_bytes,
             dedup_index_entries: index_entries,
             dedup_index_sampling: index_sampling,
+            device_written_breakdown: {
+                let c = &inner.counters;
+                let r = |k: usize, i: usize| c.records[k][i].load(Ordering::Relaxed);
+                WriteBreakdown {
+                    data_records: r(0, 0),
+                    data_entries: r(0, 1),
+                    data_bytes: r(0, 2),
+                    data_header_bytes: r(0, 3),
+                    move_records: r(1, 0),
+                    move_entries: r(1, 1),
+                    move_bytes: r(1, 2),
+                    move_header_bytes: r(1, 3),
+                    checkpoints: c.checkpoints.load(Ordering::Relaxed),
+                    checkpoint_bytes: c.checkpoint_bytes.load(Ordering::Relaxed),
+                }
+            },
         }
     }
 

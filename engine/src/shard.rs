@@ -1454,6 +1454,13 @@ impl Shard {
             .counters
             .device_written
             .fetch_add(record_bytes as u64, Ordering::Relaxed);
+        let by_kind = &self.inner.counters.records[usize::from(kind == RecordKind::Move)];
+        for (c, v) in by_kind
+            .iter()
+            .zip([1, n_entries, record_bytes, header_bytes])
+        {
+            c.fetch_add(v as u64, Ordering::Relaxed);
+        }
         self.inflight.push_back(Inflight {
             tag,
             result: None,
