@@ -195,7 +195,9 @@ pub(crate) struct Inner {
     pub counters: Counters,
     pub flusher: Sender<FlushMsg>,
     pub chain_broken: AtomicBool,
+    /// One per chain: the data shards, then the mover (see `Inner::mover`).
     senders: Vec<Sender<ShardMsg>>,
+    data_shards: usize,
     volumes: RwLock<VolumeTable>,
     ckpt: Mutex<CkptState>,
     superblocks: Vec<Superblock>,
@@ -299,7 +301,7 @@ impl Inner {
     /// target a segment about to be freed).
     fn fence(&self) -> Result<()> {
         let mut waits = Vec::new();
-        for shard in 0..self.shards() {
+        for shard in 0..self.chains() {
             let (tx, rx) = crossbeam_channel::bounded(1);
             self.send_to_shard(shard, ShardMsg::Fence(tx));
             waits.push(rx);
@@ -314,8 +316,19 @@ impl Inner {
         fp as u64 & self.dedup_key_mask
     }
 
+    /// Data shards: the workers a volume's map pages are striped over.
     pub fn shards(&self) -> usize {
+        self.data_shards
+    }
+
+    /// Log chains: one per data shard, then the cleaner's move chain.
+    pub fn chains(&self) -> usize {
         self.senders.len()
+    }
+
+    /// The worker that writes the cleaner's moves, in a chain of its own.
+    pub fn mover(&self) -> usize {
+        self.data_shards
     }
 
     pub fn is_closed(&self) -> bool {
@@ -337,7 +350,7 @@ impl Inner {
         let _ = self.kick.try_send(CkptMsg::Space);
     }
 
-    /// Segments kept back from data so that a checkpoint always fits, and one per shard so
+    /// Segments kept back from data so that a checkpoint always fits, and one per chain so
     /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
         let vols = self.volumes.read();
@@ -352,14 +365,14 @@ impl Inner {
             pages,
             blocks,
             vols.by_name.len() as u64,
-            self.shards() as u64,
+            self.chains() as u64,
         );
-        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.shards()
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.chains()
     }
 
     /// Segments only a checkpoint may use: one checkpoint's worth and a spare.
     pub fn ckpt_reserve(&self) -> usize {
-        self.reserve_segments() - self.shards()
+        self.reserve_segments() - self.chains()
     }
 
     /// Below this many free segments data writes stop (checkpoints, trims and the cleaner
@@ -552,7 +565,7 @@ impl Inner {
             progress(i as u64 + 1, total);
         }
         // Whatever was sent is written and waited for, even after an error.
-        let finished = self.finish_moves(&tx, &rx, sent);
+        let finished = self.finish_moves(&rx, sent);
         self.counters.gc_cleaning.store(0, Ordering::Relaxed);
         result?;
         finished?;
@@ -615,8 +628,8 @@ impl Inner {
         }
     }
 
-    /// Copy the live blocks of one victim segment into the logs: send them to the shards, to be
-    /// held until `finish_moves` ends the pass. Returns the number of jobs sent on `tx`.
+    /// Copy the live blocks of one victim segment into the move chain: send them to the mover
+    /// (`finish_moves` waits for them). Counts the jobs sent on `tx` in `sent`.
     fn evacuate(
         &self,
         seg: u32,
@@ -683,19 +696,13 @@ impl Inner {
                 .max(1);
             let moves: Vec<Relocation> = payloads.drain(..take).collect();
             report.bytes_moved += moves.iter().map(|m| m.data.len() as u64).sum::<u64>();
-            self.send_moves(*sent % self.shards(), moves, false, tx);
+            self.send_moves(moves, tx);
             *sent += 1;
         }
         Ok(())
     }
 
-    fn send_moves(
-        &self,
-        shard: usize,
-        moves: Vec<Relocation>,
-        last: bool,
-        tx: &Sender<Result<()>>,
-    ) {
+    fn send_moves(&self, moves: Vec<Relocation>, tx: &Sender<Result<()>>) {
         let tx = tx.clone();
         let job = Job::new(
             1,
@@ -705,21 +712,13 @@ impl Inner {
                 let _ = tx.send(r.map(|_| ()));
             }),
         );
-        self.send_to_shard(shard, ShardMsg::Relocate { moves, job, last });
+        self.send_to_shard(self.mover(), ShardMsg::Relocate { moves, job });
     }
 
-    /// End a pass: every shard writes the moves it holds; wait for all `sent` jobs.
-    fn finish_moves(
-        &self,
-        tx: &Sender<Result<()>>,
-        rx: &Receiver<Result<()>>,
-        sent: usize,
-    ) -> Result<()> {
-        for shard in 0..self.shards() {
-            self.send_moves(shard, Vec::new(), true, tx);
-        }
+    /// End a pass: wait for all `sent` move jobs to be written.
+    fn finish_moves(&self, rx: &Receiver<Result<()>>, sent: usize) -> Result<()> {
         let mut first = Ok(());
-        for _ in 0..sent + self.shards() {
+        for _ in 0..sent {
             let r = rx.recv().map_err(|_| Error::ShutDown).and_then(|r| r);
             if first.is_ok() {
                 first = r;
@@ -754,7 +753,7 @@ impl Inner {
         let mut ck = self.ckpt.lock();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();
-        let mut positions = vec![None; self.shards()];
+        let mut positions = vec![None; self.chains()];
         for (i, tx) in self.senders.iter().enumerate() {
             let (rtx, rrx) = crossbeam_channel::bounded::<()>(1);
             let (one_tx, one_rx) = crossbeam_channel::bounded(1);
@@ -778,7 +777,7 @@ impl Inner {
         }
         drop(ptx);
         let mut first_err = None;
-        for _ in 0..self.shards() {
+        for _ in 0..self.chains() {
             match prx.recv() {
                 Ok((i, Ok(pos))) => positions[i] = Some(pos),
                 Ok((_, Err(e))) => first_err = first_err.or(Some(e)),
@@ -856,6 +855,7 @@ impl Inner {
             volumes,
             blocks: space.blocks.clone(),
             shards,
+            data_chains: self.shards(),
             index,
             index_sample_bits,
         };
@@ -1373,6 +1373,7 @@ impl Pool {
                     volumes: Vec::new(),
                     blocks: vec![BlockEntry::default()],
                     shards: Vec::new(),
+                    data_chains: 0,
                     index: Vec::new(),
                     index_sample_bits: 0,
                 },
@@ -1390,7 +1391,9 @@ impl Pool {
             o.shards
         }
         .clamp(1, 64);
-        let old_shards = image.shards.len();
+        // Chains of the checkpoint: data shards' first, then move chains (a pool written before
+        // move chains existed has none).
+        let old_shards = image.data_chains;
         // Volumes and maps.
         let mut table = VolumeTable {
             by_name: BTreeMap::new(),
@@ -1548,15 +1551,20 @@ impl Pool {
                 nshards as u64,
             );
             // As `Inner::reserve_segments` will keep back.
-            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards
+            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
         };
         // A shard's new chain continues its old one just past the last replayed record when
         // that segment has room: otherwise every open would strand a partly filled segment per
         // shard, and a full pool could not be opened at all. Replay starts at the checkpoint's
         // position, so the segment's old header (old epoch) is never read for this chain.
+        // The move chain (the last) continues the old one, if the checkpoint had one.
+        let old_ends: Vec<Option<&ShardPosition>> = (0..nshards)
+            .map(|i| ends.get(i).filter(|_| i < old_shards))
+            .chain(std::iter::once(ends.get(old_shards)))
+            .collect();
         let mut starts: Vec<(u32, u32, bool)> = Vec::new();
-        for i in 0..nshards {
-            let cont = ends.get(i).filter(|e| {
+        for old_end in old_ends {
+            let cont = old_end.filter(|e| {
                 e.segment != NO_SEGMENT
                     && e.segment < geo.total_segments
                     && u64::from(e.offset) + 2 * IO_ALIGN as u64 <= geo.segment_bytes
@@ -1608,7 +1616,7 @@ impl Pool {
         let (ktx, krx) = crossbeam_channel::bounded(1);
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
-        for _ in 0..nshards {
+        for _ in 0..=nshards {
             let (tx, rx) = crossbeam_channel::unbounded();
             senders.push(tx);
             receivers.push(rx);
@@ -1622,11 +1630,12 @@ impl Pool {
             epoch,
             space: Mutex::new(space),
             seq: AtomicU64::new(seq_end),
-            shard_stats: (0..nshards).map(|_| ShardStats::default()).collect(),
+            shard_stats: (0..=nshards).map(|_| ShardStats::default()).collect(),
             counters: Counters::default(),
             flusher: ftx,
             chain_broken: AtomicBool::new(false),
             senders,
+            data_shards: nshards,
             volumes: RwLock::new(table),
             ckpt: Mutex::new(CkptState {
                 generation: newest.generation,
@@ -1663,8 +1672,18 @@ impl Pool {
             })?;
             let si = inner.clone();
             let pos = positions[i];
-            let cache = cache_capacity / nshards as u64;
-            threads.push(spawn(format!("ingot-shard-{i}"), move || {
+            // The mover only writes: no cache.
+            let cache = if i < nshards {
+                cache_capacity / nshards as u64
+            } else {
+                0
+            };
+            let name = if i < nshards {
+                format!("ingot-shard-{i}")
+            } else {
+                "ingot-mover".to_string()
+            };
+            threads.push(spawn(name, move || {
                 Shard::new(i, si, rx, queue, pos, cache).run()
             })?);
         }
