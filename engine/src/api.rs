@@ -191,6 +191,28 @@ pub struct Stats {
     pub dedup_index_entries: u64,
     /// The index keeps 1 in this many fingerprints (1 until its memory budget is reached).
     pub dedup_index_sampling: u64,
+    /// Where `device_written_bytes` went, since the pool was opened.
+    #[serde(default)]
+    pub device_written_breakdown: WriteBreakdown,
+}
+
+/// Device bytes written by kind of write (`Stats::device_written_breakdown`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WriteBreakdown {
+    /// Data records (client writes, holes, references), trims: count, entries, bytes, and the
+    /// part of those bytes that is header area (header, entries, padding to 4 KiB).
+    pub data_records: u64,
+    pub data_entries: u64,
+    pub data_bytes: u64,
+    pub data_header_bytes: u64,
+    /// Cleaner move records, likewise.
+    pub move_records: u64,
+    pub move_entries: u64,
+    pub move_bytes: u64,
+    pub move_header_bytes: u64,
+    /// Checkpoint blobs (with their segment headers).
+    pub checkpoints: u64,
+    pub checkpoint_bytes: u64,
 }
 
 /// `a / b`, or 1 when there is nothing to divide (an empty pool has no reduction).

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    CheckpointHeader, Get, CHECKPOINT_FRAME_BYTES, CHECKPOINT_LZ4, MAP_PAGE_ENTRIES,
+    CheckpointHeader, Get, CHAIN_DATA, CHAIN_MOVES, CHECKPOINT_FRAME_BYTES, CHECKPOINT_LZ4,
+    CHECKPOINT_VERSION_MOVE_CHAINS, FORMAT_VERSION, MAP_PAGE_ENTRIES,
 };
 use crate::lbamap::MapPage;
 use crate::shard::ShardPosition;
@@ -28,7 +29,9 @@ pub(crate) struct Image {
     pub volumes: Vec<VolumeImage>,
     /// Indexed by block id; entries with `refs == 0` are free and not written.
     pub blocks: Vec<BlockEntry>,
+    /// Chain positions: the data shards' (`data_chains` of them), then move chains.
     pub shards: Vec<ShardPosition>,
+    pub data_chains: usize,
     /// Dedup index entries (key, block id) and its sampling level.
     pub index: Vec<(u64, u64)>,
     pub index_sample_bits: u8,
@@ -63,6 +66,13 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         index_count: img.index.len() as u64,
         index_sample_bits: img.index_sample_bits,
         flags: CHECKPOINT_LZ4,
+        // Binaries that predate move chains would take one for a data shard: they refuse the
+        // version instead.
+        version: if img.shards.len() > img.data_chains {
+            CHECKPOINT_VERSION_MOVE_CHAINS
+        } else {
+            FORMAT_VERSION
+        },
     }
     .encode(&mut out);
     for v in &img.volumes {
@@ -91,11 +101,16 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         out.extend_from_slice(&u32::from(b.flags).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
     }
-    for s in &img.shards {
+    for (i, s) in img.shards.iter().enumerate() {
+        let kind = if i < img.data_chains {
+            CHAIN_DATA
+        } else {
+            CHAIN_MOVES
+        };
         out.extend_from_slice(&s.segment.to_le_bytes());
         out.extend_from_slice(&s.offset.to_le_bytes());
         out.extend_from_slice(&s.next.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
         out.extend_from_slice(&s.shard_seq.to_le_bytes());
     }
     for &(key, id) in &img.index {
@@ -207,11 +222,22 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         *slot = e;
     }
     let mut shards = Vec::new();
-    for _ in 0..h.shard_count {
+    let mut data_chains = 0;
+    for i in 0..h.shard_count as usize {
         let segment = g.u32()?;
         let offset = g.u32()?;
         let next = g.u32()?;
-        g.skip(4)?;
+        // Reserved (zero) before version 2; data chains come first.
+        let kind = g.u32()?;
+        match kind {
+            CHAIN_DATA if data_chains == i => data_chains += 1,
+            CHAIN_MOVES if h.version == CHECKPOINT_VERSION_MOVE_CHAINS && data_chains > 0 => {}
+            _ => {
+                return Err(Error::Corrupt {
+                    what: "checkpoint chain kind",
+                })
+            }
+        }
         shards.push(ShardPosition {
             segment,
             offset,
@@ -234,7 +260,78 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         volumes,
         blocks,
         shards,
+        data_chains,
         index,
         index_sample_bits: h.index_sample_bits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(data_chains: usize, chains: usize) -> Image {
+        Image {
+            seq: 7,
+            epoch: 3,
+            next_volume_id: 1,
+            volumes: Vec::new(),
+            blocks: vec![BlockEntry::default()],
+            shards: (0..chains as u32)
+                .map(|i| ShardPosition {
+                    segment: i,
+                    offset: 4096,
+                    next: 10 + i,
+                    shard_seq: u64::from(i),
+                })
+                .collect(),
+            data_chains,
+            index: Vec::new(),
+            index_sample_bits: 0,
+        }
+    }
+
+    #[test]
+    fn move_chain_round_trips_as_version_2() {
+        let blob = encode(&image(2, 3));
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        assert_eq!(h.version, CHECKPOINT_VERSION_MOVE_CHAINS);
+        let img = decode(&blob, 16).unwrap();
+        assert_eq!((img.data_chains, img.shards.len()), (2, 3));
+        assert_eq!(img.shards[2].next, 12);
+    }
+
+    #[test]
+    fn checkpoint_without_move_chain_stays_version_1() {
+        let blob = encode(&image(2, 2));
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        assert_eq!(h.version, FORMAT_VERSION);
+        let img = decode(&blob, 16).unwrap();
+        assert_eq!((img.data_chains, img.shards.len()), (2, 2));
+    }
+
+    #[test]
+    fn move_chain_in_a_version_1_checkpoint_is_corrupt() {
+        // Version 1 with a chain of kind "moves": written by no binary, refused.
+        let mut img = image(2, 3);
+        img.data_chains = 3;
+        let blob = encode(&img);
+        let mut raw = sections(
+            &blob,
+            &CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap(),
+        )
+        .unwrap();
+        // The kind field of the last chain position (after the empty volume and block sections).
+        let at = raw.len() - 24 + 12;
+        raw[at] = CHAIN_MOVES as u8;
+        let mut plain = blob[..CheckpointHeader::BYTES].to_vec();
+        plain[61] = 0; // not LZ4-framed
+        plain.extend_from_slice(&raw);
+        assert!(matches!(
+            decode(&plain, 16),
+            Err(Error::Corrupt {
+                what: "checkpoint chain kind"
+            })
+        ));
+    }
 }

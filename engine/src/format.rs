@@ -597,8 +597,12 @@ impl TrimEntry {
 /// 2. `block_count` blocks: block_id u64, segment u32, offset u32, stored_len u32, crc u32,
 ///    flags u32 (as in [`DataEntry`]), reserved u32 (32 bytes). Reference counts are not
 ///    stored: they are rebuilt from the maps, which also checks them.
-/// 3. `shard_count` shard chains: segment u32, offset u32, next_segment u32, reserved u32,
-///    shard_seq u64: where replay of each shard resumes.
+/// 3. `shard_count` log chains: segment u32, offset u32, next_segment u32, kind u32
+///    ([`CHAIN_DATA`], then [`CHAIN_MOVES`]; zero = data before version 2), shard_seq u64: where
+///    replay of each chain resumes. Records of chain `i` carry shard number `i`. Data chains
+///    come first, one per data shard (a shard's map pages are `page % data chains`); the move
+///    chain holds the cleaner's Move records, so that moved (cold) blocks fill segments of
+///    their own.
 /// 4. `index_count` dedup index entries: key u64 (low 64 bits of the fingerprint), block_id
 ///    u64. Hints only (a hit is verified byte for byte), so a stale entry costs a read, not
 ///    data.
@@ -606,7 +610,7 @@ impl TrimEntry {
 /// | off | size | field |
 /// |----:|----:|---|
 /// | 0 | 4 | magic `ICKP` |
-/// | 4 | 4 | version |
+/// | 4 | 4 | version: 1, or [`CHECKPOINT_VERSION_MOVE_CHAINS`] when a move chain follows the data chains |
 /// | 8 | 8 | seq_end (records below it are included) |
 /// | 16 | 8 | epoch (records after this checkpoint carry it) |
 /// | 24 | 8 | next_block_id |
@@ -636,10 +640,18 @@ pub struct CheckpointHeader {
     pub index_count: u64,
     pub index_sample_bits: u8,
     pub flags: u8,
+    pub version: u32,
 }
 
 /// Checkpoint flag: the sections after the header are LZ4 frames.
 pub const CHECKPOINT_LZ4: u8 = 1;
+/// Checkpoint version of pools with a move chain (binaries that predate it refuse it: they
+/// would replay it as a data shard's chain).
+pub const CHECKPOINT_VERSION_MOVE_CHAINS: u32 = 2;
+/// Checkpoint chain kind: a data shard's log.
+pub const CHAIN_DATA: u32 = 0;
+/// Checkpoint chain kind: the cleaner's move log.
+pub const CHAIN_MOVES: u32 = 1;
 /// Largest decompressed size of one checkpoint frame.
 pub const CHECKPOINT_FRAME_BYTES: usize = 4 << 20;
 
@@ -650,7 +662,7 @@ impl CheckpointHeader {
         let mut b = [0u8; Self::BYTES];
         Put::new(&mut b)
             .bytes(&CHECKPOINT_MAGIC)
-            .u32(FORMAT_VERSION)
+            .u32(self.version)
             .u64(self.seq)
             .u64(self.epoch)
             .u64(self.next_block_id)
@@ -669,12 +681,14 @@ impl CheckpointHeader {
                 what: "checkpoint magic",
             });
         }
-        if g.u32()? != FORMAT_VERSION {
+        let version = g.u32()?;
+        if version != FORMAT_VERSION && version != CHECKPOINT_VERSION_MOVE_CHAINS {
             return Err(Error::Corrupt {
                 what: "checkpoint version",
             });
         }
         let h = CheckpointHeader {
+            version,
             seq: g.u64()?,
             epoch: g.u64()?,
             next_block_id: g.u64()?,

@@ -19,7 +19,7 @@ mod volume;
 
 pub use api::{
     after_batch, check_range, CheckReport, Completion, Extent, Problem, Reply, Request, Stats,
-    VolumeInfo, BLOCK_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES,
+    VolumeInfo, WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES,
 };
 pub use error::{Error, Result, Sense};
 pub use io::fault::{CutMode, FaultPlan};

@@ -14,7 +14,9 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ratio, CheckReport, Problem, Stats, VolumeInfo, BLOCK_BYTES, SECTOR_BYTES};
+use crate::api::{
+    ratio, CheckReport, Problem, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES, SECTOR_BYTES,
+};
 use crate::cache::BlockCache;
 use crate::checkpoint::{self, Image, VolumeImage};
 use crate::error::{Error, Result};
@@ -157,6 +159,11 @@ pub(crate) struct Counters {
     pub gc_moved: AtomicU64,
     /// Segments the running cleaning pass is emptying.
     pub gc_cleaning: AtomicU64,
+    /// `WriteBreakdown`, by record kind: [records, entries, bytes, header bytes] for data
+    /// (and trim) records, then for move records.
+    pub records: [[AtomicU64; 4]; 2],
+    pub checkpoints: AtomicU64,
+    pub checkpoint_bytes: AtomicU64,
 }
 
 struct CkptState {
@@ -189,7 +196,9 @@ pub(crate) struct Inner {
     pub counters: Counters,
     pub flusher: Sender<FlushMsg>,
     pub chain_broken: AtomicBool,
+    /// One per chain: the data shards, then the mover (see `Inner::mover`).
     senders: Vec<Sender<ShardMsg>>,
+    data_shards: usize,
     volumes: RwLock<VolumeTable>,
     ckpt: Mutex<CkptState>,
     superblocks: Vec<Superblock>,
@@ -216,6 +225,13 @@ type Mutate<'a> = &'a mut dyn FnMut(&Inner, u64) -> Result<()>;
 
 /// Segments one automatic cleaning pass empties before it checkpoints and re-checks space.
 const GC_VICTIMS_PER_PASS: usize = 8;
+/// The cleaner starts when free segments fall to the data reserve plus this fraction of the
+/// pool. Free segments are slack the cleaner cannot use: the same space left as dead blocks in
+/// sealed segments makes its victims emptier. A tenth of the pool kept free held sealed
+/// segments at ~86% live at 90% full (victims ~79% live: 3.9-4.8 bytes moved per byte written
+/// under uniform overwrites); a 64th (4 segments of a 2 GiB pool) gives victims ~66% live and
+/// 2.3 bytes moved. Large pools keep more in absolute terms, for bursts while a pass runs.
+const GC_SLACK_DIVISOR: usize = 64;
 /// Segments fuller than this are not worth cleaning (rewriting them frees too little).
 const GC_MAX_UTILISATION: f64 = 0.95;
 /// When writes wait for space, fuller segments are cleaned too: each 4 KiB block moved costs
@@ -293,7 +309,7 @@ impl Inner {
     /// target a segment about to be freed).
     fn fence(&self) -> Result<()> {
         let mut waits = Vec::new();
-        for shard in 0..self.shards() {
+        for shard in 0..self.chains() {
             let (tx, rx) = crossbeam_channel::bounded(1);
             self.send_to_shard(shard, ShardMsg::Fence(tx));
             waits.push(rx);
@@ -308,8 +324,19 @@ impl Inner {
         fp as u64 & self.dedup_key_mask
     }
 
+    /// Data shards: the workers a volume's map pages are striped over.
     pub fn shards(&self) -> usize {
+        self.data_shards
+    }
+
+    /// Log chains: one per data shard, then the cleaner's move chain.
+    pub fn chains(&self) -> usize {
         self.senders.len()
+    }
+
+    /// The worker that writes the cleaner's moves, in a chain of its own.
+    pub fn mover(&self) -> usize {
+        self.data_shards
     }
 
     pub fn is_closed(&self) -> bool {
@@ -331,7 +358,7 @@ impl Inner {
         let _ = self.kick.try_send(CkptMsg::Space);
     }
 
-    /// Segments kept back from data so that a checkpoint always fits, and one per shard so
+    /// Segments kept back from data so that a checkpoint always fits, and one per chain so
     /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
         let vols = self.volumes.read();
@@ -346,14 +373,14 @@ impl Inner {
             pages,
             blocks,
             vols.by_name.len() as u64,
-            self.shards() as u64,
+            self.chains() as u64,
         );
-        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.shards()
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.chains()
     }
 
     /// Segments only a checkpoint may use: one checkpoint's worth and a spare.
     pub fn ckpt_reserve(&self) -> usize {
-        self.reserve_segments() - self.shards()
+        self.reserve_segments() - self.chains()
     }
 
     /// Below this many free segments data writes stop (checkpoints, trims and the cleaner
@@ -380,10 +407,10 @@ impl Inner {
         (dead / usable) as usize
     }
 
-    /// Free segments below which the cleaner runs on its own (a tenth of the pool above the
-    /// data reserve).
+    /// Free segments below which the cleaner runs on its own: the data reserve plus
+    /// [`GC_SLACK_DIVISOR`]th of the pool (at least 4 segments).
     fn cleaning_threshold(&self) -> usize {
-        self.data_reserve() + (self.geo.total_segments as usize / 10).max(2)
+        self.data_reserve() + (self.geo.total_segments as usize / GC_SLACK_DIVISOR).max(4)
     }
 
     /// Free segments at or below which writes wait and the cleaner runs flat out.
@@ -546,7 +573,7 @@ impl Inner {
             progress(i as u64 + 1, total);
         }
         // Whatever was sent is written and waited for, even after an error.
-        let finished = self.finish_moves(&tx, &rx, sent);
+        let finished = self.finish_moves(&rx, sent);
         self.counters.gc_cleaning.store(0, Ordering::Relaxed);
         result?;
         finished?;
@@ -609,8 +636,8 @@ impl Inner {
         }
     }
 
-    /// Copy the live blocks of one victim segment into the logs: send them to the shards, to be
-    /// held until `finish_moves` ends the pass. Returns the number of jobs sent on `tx`.
+    /// Copy the live blocks of one victim segment into the move chain: send them to the mover
+    /// (`finish_moves` waits for them). Counts the jobs sent on `tx` in `sent`.
     fn evacuate(
         &self,
         seg: u32,
@@ -677,19 +704,13 @@ impl Inner {
                 .max(1);
             let moves: Vec<Relocation> = payloads.drain(..take).collect();
             report.bytes_moved += moves.iter().map(|m| m.data.len() as u64).sum::<u64>();
-            self.send_moves(*sent % self.shards(), moves, false, tx);
+            self.send_moves(moves, tx);
             *sent += 1;
         }
         Ok(())
     }
 
-    fn send_moves(
-        &self,
-        shard: usize,
-        moves: Vec<Relocation>,
-        last: bool,
-        tx: &Sender<Result<()>>,
-    ) {
+    fn send_moves(&self, moves: Vec<Relocation>, tx: &Sender<Result<()>>) {
         let tx = tx.clone();
         let job = Job::new(
             1,
@@ -699,21 +720,13 @@ impl Inner {
                 let _ = tx.send(r.map(|_| ()));
             }),
         );
-        self.send_to_shard(shard, ShardMsg::Relocate { moves, job, last });
+        self.send_to_shard(self.mover(), ShardMsg::Relocate { moves, job });
     }
 
-    /// End a pass: every shard writes the moves it holds; wait for all `sent` jobs.
-    fn finish_moves(
-        &self,
-        tx: &Sender<Result<()>>,
-        rx: &Receiver<Result<()>>,
-        sent: usize,
-    ) -> Result<()> {
-        for shard in 0..self.shards() {
-            self.send_moves(shard, Vec::new(), true, tx);
-        }
+    /// End a pass: wait for all `sent` move jobs to be written.
+    fn finish_moves(&self, rx: &Receiver<Result<()>>, sent: usize) -> Result<()> {
         let mut first = Ok(());
-        for _ in 0..sent + self.shards() {
+        for _ in 0..sent {
             let r = rx.recv().map_err(|_| Error::ShutDown).and_then(|r| r);
             if first.is_ok() {
                 first = r;
@@ -748,7 +761,7 @@ impl Inner {
         let mut ck = self.ckpt.lock();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();
-        let mut positions = vec![None; self.shards()];
+        let mut positions = vec![None; self.chains()];
         for (i, tx) in self.senders.iter().enumerate() {
             let (rtx, rrx) = crossbeam_channel::bounded::<()>(1);
             let (one_tx, one_rx) = crossbeam_channel::bounded(1);
@@ -772,7 +785,7 @@ impl Inner {
         }
         drop(ptx);
         let mut first_err = None;
-        for _ in 0..self.shards() {
+        for _ in 0..self.chains() {
             match prx.recv() {
                 Ok((i, Ok(pos))) => positions[i] = Some(pos),
                 Ok((_, Err(e))) => first_err = first_err.or(Some(e)),
@@ -850,6 +863,7 @@ impl Inner {
             volumes,
             blocks: space.blocks.clone(),
             shards,
+            data_chains: self.shards(),
             index,
             index_sample_bits,
         };
@@ -909,6 +923,11 @@ impl Inner {
                     .device_written
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
             }
+            self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.counters.checkpoint_bytes.fetch_add(
+                (blob.len() + segs.len() * SEGMENT_HEADER_BYTES as usize) as u64,
+                Ordering::Relaxed,
+            );
             // Records before the checkpoint and the checkpoint itself, durable before the
             // superblock points at it.
             self.sync()?;
@@ -1362,6 +1381,7 @@ impl Pool {
                     volumes: Vec::new(),
                     blocks: vec![BlockEntry::default()],
                     shards: Vec::new(),
+                    data_chains: 0,
                     index: Vec::new(),
                     index_sample_bits: 0,
                 },
@@ -1379,7 +1399,9 @@ impl Pool {
             o.shards
         }
         .clamp(1, 64);
-        let old_shards = image.shards.len();
+        // Chains of the checkpoint: data shards' first, then move chains (a pool written before
+        // move chains existed has none).
+        let old_shards = image.data_chains;
         // Volumes and maps.
         let mut table = VolumeTable {
             by_name: BTreeMap::new(),
@@ -1537,15 +1559,20 @@ impl Pool {
                 nshards as u64,
             );
             // As `Inner::reserve_segments` will keep back.
-            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards
+            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
         };
         // A shard's new chain continues its old one just past the last replayed record when
         // that segment has room: otherwise every open would strand a partly filled segment per
         // shard, and a full pool could not be opened at all. Replay starts at the checkpoint's
         // position, so the segment's old header (old epoch) is never read for this chain.
+        // The move chain (the last) continues the old one, if the checkpoint had one.
+        let old_ends: Vec<Option<&ShardPosition>> = (0..nshards)
+            .map(|i| ends.get(i).filter(|_| i < old_shards))
+            .chain(std::iter::once(ends.get(old_shards)))
+            .collect();
         let mut starts: Vec<(u32, u32, bool)> = Vec::new();
-        for i in 0..nshards {
-            let cont = ends.get(i).filter(|e| {
+        for old_end in old_ends {
+            let cont = old_end.filter(|e| {
                 e.segment != NO_SEGMENT
                     && e.segment < geo.total_segments
                     && u64::from(e.offset) + 2 * IO_ALIGN as u64 <= geo.segment_bytes
@@ -1597,7 +1624,7 @@ impl Pool {
         let (ktx, krx) = crossbeam_channel::bounded(1);
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
-        for _ in 0..nshards {
+        for _ in 0..=nshards {
             let (tx, rx) = crossbeam_channel::unbounded();
             senders.push(tx);
             receivers.push(rx);
@@ -1611,14 +1638,23 @@ impl Pool {
             epoch,
             space: Mutex::new(space),
             seq: AtomicU64::new(seq_end),
-            shard_stats: (0..nshards).map(|_| ShardStats::default()).collect(),
-            caches: (0..nshards)
-                .map(|_| Mutex::new(BlockCache::new(cache_capacity / nshards as u64)))
+            shard_stats: (0..=nshards).map(|_| ShardStats::default()).collect(),
+            // The mover (the last worker) only writes: no cache.
+            caches: (0..=nshards)
+                .map(|i| {
+                    let bytes = if i < nshards {
+                        cache_capacity / nshards as u64
+                    } else {
+                        0
+                    };
+                    Mutex::new(BlockCache::new(bytes))
+                })
                 .collect(),
             counters: Counters::default(),
             flusher: ftx,
             chain_broken: AtomicBool::new(false),
             senders,
+            data_shards: nshards,
             volumes: RwLock::new(table),
             ckpt: Mutex::new(CkptState {
                 generation: newest.generation,
@@ -1655,7 +1691,12 @@ impl Pool {
             })?;
             let si = inner.clone();
             let pos = positions[i];
-            threads.push(spawn(format!("ingot-shard-{i}"), move || {
+            let name = if i < nshards {
+                format!("ingot-shard-{i}")
+            } else {
+                "ingot-mover".to_string()
+            };
+            threads.push(spawn(name, move || {
                 Shard::new(i, si, rx, queue, pos).run()
             })?);
         }
@@ -1951,6 +1992,22 @@ impl Pool {
             dedup_index_bytes: index_bytes,
             dedup_index_entries: index_entries,
             dedup_index_sampling: index_sampling,
+            device_written_breakdown: {
+                let c = &inner.counters;
+                let r = |k: usize, i: usize| c.records[k][i].load(Ordering::Relaxed);
+                WriteBreakdown {
+                    data_records: r(0, 0),
+                    data_entries: r(0, 1),
+                    data_bytes: r(0, 2),
+                    data_header_bytes: r(0, 3),
+                    move_records: r(1, 0),
+                    move_entries: r(1, 1),
+                    move_bytes: r(1, 2),
+                    move_header_bytes: r(1, 3),
+                    checkpoints: c.checkpoints.load(Ordering::Relaxed),
+                    checkpoint_bytes: c.checkpoint_bytes.load(Ordering::Relaxed),
+                }
+            },
         }
     }
 

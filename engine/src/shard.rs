@@ -66,12 +66,13 @@ pub(crate) enum ShardMsg {
         len: u64,
         job: Arc<Job>,
     },
-    /// Copy blocks out of segments being cleaned (see [`Relocation`]). Moves are held until
-    /// the message with `last` (the end of the cleaning pass), then written back to back.
+    /// Copy blocks out of segments being cleaned (see [`Relocation`]). Sent only to the
+    /// mover, whose chain holds nothing else: moved blocks (the cold ones) fill segments of
+    /// their own instead of sharing them with hot foreground writes, so those segments stay
+    /// full and are not cleaned again and again.
     Relocate {
         moves: Vec<Relocation>,
         job: Arc<Job>,
-        last: bool,
     },
     /// Drain in-flight I/O, move to a fresh segment, report the chain position, wait.
     Pause {
@@ -336,13 +337,6 @@ pub(crate) struct Shard {
     /// Parts of messages processed this turn: each holds one count until its items are packed,
     /// so no part completes before all of its records exist.
     held: Vec<Rc<Part>>,
-    /// Cleaner moves held until their pass ends (with their parts, and their payload bytes):
-    /// written back to back, a pass's moves fill segments of their own instead of interleaving
-    /// with foreground writes. Moved blocks are the cold ones; kept apart from hot writes, the
-    /// segments they land in stay full and are not cleaned again and again.
-    moves: Vec<Item>,
-    move_parts: Vec<Rc<Part>>,
-    move_bytes: usize,
     done: Vec<IoDone>,
     scratch_ids: Vec<u64>,
     scratch_entries: Vec<Option<BlockEntry>>,
@@ -372,9 +366,6 @@ impl Shard {
             stalled_since: None,
             deferred: VecDeque::new(),
             held: Vec::new(),
-            moves: Vec::new(),
-            move_parts: Vec::new(),
-            move_bytes: 0,
             done: Vec::new(),
             scratch_ids: Vec::new(),
             scratch_entries: Vec::new(),
@@ -505,27 +496,18 @@ impl Shard {
                 self.zero(vol, offset, len, job);
                 0
             }
-            ShardMsg::Relocate { moves, job, last } => {
+            ShardMsg::Relocate { moves, job } => {
                 let part = Part::new(job);
                 part.records.set(1);
                 let mut n = 0;
                 for rel in moves {
                     n += rel.data.len() * rel.members.len();
-                    self.move_bytes += rel.data.len();
-                    self.moves.push(Item::Move {
+                    self.items.push(Item::Move {
                         rel,
                         part: part.clone(),
                     });
                 }
-                // The part keeps its count while its moves are held (its job must not complete
-                // before they are written).
-                self.move_parts.push(part);
-                let cap = 4 * self.inner.geo.segment_bytes as usize;
-                if last || self.move_bytes >= cap {
-                    self.items.append(&mut self.moves);
-                    self.held.append(&mut self.move_parts);
-                    self.move_bytes = 0;
-                }
+                self.held.push(part);
                 n
             }
             ShardMsg::Pause { paused, .. } => {
@@ -549,11 +531,6 @@ impl Shard {
 
     /// At stop: fail what is stalled or deferred.
     fn fail_waiting(&mut self) {
-        self.moves.clear();
-        for p in std::mem::take(&mut self.move_parts) {
-            p.fail(Error::ShutDown);
-            p.record_done();
-        }
         let stalled = std::mem::take(&mut self.stalled);
         self.unpin(stalled.iter());
         for item in stalled {
@@ -1469,6 +1446,13 @@ impl Shard {
             .counters
             .device_written
             .fetch_add(record_bytes as u64, Ordering::Relaxed);
+        let by_kind = &self.inner.counters.records[usize::from(kind == RecordKind::Move)];
+        for (c, v) in by_kind
+            .iter()
+            .zip([1, n_entries, record_bytes, header_bytes])
+        {
+            c.fetch_add(v as u64, Ordering::Relaxed);
+        }
         self.inflight.push_back(Inflight {
             tag,
             result: None,
