@@ -1,17 +1,17 @@
-//! Sending replies to the client: one writer thread per connection, and the reader thread for
-//! the replies it completed itself (reads served from the cache).
+//! Sending replies to the client.
 //!
-//! Engine threads hand each completed request's reply to the writer over a channel and go on;
-//! the writer encodes replies into a write buffer and flushes it whenever no reply is waiting, so
-//! a burst of completions leaves in one `write` and wakes the client once. The writer blocks on
-//! the socket (up to its write timeout, the reply timeout), never an engine thread.
+//! A thread that completes replies holds them and sends them together: a connection's reader
+//! (reads served from the cache complete inline) until it has no more requests buffered, an
+//! engine shard until the end of its turn (`ingot_engine::after_batch`). It sends them itself
+//! with a non-blocking `sendmsg` when the connection's writer thread is idle; whatever the
+//! socket does not take, and everything over TLS, goes to the writer thread, which encodes
+//! replies into a gather list and flushes it whenever no reply is waiting. Only the writer
+//! blocks on the socket (up to its write timeout, the reply timeout).
 //!
-//! Measured and rejected: sending each reply from the engine thread that completed it, with a
-//! non-blocking `sendmsg` (a flusher thread taking over only while the socket was full). It saved
-//! the hand-off (a median 8% of the server's CPU per 4 KiB write with one connection, nothing
-//! with two), but replies left one by one and the client woke for each: fio had 1.25-4x the
-//! context switches and 3-58% more CPU per I/O, and fewer IOPS in 13 of 18 same-session pairs
-//! (docs/benchmarks.md).
+//! Measured and rejected earlier: sending each reply from the engine thread as it completed.
+//! It saved the hand-off, but replies left one by one and the client woke for each: fio had
+//! 1.25-4x the context switches and fewer IOPS in 13 of 18 same-session pairs
+//! (docs/benchmarks.md). Holding them to the end of the turn keeps the batching.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
