@@ -207,3 +207,47 @@ fn cached_reads_racing_overwrites_and_id_reuse_return_their_own_block() {
     assert!(reads > 1000, "only {reads} reads raced the writes");
     assert!(pool.stats().cache_hits > 0);
 }
+
+/// Writes to one block that arrive together are stored once per record: the earlier ones are
+/// absorbed by the later (and still acknowledged), the block reads back as the last write, and
+/// the client bytes still count every write.
+#[test]
+fn writes_to_one_block_in_flight_together_are_stored_once_and_the_last_wins() {
+    use ingot_engine::{Reply, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), IoKind::Sync);
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let before = pool.stats();
+    const N: u8 = 200;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..N {
+        let tx = tx.clone();
+        v.submit(
+            Request::Write {
+                offset: 8192,
+                data: bytes::Bytes::from(pattern(i, 4096)),
+                fua: false,
+            },
+            Box::new(move |r| tx.send(r.map(|r| matches!(r, Reply::Done))).unwrap()),
+        );
+    }
+    for _ in 0..N {
+        assert!(rx.recv().unwrap().unwrap(), "every write is acknowledged");
+    }
+    assert_eq!(v.read(8192, 4096).unwrap(), pattern(N - 1, 4096));
+    let after = pool.stats();
+    let client = after.client_written_bytes - before.client_written_bytes;
+    let device = after.device_written_bytes - before.device_written_bytes;
+    assert_eq!(client, u64::from(N) * 4096);
+    assert!(
+        device < client / 4,
+        "{device} device bytes for {client} client bytes: the writes were not absorbed"
+    );
+    // And after a restart (replay of the records), still the last write.
+    drop(v);
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts(IoKind::Sync)).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert_eq!(v.read(8192, 4096).unwrap(), pattern(N - 1, 4096));
+}
