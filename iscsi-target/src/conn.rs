@@ -70,6 +70,23 @@ struct Held {
     pdus: Vec<Out>,
 }
 
+/// Whether `buf` starts with a whole PDU (so reading it will not block).
+fn whole_pdu_buffered(buf: &[u8], limits: &pdu::Limits) -> bool {
+    if buf.len() < 48 {
+        return false;
+    }
+    let ahs = usize::from(buf[4]) * 4;
+    let data = usize::from(buf[5]) << 16 | usize::from(buf[6]) << 8 | usize::from(buf[7]);
+    let mut total = 48 + ahs + data.next_multiple_of(4);
+    if limits.header_digest {
+        total += 4;
+    }
+    if limits.data_digest && data > 0 {
+        total += 4;
+    }
+    buf.len() >= total
+}
+
 /// Most PDUs held on the reader thread before they are written anyway.
 const MAX_HELD: usize = 256;
 
@@ -85,6 +102,9 @@ struct WState {
 impl WState {
     /// Encode a PDU, stamping StatSN, ExpCmdSN and MaxCmdSN.
     fn encode(&mut self, ctx: &Ctx, mut bhs: Bhs, data: &[u8], advance: bool) {
+        if self.broken {
+            return;
+        }
         let exp = ctx.exp_cmd_sn.load(Ordering::Acquire);
         let inflight = ctx.inflight_count.load(Ordering::Acquire);
         let room = ctx.window.saturating_sub(inflight).max(1);
@@ -151,6 +171,9 @@ struct Ctx {
     /// This context, for replies sent at the end of an engine thread's batch.
     me: std::sync::Weak<Ctx>,
     tx: Sender<Out>,
+    /// PDUs sent to the writer thread and not yet encoded: while there are any, PDUs sent later
+    /// go the same way, so that none overtakes them.
+    queued: AtomicU32,
     wstate: Mutex<WState>,
     /// The socket, for the reader thread's non-blocking sends.
     stream: TcpStream,
@@ -185,7 +208,7 @@ impl Ctx {
             return;
         };
         let Some(ctx) = self.me.upgrade() else {
-            let _ = self.tx.send(out);
+            self.queue(out);
             return;
         };
         // An engine thread: this batch's PDUs are sent together at its end, from there.
@@ -231,9 +254,14 @@ impl Ctx {
         if pdus.is_empty() {
             return;
         }
-        let Some(mut st) = self.wstate.try_lock() else {
+        let st = match self.wstate.try_lock() {
+            // PDUs already queued for the writer go first.
+            Some(st) if self.queued.load(Ordering::Acquire) == 0 => Some(st),
+            _ => None,
+        };
+        let Some(mut st) = st else {
             for p in pdus {
-                let _ = self.tx.send(p);
+                self.queue(p);
             }
             return;
         };
@@ -246,6 +274,14 @@ impl Ctx {
             drop(st);
             let _ = self.tx.send(Out::Flush);
         }
+    }
+
+    /// Hand a PDU to the writer thread.
+    fn queue(&self, out: Out) {
+        if matches!(out, Out::Pdu { .. }) {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        let _ = self.tx.send(out);
     }
 
     fn start(&self, itt: u32) {
@@ -388,6 +424,7 @@ fn full_feature(
     let ctx = Arc::new_cyclic(|me| Ctx {
         me: me.clone(),
         tx,
+        queued: AtomicU32::new(0),
         wstate: Mutex::new(WState {
             buf: Vec::with_capacity(256 << 10),
             stat_sn: session.stat_sn,
@@ -472,6 +509,8 @@ fn writer_loop(ctx: Arc<Ctx>, stream: TcpStream, rx: Receiver<Out>, nop: Option<
                             b.set_itt(RESERVED_TAG);
                             ping_ttt = ping_ttt.wrapping_add(1) | 0x1000_0000;
                             b.set_u32(20, ping_ttt);
+                            // Counted like a queued PDU (it is uncounted once encoded).
+                            ctx.queued.fetch_add(1, Ordering::AcqRel);
                             Out::Pdu {
                                 bhs: b,
                                 data: Bytes::new(),
@@ -491,6 +530,7 @@ fn writer_loop(ctx: Arc<Ctx>, stream: TcpStream, rx: Receiver<Out>, nop: Option<
             Out::Pdu { bhs, data, advance } => {
                 let mut st = ctx.wstate.lock();
                 st.encode(&ctx, bhs, &data, advance);
+                ctx.queued.fetch_sub(1, Ordering::AcqRel);
                 if st.buf.len() >= 256 << 10 {
                     st.flush(&stream);
                 }
@@ -523,7 +563,7 @@ fn sn_lt(a: u32, b: u32) -> bool {
 impl Conn {
     fn run(&mut self, reader: &mut BufReader<TcpStream>, limits: &pdu::Limits) -> Result<()> {
         loop {
-            if reader.buffer().is_empty() || self.ctx.held() >= MAX_HELD {
+            if !whole_pdu_buffered(reader.buffer(), limits) || self.ctx.held() >= MAX_HELD {
                 self.ctx.release_held();
             }
             let p = match read_pdu(reader, limits) {
@@ -537,13 +577,14 @@ impl Conn {
                 Err(e) => return Err(e),
             };
             self.ctx.touch();
+            // Other PDUs (task management, logout, ...) may wait for commands, and their
+            // responses must follow those already completed: send what is held first.
             let opcode = p.bhs.opcode();
-            if !self.handle(p)? {
-                return Ok(());
-            }
-            // Other PDUs (task management, logout, ...) may wait for commands: nothing held then.
             if opcode != op::SCSI_CMD && opcode != op::DATA_OUT {
                 self.ctx.release_held();
+            }
+            if !self.handle(p)? {
+                return Ok(());
             }
         }
     }
@@ -955,6 +996,14 @@ impl Conn {
             port: &port,
             target_name: &self.session.target_name,
         };
+        // Commands other than READ and WRITE run here and may wait (SYNCHRONIZE CACHE, UNMAP,
+        // ...): send what this thread holds first.
+        if !matches!(
+            cmd.cdb.first(),
+            Some(0x08 | 0x0a | 0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a)
+        ) {
+            self.ctx.release_held();
+        }
         match scsi::execute(&lu, &nexus, &cmd.cdb, data_out) {
             Action::Done(r) => self.respond(&cmd, r),
             Action::Read { offset, len } => {
@@ -969,7 +1018,7 @@ impl Conn {
                             Err(e) => Response::engine(&e),
                         };
                         respond(&ctx, &cmd, resp);
-                        ctx.finish(cmd.itt);
+                        finish_after_response(ctx, cmd.itt);
                     }),
                 );
             }
@@ -984,7 +1033,7 @@ impl Conn {
                             Err(e) => Response::engine(&e),
                         };
                         respond(&ctx, &cmd, resp);
-                        ctx.finish(cmd.itt);
+                        finish_after_response(ctx, cmd.itt);
                     }),
                 );
             }
@@ -994,6 +1043,13 @@ impl Conn {
     fn respond(&self, cmd: &ScsiCmd, r: Response) {
         respond(&self.ctx, cmd, r)
     }
+}
+
+/// End task `itt` once its response has left this thread's hands: on an engine thread the
+/// response is sent at the end of the turn, and a reader waiting for the task (logout, task
+/// management) must not overtake it with a response of its own.
+fn finish_after_response(ctx: Arc<Ctx>, itt: u32) {
+    ingot_engine::after_batch(Box::new(move || ctx.finish(itt)));
 }
 
 fn scsi_report_luns(cmd: &ScsiCmd) -> Response {
