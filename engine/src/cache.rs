@@ -58,6 +58,16 @@ impl BlockCache {
 
     /// The cached plaintext of block `id` at `generation`, if present.
     pub fn get(&mut self, id: u64, generation: u32) -> Option<&Bytes> {
+        self.lookup(id, generation, true)
+    }
+
+    /// Like [`BlockCache::get`], but a miss is not counted (the caller falls back to a path that
+    /// looks again and counts it).
+    pub fn get_if_cached(&mut self, id: u64, generation: u32) -> Option<&Bytes> {
+        self.lookup(id, generation, false)
+    }
+
+    fn lookup(&mut self, id: u64, generation: u32, count_miss: bool) -> Option<&Bytes> {
         match self.map.get_mut(&id) {
             Some(e) if e.generation == generation => {
                 self.hits += 1;
@@ -65,22 +75,9 @@ impl BlockCache {
                 Some(&e.data)
             }
             _ => {
-                self.misses += 1;
+                self.misses += u64::from(count_miss);
                 None
             }
-        }
-    }
-
-    /// Like [`BlockCache::get`], but a miss is not counted (the caller falls back to a path that
-    /// looks again and counts it).
-    pub fn get_if_cached(&mut self, id: u64, generation: u32) -> Option<&Bytes> {
-        match self.map.get_mut(&id) {
-            Some(e) if e.generation == generation => {
-                self.hits += 1;
-                e.referenced = true;
-                Some(&e.data)
-            }
-            _ => None,
         }
     }
 
