@@ -243,6 +243,8 @@ const GC_URGENT_UTILISATION: f64 = 0.975;
 /// bytes moved per byte written under uniform random overwrites: the cliff log-structured stores
 /// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
 const GC_HEADROOM: f64 = 0.10;
+/// Victim segments the cleaner reads at once.
+const VICTIM_READS: usize = 4;
 
 /// Payload bytes a pool of this geometry takes: its segments less what a full pool's checkpoint
 /// (one held, one being written, and a spare), the shards' open and next segments, the data
@@ -564,13 +566,47 @@ impl Inner {
         let mut result = Ok(());
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut sent = 0;
-        for (i, (&seg, blocks)) in victims.iter().zip(&moves_by_victim).enumerate() {
-            if let Err(e) = self.evacuate(seg, blocks, &mut report, &tx, &mut sent) {
-                result = Err(e);
-                break;
+        // Victims are read VICTIM_READS at a time, each on a thread of its own, so the device
+        // sees more than one 2 MiB read at once (at 90% full with uniform overwrites the
+        // machine sat in iowait; reading in parallel gave 28.7k and 29.4k IOPS against 28.2k
+        // and 26.1k, alternating runs: the device's bandwidth, not the read depth, is the
+        // limit there).
+        let mut done = 0u64;
+        'victims: for chunk in victims
+            .iter()
+            .zip(&moves_by_victim)
+            .collect::<Vec<_>>()
+            .chunks(VICTIM_READS)
+        {
+            let bufs: Vec<Result<Option<Bytes>>> = std::thread::scope(|sc| {
+                let reads: Vec<_> = chunk
+                    .iter()
+                    .map(|&(&seg, blocks)| {
+                        sc.spawn(move || {
+                            (!blocks.is_empty())
+                                .then(|| self.read_segment(seg))
+                                .transpose()
+                        })
+                    })
+                    .collect();
+                reads
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(Err(Error::ShutDown)))
+                    .collect()
+            });
+            for (&(&seg, blocks), buf) in chunk.iter().zip(bufs) {
+                let r = buf.and_then(|b| match b {
+                    Some(b) => self.evacuate(seg, b, blocks, &mut report, &tx, &mut sent),
+                    None => Ok(()),
+                });
+                if let Err(e) = r {
+                    result = Err(e);
+                    break 'victims;
+                }
+                report.segments_cleaned += 1;
+                done += 1;
+                progress(done, total);
             }
-            report.segments_cleaned += 1;
-            progress(i as u64 + 1, total);
         }
         // Whatever was sent is written and waited for, even after an error.
         let finished = self.finish_moves(&rx, sent);
@@ -638,17 +674,8 @@ impl Inner {
 
     /// Copy the live blocks of one victim segment into the move chain: send them to the mover
     /// (`finish_moves` waits for them). Counts the jobs sent on `tx` in `sent`.
-    fn evacuate(
-        &self,
-        seg: u32,
-        blocks: &[(u64, BlockEntry)],
-        report: &mut GcReport,
-        tx: &Sender<Result<()>>,
-        sent: &mut usize,
-    ) -> Result<()> {
-        if blocks.is_empty() {
-            return Ok(());
-        }
+    /// Read a whole segment.
+    fn read_segment(&self, seg: u32) -> Result<Bytes> {
         let (dev, base) = self.geo.locate(seg);
         // SAFETY: the read fills the whole buffer (or fails) before anything looks at it.
         let mut buf = unsafe { AlignedBuf::new_uninit(self.geo.segment_bytes as usize) };
@@ -659,7 +686,19 @@ impl Inner {
                 offset: base,
                 source,
             })?;
-        let buf = Bytes::from_owner(buf);
+        Ok(Bytes::from_owner(buf))
+    }
+
+    /// Send the live payloads of victim `seg` (read into `buf`) to the mover.
+    fn evacuate(
+        &self,
+        seg: u32,
+        buf: Bytes,
+        blocks: &[(u64, BlockEntry)],
+        report: &mut GcReport,
+        tx: &Sender<Result<()>>,
+        sent: &mut usize,
+    ) -> Result<()> {
         // One relocation per stored payload, with every live block it holds (the blocks of a
         // compressed group share one payload).
         let mut live: Vec<&(u64, BlockEntry)> = blocks.iter().collect();
