@@ -191,9 +191,11 @@ enum Apply {
         from_offset: u32,
         entry: BlockEntry,
     },
-    /// Writes absorbed by later writes to the same blocks in the record (see
-    /// [`Shard::absorb`]): counted as client bytes when the record applies.
+    /// Writes to `vol` absorbed by later writes to the same blocks in the record (see
+    /// [`Shard::absorb`]): counted as client bytes when the record applies, as the writes
+    /// themselves would have been (not once the volume is deleted).
     Absorbed {
+        vol: Arc<VolumeState>,
         blocks: u64,
     },
 }
@@ -1218,7 +1220,7 @@ impl Shard {
         let absorbed = if kind == RecordKind::Data {
             self.absorb(&mut batch)
         } else {
-            0
+            Vec::new()
         };
         let plan = plan_payloads(&batch);
         let n_entries: usize = batch.iter().map(Item::entries).sum();
@@ -1283,8 +1285,8 @@ impl Shard {
         drop(plan.raw);
         drop(plan.packed);
         let mut applies = Vec::with_capacity(n_entries + 1);
-        if absorbed > 0 {
-            applies.push(Apply::Absorbed { blocks: absorbed });
+        for (vol, blocks) in absorbed {
+            applies.push(Apply::Absorbed { vol, blocks });
         }
         let mut e_idx = 0usize;
         for (i, item) in batch.into_iter().enumerate() {
@@ -1484,10 +1486,10 @@ impl Shard {
     /// later entry over the earlier one anyway, so storing both only costs space and cleaning.
     /// Their parts stay counted on the record and are acknowledged with it. Under skew (fio's
     /// zipf:1.2 sends a fifth of all writes to one block) this keeps a hot block to one copy
-    /// per record. Returns how many blocks were dropped.
-    fn absorb(&self, batch: &mut Vec<Item>) -> u64 {
+    /// per record. Returns the writes absorbed, per volume.
+    fn absorb(&self, batch: &mut Vec<Item>) -> Vec<(Arc<VolumeState>, u64)> {
         if batch.len() < 2 {
-            return 0;
+            return Vec::new();
         }
         let key = |it: &Item| match it {
             Item::Data { vol, lba, .. }
@@ -1507,7 +1509,7 @@ impl Shard {
             }
         }
         if dropped == 0 {
-            return 0;
+            return Vec::new();
         }
         let all = std::mem::take(batch);
         let mut gone = Vec::with_capacity(dropped as usize);
@@ -1520,7 +1522,17 @@ impl Shard {
         }
         // Dedup hits hold a reference until their record applies.
         self.unpin(gone.iter());
-        dropped
+        // Absorbed writes count as client bytes per volume; absorbed trims and zeroes do not.
+        let mut per_vol: Vec<(Arc<VolumeState>, u64)> = Vec::new();
+        for it in &gone {
+            if let Item::Data { vol, .. } | Item::Ref { vol, .. } = it {
+                match per_vol.iter_mut().find(|(v, _)| Arc::ptr_eq(v, vol)) {
+                    Some((_, n)) => *n += 1,
+                    None => per_vol.push((vol.clone(), 1)),
+                }
+            }
+        }
+        per_vol
     }
 
     /// Make sure `bytes` fit in the open segment, moving to the next one if needed. When there
@@ -1837,7 +1849,11 @@ impl Shard {
                         space.drop_ref(old, seq)
                     });
                 }
-                Apply::Absorbed { blocks } => written += blocks * BLOCK_BYTES,
+                Apply::Absorbed { vol, blocks } => {
+                    if !vol.deleted.load(Ordering::Acquire) {
+                        written += blocks * BLOCK_BYTES;
+                    }
+                }
                 Apply::Move {
                     id,
                     from_segment,
