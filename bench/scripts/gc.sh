@@ -12,7 +12,8 @@
 # uses u = FILL% (live share of the usable capacity).
 #
 # Usage: bench/scripts/gc.sh [DIR] [SECONDS] [POOL_SIZE] [WARMUP]
-# (GC_FILLS="80 90", GC_DISTS=zipf:1.2 and GC_NO_LATENCY=1 run a subset)
+# (GC_FILLS="80 90", GC_DISTS=zipf:1.2 and GC_NO_LATENCY=1 run a subset; GC_SERVE_ARGS adds
+# options to `ingot serve`, e.g. "--cache-size 64M" for a block cache far smaller than the pool)
 # Output: a table on stdout and DIR/gc.json.
 set -euo pipefail
 DIR=${1:-/tmp/ingot-gc-bench}
@@ -47,7 +48,9 @@ start_pool() { # volume size in percent of usable
   stop_server
   rm -rf "$DIR/pool" "$DIR/ingot.sock"
   "$INGOT" pool create --pool "$DIR/pool" --size "$POOL_SIZE" >/dev/null
-  $GC_SERVE_ENV "$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" >"$DIR/ingot.log" 2>&1 &
+  # shellcheck disable=SC2086  # GC_SERVE_ARGS is a list of words
+  $GC_SERVE_ENV "$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" ${GC_SERVE_ARGS:-} \
+    >"$DIR/ingot.log" 2>&1 &
   IPID=$!
   for _ in $(seq 100); do [ -S "$DIR/ingot.sock" ] && break; sleep 0.1; done
   local usable
