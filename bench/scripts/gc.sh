@@ -47,7 +47,8 @@ stat() { "$INGOT" stats --json --pool "$DIR/pool" | python3 -c "import json,sys;
 start_pool() { # volume size in percent of usable
   stop_server
   rm -rf "$DIR/pool" "$DIR/ingot.sock"
-  "$INGOT" pool create --pool "$DIR/pool" --size "$POOL_SIZE" >/dev/null
+  # shellcheck disable=SC2086  # GC_CREATE_ARGS is a list of words
+  "$INGOT" pool create --pool "$DIR/pool" --size "$POOL_SIZE" ${GC_CREATE_ARGS:-} >/dev/null
   # shellcheck disable=SC2086  # GC_SERVE_ARGS is a list of words
   $GC_SERVE_ENV "$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" ${GC_SERVE_ARGS:-} \
     >"$DIR/ingot.log" 2>&1 &
