@@ -197,12 +197,17 @@ pub(crate) fn scan_chain(
             break;
         }
         match SegmentHeader::decode(&first) {
+            // A segment already in this chain ends it: a freed segment keeps its header until
+            // it is written again (always on a prefilled pool, which is never punched), and
+            // headers of this epoch's earlier uses can point back into the chain. Within the
+            // replayed part no segment is used twice: none is freed before a checkpoint covers it.
             Some(sh)
                 if sh.kind == SegmentKind::Data
                     && sh.segment == next
                     && sh.epoch == epoch
                     && sh.shard == shard
-                    && &sh.pool_uuid == pool_uuid =>
+                    && &sh.pool_uuid == pool_uuid
+                    && !segments.contains(&next) =>
             {
                 seg = next;
                 next = sh.next_segment;

@@ -421,10 +421,22 @@ fn reading_one_block_of_a_group_caches_the_group() {
 
 #[test]
 fn concurrent_writers_sharing_blocks_while_the_cleaner_runs() {
+    writers_sharing_blocks_while_the_cleaner_runs(false);
+}
+
+/// The same on a prefilled pool, whose freed segments are never punched: their stale segment
+/// headers once made recovery walk a cycle of them forever.
+#[test]
+fn concurrent_writers_sharing_blocks_while_the_cleaner_runs_prefilled() {
+    writers_sharing_blocks_while_the_cleaner_runs(true);
+}
+
+fn writers_sharing_blocks_while_the_cleaner_runs(prefill: bool) {
     let dir = tempfile::tempdir().unwrap();
     let c = CreateOptions {
         size_bytes: 48 << 20,
         segment_bytes: 2 << 20,
+        prefill,
         ..Default::default()
     };
     let o = PoolOptions {
