@@ -438,16 +438,19 @@ impl Inner {
         self.flush()?;
         self.fence()?;
         let _ck = self.ckpt.lock();
-        let dead: Vec<u32> = {
-            let space = self.space.lock();
-            (0..space.seg_state.len() as u32)
-                .filter(|&s| {
-                    matches!(space.seg_state[s as usize], SegState::Sealed { seq } if seq <= ckpt_seq)
-                        && space.seg_live[s as usize] == 0
-                })
-                .collect()
-        };
-        Ok(self.discard_then_free(&dead).len() as u64)
+        let mut space = self.space.lock();
+        let mut freed = Vec::new();
+        for s in 0..space.seg_state.len() {
+            if matches!(space.seg_state[s], SegState::Sealed { seq } if seq <= ckpt_seq)
+                && space.seg_live[s] == 0
+            {
+                space.set_state(s as u32, SegState::Free);
+                freed.push(s as u32);
+            }
+        }
+        drop(space);
+        self.discard_segments(&freed);
+        Ok(freed.len() as u64)
     }
 
     /// Empty up to `max_victims` sealed segments, best cost-benefit first (LFS: the free space
@@ -624,17 +627,19 @@ impl Inner {
             self.fence()?;
             // The checkpoint lock keeps `check` (which reads by location) and a commit out.
             let _ck = self.ckpt.lock();
-            let emptied: Vec<u32> = {
-                let space = self.space.lock();
-                old.iter()
-                    .copied()
-                    .filter(|&v| {
-                        matches!(space.seg_state[v as usize], SegState::Sealed { .. })
-                            && space.seg_live[v as usize] == 0
-                    })
-                    .collect()
-            };
-            report.segments_freed += self.discard_then_free(&emptied).len() as u64;
+            let mut space = self.space.lock();
+            let mut freed = Vec::new();
+            for &v in &old {
+                if matches!(space.seg_state[v as usize], SegState::Sealed { .. })
+                    && space.seg_live[v as usize] == 0
+                {
+                    space.set_state(v, SegState::Free);
+                    freed.push(v);
+                }
+            }
+            drop(space);
+            report.segments_freed += freed.len() as u64;
+            self.discard_segments(&freed);
         }
         // A checkpoint costs about 1.4% of the data whatever it frees: emptied victims sealed
         // since the last one wait (they are freed by the next) until they are worth it, unless
@@ -657,32 +662,14 @@ impl Inner {
         Ok(report)
     }
 
-    /// Free `segs` (emptied sealed segments, or checkpoint segments no longer referenced),
-    /// giving them back to the file system or device first (best effort): while they are not
-    /// free no shard can take one as its next segment, so a discard cannot land on new data
-    /// (freeing first left a window where a shard could allocate a segment and write into it
-    /// before its discard). Returns the segments freed.
-    fn discard_then_free(&self, segs: &[u32]) -> Vec<u32> {
-        if segs.is_empty() {
-            return Vec::new();
-        }
+    /// Give freed segments back to the file system / device (best effort).
+    fn discard_segments(&self, segs: &[u32]) {
         if self.discard_freed {
             for &s in segs {
                 let (dev, base) = self.geo.locate(s);
                 let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
             }
         }
-        let mut space = self.space.lock();
-        segs.iter()
-            .copied()
-            .filter(|&s| {
-                let taken = space.seg_state[s as usize] != SegState::Free;
-                if taken {
-                    space.set_state(s, SegState::Free);
-                }
-                taken
-            })
-            .collect()
     }
 
     /// Copy the live blocks of one victim segment into the move chain: send them to the mover
@@ -1017,10 +1004,13 @@ impl Inner {
                 space.set_state(s, SegState::OldCheckpoint);
             }
         }
-        freed.extend(space.reclaimable(image.seq, live_then));
+        for &s in &freed {
+            space.set_state(s, SegState::Free);
+        }
+        freed.extend(space.reclaim(image.seq, live_then));
         space.release_ids(image.seq);
         drop(space);
-        self.discard_then_free(&freed);
+        self.discard_segments(&freed);
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);

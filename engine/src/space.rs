@@ -254,20 +254,25 @@ impl Space {
         *cur = state;
     }
 
-    /// Sealed segments a durable checkpoint covering `seq_end` lets go: all their records
-    /// precede it, and they held no live data at that checkpoint (`live_then`) and hold none
-    /// now. The caller frees them (after discarding them, see `Inner::discard_then_free`).
-    pub fn reclaimable(&self, seq_end: u64, live_then: &[u64]) -> Vec<u32> {
-        (0..self.seg_state.len())
-            .filter(|&s| match self.seg_state[s] {
+    /// Free sealed segments whose records all precede `seq_end` (a durable checkpoint covers
+    /// them), that held no live data at that checkpoint (`live_then`) and hold none now.
+    /// Returns the freed segments.
+    pub fn reclaim(&mut self, seq_end: u64, live_then: &[u64]) -> Vec<u32> {
+        let mut freed = Vec::new();
+        for s in 0..self.seg_state.len() {
+            let free = match self.seg_state[s] {
                 SegState::Sealed { seq: sealed } => {
                     sealed <= seq_end
                         && self.seg_live[s] == 0
                         && live_then.get(s).copied().unwrap_or(0) == 0
                 }
                 _ => false,
-            })
-            .map(|s| s as u32)
-            .collect()
+            };
+            if free {
+                self.set_state(s as u32, SegState::Free);
+                freed.push(s as u32);
+            }
+        }
+        freed
     }
 }
