@@ -204,6 +204,10 @@ pub(crate) struct Inner {
     superblocks: Vec<Superblock>,
     closed: AtomicBool,
     kick: Sender<CkptMsg>,
+    /// A checkpoint was asked for. The kick channel holds one message, so a `Kick` sent while
+    /// a `Space` waits there would be lost: a mover chain left without a next segment then
+    /// waited for a checkpoint nobody took, and writes at 90% full stalled for up to 30 s.
+    ckpt_wanted: AtomicBool,
     cache_capacity: u64,
     checkpoint_interval: u64,
     /// Punch freed segments out of the backing files (not for prefilled pools).
@@ -352,6 +356,7 @@ impl Inner {
     }
 
     pub fn kick_checkpoint(&self) {
+        self.ckpt_wanted.store(true, Ordering::Release);
         let _ = self.kick.try_send(CkptMsg::Kick);
     }
 
@@ -448,8 +453,9 @@ impl Inner {
                 freed.push(s as u32);
             }
         }
+        self.note_freed(&mut space, &freed);
         drop(space);
-        self.discard_segments(&freed);
+        self.give_back_freed();
         Ok(freed.len() as u64)
     }
 
@@ -637,9 +643,10 @@ impl Inner {
                     freed.push(v);
                 }
             }
+            self.note_freed(&mut space, &freed);
             drop(space);
             report.segments_freed += freed.len() as u64;
-            self.discard_segments(&freed);
+            self.give_back_freed();
         }
         // A checkpoint costs about 1.4% of the data whatever it frees: emptied victims sealed
         // since the last one wait (they are freed by the next) until they are worth it, unless
@@ -662,13 +669,76 @@ impl Inner {
         Ok(report)
     }
 
-    /// Give freed segments back to the file system / device (best effort).
-    fn discard_segments(&self, segs: &[u32]) {
+    /// Note that `segs`, just freed, still hold their old blocks in the backing file.
+    fn note_freed(&self, space: &mut Space, segs: &[u32]) {
         if self.discard_freed {
             for &s in segs {
-                let (dev, base) = self.geo.locate(s);
-                let _ = self.devices.discard(dev, base, self.geo.segment_bytes);
+                if let Some(u) = space.undiscarded.get_mut(s as usize) {
+                    *u = true;
+                    space.undiscarded_count += 1;
+                }
             }
+        }
+    }
+
+    /// Give the blocks of freed segments back to the file system (punch holes; best effort),
+    /// while more than twice the cleaning threshold stays free.
+    ///
+    /// A segment being punched is `Discarding`, not `Free`: a shard that took it and wrote
+    /// records into it before the punch reached the file would lose them. When space is short,
+    /// freed segments stay `Free` and unpunched: a shard takes them soon, and punching them
+    /// would only make that shard's writes allocate the blocks again, while ext4's punch waits
+    /// for every direct write in flight to the file (writers at 90% full stalled behind it). A
+    /// later call, once space is back, gives them back.
+    fn give_back_freed(&self) {
+        if !self.discard_freed {
+            return;
+        }
+        let keep = 2 * self.cleaning_threshold();
+        let taken: Vec<u32> = {
+            let mut space = self.space.lock();
+            let mut taken = Vec::new();
+            if space.undiscarded_count > 0 {
+                for s in 0..space.seg_state.len() {
+                    if space.free_segments <= keep {
+                        break;
+                    }
+                    if space.undiscarded[s] && space.seg_state[s] == SegState::Free {
+                        space.set_state(s as u32, SegState::Discarding);
+                        taken.push(s as u32);
+                    }
+                }
+                if space.free_segments > keep {
+                    // Every marked segment still free was taken; the others are in use again.
+                    space.undiscarded_count = 0;
+                }
+            }
+            taken
+        };
+        if taken.is_empty() {
+            return;
+        }
+        // Runs of adjacent segments of one device go in one call.
+        let seg_bytes = self.geo.segment_bytes;
+        let mut i = 0;
+        while i < taken.len() {
+            let (dev, base) = self.geo.locate(taken[i]);
+            let mut j = i + 1;
+            while j < taken.len()
+                && taken[j] == taken[j - 1] + 1
+                && self.geo.locate(taken[j]) == (dev, base + (j - i) as u64 * seg_bytes)
+            {
+                j += 1;
+            }
+            let _ = self.devices.discard(dev, base, (j - i) as u64 * seg_bytes);
+            i = j;
+        }
+        let mut space = self.space.lock();
+        for &s in &taken {
+            if let Some(u) = space.undiscarded.get_mut(s as usize) {
+                *u = false;
+            }
+            space.set_state(s, SegState::Free);
         }
     }
 
@@ -1009,8 +1079,9 @@ impl Inner {
         }
         freed.extend(space.reclaim(image.seq, live_then));
         space.release_ids(image.seq);
+        self.note_freed(&mut space, &freed);
         drop(space);
-        self.discard_segments(&freed);
+        self.give_back_freed();
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
@@ -1705,6 +1776,7 @@ impl Pool {
             superblocks: sbs,
             closed: AtomicBool::new(false),
             kick: ktx,
+            ckpt_wanted: AtomicBool::new(false),
             cache_capacity,
             checkpoint_interval: o.checkpoint_interval_bytes.max(64 << 20),
             discard_freed: !pf.prefilled,
@@ -2305,6 +2377,7 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             Ok(CkptMsg::Kick) => true,
             Ok(CkptMsg::Space) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
         };
+        let kicked = inner.ckpt_wanted.swap(false, Ordering::AcqRel) || kicked;
         wait = Duration::from_millis(500);
         if inner.is_closed() {
             return;
@@ -2328,6 +2401,8 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
         }
         if !low || inner.is_closed() {
             inner.gc_stuck.store(false, Ordering::Release);
+            // Segments freed while space was short are given back now that it is not.
+            inner.give_back_freed();
             continue;
         }
         if let Err(e) = inner.free_dead_segments() {
@@ -2359,6 +2434,15 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             let r = inner.clean(victims, max_u, None, true, &mut |_, _| {});
             let r = match r {
                 Ok(r) => r,
+                Err(Error::NoSpace) if !checkpointed => {
+                    // The move chain found no next segment: a checkpoint starts a new one.
+                    checkpointed = true;
+                    if let Err(e) = inner.checkpoint_with(None) {
+                        eprintln!("ingot: checkpoint failed: {e}");
+                        break;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     if !inner.is_closed() {
                         eprintln!("ingot: cleaning failed: {e}");

@@ -45,6 +45,9 @@ pub enum SegState {
     /// Holds the previous checkpoint (the older superblock copy's); freed by the commit after
     /// next, once no superblock copy points at it.
     OldCheckpoint,
+    /// Freed, and its blocks are being given back to the file system (a hole punched): it
+    /// becomes `Free` once the punch is done, so that no record is written into it before.
+    Discarding,
 }
 
 pub struct Space {
@@ -55,6 +58,11 @@ pub struct Space {
     pub seg_state: Vec<SegState>,
     pub seg_live: Vec<u64>,
     pub free_segments: usize,
+    /// Per segment, meaningful while `Free`: freed without a discard, so the backing file still
+    /// stores its old blocks (see `Inner::give_back_freed`).
+    pub undiscarded: Vec<bool>,
+    /// How many `Free` segments are marked in `undiscarded` (an upper bound).
+    pub undiscarded_count: usize,
     next_seg_hint: usize,
     pub stored_bytes: u64,
     pub live_blocks: u64,
@@ -69,6 +77,8 @@ impl Space {
             seg_state: vec![SegState::Free; total_segments as usize],
             seg_live: vec![0; total_segments as usize],
             free_segments: total_segments as usize,
+            undiscarded: vec![false; total_segments as usize],
+            undiscarded_count: 0,
             next_seg_hint: 0,
             stored_bytes: 0,
             live_blocks: 0,

@@ -26,6 +26,14 @@ pub struct FaultPlan {
     /// Make every block's dedup key the same (set before the pool opens): every write then
     /// finds a candidate whose fingerprint "collides", which byte comparison must reject.
     pub collide_fingerprints: AtomicBool,
+    /// Hold every discard this long before it reaches the device: widens the window in which
+    /// a segment being given back could be written again.
+    pub discard_delay_ms: AtomicU64,
+    /// Discards seen.
+    pub discards: AtomicU64,
+    /// Writes that reached a range while a discard of it was under way.
+    pub writes_into_discards: AtomicU64,
+    discarding: Mutex<Vec<(u16, u64, u64)>>,
 }
 
 struct Undo {
@@ -51,6 +59,15 @@ impl FaultPlan {
 
     fn note_write(&self, inner: &dyn Devices, dev: u16, offset: u64, len: usize) {
         self.writes.fetch_add(1, Ordering::Relaxed);
+        let end = offset + len as u64;
+        if self
+            .discarding
+            .lock()
+            .iter()
+            .any(|&(d, at, n)| d == dev && offset < at + n && at < end)
+        {
+            self.writes_into_discards.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.track_unsynced.load(Ordering::Relaxed) {
             return;
         }
@@ -139,7 +156,18 @@ impl Devices for FaultDevices {
         Ok(())
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(dev, offset, len)
+        self.plan.discards.fetch_add(1, Ordering::Relaxed);
+        self.plan.discarding.lock().push((dev, offset, len));
+        let delay = self.plan.discard_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
+        let r = self.inner.discard(dev, offset, len);
+        let mut active = self.plan.discarding.lock();
+        if let Some(i) = active.iter().position(|&r| r == (dev, offset, len)) {
+            active.swap_remove(i);
+        }
+        r
     }
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.inner.preallocate(dev, offset, len)
