@@ -1166,7 +1166,12 @@ impl Shard {
             self.stalled.push_back(item);
         }
         if self.stalled.is_empty() {
-            self.stalled_since = None;
+            if let Some(t) = self.stalled_since.take() {
+                if std::env::var_os("INGOT_GC_DEBUG").is_some() {
+                    let free = self.inner.space.lock().free_segments;
+                    eprintln!("shard {}: stalled {:?} free {free}", self.id, t.elapsed());
+                }
+            }
         } else {
             self.stalled_since
                 .get_or_insert_with(std::time::Instant::now);
@@ -1577,7 +1582,12 @@ impl Shard {
         let last_seq = self.inner.seq.load(Ordering::Acquire);
         space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
         space.set_state(self.pos.next, SegState::Open);
+        let free = space.free_segments;
         drop(space);
+        if free < self.inner.cleaning_threshold() {
+            // Start cleaning now, not at the cleaner's next look (up to 500 ms away).
+            self.inner.kick_cleaner();
+        }
         self.pos.segment = self.pos.next;
         self.pos.next = next2;
         self.pos.offset = SEGMENT_HEADER_BYTES as u32;
@@ -1617,8 +1627,22 @@ impl Shard {
     }
 
     /// Re-allocate a segment that a checkpoint may have punched out of the file, ahead of use.
+    /// Not when the file still holds it (a prefilled pool, or a segment freed without a
+    /// discard): ext4's fallocate waits for every direct write in flight to the file and holds
+    /// new ones back meanwhile, on every segment a shard rolls onto.
     fn preallocate(&self, seg: u32) {
-        if seg != NO_SEGMENT {
+        let allocated = || {
+            !self.inner.discard_freed
+                || self
+                    .inner
+                    .space
+                    .lock()
+                    .undiscarded
+                    .get(seg as usize)
+                    .copied()
+                    .unwrap_or(false)
+        };
+        if seg != NO_SEGMENT && !allocated() {
             let (dev, base) = self.inner.geo.locate(seg);
             // Best effort: without it writes still work, only slower.
             let _ = self
