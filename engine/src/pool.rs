@@ -2503,9 +2503,22 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
                     break;
                 }
             };
-            // Stuck (writes that wait fail at once) only when even the fullest cleaning could
-            // not win two segments back: the pool is full of live data.
-            let stuck = urgent && inner.reclaimable_segments_at(GC_URGENT_UTILISATION) < 2;
+            // Stuck (writes that wait fail at once) only when this pass freed nothing and even
+            // the fullest cleaning could not win two segments back: the pool is full of live
+            // data. A pass that freed victims is progress, however little dead space is left
+            // after it (on a 24-segment pool four writers at 75% of the usable capacity got
+            // ENOSPC while every pass freed 3-5 segments).
+            let stuck = urgent
+                && r.segments_freed == 0
+                && inner.reclaimable_segments_at(GC_URGENT_UTILISATION) < 2;
+            if stuck && std::env::var_os("INGOT_GC_DEBUG").is_some() {
+                let free = inner.space.lock().free_segments;
+                let rec = inner.reclaimable_segments_at(GC_URGENT_UTILISATION);
+                eprintln!(
+                    "gc: stuck: free {free} cleaned {} freed {} reclaimable {rec}",
+                    r.segments_cleaned, r.segments_freed
+                );
+            }
             inner.gc_stuck.store(stuck, Ordering::Release);
             if r.segments_cleaned == 0 {
                 // Nothing behind the last checkpoint is worth cleaning: checkpoint, so that

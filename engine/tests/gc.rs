@@ -202,17 +202,29 @@ fn trimming_everything_gives_space_back_to_the_host() {
 /// and the pool kept nearly full, so that the cleaner frees segments that shards need at once.
 #[test]
 fn records_written_while_freed_segments_are_punched_survive() {
+    writers_on_a_nearly_full_pool(64, 50);
+}
+
+/// Four writers at 75% of a 24-segment pool's usable capacity: the cleaner frees a few segments
+/// per pass, which must count as progress (writes wait for it), not as a full pool (ENOSPC).
+#[test]
+fn writers_on_a_small_nearly_full_pool_never_get_enospc() {
+    writers_on_a_nearly_full_pool(48, 0);
+}
+
+fn writers_on_a_nearly_full_pool(pool_mib: u64, discard_delay_ms: u64) {
     use ingot_engine::FaultPlan;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let c = CreateOptions {
-        size_bytes: 64 * MIB,
+        size_bytes: pool_mib * MIB,
         segment_bytes: 2 * MIB,
         ..Default::default()
     };
     let plan = FaultPlan::new();
-    plan.discard_delay_ms.store(50, Ordering::Relaxed);
+    plan.discard_delay_ms
+        .store(discard_delay_ms, Ordering::Relaxed);
     let o = PoolOptions {
         fault: Some(plan.clone()),
         ..opts(IoKind::Uring)
@@ -244,8 +256,9 @@ fn records_written_while_freed_segments_are_punched_survive() {
                     let data: Vec<u8> = (0..len / 8)
                         .flat_map(|_| rng.next().to_le_bytes())
                         .collect();
-                    v.write(w * part + off, &data, false)
-                        .unwrap_or_else(|e| panic!("after {written} bytes: {e}"));
+                    v.write(w * part + off, &data, false).unwrap_or_else(|e| {
+                        panic!("after {written} bytes: {e}: {:?}", pool.stats())
+                    });
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
                     written += len;
                 }
