@@ -422,7 +422,16 @@ impl Inner {
     /// Free segments below which the cleaner runs on its own: the data reserve plus
     /// [`GC_SLACK_DIVISOR`]th of the pool (at least 4 segments).
     pub(crate) fn cleaning_threshold(&self) -> usize {
-        self.data_reserve() + (self.geo.total_segments as usize / GC_SLACK_DIVISOR).max(4)
+        self.cleaning_threshold_from(self.ckpt_reserve())
+    }
+
+    /// The same from a checkpoint reserve already computed (computing it walks every map page).
+    pub(crate) fn cleaning_threshold_from(&self, ckpt_reserve: usize) -> usize {
+        // The data reserve is the checkpoint reserve plus a segment per chain and per shard.
+        ckpt_reserve
+            + self.chains()
+            + self.shards()
+            + (self.geo.total_segments as usize / GC_SLACK_DIVISOR).max(4)
     }
 
     /// Free segments at or below which writes wait and the cleaner runs flat out.

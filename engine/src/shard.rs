@@ -1584,7 +1584,7 @@ impl Shard {
         space.set_state(self.pos.next, SegState::Open);
         let free = space.free_segments;
         drop(space);
-        if free < self.inner.cleaning_threshold() {
+        if free < self.inner.cleaning_threshold_from(reserve) {
             // Start cleaning now, not at the cleaner's next look (up to 500 ms away).
             self.inner.kick_cleaner();
         }
