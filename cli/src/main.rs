@@ -556,6 +556,9 @@ fn print_stats(s: &Stats) {
     if let Some(w) = &s.space_warning {
         println!("warning         {w}");
     }
+    if let Some(h) = &s.halted {
+        println!("HALTED          {h}");
+    }
     for v in &s.volumes {
         println!(
             "volume {:<16} {:>12} mapped of {}, {} stored: reduction {:.2}x (dedup {:.2}x, compression {:.2}x)",

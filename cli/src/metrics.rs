@@ -54,6 +54,12 @@ pub fn render(s: &Stats) -> String {
     );
     gauge("segments_free", "Free segments.", "gauge", s.segments_free);
     gauge(
+        "halted",
+        "1 when an engine thread failed and the pool stopped taking requests.",
+        "gauge",
+        u64::from(s.halted.is_some()),
+    );
+    gauge(
         "client_written_bytes_total",
         "Bytes written by clients since open.",
         "counter",

@@ -147,6 +147,8 @@ pub struct Stats {
     pub usable_bytes: u64,
     /// Set when stored bytes pass 85% of `usable_bytes`: what happens next and what to do.
     pub space_warning: Option<String>,
+    /// Why the pool stopped taking requests (an engine thread failed); `None` while it serves.
+    pub halted: Option<String>,
     /// Bytes of segments in use (data, metadata, open).
     pub physical_used_bytes: u64,
     /// Bytes of all volumes that map to stored blocks.

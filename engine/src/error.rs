@@ -73,6 +73,11 @@ pub enum Error {
     Locked { path: PathBuf },
     #[error("the engine is shutting down")]
     ShutDown,
+    /// An engine thread failed (a bug): the pool stopped taking requests rather than risk
+    /// acknowledging writes it cannot keep. What was flushed before is on the devices; a
+    /// restart recovers it.
+    #[error("the pool stopped after an internal failure ({reason}); restart to recover")]
+    Halted { reason: String },
 }
 
 /// SCSI sense key / ASC / ASCQ triple.

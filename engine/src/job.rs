@@ -16,7 +16,7 @@ pub(crate) struct Job {
     data: Mutex<ReadData>,
     read_len: usize,
     error: Mutex<Option<Error>>,
-    done: Mutex<Option<Completion>>,
+    done: Mutex<Option<Answer>>,
     is_read: bool,
     /// FUA: the completion goes through the flusher before it runs.
     fua: Option<Sender<FlushMsg>>,
@@ -34,6 +34,31 @@ enum ReadData {
     Assembled(Vec<u8>),
 }
 
+/// A request's completion that runs even when it is dropped unanswered: when an engine thread
+/// fails, the requests it held are answered with an error instead of leaving their clients
+/// waiting forever.
+pub(crate) struct Answer(Option<Completion>);
+
+impl Answer {
+    pub fn new(done: Completion) -> Self {
+        Answer(Some(done))
+    }
+
+    pub fn send(mut self, r: crate::error::Result<Reply>) {
+        if let Some(done) = self.0.take() {
+            done(r);
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(Error::ShutDown));
+        }
+    }
+}
+
 /// Zeroes for reads of holes, shared (its pages are never written).
 static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
@@ -46,7 +71,7 @@ pub(crate) fn zeroes(len: usize) -> Bytes {
 
 /// Work for the flusher thread.
 pub(crate) enum FlushMsg {
-    Flush(Completion),
+    Flush(Answer),
     Stop,
 }
 
@@ -62,7 +87,7 @@ impl Job {
             data: Mutex::new(ReadData::Empty),
             read_len: read_len.unwrap_or(0),
             error: Mutex::new(None),
-            done: Mutex::new(Some(done)),
+            done: Mutex::new(Some(Answer::new(done))),
             is_read: read_len.is_some(),
             fua,
         })
@@ -109,7 +134,7 @@ impl Job {
             return;
         };
         if let Some(e) = self.error.lock().take() {
-            return done(Err(e));
+            return done.send(Err(e));
         }
         if self.is_read {
             let data = match std::mem::replace(&mut *self.data.lock(), ReadData::Empty) {
@@ -117,17 +142,17 @@ impl Job {
                 ReadData::Whole(b) => b,
                 ReadData::Assembled(v) => Bytes::from(v),
             };
-            return done(Ok(Reply::Data(data)));
+            return done.send(Ok(Reply::Data(data)));
         }
         match &self.fua {
             Some(flusher) => {
                 let msg = FlushMsg::Flush(done);
                 if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = flusher.send(msg)
                 {
-                    done(Err(Error::ShutDown));
+                    done.send(Err(Error::ShutDown));
                 }
             }
-            None => done(Ok(Reply::Done)),
+            None => done.send(Ok(Reply::Done)),
         }
     }
 }

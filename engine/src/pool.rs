@@ -222,6 +222,9 @@ pub(crate) struct Inner {
     pub dedup: Mutex<DedupIndex>,
     /// Bits of the fingerprint the index keys on (all; none when tests force collisions).
     dedup_key_mask: u64,
+    /// Why the pool stopped taking requests (an engine thread panicked), once it has.
+    fault: Mutex<Option<String>>,
+    faulted: AtomicBool,
 }
 
 /// A victim segment and the live blocks to move out of it.
@@ -308,10 +311,11 @@ impl Inner {
         let done: crate::api::Completion = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
-            self.flusher.send(FlushMsg::Flush(done))
+        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = self
+            .flusher
+            .send(FlushMsg::Flush(crate::job::Answer::new(done)))
         {
-            done(Err(Error::ShutDown));
+            done.send(Err(Error::ShutDown));
         }
         rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
     }
@@ -352,6 +356,35 @@ impl Inner {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether an engine thread failed and the pool stopped taking requests.
+    pub fn is_faulted(&self) -> bool {
+        self.faulted.load(Ordering::Acquire)
+    }
+
+    /// The error every request gets once the pool is faulted.
+    pub fn halted(&self) -> Error {
+        Error::Halted {
+            reason: self
+                .fault
+                .lock()
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+        }
+    }
+
+    /// Stop taking requests: an engine thread failed, so its in-memory state (maps, chains,
+    /// space accounting) can no longer be trusted. Requests in flight are answered with an
+    /// error (see `Job`'s drop); no checkpoint is written from here on, so the next open
+    /// recovers from the last good checkpoint and the log, as after a crash.
+    pub fn set_fault(&self, reason: String) {
+        let mut f = self.fault.lock();
+        if f.is_none() {
+            eprintln!("ingot: pool stopped: {reason}");
+            *f = Some(reason);
+        }
+        self.faulted.store(true, Ordering::Release);
     }
 
     pub fn send_to_shard(&self, shard: usize, msg: ShardMsg) {
@@ -926,6 +959,9 @@ impl Inner {
 
     /// One checkpoint; returns whether a shard was left without a next segment.
     fn checkpoint_once(&self, mutate: Option<Mutate<'_>>) -> Result<bool> {
+        if self.is_faulted() {
+            return Err(self.halted());
+        }
         let mut ck = self.ckpt.lock();
         let paused_at = std::time::Instant::now();
         let (ptx, prx) = crossbeam_channel::unbounded();
@@ -1045,6 +1081,10 @@ impl Inner {
     /// Write a checkpoint image, make it and everything before it durable, point the
     /// superblocks at it, then free what it no longer needs.
     fn commit(&self, ck: &mut CkptState, image: &Image, live_then: &[u64]) -> Result<()> {
+        // The image may come from state a failed thread left half changed.
+        if self.is_faulted() {
+            return Err(self.halted());
+        }
         let blob = checkpoint::encode(image);
         if std::env::var_os("INGOT_GC_DEBUG").is_some() {
             eprintln!("checkpoint: {} bytes", blob.len());
@@ -1848,6 +1888,8 @@ impl Pool {
             usable_bytes,
             dedup: Mutex::new(dedup),
             dedup_key_mask,
+            fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
         });
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         {
@@ -1863,23 +1905,29 @@ impl Pool {
                 offset: 0,
                 source,
             })?;
-            let si = inner.clone();
             let pos = positions[i];
             let name = if i < nshards {
                 format!("ingot-shard-{i}")
             } else {
                 "ingot-mover".to_string()
             };
-            threads.push(spawn(name, move || {
-                Shard::new(i, si, rx, queue, pos).run()
+            let sv = inner.clone();
+            threads.push(spawn_supervised(name, &inner, move || {
+                Shard::new(i, sv, rx, queue, pos).run()
             })?);
         }
         let fi = inner.clone();
-        threads.push(spawn("ingot-flusher".into(), move || flusher(fi, frx))?);
+        threads.push(spawn_supervised(
+            "ingot-flusher".into(),
+            &inner,
+            move || flusher(fi, frx),
+        )?);
         let ci = inner.clone();
-        threads.push(spawn("ingot-checkpointer".into(), move || {
-            checkpointer(ci, krx)
-        })?);
+        threads.push(spawn_supervised(
+            "ingot-checkpointer".into(),
+            &inner,
+            move || checkpointer(ci, krx),
+        )?);
         Ok(Pool {
             inner,
             threads: Mutex::new(threads),
@@ -2121,6 +2169,7 @@ impl Pool {
             capacity_bytes: total * seg,
             usable_bytes: inner.usable_bytes,
             space_warning: space_warning(space.stored_bytes, inner.usable_bytes),
+            halted: inner.fault.lock().clone(),
             physical_used_bytes: (total - space.free_segments as u64) * seg,
             logical_mapped_bytes: logical,
             stored_bytes: space.stored_bytes,
@@ -2342,6 +2391,10 @@ impl Pool {
         if self.halted.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        if self.inner.is_faulted() {
+            self.stop_threads();
+            return Err(self.inner.halted());
+        }
         let r = self.inner.checkpoint_with(None);
         self.stop_threads();
         r
@@ -2375,6 +2428,29 @@ impl Drop for Pool {
     }
 }
 
+/// An engine thread whose panic (a bug) stops the pool instead of leaving requests waiting
+/// forever for a thread that is gone.
+fn spawn_supervised(
+    name: String,
+    inner: &Arc<Inner>,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    let inner = inner.clone();
+    let label = name.clone();
+    spawn(name, move || {
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            inner.set_fault(format!("thread {label} failed: {msg}"));
+            // Replies the thread collected before it failed still go out.
+            crate::api::end_batch();
+        }
+    })
+}
+
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name)
@@ -2404,7 +2480,9 @@ fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
                 .collect();
             // A failed record left a gap in a chain: only a checkpoint makes what follows it
             // recoverable, so a flush must wait for one.
-            let r = if inner.chain_broken.load(Ordering::Acquire) {
+            let r = if inner.is_faulted() {
+                Err(inner.halted())
+            } else if inner.chain_broken.load(Ordering::Acquire) {
                 inner.checkpoint_with(None)
             } else {
                 inner.sync()
@@ -2415,8 +2493,11 @@ fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
                 }
             }
             for c in waiting {
-                c(match &r {
+                c.send(match &r {
                     Ok(()) => Ok(crate::api::Reply::Done),
+                    Err(Error::Halted { reason }) => Err(Error::Halted {
+                        reason: reason.clone(),
+                    }),
                     Err(e) => Err(Error::Io {
                         device: 0,
                         offset: 0,
@@ -2441,7 +2522,7 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             Ok(CkptMsg::Space) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
         };
         let kicked = inner.ckpt_wanted.swap(false, Ordering::AcqRel) || kicked;
-        if inner.is_closed() {
+        if inner.is_closed() || inner.is_faulted() {
             return;
         }
         let written = inner.counters.client_written.load(Ordering::Relaxed);

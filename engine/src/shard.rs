@@ -1193,7 +1193,7 @@ impl Shard {
         if self.pos.next != NO_SEGMENT && free > reserve {
             return false;
         }
-        if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) {
+        if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) || self.inner.is_faulted() {
             return false;
         }
         if free <= reserve && self.inner.gc_stuck.load(Ordering::Acquire) {

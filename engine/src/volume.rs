@@ -104,6 +104,10 @@ impl Volume {
     /// Submit a request; `done` runs once, on an engine thread, when it completes.
     pub fn submit(&self, req: Request, done: Completion) {
         let inner = &self.inner;
+        if inner.is_faulted() {
+            done(Err(inner.halted()));
+            return;
+        }
         if inner.is_closed() || self.state.deleted.load(Ordering::Acquire) {
             let e = if self.state.deleted.load(Ordering::Acquire) {
                 Error::VolumeNotFound(self.state.name.clone())
@@ -121,10 +125,11 @@ impl Volume {
                 (*offset, *len, *fua)
             }
             Request::Flush => {
-                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
-                    inner.flusher.send(FlushMsg::Flush(done))
+                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = inner
+                    .flusher
+                    .send(FlushMsg::Flush(crate::job::Answer::new(done)))
                 {
-                    done(Err(Error::ShutDown));
+                    done.send(Err(Error::ShutDown));
                 }
                 return;
             }

@@ -822,3 +822,69 @@ fn failed_segment_header_does_not_lose_later_writes() {
     );
     assert_clean(&pool);
 }
+
+/// A bug that kills an engine thread (injected: a shard panics as it submits a record) stops
+/// the pool instead of leaving clients waiting: every request in flight is answered, later
+/// ones fail with `Halted`, no checkpoint is written from the broken state, and what was
+/// flushed before is all there after a restart.
+#[test]
+fn a_failed_engine_thread_answers_every_request_and_loses_nothing_flushed() {
+    // io_uring too: its queue, dropped with records in flight, must wait for them first.
+    for io in [IoKind::Sync, IoKind::Uring] {
+        failed_engine_thread(io);
+    }
+}
+
+fn failed_engine_thread(io: IoKind) {
+    use ingot_engine::Request;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let a = blocks(101, 64);
+    let o = |plan| PoolOptions { io, ..opts(plan) };
+    {
+        let c = CreateOptions {
+            size_bytes: 64 << 20,
+            segment_bytes: SEG,
+            ..Default::default()
+        };
+        let pool = Pool::create(dir.path(), &c, &o(Some(plan.clone()))).unwrap();
+        pool.create_volume("v", 16 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &a, false).unwrap();
+        pool.flush().unwrap();
+        plan.panic_on_submit.store(true, Ordering::Release);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let n = 64u64;
+        for i in 0..n {
+            let tx = tx.clone();
+            let data = bytes::Bytes::from(block(200 + i));
+            let req = Request::Write {
+                offset: (128 + i * 3) * 4096,
+                data,
+                fua: i % 2 == 0,
+            };
+            v.submit(req, Box::new(move |r| tx.send(r.map(|_| ())).unwrap()));
+        }
+        let mut failed = 0;
+        for _ in 0..n {
+            let r = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a request left unanswered after an engine thread failed");
+            failed += usize::from(r.is_err());
+        }
+        assert!(failed > 0, "the injected failure hit no request");
+        let halted = pool.stats().halted.expect("stats report the halt");
+        assert!(halted.contains("ingot-shard"), "{halted}");
+        assert!(matches!(
+            v.write(0, &block(1), false),
+            Err(Error::Halted { .. })
+        ));
+        assert!(matches!(v.read(0, 4096), Err(Error::Halted { .. })));
+        assert!(pool.flush().is_err());
+        assert!(matches!(pool.shutdown(), Err(Error::Halted { .. })));
+    }
+    let pool = Pool::open(dir.path(), &o(None)).unwrap();
+    let v = pool.volume("v").unwrap();
+    same!(v.read(0, 64 * 4096).unwrap(), a, "flushed data lost");
+    assert_clean(&pool);
+}

@@ -34,6 +34,9 @@ pub struct FaultPlan {
     /// Writes that reached a range while a discard of it was under way.
     pub writes_into_discards: AtomicU64,
     discarding: Mutex<Vec<(u16, u64, u64)>>,
+    /// Panic in the next queue submission that has a write to send (a bug in an engine
+    /// thread, for the tests of what the pool does when one of its threads fails).
+    pub panic_on_submit: AtomicBool,
 }
 
 struct Undo {
@@ -178,6 +181,7 @@ impl Devices for FaultDevices {
             devices: self.inner.clone(),
             plan: self.plan.clone(),
             failed: Vec::new(),
+            wrote_since_submit: false,
         }))
     }
 }
@@ -187,6 +191,7 @@ struct FaultQueue {
     devices: SharedDevices,
     plan: Arc<FaultPlan>,
     failed: Vec<IoDone>,
+    wrote_since_submit: bool,
 }
 
 impl IoQueue for FaultQueue {
@@ -203,10 +208,15 @@ impl IoQueue for FaultQueue {
         if op.kind == OpKind::Write {
             self.plan
                 .note_write(&*self.devices, op.dev, op.offset, op.len);
+            self.wrote_since_submit = true;
         }
         self.inner.push(op);
     }
     fn submit(&mut self, min_complete: usize) -> io::Result<()> {
+        if self.wrote_since_submit && self.plan.panic_on_submit.swap(false, Ordering::AcqRel) {
+            panic!("injected fault: panic in an engine thread");
+        }
+        self.wrote_since_submit = false;
         let want = min_complete.saturating_sub(self.failed.len());
         self.inner.submit(want.min(self.inner.in_flight()))
     }

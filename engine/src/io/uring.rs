@@ -186,6 +186,26 @@ impl UringQueue {
     }
 }
 
+impl Drop for UringQueue {
+    /// Wait for the ops still in the kernel: a ring closed under them would let the device
+    /// read from or write into buffers that are freed and reused (a thread that failed drops
+    /// its queue with records in flight).
+    fn drop(&mut self) {
+        while self.in_kernel > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(_) => break,
+            }
+            self.collect();
+        }
+        if self.in_kernel > 0 {
+            // Could not wait: leak the buffers rather than free memory the device may touch.
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
+    }
+}
+
 impl IoQueue for UringQueue {
     fn push(&mut self, op: IoOp) {
         self.pending.push_back(op);
