@@ -766,6 +766,38 @@ impl Inner {
         }
     }
 
+    /// At open: mark the free segments whose blocks the backing files still hold (freed while
+    /// space was short and not punched before the pool stopped; the marks live only in
+    /// memory), so that `give_back_freed` returns them to the file system once space allows.
+    /// Where allocation cannot be known (block devices), every free segment is marked: it is
+    /// discarded once, as `fstrim` at mount would.
+    fn note_unpunched_at_open(&self) {
+        let ranges: Vec<Option<Vec<(u64, u64)>>> = (0..self.devices.count())
+            .map(|d| self.devices.data_ranges(d as u16).unwrap_or(None))
+            .collect();
+        let mut space = self.space.lock();
+        for s in 0..space.seg_state.len() {
+            if space.seg_state[s] != SegState::Free {
+                continue;
+            }
+            let (dev, base) = self.geo.locate(s as u32);
+            let end = base + self.geo.segment_bytes;
+            let held = match &ranges[usize::from(dev)] {
+                None => true,
+                Some(r) => {
+                    // Sorted and disjoint: the first range ending past `base` is the only
+                    // candidate.
+                    let i = r.partition_point(|&(_, e)| e <= base);
+                    r.get(i).is_some_and(|&(start, _)| start < end)
+                }
+            };
+            if held && !space.undiscarded[s] {
+                space.undiscarded[s] = true;
+                space.undiscarded_count += 1;
+            }
+        }
+    }
+
     /// Give the blocks of freed segments back to the file system (punch holes; best effort),
     /// while more than twice the cleaning threshold stays free.
     ///
@@ -1897,6 +1929,9 @@ impl Pool {
             let mut ck = inner.ckpt.lock();
             inner.commit(&mut ck, &image, &live_then)?;
             inner.space.lock().rebuild_free_ids();
+        }
+        if inner.discard_freed {
+            inner.note_unpunched_at_open();
         }
         let mut threads = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {

@@ -197,6 +197,82 @@ fn trimming_everything_gives_space_back_to_the_host() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
+/// Free segments whose blocks the backing file still holds when the pool opens (freed while
+/// space was short and not punched before the last stop: the marks are kept only in memory)
+/// are given back to the host after the open.
+#[test]
+fn free_segments_left_allocated_by_a_previous_run_are_given_back() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let seg = 2 * MIB;
+    let total;
+    let c = CreateOptions {
+        size_bytes: 128 * MIB,
+        segment_bytes: seg,
+        ..Default::default()
+    };
+    {
+        let pool = Pool::create(dir.path(), &c, &opts(IoKind::Uring)).unwrap();
+        pool.create_volume("v", 16 * MIB).unwrap();
+        pool.volume("v")
+            .unwrap()
+            .write(0, &[7u8; 4096], false)
+            .unwrap();
+        total = pool.stats().segments_total;
+        pool.shutdown().unwrap();
+    }
+    let img = dir.path().join("dev0.img");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    // Segments the file has no blocks for are free (a segment in use has at least its
+    // header written): give four of them blocks, as a run that freed them without a punch
+    // would have left them.
+    let data_at = |off: u64| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open fd.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if r < 0 {
+            u64::MAX
+        } else {
+            r as u64
+        }
+    };
+    let start = ingot_engine::format::DATA_START;
+    // From the end: the open takes the lowest free segments for the shards' new chains.
+    let holes: Vec<u64> = (0..total)
+        .rev()
+        .map(|i| start + i * seg)
+        .filter(|&b| data_at(b) >= b + seg)
+        .take(4)
+        .collect();
+    assert_eq!(holes.len(), 4, "free segments to fill");
+    for &b in &holes {
+        file.write_all_at(&vec![0xa5u8; seg as usize], b).unwrap();
+    }
+    file.sync_all().unwrap();
+    let before = allocated(&img);
+    let pool = Pool::open(dir.path(), &opts(IoKind::Uring)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holes.iter().any(|&b| data_at(b) < b + seg) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "free segments still allocated 10 s after open (du {before} -> {})",
+            allocated(&img)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(allocated(&img) + 4 * seg <= before);
+    assert_eq!(
+        pool.volume("v").unwrap().read(0, 4096).unwrap(),
+        vec![7u8; 4096]
+    );
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 /// A segment given back to the file system (a hole punched) must not be written again before
 /// the punch is done, or the punch takes the new records with it. Discards are slowed down here
 /// and the pool kept nearly full, so that the cleaner frees segments that shards need at once.

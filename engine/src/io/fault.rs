@@ -175,6 +175,9 @@ impl Devices for FaultDevices {
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.inner.preallocate(dev, offset, len)
     }
+    fn data_ranges(&self, dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.inner.data_ranges(dev)
+    }
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>> {
         Ok(Box::new(FaultQueue {
             inner: self.inner.queue(depth)?,

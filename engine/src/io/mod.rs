@@ -91,6 +91,12 @@ pub trait Devices: Send + Sync {
     /// convert extents instead of allocating blocks (measured: 129 µs instead of 222 µs for a
     /// 96 KiB write here). A no-op for block devices. Best effort.
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()>;
+    /// The byte ranges of device `dev` that hold blocks (a backing file's data extents, from
+    /// `SEEK_DATA`/`SEEK_HOLE`), or `None` when that cannot be known (block devices): treat
+    /// every range as holding data.
+    fn data_ranges(&self, _dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
     /// A new queue for one shard worker.
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>>;
 }

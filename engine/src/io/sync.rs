@@ -132,6 +132,33 @@ impl Devices for FileSet {
         }
         Ok(())
     }
+    fn data_ranges(&self, dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        if self.block_device[dev as usize] {
+            return Ok(None);
+        }
+        let fd = self.file(dev).as_raw_fd();
+        let end = self.size(dev);
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < end {
+            // SAFETY: plain syscalls on an owned fd.
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data past `pos`
+                }
+                return Err(e);
+            }
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            out.push((data as u64, (hole as u64).min(end)));
+            pos = hole as u64;
+        }
+        Ok(Some(out))
+    }
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         if self.block_device[dev as usize] {
             return Ok(());

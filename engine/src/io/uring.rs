@@ -62,6 +62,9 @@ impl Devices for UringDevices {
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.files.preallocate(dev, offset, len)
     }
+    fn data_ranges(&self, dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.files.data_ranges(dev)
+    }
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>> {
         Ok(Box::new(UringQueue::new(&self.files, depth)?))
     }
