@@ -13,9 +13,13 @@ pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
 /// vector is indexed by the global page number.
 #[derive(Clone, Default)]
 pub struct LbaMap {
+    /// Change through `set`, `load_page` and `resize`, which keep `present` in step.
     pub pages: Vec<Option<Arc<MapPage>>>,
     /// Entries that are not holes.
     pub mapped: u64,
+    /// Pages allocated (`Some`): what a checkpoint of the map costs, which the space reserve
+    /// is computed from on every segment roll-over (counting them walked every page).
+    present: u64,
 }
 
 impl LbaMap {
@@ -23,7 +27,29 @@ impl LbaMap {
         LbaMap {
             pages: vec![None; blocks.div_ceil(MAP_PAGE_ENTRIES) as usize],
             mapped: 0,
+            present: 0,
         }
+    }
+
+    /// Pages allocated.
+    pub fn present_pages(&self) -> u64 {
+        self.present
+    }
+
+    /// Install page `idx` loaded from a checkpoint (ignored past the end), counting its
+    /// entries; returns whether it was installed.
+    pub fn load_page(&mut self, idx: usize, page: Arc<MapPage>) -> bool {
+        let Some(slot) = self.pages.get_mut(idx) else {
+            return false;
+        };
+        let count = |p: &MapPage| p.iter().filter(|&&id| id != 0).count() as u64;
+        match slot {
+            Some(old) => self.mapped -= count(old),
+            None => self.present += 1,
+        }
+        self.mapped += count(&page);
+        *slot = Some(page);
+        true
     }
 
     pub fn get(&self, lba: u64) -> u64 {
@@ -49,6 +75,9 @@ impl LbaMap {
             return old;
         }
         if id != 0 {
+            if slot.is_none() {
+                self.present += 1;
+            }
             let page = slot.get_or_insert_with(|| Arc::new([0; MAP_PAGE_ENTRIES as usize]));
             Arc::make_mut(page)[i] = id;
         } else if let Some(page) = slot {
@@ -72,8 +101,11 @@ impl LbaMap {
                 dropped.push(id);
             }
         }
-        self.pages
-            .resize(blocks.div_ceil(MAP_PAGE_ENTRIES) as usize, None);
+        let keep = blocks.div_ceil(MAP_PAGE_ENTRIES) as usize;
+        if keep < self.pages.len() {
+            self.present -= self.pages[keep..].iter().filter(|p| p.is_some()).count() as u64;
+        }
+        self.pages.resize(keep, None);
         dropped
     }
 
@@ -100,4 +132,42 @@ fn split(lba: u64) -> (usize, usize) {
 /// The shard that owns a block of a volume.
 pub fn shard_of(lba: u64, shards: usize) -> usize {
     ((lba / MAP_PAGE_ENTRIES) % shards as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(m: &LbaMap) -> u64 {
+        m.pages.iter().filter(|p| p.is_some()).count() as u64
+    }
+
+    #[test]
+    fn counts_follow_sets_loads_and_resizes() {
+        let mut m = LbaMap::new(64 * MAP_PAGE_ENTRIES);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let lba = x % (m.pages.len() as u64 * MAP_PAGE_ENTRIES + 8);
+            match step % 97 {
+                0 => {
+                    m.resize((x >> 8) % (96 * MAP_PAGE_ENTRIES));
+                }
+                1 => {
+                    m.load_page(
+                        (x >> 8) as usize % 80,
+                        Arc::new([7; MAP_PAGE_ENTRIES as usize]),
+                    );
+                }
+                _ => {
+                    m.set(lba, if x & 1 == 0 { 0 } else { step + 1 });
+                }
+            }
+            assert_eq!(m.present_pages(), counted(&m), "step {step}");
+            assert_eq!(m.mapped, m.iter().count() as u64, "step {step}");
+        }
+        assert!(m.present_pages() > 0);
+    }
 }

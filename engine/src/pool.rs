@@ -410,7 +410,7 @@ impl Inner {
         let mut pages = 0u64;
         for v in vols.by_name.values() {
             for m in &v.maps {
-                pages += m.lock().pages.iter().filter(|p| p.is_some()).count() as u64;
+                pages += m.lock().present_pages();
             }
         }
         let blocks = self.space.lock().live_blocks;
@@ -1672,14 +1672,13 @@ impl Pool {
             vs.set_flags(v.flags);
             for (idx, page) in v.pages {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
-                if (idx as usize) < m.pages.len() {
-                    m.mapped += page.iter().filter(|&&id| id != 0).count() as u64;
-                    for &id in page.iter() {
+                let ids = page.clone();
+                if m.load_page(idx as usize, page) {
+                    for &id in ids.iter() {
                         if id != 0 {
                             space.add_ref(id);
                         }
                     }
-                    m.pages[idx as usize] = Some(page);
                 }
             }
             let vs = Arc::new(vs);
@@ -1794,7 +1793,7 @@ impl Pool {
             let mut pages = 0u64;
             for v in table.by_name.values() {
                 for m in &v.maps {
-                    pages += m.lock().pages.iter().filter(|p| p.is_some()).count() as u64;
+                    pages += m.lock().present_pages();
                 }
             }
             let est = checkpoint::estimate_bytes(
