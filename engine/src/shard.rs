@@ -32,8 +32,11 @@ use parking_lot::MutexGuard;
 const BLOCK: usize = BLOCK_BYTES as usize;
 /// Most messages taken from the channel per loop turn.
 const MAX_BATCH_MSGS: usize = 1024;
-/// Most payload bytes gathered per loop turn.
-const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Most payload bytes gathered per loop turn: a record's worth (256 blocks), so that a record
+/// goes to the device as soon as it is full instead of waiting for the rest of a large batch
+/// to be hashed and packed (1 MiB writes at QD8: 1350-1412 MB/s against 1330-1357 with
+/// 16 MiB, alternating runs).
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How often a shard with stalled writes looks for free space again.
 const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 /// Longest a write waits for the cleaner before it fails with ENOSPC.
