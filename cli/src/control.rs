@@ -33,6 +33,14 @@ pub enum Request {
         dedup: Option<bool>,
         compression: Option<bool>,
     },
+    VolumeSnapshot {
+        source: String,
+        name: String,
+    },
+    VolumeClone {
+        source: String,
+        name: String,
+    },
     Stats,
     Check,
     Gc {
@@ -57,6 +65,14 @@ pub fn execute(pool: &Pool, req: &Request) -> Result<Value> {
             Value::Null
         }
         Request::VolumeList => serde_json::to_value(pool.volumes())?,
+        Request::VolumeSnapshot { source, name } => {
+            pool.snapshot_volume(source, name)?;
+            Value::Null
+        }
+        Request::VolumeClone { source, name } => {
+            pool.clone_volume(source, name)?;
+            Value::Null
+        }
         Request::VolumeDelete { name } => {
             pool.delete_volume(name)?;
             Value::Null

@@ -294,6 +294,25 @@ enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take a read-only snapshot of a volume, online: every write acknowledged before it is
+    /// in it. No data is copied (blocks are shared until overwritten).
+    Snapshot {
+        /// The volume to snapshot.
+        source: String,
+        /// Name of the snapshot (a read-only volume, served like any other).
+        name: String,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
+    /// Create a writable volume from a volume or snapshot, online, sharing its blocks.
+    Clone {
+        /// The volume or snapshot to copy.
+        source: String,
+        /// Name of the new volume.
+        name: String,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
     /// Delete a volume and free its blocks.
     Delete {
         name: String,
@@ -477,21 +496,42 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
             } else {
                 let vols: Vec<VolumeInfo> = serde_json::from_value(v)?;
                 println!(
-                    "{:<24} {:>12} {:>12} {:>6} {:>11}",
-                    "NAME", "SIZE", "MAPPED", "DEDUP", "COMPRESSION"
+                    "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}",
+                    "NAME", "SIZE", "MAPPED", "DEDUP", "COMPRESSION", "ACCESS"
                 );
                 let word = |b: bool| if b { "on" } else { "off" };
                 for v in vols {
                     println!(
-                        "{:<24} {:>12} {:>12} {:>6} {:>11}",
+                        "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}",
                         v.name,
                         human(v.size_bytes),
                         human(v.mapped_bytes),
                         word(v.dedup),
-                        word(v.compression)
+                        word(v.compression),
+                        if v.read_only { "ro" } else { "rw" }
                     );
                 }
             }
+        }
+        VolumeCmd::Snapshot { source, name, pool } => {
+            request(
+                &pool.pool,
+                Request::VolumeSnapshot {
+                    source: source.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            println!("created snapshot {name} of {source} (read-only)");
+        }
+        VolumeCmd::Clone { source, name, pool } => {
+            request(
+                &pool.pool,
+                Request::VolumeClone {
+                    source: source.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            println!("created volume {name} from {source}");
         }
         VolumeCmd::Delete { name, pool } => {
             request(&pool.pool, Request::VolumeDelete { name: name.clone() })?;

@@ -115,6 +115,9 @@ pub struct VolumeInfo {
     /// New blocks are compressed (`ingot volume set --compression`).
     #[serde(default = "yes")]
     pub compression: bool,
+    /// A snapshot (`ingot volume snapshot`): reads only.
+    #[serde(default)]
+    pub read_only: bool,
     /// Data reduction, filled in by `stats` (a block shared by n map entries counts 1/n to
     /// each): stored bytes attributed to the volume.
     #[serde(default)]

@@ -57,6 +57,8 @@ pub enum Error {
     VolumeExists(String),
     #[error("invalid volume name {0:?}: use 1-64 characters of [A-Za-z0-9._-]")]
     InvalidName(String),
+    #[error("volume {0:?} is a read-only snapshot (clone it to write)")]
+    ReadOnly(String),
     #[error("invalid size {size}: {reason}")]
     InvalidSize { size: u64, reason: &'static str },
     #[error("{path} is not an ingot pool: {reason}")]
@@ -102,6 +104,7 @@ impl Error {
             Error::VolumeExists(_) => libc::EEXIST,
             Error::InvalidName(_) => libc::EINVAL,
             Error::Locked { .. } => libc::EBUSY,
+            Error::ReadOnly(_) => libc::EPERM,
             _ => libc::EIO,
         }
     }
@@ -123,6 +126,12 @@ impl Error {
             Error::Unaligned { .. } | Error::TooLarge { .. } | Error::InvalidSize { .. } => Sense {
                 key: ILLEGAL_REQUEST,
                 asc: 0x24,
+                ascq: 0x00,
+            },
+            // WRITE PROTECTED
+            Error::ReadOnly(_) => Sense {
+                key: DATA_PROTECT,
+                asc: 0x27,
                 ascq: 0x00,
             },
             // SPACE ALLOCATION FAILED WRITE PROTECT

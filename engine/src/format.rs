@@ -49,6 +49,8 @@ pub const GROUP_COUNT_SHIFT: u16 = 12;
 pub const VOLUME_NO_DEDUP: u16 = 1 << 0;
 /// Checkpoint volume flag: compression is off for the volume.
 pub const VOLUME_NO_COMPRESSION: u16 = 1 << 1;
+/// Checkpoint volume flag: the volume is a snapshot; writes, zeroes and trims are refused.
+pub const VOLUME_READ_ONLY: u16 = 1 << 2;
 
 /// Little-endian writer over a fixed buffer; panics only on programmer error (sizes are constant).
 pub struct Put<'a> {
@@ -592,7 +594,7 @@ impl TrimEntry {
 
 /// Start of a checkpoint blob. The sections that follow are, in order:
 /// 1. `volume_count` volumes: id u32, name_len u16, flags u16 ([`VOLUME_NO_DEDUP`],
-///    [`VOLUME_NO_COMPRESSION`]), size_bytes u64, page_count u32, name bytes, then
+///    [`VOLUME_NO_COMPRESSION`], [`VOLUME_READ_ONLY`]), size_bytes u64, page_count u32, name bytes, then
 ///    `page_count` × (page_index u64, 512 × block_id u64).
 /// 2. `block_count` blocks: block_id u64, segment u32, offset u32, stored_len u32, crc u32,
 ///    flags u32 (as in [`DataEntry`]), reserved u32 (32 bytes). Reference counts are not

@@ -1998,6 +1998,7 @@ impl Pool {
                 mapped_bytes: v.mapped_blocks() * BLOCK_BYTES,
                 dedup: v.dedup.load(Ordering::Relaxed),
                 compression: v.compress.load(Ordering::Relaxed),
+                read_only: v.read_only.load(Ordering::Relaxed),
                 stored_bytes: 0,
                 unique_blocks: 0,
                 dedup_ratio: 1.0,
@@ -2051,6 +2052,55 @@ impl Pool {
         }))
     }
 
+    /// Take a read-only snapshot `name` of volume `src` as it is now: every write acknowledged
+    /// before the call is in it, none after. No data is copied: the snapshot shares the
+    /// volume's blocks (each holds a reference) and map pages (copied on the next write to
+    /// either). Durable when this returns.
+    pub fn snapshot_volume(&self, src: &str, name: &str) -> Result<()> {
+        self.copy_volume(src, name, true)
+    }
+
+    /// Create a writable volume `name` with the contents of volume or snapshot `src`, sharing
+    /// its blocks like a snapshot does; writes to either are then independent. Durable when
+    /// this returns.
+    pub fn clone_volume(&self, src: &str, name: &str) -> Result<()> {
+        self.copy_volume(src, name, false)
+    }
+
+    fn copy_volume(&self, src: &str, name: &str, read_only: bool) -> Result<()> {
+        validate_name(name)?;
+        let (src, name) = (src.to_string(), name.to_string());
+        let shards = self.inner.shards();
+        // Shards are paused: the maps hold exactly the writes acknowledged so far.
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
+            let mut t = inner.volumes.write();
+            if t.by_name.contains_key(&name) {
+                return Err(Error::VolumeExists(name.clone()));
+            }
+            let s = t
+                .by_name
+                .get(&src)
+                .cloned()
+                .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;
+            let id = t.next_id;
+            t.next_id += 1;
+            let v = VolumeState::new(id, name.clone(), s.size(), shards);
+            v.set_flags(s.flags() & !crate::format::VOLUME_READ_ONLY);
+            v.read_only.store(read_only, Ordering::Relaxed);
+            let mut space = inner.space.lock();
+            for (to, from) in v.maps.iter().zip(&s.maps) {
+                let m = from.lock().clone();
+                for (_, id) in m.iter() {
+                    space.add_ref(id);
+                }
+                *to.lock() = m;
+            }
+            drop(space);
+            t.by_name.insert(name.clone(), Arc::new(v));
+            Ok(())
+        }))
+    }
+
     /// Delete a volume and free what only it referenced; durable when this returns.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let name = name.to_string();
@@ -2080,6 +2130,9 @@ impl Pool {
         // A new end inside a block keeps that block: zero its bytes past the new end first, or
         // growing the volume again would bring them back instead of zeroes.
         let vol = self.volume(name)?;
+        if vol.read_only() {
+            return Err(Error::ReadOnly(name.to_string()));
+        }
         let old = vol.size_bytes();
         if size_bytes < old && size_bytes % BLOCK_BYTES != 0 {
             let end = size_bytes.next_multiple_of(BLOCK_BYTES).min(old);

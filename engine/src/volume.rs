@@ -29,6 +29,8 @@ pub(crate) struct VolumeState {
     pub dedup: AtomicBool,
     /// New blocks are compressed.
     pub compress: AtomicBool,
+    /// A snapshot: writes, zeroes and trims are refused.
+    pub read_only: AtomicBool,
 }
 
 impl VolumeState {
@@ -44,6 +46,7 @@ impl VolumeState {
             deleted: AtomicBool::new(false),
             dedup: AtomicBool::new(true),
             compress: AtomicBool::new(true),
+            read_only: AtomicBool::new(false),
         }
     }
 
@@ -56,6 +59,9 @@ impl VolumeState {
         if !self.compress.load(Ordering::Relaxed) {
             f |= crate::format::VOLUME_NO_COMPRESSION;
         }
+        if self.read_only.load(Ordering::Relaxed) {
+            f |= crate::format::VOLUME_READ_ONLY;
+        }
         f
     }
 
@@ -66,6 +72,8 @@ impl VolumeState {
             f & crate::format::VOLUME_NO_COMPRESSION == 0,
             Ordering::Relaxed,
         );
+        self.read_only
+            .store(f & crate::format::VOLUME_READ_ONLY != 0, Ordering::Relaxed);
     }
 
     pub fn size(&self) -> u64 {
@@ -101,6 +109,11 @@ impl Volume {
         self.state.size()
     }
 
+    /// A snapshot: reads only.
+    pub fn read_only(&self) -> bool {
+        self.state.read_only.load(Ordering::Relaxed)
+    }
+
     /// Submit a request; `done` runs once, on an engine thread, when it completes.
     pub fn submit(&self, req: Request, done: Completion) {
         let inner = &self.inner;
@@ -115,6 +128,15 @@ impl Volume {
                 Error::ShutDown
             };
             done(Err(e));
+            return;
+        }
+        if self.state.read_only.load(Ordering::Relaxed)
+            && matches!(
+                req,
+                Request::Write { .. } | Request::WriteZeroes { .. } | Request::Trim { .. }
+            )
+        {
+            done(Err(Error::ReadOnly(self.state.name.clone())));
             return;
         }
         let size = self.state.size();

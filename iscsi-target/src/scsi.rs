@@ -1004,8 +1004,8 @@ fn mode_sense(lu: &Lu, cdb: &[u8]) -> Response {
             bd.extend_from_slice(&BLOCK_BYTES.to_be_bytes());
         }
     }
-    // Device-specific parameter: DPOFUA.
-    let dsp = 0x10;
+    // Device-specific parameter: DPOFUA, and WP for a snapshot.
+    let dsp = if lu.volume.read_only() { 0x90 } else { 0x10 };
     let mut d = Vec::new();
     if ten {
         let total = 6 + bd.len() + body.len();

@@ -15,6 +15,10 @@ impl Export for Volume {
         Volume::size_bytes(self)
     }
 
+    fn read_only(&self) -> bool {
+        Volume::read_only(self)
+    }
+
     fn submit(&self, req: Request, done: Completion) {
         Volume::submit(self, req, done)
     }

@@ -268,3 +268,46 @@ fn task_management_and_nop() {
     s.logout().expect("logout");
     srv.stop();
 }
+
+/// A snapshot is a write-protected LU: writes fail with DATA PROTECT / WRITE PROTECTED, MODE
+/// SENSE sets WP, reads return the data as it was when the snapshot was taken.
+#[test]
+fn snapshot_luns_are_write_protected() {
+    let dir = TempDir::new("iscsi-snap");
+    let (srv, port) = iscsi_server(dir.path(), "1G", "64M", &[]);
+    let mut before = vec![0u8; 64 * 512];
+    Prng::new(11).fill(&mut before);
+    let mut vol = Initiator::login_normal(port, TARGET);
+    assert_eq!(vol.write10(0, &before).expect("write").status, 0);
+    ingot_ok([
+        "volume".as_ref(),
+        "snapshot".as_ref(),
+        "vol0".as_ref(),
+        "snap".as_ref(),
+        "--pool".as_ref(),
+        srv.pool().as_os_str(),
+    ]);
+    assert_eq!(vol.write10(0, &[0x77; 64 * 512]).expect("write").status, 0);
+    let mut snap = Initiator::login_normal(port, "iqn.2026-11.io.ingot:snap");
+    let r = snap
+        .write10(0, &[0x55; 512])
+        .expect("write to the snapshot");
+    assert_eq!(r.status, 0x02, "write to a snapshot: {r:?}");
+    assert_eq!(r.sense_key(), Some(0x07), "{r:?}");
+    assert_eq!(r.asc(), Some((0x27, 0x00)), "{r:?}");
+    let back = snap.read10(0, 64).expect("read the snapshot");
+    assert_eq!(back.status, 0);
+    assert_eq!(back.data, before, "the snapshot changed");
+    // MODE SENSE(6), all pages: the device-specific parameter's WP bit.
+    let ms = snap
+        .scsi(&[0x1a, 0x08, 0x3f, 0, 255, 0], &[], 255)
+        .expect("mode sense");
+    assert_eq!(ms.status, 0);
+    assert_eq!(ms.data[2] & 0x80, 0x80, "WP not set: {:?}", &ms.data[..4]);
+    let ms = vol
+        .scsi(&[0x1a, 0x08, 0x3f, 0, 255, 0], &[], 255)
+        .expect("mode sense");
+    assert_eq!(ms.data[2] & 0x80, 0, "WP set on a writable volume");
+    let stderr = srv.stderr();
+    assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
+}

@@ -431,3 +431,92 @@ print("ok")
     assert!(out.contains("second ok"), "{out}");
     srv.stop();
 }
+
+/// `ingot volume snapshot` and `clone` on a running server, seen by real clients: the snapshot
+/// keeps the data written before it while the volume changes, its export is read-only (qemu-io's
+/// write fails, nbdinfo reports it), and a clone of it is writable.
+#[test]
+fn snapshots_and_clones_online() {
+    let dir = TempDir::new("nbdsnap");
+    let srv = Server::start(small_pool(dir.path(), "512M"));
+    let pool = srv.pool().to_path_buf();
+    create_volume(&pool, "db", "64M");
+    let db = srv.unix_uri("db");
+    qemu_io(&db, "write -P 0x5a 0 4M");
+    let cli = |args: &[&str]| {
+        let mut a: Vec<&str> = args.to_vec();
+        let p = pool.display().to_string();
+        a.extend(["--pool", &p]);
+        ingot_ok(a)
+    };
+    cli(&["volume", "snapshot", "db", "db-snap"]);
+    // The volume moves on.
+    qemu_io(&db, "write -P 0xa5 0 1M");
+    qemu_io(&db, "discard 2M 1M");
+    qemu_io(&db, "read -P 0xa5 0 1M");
+    qemu_io(&db, "read -P 0 2M 1M");
+    // The snapshot does not.
+    let snap = srv.unix_uri("db-snap");
+    let read_only = |uri: &str, cmd: &str| {
+        run_stdout(
+            Command::new(require_tool("qemu-io"))
+                .args(["-r", "-f", "raw", "-c", cmd])
+                .arg(uri),
+        )
+    };
+    let out = read_only(&snap, "read -P 0x5a 0 4M");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let info = parse_json(&run_stdout(
+        Command::new(require_tool("nbdinfo"))
+            .arg("--json")
+            .arg(&snap),
+    ));
+    assert_eq!(
+        info["exports"][0]["is_read_only"],
+        serde_json::Value::Bool(true),
+        "nbdinfo on a snapshot: {info}"
+    );
+    let w = output(
+        Command::new(require_tool("qemu-io"))
+            .args(["-f", "raw", "-c", "write -P 0x11 0 64k"])
+            .arg(&snap),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&w.stdout),
+        String::from_utf8_lossy(&w.stderr)
+    );
+    // qemu-io opens the read-only export read-write, which fails (EPERM).
+    assert!(
+        !w.status.success() && text.contains("Permission denied"),
+        "a write to a snapshot export was not refused: {text}"
+    );
+    read_only(&snap, "read -P 0x5a 0 64k");
+    // A clone of the snapshot is writable, independently.
+    cli(&["volume", "clone", "db-snap", "db-test"]);
+    let test = srv.unix_uri("db-test");
+    qemu_io(&test, "write -P 0x33 0 64k");
+    qemu_io(&test, "read -P 0x33 0 64k");
+    qemu_io(&test, "read -P 0x5a 64k 3M");
+    let out = read_only(&snap, "read -P 0x5a 0 4M");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let list = parse_json(&cli(&["volume", "list", "--json"]));
+    let ro = |n: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed: {list}"))["read_only"]
+            .clone()
+    };
+    assert_eq!(ro("db-snap"), serde_json::Value::Bool(true));
+    assert_eq!(ro("db-test"), serde_json::Value::Bool(false));
+    assert_eq!(ro("db"), serde_json::Value::Bool(false));
+    let out = output(
+        Command::new(ingot_bin())
+            .args(["check", "--pool"])
+            .arg(&pool),
+    );
+    assert!(out.status.success(), "ingot check after snapshots failed");
+    srv.stop();
+}
