@@ -131,6 +131,12 @@ enum Op {
         vol: usize,
         sectors: u64,
     },
+    /// Snapshot (read-only) or clone volume `from` as volume `to`.
+    Copy {
+        from: usize,
+        to: usize,
+        snapshot: bool,
+    },
     /// Turn dedup / compression of new writes on or off.
     Policy {
         vol: usize,
@@ -209,6 +215,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::VerifyAll),
         1 => (vol.clone(), any::<bool>(), any::<bool>())
             .prop_map(|(vol, dedup, compression)| Op::Policy { vol, dedup, compression }),
+        2 => (vol.clone(), vol.clone(), any::<bool>())
+            .prop_map(|(from, to, snapshot)| Op::Copy { from, to, snapshot }),
         4 => (vol.clone(), prop::collection::vec((any::<u64>(), sectors(), pattern()), 2..8))
             .prop_map(|(vol, writes)| Op::Burst { vol, writes }),
         1 => (vol.clone(), any::<u64>(), sectors(), pattern())
@@ -224,6 +232,8 @@ struct VolModel {
     /// Blocks changed since the last durability point: every value each may hold after a power
     /// cut (the durable one first, then each acknowledged one).
     pending: HashMap<u64, Vec<Vec<u8>>>,
+    /// A snapshot: writes, zeroes, trims and resizes fail with `ReadOnly`.
+    read_only: bool,
 }
 
 impl VolModel {
@@ -231,6 +241,7 @@ impl VolModel {
         VolModel {
             data: vec![0; size as usize],
             pending: HashMap::new(),
+            read_only: false,
         }
     }
 
@@ -377,6 +388,9 @@ impl Harness {
                 };
                 let data = pattern.bytes(len as usize);
                 let v = pool.volume(NAMES[vol]).expect("volume");
+                if self.read_only(vol) {
+                    return self.expect_read_only(v.write(off, &data, fua));
+                }
                 if let Err(e) = v.write(off, &data, fua) {
                     self.fail(&format!("write {off}+{len}: {e}"));
                 }
@@ -426,6 +440,9 @@ impl Harness {
                 } else {
                     v.write_zeroes(off, len, fua)
                 };
+                if self.read_only(vol) {
+                    return self.expect_read_only(r);
+                }
                 if let Err(e) = r {
                     self.fail(&format!("{op:?} {off}+{len}: {e}"));
                 }
@@ -514,10 +531,11 @@ impl Harness {
                 let size = sectors * SECTOR;
                 let r = pool.resize_volume(NAMES[vol], size);
                 match (&mut self.vols[vol], r) {
-                    (Some(m), Ok(())) => {
+                    (Some(m), Ok(())) if !m.read_only => {
                         m.data.resize(size as usize, 0);
                         self.durable();
                     }
+                    (Some(m), Err(Error::ReadOnly(_))) if m.read_only => {}
                     (None, Err(Error::VolumeNotFound(_))) => {}
                     (_, r) => self.fail(&format!("resize {}: {r:?}", NAMES[vol])),
                 }
@@ -532,6 +550,28 @@ impl Harness {
                     (Some(_), Ok(())) => self.durable(),
                     (None, Err(Error::VolumeNotFound(_))) => {}
                     (_, r) => self.fail(&format!("policy {}: {r:?}", NAMES[vol])),
+                }
+            }
+            Op::Copy { from, to, snapshot } => {
+                let r = if snapshot {
+                    pool.snapshot_volume(NAMES[from], NAMES[to])
+                } else {
+                    pool.clone_volume(NAMES[from], NAMES[to])
+                };
+                match (&self.vols[from], &self.vols[to], r) {
+                    (Some(m), None, Ok(())) => {
+                        // Taken in a checkpoint: everything acknowledged is durable.
+                        let copy = VolModel {
+                            data: m.data.clone(),
+                            pending: HashMap::new(),
+                            read_only: snapshot,
+                        };
+                        self.durable();
+                        self.vols[to] = Some(copy);
+                    }
+                    (_, Some(_), Err(Error::VolumeExists(_))) => {}
+                    (None, None, Err(Error::VolumeNotFound(_))) => {}
+                    (_, _, r) => self.fail(&format!("copy {from} -> {to}: {r:?}")),
                 }
             }
             Op::VerifyAll => self.verify_all(false),
@@ -551,6 +591,7 @@ impl Harness {
                     reqs.push((off, pattern.bytes(len as usize)));
                 }
                 let v = pool.volume(NAMES[vol]).expect("volume");
+                let ro = self.read_only(vol);
                 let (tx, rx) = std::sync::mpsc::channel();
                 for (i, (off, data)) in reqs.iter().enumerate() {
                     let tx = tx.clone();
@@ -568,12 +609,17 @@ impl Harness {
                 drop(tx);
                 for _ in 0..reqs.len() {
                     match rx.recv() {
-                        Ok((_, Ok(_))) => {}
+                        Ok((_, Err(Error::ReadOnly(_)))) if ro => {}
+                        Ok((_, Ok(_))) if !ro => {}
                         Ok((i, Err(e))) => self.fail(&format!("burst write {i}: {e}")),
+                        Ok((i, Ok(_))) => self.fail(&format!("burst write {i} to a snapshot")),
                         Err(_) => self.fail("burst: a completion never ran"),
                     }
                 }
                 let m = self.vols[vol].as_mut().expect("model");
+                if ro {
+                    return;
+                }
                 for (off, data) in reqs {
                     m.mutate(off, data.len() as u64, |d| d.copy_from_slice(&data));
                 }
@@ -595,6 +641,7 @@ impl Harness {
                 let r = v.write(off, &pattern.bytes(len as usize), false);
                 plan.fail_writes.store(false, Ordering::Relaxed);
                 match r {
+                    Err(Error::ReadOnly(_)) if self.read_only(vol) => {}
                     Err(e @ Error::Io { .. }) if e.errno() == 5 => {}
                     // A write of only zero blocks stores no data: it may still succeed.
                     Ok(()) if pattern.bytes(len as usize).iter().all(|&b| b == 0) => {
@@ -623,6 +670,16 @@ impl Harness {
                     Err(e) => self.fail(&format!("read while reads fail: {e:?}")),
                 }
             }
+        }
+    }
+
+    fn read_only(&self, vol: usize) -> bool {
+        self.vols[vol].as_ref().is_some_and(|m| m.read_only)
+    }
+
+    fn expect_read_only(&self, r: Result<(), Error>) {
+        if !matches!(r, Err(Error::ReadOnly(_))) {
+            self.fail(&format!("a change to a snapshot: {r:?}"));
         }
     }
 
@@ -728,7 +785,11 @@ impl Harness {
         for m in self.vols.iter().flatten() {
             for b in m.data.chunks(BLOCK as usize) {
                 if b.iter().any(|&x| x != 0) {
-                    distinct.insert(b.to_vec());
+                    // A volume's partial last block is stored whole, zeroes after its end: the
+                    // same block as a full one with those bytes (a clone grown past the tail).
+                    let mut whole = b.to_vec();
+                    whole.resize(BLOCK as usize, 0);
+                    distinct.insert(whole);
                 }
             }
         }
