@@ -51,6 +51,9 @@ pub const VOLUME_NO_DEDUP: u16 = 1 << 0;
 pub const VOLUME_NO_COMPRESSION: u16 = 1 << 1;
 /// Checkpoint volume flag: the volume is a snapshot; writes, zeroes and trims are refused.
 pub const VOLUME_READ_ONLY: u16 = 1 << 2;
+/// Every volume flag this build knows; a pool with others is refused (a newer build's flag
+/// may change what writes are allowed).
+pub const VOLUME_KNOWN_FLAGS: u16 = VOLUME_NO_DEDUP | VOLUME_NO_COMPRESSION | VOLUME_READ_ONLY;
 
 /// Little-endian writer over a fixed buffer; panics only on programmer error (sizes are constant).
 pub struct Put<'a> {

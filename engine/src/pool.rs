@@ -253,6 +253,10 @@ const GC_URGENT_UTILISATION: f64 = 0.975;
 /// bytes moved per byte written under uniform random overwrites: the cliff log-structured stores
 /// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
 const GC_HEADROOM: f64 = 0.10;
+/// Most segments one call of `give_back_freed` punches: after an open that found many
+/// (every free segment of a block device, discarded once), the checkpointer gives them back a
+/// few at a time between its other work instead of in one long stretch.
+const GIVE_BACK_PER_CALL: usize = 64;
 /// Victim segments the cleaner reads at once.
 const VICTIM_READS: usize = 4;
 /// Largest single read of a victim segment (see `read_segment`).
@@ -406,8 +410,13 @@ impl Inner {
     /// Segments kept back from data so that a checkpoint always fits, and one per chain so
     /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
+        self.reserve_segments_with(0, 0)
+    }
+
+    /// The same with `pages` more map pages in `volumes` more volumes (a copy about to be made).
+    fn reserve_segments_with(&self, extra_pages: u64, extra_volumes: u64) -> usize {
         let vols = self.volumes.read();
-        let mut pages = 0u64;
+        let mut pages = extra_pages;
         for v in vols.by_name.values() {
             for m in &v.maps {
                 pages += m.lock().present_pages();
@@ -417,7 +426,7 @@ impl Inner {
         let est = checkpoint::estimate_bytes(
             pages,
             blocks,
-            vols.by_name.len() as u64,
+            vols.by_name.len() as u64 + extra_volumes,
             self.chains() as u64,
         );
         est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.chains()
@@ -489,7 +498,7 @@ impl Inner {
         }
         self.flush()?;
         self.fence()?;
-        let _ck = self.ckpt.lock();
+        let ck = self.ckpt.lock();
         let mut space = self.space.lock();
         let mut freed = Vec::new();
         for s in 0..space.seg_state.len() {
@@ -502,6 +511,7 @@ impl Inner {
         }
         self.note_freed(&mut space, &freed);
         drop(space);
+        drop(ck);
         self.give_back_freed();
         Ok(freed.len() as u64)
     }
@@ -736,7 +746,7 @@ impl Inner {
         self.flush()?;
         self.fence()?;
         // The checkpoint lock keeps `check` (which reads by location) and a commit out.
-        let _ck = self.ckpt.lock();
+        let ck = self.ckpt.lock();
         let mut space = self.space.lock();
         let mut freed = Vec::new();
         for &v in &old {
@@ -749,6 +759,7 @@ impl Inner {
         }
         self.note_freed(&mut space, &freed);
         drop(space);
+        drop(ck);
         report.segments_freed += freed.len() as u64;
         self.give_back_freed();
         Ok(())
@@ -816,8 +827,13 @@ impl Inner {
             let mut space = self.space.lock();
             let mut taken = Vec::new();
             if space.undiscarded_count > 0 {
+                let mut capped = false;
                 for s in 0..space.seg_state.len() {
                     if space.free_segments <= keep {
+                        break;
+                    }
+                    if taken.len() >= GIVE_BACK_PER_CALL {
+                        capped = true;
                         break;
                     }
                     if space.undiscarded[s] && space.seg_state[s] == SegState::Free {
@@ -825,7 +841,7 @@ impl Inner {
                         taken.push(s as u32);
                     }
                 }
-                if space.free_segments > keep {
+                if space.free_segments > keep && !capped {
                     // Every marked segment still free was taken; the others are in use again.
                     space.undiscarded_count = 0;
                 }
@@ -975,6 +991,14 @@ impl Inner {
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
     fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
+        let r = self.checkpoint_with_inner(mutate);
+        // Segments the commit freed go back to the file system now, outside the checkpoint
+        // lock (a punch waits for every direct write in flight to the file).
+        self.give_back_freed();
+        r
+    }
+
+    fn checkpoint_with_inner(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
         let starved = self.checkpoint_once(mutate)?;
         // A shard that found no free segment at the pause kept appending to its open segment
         // with no next one; if this checkpoint freed segments, a second one gives it a fresh
@@ -1216,7 +1240,6 @@ impl Inner {
         space.release_ids(image.seq);
         self.note_freed(&mut space, &freed);
         drop(space);
-        self.give_back_freed();
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
@@ -1669,6 +1692,11 @@ impl Pool {
         }
         for v in image.volumes {
             let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards);
+            if v.flags & !crate::format::VOLUME_KNOWN_FLAGS != 0 {
+                return Err(Error::Corrupt {
+                    what: "a volume has flags this build does not know (written by a newer ingot?)",
+                });
+            }
             vs.set_flags(v.flags);
             for (idx, page) in v.pages {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
@@ -2069,10 +2097,28 @@ impl Pool {
 
     fn copy_volume(&self, src: &str, name: &str, read_only: bool) -> Result<()> {
         validate_name(name)?;
+        if self.inner.lookup(name).is_some() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        // Every checkpoint from now on stores the copy's map pages too: refuse a copy whose
+        // pages the space kept for checkpoints could not hold (it would fail every later
+        // checkpoint and flush).
+        let source = self.volume(src)?;
+        let pages: u64 = source
+            .state
+            .maps
+            .iter()
+            .map(|m| m.lock().present_pages())
+            .sum();
+        let need = self.inner.reserve_segments_with(pages, 1) + self.inner.shards();
+        if self.inner.space.lock().free_segments <= need {
+            return Err(Error::NoSpace);
+        }
         let (src, name) = (src.to_string(), name.to_string());
         let shards = self.inner.shards();
+        let mut made = false;
         // Shards are paused: the maps hold exactly the writes acknowledged so far.
-        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
+        let r = self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
             let mut t = inner.volumes.write();
             if t.by_name.contains_key(&name) {
                 return Err(Error::VolumeExists(name.clone()));
@@ -2097,8 +2143,15 @@ impl Pool {
             }
             drop(space);
             t.by_name.insert(name.clone(), Arc::new(v));
+            made = true;
             Ok(())
-        }))
+        }));
+        if r.is_err() && made {
+            // The copy exists in memory but no checkpoint holds it: take it away again (a
+            // smaller checkpoint than the one that failed).
+            let _ = self.delete_volume(&name);
+        }
+        r
     }
 
     /// Delete a volume and free what only it referenced; durable when this returns.
@@ -2143,6 +2196,9 @@ impl Pool {
             let v = inner
                 .lookup(&name)
                 .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+            if v.read_only.load(Ordering::Relaxed) {
+                return Err(Error::ReadOnly(name.clone()));
+            }
             let blocks = size_bytes.div_ceil(BLOCK_BYTES);
             let mut space = inner.space.lock();
             for m in &v.maps {

@@ -352,6 +352,23 @@ pub(crate) struct Shard {
     scratch_entries: Vec<Option<BlockEntry>>,
 }
 
+impl Drop for Shard {
+    fn drop(&mut self) {
+        // Unwinding from a panic (a bug): stop the pool before the fields go (dropping the
+        // queue waits for the device), so nothing is accepted for a shard that is gone.
+        if std::thread::panicking() {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("an engine thread")
+                .to_string();
+            self.inner.set_fault(format!(
+                "{name} panicked while running shard {} (see the log for the message)",
+                self.id
+            ));
+        }
+    }
+}
+
 impl Shard {
     pub fn new(
         id: usize,
@@ -816,14 +833,23 @@ impl Shard {
     /// not mapped yet count (an overwrite frees what it replaces), so a full pool still takes
     /// overwrites, and trims make room again.
     fn over_capacity(&self, vol: &VolumeState, offset: u64, end: u64) -> bool {
-        let stored = self.inner.space.lock().stored_bytes;
+        let space = self.inner.space.lock();
+        let stored = space.stored_bytes;
         let usable = self.inner.usable_bytes;
         if stored + (end - offset) <= usable {
             return false;
         }
+        // New data: unmapped blocks, and blocks shared with a snapshot, clone or dedup peer
+        // (overwriting those frees nothing).
         let n = self.inner.shards();
         let new = (offset / BLOCK_BYTES..end.div_ceil(BLOCK_BYTES))
-            .filter(|&lba| shard_of(lba, n) == self.id && vol.lookup(lba) == 0)
+            .filter(|&lba| {
+                if shard_of(lba, n) != self.id {
+                    return false;
+                }
+                let id = vol.lookup(lba);
+                id == 0 || space.blocks.get(id as usize).is_some_and(|e| e.refs > 1)
+            })
             .count() as u64;
         new > 0 && stored + new * BLOCK_BYTES > usable
     }

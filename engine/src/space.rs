@@ -148,6 +148,12 @@ impl Space {
         let Some(e) = self.blocks.get_mut(id as usize) else {
             return;
         };
+        // A count that would overflow stays at the maximum and the block is never freed (a
+        // leak of one block; 4 billion map entries on one block take snapshots of a volume of
+        // terabytes of one repeated block).
+        if e.refs == u32::MAX {
+            return;
+        }
         e.refs += 1;
         if e.refs == 1 {
             let e = *e;
@@ -160,7 +166,7 @@ impl Space {
         let Some(e) = self.blocks.get_mut(id as usize) else {
             return;
         };
-        if e.refs == 0 {
+        if e.refs == 0 || e.refs == u32::MAX {
             return;
         }
         e.refs -= 1;

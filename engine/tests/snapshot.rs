@@ -138,3 +138,63 @@ fn snapshots_and_clones_share_blocks_and_keep_their_contents() {
     assert_eq!(pool.stats().stored_bytes, 0);
     assert_clean(&pool);
 }
+
+/// Overwriting a volume whose blocks a snapshot shares frees nothing: on a full pool those
+/// writes fail with ENOSPC at once (they are new data), the snapshot keeps its contents, and
+/// deleting the snapshot makes room again.
+#[test]
+fn overwrites_of_snapshotted_blocks_count_as_new_data() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CreateOptions {
+            size_bytes: 64 << 20,
+            segment_bytes: 2 << 20,
+            ..Default::default()
+        };
+        let pool = Pool::create(dir.path(), &c, &opts()).unwrap();
+        let usable = pool.stats().usable_bytes;
+        let size = (usable * 6 / 10) / (1 << 20) * (1 << 20);
+        pool.create_volume("v", size).unwrap();
+        let v = pool.volume("v").unwrap();
+        let chunk = 256 << 10;
+        for (i, off) in (0..size).step_by(chunk).enumerate() {
+            v.write(off, &blocks(100 + i as u64, chunk / BLOCK), false)
+                .unwrap();
+        }
+        pool.snapshot_volume("v", "s").unwrap();
+        // Rewriting all of `v` would need 120% of the usable capacity.
+        let t = std::time::Instant::now();
+        let mut err = None;
+        for (i, off) in (0..size).step_by(chunk).enumerate() {
+            if let Err(e) = v.write(off, &blocks(900 + i as u64, chunk / BLOCK), false) {
+                err = Some(e);
+                break;
+            }
+        }
+        let err = err.expect("overwrites past the usable capacity succeeded");
+        assert!(matches!(err, Error::NoSpace), "{err:?}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "ENOSPC took {:?}",
+            t.elapsed()
+        );
+        assert!(pool.stats().stored_bytes <= usable);
+        let s = pool.volume("s").unwrap();
+        for (i, off) in (0..size).step_by(chunk).enumerate() {
+            assert!(
+                s.read(off, chunk as u32).unwrap() == blocks(100 + i as u64, chunk / BLOCK),
+                "snapshot chunk {i}"
+            );
+        }
+        assert_clean(&pool);
+        pool.delete_volume("s").unwrap();
+        pool.checkpoint().unwrap();
+        v.write(0, &blocks(5, chunk / BLOCK), false)
+            .expect("a write after the snapshot is gone");
+        assert_clean(&pool);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("hung");
+}
