@@ -313,6 +313,23 @@ enum VolumeCmd {
         #[command(flatten)]
         pool: PoolArg,
     },
+    /// Copy a raw disk image (file or block device) into a new volume, with the pool not
+    /// served (online, create the volume and copy with `nbdcopy`). Holes and zero blocks of the
+    /// image stay holes; progress on a terminal.
+    Import {
+        /// Name of the new volume.
+        name: String,
+        /// The raw image to read.
+        #[arg(long)]
+        file: PathBuf,
+        /// Volume size (default: the image's size, rounded up to 512 bytes).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        pool: PoolArg,
+    },
     /// Delete a volume and free its blocks.
     Delete {
         name: String,
@@ -533,6 +550,13 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
             )?;
             println!("created volume {name} from {source}");
         }
+        VolumeCmd::Import {
+            name,
+            file,
+            size,
+            policy,
+            pool,
+        } => import(&pool.pool, &name, &file, size, policy)?,
         VolumeCmd::Delete { name, pool } => {
             request(&pool.pool, Request::VolumeDelete { name: name.clone() })?;
             println!("deleted volume {name}");
@@ -611,6 +635,179 @@ fn print_stats(s: &Stats) {
             v.compression_ratio
         );
     }
+}
+
+/// Byte ranges of `f` that may hold data (`SEEK_DATA`/`SEEK_HOLE`); all of it where the file
+/// system cannot tell (block devices).
+fn data_extents(f: &std::fs::File, len: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: plain syscalls on an open descriptor.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // nothing but a hole past `pos`
+            }
+            return vec![(0, len)];
+        }
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return vec![(0, len)];
+        }
+        out.push((data as u64, (hole as u64).min(len)));
+        pos = hole as u64;
+    }
+    out
+}
+
+fn import(
+    dir: &Path,
+    name: &str,
+    file: &Path,
+    size: Option<u64>,
+    policy: PolicyArgs,
+) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    const IN_FLIGHT: usize = 16;
+    const BLOCK: usize = 4096;
+    if control::call(dir, &Request::VolumeList).is_some() {
+        bail!(
+            "pool {} is served by a running `ingot serve`: create the volume with `ingot volume \
+             create`, then copy into it with `nbdcopy {} 'nbd+unix:///{name}?socket=SOCKET'` \
+             (or stop the server and import again)",
+            dir.display(),
+            file.display()
+        );
+    }
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let image = f
+        .seek(SeekFrom::End(0))
+        .with_context(|| format!("sizing {}", file.display()))?;
+    let vol_size = size.unwrap_or(image.next_multiple_of(512)).max(512);
+    if image > vol_size {
+        bail!(
+            "{} holds {} but --size is {}",
+            file.display(),
+            human(image),
+            human(vol_size)
+        );
+    }
+    let pool = Pool::open(dir, &PoolOptions::default())
+        .with_context(|| format!("opening pool {}", dir.display()))?;
+    let start = std::time::Instant::now();
+    let stored_before = pool.stats().stored_bytes;
+    pool.create_volume(name, vol_size)?;
+    if policy.dedup.is_some() || policy.compression.is_some() {
+        pool.set_volume_policy(name, policy.dedup, policy.compression)?;
+    }
+    let vol = pool.volume(name)?;
+    let tty = std::io::stderr().is_terminal();
+    let (tx, rx) = crossbeam_channel::unbounded::<ingot_engine::Result<()>>();
+    let mut in_flight = 0usize;
+    let mut first_err: Option<ingot_engine::Error> = None;
+    // Collect the writes that finished, then wait until at most `max` are in flight.
+    let settle =
+        |in_flight: &mut usize, max: usize, first_err: &mut Option<ingot_engine::Error>| {
+            let mut note = |r: ingot_engine::Result<()>, in_flight: &mut usize| {
+                *in_flight -= 1;
+                if let Err(e) = r {
+                    first_err.get_or_insert(e);
+                }
+            };
+            while let Ok(r) = rx.try_recv() {
+                note(r, in_flight);
+            }
+            while *in_flight > max {
+                match rx.recv() {
+                    Ok(r) => note(r, in_flight),
+                    Err(_) => break,
+                }
+            }
+        };
+    let (mut written, mut last_shown) = (0u64, 0u64);
+    let mut buf = vec![0u8; CHUNK];
+    for (from, to) in data_extents(&f, image) {
+        let mut at = from - from % BLOCK as u64;
+        while at < to {
+            let n = ((to - at) as usize).min(CHUNK);
+            let got = &mut buf[..n];
+            f.read_exact_at(got, at)
+                .with_context(|| format!("reading {} at {at}", file.display()))?;
+            // Runs of blocks that are not all zeroes (a new volume reads zeroes elsewhere).
+            let mut i = 0;
+            while i < n {
+                let nonzero = |j: usize| got[j..(j + BLOCK).min(n)].iter().any(|&b| b != 0);
+                if !nonzero(i) {
+                    i += BLOCK;
+                    continue;
+                }
+                let mut j = i;
+                while j < n && nonzero(j) {
+                    j += BLOCK;
+                }
+                let end = j.min(n);
+                // The image's last bytes go out padded to the volume's 512-byte sectors.
+                let mut data = got[i..end].to_vec();
+                data.resize(data.len().next_multiple_of(512), 0);
+                written += data.len() as u64;
+                let tx = tx.clone();
+                vol.submit(
+                    ingot_engine::Request::Write {
+                        offset: at + i as u64,
+                        data: bytes::Bytes::from(data),
+                        fua: false,
+                    },
+                    Box::new(move |r| {
+                        let _ = tx.send(r.map(|_| ()));
+                    }),
+                );
+                in_flight += 1;
+                settle(&mut in_flight, IN_FLIGHT, &mut first_err);
+                i = j;
+            }
+            at += n as u64;
+            if tty && (at - last_shown >= image / 100 || at >= image) {
+                last_shown = at;
+                eprint!(
+                    "\rimporting: {} of {} ({}%)",
+                    human(at),
+                    human(image),
+                    at * 100 / image.max(1)
+                );
+            }
+            if first_err.is_some() {
+                break;
+            }
+        }
+    }
+    settle(&mut in_flight, 0, &mut first_err);
+    if tty {
+        eprintln!("\rimporting: {} of {} (100%)", human(image), human(image));
+    }
+    if let Some(e) = first_err {
+        let _ = pool.shutdown();
+        return Err(e).with_context(|| format!("importing {} into {name}", file.display()));
+    }
+    vol.flush()?;
+    let stored = pool.stats().stored_bytes.saturating_sub(stored_before);
+    pool.shutdown()?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "imported {} into volume {name} ({}): {} of data written, the rest holes; {} stored; \
+         {:.1} s ({:.0} MB/s)",
+        file.display(),
+        human(vol_size),
+        human(written),
+        human(stored),
+        secs,
+        image as f64 / secs.max(1e-9) / 1e6
+    );
+    Ok(())
 }
 
 fn check(dir: &Path, json: bool) -> Result<i32> {
