@@ -707,6 +707,8 @@ fn import(
     }
     let vol = pool.volume(name)?;
     let tty = std::io::stderr().is_terminal();
+    // `f` is only read from here on.
+    let f = f;
     let (tx, rx) = crossbeam_channel::unbounded::<ingot_engine::Result<()>>();
     let mut in_flight = 0usize;
     let mut first_err: Option<ingot_engine::Error> = None;
@@ -730,14 +732,17 @@ fn import(
             }
         };
     let (mut written, mut last_shown) = (0u64, 0u64);
+    let mut first_read_err: Option<String> = None;
     let mut buf = vec![0u8; CHUNK];
-    for (from, to) in data_extents(&f, image) {
+    'extents: for (from, to) in data_extents(&f, image) {
         let mut at = from - from % BLOCK as u64;
         while at < to {
             let n = ((to - at) as usize).min(CHUNK);
             let got = &mut buf[..n];
-            f.read_exact_at(got, at)
-                .with_context(|| format!("reading {} at {at}", file.display()))?;
+            if let Err(e) = f.read_exact_at(got, at) {
+                first_read_err = Some(format!("reading {} at {at}: {e}", file.display()));
+                break 'extents;
+            }
             // Runs of blocks that are not all zeroes (a new volume reads zeroes elsewhere).
             let mut i = 0;
             while i < n {
@@ -768,6 +773,9 @@ fn import(
                 );
                 in_flight += 1;
                 settle(&mut in_flight, IN_FLIGHT, &mut first_err);
+                if first_err.is_some() {
+                    break 'extents;
+                }
                 i = j;
             }
             at += n as u64;
@@ -780,20 +788,27 @@ fn import(
                     at * 100 / image.max(1)
                 );
             }
-            if first_err.is_some() {
-                break;
-            }
         }
     }
     settle(&mut in_flight, 0, &mut first_err);
     if tty {
         eprintln!("\rimporting: {} of {} (100%)", human(image), human(image));
     }
-    if let Some(e) = first_err {
+    let failed = match (first_err, first_read_err) {
+        (Some(e), _) => Some(e.to_string()),
+        (None, Some(e)) => Some(e),
+        (None, None) => vol.flush().err().map(|e| e.to_string()),
+    };
+    if let Some(why) = failed {
+        // A half-written volume would pass for an import: take it away again.
+        let gone = pool.delete_volume(name);
         let _ = pool.shutdown();
-        return Err(e).with_context(|| format!("importing {} into {name}", file.display()));
+        let left = match gone {
+            Ok(()) => "the partial volume was deleted".to_string(),
+            Err(e) => format!("the partial volume {name} is left (deleting it failed: {e})"),
+        };
+        bail!("importing {} into {name}: {why}; {left}", file.display());
     }
-    vol.flush()?;
     let stored = pool.stats().stored_bytes.saturating_sub(stored_before);
     pool.shutdown()?;
     let secs = start.elapsed().as_secs_f64();

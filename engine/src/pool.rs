@@ -253,6 +253,8 @@ const GC_URGENT_UTILISATION: f64 = 0.975;
 /// bytes moved per byte written under uniform random overwrites: the cliff log-structured stores
 /// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
 const GC_HEADROOM: f64 = 0.10;
+/// End of the reason a shard records as it unwinds, before its supervisor knows why.
+pub(crate) const FAULT_PLACEHOLDER: &str = "(see the log for the message)";
 /// Most segments one call of `give_back_freed` punches: after an open that found many
 /// (every free segment of a block device, discarded once), the checkpointer gives them back a
 /// few at a time between its other work instead of in one long stretch.
@@ -384,7 +386,9 @@ impl Inner {
     /// recovers from the last good checkpoint and the log, as after a crash.
     pub fn set_fault(&self, reason: String) {
         let mut f = self.fault.lock();
-        if f.is_none() {
+        // The first reason stays, unless it was the placeholder a shard leaves as it unwinds
+        // (its thread's supervisor then knows the panic's message).
+        if f.as_ref().is_none_or(|r| r.ends_with(FAULT_PLACEHOLDER)) {
             eprintln!("ingot: pool stopped: {reason}");
             *f = Some(reason);
         }
@@ -1006,8 +1010,12 @@ impl Inner {
         if starved {
             let reserve = self.reserve_segments();
             let free = self.space.lock().free_segments;
+            // The change is committed already: a failure here is not the caller's (the chain
+            // stays as it is and the next checkpoint tries again).
             if free > reserve + 1 {
-                self.checkpoint_once(None)?;
+                if let Err(e) = self.checkpoint_once(None) {
+                    eprintln!("ingot: checkpoint for a new chain failed: {e}");
+                }
             }
         }
         Ok(())
@@ -2110,13 +2118,13 @@ impl Pool {
             .iter()
             .map(|m| m.lock().present_pages())
             .sum();
-        let need = self.inner.reserve_segments_with(pages, 1) + self.inner.shards();
+        let need = self.inner.reserve_segments_with(pages, 1);
         if self.inner.space.lock().free_segments <= need {
             return Err(Error::NoSpace);
         }
         let (src, name) = (src.to_string(), name.to_string());
         let shards = self.inner.shards();
-        let mut made = false;
+        let mut made = None;
         // Shards are paused: the maps hold exactly the writes acknowledged so far.
         let r = self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
             let mut t = inner.volumes.write();
@@ -2142,14 +2150,17 @@ impl Pool {
                 *to.lock() = m;
             }
             drop(space);
+            made = Some(id);
             t.by_name.insert(name.clone(), Arc::new(v));
-            made = true;
             Ok(())
         }));
-        if r.is_err() && made {
+        if let (Err(_), Some(id)) = (&r, made) {
             // The copy exists in memory but no checkpoint holds it: take it away again (a
-            // smaller checkpoint than the one that failed).
-            let _ = self.delete_volume(&name);
+            // smaller checkpoint than the one that failed), unless the name is someone else's
+            // by now.
+            if self.inner.lookup(&name).is_some_and(|v| v.id == id) {
+                let _ = self.delete_volume(&name);
+            }
         }
         r
     }

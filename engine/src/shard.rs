@@ -362,8 +362,9 @@ impl Drop for Shard {
                 .unwrap_or("an engine thread")
                 .to_string();
             self.inner.set_fault(format!(
-                "{name} panicked while running shard {} (see the log for the message)",
-                self.id
+                "{name} panicked while running shard {} {}",
+                self.id,
+                crate::pool::FAULT_PLACEHOLDER
             ));
         }
     }
