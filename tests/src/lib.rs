@@ -763,6 +763,18 @@ pub fn output_timeout(cmd: &mut Command, t: Duration) -> Output {
 
 /// A pool of `pool_size` in `dir/pool` with volume vol0 of `vol_size`, served over NBD (unix
 /// socket and TCP) and iSCSI on a free port, with `extra` serve arguments; the iSCSI port.
+/// `ingot pool create --pool POOL --size SIZE`.
+pub fn create_pool(pool: &Path, size: &str) {
+    ingot_ok([
+        "pool",
+        "create",
+        "--pool",
+        &pool.display().to_string(),
+        "--size",
+        size,
+    ]);
+}
+
 pub fn iscsi_server(
     dir: &Path,
     pool_size: &str,
@@ -770,14 +782,7 @@ pub fn iscsi_server(
     extra: &[String],
 ) -> (Server, u16) {
     let pool = dir.join("pool");
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        pool_size,
-    ]);
+    create_pool(&pool, pool_size);
     create_volume(&pool, "vol0", vol_size);
     let port = free_port();
     let mut opts = ServeOpts::new(&pool, &dir.join("nbd.sock"));

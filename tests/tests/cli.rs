@@ -737,14 +737,7 @@ fn import_a_raw_image() {
     use std::os::unix::fs::FileExt;
     let dir = TempDir::new("cli-import");
     let pool = dir.join("pool");
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        "256M",
-    ]);
+    create_pool(&pool, "256M");
     // 20 MiB + 1536 bytes: data, written zeroes, a hole, data, and a partial last block.
     let img = dir.join("disk.raw");
     let size = 20 * MIB + 1536;
@@ -759,17 +752,15 @@ fn import_a_raw_image() {
     f.write_all_at(&data[..3000], size - 3000).unwrap();
     drop(f);
 
-    let out = ingot_pool_ok(
-        &pool,
-        &[
-            "volume",
-            "import",
-            "disk",
-            "--file",
-            &img.display().to_string(),
-        ],
+    let image = img.display().to_string();
+    let import = |name: &str| ingot_pool(&pool, &["volume", "import", name, "--file", &image]);
+    let out = import("disk");
+    assert!(
+        out.status.success(),
+        "import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.contains("imported"), "{out}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported"));
     let vols = parse_json(&ingot_pool_ok(&pool, &["volume", "list", "--json"]));
     let disk = vols
         .as_array()
@@ -780,17 +771,7 @@ fn import_a_raw_image() {
     assert_eq!(u64_of(disk, "size_bytes"), size);
     // Only the blocks holding data are mapped: 1 MiB + 512 KiB + the last two blocks.
     assert_eq!(u64_of(disk, "mapped_bytes"), MIB + MIB / 2 + 2 * 4096);
-    let again = ingot_pool(
-        &pool,
-        &[
-            "volume",
-            "import",
-            "disk",
-            "--file",
-            &img.display().to_string(),
-        ],
-    );
-    assert_fails(&again, "import into an existing volume");
+    assert_fails(&import("disk"), "import into an existing volume");
 
     let srv = Server::start(ServeOpts::new(&pool, &dir.join("nbd.sock")));
     let cmp = output(
@@ -805,17 +786,7 @@ fn import_a_raw_image() {
         String::from_utf8_lossy(&cmp.stdout),
         String::from_utf8_lossy(&cmp.stderr)
     );
-    let online = ingot_pool(
-        &pool,
-        &[
-            "volume",
-            "import",
-            "other",
-            "--file",
-            &img.display().to_string(),
-        ],
-    );
-    let why = assert_fails(&online, "import into a served pool");
+    let why = assert_fails(&import("other"), "import into a served pool");
     assert!(why.contains("nbdcopy"), "{why}");
     srv.stop();
     let _ = std::io::stderr().flush();
