@@ -684,8 +684,9 @@ fn import(
             file.display()
         );
     }
-    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let image = f
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    // Seeking to the end sizes block devices too (their metadata says 0).
+    let image = (&f)
         .seek(SeekFrom::End(0))
         .with_context(|| format!("sizing {}", file.display()))?;
     let vol_size = size.unwrap_or(image.next_multiple_of(512)).max(512);
@@ -707,8 +708,6 @@ fn import(
     }
     let vol = pool.volume(name)?;
     let tty = std::io::stderr().is_terminal();
-    // `f` is only read from here on.
-    let f = f;
     let (tx, rx) = crossbeam_channel::unbounded::<ingot_engine::Result<()>>();
     let mut in_flight = 0usize;
     let mut first_err: Option<ingot_engine::Error> = None;
