@@ -637,32 +637,6 @@ fn print_stats(s: &Stats) {
     }
 }
 
-/// Byte ranges of `f` that may hold data (`SEEK_DATA`/`SEEK_HOLE`); all of it where the file
-/// system cannot tell (block devices).
-fn data_extents(f: &std::fs::File, len: u64) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < len {
-        // SAFETY: plain syscalls on an open descriptor.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                break; // nothing but a hole past `pos`
-            }
-            return vec![(0, len)];
-        }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return vec![(0, len)];
-        }
-        out.push((data as u64, (hole as u64).min(len)));
-        pos = hole as u64;
-    }
-    out
-}
-
 fn import(
     dir: &Path,
     name: &str,
@@ -733,7 +707,9 @@ fn import(
     let (mut written, mut last_shown) = (0u64, 0u64);
     let mut first_read_err: Option<String> = None;
     let mut buf = vec![0u8; CHUNK];
-    'extents: for (from, to) in data_extents(&f, image) {
+    // Where the file system cannot tell (a block device), all of the image may hold data.
+    let extents = ingot_engine::io::sync::data_extents(&f, image).unwrap_or(vec![(0, image)]);
+    'extents: for (from, to) in extents {
         let mut at = from - from % BLOCK as u64;
         while at < to {
             let n = ((to - at) as usize).min(CHUNK);

@@ -136,28 +136,7 @@ impl Devices for FileSet {
         if self.block_device[dev as usize] {
             return Ok(None);
         }
-        let fd = self.file(dev).as_raw_fd();
-        let end = self.size(dev);
-        let mut out = Vec::new();
-        let mut pos = 0u64;
-        while pos < end {
-            // SAFETY: plain syscalls on an owned fd.
-            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENXIO) {
-                    break; // no data past `pos`
-                }
-                return Err(e);
-            }
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            out.push((data as u64, (hole as u64).min(end)));
-            pos = hole as u64;
-        }
-        Ok(Some(out))
+        data_extents(self.file(dev), self.size(dev)).map(Some)
     }
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         if self.block_device[dev as usize] {
@@ -196,6 +175,33 @@ pub struct SyncQueue {
     files: Vec<File>,
     queued: Vec<IoOp>,
     done: VecDeque<IoDone>,
+}
+
+/// The byte ranges of the first `len` bytes of `f` that hold data, from `SEEK_DATA`/`SEEK_HOLE`
+/// (sorted, disjoint, half-open).
+pub fn data_extents(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: plain syscalls on an open fd.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data past `pos`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push((data as u64, (hole as u64).min(len)));
+        pos = hole as u64;
+    }
+    Ok(out)
 }
 
 /// Run one op synchronously against `f`.
