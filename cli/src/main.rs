@@ -60,6 +60,11 @@ struct RunArgs {
     /// index keeps a sample of fingerprints.
     #[arg(long, value_parser = parse_size)]
     dedup_index_mem: Option<u64>,
+    /// Write-back buffer: writes without FUA are acknowledged once the engine has taken them,
+    /// up to this many bytes not yet on the device; FLUSH, SYNCHRONIZE CACHE and FUA writes
+    /// make them durable. 0: acknowledge each write once it is stored (write-through).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    write_back: u64,
 }
 
 impl RunArgs {
@@ -71,6 +76,7 @@ impl RunArgs {
             checkpoint_interval_bytes: self.checkpoint_interval,
             fault: None,
             dedup_index_bytes: self.dedup_index_mem,
+            write_back_bytes: self.write_back,
         }
     }
 }
@@ -617,6 +623,14 @@ fn print_stats(s: &Stats) {
         s.cache_misses
     );
     println!("engine          {} x {} shards", s.io_engine, s.shards);
+    if s.write_back_limit_bytes > 0 {
+        println!(
+            "write-back      {} of {} acknowledged, not yet stored ({} writes early since open)",
+            human(s.write_back_bytes),
+            human(s.write_back_limit_bytes),
+            s.write_back_writes
+        );
+    }
     if let Some(w) = &s.space_warning {
         println!("warning         {w}");
     }

@@ -60,6 +60,18 @@ pub fn render(s: &Stats) -> String {
         u64::from(s.halted.is_some()),
     );
     gauge(
+        "write_back_bytes",
+        "Bytes of writes acknowledged and not yet stored (write-back).",
+        "gauge",
+        s.write_back_bytes,
+    );
+    gauge(
+        "write_back_writes_total",
+        "Writes acknowledged before they were stored, since open.",
+        "counter",
+        s.write_back_writes,
+    );
+    gauge(
         "client_written_bytes_total",
         "Bytes written by clients since open.",
         "counter",

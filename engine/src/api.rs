@@ -41,7 +41,8 @@ pub enum Reply {
 }
 
 /// Callback run exactly once when a request completes, on an engine thread: keep it short
-/// (hand the result to a channel).
+/// (hand the result to a channel). It may also run inside `submit`, on the caller's thread: a
+/// read served from the cache, an error found before any work, a write taken for write-back.
 pub type Completion = Box<dyn FnOnce(Result<Reply>) + Send + 'static>;
 
 /// Work deferred to the end of a batch.
@@ -196,6 +197,15 @@ pub struct Stats {
     pub dedup_index_entries: u64,
     /// The index keeps 1 in this many fingerprints (1 until its memory budget is reached).
     pub dedup_index_sampling: u64,
+    /// Write-back limit (0: every write is acknowledged once stored).
+    #[serde(default)]
+    pub write_back_limit_bytes: u64,
+    /// Bytes of writes acknowledged and not yet stored, now.
+    #[serde(default)]
+    pub write_back_bytes: u64,
+    /// Writes acknowledged before they were stored, since the pool was opened.
+    #[serde(default)]
+    pub write_back_writes: u64,
     /// Where `device_written_bytes` went, since the pool was opened.
     #[serde(default)]
     pub device_written_breakdown: WriteBreakdown,

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use crate::api::{Completion, Reply};
 use crate::error::Error;
+use crate::pool::Inner;
 
 pub(crate) struct Job {
     remaining: AtomicUsize,
@@ -20,6 +21,33 @@ pub(crate) struct Job {
     is_read: bool,
     /// FUA: the completion goes through the flusher before it runs.
     fua: Option<Sender<FlushMsg>>,
+    /// A write acknowledged before it was stored (write-back): what to release, or report,
+    /// once its parts are done.
+    write_back: Mutex<Option<WriteBack>>,
+    early: bool,
+}
+
+/// An early-acknowledged write still being stored.
+pub(crate) struct WriteBack {
+    pub inner: Arc<Inner>,
+    pub volume: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl WriteBack {
+    /// Its records applied (`Ok`) or failed: the client was told it succeeded, so a failure
+    /// stops the pool; no later flush may then report the data durable.
+    fn finish(self, result: Result<(), &Error>) {
+        self.inner.write_back_done(self.len);
+        if let Err(e) = result {
+            self.inner.set_fault(format!(
+                "a write acknowledged before it was stored ({} bytes at offset {} of volume {}) \
+                 could not be stored: {e}",
+                self.len, self.offset, self.volume
+            ));
+        }
+    }
 }
 
 /// A read's data as the parts deliver it. A read served by one piece (a 4 KiB read from the
@@ -71,6 +99,7 @@ pub(crate) fn zeroes(len: usize) -> Bytes {
 
 /// Work for the flusher thread.
 pub(crate) enum FlushMsg {
+    /// A client's flush (or FUA write): covers writes acknowledged early too.
     Flush(Answer),
     Stop,
 }
@@ -90,7 +119,29 @@ impl Job {
             done: Mutex::new(Some(Answer::new(done))),
             is_read: read_len.is_some(),
             fua,
+            write_back: Mutex::new(None),
+            early: false,
         })
+    }
+
+    /// A write acknowledged already (`Inner::write_back_admits` took its bytes).
+    pub fn new_write_back(parts: usize, wb: WriteBack) -> Arc<Job> {
+        Arc::new(Job {
+            remaining: AtomicUsize::new(parts),
+            data: Mutex::new(ReadData::Empty),
+            read_len: 0,
+            error: Mutex::new(None),
+            done: Mutex::new(None),
+            is_read: false,
+            fua: None,
+            write_back: Mutex::new(Some(wb)),
+            early: true,
+        })
+    }
+
+    /// Acknowledged before it is stored: reads must wait for it (see `Shard::read`).
+    pub fn is_write_back(&self) -> bool {
+        self.early
     }
 
     /// Deliver read data for bytes `at..at + bytes.len()` of the request.
@@ -130,6 +181,11 @@ impl Job {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
+        if let Some(wb) = self.write_back.lock().take() {
+            let e = self.error.lock().take();
+            wb.finish(e.as_ref().map_or(Ok(()), Err));
+            return;
+        }
         let Some(done) = self.done.lock().take() else {
             return;
         };
@@ -153,6 +209,15 @@ impl Job {
                 }
             }
             None => done.send(Ok(Reply::Done)),
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // Dropped with parts unfinished (an engine thread failed): the write is lost.
+        if let Some(wb) = self.write_back.get_mut().take() {
+            wb.finish(Err(&Error::ShutDown));
         }
     }
 }

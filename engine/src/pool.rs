@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -83,6 +83,11 @@ pub struct PoolOptions {
     /// RAM for the dedup index; `None` = 2% of physical memory, at least 64 MiB. Past it the
     /// index keeps a sample of fingerprints (fewer dedup hits, never a failed write).
     pub dedup_index_bytes: Option<u64>,
+    /// Write-back: most bytes of writes (without FUA) acknowledged once the engine has taken
+    /// them, before they are on the device; 0 acknowledges every write when it is stored. The
+    /// NBD and iSCSI write semantics allow it (a FLUSH, SYNCHRONIZE CACHE or FUA write makes
+    /// them durable), as a page cache does; a kill -9 may lose such writes unless flushed.
+    pub write_back_bytes: u64,
 }
 
 impl Default for PoolOptions {
@@ -94,6 +99,7 @@ impl Default for PoolOptions {
             checkpoint_interval_bytes: 1 << 30,
             fault: None,
             dedup_index_bytes: None,
+            write_back_bytes: 0,
         }
     }
 }
@@ -105,6 +111,7 @@ impl std::fmt::Debug for PoolOptions {
             .field("shards", &self.shards)
             .field("cache_bytes", &self.cache_bytes)
             .field("checkpoint_interval_bytes", &self.checkpoint_interval_bytes)
+            .field("write_back_bytes", &self.write_back_bytes)
             .finish()
     }
 }
@@ -225,6 +232,19 @@ pub(crate) struct Inner {
     /// Why the pool stopped taking requests (an engine thread panicked), once it has.
     fault: Mutex<Option<String>>,
     faulted: AtomicBool,
+    /// Write-back limit (`PoolOptions::write_back_bytes`); 0: off.
+    write_back_limit: u64,
+    /// Bytes and requests acknowledged early whose records have not all applied yet.
+    pub(crate) wb_bytes: AtomicU64,
+    pub(crate) wb_jobs: AtomicU64,
+    /// Writes acknowledged early since open.
+    wb_total: AtomicU64,
+    /// Free segments below which writes are no longer acknowledged early (the cleaner's
+    /// threshold plus the segments the write-back limit fills), kept by the checkpointer: an
+    /// early write must never meet a full pool, which could only lose it.
+    wb_min_free: AtomicUsize,
+    /// The pool has that room (see `note_write_back_room`); read without the space lock.
+    wb_room: AtomicBool,
 }
 
 /// A victim segment and the live blocks to move out of it.
@@ -310,8 +330,34 @@ enum CkptMsg {
 }
 
 impl Inner {
+    /// Make every completed write durable, on this thread: the cleaner's flush. Writes
+    /// acknowledged early and not yet stored are not waited for (the shards may be waiting for
+    /// the space the cleaner is about to free).
+    fn sync_completed(&self) -> Result<()> {
+        let applied: Vec<u64> = self
+            .shard_stats
+            .iter()
+            .map(|s| s.applied_shard_seq.load(Ordering::Acquire))
+            .collect();
+        // A failed record left a gap in a chain: only a checkpoint makes what follows it
+        // recoverable, so a flush must wait for one.
+        let r = if self.is_faulted() {
+            Err(self.halted())
+        } else if self.chain_broken.load(Ordering::Acquire) {
+            self.checkpoint_with(None)
+        } else {
+            self.sync()
+        };
+        if r.is_ok() {
+            for (s, a) in self.shard_stats.iter().zip(applied) {
+                s.durable_shard_seq.fetch_max(a, Ordering::AcqRel);
+            }
+        }
+        r
+    }
+
     /// Make every completed write durable through the flusher (which checkpoints instead of
-    /// syncing when a failed record broke a chain).
+    /// syncing when a failed record broke a chain), writes acknowledged early included.
     fn flush(&self) -> Result<()> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let done: crate::api::Completion = Box::new(move |r| {
@@ -324,6 +370,95 @@ impl Inner {
             done.send(Err(Error::ShutDown));
         }
         rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
+    }
+
+    /// Take `len` bytes of a write for write-back: it is acknowledged as soon as it is sent
+    /// to its shards. Only while the pool has room to spare (no cleaning needed, capacity left
+    /// for every early write), so that an acknowledged write does not fail for want of space.
+    pub(crate) fn write_back_admits(&self, len: u64) -> bool {
+        if self.write_back_limit == 0 || self.is_faulted() || self.is_closed() {
+            return false;
+        }
+        let before = self.wb_bytes.fetch_add(len, Ordering::AcqRel);
+        let ok = before + len <= self.write_back_limit
+            && self.wb_room.load(Ordering::Acquire)
+            && !self.gc_stuck.load(Ordering::Acquire);
+        if ok {
+            self.wb_jobs.fetch_add(1, Ordering::AcqRel);
+            self.wb_total.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.wb_bytes.fetch_sub(len, Ordering::AcqRel);
+        }
+        ok
+    }
+
+    /// An early write's records all applied (or failed).
+    pub(crate) fn write_back_done(&self, len: u64) {
+        self.wb_bytes.fetch_sub(len, Ordering::AcqRel);
+        self.wb_jobs.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Recompute the free-segment floor for early writes (walks the volumes' maps), and
+    /// whether the pool is above it.
+    pub(crate) fn update_write_back_floor(&self) {
+        if self.write_back_limit == 0 {
+            return;
+        }
+        let fill = self.write_back_limit.div_ceil(self.geo.segment_bytes) as usize;
+        let floor = self.cleaning_threshold() + fill + self.chains();
+        self.wb_min_free.store(floor, Ordering::Relaxed);
+        self.note_write_back_room(&self.space.lock());
+    }
+
+    /// Whether early writes may go on given `space`: free segments above the floor (no
+    /// cleaning needed for them) and capacity for twice the limit plus a segment per chain
+    /// (what may be stored between two looks, at segment roll-overs and by the checkpointer).
+    pub(crate) fn note_write_back_room(&self, space: &Space) {
+        if self.write_back_limit == 0 {
+            return;
+        }
+        let margin = 2 * self.write_back_limit + self.geo.segment_bytes * self.chains() as u64;
+        let ok = space.free_segments >= self.wb_min_free.load(Ordering::Relaxed)
+            && space.stored_bytes + margin <= self.usable_bytes;
+        self.wb_room.store(ok, Ordering::Release);
+    }
+
+    /// Wait until every write acknowledged early so far is applied (in the maps, on the
+    /// device), so that a flush covers it and block status reports it. Fails when one was
+    /// lost (the pool is then halted).
+    pub(crate) fn settle_writes(&self) -> Result<()> {
+        if self.wb_jobs.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        if crate::shard::on_shard_thread() {
+            // A shard waiting for shards (itself among them) would wait forever.
+            return Err(Error::Io {
+                device: 0,
+                offset: 0,
+                source: std::io::Error::other(
+                    "waiting for early writes on an engine thread (a front-end bug)",
+                ),
+            });
+        }
+        let mut waits = Vec::new();
+        for shard in 0..self.shards() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.send_to_shard(shard, ShardMsg::Settle(tx));
+            waits.push(rx);
+        }
+        for rx in waits {
+            if rx.recv().is_err() {
+                return Err(if self.is_faulted() {
+                    self.halted()
+                } else {
+                    Error::ShutDown
+                });
+            }
+        }
+        if self.is_faulted() {
+            return Err(self.halted());
+        }
+        Ok(())
     }
 
     /// Wait until every shard has finished the I/O it had in flight (reads that may still
@@ -500,7 +635,7 @@ impl Inner {
         if !any {
             return Ok(0);
         }
-        self.flush()?;
+        self.sync_completed()?;
         self.fence()?;
         let ck = self.ckpt.lock();
         let mut space = self.space.lock();
@@ -747,7 +882,7 @@ impl Inner {
         if old.is_empty() {
             return Ok(());
         }
-        self.flush()?;
+        self.sync_completed()?;
         self.fence()?;
         // The checkpoint lock keeps `check` (which reads by location) and a commit out.
         let ck = self.ckpt.lock();
@@ -1306,8 +1441,8 @@ fn fail_msg(msg: ShardMsg) {
         ShardMsg::Pause { paused, .. } => {
             let _ = paused.send(Err(Error::ShutDown));
         }
-        // Dropping the sender answers the fence with an error.
-        ShardMsg::Fence(_) | ShardMsg::Stop => {}
+        // Dropping the sender answers the fence or settle with an error.
+        ShardMsg::Fence(_) | ShardMsg::Settle(_) | ShardMsg::Stop => {}
     }
 }
 
@@ -1957,7 +2092,14 @@ impl Pool {
             dedup_key_mask,
             fault: Mutex::new(None),
             faulted: AtomicBool::new(false),
+            write_back_limit: o.write_back_bytes,
+            wb_bytes: AtomicU64::new(0),
+            wb_jobs: AtomicU64::new(0),
+            wb_total: AtomicU64::new(0),
+            wb_min_free: AtomicUsize::new(usize::MAX),
+            wb_room: AtomicBool::new(false),
         });
+        inner.update_write_back_floor();
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         {
             let (image, live_then) = inner.snapshot(seq_end, positions.clone());
@@ -2369,6 +2511,9 @@ impl Pool {
             dedup_index_bytes: index_bytes,
             dedup_index_entries: index_entries,
             dedup_index_sampling: index_sampling,
+            write_back_limit_bytes: inner.write_back_limit,
+            write_back_bytes: inner.wb_bytes.load(Ordering::Relaxed),
+            write_back_writes: inner.wb_total.load(Ordering::Relaxed),
             device_written_breakdown: {
                 let c = &inner.counters;
                 let r = |k: usize, i: usize| c.records[k][i].load(Ordering::Relaxed);
@@ -2627,25 +2772,8 @@ fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
             }
         }
         if !waiting.is_empty() {
-            let applied: Vec<u64> = inner
-                .shard_stats
-                .iter()
-                .map(|s| s.applied_shard_seq.load(Ordering::Acquire))
-                .collect();
-            // A failed record left a gap in a chain: only a checkpoint makes what follows it
-            // recoverable, so a flush must wait for one.
-            let r = if inner.is_faulted() {
-                Err(inner.halted())
-            } else if inner.chain_broken.load(Ordering::Acquire) {
-                inner.checkpoint_with(None)
-            } else {
-                inner.sync()
-            };
-            if r.is_ok() {
-                for (s, a) in inner.shard_stats.iter().zip(applied) {
-                    s.durable_shard_seq.fetch_max(a, Ordering::AcqRel);
-                }
-            }
+            // Writes acknowledged early are part of what a client's flush covers.
+            let r = inner.settle_writes().and_then(|()| inner.sync_completed());
             for c in waiting {
                 c.send(match &r {
                     Ok(()) => Ok(crate::api::Reply::Done),
@@ -2679,6 +2807,7 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
         if inner.is_closed() || inner.is_faulted() {
             return;
         }
+        inner.update_write_back_floor();
         let written = inner.counters.client_written.load(Ordering::Relaxed);
         let since = written.saturating_sub(inner.ckpt.lock().written_at_last);
         let free = inner.space.lock().free_segments;

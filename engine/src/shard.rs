@@ -84,7 +84,52 @@ pub(crate) enum ShardMsg {
     },
     /// Finish every I/O in flight, then answer (the cleaner frees segments after this).
     Fence(Sender<()>),
+    /// Answer once every write received before this one is applied (or failed): writes
+    /// acknowledged early are then covered by a flush and seen by block status. Waits for
+    /// writes stalled on space, unlike `Fence` (which the cleaner itself sends).
+    Settle(Sender<()>),
     Stop,
+}
+
+thread_local! {
+    static ON_SHARD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this is a shard's thread (which must never wait for the shards).
+pub(crate) fn on_shard_thread() -> bool {
+    ON_SHARD.with(Cell::get)
+}
+
+/// Blocks of writes acknowledged early and not yet applied: (volume id, LBA) -> writes.
+type Unapplied = Rc<RefCell<HashMap<(u32, u64), u32>>>;
+
+/// Blocks `first..=last` of volume `vol` in an [`Unapplied`] set, counted while a part lives.
+struct EarlyRange {
+    set: Unapplied,
+    vol: u32,
+    first: u64,
+    last: u64,
+}
+
+fn note_unapplied(set: &Unapplied, vol: u32, first: u64, last: u64) {
+    let mut set = set.borrow_mut();
+    for lba in first..=last {
+        *set.entry((vol, lba)).or_insert(0) += 1;
+    }
+}
+
+impl Drop for EarlyRange {
+    fn drop(&mut self) {
+        let mut set = self.set.borrow_mut();
+        for lba in self.first..=self.last {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = set.entry((self.vol, lba)) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
 }
 
 /// A stored payload the cleaner read out of a segment it is emptying, with the blocks in it
@@ -130,6 +175,8 @@ struct Part {
     job: Arc<Job>,
     records: Cell<usize>,
     error: RefCell<Option<Error>>,
+    /// An early-acknowledged write's blocks, marked unapplied until the part finishes.
+    early: RefCell<Option<EarlyRange>>,
 }
 
 impl Part {
@@ -138,6 +185,7 @@ impl Part {
             job,
             records: Cell::new(0),
             error: RefCell::new(None),
+            early: RefCell::new(None),
         })
     }
     fn fail(&self, e: Error) {
@@ -152,6 +200,8 @@ impl Part {
         let n = self.records.get() - 1;
         self.records.set(n);
         if n == 0 {
+            // Applied (or failed): reads no longer wait for these blocks.
+            drop(self.early.borrow_mut().take());
             let err = self.error.borrow_mut().take();
             self.job.part_done(err.map_or(Ok(()), Err));
         }
@@ -350,6 +400,8 @@ pub(crate) struct Shard {
     done: Vec<IoDone>,
     scratch_ids: Vec<u64>,
     scratch_entries: Vec<Option<BlockEntry>>,
+    /// Blocks of early-acknowledged writes this shard has received and not yet applied.
+    unapplied: Unapplied,
 }
 
 impl Drop for Shard {
@@ -397,6 +449,7 @@ impl Shard {
             done: Vec::new(),
             scratch_ids: Vec::new(),
             scratch_entries: Vec::new(),
+            unapplied: Rc::default(),
         }
     }
 
@@ -404,6 +457,7 @@ impl Shard {
         // Front ends defer the replies of completions to the end of each turn (see
         // `api::after_batch`), so that one turn's replies leave together.
         crate::api::begin_batch();
+        ON_SHARD.with(|c| c.set(true));
         loop {
             let busy = !self.inflight.is_empty() || !self.reads.is_empty();
             let first = if busy {
@@ -431,6 +485,20 @@ impl Shard {
                 let mut msg = Some(first);
                 while let Some(m) = msg.take() {
                     n += 1;
+                    if let ShardMsg::Write {
+                        vol,
+                        offset,
+                        data,
+                        job,
+                    } = &m
+                    {
+                        if job.is_write_back() && !data.is_empty() {
+                            let first = offset / BLOCK_BYTES;
+                            let last = (offset + data.len() as u64 - 1) / BLOCK_BYTES;
+                            note_unapplied(&self.unapplied, vol.id, first, last);
+                        }
+                    }
+                    let waiting = !self.stalled.is_empty() || !self.deferred.is_empty();
                     match m {
                         ShardMsg::Stop => {
                             stop = true;
@@ -440,9 +508,18 @@ impl Shard {
                             pause = Some((paused, resume));
                             break;
                         }
-                        ShardMsg::Write { .. } | ShardMsg::Zero { .. }
-                            if !self.stalled.is_empty() || !self.deferred.is_empty() =>
+                        ShardMsg::Write { .. } | ShardMsg::Zero { .. } | ShardMsg::Settle(_)
+                            if waiting =>
                         {
+                            self.deferred.push_back(m);
+                        }
+                        // After an early write still waiting there.
+                        ShardMsg::Read {
+                            ref vol,
+                            offset,
+                            len,
+                            ..
+                        } if waiting && self.overlaps_unapplied(vol.id, offset, len) => {
                             self.deferred.push_back(m);
                         }
                         m => bytes += self.process(m),
@@ -547,6 +624,16 @@ impl Shard {
                 let _ = done.send(());
                 0
             }
+            ShardMsg::Settle(done) => {
+                self.pack_records();
+                self.drain();
+                if self.stalled.is_empty() {
+                    let _ = done.send(());
+                } else {
+                    self.deferred.push_back(ShardMsg::Settle(done));
+                }
+                0
+            }
             ShardMsg::Stop => 0,
         }
     }
@@ -567,7 +654,10 @@ impl Shard {
             p.record_done();
         }
         for m in std::mem::take(&mut self.deferred) {
-            if let ShardMsg::Write { job, .. } | ShardMsg::Zero { job, .. } = m {
+            if let ShardMsg::Write { job, .. }
+            | ShardMsg::Zero { job, .. }
+            | ShardMsg::Read { job, .. } = m
+            {
                 job.part_done(Err(Error::ShutDown));
             }
         }
@@ -615,7 +705,34 @@ impl Shard {
 
     // ---------------------------------------------------------------- reads
 
+    /// Whether bytes `offset..offset + len` of `vol` hold an early write not applied yet.
+    fn overlaps_unapplied(&self, vol: u32, offset: u64, len: usize) -> bool {
+        let set = self.unapplied.borrow();
+        if set.is_empty() || len == 0 {
+            return false;
+        }
+        let first = offset / BLOCK_BYTES;
+        let last = (offset + len as u64 - 1) / BLOCK_BYTES;
+        (first..=last).any(|lba| set.contains_key(&(vol, lba)))
+    }
+
     fn read(&mut self, vol: Arc<VolumeState>, offset: u64, len: usize, at: usize, job: Arc<Job>) {
+        // An early-acknowledged write to these blocks arrived before this read: store it
+        // first, so the read sees it in the map.
+        if self.overlaps_unapplied(vol.id, offset, len) {
+            self.pack_records();
+            self.drain();
+            if !self.stalled.is_empty() {
+                self.deferred.push_back(ShardMsg::Read {
+                    vol,
+                    offset,
+                    len,
+                    at,
+                    job,
+                });
+                return;
+            }
+        }
         let part = Part::new(job);
         part.records.set(1); // released at the end of this function
         let first = offset / BLOCK_BYTES;
@@ -793,8 +910,18 @@ impl Shard {
     // ---------------------------------------------------------------- writes
 
     fn write(&mut self, vol: Arc<VolumeState>, offset: u64, data: Bytes, job: Arc<Job>) {
+        let early = job.is_write_back() && !data.is_empty();
         let part = Part::new(job);
         part.records.set(1);
+        if early {
+            // Counted when received (see `run`); uncounted when the part finishes.
+            *part.early.borrow_mut() = Some(EarlyRange {
+                set: self.unapplied.clone(),
+                vol: vol.id,
+                first: offset / BLOCK_BYTES,
+                last: (offset + data.len() as u64 - 1) / BLOCK_BYTES,
+            });
+        }
         let end = offset + data.len() as u64;
         if self.over_capacity(&vol, offset, end) {
             part.fail(Error::NoSpace);
@@ -1613,6 +1740,7 @@ impl Shard {
         space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
         space.set_state(self.pos.next, SegState::Open);
         let free = space.free_segments;
+        self.inner.note_write_back_room(&space);
         drop(space);
         if free < self.inner.cleaning_threshold_from(reserve) {
             // Start cleaning now, not at the cleaner's next look (up to 500 ms away).

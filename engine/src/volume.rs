@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use crate::api::{check_range, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
-use crate::job::{FlushMsg, Job};
+use crate::job::{FlushMsg, Job, WriteBack};
 use crate::lbamap::{shard_of, LbaMap};
 use crate::pool::Inner;
 use crate::shard::ShardMsg;
@@ -191,8 +191,24 @@ impl Volume {
             }
         };
         let read_len = matches!(req, Request::Read { .. }).then_some(len as usize);
-        let fua_tx = fua.then(|| inner.flusher.clone());
-        let job = Job::new(parts.len(), read_len, fua_tx, done);
+        // Write-back: whole blocks without FUA are acknowledged once sent to their shards
+        // (which order every later request on those blocks after them).
+        let early = matches!(req, Request::Write { fua: false, .. })
+            && offset % BLOCK_BYTES == 0
+            && len % BLOCK_BYTES == 0
+            && inner.write_back_admits(len);
+        let (job, ack) = if early {
+            let wb = WriteBack {
+                inner: inner.clone(),
+                volume: self.state.name.clone(),
+                offset,
+                len,
+            };
+            (Job::new_write_back(parts.len(), wb), Some(done))
+        } else {
+            let fua_tx = fua.then(|| inner.flusher.clone());
+            (Job::new(parts.len(), read_len, fua_tx, done), None)
+        };
         for (shard, off, l) in parts {
             let at = (off - offset) as usize;
             let msg = match &req {
@@ -218,6 +234,9 @@ impl Volume {
             };
             inner.send_to_shard(shard, msg);
         }
+        if let Some(done) = ack {
+            done(Ok(Reply::Done));
+        }
     }
 
     /// A read of at most [`MAX_CACHED_READ_BLOCKS`] blocks whose data is all in the block cache
@@ -229,7 +248,9 @@ impl Volume {
         let first = offset / BLOCK_BYTES;
         let last = (offset + len - 1) / BLOCK_BYTES;
         let count = (last - first + 1) as usize;
-        if count > MAX_CACHED_READ_BLOCKS {
+        // A write acknowledged early may still be on its way to the map: its shard orders
+        // the read after it.
+        if count > MAX_CACHED_READ_BLOCKS || self.inner.wb_jobs.load(Ordering::Acquire) != 0 {
             return None;
         }
         let shards = self.inner.shards();
@@ -315,8 +336,19 @@ impl Volume {
         self.call(Request::Flush).map(|_| ())
     }
 
-    /// Allocation of `offset..offset+len` as runs of data and holes (metadata only).
+    /// Allocation of `offset..offset+len` as runs of data and holes (metadata only): every
+    /// write acknowledged before the call is counted (writes acknowledged early are waited
+    /// for), so a copy that skips holes misses nothing.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.state.size(), u64::MAX)?;
+        self.inner.settle_writes()?;
+        self.block_status_now(offset, len)
+    }
+
+    /// Allocation as the maps hold it now, without waiting: a block of a write acknowledged
+    /// early may still show as a hole. For hints checked against data (the NBD front end
+    /// sends a hole chunk only where the read's data is zeroes); safe on an engine thread.
+    pub fn block_status_now(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let size = self.state.size();
         check_range(offset, len, size, u64::MAX)?;
         let mut out: Vec<Extent> = Vec::new();

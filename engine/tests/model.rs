@@ -310,6 +310,16 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         fault: plan.clone(),
         // Small enough that long cases sample the index.
         dedup_index_bytes: Some(16 << 10),
+        write_back_bytes: write_back_bytes(engine),
+    }
+}
+
+/// The io_uring runs acknowledge whole-block writes early (write-back), the sync runs once
+/// stored: reads after a write, flushes, snapshots and crashes are checked under both.
+fn write_back_bytes(engine: Engine) -> u64 {
+    match engine {
+        Engine::Uring | Engine::Fault(IoKind::Uring) => 1 << 20,
+        _ => 0,
     }
 }
 
@@ -637,8 +647,19 @@ impl Harness {
                     return self.expect_missing(vol);
                 };
                 let v = pool.volume(NAMES[vol]).expect("volume");
+                let fua = write_back_bytes(self.engine) > 0;
+                if fua {
+                    // Early writes still on their way would fail too, after their
+                    // acknowledgement: store them first.
+                    if let Err(e) = pool.flush() {
+                        self.fail(&format!("flush: {e}"));
+                    }
+                    self.durable();
+                }
                 plan.fail_writes.store(true, Ordering::Relaxed);
-                let r = v.write(off, &pattern.bytes(len as usize), false);
+                // Under write-back a write without FUA would be acknowledged before it fails
+                // (which halts the pool: tests/write_back.rs); FUA writes are never early.
+                let r = v.write(off, &pattern.bytes(len as usize), fua);
                 plan.fail_writes.store(false, Ordering::Relaxed);
                 match r {
                     Err(Error::ReadOnly(_)) if self.read_only(vol) => {}

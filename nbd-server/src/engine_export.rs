@@ -26,6 +26,10 @@ impl Export for Volume {
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         Volume::block_status(self, offset, len)
     }
+
+    fn holes_hint(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Volume::block_status_now(self, offset, len)
+    }
 }
 
 /// Every volume of a pool, looked up at connect time (volumes created while the server runs are

@@ -26,6 +26,11 @@ pub trait Export: Send + Sync + 'static {
     fn submit(&self, req: Request, done: Completion);
     /// Allocation status of `offset..offset+len` (blocking, metadata only).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// The same as a hint that never blocks (it may run on the engine thread completing a
+    /// read): it may report a hole the read's data contradicts, so callers check the data.
+    fn holes_hint(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.block_status(offset, len)
+    }
 }
 
 /// The set of exports a server offers.

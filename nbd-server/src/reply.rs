@@ -253,7 +253,7 @@ fn has_zero_sector(data: &[u8]) -> bool {
 /// Ranges (absolute offset, length) of `offset..offset+len` the export reports as holes (none
 /// if it cannot tell).
 fn holes(export: &dyn Export, offset: u64, len: u64) -> Vec<(u64, u64)> {
-    let Ok(extents) = export.block_status(offset, len) else {
+    let Ok(extents) = export.holes_hint(offset, len) else {
         return Vec::new();
     };
     let mut out = Vec::new();

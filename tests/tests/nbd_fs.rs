@@ -208,12 +208,24 @@ struct Pg {
 
 impl Pg {
     fn start(data: &Path, sock: &Path) -> Pg {
-        as_postgres(&format!(
-            "{PG_BIN}/pg_ctl -D {} -l {}/log -w -t 120 -o \"-c listen_addresses='' -k {}\" start",
-            data.display(),
-            sock.display(),
-            sock.display()
-        ));
+        let log = sock.join("log");
+        let out = Command::new("su")
+            .args(["postgres", "-s", "/bin/sh", "-c"])
+            .arg(format!(
+                "{PG_BIN}/pg_ctl -D {} -l {} -w -t 120 -o \"-c listen_addresses='' -k {}\" start",
+                data.display(),
+                log.display(),
+                sock.display()
+            ))
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed ({}): {}\nserver log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(&log).unwrap_or_default()
+        );
         Pg {
             data: data.to_path_buf(),
             running: true,
