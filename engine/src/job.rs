@@ -58,8 +58,10 @@ enum ReadData {
     Empty,
     /// One piece covering the whole request.
     Whole(Bytes),
-    /// Pieces copied into place (the rest zeroes).
-    Assembled(Vec<u8>),
+    /// Pieces as delivered (offset in the request, bytes), copied into one buffer when the
+    /// request completes: the gaps between them (holes) are zeroed then, not the whole buffer
+    /// first (zeroing 1 MiB before copying over it was ~7% of a cached 1 MiB read profile).
+    Pieces(Vec<(usize, Bytes)>),
 }
 
 /// A request's completion that runs even when it is dropped unanswered: when an engine thread
@@ -147,27 +149,48 @@ impl Job {
     /// Deliver read data for bytes `at..at + bytes.len()` of the request.
     pub fn fill(&self, at: usize, bytes: Bytes) {
         let mut d = self.data.lock();
-        if at == 0 && bytes.len() == self.read_len && matches!(*d, ReadData::Empty) {
-            *d = ReadData::Whole(bytes);
-            return;
-        }
-        let buf = match &mut *d {
-            ReadData::Assembled(v) => v,
-            other => {
-                let v = match std::mem::replace(other, ReadData::Empty) {
-                    ReadData::Whole(b) => b.to_vec(),
-                    _ => vec![0u8; self.read_len],
-                };
-                *other = ReadData::Assembled(v);
-                let ReadData::Assembled(v) = other else {
-                    unreachable!("just assembled")
-                };
-                v
+        match &mut *d {
+            ReadData::Empty if at == 0 && bytes.len() == self.read_len => {
+                *d = ReadData::Whole(bytes);
             }
-        };
-        if let Some(dst) = buf.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(&bytes);
+            ReadData::Empty => *d = ReadData::Pieces(vec![(at, bytes)]),
+            ReadData::Whole(w) => {
+                let w = std::mem::take(w);
+                *d = ReadData::Pieces(vec![(0, w), (at, bytes)]);
+            }
+            ReadData::Pieces(p) => p.push((at, bytes)),
         }
+    }
+
+    /// The pieces in one buffer of `read_len` bytes; what no piece covers reads as zeroes (a
+    /// later piece wins where two overlap, as copies in delivery order would).
+    fn assemble(&self, pieces: Vec<(usize, Bytes)>) -> Bytes {
+        let n = self.read_len;
+        let mut order: Vec<usize> = (0..pieces.len()).collect();
+        order.sort_by_key(|&i| pieces[i].0);
+        let overlap = order
+            .windows(2)
+            .any(|w| pieces[w[0]].0 + pieces[w[0]].1.len() > pieces[w[1]].0);
+        let mut out = Vec::with_capacity(n);
+        if overlap {
+            // Not seen in practice; keep the simple form.
+            out.resize(n, 0);
+            for (at, b) in &pieces {
+                if let Some(dst) = out.get_mut(*at..at + b.len()) {
+                    dst.copy_from_slice(b);
+                }
+            }
+            return Bytes::from(out);
+        }
+        for (at, b) in order.iter().map(|&i| &pieces[i]) {
+            if *at > out.len() {
+                out.resize((*at).min(n), 0);
+            }
+            let room = n.saturating_sub(out.len());
+            out.extend_from_slice(&b[..b.len().min(room)]);
+        }
+        out.resize(n, 0);
+        Bytes::from(out)
     }
 
     /// One part finished; the last one completes the request.
@@ -196,7 +219,7 @@ impl Job {
             let data = match std::mem::replace(&mut *self.data.lock(), ReadData::Empty) {
                 ReadData::Empty => zeroes(self.read_len),
                 ReadData::Whole(b) => b,
-                ReadData::Assembled(v) => Bytes::from(v),
+                ReadData::Pieces(p) => self.assemble(p),
             };
             return done.send(Ok(Reply::Data(data)));
         }

@@ -136,6 +136,11 @@ fn chunk_header(out: &mut Vec<u8>, mode: Mode, flags: u16, kind: u16, ctx: &ReqC
 
 /// True when every byte of `s` is zero.
 fn is_zero(s: &[u8]) -> bool {
+    // Data rarely starts with 16 zero bytes: most sectors of a read are decided here (scanning
+    // half of every sector was ~6% of a cached 1 MiB read profile).
+    if s.get(..16).is_some_and(|h| h.iter().any(|&b| b != 0)) {
+        return false;
+    }
     s.chunks(256)
         .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
