@@ -62,7 +62,8 @@ struct RunArgs {
     dedup_index_mem: Option<u64>,
     /// Write-back buffer: writes without FUA are acknowledged once the engine has taken them,
     /// up to this many bytes not yet on the device; FLUSH, SYNCHRONIZE CACHE and FUA writes
-    /// make them durable. 0: acknowledge each write once it is stored (write-through).
+    /// make them durable. 0: acknowledge each write once it is stored (write-through). At most
+    /// a sixty-fourth of the pool's usable capacity.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     write_back: u64,
 }

@@ -39,7 +39,7 @@ impl WriteBack {
     /// Its records applied (`Ok`) or failed: the client was told it succeeded, so a failure
     /// stops the pool; no later flush may then report the data durable.
     fn finish(self, result: Result<(), &Error>) {
-        self.inner.write_back_done(self.len);
+        // The fault first: a flush that sees the counters drop must also see the pool halted.
         if let Err(e) = result {
             self.inner.set_fault(format!(
                 "a write acknowledged before it was stored ({} bytes at offset {} of volume {}) \
@@ -47,6 +47,7 @@ impl WriteBack {
                 self.len, self.offset, self.volume
             ));
         }
+        self.inner.write_back_done(self.len);
     }
 }
 

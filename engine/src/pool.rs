@@ -84,7 +84,8 @@ pub struct PoolOptions {
     /// index keeps a sample of fingerprints (fewer dedup hits, never a failed write).
     pub dedup_index_bytes: Option<u64>,
     /// Write-back: most bytes of writes (without FUA) acknowledged once the engine has taken
-    /// them, before they are on the device; 0 acknowledges every write when it is stored. The
+    /// them, before they are on the device (at most a 64th of the usable capacity); 0
+    /// acknowledges every write when it is stored. The
     /// NBD and iSCSI write semantics allow it (a FLUSH, SYNCHRONIZE CACHE or FUA write makes
     /// them durable), as a page cache does; a kill -9 may lose such writes unless flushed.
     pub write_back_bytes: u64,
@@ -392,6 +393,11 @@ impl Inner {
         ok
     }
 
+    /// `PoolOptions::write_back_bytes` (0: write-back off).
+    pub(crate) fn write_back_limit(&self) -> u64 {
+        self.write_back_limit
+    }
+
     /// An early write's records all applied (or failed).
     pub(crate) fn write_back_done(&self, len: u64) {
         self.wb_bytes.fetch_sub(len, Ordering::AcqRel);
@@ -428,7 +434,12 @@ impl Inner {
     /// lost (the pool is then halted).
     pub(crate) fn settle_writes(&self) -> Result<()> {
         if self.wb_jobs.load(Ordering::Acquire) == 0 {
-            return Ok(());
+            // A lost early write halts the pool before it leaves the count.
+            return if self.is_faulted() {
+                Err(self.halted())
+            } else {
+                Ok(())
+            };
         }
         if crate::shard::on_shard_thread() {
             // A shard waiting for shards (itself among them) would wait forever.
@@ -523,11 +534,16 @@ impl Inner {
         let mut f = self.fault.lock();
         // The first reason stays, unless it was the placeholder a shard leaves as it unwinds
         // (its thread's supervisor then knows the panic's message).
-        if f.as_ref().is_none_or(|r| r.ends_with(FAULT_PLACEHOLDER)) {
-            eprintln!("ingot: pool stopped: {reason}");
-            *f = Some(reason);
+        let print = f.as_ref().is_none_or(|r| r.ends_with(FAULT_PLACEHOLDER));
+        if print {
+            *f = Some(reason.clone());
         }
+        // Before printing: stderr may block, and nothing may pass for durable meanwhile.
         self.faulted.store(true, Ordering::Release);
+        drop(f);
+        if print {
+            eprintln!("ingot: pool stopped: {reason}");
+        }
     }
 
     pub fn send_to_shard(&self, shard: usize, msg: ShardMsg) {
@@ -2092,7 +2108,9 @@ impl Pool {
             dedup_key_mask,
             fault: Mutex::new(None),
             faulted: AtomicBool::new(false),
-            write_back_limit: o.write_back_bytes,
+            // A sixty-fourth of the capacity at most: the last `write_back_limit` bytes are
+            // kept for early writes, which must not cost a small pool a visible share.
+            write_back_limit: o.write_back_bytes.min(usable_bytes / 64),
             wb_bytes: AtomicU64::new(0),
             wb_jobs: AtomicU64::new(0),
             wb_total: AtomicU64::new(0),
@@ -2264,6 +2282,8 @@ impl Pool {
         if self.inner.space.lock().free_segments <= need {
             return Err(Error::NoSpace);
         }
+        // Early-acknowledged writes still waiting for space would miss the pause below.
+        self.inner.settle_writes()?;
         let (src, name) = (src.to_string(), name.to_string());
         let shards = self.inner.shards();
         let mut made = None;
@@ -2694,8 +2714,16 @@ impl Pool {
             self.stop_threads();
             return Err(self.inner.halted());
         }
-        let r = self.inner.checkpoint_with(None);
+        // Writes acknowledged early go into the final checkpoint.
+        let r = self
+            .inner
+            .settle_writes()
+            .and_then(|()| self.inner.checkpoint_with(None));
         self.stop_threads();
+        if r.is_ok() && self.inner.is_faulted() {
+            // Something failed as the threads stopped (an early write still waiting for space).
+            return Err(self.inner.halted());
+        }
         r
     }
 

@@ -722,6 +722,11 @@ impl Shard {
         if self.overlaps_unapplied(vol.id, offset, len) {
             self.pack_records();
             self.drain();
+            if self.inner.is_faulted() {
+                // The early write may have failed: the map would give what it replaced.
+                job.part_done(Err(self.inner.halted()));
+                return;
+            }
             if !self.stalled.is_empty() {
                 self.deferred.push_back(ShardMsg::Read {
                     vol,
@@ -923,7 +928,7 @@ impl Shard {
             });
         }
         let end = offset + data.len() as u64;
-        if self.over_capacity(&vol, offset, end) {
+        if self.over_capacity(&vol, offset, end, early) {
             part.fail(Error::NoSpace);
             self.held.push(part);
             return;
@@ -960,10 +965,19 @@ impl Shard {
     /// Whether this write would take stored data past the pool's usable capacity: only blocks
     /// not mapped yet count (an overwrite frees what it replaces), so a full pool still takes
     /// overwrites, and trims make room again.
-    fn over_capacity(&self, vol: &VolumeState, offset: u64, end: u64) -> bool {
+    fn over_capacity(&self, vol: &VolumeState, offset: u64, end: u64, early: bool) -> bool {
         let space = self.inner.space.lock();
         let stored = space.stored_bytes;
-        let usable = self.inner.usable_bytes;
+        // The last `write_back_limit` bytes are kept for writes acknowledged early (at most that
+        // many are outstanding), so that a backlog of other writes can never leave one without
+        // room: those fail with ENOSPC first, as the client can still be told.
+        let usable = if early {
+            self.inner.usable_bytes
+        } else {
+            self.inner
+                .usable_bytes
+                .saturating_sub(self.inner.write_back_limit())
+        };
         if stored + (end - offset) <= usable {
             return false;
         }

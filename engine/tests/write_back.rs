@@ -252,3 +252,74 @@ fn without_write_back_a_failed_write_is_its_own_error() {
     v.write(0, &block(0, 2), false).unwrap();
     v.flush().unwrap();
 }
+
+/// A thin volume filled past the pool's capacity by many writes in flight at once: writes
+/// acknowledged early never meet a full pool (the last bytes are kept for them), so the ones
+/// that do not fit fail with ENOSPC themselves and the pool keeps serving.
+#[test]
+fn filling_the_pool_with_writes_in_flight_fails_writes_not_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(IoKind::Uring, None);
+    o.write_back_bytes = 2 << 20;
+    let c = CreateOptions {
+        size_bytes: 48 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let pool = Pool::create(dir.path(), &c, &o).expect("create");
+    pool.create_volume("big", 256 << 20).unwrap();
+    let v = pool.volume("big").unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let chunk = 256 << 10;
+    let mut sent = 0u64;
+    let mut in_flight = 0;
+    let mut no_space = 0;
+    let mut ok = 0;
+    while sent < (256 << 20) {
+        // Incompressible, unique: every write is new data.
+        let data: Vec<u8> = (0..chunk / BLOCK as u64)
+            .flat_map(|b| block(sent / BLOCK as u64 + b, 7))
+            .collect();
+        let tx = tx.clone();
+        v.submit(
+            Request::Write {
+                offset: sent,
+                data: data.into(),
+                fua: false,
+            },
+            Box::new(move |r| tx.send(r.map(|_| ())).unwrap()),
+        );
+        sent += chunk;
+        in_flight += 1;
+        while in_flight >= 256 {
+            match rx.recv().unwrap() {
+                Ok(()) => ok += 1,
+                Err(Error::NoSpace) => no_space += 1,
+                Err(e) => panic!("write: {e}"),
+            }
+            in_flight -= 1;
+        }
+    }
+    for _ in 0..in_flight {
+        match rx.recv().unwrap() {
+            Ok(()) => ok += 1,
+            Err(Error::NoSpace) => no_space += 1,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert!(no_space > 0, "the pool never filled ({ok} writes fit)");
+    assert_eq!(pool.stats().halted, None, "a full pool halted");
+    v.flush().unwrap();
+    assert!(
+        pool.stats().write_back_writes > 0,
+        "nothing went through write-back"
+    );
+    // Every write that succeeded reads back.
+    let mut at = 0;
+    while at < sent {
+        let got = v.read(at, BLOCK as u32).unwrap();
+        assert!(got == block(at / BLOCK as u64, 7) || got == vec![0; BLOCK]);
+        at += chunk;
+    }
+    pool.shutdown().unwrap();
+}

@@ -525,6 +525,8 @@ impl<R: Input> Conn<R> {
 
     fn block_status(&self, context_id: u32, offset: u64, len: u64, req_one: bool) -> Body {
         let qlen = len.min(BLOCK_STATUS_QUERY_BYTES);
+        // The export may wait for writes acknowledged early: send the replies held so far.
+        sender::release_held();
         let extents = match self.export.block_status(offset, qlen) {
             Ok(e) => e,
             Err(e) => {
