@@ -451,40 +451,37 @@ impl Inner {
                 ),
             });
         }
-        let mut waits = Vec::new();
-        for shard in 0..self.shards() {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.send_to_shard(shard, ShardMsg::Settle(tx));
-            waits.push(rx);
-        }
-        for rx in waits {
-            if rx.recv().is_err() {
-                return Err(if self.is_faulted() {
-                    self.halted()
-                } else {
-                    Error::ShutDown
-                });
-            }
-        }
+        let answered = self.ask_shards(self.shards(), ShardMsg::Settle);
         if self.is_faulted() {
             return Err(self.halted());
         }
+        if !answered {
+            return Err(Error::ShutDown);
+        }
         Ok(())
+    }
+
+    /// Send `msg` to the first `chains` shards and wait for every answer; false when a shard
+    /// dropped one (it stopped).
+    fn ask_shards(&self, chains: usize, msg: fn(Sender<()>) -> ShardMsg) -> bool {
+        let waits: Vec<_> = (0..chains)
+            .map(|shard| {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                self.send_to_shard(shard, msg(tx));
+                rx
+            })
+            .collect();
+        waits.into_iter().all(|rx| rx.recv().is_ok())
     }
 
     /// Wait until every shard has finished the I/O it had in flight (reads that may still
     /// target a segment about to be freed).
     fn fence(&self) -> Result<()> {
-        let mut waits = Vec::new();
-        for shard in 0..self.chains() {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.send_to_shard(shard, ShardMsg::Fence(tx));
-            waits.push(rx);
+        if self.ask_shards(self.chains(), ShardMsg::Fence) {
+            Ok(())
+        } else {
+            Err(Error::ShutDown)
         }
-        for rx in waits {
-            rx.recv().map_err(|_| Error::ShutDown)?;
-        }
-        Ok(())
     }
 
     pub fn dedup_key(&self, fp: u128) -> u64 {

@@ -40,12 +40,7 @@ fn create(dir: &std::path::Path, o: &PoolOptions) -> Pool {
 fn block(lba: u64, n: u64) -> Vec<u8> {
     let mut x = (lba << 20 | n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..BLOCK / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
+        .flat_map(|_| next(&mut x).to_le_bytes())
         .collect()
 }
 
