@@ -30,7 +30,8 @@ pub(crate) struct Job {
 /// An early-acknowledged write still being stored.
 pub(crate) struct WriteBack {
     pub inner: Arc<Inner>,
-    pub volume: String,
+    /// For the message if it is lost (a reference, not a copy of the name per write).
+    pub volume: Arc<crate::volume::VolumeState>,
     pub offset: u64,
     pub len: u64,
 }
@@ -44,7 +45,7 @@ impl WriteBack {
             self.inner.set_fault(format!(
                 "a write acknowledged before it was stored ({} bytes at offset {} of volume {}) \
                  could not be stored: {e}",
-                self.len, self.offset, self.volume
+                self.len, self.offset, self.volume.name
             ));
         }
         self.inner.write_back_done(self.len);

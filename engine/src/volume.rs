@@ -200,7 +200,7 @@ impl Volume {
         let (job, ack) = if early {
             let wb = WriteBack {
                 inner: inner.clone(),
-                volume: self.state.name.clone(),
+                volume: self.state.clone(),
                 offset,
                 len,
             };
