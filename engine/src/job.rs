@@ -115,31 +115,32 @@ impl Job {
         fua: Option<Sender<FlushMsg>>,
         done: Completion,
     ) -> Arc<Job> {
+        Job::make(parts, read_len, fua, Some(Answer::new(done)), None)
+    }
+
+    /// A write acknowledged already (`Inner::write_back_admits` took its bytes): no
+    /// completion left to run, only `wb` to finish.
+    pub fn new_write_back(parts: usize, wb: WriteBack) -> Arc<Job> {
+        Job::make(parts, None, None, None, Some(wb))
+    }
+
+    fn make(
+        parts: usize,
+        read_len: Option<usize>,
+        fua: Option<Sender<FlushMsg>>,
+        done: Option<Answer>,
+        wb: Option<WriteBack>,
+    ) -> Arc<Job> {
         Arc::new(Job {
             remaining: AtomicUsize::new(parts),
             data: Mutex::new(ReadData::Empty),
             read_len: read_len.unwrap_or(0),
             error: Mutex::new(None),
-            done: Mutex::new(Some(Answer::new(done))),
+            done: Mutex::new(done),
             is_read: read_len.is_some(),
             fua,
-            write_back: Mutex::new(None),
-            early: false,
-        })
-    }
-
-    /// A write acknowledged already (`Inner::write_back_admits` took its bytes).
-    pub fn new_write_back(parts: usize, wb: WriteBack) -> Arc<Job> {
-        Arc::new(Job {
-            remaining: AtomicUsize::new(parts),
-            data: Mutex::new(ReadData::Empty),
-            read_len: 0,
-            error: Mutex::new(None),
-            done: Mutex::new(None),
-            is_read: false,
-            fua: None,
-            write_back: Mutex::new(Some(wb)),
-            early: true,
+            early: wb.is_some(),
+            write_back: Mutex::new(wb),
         })
     }
 

@@ -85,9 +85,9 @@ pub struct PoolOptions {
     pub dedup_index_bytes: Option<u64>,
     /// Write-back: most bytes of writes (without FUA) acknowledged once the engine has taken
     /// them, before they are on the device (at most a 64th of the usable capacity); 0
-    /// acknowledges every write when it is stored. The
-    /// NBD and iSCSI write semantics allow it (a FLUSH, SYNCHRONIZE CACHE or FUA write makes
-    /// them durable), as a page cache does; a kill -9 may lose such writes unless flushed.
+    /// acknowledges every write when it is stored. NBD and iSCSI allow it (a FLUSH,
+    /// SYNCHRONIZE CACHE or FUA write makes them durable), as a page cache does; a kill -9 may
+    /// lose such writes unless flushed.
     pub write_back_bytes: u64,
 }
 
