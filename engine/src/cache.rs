@@ -1,6 +1,6 @@
 //! Per-shard DRAM cache of plaintext 4 KiB blocks, keyed by block id and checked against the
-//! id's generation. Entries are slices of the buffer they arrived in (a client's write, a read
-//! buffer, a decompressed group), so caching costs no copy. CLOCK eviction.
+//! id's generation. Blocks read from the device are slices of the buffer they arrived in (a read
+//! buffer, a decompressed group); written blocks are copied in by the shard. CLOCK eviction.
 
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
