@@ -36,6 +36,10 @@ pub enum Request {
 pub enum Reply {
     /// Data of a read, exactly the requested length (often a slice of a cached block: no copy).
     Data(Bytes),
+    /// Data of a read as consecutive pieces that together are exactly the requested length:
+    /// the cached blocks and zeroes it was made of, not copied into one buffer. Only from
+    /// [`crate::Volume::submit_pieces`], for callers that send data with vectored writes.
+    Pieces(Vec<Bytes>),
     /// A write, zero, trim or flush completed.
     Done,
 }

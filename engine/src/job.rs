@@ -19,6 +19,8 @@ pub(crate) struct Job {
     error: Mutex<Option<Error>>,
     done: Mutex<Option<Answer>>,
     is_read: bool,
+    /// A read whose pieces may be handed on as they are ([`Reply::Pieces`]).
+    pieces: bool,
     /// FUA: the completion goes through the flusher before it runs.
     fua: Option<Sender<FlushMsg>>,
     /// A write acknowledged before it was stored (write-back): what to release, or report,
@@ -115,18 +117,24 @@ impl Job {
         fua: Option<Sender<FlushMsg>>,
         done: Completion,
     ) -> Arc<Job> {
-        Job::make(parts, read_len, fua, Some(Answer::new(done)), None)
+        Job::make(parts, read_len, false, fua, Some(Answer::new(done)), None)
+    }
+
+    /// A read of `len` bytes answered with [`Reply::Pieces`] when it has several.
+    pub fn new_read_pieces(parts: usize, len: usize, done: Completion) -> Arc<Job> {
+        Job::make(parts, Some(len), true, None, Some(Answer::new(done)), None)
     }
 
     /// A write acknowledged already (`Inner::write_back_admits` took its bytes): no
     /// completion left to run, only `wb` to finish.
     pub fn new_write_back(parts: usize, wb: WriteBack) -> Arc<Job> {
-        Job::make(parts, None, None, None, Some(wb))
+        Job::make(parts, None, false, None, None, Some(wb))
     }
 
     fn make(
         parts: usize,
         read_len: Option<usize>,
+        pieces: bool,
         fua: Option<Sender<FlushMsg>>,
         done: Option<Answer>,
         wb: Option<WriteBack>,
@@ -138,6 +146,7 @@ impl Job {
             error: Mutex::new(None),
             done: Mutex::new(done),
             is_read: read_len.is_some(),
+            pieces,
             fua,
             early: wb.is_some(),
             write_back: Mutex::new(wb),
@@ -163,6 +172,37 @@ impl Job {
             }
             ReadData::Pieces(p) => p.push((at, bytes)),
         }
+    }
+
+    /// The pieces in request order, the gaps between them (holes) as shared zeroes, the last
+    /// cut at `read_len`; `Err` gives them back when two overlap.
+    fn in_order(&self, mut pieces: Vec<(usize, Bytes)>) -> Result<Vec<Bytes>, Vec<(usize, Bytes)>> {
+        let n = self.read_len;
+        pieces.sort_by_key(|p| p.0);
+        if pieces.windows(2).any(|w| w[0].0 + w[0].1.len() > w[1].0) {
+            return Err(pieces);
+        }
+        let mut out = Vec::with_capacity(pieces.len() + 1);
+        let mut pos = 0;
+        for (at, b) in pieces {
+            if at >= n {
+                break;
+            }
+            if at > pos {
+                out.push(zeroes(at - pos));
+            }
+            let b = if at + b.len() > n {
+                b.slice(..n - at)
+            } else {
+                b
+            };
+            pos = at + b.len();
+            out.push(b);
+        }
+        if pos < n {
+            out.push(zeroes(n - pos));
+        }
+        Ok(out)
     }
 
     /// The pieces in one buffer of `read_len` bytes; what no piece covers reads as zeroes (a
@@ -222,6 +262,10 @@ impl Job {
             let data = match std::mem::replace(&mut *self.data.lock(), ReadData::Empty) {
                 ReadData::Empty => zeroes(self.read_len),
                 ReadData::Whole(b) => b,
+                ReadData::Pieces(p) if self.pieces => match self.in_order(p) {
+                    Ok(pieces) => return done.send(Ok(Reply::Pieces(pieces))),
+                    Err(p) => self.assemble(p),
+                },
                 ReadData::Pieces(p) => self.assemble(p),
             };
             return done.send(Ok(Reply::Data(data)));

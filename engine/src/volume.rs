@@ -116,6 +116,17 @@ impl Volume {
 
     /// Submit a request; `done` runs once, on an engine thread, when it completes.
     pub fn submit(&self, req: Request, done: Completion) {
+        self.submit_with(req, false, done)
+    }
+
+    /// Like [`Volume::submit`], but a read made of several pieces (blocks from the cache, holes)
+    /// may complete as [`Reply::Pieces`]: no copy into one buffer, for a caller that sends
+    /// them with vectored writes (a cached 1 MiB read spent a fifth of its CPU on that copy).
+    pub fn submit_pieces(&self, req: Request, done: Completion) {
+        self.submit_with(req, true, done)
+    }
+
+    fn submit_with(&self, req: Request, pieces: bool, done: Completion) {
         let inner = &self.inner;
         if inner.is_faulted() {
             done(Err(inner.halted()));
@@ -205,6 +216,8 @@ impl Volume {
                 len,
             };
             (Job::new_write_back(parts.len(), wb), Some(done))
+        } else if let (Some(n), true) = (read_len, pieces) {
+            (Job::new_read_pieces(parts.len(), n, done), None)
         } else {
             let fua_tx = fua.then(|| inner.flusher.clone());
             (Job::new(parts.len(), read_len, fua_tx, done), None)
@@ -310,6 +323,7 @@ impl Volume {
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
         match self.call(Request::Read { offset, len })? {
             Reply::Data(d) => Ok(d.into()),
+            Reply::Pieces(p) => Ok(p.concat()),
             Reply::Done => Ok(Vec::new()),
         }
     }

@@ -1014,6 +1014,7 @@ impl Conn {
                     Box::new(move |r| {
                         let resp = match r {
                             Ok(EngineReply::Data(d)) => Response::data(d),
+                            Ok(EngineReply::Pieces(p)) => Response::data(p.concat()),
                             Ok(EngineReply::Done) => Response::data(vec![0; len as usize]),
                             Err(e) => Response::engine(&e),
                         };

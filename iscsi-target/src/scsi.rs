@@ -412,6 +412,7 @@ fn read_sync(lu: &Lu, offset: u64, len: u64) -> Result<Vec<u8>, Response> {
             len: l,
         }) {
             Ok(EngineReply::Data(d)) => out.extend_from_slice(&d),
+            Ok(EngineReply::Pieces(p)) => p.iter().for_each(|d| out.extend_from_slice(d)),
             Ok(EngineReply::Done) => out.resize(out.len() + l as usize, 0),
             Err(e) => return Err(Response::engine(&e)),
         }

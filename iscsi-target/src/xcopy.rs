@@ -137,6 +137,7 @@ pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
                 len: (n * bs) as u32,
             }) {
                 Ok(ingot_engine::Reply::Data(d)) => d,
+                Ok(ingot_engine::Reply::Pieces(p)) => Bytes::from(p.concat()),
                 Ok(ingot_engine::Reply::Done) => Bytes::from(vec![0; (n * bs) as usize]),
                 Err(e) => return Response::engine(&e),
             };

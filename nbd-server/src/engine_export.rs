@@ -20,7 +20,7 @@ impl Export for Volume {
     }
 
     fn submit(&self, req: Request, done: Completion) {
-        Volume::submit(self, req, done)
+        Volume::submit_pieces(self, req, done)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -56,6 +56,8 @@ pub(crate) struct Wire {
     pub head: Vec<u8>,
     /// A read's data, as the engine gave it (often a cached block: sent without a copy).
     pub data: Bytes,
+    /// The rest of a read given in pieces, sent after `data`.
+    pub rest: Vec<Bytes>,
     /// Credit to give back once the reply is written (or dropped).
     pub cost: u64,
 }
@@ -83,20 +85,27 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
                 && d.len() as u64 == ctx.len
                 && (mode == Mode::Simple || holes.is_none() || !has_zero_sector(&d)) =>
         {
-            if mode == Mode::Simple {
-                put_simple_reply(&mut head, 0, ctx.cookie);
-            } else {
-                chunk_header(
-                    &mut head,
-                    mode,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    &ctx,
-                    8 + d.len() as u64,
-                );
-                head.extend_from_slice(&ctx.offset.to_be_bytes());
-            }
+            data_header(&mut head, mode, &ctx);
             return Wire::new(head, d, ctx.cost);
+        }
+        Body::Read(Ok(Reply::Pieces(p)), holes)
+            if is_read && p.iter().map(|d| d.len() as u64).sum::<u64>() == ctx.len =>
+        {
+            // Pieces start at sector boundaries of the request (block boundaries of the
+            // volume), so each can be scanned for zero sectors alone.
+            if mode == Mode::Simple || holes.is_none() || !p.iter().any(|d| has_zero_sector(d)) {
+                data_header(&mut head, mode, &ctx);
+                let mut p = p.into_iter();
+                let first = p.next().unwrap_or_default();
+                return Wire {
+                    head,
+                    data: first,
+                    rest: p.collect(),
+                    cost: ctx.cost,
+                };
+            }
+            let body = Body::Read(Ok(Reply::Data(Bytes::from(p.concat()))), holes);
+            encode_general(&mut head, mode, &ctx, body);
         }
         body => encode_general(&mut head, mode, &ctx, body),
     }
@@ -105,7 +114,29 @@ pub(crate) fn encode(mode: Mode, msg: Outgoing) -> Wire {
 
 impl Wire {
     fn new(head: Vec<u8>, data: Bytes, cost: u64) -> Wire {
-        Wire { head, data, cost }
+        Wire {
+            head,
+            data,
+            rest: Vec::new(),
+            cost,
+        }
+    }
+}
+
+/// The header of a read's reply whose data follows in one chunk.
+fn data_header(head: &mut Vec<u8>, mode: Mode, ctx: &ReqCtx) {
+    if mode == Mode::Simple {
+        put_simple_reply(head, 0, ctx.cookie);
+    } else {
+        chunk_header(
+            head,
+            mode,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            ctx,
+            8 + ctx.len,
+        );
+        head.extend_from_slice(&ctx.offset.to_be_bytes());
     }
 }
 
@@ -151,6 +182,12 @@ fn encode_general(out: &mut Vec<u8>, mode: Mode, ctx: &ReqCtx, body: Body) {
     let (res, export) = match body {
         Body::Read(res, export) => (Body::Engine(res), export),
         other => (other, None),
+    };
+    let res = match res {
+        Body::Engine(Ok(Reply::Pieces(p))) => {
+            Body::Engine(Ok(Reply::Data(Bytes::from(p.concat()))))
+        }
+        other => other,
     };
     let body = match res {
         Body::Engine(Ok(Reply::Data(d))) if is_read && d.len() as u64 == ctx.len => {

@@ -196,7 +196,7 @@ impl<W: Write + Send> Output<W> {
     fn push(&self, st: &mut OutState<W>, msg: Outgoing) {
         let wire = encode(self.mode, msg);
         if !st.broken {
-            st.gather.push(&wire.head, wire.data);
+            st.gather.push_wire(&wire.head, wire.data, wire.rest);
             if st.gather.full() {
                 self.flush(st);
             }
@@ -230,7 +230,7 @@ impl<W: Write + Send> WriteNow for Output<W> {
         for m in msgs {
             let wire = encode(self.mode, m);
             if !st.broken {
-                st.gather.push(&wire.head, wire.data);
+                st.gather.push_wire(&wire.head, wire.data, wire.rest);
             }
             self.credit.release(wire.cost);
         }
@@ -289,6 +289,14 @@ const COPY_BELOW: usize = 1024;
 const MAX_PIECES: usize = 512;
 
 impl Gather {
+    /// A reply: its header, its data, and the rest of its data when given in pieces.
+    fn push_wire(&mut self, head: &[u8], data: Bytes, rest: Vec<Bytes>) {
+        self.push(head, data);
+        for d in rest {
+            self.push(&[], d);
+        }
+    }
+
     fn push(&mut self, head: &[u8], data: Bytes) {
         self.small.extend_from_slice(head);
         self.bytes += head.len() + data.len();
