@@ -1,9 +1,10 @@
 //! Per-shard DRAM cache of plaintext 4 KiB blocks, keyed by block id and checked against the
 //! id's generation. Blocks read from the device are slices of the buffer they arrived in (a read
-//! buffer, a decompressed group); written blocks are copied in by the shard. CLOCK eviction.
+//! buffer, a decompressed group); written blocks are copied in by the shard. CLOCK eviction over
+//! a fixed array of slots.
 
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// Block ids are dense integers chosen by us, not by clients: a multiply-shift hash is enough
@@ -27,24 +28,33 @@ impl Hasher for IdHasher {
 
 pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
-struct Entry {
-    data: Bytes,
+/// A place for one cached block. Free slots (`id` 0) may still hold the buffer of the block
+/// they held, for the next copy.
+struct Slot {
+    id: u64,
     generation: u32,
     referenced: bool,
-    /// `data` is a buffer of the cache's own (a copy), which it may reuse once evicted.
+    /// `data` is a buffer of the cache's own (a copy), which it may reuse.
     owned: bool,
+    data: Bytes,
 }
 
 const BLOCK: usize = 4096;
-/// Evicted copies kept for reuse: in a full cache each insert evicts about one entry.
+/// Buffers of dropped copies kept for reuse beyond those left in free slots.
 const SPARE_BUFFERS: usize = 32;
 
+/// CLOCK over a fixed array of slots: the hand sweeps the slots in order, so eviction needs no
+/// queue, and a block dropped because it was overwritten frees its slot at once (its buffer
+/// then serves the next copy instead of fresh memory).
 pub struct BlockCache {
-    map: IdMap<Entry>,
-    clock: VecDeque<u64>,
+    /// Block id → slot.
+    map: IdMap<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    hand: usize,
     capacity_blocks: usize,
-    /// Buffers of evicted copies no reader holds any more, for the next copies: allocating
-    /// and freeing one per written block cost a tenth of the shards' CPU in glibc.
+    /// Buffers of dropped copies no reader holds any more: allocating and freeing one per
+    /// written block cost a tenth of the shards' CPU in glibc.
     spare: Vec<BytesMut>,
     pub hits: u64,
     pub misses: u64,
@@ -54,8 +64,11 @@ impl BlockCache {
     pub fn new(capacity_bytes: u64) -> Self {
         BlockCache {
             map: IdMap::default(),
-            clock: VecDeque::new(),
-            capacity_blocks: (capacity_bytes / 4096) as usize,
+            slots: Vec::new(),
+            free: Vec::new(),
+            hand: 0,
+            // Slot numbers are 32-bit: 16 TiB of cache per shard.
+            capacity_blocks: ((capacity_bytes / 4096) as usize).min(u32::MAX as usize),
             spare: Vec::new(),
             hits: 0,
             misses: 0,
@@ -78,11 +91,12 @@ impl BlockCache {
     }
 
     fn lookup(&mut self, id: u64, generation: u32, count_miss: bool) -> Option<&Bytes> {
-        match self.map.get_mut(&id) {
-            Some(e) if e.generation == generation => {
+        match self.map.get(&id).map(|&i| i as usize) {
+            Some(i) if self.slots[i].generation == generation => {
                 self.hits += 1;
-                e.referenced = true;
-                Some(&e.data)
+                let s = &mut self.slots[i];
+                s.referenced = true;
+                Some(&s.data)
             }
             _ => {
                 self.misses += u64::from(count_miss);
@@ -95,7 +109,7 @@ impl BlockCache {
     pub fn contains(&self, id: u64, generation: u32) -> bool {
         self.map
             .get(&id)
-            .is_some_and(|e| e.generation == generation)
+            .is_some_and(|&i| self.slots[i as usize].generation == generation)
     }
 
     /// Cache `data` (one 4 KiB block) as the contents of `id` at `generation`.
@@ -103,58 +117,93 @@ impl BlockCache {
         if self.capacity_blocks == 0 || data.len() != BLOCK {
             return;
         }
-        self.put(id, data, generation, false);
+        let i = self.slot_for(id);
+        let old = std::mem::replace(&mut self.slots[i].data, data);
+        let owned = std::mem::replace(&mut self.slots[i].owned, false);
+        self.recycle(owned, old);
+        self.fill(i, id, generation);
     }
 
-    /// Cache a copy of `data` (one 4 KiB block), in a buffer of an evicted copy when one is
+    /// Cache a copy of `data` (one 4 KiB block), in a buffer of a dropped copy when one is
     /// free. For data whose own buffer must not be kept (a client's write: it may hold more).
     pub fn insert_copy(&mut self, id: u64, generation: u32, data: &[u8]) {
         if self.capacity_blocks == 0 || data.len() != BLOCK {
             return;
         }
-        let mut buf = self
-            .spare
-            .pop()
+        let i = self.slot_for(id);
+        let old = std::mem::take(&mut self.slots[i].data);
+        let reused = if self.slots[i].owned {
+            old.try_into_mut().ok()
+        } else {
+            None
+        };
+        let mut buf = reused
+            .or_else(|| self.spare.pop())
             .unwrap_or_else(|| BytesMut::with_capacity(BLOCK));
         buf.clear();
         buf.extend_from_slice(data);
-        self.put(id, buf.freeze(), generation, true);
+        self.slots[i].data = buf.freeze();
+        self.slots[i].owned = true;
+        self.fill(i, id, generation);
     }
 
-    fn put(&mut self, id: u64, data: Bytes, generation: u32, owned: bool) {
-        let e = Entry {
-            data,
-            generation,
-            referenced: false,
-            owned,
-        };
-        match self.map.insert(id, e) {
-            None => self.clock.push_back(id),
-            Some(old) => self.recycle(old),
+    /// Drop block `id`, which no volume refers to any more: its slot and buffer serve the next
+    /// block, so overwrites do not grow the cache.
+    pub fn forget(&mut self, id: u64) {
+        if let Some(i) = self.map.remove(&id) {
+            self.slots[i as usize].id = 0;
+            self.free.push(i);
         }
-        while self.map.len() > self.capacity_blocks {
-            let Some(victim) = self.clock.pop_front() else {
-                break;
-            };
-            match self.map.get_mut(&victim) {
-                Some(e) if e.referenced => {
-                    e.referenced = false;
-                    self.clock.push_back(victim);
-                }
-                Some(_) => {
-                    if let Some(e) = self.map.remove(&victim) {
-                        self.recycle(e);
-                    }
-                }
-                None => {}
+    }
+
+    fn fill(&mut self, i: usize, id: u64, generation: u32) {
+        let s = &mut self.slots[i];
+        s.generation = generation;
+        s.referenced = false;
+        if s.id != id {
+            s.id = id;
+            self.map.insert(id, i as u32);
+        }
+    }
+
+    /// The slot for block `id`: its own, a free one, a new one, or the CLOCK's victim.
+    fn slot_for(&mut self, id: u64) -> usize {
+        if let Some(&i) = self.map.get(&id) {
+            return i as usize;
+        }
+        if let Some(i) = self.free.pop() {
+            return i as usize;
+        }
+        if self.slots.len() < self.capacity_blocks {
+            self.slots.push(Slot {
+                id: 0,
+                generation: 0,
+                referenced: false,
+                owned: false,
+                data: Bytes::new(),
+            });
+            return self.slots.len() - 1;
+        }
+        loop {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % self.slots.len();
+            let s = &mut self.slots[i];
+            if s.referenced {
+                s.referenced = false;
+                continue;
             }
+            if s.id != 0 {
+                self.map.remove(&s.id);
+                s.id = 0;
+            }
+            return i;
         }
     }
 
-    fn recycle(&mut self, e: Entry) {
-        if e.owned && self.spare.len() < SPARE_BUFFERS {
+    fn recycle(&mut self, owned: bool, data: Bytes) {
+        if owned && self.spare.len() < SPARE_BUFFERS {
             // Fails while a reader still holds the block; it is then freed with its last clone.
-            if let Ok(buf) = e.data.try_into_mut() {
+            if let Ok(buf) = data.try_into_mut() {
                 self.spare.push(buf);
             }
         }
@@ -193,5 +242,37 @@ mod tests {
         c.insert_copy(7, 0, &[8; BLOCK]);
         c.insert_copy(8, 0, &[9; BLOCK]);
         assert_eq!(&shared[..BLOCK], &[7; BLOCK][..]);
+    }
+
+    #[test]
+    fn forgotten_blocks_free_their_slot_for_the_next() {
+        let mut c = BlockCache::new(4 * BLOCK as u64);
+        // An overwrite workload: each new block kills the previous one.
+        for id in 1..=10_000u64 {
+            c.insert_copy(id, 0, &[id as u8; BLOCK]);
+            c.forget(id - 1);
+        }
+        assert_eq!((c.map.len(), c.slots.len()), (1, 2));
+        assert_eq!(&c.get(10_000, 0).expect("cached")[..], &[16; BLOCK][..]);
+        // Full: the hand passes over read blocks once, then evicts the oldest unread one.
+        for id in [5u64, 6, 7] {
+            c.insert_copy(id, 1, &[id as u8; BLOCK]);
+        }
+        assert!(c.get(10_000, 0).is_some());
+        c.insert_copy(9, 0, &[9; BLOCK]);
+        assert!(c.get(10_000, 0).is_some() && c.get(9, 0).is_some());
+        assert_eq!(
+            [5u64, 6, 7]
+                .iter()
+                .filter(|&&id| c.get(id, 1).is_some())
+                .count(),
+            2
+        );
+        // A forgotten block is a miss at once; its slot takes the next block.
+        c.forget(9);
+        assert!(c.get(9, 0).is_none());
+        c.insert_copy(11, 0, &[11; BLOCK]);
+        assert_eq!(c.slots.len(), 4);
+        assert_eq!(&c.get(11, 0).expect("cached")[..], &[11; BLOCK][..]);
     }
 }

@@ -1939,7 +1939,9 @@ impl Shard {
                         Apply::Block { id, .. } => space.discard_id(*id, rec.seq),
                         Apply::Ref {
                             id, pinned: true, ..
-                        } => space.drop_ref(*id, rec.seq),
+                        } => {
+                            space.drop_ref(*id, rec.seq);
+                        }
                         _ => {}
                     }
                 }
@@ -1974,6 +1976,8 @@ impl Shard {
         let mut keys: Vec<(u64, u64)> = Vec::new();
         // Cached after the locks are dropped: the space lock is the pool's, the cache only ours.
         let mut cached = Vec::with_capacity(applies.len());
+        // Blocks this record left unreferenced: out of the cache, their slots serve the copies.
+        let mut dead: Vec<u64> = Vec::new();
         let mut space = self.inner.space.lock();
         // Records nearly always hold one volume: keep its map locked across entries.
         let mut map: Option<(&Arc<VolumeState>, parking_lot::MutexGuard<'_, LbaMap>)> = None;
@@ -2003,8 +2007,8 @@ impl Shard {
                     }
                     space.add_ref(*id);
                     let old = map_of!(vol).set(*lba, *id);
-                    if old != 0 {
-                        space.drop_ref(old, seq);
+                    if old != 0 && space.drop_ref(old, seq) {
+                        dead.push(old);
                     }
                     cached.push((*id, generation, plain.clone()));
                     if let Some(k) = key {
@@ -2028,21 +2032,22 @@ impl Shard {
                         space.add_ref(*id);
                     }
                     let old = map_of!(vol).set(*lba, *id);
-                    if old != 0 {
-                        space.drop_ref(old, seq);
+                    if old != 0 && space.drop_ref(old, seq) {
+                        dead.push(old);
                     }
                     written += BLOCK_BYTES;
                 }
                 Apply::Hole { vol, lba } => {
                     let old = map_of!(vol).set(*lba, 0);
-                    if old != 0 {
-                        space.drop_ref(old, seq);
+                    if old != 0 && space.drop_ref(old, seq) {
+                        dead.push(old);
                     }
                     written += BLOCK_BYTES;
                 }
                 Apply::Trim { vol, lba, count } => {
+                    // Trimmed blocks stay cached until evicted: a trim can free millions.
                     trim_owned(map_of!(vol), *lba, *count, me, shards, |old| {
-                        space.drop_ref(old, seq)
+                        space.drop_ref(old, seq);
                     });
                 }
                 Apply::Absorbed { vol, blocks } => {
@@ -2064,8 +2069,11 @@ impl Shard {
         }
         drop(map);
         drop(space);
-        if !cached.is_empty() {
+        if !cached.is_empty() || !dead.is_empty() {
             let mut cache = self.cache();
+            for id in dead {
+                cache.forget(id);
+            }
             for (id, generation, plain) in cached {
                 // A copy, not the client's buffer: kept, that buffer would pin its whole request
                 // in memory and make every write take fresh pages (measured: 4k writes at 72k

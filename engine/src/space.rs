@@ -161,20 +161,23 @@ impl Space {
         }
     }
 
-    /// Drop one reference; the id becomes reusable after a checkpoint covering `seq`.
-    pub fn drop_ref(&mut self, id: u64, seq: u64) {
+    /// Drop one reference; when it was the last (the return value), the id becomes reusable
+    /// after a checkpoint covering `seq`.
+    pub fn drop_ref(&mut self, id: u64, seq: u64) -> bool {
         let Some(e) = self.blocks.get_mut(id as usize) else {
-            return;
+            return false;
         };
         if e.refs == 0 || e.refs == u32::MAX {
-            return;
+            return false;
         }
         e.refs -= 1;
-        if e.refs == 0 {
-            let e = *e;
-            self.unaccount(&e);
-            self.pending_ids.push((seq, id));
+        if e.refs != 0 {
+            return false;
         }
+        let e = *e;
+        self.unaccount(&e);
+        self.pending_ids.push((seq, id));
+        true
     }
 
     /// The cleaner copied block `id` from (`from_segment`, `from_offset`) to `to`: take the new
