@@ -151,7 +151,12 @@ impl BlockCache {
     /// block, so overwrites do not grow the cache.
     pub fn forget(&mut self, id: u64) {
         if let Some(i) = self.map.remove(&id) {
-            self.slots[i as usize].id = 0;
+            let s = &mut self.slots[i as usize];
+            s.id = 0;
+            if !s.owned {
+                // A slice of a read buffer would keep that whole buffer until the slot is reused.
+                s.data = Bytes::new();
+            }
             self.free.push(i);
         }
     }

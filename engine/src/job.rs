@@ -175,16 +175,21 @@ impl Job {
     }
 
     /// The pieces in request order, the gaps between them (holes) as shared zeroes, the last
-    /// cut at `read_len`; `Err` gives them back when two overlap.
-    fn in_order(&self, mut pieces: Vec<(usize, Bytes)>) -> Result<Vec<Bytes>, Vec<(usize, Bytes)>> {
+    /// cut at `read_len`; `Err` gives them back, in delivery order, when two overlap.
+    fn in_order(&self, pieces: Vec<(usize, Bytes)>) -> Result<Vec<Bytes>, Vec<(usize, Bytes)>> {
         let n = self.read_len;
-        pieces.sort_by_key(|p| p.0);
-        if pieces.windows(2).any(|w| w[0].0 + w[0].1.len() > w[1].0) {
+        let mut order: Vec<usize> = (0..pieces.len()).collect();
+        order.sort_by_key(|&i| pieces[i].0);
+        if order
+            .windows(2)
+            .any(|w| pieces[w[0]].0 + pieces[w[0]].1.len() > pieces[w[1]].0)
+        {
             return Err(pieces);
         }
-        let mut out = Vec::with_capacity(pieces.len() + 1);
+        let mut slots: Vec<Option<(usize, Bytes)>> = pieces.into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(slots.len() + 1);
         let mut pos = 0;
-        for (at, b) in pieces {
+        for (at, b) in order.into_iter().filter_map(|i| slots[i].take()) {
             if at >= n {
                 break;
             }

@@ -26,8 +26,8 @@ use crate::transmission::{self, Limits};
 
 /// How often accept threads look at the stop flags.
 const ACCEPT_POLL_MS: i32 = 100;
-/// Socket send buffer asked for (the kernel caps it at net.core.wmem_max): room for a few
-/// 1 MiB read replies, so the writer thread is not woken for every slice the client drains.
+/// Unix socket send buffer asked for (the kernel caps it at net.core.wmem_max): room for a few
+/// 1 MiB read replies, so the writer thread is not woken for every 208 KiB the client drains.
 const SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
 const READ_BUFFER_BYTES: usize = 128 << 10;
 
@@ -417,17 +417,21 @@ fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
     if stream.set_nonblocking(false).is_err() {
         return;
     }
-    let want = SEND_BUFFER_BYTES;
-    // SAFETY: `want` outlives the call and the descriptor is open; failure only leaves the
-    // system's default size.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+    // Unix sockets only: TCP sizes its buffer itself, and a fixed size would turn that off
+    // (and be cut to net.core.wmem_max, 208 KiB by default).
+    if let Stream::Unix(s) = &stream {
+        let want = SEND_BUFFER_BYTES;
+        // SAFETY: `want` outlives the call and the descriptor is open; failure only leaves the
+        // system's default size.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
     }
     let Ok(control) = stream.try_clone() else {
         return;
