@@ -239,15 +239,7 @@ mod tests {
         assert_eq!(group_of(f), (2, 4));
         assert_eq!(decode(&c, f).unwrap(), plain);
         assert_eq!(decode(&c[..c.len() - 1], f), Err(DecodeError));
-        let mut x = 0x1234_5678_9abc_def0u64;
-        let noise: Vec<u8> = (0..BLOCK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = random_block(0x1234_5678_9abc_def0);
         assert!(compress(&noise).is_none());
         assert!(!worth_compressing(&noise));
         assert!(worth_compressing(&plain[..BLOCK]));
@@ -279,17 +271,18 @@ mod tests {
         assert!(!worth_compressing(&fio));
         // Random blocks are rejected by the count, whatever the seed.
         for seed in 1..200u64 {
-            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let noise: Vec<u8> = (0..BLOCK)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let noise = random_block(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             assert!(diverse(&noise[..256]) && diverse(&noise[BLOCK - 256..]));
         }
+    }
+
+    /// One block of random-looking bytes: XXH3 of a counter, seeded.
+    fn random_block(seed: u64) -> Vec<u8> {
+        (0..BLOCK as u64 / 8)
+            .flat_map(|i| {
+                xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), seed).to_le_bytes()
+            })
+            .collect()
     }
 
     #[test]
