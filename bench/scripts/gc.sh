@@ -74,7 +74,7 @@ overwrite() { # distribution [io_size]
 RESULTS="$DIR/gc.json"
 echo "[" >"$RESULTS"
 first=1
-printf '%-8s %-9s %10s %8s %8s %8s\n' fill dist iops wa greedy moved/w
+printf '%-8s %-9s %10s %8s %8s %8s %8s %8s\n' fill dist iops wa greedy moved/w read/w cached/w
 for dist in ${GC_DISTS:-random zipf:1.2}; do
   for fill in ${GC_FILLS:-10 50 80 90}; do
     step "fill $fill% of usable, $dist overwrites"
@@ -83,25 +83,31 @@ for dist in ${GC_DISTS:-random zipf:1.2}; do
     c0=$(stat client_written_bytes)
     d0=$(stat device_written_bytes)
     g0=$(stat gc_bytes_moved)
+    r0=$(stat gc_bytes_read)
+    k0=$(stat gc_bytes_from_cache)
     iops=$(overwrite "$dist")
     c1=$(stat client_written_bytes)
     d1=$(stat device_written_bytes)
     g1=$(stat gc_bytes_moved)
-    row=$(python3 - "$fill" "$dist" "$iops" "$c0" "$c1" "$d0" "$d1" "$g0" "$g1" <<'EOF'
+    r1=$(stat gc_bytes_read)
+    k1=$(stat gc_bytes_from_cache)
+    row=$(python3 - "$fill" "$dist" "$iops" "$c0" "$c1" "$d0" "$d1" "$g0" "$g1" "$r0" "$r1" "$k0" "$k1" <<'EOF'
 import json, sys
 fill, dist, iops = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-c0, c1, d0, d1, g0, g1 = map(int, sys.argv[4:])
+c0, c1, d0, d1, g0, g1, r0, r1, k0, k1 = map(int, sys.argv[4:])
 cw = max(c1 - c0, 1)
 wa = (d1 - d0) / cw
 greedy = 1 / (1 - fill / 100)
 print(json.dumps({"fill_pct": fill, "distribution": dist, "iops": iops, "write_amplification": wa,
-                  "greedy_bound": greedy, "gc_moved_per_client_byte": (g1 - g0) / cw}))
+                  "greedy_bound": greedy, "gc_moved_per_client_byte": (g1 - g0) / cw,
+                  "gc_read_per_client_byte": (r1 - r0) / cw,
+                  "gc_from_cache_per_client_byte": (k1 - k0) / cw}))
 EOF
 )
     [ $first = 1 ] || echo "," >>"$RESULTS"
     first=0
     echo "$row" >>"$RESULTS"
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%-8s %-9s %10.0f %8.2f %8.2f %8.2f" % (str(r["fill_pct"])+"%", r["distribution"], r["iops"], r["write_amplification"], r["greedy_bound"], r["gc_moved_per_client_byte"]))' "$row"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%-8s %-9s %10.0f %8.2f %8.2f %8.2f %8.2f %8.2f" % (str(r["fill_pct"])+"%", r["distribution"], r["iops"], r["write_amplification"], r["greedy_bound"], r["gc_moved_per_client_byte"], r["gc_read_per_client_byte"], r["gc_from_cache_per_client_byte"]))' "$row"
   done
 done
 

@@ -183,6 +183,10 @@ pub struct Stats {
     pub reclaimable_bytes: u64,
     /// Payload bytes the cleaner has moved since the pool was opened.
     pub gc_bytes_moved: u64,
+    /// Bytes the cleaner read from devices to move victims' live blocks.
+    pub gc_bytes_read: u64,
+    /// Payload bytes the cleaner took from the block cache instead of reading them.
+    pub gc_bytes_from_cache: u64,
     /// Device bytes written / client bytes written since the pool was opened.
     pub write_amplification: f64,
     /// Segments the running cleaning pass is emptying (0 when idle).

@@ -105,6 +105,14 @@ impl BlockCache {
         }
     }
 
+    /// The cached plaintext of `id` at `generation`, neither marked as used nor counted: for
+    /// the cleaner, whose look-ups say nothing about what clients read next.
+    pub fn peek(&self, id: u64, generation: u32) -> Option<Bytes> {
+        let &i = self.map.get(&id)?;
+        let s = &self.slots[i as usize];
+        (s.generation == generation).then(|| s.data.clone())
+    }
+
     /// Whether block `id` at `generation` is cached (no hit or miss counted).
     pub fn contains(&self, id: u64, generation: u32) -> bool {
         self.map
