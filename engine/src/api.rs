@@ -187,6 +187,9 @@ pub struct Stats {
     pub gc_bytes_read: u64,
     /// Payload bytes the cleaner took from the block cache instead of reading them.
     pub gc_bytes_from_cache: u64,
+    /// Cached copies the cleaner found not to match their block's checksum (and read from the
+    /// device instead): memory gone bad, or a bug; 0 on a healthy pool.
+    pub gc_cache_mismatches: u64,
     /// Device bytes written / client bytes written since the pool was opened.
     pub write_amplification: f64,
     /// Segments the running cleaning pass is emptying (0 when idle).
