@@ -440,10 +440,11 @@ impl Inner {
         }
         let margin = 2 * self.write_back_limit + self.geo.segment_bytes * self.chains() as u64;
         let floor = self.wb_min_free.load(Ordering::Relaxed);
+        // Half the room: a block alone in its record takes a page of header too.
         let budget = if space.stored_bytes + margin > self.usable_bytes {
             0
         } else {
-            (space.free_segments.saturating_sub(floor) as u64 * self.geo.segment_bytes)
+            (space.free_segments.saturating_sub(floor) as u64 * self.geo.segment_bytes / 2)
                 .min(self.write_back_limit)
         };
         self.wb_budget.store(budget, Ordering::Release);
@@ -711,7 +712,7 @@ impl Inner {
         // Lock order: checkpoint state before space.
         let ckpt_seq = self.ckpt.lock().seq_end;
         let (victims, moves_by_victim) = {
-            let space = self.space.lock();
+            let mut space = self.space.lock();
             let now = self.seq.load(Ordering::Acquire);
             let mut cands: Vec<(f64, u32)> = space
                 .seg_state
@@ -751,6 +752,7 @@ impl Inner {
                 taken += live;
                 victims.push(s);
             }
+            space.cleaning.clone_from(&victims);
             // Oldest victims first: their live blocks are the coldest, and the pass's moves
             // land back to back in this order, so blocks of like age share segments (LFS sorts
             // moved blocks by age for the same reason).
@@ -868,10 +870,16 @@ impl Inner {
                     }
                 }
             }
-            // Reads still in flight after an error end with the scope.
+            // Gathers still running after an error are waited for here: the scope would
+            // re-raise a panic of one of them on this thread.
+            for h in reading.take().unwrap_or_default() {
+                let _ = h.join();
+            }
         });
         // Whatever was sent is written and waited for, even after an error.
         let finished = self.finish_moves(&rx, sent - waited);
+        // No move of this pass is pending any more.
+        self.space.lock().cleaning.clear();
         self.counters.gc_cleaning.store(0, Ordering::Relaxed);
         result?;
         finished?;
@@ -1041,6 +1049,7 @@ impl Inner {
                     // Every marked segment still free was taken; the others are in use again.
                     space.undiscarded_count = 0;
                 }
+                self.note_write_back_room(&space);
             }
             taken
         };
@@ -1439,6 +1448,7 @@ impl Inner {
                     }
                 }
             }
+            self.note_write_back_room(&space);
             got
         };
         let mut write = || -> Result<()> {

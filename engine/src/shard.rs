@@ -1885,11 +1885,12 @@ impl Shard {
         }
         if self.pos.next == NO_SEGMENT {
             let reserve = self.inner.ckpt_reserve();
-            let next = self
-                .inner
-                .space
-                .lock()
-                .alloc_segment(SegState::Next, reserve);
+            let next = {
+                let mut space = self.inner.space.lock();
+                let next = space.alloc_segment(SegState::Next, reserve);
+                self.inner.note_write_back_room(&space);
+                next
+            };
             if let Some(next) = next {
                 self.pos.next = next;
                 self.preallocate(next);
@@ -1927,6 +1928,7 @@ impl Shard {
         let next = space
             .alloc_segment(SegState::Next, reserve)
             .unwrap_or(NO_SEGMENT);
+        self.inner.note_write_back_room(&space);
         drop(space);
         self.pos.segment = seg;
         self.pos.next = next;

@@ -66,6 +66,11 @@ pub struct Space {
     next_seg_hint: usize,
     pub stored_bytes: u64,
     pub live_blocks: u64,
+    /// Victims of the running cleaning pass: a checkpoint does not free them even once their
+    /// blocks all died. Freed and reused meanwhile, one could take a new block under a reused
+    /// id at the very place a pending move copied its old one from, and the move would then
+    /// pass for current (`relocate` checks the place).
+    pub cleaning: Vec<u32>,
 }
 
 impl Space {
@@ -82,6 +87,7 @@ impl Space {
             next_seg_hint: 0,
             stored_bytes: 0,
             live_blocks: 0,
+            cleaning: Vec::new(),
         }
     }
 
@@ -284,6 +290,7 @@ impl Space {
                     sealed <= seq_end
                         && self.seg_live[s] == 0
                         && live_then.get(s).copied().unwrap_or(0) == 0
+                        && !self.cleaning.contains(&(s as u32))
                 }
                 _ => false,
             };
