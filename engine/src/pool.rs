@@ -32,7 +32,7 @@ use crate::lbamap::shard_of;
 use crate::recovery::{scan_chain, Entry};
 use crate::reduce::DedupIndex;
 use crate::shard::{
-    decode_entry, trim_owned, PayloadFault, Relocation, Shard, ShardMsg, ShardPosition,
+    decode_entry, trim_owned, Members, PayloadFault, Relocation, Shard, ShardMsg, ShardPosition,
 };
 use crate::space::{BlockEntry, SegState, Space};
 use crate::volume::{Volume, VolumeState};
@@ -1091,17 +1091,17 @@ impl Inner {
         live.sort_unstable_by_key(|(_, e)| e.offset);
         // One relocation per stored payload, with every live block it holds (the blocks of a
         // compressed group share one payload).
-        let mut payloads: Vec<Relocation> = Vec::new();
+        let mut payloads: Vec<Relocation> = Vec::with_capacity(live.len());
         // Stored length of each payload.
-        let mut lens: Vec<usize> = Vec::new();
+        let mut lens: Vec<usize> = Vec::with_capacity(live.len());
         // (payload index, block id, generation) of raw blocks to look for in the caches.
-        let mut wanted: Vec<(usize, u64, u32)> = Vec::new();
+        let mut wanted: Vec<(usize, u64, u32)> = Vec::with_capacity(live.len());
         for &&(id, e) in &live {
             if e.offset as usize + usize::from(e.stored_len) > seg_bytes {
                 continue;
             }
             match payloads.last_mut() {
-                Some(r) if r.from_offset == e.offset => r.members.push((id, e.flags)),
+                Some(r) if r.from_offset == e.offset => r.members.push(id, e.flags),
                 _ => {
                     if e.flags & crate::format::FLAG_LZ4 == 0
                         && u64::from(e.stored_len) == BLOCK_BYTES
@@ -1114,13 +1114,13 @@ impl Inner {
                         from_offset: e.offset,
                         data: Bytes::new(),
                         crc: e.crc,
-                        members: vec![(id, e.flags)],
+                        members: Members::one(id, e.flags),
                         from_cache: false,
                     });
                 }
             }
         }
-        let mut found: Vec<(usize, Bytes)> = Vec::new();
+        let mut found: Vec<(usize, Bytes)> = Vec::with_capacity(live.len());
         for cache in &self.caches {
             if wanted.is_empty() {
                 break;

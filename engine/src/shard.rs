@@ -143,16 +143,49 @@ pub(crate) struct Relocation {
     pub data: Bytes,
     pub crc: u32,
     /// Live blocks stored in this payload: (block id, flags).
-    pub members: Vec<(u64, u16)>,
+    pub members: Members,
     /// `data` is the block cache's copy, not the device's: checked against `crc` once copied
     /// into the record (where it is hot), and not moved if it differs.
     pub from_cache: bool,
 }
 
+/// The live blocks of one payload: one for an uncompressed block, up to 16 for a compressed
+/// group. The first is inline: a `Vec` per moved block was most of the cleaner's mallocs.
+#[derive(Debug, Clone)]
+pub(crate) struct Members {
+    first: (u64, u16),
+    rest: Vec<(u64, u16)>,
+}
+
+impl Members {
+    pub fn one(id: u64, flags: u16) -> Self {
+        Members {
+            first: (id, flags),
+            rest: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, id: u64, flags: u16) {
+        self.rest.push((id, flags));
+    }
+
+    pub fn first(&self) -> (u64, u16) {
+        self.first
+    }
+
+    pub fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(u64, u16)> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+}
+
 impl Relocation {
     /// Uncompressed payloads keep their own 4 KiB-aligned slot.
     fn is_raw(&self) -> bool {
-        self.members.first().is_none_or(|&(_, f)| f & FLAG_LZ4 == 0)
+        self.members.first().1 & FLAG_LZ4 == 0
     }
 }
 
@@ -361,7 +394,7 @@ impl Item {
 
     fn entries(&self) -> usize {
         match self {
-            Item::Move { rel, .. } => rel.members.len().max(1),
+            Item::Move { rel, .. } => rel.members.len(),
             _ => 1,
         }
     }
@@ -1387,7 +1420,7 @@ impl Shard {
     /// The cleaner took `rel` from the block cache and it does not match the block's CRC: drop
     /// the block from every cache (readers would get the same bad copy) and say so.
     fn cache_copy_differs(&self, rel: &Relocation) {
-        for &(id, _) in &rel.members {
+        for &(id, _) in rel.members.iter() {
             for cache in &self.inner.caches {
                 cache.lock().forget(id);
             }
@@ -1404,7 +1437,7 @@ impl Shard {
         eprintln!(
             "ingot: the cached copy of block {} (segment {} offset {}) does not match its \
              checksum; dropped from the cache, the cleaner reads it from the device",
-            rel.members.first().map_or(0, |m| m.0),
+            rel.members.first().0,
             rel.from_segment,
             rel.from_offset
         );
