@@ -294,6 +294,9 @@ const VICTIM_READS: usize = 4;
 /// Largest single read of a victim segment (see `gather_victim`).
 const VICTIM_READ_PIECE: usize = 1 << 20;
 /// Dead (or cached) bytes between two payloads a victim read spans rather than split in two.
+/// Small reads cost more than the bytes they skip here: reading only the live blocks of ~68%-live
+/// victims (no gap) read 2.6-3.0 bytes per client byte instead of 3.2, but gave 18.8k IOPS at
+/// 90% full with a 64 MiB cache, against 42.7-45.8k with 16 KiB gaps.
 const VICTIM_READ_GAP: usize = 16 << 10;
 
 /// Payload bytes a pool of this geometry takes: its segments less what a full pool's checkpoint
