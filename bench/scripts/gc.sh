@@ -2,7 +2,8 @@
 # Cleaner benchmark: sustained 4k random-overwrite IOPS and write amplification of a pool filled
 # to 10% ("empty"), 50%, 80% and 90% of its usable capacity, with uniform and skewed
 # (zipf:1.2) overwrites; then the p99 latency of 4k reads with the cleaner idle, during an
-# `ingot gc` pass, and during overwrites that keep the cleaner busy.
+# `ingot gc` pass, during overwrites that keep the cleaner busy, and during the same overwrites of
+# a pool at 10% full (the cleaner idle: what the writes alone cost the reads).
 #
 # Each point: a fresh pool of POOL_SIZE, one volume of FILL% of `usable_bytes` (no dedup, no
 # compression: fio's buffers would not reduce anyway), written sequentially, overwritten at
@@ -136,15 +137,24 @@ overwrite random >/dev/null &
 OWPID=$!
 during_ow=$(readlat)
 wait $OWPID || true
+# The same overwrites on a pool at 10% full, where the cleaner has nothing to do: what the
+# reads pay for the writes alone.
+step "read latency during overwrites at 10% full (cleaner idle)"
+start_pool 10
+overwrite random >/dev/null &
+OWPID=$!
+during_ow_empty=$(readlat)
+wait $OWPID || true
 echo "," >>"$RESULTS"
-python3 - "$idle" "$during_gc" "$during_ow" >>"$RESULTS" <<'EOF'
+python3 - "$idle" "$during_gc" "$during_ow" "$during_ow_empty" >>"$RESULTS" <<'EOF'
 import json, sys
 p = [list(map(float, a.split())) for a in sys.argv[1:]]
-print(json.dumps({"read_p99_us": {"cleaner_idle": p[0][0], "during_gc_pass": p[1][0], "during_overwrites": p[2][0]},
-                  "read_iops": {"cleaner_idle": p[0][1], "during_gc_pass": p[1][1], "during_overwrites": p[2][1]}}))
+keys = ["cleaner_idle", "during_gc_pass", "during_overwrites", "during_overwrites_10pct_full"]
+print(json.dumps({"read_p99_us": {k: v[0] for k, v in zip(keys, p)},
+                  "read_iops": {k: v[1] for k, v in zip(keys, p)}}))
 EOF
 echo "]" >>"$RESULTS"
-printf '\n4k read QD1 p99 (us) / IOPS at 80%% full: cleaner idle %s, during ingot gc %s, during overwrites %s\n' \
-  "$idle" "$during_gc" "$during_ow"
+printf '\n4k read QD1 p99 (us) / IOPS at 80%% full: cleaner idle %s, during ingot gc %s, during overwrites %s; during overwrites at 10%% full %s\n' \
+  "$idle" "$during_gc" "$during_ow" "$during_ow_empty"
 stop_server
 rm -rf "$DIR/pool"

@@ -50,6 +50,8 @@ impl WriteBack {
                 self.len, self.offset, self.volume.name
             ));
         }
+        self.inner
+            .mark_early(self.volume.id, self.offset, self.len, true);
         self.inner.write_back_done(self.len);
     }
 }

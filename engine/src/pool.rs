@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -246,6 +246,12 @@ pub(crate) struct Inner {
     pub(crate) wb_jobs: AtomicU64,
     /// Writes acknowledged early since open.
     wb_total: AtomicU64,
+    /// Early writes not yet applied, counted per block in slots hashed from (volume, LBA): a
+    /// read whose blocks all count zero may be served from the cache on the caller's thread,
+    /// as no early write to them can still be on its way to the map. Without it, every read
+    /// went through the shards while any early write was outstanding: 4k reads at QD1 waited
+    /// behind the writes queued there (p99 3.4 ms during 120k overwrites a second).
+    wb_pending: Box<[AtomicU32]>,
     /// Free segments early writes leave alone: the data reserve and one more (a segment may be
     /// taken between two looks; shards look again at every roll-over, the cleaner at every
     /// free), kept by the checkpointer (computing the reserve walks the maps). Early writes
@@ -289,6 +295,10 @@ pub(crate) const FAULT_PLACEHOLDER: &str = "(see the log for the message)";
 /// (every free segment of a block device, discarded once), the checkpointer gives them back a
 /// few at a time between its other work instead of in one long stretch.
 const GIVE_BACK_PER_CALL: usize = 64;
+/// Slots of the early-write counts (`Inner::wb_pending`): 64 Ki, 256 KiB, few false
+/// positives with the 64 MiB of early writes a pool holds at most under 4k writes.
+const WB_PENDING_BITS: u32 = 16;
+const WB_PENDING_SLOTS: usize = 1 << WB_PENDING_BITS;
 /// Victim segments the cleaner reads at once.
 const VICTIM_READS: usize = 4;
 /// Largest single read of a victim segment (see `gather_victim`).
@@ -409,6 +419,31 @@ impl Inner {
     /// `PoolOptions::write_back_bytes` (0: write-back off).
     pub(crate) fn write_back_limit(&self) -> u64 {
         self.write_back_limit
+    }
+
+    fn wb_slot(vol: u32, lba: u64) -> usize {
+        let h = (u64::from(vol) << 40 ^ lba).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> (64 - WB_PENDING_BITS)) as usize
+    }
+
+    /// Count the blocks of an early write of `len` bytes at `offset` of volume `vol` as pending
+    /// (before it is sent to its shards and acknowledged) or, with `done`, no longer (after
+    /// its records are applied: the maps hold it).
+    pub(crate) fn mark_early(&self, vol: u32, offset: u64, len: u64, done: bool) {
+        for lba in offset / BLOCK_BYTES..(offset + len).div_ceil(BLOCK_BYTES) {
+            let slot = &self.wb_pending[Self::wb_slot(vol, lba)];
+            if done {
+                slot.fetch_sub(1, Ordering::Release);
+            } else {
+                slot.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Whether an early write to block `lba` of volume `vol` may not be applied yet (or one to
+    /// a block sharing its slot).
+    pub(crate) fn early_pending(&self, vol: u32, lba: u64) -> bool {
+        self.wb_pending[Self::wb_slot(vol, lba)].load(Ordering::Acquire) != 0
     }
 
     /// An early write's records all applied (or failed).
@@ -2245,6 +2280,7 @@ impl Pool {
             wb_bytes: AtomicU64::new(0),
             wb_jobs: AtomicU64::new(0),
             wb_total: AtomicU64::new(0),
+            wb_pending: (0..WB_PENDING_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             wb_min_free: AtomicUsize::new(usize::MAX),
             wb_budget: AtomicU64::new(0),
         });

@@ -209,6 +209,7 @@ impl Volume {
             && len % BLOCK_BYTES == 0
             && inner.write_back_admits(len);
         let (job, ack) = if early {
+            inner.mark_early(self.state.id, offset, len, false);
             let wb = WriteBack {
                 inner: inner.clone(),
                 volume: self.state.clone(),
@@ -262,8 +263,11 @@ impl Volume {
         let last = (offset + len - 1) / BLOCK_BYTES;
         let count = (last - first + 1) as usize;
         // A write acknowledged early may still be on its way to the map: its shard orders
-        // the read after it.
-        if count > MAX_CACHED_READ_BLOCKS || self.inner.wb_jobs.load(Ordering::Acquire) != 0 {
+        // the read after it. Counted before its acknowledgement and uncounted once applied, so
+        // a zero here means any early write acknowledged before this read is in the map.
+        if count > MAX_CACHED_READ_BLOCKS
+            || (first..=last).any(|lba| self.inner.early_pending(self.state.id, lba))
+        {
             return None;
         }
         let shards = self.inner.shards();

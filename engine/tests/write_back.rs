@@ -387,3 +387,65 @@ fn early_writes_go_on_while_the_cleaner_works() {
     let report = pool.check(&mut |_, _| {});
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// Reads on other threads (served from the cache on their own thread whenever no early write to
+/// their blocks is pending) never return a block older than the last write acknowledged before
+/// the read began.
+#[test]
+fn concurrent_reads_never_see_a_block_older_than_an_acknowledged_write() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(IoKind::Uring, None);
+    o.cache_bytes = Some(64 << 20);
+    let pool = create(dir.path(), &o);
+    let v = pool.volume("v").unwrap();
+    // Version `n` of a block carries `n` in its first 8 bytes.
+    let versioned = |lba: u64, n: u64| {
+        let mut b = block(lba, n);
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        b
+    };
+    for lba in 0..VOL_BLOCKS {
+        v.write(lba * BLOCK as u64, &versioned(lba, 1), false)
+            .unwrap();
+    }
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..VOL_BLOCKS).map(|_| AtomicU64::new(1)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2u64)
+        .map(|r| {
+            let (v, acked, stop) = (pool.volume("v").unwrap(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x51_7cc1_b727_220a ^ r;
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let lba = next(&mut x) % VOL_BLOCKS;
+                    let min = acked[lba as usize].load(Ordering::Acquire);
+                    let got = v.read(lba * BLOCK as u64, BLOCK as u32).unwrap();
+                    let n = u64::from_le_bytes(got[..8].try_into().unwrap());
+                    assert!(
+                        n >= min,
+                        "block {lba}: read version {n} after {min} was acknowledged"
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut x = 0xdead_beef_u64;
+    for n in 2..=30_000u64 {
+        let lba = next(&mut x) % VOL_BLOCKS;
+        v.write(lba * BLOCK as u64, &versioned(lba, n), false)
+            .unwrap();
+        acked[lba as usize].store(n, Ordering::Release);
+    }
+    stop.store(true, Ordering::Release);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    assert!(
+        pool.stats().write_back_writes > 0,
+        "nothing went through write-back"
+    );
+    pool.shutdown().unwrap();
+}
