@@ -3253,13 +3253,10 @@ mod tests {
 
     /// Block `lba` at version `n`: unique, incompressible.
     fn block(lba: u64, n: u64) -> Vec<u8> {
-        let mut x = (lba << 20 | n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..BLOCK_BYTES / 8)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
+            .flat_map(|i| {
+                let key = [lba, n, i].map(u64::to_le_bytes).concat();
+                xxhash_rust::xxh3::xxh3_64(&key).to_le_bytes()
             })
             .collect()
     }

@@ -51,6 +51,26 @@ fn next(x: &mut u64) -> u64 {
     *x
 }
 
+/// Stop `pool` without a checkpoint, lose every write not synced (a power cut), open it again.
+fn cut_power_and_reopen(
+    pool: Pool,
+    dir: &std::path::Path,
+    plan: &Arc<FaultPlan>,
+    o: &PoolOptions,
+) -> Pool {
+    pool.halt();
+    drop(pool);
+    let files = FileSet::open(&[dir.join("dev0.img")]).unwrap();
+    FaultDevices::power_cut(plan, &files, CutMode::LoseAll).unwrap();
+    drop(files);
+    Pool::open(dir, o).unwrap()
+}
+
+fn assert_consistent(pool: &Pool) {
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 fn reads_see_every_acknowledged_write(io: IoKind) {
     let dir = tempfile::tempdir().unwrap();
     let pool = create(dir.path(), &opts(io, None));
@@ -160,12 +180,7 @@ fn a_flush_covers_early_writes(io: IoKind) {
     for lba in (0..VOL_BLOCKS).step_by(3) {
         v.write(lba * BLOCK as u64, &block(lba, 2), false).unwrap();
     }
-    pool.halt();
-    drop(pool);
-    let files = FileSet::open(&[dir.path().join("dev0.img")]).unwrap();
-    FaultDevices::power_cut(&plan, &files, CutMode::LoseAll).unwrap();
-    drop(files);
-    let pool = Pool::open(dir.path(), &o).unwrap();
+    let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
     let v = pool.volume("v").unwrap();
     for lba in 0..VOL_BLOCKS {
         let got = v.read(lba * BLOCK as u64, BLOCK as u32).unwrap();
@@ -175,8 +190,7 @@ fn a_flush_covers_early_writes(io: IoKind) {
             "block {lba} lost what was flushed"
         );
     }
-    let report = pool.check(&mut |_, _| {});
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_consistent(&pool);
 }
 
 #[test]
@@ -226,8 +240,7 @@ fn a_failed_early_write_halts_the_pool() {
     }
     let first = v.read(0, BLOCK as u32).unwrap();
     assert!(first == block(0, 1) || first == block(0, 2));
-    let report = pool.check(&mut |_, _| {});
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_consistent(&pool);
 }
 
 /// With write-back off, a write is acknowledged once stored: a failure is the write's error.
@@ -370,12 +383,7 @@ fn early_writes_go_on_while_the_cleaner_works() {
         early > writes / 2,
         "only {early} of {writes} overwrites were acknowledged early"
     );
-    pool.halt();
-    drop(pool);
-    let files = FileSet::open(&[dir.path().join("dev0.img")]).unwrap();
-    FaultDevices::power_cut(&plan, &files, CutMode::LoseAll).unwrap();
-    drop(files);
-    let pool = Pool::open(dir.path(), &o).unwrap();
+    let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
     let v = pool.volume("full").unwrap();
     for lba in 0..blocks {
         let got = v.read(lba * BLOCK as u64, BLOCK as u32).unwrap();
@@ -384,8 +392,7 @@ fn early_writes_go_on_while_the_cleaner_works() {
             "block {lba} lost what was flushed"
         );
     }
-    let report = pool.check(&mut |_, _| {});
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_consistent(&pool);
 }
 
 /// Reads on other threads (served from the cache on their own thread whenever no early write to
