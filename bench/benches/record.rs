@@ -1,8 +1,10 @@
 //! Record encode and decode (`ingot_engine::format`): a full data record's header area (header
-//! plus 256 entries, sealed with its CRC), decoded and verified as replay does.
+//! plus 256 entries, sealed with its keyed MAC), decoded and verified as replay does.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use ingot_engine::format::{DataEntry, RecordHeader, RecordKind, MAX_RECORD_ENTRIES};
+use ingot_engine::format::{
+    DataEntry, LogKey, RecordHeader, RecordKind, RecordSeal, FORMAT_VERSION, MAX_RECORD_ENTRIES,
+};
 
 fn entry(i: usize) -> DataEntry {
     DataEntry {
@@ -21,6 +23,7 @@ fn entry(i: usize) -> DataEntry {
 fn header(entries: usize) -> RecordHeader {
     let area = RecordHeader::header_area(entries, DataEntry::BYTES);
     RecordHeader {
+        version: FORMAT_VERSION as u16,
         kind: RecordKind::Data,
         seq: 77,
         shard_seq: 12,
@@ -36,6 +39,12 @@ fn header(entries: usize) -> RecordHeader {
 
 fn record(c: &mut Criterion) {
     let mut g = c.benchmark_group("record");
+    let key = LogKey([0x5a; 32]);
+    let seal = RecordSeal {
+        key: &key,
+        nonce: [7; 16],
+        offset: 1 << 20,
+    };
     for entries in [1usize, 32, MAX_RECORD_ENTRIES] {
         let h = header(entries);
         let es: Vec<DataEntry> = (0..entries).map(entry).collect();
@@ -47,16 +56,16 @@ fn record(c: &mut Criterion) {
                     let at = RecordHeader::BYTES + i * DataEntry::BYTES;
                     e.encode(&mut area[at..at + DataEntry::BYTES]);
                 }
-                h.encode_and_seal(black_box(&mut area), DataEntry::BYTES);
+                h.encode_and_seal(black_box(&mut area), DataEntry::BYTES, &seal);
             })
         });
         g.bench_function(format!("decode_and_verify/{entries}"), |b| {
             b.iter(|| {
                 let d = RecordHeader::decode(black_box(&area)).expect("valid header");
-                assert!(d.verify(&area));
+                assert!(d.verify(&area, Some(&seal)));
                 let mut sum = 0u64;
                 for i in 0..d.entry_count as usize {
-                    let at = RecordHeader::BYTES + i * DataEntry::BYTES;
+                    let at = d.entries_at() + i * DataEntry::BYTES;
                     sum += DataEntry::decode(&area[at..at + DataEntry::BYTES])
                         .expect("valid entry")
                         .lba;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::format::{
     CheckpointHeader, Get, CHAIN_DATA, CHAIN_MOVES, CHECKPOINT_FRAME_BYTES, CHECKPOINT_LZ4,
-    CHECKPOINT_VERSION_MOVE_CHAINS, FORMAT_VERSION, MAP_PAGE_ENTRIES,
+    CHECKPOINT_VERSION_MOVE_CHAINS, CHECKPOINT_VERSION_PLAIN, MAP_PAGE_ENTRIES,
 };
 use crate::lbamap::MapPage;
 use crate::shard::ShardPosition;
@@ -71,7 +71,7 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         version: if img.shards.len() > img.data_chains {
             CHECKPOINT_VERSION_MOVE_CHAINS
         } else {
-            FORMAT_VERSION
+            CHECKPOINT_VERSION_PLAIN
         },
     }
     .encode(&mut out);
@@ -243,6 +243,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             offset,
             next,
             shard_seq: g.u64()?,
+            nonce: None,
         });
     }
     let mut index = Vec::with_capacity(h.index_count.min(g.remaining() as u64 / 16) as usize);
@@ -283,6 +284,7 @@ mod tests {
                     offset: 4096,
                     next: 10 + i,
                     shard_seq: u64::from(i),
+                    nonce: None,
                 })
                 .collect(),
             data_chains,
@@ -305,7 +307,7 @@ mod tests {
     fn checkpoint_without_move_chain_stays_version_1() {
         let blob = encode(&image(2, 2));
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
-        assert_eq!(h.version, FORMAT_VERSION);
+        assert_eq!(h.version, CHECKPOINT_VERSION_PLAIN);
         let img = decode(&blob, 16).unwrap();
         assert_eq!((img.data_chains, img.shards.len()), (2, 2));
     }

@@ -1,6 +1,9 @@
 //! Every on-disk structure, in one place. All integers are little-endian. Each structure starts
 //! with a magic and carries a format version and a CRC-32 (IEEE, `crc32fast`) of its own bytes,
-//! so a torn, misdirected or foreign write is recognised before anything trusts it.
+//! so a torn, misdirected or foreign write is recognised before anything trusts it. Segment
+//! headers and records also carry a MAC under the pool's secret [`LogKey`]: they share segments
+//! with client payloads, and only the MAC tells them apart from a payload crafted to look like
+//! them (version 2; version 1 pools are upgraded when opened).
 //!
 //! Device layout (each backing file or block device):
 //! ```text
@@ -16,7 +19,7 @@
 use crate::error::{Error, Result};
 
 /// Current on-disk format version (superblock, segment, record, checkpoint).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Alignment of every device I/O (O_DIRECT) and of every on-disk structure.
 pub const IO_ALIGN: usize = 4096;
 /// Byte offsets of the two superblock copies; the valid one with the highest generation wins.
@@ -143,14 +146,78 @@ fn crc_with_zeroed_field(bytes: &[u8], crc_at: usize) -> u32 {
     h.finalize()
 }
 
-/// Superblock: identifies the device and points at the newest checkpoint. 128 bytes used of a
-/// 4 KiB slot; a commit writes the slot not holding the current generation, syncs, then the
-/// other slot, so a torn write always leaves one slot pointing at a checkpoint that exists.
+/// Secret key of a pool that authenticates its log: every segment header and record carries a
+/// keyed BLAKE3 MAC ([`log_mac`]) bound to where it lies and where it stands in its chain.
+/// Clients choose every byte of their payloads, which land inside segments, so a checksum alone
+/// cannot tell a record from a payload that imitates one (or that copies a genuine record); a
+/// MAC under a key that only superblocks hold can. Random per pool, never written to a segment,
+/// never reported.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LogKey(pub [u8; 32]);
+
+impl LogKey {
+    /// A fresh key from the kernel's random source.
+    pub fn generate() -> std::io::Result<LogKey> {
+        Ok(LogKey(random_bytes()?))
+    }
+}
+
+impl std::fmt::Debug for LogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogKey(..)")
+    }
+}
+
+/// `N` bytes from getrandom(2) (blocking only until the kernel's pool is first seeded).
+pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut out = [0u8; N];
+    let mut got = 0;
+    while got < N {
+        // SAFETY: the pointer and length describe the unfilled tail of `out`.
+        let n = unsafe { libc::getrandom(out[got..].as_mut_ptr().cast(), N - got, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        got += n as usize;
+    }
+    Ok(out)
+}
+
+/// Bytes of a log MAC kept on disk (a truncated keyed BLAKE3 hash).
+pub const MAC_BYTES: usize = 16;
+
+/// Keyed BLAKE3 of `parts` under `domain` (which keeps MACs of different structures apart),
+/// truncated to [`MAC_BYTES`].
+pub fn log_mac(key: &LogKey, domain: &[u8], parts: &[&[u8]]) -> [u8; MAC_BYTES] {
+    let mut h = blake3::Hasher::new_keyed(&key.0);
+    h.update(domain);
+    for p in parts {
+        h.update(p);
+    }
+    let mut out = [0u8; MAC_BYTES];
+    out.copy_from_slice(&h.finalize().as_bytes()[..MAC_BYTES]);
+    out
+}
+
+/// Compare MACs without an early exit.
+fn mac_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Superblock: identifies the device, holds the pool's [`LogKey`] and points at the newest
+/// checkpoint. 192 bytes used of a 4 KiB slot (128 in version 1); a commit writes the slot not
+/// holding the current generation, syncs, then the other slot, so a torn write always leaves
+/// one slot pointing at a checkpoint that exists. Superblocks lie below [`DATA_START`], where no
+/// client byte is ever written.
 ///
 /// | off | size | field | why |
 /// |----:|----:|---|---|
 /// | 0 | 8 | magic `INGOTSB1` | refuse foreign files |
-/// | 8 | 4 | version | refuse newer formats |
+/// | 8 | 4 | version | refuse newer formats; 1 is upgraded at open |
 /// | 12 | 2 | device_index | position of this device in the pool |
 /// | 14 | 2 | device_count | all devices must be present |
 /// | 16 | 16 | pool_uuid | devices of one pool belong together |
@@ -166,10 +233,14 @@ fn crc_with_zeroed_field(bytes: &[u8], crc_at: usize) -> u32 {
 /// | 96 | 4 | checkpoint_crc | CRC-32 of the blob |
 /// | 100 | 4 | reserved | |
 /// | 104 | 8 | created_unix | creation time |
-/// | 112 | 12 | reserved | |
-/// | 124 | 4 | crc | CRC-32 of bytes 0..128 with this field zero |
+/// | 112 | 16 | reserved | (version 1: CRC-32 of bytes 0..128 at 124) |
+/// | 128 | 32 | log_key | the pool's [`LogKey`] (version 2) |
+/// | 160 | 28 | reserved | |
+/// | 188 | 4 | crc | CRC-32 of bytes 0..192 with this field zero |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// Format version read ([`FORMAT_VERSION`] once written by this build).
+    pub version: u32,
     pub device_index: u16,
     pub device_count: u16,
     pub pool_uuid: [u8; 16],
@@ -184,12 +255,18 @@ pub struct Superblock {
     pub checkpoint_bytes: u64,
     pub checkpoint_crc: u32,
     pub created_unix: u64,
+    /// `None` in a version 1 superblock (its log is sealed by CRC-32 only).
+    pub log_key: Option<LogKey>,
 }
 
 impl Superblock {
-    pub const BYTES: usize = 128;
-    const CRC_AT: usize = 124;
+    pub const BYTES: usize = 192;
+    const CRC_AT: usize = 188;
+    const V1_BYTES: usize = 128;
+    const V1_CRC_AT: usize = 124;
 
+    /// Encode as the current version (a version 1 superblock is upgraded by writing it with a
+    /// key).
     pub fn encode(&self, out: &mut [u8]) {
         let out = &mut out[..Self::BYTES];
         out.fill(0);
@@ -210,7 +287,9 @@ impl Superblock {
             .u64(self.checkpoint_bytes)
             .u32(self.checkpoint_crc)
             .u32(0)
-            .u64(self.created_unix);
+            .u64(self.created_unix)
+            .skip(16)
+            .bytes(&self.log_key.map_or([0; 32], |k| k.0));
         let crc = crc_with_zeroed_field(out, Self::CRC_AT);
         out[Self::CRC_AT..Self::CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
     }
@@ -218,19 +297,25 @@ impl Superblock {
     /// Decode one slot. `Ok(None)` means the slot holds no superblock of ours (wrong magic);
     /// a bad checksum or version is an error so the caller can say why it refused the device.
     pub fn decode(buf: &[u8]) -> Result<Option<Superblock>, SuperblockFault> {
-        if buf.len() < Self::BYTES || buf[..8] != SUPERBLOCK_MAGIC {
+        if buf.len() < Self::V1_BYTES || buf[..8] != SUPERBLOCK_MAGIC {
             return Ok(None);
         }
-        let b = &buf[..Self::BYTES];
-        let stored = u32::from_le_bytes([b[124], b[125], b[126], b[127]]);
-        if stored != crc_with_zeroed_field(b, Self::CRC_AT) {
+        let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+        let (len, crc_at) = match version {
+            1 => (Self::V1_BYTES, Self::V1_CRC_AT),
+            FORMAT_VERSION => (Self::BYTES, Self::CRC_AT),
+            v => return Err(SuperblockFault::Version(v)),
+        };
+        let b = buf.get(..len).ok_or(SuperblockFault::Checksum)?;
+        let stored = u32::from_le_bytes([b[crc_at], b[crc_at + 1], b[crc_at + 2], b[crc_at + 3]]);
+        if stored != crc_with_zeroed_field(b, crc_at) {
             return Err(SuperblockFault::Checksum);
         }
-        let parse = || -> Result<(u32, Superblock)> {
+        let parse = || -> Result<Superblock> {
             let mut g = Get::new(b, "superblock");
-            g.skip(8)?;
-            let version = g.u32()?;
-            let sb = Superblock {
+            g.skip(12)?;
+            let mut sb = Superblock {
+                version,
                 device_index: g.u16()?,
                 device_count: g.u16()?,
                 pool_uuid: g.array()?,
@@ -248,14 +333,15 @@ impl Superblock {
                     g.skip(4)?;
                     g.u64()?
                 },
+                log_key: None,
             };
-            Ok((version, sb))
+            if version >= 2 {
+                g.skip(16)?;
+                sb.log_key = Some(LogKey(g.array()?));
+            }
+            Ok(sb)
         };
-        let (version, sb) = parse().map_err(|_| SuperblockFault::Checksum)?;
-        if version != FORMAT_VERSION {
-            return Err(SuperblockFault::Version(version));
-        }
-        Ok(Some(sb))
+        parse().map(Some).map_err(|_| SuperblockFault::Checksum)
     }
 }
 
@@ -274,7 +360,7 @@ pub enum SegmentKind {
     Checkpoint = 2,
 }
 
-/// First 64 bytes of the first 4 KiB block of every segment in use.
+/// First 80 bytes of the first 4 KiB block of every segment in use (64 in version 1).
 ///
 /// | off | size | field | why |
 /// |----:|----:|---|---|
@@ -287,8 +373,9 @@ pub enum SegmentKind {
 /// | 16 | 16 | pool_uuid | rejects segments of another pool |
 /// | 32 | 8 | epoch | open count of the pool when written; older epochs are stale |
 /// | 40 | 4 | next_segment | the segment this chain continues in (reserved when this one opened) |
-/// | 44 | 16 | reserved | |
+/// | 44 | 16 | nonce | random for each use of the segment; records' MACs cover it, so a copy of a record from an earlier use never verifies in a later one (version 1: reserved) |
 /// | 60 | 4 | crc | CRC-32 of bytes 0..64 with this field zero |
+/// | 64 | 16 | mac | [`log_mac`] of bytes 0..64 (version 2) |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub kind: SegmentKind,
@@ -297,13 +384,17 @@ pub struct SegmentHeader {
     pub pool_uuid: [u8; 16],
     pub epoch: u64,
     pub next_segment: u32,
+    pub nonce: [u8; 16],
 }
 
 impl SegmentHeader {
-    pub const BYTES: usize = 64;
+    pub const BYTES: usize = 80;
     const CRC_AT: usize = 60;
+    const MAC_AT: usize = 64;
+    const MAC_DOMAIN: &'static [u8] = b"ingot segment header v2";
 
-    pub fn encode(&self, out: &mut [u8]) {
+    /// Encode (current version) and seal with the CRC and the MAC under `key`.
+    pub fn encode(&self, out: &mut [u8], key: &LogKey) {
         let out = &mut out[..Self::BYTES];
         out.fill(0);
         Put::new(out)
@@ -315,14 +406,35 @@ impl SegmentHeader {
             .u16(0)
             .bytes(&self.pool_uuid)
             .u64(self.epoch)
-            .u32(self.next_segment);
-        let crc = crc_with_zeroed_field(out, Self::CRC_AT);
+            .u32(self.next_segment)
+            .bytes(&self.nonce);
+        let crc = crc_with_zeroed_field(&out[..Self::MAC_AT], Self::CRC_AT);
         out[Self::CRC_AT..Self::CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        let mac = log_mac(key, Self::MAC_DOMAIN, &[&out[..Self::MAC_AT]]);
+        out[Self::MAC_AT..].copy_from_slice(&mac);
     }
 
-    /// Decode and validate; `None` for anything that is not a valid header of our format.
+    /// Decode a header of this pool's log version: with `key` (version 2 pools) its MAC must
+    /// verify; without (a version 1 pool being upgraded) it must be a version 1 header.
+    pub fn decode_authentic(buf: &[u8], key: Option<&LogKey>) -> Option<SegmentHeader> {
+        let (h, version) = Self::decode_any(buf)?;
+        match key {
+            Some(k) => {
+                let b = buf.get(..Self::BYTES)?;
+                let mac = log_mac(k, Self::MAC_DOMAIN, &[&b[..Self::MAC_AT]]);
+                (version == FORMAT_VERSION as u16 && mac_eq(&mac, &b[Self::MAC_AT..])).then_some(h)
+            }
+            None => (version == 1).then_some(h),
+        }
+    }
+
+    /// Parse and check the CRC only (no MAC): for tools and fuzzing.
     pub fn decode(buf: &[u8]) -> Option<SegmentHeader> {
-        let b = buf.get(..Self::BYTES)?;
+        Self::decode_any(buf).map(|(h, _)| h)
+    }
+
+    fn decode_any(buf: &[u8]) -> Option<(SegmentHeader, u16)> {
+        let b = buf.get(..Self::MAC_AT)?;
         if b[..4] != SEGMENT_MAGIC {
             return None;
         }
@@ -332,7 +444,8 @@ impl SegmentHeader {
         }
         let mut g = Get::new(b, "segment header");
         g.skip(4).ok()?;
-        if u32::from(g.u16().ok()?) != FORMAT_VERSION {
+        let version = g.u16().ok()?;
+        if version != 1 && u32::from(version) != FORMAT_VERSION {
             return None;
         }
         let kind = match g.u16().ok()? {
@@ -343,14 +456,20 @@ impl SegmentHeader {
         let segment = g.u32().ok()?;
         let shard = g.u16().ok()?;
         g.skip(2).ok()?;
-        Some(SegmentHeader {
+        let h = SegmentHeader {
             kind,
             segment,
             shard,
             pool_uuid: g.array().ok()?,
             epoch: g.u64().ok()?,
             next_segment: g.u32().ok()?,
-        })
+            nonce: if version == 1 {
+                [0; 16]
+            } else {
+                g.array().ok()?
+            },
+        };
+        Some((h, version))
     }
 }
 
@@ -366,6 +485,20 @@ pub enum RecordKind {
     /// being cleaned. `volume` is `u32::MAX` and `lba` holds the block's previous location
     /// (`segment << 32 | offset`): the move applies only if the block is still live there.
     Move = 3,
+    /// No entries: written over the header of a record whose write failed, with that record's
+    /// `shard_seq` and `record_bytes`, so that replay steps over its space to the records
+    /// after it instead of searching for them (version 2).
+    Void = 4,
+}
+
+/// What seals a version 2 record: the pool's key, the nonce of the segment's current use
+/// (from its [`SegmentHeader`]) and the record's byte offset in the segment. A record copied
+/// anywhere else, or into a later use of the same place, does not verify.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordSeal<'a> {
+    pub key: &'a LogKey,
+    pub nonce: [u8; 16],
+    pub offset: u32,
 }
 
 /// Header of a record: one write to the log, covering up to [`MAX_RECORD_ENTRIES`] entries.
@@ -385,9 +518,13 @@ pub enum RecordKind {
 /// | 48 | 8 | durable_shard_seq | records of this shard up to here were flushed: a bad payload at or below it is corruption, not a torn tail |
 /// | 56 | 2 | shard | |
 /// | 58 | 2 | reserved | |
-/// | 60 | 4 | crc | CRC-32 of the header (this field zero) and all entries |
+/// | 60 | 4 | reserved | (version 1: CRC-32 of the header, this field zero, and all entries; entries then start at 64) |
+/// | 64 | 16 | mac | [`log_mac`] of the [`RecordSeal`]'s nonce and offset, bytes 0..64 and all entries |
+///
+/// Entries follow at [`RecordHeader::BYTES`]; payloads follow the header area.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordHeader {
+    pub version: u16,
     pub kind: RecordKind,
     pub seq: u64,
     pub shard_seq: u64,
@@ -401,19 +538,36 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    pub const BYTES: usize = 64;
-    const CRC_AT: usize = 60;
+    /// Header bytes before the entries (current version).
+    pub const BYTES: usize = 80;
+    const V1_BYTES: usize = 64;
+    const V1_CRC_AT: usize = 60;
+    const FIXED: usize = 64;
+    const MAC_DOMAIN: &'static [u8] = b"ingot record v2";
 
-    /// Size of the header area for `entries` entries of `entry_bytes` each.
+    /// Size of the header area for `entries` entries of `entry_bytes` each (current version).
     pub fn header_area(entries: usize, entry_bytes: usize) -> usize {
         (Self::BYTES + entries * entry_bytes).next_multiple_of(IO_ALIGN)
     }
 
-    /// Encode into `area` (the header area, entries already placed after the header) and seal
-    /// it with the CRC over header and entries.
-    pub fn encode_and_seal(&self, area: &mut [u8], entry_bytes: usize) {
+    /// Where this record's entries start.
+    pub fn entries_at(&self) -> usize {
+        if self.version == 1 {
+            Self::V1_BYTES
+        } else {
+            Self::BYTES
+        }
+    }
+
+    fn entries_end(&self) -> usize {
+        self.entries_at() + self.entry_count as usize * self.entry_bytes()
+    }
+
+    /// Encode into `area` (the header area, entries already placed at [`RecordHeader::BYTES`])
+    /// as the current version, and seal it with the MAC over header and entries.
+    pub fn encode_and_seal(&self, area: &mut [u8], entry_bytes: usize, seal: &RecordSeal<'_>) {
         let end = Self::BYTES + self.entry_count as usize * entry_bytes;
-        Put::new(&mut area[..Self::BYTES])
+        Put::new(&mut area[..Self::FIXED])
             .bytes(&RECORD_MAGIC)
             .u16(FORMAT_VERSION as u16)
             .u16(self.kind as u16)
@@ -428,29 +582,46 @@ impl RecordHeader {
             .u16(self.shard)
             .u16(0)
             .u32(0);
-        let crc = crc_with_zeroed_field(&area[..end], Self::CRC_AT);
-        area[Self::CRC_AT..Self::CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        let mac = Self::mac(area, end, seal);
+        area[Self::FIXED..Self::BYTES].copy_from_slice(&mac);
     }
 
-    /// Decode the fixed header from the first block of a record; does not check the CRC (which
-    /// needs all entries): call [`RecordHeader::verify`] once the whole header area is read.
+    fn mac(area: &[u8], end: usize, seal: &RecordSeal<'_>) -> [u8; MAC_BYTES] {
+        log_mac(
+            seal.key,
+            Self::MAC_DOMAIN,
+            &[
+                &seal.nonce,
+                &seal.offset.to_le_bytes(),
+                &area[..Self::FIXED],
+                &area[Self::BYTES..end],
+            ],
+        )
+    }
+
+    /// Decode the fixed header from the first block of a record; does not check the seal
+    /// (which needs all entries): call [`RecordHeader::verify`] once the whole header area is
+    /// read.
     pub fn decode(buf: &[u8]) -> Option<RecordHeader> {
-        let b = buf.get(..Self::BYTES)?;
+        let b = buf.get(..Self::FIXED)?;
         if b[..4] != RECORD_MAGIC {
             return None;
         }
         let mut g = Get::new(b, "record header");
         g.skip(4).ok()?;
-        if u32::from(g.u16().ok()?) != FORMAT_VERSION {
+        let version = g.u16().ok()?;
+        if version != 1 && u32::from(version) != FORMAT_VERSION {
             return None;
         }
         let kind = match g.u16().ok()? {
             1 => RecordKind::Data,
             2 => RecordKind::Trim,
             3 => RecordKind::Move,
+            4 if version >= 2 => RecordKind::Void,
             _ => return None,
         };
         let h = RecordHeader {
+            version,
             kind,
             seq: g.u64().ok()?,
             shard_seq: g.u64().ok()?,
@@ -462,9 +633,9 @@ impl RecordHeader {
             durable_shard_seq: g.u64().ok()?,
             shard: g.u16().ok()?,
         };
-        let eb = h.entry_bytes();
         if h.entry_count as usize > MAX_RECORD_ENTRIES
-            || h.header_bytes as usize != Self::header_area(h.entry_count as usize, eb)
+            || (h.kind == RecordKind::Void && h.entry_count != 0)
+            || h.header_bytes as usize != h.entries_end().next_multiple_of(IO_ALIGN)
             || h.record_bytes < h.header_bytes
             || h.record_bytes as usize % IO_ALIGN != 0
         {
@@ -476,19 +647,26 @@ impl RecordHeader {
     pub fn entry_bytes(&self) -> usize {
         match self.kind {
             RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
-            RecordKind::Trim => TrimEntry::BYTES,
+            RecordKind::Trim | RecordKind::Void => TrimEntry::BYTES,
         }
     }
 
-    /// Check the CRC over the header and its entries (`area` is the whole header area).
-    pub fn verify(&self, area: &[u8]) -> bool {
-        let end = Self::BYTES + self.entry_count as usize * self.entry_bytes();
-        match area.get(..end) {
-            Some(b) => {
+    /// Check the seal over the header and its entries (`area` is the whole header area): the
+    /// MAC under `seal` for a version 2 record, the CRC for a version 1 record read without a
+    /// seal (a version 1 pool being upgraded). Any other combination fails.
+    pub fn verify(&self, area: &[u8], seal: Option<&RecordSeal<'_>>) -> bool {
+        let Some(b) = area.get(..self.entries_end()) else {
+            return false;
+        };
+        match (self.version, seal) {
+            (1, None) => {
                 let stored = u32::from_le_bytes([b[60], b[61], b[62], b[63]]);
-                stored == crc_with_zeroed_field(b, Self::CRC_AT)
+                stored == crc_with_zeroed_field(b, Self::V1_CRC_AT)
             }
-            None => false,
+            (v, Some(seal)) if u32::from(v) == FORMAT_VERSION => {
+                mac_eq(&Self::mac(b, b.len(), seal), &b[Self::FIXED..Self::BYTES])
+            }
+            _ => false,
         }
     }
 }
@@ -615,7 +793,7 @@ impl TrimEntry {
 /// | off | size | field |
 /// |----:|----:|---|
 /// | 0 | 4 | magic `ICKP` |
-/// | 4 | 4 | version: 1, or [`CHECKPOINT_VERSION_MOVE_CHAINS`] when a move chain follows the data chains |
+/// | 4 | 4 | version: [`CHECKPOINT_VERSION_PLAIN`], or [`CHECKPOINT_VERSION_MOVE_CHAINS`] when a move chain follows the data chains |
 /// | 8 | 8 | seq_end (records below it are included) |
 /// | 16 | 8 | epoch (records after this checkpoint carry it) |
 /// | 24 | 8 | next_block_id |
@@ -650,6 +828,9 @@ pub struct CheckpointHeader {
 
 /// Checkpoint flag: the sections after the header are LZ4 frames.
 pub const CHECKPOINT_LZ4: u8 = 1;
+/// Checkpoint version without a move chain (checkpoint versions are their own, apart from
+/// [`FORMAT_VERSION`]).
+pub const CHECKPOINT_VERSION_PLAIN: u32 = 1;
 /// Checkpoint version of pools with a move chain (binaries that predate it refuse it: they
 /// would replay it as a data shard's chain).
 pub const CHECKPOINT_VERSION_MOVE_CHAINS: u32 = 2;
@@ -687,7 +868,7 @@ impl CheckpointHeader {
             });
         }
         let version = g.u32()?;
-        if version != FORMAT_VERSION && version != CHECKPOINT_VERSION_MOVE_CHAINS {
+        if version != CHECKPOINT_VERSION_PLAIN && version != CHECKPOINT_VERSION_MOVE_CHAINS {
             return Err(Error::Corrupt {
                 what: "checkpoint version",
             });
@@ -724,9 +905,9 @@ pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn superblock_round_trip_and_checksum() {
-        let sb = Superblock {
+    fn superblock() -> Superblock {
+        Superblock {
+            version: FORMAT_VERSION,
             device_index: 0,
             device_count: 1,
             pool_uuid: [7; 16],
@@ -741,18 +922,71 @@ mod tests {
             checkpoint_bytes: 1234,
             checkpoint_crc: 0xdead_beef,
             created_unix: 1,
-        };
+            log_key: Some(LogKey([5; 32])),
+        }
+    }
+
+    #[test]
+    fn superblock_round_trip_and_checksum() {
+        let sb = superblock();
         let mut buf = vec![0u8; 4096];
         sb.encode(&mut buf);
         assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
         buf[50] ^= 1;
         assert_eq!(Superblock::decode(&buf), Err(SuperblockFault::Checksum));
+        buf[50] ^= 1;
+        buf[140] ^= 1;
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockFault::Checksum));
         assert_eq!(Superblock::decode(&[0u8; 4096]), Ok(None));
+        buf[8] = 9;
+        assert_eq!(Superblock::decode(&buf), Err(SuperblockFault::Version(9)));
     }
 
     #[test]
-    fn record_header_round_trip() {
+    fn version_1_superblock_decodes_without_a_key() {
+        // Version 1 layout: 128 bytes, CRC at 124.
+        let mut sb = superblock();
+        let mut buf = vec![0u8; 4096];
+        sb.encode(&mut buf);
+        buf[8..12].copy_from_slice(&1u32.to_le_bytes());
+        buf[128..192].fill(0);
+        let crc = crc_with_zeroed_field(&buf[..128], 124);
+        buf[124..128].copy_from_slice(&crc.to_le_bytes());
+        sb.version = 1;
+        sb.log_key = None;
+        assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
+    }
+
+    #[test]
+    fn segment_header_needs_the_key() {
+        let key = LogKey([1; 32]);
+        let h = SegmentHeader {
+            kind: SegmentKind::Data,
+            segment: 4,
+            shard: 1,
+            pool_uuid: [2; 16],
+            epoch: 3,
+            next_segment: 9,
+            nonce: [8; 16],
+        };
+        let mut buf = vec![0u8; 4096];
+        h.encode(&mut buf, &key);
+        assert_eq!(SegmentHeader::decode_authentic(&buf, Some(&key)), Some(h.clone()));
+        assert_eq!(SegmentHeader::decode_authentic(&buf, Some(&LogKey([2; 32]))), None);
+        assert_eq!(SegmentHeader::decode_authentic(&buf, None), None);
+        // Same fields, CRC recomputed by someone without the key: refused.
+        buf[40] ^= 1;
+        let crc = crc_with_zeroed_field(&buf[..64], 60);
+        buf[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(SegmentHeader::decode(&buf).is_some());
+        assert_eq!(SegmentHeader::decode_authentic(&buf, Some(&key)), None);
+    }
+
+    #[test]
+    fn record_header_round_trip_and_seal() {
+        let key = LogKey([3; 32]);
         let h = RecordHeader {
+            version: FORMAT_VERSION as u16,
             kind: RecordKind::Data,
             seq: 5,
             shard_seq: 2,
@@ -776,13 +1010,24 @@ mod tests {
                 stored_len: 4096,
                 payload_crc: 99,
             }
-            .encode(&mut area[64 + i as usize * DataEntry::BYTES..]);
+            .encode(&mut area[RecordHeader::BYTES + i as usize * DataEntry::BYTES..]);
         }
-        h.encode_and_seal(&mut area, DataEntry::BYTES);
+        let seal = RecordSeal {
+            key: &key,
+            nonce: [4; 16],
+            offset: 8192,
+        };
+        h.encode_and_seal(&mut area, DataEntry::BYTES, &seal);
         let d = RecordHeader::decode(&area).unwrap();
         assert_eq!(d, h);
-        assert!(d.verify(&area));
-        area[64 + 8] ^= 0x10;
-        assert!(!d.verify(&area));
+        assert!(d.verify(&area, Some(&seal)));
+        // Elsewhere in the segment, in another use of it, under another key, or unsealed.
+        assert!(!d.verify(&area, Some(&RecordSeal { offset: 12288, ..seal })));
+        assert!(!d.verify(&area, Some(&RecordSeal { nonce: [5; 16], ..seal })));
+        let other = LogKey([4; 32]);
+        assert!(!d.verify(&area, Some(&RecordSeal { key: &other, ..seal })));
+        assert!(!d.verify(&area, None));
+        area[RecordHeader::BYTES + 8] ^= 0x10;
+        assert!(!d.verify(&area, Some(&seal)));
     }
 }

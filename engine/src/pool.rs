@@ -21,7 +21,7 @@ use crate::cache::BlockCache;
 use crate::checkpoint::{self, Image, VolumeImage};
 use crate::error::{Error, Result};
 use crate::format::{
-    SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, FLAG_REF, IO_ALIGN,
+    LogKey, SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, FLAG_REF, IO_ALIGN,
     NO_SEGMENT, SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
 };
 use crate::io::fault::{FaultDevices, FaultPlan};
@@ -199,6 +199,10 @@ pub(crate) struct Inner {
     pub devices: SharedDevices,
     pub geo: Geometry,
     pub pool_uuid: [u8; 16],
+    /// Seals segment headers and records (see `format::LogKey`).
+    pub log_key: LogKey,
+    /// Makes segment nonces unique should the kernel's random source ever fail.
+    nonce_counter: AtomicU64,
     pub epoch: u64,
     pub space: Mutex<Space>,
     /// Next sequence number to assign.
@@ -355,6 +359,23 @@ enum CkptMsg {
 }
 
 impl Inner {
+    /// A nonce for a new use of `segment`: random, else (getrandom failing) a MAC of the
+    /// epoch, the segment and a counter, which is still unique and unguessable without the key.
+    pub fn segment_nonce(&self, segment: u32) -> [u8; 16] {
+        crate::format::random_bytes().unwrap_or_else(|_| {
+            let n = self.nonce_counter.fetch_add(1, Ordering::Relaxed);
+            crate::format::log_mac(
+                &self.log_key,
+                b"ingot segment nonce",
+                &[
+                    &self.epoch.to_le_bytes(),
+                    &segment.to_le_bytes(),
+                    &n.to_le_bytes(),
+                ],
+            )
+        })
+    }
+
     /// Make every completed write durable, on this thread: the cleaner's flush. Writes
     /// acknowledged early and not yet stored are not waited for (the shards may be waiting for
     /// the space the cleaner is about to free).
@@ -1395,6 +1416,7 @@ impl Inner {
                     offset: 0,
                     next: NO_SEGMENT,
                     shard_seq: 0,
+                    nonce: None,
                 })
             })
             .collect();
@@ -1500,8 +1522,9 @@ impl Inner {
                     pool_uuid: self.pool_uuid,
                     epoch: image.epoch,
                     next_segment: segs.get(i + 1).copied().unwrap_or(NO_SEGMENT),
+                    nonce: self.segment_nonce(seg),
                 }
-                .encode(&mut buf);
+                .encode(&mut buf, &self.log_key);
                 buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
                     .copy_from_slice(chunk);
                 let (dev, base) = self.geo.locate(seg);
@@ -1826,6 +1849,10 @@ impl Pool {
             }
         }
         let pool_uuid = random_uuid();
+        let log_key = LogKey::generate().map_err(|source| Error::File {
+            path: abs[0].clone(),
+            source,
+        })?;
         let mut first = 0u32;
         let mut buf = AlignedBuf::new(IO_ALIGN);
         let created = now_unix();
@@ -1836,6 +1863,8 @@ impl Pool {
         for d in 0..abs.len() {
             let count = (files.size(d as u16).saturating_sub(DATA_START) / seg) as u32;
             let sb = Superblock {
+                version: crate::format::FORMAT_VERSION,
+                log_key: Some(log_key),
                 device_index: d as u16,
                 device_count: abs.len() as u16,
                 pool_uuid,
@@ -1938,7 +1967,7 @@ impl Pool {
             Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
             None => base,
         };
-        let sbs = read_superblocks(&*devices, &abs)?;
+        let mut sbs = read_superblocks(&*devices, &abs)?;
         let newest = sbs
             .iter()
             .max_by_key(|s| s.generation)
@@ -1983,6 +2012,21 @@ impl Pool {
         } else {
             read_checkpoint(&*devices, &geo, &newest)?
         };
+        // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,
+        // then the recovery checkpoint below writes version 2 superblocks with a new key, and
+        // every chain starts in a fresh segment sealed under it.
+        let legacy = newest.log_key.is_none();
+        let log_key = match newest.log_key {
+            Some(k) => k,
+            None => LogKey::generate().map_err(|source| Error::File {
+                path: abs[0].clone(),
+                source,
+            })?,
+        };
+        for sb in &mut sbs {
+            sb.version = crate::format::FORMAT_VERSION;
+            sb.log_key = Some(log_key);
+        }
         for &s in &ckpt_segs {
             space.set_state(s, SegState::Checkpoint);
         }
@@ -2047,6 +2091,7 @@ impl Pool {
                 &*devices,
                 &geo,
                 &newest.pool_uuid,
+                newest.log_key.as_ref(),
                 image.epoch,
                 i as u16,
                 *pos,
@@ -2167,54 +2212,68 @@ impl Pool {
             .map(|i| ends.get(i).filter(|_| i < old_shards))
             .chain(std::iter::once(ends.get(old_shards)))
             .collect();
-        let mut starts: Vec<(u32, u32, bool)> = Vec::new();
+        // Continuing needs the segment's nonce (its header verified); an upgraded pool starts
+        // every chain afresh.
+        let mut starts: Vec<(u32, u32, Option<[u8; 16]>)> = Vec::new();
         for old_end in old_ends {
             let cont = old_end.filter(|e| {
-                e.segment != NO_SEGMENT
+                !legacy
+                    && e.nonce.is_some()
+                    && e.segment != NO_SEGMENT
                     && e.segment < geo.total_segments
                     && u64::from(e.offset) + 2 * IO_ALIGN as u64 <= geo.segment_bytes
             });
             match cont {
                 Some(e) => {
                     space.set_state(e.segment, SegState::Open);
-                    starts.push((e.segment, e.offset, false));
+                    starts.push((e.segment, e.offset, e.nonce));
                 }
-                None => starts.push((NO_SEGMENT, SEGMENT_HEADER_BYTES as u32, true)),
+                None => starts.push((NO_SEGMENT, SEGMENT_HEADER_BYTES as u32, None)),
             }
         }
-        for st in starts.iter_mut().filter(|st| st.2) {
+        for st in starts.iter_mut().filter(|st| st.2.is_none()) {
             st.0 = space
                 .alloc_segment(SegState::Open, 0)
                 .ok_or(Error::NoSpace)?;
         }
         let mut positions = Vec::new();
-        for (i, (seg, offset, fresh)) in starts.into_iter().enumerate() {
+        for (i, (seg, offset, nonce)) in starts.into_iter().enumerate() {
             let next = space
                 .alloc_segment(SegState::Next, ckpt_reserve)
                 .unwrap_or(NO_SEGMENT);
-            if fresh {
-                let mut buf = AlignedBuf::new(IO_ALIGN);
-                SegmentHeader {
-                    kind: SegmentKind::Data,
-                    segment: seg,
-                    shard: i as u16,
-                    pool_uuid: newest.pool_uuid,
-                    epoch,
-                    next_segment: next,
+            let nonce = match nonce {
+                Some(n) => n,
+                None => {
+                    let n = crate::format::random_bytes().map_err(|source| Error::File {
+                        path: abs[0].clone(),
+                        source,
+                    })?;
+                    let mut buf = AlignedBuf::new(IO_ALIGN);
+                    SegmentHeader {
+                        kind: SegmentKind::Data,
+                        segment: seg,
+                        shard: i as u16,
+                        pool_uuid: newest.pool_uuid,
+                        epoch,
+                        next_segment: next,
+                        nonce: n,
+                    }
+                    .encode(&mut buf, &log_key);
+                    let (dev, b) = geo.locate(seg);
+                    devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
+                        device: dev,
+                        offset: b,
+                        source,
+                    })?;
+                    n
                 }
-                .encode(&mut buf);
-                let (dev, b) = geo.locate(seg);
-                devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
-                    device: dev,
-                    offset: b,
-                    source,
-                })?;
-            }
+            };
             positions.push(ShardPosition {
                 segment: seg,
                 offset,
                 next,
                 shard_seq: 0,
+                nonce: Some(nonce),
             });
         }
         let (ftx, frx) = crossbeam_channel::unbounded();
@@ -2232,6 +2291,8 @@ impl Pool {
             devices: devices.clone(),
             geo,
             pool_uuid: newest.pool_uuid,
+            log_key,
+            nonce_counter: AtomicU64::new(0),
             epoch,
             space: Mutex::new(space),
             seq: AtomicU64::new(seq_end),
@@ -3220,7 +3281,7 @@ fn read_checkpoint(
                 offset: base,
                 source,
             })?;
-        let h = SegmentHeader::decode(&buf).ok_or(Error::Corrupt {
+        let h = SegmentHeader::decode_authentic(&buf, sb.log_key.as_ref()).ok_or(Error::Corrupt {
             what: "checkpoint segment header",
         })?;
         if h.kind != SegmentKind::Checkpoint || h.segment != seg || h.pool_uuid != sb.pool_uuid {

@@ -1,20 +1,32 @@
 //! Replay of the records written after the last checkpoint.
 //!
-//! Each shard's chain is read from its checkpoint position: records must carry the
-//! checkpoint's epoch, this segment's number and the next per-shard sequence number. The chain
-//! continues into the reserved next segment when its header is valid. Where the expected record
-//! is missing or unreadable (a write that failed with an error while later ones succeeded, or a
-//! torn write at a power cut), replay goes on at the next valid record of the chain in the same
-//! segment: unflushed writes carry no ordering promise, and the acknowledged ones after a failed
-//! write must survive a process crash. A missing record that a later record declares flushed
-//! (`durable_shard_seq`) makes the open fail with `Corrupt` instead of silently losing it. A
-//! record whose payload checksum fails is dropped, unless a later record says it had been
-//! flushed: then it is corruption, applied so that reads of the block report it.
+//! Each shard's chain is walked from its checkpoint position, record by record: a record must
+//! lie exactly where the previous one ended, carry the checkpoint's epoch, this segment's
+//! number, this shard and the next per-shard sequence number, and verify its MAC under the
+//! pool's key, the nonce of the segment's current use and its own offset ([`RecordSeal`]).
+//! Replay never searches for records: whatever lies past the end of the chain (payloads,
+//! stale data of earlier uses, bytes a client crafted to look like records, exact copies of
+//! genuine records) is never read as metadata. A record whose write failed is not a gap: the
+//! shard writes a `Void` record over its header, which replay steps over. The chain continues
+//! into the reserved next segment when that segment's header verifies.
+//!
+//! Where the expected record is missing or does not verify, the chain ends there (a torn write
+//! at a power cut, or the end of the log): nothing after it was flushed, since a flush waits
+//! for every record before it. One exception is checked: a header that still names the
+//! expected record but fails its MAC (bit rot) while the next record, right after it, verifies
+//! and declares it flushed (`durable_shard_seq`) makes the open fail with `Corrupt` instead of
+//! silently losing flushed writes. A record whose payload checksum fails is dropped, unless a
+//! later record says it had been flushed: then it is corruption, applied so that reads of the
+//! block report it. A read error is reported with its device and offset, never taken for the
+//! end of the log.
+//!
+//! Version 1 pools (no key) are replayed once with version 1 rules (records sealed by CRC-32,
+//! the same walk), then upgraded by the open's recovery checkpoint.
 
 use crate::error::{Error, Result};
 use crate::format::{
-    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, FLAG_REF, IO_ALIGN,
-    NO_SEGMENT, SEGMENT_HEADER_BYTES,
+    DataEntry, LogKey, RecordHeader, RecordKind, RecordSeal, SegmentHeader, SegmentKind,
+    TrimEntry, FLAG_REF, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, Devices};
 use crate::pool::Geometry;
@@ -56,8 +68,9 @@ pub(crate) struct ChainScan {
     pub records: Vec<ReplayRecord>,
     /// Every segment the chain touched (to keep until the next checkpoint).
     pub segments: Vec<u32>,
-    /// Just past the last record replayed (segment, offset, that segment's next): a new chain
-    /// may continue there instead of taking a fresh segment.
+    /// Just past the last record replayed (segment, offset, that segment's next, and the
+    /// segment's nonce when its header verified): a new chain may continue there instead of
+    /// taking a fresh segment.
     pub end: ShardPosition,
 }
 
@@ -68,90 +81,188 @@ struct Scanned {
     payload_ok: bool,
     end: u64,
     next: u32,
+    nonce: Option<[u8; 16]>,
 }
 
-/// Read one shard's chain.
+/// What a chain's records must match.
+struct Expect<'a> {
+    key: Option<&'a LogKey>,
+    pool_uuid: &'a [u8; 16],
+    epoch: u64,
+    shard: u16,
+}
+
+impl Expect<'_> {
+    /// The header at `off` of `seg` (its bytes from there on in `buf`) if it is record
+    /// `shard_seq` of this chain and verifies.
+    fn record(
+        &self,
+        buf: &[u8],
+        seg: u32,
+        off: u64,
+        seg_bytes: u64,
+        nonce: Option<[u8; 16]>,
+        shard_seq: u64,
+    ) -> Option<RecordHeader> {
+        let h = self.named(buf, seg, off, seg_bytes, shard_seq)?;
+        let area = buf.get(..h.header_bytes as usize)?;
+        let ok = match (self.key, nonce) {
+            (Some(key), Some(nonce)) => h.verify(
+                area,
+                Some(&RecordSeal {
+                    key,
+                    nonce,
+                    offset: off as u32,
+                }),
+            ),
+            (None, _) => h.verify(area, None),
+            (Some(_), None) => false,
+        };
+        ok.then_some(h)
+    }
+
+    /// The header at `off` if its fields name record `shard_seq` of this chain, before any
+    /// check of its seal.
+    fn named(
+        &self,
+        buf: &[u8],
+        seg: u32,
+        off: u64,
+        seg_bytes: u64,
+        shard_seq: u64,
+    ) -> Option<RecordHeader> {
+        let version = if self.key.is_some() {
+            crate::format::FORMAT_VERSION as u16
+        } else {
+            1
+        };
+        RecordHeader::decode(buf).filter(|h| {
+            h.version == version
+                && h.epoch == self.epoch
+                && h.segment == seg
+                && h.shard == self.shard
+                && h.shard_seq == shard_seq
+                && off + u64::from(h.record_bytes) <= seg_bytes
+        })
+    }
+
+    /// The header of `seg` if it is a data segment of this pool (authentic for its version);
+    /// `epoch` and `shard` when it must have been opened by this chain.
+    fn segment(&self, buf: &[u8], seg: u32, opened_here: bool) -> Option<SegmentHeader> {
+        SegmentHeader::decode_authentic(buf, self.key).filter(|sh| {
+            sh.kind == SegmentKind::Data
+                && sh.segment == seg
+                && &sh.pool_uuid == self.pool_uuid
+                && (!opened_here || (sh.epoch == self.epoch && sh.shard == self.shard))
+        })
+    }
+}
+
+fn read(dev: &dyn Devices, geo: &Geometry, seg: u32, at: u64, buf: &mut [u8]) -> Result<()> {
+    let (d, base) = geo.locate(seg);
+    dev.read_at(d, buf, base + at).map_err(|source| Error::Io {
+        device: d,
+        offset: base + at,
+        source,
+    })
+}
+
+/// Read one shard's chain. `key` is the pool's log key (`None` for a version 1 pool).
 pub(crate) fn scan_chain(
     dev: &dyn Devices,
     geo: &Geometry,
     pool_uuid: &[u8; 16],
+    key: Option<&LogKey>,
     epoch: u64,
     shard: u16,
     start: ShardPosition,
 ) -> Result<ChainScan> {
+    let want = Expect {
+        key,
+        pool_uuid,
+        epoch,
+        shard,
+    };
     let mut scanned: Vec<Scanned> = Vec::new();
     let mut segments = Vec::new();
-    // First missing shard_seq of each hole skipped over.
-    let mut holes: Vec<u64> = Vec::new();
     let mut seg = start.segment;
     let mut next = start.next;
     let mut off = u64::from(start.offset);
     let mut expect = start.shard_seq;
     let seg_bytes = geo.segment_bytes;
     let mut first = AlignedBuf::new(IO_ALIGN);
-    'chain: while seg != NO_SEGMENT && (seg as usize) < geo.total_segments as usize {
+    let mut start_nonce = None;
+    if seg != NO_SEGMENT && seg < geo.total_segments {
+        // The start segment may have been opened in an earlier epoch (a chain continues past a
+        // reopen): only its nonce matters here.
+        read(dev, geo, seg, 0, &mut first)?;
+        start_nonce = want.segment(&first, seg, false).map(|h| h.nonce);
+    }
+    let mut nonce = start_nonce;
+    'chain: while seg != NO_SEGMENT && seg < geo.total_segments {
         segments.push(seg);
-        let (d, base) = geo.locate(seg);
         // The rest of the segment in one read: replay is bounded by the device's sequential
         // bandwidth, not by a read per record.
         let seg_start = off.min(seg_bytes);
-        let mut segbuf = AlignedBuf::new((seg_bytes - seg_start) as usize);
         let seg_len = (seg_bytes - seg_start) as usize;
-        if seg_len > 0
-            && dev
-                .read_at(d, &mut segbuf[..seg_len], base + seg_start)
-                .is_err()
-        {
+        let mut segbuf = AlignedBuf::new(seg_len);
+        if seg_len > 0 {
+            read(dev, geo, seg, seg_start, &mut segbuf[..seg_len])?;
+        }
+        if key.is_some() && nonce.is_none() {
+            // The segment's header does not verify: nothing in it can. A header that rotted
+            // under records that were written is corruption, not an empty chain.
+            let rel = (off - seg_start) as usize;
+            if off + IO_ALIGN as u64 <= seg_bytes
+                && want
+                    .named(&segbuf[rel..], seg, off, seg_bytes, expect)
+                    .is_some()
+            {
+                return Err(Error::Corrupt {
+                    what: "a log segment's header does not verify under records written after it",
+                });
+            }
             break 'chain;
         }
         while off + IO_ALIGN as u64 <= seg_bytes {
             let rel = (off - seg_start) as usize;
-            let mut rec = RecordHeader::decode(&segbuf[rel..rel + IO_ALIGN]).filter(|h| {
-                h.epoch == epoch
-                    && h.segment == seg
-                    && h.shard == shard
-                    && h.shard_seq == expect
-                    && off + u64::from(h.record_bytes) <= seg_bytes
-            });
-            let mut buf: &[u8] = &[];
-            if let Some(h) = &rec {
-                buf = &segbuf[rel..rel + h.record_bytes as usize];
-                if !h.verify(&buf[..h.header_bytes as usize]) {
-                    rec = None;
-                }
-            }
-            let Some(h) = rec else {
-                // Not the expected record: a hole left by a failed write (later records were
-                // acknowledged after it), a torn or reordered write at a power cut, or the end
-                // of this segment's records. Go on at the next valid record of the chain in this
-                // segment, if any; holes that a later record declares flushed are refused below.
-                match find_next_record(dev, geo, seg, off + IO_ALIGN as u64, epoch, shard, expect) {
-                    Some((at, seq)) => {
-                        holes.push(expect);
-                        off = at;
-                        expect = seq;
-                        continue;
+            let Some(h) = want.record(&segbuf[rel..], seg, off, seg_bytes, nonce, expect) else {
+                // Not the expected record: the end of this segment's records (the chain goes
+                // on in the next segment if it was opened), or a torn write. A damaged header
+                // of a record that the next one declares flushed is corruption.
+                if let Some(d) = want.named(&segbuf[rel..], seg, off, seg_bytes, expect) {
+                    let after = off + u64::from(d.record_bytes);
+                    let arel = (after - seg_start) as usize;
+                    if after + IO_ALIGN as u64 <= seg_bytes {
+                        if let Some(n) =
+                            want.record(&segbuf[arel..], seg, after, seg_bytes, nonce, expect + 1)
+                        {
+                            if n.durable_shard_seq > expect {
+                                return Err(Error::Corrupt {
+                                    what: "a flushed log record's header does not verify",
+                                });
+                            }
+                        }
                     }
-                    None => break,
+                    // Named but not sealed: a torn write (or bytes imitating one). Records
+                    // after a torn one were never flushed; the chain ends here.
+                    break 'chain;
                 }
+                break;
             };
+            let buf = &segbuf[rel..rel + h.record_bytes as usize];
             let eb = h.entry_bytes();
             let mut entries = Vec::with_capacity(h.entry_count as usize);
             let mut payload_ok = true;
             for i in 0..h.entry_count as usize {
-                let at = RecordHeader::BYTES + i * eb;
+                let at = h.entries_at() + i * eb;
                 let raw = &buf[at..at + eb];
                 match h.kind {
                     RecordKind::Data => {
                         let e = DataEntry::decode(raw)?;
                         // Dedup references carry no payload.
                         if e.block_id != 0 && e.flags & FLAG_REF == 0 {
-                            let p = e.payload_offset as usize;
-                            let ok = p >= h.header_bytes as usize
-                                && p + e.stored_len as usize <= buf.len()
-                                && crc32fast::hash(&buf[p..p + e.stored_len as usize])
-                                    == e.payload_crc;
-                            payload_ok &= ok;
+                            payload_ok &= payload_matches(buf, &h, &e);
                         }
                         entries.push(Entry::Data(e));
                     }
@@ -161,14 +272,12 @@ pub(crate) fn scan_chain(
                         // is dropped: the block stays where it was, which the cleaner frees
                         // only after a checkpoint that covers the move.
                         let e = DataEntry::decode(raw)?;
-                        let p = e.payload_offset as usize;
-                        let ok = p >= h.header_bytes as usize
-                            && p + e.stored_len as usize <= buf.len()
-                            && crc32fast::hash(&buf[p..p + e.stored_len as usize]) == e.payload_crc;
-                        if ok {
+                        if payload_matches(buf, &h, &e) {
                             entries.push(Entry::Move(e));
                         }
                     }
+                    // A failed write's space: nothing to apply.
+                    RecordKind::Void => {}
                 }
             }
             scanned.push(Scanned {
@@ -184,51 +293,39 @@ pub(crate) fn scan_chain(
                 payload_ok,
                 end: off + u64::from(h.record_bytes),
                 next,
+                nonce,
             });
             expect += 1;
             off += u64::from(h.record_bytes);
         }
         // End of the records in this segment: follow the chain if the next one was opened.
-        if next == NO_SEGMENT {
+        if next == NO_SEGMENT || next >= geo.total_segments {
             break;
         }
-        let (nd, nbase) = geo.locate(next);
-        if dev.read_at(nd, &mut first, nbase).is_err() {
-            break;
-        }
-        match SegmentHeader::decode(&first) {
+        read(dev, geo, next, 0, &mut first)?;
+        match want.segment(&first, next, true) {
             // A segment already in this chain ends it: a freed segment keeps its header until
             // it is written again (always on a prefilled pool, which is never punched), and
             // headers of this epoch's earlier uses can point back into the chain. Within the
             // replayed part no segment is used twice: none is freed before a checkpoint covers it.
-            Some(sh)
-                if sh.kind == SegmentKind::Data
-                    && sh.segment == next
-                    && sh.epoch == epoch
-                    && sh.shard == shard
-                    && &sh.pool_uuid == pool_uuid
-                    && !segments.contains(&next) =>
-            {
+            Some(sh) if !segments.contains(&next) => {
                 seg = next;
                 next = sh.next_segment;
+                nonce = Some(sh.nonce);
                 off = SEGMENT_HEADER_BYTES;
             }
             _ => break,
         }
     }
     let durable = scanned.iter().map(|s| s.durable).max().unwrap_or(0);
-    // A missing or unreadable record that a later record declares flushed: its entries are
-    // unknown, so opening would silently lose a durable write.
-    if holes.iter().any(|&h| h < durable) {
-        return Err(Error::Corrupt {
-            what: "a flushed log record is missing or unreadable (bad record header)",
-        });
-    }
     // A bad payload at or below what a later record declares flushed is corruption (kept, so
     // that reads of the block report it); above it, a torn write that was never flushed
-    // (dropped, like a hole).
+    // (dropped).
     let mut records = Vec::with_capacity(scanned.len());
-    let mut end = start;
+    let mut end = ShardPosition {
+        nonce: start_nonce,
+        ..start
+    };
     for s in scanned {
         if !s.payload_ok && s.shard_seq >= durable {
             continue;
@@ -238,6 +335,7 @@ pub(crate) fn scan_chain(
             offset: s.end as u32,
             next: s.next,
             shard_seq: s.shard_seq + 1,
+            nonce: s.nonce,
         };
         records.push(s.rec);
     }
@@ -248,47 +346,11 @@ pub(crate) fn scan_chain(
     })
 }
 
-/// The first valid record of this chain in `seg` at or after byte `from` (4 KiB-aligned) with a
-/// shard_seq above `expect`: (offset, shard_seq). Records of earlier uses of the segment carry
-/// older epochs or lower shard_seqs and are passed over.
-fn find_next_record(
-    dev: &dyn Devices,
-    geo: &Geometry,
-    seg: u32,
-    from: u64,
-    epoch: u64,
-    shard: u16,
-    expect: u64,
-) -> Option<(u64, u64)> {
-    const CHUNK: u64 = 1 << 20;
-    let seg_bytes = geo.segment_bytes;
-    let (d, base) = geo.locate(seg);
-    let mut pos = from;
-    while pos + IO_ALIGN as u64 <= seg_bytes {
-        let n = (seg_bytes - pos).min(CHUNK) / IO_ALIGN as u64 * IO_ALIGN as u64;
-        let mut buf = AlignedBuf::new(n as usize);
-        if dev.read_at(d, &mut buf, base + pos).is_err() {
-            return None;
-        }
-        for i in (0..n as usize).step_by(IO_ALIGN) {
-            let Some(h) = RecordHeader::decode(&buf[i..]) else {
-                continue;
-            };
-            let at = pos + i as u64;
-            if h.epoch != epoch
-                || h.shard != shard
-                || h.segment != seg
-                || h.shard_seq <= expect
-                || at + u64::from(h.record_bytes) > seg_bytes
-            {
-                continue;
-            }
-            let mut area = AlignedBuf::new(h.header_bytes as usize);
-            if dev.read_at(d, &mut area, base + at).is_ok() && h.verify(&area) {
-                return Some((at, h.shard_seq));
-            }
-        }
-        pos += n;
-    }
-    None
+/// Whether entry `e`'s payload lies in the record's payload area and matches its CRC.
+fn payload_matches(buf: &[u8], h: &RecordHeader, e: &DataEntry) -> bool {
+    let p = e.payload_offset as usize;
+    p >= h.header_bytes as usize
+        && p.checked_add(e.stored_len as usize)
+            .is_some_and(|end| end <= buf.len())
+        && crc32fast::hash(&buf[p..p + e.stored_len as usize]) == e.payload_crc
 }

@@ -17,8 +17,9 @@ use crate::api::BLOCK_BYTES;
 use crate::cache::{BlockCache, IdMap};
 use crate::error::Error;
 use crate::format::{
-    DataEntry, RecordHeader, RecordKind, SegmentHeader, SegmentKind, TrimEntry, FLAG_LZ4, FLAG_REF,
-    IO_ALIGN, MAP_PAGE_ENTRIES, MAX_RECORD_ENTRIES, NO_SEGMENT, SEGMENT_HEADER_BYTES,
+    DataEntry, RecordHeader, RecordKind, RecordSeal, SegmentHeader, SegmentKind, TrimEntry,
+    FLAG_LZ4, FLAG_REF, IO_ALIGN, MAP_PAGE_ENTRIES, MAX_RECORD_ENTRIES, NO_SEGMENT,
+    SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, IoDone, IoOp, IoQueue, OpKind};
 use crate::job::Job;
@@ -204,6 +205,10 @@ pub(crate) struct ShardPosition {
     pub offset: u32,
     pub next: u32,
     pub shard_seq: u64,
+    /// Nonce of `segment`'s current use (from its header), which seals the records written
+    /// in it; `None` when it is not known (not stored in checkpoints: replay reads it from the
+    /// segment's header).
+    pub nonce: Option<[u8; 16]>,
 }
 
 /// Progress of one message across the records that carry it.
@@ -297,8 +302,24 @@ struct Inflight {
     shard_seq: Option<u64>,
     /// A segment header: its device and byte offset (to write it again if it fails).
     header_at: Option<(u16, u64)>,
+    /// A record: what a `Void` record written over it must say if it fails.
+    void: Option<VoidAt>,
     applies: Vec<Apply>,
     parts: Vec<Rc<Part>>,
+}
+
+/// Where a failed record lies, to write a `Void` record over its header: replay then steps
+/// over its space to the records after it (it never searches for them).
+#[derive(Clone, Copy)]
+struct VoidAt {
+    dev: u16,
+    at: u64,
+    seq: u64,
+    shard_seq: u64,
+    segment: u32,
+    offset: u32,
+    record_bytes: u32,
+    nonce: [u8; 16],
 }
 
 /// One block a read wants out of a stored payload.
@@ -438,6 +459,12 @@ pub(crate) struct Shard {
     scratch_entries: Vec<Option<BlockEntry>>,
     /// Blocks of early-acknowledged writes this shard has received and not yet applied.
     unapplied: Unapplied,
+    /// Failed records whose `Void` could not be written yet: tried again before later records
+    /// are applied, until a checkpoint makes them moot.
+    voids: Vec<VoidAt>,
+    /// The open segment's header is on the device (its write did not fail). A checkpoint
+    /// moves a chain whose header failed to a new segment: replay needs the header's nonce.
+    header_ok: bool,
 }
 
 impl Drop for Shard {
@@ -486,6 +513,8 @@ impl Shard {
             scratch_ids: Vec::new(),
             scratch_entries: Vec::new(),
             unapplied: Rc::default(),
+            voids: Vec::new(),
+            header_ok: true,
         }
     }
 
@@ -1694,8 +1723,17 @@ impl Shard {
             header_bytes: header_bytes as u32,
             durable_shard_seq: durable,
             shard: self.id as u16,
+            version: crate::format::FORMAT_VERSION as u16,
         }
-        .encode_and_seal(&mut buf[..header_bytes], entry_bytes);
+        .encode_and_seal(
+            &mut buf[..header_bytes],
+            entry_bytes,
+            &RecordSeal {
+                key: &self.inner.log_key,
+                nonce: self.nonce(),
+                offset: seg_off,
+            },
+        );
         self.pos.offset += record_bytes as u32;
         let (dev, base) = self.inner.geo.locate(segment);
         let tag = self.tag();
@@ -1725,6 +1763,16 @@ impl Shard {
             seq,
             shard_seq: Some(shard_seq),
             header_at: None,
+            void: Some(VoidAt {
+                dev,
+                at: base + u64::from(seg_off),
+                seq,
+                shard_seq,
+                segment,
+                offset: seg_off,
+                record_bytes: record_bytes as u32,
+                nonce: self.nonce(),
+            }),
             applies,
             parts,
         });
@@ -1844,7 +1892,8 @@ impl Shard {
         // The header goes through the ordered queue: no record after it is acknowledged before
         // the header itself is on the device.
         let mut buf = AlignedBuf::new(IO_ALIGN);
-        self.segment_header().encode(&mut buf);
+        self.segment_header(&mut buf);
+        self.header_ok = true;
         let (dev, base) = self.inner.geo.locate(self.pos.segment);
         let tag = self.tag();
         self.queue.push(IoOp {
@@ -1862,6 +1911,7 @@ impl Shard {
             seq: 0,
             shard_seq: None,
             header_at: Some((dev, base)),
+            void: None,
             applies: Vec::new(),
             parts: Vec::new(),
         });
@@ -1897,7 +1947,11 @@ impl Shard {
         }
     }
 
-    fn segment_header(&self) -> SegmentHeader {
+    /// The sealed header of a new use of the open segment, with a fresh nonce (which the
+    /// records written in it from now on carry in their MACs).
+    fn segment_header(&mut self, buf: &mut [u8]) {
+        let nonce = self.inner.segment_nonce(self.pos.segment);
+        self.pos.nonce = Some(nonce);
         SegmentHeader {
             kind: SegmentKind::Data,
             segment: self.pos.segment,
@@ -1905,7 +1959,56 @@ impl Shard {
             pool_uuid: self.inner.pool_uuid,
             epoch: self.inner.epoch,
             next_segment: self.pos.next,
+            nonce,
         }
+        .encode(buf, &self.inner.log_key);
+    }
+
+    /// Device and byte offset of the open segment's header.
+    fn open_header_at(&self) -> (u16, u64) {
+        self.inner.geo.locate(self.pos.segment)
+    }
+
+    /// Nonce of the open segment's current use.
+    fn nonce(&self) -> [u8; 16] {
+        debug_assert!(self.pos.nonce.is_some(), "records written before a segment header");
+        self.pos.nonce.unwrap_or_default()
+    }
+
+    /// Write a `Void` record over a failed record's header, synchronously; `false` if the
+    /// device refused it too.
+    fn write_void(&self, v: &VoidAt) -> bool {
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        RecordHeader {
+            version: crate::format::FORMAT_VERSION as u16,
+            kind: RecordKind::Void,
+            seq: v.seq,
+            shard_seq: v.shard_seq,
+            epoch: self.inner.epoch,
+            segment: v.segment,
+            entry_count: 0,
+            record_bytes: v.record_bytes,
+            header_bytes: IO_ALIGN as u32,
+            durable_shard_seq: 0,
+            shard: self.id as u16,
+        }
+        .encode_and_seal(
+            &mut buf,
+            TrimEntry::BYTES,
+            &RecordSeal {
+                key: &self.inner.log_key,
+                nonce: v.nonce,
+                offset: v.offset,
+            },
+        );
+        self.inner.devices.write_at(v.dev, &buf, v.at).is_ok()
+    }
+
+    /// Try the `Void` records still owed again (before a later record is acknowledged).
+    fn retry_voids(&mut self) {
+        let mut voids = std::mem::take(&mut self.voids);
+        voids.retain(|v| !self.write_void(v));
+        self.voids = voids;
     }
 
     /// At a checkpoint the chain goes on where it is (the checkpoint records the position and
@@ -1913,9 +2016,13 @@ impl Shard {
     /// checkpoint only made work for the cleaner. A shard left without a next segment gets one
     /// now if space allows, and a shard without any segment starts a new chain.
     fn at_checkpoint(&mut self) -> Result<(), Error> {
-        if self.pos.segment == NO_SEGMENT {
-            return self.restart_chain();
+        if self.pos.segment == NO_SEGMENT || !self.header_ok {
+            self.restart_chain()?;
+            // The checkpoint starts replay past every failed record.
+            self.voids.clear();
+            return Ok(());
         }
+        self.voids.clear();
         if self.pos.next == NO_SEGMENT {
             let reserve = self.inner.ckpt_reserve();
             let next = {
@@ -1969,16 +2076,15 @@ impl Shard {
         self.preallocate(seg);
         self.preallocate(next);
         let mut buf = AlignedBuf::new(IO_ALIGN);
-        self.segment_header().encode(&mut buf);
+        self.segment_header(&mut buf);
         let (dev, base) = self.inner.geo.locate(seg);
-        self.inner
-            .devices
-            .write_at(dev, &buf, base)
-            .map_err(|source| Error::Io {
-                device: dev,
-                offset: base,
-                source,
-            })
+        let r = self.inner.devices.write_at(dev, &buf, base);
+        self.header_ok = r.is_ok();
+        r.map_err(|source| Error::Io {
+            device: dev,
+            offset: base,
+            source,
+        })
     }
 
     /// Apply completed records at the head of the queue, in order, and acknowledge them.
@@ -1993,6 +2099,20 @@ impl Shard {
                 // already be on the device): write the header again, synchronously, before any
                 // of them is acknowledged.
                 ok = self.inner.devices.write_at(dev, buf, at).is_ok();
+                if !ok && rec.header_at.is_some_and(|(d, a)| (d, a) == self.open_header_at()) {
+                    self.header_ok = false;
+                }
+            }
+            if !ok {
+                if let Some(v) = rec.void {
+                    // Replay steps over the failed record once its header says `Void`; until
+                    // then the records after it are unreachable (a flush checkpoints).
+                    if !self.write_void(&v) {
+                        self.voids.push(v);
+                    }
+                }
+            } else if !self.voids.is_empty() && rec.shard_seq.is_some() {
+                self.retry_voids();
             }
             if !ok {
                 // Before `applied_shard_seq` moves past the failed record: a flusher that sees
@@ -2241,7 +2361,7 @@ fn is_zero(b: &[u8]) -> bool {
 
 fn entry_bytes(kind: RecordKind) -> usize {
     match kind {
-        RecordKind::Trim => TrimEntry::BYTES,
+        RecordKind::Trim | RecordKind::Void => TrimEntry::BYTES,
         RecordKind::Data | RecordKind::Move => DataEntry::BYTES,
     }
 }

@@ -509,9 +509,9 @@ fn truncated_device_is_not_a_pool() {
 fn edit_superblock(dir: &Path, slot: usize, f: impl FnOnce(&mut [u8])) {
     patch(dir, SUPERBLOCK_OFFSETS[slot], |b| {
         f(b);
-        b[124..128].fill(0);
-        let crc = crc32fast::hash(&b[..128]);
-        b[124..128].copy_from_slice(&crc.to_le_bytes());
+        b[188..192].fill(0);
+        let crc = crc32fast::hash(&b[..192]);
+        b[188..192].copy_from_slice(&crc.to_le_bytes());
     });
 }
 
@@ -537,7 +537,7 @@ fn future_format_version_is_refused() {
             found, supported, ..
         } => {
             assert_eq!(found, 7);
-            assert_eq!(supported, 1);
+            assert_eq!(supported, ingot_engine::format::FORMAT_VERSION);
         }
         e => panic!("{e:?}"),
     }

@@ -1,0 +1,404 @@
+//! A client's bytes are never taken for log metadata. Volume "b" is the attacker: it writes
+//! blocks crafted to look like our own records (Data records whose dedup references point at
+//! volume "a"'s blocks, Trim records over "a", Move records that relocate "a"'s blocks into
+//! the attacker's payload, segment and checkpoint headers) with every field a strong attacker
+//! can know or guess (epoch, segment, shard, sequence numbers, block ids and locations read
+//! from the backing file), and exact copies of genuine records taken from the backing file.
+//! Each cycle tears the header of a record written before the spray (a power cut) so that
+//! replay meets a gap right before the attacker's blocks, then reopens. No cycle may let "b"
+//! read "a"'s data, change a flushed block of "a", or leave `check` with a problem.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions};
+
+const BLOCK: usize = 4096;
+const SEG: u64 = 2 << 20;
+const POOL_BYTES: u64 = 64 << 20;
+/// Blocks of volume "a" written (and flushed) per cycle.
+const A_BLOCKS: u64 = 64;
+/// Where the attacker's torn record and spray go in "b".
+/// Both in shard 1's stripes (2 MiB stripes alternate between the two shards).
+const B_TEAR_LBA: u64 = 3600;
+const B_SPRAY_LBA: u64 = 2560;
+const CYCLES: u64 = 3;
+
+fn opts() -> PoolOptions {
+    PoolOptions {
+        io: IoKind::Sync,
+        shards: 2,
+        cache_bytes: Some(0),
+        write_back_bytes: 0,
+        ..Default::default()
+    }
+}
+
+fn dev0(dir: &Path) -> PathBuf {
+    dir.join("dev0.img")
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn fill(&mut self, b: &mut [u8]) {
+        for c in b.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+    fn block(&mut self) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK];
+        self.fill(&mut b);
+        b
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Data records of dedup references: "b"'s LBAs -> "a"'s block ids.
+    DataRefs,
+    /// Trim records over "a"'s blocks.
+    Trims,
+    /// Move records relocating "a"'s blocks (ids and locations read from the device) into
+    /// the forged record's own payload.
+    Moves,
+    /// Data segment and checkpoint segment headers, checkpoint blob starts.
+    SegmentHeaders,
+    /// Exact copies of every record and segment header block found on the device.
+    Copies,
+}
+
+/// What the attacker knows of "a": block ids and, for moves, where each block lies.
+struct Intel {
+    a_ids: Vec<u64>,
+    /// (block id, segment, offset in segment) of "a"'s uncompressed blocks, read from dev0.
+    a_places: Vec<(u64, u32, u32)>,
+}
+
+const VOL_A: u32 = 1;
+const VOL_B: u32 = 2;
+
+fn put(b: &mut [u8], at: usize, v: &[u8]) {
+    b[at..at + v.len()].copy_from_slice(v);
+}
+
+/// A forged record header block in format `version` (1: CRC-sealed, entries at 64; 2: the
+/// MAC field filled with random bytes, entries at 80). The rest of the block stays random, so
+/// that the engine stores it uncompressed and 4 KiB-aligned, exactly where a header would be.
+#[allow(clippy::too_many_arguments)]
+fn forged_record(
+    rng: &mut Rng,
+    version: u16,
+    kind: u16,
+    epoch: u64,
+    segment: u32,
+    shard: u16,
+    entries: &[Vec<u8>],
+    payload_blocks: u32,
+) -> Vec<u8> {
+    let mut b = rng.block();
+    let fixed = if version == 1 { 64 } else { 80 };
+    let eb = entries.first().map_or(24, Vec::len);
+    let end = fixed + entries.len() * eb;
+    assert!(end <= BLOCK);
+    put(&mut b, 0, b"IREC");
+    put(&mut b, 4, &version.to_le_bytes());
+    put(&mut b, 6, &kind.to_le_bytes());
+    put(&mut b, 8, &(1u64 << 40).to_le_bytes()); // seq: after everything genuine
+    put(&mut b, 16, &(1u64 << 20).to_le_bytes()); // shard_seq: above any expected one
+    put(&mut b, 24, &epoch.to_le_bytes());
+    put(&mut b, 32, &segment.to_le_bytes());
+    put(&mut b, 36, &(entries.len() as u32).to_le_bytes());
+    put(&mut b, 40, &((1 + payload_blocks) * BLOCK as u32).to_le_bytes());
+    put(&mut b, 44, &(BLOCK as u32).to_le_bytes());
+    put(&mut b, 48, &0u64.to_le_bytes()); // durable_shard_seq
+    put(&mut b, 56, &shard.to_le_bytes());
+    put(&mut b, 58, &[0, 0]);
+    for (i, e) in entries.iter().enumerate() {
+        put(&mut b, fixed + i * eb, e);
+    }
+    if version == 1 {
+        put(&mut b, 60, &[0; 4]);
+        let crc = crc32fast::hash(&b[..end]);
+        put(&mut b, 60, &crc.to_le_bytes());
+    } else {
+        put(&mut b, 60, &[0; 4]);
+    }
+    b
+}
+
+fn data_entry(volume: u32, flags: u16, lba: u64, id: u64, off: u32, len: u32, crc: u32) -> Vec<u8> {
+    let mut e = vec![0u8; 56];
+    put(&mut e, 0, &volume.to_le_bytes());
+    put(&mut e, 4, &flags.to_le_bytes());
+    put(&mut e, 8, &lba.to_le_bytes());
+    put(&mut e, 16, &id.to_le_bytes());
+    put(&mut e, 40, &off.to_le_bytes());
+    put(&mut e, 44, &len.to_le_bytes());
+    put(&mut e, 48, &crc.to_le_bytes());
+    e
+}
+
+fn trim_entry(volume: u32, lba: u64, count: u64) -> Vec<u8> {
+    let mut e = vec![0u8; 24];
+    put(&mut e, 0, &volume.to_le_bytes());
+    put(&mut e, 8, &lba.to_le_bytes());
+    put(&mut e, 16, &count.to_le_bytes());
+    e
+}
+
+fn segment_header(rng: &mut Rng, kind: u16, segment: u32, shard: u16, epoch: u64) -> Vec<u8> {
+    let mut b = rng.block();
+    put(&mut b, 0, b"ISEG");
+    put(&mut b, 4, &1u16.to_le_bytes());
+    put(&mut b, 6, &kind.to_le_bytes());
+    put(&mut b, 8, &segment.to_le_bytes());
+    put(&mut b, 12, &shard.to_le_bytes());
+    put(&mut b, 40, &u32::MAX.to_le_bytes());
+    put(&mut b, 24, &epoch.to_le_bytes());
+    put(&mut b, 60, &[0; 4]);
+    let crc = crc32fast::hash(&b[..64]);
+    put(&mut b, 60, &crc.to_le_bytes());
+    // A checkpoint blob's magic right after, as the first bytes of a checkpoint.
+    put(&mut b, 80, b"ICKP");
+    b
+}
+
+/// The attacker's blocks for one cycle, as separate writes (one record each).
+fn spray(rng: &mut Rng, kind: Kind, epoch: u64, intel: &Intel, device: &[u8]) -> Vec<Vec<u8>> {
+    let segments = ((POOL_BYTES - (1 << 20)) / SEG) as u32;
+    let mut writes = Vec::new();
+    let mut one_write = |blocks: Vec<Vec<u8>>| {
+        for chunk in blocks.chunks(48) {
+            writes.push(chunk.concat());
+        }
+    };
+    match kind {
+        Kind::DataRefs | Kind::Trims => {
+            for version in [1u16, 2] {
+                let mut blocks = Vec::new();
+                for e in epoch.saturating_sub(1)..=epoch + 1 {
+                    for seg in 0..segments {
+                        for shard in 0..3u16 {
+                            let entries: Vec<Vec<u8>> = if kind == Kind::DataRefs {
+                                // Eight of "a"'s ids per record, mapped into "b".
+                                let k = (seg as usize * 3 + shard as usize) * 8;
+                                (0..8)
+                                    .map(|i| {
+                                        let id = intel.a_ids[(k + i) % intel.a_ids.len()];
+                                        data_entry(VOL_B, 2, 1000 + (k + i) as u64, id, 0, 0, 0)
+                                    })
+                                    .collect()
+                            } else {
+                                vec![trim_entry(VOL_A, 0, 1 << 20)]
+                            };
+                            let k = if kind == Kind::DataRefs { 1 } else { 2 };
+                            blocks.push(forged_record(
+                                rng, version, k, e, seg, shard, &entries, 0,
+                            ));
+                        }
+                    }
+                }
+                one_write(blocks);
+            }
+        }
+        Kind::Moves => {
+            for version in [1u16, 2] {
+                let mut blocks = Vec::new();
+                for seg in 0..segments {
+                    for shard in 0..3u16 {
+                        // The payload the moved block would take: the attacker's own bytes.
+                        let payload = rng.block();
+                        let crc = crc32fast::hash(&payload);
+                        let entries: Vec<Vec<u8>> = intel
+                            .a_places
+                            .iter()
+                            .take(8)
+                            .map(|&(id, s, o)| {
+                                let from = u64::from(s) << 32 | u64::from(o);
+                                data_entry(u32::MAX, 0, from, id, BLOCK as u32, BLOCK as u32, crc)
+                            })
+                            .collect();
+                        if entries.is_empty() {
+                            continue;
+                        }
+                        blocks.push(forged_record(
+                            rng, version, 3, epoch, seg, shard, &entries, 1,
+                        ));
+                        blocks.push(payload);
+                    }
+                }
+                one_write(blocks);
+            }
+        }
+        Kind::SegmentHeaders => {
+            let mut blocks = Vec::new();
+            for seg in 0..segments {
+                for k in [1u16, 2] {
+                    blocks.push(segment_header(rng, k, seg, 0, epoch));
+                }
+            }
+            one_write(blocks);
+        }
+        Kind::Copies => {
+            // Every 4 KiB block of the device that starts with a record or segment header.
+            let blocks: Vec<Vec<u8>> = device
+                .chunks_exact(BLOCK)
+                .skip((1 << 20) / BLOCK)
+                .filter(|b| &b[..4] == b"IREC" || &b[..4] == b"ISEG")
+                .map(<[u8]>::to_vec)
+                .collect();
+            assert!(!blocks.is_empty(), "no genuine record found to copy");
+            one_write(blocks);
+        }
+    }
+    writes
+}
+
+/// Offsets in `device` of 4 KiB blocks equal to `block`.
+fn find(device: &[u8], block: &[u8]) -> Vec<u64> {
+    device
+        .chunks_exact(BLOCK)
+        .enumerate()
+        .filter(|(_, b)| *b == block)
+        .map(|(i, _)| (i * BLOCK) as u64)
+        .collect()
+}
+
+fn attack(kind: Kind) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x5eed ^ kind as u64);
+    let c = CreateOptions {
+        size_bytes: POOL_BYTES,
+        segment_bytes: SEG,
+        ..Default::default()
+    };
+    let pool = Pool::create(dir.path(), &c, &opts()).expect("create pool");
+    pool.create_volume("a", 16 << 20).unwrap();
+    pool.create_volume("b", 32 << 20).unwrap();
+    drop(pool);
+    // "a"'s flushed contents, block by block.
+    let mut a: Vec<Vec<u8>> = Vec::new();
+    for cycle in 0..CYCLES {
+        // Epochs count opens: creation was the first.
+        let epoch = cycle + 2;
+        let pool = Pool::open(dir.path(), &opts()).expect("open");
+        let va = pool.volume("a").unwrap();
+        let vb = pool.volume("b").unwrap();
+        for i in 0..A_BLOCKS {
+            let lba = cycle * A_BLOCKS + i;
+            let blk = rng.block();
+            va.write(lba * BLOCK as u64, &blk, false).unwrap();
+            a.push(blk);
+        }
+        va.flush().unwrap();
+        let device = std::fs::read(dev0(dir.path())).unwrap();
+        let a_places: Vec<(u64, u32, u32)> = a
+            .iter()
+            .enumerate()
+            .filter_map(|(i, blk)| {
+                let at = *find(&device, blk).first()?;
+                let rel = at - (1 << 20);
+                // Ids are handed out in write order, from 1.
+                Some((i as u64 + 1, (rel / SEG) as u32, (rel % SEG) as u32))
+            })
+            .collect();
+        let intel = Intel {
+            a_ids: (1..=a.len() as u64 * 2).collect(),
+            a_places,
+        };
+        // A record of its own that the power cut will tear, right before the spray.
+        let tear = rng.block();
+        vb.write(B_TEAR_LBA * BLOCK as u64, &tear, false).unwrap();
+        let writes = spray(&mut rng, kind, epoch, &intel, &device);
+        let mut lba = B_SPRAY_LBA;
+        for w in &writes {
+            vb.write(lba * BLOCK as u64, w, false).unwrap();
+            lba += (w.len() / BLOCK) as u64;
+        }
+        pool.halt();
+        drop((va, vb, pool));
+        // The power cut tore the torn record's header (the block before its payload).
+        let device = std::fs::read(dev0(dir.path())).unwrap();
+        let at = find(&device, &tear);
+        assert_eq!(at.len(), 1, "the record to tear is stored once");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dev0(dir.path()))
+            .unwrap();
+        f.write_all_at(&[0u8; BLOCK], at[0] - BLOCK as u64).unwrap();
+        drop(f);
+        // The attack's precondition: the crafted blocks lie 4 KiB-aligned on the device.
+        let first = &writes[0][..BLOCK];
+        assert!(
+            !find(&device, first).is_empty(),
+            "the attacker's blocks were not stored as whole aligned blocks"
+        );
+        // Replay, twice: the state must be the same after a second crash.
+        for _ in 0..2 {
+            let pool = Pool::open(dir.path(), &opts()).expect("reopen after the power cut");
+            check_pool(&pool, &a, kind);
+            pool.halt();
+        }
+    }
+}
+
+fn check_pool(pool: &Pool, a: &[Vec<u8>], kind: Kind) {
+    let va = pool.volume("a").unwrap();
+    for (i, want) in a.iter().enumerate() {
+        let got = va.read(i as u64 * BLOCK as u64, BLOCK as u32).unwrap();
+        assert!(
+            &got == want,
+            "{kind:?}: flushed block {i} of volume a changed after replay"
+        );
+    }
+    let vb = pool.volume("b").unwrap();
+    let all_b = vb.read(0, 32 << 20).unwrap();
+    let secrets: std::collections::HashSet<&[u8]> = a.iter().map(Vec::as_slice).collect();
+    for (i, blk) in all_b.chunks_exact(BLOCK).enumerate() {
+        assert!(
+            !secrets.contains(blk),
+            "{kind:?}: volume b block {i} reads volume a's data"
+        );
+    }
+    let report = pool.check(&mut |_, _| {});
+    assert!(
+        report.problems.is_empty(),
+        "{kind:?}: check found problems: {:?}",
+        report.problems
+    );
+}
+
+#[test]
+fn forged_data_records_never_map_another_volumes_blocks() {
+    attack(Kind::DataRefs);
+}
+
+#[test]
+fn forged_trim_records_never_erase_flushed_data() {
+    attack(Kind::Trims);
+}
+
+#[test]
+fn forged_move_records_never_relocate_blocks() {
+    attack(Kind::Moves);
+}
+
+#[test]
+fn forged_segment_and_checkpoint_headers_are_never_followed() {
+    attack(Kind::SegmentHeaders);
+}
+
+#[test]
+fn copies_of_genuine_records_are_never_replayed() {
+    attack(Kind::Copies);
+}
