@@ -4,8 +4,8 @@
 //! the attacker's payload, segment and checkpoint headers) with every field a strong attacker
 //! can know or guess (epoch, segment, shard, sequence numbers, block ids and locations read
 //! from the backing file), and exact copies of genuine records taken from the backing file.
-//! Each cycle tears the header of a record written before the spray (a power cut) so that
-//! replay meets a gap right before the attacker's blocks, then reopens. No cycle may let "b"
+//! Each cycle tears the header of the spray's first record (a power cut), so that replay meets
+//! a gap right before the attacker's blocks, then reopens. No cycle may let "b"
 //! read "a"'s data, change a flushed block of "a", or leave `check` with a problem.
 
 use std::os::unix::fs::FileExt;
@@ -19,8 +19,6 @@ const POOL_BYTES: u64 = 64 << 20;
 /// Blocks of volume "a" written (and flushed) per cycle.
 const A_BLOCKS: u64 = 64;
 /// Where the attacker's torn record and spray go in "b".
-/// Both in shard 1's stripes (2 MiB stripes alternate between the two shards).
-const B_TEAR_LBA: u64 = 3600;
 const B_SPRAY_LBA: u64 = 2560;
 const CYCLES: u64 = 3;
 
@@ -173,95 +171,81 @@ fn segment_header(rng: &mut Rng, kind: u16, segment: u32, shard: u16, epoch: u64
     b
 }
 
-/// The attacker's blocks for one cycle, as separate writes (one record each).
+/// The attacker's blocks for one cycle, as separate writes (one record each). Candidates come
+/// in the order most likely to hit: the current epoch first, shard 1 (which the spray's first
+/// record goes to) first, every segment.
 fn spray(rng: &mut Rng, kind: Kind, epoch: u64, intel: &Intel, device: &[u8]) -> Vec<Vec<u8>> {
     let segments = ((POOL_BYTES - (1 << 20)) / SEG) as u32;
-    let mut writes = Vec::new();
-    let mut one_write = |blocks: Vec<Vec<u8>>| {
-        for chunk in blocks.chunks(48) {
-            writes.push(chunk.concat());
+    let mut candidates = Vec::new();
+    for version in [1u16, 2] {
+        for e in [epoch, epoch - 1, epoch + 1] {
+            for shard in [1u16, 0, 2] {
+                for seg in 0..segments {
+                    candidates.push((version, e, shard, seg));
+                }
+            }
         }
-    };
+    }
+    let mut blocks: Vec<Vec<u8>> = Vec::new();
     match kind {
         Kind::DataRefs | Kind::Trims => {
-            for version in [1u16, 2] {
-                let mut blocks = Vec::new();
-                for e in epoch.saturating_sub(1)..=epoch + 1 {
-                    for seg in 0..segments {
-                        for shard in 0..3u16 {
-                            let entries: Vec<Vec<u8>> = if kind == Kind::DataRefs {
-                                // Eight of "a"'s ids per record, mapped into "b".
-                                let k = (seg as usize * 3 + shard as usize) * 8;
-                                (0..8)
-                                    .map(|i| {
-                                        let id = intel.a_ids[(k + i) % intel.a_ids.len()];
-                                        data_entry(VOL_B, 2, 1000 + (k + i) as u64, id, 0, 0, 0)
-                                    })
-                                    .collect()
-                            } else {
-                                vec![trim_entry(VOL_A, 0, 1 << 20)]
-                            };
-                            let k = if kind == Kind::DataRefs { 1 } else { 2 };
-                            blocks.push(forged_record(
-                                rng, version, k, e, seg, shard, &entries, 0,
-                            ));
-                        }
-                    }
-                }
-                one_write(blocks);
+            for (n, &(version, e, shard, seg)) in candidates.iter().enumerate() {
+                let entries: Vec<Vec<u8>> = if kind == Kind::DataRefs {
+                    // Eight of "a"'s ids per record, mapped into "b".
+                    (0..8)
+                        .map(|i| {
+                            let k = (n * 8 + i) % intel.a_ids.len();
+                            data_entry(VOL_B, 2, 1000 + k as u64, intel.a_ids[k], 0, 0, 0)
+                        })
+                        .collect()
+                } else {
+                    vec![trim_entry(VOL_A, 0, 1 << 20)]
+                };
+                let k = if kind == Kind::DataRefs { 1 } else { 2 };
+                blocks.push(forged_record(rng, version, k, e, seg, shard, &entries, 0));
             }
         }
         Kind::Moves => {
-            for version in [1u16, 2] {
-                let mut blocks = Vec::new();
-                for seg in 0..segments {
-                    for shard in 0..3u16 {
-                        // The payload the moved block would take: the attacker's own bytes.
-                        let payload = rng.block();
-                        let crc = crc32fast::hash(&payload);
-                        let entries: Vec<Vec<u8>> = intel
-                            .a_places
-                            .iter()
-                            .take(8)
-                            .map(|&(id, s, o)| {
-                                let from = u64::from(s) << 32 | u64::from(o);
-                                data_entry(u32::MAX, 0, from, id, BLOCK as u32, BLOCK as u32, crc)
-                            })
-                            .collect();
-                        if entries.is_empty() {
-                            continue;
-                        }
-                        blocks.push(forged_record(
-                            rng, version, 3, epoch, seg, shard, &entries, 1,
-                        ));
-                        blocks.push(payload);
-                    }
+            for &(version, e, shard, seg) in &candidates {
+                // The payload the moved blocks would take: the attacker's own bytes.
+                let payload = rng.block();
+                let crc = crc32fast::hash(&payload);
+                let entries: Vec<Vec<u8>> = intel
+                    .a_places
+                    .iter()
+                    .take(8)
+                    .map(|&(id, s, o)| {
+                        let from = u64::from(s) << 32 | u64::from(o);
+                        data_entry(u32::MAX, 0, from, id, BLOCK as u32, BLOCK as u32, crc)
+                    })
+                    .collect();
+                if entries.is_empty() || e != epoch {
+                    continue;
                 }
-                one_write(blocks);
+                blocks.push(forged_record(rng, version, 3, e, seg, shard, &entries, 1));
+                blocks.push(payload);
             }
         }
         Kind::SegmentHeaders => {
-            let mut blocks = Vec::new();
-            for seg in 0..segments {
-                for k in [1u16, 2] {
-                    blocks.push(segment_header(rng, k, seg, 0, epoch));
+            for &(version, e, shard, seg) in &candidates {
+                if version == 1 {
+                    blocks.push(segment_header(rng, 1 + (seg % 2) as u16, seg, shard, e));
                 }
             }
-            one_write(blocks);
         }
         Kind::Copies => {
             // Every 4 KiB block of the device that starts with a record or segment header.
-            let blocks: Vec<Vec<u8>> = device
+            blocks = device
                 .chunks_exact(BLOCK)
                 .skip((1 << 20) / BLOCK)
                 .filter(|b| &b[..4] == b"IREC" || &b[..4] == b"ISEG")
                 .map(<[u8]>::to_vec)
                 .collect();
             assert!(!blocks.is_empty(), "no genuine record found to copy");
-            one_write(blocks);
         }
     }
-    writes
+    // 62 blocks a write: one record each, its header area a single 4 KiB block.
+    blocks.chunks(62).map(<[Vec<u8>]>::concat).collect()
 }
 
 /// Offsets in `device` of 4 KiB blocks equal to `block`.
@@ -283,7 +267,7 @@ fn attack(kind: Kind) {
         ..Default::default()
     };
     let pool = Pool::create(dir.path(), &c, &opts()).expect("create pool");
-    pool.create_volume("a", 16 << 20).unwrap();
+    pool.create_volume("a", 32 << 20).unwrap();
     pool.create_volume("b", 32 << 20).unwrap();
     drop(pool);
     // "a"'s flushed contents, block by block.
@@ -295,7 +279,7 @@ fn attack(kind: Kind) {
         let va = pool.volume("a").unwrap();
         let vb = pool.volume("b").unwrap();
         for i in 0..A_BLOCKS {
-            let lba = cycle * A_BLOCKS + i;
+            let lba = a_lba((cycle * A_BLOCKS + i) as usize);
             let blk = rng.block();
             va.write(lba * BLOCK as u64, &blk, false).unwrap();
             a.push(blk);
@@ -316,10 +300,11 @@ fn attack(kind: Kind) {
             a_ids: (1..=a.len() as u64 * 2).collect(),
             a_places,
         };
-        // A record of its own that the power cut will tear, right before the spray.
+        // The power cut will tear the header of the spray's first record: replay meets a gap
+        // right before the attacker's blocks. A unique first block marks where it lies.
         let tear = rng.block();
-        vb.write(B_TEAR_LBA * BLOCK as u64, &tear, false).unwrap();
-        let writes = spray(&mut rng, kind, epoch, &intel, &device);
+        let mut writes = spray(&mut rng, kind, epoch, &intel, &device);
+        writes[0].splice(0..0, tear.iter().copied());
         let mut lba = B_SPRAY_LBA;
         for w in &writes {
             vb.write(lba * BLOCK as u64, w, false).unwrap();
@@ -327,7 +312,7 @@ fn attack(kind: Kind) {
         }
         pool.halt();
         drop((va, vb, pool));
-        // The power cut tore the torn record's header (the block before its payload).
+        // The power cut tore that record's header (the block before its first payload).
         let device = std::fs::read(dev0(dir.path())).unwrap();
         let at = find(&device, &tear);
         assert_eq!(at.len(), 1, "the record to tear is stored once");
@@ -338,7 +323,7 @@ fn attack(kind: Kind) {
         f.write_all_at(&[0u8; BLOCK], at[0] - BLOCK as u64).unwrap();
         drop(f);
         // The attack's precondition: the crafted blocks lie 4 KiB-aligned on the device.
-        let first = &writes[0][..BLOCK];
+        let first = &writes[0][BLOCK..2 * BLOCK];
         assert!(
             !find(&device, first).is_empty(),
             "the attacker's blocks were not stored as whole aligned blocks"
@@ -352,10 +337,15 @@ fn attack(kind: Kind) {
     }
 }
 
+/// Where "a"'s `i`th block goes: spread over map pages, so over both shards' pages.
+fn a_lba(i: usize) -> u64 {
+    i as u64 * 37
+}
+
 fn check_pool(pool: &Pool, a: &[Vec<u8>], kind: Kind) {
     let va = pool.volume("a").unwrap();
     for (i, want) in a.iter().enumerate() {
-        let got = va.read(i as u64 * BLOCK as u64, BLOCK as u32).unwrap();
+        let got = va.read(a_lba(i) * BLOCK as u64, BLOCK as u32).unwrap();
         assert!(
             &got == want,
             "{kind:?}: flushed block {i} of volume a changed after replay"
