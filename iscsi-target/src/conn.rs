@@ -330,7 +330,7 @@ struct PendingWrite {
 pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Result<()> {
     let _ = stream.set_nodelay(true);
     let cfg = shared.cfg.clone();
-    stream.set_read_timeout(Some(cfg.login_timeout))?;
+    stream.set_read_timeout(Some(cfg.login_timeout.max(Duration::from_millis(1))))?;
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut wr = stream.try_clone()?;
     let tsih = shared.next_tsih();
@@ -354,7 +354,7 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
     };
     // The accept loop closes the socket when the login's time is up (`login_timeout` from
     // accept, however the bytes trickle in); the read timeout only bounds each read.
-    let deadline = Instant::now() + cfg.login_timeout;
+    let deadline = crate::target::login_deadline(&cfg);
     let mut slot = None;
     let session = loop {
         let Some(p) = read_pdu(&mut reader, &login_limits)? else {

@@ -73,6 +73,15 @@ impl Default for TargetConfig {
     }
 }
 
+/// When a login accepted now must be over (a huge configured timeout means "in a year", not an
+/// overflow).
+pub(crate) fn login_deadline(cfg: &TargetConfig) -> Instant {
+    let now = Instant::now();
+    now.checked_add(cfg.login_timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// State shared by every connection.
 pub(crate) struct Shared {
     pub cfg: TargetConfig,
@@ -130,7 +139,7 @@ impl Shared {
             self.close(old);
             self.log("too many pending logins: closed the oldest");
         }
-        pending.insert(conn_id, Instant::now() + self.cfg.login_timeout);
+        pending.insert(conn_id, login_deadline(&self.cfg));
     }
 
     /// Close every pending login whose time is up.
