@@ -20,7 +20,7 @@ use crate::lu::Lu;
 use crate::pdu::{self, decode_lun, op, read_pdu, reject, Bhs, Pdu, ScsiCmd, RESERVED_TAG};
 use crate::scsi::{self, Action, Nexus, Response};
 use crate::sense::{self, status};
-use crate::target::Shared;
+use crate::target::{Admission, Shared};
 use crate::text;
 
 /// TMF function codes (RFC 7143 §11.5.1).
@@ -330,7 +330,7 @@ struct PendingWrite {
 pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Result<()> {
     let _ = stream.set_nodelay(true);
     let cfg = shared.cfg.clone();
-    stream.set_read_timeout(Some(cfg.login_timeout))?;
+    stream.set_read_timeout(Some(cfg.login_timeout.max(Duration::from_millis(1))))?;
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let mut wr = stream.try_clone()?;
     let tsih = shared.next_tsih();
@@ -352,6 +352,10 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
         header_digest: false,
         data_digest: false,
     };
+    // The accept loop closes the socket when the login's time is up (`login_timeout` from
+    // accept, however the bytes trickle in); the read timeout only bounds each read.
+    let deadline = crate::target::login_deadline(&cfg);
+    let mut slot = None;
     let session = loop {
         let Some(p) = read_pdu(&mut reader, &login_limits)? else {
             return Ok(());
@@ -360,7 +364,30 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
             // Anything but a login before the full feature phase ends the connection.
             return Err(IscsiError::NotLoggedIn(p.bhs.opcode()));
         }
-        let step = login.step(&p, &lookup);
+        if Instant::now() >= deadline {
+            return Err(IscsiError::Login("login timed out"));
+        }
+        let mut step = login.step(&p, &lookup);
+        if let Some(Outcome::FullFeature(s)) = &step.outcome {
+            // Last gate before the full feature phase: the target requires what the session
+            // authenticated with, and there is room for one more session.
+            let refusal = match required_chap(&shared, s) {
+                Err(code) => Some(code),
+                Ok(()) => match shared.admit(conn_id) {
+                    (Admission::Admitted, s) => {
+                        slot = s;
+                        None
+                    }
+                    (Admission::Expired, _) => {
+                        return Err(IscsiError::Login("login timed out"));
+                    }
+                    (Admission::Full, _) => Some(login::status::OUT_OF_RESOURCES),
+                },
+            };
+            if let Some(code) = refusal {
+                Login::refuse(&mut step, code);
+            }
+        }
         let mut out = Vec::new();
         pdu::encode_pdu(&mut out, &step.bhs, &step.data, false, false);
         wr.write_all(&out)?;
@@ -373,6 +400,7 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
             Some(Outcome::FullFeature(s)) => break *s,
         }
     };
+    let _slot = slot;
     match session.kind {
         SessionType::Discovery => full_feature(&shared, stream, reader, session, None, conn_id),
         SessionType::Normal => {
@@ -403,6 +431,24 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
             shared.forget_session(&port, &session.target_name, conn_id);
             r
         }
+    }
+}
+
+/// Whether the session's CHAP matches what its target requires now (`Err`: the login status).
+fn required_chap(shared: &Shared, s: &Session) -> std::result::Result<(), u16> {
+    if s.kind == SessionType::Discovery {
+        return Ok(());
+    }
+    let Some(vol) = shared.lookup_target(&s.target_name) else {
+        return Err(login::status::NOT_FOUND);
+    };
+    let cfg = &shared.cfg;
+    match cfg.chap.get(&vol).or(cfg.default_chap.as_ref()) {
+        Some(c) if s.chap_user.as_deref() != Some(c.user.as_str()) => {
+            shared.log("session without the CHAP its target requires refused");
+            Err(login::status::AUTH_FAILURE)
+        }
+        _ => Ok(()),
     }
 }
 

@@ -32,6 +32,14 @@ pub mod status {
     pub const MISSING_PARAMETER: u16 = 0x0207;
     pub const SESSION_NOT_FOUND: u16 = 0x020a;
     pub const INVALID_DURING_LOGIN: u16 = 0x020b;
+    /// The target has no room for another session (class 3, target error).
+    pub const OUT_OF_RESOURCES: u16 = 0x0302;
+    /// InitiatorName, SessionType or TargetName declared again with another value (or for
+    /// the first time after the first Login PDU). RFC 7143 §6.2 says a redeclaration is
+    /// answered with "Login reject (initiator error)", i.e. 0x0200: none of the specific
+    /// details fits (0x0207 is a key that is *missing*, 0x0209 a session type we do not
+    /// support, 0x020b a PDU that is not allowed during login).
+    pub const REDECLARED: u16 = INITIATOR_ERROR;
 }
 
 /// CHAP secrets for one target.
@@ -159,6 +167,8 @@ pub struct Session {
     pub initiator_name: String,
     /// The target's name (empty for discovery).
     pub target_name: String,
+    /// The CHAP name the initiator authenticated with (`None`: no CHAP).
+    pub chap_user: Option<String>,
     pub isid: [u8; 6],
     pub tsih: u16,
     pub params: Params,
@@ -166,6 +176,16 @@ pub struct Session {
     pub stat_sn: u32,
     /// ExpCmdSN at the start of the full feature phase.
     pub exp_cmd_sn: u32,
+}
+
+/// Who the security stage authenticated, for what: recorded when authentication completes and
+/// checked again at the transition to the full feature phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Authenticated {
+    kind: SessionType,
+    target_name: Option<String>,
+    /// The CHAP secrets the initiator proved it knows (`None`: no CHAP was done).
+    chap: Option<ChapConfig>,
 }
 
 /// Login state of one connection.
@@ -177,6 +197,8 @@ pub struct Login {
     kind: Option<SessionType>,
     chap: Option<ChapConfig>,
     auth: Auth,
+    /// Set once authentication is done (or found not needed) for the session declared.
+    authenticated: Option<Authenticated>,
     params: Params,
     isid: [u8; 6],
     itt: Option<u32>,
@@ -202,6 +224,7 @@ impl Login {
             kind: None,
             chap: None,
             auth: Auth::Start,
+            authenticated: None,
             params,
             isid: [0; 6],
             itt: None,
@@ -239,6 +262,11 @@ impl Login {
                 kind: self.kind.unwrap_or(SessionType::Normal),
                 initiator_name: self.initiator_name.clone().unwrap_or_default(),
                 target_name: self.target_name.clone().unwrap_or_default(),
+                chap_user: self
+                    .authenticated
+                    .as_ref()
+                    .and_then(|a| a.chap.as_ref())
+                    .map(|c| c.user.clone()),
                 isid: self.isid,
                 tsih: self.tsih,
                 params: self.params.clone(),
@@ -263,6 +291,19 @@ impl Login {
         self.response(req, false, 0, status, Vec::new())
     }
 
+    /// Turn a response that would start the full feature phase into a login failure with
+    /// `status`: the connection refuses the session after the negotiation (no room, or its
+    /// own check of the authentication failed).
+    pub fn refuse(step: &mut Step, status: u16) {
+        let b = &mut step.bhs;
+        // No transit, NSG 0, no TSIH, no keys.
+        b.0[1] &= !0x83;
+        b.0[14..16].copy_from_slice(&[0, 0]);
+        b.0[36..38].copy_from_slice(&status.to_be_bytes());
+        step.data.clear();
+        step.outcome = Some(Outcome::Failed(status));
+    }
+
     /// Handle one Login Request. `lookup` resolves a TargetName.
     pub fn step(&mut self, pdu: &Pdu, lookup: &dyn Fn(&str) -> TargetLookup) -> Step {
         let req = &pdu.bhs;
@@ -273,6 +314,7 @@ impl Login {
         let cont = req.0[1] & 0x40 != 0;
         let csg = (req.0[1] >> 2) & 3;
         let nsg = req.0[1] & 3;
+        let first = self.first;
         if self.first {
             self.first = false;
             self.isid.copy_from_slice(&req.0[8..14]);
@@ -300,26 +342,13 @@ impl Login {
             Ok(k) => k,
             Err(_) => return self.fail(req, status::INITIATOR_ERROR),
         };
-        if let Some(st) = self.start_session(req, &keys) {
-            return st;
-        }
-        if self.initiator_name.is_none() || self.kind.is_none() {
-            return self.fail(req, status::MISSING_PARAMETER);
-        }
-        if self.kind == Some(SessionType::Normal) && self.target_name.is_none() {
-            return self.fail(req, status::MISSING_PARAMETER);
-        }
-        if self.kind == Some(SessionType::Normal) && self.chap.is_none() {
-            if let Some(t) = &self.target_name {
-                match lookup(t) {
-                    TargetLookup::Missing => return self.fail(req, status::NOT_FOUND),
-                    TargetLookup::Found(c) => {
-                        if self.auth == Auth::Start {
-                            self.chap = c;
-                        }
-                    }
-                }
-            }
+        let declared = if first {
+            self.start_session(&keys, lookup)
+        } else {
+            self.same_session(&keys)
+        };
+        if let Err(s) = declared {
+            return self.fail(req, s);
         }
         if csg == 1 && self.stage == 0 {
             // Skipped or finished the security stage.
@@ -327,7 +356,7 @@ impl Login {
                 if self.chap.is_some() {
                     return self.fail(req, status::AUTH_FAILURE);
                 }
-                self.auth = Auth::Done;
+                self.auth_done(None);
             }
             self.stage = 1;
         }
@@ -342,6 +371,13 @@ impl Login {
             return self.fail(req, s);
         }
         let can_transit = transit && self.auth == Auth::Done;
+        if can_transit && nsg == 3 {
+            // Defence in depth: whatever happened above, the session about to start must be
+            // exactly the one authenticated, with what its target requires now.
+            if let Err(s) = self.check_authenticated(lookup) {
+                return self.fail(req, s);
+            }
+        }
         if self.kind == Some(SessionType::Normal)
             && self.first_response_pending()
             && !reply.iter().any(|(k, _)| k == "TargetPortalGroupTag")
@@ -364,32 +400,110 @@ impl Login {
         self.stage < 3
     }
 
-    /// Record InitiatorName / SessionType / TargetName. `Some` is a failure response.
-    fn start_session(&mut self, req: &Bhs, keys: &[(String, String)]) -> Option<Step> {
+    /// The first Login PDU fixes InitiatorName, SessionType and TargetName (RFC 7143 §6.3:
+    /// the initiator presents them in the first Login Request) and with them the
+    /// authentication the target requires.
+    fn start_session(
+        &mut self,
+        keys: &[(String, String)],
+        lookup: &dyn Fn(&str) -> TargetLookup,
+    ) -> Result<(), u16> {
+        let mut initiator = None;
+        let mut kind = None;
+        let mut target = None;
         for (k, v) in keys {
-            match k.as_str() {
-                "InitiatorName" => {
-                    if v.is_empty() {
-                        return Some(self.fail(req, status::MISSING_PARAMETER));
-                    }
-                    self.initiator_name = Some(v.clone());
-                }
+            let slot = match k.as_str() {
+                "InitiatorName" => &mut initiator,
+                "SessionType" => &mut kind,
+                "TargetName" => &mut target,
+                _ => continue,
+            };
+            // The same key twice in one PDU must say the same thing.
+            if slot.as_ref().is_some_and(|old: &String| old != v) {
+                return Err(status::REDECLARED);
+            }
+            *slot = Some(v.clone());
+        }
+        let initiator = initiator
+            .filter(|n| !n.is_empty())
+            .ok_or(status::MISSING_PARAMETER)?;
+        let kind = match kind.as_deref() {
+            None | Some("Normal") => SessionType::Normal,
+            Some("Discovery") => SessionType::Discovery,
+            Some(_) => return Err(status::INITIATOR_ERROR),
+        };
+        let chap = match (kind, &target) {
+            (SessionType::Normal, None) => return Err(status::MISSING_PARAMETER),
+            (SessionType::Normal, Some(t)) => match lookup(t) {
+                TargetLookup::Missing => return Err(status::NOT_FOUND),
+                TargetLookup::Found(c) => c,
+            },
+            // Discovery sessions need no authentication.
+            (SessionType::Discovery, _) => None,
+        };
+        self.initiator_name = Some(initiator);
+        self.kind = Some(kind);
+        self.target_name = target;
+        self.chap = chap;
+        Ok(())
+    }
+
+    /// Later Login PDUs may repeat InitiatorName, SessionType and TargetName with the values
+    /// of the first one (some initiators do), never change or add them: switching to another
+    /// target or session type after the security stage would skip the new target's CHAP.
+    fn same_session(&self, keys: &[(String, String)]) -> Result<(), u16> {
+        for (k, v) in keys {
+            let same = match k.as_str() {
+                "InitiatorName" => self.initiator_name.as_deref() == Some(v.as_str()),
                 "SessionType" => {
-                    self.kind = Some(match v.as_str() {
+                    let kind = match v.as_str() {
                         "Normal" => SessionType::Normal,
                         "Discovery" => SessionType::Discovery,
-                        _ => return Some(self.fail(req, status::INITIATOR_ERROR)),
-                    })
+                        _ => return Err(status::INITIATOR_ERROR),
+                    };
+                    self.kind == Some(kind)
                 }
-                "TargetName" => self.target_name = Some(v.clone()),
-                _ => {}
+                "TargetName" => self.target_name.as_deref() == Some(v.as_str()),
+                _ => true,
+            };
+            if !same {
+                return Err(status::REDECLARED);
             }
         }
-        if self.kind.is_none() && keys.iter().any(|(k, _)| k == "InitiatorName") {
-            // SessionType defaults to Normal.
-            self.kind = Some(SessionType::Normal);
+        Ok(())
+    }
+
+    /// Authentication is complete (`chap`: the secrets the initiator proved it knows).
+    fn auth_done(&mut self, chap: Option<ChapConfig>) {
+        self.auth = Auth::Done;
+        self.authenticated = self.kind.map(|kind| Authenticated {
+            kind,
+            target_name: self.target_name.clone(),
+            chap,
+        });
+    }
+
+    /// Before the full feature phase: the session is the one authenticated, and if its
+    /// target requires CHAP (looked up again now), CHAP was done with that target's secrets.
+    fn check_authenticated(&self, lookup: &dyn Fn(&str) -> TargetLookup) -> Result<(), u16> {
+        let a = self.authenticated.as_ref().ok_or(status::AUTH_FAILURE)?;
+        let kind = self.kind.ok_or(status::MISSING_PARAMETER)?;
+        if a.kind != kind || a.target_name != self.target_name {
+            return Err(status::AUTH_FAILURE);
         }
-        None
+        if kind == SessionType::Discovery {
+            return Ok(());
+        }
+        let target = self
+            .target_name
+            .as_deref()
+            .ok_or(status::MISSING_PARAMETER)?;
+        match lookup(target) {
+            TargetLookup::Missing => Err(status::NOT_FOUND),
+            TargetLookup::Found(None) => Ok(()),
+            TargetLookup::Found(Some(required)) if a.chap.as_ref() == Some(&required) => Ok(()),
+            TargetLookup::Found(Some(_)) => Err(status::AUTH_FAILURE),
+        }
     }
 
     fn security(
@@ -412,16 +526,16 @@ impl Login {
                 return Err(status::AUTH_FAILURE);
             }
             reply.push(("AuthMethod".into(), want.into()));
-            self.auth = if want == "CHAP" {
-                Auth::ChapWaitAlgorithm
+            if want == "CHAP" {
+                self.auth = Auth::ChapWaitAlgorithm;
             } else {
-                Auth::Done
-            };
+                self.auth_done(None);
+            }
         } else if self.auth == Auth::Start {
             if self.chap.is_some() {
                 return Err(status::AUTH_FAILURE);
             }
-            self.auth = Auth::Done;
+            self.auth_done(None);
         }
         match self.auth.clone() {
             Auth::ChapWaitAlgorithm => {
@@ -470,7 +584,7 @@ impl Login {
                     // Mutual CHAP asked for but not configured, or half a challenge.
                     _ => return Err(status::AUTH_FAILURE),
                 }
-                self.auth = Auth::Done;
+                self.auth_done(Some(chap));
             }
             Auth::Start | Auth::Done => {}
         }
@@ -805,5 +919,144 @@ mod tests {
             &lookup_chap,
         );
         assert_eq!(s.outcome, Some(Outcome::Failed(status::AUTH_FAILURE)));
+    }
+
+    fn lookup_mixed(name: &str) -> TargetLookup {
+        match name {
+            "iqn.open" => TargetLookup::Found(None),
+            "iqn.t" => TargetLookup::Found(Some(chap_target())),
+            _ => TargetLookup::Missing,
+        }
+    }
+
+    /// A security stage with AuthMethod=None, then `second` as the operational stage's PDU.
+    fn switch(first: &[(&str, &str)], second: &[(&str, &str)]) -> Step {
+        let mut l = Login::new(LoginConfig::default(), 1, 64);
+        let s = l.step(&req(0x81, 1, first), &lookup_mixed);
+        assert!(s.outcome.is_none(), "{:?}", s.outcome);
+        assert_eq!(s.bhs.0[1] & 0x80, 0x80, "security stage did not end");
+        l.step(&req(0x87, 1, second), &lookup_mixed)
+    }
+
+    #[test]
+    fn session_identity_cannot_change_after_the_first_pdu() {
+        let disc = [
+            ("InitiatorName", "iqn.i"),
+            ("SessionType", "Discovery"),
+            ("AuthMethod", "None"),
+        ];
+        let open = [
+            ("InitiatorName", "iqn.i"),
+            ("TargetName", "iqn.open"),
+            ("AuthMethod", "None"),
+        ];
+        let refused = Some(Outcome::Failed(status::REDECLARED));
+        // Discovery, then a normal session to a CHAP target.
+        let s = switch(&disc, &[("SessionType", "Normal"), ("TargetName", "iqn.t")]);
+        assert_eq!(s.outcome, refused);
+        assert_eq!(s.bhs.0[1] & 0x83, 0, "no transit on a failure");
+        assert_eq!(s.bhs.0[14..16], [0, 0], "no TSIH on a failure");
+        // Discovery, then a TargetName alone.
+        assert_eq!(switch(&disc, &[("TargetName", "iqn.t")]).outcome, refused);
+        // An open target, then a protected one.
+        assert_eq!(switch(&open, &[("TargetName", "iqn.t")]).outcome, refused);
+        // Another initiator name, another session type.
+        assert_eq!(
+            switch(&open, &[("InitiatorName", "iqn.j")]).outcome,
+            refused
+        );
+        assert_eq!(
+            switch(&open, &[("SessionType", "Discovery")]).outcome,
+            refused
+        );
+        // The same key twice in the first PDU with two values.
+        let mut l = Login::new(LoginConfig::default(), 1, 64);
+        let s = l.step(
+            &req(
+                0x81,
+                1,
+                &[
+                    ("InitiatorName", "iqn.i"),
+                    ("TargetName", "iqn.open"),
+                    ("TargetName", "iqn.t"),
+                    ("AuthMethod", "None"),
+                ],
+            ),
+            &lookup_mixed,
+        );
+        assert_eq!(s.outcome, refused);
+        // Repeating the first PDU's values is allowed.
+        let s = switch(
+            &open,
+            &[
+                ("InitiatorName", "iqn.i"),
+                ("SessionType", "Normal"),
+                ("TargetName", "iqn.open"),
+            ],
+        );
+        assert!(
+            matches!(s.outcome, Some(Outcome::FullFeature(_))),
+            "{:?}",
+            s.outcome
+        );
+        let s = switch(&disc, &[("SessionType", "Discovery")]);
+        assert!(
+            matches!(s.outcome, Some(Outcome::FullFeature(_))),
+            "{:?}",
+            s.outcome
+        );
+    }
+
+    #[test]
+    fn full_feature_phase_rechecks_the_targets_authentication() {
+        // The target had no CHAP when the login started and requires it by the end.
+        let calls = std::cell::Cell::new(0);
+        let lookup = |_: &str| {
+            calls.set(calls.get() + 1);
+            if calls.get() == 1 {
+                TargetLookup::Found(None)
+            } else {
+                TargetLookup::Found(Some(chap_target()))
+            }
+        };
+        let mut l = Login::new(LoginConfig::default(), 1, 64);
+        let s = l.step(
+            &req(
+                0x81,
+                1,
+                &[
+                    ("InitiatorName", "iqn.i"),
+                    ("TargetName", "iqn.t"),
+                    ("AuthMethod", "None"),
+                ],
+            ),
+            &lookup,
+        );
+        assert!(s.outcome.is_none());
+        let s = l.step(&req(0x87, 1, &[]), &lookup);
+        assert_eq!(s.outcome, Some(Outcome::Failed(status::AUTH_FAILURE)));
+        // After CHAP, the session records who authenticated.
+        let (s, _) = chap_login("secretsecret", false);
+        assert!(s.outcome.is_none());
+    }
+
+    #[test]
+    fn refuse_turns_success_into_failure() {
+        let mut l = Login::new(LoginConfig::default(), 9, 64);
+        let mut s = l.step(
+            &req(
+                0x87,
+                1,
+                &[("InitiatorName", "iqn.i"), ("TargetName", "iqn.open")],
+            ),
+            &lookup_mixed,
+        );
+        assert!(matches!(s.outcome, Some(Outcome::FullFeature(_))));
+        Login::refuse(&mut s, status::OUT_OF_RESOURCES);
+        assert_eq!(s.outcome, Some(Outcome::Failed(status::OUT_OF_RESOURCES)));
+        assert_eq!(s.bhs.0[1] & 0x83, 0);
+        assert_eq!(s.bhs.0[14..16], [0, 0]);
+        assert_eq!(s.bhs.0[36..38], [3, 2]);
+        assert!(s.data.is_empty());
     }
 }

@@ -141,6 +141,13 @@ impl Lu {
         }
     }
 
+    /// Whether a write goes to the engine with FUA: when the command asks for it, and for
+    /// every write while the caching mode page's WCE bit is off. Every command that writes
+    /// (WRITE, COMPARE AND WRITE, OR WRITE, WRITE SAME, UNMAP, EXTENDED COPY) decides here.
+    pub fn fua(&self, requested: bool) -> bool {
+        requested || !self.state.lock().wce
+    }
+
     /// Number of logical blocks.
     pub fn blocks(&self) -> u64 {
         self.volume.size_bytes() / u64::from(BLOCK_BYTES)

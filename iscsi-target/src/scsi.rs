@@ -390,10 +390,9 @@ fn write(lu: &Lu, cdb: &[u8], data_out: Vec<u8>) -> Action {
     }
     let mut data = data_out;
     data.truncate(have);
-    let wce = lu.state.lock().wce;
     // FUA (byte 1 bit 3) on the 10/12/16 forms; WRITE AND VERIFY is always durable.
     let fua =
-        !wce || (cdb[0] != 0x0a && cdb[1] & 0x08 != 0) || matches!(cdb[0], 0x2e | 0xae | 0x8e);
+        lu.fua((cdb[0] != 0x0a && cdb[1] & 0x08 != 0) || matches!(cdb[0], 0x2e | 0xae | 0x8e));
     Action::Write {
         offset: lba * u64::from(BLOCK_BYTES),
         data: Bytes::from(data),
@@ -492,7 +491,7 @@ fn compare_and_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     if r.status != status::GOOD {
         return r;
     }
-    let fua = cdb[1] & 0x08 != 0 || !lu.state.lock().wce;
+    let fua = lu.fua(cdb[1] & 0x08 != 0);
     match lu.volume.call(Request::Write {
         offset,
         data: Bytes::copy_from_slice(&data_out[len..2 * len]),
@@ -531,7 +530,7 @@ fn or_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     for (m, d) in medium.iter_mut().zip(data_out) {
         *m |= *d;
     }
-    let fua = cdb[1] & 0x08 != 0 || !lu.state.lock().wce;
+    let fua = lu.fua(cdb[1] & 0x08 != 0);
     match lu.volume.call(Request::Write {
         offset,
         data: Bytes::from(medium),
@@ -614,7 +613,7 @@ fn write_same(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     let zero = block.iter().all(|&b| b == 0);
     let offset = lba * bs as u64;
     let len = n * bs as u64;
-    let fua = !lu.state.lock().wce;
+    let fua = lu.fua(false);
     // With UNMAP the blocks are deallocated whatever the pattern: they then read as zeroes
     // (LBPRZ = 1), as SBC-3 allows for a thin-provisioned logical unit.
     let req = if unmap {
@@ -679,7 +678,7 @@ fn unmap(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
             ranges.push((lba, n));
         }
     }
-    let fua = !lu.state.lock().wce;
+    let fua = lu.fua(false);
     for (lba, n) in ranges {
         if let Err(e) = lu.volume.call(Request::Trim {
             offset: lba * u64::from(BLOCK_BYTES),

@@ -1,12 +1,12 @@
 //! The target: listeners, the volume ↔ target-name mapping, logical units, sessions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ingot_engine::Pool;
 use parking_lot::Mutex;
@@ -20,6 +20,10 @@ pub const IQN_PREFIX: &str = "iqn.2026-11.io.ingot:";
 /// Default iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
 const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// Time a connection has from accept to the full feature phase, whatever it sends meanwhile.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections still logging in at once (a budget apart from established sessions).
+pub const MAX_PENDING_LOGINS: usize = 64;
 
 /// Tunables of an [`IscsiTarget`].
 #[derive(Debug, Clone)]
@@ -34,13 +38,18 @@ pub struct TargetConfig {
     pub max_recv_data: u32,
     /// Largest write (expected data transfer length) accepted.
     pub max_write_bytes: usize,
-    /// Time a client may take per login PDU.
+    /// Time a connection may take from accept to the full feature phase; it is closed then.
     pub login_timeout: Duration,
+    /// Connections still logging in at once. When a new one comes and this many are pending,
+    /// the oldest pending one is closed: idle half-open logins cannot lock out a real client,
+    /// whose login takes milliseconds.
+    pub max_pending_logins: usize,
     /// Send a NOP-In after this much silence from the initiator (`None`: never).
     pub nop_interval: Option<Duration>,
     /// Drop the connection when the initiator stays silent this long after a NOP-In.
     pub nop_timeout: Duration,
-    /// Connections served at once; more are closed right after accept.
+    /// Sessions in the full feature phase at once; a login beyond them is refused (status
+    /// 0x0302, out of resources). Pending logins are counted apart (`max_pending_logins`).
     pub max_connections: usize,
     /// Print connection errors to stderr.
     pub verbose: bool,
@@ -54,13 +63,23 @@ impl Default for TargetConfig {
             window: 128,
             max_recv_data: OUR_MAX_RECV_DATA,
             max_write_bytes: ingot_engine::MAX_REQUEST_BYTES as usize,
-            login_timeout: Duration::from_secs(30),
+            login_timeout: LOGIN_TIMEOUT,
+            max_pending_logins: MAX_PENDING_LOGINS,
             nop_interval: Some(Duration::from_secs(30)),
             nop_timeout: Duration::from_secs(30),
             max_connections: 256,
             verbose: false,
         }
     }
+}
+
+/// When a login accepted now must be over (a huge configured timeout means "in a year", not an
+/// overflow).
+pub(crate) fn login_deadline(cfg: &TargetConfig) -> Instant {
+    let now = Instant::now();
+    now.checked_add(cfg.login_timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// State shared by every connection.
@@ -75,6 +94,31 @@ pub(crate) struct Shared {
     conns: Mutex<HashMap<u64, TcpStream>>,
     /// Normal sessions by (initiator port, target name) → connection id.
     sessions: Mutex<HashMap<(String, String), u64>>,
+    /// Connections still logging in → the time their login must be over by. Connection ids
+    /// grow with accept time and every login has the same timeout, so the first entry is
+    /// both the oldest and the first to expire.
+    pending: Mutex<BTreeMap<u64, Instant>>,
+    /// Connections in the full feature phase.
+    established: AtomicUsize,
+}
+
+/// Why a finished login may not start its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Admitted,
+    /// The login ran out of time or was evicted by newer logins (its socket is shut down).
+    Expired,
+    /// `max_connections` sessions are established already.
+    Full,
+}
+
+/// An established session's place in the budget, given back when dropped.
+pub(crate) struct SessionSlot<'a>(&'a Shared);
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.established.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -82,6 +126,61 @@ impl Shared {
         if self.cfg.verbose {
             eprintln!("ingot iscsi: {msg}");
         }
+    }
+
+    /// A connection was accepted: it is a pending login until [`Shared::admit`]. When the
+    /// pending budget is full, the oldest pending login is closed to make room.
+    fn add_pending(&self, conn_id: u64) {
+        let mut pending = self.pending.lock();
+        while pending.len() >= self.cfg.max_pending_logins.max(1) {
+            let Some((old, _)) = pending.pop_first() else {
+                break;
+            };
+            self.close(old);
+            self.log("too many pending logins: closed the oldest");
+        }
+        pending.insert(conn_id, login_deadline(&self.cfg));
+    }
+
+    /// Close every pending login whose time is up.
+    fn reap_logins(&self) {
+        let now = Instant::now();
+        let mut pending = self.pending.lock();
+        while let Some((&id, &deadline)) = pending.first_key_value() {
+            if deadline > now {
+                break;
+            }
+            pending.pop_first();
+            self.close(id);
+            self.log("login timed out: connection closed");
+        }
+    }
+
+    fn close(&self, conn_id: u64) {
+        if let Some(s) = self.conns.lock().get(&conn_id) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The login of `conn_id` succeeded: move it from the pending logins to the established
+    /// sessions if it is still pending and there is room.
+    pub(crate) fn admit(&self, conn_id: u64) -> (Admission, Option<SessionSlot<'_>>) {
+        let mut pending = self.pending.lock();
+        if pending.remove(&conn_id).is_none() {
+            return (Admission::Expired, None);
+        }
+        if self.established.load(Ordering::Acquire) >= self.cfg.max_connections {
+            return (Admission::Full, None);
+        }
+        self.established.fetch_add(1, Ordering::AcqRel);
+        drop(pending);
+        (Admission::Admitted, Some(SessionSlot(self)))
+    }
+
+    /// The connection ended (whatever phase it was in).
+    fn forget_conn(&self, conn_id: u64) {
+        self.pending.lock().remove(&conn_id);
+        self.conns.lock().remove(&conn_id);
     }
 
     pub fn next_tsih(&self) -> u16 {
@@ -193,6 +292,8 @@ impl IscsiTarget {
                 stop: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
+                pending: Mutex::new(BTreeMap::new()),
+                established: AtomicUsize::new(0),
             }),
             threads: Mutex::new(Vec::new()),
         }
@@ -240,18 +341,16 @@ impl Drop for IscsiTarget {
 
 fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     while !shared.stop.load(Ordering::Acquire) {
+        shared.reap_logins();
         match listener.accept() {
             Ok((stream, peer)) => {
                 let _ = stream.set_nonblocking(false);
-                if shared.conns.lock().len() >= shared.cfg.max_connections {
-                    let _ = stream.shutdown(Shutdown::Both);
-                    continue;
-                }
                 let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 let Ok(clone) = stream.try_clone() else {
                     continue;
                 };
                 shared.conns.lock().insert(id, clone);
+                shared.add_pending(id);
                 let sh = shared.clone();
                 let spawned = thread::Builder::new()
                     .name("iscsi-conn".into())
@@ -259,10 +358,11 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                         if let Err(e) = crate::conn::serve(sh.clone(), stream, id) {
                             sh.log(&format!("connection from {peer}: {e}"));
                         }
-                        sh.conns.lock().remove(&id);
+                        sh.forget_conn(id);
                     });
                 if spawned.is_err() {
-                    shared.conns.lock().remove(&id);
+                    shared.close(id);
+                    shared.forget_conn(id);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),

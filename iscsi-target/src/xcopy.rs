@@ -119,6 +119,9 @@ pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
     }
     let total = lu.blocks();
     let bs = u64::from(BLOCK_BYTES);
+    // No FUA bit in the CDB: the copy's writes are durable on completion exactly when every
+    // other write is, i.e. while WCE is off (MODE SELECT of the caching page).
+    let fua = lu.fua(false);
     let mut done_segments = 0u16;
     let mut done_bytes = 0u64;
     for (src, dst, blocks, src_lba, dst_lba) in plan {
@@ -144,7 +147,7 @@ pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
             if let Err(e) = lu.volume.call(Request::Write {
                 offset: (dst_lba + pos) * bs,
                 data,
-                fua: false,
+                fua,
             }) {
                 return Response::engine(&e);
             }

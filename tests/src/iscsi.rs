@@ -230,6 +230,28 @@ impl Initiator {
         Ok(r)
     }
 
+    /// Send one Login Request with the given flags (T, C, CSG, NSG in byte 1) and keys, and
+    /// return the Login Response. Every PDU of one login carries the same ITT.
+    pub fn login_pdu(&mut self, flags: u8, keys: &[(&str, &str)]) -> io::Result<Pdu> {
+        let mut text = String::new();
+        for (k, v) in keys {
+            text.push_str(&format!("{k}={v}\0"));
+        }
+        let mut b = [0u8; BHS];
+        b[0] = 0x43;
+        b[1] = flags;
+        b[8..14].copy_from_slice(&self.isid);
+        put32(&mut b, 16, self.itt);
+        put32(&mut b, 24, self.cmd_sn);
+        put32(&mut b, 28, self.exp_stat_sn);
+        self.send(&b, text.as_bytes())?;
+        let r = self.recv()?;
+        if r.opcode() == 0x23 && r.bhs[36] == 0 {
+            self.exp_stat_sn = r.u32_at(24).wrapping_add(1);
+        }
+        Ok(r)
+    }
+
     /// Log in to `target` with ImmediateData and no digests; panics on failure.
     pub fn login_normal(port: u16, target: &str) -> Initiator {
         let mut i = Initiator::connect(port).expect("connect to the iSCSI target");

@@ -311,3 +311,304 @@ fn snapshot_luns_are_write_protected() {
     let stderr = srv.stderr();
     assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
 }
+
+/// Status (class << 8 | detail) of a Login Response.
+fn login_status(p: &ingot_tests::iscsi::Pdu) -> u16 {
+    assert_eq!(
+        p.opcode(),
+        0x23,
+        "not a Login Response: {:#04x}",
+        p.opcode()
+    );
+    u16::from_be_bytes([p.bhs[36], p.bhs[37]])
+}
+
+/// The login was refused as an initiator error (class 2) without reaching the full feature
+/// phase, and the connection serves no command: a READ gets no Data-In and no status.
+fn refused_and_nothing_served(mut i: Initiator, r: &ingot_tests::iscsi::Pdu, what: &str) {
+    let st = login_status(r);
+    assert_eq!(
+        st >> 8,
+        2,
+        "{what}: login status {st:#06x}, expected class 2"
+    );
+    assert_eq!(
+        r.bhs[1] & 0x80,
+        0,
+        "{what}: refused response with the T bit"
+    );
+    assert_ne!(r.bhs[1] & 0x03, 3, "{what}: full feature phase granted");
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[8] = 1;
+    let c = i.command_bhs(&cdb, 512, true, false);
+    let _ = i.send(&c, &[]);
+    if let Ok(p) = i.recv() {
+        panic!(
+            "{what}: the target answered a READ after a refused login (opcode {:#04x}, {} bytes)",
+            p.opcode(),
+            p.data.len()
+        );
+    }
+}
+
+const INITIATOR: &str = "iqn.2026-11.io.ingot.test:attacker";
+const OPEN: &str = "iqn.2026-11.io.ingot:open";
+/// Operational keys of a login's last PDU.
+const OPERATIONAL: [(&str, &str); 3] = [
+    ("HeaderDigest", "None"),
+    ("DataDigest", "None"),
+    ("MaxRecvDataSegmentLength", "65536"),
+];
+
+fn with_operational<'a>(keys: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = keys.to_vec();
+    v.extend_from_slice(&OPERATIONAL);
+    v
+}
+
+/// An attacker who may log in without CHAP somewhere (discovery, an open target) tries to
+/// switch to the CHAP-protected target in a later Login PDU, or to change the session's
+/// declared identity: each attempt is refused before the full feature phase.
+#[test]
+fn login_cannot_switch_target_or_session_type_to_skip_chap() {
+    let dir = TempDir::new("iscsi-switch");
+    let secrets = dir.join("chap");
+    std::fs::write(&secrets, "vol0 alice alicesecret12\n").expect("write chap file");
+    let (srv, port) = iscsi_server(
+        dir.path(),
+        "1G",
+        "64M",
+        &["--iscsi-chap-file".into(), secrets.display().to_string()],
+    );
+    create_volume(srv.pool(), "open", "32M");
+    let start = |keys: &[(&str, &str)], flags: u8| {
+        let mut i = Initiator::connect(port).expect("connect");
+        let r = i.login_pdu(flags, keys).expect("first login PDU");
+        assert_eq!(login_status(&r), 0, "first PDU {keys:?} refused");
+        i
+    };
+    let discovery = [
+        ("InitiatorName", INITIATOR),
+        ("SessionType", "Discovery"),
+        ("AuthMethod", "None"),
+    ];
+    let open = [
+        ("InitiatorName", INITIATOR),
+        ("SessionType", "Normal"),
+        ("TargetName", OPEN),
+        ("AuthMethod", "None"),
+    ];
+
+    // 1. Discovery (no CHAP needed), then SessionType=Normal and the protected target in the
+    // operational stage.
+    let mut i = start(&discovery, 0x81);
+    let r = i
+        .login_pdu(
+            0x87,
+            &with_operational(&[("SessionType", "Normal"), ("TargetName", TARGET)]),
+        )
+        .expect("second login PDU");
+    refused_and_nothing_served(i, &r, "discovery -> normal");
+
+    // 2. The same with only TargetName added.
+    let mut i = start(&discovery, 0x81);
+    let r = i
+        .login_pdu(0x87, &with_operational(&[("TargetName", TARGET)]))
+        .expect("second login PDU");
+    refused_and_nothing_served(i, &r, "discovery + TargetName");
+
+    // 3. An open target, then the protected one in the operational stage.
+    let mut i = start(&open, 0x81);
+    let r = i
+        .login_pdu(0x87, &with_operational(&[("TargetName", TARGET)]))
+        .expect("second login PDU");
+    refused_and_nothing_served(i, &r, "open -> protected (operational stage)");
+
+    // 4. An open target, then the protected one while still in the security stage (first
+    // PDU without the T bit).
+    let mut i = start(&open, 0x01);
+    let r = i
+        .login_pdu(0x81, &[("TargetName", TARGET)])
+        .expect("second login PDU");
+    refused_and_nothing_served(i, &r, "open -> protected (security stage)");
+
+    // 5. Repeated keys with new values: session type, initiator name.
+    let mut i = start(&open, 0x81);
+    let r = i
+        .login_pdu(0x87, &with_operational(&[("SessionType", "Discovery")]))
+        .expect("second login PDU");
+    refused_and_nothing_served(i, &r, "normal -> discovery");
+    let mut i = start(&open, 0x81);
+    let r = i
+        .login_pdu(
+            0x87,
+            &with_operational(&[("InitiatorName", "iqn.2026-11.io.ingot.test:other")]),
+        )
+        .expect("second login PDU");
+    refused_and_nothing_served(i, &r, "another InitiatorName");
+
+    // 6. Two TargetNames in the first PDU.
+    let mut i = Initiator::connect(port).expect("connect");
+    let r = i
+        .login_pdu(
+            0x81,
+            &[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", OPEN),
+                ("TargetName", TARGET),
+                ("AuthMethod", "None"),
+            ],
+        )
+        .expect("login PDU");
+    refused_and_nothing_served(i, &r, "two TargetNames");
+
+    // 7. The protected target directly without CHAP: authentication failure.
+    let mut i = Initiator::connect(port).expect("connect");
+    let r = i
+        .login_pdu(
+            0x81,
+            &[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
+                ("AuthMethod", "None"),
+            ],
+        )
+        .expect("login PDU");
+    assert_eq!(login_status(&r), 0x0201);
+    refused_and_nothing_served(i, &r, "protected target without CHAP");
+
+    // Control: the open target with its keys repeated unchanged logs in and serves reads.
+    let mut i = start(&open, 0x81);
+    let r = i
+        .login_pdu(
+            0x87,
+            &with_operational(&[
+                ("InitiatorName", INITIATOR),
+                ("SessionType", "Normal"),
+                ("TargetName", OPEN),
+            ]),
+        )
+        .expect("second login PDU");
+    assert_eq!(login_status(&r), 0);
+    assert_eq!(r.bhs[1] & 0x83, 0x83, "open target: no full feature phase");
+    let back = i.read10(0, 1).expect("read the open target");
+    assert_eq!(back.status, 0);
+    assert_eq!(back.data.len(), 512);
+    let stderr = srv.stderr();
+    assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
+    srv.stop();
+}
+
+/// Hundreds of idle connections that never log in do not keep a real initiator out, and the
+/// target closes each of them once the login timeout (10 s) is over.
+#[test]
+fn idle_half_open_logins_do_not_lock_out_a_real_client() {
+    let inq = require_tool("iscsi-inq");
+    let dir = TempDir::new("iscsi-idle");
+    let (srv, port) = iscsi_server(dir.path(), "1G", "64M", &[]);
+    let t0 = std::time::Instant::now();
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect idle"))
+        .collect();
+    // Let the target accept them all.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let out = output_timeout(
+        std::process::Command::new(&inq).arg(format!("iscsi://127.0.0.1:{port}/{TARGET}/0")),
+        Duration::from_secs(30),
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "iscsi-inq failed behind 300 idle connections: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "iscsi-inq took {took:?} behind 300 idle connections"
+    );
+    // Every idle connection is closed by the login timeout (plus slack for a busy machine).
+    let limit = Duration::from_secs(15);
+    for (n, mut s) in idle.into_iter().enumerate() {
+        let left = limit
+            .saturating_sub(t0.elapsed())
+            .max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).expect("timeout");
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {}
+            Ok(k) => panic!("idle connection {n} got {k} bytes"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "idle connection {n} still open {:?} after connecting",
+                    t0.elapsed()
+                )
+            }
+            Err(_) => {} // reset: closed too
+        }
+    }
+    let stderr = srv.stderr();
+    assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
+    srv.stop();
+}
+
+/// A login that trickles in one byte at a time (each read finishes well within any per-read
+/// timeout) is closed when the whole login's time is up.
+#[test]
+fn a_trickling_login_is_closed_at_the_login_timeout() {
+    let dir = TempDir::new("iscsi-trickle");
+    let (srv, port) = iscsi_server(dir.path(), "1G", "64M", &[]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    // A Login Request header announcing 4000 bytes of keys, sent a byte at a time.
+    let mut b = bhs(0x43, 0x81);
+    b[5..8].copy_from_slice(&[0, 0x0f, 0xa0]);
+    b[16..20].copy_from_slice(&1u32.to_be_bytes());
+    let mut wire = b.to_vec();
+    wire.resize(48 + 4000, b'a');
+    let t0 = std::time::Instant::now();
+    let mut closed_after = None;
+    for byte in wire.iter().cycle().take(200) {
+        if s.write_all(&[*byte]).is_err() {
+            closed_after = Some(t0.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {
+                closed_after = Some(t0.elapsed());
+                break;
+            }
+            Ok(_) => panic!("the target answered a partial login"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                closed_after = Some(t0.elapsed());
+                break;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    let Some(t) = closed_after else {
+        panic!("a login trickling in for {:?} was not closed", t0.elapsed());
+    };
+    assert!(
+        t >= Duration::from_secs(8) && t <= Duration::from_secs(14),
+        "trickling login closed after {t:?}, expected about 10 s"
+    );
+    let stderr = srv.stderr();
+    assert!(!stderr.contains("panicked"), "server panicked:\n{stderr}");
+    srv.stop();
+}
