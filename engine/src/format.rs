@@ -971,8 +971,14 @@ mod tests {
         };
         let mut buf = vec![0u8; 4096];
         h.encode(&mut buf, &key);
-        assert_eq!(SegmentHeader::decode_authentic(&buf, Some(&key)), Some(h.clone()));
-        assert_eq!(SegmentHeader::decode_authentic(&buf, Some(&LogKey([2; 32]))), None);
+        assert_eq!(
+            SegmentHeader::decode_authentic(&buf, Some(&key)),
+            Some(h.clone())
+        );
+        assert_eq!(
+            SegmentHeader::decode_authentic(&buf, Some(&LogKey([2; 32]))),
+            None
+        );
         assert_eq!(SegmentHeader::decode_authentic(&buf, None), None);
         // Same fields, CRC recomputed by someone without the key: refused.
         buf[40] ^= 1;
@@ -1022,10 +1028,28 @@ mod tests {
         assert_eq!(d, h);
         assert!(d.verify(&area, Some(&seal)));
         // Elsewhere in the segment, in another use of it, under another key, or unsealed.
-        assert!(!d.verify(&area, Some(&RecordSeal { offset: 12288, ..seal })));
-        assert!(!d.verify(&area, Some(&RecordSeal { nonce: [5; 16], ..seal })));
+        assert!(!d.verify(
+            &area,
+            Some(&RecordSeal {
+                offset: 12288,
+                ..seal
+            })
+        ));
+        assert!(!d.verify(
+            &area,
+            Some(&RecordSeal {
+                nonce: [5; 16],
+                ..seal
+            })
+        ));
         let other = LogKey([4; 32]);
-        assert!(!d.verify(&area, Some(&RecordSeal { key: &other, ..seal })));
+        assert!(!d.verify(
+            &area,
+            Some(&RecordSeal {
+                key: &other,
+                ..seal
+            })
+        ));
         assert!(!d.verify(&area, None));
         area[RecordHeader::BYTES + 8] ^= 0x10;
         assert!(!d.verify(&area, Some(&seal)));

@@ -21,8 +21,8 @@ use crate::cache::BlockCache;
 use crate::checkpoint::{self, Image, VolumeImage};
 use crate::error::{Error, Result};
 use crate::format::{
-    LogKey, SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, FLAG_REF, IO_ALIGN,
-    NO_SEGMENT, SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
+    LogKey, SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, FLAG_REF,
+    IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
 };
 use crate::io::fault::{FaultDevices, FaultPlan};
 use crate::io::sync::FileSet;
@@ -3281,9 +3281,10 @@ fn read_checkpoint(
                 offset: base,
                 source,
             })?;
-        let h = SegmentHeader::decode_authentic(&buf, sb.log_key.as_ref()).ok_or(Error::Corrupt {
-            what: "checkpoint segment header",
-        })?;
+        let h =
+            SegmentHeader::decode_authentic(&buf, sb.log_key.as_ref()).ok_or(Error::Corrupt {
+                what: "checkpoint segment header",
+            })?;
         if h.kind != SegmentKind::Checkpoint || h.segment != seg || h.pool_uuid != sb.pool_uuid {
             return Err(Error::Corrupt {
                 what: "checkpoint segment header",

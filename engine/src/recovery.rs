@@ -25,8 +25,8 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    DataEntry, LogKey, RecordHeader, RecordKind, RecordSeal, SegmentHeader, SegmentKind,
-    TrimEntry, FLAG_REF, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
+    DataEntry, LogKey, RecordHeader, RecordKind, RecordSeal, SegmentHeader, SegmentKind, TrimEntry,
+    FLAG_REF, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, Devices};
 use crate::pool::Geometry;

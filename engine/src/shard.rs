@@ -1971,7 +1971,10 @@ impl Shard {
 
     /// Nonce of the open segment's current use.
     fn nonce(&self) -> [u8; 16] {
-        debug_assert!(self.pos.nonce.is_some(), "records written before a segment header");
+        debug_assert!(
+            self.pos.nonce.is_some(),
+            "records written before a segment header"
+        );
         self.pos.nonce.unwrap_or_default()
     }
 
@@ -2099,7 +2102,11 @@ impl Shard {
                 // already be on the device): write the header again, synchronously, before any
                 // of them is acknowledged.
                 ok = self.inner.devices.write_at(dev, buf, at).is_ok();
-                if !ok && rec.header_at.is_some_and(|(d, a)| (d, a) == self.open_header_at()) {
+                if !ok
+                    && rec
+                        .header_at
+                        .is_some_and(|(d, a)| (d, a) == self.open_header_at())
+                {
                     self.header_ok = false;
                 }
             }

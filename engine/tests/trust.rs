@@ -116,7 +116,11 @@ fn forged_record(
     put(&mut b, 24, &epoch.to_le_bytes());
     put(&mut b, 32, &segment.to_le_bytes());
     put(&mut b, 36, &(entries.len() as u32).to_le_bytes());
-    put(&mut b, 40, &((1 + payload_blocks) * BLOCK as u32).to_le_bytes());
+    put(
+        &mut b,
+        40,
+        &((1 + payload_blocks) * BLOCK as u32).to_le_bytes(),
+    );
     put(&mut b, 44, &(BLOCK as u32).to_le_bytes());
     put(&mut b, 48, &0u64.to_le_bytes()); // durable_shard_seq
     put(&mut b, 56, &shard.to_le_bytes());

@@ -34,6 +34,13 @@ pub struct FaultPlan {
     /// Writes that reached a range while a discard of it was under way.
     pub writes_into_discards: AtomicU64,
     discarding: Mutex<Vec<(u16, u64, u64)>>,
+    /// Fail every synchronous (metadata path: superblocks, checkpoints, segment headers,
+    /// replay) write with EIO while set.
+    pub fail_metadata_writes: AtomicBool,
+    /// Fail every sync (fdatasync) with EIO while set.
+    pub fail_sync: AtomicBool,
+    /// Fail synchronous reads that touch any of these (device, offset, length) ranges.
+    pub fail_reads_in: Mutex<Vec<(u16, u64, u64)>>,
     /// Panic in the next queue submission that has a write to send (a bug in an engine
     /// thread, for the tests of what the pool does when one of its threads fails).
     pub panic_on_submit: AtomicBool,
@@ -145,15 +152,31 @@ impl Devices for FaultDevices {
         self.inner.size(dev)
     }
     fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if self
+            .plan
+            .fail_reads_in
+            .lock()
+            .iter()
+            .any(|&(d, o, l)| d == dev && o < end && offset < o + l)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.read_at(dev, buf, offset)?;
         self.plan.corrupt(dev, offset, buf);
         Ok(())
     }
     fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.plan.fail_metadata_writes.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.plan.note_write(&*self.inner, dev, offset, buf.len());
         self.inner.write_at(dev, buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
+        if self.plan.fail_sync.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.sync()?;
         self.plan.undo.lock().clear();
         Ok(())
