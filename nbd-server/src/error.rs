@@ -36,6 +36,8 @@ pub enum NbdError {
     PayloadTooLarge(u64),
     #[error("connection closed in the middle of a message")]
     Truncated,
+    #[error("handshake finished when the connection limit was reached (or it was cut)")]
+    NoRoom,
     #[error("invalid listen address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: &'static str },
 }
