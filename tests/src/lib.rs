@@ -253,6 +253,8 @@ pub struct ServeOpts {
     pub default_listener: bool,
     pub cwd: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// Environment variables set for the server (e.g. `INGOT_HANDSHAKE_TIMEOUT_MS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl ServeOpts {
@@ -265,6 +267,7 @@ impl ServeOpts {
             default_listener: false,
             cwd: None,
             extra_args: vec!["--cache-size".into(), "64M".into()],
+            env: Vec::new(),
         }
     }
 
@@ -291,6 +294,7 @@ impl ServeOpts {
             }
         }
         c.args(&self.extra_args);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }
