@@ -84,6 +84,7 @@ pub fn debian_package(tool: &str) -> &'static str {
         "fusermount3" => "fuse3",
         "sha256sum" | "cmp" | "truncate" => "coreutils",
         "kill" => "procps",
+        "setpriv" => "util-linux",
         "iscsi-inq" | "iscsi-ls" | "iscsi-test-cu" | "iscsi-readcapacity16" | "iscsi-perf" => {
             "libiscsi-bin"
         }
