@@ -15,7 +15,7 @@ declare -A PKG=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin
   [nbdsh]=python3-libnbd
   [fio]=fio [nbdkit]=nbdkit [fusermount3]=fuse3
-  [sha256sum]=coreutils [kill]=procps
+  [sha256sum]=coreutils [kill]=procps [setpriv]=util-linux
   [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [losetup]=util-linux
   [iscsi-inq]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-test-cu]=libiscsi-bin
   [iscsi-readcapacity16]=libiscsi-bin

@@ -173,6 +173,11 @@ struct NbdArgs {
     /// Connections served at once; more are closed right after accept.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// Connections that may be negotiating at once (a budget apart from --max-connections);
+    /// over it the oldest handshake is closed. Each handshake gets 10 s in all
+    /// (INGOT_HANDSHAKE_TIMEOUT_MS overrides that, for tests).
+    #[arg(long, default_value_t = ingot_nbd::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
     /// Disconnect clients that send no request for this many seconds while nothing is in
     /// flight (0: never).
     #[arg(long, default_value_t = 0)]
@@ -181,6 +186,20 @@ struct NbdArgs {
     /// reply unread that long (0: never).
     #[arg(long, default_value_t = 60)]
     request_timeout: u64,
+}
+
+/// Time a client gets for the whole NBD handshake: `INGOT_HANDSHAKE_TIMEOUT_MS` when set (tests
+/// shorten it), else the server's default.
+fn handshake_timeout() -> Result<std::time::Duration> {
+    match std::env::var("INGOT_HANDSHAKE_TIMEOUT_MS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(std::time::Duration::from_millis(ms)),
+            _ => bail!(
+                "INGOT_HANDSHAKE_TIMEOUT_MS={v:?}: expected a positive number of milliseconds"
+            ),
+        },
+        Err(_) => Ok(ingot_nbd::DEFAULT_HANDSHAKE_TIMEOUT),
+    }
 }
 
 /// iSCSI target settings of `ingot serve`.
@@ -950,6 +969,8 @@ fn serve(
         tls,
         tls_required: nbd_opts.tls_required,
         max_connections: nbd_opts.max_connections,
+        max_handshakes: nbd_opts.max_handshakes,
+        handshake_timeout: Some(handshake_timeout()?),
         idle_timeout: secs(nbd_opts.idle_timeout),
         request_timeout: secs(nbd_opts.request_timeout),
         reply_timeout: secs(nbd_opts.request_timeout),

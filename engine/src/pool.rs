@@ -1697,12 +1697,14 @@ fn validate_size(size: u64) -> Result<()> {
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt; // files of a pool are its owner's only: 0600
     let path = dir.join(LOCK_FILE);
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| Error::File {
             path: path.clone(),
@@ -1762,6 +1764,8 @@ impl Pool {
 
     /// Create a pool in `dir` (created if missing; must not hold a pool) and open it.
     pub fn create(dir: &Path, c: &CreateOptions, o: &PoolOptions) -> Result<Pool> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt; // files of a pool are its owner's only: 0600
         let seg = c.segment_bytes;
         if !seg.is_power_of_two() || !(2 << 20..=1 << 30).contains(&seg) {
             return Err(Error::InvalidSize {
@@ -1811,6 +1815,7 @@ impl Pool {
                     .create(true)
                     .truncate(true)
                     .write(true)
+                    .mode(0o600)
                     .open(&full)
                     .map_err(|source| Error::File {
                         path: full.clone(),
@@ -1906,7 +1911,13 @@ impl Pool {
         };
         let json = serde_json::to_vec_pretty(&pf).unwrap_or_default();
         let tmp = dir.join(format!("{POOL_FILE}.tmp"));
-        std::fs::write(&tmp, json)
+        let _ = std::fs::remove_file(&tmp); // a leftover keeps its mode: start afresh, 0600
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&json))
             .and_then(|()| std::fs::rename(&tmp, dir.join(POOL_FILE)))
             .map_err(|source| Error::File {
                 path: dir.join(POOL_FILE),

@@ -36,6 +36,8 @@ pub enum NbdError {
     PayloadTooLarge(u64),
     #[error("connection closed in the middle of a message")]
     Truncated,
+    #[error("no connection slot was free when the handshake ended (max_connections reached)")]
+    NoRoom,
     #[error("invalid listen address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: &'static str },
 }

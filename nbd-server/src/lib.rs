@@ -35,5 +35,8 @@ mod transmission;
 pub use engine_export::PoolExports;
 pub use error::{NbdError, Result};
 pub use export::{Export, ExportSource, StaticExports};
-pub use server::{BoundAddr, ListenAddr, ListenerHandle, NbdServer, ServerConfig};
+pub use server::{
+    BoundAddr, ListenAddr, ListenerHandle, NbdServer, ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_HANDSHAKES,
+};
 pub use tls::TlsConfig;

@@ -1,6 +1,6 @@
 //! Listeners, connection admission and accounting, and server shutdown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -30,17 +30,31 @@ const ACCEPT_POLL_MS: i32 = 100;
 /// 1 MiB read replies, so the writer thread is not woken for every 208 KiB the client drains.
 const SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
 const READ_BUFFER_BYTES: usize = 128 << 10;
+/// Default time a client gets to finish the whole handshake, TLS included.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default number of connections that may be negotiating at once.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Longest sleep of the handshake reaper while no handshake is pending (it also checks whether
+/// the server is gone).
+const REAPER_IDLE: Duration = Duration::from_millis(500);
 
 /// Tunables of an [`NbdServer`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Connections served at once; further clients are accepted and closed immediately.
+    /// Connections in transmission at once. While that many are served, further clients are
+    /// accepted and closed immediately; a handshake that ends when the limit has been reached
+    /// in the meantime is closed too.
     pub max_connections: usize,
+    /// Connections still negotiating (TLS included) at once, a budget separate from
+    /// `max_connections` so that sockets that never finish the handshake cannot take the
+    /// places of real clients. Over it, the oldest handshake is closed to make room.
+    pub max_handshakes: usize,
     /// Payload bytes in flight per connection before the server stops reading requests.
     pub max_inflight_bytes: u64,
     /// Largest option the handshake accepts; larger ones end the connection.
     pub max_option_bytes: u32,
-    /// Time a client may take between handshake messages (`None`: forever).
+    /// Time a client may take for the whole handshake, from accept to the end of option
+    /// haggling, TLS included; then its socket is closed (`None`: forever).
     pub handshake_timeout: Option<Duration>,
     /// Serve every export read-only.
     pub read_only: bool,
@@ -65,9 +79,10 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: 256,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_inflight_bytes: 64 << 20,
             max_option_bytes: 64 << 10,
-            handshake_timeout: Some(Duration::from_secs(30)),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             read_only: false,
             tls: None,
             tls_required: false,
@@ -227,14 +242,48 @@ impl ListenerHandle {
     }
 }
 
+/// A live connection: a handle on its socket so the server can close it.
+struct Conn {
+    sock: Stream,
+    /// Past the handshake (counted in [`Conns::established`]).
+    established: bool,
+    /// Its handshake was closed by the server (timed out or pushed out).
+    cut: bool,
+}
+
+/// Live connections, in handshake or transmission.
+#[derive(Default)]
+struct Conns {
+    all: HashMap<u64, Conn>,
+    /// Connections still negotiating, by id (ids grow with accept order, so the first is the
+    /// oldest), with the instant their handshake time runs out.
+    handshaking: BTreeMap<u64, Option<Instant>>,
+    /// Connections in transmission.
+    established: usize,
+}
+
+impl Conns {
+    /// Close the socket of handshake `id` and forget it as negotiating; its thread sees the
+    /// socket fail and removes the connection.
+    fn cut_handshake(&mut self, id: u64) {
+        self.handshaking.remove(&id);
+        if let Some(c) = self.all.get_mut(&id) {
+            c.cut = true;
+            c.sock.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 struct Shared {
     source: Arc<dyn ExportSource>,
     cfg: ServerConfig,
     stopping: AtomicBool,
     next_id: AtomicU64,
-    /// Live connections: a handle on each socket so shutdown can close them.
-    conns: Mutex<HashMap<u64, Stream>>,
+    conns: Mutex<Conns>,
     conns_cv: Condvar,
+    /// Wakes the handshake reaper when a handshake starts.
+    reaper_cv: Condvar,
+    reaper: Mutex<Option<JoinHandle<()>>>,
     listeners: Mutex<Vec<Arc<ListenerInner>>>,
     stopped: Mutex<bool>,
     stopped_cv: Condvar,
@@ -255,8 +304,10 @@ impl NbdServer {
                 cfg,
                 stopping: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
-                conns: Mutex::new(HashMap::new()),
+                conns: Mutex::new(Conns::default()),
                 conns_cv: Condvar::new(),
+                reaper_cv: Condvar::new(),
+                reaper: Mutex::new(None),
                 listeners: Mutex::new(Vec::new()),
                 stopped: Mutex::new(false),
                 stopped_cv: Condvar::new(),
@@ -293,6 +344,7 @@ impl NbdServer {
             Listener::Tcp(l) => l.set_nonblocking(true)?,
             Listener::Unix(l) => l.set_nonblocking(true)?,
         }
+        self.start_reaper()?;
         let inner = Arc::new(ListenerInner {
             closed: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -310,7 +362,27 @@ impl NbdServer {
 
     /// Number of connections currently open (in handshake or transmission).
     pub fn connection_count(&self) -> usize {
-        self.shared.conns.lock().len()
+        self.shared.conns.lock().all.len()
+    }
+
+    /// Number of connections still negotiating.
+    pub fn handshake_count(&self) -> usize {
+        self.shared.conns.lock().handshaking.len()
+    }
+
+    /// Start the thread that closes handshakes whose time ran out (once per server).
+    fn start_reaper(&self) -> io::Result<()> {
+        let mut slot = self.shared.reaper.lock();
+        if slot.is_some() || self.shared.cfg.handshake_timeout.is_none() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(&self.shared);
+        *slot = Some(
+            thread::Builder::new()
+                .name("nbd-handshake-reaper".into())
+                .spawn(move || reap_handshakes(weak))?,
+        );
+        Ok(())
     }
 
     /// Stop every listener, let connections finish their in-flight requests (up to
@@ -323,23 +395,28 @@ impl NbdServer {
             l.close();
         }
         // Closing the read side ends each reader at its next request; replies still go out.
-        for c in shared.conns.lock().values() {
-            c.shutdown(Shutdown::Read);
+        for c in shared.conns.lock().all.values() {
+            c.sock.shutdown(Shutdown::Read);
         }
         let deadline = Instant::now() + shared.cfg.shutdown_grace;
         let mut conns = shared.conns.lock();
-        while !conns.is_empty() {
+        while !conns.all.is_empty() {
             if shared.conns_cv.wait_until(&mut conns, deadline).timed_out() {
                 break;
             }
         }
-        for c in conns.values() {
-            c.shutdown(Shutdown::Both);
+        for c in conns.all.values() {
+            c.sock.shutdown(Shutdown::Both);
         }
-        while !conns.is_empty() {
+        while !conns.all.is_empty() {
             shared.conns_cv.wait(&mut conns);
         }
+        shared.reaper_cv.notify_all();
         drop(conns);
+        let reaper = shared.reaper.lock().take();
+        if let Some(h) = reaper {
+            let _ = h.join();
+        }
         *shared.stopped.lock() = true;
         shared.stopped_cv.notify_all();
     }
@@ -439,33 +516,120 @@ fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     {
         let mut conns = shared.conns.lock();
-        if conns.len() >= shared.cfg.max_connections || shared.stopping.load(Ordering::Acquire) {
-            // Over the limit: close right away (dropping the stream closes it).
+        if conns.established >= shared.cfg.max_connections
+            || shared.stopping.load(Ordering::Acquire)
+        {
+            // No room in transmission: close right away (dropping the stream closes it).
             return;
         }
-        conns.insert(id, control);
+        // Over the handshake budget, the *oldest* handshake is closed, not the new one. Refusing
+        // newcomers would let anyone who keeps `max_handshakes` idle sockets open (renewing
+        // them as they time out) lock every real client out. Dropping the oldest means a
+        // newcomer always gets its turn, and to push a real client out an attacker has to open
+        // `max_handshakes` sockets within the few milliseconds that client needs to negotiate;
+        // the sockets it already holds buy it nothing.
+        while conns.handshaking.len() >= shared.cfg.max_handshakes.max(1) {
+            let Some((&oldest, _)) = conns.handshaking.iter().next() else {
+                break;
+            };
+            conns.cut_handshake(oldest);
+        }
+        let deadline = shared.cfg.handshake_timeout.map(|t| Instant::now() + t);
+        conns.all.insert(
+            id,
+            Conn {
+                sock: control,
+                established: false,
+                cut: false,
+            },
+        );
+        conns.handshaking.insert(id, deadline);
+        if conns.handshaking.len() == 1 {
+            shared.reaper_cv.notify_all();
+        }
     }
     let thread_shared = shared.clone();
     let spawned = thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            if let Err(e) = run_connection(&thread_shared, stream) {
-                eprintln!("ingot-nbd: connection from {peer}: {e}");
+            let res = run_connection(&thread_shared, id, stream);
+            // Handshakes the server cut are not reported one by one: a flood of idle sockets
+            // would flood the log too.
+            let cut = thread_shared.remove(id);
+            if let Err(e) = res {
+                if !cut {
+                    eprintln!("ingot-nbd: connection from {peer}: {e}");
+                }
             }
-            thread_shared.remove(id);
         });
     if spawned.is_err() {
-        shared.remove(id);
+        let _ = shared.remove(id);
     }
 }
 
 impl Shared {
-    fn remove(&self, id: u64) {
+    /// Forget connection `id` and close its socket; true when its handshake had been cut.
+    fn remove(&self, id: u64) -> bool {
         let mut conns = self.conns.lock();
-        if let Some(c) = conns.remove(&id) {
-            c.shutdown(Shutdown::Both);
+        conns.handshaking.remove(&id);
+        let mut cut = false;
+        if let Some(c) = conns.all.remove(&id) {
+            if c.established {
+                conns.established -= 1;
+            }
+            cut = c.cut;
+            c.sock.shutdown(Shutdown::Both);
         }
         self.conns_cv.notify_all();
+        cut
+    }
+
+    /// Move connection `id` from handshake to transmission. False when it may not go on: its
+    /// handshake was cut (timed out or pushed out by newer ones) or transmission is full.
+    fn establish(&self, id: u64) -> bool {
+        let mut conns = self.conns.lock();
+        if conns.handshaking.remove(&id).is_none() {
+            return false;
+        }
+        if conns.established >= self.cfg.max_connections {
+            return false;
+        }
+        let Some(c) = conns.all.get_mut(&id) else {
+            return false;
+        };
+        c.established = true;
+        conns.established += 1;
+        true
+    }
+}
+
+/// Close handshakes whose time ran out, until the server is shut down or dropped. Socket read
+/// timeouts alone would not do: they bound each read, not the handshake, so a client sending a
+/// byte now and then (or trickling a TLS handshake) could hold its place forever.
+fn reap_handshakes(shared: Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut conns = shared.conns.lock();
+        if *shared.stopped.lock()
+            || (shared.stopping.load(Ordering::Acquire) && conns.all.is_empty())
+        {
+            return;
+        }
+        let now = Instant::now();
+        let expired: Vec<u64> = conns
+            .handshaking
+            .iter()
+            .filter(|(_, d)| d.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            conns.cut_handshake(id);
+        }
+        let next = conns.handshaking.values().flatten().min().copied();
+        let wake = next.unwrap_or(now + REAPER_IDLE).min(now + REAPER_IDLE);
+        shared.reaper_cv.wait_until(&mut conns, wake);
     }
 }
 
@@ -532,7 +696,7 @@ impl HandshakeIo for ConnIo<'_> {
     }
 }
 
-fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
+fn run_connection(shared: &Shared, id: u64, stream: Stream) -> Result<()> {
     let cfg = &shared.cfg;
     stream.set_read_timeout(cfg.handshake_timeout)?;
     stream.set_write_timeout(cfg.reply_timeout.or(cfg.handshake_timeout))?;
@@ -558,6 +722,9 @@ fn run_connection(shared: &Shared, stream: Stream) -> Result<()> {
     let Some(neg) = negotiate(&mut io, &ctx)? else {
         return Ok(());
     };
+    if !shared.establish(id) {
+        return Err(NbdError::NoRoom);
+    }
     // One socket timeout serves both transmission timeouts (each is counted in steps of it).
     let read_timeout = match (cfg.idle_timeout, cfg.request_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),

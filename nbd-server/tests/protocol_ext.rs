@@ -360,25 +360,94 @@ fn option_after_go_and_garbage_magic_end_only_that_client() {
 }
 
 #[test]
-fn flood_of_connections_is_refused_cleanly() {
+fn flood_of_idle_handshakes_pushes_out_the_oldest() {
     let cfg = ServerConfig {
         max_connections: 8,
+        max_handshakes: 8,
         ..Default::default()
     };
     let t = TestServer::with(vec![MemExport::new("vol0", 1 << 20)], cfg);
-    let hogs: Vec<_> = (0..8)
+    let mut hogs: Vec<_> = (0..8)
         .map(|_| {
             let mut c = t.raw();
             c.read_n(18);
             c
         })
         .collect();
-    // Over the limit: closed right away, before the greeting.
-    for _ in 0..20 {
-        let mut c = t.raw();
-        assert!(c.closed());
+    // More idle handshakes than the budget: each newcomer is greeted, the oldest are closed.
+    let mut late: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = t.raw();
+            c.read_n(18);
+            c
+        })
+        .collect();
+    for h in &mut hogs {
+        assert!(h.closed());
     }
+    for h in late.iter_mut().take(12) {
+        assert!(h.closed());
+    }
+    assert!(t.server.handshake_count() <= 8);
+    // A real client still gets through, and fills a transmission slot.
+    well_behaved(&t);
+    drop(late);
     drop(hogs);
+    t.wait_idle();
+}
+
+#[test]
+fn full_transmission_slots_refuse_newcomers() {
+    let cfg = ServerConfig {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let t = TestServer::with(vec![MemExport::new("vol0", 1 << 20)], cfg);
+    // A handshake under way when the slots fill up is closed once it ends.
+    let mut pending = t.raw();
+    pending.greet(FLAG_C_FIXED_NEWSTYLE);
+    let mut a = t.raw();
+    a.go("vol0", false, false);
+    let mut b = t.raw();
+    b.go("vol0", false, false);
+    assert_eq!(t.server.connection_count(), 3);
+    let mut c = t.raw();
+    assert!(c.closed());
+    pending.send_option(OPT_GO, &info_data("vol0", &[]));
+    let mut rest = Vec::new();
+    assert!(
+        pending.s.read_to_end(&mut rest).is_ok(),
+        "a handshake ending with no free slot was not closed"
+    );
+    a.disconnect();
+    b.disconnect();
+    t.wait_idle();
+    well_behaved(&t);
+}
+
+#[test]
+fn handshake_time_is_bounded_in_all_not_per_read() {
+    let cfg = ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(600)),
+        ..Default::default()
+    };
+    let t = TestServer::with(vec![MemExport::new("vol0", 1 << 20)], cfg);
+    let mut c = t.raw();
+    let start = Instant::now();
+    c.greet(FLAG_C_FIXED_NEWSTYLE);
+    // One byte of an option header every 100 ms: each read is quick, the handshake is not.
+    let hdr = IHAVEOPT.to_be_bytes();
+    let mut closed = false;
+    for b in hdr.iter().cycle().take(100) {
+        thread::sleep(Duration::from_millis(100));
+        if c.s.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    let took = start.elapsed();
+    assert!(closed, "a trickling handshake was not closed");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
     t.wait_idle();
     well_behaved(&t);
 }

@@ -84,6 +84,7 @@ pub fn debian_package(tool: &str) -> &'static str {
         "fusermount3" => "fuse3",
         "sha256sum" | "cmp" | "truncate" => "coreutils",
         "kill" => "procps",
+        "setpriv" => "util-linux",
         "iscsi-inq" | "iscsi-ls" | "iscsi-test-cu" | "iscsi-readcapacity16" | "iscsi-perf" => {
             "libiscsi-bin"
         }
@@ -253,6 +254,8 @@ pub struct ServeOpts {
     pub default_listener: bool,
     pub cwd: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// Environment variables set for the server (e.g. `INGOT_HANDSHAKE_TIMEOUT_MS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl ServeOpts {
@@ -265,6 +268,7 @@ impl ServeOpts {
             default_listener: false,
             cwd: None,
             extra_args: vec!["--cache-size".into(), "64M".into()],
+            env: Vec::new(),
         }
     }
 
@@ -291,6 +295,7 @@ impl ServeOpts {
             }
         }
         c.args(&self.extra_args);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }

@@ -25,6 +25,7 @@ fn serve_without_arguments_uses_the_embedded_default() {
         default_listener: true,
         cwd: Some(cwd.clone()),
         extra_args: Vec::new(),
+        env: Vec::new(),
     });
     assert!(
         srv.serving[0].contains("127.0.0.1:10809"),
@@ -63,6 +64,7 @@ fn serve_without_arguments_uses_the_embedded_default() {
         default_listener: true,
         cwd: Some(cwd.clone()),
         extra_args: Vec::new(),
+        env: Vec::new(),
     });
     assert_eq!(nbd_export_size("nbd://127.0.0.1:10809/vol0"), 8 * GIB);
     srv.stop();
