@@ -85,7 +85,7 @@ pub enum Error {
     DeviceHoldsData { path: PathBuf, what: String },
     #[error("device {path} is listed twice: it is the same device as {first}")]
     DuplicateDevice { path: PathBuf, first: PathBuf },
-    #[error("device {path} belongs to pool {found}, not to this pool ({expected})")]
+    #[error("device {path} belongs to another pool ({found}), not to this one ({expected})")]
     ForeignDevice {
         path: PathBuf,
         found: String,
