@@ -172,6 +172,11 @@ fn create_refuses_a_device_that_holds_data_unless_forced() {
     f.write_all_at(b"x", 50_000_000).unwrap();
     drop(f);
     refuse("a sparse file with a byte at 50 MB");
+    // A fully written file whose first MiB is zeroes.
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes.resize(8 << 20, 0xab);
+    std::fs::write(&file, &bytes).unwrap();
+    refuse("a written file with data past its first MiB");
 
     // Forced, it becomes a pool.
     let pool = create_on(&t.path().join("p"), std::slice::from_ref(&file), true)

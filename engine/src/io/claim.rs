@@ -23,8 +23,7 @@ use crate::format::{Superblock, SUPERBLOCK_MAGIC, SUPERBLOCK_OFFSETS};
 const HEAD_BYTES: u64 = 1 << 20;
 /// Bytes read at each further sample point.
 const SAMPLE_BYTES: u64 = 64 << 10;
-/// Sample points past the head: the start of each data extent of a file (at most this many), or
-/// points spread evenly over a block device.
+/// Sample points past the head, spread evenly; for a file, also up to this many data extents.
 const SAMPLES: usize = 64;
 
 /// What makes two paths one device.
@@ -164,22 +163,21 @@ impl DeviceClaim {
         if let Some(at) = first_nonzero(&head) {
             return Ok(Some(format!("data (a non-zero byte at offset {at})")));
         }
-        let points: Vec<u64> = if self.block_device[d] {
-            // Evenly spread, and the last MiB (where a GPT keeps its backup header).
-            let mut v: Vec<u64> = (1..SAMPLES as u64)
-                .map(|i| size / SAMPLES as u64 * i)
-                .collect();
-            v.push(size.saturating_sub(HEAD_BYTES));
-            v
-        } else {
-            // Only what the file system says holds blocks; holes read as zeroes.
-            data_extents(f, size)?
-                .into_iter()
-                .map(|(start, _)| start)
-                .filter(|&s| s >= HEAD_BYTES)
-                .take(SAMPLES)
-                .collect()
-        };
+        // Points spread evenly, and the last MiB (where a GPT keeps its backup header); for a
+        // file also the start of each data extent (data past holes).
+        let mut points: Vec<u64> = (1..SAMPLES as u64)
+            .map(|i| size / SAMPLES as u64 * i)
+            .collect();
+        points.push(size.saturating_sub(HEAD_BYTES));
+        if !self.block_device[d] {
+            points.extend(
+                data_extents(f, size)?
+                    .into_iter()
+                    .map(|(start, _)| start)
+                    .filter(|&s| s >= HEAD_BYTES)
+                    .take(SAMPLES),
+            );
+        }
         for p in points.into_iter().filter(|&p| p >= HEAD_BYTES && p < size) {
             let len = if p + HEAD_BYTES == size {
                 HEAD_BYTES
