@@ -279,6 +279,10 @@ enum PoolCmd {
         /// (faster writes on a file system; freed space is then not returned to it).
         #[arg(long)]
         prefill: bool,
+        /// Overwrite devices that hold data or another pool (destroying it). A device that a
+        /// running pool uses is refused all the same.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -404,6 +408,7 @@ fn run(cli: Cli) -> Result<i32> {
                     segment_size,
                     device,
                     prefill,
+                    force,
                 },
         } => {
             if prefill {
@@ -414,6 +419,7 @@ fn run(cli: Cli) -> Result<i32> {
                 segment_bytes: segment_size,
                 devices: device,
                 prefill,
+                force,
             };
             let p = Pool::create(&pool.pool, &c, &PoolOptions::default())
                 .with_context(|| format!("creating a pool in {}", pool.pool.display()))?;

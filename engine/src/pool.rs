@@ -24,6 +24,7 @@ use crate::format::{
     LogKey, SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, FLAG_REF,
     IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
 };
+use crate::io::claim::{self, DeviceClaim};
 use crate::io::fault::{FaultDevices, FaultPlan};
 use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, Devices, IoKind, SharedDevices};
@@ -55,6 +56,9 @@ pub struct CreateOptions {
     /// blocks (on a file system, writing unwritten extents costs ~25% of sequential bandwidth
     /// here). Freed segments are then not punched out of the files. Block devices need none.
     pub prefill: bool,
+    /// Overwrite devices that hold data or another pool's superblock (refused otherwise). A
+    /// device another open pool uses is refused all the same.
+    pub force: bool,
 }
 
 impl Default for CreateOptions {
@@ -64,6 +68,7 @@ impl Default for CreateOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             devices: Vec::new(),
             prefill: false,
+            force: false,
         }
     }
 }
@@ -125,6 +130,10 @@ struct PoolFile {
     /// punched hole would make the next writes there allocate again).
     #[serde(default)]
     prefilled: bool,
+    /// The pool's UUID, as in its superblocks: `open` refuses a device of another pool. Absent
+    /// in pools made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool_uuid: Option<String>,
 }
 
 /// Segment numbering across devices.
@@ -1657,6 +1666,8 @@ pub struct Pool {
     threads: Mutex<Vec<JoinHandle<()>>>,
     dir: PathBuf,
     _lock: File,
+    /// The devices, locked against other pools while this one is open.
+    _claim: DeviceClaim,
     halted: AtomicBool,
 }
 
@@ -1718,6 +1729,11 @@ fn lock_dir(dir: &Path) -> Result<File> {
         });
     }
     Ok(f)
+}
+
+fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 fn now_unix() -> u64 {
@@ -1790,33 +1806,37 @@ impl Pool {
             c.devices.clone()
         };
         let per_dev = c.size_bytes / paths.len() as u64;
-        let mut abs = Vec::new();
-        for p in &paths {
-            let full = if p.is_absolute() {
-                p.clone()
-            } else {
-                dir.join(p)
-            };
-            let is_blk = std::fs::metadata(&full)
-                .map(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_block_device()
-                })
-                .unwrap_or(false);
-            if !is_blk {
-                let segs = per_dev / seg;
-                if segs < 4 {
-                    return Err(Error::InvalidSize {
-                        size: c.size_bytes,
-                        reason: "a pool needs at least 4 segments per device",
-                    });
+        let abs: Vec<PathBuf> = paths
+            .iter()
+            .map(|p| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    dir.join(p)
                 }
+            })
+            .collect();
+        if per_dev / seg < 4 && abs.iter().any(|p| !is_block_device(p)) {
+            return Err(Error::InvalidSize {
+                size: c.size_bytes,
+                reason: "a pool needs at least 4 segments per device",
+            });
+        }
+        // One device, one pool: claimed before anything is written to it, and not overwritten
+        // when it holds data or another pool unless told to.
+        let claim = DeviceClaim::acquire(&abs, true)?;
+        if !c.force {
+            claim.refuse_used()?;
+        }
+        for full in &abs {
+            if !is_block_device(full) {
+                let segs = per_dev / seg;
                 let f = OpenOptions::new()
                     .create(true)
                     .truncate(true)
                     .write(true)
                     .mode(0o600)
-                    .open(&full)
+                    .open(full)
                     .map_err(|source| Error::File {
                         path: full.clone(),
                         source,
@@ -1830,7 +1850,6 @@ impl Pool {
                 // ahead of use, so an idle pool takes no disk and writes still land in allocated
                 // extents.
             }
-            abs.push(full);
         }
         let files = FileSet::open(&abs).map_err(|source| Error::File {
             path: abs[0].clone(),
@@ -1908,6 +1927,7 @@ impl Pool {
             format_version: crate::format::FORMAT_VERSION,
             devices: paths,
             prefilled: c.prefill,
+            pool_uuid: Some(claim::uuid_string(&pool_uuid)),
         };
         let json = serde_json::to_vec_pretty(&pf).unwrap_or_default();
         let tmp = dir.join(format!("{POOL_FILE}.tmp"));
@@ -1923,7 +1943,7 @@ impl Pool {
                 path: dir.join(POOL_FILE),
                 source,
             })?;
-        Pool::open_locked(dir, o, lock)
+        Pool::open_locked(dir, o, lock, Some(claim))
     }
 
     /// Open an existing pool: load the newest checkpoint, replay the log after it, write a new
@@ -1936,10 +1956,15 @@ impl Pool {
             });
         }
         let lock = lock_dir(dir)?;
-        Pool::open_locked(dir, o, lock)
+        Pool::open_locked(dir, o, lock, None)
     }
 
-    fn open_locked(dir: &Path, o: &PoolOptions, lock: File) -> Result<Pool> {
+    fn open_locked(
+        dir: &Path,
+        o: &PoolOptions,
+        lock: File,
+        claim: Option<DeviceClaim>,
+    ) -> Result<Pool> {
         let pf_path = dir.join(POOL_FILE);
         let raw = std::fs::read(&pf_path).map_err(|source| Error::File {
             path: pf_path.clone(),
@@ -1966,6 +1991,12 @@ impl Pool {
                 }
             })
             .collect();
+        // Each device once, locked, and of this pool.
+        let claim = match claim {
+            Some(c) => c,
+            None => DeviceClaim::acquire(&abs, false)?,
+        };
+        claim.check_members(pf.pool_uuid.as_deref())?;
         let files = FileSet::open(&abs).map_err(|source| Error::File {
             path: abs[0].clone(),
             source,
@@ -2402,6 +2433,7 @@ impl Pool {
             threads: Mutex::new(threads),
             dir: dir.to_path_buf(),
             _lock: lock,
+            _claim: claim,
             halted: AtomicBool::new(false),
         })
     }

@@ -6,6 +6,7 @@
 //! fault injector ([`fault`]) in tests.
 
 mod buf;
+pub mod claim;
 pub mod fault;
 pub mod sync;
 pub mod uring;

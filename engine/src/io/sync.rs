@@ -76,7 +76,7 @@ fn open_one(p: &Path) -> io::Result<(File, bool)> {
     }
 }
 
-fn block_device_size(f: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(f: &File) -> io::Result<u64> {
     const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
