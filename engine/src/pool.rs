@@ -94,6 +94,11 @@ pub struct PoolOptions {
     /// SYNCHRONIZE CACHE or FUA write makes them durable), as a page cache does; a kill -9 may
     /// lose such writes unless flushed.
     pub write_back_bytes: u64,
+    /// Open without writing anything (`serve --read-only`, `check`): the log is replayed in
+    /// memory only, no recovery checkpoint is written, every volume refuses writes and
+    /// checkpoints, cleaning and volume changes fail with `ReadOnly`. Works on a pool whose
+    /// host file system is full.
+    pub read_only: bool,
 }
 
 impl Default for PoolOptions {
@@ -106,6 +111,7 @@ impl Default for PoolOptions {
             fault: None,
             dedup_index_bytes: None,
             write_back_bytes: 0,
+            read_only: false,
         }
     }
 }
@@ -212,6 +218,19 @@ pub(crate) struct Inner {
     pub log_key: LogKey,
     /// Makes segment nonces unique should the kernel's random source ever fail.
     nonce_counter: AtomicU64,
+    /// Opened read-only: nothing is ever written (see `PoolOptions::read_only`).
+    pub read_only: bool,
+    /// The file system under the backing files is short of room (see `refresh_host_space`):
+    /// no write is acknowledged before it is stored, so a write that finds no room fails with
+    /// ENOSPC instead of being lost after its acknowledgement.
+    pub host_tight: AtomicBool,
+    /// Bytes free on the host file systems and bytes of the backing files still unallocated,
+    /// as last seen (summed over devices; 0 for block devices).
+    host_free: AtomicU64,
+    host_unallocated: AtomicU64,
+    /// When host space was last looked at (ms since `host_epoch`).
+    host_seen_ms: AtomicU64,
+    host_epoch: std::time::Instant,
     pub epoch: u64,
     pub space: Mutex<Space>,
     /// Next sequence number to assign.
@@ -338,6 +357,10 @@ fn usable_bytes(geo: &Geometry, shards: usize) -> u64 {
     let data_segs = total.saturating_sub(fixed);
     let payload = data_segs * per_seg / (BLOCK_BYTES + entry) * BLOCK_BYTES;
     (payload as f64 * (1.0 - GC_HEADROOM)) as u64
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// The warning `stats` gives once stored data passes 85% of the usable capacity.
@@ -502,8 +525,63 @@ impl Inner {
     /// write waiting for its record (46k against 69k IOPS of 4k overwrites, QD32). An early
     /// write that meets the data reserve anyway (write-through writes took the room) waits
     /// for the cleaner like any other; the capacity check guarantees it can win space back.
+    /// Look at the room left on the file systems under the backing files (at most every 50
+    /// ms). The host is tight when it cannot give the backing files all they may still grow by
+    /// and has less than a margin (four write-back limits and a segment per chain) left.
+    pub(crate) fn refresh_host_space(&self, force: bool) {
+        let now = self.host_epoch.elapsed().as_millis() as u64 + 1;
+        let seen = self.host_seen_ms.load(Ordering::Relaxed);
+        if !force && seen != 0 && now.saturating_sub(seen) < 50 {
+            return;
+        }
+        self.host_seen_ms.store(now, Ordering::Relaxed);
+        let (mut free, mut unallocated, mut thin) = (u64::MAX, 0u64, false);
+        for d in 0..self.devices.count() {
+            if let Ok(Some(h)) = self.devices.host_space(d as u16) {
+                free = free.min(h.free_bytes);
+                unallocated += h.unallocated_bytes;
+                thin = true;
+            }
+        }
+        if !thin {
+            return;
+        }
+        self.host_free.store(free, Ordering::Relaxed);
+        self.host_unallocated.store(unallocated, Ordering::Relaxed);
+        let margin = 4 * self.write_back_limit.max(16 << 20)
+            + self.geo.segment_bytes * (self.chains() as u64 + 1);
+        self.host_tight
+            .store(free < unallocated && free < margin, Ordering::Release);
+    }
+
+    /// A write or an allocation found no room on the host file system.
+    pub(crate) fn note_host_full(&self) {
+        self.host_tight.store(true, Ordering::Release);
+        self.wb_budget.store(0, Ordering::Release);
+    }
+
+    /// What `stats` says when the host file system cannot hold what the pool may still write.
+    fn host_warning(&self) -> Option<String> {
+        let free = self.host_free.load(Ordering::Relaxed);
+        let unallocated = self.host_unallocated.load(Ordering::Relaxed);
+        (free < unallocated).then(|| {
+            format!(
+                "the file system under the pool has {} free but the pool may still need {} \
+                 (a thin pool): writes will fail with ENOSPC when it runs out; grow it, or \
+                 create pools with --prefill",
+                mib(free),
+                mib(unallocated)
+            )
+        })
+    }
+
     pub(crate) fn note_write_back_room(&self, space: &Space) {
         if self.write_back_limit == 0 {
+            return;
+        }
+        self.refresh_host_space(false);
+        if self.host_tight.load(Ordering::Acquire) {
+            self.wb_budget.store(0, Ordering::Release);
             return;
         }
         let margin = 2 * self.write_back_limit + self.geo.segment_bytes * self.chains() as u64;
@@ -1341,6 +1419,9 @@ impl Inner {
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
     fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("the pool (opened read-only)".into()));
+        }
         let r = self.checkpoint_with_inner(mutate);
         // Segments the commit freed go back to the file system now, outside the checkpoint
         // lock (a punch waits for every direct write in flight to the file).
@@ -2285,6 +2366,8 @@ impl Pool {
                 .unwrap_or(NO_SEGMENT);
             let nonce = match nonce {
                 Some(n) => n,
+                // Read-only: no chain is written to.
+                None if o.read_only => [0; 16],
                 None => {
                     let n = crate::format::random_bytes().map_err(|source| Error::File {
                         path: abs[0].clone(),
@@ -2335,6 +2418,12 @@ impl Pool {
             pool_uuid: newest.pool_uuid,
             log_key,
             nonce_counter: AtomicU64::new(0),
+            read_only: o.read_only,
+            host_tight: AtomicBool::new(false),
+            host_free: AtomicU64::new(u64::MAX),
+            host_unallocated: AtomicU64::new(0),
+            host_seen_ms: AtomicU64::new(0),
+            host_epoch: std::time::Instant::now(),
             epoch,
             space: Mutex::new(space),
             seq: AtomicU64::new(seq_end),
@@ -2388,14 +2477,19 @@ impl Pool {
             wb_budget: AtomicU64::new(0),
         });
         inner.update_write_back_floor();
+        if o.read_only {
+            for v in inner.volumes.read().by_name.values() {
+                v.read_only.store(true, Ordering::Relaxed);
+            }
+        }
         // The recovery checkpoint: the new epoch and chains are durable before any write.
-        {
+        if !o.read_only {
             let (image, live_then) = inner.snapshot(seq_end, positions.clone());
             let mut ck = inner.ckpt.lock();
             inner.commit(&mut ck, &image, &live_then)?;
             inner.space.lock().rebuild_free_ids();
         }
-        if inner.discard_freed {
+        if inner.discard_freed && !o.read_only {
             inner.note_unpunched_at_open();
         }
         let mut threads = Vec::new();
@@ -2422,12 +2516,15 @@ impl Pool {
             &inner,
             move || flusher(fi, frx),
         )?);
-        let ci = inner.clone();
-        threads.push(spawn_supervised(
-            "ingot-checkpointer".into(),
-            &inner,
-            move || checkpointer(ci, krx),
-        )?);
+        // Read-only: no checkpoints, no cleaning (moves would write).
+        if !o.read_only {
+            let ci = inner.clone();
+            threads.push(spawn_supervised(
+                "ingot-checkpointer".into(),
+                &inner,
+                move || checkpointer(ci, krx),
+            )?);
+        }
         Ok(Pool {
             inner,
             threads: Mutex::new(threads),
@@ -2756,6 +2853,12 @@ impl Pool {
             capacity_bytes: total * seg,
             usable_bytes: inner.usable_bytes,
             space_warning: space_warning(space.stored_bytes, inner.usable_bytes),
+            host_warning: {
+                inner.refresh_host_space(true);
+                inner.host_warning()
+            },
+            host_free_bytes: inner.host_free.load(Ordering::Relaxed),
+            host_unallocated_bytes: inner.host_unallocated.load(Ordering::Relaxed),
             halted: inner.fault.lock().clone(),
             physical_used_bytes: (total - space.free_segments as u64) * seg,
             logical_mapped_bytes: logical,
@@ -2987,6 +3090,10 @@ impl Pool {
         if self.inner.is_faulted() {
             self.stop_threads();
             return Err(self.inner.halted());
+        }
+        if self.inner.read_only {
+            self.stop_threads();
+            return Ok(());
         }
         // Writes acknowledged early go into the final checkpoint.
         let r = self

@@ -138,6 +138,26 @@ impl Devices for FileSet {
         }
         data_extents(self.file(dev), self.size(dev)).map(Some)
     }
+    fn host_space(&self, dev: u16) -> io::Result<Option<super::HostSpace>> {
+        if self.block_device[dev as usize] {
+            return Ok(None);
+        }
+        let fd = self.file(dev).as_raw_fd();
+        // SAFETY: plain syscalls on an owned fd into zeroed structs of the right type.
+        let (vfs, st) = unsafe {
+            let mut vfs: libc::statvfs = std::mem::zeroed();
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstatvfs(fd, &mut vfs) != 0 || libc::fstat(fd, &mut st) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            (vfs, st)
+        };
+        let allocated = (st.st_blocks as u64).saturating_mul(512);
+        Ok(Some(super::HostSpace {
+            free_bytes: vfs.f_bavail.saturating_mul(vfs.f_frsize),
+            unallocated_bytes: (st.st_size as u64).saturating_sub(allocated),
+        }))
+    }
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         if self.block_device[dev as usize] {
             return Ok(());
