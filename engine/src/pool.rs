@@ -230,6 +230,8 @@ pub(crate) struct Inner {
     host_unallocated: AtomicU64,
     /// When host space was last looked at (ms since `host_epoch`).
     host_seen_ms: AtomicU64,
+    /// When the last checkpoint was committed (ms since `host_epoch`).
+    ckpt_at_ms: AtomicU64,
     host_epoch: std::time::Instant,
     pub epoch: u64,
     pub space: Mutex<Space>,
@@ -1675,6 +1677,10 @@ impl Inner {
             space.set_state(s, SegState::Free);
         }
         freed.extend(space.reclaim(image.seq, live_then));
+        self.ckpt_at_ms.store(
+            self.host_epoch.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
         space.release_ids(image.seq);
         self.note_freed(&mut space, &freed);
         drop(space);
@@ -2423,6 +2429,7 @@ impl Pool {
             host_free: AtomicU64::new(u64::MAX),
             host_unallocated: AtomicU64::new(0),
             host_seen_ms: AtomicU64::new(0),
+            ckpt_at_ms: AtomicU64::new(0),
             host_epoch: std::time::Instant::now(),
             epoch,
             space: Mutex::new(space),
@@ -2757,12 +2764,19 @@ impl Pool {
     /// segments.
     pub fn gc(&self, max_utilisation: f64, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
         // A checkpoint first puts every sealed segment behind it, so that cleaned victims are
-        // freed after a flush instead of one checkpoint per chunk.
+        // freed after a flush instead of one checkpoint per chunk. The segments it frees (those
+        // left without a live block) count as freed by this run.
+        let free_before = self.inner.space.lock().free_segments;
         self.inner.checkpoint_with(None)?;
+        let freed_by_checkpoint =
+            (self.inner.space.lock().free_segments as u64).saturating_sub(free_before as u64);
         // The segments worth cleaning now; segments the pass itself fills are left alone, so
         // it ends.
         let todo = self.gc_candidates(max_utilisation);
-        let mut total = GcReport::default();
+        let mut total = GcReport {
+            segments_freed: freed_by_checkpoint,
+            ..GcReport::default()
+        };
         progress(0, todo.len() as u64);
         for chunk in todo.chunks(GC_VICTIMS_PER_PASS) {
             let r = self.inner.clean(
@@ -3203,6 +3217,9 @@ fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
     }
 }
 
+/// Least time between checkpoints taken only to free segments left without a live block.
+const DEAD_SEGMENT_CHECKPOINT_MS: u64 = 2000;
+
 fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
     let wait = Duration::from_millis(500);
     loop {
@@ -3232,6 +3249,26 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
         {
             if let Err(e) = inner.checkpoint_with(None) {
                 eprintln!("ingot: checkpoint failed: {e}");
+            }
+        }
+        if !low && !inner.is_closed() {
+            // Space comes back after trims and overwrites without a cleaning pass: segments
+            // left without a live block are freed by a sync when they lie behind the last
+            // checkpoint, else by a checkpoint (at most one every few seconds for this).
+            let ckpt_seq = inner.ckpt.lock().seq_end;
+            let (behind, after) = inner.space.lock().dead_sealed(ckpt_seq);
+            let now = inner.host_epoch.elapsed().as_millis() as u64;
+            let since_ms = now.saturating_sub(inner.ckpt_at_ms.load(Ordering::Relaxed));
+            if after > 0 && since_ms >= DEAD_SEGMENT_CHECKPOINT_MS {
+                if let Err(e) = inner.checkpoint_with(None) {
+                    eprintln!("ingot: checkpoint failed: {e}");
+                }
+            } else if behind > 0 {
+                if let Err(e) = inner.free_dead_segments() {
+                    if !inner.is_closed() {
+                        eprintln!("ingot: freeing dead segments failed: {e}");
+                    }
+                }
             }
         }
         if !low || inner.is_closed() {
