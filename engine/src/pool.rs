@@ -128,7 +128,7 @@ impl std::fmt::Debug for PoolOptions {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 struct PoolFile {
     format_version: u32,
     devices: Vec<PathBuf>,
@@ -1829,6 +1829,26 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Write pool.json (mode 0600) through a temporary file and a rename.
+fn write_pool_file(dir: &Path, pf: &PoolFile) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt; // files of a pool are its owner's only: 0600
+    let json = serde_json::to_vec_pretty(pf).unwrap_or_default();
+    let tmp = dir.join(format!("{POOL_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp); // a leftover keeps its mode: start afresh, 0600
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&json))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(POOL_FILE)))
+        .map_err(|source| Error::File {
+            path: dir.join(POOL_FILE),
+            source,
+        })
+}
+
 fn random_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
     if let Ok(f) = File::open("/dev/urandom") {
@@ -1867,7 +1887,6 @@ impl Pool {
 
     /// Create a pool in `dir` (created if missing; must not hold a pool) and open it.
     pub fn create(dir: &Path, c: &CreateOptions, o: &PoolOptions) -> Result<Pool> {
-        use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt; // files of a pool are its owner's only: 0600
         let seg = c.segment_bytes;
         if !seg.is_power_of_two() || !(2 << 20..=1 << 30).contains(&seg) {
@@ -2016,20 +2035,7 @@ impl Pool {
             prefilled: c.prefill,
             pool_uuid: Some(claim::uuid_string(&pool_uuid)),
         };
-        let json = serde_json::to_vec_pretty(&pf).unwrap_or_default();
-        let tmp = dir.join(format!("{POOL_FILE}.tmp"));
-        let _ = std::fs::remove_file(&tmp); // a leftover keeps its mode: start afresh, 0600
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&json))
-            .and_then(|()| std::fs::rename(&tmp, dir.join(POOL_FILE)))
-            .map_err(|source| Error::File {
-                path: dir.join(POOL_FILE),
-                source,
-            })?;
+        write_pool_file(dir, &pf)?;
         Pool::open_locked(dir, o, lock, Some(claim))
     }
 
@@ -2104,6 +2110,16 @@ impl Pool {
             .ok_or(Error::Corrupt {
                 what: "no superblock",
             })?;
+        if pf.pool_uuid.is_none() && !o.read_only {
+            // A pool made before pool.json named its UUID: record it now (its devices agree
+            // among themselves), so that a foreign device put in later is refused.
+            let named = PoolFile {
+                pool_uuid: Some(claim::uuid_string(&newest.pool_uuid)),
+                format_version: crate::format::FORMAT_VERSION,
+                ..pf.clone()
+            };
+            write_pool_file(dir, &named)?;
+        }
         let geo = Geometry {
             segment_bytes: newest.segment_bytes,
             devs: sbs

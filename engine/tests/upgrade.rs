@@ -117,8 +117,11 @@ fn a_version_1_pool_opens_and_is_upgraded_in_place() {
     {
         let pool = Pool::open(&dir, &opts()).expect("open the version 1 pool");
         check_contents(&pool);
-        // The recovery checkpoint wrote version 2 superblocks (both slots).
+        // The recovery checkpoint wrote version 2 superblocks (both slots), and pool.json now
+        // names the pool's UUID (so a foreign device is refused from now on).
         assert_eq!(superblock_versions(&dir), vec![2, 2]);
+        let pf = std::fs::read_to_string(dir.join("pool.json")).unwrap();
+        assert!(pf.contains("pool_uuid"), "{pf}");
         // New writes, a crash (halt) and a replay of version 2 records.
         let logs = pool.volume("logs").unwrap();
         for i in 300..400u64 {
