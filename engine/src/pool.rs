@@ -1829,6 +1829,20 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Device paths as given, relative ones inside the pool directory.
+fn in_dir(dir: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .map(|p| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                dir.join(p)
+            }
+        })
+        .collect()
+}
+
 /// Write pool.json (mode 0600) through a temporary file and a rename.
 fn write_pool_file(dir: &Path, pf: &PoolFile) -> Result<()> {
     use std::io::Write;
@@ -1912,16 +1926,7 @@ impl Pool {
             c.devices.clone()
         };
         let per_dev = c.size_bytes / paths.len() as u64;
-        let abs: Vec<PathBuf> = paths
-            .iter()
-            .map(|p| {
-                if p.is_absolute() {
-                    p.clone()
-                } else {
-                    dir.join(p)
-                }
-            })
-            .collect();
+        let abs = in_dir(dir, &paths);
         if per_dev / seg < 4 && abs.iter().any(|p| !is_block_device(p)) {
             return Err(Error::InvalidSize {
                 size: c.size_bytes,
@@ -2073,17 +2078,7 @@ impl Pool {
                 reason: "pool.json lists no devices",
             });
         }
-        let abs: Vec<PathBuf> = pf
-            .devices
-            .iter()
-            .map(|p| {
-                if p.is_absolute() {
-                    p.clone()
-                } else {
-                    dir.join(p)
-                }
-            })
-            .collect();
+        let abs = in_dir(dir, &pf.devices);
         // Each device once, locked, and of this pool.
         let claim = match claim {
             Some(c) => c,

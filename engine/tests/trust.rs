@@ -64,20 +64,7 @@ fn attack(kind: Kind) {
         }
         va.flush().unwrap();
         let device = std::fs::read(dev0(dir.path())).unwrap();
-        let a_places: Vec<(u64, u32, u32)> = a
-            .iter()
-            .enumerate()
-            .filter_map(|(i, blk)| {
-                let at = *find(&device, blk).first()?;
-                let rel = at - (1 << 20);
-                // Ids are handed out in write order, from 1.
-                Some((i as u64 + 1, (rel / SEG) as u32, (rel % SEG) as u32))
-            })
-            .collect();
-        let intel = Intel {
-            a_ids: (1..=a.len() as u64 * 2).collect(),
-            a_places,
-        };
+        let intel = Intel::gather(&device, &a);
         // The power cut will tear the header of the spray's first record: replay meets a gap
         // right before the attacker's blocks. A unique first block marks where it lies.
         let tear = rng.block();

@@ -770,14 +770,15 @@ pub fn output_timeout(cmd: &mut Command, t: Duration) -> Output {
 /// socket and TCP) and iSCSI on a free port, with `extra` serve arguments; the iSCSI port.
 /// `ingot pool create --pool POOL --size SIZE`.
 pub fn create_pool(pool: &Path, size: &str) {
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        size,
-    ]);
+    create_pool_with(pool, size, &[]);
+}
+
+/// `ingot pool create --pool POOL --size SIZE EXTRA...`.
+pub fn create_pool_with(pool: &Path, size: &str, extra: &[&str]) {
+    let pool = pool.display().to_string();
+    let mut args = vec!["pool", "create", "--pool", &pool, "--size", size];
+    args.extend_from_slice(extra);
+    ingot_ok(args);
 }
 
 pub fn iscsi_server(

@@ -80,16 +80,11 @@ fn an_nbd_client_cannot_forge_log_records() {
     require_python_nbd();
     let tmp = TempDir::new("trust");
     let pool = tmp.join("pool");
-    ingot_ok([
-        "pool",
-        "create",
-        "--pool",
-        &pool.display().to_string(),
-        "--size",
-        &format!("{}", POOL_BYTES),
-        "--segment-size",
-        &format!("{}", SEG),
-    ]);
+    create_pool_with(
+        &pool,
+        &POOL_BYTES.to_string(),
+        &["--segment-size", &SEG.to_string()],
+    );
     create_volume(&pool, "a", &format!("{VOL_A_BYTES}"));
     create_volume(&pool, "b", &format!("{VOL_B_BYTES}"));
     let dev0 = pool.join("dev0.img");
@@ -116,19 +111,7 @@ fn an_nbd_client_cannot_forge_log_records() {
         }
         nbd_write(&ua, tmp.path(), &writes, true);
         let device = read_file(&dev0);
-        let a_places = a
-            .iter()
-            .enumerate()
-            .filter_map(|(i, blk)| {
-                let at = *find(&device, blk).first()?;
-                let rel = at - (1 << 20);
-                Some((i as u64 + 1, (rel / SEG) as u32, (rel % SEG) as u32))
-            })
-            .collect();
-        let intel = Intel {
-            a_ids: (1..=a.len() as u64 * 2).collect(),
-            a_places,
-        };
+        let intel = Intel::gather(&device, &a);
         let marker = rng.block();
         let mut sprayed = spray(&mut rng, kind, current_epoch(&device), &intel, &device);
         sprayed[0].splice(0..0, marker.iter().copied());

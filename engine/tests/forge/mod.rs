@@ -232,6 +232,26 @@ pub fn spray(rng: &mut Rng, kind: Kind, epoch: u64, intel: &Intel, device: &[u8]
     blocks.chunks(62).map(<[Vec<u8>]>::concat).collect()
 }
 
+impl Intel {
+    /// What the attacker learns from the device about "a"'s blocks `a` (in write order): ids
+    /// (handed out in write order, from 1; twice as many guessed) and where each block lies.
+    pub fn gather(device: &[u8], a: &[Vec<u8>]) -> Intel {
+        let a_places = a
+            .iter()
+            .enumerate()
+            .filter_map(|(i, blk)| {
+                let at = *find(device, blk).first()?;
+                let rel = at - (1 << 20);
+                Some((i as u64 + 1, (rel / SEG) as u32, (rel % SEG) as u32))
+            })
+            .collect();
+        Intel {
+            a_ids: (1..=a.len() as u64 * 2).collect(),
+            a_places,
+        }
+    }
+}
+
 /// Offsets in `device` of 4 KiB blocks equal to `block`.
 pub fn find(device: &[u8], block: &[u8]) -> Vec<u64> {
     device
