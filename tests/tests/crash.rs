@@ -477,6 +477,12 @@ fn crash_cycles(tag: &str, pool_size: &str, segment_size: &str, cleaning: bool) 
     let mut moved = 0u64;
     let mut timing = Timing::default();
     for cycle in 0..cycles {
+        if cycle > 0 && cycle % 100 == 0 {
+            eprintln!(
+                "crash test ({tag}): {cycle} of {cycles} cycles passed, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         // Sometimes kill it while it opens and recovers the pool.
         if cycle > 0 && rng.below(4) == 0 {
             let s = Server::spawn(opts.clone());
