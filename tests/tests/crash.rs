@@ -7,7 +7,26 @@
 //! never durably written read as before. `ingot check` on the crashed (and finally the cleanly
 //! stopped) pool must find no problem.
 //!
-//! Environment: `INGOT_CRASH_SEED` (reproduce a run; the seed is printed), `INGOT_CRASH_CYCLES`.
+//! Every cycle must test flushed data, so the kill waits for the writers: each cycle's window
+//! (0.2-1.8 s of requests) starts once both writers have connected (a cold Python start takes
+//! 0.05-0.6 s on a loaded 2-core machine: measured from the spawn, a 0.3 s window sometimes ended
+//! before a writer's first flush), and if a writer's first flush is still pending at its end, the
+//! kill waits until it completes (30 s at most, else the test fails). Such waits are printed, and
+//! the slowest connection and first flush are summed up at the end.
+//!
+//! Environment: `INGOT_CRASH_SEED` (reproduce a run; the seed is printed), `INGOT_CRASH_CYCLES`
+//! (16 by default, about a minute for both tests), `INGOT_CRASH_STACKS` (sample the server's
+//! threads with gdb when a first flush is still pending 500 ms past the window, into
+//! `stacks-*.txt` and the server's stderr into `stacks-*.stderr` in the test directory; keep it
+//! with `INGOT_KEEP_TMP=1`).
+//!
+//! Long mode, 1,000 cycles (progress every 100 cycles):
+//!
+//! ```text
+//! cargo build --release -p ingot-cli
+//! INGOT_BIN=$PWD/target/release/ingot INGOT_CRASH_CYCLES=1000 \
+//!     cargo test --release -p ingot-tests --test crash -- --nocapture >crash-long.log 2>&1
+//! ```
 
 use std::collections::HashMap;
 use std::fs::File;
