@@ -20,7 +20,8 @@
 //! `stacks-*.txt` and the server's stderr into `stacks-*.stderr` in the test directory; keep it
 //! with `INGOT_KEEP_TMP=1`).
 //!
-//! Long mode, 1,000 cycles (progress every 100 cycles):
+//! Long mode, 1,000 cycles (progress every 100 cycles; 47 min for both tests at once on a shared
+//! 2-core machine):
 //!
 //! ```text
 //! cargo build --release -p ingot-cli
