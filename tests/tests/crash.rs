@@ -7,7 +7,27 @@
 //! never durably written read as before. `ingot check` on the crashed (and finally the cleanly
 //! stopped) pool must find no problem.
 //!
-//! Environment: `INGOT_CRASH_SEED` (reproduce a run; the seed is printed), `INGOT_CRASH_CYCLES`.
+//! Every cycle must test flushed data, so the kill waits for the writers: each cycle's window
+//! (0.2-1.8 s of requests) starts once both writers have connected (a cold Python start takes
+//! 0.05-0.6 s on a loaded 2-core machine: measured from the spawn, a 0.3 s window sometimes ended
+//! before a writer's first flush), and if a writer's first flush is still pending at its end, the
+//! kill waits until it completes (30 s at most, else the test fails). Such waits are printed, and
+//! the slowest connection and first flush are summed up at the end.
+//!
+//! Environment: `INGOT_CRASH_SEED` (reproduce a run; the seed is printed), `INGOT_CRASH_CYCLES`
+//! (16 by default, about a minute for both tests), `INGOT_CRASH_STACKS` (sample the server's
+//! threads with gdb when a first flush is still pending 500 ms past the window, into
+//! `stacks-*.txt` and the server's stderr into `stacks-*.stderr` in the test directory; keep it
+//! with `INGOT_KEEP_TMP=1`).
+//!
+//! Long mode, 1,000 cycles (progress every 100 cycles; 47 min for both tests at once on a shared
+//! 2-core machine):
+//!
+//! ```text
+//! cargo build --release -p ingot-cli
+//! INGOT_BIN=$PWD/target/release/ingot INGOT_CRASH_CYCLES=1000 \
+//!     cargo test --release -p ingot-tests --test crash -- --nocapture >crash-long.log 2>&1
+//! ```
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,7 +42,7 @@ const BLOCK: usize = 4096;
 const VOL_BLOCKS: u64 = 16384;
 
 const WRITER: &str = r#"
-import random, struct, sys, zlib
+import random, struct, sys, time, zlib
 import nbd
 
 uri, log_path, seed, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -33,7 +53,7 @@ h.connect_uri(uri)
 fua_ok = h.can_fua()
 trim_ok = h.can_trim()
 zero_ok = h.can_zero()
-log.write("S %d fua=%d trim=%d zero=%d\n" % (seed, fua_ok, trim_ok, zero_ok))
+log.write("S %d fua=%d trim=%d zero=%d %.6f\n" % (seed, fua_ok, trim_ok, zero_ok, time.time()))
 tag = seed * 10_000_000
 hot = min(count, 512)
 while True:
@@ -71,8 +91,9 @@ while True:
         h.pwrite(b"".join(parts), lba * 4096, nbd.CMD_FLAG_FUA if fua else 0)
         if fua:
             log.write("U %d\n" % tag)
+    log.write("P %d %.6f\n" % (tag, time.time()))
     h.flush()
-    log.write("F %d\n" % tag)
+    log.write("F %d %.6f\n" % (tag, time.time()))
 "#;
 
 #[derive(Debug)]
@@ -98,7 +119,7 @@ fn parse_log(path: &Path) -> (Vec<(Op, bool)>, usize) {
                 .unwrap_or_else(|| panic!("bad log line {line:?} in {}", path.display()))
         };
         match f[0] {
-            "S" => {}
+            "S" | "P" => {}
             "W" => {
                 let crcs = f
                     .get(3)
@@ -295,6 +316,130 @@ fn start_writer(
     Writer { child, log, err }
 }
 
+/// Longest a writer may take to connect (Python start-up and the NBD handshake).
+const CONNECT_LIMIT: Duration = Duration::from_secs(60);
+/// Longest the harness waits past a cycle's window for a writer's first flush to complete.
+const FLUSH_LIMIT: Duration = Duration::from_secs(30);
+
+/// Wall-clock seconds, as the writers log them.
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// How far a writer got, from its log: when it connected, and when it sent its first flush
+/// and saw it complete (wall-clock seconds).
+#[derive(Default)]
+struct Progress {
+    connected: Option<f64>,
+    first_flush_sent: Option<f64>,
+    first_flush_done: Option<f64>,
+}
+
+fn progress(log: &Path) -> Progress {
+    let text = std::fs::read(log).unwrap_or_default();
+    let mut p = Progress::default();
+    // Only whole lines: the writer may be half-way through one.
+    let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    for line in String::from_utf8_lossy(&text[..end]).lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let t = f.last().and_then(|s| s.parse::<f64>().ok());
+        match f[0] {
+            "S" => p.connected = t,
+            "P" if p.first_flush_sent.is_none() => p.first_flush_sent = t,
+            "F" => {
+                p.first_flush_done = t;
+                break;
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Timing of the writers over all cycles.
+#[derive(Default)]
+struct Timing {
+    /// Slowest connection, from spawning a writer (seconds).
+    connect_max: f64,
+    /// Slowest first flush, from sending it to its completion (seconds).
+    flush_max: f64,
+    /// Cycles whose window was extended for a first flush, and the longest extension.
+    extended: usize,
+    wait_max: Duration,
+}
+
+/// Wait until every writer's log satisfies `done`; returns how long that took past the first
+/// look (zero if they all did at once). Panics, with what the writers and the server said, if
+/// a writer exits or `limit` passes. With `INGOT_CRASH_STACKS` set, the server's threads are
+/// sampled with gdb once a wait passes 500 ms (into `stacks-*.txt` in the test directory).
+fn wait_for(
+    srv: &Server,
+    writers: &mut [Writer],
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Progress) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    let mut sampled = false;
+    for looks in 0.. {
+        for w in writers.iter_mut() {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                panic!(
+                    "writer exited ({status}) before the server was killed:\n{}\n--- server stderr ---\n{}",
+                    std::fs::read_to_string(&w.err).unwrap_or_default(),
+                    srv.stderr()
+                );
+            }
+        }
+        if writers.iter().all(|w| done(&progress(&w.log))) {
+            return if looks == 0 {
+                Duration::ZERO
+            } else {
+                start.elapsed()
+            };
+        }
+        if !sampled
+            && start.elapsed() > Duration::from_millis(500)
+            && std::env::var_os("INGOT_CRASH_STACKS").is_some()
+        {
+            sampled = true;
+            let dir = writers[0].log.parent().expect("log dir").to_path_buf();
+            let out = dir.join(format!("stacks-{:.3}.txt", now_secs()));
+            let _ = Command::new("gdb")
+                .args(["-batch", "-ex", "thread apply all bt", "-p"])
+                .arg(srv.pid().to_string())
+                .stdout(File::create(&out).expect("create stacks file"))
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::write(out.with_extension("stderr"), srv.stderr());
+            eprintln!(
+                "crash test: waiting for writers: server stacks in {}",
+                out.display()
+            );
+        }
+        assert!(
+            start.elapsed() < limit,
+            "a writer has not {what} within {} s:\n{}\n--- server stderr ---\n{}",
+            limit.as_secs(),
+            writers
+                .iter()
+                .map(|w| format!(
+                    "{}: {}",
+                    w.log.display(),
+                    std::fs::read_to_string(&w.err).unwrap_or_default()
+                ))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            srv.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    unreachable!()
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_no_flushed_write() {
     crash_cycles("crash", "4G", "8M", false);
@@ -350,7 +495,14 @@ fn crash_cycles(tag: &str, pool_size: &str, segment_size: &str, cleaning: bool) 
     let mut logs: Vec<(Vec<(Op, bool)>, usize)> = Vec::new();
     let (mut total_ops, mut total_flushes, mut startup_kills) = (0usize, 0usize, 0);
     let mut moved = 0u64;
+    let mut timing = Timing::default();
     for cycle in 0..cycles {
+        if cycle > 0 && cycle % 100 == 0 {
+            eprintln!(
+                "crash test ({tag}): {cycle} of {cycles} cycles passed, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         // Sometimes kill it while it opens and recovers the pool.
         if cycle > 0 && rng.below(4) == 0 {
             let s = Server::spawn(opts.clone());
@@ -388,15 +540,47 @@ fn crash_cycles(tag: &str, pool_size: &str, segment_size: &str, cleaning: bool) 
                 (half, half),
             ),
         ];
-        std::thread::sleep(Duration::from_millis(300 + rng.below(1700)));
-        for w in writers.iter_mut() {
-            if let Ok(Some(status)) = w.child.try_wait() {
-                panic!(
-                    "writer exited ({status}) before the server was killed:\n{}\n--- server stderr ---\n{}",
-                    std::fs::read_to_string(&w.err).unwrap_or_default(),
-                    srv.stderr()
+        let spawned = now_secs();
+        // The window starts once both writers are connected (a cold Python start under load
+        // can take most of a short window).
+        wait_for(&srv, &mut writers, CONNECT_LIMIT, "connected", |p| {
+            p.connected.is_some()
+        });
+        let connected = now_secs();
+        // 0.2-1.8 s of requests: the 0.3-2 s from the spawn it replaces, less the ~0.15 s a
+        // writer takes to connect (the same kill moments, and the default run as long).
+        let window = Duration::from_millis(200 + rng.below(1600));
+        std::thread::sleep(window);
+        // Every cycle must test flushed data: a writer whose first flush is still pending is
+        // given until it completes (bounded), and the wait is recorded.
+        let waited = wait_for(&srv, &mut writers, FLUSH_LIMIT, "completed a flush", |p| {
+            p.first_flush_done.is_some()
+        });
+        for (w, name) in writers.iter().zip(["a", "b"]) {
+            let p = progress(&w.log);
+            let (c, sent, done) = (
+                p.connected.unwrap_or(f64::NAN),
+                p.first_flush_sent.unwrap_or(f64::NAN),
+                p.first_flush_done.unwrap_or(f64::NAN),
+            );
+            timing.connect_max = timing.connect_max.max(c - spawned);
+            timing.flush_max = timing.flush_max.max(done - sent);
+            if done - connected > window.as_secs_f64() {
+                eprintln!(
+                    "crash test: cycle {cycle}: writer {name} connected {:.0} ms after spawn, \
+                     sent its first flush {:.0} ms after connecting, which took {:.0} ms \
+                     (window {} ms, waited {} ms more)",
+                    (c - spawned) * 1e3,
+                    (sent - c) * 1e3,
+                    (done - sent) * 1e3,
+                    window.as_millis(),
+                    waited.as_millis()
                 );
             }
+        }
+        if !waited.is_zero() {
+            timing.extended += 1;
+            timing.wait_max = timing.wait_max.max(waited);
         }
         if cleaning {
             let st = parse_json(&ingot_ok([
@@ -466,6 +650,14 @@ fn crash_cycles(tag: &str, pool_size: &str, segment_size: &str, cleaning: bool) 
          {total_ops} requests, {total_flushes} flushes, {moved} bytes moved by the cleaner, \
          {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "crash test: slowest connection {:.0} ms, slowest first flush {:.0} ms; {} cycles \
+         waited past their window for a first flush, at most {} ms",
+        timing.connect_max * 1e3,
+        timing.flush_max * 1e3,
+        timing.extended,
+        timing.wait_max.as_millis()
     );
     assert!(
         !cleaning || moved > 0,
