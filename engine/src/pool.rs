@@ -202,6 +202,11 @@ struct CkptState {
     /// Segments of the checkpoint before it (the older superblock copy points there).
     prev_segments: Vec<u32>,
     seq_end: u64,
+    /// `seq_end` of the newest checkpoint both superblock slots point at. Until a commit
+    /// writes both, a slot may still lead to the previous checkpoint (open falls back to it
+    /// when the newest is damaged), so nothing its replay needs is freed: log segments are
+    /// freed only behind this one.
+    both_seq: u64,
     written_at_last: u64,
 }
 
@@ -807,7 +812,7 @@ impl Inner {
     /// checkpoint, which is the only other thing that frees them.
     fn free_dead_segments(&self) -> Result<u64> {
         let _one = self.gc_lock.lock();
-        let ckpt_seq = self.ckpt.lock().seq_end;
+        let ckpt_seq = self.ckpt.lock().both_seq;
         let any = {
             let space = self.space.lock();
             space.seg_state.iter().enumerate().any(|(s, st)| {
@@ -858,7 +863,7 @@ impl Inner {
         let usable = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
         let ckpt_reserve = self.ckpt_reserve();
         // Lock order: checkpoint state before space.
-        let ckpt_seq = self.ckpt.lock().seq_end;
+        let ckpt_seq = self.ckpt.lock().both_seq;
         let (victims, moves_by_victim) = {
             let mut space = self.space.lock();
             let now = self.seq.load(Ordering::Acquire);
@@ -1676,7 +1681,10 @@ impl Inner {
         for &s in &freed {
             space.set_state(s, SegState::Free);
         }
-        freed.extend(space.reclaim(image.seq, live_then));
+        if second.is_ok() {
+            ck.both_seq = image.seq;
+            freed.extend(space.reclaim(image.seq, live_then));
+        }
         self.ckpt_at_ms.store(
             self.host_epoch.elapsed().as_millis() as u64,
             Ordering::Relaxed,
@@ -2097,14 +2105,14 @@ impl Pool {
             Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
             None => base,
         };
-        let mut sbs = read_superblocks(&*devices, &abs)?;
-        let newest = sbs
-            .iter()
-            .max_by_key(|s| s.generation)
-            .cloned()
-            .ok_or(Error::Corrupt {
-                what: "no superblock",
-            })?;
+        let (mut sbs, older) = read_superblocks(&*devices, &abs)?;
+        let mut newest =
+            sbs.iter()
+                .max_by_key(|s| s.generation)
+                .cloned()
+                .ok_or(Error::Corrupt {
+                    what: "no superblock",
+                })?;
         if pf.pool_uuid.is_none() && !o.read_only {
             // A pool made before pool.json named its UUID: record it now (its devices agree
             // among themselves), so that a foreign device put in later is refused.
@@ -2150,7 +2158,37 @@ impl Pool {
                 Vec::new(),
             )
         } else {
-            read_checkpoint(&*devices, &geo, &newest)?
+            match read_checkpoint(&*devices, &geo, &newest) {
+                Ok(c) => c,
+                Err(e @ Error::Corrupt { .. }) => {
+                    // A commit that stopped between its two slot writes left the previous
+                    // checkpoint in every device's other slot, with everything its replay needs
+                    // (nothing is freed before both slots point at the new one): open from it.
+                    let prev: Option<Vec<Superblock>> = older
+                        .iter()
+                        .map(|o| {
+                            o.clone().filter(|p| {
+                                p.generation + 1 == newest.generation
+                                    && p.checkpoint_segment != NO_SEGMENT
+                                    && p.log_key == newest.log_key
+                            })
+                        })
+                        .collect();
+                    let Some(prev) = prev else {
+                        return Err(e);
+                    };
+                    let c = read_checkpoint(&*devices, &geo, &prev[0]).map_err(|_| e)?;
+                    eprintln!(
+                        "ingot: the newest checkpoint (generation {}) is damaged; opened from \
+                         the previous one (generation {}), replaying the log since",
+                        newest.generation, prev[0].generation
+                    );
+                    newest = prev[0].clone();
+                    sbs = prev;
+                    c
+                }
+                Err(e) => return Err(e),
+            }
         };
         // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,
         // then the recovery checkpoint below writes version 2 superblocks with a new key, and
@@ -2468,6 +2506,7 @@ impl Pool {
                 segments: ckpt_segs,
                 prev_segments: Vec::new(),
                 seq_end: image.seq,
+                both_seq: image.seq,
                 written_at_last: 0,
             }),
             superblocks: sbs,
@@ -3266,7 +3305,7 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             // Space comes back after trims and overwrites without a cleaning pass: segments
             // left without a live block are freed by a sync when they lie behind the last
             // checkpoint, else by a checkpoint (at most one every few seconds for this).
-            let ckpt_seq = inner.ckpt.lock().seq_end;
+            let ckpt_seq = inner.ckpt.lock().both_seq;
             let (behind, after) = inner.space.lock().dead_sealed(ckpt_seq);
             let now = inner.host_epoch.elapsed().as_millis() as u64;
             let since_ms = now.saturating_sub(inner.ckpt_at_ms.load(Ordering::Relaxed));
@@ -3371,8 +3410,15 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
     }
 }
 
-fn read_superblocks(devices: &dyn Devices, paths: &[PathBuf]) -> Result<Vec<Superblock>> {
+/// Every device's newest valid superblock, and its other slot's when that is valid too and
+/// older (a commit that stopped between its two slot writes leaves the previous checkpoint
+/// there).
+fn read_superblocks(
+    devices: &dyn Devices,
+    paths: &[PathBuf],
+) -> Result<(Vec<Superblock>, Vec<Option<Superblock>>)> {
     let mut out: Vec<Superblock> = Vec::new();
+    let mut older_out = Vec::new();
     let mut buf = AlignedBuf::new(IO_ALIGN);
     for (d, path) in paths.iter().enumerate() {
         if devices.size(d as u16) < DATA_START {
@@ -3382,6 +3428,7 @@ fn read_superblocks(devices: &dyn Devices, paths: &[PathBuf]) -> Result<Vec<Supe
             });
         }
         let mut best: Option<Superblock> = None;
+        let mut older: Option<Superblock> = None;
         let mut fault = None;
         for off in SUPERBLOCK_OFFSETS {
             devices
@@ -3391,11 +3438,12 @@ fn read_superblocks(devices: &dyn Devices, paths: &[PathBuf]) -> Result<Vec<Supe
                     source,
                 })?;
             match Superblock::decode(&buf) {
-                Ok(Some(sb)) => {
-                    if best.as_ref().is_none_or(|b| sb.generation > b.generation) {
-                        best = Some(sb);
-                    }
-                }
+                Ok(Some(sb)) => match &best {
+                    Some(b) if sb.generation < b.generation => older = Some(sb),
+                    Some(b) if sb.generation > b.generation => older = best.replace(sb),
+                    Some(_) => {}
+                    None => best = Some(sb),
+                },
                 Ok(None) => {}
                 Err(f) => fault = Some(f),
             }
@@ -3442,8 +3490,9 @@ fn read_superblocks(devices: &dyn Devices, paths: &[PathBuf]) -> Result<Vec<Supe
             });
         }
         out.push(sb);
+        older_out.push(older);
     }
-    Ok(out)
+    Ok((out, older_out))
 }
 
 /// Read and verify the checkpoint the superblock points at; returns it and its segments.

@@ -974,3 +974,66 @@ fn failed_sync_or_metadata_write_during_a_checkpoint_loses_nothing_flushed() {
         assert_clean(&pool);
     }
 }
+
+/// A commit whose second superblock slot write fails (the other slot still points at the
+/// previous checkpoint, as after a crash between the two writes), then the newest checkpoint
+/// rots: the pool opens from the previous checkpoint and replays the log since, losing nothing
+/// flushed.
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let a = blocks(140, 8);
+    let b = blocks(141, 8);
+    let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(0, &a, false).unwrap();
+    v.flush().unwrap();
+    pool.checkpoint().unwrap();
+    let g = generation(dir.path(), 0);
+    assert_eq!(
+        g,
+        generation(dir.path(), 1),
+        "both slots at the same checkpoint"
+    );
+    // The slot a commit of generation g + 1 writes second fails.
+    let second = (g % 2) as usize;
+    plan.fail_writes_at
+        .lock()
+        .push((0, SUPERBLOCK_OFFSETS[second]));
+    v.write(8 * 4096, &b, false).unwrap();
+    v.flush().unwrap();
+    assert!(pool.checkpoint().is_err(), "the second slot write failed");
+    pool.halt();
+    drop((v, pool));
+    plan.fail_writes_at.lock().clear();
+    assert_eq!(generation(dir.path(), second), g);
+    assert_eq!(generation(dir.path(), 1 - second), g + 1);
+    // Then the newest checkpoint's blob rots.
+    let mut seg = 0u32;
+    patch(dir.path(), SUPERBLOCK_OFFSETS[1 - second], |blk| {
+        seg = u32::from_le_bytes(blk[76..80].try_into().unwrap());
+    });
+    patch(
+        dir.path(),
+        DATA_START + u64::from(seg) * SEG + 4096,
+        |blk| blk[10] ^= 0x40,
+    );
+    let pool = Pool::open(dir.path(), &opts(None)).expect("open from the previous checkpoint");
+    let v = pool.volume("v").unwrap();
+    same!(v.read(0, 8 * 4096).unwrap(), a);
+    same!(
+        v.read(8 * 4096, 8 * 4096).unwrap(),
+        b,
+        "flushed after the previous checkpoint"
+    );
+    assert_clean(&pool);
+    drop((v, pool));
+    // The recovery checkpoint replaced the damaged one: later opens need no fallback.
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    same!(
+        pool.volume("v").unwrap().read(8 * 4096, 8 * 4096).unwrap(),
+        b
+    );
+}

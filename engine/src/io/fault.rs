@@ -37,6 +37,8 @@ pub struct FaultPlan {
     /// Fail every synchronous (metadata path: superblocks, checkpoints, segment headers,
     /// replay) write with EIO while set.
     pub fail_metadata_writes: AtomicBool,
+    /// Fail synchronous writes that start at these (device, byte offset) points.
+    pub fail_writes_at: Mutex<Vec<(u16, u64)>>,
     /// Fail every sync (fdatasync) with EIO while set.
     pub fail_sync: AtomicBool,
     /// Fail synchronous reads that touch any of these (device, offset, length) ranges.
@@ -167,7 +169,9 @@ impl Devices for FaultDevices {
         Ok(())
     }
     fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.plan.fail_metadata_writes.load(Ordering::Relaxed) {
+        if self.plan.fail_metadata_writes.load(Ordering::Relaxed)
+            || self.plan.fail_writes_at.lock().contains(&(dev, offset))
+        {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.plan.note_write(&*self.inner, dev, offset, buf.len());
