@@ -1119,7 +1119,8 @@ impl Shard {
             Item::Data {
                 vol: vol.clone(),
                 lba,
-                fp: reduce::fingerprint(&src),
+                // Keyed by the pool's secret and the volume's dedup domain (`reduce`).
+                fp: vol.fingerprint_key().fingerprint(&src),
                 src,
                 part: part.clone(),
             }

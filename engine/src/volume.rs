@@ -4,14 +4,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
-use crate::api::{check_range, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
+use crate::api::{check_range, DedupDomain, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
 use crate::job::{FlushMsg, Job, WriteBack};
 use crate::lbamap::{shard_of, LbaMap};
 use crate::pool::Inner;
+use crate::reduce::FingerprintKey;
 use crate::shard::ShardMsg;
 
 /// Longest read (in blocks) that [`Volume::submit`] tries to serve from the block cache on the
@@ -31,6 +32,8 @@ pub(crate) struct VolumeState {
     pub compress: AtomicBool,
     /// A snapshot: writes, zeroes and trims are refused.
     pub read_only: AtomicBool,
+    /// The volume's dedup domain and the key its new blocks are fingerprinted under.
+    domain: RwLock<(DedupDomain, Arc<FingerprintKey>)>,
 }
 
 impl VolumeState {
@@ -47,7 +50,29 @@ impl VolumeState {
             dedup: AtomicBool::new(true),
             compress: AtomicBool::new(true),
             read_only: AtomicBool::new(false),
+            // Replaced by `set_dedup_domain` before the volume is published (this placeholder
+            // key is derived from no secret).
+            domain: RwLock::new((
+                DedupDomain::Shared,
+                Arc::new(FingerprintKey::derive(&[0; 32], b"unset")),
+            )),
         }
+    }
+
+    /// Put the volume in dedup domain `d` of the pool whose secret is `pool_key`: its new
+    /// blocks are fingerprinted under that domain's key from now on.
+    pub fn set_dedup_domain(&self, d: DedupDomain, pool_key: &[u8; 32]) {
+        let key = Arc::new(FingerprintKey::derive(pool_key, &d.id_bytes(self.id)));
+        *self.domain.write() = (d, key);
+    }
+
+    pub fn dedup_domain(&self) -> DedupDomain {
+        self.domain.read().0.clone()
+    }
+
+    /// The key new blocks of this volume are fingerprinted under.
+    pub fn fingerprint_key(&self) -> Arc<FingerprintKey> {
+        self.domain.read().1.clone()
     }
 
     /// Checkpoint flags (`format::VOLUME_NO_DEDUP`, `format::VOLUME_NO_COMPRESSION`).
