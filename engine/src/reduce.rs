@@ -1,7 +1,7 @@
 //! Data reduction: fingerprints, LZ4 compression of block groups, and the dedup index.
 //!
-//! Every 4 KiB block written is fingerprinted with keyed BLAKE3 under a key derived from the
-//! pool's secret and the writing volume's dedup domain ([`FingerprintKey`]). The index maps 64
+//! Every 4 KiB block written is fingerprinted with XXH3-128 under a secret derived from the
+//! pool's secret key and the writing volume's dedup domain ([`FingerprintKey`]). The index maps 64
 //! bits of the fingerprint to a block id and is only ever a hint: a block is shared only after
 //! its bytes were compared with the candidate's. Clients never learn the key, so they cannot
 //! craft blocks whose fingerprints collide with others' (which would force verify reads and push
@@ -23,21 +23,28 @@ use crate::format::{FLAG_LZ4, GROUP_COUNT_SHIFT, GROUP_INDEX_SHIFT};
 pub const GROUP_BLOCKS: usize = 8;
 const BLOCK: usize = 4096;
 
-/// BLAKE3 key-derivation context of fingerprint keys (never reused for anything else).
-const FINGERPRINT_CONTEXT: &str = "ingot 2025 dedup fingerprint key v1";
+/// BLAKE3 key-derivation context of fingerprint secrets (never reused for anything else).
+const FINGERPRINT_CONTEXT: &str = "ingot 2025 dedup fingerprint secret v1";
 
-/// The key one dedup domain fingerprints its blocks under, derived from the pool's secret.
+/// Bytes of an XXH3 secret (its default size; at least 136).
+const SECRET_BYTES: usize = 192;
+
+/// The secret one dedup domain fingerprints its blocks under, derived from the pool's secret
+/// key with BLAKE3 (key derivation, XOF output): a 192-byte XXH3 secret and a 64-bit tag.
 ///
-/// A fingerprint is 128 bits: the low 64 are keyed BLAKE3 of the block (a PRF: without the key,
-/// finding two blocks with equal fingerprints, or telling what a fingerprint was computed from,
-/// is as hard as breaking BLAKE3), the high 64 are the domain's `tag`, itself secret and
-/// different for each domain. The index keys on the low 64 bits (see `Inner::dedup_key`); the
-/// tag keeps domains apart in the few places that compare whole fingerprints (within a record)
-/// and when tests force every key to collide. Every dedup hit is verified byte for byte, so a
-/// collision, crafted or not, costs a read and never data.
+/// A fingerprint is 128 bits: the low 64 are XXH3-128 of the block under the domain's secret,
+/// the high 64 are the domain's `tag`, itself secret and different for each domain. The index
+/// keys on the low 64 bits (see `Inner::dedup_key`); the tag keeps domains apart in the few
+/// places that compare whole fingerprints (within a record) and when tests force every key to
+/// collide. XXH3 with a secret is not a PRF: without the secret, crafting blocks that collide
+/// is much harder than with public XXH3 (the attacker sees no fingerprint, only whether its own
+/// writes deduplicate within its domain), but nothing proves it. Keyed BLAKE3 would be a PRF at
+/// about six times the cost per 4 KiB block (`bench/benches/fingerprint.rs`, docs/architecture.md
+/// "Dedup across tenants"). Every dedup hit is verified byte for byte, so a collision, crafted
+/// or not, costs a read and never data.
 #[derive(Clone)]
 pub struct FingerprintKey {
-    key: [u8; 32],
+    secret: Box<[u8; SECRET_BYTES]>,
     tag: u64,
 }
 
@@ -49,23 +56,21 @@ impl FingerprintKey {
         h.update(pool_key);
         h.update(&(domain.len() as u64).to_le_bytes());
         h.update(domain);
-        let mut out = [0u8; 40];
-        h.finalize_xof().fill(&mut out);
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&out[..32]);
+        let mut xof = h.finalize_xof();
+        let mut secret = Box::new([0u8; SECRET_BYTES]);
+        xof.fill(&mut secret[..]);
         let mut tag = [0u8; 8];
-        tag.copy_from_slice(&out[32..]);
+        xof.fill(&mut tag);
         FingerprintKey {
-            key,
+            secret,
             tag: u64::from_le_bytes(tag),
         }
     }
 
-    /// Fingerprint of a block's plaintext: keyed BLAKE3 (low 64 bits), domain tag (high 64).
+    /// Fingerprint of a block's plaintext: XXH3-128 under the domain's secret (low 64 bits),
+    /// domain tag (high 64).
     pub fn fingerprint(&self, block: &[u8]) -> u128 {
-        let h = blake3::keyed_hash(&self.key, block);
-        let b = h.as_bytes();
-        let lo = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let lo = xxhash_rust::xxh3::xxh3_128_with_secret(block, &self.secret[..]) as u64;
         u128::from(self.tag) << 64 | u128::from(lo)
     }
 
@@ -364,7 +369,7 @@ mod tests {
         assert_ne!(fa as u64, fa2 as u64);
         assert_ne!(fa >> 64, fa2 >> 64);
         assert_eq!((fa >> 64) as u64, a.tag());
-        // Not the unkeyed hash, and it is what keyed BLAKE3 gives.
+        // Not the unkeyed hash.
         assert_ne!(fa as u64, unkeyed_fingerprint(&block) as u64);
         let mut other = block.clone();
         other[4095] ^= 1;
