@@ -43,7 +43,13 @@ fn fingerprint(c: &mut Criterion) {
                 b.iter(|| {
                     black_box(&data)
                         .chunks(4096)
-                        .map(|c| u128::from_le_bytes(blake3::keyed_hash(&pool_key, c).as_bytes()[..16].try_into().unwrap()))
+                        .map(|c| {
+                            u128::from_le_bytes(
+                                blake3::keyed_hash(&pool_key, c).as_bytes()[..16]
+                                    .try_into()
+                                    .unwrap(),
+                            )
+                        })
                         .fold(0u128, |a, h| a ^ h)
                 })
             });

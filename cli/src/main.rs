@@ -91,7 +91,8 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 }
 
 fn parse_domain(s: &str) -> Result<DedupDomain, String> {
-    s.parse().map_err(|e: ingot_engine::InvalidDedupDomain| e.to_string())
+    s.parse()
+        .map_err(|e: ingot_engine::InvalidDedupDomain| e.to_string())
 }
 
 fn parse_io(s: &str) -> Result<IoKind, String> {

@@ -350,9 +350,8 @@ impl std::str::FromStr for DedupDomain {
             _ => {
                 let ok = !s.is_empty()
                     && s.len() <= Self::MAX_NAME
-                    && s.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
-                    })
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
                     && !s.starts_with('.');
                 if ok {
                     Ok(DedupDomain::Named(s.to_string()))

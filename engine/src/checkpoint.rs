@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
 use crate::api::DedupDomain;
+use crate::error::{Error, Result};
 use crate::format::{
     CheckpointHeader, Get, CHAIN_DATA, CHAIN_MOVES, CHECKPOINT_FRAME_BYTES, CHECKPOINT_KEYED,
     CHECKPOINT_LZ4, CHECKPOINT_VERSION_DOMAINS, CHECKPOINT_VERSION_MOVE_CHAINS,
@@ -83,7 +83,12 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         shard_count: img.shards.len() as u32,
         index_count: img.index.len() as u64,
         index_sample_bits: img.index_sample_bits,
-        flags: CHECKPOINT_LZ4 | if img.keyed_fingerprints { CHECKPOINT_KEYED } else { 0 },
+        flags: CHECKPOINT_LZ4
+            | if img.keyed_fingerprints {
+                CHECKPOINT_KEYED
+            } else {
+                0
+            },
         version,
     }
     .encode(&mut out);

@@ -15,7 +15,8 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    ratio, CheckReport, DedupDomain, Problem, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES, SECTOR_BYTES,
+    ratio, CheckReport, DedupDomain, Problem, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES,
+    SECTOR_BYTES,
 };
 use crate::cache::BlockCache;
 use crate::checkpoint::{self, Image, VolumeImage};

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-use crate::api::{check_range, DedupDomain, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
+use crate::api::{
+    check_range, Completion, DedupDomain, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
 use crate::job::{FlushMsg, Job, WriteBack};

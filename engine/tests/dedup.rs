@@ -602,9 +602,18 @@ fn blocks_deduplicate_within_a_domain_only() {
         p1.write(8 * BLOCK as u64, &two, false).unwrap();
         assert_eq!(pool.stats().unique_blocks, 6);
         // One request for two volumes of different domains is still two blocks.
-        pool.volume("a1").unwrap().write(BLOCK as u64, &y, false).unwrap();
-        pool.volume("b1").unwrap().write(BLOCK as u64, &y, false).unwrap();
-        pool.volume("a2").unwrap().write(2 * BLOCK as u64, &y, false).unwrap();
+        pool.volume("a1")
+            .unwrap()
+            .write(BLOCK as u64, &y, false)
+            .unwrap();
+        pool.volume("b1")
+            .unwrap()
+            .write(BLOCK as u64, &y, false)
+            .unwrap();
+        pool.volume("a2")
+            .unwrap()
+            .write(2 * BLOCK as u64, &y, false)
+            .unwrap();
         assert_eq!(pool.stats().unique_blocks, 8);
         clean(&pool);
         pool.shutdown().unwrap();
@@ -620,10 +629,25 @@ fn blocks_deduplicate_within_a_domain_only() {
         v.write(20 * BLOCK as u64, &x, false).unwrap();
         assert_eq!(v.read(0, BLOCK as u32).unwrap(), x);
     }
-    assert_eq!(pool.stats().unique_blocks, before, "every copy found its domain's");
+    assert_eq!(
+        pool.stats().unique_blocks,
+        before,
+        "every copy found its domain's"
+    );
+    // A clone of a private volume shares its blocks by reference and is private to itself.
+    pool.clone_volume("p1", "p1c").unwrap();
+    assert_eq!(domain_of(&pool, "p1c"), DedupDomain::Private);
+    let p1c = pool.volume("p1c").unwrap();
+    assert_eq!(p1c.read(0, BLOCK as u32).unwrap(), x);
+    assert_eq!(pool.stats().unique_blocks, before);
+    p1c.write(21 * BLOCK as u64, &x, false).unwrap();
+    assert_eq!(pool.stats().unique_blocks, before + 1, "not p1's domain");
+    pool.delete_volume("p1c").unwrap();
+    assert_eq!(pool.stats().unique_blocks, before);
     // Online: s2 moves to domain b, where y is stored; p2 goes shared.
     pool.set_volume_dedup_domain("s2", named("b")).unwrap();
-    pool.set_volume_dedup_domain("p2", DedupDomain::Shared).unwrap();
+    pool.set_volume_dedup_domain("p2", DedupDomain::Shared)
+        .unwrap();
     assert_eq!(domain_of(&pool, "s2"), named("b"));
     let s2 = pool.volume("s2").unwrap();
     s2.write(30 * BLOCK as u64, &y, false).unwrap();
@@ -632,9 +656,19 @@ fn blocks_deduplicate_within_a_domain_only() {
     // domain each copy was written in.
     let z = random_block(33);
     s2.write(31 * BLOCK as u64, &z, false).unwrap();
-    pool.volume("s1").unwrap().write(31 * BLOCK as u64, &z, false).unwrap();
-    pool.volume("b1").unwrap().write(31 * BLOCK as u64, &z, false).unwrap();
-    assert_eq!(pool.stats().unique_blocks, before + 2, "z: once in b, once shared");
+    pool.volume("s1")
+        .unwrap()
+        .write(31 * BLOCK as u64, &z, false)
+        .unwrap();
+    pool.volume("b1")
+        .unwrap()
+        .write(31 * BLOCK as u64, &z, false)
+        .unwrap();
+    assert_eq!(
+        pool.stats().unique_blocks,
+        before + 2,
+        "z: once in b, once shared"
+    );
     s2.flush().unwrap();
     pool.volume("s1").unwrap().flush().unwrap();
     pool.halt();
@@ -644,12 +678,18 @@ fn blocks_deduplicate_within_a_domain_only() {
     assert_eq!(domain_of(&pool, "p2"), DedupDomain::Shared);
     let before = pool.stats().unique_blocks;
     for name in ["a1", "s1", "b1", "s2", "p2"] {
-        pool.volume(name).unwrap().write(40 * BLOCK as u64, &z, false).unwrap();
+        pool.volume(name)
+            .unwrap()
+            .write(40 * BLOCK as u64, &z, false)
+            .unwrap();
     }
     // a1 stores z (domain a had none); the shared ones and b find theirs.
     assert_eq!(pool.stats().unique_blocks, before + 1);
     assert_eq!(
-        pool.volume("s2").unwrap().read(31 * BLOCK as u64, BLOCK as u32).unwrap(),
+        pool.volume("s2")
+            .unwrap()
+            .read(31 * BLOCK as u64, BLOCK as u32)
+            .unwrap(),
         z
     );
     clean(&pool);
@@ -680,8 +720,17 @@ fn forced_collisions_stay_within_a_domain() {
     // Every key of a domain collides, yet domain b never gets a's block.
     assert_eq!(pool.stats().unique_blocks, 2);
     let y = random_block(42);
-    pool.volume("a").unwrap().write(BLOCK as u64, &y, false).unwrap();
-    assert_eq!(pool.volume("a").unwrap().read(BLOCK as u64, BLOCK as u32).unwrap(), y);
+    pool.volume("a")
+        .unwrap()
+        .write(BLOCK as u64, &y, false)
+        .unwrap();
+    assert_eq!(
+        pool.volume("a")
+            .unwrap()
+            .read(BLOCK as u64, BLOCK as u32)
+            .unwrap(),
+        y
+    );
     assert_eq!(pool.volume("a2").unwrap().read(0, BLOCK as u32).unwrap(), x);
     clean(&pool);
 }
@@ -714,19 +763,31 @@ fn fingerprints_are_keyed_by_the_pool_secret() {
         let pool = create(dir.path(), None);
         pool.create_volume("v", 64 << 20).unwrap();
         pool.create_volume_in("w", 64 << 20, named("t")).unwrap();
-        pool.volume("v").unwrap().write(lba * BLOCK as u64, &x, false).unwrap();
-        pool.volume("w").unwrap().write(lba * BLOCK as u64, &x, false).unwrap();
+        pool.volume("v")
+            .unwrap()
+            .write(lba * BLOCK as u64, &x, false)
+            .unwrap();
+        pool.volume("w")
+            .unwrap()
+            .write(lba * BLOCK as u64, &x, false)
+            .unwrap();
         pool.shutdown().unwrap();
         let v = logged_fingerprints(dir.path(), 1, lba);
         let w = logged_fingerprints(dir.path(), 2, lba);
         assert_eq!((v.len(), w.len()), (1, 1), "one data entry each");
         let (fv, fw) = (u128::from_le_bytes(v[0]), u128::from_le_bytes(w[0]));
         // Not the unkeyed hash anyone can compute, and another domain's differs in both halves.
-        assert_ne!(fv as u64, ingot_engine::reduce::unkeyed_fingerprint(&x) as u64);
+        assert_ne!(
+            fv as u64,
+            ingot_engine::reduce::unkeyed_fingerprint(&x) as u64
+        );
         assert_ne!(fv as u64, fw as u64);
         assert_ne!(fv >> 64, fw >> 64);
         seen.push(fv);
     }
-    assert_ne!(seen[0] as u64, seen[1] as u64, "two pools, two keys, two fingerprints");
+    assert_ne!(
+        seen[0] as u64, seen[1] as u64,
+        "two pools, two keys, two fingerprints"
+    );
     assert_ne!(seen[0] >> 64, seen[1] >> 64);
 }

@@ -164,6 +164,12 @@ fn an_unkeyed_index_is_dropped_and_keyed_dedup_resumes() {
     let logs = pool.volume("logs").unwrap();
     logs.write(352 * BLOCK, &copy, false).unwrap();
     assert_eq!(pool.stats().unique_blocks, before + 1);
-    assert_eq!(pool.volume("db").unwrap().read(151 * BLOCK, BLOCK as u32).unwrap(), copy);
+    assert_eq!(
+        pool.volume("db")
+            .unwrap()
+            .read(151 * BLOCK, BLOCK as u32)
+            .unwrap(),
+        copy
+    );
     check_contents(&pool);
 }

@@ -374,9 +374,37 @@ fn wrong_arguments_exit_2() {
         &["serve", "--cache-size", "many", "--pool", p],
         &["stats", "--pool"],
         &["check", "extra", "--pool", p],
-        &["volume", "create", "x", "--size", "1M", "--dedup-domain", "a/b", "--pool", p],
-        &["volume", "create", "x", "--size", "1M", "--dedup-domain", "", "--pool", p],
-        &["volume", "set", "x", "--dedup-domain", ".hidden", "--pool", p],
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--dedup-domain",
+            "a/b",
+            "--pool",
+            p,
+        ],
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--dedup-domain",
+            "",
+            "--pool",
+            p,
+        ],
+        &[
+            "volume",
+            "set",
+            "x",
+            "--dedup-domain",
+            ".hidden",
+            "--pool",
+            p,
+        ],
         &["volume", "set", "x", "--dedup-domain", "--pool", p],
     ];
     for args in cases {
@@ -820,7 +848,15 @@ fn dedup_domains_from_the_cli() {
     let import = |name: &str, domain: &str| {
         ingot_pool_ok(
             &pool,
-            &["volume", "import", name, "--file", &image, "--dedup-domain", domain],
+            &[
+                "volume",
+                "import",
+                name,
+                "--file",
+                &image,
+                "--dedup-domain",
+                domain,
+            ],
         );
     };
     import("a1", "tenant-a");
@@ -841,13 +877,24 @@ fn dedup_domains_from_the_cli() {
     assert_eq!(dedup_domain_of(&pool, "p1"), "private");
     assert_eq!(dedup_domain_of(&pool, "s1"), "shared");
     let text = ingot_pool_ok(&pool, &["volume", "list"]);
-    assert!(text.contains("DEDUP-DOMAIN") && text.contains("tenant-b"), "{text}");
+    assert!(
+        text.contains("DEDUP-DOMAIN") && text.contains("tenant-b"),
+        "{text}"
+    );
 
     // Create with a domain, and the default; then change it online through a server, and
     // see the change survive the restart.
     ingot_pool_ok(
         &pool,
-        &["volume", "create", "c", "--size", "8M", "--dedup-domain", "private"],
+        &[
+            "volume",
+            "create",
+            "c",
+            "--size",
+            "8M",
+            "--dedup-domain",
+            "private",
+        ],
     );
     ingot_pool_ok(&pool, &["volume", "create", "d", "--size", "8M"]);
     assert_eq!(dedup_domain_of(&pool, "c"), "private");
@@ -865,7 +912,10 @@ fn dedup_domains_from_the_cli() {
         "{out:?}"
     );
     assert_fails(
-        &ingot_pool(&pool, &["volume", "set", "nope", "--dedup-domain", "shared"]),
+        &ingot_pool(
+            &pool,
+            &["volume", "set", "nope", "--dedup-domain", "shared"],
+        ),
         "volume set of a missing volume",
     );
     srv.stop();
