@@ -1120,7 +1120,7 @@ impl Shard {
                 vol: vol.clone(),
                 lba,
                 // Keyed by the pool's secret and the volume's dedup domain (`reduce`).
-                fp: vol.fingerprint_key().fingerprint(&src),
+                fp: vol.fingerprint(self.id, &src),
                 src,
                 part: part.clone(),
             }

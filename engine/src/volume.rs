@@ -34,9 +34,16 @@ pub(crate) struct VolumeState {
     pub compress: AtomicBool,
     /// A snapshot: writes, zeroes and trims are refused.
     pub read_only: AtomicBool,
-    /// The volume's dedup domain and the key its new blocks are fingerprinted under.
-    domain: RwLock<(DedupDomain, Arc<FingerprintKey>)>,
+    /// The volume's dedup domain.
+    domain: RwLock<DedupDomain>,
+    /// The key its new blocks are fingerprinted under, one copy per shard so that shards
+    /// writing the volume at once never share a lock's cache line.
+    fp_keys: Vec<PerShard<Mutex<FingerprintKey>>>,
 }
+
+/// A value alone on its cache line.
+#[repr(align(64))]
+struct PerShard<T>(T);
 
 impl VolumeState {
     pub fn new(id: u32, name: String, size_bytes: u64, shards: usize) -> Self {
@@ -52,29 +59,37 @@ impl VolumeState {
             dedup: AtomicBool::new(true),
             compress: AtomicBool::new(true),
             read_only: AtomicBool::new(false),
+            domain: RwLock::new(DedupDomain::Shared),
             // Replaced by `set_dedup_domain` before the volume is published (this placeholder
             // key is derived from no secret).
-            domain: RwLock::new((
-                DedupDomain::Shared,
-                Arc::new(FingerprintKey::derive(&[0; 32], b"unset")),
-            )),
+            fp_keys: (0..shards)
+                .map(|_| PerShard(Mutex::new(FingerprintKey::derive(&[0; 32], b"unset"))))
+                .collect(),
         }
     }
 
     /// Put the volume in dedup domain `d` of the pool whose secret is `pool_key`: its new
     /// blocks are fingerprinted under that domain's key from now on.
     pub fn set_dedup_domain(&self, d: DedupDomain, pool_key: &[u8; 32]) {
-        let key = Arc::new(FingerprintKey::derive(pool_key, &d.id_bytes(self.id)));
-        *self.domain.write() = (d, key);
+        let key = FingerprintKey::derive(pool_key, &d.id_bytes(self.id));
+        let mut domain = self.domain.write();
+        for k in &self.fp_keys {
+            *k.0.lock() = key.clone();
+        }
+        *domain = d;
     }
 
     pub fn dedup_domain(&self) -> DedupDomain {
-        self.domain.read().0.clone()
+        self.domain.read().clone()
     }
 
-    /// The key new blocks of this volume are fingerprinted under.
-    pub fn fingerprint_key(&self) -> Arc<FingerprintKey> {
-        self.domain.read().1.clone()
+    /// Fingerprint of a new block of this volume written by shard `shard`, under its domain's
+    /// key (`reduce::FingerprintKey`).
+    pub fn fingerprint(&self, shard: usize, block: &[u8]) -> u128 {
+        self.fp_keys[shard % self.fp_keys.len()]
+            .0
+            .lock()
+            .fingerprint(block)
     }
 
     /// Checkpoint flags (`format::VOLUME_NO_DEDUP`, `format::VOLUME_NO_COMPRESSION`).
