@@ -16,7 +16,8 @@ declare -A PKG=(
   [nbdsh]=python3-libnbd
   [fio]=fio [nbdkit]=nbdkit [fusermount3]=fuse3
   [sha256sum]=coreutils [kill]=procps [setpriv]=util-linux
-  [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [losetup]=util-linux
+  [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [resize2fs]=e2fsprogs [losetup]=util-linux
+  [mount]=mount [tar]=tar
   [iscsi-inq]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-test-cu]=libiscsi-bin
   [iscsi-readcapacity16]=libiscsi-bin
   [pgbench]=postgresql-contrib [/usr/lib/postgresql/15/bin/initdb]=postgresql

@@ -78,6 +78,7 @@ impl RunArgs {
             fault: None,
             dedup_index_bytes: self.dedup_index_mem,
             write_back_bytes: self.write_back,
+            read_only: false,
         }
     }
 }
@@ -284,6 +285,10 @@ enum PoolCmd {
         /// (faster writes on a file system; freed space is then not returned to it).
         #[arg(long)]
         prefill: bool,
+        /// Overwrite devices that hold data or another pool (destroying it). A device that a
+        /// running pool uses is refused all the same.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -420,6 +425,7 @@ fn run(cli: Cli) -> Result<i32> {
                     segment_size,
                     device,
                     prefill,
+                    force,
                 },
         } => {
             if prefill {
@@ -430,6 +436,7 @@ fn run(cli: Cli) -> Result<i32> {
                 segment_bytes: segment_size,
                 devices: device,
                 prefill,
+                force,
             };
             let p = Pool::create(&pool.pool, &c, &PoolOptions::default())
                 .with_context(|| format!("creating a pool in {}", pool.pool.display()))?;
@@ -487,8 +494,14 @@ fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
     if let Some(r) = control::call(dir, &req) {
         return r;
     }
-    let pool = Pool::open(dir, &PoolOptions::default())
-        .with_context(|| format!("opening pool {}", dir.display()))?;
+    // Requests that only look open the pool without writing to it (a pool whose host file
+    // system is full still answers them).
+    let read_only = matches!(req, Request::VolumeList | Request::Stats | Request::Check);
+    let o = PoolOptions {
+        read_only,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::open(dir, &o).with_context(|| format!("opening pool {}", dir.display()))?;
     let r = control::execute(&pool, &req);
     pool.shutdown()?;
     r
@@ -671,6 +684,9 @@ fn print_stats(s: &Stats) {
         );
     }
     if let Some(w) = &s.space_warning {
+        println!("warning         {w}");
+    }
+    if let Some(w) = &s.host_warning {
         println!("warning         {w}");
     }
     if let Some(h) = &s.halted {
@@ -857,8 +873,13 @@ fn check(dir: &Path, json: bool) -> Result<i32> {
     let report: ingot_engine::CheckReport = match control::call(dir, &Request::Check) {
         Some(r) => serde_json::from_value(r?)?,
         None => {
-            let pool = Pool::open(dir, &PoolOptions::default())
-                .with_context(|| format!("opening pool {}", dir.display()))?;
+            // Checking writes nothing: it works on a pool whose host file system is full.
+            let o = PoolOptions {
+                read_only: true,
+                ..PoolOptions::default()
+            };
+            let pool =
+                Pool::open(dir, &o).with_context(|| format!("opening pool {}", dir.display()))?;
             let tty = std::io::stderr().is_terminal();
             let r = pool.check(&mut |done, total| {
                 if tty && (done % 4096 == 0 || done == total) {
@@ -943,8 +964,14 @@ fn serve(
     iscsi: &IscsiArgs,
     run: &RunArgs,
 ) -> Result<i32> {
-    let opts = run.options();
+    let opts = PoolOptions {
+        read_only,
+        ..run.options()
+    };
     let pool = if dir_is_empty_or_missing(dir) {
+        if read_only {
+            bail!("{} holds no pool to serve read-only", dir.display());
+        }
         let c = CreateOptions {
             size_bytes: DEFAULT_POOL_BYTES,
             ..Default::default()
@@ -967,7 +994,19 @@ fn serve(
                 dir.display()
             );
         }
-        Pool::open(dir, &opts).with_context(|| format!("opening pool {}", dir.display()))?
+        Pool::open(dir, &opts).map_err(|e| {
+            let full = matches!(&e, ingot_engine::Error::Io { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC));
+            let e = anyhow::Error::new(e).context(format!("opening pool {}", dir.display()));
+            if full {
+                e.context(
+                    "the file system under the pool is full: opening it read-write needs room \
+                     for a checkpoint; free or add space, or serve it with --read-only",
+                )
+            } else {
+                e
+            }
+        })?
     };
     let pool = Arc::new(pool);
     let listens = if nbd.is_empty() {
@@ -996,7 +1035,14 @@ fn serve(
         ..Default::default()
     };
     let server = NbdServer::new(Arc::new(PoolExports::new(pool.clone())), cfg);
-    control::serve(dir, pool.clone())?;
+    if let Err(e) = control::serve(dir, pool.clone()) {
+        // A full host file system cannot take the socket (a read-only pool is still served);
+        // `volume`, `stats` and `check` then cannot reach this server.
+        if !read_only {
+            return Err(e);
+        }
+        eprintln!("ingot: warning: no control socket: {e:#}");
+    }
     let iscsi_target = iscsi.start(&pool)?;
     for l in &listens {
         let addr: ListenAddr = l.parse().map_err(|e| anyhow::anyhow!("--nbd {l}: {e}"))?;
@@ -1021,6 +1067,9 @@ fn serve(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(w) = &s.host_warning {
+        eprintln!("ingot: warning: {w}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     // Wait for SIGINT or SIGTERM.

@@ -159,6 +159,14 @@ pub struct Stats {
     pub usable_bytes: u64,
     /// Set when stored bytes pass 85% of `usable_bytes`: what happens next and what to do.
     pub space_warning: Option<String>,
+    /// Set when the file system under a thin pool has less room than the pool may still
+    /// write (writes then fail with ENOSPC once it runs out).
+    pub host_warning: Option<String>,
+    /// Room left on the file system under the backing files (`u64::MAX`: block devices).
+    pub host_free_bytes: u64,
+    /// Bytes of the backing files not allocated yet (what a thin pool may still ask of the
+    /// file system).
+    pub host_unallocated_bytes: u64,
     /// Why the pool stopped taking requests (an engine thread failed); `None` while it serves.
     pub halted: Option<String>,
     /// Bytes of segments in use (data, metadata, open).

@@ -75,6 +75,24 @@ pub enum Error {
     Corrupt { what: &'static str },
     #[error("pool {path} is in use by another process (is `ingot serve` running?)")]
     Locked { path: PathBuf },
+    #[error(
+        "device {path} is in use by another pool or process (is `ingot serve` running on a pool \
+         that uses it?)"
+    )]
+    DeviceInUse { path: PathBuf },
+    #[error(
+        "device {path} holds {what}: refusing to overwrite it (pass --force to destroy what it \
+         holds)"
+    )]
+    DeviceHoldsData { path: PathBuf, what: String },
+    #[error("device {path} is listed twice: it is the same device as {first}")]
+    DuplicateDevice { path: PathBuf, first: PathBuf },
+    #[error("device {path} belongs to another pool ({found}), not to this one ({expected})")]
+    ForeignDevice {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("the engine is shutting down")]
     ShutDown,
     /// An engine thread failed (a bug): the pool stopped taking requests rather than risk
@@ -105,7 +123,7 @@ impl Error {
             Error::VolumeNotFound(_) => libc::ENOENT,
             Error::VolumeExists(_) => libc::EEXIST,
             Error::InvalidName(_) | Error::InvalidDedupDomain(_) => libc::EINVAL,
-            Error::Locked { .. } => libc::EBUSY,
+            Error::Locked { .. } | Error::DeviceInUse { .. } => libc::EBUSY,
             Error::ReadOnly(_) => libc::EPERM,
             _ => libc::EIO,
         }

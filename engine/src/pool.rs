@@ -25,6 +25,7 @@ use crate::format::{
     LogKey, SegmentHeader, SegmentKind, Superblock, SuperblockFault, DATA_START, FLAG_REF,
     IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
 };
+use crate::io::claim::{self, DeviceClaim};
 use crate::io::fault::{FaultDevices, FaultPlan};
 use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, Devices, IoKind, SharedDevices};
@@ -56,6 +57,9 @@ pub struct CreateOptions {
     /// blocks (on a file system, writing unwritten extents costs ~25% of sequential bandwidth
     /// here). Freed segments are then not punched out of the files. Block devices need none.
     pub prefill: bool,
+    /// Overwrite devices that hold data or another pool's superblock (refused otherwise). A
+    /// device another open pool uses is refused all the same.
+    pub force: bool,
 }
 
 impl Default for CreateOptions {
@@ -65,6 +69,7 @@ impl Default for CreateOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             devices: Vec::new(),
             prefill: false,
+            force: false,
         }
     }
 }
@@ -90,6 +95,11 @@ pub struct PoolOptions {
     /// SYNCHRONIZE CACHE or FUA write makes them durable), as a page cache does; a kill -9 may
     /// lose such writes unless flushed.
     pub write_back_bytes: u64,
+    /// Open without writing anything (`serve --read-only`, `check`): the log is replayed in
+    /// memory only, no recovery checkpoint is written, every volume refuses writes and
+    /// checkpoints, cleaning and volume changes fail with `ReadOnly`. Works on a pool whose
+    /// host file system is full.
+    pub read_only: bool,
 }
 
 impl Default for PoolOptions {
@@ -102,6 +112,7 @@ impl Default for PoolOptions {
             fault: None,
             dedup_index_bytes: None,
             write_back_bytes: 0,
+            read_only: false,
         }
     }
 }
@@ -126,6 +137,10 @@ struct PoolFile {
     /// punched hole would make the next writes there allocate again).
     #[serde(default)]
     prefilled: bool,
+    /// The pool's UUID, as in its superblocks: `open` refuses a device of another pool. Absent
+    /// in pools made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool_uuid: Option<String>,
 }
 
 /// Segment numbering across devices.
@@ -204,6 +219,21 @@ pub(crate) struct Inner {
     pub log_key: LogKey,
     /// Makes segment nonces unique should the kernel's random source ever fail.
     nonce_counter: AtomicU64,
+    /// Opened read-only: nothing is ever written (see `PoolOptions::read_only`).
+    pub read_only: bool,
+    /// The file system under the backing files is short of room (see `refresh_host_space`):
+    /// no write is acknowledged before it is stored, so a write that finds no room fails with
+    /// ENOSPC instead of being lost after its acknowledgement.
+    pub host_tight: AtomicBool,
+    /// Bytes free on the host file systems and bytes of the backing files still unallocated,
+    /// as last seen (summed over devices; 0 for block devices).
+    host_free: AtomicU64,
+    host_unallocated: AtomicU64,
+    /// When host space was last looked at (ms since `host_epoch`).
+    host_seen_ms: AtomicU64,
+    /// When the last checkpoint was committed (ms since `host_epoch`).
+    ckpt_at_ms: AtomicU64,
+    host_epoch: std::time::Instant,
     pub epoch: u64,
     pub space: Mutex<Space>,
     /// Next sequence number to assign.
@@ -330,6 +360,10 @@ fn usable_bytes(geo: &Geometry, shards: usize) -> u64 {
     let data_segs = total.saturating_sub(fixed);
     let payload = data_segs * per_seg / (BLOCK_BYTES + entry) * BLOCK_BYTES;
     (payload as f64 * (1.0 - GC_HEADROOM)) as u64
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// The warning `stats` gives once stored data passes 85% of the usable capacity.
@@ -494,8 +528,63 @@ impl Inner {
     /// write waiting for its record (46k against 69k IOPS of 4k overwrites, QD32). An early
     /// write that meets the data reserve anyway (write-through writes took the room) waits
     /// for the cleaner like any other; the capacity check guarantees it can win space back.
+    /// Look at the room left on the file systems under the backing files (at most every 50
+    /// ms). The host is tight when it cannot give the backing files all they may still grow by
+    /// and has less than a margin (four write-back limits and a segment per chain) left.
+    pub(crate) fn refresh_host_space(&self, force: bool) {
+        let now = self.host_epoch.elapsed().as_millis() as u64 + 1;
+        let seen = self.host_seen_ms.load(Ordering::Relaxed);
+        if !force && seen != 0 && now.saturating_sub(seen) < 50 {
+            return;
+        }
+        self.host_seen_ms.store(now, Ordering::Relaxed);
+        let (mut free, mut unallocated, mut thin) = (u64::MAX, 0u64, false);
+        for d in 0..self.devices.count() {
+            if let Ok(Some(h)) = self.devices.host_space(d as u16) {
+                free = free.min(h.free_bytes);
+                unallocated += h.unallocated_bytes;
+                thin = true;
+            }
+        }
+        if !thin {
+            return;
+        }
+        self.host_free.store(free, Ordering::Relaxed);
+        self.host_unallocated.store(unallocated, Ordering::Relaxed);
+        let margin = 4 * self.write_back_limit.max(16 << 20)
+            + self.geo.segment_bytes * (self.chains() as u64 + 1);
+        self.host_tight
+            .store(free < unallocated && free < margin, Ordering::Release);
+    }
+
+    /// A write or an allocation found no room on the host file system.
+    pub(crate) fn note_host_full(&self) {
+        self.host_tight.store(true, Ordering::Release);
+        self.wb_budget.store(0, Ordering::Release);
+    }
+
+    /// What `stats` says when the host file system cannot hold what the pool may still write.
+    fn host_warning(&self) -> Option<String> {
+        let free = self.host_free.load(Ordering::Relaxed);
+        let unallocated = self.host_unallocated.load(Ordering::Relaxed);
+        (free < unallocated).then(|| {
+            format!(
+                "the file system under the pool has {} free but the pool may still need {} \
+                 (a thin pool): writes will fail with ENOSPC when it runs out; grow it, or \
+                 create pools with --prefill",
+                mib(free),
+                mib(unallocated)
+            )
+        })
+    }
+
     pub(crate) fn note_write_back_room(&self, space: &Space) {
         if self.write_back_limit == 0 {
+            return;
+        }
+        self.refresh_host_space(false);
+        if self.host_tight.load(Ordering::Acquire) {
+            self.wb_budget.store(0, Ordering::Release);
             return;
         }
         let margin = 2 * self.write_back_limit + self.geo.segment_bytes * self.chains() as u64;
@@ -1336,6 +1425,9 @@ impl Inner {
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
     fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("the pool (opened read-only)".into()));
+        }
         let r = self.checkpoint_with_inner(mutate);
         // Segments the commit freed go back to the file system now, outside the checkpoint
         // lock (a punch waits for every direct write in flight to the file).
@@ -1591,6 +1683,10 @@ impl Inner {
             space.set_state(s, SegState::Free);
         }
         freed.extend(space.reclaim(image.seq, live_then));
+        self.ckpt_at_ms.store(
+            self.host_epoch.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
         space.release_ids(image.seq);
         self.note_freed(&mut space, &freed);
         drop(space);
@@ -1663,6 +1759,8 @@ pub struct Pool {
     threads: Mutex<Vec<JoinHandle<()>>>,
     dir: PathBuf,
     _lock: File,
+    /// The devices, locked against other pools while this one is open.
+    _claim: DeviceClaim,
     halted: AtomicBool,
 }
 
@@ -1724,6 +1822,11 @@ fn lock_dir(dir: &Path) -> Result<File> {
         });
     }
     Ok(f)
+}
+
+fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 fn now_unix() -> u64 {
@@ -1796,33 +1899,37 @@ impl Pool {
             c.devices.clone()
         };
         let per_dev = c.size_bytes / paths.len() as u64;
-        let mut abs = Vec::new();
-        for p in &paths {
-            let full = if p.is_absolute() {
-                p.clone()
-            } else {
-                dir.join(p)
-            };
-            let is_blk = std::fs::metadata(&full)
-                .map(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_block_device()
-                })
-                .unwrap_or(false);
-            if !is_blk {
-                let segs = per_dev / seg;
-                if segs < 4 {
-                    return Err(Error::InvalidSize {
-                        size: c.size_bytes,
-                        reason: "a pool needs at least 4 segments per device",
-                    });
+        let abs: Vec<PathBuf> = paths
+            .iter()
+            .map(|p| {
+                if p.is_absolute() {
+                    p.clone()
+                } else {
+                    dir.join(p)
                 }
+            })
+            .collect();
+        if per_dev / seg < 4 && abs.iter().any(|p| !is_block_device(p)) {
+            return Err(Error::InvalidSize {
+                size: c.size_bytes,
+                reason: "a pool needs at least 4 segments per device",
+            });
+        }
+        // One device, one pool: claimed before anything is written to it, and not overwritten
+        // when it holds data or another pool unless told to.
+        let claim = DeviceClaim::acquire(&abs, true)?;
+        if !c.force {
+            claim.refuse_used()?;
+        }
+        for full in &abs {
+            if !is_block_device(full) {
+                let segs = per_dev / seg;
                 let f = OpenOptions::new()
                     .create(true)
                     .truncate(true)
                     .write(true)
                     .mode(0o600)
-                    .open(&full)
+                    .open(full)
                     .map_err(|source| Error::File {
                         path: full.clone(),
                         source,
@@ -1836,7 +1943,6 @@ impl Pool {
                 // ahead of use, so an idle pool takes no disk and writes still land in allocated
                 // extents.
             }
-            abs.push(full);
         }
         let files = FileSet::open(&abs).map_err(|source| Error::File {
             path: abs[0].clone(),
@@ -1914,6 +2020,7 @@ impl Pool {
             format_version: crate::format::FORMAT_VERSION,
             devices: paths,
             prefilled: c.prefill,
+            pool_uuid: Some(claim::uuid_string(&pool_uuid)),
         };
         let json = serde_json::to_vec_pretty(&pf).unwrap_or_default();
         let tmp = dir.join(format!("{POOL_FILE}.tmp"));
@@ -1929,7 +2036,7 @@ impl Pool {
                 path: dir.join(POOL_FILE),
                 source,
             })?;
-        Pool::open_locked(dir, o, lock)
+        Pool::open_locked(dir, o, lock, Some(claim))
     }
 
     /// Open an existing pool: load the newest checkpoint, replay the log after it, write a new
@@ -1942,10 +2049,15 @@ impl Pool {
             });
         }
         let lock = lock_dir(dir)?;
-        Pool::open_locked(dir, o, lock)
+        Pool::open_locked(dir, o, lock, None)
     }
 
-    fn open_locked(dir: &Path, o: &PoolOptions, lock: File) -> Result<Pool> {
+    fn open_locked(
+        dir: &Path,
+        o: &PoolOptions,
+        lock: File,
+        claim: Option<DeviceClaim>,
+    ) -> Result<Pool> {
         let pf_path = dir.join(POOL_FILE);
         let raw = std::fs::read(&pf_path).map_err(|source| Error::File {
             path: pf_path.clone(),
@@ -1972,6 +2084,12 @@ impl Pool {
                 }
             })
             .collect();
+        // Each device once, locked, and of this pool.
+        let claim = match claim {
+            Some(c) => c,
+            None => DeviceClaim::acquire(&abs, false)?,
+        };
+        claim.check_members(pf.pool_uuid.as_deref())?;
         let files = FileSet::open(&abs).map_err(|source| Error::File {
             path: abs[0].clone(),
             source,
@@ -2277,6 +2395,8 @@ impl Pool {
                 .unwrap_or(NO_SEGMENT);
             let nonce = match nonce {
                 Some(n) => n,
+                // Read-only: no chain is written to.
+                None if o.read_only => [0; 16],
                 None => {
                     let n = crate::format::random_bytes().map_err(|source| Error::File {
                         path: abs[0].clone(),
@@ -2327,6 +2447,13 @@ impl Pool {
             pool_uuid: newest.pool_uuid,
             log_key,
             nonce_counter: AtomicU64::new(0),
+            read_only: o.read_only,
+            host_tight: AtomicBool::new(false),
+            host_free: AtomicU64::new(u64::MAX),
+            host_unallocated: AtomicU64::new(0),
+            host_seen_ms: AtomicU64::new(0),
+            ckpt_at_ms: AtomicU64::new(0),
+            host_epoch: std::time::Instant::now(),
             epoch,
             space: Mutex::new(space),
             seq: AtomicU64::new(seq_end),
@@ -2380,14 +2507,19 @@ impl Pool {
             wb_budget: AtomicU64::new(0),
         });
         inner.update_write_back_floor();
+        if o.read_only {
+            for v in inner.volumes.read().by_name.values() {
+                v.read_only.store(true, Ordering::Relaxed);
+            }
+        }
         // The recovery checkpoint: the new epoch and chains are durable before any write.
-        {
+        if !o.read_only {
             let (image, live_then) = inner.snapshot(seq_end, positions.clone());
             let mut ck = inner.ckpt.lock();
             inner.commit(&mut ck, &image, &live_then)?;
             inner.space.lock().rebuild_free_ids();
         }
-        if inner.discard_freed {
+        if inner.discard_freed && !o.read_only {
             inner.note_unpunched_at_open();
         }
         let mut threads = Vec::new();
@@ -2414,17 +2546,21 @@ impl Pool {
             &inner,
             move || flusher(fi, frx),
         )?);
-        let ci = inner.clone();
-        threads.push(spawn_supervised(
-            "ingot-checkpointer".into(),
-            &inner,
-            move || checkpointer(ci, krx),
-        )?);
+        // Read-only: no checkpoints, no cleaning (moves would write).
+        if !o.read_only {
+            let ci = inner.clone();
+            threads.push(spawn_supervised(
+                "ingot-checkpointer".into(),
+                &inner,
+                move || checkpointer(ci, krx),
+            )?);
+        }
         Ok(Pool {
             inner,
             threads: Mutex::new(threads),
             dir: dir.to_path_buf(),
             _lock: lock,
+            _claim: claim,
             halted: AtomicBool::new(false),
         })
     }
@@ -2681,12 +2817,19 @@ impl Pool {
     /// segments.
     pub fn gc(&self, max_utilisation: f64, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
         // A checkpoint first puts every sealed segment behind it, so that cleaned victims are
-        // freed after a flush instead of one checkpoint per chunk.
+        // freed after a flush instead of one checkpoint per chunk. The segments it frees (those
+        // left without a live block) count as freed by this run.
+        let free_before = self.inner.space.lock().free_segments;
         self.inner.checkpoint_with(None)?;
+        let freed_by_checkpoint =
+            (self.inner.space.lock().free_segments as u64).saturating_sub(free_before as u64);
         // The segments worth cleaning now; segments the pass itself fills are left alone, so
         // it ends.
         let todo = self.gc_candidates(max_utilisation);
-        let mut total = GcReport::default();
+        let mut total = GcReport {
+            segments_freed: freed_by_checkpoint,
+            ..GcReport::default()
+        };
         progress(0, todo.len() as u64);
         for chunk in todo.chunks(GC_VICTIMS_PER_PASS) {
             let r = self.inner.clean(
@@ -2777,6 +2920,12 @@ impl Pool {
             capacity_bytes: total * seg,
             usable_bytes: inner.usable_bytes,
             space_warning: space_warning(space.stored_bytes, inner.usable_bytes),
+            host_warning: {
+                inner.refresh_host_space(true);
+                inner.host_warning()
+            },
+            host_free_bytes: inner.host_free.load(Ordering::Relaxed),
+            host_unallocated_bytes: inner.host_unallocated.load(Ordering::Relaxed),
             halted: inner.fault.lock().clone(),
             physical_used_bytes: (total - space.free_segments as u64) * seg,
             logical_mapped_bytes: logical,
@@ -3009,6 +3158,10 @@ impl Pool {
             self.stop_threads();
             return Err(self.inner.halted());
         }
+        if self.inner.read_only {
+            self.stop_threads();
+            return Ok(());
+        }
         // Writes acknowledged early go into the final checkpoint.
         let r = self
             .inner
@@ -3117,6 +3270,9 @@ fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
     }
 }
 
+/// Least time between checkpoints taken only to free segments left without a live block.
+const DEAD_SEGMENT_CHECKPOINT_MS: u64 = 2000;
+
 fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
     let wait = Duration::from_millis(500);
     loop {
@@ -3146,6 +3302,26 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
         {
             if let Err(e) = inner.checkpoint_with(None) {
                 eprintln!("ingot: checkpoint failed: {e}");
+            }
+        }
+        if !low && !inner.is_closed() {
+            // Space comes back after trims and overwrites without a cleaning pass: segments
+            // left without a live block are freed by a sync when they lie behind the last
+            // checkpoint, else by a checkpoint (at most one every few seconds for this).
+            let ckpt_seq = inner.ckpt.lock().seq_end;
+            let (behind, after) = inner.space.lock().dead_sealed(ckpt_seq);
+            let now = inner.host_epoch.elapsed().as_millis() as u64;
+            let since_ms = now.saturating_sub(inner.ckpt_at_ms.load(Ordering::Relaxed));
+            if after > 0 && since_ms >= DEAD_SEGMENT_CHECKPOINT_MS {
+                if let Err(e) = inner.checkpoint_with(None) {
+                    eprintln!("ingot: checkpoint failed: {e}");
+                }
+            } else if behind > 0 {
+                if let Err(e) = inner.free_dead_segments() {
+                    if !inner.is_closed() {
+                        eprintln!("ingot: freeing dead segments failed: {e}");
+                    }
+                }
             }
         }
         if !low || inner.is_closed() {

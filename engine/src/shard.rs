@@ -465,6 +465,8 @@ pub(crate) struct Shard {
     /// The open segment's header is on the device (its write did not fail). A checkpoint
     /// moves a chain whose header failed to a new segment: replay needs the header's nonce.
     header_ok: bool,
+    /// The next segment is allocated in its backing file (or needs no allocation).
+    next_backed: bool,
 }
 
 impl Drop for Shard {
@@ -515,6 +517,7 @@ impl Shard {
             unapplied: Rc::default(),
             voids: Vec::new(),
             header_ok: true,
+            next_backed: false,
         }
     }
 
@@ -1868,6 +1871,14 @@ impl Shard {
             self.inner.kick_cleaner();
             return Err(Error::NoSpace);
         }
+        // The host file system may have had no room for the next segment when it was
+        // reserved: data fails with ENOSPC rather than write where nothing is allocated.
+        if !self.next_backed {
+            self.next_backed = self.preallocate(self.pos.next);
+            if !self.next_backed && room == Room::Data {
+                return Err(Error::NoSpace);
+            }
+        }
         let mut space = self.inner.space.lock();
         let next2 = space
             .alloc_segment(SegState::Next, reserve)
@@ -1888,7 +1899,7 @@ impl Shard {
         if next2 == NO_SEGMENT {
             self.inner.kick_checkpoint();
         } else {
-            self.preallocate(next2);
+            self.next_backed = self.preallocate(next2);
         }
         // The header goes through the ordered queue: no record after it is acknowledged before
         // the header itself is on the device.
@@ -1926,7 +1937,7 @@ impl Shard {
     /// Not when the file still holds it (a prefilled pool, or a segment freed without a
     /// discard): ext4's fallocate waits for every direct write in flight to the file and holds
     /// new ones back meanwhile, on every segment a shard rolls onto.
-    fn preallocate(&self, seg: u32) {
+    fn preallocate(&self, seg: u32) -> bool {
         let allocated = || {
             !self.inner.discard_freed
                 || self
@@ -1940,12 +1951,20 @@ impl Shard {
         };
         if seg != NO_SEGMENT && !allocated() {
             let (dev, base) = self.inner.geo.locate(seg);
-            // Best effort: without it writes still work, only slower.
-            let _ = self
+            // Without it writes still work, only slower; but a host file system out of room
+            // must stop data before it is acknowledged, not after.
+            if let Err(e) = self
                 .inner
                 .devices
-                .preallocate(dev, base, self.inner.geo.segment_bytes);
+                .preallocate(dev, base, self.inner.geo.segment_bytes)
+            {
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    self.inner.note_host_full();
+                    return false;
+                }
+            }
         }
+        true
     }
 
     /// The sealed header of a new use of the open segment, with a fresh nonce (which the
@@ -2037,7 +2056,7 @@ impl Shard {
             };
             if let Some(next) = next {
                 self.pos.next = next;
-                self.preallocate(next);
+                self.next_backed = self.preallocate(next);
             }
         }
         Ok(())
@@ -2077,8 +2096,11 @@ impl Shard {
         self.pos.segment = seg;
         self.pos.next = next;
         self.pos.offset = SEGMENT_HEADER_BYTES as u32;
-        self.preallocate(seg);
-        self.preallocate(next);
+        if !self.preallocate(seg) {
+            // No room on the host for the new segment: its header would fail too.
+            self.header_ok = false;
+        }
+        self.next_backed = self.preallocate(next);
         let mut buf = AlignedBuf::new(IO_ALIGN);
         self.segment_header(&mut buf);
         let (dev, base) = self.inner.geo.locate(seg);
@@ -2149,15 +2171,23 @@ impl Shard {
                     }
                 }
                 drop(space);
-                let msg = match &rec.result {
-                    Some(Err(e)) => e.to_string(),
-                    _ => String::new(),
+                let (msg, no_room) = match &rec.result {
+                    Some(Err(e)) => (e.to_string(), e.raw_os_error() == Some(libc::ENOSPC)),
+                    _ => (String::new(), false),
                 };
+                if no_room {
+                    self.inner.note_host_full();
+                }
                 for p in &rec.parts {
-                    p.fail(Error::Io {
-                        device: 0,
-                        offset: 0,
-                        source: std::io::Error::other(msg.clone()),
+                    // The host file system had no room: the write fails as a full pool's do.
+                    p.fail(if no_room {
+                        Error::NoSpace
+                    } else {
+                        Error::Io {
+                            device: 0,
+                            offset: 0,
+                            source: std::io::Error::other(msg.clone()),
+                        }
                     });
                 }
                 if rec.shard_seq.is_none() {

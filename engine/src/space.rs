@@ -282,6 +282,23 @@ impl Space {
     /// Free sealed segments whose records all precede `seq_end` (a durable checkpoint covers
     /// them), that held no live data at that checkpoint (`live_then`) and hold none now.
     /// Returns the freed segments.
+    /// Sealed segments holding no live block: (sealed at or before `ckpt_seq`, after it).
+    pub fn dead_sealed(&self, ckpt_seq: u64) -> (usize, usize) {
+        let (mut behind, mut after) = (0, 0);
+        for (s, st) in self.seg_state.iter().enumerate() {
+            if let SegState::Sealed { seq } = *st {
+                if self.seg_live[s] == 0 && !self.cleaning.contains(&(s as u32)) {
+                    if seq <= ckpt_seq {
+                        behind += 1;
+                    } else {
+                        after += 1;
+                    }
+                }
+            }
+        }
+        (behind, after)
+    }
+
     pub fn reclaim(&mut self, seq_end: u64, live_then: &[u64]) -> Vec<u32> {
         let mut freed = Vec::new();
         for s in 0..self.seg_state.len() {

@@ -390,3 +390,51 @@ fn writers_on_a_nearly_full_pool(pool_mib: u64, discard_delay_ms: u64) {
     let report = pool.check(&mut |_, _| {});
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// A full trim of a volume gives its space back by itself, within seconds: the segments left
+/// without a live block are freed at the next checkpoint (which the trim brings about) and
+/// punched out of the backing file, with no `gc` run.
+#[test]
+fn a_full_trim_gives_space_back_without_gc() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 512 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let pool = Pool::create(dir.path(), &c, &opts(IoKind::Sync)).unwrap();
+    pool.create_volume("v", 256 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..192u64 {
+        rng.fill_bytes(&mut chunk);
+        v.write(i << 20, &chunk, false).unwrap();
+    }
+    v.flush().unwrap();
+    let used = pool.stats().physical_used_bytes;
+    let file = dir.path().join("dev0.img");
+    let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
+    assert!(used >= 192 << 20, "used {used}");
+    v.trim(0, 256 << 20, false).unwrap();
+    v.flush().unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let s = pool.stats();
+        let now = std::fs::metadata(&file).unwrap().blocks() * 512;
+        if s.physical_used_bytes < used / 8 && now < allocated / 4 {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "after a full trim: {} bytes still used (of {used}), file holds {now} (of {allocated})",
+            s.physical_used_bytes
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // `gc` has nothing left to do, and says what it did.
+    let r = pool.gc(0.9, &mut |_, _| {}).unwrap();
+    assert_eq!(r.segments_cleaned, 0);
+}

@@ -311,6 +311,7 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         // Small enough that long cases sample the index.
         dedup_index_bytes: Some(16 << 10),
         write_back_bytes: write_back_bytes(engine),
+        read_only: false,
     }
 }
 

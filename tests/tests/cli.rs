@@ -925,3 +925,173 @@ fn dedup_domains_from_the_cli() {
     let out = ingot_pool(&pool, &["check"]);
     assert!(out.status.success(), "ingot check: {out:?}");
 }
+
+/// The pool UUID that `dir/pool.json` records.
+fn pool_uuid(dir: &Path) -> String {
+    parse_json(&String::from_utf8_lossy(&read_file(&dir.join("pool.json"))))["pool_uuid"]
+        .as_str()
+        .expect("pool.json records pool_uuid")
+        .to_string()
+}
+
+/// Write `dir/pool.json` as `template`'s with `devices` listed instead.
+fn pool_json_naming(dir: &Path, template: &Path, devices: &[&Path]) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut pf = parse_json(&String::from_utf8_lossy(&read_file(
+        &template.join("pool.json"),
+    )));
+    pf["devices"] = devices
+        .iter()
+        .map(|p| Value::from(p.to_str().expect("utf-8 path")))
+        .collect();
+    std::fs::write(dir.join("pool.json"), pf.to_string()).expect("write pool.json");
+}
+
+fn assert_mentions(stderr: &str, words: &[&str], what: &str) {
+    for w in words {
+        assert!(
+            stderr.contains(w),
+            "{what}: the message does not mention {w:?}: {stderr}"
+        );
+    }
+}
+
+/// A pool in `dir/a` with volume vol0 (64 MiB); its device.
+fn device_pool(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let a = dir.join("a");
+    ingot_pool_ok(&a, &["pool", "create", "--size", "256M"]);
+    create_volume(&a, "vol0", "64M");
+    let dev = a.join("dev0.img");
+    (a, dev)
+}
+
+#[test]
+fn pool_create_refuses_a_device_holding_a_pool_unless_forced() {
+    let dir = TempDir::new("cli-dev-create");
+    let (a, dev) = device_pool(&dir);
+    let dev_s = dev.to_str().expect("utf-8 path");
+    let before = sha256_file(&dev);
+
+    let b = dir.join("b");
+    let out = ingot_pool(&b, &["pool", "create", "--size", "256M", "--device", dev_s]);
+    let stderr = assert_fails(&out, "pool create on a device holding another pool");
+    assert_mentions(
+        &stderr,
+        &[dev_s, &pool_uuid(&a), "--force"],
+        "pool create on a pool",
+    );
+    assert!(
+        !b.join("pool.json").exists(),
+        "a refused create wrote pool.json"
+    );
+    assert_eq!(
+        sha256_file(&dev),
+        before,
+        "a refused create changed the device"
+    );
+    assert_eq!(sizes(&a), vec![("vol0".to_string(), 64 * MIB)]);
+
+    // With --force, `pool create` takes the device: the old pool is gone.
+    ingot_pool_ok(
+        &b,
+        &[
+            "pool", "create", "--size", "256M", "--device", dev_s, "--force",
+        ],
+    );
+    assert_fails(
+        &ingot_pool(&a, &["volume", "list", "--json"]),
+        "the pool whose device was taken with --force",
+    );
+    assert!(
+        ingot_pool_ok(&b, &["pool", "create", "--help"]).contains("--force"),
+        "pool create --help does not document --force"
+    );
+}
+
+#[test]
+fn a_served_device_is_refused_to_other_pools() {
+    let dir = TempDir::new("cli-dev-served");
+    let (a, dev) = device_pool(&dir);
+    let dev_s = dev.to_str().expect("utf-8 path");
+    let srv = Server::start(ServeOpts::new(&a, &dir.join("a.sock")));
+    // Not even with --force.
+    let b = dir.join("b");
+    for force in [&[][..], &["--force"][..]] {
+        let mut args = vec!["pool", "create", "--size", "256M", "--device", dev_s];
+        args.extend(force);
+        let stderr = assert_fails(&ingot_pool(&b, &args), "pool create on a served device");
+        assert_mentions(&stderr, &[dev_s, "in use"], "pool create while served");
+    }
+    // A second directory whose hand-edited pool.json names the served device.
+    let c = dir.join("c");
+    pool_json_naming(&c, &a, &[&dev]);
+    let out = output_timeout(
+        ingot()
+            .arg("serve")
+            .args(pool_arg(&c))
+            .arg("--nbd")
+            .arg(format!("unix:{}", dir.join("c.sock").display())),
+        Duration::from_secs(30),
+    );
+    let stderr = assert_fails(&out, "serving a second pool.json naming a served device");
+    assert_mentions(&stderr, &[dev_s, "in use"], "second serve");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(SERVING),
+        "the second server claimed to serve"
+    );
+    let stderr = assert_fails(
+        &ingot_pool(&c, &["volume", "list", "--json"]),
+        "volume list on a pool.json naming a served device",
+    );
+    assert_mentions(&stderr, &[dev_s, "in use"], "volume list");
+    // The first server is unharmed.
+    assert_eq!(nbd_export_size(&srv.unix_uri("vol0")), 64 * MIB);
+    srv.stop();
+    assert_eq!(sizes(&a), vec![("vol0".to_string(), 64 * MIB)]);
+    check_stats(&stats(&a));
+}
+
+#[test]
+fn a_device_listed_twice_is_refused() {
+    let dir = TempDir::new("cli-dev-twice");
+    let (a, dev) = device_pool(&dir);
+    let sym = dir.join("sym.img");
+    std::os::unix::fs::symlink(&dev, &sym).expect("symlink");
+    let hard = dir.join("hard.img");
+    std::fs::hard_link(&dev, &hard).expect("hard link");
+    for second in [&sym, &hard] {
+        let d = dir.join("dup");
+        pool_json_naming(&d, &a, &[&dev, second]);
+        let stderr = assert_fails(
+            &ingot_pool(&d, &["volume", "list", "--json"]),
+            "a pool.json listing one device twice",
+        );
+        assert_mentions(
+            &stderr,
+            &[second.to_str().expect("utf-8"), "listed twice"],
+            "duplicate device",
+        );
+    }
+}
+
+#[test]
+fn a_device_of_another_pool_is_refused() {
+    let dir = TempDir::new("cli-dev-foreign");
+    let (a, dev) = device_pool(&dir);
+    let dev_s = dev.to_str().expect("utf-8 path");
+    let before = sha256_file(&dev);
+    let f = dir.join("f");
+    ingot_pool_ok(&f, &["pool", "create", "--size", "256M"]);
+    pool_json_naming(&f, &f, &[&dev]);
+    let stderr = assert_fails(
+        &ingot_pool(&f, &["volume", "list", "--json"]),
+        "a pool.json naming another pool's device",
+    );
+    assert_mentions(&stderr, &[dev_s, &pool_uuid(&a), "another pool"], "foreign");
+    assert_eq!(
+        sha256_file(&dev),
+        before,
+        "a refused open changed the device"
+    );
+    assert_eq!(sizes(&a), vec![("vol0".to_string(), 64 * MIB)]);
+}

@@ -198,6 +198,9 @@ impl Devices for FaultDevices {
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.inner.preallocate(dev, offset, len)
     }
+    fn host_space(&self, dev: u16) -> io::Result<Option<super::HostSpace>> {
+        self.inner.host_space(dev)
+    }
     fn data_ranges(&self, dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
         self.inner.data_ranges(dev)
     }

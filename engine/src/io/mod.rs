@@ -6,6 +6,7 @@
 //! fault injector ([`fault`]) in tests.
 
 mod buf;
+pub mod claim;
 pub mod fault;
 pub mod sync;
 pub mod uring;
@@ -97,8 +98,22 @@ pub trait Devices: Send + Sync {
     fn data_ranges(&self, _dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
         Ok(None)
     }
+    /// Room on the file system under backing file `dev`, or `None` for a block device.
+    fn host_space(&self, _dev: u16) -> io::Result<Option<HostSpace>> {
+        Ok(None)
+    }
     /// A new queue for one shard worker.
     fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>>;
+}
+
+/// What the file system under a thin backing file can still give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSpace {
+    /// Bytes the file system can still allocate (to an unprivileged writer).
+    pub free_bytes: u64,
+    /// Bytes of the file not allocated yet (its length less its allocated blocks): what the
+    /// pool may still need from the file system.
+    pub unallocated_bytes: u64,
 }
 
 pub type SharedDevices = Arc<dyn Devices>;

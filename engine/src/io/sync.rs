@@ -76,7 +76,7 @@ fn open_one(p: &Path) -> io::Result<(File, bool)> {
     }
 }
 
-fn block_device_size(f: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(f: &File) -> io::Result<u64> {
     const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
@@ -137,6 +137,26 @@ impl Devices for FileSet {
             return Ok(None);
         }
         data_extents(self.file(dev), self.size(dev)).map(Some)
+    }
+    fn host_space(&self, dev: u16) -> io::Result<Option<super::HostSpace>> {
+        if self.block_device[dev as usize] {
+            return Ok(None);
+        }
+        let fd = self.file(dev).as_raw_fd();
+        // SAFETY: plain syscalls on an owned fd into zeroed structs of the right type.
+        let (vfs, st) = unsafe {
+            let mut vfs: libc::statvfs = std::mem::zeroed();
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstatvfs(fd, &mut vfs) != 0 || libc::fstat(fd, &mut st) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            (vfs, st)
+        };
+        let allocated = (st.st_blocks as u64).saturating_mul(512);
+        Ok(Some(super::HostSpace {
+            free_bytes: vfs.f_bavail.saturating_mul(vfs.f_frsize),
+            unallocated_bytes: (st.st_size as u64).saturating_sub(allocated),
+        }))
     }
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         if self.block_device[dev as usize] {

@@ -62,6 +62,9 @@ impl Devices for UringDevices {
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.files.preallocate(dev, offset, len)
     }
+    fn host_space(&self, dev: u16) -> io::Result<Option<super::HostSpace>> {
+        self.files.host_space(dev)
+    }
     fn data_ranges(&self, dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
         self.files.data_ranges(dev)
     }
