@@ -329,6 +329,18 @@ impl DedupDomain {
     /// Longest domain name.
     pub const MAX_NAME: usize = 64;
 
+    /// Refuse a named domain whose name `from_str` would not give (too long, bad characters,
+    /// or "shared" / "private"): what an API caller builds by hand is checked like what a
+    /// command line parses.
+    pub fn validate(&self) -> Result<(), InvalidDedupDomain> {
+        match self {
+            DedupDomain::Named(n) if n.parse::<DedupDomain>().ok().as_ref() != Some(self) => {
+                Err(InvalidDedupDomain(n.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Bytes identifying the domain in the derivation of its fingerprint key; `volume` is the
     /// id of the volume asking (the whole identity of a private domain).
     pub(crate) fn id_bytes(&self, volume: u32) -> Vec<u8> {

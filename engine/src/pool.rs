@@ -2629,6 +2629,9 @@ impl Pool {
         compression: Option<bool>,
         domain: Option<DedupDomain>,
     ) -> Result<()> {
+        if let Some(d) = &domain {
+            d.validate()?;
+        }
         let name = name.to_string();
         self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
             let v = inner
@@ -2657,6 +2660,7 @@ impl Pool {
     pub fn create_volume_in(&self, name: &str, size_bytes: u64, domain: DedupDomain) -> Result<()> {
         validate_name(name)?;
         validate_size(size_bytes)?;
+        domain.validate()?;
         let name = name.to_string();
         let shards = self.inner.shards();
         self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {

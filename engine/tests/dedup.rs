@@ -702,6 +702,23 @@ fn blocks_deduplicate_within_a_domain_only() {
         pool.set_volume_dedup_domain("nope", DedupDomain::Private),
         Err(Error::VolumeNotFound(_))
     ));
+    // Names built by hand are checked like parsed ones (a checkpoint holds at most 64 bytes).
+    for bad in ["", "shared", "private", ".x", "a b", &"n".repeat(65)] {
+        assert!(
+            matches!(
+                pool.set_volume_dedup_domain("a1", named(bad)),
+                Err(Error::InvalidDedupDomain(_))
+            ),
+            "{bad:?}"
+        );
+        assert!(matches!(
+            pool.create_volume_in("bad", 1 << 20, named(bad)),
+            Err(Error::InvalidDedupDomain(_))
+        ));
+    }
+    assert_eq!(domain_of(&pool, "a1"), named("a"));
+    pool.create_volume_in("ok", 1 << 20, named(&"n".repeat(64)))
+        .unwrap();
 }
 
 #[test]
