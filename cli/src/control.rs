@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use ingot_engine::Pool;
+use ingot_engine::{DedupDomain, Pool};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -30,6 +30,9 @@ pub enum Request {
     VolumeCreate {
         name: String,
         size_bytes: u64,
+        /// Dedup domain from the first write (shared when not given).
+        #[serde(default)]
+        dedup_domain: Option<DedupDomain>,
     },
     VolumeList,
     VolumeDelete {
@@ -43,6 +46,8 @@ pub enum Request {
         name: String,
         dedup: Option<bool>,
         compression: Option<bool>,
+        #[serde(default)]
+        dedup_domain: Option<DedupDomain>,
     },
     VolumeSnapshot {
         source: String,
@@ -71,8 +76,12 @@ pub struct Response {
 /// Run a request against an open pool.
 pub fn execute(pool: &Pool, req: &Request) -> Result<Value> {
     Ok(match req {
-        Request::VolumeCreate { name, size_bytes } => {
-            pool.create_volume(name, *size_bytes)?;
+        Request::VolumeCreate {
+            name,
+            size_bytes,
+            dedup_domain,
+        } => {
+            pool.create_volume_in(name, *size_bytes, dedup_domain.clone().unwrap_or_default())?;
             Value::Null
         }
         Request::VolumeList => serde_json::to_value(pool.volumes())?,
@@ -96,8 +105,9 @@ pub fn execute(pool: &Pool, req: &Request) -> Result<Value> {
             name,
             dedup,
             compression,
+            dedup_domain,
         } => {
-            pool.set_volume_policy(name, *dedup, *compression)?;
+            pool.set_volume_reduction(name, *dedup, *compression, dedup_domain.clone())?;
             Value::Null
         }
         Request::Stats => serde_json::to_value(pool.stats())?,

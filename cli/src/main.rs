@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Stats, VolumeInfo};
+use ingot_engine::{CreateOptions, DedupDomain, IoKind, Pool, PoolOptions, Stats, VolumeInfo};
 use ingot_iscsi::{ChapConfig, IscsiTarget, TargetConfig as IscsiConfig};
 use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig, TlsConfig};
 
@@ -89,6 +89,11 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
         "off" | "false" | "no" => Ok(false),
         _ => Err(format!("expected on or off, got {s:?}")),
     }
+}
+
+fn parse_domain(s: &str) -> Result<DedupDomain, String> {
+    s.parse()
+        .map_err(|e: ingot_engine::InvalidDedupDomain| e.to_string())
 }
 
 fn parse_io(s: &str) -> Result<IoKind, String> {
@@ -288,7 +293,7 @@ enum PoolCmd {
 }
 
 /// A volume's data reduction policy; what is not given stays as it is.
-#[derive(clap::Args, Clone, Copy)]
+#[derive(clap::Args, Clone)]
 struct PolicyArgs {
     /// Deduplicate new writes: on or off.
     #[arg(long, value_parser = parse_on_off)]
@@ -296,6 +301,17 @@ struct PolicyArgs {
     /// Compress new writes: on or off.
     #[arg(long, value_parser = parse_on_off)]
     compression: Option<bool>,
+    /// Which volumes new writes deduplicate against: "shared" (every shared volume; the
+    /// default), "private" (this volume alone) or a domain NAME (the volumes naming it).
+    /// Blocks never deduplicate across domains.
+    #[arg(long, value_name = "NAME|shared|private", value_parser = parse_domain)]
+    dedup_domain: Option<DedupDomain>,
+}
+
+impl PolicyArgs {
+    fn is_empty(&self) -> bool {
+        self.dedup.is_none() && self.compression.is_none() && self.dedup_domain.is_none()
+    }
 }
 
 #[derive(Subcommand)]
@@ -491,16 +507,12 @@ fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
     r
 }
 
-fn set_policy(
-    pool: &Path,
-    name: &str,
-    dedup: Option<bool>,
-    compression: Option<bool>,
-) -> Result<()> {
+fn set_policy(pool: &Path, name: &str, policy: PolicyArgs) -> Result<()> {
     let req = Request::VolumeSet {
         name: name.to_string(),
-        dedup,
-        compression,
+        dedup: policy.dedup,
+        compression: policy.compression,
+        dedup_domain: policy.dedup_domain,
     };
     request(pool, req).map(|_| ())
 }
@@ -510,39 +522,45 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
         VolumeCmd::Create {
             name,
             size,
-            policy: PolicyArgs { dedup, compression },
+            mut policy,
             pool,
         } => {
+            // The domain is set at creation, so that no write lands outside it.
             request(
                 &pool.pool,
                 Request::VolumeCreate {
                     name: name.clone(),
                     size_bytes: size,
+                    dedup_domain: policy.dedup_domain.take(),
                 },
             )?;
-            if dedup.is_some() || compression.is_some() {
-                set_policy(&pool.pool, &name, dedup, compression)?;
+            if !policy.is_empty() {
+                set_policy(&pool.pool, &name, policy)?;
             }
             println!("created volume {name} ({})", human(size));
         }
-        VolumeCmd::Set {
-            name,
-            policy: PolicyArgs { dedup, compression },
-            pool,
-        } => {
-            if dedup.is_none() && compression.is_none() {
-                bail!("nothing to set: give --dedup on|off and/or --compression on|off");
+        VolumeCmd::Set { name, policy, pool } => {
+            if policy.is_empty() {
+                // A usage error, like a bad argument: clap's exit status.
+                eprintln!(
+                    "ingot: nothing to set: give --dedup on|off, --compression on|off and/or \
+                     --dedup-domain NAME|shared|private"
+                );
+                return Ok(2);
             }
-            set_policy(&pool.pool, &name, dedup, compression)?;
+            let (dedup, compression) = (policy.dedup, policy.compression);
+            let domain = policy.dedup_domain.clone();
+            set_policy(&pool.pool, &name, policy)?;
             let word = |b: Option<bool>| match b {
                 Some(true) => "on",
                 Some(false) => "off",
                 None => "unchanged",
             };
             println!(
-                "volume {name}: dedup {}, compression {}",
+                "volume {name}: dedup {}, compression {}, dedup domain {}",
                 word(dedup),
-                word(compression)
+                word(compression),
+                domain.map_or_else(|| "unchanged".to_string(), |d| d.to_string())
             );
         }
         VolumeCmd::List { pool, json } => {
@@ -552,19 +570,20 @@ fn volume(cmd: VolumeCmd) -> Result<i32> {
             } else {
                 let vols: Vec<VolumeInfo> = serde_json::from_value(v)?;
                 println!(
-                    "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}",
+                    "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}  DEDUP-DOMAIN",
                     "NAME", "SIZE", "MAPPED", "DEDUP", "COMPRESSION", "ACCESS"
                 );
                 let word = |b: bool| if b { "on" } else { "off" };
                 for v in vols {
                     println!(
-                        "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}",
+                        "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}  {}",
                         v.name,
                         human(v.size_bytes),
                         human(v.mapped_bytes),
                         word(v.dedup),
                         word(v.compression),
-                        if v.read_only { "ro" } else { "rw" }
+                        if v.read_only { "ro" } else { "rw" },
+                        v.dedup_domain
                     );
                 }
             }
@@ -726,7 +745,7 @@ fn import(
         .with_context(|| format!("opening pool {}", dir.display()))?;
     let start = std::time::Instant::now();
     let stored_before = pool.stats().stored_bytes;
-    pool.create_volume(name, vol_size)?;
+    pool.create_volume_in(name, vol_size, policy.dedup_domain.unwrap_or_default())?;
     if policy.dedup.is_some() || policy.compression.is_some() {
         pool.set_volume_policy(name, policy.dedup, policy.compression)?;
     }

@@ -123,6 +123,10 @@ pub struct VolumeInfo {
     /// A snapshot (`ingot volume snapshot`): reads only.
     #[serde(default)]
     pub read_only: bool,
+    /// Which volumes' blocks its new blocks deduplicate against (`ingot volume set
+    /// --dedup-domain`): "shared", "private" or a domain name.
+    #[serde(default)]
+    pub dedup_domain: DedupDomain,
     /// Data reduction, filled in by `stats` (a block shared by n map entries counts 1/n to
     /// each): stored bytes attributed to the volume.
     #[serde(default)]
@@ -293,5 +297,111 @@ pub fn check_range(offset: u64, len: u64, size: u64, max: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Which volumes a volume's new blocks deduplicate against. Blocks only deduplicate within one
+/// domain: the fingerprint key is the domain's, so a lookup from one domain never finds
+/// another's blocks (and whether a write deduplicates tells a tenant nothing about other
+/// domains).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum DedupDomain {
+    /// Every volume in the shared domain (the default).
+    #[default]
+    Shared,
+    /// The volume alone (its snapshots and clones share its blocks by reference anyway; a clone
+    /// is private to itself).
+    Private,
+    /// The volumes naming this domain: 1-64 characters of `[A-Za-z0-9._-]`, not starting with
+    /// '.', other than "shared" and "private".
+    Named(String),
+}
+
+/// Why a dedup domain name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid dedup domain {0:?}: use \"shared\", \"private\" or a name of 1-64 characters of \
+     [A-Za-z0-9._-] not starting with '.'"
+)]
+pub struct InvalidDedupDomain(pub String);
+
+impl DedupDomain {
+    /// Longest domain name.
+    pub const MAX_NAME: usize = 64;
+
+    /// Refuse a named domain whose name `from_str` would not give (too long, bad characters,
+    /// or "shared" / "private"): what an API caller builds by hand is checked like what a
+    /// command line parses.
+    pub fn validate(&self) -> Result<(), InvalidDedupDomain> {
+        match self {
+            DedupDomain::Named(n) if n.parse::<DedupDomain>().ok().as_ref() != Some(self) => {
+                Err(InvalidDedupDomain(n.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes identifying the domain in the derivation of its fingerprint key; `volume` is the
+    /// id of the volume asking (the whole identity of a private domain).
+    pub(crate) fn id_bytes(&self, volume: u32) -> Vec<u8> {
+        match self {
+            DedupDomain::Shared => b"shared".to_vec(),
+            DedupDomain::Private => {
+                let mut v = b"private:".to_vec();
+                v.extend_from_slice(&volume.to_le_bytes());
+                v
+            }
+            DedupDomain::Named(n) => {
+                let mut v = b"named:".to_vec();
+                v.extend_from_slice(n.as_bytes());
+                v
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for DedupDomain {
+    type Err = InvalidDedupDomain;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(DedupDomain::Shared),
+            "private" => Ok(DedupDomain::Private),
+            _ => {
+                let ok = !s.is_empty()
+                    && s.len() <= Self::MAX_NAME
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+                    && !s.starts_with('.');
+                if ok {
+                    Ok(DedupDomain::Named(s.to_string()))
+                } else {
+                    Err(InvalidDedupDomain(s.to_string()))
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DedupDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DedupDomain::Shared => f.write_str("shared"),
+            DedupDomain::Private => f.write_str("private"),
+            DedupDomain::Named(n) => f.write_str(n),
+        }
+    }
+}
+
+impl Serialize for DedupDomain {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DedupDomain {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }

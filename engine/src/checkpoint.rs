@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use crate::api::DedupDomain;
 use crate::error::{Error, Result};
 use crate::format::{
-    CheckpointHeader, Get, CHAIN_DATA, CHAIN_MOVES, CHECKPOINT_FRAME_BYTES, CHECKPOINT_LZ4,
-    CHECKPOINT_VERSION_MOVE_CHAINS, CHECKPOINT_VERSION_PLAIN, MAP_PAGE_ENTRIES,
+    CheckpointHeader, Get, CHAIN_DATA, CHAIN_MOVES, CHECKPOINT_FRAME_BYTES, CHECKPOINT_KEYED,
+    CHECKPOINT_LZ4, CHECKPOINT_VERSION_DOMAINS, CHECKPOINT_VERSION_MOVE_CHAINS,
+    CHECKPOINT_VERSION_PLAIN, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES,
 };
 use crate::lbamap::MapPage;
 use crate::shard::ShardPosition;
@@ -18,6 +20,8 @@ pub(crate) struct VolumeImage {
     pub size_bytes: u64,
     /// `format::VOLUME_NO_DEDUP` / `VOLUME_NO_COMPRESSION`.
     pub flags: u16,
+    /// Dedup domain (shared in checkpoints before version 3).
+    pub domain: DedupDomain,
     /// (global page index, page) for every allocated page.
     pub pages: Vec<(u64, Arc<MapPage>)>,
 }
@@ -35,12 +39,15 @@ pub(crate) struct Image {
     /// Dedup index entries (key, block id) and its sampling level.
     pub index: Vec<(u64, u64)>,
     pub index_sample_bits: u8,
+    /// Fingerprints are keyed (`format::CHECKPOINT_KEYED`); false for checkpoints written
+    /// before they were, whose index is then not used.
+    pub keyed_fingerprints: bool,
 }
 
 /// Upper bound on the blob size for a pool holding this much, used to reserve space.
 pub(crate) fn estimate_bytes(pages: u64, blocks: u64, volumes: u64, shards: u64) -> u64 {
     CheckpointHeader::BYTES as u64
-        + volumes * (20 + 64)
+        + volumes * (20 + 64 + 2 + DedupDomain::MAX_NAME as u64)
         + pages * (8 + MAP_PAGE_ENTRIES * 8)
         + blocks * (32 + 16)
         + shards * 24
@@ -49,6 +56,17 @@ pub(crate) fn estimate_bytes(pages: u64, blocks: u64, volumes: u64, shards: u64)
 pub(crate) fn encode(img: &Image) -> Vec<u8> {
     let live = img.blocks.iter().filter(|b| b.refs > 0).count() as u64;
     let pages: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
+    // The lowest version that holds the image, so that older binaries read what they can
+    // (keyed fingerprints alone do not need a new version, see `CHECKPOINT_KEYED`): binaries
+    // that predate move chains would take one for a data shard, and binaries that predate
+    // dedup domains would deduplicate across them; both refuse the version instead.
+    let version = if img.volumes.iter().any(|v| v.domain != DedupDomain::Shared) {
+        CHECKPOINT_VERSION_DOMAINS
+    } else if img.shards.len() > img.data_chains {
+        CHECKPOINT_VERSION_MOVE_CHAINS
+    } else {
+        CHECKPOINT_VERSION_PLAIN
+    };
     let mut out = Vec::with_capacity(estimate_bytes(
         pages,
         live,
@@ -65,14 +83,13 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         shard_count: img.shards.len() as u32,
         index_count: img.index.len() as u64,
         index_sample_bits: img.index_sample_bits,
-        flags: CHECKPOINT_LZ4,
-        // Binaries that predate move chains would take one for a data shard: they refuse the
-        // version instead.
-        version: if img.shards.len() > img.data_chains {
-            CHECKPOINT_VERSION_MOVE_CHAINS
-        } else {
-            CHECKPOINT_VERSION_PLAIN
-        },
+        flags: CHECKPOINT_LZ4
+            | if img.keyed_fingerprints {
+                CHECKPOINT_KEYED
+            } else {
+                0
+            },
+        version,
     }
     .encode(&mut out);
     for v in &img.volumes {
@@ -82,6 +99,16 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         out.extend_from_slice(&v.size_bytes.to_le_bytes());
         out.extend_from_slice(&(v.pages.len() as u32).to_le_bytes());
         out.extend_from_slice(v.name.as_bytes());
+        if version >= CHECKPOINT_VERSION_DOMAINS {
+            let (kind, name) = match &v.domain {
+                DedupDomain::Shared => (DOMAIN_SHARED, ""),
+                DedupDomain::Private => (DOMAIN_PRIVATE, ""),
+                DedupDomain::Named(n) => (DOMAIN_NAMED, n.as_str()),
+            };
+            // Names are at most 64 bytes (`DedupDomain::from_str`).
+            out.extend_from_slice(&[kind, name.len() as u8]);
+            out.extend_from_slice(name.as_bytes());
+        }
         for (idx, page) in &v.pages {
             out.extend_from_slice(&idx.to_le_bytes());
             for id in page.iter() {
@@ -174,6 +201,24 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
                 what: "volume name",
             })?
             .to_string();
+        let domain = if h.version >= CHECKPOINT_VERSION_DOMAINS {
+            let [kind, len] = g.array::<2>()?;
+            let dname = g.bytes(usize::from(len))?;
+            let bad = || Error::Corrupt {
+                what: "volume dedup domain",
+            };
+            match kind {
+                DOMAIN_SHARED if dname.is_empty() => DedupDomain::Shared,
+                DOMAIN_PRIVATE if dname.is_empty() => DedupDomain::Private,
+                DOMAIN_NAMED => match std::str::from_utf8(dname).map(str::parse) {
+                    Ok(Ok(d @ DedupDomain::Named(_))) => d,
+                    _ => return Err(bad()),
+                },
+                _ => return Err(bad()),
+            }
+        } else {
+            DedupDomain::Shared
+        };
         let mut pages = Vec::with_capacity(page_count.min(g.remaining() / 4096 + 1));
         for _ in 0..page_count {
             let idx = g.u64()?;
@@ -189,6 +234,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             name,
             size_bytes,
             flags,
+            domain,
             pages,
         });
     }
@@ -231,7 +277,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         let kind = g.u32()?;
         match kind {
             CHAIN_DATA if data_chains == i => data_chains += 1,
-            CHAIN_MOVES if h.version == CHECKPOINT_VERSION_MOVE_CHAINS && data_chains > 0 => {}
+            CHAIN_MOVES if h.version >= CHECKPOINT_VERSION_MOVE_CHAINS && data_chains > 0 => {}
             _ => {
                 return Err(Error::Corrupt {
                     what: "checkpoint chain kind",
@@ -264,6 +310,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         data_chains,
         index,
         index_sample_bits: h.index_sample_bits,
+        keyed_fingerprints: h.flags & CHECKPOINT_KEYED != 0,
     })
 }
 
@@ -290,6 +337,85 @@ mod tests {
             data_chains,
             index: Vec::new(),
             index_sample_bits: 0,
+            keyed_fingerprints: true,
+        }
+    }
+
+    fn volume(id: u32, domain: DedupDomain) -> VolumeImage {
+        VolumeImage {
+            id,
+            name: format!("v{id}"),
+            size_bytes: 1 << 20,
+            flags: 0,
+            domain,
+            pages: vec![(0, Arc::new([id.into(); MAP_PAGE_ENTRIES as usize]))],
+        }
+    }
+
+    #[test]
+    fn dedup_domains_round_trip_as_version_3() {
+        let mut img = image(2, 3);
+        img.blocks = vec![BlockEntry::default(); 8];
+        img.volumes = vec![
+            volume(1, DedupDomain::Shared),
+            volume(2, DedupDomain::Private),
+            volume(3, DedupDomain::Named("tenant-a".into())),
+        ];
+        img.index = vec![(0xdead_beef, 3)];
+        let blob = encode(&img);
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        assert_eq!(h.version, CHECKPOINT_VERSION_DOMAINS);
+        let back = decode(&blob, 16).unwrap();
+        let domains: Vec<_> = back.volumes.iter().map(|v| v.domain.clone()).collect();
+        assert_eq!(
+            domains,
+            [
+                DedupDomain::Shared,
+                DedupDomain::Private,
+                DedupDomain::Named("tenant-a".into())
+            ]
+        );
+        assert_eq!(back.volumes[2].pages[0].1[0], 3);
+        assert_eq!((back.data_chains, back.shards.len()), (2, 3));
+        assert!(back.keyed_fingerprints);
+        assert_eq!(back.index, [(0xdead_beef, 3)]);
+    }
+
+    #[test]
+    fn shared_domains_keep_older_versions_and_keyed_flag() {
+        // Only shared volumes: the version older binaries read, as before.
+        let mut img = image(2, 2);
+        img.volumes = vec![volume(1, DedupDomain::Shared)];
+        let blob = encode(&img);
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        assert_eq!(h.version, CHECKPOINT_VERSION_PLAIN);
+        assert_ne!(h.flags & CHECKPOINT_KEYED, 0);
+        let back = decode(&blob, 16).unwrap();
+        assert!(back.keyed_fingerprints);
+        assert_eq!(back.volumes[0].domain, DedupDomain::Shared);
+        // A checkpoint written before keyed fingerprints: no flag, its index is not trusted.
+        img.keyed_fingerprints = false;
+        let back = decode(&encode(&img), 16).unwrap();
+        assert!(!back.keyed_fingerprints);
+    }
+
+    #[test]
+    fn bad_dedup_domain_is_corrupt() {
+        let mut img = image(1, 1);
+        img.volumes = vec![volume(1, DedupDomain::Named("abc".into()))];
+        let blob = encode(&img);
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        let raw = sections(&blob, &h).unwrap();
+        // Volume section: id 4, name_len 2, flags 2, size 8, page_count 4, name "v1" 2, then
+        // the domain kind at 22, its length at 23 and the name at 24.
+        assert_eq!(&raw[22..27], &[DOMAIN_NAMED, 3, b'a', b'b', b'c']);
+        for (at, byte) in [(22, 9u8), (24, b'/'), (24, b'.'), (23, 0)] {
+            let mut bad = raw.clone();
+            bad[at] = byte;
+            let mut plain = blob[..CheckpointHeader::BYTES].to_vec();
+            plain[61] = 0; // not LZ4-framed
+            plain.extend_from_slice(&bad);
+            assert!(decode(&plain, 16).is_err(), "byte {at} = {byte}");
         }
     }
 

@@ -57,6 +57,8 @@ pub enum Error {
     VolumeExists(String),
     #[error("invalid volume name {0:?}: use 1-64 characters of [A-Za-z0-9._-]")]
     InvalidName(String),
+    #[error(transparent)]
+    InvalidDedupDomain(#[from] crate::api::InvalidDedupDomain),
     #[error("volume {0:?} is a read-only snapshot (clone it to write)")]
     ReadOnly(String),
     #[error("invalid size {size}: {reason}")]
@@ -120,7 +122,7 @@ impl Error {
             Error::ShutDown => libc::ESHUTDOWN,
             Error::VolumeNotFound(_) => libc::ENOENT,
             Error::VolumeExists(_) => libc::EEXIST,
-            Error::InvalidName(_) => libc::EINVAL,
+            Error::InvalidName(_) | Error::InvalidDedupDomain(_) => libc::EINVAL,
             Error::Locked { .. } | Error::DeviceInUse { .. } => libc::EBUSY,
             Error::ReadOnly(_) => libc::EPERM,
             _ => libc::EIO,

@@ -680,7 +680,7 @@ impl RecordHeader {
 /// | 6 | 2 | reserved | |
 /// | 8 | 8 | lba | 4 KiB block number in the volume |
 /// | 16 | 8 | block_id | id in the block table; the map points at it, not at a location, so GC and dedup move blocks without touching maps |
-/// | 24 | 16 | fingerprint | XXH3-128 of the 4 KiB plaintext (rebuilds the dedup index); zero in move entries |
+/// | 24 | 16 | fingerprint | low 64 bits: keyed BLAKE3 of the 4 KiB plaintext under the volume's dedup domain key; high 64 bits: that domain's tag (`reduce::FingerprintKey`; unkeyed XXH3-128 in logs before a [`CHECKPOINT_KEYED`] checkpoint). Rebuilds the dedup index; zero in move entries |
 /// | 40 | 4 | payload_offset | from the record start; the members of a group share one payload |
 /// | 44 | 4 | stored_len | payload bytes (the whole group's) |
 /// | 48 | 4 | payload_crc | CRC-32 of the stored payload, kept apart from the payload |
@@ -775,8 +775,10 @@ impl TrimEntry {
 
 /// Start of a checkpoint blob. The sections that follow are, in order:
 /// 1. `volume_count` volumes: id u32, name_len u16, flags u16 ([`VOLUME_NO_DEDUP`],
-///    [`VOLUME_NO_COMPRESSION`], [`VOLUME_READ_ONLY`]), size_bytes u64, page_count u32, name bytes, then
-///    `page_count` × (page_index u64, 512 × block_id u64).
+///    [`VOLUME_NO_COMPRESSION`], [`VOLUME_READ_ONLY`]), size_bytes u64, page_count u32, name bytes,
+///    in version 3 (and only there) its dedup domain: kind u8 ([`DOMAIN_SHARED`],
+///    [`DOMAIN_PRIVATE`], [`DOMAIN_NAMED`]), domain_name_len u8, domain name bytes (named
+///    domains only), then `page_count` × (page_index u64, 512 × block_id u64).
 /// 2. `block_count` blocks: block_id u64, segment u32, offset u32, stored_len u32, crc u32,
 ///    flags u32 (as in [`DataEntry`]), reserved u32 (32 bytes). Reference counts are not
 ///    stored: they are rebuilt from the maps, which also checks them.
@@ -788,12 +790,14 @@ impl TrimEntry {
 ///    their own.
 /// 4. `index_count` dedup index entries: key u64 (low 64 bits of the fingerprint), block_id
 ///    u64. Hints only (a hit is verified byte for byte), so a stale entry costs a read, not
-///    data.
+///    data. Keys of a checkpoint without [`CHECKPOINT_KEYED`] are unkeyed XXH3 fingerprints
+///    (written before keyed fingerprints): the index, and the fingerprints of the log replayed
+///    after it, are not used.
 ///
 /// | off | size | field |
 /// |----:|----:|---|
 /// | 0 | 4 | magic `ICKP` |
-/// | 4 | 4 | version: [`CHECKPOINT_VERSION_PLAIN`], or [`CHECKPOINT_VERSION_MOVE_CHAINS`] when a move chain follows the data chains |
+/// | 4 | 4 | version: [`CHECKPOINT_VERSION_PLAIN`], or [`CHECKPOINT_VERSION_MOVE_CHAINS`] when a move chain follows the data chains, or [`CHECKPOINT_VERSION_DOMAINS`] when a volume is outside the shared dedup domain |
 /// | 8 | 8 | seq_end (records below it are included) |
 /// | 16 | 8 | epoch (records after this checkpoint carry it) |
 /// | 24 | 8 | next_block_id |
@@ -803,7 +807,7 @@ impl TrimEntry {
 /// | 48 | 4 | shard_count |
 /// | 52 | 8 | index_count |
 /// | 60 | 1 | index_sample_bits (the index keeps 1 in 2^n fingerprints) |
-/// | 61 | 1 | flags: [`CHECKPOINT_LZ4`] |
+/// | 61 | 1 | flags: [`CHECKPOINT_LZ4`], [`CHECKPOINT_KEYED`] |
 /// | 62 | 2 | reserved |
 ///
 /// With [`CHECKPOINT_LZ4`], the sections after the header are stored as a sequence of frames,
@@ -828,12 +832,24 @@ pub struct CheckpointHeader {
 
 /// Checkpoint flag: the sections after the header are LZ4 frames.
 pub const CHECKPOINT_LZ4: u8 = 1;
+/// Checkpoint flag: fingerprints (index keys, and those of the log after it) are keyed by the
+/// pool's secret (`reduce::FingerprintKey`). Binaries that predate it ignore it, and write
+/// checkpoints without it, whose index the next keyed binary then drops.
+pub const CHECKPOINT_KEYED: u8 = 2;
 /// Checkpoint version without a move chain (checkpoint versions are their own, apart from
 /// [`FORMAT_VERSION`]).
 pub const CHECKPOINT_VERSION_PLAIN: u32 = 1;
 /// Checkpoint version of pools with a move chain (binaries that predate it refuse it: they
 /// would replay it as a data shard's chain).
 pub const CHECKPOINT_VERSION_MOVE_CHAINS: u32 = 2;
+/// Checkpoint version with a dedup domain per volume (move chains optional), written when a
+/// volume is outside the shared domain: binaries that predate domains refuse it rather than
+/// deduplicate across them.
+pub const CHECKPOINT_VERSION_DOMAINS: u32 = 3;
+/// Dedup domain kinds in a version 3 checkpoint's volume section.
+pub const DOMAIN_SHARED: u8 = 0;
+pub const DOMAIN_PRIVATE: u8 = 1;
+pub const DOMAIN_NAMED: u8 = 2;
 /// Checkpoint chain kind: a data shard's log.
 pub const CHAIN_DATA: u32 = 0;
 /// Checkpoint chain kind: the cleaner's move log.
@@ -868,7 +884,7 @@ impl CheckpointHeader {
             });
         }
         let version = g.u32()?;
-        if version != CHECKPOINT_VERSION_PLAIN && version != CHECKPOINT_VERSION_MOVE_CHAINS {
+        if !(CHECKPOINT_VERSION_PLAIN..=CHECKPOINT_VERSION_DOMAINS).contains(&version) {
             return Err(Error::Corrupt {
                 what: "checkpoint version",
             });

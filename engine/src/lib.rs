@@ -18,8 +18,9 @@ mod space;
 mod volume;
 
 pub use api::{
-    after_batch, check_range, CheckReport, Completion, Extent, Problem, Reply, Request, Stats,
-    VolumeInfo, WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES,
+    after_batch, check_range, CheckReport, Completion, DedupDomain, Extent, InvalidDedupDomain,
+    Problem, Reply, Request, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES,
+    SECTOR_BYTES,
 };
 pub use error::{Error, Result, Sense};
 pub use io::fault::{CutMode, FaultPlan};

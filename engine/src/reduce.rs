@@ -1,8 +1,12 @@
 //! Data reduction: fingerprints, LZ4 compression of block groups, and the dedup index.
 //!
-//! Every 4 KiB block written is fingerprinted with XXH3-128. The fingerprint is not
-//! cryptographic, so a block is shared only after its bytes were compared with the candidate's:
-//! the index maps 64 bits of the fingerprint to a block id and is only ever a hint.
+//! Every 4 KiB block written is fingerprinted with XXH3-128 under a secret derived from the
+//! pool's secret key and the writing volume's dedup domain ([`FingerprintKey`]). The index maps 64
+//! bits of the fingerprint to a block id and is only ever a hint: a block is shared only after
+//! its bytes were compared with the candidate's. Clients never learn the key, so they cannot
+//! craft blocks whose fingerprints collide with others' (which would force verify reads and push
+//! other volumes' entries out of the bounded index), and two domains' fingerprints of the same
+//! block are unrelated, so a lookup from one domain never finds another domain's blocks.
 //!
 //! New blocks that arrive together for consecutive LBAs of one volume are compressed as a group
 //! of up to [`GROUP_BLOCKS`] blocks (LZ4 finds more repetition across a 32 KiB window than
@@ -19,8 +23,72 @@ use crate::format::{FLAG_LZ4, GROUP_COUNT_SHIFT, GROUP_INDEX_SHIFT};
 pub const GROUP_BLOCKS: usize = 8;
 const BLOCK: usize = 4096;
 
-/// XXH3-128 of a block's plaintext.
-pub fn fingerprint(block: &[u8]) -> u128 {
+/// BLAKE3 key-derivation context of fingerprint secrets (never reused for anything else).
+const FINGERPRINT_CONTEXT: &str = "ingot 2025 dedup fingerprint secret v1";
+
+/// Bytes of an XXH3 secret (its default size; at least 136).
+const SECRET_BYTES: usize = 192;
+
+/// The secret one dedup domain fingerprints its blocks under, derived from the pool's secret
+/// key with BLAKE3 (key derivation, XOF output): a 192-byte XXH3 secret and a 64-bit tag.
+///
+/// A fingerprint is 128 bits: the low 64 are XXH3-128 of the block under the domain's secret,
+/// the high 64 are the domain's `tag`, itself secret and different for each domain. The index
+/// keys on the low 64 bits (see `Inner::dedup_key`); the tag keeps domains apart in the few
+/// places that compare whole fingerprints (within a record) and when tests force every key to
+/// collide. XXH3 with a secret is not a PRF: without the secret, crafting blocks that collide
+/// is much harder than with public XXH3 (the attacker sees no fingerprint, only whether its own
+/// writes deduplicate within its domain), but nothing proves it. Keyed BLAKE3 would be a PRF at
+/// about six times the cost per 4 KiB block (`bench/benches/fingerprint.rs`, docs/architecture.md
+/// "Dedup across tenants"). Every dedup hit is verified byte for byte, so a collision, crafted
+/// or not, costs a read and never data.
+#[derive(Clone)]
+pub struct FingerprintKey {
+    secret: Box<[u8; SECRET_BYTES]>,
+    tag: u64,
+}
+
+impl FingerprintKey {
+    /// The key of the domain named by `domain` (bytes that identify it, see
+    /// `DedupDomain::id_bytes`) in the pool whose secret is `pool_key`.
+    pub fn derive(pool_key: &[u8; 32], domain: &[u8]) -> FingerprintKey {
+        let mut h = blake3::Hasher::new_derive_key(FINGERPRINT_CONTEXT);
+        h.update(pool_key);
+        h.update(&(domain.len() as u64).to_le_bytes());
+        h.update(domain);
+        let mut xof = h.finalize_xof();
+        let mut secret = Box::new([0u8; SECRET_BYTES]);
+        xof.fill(&mut secret[..]);
+        let mut tag = [0u8; 8];
+        xof.fill(&mut tag);
+        FingerprintKey {
+            secret,
+            tag: u64::from_le_bytes(tag),
+        }
+    }
+
+    /// Fingerprint of a block's plaintext: XXH3-128 under the domain's secret (low 64 bits),
+    /// domain tag (high 64).
+    pub fn fingerprint(&self, block: &[u8]) -> u128 {
+        let lo = xxhash_rust::xxh3::xxh3_128_with_secret(block, &self.secret[..]) as u64;
+        u128::from(self.tag) << 64 | u128::from(lo)
+    }
+
+    /// The domain tag every fingerprint under this key carries in its high 64 bits.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+}
+
+impl std::fmt::Debug for FingerprintKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FingerprintKey(..)")
+    }
+}
+
+/// Unkeyed XXH3-128 of a block: what pools fingerprinted with before keys (kept for tests and
+/// the benchmark's baseline; the engine no longer calls it).
+pub fn unkeyed_fingerprint(block: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(block)
 }
 
@@ -286,10 +354,38 @@ mod tests {
     }
 
     #[test]
+    fn fingerprint_depends_on_pool_key_and_domain() {
+        let block = random_block(42);
+        let a = FingerprintKey::derive(&[1; 32], b"shared");
+        let b = FingerprintKey::derive(&[2; 32], b"shared");
+        let a2 = FingerprintKey::derive(&[1; 32], b"named:x");
+        assert_eq!(a.fingerprint(&block), a.fingerprint(&block.clone()));
+        // Another pool's key: neither half agrees.
+        let (fa, fb) = (a.fingerprint(&block), b.fingerprint(&block));
+        assert_ne!(fa as u64, fb as u64);
+        assert_ne!(fa >> 64, fb >> 64);
+        // Another domain of the same pool: neither half agrees either.
+        let fa2 = a2.fingerprint(&block);
+        assert_ne!(fa as u64, fa2 as u64);
+        assert_ne!(fa >> 64, fa2 >> 64);
+        assert_eq!((fa >> 64) as u64, a.tag());
+        // Not the unkeyed hash.
+        assert_ne!(fa as u64, unkeyed_fingerprint(&block) as u64);
+        let mut other = block.clone();
+        other[4095] ^= 1;
+        assert_ne!(a.fingerprint(&other), fa);
+        // Derivation is length-prefixed: ("ab", "c") and ("a", "bc") stay apart by construction.
+        assert_ne!(
+            FingerprintKey::derive(&[1; 32], b"named:ab").tag(),
+            FingerprintKey::derive(&[1; 32], b"named:a").tag()
+        );
+    }
+
+    #[test]
     fn index_samples_past_budget() {
         let mut idx = DedupIndex::new(INDEX_ENTRY_BYTES * 1024);
         for i in 0..10_000u64 {
-            idx.insert(fingerprint(&i.to_le_bytes()) as u64, i + 1);
+            idx.insert(unkeyed_fingerprint(&i.to_le_bytes()) as u64, i + 1);
         }
         assert!(idx.len() <= 1024);
         assert!(idx.sample_bits() > 0);

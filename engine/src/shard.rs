@@ -1122,7 +1122,8 @@ impl Shard {
             Item::Data {
                 vol: vol.clone(),
                 lba,
-                fp: reduce::fingerprint(&src),
+                // Keyed by the pool's secret and the volume's dedup domain (`reduce`).
+                fp: vol.fingerprint(self.id, &src),
                 src,
                 part: part.clone(),
             }

@@ -4,14 +4,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
-use crate::api::{check_range, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
+use crate::api::{
+    check_range, Completion, DedupDomain, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
 use crate::job::{FlushMsg, Job, WriteBack};
 use crate::lbamap::{shard_of, LbaMap};
 use crate::pool::Inner;
+use crate::reduce::FingerprintKey;
 use crate::shard::ShardMsg;
 
 /// Longest read (in blocks) that [`Volume::submit`] tries to serve from the block cache on the
@@ -31,7 +34,16 @@ pub(crate) struct VolumeState {
     pub compress: AtomicBool,
     /// A snapshot: writes, zeroes and trims are refused.
     pub read_only: AtomicBool,
+    /// The volume's dedup domain.
+    domain: RwLock<DedupDomain>,
+    /// The key its new blocks are fingerprinted under, one copy per shard so that shards
+    /// writing the volume at once never share a lock's cache line.
+    fp_keys: Vec<PerShard<Mutex<FingerprintKey>>>,
 }
+
+/// A value alone on its cache line.
+#[repr(align(64))]
+struct PerShard<T>(T);
 
 impl VolumeState {
     pub fn new(id: u32, name: String, size_bytes: u64, shards: usize) -> Self {
@@ -47,7 +59,37 @@ impl VolumeState {
             dedup: AtomicBool::new(true),
             compress: AtomicBool::new(true),
             read_only: AtomicBool::new(false),
+            domain: RwLock::new(DedupDomain::Shared),
+            // Replaced by `set_dedup_domain` before the volume is published (this placeholder
+            // key is derived from no secret).
+            fp_keys: (0..shards)
+                .map(|_| PerShard(Mutex::new(FingerprintKey::derive(&[0; 32], b"unset"))))
+                .collect(),
         }
+    }
+
+    /// Put the volume in dedup domain `d` of the pool whose secret is `pool_key`: its new
+    /// blocks are fingerprinted under that domain's key from now on.
+    pub fn set_dedup_domain(&self, d: DedupDomain, pool_key: &[u8; 32]) {
+        let key = FingerprintKey::derive(pool_key, &d.id_bytes(self.id));
+        let mut domain = self.domain.write();
+        for k in &self.fp_keys {
+            *k.0.lock() = key.clone();
+        }
+        *domain = d;
+    }
+
+    pub fn dedup_domain(&self) -> DedupDomain {
+        self.domain.read().clone()
+    }
+
+    /// Fingerprint of a new block of this volume written by shard `shard`, under its domain's
+    /// key (`reduce::FingerprintKey`).
+    pub fn fingerprint(&self, shard: usize, block: &[u8]) -> u128 {
+        self.fp_keys[shard % self.fp_keys.len()]
+            .0
+            .lock()
+            .fingerprint(block)
     }
 
     /// Checkpoint flags (`format::VOLUME_NO_DEDUP`, `format::VOLUME_NO_COMPRESSION`).

@@ -1,12 +1,12 @@
 //! Data reduction: deduplication across LBAs, volumes, restarts and crashes; forced fingerprint
-//! collisions; compression, packing and corruption of compressed groups; policy; index budget.
+//! collisions; dedup domains and keyed fingerprints; compression, packing and corruption of compressed groups; policy; index budget.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ingot_engine::{CreateOptions, Error, FaultPlan, IoKind, Pool, PoolOptions};
+use ingot_engine::{CreateOptions, DedupDomain, Error, FaultPlan, IoKind, Pool, PoolOptions};
 
 const BLOCK: usize = 4096;
 
@@ -546,4 +546,265 @@ fn copies_of_compressed_groups_are_found_without_the_cache() {
         v.read((2 << 20) + 3 * 4096, data.len() as u32).unwrap(),
         data
     );
+}
+
+fn named(n: &str) -> DedupDomain {
+    DedupDomain::Named(n.to_string())
+}
+
+/// (volume, domain) of the domains test: two shared, two private, two in "a", one in "b".
+fn domain_volumes() -> Vec<(&'static str, DedupDomain)> {
+    vec![
+        ("s1", DedupDomain::Shared),
+        ("s2", DedupDomain::Shared),
+        ("p1", DedupDomain::Private),
+        ("p2", DedupDomain::Private),
+        ("a1", named("a")),
+        ("a2", named("a")),
+        ("b1", named("b")),
+    ]
+}
+
+fn domain_of(pool: &Pool, vol: &str) -> DedupDomain {
+    pool.volumes()
+        .into_iter()
+        .find(|v| v.name == vol)
+        .unwrap_or_else(|| panic!("no volume {vol}"))
+        .dedup_domain
+}
+
+#[test]
+fn blocks_deduplicate_within_a_domain_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = random_block(31);
+    let y = random_block(32);
+    {
+        let pool = create(dir.path(), None);
+        for (name, d) in domain_volumes() {
+            if d == DedupDomain::Shared && name == "s2" {
+                // The default domain, and the explicit one, are the same.
+                pool.create_volume(name, 64 << 20).unwrap();
+            } else {
+                pool.create_volume_in(name, 64 << 20, d).unwrap();
+            }
+        }
+        for (name, _) in domain_volumes() {
+            pool.volume(name).unwrap().write(0, &x, false).unwrap();
+        }
+        // shared, p1, p2, a, b: five copies of the same bytes, one per domain.
+        let s = pool.stats();
+        assert_eq!(s.unique_blocks, 5, "{s:?}");
+        assert_eq!(s.logical_mapped_bytes, 7 * BLOCK as u64);
+        // Within a private volume, copies still share.
+        let p1 = pool.volume("p1").unwrap();
+        p1.write(BLOCK as u64, &x, false).unwrap();
+        let two: Vec<u8> = [y.clone(), y.clone()].concat();
+        p1.write(8 * BLOCK as u64, &two, false).unwrap();
+        assert_eq!(pool.stats().unique_blocks, 6);
+        // One request for two volumes of different domains is still two blocks.
+        pool.volume("a1")
+            .unwrap()
+            .write(BLOCK as u64, &y, false)
+            .unwrap();
+        pool.volume("b1")
+            .unwrap()
+            .write(BLOCK as u64, &y, false)
+            .unwrap();
+        pool.volume("a2")
+            .unwrap()
+            .write(2 * BLOCK as u64, &y, false)
+            .unwrap();
+        assert_eq!(pool.stats().unique_blocks, 8);
+        clean(&pool);
+        pool.shutdown().unwrap();
+    }
+    // Domains and the (keyed) index come back from the checkpoint.
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    for (name, d) in domain_volumes() {
+        assert_eq!(domain_of(&pool, name), d, "{name}");
+    }
+    let before = pool.stats().unique_blocks;
+    for (name, _) in domain_volumes() {
+        let v = pool.volume(name).unwrap();
+        v.write(20 * BLOCK as u64, &x, false).unwrap();
+        assert_eq!(v.read(0, BLOCK as u32).unwrap(), x);
+    }
+    assert_eq!(
+        pool.stats().unique_blocks,
+        before,
+        "every copy found its domain's"
+    );
+    // A clone of a private volume shares its blocks by reference and is private to itself.
+    pool.clone_volume("p1", "p1c").unwrap();
+    assert_eq!(domain_of(&pool, "p1c"), DedupDomain::Private);
+    let p1c = pool.volume("p1c").unwrap();
+    assert_eq!(p1c.read(0, BLOCK as u32).unwrap(), x);
+    assert_eq!(pool.stats().unique_blocks, before);
+    p1c.write(21 * BLOCK as u64, &x, false).unwrap();
+    assert_eq!(pool.stats().unique_blocks, before + 1, "not p1's domain");
+    pool.delete_volume("p1c").unwrap();
+    assert_eq!(pool.stats().unique_blocks, before);
+    // Online: s2 moves to domain b, where y is stored; p2 goes shared.
+    pool.set_volume_dedup_domain("s2", named("b")).unwrap();
+    pool.set_volume_dedup_domain("p2", DedupDomain::Shared)
+        .unwrap();
+    assert_eq!(domain_of(&pool, "s2"), named("b"));
+    let s2 = pool.volume("s2").unwrap();
+    s2.write(30 * BLOCK as u64, &y, false).unwrap();
+    assert_eq!(pool.stats().unique_blocks, before, "y found in domain b");
+    // A block new to every domain, then crash: the index is rebuilt from the log with the
+    // domain each copy was written in.
+    let z = random_block(33);
+    s2.write(31 * BLOCK as u64, &z, false).unwrap();
+    pool.volume("s1")
+        .unwrap()
+        .write(31 * BLOCK as u64, &z, false)
+        .unwrap();
+    pool.volume("b1")
+        .unwrap()
+        .write(31 * BLOCK as u64, &z, false)
+        .unwrap();
+    assert_eq!(
+        pool.stats().unique_blocks,
+        before + 2,
+        "z: once in b, once shared"
+    );
+    s2.flush().unwrap();
+    pool.volume("s1").unwrap().flush().unwrap();
+    pool.halt();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    assert_eq!(domain_of(&pool, "s2"), named("b"));
+    assert_eq!(domain_of(&pool, "p2"), DedupDomain::Shared);
+    let before = pool.stats().unique_blocks;
+    for name in ["a1", "s1", "b1", "s2", "p2"] {
+        pool.volume(name)
+            .unwrap()
+            .write(40 * BLOCK as u64, &z, false)
+            .unwrap();
+    }
+    // a1 stores z (domain a had none); the shared ones and b find theirs.
+    assert_eq!(pool.stats().unique_blocks, before + 1);
+    assert_eq!(
+        pool.volume("s2")
+            .unwrap()
+            .read(31 * BLOCK as u64, BLOCK as u32)
+            .unwrap(),
+        z
+    );
+    clean(&pool);
+    // A bad name is a typed error.
+    assert!(matches!(
+        "x/y".parse::<DedupDomain>().map_err(Error::from),
+        Err(Error::InvalidDedupDomain(_))
+    ));
+    assert!(matches!(
+        pool.set_volume_dedup_domain("nope", DedupDomain::Private),
+        Err(Error::VolumeNotFound(_))
+    ));
+    // Names built by hand are checked like parsed ones (a checkpoint holds at most 64 bytes).
+    for bad in ["", "shared", "private", ".x", "a b", &"n".repeat(65)] {
+        assert!(
+            matches!(
+                pool.set_volume_dedup_domain("a1", named(bad)),
+                Err(Error::InvalidDedupDomain(_))
+            ),
+            "{bad:?}"
+        );
+        assert!(matches!(
+            pool.create_volume_in("bad", 1 << 20, named(bad)),
+            Err(Error::InvalidDedupDomain(_))
+        ));
+    }
+    assert_eq!(domain_of(&pool, "a1"), named("a"));
+    pool.create_volume_in("ok", 1 << 20, named(&"n".repeat(64)))
+        .unwrap();
+}
+
+#[test]
+fn forced_collisions_stay_within_a_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    plan.collide_fingerprints.store(true, Ordering::Relaxed);
+    let pool = create(dir.path(), Some(plan.clone()));
+    pool.create_volume_in("a", 64 << 20, named("a")).unwrap();
+    pool.create_volume_in("b", 64 << 20, named("b")).unwrap();
+    pool.create_volume_in("a2", 64 << 20, named("a")).unwrap();
+    let x = random_block(41);
+    for v in ["a", "b", "a2"] {
+        pool.volume(v).unwrap().write(0, &x, false).unwrap();
+    }
+    // Every key of a domain collides, yet domain b never gets a's block.
+    assert_eq!(pool.stats().unique_blocks, 2);
+    let y = random_block(42);
+    pool.volume("a")
+        .unwrap()
+        .write(BLOCK as u64, &y, false)
+        .unwrap();
+    assert_eq!(
+        pool.volume("a")
+            .unwrap()
+            .read(BLOCK as u64, BLOCK as u32)
+            .unwrap(),
+        y
+    );
+    assert_eq!(pool.volume("a2").unwrap().read(0, BLOCK as u32).unwrap(), x);
+    clean(&pool);
+}
+
+/// The fingerprint a data entry of `volume` for `lba` carries in the log of `dir`'s device.
+fn logged_fingerprints(dir: &Path, volume: u32, lba: u64) -> Vec<[u8; 16]> {
+    let dev = std::fs::read(dir.join("dev0.img")).unwrap();
+    let mut out = Vec::new();
+    // Entries are 8-byte aligned within 4 KiB-aligned records.
+    for at in (0..dev.len() - 56).step_by(8) {
+        let e = &dev[at..at + 56];
+        if e[..4] == volume.to_le_bytes()
+            && e[4..8] == [0; 4]
+            && e[8..16] == lba.to_le_bytes()
+            && e[16..24] != [0; 8]
+        {
+            out.push(e[24..40].try_into().unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn fingerprints_are_keyed_by_the_pool_secret() {
+    let x = random_block(51);
+    let lba = 12_345u64;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = create(dir.path(), None);
+        pool.create_volume("v", 64 << 20).unwrap();
+        pool.create_volume_in("w", 64 << 20, named("t")).unwrap();
+        pool.volume("v")
+            .unwrap()
+            .write(lba * BLOCK as u64, &x, false)
+            .unwrap();
+        pool.volume("w")
+            .unwrap()
+            .write(lba * BLOCK as u64, &x, false)
+            .unwrap();
+        pool.shutdown().unwrap();
+        let v = logged_fingerprints(dir.path(), 1, lba);
+        let w = logged_fingerprints(dir.path(), 2, lba);
+        assert_eq!((v.len(), w.len()), (1, 1), "one data entry each");
+        let (fv, fw) = (u128::from_le_bytes(v[0]), u128::from_le_bytes(w[0]));
+        // Not the unkeyed hash anyone can compute, and another domain's differs in both halves.
+        assert_ne!(
+            fv as u64,
+            ingot_engine::reduce::unkeyed_fingerprint(&x) as u64
+        );
+        assert_ne!(fv as u64, fw as u64);
+        assert_ne!(fv >> 64, fw >> 64);
+        seen.push(fv);
+    }
+    assert_ne!(
+        seen[0] as u64, seen[1] as u64,
+        "two pools, two keys, two fingerprints"
+    );
+    assert_ne!(seen[0] >> 64, seen[1] >> 64);
 }

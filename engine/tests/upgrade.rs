@@ -139,3 +139,40 @@ fn a_version_1_pool_opens_and_is_upgraded_in_place() {
         }
     }
 }
+
+#[test]
+fn an_unkeyed_index_is_dropped_and_keyed_dedup_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = unpack(tmp.path());
+    let copy = block(151); // stored by the fixture at db block 151
+    let before = {
+        let pool = Pool::open(&dir, &opts()).expect("open the version 1 pool");
+        // The fixture's index (and its log's fingerprints) are unkeyed XXH3: not used.
+        assert_eq!(pool.stats().dedup_index_entries, 0);
+        let before = pool.stats().unique_blocks;
+        let logs = pool.volume("logs").unwrap();
+        logs.write(350 * BLOCK, &copy, false).unwrap();
+        assert_eq!(
+            pool.stats().unique_blocks,
+            before + 1,
+            "an old block is no dedup candidate"
+        );
+        logs.write(351 * BLOCK, &copy, false).unwrap();
+        assert_eq!(pool.stats().unique_blocks, before + 1, "the keyed copy is");
+        pool.shutdown().unwrap();
+        before
+    };
+    let pool = Pool::open(&dir, &opts()).expect("reopen the upgraded pool");
+    assert!(pool.stats().dedup_index_entries > 0, "keyed index kept");
+    let logs = pool.volume("logs").unwrap();
+    logs.write(352 * BLOCK, &copy, false).unwrap();
+    assert_eq!(pool.stats().unique_blocks, before + 1);
+    assert_eq!(
+        pool.volume("db")
+            .unwrap()
+            .read(151 * BLOCK, BLOCK as u32)
+            .unwrap(),
+        copy
+    );
+    check_contents(&pool);
+}

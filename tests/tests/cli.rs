@@ -374,6 +374,38 @@ fn wrong_arguments_exit_2() {
         &["serve", "--cache-size", "many", "--pool", p],
         &["stats", "--pool"],
         &["check", "extra", "--pool", p],
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--dedup-domain",
+            "a/b",
+            "--pool",
+            p,
+        ],
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--dedup-domain",
+            "",
+            "--pool",
+            p,
+        ],
+        &[
+            "volume",
+            "set",
+            "x",
+            "--dedup-domain",
+            ".hidden",
+            "--pool",
+            p,
+        ],
+        &["volume", "set", "x", "--dedup-domain", "--pool", p],
     ];
     for args in cases {
         let out = output_timeout(ingot().args(*args), Duration::from_secs(30));
@@ -790,6 +822,108 @@ fn import_a_raw_image() {
     assert!(why.contains("nbdcopy"), "{why}");
     srv.stop();
     let _ = std::io::stderr().flush();
+}
+
+/// Unique blocks the pool stores, from `stats --json`.
+fn unique_blocks(pool: &Path) -> u64 {
+    u64_of(&stats(pool), "unique_blocks")
+}
+
+fn dedup_domain_of(pool: &Path, vol: &str) -> Value {
+    volume(pool, vol).unwrap_or_else(|| panic!("volume {vol} not listed"))["dedup_domain"].clone()
+}
+
+#[test]
+fn dedup_domains_from_the_cli() {
+    let dir = TempDir::new("cli-domains");
+    let pool = dir.join("pool");
+    create_pool(&pool, "256M");
+    // 1 MiB of distinct random blocks, imported into volumes of different domains: blocks
+    // deduplicate within a domain only.
+    let img = dir.join("data.raw");
+    let mut data = vec![0u8; MIB as usize];
+    Prng::new(11).fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let image = img.display().to_string();
+    let import = |name: &str, domain: &str| {
+        ingot_pool_ok(
+            &pool,
+            &[
+                "volume",
+                "import",
+                name,
+                "--file",
+                &image,
+                "--dedup-domain",
+                domain,
+            ],
+        );
+    };
+    import("a1", "tenant-a");
+    assert_eq!(unique_blocks(&pool), 256);
+    import("a2", "tenant-a");
+    assert_eq!(unique_blocks(&pool), 256, "same domain: stored once");
+    import("b1", "tenant-b");
+    assert_eq!(unique_blocks(&pool), 512, "another domain: stored again");
+    import("p1", "private");
+    import("s1", "shared");
+    assert_eq!(unique_blocks(&pool), 1024);
+    import("s2", "shared");
+    assert_eq!(unique_blocks(&pool), 1024, "shared volumes share");
+
+    // Shown in `volume list --json` (and the table).
+    assert_eq!(dedup_domain_of(&pool, "a1"), "tenant-a");
+    assert_eq!(dedup_domain_of(&pool, "b1"), "tenant-b");
+    assert_eq!(dedup_domain_of(&pool, "p1"), "private");
+    assert_eq!(dedup_domain_of(&pool, "s1"), "shared");
+    let text = ingot_pool_ok(&pool, &["volume", "list"]);
+    assert!(
+        text.contains("DEDUP-DOMAIN") && text.contains("tenant-b"),
+        "{text}"
+    );
+
+    // Create with a domain, and the default; then change it online through a server, and
+    // see the change survive the restart.
+    ingot_pool_ok(
+        &pool,
+        &[
+            "volume",
+            "create",
+            "c",
+            "--size",
+            "8M",
+            "--dedup-domain",
+            "private",
+        ],
+    );
+    ingot_pool_ok(&pool, &["volume", "create", "d", "--size", "8M"]);
+    assert_eq!(dedup_domain_of(&pool, "c"), "private");
+    assert_eq!(dedup_domain_of(&pool, "d"), "shared");
+    let srv = Server::start(ServeOpts::new(&pool, &dir.join("nbd.sock")));
+    let out = ingot_pool_ok(&pool, &["volume", "set", "c", "--dedup-domain", "tenant-a"]);
+    assert!(out.contains("dedup domain tenant-a"), "{out}");
+    ingot_pool_ok(&pool, &["volume", "set", "d", "--dedup-domain", "private"]);
+    assert_eq!(dedup_domain_of(&pool, "c"), "tenant-a");
+    // A bad name is a usage error, and changes nothing.
+    let out = ingot_pool(&pool, &["volume", "set", "c", "--dedup-domain", "no/slash"]);
+    assert_eq!(out.status.code(), Some(2), "bad domain name: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid dedup domain"),
+        "{out:?}"
+    );
+    assert_fails(
+        &ingot_pool(
+            &pool,
+            &["volume", "set", "nope", "--dedup-domain", "shared"],
+        ),
+        "volume set of a missing volume",
+    );
+    srv.stop();
+    assert_eq!(dedup_domain_of(&pool, "c"), "tenant-a");
+    assert_eq!(dedup_domain_of(&pool, "d"), "private");
+    assert_eq!(dedup_domain_of(&pool, "a2"), "tenant-a");
+    let out = ingot_pool(&pool, &["check"]);
+    assert!(out.status.success(), "ingot check: {out:?}");
 }
 
 /// The pool UUID that `dir/pool.json` records.
