@@ -3364,18 +3364,23 @@ fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             // checkpoint, else by a checkpoint (at most one every few seconds for this).
             let ckpt_seq = inner.ckpt.lock().both_seq;
             let (behind, after) = inner.space.lock().dead_sealed(ckpt_seq);
+            // Under a steady stream of writes the interval checkpoints do this already: only
+            // when none came for a while (a sync and a fence stall every shard's pipeline).
             let now = inner.host_epoch.elapsed().as_millis() as u64;
             let since_ms = now.saturating_sub(inner.ckpt_at_ms.load(Ordering::Relaxed));
-            if after > 0 && since_ms >= DEAD_SEGMENT_CHECKPOINT_MS {
+            let quiet = since_ms >= DEAD_SEGMENT_CHECKPOINT_MS;
+            if after > 0 && quiet {
                 if let Err(e) = inner.checkpoint_with(None) {
                     eprintln!("ingot: checkpoint failed: {e}");
                 }
-            } else if behind > 0 {
+            } else if behind > 0 && quiet {
                 if let Err(e) = inner.free_dead_segments() {
                     if !inner.is_closed() {
                         eprintln!("ingot: freeing dead segments failed: {e}");
                     }
                 }
+                // Counts as the pause this rule waits out.
+                inner.ckpt_at_ms.store(now, Ordering::Relaxed);
             }
         }
         if !low || inner.is_closed() {
