@@ -279,9 +279,6 @@ impl Space {
         *cur = state;
     }
 
-    /// Free sealed segments whose records all precede `seq_end` (a durable checkpoint covers
-    /// them), that held no live data at that checkpoint (`live_then`) and hold none now.
-    /// Returns the freed segments.
     /// Sealed segments holding no live block: (sealed at or before `ckpt_seq`, after it).
     pub fn dead_sealed(&self, ckpt_seq: u64) -> (usize, usize) {
         let (mut behind, mut after) = (0, 0);
@@ -299,6 +296,9 @@ impl Space {
         (behind, after)
     }
 
+    /// Free sealed segments whose records all precede `seq_end` (a durable checkpoint covers
+    /// them), that held no live data at that checkpoint (`live_then`) and hold none now.
+    /// Returns the freed segments.
     pub fn reclaim(&mut self, seq_end: u64, live_then: &[u64]) -> Vec<u32> {
         let mut freed = Vec::new();
         for s in 0..self.seg_state.len() {
