@@ -365,6 +365,11 @@ impl NbdServer {
         self.shared.conns.lock().all.len()
     }
 
+    /// Number of connections past the handshake (in transmission).
+    pub fn transmission_count(&self) -> usize {
+        self.shared.conns.lock().established
+    }
+
     /// Number of connections still negotiating.
     pub fn handshake_count(&self) -> usize {
         self.shared.conns.lock().handshaking.len()

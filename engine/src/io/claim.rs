@@ -266,7 +266,8 @@ fn open_for_claim(p: &Path, create: bool) -> Result<(File, bool)> {
         // (an O_EXCL opener, a mount, a device-mapper or md user).
         o.custom_flags(libc::O_EXCL);
     } else if meta.is_none() {
-        o.write(true).create(true).truncate(false);
+        // Files of a pool are its owner's only.
+        o.write(true).create(true).truncate(false).mode(0o600);
     }
     match o.open(p) {
         Ok(f) => Ok((f, is_blk)),
