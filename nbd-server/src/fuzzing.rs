@@ -168,6 +168,7 @@ pub fn session(data: &[u8]) {
         stopping: &stopping,
         tls_available: mode & 1 != 0,
         tls_required: mode & 2 != 0,
+        establish: &|| true,
     };
     let mut io = MemIo {
         r: rest,

@@ -37,6 +37,9 @@ pub(crate) struct HandshakeCtx<'a> {
     pub tls_available: bool,
     /// Every option but STARTTLS and ABORT is refused until TLS is active.
     pub tls_required: bool,
+    /// Take a transmission slot; called before the client is told it may go on, so that a
+    /// client that hears it holds its slot. False: none is free (the connection then ends).
+    pub establish: &'a dyn Fn() -> bool,
 }
 
 /// The connection as negotiation sees it: a byte stream that can switch to TLS.
@@ -136,8 +139,13 @@ pub(crate) fn negotiate(
 
         let mut out = Vec::new();
         let step = st.option(option, &data, &mut out)?;
+        let room = !matches!(step, Step::Transmit(_)) || (ctx.establish)();
         io.writer().write_all(&out)?;
         io.writer().flush()?;
+        if !room {
+            // NBD has no "busy" reply: the client hears its ACK, then the connection ends.
+            return Err(NbdError::NoRoom);
+        }
         match step {
             Step::Continue => {}
             Step::StartTls => {

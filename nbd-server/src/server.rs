@@ -723,13 +723,11 @@ fn run_connection(shared: &Shared, id: u64, stream: Stream) -> Result<()> {
         stopping: &shared.stopping,
         tls_available: cfg.tls.is_some(),
         tls_required: cfg.tls_required,
+        establish: &|| shared.establish(id),
     };
     let Some(neg) = negotiate(&mut io, &ctx)? else {
         return Ok(());
     };
-    if !shared.establish(id) {
-        return Err(NbdError::NoRoom);
-    }
     // One socket timeout serves both transmission timeouts (each is counted in steps of it).
     let read_timeout = match (cfg.idle_timeout, cfg.request_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
