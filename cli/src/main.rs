@@ -1036,11 +1036,8 @@ fn serve(
     };
     let server = NbdServer::new(Arc::new(PoolExports::new(pool.clone())), cfg);
     if let Err(e) = control::serve(dir, pool.clone()) {
-        // A full host file system cannot take the socket (a read-only pool is still served);
-        // `volume`, `stats` and `check` then cannot reach this server.
-        if !read_only {
-            return Err(e);
-        }
+        // A full host file system cannot take the socket; the volumes are still served, but
+        // `volume`, `stats` and `check` cannot reach this server.
         eprintln!("ingot: warning: no control socket: {e:#}");
     }
     let iscsi_target = iscsi.start(&pool)?;

@@ -36,7 +36,7 @@ use crate::reduce::DedupIndex;
 use crate::shard::{
     decode_entry, trim_owned, Members, PayloadFault, Relocation, Shard, ShardMsg, ShardPosition,
 };
-use crate::space::{BlockEntry, SegState, Space};
+use crate::space::{BlockEntry, SegState, SegUse, Space};
 use crate::volume::{Volume, VolumeState};
 
 /// Name of the file in the pool directory that lists the devices.
@@ -560,6 +560,95 @@ impl Inner {
             + self.geo.segment_bytes * (self.chains() as u64 + 1);
         self.host_tight
             .store(free < unallocated && free < margin, Ordering::Release);
+    }
+
+    /// Keep `2 × ckpt_reserve` free segments allocated in the backing files of a thin pool,
+    /// so that checkpoints and the cleaner's moves (which take them first) never meet a full
+    /// host file system: a shutdown still checkpoints, and a reopen still finds room for its
+    /// recovery checkpoint.
+    pub(crate) fn top_up_backed(&self) {
+        if !self.discard_freed || self.read_only {
+            return;
+        }
+        let want = 2 * self.ckpt_reserve();
+        let candidates: Vec<u32> = {
+            let mut space = self.space.lock();
+            space.backed_reserve = want;
+            let have = space.backed_free();
+            (0..space.seg_state.len())
+                .filter(|&s| space.seg_state[s] == SegState::Free && !space.undiscarded[s])
+                .take(want.saturating_sub(have))
+                .map(|s| s as u32)
+                .collect()
+        };
+        for seg in candidates {
+            let (dev, base) = self.geo.locate(seg);
+            match self.devices.preallocate(dev, base, self.geo.segment_bytes) {
+                Ok(()) => {
+                    let mut space = self.space.lock();
+                    if !space.undiscarded[seg as usize] {
+                        space.undiscarded[seg as usize] = true;
+                        space.undiscarded_count += 1;
+                    }
+                }
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::ENOSPC) {
+                        self.note_host_full();
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Make sure the backing files hold `segs` (just allocated, in `state`) before anything is
+    /// written there: a segment the host file system has no room for is swapped for another
+    /// free one. Checkpoints and new chains take held segments first (`SegUse::Metadata`),
+    /// but which ones are held is not known after a restart (ext4 reports fallocated,
+    /// unwritten extents as holes): a `fallocate` tells, and costs nothing on a held one.
+    pub(crate) fn backed(&self, mut segs: Vec<u32>, state: SegState) -> Result<Vec<u32>> {
+        if !self.discard_freed {
+            return Ok(segs);
+        }
+        let mut refused = Vec::new();
+        let mut i = 0;
+        let result = loop {
+            let Some(&seg) = segs.get(i) else {
+                break Ok(());
+            };
+            if self.space.lock().undiscarded[seg as usize] {
+                i += 1;
+                continue;
+            }
+            let (dev, base) = self.geo.locate(seg);
+            match self.devices.preallocate(dev, base, self.geo.segment_bytes) {
+                Ok(()) => i += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    self.note_host_full();
+                    refused.push(seg);
+                    match self
+                        .space
+                        .lock()
+                        .alloc_segment_for(state, 0, SegUse::Metadata)
+                    {
+                        Some(other) => segs[i] = other,
+                        None => break Err(Error::NoSpace),
+                    }
+                }
+                // Best effort otherwise (a file system without fallocate).
+                Err(_) => i += 1,
+            }
+        };
+        let mut space = self.space.lock();
+        for s in refused {
+            space.set_state(s, SegState::Free);
+        }
+        if result.is_err() {
+            for &s in &segs {
+                space.set_state(s, SegState::Free);
+            }
+        }
+        result.map(|()| segs)
     }
 
     /// A write or an allocation found no room on the host file system.
@@ -1144,30 +1233,7 @@ impl Inner {
     /// Where allocation cannot be known (block devices), every free segment is marked: it is
     /// discarded once, as `fstrim` at mount would.
     fn note_unpunched_at_open(&self) {
-        let ranges: Vec<Option<Vec<(u64, u64)>>> = (0..self.devices.count())
-            .map(|d| self.devices.data_ranges(d as u16).unwrap_or(None))
-            .collect();
-        let mut space = self.space.lock();
-        for s in 0..space.seg_state.len() {
-            if space.seg_state[s] != SegState::Free {
-                continue;
-            }
-            let (dev, base) = self.geo.locate(s as u32);
-            let end = base + self.geo.segment_bytes;
-            let held = match &ranges[usize::from(dev)] {
-                None => true,
-                Some(r) => {
-                    // Sorted and disjoint: the first range ending past `base` is the only
-                    // candidate.
-                    let i = r.partition_point(|&(_, e)| e <= base);
-                    r.get(i).is_some_and(|&(start, _)| start < end)
-                }
-            };
-            if held && !space.undiscarded[s] {
-                space.undiscarded[s] = true;
-                space.undiscarded_count += 1;
-            }
-        }
+        mark_held_free(&*self.devices, &self.geo, &mut self.space.lock());
     }
 
     /// Give the blocks of freed segments back to the file system (punch holes; best effort),
@@ -1189,8 +1255,11 @@ impl Inner {
             let mut taken = Vec::new();
             if space.undiscarded_count > 0 {
                 let mut capped = false;
+                // Segments kept allocated for checkpoints and the cleaner are not given back.
+                let mut held = space.backed_free();
                 for s in 0..space.seg_state.len() {
-                    if space.free_segments <= keep {
+                    if space.free_segments <= keep || held <= space.backed_reserve {
+                        capped = held <= space.backed_reserve;
                         break;
                     }
                     if taken.len() >= GIVE_BACK_PER_CALL {
@@ -1200,6 +1269,7 @@ impl Inner {
                     if space.undiscarded[s] && space.seg_state[s] == SegState::Free {
                         space.set_state(s as u32, SegState::Discarding);
                         taken.push(s as u32);
+                        held -= 1;
                     }
                 }
                 if space.free_segments > keep && !capped {
@@ -1437,6 +1507,7 @@ impl Inner {
         // Segments the commit freed go back to the file system now, outside the checkpoint
         // lock (a punch waits for every direct write in flight to the file).
         self.give_back_freed();
+        self.top_up_backed();
         r
     }
 
@@ -1614,6 +1685,7 @@ impl Inner {
             self.note_write_back_room(&space);
             got
         };
+        let segs = self.backed(segs, SegState::Checkpoint)?;
         let mut write = || -> Result<()> {
             for (i, &seg) in segs.iter().enumerate() {
                 let chunk = &blob[i * per_seg..((i + 1) * per_seg).min(blob.len())];
@@ -1841,6 +1913,34 @@ fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Mark the free segments whose blocks the backing files still hold (see
+/// `Inner::note_unpunched_at_open`).
+fn mark_held_free(devices: &dyn Devices, geo: &Geometry, space: &mut Space) {
+    let ranges: Vec<Option<Vec<(u64, u64)>>> = (0..devices.count())
+        .map(|d| devices.data_ranges(d as u16).unwrap_or(None))
+        .collect();
+    for s in 0..space.seg_state.len() {
+        if space.seg_state[s] != SegState::Free {
+            continue;
+        }
+        let (dev, base) = geo.locate(s as u32);
+        let end = base + geo.segment_bytes;
+        let held = match &ranges[usize::from(dev)] {
+            None => true,
+            Some(r) => {
+                // Sorted and disjoint: the first range ending past `base` is the only
+                // candidate.
+                let i = r.partition_point(|&(_, e)| e <= base);
+                r.get(i).is_some_and(|&(start, _)| start < end)
+            }
+        };
+        if held && !space.undiscarded[s] {
+            space.undiscarded[s] = true;
+            space.undiscarded_count += 1;
+        }
+    }
 }
 
 /// Device paths as given, relative ones inside the pool directory.
@@ -2432,10 +2532,33 @@ impl Pool {
                 None => starts.push((NO_SEGMENT, SEGMENT_HEADER_BYTES as u32, None)),
             }
         }
+        // Fresh chains take segments the backing files hold when there are: on a full host
+        // file system a new segment's header could not be written.
+        if !pf.prefilled && !o.read_only {
+            mark_held_free(&*devices, &geo, &mut space);
+            // Data keeps off the held segments from the start (see `Inner::top_up_backed`).
+            space.backed_reserve = 2 * ckpt_reserve;
+        }
+        let mut refused = Vec::new();
         for st in starts.iter_mut().filter(|st| st.2.is_none()) {
-            st.0 = space
-                .alloc_segment(SegState::Open, 0)
-                .ok_or(Error::NoSpace)?;
+            loop {
+                let seg = space
+                    .alloc_segment_for(SegState::Open, 0, SegUse::Metadata)
+                    .ok_or(Error::NoSpace)?;
+                st.0 = seg;
+                if pf.prefilled || o.read_only || space.undiscarded[seg as usize] {
+                    break;
+                }
+                // Held, or room for it on the host: its header can be written.
+                let (dev, base) = geo.locate(seg);
+                match devices.preallocate(dev, base, geo.segment_bytes) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => refused.push(seg),
+                    _ => break,
+                }
+            }
+        }
+        for s in refused {
+            space.set_state(s, SegState::Free);
         }
         let mut positions = Vec::new();
         for (i, (seg, offset, nonce)) in starts.into_iter().enumerate() {
@@ -2562,6 +2685,7 @@ impl Pool {
                 v.read_only.store(true, Ordering::Relaxed);
             }
         }
+        inner.top_up_backed();
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         if !o.read_only {
             let (image, live_then) = inner.snapshot(seq_end, positions.clone());
@@ -2569,6 +2693,7 @@ impl Pool {
             inner.commit(&mut ck, &image, &live_then)?;
             inner.space.lock().rebuild_free_ids();
         }
+        inner.top_up_backed();
         if inner.discard_freed && !o.read_only {
             inner.note_unpunched_at_open();
         }

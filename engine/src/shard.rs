@@ -26,7 +26,7 @@ use crate::job::Job;
 use crate::lbamap::{shard_of, LbaMap};
 use crate::pool::Inner;
 use crate::reduce;
-use crate::space::{BlockEntry, SegState};
+use crate::space::{BlockEntry, SegState, SegUse};
 use crate::volume::VolumeState;
 use parking_lot::MutexGuard;
 
@@ -1881,7 +1881,7 @@ impl Shard {
         }
         let mut space = self.inner.space.lock();
         let next2 = space
-            .alloc_segment(SegState::Next, reserve)
+            .alloc_segment_for(SegState::Next, reserve, self.seg_use())
             .unwrap_or(NO_SEGMENT);
         let last_seq = self.inner.seq.load(Ordering::Acquire);
         space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
@@ -1984,6 +1984,16 @@ impl Shard {
         .encode(buf, &self.inner.log_key);
     }
 
+    /// The cleaner's moves take segments the backing file holds, like checkpoints: they must
+    /// go on when the host file system is full (they are what gives space back).
+    fn seg_use(&self) -> SegUse {
+        if self.id == self.inner.mover() {
+            SegUse::Metadata
+        } else {
+            SegUse::Data
+        }
+    }
+
     /// Device and byte offset of the open segment's header.
     fn open_header_at(&self) -> (u16, u64) {
         self.inner.geo.locate(self.pos.segment)
@@ -2050,7 +2060,7 @@ impl Shard {
             let reserve = self.inner.ckpt_reserve();
             let next = {
                 let mut space = self.inner.space.lock();
-                let next = space.alloc_segment(SegState::Next, reserve);
+                let next = space.alloc_segment_for(SegState::Next, reserve, self.seg_use());
                 self.inner.note_write_back_room(&space);
                 next
             };
@@ -2075,7 +2085,7 @@ impl Shard {
         let seg = if self.pos.next != NO_SEGMENT {
             self.pos.next
         } else {
-            match space.alloc_segment(SegState::Open, reserve) {
+            match space.alloc_segment_for(SegState::Open, reserve, self.seg_use()) {
                 Some(s) => s,
                 None => {
                     // Replay resumes at the current offset of the open segment (or, with no
@@ -2089,7 +2099,7 @@ impl Shard {
         }
         space.set_state(seg, SegState::Open);
         let next = space
-            .alloc_segment(SegState::Next, reserve)
+            .alloc_segment_for(SegState::Next, reserve, self.seg_use())
             .unwrap_or(NO_SEGMENT);
         self.inner.note_write_back_room(&space);
         drop(space);

@@ -71,6 +71,19 @@ pub struct Space {
     /// id at the very place a pending move copied its old one from, and the move would then
     /// pass for current (`relocate` checks the place).
     pub cleaning: Vec<u32>,
+    /// Free segments to keep allocated in the backing files (thin pools) for checkpoints and
+    /// the cleaner, so that they never meet a full host file system (see
+    /// `Inner::top_up_backed`). 0: every segment is allocated (prefilled pools, block devices).
+    pub backed_reserve: usize,
+}
+
+/// Who a segment is for: data prefers segments the backing file does not hold yet while the
+/// held ones are down to `Space::backed_reserve`; metadata (checkpoints) and the cleaner's
+/// moves prefer held ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegUse {
+    Data,
+    Metadata,
 }
 
 impl Space {
@@ -88,7 +101,15 @@ impl Space {
             stored_bytes: 0,
             live_blocks: 0,
             cleaning: Vec::new(),
+            backed_reserve: 0,
         }
+    }
+
+    /// Free segments the backing files hold blocks for.
+    pub fn backed_free(&self) -> usize {
+        (0..self.seg_state.len())
+            .filter(|&s| self.seg_state[s] == SegState::Free && self.undiscarded[s])
+            .count()
     }
 
     /// Allocate an id for a new block (refs starts at 0; [`Space::add_ref`] adds the first).
@@ -248,17 +269,52 @@ impl Space {
 
     /// Take a free segment for `state`, keeping `reserve` segments back (for checkpoints).
     pub fn alloc_segment(&mut self, state: SegState, reserve: usize) -> Option<u32> {
+        let use_ = if state == SegState::Checkpoint {
+            SegUse::Metadata
+        } else {
+            SegUse::Data
+        };
+        self.alloc_segment_for(state, reserve, use_)
+    }
+
+    /// Allocate a free segment (none while `reserve` or fewer are free) for `use_`.
+    pub fn alloc_segment_for(
+        &mut self,
+        state: SegState,
+        reserve: usize,
+        use_: SegUse,
+    ) -> Option<u32> {
         if self.free_segments <= reserve {
             return None;
         }
+        // Which held (allocated) segments to prefer: metadata takes them first; data leaves
+        // them alone while they are down to the reserve.
+        let want_held = match use_ {
+            SegUse::Metadata => Some(true),
+            SegUse::Data
+                if self.backed_reserve > 0 && self.backed_free() <= self.backed_reserve =>
+            {
+                Some(false)
+            }
+            _ => None,
+        };
         let n = self.seg_state.len();
-        for k in 0..n {
-            let s = (self.next_seg_hint + k) % n;
-            if self.seg_state[s] == SegState::Free {
+        for pass in 0..2 {
+            for k in 0..n {
+                let s = (self.next_seg_hint + k) % n;
+                if self.seg_state[s] != SegState::Free {
+                    continue;
+                }
+                if pass == 0 && want_held.is_some_and(|h| self.undiscarded[s] != h) {
+                    continue;
+                }
                 self.seg_state[s] = state;
                 self.free_segments -= 1;
                 self.next_seg_hint = (s + 1) % n;
                 return Some(s as u32);
+            }
+            if want_held.is_none() {
+                break;
             }
         }
         None

@@ -225,7 +225,8 @@ fn trimming_everything_gives_space_back_to_the_host() {
 
 /// Free segments whose blocks the backing file still holds when the pool opens (freed while
 /// space was short and not punched before the last stop: the marks are kept only in memory)
-/// are given back to the host after the open.
+/// are given back to the host after the open, but for those kept allocated for checkpoints
+/// and the cleaner (`2 × ckpt_reserve`, a dozen here).
 #[test]
 fn free_segments_left_allocated_by_a_previous_run_are_given_back() {
     use std::os::unix::fs::FileExt;
@@ -268,13 +269,14 @@ fn free_segments_left_allocated_by_a_previous_run_are_given_back() {
     };
     let start = ingot_engine::format::DATA_START;
     // From the end: the open takes the lowest free segments for the shards' new chains.
+    const FILLED: usize = 36;
     let holes: Vec<u64> = (0..total)
         .rev()
         .map(|i| start + i * seg)
         .filter(|&b| data_at(b) >= b + seg)
-        .take(4)
+        .take(FILLED)
         .collect();
-    assert_eq!(holes.len(), 4, "free segments to fill");
+    assert_eq!(holes.len(), FILLED, "free segments to fill");
     for &b in &holes {
         file.write_all_at(&vec![0xa5u8; seg as usize], b).unwrap();
     }
@@ -282,15 +284,17 @@ fn free_segments_left_allocated_by_a_previous_run_are_given_back() {
     let before = allocated(&img);
     let pool = Pool::open(dir.path(), &opts(IoKind::Uring)).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while holes.iter().any(|&b| data_at(b) < b + seg) {
+    let given_back = || holes.iter().filter(|&&b| data_at(b) >= b + seg).count();
+    while given_back() < FILLED - 16 {
         assert!(
             std::time::Instant::now() < deadline,
-            "free segments still allocated 10 s after open (du {before} -> {})",
+            "{} of {FILLED} free segments given back 10 s after open (du {before} -> {})",
+            given_back(),
             allocated(&img)
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(allocated(&img) + 4 * seg <= before);
+    assert!(allocated(&img) + (FILLED as u64 - 16) * seg <= before);
     assert_eq!(
         pool.volume("v").unwrap().read(0, 4096).unwrap(),
         vec![7u8; 4096]
