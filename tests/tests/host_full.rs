@@ -114,6 +114,14 @@ fn unmount(mnt: &Path) -> bool {
     false
 }
 
+/// Read volume "v" of `server` whole into `file`: its start must be `want`.
+fn assert_stored(server: &Server, file: &Path, want: &[u8], what: &str) {
+    run(Command::new(require_tool("nbdcopy"))
+        .arg(server.unix_uri("v"))
+        .arg(file));
+    assert!(read_file(file)[..want.len()] == *want, "{what}");
+}
+
 #[test]
 fn a_full_host_file_system_fails_writes_with_enospc_and_loses_nothing() {
     require_root();
@@ -182,27 +190,22 @@ fn a_full_host_file_system_fails_writes_with_enospc_and_loses_nothing() {
     let mut ro = ServeOpts::new(&pool, &ro_sock);
     ro.extra_args.push("--read-only".into());
     let server = Server::start(ro);
-    let got = tmp.join("got.bin");
-    run(Command::new(require_tool("nbdcopy"))
-        .arg(server.unix_uri("v"))
-        .arg(&got));
-    let got = read_file(&got);
-    assert!(
-        got[..stored] == expect[..stored],
-        "data read back read-only"
+    assert_stored(
+        &server,
+        &tmp.join("got.bin"),
+        &expect[..stored],
+        "data read back read-only",
     );
     server.stop();
 
     // A read-write open finds its recovery checkpoint's room kept too, and serves: reads
     // succeed, writes past the room still fail with ENOSPC.
     let server = Server::start(ServeOpts::new(&pool, &sock));
-    let got = tmp.join("got-rw.bin");
-    run(Command::new(require_tool("nbdcopy"))
-        .arg(server.unix_uri("v"))
-        .arg(&got));
-    assert!(
-        read_file(&got)[..stored] == expect[..stored],
-        "data read back read-write"
+    assert_stored(
+        &server,
+        &tmp.join("got-rw.bin"),
+        &expect[..stored],
+        "data read back read-write",
     );
     let out = run_stdout(
         Command::new(&python)
@@ -217,13 +220,11 @@ fn a_full_host_file_system_fails_writes_with_enospc_and_loses_nothing() {
     // Room again: everything stored is there, and writes go on.
     fs.grow("1G");
     let server = Server::start(ServeOpts::new(&pool, &sock));
-    let got = tmp.join("got2.bin");
-    run(Command::new(require_tool("nbdcopy"))
-        .arg(server.unix_uri("v"))
-        .arg(&got));
-    assert!(
-        read_file(&got)[..stored] == expect[..stored],
-        "data after growing"
+    assert_stored(
+        &server,
+        &tmp.join("got2.bin"),
+        &expect[..stored],
+        "data after growing",
     );
     server.stop();
     let out = output(ingot().arg("check").arg("--pool").arg(&pool));
