@@ -616,10 +616,7 @@ impl Inner {
             let Some(&seg) = segs.get(i) else {
                 break Ok(());
             };
-            if self.space.lock().undiscarded[seg as usize] {
-                i += 1;
-                continue;
-            }
+            // Even a segment marked as held: the mark may stand for part of it only.
             let (dev, base) = self.geo.locate(seg);
             match self.devices.preallocate(dev, base, self.geo.segment_bytes) {
                 Ok(()) => i += 1,
@@ -2546,7 +2543,7 @@ impl Pool {
                     .alloc_segment_for(SegState::Open, 0, SegUse::Metadata)
                     .ok_or(Error::NoSpace)?;
                 st.0 = seg;
-                if pf.prefilled || o.read_only || space.undiscarded[seg as usize] {
+                if pf.prefilled || o.read_only {
                     break;
                 }
                 // Held, or room for it on the host: its header can be written.

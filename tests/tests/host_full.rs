@@ -114,6 +114,17 @@ fn unmount(mnt: &Path) -> bool {
     false
 }
 
+/// Run [`FILLER`] against volume "v" of `server` with `data`; what it printed.
+fn fill(python: &Path, server: &Server, data: &Path) -> String {
+    run_stdout(
+        Command::new(python)
+            .arg("-c")
+            .arg(FILLER)
+            .arg(server.unix_uri("v"))
+            .arg(data),
+    )
+}
+
 /// Read volume "v" of `server` whole into `file`: its start must be `want`.
 fn assert_stored(server: &Server, file: &Path, want: &[u8], what: &str) {
     run(Command::new(require_tool("nbdcopy"))
@@ -146,13 +157,7 @@ fn a_full_host_file_system_fails_writes_with_enospc_and_loses_nothing() {
 
     let sock = tmp.join("nbd.sock");
     let server = Server::start(ServeOpts::new(&pool, &sock));
-    let out = run_stdout(
-        Command::new(&python)
-            .arg("-c")
-            .arg(FILLER)
-            .arg(server.unix_uri("v"))
-            .arg(&data),
-    );
+    let out = fill(&python, &server, &data);
     let stored: usize = out
         .lines()
         .find_map(|l| l.strip_prefix("stored "))
@@ -207,13 +212,7 @@ fn a_full_host_file_system_fails_writes_with_enospc_and_loses_nothing() {
         &expect[..stored],
         "data read back read-write",
     );
-    let out = run_stdout(
-        Command::new(&python)
-            .arg("-c")
-            .arg(FILLER)
-            .arg(server.unix_uri("v"))
-            .arg(&data),
-    );
+    let out = fill(&python, &server, &data);
     assert!(out.contains("read ok") && out.contains("flush ok"), "{out}");
     server.stop();
 
