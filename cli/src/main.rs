@@ -410,9 +410,26 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("ingot: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             std::process::exit(1);
         }
     }
+}
+
+/// What to do about an engine error, in the CLI's own words (the engine names no command).
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use ingot_engine::Error as E;
+    let e = e.chain().find_map(|c| c.downcast_ref::<E>())?;
+    Some(match e {
+        E::Locked { .. } | E::DeviceInUse { .. } => {
+            "is `ingot serve` running on this pool or one that uses the device?"
+        }
+        E::DeviceHoldsData { .. } => "pass --force to destroy what it holds",
+        E::NotAPool { .. } => "create one with `ingot pool create`",
+        _ => return None,
+    })
 }
 
 fn run(cli: Cli) -> Result<i32> {

@@ -1,12 +1,12 @@
-//! Typed engine errors and their mapping to wire error codes (NBD errno, SCSI sense).
+//! Typed engine errors and their protocol-neutral kinds; the front ends map kinds to wire codes.
 
 use std::path::PathBuf;
 
 /// Result alias used throughout the engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything the engine can fail with. Front ends map it with [`Error::errno`] and
-/// [`Error::scsi_sense`]; nothing here is a bare string that loses its cause.
+/// Everything the engine can fail with. Front ends map [`Error::kind`] to their wire codes;
+/// nothing here is a bare string that loses its cause.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -73,17 +73,11 @@ pub enum Error {
     },
     #[error("pool metadata is corrupt: {what}")]
     Corrupt { what: &'static str },
-    #[error("pool {path} is in use by another process (is `ingot serve` running?)")]
+    #[error("pool {path} is in use by another process")]
     Locked { path: PathBuf },
-    #[error(
-        "device {path} is in use by another pool or process (is `ingot serve` running on a pool \
-         that uses it?)"
-    )]
+    #[error("device {path} is in use by another pool or process")]
     DeviceInUse { path: PathBuf },
-    #[error(
-        "device {path} holds {what}: refusing to overwrite it (pass --force to destroy what it \
-         holds)"
-    )]
+    #[error("device {path} holds {what}: refusing to overwrite it")]
     DeviceHoldsData { path: PathBuf, what: String },
     #[error("device {path} is listed twice: it is the same device as {first}")]
     DuplicateDevice { path: PathBuf, first: PathBuf },
@@ -100,84 +94,70 @@ pub enum Error {
     /// restart recovers it.
     #[error("the pool stopped after an internal failure ({reason}); restart to recover")]
     Halted { reason: String },
+    /// A broken invariant caught at run time (a bug), reported instead of a panic.
+    #[error("internal error: {what}")]
+    Internal { what: &'static str },
 }
 
-/// SCSI sense key / ASC / ASCQ triple.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sense {
-    pub key: u8,
-    pub asc: u8,
-    pub ascq: u8,
+/// What kind of failure an [`Error`] is, independent of any wire protocol. Front ends map a
+/// kind to their own codes (NBD errno, SCSI sense); the engine never names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A request's range lies outside the volume.
+    OutOfRange,
+    /// A malformed argument: unaligned range, bad size, bad name.
+    InvalidArgument,
+    /// A request larger than the engine accepts in one piece.
+    TooLarge,
+    /// The pool (or the host file system under it) has no room for the write.
+    NoSpace,
+    /// The target is read-only (a snapshot, or a pool opened read-only).
+    ReadOnly,
+    /// A named volume does not exist.
+    NotFound,
+    /// A named volume already exists.
+    AlreadyExists,
+    /// Another process holds the pool or one of its devices.
+    Busy,
+    /// Stored bytes failed their checksum.
+    Integrity,
+    /// The device failed an I/O, or stored bytes do not decode.
+    Media,
+    /// Metadata on the devices is corrupt, foreign or of another version.
+    BadPool,
+    /// The engine is shutting down and takes no more requests.
+    ShuttingDown,
+    /// The pool stopped after an internal failure, or a bug was caught: nothing the
+    /// caller did wrong.
+    Internal,
 }
 
 impl Error {
-    /// The errno an NBD server sends for this error (NBD_EIO, NBD_EINVAL, ...).
-    pub fn errno(&self) -> i32 {
+    /// The protocol-neutral kind of this error.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::OutOfRange { .. } | Error::Unaligned { .. } | Error::InvalidSize { .. } => {
-                libc::EINVAL
-            }
-            Error::TooLarge { .. } => libc::EOVERFLOW,
-            Error::NoSpace => libc::ENOSPC,
-            Error::ShutDown => libc::ESHUTDOWN,
-            Error::VolumeNotFound(_) => libc::ENOENT,
-            Error::VolumeExists(_) => libc::EEXIST,
-            Error::InvalidName(_) | Error::InvalidDedupDomain(_) => libc::EINVAL,
-            Error::Locked { .. } | Error::DeviceInUse { .. } => libc::EBUSY,
-            Error::ReadOnly(_) => libc::EPERM,
-            _ => libc::EIO,
-        }
-    }
-
-    /// The sense data an iSCSI target returns for this error (SPC-4 sense keys).
-    pub fn scsi_sense(&self) -> Sense {
-        const ILLEGAL_REQUEST: u8 = 0x05;
-        const MEDIUM_ERROR: u8 = 0x03;
-        const DATA_PROTECT: u8 = 0x07;
-        const HARDWARE_ERROR: u8 = 0x04;
-        match self {
-            // LOGICAL BLOCK ADDRESS OUT OF RANGE
-            Error::OutOfRange { .. } => Sense {
-                key: ILLEGAL_REQUEST,
-                asc: 0x21,
-                ascq: 0x00,
-            },
-            // INVALID FIELD IN CDB
-            Error::Unaligned { .. } | Error::TooLarge { .. } | Error::InvalidSize { .. } => Sense {
-                key: ILLEGAL_REQUEST,
-                asc: 0x24,
-                ascq: 0x00,
-            },
-            // WRITE PROTECTED
-            Error::ReadOnly(_) => Sense {
-                key: DATA_PROTECT,
-                asc: 0x27,
-                ascq: 0x00,
-            },
-            // SPACE ALLOCATION FAILED WRITE PROTECT
-            Error::NoSpace => Sense {
-                key: DATA_PROTECT,
-                asc: 0x27,
-                ascq: 0x07,
-            },
-            // LOGICAL BLOCK GUARD CHECK FAILED
-            Error::ChecksumMismatch { .. } => Sense {
-                key: MEDIUM_ERROR,
-                asc: 0x10,
-                ascq: 0x01,
-            },
-            // UNRECOVERED READ ERROR
-            Error::Io { .. } | Error::Undecodable { .. } => Sense {
-                key: MEDIUM_ERROR,
-                asc: 0x11,
-                ascq: 0x00,
-            },
-            // INTERNAL TARGET FAILURE
-            _ => Sense {
-                key: HARDWARE_ERROR,
-                asc: 0x44,
-                ascq: 0x00,
-            },
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::Unaligned { .. }
+            | Error::InvalidSize { .. }
+            | Error::InvalidName(_)
+            | Error::InvalidDedupDomain(_) => ErrorKind::InvalidArgument,
+            Error::TooLarge { .. } => ErrorKind::TooLarge,
+            Error::NoSpace => ErrorKind::NoSpace,
+            Error::ReadOnly(_) => ErrorKind::ReadOnly,
+            Error::VolumeNotFound(_) => ErrorKind::NotFound,
+            Error::VolumeExists(_) => ErrorKind::AlreadyExists,
+            Error::Locked { .. } | Error::DeviceInUse { .. } => ErrorKind::Busy,
+            Error::ChecksumMismatch { .. } => ErrorKind::Integrity,
+            Error::Io { .. } | Error::File { .. } | Error::Undecodable { .. } => ErrorKind::Media,
+            Error::NotAPool { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::Corrupt { .. }
+            | Error::DeviceHoldsData { .. }
+            | Error::DuplicateDevice { .. }
+            | Error::ForeignDevice { .. } => ErrorKind::BadPool,
+            Error::ShutDown => ErrorKind::ShuttingDown,
+            Error::Halted { .. } | Error::Internal { .. } => ErrorKind::Internal,
         }
     }
 }

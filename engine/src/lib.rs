@@ -22,7 +22,7 @@ pub use api::{
     Problem, Reply, Request, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES,
     SECTOR_BYTES,
 };
-pub use error::{Error, Result, Sense};
+pub use error::{Error, ErrorKind, Result};
 pub use io::fault::{CutMode, FaultPlan};
 pub use io::IoKind;
 pub use pool::{CreateOptions, GcReport, Pool, PoolOptions, POOL_FILE};

@@ -661,8 +661,8 @@ impl Inner {
         (free < unallocated).then(|| {
             format!(
                 "the file system under the pool has {} free but the pool may still need {} \
-                 (a thin pool): writes will fail with ENOSPC when it runs out; grow it, or \
-                 create pools with --prefill",
+                 (a thin pool): the host will refuse writes (ENOSPC) when it runs out; grow it, \
+                 or create pools prefilled",
                 mib(free),
                 mib(unallocated)
             )
@@ -2161,7 +2161,7 @@ impl Pool {
         if !Pool::exists(dir) {
             return Err(Error::NotAPool {
                 path: dir.to_path_buf(),
-                reason: "no pool.json (create one with `ingot pool create`)",
+                reason: "no pool.json",
             });
         }
         let lock = lock_dir(dir)?;

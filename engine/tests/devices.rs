@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ingot_engine::format::SUPERBLOCK_OFFSETS;
-use ingot_engine::{CreateOptions, Error, IoKind, Pool, PoolOptions};
+use ingot_engine::{CreateOptions, Error, ErrorKind, IoKind, Pool, PoolOptions};
 
 const SEG: u64 = 2 << 20;
 const POOL_BYTES: u64 = 32 << 20;
@@ -208,7 +208,7 @@ fn a_device_in_use_by_an_open_pool_is_refused_to_every_other_pool() {
             matches!(&e, Error::DeviceInUse { path } if *path == dev0(&a)),
             "force {force}: {e:?}"
         );
-        assert_eq!(e.errno(), libc::EBUSY);
+        assert_eq!(e.kind(), ErrorKind::Busy);
         assert!(e.to_string().contains("in use"), "{e}");
     }
     // A second directory whose pool.json names the device (a copy of the first's).

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ingot_engine::io::fault::FaultDevices;
 use ingot_engine::io::sync::FileSet;
-use ingot_engine::{CreateOptions, CutMode, Error, FaultPlan, IoKind, Pool, PoolOptions, Request};
+use ingot_engine::{
+    CreateOptions, CutMode, Error, ErrorKind, FaultPlan, IoKind, Pool, PoolOptions, Request,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -664,7 +666,7 @@ impl Harness {
                 plan.fail_writes.store(false, Ordering::Relaxed);
                 match r {
                     Err(Error::ReadOnly(_)) if self.read_only(vol) => {}
-                    Err(e @ Error::Io { .. }) if e.errno() == 5 => {}
+                    Err(e @ Error::Io { .. }) if e.kind() == ErrorKind::Media => {}
                     // A write of only zero blocks stores no data: it may still succeed.
                     Ok(()) if pattern.bytes(len as usize).iter().all(|&b| b == 0) => {
                         let m = self.vols[vol].as_mut().expect("model");
@@ -686,7 +688,7 @@ impl Harness {
                 plan.fail_reads.store(false, Ordering::Relaxed);
                 let m = self.vols[vol].as_ref().expect("model");
                 match r {
-                    Err(e @ Error::Io { .. }) if e.errno() == 5 => {}
+                    Err(e @ Error::Io { .. }) if e.kind() == ErrorKind::Media => {}
                     Ok(d) if d == m.data[off as usize..(off + len) as usize] => {}
                     Ok(_) => self.fail("read while reads fail returned wrong data"),
                     Err(e) => self.fail(&format!("read while reads fail: {e:?}")),

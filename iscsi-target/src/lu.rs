@@ -3,7 +3,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use ingot_engine::{Sense, Volume};
+use crate::sense::Sense;
+use ingot_engine::Volume;
 use parking_lot::Mutex;
 
 /// Logical block size reported to initiators.

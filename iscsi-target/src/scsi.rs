@@ -2,8 +2,9 @@
 //! answers at once or hands a read or write back to the connection to run asynchronously.
 //! Everything else that touches the volume runs synchronously through [`Volume::call`].
 
+use crate::sense::Sense;
 use bytes::Bytes;
-use ingot_engine::{Error, Reply as EngineReply, Request, Sense, MAX_REQUEST_BYTES};
+use ingot_engine::{Error, Reply as EngineReply, Request, MAX_REQUEST_BYTES};
 
 use crate::lu::{pr_type, Lu, LuState, Reservation, BLOCK_BYTES, MAX_REGISTRATIONS};
 use crate::sense::{self, fixed, fixed_with_field, status, SENSE_BYTES};
@@ -87,7 +88,7 @@ impl Response {
         ))
     }
     pub fn engine(e: &Error) -> Response {
-        Response::check(e.scsi_sense())
+        Response::check(crate::sense::of_error(e))
     }
 }
 

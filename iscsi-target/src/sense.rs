@@ -1,6 +1,14 @@
 //! SCSI status codes and fixed-format sense data (SPC-4 §4.5.3).
 
-use ingot_engine::Sense;
+use ingot_engine::{Error, ErrorKind};
+
+/// SCSI sense key / ASC / ASCQ triple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sense {
+    pub key: u8,
+    pub asc: u8,
+    pub ascq: u8,
+}
 
 /// SCSI status bytes (SAM-5).
 pub mod status {
@@ -12,6 +20,10 @@ pub mod status {
 /// Sense keys.
 pub mod key {
     pub const NO_SENSE: u8 = 0x00;
+    pub const NOT_READY: u8 = 0x02;
+    pub const MEDIUM_ERROR: u8 = 0x03;
+    pub const HARDWARE_ERROR: u8 = 0x04;
+    pub const DATA_PROTECT: u8 = 0x07;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
     pub const ABORTED_COMMAND: u8 = 0x0b;
@@ -65,4 +77,25 @@ pub fn fixed_with_field(sense: Sense, cdb: bool, byte: u16, bit: Option<u8>) -> 
     b[15] = 0x80 | if cdb { 0x40 } else { 0 } | bit.map_or(0, |x| 0x08 | (x & 7));
     b[16..18].copy_from_slice(&byte.to_be_bytes());
     b
+}
+
+/// The sense an engine error is reported with (SPC-4 sense keys), by its protocol-neutral kind.
+pub fn of_error(e: &Error) -> Sense {
+    match e.kind() {
+        // LOGICAL BLOCK ADDRESS OUT OF RANGE
+        ErrorKind::OutOfRange => LBA_OUT_OF_RANGE,
+        ErrorKind::InvalidArgument | ErrorKind::TooLarge => INVALID_FIELD_IN_CDB,
+        // WRITE PROTECTED
+        ErrorKind::ReadOnly => s(key::DATA_PROTECT, 0x27, 0x00),
+        // SPACE ALLOCATION FAILED WRITE PROTECT
+        ErrorKind::NoSpace => s(key::DATA_PROTECT, 0x27, 0x07),
+        // LOGICAL BLOCK GUARD CHECK FAILED
+        ErrorKind::Integrity => s(key::MEDIUM_ERROR, 0x10, 0x01),
+        // UNRECOVERED READ ERROR
+        ErrorKind::Media => s(key::MEDIUM_ERROR, 0x11, 0x00),
+        // LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE: the initiator may retry elsewhere.
+        ErrorKind::ShuttingDown => s(key::NOT_READY, 0x04, 0x00),
+        // INTERNAL TARGET FAILURE
+        _ => s(key::HARDWARE_ERROR, 0x44, 0x00),
+    }
 }

@@ -2,8 +2,9 @@
 //! SPC-3): block-to-block copies within the logical unit, named by one identification target
 //! descriptor (our NAA designator).
 
+use crate::sense::Sense;
 use bytes::Bytes;
-use ingot_engine::{Request, Sense};
+use ingot_engine::Request;
 
 use crate::lu::{Lu, BLOCK_BYTES};
 use crate::scsi::{be16, be32, be64, Response};

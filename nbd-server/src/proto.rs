@@ -118,10 +118,15 @@ pub const REQUEST_HEADER_BYTES: usize = 28;
 /// Size of an extended request header (and of an extended reply header).
 pub const EXTENDED_HEADER_BYTES: usize = 32;
 
-/// Map any errno to one of the values the NBD protocol allows (`EIO` for the rest).
-pub fn wire_errno(errno: i32) -> u32 {
-    match u32::try_from(errno) {
-        Ok(e @ (EPERM | EIO | ENOMEM | EINVAL | ENOSPC | EOVERFLOW | ENOTSUP | ESHUTDOWN)) => e,
+/// The NBD error an engine error is reported with, by its protocol-neutral kind.
+pub fn error_errno(e: &ingot_engine::Error) -> u32 {
+    use ingot_engine::ErrorKind as K;
+    match e.kind() {
+        K::OutOfRange | K::InvalidArgument => EINVAL,
+        K::TooLarge => EOVERFLOW,
+        K::NoSpace => ENOSPC,
+        K::ShuttingDown => ESHUTDOWN,
+        K::ReadOnly => EPERM,
         _ => EIO,
     }
 }
@@ -339,10 +344,18 @@ mod tests {
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(wire_errno(libc::EINVAL), EINVAL);
-        assert_eq!(wire_errno(libc::ENOSPC), ENOSPC);
-        assert_eq!(wire_errno(libc::ENOENT), EIO);
-        assert_eq!(wire_errno(-1), EIO);
+        use ingot_engine::Error as E;
+        let out_of_range = E::OutOfRange {
+            offset: 0,
+            len: 1,
+            size: 0,
+        };
+        assert_eq!(error_errno(&out_of_range), EINVAL);
+        assert_eq!(error_errno(&E::NoSpace), ENOSPC);
+        assert_eq!(error_errno(&E::ShutDown), ESHUTDOWN);
+        assert_eq!(error_errno(&E::ReadOnly("s".into())), EPERM);
+        assert_eq!(error_errno(&E::VolumeNotFound("v".into())), EIO);
+        assert_eq!(error_errno(&E::Corrupt { what: "x" }), EIO);
     }
 
     #[test]

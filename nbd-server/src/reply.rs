@@ -207,7 +207,7 @@ fn encode_general(out: &mut Vec<u8>, mode: Mode, ctx: &ReqCtx, body: Body) {
             at_offset: is_read,
         },
         Body::Engine(Err(e)) => Body::Error {
-            errno: wire_errno(e.errno()),
+            errno: crate::proto::error_errno(&e),
             msg: e.to_string(),
             at_offset: is_read,
         },

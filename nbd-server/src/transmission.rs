@@ -531,7 +531,7 @@ impl<R: Input> Conn<R> {
             Ok(e) => e,
             Err(e) => {
                 return Body::Error {
-                    errno: wire_errno(e.errno()),
+                    errno: crate::proto::error_errno(&e),
                     msg: e.to_string(),
                     at_offset: false,
                 }
