@@ -5,17 +5,21 @@
 pub mod api;
 mod cache;
 mod checkpoint;
+mod counters;
 pub mod error;
 pub mod format;
+mod gc;
 pub mod io;
 mod job;
 mod lbamap;
+mod log;
 mod pool;
 mod recovery;
 pub mod reduce;
 mod shard;
 mod space;
 mod volume;
+mod write_back;
 
 pub use api::{
     after_batch, check_range, CheckReport, Completion, DedupDomain, Extent, InvalidDedupDomain,
@@ -23,7 +27,8 @@ pub use api::{
     SECTOR_BYTES,
 };
 pub use error::{Error, ErrorKind, Result};
+pub use gc::GcReport;
 pub use io::fault::{CutMode, FaultPlan};
 pub use io::IoKind;
-pub use pool::{CreateOptions, GcReport, Pool, PoolOptions, POOL_FILE};
+pub use pool::{CreateOptions, Pool, PoolOptions, POOL_FILE};
 pub use volume::Volume;

@@ -29,9 +29,9 @@ use crate::format::{
     FLAG_REF, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, Devices};
-use crate::pool::Geometry;
-use crate::shard::ShardPosition;
+use crate::log::ShardPosition;
 use crate::space::BlockEntry;
+use crate::space::Geometry;
 
 pub(crate) enum Entry {
     Data(DataEntry),

@@ -11,7 +11,7 @@ use crate::format::{
     CHECKPOINT_VERSION_PLAIN, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES,
 };
 use crate::lbamap::MapPage;
-use crate::shard::ShardPosition;
+use crate::log::ShardPosition;
 use crate::space::BlockEntry;
 
 pub(crate) struct VolumeImage {

@@ -1,0 +1,221 @@
+//! Taking a checkpoint's image with every shard paused, and committing it.
+
+use crate::{checkpoint::CkptState, pool::Inner};
+use std::sync::atomic::Ordering;
+
+use crate::checkpoint::{self, Image, VolumeImage};
+use crate::error::{Error, Result};
+use crate::format::{
+    SegmentHeader, SegmentKind, Superblock, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
+    SUPERBLOCK_OFFSETS,
+};
+use crate::io::AlignedBuf;
+use crate::log::ShardPosition;
+use crate::space::SegState;
+
+impl Inner {
+    /// A consistent image of the current state (shards paused, or not yet running).
+    pub(crate) fn snapshot(&self, seq_end: u64, shards: Vec<ShardPosition>) -> (Image, Vec<u64>) {
+        let vols = self.volumes.read();
+        let n = self.shards().max(1);
+        let mut volumes = Vec::new();
+        for v in vols.by_name.values() {
+            let maps: Vec<_> = v.maps.iter().map(|m| m.lock().pages.clone()).collect();
+            let npages = maps.first().map_or(0, Vec::len);
+            let mut pages = Vec::new();
+            for p in 0..npages {
+                if let Some(Some(page)) = maps[p % n].get(p) {
+                    pages.push((p as u64, page.clone()));
+                }
+            }
+            volumes.push(VolumeImage {
+                id: v.id,
+                name: v.name.clone(),
+                size_bytes: v.size(),
+                flags: v.flags(),
+                domain: v.dedup_domain(),
+                pages,
+            });
+        }
+        let space = self.space.lock();
+        let (index, index_sample_bits) = {
+            let mut d = self.dedup.lock();
+            d.retain(|id| space.blocks.get(id as usize).is_some_and(|b| b.refs > 0));
+            (d.entries(), d.sample_bits() as u8)
+        };
+        let image = Image {
+            seq: seq_end,
+            epoch: self.epoch,
+            next_volume_id: vols.next_id,
+            volumes,
+            blocks: space.blocks.clone(),
+            shards,
+            data_chains: self.shards(),
+            index,
+            index_sample_bits,
+            keyed_fingerprints: true,
+        };
+        (image, space.seg_live.clone())
+    }
+
+    /// Write a checkpoint image, make it and everything before it durable, point the
+    /// superblocks at it, then free what it no longer needs.
+    pub(crate) fn commit(
+        &self,
+        ck: &mut CkptState,
+        image: &Image,
+        live_then: &[u64],
+    ) -> Result<()> {
+        // The image may come from state a failed thread left half changed.
+        if self.is_faulted() {
+            return Err(self.halted());
+        }
+        let blob = checkpoint::encode(image);
+        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
+            eprintln!("checkpoint: {} bytes", blob.len());
+        }
+        let crc = crc32fast::hash(&blob);
+        let per_seg = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
+        let nsegs = blob.len().div_ceil(per_seg).max(1);
+        let segs: Vec<u32> = {
+            let mut space = self.space.lock();
+            let mut got = Vec::new();
+            for _ in 0..nsegs {
+                match space.alloc_segment(SegState::Checkpoint, 0) {
+                    Some(s) => got.push(s),
+                    None => {
+                        for &s in &got {
+                            space.set_state(s, SegState::Free);
+                        }
+                        return Err(Error::NoSpace);
+                    }
+                }
+            }
+            self.note_write_back_room(&space);
+            got
+        };
+        let segs = self.backed(segs, SegState::Checkpoint)?;
+        let mut write = || -> Result<()> {
+            for (i, &seg) in segs.iter().enumerate() {
+                let chunk = &blob[i * per_seg..((i + 1) * per_seg).min(blob.len())];
+                let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + chunk.len());
+                SegmentHeader {
+                    kind: SegmentKind::Checkpoint,
+                    segment: seg,
+                    shard: 0,
+                    pool_uuid: self.pool_uuid,
+                    epoch: image.epoch,
+                    next_segment: segs.get(i + 1).copied().unwrap_or(NO_SEGMENT),
+                    nonce: self.segment_nonce(seg),
+                }
+                .encode(&mut buf, &self.log_key);
+                buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
+                    .copy_from_slice(chunk);
+                let (dev, base) = self.geo.locate(seg);
+                self.devices
+                    .write_at(dev, &buf, base)
+                    .map_err(|source| Error::Io {
+                        device: dev,
+                        offset: base,
+                        source,
+                    })?;
+                self.counters
+                    .device_written
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.counters.checkpoint_bytes.fetch_add(
+                (blob.len() + segs.len() * SEGMENT_HEADER_BYTES as usize) as u64,
+                Ordering::Relaxed,
+            );
+            // Records before the checkpoint and the checkpoint itself, durable before the
+            // superblock points at it.
+            self.sync()?;
+            let generation = ck.generation + 1;
+            // The copy the older generation is not in first, then the other: a torn write of
+            // either leaves one copy pointing at a checkpoint that still exists.
+            self.write_superblocks(image, &segs, blob.len() as u64, crc, generation, generation)?;
+            ck.generation = generation;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let mut space = self.space.lock();
+            for &s in &segs {
+                space.set_state(s, SegState::Free);
+            }
+            return Err(e);
+        }
+        let second = self.write_superblocks(
+            image,
+            &segs,
+            blob.len() as u64,
+            crc,
+            ck.generation,
+            ck.generation + 1,
+        );
+        let mut space = self.space.lock();
+        // Once both copies point at the new checkpoint the previous one is unreferenced; if the
+        // second copy could not be written it still points at the previous one, kept until the
+        // next commit.
+        let mut freed = std::mem::take(&mut ck.prev_segments);
+        if second.is_ok() {
+            freed.extend(std::mem::take(&mut ck.segments));
+        } else {
+            for &s in &ck.segments {
+                space.set_state(s, SegState::OldCheckpoint);
+            }
+        }
+        for &s in &freed {
+            space.set_state(s, SegState::Free);
+        }
+        if second.is_ok() {
+            ck.both_seq = image.seq;
+            freed.extend(space.reclaim(image.seq, live_then));
+        }
+        self.ckpt_at_ms.store(
+            self.host_epoch.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        space.release_ids(image.seq);
+        self.note_freed(&mut space, &freed);
+        drop(space);
+        ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
+        ck.seq_end = image.seq;
+        ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
+        second
+    }
+
+    /// Point every device's superblock copy at slot `slot % 2` to the checkpoint in `segs`,
+    /// durably.
+    pub(crate) fn write_superblocks(
+        &self,
+        image: &Image,
+        segs: &[u32],
+        bytes: u64,
+        crc: u32,
+        generation: u64,
+        slot: u64,
+    ) -> Result<()> {
+        let mut buf = AlignedBuf::new(IO_ALIGN);
+        for sb in &self.superblocks {
+            let sb = Superblock {
+                generation,
+                checkpoint_segment: segs[0],
+                checkpoint_seq: image.seq,
+                checkpoint_bytes: bytes,
+                checkpoint_crc: crc,
+                ..sb.clone()
+            };
+            sb.encode(&mut buf);
+            let off = SUPERBLOCK_OFFSETS[(slot % 2) as usize];
+            self.devices
+                .write_at(sb.device_index, &buf, off)
+                .map_err(|source| Error::Io {
+                    device: sb.device_index,
+                    offset: off,
+                    source,
+                })?;
+        }
+        self.sync()
+    }
+}

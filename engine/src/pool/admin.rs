@@ -1,0 +1,314 @@
+//! Volume administration: create, snapshot, clone, delete, resize, policies; and manual GC.
+
+use crate::{
+    gc::{GcReport, GC_VICTIMS_PER_PASS},
+    pool::{validate_name, validate_size, Inner, Pool},
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::api::{DedupDomain, VolumeInfo, BLOCK_BYTES};
+use crate::error::{Error, Result};
+use crate::format::SEGMENT_HEADER_BYTES;
+use crate::space::SegState;
+use crate::volume::{Volume, VolumeState};
+
+impl Pool {
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let state = self
+            .inner
+            .lookup(name)
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+        Ok(Volume {
+            inner: self.inner.clone(),
+            state,
+        })
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.inner
+            .volumes
+            .read()
+            .by_name
+            .values()
+            .map(|v| VolumeInfo {
+                name: v.name.clone(),
+                size_bytes: v.size(),
+                mapped_bytes: v.mapped_blocks() * BLOCK_BYTES,
+                dedup: v.dedup.load(Ordering::Relaxed),
+                compression: v.compress.load(Ordering::Relaxed),
+                read_only: v.read_only.load(Ordering::Relaxed),
+                dedup_domain: v.dedup_domain(),
+                stored_bytes: 0,
+                unique_blocks: 0,
+                dedup_ratio: 1.0,
+                compression_ratio: 1.0,
+                data_reduction_ratio: 1.0,
+            })
+            .collect()
+    }
+
+    /// Turn deduplication and/or compression of new writes on or off for a volume; durable
+    /// when this returns. Blocks already stored stay as they are.
+    pub fn set_volume_policy(
+        &self,
+        name: &str,
+        dedup: Option<bool>,
+        compression: Option<bool>,
+    ) -> Result<()> {
+        self.set_volume_reduction(name, dedup, compression, None)
+    }
+
+    /// Move a volume to another dedup domain, online; durable when this returns. Its new
+    /// blocks deduplicate only against blocks written in that domain from then on; blocks it
+    /// stored before stay where they are (candidates for their old domain only).
+    pub fn set_volume_dedup_domain(&self, name: &str, domain: DedupDomain) -> Result<()> {
+        self.set_volume_reduction(name, None, None, Some(domain))
+    }
+
+    /// Change any of a volume's data reduction settings at once (one checkpoint).
+    pub fn set_volume_reduction(
+        &self,
+        name: &str,
+        dedup: Option<bool>,
+        compression: Option<bool>,
+        domain: Option<DedupDomain>,
+    ) -> Result<()> {
+        if let Some(d) = &domain {
+            d.validate()?;
+        }
+        let name = name.to_string();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
+            let v = inner
+                .lookup(&name)
+                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+            if let Some(d) = dedup {
+                v.dedup.store(d, Ordering::Relaxed);
+            }
+            if let Some(c) = compression {
+                v.compress.store(c, Ordering::Relaxed);
+            }
+            if let Some(d) = &domain {
+                v.set_dedup_domain(d.clone(), &inner.log_key.0);
+            }
+            Ok(())
+        }))
+    }
+
+    /// Create a thin volume in the shared dedup domain; durable when this returns.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
+        self.create_volume_in(name, size_bytes, DedupDomain::Shared)
+    }
+
+    /// Create a thin volume in dedup domain `domain` (it is in it from its first write);
+    /// durable when this returns.
+    pub fn create_volume_in(&self, name: &str, size_bytes: u64, domain: DedupDomain) -> Result<()> {
+        validate_name(name)?;
+        validate_size(size_bytes)?;
+        domain.validate()?;
+        let name = name.to_string();
+        let shards = self.inner.shards();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
+            let mut t = inner.volumes.write();
+            if t.by_name.contains_key(&name) {
+                return Err(Error::VolumeExists(name.clone()));
+            }
+            let id = t.next_id;
+            t.next_id += 1;
+            let v = VolumeState::new(id, name.clone(), size_bytes, shards);
+            v.set_dedup_domain(domain.clone(), &inner.log_key.0);
+            t.by_name.insert(name.clone(), Arc::new(v));
+            Ok(())
+        }))
+    }
+
+    /// Take a read-only snapshot `name` of volume `src` as it is now: every write acknowledged
+    /// before the call is in it, none after. No data is copied: the snapshot shares the
+    /// volume's blocks (each holds a reference) and map pages (copied on the next write to
+    /// either). Durable when this returns.
+    pub fn snapshot_volume(&self, src: &str, name: &str) -> Result<()> {
+        self.copy_volume(src, name, true)
+    }
+
+    /// Create a writable volume `name` with the contents of volume or snapshot `src`, sharing
+    /// its blocks like a snapshot does; writes to either are then independent. Durable when
+    /// this returns.
+    pub fn clone_volume(&self, src: &str, name: &str) -> Result<()> {
+        self.copy_volume(src, name, false)
+    }
+
+    pub(crate) fn copy_volume(&self, src: &str, name: &str, read_only: bool) -> Result<()> {
+        validate_name(name)?;
+        if self.inner.lookup(name).is_some() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        // Every checkpoint from now on stores the copy's map pages too: refuse a copy whose
+        // pages the space kept for checkpoints could not hold (it would fail every later
+        // checkpoint and flush).
+        let source = self.volume(src)?;
+        let pages: u64 = source
+            .state
+            .maps
+            .iter()
+            .map(|m| m.lock().present_pages())
+            .sum();
+        let need = self.inner.reserve_segments_with(pages, 1);
+        if self.inner.space.lock().free_segments <= need {
+            return Err(Error::NoSpace);
+        }
+        // Early-acknowledged writes still waiting for space would miss the pause below.
+        self.inner.settle_writes()?;
+        let (src, name) = (src.to_string(), name.to_string());
+        let shards = self.inner.shards();
+        let mut made = None;
+        // Shards are paused: the maps hold exactly the writes acknowledged so far.
+        let r = self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
+            let mut t = inner.volumes.write();
+            if t.by_name.contains_key(&name) {
+                return Err(Error::VolumeExists(name.clone()));
+            }
+            let s = t
+                .by_name
+                .get(&src)
+                .cloned()
+                .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;
+            let id = t.next_id;
+            t.next_id += 1;
+            let v = VolumeState::new(id, name.clone(), s.size(), shards);
+            v.set_flags(s.flags() & !crate::format::VOLUME_READ_ONLY);
+            v.read_only.store(read_only, Ordering::Relaxed);
+            // A clone of a private volume is private to itself (it shares the source's blocks
+            // by reference, not by dedup).
+            v.set_dedup_domain(s.dedup_domain(), &inner.log_key.0);
+            let mut space = inner.space.lock();
+            for (to, from) in v.maps.iter().zip(&s.maps) {
+                let m = from.lock().clone();
+                for (_, id) in m.iter() {
+                    space.add_ref(id);
+                }
+                *to.lock() = m;
+            }
+            drop(space);
+            made = Some(id);
+            t.by_name.insert(name.clone(), Arc::new(v));
+            Ok(())
+        }));
+        if let (Err(_), Some(id)) = (&r, made) {
+            // The copy exists in memory but no checkpoint holds it: take it away again (a
+            // smaller checkpoint than the one that failed), unless the name is someone else's
+            // by now.
+            if self.inner.lookup(&name).is_some_and(|v| v.id == id) {
+                let _ = self.delete_volume(&name);
+            }
+        }
+        r
+    }
+
+    /// Delete a volume and free what only it referenced; durable when this returns.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
+            let v = inner
+                .volumes
+                .write()
+                .by_name
+                .remove(&name)
+                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+            v.deleted.store(true, Ordering::Release);
+            let mut space = inner.space.lock();
+            for m in &v.maps {
+                let mut m = m.lock();
+                for (_, id) in m.iter() {
+                    space.drop_ref(id, seq);
+                }
+                *m = Default::default();
+            }
+            Ok(())
+        }))
+    }
+
+    /// Change a volume's size; shrinking frees the blocks past the new end.
+    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<()> {
+        validate_size(size_bytes)?;
+        // A new end inside a block keeps that block: zero its bytes past the new end first, or
+        // growing the volume again would bring them back instead of zeroes.
+        let vol = self.volume(name)?;
+        if vol.read_only() {
+            return Err(Error::ReadOnly(name.to_string()));
+        }
+        let old = vol.size_bytes();
+        if size_bytes < old && size_bytes % BLOCK_BYTES != 0 {
+            let end = size_bytes.next_multiple_of(BLOCK_BYTES).min(old);
+            vol.write_zeroes(size_bytes, end - size_bytes, false)?;
+        }
+        let name = name.to_string();
+        self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
+            let v = inner
+                .lookup(&name)
+                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+            if v.read_only.load(Ordering::Relaxed) {
+                return Err(Error::ReadOnly(name.clone()));
+            }
+            let blocks = size_bytes.div_ceil(BLOCK_BYTES);
+            let mut space = inner.space.lock();
+            for m in &v.maps {
+                for id in m.lock().resize(blocks) {
+                    space.drop_ref(id, seq);
+                }
+            }
+            v.size_bytes.store(size_bytes, Ordering::Release);
+            Ok(())
+        }))
+    }
+
+    /// Clean now: empty every sealed segment worth cleaning (at most `max_utilisation` full),
+    /// best candidates first, checkpointing after each batch. `progress(done, total)` reports
+    /// segments.
+    pub fn gc(&self, max_utilisation: f64, progress: &mut dyn FnMut(u64, u64)) -> Result<GcReport> {
+        // A checkpoint first puts every sealed segment behind it, so that cleaned victims are
+        // freed after a flush instead of one checkpoint per chunk. The segments it frees (those
+        // left without a live block) count as freed by this run.
+        let free_before = self.inner.space.lock().free_segments;
+        self.inner.checkpoint_with(None)?;
+        let freed_by_checkpoint =
+            (self.inner.space.lock().free_segments as u64).saturating_sub(free_before as u64);
+        // The segments worth cleaning now; segments the pass itself fills are left alone, so
+        // it ends.
+        let todo = self.gc_candidates(max_utilisation);
+        let mut total = GcReport {
+            segments_freed: freed_by_checkpoint,
+            ..GcReport::default()
+        };
+        progress(0, todo.len() as u64);
+        for chunk in todo.chunks(GC_VICTIMS_PER_PASS) {
+            let r = self.inner.clean(
+                chunk.len(),
+                max_utilisation,
+                Some(chunk),
+                false,
+                &mut |_, _| {},
+            )?;
+            total.segments_cleaned += r.segments_cleaned;
+            total.segments_freed += r.segments_freed;
+            total.bytes_moved += r.bytes_moved;
+            progress(total.segments_cleaned, todo.len() as u64);
+        }
+        Ok(total)
+    }
+
+    pub(crate) fn gc_candidates(&self, max_utilisation: f64) -> Vec<u32> {
+        let usable = (self.inner.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
+        let space = self.inner.space.lock();
+        space
+            .seg_state
+            .iter()
+            .enumerate()
+            .filter(|(s, st)| {
+                matches!(st, SegState::Sealed { .. })
+                    && space.seg_live[*s] > 0
+                    && space.seg_live[*s] as f64 / usable <= max_utilisation
+            })
+            .map(|(s, _)| s as u32)
+            .collect()
+    }
+}

@@ -1,0 +1,625 @@
+//! Opening a pool: read the superblocks and the newest checkpoint, replay the log after it,
+//! write a recovery checkpoint, start the workers.
+
+use crate::{
+    checkpoint::CkptState,
+    counters::{Counters, ShardStats},
+    pool::{
+        checkpointer, default_cache_bytes, default_index_bytes, flusher, in_dir, lock_dir,
+        spawn_supervised, write_pool_file, Inner, Pool, PoolFile, PoolOptions, VolumeTable,
+        POOL_FILE,
+    },
+    recovery::{read_checkpoint, read_superblocks},
+    space::{mark_held_free, usable_bytes, Geometry},
+    write_back::WB_PENDING_SLOTS,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::BlockCache;
+use crate::checkpoint::{self, Image};
+use crate::error::{Error, Result};
+use crate::format::{
+    LogKey, SegmentHeader, SegmentKind, Superblock, DATA_START, FLAG_REF, IO_ALIGN, NO_SEGMENT,
+    SEGMENT_HEADER_BYTES,
+};
+use crate::io::claim::{self, DeviceClaim};
+use crate::io::fault::FaultDevices;
+use crate::io::sync::FileSet;
+use crate::io::{open_devices, AlignedBuf, SharedDevices};
+use crate::lbamap::shard_of;
+use crate::log::ShardPosition;
+use crate::recovery::{scan_chain, Entry};
+use crate::reduce::DedupIndex;
+use crate::shard::{trim_owned, Shard};
+use crate::space::{BlockEntry, SegState, SegUse, Space};
+use crate::volume::VolumeState;
+
+impl Pool {
+    /// Open an existing pool: load the newest checkpoint, replay the log after it, write a new
+    /// checkpoint, start the workers.
+    pub fn open(dir: &Path, o: &PoolOptions) -> Result<Pool> {
+        if !Pool::exists(dir) {
+            return Err(Error::NotAPool {
+                path: dir.to_path_buf(),
+                reason: "no pool.json",
+            });
+        }
+        let lock = lock_dir(dir)?;
+        Pool::open_locked(dir, o, lock, None)
+    }
+
+    pub(crate) fn open_locked(
+        dir: &Path,
+        o: &PoolOptions,
+        lock: File,
+        claim: Option<DeviceClaim>,
+    ) -> Result<Pool> {
+        let pf_path = dir.join(POOL_FILE);
+        let raw = std::fs::read(&pf_path).map_err(|source| Error::File {
+            path: pf_path.clone(),
+            source,
+        })?;
+        let pf: PoolFile = serde_json::from_slice(&raw).map_err(|_| Error::NotAPool {
+            path: pf_path.clone(),
+            reason: "pool.json is not valid",
+        })?;
+        if pf.devices.is_empty() {
+            return Err(Error::NotAPool {
+                path: pf_path,
+                reason: "pool.json lists no devices",
+            });
+        }
+        let abs = in_dir(dir, &pf.devices);
+        // Each device once, locked, and of this pool.
+        let claim = match claim {
+            Some(c) => c,
+            None => DeviceClaim::acquire(&abs, false)?,
+        };
+        claim.check_members(pf.pool_uuid.as_deref())?;
+        let files = FileSet::open(&abs).map_err(|source| Error::File {
+            path: abs[0].clone(),
+            source,
+        })?;
+        let base = open_devices(files, o.io).map_err(|source| Error::File {
+            path: abs[0].clone(),
+            source,
+        })?;
+        let devices: SharedDevices = match &o.fault {
+            Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
+            None => base,
+        };
+        let (mut sbs, older) = read_superblocks(&*devices, &abs)?;
+        let mut newest =
+            sbs.iter()
+                .max_by_key(|s| s.generation)
+                .cloned()
+                .ok_or(Error::Corrupt {
+                    what: "no superblock",
+                })?;
+        if pf.pool_uuid.is_none() && !o.read_only {
+            // A pool made before pool.json named its UUID: record it now (its devices agree
+            // among themselves), so that a foreign device put in later is refused.
+            let named = PoolFile {
+                pool_uuid: Some(claim::uuid_string(&newest.pool_uuid)),
+                format_version: crate::format::FORMAT_VERSION,
+                ..pf.clone()
+            };
+            write_pool_file(dir, &named)?;
+        }
+        let geo = Geometry {
+            segment_bytes: newest.segment_bytes,
+            devs: sbs
+                .iter()
+                .map(|s| (s.first_segment, s.segment_count))
+                .collect(),
+            total_segments: newest.total_segments,
+        };
+        for (d, s) in sbs.iter().enumerate() {
+            let need = DATA_START + u64::from(s.segment_count) * geo.segment_bytes;
+            if devices.size(d as u16) < need {
+                return Err(Error::NotAPool {
+                    path: abs[d].clone(),
+                    reason: "device is smaller than its superblock says (truncated?)",
+                });
+            }
+        }
+        let mut space = Space::new(geo.total_segments);
+        // Load the checkpoint.
+        let (image, ckpt_segs) = if newest.checkpoint_segment == NO_SEGMENT {
+            (
+                Image {
+                    seq: 1,
+                    epoch: 0,
+                    next_volume_id: 1,
+                    volumes: Vec::new(),
+                    blocks: vec![BlockEntry::default()],
+                    shards: Vec::new(),
+                    data_chains: 0,
+                    index: Vec::new(),
+                    index_sample_bits: 0,
+                    // Whoever wrote a log without a checkpoint, its fingerprints are not
+                    // trusted to be keyed: nothing is lost but dedup candidates.
+                    keyed_fingerprints: false,
+                },
+                Vec::new(),
+            )
+        } else {
+            match read_checkpoint(&*devices, &geo, &newest) {
+                Ok(c) => c,
+                Err(e @ Error::Corrupt { .. }) => {
+                    // A commit that stopped between its two slot writes left the previous
+                    // checkpoint in every device's other slot, with everything its replay needs
+                    // (nothing is freed before both slots point at the new one): open from it.
+                    let prev: Option<Vec<Superblock>> = older
+                        .iter()
+                        .map(|o| {
+                            o.clone().filter(|p| {
+                                p.generation + 1 == newest.generation
+                                    && p.checkpoint_segment != NO_SEGMENT
+                                    && p.log_key == newest.log_key
+                            })
+                        })
+                        .collect();
+                    let Some(prev) = prev else {
+                        return Err(e);
+                    };
+                    let c = read_checkpoint(&*devices, &geo, &prev[0]).map_err(|_| e)?;
+                    eprintln!(
+                        "ingot: the newest checkpoint (generation {}) is damaged; opened from \
+                         the previous one (generation {}), replaying the log since",
+                        newest.generation, prev[0].generation
+                    );
+                    newest = prev[0].clone();
+                    sbs = prev;
+                    c
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,
+        // then the recovery checkpoint below writes version 2 superblocks with a new key, and
+        // every chain starts in a fresh segment sealed under it.
+        let legacy = newest.log_key.is_none();
+        let log_key = match newest.log_key {
+            Some(k) => k,
+            None => LogKey::generate().map_err(|source| Error::File {
+                path: abs[0].clone(),
+                source,
+            })?,
+        };
+        for sb in &mut sbs {
+            sb.version = crate::format::FORMAT_VERSION;
+            sb.log_key = Some(log_key);
+        }
+        for &s in &ckpt_segs {
+            space.set_state(s, SegState::Checkpoint);
+        }
+        let nshards = if o.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            o.shards
+        }
+        .clamp(1, 64);
+        // Chains of the checkpoint: data shards' first, then move chains (a pool written before
+        // move chains existed has none).
+        let old_shards = image.data_chains;
+        // Volumes and maps.
+        let mut table = VolumeTable {
+            by_name: BTreeMap::new(),
+            next_id: image.next_volume_id.max(1),
+        };
+        let mut by_id: HashMap<u32, Arc<VolumeState>> = HashMap::new();
+        space.blocks = image.blocks;
+        if space.blocks.is_empty() {
+            space.blocks.push(BlockEntry::default());
+        }
+        let collide = o
+            .fault
+            .as_ref()
+            .is_some_and(|f| f.collide_fingerprints.load(Ordering::Relaxed));
+        let dedup_key_mask = if collide { 0 } else { u64::MAX };
+        let dedup_key = |fp: u128| fp as u64 & dedup_key_mask | (fp >> 64) as u64 & !dedup_key_mask;
+        let mut dedup = DedupIndex::new(o.dedup_index_bytes.unwrap_or_else(default_index_bytes));
+        // A checkpoint older than keyed fingerprints comes with an index, and a log, of unkeyed
+        // XXH3 fingerprints that no lookup computes any more: neither is indexed (their blocks
+        // are simply not dedup candidates; the recovery checkpoint of this open is keyed, and
+        // so is every record written after it). Were one indexed, it would cost a verify read
+        // and no data: every hit is compared byte for byte.
+        let keyed_index = image.keyed_fingerprints;
+        if keyed_index {
+            dedup.set_sample_bits(u32::from(image.index_sample_bits));
+            for &(k, id) in &image.index {
+                // Keys were stored as `dedup_key` made them; with collisions forced, the tag
+                // they would need is gone, so the (test-only) index starts empty.
+                if !collide {
+                    dedup.insert(k, id);
+                }
+            }
+        }
+        for v in image.volumes {
+            let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards);
+            if v.flags & !crate::format::VOLUME_KNOWN_FLAGS != 0 {
+                return Err(Error::Corrupt {
+                    what: "a volume has flags this build does not know (written by a newer ingot?)",
+                });
+            }
+            vs.set_flags(v.flags);
+            vs.set_dedup_domain(v.domain.clone(), &log_key.0);
+            for (idx, page) in v.pages {
+                let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
+                let ids = page.clone();
+                if m.load_page(idx as usize, page) {
+                    for &id in ids.iter() {
+                        if id != 0 {
+                            space.add_ref(id);
+                        }
+                    }
+                }
+            }
+            let vs = Arc::new(vs);
+            by_id.insert(v.id, vs.clone());
+            table.by_name.insert(v.name, vs);
+        }
+        // Replay.
+        let mut records = Vec::new();
+        let mut chain_segs = Vec::new();
+        let mut ends = Vec::new();
+        for (i, pos) in image.shards.iter().enumerate() {
+            let scan = scan_chain(
+                &*devices,
+                &geo,
+                &newest.pool_uuid,
+                newest.log_key.as_ref(),
+                image.epoch,
+                i as u16,
+                *pos,
+            )?;
+            records.extend(scan.records);
+            chain_segs.extend(scan.segments);
+            ends.push(scan.end);
+            if pos.next != NO_SEGMENT {
+                chain_segs.push(pos.next);
+            }
+        }
+        records.sort_by_key(|r| r.seq);
+        let mut seq_end = image.seq.max(1);
+        for r in &records {
+            seq_end = seq_end.max(r.seq + 1);
+            for e in &r.entries {
+                match e {
+                    Entry::Data(d) => {
+                        let is_ref = d.flags & FLAG_REF != 0;
+                        // A new block is placed even when its volume is gone: a dedup
+                        // reference later in the record may point at it.
+                        if d.block_id != 0 && !is_ref {
+                            space.place(d.block_id, r.block_entry(d));
+                        }
+                        let Some(vol) = by_id.get(&d.volume) else {
+                            continue;
+                        };
+                        if d.lba >= vol.blocks() {
+                            continue;
+                        }
+                        if is_ref && !space.is_placed(d.block_id) {
+                            // The block it shares was in a record lost at the crash (never
+                            // flushed, so neither was this one): the LBA keeps its old data.
+                            continue;
+                        }
+                        if d.block_id != 0 {
+                            space.add_ref(d.block_id);
+                            if !is_ref && keyed_index && vol.dedup.load(Ordering::Relaxed) {
+                                dedup.insert(
+                                    dedup_key(u128::from_le_bytes(d.fingerprint)),
+                                    d.block_id,
+                                );
+                            }
+                        }
+                        let old = vol.maps[shard_of(d.lba, nshards)]
+                            .lock()
+                            .set(d.lba, d.block_id);
+                        if old != 0 {
+                            space.drop_ref(old, r.seq);
+                        }
+                    }
+                    Entry::Move(d) => {
+                        space.relocate(
+                            d.block_id,
+                            (d.lba >> 32) as u32,
+                            d.lba as u32,
+                            &r.block_entry(d),
+                        );
+                    }
+                    Entry::Trim(t) => {
+                        let Some(vol) = by_id.get(&t.volume) else {
+                            continue;
+                        };
+                        // Only the pages the writing shard owned at the time.
+                        for s in 0..nshards {
+                            let mut map = vol.maps[s].lock();
+                            let mut freed = Vec::new();
+                            let writer = r.shard as usize;
+                            trim_owned(&mut map, t.lba, t.count, writer, old_shards.max(1), |id| {
+                                freed.push(id)
+                            });
+                            drop(map);
+                            for id in freed {
+                                space.drop_ref(id, r.seq);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Segment states: whatever holds live data, or was part of a chain, stays.
+        for &s in &chain_segs {
+            if (s as usize) < space.seg_state.len() && space.seg_state[s as usize] == SegState::Free
+            {
+                space.set_state(s, SegState::Sealed { seq: seq_end });
+            }
+        }
+        for s in 0..space.seg_state.len() {
+            if space.seg_live[s] > 0 && space.seg_state[s] == SegState::Free {
+                space.set_state(s as u32, SegState::Sealed { seq: seq_end });
+            }
+        }
+        // New chains for the new epoch: an open segment per shard first, then next segments
+        // only beyond the reserve the running pool keeps (the recovery checkpoint needs it).
+        let epoch = image.epoch + 1;
+        let ckpt_reserve = {
+            let mut pages = 0u64;
+            for v in table.by_name.values() {
+                for m in &v.maps {
+                    pages += m.lock().present_pages();
+                }
+            }
+            let est = checkpoint::estimate_bytes(
+                pages,
+                space.live_blocks,
+                table.by_name.len() as u64,
+                nshards as u64,
+            );
+            // As `Inner::reserve_segments` will keep back.
+            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
+        };
+        // A shard's new chain continues its old one just past the last replayed record when
+        // that segment has room: otherwise every open would strand a partly filled segment per
+        // shard, and a full pool could not be opened at all. Replay starts at the checkpoint's
+        // position, so the segment's old header (old epoch) is never read for this chain.
+        // The move chain (the last) continues the old one, if the checkpoint had one.
+        let old_ends: Vec<Option<&ShardPosition>> = (0..nshards)
+            .map(|i| ends.get(i).filter(|_| i < old_shards))
+            .chain(std::iter::once(ends.get(old_shards)))
+            .collect();
+        // Continuing needs the segment's nonce (its header verified); an upgraded pool starts
+        // every chain afresh.
+        let mut starts: Vec<(u32, u32, Option<[u8; 16]>)> = Vec::new();
+        for old_end in old_ends {
+            let cont = old_end.filter(|e| {
+                !legacy
+                    && e.nonce.is_some()
+                    && e.segment != NO_SEGMENT
+                    && e.segment < geo.total_segments
+                    && u64::from(e.offset) + 2 * IO_ALIGN as u64 <= geo.segment_bytes
+            });
+            match cont {
+                Some(e) => {
+                    space.set_state(e.segment, SegState::Open);
+                    starts.push((e.segment, e.offset, e.nonce));
+                }
+                None => starts.push((NO_SEGMENT, SEGMENT_HEADER_BYTES as u32, None)),
+            }
+        }
+        // Fresh chains take segments the backing files hold when there are: on a full host
+        // file system a new segment's header could not be written.
+        if !pf.prefilled && !o.read_only {
+            mark_held_free(&*devices, &geo, &mut space);
+            // Data keeps off the held segments from the start (see `Inner::top_up_backed`).
+            space.backed_reserve = 2 * ckpt_reserve;
+        }
+        let mut refused = Vec::new();
+        for st in starts.iter_mut().filter(|st| st.2.is_none()) {
+            loop {
+                let seg = space
+                    .alloc_segment_for(SegState::Open, 0, SegUse::Metadata)
+                    .ok_or(Error::NoSpace)?;
+                st.0 = seg;
+                if pf.prefilled || o.read_only {
+                    break;
+                }
+                // Held, or room for it on the host: its header can be written.
+                let (dev, base) = geo.locate(seg);
+                match devices.preallocate(dev, base, geo.segment_bytes) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => refused.push(seg),
+                    _ => break,
+                }
+            }
+        }
+        for s in refused {
+            space.set_state(s, SegState::Free);
+        }
+        let mut positions = Vec::new();
+        for (i, (seg, offset, nonce)) in starts.into_iter().enumerate() {
+            let next = space
+                .alloc_segment(SegState::Next, ckpt_reserve)
+                .unwrap_or(NO_SEGMENT);
+            let nonce = match nonce {
+                Some(n) => n,
+                // Read-only: no chain is written to.
+                None if o.read_only => [0; 16],
+                None => {
+                    let n = crate::format::random_bytes().map_err(|source| Error::File {
+                        path: abs[0].clone(),
+                        source,
+                    })?;
+                    let mut buf = AlignedBuf::new(IO_ALIGN);
+                    SegmentHeader {
+                        kind: SegmentKind::Data,
+                        segment: seg,
+                        shard: i as u16,
+                        pool_uuid: newest.pool_uuid,
+                        epoch,
+                        next_segment: next,
+                        nonce: n,
+                    }
+                    .encode(&mut buf, &log_key);
+                    let (dev, b) = geo.locate(seg);
+                    devices.write_at(dev, &buf, b).map_err(|source| Error::Io {
+                        device: dev,
+                        offset: b,
+                        source,
+                    })?;
+                    n
+                }
+            };
+            positions.push(ShardPosition {
+                segment: seg,
+                offset,
+                next,
+                shard_seq: 0,
+                nonce: Some(nonce),
+            });
+        }
+        let (ftx, frx) = crossbeam_channel::unbounded();
+        let (ktx, krx) = crossbeam_channel::bounded(1);
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..=nshards {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
+        let usable_bytes = usable_bytes(&geo, nshards);
+        let inner = Arc::new(Inner {
+            devices: devices.clone(),
+            geo,
+            pool_uuid: newest.pool_uuid,
+            log_key,
+            nonce_counter: AtomicU64::new(0),
+            read_only: o.read_only,
+            host_tight: AtomicBool::new(false),
+            host_free: AtomicU64::new(u64::MAX),
+            host_unallocated: AtomicU64::new(0),
+            host_seen_ms: AtomicU64::new(0),
+            ckpt_at_ms: AtomicU64::new(0),
+            host_epoch: std::time::Instant::now(),
+            epoch,
+            space: Mutex::new(space),
+            seq: AtomicU64::new(seq_end),
+            shard_stats: (0..=nshards).map(|_| ShardStats::default()).collect(),
+            // The mover (the last worker) only writes: no cache.
+            caches: (0..=nshards)
+                .map(|i| {
+                    let bytes = if i < nshards {
+                        cache_capacity / nshards as u64
+                    } else {
+                        0
+                    };
+                    Mutex::new(BlockCache::new(bytes))
+                })
+                .collect(),
+            counters: Counters::default(),
+            flusher: ftx,
+            chain_broken: AtomicBool::new(false),
+            senders,
+            data_shards: nshards,
+            volumes: RwLock::new(table),
+            ckpt: Mutex::new(CkptState {
+                generation: newest.generation,
+                segments: ckpt_segs,
+                prev_segments: Vec::new(),
+                seq_end: image.seq,
+                both_seq: image.seq,
+                written_at_last: 0,
+            }),
+            superblocks: sbs,
+            closed: AtomicBool::new(false),
+            kick: ktx,
+            ckpt_wanted: AtomicBool::new(false),
+            cache_capacity,
+            checkpoint_interval: o.checkpoint_interval_bytes.max(64 << 20),
+            discard_freed: !pf.prefilled,
+            gc_lock: Mutex::new(()),
+            gc_stuck: AtomicBool::new(false),
+            usable_bytes,
+            dedup: Mutex::new(dedup),
+            dedup_key_mask,
+            fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
+            // A sixty-fourth of the capacity at most: the last `write_back_limit` bytes are
+            // kept for early writes, which must not cost a small pool a visible share.
+            write_back_limit: o.write_back_bytes.min(usable_bytes / 64),
+            wb_bytes: AtomicU64::new(0),
+            wb_jobs: AtomicU64::new(0),
+            wb_total: AtomicU64::new(0),
+            wb_pending: (0..WB_PENDING_SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            wb_min_free: AtomicUsize::new(usize::MAX),
+            wb_budget: AtomicU64::new(0),
+        });
+        inner.update_write_back_floor();
+        if o.read_only {
+            for v in inner.volumes.read().by_name.values() {
+                v.read_only.store(true, Ordering::Relaxed);
+            }
+        }
+        inner.top_up_backed();
+        // The recovery checkpoint: the new epoch and chains are durable before any write.
+        if !o.read_only {
+            let (image, live_then) = inner.snapshot(seq_end, positions.clone());
+            let mut ck = inner.ckpt.lock();
+            inner.commit(&mut ck, &image, &live_then)?;
+            inner.space.lock().rebuild_free_ids();
+        }
+        inner.top_up_backed();
+        if inner.discard_freed && !o.read_only {
+            inner.note_unpunched_at_open();
+        }
+        let mut threads = Vec::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let queue = devices.queue(256).map_err(|source| Error::Io {
+                device: 0,
+                offset: 0,
+                source,
+            })?;
+            let pos = positions[i];
+            let name = if i < nshards {
+                format!("ingot-shard-{i}")
+            } else {
+                "ingot-mover".to_string()
+            };
+            let sv = inner.clone();
+            threads.push(spawn_supervised(name, &inner, move || {
+                Shard::new(i, sv, rx, queue, pos).run()
+            })?);
+        }
+        let fi = inner.clone();
+        threads.push(spawn_supervised(
+            "ingot-flusher".into(),
+            &inner,
+            move || flusher(fi, frx),
+        )?);
+        // Read-only: no checkpoints, no cleaning (moves would write).
+        if !o.read_only {
+            let ci = inner.clone();
+            threads.push(spawn_supervised(
+                "ingot-checkpointer".into(),
+                &inner,
+                move || checkpointer(ci, krx),
+            )?);
+        }
+        Ok(Pool {
+            inner,
+            threads: Mutex::new(threads),
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            _claim: claim,
+            halted: AtomicBool::new(false),
+        })
+    }
+}

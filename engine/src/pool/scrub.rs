@@ -1,0 +1,166 @@
+//! Scrub: read every stored block, verify its checksum, and rebuild reference counts and
+//! segment usage from the maps to compare them with the running ones.
+
+use crate::pool::Pool;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::api::{CheckReport, Problem, BLOCK_BYTES};
+use crate::format::IO_ALIGN;
+use crate::io::AlignedBuf;
+use crate::shard::{decode_entry, PayloadFault};
+use crate::volume::VolumeState;
+
+impl Pool {
+    /// Verify every stored block's checksum and the invariants: reference counts equal the
+    /// map entries pointing at each block, segment usage equals the sum of live block sizes.
+    /// `progress(done, total)` is called as blocks are verified.
+    pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> CheckReport {
+        let inner = &self.inner;
+        // Holding the checkpoint lock keeps segments and block ids from being reused meanwhile.
+        let _ck = inner.ckpt.lock();
+        let mut report = CheckReport::default();
+        let vols: Vec<Arc<VolumeState>> = inner.volumes.read().by_name.values().cloned().collect();
+        let (blocks, seg_live, stored_bytes) = {
+            let s = inner.space.lock();
+            (s.blocks.clone(), s.seg_live.clone(), s.stored_bytes)
+        };
+        let mut counted = vec![0u32; blocks.len()];
+        let mut owner: HashMap<u64, (String, u64)> = HashMap::new();
+        for v in &vols {
+            report.volumes_checked += 1;
+            for m in &v.maps {
+                let m = m.lock().clone();
+                for (lba, id) in m.iter() {
+                    match counted.get_mut(id as usize) {
+                        Some(c) if blocks[id as usize].refs > 0 => {
+                            *c += 1;
+                            owner.entry(id).or_insert_with(|| (v.name.clone(), lba));
+                        }
+                        _ => report.problems.push(Problem {
+                            kind: "location".into(),
+                            detail: format!(
+                                "volume {} block {lba} (byte {}) maps to block id {id}, which is not in the block table",
+                                v.name,
+                                lba * BLOCK_BYTES
+                            ),
+                        }),
+                    }
+                }
+            }
+        }
+        let mut live = vec![0u64; seg_live.len()];
+        let mut stored_total = 0u64;
+        for (id, b) in blocks.iter().enumerate() {
+            if b.refs != counted[id] {
+                report.problems.push(Problem {
+                    kind: "refcount".into(),
+                    detail: format!(
+                        "block id {id}: reference count {} but {} map entries point at it",
+                        b.refs, counted[id]
+                    ),
+                });
+            }
+            if b.refs > 0 {
+                if let Some(l) = live.get_mut(b.segment as usize) {
+                    *l += b.share();
+                }
+                stored_total += b.share();
+            }
+        }
+        for (s, (&want, &have)) in live.iter().zip(seg_live.iter()).enumerate() {
+            if want != have {
+                report.problems.push(Problem {
+                    kind: "segment_usage".into(),
+                    detail: format!("segment {s}: usage {have} bytes, blocks add up to {want}"),
+                });
+            }
+        }
+        if stored_total != stored_bytes {
+            report.problems.push(Problem {
+                kind: "stored_bytes".into(),
+                detail: format!(
+                    "pool accounts {stored_bytes} stored bytes, its blocks add up to {stored_total}"
+                ),
+            });
+        }
+        // Verify each stored payload once (a compressed group holds several blocks), in disk
+        // order, reading runs of adjacent payloads together.
+        let mut ids: Vec<u64> = (1..blocks.len() as u64)
+            .filter(|&id| blocks[id as usize].refs > 0)
+            .collect();
+        ids.sort_by_key(|&id| (blocks[id as usize].segment, blocks[id as usize].offset));
+        let total = ids.len() as u64;
+        let align = IO_ALIGN as u32;
+        let mut i = 0;
+        while i < ids.len() {
+            let first = blocks[ids[i] as usize];
+            let base = first.offset & !(align - 1);
+            let mut end = (first.offset + u32::from(first.stored_len)).next_multiple_of(align);
+            let mut j = i + 1;
+            while j < ids.len() && j - i < 4096 {
+                let b = blocks[ids[j] as usize];
+                let b_end = (b.offset + u32::from(b.stored_len)).next_multiple_of(align);
+                if b.segment != first.segment
+                    || b.offset & !(align - 1) > end
+                    || b_end - base > 4 << 20
+                {
+                    break;
+                }
+                end = end.max(b_end);
+                j += 1;
+            }
+            let mut buf = AlignedBuf::new((end - base) as usize);
+            let (dev, seg_base) = inner.geo.locate(first.segment);
+            let at = seg_base + u64::from(base);
+            let read = inner.devices.read_at(dev, &mut buf, at);
+            let all = bytes::Bytes::from_owner(buf);
+            let mut k = i;
+            while k < j {
+                let b = blocks[ids[k] as usize];
+                // The blocks sharing this payload.
+                let mut m = k + 1;
+                while m < j && blocks[ids[m] as usize].offset == b.offset {
+                    m += 1;
+                }
+                let fault: Option<(&str, String)> = match &read {
+                    Err(e) => Some(("io", format!("read failed: {e}"))),
+                    Ok(()) => decode_entry(&all, (b.offset - base) as usize, &b)
+                        .err()
+                        .map(|f| {
+                            let kind = match f {
+                                PayloadFault::Checksum { .. } => "checksum",
+                                PayloadFault::Undecodable { .. } => "decode",
+                                PayloadFault::Io { .. } => "io",
+                            };
+                            (kind, f.error(ids[k]).to_string())
+                        }),
+                };
+                for &id in &ids[k..m] {
+                    if let Some((kind, f)) = &fault {
+                        let who = owner
+                            .get(&id)
+                            .map(|(v, lba)| {
+                                format!("volume {v} block {lba} (byte {})", lba * BLOCK_BYTES)
+                            })
+                            .unwrap_or_default();
+                        report.problems.push(Problem {
+                            kind: (*kind).into(),
+                            detail: format!(
+                                "{who}: block id {id} at segment {} offset {}: {f}",
+                                b.segment, b.offset
+                            ),
+                        });
+                    }
+                    report.blocks_checked += 1;
+                }
+                report.bytes_checked += u64::from(b.stored_len);
+                k = m;
+            }
+            progress(report.blocks_checked, total);
+            i = j;
+        }
+        progress(report.blocks_checked, total);
+        report
+    }
+}

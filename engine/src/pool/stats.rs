@@ -1,0 +1,167 @@
+//! Pool statistics and the warnings `stats` gives.
+
+use crate::pool::{Inner, Pool};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::api::{ratio, Stats, WriteBreakdown, BLOCK_BYTES};
+use crate::cache::BlockCache;
+use crate::format::SEGMENT_HEADER_BYTES;
+use crate::space::SegState;
+use crate::volume::VolumeState;
+
+pub(crate) fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// The warning `stats` gives once stored data passes 85% of the usable capacity.
+pub(crate) fn space_warning(stored: u64, usable: u64) -> Option<String> {
+    let pct = stored as f64 * 100.0 / usable.max(1) as f64;
+    (pct >= 85.0).then(|| {
+        format!(
+            "pool is {pct:.0}% full: at 100% writes to unmapped blocks fail with ENOSPC \
+             (overwrites, trims and reads go on); trim or delete volumes, or add a larger pool"
+        )
+    })
+}
+
+impl Inner {
+    /// What `stats` says when the host file system cannot hold what the pool may still write.
+    pub(crate) fn host_warning(&self) -> Option<String> {
+        let free = self.host_free.load(Ordering::Relaxed);
+        let unallocated = self.host_unallocated.load(Ordering::Relaxed);
+        (free < unallocated).then(|| {
+            format!(
+                "the file system under the pool has {} free but the pool may still need {} \
+                 (a thin pool): the host will refuse writes (ENOSPC) when it runs out; grow it, \
+                 or create pools prefilled",
+                mib(free),
+                mib(unallocated)
+            )
+        })
+    }
+}
+
+impl Pool {
+    pub fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let mut volumes = self.volumes();
+        let states: Vec<Arc<VolumeState>> =
+            inner.volumes.read().by_name.values().cloned().collect();
+        // Lock order is checkpoint state, then space (as a checkpoint takes them): read the
+        // checkpoint's sequence number before taking the space lock.
+        let checkpoint_seq = inner.ckpt.lock().seq_end;
+        let space = inner.space.lock();
+        // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
+        for v in &states {
+            let Some(info) = volumes.iter_mut().find(|i| i.name == v.name) else {
+                continue;
+            };
+            let (mut unique, mut stored, mut mapped) = (0f64, 0f64, 0u64);
+            for m in &v.maps {
+                let m = m.lock();
+                for (_, id) in m.iter() {
+                    if let Some(b) = space.blocks.get(id as usize).filter(|b| b.refs > 0) {
+                        let r = f64::from(b.refs);
+                        unique += 1.0 / r;
+                        stored += b.share() as f64 / r;
+                        mapped += 1;
+                    }
+                }
+            }
+            info.unique_blocks = unique.round() as u64;
+            info.stored_bytes = stored.round() as u64;
+            info.dedup_ratio = ratio(mapped as f64, unique);
+            info.compression_ratio = ratio(unique * BLOCK_BYTES as f64, stored);
+            info.data_reduction_ratio = ratio((mapped * BLOCK_BYTES) as f64, stored);
+        }
+        let (index_bytes, index_entries, index_sampling) = {
+            let d = inner.dedup.lock();
+            (d.bytes(), d.len() as u64, 1u64 << d.sample_bits())
+        };
+        let logical: u64 = volumes.iter().map(|v| v.mapped_bytes).sum();
+        let seg = inner.geo.segment_bytes;
+        let total = u64::from(inner.geo.total_segments);
+        let cache_sum =
+            |f: fn(&BlockCache) -> u64| -> u64 { inner.caches.iter().map(|c| f(&c.lock())).sum() };
+        Stats {
+            capacity_bytes: total * seg,
+            usable_bytes: inner.usable_bytes,
+            space_warning: space_warning(space.stored_bytes, inner.usable_bytes),
+            host_warning: {
+                inner.refresh_host_space(true);
+                inner.host_warning()
+            },
+            host_free_bytes: inner.host_free.load(Ordering::Relaxed),
+            host_unallocated_bytes: inner.host_unallocated.load(Ordering::Relaxed),
+            halted: inner.fault.lock().clone(),
+            physical_used_bytes: (total - space.free_segments as u64) * seg,
+            logical_mapped_bytes: logical,
+            stored_bytes: space.stored_bytes,
+            segments_total: total,
+            segments_free: space.free_segments as u64,
+            segment_bytes: seg,
+            volumes,
+            client_written_bytes: inner.counters.client_written.load(Ordering::Relaxed),
+            device_written_bytes: inner.counters.device_written.load(Ordering::Relaxed),
+            cache_bytes: cache_sum(|c| c.len_bytes()),
+            cache_capacity_bytes: inner.cache_capacity,
+            cache_hits: cache_sum(|c| c.hits),
+            cache_misses: cache_sum(|c| c.misses),
+            checkpoint_seq,
+            last_seq: inner.seq.load(Ordering::Relaxed).saturating_sub(1),
+            io_engine: inner.devices.engine_name().to_string(),
+            shards: inner.shards(),
+            reclaimable_bytes: space
+                .seg_state
+                .iter()
+                .enumerate()
+                .filter(|(_, st)| matches!(st, SegState::Sealed { .. }))
+                .map(|(s, _)| (seg - SEGMENT_HEADER_BYTES).saturating_sub(space.seg_live[s]))
+                .sum(),
+            gc_bytes_moved: inner.counters.gc_moved.load(Ordering::Relaxed),
+            write_amplification: {
+                let client = inner.counters.client_written.load(Ordering::Relaxed);
+                let device = inner.counters.device_written.load(Ordering::Relaxed);
+                if client == 0 {
+                    0.0
+                } else {
+                    device as f64 / client as f64
+                }
+            },
+            segments_cleaning: inner.counters.gc_cleaning.load(Ordering::Relaxed),
+            gc_bytes_read: inner.counters.gc_read.load(Ordering::Relaxed),
+            gc_bytes_from_cache: inner.counters.gc_from_cache.load(Ordering::Relaxed),
+            gc_cache_mismatches: inner.counters.gc_cache_mismatches.load(Ordering::Relaxed),
+            unique_blocks: space.live_blocks,
+            dedup_ratio: ratio((logical / BLOCK_BYTES) as f64, space.live_blocks as f64),
+            compression_ratio: ratio(
+                (space.live_blocks * BLOCK_BYTES) as f64,
+                space.stored_bytes as f64,
+            ),
+            data_reduction_ratio: ratio(logical as f64, space.stored_bytes as f64),
+            dedup_index_bytes: index_bytes,
+            dedup_index_entries: index_entries,
+            dedup_index_sampling: index_sampling,
+            write_back_limit_bytes: inner.write_back_limit,
+            write_back_bytes: inner.wb_bytes.load(Ordering::Relaxed),
+            write_back_writes: inner.wb_total.load(Ordering::Relaxed),
+            device_written_breakdown: {
+                let c = &inner.counters;
+                let r = |k: usize, i: usize| c.records[k][i].load(Ordering::Relaxed);
+                WriteBreakdown {
+                    data_records: r(0, 0),
+                    data_entries: r(0, 1),
+                    data_bytes: r(0, 2),
+                    data_header_bytes: r(0, 3),
+                    move_records: r(1, 0),
+                    move_entries: r(1, 1),
+                    move_bytes: r(1, 2),
+                    move_header_bytes: r(1, 3),
+                    checkpoints: c.checkpoints.load(Ordering::Relaxed),
+                    checkpoint_bytes: c.checkpoint_bytes.load(Ordering::Relaxed),
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Reading the checkpoint a superblock points at.
+
+use crate::space::Geometry;
+
+use crate::checkpoint::{self, Image};
+use crate::error::{Error, Result};
+use crate::format::{SegmentHeader, SegmentKind, Superblock, NO_SEGMENT, SEGMENT_HEADER_BYTES};
+use crate::io::{AlignedBuf, Devices};
+
+/// Read and verify the checkpoint the superblock points at; returns it and its segments.
+pub(crate) fn read_checkpoint(
+    devices: &dyn Devices,
+    geo: &Geometry,
+    sb: &Superblock,
+) -> Result<(Image, Vec<u32>)> {
+    let per_seg = geo.segment_bytes - SEGMENT_HEADER_BYTES;
+    let len = sb.checkpoint_bytes;
+    if len > u64::from(geo.total_segments) * per_seg {
+        return Err(Error::Corrupt {
+            what: "checkpoint length",
+        });
+    }
+    let mut blob = Vec::with_capacity(len as usize);
+    let mut segs = Vec::new();
+    let mut seg = sb.checkpoint_segment;
+    while (blob.len() as u64) < len {
+        if seg == NO_SEGMENT || seg >= geo.total_segments || segs.contains(&seg) {
+            return Err(Error::Corrupt {
+                what: "checkpoint segment chain",
+            });
+        }
+        let want = (len - blob.len() as u64).min(per_seg) as usize;
+        let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + want);
+        let (dev, base) = geo.locate(seg);
+        let n = buf.len();
+        devices
+            .read_at(dev, &mut buf[..n], base)
+            .map_err(|source| Error::Io {
+                device: dev,
+                offset: base,
+                source,
+            })?;
+        let h =
+            SegmentHeader::decode_authentic(&buf, sb.log_key.as_ref()).ok_or(Error::Corrupt {
+                what: "checkpoint segment header",
+            })?;
+        if h.kind != SegmentKind::Checkpoint || h.segment != seg || h.pool_uuid != sb.pool_uuid {
+            return Err(Error::Corrupt {
+                what: "checkpoint segment header",
+            });
+        }
+        blob.extend_from_slice(
+            &buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + want],
+        );
+        segs.push(seg);
+        seg = h.next_segment;
+    }
+    if crc32fast::hash(&blob) != sb.checkpoint_crc {
+        return Err(Error::Corrupt {
+            what: "checkpoint checksum",
+        });
+    }
+    // Block ids outnumber the pool's 4 KiB slots: compressed blocks share payloads (8 blocks of
+    // a repeated byte take ~140 bytes), and ids freed since a checkpoint are reused only after
+    // it. A slot per 8 bytes bounds both; more is corruption, refused before the allocation.
+    let max_blocks = u64::from(geo.total_segments) * geo.segment_bytes / 8 + 1;
+    let image = checkpoint::decode(&blob, max_blocks)?;
+    Ok((image, segs))
+}

@@ -1,0 +1,278 @@
+//! Applying completed records to the maps and the block table, in sequence order.
+
+use super::{trim_owned, Shard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::api::BLOCK_BYTES;
+use crate::error::Error;
+
+use crate::lbamap::LbaMap;
+use crate::space::BlockEntry;
+use crate::volume::VolumeState;
+
+pub(crate) enum Apply {
+    Block {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        id: u64,
+        entry: BlockEntry,
+        /// The plaintext, for the cache.
+        plain: Bytes,
+        /// Dedup index key to record once the block is applied (dedup volumes only).
+        key: Option<u64>,
+    },
+    /// The LBA now maps to an existing block (a dedup hit).
+    Ref {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        id: u64,
+        /// The reference was taken when the hit was verified (a block already stored);
+        /// otherwise the block is placed earlier in the same record and the reference is taken
+        /// when applied.
+        pinned: bool,
+    },
+    Hole {
+        vol: Arc<VolumeState>,
+        lba: u64,
+    },
+    Trim {
+        vol: Arc<VolumeState>,
+        lba: u64,
+        count: u64,
+    },
+    Move {
+        id: u64,
+        from_segment: u32,
+        from_offset: u32,
+        entry: BlockEntry,
+    },
+    /// Writes to `vol` absorbed by later writes to the same blocks in the record (see
+    /// [`Shard::absorb`]): counted as client bytes when the record applies, as the writes
+    /// themselves would have been (not once the volume is deleted).
+    Absorbed {
+        vol: Arc<VolumeState>,
+        blocks: u64,
+    },
+}
+
+impl Shard {
+    /// Apply completed records at the head of the queue, in order, and acknowledge them.
+    pub(crate) fn apply_completed(&mut self) {
+        while self.inflight.front().is_some_and(|r| r.result.is_some()) {
+            let Some(rec) = self.inflight.pop_front() else {
+                break;
+            };
+            let mut ok = matches!(rec.result, Some(Ok(())));
+            if let (false, Some((dev, at)), Some(buf)) = (ok, rec.header_at, &rec.buf) {
+                // Every record after a failed segment header is unreachable by replay (some may
+                // already be on the device): write the header again, synchronously, before any
+                // of them is acknowledged.
+                ok = self.inner.devices.write_at(dev, buf, at).is_ok();
+                if !ok
+                    && rec
+                        .header_at
+                        .is_some_and(|(d, a)| (d, a) == self.open_header_at())
+                {
+                    self.header_ok = false;
+                }
+            }
+            if !ok {
+                if let Some(v) = rec.void {
+                    // Replay steps over the failed record once its header says `Void`; until
+                    // then the records after it are unreachable (a flush checkpoints).
+                    if !self.write_void(&v) {
+                        self.voids.push(v);
+                    }
+                }
+            } else if !self.voids.is_empty() && rec.shard_seq.is_some() {
+                self.retry_voids();
+            }
+            if !ok {
+                // Before `applied_shard_seq` moves past the failed record: a flusher that sees
+                // the new value must also see the broken chain, or it would only sync and let
+                // later records claim the missing one durable.
+                self.inner.chain_broken.store(true, Ordering::Release);
+            }
+            if let Some(ss) = rec.shard_seq {
+                self.inner.shard_stats[self.id]
+                    .applied_shard_seq
+                    .store(ss + 1, Ordering::Release);
+            }
+            if ok {
+                self.apply(rec.seq, rec.applies);
+            } else {
+                let mut space = self.inner.space.lock();
+                for a in &rec.applies {
+                    match a {
+                        Apply::Block { id, .. } => space.discard_id(*id, rec.seq),
+                        Apply::Ref {
+                            id, pinned: true, ..
+                        } => {
+                            space.drop_ref(*id, rec.seq);
+                        }
+                        _ => {}
+                    }
+                }
+                drop(space);
+                let (msg, no_room) = match &rec.result {
+                    Some(Err(e)) => (e.to_string(), e.raw_os_error() == Some(libc::ENOSPC)),
+                    _ => (String::new(), false),
+                };
+                if no_room {
+                    self.inner.note_host_full();
+                }
+                for p in &rec.parts {
+                    // The host file system had no room: the write fails as a full pool's do.
+                    p.fail(if no_room {
+                        Error::NoSpace
+                    } else {
+                        Error::Io {
+                            device: 0,
+                            offset: 0,
+                            source: std::io::Error::other(msg.clone()),
+                        }
+                    });
+                }
+                if rec.shard_seq.is_none() {
+                    // A segment header failed: the chain is broken until the next checkpoint.
+                    self.inner.kick_checkpoint();
+                }
+            }
+            for p in &rec.parts {
+                p.record_done();
+            }
+        }
+    }
+
+    pub(crate) fn apply(&mut self, seq: u64, applies: Vec<Apply>) {
+        let shards = self.inner.shards();
+        let me = self.id;
+        let mut written = 0u64;
+        let mut moved = 0u64;
+        let mut keys: Vec<(u64, u64)> = Vec::new();
+        // Cached after the locks are dropped: the space lock is the pool's, the cache only ours.
+        let mut cached = Vec::with_capacity(applies.len());
+        // Blocks this record left unreferenced: out of the cache, their slots serve the copies.
+        let mut dead: Vec<u64> = Vec::new();
+        let mut space = self.inner.space.lock();
+        // Records nearly always hold one volume: keep its map locked across entries.
+        let mut map: Option<(&Arc<VolumeState>, parking_lot::MutexGuard<'_, LbaMap>)> = None;
+        macro_rules! map_of {
+            ($vol:expr) => {{
+                if !map.as_ref().is_some_and(|(v, _)| Arc::ptr_eq(v, $vol)) {
+                    drop(map.take());
+                    map = Some(($vol, $vol.maps[me].lock()));
+                }
+                &mut map.as_mut().expect("just set").1
+            }};
+        }
+        for a in &applies {
+            match a {
+                Apply::Block {
+                    vol,
+                    lba,
+                    id,
+                    entry,
+                    plain,
+                    key,
+                } => {
+                    let generation = space.place(*id, *entry);
+                    if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
+                        space.discard_id(*id, seq);
+                        continue;
+                    }
+                    space.add_ref(*id);
+                    let old = map_of!(vol).set(*lba, *id);
+                    if old != 0 && space.drop_ref(old, seq) {
+                        dead.push(old);
+                    }
+                    cached.push((*id, generation, plain.clone()));
+                    if let Some(k) = key {
+                        keys.push((*k, *id));
+                    }
+                    written += BLOCK_BYTES;
+                }
+                Apply::Ref {
+                    vol,
+                    lba,
+                    id,
+                    pinned,
+                } => {
+                    if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
+                        if *pinned {
+                            space.drop_ref(*id, seq);
+                        }
+                        continue;
+                    }
+                    if !*pinned {
+                        space.add_ref(*id);
+                    }
+                    let old = map_of!(vol).set(*lba, *id);
+                    if old != 0 && space.drop_ref(old, seq) {
+                        dead.push(old);
+                    }
+                    written += BLOCK_BYTES;
+                }
+                Apply::Hole { vol, lba } => {
+                    let old = map_of!(vol).set(*lba, 0);
+                    if old != 0 && space.drop_ref(old, seq) {
+                        dead.push(old);
+                    }
+                    written += BLOCK_BYTES;
+                }
+                Apply::Trim { vol, lba, count } => {
+                    // Trimmed blocks stay cached until evicted: a trim can free millions.
+                    trim_owned(map_of!(vol), *lba, *count, me, shards, |old| {
+                        space.drop_ref(old, seq);
+                    });
+                }
+                Apply::Absorbed { vol, blocks } => {
+                    if !vol.deleted.load(Ordering::Acquire) {
+                        written += blocks * BLOCK_BYTES;
+                    }
+                }
+                Apply::Move {
+                    id,
+                    from_segment,
+                    from_offset,
+                    entry,
+                } => {
+                    if space.relocate(*id, *from_segment, *from_offset, entry) {
+                        moved += entry.share();
+                    }
+                }
+            }
+        }
+        drop(map);
+        drop(space);
+        if !cached.is_empty() || !dead.is_empty() {
+            let mut cache = self.cache();
+            for id in dead {
+                cache.forget(id);
+            }
+            for (id, generation, plain) in cached {
+                // A copy, not the client's buffer: kept, that buffer would pin its whole request
+                // in memory and make every write take fresh pages (measured: 4k writes at 72k
+                // IOPS while the cache filled, against 134k with the copy).
+                cache.insert_copy(id, generation, &plain);
+            }
+        }
+        if !keys.is_empty() {
+            let mut index = self.inner.dedup.lock();
+            for (k, id) in keys {
+                index.insert(k, id);
+            }
+        }
+        self.inner
+            .counters
+            .client_written
+            .fetch_add(written, Ordering::Relaxed);
+        self.inner
+            .counters
+            .gc_moved
+            .fetch_add(moved, Ordering::Relaxed);
+    }
+}

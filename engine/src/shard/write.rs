@@ -1,0 +1,408 @@
+//! The write path up to the record: splitting writes into blocks, zeroes and trims, and the
+//! dedup pass that turns blocks into references.
+
+use super::{decode_piece, is_zero, EarlyRange, Part, Shard, BLOCK};
+use crate::log::Item;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::api::BLOCK_BYTES;
+use crate::error::Error;
+use crate::format::{DataEntry, FLAG_REF, IO_ALIGN, MAP_PAGE_ENTRIES};
+use crate::io::{AlignedBuf, IoOp, OpKind};
+use crate::job::Job;
+use crate::lbamap::shard_of;
+use crate::reduce;
+use crate::space::BlockEntry;
+use crate::volume::VolumeState;
+
+/// Blocks one trim record covers at most (1 GiB): the unit in which a huge discard is applied.
+pub(crate) const TRIM_CHUNK_BLOCKS: u64 = 1 << 18;
+
+/// Log space of the last segment kept for trim records, so a full pool can still be trimmed.
+pub(crate) const TRIM_RESERVE_BYTES: u64 = 64 << 10;
+
+/// A stored payload read to verify dedup candidates against the blocks being written.
+pub(crate) struct VerifyRead {
+    pub(crate) segment: u32,
+    pub(crate) offset: u32,
+    pub(crate) base: u32,
+    pub(crate) stored_len: u32,
+    pub(crate) crc: u32,
+    pub(crate) flags: u16,
+    /// (item index, candidate id, its generation, its index in the group)
+    pub(crate) cands: Vec<(usize, u64, u32, usize)>,
+}
+
+impl Shard {
+    // ---------------------------------------------------------------- writes
+
+    pub(crate) fn write(&mut self, vol: Arc<VolumeState>, offset: u64, data: Bytes, job: Arc<Job>) {
+        let early = job.is_write_back() && !data.is_empty();
+        let part = Part::new(job);
+        part.records.set(1);
+        if early {
+            // Counted when received (see `run`); uncounted when the part finishes.
+            *part.early.borrow_mut() = Some(EarlyRange {
+                set: self.unapplied.clone(),
+                vol: vol.id,
+                first: offset / BLOCK_BYTES,
+                last: (offset + data.len() as u64 - 1) / BLOCK_BYTES,
+            });
+        }
+        let end = offset + data.len() as u64;
+        if self.over_capacity(&vol, offset, end, early) {
+            part.fail(Error::NoSpace);
+            self.held.push(part);
+            return;
+        }
+        let mut pos = offset;
+        while pos < end {
+            let lba = pos / BLOCK_BYTES;
+            let bstart = lba * BLOCK_BYTES;
+            let bend = bstart + BLOCK_BYTES;
+            let at = (pos - offset) as usize;
+            if pos == bstart && end >= bend {
+                let src = data.slice(at..at + BLOCK);
+                self.push_block(&vol, lba, src, &part);
+                pos = bend;
+                continue;
+            }
+            // Partial block: merge with the current contents, after everything in flight has
+            // landed so that no earlier write to this block is missed.
+            let upto = end.min(bend);
+            match self.settle_and_read(&vol, lba) {
+                Ok(mut block) => {
+                    let from = (pos - bstart) as usize;
+                    let n = (upto - pos) as usize;
+                    block[from..from + n].copy_from_slice(&data[at..at + n]);
+                    self.push_block(&vol, lba, Bytes::from(block), &part);
+                }
+                Err(e) => part.fail(e),
+            }
+            pos = upto;
+        }
+        self.held.push(part);
+    }
+
+    /// Whether this write would take stored data past the pool's usable capacity: only blocks
+    /// not mapped yet count (an overwrite frees what it replaces), so a full pool still takes
+    /// overwrites, and trims make room again.
+    pub(crate) fn over_capacity(
+        &self,
+        vol: &VolumeState,
+        offset: u64,
+        end: u64,
+        early: bool,
+    ) -> bool {
+        let space = self.inner.space.lock();
+        let stored = space.stored_bytes;
+        // The last `write_back_limit` bytes are kept for writes acknowledged early (at most that
+        // many are outstanding), so that a backlog of other writes can never leave one without
+        // room: those fail with ENOSPC first, as the client can still be told.
+        let usable = if early {
+            self.inner.usable_bytes
+        } else {
+            self.inner
+                .usable_bytes
+                .saturating_sub(self.inner.write_back_limit())
+        };
+        if stored + (end - offset) <= usable {
+            return false;
+        }
+        // New data: unmapped blocks, and blocks shared with a snapshot, clone or dedup peer
+        // (overwriting those frees nothing).
+        let n = self.inner.shards();
+        let new = (offset / BLOCK_BYTES..end.div_ceil(BLOCK_BYTES))
+            .filter(|&lba| {
+                if shard_of(lba, n) != self.id {
+                    return false;
+                }
+                let id = vol.lookup(lba);
+                id == 0 || space.blocks.get(id as usize).is_some_and(|e| e.refs > 1)
+            })
+            .count() as u64;
+        new > 0 && stored + new * BLOCK_BYTES > usable
+    }
+
+    pub(crate) fn zero(&mut self, vol: Arc<VolumeState>, offset: u64, len: u64, job: Arc<Job>) {
+        let part = Part::new(job);
+        part.records.set(1);
+        let end = offset + len;
+        let first_full = offset.div_ceil(BLOCK_BYTES);
+        let end_full = end / BLOCK_BYTES;
+        // Partial blocks at either end are rewritten with zeroes in place.
+        let mut partial = Vec::new();
+        if offset % BLOCK_BYTES != 0 {
+            partial.push((offset, end.min((offset / BLOCK_BYTES + 1) * BLOCK_BYTES)));
+        }
+        // The tail block, unless the head partial above is that same block.
+        if end % BLOCK_BYTES != 0 && (offset % BLOCK_BYTES == 0 || end_full != offset / BLOCK_BYTES)
+        {
+            partial.push((end / BLOCK_BYTES * BLOCK_BYTES, end));
+        }
+        for (from, to) in partial {
+            let lba = from / BLOCK_BYTES;
+            if shard_of(lba, self.inner.shards()) != self.id {
+                continue;
+            }
+            match self.settle_and_read(&vol, lba) {
+                Ok(mut block) => {
+                    let a = (from - lba * BLOCK_BYTES) as usize;
+                    let b = (to - lba * BLOCK_BYTES) as usize;
+                    block[a..b].fill(0);
+                    self.push_block(&vol, lba, Bytes::from(block), &part);
+                }
+                Err(e) => part.fail(e),
+            }
+        }
+        // A huge discard becomes one record per chunk: each applies under the space lock on
+        // its own, so other shards' I/O interleaves instead of waiting for the whole range.
+        let mut lba = first_full;
+        while lba < end_full {
+            let count = (end_full - lba).min(TRIM_CHUNK_BLOCKS);
+            self.items.push(Item::Trim {
+                vol: vol.clone(),
+                lba,
+                count,
+                part: part.clone(),
+            });
+            lba += count;
+        }
+        self.held.push(part);
+    }
+
+    pub(crate) fn push_block(
+        &mut self,
+        vol: &Arc<VolumeState>,
+        lba: u64,
+        src: Bytes,
+        part: &Rc<Part>,
+    ) {
+        let item = if is_zero(&src) {
+            Item::Hole {
+                vol: vol.clone(),
+                lba,
+                part: part.clone(),
+            }
+        } else {
+            Item::Data {
+                vol: vol.clone(),
+                lba,
+                // Keyed by the pool's secret and the volume's dedup domain (`reduce`).
+                fp: vol.fingerprint(self.id, &src),
+                src,
+                part: part.clone(),
+            }
+        };
+        self.items.push(item);
+    }
+
+    /// Replace new blocks that duplicate stored ones with references to them. Candidates come
+    /// from the dedup index and are compared byte for byte (from the cache, or read from the
+    /// device in one batch); each hit holds a reference from here until its record applies.
+    pub(crate) fn dedup_pass(&mut self, items: &mut Vec<Item>) {
+        let mut cands: Vec<(usize, u64)> = Vec::new();
+        {
+            let index = self.inner.dedup.lock();
+            if index.is_empty() {
+                return;
+            }
+            for (i, it) in items.iter().enumerate() {
+                if let Item::Data { vol, fp, .. } = it {
+                    if vol.dedup.load(Ordering::Relaxed) {
+                        if let Some(id) = index.get(self.inner.dedup_key(*fp)) {
+                            cands.push((i, id));
+                        }
+                    }
+                }
+            }
+        }
+        if cands.is_empty() {
+            return;
+        }
+        // Pin every live candidate so it cannot be freed (and its id reused) meanwhile.
+        let pinned: Vec<(usize, u64, BlockEntry)> = {
+            let mut space = self.inner.space.lock();
+            cands
+                .into_iter()
+                .filter_map(|(i, id)| {
+                    let e = space.get(id)?;
+                    space.add_ref(id);
+                    Some((i, id, e))
+                })
+                .collect()
+        };
+        let mut hit: Vec<Option<u64>> = vec![None; items.len()];
+        let mut misses: Vec<u64> = Vec::new();
+        let mut reads: HashMap<(u32, u32), VerifyRead> = HashMap::new();
+        for (i, id, e) in pinned {
+            let Item::Data { src, .. } = &items[i] else {
+                continue;
+            };
+            if let Some(c) = self.cache().get(id, e.generation) {
+                if c[..] == src[..] {
+                    hit[i] = Some(id);
+                } else {
+                    misses.push(id);
+                }
+                continue;
+            }
+            let base = e.offset & !(IO_ALIGN as u32 - 1);
+            reads
+                .entry((e.segment, e.offset))
+                .or_insert_with(|| VerifyRead {
+                    segment: e.segment,
+                    offset: e.offset,
+                    base,
+                    stored_len: u32::from(e.stored_len),
+                    crc: e.crc,
+                    flags: e.flags,
+                    cands: Vec::new(),
+                })
+                .cands
+                .push((i, id, e.generation, reduce::group_of(e.flags).0));
+        }
+        for (_, v) in reads {
+            let (dev, seg_base) = self.inner.geo.locate(v.segment);
+            let len =
+                ((v.offset + v.stored_len).next_multiple_of(IO_ALIGN as u32) - v.base) as usize;
+            let tag = self.tag();
+            self.queue.push(IoOp {
+                kind: OpKind::Read,
+                dev,
+                offset: seg_base + u64::from(v.base),
+                len,
+                // SAFETY: a read fills the whole buffer before anything looks at it.
+                buf: unsafe { AlignedBuf::new_uninit(len) },
+                tag,
+            });
+            self.verifying.insert(tag, v);
+        }
+        while !self.verifying.is_empty() {
+            if self.queue.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = self.queue.submit(1) {
+                self.fail_all_inflight(e);
+                break;
+            }
+            self.reap();
+        }
+        // Reads whose completion vanished count as misses.
+        for (_, v) in std::mem::take(&mut self.verifying) {
+            misses.extend(v.cands.iter().map(|c| c.1));
+        }
+        for (v, d) in std::mem::take(&mut self.verified) {
+            let plain = match d.result {
+                Ok(()) => {
+                    let all = Bytes::from_owner(d.buf);
+                    let at = (v.offset - v.base) as usize;
+                    decode_piece(&all, at, v.segment, v.offset, v.stored_len, v.crc, v.flags).ok()
+                }
+                Err(_) => None,
+            };
+            for &(i, id, generation, index) in &v.cands {
+                let block = plain
+                    .as_ref()
+                    .map(|p| p.slice(index * BLOCK..(index + 1) * BLOCK));
+                match (&items[i], block) {
+                    (Item::Data { src, .. }, Some(b)) if b[..] == src[..] => {
+                        hit[i] = Some(id);
+                        self.cache().insert(id, generation, b);
+                    }
+                    _ => misses.push(id),
+                }
+            }
+        }
+        if !misses.is_empty() {
+            let seq = self.inner.seq.load(Ordering::Acquire);
+            let mut space = self.inner.space.lock();
+            for id in misses {
+                space.drop_ref(id, seq);
+            }
+        }
+        if hit.iter().all(Option::is_none) {
+            return;
+        }
+        let old = std::mem::take(items);
+        items.extend(old.into_iter().zip(hit).map(|(it, h)| match (it, h) {
+            (
+                Item::Data {
+                    vol, lba, fp, part, ..
+                },
+                Some(id),
+            ) => Item::Ref {
+                vol,
+                lba,
+                id,
+                fp,
+                part,
+            },
+            (it, _) => it,
+        }));
+    }
+
+    /// Give back the references dedup hits hold (their records will not be written).
+    pub(crate) fn unpin<'a>(&self, items: impl Iterator<Item = &'a Item>) {
+        let ids: Vec<u64> = items
+            .filter_map(|i| match i {
+                Item::Ref { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let seq = self.inner.seq.load(Ordering::Acquire);
+        let mut space = self.inner.space.lock();
+        for id in ids {
+            space.drop_ref(id, seq);
+        }
+    }
+}
+
+/// Clear `lba..lba+count` in the pages of `map` that `shard` owns, calling `freed` for each
+/// block id removed. Cost is per page, not per block, for pages that are holes already.
+pub(crate) fn trim_owned(
+    map: &mut crate::lbamap::LbaMap,
+    lba: u64,
+    count: u64,
+    shard: usize,
+    shards: usize,
+    mut freed: impl FnMut(u64),
+) {
+    let end = (lba + count).min(map.pages.len() as u64 * MAP_PAGE_ENTRIES);
+    let mut pos = lba;
+    while pos < end {
+        let page = pos / MAP_PAGE_ENTRIES;
+        let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
+        if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
+            for l in pos..page_end {
+                let old = map.set(l, 0);
+                if old != 0 {
+                    freed(old);
+                }
+            }
+        }
+        pos = page_end;
+    }
+}
+
+/// The log entry of a dedup reference: `lba` now maps to the stored block `id`.
+pub(crate) fn ref_entry(vol: &VolumeState, lba: u64, id: u64, fp: u128) -> DataEntry {
+    DataEntry {
+        volume: vol.id,
+        flags: FLAG_REF,
+        lba,
+        block_id: id,
+        fingerprint: fp.to_le_bytes(),
+        payload_offset: 0,
+        stored_len: 0,
+        payload_crc: 0,
+    }
+}

@@ -1,0 +1,70 @@
+//! Reserves: segments kept back so that checkpoints, new chains and the cleaner never dead-lock
+//! on a full pool, and the usable capacity that follows from them.
+
+use crate::{pool::Inner, space::Geometry};
+
+use crate::api::BLOCK_BYTES;
+use crate::checkpoint::{self};
+use crate::format::SEGMENT_HEADER_BYTES;
+
+/// Share of the data segments kept free for the cleaner when the pool is full. At 100% of the
+/// usable capacity, sealed segments are then at most ~90% live, where cleaning costs about 5
+/// bytes moved per byte written under uniform random overwrites: the cliff log-structured stores
+/// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
+pub(crate) const GC_HEADROOM: f64 = 0.10;
+
+/// Payload bytes a pool of this geometry takes: its segments less what a full pool's checkpoint
+/// (one held, one being written, and a spare), the shards' open and next segments, the data
+/// reserve and the per-block log entries need, less the cleaner's headroom. Assumes
+/// uncompressed blocks; compressed ones take less payload each, and the running pool's own
+/// reserve (from the real block count) still holds writes back if checkpoints grow past it.
+pub(crate) fn usable_bytes(geo: &Geometry, shards: usize) -> u64 {
+    let per_seg = geo.segment_bytes - SEGMENT_HEADER_BYTES;
+    let total = u64::from(geo.total_segments);
+    let entry = crate::format::DataEntry::BYTES as u64;
+    let blocks = total * per_seg / (BLOCK_BYTES + entry);
+    let pages = blocks.div_ceil(crate::format::MAP_PAGE_ENTRIES);
+    let ckpt_segs = checkpoint::estimate_bytes(pages, blocks, 1, shards as u64).div_ceil(per_seg);
+    let fixed = 2 * ckpt_segs + 1 + 3 * shards as u64;
+    let data_segs = total.saturating_sub(fixed);
+    let payload = data_segs * per_seg / (BLOCK_BYTES + entry) * BLOCK_BYTES;
+    (payload as f64 * (1.0 - GC_HEADROOM)) as u64
+}
+
+impl Inner {
+    /// Segments kept back from data so that a checkpoint always fits, and one per chain so
+    /// that the next open can start its chains even when the pool is full.
+    pub fn reserve_segments(&self) -> usize {
+        self.reserve_segments_with(0, 0)
+    }
+
+    /// The same with `pages` more map pages in `volumes` more volumes (a copy about to be made).
+    pub(crate) fn reserve_segments_with(&self, extra_pages: u64, extra_volumes: u64) -> usize {
+        let vols = self.volumes.read();
+        let mut pages = extra_pages;
+        for v in vols.by_name.values() {
+            for m in &v.maps {
+                pages += m.lock().present_pages();
+            }
+        }
+        let blocks = self.space.lock().live_blocks;
+        let est = checkpoint::estimate_bytes(
+            pages,
+            blocks,
+            vols.by_name.len() as u64 + extra_volumes,
+            self.chains() as u64,
+        );
+        est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.chains()
+    }
+
+    /// Segments only a checkpoint may use: one checkpoint's worth and a spare.
+    pub fn ckpt_reserve(&self) -> usize {
+        self.reserve_segments() - self.chains()
+    }
+
+    /// Below this many free segments data writes stop (checkpoints, trims and the cleaner
+    /// keep the rest).
+    pub fn data_reserve(&self) -> usize {
+        self.reserve_segments() + self.shards()
+    }
+}
