@@ -17,6 +17,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("syncing the devices failed: {source}")]
+    Sync {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     File {
         path: PathBuf,
@@ -94,6 +99,10 @@ pub enum Error {
     /// restart recovers it.
     #[error("the pool stopped after an internal failure ({reason}); restart to recover")]
     Halted { reason: String },
+    /// One failure reported to several waiters (a group flush): each gets the same error,
+    /// with its cause.
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
     /// A broken invariant caught at run time (a bug), reported instead of a panic.
     #[error("internal error: {what}")]
     Internal { what: &'static str },
@@ -134,6 +143,14 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// The error itself, looking through [`Error::Shared`].
+    pub fn inner(&self) -> &Error {
+        match self {
+            Error::Shared(e) => e.inner(),
+            e => e,
+        }
+    }
+
     /// The protocol-neutral kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -149,7 +166,10 @@ impl Error {
             Error::VolumeExists(_) => ErrorKind::AlreadyExists,
             Error::Locked { .. } | Error::DeviceInUse { .. } => ErrorKind::Busy,
             Error::ChecksumMismatch { .. } => ErrorKind::Integrity,
-            Error::Io { .. } | Error::File { .. } | Error::Undecodable { .. } => ErrorKind::Media,
+            Error::Io { .. }
+            | Error::Sync { .. }
+            | Error::File { .. }
+            | Error::Undecodable { .. } => ErrorKind::Media,
             Error::NotAPool { .. }
             | Error::UnsupportedVersion { .. }
             | Error::Corrupt { .. }
@@ -158,6 +178,7 @@ impl Error {
             | Error::ForeignDevice { .. } => ErrorKind::BadPool,
             Error::ShutDown => ErrorKind::ShuttingDown,
             Error::Halted { .. } | Error::Internal { .. } => ErrorKind::Internal,
+            Error::Shared(e) => e.kind(),
         }
     }
 }

@@ -9,7 +9,8 @@ use parking_lot::Mutex;
 
 use crate::api::{Completion, Reply};
 use crate::error::Error;
-use crate::pool::Inner;
+use crate::health::Health;
+use crate::write_back::EarlyWrites;
 
 pub(crate) struct Job {
     remaining: AtomicUsize,
@@ -31,9 +32,10 @@ pub(crate) struct Job {
 
 /// An early-acknowledged write still being stored.
 pub(crate) struct WriteBack {
-    pub inner: Arc<Inner>,
+    pub health: Arc<Health>,
+    pub early: Arc<EarlyWrites>,
     /// For the message if it is lost (a reference, not a copy of the name per write).
-    pub volume: Arc<crate::volume::VolumeState>,
+    pub volume: Arc<crate::map::VolumeState>,
     pub offset: u64,
     pub len: u64,
 }
@@ -44,15 +46,14 @@ impl WriteBack {
     fn finish(self, result: Result<(), &Error>) {
         // The fault first: a flush that sees the counters drop must also see the pool halted.
         if let Err(e) = result {
-            self.inner.set_fault(format!(
+            self.health.set_fault(format!(
                 "a write acknowledged before it was stored ({} bytes at offset {} of volume {}) \
                  could not be stored: {e}",
                 self.len, self.offset, self.volume.name
             ));
         }
-        self.inner
-            .mark_early(self.volume.id, self.offset, self.len, true);
-        self.inner.write_back_done(self.len);
+        self.early.mark(self.volume.id, self.offset, self.len, true);
+        self.early.done(self.len);
     }
 }
 
@@ -127,7 +128,7 @@ impl Job {
         Job::make(parts, Some(len), true, None, Some(Answer::new(done)), None)
     }
 
-    /// A write acknowledged already (`Inner::write_back_admits` took its bytes): no
+    /// A write acknowledged already (`EarlyWrites::admits` took its bytes): no
     /// completion left to run, only `wb` to finish.
     pub fn new_write_back(parts: usize, wb: WriteBack) -> Arc<Job> {
         Job::make(parts, None, false, None, None, Some(wb))

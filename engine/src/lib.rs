@@ -5,14 +5,16 @@
 pub mod api;
 mod cache;
 mod checkpoint;
+mod context;
 mod counters;
 pub mod error;
 pub mod format;
 mod gc;
+mod health;
 pub mod io;
 mod job;
-mod lbamap;
 mod log;
+mod map;
 mod pool;
 mod recovery;
 pub mod reduce;

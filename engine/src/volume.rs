@@ -1,144 +1,29 @@
 //! Per-volume runtime state and the [`Volume`] handle front ends use.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
 
-use crate::api::{
-    check_range, Completion, DedupDomain, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES,
-};
+use crate::api::{check_range, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
 use crate::job::{FlushMsg, Job, WriteBack};
-use crate::lbamap::{shard_of, LbaMap};
-use crate::pool::Inner;
-use crate::reduce::FingerprintKey;
+use crate::map::shard_of;
+use crate::map::VolumeState;
 use crate::shard::ShardMsg;
+use crate::shard::Workers;
 
 /// Longest read (in blocks) that [`Volume::submit`] tries to serve from the block cache on the
 /// caller's thread: the lookups hold the space lock, so they stay few.
 const MAX_CACHED_READ_BLOCKS: usize = 16;
 
-pub(crate) struct VolumeState {
-    pub id: u32,
-    pub name: String,
-    pub size_bytes: AtomicU64,
-    /// One map per shard (each holds the pages that shard owns).
-    pub maps: Vec<Mutex<LbaMap>>,
-    pub deleted: AtomicBool,
-    /// New blocks are deduplicated against stored ones.
-    pub dedup: AtomicBool,
-    /// New blocks are compressed.
-    pub compress: AtomicBool,
-    /// A snapshot: writes, zeroes and trims are refused.
-    pub read_only: AtomicBool,
-    /// The volume's dedup domain.
-    domain: RwLock<DedupDomain>,
-    /// The key its new blocks are fingerprinted under, one copy per shard so that shards
-    /// writing the volume at once never share a lock's cache line.
-    fp_keys: Vec<PerShard<Mutex<FingerprintKey>>>,
-}
-
-/// A value alone on its cache line.
-#[repr(align(64))]
-struct PerShard<T>(T);
-
-impl VolumeState {
-    pub fn new(id: u32, name: String, size_bytes: u64, shards: usize) -> Self {
-        let blocks = size_bytes.div_ceil(BLOCK_BYTES);
-        VolumeState {
-            id,
-            name,
-            size_bytes: AtomicU64::new(size_bytes),
-            maps: (0..shards)
-                .map(|_| Mutex::new(LbaMap::new(blocks)))
-                .collect(),
-            deleted: AtomicBool::new(false),
-            dedup: AtomicBool::new(true),
-            compress: AtomicBool::new(true),
-            read_only: AtomicBool::new(false),
-            domain: RwLock::new(DedupDomain::Shared),
-            // Replaced by `set_dedup_domain` before the volume is published (this placeholder
-            // key is derived from no secret).
-            fp_keys: (0..shards)
-                .map(|_| PerShard(Mutex::new(FingerprintKey::derive(&[0; 32], b"unset"))))
-                .collect(),
-        }
-    }
-
-    /// Put the volume in dedup domain `d` of the pool whose secret is `pool_key`: its new
-    /// blocks are fingerprinted under that domain's key from now on.
-    pub fn set_dedup_domain(&self, d: DedupDomain, pool_key: &[u8; 32]) {
-        let key = FingerprintKey::derive(pool_key, &d.id_bytes(self.id));
-        let mut domain = self.domain.write();
-        for k in &self.fp_keys {
-            *k.0.lock() = key.clone();
-        }
-        *domain = d;
-    }
-
-    pub fn dedup_domain(&self) -> DedupDomain {
-        self.domain.read().clone()
-    }
-
-    /// Fingerprint of a new block of this volume written by shard `shard`, under its domain's
-    /// key (`reduce::FingerprintKey`).
-    pub fn fingerprint(&self, shard: usize, block: &[u8]) -> u128 {
-        self.fp_keys[shard % self.fp_keys.len()]
-            .0
-            .lock()
-            .fingerprint(block)
-    }
-
-    /// Checkpoint flags (`format::VOLUME_NO_DEDUP`, `format::VOLUME_NO_COMPRESSION`).
-    pub fn flags(&self) -> u16 {
-        let mut f = 0;
-        if !self.dedup.load(Ordering::Relaxed) {
-            f |= crate::format::VOLUME_NO_DEDUP;
-        }
-        if !self.compress.load(Ordering::Relaxed) {
-            f |= crate::format::VOLUME_NO_COMPRESSION;
-        }
-        if self.read_only.load(Ordering::Relaxed) {
-            f |= crate::format::VOLUME_READ_ONLY;
-        }
-        f
-    }
-
-    pub fn set_flags(&self, f: u16) {
-        self.dedup
-            .store(f & crate::format::VOLUME_NO_DEDUP == 0, Ordering::Relaxed);
-        self.compress.store(
-            f & crate::format::VOLUME_NO_COMPRESSION == 0,
-            Ordering::Relaxed,
-        );
-        self.read_only
-            .store(f & crate::format::VOLUME_READ_ONLY != 0, Ordering::Relaxed);
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size_bytes.load(Ordering::Acquire)
-    }
-
-    pub fn blocks(&self) -> u64 {
-        self.size().div_ceil(BLOCK_BYTES)
-    }
-
-    pub fn lookup(&self, lba: u64) -> u64 {
-        self.maps[shard_of(lba, self.maps.len())].lock().get(lba)
-    }
-
-    pub fn mapped_blocks(&self) -> u64 {
-        self.maps.iter().map(|m| m.lock().mapped).sum()
-    }
-}
-
 /// A handle on one volume. Cheap to clone; stays valid (and fails requests) after deletion.
 #[derive(Clone)]
 pub struct Volume {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) workers: Arc<Workers>,
     pub(crate) state: Arc<VolumeState>,
 }
 
@@ -169,12 +54,12 @@ impl Volume {
     }
 
     fn submit_with(&self, req: Request, pieces: bool, done: Completion) {
-        let inner = &self.inner;
-        if inner.is_faulted() {
-            done(Err(inner.halted()));
+        let ctx = &self.ctx;
+        if ctx.health.is_faulted() {
+            done(Err(ctx.health.halted()));
             return;
         }
-        if inner.is_closed() || self.state.deleted.load(Ordering::Acquire) {
+        if ctx.health.is_closed() || self.state.deleted.load(Ordering::Acquire) {
             let e = if self.state.deleted.load(Ordering::Acquire) {
                 Error::VolumeNotFound(self.state.name.clone())
             } else {
@@ -200,7 +85,7 @@ impl Volume {
                 (*offset, *len, *fua)
             }
             Request::Flush => {
-                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = inner
+                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = ctx
                     .flusher
                     .send(FlushMsg::Flush(crate::job::Answer::new(done)))
                 {
@@ -232,14 +117,14 @@ impl Volume {
             }
         }
         let parts = match req {
-            Request::Read { .. } | Request::Write { .. } => split(offset, len, inner.shards()),
+            Request::Read { .. } | Request::Write { .. } => split(offset, len, ctx.shards()),
             // A zero/trim part covers the whole range; each shard handles the pages it owns.
             _ => {
-                let p = split(offset, len, inner.shards());
+                let p = split(offset, len, ctx.shards());
                 if p.len() <= 1 {
                     p
                 } else {
-                    (0..inner.shards()).map(|s| (s, offset, len)).collect()
+                    (0..ctx.shards()).map(|s| (s, offset, len)).collect()
                 }
             }
         };
@@ -249,11 +134,12 @@ impl Volume {
         let early = matches!(req, Request::Write { fua: false, .. })
             && offset % BLOCK_BYTES == 0
             && len % BLOCK_BYTES == 0
-            && inner.write_back_admits(len);
+            && ctx.write_back.admits(len, &ctx.health, &ctx.gc_stuck);
         let (job, ack) = if early {
-            inner.mark_early(self.state.id, offset, len, false);
+            ctx.write_back.mark(self.state.id, offset, len, false);
             let wb = WriteBack {
-                inner: inner.clone(),
+                health: ctx.health.clone(),
+                early: ctx.write_back.clone(),
                 volume: self.state.clone(),
                 offset,
                 len,
@@ -262,7 +148,7 @@ impl Volume {
         } else if let (Some(n), true) = (read_len, pieces) {
             (Job::new_read_pieces(parts.len(), n, done), None)
         } else {
-            let fua_tx = fua.then(|| inner.flusher.clone());
+            let fua_tx = fua.then(|| ctx.flusher.clone());
             (Job::new(parts.len(), read_len, fua_tx, done), None)
         };
         for (shard, off, l) in parts {
@@ -288,7 +174,7 @@ impl Volume {
                     job: job.clone(),
                 },
             };
-            inner.send_to_shard(shard, msg);
+            self.workers.send(shard, msg);
         }
         if let Some(done) = ack {
             done(Ok(Reply::Done));
@@ -308,18 +194,18 @@ impl Volume {
         // the read after it. Counted before its acknowledgement and uncounted once applied, so
         // a zero here means any early write acknowledged before this read is in the map.
         if count > MAX_CACHED_READ_BLOCKS
-            || (first..=last).any(|lba| self.inner.early_pending(self.state.id, lba))
+            || (first..=last).any(|lba| self.ctx.write_back.pending(self.state.id, lba))
         {
             return None;
         }
-        let shards = self.inner.shards();
+        let shards = self.ctx.shards();
         // (block id, generation); id 0 is a hole.
         let mut found = [(0u64, 0u32); MAX_CACHED_READ_BLOCKS];
         {
             // Block ids are looked up under the space lock, as the shards apply records (space,
             // then map): the entry's generation is then the one of the id the map held, so a
             // block freed and reused meanwhile cannot be mistaken for this one in the cache.
-            let space = self.inner.space.lock();
+            let space = self.ctx.space.lock();
             for (slot, lba) in found.iter_mut().zip(first..=last) {
                 let id = self.state.maps[shard_of(lba, shards)].lock().get(lba);
                 if id != 0 {
@@ -328,7 +214,7 @@ impl Volume {
                 }
             }
         }
-        let cache_of = |lba: u64| self.inner.caches[shard_of(lba, shards)].lock();
+        let cache_of = |lba: u64| self.ctx.caches[shard_of(lba, shards)].lock();
         let n = len as usize;
         let from = (offset % BLOCK_BYTES) as usize;
         if count == 1 {
@@ -401,7 +287,7 @@ impl Volume {
     /// for), so a copy that skips holes misses nothing.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(offset, len, self.state.size(), u64::MAX)?;
-        self.inner.settle_writes()?;
+        self.workers.settle_writes(&self.ctx)?;
         self.block_status_now(offset, len)
     }
 

@@ -1,9 +1,9 @@
 //! Taking a checkpoint's image with every shard paused, and committing it.
 
-use crate::{checkpoint::CkptState, pool::Inner};
+use super::{Checkpointer, CkptState};
 use std::sync::atomic::Ordering;
 
-use crate::checkpoint::{self, Image, VolumeImage};
+use super::{Image, VolumeImage};
 use crate::error::{Error, Result};
 use crate::format::{
     SegmentHeader, SegmentKind, Superblock, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
@@ -13,11 +13,11 @@ use crate::io::AlignedBuf;
 use crate::log::ShardPosition;
 use crate::space::SegState;
 
-impl Inner {
+impl Checkpointer {
     /// A consistent image of the current state (shards paused, or not yet running).
     pub(crate) fn snapshot(&self, seq_end: u64, shards: Vec<ShardPosition>) -> (Image, Vec<u64>) {
-        let vols = self.volumes.read();
-        let n = self.shards().max(1);
+        let vols = self.ctx.volumes.read();
+        let n = self.ctx.shards().max(1);
         let mut volumes = Vec::new();
         for v in vols.by_name.values() {
             let maps: Vec<_> = v.maps.iter().map(|m| m.lock().pages.clone()).collect();
@@ -37,20 +37,20 @@ impl Inner {
                 pages,
             });
         }
-        let space = self.space.lock();
+        let space = self.ctx.space.lock();
         let (index, index_sample_bits) = {
-            let mut d = self.dedup.lock();
+            let mut d = self.ctx.dedup.lock();
             d.retain(|id| space.blocks.get(id as usize).is_some_and(|b| b.refs > 0));
             (d.entries(), d.sample_bits() as u8)
         };
         let image = Image {
             seq: seq_end,
-            epoch: self.epoch,
+            epoch: self.ctx.epoch,
             next_volume_id: vols.next_id,
             volumes,
             blocks: space.blocks.clone(),
             shards,
-            data_chains: self.shards(),
+            data_chains: self.ctx.shards(),
             index,
             index_sample_bits,
             keyed_fingerprints: true,
@@ -67,18 +67,18 @@ impl Inner {
         live_then: &[u64],
     ) -> Result<()> {
         // The image may come from state a failed thread left half changed.
-        if self.is_faulted() {
-            return Err(self.halted());
+        if self.ctx.health.is_faulted() {
+            return Err(self.ctx.health.halted());
         }
-        let blob = checkpoint::encode(image);
+        let blob = super::encode(image);
         if std::env::var_os("INGOT_GC_DEBUG").is_some() {
             eprintln!("checkpoint: {} bytes", blob.len());
         }
         let crc = crc32fast::hash(&blob);
-        let per_seg = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
+        let per_seg = (self.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
         let nsegs = blob.len().div_ceil(per_seg).max(1);
         let segs: Vec<u32> = {
-            let mut space = self.space.lock();
+            let mut space = self.ctx.space.lock();
             let mut got = Vec::new();
             for _ in 0..nsegs {
                 match space.alloc_segment(SegState::Checkpoint, 0) {
@@ -91,10 +91,10 @@ impl Inner {
                     }
                 }
             }
-            self.note_write_back_room(&space);
+            self.ctx.note_write_back_room(&space);
             got
         };
-        let segs = self.backed(segs, SegState::Checkpoint)?;
+        let segs = self.ctx.backed(segs, SegState::Checkpoint)?;
         let mut write = || -> Result<()> {
             for (i, &seg) in segs.iter().enumerate() {
                 let chunk = &blob[i * per_seg..((i + 1) * per_seg).min(blob.len())];
@@ -103,34 +103,39 @@ impl Inner {
                     kind: SegmentKind::Checkpoint,
                     segment: seg,
                     shard: 0,
-                    pool_uuid: self.pool_uuid,
+                    pool_uuid: self.ctx.pool_uuid,
                     epoch: image.epoch,
                     next_segment: segs.get(i + 1).copied().unwrap_or(NO_SEGMENT),
-                    nonce: self.segment_nonce(seg),
+                    nonce: self.ctx.segment_nonce(seg),
                 }
-                .encode(&mut buf, &self.log_key);
+                .encode(&mut buf, &self.ctx.log_key);
                 buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
                     .copy_from_slice(chunk);
-                let (dev, base) = self.geo.locate(seg);
-                self.devices
+                let (dev, base) = self.ctx.geo.locate(seg);
+                self.ctx
+                    .devices
                     .write_at(dev, &buf, base)
                     .map_err(|source| Error::Io {
                         device: dev,
                         offset: base,
                         source,
                     })?;
-                self.counters
+                self.ctx
+                    .counters
                     .device_written
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
             }
-            self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-            self.counters.checkpoint_bytes.fetch_add(
+            self.ctx
+                .counters
+                .checkpoints
+                .fetch_add(1, Ordering::Relaxed);
+            self.ctx.counters.checkpoint_bytes.fetch_add(
                 (blob.len() + segs.len() * SEGMENT_HEADER_BYTES as usize) as u64,
                 Ordering::Relaxed,
             );
             // Records before the checkpoint and the checkpoint itself, durable before the
             // superblock points at it.
-            self.sync()?;
+            self.ctx.sync()?;
             let generation = ck.generation + 1;
             // The copy the older generation is not in first, then the other: a torn write of
             // either leaves one copy pointing at a checkpoint that still exists.
@@ -139,7 +144,7 @@ impl Inner {
             Ok(())
         };
         if let Err(e) = write() {
-            let mut space = self.space.lock();
+            let mut space = self.ctx.space.lock();
             for &s in &segs {
                 space.set_state(s, SegState::Free);
             }
@@ -153,7 +158,7 @@ impl Inner {
             ck.generation,
             ck.generation + 1,
         );
-        let mut space = self.space.lock();
+        let mut space = self.ctx.space.lock();
         // Once both copies point at the new checkpoint the previous one is unreferenced; if the
         // second copy could not be written it still points at the previous one, kept until the
         // next commit.
@@ -172,16 +177,14 @@ impl Inner {
             ck.both_seq = image.seq;
             freed.extend(space.reclaim(image.seq, live_then));
         }
-        self.ckpt_at_ms.store(
-            self.host_epoch.elapsed().as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        self.at_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         space.release_ids(image.seq);
-        self.note_freed(&mut space, &freed);
+        self.ctx.note_freed(&mut space, &freed);
         drop(space);
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
-        ck.written_at_last = self.counters.client_written.load(Ordering::Relaxed);
+        ck.written_at_last = self.ctx.counters.client_written.load(Ordering::Relaxed);
         second
     }
 
@@ -208,7 +211,8 @@ impl Inner {
             };
             sb.encode(&mut buf);
             let off = SUPERBLOCK_OFFSETS[(slot % 2) as usize];
-            self.devices
+            self.ctx
+                .devices
                 .write_at(sb.device_index, &buf, off)
                 .map_err(|source| Error::Io {
                     device: sb.device_index,
@@ -216,6 +220,6 @@ impl Inner {
                     source,
                 })?;
         }
-        self.sync()
+        self.ctx.sync()
     }
 }

@@ -10,8 +10,8 @@ use crate::format::{
     CHECKPOINT_LZ4, CHECKPOINT_VERSION_DOMAINS, CHECKPOINT_VERSION_MOVE_CHAINS,
     CHECKPOINT_VERSION_PLAIN, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES,
 };
-use crate::lbamap::MapPage;
 use crate::log::ShardPosition;
+use crate::map::MapPage;
 use crate::space::BlockEntry;
 
 pub(crate) struct VolumeImage {
@@ -44,15 +44,6 @@ pub(crate) struct Image {
     pub keyed_fingerprints: bool,
 }
 
-/// Upper bound on the blob size for a pool holding this much, used to reserve space.
-pub(crate) fn estimate_bytes(pages: u64, blocks: u64, volumes: u64, shards: u64) -> u64 {
-    CheckpointHeader::BYTES as u64
-        + volumes * (20 + 64 + 2 + DedupDomain::MAX_NAME as u64)
-        + pages * (8 + MAP_PAGE_ENTRIES * 8)
-        + blocks * (32 + 16)
-        + shards * 24
-}
-
 pub(crate) fn encode(img: &Image) -> Vec<u8> {
     let live = img.blocks.iter().filter(|b| b.refs > 0).count() as u64;
     let pages: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
@@ -67,7 +58,7 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
     } else {
         CHECKPOINT_VERSION_PLAIN
     };
-    let mut out = Vec::with_capacity(estimate_bytes(
+    let mut out = Vec::with_capacity(crate::context::checkpoint_estimate_bytes(
         pages,
         live,
         img.volumes.len() as u64,

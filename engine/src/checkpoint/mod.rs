@@ -6,8 +6,15 @@ mod image;
 
 pub(crate) use image::*;
 
-use crate::pool::Inner;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::context::Context;
+use crate::format::Superblock;
+use crate::shard::Workers;
 
 use crate::error::{Error, Result};
 use crate::format::NO_SEGMENT;
@@ -29,21 +36,76 @@ pub(crate) struct CkptState {
     pub(crate) written_at_last: u64,
 }
 
-/// A change made while every shard is paused for a checkpoint (volume create, delete, resize).
-pub(crate) type Mutate<'a> = &'a mut dyn FnMut(&Inner, u64) -> Result<()>;
+/// Takes checkpoints: owns the checkpoint state and the superblocks, and pauses the workers
+/// to take an image.
+pub(crate) struct Checkpointer {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) workers: Arc<Workers>,
+    pub(crate) state: Mutex<CkptState>,
+    pub(crate) superblocks: Vec<Superblock>,
+    /// When the last checkpoint was committed (ms since `started`).
+    pub(crate) at_ms: AtomicU64,
+    pub(crate) started: Instant,
+}
 
-impl Inner {
+/// A change made while every shard is paused for a checkpoint (volume create, delete, resize).
+pub(crate) type Mutate<'a> = &'a mut dyn FnMut(&Context, u64) -> Result<()>;
+
+impl Checkpointer {
+    pub(crate) fn new(
+        ctx: Arc<Context>,
+        workers: Arc<Workers>,
+        state: CkptState,
+        superblocks: Vec<Superblock>,
+    ) -> Checkpointer {
+        Checkpointer {
+            ctx,
+            workers,
+            state: Mutex::new(state),
+            superblocks,
+            at_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// Make every completed write durable, on this thread: the cleaner's flush. Writes
+    /// acknowledged early and not yet stored are not waited for (the shards may be waiting for
+    /// the space the cleaner is about to free).
+    pub(crate) fn sync_completed(&self) -> Result<()> {
+        let applied: Vec<u64> = self
+            .ctx
+            .shard_stats
+            .iter()
+            .map(|s| s.applied_shard_seq.load(Ordering::Acquire))
+            .collect();
+        // A failed record left a gap in a chain: only a checkpoint makes what follows it
+        // recoverable, so a flush must wait for one.
+        let r = if self.ctx.health.is_faulted() {
+            Err(self.ctx.health.halted())
+        } else if self.ctx.chain_broken.load(Ordering::Acquire) {
+            self.checkpoint_with(None)
+        } else {
+            self.ctx.sync()
+        };
+        if r.is_ok() {
+            for (s, a) in self.ctx.shard_stats.iter().zip(applied) {
+                s.durable_shard_seq.fetch_max(a, Ordering::AcqRel);
+            }
+        }
+        r
+    }
+
     /// Take a checkpoint. `mutate` runs while every shard is paused, before the snapshot, with
     /// the sequence number that the checkpoint will cover (volume create, delete, resize).
     pub(crate) fn checkpoint_with(&self, mutate: Option<Mutate<'_>>) -> Result<()> {
-        if self.read_only {
+        if self.ctx.read_only {
             return Err(Error::ReadOnly("the pool (opened read-only)".into()));
         }
         let r = self.checkpoint_with_inner(mutate);
         // Segments the commit freed go back to the file system now, outside the checkpoint
         // lock (a punch waits for every direct write in flight to the file).
-        self.give_back_freed();
-        self.top_up_backed();
+        self.ctx.give_back_freed();
+        self.ctx.top_up_backed();
         r
     }
 
@@ -53,8 +115,8 @@ impl Inner {
         // with no next one; if this checkpoint freed segments, a second one gives it a fresh
         // chain, so writes succeed again right away instead of failing until the next kick.
         if starved {
-            let reserve = self.reserve_segments();
-            let free = self.space.lock().free_segments;
+            let reserve = self.ctx.reserve_segments();
+            let free = self.ctx.space.lock().free_segments;
             // The change is committed already: a failure here is not the caller's (the chain
             // stays as it is and the next checkpoint tries again).
             if free > reserve + 1 {
@@ -68,24 +130,22 @@ impl Inner {
 
     /// One checkpoint; returns whether a shard was left without a next segment.
     pub(crate) fn checkpoint_once(&self, mutate: Option<Mutate<'_>>) -> Result<bool> {
-        if self.is_faulted() {
-            return Err(self.halted());
+        if self.ctx.health.is_faulted() {
+            return Err(self.ctx.health.halted());
         }
-        let mut ck = self.ckpt.lock();
+        let mut ck = self.state.lock();
         let paused_at = std::time::Instant::now();
         let (ptx, prx) = crossbeam_channel::unbounded();
         let mut resumes = Vec::new();
-        let mut positions = vec![None; self.chains()];
-        for (i, tx) in self.senders.iter().enumerate() {
+        let mut positions = vec![None; self.ctx.chains()];
+        for i in 0..self.ctx.chains() {
             let (rtx, rrx) = crossbeam_channel::bounded::<()>(1);
             let (one_tx, one_rx) = crossbeam_channel::bounded(1);
-            if tx
-                .send(ShardMsg::Pause {
-                    paused: one_tx,
-                    resume: rrx,
-                })
-                .is_err()
-            {
+            let pause = ShardMsg::Pause {
+                paused: one_tx,
+                resume: rrx,
+            };
+            if !self.workers.post(i, pause) {
                 return Err(Error::ShutDown);
             }
             resumes.push(rtx);
@@ -99,21 +159,21 @@ impl Inner {
         }
         drop(ptx);
         let mut first_err = None;
-        for _ in 0..self.chains() {
+        for _ in 0..self.ctx.chains() {
             match prx.recv() {
                 Ok((i, Ok(pos))) => positions[i] = Some(pos),
                 Ok((_, Err(e))) => first_err = first_err.or(Some(e)),
                 Err(_) => first_err = first_err.or(Some(Error::ShutDown)),
             }
         }
-        let seq_end = self.seq.load(Ordering::Acquire);
+        let seq_end = self.ctx.seq.load(Ordering::Acquire);
         if let Some(e) = first_err {
             // Paused shards moved to new chains that only a checkpoint reaches.
-            self.chain_broken.store(true, Ordering::Release);
+            self.ctx.chain_broken.store(true, Ordering::Release);
             return Err(e);
         }
         let mutated = match mutate {
-            Some(m) => m(self, seq_end.saturating_sub(1)),
+            Some(m) => m(&self.ctx, seq_end.saturating_sub(1)),
             None => Ok(()),
         };
         let positions: Vec<ShardPosition> = positions
@@ -130,7 +190,7 @@ impl Inner {
             .collect();
         let starved = positions.iter().any(|p| p.next == NO_SEGMENT);
         let (image, live_then) = self.snapshot(seq_end, positions);
-        self.chain_broken.store(false, Ordering::Release);
+        self.ctx.chain_broken.store(false, Ordering::Release);
         drop(resumes);
         if std::env::var_os("INGOT_GC_DEBUG").is_some() {
             eprintln!("checkpoint: shards paused {:?}", paused_at.elapsed());
@@ -139,7 +199,7 @@ impl Inner {
         // have restarted their chains, possibly in segments only this checkpoint reaches, and a
         // broken chain was just marked repaired.
         if let Err(e) = self.commit(&mut ck, &image, &live_then) {
-            self.chain_broken.store(true, Ordering::Release);
+            self.ctx.chain_broken.store(true, Ordering::Release);
             return Err(e);
         }
         mutated?;

@@ -1,6 +1,6 @@
 //! Gathering a victim's live blocks: from the block cache, else from the device in large reads.
 
-use crate::pool::Inner;
+use crate::gc::Cleaner;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ pub(crate) const VICTIM_READ_PIECE: usize = 1 << 20;
 /// 90% full with a 64 MiB cache, against 42.7-45.8k with 16 KiB gaps.
 pub(crate) const VICTIM_READ_GAP: usize = 16 << 10;
 
-impl Inner {
+impl Cleaner {
     /// The live payloads of victim `seg` (`blocks`: its live blocks), ready for the mover.
     /// Uncompressed blocks the block cache holds (checked against their CRC) come from there;
     /// the rest are read from the device in 4 KiB-aligned extents that skip dead and cached
@@ -35,7 +35,7 @@ impl Inner {
         seg: u32,
         blocks: &[(u64, BlockEntry)],
     ) -> Result<Vec<Relocation>> {
-        let seg_bytes = self.geo.segment_bytes as usize;
+        let seg_bytes = self.ctx.geo.segment_bytes as usize;
         let mut live: Vec<&(u64, BlockEntry)> = blocks.iter().collect();
         live.sort_unstable_by_key(|(_, e)| e.offset);
         // One relocation per stored payload, with every live block it holds (the blocks of a
@@ -70,7 +70,7 @@ impl Inner {
             }
         }
         let mut found: Vec<(usize, Bytes)> = Vec::with_capacity(live.len());
-        for cache in &self.caches {
+        for cache in &self.ctx.caches {
             if wanted.is_empty() {
                 break;
             }
@@ -112,7 +112,7 @@ impl Inner {
         }
         let total: usize = extents.iter().map(|&(a, b)| b - a).sum();
         if total > 0 {
-            let (dev, base) = self.geo.locate(seg);
+            let (dev, base) = self.ctx.geo.locate(seg);
             // SAFETY: the extents cover the buffer exactly; each read fills its part (or fails
             // before anything looks at it).
             let mut buf = unsafe { AlignedBuf::new_uninit(total) };
@@ -122,7 +122,8 @@ impl Inner {
             // 12 ms with 1 MiB pieces).
             for &(a, b) in &extents {
                 let off = base + a as u64;
-                self.devices
+                self.ctx
+                    .devices
                     .read_at(dev, &mut buf[at..at + (b - a)], off)
                     .map_err(|source| Error::Io {
                         device: dev,
@@ -132,7 +133,8 @@ impl Inner {
                 at += b - a;
             }
             let buf = Bytes::from_owner(buf);
-            self.counters
+            self.ctx
+                .counters
                 .gc_read
                 .fetch_add(total as u64, Ordering::Relaxed);
             // Slices keep the whole buffer alive until the moves are written: worth it only
@@ -158,7 +160,8 @@ impl Inner {
                 };
             }
         }
-        self.counters
+        self.ctx
+            .counters
             .gc_from_cache
             .fetch_add(from_cache, Ordering::Relaxed);
         Ok(payloads)

@@ -6,8 +6,14 @@ mod policy;
 
 pub(crate) use gather::VICTIM_READS;
 
-use crate::pool::Inner;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::checkpoint::Checkpointer;
+use crate::context::Context;
+use crate::shard::Workers;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +36,27 @@ pub(crate) const GC_MAX_UTILISATION: f64 = 0.95;
 /// its payload plus a 56-byte entry (1.4%), so a victim must be at least ~2.5% dead to gain.
 pub(crate) const GC_URGENT_UTILISATION: f64 = 0.975;
 
+/// The cleaner: one pass at a time empties victims through the mover's chain, then has the
+/// checkpointer free them.
+pub(crate) struct Cleaner {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) workers: Arc<Workers>,
+    pub(crate) ckpt: Arc<Checkpointer>,
+    /// One cleaning pass at a time (the checkpointer's and `ingot gc`'s).
+    pub(crate) lock: Mutex<()>,
+}
+
+impl Cleaner {
+    pub(crate) fn new(ctx: Arc<Context>, workers: Arc<Workers>, ckpt: Arc<Checkpointer>) -> Self {
+        Cleaner {
+            ctx,
+            workers,
+            ckpt,
+            lock: Mutex::new(()),
+        }
+    }
+}
+
 /// What a cleaning pass did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GcReport {
@@ -38,7 +65,7 @@ pub struct GcReport {
     pub bytes_moved: u64,
 }
 
-impl Inner {
+impl Cleaner {
     /// Empty up to `max_victims` sealed segments, best cost-benefit first (LFS: the free space
     /// gained times its age, over the cost of reading and rewriting the live part), moving their
     /// live blocks through the shards' logs, then checkpoint so the victims are freed. Only
@@ -55,15 +82,15 @@ impl Inner {
         greedy: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<GcReport> {
-        let _one = self.gc_lock.lock();
+        let _one = self.lock.lock();
         let t0 = std::time::Instant::now();
-        let usable = (self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
-        let ckpt_reserve = self.ckpt_reserve();
+        let usable = (self.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
+        let ckpt_reserve = self.ctx.ckpt_reserve();
         // Lock order: checkpoint state before space.
-        let ckpt_seq = self.ckpt.lock().both_seq;
+        let ckpt_seq = self.ckpt.state.lock().both_seq;
         let (victims, moves_by_victim) = {
-            let mut space = self.space.lock();
-            let now = self.seq.load(Ordering::Acquire);
+            let mut space = self.ctx.space.lock();
+            let now = self.ctx.seq.load(Ordering::Acquire);
             let mut cands: Vec<(f64, u32)> = space
                 .seg_state
                 .iter()
@@ -130,7 +157,7 @@ impl Inner {
         };
         let mut report = GcReport::default();
         if std::env::var_os("INGOT_GC_DEBUG").is_some() {
-            let space = self.space.lock();
+            let space = self.ctx.space.lock();
             let us: Vec<String> = victims
                 .iter()
                 .map(|&v| {
@@ -147,7 +174,8 @@ impl Inner {
         if victims.is_empty() {
             return Ok(report);
         }
-        self.counters
+        self.ctx
+            .counters
             .gc_cleaning
             .store(victims.len() as u64, Ordering::Relaxed);
         let total = victims.len() as u64;
@@ -229,8 +257,8 @@ impl Inner {
         // Whatever was sent is written and waited for, even after an error.
         let finished = self.finish_moves(&rx, sent - waited);
         // No move of this pass is pending any more.
-        self.space.lock().cleaning.clear();
-        self.counters.gc_cleaning.store(0, Ordering::Relaxed);
+        self.ctx.space.lock().cleaning.clear();
+        self.ctx.counters.gc_cleaning.store(0, Ordering::Relaxed);
         result?;
         finished?;
         if let Some((last, _)) = behind {
@@ -247,7 +275,7 @@ impl Inner {
             );
         }
         let recent: Vec<u32> = {
-            let space = self.space.lock();
+            let space = self.ctx.space.lock();
             victims
                 .iter()
                 .copied()
@@ -257,9 +285,9 @@ impl Inner {
         // A checkpoint costs about 1.4% of the data whatever it frees: emptied victims sealed
         // since the last one wait (they are freed by the next) until they are worth it, unless
         // writes are waiting for them or the caller wants the space now.
-        let urgent_at = self.urgent_threshold();
+        let urgent_at = self.ctx.urgent_threshold();
         let worth = {
-            let space = self.space.lock();
+            let space = self.ctx.space.lock();
             let waiting = space.seg_state.iter().enumerate().filter(|&(s, st)| {
                 matches!(*st, SegState::Sealed { seq } if seq > ckpt_seq) && space.seg_live[s] == 0
             });
@@ -267,9 +295,9 @@ impl Inner {
             urgent || only.is_some() || waiting.count() >= 4 * ckpt_reserve
         };
         if !recent.is_empty() && worth {
-            let before = self.space.lock().free_segments;
-            self.checkpoint_with(None)?;
-            let after = self.space.lock().free_segments;
+            let before = self.ctx.space.lock().free_segments;
+            self.ckpt.checkpoint_with(None)?;
+            let after = self.ctx.space.lock().free_segments;
             report.segments_freed += after.saturating_sub(before) as u64;
         }
         Ok(report)
@@ -279,7 +307,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use crate::api::BLOCK_BYTES;
-    use crate::lbamap::shard_of;
+    use crate::map::shard_of;
     use crate::pool::{CreateOptions, Pool, PoolOptions};
     use bytes::Bytes;
 
@@ -324,13 +352,13 @@ mod tests {
         let version = |lba: u64| if lba % 2 == 0 { 2 } else { 1 };
         // Corrupt the cached copies of the blocks left in the half-dead segments.
         let inner = &pool.inner;
-        let state = inner.lookup("v").unwrap();
-        let shards = inner.shards();
+        let state = inner.ctx.lookup("v").unwrap();
+        let shards = inner.ctx.shards();
         let mut corrupted = 0;
         for lba in (1..blocks).step_by(2) {
             let id = state.maps[shard_of(lba, shards)].lock().get(lba);
-            let generation = inner.space.lock().get(id).unwrap().generation;
-            for cache in &inner.caches {
+            let generation = inner.ctx.space.lock().get(id).unwrap().generation;
+            for cache in &inner.ctx.caches {
                 let mut cache = cache.lock();
                 if cache.contains(id, generation) {
                     cache.insert(

@@ -1,9 +1,6 @@
 //! Moving gathered blocks through the mover's chain, and freeing victims once moves are durable.
 
-use crate::{
-    gc::{GcReport, VictimMoves},
-    pool::Inner,
-};
+use crate::gc::{Cleaner, GcReport, VictimMoves};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -13,15 +10,15 @@ use crate::log::Relocation;
 use crate::shard::ShardMsg;
 use crate::space::SegState;
 
-impl Inner {
+impl Cleaner {
     /// Free sealed segments that hold nothing live and lie before the last checkpoint (outside
     /// every replay chain), once the records that emptied them are durable. Cheaper than a
     /// checkpoint, which is the only other thing that frees them.
     pub(crate) fn free_dead_segments(&self) -> Result<u64> {
-        let _one = self.gc_lock.lock();
-        let ckpt_seq = self.ckpt.lock().both_seq;
+        let _one = self.lock.lock();
+        let ckpt_seq = self.ckpt.state.lock().both_seq;
         let any = {
-            let space = self.space.lock();
+            let space = self.ctx.space.lock();
             space.seg_state.iter().enumerate().any(|(s, st)| {
                 matches!(*st, SegState::Sealed { seq } if seq <= ckpt_seq) && space.seg_live[s] == 0
             })
@@ -29,10 +26,10 @@ impl Inner {
         if !any {
             return Ok(0);
         }
-        self.sync_completed()?;
-        self.fence()?;
-        let ck = self.ckpt.lock();
-        let mut space = self.space.lock();
+        self.ckpt.sync_completed()?;
+        self.workers.fence()?;
+        let ck = self.ckpt.state.lock();
+        let mut space = self.ctx.space.lock();
         let mut freed = Vec::new();
         for s in 0..space.seg_state.len() {
             if matches!(space.seg_state[s], SegState::Sealed { seq } if seq <= ckpt_seq)
@@ -42,10 +39,10 @@ impl Inner {
                 freed.push(s as u32);
             }
         }
-        self.note_freed(&mut space, &freed);
+        self.ctx.note_freed(&mut space, &freed);
         drop(space);
         drop(ck);
-        self.give_back_freed();
+        self.ctx.give_back_freed();
         Ok(freed.len() as u64)
     }
 
@@ -60,7 +57,7 @@ impl Inner {
         report: &mut GcReport,
     ) -> Result<()> {
         let old: Vec<u32> = {
-            let space = self.space.lock();
+            let space = self.ctx.space.lock();
             chunk
                 .iter()
                 .map(|&(&v, _)| v)
@@ -70,11 +67,11 @@ impl Inner {
         if old.is_empty() {
             return Ok(());
         }
-        self.sync_completed()?;
-        self.fence()?;
+        self.ckpt.sync_completed()?;
+        self.workers.fence()?;
         // The checkpoint lock keeps `check` (which reads by location) and a commit out.
-        let ck = self.ckpt.lock();
-        let mut space = self.space.lock();
+        let ck = self.ckpt.state.lock();
+        let mut space = self.ctx.space.lock();
         let mut freed = Vec::new();
         for &v in &old {
             if matches!(space.seg_state[v as usize], SegState::Sealed { .. })
@@ -84,11 +81,11 @@ impl Inner {
                 freed.push(v);
             }
         }
-        self.note_freed(&mut space, &freed);
+        self.ctx.note_freed(&mut space, &freed);
         drop(space);
         drop(ck);
         report.segments_freed += freed.len() as u64;
-        self.give_back_freed();
+        self.ctx.give_back_freed();
         Ok(())
     }
 
@@ -128,7 +125,8 @@ impl Inner {
                 let _ = tx.send(r.map(|_| ()));
             }),
         );
-        self.send_to_shard(self.mover(), ShardMsg::Relocate { moves, job });
+        self.workers
+            .send(self.ctx.mover(), ShardMsg::Relocate { moves, job });
     }
 
     /// End a pass: wait for all `sent` move jobs to be written.

@@ -52,30 +52,32 @@ impl Shard {
     /// not fit in the open segment, free space is at the data reserve, cleaning can give some
     /// back, and it has not waited too long already.
     pub(crate) fn must_wait_for_space(&mut self, bytes: u64) -> bool {
-        let seg_bytes = self.inner.geo.segment_bytes;
+        let seg_bytes = self.ctx.geo.segment_bytes;
         let fits_here = self.pos.segment != NO_SEGMENT
             && u64::from(self.pos.offset) + bytes + TRIM_RESERVE_BYTES <= seg_bytes;
         if fits_here {
             return false;
         }
-        let free = self.inner.space.lock().free_segments;
-        let reserve = self.inner.data_reserve();
+        let free = self.ctx.space.lock().free_segments;
+        let reserve = self.ctx.data_reserve();
         if self.pos.next != NO_SEGMENT && free > reserve {
             return false;
         }
-        if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) || self.inner.is_faulted() {
+        if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL)
+            || self.ctx.health.is_faulted()
+        {
             return false;
         }
-        if free <= reserve && self.inner.gc_stuck.load(Ordering::Acquire) {
+        if free <= reserve && self.ctx.gc_stuck.load(Ordering::Acquire) {
             // The cleaner cannot win space back: the pool is full of live data.
-            self.inner.kick_cleaner();
+            self.ctx.wake.kick_cleaner();
             return false;
         }
         // A checkpoint gives a shard without a next segment one; the cleaner makes free space.
         if self.pos.next == NO_SEGMENT && free > reserve {
-            self.inner.kick_checkpoint();
+            self.ctx.wake.kick_checkpoint();
         } else {
-            self.inner.kick_cleaner();
+            self.ctx.wake.kick_cleaner();
         }
         true
     }
@@ -86,7 +88,7 @@ impl Shard {
     /// space is down to the data reserve: the rest is for checkpoints, trims and the cleaner,
     /// so that cleaning can always make progress.
     pub(crate) fn make_room(&mut self, bytes: u64, room: Room) -> Result<(), Error> {
-        let seg_bytes = self.inner.geo.segment_bytes;
+        let seg_bytes = self.ctx.geo.segment_bytes;
         let margin = if room == Room::Freeing || self.pos.next != NO_SEGMENT {
             0
         } else {
@@ -99,20 +101,20 @@ impl Shard {
         }
         if self.pos.next == NO_SEGMENT {
             // Ask for a checkpoint: it frees segments and restarts the chain.
-            self.inner.kick_checkpoint();
+            self.ctx.wake.kick_checkpoint();
             return Err(Error::NoSpace);
         }
         // Next segments may come out of everything but the checkpoint's own reserve: data is
         // held back at the data reserve above it, so what lies between is the cleaner's.
-        let reserve = self.inner.ckpt_reserve();
-        let free = self.inner.space.lock().free_segments;
+        let reserve = self.ctx.ckpt_reserve();
+        let free = self.ctx.space.lock().free_segments;
         // `must_wait_for_space` held data back at the data reserve; by now the other shard or
         // the cleaner may have taken a segment (failing here made a write at 90% full fail with
         // ENOSPC while the cleaner was winning space back), so data only stops short of the
         // checkpoint's own reserve.
         if room == Room::Data && free <= reserve + 1 {
             // Wake the cleaner; the write fails now rather than eat the checkpoint's reserve.
-            self.inner.kick_cleaner();
+            self.ctx.wake.kick_cleaner();
             return Err(Error::NoSpace);
         }
         // The host file system may have had no room for the next segment when it was
@@ -123,25 +125,25 @@ impl Shard {
                 return Err(Error::NoSpace);
             }
         }
-        let mut space = self.inner.space.lock();
+        let mut space = self.ctx.space.lock();
         let next2 = space
             .alloc_segment_for(SegState::Next, reserve, self.seg_use())
             .unwrap_or(NO_SEGMENT);
-        let last_seq = self.inner.seq.load(Ordering::Acquire);
+        let last_seq = self.ctx.seq.load(Ordering::Acquire);
         space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
         space.set_state(self.pos.next, SegState::Open);
         let free = space.free_segments;
-        self.inner.note_write_back_room(&space);
+        self.ctx.note_write_back_room(&space);
         drop(space);
-        if free < self.inner.cleaning_threshold_from(reserve) {
+        if free < self.ctx.cleaning_threshold_from(reserve) {
             // Start cleaning now, not at the cleaner's next look (up to 500 ms away).
-            self.inner.kick_cleaner();
+            self.ctx.wake.kick_cleaner();
         }
         self.pos.segment = self.pos.next;
         self.pos.next = next2;
         self.pos.offset = SEGMENT_HEADER_BYTES as u32;
         if next2 == NO_SEGMENT {
-            self.inner.kick_checkpoint();
+            self.ctx.wake.kick_checkpoint();
         } else {
             self.next_backed = self.preallocate(next2);
         }
@@ -150,7 +152,7 @@ impl Shard {
         let mut buf = AlignedBuf::new(IO_ALIGN);
         self.segment_header(&mut buf);
         self.header_ok = true;
-        let (dev, base) = self.inner.geo.locate(self.pos.segment);
+        let (dev, base) = self.ctx.geo.locate(self.pos.segment);
         let tag = self.tag();
         self.queue.push(IoOp {
             kind: OpKind::Write,
@@ -183,9 +185,9 @@ impl Shard {
     /// new ones back meanwhile, on every segment a shard rolls onto.
     pub(crate) fn preallocate(&self, seg: u32) -> bool {
         let allocated = || {
-            !self.inner.discard_freed
+            !self.ctx.discard_freed
                 || self
-                    .inner
+                    .ctx
                     .space
                     .lock()
                     .undiscarded
@@ -194,16 +196,16 @@ impl Shard {
                     .unwrap_or(false)
         };
         if seg != NO_SEGMENT && !allocated() {
-            let (dev, base) = self.inner.geo.locate(seg);
+            let (dev, base) = self.ctx.geo.locate(seg);
             // Without it writes still work, only slower; but a host file system out of room
             // must stop data before it is acknowledged, not after.
             if let Err(e) = self
-                .inner
+                .ctx
                 .devices
-                .preallocate(dev, base, self.inner.geo.segment_bytes)
+                .preallocate(dev, base, self.ctx.geo.segment_bytes)
             {
                 if e.raw_os_error() == Some(libc::ENOSPC) {
-                    self.inner.note_host_full();
+                    self.ctx.note_host_full();
                     return false;
                 }
             }
@@ -214,24 +216,24 @@ impl Shard {
     /// The sealed header of a new use of the open segment, with a fresh nonce (which the
     /// records written in it from now on carry in their MACs).
     pub(crate) fn segment_header(&mut self, buf: &mut [u8]) {
-        let nonce = self.inner.segment_nonce(self.pos.segment);
+        let nonce = self.ctx.segment_nonce(self.pos.segment);
         self.pos.nonce = Some(nonce);
         SegmentHeader {
             kind: SegmentKind::Data,
             segment: self.pos.segment,
             shard: self.id as u16,
-            pool_uuid: self.inner.pool_uuid,
-            epoch: self.inner.epoch,
+            pool_uuid: self.ctx.pool_uuid,
+            epoch: self.ctx.epoch,
             next_segment: self.pos.next,
             nonce,
         }
-        .encode(buf, &self.inner.log_key);
+        .encode(buf, &self.ctx.log_key);
     }
 
     /// The cleaner's moves take segments the backing file holds, like checkpoints: they must
     /// go on when the host file system is full (they are what gives space back).
     pub(crate) fn seg_use(&self) -> SegUse {
-        if self.id == self.inner.mover() {
+        if self.id == self.ctx.mover() {
             SegUse::Metadata
         } else {
             SegUse::Data
@@ -240,7 +242,7 @@ impl Shard {
 
     /// Device and byte offset of the open segment's header.
     pub(crate) fn open_header_at(&self) -> (u16, u64) {
-        self.inner.geo.locate(self.pos.segment)
+        self.ctx.geo.locate(self.pos.segment)
     }
 
     /// Nonce of the open segment's current use.
@@ -261,7 +263,7 @@ impl Shard {
             kind: RecordKind::Void,
             seq: v.seq,
             shard_seq: v.shard_seq,
-            epoch: self.inner.epoch,
+            epoch: self.ctx.epoch,
             segment: v.segment,
             entry_count: 0,
             record_bytes: v.record_bytes,
@@ -273,12 +275,12 @@ impl Shard {
             &mut buf,
             TrimEntry::BYTES,
             &RecordSeal {
-                key: &self.inner.log_key,
+                key: &self.ctx.log_key,
                 nonce: v.nonce,
                 offset: v.offset,
             },
         );
-        self.inner.devices.write_at(v.dev, &buf, v.at).is_ok()
+        self.ctx.devices.write_at(v.dev, &buf, v.at).is_ok()
     }
 
     /// Try the `Void` records still owed again (before a later record is acknowledged).
@@ -301,11 +303,11 @@ impl Shard {
         }
         self.voids.clear();
         if self.pos.next == NO_SEGMENT {
-            let reserve = self.inner.ckpt_reserve();
+            let reserve = self.ctx.ckpt_reserve();
             let next = {
-                let mut space = self.inner.space.lock();
+                let mut space = self.ctx.space.lock();
                 let next = space.alloc_segment_for(SegState::Next, reserve, self.seg_use());
-                self.inner.note_write_back_room(&space);
+                self.ctx.note_write_back_room(&space);
                 next
             };
             if let Some(next) = next {
@@ -323,9 +325,9 @@ impl Shard {
     /// the open segment from the current offset: sealing it would leave the shard with no log
     /// at all, not even for the trims that free space.
     pub(crate) fn restart_chain(&mut self) -> Result<(), Error> {
-        let reserve = self.inner.reserve_segments();
-        let mut space = self.inner.space.lock();
-        let last_seq = self.inner.seq.load(Ordering::Acquire);
+        let reserve = self.ctx.reserve_segments();
+        let mut space = self.ctx.space.lock();
+        let last_seq = self.ctx.seq.load(Ordering::Acquire);
         let seg = if self.pos.next != NO_SEGMENT {
             self.pos.next
         } else {
@@ -345,7 +347,7 @@ impl Shard {
         let next = space
             .alloc_segment_for(SegState::Next, reserve, self.seg_use())
             .unwrap_or(NO_SEGMENT);
-        self.inner.note_write_back_room(&space);
+        self.ctx.note_write_back_room(&space);
         drop(space);
         self.pos.segment = seg;
         self.pos.next = next;
@@ -357,8 +359,8 @@ impl Shard {
         self.next_backed = self.preallocate(next);
         let mut buf = AlignedBuf::new(IO_ALIGN);
         self.segment_header(&mut buf);
-        let (dev, base) = self.inner.geo.locate(seg);
-        let r = self.inner.devices.write_at(dev, &buf, base);
+        let (dev, base) = self.ctx.geo.locate(seg);
+        let r = self.ctx.devices.write_at(dev, &buf, base);
         self.header_ok = r.is_ok();
         r.map_err(|source| Error::Io {
             device: dev,

@@ -17,9 +17,9 @@ use crate::format::{
     MAX_RECORD_ENTRIES, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::{AlignedBuf, IoOp, OpKind};
+use crate::map::VolumeState;
 use crate::reduce;
 use crate::space::BlockEntry;
-use crate::volume::VolumeState;
 
 /// A stored payload the cleaner read out of a segment it is emptying, with the blocks in it
 /// that were live: written again by a shard as a Move record, each block's move then applied
@@ -150,7 +150,7 @@ impl Shard {
         kind: RecordKind,
     ) -> (usize, u64) {
         let eb = entry_bytes(kind);
-        let seg = self.inner.geo.segment_bytes as usize;
+        let seg = self.ctx.geo.segment_bytes as usize;
         let left = if self.pos.segment == NO_SEGMENT {
             0
         } else {
@@ -244,7 +244,7 @@ impl Shard {
         if self.stalled.is_empty() {
             if let Some(t) = self.stalled_since.take() {
                 if std::env::var_os("INGOT_GC_DEBUG").is_some() {
-                    let free = self.inner.space.lock().free_segments;
+                    let free = self.ctx.space.lock().free_segments;
                     eprintln!("shard {}: stalled {:?} free {free}", self.id, t.elapsed());
                 }
             }
@@ -258,12 +258,12 @@ impl Shard {
     /// the block from every cache (readers would get the same bad copy) and say so.
     pub(crate) fn cache_copy_differs(&self, rel: &Relocation) {
         for &(id, _) in rel.members.iter() {
-            for cache in &self.inner.caches {
+            for cache in &self.ctx.caches {
                 cache.lock().forget(id);
             }
         }
         let seen = self
-            .inner
+            .ctx
             .counters
             .gc_cache_mismatches
             .fetch_add(1, Ordering::Relaxed);
@@ -320,7 +320,7 @@ impl Shard {
         let seg_off = self.pos.offset;
         let mut ids = vec![0u64; batch.len()];
         {
-            let mut space = self.inner.space.lock();
+            let mut space = self.ctx.space.lock();
             for (i, slot) in plan.slots.iter().enumerate() {
                 if matches!(batch[i], Item::Data { .. })
                     && matches!(slot, Slot::Raw(_) | Slot::Packed(..))
@@ -417,7 +417,7 @@ impl Shard {
                     let key = vol
                         .dedup
                         .load(Ordering::Relaxed)
-                        .then(|| self.inner.dedup_key(fp));
+                        .then(|| self.ctx.dedup_key(fp));
                     applies.push(Apply::Block {
                         vol,
                         lba,
@@ -514,17 +514,17 @@ impl Shard {
                 }
             }
         }
-        let seq = self.inner.seq.fetch_add(1, Ordering::AcqRel);
+        let seq = self.ctx.seq.fetch_add(1, Ordering::AcqRel);
         let shard_seq = self.pos.shard_seq;
         self.pos.shard_seq += 1;
-        let durable = self.inner.shard_stats[self.id]
+        let durable = self.ctx.shard_stats[self.id]
             .durable_shard_seq
             .load(Ordering::Acquire);
         RecordHeader {
             kind,
             seq,
             shard_seq,
-            epoch: self.inner.epoch,
+            epoch: self.ctx.epoch,
             segment,
             entry_count: n_entries as u32,
             record_bytes: record_bytes as u32,
@@ -537,13 +537,13 @@ impl Shard {
             &mut buf[..header_bytes],
             entry_bytes,
             &RecordSeal {
-                key: &self.inner.log_key,
+                key: &self.ctx.log_key,
                 nonce: self.nonce(),
                 offset: seg_off,
             },
         );
         self.pos.offset += record_bytes as u32;
-        let (dev, base) = self.inner.geo.locate(segment);
+        let (dev, base) = self.ctx.geo.locate(segment);
         let tag = self.tag();
         self.queue.push(IoOp {
             kind: OpKind::Write,
@@ -553,11 +553,11 @@ impl Shard {
             buf,
             tag,
         });
-        self.inner
+        self.ctx
             .counters
             .device_written
             .fetch_add(record_bytes as u64, Ordering::Relaxed);
-        let by_kind = &self.inner.counters.records[usize::from(kind == RecordKind::Move)];
+        let by_kind = &self.ctx.counters.records[usize::from(kind == RecordKind::Move)];
         for (c, v) in by_kind
             .iter()
             .zip([1, n_entries, record_bytes, header_bytes])

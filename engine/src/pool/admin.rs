@@ -2,31 +2,36 @@
 
 use crate::{
     gc::{GcReport, GC_VICTIMS_PER_PASS},
-    pool::{validate_name, validate_size, Inner, Pool},
+    pool::{validate_name, validate_size, Pool},
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::api::{DedupDomain, VolumeInfo, BLOCK_BYTES};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::format::SEGMENT_HEADER_BYTES;
+use crate::map::VolumeState;
 use crate::space::SegState;
-use crate::volume::{Volume, VolumeState};
+use crate::volume::Volume;
 
 impl Pool {
     pub fn volume(&self, name: &str) -> Result<Volume> {
         let state = self
             .inner
+            .ctx
             .lookup(name)
             .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
         Ok(Volume {
-            inner: self.inner.clone(),
+            ctx: self.inner.ctx.clone(),
+            workers: self.inner.workers.clone(),
             state,
         })
     }
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         self.inner
+            .ctx
             .volumes
             .read()
             .by_name
@@ -78,21 +83,23 @@ impl Pool {
             d.validate()?;
         }
         let name = name.to_string();
-        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
-            let v = inner
-                .lookup(&name)
-                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
-            if let Some(d) = dedup {
-                v.dedup.store(d, Ordering::Relaxed);
-            }
-            if let Some(c) = compression {
-                v.compress.store(c, Ordering::Relaxed);
-            }
-            if let Some(d) = &domain {
-                v.set_dedup_domain(d.clone(), &inner.log_key.0);
-            }
-            Ok(())
-        }))
+        self.inner
+            .ckpt
+            .checkpoint_with(Some(&mut |ctx: &Context, _seq| {
+                let v = ctx
+                    .lookup(&name)
+                    .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+                if let Some(d) = dedup {
+                    v.dedup.store(d, Ordering::Relaxed);
+                }
+                if let Some(c) = compression {
+                    v.compress.store(c, Ordering::Relaxed);
+                }
+                if let Some(d) = &domain {
+                    v.set_dedup_domain(d.clone(), &ctx.log_key.0);
+                }
+                Ok(())
+            }))
     }
 
     /// Create a thin volume in the shared dedup domain; durable when this returns.
@@ -107,19 +114,21 @@ impl Pool {
         validate_size(size_bytes)?;
         domain.validate()?;
         let name = name.to_string();
-        let shards = self.inner.shards();
-        self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
-            let mut t = inner.volumes.write();
-            if t.by_name.contains_key(&name) {
-                return Err(Error::VolumeExists(name.clone()));
-            }
-            let id = t.next_id;
-            t.next_id += 1;
-            let v = VolumeState::new(id, name.clone(), size_bytes, shards);
-            v.set_dedup_domain(domain.clone(), &inner.log_key.0);
-            t.by_name.insert(name.clone(), Arc::new(v));
-            Ok(())
-        }))
+        let shards = self.inner.ctx.shards();
+        self.inner
+            .ckpt
+            .checkpoint_with(Some(&mut |ctx: &Context, _seq| {
+                let mut t = ctx.volumes.write();
+                if t.by_name.contains_key(&name) {
+                    return Err(Error::VolumeExists(name.clone()));
+                }
+                let id = t.next_id;
+                t.next_id += 1;
+                let v = VolumeState::new(id, name.clone(), size_bytes, shards);
+                v.set_dedup_domain(domain.clone(), &ctx.log_key.0);
+                t.by_name.insert(name.clone(), Arc::new(v));
+                Ok(())
+            }))
     }
 
     /// Take a read-only snapshot `name` of volume `src` as it is now: every write acknowledged
@@ -139,7 +148,7 @@ impl Pool {
 
     pub(crate) fn copy_volume(&self, src: &str, name: &str, read_only: bool) -> Result<()> {
         validate_name(name)?;
-        if self.inner.lookup(name).is_some() {
+        if self.inner.ctx.lookup(name).is_some() {
             return Err(Error::VolumeExists(name.to_string()));
         }
         // Every checkpoint from now on stores the copy's map pages too: refuse a copy whose
@@ -152,52 +161,55 @@ impl Pool {
             .iter()
             .map(|m| m.lock().present_pages())
             .sum();
-        let need = self.inner.reserve_segments_with(pages, 1);
-        if self.inner.space.lock().free_segments <= need {
+        let need = self.inner.ctx.reserve_segments_with(pages, 1);
+        if self.inner.ctx.space.lock().free_segments <= need {
             return Err(Error::NoSpace);
         }
         // Early-acknowledged writes still waiting for space would miss the pause below.
-        self.inner.settle_writes()?;
+        self.inner.workers.settle_writes(&self.inner.ctx)?;
         let (src, name) = (src.to_string(), name.to_string());
-        let shards = self.inner.shards();
+        let shards = self.inner.ctx.shards();
         let mut made = None;
         // Shards are paused: the maps hold exactly the writes acknowledged so far.
-        let r = self.inner.checkpoint_with(Some(&mut |inner: &Inner, _seq| {
-            let mut t = inner.volumes.write();
-            if t.by_name.contains_key(&name) {
-                return Err(Error::VolumeExists(name.clone()));
-            }
-            let s = t
-                .by_name
-                .get(&src)
-                .cloned()
-                .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;
-            let id = t.next_id;
-            t.next_id += 1;
-            let v = VolumeState::new(id, name.clone(), s.size(), shards);
-            v.set_flags(s.flags() & !crate::format::VOLUME_READ_ONLY);
-            v.read_only.store(read_only, Ordering::Relaxed);
-            // A clone of a private volume is private to itself (it shares the source's blocks
-            // by reference, not by dedup).
-            v.set_dedup_domain(s.dedup_domain(), &inner.log_key.0);
-            let mut space = inner.space.lock();
-            for (to, from) in v.maps.iter().zip(&s.maps) {
-                let m = from.lock().clone();
-                for (_, id) in m.iter() {
-                    space.add_ref(id);
+        let r = self
+            .inner
+            .ckpt
+            .checkpoint_with(Some(&mut |ctx: &Context, _seq| {
+                let mut t = ctx.volumes.write();
+                if t.by_name.contains_key(&name) {
+                    return Err(Error::VolumeExists(name.clone()));
                 }
-                *to.lock() = m;
-            }
-            drop(space);
-            made = Some(id);
-            t.by_name.insert(name.clone(), Arc::new(v));
-            Ok(())
-        }));
+                let s = t
+                    .by_name
+                    .get(&src)
+                    .cloned()
+                    .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;
+                let id = t.next_id;
+                t.next_id += 1;
+                let v = VolumeState::new(id, name.clone(), s.size(), shards);
+                v.set_flags(s.flags() & !crate::format::VOLUME_READ_ONLY);
+                v.read_only.store(read_only, Ordering::Relaxed);
+                // A clone of a private volume is private to itself (it shares the source's blocks
+                // by reference, not by dedup).
+                v.set_dedup_domain(s.dedup_domain(), &ctx.log_key.0);
+                let mut space = ctx.space.lock();
+                for (to, from) in v.maps.iter().zip(&s.maps) {
+                    let m = from.lock().clone();
+                    for (_, id) in m.iter() {
+                        space.add_ref(id);
+                    }
+                    *to.lock() = m;
+                }
+                drop(space);
+                made = Some(id);
+                t.by_name.insert(name.clone(), Arc::new(v));
+                Ok(())
+            }));
         if let (Err(_), Some(id)) = (&r, made) {
             // The copy exists in memory but no checkpoint holds it: take it away again (a
             // smaller checkpoint than the one that failed), unless the name is someone else's
             // by now.
-            if self.inner.lookup(&name).is_some_and(|v| v.id == id) {
+            if self.inner.ctx.lookup(&name).is_some_and(|v| v.id == id) {
                 let _ = self.delete_volume(&name);
             }
         }
@@ -207,24 +219,26 @@ impl Pool {
     /// Delete a volume and free what only it referenced; durable when this returns.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let name = name.to_string();
-        self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
-            let v = inner
-                .volumes
-                .write()
-                .by_name
-                .remove(&name)
-                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
-            v.deleted.store(true, Ordering::Release);
-            let mut space = inner.space.lock();
-            for m in &v.maps {
-                let mut m = m.lock();
-                for (_, id) in m.iter() {
-                    space.drop_ref(id, seq);
+        self.inner
+            .ckpt
+            .checkpoint_with(Some(&mut |ctx: &Context, seq| {
+                let v = ctx
+                    .volumes
+                    .write()
+                    .by_name
+                    .remove(&name)
+                    .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+                v.deleted.store(true, Ordering::Release);
+                let mut space = ctx.space.lock();
+                for m in &v.maps {
+                    let mut m = m.lock();
+                    for (_, id) in m.iter() {
+                        space.drop_ref(id, seq);
+                    }
+                    *m = Default::default();
                 }
-                *m = Default::default();
-            }
-            Ok(())
-        }))
+                Ok(())
+            }))
     }
 
     /// Change a volume's size; shrinking frees the blocks past the new end.
@@ -242,23 +256,25 @@ impl Pool {
             vol.write_zeroes(size_bytes, end - size_bytes, false)?;
         }
         let name = name.to_string();
-        self.inner.checkpoint_with(Some(&mut |inner: &Inner, seq| {
-            let v = inner
-                .lookup(&name)
-                .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
-            if v.read_only.load(Ordering::Relaxed) {
-                return Err(Error::ReadOnly(name.clone()));
-            }
-            let blocks = size_bytes.div_ceil(BLOCK_BYTES);
-            let mut space = inner.space.lock();
-            for m in &v.maps {
-                for id in m.lock().resize(blocks) {
-                    space.drop_ref(id, seq);
+        self.inner
+            .ckpt
+            .checkpoint_with(Some(&mut |ctx: &Context, seq| {
+                let v = ctx
+                    .lookup(&name)
+                    .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+                if v.read_only.load(Ordering::Relaxed) {
+                    return Err(Error::ReadOnly(name.clone()));
                 }
-            }
-            v.size_bytes.store(size_bytes, Ordering::Release);
-            Ok(())
-        }))
+                let blocks = size_bytes.div_ceil(BLOCK_BYTES);
+                let mut space = ctx.space.lock();
+                for m in &v.maps {
+                    for id in m.lock().resize(blocks) {
+                        space.drop_ref(id, seq);
+                    }
+                }
+                v.size_bytes.store(size_bytes, Ordering::Release);
+                Ok(())
+            }))
     }
 
     /// Clean now: empty every sealed segment worth cleaning (at most `max_utilisation` full),
@@ -268,10 +284,10 @@ impl Pool {
         // A checkpoint first puts every sealed segment behind it, so that cleaned victims are
         // freed after a flush instead of one checkpoint per chunk. The segments it frees (those
         // left without a live block) count as freed by this run.
-        let free_before = self.inner.space.lock().free_segments;
-        self.inner.checkpoint_with(None)?;
+        let free_before = self.inner.ctx.space.lock().free_segments;
+        self.inner.ckpt.checkpoint_with(None)?;
         let freed_by_checkpoint =
-            (self.inner.space.lock().free_segments as u64).saturating_sub(free_before as u64);
+            (self.inner.ctx.space.lock().free_segments as u64).saturating_sub(free_before as u64);
         // The segments worth cleaning now; segments the pass itself fills are left alone, so
         // it ends.
         let todo = self.gc_candidates(max_utilisation);
@@ -281,7 +297,7 @@ impl Pool {
         };
         progress(0, todo.len() as u64);
         for chunk in todo.chunks(GC_VICTIMS_PER_PASS) {
-            let r = self.inner.clean(
+            let r = self.inner.cleaner.clean(
                 chunk.len(),
                 max_utilisation,
                 Some(chunk),
@@ -297,8 +313,8 @@ impl Pool {
     }
 
     pub(crate) fn gc_candidates(&self, max_utilisation: f64) -> Vec<u32> {
-        let usable = (self.inner.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
-        let space = self.inner.space.lock();
+        let usable = (self.inner.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as f64;
+        let space = self.inner.ctx.space.lock();
         space
             .seg_state
             .iter()

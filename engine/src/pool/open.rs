@@ -1,28 +1,28 @@
 //! Opening a pool: read the superblocks and the newest checkpoint, replay the log after it,
 //! write a recovery checkpoint, start the workers.
 
-use crate::{
-    checkpoint::CkptState,
-    counters::{Counters, ShardStats},
-    pool::{
-        checkpointer, default_cache_bytes, default_index_bytes, flusher, in_dir, lock_dir,
-        spawn_supervised, write_pool_file, Inner, Pool, PoolFile, PoolOptions, VolumeTable,
-        POOL_FILE,
-    },
-    recovery::{read_checkpoint, read_superblocks},
-    space::{mark_held_free, usable_bytes, Geometry},
-    write_back::WB_PENDING_SLOTS,
+use crate::checkpoint::{Checkpointer, CkptState};
+use crate::context::{mark_held_free, usable_bytes, Context, Parts};
+use crate::gc::Cleaner;
+use crate::health::{Health, Wake};
+use crate::map::VolumeTable;
+use crate::pool::{
+    checkpointer, default_cache_bytes, default_index_bytes, flusher, in_dir, lock_dir,
+    spawn_supervised, write_pool_file, Inner, Pool, PoolFile, PoolOptions, POOL_FILE,
 };
+use crate::recovery::{read_checkpoint, read_superblocks};
+use crate::shard::Workers;
+use crate::space::Geometry;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::cache::BlockCache;
-use crate::checkpoint::{self, Image};
+use crate::checkpoint::Image;
 use crate::error::{Error, Result};
 use crate::format::{
     LogKey, SegmentHeader, SegmentKind, Superblock, DATA_START, FLAG_REF, IO_ALIGN, NO_SEGMENT,
@@ -32,13 +32,13 @@ use crate::io::claim::{self, DeviceClaim};
 use crate::io::fault::FaultDevices;
 use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, SharedDevices};
-use crate::lbamap::shard_of;
 use crate::log::ShardPosition;
+use crate::map::shard_of;
+use crate::map::VolumeState;
 use crate::recovery::{scan_chain, Entry};
 use crate::reduce::DedupIndex;
 use crate::shard::{trim_owned, Shard};
 use crate::space::{BlockEntry, SegState, SegUse, Space};
-use crate::volume::VolumeState;
 
 impl Pool {
     /// Open an existing pool: load the newest checkpoint, replay the log after it, write a new
@@ -378,7 +378,7 @@ impl Pool {
                     pages += m.lock().present_pages();
                 }
             }
-            let est = checkpoint::estimate_bytes(
+            let est = crate::context::checkpoint_estimate_bytes(
                 pages,
                 space.live_blocks,
                 table.by_name.len() as u64,
@@ -496,23 +496,16 @@ impl Pool {
         }
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
         let usable_bytes = usable_bytes(&geo, nshards);
-        let inner = Arc::new(Inner {
+        let health = Arc::new(Health::default());
+        let ctx = Arc::new(Context::new(Parts {
             devices: devices.clone(),
             geo,
             pool_uuid: newest.pool_uuid,
             log_key,
-            nonce_counter: AtomicU64::new(0),
             read_only: o.read_only,
-            host_tight: AtomicBool::new(false),
-            host_free: AtomicU64::new(u64::MAX),
-            host_unallocated: AtomicU64::new(0),
-            host_seen_ms: AtomicU64::new(0),
-            ckpt_at_ms: AtomicU64::new(0),
-            host_epoch: std::time::Instant::now(),
             epoch,
-            space: Mutex::new(space),
-            seq: AtomicU64::new(seq_end),
-            shard_stats: (0..=nshards).map(|_| ShardStats::default()).collect(),
+            space,
+            seq: seq_end,
             // The mover (the last worker) only writes: no cache.
             caches: (0..=nshards)
                 .map(|i| {
@@ -524,61 +517,58 @@ impl Pool {
                     Mutex::new(BlockCache::new(bytes))
                 })
                 .collect(),
-            counters: Counters::default(),
             flusher: ftx,
-            chain_broken: AtomicBool::new(false),
-            senders,
+            discard_freed: !pf.prefilled,
+            usable_bytes,
+            dedup,
+            dedup_key_mask,
+            health,
+            wake: Wake::new(ktx),
+            // A sixty-fourth of the capacity at most: the last `write_back_bytes` are kept for
+            // early writes, which must not cost a small pool a visible share.
+            write_back_bytes: o.write_back_bytes.min(usable_bytes / 64),
+            volumes: table,
             data_shards: nshards,
-            volumes: RwLock::new(table),
-            ckpt: Mutex::new(CkptState {
+        }));
+        let workers = Arc::new(Workers::new(senders));
+        let ckpt = Arc::new(Checkpointer::new(
+            ctx.clone(),
+            workers.clone(),
+            CkptState {
                 generation: newest.generation,
                 segments: ckpt_segs,
                 prev_segments: Vec::new(),
                 seq_end: image.seq,
                 both_seq: image.seq,
                 written_at_last: 0,
-            }),
-            superblocks: sbs,
-            closed: AtomicBool::new(false),
-            kick: ktx,
-            ckpt_wanted: AtomicBool::new(false),
+            },
+            sbs,
+        ));
+        let inner = Arc::new(Inner {
+            cleaner: Cleaner::new(ctx.clone(), workers.clone(), ckpt.clone()),
+            ctx,
+            workers,
+            ckpt,
             cache_capacity,
             checkpoint_interval: o.checkpoint_interval_bytes.max(64 << 20),
-            discard_freed: !pf.prefilled,
-            gc_lock: Mutex::new(()),
-            gc_stuck: AtomicBool::new(false),
-            usable_bytes,
-            dedup: Mutex::new(dedup),
-            dedup_key_mask,
-            fault: Mutex::new(None),
-            faulted: AtomicBool::new(false),
-            // A sixty-fourth of the capacity at most: the last `write_back_limit` bytes are
-            // kept for early writes, which must not cost a small pool a visible share.
-            write_back_limit: o.write_back_bytes.min(usable_bytes / 64),
-            wb_bytes: AtomicU64::new(0),
-            wb_jobs: AtomicU64::new(0),
-            wb_total: AtomicU64::new(0),
-            wb_pending: (0..WB_PENDING_SLOTS).map(|_| AtomicU32::new(0)).collect(),
-            wb_min_free: AtomicUsize::new(usize::MAX),
-            wb_budget: AtomicU64::new(0),
         });
-        inner.update_write_back_floor();
+        inner.ctx.update_write_back_floor();
         if o.read_only {
-            for v in inner.volumes.read().by_name.values() {
+            for v in inner.ctx.volumes.read().by_name.values() {
                 v.read_only.store(true, Ordering::Relaxed);
             }
         }
-        inner.top_up_backed();
+        inner.ctx.top_up_backed();
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         if !o.read_only {
-            let (image, live_then) = inner.snapshot(seq_end, positions.clone());
-            let mut ck = inner.ckpt.lock();
-            inner.commit(&mut ck, &image, &live_then)?;
-            inner.space.lock().rebuild_free_ids();
+            let (image, live_then) = inner.ckpt.snapshot(seq_end, positions.clone());
+            let mut ck = inner.ckpt.state.lock();
+            inner.ckpt.commit(&mut ck, &image, &live_then)?;
+            inner.ctx.space.lock().rebuild_free_ids();
         }
-        inner.top_up_backed();
-        if inner.discard_freed && !o.read_only {
-            inner.note_unpunched_at_open();
+        inner.ctx.top_up_backed();
+        if inner.ctx.discard_freed && !o.read_only {
+            inner.ctx.note_unpunched_at_open();
         }
         let mut threads = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
@@ -593,15 +583,15 @@ impl Pool {
             } else {
                 "ingot-mover".to_string()
             };
-            let sv = inner.clone();
-            threads.push(spawn_supervised(name, &inner, move || {
+            let sv = inner.ctx.clone();
+            threads.push(spawn_supervised(name, &inner.ctx.health, move || {
                 Shard::new(i, sv, rx, queue, pos).run()
             })?);
         }
         let fi = inner.clone();
         threads.push(spawn_supervised(
             "ingot-flusher".into(),
-            &inner,
+            &inner.ctx.health,
             move || flusher(fi, frx),
         )?);
         // Read-only: no checkpoints, no cleaning (moves would write).
@@ -609,7 +599,7 @@ impl Pool {
             let ci = inner.clone();
             threads.push(spawn_supervised(
                 "ingot-checkpointer".into(),
-                &inner,
+                &inner.ctx.health,
                 move || checkpointer(ci, krx),
             )?);
         }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use crate::api::{CheckReport, Problem, BLOCK_BYTES};
 use crate::format::IO_ALIGN;
 use crate::io::AlignedBuf;
+use crate::map::VolumeState;
 use crate::shard::{decode_entry, PayloadFault};
-use crate::volume::VolumeState;
 
 impl Pool {
     /// Verify every stored block's checksum and the invariants: reference counts equal the
@@ -18,11 +18,12 @@ impl Pool {
     pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> CheckReport {
         let inner = &self.inner;
         // Holding the checkpoint lock keeps segments and block ids from being reused meanwhile.
-        let _ck = inner.ckpt.lock();
+        let _ck = inner.ckpt.state.lock();
         let mut report = CheckReport::default();
-        let vols: Vec<Arc<VolumeState>> = inner.volumes.read().by_name.values().cloned().collect();
+        let vols: Vec<Arc<VolumeState>> =
+            inner.ctx.volumes.read().by_name.values().cloned().collect();
         let (blocks, seg_live, stored_bytes) = {
-            let s = inner.space.lock();
+            let s = inner.ctx.space.lock();
             (s.blocks.clone(), s.seg_live.clone(), s.stored_bytes)
         };
         let mut counted = vec![0u32; blocks.len()];
@@ -111,9 +112,9 @@ impl Pool {
                 j += 1;
             }
             let mut buf = AlignedBuf::new((end - base) as usize);
-            let (dev, seg_base) = inner.geo.locate(first.segment);
+            let (dev, seg_base) = inner.ctx.geo.locate(first.segment);
             let at = seg_base + u64::from(base);
-            let read = inner.devices.read_at(dev, &mut buf, at);
+            let read = inner.ctx.devices.read_at(dev, &mut buf, at);
             let all = bytes::Bytes::from_owner(buf);
             let mut k = i;
             while k < j {

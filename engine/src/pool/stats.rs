@@ -1,14 +1,14 @@
 //! Pool statistics and the warnings `stats` gives.
 
-use crate::pool::{Inner, Pool};
+use crate::pool::Pool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::api::{ratio, Stats, WriteBreakdown, BLOCK_BYTES};
 use crate::cache::BlockCache;
 use crate::format::SEGMENT_HEADER_BYTES;
-use crate::space::SegState;
-use crate::volume::VolumeState;
+use crate::map::VolumeState;
+use crate::space::{HostRoom, SegState};
 
 pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
@@ -25,21 +25,18 @@ pub(crate) fn space_warning(stored: u64, usable: u64) -> Option<String> {
     })
 }
 
-impl Inner {
-    /// What `stats` says when the host file system cannot hold what the pool may still write.
-    pub(crate) fn host_warning(&self) -> Option<String> {
-        let free = self.host_free.load(Ordering::Relaxed);
-        let unallocated = self.host_unallocated.load(Ordering::Relaxed);
-        (free < unallocated).then(|| {
-            format!(
-                "the file system under the pool has {} free but the pool may still need {} \
+/// What `stats` says when the host file system cannot hold what the pool may still write.
+fn host_warning(host: &HostRoom) -> Option<String> {
+    let (free, unallocated) = host.free_and_unallocated();
+    (free < unallocated).then(|| {
+        format!(
+            "the file system under the pool has {} free but the pool may still need {} \
                  (a thin pool): the host will refuse writes (ENOSPC) when it runs out; grow it, \
                  or create pools prefilled",
-                mib(free),
-                mib(unallocated)
-            )
-        })
-    }
+            mib(free),
+            mib(unallocated)
+        )
+    })
 }
 
 impl Pool {
@@ -47,11 +44,11 @@ impl Pool {
         let inner = &self.inner;
         let mut volumes = self.volumes();
         let states: Vec<Arc<VolumeState>> =
-            inner.volumes.read().by_name.values().cloned().collect();
+            inner.ctx.volumes.read().by_name.values().cloned().collect();
         // Lock order is checkpoint state, then space (as a checkpoint takes them): read the
         // checkpoint's sequence number before taking the space lock.
-        let checkpoint_seq = inner.ckpt.lock().seq_end;
-        let space = inner.space.lock();
+        let checkpoint_seq = inner.ckpt.state.lock().seq_end;
+        let space = inner.ctx.space.lock();
         // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
         for v in &states {
             let Some(info) = volumes.iter_mut().find(|i| i.name == v.name) else {
@@ -76,25 +73,26 @@ impl Pool {
             info.data_reduction_ratio = ratio((mapped * BLOCK_BYTES) as f64, stored);
         }
         let (index_bytes, index_entries, index_sampling) = {
-            let d = inner.dedup.lock();
+            let d = inner.ctx.dedup.lock();
             (d.bytes(), d.len() as u64, 1u64 << d.sample_bits())
         };
         let logical: u64 = volumes.iter().map(|v| v.mapped_bytes).sum();
-        let seg = inner.geo.segment_bytes;
-        let total = u64::from(inner.geo.total_segments);
-        let cache_sum =
-            |f: fn(&BlockCache) -> u64| -> u64 { inner.caches.iter().map(|c| f(&c.lock())).sum() };
+        let seg = inner.ctx.geo.segment_bytes;
+        let total = u64::from(inner.ctx.geo.total_segments);
+        let cache_sum = |f: fn(&BlockCache) -> u64| -> u64 {
+            inner.ctx.caches.iter().map(|c| f(&c.lock())).sum()
+        };
         Stats {
             capacity_bytes: total * seg,
-            usable_bytes: inner.usable_bytes,
-            space_warning: space_warning(space.stored_bytes, inner.usable_bytes),
+            usable_bytes: inner.ctx.usable_bytes,
+            space_warning: space_warning(space.stored_bytes, inner.ctx.usable_bytes),
             host_warning: {
-                inner.refresh_host_space(true);
-                inner.host_warning()
+                inner.ctx.host.refresh(&*inner.ctx.devices, true);
+                host_warning(&inner.ctx.host)
             },
-            host_free_bytes: inner.host_free.load(Ordering::Relaxed),
-            host_unallocated_bytes: inner.host_unallocated.load(Ordering::Relaxed),
-            halted: inner.fault.lock().clone(),
+            host_free_bytes: inner.ctx.host.free_and_unallocated().0,
+            host_unallocated_bytes: inner.ctx.host.free_and_unallocated().1,
+            halted: inner.ctx.health.reason(),
             physical_used_bytes: (total - space.free_segments as u64) * seg,
             logical_mapped_bytes: logical,
             stored_bytes: space.stored_bytes,
@@ -102,16 +100,16 @@ impl Pool {
             segments_free: space.free_segments as u64,
             segment_bytes: seg,
             volumes,
-            client_written_bytes: inner.counters.client_written.load(Ordering::Relaxed),
-            device_written_bytes: inner.counters.device_written.load(Ordering::Relaxed),
+            client_written_bytes: inner.ctx.counters.client_written.load(Ordering::Relaxed),
+            device_written_bytes: inner.ctx.counters.device_written.load(Ordering::Relaxed),
             cache_bytes: cache_sum(|c| c.len_bytes()),
             cache_capacity_bytes: inner.cache_capacity,
             cache_hits: cache_sum(|c| c.hits),
             cache_misses: cache_sum(|c| c.misses),
             checkpoint_seq,
-            last_seq: inner.seq.load(Ordering::Relaxed).saturating_sub(1),
-            io_engine: inner.devices.engine_name().to_string(),
-            shards: inner.shards(),
+            last_seq: inner.ctx.seq.load(Ordering::Relaxed).saturating_sub(1),
+            io_engine: inner.ctx.devices.engine_name().to_string(),
+            shards: inner.ctx.shards(),
             reclaimable_bytes: space
                 .seg_state
                 .iter()
@@ -119,20 +117,24 @@ impl Pool {
                 .filter(|(_, st)| matches!(st, SegState::Sealed { .. }))
                 .map(|(s, _)| (seg - SEGMENT_HEADER_BYTES).saturating_sub(space.seg_live[s]))
                 .sum(),
-            gc_bytes_moved: inner.counters.gc_moved.load(Ordering::Relaxed),
+            gc_bytes_moved: inner.ctx.counters.gc_moved.load(Ordering::Relaxed),
             write_amplification: {
-                let client = inner.counters.client_written.load(Ordering::Relaxed);
-                let device = inner.counters.device_written.load(Ordering::Relaxed);
+                let client = inner.ctx.counters.client_written.load(Ordering::Relaxed);
+                let device = inner.ctx.counters.device_written.load(Ordering::Relaxed);
                 if client == 0 {
                     0.0
                 } else {
                     device as f64 / client as f64
                 }
             },
-            segments_cleaning: inner.counters.gc_cleaning.load(Ordering::Relaxed),
-            gc_bytes_read: inner.counters.gc_read.load(Ordering::Relaxed),
-            gc_bytes_from_cache: inner.counters.gc_from_cache.load(Ordering::Relaxed),
-            gc_cache_mismatches: inner.counters.gc_cache_mismatches.load(Ordering::Relaxed),
+            segments_cleaning: inner.ctx.counters.gc_cleaning.load(Ordering::Relaxed),
+            gc_bytes_read: inner.ctx.counters.gc_read.load(Ordering::Relaxed),
+            gc_bytes_from_cache: inner.ctx.counters.gc_from_cache.load(Ordering::Relaxed),
+            gc_cache_mismatches: inner
+                .ctx
+                .counters
+                .gc_cache_mismatches
+                .load(Ordering::Relaxed),
             unique_blocks: space.live_blocks,
             dedup_ratio: ratio((logical / BLOCK_BYTES) as f64, space.live_blocks as f64),
             compression_ratio: ratio(
@@ -143,11 +145,11 @@ impl Pool {
             dedup_index_bytes: index_bytes,
             dedup_index_entries: index_entries,
             dedup_index_sampling: index_sampling,
-            write_back_limit_bytes: inner.write_back_limit,
-            write_back_bytes: inner.wb_bytes.load(Ordering::Relaxed),
-            write_back_writes: inner.wb_total.load(Ordering::Relaxed),
+            write_back_limit_bytes: inner.ctx.write_back.limit(),
+            write_back_bytes: inner.ctx.write_back.bytes(),
+            write_back_writes: inner.ctx.write_back.total(),
             device_written_breakdown: {
-                let c = &inner.counters;
+                let c = &inner.ctx.counters;
                 let r = |k: usize, i: usize| c.records[k][i].load(Ordering::Relaxed);
                 WriteBreakdown {
                     data_records: r(0, 0),

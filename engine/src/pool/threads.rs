@@ -14,24 +14,17 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use crate::error::{Error, Result};
+use crate::health::{Health, WakeMsg};
 use crate::job::FlushMsg;
-
-pub(crate) enum CkptMsg {
-    /// Take a checkpoint now (a shard needs a fresh chain, or a test asked).
-    Kick,
-    /// Writes are waiting for space: clean now.
-    Space,
-    Stop,
-}
 
 /// An engine thread whose panic (a bug) stops the pool instead of leaving requests waiting
 /// forever for a thread that is gone.
 pub(crate) fn spawn_supervised(
     name: String,
-    inner: &Arc<Inner>,
+    health: &Arc<Health>,
     f: impl FnOnce() + Send + 'static,
 ) -> Result<JoinHandle<()>> {
-    let inner = inner.clone();
+    let health = health.clone();
     let label = name.clone();
     spawn(name, move || {
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
@@ -40,7 +33,7 @@ pub(crate) fn spawn_supervised(
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "panic".into());
-            inner.set_fault(format!("thread {label} failed: {msg}"));
+            health.set_fault(format!("thread {label} failed: {msg}"));
             // Replies the thread collected before it failed still go out.
             crate::api::end_batch();
         }
@@ -70,18 +63,15 @@ pub(crate) fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
         }
         if !waiting.is_empty() {
             // Writes acknowledged early are part of what a client's flush covers.
-            let r = inner.settle_writes().and_then(|()| inner.sync_completed());
+            let r = inner
+                .workers
+                .settle_writes(&inner.ctx)
+                .and_then(|()| inner.ckpt.sync_completed())
+                .map_err(Arc::new);
             for c in waiting {
                 c.send(match &r {
                     Ok(()) => Ok(crate::api::Reply::Done),
-                    Err(Error::Halted { reason }) => Err(Error::Halted {
-                        reason: reason.clone(),
-                    }),
-                    Err(e) => Err(Error::Io {
-                        device: 0,
-                        offset: 0,
-                        source: std::io::Error::other(e.to_string()),
-                    }),
+                    Err(e) => Err(Error::Shared(e.clone())),
                 });
             }
         }
@@ -94,71 +84,71 @@ pub(crate) fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
 /// Least time between checkpoints taken only to free segments left without a live block.
 pub(crate) const DEAD_SEGMENT_CHECKPOINT_MS: u64 = 2000;
 
-pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
+pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
     let wait = Duration::from_millis(500);
     loop {
         let msg = rx.recv_timeout(wait);
         let kicked = match msg {
-            Ok(CkptMsg::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-            Ok(CkptMsg::Kick) => true,
-            Ok(CkptMsg::Space) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
+            Ok(WakeMsg::Stop) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            Ok(WakeMsg::Kick) => true,
+            Ok(WakeMsg::Space) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => false,
         };
-        let kicked = inner.ckpt_wanted.swap(false, Ordering::AcqRel) || kicked;
-        if inner.is_closed() || inner.is_faulted() {
+        let kicked = inner.ctx.wake.take_checkpoint_wanted() || kicked;
+        if inner.ctx.health.is_closed() || inner.ctx.health.is_faulted() {
             return;
         }
-        inner.update_write_back_floor();
-        let written = inner.counters.client_written.load(Ordering::Relaxed);
-        let since = written.saturating_sub(inner.ckpt.lock().written_at_last);
-        let free = inner.space.lock().free_segments;
-        let broken = inner.chain_broken.load(Ordering::Acquire);
+        inner.ctx.update_write_back_floor();
+        let written = inner.ctx.counters.client_written.load(Ordering::Relaxed);
+        let since = written.saturating_sub(inner.ckpt.state.lock().written_at_last);
+        let free = inner.ctx.space.lock().free_segments;
+        let broken = inner.ctx.chain_broken.load(Ordering::Acquire);
         // Low on space, checkpoint every quarter of the pool written: that puts sealed
         // segments behind a checkpoint, where the cleaner frees them without one.
-        let pool_bytes = u64::from(inner.geo.total_segments) * inner.geo.segment_bytes;
-        let low = free < inner.cleaning_threshold();
+        let pool_bytes = u64::from(inner.ctx.geo.total_segments) * inner.ctx.geo.segment_bytes;
+        let low = free < inner.ctx.cleaning_threshold();
         if kicked
             || broken
             || since >= inner.checkpoint_interval
             || (low && since >= pool_bytes / 4)
         {
-            if let Err(e) = inner.checkpoint_with(None) {
-                eprintln!("ingot: checkpoint failed: {e}");
+            if let Err(e) = inner.ckpt.checkpoint_with(None) {
+                tracing::error!(target: "ingot_engine::checkpoint", error = %e, "checkpoint failed");
             }
         }
-        if !low && !inner.is_closed() {
+        if !low && !inner.ctx.health.is_closed() {
             // Space comes back after trims and overwrites without a cleaning pass: segments
             // left without a live block are freed by a sync when they lie behind the last
             // checkpoint, else by a checkpoint (at most one every few seconds for this).
-            let ckpt_seq = inner.ckpt.lock().both_seq;
-            let (behind, after) = inner.space.lock().dead_sealed(ckpt_seq);
+            let ckpt_seq = inner.ckpt.state.lock().both_seq;
+            let (behind, after) = inner.ctx.space.lock().dead_sealed(ckpt_seq);
             // Under a steady stream of writes the interval checkpoints do this already: only
             // when none came for a while (a sync and a fence stall every shard's pipeline).
-            let now = inner.host_epoch.elapsed().as_millis() as u64;
-            let since_ms = now.saturating_sub(inner.ckpt_at_ms.load(Ordering::Relaxed));
+            let now = inner.ckpt.started.elapsed().as_millis() as u64;
+            let since_ms = now.saturating_sub(inner.ckpt.at_ms.load(Ordering::Relaxed));
             let quiet = since_ms >= DEAD_SEGMENT_CHECKPOINT_MS;
             if after > 0 && quiet {
-                if let Err(e) = inner.checkpoint_with(None) {
-                    eprintln!("ingot: checkpoint failed: {e}");
+                if let Err(e) = inner.ckpt.checkpoint_with(None) {
+                    tracing::error!(target: "ingot_engine::checkpoint", error = %e, "checkpoint failed");
                 }
             } else if behind > 0 && quiet {
-                if let Err(e) = inner.free_dead_segments() {
-                    if !inner.is_closed() {
-                        eprintln!("ingot: freeing dead segments failed: {e}");
+                if let Err(e) = inner.cleaner.free_dead_segments() {
+                    if !inner.ctx.health.is_closed() {
+                        tracing::error!(target: "ingot_engine::gc", error = %e, "freeing dead segments failed");
                     }
                 }
                 // Counts as the pause this rule waits out.
-                inner.ckpt_at_ms.store(now, Ordering::Relaxed);
+                inner.ckpt.at_ms.store(now, Ordering::Relaxed);
             }
         }
-        if !low || inner.is_closed() {
-            inner.gc_stuck.store(false, Ordering::Release);
+        if !low || inner.ctx.health.is_closed() {
+            inner.ctx.gc_stuck.store(false, Ordering::Release);
             // Segments freed while space was short are given back now that it is not.
-            inner.give_back_freed();
+            inner.ctx.give_back_freed();
             continue;
         }
-        if let Err(e) = inner.free_dead_segments() {
-            if !inner.is_closed() {
-                eprintln!("ingot: freeing dead segments failed: {e}");
+        if let Err(e) = inner.cleaner.free_dead_segments() {
+            if !inner.ctx.health.is_closed() {
+                tracing::error!(target: "ingot_engine::gc", error = %e, "freeing dead segments failed");
             }
             continue;
         }
@@ -166,12 +156,12 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
         // wait (free space at the urgent threshold), where fuller segments are taken too.
         let mut checkpointed = false;
         loop {
-            let free = inner.space.lock().free_segments;
-            if free >= inner.cleaning_threshold() || inner.is_closed() {
-                inner.gc_stuck.store(false, Ordering::Release);
+            let free = inner.ctx.space.lock().free_segments;
+            if free >= inner.ctx.cleaning_threshold() || inner.ctx.health.is_closed() {
+                inner.ctx.gc_stuck.store(false, Ordering::Release);
                 break;
             }
-            let urgent = free <= inner.urgent_threshold();
+            let urgent = free <= inner.ctx.urgent_threshold();
             let max_u = if urgent {
                 GC_URGENT_UTILISATION
             } else {
@@ -179,24 +169,28 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             };
             // Victims sealed since the last checkpoint are freed by a checkpoint: take enough
             // of them per pass that its cost (about 1.4% of the data) stays a small share.
-            let victims = GC_VICTIMS_PER_PASS.max(4 * inner.ckpt_reserve()).min(64);
+            let victims = GC_VICTIMS_PER_PASS
+                .max(4 * inner.ctx.ckpt_reserve())
+                .min(64);
             // Greedy: under skewed overwrites cost-benefit's age term kept picking old, 86%-live
             // segments of cold data (WA 1.9-2.1 at 80% full with zipf:1.2 against 1.7 greedy).
-            let r = inner.clean(victims, max_u, None, true, &mut |_, _| {});
+            let r = inner
+                .cleaner
+                .clean(victims, max_u, None, true, &mut |_, _| {});
             let r = match r {
                 Ok(r) => r,
                 Err(Error::NoSpace) if !checkpointed => {
                     // The move chain found no next segment: a checkpoint starts a new one.
                     checkpointed = true;
-                    if let Err(e) = inner.checkpoint_with(None) {
-                        eprintln!("ingot: checkpoint failed: {e}");
+                    if let Err(e) = inner.ckpt.checkpoint_with(None) {
+                        tracing::error!(target: "ingot_engine::checkpoint", error = %e, "checkpoint failed");
                         break;
                     }
                     continue;
                 }
                 Err(e) => {
-                    if !inner.is_closed() {
-                        eprintln!("ingot: cleaning failed: {e}");
+                    if !inner.ctx.health.is_closed() {
+                        tracing::error!(target: "ingot_engine::gc", error = %e, "cleaning failed");
                     }
                     break;
                 }
@@ -208,23 +202,27 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<CkptMsg>) {
             // ENOSPC while every pass freed 3-5 segments).
             let stuck = urgent
                 && r.segments_freed == 0
-                && inner.reclaimable_segments_at(GC_URGENT_UTILISATION) < 2;
-            if stuck && std::env::var_os("INGOT_GC_DEBUG").is_some() {
-                let free = inner.space.lock().free_segments;
-                let rec = inner.reclaimable_segments_at(GC_URGENT_UTILISATION);
-                eprintln!(
-                    "gc: stuck: free {free} cleaned {} freed {} reclaimable {rec}",
-                    r.segments_cleaned, r.segments_freed
+                && inner.cleaner.reclaimable_segments_at(GC_URGENT_UTILISATION) < 2;
+            if stuck && tracing::enabled!(target: "ingot_engine::gc", tracing::Level::DEBUG) {
+                let free = inner.ctx.space.lock().free_segments;
+                let reclaimable = inner.cleaner.reclaimable_segments_at(GC_URGENT_UTILISATION);
+                tracing::debug!(
+                    target: "ingot_engine::gc",
+                    free,
+                    cleaned = r.segments_cleaned,
+                    freed = r.segments_freed,
+                    reclaimable,
+                    "stuck"
                 );
             }
-            inner.gc_stuck.store(stuck, Ordering::Release);
+            inner.ctx.gc_stuck.store(stuck, Ordering::Release);
             if r.segments_cleaned == 0 {
                 // Nothing behind the last checkpoint is worth cleaning: checkpoint, so that
                 // the segments sealed since become candidates, unless nothing was written.
-                if urgent && !checkpointed && inner.reclaimable_segments_at(max_u) > 0 {
+                if urgent && !checkpointed && inner.cleaner.reclaimable_segments_at(max_u) > 0 {
                     checkpointed = true;
-                    if let Err(e) = inner.checkpoint_with(None) {
-                        eprintln!("ingot: checkpoint failed: {e}");
+                    if let Err(e) = inner.ckpt.checkpoint_with(None) {
+                        tracing::error!(target: "ingot_engine::checkpoint", error = %e, "checkpoint failed");
                         break;
                     }
                     continue;

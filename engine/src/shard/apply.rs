@@ -9,9 +9,9 @@ use bytes::Bytes;
 use crate::api::BLOCK_BYTES;
 use crate::error::Error;
 
-use crate::lbamap::LbaMap;
+use crate::map::LbaMap;
+use crate::map::VolumeState;
 use crate::space::BlockEntry;
-use crate::volume::VolumeState;
 
 pub(crate) enum Apply {
     Block {
@@ -70,7 +70,7 @@ impl Shard {
                 // Every record after a failed segment header is unreachable by replay (some may
                 // already be on the device): write the header again, synchronously, before any
                 // of them is acknowledged.
-                ok = self.inner.devices.write_at(dev, buf, at).is_ok();
+                ok = self.ctx.devices.write_at(dev, buf, at).is_ok();
                 if !ok
                     && rec
                         .header_at
@@ -94,17 +94,17 @@ impl Shard {
                 // Before `applied_shard_seq` moves past the failed record: a flusher that sees
                 // the new value must also see the broken chain, or it would only sync and let
                 // later records claim the missing one durable.
-                self.inner.chain_broken.store(true, Ordering::Release);
+                self.ctx.chain_broken.store(true, Ordering::Release);
             }
             if let Some(ss) = rec.shard_seq {
-                self.inner.shard_stats[self.id]
+                self.ctx.shard_stats[self.id]
                     .applied_shard_seq
                     .store(ss + 1, Ordering::Release);
             }
             if ok {
                 self.apply(rec.seq, rec.applies);
             } else {
-                let mut space = self.inner.space.lock();
+                let mut space = self.ctx.space.lock();
                 for a in &rec.applies {
                     match a {
                         Apply::Block { id, .. } => space.discard_id(*id, rec.seq),
@@ -122,7 +122,7 @@ impl Shard {
                     _ => (String::new(), false),
                 };
                 if no_room {
-                    self.inner.note_host_full();
+                    self.ctx.note_host_full();
                 }
                 for p in &rec.parts {
                     // The host file system had no room: the write fails as a full pool's do.
@@ -138,7 +138,7 @@ impl Shard {
                 }
                 if rec.shard_seq.is_none() {
                     // A segment header failed: the chain is broken until the next checkpoint.
-                    self.inner.kick_checkpoint();
+                    self.ctx.wake.kick_checkpoint();
                 }
             }
             for p in &rec.parts {
@@ -148,7 +148,7 @@ impl Shard {
     }
 
     pub(crate) fn apply(&mut self, seq: u64, applies: Vec<Apply>) {
-        let shards = self.inner.shards();
+        let shards = self.ctx.shards();
         let me = self.id;
         let mut written = 0u64;
         let mut moved = 0u64;
@@ -157,7 +157,7 @@ impl Shard {
         let mut cached = Vec::with_capacity(applies.len());
         // Blocks this record left unreferenced: out of the cache, their slots serve the copies.
         let mut dead: Vec<u64> = Vec::new();
-        let mut space = self.inner.space.lock();
+        let mut space = self.ctx.space.lock();
         // Records nearly always hold one volume: keep its map locked across entries.
         let mut map: Option<(&Arc<VolumeState>, parking_lot::MutexGuard<'_, LbaMap>)> = None;
         macro_rules! map_of {
@@ -261,16 +261,16 @@ impl Shard {
             }
         }
         if !keys.is_empty() {
-            let mut index = self.inner.dedup.lock();
+            let mut index = self.ctx.dedup.lock();
             for (k, id) in keys {
                 index.insert(k, id);
             }
         }
-        self.inner
+        self.ctx
             .counters
             .client_written
             .fetch_add(written, Ordering::Relaxed);
-        self.inner
+        self.ctx
             .counters
             .gc_moved
             .fetch_add(moved, Ordering::Relaxed);

@@ -4,10 +4,12 @@
 
 mod apply;
 mod read;
+mod workers;
 mod write;
 
 pub(crate) use apply::*;
 pub(crate) use read::*;
+pub(crate) use workers::Workers;
 pub(crate) use write::*;
 
 use crate::log::{Item, Relocation, ShardPosition, VoidAt};
@@ -21,12 +23,12 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::api::BLOCK_BYTES;
 use crate::cache::{BlockCache, IdMap};
+use crate::context::Context;
 use crate::error::Error;
 use crate::io::{AlignedBuf, IoDone, IoQueue};
 use crate::job::Job;
-use crate::pool::Inner;
+use crate::map::VolumeState;
 use crate::space::BlockEntry;
-use crate::volume::VolumeState;
 use parking_lot::MutexGuard;
 
 pub(crate) const BLOCK: usize = BLOCK_BYTES as usize;
@@ -189,7 +191,7 @@ pub(crate) struct Inflight {
 
 pub(crate) struct Shard {
     pub(crate) id: usize,
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) ctx: Arc<Context>,
     pub(crate) rx: Receiver<ShardMsg>,
     pub(crate) queue: Box<dyn IoQueue>,
     pub(crate) pos: ShardPosition,
@@ -234,10 +236,10 @@ impl Drop for Shard {
                 .name()
                 .unwrap_or("an engine thread")
                 .to_string();
-            self.inner.set_fault(format!(
+            self.ctx.health.set_fault(format!(
                 "{name} panicked while running shard {} {}",
                 self.id,
-                crate::pool::FAULT_PLACEHOLDER
+                crate::health::FAULT_PLACEHOLDER
             ));
         }
     }
@@ -246,14 +248,14 @@ impl Drop for Shard {
 impl Shard {
     pub fn new(
         id: usize,
-        inner: Arc<Inner>,
+        ctx: Arc<Context>,
         rx: Receiver<ShardMsg>,
         queue: Box<dyn IoQueue>,
         pos: ShardPosition,
     ) -> Self {
         Shard {
             id,
-            inner,
+            ctx,
             rx,
             queue,
             pos,
@@ -528,7 +530,7 @@ impl Shard {
     }
 
     pub(crate) fn cache(&self) -> MutexGuard<'_, BlockCache> {
-        self.inner.caches[self.id].lock()
+        self.ctx.caches[self.id].lock()
     }
 
     pub(crate) fn tag(&mut self) -> u64 {

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::api::BLOCK_BYTES;
+use crate::context::Context;
 use crate::error::Error;
 use crate::format::{FLAG_LZ4, IO_ALIGN};
 use crate::io::{AlignedBuf, IoDone, IoOp, OpKind};
 use crate::job::Job;
-use crate::pool::Inner;
+use crate::map::VolumeState;
 use crate::reduce;
 use crate::space::BlockEntry;
-use crate::volume::VolumeState;
 
 /// One block a read wants out of a stored payload.
 pub(crate) struct Want {
@@ -79,9 +79,9 @@ impl Shard {
         if self.overlaps_unapplied(vol.id, offset, len) {
             self.pack_records();
             self.drain();
-            if self.inner.is_faulted() {
+            if self.ctx.health.is_faulted() {
                 // The early write may have failed: the map would give what it replaced.
-                job.part_done(Err(self.inner.halted()));
+                job.part_done(Err(self.ctx.health.halted()));
                 return;
             }
             if !self.stalled.is_empty() {
@@ -110,7 +110,7 @@ impl Shard {
             ids.extend((first..=last).map(|lba| map.get(lba)));
         }
         {
-            let space = self.inner.space.lock();
+            let space = self.ctx.space.lock();
             entries.extend(
                 ids.iter()
                     .map(|&id| if id == 0 { None } else { space.get(id) }),
@@ -135,7 +135,7 @@ impl Shard {
                     .filter(|&id| id != 0)
                     .collect()
             };
-            let space = self.inner.space.lock();
+            let space = self.ctx.space.lock();
             near.into_iter()
                 .filter_map(|id| Some((id, space.get(id)?)))
                 .filter(|(_, e)| reduce::group_of(e.flags).1 > 1)
@@ -196,7 +196,7 @@ impl Shard {
             }
         }
         for span in spans {
-            let (dev, base) = self.inner.geo.locate(span.segment);
+            let (dev, base) = self.ctx.geo.locate(span.segment);
             let tag = self.tag();
             let len = (span.end - span.base) as usize;
             self.queue.push(IoOp {
@@ -260,13 +260,13 @@ impl Shard {
         if id == 0 {
             return Ok(vec![0u8; BLOCK].into_boxed_slice());
         }
-        let e = self.inner.space.lock().get(id).ok_or(Error::Corrupt {
+        let e = self.ctx.space.lock().get(id).ok_or(Error::Corrupt {
             what: "map points at a free block",
         })?;
         if let Some(data) = self.cache().get(id, e.generation) {
             return Ok(data.to_vec().into_boxed_slice());
         }
-        let plain = load_payload(&self.inner, &e).map_err(|f| f.error(id))?;
+        let plain = load_payload(&self.ctx, &e).map_err(|f| f.error(id))?;
         let i = reduce::group_of(e.flags).0;
         Ok(plain[i * BLOCK..(i + 1) * BLOCK]
             .to_vec()
@@ -428,15 +428,14 @@ pub(crate) fn decode_piece(
 }
 
 /// Read and verify the payload block `e` lives in, synchronously; its plaintext (the group).
-pub(crate) fn load_payload(inner: &Inner, e: &BlockEntry) -> Result<Bytes, PayloadFault> {
+pub(crate) fn load_payload(ctx: &Context, e: &BlockEntry) -> Result<Bytes, PayloadFault> {
     let align = IO_ALIGN as u32;
     let base = e.offset & !(align - 1);
     let end = (e.offset + u32::from(e.stored_len)).next_multiple_of(align);
     let mut buf = AlignedBuf::new((end - base) as usize);
-    let (dev, seg_base) = inner.geo.locate(e.segment);
+    let (dev, seg_base) = ctx.geo.locate(e.segment);
     let at = seg_base + u64::from(base);
-    inner
-        .devices
+    ctx.devices
         .read_at(dev, &mut buf, at)
         .map_err(|err| PayloadFault::Io {
             device: dev,

@@ -15,10 +15,10 @@ use crate::error::Error;
 use crate::format::{DataEntry, FLAG_REF, IO_ALIGN, MAP_PAGE_ENTRIES};
 use crate::io::{AlignedBuf, IoOp, OpKind};
 use crate::job::Job;
-use crate::lbamap::shard_of;
+use crate::map::shard_of;
+use crate::map::VolumeState;
 use crate::reduce;
 use crate::space::BlockEntry;
-use crate::volume::VolumeState;
 
 /// Blocks one trim record covers at most (1 GiB): the unit in which a huge discard is applied.
 pub(crate) const TRIM_CHUNK_BLOCKS: u64 = 1 << 18;
@@ -99,24 +99,24 @@ impl Shard {
         end: u64,
         early: bool,
     ) -> bool {
-        let space = self.inner.space.lock();
+        let space = self.ctx.space.lock();
         let stored = space.stored_bytes;
         // The last `write_back_limit` bytes are kept for writes acknowledged early (at most that
         // many are outstanding), so that a backlog of other writes can never leave one without
         // room: those fail with ENOSPC first, as the client can still be told.
         let usable = if early {
-            self.inner.usable_bytes
+            self.ctx.usable_bytes
         } else {
-            self.inner
+            self.ctx
                 .usable_bytes
-                .saturating_sub(self.inner.write_back_limit())
+                .saturating_sub(self.ctx.write_back.limit())
         };
         if stored + (end - offset) <= usable {
             return false;
         }
         // New data: unmapped blocks, and blocks shared with a snapshot, clone or dedup peer
         // (overwriting those frees nothing).
-        let n = self.inner.shards();
+        let n = self.ctx.shards();
         let new = (offset / BLOCK_BYTES..end.div_ceil(BLOCK_BYTES))
             .filter(|&lba| {
                 if shard_of(lba, n) != self.id {
@@ -147,7 +147,7 @@ impl Shard {
         }
         for (from, to) in partial {
             let lba = from / BLOCK_BYTES;
-            if shard_of(lba, self.inner.shards()) != self.id {
+            if shard_of(lba, self.ctx.shards()) != self.id {
                 continue;
             }
             match self.settle_and_read(&vol, lba) {
@@ -208,14 +208,14 @@ impl Shard {
     pub(crate) fn dedup_pass(&mut self, items: &mut Vec<Item>) {
         let mut cands: Vec<(usize, u64)> = Vec::new();
         {
-            let index = self.inner.dedup.lock();
+            let index = self.ctx.dedup.lock();
             if index.is_empty() {
                 return;
             }
             for (i, it) in items.iter().enumerate() {
                 if let Item::Data { vol, fp, .. } = it {
                     if vol.dedup.load(Ordering::Relaxed) {
-                        if let Some(id) = index.get(self.inner.dedup_key(*fp)) {
+                        if let Some(id) = index.get(self.ctx.dedup_key(*fp)) {
                             cands.push((i, id));
                         }
                     }
@@ -227,7 +227,7 @@ impl Shard {
         }
         // Pin every live candidate so it cannot be freed (and its id reused) meanwhile.
         let pinned: Vec<(usize, u64, BlockEntry)> = {
-            let mut space = self.inner.space.lock();
+            let mut space = self.ctx.space.lock();
             cands
                 .into_iter()
                 .filter_map(|(i, id)| {
@@ -268,7 +268,7 @@ impl Shard {
                 .push((i, id, e.generation, reduce::group_of(e.flags).0));
         }
         for (_, v) in reads {
-            let (dev, seg_base) = self.inner.geo.locate(v.segment);
+            let (dev, seg_base) = self.ctx.geo.locate(v.segment);
             let len =
                 ((v.offset + v.stored_len).next_multiple_of(IO_ALIGN as u32) - v.base) as usize;
             let tag = self.tag();
@@ -320,8 +320,8 @@ impl Shard {
             }
         }
         if !misses.is_empty() {
-            let seq = self.inner.seq.load(Ordering::Acquire);
-            let mut space = self.inner.space.lock();
+            let seq = self.ctx.seq.load(Ordering::Acquire);
+            let mut space = self.ctx.space.lock();
             for id in misses {
                 space.drop_ref(id, seq);
             }
@@ -358,8 +358,8 @@ impl Shard {
         if ids.is_empty() {
             return;
         }
-        let seq = self.inner.seq.load(Ordering::Acquire);
-        let mut space = self.inner.space.lock();
+        let seq = self.ctx.seq.load(Ordering::Acquire);
+        let mut space = self.ctx.space.lock();
         for id in ids {
             space.drop_ref(id, seq);
         }
@@ -369,7 +369,7 @@ impl Shard {
 /// Clear `lba..lba+count` in the pages of `map` that `shard` owns, calling `freed` for each
 /// block id removed. Cost is per page, not per block, for pages that are holes already.
 pub(crate) fn trim_owned(
-    map: &mut crate::lbamap::LbaMap,
+    map: &mut crate::map::LbaMap,
     lba: u64,
     count: u64,
     shard: usize,

@@ -1,26 +1,69 @@
-//! The host file system under a thin pool: how much room it has left, and keeping segments
-//! fallocated for checkpoints so that a full host never stops them.
+//! The host file system under a thin pool: how much room it has left for the backing files.
 
-use crate::pool::Inner;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::space::{SegState, SegUse};
+use crate::io::Devices;
 
-impl Inner {
+pub(crate) struct HostRoom {
+    /// Room to keep on the host beyond what the backing files may still grow by: four
+    /// write-back limits and a segment per chain.
+    margin: u64,
+    /// The file system under the backing files is short of room (see `refresh`): no write is
+    /// acknowledged before it is stored, so a write that finds no room fails for want of
+    /// space instead of being lost after its acknowledgement.
+    tight: AtomicBool,
+    /// Bytes free on the host file systems and bytes of the backing files still unallocated,
+    /// as last seen (summed over devices; 0 for block devices).
+    free: AtomicU64,
+    unallocated: AtomicU64,
+    /// When host space was last looked at (ms since `epoch`).
+    seen_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl HostRoom {
+    pub(crate) fn new(margin: u64) -> HostRoom {
+        HostRoom {
+            margin,
+            tight: AtomicBool::new(false),
+            free: AtomicU64::new(u64::MAX),
+            unallocated: AtomicU64::new(0),
+            seen_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    pub(crate) fn is_tight(&self) -> bool {
+        self.tight.load(Ordering::Acquire)
+    }
+
+    /// A write or an allocation found no room on the host file system.
+    pub(crate) fn set_tight(&self) {
+        self.tight.store(true, Ordering::Release);
+    }
+
+    /// Bytes free on the host and bytes the backing files may still grow by, as last seen.
+    pub(crate) fn free_and_unallocated(&self) -> (u64, u64) {
+        (
+            self.free.load(Ordering::Relaxed),
+            self.unallocated.load(Ordering::Relaxed),
+        )
+    }
+
     /// Look at the room left on the file systems under the backing files (at most every 50
-    /// ms). The host is tight when it cannot give the backing files all they may still grow by
-    /// and has less than a margin (four write-back limits and a segment per chain) left.
-    pub(crate) fn refresh_host_space(&self, force: bool) {
-        let now = self.host_epoch.elapsed().as_millis() as u64 + 1;
-        let seen = self.host_seen_ms.load(Ordering::Relaxed);
+    /// ms unless `force`). The host is tight when it cannot give the backing files all they
+    /// may still grow by and has less than the margin left.
+    pub(crate) fn refresh(&self, devices: &dyn Devices, force: bool) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let seen = self.seen_ms.load(Ordering::Relaxed);
         if !force && seen != 0 && now.saturating_sub(seen) < 50 {
             return;
         }
-        self.host_seen_ms.store(now, Ordering::Relaxed);
+        self.seen_ms.store(now, Ordering::Relaxed);
         let (mut free, mut unallocated, mut thin) = (u64::MAX, 0u64, false);
-        for d in 0..self.devices.count() {
-            if let Ok(Some(h)) = self.devices.host_space(d as u16) {
+        for d in 0..devices.count() {
+            if let Ok(Some(h)) = devices.host_space(d as u16) {
                 free = free.min(h.free_bytes);
                 unallocated += h.unallocated_bytes;
                 thin = true;
@@ -29,103 +72,9 @@ impl Inner {
         if !thin {
             return;
         }
-        self.host_free.store(free, Ordering::Relaxed);
-        self.host_unallocated.store(unallocated, Ordering::Relaxed);
-        let margin = 4 * self.write_back_limit.max(16 << 20)
-            + self.geo.segment_bytes * (self.chains() as u64 + 1);
-        self.host_tight
-            .store(free < unallocated && free < margin, Ordering::Release);
-    }
-
-    /// Keep `2 × ckpt_reserve` free segments allocated in the backing files of a thin pool,
-    /// so that checkpoints and the cleaner's moves (which take them first) never meet a full
-    /// host file system: a shutdown still checkpoints, and a reopen still finds room for its
-    /// recovery checkpoint.
-    pub(crate) fn top_up_backed(&self) {
-        if !self.discard_freed || self.read_only {
-            return;
-        }
-        let want = 2 * self.ckpt_reserve();
-        let candidates: Vec<u32> = {
-            let mut space = self.space.lock();
-            space.backed_reserve = want;
-            let have = space.backed_free();
-            (0..space.seg_state.len())
-                .filter(|&s| space.seg_state[s] == SegState::Free && !space.undiscarded[s])
-                .take(want.saturating_sub(have))
-                .map(|s| s as u32)
-                .collect()
-        };
-        for seg in candidates {
-            let (dev, base) = self.geo.locate(seg);
-            match self.devices.preallocate(dev, base, self.geo.segment_bytes) {
-                Ok(()) => {
-                    let mut space = self.space.lock();
-                    if !space.undiscarded[seg as usize] {
-                        space.undiscarded[seg as usize] = true;
-                        space.undiscarded_count += 1;
-                    }
-                }
-                Err(e) => {
-                    if e.raw_os_error() == Some(libc::ENOSPC) {
-                        self.note_host_full();
-                    }
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Make sure the backing files hold `segs` (just allocated, in `state`) before anything is
-    /// written there: a segment the host file system has no room for is swapped for another
-    /// free one. Checkpoints and new chains take held segments first (`SegUse::Metadata`),
-    /// but which ones are held is not known after a restart (ext4 reports fallocated,
-    /// unwritten extents as holes): a `fallocate` tells, and costs nothing on a held one.
-    pub(crate) fn backed(&self, mut segs: Vec<u32>, state: SegState) -> Result<Vec<u32>> {
-        if !self.discard_freed {
-            return Ok(segs);
-        }
-        let mut refused = Vec::new();
-        let mut i = 0;
-        let result = loop {
-            let Some(&seg) = segs.get(i) else {
-                break Ok(());
-            };
-            // Even a segment marked as held: the mark may stand for part of it only.
-            let (dev, base) = self.geo.locate(seg);
-            match self.devices.preallocate(dev, base, self.geo.segment_bytes) {
-                Ok(()) => i += 1,
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    self.note_host_full();
-                    refused.push(seg);
-                    match self
-                        .space
-                        .lock()
-                        .alloc_segment_for(state, 0, SegUse::Metadata)
-                    {
-                        Some(other) => segs[i] = other,
-                        None => break Err(Error::NoSpace),
-                    }
-                }
-                // Best effort otherwise (a file system without fallocate).
-                Err(_) => i += 1,
-            }
-        };
-        let mut space = self.space.lock();
-        for s in refused {
-            space.set_state(s, SegState::Free);
-        }
-        if result.is_err() {
-            for &s in &segs {
-                space.set_state(s, SegState::Free);
-            }
-        }
-        result.map(|()| segs)
-    }
-
-    /// A write or an allocation found no room on the host file system.
-    pub(crate) fn note_host_full(&self) {
-        self.host_tight.store(true, Ordering::Release);
-        self.wb_budget.store(0, Ordering::Release);
+        self.free.store(free, Ordering::Relaxed);
+        self.unallocated.store(unallocated, Ordering::Relaxed);
+        self.tight
+            .store(free < unallocated && free < self.margin, Ordering::Release);
     }
 }

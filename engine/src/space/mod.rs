@@ -1,13 +1,10 @@
-//! Space: the block table, segment states and usage, reserves, the host file system under a
-//! thin pool, and giving freed segments back.
+//! Space: the block table, segment states and usage, segment numbering across devices, and
+//! the host file system under a thin pool.
 
 mod geometry;
-mod give_back;
 mod host;
-mod reserve;
 mod table;
 
 pub(crate) use geometry::Geometry;
-pub(crate) use give_back::mark_held_free;
-pub(crate) use reserve::*;
+pub(crate) use host::HostRoom;
 pub(crate) use table::*;

@@ -1,6 +1,7 @@
 //! Giving freed segments back to the device (hole punching, discard).
 
-use crate::{pool::Inner, space::Geometry};
+use crate::context::Context;
+use crate::space::Geometry;
 
 use crate::io::Devices;
 use crate::space::{SegState, Space};
@@ -10,7 +11,7 @@ use crate::space::{SegState, Space};
 /// few at a time between its other work instead of in one long stretch.
 pub(crate) const GIVE_BACK_PER_CALL: usize = 64;
 
-impl Inner {
+impl Context {
     /// Note that `segs`, just freed, still hold their old blocks in the backing file.
     pub(crate) fn note_freed(&self, space: &mut Space, segs: &[u32]) {
         self.note_write_back_room(space);

@@ -1,11 +1,13 @@
 //! Reserves: segments kept back so that checkpoints, new chains and the cleaner never dead-lock
 //! on a full pool, and the usable capacity that follows from them.
 
-use crate::{pool::Inner, space::Geometry};
+use crate::context::Context;
+use crate::space::Geometry;
 
+use crate::api::DedupDomain;
 use crate::api::BLOCK_BYTES;
-use crate::checkpoint::{self};
 use crate::format::SEGMENT_HEADER_BYTES;
+use crate::format::{CheckpointHeader, MAP_PAGE_ENTRIES};
 
 /// Share of the data segments kept free for the cleaner when the pool is full. At 100% of the
 /// usable capacity, sealed segments are then at most ~90% live, where cleaning costs about 5
@@ -24,14 +26,32 @@ pub(crate) fn usable_bytes(geo: &Geometry, shards: usize) -> u64 {
     let entry = crate::format::DataEntry::BYTES as u64;
     let blocks = total * per_seg / (BLOCK_BYTES + entry);
     let pages = blocks.div_ceil(crate::format::MAP_PAGE_ENTRIES);
-    let ckpt_segs = checkpoint::estimate_bytes(pages, blocks, 1, shards as u64).div_ceil(per_seg);
+    let ckpt_segs = checkpoint_estimate_bytes(pages, blocks, 1, shards as u64).div_ceil(per_seg);
     let fixed = 2 * ckpt_segs + 1 + 3 * shards as u64;
     let data_segs = total.saturating_sub(fixed);
     let payload = data_segs * per_seg / (BLOCK_BYTES + entry) * BLOCK_BYTES;
     (payload as f64 * (1.0 - GC_HEADROOM)) as u64
 }
 
-impl Inner {
+/// The cleaner starts when free segments fall to the data reserve plus this fraction of the
+/// pool. Free segments are slack the cleaner cannot use: the same space left as dead blocks in
+/// sealed segments makes its victims emptier. A tenth of the pool kept free held sealed
+/// segments at ~86% live at 90% full (victims ~79% live: 3.9-4.8 bytes moved per byte written
+/// under uniform overwrites); a 64th (4 segments of a 2 GiB pool) gives victims ~66% live and
+/// 2.3 bytes moved. Large pools keep more in absolute terms, for bursts while a pass runs.
+pub(crate) const GC_SLACK_DIVISOR: usize = 64;
+
+/// Upper bound on a checkpoint blob for a pool holding this much, used to reserve space (in
+/// step with `checkpoint::image::encode`).
+pub(crate) fn checkpoint_estimate_bytes(pages: u64, blocks: u64, volumes: u64, shards: u64) -> u64 {
+    CheckpointHeader::BYTES as u64
+        + volumes * (20 + 64 + 2 + DedupDomain::MAX_NAME as u64)
+        + pages * (8 + MAP_PAGE_ENTRIES * 8)
+        + blocks * (32 + 16)
+        + shards * 24
+}
+
+impl Context {
     /// Segments kept back from data so that a checkpoint always fits, and one per chain so
     /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
@@ -48,7 +68,7 @@ impl Inner {
             }
         }
         let blocks = self.space.lock().live_blocks;
-        let est = checkpoint::estimate_bytes(
+        let est = checkpoint_estimate_bytes(
             pages,
             blocks,
             vols.by_name.len() as u64 + extra_volumes,
@@ -66,5 +86,22 @@ impl Inner {
     /// keep the rest).
     pub fn data_reserve(&self) -> usize {
         self.reserve_segments() + self.shards()
+    }
+    /// The same from a checkpoint reserve already computed (computing it walks every map page).
+    pub(crate) fn cleaning_threshold_from(&self, ckpt_reserve: usize) -> usize {
+        // The data reserve is the checkpoint reserve plus a segment per chain and per shard.
+        ckpt_reserve
+            + self.chains()
+            + self.shards()
+            + (self.geo.total_segments as usize / GC_SLACK_DIVISOR).max(4)
+    }
+    /// Free segments below which the cleaner runs on its own: the data reserve plus
+    /// [`GC_SLACK_DIVISOR`]th of the pool (at least 4 segments).
+    pub(crate) fn cleaning_threshold(&self) -> usize {
+        self.cleaning_threshold_from(self.ckpt_reserve())
+    }
+    /// Free segments at or below which writes wait and the cleaner runs flat out.
+    pub(crate) fn urgent_threshold(&self) -> usize {
+        self.data_reserve() + self.shards()
     }
 }

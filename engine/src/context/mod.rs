@@ -1,0 +1,228 @@
+//! The state the write path shares: devices and geometry, the log key, space, caches, the
+//! dedup index, counters, write-back accounting, health and the background doorbell.
+//!
+//! Each part is owned by its subsystem's type (`Space`, `EarlyWrites`, `Health`, ...); the
+//! context only bundles them, so that shards, the cleaner and checkpoints are handed this
+//! and never the pool itself (its workers, checkpoint state and threads).
+
+mod backing;
+mod give_back;
+mod reserve;
+
+pub(crate) use give_back::mark_held_free;
+pub(crate) use reserve::{checkpoint_estimate_bytes, usable_bytes};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::BlockCache;
+use crate::counters::{Counters, ShardStats};
+use crate::error::{Error, Result};
+use crate::format::LogKey;
+use crate::health::{Health, Wake};
+use crate::io::SharedDevices;
+use crate::job::{Answer, FlushMsg};
+use crate::map::{VolumeState, VolumeTable};
+use crate::reduce::DedupIndex;
+use crate::space::{Geometry, HostRoom, Space};
+use crate::write_back::EarlyWrites;
+
+pub(crate) struct Context {
+    pub devices: SharedDevices,
+    pub geo: Geometry,
+    pub pool_uuid: [u8; 16],
+    /// Seals segment headers and records (see `format::LogKey`).
+    pub log_key: LogKey,
+    /// Makes segment nonces unique should the kernel's random source ever fail.
+    nonce_counter: AtomicU64,
+    /// Opened read-only: nothing is ever written (see `PoolOptions::read_only`).
+    pub read_only: bool,
+    /// The file system under the backing files (see `HostRoom`).
+    pub host: HostRoom,
+    pub epoch: u64,
+    pub space: Mutex<Space>,
+    /// Next sequence number to assign.
+    pub seq: AtomicU64,
+    pub shard_stats: Vec<ShardStats>,
+    /// Each shard's block cache. The shard fills it; front-end threads read cached blocks from
+    /// it directly ([`crate::Volume::submit`]), saving the hand-off to the shard and back.
+    pub caches: Vec<Mutex<BlockCache>>,
+    pub counters: Counters,
+    pub flusher: Sender<FlushMsg>,
+    /// A failed record left a gap in a chain: only a checkpoint makes what follows recoverable.
+    pub chain_broken: AtomicBool,
+    /// Punch freed segments out of the backing files (not for prefilled pools).
+    pub discard_freed: bool,
+    /// The last automatic cleaning pass freed nothing: writes waiting for space fail now.
+    pub gc_stuck: AtomicBool,
+    /// Payload bytes the pool stores before writes of new blocks fail (see `usable_bytes`).
+    pub usable_bytes: u64,
+    /// Fingerprint key -> block id hints (see `reduce`). Never held while taking `space`.
+    pub dedup: Mutex<DedupIndex>,
+    /// Bits of the fingerprint the index keys on (all; none when tests force collisions).
+    dedup_key_mask: u64,
+    pub health: Arc<Health>,
+    pub wake: Wake,
+    pub write_back: Arc<EarlyWrites>,
+    pub volumes: RwLock<VolumeTable>,
+    /// Data shards, and log chains (the data shards' and the mover's).
+    data_shards: usize,
+    chains: usize,
+}
+
+/// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
+pub(crate) struct Parts {
+    pub devices: SharedDevices,
+    pub geo: Geometry,
+    pub pool_uuid: [u8; 16],
+    pub log_key: LogKey,
+    pub read_only: bool,
+    pub epoch: u64,
+    pub space: Space,
+    pub seq: u64,
+    pub caches: Vec<Mutex<BlockCache>>,
+    pub flusher: Sender<FlushMsg>,
+    pub discard_freed: bool,
+    pub usable_bytes: u64,
+    pub dedup: DedupIndex,
+    pub dedup_key_mask: u64,
+    pub health: Arc<Health>,
+    pub wake: Wake,
+    pub write_back_bytes: u64,
+    pub volumes: VolumeTable,
+    pub data_shards: usize,
+}
+
+impl Context {
+    pub(crate) fn new(p: Parts) -> Context {
+        let chains = p.data_shards + 1;
+        let write_back = Arc::new(EarlyWrites::new(
+            p.write_back_bytes,
+            p.geo.segment_bytes,
+            chains,
+            p.usable_bytes,
+        ));
+        let host_margin =
+            4 * p.write_back_bytes.max(16 << 20) + p.geo.segment_bytes * (chains as u64 + 1);
+        Context {
+            devices: p.devices,
+            geo: p.geo,
+            pool_uuid: p.pool_uuid,
+            log_key: p.log_key,
+            nonce_counter: AtomicU64::new(0),
+            read_only: p.read_only,
+            host: HostRoom::new(host_margin),
+            epoch: p.epoch,
+            space: Mutex::new(p.space),
+            seq: AtomicU64::new(p.seq),
+            shard_stats: (0..chains).map(|_| ShardStats::default()).collect(),
+            caches: p.caches,
+            counters: Counters::default(),
+            flusher: p.flusher,
+            chain_broken: AtomicBool::new(false),
+            discard_freed: p.discard_freed,
+            gc_stuck: AtomicBool::new(false),
+            usable_bytes: p.usable_bytes,
+            dedup: Mutex::new(p.dedup),
+            dedup_key_mask: p.dedup_key_mask,
+            health: p.health,
+            wake: p.wake,
+            write_back,
+            volumes: RwLock::new(p.volumes),
+            data_shards: p.data_shards,
+            chains,
+        }
+    }
+
+    /// A nonce for a new use of `segment`: random, else (getrandom failing) a MAC of the
+    /// epoch, the segment and a counter, which is still unique and unguessable without the key.
+    pub fn segment_nonce(&self, segment: u32) -> [u8; 16] {
+        crate::format::random_bytes().unwrap_or_else(|_| {
+            let n = self.nonce_counter.fetch_add(1, Ordering::Relaxed);
+            crate::format::log_mac(
+                &self.log_key,
+                b"ingot segment nonce",
+                &[
+                    &self.epoch.to_le_bytes(),
+                    &segment.to_le_bytes(),
+                    &n.to_le_bytes(),
+                ],
+            )
+        })
+    }
+
+    /// Index key of a fingerprint: its keyed low 64 bits. When tests force collisions, the
+    /// domain tag (high 64 bits) instead, so that every block of a domain collides with every
+    /// other of that domain, and still with none of another domain's.
+    pub fn dedup_key(&self, fp: u128) -> u64 {
+        fp as u64 & self.dedup_key_mask | (fp >> 64) as u64 & !self.dedup_key_mask
+    }
+
+    /// Data shards: the workers a volume's map pages are striped over.
+    pub fn shards(&self) -> usize {
+        self.data_shards
+    }
+
+    /// Log chains: one per data shard, then the cleaner's move chain.
+    pub fn chains(&self) -> usize {
+        self.chains
+    }
+
+    /// The worker that writes the cleaner's moves, in a chain of its own.
+    pub fn mover(&self) -> usize {
+        self.data_shards
+    }
+
+    pub(crate) fn lookup(&self, name: &str) -> Option<Arc<VolumeState>> {
+        self.volumes.read().by_name.get(name).cloned()
+    }
+
+    /// Sync every device.
+    pub fn sync(&self) -> Result<()> {
+        self.devices.sync().map_err(|source| Error::Sync { source })
+    }
+
+    /// Make every completed write durable through the flusher (which checkpoints instead of
+    /// syncing when a failed record broke a chain), writes acknowledged early included.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let done: crate::api::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
+            self.flusher.send(FlushMsg::Flush(Answer::new(done)))
+        {
+            done.send(Err(Error::ShutDown));
+        }
+        rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
+    }
+
+    /// Recompute the free-segment floor for early writes (walks the volumes' maps), and
+    /// what they may hold above it.
+    pub(crate) fn update_write_back_floor(&self) {
+        if self.write_back.limit() == 0 {
+            return;
+        }
+        self.write_back.set_floor(self.data_reserve() + 1);
+        self.note_write_back_room(&self.space.lock());
+    }
+
+    /// Recompute what early writes may hold given `space` (see `EarlyWrites::note_room`),
+    /// looking at the host file system first.
+    pub(crate) fn note_write_back_room(&self, space: &Space) {
+        if self.write_back.limit() == 0 {
+            return;
+        }
+        self.host.refresh(&*self.devices, false);
+        self.write_back.note_room(space, self.host.is_tight());
+    }
+
+    /// A write or an allocation found no room on the host file system.
+    pub(crate) fn note_host_full(&self) {
+        self.host.set_tight();
+        self.write_back.stop();
+    }
+}

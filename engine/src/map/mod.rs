@@ -1,0 +1,7 @@
+//! Maps: each volume's LBA -> block id map (paged, one part per shard), and the volume table.
+
+pub(crate) mod lba;
+mod volume;
+
+pub(crate) use lba::{shard_of, LbaMap, MapPage};
+pub(crate) use volume::{VolumeState, VolumeTable};

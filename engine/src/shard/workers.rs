@@ -1,0 +1,104 @@
+//! The handles on the shard workers: one channel per log chain (the data shards, then the
+//! mover), and the requests that wait for every shard's answer.
+
+use crossbeam_channel::Sender;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::shard::ShardMsg;
+
+pub(crate) struct Workers {
+    /// One per chain: the data shards, then the mover (see `Context::mover`).
+    senders: Vec<Sender<ShardMsg>>,
+}
+
+impl Workers {
+    pub(crate) fn new(senders: Vec<Sender<ShardMsg>>) -> Workers {
+        Workers { senders }
+    }
+
+    /// Hand `msg` to worker `shard`; a worker that stopped fails it.
+    pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
+        if let Err(crossbeam_channel::SendError(msg)) = self.senders[shard].send(msg) {
+            fail_msg(msg);
+        }
+    }
+
+    /// Hand `msg` to worker `shard`; false when it stopped (the message is dropped).
+    pub(crate) fn post(&self, shard: usize, msg: ShardMsg) -> bool {
+        self.senders[shard].send(msg).is_ok()
+    }
+
+    /// Send `msg` to the first `chains` workers and wait for every answer; false when a worker
+    /// dropped one (it stopped).
+    pub(crate) fn ask(&self, chains: usize, msg: fn(Sender<()>) -> ShardMsg) -> bool {
+        let waits: Vec<_> = (0..chains)
+            .map(|shard| {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                self.send(shard, msg(tx));
+                rx
+            })
+            .collect();
+        waits.into_iter().all(|rx| rx.recv().is_ok())
+    }
+
+    /// Wait until every worker has finished the I/O it had in flight (reads that may still
+    /// target a segment about to be freed).
+    pub(crate) fn fence(&self) -> Result<()> {
+        if self.ask(self.senders.len(), ShardMsg::Fence) {
+            Ok(())
+        } else {
+            Err(Error::ShutDown)
+        }
+    }
+
+    /// Wait until every write acknowledged early so far is applied (in the maps, on the
+    /// device), so that a flush covers it and block status reports it. Fails when one was
+    /// lost (the pool is then halted).
+    pub(crate) fn settle_writes(&self, ctx: &Context) -> Result<()> {
+        if ctx.write_back.idle() {
+            // A lost early write halts the pool before it leaves the count.
+            return if ctx.health.is_faulted() {
+                Err(ctx.health.halted())
+            } else {
+                Ok(())
+            };
+        }
+        if crate::shard::on_shard_thread() {
+            // A shard waiting for shards (itself among them) would wait forever.
+            return Err(Error::Internal {
+                what: "waiting for early writes on an engine thread (a front-end bug)",
+            });
+        }
+        let answered = self.ask(ctx.shards(), ShardMsg::Settle);
+        if ctx.health.is_faulted() {
+            return Err(ctx.health.halted());
+        }
+        if !answered {
+            return Err(Error::ShutDown);
+        }
+        Ok(())
+    }
+
+    /// Tell every worker to stop once it has drained what it holds.
+    pub(crate) fn stop(&self) {
+        for tx in &self.senders {
+            let _ = tx.send(ShardMsg::Stop);
+        }
+    }
+}
+
+/// Answer a message no worker will take (it stopped) with `ShutDown`.
+fn fail_msg(msg: ShardMsg) {
+    match msg {
+        ShardMsg::Read { job, .. }
+        | ShardMsg::Write { job, .. }
+        | ShardMsg::Zero { job, .. }
+        | ShardMsg::Relocate { job, .. } => job.part_done(Err(Error::ShutDown)),
+        ShardMsg::Pause { paused, .. } => {
+            let _ = paused.send(Err(Error::ShutDown));
+        }
+        // Dropping the sender answers the fence or settle with an error.
+        ShardMsg::Fence(_) | ShardMsg::Settle(_) | ShardMsg::Stop => {}
+    }
+}
