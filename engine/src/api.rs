@@ -317,13 +317,7 @@ pub enum DedupDomain {
     Named(String),
 }
 
-/// Why a dedup domain name was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid dedup domain {0:?}: use \"shared\", \"private\" or a name of 1-64 characters of \
-     [A-Za-z0-9._-] not starting with '.'"
-)]
-pub struct InvalidDedupDomain(pub String);
+pub use crate::error::InvalidDedupDomain;
 
 impl DedupDomain {
     /// Longest domain name.

@@ -63,7 +63,7 @@ pub enum Error {
     #[error("invalid volume name {0:?}: use 1-64 characters of [A-Za-z0-9._-]")]
     InvalidName(String),
     #[error(transparent)]
-    InvalidDedupDomain(#[from] crate::api::InvalidDedupDomain),
+    InvalidDedupDomain(#[from] InvalidDedupDomain),
     #[error("volume {0:?} is a read-only snapshot (clone it to write)")]
     ReadOnly(String),
     #[error("invalid size {size}: {reason}")]
@@ -107,6 +107,14 @@ pub enum Error {
     #[error("internal error: {what}")]
     Internal { what: &'static str },
 }
+
+/// Why a dedup domain name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid dedup domain {0:?}: use \"shared\", \"private\" or a name of 1-64 characters of \
+     [A-Za-z0-9._-] not starting with '.'"
+)]
+pub struct InvalidDedupDomain(pub String);
 
 /// What kind of failure an [`Error`] is, independent of any wire protocol. Front ends map a
 /// kind to their own codes (NBD errno, SCSI sense); the engine never names them.

@@ -9,7 +9,7 @@ use crate::api::BLOCK_BYTES;
 use crate::error::{Error, Result};
 use crate::format::IO_ALIGN;
 use crate::io::AlignedBuf;
-use crate::log::{Members, Relocation};
+use crate::shard::{Members, Relocation};
 use crate::space::BlockEntry;
 
 /// Victim segments the cleaner reads at once.

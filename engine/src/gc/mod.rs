@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::format::SEGMENT_HEADER_BYTES;
-use crate::log::Relocation;
+use crate::shard::Relocation;
 use crate::space::{BlockEntry, SegState};
 
 /// A victim segment and the live blocks to move out of it.

@@ -6,7 +6,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::log::Relocation;
+use crate::shard::Relocation;
 use crate::shard::ShardMsg;
 use crate::space::SegState;
 

@@ -1,16 +1,24 @@
 //! A shard's log chain: the open segment, rolling to the next one, waiting for space, void
 //! records over failed writes, and restarting the chain at a checkpoint.
 
-use crate::shard::{Inflight, Shard, MAX_STALL, TRIM_RESERVE_BYTES};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::context::Context;
 use crate::error::Error;
 use crate::format::{
     RecordHeader, RecordKind, RecordSeal, SegmentHeader, SegmentKind, TrimEntry, IO_ALIGN,
     NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
-use crate::io::{AlignedBuf, IoOp, OpKind};
+use crate::io::AlignedBuf;
 use crate::space::{SegState, SegUse};
+
+/// Bytes a data record leaves free at the end of the last segment of a chain, so that trims
+/// (which free space) still fit on a full pool.
+pub(crate) const TRIM_RESERVE_BYTES: u64 = 64 << 10;
+/// Longest a data record waits for the cleaner before it fails for want of space.
+pub(crate) const MAX_STALL: Duration = Duration::from_secs(30);
 
 /// What a record is for, which decides how much of the reserve it may use.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,11 +55,43 @@ pub(crate) struct VoidAt {
     pub(crate) nonce: [u8; 16],
 }
 
-impl Shard {
+/// A worker's log chain: where its next record goes, the segment after that, and the
+/// `Void` records it still owes. Owned by the worker that appends to it.
+pub(crate) struct Chain {
+    /// The worker's number: the chain's shard in headers and records.
+    pub(crate) id: usize,
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) pos: ShardPosition,
+    /// The open segment's header is on the device (its write did not fail). A checkpoint
+    /// moves a chain whose header failed to a new segment: replay needs the header's nonce.
+    pub(crate) header_ok: bool,
+    /// The next segment is allocated in its backing file (or needs no allocation).
+    pub(crate) next_backed: bool,
+    /// Failed records whose `Void` could not be written yet: tried again before later records
+    /// are applied, until a checkpoint makes them moot.
+    pub(crate) voids: Vec<VoidAt>,
+}
+
+impl Chain {
+    pub(crate) fn new(id: usize, ctx: Arc<Context>, pos: ShardPosition) -> Chain {
+        Chain {
+            id,
+            ctx,
+            pos,
+            header_ok: true,
+            next_backed: false,
+            voids: Vec::new(),
+        }
+    }
+
     /// Whether a data record of `bytes` should wait for the cleaner rather than fail: it does
     /// not fit in the open segment, free space is at the data reserve, cleaning can give some
     /// back, and it has not waited too long already.
-    pub(crate) fn must_wait_for_space(&mut self, bytes: u64) -> bool {
+    pub(crate) fn must_wait_for_space(
+        &mut self,
+        bytes: u64,
+        stalled_since: Option<Instant>,
+    ) -> bool {
         let seg_bytes = self.ctx.geo.segment_bytes;
         let fits_here = self.pos.segment != NO_SEGMENT
             && u64::from(self.pos.offset) + bytes + TRIM_RESERVE_BYTES <= seg_bytes;
@@ -63,9 +103,7 @@ impl Shard {
         if self.pos.next != NO_SEGMENT && free > reserve {
             return false;
         }
-        if self.stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL)
-            || self.ctx.health.is_faulted()
-        {
+        if stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) || self.ctx.health.is_faulted() {
             return false;
         }
         if free <= reserve && self.ctx.gc_stuck.load(Ordering::Acquire) {
@@ -87,7 +125,15 @@ impl Shard {
     /// free space) still fit on a full pool. Data may not move into a new segment once free
     /// space is down to the data reserve: the rest is for checkpoints, trims and the cleaner,
     /// so that cleaning can always make progress.
-    pub(crate) fn make_room(&mut self, bytes: u64, room: Room) -> Result<(), Error> {
+    ///
+    /// A new segment's header goes to `write_header` (device, offset, sealed block), which
+    /// queues it in order with the records: none after it is acknowledged before it.
+    pub(crate) fn make_room(
+        &mut self,
+        bytes: u64,
+        room: Room,
+        write_header: &mut dyn FnMut(u16, u64, AlignedBuf),
+    ) -> Result<(), Error> {
         let seg_bytes = self.ctx.geo.segment_bytes;
         let margin = if room == Room::Freeing || self.pos.next != NO_SEGMENT {
             0
@@ -153,26 +199,7 @@ impl Shard {
         self.segment_header(&mut buf);
         self.header_ok = true;
         let (dev, base) = self.ctx.geo.locate(self.pos.segment);
-        let tag = self.tag();
-        self.queue.push(IoOp {
-            kind: OpKind::Write,
-            dev,
-            offset: base,
-            len: IO_ALIGN,
-            buf,
-            tag,
-        });
-        self.inflight.push_back(Inflight {
-            tag,
-            result: None,
-            buf: None,
-            seq: 0,
-            shard_seq: None,
-            header_at: Some((dev, base)),
-            void: None,
-            applies: Vec::new(),
-            parts: Vec::new(),
-        });
+        write_header(dev, base, buf);
         if u64::from(self.pos.offset) + bytes > seg_bytes {
             return Err(Error::NoSpace);
         }

@@ -1,7 +1,7 @@
-//! The log: records and the segment chains they are appended to.
+//! The log: each worker's chain of segments, and how a record is laid out and sealed into it.
 
 mod chain;
 mod record;
 
 pub(crate) use chain::*;
-pub(crate) use record::*;
+pub(crate) use record::Layout;

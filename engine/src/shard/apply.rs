@@ -74,21 +74,21 @@ impl Shard {
                 if !ok
                     && rec
                         .header_at
-                        .is_some_and(|(d, a)| (d, a) == self.open_header_at())
+                        .is_some_and(|(d, a)| (d, a) == self.chain.open_header_at())
                 {
-                    self.header_ok = false;
+                    self.chain.header_ok = false;
                 }
             }
             if !ok {
                 if let Some(v) = rec.void {
                     // Replay steps over the failed record once its header says `Void`; until
                     // then the records after it are unreachable (a flush checkpoints).
-                    if !self.write_void(&v) {
-                        self.voids.push(v);
+                    if !self.chain.write_void(&v) {
+                        self.chain.voids.push(v);
                     }
                 }
-            } else if !self.voids.is_empty() && rec.shard_seq.is_some() {
-                self.retry_voids();
+            } else if !self.chain.voids.is_empty() && rec.shard_seq.is_some() {
+                self.chain.retry_voids();
             }
             if !ok {
                 // Before `applied_shard_seq` moves past the failed record: a flusher that sees

@@ -3,16 +3,18 @@
 //! and the ordered apply of completed records live beside it, the records and the chain in `log/`.
 
 mod apply;
+mod pack;
 mod read;
 mod workers;
 mod write;
 
 pub(crate) use apply::*;
+pub(crate) use pack::*;
 pub(crate) use read::*;
 pub(crate) use workers::Workers;
 pub(crate) use write::*;
 
-use crate::log::{Item, Relocation, ShardPosition, VoidAt};
+use crate::log::{Chain, ShardPosition, VoidAt};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -44,9 +46,6 @@ pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// How often a shard with stalled writes looks for free space again.
 pub(crate) const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// Longest a write waits for the cleaner before it fails with ENOSPC.
-pub(crate) const MAX_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Records in flight per shard before the worker waits for completions.
 pub(crate) const MAX_INFLIGHT_RECORDS: usize = 64;
@@ -194,7 +193,8 @@ pub(crate) struct Shard {
     pub(crate) ctx: Arc<Context>,
     pub(crate) rx: Receiver<ShardMsg>,
     pub(crate) queue: Box<dyn IoQueue>,
-    pub(crate) pos: ShardPosition,
+    /// The log chain this worker appends to.
+    pub(crate) chain: Chain,
     pub(crate) inflight: VecDeque<Inflight>,
     pub(crate) reads: IdMap<PendingRead>,
     /// Dedup candidates being read for verification, and those whose read completed.
@@ -217,14 +217,6 @@ pub(crate) struct Shard {
     pub(crate) scratch_entries: Vec<Option<BlockEntry>>,
     /// Blocks of early-acknowledged writes this shard has received and not yet applied.
     pub(crate) unapplied: Unapplied,
-    /// Failed records whose `Void` could not be written yet: tried again before later records
-    /// are applied, until a checkpoint makes them moot.
-    pub(crate) voids: Vec<VoidAt>,
-    /// The open segment's header is on the device (its write did not fail). A checkpoint
-    /// moves a chain whose header failed to a new segment: replay needs the header's nonce.
-    pub(crate) header_ok: bool,
-    /// The next segment is allocated in its backing file (or needs no allocation).
-    pub(crate) next_backed: bool,
 }
 
 impl Drop for Shard {
@@ -255,10 +247,10 @@ impl Shard {
     ) -> Self {
         Shard {
             id,
+            chain: Chain::new(id, ctx.clone(), pos),
             ctx,
             rx,
             queue,
-            pos,
             inflight: VecDeque::new(),
             reads: IdMap::default(),
             verifying: IdMap::default(),
@@ -273,9 +265,6 @@ impl Shard {
             scratch_ids: Vec::new(),
             scratch_entries: Vec::new(),
             unapplied: Rc::default(),
-            voids: Vec::new(),
-            header_ok: true,
-            next_backed: false,
         }
     }
 
@@ -383,8 +372,8 @@ impl Shard {
             }
             crate::api::end_batch();
             if let Some((paused, resume)) = pause {
-                let r = self.at_checkpoint();
-                let _ = paused.send(r.map(|()| self.pos));
+                let r = self.chain.at_checkpoint();
+                let _ = paused.send(r.map(|()| self.chain.pos));
                 let _ = resume.recv();
             }
             if stop {

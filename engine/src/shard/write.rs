@@ -2,7 +2,7 @@
 //! dedup pass that turns blocks into references.
 
 use super::{decode_piece, is_zero, EarlyRange, Part, Shard, BLOCK};
-use crate::log::Item;
+use crate::shard::Item;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -22,9 +22,6 @@ use crate::space::BlockEntry;
 
 /// Blocks one trim record covers at most (1 GiB): the unit in which a huge discard is applied.
 pub(crate) const TRIM_CHUNK_BLOCKS: u64 = 1 << 18;
-
-/// Log space of the last segment kept for trim records, so a full pool can still be trimmed.
-pub(crate) const TRIM_RESERVE_BYTES: u64 = 64 << 10;
 
 /// A stored payload read to verify dedup candidates against the blocks being written.
 pub(crate) struct VerifyRead {
