@@ -151,6 +151,22 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// A copy of a shared error for one more waiter: variants that hold only data are copied
+    /// as they are (callers match on them), the others shared with their cause.
+    pub fn share(e: &std::sync::Arc<Error>) -> Error {
+        match &**e {
+            Error::Halted { reason } => Error::Halted {
+                reason: reason.clone(),
+            },
+            Error::ShutDown => Error::ShutDown,
+            Error::NoSpace => Error::NoSpace,
+            Error::ReadOnly(v) => Error::ReadOnly(v.clone()),
+            Error::Corrupt { what } => Error::Corrupt { what },
+            Error::Internal { what } => Error::Internal { what },
+            _ => Error::Shared(e.clone()),
+        }
+    }
+
     /// The error itself, looking through [`Error::Shared`].
     pub fn inner(&self) -> &Error {
         match self {

@@ -71,7 +71,7 @@ pub(crate) fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
             for c in waiting {
                 c.send(match &r {
                     Ok(()) => Ok(crate::api::Reply::Done),
-                    Err(e) => Err(Error::Shared(e.clone())),
+                    Err(e) => Err(Error::share(e)),
                 });
             }
         }

@@ -62,7 +62,7 @@ impl Shard {
     /// Apply completed records at the head of the queue, in order, and acknowledge them.
     pub(crate) fn apply_completed(&mut self) {
         while self.inflight.front().is_some_and(|r| r.result.is_some()) {
-            let Some(rec) = self.inflight.pop_front() else {
+            let Some(mut rec) = self.inflight.pop_front() else {
                 break;
             };
             let mut ok = matches!(rec.result, Some(Ok(())));
@@ -117,23 +117,32 @@ impl Shard {
                     }
                 }
                 drop(space);
-                let (msg, no_room) = match &rec.result {
-                    Some(Err(e)) => (e.to_string(), e.raw_os_error() == Some(libc::ENOSPC)),
-                    _ => (String::new(), false),
+                // Where the write went, for the error each of its requests gets.
+                let (device, offset) = rec
+                    .void
+                    .map(|v| (v.dev, v.at))
+                    .or(rec.header_at)
+                    .unwrap_or_default();
+                let source = match rec.result.take() {
+                    Some(Err(e)) => e,
+                    // The write succeeded but its segment header could not be rewritten.
+                    _ => std::io::Error::other("the segment header before it could not be written"),
                 };
+                let no_room = source.raw_os_error() == Some(libc::ENOSPC);
                 if no_room {
                     self.ctx.note_host_full();
                 }
+                let e = Arc::new(Error::Io {
+                    device,
+                    offset,
+                    source,
+                });
                 for p in &rec.parts {
                     // The host file system had no room: the write fails as a full pool's do.
                     p.fail(if no_room {
                         Error::NoSpace
                     } else {
-                        Error::Io {
-                            device: 0,
-                            offset: 0,
-                            source: std::io::Error::other(msg.clone()),
-                        }
+                        Error::share(&e)
                     });
                 }
                 if rec.shard_seq.is_none() {

@@ -538,17 +538,6 @@ pub(crate) fn item_part(i: &Item) -> &Rc<Part> {
     }
 }
 
-pub(crate) fn clone_err(e: &Error) -> Error {
-    match e {
-        Error::NoSpace => Error::NoSpace,
-        other => Error::Io {
-            device: 0,
-            offset: 0,
-            source: std::io::Error::other(other.to_string()),
-        },
-    }
-}
-
 pub(crate) fn is_zero(b: &[u8]) -> bool {
     let chunks = b.chunks_exact(8);
     let tail = chunks.remainder();

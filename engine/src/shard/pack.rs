@@ -3,9 +3,7 @@
 //! submitting the write; the layout and the seal are the log's (`log::record`).
 
 use crate::log::{Layout, Room};
-use crate::shard::{
-    clone_err, item_part, ref_entry, Apply, Inflight, Part, Shard, BLOCK, TRIM_CHUNK_BLOCKS,
-};
+use crate::shard::{item_part, ref_entry, Apply, Inflight, Part, Shard, BLOCK, TRIM_CHUNK_BLOCKS};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -17,6 +15,7 @@ use crate::format::{
     DataEntry, RecordHeader, RecordKind, TrimEntry, FLAG_LZ4, IO_ALIGN, MAX_RECORD_ENTRIES,
     NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
+use crate::error::Error;
 use crate::io::{AlignedBuf, IoOp, IoQueue, OpKind};
 use crate::map::VolumeState;
 use crate::reduce;
@@ -316,8 +315,9 @@ impl Shard {
             .make_room(record_bytes as u64, room, &mut write_header)
         {
             self.unpin(batch.iter());
+            let e = std::sync::Arc::new(e);
             for p in &parts {
-                p.fail(clone_err(&e));
+                p.fail(Error::share(&e));
                 p.record_done();
             }
             return;
