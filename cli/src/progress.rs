@@ -88,15 +88,34 @@ impl Drop for LogLine {
             return;
         }
         let shown = shown();
-        let mut err = io::stderr().lock();
         // Errors are dropped: there is nowhere left to report a failing stderr.
-        let _ = match &*shown {
-            Some(line) => err
-                .write_all(CLEAR.as_bytes())
-                .and_then(|()| err.write_all(&self.0))
-                .and_then(|()| err.write_all(line.as_bytes())),
-            None => err.write_all(&self.0),
-        };
-        let _ = err.flush();
+        let _ = emit(&mut io::stderr().lock(), shown.as_deref(), &self.0);
+    }
+}
+
+/// Write `record` under the progress line `shown`: clear it, write, draw it again.
+fn emit(err: &mut dyn Write, shown: Option<&str>, record: &[u8]) -> io::Result<()> {
+    if let Some(line) = shown {
+        err.write_all(CLEAR.as_bytes())?;
+        err.write_all(record)?;
+        err.write_all(line.as_bytes())?;
+    } else {
+        err.write_all(record)?;
+    }
+    err.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_record_goes_above_the_progress_line() {
+        let mut out = Vec::new();
+        emit(&mut out, Some("checking blocks: 1/2"), b"WARN x\n").unwrap();
+        assert_eq!(out, b"\r\x1b[2KWARN x\nchecking blocks: 1/2");
+        let mut out = Vec::new();
+        emit(&mut out, None, b"WARN x\n").unwrap();
+        assert_eq!(out, b"WARN x\n");
     }
 }

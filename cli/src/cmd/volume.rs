@@ -11,7 +11,7 @@ use super::{request, PoolArg};
 use crate::control::Request;
 use crate::size::{human, parse_size};
 
-pub fn parse_on_off(s: &str) -> Result<bool, String> {
+fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
@@ -19,7 +19,7 @@ pub fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-pub fn parse_domain(s: &str) -> Result<DedupDomain, String> {
+fn parse_domain(s: &str) -> Result<DedupDomain, String> {
     s.parse()
         .map_err(|e: ingot_engine::InvalidDedupDomain| e.to_string())
 }
