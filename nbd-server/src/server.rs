@@ -488,7 +488,7 @@ fn accept_loop(shared: Arc<Shared>, listener: Listener, me: Arc<ListenerInner>) 
                 ) => {}
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.
-                eprintln!("ingot-nbd: accept failed: {e}");
+                tracing::warn!(error = %e, "accept failed");
                 thread::sleep(Duration::from_millis(50));
             }
         }
@@ -563,7 +563,7 @@ fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
             let cut = thread_shared.remove(id);
             if let Err(e) = res {
                 if !cut {
-                    eprintln!("ingot-nbd: connection from {peer}: {e}");
+                    tracing::warn!(%peer, error = %e, "connection ended with an error");
                 }
             }
         });

@@ -1095,3 +1095,40 @@ fn a_device_of_another_pool_is_refused() {
     );
     assert_eq!(sizes(&a), vec![("vol0".to_string(), 64 * MIB)]);
 }
+
+/// A reader that goes away early (`ingot volume list | head -1`) ends the output quietly: no
+/// panic, and the command's own exit status.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let dir = TempDir::new("cli-closed-stdout");
+    let pool = dir.join("pool");
+    ingot_pool_ok(&pool, &["pool", "create", "--size", "1G"]);
+    ingot_pool_ok(&pool, &["volume", "create", "a", "--size", "1G"]);
+    let cmds: [&[&str]; 4] = [
+        &["volume", "list"],
+        &["stats", "--json"],
+        &["stats"],
+        &["check"],
+    ];
+    for args in cmds {
+        let mut child = ingot()
+            .args(args)
+            .args(pool_arg(&pool))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ingot");
+        // Closed before the command has opened the pool: each write it makes fails (EPIPE).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for ingot");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "`ingot {}` with its stdout closed: {}\n--- stderr ---\n{stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! `ingot pool ...`: create pools.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use ingot_engine::{CreateOptions, Pool, PoolOptions};
+
+use super::PoolArg;
+use crate::size::{human, parse_size};
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Create a pool.
+    Create {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Capacity (K/M/G/T suffixes).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Segment size, a power of two from 2M to 1G.
+        #[arg(long, default_value = "8M", value_parser = parse_size)]
+        segment_size: u64,
+        /// Backing file or block device (repeatable; default: dev0.img in the pool directory).
+        #[arg(long)]
+        device: Vec<PathBuf>,
+        /// Write zeroes over the backing files first, so log writes never allocate file blocks
+        /// (faster writes on a file system; freed space is then not returned to it).
+        #[arg(long)]
+        prefill: bool,
+        /// Overwrite devices that hold data or another pool (destroying it). A device that a
+        /// running pool uses is refused all the same.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub fn run(cmd: PoolCmd) -> Result<i32> {
+    match cmd {
+        PoolCmd::Create {
+            pool,
+            size,
+            segment_size,
+            device,
+            prefill,
+            force,
+        } => {
+            if prefill {
+                tracing::info!(
+                    pool = %pool.pool.display(),
+                    bytes = size,
+                    "writing zeroes over {} ...",
+                    human(size)
+                );
+            }
+            let c = CreateOptions {
+                size_bytes: size,
+                segment_bytes: segment_size,
+                devices: device,
+                prefill,
+                force,
+            };
+            let p = Pool::create(&pool.pool, &c, &PoolOptions::default())
+                .with_context(|| format!("creating a pool in {}", pool.pool.display()))?;
+            let s = p.stats();
+            p.shutdown()?;
+            outln!(
+                "created pool {} with {} ({} segments of {})",
+                pool.pool.display(),
+                human(s.capacity_bytes),
+                s.segments_total,
+                human(s.segment_bytes)
+            );
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! `ingot serve`: open (or create) the pool, start the NBD, iSCSI, metrics and control
+//! listeners, and run until SIGINT or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions};
+use ingot_iscsi::{ChapConfig, IscsiTarget, TargetConfig as IscsiConfig};
+use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig, TlsConfig};
+
+use crate::control;
+use crate::metrics;
+use crate::size::{human, parse_size};
+
+const DEFAULT_NBD: &str = "127.0.0.1:10809";
+const DEFAULT_POOL_BYTES: u64 = 16 << 30;
+const DEFAULT_VOLUME_BYTES: u64 = 8 << 30;
+const DEFAULT_VOLUME: &str = "vol0";
+
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// I/O engine: auto (io_uring when available), uring, sync.
+    #[arg(long, default_value = "auto", value_parser = parse_io)]
+    io: IoKind,
+    /// DRAM read cache size (default: a tenth of available memory, at most 4 GiB).
+    #[arg(long, value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Shard workers (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Client bytes written between automatic checkpoints; bounds recovery time.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    checkpoint_interval: u64,
+    /// RAM for the dedup index (default: 2% of physical memory, at least 64 MiB); past it the
+    /// index keeps a sample of fingerprints.
+    #[arg(long, value_parser = parse_size)]
+    dedup_index_mem: Option<u64>,
+    /// Write-back buffer: writes without FUA are acknowledged once the engine has taken them,
+    /// up to this many bytes not yet on the device; FLUSH, SYNCHRONIZE CACHE and FUA writes
+    /// make them durable. 0: acknowledge each write once it is stored (write-through). At most
+    /// a sixty-fourth of the pool's usable capacity.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    write_back: u64,
+}
+
+impl RunArgs {
+    fn options(&self) -> PoolOptions {
+        PoolOptions {
+            io: self.io,
+            shards: self.shards,
+            cache_bytes: self.cache_size,
+            checkpoint_interval_bytes: self.checkpoint_interval,
+            fault: None,
+            dedup_index_bytes: self.dedup_index_mem,
+            write_back_bytes: self.write_back,
+            read_only: false,
+        }
+    }
+}
+
+fn parse_io(s: &str) -> Result<IoKind, String> {
+    s.parse()
+}
+
+/// NBD server settings of `ingot serve`.
+#[derive(clap::Args)]
+pub struct NbdArgs {
+    /// Offer TLS (NBD_OPT_STARTTLS) with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse clients that do not switch to TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
+    /// Connections served at once; more are closed right after accept.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Connections that may be negotiating at once (a budget apart from --max-connections);
+    /// over it the oldest handshake is closed. Each handshake gets 10 s in all
+    /// (INGOT_HANDSHAKE_TIMEOUT_MS overrides that, for tests).
+    #[arg(long, default_value_t = ingot_nbd::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+    /// Disconnect clients that send no request for this many seconds while nothing is in
+    /// flight (0: never).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout: u64,
+    /// Disconnect clients that stall this many seconds in the middle of a request, or leave a
+    /// reply unread that long (0: never).
+    #[arg(long, default_value_t = 60)]
+    request_timeout: u64,
+}
+
+/// Time a client gets for the whole NBD handshake: `INGOT_HANDSHAKE_TIMEOUT_MS` when set (tests
+/// shorten it), else the server's default.
+fn handshake_timeout() -> Result<std::time::Duration> {
+    match std::env::var("INGOT_HANDSHAKE_TIMEOUT_MS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(std::time::Duration::from_millis(ms)),
+            _ => bail!(
+                "INGOT_HANDSHAKE_TIMEOUT_MS={v:?}: expected a positive number of milliseconds"
+            ),
+        },
+        Err(_) => Ok(ingot_nbd::DEFAULT_HANDSHAKE_TIMEOUT),
+    }
+}
+
+/// iSCSI target settings of `ingot serve`.
+#[derive(clap::Args)]
+pub struct IscsiArgs {
+    /// Also serve every volume as iSCSI target iqn.2026-11.io.ingot:VOLUME on HOST[:PORT]
+    /// (port 3260 when left out; repeatable).
+    #[arg(long = "iscsi")]
+    iscsi: Vec<String>,
+    /// CHAP secrets: lines `VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]`; VOLUME `*` covers
+    /// every volume not listed. Listed targets refuse logins without CHAP.
+    #[arg(long)]
+    iscsi_chap_file: Option<PathBuf>,
+}
+
+impl IscsiArgs {
+    /// Start the iSCSI target when `--iscsi` was given.
+    fn start(&self, pool: &Arc<Pool>) -> Result<Option<IscsiTarget>> {
+        if self.iscsi.is_empty() {
+            return Ok(None);
+        }
+        let mut cfg = IscsiConfig::default();
+        if let Some(path) = &self.iscsi_chap_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.is_empty() || f[0].starts_with('#') {
+                    continue;
+                }
+                if f.len() != 3 && f.len() != 5 {
+                    bail!(
+                        "{}:{}: expected VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]",
+                        path.display(),
+                        n + 1
+                    );
+                }
+                let chap = ChapConfig {
+                    user: f[1].to_string(),
+                    secret: f[2].to_string(),
+                    mutual: (f.len() == 5).then(|| (f[3].to_string(), f[4].to_string())),
+                };
+                if f[0] == "*" {
+                    cfg.default_chap = Some(chap);
+                } else {
+                    cfg.chap.insert(f[0].to_string(), chap);
+                }
+            }
+        }
+        let target = IscsiTarget::new(pool.clone(), cfg);
+        for l in &self.iscsi {
+            let addr = target
+                .listen(l)
+                .with_context(|| format!("--iscsi {l}: listening"))?;
+            outln!("ingot: serving iSCSI on {addr}");
+        }
+        Ok(Some(target))
+    }
+}
+
+fn dir_is_empty_or_missing(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => it.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+pub fn serve(
+    dir: &Path,
+    nbd: Vec<String>,
+    read_only: bool,
+    metrics_addr: Option<String>,
+    nbd_opts: &NbdArgs,
+    iscsi: &IscsiArgs,
+    run: &RunArgs,
+) -> Result<i32> {
+    let opts = PoolOptions {
+        read_only,
+        ..run.options()
+    };
+    let pool = if dir_is_empty_or_missing(dir) {
+        if read_only {
+            bail!("{} holds no pool to serve read-only", dir.display());
+        }
+        let c = CreateOptions {
+            size_bytes: DEFAULT_POOL_BYTES,
+            ..Default::default()
+        };
+        let p = Pool::create(dir, &c, &opts)
+            .with_context(|| format!("creating a pool in {}", dir.display()))?;
+        p.create_volume(DEFAULT_VOLUME, DEFAULT_VOLUME_BYTES)?;
+        outln!(
+            "ingot: created pool {} ({}) with volume {DEFAULT_VOLUME} ({})",
+            dir.display(),
+            human(DEFAULT_POOL_BYTES),
+            human(DEFAULT_VOLUME_BYTES)
+        );
+        p
+    } else {
+        if !Pool::exists(dir) {
+            bail!(
+                "{} is not empty and holds no pool; create one with `ingot pool create --pool {} --size SIZE`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Pool::open(dir, &opts).map_err(|e| {
+            let full = matches!(&e, ingot_engine::Error::Io { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC));
+            let e = anyhow::Error::new(e).context(format!("opening pool {}", dir.display()));
+            if full {
+                e.context(
+                    "the file system under the pool is full: opening it read-write needs room \
+                     for a checkpoint; free or add space, or serve it with --read-only",
+                )
+            } else {
+                e
+            }
+        })?
+    };
+    let pool = Arc::new(pool);
+    let listens = if nbd.is_empty() {
+        vec![DEFAULT_NBD.to_string()]
+    } else {
+        nbd
+    };
+    let tls = match (&nbd_opts.tls_cert, &nbd_opts.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsConfig::from_pem_files(cert, key)
+                .with_context(|| format!("loading TLS certificate {}", cert.display()))?,
+        ),
+        _ => None,
+    };
+    let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+    let cfg = ServerConfig {
+        read_only,
+        tls,
+        tls_required: nbd_opts.tls_required,
+        max_connections: nbd_opts.max_connections,
+        max_handshakes: nbd_opts.max_handshakes,
+        handshake_timeout: Some(handshake_timeout()?),
+        idle_timeout: secs(nbd_opts.idle_timeout),
+        request_timeout: secs(nbd_opts.request_timeout),
+        reply_timeout: secs(nbd_opts.request_timeout),
+        ..Default::default()
+    };
+    let server = NbdServer::new(Arc::new(PoolExports::new(pool.clone())), cfg);
+    if let Err(e) = control::serve(dir, pool.clone()) {
+        // A full host file system cannot take the socket; the volumes are still served, but
+        // `volume`, `stats` and `check` cannot reach this server.
+        tracing::warn!(
+            socket = %control::socket_path(dir).display(),
+            error = format!("{e:#}"),
+            "no control socket: `ingot volume`, `stats` and `check` cannot reach this server"
+        );
+    }
+    let iscsi_target = iscsi.start(&pool)?;
+    for l in &listens {
+        let addr: ListenAddr = l.parse().map_err(|e| anyhow::anyhow!("--nbd {l}: {e}"))?;
+        let h = server
+            .listen(&addr)
+            .with_context(|| format!("listening on {l}"))?;
+        outln!("ingot: serving NBD on {}", h.local_addr());
+    }
+    if let Some(addr) = metrics_addr {
+        let local = metrics::serve(&addr, pool.clone())?;
+        outln!("ingot: serving metrics on http://{local}/metrics");
+    }
+    let s = pool.stats();
+    outln!(
+        "ingot: pool {} ({} io, {} shards), volumes: {}",
+        dir.display(),
+        s.io_engine,
+        s.shards,
+        s.volumes
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(w) = &s.host_warning {
+        tracing::warn!(pool = %dir.display(), "{w}");
+    }
+    // The "serving" lines are what scripts and tests wait for: out before the first request.
+    crate::out::flush();
+    // Wait for SIGINT or SIGTERM.
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    tracing::info!(pool = %dir.display(), "shutting down");
+    server.shutdown();
+    if let Some(t) = iscsi_target {
+        t.shutdown();
+    }
+    let _ = std::fs::remove_file(control::socket_path(dir));
+    pool.shutdown().context("final checkpoint")?;
+    Ok(0)
+}
