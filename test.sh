@@ -74,6 +74,11 @@ step "no module cycles between engine subsystems"
 # has removed today's cycles (pool <-> shard etc.); until then it only reports them.
 cycles_args=()
 [ "${INGOT_CYCLES_REPORT_ONLY:-1}" = 1 ] && cycles_args=(--report-only)
+cycle_tests=$(python3 scripts/test-check-module-cycles.py 2>&1) || {
+  echo "$cycle_tests" >&2
+  exit 1
+}
+echo "check-module-cycles.py self-test: ${cycle_tests##*$'\n'}"
 timed python3 scripts/check-module-cycles.py "${cycles_args[@]}"
 
 step "fuzz targets: build (stable, no sanitizer) and smoke-run each"
@@ -101,14 +106,15 @@ for name in "${fuzz_targets[@]}"; do
   corpus=("$fuzz_tmp/$name")
   [ -d "fuzz/corpus/$name" ] && corpus+=("fuzz/corpus/$name")
   mkdir -p "$fuzz_tmp/$name" fuzz/artifacts/"$name"
-  if ! "$fuzz_out/$name" -runs=200000 -max_total_time=5 -timeout=10 \
+  if ! "$fuzz_out/$name" -runs=1000000 -max_total_time=5 -timeout=10 \
     -artifact_prefix="fuzz/artifacts/$name/" "${corpus[@]}" >"$fuzz_tmp/$name.log" 2>&1; then
     tail -n 30 "$fuzz_tmp/$name.log" >&2
     echo "fuzz target $name failed; the input is in fuzz/artifacts/$name/" >&2
     rm -rf "$fuzz_tmp"
     exit 1
   fi
-  printf '  %-20s %s\n' "$name" "$(grep -E '^Done [0-9]+ runs' "$fuzz_tmp/$name.log" || tail -n1 "$fuzz_tmp/$name.log")"
+  done_line=$(grep -E '^Done [0-9]+ runs' "$fuzz_tmp/$name.log" || tail -n 1 "$fuzz_tmp/$name.log")
+  printf '  %-20s %s\n' "$name" "$done_line"
 done
 rm -rf "$fuzz_tmp"
 echo "(${#fuzz_targets[@]} targets, smoke runs $((SECONDS - t))s)"

@@ -12,6 +12,7 @@ may build a whole pool to test one layer, and doc links are not dependencies.
     scripts/check-module-cycles.py --report-only   print the cycles, exit 0
     scripts/check-module-cycles.py --graph         also print every edge, with where it comes from
     scripts/check-module-cycles.py --include-tests count #[cfg(test)] modules too
+    scripts/check-module-cycles.py --src DIR       another src folder (for its tests)
 
 Python 3 standard library only.
 """

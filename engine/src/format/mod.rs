@@ -14,7 +14,7 @@
 //! A data segment is a [`SegmentHeader`] block followed by records; a record is a header area
 //! ([`RecordHeader`] + entries, padded to 4 KiB) followed by 4 KiB-aligned payloads. A checkpoint
 //! is a chain of metadata segments whose bytes after each header form one blob
-//! ([`CheckpointHeader`] + sections, see `checkpoint.rs`).
+//! ([`CheckpointHeader`] + sections, written and read by the engine's `checkpoint` module).
 //!
 //! One file per structure: `codec` (the little-endian `Put`/`Get` and the CRC helper), `key`
 //! (the log key and its MAC), `superblock`, `segment`, `record` (header, entries, seal) and
