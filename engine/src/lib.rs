@@ -28,6 +28,8 @@ pub use api::{
     Problem, Reply, Request, Stats, VolumeInfo, WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES,
     SECTOR_BYTES,
 };
+#[doc(hidden)]
+pub use checkpoint::fuzz_decode_checkpoint;
 pub use error::{Error, ErrorKind, Result};
 pub use gc::GcReport;
 pub use io::fault::{CutMode, FaultPlan};

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = ingot_engine::format::fuzz_decode_checkpoint(data);
+    let _ = ingot_engine::fuzz_decode_checkpoint(data);
 });

@@ -44,6 +44,13 @@ pub(crate) struct Image {
     pub keyed_fingerprints: bool,
 }
 
+/// Fuzzing entry point: decode a checkpoint blob (the CRC is not checked, so the fuzzer reaches
+/// the parser). Returns whether it decoded.
+#[doc(hidden)]
+pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
+    decode(blob, 1 << 20).is_ok()
+}
+
 pub(crate) fn encode(img: &Image) -> Vec<u8> {
     let live = img.blocks.iter().filter(|b| b.refs > 0).count() as u64;
     let pages: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();

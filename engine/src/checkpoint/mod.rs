@@ -4,6 +4,7 @@
 mod commit;
 mod image;
 
+pub use image::fuzz_decode_checkpoint;
 pub(crate) use image::*;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -140,10 +140,3 @@ impl CheckpointHeader {
         Ok(h)
     }
 }
-
-/// Fuzzing entry point: decode a checkpoint blob (the CRC is not checked, so the fuzzer reaches
-/// the parser). Returns whether it decoded.
-#[doc(hidden)]
-pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
-    crate::checkpoint::decode(blob, 1 << 20).is_ok()
-}
