@@ -1,4 +1,4 @@
-//! The Volume API that front ends (NBD, iSCSI) and the CLI call.
+//! The Volume API that the front ends and the command line call.
 //!
 //! Every operation is a [`Request`] submitted with a [`Completion`] callback, so a front end can keep
 //! many requests in flight per connection without a thread per request. Blocking helpers wrap
@@ -97,7 +97,7 @@ pub(crate) fn end_batch() {
     }
 }
 
-/// A run of blocks with the same allocation state, as NBD `base:allocation` reports it.
+/// A run of blocks with the same allocation state, as block status reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
     /// Length of the run in bytes.
@@ -114,17 +114,17 @@ pub struct VolumeInfo {
     pub size_bytes: u64,
     /// Bytes of the volume that map to stored data (not holes).
     pub mapped_bytes: u64,
-    /// New blocks are deduplicated (`ingot volume set --dedup`).
+    /// New blocks are deduplicated.
     #[serde(default = "yes")]
     pub dedup: bool,
-    /// New blocks are compressed (`ingot volume set --compression`).
+    /// New blocks are compressed.
     #[serde(default = "yes")]
     pub compression: bool,
-    /// A snapshot (`ingot volume snapshot`): reads only.
+    /// A snapshot: reads only.
     #[serde(default)]
     pub read_only: bool,
-    /// Which volumes' blocks its new blocks deduplicate against (`ingot volume set
-    /// --dedup-domain`): "shared", "private" or a domain name.
+    /// Which volumes' blocks its new blocks deduplicate against: "shared", "private" or a
+    /// domain name.
     #[serde(default)]
     pub dedup_domain: DedupDomain,
     /// Data reduction, filled in by `stats` (a block shared by n map entries counts 1/n to
@@ -149,18 +149,18 @@ fn yes() -> bool {
     true
 }
 
-/// Pool-wide statistics, printed by `ingot stats --json`. Field names are a contract.
+/// Pool-wide statistics, as the stats report shows them. Field names are a contract.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stats {
     /// Bytes of segment space the pool can hold.
     pub capacity_bytes: u64,
-    /// Payload bytes the pool stores before writes to unmapped blocks fail with ENOSPC: the
+    /// Payload bytes the pool stores before writes to unmapped blocks fail for want of space: the
     /// segments less metadata reserves and the cleaner's headroom (overwrites still succeed).
     pub usable_bytes: u64,
     /// Set when stored bytes pass 85% of `usable_bytes`: what happens next and what to do.
     pub space_warning: Option<String>,
     /// Set when the file system under a thin pool has less room than the pool may still
-    /// write (writes then fail with ENOSPC once it runs out).
+    /// write (writes then fail for want of space once it runs out).
     pub host_warning: Option<String>,
     /// Room left on the file system under the backing files (`u64::MAX`: block devices).
     pub host_free_bytes: u64,
@@ -262,7 +262,7 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// A problem `check` found; `ingot check` prints each and exits non-zero if any exists.
+/// A problem `check` found.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Problem {
     /// Short machine-readable kind: `checksum`, `io`, `refcount`, `location`, `segment_usage`.

@@ -117,7 +117,7 @@ pub enum Error {
 pub struct InvalidDedupDomain(pub String);
 
 /// What kind of failure an [`Error`] is, independent of any wire protocol. Front ends map a
-/// kind to their own codes (NBD errno, SCSI sense); the engine never names them.
+/// kind to their own wire codes; the engine never names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {

@@ -2,6 +2,10 @@
 //!
 //! See `docs/architecture.md` for the write path and `docs/format.md` for the on-disk layout.
 
+// No unwrap on data from disk or wire: fail with an error instead (tests may unwrap).
+#![deny(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod api;
 mod cache;
 mod checkpoint;

@@ -184,7 +184,7 @@ impl Volume {
     /// A read of at most [`MAX_CACHED_READ_BLOCKS`] blocks whose data is all in the block cache
     /// (or holes), served on the caller's thread: no hand-off to the shard and back. A read
     /// within one block is the cached block itself, without a copy; a longer one (8 KiB database
-    /// pages, 4 KiB reads at 512-byte offsets over iSCSI) is copied out once. `None` sends the
+    /// pages, 4 KiB reads at 512-byte offsets) is copied out once. `None` sends the
     /// read the usual way.
     fn read_cached(&self, offset: u64, len: u64) -> Option<Bytes> {
         let first = offset / BLOCK_BYTES;
@@ -292,7 +292,7 @@ impl Volume {
     }
 
     /// Allocation as the maps hold it now, without waiting: a block of a write acknowledged
-    /// early may still show as a hole. For hints checked against data (the NBD front end
+    /// early may still show as a hole. For hints checked against data (a front end
     /// sends a hole chunk only where the read's data is zeroes); safe on an engine thread.
     pub fn block_status_now(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let size = self.state.size();

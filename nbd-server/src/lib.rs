@@ -16,6 +16,10 @@
 //! # Ok(()) }
 //! ```
 
+// No unwrap on data from disk or wire: fail with an error instead (tests may unwrap).
+#![deny(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod credit;
 mod engine_export;
 mod error;

@@ -42,7 +42,7 @@ pub(crate) struct Cleaner {
     pub(crate) ctx: Arc<Context>,
     pub(crate) workers: Arc<Workers>,
     pub(crate) ckpt: Arc<Checkpointer>,
-    /// One cleaning pass at a time (the checkpointer's and `ingot gc`'s).
+    /// One cleaning pass at a time (the checkpointer's and a caller's `Pool::gc`).
     pub(crate) lock: Mutex<()>,
 }
 

@@ -156,7 +156,7 @@ impl Chain {
         let free = self.ctx.space.lock().free_segments;
         // `must_wait_for_space` held data back at the data reserve; by now the other shard or
         // the cleaner may have taken a segment (failing here made a write at 90% full fail with
-        // ENOSPC while the cleaner was winning space back), so data only stops short of the
+        // for want of space while the cleaner was winning space back), so data only stops short of the
         // checkpoint's own reserve.
         if room == Room::Data && free <= reserve + 1 {
             // Wake the cleaner; the write fails now rather than eat the checkpoint's reserve.
@@ -164,7 +164,7 @@ impl Chain {
             return Err(Error::NoSpace);
         }
         // The host file system may have had no room for the next segment when it was
-        // reserved: data fails with ENOSPC rather than write where nothing is allocated.
+        // reserved: data fails for want of space rather than write where nothing is allocated.
         if !self.next_backed {
             self.next_backed = self.preallocate(self.pos.next);
             if !self.next_backed && room == Room::Data {

@@ -62,11 +62,11 @@ pub struct PoolOptions {
     pub dedup_index_bytes: Option<u64>,
     /// Write-back: most bytes of writes (without FUA) acknowledged once the engine has taken
     /// them, before they are on the device (at most a 64th of the usable capacity); 0
-    /// acknowledges every write when it is stored. NBD and iSCSI allow it (a FLUSH,
+    /// acknowledges every write when it is stored. The block protocols allow it (a flush,
     /// SYNCHRONIZE CACHE or FUA write makes them durable), as a page cache does; a kill -9 may
     /// lose such writes unless flushed.
     pub write_back_bytes: u64,
-    /// Open without writing anything (`serve --read-only`, `check`): the log is replayed in
+    /// Open without writing anything (serving read-only, checking): the log is replayed in
     /// memory only, no recovery checkpoint is written, every volume refuses writes and
     /// checkpoints, cleaning and volume changes fail with `ReadOnly`. Works on a pool whose
     /// host file system is full.

@@ -19,7 +19,7 @@ pub(crate) fn space_warning(stored: u64, usable: u64) -> Option<String> {
     let pct = stored as f64 * 100.0 / usable.max(1) as f64;
     (pct >= 85.0).then(|| {
         format!(
-            "pool is {pct:.0}% full: at 100% writes to unmapped blocks fail with ENOSPC \
+            "pool is {pct:.0}% full: at 100% writes to unmapped blocks fail for want of space \
              (overwrites, trims and reads go on); trim or delete volumes, or add a larger pool"
         )
     })

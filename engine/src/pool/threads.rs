@@ -199,7 +199,7 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
             // the fullest cleaning could not win two segments back: the pool is full of live
             // data. A pass that freed victims is progress, however little dead space is left
             // after it (on a 24-segment pool four writers at 75% of the usable capacity got
-            // ENOSPC while every pass freed 3-5 segments).
+            // out-of-space errors while every pass freed 3-5 segments).
             let stuck = urgent
                 && r.segments_freed == 0
                 && inner.cleaner.reclaimable_segments_at(GC_URGENT_UTILISATION) < 2;

@@ -100,7 +100,7 @@ impl Shard {
         let stored = space.stored_bytes;
         // The last `write_back_limit` bytes are kept for writes acknowledged early (at most that
         // many are outstanding), so that a backlog of other writes can never leave one without
-        // room: those fail with ENOSPC first, as the client can still be told.
+        // room: those fail for want of space first, as the client can still be told.
         let usable = if early {
             self.ctx.usable_bytes
         } else {
