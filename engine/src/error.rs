@@ -92,6 +92,8 @@ pub enum Error {
         found: String,
         expected: String,
     },
+    #[error("epoch {epoch} was fenced off: the pool is owned under epoch {owner} now")]
+    Fenced { epoch: u64, owner: u64 },
     #[error("the engine is shutting down")]
     ShutDown,
     /// An engine thread failed (a bug): the pool stopped taking requests rather than risk
@@ -188,7 +190,9 @@ impl Error {
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
             Error::VolumeNotFound(_) => ErrorKind::NotFound,
             Error::VolumeExists(_) => ErrorKind::AlreadyExists,
-            Error::Locked { .. } | Error::DeviceInUse { .. } => ErrorKind::Busy,
+            Error::Locked { .. } | Error::DeviceInUse { .. } | Error::Fenced { .. } => {
+                ErrorKind::Busy
+            }
             Error::ChecksumMismatch { .. } => ErrorKind::Integrity,
             Error::Io { .. }
             | Error::Sync { .. }

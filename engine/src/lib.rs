@@ -24,6 +24,7 @@ mod recovery;
 pub mod reduce;
 mod shard;
 mod space;
+mod store;
 mod volume;
 mod write_back;
 

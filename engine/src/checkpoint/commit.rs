@@ -12,6 +12,7 @@ use crate::format::{
 use crate::io::AlignedBuf;
 use crate::log::ShardPosition;
 use crate::space::SegState;
+use crate::store;
 
 impl Checkpointer {
     /// A consistent image of the current state (shards paused, or not yet running).
@@ -111,19 +112,12 @@ impl Checkpointer {
                 .encode(&mut buf, &self.ctx.log_key);
                 buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
                     .copy_from_slice(chunk);
-                let (dev, base) = self.ctx.geo.locate(seg);
-                self.ctx
-                    .devices
-                    .write_at(dev, &buf, base)
-                    .map_err(|source| Error::Io {
-                        device: dev,
-                        offset: base,
-                        source,
-                    })?;
+                let len = buf.len() as u64;
+                store::wait(|done| self.ctx.store.put(image.epoch, seg, buf, done))?;
                 self.ctx
                     .counters
                     .device_written
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    .fetch_add(len, Ordering::Relaxed);
             }
             self.ctx
                 .counters

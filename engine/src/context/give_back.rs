@@ -81,21 +81,8 @@ impl Context {
         if taken.is_empty() {
             return;
         }
-        // Runs of adjacent segments of one device go in one call.
-        let seg_bytes = self.geo.segment_bytes;
-        let mut i = 0;
-        while i < taken.len() {
-            let (dev, base) = self.geo.locate(taken[i]);
-            let mut j = i + 1;
-            while j < taken.len()
-                && taken[j] == taken[j - 1] + 1
-                && self.geo.locate(taken[j]) == (dev, base + (j - i) as u64 * seg_bytes)
-            {
-                j += 1;
-            }
-            let _ = self.devices.discard(dev, base, (j - i) as u64 * seg_bytes);
-            i = j;
-        }
+        // Best effort: a segment the store keeps costs only space (and is taken again).
+        let _ = crate::store::wait(|done| self.store.delete(self.epoch, &taken, done));
         let mut space = self.space.lock();
         for &s in &taken {
             if let Some(u) = space.undiscarded.get_mut(s as usize) {

@@ -28,10 +28,13 @@ use crate::job::{Answer, FlushMsg};
 use crate::map::{VolumeState, VolumeTable};
 use crate::reduce::DedupIndex;
 use crate::space::{Geometry, HostRoom, Space};
+use crate::store::SegmentStore;
 use crate::write_back::EarlyWrites;
 
 pub(crate) struct Context {
     pub devices: SharedDevices,
+    /// Where sealed segments and checkpoints are kept, read back and deleted.
+    pub store: Arc<dyn SegmentStore>,
     pub geo: Geometry,
     pub pool_uuid: [u8; 16],
     /// Seals segment headers and records (see `format::LogKey`).
@@ -76,6 +79,7 @@ pub(crate) struct Context {
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
 pub(crate) struct Parts {
     pub devices: SharedDevices,
+    pub store: Arc<dyn SegmentStore>,
     pub geo: Geometry,
     pub pool_uuid: [u8; 16],
     pub log_key: LogKey,
@@ -109,6 +113,7 @@ impl Context {
             4 * p.write_back_bytes.max(16 << 20) + p.geo.segment_bytes * (chains as u64 + 1);
         Context {
             devices: p.devices,
+            store: p.store,
             geo: p.geo,
             pool_uuid: p.pool_uuid,
             log_key: p.log_key,

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use crate::api::BLOCK_BYTES;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::IO_ALIGN;
-use crate::io::AlignedBuf;
 use crate::shard::{Members, Relocation};
 use crate::space::BlockEntry;
+use crate::store::{self, Range};
 
 /// Victim segments the cleaner reads at once.
 pub(crate) const VICTIM_READS: usize = 4;
@@ -112,27 +112,18 @@ impl Cleaner {
         }
         let total: usize = extents.iter().map(|&(a, b)| b - a).sum();
         if total > 0 {
-            let (dev, base) = self.ctx.geo.locate(seg);
-            // SAFETY: the extents cover the buffer exactly; each read fills its part (or fails
-            // before anything looks at it).
-            let mut buf = unsafe { AlignedBuf::new_uninit(total) };
-            let mut at = 0;
             // In pieces of at most VICTIM_READ_PIECE: one 8 MiB read held the writes queued
             // behind it on the device (p99 of 4k writes at 90% full 20 ms with whole segments,
             // 12 ms with 1 MiB pieces).
+            let mut bufs = Vec::with_capacity(extents.len());
             for &(a, b) in &extents {
-                let off = base + a as u64;
-                self.ctx
-                    .devices
-                    .read_at(dev, &mut buf[at..at + (b - a)], off)
-                    .map_err(|source| Error::Io {
-                        device: dev,
-                        offset: off,
-                        source,
-                    })?;
-                at += b - a;
+                let at = Range {
+                    segment: seg,
+                    offset: a as u64,
+                };
+                let buf = store::read_now(&*self.ctx.store, self.ctx.epoch, at, b - a)?;
+                bufs.push(Bytes::from_owner(buf));
             }
-            let buf = Bytes::from_owner(buf);
             self.ctx
                 .counters
                 .gc_read
@@ -141,22 +132,21 @@ impl Cleaner {
             // when most of it moves; a mostly dead read has its few payloads copied out.
             let needed: usize = missing.iter().map(|&i| lens[i]).sum();
             let share = 2 * needed >= total;
-            let (mut x, mut x_at) = (0, 0);
+            let mut x = 0;
             for &i in &missing {
                 let r = &mut payloads[i];
                 let off = r.from_offset as usize;
                 // Extents may overlap by a page where one was cut at VICTIM_READ_PIECE: the
                 // payload is in the first that holds all of it.
                 while extents[x].1 < off + lens[i] {
-                    x_at += extents[x].1 - extents[x].0;
                     x += 1;
                 }
-                let from = x_at + off - extents[x].0;
+                let from = off - extents[x].0;
                 let to = from + lens[i];
                 r.data = if share {
-                    buf.slice(from..to)
+                    bufs[x].slice(from..to)
                 } else {
-                    Bytes::copy_from_slice(&buf[from..to])
+                    Bytes::copy_from_slice(&bufs[x][from..to])
                 };
             }
         }

@@ -178,6 +178,7 @@ impl Chain {
         let last_seq = self.ctx.seq.load(Ordering::Acquire);
         space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
         space.set_state(self.pos.next, SegState::Open);
+        self.ctx.store.sealed(self.ctx.epoch, self.pos.segment);
         let free = space.free_segments;
         self.ctx.note_write_back_room(&space);
         drop(space);
@@ -369,6 +370,7 @@ impl Chain {
         };
         if self.pos.segment != NO_SEGMENT {
             space.set_state(self.pos.segment, SegState::Sealed { seq: last_seq });
+            self.ctx.store.sealed(self.ctx.epoch, self.pos.segment);
         }
         space.set_state(seg, SegState::Open);
         let next = space

@@ -13,6 +13,7 @@ use crate::pool::{
 use crate::recovery::{read_checkpoint, read_superblocks};
 use crate::shard::Workers;
 use crate::space::Geometry;
+use crate::store::{LocalStore, SegmentStore};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
@@ -129,6 +130,7 @@ impl Pool {
                 });
             }
         }
+        let store: Arc<dyn SegmentStore> = Arc::new(LocalStore::new(devices.clone(), geo.clone()));
         let mut space = Space::new(geo.total_segments);
         // Load the checkpoint.
         let (image, ckpt_segs) = if newest.checkpoint_segment == NO_SEGMENT {
@@ -150,7 +152,7 @@ impl Pool {
                 Vec::new(),
             )
         } else {
-            match read_checkpoint(&*devices, &geo, &newest) {
+            match read_checkpoint(&*store, &geo, &newest) {
                 Ok(c) => c,
                 Err(e @ Error::Corrupt { .. }) => {
                     // A commit that stopped between its two slot writes left the previous
@@ -169,7 +171,7 @@ impl Pool {
                     let Some(prev) = prev else {
                         return Err(e);
                     };
-                    let c = read_checkpoint(&*devices, &geo, &prev[0]).map_err(|_| e)?;
+                    let c = read_checkpoint(&*store, &geo, &prev[0]).map_err(|_| e)?;
                     eprintln!(
                         "ingot: the newest checkpoint (generation {}) is damaged; opened from \
                          the previous one (generation {}), replaying the log since",
@@ -272,7 +274,7 @@ impl Pool {
         let mut ends = Vec::new();
         for (i, pos) in image.shards.iter().enumerate() {
             let scan = scan_chain(
-                &*devices,
+                &*store,
                 &geo,
                 &newest.pool_uuid,
                 newest.log_key.as_ref(),
@@ -497,8 +499,11 @@ impl Pool {
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
         let usable_bytes = usable_bytes(&geo, nshards);
         let health = Arc::new(Health::default());
+        // Writes and deletes of earlier owners are refused from now on.
+        store.fence(epoch);
         let ctx = Arc::new(Context::new(Parts {
             devices: devices.clone(),
+            store,
             geo,
             pool_uuid: newest.pool_uuid,
             log_key,

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use crate::api::{CheckReport, Problem, BLOCK_BYTES};
 use crate::format::IO_ALIGN;
-use crate::io::AlignedBuf;
 use crate::map::VolumeState;
 use crate::shard::{decode_entry, PayloadFault};
+use crate::store::{self, Range};
 
 impl Pool {
     /// Verify every stored block's checksum and the invariants: reference counts equal the
@@ -111,11 +111,18 @@ impl Pool {
                 end = end.max(b_end);
                 j += 1;
             }
-            let mut buf = AlignedBuf::new((end - base) as usize);
-            let (dev, seg_base) = inner.ctx.geo.locate(first.segment);
-            let at = seg_base + u64::from(base);
-            let read = inner.ctx.devices.read_at(dev, &mut buf, at);
-            let all = bytes::Bytes::from_owner(buf);
+            let at = Range {
+                segment: first.segment,
+                offset: u64::from(base),
+            };
+            let read = store::read_now(
+                &*inner.ctx.store,
+                inner.ctx.epoch,
+                at,
+                (end - base) as usize,
+            )
+            .map(bytes::Bytes::from_owner);
+            let all = read.as_ref().cloned().unwrap_or_default();
             let mut k = i;
             while k < j {
                 let b = blocks[ids[k] as usize];
@@ -126,13 +133,13 @@ impl Pool {
                 }
                 let fault: Option<(&str, String)> = match &read {
                     Err(e) => Some(("io", format!("read failed: {e}"))),
-                    Ok(()) => decode_entry(&all, (b.offset - base) as usize, &b)
+                    Ok(_) => decode_entry(&all, (b.offset - base) as usize, &b)
                         .err()
                         .map(|f| {
                             let kind = match f {
                                 PayloadFault::Checksum { .. } => "checksum",
                                 PayloadFault::Undecodable { .. } => "decode",
-                                PayloadFault::Io { .. } => "io",
+                                PayloadFault::Read(_) => "io",
                             };
                             (kind, f.error(ids[k]).to_string())
                         }),

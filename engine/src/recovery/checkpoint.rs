@@ -5,11 +5,11 @@ use crate::space::Geometry;
 use crate::checkpoint::{self, Image};
 use crate::error::{Error, Result};
 use crate::format::{SegmentHeader, SegmentKind, Superblock, NO_SEGMENT, SEGMENT_HEADER_BYTES};
-use crate::io::{AlignedBuf, Devices};
+use crate::store::{self, Range, SegmentStore};
 
 /// Read and verify the checkpoint the superblock points at; returns it and its segments.
 pub(crate) fn read_checkpoint(
-    devices: &dyn Devices,
+    store: &dyn SegmentStore,
     geo: &Geometry,
     sb: &Superblock,
 ) -> Result<(Image, Vec<u32>)> {
@@ -30,16 +30,12 @@ pub(crate) fn read_checkpoint(
             });
         }
         let want = (len - blob.len() as u64).min(per_seg) as usize;
-        let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + want);
-        let (dev, base) = geo.locate(seg);
-        let n = buf.len();
-        devices
-            .read_at(dev, &mut buf[..n], base)
-            .map_err(|source| Error::Io {
-                device: dev,
-                offset: base,
-                source,
-            })?;
+        // Before the new epoch is known: recovery reads as epoch 0 (reads are never fenced).
+        let at = Range {
+            segment: seg,
+            offset: 0,
+        };
+        let buf = store::read_now(store, 0, at, SEGMENT_HEADER_BYTES as usize + want)?;
         let h =
             SegmentHeader::decode_authentic(&buf, sb.log_key.as_ref()).ok_or(Error::Corrupt {
                 what: "checkpoint segment header",

@@ -28,10 +28,11 @@ use crate::format::{
     DataEntry, LogKey, RecordHeader, RecordKind, RecordSeal, SegmentHeader, SegmentKind, TrimEntry,
     FLAG_REF, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
-use crate::io::{AlignedBuf, Devices};
+use crate::io::AlignedBuf;
 use crate::log::ShardPosition;
 use crate::space::BlockEntry;
 use crate::space::Geometry;
+use crate::store::{self, Range, SegmentStore};
 
 pub(crate) enum Entry {
     Data(DataEntry),
@@ -158,18 +159,20 @@ impl Expect<'_> {
     }
 }
 
-fn read(dev: &dyn Devices, geo: &Geometry, seg: u32, at: u64, buf: &mut [u8]) -> Result<()> {
-    let (d, base) = geo.locate(seg);
-    dev.read_at(d, buf, base + at).map_err(|source| Error::Io {
-        device: d,
-        offset: base + at,
-        source,
-    })
+fn read(store: &dyn SegmentStore, seg: u32, at: u64, buf: &mut [u8]) -> Result<()> {
+    let range = Range {
+        segment: seg,
+        offset: at,
+    };
+    // Recovery reads as epoch 0: the new epoch is not known yet (reads are never fenced).
+    let got = store::read_now(store, 0, range, buf.len())?;
+    buf.copy_from_slice(&got);
+    Ok(())
 }
 
 /// Read one shard's chain. `key` is the pool's log key (`None` for a version 1 pool).
 pub(crate) fn scan_chain(
-    dev: &dyn Devices,
+    store: &dyn SegmentStore,
     geo: &Geometry,
     pool_uuid: &[u8; 16],
     key: Option<&LogKey>,
@@ -195,7 +198,7 @@ pub(crate) fn scan_chain(
     if seg != NO_SEGMENT && seg < geo.total_segments {
         // The start segment may have been opened in an earlier epoch (a chain continues past a
         // reopen): only its nonce matters here.
-        read(dev, geo, seg, 0, &mut first)?;
+        read(store, seg, 0, &mut first)?;
         start_nonce = want.segment(&first, seg, false).map(|h| h.nonce);
     }
     let mut nonce = start_nonce;
@@ -207,7 +210,7 @@ pub(crate) fn scan_chain(
         let seg_len = (seg_bytes - seg_start) as usize;
         let mut segbuf = AlignedBuf::new(seg_len);
         if seg_len > 0 {
-            read(dev, geo, seg, seg_start, &mut segbuf[..seg_len])?;
+            read(store, seg, seg_start, &mut segbuf[..seg_len])?;
         }
         if key.is_some() && nonce.is_none() {
             // The segment's header does not verify: nothing in it can. A header that rotted
@@ -302,7 +305,7 @@ pub(crate) fn scan_chain(
         if next == NO_SEGMENT || next >= geo.total_segments {
             break;
         }
-        read(dev, geo, next, 0, &mut first)?;
+        read(store, next, 0, &mut first)?;
         match want.segment(&first, next, true) {
             // A segment already in this chain ends it: a freed segment keeps its header until
             // it is written again (always on a prefilled pool, which is never punched), and

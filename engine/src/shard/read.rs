@@ -15,6 +15,7 @@ use crate::job::Job;
 use crate::map::VolumeState;
 use crate::reduce;
 use crate::space::BlockEntry;
+use crate::store::{self, Range};
 
 /// One block a read wants out of a stored payload.
 pub(crate) struct Want {
@@ -343,12 +344,8 @@ pub(crate) fn piece(e: &BlockEntry, want: Want) -> Piece {
 
 /// Why a stored payload could not be turned into blocks.
 pub(crate) enum PayloadFault {
-    Io {
-        device: u16,
-        offset: u64,
-        kind: std::io::ErrorKind,
-        msg: String,
-    },
+    /// The read failed (the device's or the store's error, with its cause).
+    Read(Arc<Error>),
     Checksum {
         segment: u32,
         offset: u32,
@@ -365,16 +362,7 @@ impl PayloadFault {
     /// The error a read of block `block_id` reports.
     pub fn error(&self, block_id: u64) -> Error {
         match self {
-            PayloadFault::Io {
-                device,
-                offset,
-                kind,
-                msg,
-            } => Error::Io {
-                device: *device,
-                offset: *offset,
-                source: std::io::Error::new(*kind, msg.clone()),
-            },
+            PayloadFault::Read(e) => Error::share(e),
             &PayloadFault::Checksum {
                 segment,
                 offset,
@@ -432,17 +420,12 @@ pub(crate) fn load_payload(ctx: &Context, e: &BlockEntry) -> Result<Bytes, Paylo
     let align = IO_ALIGN as u32;
     let base = e.offset & !(align - 1);
     let end = (e.offset + u32::from(e.stored_len)).next_multiple_of(align);
-    let mut buf = AlignedBuf::new((end - base) as usize);
-    let (dev, seg_base) = ctx.geo.locate(e.segment);
-    let at = seg_base + u64::from(base);
-    ctx.devices
-        .read_at(dev, &mut buf, at)
-        .map_err(|err| PayloadFault::Io {
-            device: dev,
-            offset: at,
-            kind: err.kind(),
-            msg: err.to_string(),
-        })?;
+    let at = Range {
+        segment: e.segment,
+        offset: u64::from(base),
+    };
+    let buf = store::read_now(&*ctx.store, ctx.epoch, at, (end - base) as usize)
+        .map_err(|err| PayloadFault::Read(Arc::new(err)))?;
     decode_entry(&Bytes::from_owner(buf), (e.offset - base) as usize, e)
 }
 
