@@ -72,9 +72,7 @@ impl Checkpointer {
             return Err(self.ctx.health.halted());
         }
         let blob = super::encode(image);
-        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
-            eprintln!("checkpoint: {} bytes", blob.len());
-        }
+        tracing::debug!(target: "ingot_engine::checkpoint", bytes = blob.len(), "checkpoint image");
         let crc = crc32fast::hash(&blob);
         let per_seg = (self.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
         let nsegs = blob.len().div_ceil(per_seg).max(1);

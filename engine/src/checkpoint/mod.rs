@@ -122,7 +122,11 @@ impl Checkpointer {
             // stays as it is and the next checkpoint tries again).
             if free > reserve + 1 {
                 if let Err(e) = self.checkpoint_once(None) {
-                    eprintln!("ingot: checkpoint for a new chain failed: {e}");
+                    tracing::error!(
+                        target: "ingot_engine::checkpoint",
+                        error = %e,
+                        "checkpoint for a new chain failed"
+                    );
                 }
             }
         }
@@ -193,9 +197,11 @@ impl Checkpointer {
         let (image, live_then) = self.snapshot(seq_end, positions);
         self.ctx.chain_broken.store(false, Ordering::Release);
         drop(resumes);
-        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
-            eprintln!("checkpoint: shards paused {:?}", paused_at.elapsed());
-        }
+        tracing::debug!(
+            target: "ingot_engine::checkpoint",
+            paused_us = paused_at.elapsed().as_micros() as u64,
+            "workers paused for the image"
+        );
         // Commit even when the mutation was refused (volume exists, not found): the shards
         // have restarted their chains, possibly in segments only this checkpoint reaches, and a
         // broken chain was just marked repaired.

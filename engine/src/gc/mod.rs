@@ -156,7 +156,7 @@ impl Cleaner {
             (victims, moves)
         };
         let mut report = GcReport::default();
-        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
+        if tracing::enabled!(target: "ingot_engine::gc", tracing::Level::DEBUG) {
             let space = self.ctx.space.lock();
             let us: Vec<String> = victims
                 .iter()
@@ -165,10 +165,13 @@ impl Cleaner {
                     format!("{:.2}{}", space.seg_live[v as usize] as f64 / usable, if old { "" } else { "r" })
                 })
                 .collect();
-            eprintln!(
-                "gc: greedy={greedy} free={} victims {}",
-                space.free_segments,
-                us.join(" ")
+            // Each victim's utilisation; "r" marks one sealed since the last checkpoint.
+            tracing::debug!(
+                target: "ingot_engine::gc",
+                greedy,
+                free = space.free_segments,
+                victims = %us.join(" "),
+                "cleaning pass"
             );
         }
         if victims.is_empty() {
@@ -195,7 +198,7 @@ impl Cleaner {
         let mut waited = 0usize;
         let chunks: Vec<_> = victims.iter().zip(&moves_by_victim).collect();
         // Time spent waiting for gathers, for moves to be written, and syncing and freeing
-        // (`INGOT_GC_DEBUG`).
+        // (logged at debug level).
         let mut waits = [Duration::ZERO; 3];
         let groups: Vec<&[VictimMoves<'_>]> = chunks.chunks(VICTIM_READS).collect();
         std::thread::scope(|sc| {
@@ -264,16 +267,15 @@ impl Cleaner {
         if let Some((last, _)) = behind {
             self.free_moved(last, ckpt_seq, &mut report)?;
         }
-        if std::env::var_os("INGOT_GC_DEBUG").is_some() {
-            eprintln!(
-                "gc: pass {} in {:?} (gathers {:?}, moves {:?}, syncs and frees {:?})",
-                victims.len(),
-                t0.elapsed(),
-                waits[0],
-                waits[1],
-                waits[2]
-            );
-        }
+        tracing::debug!(
+            target: "ingot_engine::gc",
+            victims = victims.len(),
+            pass_us = t0.elapsed().as_micros() as u64,
+            gathers_us = waits[0].as_micros() as u64,
+            moves_us = waits[1].as_micros() as u64,
+            syncs_and_frees_us = waits[2].as_micros() as u64,
+            "cleaning pass done"
+        );
         let recent: Vec<u32> = {
             let space = self.ctx.space.lock();
             victims

@@ -134,6 +134,33 @@ pub fn shard_of(lba: u64, shards: usize) -> usize {
     ((lba / MAP_PAGE_ENTRIES) % shards as u64) as usize
 }
 
+/// Clear `lba..lba+count` in the pages of `map` that `shard` owns, calling `freed` for each
+/// block id removed. Cost is per page, not per block, for pages that are holes already.
+pub(crate) fn trim_owned(
+    map: &mut LbaMap,
+    lba: u64,
+    count: u64,
+    shard: usize,
+    shards: usize,
+    mut freed: impl FnMut(u64),
+) {
+    let end = (lba + count).min(map.pages.len() as u64 * MAP_PAGE_ENTRIES);
+    let mut pos = lba;
+    while pos < end {
+        let page = pos / MAP_PAGE_ENTRIES;
+        let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
+        if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
+            for l in pos..page_end {
+                let old = map.set(l, 0);
+                if old != 0 {
+                    freed(old);
+                }
+            }
+        }
+        pos = page_end;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use crate::pool::{
     checkpointer, default_cache_bytes, default_index_bytes, flusher, in_dir, lock_dir,
     spawn_supervised, write_pool_file, Inner, Pool, PoolFile, PoolOptions, POOL_FILE,
 };
-use crate::recovery::{read_checkpoint, read_superblocks};
+use crate::recovery::{load_checkpoint, read_superblocks};
 use crate::shard::Workers;
 use crate::space::Geometry;
 use crate::store::{LocalStore, SegmentStore};
@@ -23,22 +23,19 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::cache::BlockCache;
-use crate::checkpoint::Image;
 use crate::error::{Error, Result};
 use crate::format::{
-    LogKey, SegmentHeader, SegmentKind, Superblock, DATA_START, FLAG_REF, IO_ALIGN, NO_SEGMENT,
-    SEGMENT_HEADER_BYTES,
+    LogKey, SegmentHeader, SegmentKind, DATA_START, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::claim::{self, DeviceClaim};
 use crate::io::fault::FaultDevices;
 use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, SharedDevices};
 use crate::log::ShardPosition;
-use crate::map::shard_of;
 use crate::map::VolumeState;
-use crate::recovery::{scan_chain, Entry};
+use crate::recovery::{replay, Rebuild, Replayed};
 use crate::reduce::DedupIndex;
-use crate::shard::{trim_owned, Shard};
+use crate::shard::Shard;
 use crate::space::{BlockEntry, SegState, SegUse, Space};
 
 impl Pool {
@@ -132,58 +129,8 @@ impl Pool {
         }
         let store: Arc<dyn SegmentStore> = Arc::new(LocalStore::new(devices.clone(), geo.clone()));
         let mut space = Space::new(geo.total_segments);
-        // Load the checkpoint.
-        let (image, ckpt_segs) = if newest.checkpoint_segment == NO_SEGMENT {
-            (
-                Image {
-                    seq: 1,
-                    epoch: 0,
-                    next_volume_id: 1,
-                    volumes: Vec::new(),
-                    blocks: vec![BlockEntry::default()],
-                    shards: Vec::new(),
-                    data_chains: 0,
-                    index: Vec::new(),
-                    index_sample_bits: 0,
-                    // Whoever wrote a log without a checkpoint, its fingerprints are not
-                    // trusted to be keyed: nothing is lost but dedup candidates.
-                    keyed_fingerprints: false,
-                },
-                Vec::new(),
-            )
-        } else {
-            match read_checkpoint(&*store, &geo, &newest) {
-                Ok(c) => c,
-                Err(e @ Error::Corrupt { .. }) => {
-                    // A commit that stopped between its two slot writes left the previous
-                    // checkpoint in every device's other slot, with everything its replay needs
-                    // (nothing is freed before both slots point at the new one): open from it.
-                    let prev: Option<Vec<Superblock>> = older
-                        .iter()
-                        .map(|o| {
-                            o.clone().filter(|p| {
-                                p.generation + 1 == newest.generation
-                                    && p.checkpoint_segment != NO_SEGMENT
-                                    && p.log_key == newest.log_key
-                            })
-                        })
-                        .collect();
-                    let Some(prev) = prev else {
-                        return Err(e);
-                    };
-                    let c = read_checkpoint(&*store, &geo, &prev[0]).map_err(|_| e)?;
-                    eprintln!(
-                        "ingot: the newest checkpoint (generation {}) is damaged; opened from \
-                         the previous one (generation {}), replaying the log since",
-                        newest.generation, prev[0].generation
-                    );
-                    newest = prev[0].clone();
-                    sbs = prev;
-                    c
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        // Load the newest checkpoint (or the one before, when a commit stopped half way).
+        let (image, ckpt_segs) = load_checkpoint(&*store, &geo, &mut sbs, &older, &mut newest)?;
         // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,
         // then the recovery checkpoint below writes version 2 superblocks with a new key, and
         // every chain starts in a fresh segment sealed under it.
@@ -268,96 +215,28 @@ impl Pool {
             by_id.insert(v.id, vs.clone());
             table.by_name.insert(v.name, vs);
         }
-        // Replay.
-        let mut records = Vec::new();
-        let mut chain_segs = Vec::new();
-        let mut ends = Vec::new();
-        for (i, pos) in image.shards.iter().enumerate() {
-            let scan = scan_chain(
-                &*store,
-                &geo,
-                &newest.pool_uuid,
-                newest.log_key.as_ref(),
-                image.epoch,
-                i as u16,
-                *pos,
-            )?;
-            records.extend(scan.records);
-            chain_segs.extend(scan.segments);
-            ends.push(scan.end);
-            if pos.next != NO_SEGMENT {
-                chain_segs.push(pos.next);
-            }
-        }
-        records.sort_by_key(|r| r.seq);
-        let mut seq_end = image.seq.max(1);
-        for r in &records {
-            seq_end = seq_end.max(r.seq + 1);
-            for e in &r.entries {
-                match e {
-                    Entry::Data(d) => {
-                        let is_ref = d.flags & FLAG_REF != 0;
-                        // A new block is placed even when its volume is gone: a dedup
-                        // reference later in the record may point at it.
-                        if d.block_id != 0 && !is_ref {
-                            space.place(d.block_id, r.block_entry(d));
-                        }
-                        let Some(vol) = by_id.get(&d.volume) else {
-                            continue;
-                        };
-                        if d.lba >= vol.blocks() {
-                            continue;
-                        }
-                        if is_ref && !space.is_placed(d.block_id) {
-                            // The block it shares was in a record lost at the crash (never
-                            // flushed, so neither was this one): the LBA keeps its old data.
-                            continue;
-                        }
-                        if d.block_id != 0 {
-                            space.add_ref(d.block_id);
-                            if !is_ref && keyed_index && vol.dedup.load(Ordering::Relaxed) {
-                                dedup.insert(
-                                    dedup_key(u128::from_le_bytes(d.fingerprint)),
-                                    d.block_id,
-                                );
-                            }
-                        }
-                        let old = vol.maps[shard_of(d.lba, nshards)]
-                            .lock()
-                            .set(d.lba, d.block_id);
-                        if old != 0 {
-                            space.drop_ref(old, r.seq);
-                        }
-                    }
-                    Entry::Move(d) => {
-                        space.relocate(
-                            d.block_id,
-                            (d.lba >> 32) as u32,
-                            d.lba as u32,
-                            &r.block_entry(d),
-                        );
-                    }
-                    Entry::Trim(t) => {
-                        let Some(vol) = by_id.get(&t.volume) else {
-                            continue;
-                        };
-                        // Only the pages the writing shard owned at the time.
-                        for s in 0..nshards {
-                            let mut map = vol.maps[s].lock();
-                            let mut freed = Vec::new();
-                            let writer = r.shard as usize;
-                            trim_owned(&mut map, t.lba, t.count, writer, old_shards.max(1), |id| {
-                                freed.push(id)
-                            });
-                            drop(map);
-                            for id in freed {
-                                space.drop_ref(id, r.seq);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        // Replay every chain of the checkpoint, in sequence order.
+        let Replayed {
+            seq_end,
+            chain_segs,
+            ends,
+        } = replay(
+            &*store,
+            &geo,
+            &image.shards,
+            image.epoch,
+            image.seq,
+            &newest,
+            Rebuild {
+                space: &mut space,
+                volumes: &by_id,
+                dedup: &mut dedup,
+                dedup_key: &dedup_key,
+                index: keyed_index,
+                shards: nshards,
+                old_shards,
+            },
+        )?;
         // Segment states: whatever holds live data, or was part of a chain, stays.
         for &s in &chain_segs {
             if (s as usize) < space.seg_state.len() && space.seg_state[s as usize] == SegState::Free

@@ -5,6 +5,7 @@ use crate::space::Geometry;
 use crate::checkpoint::{self, Image};
 use crate::error::{Error, Result};
 use crate::format::{SegmentHeader, SegmentKind, Superblock, NO_SEGMENT, SEGMENT_HEADER_BYTES};
+use crate::space::BlockEntry;
 use crate::store::{self, Range, SegmentStore};
 
 /// Read and verify the checkpoint the superblock points at; returns it and its segments.
@@ -62,4 +63,65 @@ pub(crate) fn read_checkpoint(
     let max_blocks = u64::from(geo.total_segments) * geo.segment_bytes / 8 + 1;
     let image = checkpoint::decode(&blob, max_blocks)?;
     Ok((image, segs))
+}
+
+/// The checkpoint the superblocks `sbs` point at (`newest` is the one with the highest
+/// generation), or an empty image for a pool that never wrote one. A commit that stopped
+/// between its two slot writes left the previous checkpoint in every device's other slot
+/// (`older`), with everything its replay needs (nothing is freed before both slots point at
+/// the new one): when the newest is damaged, the pool opens from that one, and `sbs` and
+/// `newest` become its superblocks.
+pub(crate) fn load_checkpoint(
+    store: &dyn SegmentStore,
+    geo: &Geometry,
+    sbs: &mut Vec<Superblock>,
+    older: &[Option<Superblock>],
+    newest: &mut Superblock,
+) -> Result<(Image, Vec<u32>)> {
+    if newest.checkpoint_segment == NO_SEGMENT {
+        let image = Image {
+            seq: 1,
+            epoch: 0,
+            next_volume_id: 1,
+            volumes: Vec::new(),
+            blocks: vec![BlockEntry::default()],
+            shards: Vec::new(),
+            data_chains: 0,
+            index: Vec::new(),
+            index_sample_bits: 0,
+            // Whoever wrote a log without a checkpoint, its fingerprints are not trusted to
+            // be keyed: nothing is lost but dedup candidates.
+            keyed_fingerprints: false,
+        };
+        return Ok((image, Vec::new()));
+    }
+    match read_checkpoint(store, geo, newest) {
+        Err(e @ Error::Corrupt { .. }) => {
+            let prev: Option<Vec<Superblock>> = older
+                .iter()
+                .map(|o| {
+                    o.clone().filter(|p| {
+                        p.generation + 1 == newest.generation
+                            && p.checkpoint_segment != NO_SEGMENT
+                            && p.log_key == newest.log_key
+                    })
+                })
+                .collect();
+            let Some(prev) = prev else {
+                return Err(e);
+            };
+            let c = read_checkpoint(store, geo, &prev[0]).map_err(|_| e)?;
+            tracing::warn!(
+                target: "ingot_engine::recovery",
+                damaged = newest.generation,
+                used = prev[0].generation,
+                "the newest checkpoint is damaged; opened from the previous one, replaying the \
+                 log since"
+            );
+            *newest = prev[0].clone();
+            *sbs = prev;
+            Ok(c)
+        }
+        r => r,
+    }
 }

@@ -1,6 +1,7 @@
 //! Applying completed records to the maps and the block table, in sequence order.
 
-use super::{trim_owned, Shard};
+use super::Shard;
+use crate::map::trim_owned;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 

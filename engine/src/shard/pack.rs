@@ -244,9 +244,15 @@ impl Shard {
         }
         if self.stalled.is_empty() {
             if let Some(t) = self.stalled_since.take() {
-                if std::env::var_os("INGOT_GC_DEBUG").is_some() {
+                if tracing::enabled!(target: "ingot_engine::shard", tracing::Level::DEBUG) {
                     let free = self.ctx.space.lock().free_segments;
-                    eprintln!("shard {}: stalled {:?} free {free}", self.id, t.elapsed());
+                    tracing::debug!(
+                        target: "ingot_engine::shard",
+                        shard = self.id,
+                        stalled_ms = t.elapsed().as_millis() as u64,
+                        free,
+                        "writes waited for space"
+                    );
                 }
             }
         } else {
@@ -272,12 +278,13 @@ impl Shard {
         if seen >= 10 {
             return;
         }
-        eprintln!(
-            "ingot: the cached copy of block {} (segment {} offset {}) does not match its \
-             checksum; dropped from the cache, the cleaner reads it from the device",
-            rel.members.first().0,
-            rel.from_segment,
-            rel.from_offset
+        tracing::warn!(
+            target: "ingot_engine::gc",
+            block = rel.members.first().0,
+            segment = rel.from_segment,
+            offset = rel.from_offset,
+            "a cached copy does not match its block's checksum; dropped from the cache, the \
+             cleaner reads the block from the device"
         );
     }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::api::BLOCK_BYTES;
 use crate::error::Error;
-use crate::format::{DataEntry, FLAG_REF, IO_ALIGN, MAP_PAGE_ENTRIES};
+use crate::format::{DataEntry, FLAG_REF, IO_ALIGN};
 use crate::io::{AlignedBuf, IoOp, OpKind};
 use crate::job::Job;
 use crate::map::shard_of;
@@ -360,33 +360,6 @@ impl Shard {
         for id in ids {
             space.drop_ref(id, seq);
         }
-    }
-}
-
-/// Clear `lba..lba+count` in the pages of `map` that `shard` owns, calling `freed` for each
-/// block id removed. Cost is per page, not per block, for pages that are holes already.
-pub(crate) fn trim_owned(
-    map: &mut crate::map::LbaMap,
-    lba: u64,
-    count: u64,
-    shard: usize,
-    shards: usize,
-    mut freed: impl FnMut(u64),
-) {
-    let end = (lba + count).min(map.pages.len() as u64 * MAP_PAGE_ENTRIES);
-    let mut pos = lba;
-    while pos < end {
-        let page = pos / MAP_PAGE_ENTRIES;
-        let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
-        if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
-            for l in pos..page_end {
-                let old = map.set(l, 0);
-                if old != 0 {
-                    freed(old);
-                }
-            }
-        }
-        pos = page_end;
     }
 }
 
