@@ -37,6 +37,7 @@ pub use api::{
 pub use checkpoint::fuzz_decode_checkpoint;
 pub use error::{Error, ErrorKind, Result};
 pub use gc::GcReport;
+#[cfg(any(test, feature = "testing"))]
 pub use io::fault::{CutMode, FaultPlan};
 pub use io::IoKind;
 pub use pool::{CreateOptions, Pool, PoolOptions, POOL_FILE};

@@ -52,10 +52,9 @@ impl RunArgs {
             shards: self.shards,
             cache_bytes: self.cache_size,
             checkpoint_interval_bytes: self.checkpoint_interval,
-            fault: None,
             dedup_index_bytes: self.dedup_index_mem,
             write_back_bytes: self.write_back,
-            read_only: false,
+            ..PoolOptions::default()
         }
     }
 }

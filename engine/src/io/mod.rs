@@ -3,10 +3,11 @@
 //! [`Devices`] is the set of backing files or block devices of a pool. Metadata (superblocks,
 //! checkpoints) uses its blocking calls; each shard worker gets its own [`IoQueue`] for the data
 //! path: an io_uring ring ([`uring`]), a pread/pwrite loop ([`sync`]), or either wrapped by the
-//! fault injector ([`fault`]) in tests.
+//! fault injector (`fault`, with the `testing` feature) in tests.
 
 mod buf;
 pub mod claim;
+#[cfg(any(test, feature = "testing"))]
 pub mod fault;
 pub mod sync;
 pub mod uring;

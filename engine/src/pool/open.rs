@@ -28,6 +28,7 @@ use crate::format::{
     LogKey, SegmentHeader, SegmentKind, DATA_START, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
 };
 use crate::io::claim::{self, DeviceClaim};
+#[cfg(any(test, feature = "testing"))]
 use crate::io::fault::FaultDevices;
 use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, SharedDevices};
@@ -88,10 +89,12 @@ impl Pool {
             path: abs[0].clone(),
             source,
         })?;
-        let devices: SharedDevices = match &o.fault {
+        #[cfg(any(test, feature = "testing"))]
+        let base: SharedDevices = match &o.fault {
             Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
             None => base,
         };
+        let devices: SharedDevices = base;
         let (mut sbs, older) = read_superblocks(&*devices, &abs)?;
         let mut newest =
             sbs.iter()
@@ -168,10 +171,14 @@ impl Pool {
         if space.blocks.is_empty() {
             space.blocks.push(BlockEntry::default());
         }
+        // Tests may force every fingerprint of a domain to collide (to exercise verification).
+        #[cfg(any(test, feature = "testing"))]
         let collide = o
             .fault
             .as_ref()
             .is_some_and(|f| f.collide_fingerprints.load(Ordering::Relaxed));
+        #[cfg(not(any(test, feature = "testing")))]
+        let collide = false;
         let dedup_key_mask = if collide { 0 } else { u64::MAX };
         let dedup_key = |fp: u128| fp as u64 & dedup_key_mask | (fp >> 64) as u64 & !dedup_key_mask;
         let mut dedup = DedupIndex::new(o.dedup_index_bytes.unwrap_or_else(default_index_bytes));

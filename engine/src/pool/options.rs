@@ -4,12 +4,12 @@ use crate::pool::{LOCK_FILE, POOL_FILE};
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::api::SECTOR_BYTES;
 use crate::error::{Error, Result};
+#[cfg(any(test, feature = "testing"))]
 use crate::io::fault::FaultPlan;
 use crate::io::IoKind;
 
@@ -55,8 +55,9 @@ pub struct PoolOptions {
     pub cache_bytes: Option<u64>,
     /// Client bytes written between automatic checkpoints (bounds recovery time).
     pub checkpoint_interval_bytes: u64,
-    /// Tests: inject faults through these rules.
-    pub fault: Option<Arc<FaultPlan>>,
+    /// Tests (the `testing` feature): inject faults through these rules.
+    #[cfg(any(test, feature = "testing"))]
+    pub fault: Option<std::sync::Arc<FaultPlan>>,
     /// RAM for the dedup index; `None` = 2% of physical memory, at least 64 MiB. Past it the
     /// index keeps a sample of fingerprints (fewer dedup hits, never a failed write).
     pub dedup_index_bytes: Option<u64>,
@@ -80,6 +81,7 @@ impl Default for PoolOptions {
             shards: 0,
             cache_bytes: None,
             checkpoint_interval_bytes: 1 << 30,
+            #[cfg(any(test, feature = "testing"))]
             fault: None,
             dedup_index_bytes: None,
             write_back_bytes: 0,
