@@ -101,10 +101,6 @@ pub enum Error {
     /// restart recovers it.
     #[error("the pool stopped after an internal failure ({reason}); restart to recover")]
     Halted { reason: String },
-    /// One failure reported to several waiters (a group flush): each gets the same error,
-    /// with its cause.
-    #[error(transparent)]
-    Shared(std::sync::Arc<Error>),
     /// A broken invariant caught at run time (a bug), reported instead of a panic.
     #[error("internal error: {what}")]
     Internal { what: &'static str },
@@ -117,6 +113,111 @@ pub enum Error {
      [A-Za-z0-9._-] not starting with '.'"
 )]
 pub struct InvalidDedupDomain(pub String);
+
+/// A copy of an I/O error for one more waiter: the same OS error (code, kind and message), or
+/// the same kind and message for one the engine made.
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// One failure often answers several requests (the parts of a failed record, the waiters of a
+/// group flush): each gets a copy with the same variant, fields and OS error.
+impl Clone for Error {
+    fn clone(&self) -> Self {
+        match self {
+            Error::Io {
+                device,
+                offset,
+                source,
+            } => Error::Io {
+                device: *device,
+                offset: *offset,
+                source: clone_io(source),
+            },
+            Error::Sync { source } => Error::Sync {
+                source: clone_io(source),
+            },
+            Error::File { path, source } => Error::File {
+                path: path.clone(),
+                source: clone_io(source),
+            },
+            &Error::ChecksumMismatch {
+                block_id,
+                segment,
+                offset,
+                expected,
+                got,
+            } => Error::ChecksumMismatch {
+                block_id,
+                segment,
+                offset,
+                expected,
+                got,
+            },
+            &Error::Undecodable {
+                block_id,
+                segment,
+                offset,
+            } => Error::Undecodable {
+                block_id,
+                segment,
+                offset,
+            },
+            &Error::OutOfRange { offset, len, size } => Error::OutOfRange { offset, len, size },
+            &Error::Unaligned { offset, len, align } => Error::Unaligned { offset, len, align },
+            &Error::TooLarge { len, max } => Error::TooLarge { len, max },
+            Error::NoSpace => Error::NoSpace,
+            Error::VolumeNotFound(v) => Error::VolumeNotFound(v.clone()),
+            Error::VolumeExists(v) => Error::VolumeExists(v.clone()),
+            Error::InvalidName(v) => Error::InvalidName(v.clone()),
+            Error::InvalidDedupDomain(d) => Error::InvalidDedupDomain(d.clone()),
+            Error::ReadOnly(v) => Error::ReadOnly(v.clone()),
+            &Error::InvalidSize { size, reason } => Error::InvalidSize { size, reason },
+            Error::NotAPool { path, reason } => Error::NotAPool {
+                path: path.clone(),
+                reason,
+            },
+            Error::UnsupportedVersion {
+                path,
+                found,
+                supported,
+            } => Error::UnsupportedVersion {
+                path: path.clone(),
+                found: *found,
+                supported: *supported,
+            },
+            &Error::Corrupt { what } => Error::Corrupt { what },
+            Error::Locked { path } => Error::Locked { path: path.clone() },
+            Error::DeviceInUse { path } => Error::DeviceInUse { path: path.clone() },
+            Error::DeviceHoldsData { path, what } => Error::DeviceHoldsData {
+                path: path.clone(),
+                what: what.clone(),
+            },
+            Error::DuplicateDevice { path, first } => Error::DuplicateDevice {
+                path: path.clone(),
+                first: first.clone(),
+            },
+            Error::ForeignDevice {
+                path,
+                found,
+                expected,
+            } => Error::ForeignDevice {
+                path: path.clone(),
+                found: found.clone(),
+                expected: expected.clone(),
+            },
+            &Error::Fenced { epoch, owner } => Error::Fenced { epoch, owner },
+            Error::ShutDown => Error::ShutDown,
+            Error::Halted { reason } => Error::Halted {
+                reason: reason.clone(),
+            },
+            &Error::Internal { what } => Error::Internal { what },
+        }
+    }
+}
 
 /// What kind of failure an [`Error`] is, independent of any wire protocol. Front ends map a
 /// kind to their own wire codes; the engine never names them.
@@ -153,30 +254,6 @@ pub enum ErrorKind {
 }
 
 impl Error {
-    /// A copy of a shared error for one more waiter: variants that hold only data are copied
-    /// as they are (callers match on them), the others shared with their cause.
-    pub fn share(e: &std::sync::Arc<Error>) -> Error {
-        match &**e {
-            Error::Halted { reason } => Error::Halted {
-                reason: reason.clone(),
-            },
-            Error::ShutDown => Error::ShutDown,
-            Error::NoSpace => Error::NoSpace,
-            Error::ReadOnly(v) => Error::ReadOnly(v.clone()),
-            Error::Corrupt { what } => Error::Corrupt { what },
-            Error::Internal { what } => Error::Internal { what },
-            _ => Error::Shared(e.clone()),
-        }
-    }
-
-    /// The error itself, looking through [`Error::Shared`].
-    pub fn inner(&self) -> &Error {
-        match self {
-            Error::Shared(e) => e.inner(),
-            e => e,
-        }
-    }
-
     /// The protocol-neutral kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -206,7 +283,6 @@ impl Error {
             | Error::ForeignDevice { .. } => ErrorKind::BadPool,
             Error::ShutDown => ErrorKind::ShuttingDown,
             Error::Halted { .. } | Error::Internal { .. } => ErrorKind::Internal,
-            Error::Shared(e) => e.kind(),
         }
     }
 }

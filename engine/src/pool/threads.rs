@@ -66,12 +66,11 @@ pub(crate) fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
             let r = inner
                 .workers
                 .settle_writes(&inner.ctx)
-                .and_then(|()| inner.ckpt.sync_completed())
-                .map_err(Arc::new);
+                .and_then(|()| inner.ckpt.sync_completed());
             for c in waiting {
                 c.send(match &r {
                     Ok(()) => Ok(crate::api::Reply::Done),
-                    Err(e) => Err(Error::share(e)),
+                    Err(e) => Err(e.clone()),
                 });
             }
         }

@@ -133,18 +133,14 @@ impl Shard {
                 if no_room {
                     self.ctx.note_host_full();
                 }
-                let e = Arc::new(Error::Io {
+                let e = Error::Io {
                     device,
                     offset,
                     source,
-                });
+                };
                 for p in &rec.parts {
                     // The host file system had no room: the write fails as a full pool's do.
-                    p.fail(if no_room {
-                        Error::NoSpace
-                    } else {
-                        Error::share(&e)
-                    });
+                    p.fail(if no_room { Error::NoSpace } else { e.clone() });
                 }
                 if rec.shard_seq.is_none() {
                     // A segment header failed: the chain is broken until the next checkpoint.

@@ -322,9 +322,8 @@ impl Shard {
             .make_room(record_bytes as u64, room, &mut write_header)
         {
             self.unpin(batch.iter());
-            let e = std::sync::Arc::new(e);
             for p in &parts {
-                p.fail(Error::share(&e));
+                p.fail(e.clone());
                 p.record_done();
             }
             return;

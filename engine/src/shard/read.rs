@@ -345,7 +345,7 @@ pub(crate) fn piece(e: &BlockEntry, want: Want) -> Piece {
 /// Why a stored payload could not be turned into blocks.
 pub(crate) enum PayloadFault {
     /// The read failed (the device's or the store's error, with its cause).
-    Read(Arc<Error>),
+    Read(Error),
     Checksum {
         segment: u32,
         offset: u32,
@@ -362,7 +362,7 @@ impl PayloadFault {
     /// The error a read of block `block_id` reports.
     pub fn error(&self, block_id: u64) -> Error {
         match self {
-            PayloadFault::Read(e) => Error::share(e),
+            PayloadFault::Read(e) => e.clone(),
             &PayloadFault::Checksum {
                 segment,
                 offset,
@@ -425,7 +425,7 @@ pub(crate) fn load_payload(ctx: &Context, e: &BlockEntry) -> Result<Bytes, Paylo
         offset: u64::from(base),
     };
     let buf = store::read_now(&*ctx.store, ctx.epoch, at, (end - base) as usize)
-        .map_err(|err| PayloadFault::Read(Arc::new(err)))?;
+        .map_err(PayloadFault::Read)?;
     decode_entry(&Bytes::from_owner(buf), (e.offset - base) as usize, e)
 }
 
