@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::error::Error;
 use crate::format::{
     DataEntry, RecordHeader, RecordKind, TrimEntry, FLAG_LZ4, IO_ALIGN, MAX_RECORD_ENTRIES,
     NO_SEGMENT, SEGMENT_HEADER_BYTES,
