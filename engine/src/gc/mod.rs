@@ -66,14 +66,16 @@ pub struct GcReport {
 }
 
 impl Cleaner {
-    /// Empty up to `max_victims` sealed segments, best cost-benefit first (LFS: the free space
-    /// gained times its age, over the cost of reading and rewriting the live part), moving their
-    /// live blocks through the shards' logs, then checkpoint so the victims are freed. Only
-    /// segments at most `max_utilisation` full are considered.
+    /// Empty up to `max_victims` sealed segments at most `max_utilisation` full, moving their
+    /// live blocks through the mover's chain. Victims sealed before the last checkpoint are
+    /// freed once their moves are synced; the others need a checkpoint, taken when enough of
+    /// them wait (or writes do).
     ///
-    /// With `greedy` (writes are waiting), victims are the emptiest segments instead: they give
-    /// the most space now for the least copying (cost-benefit's age term prefers old, fuller
-    /// segments, which pays off only when there is time to wait for the young ones to die).
+    /// With `greedy` (what the background cleaner uses), victims are the emptiest segments:
+    /// they give the most space now for the least copying. Otherwise best cost-benefit first
+    /// (LFS: the free space gained times its age, over the cost of rewriting the live part),
+    /// whose age term prefers old, fuller segments; under skewed overwrites it kept picking
+    /// cold 86%-live ones.
     pub(crate) fn clean(
         &self,
         max_victims: usize,

@@ -213,8 +213,11 @@ pub(crate) fn write_pool_file(dir: &Path, pf: &PoolFile) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(&json))
+        // Durable before it replaces the old one, and the rename durable before return: a
+        // power cut must leave one whole pool.json, old or new.
+        .and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()))
         .and_then(|()| std::fs::rename(&tmp, dir.join(POOL_FILE)))
+        .and_then(|()| File::open(dir)?.sync_all())
         .map_err(|source| Error::File {
             path: dir.join(POOL_FILE),
             source,

@@ -79,7 +79,8 @@ pub(crate) enum ShardMsg {
         moves: Vec<Relocation>,
         job: Arc<Job>,
     },
-    /// Drain in-flight I/O, move to a fresh segment, report the chain position, wait.
+    /// Drain in-flight I/O, report the chain position (the chain goes on where it is, see
+    /// `Chain::at_checkpoint`), wait for the checkpoint's image.
     Pause {
         paused: Sender<Result<ShardPosition, Error>>,
         resume: Receiver<()>,
