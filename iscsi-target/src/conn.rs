@@ -1055,7 +1055,7 @@ impl Conn {
             Action::Read { offset, len } => {
                 self.ctx.start(cmd.itt);
                 let ctx = self.ctx.clone();
-                lu.volume.submit(
+                lu.backend.submit(
                     Request::Read { offset, len },
                     Box::new(move |r| {
                         let resp = match r {
@@ -1072,7 +1072,7 @@ impl Conn {
             Action::Write { offset, data, fua } => {
                 self.ctx.start(cmd.itt);
                 let ctx = self.ctx.clone();
-                lu.volume.submit(
+                lu.backend.submit(
                     Request::Write { offset, data, fua },
                     Box::new(move |r| {
                         let resp = match r {

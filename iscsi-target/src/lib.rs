@@ -15,7 +15,9 @@
 //! # Ok(()) }
 //! ```
 
+mod backend;
 mod conn;
+mod engine_backend;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -28,6 +30,8 @@ mod target;
 pub mod text;
 mod xcopy;
 
+pub use backend::{LuBackend, LuSource, StaticLus};
+pub use engine_backend::PoolLus;
 pub use error::{IscsiError, Result};
 pub use login::ChapConfig;
 pub use target::{IscsiTarget, TargetConfig, DEFAULT_PORT, IQN_PREFIX};

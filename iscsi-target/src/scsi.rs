@@ -407,7 +407,7 @@ fn read_sync(lu: &Lu, offset: u64, len: u64) -> Result<Vec<u8>, Response> {
     let end = offset + len;
     while pos < end {
         let l = (end - pos).min(MAX_REQUEST_BYTES) as u32;
-        match lu.volume.call(Request::Read {
+        match lu.backend.call(Request::Read {
             offset: pos,
             len: l,
         }) {
@@ -493,7 +493,7 @@ fn compare_and_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
         return r;
     }
     let fua = lu.fua(cdb[1] & 0x08 != 0);
-    match lu.volume.call(Request::Write {
+    match lu.backend.call(Request::Write {
         offset,
         data: Bytes::copy_from_slice(&data_out[len..2 * len]),
         fua,
@@ -532,7 +532,7 @@ fn or_write(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
         *m |= *d;
     }
     let fua = lu.fua(cdb[1] & 0x08 != 0);
-    match lu.volume.call(Request::Write {
+    match lu.backend.call(Request::Write {
         offset,
         data: Bytes::from(medium),
         fua,
@@ -557,7 +557,7 @@ fn synchronize_cache(lu: &Lu, cdb: &[u8]) -> Response {
     if let Err(r) = check_lba(lu, lba, n) {
         return r;
     }
-    match lu.volume.call(Request::Flush) {
+    match lu.backend.call(Request::Flush) {
         Ok(_) => Response::good(),
         Err(e) => Response::engine(&e),
     }
@@ -628,7 +628,7 @@ fn write_same(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
         while pos < n {
             let c = (n - pos).min(chunk_blocks);
             let data = Bytes::from(block.repeat(c as usize));
-            if let Err(e) = lu.volume.call(Request::Write {
+            if let Err(e) = lu.backend.call(Request::Write {
                 offset: offset + pos * bs as u64,
                 data,
                 fua,
@@ -639,7 +639,7 @@ fn write_same(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
         }
         return Response::good();
     };
-    match lu.volume.call(req) {
+    match lu.backend.call(req) {
         Ok(_) => Response::good(),
         Err(e) => Response::engine(&e),
     }
@@ -681,7 +681,7 @@ fn unmap(lu: &Lu, cdb: &[u8], data_out: &[u8]) -> Response {
     }
     let fua = lu.fua(false);
     for (lba, n) in ranges {
-        if let Err(e) = lu.volume.call(Request::Trim {
+        if let Err(e) = lu.backend.call(Request::Trim {
             offset: lba * u64::from(BLOCK_BYTES),
             len: n * u64::from(BLOCK_BYTES),
             fua,
@@ -703,7 +703,7 @@ fn get_lba_status(lu: &Lu, cdb: &[u8]) -> Response {
     const SPAN_BLOCKS: u64 = 1 << 21;
     let end = (lba + SPAN_BLOCKS).min(blocks);
     let bs = u64::from(BLOCK_BYTES);
-    let extents = match lu.volume.block_status(lba * bs, (end - lba) * bs) {
+    let extents = match lu.backend.block_status(lba * bs, (end - lba) * bs) {
         Ok(e) => e,
         Err(e) => return Response::engine(&e),
     };
@@ -1006,7 +1006,7 @@ fn mode_sense(lu: &Lu, cdb: &[u8]) -> Response {
         }
     }
     // Device-specific parameter: DPOFUA, and WP for a snapshot.
-    let dsp = if lu.volume.read_only() { 0x90 } else { 0x10 };
+    let dsp = if lu.backend.read_only() { 0x90 } else { 0x10 };
     let mut d = Vec::new();
     if ten {
         let total = 6 + bd.len() + body.len();
@@ -1099,7 +1099,7 @@ fn mode_select(lu: &Lu, cdb: &[u8], data: &[u8]) -> Response {
         if st.wce && !w {
             // Turning the cache off: make what it held durable.
             drop(st);
-            if let Err(e) = lu.volume.call(Request::Flush) {
+            if let Err(e) = lu.backend.call(Request::Flush) {
                 return Response::engine(&e);
             }
             st = lu.state.lock();

@@ -1,4 +1,5 @@
 //! The target: listeners, the volume ↔ target-name mapping, logical units, sessions.
+//! Volumes come from a [`LuSource`]; only `engine_backend.rs` knows they are engine volumes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 use ingot_engine::Pool;
 use parking_lot::Mutex;
 
+use crate::backend::LuSource;
+use crate::engine_backend::PoolLus;
 use crate::error::{IscsiError, Result};
 use crate::login::{ChapConfig, OUR_MAX_RECV_DATA};
 use crate::lu::Lu;
@@ -85,7 +88,7 @@ pub(crate) fn login_deadline(cfg: &TargetConfig) -> Instant {
 /// State shared by every connection.
 pub(crate) struct Shared {
     pub cfg: TargetConfig,
-    pool: Arc<Pool>,
+    source: Arc<dyn LuSource>,
     lus: Mutex<HashMap<String, Arc<Lu>>>,
     tsih: AtomicU16,
     next_conn: AtomicU64,
@@ -195,37 +198,31 @@ impl Shared {
     /// The volume a target name refers to, if it exists now.
     pub fn lookup_target(&self, name: &str) -> Option<String> {
         let vol = name.strip_prefix(IQN_PREFIX)?;
-        self.pool.volume(vol).ok().map(|_| vol.to_string())
+        self.source.lookup(vol).map(|_| vol.to_string())
     }
 
     /// Every target (one per volume), looked up now so new volumes appear at once.
     pub fn target_names(&self) -> Vec<String> {
-        self.pool
-            .volumes()
+        self.source
+            .names()
             .into_iter()
-            .map(|v| format!("{IQN_PREFIX}{}", v.name))
+            .map(|v| format!("{IQN_PREFIX}{v}"))
             .collect()
     }
 
     /// The logical unit of a volume, created on first use.
     pub fn lu(&self, vol: &str) -> Result<Arc<Lu>> {
-        let volume = self
-            .pool
-            .volume(vol)
-            .map_err(|_| IscsiError::Login("target volume disappeared"))?;
+        let backend = self
+            .source
+            .lookup(vol)
+            .ok_or(IscsiError::Login("target volume disappeared"))?;
         let mut lus = self.lus.lock();
         if let Some(lu) = lus.get(vol) {
-            // A handle on a deleted volume fails even empty requests: a volume deleted and
-            // created again under the same name gets a fresh logical unit.
-            let stale = lu
-                .volume
-                .call(ingot_engine::Request::Read { offset: 0, len: 0 })
-                .is_err();
-            if !stale {
+            if lu.backend.is_live() {
                 return Ok(lu.clone());
             }
         }
-        let lu = Arc::new(Lu::new(volume));
+        let lu = Arc::new(Lu::new(backend));
         lus.insert(vol.to_string(), lu.clone());
         Ok(lu)
     }
@@ -271,21 +268,27 @@ impl Shared {
     }
 }
 
-/// An iSCSI target serving every volume of a pool.
+/// An iSCSI target serving every volume of a pool (or of another [`LuSource`]).
 pub struct IscsiTarget {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl IscsiTarget {
-    pub fn new(pool: Arc<Pool>, mut cfg: TargetConfig) -> IscsiTarget {
+    /// Serve every volume of `pool`.
+    pub fn new(pool: Arc<Pool>, cfg: TargetConfig) -> IscsiTarget {
+        IscsiTarget::with_source(PoolLus::new(pool), cfg)
+    }
+
+    /// Serve the volumes of `source` (an engine pool, or in-memory units in tests).
+    pub fn with_source(source: impl LuSource, mut cfg: TargetConfig) -> IscsiTarget {
         // A window of at least one command, and data segments the RFC allows.
         cfg.window = cfg.window.max(1);
         cfg.max_recv_data = cfg.max_recv_data.clamp(512, (1 << 24) - 1);
         IscsiTarget {
             shared: Arc::new(Shared {
                 cfg,
-                pool,
+                source: Arc::new(source),
                 lus: Mutex::new(HashMap::new()),
                 tsih: AtomicU16::new(1),
                 next_conn: AtomicU64::new(1),
