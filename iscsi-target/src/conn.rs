@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use ingot_engine::{Reply as EngineReply, Request};
+use ingot_engine::Request;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{IscsiError, Result};
@@ -20,7 +20,7 @@ use crate::lu::Lu;
 use crate::pdu::{self, decode_lun, op, read_pdu, reject, Bhs, Pdu, ScsiCmd, RESERVED_TAG};
 use crate::scsi::{self, Action, Nexus, Response};
 use crate::sense::{self, status};
-use crate::target::{Admission, Shared};
+use crate::target::{conn_event, Admission, Shared};
 use crate::text;
 
 /// TMF function codes (RFC 7143 §11.5.1).
@@ -394,7 +394,12 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
         match step.outcome {
             None => {}
             Some(Outcome::Failed(code)) => {
-                shared.log(&format!("login failed with status {code:#06x}"));
+                conn_event!(
+                    shared,
+                    conn = conn_id,
+                    status = format_args!("{code:#06x}"),
+                    "iSCSI: login failed"
+                );
                 return Ok(());
             }
             Some(Outcome::FullFeature(s)) => break *s,
@@ -445,7 +450,13 @@ fn required_chap(shared: &Shared, s: &Session) -> std::result::Result<(), u16> {
     let cfg = &shared.cfg;
     match cfg.chap.get(&vol).or(cfg.default_chap.as_ref()) {
         Some(c) if s.chap_user.as_deref() != Some(c.user.as_str()) => {
-            shared.log("session without the CHAP its target requires refused");
+            // Worth an operator's attention whatever the verbosity: a client tried to get around
+            // the CHAP its target requires.
+            tracing::warn!(
+                target_name = %s.target_name,
+                initiator = %s.initiator_name,
+                "iSCSI: session without the CHAP its target requires refused"
+            );
             Err(login::status::AUTH_FAILURE)
         }
         _ => Ok(()),
@@ -1058,13 +1069,7 @@ impl Conn {
                 lu.backend.submit(
                     Request::Read { offset, len },
                     Box::new(move |r| {
-                        let resp = match r {
-                            Ok(EngineReply::Data(d)) => Response::data(d),
-                            Ok(EngineReply::Pieces(p)) => Response::data(p.concat()),
-                            Ok(EngineReply::Done) => Response::data(vec![0; len as usize]),
-                            Err(e) => Response::engine(&e),
-                        };
-                        respond(&ctx, &cmd, resp);
+                        respond(&ctx, &cmd, scsi::read_response(r, len));
                         finish_after_response(ctx, cmd.itt);
                     }),
                 );
@@ -1075,11 +1080,7 @@ impl Conn {
                 lu.backend.submit(
                     Request::Write { offset, data, fua },
                     Box::new(move |r| {
-                        let resp = match r {
-                            Ok(_) => Response::good(),
-                            Err(e) => Response::engine(&e),
-                        };
-                        respond(&ctx, &cmd, resp);
+                        respond(&ctx, &cmd, scsi::write_response(r));
                         finish_after_response(ctx, cmd.itt);
                     }),
                 );

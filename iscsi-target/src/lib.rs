@@ -23,12 +23,18 @@ mod error;
 pub mod fuzzing;
 pub mod login;
 mod lu;
+mod mem;
 pub mod pdu;
 mod scsi;
 mod sense;
 mod target;
 pub mod text;
 mod xcopy;
+
+/// Helpers for tests of code that serves iSCSI: an in-memory logical unit.
+pub mod testing {
+    pub use crate::mem::MemLu;
+}
 
 pub use backend::{LuBackend, LuSource, StaticLus};
 pub use engine_backend::PoolLus;

@@ -54,7 +54,8 @@ pub struct TargetConfig {
     /// Sessions in the full feature phase at once; a login beyond them is refused (status
     /// 0x0302, out of resources). Pending logins are counted apart (`max_pending_logins`).
     pub max_connections: usize,
-    /// Print connection errors to stderr.
+    /// Log connection events (failed logins, timeouts, connection errors) through `tracing`
+    /// at info level instead of debug.
     pub verbose: bool,
 }
 
@@ -124,13 +125,20 @@ impl Drop for SessionSlot<'_> {
     }
 }
 
-impl Shared {
-    pub fn log(&self, msg: &str) {
-        if self.cfg.verbose {
-            eprintln!("ingot iscsi: {msg}");
+/// Log a connection event at info level with [`TargetConfig::verbose`], else at debug: by
+/// default a port scanner's half-open logins are no news.
+macro_rules! conn_event {
+    ($shared:expr, $($arg:tt)+) => {
+        if $shared.cfg.verbose {
+            tracing::info!($($arg)+)
+        } else {
+            tracing::debug!($($arg)+)
         }
-    }
+    };
+}
+pub(crate) use conn_event;
 
+impl Shared {
     /// A connection was accepted: it is a pending login until [`Shared::admit`]. When the
     /// pending budget is full, the oldest pending login is closed to make room.
     fn add_pending(&self, conn_id: u64) {
@@ -140,7 +148,11 @@ impl Shared {
                 break;
             };
             self.close(old);
-            self.log("too many pending logins: closed the oldest");
+            conn_event!(
+                self,
+                conn = old,
+                "iSCSI: too many pending logins, closed the oldest"
+            );
         }
         pending.insert(conn_id, login_deadline(&self.cfg));
     }
@@ -155,7 +167,7 @@ impl Shared {
             }
             pending.pop_first();
             self.close(id);
-            self.log("login timed out: connection closed");
+            conn_event!(self, conn = id, "iSCSI: login timed out, connection closed");
         }
     }
 
@@ -359,7 +371,7 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     .name("iscsi-conn".into())
                     .spawn(move || {
                         if let Err(e) = crate::conn::serve(sh.clone(), stream, id) {
-                            sh.log(&format!("connection from {peer}: {e}"));
+                            conn_event!(sh, conn = id, %peer, error = %e, "iSCSI: connection failed");
                         }
                         sh.forget_conn(id);
                     });
