@@ -50,19 +50,56 @@ fn cdb_seeds() -> Vec<Vec<u8>> {
     let block = [0x5au8; 512];
     let mut io = Vec::new();
     // WRITE(10) 2 blocks at 4, READ(16), WRITE SAME(16) with UNMAP, VERIFY(10) BYTCHK=1.
-    cmd(&mut io, 0, &[0x2a, 0, 0, 0, 0, 4, 0, 0, 2, 0], &[0x11; 1024]);
-    cmd(&mut io, 1, &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 2], &[]);
-    cmd(&mut io, 0, &[0x93, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8], &block);
-    cmd(&mut io, 0, &[0x2f, 0x02, 0, 0, 0, 4, 0, 0, 1, 0], &[0x11; 512]);
+    cmd(
+        &mut io,
+        0,
+        &[0x2a, 0, 0, 0, 0, 4, 0, 0, 2, 0],
+        &[0x11; 1024],
+    );
+    cmd(
+        &mut io,
+        1,
+        &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 2],
+        &[],
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x93, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8],
+        &block,
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x2f, 0x02, 0, 0, 0, 4, 0, 0, 1, 0],
+        &[0x11; 512],
+    );
     // COMPARE AND WRITE of one block, OR WRITE, GET LBA STATUS, SYNCHRONIZE CACHE.
     let mut caw = vec![0x11; 512];
     caw.extend_from_slice(&block);
-    cmd(&mut io, 0, &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 1], &caw);
-    cmd(&mut io, 0, &[0x8b, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1], &block);
-    cmd(&mut io, 0, &[0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
+    cmd(
+        &mut io,
+        0,
+        &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 1],
+        &caw,
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x8b, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1],
+        &block,
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[],
+    );
     cmd(&mut io, 0x08, &[0x35], &[]);
     // UNMAP of blocks 0-15.
-    let mut unmap = vec![0, 22, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0];
+    let mut unmap = vec![
+        0, 22, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0,
+    ];
     cmd(&mut io, 0x04, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24], &unmap);
     unmap[19] = 0xff;
     cmd(&mut io, 0x10, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24], &unmap);
@@ -78,9 +115,19 @@ fn cdb_seeds() -> Vec<Vec<u8>> {
     };
     cmd(&mut pr, 0, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24], &param(0, 1));
     cmd(&mut pr, 1, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24], &param(0, 2));
-    cmd(&mut pr, 0, &[0x5f, 1, 0x01, 0, 0, 0, 0, 0, 24], &param(1, 0));
+    cmd(
+        &mut pr,
+        0,
+        &[0x5f, 1, 0x01, 0, 0, 0, 0, 0, 24],
+        &param(1, 0),
+    );
     cmd(&mut pr, 1, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &block);
-    cmd(&mut pr, 1, &[0x5f, 4, 0x01, 0, 0, 0, 0, 0, 24], &param(2, 1));
+    cmd(
+        &mut pr,
+        1,
+        &[0x5f, 4, 0x01, 0, 0, 0, 0, 0, 24],
+        &param(2, 1),
+    );
     cmd(&mut pr, 0, &[0x5e, 3, 0, 0, 0, 0, 0, 4, 0], &[]);
     cmd(&mut pr, 0x02, &[0x16], &[]);
     cmd(&mut pr, 1, &[0x17], &[]);
@@ -94,7 +141,12 @@ fn cdb_seeds() -> Vec<Vec<u8>> {
     caching.resize(24, 0);
     cmd(&mut misc, 0, &[0x15, 0x10, 0, 0, 24], &caching);
     cmd(&mut misc, 0, &[0xa3, 0x0c, 0x80, 0, 0, 0, 0, 0, 4, 0], &[]);
-    cmd(&mut misc, 0, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32], &[]);
+    cmd(
+        &mut misc,
+        0,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32],
+        &[],
+    );
     cmd(&mut misc, 0x04, &[0x03, 0, 0, 0, 18], &[]);
 
     // EXTENDED COPY of 4 blocks from LBA 0 to LBA 8 within the unit: one identification
@@ -112,8 +164,18 @@ fn cdb_seeds() -> Vec<Vec<u8>> {
     let mut cdb = vec![0x83, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     cdb.extend_from_slice(&(list.len() as u32).to_be_bytes());
     cmd(&mut xcopy, 0, &cdb, &list);
-    cmd(&mut xcopy, 0, &[0x84, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
-    cmd(&mut xcopy, 0, &[0x84, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
+    cmd(
+        &mut xcopy,
+        0,
+        &[0x84, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[],
+    );
+    cmd(
+        &mut xcopy,
+        0,
+        &[0x84, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[],
+    );
 
     vec![io, pr, misc, xcopy]
 }
