@@ -5,6 +5,10 @@
 //! connection a reader thread (PDU decoding, Data-Out collection, command dispatch) and a
 //! writer thread that sends responses as engine completions arrive.
 //!
+//! The target serves a [`LuSource`] of [`LuBackend`]s: [`IscsiTarget::new`] takes a pool
+//! ([`PoolLus`]), [`IscsiTarget::with_source`] anything else, such as the in-memory
+//! [`testing::MemLu`]. SCSI command execution sees only the [`LuBackend`] trait.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use ingot_iscsi::{IscsiTarget, TargetConfig};

@@ -4,10 +4,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::backend::LuBackend;
-
-use crate::sense::Sense;
 use parking_lot::Mutex;
+
+use crate::backend::LuBackend;
+use crate::sense::Sense;
 
 /// Logical block size reported to initiators.
 pub const BLOCK_BYTES: u32 = 512;

@@ -230,6 +230,7 @@ impl Shared {
             .ok_or(IscsiError::Login("target volume disappeared"))?;
         let mut lus = self.lus.lock();
         if let Some(lu) = lus.get(vol) {
+            // A volume deleted and created again under the same name gets a fresh unit.
             if lu.backend.is_live() {
                 return Ok(lu.clone());
             }
