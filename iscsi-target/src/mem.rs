@@ -164,3 +164,45 @@ impl LuBackend for MemLu {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ingot_engine::ErrorKind;
+
+    #[test]
+    fn ranges_trims_and_block_status() {
+        let m = MemLu::new("m", 8 * 512);
+        let data = Bytes::from(vec![7u8; 1024]);
+        m.call(Request::Write {
+            offset: 1024,
+            data,
+            fua: false,
+        })
+        .unwrap();
+        let holes = |m: &MemLu| -> Vec<(u64, bool)> {
+            let e = m.block_status(0, 8 * 512).unwrap();
+            e.iter().map(|e| (e.len / 512, e.hole)).collect()
+        };
+        assert_eq!(holes(&m), [(2, true), (2, false), (4, true)]);
+        m.call(Request::Trim {
+            offset: 1536,
+            len: 512,
+            fua: false,
+        })
+        .unwrap();
+        assert_eq!(holes(&m), [(2, true), (1, false), (5, true)]);
+        assert_eq!(
+            m.contents(1024, 1024),
+            [vec![7; 512], vec![0; 512]].concat()
+        );
+
+        let err = m.call(Request::Read {
+            offset: 7 * 512,
+            len: 1024,
+        });
+        assert_eq!(err.unwrap_err().kind(), ErrorKind::OutOfRange);
+        m.call(Request::Flush).unwrap();
+        assert_eq!(m.flushes(), 1);
+    }
+}
