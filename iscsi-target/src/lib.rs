@@ -5,6 +5,10 @@
 //! connection a reader thread (PDU decoding, Data-Out collection, command dispatch) and a
 //! writer thread that sends responses as engine completions arrive.
 //!
+//! The target serves a [`LuSource`] of [`LuBackend`]s: [`IscsiTarget::new`] takes a pool
+//! ([`PoolLus`]), [`IscsiTarget::with_source`] anything else, such as the in-memory
+//! [`testing::MemLu`]. SCSI command execution sees only the [`LuBackend`] trait.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use ingot_iscsi::{IscsiTarget, TargetConfig};
@@ -19,12 +23,15 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod backend;
 mod conn;
+mod engine_backend;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod login;
 mod lu;
+mod mem;
 pub mod pdu;
 mod scsi;
 mod sense;
@@ -32,6 +39,13 @@ mod target;
 pub mod text;
 mod xcopy;
 
+/// Helpers for tests of code that serves iSCSI: an in-memory logical unit.
+pub mod testing {
+    pub use crate::mem::MemLu;
+}
+
+pub use backend::{LuBackend, LuSource, StaticLus};
+pub use engine_backend::PoolLus;
 pub use error::{IscsiError, Result};
 pub use login::ChapConfig;
 pub use target::{IscsiTarget, TargetConfig, DEFAULT_PORT, IQN_PREFIX};

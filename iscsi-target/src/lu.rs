@@ -2,10 +2,12 @@
 //! RESERVE(6) and persistent reservations (SPC-4 §5.12), the caching mode page.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
-use crate::sense::Sense;
-use ingot_engine::Volume;
 use parking_lot::Mutex;
+
+use crate::backend::LuBackend;
+use crate::sense::Sense;
 
 /// Logical block size reported to initiators.
 pub const BLOCK_BYTES: u32 = 512;
@@ -106,7 +108,7 @@ impl LuState {
 
 /// One logical unit: a volume and its SCSI state.
 pub struct Lu {
-    pub volume: Volume,
+    pub backend: Arc<dyn LuBackend>,
     /// Unit serial number (VPD 0x80).
     pub serial: String,
     /// NAA IEEE Registered Extended designator (VPD 0x83).
@@ -117,9 +119,9 @@ pub struct Lu {
 }
 
 impl Lu {
-    pub fn new(volume: Volume) -> Lu {
-        let known_blocks = volume.size_bytes() / u64::from(BLOCK_BYTES);
-        let h = fnv1a(volume.name().as_bytes());
+    pub fn new(backend: Arc<dyn LuBackend>) -> Lu {
+        let known_blocks = backend.size_bytes() / u64::from(BLOCK_BYTES);
+        let h = fnv1a(backend.name().as_bytes());
         let serial = format!("{h:016x}");
         let mut naa = [0u8; 16];
         // NAA 6, a locally chosen OUI-shaped value, then the name hash as vendor identifier.
@@ -130,7 +132,7 @@ impl Lu {
         naa[4..12].copy_from_slice(&h.to_be_bytes());
         naa[12..16].copy_from_slice(&((h >> 32) as u32 ^ h as u32).to_be_bytes());
         Lu {
-            volume,
+            backend,
             serial,
             naa,
             state: Mutex::new(LuState {
@@ -151,7 +153,7 @@ impl Lu {
 
     /// Number of logical blocks.
     pub fn blocks(&self) -> u64 {
-        self.volume.size_bytes() / u64::from(BLOCK_BYTES)
+        self.backend.size_bytes() / u64::from(BLOCK_BYTES)
     }
 
     /// A session of `port` started.

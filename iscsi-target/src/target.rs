@@ -1,4 +1,5 @@
 //! The target: listeners, the volume ↔ target-name mapping, logical units, sessions.
+//! Volumes come from a [`LuSource`]; only `engine_backend.rs` knows they are engine volumes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 use ingot_engine::Pool;
 use parking_lot::Mutex;
 
+use crate::backend::LuSource;
+use crate::engine_backend::PoolLus;
 use crate::error::{IscsiError, Result};
 use crate::login::{ChapConfig, OUR_MAX_RECV_DATA};
 use crate::lu::Lu;
@@ -51,7 +54,8 @@ pub struct TargetConfig {
     /// Sessions in the full feature phase at once; a login beyond them is refused (status
     /// 0x0302, out of resources). Pending logins are counted apart (`max_pending_logins`).
     pub max_connections: usize,
-    /// Print connection errors to stderr.
+    /// Log connection events (failed logins, timeouts, connection errors) through `tracing`
+    /// at info level instead of debug.
     pub verbose: bool,
 }
 
@@ -85,7 +89,7 @@ pub(crate) fn login_deadline(cfg: &TargetConfig) -> Instant {
 /// State shared by every connection.
 pub(crate) struct Shared {
     pub cfg: TargetConfig,
-    pool: Arc<Pool>,
+    source: Arc<dyn LuSource>,
     lus: Mutex<HashMap<String, Arc<Lu>>>,
     tsih: AtomicU16,
     next_conn: AtomicU64,
@@ -121,13 +125,20 @@ impl Drop for SessionSlot<'_> {
     }
 }
 
-impl Shared {
-    pub fn log(&self, msg: &str) {
-        if self.cfg.verbose {
-            eprintln!("ingot iscsi: {msg}");
+/// Log a connection event at info level with [`TargetConfig::verbose`], else at debug: by
+/// default a port scanner's half-open logins are no news.
+macro_rules! conn_event {
+    ($shared:expr, $($arg:tt)+) => {
+        if $shared.cfg.verbose {
+            tracing::info!($($arg)+)
+        } else {
+            tracing::debug!($($arg)+)
         }
-    }
+    };
+}
+pub(crate) use conn_event;
 
+impl Shared {
     /// A connection was accepted: it is a pending login until [`Shared::admit`]. When the
     /// pending budget is full, the oldest pending login is closed to make room.
     fn add_pending(&self, conn_id: u64) {
@@ -137,7 +148,11 @@ impl Shared {
                 break;
             };
             self.close(old);
-            self.log("too many pending logins: closed the oldest");
+            conn_event!(
+                self,
+                conn = old,
+                "iSCSI: too many pending logins, closed the oldest"
+            );
         }
         pending.insert(conn_id, login_deadline(&self.cfg));
     }
@@ -152,7 +167,7 @@ impl Shared {
             }
             pending.pop_first();
             self.close(id);
-            self.log("login timed out: connection closed");
+            conn_event!(self, conn = id, "iSCSI: login timed out, connection closed");
         }
     }
 
@@ -195,37 +210,32 @@ impl Shared {
     /// The volume a target name refers to, if it exists now.
     pub fn lookup_target(&self, name: &str) -> Option<String> {
         let vol = name.strip_prefix(IQN_PREFIX)?;
-        self.pool.volume(vol).ok().map(|_| vol.to_string())
+        self.source.lookup(vol).map(|_| vol.to_string())
     }
 
     /// Every target (one per volume), looked up now so new volumes appear at once.
     pub fn target_names(&self) -> Vec<String> {
-        self.pool
-            .volumes()
+        self.source
+            .names()
             .into_iter()
-            .map(|v| format!("{IQN_PREFIX}{}", v.name))
+            .map(|v| format!("{IQN_PREFIX}{v}"))
             .collect()
     }
 
     /// The logical unit of a volume, created on first use.
     pub fn lu(&self, vol: &str) -> Result<Arc<Lu>> {
-        let volume = self
-            .pool
-            .volume(vol)
-            .map_err(|_| IscsiError::Login("target volume disappeared"))?;
+        let backend = self
+            .source
+            .lookup(vol)
+            .ok_or(IscsiError::Login("target volume disappeared"))?;
         let mut lus = self.lus.lock();
         if let Some(lu) = lus.get(vol) {
-            // A handle on a deleted volume fails even empty requests: a volume deleted and
-            // created again under the same name gets a fresh logical unit.
-            let stale = lu
-                .volume
-                .call(ingot_engine::Request::Read { offset: 0, len: 0 })
-                .is_err();
-            if !stale {
+            // A volume deleted and created again under the same name gets a fresh unit.
+            if lu.backend.is_live() {
                 return Ok(lu.clone());
             }
         }
-        let lu = Arc::new(Lu::new(volume));
+        let lu = Arc::new(Lu::new(backend));
         lus.insert(vol.to_string(), lu.clone());
         Ok(lu)
     }
@@ -271,21 +281,27 @@ impl Shared {
     }
 }
 
-/// An iSCSI target serving every volume of a pool.
+/// An iSCSI target serving every volume of a pool (or of another [`LuSource`]).
 pub struct IscsiTarget {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl IscsiTarget {
-    pub fn new(pool: Arc<Pool>, mut cfg: TargetConfig) -> IscsiTarget {
+    /// Serve every volume of `pool`.
+    pub fn new(pool: Arc<Pool>, cfg: TargetConfig) -> IscsiTarget {
+        IscsiTarget::with_source(PoolLus::new(pool), cfg)
+    }
+
+    /// Serve the volumes of `source` (an engine pool, or in-memory units in tests).
+    pub fn with_source(source: impl LuSource, mut cfg: TargetConfig) -> IscsiTarget {
         // A window of at least one command, and data segments the RFC allows.
         cfg.window = cfg.window.max(1);
         cfg.max_recv_data = cfg.max_recv_data.clamp(512, (1 << 24) - 1);
         IscsiTarget {
             shared: Arc::new(Shared {
                 cfg,
-                pool,
+                source: Arc::new(source),
                 lus: Mutex::new(HashMap::new()),
                 tsih: AtomicU16::new(1),
                 next_conn: AtomicU64::new(1),
@@ -356,7 +372,7 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     .name("iscsi-conn".into())
                     .spawn(move || {
                         if let Err(e) = crate::conn::serve(sh.clone(), stream, id) {
-                            sh.log(&format!("connection from {peer}: {e}"));
+                            conn_event!(sh, conn = id, %peer, error = %e, "iSCSI: connection failed");
                         }
                         sh.forget_conn(id);
                     });

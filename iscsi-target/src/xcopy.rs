@@ -136,7 +136,7 @@ pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
         let mut pos = 0u64;
         while pos < blocks {
             let n = (blocks - pos).min(u64::from(MAX_SEGMENT_BYTES) / bs);
-            let data = match lu.volume.call(Request::Read {
+            let data = match lu.backend.call(Request::Read {
                 offset: (src_lba + pos) * bs,
                 len: (n * bs) as u32,
             }) {
@@ -145,7 +145,7 @@ pub fn extended_copy(lu: &Lu, port: &str, cdb: &[u8], data: &[u8]) -> Response {
                 Ok(ingot_engine::Reply::Done) => Bytes::from(vec![0; (n * bs) as usize]),
                 Err(e) => return Response::engine(&e),
             };
-            if let Err(e) = lu.volume.call(Request::Write {
+            if let Err(e) = lu.backend.call(Request::Write {
                 offset: (dst_lba + pos) * bs,
                 data,
                 fua,

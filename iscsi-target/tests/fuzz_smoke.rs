@@ -36,6 +36,150 @@ fn pdu_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// One command of a [`fuzzing::cdbs`] input.
+fn cmd(out: &mut Vec<u8>, flags: u8, cdb: &[u8], data: &[u8]) {
+    out.push(flags);
+    let mut c = cdb.to_vec();
+    c.resize(16, 0);
+    out.extend_from_slice(&c);
+    out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+fn cdb_seeds() -> Vec<Vec<u8>> {
+    let block = [0x5au8; 512];
+    let mut io = Vec::new();
+    // WRITE(10) 2 blocks at 4, READ(16), WRITE SAME(16) with UNMAP, VERIFY(10) BYTCHK=1.
+    cmd(
+        &mut io,
+        0,
+        &[0x2a, 0, 0, 0, 0, 4, 0, 0, 2, 0],
+        &[0x11; 1024],
+    );
+    cmd(
+        &mut io,
+        1,
+        &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 2],
+        &[],
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x93, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8],
+        &block,
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x2f, 0x02, 0, 0, 0, 4, 0, 0, 1, 0],
+        &[0x11; 512],
+    );
+    // COMPARE AND WRITE of one block, OR WRITE, GET LBA STATUS, SYNCHRONIZE CACHE.
+    let mut caw = vec![0x11; 512];
+    caw.extend_from_slice(&block);
+    cmd(
+        &mut io,
+        0,
+        &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 1],
+        &caw,
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x8b, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1],
+        &block,
+    );
+    cmd(
+        &mut io,
+        0,
+        &[0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[],
+    );
+    cmd(&mut io, 0x08, &[0x35], &[]);
+    // UNMAP of blocks 0-15.
+    let mut unmap = vec![
+        0, 22, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0,
+    ];
+    cmd(&mut io, 0x04, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24], &unmap);
+    unmap[19] = 0xff;
+    cmd(&mut io, 0x10, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24], &unmap);
+
+    let mut pr = Vec::new();
+    // REGISTER key 1 for each port, RESERVE type 1 (WE), a write from the other port,
+    // PREEMPT, READ FULL STATUS.
+    let param = |key: u64, sa_key: u64| {
+        let mut p = key.to_be_bytes().to_vec();
+        p.extend_from_slice(&sa_key.to_be_bytes());
+        p.resize(24, 0);
+        p
+    };
+    cmd(&mut pr, 0, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24], &param(0, 1));
+    cmd(&mut pr, 1, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24], &param(0, 2));
+    cmd(
+        &mut pr,
+        0,
+        &[0x5f, 1, 0x01, 0, 0, 0, 0, 0, 24],
+        &param(1, 0),
+    );
+    cmd(&mut pr, 1, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], &block);
+    cmd(
+        &mut pr,
+        1,
+        &[0x5f, 4, 0x01, 0, 0, 0, 0, 0, 24],
+        &param(2, 1),
+    );
+    cmd(&mut pr, 0, &[0x5e, 3, 0, 0, 0, 0, 0, 4, 0], &[]);
+    cmd(&mut pr, 0x02, &[0x16], &[]);
+    cmd(&mut pr, 1, &[0x17], &[]);
+
+    let mut misc = Vec::new();
+    // INQUIRY VPD 0x83, MODE SENSE(10) all pages, MODE SELECT(6) of the caching page,
+    // REPORT SUPPORTED OPERATION CODES, READ CAPACITY(16), REQUEST SENSE.
+    cmd(&mut misc, 0, &[0x12, 1, 0x83, 1, 0], &[]);
+    cmd(&mut misc, 0, &[0x5a, 0x10, 0x3f, 0xff, 0, 0, 0, 1, 0], &[]);
+    let mut caching = vec![0, 0, 0, 0, 0x08, 18];
+    caching.resize(24, 0);
+    cmd(&mut misc, 0, &[0x15, 0x10, 0, 0, 24], &caching);
+    cmd(&mut misc, 0, &[0xa3, 0x0c, 0x80, 0, 0, 0, 0, 0, 4, 0], &[]);
+    cmd(
+        &mut misc,
+        0,
+        &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32],
+        &[],
+    );
+    cmd(&mut misc, 0x04, &[0x03, 0, 0, 0, 18], &[]);
+
+    // EXTENDED COPY of 4 blocks from LBA 0 to LBA 8 within the unit: one identification
+    // descriptor (an NAA designator nothing matches yet) and one block-to-block segment.
+    let mut xcopy = Vec::new();
+    let mut list = vec![0x01, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 0];
+    let mut target = vec![0xe4, 0, 0, 0, 0x01, 0x03, 0, 16];
+    target.resize(32, 0);
+    target[30] = 0x02;
+    list.extend_from_slice(&target);
+    let mut seg = vec![0x02, 0, 0, 24, 0, 0, 0, 0, 0, 0, 0, 4];
+    seg.extend_from_slice(&0u64.to_be_bytes());
+    seg.extend_from_slice(&8u64.to_be_bytes());
+    list.extend_from_slice(&seg);
+    let mut cdb = vec![0x83, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    cdb.extend_from_slice(&(list.len() as u32).to_be_bytes());
+    cmd(&mut xcopy, 0, &cdb, &list);
+    cmd(
+        &mut xcopy,
+        0,
+        &[0x84, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[],
+    );
+    cmd(
+        &mut xcopy,
+        0,
+        &[0x84, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[],
+    );
+
+    vec![io, pr, misc, xcopy]
+}
+
 fn login_seeds() -> Vec<Vec<u8>> {
     vec![
         b"\x81\x87InitiatorName=iqn.x\0TargetName=iqn.ab\0AuthMethod=None\0\xffHeaderDigest=CRC32C,None\0MaxRecvDataSegmentLength=65536\0".to_vec(),
@@ -107,4 +251,9 @@ fn pdu_decoder_survives_mutations() {
 #[test]
 fn login_text_survives_mutations() {
     smoke("iscsi_login_text", &login_seeds(), fuzzing::login_text);
+}
+
+#[test]
+fn cdb_execution_survives_mutations() {
+    smoke("iscsi_cdb", &cdb_seeds(), fuzzing::cdbs);
 }
