@@ -977,6 +977,85 @@ fn failed_sync_or_metadata_write_during_a_checkpoint_loses_nothing_flushed() {
     }
 }
 
+/// A commit whose first superblock write fails on the second device, after the first device
+/// took the new generation: the commit reports the failure and frees the new checkpoint's
+/// segments, which later writes may reuse. The next open finds generation g + 1 on device 0,
+/// its checkpoint overwritten, and g in both slots of device 1: it opens from g (which every
+/// device holds) and replays the log since, losing nothing flushed.
+#[test]
+fn a_superblock_write_failing_on_one_device_falls_back_to_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let (a, b) = (blocks(150, 8), blocks(151, 8));
+    let devs = [dir.path().join("dev0.img"), dir.path().join("dev1.img")];
+    let c = CreateOptions {
+        size_bytes: 128 << 20,
+        segment_bytes: SEG,
+        devices: devs.to_vec(),
+        ..Default::default()
+    };
+    let pool = Pool::create(dir.path(), &c, &opts(Some(plan.clone()))).expect("create pool");
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(0, &a, false).unwrap();
+    v.flush().unwrap();
+    pool.checkpoint().unwrap();
+    let g = generation(dir.path(), 0);
+    assert_eq!(
+        g,
+        generation(dir.path(), 1),
+        "both slots at the same checkpoint"
+    );
+    // A commit of generation g + 1 writes slot (g + 1) % 2 of every device first.
+    let first = ((g + 1) % 2) as usize;
+    plan.fail_writes_at
+        .lock()
+        .push((1, SUPERBLOCK_OFFSETS[first]));
+    v.write(8 * 4096, &b, false).unwrap();
+    v.flush().unwrap();
+    assert!(
+        pool.checkpoint().is_err(),
+        "device 1's superblock write failed"
+    );
+    pool.halt();
+    drop((v, pool));
+    plan.fail_writes_at.lock().clear();
+    assert_eq!(generation(dir.path(), first), g + 1, "device 0 took g + 1");
+    // The freed segments of g + 1 are reused: its blob no longer reads back.
+    let mut seg = 0u32;
+    patch(dir.path(), SUPERBLOCK_OFFSETS[first], |blk| {
+        seg = u32::from_le_bytes(blk[76..80].try_into().unwrap());
+    });
+    // Segments are numbered across devices: device 0 holds the first ones.
+    let dev0_segs = (std::fs::metadata(&devs[0]).unwrap().len() - DATA_START) / SEG;
+    let (file, at) = if u64::from(seg) < dev0_segs {
+        (&devs[0], u64::from(seg))
+    } else {
+        (&devs[1], u64::from(seg) - dev0_segs)
+    };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut blk = vec![0u8; BLOCK];
+    let off = DATA_START + at * SEG + 4096;
+    f.read_exact_at(&mut blk, off).unwrap();
+    blk[10] ^= 0x40;
+    f.write_all_at(&blk, off).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let pool = Pool::open(dir.path(), &opts(None)).expect("open from the previous checkpoint");
+    let v = pool.volume("v").unwrap();
+    same!(v.read(0, 8 * 4096).unwrap(), a);
+    same!(
+        v.read(8 * 4096, 8 * 4096).unwrap(),
+        b,
+        "flushed after the previous checkpoint"
+    );
+    assert_clean(&pool);
+}
+
 /// A commit whose second superblock slot write fails (the other slot still points at the
 /// previous checkpoint, as after a crash between the two writes), then the newest checkpoint
 /// rots: the pool opens from the previous checkpoint and replays the log since, losing nothing

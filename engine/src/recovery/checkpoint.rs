@@ -97,14 +97,23 @@ pub(crate) fn load_checkpoint(
     }
     match read_checkpoint(store, geo, newest) {
         Err(e @ Error::Corrupt { .. }) => {
-            let prev: Option<Vec<Superblock>> = older
+            // Per device, the previous generation: in its other slot, or in both slots when the
+            // commit failed before it wrote this device (its segments were freed then, and may
+            // have been reused, which is why the newest reads as damaged).
+            let is_prev = |p: &Superblock| {
+                p.generation + 1 == newest.generation
+                    && p.checkpoint_segment != NO_SEGMENT
+                    && p.log_key == newest.log_key
+            };
+            let prev: Option<Vec<Superblock>> = sbs
                 .iter()
-                .map(|o| {
-                    o.clone().filter(|p| {
-                        p.generation + 1 == newest.generation
-                            && p.checkpoint_segment != NO_SEGMENT
-                            && p.log_key == newest.log_key
-                    })
+                .zip(older)
+                .map(|(cur, o)| {
+                    if is_prev(cur) {
+                        Some(cur.clone())
+                    } else {
+                        o.clone().filter(is_prev)
+                    }
                 })
                 .collect();
             let Some(prev) = prev else {
