@@ -32,7 +32,9 @@ impl AlignedBuf {
     ///
     /// # Safety
     /// Every byte must be written through [`AlignedBuf::as_mut_ptr`] before the buffer is used
-    /// as a slice (deref) or handed to a device.
+    /// as a slice (deref) or handed to a device, unless it is handed to a device read that fills
+    /// all of it: the buffer is used only if the read succeeded (zeroing it first cost a memset
+    /// of every byte the cleaner reads).
     pub unsafe fn new_uninit(len: usize) -> Self {
         let len = len.max(1).next_multiple_of(IO_ALIGN);
         let layout = Layout::from_size_align(len, IO_ALIGN).expect("valid layout");

@@ -37,7 +37,8 @@ pub(crate) trait SegmentStore: Send + Sync {
     /// never written again in this use.
     fn sealed(&self, epoch: u64, segment: u32);
 
-    /// Read `buf.len()` bytes at `at`; the buffer comes back filled.
+    /// Read `buf.len()` bytes at `at`. On success every byte of the buffer that comes back was
+    /// written by the read (callers may pass an uninitialised one).
     fn read(&self, epoch: u64, at: Range, buf: AlignedBuf, done: Done<AlignedBuf>);
 
     /// Drop the contents of `segments` (freed: their space goes back to the device).
@@ -64,5 +65,8 @@ pub(crate) fn read_now(
     at: Range,
     len: usize,
 ) -> Result<AlignedBuf> {
-    wait(|done| store.read(epoch, at, AlignedBuf::new(len), done))
+    // SAFETY: a successful read writes every byte (`SegmentStore::read`); after a failure the
+    // buffer is dropped unread.
+    let buf = unsafe { AlignedBuf::new_uninit(len) };
+    wait(|done| store.read(epoch, at, buf, done))
 }
