@@ -109,7 +109,8 @@ impl Chain {
     /// Seal the record in `buf` (its entries encoded) at the chain's current position, which
     /// `make_room` made sure holds it, and move the position past it.
     pub(crate) fn seal(&mut self, buf: &mut AlignedBuf, kind: RecordKind, l: &Layout) -> Placed {
-        let ctx = self.ctx.clone();
+        // Borrowed, not cloned: a clone per record bumped a reference count both workers share.
+        let ctx = &*self.ctx;
         let seq = ctx.seq.fetch_add(1, Ordering::AcqRel);
         let shard_seq = self.pos.shard_seq;
         self.pos.shard_seq += 1;
