@@ -163,6 +163,9 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let machine = sys::machine(&a.dir);
+    // Every server's data and the raw file live on this device: its queue depth, request size
+    // and busy time are sampled around each job (what `iostat -x` shows).
+    let disk = sys::disk_of(&a.dir);
     let mut noise = Noise::default();
     let mut rows: Vec<Row> = Vec::new();
     let mut flushes: Vec<FlushRow> = Vec::new();
@@ -218,18 +221,22 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
                     c,
                     a.size,
                     a.seconds,
+                    disk.as_ref(),
                 )
                 .with_context(|| format!("{name}: {} x{c}", w.name))?;
                 rows.push(Row {
                     target: name.clone(),
                     workload: w.name.into(),
                     connections: c,
-                    limit: sys::limit(
-                        m.client_cpu_pct,
-                        m.server_cpu_pct,
-                        m.machine_cpu_pct,
-                        c,
-                        machine.cores,
+                    limit: sys::with_device(
+                        sys::limit(
+                            m.client_cpu_pct,
+                            m.server_cpu_pct,
+                            m.machine_cpu_pct,
+                            c,
+                            machine.cores,
+                        ),
+                        m.device.util_pct,
                     ),
                     measured: m,
                     ingot_ratio: f64::NAN,
@@ -352,9 +359,9 @@ fn us(v: f64) -> String {
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(
-        "| workload | conns | target | IOPS | MB/s | p50 | p99 | ingot ÷ target | fio CPU | server CPU | server CPU per I/O | machine CPU | limit |\n",
+        "| workload | conns | target | IOPS | MB/s | p50 | p99 | ingot ÷ target | fio CPU | server CPU | server CPU per I/O | machine CPU | device QD | device req | device util | limit |\n",
     );
-    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    s.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut keys: Vec<(String, u32)> = Vec::new();
     for row in &r.rows {
         let k = (row.workload.clone(), row.connections);
@@ -369,7 +376,7 @@ pub fn table(r: &Report) -> String {
             .filter(|x| &x.workload == w && x.connections == *c)
         {
             s.push_str(&format!(
-                "| {w} | {c} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {w} | {c} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 row.target,
                 row.measured.iops,
                 row.measured.mb_per_s,
@@ -380,6 +387,9 @@ pub fn table(r: &Report) -> String {
                 pct(row.measured.server_cpu_pct),
                 us(row.measured.server_cpu_pct / 100.0 / row.measured.iops * 1e6),
                 pct(row.measured.machine_cpu_pct),
+                num(row.measured.device.queue_depth),
+                kib(row.measured.device.request_kib),
+                pct(row.measured.device.util_pct),
                 row.limit,
             ));
         }
@@ -416,6 +426,24 @@ pub fn table(r: &Report) -> String {
 fn pct(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.0}%")
+    } else {
+        "-".into()
+    }
+}
+
+/// A queue depth (requests in flight, on average).
+fn num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        "-".into()
+    }
+}
+
+/// An average request size.
+fn kib(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.0} KiB")
     } else {
         "-".into()
     }

@@ -72,6 +72,8 @@ pub struct Measured {
     pub server_cpu_pct: f64,
     /// CPU used by the whole machine over the job (other processes included), in % of one core.
     pub machine_cpu_pct: f64,
+    /// What the device under the data did over the job (NaN when it has no stats).
+    pub device: crate::sys::DeviceLoad,
 }
 
 fn engine_args(target: &Target) -> Vec<String> {
@@ -131,6 +133,7 @@ pub fn run(
     connections: u32,
     size_bytes: u64,
     seconds: u64,
+    disk: Option<&crate::sys::Disk>,
 ) -> Result<Measured> {
     let slice = size_bytes / u64::from(connections) / w.block_bytes * w.block_bytes;
     let mut args = vec![
@@ -153,7 +156,9 @@ pub fn run(
     let cpu0 = crate::sys::children_cpu_seconds();
     let srv0 = server_pid.map(crate::sys::process_cpu_seconds);
     let machine0 = crate::sys::cpu_jiffies();
+    let disk0 = disk.and_then(crate::sys::disk_sample);
     let v = run_fio(&args)?;
+    let device = crate::sys::device_load(disk0, disk.and_then(crate::sys::disk_sample));
     let wall = started.elapsed().as_secs_f64();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -176,6 +181,7 @@ pub fn run(
         client_cpu_pct,
         server_cpu_pct,
         machine_cpu_pct,
+        device,
     })
 }
 

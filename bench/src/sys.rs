@@ -263,7 +263,7 @@ pub fn limit(
 
 #[cfg(test)]
 mod tests {
-    use super::limit;
+    use super::{limit, with_device};
 
     #[test]
     fn limits() {
@@ -272,5 +272,123 @@ mod tests {
         assert_eq!(limit(30.0, 40.0, 195.0, 1, 2), "CPU (other processes)");
         assert_eq!(limit(30.0, 40.0, 80.0, 1, 2), "device / latency");
         assert_eq!(limit(60.0, f64::NAN, f64::NAN, 1, 2), "device / latency");
+        assert_eq!(
+            with_device("device / latency".into(), 97.0),
+            "device (busy)"
+        );
+        assert_eq!(
+            with_device("device / latency".into(), 40.0),
+            "latency (device 40% busy)"
+        );
+        assert_eq!(
+            with_device("device / latency".into(), f64::NAN),
+            "device / latency"
+        );
+        assert_eq!(with_device("CPU (server)".into(), 30.0), "CPU (server)");
+    }
+}
+
+/// Tell "device / latency" apart with the device's busy time: a device with I/O in flight
+/// nearly all the time is the limit; one idle part of the time is waiting for its submitter.
+pub fn with_device(limit: String, device_util_pct: f64) -> String {
+    if limit != "device / latency" || !device_util_pct.is_finite() {
+        return limit;
+    }
+    if device_util_pct >= 90.0 {
+        "device (busy)".into()
+    } else {
+        format!("latency (device {device_util_pct:.0}% busy)")
+    }
+}
+
+/// The block device a directory lives on, as `/proc/diskstats` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// The block device under `dir`, if it is one (`None` on tmpfs and other devices without
+/// stats).
+pub fn disk_of(dir: &std::path::Path) -> Option<Disk> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(dir).ok()?.dev();
+    let disk = Disk {
+        major: libc::major(dev),
+        minor: libc::minor(dev),
+    };
+    disk_sample(&disk).map(|_| disk)
+}
+
+/// A device's cumulative counters (`/proc/diskstats`, see the kernel's iostats documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct DiskSample {
+    at: std::time::Instant,
+    ios: u64,
+    sectors: u64,
+    /// Milliseconds the device had I/O in flight (`io_ticks`).
+    busy_ms: u64,
+    /// Milliseconds of I/O in flight, weighted by how many (`time_in_queue`).
+    queued_ms: u64,
+}
+
+pub fn disk_sample(d: &Disk) -> Option<DiskSample> {
+    let stats = fs::read_to_string("/proc/diskstats").ok()?;
+    let at = std::time::Instant::now();
+    stats.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+        if n(0)? != u64::from(d.major) || n(1)? != u64::from(d.minor) {
+            return None;
+        }
+        // 3 reads, 5 sectors read, 7 writes, 9 sectors written, 12 io_ticks, 13 time in queue.
+        Some(DiskSample {
+            at,
+            ios: n(3)? + n(7)?,
+            sectors: n(5)? + n(9)?,
+            busy_ms: n(12)?,
+            queued_ms: n(13)?,
+        })
+    })
+}
+
+/// What the device did between two samples, as `iostat -x` reports it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DeviceLoad {
+    /// Average requests in flight (`aqu-sz`).
+    pub queue_depth: f64,
+    /// Average request size in KiB (`areq-sz`).
+    pub request_kib: f64,
+    /// Share of the time the device had a request in flight (`%util`).
+    pub util_pct: f64,
+}
+
+impl Default for DeviceLoad {
+    fn default() -> Self {
+        DeviceLoad {
+            queue_depth: f64::NAN,
+            request_kib: f64::NAN,
+            util_pct: f64::NAN,
+        }
+    }
+}
+
+pub fn device_load(a: Option<DiskSample>, b: Option<DiskSample>) -> DeviceLoad {
+    let (Some(a), Some(b)) = (a, b) else {
+        return DeviceLoad::default();
+    };
+    let ms = b.at.duration_since(a.at).as_secs_f64() * 1000.0;
+    let ios = b.ios.saturating_sub(a.ios);
+    if ms <= 0.0 {
+        return DeviceLoad::default();
+    }
+    DeviceLoad {
+        queue_depth: b.queued_ms.saturating_sub(a.queued_ms) as f64 / ms,
+        request_kib: if ios == 0 {
+            f64::NAN
+        } else {
+            b.sectors.saturating_sub(a.sectors) as f64 * 512.0 / 1024.0 / ios as f64
+        },
+        util_pct: (b.busy_ms.saturating_sub(a.busy_ms) as f64 / ms * 100.0).min(100.0),
     }
 }
