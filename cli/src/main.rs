@@ -15,6 +15,7 @@ mod progress;
 mod size;
 
 use anyhow::Result;
+use clap::CommandFactory;
 use clap::{Parser, Subcommand};
 
 use cmd::serve::{IscsiArgs, NbdArgs, RunArgs};
@@ -24,7 +25,7 @@ use logging::LogFormat;
 #[derive(Parser)]
 #[command(
     name = "ingot",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("INGOT_COMMIT"), ")"),
     about = "A log-structured, all-flash block store served over NBD"
 )]
 struct Cli {
@@ -103,6 +104,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `ingot completions bash > /etc/bash_completion.d/ingot`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (`ingot man | man -l -`), or write one per command into DIR.
+    Man {
+        /// Write ingot.1 and ingot-COMMAND.1 pages here instead.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Record buffers are ~100 KiB to 1 MiB and short-lived: served from glibc's heap instead of
@@ -173,5 +185,38 @@ fn run(cmd: Cmd) -> Result<i32> {
             max_utilisation,
             json,
         } => cmd::maint::gc(&pool.pool, max_utilisation, json),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ingot", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            Ok(0)
+        }
+        Cmd::Man { dir } => man(dir.as_deref()),
     }
+}
+
+/// The man pages, generated from the command definitions (so they cannot drift from `--help`).
+fn man(dir: Option<&std::path::Path>) -> Result<i32> {
+    use anyhow::Context;
+    let cmd = Cli::command();
+    let Some(dir) = dir else {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        out!("{}", String::from_utf8_lossy(&page));
+        return Ok(0);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut pages = vec![("ingot".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((format!("ingot-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, c) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(c)
+            .title(name.clone())
+            .render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(0)
 }

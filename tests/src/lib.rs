@@ -89,6 +89,8 @@ pub fn debian_package(tool: &str) -> &'static str {
             "libiscsi-bin"
         }
         "stdbuf" => "coreutils",
+        "groff" => "groff-base",
+        "bash" => "bash",
         _ => "(unknown package)",
     }
 }

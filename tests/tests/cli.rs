@@ -1132,3 +1132,83 @@ fn closed_stdout_is_not_a_panic() {
         );
     }
 }
+
+/// `--version` names the commit; completions and man pages come from the command definitions:
+/// bash accepts the script, and every page renders without a warning.
+#[test]
+fn version_completions_and_man_pages() {
+    let groff = require_tool("groff");
+    let bash = require_tool("bash");
+    let out = output(ingot().arg("--version"));
+    assert!(out.status.success(), "{out:?}");
+    let v = String::from_utf8_lossy(&out.stdout);
+    let commit = v
+        .trim()
+        .strip_prefix("ingot ")
+        .and_then(|r| r.split_once(" ("))
+        .and_then(|(_, c)| c.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("version without a commit: {v}"));
+    assert!(
+        commit == "unknown" || commit.chars().take(12).all(|c| c.is_ascii_hexdigit()),
+        "{v}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("ingot.bash");
+    let out = output(ingot().args(["completions", "bash"]));
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // Sourcing defines the completion function and registers it for `ingot`.
+    let check = format!(
+        "source {} && declare -F _ingot >/dev/null && complete -p ingot",
+        script.display()
+    );
+    let out = output(Command::new(&bash).args(["-c", &check]));
+    assert!(
+        out.status.success(),
+        "the bash completion does not load: {out:?}"
+    );
+    for shell in ["zsh", "fish"] {
+        let out = output(ingot().args(["completions", shell]));
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{shell}: {out:?}"
+        );
+    }
+    let out = output(ingot().args(["completions", "tcsh"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+
+    let pages = dir.path().join("man");
+    let out = output(ingot().arg("man").arg("--dir").arg(&pages));
+    assert!(out.status.success(), "{out:?}");
+    for name in [
+        "ingot",
+        "ingot-serve",
+        "ingot-volume",
+        "ingot-pool",
+        "ingot-check",
+    ] {
+        let page = pages.join(format!("{name}.1"));
+        assert!(page.is_file(), "no {name}.1");
+        let out = output(
+            Command::new(&groff)
+                .args(["-man", "-Tutf8", "-ww", "-z"])
+                .arg(&page),
+        );
+        assert!(out.status.success(), "{name}.1 does not render: {out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{name}.1 renders with warnings: {out:?}"
+        );
+    }
+    let out = output(ingot().arg("man"));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && page.contains(".TH ingot 1"),
+        "{page}"
+    );
+}
