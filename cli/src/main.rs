@@ -8,6 +8,7 @@
 mod out;
 
 mod cmd;
+mod config;
 mod control;
 mod logging;
 mod metrics;
@@ -50,7 +51,12 @@ enum Cmd {
         cmd: cmd::pool::PoolCmd,
     },
     /// Serve every volume of a pool over NBD (creates a default pool in an empty directory).
+    #[command(args_override_self = true)]
     Serve {
+        /// Settings file (TOML; keys are these long options, e.g. `cache-size = "4G"`); options
+        /// given here override it. Default: /etc/ingot/ingot.toml when it exists.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
         #[command(flatten)]
         pool: PoolArg,
         /// NBD listener: HOST:PORT, [::1]:PORT or unix:PATH (repeatable).
@@ -104,6 +110,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check a settings file for `serve --config`.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Print a shell completion script (e.g. `ingot completions bash > /etc/bash_completion.d/ingot`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -115,6 +126,13 @@ enum Cmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse FILE, refuse unknown keys (naming the key and its line), and check every value as
+    /// `serve` would.
+    Check { file: std::path::PathBuf },
 }
 
 /// Record buffers are ~100 KiB to 1 MiB and short-lived: served from glibc's heap instead of
@@ -129,7 +147,15 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    let cli = Cli::parse();
+    // `serve`'s settings file becomes arguments before the command line's own.
+    let argv = match config::expand(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ingot: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     logging::init(cli.log_format);
     let code = match run(cli.cmd) {
         Ok(code) => code,
@@ -165,6 +191,7 @@ fn run(cmd: Cmd) -> Result<i32> {
     match cmd {
         Cmd::Pool { cmd } => cmd::pool::run(cmd),
         Cmd::Serve {
+            config: _,
             pool,
             nbd,
             read_only,
@@ -185,6 +212,9 @@ fn run(cmd: Cmd) -> Result<i32> {
             max_utilisation,
             json,
         } => cmd::maint::gc(&pool.pool, max_utilisation, json),
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => config::check(&file),
         Cmd::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "ingot", &mut script);

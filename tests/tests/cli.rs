@@ -1212,3 +1212,72 @@ fn version_completions_and_man_pages() {
         "{page}"
     );
 }
+
+/// `serve --config FILE`: the file's settings apply, options on the command line override them
+/// (a list replaces the file's), and `config check` names an unknown key and its line.
+#[test]
+fn config_file_settings_and_overrides() {
+    let dir = TempDir::new("config");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "# ingot\ncache-size = \"64M\"\nwrite-bak = \"16M\"\n").unwrap();
+    let out = output(ingot().args(["config", "check"]).arg(&bad));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad key must fail: {out:?}");
+    assert!(
+        stderr.contains("write-bak") && stderr.contains(":3:"),
+        "the error names the key and its line: {stderr}"
+    );
+    // The same file refused by serve, before anything starts.
+    let out = output(ingot().arg("serve").arg("--config").arg(&bad));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("write-bak"));
+
+    let file_sock = dir.join("file.sock");
+    let good = dir.join("ingot.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "nbd = [\"unix:{}\"]\ncache-size = \"64M\"\nwrite-back = \"32M\"\n",
+            file_sock.display()
+        ),
+    )
+    .unwrap();
+    let out = output(ingot().args(["config", "check"]).arg(&good));
+    assert!(out.status.success(), "{out:?}");
+    // The example shipped in docs/ is a valid file.
+    let example = workspace_root().join("docs/ingot.example.toml");
+    let out = output(ingot().args(["config", "check"]).arg(&example));
+    assert!(out.status.success(), "docs/ingot.example.toml: {out:?}");
+
+    let write_back = |server: &Server| -> u64 {
+        let st = parse_json(&ingot_ok([
+            "stats",
+            "--json",
+            "--pool",
+            server.pool().to_str().unwrap(),
+        ]));
+        st["write_back_limit_bytes"]
+            .as_u64()
+            .expect("write_back_limit_bytes")
+    };
+    // The file's write-back; the command line's listeners replace the file's.
+    let mut opts = ServeOpts::new(&dir.join("pool"), &dir.join("flag.sock"));
+    opts.extra_args = vec!["--config".into(), good.display().to_string()];
+    let server = Server::start(opts.clone());
+    assert_eq!(write_back(&server), 32 << 20, "the file's write-back");
+    assert!(
+        !file_sock.exists(),
+        "--nbd on the command line replaces the file's listeners"
+    );
+    server.stop();
+    // A flag overrides the file's value.
+    opts.extra_args
+        .extend(["--write-back".into(), "16M".into()]);
+    let server = Server::start(opts);
+    assert_eq!(
+        write_back(&server),
+        16 << 20,
+        "the command line's write-back"
+    );
+    server.stop();
+}
