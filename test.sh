@@ -17,7 +17,7 @@ declare -A PKG=(
   [fio]=fio [nbdkit]=nbdkit [fusermount3]=fuse3
   [sha256sum]=coreutils [kill]=procps [setpriv]=util-linux
   [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [resize2fs]=e2fsprogs [losetup]=util-linux
-  [mount]=mount [tar]=tar [groff]=groff-base
+  [mount]=mount [tar]=tar [groff]=groff-base [systemd-analyze]=systemd
   [iscsi-inq]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-test-cu]=libiscsi-bin
   [iscsi-readcapacity16]=libiscsi-bin
   [pgbench]=postgresql-contrib [/usr/lib/postgresql/15/bin/initdb]=postgresql

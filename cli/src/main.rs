@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod logging;
 mod metrics;
+mod notify;
 mod progress;
 mod size;
 

@@ -90,6 +90,7 @@ pub fn debian_package(tool: &str) -> &'static str {
         }
         "stdbuf" => "coreutils",
         "groff" => "groff-base",
+        "systemd-analyze" => "systemd",
         "bash" => "bash",
         _ => "(unknown package)",
     }

@@ -294,8 +294,18 @@ pub fn serve(
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let mut notify = crate::notify::Notifier::from_env();
+    if let Some(n) = &mut notify {
+        n.ready();
+    }
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Some(n) = &mut notify {
+            n.tick(pool.halted_reason().is_none());
+        }
+    }
+    if let Some(n) = &notify {
+        n.stopping();
     }
     tracing::info!(pool = %dir.display(), "shutting down");
     server.shutdown();

@@ -66,6 +66,11 @@ impl Pool {
         &self.dir
     }
 
+    /// Why the pool stopped taking requests (an engine thread failed), once it has.
+    pub fn halted_reason(&self) -> Option<String> {
+        self.inner.ctx.health.reason()
+    }
+
     /// Write a checkpoint now.
     pub fn checkpoint(&self) -> Result<()> {
         self.inner.ckpt.checkpoint_with(None)
