@@ -19,8 +19,19 @@ use clap::CommandFactory;
 /// Read when `--config` is not given and it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/ingot/ingot.toml";
 
+/// How a setting is given.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A switch: `true` or `false`.
+    Switch,
+    /// One value.
+    Value,
+    /// A list (`nbd`, `iscsi`): an array, or one value.
+    List,
+}
+
 /// `serve`'s options that a file may set: every long option but `--config` itself.
-fn serve_options() -> Vec<(String, bool)> {
+fn serve_options() -> Vec<(String, Kind)> {
     let cmd = crate::Cli::command();
     let Some(serve) = cmd.find_subcommand("serve") else {
         return Vec::new();
@@ -29,9 +40,22 @@ fn serve_options() -> Vec<(String, bool)> {
         .get_arguments()
         .filter_map(|a| {
             let long = a.get_long()?;
-            let takes_value = a.get_action().takes_values();
-            (long != "config" && long != "help").then(|| (long.to_string(), takes_value))
+            let kind = match a.get_action() {
+                clap::ArgAction::Append => Kind::List,
+                action if action.takes_values() => Kind::Value,
+                _ => Kind::Switch,
+            };
+            (long != "config" && long != "help").then(|| (long.to_string(), kind))
         })
+        .collect()
+}
+
+/// The top-level options that take a value (they may come before the subcommand).
+fn global_options_with_values() -> Vec<String> {
+    crate::Cli::command()
+        .get_arguments()
+        .filter(|a| a.get_action().takes_values())
+        .filter_map(|a| a.get_long().map(str::to_string))
         .collect()
 }
 
@@ -59,7 +83,7 @@ pub fn arguments(path: &Path, given: &[String]) -> Result<Vec<String>> {
     let mut args = Vec::new();
     for (key, value) in &table {
         let line = line_of(&text, key);
-        let Some((_, takes_value)) = known.iter().find(|(k, _)| k == key) else {
+        let Some(&(_, kind)) = known.iter().find(|(k, _)| k == key) else {
             bail!(
                 "{}:{line}: unknown key `{key}` (the keys are serve's long options: {})",
                 path.display(),
@@ -83,30 +107,33 @@ pub fn arguments(path: &Path, given: &[String]) -> Result<Vec<String>> {
                 ),
             }
         };
-        match value {
-            toml::Value::Boolean(b) if !takes_value => {
+        match (kind, value) {
+            (Kind::Switch, toml::Value::Boolean(b)) => {
                 if *b {
                     args.push(flag);
                 }
             }
-            toml::Value::Array(items) if *takes_value => {
-                if given.iter().any(|g| g == key) {
-                    continue;
-                }
+            (Kind::Switch, other) => bail!(
+                "{}:{line}: `{key}` is a switch: true or false, not {}",
+                path.display(),
+                other.type_str()
+            ),
+            // A list on the command line replaces the file's.
+            (Kind::List, _) if given.iter().any(|g| g == key) => {}
+            (Kind::List, toml::Value::Array(items)) => {
                 for v in items {
                     args.push(flag.clone());
                     args.push(scalar(v)?);
                 }
             }
-            v if *takes_value => {
+            (Kind::Value, toml::Value::Array(_)) => bail!(
+                "{}:{line}: `{key}` takes one value, not a list",
+                path.display()
+            ),
+            (Kind::Value | Kind::List, v) => {
                 args.push(flag);
                 args.push(scalar(v)?);
             }
-            other => bail!(
-                "{}:{line}: `{key}` is a switch: true or false, not {}",
-                path.display(),
-                other.type_str()
-            ),
         }
     }
     Ok(args)
@@ -115,16 +142,20 @@ pub fn arguments(path: &Path, given: &[String]) -> Result<Vec<String>> {
 /// The command line with `serve`'s configuration file, if any, put in: the file's arguments
 /// right after `serve`, before the command line's own.
 pub fn expand(argv: Vec<String>) -> Result<Vec<String>> {
-    // `serve` is the first word that is not an option (global options may come before it).
-    let Some(at) = argv
-        .iter()
-        .skip(1)
-        .position(|a| !a.starts_with('-'))
-        .map(|i| i + 1)
-    else {
-        return Ok(argv);
-    };
-    if argv[at] != "serve" {
+    // The subcommand is the first word that is neither an option nor the value of a global
+    // option given before it (`ingot --log-format json serve ...`).
+    let globals = global_options_with_values();
+    let mut at = 1;
+    while let Some(a) = argv.get(at) {
+        if !a.starts_with('-') {
+            break;
+        }
+        let takes_value = a
+            .strip_prefix("--")
+            .is_some_and(|long| !long.contains('=') && globals.iter().any(|g| g == long));
+        at += if takes_value { 2 } else { 1 };
+    }
+    if argv.get(at).is_none_or(|a| a != "serve") {
         return Ok(argv);
     }
     let rest = &argv[at + 1..];

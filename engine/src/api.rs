@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Smallest addressable unit of a volume: requests must be aligned to it.
 pub const SECTOR_BYTES: u64 = 512;
@@ -48,6 +48,23 @@ pub enum Reply {
 /// (hand the result to a channel). It may also run inside `submit`, on the caller's thread: a
 /// read served from the cache, an error found before any work, a write taken for write-back.
 pub type Completion = Box<dyn FnOnce(Result<Reply>) + Send + 'static>;
+
+/// Start a request with a completion and wait for its reply (for callers that may block). A
+/// completion dropped unrun means whatever took it has gone away: `ShutDown`.
+pub fn wait_reply(start: impl FnOnce(Completion)) -> Result<Reply> {
+    wait(start)
+}
+
+/// [`wait_reply`] for any result type (the segment store's operations).
+pub(crate) fn wait<T: Send + 'static>(
+    start: impl FnOnce(Box<dyn FnOnce(Result<T>) + Send>),
+) -> Result<T> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    start(Box::new(move |r| {
+        let _ = tx.send(r);
+    }));
+    rx.recv().unwrap_or(Err(Error::ShutDown))
+}
 
 /// Work deferred to the end of a batch.
 type Deferred = Vec<Box<dyn FnOnce()>>;

@@ -242,14 +242,7 @@ impl Volume {
 
     /// Blocking helper around [`Volume::submit`].
     pub fn call(&self, req: Request) -> Result<Reply> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.submit(
-            req,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.recv().unwrap_or(Err(Error::ShutDown))
+        crate::api::wait_reply(|done| self.submit(req, done))
     }
 
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {

@@ -977,6 +977,62 @@ fn failed_sync_or_metadata_write_during_a_checkpoint_loses_nothing_flushed() {
     }
 }
 
+/// Volume `v` of `pool` with `a` at block 0, flushed and checkpointed: that checkpoint's
+/// generation, which both superblock slots hold.
+fn checkpointed(dir: &Path, pool: &Pool, a: &[u8]) -> (ingot_engine::Volume, u64) {
+    pool.create_volume("v", 16 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(0, a, false).unwrap();
+    v.flush().unwrap();
+    pool.checkpoint().unwrap();
+    let g = generation(dir, 0);
+    assert_eq!(g, generation(dir, 1), "both slots at the same checkpoint");
+    (v, g)
+}
+
+/// Flip a bit in the blob of the checkpoint superblock slot `slot` of device 0 points at
+/// (segments are numbered across `devs`, device 0 holding the first ones).
+fn rot_checkpoint(dir: &Path, slot: usize, devs: &[PathBuf]) {
+    let mut seg = 0u64;
+    patch(dir, SUPERBLOCK_OFFSETS[slot], |blk| {
+        seg = u64::from(u32::from_le_bytes(blk[76..80].try_into().unwrap()));
+    });
+    let mut file = 0;
+    loop {
+        let segs = (std::fs::metadata(&devs[file]).unwrap().len() - DATA_START) / SEG;
+        if seg < segs {
+            break;
+        }
+        seg -= segs;
+        file += 1;
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&devs[file])
+        .unwrap();
+    let mut blk = vec![0u8; BLOCK];
+    let off = DATA_START + seg * SEG + 4096;
+    f.read_exact_at(&mut blk, off).unwrap();
+    blk[10] ^= 0x40;
+    f.write_all_at(&blk, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The pool in `dir` opens (from the previous checkpoint) with `a` and `b`, written before and
+/// after it, intact.
+fn opens_from_the_previous_checkpoint(dir: &Path, a: &[u8], b: &[u8]) {
+    let pool = Pool::open(dir, &opts(None)).expect("open from the previous checkpoint");
+    let v = pool.volume("v").unwrap();
+    same!(v.read(0, 8 * 4096).unwrap(), a);
+    same!(
+        v.read(8 * 4096, 8 * 4096).unwrap(),
+        b,
+        "flushed after the previous checkpoint"
+    );
+    assert_clean(&pool);
+}
+
 /// A commit whose first superblock write fails on the second device, after the first device
 /// took the new generation: the commit reports the failure and frees the new checkpoint's
 /// segments, which later writes may reuse. The next open finds generation g + 1 on device 0,
@@ -995,17 +1051,7 @@ fn a_superblock_write_failing_on_one_device_falls_back_to_the_previous_checkpoin
         ..Default::default()
     };
     let pool = Pool::create(dir.path(), &c, &opts(Some(plan.clone()))).expect("create pool");
-    pool.create_volume("v", 16 << 20).unwrap();
-    let v = pool.volume("v").unwrap();
-    v.write(0, &a, false).unwrap();
-    v.flush().unwrap();
-    pool.checkpoint().unwrap();
-    let g = generation(dir.path(), 0);
-    assert_eq!(
-        g,
-        generation(dir.path(), 1),
-        "both slots at the same checkpoint"
-    );
+    let (v, g) = checkpointed(dir.path(), &pool, &a);
     // A commit of generation g + 1 writes slot (g + 1) % 2 of every device first.
     let first = ((g + 1) % 2) as usize;
     plan.fail_writes_at
@@ -1022,38 +1068,8 @@ fn a_superblock_write_failing_on_one_device_falls_back_to_the_previous_checkpoin
     plan.fail_writes_at.lock().clear();
     assert_eq!(generation(dir.path(), first), g + 1, "device 0 took g + 1");
     // The freed segments of g + 1 are reused: its blob no longer reads back.
-    let mut seg = 0u32;
-    patch(dir.path(), SUPERBLOCK_OFFSETS[first], |blk| {
-        seg = u32::from_le_bytes(blk[76..80].try_into().unwrap());
-    });
-    // Segments are numbered across devices: device 0 holds the first ones.
-    let dev0_segs = (std::fs::metadata(&devs[0]).unwrap().len() - DATA_START) / SEG;
-    let (file, at) = if u64::from(seg) < dev0_segs {
-        (&devs[0], u64::from(seg))
-    } else {
-        (&devs[1], u64::from(seg) - dev0_segs)
-    };
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(file)
-        .unwrap();
-    let mut blk = vec![0u8; BLOCK];
-    let off = DATA_START + at * SEG + 4096;
-    f.read_exact_at(&mut blk, off).unwrap();
-    blk[10] ^= 0x40;
-    f.write_all_at(&blk, off).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
-    let pool = Pool::open(dir.path(), &opts(None)).expect("open from the previous checkpoint");
-    let v = pool.volume("v").unwrap();
-    same!(v.read(0, 8 * 4096).unwrap(), a);
-    same!(
-        v.read(8 * 4096, 8 * 4096).unwrap(),
-        b,
-        "flushed after the previous checkpoint"
-    );
-    assert_clean(&pool);
+    rot_checkpoint(dir.path(), first, &devs);
+    opens_from_the_previous_checkpoint(dir.path(), &a, &b);
 }
 
 /// A commit whose second superblock slot write fails (the other slot still points at the
@@ -1067,17 +1083,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     let a = blocks(140, 8);
     let b = blocks(141, 8);
     let pool = create(dir.path(), 64 << 20, Some(plan.clone()));
-    pool.create_volume("v", 16 << 20).unwrap();
-    let v = pool.volume("v").unwrap();
-    v.write(0, &a, false).unwrap();
-    v.flush().unwrap();
-    pool.checkpoint().unwrap();
-    let g = generation(dir.path(), 0);
-    assert_eq!(
-        g,
-        generation(dir.path(), 1),
-        "both slots at the same checkpoint"
-    );
+    let (v, g) = checkpointed(dir.path(), &pool, &a);
     // The slot a commit of generation g + 1 writes second fails.
     let second = (g % 2) as usize;
     plan.fail_writes_at
@@ -1092,25 +1098,8 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
     assert_eq!(generation(dir.path(), second), g);
     assert_eq!(generation(dir.path(), 1 - second), g + 1);
     // Then the newest checkpoint's blob rots.
-    let mut seg = 0u32;
-    patch(dir.path(), SUPERBLOCK_OFFSETS[1 - second], |blk| {
-        seg = u32::from_le_bytes(blk[76..80].try_into().unwrap());
-    });
-    patch(
-        dir.path(),
-        DATA_START + u64::from(seg) * SEG + 4096,
-        |blk| blk[10] ^= 0x40,
-    );
-    let pool = Pool::open(dir.path(), &opts(None)).expect("open from the previous checkpoint");
-    let v = pool.volume("v").unwrap();
-    same!(v.read(0, 8 * 4096).unwrap(), a);
-    same!(
-        v.read(8 * 4096, 8 * 4096).unwrap(),
-        b,
-        "flushed after the previous checkpoint"
-    );
-    assert_clean(&pool);
-    drop((v, pool));
+    rot_checkpoint(dir.path(), 1 - second, &[dev0(dir.path())]);
+    opens_from_the_previous_checkpoint(dir.path(), &a, &b);
     // The recovery checkpoint replaced the damaged one: later opens need no fallback.
     let pool = Pool::open(dir.path(), &opts(None)).unwrap();
     same!(

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use ingot_engine::{Completion, Error, Extent, Reply, Request, Result};
+use ingot_engine::{Completion, Extent, Reply, Request, Result};
 
 /// The storage behind one logical unit.
 pub trait LuBackend: Send + Sync + 'static {
@@ -24,15 +24,7 @@ pub trait LuBackend: Send + Sync + 'static {
     fn submit(&self, req: Request, done: Completion);
     /// Run a request and wait for its reply.
     fn call(&self, req: Request) -> Result<Reply> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.submit(
-            req,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        // A backend that drops the completion unrun has gone away.
-        rx.recv().unwrap_or(Err(Error::ShutDown))
+        ingot_engine::wait_reply(|done| self.submit(req, done))
     }
     /// Allocation status of `offset..offset+len` (blocking, metadata only), for GET LBA STATUS.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;

@@ -1227,10 +1227,33 @@ fn config_file_settings_and_overrides() {
         stderr.contains("write-bak") && stderr.contains(":3:"),
         "the error names the key and its line: {stderr}"
     );
-    // The same file refused by serve, before anything starts.
-    let out = output(ingot().arg("serve").arg("--config").arg(&bad));
+    // The same file refused by serve, before anything starts, also behind a global option
+    // that takes a value.
+    for pre in [&[][..], &["--log-format", "json"][..]] {
+        let out = output(
+            ingot()
+                .current_dir(dir.path())
+                .args(pre)
+                .arg("serve")
+                .arg("--config")
+                .arg(&bad),
+        );
+        assert!(!out.status.success(), "{pre:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("write-bak"),
+            "{pre:?}: {out:?}"
+        );
+        assert!(!dir.join("ingot-data").exists(), "{pre:?}: serve started");
+    }
+    // One value where a list is not allowed.
+    let list = dir.join("list.toml");
+    std::fs::write(&list, "cache-size = [\"64M\"]\n").unwrap();
+    let out = output(ingot().args(["config", "check"]).arg(&list));
     assert!(!out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("write-bak"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("one value"),
+        "{out:?}"
+    );
 
     let file_sock = dir.join("file.sock");
     let good = dir.join("ingot.toml");

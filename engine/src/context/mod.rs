@@ -193,16 +193,14 @@ impl Context {
     /// Make every completed write durable through the flusher (which checkpoints instead of
     /// syncing when a failed record broke a chain), writes acknowledged early included.
     pub(crate) fn flush(&self) -> Result<()> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let done: crate::api::Completion = Box::new(move |r| {
-            let _ = tx.send(r);
-        });
-        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
-            self.flusher.send(FlushMsg::Flush(Answer::new(done)))
-        {
-            done.send(Err(Error::ShutDown));
-        }
-        rx.recv().unwrap_or(Err(Error::ShutDown)).map(|_| ())
+        crate::api::wait_reply(|done| {
+            if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
+                self.flusher.send(FlushMsg::Flush(Answer::new(done)))
+            {
+                done.send(Err(Error::ShutDown));
+            }
+        })
+        .map(|_| ())
     }
 
     /// Recompute the free-segment floor for early writes (walks the volumes' maps), and

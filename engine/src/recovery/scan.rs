@@ -159,15 +159,14 @@ impl Expect<'_> {
     }
 }
 
-fn read(store: &dyn SegmentStore, seg: u32, at: u64, buf: &mut [u8]) -> Result<()> {
+/// `len` bytes at `at` of segment `seg`. Recovery reads as epoch 0: the new epoch is not known
+/// yet (reads are never fenced).
+fn read(store: &dyn SegmentStore, seg: u32, at: u64, len: usize) -> Result<AlignedBuf> {
     let range = Range {
         segment: seg,
         offset: at,
     };
-    // Recovery reads as epoch 0: the new epoch is not known yet (reads are never fenced).
-    let got = store::read_now(store, 0, range, buf.len())?;
-    buf.copy_from_slice(&got);
-    Ok(())
+    store::read_now(store, 0, range, len)
 }
 
 /// Read one shard's chain. `key` is the pool's log key (`None` for a version 1 pool).
@@ -193,12 +192,11 @@ pub(crate) fn scan_chain(
     let mut off = u64::from(start.offset);
     let mut expect = start.shard_seq;
     let seg_bytes = geo.segment_bytes;
-    let mut first = AlignedBuf::new(IO_ALIGN);
     let mut start_nonce = None;
     if seg != NO_SEGMENT && seg < geo.total_segments {
         // The start segment may have been opened in an earlier epoch (a chain continues past a
         // reopen): only its nonce matters here.
-        read(store, seg, 0, &mut first)?;
+        let first = read(store, seg, 0, IO_ALIGN)?;
         start_nonce = want.segment(&first, seg, false).map(|h| h.nonce);
     }
     let mut nonce = start_nonce;
@@ -208,10 +206,11 @@ pub(crate) fn scan_chain(
         // bandwidth, not by a read per record.
         let seg_start = off.min(seg_bytes);
         let seg_len = (seg_bytes - seg_start) as usize;
-        let mut segbuf = AlignedBuf::new(seg_len);
-        if seg_len > 0 {
-            read(store, seg, seg_start, &mut segbuf[..seg_len])?;
-        }
+        let segbuf = if seg_len > 0 {
+            read(store, seg, seg_start, seg_len)?
+        } else {
+            AlignedBuf::new(IO_ALIGN)
+        };
         if key.is_some() && nonce.is_none() {
             // The segment's header does not verify: nothing in it can. A header that rotted
             // under records that were written is corruption, not an empty chain.
@@ -305,7 +304,7 @@ pub(crate) fn scan_chain(
         if next == NO_SEGMENT || next >= geo.total_segments {
             break;
         }
-        read(store, next, 0, &mut first)?;
+        let first = read(store, next, 0, IO_ALIGN)?;
         match want.segment(&first, next, true) {
             // A segment already in this chain ends it: a freed segment keeps its header until
             // it is written again (always on a prefilled pool, which is never punched), and

@@ -14,7 +14,7 @@ mod local;
 
 pub(crate) use local::LocalStore;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::AlignedBuf;
 
 /// A store operation's completion; it may run on another thread.
@@ -50,13 +50,7 @@ pub(crate) trait SegmentStore: Send + Sync {
 
 /// Run a store operation and wait for its completion (for callers on threads that may block:
 /// checkpoints, the cleaner, recovery).
-pub(crate) fn wait<T: Send + 'static>(start: impl FnOnce(Done<T>)) -> Result<T> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    start(Box::new(move |r| {
-        let _ = tx.send(r);
-    }));
-    rx.recv().unwrap_or(Err(Error::ShutDown))
-}
+pub(crate) use crate::api::wait;
 
 /// Read a range, waiting for it.
 pub(crate) fn read_now(
