@@ -138,16 +138,17 @@ impl EarlyWrites {
         self.budget.store(0, Ordering::Release);
     }
 
-    /// How many bytes early writes may hold given `space`: the free segments above the floor,
-    /// up to the limit, while there is capacity for twice the limit plus a segment per chain
-    /// (what may be stored between two looks at stored bytes); none on a tight host.
+    /// How many bytes early writes may hold given `space` and the bytes of writes taken and
+    /// not yet applied (`accepted`): the free segments above the floor, up to the limit, while
+    /// there is capacity for twice the limit plus a segment per chain (what may be stored
+    /// between two looks at stored bytes); none on a tight host.
     ///
     /// Early writes go on while the cleaner works, in the room it keeps above the data
     /// reserve: at 90% full, stopping them at the cleaner's threshold (as before) left every
     /// write waiting for its record (46k against 69k IOPS of 4k overwrites, QD32). An early
     /// write that meets the data reserve anyway (write-through writes took the room) waits
     /// for the cleaner like any other; the capacity check guarantees it can win space back.
-    pub(crate) fn note_room(&self, space: &Space, host_tight: bool) {
+    pub(crate) fn note_room(&self, space: &Space, accepted: u64, host_tight: bool) {
         if host_tight {
             self.stop();
             return;
@@ -155,7 +156,7 @@ impl EarlyWrites {
         let margin = 2 * self.limit + self.segment_bytes * self.chains;
         let floor = self.min_free.load(Ordering::Relaxed);
         // Half the room: a block alone in its record takes a page of header too.
-        let budget = if space.stored_bytes + margin > self.usable_bytes {
+        let budget = if space.stored_bytes + accepted + margin > self.usable_bytes {
             0
         } else {
             (space.free_segments.saturating_sub(floor) as u64 * self.segment_bytes / 2)

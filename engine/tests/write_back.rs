@@ -266,8 +266,23 @@ fn without_write_back_a_failed_write_is_its_own_error() {
 /// that do not fit fail with ENOSPC themselves and the pool keeps serving.
 #[test]
 fn filling_the_pool_with_writes_in_flight_fails_writes_not_the_pool() {
+    fill_with_writes_in_flight(IoKind::Uring, 0);
+}
+
+/// The same with every write submission held up 20 ms: the shards take many writes before any
+/// is stored, so that stored bytes alone let them all pass the capacity check together (an
+/// early write then met a full pool and halted it, as once in CI under load).
+#[test]
+fn writes_taken_faster_than_stored_still_leave_early_writes_room() {
+    fill_with_writes_in_flight(IoKind::Sync, 20000);
+}
+
+fn fill_with_writes_in_flight(kind: IoKind, submit_delay_us: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(IoKind::Uring, None);
+    let plan = FaultPlan::new();
+    plan.write_submit_delay_us
+        .store(submit_delay_us, Ordering::Relaxed);
+    let mut o = opts(kind, Some(plan));
     o.write_back_bytes = 2 << 20;
     let c = CreateOptions {
         size_bytes: 48 << 20,

@@ -63,6 +63,12 @@ pub(crate) struct Context {
     pub gc_stuck: AtomicBool,
     /// Payload bytes the pool stores before writes of new blocks fail (see `usable_bytes`).
     pub usable_bytes: u64,
+    /// Bytes of writes the shards have taken (see `Shard::reserve_capacity`) and not yet
+    /// applied or failed. Counted with stored bytes against `usable_bytes`: stored bytes grow
+    /// only as records apply, so without it the writes in flight (256 writes of 256 KiB, over
+    /// a 48 MiB pool) all passed the check together and overshot the capacity, leaving writes
+    /// acknowledged early without segments to go to.
+    pub accepted_bytes: AtomicU64,
     /// Fingerprint key -> block id hints (see `reduce`). Never held while taking `space`.
     pub dedup: Mutex<DedupIndex>,
     /// Bits of the fingerprint the index keys on (all; none when tests force collisions).
@@ -74,6 +80,33 @@ pub(crate) struct Context {
     /// Data shards, and log chains (the data shards' and the mover's).
     data_shards: usize,
     chains: usize,
+}
+
+/// Bytes of a write counted in [`Context::accepted_bytes`] until dropped (when the write's part
+/// of a shard is applied or failed).
+pub(crate) struct Reservation {
+    ctx: Arc<Context>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Count `bytes` more as accepted. Call with the space lock held, after checking them
+    /// against the capacity, so that two shards cannot both take the last bytes.
+    pub(crate) fn take(ctx: &Arc<Context>, bytes: u64) -> Reservation {
+        ctx.accepted_bytes.fetch_add(bytes, Ordering::AcqRel);
+        Reservation {
+            ctx: ctx.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.ctx
+            .accepted_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
@@ -131,6 +164,7 @@ impl Context {
             discard_freed: p.discard_freed,
             gc_stuck: AtomicBool::new(false),
             usable_bytes: p.usable_bytes,
+            accepted_bytes: AtomicU64::new(0),
             dedup: Mutex::new(p.dedup),
             dedup_key_mask: p.dedup_key_mask,
             health: p.health,
@@ -220,7 +254,9 @@ impl Context {
             return;
         }
         self.host.refresh(&*self.devices, false);
-        self.write_back.note_room(space, self.host.is_tight());
+        let accepted = self.accepted_bytes.load(Ordering::Acquire);
+        self.write_back
+            .note_room(space, accepted, self.host.is_tight());
     }
 
     /// A write or an allocation found no room on the host file system.

@@ -29,6 +29,9 @@ pub struct FaultPlan {
     /// Hold every discard this long before it reaches the device: widens the window in which
     /// a segment being given back could be written again.
     pub discard_delay_ms: AtomicU64,
+    /// Hold every queue submission that sends a write this long: the engine thread falls
+    /// behind its messages, so that many writes are taken before any of them is stored.
+    pub write_submit_delay_us: AtomicU64,
     /// Discards seen.
     pub discards: AtomicU64,
     /// Writes that reached a range while a discard of it was under way.
@@ -248,6 +251,12 @@ impl IoQueue for FaultQueue {
     fn submit(&mut self, min_complete: usize) -> io::Result<()> {
         if self.wrote_since_submit && self.plan.panic_on_submit.swap(false, Ordering::AcqRel) {
             panic!("injected fault: panic in an engine thread");
+        }
+        if self.wrote_since_submit {
+            let delay = self.plan.write_submit_delay_us.load(Ordering::Relaxed);
+            if delay > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(delay));
+            }
         }
         self.wrote_since_submit = false;
         let want = min_complete.saturating_sub(self.failed.len());

@@ -25,7 +25,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::api::BLOCK_BYTES;
 use crate::cache::{BlockCache, IdMap};
-use crate::context::Context;
+use crate::context::{Context, Reservation};
 use crate::error::Error;
 use crate::io::{AlignedBuf, IoDone, IoQueue};
 use crate::job::Job;
@@ -142,6 +142,8 @@ pub(crate) struct Part {
     pub(crate) error: RefCell<Option<Error>>,
     /// An early-acknowledged write's blocks, marked unapplied until the part finishes.
     pub(crate) early: RefCell<Option<EarlyRange>>,
+    /// The pool capacity this part holds until it is applied (or fails).
+    pub(crate) reserved: RefCell<Option<Reservation>>,
 }
 
 impl Part {
@@ -151,6 +153,7 @@ impl Part {
             records: Cell::new(0),
             error: RefCell::new(None),
             early: RefCell::new(None),
+            reserved: RefCell::new(None),
         })
     }
 
@@ -169,6 +172,7 @@ impl Part {
         if n == 0 {
             // Applied (or failed): reads no longer wait for these blocks.
             drop(self.early.borrow_mut().take());
+            drop(self.reserved.borrow_mut().take());
             let err = self.error.borrow_mut().take();
             self.job.part_done(err.map_or(Ok(()), Err));
         }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::api::BLOCK_BYTES;
+use crate::context::Reservation;
 use crate::error::Error;
 use crate::format::{DataEntry, FLAG_REF, IO_ALIGN};
 use crate::io::{AlignedBuf, IoOp, OpKind};
@@ -52,7 +53,7 @@ impl Shard {
             });
         }
         let end = offset + data.len() as u64;
-        if self.over_capacity(&vol, offset, end, early) {
+        if !self.reserve_capacity(&vol, offset, end, early, &part) {
             part.fail(Error::NoSpace);
             self.held.push(part);
             return;
@@ -86,18 +87,21 @@ impl Shard {
         self.held.push(part);
     }
 
-    /// Whether this write would take stored data past the pool's usable capacity: only blocks
+    /// Take room for this write in the pool's usable capacity, held by `part` until it is
+    /// applied or fails; false when it would take the pool past it. Stored bytes and the bytes
+    /// of writes taken but not applied count. When the whole range does not fit, only blocks
     /// not mapped yet count (an overwrite frees what it replaces), so a full pool still takes
     /// overwrites, and trims make room again.
-    pub(crate) fn over_capacity(
+    pub(crate) fn reserve_capacity(
         &self,
         vol: &VolumeState,
         offset: u64,
         end: u64,
         early: bool,
+        part: &Part,
     ) -> bool {
         let space = self.ctx.space.lock();
-        let stored = space.stored_bytes;
+        let taken = space.stored_bytes + self.ctx.accepted_bytes.load(Ordering::Acquire);
         // The last `write_back_limit` bytes are kept for writes acknowledged early (at most that
         // many are outstanding), so that a backlog of other writes can never leave one without
         // room: those fail for want of space first, as the client can still be told.
@@ -108,22 +112,32 @@ impl Shard {
                 .usable_bytes
                 .saturating_sub(self.ctx.write_back.limit())
         };
-        if stored + (end - offset) <= usable {
-            return false;
+        let blocks = offset / BLOCK_BYTES..end.div_ceil(BLOCK_BYTES);
+        let whole = (blocks.end - blocks.start) * BLOCK_BYTES;
+        let bytes = if taken + whole <= usable {
+            whole
+        } else {
+            // New data: unmapped blocks, and blocks shared with a snapshot, clone or dedup peer
+            // (overwriting those frees nothing).
+            let n = self.ctx.shards();
+            let new = blocks
+                .filter(|&lba| {
+                    if shard_of(lba, n) != self.id {
+                        return false;
+                    }
+                    let id = vol.lookup(lba);
+                    id == 0 || space.blocks.get(id as usize).is_some_and(|e| e.refs > 1)
+                })
+                .count() as u64;
+            if new > 0 && taken + new * BLOCK_BYTES > usable {
+                return false;
+            }
+            new * BLOCK_BYTES
+        };
+        if bytes > 0 {
+            *part.reserved.borrow_mut() = Some(Reservation::take(&self.ctx, bytes));
         }
-        // New data: unmapped blocks, and blocks shared with a snapshot, clone or dedup peer
-        // (overwriting those frees nothing).
-        let n = self.ctx.shards();
-        let new = (offset / BLOCK_BYTES..end.div_ceil(BLOCK_BYTES))
-            .filter(|&lba| {
-                if shard_of(lba, n) != self.id {
-                    return false;
-                }
-                let id = vol.lookup(lba);
-                id == 0 || space.blocks.get(id as usize).is_some_and(|e| e.refs > 1)
-            })
-            .count() as u64;
-        new > 0 && stored + new * BLOCK_BYTES > usable
+        true
     }
 
     pub(crate) fn zero(&mut self, vol: Arc<VolumeState>, offset: u64, len: u64, job: Arc<Job>) {
