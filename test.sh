@@ -18,6 +18,8 @@ declare -A PKG=(
   [sha256sum]=coreutils [kill]=procps [setpriv]=util-linux
   [openssl]=openssl [mkfs.ext4]=e2fsprogs [fsck.ext4]=e2fsprogs [resize2fs]=e2fsprogs [losetup]=util-linux
   [mount]=mount [tar]=tar [groff]=groff-base [systemd-analyze]=systemd
+  # packaging/build-deb.sh and tests/tests/deb.rs.
+  [dpkg-deb]=dpkg [dpkg-shlibdeps]=dpkg-dev [strip]=binutils [gzip]=gzip
   [iscsi-inq]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-test-cu]=libiscsi-bin
   [iscsi-readcapacity16]=libiscsi-bin
   [pgbench]=postgresql-contrib [/usr/lib/postgresql/15/bin/initdb]=postgresql

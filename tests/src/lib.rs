@@ -91,6 +91,10 @@ pub fn debian_package(tool: &str) -> &'static str {
         "stdbuf" => "coreutils",
         "groff" => "groff-base",
         "systemd-analyze" => "systemd",
+        "dpkg" | "dpkg-deb" => "dpkg",
+        "dpkg-shlibdeps" => "dpkg-dev",
+        "strip" => "binutils",
+        "gzip" => "gzip",
         "bash" => "bash",
         _ => "(unknown package)",
     }
