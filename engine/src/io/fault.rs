@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{AlignedBuf, Devices, IoDone, IoOp, IoQueue, OpKind, SharedDevices};
+use super::{AlignedBuf, Devices, Doorbell, IoDone, IoOp, IoQueue, OpKind, SharedDevices};
 
 /// What to inject; shared between the test and the devices.
 #[derive(Default)]
@@ -275,5 +275,13 @@ impl IoQueue for FaultQueue {
     }
     fn in_flight(&self) -> usize {
         self.failed.len() + self.inner.in_flight()
+    }
+    fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
+        if !self.failed.is_empty() || self.inner.in_flight() == 0 {
+            return self.submit(1);
+        }
+        // The injected delay and panic first, then the inner queue's own wait.
+        self.submit(0)?;
+        self.inner.wait(bell)
     }
 }

@@ -7,6 +7,7 @@
 
 mod buf;
 pub mod claim;
+mod doorbell;
 #[cfg(any(test, feature = "testing"))]
 pub mod fault;
 pub mod sync;
@@ -16,6 +17,7 @@ use std::io;
 use std::sync::Arc;
 
 pub use buf::AlignedBuf;
+pub use doorbell::Doorbell;
 
 /// What an [`IoOp`] does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,11 @@ pub trait IoQueue: Send {
     fn reap(&mut self, out: &mut Vec<IoDone>);
     /// Ops pushed and not yet reaped.
     fn in_flight(&self) -> usize;
+    /// Submit everything queued and wait for one completion, or for `bell` to ring (see
+    /// [`Doorbell`]). The caller has called [`Doorbell::about_to_wait`] and found nothing new.
+    fn wait(&mut self, _bell: &Doorbell) -> io::Result<()> {
+        self.submit(1)
+    }
 }
 
 /// The devices of a pool.

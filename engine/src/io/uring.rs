@@ -8,7 +8,7 @@ use std::os::unix::io::AsRawFd;
 use io_uring::{opcode, types, IoUring, Probe};
 
 use super::sync::FileSet;
-use super::{Devices, IoDone, IoOp, IoQueue, OpKind};
+use super::{Devices, Doorbell, IoDone, IoOp, IoQueue, OpKind};
 
 /// Check that the kernel offers io_uring with the opcodes we use.
 pub fn probe() -> io::Result<()> {
@@ -73,8 +73,15 @@ impl Devices for UringDevices {
     }
 }
 
+/// `user_data` of the doorbell's eventfd read (slots are indexed from 0).
+const BELL: u64 = u64::MAX;
+
 /// One ring. Ops in flight live in `slots` (indexed by user_data) until their completion.
 pub struct UringQueue {
+    /// Where the doorbell's eventfd read lands, when one is armed. Leaked, not freed: a read
+    /// still armed when the ring closes is cancelled by the kernel later, asynchronously.
+    bell_buf: &'static mut [u8; 8],
+    bell_armed: bool,
     ring: IoUring,
     slots: Vec<Option<IoOp>>,
     free: Vec<usize>,
@@ -100,6 +107,8 @@ impl UringQueue {
         // Registered files save an fget/fput per op; fall back to plain fds if refused.
         let registered = ring.submitter().register_files(&fds).is_ok();
         Ok(UringQueue {
+            bell_buf: Box::leak(Box::new([0u8; 8])),
+            bell_armed: false,
             ring,
             slots: Vec::new(),
             free: Vec::new(),
@@ -170,6 +179,11 @@ impl UringQueue {
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
+            if cqe.user_data() == BELL {
+                // Read (or failed): armed again at the next wait.
+                self.bell_armed = false;
+                continue;
+            }
             let slot = cqe.user_data() as usize;
             let Some(op) = self.slots.get_mut(slot).and_then(Option::take) else {
                 continue;
@@ -244,5 +258,16 @@ impl IoQueue for UringQueue {
 
     fn in_flight(&self) -> usize {
         self.pending.len() + self.in_kernel + self.done.len()
+    }
+
+    fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
+        if !self.bell_armed {
+            let entry = opcode::Read::new(types::Fd(bell.fd()), self.bell_buf.as_mut_ptr(), 8)
+                .build()
+                .user_data(BELL);
+            // SAFETY: the buffer is never freed (see `bell_buf`).
+            self.bell_armed = unsafe { self.ring.submission().push(&entry).is_ok() };
+        }
+        self.submit(1)
     }
 }

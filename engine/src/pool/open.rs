@@ -31,7 +31,7 @@ use crate::io::claim::{self, DeviceClaim};
 #[cfg(any(test, feature = "testing"))]
 use crate::io::fault::FaultDevices;
 use crate::io::sync::FileSet;
-use crate::io::{open_devices, AlignedBuf, SharedDevices};
+use crate::io::{open_devices, AlignedBuf, Doorbell, SharedDevices};
 use crate::log::ShardPosition;
 use crate::map::VolumeState;
 use crate::recovery::{replay, Rebuild, Replayed};
@@ -377,10 +377,17 @@ impl Pool {
         let (ktx, krx) = crossbeam_channel::bounded(1);
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
+        let mut bells = Vec::new();
         for _ in 0..=nshards {
             let (tx, rx) = crossbeam_channel::unbounded();
             senders.push(tx);
-            receivers.push(rx);
+            let bell = Arc::new(Doorbell::new().map_err(|source| Error::Io {
+                device: 0,
+                offset: 0,
+                source,
+            })?);
+            bells.push(bell.clone());
+            receivers.push((rx, bell));
         }
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
         let usable_bytes = usable_bytes(&geo, nshards);
@@ -421,7 +428,7 @@ impl Pool {
             volumes: table,
             data_shards: nshards,
         }));
-        let workers = Arc::new(Workers::new(senders));
+        let workers = Arc::new(Workers::new(senders, bells));
         let ckpt = Arc::new(Checkpointer::new(
             ctx.clone(),
             workers.clone(),
@@ -462,7 +469,7 @@ impl Pool {
             inner.ctx.note_unpunched_at_open();
         }
         let mut threads = Vec::new();
-        for (i, rx) in receivers.into_iter().enumerate() {
+        for (i, (rx, bell)) in receivers.into_iter().enumerate() {
             let queue = devices.queue(256).map_err(|source| Error::Io {
                 device: 0,
                 offset: 0,
@@ -476,7 +483,7 @@ impl Pool {
             };
             let sv = inner.ctx.clone();
             threads.push(spawn_supervised(name, &inner.ctx.health, move || {
-                Shard::new(i, sv, rx, queue, pos).run()
+                Shard::new(i, sv, rx, bell, queue, pos).run()
             })?);
         }
         let fi = inner.clone();

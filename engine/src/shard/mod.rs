@@ -27,7 +27,7 @@ use crate::api::BLOCK_BYTES;
 use crate::cache::{BlockCache, IdMap};
 use crate::context::{Context, Reservation};
 use crate::error::Error;
-use crate::io::{AlignedBuf, IoDone, IoQueue};
+use crate::io::{AlignedBuf, Doorbell, IoDone, IoQueue};
 use crate::job::Job;
 use crate::map::VolumeState;
 use crate::space::BlockEntry;
@@ -197,6 +197,8 @@ pub(crate) struct Shard {
     pub(crate) id: usize,
     pub(crate) ctx: Arc<Context>,
     pub(crate) rx: Receiver<ShardMsg>,
+    /// Rung by senders while this worker waits in its ring (see [`Doorbell`]).
+    pub(crate) bell: Arc<Doorbell>,
     pub(crate) queue: Box<dyn IoQueue>,
     /// The log chain this worker appends to.
     pub(crate) chain: Chain,
@@ -247,6 +249,7 @@ impl Shard {
         id: usize,
         ctx: Arc<Context>,
         rx: Receiver<ShardMsg>,
+        bell: Arc<Doorbell>,
         queue: Box<dyn IoQueue>,
         pos: ShardPosition,
     ) -> Self {
@@ -255,6 +258,7 @@ impl Shard {
             chain: Chain::new(id, ctx.clone(), pos),
             ctx,
             rx,
+            bell,
             queue,
             inflight: VecDeque::new(),
             reads: IdMap::default(),
@@ -366,9 +370,21 @@ impl Shard {
                     self.release_held();
                 }
             }
-            // Submit what was queued; when the channel had nothing, wait for one completion.
-            let want = usize::from(!got_msgs && self.queue.in_flight() > 0);
-            if let Err(e) = self.queue.submit(want) {
+            // Submit what was queued; when the channel had nothing, wait for one completion or
+            // the next message, whichever comes first.
+            let r = if !got_msgs && self.queue.in_flight() > 0 {
+                self.bell.about_to_wait();
+                let r = if self.rx.is_empty() {
+                    self.queue.wait(&self.bell)
+                } else {
+                    self.queue.submit(0)
+                };
+                self.bell.awake();
+                r
+            } else {
+                self.queue.submit(0)
+            };
+            if let Err(e) = r {
                 self.fail_all_inflight(e);
             }
             self.reap();

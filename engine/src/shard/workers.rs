@@ -1,32 +1,43 @@
 //! The handles on the shard workers: one channel per log chain (the data shards, then the
 //! mover), and the requests that wait for every shard's answer.
 
+use std::sync::Arc;
+
 use crossbeam_channel::Sender;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::io::Doorbell;
 use crate::shard::ShardMsg;
 
 pub(crate) struct Workers {
     /// One per chain: the data shards, then the mover (see `Context::mover`).
     senders: Vec<Sender<ShardMsg>>,
+    /// Each worker's doorbell, rung after every message (see [`Doorbell`]).
+    bells: Vec<Arc<Doorbell>>,
 }
 
 impl Workers {
-    pub(crate) fn new(senders: Vec<Sender<ShardMsg>>) -> Workers {
-        Workers { senders }
+    pub(crate) fn new(senders: Vec<Sender<ShardMsg>>, bells: Vec<Arc<Doorbell>>) -> Workers {
+        Workers { senders, bells }
     }
 
     /// Hand `msg` to worker `shard`; a worker that stopped fails it.
     pub(crate) fn send(&self, shard: usize, msg: ShardMsg) {
         if let Err(crossbeam_channel::SendError(msg)) = self.senders[shard].send(msg) {
             fail_msg(msg);
+            return;
         }
+        self.bells[shard].ring();
     }
 
     /// Hand `msg` to worker `shard`; false when it stopped (the message is dropped).
     pub(crate) fn post(&self, shard: usize, msg: ShardMsg) -> bool {
-        self.senders[shard].send(msg).is_ok()
+        let sent = self.senders[shard].send(msg).is_ok();
+        if sent {
+            self.bells[shard].ring();
+        }
+        sent
     }
 
     /// Send `msg` to the first `chains` workers and wait for every answer; false when a worker
@@ -82,8 +93,9 @@ impl Workers {
 
     /// Tell every worker to stop once it has drained what it holds.
     pub(crate) fn stop(&self) {
-        for tx in &self.senders {
+        for (tx, bell) in self.senders.iter().zip(&self.bells) {
             let _ = tx.send(ShardMsg::Stop);
+            bell.ring();
         }
     }
 }
