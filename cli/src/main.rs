@@ -45,6 +45,8 @@ struct Cli {
     log_format: LogFormat,
 }
 
+// Parsed once per run: the size of `Serve`'s settings costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create or inspect pools.
