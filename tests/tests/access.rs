@@ -410,10 +410,10 @@ fn iscsi_initiators_by_name() {
     assert_refused(&refused, "db2 on vol0");
     assert_refused(&inq_as("iqn.2026-01.com.acme:db1x", "vol0"), "db1x on vol0");
     assert_attaches(&inq_as("iqn.2026-01.com.acme:db2", "open"), "db2 on open");
-    // libiscsi names the status: class 2, detail 2 (authorization failure).
-    let err = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    // libiscsi names the status: class 2, detail 2 (0x0202 = 514, authorization failure).
+    let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains("not authorized") || err.contains("authoriz"),
+        err.contains("Authorization failure(514)"),
         "{}",
         text(&refused)
     );
