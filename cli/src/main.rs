@@ -7,6 +7,7 @@
 #[macro_use]
 mod out;
 
+mod access;
 mod cmd;
 mod config;
 mod control;
@@ -20,7 +21,7 @@ use anyhow::Result;
 use clap::CommandFactory;
 use clap::{Parser, Subcommand};
 
-use cmd::serve::{IscsiArgs, NbdArgs, RunArgs};
+use cmd::serve::{AccessArgs, IscsiArgs, NbdArgs, RunArgs};
 use cmd::PoolArg;
 use logging::LogFormat;
 
@@ -44,6 +45,8 @@ struct Cli {
     log_format: LogFormat,
 }
 
+// Parsed once per run: the size of `Serve`'s settings costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create or inspect pools.
@@ -71,6 +74,8 @@ enum Cmd {
         metrics: Option<String>,
         #[command(flatten)]
         nbd_opts: NbdArgs,
+        #[command(flatten)]
+        access: AccessArgs,
         #[command(flatten)]
         iscsi: IscsiArgs,
         #[command(flatten)]
@@ -198,9 +203,12 @@ fn run(cmd: Cmd) -> Result<i32> {
             read_only,
             metrics,
             nbd_opts,
+            access,
             iscsi,
             run,
-        } => cmd::serve::serve(&pool.pool, nbd, read_only, metrics, &nbd_opts, &iscsi, &run),
+        } => cmd::serve::serve(
+            &pool.pool, nbd, read_only, metrics, &nbd_opts, &access, &iscsi, &run,
+        ),
         Cmd::Volume { cmd } => cmd::volume::run(cmd),
         Cmd::Stats {
             pool,

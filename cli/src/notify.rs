@@ -1,5 +1,6 @@
 //! The systemd notification protocol (`sd_notify`), for `Type=notify` units: READY=1 once every
-//! listener is up, WATCHDOG=1 while the pool is healthy, STOPPING=1 at shutdown. Without
+//! listener is up, WATCHDOG=1 while the pool is healthy, RELOADING=1 then READY=1 around a
+//! reload (SIGHUP), STOPPING=1 at shutdown. Without
 //! `NOTIFY_SOCKET` in the environment nothing is sent.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -66,6 +67,19 @@ impl Notifier {
                 self.last_ping = Instant::now();
             }
         }
+    }
+
+    /// A reload started (READY=1 follows when it is over). MONOTONIC_USEC lets a
+    /// `Type=notify-reload` service manager match it to the signal it sent.
+    pub fn reloading(&self) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec that outlives the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={us}"));
     }
 
     /// Shutdown started (flush, checkpoint).

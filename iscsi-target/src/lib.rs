@@ -23,6 +23,7 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod access;
 mod backend;
 mod conn;
 mod engine_backend;
@@ -44,6 +45,7 @@ pub mod testing {
     pub use crate::mem::MemLu;
 }
 
+pub use access::{InitiatorAccess, InitiatorRule, RuleError, Security};
 pub use backend::{LuBackend, LuSource, StaticLus};
 pub use engine_backend::PoolLus;
 pub use error::{IscsiError, Result};

@@ -10,8 +10,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ingot_engine::Pool;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
+use crate::access::{InitiatorAccess, Security};
 use crate::backend::LuSource;
 use crate::engine_backend::PoolLus;
 use crate::error::{IscsiError, Result};
@@ -35,6 +36,10 @@ pub struct TargetConfig {
     pub chap: HashMap<String, ChapConfig>,
     /// CHAP secrets for every volume not in `chap`.
     pub default_chap: Option<ChapConfig>,
+    /// Which initiators may log in to which volume (every one when a volume has no list).
+    /// `chap`, `default_chap` and `access` are the settings at start:
+    /// [`IscsiTarget::set_security`] replaces them for later logins.
+    pub access: InitiatorAccess,
     /// Commands each session may have outstanding (the CmdSN window).
     pub window: u32,
     /// Our MaxRecvDataSegmentLength.
@@ -64,6 +69,7 @@ impl Default for TargetConfig {
         TargetConfig {
             chap: HashMap::new(),
             default_chap: None,
+            access: InitiatorAccess::open(),
             window: 128,
             max_recv_data: OUR_MAX_RECV_DATA,
             max_write_bytes: ingot_engine::MAX_REQUEST_BYTES as usize,
@@ -89,6 +95,9 @@ pub(crate) fn login_deadline(cfg: &TargetConfig) -> Instant {
 /// State shared by every connection.
 pub(crate) struct Shared {
     pub cfg: TargetConfig,
+    /// CHAP secrets and initiator lists for new logins (a login keeps the ones in force when
+    /// it started).
+    security: RwLock<Arc<Security>>,
     source: Arc<dyn LuSource>,
     lus: Mutex<HashMap<String, Arc<Lu>>>,
     tsih: AtomicU16,
@@ -198,6 +207,11 @@ impl Shared {
         self.conns.lock().remove(&conn_id);
     }
 
+    /// The CHAP secrets and initiator lists in force.
+    pub fn security(&self) -> Arc<Security> {
+        self.security.read().clone()
+    }
+
     pub fn next_tsih(&self) -> u16 {
         loop {
             let t = self.tsih.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +314,11 @@ impl IscsiTarget {
         cfg.max_recv_data = cfg.max_recv_data.clamp(512, (1 << 24) - 1);
         IscsiTarget {
             shared: Arc::new(Shared {
+                security: RwLock::new(Arc::new(Security {
+                    chap: cfg.chap.clone(),
+                    default_chap: cfg.default_chap.clone(),
+                    access: cfg.access.clone(),
+                })),
                 cfg,
                 source: Arc::new(source),
                 lus: Mutex::new(HashMap::new()),
@@ -335,6 +354,17 @@ impl IscsiTarget {
             .spawn(move || accept_loop(shared, listener))?;
         self.threads.lock().push(h);
         Ok(local)
+    }
+
+    /// Replace the CHAP secrets and initiator lists: logins that start from now on are checked
+    /// against them; sessions already in the full feature phase go on.
+    pub fn set_security(&self, security: Security) {
+        *self.shared.security.write() = Arc::new(security);
+    }
+
+    /// The CHAP secrets and initiator lists in force.
+    pub fn security(&self) -> Arc<Security> {
+        self.shared.security()
     }
 
     /// Stop accepting and close every connection.

@@ -20,6 +20,8 @@ pub enum NbdError {
     TooManyOptions(usize),
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("client {peer} may not use export {export:?} (access rules) and asked for it with NBD_OPT_EXPORT_NAME")]
+    AccessDenied { export: String, peer: String },
     #[error("client asked for an export without TLS while TLS is required")]
     TlsRequired,
     #[error("client used NBD_OPT_EXPORT_NAME after negotiating extended headers")]

@@ -132,7 +132,7 @@ impl HandshakeIo for MemIo<'_> {
         &mut self.w
     }
 
-    fn start_tls(&mut self) -> Result<()> {
+    fn start_tls(&mut self) -> Result<Option<crate::access::Subject>> {
         Err(NbdError::Tls(io::ErrorKind::Unsupported.into()))
     }
 }
@@ -154,13 +154,19 @@ fn limits() -> Limits {
 
 /// Negotiate over `data` (client bytes) and, if the client reaches transmission, serve the
 /// rest of the bytes as requests. The flags of the first byte choose the server settings
-/// (bit 0: TLS available, bit 1: TLS required, bit 2: read-only).
+/// (bit 0: TLS available, bit 1: TLS required, bit 2: read-only, bit 3: vol0 has an access
+/// list the client is not on).
 pub fn session(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let src = source();
     let stopping = AtomicBool::new(false);
+    // Bit 3: vol0 admits only uid 0, which this peer does not have.
+    let mut access = crate::access::AccessRules::open();
+    if mode & 8 != 0 {
+        access.restrict("vol0", [crate::access::ClientRule::Uid(0)]);
+    }
     let ctx = HandshakeCtx {
         source: &src,
         max_option_bytes: 64 << 10,
@@ -168,6 +174,8 @@ pub fn session(data: &[u8]) {
         stopping: &stopping,
         tls_available: mode & 1 != 0,
         tls_required: mode & 2 != 0,
+        access: &access,
+        peer: &crate::access::Peer::default(),
         establish: &|| true,
     };
     let mut io = MemIo {

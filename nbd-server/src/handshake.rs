@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ingot_engine::{MAX_REQUEST_BYTES, SECTOR_BYTES};
 
+use crate::access::{AccessRules, Peer, Subject};
 use crate::error::{NbdError, Result};
 use crate::export::{Export, ExportSource};
 use crate::proto::*;
@@ -37,6 +38,10 @@ pub(crate) struct HandshakeCtx<'a> {
     pub tls_available: bool,
     /// Every option but STARTTLS and ABORT is refused until TLS is active.
     pub tls_required: bool,
+    /// Which clients may use which export.
+    pub access: &'a AccessRules,
+    /// The client, as the socket tells (its TLS certificate is learnt at STARTTLS).
+    pub peer: &'a Peer,
     /// Take a transmission slot; called before the client is told it may go on, so that a
     /// client that hears it holds its slot. False: none is free (the connection then ends).
     pub establish: &'a dyn Fn() -> bool,
@@ -46,8 +51,9 @@ pub(crate) struct HandshakeCtx<'a> {
 pub(crate) trait HandshakeIo {
     fn reader(&mut self) -> &mut dyn Read;
     fn writer(&mut self) -> &mut dyn Write;
-    /// Run the TLS handshake; called after the ACK of NBD_OPT_STARTTLS has been sent.
-    fn start_tls(&mut self) -> Result<()>;
+    /// Run the TLS handshake; called after the ACK of NBD_OPT_STARTTLS has been sent. Returns
+    /// the subject of the client's verified certificate, if it showed one.
+    fn start_tls(&mut self) -> Result<Option<Subject>>;
 }
 
 /// Transmission flags for an export.
@@ -76,6 +82,8 @@ struct State<'a, 'c> {
     no_zeroes: bool,
     /// Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
     meta_for: Option<String>,
+    /// The client, with its certificate's subject once TLS is on.
+    peer: Peer,
 }
 
 /// Run the handshake. `Ok(None)` means the client ended the session (NBD_OPT_ABORT or EOF
@@ -106,6 +114,7 @@ pub(crate) fn negotiate(
         tls_active: false,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         meta_for: None,
+        peer: ctx.peer.clone(),
     };
 
     for _ in 0..MAX_OPTIONS {
@@ -149,7 +158,7 @@ pub(crate) fn negotiate(
         match step {
             Step::Continue => {}
             Step::StartTls => {
-                io.start_tls()?;
+                st.peer.tls_subject = io.start_tls()?;
                 // Everything negotiated in the clear is forgotten.
                 st.tls_active = true;
                 st.structured = false;
@@ -183,6 +192,24 @@ impl State<'_, '_> {
             name.to_string()
         };
         self.ctx.source.lookup(&name)
+    }
+
+    /// Whether the access lists let this client use `export`.
+    fn allowed(&self, export: &str) -> bool {
+        self.ctx.access.allows(export, &self.peer)
+    }
+
+    /// Log a refused attempt, naming the client and the export.
+    fn log_refusal(&self, export: &str, option: u32) {
+        let p = &self.peer;
+        tracing::warn!(
+            peer = %p.addr,
+            uid = p.uid.map_or_else(|| "-".to_string(), |u| u.to_string()),
+            tls_subject = p.tls_subject.as_ref().map_or_else(|| "-".to_string(), |s| s.to_string()),
+            export,
+            option = option_name(option),
+            "NBD: client refused by the export's access list"
+        );
     }
 
     fn read_only(&self, export: &dyn Export) -> bool {
@@ -234,7 +261,11 @@ impl State<'_, '_> {
                 if !data.is_empty() {
                     return error_reply(out, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
                 }
+                // Exports this client may not use are not even named.
                 for (name, _) in self.ctx.source.list() {
+                    if !self.allowed(&name) {
+                        continue;
+                    }
                     let mut d = Vec::with_capacity(4 + name.len());
                     let name = truncate_message(&name);
                     d.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -320,6 +351,14 @@ impl State<'_, '_> {
             // No way to report an error for this option: the session ends.
             None => return Err(NbdError::UnknownExport(name)),
         };
+        if !self.allowed(export.name()) {
+            self.log_refusal(export.name(), OPT_EXPORT_NAME);
+            // Here too the only refusal is to end the session (proto.md).
+            return Err(NbdError::AccessDenied {
+                export: export.name().to_string(),
+                peer: self.peer.addr.clone(),
+            });
+        }
         let n = self.finish(export);
         out.extend_from_slice(&n.export.size_bytes().to_be_bytes());
         out.extend_from_slice(&transmission_flags(n.read_only, n.structured).to_be_bytes());
@@ -349,6 +388,10 @@ impl State<'_, '_> {
         let Some(export) = self.resolve(name) else {
             return error_reply(out, option, REP_ERR_UNKNOWN, "no such export");
         };
+        if !self.allowed(export.name()) {
+            self.log_refusal(export.name(), option);
+            return error_reply(out, option, REP_ERR_POLICY, "access denied");
+        }
         let read_only = self.read_only(&*export);
 
         let mut d = Vec::with_capacity(12);
@@ -423,6 +466,10 @@ impl State<'_, '_> {
         let Some(export) = self.resolve(name) else {
             return error_reply(out, option, REP_ERR_UNKNOWN, "no such export");
         };
+        if !self.allowed(export.name()) {
+            self.log_refusal(export.name(), option);
+            return error_reply(out, option, REP_ERR_POLICY, "access denied");
+        }
         let selected = if set {
             queries.contains(&META_BASE_ALLOCATION)
         } else {
@@ -442,6 +489,18 @@ impl State<'_, '_> {
         }
         put_option_reply(out, option, REP_ACK, &[]);
         Ok(Step::Continue)
+    }
+}
+
+/// An option's name for logs.
+fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        OPT_INFO => "NBD_OPT_INFO",
+        OPT_GO => "NBD_OPT_GO",
+        OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        _ => "option",
     }
 }
 

@@ -20,6 +20,8 @@
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod access;
+mod cert;
 mod credit;
 mod engine_export;
 mod error;
@@ -36,6 +38,7 @@ mod stream;
 mod tls;
 mod transmission;
 
+pub use access::{AccessRules, ClientRule, Peer, RuleError, Subject};
 pub use engine_export::PoolExports;
 pub use error::{NbdError, Result};
 pub use export::{Export, ExportSource, StaticExports};

@@ -14,8 +14,9 @@ use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::access::{AccessRules, Peer, Subject};
 use crate::error::{NbdError, Result};
 use crate::export::ExportSource;
 use crate::handshake::{negotiate, HandshakeCtx, HandshakeIo};
@@ -62,6 +63,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Refuse everything but NBD_OPT_STARTTLS (and ABORT) until TLS is active.
     pub tls_required: bool,
+    /// Which clients may use which export, at start ([`NbdServer::set_access`] replaces it).
+    pub access: AccessRules,
     /// Time a client in transmission may send no request while nothing is in flight
     /// (`None`: forever).
     pub idle_timeout: Option<Duration>,
@@ -86,6 +89,7 @@ impl Default for ServerConfig {
             read_only: false,
             tls: None,
             tls_required: false,
+            access: AccessRules::open(),
             idle_timeout: None,
             request_timeout: Some(Duration::from_secs(60)),
             reply_timeout: Some(Duration::from_secs(60)),
@@ -182,16 +186,25 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<(Stream, String)> {
+    fn accept(&self) -> io::Result<(Stream, Peer)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 s.set_nodelay(true)?;
-                Ok((Stream::Tcp(s), peer.to_string()))
+                let peer = Peer {
+                    addr: peer.to_string(),
+                    ..Peer::default()
+                };
+                Ok((Stream::Tcp(s), peer))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), "unix".to_string()))
+                let peer = Peer {
+                    addr: "unix".to_string(),
+                    uid: peer_uid(&s),
+                    ..Peer::default()
+                };
+                Ok((Stream::Unix(s), peer))
             }
         }
     }
@@ -277,6 +290,8 @@ impl Conns {
 struct Shared {
     source: Arc<dyn ExportSource>,
     cfg: ServerConfig,
+    /// The access lists new connections use (a connection keeps those it started with).
+    access: RwLock<Arc<AccessRules>>,
     stopping: AtomicBool,
     next_id: AtomicU64,
     conns: Mutex<Conns>,
@@ -301,6 +316,7 @@ impl NbdServer {
         NbdServer {
             shared: Arc::new(Shared {
                 source,
+                access: RwLock::new(Arc::new(cfg.access.clone())),
                 cfg,
                 stopping: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
@@ -317,6 +333,17 @@ impl NbdServer {
 
     pub fn config(&self) -> &ServerConfig {
         &self.shared.cfg
+    }
+
+    /// Replace the access lists: connections that start negotiating from now on use them;
+    /// connections already established keep their export.
+    pub fn set_access(&self, access: AccessRules) {
+        *self.shared.access.write() = Arc::new(access);
+    }
+
+    /// The access lists in force.
+    pub fn access(&self) -> Arc<AccessRules> {
+        self.shared.access.read().clone()
     }
 
     /// Bind `addr` and start accepting connections on a new thread.
@@ -435,6 +462,28 @@ impl NbdServer {
     }
 }
 
+/// The uid of the process at the other end of a unix socket (SO_PEERCRED: its credentials when
+/// it connected, which it cannot forge).
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` outlive the call and `len` is the size of `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len as usize == std::mem::size_of::<libc::ucred>()).then_some(cred.uid)
+}
+
 /// Bind a unix socket, replacing a stale socket file (one nobody listens on).
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
@@ -495,7 +544,7 @@ fn accept_loop(shared: Arc<Shared>, listener: Listener, me: Arc<ListenerInner>) 
     }
 }
 
-fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
+fn admit(shared: &Arc<Shared>, stream: Stream, peer: Peer) {
     if stream.set_nonblocking(false).is_err() {
         return;
     }
@@ -557,13 +606,13 @@ fn admit(shared: &Arc<Shared>, stream: Stream, peer: String) {
     let spawned = thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let res = run_connection(&thread_shared, id, stream);
+            let res = run_connection(&thread_shared, id, stream, &peer);
             // Handshakes the server cut are not reported one by one: a flood of idle sockets
             // would flood the log too.
             let cut = thread_shared.remove(id);
             if let Err(e) = res {
                 if !cut {
-                    tracing::warn!(%peer, error = %e, "connection ended with an error");
+                    tracing::warn!(peer = %peer.addr, error = %e, "connection ended with an error");
                 }
             }
         });
@@ -676,7 +725,7 @@ impl HandshakeIo for ConnIo<'_> {
         }
     }
 
-    fn start_tls(&mut self) -> Result<()> {
+    fn start_tls(&mut self) -> Result<Option<Subject>> {
         let Some(cfg) = self.tls else {
             return Err(NbdError::Tls(io::ErrorKind::Unsupported.into()));
         };
@@ -686,12 +735,12 @@ impl HandshakeIo for ConnIo<'_> {
                 if !r.buffer().is_empty() {
                     return Err(NbdError::DataBeforeTls);
                 }
-                let (tr, tw) = tls::accept(cfg, self.sock).map_err(NbdError::Tls)?;
+                let a = tls::accept(cfg, self.sock).map_err(NbdError::Tls)?;
                 self.t = Transport::Tls {
-                    r: BufReader::with_capacity(READ_BUFFER_BYTES, tr),
-                    w: tw,
+                    r: BufReader::with_capacity(READ_BUFFER_BYTES, a.reader),
+                    w: a.writer,
                 };
-                Ok(())
+                Ok(a.subject)
             }
             other => {
                 self.t = other;
@@ -701,8 +750,9 @@ impl HandshakeIo for ConnIo<'_> {
     }
 }
 
-fn run_connection(shared: &Shared, id: u64, stream: Stream) -> Result<()> {
+fn run_connection(shared: &Shared, id: u64, stream: Stream, peer: &Peer) -> Result<()> {
     let cfg = &shared.cfg;
+    let access = shared.access.read().clone();
     stream.set_read_timeout(cfg.handshake_timeout)?;
     stream.set_write_timeout(cfg.reply_timeout.or(cfg.handshake_timeout))?;
     let sock = stream.try_clone()?;
@@ -723,6 +773,8 @@ fn run_connection(shared: &Shared, id: u64, stream: Stream) -> Result<()> {
         stopping: &shared.stopping,
         tls_available: cfg.tls.is_some(),
         tls_required: cfg.tls_required,
+        access: &access,
+        peer,
         establish: &|| shared.establish(id),
     };
     let Some(neg) = negotiate(&mut io, &ctx)? else {

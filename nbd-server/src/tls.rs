@@ -1,5 +1,6 @@
-//! TLS for NBD_OPT_STARTTLS: server certificates from PEM files, and one rustls session shared
-//! by the connection's reader and writer threads.
+//! TLS for NBD_OPT_STARTTLS: server certificates from PEM files, optionally client certificates
+//! verified against a CA (for access rules by subject), and one rustls session shared by the
+//! connection's reader and writer threads.
 //!
 //! The reader thread reads ciphertext from the socket without holding the session lock and
 //! feeds it to the session under the lock; the writer thread encrypts and sends under the lock.
@@ -11,17 +12,21 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConnection;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConnection};
 
+use crate::access::Subject;
 use crate::stream::Stream;
 
 /// Ciphertext read from the socket at a time.
 const TLS_READ_BYTES: usize = 64 << 10;
 
-/// Server side TLS settings: a certificate chain and its private key.
+/// Server side TLS settings: a certificate chain and its private key, and the CA client
+/// certificates are verified against, if any.
 #[derive(Clone)]
 pub struct TlsConfig {
     inner: Arc<rustls::ServerConfig>,
+    verifies_clients: bool,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -34,15 +39,31 @@ impl TlsConfig {
     /// Load an X.509 certificate chain (leaf first) and its private key (PKCS#8, PKCS#1 or
     /// SEC1), both PEM.
     pub fn from_pem_files(cert: &Path, key: &Path) -> io::Result<TlsConfig> {
-        let c = std::fs::read(cert)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cert.display())))?;
-        let k = std::fs::read(key)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", key.display())))?;
-        Self::from_pem(&c, &k)
+        Self::from_pem(&read(cert)?, &read(key)?)
+    }
+
+    /// Like [`TlsConfig::from_pem_files`], and ask clients for a certificate, verified against
+    /// the CA certificates in `client_ca` (PEM). A client may still connect without one (an
+    /// export without access rules is open), but a certificate it shows must verify.
+    pub fn from_pem_files_with_client_ca(
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+    ) -> io::Result<TlsConfig> {
+        Self::build(&read(cert)?, &read(key)?, Some(&read(client_ca)?))
     }
 
     /// Like [`TlsConfig::from_pem_files`], from PEM text in memory.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> io::Result<TlsConfig> {
+        Self::build(cert_pem, key_pem, None)
+    }
+
+    /// Whether client certificates are asked for and verified.
+    pub fn verifies_clients(&self) -> bool {
+        self.verifies_clients
+    }
+
+    fn build(cert_pem: &[u8], key_pem: &[u8], ca_pem: Option<&[u8]>) -> io::Result<TlsConfig> {
         let bad = |what: &str, e: &dyn std::fmt::Display| {
             io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
         };
@@ -54,16 +75,40 @@ impl TlsConfig {
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad("key PEM", &e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| bad("TLS versions", &e))?
-            .with_no_client_auth()
+            .map_err(|e| bad("TLS versions", &e))?;
+        let builder = match ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(ca_pem) => {
+                let mut roots = RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca_pem) {
+                    let c = c.map_err(|e| bad("client CA PEM", &e))?;
+                    roots.add(c).map_err(|e| bad("client CA certificate", &e))?;
+                }
+                if roots.is_empty() {
+                    return Err(bad("client CA PEM", &"no CERTIFICATE block"));
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| bad("client CA", &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let cfg = builder
             .with_single_cert(certs, key)
             .map_err(|e| bad("certificate and key", &e))?;
         Ok(TlsConfig {
             inner: Arc::new(cfg),
+            verifies_clients: ca_pem.is_some(),
         })
     }
+}
+
+fn read(path: &Path) -> io::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 struct Session {
@@ -94,27 +139,41 @@ pub(crate) struct TlsWriter {
     session: Arc<Mutex<Session>>,
 }
 
+/// A TLS session after its handshake: its plaintext streams and the subject of the client's
+/// certificate (verified against the client CA), if it showed one.
+pub(crate) struct Accepted {
+    pub reader: TlsReader,
+    pub writer: TlsWriter,
+    pub subject: Option<Subject>,
+}
+
 /// Run the TLS handshake as the server on `sock`.
-pub(crate) fn accept(cfg: &TlsConfig, sock: &Stream) -> io::Result<(TlsReader, TlsWriter)> {
+pub(crate) fn accept(cfg: &TlsConfig, sock: &Stream) -> io::Result<Accepted> {
     let mut conn = ServerConnection::new(cfg.inner.clone()).map_err(io::Error::other)?;
     let mut s = sock.try_clone()?;
     while conn.is_handshaking() {
         conn.complete_io(&mut s)?;
     }
+    // Only a verifying config accepts client certificates at all.
+    let subject = match conn.peer_certificates() {
+        Some([leaf, ..]) if cfg.verifies_clients => crate::cert::subject(leaf),
+        _ => None,
+    };
     let session = Arc::new(Mutex::new(Session {
         conn,
         sock: sock.try_clone()?,
     }));
     session.lock().send_pending()?;
-    Ok((
-        TlsReader {
+    Ok(Accepted {
+        reader: TlsReader {
             session: session.clone(),
             sock: s,
             pending: Vec::new(),
             pending_at: 0,
         },
-        TlsWriter { session },
-    ))
+        writer: TlsWriter { session },
+        subject,
+    })
 }
 
 impl Read for TlsReader {

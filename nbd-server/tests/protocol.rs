@@ -838,3 +838,61 @@ fn garbage_input_never_takes_the_server_down() {
         "{kind}"
     );
 }
+
+/// Access lists on the wire: NBD_OPT_LIST leaves out what the client may not use, INFO, GO and
+/// the meta context options get NBD_REP_ERR_POLICY, EXPORT_NAME (no error reply possible) ends
+/// the session, and `set_access` applies to connections that start afterwards.
+#[test]
+fn access_lists_refuse_with_policy_and_hide_exports() {
+    use ingot_nbd::{AccessRules, ClientRule};
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mut access = AccessRules::open();
+    access.restrict("vol0", [ClientRule::Uid(me)]);
+    access.restrict("vol1", [ClientRule::Uid(me.wrapping_add(1))]);
+    let cfg = ServerConfig {
+        access,
+        ..Default::default()
+    };
+    let t = TestServer::with(
+        vec![
+            MemExport::new("vol0", 1 << 20),
+            MemExport::new("vol1", 2 << 20),
+        ],
+        cfg,
+    );
+    let mut c = t.raw();
+    c.greet(FLAG_C_FIXED_NEWSTYLE);
+    c.send_option(OPT_LIST, &[]);
+    let r = c.option_replies();
+    assert_eq!(r.len(), 2, "only vol0 is listed");
+    assert_eq!(&r[0].data[4..], b"vol0");
+    for opt in [OPT_INFO, OPT_GO] {
+        c.send_option(opt, &info_data("vol1", &[]));
+        let r = c.option_replies();
+        assert_eq!((r.len(), r[0].option, r[0].kind), (1, opt, REP_ERR_POLICY));
+    }
+    c.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().kind, REP_ACK);
+    for opt in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        c.send_option(opt, &meta_data("vol1", &[]));
+        assert_eq!(c.option_replies()[0].kind, REP_ERR_POLICY);
+    }
+    // Still negotiating: the allowed export works.
+    c.send_option(OPT_GO, &info_data("vol0", &[]));
+    assert_eq!(c.option_replies().last().unwrap().kind, REP_ACK);
+
+    let mut c = t.raw();
+    c.greet(FLAG_C_FIXED_NEWSTYLE);
+    c.send_option(OPT_EXPORT_NAME, b"vol1");
+    assert!(
+        c.closed(),
+        "EXPORT_NAME of a refused export ends the session"
+    );
+
+    t.server.set_access(AccessRules::open());
+    let mut c = t.raw();
+    c.greet(FLAG_C_FIXED_NEWSTYLE);
+    c.send_option(OPT_GO, &info_data("vol1", &[]));
+    assert_eq!(c.option_replies().last().unwrap().kind, REP_ACK);
+}

@@ -85,6 +85,7 @@ pub fn debian_package(tool: &str) -> &'static str {
         "sha256sum" | "cmp" | "truncate" => "coreutils",
         "kill" => "procps",
         "setpriv" => "util-linux",
+        "openssl" => "openssl",
         "iscsi-inq" | "iscsi-ls" | "iscsi-test-cu" | "iscsi-readcapacity16" | "iscsi-perf" => {
             "libiscsi-bin"
         }

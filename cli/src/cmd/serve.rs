@@ -1,15 +1,20 @@
 //! `ingot serve`: open (or create) the pool, start the NBD, iSCSI, metrics and control
-//! listeners, and run until SIGINT or SIGTERM.
+//! listeners, and run until SIGINT or SIGTERM; SIGHUP re-reads the settings that can change
+//! online (access lists, CHAP secrets).
 
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{CommandFactory, FromArgMatches};
 use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions};
-use ingot_iscsi::{ChapConfig, IscsiTarget, TargetConfig as IscsiConfig};
-use ingot_nbd::{ListenAddr, NbdServer, PoolExports, ServerConfig, TlsConfig};
+use ingot_iscsi::{ChapConfig, IscsiTarget, Security, TargetConfig as IscsiConfig};
+use ingot_nbd::{BoundAddr, ListenAddr, NbdServer, PoolExports, ServerConfig, TlsConfig};
 
+use crate::access::{Allow, Lists};
 use crate::control;
 use crate::metrics;
 use crate::size::{human, parse_size};
@@ -75,6 +80,11 @@ pub struct NbdArgs {
     /// Refuse clients that do not switch to TLS.
     #[arg(long, requires = "tls_cert")]
     tls_required: bool,
+    /// Ask TLS clients for a certificate and verify it against the CA certificates in this PEM
+    /// file (clients without one may still use volumes that have no access list). Needed by
+    /// `--allow VOLUME=tls-subject:DN`.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Connections served at once; more are closed right after accept.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
@@ -107,6 +117,21 @@ fn handshake_timeout() -> Result<std::time::Duration> {
     }
 }
 
+/// Access lists of `ingot serve`.
+#[derive(clap::Args, Clone)]
+pub struct AccessArgs {
+    /// Let clients use a volume: VOLUME=RULE, where RULE is uid:UID (an NBD client on a unix
+    /// socket running as UID), tls-subject:DN (an NBD client whose TLS certificate, verified
+    /// against --tls-client-ca, has exactly this subject) or iqn:NAME (an iSCSI initiator with
+    /// this InitiatorName). Repeatable. A volume named by any rule admits only the clients its
+    /// rules name, over every protocol; volumes named by none stay open; VOLUME `*` covers
+    /// every volume without rules of its own. Re-read on SIGHUP. Example:
+    /// --allow vol0=uid:1000 --allow db=tls-subject:CN=db1,O=acme
+    /// --allow db=iqn:iqn.2026-01.com.acme:db1
+    #[arg(long = "allow", value_name = "VOLUME=RULE", value_parser = crate::access::parse_allow)]
+    allow: Vec<Allow>,
+}
+
 /// iSCSI target settings of `ingot serve`.
 #[derive(clap::Args)]
 pub struct IscsiArgs {
@@ -115,50 +140,93 @@ pub struct IscsiArgs {
     #[arg(long = "iscsi")]
     iscsi: Vec<String>,
     /// CHAP secrets: lines `VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]`; VOLUME `*` covers
-    /// every volume not listed. Listed targets refuse logins without CHAP.
+    /// every volume not listed. Listed targets refuse logins without CHAP. Re-read on SIGHUP.
     #[arg(long)]
     iscsi_chap_file: Option<PathBuf>,
 }
 
+/// CHAP secrets per volume, and for every other volume (`*`), from a CHAP file.
+fn read_chap_file(path: &Path) -> Result<(HashMap<String, ChapConfig>, Option<ChapConfig>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut per_volume = HashMap::new();
+    let mut default = None;
+    for (n, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.is_empty() || f[0].starts_with('#') {
+            continue;
+        }
+        if f.len() != 3 && f.len() != 5 {
+            bail!(
+                "{}:{}: expected VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]",
+                path.display(),
+                n + 1
+            );
+        }
+        let chap = ChapConfig {
+            user: f[1].to_string(),
+            secret: f[2].to_string(),
+            mutual: (f.len() == 5).then(|| (f[3].to_string(), f[4].to_string())),
+        };
+        if f[0] == "*" {
+            default = Some(chap);
+        } else {
+            per_volume.insert(f[0].to_string(), chap);
+        }
+    }
+    Ok((per_volume, default))
+}
+
 impl IscsiArgs {
+    /// The CHAP secrets of `--iscsi-chap-file` with the initiator lists.
+    fn security(&self, lists: &Lists) -> Result<Security> {
+        let (chap, default_chap) = match &self.iscsi_chap_file {
+            Some(path) => read_chap_file(path)?,
+            None => (HashMap::new(), None),
+        };
+        Ok(Security {
+            chap,
+            default_chap,
+            access: lists.iscsi.clone(),
+        })
+    }
+
     /// Start the iSCSI target when `--iscsi` was given.
-    fn start(&self, pool: &Arc<Pool>) -> Result<Option<IscsiTarget>> {
+    fn start(&self, pool: &Arc<Pool>, lists: &Lists) -> Result<Option<IscsiTarget>> {
         if self.iscsi.is_empty() {
             return Ok(None);
         }
-        let mut cfg = IscsiConfig::default();
-        if let Some(path) = &self.iscsi_chap_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            for (n, line) in text.lines().enumerate() {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                if f.is_empty() || f[0].starts_with('#') {
-                    continue;
-                }
-                if f.len() != 3 && f.len() != 5 {
-                    bail!(
-                        "{}:{}: expected VOLUME USER SECRET [MUTUAL_USER MUTUAL_SECRET]",
-                        path.display(),
-                        n + 1
-                    );
-                }
-                let chap = ChapConfig {
-                    user: f[1].to_string(),
-                    secret: f[2].to_string(),
-                    mutual: (f.len() == 5).then(|| (f[3].to_string(), f[4].to_string())),
-                };
-                if f[0] == "*" {
-                    cfg.default_chap = Some(chap);
-                } else {
-                    cfg.chap.insert(f[0].to_string(), chap);
-                }
-            }
-        }
+        let security = self.security(lists)?;
+        let open_volumes: Vec<String> = if security.default_chap.is_some() {
+            Vec::new()
+        } else {
+            pool.stats()
+                .volumes
+                .iter()
+                .filter(|v| !security.chap.contains_key(&v.name))
+                .map(|v| v.name.clone())
+                .collect()
+        };
+        let cfg = IscsiConfig {
+            chap: security.chap,
+            default_chap: security.default_chap,
+            access: security.access,
+            ..IscsiConfig::default()
+        };
         let target = IscsiTarget::new(pool.clone(), cfg);
         for l in &self.iscsi {
             let addr = target
                 .listen(l)
                 .with_context(|| format!("--iscsi {l}: listening"))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    portal = %addr,
+                    volumes_without_chap = open_volumes.join(","),
+                    "iSCSI portal reachable beyond loopback and not every volume needs CHAP: \
+                     any host that reaches it may log in to those (give every volume CHAP \
+                     secrets in --iscsi-chap-file, a `*` line covers all)"
+                );
+            }
             outln!("ingot: serving iSCSI on {addr}");
         }
         Ok(Some(target))
@@ -172,15 +240,150 @@ fn dir_is_empty_or_missing(dir: &Path) -> bool {
     }
 }
 
+/// Options of `serve` that a reload applies (ids as clap names them); any other that changed
+/// is reported and waits for a restart.
+const RELOADABLE: &[&str] = &["allow", "iscsi_chap_file", "config"];
+
+/// `serve`'s settings as the configuration file and the command line give them now.
+struct Settings {
+    /// Every option a reload cannot apply, by id, with its raw values.
+    fixed: BTreeMap<String, Vec<OsString>>,
+    access: AccessArgs,
+    iscsi: IscsiArgs,
+}
+
+impl Settings {
+    /// Read them again, as `main` did at start: the configuration file, then the command line.
+    fn load() -> Result<Settings> {
+        let argv = crate::config::expand(std::env::args().collect())?;
+        let m = crate::Cli::command()
+            .try_get_matches_from(&argv)
+            .map_err(|e| anyhow!("{}", e.to_string().trim()))?;
+        let Some(sm) = m.subcommand_matches("serve") else {
+            bail!("the command line is not `ingot serve`");
+        };
+        let mut fixed = BTreeMap::new();
+        if let Some(cmd) = crate::Cli::command().find_subcommand("serve") {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if RELOADABLE.contains(&id) {
+                    continue;
+                }
+                let values = match sm.try_get_raw(id) {
+                    Ok(Some(v)) => v.map(|s| s.to_os_string()).collect(),
+                    _ => Vec::new(),
+                };
+                fixed.insert(id.to_string(), values);
+            }
+        }
+        let cli = crate::Cli::from_arg_matches(&m).map_err(|e| anyhow!("{e}"))?;
+        match cli.cmd {
+            crate::Cmd::Serve { access, iscsi, .. } => Ok(Settings {
+                fixed,
+                access,
+                iscsi,
+            }),
+            _ => bail!("the command line is not `ingot serve`"),
+        }
+    }
+}
+
+/// What a reload acts on.
+struct Live {
+    pool: Arc<Pool>,
+    server: NbdServer,
+    iscsi: Option<IscsiTarget>,
+    /// The settings at start (or at the last reload) that need a restart to change.
+    fixed: BTreeMap<String, Vec<OsString>>,
+    client_ca: bool,
+}
+
+impl Live {
+    /// SIGHUP: read the settings again and apply what can change online. Nothing is applied
+    /// unless everything parses, so a broken file leaves the old settings in force.
+    fn reload(&mut self) {
+        match self.try_reload() {
+            Ok(()) => {}
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "reload failed: the previous settings stay in force"
+            ),
+        }
+    }
+
+    fn try_reload(&mut self) -> Result<()> {
+        let new = Settings::load()?;
+        let lists = Lists::build(&new.access.allow, self.client_ca)?;
+        let security = match &self.iscsi {
+            Some(_) => Some(new.iscsi.security(&lists)?),
+            None => None,
+        };
+        for (key, values) in &new.fixed {
+            if self.fixed.get(key) != Some(values) {
+                tracing::warn!(
+                    option = key.replace('_', "-"),
+                    "reload: this setting changed but cannot change while serving; it takes \
+                     effect at the next restart"
+                );
+            }
+        }
+        self.server.set_access(lists.nbd.clone());
+        if let (Some(t), Some(s)) = (&self.iscsi, security) {
+            t.set_security(s);
+        }
+        apply_volume_settings(&self.pool, &new);
+        tracing::info!(
+            rules = new.access.allow.len(),
+            "reloaded: access lists and CHAP secrets apply to new connections and logins"
+        );
+        // Report each pending change once, not at every reload.
+        self.fixed = new.fixed;
+        Ok(())
+    }
+}
+
+/// Per-volume settings applied at start and at every reload (QoS limits will be applied
+/// here); none exist yet.
+fn apply_volume_settings(_pool: &Pool, _settings: &Settings) {}
+
+/// Warn about a TCP listener that hosts beyond this one can reach without TLS.
+fn warn_if_exposed(addr: &BoundAddr, cfg: &ServerConfig) {
+    let BoundAddr::Tcp(sa) = addr else {
+        return;
+    };
+    if sa.ip().is_loopback() {
+        return;
+    }
+    if cfg.tls.is_none() {
+        tracing::warn!(
+            listener = %sa,
+            "NBD listener reachable beyond loopback without TLS: anyone who reaches it can use \
+             the volumes without an access list, and data travels in clear (set tls-cert, \
+             tls-key and tls-required)"
+        );
+    } else if !cfg.tls_required {
+        tracing::warn!(
+            listener = %sa,
+            "NBD listener reachable beyond loopback where TLS is offered but not required: \
+             clients may connect in clear (set tls-required)"
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     dir: &Path,
     nbd: Vec<String>,
     read_only: bool,
     metrics_addr: Option<String>,
     nbd_opts: &NbdArgs,
+    access: &AccessArgs,
     iscsi: &IscsiArgs,
     run: &RunArgs,
 ) -> Result<i32> {
+    // Before anything is opened: a bad list is a startup error, not a surprise later.
+    let lists = Lists::build(&access.allow, nbd_opts.tls_client_ca.is_some())?;
+    let baseline = Settings::load().context("reading the settings")?;
     let opts = PoolOptions {
         read_only,
         ..run.options()
@@ -231,10 +434,23 @@ pub fn serve(
     } else {
         nbd
     };
-    let tls = match (&nbd_opts.tls_cert, &nbd_opts.tls_key) {
-        (Some(cert), Some(key)) => Some(
+    let tls = match (
+        &nbd_opts.tls_cert,
+        &nbd_opts.tls_key,
+        &nbd_opts.tls_client_ca,
+    ) {
+        (Some(cert), Some(key), None) => Some(
             TlsConfig::from_pem_files(cert, key)
                 .with_context(|| format!("loading TLS certificate {}", cert.display()))?,
+        ),
+        (Some(cert), Some(key), Some(ca)) => Some(
+            TlsConfig::from_pem_files_with_client_ca(cert, key, ca).with_context(|| {
+                format!(
+                    "loading TLS certificate {} and client CA {}",
+                    cert.display(),
+                    ca.display()
+                )
+            })?,
         ),
         _ => None,
     };
@@ -243,6 +459,7 @@ pub fn serve(
         read_only,
         tls,
         tls_required: nbd_opts.tls_required,
+        access: lists.nbd.clone(),
         max_connections: nbd_opts.max_connections,
         max_handshakes: nbd_opts.max_handshakes,
         handshake_timeout: Some(handshake_timeout()?),
@@ -261,14 +478,23 @@ pub fn serve(
             "no control socket: `ingot volume`, `stats` and `check` cannot reach this server"
         );
     }
-    let iscsi_target = iscsi.start(&pool)?;
+    // Registered before any listener is up: from then on SIGHUP means reload, never the
+    // default (terminate).
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    let iscsi_target = iscsi.start(&pool, &lists)?;
     for l in &listens {
         let addr: ListenAddr = l.parse().map_err(|e| anyhow::anyhow!("--nbd {l}: {e}"))?;
         let h = server
             .listen(&addr)
             .with_context(|| format!("listening on {l}"))?;
+        warn_if_exposed(h.local_addr(), server.config());
         outln!("ingot: serving NBD on {}", h.local_addr());
     }
+    apply_volume_settings(&pool, &baseline);
     if let Some(addr) = metrics_addr {
         let local = metrics::serve(&addr, pool.clone())?;
         outln!("ingot: serving metrics on http://{local}/metrics");
@@ -290,16 +516,29 @@ pub fn serve(
     }
     // The "serving" lines are what scripts and tests wait for: out before the first request.
     crate::out::flush();
-    // Wait for SIGINT or SIGTERM.
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let mut live = Live {
+        pool: pool.clone(),
+        server: server.clone(),
+        iscsi: iscsi_target,
+        fixed: baseline.fixed,
+        client_ca: nbd_opts.tls_client_ca.is_some(),
+    };
+    // Wait for SIGINT or SIGTERM, reloading on SIGHUP.
     let mut notify = crate::notify::Notifier::from_env();
     if let Some(n) = &mut notify {
         n.ready();
     }
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(100));
+        if reload.swap(false, Ordering::Relaxed) {
+            if let Some(n) = &notify {
+                n.reloading();
+            }
+            live.reload();
+            if let Some(n) = &mut notify {
+                n.ready();
+            }
+        }
         if let Some(n) = &mut notify {
             n.tick(pool.halted_reason().is_none());
         }
@@ -309,7 +548,7 @@ pub fn serve(
     }
     tracing::info!(pool = %dir.display(), "shutting down");
     server.shutdown();
-    if let Some(t) = iscsi_target {
+    if let Some(t) = live.iscsi.take() {
         t.shutdown();
     }
     let _ = std::fs::remove_file(control::socket_path(dir));

@@ -14,6 +14,7 @@ mod writer;
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::access::Security;
 use crate::error::{IscsiError, Result};
 use crate::login::{self, Login, LoginConfig, Outcome, Session, SessionType, TargetLookup};
 use crate::lu::Lu;
@@ -40,10 +41,16 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
         tsih,
         cfg.window,
     );
+    // One view of the CHAP secrets and initiator lists for the whole login, even if a reload
+    // replaces them meanwhile.
+    let security = shared.security();
     let lookup = |name: &str| match shared.lookup_target(name) {
-        Some(vol) => TargetLookup::Found(cfg.chap.get(&vol).cloned().or(cfg.default_chap.clone())),
+        Some(vol) => TargetLookup::Found(security.chap_for(&vol).cloned()),
         None => TargetLookup::Missing,
     };
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "-".to_string(), |a| a.to_string());
     let login_limits = pdu::Limits {
         max_data: login::MAX_LOGIN_DATA,
         header_digest: false,
@@ -65,10 +72,17 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
             return Err(IscsiError::Login("login timed out"));
         }
         let mut step = login.step(&p, &lookup);
+        // From the first PDU on (before any CHAP exchange), an initiator that the target's
+        // list does not name is refused.
+        if !matches!(step.outcome, Some(Outcome::Failed(_))) {
+            if let Err(code) = authorized(&shared, &security, &login, &peer) {
+                Login::refuse(&mut step, code);
+            }
+        }
         if let Some(Outcome::FullFeature(s)) = &step.outcome {
             // Last gate before the full feature phase: the target requires what the session
             // authenticated with, and there is room for one more session.
-            let refusal = match required_chap(&shared, s) {
+            let refusal = match required_chap(&shared, &security, s) {
                 Err(code) => Some(code),
                 Ok(()) => match shared.admit(conn_id) {
                     (Admission::Admitted, s) => {
@@ -136,16 +150,48 @@ pub(crate) fn serve(shared: Arc<Shared>, stream: TcpStream, conn_id: u64) -> Res
     }
 }
 
+/// Whether the initiator of a normal session may log in to the target it named (`Err`: the
+/// login status). Discovery sessions are open; SendTargets lists only permitted targets.
+fn authorized(
+    shared: &Shared,
+    security: &Security,
+    login: &Login,
+    peer: &str,
+) -> std::result::Result<(), u16> {
+    if login.session_type() != Some(SessionType::Normal) {
+        return Ok(());
+    }
+    let (Some(initiator), Some(target)) = (login.initiator_name(), login.target_name()) else {
+        return Ok(());
+    };
+    let Some(vol) = shared.lookup_target(target) else {
+        return Ok(());
+    };
+    if security.access.allows(&vol, initiator) {
+        return Ok(());
+    }
+    tracing::warn!(
+        peer,
+        initiator,
+        volume = %vol,
+        "iSCSI: initiator refused by the volume's access list"
+    );
+    Err(login::status::NOT_AUTHORIZED)
+}
+
 /// Whether the session's CHAP matches what its target requires now (`Err`: the login status).
-fn required_chap(shared: &Shared, s: &Session) -> std::result::Result<(), u16> {
+fn required_chap(
+    shared: &Shared,
+    security: &Security,
+    s: &Session,
+) -> std::result::Result<(), u16> {
     if s.kind == SessionType::Discovery {
         return Ok(());
     }
     let Some(vol) = shared.lookup_target(&s.target_name) else {
         return Err(login::status::NOT_FOUND);
     };
-    let cfg = &shared.cfg;
-    match cfg.chap.get(&vol).or(cfg.default_chap.as_ref()) {
+    match security.chap_for(&vol) {
         Some(c) if s.chap_user.as_deref() != Some(c.user.as_str()) => {
             // Worth an operator's attention whatever the verbosity: a client tried to get around
             // the CHAP its target requires.

@@ -254,7 +254,15 @@ impl Conn {
         for (k, v) in &keys {
             if k == "SendTargets" {
                 let portal = &self.portal;
+                let security = self.shared.security();
                 for name in self.shared.target_names() {
+                    // Targets this initiator may not log in to are not named.
+                    let vol = name
+                        .strip_prefix(crate::target::IQN_PREFIX)
+                        .unwrap_or(&name);
+                    if !security.access.allows(vol, &self.session.initiator_name) {
+                        continue;
+                    }
                     // A normal session only learns about its own target.
                     let visible = match v.as_str() {
                         "All" if self.session.kind == SessionType::Discovery => true,

@@ -30,6 +30,8 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     pub const INITIATOR_ERROR: u16 = 0x0200;
     pub const AUTH_FAILURE: u16 = 0x0201;
+    /// Authorization failure: the initiator is not allowed access to the given target.
+    pub const NOT_AUTHORIZED: u16 = 0x0202;
     pub const NOT_FOUND: u16 = 0x0203;
     pub const UNSUPPORTED_VERSION: u16 = 0x0205;
     pub const MISSING_PARAMETER: u16 = 0x0207;
@@ -292,6 +294,21 @@ impl Login {
 
     fn fail(&mut self, req: &Bhs, status: u16) -> Step {
         self.response(req, false, 0, status, Vec::new())
+    }
+
+    /// The InitiatorName declared in the first Login PDU, once it was accepted.
+    pub fn initiator_name(&self) -> Option<&str> {
+        self.initiator_name.as_deref()
+    }
+
+    /// The TargetName declared in the first Login PDU (none for discovery).
+    pub fn target_name(&self) -> Option<&str> {
+        self.target_name.as_deref()
+    }
+
+    /// The session type declared in the first Login PDU.
+    pub fn session_type(&self) -> Option<SessionType> {
+        self.kind
     }
 
     /// Turn a response that would start the full feature phase into a login failure with
