@@ -245,15 +245,19 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
         }
         if do_flush {
             step += 1;
-            if let Some(r) = &running {
-                progress(
-                    start,
-                    step,
-                    steps,
-                    &format!("{name}: write+flush pairs (libnbd)"),
-                );
+            {
+                let what = if running.is_some() {
+                    "write+flush pairs (libnbd)"
+                } else {
+                    "O_DIRECT write + fdatasync pairs"
+                };
+                progress(start, step, steps, &format!("{name}: {what}"));
                 noise.sample();
-                let l = match flush::measure(&r.uri, a.flush_seconds) {
+                let measured = match &running {
+                    Some(r) => flush::measure(&r.uri, a.flush_seconds),
+                    None => flush::measure_local(&raw_file, a.flush_seconds),
+                };
+                let l = match measured {
                     Ok(l) => l,
                     Err(e) => {
                         eprintln!("\n{name}: flush latency not measured: {e:#}");
@@ -395,7 +399,7 @@ pub fn table(r: &Report) -> String {
         }
     }
     if !r.flush.is_empty() {
-        s.push_str("\n| 4k write + flush, one at a time (libnbd) | pairs/s | p50 | p99 | ingot ÷ target |\n");
+        s.push_str("\n| 4k write + flush, one at a time (libnbd; raw file: O_DIRECT pwrite + fdatasync) | pairs/s | p50 | p99 | ingot ÷ target |\n");
         s.push_str("|---|---:|---:|---:|---:|\n");
         for f in &r.flush {
             s.push_str(&format!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Request, Volume};
+use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Request, StageTimes, Volume};
 
 struct Job {
     name: &'static str,
@@ -59,6 +59,7 @@ pub fn engine(
     no_fio: bool,
     only: &str,
     shards: usize,
+    write_back: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let pool_dir = dir.join("bench-pool");
@@ -69,6 +70,7 @@ pub fn engine(
         // Reads must reach the device to be comparable with fio's O_DIRECT reads.
         cache_bytes: Some(0),
         shards,
+        write_back_bytes: write_back,
         ..Default::default()
     };
     // Prefilled, as a block device or a laid-out fio file is: writes overwrite written blocks.
@@ -84,13 +86,22 @@ pub fn engine(
         "{:<14} {:>12} {:>10} {:>12} {:>10} {:>7}",
         "job", "ingot IOPS", "MB/s", "fio IOPS", "MB/s", "ratio"
     );
+    let mut breakdown = Vec::new();
     for job in JOBS.iter().filter(|j| j.name.contains(only)) {
         if !job.write {
             // Fill the volume so reads hit stored data.
             fill(&vol, size)?;
         }
         let qd = if job.bs == 1 << 20 { qd.min(8) } else { qd };
+        let before = pool.stats().latency;
         let (ops, secs) = run_engine(&vol, job, size, qd, seconds)?;
+        let after = pool.stats().latency;
+        let stages = if job.write {
+            after.writes.since(&before.writes)
+        } else {
+            after.reads.since(&before.reads)
+        };
+        let flushes = after.flushes.since(&before.flushes);
         let iops = ops as f64 / secs;
         let mbs = iops * job.bs as f64 / 1e6;
         let (fio_iops, fio_mbs) = if no_fio {
@@ -107,12 +118,32 @@ pub fn engine(
             fio_mbs,
             iops / fio_iops
         );
+        breakdown.push((job.name, stages, flushes));
+    }
+    // Where the engine's requests spent their time, per job (means; a request's time less
+    // its queue and device stages is spent in the shard and in replying).
+    println!(
+        "\n{:<14} {:>10} {:>10} {:>10} {:>10} {:>14}",
+        "job", "total µs", "queued µs", "device µs", "devops/req", "flush µs (n)"
+    );
+    for (name, st, fl) in &breakdown {
+        let m = |ns, n| StageTimes::mean_us(ns, n).map_or("-".into(), |v| format!("{v:.0}"));
+        println!(
+            "{:<14} {:>10} {:>10} {:>10} {:>10.2} {:>14}",
+            name,
+            m(st.total_ns, st.done),
+            m(st.queued_ns, st.picked),
+            m(st.device_ns, st.device),
+            st.device as f64 / st.done.max(1) as f64,
+            format!("{} ({})", m(fl.total_ns, fl.done), fl.done)
+        );
     }
     let s = pool.stats();
     println!(
-        "engine {} x{} shards; client {} MiB written, device {} MiB written, {:.1} blocks per record",
+        "engine {} x{} shards, write-back {} MiB; client {} MiB written, device {} MiB written, {:.1} blocks per record",
         s.io_engine,
         s.shards,
+        s.write_back_limit_bytes >> 20,
         s.client_written_bytes >> 20,
         s.device_written_bytes >> 20,
         s.client_written_bytes as f64 / 4096.0 / s.last_seq.max(1) as f64

@@ -59,6 +59,10 @@ enum Cmd {
         /// Only jobs whose name contains this (e.g. `randwrite`).
         #[arg(long, default_value = "")]
         only: String,
+        /// Write-back buffer, as `ingot serve --write-back` (its default); 0: every write
+        /// waits for its record on the device.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        write_back: u64,
     },
 }
 
@@ -111,6 +115,7 @@ fn main() -> Result<()> {
             no_fio,
             only,
             shards,
+            write_back,
         } => engine::engine(
             &dir,
             size_mib << 20,
@@ -120,6 +125,7 @@ fn main() -> Result<()> {
             no_fio,
             &only,
             shards,
+            write_back,
         ),
     }
 }

@@ -134,6 +134,45 @@ pub fn render(s: &Stats) -> String {
         let _ = writeln!(out, "# TYPE ingot_{name} gauge");
         let _ = writeln!(out, "ingot_{name} {v}");
     }
+    // Stage times as Prometheus summaries' _sum/_count pairs: rate(sum)/rate(count) is the
+    // mean time of a stage over any window.
+    let l = &s.latency;
+    let ops = [
+        ("read", &l.reads),
+        ("write", &l.writes),
+        ("flush", &l.flushes),
+    ];
+    type Stage = fn(&ingot_engine::StageTimes) -> (u64, u64);
+    let stages: [(&str, &str, Stage); 3] = [
+        (
+            "request",
+            "Requests from submission to completion (a write acknowledged early: to applied).",
+            |t| (t.total_ns, t.done),
+        ),
+        (
+            "queued",
+            "Request parts from submission until a shard took them.",
+            |t| (t.queued_ns, t.picked),
+        ),
+        (
+            "device",
+            "Device operations (read spans, log records, syncs) from queued to completed.",
+            |t| (t.device_ns, t.device),
+        ),
+    ];
+    for (stage, help, get) in stages {
+        let _ = writeln!(out, "# HELP ingot_{stage}_seconds {help}");
+        let _ = writeln!(out, "# TYPE ingot_{stage}_seconds summary");
+        for (op, t) in ops {
+            let (ns, n) = get(t);
+            let _ = writeln!(
+                out,
+                "ingot_{stage}_seconds_sum{{op=\"{op}\"}} {}",
+                ns as f64 / 1e9
+            );
+            let _ = writeln!(out, "ingot_{stage}_seconds_count{{op=\"{op}\"}} {n}");
+        }
+    }
     type Field = fn(&ingot_engine::VolumeInfo) -> String;
     let per_volume: [(&str, &str, Field); 4] = [
         ("size_bytes", "Logical size of each volume.", |v| {

@@ -249,6 +249,55 @@ pub struct Stats {
     /// Where `device_written_bytes` went, since the pool was opened.
     #[serde(default)]
     pub device_written_breakdown: WriteBreakdown,
+    /// Where requests spent their time since the pool was opened.
+    #[serde(default)]
+    pub latency: LatencyBreakdown,
+}
+
+/// Time spent per stage, by kind of request (`Stats::latency`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyBreakdown {
+    pub reads: StageTimes,
+    /// Writes, write-zeroes and trims.
+    pub writes: StageTimes,
+    /// Flushes (and the flush a FUA write ends with): `device` counts the syncs.
+    pub flushes: StageTimes,
+}
+
+/// Sums of nanoseconds per stage with their counts: a mean is `x_ns / count`, and the
+/// difference of two snapshots gives the means over an interval.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StageTimes {
+    /// Requests completed, and their time from submission to completion (a write
+    /// acknowledged early: to its records applied).
+    pub done: u64,
+    pub total_ns: u64,
+    /// Request parts a shard took, and their time from submission until then.
+    pub picked: u64,
+    pub queued_ns: u64,
+    /// Device operations (read spans, log records, syncs) and their time from being queued to
+    /// the device until they completed.
+    pub device: u64,
+    pub device_ns: u64,
+}
+
+impl StageTimes {
+    /// Mean microseconds of a stage (`None` when nothing was counted).
+    pub fn mean_us(ns: u64, count: u64) -> Option<f64> {
+        (count > 0).then(|| ns as f64 / count as f64 / 1000.0)
+    }
+
+    /// The counts and sums since `before`.
+    pub fn since(&self, before: &StageTimes) -> StageTimes {
+        StageTimes {
+            done: self.done.saturating_sub(before.done),
+            total_ns: self.total_ns.saturating_sub(before.total_ns),
+            picked: self.picked.saturating_sub(before.picked),
+            queued_ns: self.queued_ns.saturating_sub(before.queued_ns),
+            device: self.device.saturating_sub(before.device),
+            device_ns: self.device_ns.saturating_sub(before.device_ns),
+        }
+    }
 }
 
 /// Device bytes written by kind of write (`Stats::device_written_breakdown`).

@@ -61,6 +61,11 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
+    /// Whether this cache holds nothing ever (`--cache-size=0`).
+    pub fn is_off(&self) -> bool {
+        self.capacity_blocks == 0
+    }
+
     pub fn new(capacity_bytes: u64) -> Self {
         BlockCache {
             map: IdMap::default(),

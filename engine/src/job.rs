@@ -2,12 +2,14 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
 use crate::api::{Completion, Reply};
+use crate::counters::{Op, Stages};
 use crate::error::Error;
 use crate::health::Health;
 use crate::write_back::EarlyWrites;
@@ -28,6 +30,14 @@ pub(crate) struct Job {
     /// once its parts are done.
     write_back: Mutex<Option<WriteBack>>,
     early: bool,
+    timing: Option<Timing>,
+}
+
+/// When a request was submitted and where its stage times go (see `Stages`).
+pub(crate) struct Timing {
+    pub since: Instant,
+    pub op: Op,
+    pub stages: Arc<Stages>,
 }
 
 /// An early-acknowledged write still being stored.
@@ -108,8 +118,9 @@ pub(crate) fn zeroes(len: usize) -> Bytes {
 
 /// Work for the flusher thread.
 pub(crate) enum FlushMsg {
-    /// A client's flush (or FUA write): covers writes acknowledged early too.
-    Flush(Answer),
+    /// A client's flush (or FUA write): covers writes acknowledged early too. With when it
+    /// was asked for.
+    Flush(Answer, Instant),
     Stop,
 }
 
@@ -119,19 +130,54 @@ impl Job {
         read_len: Option<usize>,
         fua: Option<Sender<FlushMsg>>,
         done: Completion,
+        timing: Option<Timing>,
     ) -> Arc<Job> {
-        Job::make(parts, read_len, false, fua, Some(Answer::new(done)), None)
+        Job::make(
+            parts,
+            read_len,
+            false,
+            fua,
+            Some(Answer::new(done)),
+            None,
+            timing,
+        )
     }
 
     /// A read of `len` bytes answered with [`Reply::Pieces`] when it has several.
-    pub fn new_read_pieces(parts: usize, len: usize, done: Completion) -> Arc<Job> {
-        Job::make(parts, Some(len), true, None, Some(Answer::new(done)), None)
+    pub fn new_read_pieces(
+        parts: usize,
+        len: usize,
+        done: Completion,
+        timing: Option<Timing>,
+    ) -> Arc<Job> {
+        Job::make(
+            parts,
+            Some(len),
+            true,
+            None,
+            Some(Answer::new(done)),
+            None,
+            timing,
+        )
     }
 
     /// A write acknowledged already (`EarlyWrites::admits` took its bytes): no
     /// completion left to run, only `wb` to finish.
-    pub fn new_write_back(parts: usize, wb: WriteBack) -> Arc<Job> {
-        Job::make(parts, None, false, None, None, Some(wb))
+    pub fn new_write_back(parts: usize, wb: WriteBack, timing: Option<Timing>) -> Arc<Job> {
+        Job::make(parts, None, false, None, None, Some(wb), timing)
+    }
+
+    /// A shard took one of this request's parts.
+    pub fn picked(&self) {
+        if let Some(t) = &self.timing {
+            t.stages.picked(t.op, t.since);
+        }
+    }
+
+    fn finished(&self) {
+        if let Some(t) = &self.timing {
+            t.stages.done(t.op, t.since);
+        }
     }
 
     fn make(
@@ -141,6 +187,7 @@ impl Job {
         fua: Option<Sender<FlushMsg>>,
         done: Option<Answer>,
         wb: Option<WriteBack>,
+        timing: Option<Timing>,
     ) -> Arc<Job> {
         Arc::new(Job {
             remaining: AtomicUsize::new(parts),
@@ -153,6 +200,7 @@ impl Job {
             fua,
             early: wb.is_some(),
             write_back: Mutex::new(wb),
+            timing,
         })
     }
 
@@ -255,6 +303,7 @@ impl Job {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
+        self.finished();
         if let Some(wb) = self.write_back.lock().take() {
             let e = self.error.lock().take();
             wb.finish(e.as_ref().map_or(Ok(()), Err));
@@ -280,8 +329,9 @@ impl Job {
         }
         match &self.fua {
             Some(flusher) => {
-                let msg = FlushMsg::Flush(done);
-                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = flusher.send(msg)
+                let msg = FlushMsg::Flush(done, Instant::now());
+                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done, _))) =
+                    flusher.send(msg)
                 {
                     done.send(Err(Error::ShutDown));
                 }

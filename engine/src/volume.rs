@@ -2,14 +2,16 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use crate::api::{check_range, Completion, Extent, Reply, Request, BLOCK_BYTES, MAX_REQUEST_BYTES};
 use crate::context::Context;
+use crate::counters::Op;
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
-use crate::job::{FlushMsg, Job, WriteBack};
+use crate::job::{FlushMsg, Job, Timing, WriteBack};
 use crate::map::shard_of;
 use crate::map::VolumeState;
 use crate::shard::ShardMsg;
@@ -85,9 +87,9 @@ impl Volume {
                 (*offset, *len, *fua)
             }
             Request::Flush => {
-                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) = ctx
-                    .flusher
-                    .send(FlushMsg::Flush(crate::job::Answer::new(done)))
+                let msg = FlushMsg::Flush(crate::job::Answer::new(done), Instant::now());
+                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done, _))) =
+                    ctx.flusher.send(msg)
                 {
                     done.send(Err(Error::ShutDown));
                 }
@@ -135,6 +137,15 @@ impl Volume {
             && offset % BLOCK_BYTES == 0
             && len % BLOCK_BYTES == 0
             && ctx.write_back.admits(len, &ctx.health, &ctx.gc_stuck);
+        let timing = Some(Timing {
+            since: Instant::now(),
+            op: if read_len.is_some() {
+                Op::Read
+            } else {
+                Op::Write
+            },
+            stages: ctx.stages.clone(),
+        });
         let (job, ack) = if early {
             ctx.write_back.mark(self.state.id, offset, len, false);
             let wb = WriteBack {
@@ -144,12 +155,12 @@ impl Volume {
                 offset,
                 len,
             };
-            (Job::new_write_back(parts.len(), wb), Some(done))
+            (Job::new_write_back(parts.len(), wb, timing), Some(done))
         } else if let (Some(n), true) = (read_len, pieces) {
-            (Job::new_read_pieces(parts.len(), n, done), None)
+            (Job::new_read_pieces(parts.len(), n, done, timing), None)
         } else {
             let fua_tx = fua.then(|| ctx.flusher.clone());
-            (Job::new(parts.len(), read_len, fua_tx, done), None)
+            (Job::new(parts.len(), read_len, fua_tx, done, timing), None)
         };
         for (shard, off, l) in parts {
             let at = (off - offset) as usize;
@@ -194,6 +205,7 @@ impl Volume {
         // the read after it. Counted before its acknowledgement and uncounted once applied, so
         // a zero here means any early write acknowledged before this read is in the map.
         if count > MAX_CACHED_READ_BLOCKS
+            || !self.ctx.caching
             || (first..=last).any(|lba| self.ctx.write_back.pending(self.state.id, lba))
         {
             return None;

@@ -326,3 +326,53 @@ fn reads_in_pieces_match_plain_reads() {
     assert!(saw_pieces);
     pool.shutdown().unwrap();
 }
+
+/// `stats().latency` counts each request once, with its stages inside its total: reads whose
+/// blocks are not cached go to the device once each, writes through records, flushes sync.
+#[test]
+fn latency_stages_count_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = PoolOptions {
+        io: IoKind::Uring,
+        shards: 2,
+        cache_bytes: Some(0),
+        ..Default::default()
+    };
+    let c = CreateOptions {
+        size_bytes: 256 << 20,
+        segment_bytes: 4 << 20,
+        ..Default::default()
+    };
+    let pool = Pool::create(dir.path(), &c, &o).expect("create");
+    pool.create_volume("v", 64 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let before = pool.stats().latency;
+    for i in 0..20u64 {
+        v.write(i * 4096 * 300, &pattern(i as u8 + 1, 4096), false)
+            .unwrap();
+    }
+    v.flush().unwrap();
+    for i in 0..20u64 {
+        assert_eq!(
+            v.read(i * 4096 * 300, 4096).unwrap(),
+            pattern(i as u8 + 1, 4096)
+        );
+    }
+    let l = pool.stats().latency;
+    let (r, w, f) = (
+        l.reads.since(&before.reads),
+        l.writes.since(&before.writes),
+        l.flushes.since(&before.flushes),
+    );
+    assert_eq!((r.done, r.picked, r.device), (20, 20, 20), "{r:?}");
+    assert_eq!((w.done, w.picked), (20, 20), "{w:?}");
+    assert!(w.device >= 1, "{w:?}");
+    assert_eq!((f.done, f.device), (1, 1), "{f:?}");
+    for t in [r, w] {
+        assert!(t.queued_ns > 0 && t.device_ns > 0, "{t:?}");
+        assert!(t.queued_ns < t.total_ns, "{t:?}");
+    }
+    // Reads queued at the device for less time than the requests took in all.
+    assert!(r.device_ns < r.total_ns, "{r:?}");
+    pool.shutdown().unwrap();
+}

@@ -642,6 +642,9 @@ fn prometheus_metrics_from_the_cli_and_the_server() {
         "ingot_physical_used_bytes ",
         "ingot_logical_mapped_bytes 0",
         "ingot_volume_size_bytes{volume=\"vol0\"} 8589934592",
+        "ingot_request_seconds_count{op=\"read\"} ",
+        "ingot_device_seconds_sum{op=\"flush\"} ",
+        "# TYPE ingot_queued_seconds summary",
     ] {
         assert!(text.contains(name), "{name:?} missing from:\n{text}");
     }

@@ -19,7 +19,7 @@ use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::BlockCache;
-use crate::counters::{Counters, ShardStats};
+use crate::counters::{Counters, ShardStats, Stages};
 use crate::error::{Error, Result};
 use crate::format::LogKey;
 use crate::health::{Health, Wake};
@@ -53,7 +53,12 @@ pub(crate) struct Context {
     /// Each shard's block cache. The shard fills it; front-end threads read cached blocks from
     /// it directly ([`crate::Volume::submit`]), saving the hand-off to the shard and back.
     pub caches: Vec<Mutex<BlockCache>>,
+    /// Some shard caches blocks: reads may be served from the caches on the caller's thread
+    /// (with the cache off, trying cost a space and a map lock per read).
+    pub caching: bool,
     pub counters: Counters,
+    /// Where requests spend their time (see `Stages`).
+    pub stages: Arc<Stages>,
     pub flusher: Sender<FlushMsg>,
     /// A failed record left a gap in a chain: only a checkpoint makes what follows recoverable.
     pub chain_broken: AtomicBool,
@@ -157,8 +162,10 @@ impl Context {
             space: Mutex::new(p.space),
             seq: AtomicU64::new(p.seq),
             shard_stats: (0..chains).map(|_| ShardStats::default()).collect(),
+            caching: p.caches.iter().any(|c| !c.lock().is_off()),
             caches: p.caches,
             counters: Counters::default(),
+            stages: Arc::default(),
             flusher: p.flusher,
             chain_broken: AtomicBool::new(false),
             discard_freed: p.discard_freed,
@@ -228,9 +235,9 @@ impl Context {
     /// syncing when a failed record broke a chain), writes acknowledged early included.
     pub(crate) fn flush(&self) -> Result<()> {
         crate::api::wait_reply(|done| {
-            if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done))) =
-                self.flusher.send(FlushMsg::Flush(Answer::new(done)))
-            {
+            if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done, _))) = self.flusher.send(
+                FlushMsg::Flush(Answer::new(done), std::time::Instant::now()),
+            ) {
                 done.send(Err(Error::ShutDown));
             }
         })

@@ -124,6 +124,7 @@ impl Cleaner {
             Box::new(move |r| {
                 let _ = tx.send(r.map(|_| ()));
             }),
+            None,
         );
         self.workers
             .send(self.ctx.mover(), ShardMsg::Relocate { moves, job });

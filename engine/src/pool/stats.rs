@@ -4,8 +4,9 @@ use crate::pool::Pool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::api::{ratio, Stats, WriteBreakdown, BLOCK_BYTES};
+use crate::api::{ratio, LatencyBreakdown, Stats, WriteBreakdown, BLOCK_BYTES};
 use crate::cache::BlockCache;
+use crate::counters::Op;
 use crate::format::SEGMENT_HEADER_BYTES;
 use crate::map::VolumeState;
 use crate::space::{HostRoom, SegState};
@@ -162,6 +163,14 @@ impl Pool {
                     move_header_bytes: r(1, 3),
                     checkpoints: c.checkpoints.load(Ordering::Relaxed),
                     checkpoint_bytes: c.checkpoint_bytes.load(Ordering::Relaxed),
+                }
+            },
+            latency: {
+                let s = &inner.ctx.stages;
+                LatencyBreakdown {
+                    reads: s.snapshot(Op::Read),
+                    writes: s.snapshot(Op::Write),
+                    flushes: s.snapshot(Op::Flush),
                 }
             },
         }

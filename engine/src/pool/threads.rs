@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
+use crate::counters::Op;
 use crate::error::{Error, Result};
 use crate::health::{Health, WakeMsg};
 use crate::job::FlushMsg;
@@ -57,17 +58,21 @@ pub(crate) fn flusher(inner: Arc<Inner>, rx: Receiver<FlushMsg>) {
         let mut stop = false;
         for m in std::iter::once(first).chain(rx.try_iter()) {
             match m {
-                FlushMsg::Flush(c) => waiting.push(c),
+                FlushMsg::Flush(c, since) => waiting.push((c, since)),
                 FlushMsg::Stop => stop = true,
             }
         }
         if !waiting.is_empty() {
             // Writes acknowledged early are part of what a client's flush covers.
+            let t = std::time::Instant::now();
             let r = inner
                 .workers
                 .settle_writes(&inner.ctx)
                 .and_then(|()| inner.ckpt.sync_completed());
-            for c in waiting {
+            let stages = &inner.ctx.stages;
+            stages.device(Op::Flush, t);
+            for (c, since) in waiting {
+                stages.done(Op::Flush, since);
                 c.send(match &r {
                     Ok(()) => Ok(crate::api::Reply::Done),
                     Err(e) => Err(e.clone()),

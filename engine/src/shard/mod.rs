@@ -19,6 +19,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
+
+use crate::counters::Op;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -191,6 +194,8 @@ pub(crate) struct Inflight {
     pub(crate) void: Option<VoidAt>,
     pub(crate) applies: Vec<Apply>,
     pub(crate) parts: Vec<Rc<Part>>,
+    /// When it was queued to the device.
+    pub(crate) sent: Instant,
 }
 
 pub(crate) struct Shard {
@@ -415,6 +420,7 @@ impl Shard {
                 at,
                 job,
             } => {
+                job.picked();
                 self.read(vol, offset, len, at, job);
                 0
             }
@@ -425,6 +431,7 @@ impl Shard {
                 job,
             } => {
                 let n = data.len();
+                job.picked();
                 self.write(vol, offset, data, job);
                 n
             }
@@ -434,6 +441,7 @@ impl Shard {
                 len,
                 job,
             } => {
+                job.picked();
                 self.zero(vol, offset, len, job);
                 0
             }
@@ -527,10 +535,14 @@ impl Shard {
         self.queue.reap(&mut done);
         for d in done.drain(..) {
             if let Some(pr) = self.reads.remove(&d.tag) {
+                self.ctx.stages.device(Op::Read, pr.sent);
                 self.finish_read(pr, d);
             } else if let Some(v) = self.verifying.remove(&d.tag) {
                 self.verified.push((v, d));
             } else if let Some(r) = self.inflight.iter_mut().find(|r| r.tag == d.tag) {
+                if r.shard_seq.is_some() {
+                    self.ctx.stages.device(Op::Write, r.sent);
+                }
                 r.result = Some(d.result);
                 r.buf = Some(d.buf);
             }

@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -537,6 +538,7 @@ impl Shard {
             void: Some(placed.void),
             applies,
             parts,
+            sent: Instant::now(),
         });
     }
 
@@ -754,5 +756,6 @@ fn push_header(
         void: None,
         applies: Vec::new(),
         parts: Vec::new(),
+        sent: Instant::now(),
     });
 }

@@ -3,6 +3,7 @@
 use super::{Part, Shard, ShardMsg, BLOCK};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -48,6 +49,8 @@ pub(crate) struct PendingRead {
     pub(crate) base: u32,
     pub(crate) end: u32,
     pub(crate) pieces: Vec<Piece>,
+    /// When it was queued to the device.
+    pub(crate) sent: Instant,
 }
 
 /// Longest single device read a request is split into.
@@ -328,6 +331,7 @@ pub(crate) fn add_to_spans(
         base: pstart,
         end: pend,
         pieces: vec![piece(e, want)],
+        sent: Instant::now(),
     });
 }
 
