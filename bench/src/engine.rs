@@ -60,6 +60,7 @@ pub fn engine(
     only: &str,
     shards: usize,
     write_back: u64,
+    sparse: bool,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let pool_dir = dir.join("bench-pool");
@@ -73,10 +74,11 @@ pub fn engine(
         write_back_bytes: write_back,
         ..Default::default()
     };
-    // Prefilled, as a block device or a laid-out fio file is: writes overwrite written blocks.
+    // Prefilled, as a block device or a laid-out fio file is: writes overwrite written blocks
+    // (or thin with --sparse, as `ingot serve` creates pools).
     let c = CreateOptions {
         size_bytes: size * 2 + (8 << 30),
-        prefill: true,
+        prefill: !sparse,
         ..Default::default()
     };
     let pool = Pool::create(&pool_dir, &c, &opts)?;
@@ -140,10 +142,11 @@ pub fn engine(
     }
     let s = pool.stats();
     println!(
-        "engine {} x{} shards, write-back {} MiB; client {} MiB written, device {} MiB written, {:.1} blocks per record",
+        "engine {} x{} shards, write-back {} MiB, {} pool; client {} MiB written, device {} MiB written, {:.1} blocks per record",
         s.io_engine,
         s.shards,
         s.write_back_limit_bytes >> 20,
+        if sparse { "thin" } else { "prefilled" },
         s.client_written_bytes >> 20,
         s.device_written_bytes >> 20,
         s.client_written_bytes as f64 / 4096.0 / s.last_seq.max(1) as f64

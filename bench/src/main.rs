@@ -63,6 +63,10 @@ enum Cmd {
         /// waits for its record on the device.
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         write_back: u64,
+        /// A thin pool (as `ingot serve` creates by default): segments are allocated in the
+        /// backing file as they are first used, not written out at creation.
+        #[arg(long)]
+        sparse: bool,
     },
 }
 
@@ -116,6 +120,7 @@ fn main() -> Result<()> {
             only,
             shards,
             write_back,
+            sparse,
         } => engine::engine(
             &dir,
             size_mib << 20,
@@ -126,6 +131,7 @@ fn main() -> Result<()> {
             &only,
             shards,
             write_back,
+            sparse,
         ),
     }
 }
