@@ -20,7 +20,7 @@ use crate::shard::Workers;
 use crate::error::{Error, Result};
 use crate::format::NO_SEGMENT;
 use crate::log::ShardPosition;
-use crate::shard::ShardMsg;
+use crate::shard::{ShardMsg, UrgentPause};
 
 pub(crate) struct CkptState {
     pub(crate) generation: u64,
@@ -140,38 +140,44 @@ impl Checkpointer {
         }
         let mut ck = self.state.lock();
         let paused_at = std::time::Instant::now();
-        let (ptx, prx) = crossbeam_channel::unbounded();
+        let mut replies = Vec::new();
         let mut resumes = Vec::new();
         let mut positions = vec![None; self.ctx.chains()];
         for i in 0..self.ctx.chains() {
             let (rtx, rrx) = crossbeam_channel::bounded::<()>(1);
             let (one_tx, one_rx) = crossbeam_channel::bounded(1);
-            let pause = ShardMsg::Pause {
-                paused: one_tx,
-                resume: rrx,
+            // A change to the volumes waits for what the workers were sent before it; a plain
+            // checkpoint overtakes it.
+            let posted = if mutate.is_some() {
+                let pause = ShardMsg::Pause {
+                    paused: one_tx,
+                    resume: rrx,
+                };
+                self.workers.post(i, pause)
+            } else {
+                let pause = UrgentPause {
+                    paused: one_tx,
+                    resume: rrx,
+                };
+                self.workers.post_urgent(i, pause)
             };
-            if !self.workers.post(i, pause) {
+            if !posted {
                 return Err(Error::ShutDown);
             }
             resumes.push(rtx);
-            let ptx = ptx.clone();
-            // Collect replies tagged with the shard number.
-            std::thread::spawn(move || {
-                if let Ok(r) = one_rx.recv() {
-                    let _ = ptx.send((i, r));
-                }
-            });
+            replies.push(one_rx);
         }
-        drop(ptx);
+        // Every worker pauses at once; their answers are read in turn.
         let mut first_err = None;
-        for _ in 0..self.ctx.chains() {
-            match prx.recv() {
-                Ok((i, Ok(pos))) => positions[i] = Some(pos),
-                Ok((_, Err(e))) => first_err = first_err.or(Some(e)),
+        for (i, rx) in replies.into_iter().enumerate() {
+            match rx.recv() {
+                Ok(Ok(pos)) => positions[i] = Some(pos),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
                 Err(_) => first_err = first_err.or(Some(Error::ShutDown)),
             }
         }
         let seq_end = self.ctx.seq.load(Ordering::Acquire);
+        let all_paused_us = paused_at.elapsed().as_micros() as u64;
         if let Some(e) = first_err {
             // Paused shards moved to new chains that only a checkpoint reaches.
             self.ctx.chain_broken.store(true, Ordering::Release);
@@ -194,12 +200,16 @@ impl Checkpointer {
             })
             .collect();
         let starved = positions.iter().any(|p| p.next == NO_SEGMENT);
-        let (image, live_then) = self.snapshot(seq_end, positions);
+        let (mut image, live_then) = self.snapshot(seq_end, positions);
         self.ctx.chain_broken.store(false, Ordering::Release);
         drop(resumes);
+        let paused_us = paused_at.elapsed().as_micros() as u64;
+        self.add_index(&mut image);
         tracing::debug!(
             target: "ingot_engine::checkpoint",
-            paused_us = paused_at.elapsed().as_micros() as u64,
+            paused_us,
+            // Of which waiting for every worker to stop (its queue and records in flight).
+            stopping_us = all_paused_us,
             "workers paused for the image"
         );
         // Commit even when the mutation was refused (volume exists, not found): the shards

@@ -378,16 +378,19 @@ impl Pool {
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         let mut bells = Vec::new();
+        let mut urgent = Vec::new();
         for _ in 0..=nshards {
             let (tx, rx) = crossbeam_channel::unbounded();
             senders.push(tx);
+            let (utx, urx) = crossbeam_channel::unbounded();
+            urgent.push(utx);
             let bell = Arc::new(Doorbell::new().map_err(|source| Error::Io {
                 device: 0,
                 offset: 0,
                 source,
             })?);
             bells.push(bell.clone());
-            receivers.push((rx, bell));
+            receivers.push((rx, urx, bell));
         }
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
         let usable_bytes = usable_bytes(&geo, nshards);
@@ -428,7 +431,7 @@ impl Pool {
             volumes: table,
             data_shards: nshards,
         }));
-        let workers = Arc::new(Workers::new(senders, bells));
+        let workers = Arc::new(Workers::new(senders, bells, urgent));
         let ckpt = Arc::new(Checkpointer::new(
             ctx.clone(),
             workers.clone(),
@@ -459,7 +462,8 @@ impl Pool {
         inner.ctx.top_up_backed();
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         if !o.read_only {
-            let (image, live_then) = inner.ckpt.snapshot(seq_end, positions.clone());
+            let (mut image, live_then) = inner.ckpt.snapshot(seq_end, positions.clone());
+            inner.ckpt.add_index(&mut image);
             let mut ck = inner.ckpt.state.lock();
             inner.ckpt.commit(&mut ck, &image, &live_then)?;
             inner.ctx.space.lock().rebuild_free_ids();
@@ -469,7 +473,7 @@ impl Pool {
             inner.ctx.note_unpunched_at_open();
         }
         let mut threads = Vec::new();
-        for (i, (rx, bell)) in receivers.into_iter().enumerate() {
+        for (i, (rx, urx, bell)) in receivers.into_iter().enumerate() {
             let queue = devices.queue(256).map_err(|source| Error::Io {
                 device: 0,
                 offset: 0,
@@ -483,7 +487,7 @@ impl Pool {
             };
             let sv = inner.ctx.clone();
             threads.push(spawn_supervised(name, &inner.ctx.health, move || {
-                Shard::new(i, sv, rx, bell, queue, pos).run()
+                Shard::new(i, sv, rx, urx, bell, queue, pos).run()
             })?);
         }
         let fi = inner.clone();

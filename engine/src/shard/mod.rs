@@ -83,11 +83,14 @@ pub(crate) enum ShardMsg {
         job: Arc<Job>,
     },
     /// Drain in-flight I/O, report the chain position (the chain goes on where it is, see
-    /// `Chain::at_checkpoint`), wait for the checkpoint's image.
+    /// `Chain::at_checkpoint`), wait for the checkpoint's image. In order with the other
+    /// messages (a checkpoint that changes volumes); plain checkpoints send an [`UrgentPause`].
     Pause {
         paused: Sender<Result<ShardPosition, Error>>,
         resume: Receiver<()>,
     },
+    /// Nothing: wakes a worker blocked on its channel to look at its urgent one.
+    Nudge,
     /// Finish every I/O in flight, then answer (the cleaner frees segments after this).
     Fence(Sender<()>),
     /// Answer once every write received before this one is applied (or failed): writes
@@ -95,6 +98,16 @@ pub(crate) enum ShardMsg {
     /// writes stalled on space, unlike `Fence` (which the cleaner itself sends).
     Settle(Sender<()>),
     Stop,
+}
+
+/// A pause that overtakes the worker's queue (see `Workers::post_urgent`): the records it has
+/// in flight still complete first, but the requests waiting in its channel (up to the whole
+/// write-back buffer, tens of milliseconds of writes) wait for after the checkpoint's image.
+/// Valid because nothing in the channel is applied yet: whatever it holds is written after the
+/// chain position the checkpoint records, where replay finds it.
+pub(crate) struct UrgentPause {
+    pub paused: Sender<Result<ShardPosition, Error>>,
+    pub resume: Receiver<()>,
 }
 
 thread_local! {
@@ -202,6 +215,8 @@ pub(crate) struct Shard {
     pub(crate) id: usize,
     pub(crate) ctx: Arc<Context>,
     pub(crate) rx: Receiver<ShardMsg>,
+    /// Pauses that overtake `rx` (see [`UrgentPause`]).
+    pub(crate) urgent: Receiver<UrgentPause>,
     /// Rung by senders while this worker waits in its ring (see [`Doorbell`]).
     pub(crate) bell: Arc<Doorbell>,
     pub(crate) queue: Box<dyn IoQueue>,
@@ -254,6 +269,7 @@ impl Shard {
         id: usize,
         ctx: Arc<Context>,
         rx: Receiver<ShardMsg>,
+        urgent: Receiver<UrgentPause>,
         bell: Arc<Doorbell>,
         queue: Box<dyn IoQueue>,
         pos: ShardPosition,
@@ -263,6 +279,7 @@ impl Shard {
             chain: Chain::new(id, ctx.clone(), pos),
             ctx,
             rx,
+            urgent,
             bell,
             queue,
             inflight: VecDeque::new(),
@@ -359,7 +376,16 @@ impl Shard {
                     {
                         break;
                     }
+                    if let Ok(u) = self.urgent.try_recv() {
+                        pause = Some((u.paused, u.resume));
+                        break;
+                    }
                     msg = self.rx.try_recv().ok();
+                }
+            }
+            if pause.is_none() && !stop {
+                if let Ok(u) = self.urgent.try_recv() {
+                    pause = Some((u.paused, u.resume));
                 }
             }
             if got_msgs || !self.stalled.is_empty() {
@@ -463,6 +489,7 @@ impl Shard {
                 let _ = paused.send(Err(Error::ShutDown));
                 0
             }
+            ShardMsg::Nudge => 0,
             ShardMsg::Fence(done) => {
                 self.drain();
                 let _ = done.send(());

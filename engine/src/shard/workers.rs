@@ -8,18 +8,35 @@ use crossbeam_channel::Sender;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Doorbell;
-use crate::shard::ShardMsg;
+use crate::shard::{ShardMsg, UrgentPause};
 
 pub(crate) struct Workers {
     /// One per chain: the data shards, then the mover (see `Context::mover`).
     senders: Vec<Sender<ShardMsg>>,
     /// Each worker's doorbell, rung after every message (see [`Doorbell`]).
     bells: Vec<Arc<Doorbell>>,
+    /// Each worker's channel of pauses that overtake its queue.
+    urgent: Vec<Sender<UrgentPause>>,
 }
 
 impl Workers {
-    pub(crate) fn new(senders: Vec<Sender<ShardMsg>>, bells: Vec<Arc<Doorbell>>) -> Workers {
-        Workers { senders, bells }
+    pub(crate) fn new(
+        senders: Vec<Sender<ShardMsg>>,
+        bells: Vec<Arc<Doorbell>>,
+        urgent: Vec<Sender<UrgentPause>>,
+    ) -> Workers {
+        Workers {
+            senders,
+            bells,
+            urgent,
+        }
+    }
+
+    /// Hand a pause to worker `shard` ahead of what waits in its channel (see
+    /// [`UrgentPause`]); false when it stopped.
+    pub(crate) fn post_urgent(&self, shard: usize, pause: UrgentPause) -> bool {
+        // The nudge wakes a worker blocked on its channel; the bell, one waiting in its ring.
+        self.urgent[shard].send(pause).is_ok() && self.post(shard, ShardMsg::Nudge)
     }
 
     /// Hand `msg` to worker `shard`; a worker that stopped fails it.
@@ -111,6 +128,6 @@ fn fail_msg(msg: ShardMsg) {
             let _ = paused.send(Err(Error::ShutDown));
         }
         // Dropping the sender answers the fence or settle with an error.
-        ShardMsg::Fence(_) | ShardMsg::Settle(_) | ShardMsg::Stop => {}
+        ShardMsg::Fence(_) | ShardMsg::Settle(_) | ShardMsg::Stop | ShardMsg::Nudge => {}
     }
 }
