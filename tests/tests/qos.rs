@@ -1,7 +1,8 @@
 //! Per-volume QoS through the real server: fio over NBD on a limited volume gets about its
 //! limit, and `ingot volume set` changes it online. Bounds are generous: this checks that the
 //! limit applies through NBD, not its precision (that is `ingot-bench qos`); and limits are
-//! durable once set returns (kill -9).
+//! durable once set returns (kill -9). iSCSI goes through the same admission: a raw initiator's
+//! reads are paced the same way.
 
 use std::path::Path;
 use std::process::Command;
@@ -92,4 +93,52 @@ fn iops_limit_applies_through_nbd_and_changes_online() {
     // Offline, 0 removes it.
     set(&pool, &["--iops-limit", "0"]);
     assert_eq!(volume(&pool, "q").expect("q")["iops_limit"], 0);
+}
+
+#[test]
+fn iops_limit_applies_through_iscsi() {
+    let dir = TempDir::new("qos-iscsi");
+    let (srv, port) = iscsi_server(dir.path(), "512M", "64M", &[]);
+    let pool = srv.pool().display().to_string();
+    ingot_ok([
+        "volume",
+        "set",
+        "vol0",
+        "--pool",
+        &pool,
+        "--iops-limit",
+        "100",
+        "--burst-iops",
+        "1",
+    ]);
+    let mut i = ingot_tests::iscsi::Initiator::login_normal(port, "iqn.2026-11.io.ingot:vol0");
+    let mut reads = |n: u32| {
+        let t0 = std::time::Instant::now();
+        for lba in 0..n {
+            assert_eq!(i.read10(lba * 8, 8).expect("read").status, 0);
+        }
+        t0.elapsed().as_secs_f64()
+    };
+    // One at once, then 100/s: 50 reads one after another take about 0.49 s.
+    let limited = reads(50);
+    assert!(
+        (0.34..=1.5).contains(&limited),
+        "50 reads at 100 IOPS took {limited:.3} s"
+    );
+    ingot_ok([
+        "volume",
+        "set",
+        "vol0",
+        "--pool",
+        &pool,
+        "--iops-limit",
+        "0",
+    ]);
+    let free = reads(50);
+    assert!(
+        free < limited / 2.0,
+        "unlimited: {free:.3} s, limited: {limited:.3} s"
+    );
+    i.logout().expect("logout");
+    srv.stop();
 }
