@@ -5,6 +5,7 @@
 //! ingot-bench compare  [--dir DIR] [--size 4G] [--seconds 10]      # fio over NBD: ingot and its peers
 //! ingot-bench db-batch [--dir DIR] [--scale 1] [--runs 3]          # PostgreSQL nightly batch on each
 //! ingot-bench engine   --dir DIR [--size-mib 2048] [--seconds 10]  # in-process engine vs fio io_uring
+//! ingot-bench qos      [--dir DIR] [--seconds 10] [--iops-limit 1000] # per-volume limits over NBD
 //! ```
 
 mod compare;
@@ -13,6 +14,7 @@ mod engine;
 mod fio;
 mod flush;
 mod peers;
+mod qos;
 mod svg;
 mod sys;
 
@@ -36,6 +38,9 @@ enum Cmd {
     /// A nightly customs risk-analysis batch in PostgreSQL on ext4 on each server's volume, and
     /// on a local directory: wall time of each phase.
     DbBatch(dbbatch::DbBatchArgs),
+    /// Per-volume QoS over NBD: a limited volume A and an unlimited B driven at once by fio,
+    /// then B alone: A's rate against its limit, B's rate next to A against B alone.
+    Qos(qos::QosArgs),
     /// In-process engine I/O against fio io_uring on a raw file in the same directory.
     Engine {
         #[arg(long)]
@@ -110,6 +115,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::DbBatch(a) => dbbatch::run(&a),
+        Cmd::Qos(a) => qos::run(&a),
         Cmd::Engine {
             dir,
             size_mib,

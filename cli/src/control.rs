@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use ingot_engine::{DedupDomain, Pool};
+use ingot_engine::{DedupDomain, Pool, QosChange};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -48,6 +48,9 @@ pub enum Request {
         compression: Option<bool>,
         #[serde(default)]
         dedup_domain: Option<DedupDomain>,
+        /// QoS limits to change (absent: unchanged; 0: none).
+        #[serde(default)]
+        qos: QosChange,
     },
     VolumeSnapshot {
         source: String,
@@ -106,8 +109,16 @@ pub fn execute(pool: &Pool, req: &Request) -> Result<Value> {
             dedup,
             compression,
             dedup_domain,
+            qos,
         } => {
-            pool.set_volume_reduction(name, *dedup, *compression, dedup_domain.clone())?;
+            // Nothing to change still checks that the volume exists.
+            if dedup.is_some() || compression.is_some() || dedup_domain.is_some() || qos.is_empty()
+            {
+                pool.set_volume_reduction(name, *dedup, *compression, dedup_domain.clone())?;
+            }
+            if !qos.is_empty() {
+                pool.set_volume_qos(name, qos)?;
+            }
             Value::Null
         }
         Request::Stats => serde_json::to_value(pool.stats())?,

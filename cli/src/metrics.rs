@@ -174,7 +174,7 @@ pub fn render(s: &Stats) -> String {
         }
     }
     type Field = fn(&ingot_engine::VolumeInfo) -> String;
-    let per_volume: [(&str, &str, Field); 4] = [
+    let per_volume: [(&str, &str, Field); 6] = [
         ("size_bytes", "Logical size of each volume.", |v| {
             v.size_bytes.to_string()
         }),
@@ -193,10 +193,29 @@ pub fn render(s: &Stats) -> String {
             "Mapped bytes / attributed stored bytes.",
             |v| v.data_reduction_ratio.to_string(),
         ),
+        (
+            "iops_limit",
+            "QoS limit on each volume's requests per second (0: none).",
+            |v| v.qos.iops_limit.to_string(),
+        ),
+        (
+            "bandwidth_limit_bytes",
+            "QoS limit on each volume's bytes read and written per second (0: none).",
+            |v| v.qos.bandwidth_limit_bytes.to_string(),
+        ),
     ];
-    for (name, help, value) in per_volume {
+    let counters: [(&str, &str, Field); 1] = [(
+        "qos_wait_seconds_total",
+        "Time each volume's requests waited for its QoS limits, since open.",
+        |v| v.qos_wait_seconds.to_string(),
+    )];
+    let kinds = per_volume
+        .iter()
+        .map(|m| (m, "gauge"))
+        .chain(counters.iter().map(|m| (m, "counter")));
+    for ((name, help, value), kind) in kinds {
         let _ = writeln!(out, "# HELP ingot_volume_{name} {help}");
-        let _ = writeln!(out, "# TYPE ingot_volume_{name} gauge");
+        let _ = writeln!(out, "# TYPE ingot_volume_{name} {kind}");
         for v in &s.volumes {
             let _ = writeln!(
                 out,

@@ -144,6 +144,12 @@ pub struct VolumeInfo {
     /// domain name.
     #[serde(default)]
     pub dedup_domain: DedupDomain,
+    /// QoS limits at admission (0: none).
+    #[serde(flatten)]
+    pub qos: crate::qos::QosLimits,
+    /// Time requests waited for those limits since the pool was opened, in seconds.
+    #[serde(default)]
+    pub qos_wait_seconds: f64,
     /// Data reduction, filled in by `stats` (a block shared by n map entries counts 1/n to
     /// each): stored bytes attributed to the volume.
     #[serde(default)]

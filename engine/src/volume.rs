@@ -112,6 +112,16 @@ impl Volume {
             }));
             return;
         }
+        if self.state.qos.active() {
+            // Zeroes and trims move no data: they cost a request, not bandwidth.
+            let bytes = match req {
+                Request::Read { .. } | Request::Write { .. } => len,
+                _ => 0,
+            };
+            self.state
+                .qos
+                .admit(bytes, !crate::shard::on_shard_thread());
+        }
         if matches!(req, Request::Read { .. }) {
             if let Some(data) = self.read_cached(offset, len) {
                 done(Ok(Reply::Data(data)));

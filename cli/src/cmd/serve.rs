@@ -342,8 +342,9 @@ impl Live {
     }
 }
 
-/// Per-volume settings applied at start and at every reload (QoS limits will be applied
-/// here); none exist yet.
+/// Per-volume settings of the config file, applied at start and at every reload; none exist yet
+/// (QoS limits are not here: they live in the pool, set with `ingot volume set`, and a running
+/// server applies them at once).
 fn apply_volume_settings(_pool: &Pool, _settings: &Settings) {}
 
 /// Warn about a TCP listener that hosts beyond this one can reach without TLS.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
-use ingot_engine::{DedupDomain, VolumeInfo};
+use ingot_engine::{DedupDomain, QosChange, VolumeInfo};
 
 use super::{request, PoolArg};
 use crate::control::Request;
@@ -46,6 +46,41 @@ impl PolicyArgs {
     }
 }
 
+/// A bandwidth: a size per second (`100M/s`, `20MiB/s`, or just `100M`).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    parse_size(t.strip_suffix("/s").unwrap_or(t))
+}
+
+/// A volume's QoS limits, applied at admission to NBD and iSCSI alike; what is not given stays
+/// as it is, 0 removes a limit.
+#[derive(clap::Args, Clone, Default)]
+pub struct QosArgs {
+    /// Requests per second (reads, writes, zeroes and trims; flushes are free). 0: no limit.
+    #[arg(long, value_name = "N")]
+    pub iops_limit: Option<u64>,
+    /// Bytes read and written per second, e.g. 100M/s. 0: no limit.
+    #[arg(long, value_name = "SIZE/s", value_parser = parse_rate)]
+    pub bandwidth_limit: Option<u64>,
+    /// Requests that may pass at once after an idle spell (0: one second's worth).
+    #[arg(long, value_name = "N")]
+    pub burst_iops: Option<u64>,
+    /// Bytes that may pass at once after an idle spell (0: one second's worth).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub burst_bytes: Option<u64>,
+}
+
+impl QosArgs {
+    fn change(&self) -> QosChange {
+        QosChange {
+            iops_limit: self.iops_limit,
+            bandwidth_limit_bytes: self.bandwidth_limit,
+            burst_iops: self.burst_iops,
+            burst_bytes: self.burst_bytes,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum VolumeCmd {
     /// Create a thin volume (deduplication and compression on unless turned off).
@@ -58,11 +93,18 @@ pub enum VolumeCmd {
         #[command(flatten)]
         pool: PoolArg,
     },
-    /// Change a volume's data reduction policy, online; applies to new writes.
+    /// Change a volume's data reduction policy (applies to new writes) and QoS limits
+    /// (apply to the next request), online and durably.
+    #[command(after_help = "Examples:\n  \
+        ingot volume set db --pool /srv/ingot --iops-limit 1000 --bandwidth-limit 100M/s\n  \
+        ingot volume set db --pool /srv/ingot --iops-limit 0    # remove the IOPS limit\n  \
+        ingot volume set db --pool /srv/ingot --compression off")]
     Set {
         name: String,
         #[command(flatten)]
         policy: PolicyArgs,
+        #[command(flatten)]
+        qos: QosArgs,
         #[command(flatten)]
         pool: PoolArg,
     },
@@ -125,12 +167,13 @@ pub enum VolumeCmd {
     },
 }
 
-fn set_policy(pool: &Path, name: &str, policy: PolicyArgs) -> Result<()> {
+fn set_policy(pool: &Path, name: &str, policy: PolicyArgs, qos: &QosArgs) -> Result<()> {
     let req = Request::VolumeSet {
         name: name.to_string(),
         dedup: policy.dedup,
         compression: policy.compression,
         dedup_domain: policy.dedup_domain,
+        qos: qos.change(),
     };
     request(pool, req).map(|_| ())
 }
@@ -153,33 +196,62 @@ pub fn run(cmd: VolumeCmd) -> Result<i32> {
                 },
             )?;
             if !policy.is_empty() {
-                set_policy(&pool.pool, &name, policy)?;
+                set_policy(&pool.pool, &name, policy, &QosArgs::default())?;
             }
             outln!("created volume {name} ({})", human(size));
         }
-        VolumeCmd::Set { name, policy, pool } => {
-            if policy.is_empty() {
+        VolumeCmd::Set {
+            name,
+            policy,
+            qos,
+            pool,
+        } => {
+            let change = qos.change();
+            if policy.is_empty() && change.is_empty() {
                 // A usage error, like a bad argument: clap's exit status.
                 eprintln!(
-                    "ingot: nothing to set: give --dedup on|off, --compression on|off and/or \
-                     --dedup-domain NAME|shared|private"
+                    "ingot: nothing to set: give --dedup on|off, --compression on|off, \
+                     --dedup-domain NAME|shared|private, --iops-limit N, --bandwidth-limit \
+                     SIZE/s, --burst-iops N and/or --burst-bytes SIZE"
                 );
                 return Ok(2);
             }
+            let reduction = !policy.is_empty();
             let (dedup, compression) = (policy.dedup, policy.compression);
             let domain = policy.dedup_domain.clone();
-            set_policy(&pool.pool, &name, policy)?;
+            set_policy(&pool.pool, &name, policy, &qos)?;
             let word = |b: Option<bool>| match b {
                 Some(true) => "on",
                 Some(false) => "off",
                 None => "unchanged",
             };
-            outln!(
-                "volume {name}: dedup {}, compression {}, dedup domain {}",
-                word(dedup),
-                word(compression),
-                domain.map_or_else(|| "unchanged".to_string(), |d| d.to_string())
-            );
+            if reduction {
+                outln!(
+                    "volume {name}: dedup {}, compression {}, dedup domain {}",
+                    word(dedup),
+                    word(compression),
+                    domain.map_or_else(|| "unchanged".to_string(), |d| d.to_string())
+                );
+            }
+            if !change.is_empty() {
+                let limit = |v: Option<u64>, show: &dyn Fn(u64) -> String| match v {
+                    None => "unchanged".to_string(),
+                    Some(0) => "none".to_string(),
+                    Some(n) => show(n),
+                };
+                let burst = |v: Option<u64>, show: &dyn Fn(u64) -> String| match v {
+                    None => "unchanged".to_string(),
+                    Some(0) => "1 s".to_string(),
+                    Some(n) => show(n),
+                };
+                outln!(
+                    "volume {name}: IOPS limit {} (burst {}), bandwidth limit {} (burst {})",
+                    limit(change.iops_limit, &|n| n.to_string()),
+                    burst(change.burst_iops, &|n| n.to_string()),
+                    limit(change.bandwidth_limit_bytes, &|n| format!("{}/s", human(n))),
+                    burst(change.burst_bytes, &|n| human(n)),
+                );
+            }
         }
         VolumeCmd::List { pool, json } => {
             let v = request(&pool.pool, Request::VolumeList)?;
@@ -188,24 +260,35 @@ pub fn run(cmd: VolumeCmd) -> Result<i32> {
             } else {
                 let vols: Vec<VolumeInfo> = serde_json::from_value(v)?;
                 outln!(
-                    "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}  DEDUP-DOMAIN",
+                    "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6} {:>10} {:>14}  DEDUP-DOMAIN",
                     "NAME",
                     "SIZE",
                     "MAPPED",
                     "DEDUP",
                     "COMPRESSION",
-                    "ACCESS"
+                    "ACCESS",
+                    "IOPS-LIMIT",
+                    "BW-LIMIT"
                 );
                 let word = |b: bool| if b { "on" } else { "off" };
+                let limit = |n: u64, show: &dyn Fn(u64) -> String| {
+                    if n == 0 {
+                        "-".to_string()
+                    } else {
+                        show(n)
+                    }
+                };
                 for v in vols {
                     outln!(
-                        "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6}  {}",
+                        "{:<24} {:>12} {:>12} {:>6} {:>11} {:>6} {:>10} {:>14}  {}",
                         v.name,
                         human(v.size_bytes),
                         human(v.mapped_bytes),
                         word(v.dedup),
                         word(v.compression),
                         if v.read_only { "ro" } else { "rw" },
+                        limit(v.qos.iops_limit, &|n| n.to_string()),
+                        limit(v.qos.bandwidth_limit_bytes, &|n| format!("{}/s", human(n))),
                         v.dedup_domain
                     );
                 }

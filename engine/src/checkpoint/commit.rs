@@ -35,6 +35,7 @@ impl Checkpointer {
                 size_bytes: v.size(),
                 flags: v.flags(),
                 domain: v.dedup_domain(),
+                qos: v.qos.limits(),
                 pages,
             });
         }

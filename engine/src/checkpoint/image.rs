@@ -7,11 +7,12 @@ use crate::api::DedupDomain;
 use crate::error::{Error, Result};
 use crate::format::{
     CheckpointHeader, Get, CHAIN_DATA, CHAIN_MOVES, CHECKPOINT_FRAME_BYTES, CHECKPOINT_KEYED,
-    CHECKPOINT_LZ4, CHECKPOINT_VERSION_DOMAINS, CHECKPOINT_VERSION_MOVE_CHAINS,
+    CHECKPOINT_LZ4, CHECKPOINT_QOS, CHECKPOINT_VERSION_DOMAINS, CHECKPOINT_VERSION_MOVE_CHAINS,
     CHECKPOINT_VERSION_PLAIN, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES,
 };
 use crate::log::ShardPosition;
 use crate::map::MapPage;
+use crate::qos::QosLimits;
 use crate::space::BlockEntry;
 
 pub(crate) struct VolumeImage {
@@ -22,6 +23,8 @@ pub(crate) struct VolumeImage {
     pub flags: u16,
     /// Dedup domain (shared in checkpoints before version 3).
     pub domain: DedupDomain,
+    /// QoS limits (none in checkpoints without `format::CHECKPOINT_QOS`).
+    pub qos: QosLimits,
     /// (global page index, page) for every allocated page.
     pub pages: Vec<(u64, Arc<MapPage>)>,
 }
@@ -65,6 +68,7 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
     } else {
         CHECKPOINT_VERSION_PLAIN
     };
+    let qos = img.volumes.iter().any(|v| v.qos != QosLimits::default());
     let mut out = Vec::with_capacity(crate::context::checkpoint_estimate_bytes(
         pages,
         live,
@@ -86,7 +90,8 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
                 CHECKPOINT_KEYED
             } else {
                 0
-            },
+            }
+            | if qos { CHECKPOINT_QOS } else { 0 },
         version,
     }
     .encode(&mut out);
@@ -141,6 +146,19 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
     for &(key, id) in &img.index {
         out.extend_from_slice(&key.to_le_bytes());
         out.extend_from_slice(&id.to_le_bytes());
+    }
+    if qos {
+        for v in &img.volumes {
+            let q = &v.qos;
+            for x in [
+                q.iops_limit,
+                q.bandwidth_limit_bytes,
+                q.burst_iops,
+                q.burst_bytes,
+            ] {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
     }
     let body = &out[CheckpointHeader::BYTES..];
     let mut packed = Vec::with_capacity(CheckpointHeader::BYTES + body.len() / 2);
@@ -233,6 +251,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             size_bytes,
             flags,
             domain,
+            qos: QosLimits::default(),
             pages,
         });
     }
@@ -298,6 +317,16 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             index.push((key, id));
         }
     }
+    if h.flags & CHECKPOINT_QOS != 0 {
+        for v in &mut volumes {
+            v.qos = QosLimits {
+                iops_limit: g.u64()?,
+                bandwidth_limit_bytes: g.u64()?,
+                burst_iops: g.u64()?,
+                burst_bytes: g.u64()?,
+            };
+        }
+    }
     Ok(Image {
         seq: h.seq,
         epoch: h.epoch,
@@ -346,6 +375,7 @@ mod tests {
             size_bytes: 1 << 20,
             flags: 0,
             domain,
+            qos: QosLimits::default(),
             pages: vec![(0, Arc::new([id.into(); MAP_PAGE_ENTRIES as usize]))],
         }
     }
@@ -415,6 +445,41 @@ mod tests {
             plain.extend_from_slice(&bad);
             assert!(decode(&plain, 16).is_err(), "byte {at} = {byte}");
         }
+    }
+
+    #[test]
+    fn qos_limits_round_trip_in_a_trailing_section() {
+        let mut img = image(2, 2);
+        img.volumes = vec![
+            volume(1, DedupDomain::Shared),
+            volume(2, DedupDomain::Shared),
+        ];
+        img.index = vec![(5, 0)];
+        // No limits: no flag, the blob older binaries wrote.
+        let plain = encode(&img);
+        let h = CheckpointHeader::decode(&mut Get::new(&plain, "t")).unwrap();
+        assert_eq!(h.flags & CHECKPOINT_QOS, 0);
+        let limits = QosLimits {
+            iops_limit: 1000,
+            bandwidth_limit_bytes: 20 << 20,
+            burst_iops: 50,
+            burst_bytes: 0,
+        };
+        img.volumes[1].qos = limits;
+        let blob = encode(&img);
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        // Limits alone keep the version (older binaries still open the pool).
+        assert_eq!(h.version, CHECKPOINT_VERSION_PLAIN);
+        assert_ne!(h.flags & CHECKPOINT_QOS, 0);
+        let back = decode(&blob, 16).unwrap();
+        assert_eq!(back.volumes[0].qos, QosLimits::default());
+        assert_eq!(back.volumes[1].qos, limits);
+        assert_eq!(back.index, [(5, 0)]);
+        // The section is last: a binary that stops after the index reads what it read before.
+        let with = sections(&blob, &h).unwrap();
+        let without = sections(&plain, &h).unwrap();
+        assert_eq!(with.len(), without.len() + 2 * 32);
+        assert_eq!(&with[..without.len()], &without[..]);
     }
 
     #[test]

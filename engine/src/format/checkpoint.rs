@@ -27,6 +27,10 @@ use super::{DataEntry, FORMAT_VERSION, VOLUME_NO_COMPRESSION, VOLUME_NO_DEDUP, V
 ///    data. Keys of a checkpoint without [`CHECKPOINT_KEYED`] are unkeyed XXH3 fingerprints
 ///    (written before keyed fingerprints): the index, and the fingerprints of the log replayed
 ///    after it, are not used.
+/// 5. With [`CHECKPOINT_QOS`] only: `volume_count` × QoS limits, in the order of section 1:
+///    iops_limit u64, bandwidth_limit_bytes u64, burst_iops u64, burst_bytes u64 (32 bytes; 0 =
+///    no limit, or a burst of one second's worth). Last, so that binaries that predate it,
+///    which stop reading after section 4, open the pool without limits.
 ///
 /// | off | size | field |
 /// |----:|----:|---|
@@ -41,7 +45,7 @@ use super::{DataEntry, FORMAT_VERSION, VOLUME_NO_COMPRESSION, VOLUME_NO_DEDUP, V
 /// | 48 | 4 | shard_count |
 /// | 52 | 8 | index_count |
 /// | 60 | 1 | index_sample_bits (the index keeps 1 in 2^n fingerprints) |
-/// | 61 | 1 | flags: [`CHECKPOINT_LZ4`], [`CHECKPOINT_KEYED`] |
+/// | 61 | 1 | flags: [`CHECKPOINT_LZ4`], [`CHECKPOINT_KEYED`], [`CHECKPOINT_QOS`] |
 /// | 62 | 2 | reserved |
 ///
 /// With [`CHECKPOINT_LZ4`], the sections after the header are stored as a sequence of frames,
@@ -70,6 +74,11 @@ pub const CHECKPOINT_LZ4: u8 = 1;
 /// pool's secret (`reduce::FingerprintKey`). Binaries that predate it ignore it, and write
 /// checkpoints without it, whose index the next keyed binary then drops.
 pub const CHECKPOINT_KEYED: u8 = 2;
+/// Checkpoint flag: section 5 (per-volume QoS limits) follows the dedup index. Written only
+/// when some volume has a limit. Binaries that predate it ignore the flag and the section (their
+/// volumes are unlimited, and their next checkpoint drops the limits): a limit is a policy, not
+/// data, so no version bump shuts them out.
+pub const CHECKPOINT_QOS: u8 = 4;
 /// Checkpoint version without a move chain (checkpoint versions are their own, apart from
 /// [`FORMAT_VERSION`]).
 pub const CHECKPOINT_VERSION_PLAIN: u32 = 1;

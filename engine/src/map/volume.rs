@@ -30,6 +30,8 @@ pub(crate) struct VolumeState {
     pub compress: AtomicBool,
     /// A snapshot: writes, zeroes and trims are refused.
     pub read_only: AtomicBool,
+    /// QoS limits and buckets, taken at admission (`Volume::submit`).
+    pub qos: crate::qos::Limiter,
     /// The volume's dedup domain.
     domain: RwLock<DedupDomain>,
     /// The key its new blocks are fingerprinted under, one copy per shard so that shards
@@ -55,6 +57,7 @@ impl VolumeState {
             dedup: AtomicBool::new(true),
             compress: AtomicBool::new(true),
             read_only: AtomicBool::new(false),
+            qos: crate::qos::Limiter::default(),
             domain: RwLock::new(DedupDomain::Shared),
             // Replaced by `set_dedup_domain` before the volume is published (this placeholder
             // key is derived from no secret).

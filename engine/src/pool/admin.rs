@@ -12,6 +12,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::format::SEGMENT_HEADER_BYTES;
 use crate::map::VolumeState;
+use crate::qos::QosChange;
 use crate::space::SegState;
 use crate::volume::Volume;
 
@@ -44,6 +45,8 @@ impl Pool {
                 compression: v.compress.load(Ordering::Relaxed),
                 read_only: v.read_only.load(Ordering::Relaxed),
                 dedup_domain: v.dedup_domain(),
+                qos: v.qos.limits(),
+                qos_wait_seconds: v.qos.waited_ns() as f64 / 1e9,
                 stored_bytes: 0,
                 unique_blocks: 0,
                 dedup_ratio: 1.0,
@@ -98,6 +101,21 @@ impl Pool {
                 if let Some(d) = &domain {
                     v.set_dedup_domain(d.clone(), &ctx.log_key.0);
                 }
+                Ok(())
+            }))
+    }
+
+    /// Change a volume's QoS limits, online (the next request sees them); durable when this
+    /// returns. Snapshots and clones start without limits.
+    pub fn set_volume_qos(&self, name: &str, change: &QosChange) -> Result<()> {
+        let name = name.to_string();
+        self.inner
+            .ckpt
+            .checkpoint_with(Some(&mut |ctx: &Context, _seq| {
+                let v = ctx
+                    .lookup(&name)
+                    .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
+                v.qos.set(v.qos.limits().with(change));
                 Ok(())
             }))
     }

@@ -207,6 +207,7 @@ impl Pool {
             }
             vs.set_flags(v.flags);
             vs.set_dedup_domain(v.domain.clone(), &log_key.0);
+            vs.qos.set(v.qos);
             for (idx, page) in v.pages {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
                 let ids = page.clone();
