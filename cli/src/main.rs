@@ -29,7 +29,11 @@ use logging::LogFormat;
 #[command(
     name = "ingot",
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("INGOT_COMMIT"), ")"),
-    about = "A log-structured, all-flash block store served over NBD"
+    about = "A log-structured, all-flash block store served over NBD",
+    after_help = "Examples:\n  \
+        ingot serve    # serves ./ingot-data on 127.0.0.1:10809, creating it if missing\n  \
+        ingot volume create pgdata --size 100G --pool /var/lib/ingot/ingot-data\n  \
+        ingot stats --pool /var/lib/ingot/ingot-data"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,12 +54,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create or inspect pools.
+    #[command(after_help = "Examples:\n  \
+        ingot pool create --pool /var/lib/ingot/ingot-data --size 500G")]
     Pool {
         #[command(subcommand)]
         cmd: cmd::pool::PoolCmd,
     },
     /// Serve every volume of a pool over NBD (creates a default pool in an empty directory).
-    #[command(args_override_self = true)]
+    #[command(
+        args_override_self = true,
+        after_help = "Examples:\n  \
+        ingot serve --nbd 0.0.0.0:10809 --nbd unix:/run/ingot/nbd.sock\n  \
+        ingot serve --config /etc/ingot/ingot.toml\n  \
+        ingot serve --pool /var/lib/ingot/ingot-data --iscsi 0.0.0.0 --metrics 127.0.0.1:9750"
+    )]
     Serve {
         /// Settings file (TOML; keys are these long options, e.g. `cache-size = "4G"`); options
         /// given here override it. Default: /etc/ingot/ingot.toml when it exists.
@@ -82,11 +94,18 @@ enum Cmd {
         run: RunArgs,
     },
     /// Create, list, resize and delete volumes.
+    #[command(after_help = "Examples:\n  \
+        ingot volume create pgdata --size 100G --pool /var/lib/ingot/ingot-data\n  \
+        ingot volume list --pool /var/lib/ingot/ingot-data")]
     Volume {
         #[command(subcommand)]
         cmd: cmd::volume::VolumeCmd,
     },
     /// Capacity, usage and I/O counters.
+    #[command(after_help = "Examples:\n  \
+        ingot stats --pool /var/lib/ingot/ingot-data\n  \
+        ingot stats --json | jq .data_reduction_ratio\n  \
+        ingot stats --prometheus > /var/lib/node_exporter/textfile/ingot.prom")]
     Stats {
         #[command(flatten)]
         pool: PoolArg,
@@ -98,6 +117,9 @@ enum Cmd {
         prometheus: bool,
     },
     /// Clean now: rewrite the live data of partly dead segments so their space comes back.
+    #[command(after_help = "Examples:\n  \
+        ingot gc --pool /var/lib/ingot/ingot-data\n  \
+        ingot gc --max-utilisation 0.5 --json")]
     Gc {
         #[command(flatten)]
         pool: PoolArg,
@@ -109,6 +131,9 @@ enum Cmd {
         json: bool,
     },
     /// Verify every block checksum and the pool's invariants; non-zero exit on any problem.
+    #[command(after_help = "Examples:\n  \
+        ingot check --pool /var/lib/ingot/ingot-data\n  \
+        ingot check --json > check-report.json")]
     Check {
         #[command(flatten)]
         pool: PoolArg,
@@ -117,16 +142,25 @@ enum Cmd {
         json: bool,
     },
     /// Check a settings file for `serve --config`.
+    #[command(after_help = "Examples:\n  \
+        ingot config check /etc/ingot/ingot.toml")]
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
-    /// Print a shell completion script (e.g. `ingot completions bash > /etc/bash_completion.d/ingot`).
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+        ingot completions bash > /etc/bash_completion.d/ingot\n  \
+        ingot completions zsh > ~/.zfunc/_ingot\n  \
+        ingot completions fish > ~/.config/fish/completions/ingot.fish")]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (`ingot man | man -l -`), or write one per command into DIR.
+    /// Print the man page, or write one per command into DIR.
+    #[command(after_help = "Examples:\n  \
+        ingot man | man -l -\n  \
+        ingot man --dir /usr/local/share/man/man1")]
     Man {
         /// Write ingot.1 and ingot-COMMAND.1 pages here instead.
         #[arg(long)]
@@ -138,6 +172,9 @@ enum Cmd {
 enum ConfigCmd {
     /// Parse FILE, refuse unknown keys (naming the key and its line), and check every value as
     /// `serve` would.
+    #[command(after_help = "Examples:\n  \
+        ingot config check /etc/ingot/ingot.toml\n  \
+        ingot config check ./ingot.toml")]
     Check { file: std::path::PathBuf },
 }
 

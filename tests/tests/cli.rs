@@ -1,6 +1,7 @@
 //! The `ingot` command line: pools, volumes and stats with and without a running server (then
 //! through its control socket), refusals (second server, foreign pool files, wrong arguments).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -353,6 +354,7 @@ fn wrong_arguments_exit_2() {
         &[],
         &["frobnicate"],
         &["volume"],
+        &["volume", "frobnicate", "--pool", p],
         &["volume", "create", "--pool", p],
         &["volume", "create", "x", "--pool", p],
         &["volume", "create", "x", "--size", "12Q", "--pool", p],
@@ -423,6 +425,13 @@ fn wrong_arguments_exit_2() {
             "`ingot {}` exited 2 without a message",
             args.join(" ")
         );
+        // The complaint goes to stderr alone: a pipe reading stdout gets nothing.
+        assert!(
+            out.stdout.is_empty(),
+            "`ingot {}` wrote to stdout on a usage error:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     assert!(
         !pool.exists(),
@@ -434,6 +443,146 @@ fn wrong_arguments_exit_2() {
         assert!(
             out.contains(sub),
             "ingot --help does not mention {sub}: {out}"
+        );
+    }
+}
+
+/// `ingot PATH --help`, cached: the examples of one command often name another.
+fn help_of(cache: &mut HashMap<Vec<String>, String>, path: &[String]) -> String {
+    cache
+        .entry(path.to_vec())
+        .or_insert_with(|| run_stdout(ingot().args(path).arg("--help")))
+        .clone()
+}
+
+/// The lines of a `--help` section (`Commands:`, `Examples:`): from the line after its title to
+/// the first blank or unindented line.
+fn help_section<'a>(help: &'a str, title: &str) -> Vec<&'a str> {
+    help.lines()
+        .skip_while(|l| l.trim_end() != title)
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .collect()
+}
+
+/// The subcommands a `--help` lists (clap's own `help` left out).
+fn subcommands(help: &str) -> Vec<String> {
+    help_section(help, "Commands:")
+        .into_iter()
+        // Entries are indented two spaces; a wrapped description, more.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether `help` documents the long option `flag` (`--name`).
+fn documents_flag(help: &str, flag: &str) -> bool {
+    help.match_indices(flag).any(|(i, _)| {
+        let before = help[..i].chars().next_back();
+        let after = help[i + flag.len()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '-')
+            && !after.is_some_and(|c| c.is_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
+/// One example line (`ingot volume create pgdata --size 100G ... # comment | jq ...`): its command
+/// path leads through existing groups to a command, and that command has every `--flag` it uses.
+fn check_example(cache: &mut HashMap<Vec<String>, String>, line: &str, shown_by: &str) {
+    let command = line.split(" #").next().unwrap_or(line);
+    let words: Vec<&str> = command
+        .split_whitespace()
+        .take_while(|w| !["|", "||", "&&", ";", ">", ">>", "<"].contains(w))
+        .collect();
+    assert_eq!(
+        words.first(),
+        Some(&"ingot"),
+        "{shown_by}: example does not start with `ingot`: {line:?}"
+    );
+    let mut path: Vec<String> = Vec::new();
+    let mut flags = Vec::new();
+    let mut at_command = false;
+    for w in &words[1..] {
+        if w.starts_with('-') {
+            flags.push(w.split('=').next().unwrap_or(w).to_string());
+            continue;
+        }
+        if at_command {
+            continue; // an argument or an option's value
+        }
+        let subs = subcommands(&help_of(cache, &path));
+        if subs.is_empty() {
+            at_command = true;
+        } else {
+            assert!(
+                subs.iter().any(|s| s == w),
+                "{shown_by}: example {line:?}: `ingot {}` has no subcommand {w:?} (it has {subs:?})",
+                path.join(" ")
+            );
+            path.push(w.to_string());
+        }
+    }
+    let help = help_of(cache, &path);
+    let asks_help = flags
+        .iter()
+        .any(|f| ["--help", "-h", "--version", "-V"].contains(&f.as_str()));
+    assert!(
+        asks_help || subcommands(&help).is_empty(),
+        "{shown_by}: example {line:?} stops at the group `ingot {}`",
+        path.join(" ")
+    );
+    for f in flags.iter().filter(|f| f.starts_with("--")) {
+        assert!(
+            documents_flag(&help, f),
+            "{shown_by}: example {line:?} uses {f}, which `ingot {} --help` does not list:\n{help}",
+            path.join(" ")
+        );
+    }
+}
+
+/// Every command and command group shows an `Examples:` section in its `--help`, each example
+/// names a command that exists, and that command has every option the example gives.
+#[test]
+fn every_command_has_help_with_examples() {
+    let mut cache = HashMap::new();
+    let mut todo: Vec<Vec<String>> = vec![Vec::new()];
+    let mut walked = Vec::new();
+    while let Some(path) = todo.pop() {
+        let help = help_of(&mut cache, &path);
+        let shown_by = format!("`ingot {} --help`", path.join(" "));
+        for sub in subcommands(&help) {
+            let mut p = path.clone();
+            p.push(sub);
+            todo.push(p);
+        }
+        let examples = help_section(&help, "Examples:");
+        assert!(
+            !examples.is_empty(),
+            "{shown_by} has no `Examples:` section:\n{help}"
+        );
+        assert!(
+            examples.len() <= 3,
+            "{shown_by}: more than three examples:\n{help}"
+        );
+        for line in examples {
+            check_example(&mut cache, line.trim(), &shown_by);
+        }
+        walked.push(path.join(" "));
+    }
+    // The walk itself found the tree: a broken `Commands:` parse would stop at the top.
+    for must in [
+        "",
+        "pool create",
+        "serve",
+        "volume set",
+        "volume import",
+        "config check",
+        "man",
+    ] {
+        assert!(
+            walked.iter().any(|w| w == must),
+            "the walk missed `ingot {must}`: {walked:?}"
         );
     }
 }

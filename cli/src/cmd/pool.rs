@@ -12,6 +12,10 @@ use crate::size::{human, parse_size};
 #[derive(Subcommand)]
 pub enum PoolCmd {
     /// Create a pool.
+    #[command(after_help = "Examples:\n  \
+        ingot pool create --pool ./ingot-data --size 16G\n  \
+        ingot pool create --pool /var/lib/ingot/ingot-data --size 900G --device /dev/nvme1n1\n  \
+        ingot pool create --pool ./ingot-data --size 200G --segment-size 32M --prefill")]
     Create {
         #[command(flatten)]
         pool: PoolArg,

@@ -84,6 +84,10 @@ impl QosArgs {
 #[derive(Subcommand)]
 pub enum VolumeCmd {
     /// Create a thin volume (deduplication and compression on unless turned off).
+    #[command(after_help = "Examples:\n  \
+        ingot volume create pgdata --size 100G --pool /var/lib/ingot/ingot-data\n  \
+        ingot volume create scratch --size 20G --dedup off --compression off\n  \
+        ingot volume create acme-db --size 50G --dedup-domain acme")]
     Create {
         name: String,
         #[arg(long, value_parser = parse_size)]
@@ -96,9 +100,9 @@ pub enum VolumeCmd {
     /// Change a volume's data reduction policy (applies to new writes) and QoS limits
     /// (apply to the next request), online and durably.
     #[command(after_help = "Examples:\n  \
-        ingot volume set db --pool /srv/ingot --iops-limit 1000 --bandwidth-limit 100M/s\n  \
-        ingot volume set db --pool /srv/ingot --iops-limit 0    # remove the IOPS limit\n  \
-        ingot volume set db --pool /srv/ingot --compression off")]
+        ingot volume set pgdata --iops-limit 1000 --bandwidth-limit 100M/s\n  \
+        ingot volume set pgdata --iops-limit 0    # remove the IOPS limit\n  \
+        ingot volume set pgdata --compression off --pool /var/lib/ingot/ingot-data")]
     Set {
         name: String,
         #[command(flatten)]
@@ -109,6 +113,9 @@ pub enum VolumeCmd {
         pool: PoolArg,
     },
     /// List volumes.
+    #[command(after_help = "Examples:\n  \
+        ingot volume list --pool /var/lib/ingot/ingot-data\n  \
+        ingot volume list --json | jq -r '.[].name'")]
     List {
         #[command(flatten)]
         pool: PoolArg,
@@ -117,6 +124,8 @@ pub enum VolumeCmd {
     },
     /// Take a read-only snapshot of a volume, online: every write acknowledged before it is
     /// in it. No data is copied (blocks are shared until overwritten).
+    #[command(after_help = "Examples:\n  \
+        ingot volume snapshot pgdata pgdata-2026-11-26 --pool /var/lib/ingot/ingot-data")]
     Snapshot {
         /// The volume to snapshot.
         source: String,
@@ -126,6 +135,8 @@ pub enum VolumeCmd {
         pool: PoolArg,
     },
     /// Create a writable volume from a volume or snapshot, online, sharing its blocks.
+    #[command(after_help = "Examples:\n  \
+        ingot volume clone pgdata-2026-11-26 pgdata-test --pool /var/lib/ingot/ingot-data")]
     Clone {
         /// The volume or snapshot to copy.
         source: String,
@@ -137,6 +148,9 @@ pub enum VolumeCmd {
     /// Copy a raw disk image (file or block device) into a new volume, with the pool not
     /// served (online, create the volume and copy with `nbdcopy`). Holes and zero blocks of the
     /// image stay holes; progress on a terminal.
+    #[command(after_help = "Examples:\n  \
+        ingot volume import pgdata --file pgdata.raw --pool /var/lib/ingot/ingot-data\n  \
+        ingot volume import vm01 --file vm01.raw --size 40G --dedup-domain vms")]
     Import {
         /// Name of the new volume.
         name: String,
@@ -152,12 +166,16 @@ pub enum VolumeCmd {
         pool: PoolArg,
     },
     /// Delete a volume and free its blocks.
+    #[command(after_help = "Examples:\n  \
+        ingot volume delete pgdata-test --pool /var/lib/ingot/ingot-data")]
     Delete {
         name: String,
         #[command(flatten)]
         pool: PoolArg,
     },
     /// Change a volume's size (shrinking discards the data past the new end).
+    #[command(after_help = "Examples:\n  \
+        ingot volume resize pgdata --size 200G --pool /var/lib/ingot/ingot-data")]
     Resize {
         name: String,
         #[arg(long, value_parser = parse_size)]
