@@ -61,6 +61,7 @@ pub fn engine(
     shards: usize,
     write_back: u64,
     sparse: bool,
+    devices: Vec<std::path::PathBuf>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let pool_dir = dir.join("bench-pool");
@@ -79,6 +80,7 @@ pub fn engine(
     let c = CreateOptions {
         size_bytes: size * 2 + (8 << 30),
         prefill: !sparse,
+        devices: devices.clone(),
         ..Default::default()
     };
     let pool = Pool::create(&pool_dir, &c, &opts)?;
@@ -154,6 +156,9 @@ pub fn engine(
     pool.shutdown()?;
     drop(pool);
     let _ = std::fs::remove_dir_all(&pool_dir);
+    for d in &devices {
+        let _ = std::fs::remove_file(d);
+    }
     Ok(())
 }
 

@@ -72,6 +72,10 @@ enum Cmd {
         /// backing file as they are first used, not written out at creation.
         #[arg(long)]
         sparse: bool,
+        /// Backing files of the pool (repeatable: several devices; the pool is split evenly
+        /// across them). Default: one file in DIR.
+        #[arg(long = "device")]
+        devices: Vec<PathBuf>,
     },
 }
 
@@ -127,6 +131,7 @@ fn main() -> Result<()> {
             shards,
             write_back,
             sparse,
+            devices,
         } => engine::engine(
             &dir,
             size_mib << 20,
@@ -138,6 +143,7 @@ fn main() -> Result<()> {
             shards,
             write_back,
             sparse,
+            devices,
         ),
     }
 }

@@ -132,6 +132,7 @@ impl Pool {
         }
         let store: Arc<dyn SegmentStore> = Arc::new(LocalStore::new(devices.clone(), geo.clone()));
         let mut space = Space::new(geo.total_segments);
+        space.set_devices(&geo.devs.iter().map(|&(first, _)| first).collect::<Vec<_>>());
         // Load the newest checkpoint (or the one before, when a commit stopped half way).
         let (image, ckpt_segs) = load_checkpoint(&*store, &geo, &mut sbs, &older, &mut newest)?;
         // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,

@@ -63,7 +63,10 @@ pub struct Space {
     pub undiscarded: Vec<bool>,
     /// How many `Free` segments are marked in `undiscarded` (an upper bound).
     pub undiscarded_count: usize,
-    next_seg_hint: usize,
+    /// Where the next search for a free segment starts, per device (its first segment and
+    /// the hint), and the device the next allocation tries first.
+    dev_hints: Vec<(usize, usize)>,
+    next_dev: usize,
     pub stored_bytes: u64,
     pub live_blocks: u64,
     /// Victims of the running cleaning pass: a checkpoint does not free them even once their
@@ -87,6 +90,17 @@ pub enum SegUse {
 }
 
 impl Space {
+    /// The first segment of each device (ascending), so that allocations take the devices in
+    /// turn: with the segments numbered device after device and one search hint, a pool of
+    /// several devices filled the first before writing to the next, and never wrote to two
+    /// at once.
+    pub fn set_devices(&mut self, firsts: &[u32]) {
+        if !firsts.is_empty() {
+            self.dev_hints = firsts.iter().map(|&f| (f as usize, f as usize)).collect();
+            self.next_dev = 0;
+        }
+    }
+
     pub fn new(total_segments: u32) -> Self {
         Space {
             blocks: vec![BlockEntry::default()],
@@ -97,7 +111,8 @@ impl Space {
             free_segments: total_segments as usize,
             undiscarded: vec![false; total_segments as usize],
             undiscarded_count: 0,
-            next_seg_hint: 0,
+            dev_hints: vec![(0, 0)],
+            next_dev: 0,
             stored_bytes: 0,
             live_blocks: 0,
             cleaning: Vec::new(),
@@ -299,9 +314,12 @@ impl Space {
             _ => None,
         };
         let n = self.seg_state.len();
+        let ndev = self.dev_hints.len();
+        let start_dev = self.next_dev % ndev;
+        let start = self.dev_hints[start_dev].1;
         for pass in 0..2 {
             for k in 0..n {
-                let s = (self.next_seg_hint + k) % n;
+                let s = (start + k) % n;
                 if self.seg_state[s] != SegState::Free {
                     continue;
                 }
@@ -310,7 +328,12 @@ impl Space {
                 }
                 self.seg_state[s] = state;
                 self.free_segments -= 1;
-                self.next_seg_hint = (s + 1) % n;
+                // The device it came from searches on after it; the next device is tried next.
+                let d = self.dev_hints.partition_point(|&(first, _)| first <= s) - 1;
+                let (first, _) = self.dev_hints[d];
+                let end = self.dev_hints.get(d + 1).map_or(n, |&(f, _)| f);
+                self.dev_hints[d].1 = if s + 1 < end { s + 1 } else { first };
+                self.next_dev = (d + 1) % ndev;
                 return Some(s as u32);
             }
             if want_held.is_none() {
@@ -373,5 +396,39 @@ impl Space {
             }
         }
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(s: &mut Space, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| s.alloc_segment(SegState::Open, 0).expect("a free segment"))
+            .collect()
+    }
+
+    #[test]
+    fn one_device_allocates_in_order_and_wraps() {
+        let mut s = Space::new(4);
+        assert_eq!(take(&mut s, 3), [0, 1, 2]);
+        s.set_state(1, SegState::Free);
+        assert_eq!(take(&mut s, 2), [3, 1]);
+        assert_eq!(s.alloc_segment(SegState::Open, 0), None);
+    }
+
+    #[test]
+    fn devices_are_taken_in_turn() {
+        // Devices of 3, 2 and 3 segments.
+        let mut s = Space::new(8);
+        s.set_devices(&[0, 3, 5]);
+        assert_eq!(take(&mut s, 6), [0, 3, 5, 1, 4, 6]);
+        // The second device is full: its turn goes to the next free segment after it.
+        assert_eq!(take(&mut s, 2), [2, 7]);
+        s.set_state(3, SegState::Free);
+        s.set_state(0, SegState::Free);
+        assert_eq!(take(&mut s, 2), [0, 3]);
+        assert_eq!(s.alloc_segment(SegState::Open, 0), None);
     }
 }
