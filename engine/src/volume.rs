@@ -17,6 +17,12 @@ use crate::map::VolumeState;
 use crate::shard::ShardMsg;
 use crate::shard::Workers;
 
+/// Largest write acknowledged early (see `EarlyWrites`). A large write fills records on its
+/// own, so acknowledging it early gains little, while queueing it fills the write-back buffer
+/// fast: 1M writes at QD8 over NBD then waited behind 64 MiB of earlier ones (p99 70-79 ms
+/// against fio's 5-7 ms on the raw file).
+pub(crate) const WRITE_BACK_MAX_REQUEST: u64 = 256 << 10;
+
 /// Longest read (in blocks) that [`Volume::submit`] tries to serve from the block cache on the
 /// caller's thread: the lookups hold the space lock, so they stay few.
 const MAX_CACHED_READ_BLOCKS: usize = 16;
@@ -146,7 +152,13 @@ impl Volume {
         let early = matches!(req, Request::Write { fua: false, .. })
             && offset % BLOCK_BYTES == 0
             && len % BLOCK_BYTES == 0
-            && ctx.write_back.admits(len, &ctx.health, &ctx.gc_stuck);
+            && len <= WRITE_BACK_MAX_REQUEST
+            && ctx.write_back.admits(
+                len,
+                ctx.accepted_bytes.load(Ordering::Acquire),
+                &ctx.health,
+                &ctx.gc_stuck,
+            );
         let timing = Some(Timing {
             since: Instant::now(),
             op: if read_len.is_some() {

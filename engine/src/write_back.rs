@@ -40,6 +40,10 @@ pub(crate) struct EarlyWrites {
     min_free: AtomicUsize,
     /// Bytes early writes may hold now (see `note_room`); read without the space lock.
     budget: AtomicU64,
+    /// Bytes the free segments above the floor hold (half of them, see `note_room`), not
+    /// capped by the limit: early writes and the writes the shards have taken must fit in it
+    /// together (see `admits`).
+    room: AtomicU64,
 }
 
 impl EarlyWrites {
@@ -55,6 +59,7 @@ impl EarlyWrites {
             pending: (0..PENDING_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             min_free: AtomicUsize::new(usize::MAX),
             budget: AtomicU64::new(0),
+            room: AtomicU64::new(0),
         }
     }
 
@@ -81,12 +86,24 @@ impl EarlyWrites {
     /// Take `len` bytes of a write for write-back: it is acknowledged as soon as it is sent
     /// to its shards. Only while the pool has room to spare (no cleaning needed, capacity left
     /// for every early write), so that an acknowledged write does not fail for want of space.
-    pub(crate) fn admits(&self, len: u64, health: &Health, gc_stuck: &AtomicBool) -> bool {
+    /// `accepted`: bytes of writes the shards have taken and not stored yet
+    /// (`Context::accepted_bytes`); they go to the free segments before this one does, so it
+    /// must fit in what they leave. Without that, writes queued ahead of an early write could
+    /// fill a small pool's last segments and leave it nowhere to go (once in 40 runs of
+    /// `writes_taken_faster_than_stored_still_leave_early_writes_room` under load).
+    pub(crate) fn admits(
+        &self,
+        len: u64,
+        accepted: u64,
+        health: &Health,
+        gc_stuck: &AtomicBool,
+    ) -> bool {
         if self.limit == 0 || health.is_faulted() || health.is_closed() {
             return false;
         }
         let before = self.bytes.fetch_add(len, Ordering::AcqRel);
         let ok = before + len <= self.budget.load(Ordering::Acquire)
+            && before + len + accepted <= self.room.load(Ordering::Acquire)
             && !gc_stuck.load(Ordering::Acquire);
         if ok {
             self.jobs.fetch_add(1, Ordering::AcqRel);
@@ -136,6 +153,7 @@ impl EarlyWrites {
     /// No more early writes for now (the host file system is short of room).
     pub(crate) fn stop(&self) {
         self.budget.store(0, Ordering::Release);
+        self.room.store(0, Ordering::Release);
     }
 
     /// How many bytes early writes may hold given `space` and the bytes of writes taken and
@@ -156,12 +174,12 @@ impl EarlyWrites {
         let margin = 2 * self.limit + self.segment_bytes * self.chains;
         let floor = self.min_free.load(Ordering::Relaxed);
         // Half the room: a block alone in its record takes a page of header too.
-        let budget = if space.stored_bytes + accepted + margin > self.usable_bytes {
+        let room = if space.stored_bytes + accepted + margin > self.usable_bytes {
             0
         } else {
-            (space.free_segments.saturating_sub(floor) as u64 * self.segment_bytes / 2)
-                .min(self.limit)
+            space.free_segments.saturating_sub(floor) as u64 * self.segment_bytes / 2
         };
-        self.budget.store(budget, Ordering::Release);
+        self.room.store(room, Ordering::Release);
+        self.budget.store(room.min(self.limit), Ordering::Release);
     }
 }
