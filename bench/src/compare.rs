@@ -12,7 +12,7 @@ use crate::fio::{self, Measured, Target, Workload, WORKLOADS};
 use crate::flush::{self, FlushLatency};
 use crate::peers::{self, Peer, Spec};
 use crate::svg;
-use crate::sys::{self, Machine, Noise};
+use crate::sys::{self, progress, Machine, Noise};
 
 /// Name of the raw-file reference in tables.
 pub const RAW: &str = "raw file (fio io_uring)";
@@ -105,20 +105,6 @@ pub struct Report {
 /// segments two-thirds empty (allocated up front, as a raw device would be).
 fn pool_bytes(size: u64) -> u64 {
     size * 3
-}
-
-fn progress(start: Instant, step: usize, steps: usize, what: &str) {
-    use std::io::IsTerminal;
-    let e = start.elapsed().as_secs();
-    let line = format!("[{step:>3}/{steps}  {:>2}:{:02}] {what}", e / 60, e % 60);
-    if std::io::stderr().is_terminal() {
-        eprint!("\r{line:<78}");
-        if step == steps {
-            eprintln!();
-        }
-    } else {
-        eprintln!("{line}");
-    }
 }
 
 pub fn compare(a: &CompareArgs) -> Result<Report> {

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 
 use crate::fio::{self, Target, Workload};
 use crate::peers::{self, run_quiet, Peer, Spec};
+use crate::sys::progress;
 
 #[derive(clap::Args, Debug)]
 pub struct QosArgs {
@@ -43,20 +44,6 @@ struct Phase {
     a: f64,
     b_with_a: f64,
     b_solo: f64,
-}
-
-fn progress(start: Instant, step: usize, steps: usize, what: &str) {
-    use std::io::IsTerminal;
-    let e = start.elapsed().as_secs();
-    let line = format!("[{step}/{steps}  {:>2}:{:02}] {what}", e / 60, e % 60);
-    if std::io::stderr().is_terminal() {
-        eprint!("\r{line:<78}");
-        if step == steps {
-            eprintln!();
-        }
-    } else {
-        eprintln!("{line}");
-    }
 }
 
 pub fn run(a: &QosArgs) -> Result<()> {

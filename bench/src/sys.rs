@@ -392,3 +392,19 @@ pub fn device_load(a: Option<DiskSample>, b: Option<DiskSample>) -> DeviceLoad {
         util_pct: (b.busy_ms.saturating_sub(a.busy_ms) as f64 / ms * 100.0).min(100.0),
     }
 }
+
+/// One line of progress for a long benchmark run: rewritten in place on a terminal, a line
+/// per step otherwise (logs).
+pub fn progress(start: std::time::Instant, step: usize, steps: usize, what: &str) {
+    use std::io::IsTerminal;
+    let e = start.elapsed().as_secs();
+    let line = format!("[{step:>3}/{steps}  {:>2}:{:02}] {what}", e / 60, e % 60);
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{line:<78}");
+        if step == steps {
+            eprintln!();
+        }
+    } else {
+        eprintln!("{line}");
+    }
+}

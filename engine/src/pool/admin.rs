@@ -85,6 +85,26 @@ impl Pool {
         if let Some(d) = &domain {
             d.validate()?;
         }
+        self.change_volume(name, &mut |ctx, v| {
+            if let Some(d) = dedup {
+                v.dedup.store(d, Ordering::Relaxed);
+            }
+            if let Some(c) = compression {
+                v.compress.store(c, Ordering::Relaxed);
+            }
+            if let Some(d) = &domain {
+                v.set_dedup_domain(d.clone(), &ctx.log_key.0);
+            }
+        })
+    }
+
+    /// Apply `change` to volume `name` in a checkpoint, so that it is durable when this
+    /// returns.
+    fn change_volume(
+        &self,
+        name: &str,
+        change: &mut dyn FnMut(&Context, &VolumeState),
+    ) -> Result<()> {
         let name = name.to_string();
         self.inner
             .ckpt
@@ -92,15 +112,7 @@ impl Pool {
                 let v = ctx
                     .lookup(&name)
                     .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
-                if let Some(d) = dedup {
-                    v.dedup.store(d, Ordering::Relaxed);
-                }
-                if let Some(c) = compression {
-                    v.compress.store(c, Ordering::Relaxed);
-                }
-                if let Some(d) = &domain {
-                    v.set_dedup_domain(d.clone(), &ctx.log_key.0);
-                }
+                change(ctx, &v);
                 Ok(())
             }))
     }
@@ -108,16 +120,7 @@ impl Pool {
     /// Change a volume's QoS limits, online (the next request sees them); durable when this
     /// returns. Snapshots and clones start without limits.
     pub fn set_volume_qos(&self, name: &str, change: &QosChange) -> Result<()> {
-        let name = name.to_string();
-        self.inner
-            .ckpt
-            .checkpoint_with(Some(&mut |ctx: &Context, _seq| {
-                let v = ctx
-                    .lookup(&name)
-                    .ok_or_else(|| Error::VolumeNotFound(name.clone()))?;
-                v.qos.set(v.qos.limits().with(change));
-                Ok(())
-            }))
+        self.change_volume(name, &mut |_, v| v.qos.set(v.qos.limits().with(change)))
     }
 
     /// Create a thin volume in the shared dedup domain; durable when this returns.
