@@ -33,11 +33,11 @@ pub(crate) struct Job {
     timing: Option<Timing>,
 }
 
-/// When a request was submitted and where its stage times go (see `Stages`).
+/// When a request was submitted and what kind it is, for the stage times (see `Stages`,
+/// which the workers pass in: a reference per request would be a count both workers touch).
 pub(crate) struct Timing {
     pub since: Instant,
     pub op: Op,
-    pub stages: Arc<Stages>,
 }
 
 /// An early-acknowledged write still being stored.
@@ -168,15 +168,9 @@ impl Job {
     }
 
     /// A shard took one of this request's parts.
-    pub fn picked(&self) {
+    pub fn picked(&self, stages: &Stages) {
         if let Some(t) = &self.timing {
-            t.stages.picked(t.op, t.since);
-        }
-    }
-
-    fn finished(&self) {
-        if let Some(t) = &self.timing {
-            t.stages.done(t.op, t.since);
+            stages.picked(t.op, t.since);
         }
     }
 
@@ -292,8 +286,9 @@ impl Job {
         Bytes::from(out)
     }
 
-    /// One part finished; the last one completes the request.
-    pub fn part_done(&self, result: Result<(), Error>) {
+    /// One part finished; the last one completes the request (its total time goes to
+    /// `stages`, when the caller has them).
+    pub fn part_done(&self, result: Result<(), Error>, stages: Option<&Stages>) {
         if let Err(e) = result {
             let mut slot = self.error.lock();
             if slot.is_none() {
@@ -303,7 +298,9 @@ impl Job {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        self.finished();
+        if let (Some(t), Some(s)) = (&self.timing, stages) {
+            s.done(t.op, t.since);
+        }
         if let Some(wb) = self.write_back.lock().take() {
             let e = self.error.lock().take();
             wb.finish(e.as_ref().map_or(Ok(()), Err));

@@ -166,7 +166,6 @@ impl Volume {
             } else {
                 Op::Write
             },
-            stages: ctx.stages.clone(),
         });
         let (job, ack) = if early {
             ctx.write_back.mark(self.state.id, offset, len, false);

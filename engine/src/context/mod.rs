@@ -69,7 +69,7 @@ pub(crate) struct Context {
     /// Payload bytes the pool stores before writes of new blocks fail (see `usable_bytes`).
     pub usable_bytes: u64,
     /// Bytes of writes the shards have taken (see `Shard::reserve_capacity`) and not yet
-    /// applied or failed. Counted with stored bytes against `usable_bytes`: stored bytes grow
+    /// applied or failed (each shard gives finished parts' bytes back once per turn). Counted with stored bytes against `usable_bytes`: stored bytes grow
     /// only as records apply, so without it the writes in flight (256 writes of 256 KiB, over
     /// a 48 MiB pool) all passed the check together and overshot the capacity, leaving writes
     /// acknowledged early without segments to go to.
@@ -85,33 +85,6 @@ pub(crate) struct Context {
     /// Data shards, and log chains (the data shards' and the mover's).
     data_shards: usize,
     chains: usize,
-}
-
-/// Bytes of a write counted in [`Context::accepted_bytes`] until dropped (when the write's part
-/// of a shard is applied or failed).
-pub(crate) struct Reservation {
-    ctx: Arc<Context>,
-    bytes: u64,
-}
-
-impl Reservation {
-    /// Count `bytes` more as accepted. Call with the space lock held, after checking them
-    /// against the capacity, so that two shards cannot both take the last bytes.
-    pub(crate) fn take(ctx: &Arc<Context>, bytes: u64) -> Reservation {
-        ctx.accepted_bytes.fetch_add(bytes, Ordering::AcqRel);
-        Reservation {
-            ctx: ctx.clone(),
-            bytes,
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.ctx
-            .accepted_bytes
-            .fetch_sub(self.bytes, Ordering::AcqRel);
-    }
 }
 
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.

@@ -21,14 +21,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::counters::Op;
+use crate::counters::{Op, Stages};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::api::BLOCK_BYTES;
 use crate::cache::{BlockCache, IdMap};
-use crate::context::{Context, Reservation};
+use crate::context::Context;
 use crate::error::Error;
 use crate::io::{AlignedBuf, Doorbell, IoDone, IoQueue};
 use crate::job::Job;
@@ -151,26 +151,45 @@ impl Drop for EarlyRange {
     }
 }
 
+/// What a worker's parts share, without atomics: where they report stage times, and the
+/// capacity finished parts give back (returned to `Context::accepted_bytes` once per turn: an
+/// atomic and a reference count per write on counters both workers touch cost more).
+pub(crate) struct PartEnv {
+    pub(crate) stages: Arc<Stages>,
+    pub(crate) released: Cell<u64>,
+}
+
 /// Progress of one message across the records that carry it.
 pub(crate) struct Part {
     pub(crate) job: Arc<Job>,
+    pub(crate) env: Rc<PartEnv>,
     pub(crate) records: Cell<usize>,
     pub(crate) error: RefCell<Option<Error>>,
     /// An early-acknowledged write's blocks, marked unapplied until the part finishes.
     pub(crate) early: RefCell<Option<EarlyRange>>,
-    /// The pool capacity this part holds until it is applied (or fails).
-    pub(crate) reserved: RefCell<Option<Reservation>>,
+    /// Bytes of pool capacity this part holds until it is applied (or fails), counted in
+    /// `Context::accepted_bytes`.
+    pub(crate) reserved: Cell<u64>,
 }
 
 impl Part {
-    pub(crate) fn new(job: Arc<Job>) -> Rc<Part> {
+    pub(crate) fn new(job: Arc<Job>, env: &Rc<PartEnv>) -> Rc<Part> {
         Rc::new(Part {
             job,
+            env: env.clone(),
             records: Cell::new(0),
             error: RefCell::new(None),
             early: RefCell::new(None),
-            reserved: RefCell::new(None),
+            reserved: Cell::new(0),
         })
+    }
+
+    /// Give back the capacity this part holds (see `PartEnv::released`).
+    fn release(&self) {
+        let bytes = self.reserved.replace(0);
+        if bytes > 0 {
+            self.env.released.set(self.env.released.get() + bytes);
+        }
     }
 
     pub(crate) fn fail(&self, e: Error) {
@@ -188,10 +207,18 @@ impl Part {
         if n == 0 {
             // Applied (or failed): reads no longer wait for these blocks.
             drop(self.early.borrow_mut().take());
-            drop(self.reserved.borrow_mut().take());
+            self.release();
             let err = self.error.borrow_mut().take();
-            self.job.part_done(err.map_or(Ok(()), Err));
+            self.job
+                .part_done(err.map_or(Ok(()), Err), Some(&self.env.stages));
         }
+    }
+}
+
+impl Drop for Part {
+    /// A part dropped unfinished (its worker stops) holds no capacity either.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -215,6 +242,8 @@ pub(crate) struct Shard {
     pub(crate) id: usize,
     pub(crate) ctx: Arc<Context>,
     pub(crate) rx: Receiver<ShardMsg>,
+    /// Shared by this worker's parts (see [`PartEnv`]).
+    pub(crate) env: Rc<PartEnv>,
     /// Pauses that overtake `rx` (see [`UrgentPause`]).
     pub(crate) urgent: Receiver<UrgentPause>,
     /// Rung by senders while this worker waits in its ring (see [`Doorbell`]).
@@ -274,10 +303,15 @@ impl Shard {
         queue: Box<dyn IoQueue>,
         pos: ShardPosition,
     ) -> Self {
+        let env = Rc::new(PartEnv {
+            stages: ctx.stages.clone(),
+            released: Cell::new(0),
+        });
         Shard {
             id,
             chain: Chain::new(id, ctx.clone(), pos),
             ctx,
+            env,
             rx,
             urgent,
             bell,
@@ -422,6 +456,7 @@ impl Shard {
             if stop || pause.is_some() {
                 self.drain();
             }
+            self.return_released();
             crate::api::end_batch();
             if let Some((paused, resume)) = pause {
                 let r = self.chain.at_checkpoint();
@@ -446,7 +481,7 @@ impl Shard {
                 at,
                 job,
             } => {
-                job.picked();
+                job.picked(&self.env.stages);
                 self.read(vol, offset, len, at, job);
                 0
             }
@@ -457,7 +492,7 @@ impl Shard {
                 job,
             } => {
                 let n = data.len();
-                job.picked();
+                job.picked(&self.env.stages);
                 self.write(vol, offset, data, job);
                 n
             }
@@ -467,12 +502,12 @@ impl Shard {
                 len,
                 job,
             } => {
-                job.picked();
+                job.picked(&self.env.stages);
                 self.zero(vol, offset, len, job);
                 0
             }
             ShardMsg::Relocate { moves, job } => {
-                let part = Part::new(job);
+                let part = Part::new(job, &self.env);
                 part.records.set(1);
                 let mut n = 0;
                 for rel in moves {
@@ -529,7 +564,7 @@ impl Shard {
             | ShardMsg::Zero { job, .. }
             | ShardMsg::Read { job, .. } = m
             {
-                job.part_done(Err(Error::ShutDown));
+                job.part_done(Err(Error::ShutDown), Some(&self.env.stages));
             }
         }
     }
@@ -555,6 +590,16 @@ impl Shard {
             }
         }
         self.apply_completed();
+    }
+
+    /// Give the capacity of the parts finished since the last turn back to the pool.
+    pub(crate) fn return_released(&self) {
+        let bytes = self.env.released.replace(0);
+        if bytes > 0 {
+            self.ctx
+                .accepted_bytes
+                .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 
     pub(crate) fn reap(&mut self) {

@@ -85,7 +85,7 @@ impl Shard {
             self.drain();
             if self.ctx.health.is_faulted() {
                 // The early write may have failed: the map would give what it replaced.
-                job.part_done(Err(self.ctx.health.halted()));
+                job.part_done(Err(self.ctx.health.halted()), Some(&self.env.stages));
                 return;
             }
             if !self.stalled.is_empty() {
@@ -99,7 +99,7 @@ impl Shard {
                 return;
             }
         }
-        let part = Part::new(job);
+        let part = Part::new(job, &self.env);
         part.records.set(1); // released at the end of this function
         let first = offset / BLOCK_BYTES;
         let last = (offset + len as u64 - 1) / BLOCK_BYTES;

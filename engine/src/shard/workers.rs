@@ -123,7 +123,7 @@ fn fail_msg(msg: ShardMsg) {
         ShardMsg::Read { job, .. }
         | ShardMsg::Write { job, .. }
         | ShardMsg::Zero { job, .. }
-        | ShardMsg::Relocate { job, .. } => job.part_done(Err(Error::ShutDown)),
+        | ShardMsg::Relocate { job, .. } => job.part_done(Err(Error::ShutDown), None),
         ShardMsg::Pause { paused, .. } => {
             let _ = paused.send(Err(Error::ShutDown));
         }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::api::BLOCK_BYTES;
-use crate::context::Reservation;
 use crate::error::Error;
 use crate::format::{DataEntry, FLAG_REF, IO_ALIGN};
 use crate::io::{AlignedBuf, IoOp, OpKind};
@@ -41,7 +40,7 @@ impl Shard {
 
     pub(crate) fn write(&mut self, vol: Arc<VolumeState>, offset: u64, data: Bytes, job: Arc<Job>) {
         let early = job.is_write_back() && !data.is_empty();
-        let part = Part::new(job);
+        let part = Part::new(job, &self.env);
         part.records.set(1);
         if early {
             // Counted when received (see `run`); uncounted when the part finishes.
@@ -100,6 +99,7 @@ impl Shard {
         early: bool,
         part: &Part,
     ) -> bool {
+        self.return_released();
         let space = self.ctx.space.lock();
         let taken = space.stored_bytes + self.ctx.accepted_bytes.load(Ordering::Acquire);
         // The last `write_back_limit` bytes are kept for writes acknowledged early (at most that
@@ -135,13 +135,15 @@ impl Shard {
             new * BLOCK_BYTES
         };
         if bytes > 0 {
-            *part.reserved.borrow_mut() = Some(Reservation::take(&self.ctx, bytes));
+            // Under the space lock: two workers cannot both take the last bytes.
+            self.ctx.accepted_bytes.fetch_add(bytes, Ordering::AcqRel);
+            part.reserved.set(bytes);
         }
         true
     }
 
     pub(crate) fn zero(&mut self, vol: Arc<VolumeState>, offset: u64, len: u64, job: Arc<Job>) {
-        let part = Part::new(job);
+        let part = Part::new(job, &self.env);
         part.records.set(1);
         let end = offset + len;
         let first_full = offset.div_ceil(BLOCK_BYTES);
