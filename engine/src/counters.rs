@@ -9,6 +9,10 @@ pub(crate) struct ShardStats {
     pub applied_shard_seq: AtomicU64,
     /// Records known durable (a sync completed after they were applied).
     pub durable_shard_seq: AtomicU64,
+    /// Parts of early-acknowledged writes sent to this shard and not yet applied: counted
+    /// before the acknowledgement, uncounted by the shard once per turn. A flush that finds
+    /// them on one shard only is that shard's alone (see `Workers::flush`).
+    pub early_parts: AtomicU64,
 }
 
 #[derive(Default)]

@@ -326,6 +326,10 @@ impl Job {
         }
         match &self.fua {
             Some(flusher) => {
+                // On a shard's thread, that shard syncs (see `shard/flush.rs`).
+                let Some(done) = crate::shard::flush_here(done, Instant::now()) else {
+                    return;
+                };
                 let msg = FlushMsg::Flush(done, Instant::now());
                 if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done, _))) =
                     flusher.send(msg)

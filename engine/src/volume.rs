@@ -11,7 +11,7 @@ use crate::context::Context;
 use crate::counters::Op;
 use crate::error::{Error, Result};
 use crate::format::MAP_PAGE_ENTRIES;
-use crate::job::{FlushMsg, Job, Timing, WriteBack};
+use crate::job::{Job, Timing, WriteBack};
 use crate::map::shard_of;
 use crate::map::VolumeState;
 use crate::shard::ShardMsg;
@@ -93,12 +93,8 @@ impl Volume {
                 (*offset, *len, *fua)
             }
             Request::Flush => {
-                let msg = FlushMsg::Flush(crate::job::Answer::new(done), Instant::now());
-                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(done, _))) =
-                    ctx.flusher.send(msg)
-                {
-                    done.send(Err(Error::ShutDown));
-                }
+                self.workers
+                    .flush(ctx, crate::job::Answer::new(done), Instant::now());
                 return;
             }
         };
@@ -184,6 +180,12 @@ impl Volume {
             (Job::new(parts.len(), read_len, fua_tx, done, timing), None)
         };
         for (shard, off, l) in parts {
+            if early {
+                // Before the acknowledgement: a flush after it finds the shard holding it.
+                ctx.shard_stats[shard]
+                    .early_parts
+                    .fetch_add(1, Ordering::AcqRel);
+            }
             let at = (off - offset) as usize;
             let msg = match &req {
                 Request::Read { .. } => ShardMsg::Read {

@@ -21,6 +21,12 @@ pub struct FaultPlan {
     /// Record the old contents of unsynced writes so [`FaultDevices::power_cut`] can undo them.
     pub track_unsynced: AtomicBool,
     undo: Mutex<Vec<Undo>>,
+    /// Numbers the entries of `undo`.
+    undo_serial: AtomicU64,
+    /// Ticks at every completed write: a queued sync makes durable only the writes that had
+    /// completed when it was queued, as a device flush does (one queued beside a write still
+    /// in flight may complete first).
+    completions: AtomicU64,
     /// Writes seen (data path and metadata).
     pub writes: AtomicU64,
     /// Make every block's dedup key the same (set before the pool opens): every write then
@@ -52,6 +58,9 @@ pub struct FaultPlan {
 }
 
 struct Undo {
+    serial: u64,
+    /// The `completions` tick of the write's completion (`u64::MAX` while in flight).
+    completed: u64,
     dev: u16,
     offset: u64,
     old: AlignedBuf,
@@ -72,7 +81,9 @@ impl FaultPlan {
         Arc::new(FaultPlan::default())
     }
 
-    fn note_write(&self, inner: &dyn Devices, dev: u16, offset: u64, len: usize) {
+    /// A write is about to be issued: keep what it overwrites. Returns its `undo` serial (0
+    /// when not tracked), for [`FaultPlan::note_completed`].
+    fn note_write(&self, inner: &dyn Devices, dev: u16, offset: u64, len: usize) -> u64 {
         self.writes.fetch_add(1, Ordering::Relaxed);
         let end = offset + len as u64;
         if self
@@ -84,11 +95,37 @@ impl FaultPlan {
             self.writes_into_discards.fetch_add(1, Ordering::Relaxed);
         }
         if !self.track_unsynced.load(Ordering::Relaxed) {
-            return;
+            return 0;
         }
         let mut old = AlignedBuf::new(len);
-        if inner.read_at(dev, &mut old, offset).is_ok() {
-            self.undo.lock().push(Undo { dev, offset, old });
+        if inner.read_at(dev, &mut old, offset).is_err() {
+            return 0;
+        }
+        let serial = self.undo_serial.fetch_add(1, Ordering::AcqRel) + 1;
+        self.undo.lock().push(Undo {
+            serial,
+            completed: u64::MAX,
+            dev,
+            offset,
+            old,
+        });
+        serial
+    }
+
+    /// The write `serial` (from [`FaultPlan::note_write`]) completed.
+    fn note_completed(&self, serial: u64) {
+        if serial == 0 {
+            return;
+        }
+        let tick = self.completions.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(u) = self
+            .undo
+            .lock()
+            .iter_mut()
+            .rev()
+            .find(|u| u.serial == serial)
+        {
+            u.completed = tick;
         }
     }
 
@@ -177,15 +214,19 @@ impl Devices for FaultDevices {
         {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        self.plan.note_write(&*self.inner, dev, offset, buf.len());
-        self.inner.write_at(dev, buf, offset)
+        let serial = self.plan.note_write(&*self.inner, dev, offset, buf.len());
+        let r = self.inner.write_at(dev, buf, offset);
+        self.plan.note_completed(serial);
+        r
     }
     fn sync(&self) -> io::Result<()> {
         if self.plan.fail_sync.load(Ordering::Relaxed) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
+        // Writes completed before the sync began are durable; ones racing with it may not be.
+        let upto = self.plan.completions.load(Ordering::Acquire);
         self.inner.sync()?;
-        self.plan.undo.lock().clear();
+        self.plan.undo.lock().retain(|u| u.completed > upto);
         Ok(())
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
@@ -218,6 +259,8 @@ impl Devices for FaultDevices {
             plan: self.plan.clone(),
             failed: Vec::new(),
             wrote_since_submit: false,
+            syncs: Vec::new(),
+            writes: Vec::new(),
         }))
     }
 }
@@ -228,6 +271,10 @@ struct FaultQueue {
     plan: Arc<FaultPlan>,
     failed: Vec<IoDone>,
     wrote_since_submit: bool,
+    /// Queued syncs: (tag, the `completions` tick when queued).
+    syncs: Vec<(u64, u64)>,
+    /// Queued writes: (tag, `undo` serial).
+    writes: Vec<(u64, u64)>,
 }
 
 impl IoQueue for FaultQueue {
@@ -235,6 +282,7 @@ impl IoQueue for FaultQueue {
         let fail = match op.kind {
             OpKind::Write => self.plan.fail_writes.load(Ordering::Relaxed),
             OpKind::Read => self.plan.fail_reads.load(Ordering::Relaxed),
+            OpKind::Sync => self.plan.fail_sync.load(Ordering::Relaxed),
         };
         if fail {
             self.failed
@@ -242,9 +290,17 @@ impl IoQueue for FaultQueue {
             return;
         }
         if op.kind == OpKind::Write {
-            self.plan
+            let serial = self
+                .plan
                 .note_write(&*self.devices, op.dev, op.offset, op.len);
+            if serial != 0 {
+                self.writes.push((op.tag, serial));
+            }
             self.wrote_since_submit = true;
+        }
+        if op.kind == OpKind::Sync {
+            let upto = self.plan.completions.load(Ordering::Acquire);
+            self.syncs.push((op.tag, upto));
         }
         self.inner.push(op);
     }
@@ -270,6 +326,25 @@ impl IoQueue for FaultQueue {
             if d.kind == OpKind::Read && d.result.is_ok() {
                 let len = d.buf.len();
                 self.plan.corrupt(d.dev, d.offset, &mut d.buf[..len]);
+            }
+            if d.kind == OpKind::Write {
+                if let Some(i) = self.writes.iter().position(|&(t, _)| t == d.tag) {
+                    let (_, serial) = self.writes.swap_remove(i);
+                    self.plan.note_completed(serial);
+                }
+            }
+            if d.kind == OpKind::Sync {
+                let Some(i) = self.syncs.iter().position(|&(t, _)| t == d.tag) else {
+                    continue;
+                };
+                let (_, upto) = self.syncs.swap_remove(i);
+                if d.result.is_ok() {
+                    let dev = d.dev;
+                    self.plan
+                        .undo
+                        .lock()
+                        .retain(|u| u.dev != dev || u.completed > upto);
+                }
             }
         }
     }

@@ -24,6 +24,9 @@ pub use doorbell::Doorbell;
 pub enum OpKind {
     Read,
     Write,
+    /// fdatasync of the op's device: every write completed before it is durable when it
+    /// completes (`len` 0, the buffer unused).
+    Sync,
 }
 
 /// One queued device operation. The buffer travels with the op and comes back in [`IoDone`], so
@@ -41,6 +44,18 @@ pub struct IoOp {
 }
 
 impl IoOp {
+    /// A sync of device `dev` (see [`OpKind::Sync`]).
+    pub fn sync(dev: u16, tag: u64) -> IoOp {
+        IoOp {
+            kind: OpKind::Sync,
+            dev,
+            offset: 0,
+            len: 0,
+            buf: AlignedBuf::new(0),
+            tag,
+        }
+    }
+
     /// The completion of this op with `result`.
     pub fn done(self, result: io::Result<()>) -> IoDone {
         IoDone {

@@ -245,6 +245,7 @@ pub fn run_op(f: &File, mut op: IoOp) -> IoDone {
     let result = match op.kind {
         OpKind::Read => f.read_exact_at(&mut op.buf[..op.len], op.offset),
         OpKind::Write => f.write_all_at(&op.buf[..op.len], op.offset),
+        OpKind::Sync => f.sync_data(),
     };
     op.done(result)
 }

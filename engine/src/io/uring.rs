@@ -163,6 +163,12 @@ impl UringQueue {
                         .offset(op.offset)
                         .build()
                 }
+                (OpKind::Sync, true) => opcode::Fsync::new(types::Fixed(op.dev as u32))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                (OpKind::Sync, false) => opcode::Fsync::new(types::Fd(self.fds[op.dev as usize]))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
             }
             .user_data(slot as u64);
             self.slots[slot] = Some(op);

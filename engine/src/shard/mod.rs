@@ -3,12 +3,14 @@
 //! and the ordered apply of completed records live beside it, the records and the chain in `log/`.
 
 mod apply;
+mod flush;
 mod pack;
 mod read;
 mod workers;
 mod write;
 
 pub(crate) use apply::*;
+pub(crate) use flush::flush_here;
 pub(crate) use pack::*;
 pub(crate) use read::*;
 pub(crate) use workers::Workers;
@@ -16,7 +18,7 @@ pub(crate) use write::*;
 
 use crate::log::{Chain, ShardPosition, VoidAt};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +33,7 @@ use crate::cache::{BlockCache, IdMap};
 use crate::context::Context;
 use crate::error::Error;
 use crate::io::{AlignedBuf, Doorbell, IoDone, IoQueue};
-use crate::job::Job;
+use crate::job::{Answer, Job};
 use crate::map::VolumeState;
 use crate::space::BlockEntry;
 use parking_lot::MutexGuard;
@@ -97,6 +99,9 @@ pub(crate) enum ShardMsg {
     /// acknowledged early are then covered by a flush and seen by block status. Waits for
     /// writes stalled on space, unlike `Fence` (which the cleaner itself sends).
     Settle(Sender<()>),
+    /// A client's flush that this worker answers (see `flush.rs`): after every early write
+    /// it received before this one is applied, it syncs the devices.
+    Flush(Answer, Instant),
     Stop,
 }
 
@@ -119,11 +124,39 @@ pub(crate) fn on_shard_thread() -> bool {
     ON_SHARD.with(Cell::get)
 }
 
-/// Blocks of writes acknowledged early and not yet applied: (volume id, LBA) -> writes.
-pub(crate) type Unapplied = Rc<RefCell<HashMap<(u32, u64), u32>>>;
+/// Writes acknowledged early that this shard has received and not yet applied.
+#[derive(Default)]
+pub(crate) struct EarlyParts {
+    /// Their blocks: (volume id, LBA) -> writes (reads of them wait).
+    pub(crate) blocks: HashMap<(u32, u64), u32>,
+    /// The serials of the parts not finished: a flush waits for those taken before it.
+    pub(crate) open: BTreeSet<u64>,
+    pub(crate) next: u64,
+    /// Parts finished since the shard last uncounted them from `ShardStats::early_parts`.
+    pub(crate) finished: u64,
+}
 
-/// Blocks `first..=last` of volume `vol` in an [`Unapplied`] set, counted while a part lives.
+impl EarlyParts {
+    /// A new part: its serial, open until its [`EarlyRange`] drops.
+    pub(crate) fn open_part(&mut self) -> u64 {
+        let serial = self.next;
+        self.next += 1;
+        self.open.insert(serial);
+        serial
+    }
+
+    /// Whether every part taken before serial `next` has finished.
+    pub(crate) fn finished_before(&self, next: u64) -> bool {
+        self.open.first().is_none_or(|&s| s >= next)
+    }
+}
+
+pub(crate) type Unapplied = Rc<RefCell<EarlyParts>>;
+
+/// An open early part (serial `serial`) and its blocks `first..=last` of volume `vol` in an
+/// [`Unapplied`] set, counted while the part lives.
 pub(crate) struct EarlyRange {
+    pub(crate) serial: u64,
     pub(crate) set: Unapplied,
     pub(crate) vol: u32,
     pub(crate) first: u64,
@@ -133,7 +166,7 @@ pub(crate) struct EarlyRange {
 pub(crate) fn note_unapplied(set: &Unapplied, vol: u32, first: u64, last: u64) {
     let mut set = set.borrow_mut();
     for lba in first..=last {
-        *set.entry((vol, lba)).or_insert(0) += 1;
+        *set.blocks.entry((vol, lba)).or_insert(0) += 1;
     }
 }
 
@@ -141,13 +174,17 @@ impl Drop for EarlyRange {
     fn drop(&mut self) {
         let mut set = self.set.borrow_mut();
         for lba in self.first..=self.last {
-            if let std::collections::hash_map::Entry::Occupied(mut e) = set.entry((self.vol, lba)) {
+            if let std::collections::hash_map::Entry::Occupied(mut e) =
+                set.blocks.entry((self.vol, lba))
+            {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
                     e.remove();
                 }
             }
         }
+        set.open.remove(&self.serial);
+        set.finished += 1;
     }
 }
 
@@ -273,6 +310,8 @@ pub(crate) struct Shard {
     pub(crate) scratch_entries: Vec<Option<BlockEntry>>,
     /// Blocks of early-acknowledged writes this shard has received and not yet applied.
     pub(crate) unapplied: Unapplied,
+    /// Flushes this worker answers itself.
+    pub(crate) flushes: flush::Flushes,
 }
 
 impl Drop for Shard {
@@ -330,6 +369,7 @@ impl Shard {
             scratch_ids: Vec::new(),
             scratch_entries: Vec::new(),
             unapplied: Rc::default(),
+            flushes: flush::Flushes::default(),
         }
     }
 
@@ -339,7 +379,8 @@ impl Shard {
         crate::api::begin_batch();
         ON_SHARD.with(|c| c.set(true));
         loop {
-            let busy = !self.inflight.is_empty() || !self.reads.is_empty();
+            let busy =
+                !self.inflight.is_empty() || !self.reads.is_empty() || self.queue.in_flight() > 0;
             let first = if busy {
                 match self.rx.try_recv() {
                     Ok(m) => Some(m),
@@ -388,7 +429,10 @@ impl Shard {
                             pause = Some((paused, resume));
                             break;
                         }
-                        ShardMsg::Write { .. } | ShardMsg::Zero { .. } | ShardMsg::Settle(_)
+                        ShardMsg::Write { .. }
+                        | ShardMsg::Zero { .. }
+                        | ShardMsg::Settle(_)
+                        | ShardMsg::Flush(..)
                             if waiting =>
                         {
                             self.deferred.push_back(m);
@@ -453,6 +497,7 @@ impl Shard {
                 self.fail_all_inflight(e);
             }
             self.reap();
+            self.poll_flushes();
             if stop || pause.is_some() {
                 self.drain();
             }
@@ -540,6 +585,10 @@ impl Shard {
                 }
                 0
             }
+            ShardMsg::Flush(answer, since) => {
+                self.take_flush(answer, since);
+                0
+            }
             ShardMsg::Stop => 0,
         }
     }
@@ -594,6 +643,12 @@ impl Shard {
 
     /// Give the capacity of the parts finished since the last turn back to the pool.
     pub(crate) fn return_released(&self) {
+        let finished = std::mem::take(&mut self.unapplied.borrow_mut().finished);
+        if finished > 0 {
+            self.ctx.shard_stats[self.id]
+                .early_parts
+                .fetch_sub(finished, std::sync::atomic::Ordering::AcqRel);
+        }
         let bytes = self.env.released.replace(0);
         if bytes > 0 {
             self.ctx
@@ -605,7 +660,10 @@ impl Shard {
     pub(crate) fn reap(&mut self) {
         let mut done = std::mem::take(&mut self.done);
         self.queue.reap(&mut done);
-        for d in done.drain(..) {
+        for mut d in done.drain(..) {
+            if self.sync_done(&mut d) {
+                continue;
+            }
             if let Some(pr) = self.reads.remove(&d.tag) {
                 self.ctx.stages.device(Op::Read, pr.sent);
                 self.finish_read(pr, d);

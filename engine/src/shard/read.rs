@@ -62,12 +62,12 @@ impl Shard {
     /// Whether bytes `offset..offset + len` of `vol` hold an early write not applied yet.
     pub(crate) fn overlaps_unapplied(&self, vol: u32, offset: u64, len: usize) -> bool {
         let set = self.unapplied.borrow();
-        if set.is_empty() || len == 0 {
+        if set.blocks.is_empty() || len == 0 {
             return false;
         }
         let first = offset / BLOCK_BYTES;
         let last = (offset + len as u64 - 1) / BLOCK_BYTES;
-        (first..=last).any(|lba| set.contains_key(&(vol, lba)))
+        (first..=last).any(|lba| set.blocks.contains_key(&(vol, lba)))
     }
 
     pub(crate) fn read(

@@ -1,13 +1,16 @@
 //! The handles on the shard workers: one channel per log chain (the data shards, then the
 //! mover), and the requests that wait for every shard's answer.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Doorbell;
+use crate::job::{Answer, FlushMsg};
 use crate::shard::{ShardMsg, UrgentPause};
 
 pub(crate) struct Workers {
@@ -17,6 +20,8 @@ pub(crate) struct Workers {
     bells: Vec<Arc<Doorbell>>,
     /// Each worker's channel of pauses that overtake its queue.
     urgent: Vec<Sender<UrgentPause>>,
+    /// Spreads flushes that no shard's early writes claim.
+    next_flush: AtomicUsize,
 }
 
 impl Workers {
@@ -29,6 +34,7 @@ impl Workers {
             senders,
             bells,
             urgent,
+            next_flush: AtomicUsize::new(0),
         }
     }
 
@@ -108,6 +114,36 @@ impl Workers {
         Ok(())
     }
 
+    /// Route a client's flush: to the one data shard that holds writes acknowledged early (or
+    /// to any, when none does), which syncs the devices itself once they are stored (see
+    /// `shard/flush.rs`); to the flusher thread when several do (it settles them all).
+    pub(crate) fn flush(&self, ctx: &Context, answer: Answer, since: Instant) {
+        let mut holding = (0..ctx.shards())
+            .filter(|&s| ctx.shard_stats[s].early_parts.load(Ordering::Acquire) > 0);
+        let to = match (holding.next(), holding.next()) {
+            (Some(s), None) => Some(s),
+            (None, _) => Some(self.next_flush.fetch_add(1, Ordering::Relaxed) % ctx.shards()),
+            (Some(_), Some(_)) => None,
+        };
+        let msg = match to {
+            Some(shard) => match self.senders[shard].send(ShardMsg::Flush(answer, since)) {
+                Ok(()) => {
+                    self.bells[shard].ring();
+                    return;
+                }
+                Err(crossbeam_channel::SendError(ShardMsg::Flush(answer, since))) => {
+                    FlushMsg::Flush(answer, since)
+                }
+                Err(crossbeam_channel::SendError(m)) => return fail_msg(m),
+            },
+            None => FlushMsg::Flush(answer, since),
+        };
+        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(answer, _))) = ctx.flusher.send(msg)
+        {
+            answer.send(Err(Error::ShutDown));
+        }
+    }
+
     /// Tell every worker to stop once it has drained what it holds.
     pub(crate) fn stop(&self) {
         for (tx, bell) in self.senders.iter().zip(&self.bells) {
@@ -127,6 +163,7 @@ fn fail_msg(msg: ShardMsg) {
         ShardMsg::Pause { paused, .. } => {
             let _ = paused.send(Err(Error::ShutDown));
         }
+        ShardMsg::Flush(answer, _) => answer.send(Err(Error::ShutDown)),
         // Dropping the sender answers the fence or settle with an error.
         ShardMsg::Fence(_) | ShardMsg::Settle(_) | ShardMsg::Stop | ShardMsg::Nudge => {}
     }

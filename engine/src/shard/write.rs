@@ -45,6 +45,7 @@ impl Shard {
         if early {
             // Counted when received (see `run`); uncounted when the part finishes.
             *part.early.borrow_mut() = Some(EarlyRange {
+                serial: self.unapplied.borrow_mut().open_part(),
                 set: self.unapplied.clone(),
                 vol: vol.id,
                 first: offset / BLOCK_BYTES,

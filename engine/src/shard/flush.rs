@@ -1,0 +1,180 @@
+//! Flushes a shard answers itself: once the early writes it took before a flush are stored,
+//! it syncs every device through its own ring and replies from its thread. A database's commit
+//! (one writer, a write then a flush) then crosses one thread, not three (connection →
+//! flusher → shards → flusher), and waits for no other shard.
+//!
+//! What reaches a shard here is decided by `Workers::flush`: a flush goes to the one shard
+//! that holds early writes (or to any when none does); when several do, the flusher thread
+//! settles them all. A FUA write whose last part completes on a shard is flushed there too.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::api::Reply;
+use crate::counters::Op;
+use crate::error::Error;
+use crate::io::{IoDone, IoOp};
+use crate::job::{Answer, FlushMsg};
+
+use super::Shard;
+
+/// A flush waiting for the early parts taken before it.
+pub(crate) struct FlushWaiter {
+    pub answer: Answer,
+    /// When the client asked.
+    pub since: Instant,
+    /// The early parts with a lower serial must finish first (see `EarlyParts`).
+    pub after: u64,
+}
+
+/// One sync of every device, covering the flushes in `waiters`.
+pub(crate) struct SyncRound {
+    pub tags: Vec<u64>,
+    pub error: Option<std::io::Error>,
+    /// Each chain's applied records when the round began: durable once it succeeds.
+    pub applied: Vec<u64>,
+    pub waiters: Vec<FlushWaiter>,
+    pub started: Instant,
+}
+
+#[derive(Default)]
+pub(crate) struct Flushes {
+    /// In arrival order.
+    pub waiting: std::collections::VecDeque<FlushWaiter>,
+    pub round: Option<SyncRound>,
+}
+
+thread_local! {
+    /// FUA writes completed on this shard's thread, to flush at the end of its turn.
+    static LOCAL: RefCell<Vec<(Answer, Instant)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// On a shard's thread, queue `answer` for that shard's next sync (a FUA write whose parts are
+/// done); elsewhere give it back.
+pub(crate) fn flush_here(answer: Answer, since: Instant) -> Option<Answer> {
+    if !super::on_shard_thread() {
+        return Some(answer);
+    }
+    LOCAL.with(|l| l.borrow_mut().push((answer, since)));
+    None
+}
+
+impl Shard {
+    /// A client's flush: wait for the early parts taken so far, then sync.
+    pub(crate) fn take_flush(&mut self, answer: Answer, since: Instant) {
+        let after = self.unapplied.borrow().next;
+        self.flushes.waiting.push_back(FlushWaiter {
+            answer,
+            since,
+            after,
+        });
+    }
+
+    /// Start a sync for the flushes whose early parts are all applied, unless one is running
+    /// (the next round takes them: their writes may have completed after its sync began).
+    pub(crate) fn poll_flushes(&mut self) {
+        let local = LOCAL.with(|l| std::mem::take(&mut *l.borrow_mut()));
+        for (answer, since) in local {
+            self.take_flush(answer, since);
+        }
+        if self.flushes.round.is_some() || self.flushes.waiting.is_empty() {
+            return;
+        }
+        let mut ready = Vec::new();
+        {
+            let early = self.unapplied.borrow();
+            while let Some(w) = self.flushes.waiting.front() {
+                if !early.finished_before(w.after) {
+                    break;
+                }
+                ready.extend(self.flushes.waiting.pop_front());
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let ctx = &self.ctx;
+        // Before the broken-chain flag: a flush that sees a failed record applied also sees
+        // the chain it broke (the flag is set first, see `apply_completed`).
+        let applied: Vec<u64> = ctx
+            .shard_stats
+            .iter()
+            .map(|s| s.applied_shard_seq.load(Ordering::Acquire))
+            .collect();
+        if ctx.health.is_faulted() {
+            let e = ctx.health.halted();
+            for w in ready {
+                w.answer.send(Err(e.clone()));
+            }
+            return;
+        }
+        if ctx.chain_broken.load(Ordering::Acquire) {
+            // Only a checkpoint makes what follows a failed record recoverable: the flusher
+            // takes one.
+            for w in ready {
+                if let Err(crossbeam_channel::SendError(FlushMsg::Flush(a, _))) =
+                    ctx.flusher.send(FlushMsg::Flush(w.answer, w.since))
+                {
+                    a.send(Err(Error::ShutDown));
+                }
+            }
+            return;
+        }
+        let mut tags = Vec::new();
+        for dev in 0..ctx.devices.count() as u16 {
+            let tag = self.tag();
+            self.queue.push(IoOp::sync(dev, tag));
+            tags.push(tag);
+        }
+        self.flushes.round = Some(SyncRound {
+            tags,
+            error: None,
+            applied,
+            waiters: ready,
+            started: Instant::now(),
+        });
+        if let Err(e) = self.queue.submit(0) {
+            self.fail_all_inflight(e);
+        }
+    }
+
+    /// A completion of the running round's syncs (`false`: not one of them).
+    pub(crate) fn sync_done(&mut self, d: &mut IoDone) -> bool {
+        let Some(round) = self.flushes.round.as_mut() else {
+            return false;
+        };
+        let Some(i) = round.tags.iter().position(|&t| t == d.tag) else {
+            return false;
+        };
+        round.tags.swap_remove(i);
+        if let Err(e) = std::mem::replace(&mut d.result, Ok(())) {
+            round.error.get_or_insert(e);
+        }
+        if !round.tags.is_empty() {
+            return true;
+        }
+        let Some(round) = self.flushes.round.take() else {
+            return true;
+        };
+        let stages = &self.ctx.stages;
+        stages.device(Op::Flush, round.started);
+        let r = match round.error {
+            None => {
+                for (s, a) in self.ctx.shard_stats.iter().zip(round.applied) {
+                    s.durable_shard_seq.fetch_max(a, Ordering::AcqRel);
+                }
+                Ok(Reply::Done)
+            }
+            Some(source) => Err(Error::Sync { source }),
+        };
+        for w in round.waiters {
+            stages.done(Op::Flush, w.since);
+            w.answer.send(match &r {
+                Ok(_) => Ok(Reply::Done),
+                Err(e) => Err(e.clone()),
+            });
+        }
+        true
+    }
+}
