@@ -318,3 +318,51 @@ fn a_flush_waits_for_early_writes_on_every_shard_sync() {
 fn a_flush_waits_for_early_writes_on_every_shard_uring() {
     a_flush_waits_for_early_writes_on_every_shard(IoKind::Uring);
 }
+
+/// A FUA write racing a checkpoint, again and again: a FUA write whose record completes
+/// while its shard drains for the pause must still be flushed and answered, with nothing
+/// else arriving to wake the shard (its flush was once left queued on a shard that slept).
+#[test]
+fn fua_writes_racing_checkpoints_all_complete() {
+    for io in [IoKind::Sync, IoKind::Uring] {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = tracking_plan();
+        let o = opts(io, &plan);
+        let pool = create(dir.path(), &o);
+        let v = pool.volume("v").unwrap();
+        let rounds = 150u64;
+        for n in 0..rounds {
+            let lba = (n * 131) % VOL_BLOCKS;
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::scope(|s| {
+                let tx2 = tx.clone();
+                let pool = &pool;
+                s.spawn(move || {
+                    pool.checkpoint().unwrap();
+                    tx2.send(()).unwrap();
+                });
+                let v = &v;
+                s.spawn(move || {
+                    v.write(lba * BLOCK as u64, &block(lba, n), true).unwrap();
+                    tx.send(()).unwrap();
+                });
+                for _ in 0..2 {
+                    if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+                        // Unstick the waiter so the scope can end, then fail.
+                        let _ = pool.volume("v").unwrap().write(0, &block(0, 0), false);
+                        panic!("round {n}: a FUA write or checkpoint got no answer in 10 s");
+                    }
+                }
+            });
+        }
+        drop(v);
+        let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
+        let v = pool.volume("v").unwrap();
+        for n in 0..rounds {
+            let lba = (n * 131) % VOL_BLOCKS;
+            if !(n + 1..rounds).any(|m| (m * 131) % VOL_BLOCKS == lba) {
+                assert!(read_block(&v, lba) == block(lba, n), "FUA write {n} lost");
+            }
+        }
+    }
+}

@@ -120,6 +120,17 @@ impl Chain {
         true
     }
 
+    /// Whether `bytes` fit in the open segment as [`Chain::make_room`] sees it (no roll).
+    pub(crate) fn fits(&self, bytes: u64, room: Room) -> bool {
+        let margin = if room == Room::Freeing || self.pos.next != NO_SEGMENT {
+            0
+        } else {
+            TRIM_RESERVE_BYTES
+        };
+        self.pos.segment != NO_SEGMENT
+            && u64::from(self.pos.offset) + bytes + margin <= self.ctx.geo.segment_bytes
+    }
+
     /// Make sure `bytes` fit in the open segment, moving to the next one if needed. When there
     /// is no next segment, data records leave [`TRIM_RESERVE_BYTES`] free so that trims (which
     /// free space) still fit on a full pool. Data may not move into a new segment once free
@@ -135,14 +146,7 @@ impl Chain {
         write_header: &mut dyn FnMut(u16, u64, AlignedBuf),
     ) -> Result<(), Error> {
         let seg_bytes = self.ctx.geo.segment_bytes;
-        let margin = if room == Room::Freeing || self.pos.next != NO_SEGMENT {
-            0
-        } else {
-            TRIM_RESERVE_BYTES
-        };
-        if u64::from(self.pos.offset) + bytes + margin <= seg_bytes
-            && self.pos.segment != NO_SEGMENT
-        {
+        if self.fits(bytes, room) {
             return Ok(());
         }
         if self.pos.next == NO_SEGMENT {

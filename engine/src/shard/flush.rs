@@ -168,6 +168,7 @@ impl Shard {
             }
             Some(source) => Err(Error::Sync { source }),
         };
+        let n = round.waiters.len();
         for w in round.waiters {
             stages.done(Op::Flush, w.since);
             w.answer.send(match &r {
@@ -175,6 +176,7 @@ impl Shard {
                 Err(e) => Err(e.clone()),
             });
         }
+        self.note_flushes(n);
         true
     }
 }

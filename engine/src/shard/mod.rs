@@ -5,6 +5,7 @@
 mod apply;
 mod flush;
 mod pack;
+mod prewrite;
 mod read;
 mod workers;
 mod write;
@@ -312,6 +313,8 @@ pub(crate) struct Shard {
     pub(crate) unapplied: Unapplied,
     /// Flushes this worker answers itself.
     pub(crate) flushes: flush::Flushes,
+    /// Zeroes written ahead of a flush-heavy chain.
+    pub(crate) prewrites: prewrite::Prewrites,
 }
 
 impl Drop for Shard {
@@ -370,6 +373,7 @@ impl Shard {
             scratch_entries: Vec::new(),
             unapplied: Rc::default(),
             flushes: flush::Flushes::default(),
+            prewrites: prewrite::Prewrites::default(),
         }
     }
 
@@ -497,8 +501,13 @@ impl Shard {
                 self.fail_all_inflight(e);
             }
             self.reap();
-            self.poll_flushes();
             if stop || pause.is_some() {
+                self.drain();
+            }
+            // After every place parts complete (a FUA write done in `drain` queues its flush
+            // here), and before this worker may block on its channel.
+            self.poll_flushes();
+            if (stop || pause.is_some()) && self.queue.in_flight() > 0 {
                 self.drain();
             }
             self.return_released();
@@ -664,6 +673,10 @@ impl Shard {
             if self.sync_done(&mut d) {
                 continue;
             }
+            let d = match self.prewrite_done(d) {
+                Ok(()) => continue,
+                Err(d) => d,
+            };
             if let Some(pr) = self.reads.remove(&d.tag) {
                 self.ctx.stages.device(Op::Read, pr.sent);
                 self.finish_read(pr, d);

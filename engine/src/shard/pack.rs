@@ -315,6 +315,10 @@ impl Shard {
         );
         let header_bytes = layout.header_bytes;
         let record_bytes = layout.record_bytes;
+        if !self.chain.fits(record_bytes as u64, room) {
+            // Zeroes still on their way to the next segment must not land over its records.
+            self.finish_prewrite(self.chain.pos.next);
+        }
         let (queue, inflight, next_tag) = (&mut self.queue, &mut self.inflight, &mut self.next_tag);
         let mut write_header = |dev, at, buf| push_header(queue, inflight, next_tag, dev, at, buf);
         if let Err(e) = self
