@@ -38,6 +38,11 @@ pub struct FaultPlan {
     /// Hold every queue submission that sends a write this long: the engine thread falls
     /// behind its messages, so that many writes are taken before any of them is stored.
     pub write_submit_delay_us: AtomicU64,
+    /// Hold every write of zeroes of 1 MiB or more (a shard zeroing a segment ahead of use)
+    /// back from the device for this many milliseconds: it then lands after writes queued
+    /// later, as a slow device that reorders them would. Held writes are not in flight for
+    /// the queue's owner until it waits for them.
+    pub defer_zero_writes_ms: AtomicU64,
     /// Discards seen.
     pub discards: AtomicU64,
     /// Writes that reached a range while a discard of it was under way.
@@ -261,6 +266,7 @@ impl Devices for FaultDevices {
             wrote_since_submit: false,
             syncs: Vec::new(),
             writes: Vec::new(),
+            deferred: Vec::new(),
         }))
     }
 }
@@ -275,6 +281,8 @@ struct FaultQueue {
     syncs: Vec<(u64, u64)>,
     /// Queued writes: (tag, `undo` serial).
     writes: Vec<(u64, u64)>,
+    /// Zero writes held back (see `FaultPlan::defer_zero_writes_ms`): until when, op.
+    deferred: Vec<(std::time::Instant, IoOp)>,
 }
 
 impl IoQueue for FaultQueue {
@@ -302,6 +310,16 @@ impl IoQueue for FaultQueue {
             let upto = self.plan.completions.load(Ordering::Acquire);
             self.syncs.push((op.tag, upto));
         }
+        let hold = self.plan.defer_zero_writes_ms.load(Ordering::Relaxed);
+        if hold > 0
+            && op.kind == OpKind::Write
+            && op.len >= 1 << 20
+            && op.buf[..op.len].iter().all(|&b| b == 0)
+        {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(hold);
+            self.deferred.push((until, op));
+            return;
+        }
         self.inner.push(op);
     }
     fn submit(&mut self, min_complete: usize) -> io::Result<()> {
@@ -315,6 +333,21 @@ impl IoQueue for FaultQueue {
             }
         }
         self.wrote_since_submit = false;
+        // Held zero writes go to the device once their time is up; a caller waiting with
+        // nothing else in flight waits for that time.
+        if min_complete > self.failed.len() && self.inner.in_flight() == 0 {
+            if let Some(until) = self.deferred.iter().map(|d| d.0).min() {
+                std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+            }
+        }
+        let now = std::time::Instant::now();
+        for (until, op) in std::mem::take(&mut self.deferred) {
+            if until <= now {
+                self.inner.push(op);
+            } else {
+                self.deferred.push((until, op));
+            }
+        }
         let want = min_complete.saturating_sub(self.failed.len());
         self.inner.submit(want.min(self.inner.in_flight()))
     }
