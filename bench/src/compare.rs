@@ -50,6 +50,10 @@ pub struct CompareArgs {
     /// The ingot binary (default: INGOT_BIN, else next to ingot-bench).
     #[arg(long)]
     pub ingot_bin: Option<PathBuf>,
+    /// Create ingot's pool thin, as `ingot serve` does by default (segments allocated in the
+    /// backing file as they are first used), instead of prefilled.
+    #[arg(long)]
+    pub thin: bool,
     /// Extra `ingot serve` argument (repeatable), e.g. `--ingot-arg=--cache-size=0`.
     #[arg(long = "ingot-arg", allow_hyphen_values = true)]
     pub ingot_args: Vec<String>,
@@ -178,7 +182,7 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
                     size_bytes: a.size,
                     ingot_bin: ingot_bin.clone(),
                     pool_bytes: pool_bytes(a.size),
-                    prefill: true,
+                    prefill: !a.thin,
                     ingot_args: a.ingot_args.clone(),
                 };
                 described.push((name.clone(), spec.describe()));
