@@ -8,7 +8,10 @@
 //! settles them all. A FUA write whose last part completes on a shard is flushed there too.
 
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use crate::api::Reply;
@@ -21,11 +24,26 @@ use super::Shard;
 
 /// A flush waiting for the early parts taken before it.
 pub(crate) struct FlushWaiter {
-    pub answer: Answer,
+    pub what: Waiting,
     /// When the client asked.
     pub since: Instant,
     /// The early parts with a lower serial must finish first (see `EarlyParts`).
     pub after: u64,
+}
+
+pub(crate) enum Waiting {
+    /// This worker syncs and answers.
+    Own(Answer),
+    /// One of several workers holding early writes: the last of them to have its own applied
+    /// syncs and answers.
+    Part(Arc<FlushGroup>),
+}
+
+/// A flush that several workers' early writes hold up (see `Workers::flush`).
+pub(crate) struct FlushGroup {
+    /// Workers whose early writes are not all applied yet.
+    pub remaining: AtomicUsize,
+    pub answer: Mutex<Option<Answer>>,
 }
 
 /// One sync of every device, covering the flushes in `waiters`.
@@ -34,7 +52,7 @@ pub(crate) struct SyncRound {
     pub error: Option<std::io::Error>,
     /// Each chain's applied records when the round began: durable once it succeeds.
     pub applied: Vec<u64>,
-    pub waiters: Vec<FlushWaiter>,
+    pub waiters: Vec<(Answer, Instant)>,
     pub started: Instant,
 }
 
@@ -42,6 +60,8 @@ pub(crate) struct SyncRound {
 pub(crate) struct Flushes {
     /// In arrival order.
     pub waiting: std::collections::VecDeque<FlushWaiter>,
+    /// Flushes whose writes are applied, for the next sync round.
+    pub ready: Vec<(Answer, Instant)>,
     pub round: Option<SyncRound>,
 }
 
@@ -61,14 +81,13 @@ pub(crate) fn flush_here(answer: Answer, since: Instant) -> Option<Answer> {
 }
 
 impl Shard {
-    /// A client's flush: wait for the early parts taken so far, then sync.
-    pub(crate) fn take_flush(&mut self, answer: Answer, since: Instant) {
+    /// A client's flush (or this worker's part of one): wait for the early parts taken so
+    /// far, then sync.
+    pub(crate) fn take_flush(&mut self, what: Waiting, since: Instant) {
         let after = self.unapplied.borrow().next;
-        self.flushes.waiting.push_back(FlushWaiter {
-            answer,
-            since,
-            after,
-        });
+        self.flushes
+            .waiting
+            .push_back(FlushWaiter { what, since, after });
     }
 
     /// Start a sync for the flushes whose early parts are all applied, unless one is running
@@ -76,24 +95,39 @@ impl Shard {
     pub(crate) fn poll_flushes(&mut self) {
         let local = LOCAL.with(|l| std::mem::take(&mut *l.borrow_mut()));
         for (answer, since) in local {
-            self.take_flush(answer, since);
+            self.take_flush(Waiting::Own(answer), since);
         }
-        if self.flushes.round.is_some() || self.flushes.waiting.is_empty() {
-            return;
-        }
-        let mut ready = Vec::new();
-        {
+        loop {
             let early = self.unapplied.borrow();
-            while let Some(w) = self.flushes.waiting.front() {
-                if !early.finished_before(w.after) {
-                    break;
+            if !self
+                .flushes
+                .waiting
+                .front()
+                .is_some_and(|w| early.finished_before(w.after))
+            {
+                break;
+            }
+            drop(early);
+            let Some(w) = self.flushes.waiting.pop_front() else {
+                break;
+            };
+            match w.what {
+                Waiting::Own(answer) => self.flushes.ready.push((answer, w.since)),
+                Waiting::Part(group) => {
+                    // Every other worker's part was applied before it counted down: the sync
+                    // of the last one covers them all.
+                    if group.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        if let Some(answer) = group.answer.lock().take() {
+                            self.flushes.ready.push((answer, w.since));
+                        }
+                    }
                 }
-                ready.extend(self.flushes.waiting.pop_front());
             }
         }
-        if ready.is_empty() {
+        if self.flushes.round.is_some() || self.flushes.ready.is_empty() {
             return;
         }
+        let ready = std::mem::take(&mut self.flushes.ready);
         let ctx = &self.ctx;
         // Before the broken-chain flag: a flush that sees a failed record applied also sees
         // the chain it broke (the flag is set first, see `apply_completed`).
@@ -104,17 +138,17 @@ impl Shard {
             .collect();
         if ctx.health.is_faulted() {
             let e = ctx.health.halted();
-            for w in ready {
-                w.answer.send(Err(e.clone()));
+            for (answer, _) in ready {
+                answer.send(Err(e.clone()));
             }
             return;
         }
         if ctx.chain_broken.load(Ordering::Acquire) {
             // Only a checkpoint makes what follows a failed record recoverable: the flusher
             // takes one.
-            for w in ready {
+            for (answer, since) in ready {
                 if let Err(crossbeam_channel::SendError(FlushMsg::Flush(a, _))) =
-                    ctx.flusher.send(FlushMsg::Flush(w.answer, w.since))
+                    ctx.flusher.send(FlushMsg::Flush(answer, since))
                 {
                     a.send(Err(Error::ShutDown));
                 }
@@ -169,9 +203,9 @@ impl Shard {
             Some(source) => Err(Error::Sync { source }),
         };
         let n = round.waiters.len();
-        for w in round.waiters {
-            stages.done(Op::Flush, w.since);
-            w.answer.send(match &r {
+        for (answer, since) in round.waiters {
+            stages.done(Op::Flush, since);
+            answer.send(match &r {
                 Ok(_) => Ok(Reply::Done),
                 Err(e) => Err(e.clone()),
             });

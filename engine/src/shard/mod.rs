@@ -11,7 +11,7 @@ mod workers;
 mod write;
 
 pub(crate) use apply::*;
-pub(crate) use flush::flush_here;
+pub(crate) use flush::{flush_here, FlushGroup, Waiting};
 pub(crate) use pack::*;
 pub(crate) use read::*;
 pub(crate) use workers::Workers;
@@ -34,7 +34,7 @@ use crate::cache::{BlockCache, IdMap};
 use crate::context::Context;
 use crate::error::Error;
 use crate::io::{AlignedBuf, Doorbell, IoDone, IoQueue};
-use crate::job::{Answer, Job};
+use crate::job::Job;
 use crate::map::VolumeState;
 use crate::space::BlockEntry;
 use parking_lot::MutexGuard;
@@ -102,7 +102,7 @@ pub(crate) enum ShardMsg {
     Settle(Sender<()>),
     /// A client's flush that this worker answers (see `flush.rs`): after every early write
     /// it received before this one is applied, it syncs the devices.
-    Flush(Answer, Instant),
+    Flush(flush::Waiting, Instant),
     Stop,
 }
 
@@ -594,8 +594,8 @@ impl Shard {
                 }
                 0
             }
-            ShardMsg::Flush(answer, since) => {
-                self.take_flush(answer, since);
+            ShardMsg::Flush(what, since) => {
+                self.take_flush(what, since);
                 0
             }
             ShardMsg::Stop => 0,

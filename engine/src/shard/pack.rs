@@ -316,8 +316,8 @@ impl Shard {
         let header_bytes = layout.header_bytes;
         let record_bytes = layout.record_bytes;
         if !self.chain.fits(record_bytes as u64, room) {
-            // Zeroes still on their way to the next segment must not land over its records.
-            self.finish_prewrite(self.chain.pos.next);
+            // Zeroes still on their way to the next segment must not land over its header.
+            self.finish_prewrite(self.chain.pos.next, 0, IO_ALIGN as u64);
         }
         let (queue, inflight, next_tag) = (&mut self.queue, &mut self.inflight, &mut self.next_tag);
         let mut write_header = |dev, at, buf| push_header(queue, inflight, next_tag, dev, at, buf);
@@ -334,6 +334,9 @@ impl Shard {
         }
         let segment = self.chain.pos.segment;
         let seg_off = self.chain.pos.offset;
+        // Nor over this record.
+        let end = u64::from(seg_off) + record_bytes as u64;
+        self.finish_prewrite(segment, u64::from(seg_off), end);
         let mut ids = vec![0u64; batch.len()];
         {
             let mut space = self.ctx.space.lock();

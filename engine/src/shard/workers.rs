@@ -10,8 +10,9 @@ use crossbeam_channel::Sender;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Doorbell;
-use crate::job::{Answer, FlushMsg};
-use crate::shard::{ShardMsg, UrgentPause};
+use crate::job::Answer;
+use crate::shard::{FlushGroup, ShardMsg, UrgentPause, Waiting};
+use parking_lot::Mutex;
 
 pub(crate) struct Workers {
     /// One per chain: the data shards, then the mover (see `Context::mover`).
@@ -114,33 +115,28 @@ impl Workers {
         Ok(())
     }
 
-    /// Route a client's flush: to the one data shard that holds writes acknowledged early (or
-    /// to any, when none does), which syncs the devices itself once they are stored (see
-    /// `shard/flush.rs`); to the flusher thread when several do (it settles them all).
+    /// Route a client's flush to the data shards that hold writes acknowledged early: the one
+    /// that does syncs the devices itself once they are stored (see `shard/flush.rs`); of
+    /// several, the last to have its own stored does. When none holds any, any shard syncs.
     pub(crate) fn flush(&self, ctx: &Context, answer: Answer, since: Instant) {
-        let mut holding = (0..ctx.shards())
-            .filter(|&s| ctx.shard_stats[s].early_parts.load(Ordering::Acquire) > 0);
-        let to = match (holding.next(), holding.next()) {
-            (Some(s), None) => Some(s),
-            (None, _) => Some(self.next_flush.fetch_add(1, Ordering::Relaxed) % ctx.shards()),
-            (Some(_), Some(_)) => None,
-        };
-        let msg = match to {
-            Some(shard) => match self.senders[shard].send(ShardMsg::Flush(answer, since)) {
-                Ok(()) => {
-                    self.bells[shard].ring();
-                    return;
-                }
-                Err(crossbeam_channel::SendError(ShardMsg::Flush(answer, since))) => {
-                    FlushMsg::Flush(answer, since)
-                }
-                Err(crossbeam_channel::SendError(m)) => return fail_msg(m),
-            },
-            None => FlushMsg::Flush(answer, since),
-        };
-        if let Err(crossbeam_channel::SendError(FlushMsg::Flush(answer, _))) = ctx.flusher.send(msg)
-        {
-            answer.send(Err(Error::ShutDown));
+        let holding: Vec<usize> = (0..ctx.shards())
+            .filter(|&s| ctx.shard_stats[s].early_parts.load(Ordering::Acquire) > 0)
+            .collect();
+        if holding.len() <= 1 {
+            let shard = holding
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.next_flush.fetch_add(1, Ordering::Relaxed) % ctx.shards());
+            self.send(shard, ShardMsg::Flush(Waiting::Own(answer), since));
+            return;
+        }
+        let group = Arc::new(FlushGroup {
+            remaining: AtomicUsize::new(holding.len()),
+            answer: Mutex::new(Some(answer)),
+        });
+        for shard in holding {
+            // A worker that stopped drops its part: the answer (dropped with the group) fails.
+            self.send(shard, ShardMsg::Flush(Waiting::Part(group.clone()), since));
         }
     }
 
@@ -163,7 +159,8 @@ fn fail_msg(msg: ShardMsg) {
         ShardMsg::Pause { paused, .. } => {
             let _ = paused.send(Err(Error::ShutDown));
         }
-        ShardMsg::Flush(answer, _) => answer.send(Err(Error::ShutDown)),
+        // Dropping a flush (or this worker's part of one) answers it with `ShutDown`.
+        ShardMsg::Flush(..) => {}
         // Dropping the sender answers the fence or settle with an error.
         ShardMsg::Fence(_) | ShardMsg::Settle(_) | ShardMsg::Stop | ShardMsg::Nudge => {}
     }
