@@ -1,5 +1,6 @@
 //! A client request split across shards: counts its parts and runs the completion once.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,6 +115,29 @@ pub(crate) fn zeroes(len: usize) -> Bytes {
         Some(z) => Bytes::from_static(z),
         None => Bytes::from(vec![0u8; len]),
     }
+}
+
+thread_local! {
+    /// On a shard's thread (see [`take_local_flushes`]): flushes of FUA writes completed
+    /// there, which that shard syncs before it may sleep.
+    static LOCAL_FLUSHES: RefCell<Option<Vec<(Answer, Instant)>>> = const { RefCell::new(None) };
+}
+
+/// Queue `answer` for this thread's shard, or give it back when this is not a shard's thread.
+fn flush_here(answer: Answer, since: Instant) -> Option<Answer> {
+    LOCAL_FLUSHES.with(|l| match l.borrow_mut().as_mut() {
+        Some(queue) => {
+            queue.push((answer, since));
+            None
+        }
+        None => Some(answer),
+    })
+}
+
+/// The flushes of FUA writes completed on this thread since the last call; from the first
+/// call on, this thread takes them (a shard's).
+pub(crate) fn take_local_flushes() -> Vec<(Answer, Instant)> {
+    LOCAL_FLUSHES.with(|l| std::mem::take(l.borrow_mut().get_or_insert_with(Vec::new)))
 }
 
 /// Work for the flusher thread.
@@ -327,7 +351,7 @@ impl Job {
         match &self.fua {
             Some(flusher) => {
                 // On a shard's thread, that shard syncs (see `shard/flush.rs`).
-                let Some(done) = crate::shard::flush_here(done, Instant::now()) else {
+                let Some(done) = flush_here(done, Instant::now()) else {
                     return;
                 };
                 let msg = FlushMsg::Flush(done, Instant::now());

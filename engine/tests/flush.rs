@@ -126,16 +126,6 @@ fn one_shard_flush_covers_every_device(io: IoKind) {
     assert!(pool.check(&mut |_, _| {}).problems.is_empty());
 }
 
-#[test]
-fn one_shard_flush_covers_every_device_sync() {
-    one_shard_flush_covers_every_device(IoKind::Sync);
-}
-
-#[test]
-fn one_shard_flush_covers_every_device_uring() {
-    one_shard_flush_covers_every_device(IoKind::Uring);
-}
-
 /// FUA writes (flushed on the shard that completes them) survive a power cut without a flush.
 fn fua_writes_survive_a_power_cut(io: IoKind) {
     let dir = tempfile::tempdir().unwrap();
@@ -166,16 +156,6 @@ fn fua_writes_survive_a_power_cut(io: IoKind) {
         got == blocks(span, 8, 4),
         "FUA write across both shards lost"
     );
-}
-
-#[test]
-fn fua_writes_survive_a_power_cut_sync() {
-    fua_writes_survive_a_power_cut(IoKind::Sync);
-}
-
-#[test]
-fn fua_writes_survive_a_power_cut_uring() {
-    fua_writes_survive_a_power_cut(IoKind::Uring);
 }
 
 /// A device sync that fails fails the flush (and the FUA write): never a false success.
@@ -309,16 +289,6 @@ fn a_flush_waits_for_early_writes_on_every_shard(io: IoKind) {
     }
 }
 
-#[test]
-fn a_flush_waits_for_early_writes_on_every_shard_sync() {
-    a_flush_waits_for_early_writes_on_every_shard(IoKind::Sync);
-}
-
-#[test]
-fn a_flush_waits_for_early_writes_on_every_shard_uring() {
-    a_flush_waits_for_early_writes_on_every_shard(IoKind::Uring);
-}
-
 /// A FUA write racing a checkpoint, again and again: a FUA write whose record completes
 /// while its shard drains for the pause must still be flushed and answered, with nothing
 /// else arriving to wake the shard (its flush was once left queued on a shard that slept).
@@ -411,12 +381,26 @@ fn zeroes_ahead_never_land_over_records(io: IoKind) {
     assert!(pool.check(&mut |_, _| {}).problems.is_empty());
 }
 
-#[test]
-fn zeroes_ahead_never_land_over_records_sync() {
-    zeroes_ahead_never_land_over_records(IoKind::Sync);
+/// Each of these runs as `NAME::sync` and `NAME::uring`.
+macro_rules! on_both_engines {
+    ($($f:ident),* $(,)?) => {$(
+        mod $f {
+            #[test]
+            fn sync() {
+                super::$f(super::IoKind::Sync);
+            }
+
+            #[test]
+            fn uring() {
+                super::$f(super::IoKind::Uring);
+            }
+        }
+    )*};
 }
 
-#[test]
-fn zeroes_ahead_never_land_over_records_uring() {
-    zeroes_ahead_never_land_over_records(IoKind::Uring);
-}
+on_both_engines!(
+    one_shard_flush_covers_every_device,
+    fua_writes_survive_a_power_cut,
+    a_flush_waits_for_early_writes_on_every_shard,
+    zeroes_ahead_never_land_over_records,
+);

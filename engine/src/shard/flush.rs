@@ -4,15 +4,15 @@
 //! flusher → shards → flusher), and waits for no other shard.
 //!
 //! What reaches a shard here is decided by `Workers::flush`: a flush goes to the one shard
-//! that holds early writes (or to any when none does); when several do, the flusher thread
-//! settles them all. A FUA write whose last part completes on a shard is flushed there too.
+//! that holds early writes (or to any when none does); when several do, each gets its part of
+//! one `FlushGroup` and the last to have its own applied syncs. A FUA write whose last part
+//! completes on a shard is flushed there too (`job::take_local_flushes`).
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
-use std::time::Instant;
 
 use crate::api::Reply;
 use crate::counters::Op;
@@ -65,21 +65,6 @@ pub(crate) struct Flushes {
     pub round: Option<SyncRound>,
 }
 
-thread_local! {
-    /// FUA writes completed on this shard's thread, to flush at the end of its turn.
-    static LOCAL: RefCell<Vec<(Answer, Instant)>> = const { RefCell::new(Vec::new()) };
-}
-
-/// On a shard's thread, queue `answer` for that shard's next sync (a FUA write whose parts are
-/// done); elsewhere give it back.
-pub(crate) fn flush_here(answer: Answer, since: Instant) -> Option<Answer> {
-    if !super::on_shard_thread() {
-        return Some(answer);
-    }
-    LOCAL.with(|l| l.borrow_mut().push((answer, since)));
-    None
-}
-
 impl Shard {
     /// A client's flush (or this worker's part of one): wait for the early parts taken so
     /// far, then sync.
@@ -93,8 +78,7 @@ impl Shard {
     /// Start a sync for the flushes whose early parts are all applied, unless one is running
     /// (the next round takes them: their writes may have completed after its sync began).
     pub(crate) fn poll_flushes(&mut self) {
-        let local = LOCAL.with(|l| std::mem::take(&mut *l.borrow_mut()));
-        for (answer, since) in local {
+        for (answer, since) in crate::job::take_local_flushes() {
             self.take_flush(Waiting::Own(answer), since);
         }
         loop {

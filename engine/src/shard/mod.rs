@@ -11,7 +11,7 @@ mod workers;
 mod write;
 
 pub(crate) use apply::*;
-pub(crate) use flush::{flush_here, FlushGroup, Waiting};
+pub(crate) use flush::{FlushGroup, Waiting};
 pub(crate) use pack::*;
 pub(crate) use read::*;
 pub(crate) use workers::Workers;
@@ -382,6 +382,8 @@ impl Shard {
         // `api::after_batch`), so that one turn's replies leave together.
         crate::api::begin_batch();
         ON_SHARD.with(|c| c.set(true));
+        // From now on FUA writes completed on this thread are flushed by this shard.
+        drop(crate::job::take_local_flushes());
         loop {
             let busy =
                 !self.inflight.is_empty() || !self.reads.is_empty() || self.queue.in_flight() > 0;
