@@ -381,6 +381,40 @@ fn zeroes_ahead_never_land_over_records(io: IoKind) {
     assert!(pool.check(&mut |_, _| {}).problems.is_empty());
 }
 
+/// A FUA write covers what was acknowledged before it, as a flush does: early writes on the
+/// other shard (the larger, slower to store) survive a power cut after a FUA write on this one.
+fn a_fua_write_covers_early_writes_on_another_shard(io: IoKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = tracking_plan();
+    let o = opts(io, &plan);
+    let pool = create(dir.path(), &o);
+    let v = pool.volume("v").unwrap();
+    let large = 64;
+    let at = |round: u64| (2 * (round / 8) + 1) * PAGE + (round % 8) * large;
+    let rounds = 24;
+    for round in 0..rounds {
+        v.write(
+            at(round) * BLOCK as u64,
+            &blocks(at(round), large, 9),
+            false,
+        )
+        .unwrap();
+        v.write(round * BLOCK as u64, &block(round, 9), true)
+            .unwrap();
+    }
+    let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
+    let v = pool.volume("v").unwrap();
+    for round in 0..rounds {
+        let got = v
+            .read(at(round) * BLOCK as u64, (large as usize * BLOCK) as u32)
+            .unwrap();
+        assert!(
+            got == blocks(at(round), large, 9),
+            "round {round}: an early write before a FUA write was lost"
+        );
+    }
+}
+
 /// Each of these runs as `NAME::sync` and `NAME::uring`.
 macro_rules! on_both_engines {
     ($($f:ident),* $(,)?) => {$(
@@ -403,4 +437,5 @@ on_both_engines!(
     fua_writes_survive_a_power_cut,
     a_flush_waits_for_early_writes_on_every_shard,
     zeroes_ahead_never_land_over_records,
+    a_fua_write_covers_early_writes_on_another_shard,
 );

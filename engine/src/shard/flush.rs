@@ -78,8 +78,22 @@ impl Shard {
     /// Start a sync for the flushes whose early parts are all applied, unless one is running
     /// (the next round takes them: their writes may have completed after its sync began).
     pub(crate) fn poll_flushes(&mut self) {
-        for (answer, since) in crate::job::take_local_flushes() {
-            self.take_flush(Waiting::Own(answer), since);
+        let local = crate::job::take_local_flushes();
+        if !local.is_empty() {
+            // A FUA write's flush covers the writes acknowledged before it, as a flush does:
+            // when another shard holds early writes, the flusher settles them all.
+            let elsewhere = (0..self.ctx.shards()).any(|s| {
+                s != self.id && self.ctx.shard_stats[s].early_parts.load(Ordering::Acquire) > 0
+            });
+            for (answer, since) in local {
+                if !elsewhere {
+                    self.take_flush(Waiting::Own(answer), since);
+                } else if let Err(crossbeam_channel::SendError(FlushMsg::Flush(a, _))) =
+                    self.ctx.flusher.send(FlushMsg::Flush(answer, since))
+                {
+                    a.send(Err(Error::ShutDown));
+                }
+            }
         }
         loop {
             let early = self.unapplied.borrow();
@@ -104,6 +118,9 @@ impl Shard {
                         if let Some(answer) = group.answer.lock().take() {
                             self.flushes.ready.push((answer, w.since));
                         }
+                    } else {
+                        // Another worker syncs, but this one's chain took part of the commit.
+                        self.note_flushes(1);
                     }
                 }
             }
