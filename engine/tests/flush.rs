@@ -251,15 +251,16 @@ fn concurrent_flushes_lose_nothing_uring() {
     }
 }
 
-/// Early writes on both shards, the larger on shard 1, then a flush: it must wait for both
-/// (a flush answered by shard 0 alone would return before shard 1's write is stored).
-fn a_flush_waits_for_early_writes_on_every_shard(io: IoKind) {
+/// Early writes on shard 1 (256 KiB, the largest acknowledged early: slower to store), then a
+/// 4 KiB write on shard 0 and a commit, a flush or the write's own FUA: both must wait for
+/// shard 1's write, as a flush covers what was acknowledged before it (a commit answered by
+/// shard 0 alone would return before shard 1's write is stored).
+fn early_writes_on_the_other_shard_survive_a_commit(io: IoKind, fua: bool) {
     let dir = tempfile::tempdir().unwrap();
     let plan = tracking_plan();
     let o = opts(io, &plan);
     let pool = create(dir.path(), &o);
     let v = pool.volume("v").unwrap();
-    // 256 KiB: the largest write acknowledged early.
     let large = 64;
     // Shard 1 owns the odd pages.
     let at = |round: u64| (2 * (round / 8) + 1) * PAGE + (round % 8) * large;
@@ -271,9 +272,11 @@ fn a_flush_waits_for_early_writes_on_every_shard(io: IoKind) {
             false,
         )
         .unwrap();
-        v.write(round * BLOCK as u64, &block(round, 7), false)
+        v.write(round * BLOCK as u64, &block(round, 7), fua)
             .unwrap();
-        v.flush().unwrap();
+        if !fua {
+            v.flush().unwrap();
+        }
     }
     let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
     let v = pool.volume("v").unwrap();
@@ -283,10 +286,18 @@ fn a_flush_waits_for_early_writes_on_every_shard(io: IoKind) {
             .unwrap();
         assert!(
             got == blocks(at(round), large, 7),
-            "round {round}: shard 1's early write lost after its flush"
+            "round {round}: shard 1's early write lost after a commit (FUA: {fua})"
         );
         assert!(read_block(&v, round) == block(round, 7));
     }
+}
+
+fn a_flush_waits_for_early_writes_on_every_shard(io: IoKind) {
+    early_writes_on_the_other_shard_survive_a_commit(io, false);
+}
+
+fn a_fua_write_covers_early_writes_on_another_shard(io: IoKind) {
+    early_writes_on_the_other_shard_survive_a_commit(io, true);
 }
 
 /// A FUA write racing a checkpoint, again and again: a FUA write whose record completes
@@ -379,40 +390,6 @@ fn zeroes_ahead_never_land_over_records(io: IoKind) {
         );
     }
     assert!(pool.check(&mut |_, _| {}).problems.is_empty());
-}
-
-/// A FUA write covers what was acknowledged before it, as a flush does: early writes on the
-/// other shard (the larger, slower to store) survive a power cut after a FUA write on this one.
-fn a_fua_write_covers_early_writes_on_another_shard(io: IoKind) {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = tracking_plan();
-    let o = opts(io, &plan);
-    let pool = create(dir.path(), &o);
-    let v = pool.volume("v").unwrap();
-    let large = 64;
-    let at = |round: u64| (2 * (round / 8) + 1) * PAGE + (round % 8) * large;
-    let rounds = 24;
-    for round in 0..rounds {
-        v.write(
-            at(round) * BLOCK as u64,
-            &blocks(at(round), large, 9),
-            false,
-        )
-        .unwrap();
-        v.write(round * BLOCK as u64, &block(round, 9), true)
-            .unwrap();
-    }
-    let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
-    let v = pool.volume("v").unwrap();
-    for round in 0..rounds {
-        let got = v
-            .read(at(round) * BLOCK as u64, (large as usize * BLOCK) as u32)
-            .unwrap();
-        assert!(
-            got == blocks(at(round), large, 9),
-            "round {round}: an early write before a FUA write was lost"
-        );
-    }
 }
 
 /// Each of these runs as `NAME::sync` and `NAME::uring`.
