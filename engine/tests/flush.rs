@@ -51,6 +51,15 @@ fn tracking_plan() -> Arc<FaultPlan> {
     plan
 }
 
+/// A two-device pool with volume `v` on engine `io`, its fault plan tracking unsynced writes.
+fn setup(io: IoKind) -> (tempfile::TempDir, Arc<FaultPlan>, PoolOptions, Pool) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = tracking_plan();
+    let o = opts(io, &plan);
+    let pool = create(dir.path(), &o);
+    (dir, plan, o, pool)
+}
+
 /// Block `lba` at version `n`: unique, incompressible.
 fn block(lba: u64, n: u64) -> Vec<u8> {
     let mut x = (lba << 20 | n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -86,10 +95,7 @@ fn read_block(v: &ingot_engine::Volume, lba: u64) -> Vec<u8> {
 /// early write, then a flush: shard 0 alone holds early writes, answers it, and its sync must
 /// cover shard 1's write on both devices.
 fn one_shard_flush_covers_every_device(io: IoKind) {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = tracking_plan();
-    let o = opts(io, &plan);
-    let pool = create(dir.path(), &o);
+    let (dir, plan, o, pool) = setup(io);
     let v = pool.volume("v").unwrap();
     // 512 KiB: over the write-back cap, so stored before its reply.
     let large = 128;
@@ -128,10 +134,7 @@ fn one_shard_flush_covers_every_device(io: IoKind) {
 
 /// FUA writes (flushed on the shard that completes them) survive a power cut without a flush.
 fn fua_writes_survive_a_power_cut(io: IoKind) {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = tracking_plan();
-    let o = opts(io, &plan);
-    let pool = create(dir.path(), &o);
+    let (dir, plan, o, pool) = setup(io);
     let v = pool.volume("v").unwrap();
     // Single blocks on either shard, and one write spanning both.
     for lba in (0..2 * PAGE).step_by(37) {
@@ -162,10 +165,7 @@ fn fua_writes_survive_a_power_cut(io: IoKind) {
 #[test]
 fn a_failed_sync_fails_the_flush_a_shard_answers() {
     for io in [IoKind::Sync, IoKind::Uring] {
-        let dir = tempfile::tempdir().unwrap();
-        let plan = tracking_plan();
-        let o = opts(io, &plan);
-        let pool = create(dir.path(), &o);
+        let (dir, plan, o, pool) = setup(io);
         let v = pool.volume("v").unwrap();
         plan.fail_sync.store(true, Ordering::Relaxed);
         v.write(0, &block(0, 1), false).unwrap();
@@ -184,10 +184,7 @@ fn a_failed_sync_fails_the_flush_a_shard_answers() {
 /// route: one shard holding early writes, both, neither), then a power cut: every write a
 /// completed flush covered reads back at that version or a later one.
 fn concurrent_flushes_lose_nothing(io: IoKind, seed: u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = tracking_plan();
-    let o = opts(io, &plan);
-    let pool = create(dir.path(), &o);
+    let (dir, plan, o, pool) = setup(io);
     let threads = 4u64;
     let rounds = 150u64;
     // Each thread owns blocks `t, t + threads, ...` on both shards' pages.
@@ -256,10 +253,7 @@ fn concurrent_flushes_lose_nothing_uring() {
 /// shard 1's write, as a flush covers what was acknowledged before it (a commit answered by
 /// shard 0 alone would return before shard 1's write is stored).
 fn early_writes_on_the_other_shard_survive_a_commit(io: IoKind, fua: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = tracking_plan();
-    let o = opts(io, &plan);
-    let pool = create(dir.path(), &o);
+    let (dir, plan, o, pool) = setup(io);
     let v = pool.volume("v").unwrap();
     let large = 64;
     // Shard 1 owns the odd pages.
@@ -306,10 +300,7 @@ fn a_fua_write_covers_early_writes_on_another_shard(io: IoKind) {
 #[test]
 fn fua_writes_racing_checkpoints_all_complete() {
     for io in [IoKind::Sync, IoKind::Uring] {
-        let dir = tempfile::tempdir().unwrap();
-        let plan = tracking_plan();
-        let o = opts(io, &plan);
-        let pool = create(dir.path(), &o);
+        let (dir, plan, o, pool) = setup(io);
         let v = pool.volume("v").unwrap();
         let rounds = 150u64;
         for n in 0..rounds {

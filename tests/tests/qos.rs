@@ -30,9 +30,10 @@ fn fio_iops(uri: &str, seconds: u32) -> f64 {
         .unwrap_or_else(|| panic!("no IOPS in {v}"))
 }
 
-fn set(pool: &Path, args: &[&str]) -> String {
+/// `ingot volume set VOLUME --pool POOL ARGS...`.
+fn set(pool: &Path, volume: &str, args: &[&str]) -> String {
     let pool = pool.display().to_string();
-    let mut a = vec!["volume", "set", "q", "--pool", &pool];
+    let mut a = vec!["volume", "set", volume, "--pool", &pool];
     a.extend_from_slice(args);
     ingot_ok(a)
 }
@@ -53,7 +54,11 @@ fn iops_limit_applies_through_nbd_and_changes_online() {
     let srv = Server::start(ServeOpts::new(&pool, &dir.join("nbd.sock")));
     create_volume(srv.pool(), "q", "64M");
     // A small burst, so that two seconds measure the rate.
-    let out = set(srv.pool(), &["--iops-limit", "300", "--burst-iops", "10"]);
+    let out = set(
+        srv.pool(),
+        "q",
+        &["--iops-limit", "300", "--burst-iops", "10"],
+    );
     assert!(out.contains("IOPS limit 300"), "{out}");
     let v = volume(srv.pool(), "q").expect("volume q");
     assert_eq!(v["iops_limit"], 300, "{v}");
@@ -65,7 +70,7 @@ fn iops_limit_applies_through_nbd_and_changes_online() {
     );
 
     // Online: raised, the next run gets more; then removed.
-    set(srv.pool(), &["--iops-limit", "1200"]);
+    set(srv.pool(), "q", &["--iops-limit", "1200"]);
     let got = fio_iops(&uri, 2);
     assert!(
         (840.0..=1560.0).contains(&got),
@@ -91,7 +96,7 @@ fn iops_limit_applies_through_nbd_and_changes_online() {
     srv.kill9();
     assert_eq!(volume(&pool, "q").expect("q")["iops_limit"], 1200);
     // Offline, 0 removes it.
-    set(&pool, &["--iops-limit", "0"]);
+    set(&pool, "q", &["--iops-limit", "0"]);
     assert_eq!(volume(&pool, "q").expect("q")["iops_limit"], 0);
 }
 
@@ -99,18 +104,11 @@ fn iops_limit_applies_through_nbd_and_changes_online() {
 fn iops_limit_applies_through_iscsi() {
     let dir = TempDir::new("qos-iscsi");
     let (srv, port) = iscsi_server(dir.path(), "512M", "64M", &[]);
-    let pool = srv.pool().display().to_string();
-    ingot_ok([
-        "volume",
-        "set",
+    set(
+        srv.pool(),
         "vol0",
-        "--pool",
-        &pool,
-        "--iops-limit",
-        "100",
-        "--burst-iops",
-        "1",
-    ]);
+        &["--iops-limit", "100", "--burst-iops", "1"],
+    );
     let mut i = ingot_tests::iscsi::Initiator::login_normal(port, "iqn.2026-11.io.ingot:vol0");
     let mut reads = |n: u32| {
         let t0 = std::time::Instant::now();
@@ -125,15 +123,7 @@ fn iops_limit_applies_through_iscsi() {
         (0.34..=1.5).contains(&limited),
         "50 reads at 100 IOPS took {limited:.3} s"
     );
-    ingot_ok([
-        "volume",
-        "set",
-        "vol0",
-        "--pool",
-        &pool,
-        "--iops-limit",
-        "0",
-    ]);
+    set(srv.pool(), "vol0", &["--iops-limit", "0"]);
     let free = reads(50);
     assert!(
         free < limited / 2.0,
