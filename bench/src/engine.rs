@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Request, StageTimes, Volume};
+use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, Reader, Request, StageTimes, Volume};
 
 struct Job {
     name: &'static str,
@@ -62,6 +62,7 @@ pub fn engine(
     write_back: u64,
     sparse: bool,
     devices: Vec<std::path::PathBuf>,
+    shard_reads: bool,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let pool_dir = dir.join("bench-pool");
@@ -98,7 +99,7 @@ pub fn engine(
         }
         let qd = if job.bs == 1 << 20 { qd.min(8) } else { qd };
         let before = pool.stats().latency;
-        let (ops, secs) = run_engine(&vol, job, size, qd, seconds)?;
+        let (ops, secs) = run_engine(&vol, job, size, qd, seconds, shard_reads)?;
         let after = pool.stats().latency;
         let stages = if job.write {
             after.writes.since(&before.writes)
@@ -197,9 +198,23 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Keep `qd` requests in flight for `seconds`; writes flush every 1,000 requests.
-fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Result<(u64, f64)> {
+/// Keep `qd` requests in flight for `seconds`; writes flush every 1,000 requests. Reads go
+/// through a `Reader` on this thread (as a front end's connection does), or with
+/// `shard_reads` to the shards.
+fn run_engine(
+    vol: &Volume,
+    job: &Job,
+    size: u64,
+    qd: usize,
+    seconds: u64,
+    shard_reads: bool,
+) -> Result<(u64, f64)> {
     let (tx, rx) = crossbeam_channel::unbounded::<(bool, Result<(), String>)>();
+    let reader = if job.write || shard_reads {
+        None
+    } else {
+        Some(std::cell::RefCell::new(Reader::new(vol, qd as u32)?))
+    };
     let data = pattern(job.bs, 42);
     let serial = std::cell::Cell::new(0u64);
     let blocks = size / job.bs as u64;
@@ -236,12 +251,15 @@ fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Re
                 len: job.bs as u32,
             }
         };
-        vol.submit(
-            req,
-            Box::new(move |r| {
-                let _ = tx.send((false, r.map(|_| ()).map_err(|e| e.to_string())));
-            }),
-        );
+        let done: ingot_engine::Completion = Box::new(move |r| {
+            let _ = tx.send((false, r.map(|_| ()).map_err(|e| e.to_string())));
+        });
+        match (&reader, req) {
+            (Some(reader), Request::Read { offset, len }) => {
+                reader.borrow_mut().read(offset, len, done)
+            }
+            (_, req) => vol.submit(req, done),
+        }
     };
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
@@ -252,7 +270,24 @@ fn run_engine(vol: &Volume, job: &Job, size: u64, qd: usize, seconds: u64) -> Re
     let mut done = 0u64;
     let mut inflight = qd;
     while inflight > 0 {
-        let (is_flush, r) = rx.recv().context("engine stopped")?;
+        let got = match &reader {
+            // Reap the reader's completions (they come back through `tx` too) before
+            // blocking on the channel, which also carries reads handed to the shards.
+            Some(reader) => loop {
+                if let Ok(m) = rx.try_recv() {
+                    break m;
+                }
+                let mut reader = reader.borrow_mut();
+                if reader.in_flight() > 0 {
+                    reader.wait();
+                } else {
+                    drop(reader);
+                    break rx.recv().context("engine stopped")?;
+                }
+            },
+            None => rx.recv().context("engine stopped")?,
+        };
+        let (is_flush, r) = got;
         if let Err(e) = r {
             bail!("I/O failed: {e}");
         }

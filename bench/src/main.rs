@@ -76,6 +76,10 @@ enum Cmd {
         /// across them). Default: one file in DIR.
         #[arg(long = "device")]
         devices: Vec<PathBuf>,
+        /// Send reads to the shards (`Volume::submit`) instead of a `Reader` on the
+        /// benchmark's own thread: the path of a front end without one.
+        #[arg(long)]
+        shard_reads: bool,
     },
 }
 
@@ -132,6 +136,7 @@ fn main() -> Result<()> {
             write_back,
             sparse,
             devices,
+            shard_reads,
         } => engine::engine(
             &dir,
             size_mib << 20,
@@ -144,6 +149,7 @@ fn main() -> Result<()> {
             write_back,
             sparse,
             devices,
+            shard_reads,
         ),
     }
 }

@@ -62,10 +62,25 @@ impl Volume {
     }
 
     fn submit_with(&self, req: Request, pieces: bool, done: Completion) {
+        let Some(done) = self.admit(&req, done) else {
+            return;
+        };
+        if let Request::Flush = req {
+            self.workers
+                .flush(&self.ctx, crate::job::Answer::new(done), Instant::now());
+            return;
+        }
+        self.dispatch(req, pieces, done);
+    }
+
+    /// What every request goes through before it goes anywhere: the pool's and the volume's
+    /// state, the range, QoS and, for a short read, the block cache. `None` when that answered
+    /// it already.
+    pub(crate) fn admit(&self, req: &Request, done: Completion) -> Option<Completion> {
         let ctx = &self.ctx;
         if ctx.health.is_faulted() {
             done(Err(ctx.health.halted()));
-            return;
+            return None;
         }
         if ctx.health.is_closed() || self.state.deleted.load(Ordering::Acquire) {
             let e = if self.state.deleted.load(Ordering::Acquire) {
@@ -74,7 +89,7 @@ impl Volume {
                 Error::ShutDown
             };
             done(Err(e));
-            return;
+            return None;
         }
         if self.state.read_only.load(Ordering::Relaxed)
             && matches!(
@@ -83,20 +98,16 @@ impl Volume {
             )
         {
             done(Err(Error::ReadOnly(self.state.name.clone())));
-            return;
+            return None;
         }
         let size = self.state.size();
-        let (offset, len, fua) = match &req {
-            Request::Read { offset, len } => (*offset, u64::from(*len), false),
-            Request::Write { offset, data, fua } => (*offset, data.len() as u64, *fua),
-            Request::WriteZeroes { offset, len, fua } | Request::Trim { offset, len, fua } => {
-                (*offset, *len, *fua)
+        let (offset, len) = match req {
+            Request::Read { offset, len } => (*offset, u64::from(*len)),
+            Request::Write { offset, data, .. } => (*offset, data.len() as u64),
+            Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
+                (*offset, *len)
             }
-            Request::Flush => {
-                self.workers
-                    .flush(ctx, crate::job::Answer::new(done), Instant::now());
-                return;
-            }
+            Request::Flush => return Some(done),
         };
         // Zeroing and trimming touch only metadata, so they may cover the whole volume.
         let max = match req {
@@ -105,14 +116,14 @@ impl Volume {
         };
         if let Err(e) = check_range(offset, len, size, max) {
             done(Err(e));
-            return;
+            return None;
         }
         if len == 0 {
             done(Ok(match req {
                 Request::Read { .. } => Reply::Data(bytes::Bytes::new()),
                 _ => Reply::Done,
             }));
-            return;
+            return None;
         }
         if self.state.qos.active() {
             // Zeroes and trims move no data: they cost a request, not bandwidth.
@@ -127,9 +138,27 @@ impl Volume {
         if matches!(req, Request::Read { .. }) {
             if let Some(data) = self.read_cached(offset, len) {
                 done(Ok(Reply::Data(data)));
-                return;
+                return None;
             }
         }
+        Some(done)
+    }
+
+    /// Send an admitted request to the shards.
+    pub(crate) fn dispatch(&self, req: Request, pieces: bool, done: Completion) {
+        let ctx = &self.ctx;
+        let (offset, len, fua) = match &req {
+            Request::Read { offset, len } => (*offset, u64::from(*len), false),
+            Request::Write { offset, data, fua } => (*offset, data.len() as u64, *fua),
+            Request::WriteZeroes { offset, len, fua } | Request::Trim { offset, len, fua } => {
+                (*offset, *len, *fua)
+            }
+            Request::Flush => {
+                self.workers
+                    .flush(ctx, crate::job::Answer::new(done), Instant::now());
+                return;
+            }
+        };
         let parts = match req {
             Request::Read { .. } | Request::Write { .. } => split(offset, len, ctx.shards()),
             // A zero/trim part covers the whole range; each shard handles the pages it owns.

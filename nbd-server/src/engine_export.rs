@@ -1,10 +1,14 @@
 //! The engine behind the [`Export`] traits: a [`Volume`] is an export, a [`Pool`] a source.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use ingot_engine::{Completion, Extent, Pool, Request, Result, Volume};
+use ingot_engine::{Completion, Extent, Pool, Reader, Request, Result, Volume};
 
-use crate::export::{Export, ExportSource};
+use crate::export::{Export, ExportReader, ExportSource};
+
+/// Device reads a connection keeps in flight on its own queue before more wait in it.
+const READER_DEPTH: u32 = 64;
 
 impl Export for Volume {
     fn name(&self) -> &str {
@@ -29,6 +33,37 @@ impl Export for Volume {
 
     fn holes_hint(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         Volume::block_status_now(self, offset, len)
+    }
+
+    fn reader(&self) -> Option<Box<dyn ExportReader>> {
+        // Only a queue the connection can poll beside its socket (io_uring); with the plain
+        // calls, reads stay on the shards' threads rather than block the connection.
+        let r = Reader::new(self, READER_DEPTH).ok()?;
+        let fd = r.fd()?;
+        Some(Box::new(ConnReader { r, fd }))
+    }
+}
+
+struct ConnReader {
+    r: Reader,
+    fd: RawFd,
+}
+
+impl ExportReader for ConnReader {
+    fn read(&mut self, offset: u64, len: u32, done: Completion) {
+        self.r.read(offset, len, done)
+    }
+    fn poll(&mut self) {
+        self.r.poll();
+    }
+    fn wait(&mut self) {
+        self.r.wait();
+    }
+    fn in_flight(&self) -> usize {
+        self.r.in_flight()
+    }
+    fn fd(&self) -> RawFd {
+        self.fd
     }
 }
 

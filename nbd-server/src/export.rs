@@ -3,6 +3,7 @@
 //! The server only talks to these traits, so it can be tested against an in-memory export and
 //! run against the engine through the implementations in `engine_export.rs`.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use ingot_engine::{Completion, Extent, Request, Result};
@@ -31,6 +32,28 @@ pub trait Export: Send + Sync + 'static {
     fn holes_hint(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.block_status(offset, len)
     }
+    /// Reads on the calling thread's own device queue, for one connection's reader thread
+    /// (see `ingot_engine::Reader`). `None`: reads go through [`Export::submit`].
+    fn reader(&self) -> Option<Box<dyn ExportReader>> {
+        None
+    }
+}
+
+/// Reads a connection's thread submits and reaps itself (see [`Export::reader`]). The
+/// connection must reap while reads are in flight: the engine waits for them before it
+/// frees space.
+pub trait ExportReader: Send {
+    /// Start a read; `done` runs once, on the thread that reaps it (or on an engine thread
+    /// when the export hands the read on).
+    fn read(&mut self, offset: u64, len: u32, done: Completion);
+    /// Run the completions that are ready, without blocking.
+    fn poll(&mut self);
+    /// Run completions, waiting for at least one when any read is in flight.
+    fn wait(&mut self);
+    /// Reads submitted here and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Polls readable when a completion waits to be reaped.
+    fn fd(&self) -> RawFd;
 }
 
 /// The set of exports a server offers.

@@ -5,7 +5,7 @@
 //! is copied once, by the kernel.
 
 use std::io::{self, BufReader, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use crate::stream::Stream;
 
@@ -20,6 +20,12 @@ pub(crate) trait Input: Read {
     /// held replies to the writer before a read that may block.
     fn buffered_len(&self) -> usize {
         0
+    }
+
+    /// The socket under the stream, when a thread may poll it beside other descriptors
+    /// (`None` for streams that buffer below this one, such as TLS).
+    fn poll_fd(&self) -> Option<RawFd> {
+        None
     }
 
     /// Append at most `want` bytes to `buf`; returns how many (0 at the end of the stream).
@@ -103,6 +109,10 @@ impl Read for SockReader {
 impl Input for SockReader {
     fn buffered_len(&self) -> usize {
         self.end - self.pos
+    }
+
+    fn poll_fd(&self) -> Option<RawFd> {
+        Some(self.sock.as_raw_fd())
     }
 
     fn read_append(&mut self, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {

@@ -41,7 +41,7 @@ mod transmission;
 pub use access::{AccessRules, ClientRule, Peer, RuleError, Subject};
 pub use engine_export::PoolExports;
 pub use error::{NbdError, Result};
-pub use export::{Export, ExportSource, StaticExports};
+pub use export::{Export, ExportReader, ExportSource, StaticExports};
 pub use server::{
     BoundAddr, ListenAddr, ListenerHandle, NbdServer, ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES,

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 
 use crate::credit::Credit;
 use crate::error::{NbdError, Result};
-use crate::export::Export;
+use crate::export::{Export, ExportReader};
 use crate::handshake::Negotiated;
 use crate::input::Input;
 use crate::proto::*;
@@ -94,8 +94,15 @@ fn run<R: Input>(
     neg: Negotiated,
     limits: Limits,
 ) -> Result<()> {
+    // Reads on this thread's own queue when the export offers one and the socket can be
+    // polled beside it.
+    let rd = match reader.poll_fd() {
+        Some(_) => neg.export.reader(),
+        None => None,
+    };
     let mut conn = Conn {
         r: reader,
+        rd,
         size: neg.export.size_bytes(),
         mode: mode_of(&neg),
         export: neg.export,
@@ -108,6 +115,8 @@ fn run<R: Input>(
     // Replies completed on this thread wait for the end of each batch of buffered requests.
     sender::hold_replies(true);
     let res = conn.run();
+    // Finishes the reads still in flight; their replies are held, then released.
+    drop(conn.rd.take());
     sender::hold_replies(false);
     res
 }
@@ -117,6 +126,8 @@ const MAX_HELD: usize = 256;
 
 struct Conn<R> {
     r: R,
+    /// Reads this thread submits and reaps itself (see [`Export::reader`]).
+    rd: Option<Box<dyn ExportReader>>,
     export: Arc<dyn Export>,
     size: u64,
     read_only: bool,
@@ -226,7 +237,7 @@ impl<R: Input> Conn<R> {
                 break;
             };
             if self.r.buffered_len() == 0 {
-                sender::release_held();
+                self.before_blocking();
             }
             match self.r.read(rest) {
                 Ok(0) if got == 0 && header => return Ok(false),
@@ -241,6 +252,43 @@ impl<R: Input> Conn<R> {
         Ok(true)
     }
 
+    /// Before a socket read that may block: send the replies held, and while reads of this
+    /// thread are in flight, reap them as they complete until the client sends more.
+    fn before_blocking(&mut self) {
+        let (Some(rd), Some(sock)) = (self.rd.as_mut(), self.r.poll_fd()) else {
+            sender::release_held();
+            return;
+        };
+        rd.poll();
+        while rd.in_flight() > 0 {
+            sender::release_held();
+            let mut fds = [
+                libc::pollfd {
+                    fd: sock,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: rd.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a live array of two pollfd entries for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                // Cannot wait on both: finish the reads first, then read the socket.
+                rd.wait();
+                continue;
+            }
+            rd.poll();
+            if fds[0].revents != 0 {
+                break;
+            }
+        }
+        sender::release_held();
+    }
+
     /// Read a write's payload of `len` bytes into a buffer of its own (not zeroed first).
     fn fill_payload(&mut self, len: usize) -> Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(len);
@@ -248,7 +296,7 @@ impl<R: Input> Conn<R> {
         while buf.len() < len {
             let want = len - buf.len();
             if self.r.buffered_len() == 0 {
-                sender::release_held();
+                self.before_blocking();
             }
             match self.r.read_append(&mut buf, want) {
                 Ok(0) => return Err(NbdError::Truncated),
@@ -306,6 +354,16 @@ impl<R: Input> Conn<R> {
         // Held replies give credit back once written: never wait for credit while holding any.
         if sender::held() >= MAX_HELD || (sender::held() > 0 && self.credit.would_wait(want)) {
             sender::release_held();
+        }
+        // Nor while this thread's own reads are in flight: their replies give it back too.
+        while self.credit.would_wait(want) {
+            match self.rd.as_mut() {
+                Some(rd) if rd.in_flight() > 0 => {
+                    rd.wait();
+                    sender::release_held();
+                }
+                _ => break,
+            }
         }
         let cost = self.credit.acquire(want);
         let ctx = ReqCtx {
@@ -426,13 +484,16 @@ impl<R: Input> Conn<R> {
                     let done: Completion =
                         Box::new(move |res| replies.post(ctx, Body::Read(res, holes)));
                     // len <= 32 MiB.
-                    self.export.submit(
-                        Request::Read {
-                            offset,
-                            len: len as u32,
-                        },
-                        done,
-                    );
+                    match self.rd.as_mut() {
+                        Some(rd) => rd.read(offset, len as u32, done),
+                        None => self.export.submit(
+                            Request::Read {
+                                offset,
+                                len: len as u32,
+                            },
+                            done,
+                        ),
+                    }
                 }
             }
             CMD_WRITE => {

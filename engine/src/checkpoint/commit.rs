@@ -161,6 +161,9 @@ impl Checkpointer {
             ck.generation,
             ck.generation + 1,
         );
+        // `reclaim` below frees segments that died before the image: reads outside the shards
+        // that looked their blocks up earlier must be done with them.
+        self.ctx.reads.fence();
         let mut space = self.ctx.space.lock();
         // Once both copies point at the new checkpoint the previous one is unreferenced; if the
         // second copy could not be written it still points at the previous one, kept until the

@@ -7,9 +7,11 @@
 
 mod backing;
 mod give_back;
+mod read_fence;
 mod reserve;
 
 pub(crate) use give_back::mark_held_free;
+pub(crate) use read_fence::{ReadFence, Ticket};
 pub(crate) use reserve::{checkpoint_estimate_bytes, usable_bytes};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,6 +61,9 @@ pub(crate) struct Context {
     pub counters: Counters,
     /// Where requests spend their time (see `Stages`).
     pub stages: Arc<Stages>,
+    /// Reads outside the shards hold it while they use looked-up locations; freeing segments
+    /// fences it first.
+    pub reads: ReadFence,
     pub flusher: Sender<FlushMsg>,
     /// A failed record left a gap in a chain: only a checkpoint makes what follows recoverable.
     pub chain_broken: AtomicBool,
@@ -139,6 +144,7 @@ impl Context {
             caches: p.caches,
             counters: Counters::default(),
             stages: Arc::default(),
+            reads: ReadFence::default(),
             flusher: p.flusher,
             chain_broken: AtomicBool::new(false),
             discard_freed: p.discard_freed,

@@ -28,6 +28,7 @@ impl Cleaner {
         }
         self.ckpt.sync_completed()?;
         self.workers.fence()?;
+        self.ctx.reads.fence();
         let ck = self.ckpt.state.lock();
         let mut space = self.ctx.space.lock();
         let mut freed = Vec::new();
@@ -69,6 +70,7 @@ impl Cleaner {
         }
         self.ckpt.sync_completed()?;
         self.workers.fence()?;
+        self.ctx.reads.fence();
         // The checkpoint lock keeps `check` (which reads by location) and a commit out.
         let ck = self.ckpt.state.lock();
         let mut space = self.ctx.space.lock();

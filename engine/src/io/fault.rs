@@ -43,6 +43,10 @@ pub struct FaultPlan {
     /// later, as a slow device that reorders them would. Held writes are not in flight for
     /// the queue's owner until it waits for them.
     pub defer_zero_writes_ms: AtomicU64,
+    /// Hold every device read queued through a queue (not the blocking `read_at`) back this
+    /// many milliseconds, as `defer_zero_writes_ms` holds zero writes: the read goes to the
+    /// device, and sees what is there, only then.
+    pub defer_reads_ms: AtomicU64,
     /// Discards seen.
     pub discards: AtomicU64,
     /// Writes that reached a range while a discard of it was under way.
@@ -310,12 +314,17 @@ impl IoQueue for FaultQueue {
             let upto = self.plan.completions.load(Ordering::Acquire);
             self.syncs.push((op.tag, upto));
         }
-        let hold = self.plan.defer_zero_writes_ms.load(Ordering::Relaxed);
-        if hold > 0
-            && op.kind == OpKind::Write
-            && op.len >= 1 << 20
-            && op.buf[..op.len].iter().all(|&b| b == 0)
-        {
+        let hold = match op.kind {
+            OpKind::Read => self.plan.defer_reads_ms.load(Ordering::Relaxed),
+            OpKind::Write if op.len >= 1 << 20 => {
+                match self.plan.defer_zero_writes_ms.load(Ordering::Relaxed) {
+                    ms if ms > 0 && op.buf[..op.len].iter().all(|&b| b == 0) => ms,
+                    _ => 0,
+                }
+            }
+            _ => 0,
+        };
+        if hold > 0 {
             let until = std::time::Instant::now() + std::time::Duration::from_millis(hold);
             self.deferred.push((until, op));
             return;

@@ -96,6 +96,11 @@ pub trait IoQueue: Send {
     fn wait(&mut self, _bell: &Doorbell) -> io::Result<()> {
         self.submit(1)
     }
+    /// A descriptor that polls readable while completions wait to be reaped, for a thread
+    /// that also waits on something else (a socket). `None`: wait with `submit(1)`.
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// The devices of a pool.

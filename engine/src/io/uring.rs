@@ -266,6 +266,10 @@ impl IoQueue for UringQueue {
         self.pending.len() + self.in_kernel + self.done.len()
     }
 
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.as_raw_fd())
+    }
+
     fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
         if !self.bell_armed {
             let entry = opcode::Read::new(types::Fd(bell.fd()), self.bell_buf.as_mut_ptr(), 8)

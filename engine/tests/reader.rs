@@ -1,0 +1,283 @@
+//! Reads on the caller's own queue (`Reader`): the same data as the shards' reads, early
+//! writes seen, corruption reported, and locations that stay valid while a read is in flight
+//! (segments freed meanwhile are not written again under it).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingot_engine::{
+    CreateOptions, Error, FaultPlan, IoKind, Pool, PoolOptions, Reader, Reply, MAX_DIRECT_READ,
+};
+
+const BLOCK: usize = 4096;
+const SEG: u64 = 2 << 20;
+
+/// Block `lba` at version `n`: unique; every third version compresses (a run of one byte
+/// with the version in front), the others do not.
+fn block(lba: u64, n: u64) -> Vec<u8> {
+    if (lba + n) % 3 == 0 {
+        let mut b = vec![(lba % 251) as u8; BLOCK];
+        b[..16].copy_from_slice(&[lba.to_le_bytes(), n.to_le_bytes()].concat());
+        return b;
+    }
+    let mut x = (lba << 20 | n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..BLOCK / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+fn blocks(first: u64, count: u64, n: u64) -> Vec<u8> {
+    (first..first + count).flat_map(|l| block(l, n)).collect()
+}
+
+fn pool(dir: &std::path::Path, io: IoKind, cache: u64, plan: Option<Arc<FaultPlan>>) -> Pool {
+    let o = PoolOptions {
+        io,
+        shards: 2,
+        cache_bytes: Some(cache),
+        // Writes acknowledged early, as `ingot serve` does by default.
+        write_back_bytes: 8 << 20,
+        fault: plan,
+        ..Default::default()
+    };
+    let c = CreateOptions {
+        size_bytes: 48 << 20,
+        segment_bytes: SEG,
+        ..Default::default()
+    };
+    let pool = Pool::create(dir, &c, &o).expect("create");
+    pool.create_volume("v", 16 << 20).expect("volume");
+    pool
+}
+
+/// One read through `r`, waited for on this thread.
+fn read(r: &mut Reader, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    r.read(
+        offset,
+        len,
+        Box::new(move |res| {
+            let _ = tx.send(res);
+        }),
+    );
+    loop {
+        if let Ok(res) = rx.try_recv() {
+            return res.map(|reply| match reply {
+                Reply::Data(d) => d.to_vec(),
+                Reply::Pieces(p) => p.concat(),
+                Reply::Done => Vec::new(),
+            });
+        }
+        if r.in_flight() > 0 {
+            r.wait();
+        } else {
+            // Handed to a shard: its completion comes from there.
+            return rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a handed-off read completes")
+                .map(|reply| match reply {
+                    Reply::Data(d) => d.to_vec(),
+                    Reply::Pieces(p) => p.concat(),
+                    Reply::Done => Vec::new(),
+                });
+        }
+    }
+}
+
+#[track_caller]
+fn same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: lengths {} and {}, first difference at {at:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+fn reads_match_the_shards(io: IoKind, cache: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool(dir.path(), io, cache, None);
+    let v = pool.volume("v").unwrap();
+    // Blocks 0..600 written (some compressible, stored in groups), 600..700 a hole, 700..800
+    // written twice, the rest never written.
+    v.write(0, &blocks(0, 600, 1), false).unwrap();
+    v.write(700 * 4096, &blocks(700, 100, 1), false).unwrap();
+    v.write(700 * 4096, &blocks(700, 100, 2), false).unwrap();
+    v.flush().unwrap();
+    let mut r = Reader::new(&v, 16).unwrap();
+    let ranges: &[(u64, u32)] = &[
+        (0, 4096),
+        (5 * 4096 + 512, 4096),        // across two blocks
+        (17 * 4096, 8192),             // a database page
+        (100 * 4096 + 1024, 3072),     // inside one block
+        (250 * 4096, 64 << 10),        // across a map page of 256 blocks (other shard)
+        (590 * 4096, 48 << 10),        // data, then hole
+        (650 * 4096, 4096),            // hole
+        (690 * 4096, MAX_DIRECT_READ), // hole, then the rewritten blocks
+        (1000 * 4096, 8192),           // never written
+    ];
+    for round in 0..2 {
+        // The second round finds the blocks the first cached (when caching).
+        for &(off, len) in ranges {
+            let want = v.read(off, len).unwrap();
+            let got = read(&mut r, off, len).unwrap();
+            same(&got, &want, &format!("round {round}, {len} bytes at {off}"));
+        }
+    }
+    assert_eq!(
+        r.handed_off(),
+        0,
+        "every read above is served by the reader"
+    );
+    let long = read(&mut r, 0, MAX_DIRECT_READ + 4096).unwrap();
+    same(
+        &long,
+        &v.read(0, MAX_DIRECT_READ + 4096).unwrap(),
+        "long read",
+    );
+    assert_eq!(
+        r.handed_off(),
+        1,
+        "a read past MAX_DIRECT_READ goes to the shards"
+    );
+    drop(r);
+    pool.shutdown().unwrap();
+}
+
+#[test]
+fn reads_match_the_shards_sync_no_cache() {
+    reads_match_the_shards(IoKind::Sync, 0);
+}
+
+#[test]
+fn reads_match_the_shards_uring_no_cache() {
+    reads_match_the_shards(IoKind::Uring, 0);
+}
+
+#[test]
+fn reads_match_the_shards_uring_cached() {
+    reads_match_the_shards(IoKind::Uring, 16 << 20);
+}
+
+/// Writes acknowledged early (write-back, the default) are read back at once, while they
+/// may still be on their way to the map.
+#[test]
+fn a_reader_sees_writes_acknowledged_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let pool = pool(dir.path(), IoKind::Uring, 0, Some(plan.clone()));
+    let v = pool.volume("v").unwrap();
+    let mut r = Reader::new(&v, 16).unwrap();
+    // The shards store writes late: the reads below find them acknowledged, not applied.
+    plan.write_submit_delay_us.store(20_000, Ordering::SeqCst);
+    for n in 1..=20u64 {
+        let lba = (n * 37) % 512;
+        let data = blocks(lba, 8, n);
+        v.write(lba * 4096, &data, false).unwrap();
+        let got = read(&mut r, lba * 4096, 8 * 4096).unwrap();
+        same(&got, &data, &format!("version {n} at block {lba}"));
+    }
+    assert!(
+        r.handed_off() > 0,
+        "no read found its write still unapplied"
+    );
+}
+
+/// A block whose bytes rot on the device fails its read with a checksum error naming it;
+/// the blocks beside it still read.
+#[test]
+fn a_corrupt_block_fails_its_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let pool = pool(dir.path(), IoKind::Sync, 0, Some(plan.clone()));
+    let v = pool.volume("v").unwrap();
+    let data = blocks(0, 8, 7);
+    v.write(0, &data, false).unwrap();
+    v.flush().unwrap();
+    let file = std::fs::read(dir.path().join("dev0.img")).unwrap();
+    let at = file
+        .chunks_exact(BLOCK)
+        .position(|b| b == &data[5 * BLOCK..6 * BLOCK])
+        .expect("block 5 stored as is") as u64
+        * BLOCK as u64;
+    plan.corrupt_reads.lock().push((0, at + 100));
+    let mut r = Reader::new(&v, 16).unwrap();
+    match read(&mut r, 0, 8 * 4096) {
+        Err(e @ Error::ChecksumMismatch { .. }) => {
+            assert_eq!(e.kind(), ingot_engine::ErrorKind::Integrity)
+        }
+        other => panic!("a corrupt block read as {:?}", other.map(|d| d.len())),
+    }
+    same(
+        &read(&mut r, 0, 5 * 4096).unwrap(),
+        &data[..5 * BLOCK],
+        "blocks before it",
+    );
+    plan.corrupt_reads.lock().clear();
+    same(
+        &read(&mut r, 0, 8 * 4096).unwrap(),
+        &data,
+        "after the fault is gone",
+    );
+}
+
+/// A read looks its block's location up, then waits in the device queue (held back by the
+/// fault plan) while the block is overwritten, its segment cleaned and freed, and new writes
+/// fill the pool's free segments. The read must still return the block as it was when it was
+/// looked up: the cleaner and checkpoints fence reads in flight before they free segments.
+#[test]
+fn a_read_in_flight_keeps_its_segment_from_reuse() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let pool = Arc::new(pool(dir.path(), IoKind::Sync, 0, Some(plan.clone())));
+    let v = pool.volume("v").unwrap();
+    let old = blocks(0, 512, 1);
+    v.write(0, &old, false).unwrap();
+    v.flush().unwrap();
+    let want = &old[100 * BLOCK..101 * BLOCK];
+    let file = std::fs::File::open(dir.path().join("dev0.img")).unwrap();
+    let at = std::fs::read(dir.path().join("dev0.img"))
+        .unwrap()
+        .chunks_exact(BLOCK)
+        .position(|b| b == want)
+        .expect("block 100 stored") as u64
+        * BLOCK as u64;
+    plan.defer_reads_ms.store(1500, Ordering::SeqCst);
+    let reader = {
+        let v = v.clone();
+        std::thread::spawn(move || {
+            let mut r = Reader::new(&v, 16).unwrap();
+            read(&mut r, 100 * 4096, 4096)
+        })
+    };
+    // Let it look the block up and queue its read; later reads are not held back.
+    std::thread::sleep(Duration::from_millis(100));
+    plan.defer_reads_ms.store(0, Ordering::SeqCst);
+    // Overwrite everything (the old segments then hold nothing live), clean, checkpoint,
+    // until new records land where block 100 was.
+    let mut reused = false;
+    for n in 2..60 {
+        v.write(0, &blocks(0, 512, n), false).unwrap();
+        v.flush().unwrap();
+        pool.gc(0.99, &mut |_, _| {}).unwrap();
+        pool.checkpoint().unwrap();
+        let mut now = vec![0u8; BLOCK];
+        file.read_exact_at(&mut now, at).unwrap();
+        if now != want {
+            reused = true;
+            break;
+        }
+    }
+    assert!(reused, "the test never got block 100's place written again");
+    let got = reader.join().unwrap().expect("the read in flight");
+    same(&got, want, "block 100 as looked up");
+}
