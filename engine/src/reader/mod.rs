@@ -1,13 +1,16 @@
 //! Reads on the caller's own I/O queue.
 //!
-//! A read sent to a shard crosses two threads: the client's thread hands it to the shard, the
-//! shard queues the device read, wakes for its completion and hands the data back. On this
-//! kind of machine each wake-up of a sleeping thread costs a few microseconds, and between
-//! them the device sits idle: 4k random reads at QD32 with the cache off reached half of fio's
-//! IOPS on the same file, and at QD8 a read took 141 µs against fio's 68 µs. A [`Reader`]
-//! does what fio does instead: the thread that asks looks the blocks up itself (the same
-//! locks `Volume::submit` already takes for cached reads), queues the device reads in a ring
-//! of its own and reaps them in the same loop.
+//! A read sent to a shard crosses two threads and waits for the shard's turn, which submits
+//! its reads together with the rest of its I/O. Both cost on this kind of machine: 4k random
+//! reads at QD32 with the cache off reached half of fio's IOPS on the same file, with the same
+//! number of requests in the device but each taking twice as long there. The virtual disk
+//! serves a stream of single submissions faster than the same reads in bursts: a bare ring
+//! loop over one file made 172-180k reads/s submitting what each wait reaped together, and
+//! 216-225k (fio's figure) submitting each read as it was made (`docs/benchmarks.md`).
+//!
+//! A [`Reader`] does what fio does: the thread that asks looks the blocks up itself (the
+//! locks `Volume::submit` already takes for cached reads), pushes the device reads on a ring
+//! of its own, submits each at once, and reaps them in its own loop.
 //!
 //! What it leaves to the shards (the read goes there as before): blocks with a write
 //! acknowledged early and not yet applied (the shard orders the read after it), long reads
