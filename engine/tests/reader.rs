@@ -102,7 +102,7 @@ fn same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-fn reads_match_the_shards(io: IoKind, cache: u64) {
+fn reads_match_the_shards(io: IoKind, cache: u64, pieces: bool) {
     let dir = tempfile::tempdir().unwrap();
     let pool = pool(dir.path(), io, cache, None);
     let v = pool.volume("v").unwrap();
@@ -113,6 +113,9 @@ fn reads_match_the_shards(io: IoKind, cache: u64) {
     v.write(700 * 4096, &blocks(700, 100, 2), false).unwrap();
     v.flush().unwrap();
     let mut r = Reader::new(&v, 16).unwrap();
+    if pieces {
+        r = r.with_pieces();
+    }
     let ranges: &[(u64, u32)] = &[
         (0, 4096),
         (5 * 4096 + 512, 4096),        // across two blocks
@@ -154,17 +157,22 @@ fn reads_match_the_shards(io: IoKind, cache: u64) {
 
 #[test]
 fn reads_match_the_shards_sync_no_cache() {
-    reads_match_the_shards(IoKind::Sync, 0);
+    reads_match_the_shards(IoKind::Sync, 0, false);
 }
 
 #[test]
 fn reads_match_the_shards_uring_no_cache() {
-    reads_match_the_shards(IoKind::Uring, 0);
+    reads_match_the_shards(IoKind::Uring, 0, false);
 }
 
 #[test]
 fn reads_match_the_shards_uring_cached() {
-    reads_match_the_shards(IoKind::Uring, 16 << 20);
+    reads_match_the_shards(IoKind::Uring, 16 << 20, false);
+}
+
+#[test]
+fn reads_match_the_shards_in_pieces() {
+    reads_match_the_shards(IoKind::Uring, 16 << 20, true);
 }
 
 /// Writes acknowledged early (write-back, the default) are read back at once, while they

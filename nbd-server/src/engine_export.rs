@@ -38,7 +38,7 @@ impl Export for Volume {
     fn reader(&self) -> Option<Box<dyn ExportReader>> {
         // Only a queue the connection can poll beside its socket (io_uring); with the plain
         // calls, reads stay on the shards' threads rather than block the connection.
-        let r = Reader::new(self, READER_DEPTH).ok()?;
+        let r = Reader::new(self, READER_DEPTH).ok()?.with_pieces();
         let fd = r.fd()?;
         Some(Box::new(ConnReader { r, fd }))
     }

@@ -91,6 +91,8 @@ pub struct Reader {
     done: Vec<IoDone>,
     /// Reads sent to the shards instead.
     handed_off: u64,
+    /// Replies may be [`crate::Reply::Pieces`] (see [`Volume::submit_pieces`]).
+    pieces: bool,
 }
 
 impl Reader {
@@ -108,7 +110,16 @@ impl Reader {
             next_tag: 0,
             done: Vec::new(),
             handed_off: 0,
+            pieces: false,
         })
+    }
+
+    /// Let reads of several pieces (blocks from the cache, holes, device reads) complete as
+    /// [`crate::Reply::Pieces`], as [`Volume::submit_pieces`] does, for a caller that sends
+    /// them with vectored writes.
+    pub fn with_pieces(mut self) -> Reader {
+        self.pieces = true;
+        self
     }
 
     /// Start a read of `len` bytes at `offset`; `done` runs once with its data
@@ -120,7 +131,7 @@ impl Reader {
         };
         if let Err(done) = self.direct(offset, len, done) {
             self.handed_off += 1;
-            self.vol.dispatch(req, false, done);
+            self.vol.dispatch(req, self.pieces, done);
         }
     }
 
@@ -303,7 +314,12 @@ impl Reader {
             add_piece(&mut groups, &e, want);
         }
         // One part per device read, and one for the lookups (released below).
-        let job = Job::new(groups.len() + 1, Some(len as usize), None, done, timing);
+        let parts = groups.len() + 1;
+        let job = if self.pieces {
+            Job::new_read_pieces(parts, len as usize, done, timing)
+        } else {
+            Job::new(parts, Some(len as usize), None, done, timing)
+        };
         ctx.stages.picked(Op::Read, Instant::now());
         for (at, b) in cached {
             job.fill(at, b);
