@@ -101,6 +101,8 @@ enum Op {
         vol: usize,
         at: u64,
         sectors: u32,
+        /// Through a `Reader` (the caller's own queue) rather than the shards.
+        own: bool,
     },
     Trim {
         vol: usize,
@@ -200,8 +202,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         30 => (vol.clone(), any::<u64>(), sectors(), pattern(), prop::bool::weighted(0.15))
             .prop_map(|(vol, at, sectors, pattern, fua)| Op::Write { vol, at, sectors, pattern, fua }),
-        12 => (vol.clone(), any::<u64>(), sectors())
-            .prop_map(|(vol, at, sectors)| Op::Read { vol, at, sectors }),
+        12 => (vol.clone(), any::<u64>(), sectors(), any::<bool>())
+            .prop_map(|(vol, at, sectors, own)| Op::Read { vol, at, sectors, own }),
         5 => (vol.clone(), any::<u64>(), sectors(), prop::bool::weighted(0.2))
             .prop_map(|(vol, at, sectors, fua)| Op::Trim { vol, at, sectors, fua }),
         5 => (vol.clone(), any::<u64>(), sectors(), prop::bool::weighted(0.2))
@@ -413,14 +415,24 @@ impl Harness {
                     self.durable();
                 }
             }
-            Op::Read { vol, at, sectors } => {
+            Op::Read {
+                vol,
+                at,
+                sectors,
+                own,
+            } => {
                 let Some((off, len)) = self.range(vol, at, sectors) else {
                     return self.expect_missing(vol);
                 };
                 let v = pool.volume(NAMES[vol]).expect("volume");
-                let got = v
-                    .read(off, len as u32)
-                    .unwrap_or_else(|e| self.fail(&format!("read {off}+{len}: {e}")));
+                let got = if own {
+                    read_own(&v, off, len as u32)
+                } else {
+                    v.read(off, len as u32)
+                }
+                .unwrap_or_else(|e| {
+                    self.fail(&format!("read {off}+{len} (own queue: {own}): {e}"))
+                });
                 let m = self.vols[vol].as_ref().expect("model");
                 let want = &m.data[off as usize..(off + len) as usize];
                 if got != want {
@@ -944,4 +956,28 @@ fn shrink_inside_block_then_grow_reads_zeroes() {
     let pool = Pool::open(dir.path(), &pool_options(Engine::Sync, &None)).unwrap();
     let v = pool.volume("v").unwrap();
     assert!(v.read(0, 8192).unwrap() == want);
+}
+
+/// A read through a `Reader` of its own, reaped on this thread (or handed to the shards).
+fn read_own(v: &ingot_engine::Volume, off: u64, len: u32) -> ingot_engine::Result<Vec<u8>> {
+    let mut r = ingot_engine::Reader::new(v, 8)?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    r.read(
+        off,
+        len,
+        Box::new(move |res| {
+            let _ = tx.send(res);
+        }),
+    );
+    while r.in_flight() > 0 {
+        r.wait();
+    }
+    let reply = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a read completes")?;
+    Ok(match reply {
+        ingot_engine::Reply::Data(d) => d.to_vec(),
+        ingot_engine::Reply::Pieces(p) => p.concat(),
+        ingot_engine::Reply::Done => Vec::new(),
+    })
 }
