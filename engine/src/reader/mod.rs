@@ -93,6 +93,11 @@ pub struct Reader {
     handed_off: u64,
     /// Replies may be [`crate::Reply::Pieces`] (see [`Volume::submit_pieces`]).
     pieces: bool,
+    /// Scratch of `direct`: (lba, block id, entry) looked up; cached pieces; device reads
+    /// (segment, aligned start, aligned end, payloads).
+    found: Vec<(u64, u64, Option<BlockEntry>)>,
+    cached: Vec<(usize, Bytes)>,
+    groups: Vec<(u32, u32, u32, Vec<Piece>)>,
 }
 
 impl Reader {
@@ -111,6 +116,9 @@ impl Reader {
             done: Vec::new(),
             handed_off: 0,
             pieces: false,
+            found: Vec::new(),
+            cached: Vec::new(),
+            groups: Vec::new(),
         })
     }
 
@@ -258,8 +266,9 @@ impl Reader {
         }
         let shards = ctx.shards();
         let ticket = ctx.reads.enter();
-        let mut found: Vec<(u64, u64, Option<BlockEntry>)> =
-            Vec::with_capacity((last - first + 1) as usize);
+        // Scratch kept by the reader: a 4k read allocates only its job, buffer and span.
+        let mut found = std::mem::take(&mut self.found);
+        found.clear();
         {
             // Space, then maps, as the shards apply records (see `Volume::read_cached`).
             let space = ctx.space.lock();
@@ -269,6 +278,7 @@ impl Reader {
                 if id != 0 && entry.is_none() {
                     drop(space);
                     ctx.reads.leave(ticket);
+                    self.found = found;
                     return Err(done);
                 }
                 found.push((lba, id, entry));
@@ -278,8 +288,8 @@ impl Reader {
             since: Instant::now(),
             op: Op::Read,
         });
-        let mut plan: Vec<(Want, BlockEntry)> = Vec::new();
-        let mut cached: Vec<(usize, Bytes)> = Vec::new();
+        let mut cached = std::mem::take(&mut self.cached);
+        let mut groups = std::mem::take(&mut self.groups);
         for &(lba, id, entry) in &found {
             let Some(e) = entry else {
                 continue; // a hole: the reply is zeroes there
@@ -296,23 +306,18 @@ impl Reader {
                     continue;
                 }
             }
-            plan.push((
-                Want {
-                    id,
-                    generation: e.generation,
-                    cache,
-                    index: reduce::group_of(e.flags).0,
-                    from,
-                    len: n,
-                    dst,
-                },
-                e,
-            ));
-        }
-        let mut groups: Vec<(u32, u32, u32, Vec<Piece>)> = Vec::new(); // segment, base, end
-        for (want, e) in plan {
+            let want = Want {
+                id,
+                generation: e.generation,
+                cache,
+                index: reduce::group_of(e.flags).0,
+                from,
+                len: n,
+                dst,
+            };
             add_piece(&mut groups, &e, want);
         }
+        self.found = found;
         // One part per device read, and one for the lookups (released below).
         let parts = groups.len() + 1;
         let job = if self.pieces {
@@ -321,11 +326,12 @@ impl Reader {
             Job::new(parts, Some(len as usize), None, done, timing)
         };
         ctx.stages.picked(Op::Read, Instant::now());
-        for (at, b) in cached {
+        for (at, b) in cached.drain(..) {
             job.fill(at, b);
         }
+        self.cached = cached;
         ctx.reads.add(ticket, groups.len() as u64);
-        for (segment, base, end, pieces) in groups {
+        for (segment, base, end, pieces) in groups.drain(..) {
             let (dev, dev_base) = ctx.geo.locate(segment);
             let tag = self.next_tag;
             self.next_tag += 1;
@@ -349,6 +355,7 @@ impl Reader {
             };
             self.spans.insert(tag, span);
         }
+        self.groups = groups;
         // The lookups' own hold and part.
         ctx.reads.leave(ticket);
         job.part_done(Ok(()), Some(&ctx.stages));
