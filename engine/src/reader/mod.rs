@@ -18,7 +18,6 @@
 //! shard reports the corruption). A location looked up here stays valid until the read
 //! completes: segments are freed only after a fence (`Context::reads`) that waits for it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -86,8 +85,10 @@ struct Span {
 pub struct Reader {
     vol: Volume,
     queue: Box<dyn IoQueue>,
-    spans: HashMap<u64, Span>,
-    next_tag: u64,
+    /// Device reads in flight, by tag (a slot index), and the free slots.
+    spans: Vec<Option<Span>>,
+    free: Vec<usize>,
+    in_flight: usize,
     done: Vec<IoDone>,
     /// Reads sent to the shards instead.
     handed_off: u64,
@@ -111,8 +112,9 @@ impl Reader {
         Ok(Reader {
             vol: vol.clone(),
             queue,
-            spans: HashMap::new(),
-            next_tag: 0,
+            spans: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
             done: Vec::new(),
             handed_off: 0,
             pieces: false,
@@ -145,7 +147,7 @@ impl Reader {
 
     /// Device reads queued or in flight on this reader's queue.
     pub fn in_flight(&self) -> usize {
-        self.spans.len()
+        self.in_flight
     }
 
     /// A descriptor that polls readable when a device read of this reader has completed (see
@@ -171,7 +173,7 @@ impl Reader {
     /// Like [`Reader::poll`], but waits for at least one device read to finish when any is
     /// in flight.
     pub fn wait(&mut self) -> usize {
-        let min = usize::from(!self.spans.is_empty());
+        let min = usize::from(self.in_flight > 0);
         let r = self.queue.submit(min);
         self.finish(r)
     }
@@ -179,7 +181,9 @@ impl Reader {
     fn finish(&mut self, submitted: std::io::Result<()>) -> usize {
         if let Err(e) = submitted {
             // The ring refused the submission: fail what it holds rather than wait forever.
-            for (_, span) in self.spans.drain() {
+            self.free.clear();
+            self.in_flight = 0;
+            for span in std::mem::take(&mut self.spans).into_iter().flatten() {
                 self.vol.ctx.reads.leave(span.ticket);
                 span.job.part_done(
                     Err(Error::Io {
@@ -196,7 +200,10 @@ impl Reader {
         self.queue.reap(&mut done);
         let n = done.len();
         for d in done.drain(..) {
-            if let Some(span) = self.spans.remove(&d.tag) {
+            let slot = d.tag as usize;
+            if let Some(span) = self.spans.get_mut(slot).and_then(Option::take) {
+                self.free.push(slot);
+                self.in_flight -= 1;
                 self.complete(span, d);
             }
         }
@@ -284,8 +291,9 @@ impl Reader {
                 found.push((lba, id, entry));
             }
         }
+        let now = Instant::now();
         let timing = Some(Timing {
-            since: Instant::now(),
+            since: now,
             op: Op::Read,
         });
         let mut cached = std::mem::take(&mut self.cached);
@@ -325,7 +333,7 @@ impl Reader {
         } else {
             Job::new(parts, Some(len as usize), None, done, timing)
         };
-        ctx.stages.picked(Op::Read, Instant::now());
+        ctx.stages.picked(Op::Read, now);
         for (at, b) in cached.drain(..) {
             job.fill(at, b);
         }
@@ -333,8 +341,14 @@ impl Reader {
         ctx.reads.add(ticket, groups.len() as u64);
         for (segment, base, end, pieces) in groups.drain(..) {
             let (dev, dev_base) = ctx.geo.locate(segment);
-            let tag = self.next_tag;
-            self.next_tag += 1;
+            let slot = match self.free.pop() {
+                Some(s) => s,
+                None => {
+                    self.spans.push(None);
+                    self.spans.len() - 1
+                }
+            };
+            let tag = slot as u64;
             let n = (end - base) as usize;
             self.queue.push(IoOp {
                 kind: OpKind::Read,
@@ -351,9 +365,10 @@ impl Reader {
                 segment,
                 base,
                 pieces,
-                sent: Instant::now(),
+                sent: now,
             };
-            self.spans.insert(tag, span);
+            self.spans[slot] = Some(span);
+            self.in_flight += 1;
         }
         self.groups = groups;
         // The lookups' own hold and part.
@@ -408,12 +423,12 @@ impl Drop for Reader {
     /// their tickets hold back whoever frees segments.
     fn drop(&mut self) {
         let mut idle = 0;
-        while !self.spans.is_empty() && idle < 100 {
+        while self.in_flight > 0 && idle < 100 {
             idle = if self.wait() == 0 { idle + 1 } else { 0 };
         }
         // Given up on (never seen): their results will not be used, so their locations need
         // no hold; the queue's own drop waits for the device before it frees the buffers.
-        for (_, span) in self.spans.drain() {
+        for span in std::mem::take(&mut self.spans).into_iter().flatten() {
             self.vol.ctx.reads.leave(span.ticket);
         }
     }
