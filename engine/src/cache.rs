@@ -137,6 +137,12 @@ impl BlockCache {
         self.fill(i, id, generation);
     }
 
+    /// Whether a new block can be cached without evicting another.
+    pub fn has_room(&self) -> bool {
+        self.capacity_blocks > 0
+            && (!self.free.is_empty() || self.slots.len() < self.capacity_blocks)
+    }
+
     /// Cache a copy of `data` (one 4 KiB block), in a buffer of a dropped copy when one is
     /// free. For data whose own buffer must not be kept (a client's write: it may hold more).
     pub fn insert_copy(&mut self, id: u64, generation: u32, data: &[u8]) {

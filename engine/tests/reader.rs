@@ -289,3 +289,43 @@ fn a_read_in_flight_keeps_its_segment_from_reuse() {
     let got = reader.join().unwrap().expect("the read in flight");
     same(&got, want, "block 100 as looked up");
 }
+
+/// Blocks of long writes go into the block cache only while it has free room: a bulk write
+/// does not push out the small blocks a database reads back.
+#[test]
+fn long_writes_do_not_evict_cached_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 blocks of cache per shard.
+    let pool = pool(dir.path(), IoKind::Uring, 2 * 64 * 4096, None);
+    let v = pool.volume("v").unwrap();
+    // One shard's map page (512 blocks) holds blocks 0..512: 40 small writes fill most of its
+    // cache.
+    for lba in 0..40u64 {
+        v.write(lba * 4096, &block(lba, 1), false).unwrap();
+    }
+    // A long write to the same shard's next page (blocks 1024..1280) fills the free room and
+    // no more.
+    v.write(1024 * 4096, &blocks(1024, 256, 1), false).unwrap();
+    v.flush().unwrap();
+    let before = pool.stats();
+    for lba in 0..40u64 {
+        same(
+            &v.read(lba * 4096, 4096).unwrap(),
+            &block(lba, 1),
+            "small block",
+        );
+    }
+    let after = pool.stats();
+    assert_eq!(
+        after.cache_hits - before.cache_hits,
+        40,
+        "small blocks evicted by a long write (misses: {})",
+        after.cache_misses - before.cache_misses
+    );
+    // A small write evicts as before: the long write's cached blocks are not pinned.
+    for lba in 40..140u64 {
+        v.write(lba * 4096, &block(lba, 1), false).unwrap();
+    }
+    v.flush().unwrap();
+    assert!(pool.stats().cache_bytes <= 2 * 64 * 4096);
+}

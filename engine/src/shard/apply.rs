@@ -22,6 +22,8 @@ pub(crate) enum Apply {
         entry: BlockEntry,
         /// The plaintext, for the cache.
         plain: Bytes,
+        /// From a long write: cached only into free room (see `WRITE_AROUND_BYTES`).
+        large: bool,
         /// Dedup index key to record once the block is applied (dedup volumes only).
         key: Option<u64>,
     },
@@ -183,6 +185,7 @@ impl Shard {
                     id,
                     entry,
                     plain,
+                    large,
                     key,
                 } => {
                     let generation = space.place(*id, *entry);
@@ -195,7 +198,7 @@ impl Shard {
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
-                    cached.push((*id, generation, plain.clone()));
+                    cached.push((*id, generation, plain.clone(), *large));
                     if let Some(k) = key {
                         keys.push((*k, *id));
                     }
@@ -259,7 +262,10 @@ impl Shard {
             for id in dead {
                 cache.forget(id);
             }
-            for (id, generation, plain) in cached {
+            for (id, generation, plain, large) in cached {
+                if large && !cache.has_room() {
+                    continue;
+                }
                 // A copy, not the client's buffer: kept, that buffer would pin its whole request
                 // in memory and make every write take fresh pages (measured: 4k writes at 72k
                 // IOPS while the cache filled, against 134k with the copy).

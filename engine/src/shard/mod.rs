@@ -208,6 +208,9 @@ pub(crate) struct Part {
     /// Bytes of pool capacity this part holds until it is applied (or fails), counted in
     /// `Context::accepted_bytes`.
     pub(crate) reserved: Cell<u64>,
+    /// Part of a write longer than `WRITE_AROUND_BYTES`: its blocks are cached only into free
+    /// room, never in place of others.
+    pub(crate) large_write: Cell<bool>,
 }
 
 impl Part {
@@ -219,6 +222,7 @@ impl Part {
             error: RefCell::new(None),
             early: RefCell::new(None),
             reserved: Cell::new(0),
+            large_write: Cell::new(false),
         })
     }
 

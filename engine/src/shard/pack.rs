@@ -388,7 +388,11 @@ impl Shard {
                 };
             match item {
                 Item::Data {
-                    vol, lba, src, fp, ..
+                    vol,
+                    lba,
+                    src,
+                    fp,
+                    part,
                 } => {
                     if let Slot::Dup(j) = slots[i] {
                         let id = ids[j];
@@ -432,6 +436,7 @@ impl Shard {
                             generation: 0,
                         },
                         plain: src,
+                        large: part.large_write.get(),
                         key,
                     });
                 }

@@ -35,12 +35,18 @@ pub(crate) struct VerifyRead {
     pub(crate) cands: Vec<(usize, u64, u32, usize)>,
 }
 
+/// Writes longer than this are cached only into free room (write-around): bulk writes (loads,
+/// copies, restores) are seldom read back soon, and copying each of their blocks into the
+/// cache cost a third of the server's CPU per MiB of 1M writes over NBD (docs/benchmarks.md).
+pub(crate) const WRITE_AROUND_BYTES: u64 = 256 << 10;
+
 impl Shard {
     // ---------------------------------------------------------------- writes
 
     pub(crate) fn write(&mut self, vol: Arc<VolumeState>, offset: u64, data: Bytes, job: Arc<Job>) {
         let early = job.is_write_back() && !data.is_empty();
         let part = Part::new(job, &self.env);
+        part.large_write.set(data.len() as u64 > WRITE_AROUND_BYTES);
         part.records.set(1);
         if early {
             // Counted when received (see `run`); uncounted when the part finishes.
