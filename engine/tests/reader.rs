@@ -329,3 +329,64 @@ fn long_writes_do_not_evict_cached_blocks() {
     v.flush().unwrap();
     assert!(pool.stats().cache_bytes <= 2 * 64 * 4096);
 }
+
+/// On a volume with QoS limits a read may sleep before it is admitted: the reader first
+/// finishes its reads in flight (the cleaner and checkpoints wait for them) and hands the
+/// throttled reads to the shards. The limit is set by another thread (its checkpoint fences
+/// this reader's reads, which this thread keeps reaping) while reads are in flight here.
+#[test]
+fn throttled_reads_go_to_the_shards_with_nothing_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Arc::new(pool(dir.path(), IoKind::Uring, 0, None));
+    let v = pool.volume("v").unwrap();
+    v.write(0, &blocks(0, 64, 1), false).unwrap();
+    v.flush().unwrap();
+    let mut r = Reader::new(&v, 16).unwrap();
+    let setter = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            pool.set_volume_qos(
+                "v",
+                &ingot_engine::QosChange {
+                    iops_limit: Some(100_000),
+                    ..Default::default()
+                },
+            )
+        })
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut sent = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Reads in flight when the read that found the limit was handed off.
+    let mut held = None;
+    while held.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the limit never applied"
+        );
+        while r.in_flight() < 2 {
+            let lba = sent % 64;
+            let tx = tx.clone();
+            r.read(
+                lba * 4096,
+                4096,
+                Box::new(move |res| drop(tx.send((lba, res)))),
+            );
+            sent += 1;
+            if r.handed_off() > 0 {
+                held = Some(r.in_flight());
+                break;
+            }
+        }
+        r.poll();
+    }
+    assert_eq!(held, Some(0), "reads held across a throttled admission");
+    setter.join().unwrap().unwrap();
+    for _ in 0..sent {
+        let (lba, res) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let Reply::Data(d) = res.unwrap() else {
+            panic!("not data")
+        };
+        same(&d, &block(lba, 1), "read");
+    }
+}

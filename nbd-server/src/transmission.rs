@@ -289,6 +289,16 @@ impl<R: Input> Conn<R> {
         sender::release_held();
     }
 
+    /// Reap every read of this thread still in flight (before a call that may wait on the
+    /// engine, which may wait on them: see `Export::reader`).
+    fn finish_reads(&mut self) {
+        if let Some(rd) = self.rd.as_mut() {
+            while rd.in_flight() > 0 {
+                rd.wait();
+            }
+        }
+    }
+
     /// Read a write's payload of `len` bytes into a buffer of its own (not zeroed first).
     fn fill_payload(&mut self, len: usize) -> Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(len);
@@ -576,6 +586,9 @@ impl<R: Input> Conn<R> {
                     return Err((EINVAL, "block status is beyond the end of the export"));
                 }
                 let req_one = flags & CMD_FLAG_REQ_ONE != 0;
+                // The engine may wait for the cleaner there, and the cleaner for this
+                // thread's reads in flight: finish them first.
+                self.finish_reads();
                 let body = self.block_status(context_id, offset, len, req_one);
                 self.send(ctx, body);
             }

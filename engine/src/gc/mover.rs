@@ -17,13 +17,20 @@ impl Cleaner {
     pub(crate) fn free_dead_segments(&self) -> Result<u64> {
         let _one = self.lock.lock();
         let ckpt_seq = self.ckpt.state.lock().both_seq;
-        let any = {
+        // The candidates are chosen before the sync and the fences: a segment that dies after
+        // them may still be under a read that looked its block up since (and the record that
+        // emptied it may not be durable yet). It waits for the next call.
+        let dead: Vec<u32> = {
             let space = self.ctx.space.lock();
-            space.seg_state.iter().enumerate().any(|(s, st)| {
-                matches!(*st, SegState::Sealed { seq } if seq <= ckpt_seq) && space.seg_live[s] == 0
-            })
+            (0..space.seg_state.len())
+                .filter(|&s| {
+                    matches!(space.seg_state[s], SegState::Sealed { seq } if seq <= ckpt_seq)
+                        && space.seg_live[s] == 0
+                })
+                .map(|s| s as u32)
+                .collect()
         };
-        if !any {
+        if dead.is_empty() {
             return Ok(0);
         }
         self.ckpt.sync_completed()?;
@@ -32,12 +39,13 @@ impl Cleaner {
         let ck = self.ckpt.state.lock();
         let mut space = self.ctx.space.lock();
         let mut freed = Vec::new();
-        for s in 0..space.seg_state.len() {
-            if matches!(space.seg_state[s], SegState::Sealed { seq } if seq <= ckpt_seq)
-                && space.seg_live[s] == 0
+        for s in dead {
+            // A dead segment stays dead; one the cleaner or a checkpoint took since is skipped.
+            if matches!(space.seg_state[s as usize], SegState::Sealed { seq } if seq <= ckpt_seq)
+                && space.seg_live[s as usize] == 0
             {
-                space.set_state(s as u32, SegState::Free);
-                freed.push(s as u32);
+                space.set_state(s, SegState::Free);
+                freed.push(s);
             }
         }
         self.ctx.note_freed(&mut space, &freed);
@@ -57,12 +65,15 @@ impl Cleaner {
         ckpt_seq: u64,
         report: &mut GcReport,
     ) -> Result<()> {
+        // Chosen before the sync and the fences, as in `free_dead_segments`: only victims
+        // already empty then.
         let old: Vec<u32> = {
             let space = self.ctx.space.lock();
             chunk
                 .iter()
                 .map(|&(&v, _)| v)
                 .filter(|&v| matches!(space.seg_state[v as usize], SegState::Sealed { seq } if seq <= ckpt_seq))
+                .filter(|&v| space.seg_live[v as usize] == 0)
                 .collect()
         };
         if old.is_empty() {

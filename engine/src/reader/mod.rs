@@ -81,7 +81,9 @@ struct Span {
 /// Completions run on the thread that calls [`Reader::poll`] or [`Reader::wait`], except for
 /// reads handed to the shards (they complete on a shard's thread, as with
 /// [`Volume::submit`]). Keep reaping while reads are in flight: a checkpoint and the
-/// cleaner wait for them before they free segments.
+/// cleaner wait for them before they free segments, so a thread holding unreaped reads must
+/// not call what may wait for either (block status, pool and volume administration): reap
+/// them all first (an NBD connection does before block status).
 pub struct Reader {
     vol: Volume,
     queue: Box<dyn IoQueue>,
@@ -94,6 +96,8 @@ pub struct Reader {
     handed_off: u64,
     /// Replies may be [`crate::Reply::Pieces`] (see [`Volume::submit_pieces`]).
     pieces: bool,
+    /// The queue failed a submission: reads go to the shards from then on.
+    broken: bool,
     /// Scratch of `direct`: (lba, block id, entry) looked up; cached pieces; device reads
     /// (segment, aligned start, aligned end, payloads).
     found: Vec<(u64, u64, Option<BlockEntry>)>,
@@ -118,6 +122,7 @@ impl Reader {
             done: Vec::new(),
             handed_off: 0,
             pieces: false,
+            broken: false,
             found: Vec::new(),
             cached: Vec::new(),
             groups: Vec::new(),
@@ -136,9 +141,22 @@ impl Reader {
     /// ([`crate::Reply::Data`]) or its error.
     pub fn read(&mut self, offset: u64, len: u32, done: Completion) {
         let req = Request::Read { offset, len };
+        // QoS may make `admit` sleep: not while this reader holds reads whose tickets the
+        // cleaner and checkpoints wait for. A throttled volume's reads go to the shards.
+        let throttled = self.vol.state.qos.active();
+        if throttled {
+            while self.in_flight > 0 {
+                self.wait();
+            }
+        }
         let Some(done) = self.vol.admit(&req, done) else {
             return;
         };
+        if self.broken || throttled {
+            self.handed_off += 1;
+            self.vol.dispatch(req, self.pieces, done);
+            return;
+        }
         if let Err(done) = self.direct(offset, len, done) {
             self.handed_off += 1;
             self.vol.dispatch(req, self.pieces, done);
@@ -180,10 +198,13 @@ impl Reader {
 
     fn finish(&mut self, submitted: std::io::Result<()>) -> usize {
         if let Err(e) = submitted {
-            // The ring refused the submission: fail what it holds rather than wait forever.
-            self.free.clear();
+            // The ring refused the submission: fail what it holds rather than wait forever,
+            // and send later reads to the shards. The failed reads' slots are never reused,
+            // so a late completion of one finds nothing; their results are not used, so their
+            // locations need no hold.
+            self.broken = true;
             self.in_flight = 0;
-            for span in std::mem::take(&mut self.spans).into_iter().flatten() {
+            for span in self.spans.iter_mut().filter_map(Option::take) {
                 self.vol.ctx.reads.leave(span.ticket);
                 span.job.part_done(
                     Err(Error::Io {
