@@ -44,6 +44,17 @@ pub enum Reply {
     Done,
 }
 
+impl Reply {
+    /// A read's data in one buffer (the pieces joined; empty for `Done`).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Reply::Data(d) => d.into(),
+            Reply::Pieces(p) => p.concat(),
+            Reply::Done => Vec::new(),
+        }
+    }
+}
+
 /// Callback run exactly once when a request completes, on an engine thread: keep it short
 /// (hand the result to a channel). It may also run inside `submit`, on the caller's thread: a
 /// read served from the cache, an error found before any work, a write taken for write-back.

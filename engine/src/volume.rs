@@ -310,11 +310,7 @@ impl Volume {
     }
 
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
-        match self.call(Request::Read { offset, len })? {
-            Reply::Data(d) => Ok(d.into()),
-            Reply::Pieces(p) => Ok(p.concat()),
-            Reply::Done => Ok(Vec::new()),
-        }
+        Ok(self.call(Request::Read { offset, len })?.into_vec())
     }
 
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

@@ -1,6 +1,8 @@
 //! Data reduction: deduplication across LBAs, volumes, restarts and crashes; forced fingerprint
 //! collisions; dedup domains and keyed fingerprints; compression, packing and corruption of compressed groups; policy; index budget.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -32,15 +34,7 @@ fn create(dir: &Path, plan: Option<Arc<FaultPlan>>) -> Pool {
 
 /// An incompressible block.
 fn random_block(seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..BLOCK / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect()
+    common::xorshift_block(seed)
 }
 
 /// A block that compresses about 4x, different for each seed.

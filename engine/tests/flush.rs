@@ -3,6 +3,8 @@
 //! early, reports a failed sync, and under concurrent writers and flushes nothing a flush
 //! covered is lost to a power cut (each write not synced is undone).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -62,15 +64,7 @@ fn setup(io: IoKind) -> (tempfile::TempDir, Arc<FaultPlan>, PoolOptions, Pool) {
 
 /// Block `lba` at version `n`: unique, incompressible.
 fn block(lba: u64, n: u64) -> Vec<u8> {
-    let mut x = (lba << 20 | n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..BLOCK / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect()
+    common::xorshift_block(lba << 20 | n)
 }
 
 fn blocks(first: u64, count: u64, n: u64) -> Vec<u8> {

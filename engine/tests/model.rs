@@ -975,9 +975,5 @@ fn read_own(v: &ingot_engine::Volume, off: u64, len: u32) -> ingot_engine::Resul
     let reply = rx
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("a read completes")?;
-    Ok(match reply {
-        ingot_engine::Reply::Data(d) => d.to_vec(),
-        ingot_engine::Reply::Pieces(p) => p.concat(),
-        ingot_engine::Reply::Done => Vec::new(),
-    })
+    Ok(reply.into_vec())
 }

@@ -2,6 +2,8 @@
 //! writes seen, corruption reported, and locations that stay valid while a read is in flight
 //! (segments freed meanwhile are not written again under it).
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,15 +23,7 @@ fn block(lba: u64, n: u64) -> Vec<u8> {
         b[..16].copy_from_slice(&[lba.to_le_bytes(), n.to_le_bytes()].concat());
         return b;
     }
-    let mut x = (lba << 20 | n).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..BLOCK / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect()
+    common::xorshift_block(lba << 20 | n)
 }
 
 fn blocks(first: u64, count: u64, n: u64) -> Vec<u8> {
@@ -68,11 +62,7 @@ fn read(r: &mut Reader, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
     );
     loop {
         if let Ok(res) = rx.try_recv() {
-            return res.map(|reply| match reply {
-                Reply::Data(d) => d.to_vec(),
-                Reply::Pieces(p) => p.concat(),
-                Reply::Done => Vec::new(),
-            });
+            return res.map(Reply::into_vec);
         }
         if r.in_flight() > 0 {
             r.wait();
@@ -81,11 +71,7 @@ fn read(r: &mut Reader, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
             return rx
                 .recv_timeout(Duration::from_secs(10))
                 .expect("a handed-off read completes")
-                .map(|reply| match reply {
-                    Reply::Data(d) => d.to_vec(),
-                    Reply::Pieces(p) => p.concat(),
-                    Reply::Done => Vec::new(),
-                });
+                .map(Reply::into_vec);
         }
     }
 }

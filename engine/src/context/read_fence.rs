@@ -78,18 +78,22 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
+    /// A fence on another thread, and whether it has passed.
+    fn fence_in_thread(f: &Arc<ReadFence>) -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
+        let fenced = Arc::new(AtomicBool::new(false));
+        let (f, done) = (f.clone(), fenced.clone());
+        let t = std::thread::spawn(move || {
+            f.fence();
+            done.store(true, Ordering::SeqCst);
+        });
+        (t, fenced)
+    }
+
     #[test]
     fn a_fence_waits_for_tickets_taken_before_it_and_not_after() {
         let f = Arc::new(ReadFence::default());
         let old = f.enter();
-        let fenced = Arc::new(AtomicBool::new(false));
-        let t = {
-            let (f, fenced) = (f.clone(), fenced.clone());
-            std::thread::spawn(move || {
-                f.fence();
-                fenced.store(true, Ordering::SeqCst);
-            })
-        };
+        let (t, fenced) = fence_in_thread(&f);
         std::thread::sleep(Duration::from_millis(20));
         // A ticket taken while the fence waits belongs to the next epoch.
         let new = f.enter();
@@ -114,14 +118,7 @@ mod tests {
         f.add(t, 2);
         f.leave(t);
         f.leave(t);
-        let fenced = Arc::new(AtomicBool::new(false));
-        let h = {
-            let (f, fenced) = (f.clone(), fenced.clone());
-            std::thread::spawn(move || {
-                f.fence();
-                fenced.store(true, Ordering::SeqCst);
-            })
-        };
+        let (h, fenced) = fence_in_thread(&f);
         std::thread::sleep(Duration::from_millis(20));
         assert!(!fenced.load(Ordering::SeqCst));
         f.leave(t);
