@@ -5,6 +5,8 @@
 //!
 //! `INGOT_PROPTEST_CASES=N` raises the number of cases per engine for long runs.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -960,20 +962,5 @@ fn shrink_inside_block_then_grow_reads_zeroes() {
 
 /// A read through a `Reader` of its own, reaped on this thread (or handed to the shards).
 fn read_own(v: &ingot_engine::Volume, off: u64, len: u32) -> ingot_engine::Result<Vec<u8>> {
-    let mut r = ingot_engine::Reader::new(v, 8)?;
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    r.read(
-        off,
-        len,
-        Box::new(move |res| {
-            let _ = tx.send(res);
-        }),
-    );
-    while r.in_flight() > 0 {
-        r.wait();
-    }
-    let reply = rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("a read completes")?;
-    Ok(reply.into_vec())
+    common::read_through(&mut ingot_engine::Reader::new(v, 8)?, off, len)
 }

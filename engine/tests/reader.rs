@@ -50,31 +50,15 @@ fn pool(dir: &std::path::Path, io: IoKind, cache: u64, plan: Option<Arc<FaultPla
     pool
 }
 
-/// One read through `r`, waited for on this thread.
-fn read(r: &mut Reader, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    r.read(
-        offset,
-        len,
-        Box::new(move |res| {
-            let _ = tx.send(res);
-        }),
-    );
-    loop {
-        if let Ok(res) = rx.try_recv() {
-            return res.map(Reply::into_vec);
-        }
-        if r.in_flight() > 0 {
-            r.wait();
-        } else {
-            // Handed to a shard: its completion comes from there.
-            return rx
-                .recv_timeout(Duration::from_secs(10))
-                .expect("a handed-off read completes")
-                .map(Reply::into_vec);
-        }
-    }
+/// A pool on engine `io` with `cache` bytes of cache and a fault plan of its own.
+fn faulty(io: IoKind, cache: u64) -> (tempfile::TempDir, Arc<FaultPlan>, Pool) {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FaultPlan::new();
+    let pool = pool(dir.path(), io, cache, Some(plan.clone()));
+    (dir, plan, pool)
 }
+
+use common::read_through as read;
 
 #[track_caller]
 fn same(got: &[u8], want: &[u8], what: &str) {
@@ -165,9 +149,7 @@ fn reads_match_the_shards_in_pieces() {
 /// may still be on their way to the map.
 #[test]
 fn a_reader_sees_writes_acknowledged_before_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = FaultPlan::new();
-    let pool = pool(dir.path(), IoKind::Uring, 0, Some(plan.clone()));
+    let (_dir, plan, pool) = faulty(IoKind::Uring, 0);
     let v = pool.volume("v").unwrap();
     let mut r = Reader::new(&v, 16).unwrap();
     // The shards store writes late: the reads below find them acknowledged, not applied.
@@ -189,9 +171,7 @@ fn a_reader_sees_writes_acknowledged_before_it() {
 /// the blocks beside it still read.
 #[test]
 fn a_corrupt_block_fails_its_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let plan = FaultPlan::new();
-    let pool = pool(dir.path(), IoKind::Sync, 0, Some(plan.clone()));
+    let (dir, plan, pool) = faulty(IoKind::Sync, 0);
     let v = pool.volume("v").unwrap();
     let data = blocks(0, 8, 7);
     v.write(0, &data, false).unwrap();
@@ -230,9 +210,8 @@ fn a_corrupt_block_fails_its_read() {
 #[test]
 fn a_read_in_flight_keeps_its_segment_from_reuse() {
     use std::os::unix::fs::FileExt;
-    let dir = tempfile::tempdir().unwrap();
-    let plan = FaultPlan::new();
-    let pool = Arc::new(pool(dir.path(), IoKind::Sync, 0, Some(plan.clone())));
+    let (dir, plan, pool) = faulty(IoKind::Sync, 0);
+    let pool = Arc::new(pool);
     let v = pool.volume("v").unwrap();
     let old = blocks(0, 512, 1);
     v.write(0, &old, false).unwrap();

@@ -3,16 +3,7 @@
 # Usage: CEPH_CONF=... /usr/bin/python3 probe_blocklist.py POOL
 import errno, os, sys, time
 import rados
-CONF = os.environ["CEPH_CONF"]
-POOL = sys.argv[1] if len(sys.argv) > 1 else "ingot"
-def prados(timeout=10):
-    r = rados.Rados(conffile=CONF, conf={"rados_osd_op_timeout": str(timeout)})
-    r.connect()
-    return r
-def exc(e):
-    return f"{type(e).__name__} errno={getattr(e, 'errno', None)} ({errno.errorcode.get(getattr(e, 'errno', 0) or 0, '?')})"
-def section(t):
-    print(f"\n=== {t}", flush=True)
+from probe_common import CONF, POOL, prados, exc, section
 def sh(cmd):
     sys.stdout.flush(); os.system(cmd + " 2>&1 | grep -v asok"); sys.stdout.flush()
 r0 = prados(); io0 = r0.open_ioctx(POOL)

@@ -2,7 +2,7 @@
 # Size limits + latency of 8 MiB write_full (exclusive create) and 4 KiB range reads.
 import errno, os, sys, time, random, statistics as st
 import rados
-CONF = os.environ["CEPH_CONF"]; POOL = sys.argv[1] if len(sys.argv) > 1 else "ingot"
+from probe_common import CONF, POOL
 r = rados.Rados(conffile=CONF, conf={"rados_osd_op_timeout": "60"}); r.connect(); io = r.open_ioctx(POOL)
 def tryw(name, n):
     try:

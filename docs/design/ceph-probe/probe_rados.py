@@ -5,23 +5,7 @@ import errno, os, sys, threading, time, struct
 import rados
 from lrados import Conn, en, CMP_EQ, CMP_GT
 
-CONF = os.environ["CEPH_CONF"]
-POOL = sys.argv[1] if len(sys.argv) > 1 else "ingot"
-
-
-def prados(timeout=10):
-    r = rados.Rados(conffile=CONF, conf={"rados_osd_op_timeout": str(timeout)})
-    r.connect()
-    return r
-
-
-def exc(e):
-    return f"{type(e).__name__} errno={getattr(e, 'errno', None)} ({errno.errorcode.get(getattr(e, 'errno', 0) or 0, '?')})"
-
-
-def section(t):
-    print(f"\n=== {t}", flush=True)
-
+from probe_common import CONF, POOL, prados, exc, section
 
 A = Conn(CONF, POOL)
 B = Conn(CONF, POOL)

@@ -360,6 +360,7 @@ impl Reader {
         }
         self.cached = cached;
         ctx.reads.add(ticket, groups.len() as u64);
+        let device_reads = !groups.is_empty();
         for (segment, base, end, pieces) in groups.drain(..) {
             let (dev, dev_base) = ctx.geo.locate(segment);
             let slot = match self.free.pop() {
@@ -395,9 +396,12 @@ impl Reader {
         // The lookups' own hold and part.
         ctx.reads.leave(ticket);
         job.part_done(Ok(()), Some(&ctx.stages));
-        // To the device now, not with the next batch (see the module doc).
-        if let Err(e) = self.queue.submit(0) {
-            self.finish(Err(e));
+        // To the device now, not with the next batch (see the module doc); no system call for
+        // a read of cached blocks and holes.
+        if device_reads {
+            if let Err(e) = self.queue.submit(0) {
+                self.finish(Err(e));
+            }
         }
         Ok(())
     }

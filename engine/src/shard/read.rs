@@ -199,6 +199,7 @@ impl Shard {
                 }
             }
         }
+        let device_reads = !spans.is_empty();
         for span in spans {
             let (dev, base) = self.ctx.geo.locate(span.segment);
             let tag = self.tag();
@@ -220,8 +221,10 @@ impl Shard {
         part.record_done();
         // To the device now rather than at the end of the turn: this virtual disk serves a
         // stream of single submissions faster than the same reads in bursts (see `reader/`).
-        if let Err(e) = self.queue.submit(0) {
-            self.fail_all_inflight(e);
+        if device_reads {
+            if let Err(e) = self.queue.submit(0) {
+                self.fail_all_inflight(e);
+            }
         }
     }
 
