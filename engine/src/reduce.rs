@@ -248,11 +248,6 @@ impl DedupIndex {
         }
     }
 
-    /// Keep only entries whose block id passes `live` (dead blocks' entries only cost reads).
-    pub fn retain(&mut self, mut live: impl FnMut(u64) -> bool) {
-        self.map.retain(|_, id| live(*id));
-    }
-
     pub fn len(&self) -> usize {
         self.map.len()
     }

@@ -62,12 +62,32 @@ impl Checkpointer {
     /// byte for byte before it is used), so entries added after the image's sequence number
     /// are harmless; those whose block the image does not hold are dropped, here and from the
     /// live index (a block freed since, or one stored since: a lost hint at worst).
+    ///
+    /// Only the copy is made under the index's lock: testing each entry against the image's
+    /// block table there (a random lookup per entry, 280 k entries) held every shard's
+    /// dedup lookups and inserts up for 20-30 ms per checkpoint, the p99 of 1M writes.
     pub(crate) fn add_index(&self, image: &mut Image) {
-        let mut d = self.ctx.dedup.lock();
+        let (mut entries, sample_bits) = {
+            let d = self.ctx.dedup.lock();
+            (d.entries(), d.sample_bits())
+        };
         let held = |id: u64| image.blocks.get(id as usize).is_some_and(|b| b.refs > 0);
-        d.retain(held);
-        image.index = d.entries();
-        image.index_sample_bits = d.sample_bits() as u8;
+        let mut dropped = Vec::new();
+        entries.retain(|&(key, id)| {
+            let keep = held(id);
+            if !keep {
+                dropped.push((key, id));
+            }
+            keep
+        });
+        if !dropped.is_empty() {
+            let mut d = self.ctx.dedup.lock();
+            for (key, id) in dropped {
+                d.remove(key, id);
+            }
+        }
+        image.index = entries;
+        image.index_sample_bits = sample_bits as u8;
     }
 
     /// Write a checkpoint image, make it and everything before it durable, point the
@@ -82,8 +102,10 @@ impl Checkpointer {
         if self.ctx.health.is_faulted() {
             return Err(self.ctx.health.halted());
         }
+        let t0 = std::time::Instant::now();
         let blob = super::encode(image);
-        tracing::debug!(target: "ingot_engine::checkpoint", bytes = blob.len(), "checkpoint image");
+        let encoded_us = t0.elapsed().as_micros() as u64;
+        tracing::debug!(target: "ingot_engine::checkpoint", bytes = blob.len(), encoded_us, "checkpoint image");
         let crc = crc32fast::hash(&blob);
         let per_seg = (self.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
         let nsegs = blob.len().div_ceil(per_seg).max(1);
@@ -163,6 +185,7 @@ impl Checkpointer {
         );
         // `reclaim` below frees segments that died before the image: reads outside the shards
         // that looked their blocks up earlier must be done with them.
+        let durable_us = t0.elapsed().as_micros() as u64;
         self.ctx.reads.fence();
         let mut space = self.ctx.space.lock();
         // Once both copies point at the new checkpoint the previous one is unreferenced; if the
@@ -188,6 +211,13 @@ impl Checkpointer {
         space.release_ids(image.seq);
         self.ctx.note_freed(&mut space, &freed);
         drop(space);
+        tracing::debug!(
+            target: "ingot_engine::checkpoint",
+            // From the start of the encoding: image, syncs and both superblock copies written.
+            durable_us,
+            done_us = t0.elapsed().as_micros() as u64,
+            "checkpoint committed"
+        );
         ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
         ck.seq_end = image.seq;
         ck.written_at_last = self.ctx.counters.client_written.load(Ordering::Relaxed);

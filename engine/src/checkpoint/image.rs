@@ -35,7 +35,7 @@ pub(crate) struct Image {
     pub next_volume_id: u32,
     pub volumes: Vec<VolumeImage>,
     /// Indexed by block id; entries with `refs == 0` are free and not written.
-    pub blocks: Vec<BlockEntry>,
+    pub blocks: crate::space::BlockTable,
     /// Chain positions: the data shards' (`data_chains` of them), then move chains.
     pub shards: Vec<ShardPosition>,
     pub data_chains: usize,
@@ -332,7 +332,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         epoch: h.epoch,
         next_volume_id: h.next_volume_id,
         volumes,
-        blocks,
+        blocks: blocks.into(),
         shards,
         data_chains,
         index,
@@ -351,7 +351,7 @@ mod tests {
             epoch: 3,
             next_volume_id: 1,
             volumes: Vec::new(),
-            blocks: vec![BlockEntry::default()],
+            blocks: vec![BlockEntry::default()].into(),
             shards: (0..chains as u32)
                 .map(|i| ShardPosition {
                     segment: i,
@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn dedup_domains_round_trip_as_version_3() {
         let mut img = image(2, 3);
-        img.blocks = vec![BlockEntry::default(); 8];
+        img.blocks = vec![BlockEntry::default(); 8].into();
         img.volumes = vec![
             volume(1, DedupDomain::Shared),
             volume(2, DedupDomain::Private),

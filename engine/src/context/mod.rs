@@ -67,6 +67,11 @@ pub(crate) struct Context {
     pub flusher: Sender<FlushMsg>,
     /// A failed record left a gap in a chain: only a checkpoint makes what follows recoverable.
     pub chain_broken: AtomicBool,
+    /// Client bytes written (`counters.client_written`) at which the next interval checkpoint
+    /// is due: the write that crosses it wakes the checkpointer, which otherwise looks every
+    /// 500 ms (at 1.6 GB/s that let 800 MB more through, and shards ran out of segments that
+    /// only the late checkpoint would free: 30-80 ms write stalls).
+    pub checkpoint_due: AtomicU64,
     /// Punch freed segments out of the backing files (not for prefilled pools).
     pub discard_freed: bool,
     /// The last automatic cleaning pass freed nothing: writes waiting for space fail now.
@@ -147,6 +152,7 @@ impl Context {
             reads: ReadFence::default(),
             flusher: p.flusher,
             chain_broken: AtomicBool::new(false),
+            checkpoint_due: AtomicU64::new(u64::MAX),
             discard_freed: p.discard_freed,
             gc_stuck: AtomicBool::new(false),
             usable_bytes: p.usable_bytes,

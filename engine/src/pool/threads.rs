@@ -103,7 +103,8 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
         }
         inner.ctx.update_write_back_floor();
         let written = inner.ctx.counters.client_written.load(Ordering::Relaxed);
-        let since = written.saturating_sub(inner.ckpt.state.lock().written_at_last);
+        let at_last = inner.ckpt.state.lock().written_at_last;
+        let since = written.saturating_sub(at_last);
         let free = inner.ctx.space.lock().free_segments;
         let broken = inner.ctx.chain_broken.load(Ordering::Acquire);
         // Low on space, checkpoint every quarter of the pool written: that puts sealed
@@ -119,6 +120,11 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
                 tracing::error!(target: "ingot_engine::checkpoint", error = %e, "checkpoint failed");
             }
         }
+        let at_last = inner.ckpt.state.lock().written_at_last;
+        inner.ctx.checkpoint_due.store(
+            at_last.saturating_add(inner.checkpoint_interval),
+            Ordering::Relaxed,
+        );
         if !low && !inner.ctx.health.is_closed() {
             // Space comes back after trims and overwrites without a cleaning pass: segments
             // left without a live block are freed by a sync when they lie behind the last

@@ -84,7 +84,7 @@ pub(crate) fn load_checkpoint(
             epoch: 0,
             next_volume_id: 1,
             volumes: Vec::new(),
-            blocks: vec![BlockEntry::default()],
+            blocks: vec![BlockEntry::default()].into(),
             shards: Vec::new(),
             data_chains: 0,
             index: Vec::new(),

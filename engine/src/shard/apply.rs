@@ -278,10 +278,15 @@ impl Shard {
                 index.insert(k, id);
             }
         }
-        self.ctx
+        let before = self
+            .ctx
             .counters
             .client_written
             .fetch_add(written, Ordering::Relaxed);
+        let due = self.ctx.checkpoint_due.load(Ordering::Relaxed);
+        if before < due && before + written >= due {
+            self.ctx.wake.kick_checkpoint();
+        }
         self.ctx
             .counters
             .gc_moved

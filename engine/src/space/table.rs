@@ -2,6 +2,7 @@
 //!
 //! One mutex guards both; shards take it once per record batch or read request.
 
+use super::BlockTable;
 use crate::format::NO_SEGMENT;
 
 /// Where a stored block lives and how to verify it. 24 bytes per block in RAM.
@@ -51,7 +52,7 @@ pub enum SegState {
 }
 
 pub struct Space {
-    pub blocks: Vec<BlockEntry>,
+    pub blocks: BlockTable,
     free_ids: Vec<u64>,
     /// Ids whose last reference went away at `seq`; reusable once a checkpoint covers `seq`.
     pending_ids: Vec<(u64, u64)>,
@@ -103,7 +104,7 @@ impl Space {
 
     pub fn new(total_segments: u32) -> Self {
         Space {
-            blocks: vec![BlockEntry::default()],
+            blocks: BlockTable::from(vec![BlockEntry::default()]),
             free_ids: Vec::new(),
             pending_ids: Vec::new(),
             seg_state: vec![SegState::Free; total_segments as usize],
@@ -141,7 +142,7 @@ impl Space {
     pub fn place(&mut self, id: u64, mut e: BlockEntry) -> u32 {
         let idx = id as usize;
         if idx >= self.blocks.len() {
-            self.blocks.resize(idx + 1, BlockEntry::default());
+            self.blocks.grow_to(idx + 1, BlockEntry::default());
         }
         let old = self.blocks[idx];
         if old.refs > 0 {
