@@ -243,6 +243,16 @@ impl IoQueue for UringQueue {
             let want = min_complete
                 .saturating_sub(self.done.len())
                 .min(self.in_kernel);
+            let idle = {
+                let sq = self.ring.submission();
+                sq.is_empty() && !sq.cq_overflow()
+            };
+            if want == 0 && idle {
+                // Nothing to tell the kernel: completions are read from the shared ring, with
+                // no system call (readers poll their queue before each blocking wait).
+                self.collect();
+                return Ok(());
+            }
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
