@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ingot_engine::io::fault::FaultDevices;
@@ -171,6 +171,54 @@ fn a_failed_sync_fails_the_flush_a_shard_answers() {
         let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
         let v = pool.volume("v").unwrap();
         assert!(read_block(&v, 0) == block(0, 1));
+    }
+}
+
+/// The same with the shards busy: writes wait in their channels when the flush is taken, so
+/// its sync goes through the shard's ring (an idle shard syncs on its own thread, the case
+/// above). The failed sync fails the flush; once syncs work again, so do flushes, and what
+/// they covered survives a power cut.
+#[test]
+fn a_failed_sync_fails_the_flush_of_a_busy_shard() {
+    for io in [IoKind::Sync, IoKind::Uring] {
+        let (dir, plan, o, pool) = setup(io);
+        let v = pool.volume("v").unwrap();
+        // Every submission of a write is held back: the shards fall behind their messages.
+        plan.write_submit_delay_us.store(3_000, Ordering::SeqCst);
+        plan.fail_sync.store(true, Ordering::Relaxed);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let busy = pool.volume("v").unwrap();
+            let stop = &stop;
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let lba = PAGE + n % (2 * PAGE);
+                    busy.write(lba * BLOCK as u64, &block(lba, n), false)
+                        .unwrap();
+                }
+            });
+            // Asserted once the writer has stopped, so that a failure does not hang the test.
+            let flushed: Vec<_> = (1..=5u64)
+                .map(|n| {
+                    v.write(0, &block(0, n), false).unwrap();
+                    v.flush()
+                })
+                .collect();
+            stop.store(true, Ordering::Relaxed);
+            for r in flushed {
+                let e = r.expect_err("the sync failed");
+                assert!(e.to_string().contains("sync"), "{e}");
+            }
+        });
+        plan.write_submit_delay_us.store(0, Ordering::SeqCst);
+        plan.fail_sync.store(false, Ordering::Relaxed);
+        v.write(0, &block(0, 9), false).unwrap();
+        v.flush().expect("the sync works again");
+        let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
+        let v = pool.volume("v").unwrap();
+        assert!(read_block(&v, 0) == block(0, 9));
     }
 }
 
