@@ -234,6 +234,40 @@ impl BlockCache {
     }
 }
 
+/// Append `src` to `dst` with stores that bypass the CPU caches: a cached copy of a written
+/// block is read back long after, if ever, and its slot's buffer is cold, so an ordinary copy
+/// first reads every destination line from memory (a 1M-write profile put a fifth of the
+/// server's CPU on this copy).
+fn copy_streaming(dst: &mut BytesMut, src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        dst.reserve(src.len());
+        let spare = dst.spare_capacity_mut();
+        let to = spare.as_mut_ptr().cast::<u8>();
+        if src.len() % 64 == 0 && (to as usize) % 16 == 0 && spare.len() >= src.len() {
+            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+            // SAFETY: SSE2 is part of x86_64. `to` is 16-byte aligned with room for
+            // `src.len()` bytes (checked above); the loads are unaligned ones within `src`. The
+            // fence orders the streaming stores before the buffer is shared.
+            unsafe {
+                let from = src.as_ptr();
+                let mut i = 0;
+                while i < src.len() {
+                    for k in 0..4 {
+                        let v = _mm_loadu_si128(from.add(i + 16 * k).cast::<__m128i>());
+                        _mm_stream_si128(to.add(i + 16 * k).cast::<__m128i>(), v);
+                    }
+                    i += 64;
+                }
+                _mm_sfence();
+                dst.set_len(dst.len() + src.len());
+            }
+            return;
+        }
+    }
+    dst.extend_from_slice(src);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,38 +333,4 @@ mod tests {
         assert_eq!(c.slots.len(), 4);
         assert_eq!(&c.get(11, 0).expect("cached")[..], &[11; BLOCK][..]);
     }
-}
-
-/// Append `src` to `dst` with stores that bypass the CPU caches: a cached copy of a written
-/// block is read back long after, if ever, and its slot's buffer is cold, so an ordinary copy
-/// first reads every destination line from memory (a 1M-write profile put a fifth of the
-/// server's CPU on this copy).
-fn copy_streaming(dst: &mut BytesMut, src: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        dst.reserve(src.len());
-        let spare = dst.spare_capacity_mut();
-        let to = spare.as_mut_ptr().cast::<u8>();
-        if src.len() % 64 == 0 && (to as usize) % 16 == 0 && spare.len() >= src.len() {
-            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-            // SAFETY: SSE2 is part of x86_64. `to` is 16-byte aligned with room for
-            // `src.len()` bytes (checked above); the loads are unaligned ones within `src`. The
-            // fence orders the streaming stores before the buffer is shared.
-            unsafe {
-                let from = src.as_ptr();
-                let mut i = 0;
-                while i < src.len() {
-                    for k in 0..4 {
-                        let v = _mm_loadu_si128(from.add(i + 16 * k).cast::<__m128i>());
-                        _mm_stream_si128(to.add(i + 16 * k).cast::<__m128i>(), v);
-                    }
-                    i += 64;
-                }
-                _mm_sfence();
-                dst.set_len(dst.len() + src.len());
-            }
-            return;
-        }
-    }
-    dst.extend_from_slice(src);
 }

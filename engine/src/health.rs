@@ -97,6 +97,12 @@ impl Wake {
         let _ = self.tx.try_send(WakeMsg::Kick);
     }
 
+    /// Have the checkpointer look at its triggers now, rather than at its next look (up to
+    /// 500 ms away), without asking for a checkpoint itself.
+    pub(crate) fn nudge_checkpointer(&self) {
+        let _ = self.tx.try_send(WakeMsg::Space);
+    }
+
     /// Wake the cleaner: a write is waiting for free segments.
     pub(crate) fn kick_cleaner(&self) {
         let _ = self.tx.try_send(WakeMsg::Space);

@@ -29,16 +29,26 @@ fn opts(io: IoKind, plan: &Arc<FaultPlan>) -> PoolOptions {
     }
 }
 
+/// The pool's devices: two, unless `one_device` made it with one.
 fn devices(dir: &Path) -> Vec<PathBuf> {
-    vec![dir.join("dev0.img"), dir.join("dev1.img")]
+    let all = [dir.join("dev0.img"), dir.join("dev1.img")];
+    if all[1].exists() || !all[0].exists() {
+        all.to_vec()
+    } else {
+        vec![all[0].clone()]
+    }
 }
 
 /// A pool on two devices (the sync must reach both) with volume `v`.
 fn create(dir: &Path, o: &PoolOptions) -> Pool {
+    create_on(dir, o, devices(dir))
+}
+
+fn create_on(dir: &Path, o: &PoolOptions, devices: Vec<PathBuf>) -> Pool {
     let c = CreateOptions {
         size_bytes: 256 << 20,
         segment_bytes: 2 << 20,
-        devices: devices(dir),
+        devices,
         ..Default::default()
     };
     let pool = Pool::create(dir, &c, o).expect("create");
@@ -171,6 +181,30 @@ fn a_failed_sync_fails_the_flush_a_shard_answers() {
         let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
         let v = pool.volume("v").unwrap();
         assert!(read_block(&v, 0) == block(0, 1));
+    }
+}
+
+/// On a one-device pool an idle shard syncs on its own thread, not through its ring: a failed
+/// sync fails that flush the same way.
+#[test]
+fn a_failed_sync_fails_the_flush_an_idle_shard_syncs_itself() {
+    for io in [IoKind::Sync, IoKind::Uring] {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = tracking_plan();
+        let o = opts(io, &plan);
+        let pool = create_on(dir.path(), &o, vec![dir.path().join("dev0.img")]);
+        let v = pool.volume("v").unwrap();
+        plan.fail_sync.store(true, Ordering::Relaxed);
+        v.write(0, &block(0, 1), false).unwrap();
+        let e = v.flush().expect_err("the sync failed");
+        assert!(e.to_string().contains("sync"), "{e}");
+        plan.fail_sync.store(false, Ordering::Relaxed);
+        v.write(BLOCK as u64, &block(1, 1), false).unwrap();
+        v.flush().expect("the sync works again");
+        let pool = cut_power_and_reopen(pool, dir.path(), &plan, &o);
+        let v = pool.volume("v").unwrap();
+        assert!(read_block(&v, 0) == block(0, 1));
+        assert!(read_block(&v, 1) == block(1, 1));
     }
 }
 

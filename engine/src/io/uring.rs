@@ -249,7 +249,9 @@ impl IoQueue for UringQueue {
             };
             if want == 0 && idle {
                 // Nothing to tell the kernel: completions are read from the shared ring, with
-                // no system call (readers poll their queue before each blocking wait).
+                // no system call (readers poll their queue before each blocking wait). This
+                // holds for rings without DEFER_TASKRUN (as built in `new`), whose completions
+                // are posted without the owner entering the kernel.
                 self.collect();
                 return Ok(());
             }

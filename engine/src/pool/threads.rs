@@ -120,11 +120,19 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
                 tracing::error!(target: "ingot_engine::checkpoint", error = %e, "checkpoint failed");
             }
         }
-        let at_last = inner.ckpt.state.lock().written_at_last;
-        inner.ctx.checkpoint_due.store(
-            at_last.saturating_add(inner.checkpoint_interval),
-            Ordering::Relaxed,
-        );
+        // The next interval checkpoint's mark, from the last checkpoint of any kind; a write
+        // that crosses it nudges this thread, which checks `since` above (a stale mark costs
+        // a look, not a checkpoint). Passed already: look again at once.
+        let due = inner
+            .ckpt
+            .state
+            .lock()
+            .written_at_last
+            .saturating_add(inner.checkpoint_interval);
+        inner.ctx.checkpoint_due.store(due, Ordering::Relaxed);
+        if inner.ctx.counters.client_written.load(Ordering::Relaxed) >= due {
+            inner.ctx.wake.nudge_checkpointer();
+        }
         if !low && !inner.ctx.health.is_closed() {
             // Space comes back after trims and overwrites without a cleaning pass: segments
             // left without a live block are freed by a sync when they lie behind the last

@@ -285,7 +285,7 @@ impl Shard {
             .fetch_add(written, Ordering::Relaxed);
         let due = self.ctx.checkpoint_due.load(Ordering::Relaxed);
         if before < due && before + written >= due {
-            self.ctx.wake.kick_checkpoint();
+            self.ctx.wake.nudge_checkpointer();
         }
         self.ctx
             .counters
