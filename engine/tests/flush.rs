@@ -184,10 +184,9 @@ fn a_failed_sync_fails_the_flush_a_shard_answers() {
     }
 }
 
-/// On a one-device pool an idle shard syncs on its own thread, not through its ring: a failed
-/// sync fails that flush the same way.
+/// The same on a one-device pool, and what the flush covered survives a power cut.
 #[test]
-fn a_failed_sync_fails_the_flush_an_idle_shard_syncs_itself() {
+fn a_failed_sync_fails_the_flush_on_one_device() {
     for io in [IoKind::Sync, IoKind::Uring] {
         let dir = tempfile::tempdir().unwrap();
         let plan = tracking_plan();
@@ -208,10 +207,9 @@ fn a_failed_sync_fails_the_flush_an_idle_shard_syncs_itself() {
     }
 }
 
-/// The same with the shards busy: writes wait in their channels when the flush is taken, so
-/// its sync goes through the shard's ring (an idle shard syncs on its own thread, the case
-/// above). The failed sync fails the flush; once syncs work again, so do flushes, and what
-/// they covered survives a power cut.
+/// The same with the shards busy (writes wait in their channels when the flush is taken): the
+/// failed sync fails the flush; once syncs work again, so do flushes, and what they covered
+/// survives a power cut.
 #[test]
 fn a_failed_sync_fails_the_flush_of_a_busy_shard() {
     for io in [IoKind::Sync, IoKind::Uring] {

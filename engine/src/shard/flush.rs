@@ -1,6 +1,5 @@
 //! Flushes a shard answers itself: once the early writes it took before a flush are stored,
-//! it syncs every device (on its own thread when it is otherwise idle, else through its ring)
-//! and replies from its thread. A database's commit
+//! it syncs every device through its own ring and replies from its thread. A database's commit
 //! (one writer, a write then a flush) then crosses one thread, not three (connection →
 //! flusher → shards → flusher), and waits for no other shard.
 //!
@@ -155,29 +154,6 @@ impl Shard {
                     a.send(Err(Error::ShutDown));
                 }
             }
-            return;
-        }
-        if self.inflight.is_empty()
-            && self.reads.is_empty()
-            && self.rx.is_empty()
-            && ctx.devices.count() == 1
-        {
-            // No record or read in flight here and no message waiting (a commit's write is
-            // applied by now): sync on this thread rather than through the ring, which hands
-            // an fsync to one of its worker threads and back (two wake-ups in a commit that
-            // costs one device flush). Under load, or with several devices (synced in
-            // parallel threads), the sync goes through the ring and this shard goes on.
-            // Replies this turn produced (cached reads, applied writes) leave first.
-            crate::api::end_batch();
-            let started = Instant::now();
-            let error = ctx.devices.sync().err();
-            self.finish_round(SyncRound {
-                tags: Vec::new(),
-                error,
-                applied,
-                waiters: ready,
-                started,
-            });
             return;
         }
         let mut tags = Vec::new();
