@@ -103,8 +103,7 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
         }
         inner.ctx.update_write_back_floor();
         let written = inner.ctx.counters.client_written.load(Ordering::Relaxed);
-        let at_last = inner.ckpt.state.lock().written_at_last;
-        let since = written.saturating_sub(at_last);
+        let since = written.saturating_sub(inner.ckpt.state.lock().written_at_last);
         let free = inner.ctx.space.lock().free_segments;
         let broken = inner.ctx.chain_broken.load(Ordering::Acquire);
         // Low on space, checkpoint every quarter of the pool written: that puts sealed

@@ -192,12 +192,6 @@ impl Shard {
         let Some(round) = self.flushes.round.take() else {
             return true;
         };
-        self.finish_round(round);
-        true
-    }
-
-    /// A sync round ended: the flushes it covers are answered.
-    fn finish_round(&mut self, round: SyncRound) {
         let stages = &self.ctx.stages;
         stages.device(Op::Flush, round.started);
         let r = match round.error {
@@ -218,5 +212,6 @@ impl Shard {
             });
         }
         self.note_flushes(n);
+        true
     }
 }
