@@ -234,10 +234,10 @@ impl BlockCache {
     }
 }
 
-/// Append `src` to `dst` with stores that bypass the CPU caches: a cached copy of a written
-/// block is read back long after, if ever, and its slot's buffer is cold, so an ordinary copy
-/// first reads every destination line from memory (a 1M-write profile put a fifth of the
-/// server's CPU on this copy).
+/// Append `src` to `dst` with stores that bypass the CPU caches: the slot's buffer is usually
+/// cold (its block was cached long before), so an ordinary copy first reads every destination
+/// line from memory (a 1M-write profile put a fifth of the server's CPU on this copy), and a
+/// written block is seldom read again soon from this cache (the client's own cache has it).
 fn copy_streaming(dst: &mut BytesMut, src: &[u8]) {
     #[cfg(target_arch = "x86_64")]
     {

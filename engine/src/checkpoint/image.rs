@@ -266,7 +266,10 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             what: "checkpoint block id range",
         });
     }
-    let mut blocks = vec![BlockEntry::default(); next_block_id as usize];
+    // Straight into the chunked table: a `Vec` converted after would hold the table twice
+    // while the pool opens.
+    let mut blocks = crate::space::BlockTable::default();
+    blocks.grow_to(next_block_id as usize, BlockEntry::default());
     for _ in 0..h.block_count {
         let id = g.u64()?;
         let e = BlockEntry {
@@ -332,7 +335,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         epoch: h.epoch,
         next_volume_id: h.next_volume_id,
         volumes,
-        blocks: blocks.into(),
+        blocks,
         shards,
         data_chains,
         index,

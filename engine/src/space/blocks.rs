@@ -50,10 +50,16 @@ impl BlockTable {
         self.len += 1;
     }
 
-    /// Grow to `n` entries with `e` (never shrinks).
+    /// Grow to `n` entries with `e` (never shrinks), a chunk at a time.
     pub fn grow_to(&mut self, n: usize, e: BlockEntry) {
         while self.len < n {
-            self.push(e);
+            if self.len % CHUNK == 0 {
+                self.chunks.push(Arc::new(Vec::with_capacity(CHUNK)));
+            }
+            let last = Arc::make_mut(self.chunks.last_mut().expect("a chunk with room"));
+            let add = (CHUNK - last.len()).min(n - self.len);
+            last.resize(last.len() + add, e);
+            self.len += add;
         }
     }
 
@@ -150,5 +156,12 @@ mod tests {
         g.grow_to(3, entry(4));
         assert_eq!(g.len(), 3);
         assert_eq!(g[2].segment, 4);
+        g.grow_to(2 * CHUNK + 1, entry(5));
+        assert_eq!(g.len(), 2 * CHUNK + 1);
+        assert_eq!(g[2].segment, 4);
+        assert_eq!(g[3].segment, 5);
+        assert_eq!(g[2 * CHUNK].segment, 5);
+        assert_eq!(g.iter().count(), 2 * CHUNK + 1);
+        assert!(g.get(2 * CHUNK + 1).is_none());
     }
 }
