@@ -184,13 +184,16 @@ enum ConfigCmd {
     Check { file: std::path::PathBuf },
 }
 
-/// Record buffers are ~100 KiB to 1 MiB and short-lived: served from glibc's heap instead of
-/// fresh mmaps they cost no page faults (measured: 4% of the write path in page faults).
+/// No transparent huge pages for this process. The engine's buffers come and go by the
+/// megabyte, and on a huge page the first touch of a fresh one zeroes 2 MiB: that zeroing
+/// was 44% of the shards' CPU in `ingot-bench db-batch`, and the server's system time fell
+/// from 1.0-1.1 s to 0.4-0.5 s a run without it (docs/benchmarks.md). mimalloc is built
+/// without its huge-page advice (`no_thp`), which is enough where THP is `madvise`; this also
+/// covers hosts where it is `always`.
 fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator thresholds.
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and changes only this process.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 

@@ -66,6 +66,10 @@ pub struct DbBatchArgs {
     /// Extra `ingot serve` argument (repeatable).
     #[arg(long = "ingot-arg", allow_hyphen_values = true)]
     pub ingot_args: Vec<String>,
+    /// Create ingot's pool prefilled (`pool create --prefill`) instead of thin, as `ingot
+    /// serve` makes it: shows what the host file system's block allocation costs.
+    #[arg(long)]
+    pub ingot_prefill: bool,
     /// Where to write the JSON and SVG (default: DIR/db-batch.json, DIR/db-batch.svg).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -554,7 +558,7 @@ fn one_run(
                 size_bytes: a.volume_size,
                 ingot_bin: ingot_bin.to_path_buf(),
                 pool_bytes: a.volume_size + (1 << 30),
-                prefill: false,
+                prefill: a.ingot_prefill,
                 ingot_args: a.ingot_args.clone(),
             };
             desc = spec.describe();
