@@ -197,6 +197,21 @@ fn tune_allocator() {
     }
 }
 
+unsafe extern "C" {
+    /// mimalloc's `mi_collect`, linked in with the allocator (the `mimalloc` crate binds it only
+    /// with its `extended` feature).
+    fn mi_collect(force: bool);
+}
+
+/// Give the memory freed while the pool opened back to the system. Decoding a checkpoint holds
+/// the pool's metadata several times over for a moment (621 MB at the peak for 3.1 M blocks,
+/// 174 MB live once open), and mimalloc hands freed memory back only when later allocations
+/// come by, which a server idle after opening does not make: it kept 660 MB.
+pub(crate) fn release_freed_memory() {
+    // SAFETY: mi_collect takes no pointer; it frees only pages that hold no live allocation.
+    unsafe { mi_collect(true) }
+}
+
 fn main() {
     tune_allocator();
     // `serve`'s settings file becomes arguments before the command line's own.

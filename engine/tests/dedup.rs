@@ -118,6 +118,54 @@ fn same_block_at_many_lbas_and_volumes_is_stored_once() {
     clean(&pool);
 }
 
+/// Reference counts are a byte each up to 253 and a side map beyond (`RefCounts`): a block
+/// shared by hundreds of map entries, across snapshots and a restart, keeps an exact count
+/// going up past the byte and back down, and is freed with its last entry.
+#[test]
+fn a_block_shared_hundreds_of_times_counts_exactly_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = random_block(7);
+    let run: Vec<u8> = x.iter().copied().cycle().take(200 * BLOCK).collect();
+    {
+        let pool = create(dir.path(), None);
+        pool.create_volume("a", 64 << 20).unwrap();
+        let a = pool.volume("a").unwrap();
+        a.write(0, &run, false).unwrap();
+        a.write(1 << 20, &run, false).unwrap();
+        assert_eq!(pool.stats().unique_blocks, 1);
+        clean(&pool);
+        // Each snapshot adds a reference per mapped block: 400 -> 800.
+        pool.snapshot_volume("a", "s1").unwrap();
+        clean(&pool);
+        pool.shutdown().unwrap();
+    }
+    let pool = Pool::open(dir.path(), &opts(None)).unwrap();
+    clean(&pool);
+    let a = pool.volume("a").unwrap();
+    // Down through the byte's range: 800 -> 600 -> (snapshot gone) 200 -> 100.
+    a.trim(0, 200 * BLOCK as u64, false).unwrap();
+    clean(&pool);
+    pool.delete_volume("s1").unwrap();
+    clean(&pool);
+    a.trim(1 << 20, 100 * BLOCK as u64, false).unwrap();
+    clean(&pool);
+    let s = pool.stats();
+    assert_eq!(
+        (s.unique_blocks, s.stored_bytes),
+        (1, BLOCK as u64),
+        "{s:?}"
+    );
+    assert_eq!(
+        a.read((1 << 20) + 150 * BLOCK as u64, BLOCK as u32)
+            .unwrap(),
+        x
+    );
+    a.trim(0, 64 << 20, false).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.unique_blocks, s.stored_bytes), (0, 0), "{s:?}");
+    clean(&pool);
+}
+
 #[test]
 fn crash_between_dedup_hits_and_their_flush() {
     let dir = tempfile::tempdir().unwrap();

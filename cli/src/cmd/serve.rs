@@ -429,6 +429,7 @@ pub fn serve(
             }
         })?
     };
+    crate::release_freed_memory();
     let pool = Arc::new(pool);
     let listens = if nbd.is_empty() {
         vec![DEFAULT_NBD.to_string()]

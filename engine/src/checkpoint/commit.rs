@@ -46,6 +46,7 @@ impl Checkpointer {
             next_volume_id: vols.next_id,
             volumes,
             blocks: space.blocks.clone(),
+            refs: space.refs.clone(),
             shards,
             data_chains: self.ctx.shards(),
             // Filled by `add_index` once the workers run again.
@@ -71,7 +72,7 @@ impl Checkpointer {
             let d = self.ctx.dedup.lock();
             (d.entries(), d.sample_bits())
         };
-        let held = |id: u64| image.blocks.get(id as usize).is_some_and(|b| b.refs > 0);
+        let held = |id: u64| image.refs.live(id);
         let mut dropped = Vec::new();
         entries.retain(|&(key, id)| {
             let keep = held(id);

@@ -34,8 +34,12 @@ pub(crate) struct Image {
     pub epoch: u64,
     pub next_volume_id: u32,
     pub volumes: Vec<VolumeImage>,
-    /// Indexed by block id; entries with `refs == 0` are free and not written.
+    /// Indexed by block id; entries whose `refs` count is 0 are free and not written.
     pub blocks: crate::space::BlockTable,
+    /// Reference counts by block id, as the pool held them; only whether a block is live is
+    /// written. A decoded image counts 1 for each block it holds (opening counts the map
+    /// entries instead).
+    pub refs: crate::space::RefCounts,
     /// Chain positions: the data shards' (`data_chains` of them), then move chains.
     pub shards: Vec<ShardPosition>,
     pub data_chains: usize,
@@ -55,7 +59,9 @@ pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
 }
 
 pub(crate) fn encode(img: &Image) -> Vec<u8> {
-    let live = img.blocks.iter().filter(|b| b.refs > 0).count() as u64;
+    let live = (0..img.blocks.len() as u64)
+        .filter(|&id| img.refs.live(id))
+        .count() as u64;
     let pages: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
     // The lowest version that holds the image, so that older binaries read what they can
     // (keyed fingerprints alone do not need a new version, see `CHECKPOINT_KEYED`): binaries
@@ -120,7 +126,7 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         }
     }
     for (id, b) in img.blocks.iter().enumerate() {
-        if b.refs == 0 {
+        if !img.refs.live(id as u64) {
             continue;
         }
         out.extend_from_slice(&(id as u64).to_le_bytes());
@@ -270,6 +276,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
     // while the pool opens.
     let mut blocks = crate::space::BlockTable::default();
     blocks.grow_to(next_block_id as usize, BlockEntry::default());
+    let mut refs = crate::space::RefCounts::with_len(next_block_id as usize);
     for _ in 0..h.block_count {
         let id = g.u64()?;
         let e = BlockEntry {
@@ -278,7 +285,6 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             stored_len: g.u32()? as u16,
             crc: g.u32()?,
             flags: g.u32()? as u16,
-            refs: 0,
             generation: 0,
         };
         g.skip(4)?;
@@ -286,6 +292,9 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             what: "checkpoint block id",
         })?;
         *slot = e;
+        if !refs.live(id) {
+            refs.add(id);
+        }
     }
     let mut shards = Vec::new();
     let mut data_chains = 0;
@@ -336,6 +345,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         next_volume_id: h.next_volume_id,
         volumes,
         blocks,
+        refs,
         shards,
         data_chains,
         index,
@@ -355,6 +365,7 @@ mod tests {
             next_volume_id: 1,
             volumes: Vec::new(),
             blocks: vec![BlockEntry::default()].into(),
+            refs: crate::space::RefCounts::with_len(1),
             shards: (0..chains as u32)
                 .map(|i| ShardPosition {
                     segment: i,
@@ -387,6 +398,7 @@ mod tests {
     fn dedup_domains_round_trip_as_version_3() {
         let mut img = image(2, 3);
         img.blocks = vec![BlockEntry::default(); 8].into();
+        img.refs = crate::space::RefCounts::with_len(8);
         img.volumes = vec![
             volume(1, DedupDomain::Shared),
             volume(2, DedupDomain::Private),

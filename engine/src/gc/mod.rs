@@ -146,7 +146,7 @@ impl Cleaner {
                 victim_of[v as usize] = i as u32;
             }
             for (id, e) in space.blocks.iter().enumerate() {
-                if e.refs > 0 {
+                if space.refs.live(id as u64) {
                     if let Some(&i) = victim_of
                         .get(e.segment as usize)
                         .filter(|&&i| i != u32::MAX)

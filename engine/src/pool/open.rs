@@ -37,7 +37,7 @@ use crate::map::VolumeState;
 use crate::recovery::{replay, Rebuild, Replayed};
 use crate::reduce::DedupIndex;
 use crate::shard::Shard;
-use crate::space::{BlockEntry, SegState, SegUse, Space};
+use crate::space::{SegState, SegUse, Space};
 
 impl Pool {
     /// Open an existing pool: load the newest checkpoint, replay the log after it, write a new
@@ -168,10 +168,9 @@ impl Pool {
             next_id: image.next_volume_id.max(1),
         };
         let mut by_id: HashMap<u32, Arc<VolumeState>> = HashMap::new();
-        space.blocks = image.blocks;
-        if space.blocks.is_empty() {
-            space.blocks.push(BlockEntry::default());
-        }
+        space.set_blocks(image.blocks);
+        // Opening counts the map entries afresh.
+        drop(image.refs);
         // Tests may force every fingerprint of a domain to collide (to exercise verification).
         #[cfg(any(test, feature = "testing"))]
         let collide = o

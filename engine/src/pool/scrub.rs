@@ -22,9 +22,14 @@ impl Pool {
         let mut report = CheckReport::default();
         let vols: Vec<Arc<VolumeState>> =
             inner.ctx.volumes.read().by_name.values().cloned().collect();
-        let (blocks, seg_live, stored_bytes) = {
+        let (blocks, refs, seg_live, stored_bytes) = {
             let s = inner.ctx.space.lock();
-            (s.blocks.clone(), s.seg_live.clone(), s.stored_bytes)
+            (
+                s.blocks.clone(),
+                s.refs.clone(),
+                s.seg_live.clone(),
+                s.stored_bytes,
+            )
         };
         let mut counted = vec![0u32; blocks.len()];
         let mut owner: HashMap<u64, (String, u64)> = HashMap::new();
@@ -34,7 +39,7 @@ impl Pool {
                 let m = m.lock().clone();
                 for (lba, id) in m.iter() {
                     match counted.get_mut(id as usize) {
-                        Some(c) if blocks[id as usize].refs > 0 => {
+                        Some(c) if refs.live(id) => {
                             *c += 1;
                             owner.entry(id).or_insert_with(|| (v.name.clone(), lba));
                         }
@@ -53,16 +58,17 @@ impl Pool {
         let mut live = vec![0u64; seg_live.len()];
         let mut stored_total = 0u64;
         for (id, b) in blocks.iter().enumerate() {
-            if b.refs != counted[id] {
+            let r = refs.get(id as u64);
+            if r != counted[id] {
                 report.problems.push(Problem {
                     kind: "refcount".into(),
                     detail: format!(
-                        "block id {id}: reference count {} but {} map entries point at it",
-                        b.refs, counted[id]
+                        "block id {id}: reference count {r} but {} map entries point at it",
+                        counted[id]
                     ),
                 });
             }
-            if b.refs > 0 {
+            if r > 0 {
                 if let Some(l) = live.get_mut(b.segment as usize) {
                     *l += b.share();
                 }
@@ -88,7 +94,7 @@ impl Pool {
         // Verify each stored payload once (a compressed group holds several blocks), in disk
         // order, reading runs of adjacent payloads together.
         let mut ids: Vec<u64> = (1..blocks.len() as u64)
-            .filter(|&id| blocks[id as usize].refs > 0)
+            .filter(|&id| refs.live(id))
             .collect();
         ids.sort_by_key(|&id| (blocks[id as usize].segment, blocks[id as usize].offset));
         let total = ids.len() as u64;

@@ -59,8 +59,8 @@ impl Pool {
             for m in &v.maps {
                 let m = m.lock();
                 for (_, id) in m.iter() {
-                    if let Some(b) = space.blocks.get(id as usize).filter(|b| b.refs > 0) {
-                        let r = f64::from(b.refs);
+                    if let Some(b) = space.get(id) {
+                        let r = f64::from(space.refs.get(id));
                         unique += 1.0 / r;
                         stored += b.share() as f64 / r;
                         mapped += 1;

@@ -85,6 +85,7 @@ pub(crate) fn load_checkpoint(
             next_volume_id: 1,
             volumes: Vec::new(),
             blocks: vec![BlockEntry::default()].into(),
+            refs: crate::space::RefCounts::with_len(1),
             shards: Vec::new(),
             data_chains: 0,
             index: Vec::new(),

@@ -432,7 +432,6 @@ impl Shard {
                             stored_len: stored as u16,
                             flags,
                             crc,
-                            refs: 0,
                             generation: 0,
                         },
                         plain: src,
@@ -511,7 +510,6 @@ impl Shard {
                                 stored_len: stored as u16,
                                 flags,
                                 crc: rel.crc,
-                                refs: 0,
                                 generation: 0,
                             },
                         });

@@ -133,7 +133,7 @@ impl Shard {
                         return false;
                     }
                     let id = vol.lookup(lba);
-                    id == 0 || space.blocks.get(id as usize).is_some_and(|e| e.refs > 1)
+                    id == 0 || space.refs.get(id) > 1
                 })
                 .count() as u64;
             if new > 0 && taken + new * BLOCK_BYTES > usable {

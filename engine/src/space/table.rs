@@ -1,11 +1,12 @@
-//! The block table (block id -> location, checksum, reference count) and segment accounting.
+//! The block table (block id -> location, checksum), reference counts and segment accounting.
 //!
 //! One mutex guards both; shards take it once per record batch or read request.
 
-use super::BlockTable;
+use super::{BlockTable, RefCounts};
 use crate::format::NO_SEGMENT;
 
-/// Where a stored block lives and how to verify it. 24 bytes per block in RAM.
+/// Where a stored block lives and how to verify it. 20 bytes per block in RAM; its reference
+/// count is apart, in [`RefCounts`] (the part that stays in RAM once the table is paged).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlockEntry {
     pub segment: u32,
@@ -16,8 +17,6 @@ pub struct BlockEntry {
     /// As in `format::DataEntry` (compression, position in the group).
     pub flags: u16,
     pub crc: u32,
-    /// Map entries pointing at this block; 0 = free.
-    pub refs: u32,
     /// Bumped each time the id is reused, so caches keyed by id can tell versions apart.
     pub generation: u32,
 }
@@ -52,7 +51,11 @@ pub enum SegState {
 }
 
 pub struct Space {
+    /// Indexed by block id, as `refs`; both always have the same length. Change them only
+    /// through `Space`'s methods.
     pub blocks: BlockTable,
+    /// Map entries pointing at each block; 0 = free.
+    pub refs: RefCounts,
     free_ids: Vec<u64>,
     /// Ids whose last reference went away at `seq`; reusable once a checkpoint covers `seq`.
     pending_ids: Vec<(u64, u64)>,
@@ -105,6 +108,7 @@ impl Space {
     pub fn new(total_segments: u32) -> Self {
         Space {
             blocks: BlockTable::from(vec![BlockEntry::default()]),
+            refs: RefCounts::with_len(1),
             free_ids: Vec::new(),
             pending_ids: Vec::new(),
             seg_state: vec![SegState::Free; total_segments as usize],
@@ -128,12 +132,23 @@ impl Space {
             .count()
     }
 
+    /// Take a loaded table (id 0 is never a block: a table always holds it); every id starts
+    /// unreferenced, [`Space::add_ref`] counts the map entries.
+    pub fn set_blocks(&mut self, mut blocks: BlockTable) {
+        if blocks.is_empty() {
+            blocks.push(BlockEntry::default());
+        }
+        self.refs = RefCounts::with_len(blocks.len());
+        self.blocks = blocks;
+    }
+
     /// Allocate an id for a new block (refs starts at 0; [`Space::add_ref`] adds the first).
     pub fn alloc_id(&mut self) -> u64 {
         if let Some(id) = self.free_ids.pop() {
             return id;
         }
         self.blocks.push(BlockEntry::default());
+        self.refs.grow_to(self.blocks.len());
         (self.blocks.len() - 1) as u64
     }
 
@@ -143,15 +158,16 @@ impl Space {
         let idx = id as usize;
         if idx >= self.blocks.len() {
             self.blocks.grow_to(idx + 1, BlockEntry::default());
+            self.refs.grow_to(idx + 1);
         }
         let old = self.blocks[idx];
-        if old.refs > 0 {
+        let live = self.refs.live(id);
+        if live {
             self.unaccount(&old);
         }
         e.generation = old.generation.wrapping_add(1);
-        e.refs = old.refs;
         self.blocks[idx] = e;
-        if e.refs > 0 {
+        if live {
             self.account(&e);
         }
         e.generation
@@ -184,22 +200,15 @@ impl Space {
     }
 
     pub fn get(&self, id: u64) -> Option<BlockEntry> {
-        self.blocks.get(id as usize).copied().filter(|e| e.refs > 0)
+        self.blocks
+            .get(id as usize)
+            .copied()
+            .filter(|_| self.refs.live(id))
     }
 
     pub fn add_ref(&mut self, id: u64) {
-        let Some(e) = self.blocks.get_mut(id as usize) else {
-            return;
-        };
-        // A count that would overflow stays at the maximum and the block is never freed (a
-        // leak of one block; 4 billion map entries on one block take snapshots of a volume of
-        // terabytes of one repeated block).
-        if e.refs == u32::MAX {
-            return;
-        }
-        e.refs += 1;
-        if e.refs == 1 {
-            let e = *e;
+        if self.refs.add(id) == Some(1) {
+            let e = self.blocks[id as usize];
             self.account(&e);
         }
     }
@@ -207,17 +216,10 @@ impl Space {
     /// Drop one reference; when it was the last (the return value), the id becomes reusable
     /// after a checkpoint covering `seq`.
     pub fn drop_ref(&mut self, id: u64, seq: u64) -> bool {
-        let Some(e) = self.blocks.get_mut(id as usize) else {
-            return false;
-        };
-        if e.refs == 0 || e.refs == u32::MAX {
+        if self.refs.drop_one(id) != Some(0) {
             return false;
         }
-        e.refs -= 1;
-        if e.refs != 0 {
-            return false;
-        }
-        let e = *e;
+        let e = self.blocks[id as usize];
         self.unaccount(&e);
         self.pending_ids.push((seq, id));
         true
@@ -236,7 +238,7 @@ impl Space {
         let Some(e) = self.blocks.get(id as usize).copied() else {
             return false;
         };
-        if e.refs == 0 || e.segment != from_segment || e.offset != from_offset {
+        if !self.refs.live(id) || e.segment != from_segment || e.offset != from_offset {
             return false;
         }
         self.unaccount(&e);
@@ -252,7 +254,7 @@ impl Space {
 
     /// Give back an id that was allocated but never referenced (a failed or dropped write).
     pub fn discard_id(&mut self, id: u64, seq: u64) {
-        if self.blocks.get(id as usize).is_some_and(|e| e.refs == 0) {
+        if (id as usize) < self.blocks.len() && !self.refs.live(id) {
             self.pending_ids.push((seq, id));
         }
     }
@@ -267,7 +269,7 @@ impl Space {
         let mut ready: Vec<u64> = ready
             .into_iter()
             .map(|(_, id)| id)
-            .filter(|&id| self.blocks.get(id as usize).is_some_and(|e| e.refs == 0))
+            .filter(|&id| (id as usize) < self.blocks.len() && !self.refs.live(id))
             .collect();
         ready.sort_unstable();
         ready.dedup();
@@ -278,7 +280,7 @@ impl Space {
     pub fn rebuild_free_ids(&mut self) {
         self.free_ids = (1..self.blocks.len() as u64)
             .rev()
-            .filter(|&id| self.blocks[id as usize].refs == 0)
+            .filter(|&id| !self.refs.live(id))
             .collect();
         self.pending_ids.clear();
     }

@@ -1,0 +1,167 @@
+//! Reference counts of block ids, one byte each (issue 22, docs/design/paged-metadata.md §5):
+//! the per-block state that stays in RAM once the block table is paged. Like dm-vdo's slab
+//! reference counts, a byte holds the usual counts and a side map the rare large ones.
+//!
+//! | byte | meaning |
+//! |---:|---|
+//! | 0 | free |
+//! | 1..=253 | exactly that many map entries point at the block |
+//! | 254 | 254 or more: the count is in `overflow` |
+//! | 255 | reserved ("dead, waiting for a checkpoint" in the paged design); never stored yet |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::blocks::Chunked;
+
+/// The byte of a count kept in `overflow`.
+const OVERFLOW: u8 = 254;
+
+/// Reference counts by block id, copied on write by chunk like the block table (a checkpoint's
+/// image clones them inside its pause).
+#[derive(Clone, Default, Debug)]
+pub struct RefCounts {
+    bytes: Chunked<u8>,
+    /// Counts of 254 and more. Shared with images like the chunks, copied at its first change.
+    overflow: Arc<HashMap<u64, u32>>,
+}
+
+impl RefCounts {
+    /// `n` ids, all free.
+    pub fn with_len(n: usize) -> RefCounts {
+        let mut r = RefCounts::default();
+        r.grow_to(n);
+        r
+    }
+
+    /// Grow to `n` ids (never shrinks); the new ones are free.
+    pub fn grow_to(&mut self, n: usize) {
+        self.bytes.grow_to(n, 0);
+    }
+
+    /// References to `id` (0 for a free id or one beyond the table).
+    pub fn get(&self, id: u64) -> u32 {
+        match self.bytes.get(id as usize) {
+            None => 0,
+            Some(&OVERFLOW) => self
+                .overflow
+                .get(&id)
+                .copied()
+                .unwrap_or(u32::from(OVERFLOW)),
+            Some(&b) => u32::from(b),
+        }
+    }
+
+    /// Whether `id` is referenced.
+    pub fn live(&self, id: u64) -> bool {
+        self.bytes.get(id as usize).is_some_and(|&b| b != 0)
+    }
+
+    /// One more reference; the count after it, or `None` for an id beyond the table. A count
+    /// at `u32::MAX` stays there and the block is never freed: a leak of one block, reached
+    /// only by 4 billion map entries on one block (snapshots of terabytes of one repeated
+    /// block).
+    pub fn add(&mut self, id: u64) -> Option<u32> {
+        let b = self.bytes.get_mut(id as usize)?;
+        if *b < OVERFLOW - 1 {
+            *b += 1;
+            return Some(u32::from(*b));
+        }
+        let overflow = Arc::make_mut(&mut self.overflow);
+        if *b == OVERFLOW - 1 {
+            *b = OVERFLOW;
+            overflow.insert(id, u32::from(OVERFLOW));
+            return Some(u32::from(OVERFLOW));
+        }
+        let c = overflow.entry(id).or_insert(u32::from(OVERFLOW));
+        *c = c.saturating_add(1);
+        Some(*c)
+    }
+
+    /// One reference less; the count after it, or `None` when nothing was dropped: a free id,
+    /// one beyond the table, or a count stuck at `u32::MAX` (see [`RefCounts::add`]).
+    pub fn drop_one(&mut self, id: u64) -> Option<u32> {
+        let cur = self.get(id);
+        if cur == 0 || cur == u32::MAX {
+            return None;
+        }
+        let b = self.bytes.get_mut(id as usize)?;
+        let after = cur - 1;
+        if *b == OVERFLOW {
+            let overflow = Arc::make_mut(&mut self.overflow);
+            if after < u32::from(OVERFLOW) {
+                overflow.remove(&id);
+                *b = after as u8;
+            } else {
+                overflow.insert(id, after);
+            }
+        } else {
+            *b -= 1;
+        }
+        Some(after)
+    }
+
+    /// Ids with counts kept in the side map.
+    #[cfg(test)]
+    fn overflowed(&self) -> usize {
+        self.overflow.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_past_a_byte_and_back() {
+        let mut r = RefCounts::with_len(3);
+        assert_eq!(r.get(1), 0);
+        assert!(!r.live(1));
+        for n in 1..=600u32 {
+            assert_eq!(r.add(1), Some(n));
+            assert_eq!(r.get(1), n);
+        }
+        assert_eq!(r.overflowed(), 1);
+        assert_eq!(r.get(2), 0, "a neighbour is untouched");
+        for n in (0..600u32).rev() {
+            assert_eq!(r.drop_one(1), Some(n));
+            assert_eq!(r.get(1), n);
+        }
+        assert_eq!(r.overflowed(), 0, "the side map empties below 254");
+        assert_eq!(r.drop_one(1), None, "nothing to drop from a free id");
+        assert_eq!(r.add(3), None, "beyond the table");
+        assert_eq!(r.drop_one(3), None);
+    }
+
+    #[test]
+    fn a_saturated_count_is_kept_forever() {
+        let mut r = RefCounts::with_len(2);
+        for _ in 0..254 {
+            r.add(1);
+        }
+        Arc::make_mut(&mut r.overflow).insert(1, u32::MAX - 1);
+        assert_eq!(r.add(1), Some(u32::MAX));
+        assert_eq!(r.add(1), Some(u32::MAX));
+        assert_eq!(r.drop_one(1), None);
+        assert_eq!(r.get(1), u32::MAX);
+    }
+
+    #[test]
+    fn a_clone_keeps_its_counts_while_the_original_changes() {
+        let mut r = RefCounts::with_len(10_000);
+        for _ in 0..300 {
+            r.add(5);
+        }
+        r.add(9_000);
+        let image = r.clone();
+        for _ in 0..100 {
+            r.drop_one(5);
+        }
+        r.drop_one(9_000);
+        r.add(7);
+        assert_eq!((image.get(5), image.get(9_000), image.get(7)), (300, 1, 0));
+        assert_eq!((r.get(5), r.get(9_000), r.get(7)), (200, 0, 1));
+        assert_eq!(image.overflowed(), 1);
+        assert_eq!(r.overflowed(), 0);
+    }
+}
