@@ -113,7 +113,24 @@ pub fn render(s: &Stats) -> String {
         "gauge",
         s.dedup_index_bytes,
     );
+    gauge(
+        "metadata_ram_bytes",
+        "RAM held for the block table, reference counts and volume maps.",
+        "gauge",
+        s.metadata_ram_bytes,
+    );
+    gauge(
+        "process_rss_bytes",
+        "Resident memory of the serving process, caches included.",
+        "gauge",
+        s.process_rss_bytes,
+    );
     for (name, help, v) in [
+        (
+            "ram_bytes_per_stored_block",
+            "Metadata and dedup index RAM per stored block.",
+            s.ram_bytes_per_stored_block,
+        ),
         (
             "dedup_ratio",
             "Mapped blocks / unique blocks.",

@@ -252,6 +252,17 @@ pub struct Stats {
     pub dedup_index_bytes: u64,
     /// Fingerprints in the dedup index.
     pub dedup_index_entries: u64,
+    /// RAM the engine holds for metadata outside its caches and the dedup index: the block
+    /// table, reference counts and volume maps, as it counts them itself.
+    #[serde(default)]
+    pub metadata_ram_bytes: u64,
+    /// (`metadata_ram_bytes` + `dedup_index_bytes`) / `unique_blocks`: the RAM each stored
+    /// block costs beyond the caches (0 for an empty pool).
+    #[serde(default)]
+    pub ram_bytes_per_stored_block: f64,
+    /// Resident memory of the process serving the pool, caches included (`/proc/self/statm`).
+    #[serde(default)]
+    pub process_rss_bytes: u64,
     /// The index keeps 1 in this many fingerprints (1 until its memory budget is reached).
     pub dedup_index_sampling: u64,
     /// Write-back limit (0: every write is acknowledged once stored).

@@ -855,6 +855,11 @@ fn data_reduction_policy_and_stats() {
     }
     u64_of(&s, "unique_blocks");
     u64_of(&s, "dedup_index_bytes");
+    // The engine's own count of its metadata RAM: some, and less than the whole process.
+    let meta = u64_of(&s, "metadata_ram_bytes");
+    let rss = u64_of(&s, "process_rss_bytes");
+    assert!(meta > 0 && meta < rss, "metadata {meta}, rss {rss}: {s}");
+    assert!(f64_of(&s, "ram_bytes_per_stored_block") > 0.0, "{s}");
     let on = volume_stats(&s, "vol0");
     let raw = volume_stats(&s, "raw");
     assert_eq!(u64_of(&on, "mapped_bytes"), 8 * MIB);

@@ -59,6 +59,12 @@ fn print_stats(s: &Stats) {
         s.dedup_index_sampling
     );
     outln!(
+        "metadata RAM    {} (block table, reference counts, maps); {:.1} bytes per stored block with the index; process RSS {}",
+        human(s.metadata_ram_bytes),
+        s.ram_bytes_per_stored_block,
+        human(s.process_rss_bytes)
+    );
+    outln!(
         "written         {} by clients, {} to devices",
         human(s.client_written_bytes),
         human(s.device_written_bytes)

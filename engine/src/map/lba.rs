@@ -32,6 +32,21 @@ impl LbaMap {
     }
 
     /// Pages allocated.
+    /// Bytes of RAM this map holds: its page slots, and each page `seen` does not hold yet
+    /// (snapshots and clones share pages; pass one set over all of them).
+    pub fn ram_bytes(&self, seen: &mut std::collections::HashSet<*const MapPage>) -> u64 {
+        // A page's `Arc` allocation: two counts, then the page.
+        let page = (std::mem::size_of::<MapPage>() + 2 * std::mem::size_of::<usize>()) as u64;
+        let slots = (self.pages.capacity() * std::mem::size_of::<Option<Arc<MapPage>>>()) as u64;
+        let pages = self
+            .pages
+            .iter()
+            .flatten()
+            .filter(|p| seen.insert(Arc::as_ptr(p)))
+            .count() as u64;
+        slots + pages * page
+    }
+
     pub fn present_pages(&self) -> u64 {
         self.present
     }

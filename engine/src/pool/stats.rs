@@ -4,6 +4,8 @@ use crate::pool::Pool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use std::collections::HashSet;
+
 use crate::api::{ratio, LatencyBreakdown, Stats, WriteBreakdown, BLOCK_BYTES};
 use crate::cache::BlockCache;
 use crate::counters::Op;
@@ -40,6 +42,17 @@ fn host_warning(host: &HostRoom) -> Option<String> {
     })
 }
 
+/// Resident bytes of this process (`/proc/self/statm`), 0 where it cannot be read.
+fn process_rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
 impl Pool {
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
@@ -50,6 +63,9 @@ impl Pool {
         // checkpoint's sequence number before taking the space lock.
         let checkpoint_seq = inner.ckpt.state.lock().seq_end;
         let space = inner.ctx.space.lock();
+        // Map pages are shared by snapshots and clones: each counted once.
+        let mut pages_seen = HashSet::new();
+        let mut map_ram = 0u64;
         // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
         for v in &states {
             let Some(info) = volumes.iter_mut().find(|i| i.name == v.name) else {
@@ -58,6 +74,7 @@ impl Pool {
             let (mut unique, mut stored, mut mapped) = (0f64, 0f64, 0u64);
             for m in &v.maps {
                 let m = m.lock();
+                map_ram += m.ram_bytes(&mut pages_seen);
                 for (_, id) in m.iter() {
                     if let Some(b) = space.get(id) {
                         let r = f64::from(space.refs.get(id));
@@ -144,6 +161,13 @@ impl Pool {
             ),
             data_reduction_ratio: ratio(logical as f64, space.stored_bytes as f64),
             dedup_index_bytes: index_bytes,
+            metadata_ram_bytes: map_ram + space.ram_bytes(),
+            ram_bytes_per_stored_block: if space.live_blocks == 0 {
+                0.0
+            } else {
+                (map_ram + space.ram_bytes() + index_bytes) as f64 / space.live_blocks as f64
+            },
+            process_rss_bytes: process_rss_bytes(),
             dedup_index_entries: index_entries,
             dedup_index_sampling: index_sampling,
             write_back_limit_bytes: inner.ctx.write_back.limit(),

@@ -13,6 +13,9 @@ use super::BlockEntry;
 /// once per checkpoint when written.
 const CHUNK: usize = 4096;
 
+/// An `Arc<Vec<_>>`'s own allocation: two counts and the vector's pointer, capacity, length.
+const ARC_VEC_BYTES: usize = 5 * std::mem::size_of::<usize>();
+
 /// Block id -> location and checksum.
 pub type BlockTable = Chunked<BlockEntry>;
 
@@ -76,6 +79,13 @@ impl<T: Clone> Chunked<T> {
             last.resize(last.len() + add, e.clone());
             self.len += add;
         }
+    }
+
+    /// Bytes of RAM this array holds (a clone shares them: an image adds only the chunks
+    /// copied since it was taken).
+    pub fn ram_bytes(&self) -> u64 {
+        let chunk = CHUNK * std::mem::size_of::<T>() + ARC_VEC_BYTES;
+        (self.chunks.len() * chunk + self.chunks.capacity() * std::mem::size_of::<usize>()) as u64
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {

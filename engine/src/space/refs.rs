@@ -101,6 +101,12 @@ impl RefCounts {
         Some(after)
     }
 
+    /// Bytes of RAM the counts hold (the side map at its table's size).
+    pub fn ram_bytes(&self) -> u64 {
+        // A hashbrown slot of (u64, u32) and its control byte.
+        self.bytes.ram_bytes() + self.overflow.capacity() as u64 * 17
+    }
+
     /// Ids with counts kept in the side map.
     #[cfg(test)]
     fn overflowed(&self) -> usize {

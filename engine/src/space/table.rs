@@ -125,6 +125,14 @@ impl Space {
         }
     }
 
+    /// RAM held per block id: the block table and the reference counts, with the lists of
+    /// free and pending ids.
+    pub fn ram_bytes(&self) -> u64 {
+        self.blocks.ram_bytes()
+            + self.refs.ram_bytes()
+            + (self.free_ids.capacity() * 8 + self.pending_ids.capacity() * 16) as u64
+    }
+
     /// Free segments the backing files hold blocks for.
     pub fn backed_free(&self) -> usize {
         (0..self.seg_state.len())
