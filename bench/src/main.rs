@@ -6,6 +6,7 @@
 //! ingot-bench db-batch [--dir DIR] [--scale 1] [--runs 3]          # PostgreSQL nightly batch on each
 //! ingot-bench engine   --dir DIR [--size-mib 2048] [--seconds 10]  # in-process engine vs fio io_uring
 //! ingot-bench qos      [--dir DIR] [--seconds 10] [--iops-limit 1000] # per-volume limits over NBD
+//! ingot-bench ram      [--dir DIR] [--sizes 1G,2G,4G] [--tail 1G]   # RAM per stored block, open times
 //! ```
 
 /// The engine's buffers and replies are allocated on one thread and freed on another
@@ -20,6 +21,7 @@ mod fio;
 mod flush;
 mod peers;
 mod qos;
+mod ram;
 mod svg;
 mod sys;
 
@@ -46,6 +48,9 @@ enum Cmd {
     /// Per-volume QoS over NBD: a limited volume A and an unlimited B driven at once by fio,
     /// then B alone: A's rate against its limit, B's rate next to A against B alone.
     Qos(qos::QosArgs),
+    /// RAM per stored block at several pool sizes (peak and settled RSS, the engine's own
+    /// count), and open times after a clean stop and after SIGKILL with a tail to replay.
+    Ram(ram::RamArgs),
     /// In-process engine I/O against fio io_uring on a raw file in the same directory.
     Engine {
         #[arg(long)]
@@ -129,6 +134,7 @@ fn main() -> Result<()> {
         }
         Cmd::DbBatch(a) => dbbatch::run(&a),
         Cmd::Qos(a) => qos::run(&a),
+        Cmd::Ram(a) => ram::run(&a),
         Cmd::Engine {
             dir,
             size_mib,
