@@ -75,12 +75,15 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         CHECKPOINT_VERSION_PLAIN
     };
     let qos = img.volumes.iter().any(|v| v.qos != QosLimits::default());
-    let mut out = Vec::with_capacity(crate::context::checkpoint_estimate_bytes(
+    // Compressed frame by frame as the sections are written: the whole uncompressed image
+    // was the largest buffer of a checkpoint (and of an open, which writes one).
+    let estimate = crate::context::checkpoint_estimate_bytes(
         pages,
         live,
         img.volumes.len() as u64,
         img.shards.len() as u64,
-    ) as usize);
+    ) as usize;
+    let mut packed = Vec::with_capacity(CheckpointHeader::BYTES + estimate / 2);
     CheckpointHeader {
         seq: img.seq,
         epoch: img.epoch,
@@ -100,7 +103,8 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
             | if qos { CHECKPOINT_QOS } else { 0 },
         version,
     }
-    .encode(&mut out);
+    .encode(&mut packed);
+    let mut out = Framer::new(packed);
     for v in &img.volumes {
         out.extend_from_slice(&v.id.to_le_bytes());
         out.extend_from_slice(&(v.name.len() as u16).to_le_bytes());
@@ -166,42 +170,157 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
             }
         }
     }
-    let body = &out[CheckpointHeader::BYTES..];
-    let mut packed = Vec::with_capacity(CheckpointHeader::BYTES + body.len() / 2);
-    packed.extend_from_slice(&out[..CheckpointHeader::BYTES]);
-    for chunk in body.chunks(CHECKPOINT_FRAME_BYTES) {
-        let frame = lz4_flex::compress_prepend_size(chunk);
-        packed.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-        packed.extend_from_slice(&frame);
-    }
-    packed
+    out.finish()
 }
 
-/// The sections after the header, decompressed when the checkpoint is LZ4-framed.
-fn sections(blob: &[u8], h: &CheckpointHeader) -> Result<Vec<u8>> {
-    let body = &blob[CheckpointHeader::BYTES.min(blob.len())..];
-    if h.flags & CHECKPOINT_LZ4 == 0 {
-        return Ok(body.to_vec());
-    }
-    let bad = || Error::Corrupt {
-        what: "checkpoint frame",
-    };
-    let mut out = Vec::new();
-    let mut g = Get::new(body, "checkpoint frame");
-    while g.remaining() > 0 {
-        let len = g.u32()? as usize;
-        let frame = g.bytes(len)?;
-        // The decompressed length leads the frame: bound it before anything is allocated.
-        let size = frame
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(bad)?;
-        if size > CHECKPOINT_FRAME_BYTES {
-            return Err(bad());
+/// Writes the sections as LZ4 frames of [`CHECKPOINT_FRAME_BYTES`] (the last one shorter),
+/// each compressed as soon as it is full: a frame's worth is buffered, never the whole image.
+struct Framer {
+    packed: Vec<u8>,
+    pending: Vec<u8>,
+}
+
+impl Framer {
+    fn new(packed: Vec<u8>) -> Framer {
+        Framer {
+            packed,
+            pending: Vec::with_capacity(CHECKPOINT_FRAME_BYTES),
         }
-        out.extend(lz4_flex::decompress_size_prepended(frame).map_err(|_| bad())?);
     }
-    Ok(out)
+
+    fn extend_from_slice(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            let n = b.len().min(CHECKPOINT_FRAME_BYTES - self.pending.len());
+            self.pending.extend_from_slice(&b[..n]);
+            b = &b[n..];
+            if self.pending.len() == CHECKPOINT_FRAME_BYTES {
+                self.frame();
+            }
+        }
+    }
+
+    fn frame(&mut self) {
+        let frame = lz4_flex::compress_prepend_size(&self.pending);
+        self.packed
+            .extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        self.packed.extend_from_slice(&frame);
+        self.pending.clear();
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if !self.pending.is_empty() {
+            self.frame();
+        }
+        self.packed
+    }
+}
+
+/// The sections after the header, read in order; an LZ4-framed checkpoint is decompressed a
+/// frame at a time as they are read (decompressing it whole took the largest buffer of an
+/// open, twice over while it grew).
+struct Sections<'a> {
+    /// The frames not decompressed yet (or, unframed, the sections themselves).
+    frames: Get<'a>,
+    framed: bool,
+    /// Decompressed bytes; those before `pos` are read.
+    buf: Vec<u8>,
+    pos: usize,
+    /// Bytes not read yet, in all.
+    left: usize,
+}
+
+impl<'a> Sections<'a> {
+    fn new(blob: &'a [u8], h: &CheckpointHeader) -> Result<Sections<'a>> {
+        let body = &blob[CheckpointHeader::BYTES.min(blob.len())..];
+        let framed = h.flags & CHECKPOINT_LZ4 != 0;
+        let left = if framed {
+            // Every frame leads with its decompressed length: bound each before anything is
+            // allocated, and add them up for `remaining`.
+            let mut total = 0usize;
+            let mut g = Get::new(body, "checkpoint frame");
+            while g.remaining() > 0 {
+                let len = g.u32()? as usize;
+                let size = Get::new(g.bytes(len)?, "checkpoint frame").u32()? as usize;
+                if size > CHECKPOINT_FRAME_BYTES {
+                    return Err(Error::Corrupt {
+                        what: "checkpoint frame",
+                    });
+                }
+                total += size;
+            }
+            total
+        } else {
+            body.len()
+        };
+        Ok(Sections {
+            frames: Get::new(body, "checkpoint frame"),
+            framed,
+            buf: Vec::new(),
+            pos: 0,
+            left,
+        })
+    }
+
+    fn corrupt() -> Error {
+        Error::Corrupt { what: "checkpoint" }
+    }
+
+    /// The next `n` bytes.
+    fn bytes(&mut self, n: usize) -> Result<&[u8]> {
+        if n > self.left {
+            return Err(Self::corrupt());
+        }
+        if !self.framed {
+            self.left -= n;
+            return self.frames.bytes(n);
+        }
+        if self.buf.len() - self.pos < n {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            while self.buf.len() < n {
+                let len = self.frames.u32()? as usize;
+                let frame = self.frames.bytes(len)?;
+                let out =
+                    lz4_flex::decompress_size_prepended(frame).map_err(|_| Error::Corrupt {
+                        what: "checkpoint frame",
+                    })?;
+                self.buf.extend_from_slice(&out);
+            }
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        self.left -= n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.bytes(N)?);
+        Ok(a)
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn skip(&mut self, n: usize) -> Result<()> {
+        self.bytes(n).map(|_| ())
+    }
+    fn remaining(&self) -> usize {
+        self.left
+    }
+}
+
+/// All the sections at once (tests look at them whole).
+#[cfg(test)]
+fn sections(blob: &[u8], h: &CheckpointHeader) -> Result<Vec<u8>> {
+    let mut s = Sections::new(blob, h)?;
+    let n = s.remaining();
+    Ok(s.bytes(n)?.to_vec())
 }
 
 /// Decode a blob whose CRC the caller has verified; `max_blocks` bounds block ids (see
@@ -209,8 +328,7 @@ fn sections(blob: &[u8], h: &CheckpointHeader) -> Result<Vec<u8>> {
 /// maps.
 pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
     let h = CheckpointHeader::decode(&mut Get::new(blob, "checkpoint"))?;
-    let body = sections(blob, &h)?;
-    let mut g = Get::new(&body, "checkpoint");
+    let mut g = Sections::new(blob, &h)?;
     let mut volumes = Vec::new();
     for _ in 0..h.volume_count {
         let id = g.u32()?;
@@ -391,6 +509,79 @@ mod tests {
             domain,
             qos: QosLimits::default(),
             pages: vec![(0, Arc::new([id.into(); MAP_PAGE_ENTRIES as usize]))],
+        }
+    }
+
+    /// An image of several frames, with volume pages and block entries cut by frame
+    /// boundaries: written frame by frame and read back frame by frame, and the frames are the
+    /// 4 MiB cuts of the whole sections, as whole-image compression made them.
+    #[test]
+    fn a_many_frame_image_round_trips_and_keeps_its_frames() {
+        let n = 300_000u64;
+        let mut img = image(2, 3);
+        img.blocks = (0..n as u32)
+            .map(|i| BlockEntry {
+                segment: i % 97,
+                offset: i.wrapping_mul(4096),
+                stored_len: 4096,
+                crc: i ^ 0x5a5a_5a5a,
+                ..BlockEntry::default()
+            })
+            .collect();
+        img.refs = crate::space::RefCounts::with_len(n as usize);
+        for id in (1..n).filter(|id| id % 3 != 0) {
+            img.refs.add(id);
+        }
+        let mut v = volume(1, DedupDomain::Shared);
+        v.pages = (0..700u64)
+            .map(|p| {
+                let mut page = [0u64; MAP_PAGE_ENTRIES as usize];
+                for (k, slot) in page.iter_mut().enumerate() {
+                    *slot = (p * 512 + k as u64) % n;
+                }
+                (p * 3, Arc::new(page))
+            })
+            .collect();
+        img.volumes = vec![v];
+        img.index = (0..50_000u64).map(|k| (k * 7919, k % n)).collect();
+        let blob = encode(&img);
+        let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
+        // The frames, decompressed and cut again in 4 MiB pieces, give the same blob.
+        let mut body = Vec::new();
+        let mut g = Get::new(&blob[CheckpointHeader::BYTES..], "t");
+        let mut frames = 0;
+        while g.remaining() > 0 {
+            let len = g.u32().unwrap() as usize;
+            body.extend(lz4_flex::decompress_size_prepended(g.bytes(len).unwrap()).unwrap());
+            frames += 1;
+        }
+        assert!(frames >= 3, "{frames} frames");
+        let mut again = blob[..CheckpointHeader::BYTES].to_vec();
+        for chunk in body.chunks(CHECKPOINT_FRAME_BYTES) {
+            let f = lz4_flex::compress_prepend_size(chunk);
+            again.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            again.extend_from_slice(&f);
+        }
+        assert!(again == blob, "frames are not the 4 MiB cuts");
+        assert_eq!(h.block_count, n - 1 - (n - 1) / 3);
+        let back = decode(&blob, n).unwrap();
+        assert_eq!(back.blocks.len(), n as usize);
+        for id in 0..n {
+            let live = id != 0 && id % 3 != 0;
+            assert_eq!(back.refs.live(id), live, "id {id}");
+            if live {
+                assert_eq!(back.blocks[id as usize], img.blocks[id as usize], "id {id}");
+            }
+        }
+        let (vb, vi) = (&back.volumes[0], &img.volumes[0]);
+        assert_eq!(vb.pages.len(), vi.pages.len());
+        for ((ib, pb), (ii, pi)) in vb.pages.iter().zip(&vi.pages) {
+            assert_eq!((ib, &pb[..]), (ii, &pi[..]));
+        }
+        assert_eq!(back.index, img.index);
+        // A cut anywhere is corrupt, never a panic.
+        for cut in [blob.len() - 1, blob.len() / 2, CheckpointHeader::BYTES + 3] {
+            assert!(decode(&blob[..cut], n).is_err(), "cut at {cut}");
         }
     }
 
