@@ -88,6 +88,20 @@ impl<T: Clone> Chunked<T> {
         (self.chunks.len() * chunk + self.chunks.capacity() * std::mem::size_of::<usize>()) as u64
     }
 
+    /// The first index at or after `from` whose entry satisfies `f`.
+    pub fn position_from(&self, from: usize, f: impl Fn(&T) -> bool) -> Option<usize> {
+        let mut c = from / CHUNK;
+        let mut at = from % CHUNK;
+        while let Some(chunk) = self.chunks.get(c) {
+            if let Some(i) = chunk.get(at..).and_then(|s| s.iter().position(&f)) {
+                return Some(c * CHUNK + at + i);
+            }
+            c += 1;
+            at = 0;
+        }
+        None
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
         self.chunks.iter().flat_map(|c| c.iter())
     }

@@ -4,10 +4,14 @@
 //!
 //! | byte | meaning |
 //! |---:|---|
-//! | 0 | free |
+//! | 0 | free: the allocator may hand the id out |
 //! | 1..=253 | exactly that many map entries point at the block |
 //! | 254 | 254 or more: the count is in `overflow` |
-//! | 255 | reserved ("dead, waiting for a checkpoint" in the paged design); never stored yet |
+//! | 255 | held, no reference: handed out and not referenced yet, or dead and waiting for a checkpoint to cover its death before it is reused |
+//!
+//! Free ids are found by scanning the bytes for 0 from the lowest one released (`cursor`): no
+//! list of free ids (8 bytes each), and the lowest ids are reused first, so the arrays stay
+//! near the live high-water mark.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +21,9 @@ use super::blocks::Chunked;
 /// The byte of a count kept in `overflow`.
 const OVERFLOW: u8 = 254;
 
+/// The byte of an id held with no reference (see the module's table).
+const HELD: u8 = 255;
+
 /// Reference counts by block id, copied on write by chunk like the block table (a checkpoint's
 /// image clones them inside its pause).
 #[derive(Clone, Default, Debug)]
@@ -24,6 +31,8 @@ pub struct RefCounts {
     bytes: Chunked<u8>,
     /// Counts of 254 and more. Shared with images like the chunks, copied at its first change.
     overflow: Arc<HashMap<u64, u32>>,
+    /// No free id lies below it (ids from 1).
+    cursor: usize,
 }
 
 impl RefCounts {
@@ -39,10 +48,10 @@ impl RefCounts {
         self.bytes.grow_to(n, 0);
     }
 
-    /// References to `id` (0 for a free id or one beyond the table).
+    /// References to `id` (0 for a free or held id, or one beyond the table).
     pub fn get(&self, id: u64) -> u32 {
         match self.bytes.get(id as usize) {
-            None => 0,
+            None | Some(&HELD) => 0,
             Some(&OVERFLOW) => self
                 .overflow
                 .get(&id)
@@ -54,7 +63,61 @@ impl RefCounts {
 
     /// Whether `id` is referenced.
     pub fn live(&self, id: u64) -> bool {
-        self.bytes.get(id as usize).is_some_and(|&b| b != 0)
+        self.bytes
+            .get(id as usize)
+            .is_some_and(|&b| b != 0 && b != HELD)
+    }
+
+    /// Whether `id` is held: handed out or dead, with no reference, not reusable yet.
+    #[cfg(test)]
+    fn held(&self, id: u64) -> bool {
+        self.bytes.get(id as usize) == Some(&HELD)
+    }
+
+    /// Hand out the lowest free id (held from now on), or `None` when every id is taken.
+    pub fn take_free(&mut self) -> Option<u64> {
+        let Some(i) = self.bytes.position_from(self.cursor.max(1), |&b| b == 0) else {
+            // None below the end: the next search starts at ids added since.
+            self.cursor = self.bytes.len();
+            return None;
+        };
+        self.cursor = i + 1;
+        *self.bytes.get_mut(i)? = HELD;
+        Some(i as u64)
+    }
+
+    /// Hold `id` (a new id, or one replay placed).
+    pub fn hold(&mut self, id: u64) {
+        if let Some(b) = self.bytes.get_mut(id as usize) {
+            if *b == 0 {
+                *b = HELD;
+            }
+        }
+    }
+
+    /// Make a held id free again (a checkpoint covers its death); `false` if it is not held
+    /// (referenced again meanwhile, or released already).
+    pub fn release(&mut self, id: u64) -> bool {
+        match self.bytes.get_mut(id as usize) {
+            Some(b) if *b == HELD => {
+                *b = 0;
+                self.cursor = self.cursor.min(id as usize);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Free every held id (after a checkpoint that covers everything).
+    pub fn release_all(&mut self) {
+        let mut from = 1;
+        while let Some(i) = self.bytes.position_from(from, |&b| b == HELD) {
+            if let Some(b) = self.bytes.get_mut(i) {
+                *b = 0;
+            }
+            from = i + 1;
+        }
+        self.cursor = 1;
     }
 
     /// One more reference; the count after it, or `None` for an id beyond the table. A count
@@ -63,6 +126,9 @@ impl RefCounts {
     /// block).
     pub fn add(&mut self, id: u64) -> Option<u32> {
         let b = self.bytes.get_mut(id as usize)?;
+        if *b == HELD {
+            *b = 0;
+        }
         if *b < OVERFLOW - 1 {
             *b += 1;
             return Some(u32::from(*b));
@@ -78,8 +144,10 @@ impl RefCounts {
         Some(*c)
     }
 
-    /// One reference less; the count after it, or `None` when nothing was dropped: a free id,
-    /// one beyond the table, or a count stuck at `u32::MAX` (see [`RefCounts::add`]).
+    /// One reference less; the count after it, or `None` when nothing was dropped: a free or
+    /// held id, one beyond the table, or a count stuck at `u32::MAX` (see [`RefCounts::add`]).
+    /// An id whose last reference goes is held, not free: the caller releases it once a
+    /// checkpoint covers its death.
     pub fn drop_one(&mut self, id: u64) -> Option<u32> {
         let cur = self.get(id);
         if cur == 0 || cur == u32::MAX {
@@ -97,6 +165,9 @@ impl RefCounts {
             }
         } else {
             *b -= 1;
+        }
+        if after == 0 {
+            *b = HELD;
         }
         Some(after)
     }
@@ -137,6 +208,39 @@ mod tests {
         assert_eq!(r.drop_one(1), None, "nothing to drop from a free id");
         assert_eq!(r.add(3), None, "beyond the table");
         assert_eq!(r.drop_one(3), None);
+    }
+
+    #[test]
+    fn free_ids_are_handed_out_lowest_first_and_reused_only_once_released() {
+        let mut r = RefCounts::with_len(6);
+        assert_eq!(r.take_free(), Some(1), "id 0 is never handed out");
+        assert_eq!(r.take_free(), Some(2));
+        assert!(r.held(1) && !r.live(1) && r.get(1) == 0);
+        assert_eq!(r.add(1), Some(1));
+        assert_eq!(r.add(2), Some(1));
+        // The last reference goes: held, not free, until released.
+        assert_eq!(r.drop_one(1), Some(0));
+        assert!(r.held(1));
+        assert_eq!(r.drop_one(1), None);
+        assert_eq!(r.take_free(), Some(3));
+        assert!(r.release(1));
+        assert!(!r.release(1), "released once");
+        assert_eq!(r.take_free(), Some(1), "the lowest free id again");
+        // Referenced again before its release: stays in use.
+        assert_eq!(r.drop_one(2), Some(0));
+        assert_eq!(r.add(2), Some(1));
+        assert!(!r.release(2));
+        assert_eq!(r.get(2), 1);
+        assert_eq!(r.take_free(), Some(4));
+        assert_eq!(r.take_free(), Some(5));
+        assert_eq!(r.take_free(), None, "all taken");
+        r.grow_to(8);
+        assert_eq!(r.take_free(), Some(6), "ids added since");
+        r.release_all();
+        assert!(!r.held(3) && !r.held(6));
+        assert_eq!(r.get(2), 1, "live ids stay");
+        assert_eq!(r.take_free(), Some(1));
+        assert_eq!(r.take_free(), Some(3));
     }
 
     #[test]

@@ -56,7 +56,6 @@ pub struct Space {
     pub blocks: BlockTable,
     /// Map entries pointing at each block; 0 = free.
     pub refs: RefCounts,
-    free_ids: Vec<u64>,
     /// Ids whose last reference went away at `seq`; reusable once a checkpoint covers `seq`.
     pending_ids: Vec<(u64, u64)>,
     pub seg_state: Vec<SegState>,
@@ -109,7 +108,6 @@ impl Space {
         Space {
             blocks: BlockTable::from(vec![BlockEntry::default()]),
             refs: RefCounts::with_len(1),
-            free_ids: Vec::new(),
             pending_ids: Vec::new(),
             seg_state: vec![SegState::Free; total_segments as usize],
             seg_live: vec![0; total_segments as usize],
@@ -125,12 +123,10 @@ impl Space {
         }
     }
 
-    /// RAM held per block id: the block table and the reference counts, with the lists of
-    /// free and pending ids.
+    /// RAM held per block id: the block table and the reference counts, with the ids waiting
+    /// for a checkpoint.
     pub fn ram_bytes(&self) -> u64 {
-        self.blocks.ram_bytes()
-            + self.refs.ram_bytes()
-            + (self.free_ids.capacity() * 8 + self.pending_ids.capacity() * 16) as u64
+        self.blocks.ram_bytes() + self.refs.ram_bytes() + self.pending_ids.capacity() as u64 * 16
     }
 
     /// Free segments the backing files hold blocks for.
@@ -150,14 +146,17 @@ impl Space {
         self.blocks = blocks;
     }
 
-    /// Allocate an id for a new block (refs starts at 0; [`Space::add_ref`] adds the first).
+    /// Allocate an id for a new block, the lowest free one: held, with no reference, until
+    /// [`Space::add_ref`] adds the first (or [`Space::discard_id`] gives it back).
     pub fn alloc_id(&mut self) -> u64 {
-        if let Some(id) = self.free_ids.pop() {
+        if let Some(id) = self.refs.take_free() {
             return id;
         }
         self.blocks.push(BlockEntry::default());
         self.refs.grow_to(self.blocks.len());
-        (self.blocks.len() - 1) as u64
+        let id = (self.blocks.len() - 1) as u64;
+        self.refs.hold(id);
+        id
     }
 
     /// Set a block's location (a new block, or one replayed from the log); returns the
@@ -263,6 +262,7 @@ impl Space {
     /// Give back an id that was allocated but never referenced (a failed or dropped write).
     pub fn discard_id(&mut self, id: u64, seq: u64) {
         if (id as usize) < self.blocks.len() && !self.refs.live(id) {
+            self.refs.hold(id);
             self.pending_ids.push((seq, id));
         }
     }
@@ -271,25 +271,20 @@ impl Space {
     /// An id referenced again meanwhile (a dedup hit on a block in the same record whose first
     /// reference was dropped) stays in use; an id released twice is freed once.
     pub fn release_ids(&mut self, seq_end: u64) {
-        let (ready, keep): (Vec<_>, Vec<_>) =
-            self.pending_ids.iter().partition(|(s, _)| *s < seq_end);
-        self.pending_ids = keep;
-        let mut ready: Vec<u64> = ready
-            .into_iter()
-            .map(|(_, id)| id)
-            .filter(|&id| (id as usize) < self.blocks.len() && !self.refs.live(id))
-            .collect();
-        ready.sort_unstable();
-        ready.dedup();
-        self.free_ids.extend(ready);
+        let refs = &mut self.refs;
+        self.pending_ids.retain(|&(s, id)| {
+            if s < seq_end {
+                refs.release(id);
+                false
+            } else {
+                true
+            }
+        });
     }
 
-    /// After loading a checkpoint: every unreferenced id is free.
+    /// After a checkpoint that covers the whole log (an open's): every unreferenced id is free.
     pub fn rebuild_free_ids(&mut self) {
-        self.free_ids = (1..self.blocks.len() as u64)
-            .rev()
-            .filter(|&id| !self.refs.live(id))
-            .collect();
+        self.refs.release_all();
         self.pending_ids.clear();
     }
 
