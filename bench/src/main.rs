@@ -116,11 +116,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> Result<()> {
-    // As the `ingot` binary does: no transparent huge pages, whose first touch zeroes 2 MiB
-    // (the in-process engine runs here).
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and changes only this process.
+    // As the `ingot` binary does: large short-lived buffers from the heap, not fresh mmaps.
+    // SAFETY: mallopt only changes allocator thresholds.
     unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
     match Cli::parse().cmd {
         Cmd::Compare(a) => {
