@@ -116,12 +116,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> Result<()> {
-    // As the `ingot` binary does: large short-lived buffers from the heap, not fresh mmaps.
-    // SAFETY: mallopt only changes allocator thresholds.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
+    // Transparent huge pages stay as the host has them: `ingot` turns them off for itself,
+    // but that setting is inherited across exec, and the peers, fio and PostgreSQL started from
+    // here must run as users run them. The in-process engine gets mimalloc without its
+    // huge-page advice (`no_thp`).
     match Cli::parse().cmd {
         Cmd::Compare(a) => {
             let r = compare::compare(&a)?;

@@ -191,9 +191,17 @@ enum ConfigCmd {
 /// without its huge-page advice (`no_thp`), which is enough where THP is `madvise`; this also
 /// covers hosts where it is `always`.
 fn tune_allocator() {
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and changes only this process.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    let one: libc::c_ulong = 1;
+    let zero: libc::c_ulong = 0;
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and changes only this process (and
+    // what it would exec: `ingot` starts no other program).
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, one, zero, zero, zero) };
+    if rc != 0 {
+        // Not fatal: only slower (the first touch of each fresh huge page zeroes 2 MiB).
+        eprintln!(
+            "ingot: could not turn transparent huge pages off: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -46,7 +46,7 @@ impl Checkpointer {
             next_volume_id: vols.next_id,
             volumes,
             blocks: space.blocks.clone(),
-            refs: space.refs.clone(),
+            refs: space.refs.liveness(),
             shards,
             data_chains: self.ctx.shards(),
             // Filled by `add_index` once the workers run again.

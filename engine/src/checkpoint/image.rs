@@ -36,8 +36,8 @@ pub(crate) struct Image {
     pub volumes: Vec<VolumeImage>,
     /// Indexed by block id; entries whose `refs` count is 0 are free and not written.
     pub blocks: crate::space::BlockTable,
-    /// Reference counts by block id, as the pool held them; only whether a block is live is
-    /// written. A decoded image counts 1 for each block it holds (opening counts the map
+    /// Which block ids are live (`RefCounts::liveness`: counts of 254 and more are not
+    /// carried); only that is written. A decoded image counts 1 for each block it holds (opening counts the map
     /// entries instead).
     pub refs: crate::space::RefCounts,
     /// Chain positions: the data shards' (`data_chains` of them), then move chains.
@@ -236,17 +236,20 @@ impl<'a> Sections<'a> {
         let left = if framed {
             // Every frame leads with its decompressed length: bound each before anything is
             // allocated, and add them up for `remaining`.
+            let bad = || Error::Corrupt {
+                what: "checkpoint frame",
+            };
             let mut total = 0usize;
             let mut g = Get::new(body, "checkpoint frame");
             while g.remaining() > 0 {
                 let len = g.u32()? as usize;
                 let size = Get::new(g.bytes(len)?, "checkpoint frame").u32()? as usize;
-                if size > CHECKPOINT_FRAME_BYTES {
-                    return Err(Error::Corrupt {
-                        what: "checkpoint frame",
-                    });
+                // LZ4 expands at most 255-fold: a larger claim is corruption, refused before
+                // `remaining` (which sizes allocations) believes it.
+                if size > CHECKPOINT_FRAME_BYTES || size > (len - 4) * 255 + 16 {
+                    return Err(bad());
                 }
-                total += size;
+                total = total.checked_add(size).ok_or_else(bad)?;
             }
             total
         } else {
@@ -265,6 +268,12 @@ impl<'a> Sections<'a> {
         Error::Corrupt { what: "checkpoint" }
     }
 
+    fn bad_frame() -> Error {
+        Error::Corrupt {
+            what: "checkpoint frame",
+        }
+    }
+
     /// The next `n` bytes.
     fn bytes(&mut self, n: usize) -> Result<&[u8]> {
         if n > self.left {
@@ -280,10 +289,13 @@ impl<'a> Sections<'a> {
             while self.buf.len() < n {
                 let len = self.frames.u32()? as usize;
                 let frame = self.frames.bytes(len)?;
+                let size = Get::new(frame, "checkpoint frame").u32()? as usize;
                 let out =
-                    lz4_flex::decompress_size_prepended(frame).map_err(|_| Error::Corrupt {
-                        what: "checkpoint frame",
-                    })?;
+                    lz4_flex::decompress_size_prepended(frame).map_err(|_| Self::bad_frame())?;
+                // Exactly what it claimed, so that `left` stays exact.
+                if out.len() != size {
+                    return Err(Self::bad_frame());
+                }
                 self.buf.extend_from_slice(&out);
             }
         }
@@ -324,8 +336,8 @@ fn sections(blob: &[u8], h: &CheckpointHeader) -> Result<Vec<u8>> {
 }
 
 /// Decode a blob whose CRC the caller has verified; `max_blocks` bounds block ids (see
-/// `read_checkpoint`). Reference counts are left at zero: the caller rebuilds them from the
-/// maps.
+/// `read_checkpoint`). Each block the blob holds counts one reference in the image's `refs`
+/// (what `encode` needs to write it again); an open drops them and counts the map entries.
 pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
     let h = CheckpointHeader::decode(&mut Get::new(blob, "checkpoint"))?;
     let mut g = Sections::new(blob, &h)?;
@@ -583,6 +595,40 @@ mod tests {
         for cut in [blob.len() - 1, blob.len() / 2, CheckpointHeader::BYTES + 3] {
             assert!(decode(&blob[..cut], n).is_err(), "cut at {cut}");
         }
+    }
+
+    /// Frames that claim far more than LZ4 can expand their bytes to are refused before
+    /// anything is sized by the claim: 8 bytes per frame claiming 4 MiB each, with a header
+    /// asking for an index of a billion entries, once asked for gigabytes.
+    #[test]
+    fn frames_that_claim_more_than_they_can_hold_are_corrupt() {
+        let mut blob = Vec::new();
+        CheckpointHeader {
+            seq: 1,
+            epoch: 1,
+            next_block_id: 1,
+            next_volume_id: 1,
+            volume_count: 0,
+            block_count: 0,
+            shard_count: 0,
+            index_count: 1 << 30,
+            index_sample_bits: 0,
+            flags: CHECKPOINT_LZ4,
+            version: CHECKPOINT_VERSION_PLAIN,
+        }
+        .encode(&mut blob);
+        for _ in 0..1000 {
+            blob.extend_from_slice(&4u32.to_le_bytes());
+            blob.extend_from_slice(&(CHECKPOINT_FRAME_BYTES as u32).to_le_bytes());
+        }
+        assert!(matches!(decode(&blob, 16), Err(Error::Corrupt { .. })));
+        // A real frame whose stated size is larger than what it holds: refused when read.
+        let mut blob = blob[..CheckpointHeader::BYTES].to_vec();
+        let mut frame = lz4_flex::compress_prepend_size(&[0u8; 64]);
+        frame[..4].copy_from_slice(&100u32.to_le_bytes());
+        blob.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        blob.extend_from_slice(&frame);
+        assert!(decode(&blob, 16).is_err());
     }
 
     #[test]

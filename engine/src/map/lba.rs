@@ -31,7 +31,6 @@ impl LbaMap {
         }
     }
 
-    /// Pages allocated.
     /// Bytes of RAM this map holds: its page slots, and each page `seen` does not hold yet
     /// (snapshots and clones share pages; pass one set over all of them).
     pub fn ram_bytes(&self, seen: &mut std::collections::HashSet<*const MapPage>) -> u64 {
@@ -47,6 +46,7 @@ impl LbaMap {
         slots + pages * page
     }
 
+    /// Pages allocated.
     pub fn present_pages(&self) -> u64 {
         self.present
     }

@@ -68,13 +68,15 @@ impl Pool {
         let mut map_ram = 0u64;
         // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
         for v in &states {
-            let Some(info) = volumes.iter_mut().find(|i| i.name == v.name) else {
-                continue;
-            };
+            // A volume created since `volumes` was listed still holds RAM.
+            let info = volumes.iter_mut().find(|i| i.name == v.name);
             let (mut unique, mut stored, mut mapped) = (0f64, 0f64, 0u64);
             for m in &v.maps {
                 let m = m.lock();
                 map_ram += m.ram_bytes(&mut pages_seen);
+                if info.is_none() {
+                    continue;
+                }
                 for (_, id) in m.iter() {
                     if let Some(b) = space.get(id) {
                         let r = f64::from(space.refs.get(id));
@@ -84,6 +86,9 @@ impl Pool {
                     }
                 }
             }
+            let Some(info) = info else {
+                continue;
+            };
             info.unique_blocks = unique.round() as u64;
             info.stored_bytes = stored.round() as u64;
             info.dedup_ratio = ratio(mapped as f64, unique);

@@ -88,22 +88,24 @@ impl<T: Clone> Chunked<T> {
         (self.chunks.len() * chunk + self.chunks.capacity() * std::mem::size_of::<usize>()) as u64
     }
 
-    /// The first index at or after `from` whose entry satisfies `f`.
-    pub fn position_from(&self, from: usize, f: impl Fn(&T) -> bool) -> Option<usize> {
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        self.chunks.iter().flat_map(|c| c.iter())
+    }
+}
+
+impl Chunked<u8> {
+    /// The first index at or after `from` holding `byte` (a vectorised scan, chunk by chunk).
+    pub fn find_from(&self, from: usize, byte: u8) -> Option<usize> {
         let mut c = from / CHUNK;
         let mut at = from % CHUNK;
         while let Some(chunk) = self.chunks.get(c) {
-            if let Some(i) = chunk.get(at..).and_then(|s| s.iter().position(&f)) {
+            if let Some(i) = chunk.get(at..).and_then(|s| memchr::memchr(byte, s)) {
                 return Some(c * CHUNK + at + i);
             }
             c += 1;
             at = 0;
         }
         None
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
-        self.chunks.iter().flat_map(|c| c.iter())
     }
 }
 

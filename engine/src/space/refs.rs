@@ -26,7 +26,7 @@ const HELD: u8 = 255;
 
 /// Reference counts by block id, copied on write by chunk like the block table (a checkpoint's
 /// image clones them inside its pause).
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Default)]
 pub struct RefCounts {
     bytes: Chunked<u8>,
     /// Counts of 254 and more. Shared with images like the chunks, copied at its first change.
@@ -35,7 +35,28 @@ pub struct RefCounts {
     cursor: usize,
 }
 
+impl std::fmt::Debug for RefCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefCounts")
+            .field("ids", &self.bytes.len())
+            .field("overflowed", &self.overflow.len())
+            .finish()
+    }
+}
+
 impl RefCounts {
+    /// A copy for a checkpoint's image, which asks only whether an id is live: the byte chunks
+    /// are shared (copied on write), the side map is left out. Sharing it would make the first
+    /// change to any count of 254 or more after each checkpoint copy the whole map under the
+    /// space lock (every block of a volume with 254 snapshots is in it).
+    pub fn liveness(&self) -> RefCounts {
+        RefCounts {
+            bytes: self.bytes.clone(),
+            overflow: Arc::default(),
+            cursor: 0,
+        }
+    }
+
     /// `n` ids, all free.
     pub fn with_len(n: usize) -> RefCounts {
         let mut r = RefCounts::default();
@@ -76,7 +97,7 @@ impl RefCounts {
 
     /// Hand out the lowest free id (held from now on), or `None` when every id is taken.
     pub fn take_free(&mut self) -> Option<u64> {
-        let Some(i) = self.bytes.position_from(self.cursor.max(1), |&b| b == 0) else {
+        let Some(i) = self.bytes.find_from(self.cursor.max(1), 0) else {
             // None below the end: the next search starts at ids added since.
             self.cursor = self.bytes.len();
             return None;
@@ -111,7 +132,7 @@ impl RefCounts {
     /// Free every held id (after a checkpoint that covers everything).
     pub fn release_all(&mut self) {
         let mut from = 1;
-        while let Some(i) = self.bytes.position_from(from, |&b| b == HELD) {
+        while let Some(i) = self.bytes.find_from(from, HELD) {
             if let Some(b) = self.bytes.get_mut(i) {
                 *b = 0;
             }
@@ -174,8 +195,8 @@ impl RefCounts {
 
     /// Bytes of RAM the counts hold (the side map at its table's size).
     pub fn ram_bytes(&self) -> u64 {
-        // A hashbrown slot of (u64, u32) and its control byte.
-        self.bytes.ram_bytes() + self.overflow.capacity() as u64 * 17
+        // A hashbrown slot of (u64, u32) and its control byte, with 8 buckets per 7 entries.
+        self.bytes.ram_bytes() + self.overflow.capacity() as u64 * 17 * 8 / 7
     }
 
     /// Ids with counts kept in the side map.
@@ -273,5 +294,9 @@ mod tests {
         assert_eq!((r.get(5), r.get(9_000), r.get(7)), (200, 0, 1));
         assert_eq!(image.overflowed(), 1);
         assert_eq!(r.overflowed(), 0);
+        // A checkpoint's copy knows which ids are live, without the side map.
+        let live = image.liveness();
+        assert!(live.live(5) && live.live(9_000) && !live.live(7));
+        assert_eq!(live.overflowed(), 0);
     }
 }

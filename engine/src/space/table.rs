@@ -1,6 +1,6 @@
 //! The block table (block id -> location, checksum), reference counts and segment accounting.
 //!
-//! One mutex guards both; shards take it once per record batch or read request.
+//! One mutex guards them all; shards take it once per record batch or read request.
 
 use super::{BlockTable, RefCounts};
 use crate::format::NO_SEGMENT;
@@ -54,7 +54,7 @@ pub struct Space {
     /// Indexed by block id, as `refs`; both always have the same length. Change them only
     /// through `Space`'s methods.
     pub blocks: BlockTable,
-    /// Map entries pointing at each block; 0 = free.
+    /// Map entries pointing at each block, and which ids are free (see [`RefCounts`]).
     pub refs: RefCounts,
     /// Ids whose last reference went away at `seq`; reusable once a checkpoint covers `seq`.
     pending_ids: Vec<(u64, u64)>,
@@ -269,12 +269,22 @@ impl Space {
 
     /// Ids freed by records before `seq_end` become reusable (a durable checkpoint covers them).
     /// An id referenced again meanwhile (a dedup hit on a block in the same record whose first
-    /// reference was dropped) stays in use; an id released twice is freed once.
+    /// reference was dropped) stays in use. An id with a later entry still pending stays held:
+    /// it was given back (a block placed for a volume deleted meanwhile), referenced again by a
+    /// duplicate in the same record, then freed after `seq_end`, and that death is not covered.
     pub fn release_ids(&mut self, seq_end: u64) {
+        let later: std::collections::HashSet<u64> = self
+            .pending_ids
+            .iter()
+            .filter(|&&(s, _)| s >= seq_end)
+            .map(|&(_, id)| id)
+            .collect();
         let refs = &mut self.refs;
         self.pending_ids.retain(|&(s, id)| {
             if s < seq_end {
-                refs.release(id);
+                if !later.contains(&id) {
+                    refs.release(id);
+                }
                 false
             } else {
                 true
@@ -413,6 +423,25 @@ mod tests {
         (0..n)
             .map(|_| s.alloc_segment(SegState::Open, 0).expect("a free segment"))
             .collect()
+    }
+
+    #[test]
+    fn an_id_with_a_later_death_pending_is_not_released_early() {
+        let mut s = Space::new(4);
+        let x = s.alloc_id();
+        // Given back (its volume went away), referenced again by a duplicate in the same
+        // record, then dead at sequence 5.
+        s.discard_id(x, 1);
+        s.add_ref(x);
+        assert!(s.drop_ref(x, 5));
+        s.release_ids(3);
+        assert_ne!(
+            s.alloc_id(),
+            x,
+            "released before the checkpoint that covers its death"
+        );
+        s.release_ids(6);
+        assert_eq!(s.alloc_id(), x);
     }
 
     #[test]
