@@ -65,6 +65,10 @@ pub struct GcReport {
     pub bytes_moved: u64,
 }
 
+/// Block ids scanned per hold of the space lock when gathering victims' blocks (a few hundred
+/// microseconds).
+const SCAN_SLICE_IDS: usize = 64 << 10;
+
 impl Cleaner {
     /// Empty up to `max_victims` sealed segments at most `max_utilisation` full, moving their
     /// live blocks through the mover's chain. Victims sealed before the last checkpoint are
@@ -90,7 +94,7 @@ impl Cleaner {
         let ckpt_reserve = self.ctx.ckpt_reserve();
         // Lock order: checkpoint state before space.
         let ckpt_seq = self.ckpt.state.lock().both_seq;
-        let (victims, moves_by_victim) = {
+        let (victims, victim_of, scan_end) = {
             let mut space = self.ctx.space.lock();
             let now = self.ctx.seq.load(Ordering::Acquire);
             let mut cands: Vec<(f64, u32)> = space
@@ -139,24 +143,44 @@ impl Cleaner {
                 SegState::Sealed { seq } => seq,
                 _ => u64::MAX,
             });
-            let mut moves: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
             // Segment -> victim index, so the scan of the block table is one lookup per block.
             let mut victim_of = vec![u32::MAX; space.seg_state.len()];
             for (i, &v) in victims.iter().enumerate() {
                 victim_of[v as usize] = i as u32;
             }
-            for (id, e) in space.blocks.iter().enumerate() {
-                if space.refs.live(id as u64) {
-                    if let Some(&i) = victim_of
-                        .get(e.segment as usize)
-                        .filter(|&&i| i != u32::MAX)
-                    {
-                        moves[i as usize].push((id as u64, *e));
-                    }
+            (victims, victim_of, space.blocks.len())
+        };
+        // The victims' live blocks, from the block table a slice at a time with the space lock
+        // let go between slices: scanned whole, 2 M ids held every shard's records up for 13 ms
+        // a pass (0.5 ms a slice now). Nothing enters a victim meanwhile (sealed: blocks are placed in open
+        // segments only, and ids past `scan_end` are newer); a block that leaves one (an
+        // overwrite, a trim) is skipped by `Space::relocate` when its move applies, as when it
+        // leaves after the scan.
+        let mut moves_by_victim: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
+        let scan_start = std::time::Instant::now();
+        let mut longest_hold = Duration::ZERO;
+        let mut from = 0;
+        while from < scan_end {
+            let to = (from + SCAN_SLICE_IDS).min(scan_end);
+            let space = self.ctx.space.lock();
+            let held = std::time::Instant::now();
+            for id in from as u64..to as u64 {
+                if !space.refs.live(id) {
+                    continue;
+                }
+                let e = space.blocks[id as usize];
+                if let Some(&i) = victim_of
+                    .get(e.segment as usize)
+                    .filter(|&&i| i != u32::MAX)
+                {
+                    moves_by_victim[i as usize].push((id, e));
                 }
             }
-            (victims, moves)
-        };
+            drop(space);
+            longest_hold = longest_hold.max(held.elapsed());
+            from = to;
+        }
+        let scan_us = scan_start.elapsed().as_micros();
         let mut report = GcReport::default();
         if tracing::enabled!(target: "ingot_engine::gc", tracing::Level::DEBUG) {
             let space = self.ctx.space.lock();
@@ -173,6 +197,8 @@ impl Cleaner {
                 greedy,
                 free = space.free_segments,
                 victims = %us.join(" "),
+                scan_us,
+                longest_hold_us = longest_hold.as_micros(),
                 "cleaning pass"
             );
         }
