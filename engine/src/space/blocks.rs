@@ -88,6 +88,20 @@ impl<T: Clone> Chunked<T> {
         (self.chunks.len() * chunk + self.chunks.capacity() * std::mem::size_of::<usize>()) as u64
     }
 
+    /// Entries `range` (clamped to the length) with their indexes, chunk by chunk.
+    pub fn range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = (usize, &T)> + '_ {
+        let end = range.end.min(self.len);
+        let start = range.start.min(end);
+        (start / CHUNK..end.div_ceil(CHUNK)).flat_map(move |c| {
+            let lo = (c * CHUNK).max(start) - c * CHUNK;
+            let hi = ((c + 1) * CHUNK).min(end) - c * CHUNK;
+            self.chunks[c][lo..hi]
+                .iter()
+                .enumerate()
+                .map(move |(i, e)| (c * CHUNK + lo + i, e))
+        })
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
         self.chunks.iter().flat_map(|c| c.iter())
     }
@@ -201,6 +215,14 @@ mod tests {
         assert_eq!(g[3].segment, 5);
         assert_eq!(g[2 * CHUNK].segment, 5);
         assert_eq!(g.iter().count(), 2 * CHUNK + 1);
+        let r: Vec<usize> = g.range(CHUNK - 2..CHUNK + 2).map(|(i, _)| i).collect();
+        assert_eq!(r, [CHUNK - 2, CHUNK - 1, CHUNK, CHUNK + 1]);
+        assert_eq!(
+            g.range(2 * CHUNK..usize::MAX).count(),
+            1,
+            "clamped to the length"
+        );
+        assert_eq!(g.range(5..5).count(), 0);
         assert!(g.get(2 * CHUNK + 1).is_none());
     }
 }
