@@ -198,6 +198,9 @@ impl Pool {
                 }
             }
         }
+        // 16 bytes an entry, no longer needed: not held through replay and the recovery
+        // checkpoint, the open's peak.
+        drop(image.index);
         for v in image.volumes {
             let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards);
             if v.flags & !crate::format::VOLUME_KNOWN_FLAGS != 0 {
