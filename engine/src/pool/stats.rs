@@ -99,6 +99,7 @@ impl Pool {
             let d = inner.ctx.dedup.lock();
             (d.bytes(), d.len() as u64, 1u64 << d.sample_bits())
         };
+        let metadata_ram = map_ram + space.ram_bytes();
         let logical: u64 = volumes.iter().map(|v| v.mapped_bytes).sum();
         let seg = inner.ctx.geo.segment_bytes;
         let total = u64::from(inner.ctx.geo.total_segments);
@@ -166,11 +167,11 @@ impl Pool {
             ),
             data_reduction_ratio: ratio(logical as f64, space.stored_bytes as f64),
             dedup_index_bytes: index_bytes,
-            metadata_ram_bytes: map_ram + space.ram_bytes(),
+            metadata_ram_bytes: metadata_ram,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {
                 0.0
             } else {
-                (map_ram + space.ram_bytes() + index_bytes) as f64 / space.live_blocks as f64
+                (metadata_ram + index_bytes) as f64 / space.live_blocks as f64
             },
             process_rss_bytes: process_rss_bytes(),
             dedup_index_entries: index_entries,

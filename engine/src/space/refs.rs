@@ -89,6 +89,11 @@ impl RefCounts {
             .is_some_and(|&b| b != 0 && b != HELD)
     }
 
+    /// Whether each id is live, in id order.
+    pub fn live_iter(&self) -> impl Iterator<Item = bool> + '_ {
+        self.bytes.iter().map(|&b| b != 0 && b != HELD)
+    }
+
     /// Whether `id` is held: handed out or dead, with no reference, not reusable yet.
     #[cfg(test)]
     fn held(&self, id: u64) -> bool {
