@@ -263,30 +263,22 @@ impl Volume {
             return None;
         }
         let shards = self.ctx.shards();
-        // (block id, generation); id 0 is a hole.
-        let mut found = [(0u64, 0u32); MAX_CACHED_READ_BLOCKS];
-        {
-            // Block ids are looked up under the space lock, as the shards apply records (space,
-            // then map): the entry's generation is then the one of the id the map held, so a
-            // block freed and reused meanwhile cannot be mistaken for this one in the cache.
-            let space = self.ctx.space.lock();
-            for (slot, lba) in found.iter_mut().zip(first..=last) {
-                let id = self.state.maps[shard_of(lba, shards)].lock().get(lba);
-                if id != 0 {
-                    // A map entry without a block is corruption: the shard's read reports it.
-                    *slot = (id, space.get(id)?.generation);
-                }
-            }
+        // Block ids; 0 is a hole.
+        let mut found = [0u64; MAX_CACHED_READ_BLOCKS];
+        // Before the look-ups: an id the maps give is then the block they meant as long as no
+        // id was released since, which `get_at` checks under the cache's lock (see `cache`). No
+        // space lock: a front-end thread's cached read takes only a map's and a cache's.
+        let seen = self.ctx.reuse.now();
+        for (slot, lba) in found.iter_mut().zip(first..=last) {
+            *slot = self.state.maps[shard_of(lba, shards)].lock().get(lba);
         }
         let cache_of = |lba: u64| self.ctx.caches[shard_of(lba, shards)].lock();
         let n = len as usize;
         let from = (offset % BLOCK_BYTES) as usize;
         if count == 1 {
             return Some(match found[0] {
-                (0, _) => crate::job::zeroes(n),
-                (id, generation) => cache_of(first)
-                    .get_if_cached(id, generation)?
-                    .slice(from..from + n),
+                0 => crate::job::zeroes(n),
+                id => cache_of(first).get_at(id, seen)?.slice(from..from + n),
             });
         }
         let mut out = bytes::BytesMut::with_capacity(n);
@@ -294,10 +286,10 @@ impl Volume {
             let start = if i == 0 { from } else { 0 };
             let end = (BLOCK_BYTES as usize).min(start + n - out.len());
             match found[i] {
-                (0, _) => out.resize(out.len() + end - start, 0),
-                (id, generation) => {
+                0 => out.resize(out.len() + end - start, 0),
+                id => {
                     let mut cache = cache_of(lba);
-                    out.extend_from_slice(cache.get_if_cached(id, generation)?.get(start..end)?);
+                    out.extend_from_slice(cache.get_at(id, seen)?.get(start..end)?);
                 }
             }
         }

@@ -355,3 +355,107 @@ fn throttled_reads_go_to_the_shards_with_nothing_held() {
         same(&d, &block(lba, 1), "read");
     }
 }
+
+/// Block `lba` at version `n`, saying which it is in its first 16 bytes.
+fn tagged(lba: u64, n: u64) -> Vec<u8> {
+    let mut b = common::xorshift_block(lba << 32 | n);
+    b[..16].copy_from_slice(&[lba.to_le_bytes(), n.to_le_bytes()].concat());
+    b
+}
+
+/// Block ids are reused as soon as a checkpoint covers their death, and the caches are keyed
+/// by id. Reads racing overwrites and checkpoints (a few blocks overwritten over and over, so
+/// the same ids come back all the time; a cache too small for them, so reads miss and fill it)
+/// must still get each block as some write left it, never older than what the same reader saw
+/// before, and never another block's contents.
+#[test]
+fn reads_racing_id_reuse_never_see_another_block() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    const LBAS: u64 = 48;
+    let dir = tempfile::tempdir().unwrap();
+    // 16 blocks of cache per shard.
+    let pool = Arc::new(pool(dir.path(), IoKind::Uring, 32 * BLOCK as u64, None));
+    let v = pool.volume("v").unwrap();
+    for lba in 0..LBAS {
+        v.write(lba * BLOCK as u64, &tagged(lba, 0), false).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let check = |got: &[u8], first: u64, seen: &mut [u64]| {
+        for (i, b) in got.chunks(BLOCK).enumerate() {
+            let lba = first + i as u64;
+            let at = u64::from_le_bytes(b[..8].try_into().unwrap());
+            let n = u64::from_le_bytes(b[8..16].try_into().unwrap());
+            assert_eq!(at, lba, "block {lba} read with block {at}'s contents");
+            same(b, &tagged(lba, n), "a block as written");
+            assert!(
+                n >= seen[lba as usize],
+                "block {lba} went back from {} to {n}",
+                seen[lba as usize]
+            );
+            seen[lba as usize] = n;
+        }
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let (v, stop, reads) = (v.clone(), stop.clone(), reads.clone());
+            std::thread::spawn(move || {
+                let mut seen = vec![0u64; LBAS as usize];
+                let mut own = Reader::new(&v, 8).unwrap();
+                let mut x = 0x2545_f491_4f6c_dd1du64 + r;
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // One or two blocks, through the volume (cached on this thread, else the
+                    // shards) or this thread's own queue.
+                    let count = 1 + x % 2;
+                    let first = (x >> 8) % (LBAS - 1);
+                    let len = (count * BLOCK as u64) as u32;
+                    let got = if r == 0 {
+                        v.read(first * BLOCK as u64, len).unwrap()
+                    } else {
+                        read(&mut own, first * BLOCK as u64, len).unwrap()
+                    };
+                    check(&got, first, &mut seen);
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let checkpoints = Arc::new(AtomicU64::new(0));
+    let checkpointer = {
+        let (pool, stop, checkpoints) = (pool.clone(), stop.clone(), checkpoints.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                pool.checkpoint().unwrap();
+                checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut x = 88_172_645_463_325_252u64;
+    // Until enough has raced (rounds are fast: writes are acknowledged early).
+    for n in 1.. {
+        if reads.load(Ordering::Relaxed) >= 20_000 && checkpoints.load(Ordering::Relaxed) >= 300
+            || n > 1_000_000
+        {
+            break;
+        }
+        for _ in 0..LBAS / 2 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let lba = x % LBAS;
+            v.write(lba * BLOCK as u64, &tagged(lba, n), false).unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("a reader failed");
+    }
+    checkpointer.join().unwrap();
+    assert!(
+        reads.load(Ordering::Relaxed) >= 20_000 && checkpoints.load(Ordering::Relaxed) >= 300,
+        "{checkpoints:?} checkpoints, {reads:?} reads"
+    );
+}

@@ -209,7 +209,7 @@ impl Checkpointer {
         }
         self.at_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        space.release_ids(image.seq);
+        self.ctx.release_ids(&mut space, image.seq);
         self.ctx.note_freed(&mut space, &freed);
         drop(space);
         tracing::debug!(

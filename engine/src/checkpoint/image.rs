@@ -424,7 +424,6 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             stored_len: g.u32()? as u16,
             crc: g.u32()?,
             flags: g.u32()? as u16,
-            generation: 0,
         };
         g.skip(4)?;
         let slot = blocks.get_mut(id as usize).ok_or(Error::Corrupt {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, ReuseEpoch};
 use crate::counters::{Counters, ShardStats, Stages};
 use crate::error::{Error, Result};
 use crate::format::LogKey;
@@ -55,6 +55,8 @@ pub(crate) struct Context {
     /// Each shard's block cache. The shard fills it; front-end threads read cached blocks from
     /// it directly ([`crate::Volume::submit`]), saving the hand-off to the shard and back.
     pub caches: Vec<Mutex<BlockCache>>,
+    /// Releases of block ids for reuse; every cache checks it (see `cache`).
+    pub reuse: ReuseEpoch,
     /// Some shard caches blocks: reads may be served from the caches on the caller's thread
     /// (with the cache off, trying cost a space and a map lock per read).
     pub caching: bool,
@@ -109,6 +111,8 @@ pub(crate) struct Parts {
     pub space: Space,
     pub seq: u64,
     pub caches: Vec<Mutex<BlockCache>>,
+    /// The epoch the caches were made with.
+    pub reuse: ReuseEpoch,
     pub flusher: Sender<FlushMsg>,
     pub discard_freed: bool,
     pub usable_bytes: u64,
@@ -147,6 +151,7 @@ impl Context {
             shard_stats: (0..chains).map(|_| ShardStats::default()).collect(),
             caching: p.caches.iter().any(|c| !c.lock().is_off()),
             caches: p.caches,
+            reuse: p.reuse,
             counters: Counters::default(),
             stages: Arc::default(),
             reads: ReadFence::default(),
@@ -211,6 +216,30 @@ impl Context {
         self.volumes.read().by_name.get(name).cloned()
     }
 
+    /// Ids freed by records before `seq_end` become reusable (`Space::release_ids`). None can
+    /// be handed out before every block cache has dropped them: `space` stays locked
+    /// throughout (lock order: space, then a cache).
+    pub(crate) fn release_ids(&self, space: &mut Space, seq_end: u64) {
+        let released = space.release_ids(seq_end);
+        if released.is_empty() {
+            return;
+        }
+        self.reuse.bump();
+        for c in &self.caches {
+            c.lock().purge(&released, |id| space.refs.is_free(id));
+        }
+    }
+
+    /// Every unreferenced id becomes reusable (after an open's checkpoint, which covers the
+    /// whole log), as in [`Context::release_ids`].
+    pub(crate) fn release_all_ids(&self, space: &mut Space) {
+        space.rebuild_free_ids();
+        self.reuse.bump();
+        for c in &self.caches {
+            c.lock().purge_free(|id| space.refs.is_free(id));
+        }
+    }
+
     /// Sync every device.
     pub fn sync(&self) -> Result<()> {
         self.devices.sync().map_err(|source| Error::Sync { source })
@@ -255,5 +284,72 @@ impl Context {
     pub(crate) fn note_host_full(&self) {
         self.host.set_tight();
         self.write_back.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::api::BLOCK_BYTES;
+    use crate::map::shard_of;
+    use crate::pool::{CreateOptions, Pool, PoolOptions};
+
+    /// A trimmed block stays cached (a trim can free millions), but not past the checkpoint
+    /// that lets its id be reused: the id would then serve the old copy for another block.
+    /// And a copy read before that checkpoint is not cached after it.
+    #[test]
+    fn released_ids_leave_every_cache_before_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = PoolOptions {
+            shards: 2,
+            cache_bytes: Some(16 << 20),
+            ..Default::default()
+        };
+        let c = CreateOptions {
+            size_bytes: 64 << 20,
+            segment_bytes: 2 << 20,
+            ..Default::default()
+        };
+        let pool = Pool::create(dir.path(), &c, &o).unwrap();
+        pool.create_volume("v", 64 * BLOCK_BYTES).unwrap();
+        let v = pool.volume("v").unwrap();
+        let ctx = &pool.inner.ctx;
+        let state = ctx.lookup("v").unwrap();
+        let shards = ctx.shards();
+        let ids: Vec<u64> = (0..8u64)
+            .map(|lba| {
+                let data = vec![lba as u8 + 1; BLOCK_BYTES as usize];
+                v.write(lba * BLOCK_BYTES, &data, false).unwrap();
+                state.maps[shard_of(lba, shards)].lock().get(lba)
+            })
+            .collect();
+        v.flush().unwrap();
+        let cached = |id: u64| ctx.caches.iter().any(|c| c.lock().contains(id));
+        assert!(
+            ids.iter().all(|&id| cached(id)),
+            "written blocks are cached"
+        );
+        let before = ctx.reuse.now();
+        v.trim(0, 8 * BLOCK_BYTES, false).unwrap();
+        v.flush().unwrap();
+        assert!(
+            ids.iter().all(|&id| cached(id)),
+            "trimmed blocks stay cached"
+        );
+        pool.checkpoint().unwrap();
+        assert!(ctx.reuse.now() > before);
+        for &id in &ids {
+            assert!(ctx.space.lock().refs.is_free(id), "id {id} released");
+            assert!(!cached(id), "released id {id} still cached");
+            let mut cache = ctx.caches[0].lock();
+            cache.insert(
+                id,
+                before,
+                bytes::Bytes::from(vec![9; BLOCK_BYTES as usize]),
+            );
+            assert!(
+                !cache.contains(id),
+                "a copy from before the release was cached"
+            );
+        }
     }
 }

@@ -25,7 +25,8 @@ pub(crate) const VICTIM_READ_PIECE: usize = 1 << 20;
 pub(crate) const VICTIM_READ_GAP: usize = 16 << 10;
 
 impl Cleaner {
-    /// The live payloads of victim `seg` (`blocks`: its live blocks), ready for the mover.
+    /// The live payloads of victim `seg` (`blocks`: its live blocks, found at reuse epoch
+    /// `seen`), ready for the mover.
     /// Uncompressed blocks the block cache holds (checked against their CRC) come from there;
     /// the rest are read from the device in 4 KiB-aligned extents that skip dead and cached
     /// stretches. At 90% full under uniform overwrites victims are ~70% live and the device's
@@ -34,6 +35,7 @@ impl Cleaner {
         &self,
         seg: u32,
         blocks: &[(u64, BlockEntry)],
+        seen: u64,
     ) -> Result<Vec<Relocation>> {
         let seg_bytes = self.ctx.geo.segment_bytes as usize;
         let mut live: Vec<&(u64, BlockEntry)> = blocks.iter().collect();
@@ -43,8 +45,8 @@ impl Cleaner {
         let mut payloads: Vec<Relocation> = Vec::with_capacity(live.len());
         // Stored length of each payload.
         let mut lens: Vec<usize> = Vec::with_capacity(live.len());
-        // (payload index, block id, generation) of raw blocks to look for in the caches.
-        let mut wanted: Vec<(usize, u64, u32)> = Vec::with_capacity(live.len());
+        // (payload index, block id) of raw blocks to look for in the caches.
+        let mut wanted: Vec<(usize, u64)> = Vec::with_capacity(live.len());
         for &&(id, e) in &live {
             if e.offset as usize + usize::from(e.stored_len) > seg_bytes {
                 continue;
@@ -55,7 +57,7 @@ impl Cleaner {
                     if e.flags & crate::format::FLAG_LZ4 == 0
                         && u64::from(e.stored_len) == BLOCK_BYTES
                     {
-                        wanted.push((payloads.len(), id, e.generation));
+                        wanted.push((payloads.len(), id));
                     }
                     lens.push(usize::from(e.stored_len));
                     payloads.push(Relocation {
@@ -75,7 +77,7 @@ impl Cleaner {
                 break;
             }
             let cache = cache.lock();
-            wanted.retain(|&(i, id, generation)| match cache.peek(id, generation) {
+            wanted.retain(|&(i, id)| match cache.peek_at(id, seen) {
                 Some(b) => {
                     found.push((i, b));
                     false

@@ -159,6 +159,8 @@ impl Cleaner {
         // then not zero, is not freed but cleaned again later. Ids past `scan_end` are newer.
         let mut moves_by_victim: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
         let scan_start = std::time::Instant::now();
+        // Cached copies of the blocks found are good while no id was released since.
+        let seen = self.ctx.reuse.now();
         let mut longest_hold = Duration::ZERO;
         // A pass without victims (no room) scans nothing.
         let mut from = if victims.is_empty() { scan_end } else { 0 };
@@ -234,7 +236,7 @@ impl Cleaner {
             let start_reads = |g: usize| -> Vec<_> {
                 groups[g]
                     .iter()
-                    .map(|&(&seg, blocks)| sc.spawn(move || self.gather_victim(seg, blocks)))
+                    .map(|&(&seg, blocks)| sc.spawn(move || self.gather_victim(seg, blocks, seen)))
                     .collect()
             };
             let mut reading = (!groups.is_empty()).then(|| start_reads(0));
@@ -387,15 +389,11 @@ mod tests {
         let mut corrupted = 0;
         for lba in (1..blocks).step_by(2) {
             let id = state.maps[shard_of(lba, shards)].lock().get(lba);
-            let generation = inner.ctx.space.lock().get(id).unwrap().generation;
+            let seen = inner.ctx.reuse.now();
             for cache in &inner.ctx.caches {
                 let mut cache = cache.lock();
-                if cache.contains(id, generation) {
-                    cache.insert(
-                        id,
-                        generation,
-                        Bytes::from(vec![0xA5; BLOCK_BYTES as usize]),
-                    );
+                if cache.contains(id) {
+                    cache.insert(id, seen, Bytes::from(vec![0xA5; BLOCK_BYTES as usize]));
                     corrupted += 1;
                 }
             }

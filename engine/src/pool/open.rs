@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, ReuseEpoch};
 use crate::error::{Error, Result};
 use crate::format::{
     LogKey, SegmentHeader, SegmentKind, DATA_START, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
@@ -399,6 +399,7 @@ impl Pool {
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
         let usable_bytes = usable_bytes(&geo, nshards);
         let health = Arc::new(Health::default());
+        let reuse = ReuseEpoch::default();
         // Writes and deletes of earlier owners are refused from now on.
         store.fence(epoch);
         let ctx = Arc::new(Context::new(Parts {
@@ -419,9 +420,10 @@ impl Pool {
                     } else {
                         0
                     };
-                    Mutex::new(BlockCache::new(bytes))
+                    Mutex::new(BlockCache::new(bytes, reuse.clone()))
                 })
                 .collect(),
+            reuse,
             flusher: ftx,
             discard_freed: !pf.prefilled,
             usable_bytes,
@@ -470,7 +472,7 @@ impl Pool {
             inner.ckpt.add_index(&mut image);
             let mut ck = inner.ckpt.state.lock();
             inner.ckpt.commit(&mut ck, &image, &live_then)?;
-            inner.ctx.space.lock().rebuild_free_ids();
+            inner.ctx.release_all_ids(&mut inner.ctx.space.lock());
         }
         inner.ctx.top_up_backed();
         if inner.ctx.discard_freed && !o.read_only {

@@ -45,7 +45,6 @@ const BLOCK: usize = BLOCK_BYTES as usize;
 /// One block a read wants from a stored payload.
 struct Want {
     id: u64,
-    generation: u32,
     /// Whose cache keeps it (the shard owning its LBA).
     cache: usize,
     /// Position of the block in its payload's group.
@@ -73,6 +72,8 @@ struct Span {
     base: u32,
     pieces: Vec<Piece>,
     sent: Instant,
+    /// The ids' reuse epoch when they were looked up (see `cache`).
+    seen: u64,
 }
 
 /// Reads of one volume through a queue the calling thread owns (see the module doc). Not
@@ -261,7 +262,7 @@ impl Reader {
                                 let block = plain.slice(w.index * BLOCK..(w.index + 1) * BLOCK);
                                 span.job.fill(w.dst, block.slice(w.from..w.from + w.len));
                                 if ctx.caching {
-                                    ctx.caches[w.cache].lock().insert(w.id, w.generation, block);
+                                    ctx.caches[w.cache].lock().insert(w.id, span.seen, block);
                                 }
                             }
                         }
@@ -297,9 +298,12 @@ impl Reader {
         // Scratch kept by the reader: a 4k read allocates only its job, buffer and span.
         let mut found = std::mem::take(&mut self.found);
         found.clear();
+        let seen;
         {
-            // Space, then maps, as the shards apply records (see `Volume::read_cached`).
+            // Space, then maps, as the shards apply records.
             let space = ctx.space.lock();
+            // Under the space lock: no release of ids can fall between it and the look-ups.
+            seen = ctx.reuse.now();
             for lba in first..=last {
                 let id = state.maps[shard_of(lba, shards)].lock().get(lba);
                 let entry = if id == 0 { None } else { space.get(id) };
@@ -330,14 +334,13 @@ impl Reader {
             let (from, n) = (from as usize, (to - from) as usize);
             let cache = shard_of(lba, shards);
             if ctx.caching {
-                if let Some(b) = ctx.caches[cache].lock().get_if_cached(id, e.generation) {
+                if let Some(b) = ctx.caches[cache].lock().get_at(id, seen) {
                     cached.push((dst, b.slice(from..from + n)));
                     continue;
                 }
             }
             let want = Want {
                 id,
-                generation: e.generation,
                 cache,
                 index: reduce::group_of(e.flags).0,
                 from,
@@ -388,6 +391,7 @@ impl Reader {
                 base,
                 pieces,
                 sent: now,
+                seen,
             };
             self.spans[slot] = Some(span);
             self.in_flight += 1;

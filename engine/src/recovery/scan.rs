@@ -59,7 +59,6 @@ impl ReplayRecord {
             stored_len: d.stored_len as u16,
             flags: d.flags,
             crc: d.payload_crc,
-            generation: 0,
         }
     }
 }

@@ -432,7 +432,6 @@ impl Shard {
                             stored_len: stored as u16,
                             flags,
                             crc,
-                            generation: 0,
                         },
                         plain: src,
                         large: part.large_write.get(),
@@ -510,7 +509,6 @@ impl Shard {
                                 stored_len: stored as u16,
                                 flags,
                                 crc: rel.crc,
-                                generation: 0,
                             },
                         });
                     }

@@ -21,7 +21,8 @@ use crate::store::{self, Range};
 /// One block a read wants out of a stored payload.
 pub(crate) struct Want {
     pub(crate) id: u64,
-    pub(crate) generation: u32,
+    /// The reuse epoch when the id was looked up (see `cache`).
+    pub(crate) seen: u64,
     /// Position of the block in its group.
     pub(crate) index: usize,
     /// Bytes of the block wanted, and where they go in the job buffer (`None`: a neighbour in
@@ -113,8 +114,11 @@ impl Shard {
             let map = vol.maps[self.id].lock();
             ids.extend((first..=last).map(|lba| map.get(lba)));
         }
+        let seen;
         {
             let space = self.ctx.space.lock();
+            // Under the space lock, with the look-ups (see `cache`).
+            seen = self.ctx.reuse.now();
             entries.extend(
                 ids.iter()
                     .map(|&id| if id == 0 { None } else { space.get(id) }),
@@ -163,17 +167,14 @@ impl Shard {
                 continue; // hole: the job buffer is already zero
             };
             let id = ids[i];
-            let hit = self
-                .cache()
-                .get(id, e.generation)
-                .map(|d| d.slice(from..from + n));
+            let hit = self.cache().get(id).map(|d| d.slice(from..from + n));
             if let Some(data) = hit {
                 part.job.fill(dst, data);
                 continue;
             }
             let want = Want {
                 id,
-                generation: e.generation,
+                seen,
                 index: reduce::group_of(e.flags).0,
                 from,
                 len: n,
@@ -187,10 +188,10 @@ impl Shard {
                 .flat_map(|s| s.pieces.iter_mut())
                 .find(|p| p.segment == e.segment && p.offset == e.offset);
             if let Some(p) = piece {
-                if !p.wants.iter().any(|w| w.id == id) && !self.cache().contains(id, e.generation) {
+                if !p.wants.iter().any(|w| w.id == id) && !self.cache().contains(id) {
                     p.wants.push(Want {
                         id,
-                        generation: e.generation,
+                        seen,
                         index: reduce::group_of(e.flags).0,
                         from: 0,
                         len: 0,
@@ -247,7 +248,7 @@ impl Shard {
                                 if let Some(dst) = w.dst {
                                     pr.part.job.fill(dst, block.slice(w.from..w.from + w.len));
                                 }
-                                self.cache().insert(w.id, w.generation, block);
+                                self.cache().insert(w.id, w.seen, block);
                             }
                         }
                         Err(f) => {
@@ -275,7 +276,7 @@ impl Shard {
         let e = self.ctx.space.lock().get(id).ok_or(Error::Corrupt {
             what: "map points at a free block",
         })?;
-        if let Some(data) = self.cache().get(id, e.generation) {
+        if let Some(data) = self.cache().get(id) {
             return Ok(data.to_vec().into_boxed_slice());
         }
         let plain = load_payload(&self.ctx, &e).map_err(|f| f.error(id))?;

@@ -31,8 +31,8 @@ pub(crate) struct VerifyRead {
     pub(crate) stored_len: u32,
     pub(crate) crc: u32,
     pub(crate) flags: u16,
-    /// (item index, candidate id, its generation, its index in the group)
-    pub(crate) cands: Vec<(usize, u64, u32, usize)>,
+    /// (item index, candidate id, its index in the group)
+    pub(crate) cands: Vec<(usize, u64, usize)>,
 }
 
 /// Writes longer than this are cached only into free room (write-around): bulk writes (loads,
@@ -246,8 +246,10 @@ impl Shard {
             return;
         }
         // Pin every live candidate so it cannot be freed (and its id reused) meanwhile.
+        let seen;
         let pinned: Vec<(usize, u64, BlockEntry)> = {
             let mut space = self.ctx.space.lock();
+            seen = self.ctx.reuse.now();
             cands
                 .into_iter()
                 .filter_map(|(i, id)| {
@@ -264,7 +266,7 @@ impl Shard {
             let Item::Data { src, .. } = &items[i] else {
                 continue;
             };
-            if let Some(c) = self.cache().get(id, e.generation) {
+            if let Some(c) = self.cache().get(id) {
                 if c[..] == src[..] {
                     hit[i] = Some(id);
                 } else {
@@ -285,7 +287,7 @@ impl Shard {
                     cands: Vec::new(),
                 })
                 .cands
-                .push((i, id, e.generation, reduce::group_of(e.flags).0));
+                .push((i, id, reduce::group_of(e.flags).0));
         }
         for (_, v) in reads {
             let (dev, seg_base) = self.ctx.geo.locate(v.segment);
@@ -326,14 +328,14 @@ impl Shard {
                 }
                 Err(_) => None,
             };
-            for &(i, id, generation, index) in &v.cands {
+            for &(i, id, index) in &v.cands {
                 let block = plain
                     .as_ref()
                     .map(|p| p.slice(index * BLOCK..(index + 1) * BLOCK));
                 match (&items[i], block) {
                     (Item::Data { src, .. }, Some(b)) if b[..] == src[..] => {
                         hit[i] = Some(id);
-                        self.cache().insert(id, generation, b);
+                        self.cache().insert(id, seen, b);
                     }
                     _ => misses.push(id),
                 }

@@ -89,6 +89,11 @@ impl RefCounts {
             .is_some_and(|&b| b != 0 && b != HELD)
     }
 
+    /// Whether `id` is free (released, or never handed out).
+    pub fn is_free(&self, id: u64) -> bool {
+        self.bytes.get(id as usize) == Some(&0)
+    }
+
     /// Whether each id is live, in id order.
     pub fn live_iter(&self) -> impl Iterator<Item = bool> + '_ {
         self.bytes.iter().map(|&b| b != 0 && b != HELD)

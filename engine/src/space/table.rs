@@ -5,8 +5,9 @@
 use super::{BlockTable, RefCounts};
 use crate::format::NO_SEGMENT;
 
-/// Where a stored block lives and how to verify it. 20 bytes per block in RAM; its reference
-/// count is apart, in [`RefCounts`] (the part that stays in RAM once the table is paged).
+/// Where a stored block lives and how to verify it. 16 bytes per block in RAM; its reference
+/// count is apart, in [`RefCounts`] (the part that stays in RAM once the table is paged). No
+/// generation: caches keyed by id are purged when ids are released (see `cache`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BlockEntry {
     pub segment: u32,
@@ -17,8 +18,6 @@ pub struct BlockEntry {
     /// As in `format::DataEntry` (compression, position in the group).
     pub flags: u16,
     pub crc: u32,
-    /// Bumped each time the id is reused, so caches keyed by id can tell versions apart.
-    pub generation: u32,
 }
 
 impl BlockEntry {
@@ -159,9 +158,8 @@ impl Space {
         id
     }
 
-    /// Set a block's location (a new block, or one replayed from the log); returns the
-    /// generation the id now has.
-    pub fn place(&mut self, id: u64, mut e: BlockEntry) -> u32 {
+    /// Set a block's location (a new block, or one replayed from the log).
+    pub fn place(&mut self, id: u64, e: BlockEntry) {
         let idx = id as usize;
         if idx >= self.blocks.len() {
             self.blocks.grow_to(idx + 1, BlockEntry::default());
@@ -172,12 +170,10 @@ impl Space {
         if live {
             self.unaccount(&old);
         }
-        e.generation = old.generation.wrapping_add(1);
         self.blocks[idx] = e;
         if live {
             self.account(&e);
         }
-        e.generation
     }
 
     fn account(&mut self, e: &BlockEntry) {
@@ -272,7 +268,10 @@ impl Space {
     /// reference was dropped) stays in use. An id with a later entry still pending stays held:
     /// it was given back (a block placed for a volume deleted meanwhile), referenced again by a
     /// duplicate in the same record, then freed after `seq_end`, and that death is not covered.
-    pub fn release_ids(&mut self, seq_end: u64) {
+    /// Returns the released ids: the caller drops them from the block caches before it lets go
+    /// of the space lock (`Context::release_ids`).
+    #[must_use]
+    pub fn release_ids(&mut self, seq_end: u64) -> Vec<u64> {
         let later: std::collections::HashSet<u64> = self
             .pending_ids
             .iter()
@@ -280,19 +279,22 @@ impl Space {
             .map(|&(_, id)| id)
             .collect();
         let refs = &mut self.refs;
+        let mut released = Vec::new();
         self.pending_ids.retain(|&(s, id)| {
             if s < seq_end {
-                if !later.contains(&id) {
-                    refs.release(id);
+                if !later.contains(&id) && refs.release(id) {
+                    released.push(id);
                 }
                 false
             } else {
                 true
             }
         });
+        released
     }
 
     /// After a checkpoint that covers the whole log (an open's): every unreferenced id is free.
+    /// The caller purges the block caches (`Context::release_all_ids`).
     pub fn rebuild_free_ids(&mut self) {
         self.refs.release_all();
         self.pending_ids.clear();
@@ -434,13 +436,13 @@ mod tests {
         s.discard_id(x, 1);
         s.add_ref(x);
         assert!(s.drop_ref(x, 5));
-        s.release_ids(3);
+        assert!(s.release_ids(3).is_empty());
         assert_ne!(
             s.alloc_id(),
             x,
             "released before the checkpoint that covers its death"
         );
-        s.release_ids(6);
+        assert_eq!(s.release_ids(6), [x]);
         assert_eq!(s.alloc_id(), x);
     }
 
