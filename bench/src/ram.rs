@@ -4,7 +4,10 @@
 //! metadata is left), and the run reads the server's peak and settled RSS from `/proc` and the
 //! engine's own count of its metadata from `stats`. Then a tail is written with checkpoints
 //! held off, the server is killed (SIGKILL), and the open that replays the tail is timed.
-//! The slope between sizes is what grows with the pool.
+//! Before that, `--churn` bytes overwrite the start of the volume under the default checkpoint
+//! interval, and the checkpoint bytes written per GiB of client writes are read from `stats`
+//! (issue 22 wants them flat, not growing with the pool). The slope between sizes is what
+//! grows with the pool.
 
 use std::fs;
 use std::os::unix::net::UnixStream;
@@ -28,6 +31,10 @@ pub struct RamArgs {
     /// Written after the last checkpoint before the server is killed (0: no crash open).
     #[arg(long, default_value = "1G", value_parser = crate::parse_size)]
     pub tail: u64,
+    /// Overwritten (1 MiB writes) under the default checkpoint interval, to count checkpoint
+    /// bytes per GiB written (0: skip).
+    #[arg(long, default_value = "2G", value_parser = crate::parse_size)]
+    pub churn: u64,
     /// The ingot binary (default: INGOT_BIN, else next to ingot-bench).
     #[arg(long)]
     pub ingot_bin: Option<PathBuf>,
@@ -62,6 +69,19 @@ pub struct SizeResult {
     /// The open after SIGKILL with `tail_bytes` written since the last checkpoint.
     pub crash_open: Option<Open>,
     pub tail_bytes: u64,
+    /// Over the churn: checkpoints taken, their bytes, client bytes written.
+    pub churn_checkpoints: u64,
+    pub churn_checkpoint_bytes: u64,
+    pub churn_client_bytes: u64,
+}
+
+impl SizeResult {
+    /// Checkpoint bytes per GiB of client writes over the churn.
+    pub fn checkpoint_bytes_per_gib(&self) -> Option<f64> {
+        (self.churn_client_bytes > 0).then(|| {
+            self.churn_checkpoint_bytes as f64 * f64::from(1 << 30) / self.churn_client_bytes as f64
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -214,6 +234,23 @@ fn one(a: &RamArgs, bin: &Path, size: u64) -> Result<SizeResult> {
     let blocks = g("unique_blocks");
     s.stop(false)?;
 
+    let (mut churn_checkpoints, mut churn_checkpoint_bytes, mut churn_client_bytes) = (0, 0, 0);
+    if a.churn > 0 {
+        let (s, _) = Server::start(bin, &pool, &sock, &[])?;
+        let before = stats(bin, &pool)?;
+        write(&sock, 0, a.churn.min(size))?;
+        let after = stats(bin, &pool)?;
+        let d = |v: fn(&serde_json::Value) -> &serde_json::Value| {
+            v(&after)
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(v(&before).as_u64().unwrap_or(0))
+        };
+        churn_checkpoints = d(|s| &s["device_written_breakdown"]["checkpoints"]);
+        churn_checkpoint_bytes = d(|s| &s["device_written_breakdown"]["checkpoint_bytes"]);
+        churn_client_bytes = d(|s| &s["client_written_bytes"]);
+        s.stop(false)?;
+    }
     let crash_open = if a.tail > 0 {
         // No checkpoint while the tail is written: all of it is replayed at the next open.
         let hold = ["--checkpoint-interval", "1T"];
@@ -241,6 +278,9 @@ fn one(a: &RamArgs, bin: &Path, size: u64) -> Result<SizeResult> {
         rss_bytes_per_block: per(rss_bytes),
         crash_open,
         tail_bytes: a.tail,
+        churn_checkpoints,
+        churn_checkpoint_bytes,
+        churn_client_bytes,
     })
 }
 
@@ -285,8 +325,8 @@ fn mib(b: u64) -> String {
 
 pub fn table(r: &Report) -> String {
     let mut t = String::from(
-        "| unique data | blocks | open s | peak RSS MiB | RSS MiB | engine metadata MiB | dedup index MiB | engine B/block | RSS B/block | open after kill -9 (tail) | its peak RSS MiB |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+        "| unique data | blocks | open s | peak RSS MiB | RSS MiB | engine metadata MiB | dedup index MiB | engine B/block | RSS B/block | open after kill -9 (tail) | its peak RSS MiB | checkpoint MiB per GiB written (checkpoints) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|\n",
     );
     for s in &r.sizes {
         let (crash, crash_peak) = match s.crash_open {
@@ -297,7 +337,7 @@ pub fn table(r: &Report) -> String {
             None => ("-".into(), "-".into()),
         };
         t.push_str(&format!(
-            "| {} GiB | {} | {:.2} | {} | {} | {} | {} | {:.1} | {:.1} | {crash} | {crash_peak} |\n",
+            "| {} GiB | {} | {:.2} | {} | {} | {} | {} | {:.1} | {:.1} | {crash} | {crash_peak} | {} |\n",
             s.unique_bytes >> 30,
             s.unique_blocks,
             s.clean_open.seconds,
@@ -307,6 +347,11 @@ pub fn table(r: &Report) -> String {
             mib(s.dedup_index_bytes),
             s.engine_bytes_per_block,
             s.rss_bytes_per_block,
+            s.checkpoint_bytes_per_gib().map_or("-".into(), |b| format!(
+                "{:.1} ({})",
+                b / f64::from(1 << 20),
+                s.churn_checkpoints
+            )),
         ));
     }
     let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
