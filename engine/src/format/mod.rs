@@ -18,13 +18,16 @@
 //!
 //! One file per structure: `codec` (the little-endian `Put`/`Get` and the CRC helper), `key`
 //! (the log key and its MAC), `superblock`, `segment`, `record` (header, entries, seal) and
-//! `checkpoint`; everything is re-exported here, so users name `format::X` only.
+//! `checkpoint`; everything is re-exported here, so users name `format::X` only. `page` and
+//! `root` are format 3's metadata pages and checkpoint root (issue 22), not written yet.
 //! `docs/gen-format.py` builds `docs/format.md` from these files' doc comments.
 
 mod checkpoint;
 mod codec;
 mod key;
+mod page;
 mod record;
+mod root;
 mod segment;
 mod superblock;
 
@@ -35,7 +38,16 @@ pub use checkpoint::{
 };
 pub use codec::{Get, Put};
 pub use key::{log_mac, random_bytes, LogKey, MAC_BYTES};
+pub use page::{
+    get_u48, put_u48, BlockLoc, IndexSlot, PageArray, PageFault, PageHeader, PageKind, PagePtr,
+    PageWant, SegUsage, INDEX_PER_PAGE, MAP_PAGE_SLOTS, MAX_U48, PAGE_BODY_BYTES, PAGE_BYTES,
+    PAGE_HEADER_BYTES, PAGE_VERSION, PTRS_PER_PAGE, REFS_PER_PAGE, USAGE_PER_PAGE,
+};
 pub use record::{DataEntry, RecordHeader, RecordKind, RecordSeal, TrimEntry};
+pub use root::{
+    ArrayRoot, CheckpointRoot, Orphan, RootChain, RootIndex, RootVolume, MAX_ROOT_BYTES,
+    ROOT_KEYED, ROOT_VERSION,
+};
 pub use segment::{SegmentHeader, SegmentKind};
 pub use superblock::{Superblock, SuperblockFault};
 
@@ -60,6 +72,8 @@ pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"INGOTSB1";
 pub const SEGMENT_MAGIC: [u8; 4] = *b"ISEG";
 pub const RECORD_MAGIC: [u8; 4] = *b"IREC";
 pub const CHECKPOINT_MAGIC: [u8; 4] = *b"ICKP";
+pub const PAGE_MAGIC: [u8; 4] = *b"IPAG";
+pub const ROOT_MAGIC: [u8; 4] = *b"ICKR";
 
 /// [`DataEntry`] / block flag: the payload is LZ4 block format.
 pub const FLAG_LZ4: u16 = 1 << 0;
