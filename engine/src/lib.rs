@@ -19,6 +19,7 @@ pub mod io;
 mod job;
 mod log;
 mod map;
+mod meta;
 mod pool;
 mod qos;
 mod reader;

@@ -10,6 +10,8 @@ use super::{FORMAT_VERSION, SEGMENT_MAGIC};
 pub enum SegmentKind {
     Data = 1,
     Checkpoint = 2,
+    /// Format 3's metadata pages (written by the checkpointer once; no chain).
+    Meta = 3,
 }
 
 /// First 80 bytes of the first 4 KiB block of every segment in use (64 in version 1).
@@ -18,7 +20,7 @@ pub enum SegmentKind {
 /// |----:|----:|---|---|
 /// | 0 | 4 | magic `ISEG` | |
 /// | 4 | 2 | version | |
-/// | 6 | 2 | kind | 1 data, 2 checkpoint |
+/// | 6 | 2 | kind | 1 data, 2 checkpoint, 3 metadata pages (format 3) |
 /// | 8 | 4 | segment | detects misdirected writes |
 /// | 12 | 2 | shard | data: the writing shard |
 /// | 14 | 2 | reserved | |
@@ -103,6 +105,7 @@ impl SegmentHeader {
         let kind = match g.u16().ok()? {
             1 => SegmentKind::Data,
             2 => SegmentKind::Checkpoint,
+            3 => SegmentKind::Meta,
             _ => return None,
         };
         let segment = g.u32().ok()?;

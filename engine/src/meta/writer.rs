@@ -1,0 +1,249 @@
+//! Writing metadata pages into metadata segments (docs/design/paged-metadata.md §4.2, §7.3).
+//!
+//! A metadata segment is written once, by one `put`, and never holds a client's byte:
+//! ```text
+//! | SegmentHeader (kind Meta) 4 KiB | summary pages | page | page | ... |
+//! ```
+//! The summary lists, per page slot, what the page is (array u8, level u8, reserved u16, key
+//! u64: 12 bytes, 341 per summary page), for the cleaner of metadata segments, which checks
+//! every candidate against its live pointer: a hint, so it carries no seal.
+
+use crate::error::Result;
+use crate::format::{
+    LogKey, PageArray, PageHeader, PageKind, PagePtr, Put, SegmentHeader, SegmentKind, IO_ALIGN,
+    NO_SEGMENT, PAGE_BYTES,
+};
+use crate::io::AlignedBuf;
+use crate::store::{self, SegmentStore};
+
+/// Summary entries per summary page.
+pub(crate) const SUMMARY_PER_PAGE: usize = PAGE_BYTES / 12;
+
+/// Page slots of a metadata segment of `segment_bytes`: (summary pages, page slots).
+pub(crate) fn layout(segment_bytes: u64) -> (usize, usize) {
+    let slots = (segment_bytes as usize - IO_ALIGN) / PAGE_BYTES;
+    // The most pages whose summary fits beside them.
+    let summary = slots.div_ceil(SUMMARY_PER_PAGE + 1);
+    (summary, slots - summary)
+}
+
+/// Unique page stamps: `epoch << 40 | counter` (the counter restarts with each epoch, which a
+/// crash always bumps, so no stamp is ever handed out twice).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamps {
+    next: u64,
+}
+
+impl Stamps {
+    /// Stamps for `epoch`, above `floor` (the root's `next_stamp`, for an epoch it already used).
+    pub(crate) fn new(epoch: u64, floor: u64) -> Stamps {
+        Stamps {
+            next: (epoch << 40).max(floor),
+        }
+    }
+
+    pub(crate) fn take(&mut self) -> u64 {
+        let s = self.next;
+        self.next += 1;
+        s
+    }
+
+    /// The root's `next_stamp`.
+    pub(crate) fn next(&self) -> u64 {
+        self.next
+    }
+}
+
+/// Where the writer gets its segments and what it seals them with.
+pub(crate) struct MetaTarget<'a> {
+    pub store: &'a dyn SegmentStore,
+    pub key: &'a LogKey,
+    pub pool_uuid: [u8; 16],
+    pub epoch: u64,
+    pub segment_bytes: u64,
+    /// A free segment for metadata (from the checkpoint reserve), or an error (no space).
+    pub alloc: &'a mut dyn FnMut() -> Result<u32>,
+    /// A fresh nonce for a segment's new use.
+    pub nonce: &'a dyn Fn(u32) -> [u8; 16],
+}
+
+struct Open {
+    segment: u32,
+    /// Header, summary, then the pages added so far.
+    buf: Vec<u8>,
+    pages: usize,
+}
+
+/// What a writer wrote.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Written {
+    /// Segments, in the order written.
+    pub segments: Vec<u32>,
+    /// (segment, pages) for each.
+    pub pages: Vec<(u32, u32)>,
+    /// Device bytes (headers and summaries included).
+    pub bytes: u64,
+}
+
+/// Packs pages into metadata segments, a segment per `put`. Pointers are handed out as pages
+/// are added; nothing is durable before [`MetaWriter::finish`] returns (then the caller syncs
+/// and commits a root that names them).
+pub(crate) struct MetaWriter<'a> {
+    t: MetaTarget<'a>,
+    stamps: &'a mut Stamps,
+    summary_pages: usize,
+    slots: usize,
+    open: Option<Open>,
+    written: Written,
+}
+
+impl<'a> MetaWriter<'a> {
+    pub(crate) fn new(t: MetaTarget<'a>, stamps: &'a mut Stamps) -> MetaWriter<'a> {
+        let (summary_pages, slots) = layout(t.segment_bytes);
+        MetaWriter {
+            t,
+            stamps,
+            summary_pages,
+            slots,
+            open: None,
+            written: Written::default(),
+        }
+    }
+
+    /// Add a page; returns where it will be.
+    pub(crate) fn page(
+        &mut self,
+        kind: PageKind,
+        level: u8,
+        key: u64,
+        array: PageArray,
+        entries: u32,
+        body: &[u8],
+    ) -> Result<PagePtr> {
+        if self.open.as_ref().is_some_and(|o| o.pages == self.slots) {
+            self.put()?;
+        }
+        if self.open.is_none() {
+            let segment = (self.t.alloc)()?;
+            self.open = Some(Open {
+                segment,
+                buf: vec![0u8; IO_ALIGN + self.summary_pages * PAGE_BYTES],
+                pages: 0,
+            });
+        }
+        let o = self.open.as_mut().expect("just opened");
+        let slot = o.pages;
+        let offset = IO_ALIGN + (self.summary_pages + slot) * PAGE_BYTES;
+        let at = PagePtr {
+            segment: o.segment,
+            offset: offset as u32,
+            stamp: self.stamps.take(),
+        };
+        let h = PageHeader {
+            kind,
+            level,
+            key,
+            array,
+            entries,
+            at,
+        };
+        debug_assert_eq!(o.buf.len(), offset);
+        o.buf.extend_from_slice(&h.seal(body, self.t.key)[..]);
+        let s = IO_ALIGN + slot / SUMMARY_PER_PAGE * PAGE_BYTES + slot % SUMMARY_PER_PAGE * 12;
+        Put::new(&mut o.buf[s..s + 12])
+            .bytes(&[array as u32 as u8, level])
+            .u16(0)
+            .u64(key);
+        o.pages += 1;
+        Ok(at)
+    }
+
+    /// Write the open segment (its used part).
+    fn put(&mut self) -> Result<()> {
+        let Some(mut o) = self.open.take() else {
+            return Ok(());
+        };
+        let h = SegmentHeader {
+            kind: SegmentKind::Meta,
+            segment: o.segment,
+            shard: 0,
+            pool_uuid: self.t.pool_uuid,
+            epoch: self.t.epoch,
+            next_segment: NO_SEGMENT,
+            nonce: (self.t.nonce)(o.segment),
+        };
+        h.encode(&mut o.buf[..IO_ALIGN], self.t.key);
+        let used = o.buf.len();
+        let mut data = AlignedBuf::new(used);
+        data.copy_from_slice(&o.buf);
+        let (store, epoch, seg) = (self.t.store, self.t.epoch, o.segment);
+        store::wait(|done| store.put(epoch, seg, data, done))?;
+        self.written.segments.push(o.segment);
+        self.written.pages.push((o.segment, o.pages as u32));
+        self.written.bytes += used as u64;
+        Ok(())
+    }
+
+    /// Write what is still open; returns what was written.
+    pub(crate) fn finish(mut self) -> Result<Written> {
+        self.put()?;
+        Ok(self.written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Get;
+    use crate::meta::tests::{Disk, SEG};
+
+    /// Pages fill a segment's slots, then the next segment: each written once, with a metadata
+    /// segment header sealed under the pool's key and a summary saying what each slot holds.
+    #[test]
+    fn pages_fill_segments_with_their_summary() {
+        let (summary, slots) = layout(SEG);
+        assert_eq!((summary, slots), (1, 254));
+        assert_eq!(layout(8 << 20), (6, 2041));
+        let disk = Disk::new(8);
+        let (ptrs, pages) = disk.write(|w| {
+            (0..300u64)
+                .map(|k| {
+                    w.page(
+                        PageKind::MapLeaf,
+                        0,
+                        k,
+                        PageArray::MapTree,
+                        0,
+                        &[k as u8; 8],
+                    )
+                })
+                .collect::<Result<Vec<_>>>()
+        });
+        assert_eq!(pages, 300);
+        assert_eq!((ptrs[253].segment, ptrs[254].segment), (0, 1));
+        assert_eq!(ptrs[254].offset as usize, IO_ALIGN + PAGE_BYTES);
+        let seg1 = store::read_now(
+            &disk.store,
+            1,
+            crate::store::Range {
+                segment: 1,
+                offset: 0,
+            },
+            2 * PAGE_BYTES,
+        )
+        .unwrap();
+        let h = SegmentHeader::decode_authentic(&seg1, Some(&disk.key)).expect("sealed");
+        assert_eq!(
+            (h.kind, h.segment, h.next_segment),
+            (SegmentKind::Meta, 1, NO_SEGMENT)
+        );
+        let mut g = Get::new(&seg1[IO_ALIGN..], "summary");
+        let first: [u8; 4] = g.array().unwrap();
+        assert_eq!(first, [PageArray::MapTree as u32 as u8, 0, 0, 0]);
+        assert_eq!(g.u64().unwrap(), 254);
+        // Stamps never repeat.
+        let mut stamps: Vec<u64> = ptrs.iter().map(|p| p.stamp).collect();
+        stamps.dedup();
+        assert_eq!(stamps.len(), 300);
+    }
+}
