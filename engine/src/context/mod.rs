@@ -310,13 +310,16 @@ mod tests {
             ..Default::default()
         };
         let pool = Pool::create(dir.path(), &c, &o).unwrap();
-        pool.create_volume("v", 64 * BLOCK_BYTES).unwrap();
+        pool.create_volume("v", 1024 * BLOCK_BYTES).unwrap();
         let v = pool.volume("v").unwrap();
         let ctx = &pool.inner.ctx;
         let state = ctx.lookup("v").unwrap();
         let shards = ctx.shards();
-        let ids: Vec<u64> = (0..8u64)
-            .map(|lba| {
+        // Blocks of map pages 0 and 1: in both shards' caches.
+        let lbas: Vec<u64> = (0..8u64).map(|i| (i % 2) * 512 + i / 2).collect();
+        let ids: Vec<u64> = lbas
+            .iter()
+            .map(|&lba| {
                 let data = vec![lba as u8 + 1; BLOCK_BYTES as usize];
                 v.write(lba * BLOCK_BYTES, &data, false).unwrap();
                 state.maps[shard_of(lba, shards)].lock().get(lba)
@@ -328,8 +331,12 @@ mod tests {
             ids.iter().all(|&id| cached(id)),
             "written blocks are cached"
         );
+        for shard in 0..2 {
+            assert!(ids.iter().any(|&id| ctx.caches[shard].lock().contains(id)));
+        }
         let before = ctx.reuse.now();
-        v.trim(0, 8 * BLOCK_BYTES, false).unwrap();
+        v.trim(0, 4 * BLOCK_BYTES, false).unwrap();
+        v.trim(512 * BLOCK_BYTES, 4 * BLOCK_BYTES, false).unwrap();
         v.flush().unwrap();
         assert!(
             ids.iter().all(|&id| cached(id)),
@@ -351,5 +358,26 @@ mod tests {
                 "a copy from before the release was cached"
             );
         }
+        // Few ids released against many cached: purged one by one, the others kept.
+        for lba in (16..80u64).chain(528..592) {
+            // Unique contents (no dedup between them).
+            let mut data = vec![0xee; BLOCK_BYTES as usize];
+            data[..8].copy_from_slice(&lba.to_le_bytes());
+            v.write(lba * BLOCK_BYTES, &data, false).unwrap();
+        }
+        v.flush().unwrap();
+        let id = |lba: u64| state.maps[shard_of(lba, shards)].lock().get(lba);
+        let (gone, kept) = ((id(20), id(530)), (id(21), id(531)));
+        v.trim(20 * BLOCK_BYTES, BLOCK_BYTES, false).unwrap();
+        v.trim(530 * BLOCK_BYTES, BLOCK_BYTES, false).unwrap();
+        pool.checkpoint().unwrap();
+        assert!(
+            !cached(gone.0) && !cached(gone.1),
+            "released ids still cached"
+        );
+        assert!(
+            cached(kept.0) && cached(kept.1),
+            "a purge took more than it released"
+        );
     }
 }

@@ -71,6 +71,13 @@ impl Pool {
         self.inner.ctx.health.reason()
     }
 
+    /// Block ids the block table holds (the highest handed out, plus one): tests check that
+    /// ids are reused.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn block_ids(&self) -> u64 {
+        self.inner.ctx.space.lock().blocks.len() as u64
+    }
+
     /// Write a checkpoint now.
     pub fn checkpoint(&self) -> Result<()> {
         self.inner.ckpt.checkpoint_with(None)
