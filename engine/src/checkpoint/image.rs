@@ -11,7 +11,7 @@ use crate::format::{
     CHECKPOINT_VERSION_PLAIN, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES,
 };
 use crate::log::ShardPosition;
-use crate::map::MapPage;
+use crate::map::MapLeaf;
 use crate::qos::QosLimits;
 use crate::space::BlockEntry;
 
@@ -26,7 +26,7 @@ pub(crate) struct VolumeImage {
     /// QoS limits (none in checkpoints without `format::CHECKPOINT_QOS`).
     pub qos: QosLimits,
     /// (global page index, page) for every allocated page.
-    pub pages: Vec<(u64, Arc<MapPage>)>,
+    pub pages: Vec<(u64, Arc<MapLeaf>)>,
 }
 
 pub(crate) struct Image {
@@ -388,7 +388,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
             for (slot, c) in page.iter_mut().zip(raw.chunks_exact(8)) {
                 *slot = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             }
-            pages.push((idx, Arc::new(page)));
+            pages.push((idx, Arc::new(MapLeaf::new(page))));
         }
         volumes.push(VolumeImage {
             id,
@@ -528,7 +528,10 @@ mod tests {
             flags: 0,
             domain,
             qos: QosLimits::default(),
-            pages: vec![(0, Arc::new([id.into(); MAP_PAGE_ENTRIES as usize]))],
+            pages: vec![(
+                0,
+                Arc::new(MapLeaf::new([id.into(); MAP_PAGE_ENTRIES as usize])),
+            )],
         }
     }
 
@@ -559,7 +562,7 @@ mod tests {
                 for (k, slot) in page.iter_mut().enumerate() {
                     *slot = (p * 512 + k as u64) % n;
                 }
-                (p * 3, Arc::new(page))
+                (p * 3, Arc::new(MapLeaf::new(page)))
             })
             .collect();
         img.volumes = vec![v];

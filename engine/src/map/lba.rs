@@ -1,20 +1,76 @@
 //! The LBA map of a volume: 4 KiB block number -> block id (0 = hole).
 //!
 //! Pages of 512 entries are allocated on first write and shared copy-on-write (`Arc`) so that a
-//! checkpoint snapshot (and later, snapshots of volumes) costs one pointer per page, not a copy.
+//! checkpoint's image costs one pointer per page, not a copy.
+//!
+//! Snapshots and clones share pages too: a leaf counts the volume maps that hold it (`users`),
+//! and a block's reference count counts the distinct leaves that point at it, not the volumes
+//! (docs/design/paged-metadata.md §7.2). Copying a volume then adds one user per leaf instead of
+//! one reference per block, and the first write to a shared leaf gives the writer its own copy,
+//! which adds a reference to each block the copy points at.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::format::MAP_PAGE_ENTRIES;
 
 pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
 
+/// A page of a map, and how many volume maps hold it.
+#[derive(Debug)]
+pub struct MapLeaf {
+    ids: MapPage,
+    /// Volume maps holding this leaf (images of checkpoints do not count). Changed only by the
+    /// shard that owns the leaf's index, or with every shard paused.
+    users: AtomicU32,
+}
+
+impl MapLeaf {
+    pub fn new(ids: MapPage) -> MapLeaf {
+        MapLeaf {
+            ids,
+            users: AtomicU32::new(1),
+        }
+    }
+
+    /// Volume maps holding this leaf.
+    pub fn users(&self) -> u32 {
+        self.users.load(Ordering::Relaxed)
+    }
+}
+
+impl Clone for MapLeaf {
+    /// A copy for the same maps (a checkpoint's image held the original): same users.
+    fn clone(&self) -> MapLeaf {
+        MapLeaf {
+            ids: self.ids,
+            users: AtomicU32::new(self.users()),
+        }
+    }
+}
+
+impl std::ops::Deref for MapLeaf {
+    type Target = MapPage;
+    fn deref(&self) -> &MapPage {
+        &self.ids
+    }
+}
+
+/// Let go of a map's hold on `leaf`; the last holder drops a reference for each block in it.
+fn release(leaf: &MapLeaf, drop_ref: &mut dyn FnMut(u64)) {
+    if leaf.users.fetch_sub(1, Ordering::Relaxed) == 1 {
+        for &id in leaf.ids.iter().filter(|&&id| id != 0) {
+            drop_ref(id);
+        }
+    }
+}
+
 /// Map pages of one volume that one shard owns (pages `p` with `p % shards == shard`); the
 /// vector is indexed by the global page number.
 #[derive(Clone, Default)]
 pub struct LbaMap {
     /// Change through `set`, `load_page` and `resize`, which keep `present` in step.
-    pub pages: Vec<Option<Arc<MapPage>>>,
+    pub pages: Vec<Option<Arc<MapLeaf>>>,
     /// Entries that are not holes.
     pub mapped: u64,
     /// Pages allocated (`Some`): what a checkpoint of the map costs, which the space reserve
@@ -33,10 +89,10 @@ impl LbaMap {
 
     /// Bytes of RAM this map holds: its page slots, and each page `seen` does not hold yet
     /// (snapshots and clones share pages; pass one set over all of them).
-    pub fn ram_bytes(&self, seen: &mut std::collections::HashSet<*const MapPage>) -> u64 {
+    pub fn ram_bytes(&self, seen: &mut std::collections::HashSet<*const MapLeaf>) -> u64 {
         // A page's `Arc` allocation: two counts, then the page.
-        let page = (std::mem::size_of::<MapPage>() + 2 * std::mem::size_of::<usize>()) as u64;
-        let slots = (self.pages.capacity() * std::mem::size_of::<Option<Arc<MapPage>>>()) as u64;
+        let page = (std::mem::size_of::<MapLeaf>() + 2 * std::mem::size_of::<usize>()) as u64;
+        let slots = (self.pages.capacity() * std::mem::size_of::<Option<Arc<MapLeaf>>>()) as u64;
         let pages = self
             .pages
             .iter()
@@ -53,11 +109,10 @@ impl LbaMap {
 
     /// Install page `idx` loaded from a checkpoint (ignored past the end), counting its
     /// entries; returns whether it was installed.
-    pub fn load_page(&mut self, idx: usize, page: Arc<MapPage>) -> bool {
+    pub fn load_page(&mut self, idx: usize, page: Arc<MapLeaf>) -> bool {
         let Some(slot) = self.pages.get_mut(idx) else {
             return false;
         };
-        let count = |p: &MapPage| p.iter().filter(|&&id| id != 0).count() as u64;
         match slot {
             Some(old) => self.mapped -= count(old),
             None => self.present += 1,
@@ -75,8 +130,9 @@ impl LbaMap {
         }
     }
 
-    /// Set an entry, returning the previous block id (0 for a hole).
-    pub fn set(&mut self, lba: u64, id: u64) -> u64 {
+    /// Set an entry, returning the previous block id (0 for a hole). A leaf other volumes
+    /// share is copied first, and the copy's blocks get a reference each (`add_ref`).
+    pub fn set(&mut self, lba: u64, id: u64, add_ref: &mut dyn FnMut(u64)) -> u64 {
         let (p, i) = split(lba);
         if p >= self.pages.len() {
             return 0;
@@ -89,14 +145,21 @@ impl LbaMap {
         if old == id {
             return old;
         }
-        if id != 0 {
+        if id != 0 || slot.is_some() {
             if slot.is_none() {
                 self.present += 1;
             }
-            let page = slot.get_or_insert_with(|| Arc::new([0; MAP_PAGE_ENTRIES as usize]));
-            Arc::make_mut(page)[i] = id;
-        } else if let Some(page) = slot {
-            Arc::make_mut(page)[i] = 0;
+            let page =
+                slot.get_or_insert_with(|| Arc::new(MapLeaf::new([0; MAP_PAGE_ENTRIES as usize])));
+            if page.users() > 1 {
+                let own = MapLeaf::new(page.ids);
+                page.users.fetch_sub(1, Ordering::Relaxed);
+                for &b in own.ids.iter().filter(|&&b| b != 0) {
+                    add_ref(b);
+                }
+                *page = Arc::new(own);
+            }
+            Arc::make_mut(page).ids[i] = id;
         }
         match (old, id) {
             (0, _) => self.mapped += 1,
@@ -106,22 +169,49 @@ impl LbaMap {
         old
     }
 
-    /// Resize to `blocks` entries, returning the block ids dropped past the new end.
-    pub fn resize(&mut self, blocks: u64) -> Vec<u64> {
-        let mut dropped = Vec::new();
-        let old_len = self.pages.len() as u64 * MAP_PAGE_ENTRIES;
-        for lba in blocks..old_len {
-            let id = self.set(lba, 0);
+    /// Resize to `blocks` entries. Entries past the new end are dropped (`drop_ref` for each
+    /// block no longer referenced), leaves past it released; a shared last leaf is copied
+    /// first (`add_ref`, as in [`LbaMap::set`]).
+    pub fn resize(
+        &mut self,
+        blocks: u64,
+        add_ref: &mut dyn FnMut(u64),
+        drop_ref: &mut dyn FnMut(u64),
+    ) {
+        let keep = blocks.div_ceil(MAP_PAGE_ENTRIES) as usize;
+        let kept_end = (keep.min(self.pages.len()) as u64) * MAP_PAGE_ENTRIES;
+        for lba in blocks..kept_end {
+            let id = self.set(lba, 0, add_ref);
             if id != 0 {
-                dropped.push(id);
+                drop_ref(id);
             }
         }
-        let keep = blocks.div_ceil(MAP_PAGE_ENTRIES) as usize;
         if keep < self.pages.len() {
-            self.present -= self.pages[keep..].iter().filter(|p| p.is_some()).count() as u64;
+            for leaf in self.pages.drain(keep..).flatten() {
+                self.present -= 1;
+                self.mapped -= count(&leaf);
+                release(&leaf, drop_ref);
+            }
         }
         self.pages.resize(keep, None);
-        dropped
+    }
+
+    /// A map holding the same leaves (a snapshot or clone): one more user per leaf, no block
+    /// reference added.
+    pub fn share(&self) -> LbaMap {
+        for leaf in self.pages.iter().flatten() {
+            leaf.users.fetch_add(1, Ordering::Relaxed);
+        }
+        self.clone()
+    }
+
+    /// Let go of every leaf (the volume is deleted): `drop_ref` for each block of the leaves
+    /// no other map holds.
+    pub fn release_all(&mut self, drop_ref: &mut dyn FnMut(u64)) {
+        for leaf in std::mem::take(&mut self.pages).into_iter().flatten() {
+            release(&leaf, drop_ref);
+        }
+        *self = LbaMap::default();
     }
 
     /// Iterate (lba, block id) over mapped entries.
@@ -137,6 +227,11 @@ impl LbaMap {
     }
 }
 
+/// Entries of a page that are not holes.
+fn count(p: &MapPage) -> u64 {
+    p.iter().filter(|&&id| id != 0).count() as u64
+}
+
 fn split(lba: u64) -> (usize, usize) {
     (
         (lba / MAP_PAGE_ENTRIES) as usize,
@@ -150,13 +245,15 @@ pub fn shard_of(lba: u64, shards: usize) -> usize {
 }
 
 /// Clear `lba..lba+count` in the pages of `map` that `shard` owns, calling `freed` for each
-/// block id removed. Cost is per page, not per block, for pages that are holes already.
+/// block id removed (and `add_ref` as [`LbaMap::set`] does). Cost is per page, not per block,
+/// for pages that are holes already.
 pub(crate) fn trim_owned(
     map: &mut LbaMap,
     lba: u64,
     count: u64,
     shard: usize,
     shards: usize,
+    add_ref: &mut dyn FnMut(u64),
     mut freed: impl FnMut(u64),
 ) {
     let end = (lba + count).min(map.pages.len() as u64 * MAP_PAGE_ENTRIES);
@@ -166,7 +263,7 @@ pub(crate) fn trim_owned(
         let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
         if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
             for l in pos..page_end {
-                let old = map.set(l, 0);
+                let old = map.set(l, 0, add_ref);
                 if old != 0 {
                     freed(old);
                 }
@@ -179,6 +276,7 @@ pub(crate) fn trim_owned(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{HashMap, HashSet};
 
     fn counted(m: &LbaMap) -> u64 {
         m.pages.iter().filter(|p| p.is_some()).count() as u64
@@ -188,6 +286,7 @@ mod tests {
     fn counts_follow_sets_loads_and_resizes() {
         let mut m = LbaMap::new(64 * MAP_PAGE_ENTRIES);
         let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut none = |_| {};
         for step in 0..20_000u64 {
             x ^= x << 13;
             x ^= x >> 7;
@@ -195,21 +294,88 @@ mod tests {
             let lba = x % (m.pages.len() as u64 * MAP_PAGE_ENTRIES + 8);
             match step % 97 {
                 0 => {
-                    m.resize((x >> 8) % (96 * MAP_PAGE_ENTRIES));
+                    m.resize((x >> 8) % (96 * MAP_PAGE_ENTRIES), &mut |_| {}, &mut |_| {});
                 }
                 1 => {
                     m.load_page(
                         (x >> 8) as usize % 80,
-                        Arc::new([7; MAP_PAGE_ENTRIES as usize]),
+                        Arc::new(MapLeaf::new([7; MAP_PAGE_ENTRIES as usize])),
                     );
                 }
                 _ => {
-                    m.set(lba, if x & 1 == 0 { 0 } else { step + 1 });
+                    m.set(lba, if x & 1 == 0 { 0 } else { step + 1 }, &mut none);
                 }
             }
             assert_eq!(m.present_pages(), counted(&m), "step {step}");
             assert_eq!(m.mapped, m.iter().count() as u64, "step {step}");
         }
         assert!(m.present_pages() > 0);
+    }
+
+    /// Reference counts kept through the callbacks equal, at every step, the entries of the
+    /// distinct leaves of all maps (what `Pool::check` recomputes): maps shared by snapshots,
+    /// written (copying shared leaves), trimmed, resized and deleted at random.
+    #[test]
+    fn shared_leaves_count_each_block_once_per_leaf() {
+        let blocks = 8 * MAP_PAGE_ENTRIES;
+        let mut maps = vec![LbaMap::new(blocks)];
+        let mut refs: HashMap<u64, i64> = HashMap::new();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..30_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let m = (x >> 40) as usize % maps.len();
+            let lba = (x >> 8) % blocks;
+            let mut add = |id: u64| *refs.entry(id).or_default() += 1;
+            match step % 211 {
+                0 if maps.len() < 6 => {
+                    let copy = maps[m].share();
+                    maps.push(copy);
+                }
+                1 if maps.len() > 1 => {
+                    let mut gone = maps.swap_remove(m);
+                    gone.release_all(&mut |id| *refs.entry(id).or_default() -= 1);
+                }
+                2 => {
+                    let mut dropped = Vec::new();
+                    maps[m].resize((x >> 20) % blocks, &mut add, &mut |id| dropped.push(id));
+                    for id in dropped {
+                        *refs.entry(id).or_default() -= 1;
+                    }
+                    maps[m].resize(blocks, &mut |_| {}, &mut |_| {});
+                }
+                _ => {
+                    // Few distinct ids, so that leaves share blocks as well as being shared.
+                    let id = if x & 3 == 0 { 0 } else { x % 50 + 1 };
+                    if id != 0 {
+                        add(id);
+                    }
+                    let old = maps[m].set(lba, id, &mut add);
+                    if old != 0 {
+                        *refs.entry(old).or_default() -= 1;
+                    }
+                }
+            }
+            let mut want: HashMap<u64, i64> = HashMap::new();
+            let mut seen = HashSet::new();
+            for leaf in maps.iter().flat_map(|m| m.pages.iter().flatten()) {
+                if seen.insert(Arc::as_ptr(leaf)) {
+                    for &id in leaf.iter().filter(|&&id| id != 0) {
+                        *want.entry(id).or_default() += 1;
+                    }
+                }
+            }
+            refs.retain(|_, n| *n != 0);
+            assert_eq!(refs, want, "step {step}");
+            for leaf in maps.iter().flat_map(|m| m.pages.iter().flatten()) {
+                let holders = maps
+                    .iter()
+                    .flat_map(|m| m.pages.iter().flatten())
+                    .filter(|l| Arc::ptr_eq(l, leaf))
+                    .count();
+                assert_eq!(leaf.users() as usize, holders, "step {step}");
+            }
+        }
     }
 }

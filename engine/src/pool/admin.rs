@@ -213,15 +213,11 @@ impl Pool {
                 // A clone of a private volume is private to itself (it shares the source's blocks
                 // by reference, not by dedup).
                 v.set_dedup_domain(s.dedup_domain(), &ctx.log_key.0);
-                let mut space = ctx.space.lock();
+                // The copy shares the source's leaves: one more user each, no block reference
+                // (a block counts the distinct leaves that point at it).
                 for (to, from) in v.maps.iter().zip(&s.maps) {
-                    let m = from.lock().clone();
-                    for (_, id) in m.iter() {
-                        space.add_ref(id);
-                    }
-                    *to.lock() = m;
+                    *to.lock() = from.lock().share();
                 }
-                drop(space);
                 made = Some(id);
                 t.by_name.insert(name.clone(), Arc::new(v));
                 Ok(())
@@ -252,11 +248,9 @@ impl Pool {
                 v.deleted.store(true, Ordering::Release);
                 let mut space = ctx.space.lock();
                 for m in &v.maps {
-                    let mut m = m.lock();
-                    for (_, id) in m.iter() {
+                    m.lock().release_all(&mut |id| {
                         space.drop_ref(id, seq);
-                    }
-                    *m = Default::default();
+                    });
                 }
                 Ok(())
             }))
@@ -289,7 +283,12 @@ impl Pool {
                 let blocks = size_bytes.div_ceil(BLOCK_BYTES);
                 let mut space = ctx.space.lock();
                 for m in &v.maps {
-                    for id in m.lock().resize(blocks) {
+                    let mut dropped = Vec::new();
+                    m.lock()
+                        .resize(blocks, &mut |id| space.add_ref(id), &mut |id| {
+                            dropped.push(id)
+                        });
+                    for id in dropped {
                         space.drop_ref(id, seq);
                     }
                 }
@@ -347,5 +346,73 @@ impl Pool {
             })
             .map(|(s, _)| s as u32)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::api::BLOCK_BYTES;
+    use crate::map::shard_of;
+    use crate::pool::{CreateOptions, Pool, PoolOptions};
+
+    /// A snapshot shares its source's map leaves: its blocks keep one reference each (a block
+    /// counts leaves, not volumes). The first write to a shared leaf copies it, and the copy's
+    /// blocks gain a reference; deleting the snapshot gives back only what it alone held.
+    #[test]
+    fn a_snapshot_shares_leaves_until_a_write_copies_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = PoolOptions {
+            shards: 2,
+            ..Default::default()
+        };
+        let c = CreateOptions {
+            size_bytes: 64 << 20,
+            segment_bytes: 2 << 20,
+            ..Default::default()
+        };
+        let pool = Pool::create(dir.path(), &c, &o).unwrap();
+        let blocks = 2048u64;
+        pool.create_volume("v", blocks * BLOCK_BYTES).unwrap();
+        let v = pool.volume("v").unwrap();
+        for lba in 0..blocks {
+            let mut b = vec![7u8; BLOCK_BYTES as usize];
+            b[..8].copy_from_slice(&lba.to_le_bytes());
+            v.write(lba * BLOCK_BYTES, &b, false).unwrap();
+        }
+        v.flush().unwrap();
+        pool.snapshot_volume("v", "s").unwrap();
+        let ctx = &pool.inner.ctx;
+        let shards = ctx.shards();
+        let (src, snap) = (ctx.lookup("v").unwrap(), ctx.lookup("s").unwrap());
+        let id = |lba: u64| src.maps[shard_of(lba, shards)].lock().get(lba);
+        let refs = |id: u64| ctx.space.lock().refs.get(id);
+        assert!(
+            (0..blocks).all(|lba| refs(id(lba)) == 1),
+            "a snapshot added references"
+        );
+        let leaf = |vol: &crate::map::VolumeState, lba: u64| {
+            vol.maps[shard_of(lba, shards)].lock().pages[(lba / 512) as usize]
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(leaf(&src, 0).users(), 2);
+        // Overwrite block 3 of the first leaf: the source gets its own copy of the leaf.
+        let (old3, kept) = (id(3), id(4));
+        v.write(3 * BLOCK_BYTES, &[1u8; BLOCK_BYTES as usize], false)
+            .unwrap();
+        v.flush().unwrap();
+        assert_eq!((leaf(&src, 0).users(), leaf(&snap, 0).users()), (1, 1));
+        assert_eq!((refs(kept), refs(old3)), (2, 1));
+        assert_eq!(leaf(&src, 600).users(), 2, "other leaves stay shared");
+        assert!(pool.check(&mut |_, _| {}).problems.is_empty());
+        pool.delete_volume("s").unwrap();
+        assert_eq!((refs(kept), refs(id(600))), (1, 1));
+        assert!(
+            !ctx.space.lock().refs.live(old3),
+            "the snapshot's own block is freed"
+        );
+        assert_eq!(leaf(&src, 600).users(), 1);
+        let report = pool.check(&mut |_, _| {});
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
 }

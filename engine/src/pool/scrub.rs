@@ -6,14 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::api::{CheckReport, Problem, BLOCK_BYTES};
-use crate::format::IO_ALIGN;
-use crate::map::VolumeState;
+use crate::format::{IO_ALIGN, MAP_PAGE_ENTRIES};
+use crate::map::{MapLeaf, VolumeState};
 use crate::shard::{decode_entry, PayloadFault};
 use crate::store::{self, Range};
 
 impl Pool {
     /// Verify every stored block's checksum and the invariants: reference counts equal the
-    /// map entries pointing at each block, segment usage equals the sum of live block sizes.
+    /// entries of distinct map leaves pointing at each block (snapshots share leaves), segment usage equals the sum of live block sizes.
     /// `progress(done, total)` is called as blocks are verified.
     pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> CheckReport {
         let inner = &self.inner;
@@ -33,26 +33,46 @@ impl Pool {
         };
         let mut counted = vec![0u32; blocks.len()];
         let mut owner: HashMap<u64, (String, u64)> = HashMap::new();
+        // A block counts the distinct leaves pointing at it: a leaf that snapshots and clones
+        // share counts once. Each leaf's holders are counted too, to compare with its `users`.
+        let mut holders: HashMap<*const MapLeaf, (u32, u32)> = HashMap::new();
         for v in &vols {
             report.volumes_checked += 1;
             for m in &v.maps {
                 let m = m.lock().clone();
-                for (lba, id) in m.iter() {
-                    match counted.get_mut(id as usize) {
-                        Some(c) if refs.live(id) => {
-                            *c += 1;
-                            owner.entry(id).or_insert_with(|| (v.name.clone(), lba));
+                for (p, leaf) in m.pages.iter().enumerate() {
+                    let Some(leaf) = leaf else { continue };
+                    let h = holders
+                        .entry(Arc::as_ptr(leaf))
+                        .or_insert((0, leaf.users()));
+                    h.0 += 1;
+                    let first = h.0 == 1;
+                    for (i, &id) in leaf.iter().enumerate().filter(|(_, &id)| id != 0) {
+                        let lba = p as u64 * MAP_PAGE_ENTRIES + i as u64;
+                        match counted.get_mut(id as usize) {
+                            Some(c) if refs.live(id) => {
+                                *c += u32::from(first);
+                                owner.entry(id).or_insert_with(|| (v.name.clone(), lba));
+                            }
+                            _ => report.problems.push(Problem {
+                                kind: "location".into(),
+                                detail: format!(
+                                    "volume {} block {lba} (byte {}) maps to block id {id}, which is not in the block table",
+                                    v.name,
+                                    lba * BLOCK_BYTES
+                                ),
+                            }),
                         }
-                        _ => report.problems.push(Problem {
-                            kind: "location".into(),
-                            detail: format!(
-                                "volume {} block {lba} (byte {}) maps to block id {id}, which is not in the block table",
-                                v.name,
-                                lba * BLOCK_BYTES
-                            ),
-                        }),
                     }
                 }
+            }
+        }
+        for (held, users) in holders.into_values() {
+            if held != users {
+                report.problems.push(Problem {
+                    kind: "map page".into(),
+                    detail: format!("a map page held by {held} volumes counts {users} holders"),
+                });
             }
         }
         let mut live = vec![0u64; seg_live.len()];

@@ -103,9 +103,12 @@ pub(crate) fn replay(
                             );
                         }
                     }
-                    let old = vol.maps[shard_of(d.lba, r.shards)]
-                        .lock()
-                        .set(d.lba, d.block_id);
+                    let space = &mut *r.space;
+                    let old = vol.maps[shard_of(d.lba, r.shards)].lock().set(
+                        d.lba,
+                        d.block_id,
+                        &mut |id| space.add_ref(id),
+                    );
                     if old != 0 {
                         r.space.drop_ref(old, rec.seq);
                     }
@@ -127,12 +130,14 @@ pub(crate) fn replay(
                         let mut map = vol.maps[s].lock();
                         let mut freed = Vec::new();
                         let writer = rec.shard as usize;
+                        let space = &mut *r.space;
                         trim_owned(
                             &mut map,
                             t.lba,
                             t.count,
                             writer,
                             r.old_shards.max(1),
+                            &mut |id| space.add_ref(id),
                             |id| freed.push(id),
                         );
                         drop(map);

@@ -196,7 +196,7 @@ impl Shard {
                         continue;
                     }
                     space.add_ref(*id);
-                    let old = map_of!(vol).set(*lba, *id);
+                    let old = map_of!(vol).set(*lba, *id, &mut |b| space.add_ref(b));
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
@@ -221,14 +221,14 @@ impl Shard {
                     if !*pinned {
                         space.add_ref(*id);
                     }
-                    let old = map_of!(vol).set(*lba, *id);
+                    let old = map_of!(vol).set(*lba, *id, &mut |b| space.add_ref(b));
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
                     written += BLOCK_BYTES;
                 }
                 Apply::Hole { vol, lba } => {
-                    let old = map_of!(vol).set(*lba, 0);
+                    let old = map_of!(vol).set(*lba, 0, &mut |b| space.add_ref(b));
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
@@ -236,9 +236,19 @@ impl Shard {
                 }
                 Apply::Trim { vol, lba, count } => {
                     // Trimmed blocks stay cached until evicted: a trim can free millions.
-                    trim_owned(map_of!(vol), *lba, *count, me, shards, |old| {
-                        space.drop_ref(old, seq);
-                    });
+                    // Both callbacks change the space, one at a time.
+                    let sp = std::cell::RefCell::new(&mut *space);
+                    trim_owned(
+                        map_of!(vol),
+                        *lba,
+                        *count,
+                        me,
+                        shards,
+                        &mut |b| sp.borrow_mut().add_ref(b),
+                        |old| {
+                            sp.borrow_mut().drop_ref(old, seq);
+                        },
+                    );
                 }
                 Apply::Absorbed { vol, blocks } => {
                     if !vol.deleted.load(Ordering::Acquire) {
