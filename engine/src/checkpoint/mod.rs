@@ -3,6 +3,7 @@
 
 mod commit;
 mod image;
+mod paged;
 
 pub use image::fuzz_decode_checkpoint;
 pub(crate) use image::*;

@@ -79,6 +79,9 @@ pub enum PageArray {
     SegmentUsage = 5,
     /// The saved dedup index.
     DedupIndex = 6,
+    /// A volume's leaf directory: leaf index -> [`PagePtr`] of its map leaf (absent: a hole).
+    /// Snapshots and clones name the same leaf pages.
+    MapDirectory = 7,
 }
 
 impl PageArray {
@@ -91,6 +94,7 @@ impl PageArray {
             4 => PageArray::PageRefs,
             5 => PageArray::SegmentUsage,
             6 => PageArray::DedupIndex,
+            7 => PageArray::MapDirectory,
             _ => return None,
         })
     }
@@ -298,6 +302,7 @@ fn max_entries(kind: PageKind, array: PageArray) -> usize {
         (PageKind::DedupIndex, _) => INDEX_PER_PAGE,
         (PageKind::ArrayLeaf, PageArray::BlockRefs | PageArray::PageRefs) => REFS_PER_PAGE,
         (PageKind::ArrayLeaf, PageArray::SegmentUsage) => USAGE_PER_PAGE,
+        (PageKind::ArrayLeaf, PageArray::DedupIndex) => INDEX_PER_PAGE,
         (PageKind::ArrayLeaf, _) => PTRS_PER_PAGE,
     }
 }

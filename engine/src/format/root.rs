@@ -31,7 +31,8 @@ pub struct ArrayRoot {
     pub root: PagePtr,
 }
 
-/// A volume: what today's checkpoint keeps of it, and the top of its map tree.
+/// A volume: what today's checkpoint keeps of it, and its leaf directory (an array of
+/// [`PagePtr`]s to its map leaves, one per 2 MiB of the volume).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootVolume {
     pub id: u32,
@@ -47,10 +48,9 @@ pub struct RootVolume {
     /// Entries that are not holes, and leaf pages present.
     pub mapped: u64,
     pub leaves: u64,
-    /// Levels of the map tree (1: the top page is the only leaf), and its top page id (0: an
-    /// empty volume).
-    pub height: u8,
-    pub top: u64,
+    /// The leaf directory: levels of its page tree (0: no page) and its top page.
+    pub dir_height: u8,
+    pub dir_root: PagePtr,
 }
 
 /// Where replay of one log chain resumes (as in today's checkpoint: 24 bytes).
@@ -107,8 +107,9 @@ pub struct RootIndex {
 /// mean):
 /// 1. arrays: count u32, then [`ArrayRoot`]s (array u8, height u8, len u64, root 16 B);
 /// 2. volumes: count u32, then per volume id u32, name_len u16, flags u16, size_bytes u64,
-///    domain_kind u8, domain_name_len u8, 4 × QoS u64, mapped u64, leaves u64, height u8,
-///    top u48, name bytes, domain name bytes;
+///    domain_kind u8, domain_name_len u8, 4 × QoS u64, mapped u64, leaves u64, dir_height u8,
+///    dir_root 16 B, name bytes, domain name bytes (the directory holds one entry per 2 MiB
+///    of `size_bytes`);
 /// 3. chains: count u32, then [`RootChain`]s (24 B);
 /// 4. overflowing reference counts: count u32, then (array u8: block or page refs, id u64,
 ///    refs u32) for counts of 254 and more;
@@ -156,6 +157,7 @@ fn array_of(v: u8) -> Result<PageArray> {
         4 => PageArray::PageRefs,
         5 => PageArray::SegmentUsage,
         6 => PageArray::DedupIndex,
+        7 => PageArray::MapDirectory,
         _ => return Err(CORRUPT),
     })
 }
@@ -225,8 +227,8 @@ impl CheckpointRoot {
                 }
                 o.u64(v.mapped);
                 o.u64(v.leaves);
-                o.u8(v.height);
-                o.u48(v.top);
+                o.u8(v.dir_height);
+                o.ptr(&v.dir_root);
                 o.0.extend_from_slice(v.name.as_bytes());
                 o.0.extend_from_slice(v.domain_name.as_bytes());
             }
@@ -396,7 +398,7 @@ impl CheckpointRoot {
                 }
             }
             2 => {
-                let n = count(s, 73)?;
+                let n = count(s, 83)?;
                 for _ in 0..n {
                     let id = s.u32()?;
                     let name_len = s.u16()? as usize;
@@ -409,8 +411,8 @@ impl CheckpointRoot {
                     }
                     let mapped = s.u64()?;
                     let leaves = s.u64()?;
-                    let height = s.array::<1>()?[0];
-                    let top = get_u48(s)?;
+                    let dir_height = s.array::<1>()?[0];
+                    let dir_root = PagePtr::get(s)?;
                     let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| CORRUPT);
                     let name = text(s.bytes(name_len)?)?;
                     let domain_name = text(s.bytes(usize::from(domain_len))?)?;
@@ -424,8 +426,8 @@ impl CheckpointRoot {
                         qos,
                         mapped,
                         leaves,
-                        height,
-                        top,
+                        dir_height,
+                        dir_root,
                     });
                 }
             }
@@ -496,7 +498,6 @@ impl CheckpointRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::MAX_U48;
 
     fn sample() -> CheckpointRoot {
         let ptr = |s: u32| PagePtr {
@@ -539,8 +540,8 @@ mod tests {
                 qos: [1000, 0, 0, 1 << 20],
                 mapped: 2_000_000,
                 leaves: 4000,
-                height: 3,
-                top: MAX_U48,
+                dir_height: 2,
+                dir_root: ptr(6),
             }],
             chains: vec![RootChain {
                 segment: 7,

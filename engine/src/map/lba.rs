@@ -33,6 +33,21 @@ impl MapLeaf {
         }
     }
 
+    /// A leaf no map holds yet (read from a checkpoint: each volume that names it adds itself).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn unheld(ids: MapPage) -> MapLeaf {
+        MapLeaf {
+            ids,
+            users: AtomicU32::new(0),
+        }
+    }
+
+    /// One more map holds it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn add_user(&self) {
+        self.users.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Volume maps holding this leaf.
     pub fn users(&self) -> u32 {
         self.users.load(Ordering::Relaxed)

@@ -250,6 +250,11 @@ fn level_counts(len: u64, per_page: usize) -> Vec<usize> {
     counts
 }
 
+/// Levels of the page tree of an array of `len` entries, `per_page` to a leaf (0: empty).
+pub(crate) fn height(len: u64, per_page: usize) -> u8 {
+    level_counts(len, per_page).len() as u8
+}
+
 impl ArrayPages {
     pub(crate) fn new(array: PageArray) -> ArrayPages {
         ArrayPages {
@@ -281,8 +286,35 @@ impl ArrayPages {
         cut: &Cut<T>,
         w: &mut MetaWriter<'_>,
     ) -> Result<Vec<PagePtr>> {
-        let counts = level_counts(cut.len as u64, T::PER_PAGE);
-        self.len = cut.len as u64;
+        let leaves: Vec<usize> = cut.leaves.iter().map(|(i, _)| *i).collect();
+        let mut at = 0;
+        self.write_with(cut.len as u64, T::PER_PAGE, &leaves, w, &mut |i, body| {
+            // Leaves come in the order given.
+            while cut.leaves[at].0 != i {
+                at += 1;
+            }
+            let leaf = &cut.leaves[at].1;
+            let mut p = Put::new(body);
+            for e in leaf.iter() {
+                e.put(&mut p);
+            }
+            leaf.len() as u32
+        })
+    }
+
+    /// Write leaves `changed` (ascending) of an array of `len` entries, `per_page` to a leaf,
+    /// whose bodies `fill` encodes (returning the entries it put), then the interior pages
+    /// above them. For arrays kept elsewhere than in a [`PagedArray`].
+    pub(crate) fn write_with(
+        &mut self,
+        len: u64,
+        per_page: usize,
+        changed_leaves: &[usize],
+        w: &mut MetaWriter<'_>,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> u32,
+    ) -> Result<Vec<PagePtr>> {
+        let counts = level_counts(len, per_page);
+        self.len = len;
         if self.levels.len() < counts.len() {
             self.levels.resize(counts.len(), Vec::new());
         }
@@ -292,26 +324,16 @@ impl ArrayPages {
             self.levels[0].resize(n, PagePtr::ABSENT);
         }
         let mut body = vec![0u8; PAGE_BODY_BYTES];
-        for (i, leaf) in &cut.leaves {
+        for &i in changed_leaves {
             body.fill(0);
-            let mut p = Put::new(&mut body);
-            for e in leaf.iter() {
-                e.put(&mut p);
-            }
-            let at = w.page(
-                PageKind::ArrayLeaf,
-                0,
-                *i as u64,
-                self.array,
-                leaf.len() as u32,
-                &body,
-            )?;
-            let slot = &mut self.levels[0][*i];
+            let entries = fill(i, &mut body);
+            let at = w.page(PageKind::ArrayLeaf, 0, i as u64, self.array, entries, &body)?;
+            let slot = &mut self.levels[0][i];
             if !slot.is_absent() {
                 old.push(*slot);
             }
             *slot = at;
-            changed.insert(*i);
+            changed.insert(i);
         }
         for level in 1..counts.len() {
             let (below, above) = self.levels.split_at_mut(level);

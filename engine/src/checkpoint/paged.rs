@@ -1,0 +1,525 @@
+//! A checkpoint's [`Image`] written as format 3 (issue 22): metadata pages in metadata segments
+//! and a [`CheckpointRoot`] that names them, instead of one blob. Each volume's map is a leaf
+//! directory ([`PageArray::MapDirectory`]) of pointers to its map leaves; a leaf that snapshots
+//! and clones share is written once and named by each of their directories, and comes back
+//! shared (one `MapLeaf`, one user per volume). The block table and the liveness of block ids
+//! are paged arrays, the dedup index an array of [`IndexSlot`]s.
+//!
+//! Every image is written whole for now; checkpoints that write only what changed come next
+//! (docs/design/paged-metadata.md, milestone 11). Not used by pools yet.
+
+// Commits and opens use it from milestone 9's second half on; until then only the tests do.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Image, VolumeImage};
+use crate::api::{DedupDomain, BLOCK_BYTES};
+use crate::error::{Error, Result};
+use crate::format::{
+    get_u48, put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray,
+    PageHeader, PageKind, PagePtr, PageWant, Put, RootChain, RootIndex, RootVolume, CHAIN_DATA,
+    CHAIN_MOVES, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES, MAP_PAGE_SLOTS,
+    PAGE_BODY_BYTES, PAGE_HEADER_BYTES, ROOT_KEYED,
+};
+use crate::log::ShardPosition;
+use crate::map::{MapLeaf, MapPage};
+use crate::meta::paged::{ArrayPages, PageEntry, PageSource};
+use crate::meta::writer::MetaWriter;
+use crate::qos::QosLimits;
+use crate::space::{BlockEntry, BlockTable, RefCounts};
+
+impl PageEntry for IndexSlot {
+    const PER_PAGE: usize = PAGE_BODY_BYTES / IndexSlot::BYTES;
+    fn put(&self, p: &mut Put<'_>) {
+        IndexSlot::put(self, p);
+    }
+    fn get(g: &mut Get<'_>) -> Result<Self> {
+        IndexSlot::get(g)
+    }
+}
+
+/// Leaf slots of a volume of `size_bytes` (one per 2 MiB).
+fn leaf_slots(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(BLOCK_BYTES).div_ceil(MAP_PAGE_ENTRIES)
+}
+
+fn all(n: u64, per_page: usize) -> Vec<usize> {
+    (0..(n as usize).div_ceil(per_page)).collect()
+}
+
+/// Write `img` whole; returns its root (the caller fills in `generation` and `next_stamp` and
+/// commits it).
+pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<CheckpointRoot> {
+    let ids = img.blocks.len() as u64;
+    let per = <BlockLoc as PageEntry>::PER_PAGE;
+    let mut table = ArrayPages::new(PageArray::BlockTable);
+    table.write_with(ids, per, &all(ids, per), w, &mut |leaf, body| {
+        let mut p = Put::new(body);
+        let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
+        for (_, e) in img.blocks.range(from..to) {
+            BlockLoc {
+                segment: e.segment,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                flags: e.flags,
+                crc: e.crc,
+            }
+            .put(&mut p);
+        }
+        (to - from) as u32
+    })?;
+    let per = <u8 as PageEntry>::PER_PAGE;
+    let mut refs = ArrayPages::new(PageArray::BlockRefs);
+    refs.write_with(ids, per, &all(ids, per), w, &mut |leaf, body| {
+        let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
+        for (b, id) in body.iter_mut().zip(from..to) {
+            *b = u8::from(img.refs.live(id as u64));
+        }
+        (to - from) as u32
+    })?;
+    // Each distinct leaf once, however many volumes hold it.
+    let mut written: HashMap<*const MapLeaf, PagePtr> = HashMap::new();
+    let mut volumes = Vec::with_capacity(img.volumes.len());
+    let mut body = vec![0u8; PAGE_BODY_BYTES];
+    for v in &img.volumes {
+        let slots = leaf_slots(v.size_bytes);
+        let mut dir = vec![PagePtr::ABSENT; slots as usize];
+        let mut mapped = 0u64;
+        for (idx, leaf) in &v.pages {
+            let Some(slot) = dir.get_mut(*idx as usize) else {
+                continue;
+            };
+            mapped += leaf.iter().filter(|&&id| id != 0).count() as u64;
+            *slot = match written.get(&Arc::as_ptr(leaf)) {
+                Some(&at) => at,
+                None => {
+                    body.fill(0);
+                    let mut p = Put::new(&mut body);
+                    for &id in leaf.iter() {
+                        put_u48(&mut p, id);
+                    }
+                    let at = w.page(
+                        PageKind::MapLeaf,
+                        0,
+                        *idx,
+                        PageArray::MapTree,
+                        MAP_PAGE_SLOTS as u32,
+                        &body,
+                    )?;
+                    written.insert(Arc::as_ptr(leaf), at);
+                    at
+                }
+            };
+        }
+        let per = <PagePtr as PageEntry>::PER_PAGE;
+        let mut pages = ArrayPages::new(PageArray::MapDirectory);
+        pages.write_with(slots, per, &all(slots, per), w, &mut |leaf, body| {
+            let mut p = Put::new(body);
+            let (from, to) = (leaf * per, ((leaf + 1) * per).min(dir.len()));
+            for ptr in &dir[from..to] {
+                ptr.put(&mut p);
+            }
+            (to - from) as u32
+        })?;
+        let root = pages.root();
+        let (domain_kind, domain_name) = match &v.domain {
+            DedupDomain::Shared => (DOMAIN_SHARED, String::new()),
+            DedupDomain::Private => (DOMAIN_PRIVATE, String::new()),
+            DedupDomain::Named(n) => (DOMAIN_NAMED, n.clone()),
+        };
+        volumes.push(RootVolume {
+            id: v.id,
+            name: v.name.clone(),
+            flags: v.flags,
+            size_bytes: v.size_bytes,
+            domain_kind,
+            domain_name,
+            qos: [
+                v.qos.iops_limit,
+                v.qos.bandwidth_limit_bytes,
+                v.qos.burst_iops,
+                v.qos.burst_bytes,
+            ],
+            mapped,
+            leaves: v.pages.len() as u64,
+            dir_height: root.height,
+            dir_root: root.root,
+        });
+    }
+    let entries = img.index.len() as u64;
+    let per = <IndexSlot as PageEntry>::PER_PAGE;
+    let mut index = ArrayPages::new(PageArray::DedupIndex);
+    index.write_with(entries, per, &all(entries, per), w, &mut |leaf, body| {
+        let mut p = Put::new(body);
+        let (from, to) = (leaf * per, ((leaf + 1) * per).min(img.index.len()));
+        for &(key, id) in &img.index[from..to] {
+            IndexSlot { key, id }.put(&mut p);
+        }
+        (to - from) as u32
+    })?;
+    let live = img.refs.live_iter().filter(|&l| l).count() as u64;
+    Ok(CheckpointRoot {
+        flags: if img.keyed_fingerprints {
+            ROOT_KEYED
+        } else {
+            0
+        },
+        seq_end: img.seq,
+        epoch: img.epoch,
+        next_block_id: ids,
+        next_volume_id: img.next_volume_id,
+        live_blocks: live,
+        arrays: vec![table.root(), refs.root()],
+        volumes,
+        chains: img
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| RootChain {
+                segment: s.segment,
+                offset: s.offset,
+                next_segment: s.next,
+                kind: if i < img.data_chains {
+                    CHAIN_DATA
+                } else {
+                    CHAIN_MOVES
+                },
+                shard_seq: s.shard_seq,
+            })
+            .collect(),
+        index: Some(RootIndex {
+            root: index.root().root,
+            entries,
+            sample_bits: img.index_sample_bits,
+            saved_at_seq: img.seq,
+        }),
+        ..CheckpointRoot::default()
+    })
+}
+
+const BAD_ROOT: Error = Error::Corrupt {
+    what: "checkpoint root",
+};
+
+/// Read the image a root names, every page checked against the pointer it was read through.
+/// `max_blocks` bounds block ids (what the pool can reference), as for a blob.
+pub(crate) fn read_image(
+    root: &CheckpointRoot,
+    key: &LogKey,
+    src: &dyn PageSource,
+    max_blocks: u64,
+) -> Result<Image> {
+    let array = |a: PageArray| {
+        root.arrays
+            .iter()
+            .find(|r| r.array == a)
+            .copied()
+            .ok_or(BAD_ROOT)
+    };
+    let (table_root, refs_root) = (array(PageArray::BlockTable)?, array(PageArray::BlockRefs)?);
+    let ids = root.next_block_id;
+    if table_root.len != ids || refs_root.len != ids || ids > max_blocks {
+        return Err(BAD_ROOT);
+    }
+    let (table, _) = ArrayPages::load::<BlockLoc>(&table_root, key, src)?;
+    let (live, _) = ArrayPages::load::<u8>(&refs_root, key, src)?;
+    let mut blocks = BlockTable::default();
+    blocks.grow_to(ids.max(1) as usize, BlockEntry::default());
+    let mut refs = RefCounts::with_len(ids.max(1) as usize);
+    for id in 0..ids as usize {
+        if let (Some(l), Some(&1)) = (table.get(id), live.get(id)) {
+            if let Some(e) = blocks.get_mut(id) {
+                *e = BlockEntry {
+                    segment: l.segment,
+                    offset: l.offset,
+                    stored_len: l.stored_len,
+                    flags: l.flags,
+                    crc: l.crc,
+                };
+            }
+            refs.add(id as u64);
+        }
+    }
+    // Leaves by where they lie (with the index they were written for): a leaf several
+    // directories name is read once and shared.
+    let mut leaves: HashMap<PagePtr, (u64, Arc<MapLeaf>)> = HashMap::new();
+    let mut volumes = Vec::with_capacity(root.volumes.len());
+    for v in &root.volumes {
+        let dir_root = ArrayRoot {
+            array: PageArray::MapDirectory,
+            height: v.dir_height,
+            len: leaf_slots(v.size_bytes),
+            root: v.dir_root,
+        };
+        let (dir, _) = ArrayPages::load::<PagePtr>(&dir_root, key, src)?;
+        let named: Vec<(u64, PagePtr)> = (0..dir.len())
+            .filter_map(|i| {
+                dir.get(i)
+                    .filter(|p| !p.is_absent())
+                    .map(|p| (i as u64, *p))
+            })
+            .collect();
+        let mut want: Vec<(u64, PagePtr)> = named
+            .iter()
+            .filter(|(_, p)| !leaves.contains_key(p))
+            .copied()
+            .collect();
+        want.sort_by_key(|&(_, p)| (p.segment, p.offset));
+        want.dedup_by_key(|(_, p)| *p);
+        let ptrs: Vec<PagePtr> = want.iter().map(|&(_, p)| p).collect();
+        for ((idx, at), buf) in want.iter().zip(src.read_pages(&ptrs)?) {
+            let w = PageWant {
+                kind: PageKind::MapLeaf,
+                level: 0,
+                key: *idx,
+                array: PageArray::MapTree,
+                at: *at,
+            };
+            let h = PageHeader::open(&buf, key, &w).map_err(|_| Error::Corrupt {
+                what: "map leaf page",
+            })?;
+            if h.entries as usize != MAP_PAGE_SLOTS {
+                return Err(Error::Corrupt {
+                    what: "map leaf page",
+                });
+            }
+            let mut g = Get::new(&buf[PAGE_HEADER_BYTES..], "map leaf page");
+            let mut ids_of: MapPage = [0; MAP_PAGE_ENTRIES as usize];
+            for slot in ids_of.iter_mut() {
+                *slot = get_u48(&mut g)?;
+            }
+            // Its users are counted as each volume takes it, below.
+            leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids_of))));
+        }
+        let mut pages = Vec::with_capacity(named.len());
+        for (idx, at) in named {
+            let (written_for, leaf) = leaves.get(&at).ok_or(BAD_ROOT)?;
+            // A leaf named at another index than its own is not the one meant there.
+            if *written_for != idx {
+                return Err(Error::Corrupt {
+                    what: "map leaf page",
+                });
+            }
+            leaf.add_user();
+            pages.push((idx, leaf.clone()));
+        }
+        let domain = match (v.domain_kind, v.domain_name.as_str()) {
+            (DOMAIN_SHARED, "") => DedupDomain::Shared,
+            (DOMAIN_PRIVATE, "") => DedupDomain::Private,
+            (DOMAIN_NAMED, n) => match n.parse() {
+                Ok(d @ DedupDomain::Named(_)) => d,
+                _ => return Err(BAD_ROOT),
+            },
+            _ => return Err(BAD_ROOT),
+        };
+        volumes.push(VolumeImage {
+            id: v.id,
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            flags: v.flags,
+            domain,
+            qos: QosLimits {
+                iops_limit: v.qos[0],
+                bandwidth_limit_bytes: v.qos[1],
+                burst_iops: v.qos[2],
+                burst_bytes: v.qos[3],
+            },
+            pages,
+        });
+    }
+    let mut shards = Vec::with_capacity(root.chains.len());
+    let mut data_chains = 0;
+    for (i, c) in root.chains.iter().enumerate() {
+        match c.kind {
+            CHAIN_DATA if data_chains == i => data_chains += 1,
+            CHAIN_MOVES if data_chains > 0 => {}
+            _ => return Err(BAD_ROOT),
+        }
+        shards.push(ShardPosition {
+            segment: c.segment,
+            offset: c.offset,
+            next: c.next_segment,
+            shard_seq: c.shard_seq,
+            nonce: None,
+        });
+    }
+    let (index, index_sample_bits) = match &root.index {
+        Some(ix) => {
+            let per = <IndexSlot as PageEntry>::PER_PAGE;
+            let height = crate::meta::paged::height(ix.entries, per);
+            let r = ArrayRoot {
+                array: PageArray::DedupIndex,
+                height,
+                len: ix.entries,
+                root: ix.root,
+            };
+            let (slots, _) = ArrayPages::load::<IndexSlot>(&r, key, src)?;
+            let index = (0..slots.len())
+                .filter_map(|i| slots.get(i))
+                .filter(|s| s.id < ids)
+                .map(|s| (s.key, s.id))
+                .collect();
+            (index, ix.sample_bits)
+        }
+        None => (Vec::new(), 0),
+    };
+    Ok(Image {
+        seq: root.seq_end,
+        epoch: root.epoch,
+        next_volume_id: root.next_volume_id,
+        volumes,
+        blocks,
+        refs,
+        shards,
+        data_chains,
+        index,
+        index_sample_bits,
+        keyed_fingerprints: root.flags & ROOT_KEYED != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::tests::Disk;
+
+    fn leaf(seed: u64) -> Arc<MapLeaf> {
+        let mut ids = [0u64; MAP_PAGE_ENTRIES as usize];
+        for (i, id) in ids.iter_mut().enumerate() {
+            *id = if i % 3 == 0 {
+                0
+            } else {
+                (seed * 1000 + i as u64) % 5000 + 1
+            };
+        }
+        Arc::new(MapLeaf::new(ids))
+    }
+
+    fn image() -> Image {
+        let n = 5000usize;
+        let mut blocks = BlockTable::default();
+        let mut refs = RefCounts::with_len(n);
+        for i in 0..n as u32 {
+            blocks.push(BlockEntry {
+                segment: i % 13,
+                offset: i * 4096,
+                stored_len: 4096,
+                flags: (i % 5) as u16,
+                crc: i.wrapping_mul(2_654_435_761),
+            });
+            if i % 7 != 0 {
+                refs.add(u64::from(i));
+            }
+        }
+        let shared = leaf(1);
+        let vol = |id: u32, pages: Vec<(u64, Arc<MapLeaf>)>, domain: DedupDomain| VolumeImage {
+            id,
+            name: format!("vol{id}"),
+            size_bytes: 3000 << 20,
+            flags: u16::from(id == 2) << 2,
+            domain,
+            qos: QosLimits {
+                iops_limit: u64::from(id) * 100,
+                ..QosLimits::default()
+            },
+            pages,
+        };
+        Image {
+            seq: 99,
+            epoch: 4,
+            next_volume_id: 3,
+            volumes: vec![
+                vol(
+                    1,
+                    vec![(0, shared.clone()), (7, leaf(2)), (1499, leaf(3))],
+                    DedupDomain::Shared,
+                ),
+                // A snapshot: leaf 0 shared, leaf 7 its own.
+                vol(
+                    2,
+                    vec![(0, shared), (7, leaf(4))],
+                    "tenant".parse().unwrap(),
+                ),
+            ],
+            blocks,
+            refs,
+            shards: (0..3)
+                .map(|i| ShardPosition {
+                    segment: i,
+                    offset: 8192,
+                    next: 20 + i,
+                    shard_seq: u64::from(i) + 5,
+                    nonce: None,
+                })
+                .collect(),
+            data_chains: 2,
+            index: (0..1000u64).map(|k| (k * 7919, k % 5000)).collect(),
+            index_sample_bits: 1,
+            keyed_fingerprints: true,
+        }
+    }
+
+    /// An image written as pages and a root reads back the same: blocks (live ones), volumes
+    /// with their settings and leaves, chains, index. A leaf two volumes share is written once
+    /// and comes back as one leaf with two users.
+    #[test]
+    fn an_image_round_trips_through_pages_and_keeps_shared_leaves_shared() {
+        let disk = Disk::new(64);
+        let img = image();
+        let (root, pages) = disk.write(|w| write_image(&img, w));
+        // Block table 20 leaves + a top, liveness 2 + 1, 4 distinct map leaves, two
+        // directories of 1500 slots (6 leaves + a top each), index 4 leaves + a top.
+        assert_eq!(pages, 21 + 3 + 4 + 2 * 7 + 5);
+        let root = CheckpointRoot::decode(&root.encode()).unwrap();
+        let back = read_image(&root, &disk.key, &disk.source(), 1 << 20).unwrap();
+        assert_eq!((back.seq, back.epoch, back.next_volume_id), (99, 4, 3));
+        assert_eq!(back.blocks.len(), 5000);
+        for id in 0..5000u64 {
+            assert_eq!(back.refs.live(id), img.refs.live(id), "id {id}");
+            if img.refs.live(id) {
+                assert_eq!(back.blocks.get(id as usize), img.blocks.get(id as usize));
+            }
+        }
+        assert_eq!(back.shards, img.shards);
+        assert_eq!(back.data_chains, 2);
+        assert_eq!(back.index, img.index);
+        assert_eq!(back.index_sample_bits, 1);
+        assert!(back.keyed_fingerprints);
+        for (b, i) in back.volumes.iter().zip(&img.volumes) {
+            assert_eq!(
+                (b.id, &b.name, b.size_bytes, b.flags),
+                (i.id, &i.name, i.size_bytes, i.flags)
+            );
+            assert_eq!((&b.domain, b.qos), (&i.domain, i.qos));
+            assert_eq!(b.pages.len(), i.pages.len());
+            for ((bi, bl), (ii, il)) in b.pages.iter().zip(&i.pages) {
+                assert_eq!((bi, &***bl), (ii, &***il));
+            }
+        }
+        let (a, b) = (&back.volumes[0].pages[0].1, &back.volumes[1].pages[0].1);
+        assert!(Arc::ptr_eq(a, b), "the shared leaf came back as two");
+        assert_eq!(a.users(), 2);
+        assert_eq!(back.volumes[0].pages[1].1.users(), 1);
+    }
+
+    /// A root whose arrays do not match its counts (more ids than its table holds, more than
+    /// the pool can reference, a volume size its directory was not written for) is refused.
+    #[test]
+    fn a_root_that_misnames_its_pages_is_refused() {
+        let disk = Disk::new(64);
+        let img = image();
+        let (root, _) = disk.write(|w| write_image(&img, w));
+        let mut r = root.clone();
+        r.next_block_id += 1;
+        assert!(read_image(&r, &disk.key, &disk.source(), 1 << 20).is_err());
+        assert!(read_image(&root, &disk.key, &disk.source(), 4999).is_err());
+        let mut r = root.clone();
+        r.volumes[0].size_bytes = 1 << 40;
+        assert!(read_image(&r, &disk.key, &disk.source(), 1 << 20).is_err());
+        if let Err(e) = read_image(&root, &disk.key, &disk.source(), 1 << 20) {
+            panic!("{e}");
+        }
+    }
+}
