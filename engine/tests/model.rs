@@ -331,7 +331,8 @@ fn write_back_bytes(engine: Engine) -> u64 {
 }
 
 impl Harness {
-    fn new(engine: Engine) -> Harness {
+    /// A pool on `engine`, its checkpoints in format 3 (root and pages) when `paged`.
+    fn new(engine: Engine, paged: bool) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let plan = match engine {
             Engine::Fault(_) => {
@@ -344,6 +345,7 @@ impl Harness {
         let c = CreateOptions {
             size_bytes: 256 << 20,
             segment_bytes: 2 << 20,
+            paged_metadata: paged,
             ..Default::default()
         };
         let pool = Pool::create(dir.path(), &c, &pool_options(engine, &plan)).expect("create");
@@ -858,6 +860,10 @@ fn cases(default: u32) -> u32 {
 }
 
 fn run_model(engine: Engine, default_cases: u32) {
+    run_model_in(engine, default_cases, false);
+}
+
+fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     let config = Config {
         cases: cases(default_cases),
         max_shrink_iters: 200,
@@ -867,7 +873,7 @@ fn run_model(engine: Engine, default_cases: u32) {
     let mut runner = TestRunner::new(config);
     let ops = prop::collection::vec(op(), 1..60);
     let result = runner.run(&ops, |ops| {
-        let mut h = Harness::new(engine);
+        let mut h = Harness::new(engine, paged);
         for (i, op) in ops.iter().enumerate() {
             h.step = i;
             h.run(op);
@@ -882,8 +888,20 @@ fn run_model(engine: Engine, default_cases: u32) {
         Ok(())
     });
     if let Err(e) = result {
-        panic!("{engine:?}: {e}");
+        panic!("{engine:?} (format 3: {paged}): {e}");
     }
+}
+
+/// The same with format 3 checkpoints (a root and metadata pages), snapshots' shared leaves
+/// kept shared across reopens and power cuts.
+#[test]
+fn model_paged_metadata() {
+    run_model_in(Engine::Sync, 30, true);
+}
+
+#[test]
+fn model_paged_metadata_power_cut() {
+    run_model_in(Engine::Fault(IoKind::Sync), 30, true);
 }
 
 #[test]

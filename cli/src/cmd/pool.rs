@@ -57,12 +57,15 @@ pub fn run(cmd: PoolCmd) -> Result<i32> {
                     human(size)
                 );
             }
+            // Builds with the engine's `testing` feature (the workspace's tests) have more fields.
+            #[allow(clippy::needless_update)]
             let c = CreateOptions {
                 size_bytes: size,
                 segment_bytes: segment_size,
                 devices: device,
                 prefill,
                 force,
+                ..CreateOptions::default()
             };
             let p = Pool::create(&pool.pool, &c, &PoolOptions::default())
                 .with_context(|| format!("creating a pool in {}", pool.pool.display()))?;

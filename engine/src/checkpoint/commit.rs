@@ -6,15 +6,140 @@ use std::sync::atomic::Ordering;
 use super::{Image, VolumeImage};
 use crate::error::{Error, Result};
 use crate::format::{
-    SegmentHeader, SegmentKind, Superblock, IO_ALIGN, NO_SEGMENT, SEGMENT_HEADER_BYTES,
-    SUPERBLOCK_OFFSETS,
+    SegmentHeader, SegmentKind, Superblock, FORMAT_VERSION_PAGED, IO_ALIGN, NO_SEGMENT,
+    SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
 };
 use crate::io::AlignedBuf;
 use crate::log::ShardPosition;
+use crate::meta::writer::{MetaTarget, MetaWriter, Stamps};
 use crate::space::SegState;
 use crate::store;
 
+/// A checkpoint written, not yet pointed at: its segments, where the superblock points
+/// (segment, offset), the length and CRC of what it points at, and the device bytes written.
+pub(crate) struct Written {
+    pub segments: Vec<u32>,
+    pub at: (u32, u32),
+    pub len: u64,
+    pub crc: u32,
+    pub bytes: u64,
+}
+
 impl Checkpointer {
+    /// Format 2: the image as one blob over a chain of checkpoint segments.
+    fn write_blob(&self, image: &Image, taken: &mut Vec<u32>) -> Result<Written> {
+        let t0 = std::time::Instant::now();
+        let blob = super::encode(image);
+        let encoded_us = t0.elapsed().as_micros() as u64;
+        tracing::debug!(target: "ingot_engine::checkpoint", bytes = blob.len(), encoded_us, "checkpoint image");
+        let crc = crc32fast::hash(&blob);
+        let per_seg = (self.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
+        let nsegs = blob.len().div_ceil(per_seg).max(1);
+        let segs: Vec<u32> = {
+            let mut space = self.ctx.space.lock();
+            let mut got = Vec::new();
+            for _ in 0..nsegs {
+                match space.alloc_segment(SegState::Checkpoint, 0) {
+                    Some(s) => got.push(s),
+                    None => {
+                        for &s in &got {
+                            space.set_state(s, SegState::Free);
+                        }
+                        return Err(Error::NoSpace);
+                    }
+                }
+            }
+            self.ctx.note_write_back_room(&space);
+            got
+        };
+        let segs = self.ctx.backed(segs, SegState::Checkpoint)?;
+        taken.extend_from_slice(&segs);
+        let mut bytes = 0;
+        for (i, &seg) in segs.iter().enumerate() {
+            let chunk = &blob[i * per_seg..((i + 1) * per_seg).min(blob.len())];
+            let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + chunk.len());
+            SegmentHeader {
+                kind: SegmentKind::Checkpoint,
+                segment: seg,
+                shard: 0,
+                pool_uuid: self.ctx.pool_uuid,
+                epoch: image.epoch,
+                next_segment: segs.get(i + 1).copied().unwrap_or(NO_SEGMENT),
+                nonce: self.ctx.segment_nonce(seg),
+            }
+            .encode(&mut buf, &self.ctx.log_key);
+            buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
+                .copy_from_slice(chunk);
+            bytes += buf.len() as u64;
+            store::wait(|done| self.ctx.store.put(image.epoch, seg, buf, done))?;
+        }
+        Ok(Written {
+            at: (segs[0], 0),
+            segments: segs,
+            len: blob.len() as u64,
+            crc,
+            bytes,
+        })
+    }
+
+    /// Format 3: the image as metadata pages and a root after them (`paged::write_image`).
+    fn write_paged(
+        &self,
+        ck: &mut CkptState,
+        image: &Image,
+        taken: &mut Vec<u32>,
+    ) -> Result<Written> {
+        let t0 = std::time::Instant::now();
+        let ctx = &self.ctx;
+        let mut alloc = || -> Result<u32> {
+            let seg = {
+                let mut space = ctx.space.lock();
+                let s = space
+                    .alloc_segment(SegState::Checkpoint, 0)
+                    .ok_or(Error::NoSpace)?;
+                ctx.note_write_back_room(&space);
+                s
+            };
+            let seg = ctx.backed(vec![seg], SegState::Checkpoint)?[0];
+            taken.push(seg);
+            Ok(seg)
+        };
+        let nonce = |s: u32| ctx.segment_nonce(s);
+        let stamps = ck.stamps.get_or_insert_with(|| Stamps::new(image.epoch, 0));
+        let mut w = MetaWriter::new(
+            MetaTarget {
+                store: &*ctx.store,
+                key: &ctx.log_key,
+                pool_uuid: ctx.pool_uuid,
+                epoch: image.epoch,
+                segment_bytes: ctx.geo.segment_bytes,
+                alloc: &mut alloc,
+                nonce: &nonce,
+            },
+            stamps,
+        );
+        let mut root = super::paged::write_image(image, &mut w)?;
+        root.generation = ck.generation + 1;
+        root.next_stamp = w.next_stamp();
+        let bytes = root.encode();
+        let at = w.record(&bytes)?;
+        let written = w.finish()?;
+        tracing::debug!(
+            target: "ingot_engine::checkpoint",
+            pages = written.pages.iter().map(|&(_, n)| u64::from(n)).sum::<u64>(),
+            bytes = written.bytes,
+            written_us = t0.elapsed().as_micros() as u64,
+            "checkpoint pages"
+        );
+        Ok(Written {
+            segments: written.segments,
+            at,
+            len: bytes.len() as u64,
+            crc: crc32fast::hash(&bytes),
+            bytes: written.bytes,
+        })
+    }
+
     /// A consistent image of the current state (shards paused, or not yet running).
     pub(crate) fn snapshot(&self, seq_end: u64, shards: Vec<ShardPosition>) -> (Image, Vec<u64>) {
         let vols = self.ctx.volumes.read();
@@ -104,86 +229,52 @@ impl Checkpointer {
             return Err(self.ctx.health.halted());
         }
         let t0 = std::time::Instant::now();
-        let blob = super::encode(image);
-        let encoded_us = t0.elapsed().as_micros() as u64;
-        tracing::debug!(target: "ingot_engine::checkpoint", bytes = blob.len(), encoded_us, "checkpoint image");
-        let crc = crc32fast::hash(&blob);
-        let per_seg = (self.ctx.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
-        let nsegs = blob.len().div_ceil(per_seg).max(1);
-        let segs: Vec<u32> = {
-            let mut space = self.ctx.space.lock();
-            let mut got = Vec::new();
-            for _ in 0..nsegs {
-                match space.alloc_segment(SegState::Checkpoint, 0) {
-                    Some(s) => got.push(s),
-                    None => {
-                        for &s in &got {
-                            space.set_state(s, SegState::Free);
-                        }
-                        return Err(Error::NoSpace);
-                    }
-                }
-            }
-            self.ctx.note_write_back_room(&space);
-            got
+        let paged = self
+            .superblocks
+            .first()
+            .is_some_and(|sb| sb.version >= FORMAT_VERSION_PAGED);
+        // Segments taken so far, given back if the checkpoint fails.
+        let mut taken: Vec<u32> = Vec::new();
+        let written = if paged {
+            self.write_paged(ck, image, &mut taken)
+        } else {
+            self.write_blob(image, &mut taken)
         };
-        let segs = self.ctx.backed(segs, SegState::Checkpoint)?;
-        let mut write = || -> Result<()> {
-            for (i, &seg) in segs.iter().enumerate() {
-                let chunk = &blob[i * per_seg..((i + 1) * per_seg).min(blob.len())];
-                let mut buf = AlignedBuf::new(SEGMENT_HEADER_BYTES as usize + chunk.len());
-                SegmentHeader {
-                    kind: SegmentKind::Checkpoint,
-                    segment: seg,
-                    shard: 0,
-                    pool_uuid: self.ctx.pool_uuid,
-                    epoch: image.epoch,
-                    next_segment: segs.get(i + 1).copied().unwrap_or(NO_SEGMENT),
-                    nonce: self.ctx.segment_nonce(seg),
-                }
-                .encode(&mut buf, &self.ctx.log_key);
-                buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + chunk.len()]
-                    .copy_from_slice(chunk);
-                let len = buf.len() as u64;
-                store::wait(|done| self.ctx.store.put(image.epoch, seg, buf, done))?;
-                self.ctx
-                    .counters
-                    .device_written
-                    .fetch_add(len, Ordering::Relaxed);
-            }
+        let mut write = |w: Written| -> Result<Written> {
+            self.ctx
+                .counters
+                .device_written
+                .fetch_add(w.bytes, Ordering::Relaxed);
             self.ctx
                 .counters
                 .checkpoints
                 .fetch_add(1, Ordering::Relaxed);
-            self.ctx.counters.checkpoint_bytes.fetch_add(
-                (blob.len() + segs.len() * SEGMENT_HEADER_BYTES as usize) as u64,
-                Ordering::Relaxed,
-            );
+            self.ctx
+                .counters
+                .checkpoint_bytes
+                .fetch_add(w.bytes, Ordering::Relaxed);
             // Records before the checkpoint and the checkpoint itself, durable before the
             // superblock points at it.
             self.ctx.sync()?;
             let generation = ck.generation + 1;
             // The copy the older generation is not in first, then the other: a torn write of
             // either leaves one copy pointing at a checkpoint that still exists.
-            self.write_superblocks(image, &segs, blob.len() as u64, crc, generation, generation)?;
+            self.write_superblocks(image, &w, generation, generation)?;
             ck.generation = generation;
-            Ok(())
+            Ok(w)
         };
-        if let Err(e) = write() {
-            let mut space = self.ctx.space.lock();
-            for &s in &segs {
-                space.set_state(s, SegState::Free);
+        let w = match written.and_then(&mut write) {
+            Ok(w) => w,
+            Err(e) => {
+                let mut space = self.ctx.space.lock();
+                for &s in &taken {
+                    space.set_state(s, SegState::Free);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        let second = self.write_superblocks(
-            image,
-            &segs,
-            blob.len() as u64,
-            crc,
-            ck.generation,
-            ck.generation + 1,
-        );
+        };
+        let segs = w.segments.clone();
+        let second = self.write_superblocks(image, &w, ck.generation, ck.generation + 1);
         // `reclaim` below frees segments that died before the image: reads outside the shards
         // that looked their blocks up earlier must be done with them.
         let durable_us = t0.elapsed().as_micros() as u64;
@@ -225,14 +316,11 @@ impl Checkpointer {
         second
     }
 
-    /// Point every device's superblock copy at slot `slot % 2` to the checkpoint in `segs`,
-    /// durably.
+    /// Point every device's superblock copy at slot `slot % 2` to the checkpoint `w`, durably.
     pub(crate) fn write_superblocks(
         &self,
         image: &Image,
-        segs: &[u32],
-        bytes: u64,
-        crc: u32,
+        w: &Written,
         generation: u64,
         slot: u64,
     ) -> Result<()> {
@@ -240,10 +328,11 @@ impl Checkpointer {
         for sb in &self.superblocks {
             let sb = Superblock {
                 generation,
-                checkpoint_segment: segs[0],
+                checkpoint_segment: w.at.0,
+                checkpoint_offset: w.at.1,
                 checkpoint_seq: image.seq,
-                checkpoint_bytes: bytes,
-                checkpoint_crc: crc,
+                checkpoint_bytes: w.len,
+                checkpoint_crc: w.crc,
                 ..sb.clone()
             };
             sb.encode(&mut buf);

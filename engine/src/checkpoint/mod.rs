@@ -7,6 +7,7 @@ mod paged;
 
 pub use image::fuzz_decode_checkpoint;
 pub(crate) use image::*;
+pub(crate) use paged::read_image;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub(crate) struct CkptState {
     /// freed only behind this one.
     pub(crate) both_seq: u64,
     pub(crate) written_at_last: u64,
+    /// Format 3: stamps for the pages of this epoch's checkpoints (unique per page write).
+    pub(crate) stamps: Option<crate::meta::writer::Stamps>,
 }
 
 /// Takes checkpoints: owns the checkpoint state and the superblocks, and pauses the workers

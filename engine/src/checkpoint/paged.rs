@@ -8,9 +8,6 @@
 //! Every image is written whole for now; checkpoints that write only what changed come next
 //! (docs/design/paged-metadata.md, milestone 11). Not used by pools yet.
 
-// Commits and opens use it from milestone 9's second half on; until then only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::HashMap;
 use std::sync::Arc;
 

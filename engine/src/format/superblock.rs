@@ -2,7 +2,7 @@
 
 use super::codec::{crc_with_zeroed_field, Get, Put};
 use super::key::LogKey;
-use super::{FORMAT_VERSION, IO_ALIGN, SUPERBLOCK_MAGIC};
+use super::{FORMAT_VERSION, FORMAT_VERSION_PAGED, IO_ALIGN, SUPERBLOCK_MAGIC};
 use crate::error::Result;
 // Only the doc comments name these (intra-doc links).
 #[cfg(doc)]
@@ -17,7 +17,7 @@ use super::DATA_START;
 /// | off | size | field | why |
 /// |----:|----:|---|---|
 /// | 0 | 8 | magic `INGOTSB1` | refuse foreign files |
-/// | 8 | 4 | version | refuse newer formats; 1 is upgraded at open |
+/// | 8 | 4 | version | refuse newer formats; 1 is upgraded at open; 3: the checkpoint is a root and pages ([`FORMAT_VERSION_PAGED`]) |
 /// | 12 | 2 | device_index | position of this device in the pool |
 /// | 14 | 2 | device_count | all devices must be present |
 /// | 16 | 16 | pool_uuid | devices of one pool belong together |
@@ -29,9 +29,9 @@ use super::DATA_START;
 /// | 72 | 4 | total_segments | segments in the pool |
 /// | 76 | 4 | checkpoint_segment | first metadata segment of the checkpoint, or `NO_SEGMENT` |
 /// | 80 | 8 | checkpoint_seq | records with a lower sequence number are in the checkpoint |
-/// | 88 | 8 | checkpoint_bytes | blob length |
-/// | 96 | 4 | checkpoint_crc | CRC-32 of the blob |
-/// | 100 | 4 | reserved | |
+/// | 88 | 8 | checkpoint_bytes | blob length (version 3: the root's) |
+/// | 96 | 4 | checkpoint_crc | CRC-32 of the blob (version 3: of the root) |
+/// | 100 | 4 | checkpoint_offset | version 3: byte offset of the [`super::CheckpointRoot`] in `checkpoint_segment` (reserved, zero, before) |
 /// | 104 | 8 | created_unix | creation time |
 /// | 112 | 16 | reserved | (version 1: CRC-32 of bytes 0..128 at 124) |
 /// | 128 | 32 | log_key | the pool's [`LogKey`] (version 2) |
@@ -54,6 +54,8 @@ pub struct Superblock {
     pub checkpoint_seq: u64,
     pub checkpoint_bytes: u64,
     pub checkpoint_crc: u32,
+    /// Version 3: where the root lies in `checkpoint_segment`.
+    pub checkpoint_offset: u32,
     pub created_unix: u64,
     /// `None` in a version 1 superblock (its log is sealed by CRC-32 only).
     pub log_key: Option<LogKey>,
@@ -72,7 +74,11 @@ impl Superblock {
         out.fill(0);
         Put::new(out)
             .bytes(&SUPERBLOCK_MAGIC)
-            .u32(FORMAT_VERSION)
+            .u32(if self.version >= FORMAT_VERSION_PAGED {
+                FORMAT_VERSION_PAGED
+            } else {
+                FORMAT_VERSION
+            })
             .u16(self.device_index)
             .u16(self.device_count)
             .bytes(&self.pool_uuid)
@@ -86,7 +92,7 @@ impl Superblock {
             .u64(self.checkpoint_seq)
             .u64(self.checkpoint_bytes)
             .u32(self.checkpoint_crc)
-            .u32(0)
+            .u32(self.checkpoint_offset)
             .u64(self.created_unix)
             .skip(16)
             .bytes(&self.log_key.map_or([0; 32], |k| k.0));
@@ -103,7 +109,7 @@ impl Superblock {
         let version = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
         let (len, crc_at) = match version {
             1 => (Self::V1_BYTES, Self::V1_CRC_AT),
-            FORMAT_VERSION => (Self::BYTES, Self::CRC_AT),
+            FORMAT_VERSION | FORMAT_VERSION_PAGED => (Self::BYTES, Self::CRC_AT),
             v => return Err(SuperblockFault::Version(v)),
         };
         let b = buf.get(..len).ok_or(SuperblockFault::Checksum)?;
@@ -129,10 +135,8 @@ impl Superblock {
                 checkpoint_seq: g.u64()?,
                 checkpoint_bytes: g.u64()?,
                 checkpoint_crc: g.u32()?,
-                created_unix: {
-                    g.skip(4)?;
-                    g.u64()?
-                },
+                checkpoint_offset: g.u32()?,
+                created_unix: g.u64()?,
                 log_key: None,
             };
             if version >= 2 {
@@ -174,6 +178,7 @@ mod tests {
             checkpoint_seq: 77,
             checkpoint_bytes: 1234,
             checkpoint_crc: 0xdead_beef,
+            checkpoint_offset: 0,
             created_unix: 1,
             log_key: Some(LogKey([5; 32])),
         }
@@ -193,6 +198,22 @@ mod tests {
         assert_eq!(Superblock::decode(&[0u8; 4096]), Ok(None));
         buf[8] = 9;
         assert_eq!(Superblock::decode(&buf), Err(SuperblockFault::Version(9)));
+    }
+
+    /// A format 3 superblock keeps its version and the root's offset; a version 2 one writes
+    /// the offset field as the zero it always was.
+    #[test]
+    fn a_paged_superblock_keeps_its_version_and_root_offset() {
+        let sb = Superblock {
+            version: FORMAT_VERSION_PAGED,
+            checkpoint_offset: 7 << 12,
+            ..superblock()
+        };
+        let mut buf = vec![0u8; 4096];
+        sb.encode(&mut buf);
+        assert_eq!(Superblock::decode(&buf).unwrap(), Some(sb));
+        superblock().encode(&mut buf);
+        assert_eq!(&buf[100..104], &[0; 4]);
     }
 
     #[test]

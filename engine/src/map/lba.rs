@@ -34,7 +34,6 @@ impl MapLeaf {
     }
 
     /// A leaf no map holds yet (read from a checkpoint: each volume that names it adds itself).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn unheld(ids: MapPage) -> MapLeaf {
         MapLeaf {
             ids,
@@ -43,7 +42,6 @@ impl MapLeaf {
     }
 
     /// One more map holds it.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn add_user(&self) {
         self.users.fetch_add(1, Ordering::Relaxed);
     }

@@ -158,6 +158,43 @@ impl<'a> MetaWriter<'a> {
         Ok(at)
     }
 
+    /// Add `bytes` (a checkpoint root) after the pages, from a 4 KiB boundary, in the open
+    /// segment if it has room, else in a new one; returns (segment, offset). Its slots'
+    /// summary entries say array 255 (not a page).
+    pub(crate) fn record(&mut self, bytes: &[u8]) -> Result<(u32, u32)> {
+        let pages = bytes.len().div_ceil(PAGE_BYTES).max(1);
+        if pages > self.slots {
+            return Err(crate::error::Error::Internal {
+                what: "a checkpoint root larger than a segment",
+            });
+        }
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.pages + pages > self.slots)
+        {
+            self.put()?;
+        }
+        if self.open.is_none() {
+            let segment = (self.t.alloc)()?;
+            self.open = Some(Open {
+                segment,
+                buf: vec![0u8; IO_ALIGN + self.summary_pages * PAGE_BYTES],
+                pages: 0,
+            });
+        }
+        let o = self.open.as_mut().expect("just opened");
+        let offset = o.buf.len();
+        o.buf.extend_from_slice(bytes);
+        o.buf.resize(offset + pages * PAGE_BYTES, 0);
+        for slot in o.pages..o.pages + pages {
+            let s = IO_ALIGN + slot / SUMMARY_PER_PAGE * PAGE_BYTES + slot % SUMMARY_PER_PAGE * 12;
+            o.buf[s] = 255;
+        }
+        o.pages += pages;
+        Ok((o.segment, offset as u32))
+    }
+
     /// Write the open segment (its used part).
     fn put(&mut self) -> Result<()> {
         let Some(mut o) = self.open.take() else {
@@ -182,6 +219,11 @@ impl<'a> MetaWriter<'a> {
         self.written.pages.push((o.segment, o.pages as u32));
         self.written.bytes += used as u64;
         Ok(())
+    }
+
+    /// The stamp the next page would take (the root's `next_stamp`).
+    pub(crate) fn next_stamp(&self) -> u64 {
+        self.stamps.next()
     }
 
     /// Write what is still open; returns what was written.

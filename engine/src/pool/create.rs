@@ -112,8 +112,16 @@ impl Pool {
             .sum();
         for d in 0..abs.len() {
             let count = (files.size(d as u16).saturating_sub(DATA_START) / seg) as u32;
+            #[cfg(any(test, feature = "testing"))]
+            let version = if c.paged_metadata {
+                crate::format::FORMAT_VERSION_PAGED
+            } else {
+                crate::format::FORMAT_VERSION
+            };
+            #[cfg(not(any(test, feature = "testing")))]
+            let version = crate::format::FORMAT_VERSION;
             let sb = Superblock {
-                version: crate::format::FORMAT_VERSION,
+                version,
                 log_key: Some(log_key),
                 device_index: d as u16,
                 device_count: abs.len() as u16,
@@ -128,6 +136,7 @@ impl Pool {
                 checkpoint_seq: 0,
                 checkpoint_bytes: 0,
                 checkpoint_crc: 0,
+                checkpoint_offset: 0,
                 created_unix: created,
             };
             sb.encode(&mut buf);

@@ -147,7 +147,8 @@ impl Pool {
             })?,
         };
         for sb in &mut sbs {
-            sb.version = crate::format::FORMAT_VERSION;
+            // Version 1 is upgraded; a format 3 pool stays one.
+            sb.version = sb.version.max(crate::format::FORMAT_VERSION);
             sb.log_key = Some(log_key);
         }
         for &s in &ckpt_segs {
@@ -201,6 +202,10 @@ impl Pool {
         // 16 bytes an entry, no longer needed: not held through replay and the recovery
         // checkpoint, the open's peak.
         drop(image.index);
+        // A block counts the distinct leaves pointing at it: a leaf several volumes share (a
+        // format 3 checkpoint keeps snapshots' leaves shared) counts once.
+        let mut counted: std::collections::HashSet<*const crate::map::MapLeaf> =
+            std::collections::HashSet::new();
         for v in image.volumes {
             let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards);
             if v.flags & !crate::format::VOLUME_KNOWN_FLAGS != 0 {
@@ -214,7 +219,7 @@ impl Pool {
             for (idx, page) in v.pages {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
                 let ids = page.clone();
-                if m.load_page(idx as usize, page) {
+                if m.load_page(idx as usize, page) && counted.insert(Arc::as_ptr(&ids)) {
                     for &id in ids.iter() {
                         if id != 0 {
                             space.add_ref(id);
@@ -448,6 +453,7 @@ impl Pool {
                 seq_end: image.seq,
                 both_seq: image.seq,
                 written_at_last: 0,
+                stamps: None,
             },
             sbs,
         ));

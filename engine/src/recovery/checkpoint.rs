@@ -4,7 +4,11 @@ use crate::space::Geometry;
 
 use crate::checkpoint::{self, Image};
 use crate::error::{Error, Result};
-use crate::format::{SegmentHeader, SegmentKind, Superblock, NO_SEGMENT, SEGMENT_HEADER_BYTES};
+use crate::format::{
+    CheckpointRoot, PagePtr, SegmentHeader, SegmentKind, Superblock, FORMAT_VERSION_PAGED,
+    MAX_ROOT_BYTES, NO_SEGMENT, PAGE_BYTES, SEGMENT_HEADER_BYTES,
+};
+use crate::meta::paged::{PageSource, StoreSource};
 use crate::space::BlockEntry;
 use crate::store::{self, Range, SegmentStore};
 
@@ -14,6 +18,9 @@ pub(crate) fn read_checkpoint(
     geo: &Geometry,
     sb: &Superblock,
 ) -> Result<(Image, Vec<u32>)> {
+    if sb.version >= FORMAT_VERSION_PAGED {
+        return read_paged(store, geo, sb);
+    }
     let per_seg = geo.segment_bytes - SEGMENT_HEADER_BYTES;
     let len = sb.checkpoint_bytes;
     if len > u64::from(geo.total_segments) * per_seg {
@@ -57,12 +64,99 @@ pub(crate) fn read_checkpoint(
             what: "checkpoint checksum",
         });
     }
-    // Block ids outnumber the pool's 4 KiB slots: compressed blocks share payloads (8 blocks of
-    // a repeated byte take ~140 bytes), and ids freed since a checkpoint are reused only after
-    // it. A slot per 8 bytes bounds both; more is corruption, refused before the allocation.
-    let max_blocks = u64::from(geo.total_segments) * geo.segment_bytes / 8 + 1;
-    let image = checkpoint::decode(&blob, max_blocks)?;
+    let image = checkpoint::decode(&blob, max_blocks(geo))?;
     Ok((image, segs))
+}
+
+/// Ids a checkpoint may hold: block ids outnumber the pool's 4 KiB slots (compressed blocks
+/// share payloads: 8 blocks of a repeated byte take ~140 bytes, and ids freed since a checkpoint
+/// are reused only after it). A slot per 8 bytes bounds both; more is corruption, refused
+/// before the allocation.
+fn max_blocks(geo: &Geometry) -> u64 {
+    u64::from(geo.total_segments) * geo.segment_bytes / 8 + 1
+}
+
+/// Reads pages through the store and notes the segments they lie in (the checkpoint's, kept
+/// from reuse while it is the newest or the one before).
+struct Noting<'a> {
+    inner: StoreSource<'a>,
+    total_segments: u32,
+    segments: std::cell::RefCell<std::collections::BTreeSet<u32>>,
+}
+
+impl PageSource for Noting<'_> {
+    fn read_pages(&self, ptrs: &[PagePtr]) -> Result<Vec<Vec<u8>>> {
+        for p in ptrs {
+            if p.segment >= self.total_segments {
+                return Err(Error::Corrupt {
+                    what: "metadata page pointer",
+                });
+            }
+        }
+        self.segments
+            .borrow_mut()
+            .extend(ptrs.iter().map(|p| p.segment));
+        self.inner.read_pages(ptrs)
+    }
+}
+
+/// Format 3: the root the superblock points at (in a metadata segment of this pool, its CRC
+/// in the superblock), then every page it names.
+fn read_paged(
+    store: &dyn SegmentStore,
+    geo: &Geometry,
+    sb: &Superblock,
+) -> Result<(Image, Vec<u32>)> {
+    let (seg, off, len) = (
+        sb.checkpoint_segment,
+        u64::from(sb.checkpoint_offset),
+        sb.checkpoint_bytes,
+    );
+    if seg >= geo.total_segments
+        || off < SEGMENT_HEADER_BYTES
+        || off % PAGE_BYTES as u64 != 0
+        || len as usize > MAX_ROOT_BYTES
+        || off + len > geo.segment_bytes
+    {
+        return Err(Error::Corrupt {
+            what: "checkpoint root location",
+        });
+    }
+    let at = |offset| Range {
+        segment: seg,
+        offset,
+    };
+    let header = store::read_now(store, 0, at(0), PAGE_BYTES)?;
+    let h =
+        SegmentHeader::decode_authentic(&header, sb.log_key.as_ref()).ok_or(Error::Corrupt {
+            what: "checkpoint segment header",
+        })?;
+    if h.kind != SegmentKind::Meta || h.segment != seg || h.pool_uuid != sb.pool_uuid {
+        return Err(Error::Corrupt {
+            what: "checkpoint segment header",
+        });
+    }
+    let read = (len as usize).next_multiple_of(PAGE_BYTES).max(PAGE_BYTES);
+    let buf = store::read_now(store, 0, at(off), read)?;
+    let bytes = &buf[..len as usize];
+    if crc32fast::hash(bytes) != sb.checkpoint_crc {
+        return Err(Error::Corrupt {
+            what: "checkpoint checksum",
+        });
+    }
+    let root = CheckpointRoot::decode(bytes)?;
+    let key = sb.log_key.as_ref().ok_or(Error::Corrupt {
+        what: "a format 3 pool without a log key",
+    })?;
+    let src = Noting {
+        inner: StoreSource { store, epoch: 0 },
+        total_segments: geo.total_segments,
+        segments: Default::default(),
+    };
+    let image = checkpoint::read_image(&root, key, &src, max_blocks(geo))?;
+    let mut segs = src.segments.into_inner();
+    segs.insert(seg);
+    Ok((image, segs.into_iter().collect()))
 }
 
 /// The checkpoint the superblocks `sbs` point at (`newest` is the one with the highest
