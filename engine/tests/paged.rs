@@ -142,3 +142,39 @@ fn paged_checkpoints_give_back_their_segments() {
     let pool = Pool::open(dir.path(), &opts()).unwrap();
     assert_clean(&pool);
 }
+
+/// A superblock whose root pointer was changed (CRC recomputed, as a tool or a bug would):
+/// off the page grid, past its segment, or at a page that is not a root. The open refuses the
+/// pool as corrupt, it does not panic or read past the segment.
+#[test]
+fn a_root_pointer_that_leads_elsewhere_is_refused() {
+    for bad in [4097u32, 2 << 20, 8192] {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = create(dir.path(), true, 64 << 20);
+        pool.create_volume("v", 4 << 20).unwrap();
+        pool.volume("v")
+            .unwrap()
+            .write(0, &blocks(9, 16), false)
+            .unwrap();
+        pool.shutdown().unwrap();
+        drop(pool);
+        let path = dir.path().join("dev0.img");
+        let mut dev = std::fs::read(&path).unwrap();
+        for slot in [0usize, 4096] {
+            let sb = &mut dev[slot..slot + 192];
+            sb[100..104].copy_from_slice(&bad.to_le_bytes());
+            sb[188..192].fill(0);
+            let crc = crc32fast::hash(sb);
+            sb[188..192].copy_from_slice(&crc.to_le_bytes());
+        }
+        std::fs::write(&path, &dev).unwrap();
+        match Pool::open(dir.path(), &opts()) {
+            Err(e) => assert_eq!(
+                e.kind(),
+                ingot_engine::ErrorKind::BadPool,
+                "offset {bad}: {e}"
+            ),
+            Ok(_) => panic!("opened with the root pointer at {bad}"),
+        }
+    }
+}

@@ -105,7 +105,7 @@ impl Checkpointer {
             Ok(seg)
         };
         let nonce = |s: u32| ctx.segment_nonce(s);
-        let stamps = ck.stamps.get_or_insert_with(|| Stamps::new(image.epoch, 0));
+        let stamps = ck.stamps.get_or_insert_with(|| Stamps::new(image.epoch));
         let mut w = MetaWriter::new(
             MetaTarget {
                 store: &*ctx.store,
@@ -121,7 +121,7 @@ impl Checkpointer {
         let mut root = super::paged::write_image(image, &mut w)?;
         root.generation = ck.generation + 1;
         root.next_stamp = w.next_stamp();
-        let bytes = root.encode();
+        let bytes = root.encode(&ctx.log_key);
         let at = w.record(&bytes)?;
         let written = w.finish()?;
         tracing::debug!(

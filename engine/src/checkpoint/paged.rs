@@ -469,7 +469,7 @@ mod tests {
         // Block table 20 leaves + a top, liveness 2 + 1, 4 distinct map leaves, two
         // directories of 1500 slots (6 leaves + a top each), index 4 leaves + a top.
         assert_eq!(pages, 21 + 3 + 4 + 2 * 7 + 5);
-        let root = CheckpointRoot::decode(&root.encode()).unwrap();
+        let root = CheckpointRoot::decode(&root.encode(&disk.key), &disk.key).unwrap();
         let back = read_image(&root, &disk.key, &disk.source(), 1 << 20).unwrap();
         assert_eq!((back.seq, back.epoch, back.next_volume_id), (99, 4, 3));
         assert_eq!(back.blocks.len(), 5000);

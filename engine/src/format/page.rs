@@ -252,7 +252,7 @@ pub fn get_u48(g: &mut Get<'_>) -> crate::error::Result<u64> {
 /// | 36 | 4 | segment | where it was written (a misdirected or stale page does not verify) |
 /// | 40 | 4 | offset | byte offset within that segment |
 /// | 44 | 4 | reserved | zero |
-/// | 48 | 16 | mac | [`log_mac`] of bytes 0..48 |
+/// | 48 | 16 | mac | [`log_mac`] of bytes 0..48 and the body |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageHeader {
     pub kind: PageKind,
@@ -331,7 +331,11 @@ impl PageHeader {
             .u32(self.at.segment)
             .u32(self.at.offset)
             .u32(0);
-        let mac = log_mac(key, MAC_DOMAIN, &[&page[..MAC_AT]]);
+        let mac = log_mac(
+            key,
+            MAC_DOMAIN,
+            &[&page[..MAC_AT], &page[PAGE_HEADER_BYTES..]],
+        );
         page[MAC_AT..PAGE_HEADER_BYTES].copy_from_slice(&mac);
         page
     }
@@ -343,7 +347,12 @@ impl PageHeader {
         if page[..4] != PAGE_MAGIC {
             return Err(PageFault::Magic);
         }
-        let mac = log_mac(key, MAC_DOMAIN, &[&page[..MAC_AT]]);
+        // The body too: a page is trusted whole or not at all (its CRC alone is forgeable).
+        let mac = log_mac(
+            key,
+            MAC_DOMAIN,
+            &[&page[..MAC_AT], &page[PAGE_HEADER_BYTES..]],
+        );
         if !mac_eq(&mac, &page[MAC_AT..MAC_AT + MAC_BYTES]) {
             return Err(PageFault::Mac);
         }
@@ -474,12 +483,13 @@ mod tests {
             moved(|w| w.array = PageArray::BlockTable),
             Err(PageFault::NotThePage)
         );
+        // A body changed under its header, even with the CRC made to match, breaks the MAC.
         let mut bad = page.clone();
         bad[PAGE_BYTES - 1] ^= 1;
-        assert_eq!(
-            PageHeader::open(&bad[..], &key(), &w),
-            Err(PageFault::BodyChecksum)
-        );
+        assert_eq!(PageHeader::open(&bad[..], &key(), &w), Err(PageFault::Mac));
+        let crc = crc32fast::hash(&bad[PAGE_HEADER_BYTES..]);
+        bad[32..36].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(PageHeader::open(&bad[..], &key(), &w), Err(PageFault::Mac));
         // A header byte changed (here the entry count) breaks the MAC.
         let mut bad = page.clone();
         bad[28] ^= 1;

@@ -4,6 +4,7 @@
 //! bounded lists, never on how much the pool holds.
 
 use super::codec::{Get, Put};
+use super::key::{log_mac, mac_eq, LogKey, MAC_BYTES};
 use super::page::{get_u48, put_u48, PageArray, PagePtr};
 use super::ROOT_MAGIC;
 use crate::error::{Error, Result};
@@ -100,7 +101,8 @@ pub struct RootIndex {
 /// | 64 | 8 | live_blocks |
 /// | 72 | 8 | stored_bytes |
 /// | 80 | 4 | bytes: the whole root, this header included |
-/// | 84 | 4 | crc: CRC-32 of the whole root with this field zero |
+/// | 84 | 4 | crc: CRC-32 of the whole root with this field and the MAC zero |
+/// | 88 | 16 | mac: [`log_mac`] of the whole root with this field zero (the superblock's CRC names the root; the MAC makes sure the pool wrote it) |
 ///
 /// Sections follow, each `tag u16, reserved u16, len u32` then `len` bytes; each tag at most
 /// once, an unknown tag refuses the root (a newer build's section may change what the pages
@@ -144,8 +146,10 @@ pub struct CheckpointRoot {
     pub index: Option<RootIndex>,
 }
 
-const HEADER_BYTES: usize = 88;
+const HEADER_BYTES: usize = 104;
 const CRC_AT: usize = 84;
+const MAC_AT: usize = 88;
+const MAC_DOMAIN: &[u8] = b"ingot checkpoint root v1";
 const SECTIONS: u32 = 9;
 
 fn array_of(v: u8) -> Result<PageArray> {
@@ -192,8 +196,8 @@ impl Out {
 }
 
 impl CheckpointRoot {
-    /// The encoded root.
-    pub fn encode(&self) -> Vec<u8> {
+    /// The encoded root, sealed under the pool's key.
+    pub fn encode(&self, key: &LogKey) -> Vec<u8> {
         let mut o = Out(vec![0u8; HEADER_BYTES]);
         let section = |o: &mut Out, tag: u16, f: &dyn Fn(&mut Out)| {
             let at = o.0.len();
@@ -310,14 +314,27 @@ impl CheckpointRoot {
             .u32(bytes);
         let crc = super::codec::crc_with_zeroed_field(&o.0, CRC_AT);
         o.0[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        let mac = log_mac(key, MAC_DOMAIN, &[&o.0]);
+        o.0[MAC_AT..MAC_AT + MAC_BYTES].copy_from_slice(&mac);
         o.0
     }
 
-    /// Decode a root read through a superblock. Any inconsistency is `Corrupt`: lengths,
-    /// counts and strings are checked before anything is allocated for them.
-    pub fn decode(buf: &[u8]) -> Result<CheckpointRoot> {
+    /// Decode a root read through a superblock, sealed under `key`. Any inconsistency is
+    /// `Corrupt`: lengths, counts and strings are checked before anything is allocated for
+    /// them.
+    pub fn decode(buf: &[u8], key: &LogKey) -> Result<CheckpointRoot> {
         if buf.len() < HEADER_BYTES || buf[..4] != ROOT_MAGIC {
             return Err(CORRUPT);
+        }
+        let mut unsealed = buf.to_vec();
+        unsealed[MAC_AT..MAC_AT + MAC_BYTES].fill(0);
+        if !mac_eq(
+            &log_mac(key, MAC_DOMAIN, &[&unsealed]),
+            &buf[MAC_AT..MAC_AT + MAC_BYTES],
+        ) {
+            return Err(Error::Corrupt {
+                what: "checkpoint root seal",
+            });
         }
         let mut g = Get::new(buf, "checkpoint root");
         g.skip(4)?;
@@ -345,7 +362,8 @@ impl CheckpointRoot {
             return Err(CORRUPT);
         }
         let crc = g.u32()?;
-        if crc != super::codec::crc_with_zeroed_field(buf, CRC_AT) {
+        g.skip(MAC_BYTES)?;
+        if crc != super::codec::crc_with_zeroed_field(&unsealed, CRC_AT) {
             return Err(Error::Corrupt {
                 what: "checkpoint root checksum",
             });
@@ -371,6 +389,22 @@ impl CheckpointRoot {
             return Err(CORRUPT);
         }
         Ok(r)
+    }
+
+    /// Seal arbitrary bytes as a root would be (length, CRC, MAC), so that a fuzzer reaches the
+    /// parser behind the seal.
+    #[doc(hidden)]
+    pub fn seal_for_fuzzing(buf: &mut [u8], key: &LogKey) {
+        if buf.len() < HEADER_BYTES {
+            return;
+        }
+        let len = buf.len() as u32;
+        buf[80..84].copy_from_slice(&len.to_le_bytes());
+        buf[MAC_AT..MAC_AT + MAC_BYTES].fill(0);
+        let crc = super::codec::crc_with_zeroed_field(buf, CRC_AT);
+        buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        let mac = log_mac(key, MAC_DOMAIN, &[buf]);
+        buf[MAC_AT..MAC_AT + MAC_BYTES].copy_from_slice(&mac);
     }
 
     fn section(&mut self, tag: u16, s: &mut Get<'_>) -> Result<()> {
@@ -499,6 +533,8 @@ impl CheckpointRoot {
 mod tests {
     use super::*;
 
+    const KEY: LogKey = LogKey([4; 32]);
+
     fn sample() -> CheckpointRoot {
         let ptr = |s: u32| PagePtr {
             segment: s,
@@ -574,39 +610,47 @@ mod tests {
     #[test]
     fn a_root_round_trips_with_and_without_its_index() {
         let r = sample();
-        assert_eq!(CheckpointRoot::decode(&r.encode()).unwrap(), r);
+        assert_eq!(CheckpointRoot::decode(&r.encode(&KEY), &KEY).unwrap(), r);
         let r = CheckpointRoot { index: None, ..r };
-        assert_eq!(CheckpointRoot::decode(&r.encode()).unwrap(), r);
+        assert_eq!(CheckpointRoot::decode(&r.encode(&KEY), &KEY).unwrap(), r);
         let empty = CheckpointRoot::default();
-        assert_eq!(CheckpointRoot::decode(&empty.encode()).unwrap(), empty);
+        assert_eq!(
+            CheckpointRoot::decode(&empty.encode(&KEY), &KEY).unwrap(),
+            empty
+        );
     }
 
     /// Every single-bit flip and every truncation of a root is refused (the CRC, or the
     /// lengths before it), never a panic or a different root.
     #[test]
     fn a_damaged_or_cut_root_is_refused() {
-        let b = sample().encode();
+        let b = sample().encode(&KEY);
         for i in 0..b.len() * 8 {
             let mut d = b.clone();
             d[i / 8] ^= 1 << (i % 8);
-            assert!(CheckpointRoot::decode(&d).is_err(), "bit {i} flipped");
+            assert!(CheckpointRoot::decode(&d, &KEY).is_err(), "bit {i} flipped");
         }
         for n in 0..b.len() {
-            assert!(CheckpointRoot::decode(&b[..n]).is_err(), "cut at {n}");
+            assert!(CheckpointRoot::decode(&b[..n], &KEY).is_err(), "cut at {n}");
         }
     }
 
-    /// A root whose CRC is right but whose counts lie (as a bug or a forger with the layout
-    /// would write it) is refused before anything is allocated for the count.
+    /// A root whose counts lie is refused before anything is allocated for them, even sealed
+    /// (as a bug would write it); and a root sealed under another key is refused at once.
     #[test]
     fn a_sealed_root_with_lying_counts_is_refused() {
-        let mut b = CheckpointRoot::default().encode();
+        let mut b = CheckpointRoot::default().encode(&KEY);
         // Section 5 (dead ids) claims 2^32 - 1 ids in an empty body.
         let at = HEADER_BYTES + (0..4).map(|_| 8 + 4).sum::<usize>();
         assert_eq!(u16::from_le_bytes([b[at], b[at + 1]]), 5);
         b[at + 8..at + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        b[MAC_AT..MAC_AT + MAC_BYTES].fill(0);
         let crc = super::super::codec::crc_with_zeroed_field(&b, CRC_AT);
         b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
-        assert!(CheckpointRoot::decode(&b).is_err());
+        let mac = log_mac(&KEY, MAC_DOMAIN, &[&b]);
+        b[MAC_AT..MAC_AT + MAC_BYTES].copy_from_slice(&mac);
+        assert!(CheckpointRoot::decode(&b, &KEY).is_err());
+        let good = CheckpointRoot::default().encode(&KEY);
+        assert!(CheckpointRoot::decode(&good, &LogKey([5; 32])).is_err());
     }
 }

@@ -314,6 +314,13 @@ impl ArrayPages {
         fill: &mut dyn FnMut(usize, &mut [u8]) -> u32,
     ) -> Result<Vec<PagePtr>> {
         let counts = level_counts(len, per_page);
+        // Arrays only grow (ids and leaf slots are never taken back in place); a shrink would
+        // leave interiors naming pages past the end. Callers rebuild a shrunk array whole.
+        if len < self.len || self.levels.len() > counts.len() {
+            return Err(crate::error::Error::Internal {
+                what: "a paged array written shorter than before",
+            });
+        }
         self.len = len;
         if self.levels.len() < counts.len() {
             self.levels.resize(counts.len(), Vec::new());
@@ -334,6 +341,17 @@ impl ArrayPages {
             }
             *slot = at;
             changed.insert(i);
+        }
+        // Every leaf is written at least once: a new one the caller left out would be named
+        // by its interior as absent.
+        if self
+            .levels
+            .first()
+            .is_some_and(|l| l.iter().any(PagePtr::is_absent))
+        {
+            return Err(crate::error::Error::Internal {
+                what: "a paged array leaf never written",
+            });
         }
         for level in 1..counts.len() {
             let (below, above) = self.levels.split_at_mut(level);

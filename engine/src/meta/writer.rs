@@ -27,18 +27,30 @@ pub(crate) fn layout(segment_bytes: u64) -> (usize, usize) {
     (summary, slots - summary)
 }
 
-/// Unique page stamps: `epoch << 40 | counter` (the counter restarts with each epoch, which a
-/// crash always bumps, so no stamp is ever handed out twice).
+/// Unique page stamps: each writer's series starts at a random point (62 bits) and counts up.
+/// An epoch alone would not do: an open that writes pages and dies before its checkpoint
+/// commits leaves the next open the same epoch, which would hand out the same stamps for pages
+/// in the same lowest free places, and a lost write of the newer page would go unnoticed.
+/// Series of random starts overlap with a chance of about (pages written)² / 2^62.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stamps {
     next: u64,
 }
 
 impl Stamps {
-    /// Stamps for `epoch`, above `floor` (the root's `next_stamp`, for an epoch it already used).
-    pub(crate) fn new(epoch: u64, floor: u64) -> Stamps {
+    /// A fresh series (the kernel's random source; should it fail, the epoch and the clock).
+    pub(crate) fn new(epoch: u64) -> Stamps {
+        let start = crate::format::random_bytes::<8>()
+            .map(u64::from_le_bytes)
+            .unwrap_or_else(|_| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                epoch.rotate_left(40) ^ nanos
+            });
         Stamps {
-            next: (epoch << 40).max(floor),
+            // Room to count up without wrapping.
+            next: start >> 2,
         }
     }
 
@@ -283,9 +295,11 @@ mod tests {
         let first: [u8; 4] = g.array().unwrap();
         assert_eq!(first, [PageArray::MapTree as u32 as u8, 0, 0, 0]);
         assert_eq!(g.u64().unwrap(), 254);
-        // Stamps never repeat.
+        // Stamps never repeat, and another writer's series starts elsewhere.
         let mut stamps: Vec<u64> = ptrs.iter().map(|p| p.stamp).collect();
         stamps.dedup();
         assert_eq!(stamps.len(), 300);
+        let other = Stamps::new(1).take();
+        assert!(!stamps.contains(&other));
     }
 }

@@ -81,13 +81,19 @@ fn max_blocks(geo: &Geometry) -> u64 {
 struct Noting<'a> {
     inner: StoreSource<'a>,
     total_segments: u32,
+    segment_bytes: u64,
     segments: std::cell::RefCell<std::collections::BTreeSet<u32>>,
 }
 
 impl PageSource for Noting<'_> {
     fn read_pages(&self, ptrs: &[PagePtr]) -> Result<Vec<Vec<u8>>> {
         for p in ptrs {
-            if p.segment >= self.total_segments {
+            let off = u64::from(p.offset);
+            if p.segment >= self.total_segments
+                || off < SEGMENT_HEADER_BYTES
+                || off % PAGE_BYTES as u64 != 0
+                || off + PAGE_BYTES as u64 > self.segment_bytes
+            {
                 return Err(Error::Corrupt {
                     what: "metadata page pointer",
                 });
@@ -115,8 +121,9 @@ fn read_paged(
     if seg >= geo.total_segments
         || off < SEGMENT_HEADER_BYTES
         || off % PAGE_BYTES as u64 != 0
+        || len == 0
         || len as usize > MAX_ROOT_BYTES
-        || off + len > geo.segment_bytes
+        || off + len.next_multiple_of(PAGE_BYTES as u64) > geo.segment_bytes
     {
         return Err(Error::Corrupt {
             what: "checkpoint root location",
@@ -144,13 +151,14 @@ fn read_paged(
             what: "checkpoint checksum",
         });
     }
-    let root = CheckpointRoot::decode(bytes)?;
     let key = sb.log_key.as_ref().ok_or(Error::Corrupt {
         what: "a format 3 pool without a log key",
     })?;
+    let root = CheckpointRoot::decode(bytes, key)?;
     let src = Noting {
         inner: StoreSource { store, epoch: 0 },
         total_segments: geo.total_segments,
+        segment_bytes: geo.segment_bytes,
         segments: Default::default(),
     };
     let image = checkpoint::read_image(&root, key, &src, max_blocks(geo))?;
