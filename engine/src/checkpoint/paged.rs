@@ -378,9 +378,8 @@ pub(crate) fn read_image(
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
-    use crate::meta::tests::Disk;
 
     fn leaf(seed: u64) -> Arc<MapLeaf> {
         let mut ids = [0u64; MAP_PAGE_ENTRIES as usize];
@@ -394,7 +393,7 @@ mod tests {
         Arc::new(MapLeaf::new(ids))
     }
 
-    fn image() -> Image {
+    pub(super) fn image() -> Image {
         let n = 5000usize;
         let mut blocks = BlockTable::default();
         let mut refs = RefCounts::with_len(n);
@@ -457,6 +456,13 @@ mod tests {
             keyed_fingerprints: true,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::image;
+    use super::*;
+    use crate::meta::tests::Disk;
 
     /// An image written as pages and a root reads back the same: blocks (live ones), volumes
     /// with their settings and leaves, chains, index. A leaf two volumes share is written once
@@ -518,5 +524,44 @@ mod tests {
         if let Err(e) = read_image(&root, &disk.key, &disk.source(), 1 << 20) {
             panic!("{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod estimate {
+    use super::tests_support::*;
+    use crate::context::paged_checkpoint_estimate_bytes;
+    use crate::format::PAGE_BYTES;
+    use crate::meta::tests::Disk;
+
+    /// The reserve's estimate of a whole format 3 checkpoint covers what one writes: thin
+    /// volumes' directories and ids beyond the live blocks included.
+    #[test]
+    fn the_reserve_estimate_covers_a_whole_checkpoint() {
+        let disk = Disk::new(64);
+        let img = image();
+        let (root, pages) = disk.write(|w| super::write_image(&img, w));
+        let root_bytes = root.encode(&disk.key).len() as u64;
+        let written = pages * PAGE_BYTES as u64 + root_bytes;
+        let live = img.refs.live_iter().filter(|&l| l).count() as u64;
+        let slots: u64 = img
+            .volumes
+            .iter()
+            .map(|v| super::leaf_slots(v.size_bytes))
+            .sum();
+        let leaves: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
+        let est = paged_checkpoint_estimate_bytes(
+            leaves,
+            img.blocks.len() as u64,
+            live,
+            slots,
+            img.volumes.len() as u64,
+            img.shards.len() as u64,
+        );
+        assert!(est >= written, "estimate {est} < {written} written");
+        assert!(
+            est < 2 * written,
+            "estimate {est} far above {written} written"
+        );
     }
 }

@@ -12,6 +12,8 @@ mod reserve;
 
 pub(crate) use give_back::mark_held_free;
 pub(crate) use read_fence::{ReadFence, Ticket};
+#[cfg(test)]
+pub(crate) use reserve::paged_checkpoint_estimate_bytes;
 pub(crate) use reserve::{checkpoint_estimate_bytes, usable_bytes};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,6 +99,9 @@ pub(crate) struct Context {
     /// Data shards, and log chains (the data shards' and the mover's).
     data_shards: usize,
     chains: usize,
+    /// Checkpoints are format 3 (a root and pages): the checkpoint reserve counts what they
+    /// write.
+    pub paged_checkpoints: bool,
 }
 
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
@@ -123,6 +128,7 @@ pub(crate) struct Parts {
     pub write_back_bytes: u64,
     pub volumes: VolumeTable,
     pub data_shards: usize,
+    pub paged_checkpoints: bool,
 }
 
 impl Context {
@@ -170,6 +176,7 @@ impl Context {
             volumes: RwLock::new(p.volumes),
             data_shards: p.data_shards,
             chains,
+            paged_checkpoints: p.paged_checkpoints,
         }
     }
 

@@ -51,29 +51,79 @@ pub(crate) fn checkpoint_estimate_bytes(pages: u64, blocks: u64, volumes: u64, s
         + shards * 24
 }
 
+/// Upper bound on a format 3 checkpoint written whole (`checkpoint::paged::write_image`):
+/// `leaves` map leaves, block table and liveness pages for `ids` ids (every id up to the
+/// highest, live or not), directories of `dir_slots` entries (one per 2 MiB of each volume's
+/// size, mapped or not), the dedup index (at most an entry per live block, `blocks`), the
+/// root, and each segment's header and summary.
+pub(crate) fn paged_checkpoint_estimate_bytes(
+    leaves: u64,
+    ids: u64,
+    blocks: u64,
+    dir_slots: u64,
+    volumes: u64,
+    shards: u64,
+) -> u64 {
+    use crate::format::{INDEX_PER_PAGE, PAGE_BYTES, PTRS_PER_PAGE, REFS_PER_PAGE};
+    // An array of n entries: its leaves and, above them, at most one interior page per
+    // PTRS_PER_PAGE - 1 pages below.
+    let array = |n: u64, per: usize| {
+        let leaves = n.div_ceil(per as u64);
+        leaves + leaves.div_ceil(PTRS_PER_PAGE as u64 - 1)
+    };
+    let pages = leaves
+        + array(ids, PTRS_PER_PAGE)
+        + array(ids, REFS_PER_PAGE)
+        + array(dir_slots, PTRS_PER_PAGE)
+        + volumes
+        + array(blocks, INDEX_PER_PAGE);
+    let root = 104 + volumes * (83 + 64 + DedupDomain::MAX_NAME as u64) + shards * 24 + 1024;
+    // Summaries take 12 bytes a page, headers a page per segment (of at least 2 MiB).
+    let body = pages * PAGE_BYTES as u64 + root.next_multiple_of(PAGE_BYTES as u64);
+    body + body / 300 + body / 500
+}
+
 impl Context {
     /// Segments kept back from data so that a checkpoint always fits, and one per chain so
     /// that the next open can start its chains even when the pool is full.
     pub fn reserve_segments(&self) -> usize {
-        self.reserve_segments_with(0, 0)
+        self.reserve_segments_with(0, 0, 0)
     }
 
-    /// The same with `pages` more map pages in `volumes` more volumes (a copy about to be made).
-    pub(crate) fn reserve_segments_with(&self, extra_pages: u64, extra_volumes: u64) -> usize {
+    /// The same with `pages` more map pages and `slots` more 2 MiB map slots in `volumes` more
+    /// volumes (a copy about to be made: format 2 writes its pages again, format 3 only its
+    /// directory).
+    pub(crate) fn reserve_segments_with(
+        &self,
+        extra_pages: u64,
+        extra_slots: u64,
+        extra_volumes: u64,
+    ) -> usize {
         let vols = self.volumes.read();
         let mut pages = extra_pages;
+        let mut dir_slots = extra_slots;
         for v in vols.by_name.values() {
             for m in &v.maps {
                 pages += m.lock().present_pages();
             }
+            dir_slots += v.size().div_ceil(BLOCK_BYTES * MAP_PAGE_ENTRIES);
         }
-        let blocks = self.space.lock().live_blocks;
-        let est = checkpoint_estimate_bytes(
-            pages,
-            blocks,
-            vols.by_name.len() as u64 + extra_volumes,
-            self.chains() as u64,
-        );
+        let (blocks, ids) = {
+            let s = self.space.lock();
+            (s.live_blocks, s.blocks.len() as u64)
+        };
+        let volumes = vols.by_name.len() as u64 + extra_volumes;
+        let mut est = checkpoint_estimate_bytes(pages, blocks, volumes, self.chains() as u64);
+        if self.paged_checkpoints {
+            est = est.max(paged_checkpoint_estimate_bytes(
+                pages,
+                ids,
+                blocks,
+                dir_slots,
+                volumes,
+                self.chains() as u64,
+            ));
+        }
         est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.chains()
     }
 

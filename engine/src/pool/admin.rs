@@ -182,7 +182,10 @@ impl Pool {
             .iter()
             .map(|m| m.lock().present_pages())
             .sum();
-        let need = self.inner.ctx.reserve_segments_with(pages, 1);
+        let slots = source
+            .size_bytes()
+            .div_ceil(BLOCK_BYTES * crate::format::MAP_PAGE_ENTRIES);
+        let need = self.inner.ctx.reserve_segments_with(pages, slots, 1);
         if self.inner.ctx.space.lock().free_segments <= need {
             return Err(Error::NoSpace);
         }

@@ -441,6 +441,7 @@ impl Pool {
             write_back_bytes: o.write_back_bytes.min(usable_bytes / 64),
             volumes: table,
             data_shards: nshards,
+            paged_checkpoints: newest.version >= crate::format::FORMAT_VERSION_PAGED,
         }));
         let workers = Arc::new(Workers::new(senders, bells, urgent));
         let ckpt = Arc::new(Checkpointer::new(
