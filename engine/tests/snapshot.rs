@@ -144,6 +144,17 @@ fn snapshots_and_clones_share_blocks_and_keep_their_contents() {
 /// deleting the snapshot makes room again.
 #[test]
 fn overwrites_of_snapshotted_blocks_count_as_new_data() {
+    overwrites_count_as_new_data(256 << 10);
+}
+
+/// The same with each overwrite a whole map leaf (2 MiB) the snapshot still shares: no block
+/// of it has a second reference (a block counts leaves, not volumes), the leaf has two users.
+#[test]
+fn whole_leaf_overwrites_of_a_snapshot_count_as_new_data() {
+    overwrites_count_as_new_data(2 << 20);
+}
+
+fn overwrites_count_as_new_data(chunk: usize) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let dir = tempfile::tempdir().unwrap();
@@ -157,7 +168,6 @@ fn overwrites_of_snapshotted_blocks_count_as_new_data() {
         let size = (usable * 6 / 10) / (1 << 20) * (1 << 20);
         pool.create_volume("v", size).unwrap();
         let v = pool.volume("v").unwrap();
-        let chunk = 256 << 10;
         for (i, off) in (0..size).step_by(chunk).enumerate() {
             v.write(off, &blocks(100 + i as u64, chunk / BLOCK), false)
                 .unwrap();

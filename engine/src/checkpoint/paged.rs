@@ -6,7 +6,8 @@
 //! are paged arrays, the dedup index an array of [`IndexSlot`]s.
 //!
 //! Every image is written whole for now; checkpoints that write only what changed come next
-//! (docs/design/paged-metadata.md, milestone 11). Not used by pools yet.
+//! (docs/design/paged-metadata.md, milestone 11). Pools write it when created with format 3
+//! (tests only so far).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -544,17 +545,17 @@ mod estimate {
         let root_bytes = root.encode(&disk.key).len() as u64;
         let written = pages * PAGE_BYTES as u64 + root_bytes;
         let live = img.refs.live_iter().filter(|&l| l).count() as u64;
-        let slots: u64 = img
+        let dir: u64 = img
             .volumes
             .iter()
-            .map(|v| super::leaf_slots(v.size_bytes))
+            .map(|v| crate::context::dir_pages(v.size_bytes))
             .sum();
         let leaves: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
         let est = paged_checkpoint_estimate_bytes(
             leaves,
             img.blocks.len() as u64,
             live,
-            slots,
+            dir,
             img.volumes.len() as u64,
             img.shards.len() as u64,
         );

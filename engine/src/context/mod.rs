@@ -12,9 +12,9 @@ mod reserve;
 
 pub(crate) use give_back::mark_held_free;
 pub(crate) use read_fence::{ReadFence, Ticket};
-#[cfg(test)]
-pub(crate) use reserve::paged_checkpoint_estimate_bytes;
-pub(crate) use reserve::{checkpoint_estimate_bytes, usable_bytes};
+pub(crate) use reserve::{
+    checkpoint_estimate_bytes, dir_pages, paged_checkpoint_estimate_bytes, usable_bytes,
+};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -53,34 +53,34 @@ pub(crate) fn checkpoint_estimate_bytes(pages: u64, blocks: u64, volumes: u64, s
 
 /// Upper bound on a format 3 checkpoint written whole (`checkpoint::paged::write_image`):
 /// `leaves` map leaves, block table and liveness pages for `ids` ids (every id up to the
-/// highest, live or not), directories of `dir_slots` entries (one per 2 MiB of each volume's
-/// size, mapped or not), the dedup index (at most an entry per live block, `blocks`), the
-/// root, and each segment's header and summary.
+/// highest, live or not), `dir_pages` pages of the volumes' directories (each its own tree:
+/// [`dir_pages`]), the dedup index (at most an entry per live block, `blocks`), the root, and
+/// each segment's header and summary.
 pub(crate) fn paged_checkpoint_estimate_bytes(
     leaves: u64,
     ids: u64,
     blocks: u64,
-    dir_slots: u64,
+    dir_pages: u64,
     volumes: u64,
     shards: u64,
 ) -> u64 {
     use crate::format::{INDEX_PER_PAGE, PAGE_BYTES, PTRS_PER_PAGE, REFS_PER_PAGE};
-    // An array of n entries: its leaves and, above them, at most one interior page per
-    // PTRS_PER_PAGE - 1 pages below.
-    let array = |n: u64, per: usize| {
-        let leaves = n.div_ceil(per as u64);
-        leaves + leaves.div_ceil(PTRS_PER_PAGE as u64 - 1)
-    };
+    use crate::meta::paged::pages as array;
     let pages = leaves
         + array(ids, PTRS_PER_PAGE)
         + array(ids, REFS_PER_PAGE)
-        + array(dir_slots, PTRS_PER_PAGE)
-        + volumes
+        + dir_pages
         + array(blocks, INDEX_PER_PAGE);
     let root = 104 + volumes * (83 + 64 + DedupDomain::MAX_NAME as u64) + shards * 24 + 1024;
     // Summaries take 12 bytes a page, headers a page per segment (of at least 2 MiB).
     let body = pages * PAGE_BYTES as u64 + root.next_multiple_of(PAGE_BYTES as u64);
     body + body / 300 + body / 500
+}
+
+/// Pages of the leaf directory of a volume of `size_bytes` (a pointer per 2 MiB).
+pub(crate) fn dir_pages(size_bytes: u64) -> u64 {
+    let slots = size_bytes.div_ceil(BLOCK_BYTES * MAP_PAGE_ENTRIES);
+    crate::meta::paged::pages(slots, crate::format::PTRS_PER_PAGE)
 }
 
 impl Context {
@@ -90,23 +90,23 @@ impl Context {
         self.reserve_segments_with(0, 0, 0)
     }
 
-    /// The same with `pages` more map pages and `slots` more 2 MiB map slots in `volumes` more
+    /// The same with `pages` more map pages and `dir` more directory pages in `volumes` more
     /// volumes (a copy about to be made: format 2 writes its pages again, format 3 only its
     /// directory).
     pub(crate) fn reserve_segments_with(
         &self,
         extra_pages: u64,
-        extra_slots: u64,
+        extra_dir: u64,
         extra_volumes: u64,
     ) -> usize {
         let vols = self.volumes.read();
         let mut pages = extra_pages;
-        let mut dir_slots = extra_slots;
+        let mut dir = extra_dir;
         for v in vols.by_name.values() {
             for m in &v.maps {
                 pages += m.lock().present_pages();
             }
-            dir_slots += v.size().div_ceil(BLOCK_BYTES * MAP_PAGE_ENTRIES);
+            dir += dir_pages(v.size());
         }
         let (blocks, ids) = {
             let s = self.space.lock();
@@ -119,7 +119,7 @@ impl Context {
                 pages,
                 ids,
                 blocks,
-                dir_slots,
+                dir,
                 volumes,
                 self.chains() as u64,
             ));

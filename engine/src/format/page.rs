@@ -18,8 +18,8 @@ pub const PAGE_HEADER_BYTES: usize = 64;
 pub const PAGE_BODY_BYTES: usize = PAGE_BYTES - PAGE_HEADER_BYTES;
 /// Page layout version.
 pub const PAGE_VERSION: u16 = 1;
-/// Entries of a map leaf or interior page (block ids or child page ids, 6 bytes each): 512, as
-/// the RAM map's pages, so a leaf covers 2 MiB of a volume.
+/// Entries of a map leaf (block ids, 6 bytes each): 512, as the RAM map's pages, so a leaf
+/// covers 2 MiB of a volume.
 pub const MAP_PAGE_SLOTS: usize = 512;
 /// [`PagePtr`]s in an array interior or page-table leaf, and [`BlockLoc`]s in a block-table leaf.
 pub const PTRS_PER_PAGE: usize = PAGE_BODY_BYTES / PagePtr::BYTES;
@@ -38,7 +38,7 @@ pub const MAX_U48: u64 = (1 << 48) - 1;
 pub enum PageKind {
     /// [`MAP_PAGE_SLOTS`] block ids (0 = hole).
     MapLeaf = 1,
-    /// [`MAP_PAGE_SLOTS`] child page ids (0 = absent subtree).
+    /// Reserved for map trees of page ids (not written: volumes use leaf directories).
     MapInterior = 2,
     /// Entries of an array (block table, page table, reference counts, segment usage).
     ArrayLeaf = 3,
@@ -244,8 +244,8 @@ pub fn get_u48(g: &mut Get<'_>) -> crate::error::Result<u64> {
 /// | 4 | 2 | version | [`PAGE_VERSION`] |
 /// | 6 | 1 | kind | [`PageKind`] |
 /// | 7 | 1 | level | 0 for leaves; interiors count up towards the root |
-/// | 8 | 8 | key | page id (map pages) or index within the array at this level |
-/// | 16 | 8 | stamp | unique per page write: `epoch << 40 \| counter` |
+/// | 8 | 8 | key | leaf index in its volume (map leaves), or index within the array at this level |
+/// | 16 | 8 | stamp | unique per page write: each writer counts up from a random point |
 /// | 24 | 4 | array | [`PageArray`] |
 /// | 28 | 4 | entries | entries of the body in use |
 /// | 32 | 4 | body_crc | CRC-32 of the 4032-byte body |

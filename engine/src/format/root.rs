@@ -22,8 +22,8 @@ const CORRUPT: Error = Error::Corrupt {
 };
 
 /// The root of one of the paged arrays: `len` entries in a tree of `height` levels of pages
-/// (1: the root page is the only leaf) whose top page is `root`. 30 bytes: array u8,
-/// height u8, len u64, root [`PagePtr`], reserved u32.
+/// (1: the root page is the only leaf) whose top page is `root`. 26 bytes: array u8,
+/// height u8, len u64, root [`PagePtr`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ArrayRoot {
     pub array: PageArray,

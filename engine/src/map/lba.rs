@@ -143,6 +143,15 @@ impl LbaMap {
         }
     }
 
+    /// The entry at `lba`, and whether its leaf is held by other maps too.
+    pub fn get_shared(&self, lba: u64) -> (u64, bool) {
+        let (p, i) = split(lba);
+        match self.pages.get(p) {
+            Some(Some(page)) => (page[i], page.users() > 1),
+            _ => (0, false),
+        }
+    }
+
     /// Set an entry, returning the previous block id (0 for a hole). A leaf other volumes
     /// share is copied first, and the copy's blocks get a reference each (`add_ref`).
     pub fn set(&mut self, lba: u64, id: u64, add_ref: &mut dyn FnMut(u64)) -> u64 {
@@ -228,6 +237,7 @@ impl LbaMap {
     }
 
     /// Iterate (lba, block id) over mapped entries.
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.pages.iter().enumerate().flat_map(|(p, page)| {
             page.iter().flat_map(move |page| {

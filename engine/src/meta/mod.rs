@@ -1,12 +1,9 @@
 //! Metadata on flash (issue 22, docs/design/paged-metadata.md): the block table, the maps and
 //! the per-block arrays written as pages into metadata segments at checkpoints, only what
-//! changed since the last one. Built piece by piece: the page writer (`writer`), arrays stored
-//! as page trees (`paged`) and the retention of metadata segments (`segs`) exist and are
-//! tested; the checkpointer does not use them yet.
-
-// Wired into checkpoints and recovery by the next milestones (9-10 in the design); until then
-// only the tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
+//! changed since the last one. Built piece by piece: format 3 checkpoints write whole images
+//! through the page writer (`writer`) and page trees (`paged::ArrayPages`); the arrays kept as
+//! pages in RAM (`paged::PagedArray`) and the retention of metadata segments (`segs`) wait for
+//! incremental checkpoints.
 
 pub(crate) mod paged;
 pub(crate) mod segs;

@@ -154,8 +154,8 @@ impl Pool {
 
     /// Take a read-only snapshot `name` of volume `src` as it is now: every write acknowledged
     /// before the call is in it, none after. No data is copied: the snapshot shares the
-    /// volume's blocks (each holds a reference) and map pages (copied on the next write to
-    /// either). Durable when this returns.
+    /// volume's map leaves (each counts its holders; the first write to one by either side
+    /// copies it, and the copy's blocks gain a reference). Durable when this returns.
     pub fn snapshot_volume(&self, src: &str, name: &str) -> Result<()> {
         self.copy_volume(src, name, true)
     }
@@ -172,9 +172,9 @@ impl Pool {
         if self.inner.ctx.lookup(name).is_some() {
             return Err(Error::VolumeExists(name.to_string()));
         }
-        // Every checkpoint from now on stores the copy's map pages too: refuse a copy whose
-        // pages the space kept for checkpoints could not hold (it would fail every later
-        // checkpoint and flush).
+        // Every checkpoint from now on stores the copy's map pages too (format 2) or its leaf
+        // directory (format 3): refuse a copy the space kept for checkpoints could not hold
+        // (it would fail every later checkpoint and flush).
         let source = self.volume(src)?;
         let pages: u64 = source
             .state
@@ -182,10 +182,8 @@ impl Pool {
             .iter()
             .map(|m| m.lock().present_pages())
             .sum();
-        let slots = source
-            .size_bytes()
-            .div_ceil(BLOCK_BYTES * crate::format::MAP_PAGE_ENTRIES);
-        let need = self.inner.ctx.reserve_segments_with(pages, slots, 1);
+        let dir = crate::context::dir_pages(source.size_bytes());
+        let need = self.inner.ctx.reserve_segments_with(pages, dir, 1);
         if self.inner.ctx.space.lock().free_segments <= need {
             return Err(Error::NoSpace);
         }
@@ -392,6 +390,16 @@ mod tests {
         assert!(
             (0..blocks).all(|lba| refs(id(lba)) == 1),
             "a snapshot added references"
+        );
+        // Each volume's share of the blocks they both hold is a half: the shares add up to
+        // the pool's blocks.
+        let st = pool.stats();
+        let per_volume: u64 = st.volumes.iter().map(|v| v.unique_blocks).sum();
+        assert_eq!(per_volume, st.unique_blocks);
+        assert!(
+            st.volumes.iter().all(|v| v.unique_blocks == blocks / 2),
+            "{:?}",
+            st.volumes
         );
         let leaf = |vol: &crate::map::VolumeState, lba: u64| {
             vol.maps[shard_of(lba, shards)].lock().pages[(lba / 512) as usize]

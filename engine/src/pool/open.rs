@@ -275,12 +275,27 @@ impl Pool {
                     pages += m.lock().present_pages();
                 }
             }
-            let est = crate::context::checkpoint_estimate_bytes(
+            let mut est = crate::context::checkpoint_estimate_bytes(
                 pages,
                 space.live_blocks,
                 table.by_name.len() as u64,
                 nshards as u64,
             );
+            if newest.version >= crate::format::FORMAT_VERSION_PAGED {
+                let dir = table
+                    .by_name
+                    .values()
+                    .map(|v| crate::context::dir_pages(v.size()))
+                    .sum();
+                est = est.max(crate::context::paged_checkpoint_estimate_bytes(
+                    pages,
+                    space.blocks.len() as u64,
+                    space.live_blocks,
+                    dir,
+                    table.by_name.len() as u64,
+                    nshards as u64,
+                ));
+            }
             // As `Inner::reserve_segments` will keep back.
             est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
         };

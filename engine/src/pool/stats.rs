@@ -77,12 +77,18 @@ impl Pool {
                 if info.is_none() {
                     continue;
                 }
-                for (_, id) in m.iter() {
-                    if let Some(b) = space.get(id) {
-                        let r = f64::from(space.refs.get(id));
-                        unique += 1.0 / r;
-                        stored += b.share() as f64 / r;
-                        mapped += 1;
+                // A block's share: one over its references (the distinct leaves pointing at
+                // it) times this leaf's holders (the volumes sharing the leaf), so that the
+                // volumes' shares add up to one.
+                for leaf in m.pages.iter().flatten() {
+                    let users = f64::from(leaf.users().max(1));
+                    for &id in leaf.iter().filter(|&&id| id != 0) {
+                        if let Some(b) = space.get(id) {
+                            let r = f64::from(space.refs.get(id)) * users;
+                            unique += 1.0 / r;
+                            stored += b.share() as f64 / r;
+                            mapped += 1;
+                        }
                     }
                 }
             }

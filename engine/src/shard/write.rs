@@ -132,8 +132,8 @@ impl Shard {
                     if shard_of(lba, n) != self.id {
                         return false;
                     }
-                    let id = vol.lookup(lba);
-                    id == 0 || space.refs.get(id) > 1
+                    let (id, shared_leaf) = vol.lookup_shared(lba);
+                    id == 0 || shared_leaf || space.refs.get(id) > 1
                 })
                 .count() as u64;
             if new > 0 && taken + new * BLOCK_BYTES > usable {
