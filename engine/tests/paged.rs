@@ -2,6 +2,8 @@
 //! them only through `CreateOptions::paged_metadata` so far; the model tests run on them too
 //! (`model_paged_metadata*`).
 
+mod common;
+
 use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions};
 
 const BLOCK: usize = 4096;
@@ -27,15 +29,9 @@ fn create(dir: &std::path::Path, paged: bool, size: u64) -> Pool {
 
 /// Distinct, incompressible blocks.
 fn blocks(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(n * BLOCK);
-    while out.len() < n * BLOCK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
+    (0..n as u64)
+        .flat_map(|i| common::xorshift_block(seed << 32 | i))
+        .collect()
 }
 
 fn assert_clean(pool: &Pool) {

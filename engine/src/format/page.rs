@@ -85,7 +85,7 @@ pub enum PageArray {
 }
 
 impl PageArray {
-    fn from_u32(v: u32) -> Option<PageArray> {
+    pub(super) fn from_u32(v: u32) -> Option<PageArray> {
         Some(match v {
             0 => PageArray::MapTree,
             1 => PageArray::BlockTable,

@@ -153,17 +153,7 @@ const MAC_DOMAIN: &[u8] = b"ingot checkpoint root v1";
 const SECTIONS: u32 = 9;
 
 fn array_of(v: u8) -> Result<PageArray> {
-    Ok(match v {
-        0 => PageArray::MapTree,
-        1 => PageArray::BlockTable,
-        2 => PageArray::PageTable,
-        3 => PageArray::BlockRefs,
-        4 => PageArray::PageRefs,
-        5 => PageArray::SegmentUsage,
-        6 => PageArray::DedupIndex,
-        7 => PageArray::MapDirectory,
-        _ => return Err(CORRUPT),
-    })
+    PageArray::from_u32(u32::from(v)).ok_or(CORRUPT)
 }
 
 /// Appends little-endian fields to a growing vector.

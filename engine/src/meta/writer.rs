@@ -135,21 +135,14 @@ impl<'a> MetaWriter<'a> {
         if self.open.as_ref().is_some_and(|o| o.pages == self.slots) {
             self.put()?;
         }
-        if self.open.is_none() {
-            let segment = (self.t.alloc)()?;
-            self.open = Some(Open {
-                segment,
-                buf: vec![0u8; IO_ALIGN + self.summary_pages * PAGE_BYTES],
-                pages: 0,
-            });
-        }
-        let o = self.open.as_mut().expect("just opened");
+        let (summary_pages, seal_key, stamp) = (self.summary_pages, self.t.key, self.stamps.take());
+        let o = self.open_segment()?;
         let slot = o.pages;
-        let offset = IO_ALIGN + (self.summary_pages + slot) * PAGE_BYTES;
+        let offset = IO_ALIGN + (summary_pages + slot) * PAGE_BYTES;
         let at = PagePtr {
             segment: o.segment,
             offset: offset as u32,
-            stamp: self.stamps.take(),
+            stamp,
         };
         let h = PageHeader {
             kind,
@@ -160,7 +153,7 @@ impl<'a> MetaWriter<'a> {
             at,
         };
         debug_assert_eq!(o.buf.len(), offset);
-        o.buf.extend_from_slice(&h.seal(body, self.t.key)[..]);
+        o.buf.extend_from_slice(&h.seal(body, seal_key)[..]);
         let s = IO_ALIGN + slot / SUMMARY_PER_PAGE * PAGE_BYTES + slot % SUMMARY_PER_PAGE * 12;
         Put::new(&mut o.buf[s..s + 12])
             .bytes(&[array as u32 as u8, level])
@@ -187,15 +180,7 @@ impl<'a> MetaWriter<'a> {
         {
             self.put()?;
         }
-        if self.open.is_none() {
-            let segment = (self.t.alloc)()?;
-            self.open = Some(Open {
-                segment,
-                buf: vec![0u8; IO_ALIGN + self.summary_pages * PAGE_BYTES],
-                pages: 0,
-            });
-        }
-        let o = self.open.as_mut().expect("just opened");
+        let o = self.open_segment()?;
         let offset = o.buf.len();
         o.buf.extend_from_slice(bytes);
         o.buf.resize(offset + pages * PAGE_BYTES, 0);
@@ -205,6 +190,19 @@ impl<'a> MetaWriter<'a> {
         }
         o.pages += pages;
         Ok((o.segment, offset as u32))
+    }
+
+    /// The segment being filled, a new one if none is.
+    fn open_segment(&mut self) -> Result<&mut Open> {
+        if self.open.is_none() {
+            let segment = (self.t.alloc)()?;
+            self.open = Some(Open {
+                segment,
+                buf: vec![0u8; IO_ALIGN + self.summary_pages * PAGE_BYTES],
+                pages: 0,
+            });
+        }
+        Ok(self.open.as_mut().expect("just opened"))
     }
 
     /// Write the open segment (its used part).
