@@ -177,3 +177,25 @@ fn a_root_pointer_that_leads_elsewhere_is_refused() {
         }
     }
 }
+
+/// A volume whose directory (16 bytes per 2 MiB of its size, mapped or not) would not fit in
+/// the space kept for checkpoints is refused at once, as is growth to such a size: every later
+/// checkpoint would have to write it. A volume that fits is created as usual.
+#[test]
+fn a_volume_whose_directory_cannot_be_checkpointed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), true, 64 << 20);
+    let huge = 1u64 << 50;
+    assert!(matches!(
+        pool.create_volume("huge", huge),
+        Err(ingot_engine::Error::NoSpace)
+    ));
+    pool.create_volume("v", 1 << 30).unwrap();
+    assert!(matches!(
+        pool.resize_volume("v", huge),
+        Err(ingot_engine::Error::NoSpace)
+    ));
+    pool.resize_volume("v", 2 << 30).unwrap();
+    pool.checkpoint().unwrap();
+    assert_clean(&pool);
+}

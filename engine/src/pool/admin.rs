@@ -134,6 +134,7 @@ impl Pool {
         validate_name(name)?;
         validate_size(size_bytes)?;
         domain.validate()?;
+        self.directory_fits(size_bytes)?;
         let name = name.to_string();
         let shards = self.inner.ctx.shards();
         self.inner
@@ -150,6 +151,22 @@ impl Pool {
                 t.by_name.insert(name.clone(), Arc::new(v));
                 Ok(())
             }))
+    }
+
+    /// A format 3 checkpoint writes a directory entry for every 2 MiB of every volume's size,
+    /// mapped or not: refuse a volume (or growth) of `size_bytes` whose directory the space
+    /// kept for checkpoints could not hold, before any checkpoint has to (it would fail every
+    /// later one). Format 2 writes only mapped pages.
+    fn directory_fits(&self, size_bytes: u64) -> Result<()> {
+        let ctx = &self.inner.ctx;
+        if !ctx.paged_checkpoints {
+            return Ok(());
+        }
+        let need = ctx.reserve_segments_with(0, crate::context::dir_pages(size_bytes), 1);
+        if ctx.space.lock().free_segments <= need {
+            return Err(Error::NoSpace);
+        }
+        Ok(())
     }
 
     /// Take a read-only snapshot `name` of volume `src` as it is now: every write acknowledged
@@ -267,6 +284,9 @@ impl Pool {
             return Err(Error::ReadOnly(name.to_string()));
         }
         let old = vol.size_bytes();
+        if size_bytes > old {
+            self.directory_fits(size_bytes - old)?;
+        }
         if size_bytes < old && size_bytes % BLOCK_BYTES != 0 {
             let end = size_bytes.next_multiple_of(BLOCK_BYTES).min(old);
             vol.write_zeroes(size_bytes, end - size_bytes, false)?;
