@@ -904,6 +904,12 @@ fn model_paged_metadata_power_cut() {
     run_model_in(Engine::Fault(IoKind::Sync), 30, true);
 }
 
+/// With io_uring and writes acknowledged early, and power cuts.
+#[test]
+fn model_paged_metadata_power_cut_uring() {
+    run_model_in(Engine::Fault(IoKind::Uring), 30, true);
+}
+
 #[test]
 fn model_sync() {
     run_model(Engine::Sync, 40);
