@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Image, VolumeImage};
-use crate::api::{DedupDomain, BLOCK_BYTES};
+use crate::api::DedupDomain;
 use crate::error::{Error, Result};
 use crate::format::{
     get_u48, put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray,
@@ -22,7 +22,7 @@ use crate::format::{
     PAGE_BODY_BYTES, PAGE_HEADER_BYTES, ROOT_KEYED,
 };
 use crate::log::ShardPosition;
-use crate::map::{MapLeaf, MapPage};
+use crate::map::{leaf_slots, MapLeaf, MapPage};
 use crate::meta::paged::{ArrayPages, PageEntry, PageSource};
 use crate::meta::writer::MetaWriter;
 use crate::qos::QosLimits;
@@ -36,11 +36,6 @@ impl PageEntry for IndexSlot {
     fn get(g: &mut Get<'_>) -> Result<Self> {
         IndexSlot::get(g)
     }
-}
-
-/// Leaf slots of a volume of `size_bytes` (one per 2 MiB).
-fn leaf_slots(size_bytes: u64) -> u64 {
-    size_bytes.div_ceil(BLOCK_BYTES).div_ceil(MAP_PAGE_ENTRIES)
 }
 
 fn all(n: u64, per_page: usize) -> Vec<usize> {

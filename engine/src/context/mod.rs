@@ -298,7 +298,7 @@ impl Context {
 mod tests {
     use crate::api::BLOCK_BYTES;
     use crate::map::shard_of;
-    use crate::pool::{CreateOptions, Pool, PoolOptions};
+    use crate::pool::Pool;
 
     /// A trimmed block stays cached (a trim can free millions), but not past the checkpoint
     /// that lets its id be reused: the id would then serve the old copy for another block.
@@ -306,17 +306,7 @@ mod tests {
     #[test]
     fn released_ids_leave_every_cache_before_reuse() {
         let dir = tempfile::tempdir().unwrap();
-        let o = PoolOptions {
-            shards: 2,
-            cache_bytes: Some(16 << 20),
-            ..Default::default()
-        };
-        let c = CreateOptions {
-            size_bytes: 64 << 20,
-            segment_bytes: 2 << 20,
-            ..Default::default()
-        };
-        let pool = Pool::create(dir.path(), &c, &o).unwrap();
+        let pool = Pool::small_for_tests(dir.path(), Some(16 << 20));
         pool.create_volume("v", 1024 * BLOCK_BYTES).unwrap();
         let v = pool.volume("v").unwrap();
         let ctx = &pool.inner.ctx;

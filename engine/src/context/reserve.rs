@@ -79,8 +79,10 @@ pub(crate) fn paged_checkpoint_estimate_bytes(
 
 /// Pages of the leaf directory of a volume of `size_bytes` (a pointer per 2 MiB).
 pub(crate) fn dir_pages(size_bytes: u64) -> u64 {
-    let slots = size_bytes.div_ceil(BLOCK_BYTES * MAP_PAGE_ENTRIES);
-    crate::meta::paged::pages(slots, crate::format::PTRS_PER_PAGE)
+    crate::meta::paged::pages(
+        crate::map::leaf_slots(size_bytes),
+        crate::format::PTRS_PER_PAGE,
+    )
 }
 
 impl Context {

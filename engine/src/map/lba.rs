@@ -262,6 +262,13 @@ fn split(lba: u64) -> (usize, usize) {
     )
 }
 
+/// Map leaves (2 MiB each) a volume of `size_bytes` has room for: its leaf directory's length.
+pub(crate) fn leaf_slots(size_bytes: u64) -> u64 {
+    size_bytes
+        .div_ceil(crate::api::BLOCK_BYTES)
+        .div_ceil(MAP_PAGE_ENTRIES)
+}
+
 /// The shard that owns a block of a volume.
 pub fn shard_of(lba: u64, shards: usize) -> usize {
     ((lba / MAP_PAGE_ENTRIES) % shards as u64) as usize

@@ -374,7 +374,7 @@ impl Pool {
 mod tests {
     use crate::api::BLOCK_BYTES;
     use crate::map::shard_of;
-    use crate::pool::{CreateOptions, Pool, PoolOptions};
+    use crate::pool::Pool;
 
     /// A snapshot shares its source's map leaves: its blocks keep one reference each (a block
     /// counts leaves, not volumes). The first write to a shared leaf copies it, and the copy's
@@ -382,16 +382,7 @@ mod tests {
     #[test]
     fn a_snapshot_shares_leaves_until_a_write_copies_one() {
         let dir = tempfile::tempdir().unwrap();
-        let o = PoolOptions {
-            shards: 2,
-            ..Default::default()
-        };
-        let c = CreateOptions {
-            size_bytes: 64 << 20,
-            segment_bytes: 2 << 20,
-            ..Default::default()
-        };
-        let pool = Pool::create(dir.path(), &c, &o).unwrap();
+        let pool = Pool::small_for_tests(dir.path(), None);
         let blocks = 2048u64;
         pool.create_volume("v", blocks * BLOCK_BYTES).unwrap();
         let v = pool.volume("v").unwrap();

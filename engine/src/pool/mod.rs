@@ -78,6 +78,23 @@ impl Pool {
         self.inner.ctx.space.lock().blocks.len() as u64
     }
 
+    /// A 64 MiB pool of 2 MiB segments in `dir`, two shards, `cache_bytes` of block cache
+    /// (the engine's own tests).
+    #[cfg(test)]
+    pub(crate) fn small_for_tests(dir: &Path, cache_bytes: Option<u64>) -> Pool {
+        let o = PoolOptions {
+            shards: 2,
+            cache_bytes,
+            ..Default::default()
+        };
+        let c = CreateOptions {
+            size_bytes: 64 << 20,
+            segment_bytes: 2 << 20,
+            ..Default::default()
+        };
+        Pool::create(dir, &c, &o).unwrap()
+    }
+
     /// Write a checkpoint now.
     pub fn checkpoint(&self) -> Result<()> {
         self.inner.ckpt.checkpoint_with(None)
