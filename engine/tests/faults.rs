@@ -591,7 +591,7 @@ fn future_format_version_is_refused() {
             found, supported, ..
         } => {
             assert_eq!(found, 7);
-            assert_eq!(supported, ingot_engine::format::FORMAT_VERSION);
+            assert_eq!(supported, ingot_engine::format::FORMAT_VERSION_PAGED);
         }
         e => panic!("{e:?}"),
     }

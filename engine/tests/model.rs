@@ -331,8 +331,8 @@ fn write_back_bytes(engine: Engine) -> u64 {
 }
 
 impl Harness {
-    /// A pool on `engine`, its checkpoints in format 3 (root and pages) when `paged`.
-    fn new(engine: Engine, paged: bool) -> Harness {
+    /// A pool on `engine`.
+    fn new(engine: Engine) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let plan = match engine {
             Engine::Fault(_) => {
@@ -345,7 +345,6 @@ impl Harness {
         let c = CreateOptions {
             size_bytes: 256 << 20,
             segment_bytes: 2 << 20,
-            paged_metadata: paged,
             ..Default::default()
         };
         let pool = Pool::create(dir.path(), &c, &pool_options(engine, &plan)).expect("create");
@@ -860,10 +859,6 @@ fn cases(default: u32) -> u32 {
 }
 
 fn run_model(engine: Engine, default_cases: u32) {
-    run_model_in(engine, default_cases, false);
-}
-
-fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     let config = Config {
         cases: cases(default_cases),
         max_shrink_iters: 200,
@@ -873,7 +868,7 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     let mut runner = TestRunner::new(config);
     let ops = prop::collection::vec(op(), 1..60);
     let result = runner.run(&ops, |ops| {
-        let mut h = Harness::new(engine, paged);
+        let mut h = Harness::new(engine);
         for (i, op) in ops.iter().enumerate() {
             h.step = i;
             h.run(op);
@@ -888,26 +883,8 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
         Ok(())
     });
     if let Err(e) = result {
-        panic!("{engine:?} (format 3: {paged}): {e}");
+        panic!("{engine:?}: {e}");
     }
-}
-
-/// The same with format 3 checkpoints (a root and metadata pages), snapshots' shared leaves
-/// kept shared across reopens and power cuts.
-#[test]
-fn model_paged_metadata() {
-    run_model_in(Engine::Sync, 30, true);
-}
-
-#[test]
-fn model_paged_metadata_power_cut() {
-    run_model_in(Engine::Fault(IoKind::Sync), 30, true);
-}
-
-/// With io_uring and writes acknowledged early, and power cuts.
-#[test]
-fn model_paged_metadata_power_cut_uring() {
-    run_model_in(Engine::Fault(IoKind::Uring), 30, true);
 }
 
 #[test]

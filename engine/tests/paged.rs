@@ -1,6 +1,6 @@
-//! Format 3 checkpoints (issue 22): a root and metadata pages instead of one blob. Pools get
-//! them only through `CreateOptions::paged_metadata` so far; the model tests run on them too
-//! (`model_paged_metadata*`).
+//! Format 3 checkpoints (issue 22): a root and metadata pages instead of one blob, written
+//! only where they changed. Every pool is format 3 (the model tests run on it too); format 2
+//! pools are upgraded by their first open (`upgrade.rs`).
 
 mod common;
 
@@ -17,11 +17,10 @@ fn opts() -> PoolOptions {
     }
 }
 
-fn create(dir: &std::path::Path, paged: bool, size: u64) -> Pool {
+fn create(dir: &std::path::Path, size: u64) -> Pool {
     let c = CreateOptions {
         size_bytes: size,
         segment_bytes: 2 << 20,
-        paged_metadata: paged,
         ..Default::default()
     };
     Pool::create(dir, &c, &opts()).expect("create")
@@ -46,72 +45,54 @@ fn superblock_version(dir: &std::path::Path) -> u32 {
 
 /// A format 3 pool keeps its version, and its volumes, snapshot included, read back after a
 /// clean reopen and after a crash. The snapshot's map leaves stay shared across the reopen:
-/// the engine holds about as much map RAM as before the snapshot, where a format 2 pool holds
-/// a second copy of every leaf after it reopens.
+/// the engine holds about as much map RAM as before the snapshot (a format 2 pool held a second
+/// copy of every leaf after it reopened).
 #[test]
 fn a_paged_pool_reopens_with_its_snapshots_still_sharing_leaves() {
-    let mut ram_after_reopen = Vec::new();
-    for paged in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = create(dir.path(), paged, 256 << 20);
-        pool.create_volume("v", 64 << 20).unwrap();
-        let v = pool.volume("v").unwrap();
-        let data = blocks(1, 8192);
-        v.write(0, &data, false).unwrap();
-        v.flush().unwrap();
-        let before = pool.stats().metadata_ram_bytes;
-        pool.snapshot_volume("v", "s").unwrap();
-        let changed = blocks(2, 16);
-        v.write(0, &changed, false).unwrap();
-        v.flush().unwrap();
-        pool.shutdown().unwrap();
-        drop(pool);
-        assert_eq!(superblock_version(dir.path()), if paged { 3 } else { 2 });
-        let pool = Pool::open(dir.path(), &opts()).unwrap();
-        let now = pool
-            .volume("v")
-            .unwrap()
-            .read(0, (8192 * BLOCK) as u32)
-            .unwrap();
-        assert!(now[..16 * BLOCK] == changed[..] && now[16 * BLOCK..] == data[16 * BLOCK..]);
-        let snap = pool
-            .volume("s")
-            .unwrap()
-            .read(0, (8192 * BLOCK) as u32)
-            .unwrap();
-        assert!(snap == data, "the snapshot changed");
-        assert_clean(&pool);
-        ram_after_reopen.push((pool.stats().metadata_ram_bytes, before));
-        // A crash after more flushed writes: replayed on top of the format 3 checkpoint.
-        let v = pool.volume("v").unwrap();
-        let more = blocks(3, 64);
-        v.write(100 * BLOCK as u64, &more, false).unwrap();
-        v.flush().unwrap();
-        pool.halt();
-        drop(pool);
-        let pool = Pool::open(dir.path(), &opts()).unwrap();
-        let got = pool
-            .volume("v")
-            .unwrap()
-            .read(100 * BLOCK as u64, (64 * BLOCK) as u32)
-            .unwrap();
-        assert!(
-            got == more,
-            "flushed writes lost at a crash (format 3: {paged})"
-        );
-        assert_clean(&pool);
-    }
-    let (paged, paged_before) = ram_after_reopen[0];
-    let (plain, plain_before) = ram_after_reopen[1];
-    // 16 leaves of 4 KiB per copy of the map; the table is the same in both.
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), 256 << 20);
+    pool.create_volume("v", 64 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let data = blocks(1, 8192);
+    v.write(0, &data, false).unwrap();
+    v.flush().unwrap();
+    let before = pool.stats().metadata_ram_bytes;
+    pool.snapshot_volume("v", "s").unwrap();
+    let changed = blocks(2, 16);
+    v.write(0, &changed, false).unwrap();
+    v.flush().unwrap();
+    pool.shutdown().unwrap();
+    drop(pool);
+    assert_eq!(superblock_version(dir.path()), 3);
+    let pool = Pool::open(dir.path(), &opts()).unwrap();
+    let now = read_all(&pool, "v", 8192 * BLOCK);
+    assert!(now[..16 * BLOCK] == changed[..] && now[16 * BLOCK..] == data[16 * BLOCK..]);
     assert!(
-        paged - paged_before < plain - plain_before,
-        "format 3 {paged_before} -> {paged}, format 2 {plain_before} -> {plain}"
+        read_all(&pool, "s", 8192 * BLOCK) == data,
+        "the snapshot changed"
     );
+    assert_clean(&pool);
+    // 16 leaves of 4 KiB per copy of the map; the rest is the same before and after.
+    let after = pool.stats().metadata_ram_bytes;
     assert!(
-        paged - paged_before < 16 << 10,
-        "the snapshot's leaves were not kept shared"
+        after < before + (16 << 10),
+        "the snapshot's leaves were not kept shared: {before} -> {after}"
     );
+    // A crash after more flushed writes: replayed on top of the format 3 checkpoint.
+    let v = pool.volume("v").unwrap();
+    let more = blocks(3, 64);
+    v.write(100 * BLOCK as u64, &more, false).unwrap();
+    v.flush().unwrap();
+    pool.halt();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts()).unwrap();
+    let got = pool
+        .volume("v")
+        .unwrap()
+        .read(100 * BLOCK as u64, (64 * BLOCK) as u32)
+        .unwrap();
+    assert!(got == more, "flushed writes lost at a crash");
+    assert_clean(&pool);
 }
 
 /// Checkpoints one after another on a small pool: each writes a whole image, and the one
@@ -119,7 +100,7 @@ fn a_paged_pool_reopens_with_its_snapshots_still_sharing_leaves() {
 #[test]
 fn paged_checkpoints_give_back_their_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = create(dir.path(), true, 64 << 20);
+    let pool = create(dir.path(), 64 << 20);
     pool.create_volume("v", 16 << 20).unwrap();
     let v = pool.volume("v").unwrap();
     // The same 8 MiB rewritten over and over: once it is all written, free space stays level
@@ -142,6 +123,124 @@ fn paged_checkpoints_give_back_their_segments() {
     assert_clean(&pool);
 }
 
+/// Device bytes the next checkpoint writes.
+fn read_all(pool: &Pool, name: &str, len: usize) -> Vec<u8> {
+    let v = pool.volume(name).unwrap();
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(16 << 20);
+        out.extend_from_slice(&v.read(out.len() as u64, n as u32).unwrap());
+    }
+    out
+}
+
+fn checkpoint_bytes(pool: &Pool) -> u64 {
+    let before = pool.stats().device_written_breakdown.checkpoint_bytes;
+    pool.checkpoint().unwrap();
+    pool.stats().device_written_breakdown.checkpoint_bytes - before
+}
+
+/// After the first checkpoint, one writes what changed since the one before, not the pool:
+/// a block overwritten costs a few pages (its table, liveness and map leaves, the directory
+/// page, the paths above them, the root), where the first checkpoint after an open writes
+/// every page. What was not rewritten still reads back after a reopen.
+#[test]
+fn a_checkpoint_writes_what_changed_not_the_whole_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), 256 << 20);
+    pool.create_volume("v", 128 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let data = blocks(1, 24 << 10);
+    for (i, part) in data.chunks(4 << 20).enumerate() {
+        v.write((i * (4 << 20)) as u64, part, false).unwrap();
+    }
+    pool.checkpoint().unwrap();
+    let quiet = checkpoint_bytes(&pool);
+    let one = blocks(2, 1);
+    v.write(5000 * BLOCK as u64, &one, false).unwrap();
+    let small = checkpoint_bytes(&pool);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts()).unwrap();
+    // The open's own checkpoint wrote everything; the next names it all again.
+    let v = pool.volume("v").unwrap();
+    v.write(9000 * BLOCK as u64, &one, false).unwrap();
+    let after_open = checkpoint_bytes(&pool);
+    let first_after_open = {
+        // An open starts from nothing it wrote: measure a whole write-out by reopening.
+        pool.shutdown().unwrap();
+        drop(pool);
+        let before = {
+            let p = Pool::open(dir.path(), &opts()).unwrap();
+            let b = p.stats().device_written_breakdown.checkpoint_bytes;
+            p.shutdown().unwrap();
+            b
+        };
+        before
+    };
+    // 24 Ki blocks: ~100 table pages, 7 liveness pages, 48 map leaves and their directory.
+    assert!(
+        first_after_open > 150 * BLOCK as u64,
+        "a whole checkpoint wrote {first_after_open} bytes"
+    );
+    for (what, bytes) in [
+        ("nothing", quiet),
+        ("one block", small),
+        ("one block after an open", after_open),
+    ] {
+        assert!(
+            bytes * 8 < first_after_open,
+            "a checkpoint after {what} changed wrote {bytes} bytes, a whole one {first_after_open}"
+        );
+    }
+    let pool = Pool::open(dir.path(), &opts()).unwrap();
+    let mut want = data;
+    want[5000 * BLOCK..5001 * BLOCK].copy_from_slice(&one);
+    want[9000 * BLOCK..9001 * BLOCK].copy_from_slice(&one);
+    let got = read_all(&pool, "v", want.len());
+    assert!(got == want, "data lost across incremental checkpoints");
+    assert_clean(&pool);
+}
+
+/// Pages that never change stay where they were written, beside pages later checkpoints
+/// superseded: without cleaning, each segment some of them keep would stay taken. Hundreds of
+/// checkpoints that each change one block leave free space level, and everything reads back
+/// after a crash.
+#[test]
+fn cold_metadata_pages_do_not_pin_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), 192 << 20);
+    pool.create_volume("v", 96 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let mut want = blocks(7, 16 << 10);
+    for (i, part) in want.chunks(4 << 20).enumerate() {
+        v.write((i * (4 << 20)) as u64, part, false).unwrap();
+    }
+    pool.checkpoint().unwrap();
+    let mut free_after = Vec::new();
+    for round in 0..240usize {
+        // A block in a different leaf, table page and liveness page each time.
+        let lba = (round * 1021) % (16 << 10);
+        let b = blocks(1000 + round as u64, 1);
+        v.write((lba * BLOCK) as u64, &b, false).unwrap();
+        want[lba * BLOCK..(lba + 1) * BLOCK].copy_from_slice(&b);
+        pool.checkpoint().unwrap();
+        free_after.push(pool.stats().segments_free);
+    }
+    let (settled, last) = (free_after[60], free_after[239]);
+    assert!(
+        last + 2 >= settled,
+        "{settled} segments free after 60 checkpoints, {last} after 240: {free_after:?}"
+    );
+    assert_clean(&pool);
+    pool.halt();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &opts()).unwrap();
+    let got = read_all(&pool, "v", want.len());
+    assert!(got == want, "data lost after cleaning metadata segments");
+    assert_clean(&pool);
+}
+
 /// A superblock whose root pointer was changed (CRC recomputed, as a tool or a bug would):
 /// off the page grid, past its segment, or at a page that is not a root. The open refuses the
 /// pool as corrupt, it does not panic or read past the segment.
@@ -149,7 +248,7 @@ fn paged_checkpoints_give_back_their_segments() {
 fn a_root_pointer_that_leads_elsewhere_is_refused() {
     for bad in [4097u32, 2 << 20, 8192] {
         let dir = tempfile::tempdir().unwrap();
-        let pool = create(dir.path(), true, 64 << 20);
+        let pool = create(dir.path(), 64 << 20);
         pool.create_volume("v", 4 << 20).unwrap();
         pool.volume("v")
             .unwrap()
@@ -184,7 +283,7 @@ fn a_root_pointer_that_leads_elsewhere_is_refused() {
 #[test]
 fn a_volume_whose_directory_cannot_be_checkpointed_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = create(dir.path(), true, 64 << 20);
+    let pool = create(dir.path(), 64 << 20);
     let huge = 1u64 << 50;
     assert!(matches!(
         pool.create_volume("huge", huge),

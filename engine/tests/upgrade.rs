@@ -1,6 +1,7 @@
-//! A pool written by the previous format (version 1: records sealed by CRC only, no log key)
-//! opens, replays its log tail, and is upgraded in place: version 2 superblocks with a key, all
-//! data as it was, and it goes on working across reopens. The fixture is described in
+//! Pools written by earlier formats open, replay their log tail, and are upgraded in place,
+//! all data as it was, and go on working across reopens: version 1 (records sealed by CRC
+//! only, no log key) and version 2 (checkpoints as one blob) both become version 3 (a key,
+//! checkpoints as metadata pages and a root). The fixtures are described in
 //! `tests/fixtures/README.md`.
 
 use std::path::Path;
@@ -41,7 +42,13 @@ fn opts() -> PoolOptions {
 }
 
 fn unpack(into: &Path) -> std::path::PathBuf {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-pool.tar.gz");
+    unpack_fixture(into, "v1-pool.tar.gz")
+}
+
+fn unpack_fixture(into: &Path, name: &str) -> std::path::PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let st = Command::new("tar")
         .arg("-xzf")
         .arg(&fixture)
@@ -117,9 +124,9 @@ fn a_version_1_pool_opens_and_is_upgraded_in_place() {
     {
         let pool = Pool::open(&dir, &opts()).expect("open the version 1 pool");
         check_contents(&pool);
-        // The recovery checkpoint wrote version 2 superblocks (both slots), and pool.json now
+        // The recovery checkpoint wrote version 3 superblocks (both slots), and pool.json now
         // names the pool's UUID (so a foreign device is refused from now on).
-        assert_eq!(superblock_versions(&dir), vec![2, 2]);
+        assert_eq!(superblock_versions(&dir), vec![3, 3]);
         let pf = std::fs::read_to_string(dir.join("pool.json")).unwrap();
         assert!(pf.contains("pool_uuid"), "{pf}");
         // New writes, a crash (halt) and a replay of version 2 records.
@@ -138,6 +145,82 @@ fn a_version_1_pool_opens_and_is_upgraded_in_place() {
             assert!(logs.read(i * BLOCK, BLOCK as u32).unwrap() == block(5000 + i));
         }
     }
+}
+
+/// A version 2 pool (written by the engine of commit 3db0eb6, whose checkpoints are one blob)
+/// opens with its data, snapshot and unflushed tail as written, is upgraded to version 3 by
+/// its recovery checkpoint (both superblock slots), keeps its log key, and after writes,
+/// checkpoints that write only what changed, and a crash, reopens with everything. The
+/// blob's segments are given back once neither slot names it.
+#[test]
+fn a_version_2_pool_opens_and_is_upgraded_to_paged_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = unpack_fixture(tmp.path(), "v2-pool.tar.gz");
+    assert_eq!(
+        superblock_versions(&dir),
+        vec![2, 2],
+        "the fixture is version 2"
+    );
+    let key_at = |dir: &Path| {
+        let dev = std::fs::read(dir.join("dev0.img")).unwrap();
+        dev[..4096].to_vec()
+    };
+    let before = key_at(&dir);
+    {
+        let pool = Pool::open(&dir, &opts()).expect("open the version 2 pool");
+        check_contents(&pool);
+        assert_eq!(superblock_versions(&dir), vec![3, 3]);
+        let free_after_upgrade = pool.stats().segments_free;
+        let logs = pool.volume("logs").unwrap();
+        for i in 300..400u64 {
+            logs.write(i * BLOCK, &block(5000 + i), false).unwrap();
+            if i % 25 == 0 {
+                pool.checkpoint().unwrap();
+            }
+        }
+        logs.flush().unwrap();
+        pool.checkpoint().unwrap();
+        pool.checkpoint().unwrap();
+        // The blob's segments came back (two commits after the upgrade).
+        assert!(
+            pool.stats().segments_free + 2 >= free_after_upgrade,
+            "{} segments free after the upgrade, {} later",
+            free_after_upgrade,
+            pool.stats().segments_free
+        );
+        let report = pool.check(&mut |_, _| {});
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        pool.halt();
+    }
+    // The same pool: the superblock keeps its UUID and key (a format change, not a new pool).
+    let after = key_at(&dir);
+    assert_eq!(before[16..32], after[16..32], "pool UUID changed");
+    for _ in 0..2 {
+        let pool = Pool::open(&dir, &opts()).expect("reopen the upgraded pool");
+        assert_eq!(superblock_versions(&dir), vec![3, 3]);
+        check_contents(&pool);
+        let logs = pool.volume("logs").unwrap();
+        for i in 300..400u64 {
+            assert!(logs.read(i * BLOCK, BLOCK as u32).unwrap() == block(5000 + i));
+        }
+    }
+}
+
+/// Read-only, a version 2 pool opens and reads as it is, and stays version 2.
+#[test]
+fn a_version_2_pool_opened_read_only_is_not_upgraded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = unpack_fixture(tmp.path(), "v2-pool.tar.gz");
+    let o = PoolOptions {
+        read_only: true,
+        ..opts()
+    };
+    let pool = Pool::open(&dir, &o).expect("open the version 2 pool read-only");
+    let db = pool.volume("db").unwrap();
+    assert!(db.read(0, BLOCK as u32).unwrap() == block(1000));
+    assert!(db.read(200 * BLOCK, BLOCK as u32).unwrap() == block(200));
+    drop(pool);
+    assert_eq!(superblock_versions(&dir), vec![2, 2]);
 }
 
 #[test]

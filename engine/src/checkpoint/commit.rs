@@ -3,26 +3,36 @@
 use super::{Checkpointer, CkptState};
 use std::sync::atomic::Ordering;
 
-use super::{Image, VolumeImage};
+use super::paged::PagedState;
+use super::{Changed, Image, VolumeImage};
 use crate::error::{Error, Result};
+use crate::format::{PagePtr, PAGE_BYTES};
 use crate::format::{
     SegmentHeader, SegmentKind, Superblock, FORMAT_VERSION_PAGED, IO_ALIGN, NO_SEGMENT,
     SEGMENT_HEADER_BYTES, SUPERBLOCK_OFFSETS,
 };
 use crate::io::AlignedBuf;
 use crate::log::ShardPosition;
-use crate::meta::writer::{MetaTarget, MetaWriter, Stamps};
+use crate::map::MapLeaf;
+use crate::meta::writer::{layout, MetaTarget, MetaWriter, Stamps};
 use crate::space::SegState;
 use crate::store;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// A map leaf a format 3 checkpoint wrote, and where.
+pub(crate) type WrittenLeaf = (Arc<MapLeaf>, PagePtr);
 
 /// A checkpoint written, not yet pointed at: its segments, where the superblock points
-/// (segment, offset), the length and CRC of what it points at, and the device bytes written.
+/// (segment, offset), the length and CRC of what it points at, and the device bytes written;
+/// format 3 adds the page state to keep once it is committed and the map leaves it wrote.
 pub(crate) struct Written {
     pub segments: Vec<u32>,
     pub at: (u32, u32),
     pub len: u64,
     pub crc: u32,
     pub bytes: u64,
+    pub paged: Option<(PagedState, Vec<WrittenLeaf>)>,
 }
 
 impl Checkpointer {
@@ -79,10 +89,13 @@ impl Checkpointer {
             len: blob.len() as u64,
             crc,
             bytes,
+            paged: None,
         })
     }
 
-    /// Format 3: the image as metadata pages and a root after them (`paged::write_image`).
+    /// Format 3: what changed of the image as metadata pages and a root after them
+    /// (`paged::write_image`), and every page of the metadata segments being cleaned. Counts
+    /// the pages written and superseded into `ck.meta`'s next image.
     fn write_paged(
         &self,
         ck: &mut CkptState,
@@ -91,6 +104,29 @@ impl Checkpointer {
     ) -> Result<Written> {
         let t0 = std::time::Instant::now();
         let ctx = &self.ctx;
+        // The checkpoint an open read: its segments are retained like any image's.
+        if !ck.segments.is_empty() || !ck.prev_segments.is_empty() {
+            let read: Vec<u32> = ck
+                .prev_segments
+                .drain(..)
+                .chain(ck.segments.drain(..))
+                .collect();
+            ck.meta.adopt(&read);
+        }
+        let prev = ck.paged.take().filter(|_| image.changed.is_some());
+        let slots = layout(ctx.geo.segment_bytes).1 as u32;
+        let victims = match prev {
+            Some(_) => {
+                let tight = ctx.geo.total_segments < crate::context::TIGHT_POOL_SEGMENTS;
+                let v = ck.meta.sparse(slots, tight);
+                ck.meta.begin();
+                v
+            }
+            None => {
+                ck.meta.begin_whole();
+                BTreeSet::new()
+            }
+        };
         let mut alloc = || -> Result<u32> {
             let seg = {
                 let mut space = ctx.space.lock();
@@ -118,15 +154,32 @@ impl Checkpointer {
             },
             stamps,
         );
-        let mut root = super::paged::write_image(image, &mut w)?;
-        root.generation = ck.generation + 1;
-        root.next_stamp = w.next_stamp();
-        let bytes = root.encode(&ctx.log_key);
+        let cleaned = victims.len();
+        let closing = self.closing.load(Ordering::Relaxed);
+        let mut out = super::paged::write_image(image, prev, &victims, closing, &mut w)?;
+        out.root.generation = ck.generation + 1;
+        out.root.next_stamp = w.next_stamp();
+        let bytes = out.root.encode(&ctx.log_key);
         let at = w.record(&bytes)?;
         let written = w.finish()?;
+        for p in &out.superseded {
+            ck.meta.superseded(p);
+        }
+        if let Some((seg, n)) = out
+            .state
+            .root
+            .replace((at.0, bytes.len().div_ceil(PAGE_BYTES) as u32))
+        {
+            ck.meta.superseded_n(seg, n);
+        }
+        for &(seg, n) in &written.pages {
+            ck.meta.wrote(seg, n);
+        }
         tracing::debug!(
             target: "ingot_engine::checkpoint",
             pages = written.pages.iter().map(|&(_, n)| u64::from(n)).sum::<u64>(),
+            superseded = out.superseded.len(),
+            cleaned,
             bytes = written.bytes,
             written_us = t0.elapsed().as_micros() as u64,
             "checkpoint pages"
@@ -137,6 +190,7 @@ impl Checkpointer {
             len: bytes.len() as u64,
             crc: crc32fast::hash(&bytes),
             bytes: written.bytes,
+            paged: Some((out.state, out.leaves)),
         })
     }
 
@@ -164,7 +218,11 @@ impl Checkpointer {
                 pages,
             });
         }
-        let space = self.ctx.space.lock();
+        let mut space = self.ctx.space.lock();
+        let changed = Changed {
+            blocks: space.blocks.take_changed(),
+            refs: space.refs.take_changed(),
+        };
         let image = Image {
             seq: seq_end,
             epoch: self.ctx.epoch,
@@ -178,6 +236,7 @@ impl Checkpointer {
             index: Vec::new(),
             index_sample_bits: 0,
             keyed_fingerprints: true,
+            changed: Some(changed),
         };
         (image, space.seg_live.clone())
     }
@@ -226,6 +285,8 @@ impl Checkpointer {
     ) -> Result<()> {
         // The image may come from state a failed thread left half changed.
         if self.ctx.health.is_faulted() {
+            // What it says changed is gone with it: the next checkpoint writes everything.
+            ck.paged = None;
             return Err(self.ctx.health.halted());
         }
         let t0 = std::time::Instant::now();
@@ -266,6 +327,11 @@ impl Checkpointer {
         let w = match written.and_then(&mut write) {
             Ok(w) => w,
             Err(e) => {
+                if paged {
+                    // The segments it wrote are all in `taken`.
+                    ck.meta.abandoned();
+                    ck.paged = None;
+                }
                 let mut space = self.ctx.space.lock();
                 for &s in &taken {
                     space.set_state(s, SegState::Free);
@@ -273,6 +339,16 @@ impl Checkpointer {
                 return Err(e);
             }
         };
+        let mut w = w;
+        if let Some((state, leaves)) = w.paged.take() {
+            // Committed (a superblock copy points at it): the leaves it wrote are held there
+            // until they change, and the next checkpoint starts from its pages.
+            for (leaf, at) in leaves {
+                leaf.set_written_at(at);
+            }
+            self.pages_ram.store(state.ram_bytes(), Ordering::Relaxed);
+            ck.paged = Some(state);
+        }
         let segs = w.segments.clone();
         let second = self.write_superblocks(image, &w, ck.generation, ck.generation + 1);
         // `reclaim` below frees segments that died before the image: reads outside the shards
@@ -283,14 +359,19 @@ impl Checkpointer {
         // Once both copies point at the new checkpoint the previous one is unreferenced; if the
         // second copy could not be written it still points at the previous one, kept until the
         // next commit.
-        let mut freed = std::mem::take(&mut ck.prev_segments);
-        if second.is_ok() {
-            freed.extend(std::mem::take(&mut ck.segments));
+        let mut freed = if paged {
+            ck.meta.committed(second.is_ok())
         } else {
-            for &s in &ck.segments {
-                space.set_state(s, SegState::OldCheckpoint);
+            let mut freed = std::mem::take(&mut ck.prev_segments);
+            if second.is_ok() {
+                freed.extend(std::mem::take(&mut ck.segments));
+            } else {
+                for &s in &ck.segments {
+                    space.set_state(s, SegState::OldCheckpoint);
+                }
             }
-        }
+            freed
+        };
         for &s in &freed {
             space.set_state(s, SegState::Free);
         }
@@ -310,7 +391,9 @@ impl Checkpointer {
             done_us = t0.elapsed().as_micros() as u64,
             "checkpoint committed"
         );
-        ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
+        if !paged {
+            ck.prev_segments = std::mem::replace(&mut ck.segments, segs);
+        }
         ck.seq_end = image.seq;
         ck.written_at_last = self.ctx.counters.client_written.load(Ordering::Relaxed);
         second

@@ -49,6 +49,16 @@ pub(crate) struct Image {
     /// Fingerprints are keyed (`format::CHECKPOINT_KEYED`); false for checkpoints written
     /// before they were, whose index is then not used.
     pub keyed_fingerprints: bool,
+    /// What changed since the previous image was taken (`None`: not known, write it all).
+    pub changed: Option<Changed>,
+}
+
+/// Units (of [`crate::space::CHANGE_UNIT`] ids) of the block table and of the reference counts
+/// changed since the previous image was taken: what a format 3 checkpoint rewrites of them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Changed {
+    pub blocks: Vec<usize>,
+    pub refs: Vec<usize>,
 }
 
 /// Fuzzing entry point: decode a checkpoint blob (the CRC is not checked, so the fuzzer reaches
@@ -489,6 +499,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         index,
         index_sample_bits: h.index_sample_bits,
         keyed_fingerprints: h.flags & CHECKPOINT_KEYED != 0,
+        changed: None,
     })
 }
 
@@ -517,6 +528,7 @@ mod tests {
             index: Vec::new(),
             index_sample_bits: 0,
             keyed_fingerprints: true,
+            changed: None,
         }
     }
 

@@ -39,6 +39,12 @@ pub(crate) struct CkptState {
     pub(crate) written_at_last: u64,
     /// Format 3: stamps for the pages of this epoch's checkpoints (unique per page write).
     pub(crate) stamps: Option<crate::meta::writer::Stamps>,
+    /// Format 3: the pages of the newest checkpoint, for the next to write only what changed
+    /// (`None` after an open or a failed checkpoint: the next writes everything).
+    pub(crate) paged: Option<paged::PagedState>,
+    /// Format 3: which metadata segments the retained checkpoints use (instead of `segments`
+    /// and `prev_segments`, which only the checkpoint an open read fills).
+    pub(crate) meta: crate::meta::segs::MetaSegs,
 }
 
 /// Takes checkpoints: owns the checkpoint state and the superblocks, and pauses the workers
@@ -50,6 +56,11 @@ pub(crate) struct Checkpointer {
     pub(crate) superblocks: Vec<Superblock>,
     /// When the last checkpoint was committed (ms since `started`).
     pub(crate) at_ms: AtomicU64,
+    /// RAM the format 3 page state holds (`PagedState::ram_bytes`), for stats without
+    /// waiting for the state's lock, which a checkpoint holds while it writes.
+    pub(crate) pages_ram: AtomicU64,
+    /// The pool is closing: its last checkpoint saves the dedup index whatever its age.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
     pub(crate) started: Instant,
 }
 
@@ -69,6 +80,8 @@ impl Checkpointer {
             state: Mutex::new(state),
             superblocks,
             at_ms: AtomicU64::new(0),
+            pages_ram: AtomicU64::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
         }
     }

@@ -5,11 +5,14 @@
 //! shared (one `MapLeaf`, one user per volume). The block table and the liveness of block ids
 //! are paged arrays, the dedup index an array of [`IndexSlot`]s.
 //!
-//! Every image is written whole for now; checkpoints that write only what changed come next
-//! (docs/design/paged-metadata.md, milestone 11). Pools write it when created with format 3
-//! (tests only so far).
+//! A checkpoint writes only what changed since the last one (docs/design/paged-metadata.md,
+//! milestone 11): the block table and liveness pages under the chunks the image says changed,
+//! the map leaves no committed checkpoint holds as they are, the directory pages whose entries
+//! changed, and the interior pages above all of these; plus every page of the segments being
+//! cleaned, so that they can be freed. The first checkpoint after an open (or after a failed
+//! one) writes everything. Pools write it when created with format 3 (tests only so far).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::{Image, VolumeImage};
@@ -26,7 +29,7 @@ use crate::map::{leaf_slots, MapLeaf, MapPage};
 use crate::meta::paged::{ArrayPages, PageEntry, PageSource};
 use crate::meta::writer::MetaWriter;
 use crate::qos::QosLimits;
-use crate::space::{BlockEntry, BlockTable, RefCounts};
+use crate::space::{BlockEntry, BlockTable, RefCounts, CHANGE_UNIT};
 
 impl PageEntry for IndexSlot {
     const PER_PAGE: usize = PAGE_BODY_BYTES / IndexSlot::BYTES;
@@ -42,13 +45,131 @@ fn all(n: u64, per_page: usize) -> Vec<usize> {
     (0..(n as usize).div_ceil(per_page)).collect()
 }
 
-/// Write `img` whole; returns its root (the caller fills in `generation` and `next_stamp` and
-/// commits it).
-pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<CheckpointRoot> {
+/// Checkpoints between two write-outs of the dedup index at most (it holds hints only: an
+/// older one loses some hits after an open, never data). It is written sooner when its size
+/// moved by more than an eighth, and by a pool's last checkpoint before it closes.
+const INDEX_EVERY: u32 = 16;
+
+/// A volume's leaf directory as last written: its pages and its entries.
+#[derive(Debug)]
+struct Dir {
+    pages: ArrayPages,
+    ptrs: Vec<PagePtr>,
+}
+
+/// What the checkpointer keeps of the last committed format 3 checkpoint to write only what
+/// changed in the next: where each array's pages are, each volume's directory, which map leaf
+/// pages the directories name (a page no directory names any more is superseded), the index's
+/// pages and the root's place.
+#[derive(Debug)]
+pub(crate) struct PagedState {
+    table: ArrayPages,
+    refs: ArrayPages,
+    dirs: HashMap<u32, Dir>,
+    /// Map leaf pages -> directories naming them.
+    named: HashMap<PagePtr, u32>,
+    index: Option<(ArrayPages, RootIndex)>,
+    /// Checkpoints since the index was written.
+    index_age: u32,
+    /// The root's segment and the page slots it takes.
+    pub(crate) root: Option<(u32, u32)>,
+}
+
+impl PagedState {
+    /// Bytes of RAM it holds: page pointers of the arrays and directories, and the names of
+    /// map leaf pages (a hash map entry about twice the pointer and its count).
+    pub(crate) fn ram_bytes(&self) -> u64 {
+        let ptr = std::mem::size_of::<PagePtr>() as u64;
+        let pages = |a: &ArrayPages| a.all().count() as u64 * ptr;
+        let dirs: u64 = self
+            .dirs
+            .values()
+            .map(|d| pages(&d.pages) + d.ptrs.capacity() as u64 * ptr)
+            .sum();
+        let index = self.index.as_ref().map_or(0, |(p, _)| pages(p));
+        pages(&self.table)
+            + pages(&self.refs)
+            + dirs
+            + index
+            + self.named.capacity() as u64 * 2 * (ptr + 4)
+    }
+}
+
+/// A write-out: its root (the caller fills in `generation` and `next_stamp`), the state to keep
+/// once it is committed, the pages of the previous image it no longer names, and the map
+/// leaves it wrote (each learns where once the checkpoint is committed).
+pub(crate) struct WriteOut {
+    pub root: CheckpointRoot,
+    pub state: PagedState,
+    pub superseded: Vec<PagePtr>,
+    pub leaves: Vec<(Arc<MapLeaf>, PagePtr)>,
+}
+
+/// Leaves of an array of `len` entries (`per` to a leaf) to write: under the units of
+/// `CHANGE_UNIT` entries `units` names (all of them when `None`), the ones growth added or
+/// changed, and those keeping a page in a segment being cleaned.
+fn leaves_to_write(
+    len: u64,
+    per: usize,
+    units: Option<&[usize]>,
+    pages: &ArrayPages,
+    victims: &BTreeSet<u32>,
+) -> Vec<usize> {
+    let n = (len as usize).div_ceil(per);
+    let Some(units) = units else {
+        return (0..n).collect();
+    };
+    let mut out = BTreeSet::new();
+    for &c in units {
+        let (lo, hi) = (c * CHANGE_UNIT, ((c + 1) * CHANGE_UNIT).min(len as usize));
+        if lo < hi {
+            out.extend(lo / per..=(hi - 1) / per);
+        }
+    }
+    if len > pages.len() {
+        out.extend(pages.len() as usize / per..n);
+    }
+    out.extend(pages.leaves_in(victims));
+    out.into_iter().filter(|&i| i < n).collect()
+}
+
+/// Write `img`: all of it when `prev` is `None` (or the image does not know what changed),
+/// else what changed since `prev`'s checkpoint and the pages of the segments in `victims`;
+/// the dedup index when it is due or `save_index`.
+pub(crate) fn write_image(
+    img: &Image,
+    prev: Option<PagedState>,
+    victims: &BTreeSet<u32>,
+    save_index: bool,
+    w: &mut MetaWriter<'_>,
+) -> Result<WriteOut> {
+    let prev = prev.filter(|_| img.changed.is_some());
+    let changed = img.changed.as_ref().filter(|_| prev.is_some());
+    let (mut table, mut refs, mut dirs, mut named, old_index, index_age, old_root) = match prev {
+        Some(p) => (
+            p.table,
+            p.refs,
+            p.dirs,
+            p.named,
+            p.index,
+            p.index_age,
+            p.root,
+        ),
+        None => (
+            ArrayPages::new(PageArray::BlockTable),
+            ArrayPages::new(PageArray::BlockRefs),
+            HashMap::new(),
+            HashMap::new(),
+            None,
+            0,
+            None,
+        ),
+    };
+    let mut superseded = Vec::new();
     let ids = img.blocks.len() as u64;
     let per = <BlockLoc as PageEntry>::PER_PAGE;
-    let mut table = ArrayPages::new(PageArray::BlockTable);
-    table.write_with(ids, per, &all(ids, per), w, &mut |leaf, body| {
+    let leaves = leaves_to_write(ids, per, changed.map(|c| &c.blocks[..]), &table, victims);
+    superseded.extend(table.write_with(ids, per, &leaves, w, &mut |leaf, body| {
         let mut p = Put::new(body);
         let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
         for (_, e) in img.blocks.range(from..to) {
@@ -62,22 +183,37 @@ pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<Checkpo
             .put(&mut p);
         }
         (to - from) as u32
-    })?;
+    })?);
     let per = <u8 as PageEntry>::PER_PAGE;
-    let mut refs = ArrayPages::new(PageArray::BlockRefs);
-    refs.write_with(ids, per, &all(ids, per), w, &mut |leaf, body| {
+    let leaves = leaves_to_write(ids, per, changed.map(|c| &c.refs[..]), &refs, victims);
+    superseded.extend(refs.write_with(ids, per, &leaves, w, &mut |leaf, body| {
         let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
         for (b, id) in body.iter_mut().zip(from..to) {
             *b = u8::from(img.refs.live(id as u64));
         }
         (to - from) as u32
-    })?;
-    // Each distinct leaf once, however many volumes hold it.
+    })?);
+    // Each distinct leaf once, however many volumes hold it; one a committed checkpoint holds
+    // unchanged (and that the current image names, outside the segments being cleaned) is
+    // named again, not rewritten.
     let mut written: HashMap<*const MapLeaf, PagePtr> = HashMap::new();
+    let mut new_leaves = Vec::new();
+    let (mut named_now, mut unnamed) = (Vec::new(), Vec::new());
+    let mut new_dirs = HashMap::with_capacity(img.volumes.len());
     let mut volumes = Vec::with_capacity(img.volumes.len());
     let mut body = vec![0u8; PAGE_BODY_BYTES];
     for v in &img.volumes {
         let slots = leaf_slots(v.size_bytes);
+        // A shrunk directory is written anew (page trees only grow).
+        let (mut pages, old) = match dirs.remove(&v.id) {
+            Some(d) if d.ptrs.len() as u64 <= slots => (d.pages, d.ptrs),
+            Some(d) => {
+                superseded.extend(d.pages.all().copied());
+                unnamed.extend(d.ptrs.into_iter().filter(|p| !p.is_absent()));
+                (ArrayPages::new(PageArray::MapDirectory), Vec::new())
+            }
+            None => (ArrayPages::new(PageArray::MapDirectory), Vec::new()),
+        };
         let mut dir = vec![PagePtr::ABSENT; slots as usize];
         let mut mapped = 0u64;
         for (idx, leaf) in &v.pages {
@@ -85,9 +221,12 @@ pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<Checkpo
                 continue;
             };
             mapped += leaf.iter().filter(|&&id| id != 0).count() as u64;
-            *slot = match written.get(&Arc::as_ptr(leaf)) {
-                Some(&at) => at,
-                None => {
+            let kept = leaf
+                .written_at()
+                .filter(|p| !victims.contains(&p.segment) && named.contains_key(p));
+            *slot = match (kept, written.get(&Arc::as_ptr(leaf))) {
+                (Some(at), _) | (None, Some(&at)) => at,
+                (None, None) => {
                     body.fill(0);
                     let mut p = Put::new(&mut body);
                     for &id in leaf.iter() {
@@ -102,20 +241,40 @@ pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<Checkpo
                         &body,
                     )?;
                     written.insert(Arc::as_ptr(leaf), at);
+                    new_leaves.push((leaf.clone(), at));
                     at
                 }
             };
         }
         let per = <PagePtr as PageEntry>::PER_PAGE;
-        let mut pages = ArrayPages::new(PageArray::MapDirectory);
-        pages.write_with(slots, per, &all(slots, per), w, &mut |leaf, body| {
-            let mut p = Put::new(body);
-            let (from, to) = (leaf * per, ((leaf + 1) * per).min(dir.len()));
-            for ptr in &dir[from..to] {
-                ptr.put(&mut p);
+        let mut changed_dir = BTreeSet::new();
+        for (i, &now) in dir.iter().enumerate() {
+            let was = old.get(i).copied().unwrap_or(PagePtr::ABSENT);
+            if was != now {
+                changed_dir.insert(i / per);
+                if !was.is_absent() {
+                    unnamed.push(was);
+                }
+                if !now.is_absent() {
+                    named_now.push(now);
+                }
             }
-            (to - from) as u32
-        })?;
+        }
+        if dir.len() > old.len() {
+            changed_dir.extend(old.len() / per..dir.len().div_ceil(per));
+        }
+        changed_dir.extend(pages.leaves_in(victims));
+        let changed_dir: Vec<usize> = changed_dir.into_iter().collect();
+        superseded.extend(
+            pages.write_with(slots, per, &changed_dir, w, &mut |leaf, body| {
+                let mut p = Put::new(body);
+                let (from, to) = (leaf * per, ((leaf + 1) * per).min(dir.len()));
+                for ptr in &dir[from..to] {
+                    ptr.put(&mut p);
+                }
+                (to - from) as u32
+            })?,
+        );
         let root = pages.root();
         let (domain_kind, domain_name) = match &v.domain {
             DedupDomain::Shared => (DOMAIN_SHARED, String::new()),
@@ -140,20 +299,60 @@ pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<Checkpo
             dir_height: root.height,
             dir_root: root.root,
         });
+        new_dirs.insert(v.id, Dir { pages, ptrs: dir });
     }
-    let entries = img.index.len() as u64;
-    let per = <IndexSlot as PageEntry>::PER_PAGE;
-    let mut index = ArrayPages::new(PageArray::DedupIndex);
-    index.write_with(entries, per, &all(entries, per), w, &mut |leaf, body| {
-        let mut p = Put::new(body);
-        let (from, to) = (leaf * per, ((leaf + 1) * per).min(img.index.len()));
-        for &(key, id) in &img.index[from..to] {
-            IndexSlot { key, id }.put(&mut p);
+    // Volumes deleted since.
+    for (_, d) in dirs {
+        superseded.extend(d.pages.all().copied());
+        unnamed.extend(d.ptrs.into_iter().filter(|p| !p.is_absent()));
+    }
+    // Names first: a leaf page one directory stops naming and another starts is kept.
+    for p in named_now {
+        *named.entry(p).or_default() += 1;
+    }
+    for p in unnamed {
+        if let Some(n) = named.get_mut(&p) {
+            *n -= 1;
+            if *n == 0 {
+                named.remove(&p);
+                superseded.push(p);
+            }
         }
-        (to - from) as u32
-    })?;
+    }
+    let index_kept = !save_index
+        && index_age + 1 < INDEX_EVERY
+        && old_index.as_ref().is_some_and(|(p, r)| {
+            r.entries.abs_diff(img.index.len() as u64) * 8 <= r.entries
+                && !p.all().any(|p| victims.contains(&p.segment))
+        });
+    let (index, index_age) = match old_index {
+        Some(kept) if index_kept => (kept, index_age + 1),
+        old => {
+            if let Some((p, _)) = old {
+                superseded.extend(p.all().copied());
+            }
+            let entries = img.index.len() as u64;
+            let per = <IndexSlot as PageEntry>::PER_PAGE;
+            let mut index = ArrayPages::new(PageArray::DedupIndex);
+            index.write_with(entries, per, &all(entries, per), w, &mut |leaf, body| {
+                let mut p = Put::new(body);
+                let (from, to) = (leaf * per, ((leaf + 1) * per).min(img.index.len()));
+                for &(key, id) in &img.index[from..to] {
+                    IndexSlot { key, id }.put(&mut p);
+                }
+                (to - from) as u32
+            })?;
+            let r = RootIndex {
+                root: index.root().root,
+                entries,
+                sample_bits: img.index_sample_bits,
+                saved_at_seq: img.seq,
+            };
+            ((index, r), 0)
+        }
+    };
     let live = img.refs.live_iter().filter(|&l| l).count() as u64;
-    Ok(CheckpointRoot {
+    let root = CheckpointRoot {
         flags: if img.keyed_fingerprints {
             ROOT_KEYED
         } else {
@@ -182,14 +381,29 @@ pub(crate) fn write_image(img: &Image, w: &mut MetaWriter<'_>) -> Result<Checkpo
                 shard_seq: s.shard_seq,
             })
             .collect(),
-        index: Some(RootIndex {
-            root: index.root().root,
-            entries,
-            sample_bits: img.index_sample_bits,
-            saved_at_seq: img.seq,
-        }),
+        index: Some(index.1),
         ..CheckpointRoot::default()
+    };
+    Ok(WriteOut {
+        root,
+        state: PagedState {
+            table,
+            refs,
+            dirs: new_dirs,
+            named,
+            index: Some(index),
+            index_age,
+            root: old_root,
+        },
+        superseded,
+        leaves: new_leaves,
     })
+}
+
+/// Write `img` whole; returns its root.
+#[cfg(test)]
+pub(crate) fn write_whole(img: &Image, w: &mut MetaWriter<'_>) -> Result<CheckpointRoot> {
+    write_image(img, None, &BTreeSet::new(), true, w).map(|o| o.root)
 }
 
 const BAD_ROOT: Error = Error::Corrupt {
@@ -370,6 +584,7 @@ pub(crate) fn read_image(
         index,
         index_sample_bits,
         keyed_fingerprints: root.flags & ROOT_KEYED != 0,
+        changed: None,
     })
 }
 
@@ -450,6 +665,7 @@ mod tests_support {
             index: (0..1000u64).map(|k| (k * 7919, k % 5000)).collect(),
             index_sample_bits: 1,
             keyed_fingerprints: true,
+            changed: None,
         }
     }
 }
@@ -467,7 +683,7 @@ mod tests {
     fn an_image_round_trips_through_pages_and_keeps_shared_leaves_shared() {
         let disk = Disk::new(64);
         let img = image();
-        let (root, pages) = disk.write(|w| write_image(&img, w));
+        let (root, pages) = disk.write(|w| write_whole(&img, w));
         // Block table 20 leaves + a top, liveness 2 + 1, 4 distinct map leaves, two
         // directories of 1500 slots (6 leaves + a top each), index 4 leaves + a top.
         assert_eq!(pages, 21 + 3 + 4 + 2 * 7 + 5);
@@ -509,7 +725,7 @@ mod tests {
     fn a_root_that_misnames_its_pages_is_refused() {
         let disk = Disk::new(64);
         let img = image();
-        let (root, _) = disk.write(|w| write_image(&img, w));
+        let (root, _) = disk.write(|w| write_whole(&img, w));
         let mut r = root.clone();
         r.next_block_id += 1;
         assert!(read_image(&r, &disk.key, &disk.source(), 1 << 20).is_err());
@@ -536,7 +752,7 @@ mod estimate {
     fn the_reserve_estimate_covers_a_whole_checkpoint() {
         let disk = Disk::new(64);
         let img = image();
-        let (root, pages) = disk.write(|w| super::write_image(&img, w));
+        let (root, pages) = disk.write(|w| super::write_whole(&img, w));
         let root_bytes = root.encode(&disk.key).len() as u64;
         let written = pages * PAGE_BYTES as u64 + root_bytes;
         let live = img.refs.live_iter().filter(|&l| l).count() as u64;

@@ -14,6 +14,7 @@ pub(crate) use give_back::mark_held_free;
 pub(crate) use read_fence::{ReadFence, Ticket};
 pub(crate) use reserve::{
     checkpoint_estimate_bytes, dir_pages, paged_checkpoint_estimate_bytes, usable_bytes,
+    TIGHT_POOL_SEGMENTS,
 };
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -15,19 +15,35 @@ use crate::format::{CheckpointHeader, MAP_PAGE_ENTRIES};
 /// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
 pub(crate) const GC_HEADROOM: f64 = 0.10;
 
+/// Segments format 3's pages may take beyond two whole checkpoints (see `usable_bytes`): the
+/// slack segment `MetaSegs::sparse` leaves, and the newest checkpoint's.
+pub(crate) const META_SPREAD_SEGMENTS: u64 = 2;
+
+/// Pools of fewer segments write whole format 3 checkpoints (`MetaSegs::sparse`): they cannot
+/// spare the segments pages spread over.
+pub(crate) const TIGHT_POOL_SEGMENTS: u32 = 64;
+
 /// Payload bytes a pool of this geometry takes: its segments less what a full pool's checkpoint
 /// (one held, one being written, and a spare), the shards' open and next segments, the data
 /// reserve and the per-block log entries need, less the cleaner's headroom. Assumes
 /// uncompressed blocks; compressed ones take less payload each, and the running pool's own
 /// reserve (from the real block count) still holds writes back if checkpoints grow past it.
-pub(crate) fn usable_bytes(geo: &Geometry, shards: usize) -> u64 {
+pub(crate) fn usable_bytes(geo: &Geometry, shards: usize, paged: bool) -> u64 {
     let per_seg = geo.segment_bytes - SEGMENT_HEADER_BYTES;
     let total = u64::from(geo.total_segments);
     let entry = crate::format::DataEntry::BYTES as u64;
     let blocks = total * per_seg / (BLOCK_BYTES + entry);
     let pages = blocks.div_ceil(crate::format::MAP_PAGE_ENTRIES);
     let ckpt_segs = checkpoint_estimate_bytes(pages, blocks, 1, shards as u64).div_ceil(per_seg);
-    let fixed = 2 * ckpt_segs + 1 + 3 * shards as u64;
+    // Format 3 keeps a checkpoint's pages across the segments of several checkpoints: up to
+    // one more than they need before cleaning packs them (`MetaSegs::sparse`), and the
+    // newest; on a tight pool, each checkpoint is whole (in one segment if it fits).
+    let spread = if paged && geo.total_segments >= TIGHT_POOL_SEGMENTS {
+        META_SPREAD_SEGMENTS
+    } else {
+        0
+    };
+    let fixed = 2 * ckpt_segs + spread + 1 + 3 * shards as u64;
     let data_segs = total.saturating_sub(fixed);
     let payload = data_segs * per_seg / (BLOCK_BYTES + entry) * BLOCK_BYTES;
     (payload as f64 * (1.0 - GC_HEADROOM)) as u64

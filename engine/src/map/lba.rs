@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::format::MAP_PAGE_ENTRIES;
+use crate::format::{PagePtr, MAP_PAGE_ENTRIES};
 
 pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
 
@@ -23,6 +23,13 @@ pub struct MapLeaf {
     /// Volume maps holding this leaf (images of checkpoints do not count). Changed only by the
     /// shard that owns the leaf's index, or with every shard paused.
     users: AtomicU32,
+    /// Where a committed format 3 checkpoint holds this leaf as it is (absent: changed since,
+    /// or never written). Set by the checkpointer once the checkpoint that wrote it is
+    /// committed, on the image's `Arc`, which a map shares only while it does not change it:
+    /// a change copies the leaf (`Arc::make_mut` while the image holds it) or, once the image
+    /// is gone, clears this in place. The next checkpoint names the page again instead of
+    /// rewriting it.
+    at: parking_lot::Mutex<PagePtr>,
 }
 
 impl MapLeaf {
@@ -30,15 +37,26 @@ impl MapLeaf {
         MapLeaf {
             ids,
             users: AtomicU32::new(1),
+            at: parking_lot::Mutex::new(PagePtr::ABSENT),
         }
     }
 
     /// A leaf no map holds yet (read from a checkpoint: each volume that names it adds itself).
     pub(crate) fn unheld(ids: MapPage) -> MapLeaf {
         MapLeaf {
-            ids,
             users: AtomicU32::new(0),
+            ..MapLeaf::new(ids)
         }
+    }
+
+    /// Where a committed checkpoint holds it unchanged, if one does.
+    pub(crate) fn written_at(&self) -> Option<PagePtr> {
+        Some(*self.at.lock()).filter(|p| !p.is_absent())
+    }
+
+    /// A committed checkpoint holds it at `at`.
+    pub(crate) fn set_written_at(&self, at: PagePtr) {
+        *self.at.lock() = at;
     }
 
     /// One more map holds it.
@@ -58,6 +76,7 @@ impl Clone for MapLeaf {
         MapLeaf {
             ids: self.ids,
             users: AtomicU32::new(self.users()),
+            at: parking_lot::Mutex::new(PagePtr::ABSENT),
         }
     }
 }
@@ -181,7 +200,9 @@ impl LbaMap {
                 }
                 *page = Arc::new(own);
             }
-            Arc::make_mut(page).ids[i] = id;
+            let leaf = Arc::make_mut(page);
+            leaf.ids[i] = id;
+            *leaf.at.get_mut() = PagePtr::ABSENT;
         }
         match (old, id) {
             (0, _) => self.mapped += 1,

@@ -275,6 +275,32 @@ impl ArrayPages {
         }
     }
 
+    /// Entries the array was last written with.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Every page of the array as last written.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &PagePtr> + '_ {
+        self.levels.iter().flatten().filter(|p| !p.is_absent())
+    }
+
+    /// Leaves to rewrite so that no page of the array stays in `segments`: those there, and a
+    /// leaf under each interior page there (writing a leaf rewrites its path).
+    pub(crate) fn leaves_in(&self, segments: &BTreeSet<u32>) -> Vec<usize> {
+        let mut out = BTreeSet::new();
+        let mut span = 1usize;
+        for level in &self.levels {
+            for (i, p) in level.iter().enumerate() {
+                if !p.is_absent() && segments.contains(&p.segment) {
+                    out.insert(i * span);
+                }
+            }
+            span = span.saturating_mul(PTRS_PER_PAGE);
+        }
+        out.into_iter().collect()
+    }
+
     /// What the checkpoint root records of the array.
     pub(crate) fn root(&self) -> ArrayRoot {
         ArrayRoot {

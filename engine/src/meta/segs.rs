@@ -1,13 +1,14 @@
 //! Which metadata segments still hold pages a retained image names (docs/design/paged-metadata.md
-//! §7.3). Three images matter: the previous committed one (an open falls back to it when the
-//! newest is damaged), the current one, and the one being written. Per segment, how many of
-//! each one's pages it holds; a segment that holds none of any is free again.
+//! §7.3). Three images matter: the previous committed one (while a superblock slot still names
+//! it: an open falls back to it when the newest is damaged), the current one, and the one being
+//! written. Per segment, how many of each one's pages it holds; a segment that holds none of
+//! any is free again.
+//!
+//! Pages live across checkpoints (only what changed is rewritten), so a segment that keeps a
+//! few cold pages would never be freed: [`MetaSegs::sparse`] picks segments the current image
+//! uses little, whose pages the next checkpoint rewrites (cleaning of metadata segments).
 
-// Retention for checkpoints that write only what changed (milestone 11); whole checkpoints
-// keep using `CkptState::segments`.
-#![cfg_attr(not(test), allow(dead_code))]
-
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::PagePtr;
 
@@ -22,6 +23,62 @@ const CUR: usize = 1;
 const NEXT: usize = 2;
 
 impl MetaSegs {
+    /// Segments a checkpoint read at open lies in: the current image, whose page counts are
+    /// not known (one each keeps them until two commits no longer name them).
+    pub(crate) fn adopt(&mut self, segments: &[u32]) {
+        for &s in segments {
+            self.counts.entry(s).or_default()[CUR] = 1;
+        }
+    }
+
+    /// A whole write-out begins: the next image names none of the current one's pages.
+    pub(crate) fn begin_whole(&mut self) {
+        for c in self.counts.values_mut() {
+            c[NEXT] = 0;
+        }
+    }
+
+    /// Segments whose pages the next checkpoint should rewrite elsewhere so that they can be
+    /// freed: none while the current image uses at most one segment more than its pages need
+    /// at `slots` a segment; else those it holds at most a quarter of `slots` in, fewest
+    /// first, as many as fit a segment's worth of pages. Rewriting a quarter-full segment costs
+    /// a third of what it frees; the segment of slack keeps an idle pool's checkpoints from
+    /// moving the same few pages back and forth. On a `tight` pool (a few dozen segments, which
+    /// cannot spare one for this) whose pages fit one segment, every segment: each checkpoint
+    /// is then whole and lies in one segment, as a format 2 checkpoint did.
+    /// (`context::usable_bytes` counts what this lets the pages take beyond whole
+    /// checkpoints.)
+    pub(crate) fn sparse(&self, slots: u32, tight: bool) -> BTreeSet<u32> {
+        let used: Vec<(u32, u32)> = self
+            .counts
+            .iter()
+            .filter(|(_, c)| c[CUR] > 0)
+            .map(|(&s, c)| (c[CUR], s))
+            .collect();
+        let pages: u64 = used.iter().map(|&(n, _)| u64::from(n)).sum();
+        let need = pages.div_ceil(u64::from(slots.max(1)));
+        if tight && need <= 1 {
+            return used.into_iter().map(|(_, s)| s).collect();
+        }
+        if used.len() as u64 <= need + 1 {
+            return BTreeSet::new();
+        }
+        let (max_live, budget) = (slots / 4, slots);
+        let mut by_use: Vec<(u32, u32)> =
+            used.into_iter().filter(|&(n, _)| n <= max_live).collect();
+        by_use.sort_unstable();
+        let mut left = budget;
+        let mut out = BTreeSet::new();
+        for (n, s) in by_use {
+            if n > left {
+                break;
+            }
+            left -= n;
+            out.insert(s);
+        }
+        out
+    }
+
     /// A write-out begins: the next image starts as the current one.
     pub(crate) fn begin(&mut self) {
         for c in self.counts.values_mut() {
@@ -36,17 +93,23 @@ impl MetaSegs {
 
     /// The next image no longer names the page at `old`.
     pub(crate) fn superseded(&mut self, old: &PagePtr) {
-        if let Some(c) = self.counts.get_mut(&old.segment) {
-            c[NEXT] = c[NEXT].saturating_sub(1);
+        self.superseded_n(old.segment, 1);
+    }
+
+    /// The next image no longer names `n` pages of `segment`.
+    pub(crate) fn superseded_n(&mut self, segment: u32, n: u32) {
+        if let Some(c) = self.counts.get_mut(&segment) {
+            c[NEXT] = c[NEXT].saturating_sub(n);
         }
     }
 
-    /// The next image was committed (`both`: both superblock copies name it; otherwise the
-    /// older copy still names the image before the current one, which stays retained one more
-    /// round). Returns the segments no retained image names any more, which are free.
+    /// The next image was committed (`both`: both superblock slots name it; otherwise the
+    /// slot not written still names the image that was current, which stays retained until a
+    /// commit writes both). Returns the segments no retained image names any more, which are
+    /// free.
     pub(crate) fn committed(&mut self, both: bool) -> Vec<u32> {
         for c in self.counts.values_mut() {
-            c[PREV] = if both { c[CUR] } else { c[PREV] + c[CUR] };
+            c[PREV] = if both { 0 } else { c[CUR] };
             c[CUR] = c[NEXT];
         }
         let free: Vec<u32> = self
@@ -80,6 +143,7 @@ impl MetaSegs {
     }
 
     /// Segments that hold a page of some retained image.
+    #[cfg(test)]
     pub(crate) fn live(&self) -> impl Iterator<Item = u32> + '_ {
         self.counts.keys().copied()
     }
@@ -97,9 +161,10 @@ mod tests {
         }
     }
 
-    /// A segment is freed by the commit after the one whose image stopped naming its pages
-    /// (the previous image stays readable for a fallback open), or at once when the write-out
-    /// that wrote it failed.
+    /// A segment is freed by the commit that writes both superblock slots with an image that
+    /// no longer names its pages, by the next one when a slot could not be written (it still
+    /// names the image before, which an open falls back to), or at once when the write-out that
+    /// wrote it failed.
     #[test]
     fn segments_are_freed_once_no_retained_image_names_them() {
         let mut m = MetaSegs::default();
@@ -112,21 +177,20 @@ mod tests {
         for _ in 0..3 {
             m.superseded(&ptr(1));
         }
-        assert!(m.committed(true).is_empty(), "image 1 is the previous one");
-        // Image 3 changes nothing in segment 1's pages: image 1 is no longer retained.
+        assert_eq!(m.committed(true), [1], "no slot names image 1");
+        // Image 3 supersedes one page of segment 2.
         m.begin();
         m.wrote(3, 1);
         m.superseded(&ptr(2));
-        assert_eq!(m.committed(true), [1]);
+        assert!(m.committed(true).is_empty());
         // A failed write-out gives its segment back and keeps the rest.
         m.begin();
         m.wrote(4, 2);
         m.superseded(&ptr(2));
         assert_eq!(m.abandoned(), [4]);
         assert_eq!(m.live().collect::<Vec<_>>(), [2, 3]);
-        // Image 5 supersedes every page of segments 2 and 3, but its second superblock copy
-        // fails: the older copy still names image 3, which stays (as does image 4's
-        // predecessor, conservatively) until a commit lands in both copies.
+        // Image 5 supersedes every page of segments 2 and 3, but its second superblock slot
+        // fails: that slot still names image 3, which stays until a commit lands in both.
         m.begin();
         m.wrote(5, 3);
         for _ in 0..2 {
@@ -135,7 +199,7 @@ mod tests {
         m.superseded(&ptr(3));
         assert!(
             m.committed(false).is_empty(),
-            "image 3 is in the older copy"
+            "image 3 is in the slot not written"
         );
         m.begin();
         m.wrote(6, 1);

@@ -112,14 +112,7 @@ impl Pool {
             .sum();
         for d in 0..abs.len() {
             let count = (files.size(d as u16).saturating_sub(DATA_START) / seg) as u32;
-            #[cfg(any(test, feature = "testing"))]
-            let version = if c.paged_metadata {
-                crate::format::FORMAT_VERSION_PAGED
-            } else {
-                crate::format::FORMAT_VERSION
-            };
-            #[cfg(not(any(test, feature = "testing")))]
-            let version = crate::format::FORMAT_VERSION;
+            let version = crate::format::FORMAT_VERSION_PAGED;
             let sb = Superblock {
                 version,
                 log_key: Some(log_key),
@@ -159,7 +152,10 @@ impl Pool {
         }
         drop(files);
         let pf = PoolFile {
-            format_version: crate::format::FORMAT_VERSION,
+            // What the superblocks say (the authority; an open upgrades them, not this).
+            format_version: sbs
+                .first()
+                .map_or(crate::format::FORMAT_VERSION, |sb| sb.version),
             devices: paths,
             prefilled: c.prefill,
             pool_uuid: Some(claim::uuid_string(&pool_uuid)),

@@ -120,7 +120,8 @@ impl Pool {
             self.stop_threads();
             return Ok(());
         }
-        // Writes acknowledged early go into the final checkpoint.
+        // Writes acknowledged early go into the final checkpoint, and the dedup index.
+        self.inner.ckpt.closing.store(true, Ordering::Relaxed);
         let r = self
             .inner
             .workers

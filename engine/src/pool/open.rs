@@ -146,11 +146,22 @@ impl Pool {
                 source,
             })?,
         };
+        // Versions 1 and 2 are upgraded to 3 by the recovery checkpoint below, which writes
+        // format 3 and points both superblock slots at it (until the second is written, the
+        // other slot still names the old checkpoint, whose segments stay until then). A
+        // read-only open writes nothing and reads either.
+        let upgrade_to = if o.read_only {
+            crate::format::FORMAT_VERSION
+        } else {
+            crate::format::FORMAT_VERSION_PAGED
+        };
         for sb in &mut sbs {
-            // Version 1 is upgraded; a format 3 pool stays one.
-            sb.version = sb.version.max(crate::format::FORMAT_VERSION);
+            sb.version = sb.version.max(upgrade_to);
             sb.log_key = Some(log_key);
         }
+        let paged = sbs
+            .first()
+            .is_some_and(|sb| sb.version >= crate::format::FORMAT_VERSION_PAGED);
         for &s in &ckpt_segs {
             space.set_state(s, SegState::Checkpoint);
         }
@@ -281,7 +292,7 @@ impl Pool {
                 table.by_name.len() as u64,
                 nshards as u64,
             );
-            if newest.version >= crate::format::FORMAT_VERSION_PAGED {
+            if paged {
                 let dir = table
                     .by_name
                     .values()
@@ -417,7 +428,7 @@ impl Pool {
             receivers.push((rx, urx, bell));
         }
         let cache_capacity = o.cache_bytes.unwrap_or_else(default_cache_bytes);
-        let usable_bytes = usable_bytes(&geo, nshards);
+        let usable_bytes = usable_bytes(&geo, nshards, paged);
         let health = Arc::new(Health::default());
         let reuse = ReuseEpoch::default();
         // Writes and deletes of earlier owners are refused from now on.
@@ -456,7 +467,7 @@ impl Pool {
             write_back_bytes: o.write_back_bytes.min(usable_bytes / 64),
             volumes: table,
             data_shards: nshards,
-            paged_checkpoints: newest.version >= crate::format::FORMAT_VERSION_PAGED,
+            paged_checkpoints: paged,
         }));
         let workers = Arc::new(Workers::new(senders, bells, urgent));
         let ckpt = Arc::new(Checkpointer::new(
@@ -470,6 +481,8 @@ impl Pool {
                 both_seq: image.seq,
                 written_at_last: 0,
                 stamps: None,
+                paged: None,
+                meta: Default::default(),
             },
             sbs,
         ));

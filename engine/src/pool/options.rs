@@ -31,10 +31,6 @@ pub struct CreateOptions {
     /// Overwrite devices that hold data or another pool's superblock (refused otherwise). A
     /// device another open pool uses is refused all the same.
     pub force: bool,
-    /// Write checkpoints as format 3 (a root and metadata pages, issue 22): tests only, until
-    /// it replaces format 2.
-    #[cfg(any(test, feature = "testing"))]
-    pub paged_metadata: bool,
 }
 
 impl Default for CreateOptions {
@@ -45,8 +41,6 @@ impl Default for CreateOptions {
             devices: Vec::new(),
             prefill: false,
             force: false,
-            #[cfg(any(test, feature = "testing"))]
-            paged_metadata: false,
         }
     }
 }

@@ -105,7 +105,12 @@ impl Pool {
             let d = inner.ctx.dedup.lock();
             (d.bytes(), d.len() as u64, 1u64 << d.sample_bits())
         };
-        let metadata_ram = map_ram + space.ram_bytes();
+        let metadata_ram = map_ram
+            + space.ram_bytes()
+            + inner
+                .ckpt
+                .pages_ram
+                .load(std::sync::atomic::Ordering::Relaxed);
         let logical: u64 = volumes.iter().map(|v| v.mapped_bytes).sum();
         let seg = inner.ctx.geo.segment_bytes;
         let total = u64::from(inner.ctx.geo.total_segments);

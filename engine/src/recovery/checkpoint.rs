@@ -195,6 +195,7 @@ pub(crate) fn load_checkpoint(
             // Whoever wrote a log without a checkpoint, its fingerprints are not trusted to
             // be keyed: nothing is lost but dedup candidates.
             keyed_fingerprints: false,
+            changed: None,
         };
         return Ok((image, Vec::new()));
     }

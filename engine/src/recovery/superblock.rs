@@ -50,7 +50,7 @@ pub(crate) fn read_superblocks(
                 return Err(Error::UnsupportedVersion {
                     path: path.clone(),
                     found: v,
-                    supported: crate::format::FORMAT_VERSION,
+                    supported: crate::format::FORMAT_VERSION_PAGED,
                 })
             }
             (None, Some(SuperblockFault::Checksum)) => {

@@ -9,9 +9,13 @@ use std::sync::Arc;
 
 use super::BlockEntry;
 
-/// Entries per chunk (80 KiB of block entries, 4 KiB of reference counts), copied at most
+/// Entries per chunk (64 KiB of block entries, 4 KiB of reference counts), copied at most
 /// once per checkpoint when written.
 const CHUNK: usize = 4096;
+
+/// Entries per unit of change tracking: a format 3 checkpoint rewrites the pages holding the
+/// units that changed (a chunk would be 17 block table pages for one entry changed).
+pub(crate) const CHANGE_UNIT: usize = 64;
 
 /// An `Arc<Vec<_>>`'s own allocation: two counts and the vector's pointer, capacity, length.
 const ARC_VEC_BYTES: usize = 5 * std::mem::size_of::<usize>();
@@ -24,6 +28,9 @@ pub type BlockTable = Chunked<BlockEntry>;
 pub struct Chunked<T> {
     chunks: Vec<Arc<Vec<T>>>,
     len: usize,
+    /// A bit per [`CHANGE_UNIT`] entries changed since the last [`Chunked::take_changed`]: a
+    /// format 3 checkpoint writes the pages of those only.
+    changed: Vec<u64>,
 }
 
 impl<T> Default for Chunked<T> {
@@ -31,6 +38,7 @@ impl<T> Default for Chunked<T> {
         Chunked {
             chunks: Vec::new(),
             len: 0,
+            changed: Vec::new(),
         }
     }
 }
@@ -56,6 +64,7 @@ impl<T: Clone> Chunked<T> {
         if i >= self.len {
             return None;
         }
+        self.mark(i);
         Some(&mut Arc::make_mut(&mut self.chunks[i / CHUNK])[i % CHUNK])
     }
 
@@ -63,6 +72,7 @@ impl<T: Clone> Chunked<T> {
         if self.len % CHUNK == 0 {
             self.chunks.push(Arc::new(Vec::with_capacity(CHUNK)));
         }
+        self.mark(self.len);
         let last = self.chunks.last_mut().expect("a chunk with room");
         Arc::make_mut(last).push(e);
         self.len += 1;
@@ -76,6 +86,10 @@ impl<T: Clone> Chunked<T> {
             }
             let last = Arc::make_mut(self.chunks.last_mut().expect("a chunk with room"));
             let add = (CHUNK - last.len()).min(n - self.len);
+            let first = self.len;
+            for unit in first / CHANGE_UNIT..(first + add).div_ceil(CHANGE_UNIT) {
+                Self::set_bit(&mut self.changed, unit);
+            }
             last.resize(last.len() + add, e.clone());
             self.len += add;
         }
@@ -85,7 +99,9 @@ impl<T: Clone> Chunked<T> {
     /// copied since it was taken).
     pub fn ram_bytes(&self) -> u64 {
         let chunk = CHUNK * std::mem::size_of::<T>() + ARC_VEC_BYTES;
-        (self.chunks.len() * chunk + self.chunks.capacity() * std::mem::size_of::<usize>()) as u64
+        (self.chunks.len() * chunk
+            + self.chunks.capacity() * std::mem::size_of::<usize>()
+            + self.changed.capacity() * 8) as u64
     }
 
     /// Entries `range` (clamped to the length) with their indexes, chunk by chunk.
@@ -104,6 +120,31 @@ impl<T: Clone> Chunked<T> {
 
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
         self.chunks.iter().flat_map(|c| c.iter())
+    }
+
+    fn set_bit(bits: &mut Vec<u64>, unit: usize) {
+        if bits.len() <= unit / 64 {
+            bits.resize(unit / 64 + 1, 0);
+        }
+        bits[unit / 64] |= 1 << (unit % 64);
+    }
+
+    fn mark(&mut self, i: usize) {
+        Self::set_bit(&mut self.changed, i / CHANGE_UNIT);
+    }
+
+    /// The units of [`CHANGE_UNIT`] entries changed (or added) since the last call,
+    /// ascending; clears the marks.
+    pub fn take_changed(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (w, bits) in self.changed.iter_mut().enumerate() {
+            let mut b = std::mem::take(bits);
+            while b != 0 {
+                out.push(w * 64 + b.trailing_zeros() as usize);
+                b &= b - 1;
+            }
+        }
+        out
     }
 }
 
@@ -133,9 +174,17 @@ impl<T: Clone> From<Vec<T>> for Chunked<T> {
                 Arc::new(chunk)
             })
             .collect();
+        let units = v.len().div_ceil(CHANGE_UNIT);
+        let mut changed = vec![u64::MAX; units.div_ceil(64)];
+        if units % 64 != 0 {
+            if let Some(last) = changed.last_mut() {
+                *last = (1 << (units % 64)) - 1;
+            }
+        }
         Chunked {
             chunks,
             len: v.len(),
+            changed,
         }
     }
 }

@@ -7,7 +7,7 @@ mod host;
 mod refs;
 mod table;
 
-pub(crate) use blocks::BlockTable;
+pub(crate) use blocks::{BlockTable, CHANGE_UNIT};
 pub(crate) use geometry::Geometry;
 pub(crate) use host::HostRoom;
 pub(crate) use refs::RefCounts;

@@ -82,6 +82,11 @@ impl RefCounts {
         }
     }
 
+    /// Units of [`super::blocks::CHANGE_UNIT`] ids whose bytes changed since the last call.
+    pub fn take_changed(&mut self) -> Vec<usize> {
+        self.bytes.take_changed()
+    }
+
     /// Whether `id` is referenced.
     pub fn live(&self, id: u64) -> bool {
         self.bytes
