@@ -318,6 +318,7 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         dedup_index_bytes: Some(16 << 10),
         write_back_bytes: write_back_bytes(engine),
         read_only: false,
+        paged_metadata: false,
     }
 }
 
@@ -331,8 +332,8 @@ fn write_back_bytes(engine: Engine) -> u64 {
 }
 
 impl Harness {
-    /// A pool on `engine`.
-    fn new(engine: Engine) -> Harness {
+    /// A pool on `engine`, its checkpoints in format 3 (root and pages) when `paged`.
+    fn new(engine: Engine, paged: bool) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let plan = match engine {
             Engine::Fault(_) => {
@@ -347,7 +348,11 @@ impl Harness {
             segment_bytes: 2 << 20,
             ..Default::default()
         };
-        let pool = Pool::create(dir.path(), &c, &pool_options(engine, &plan)).expect("create");
+        let o = PoolOptions {
+            paged_metadata: paged,
+            ..pool_options(engine, &plan)
+        };
+        let pool = Pool::create(dir.path(), &c, &o).expect("create");
         pool.create_volume(NAMES[0], 8 << 20).expect("create alpha");
         pool.create_volume(NAMES[1], (6 << 20) + 1536)
             .expect("create beta");
@@ -859,6 +864,10 @@ fn cases(default: u32) -> u32 {
 }
 
 fn run_model(engine: Engine, default_cases: u32) {
+    run_model_in(engine, default_cases, false);
+}
+
+fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     let config = Config {
         cases: cases(default_cases),
         max_shrink_iters: 200,
@@ -868,7 +877,7 @@ fn run_model(engine: Engine, default_cases: u32) {
     let mut runner = TestRunner::new(config);
     let ops = prop::collection::vec(op(), 1..60);
     let result = runner.run(&ops, |ops| {
-        let mut h = Harness::new(engine);
+        let mut h = Harness::new(engine, paged);
         for (i, op) in ops.iter().enumerate() {
             h.step = i;
             h.run(op);
@@ -883,8 +892,26 @@ fn run_model(engine: Engine, default_cases: u32) {
         Ok(())
     });
     if let Err(e) = result {
-        panic!("{engine:?}: {e}");
+        panic!("{engine:?} (format 3: {paged}): {e}");
     }
+}
+
+/// The same with format 3 checkpoints (a root and metadata pages), snapshots' shared leaves
+/// kept shared across reopens and power cuts.
+#[test]
+fn model_paged_metadata() {
+    run_model_in(Engine::Sync, 30, true);
+}
+
+#[test]
+fn model_paged_metadata_power_cut() {
+    run_model_in(Engine::Fault(IoKind::Sync), 30, true);
+}
+
+/// With io_uring and writes acknowledged early, and power cuts.
+#[test]
+fn model_paged_metadata_power_cut_uring() {
+    run_model_in(Engine::Fault(IoKind::Uring), 30, true);
 }
 
 #[test]

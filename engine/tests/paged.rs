@@ -1,6 +1,7 @@
 //! Format 3 checkpoints (issue 22): a root and metadata pages instead of one blob, written
-//! only where they changed. Every pool is format 3 (the model tests run on it too); format 2
-//! pools are upgraded by their first open (`upgrade.rs`).
+//! only where they changed. Pools get them only through `PoolOptions::paged_metadata` so far
+//! (a new pool at its first open, an older one upgraded by it: `upgrade.rs`); the model tests
+//! run on them too (`model_paged_metadata*`).
 
 mod common;
 
@@ -23,7 +24,11 @@ fn create(dir: &std::path::Path, size: u64) -> Pool {
         segment_bytes: 2 << 20,
         ..Default::default()
     };
-    Pool::create(dir, &c, &opts()).expect("create")
+    let o = PoolOptions {
+        paged_metadata: true,
+        ..opts()
+    };
+    Pool::create(dir, &c, &o).expect("create")
 }
 
 /// Distinct, incompressible blocks.

@@ -117,7 +117,12 @@ impl Checkpointer {
         let slots = layout(ctx.geo.segment_bytes).1 as u32;
         let victims = match prev {
             Some(_) => {
-                let tight = ctx.geo.total_segments < crate::context::TIGHT_POOL_SEGMENTS;
+                // A pool of a few dozen segments, or one whose host file system is full (each
+                // checkpoint then takes a segment the backing files already hold, and only what
+                // it frees gives one back: pages spread over several would use them up, and the
+                // next open would find none for its checkpoint).
+                let tight = ctx.geo.total_segments < crate::context::TIGHT_POOL_SEGMENTS
+                    || ctx.host.is_tight();
                 let v = ck.meta.sparse(slots, tight);
                 ck.meta.begin();
                 v

@@ -10,7 +10,7 @@
 //! the map leaves no committed checkpoint holds as they are, the directory pages whose entries
 //! changed, and the interior pages above all of these; plus every page of the segments being
 //! cleaned, so that they can be freed. The first checkpoint after an open (or after a failed
-//! one) writes everything. Pools write it when created with format 3 (tests only so far).
+//! one) writes everything, as does every checkpoint of a pool of a few dozen segments.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

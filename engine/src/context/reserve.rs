@@ -15,10 +15,6 @@ use crate::format::{CheckpointHeader, MAP_PAGE_ENTRIES};
 /// fall off when they fill to the last segment (1/(1-u) grows without bound) is never reached.
 pub(crate) const GC_HEADROOM: f64 = 0.10;
 
-/// Segments format 3's pages may take beyond two whole checkpoints (see `usable_bytes`): the
-/// slack segment `MetaSegs::sparse` leaves, and the newest checkpoint's.
-pub(crate) const META_SPREAD_SEGMENTS: u64 = 2;
-
 /// Pools of fewer segments write whole format 3 checkpoints (`MetaSegs::sparse`): they cannot
 /// spare the segments pages spread over.
 pub(crate) const TIGHT_POOL_SEGMENTS: u32 = 64;
@@ -35,11 +31,11 @@ pub(crate) fn usable_bytes(geo: &Geometry, shards: usize, paged: bool) -> u64 {
     let blocks = total * per_seg / (BLOCK_BYTES + entry);
     let pages = blocks.div_ceil(crate::format::MAP_PAGE_ENTRIES);
     let ckpt_segs = checkpoint_estimate_bytes(pages, blocks, 1, shards as u64).div_ceil(per_seg);
-    // Format 3 keeps a checkpoint's pages across the segments of several checkpoints: up to
-    // one more than they need before cleaning packs them (`MetaSegs::sparse`), and the
-    // newest; on a tight pool, each checkpoint is whole (in one segment if it fits).
+    // Format 3 keeps a checkpoint's pages across the segments of several checkpoints: the
+    // slack cleaning leaves (`MetaSegs::sparse`), and the newest; on a tight pool, each
+    // checkpoint is whole (in one segment if it fits).
     let spread = if paged && geo.total_segments >= TIGHT_POOL_SEGMENTS {
-        META_SPREAD_SEGMENTS
+        crate::meta::segs::spread_allowed(ckpt_segs) - ckpt_segs + 1
     } else {
         0
     };

@@ -363,6 +363,45 @@ mod tests {
         assert!(m.present_pages() > 0);
     }
 
+    /// A leaf remembers where a checkpoint wrote it only while it stays as written: a write to
+    /// it, in place or to a copy (a checkpoint's image or a snapshot still holding it), leaves
+    /// the map with a leaf that names no page, while the one the image holds keeps its place.
+    #[test]
+    fn a_changed_leaf_forgets_where_it_was_written() {
+        let at = PagePtr {
+            segment: 3,
+            offset: 8192,
+            stamp: 99,
+        };
+        let mut m = LbaMap::new(4 * MAP_PAGE_ENTRIES);
+        let mut none = |_| {};
+        m.set(5, 1, &mut none);
+        let leaf = m.pages[0].clone().unwrap();
+        leaf.set_written_at(at);
+        drop(leaf);
+        // Unchanged: still there; an entry set to what it holds changes nothing.
+        assert_eq!(m.pages[0].as_ref().unwrap().written_at(), Some(at));
+        m.set(5, 1, &mut none);
+        assert_eq!(m.pages[0].as_ref().unwrap().written_at(), Some(at));
+        // Changed in place (nothing else holds it).
+        m.set(6, 2, &mut none);
+        assert_eq!(m.pages[0].as_ref().unwrap().written_at(), None);
+        // Changed while an image holds it: the map gets a copy without a place, the image's
+        // leaf keeps its own.
+        let image = m.pages[0].clone().unwrap();
+        image.set_written_at(at);
+        m.set(7, 3, &mut none);
+        assert_eq!(m.pages[0].as_ref().unwrap().written_at(), None);
+        assert_eq!(image.written_at(), Some(at));
+        assert_eq!(image[7], 0);
+        // Shared with a snapshot: the writer's copy has no place either.
+        let snap = m.share();
+        snap.pages[0].as_ref().unwrap().set_written_at(at);
+        m.set(8, 4, &mut none);
+        assert_eq!(m.pages[0].as_ref().unwrap().written_at(), None);
+        assert_eq!(snap.pages[0].as_ref().unwrap().written_at(), Some(at));
+    }
+
     /// Reference counts kept through the callbacks equal, at every step, the entries of the
     /// distinct leaves of all maps (what `Pool::check` recomputes): maps shared by snapshots,
     /// written (copying shared leaves), trimmed, resized and deleted at random.

@@ -12,6 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::PagePtr;
 
+/// Segments the current image may spread over, for pages that need `need` full segments,
+/// before checkpoints start cleaning (see [`MetaSegs::sparse`]; `context::usable_bytes` keeps
+/// room for it).
+pub(crate) fn spread_allowed(need: u64) -> u64 {
+    need + 1 + need / 4
+}
+
 /// Live page counts of metadata segments: previous, current and next image.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct MetaSegs {
@@ -39,12 +46,13 @@ impl MetaSegs {
     }
 
     /// Segments whose pages the next checkpoint should rewrite elsewhere so that they can be
-    /// freed: none while the current image uses at most one segment more than its pages need
-    /// at `slots` a segment; else those it holds at most a quarter of `slots` in, fewest
-    /// first, as many as fit a segment's worth of pages. Rewriting a quarter-full segment costs
-    /// a third of what it frees; the segment of slack keeps an idle pool's checkpoints from
-    /// moving the same few pages back and forth. On a `tight` pool (a few dozen segments, which
-    /// cannot spare one for this) whose pages fit one segment, every segment: each checkpoint
+    /// freed: none while the current image uses at most [`spread_allowed`] segments for what
+    /// its pages need at `slots` a segment; else the ones it uses least, whatever their fill,
+    /// as many as fit a segment's worth of pages (what a checkpoint may add for cleaning). The
+    /// slack (a quarter, and one) keeps the segments cleaned at most about four-fifths full on
+    /// average, and an idle pool's checkpoints from moving the same few pages back and forth.
+    /// On a `tight` pool (a few dozen segments, or a full host file system: neither can spare
+    /// a segment for this) whose pages fit one segment, every segment: each checkpoint
     /// is then whole and lies in one segment, as a format 2 checkpoint did.
     /// (`context::usable_bytes` counts what this lets the pages take beyond whole
     /// checkpoints.)
@@ -60,12 +68,11 @@ impl MetaSegs {
         if tight && need <= 1 {
             return used.into_iter().map(|(_, s)| s).collect();
         }
-        if used.len() as u64 <= need + 1 {
+        if used.len() as u64 <= spread_allowed(need) {
             return BTreeSet::new();
         }
-        let (max_live, budget) = (slots / 4, slots);
-        let mut by_use: Vec<(u32, u32)> =
-            used.into_iter().filter(|&(n, _)| n <= max_live).collect();
+        let budget = slots;
+        let mut by_use = used;
         by_use.sort_unstable();
         let mut left = budget;
         let mut out = BTreeSet::new();

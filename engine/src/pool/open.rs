@@ -146,20 +146,12 @@ impl Pool {
                 source,
             })?,
         };
-        // Versions 1 and 2 are upgraded to 3 by the recovery checkpoint below, which writes
-        // format 3 and points both superblock slots at it (until the second is written, the
-        // other slot still names the old checkpoint, whose segments stay until then). A
-        // read-only open writes nothing and reads either.
-        let upgrade_to = if o.read_only {
-            crate::format::FORMAT_VERSION
-        } else {
-            crate::format::FORMAT_VERSION_PAGED
-        };
         for sb in &mut sbs {
-            sb.version = sb.version.max(upgrade_to);
+            // Version 1 becomes at least 2 (below: 3 when there is room).
+            sb.version = sb.version.max(crate::format::FORMAT_VERSION);
             sb.log_key = Some(log_key);
         }
-        let paged = sbs
+        let was_paged = sbs
             .first()
             .is_some_and(|sb| sb.version >= crate::format::FORMAT_VERSION_PAGED);
         for &s in &ckpt_segs {
@@ -279,36 +271,65 @@ impl Pool {
         // New chains for the new epoch: an open segment per shard first, then next segments
         // only beyond the reserve the running pool keeps (the recovery checkpoint needs it).
         let epoch = image.epoch + 1;
-        let ckpt_reserve = {
+        let (ckpt_reserve, paged) = {
             let mut pages = 0u64;
             for v in table.by_name.values() {
                 for m in &v.maps {
                     pages += m.lock().present_pages();
                 }
             }
-            let mut est = crate::context::checkpoint_estimate_bytes(
+            let blob = crate::context::checkpoint_estimate_bytes(
                 pages,
                 space.live_blocks,
                 table.by_name.len() as u64,
                 nshards as u64,
             );
-            if paged {
-                let dir = table
-                    .by_name
-                    .values()
-                    .map(|v| crate::context::dir_pages(v.size()))
-                    .sum();
-                est = est.max(crate::context::paged_checkpoint_estimate_bytes(
-                    pages,
-                    space.blocks.len() as u64,
-                    space.live_blocks,
-                    dir,
-                    table.by_name.len() as u64,
-                    nshards as u64,
-                ));
-            }
+            let dir = table
+                .by_name
+                .values()
+                .map(|v| crate::context::dir_pages(v.size()))
+                .sum();
+            let paged_est = blob.max(crate::context::paged_checkpoint_estimate_bytes(
+                pages,
+                space.blocks.len() as u64,
+                space.live_blocks,
+                dir,
+                table.by_name.len() as u64,
+                nshards as u64,
+            ));
             // As `Inner::reserve_segments` will keep back.
-            est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
+            let segs = |est: u64| {
+                est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
+            };
+            // A version 1 or 2 pool is upgraded to 3 (when asked: not the default yet) by the
+            // recovery checkpoint below, which writes format 3 and points both superblock
+            // slots at it (until the second is written, the other slot still names the old
+            // checkpoint, whose segments stay until then). Not when a read-only open writes
+            // nothing, nor when the pool has no room for a whole format 3 checkpoint and the
+            // reserve it would keep (heavily thin volumes' directories, or a full pool): it
+            // stays version 2 and is upgraded by an open that finds the room.
+            let room = space.free_segments >= 2 * segs(paged_est) + nshards;
+            #[cfg(any(test, feature = "testing"))]
+            let wanted = o.paged_metadata;
+            #[cfg(not(any(test, feature = "testing")))]
+            let wanted = false;
+            let paged = was_paged || (!o.read_only && room && wanted);
+            if paged && !was_paged {
+                for sb in &mut sbs {
+                    sb.version = crate::format::FORMAT_VERSION_PAGED;
+                }
+                tracing::info!(
+                    target: "ingot_engine::recovery",
+                    "upgrading the pool to format 3 (metadata pages)"
+                );
+            } else if !paged && wanted && !o.read_only {
+                tracing::warn!(
+                    target: "ingot_engine::recovery",
+                    free_segments = space.free_segments,
+                    "no room to upgrade the pool to format 3: it stays format 2 for now"
+                );
+            }
+            (segs(if paged { paged_est } else { blob }), paged)
         };
         // A shard's new chain continues its old one just past the last replayed record when
         // that segment has room: otherwise every open would strand a partly filled segment per
