@@ -14,6 +14,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod ckpt;
 mod compare;
 mod dbbatch;
 mod engine;
@@ -51,6 +52,9 @@ enum Cmd {
     /// RAM per stored block at several pool sizes (peak and settled RSS, the engine's own
     /// count), and open times after a clean stop and after SIGKILL with a tail to replay.
     Ram(ram::RamArgs),
+    /// Checkpoint bytes and time per GiB written as the pool grows, format 2 against format 3
+    /// (metadata pages, only what changed), in-process, alternating.
+    Checkpoints(ckpt::CkptArgs),
     /// In-process engine I/O against fio io_uring on a raw file in the same directory.
     Engine {
         #[arg(long)]
@@ -133,6 +137,7 @@ fn main() -> Result<()> {
         Cmd::DbBatch(a) => dbbatch::run(&a),
         Cmd::Qos(a) => qos::run(&a),
         Cmd::Ram(a) => ram::run(&a),
+        Cmd::Checkpoints(a) => ckpt::run(&a),
         Cmd::Engine {
             dir,
             size_mib,

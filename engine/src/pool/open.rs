@@ -309,10 +309,7 @@ impl Pool {
             // reserve it would keep (heavily thin volumes' directories, or a full pool): it
             // stays version 2 and is upgraded by an open that finds the room.
             let room = space.free_segments >= 2 * segs(paged_est) + nshards;
-            #[cfg(any(test, feature = "testing"))]
             let wanted = o.paged_metadata;
-            #[cfg(not(any(test, feature = "testing")))]
-            let wanted = false;
             let paged = was_paged || (!o.read_only && room && wanted);
             if paged && !was_paged {
                 for sb in &mut sbs {

@@ -58,10 +58,10 @@ pub struct PoolOptions {
     /// Tests (the `testing` feature): inject faults through these rules.
     #[cfg(any(test, feature = "testing"))]
     pub fault: Option<std::sync::Arc<FaultPlan>>,
-    /// Tests (the `testing` feature): write format 3 checkpoints (metadata pages, issue 22),
-    /// upgrading a format 1 or 2 pool at this open (a new pool at its first). Not the default
-    /// yet: on a full host file system a reopen can find no held segment for its checkpoint.
-    #[cfg(any(test, feature = "testing"))]
+    /// Experimental (tests, `ingot-bench checkpoints`): write format 3 checkpoints (metadata
+    /// pages, issue 22), upgrading a format 1 or 2 pool at this open (a new pool at its first).
+    /// Not the default yet: on a full host file system a reopen can find no held segment for
+    /// its checkpoint. No binary older than this one opens such a pool.
     pub paged_metadata: bool,
     /// RAM for the dedup index; `None` = 2% of physical memory, at least 64 MiB. Past it the
     /// index keeps a sample of fingerprints (fewer dedup hits, never a failed write).
@@ -88,7 +88,6 @@ impl Default for PoolOptions {
             checkpoint_interval_bytes: 1 << 30,
             #[cfg(any(test, feature = "testing"))]
             fault: None,
-            #[cfg(any(test, feature = "testing"))]
             paged_metadata: false,
             dedup_index_bytes: None,
             write_back_bytes: 0,
