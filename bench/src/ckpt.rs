@@ -47,9 +47,9 @@ pub struct Row {
     pub checkpoint_ms: f64,
     /// The first checkpoint after a clean reopen.
     pub reopen_checkpoint_bytes: u64,
-    /// Metadata segments' share of the pool after the churn (format 3 keeps pages across
-    /// several): pool segments not free, less the data's.
-    pub segments_used: u64,
+    /// Segments not free after the churn (data, log and checkpoints; format 3 keeps metadata
+    /// pages across several segments, format 2 a blob in one or two).
+    pub segments_in_use: u64,
 }
 
 /// Distinct incompressible 4 KiB blocks: a xorshift stream seeded per piece.
@@ -115,8 +115,7 @@ fn one(dir: &Path, size: u64, paged: bool, a: &CkptArgs, seq: &mut u64) -> Resul
     }
     let churn_bytes = checkpoint_bytes(&pool) - before;
     let st = pool.stats();
-    let data_segs = st.stored_bytes.div_ceil(st.segment_bytes);
-    let segments_used = (st.segments_total - st.segments_free).saturating_sub(data_segs);
+    let segments_in_use = st.segments_total - st.segments_free;
     drop(v);
     pool.shutdown()?;
     drop(pool);
@@ -138,7 +137,7 @@ fn one(dir: &Path, size: u64, paged: bool, a: &CkptArgs, seq: &mut u64) -> Resul
         checkpoint_bytes_per_gib: churn_bytes as f64 * f64::from(1 << 30) / (a.churn.max(1) as f64),
         checkpoint_ms: if n > 0 { ms / n as f64 } else { 0.0 },
         reopen_checkpoint_bytes,
-        segments_used,
+        segments_in_use,
     })
 }
 
@@ -168,7 +167,7 @@ pub fn run(a: &CkptArgs) -> Result<()> {
         "ckpt MiB/GiB",
         "ckpt ms",
         "reopen ckpt MiB",
-        "meta segs"
+        "segs in use"
     );
     for r in &rows {
         println!(
@@ -179,7 +178,7 @@ pub fn run(a: &CkptArgs) -> Result<()> {
             r.checkpoint_bytes_per_gib / f64::from(1 << 20),
             r.checkpoint_ms,
             r.reopen_checkpoint_bytes as f64 / f64::from(1 << 20),
-            r.segments_used,
+            r.segments_in_use,
         );
     }
     let out = a
