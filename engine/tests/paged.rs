@@ -1,7 +1,7 @@
 //! Format 3 checkpoints (issue 22): a root and metadata pages instead of one blob, written
-//! only where they changed. Pools get them only through `PoolOptions::paged_metadata` so far
-//! (a new pool at its first open, an older one upgraded by it: `upgrade.rs`); the model tests
-//! run on them too (`model_paged_metadata*`).
+//! only where they changed: every new pool (`PoolOptions::paged_metadata`, the default), and
+//! older ones once an open upgrades them (`upgrade.rs`); the model tests run on both formats
+//! (`model_paged_metadata*` on format 3).
 
 mod common;
 
@@ -24,11 +24,7 @@ fn create(dir: &std::path::Path, size: u64) -> Pool {
         segment_bytes: 2 << 20,
         ..Default::default()
     };
-    let o = PoolOptions {
-        paged_metadata: true,
-        ..opts()
-    };
-    Pool::create(dir, &c, &o).expect("create")
+    Pool::create(dir, &c, &opts()).expect("create")
 }
 
 /// Distinct, incompressible blocks.

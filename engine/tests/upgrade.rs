@@ -1,8 +1,8 @@
 //! Pools written by earlier formats open, replay their log tail, and are upgraded in place,
 //! all data as it was, and go on working across reopens: version 1 (records sealed by CRC
 //! only, no log key) becomes version 2 (a key); version 2 (checkpoints as one blob) becomes
-//! version 3 (checkpoints as metadata pages and a root) when asked
-//! (`PoolOptions::paged_metadata`, not the default yet). The fixtures are described in
+//! version 3 (checkpoints as metadata pages and a root) unless told not to
+//! (`PoolOptions::paged_metadata: false`). The fixtures are described in
 //! `tests/fixtures/README.md`.
 
 use std::path::Path;
@@ -125,9 +125,9 @@ fn a_version_1_pool_opens_and_is_upgraded_in_place() {
     {
         let pool = Pool::open(&dir, &opts()).expect("open the version 1 pool");
         check_contents(&pool);
-        // The recovery checkpoint wrote version 2 superblocks (both slots), and pool.json now
+        // The recovery checkpoint wrote version 3 superblocks (both slots), and pool.json now
         // names the pool's UUID (so a foreign device is refused from now on).
-        assert_eq!(superblock_versions(&dir), vec![2, 2]);
+        assert_eq!(superblock_versions(&dir), vec![3, 3]);
         let pf = std::fs::read_to_string(dir.join("pool.json")).unwrap();
         assert!(pf.contains("pool_uuid"), "{pf}");
         // New writes, a crash (halt) and a replay of version 2 records.
@@ -149,8 +149,8 @@ fn a_version_1_pool_opens_and_is_upgraded_in_place() {
 }
 
 /// A version 2 pool (written by the engine of commit 3db0eb6, whose checkpoints are one blob)
-/// opens with its data, snapshot and unflushed tail as written, and stays version 2 unless
-/// asked; asked, it is upgraded to version 3 by its recovery checkpoint (both superblock
+/// opens with its data, snapshot and unflushed tail as written, and stays version 2 when told
+/// to; else it is upgraded to version 3 by its recovery checkpoint (both superblock
 /// slots), keeps its UUID, and after writes,
 /// checkpoints that write only what changed, and a crash, reopens with everything. The
 /// blob's segments are given back once neither slot names it.
@@ -169,14 +169,14 @@ fn a_version_2_pool_opens_and_is_upgraded_to_paged_metadata() {
     };
     let before = key_at(&dir);
     {
-        // Not asked: it stays version 2.
-        drop(Pool::open(&dir, &opts()).expect("open the version 2 pool"));
-        assert_eq!(superblock_versions(&dir), vec![2, 2]);
-        let o = PoolOptions {
-            paged_metadata: true,
+        // Told not to: it stays version 2.
+        let keep = PoolOptions {
+            paged_metadata: false,
             ..opts()
         };
-        let pool = Pool::open(&dir, &o).expect("open the version 2 pool to upgrade it");
+        drop(Pool::open(&dir, &keep).expect("open the version 2 pool"));
+        assert_eq!(superblock_versions(&dir), vec![2, 2]);
+        let pool = Pool::open(&dir, &opts()).expect("open the version 2 pool to upgrade it");
         check_contents(&pool);
         assert_eq!(superblock_versions(&dir), vec![3, 3]);
         let free_after_upgrade = pool.stats().segments_free;

@@ -37,7 +37,7 @@ pub(crate) struct Written {
 
 impl Checkpointer {
     /// Format 2: the image as one blob over a chain of checkpoint segments.
-    fn write_blob(&self, image: &Image, taken: &mut Vec<u32>) -> Result<Written> {
+    fn write_blob(&self, image: &Image, aside: Vec<u32>, taken: &mut Vec<u32>) -> Result<Written> {
         let t0 = std::time::Instant::now();
         let blob = super::encode(image);
         let encoded_us = t0.elapsed().as_micros() as u64;
@@ -47,8 +47,13 @@ impl Checkpointer {
         let nsegs = blob.len().div_ceil(per_seg).max(1);
         let segs: Vec<u32> = {
             let mut space = self.ctx.space.lock();
-            let mut got = Vec::new();
-            for _ in 0..nsegs {
+            let mut got = aside;
+            while got.len() > nsegs {
+                if let Some(s) = got.pop() {
+                    space.set_state(s, SegState::Free);
+                }
+            }
+            for _ in got.len()..nsegs {
                 match space.alloc_segment(SegState::Checkpoint, 0) {
                     Some(s) => got.push(s),
                     None => {
@@ -100,6 +105,27 @@ impl Checkpointer {
         &self,
         ck: &mut CkptState,
         image: &Image,
+        aside: Vec<u32>,
+        taken: &mut Vec<u32>,
+    ) -> Result<Written> {
+        let aside = std::cell::RefCell::new(aside);
+        let r = self.write_paged_from(ck, image, &aside, taken);
+        // What the open set aside and this did not use.
+        let left = aside.into_inner();
+        if !left.is_empty() {
+            let mut space = self.ctx.space.lock();
+            for s in left {
+                space.set_state(s, SegState::Free);
+            }
+        }
+        r
+    }
+
+    fn write_paged_from(
+        &self,
+        ck: &mut CkptState,
+        image: &Image,
+        aside: &std::cell::RefCell<Vec<u32>>,
         taken: &mut Vec<u32>,
     ) -> Result<Written> {
         let t0 = std::time::Instant::now();
@@ -133,6 +159,10 @@ impl Checkpointer {
             }
         };
         let mut alloc = || -> Result<u32> {
+            if let Some(seg) = aside.borrow_mut().pop() {
+                taken.push(seg);
+                return Ok(seg);
+            }
             let seg = {
                 let mut space = ctx.space.lock();
                 let s = space
@@ -301,10 +331,11 @@ impl Checkpointer {
             .is_some_and(|sb| sb.version >= FORMAT_VERSION_PAGED);
         // Segments taken so far, given back if the checkpoint fails.
         let mut taken: Vec<u32> = Vec::new();
+        let aside = std::mem::take(&mut ck.set_aside);
         let written = if paged {
-            self.write_paged(ck, image, &mut taken)
+            self.write_paged(ck, image, aside, &mut taken)
         } else {
-            self.write_blob(image, &mut taken)
+            self.write_blob(image, aside, &mut taken)
         };
         let mut write = |w: Written| -> Result<Written> {
             self.ctx

@@ -45,6 +45,9 @@ pub(crate) struct CkptState {
     /// Format 3: which metadata segments the retained checkpoints use (instead of `segments`
     /// and `prev_segments`, which only the checkpoint an open read fills).
     pub(crate) meta: crate::meta::segs::MetaSegs,
+    /// Segments an open set aside for its recovery checkpoint (allocated in the backing
+    /// files), taken before any other; what it does not use is freed after it.
+    pub(crate) set_aside: Vec<u32>,
 }
 
 /// Takes checkpoints: owns the checkpoint state and the superblocks, and pauses the workers

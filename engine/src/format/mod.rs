@@ -54,8 +54,9 @@ pub use superblock::{Superblock, SuperblockFault};
 
 /// Current on-disk format version (superblock, segment, record, checkpoint).
 pub const FORMAT_VERSION: u32 = 2;
-/// Superblock version of a pool whose checkpoints are a [`CheckpointRoot`] and pages (issue 22;
-/// only tests create such pools so far). Segments and records keep version 2.
+/// Superblock version of a pool whose checkpoints are a [`CheckpointRoot`] and pages (issue 22):
+/// what pools are created as, and what a writable open upgrades older ones to. Segments and
+/// records keep version 2.
 pub const FORMAT_VERSION_PAGED: u32 = 3;
 /// Alignment of every device I/O (O_DIRECT) and of every on-disk structure.
 pub const IO_ALIGN: usize = 4096;

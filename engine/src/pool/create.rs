@@ -112,9 +112,11 @@ impl Pool {
             .sum();
         for d in 0..abs.len() {
             let count = (files.size(d as u16).saturating_sub(DATA_START) / seg) as u32;
-            // Format 3 comes with the first open's checkpoint, when asked for
-            // (`PoolOptions::paged_metadata`).
-            let version = crate::format::FORMAT_VERSION;
+            let version = if o.paged_metadata {
+                crate::format::FORMAT_VERSION_PAGED
+            } else {
+                crate::format::FORMAT_VERSION
+            };
             let sb = Superblock {
                 version,
                 log_key: Some(log_key),

@@ -271,7 +271,7 @@ impl Pool {
         // New chains for the new epoch: an open segment per shard first, then next segments
         // only beyond the reserve the running pool keeps (the recovery checkpoint needs it).
         let epoch = image.epoch + 1;
-        let (ckpt_reserve, paged) = {
+        let (ckpt_reserve, ckpt_segments, paged) = {
             let mut pages = 0u64;
             for v in table.by_name.values() {
                 for m in &v.maps {
@@ -301,8 +301,8 @@ impl Pool {
             let segs = |est: u64| {
                 est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + nshards + 1
             };
-            // A version 1 or 2 pool is upgraded to 3 (when asked: not the default yet) by the
-            // recovery checkpoint below, which writes format 3 and points both superblock
+            // A version 1 or 2 pool is upgraded to 3 (unless `PoolOptions::paged_metadata` says
+            // not to) by the recovery checkpoint below, which writes format 3 and points both superblock
             // slots at it (until the second is written, the other slot still names the old
             // checkpoint, whose segments stay until then). Not when a read-only open writes
             // nothing, nor when the pool has no room for a whole format 3 checkpoint and the
@@ -326,7 +326,13 @@ impl Pool {
                     "no room to upgrade the pool to format 3: it stays format 2 for now"
                 );
             }
-            (segs(if paged { paged_est } else { blob }), paged)
+            let est = if paged { paged_est } else { blob };
+            (
+                segs(est),
+                est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES)
+                    .max(1) as usize,
+                paged,
+            )
         };
         // A shard's new chain continues its old one just past the last replayed record when
         // that segment has room: otherwise every open would strand a partly filled segment per
@@ -378,6 +384,24 @@ impl Pool {
                 match devices.preallocate(dev, base, geo.segment_bytes) {
                     Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => refused.push(seg),
                     _ => break,
+                }
+            }
+        }
+        // The recovery checkpoint's segments, set aside before the chains' next segments are
+        // chosen: on a full host file system only segments it already holds can be written,
+        // and the open knows only those that were written (a fallocated, never written one
+        // reads as a hole), so a next segment could take one it needed.
+        let mut set_aside = Vec::new();
+        if !pf.prefilled && !o.read_only {
+            while set_aside.len() < ckpt_segments {
+                let Some(seg) = space.alloc_segment_for(SegState::Checkpoint, 0, SegUse::Metadata)
+                else {
+                    break;
+                };
+                let (dev, base) = geo.locate(seg);
+                match devices.preallocate(dev, base, geo.segment_bytes) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => refused.push(seg),
+                    _ => set_aside.push(seg),
                 }
             }
         }
@@ -501,6 +525,7 @@ impl Pool {
                 stamps: None,
                 paged: None,
                 meta: Default::default(),
+                set_aside,
             },
             sbs,
         ));

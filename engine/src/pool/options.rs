@@ -58,10 +58,11 @@ pub struct PoolOptions {
     /// Tests (the `testing` feature): inject faults through these rules.
     #[cfg(any(test, feature = "testing"))]
     pub fault: Option<std::sync::Arc<FaultPlan>>,
-    /// Experimental (tests, `ingot-bench checkpoints`): write format 3 checkpoints (metadata
-    /// pages, issue 22), upgrading a format 1 or 2 pool at this open (a new pool at its first).
-    /// Not the default yet: on a full host file system a reopen can find no held segment for
-    /// its checkpoint. No binary older than this one opens such a pool.
+    /// Write format 3 checkpoints (metadata pages, only what changed; issue 22), the default:
+    /// a new pool is created in it, and a writable open upgrades a format 1 or 2 pool when it
+    /// has room (no binary older than this one opens it then). `false` creates format 2 pools
+    /// and leaves older ones as they are (tests of the upgrade, `ingot-bench checkpoints`); a
+    /// format 3 pool stays format 3 either way.
     pub paged_metadata: bool,
     /// RAM for the dedup index; `None` = 2% of physical memory, at least 64 MiB. Past it the
     /// index keeps a sample of fingerprints (fewer dedup hits, never a failed write).
@@ -88,7 +89,7 @@ impl Default for PoolOptions {
             checkpoint_interval_bytes: 1 << 30,
             #[cfg(any(test, feature = "testing"))]
             fault: None,
-            paged_metadata: false,
+            paged_metadata: true,
             dedup_index_bytes: None,
             write_back_bytes: 0,
             read_only: false,
