@@ -68,6 +68,8 @@ fn checkpoint_bytes(pool: &Pool) -> u64 {
 }
 
 fn one(dir: &Path, size: u64, paged: bool, a: &CkptArgs, seq: &mut u64) -> Result<Row> {
+    // Whole MiB: the fill and the overwrites are 1 MiB writes.
+    let size = (size >> 20).max(1) << 20;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let c = CreateOptions {
@@ -93,7 +95,7 @@ fn one(dir: &Path, size: u64, paged: bool, a: &CkptArgs, seq: &mut u64) -> Resul
         v.write(off, &buf, false)?;
     }
     pool.checkpoint()?;
-    let region = a.region.min(size) >> 20;
+    let region = (a.region.min(size) >> 20).max(1);
     let (before, mut ms, mut n) = (checkpoint_bytes(&pool), 0f64, 0u64);
     let mut since = 0u64;
     let mut x = 0x2545_f491_4f6c_dd1du64 ^ size;

@@ -20,6 +20,16 @@ use crate::store;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+/// Free segments an open set aside for its checkpoint and the checkpoint did not use: held in
+/// the backing files (fallocated), so marked as such, for checkpoints to take first and for
+/// `give_back_freed` to punch once space allows (an open could not tell them from holes).
+fn free_aside(ctx: &crate::context::Context, space: &mut crate::space::Space, segs: &[u32]) {
+    for &s in segs {
+        space.set_state(s, SegState::Free);
+    }
+    ctx.note_freed(space, segs);
+}
+
 /// A map leaf a format 3 checkpoint wrote, and where.
 pub(crate) type WrittenLeaf = (Arc<MapLeaf>, PagePtr);
 
@@ -48,10 +58,9 @@ impl Checkpointer {
         let segs: Vec<u32> = {
             let mut space = self.ctx.space.lock();
             let mut got = aside;
-            while got.len() > nsegs {
-                if let Some(s) = got.pop() {
-                    space.set_state(s, SegState::Free);
-                }
+            if got.len() > nsegs {
+                let extra = got.split_off(nsegs);
+                free_aside(&self.ctx, &mut space, &extra);
             }
             for _ in got.len()..nsegs {
                 match space.alloc_segment(SegState::Checkpoint, 0) {
@@ -113,10 +122,7 @@ impl Checkpointer {
         // What the open set aside and this did not use.
         let left = aside.into_inner();
         if !left.is_empty() {
-            let mut space = self.ctx.space.lock();
-            for s in left {
-                space.set_state(s, SegState::Free);
-            }
+            free_aside(&self.ctx, &mut self.ctx.space.lock(), &left);
         }
         r
     }
@@ -145,8 +151,8 @@ impl Checkpointer {
             Some(_) => {
                 // A pool of a few dozen segments, or one whose host file system is full (each
                 // checkpoint then takes a segment the backing files already hold, and only what
-                // it frees gives one back: pages spread over several would use them up, and the
-                // next open would find none for its checkpoint).
+                // it frees gives one back: pages spread over several would use them up). Whole
+                // checkpoints then, when the pages fit one segment.
                 let tight = ctx.geo.total_segments < crate::context::TIGHT_POOL_SEGMENTS
                     || ctx.host.is_tight();
                 let v = ck.meta.sparse(slots, tight);
@@ -322,6 +328,8 @@ impl Checkpointer {
         if self.ctx.health.is_faulted() {
             // What it says changed is gone with it: the next checkpoint writes everything.
             ck.paged = None;
+            let aside = std::mem::take(&mut ck.set_aside);
+            free_aside(&self.ctx, &mut self.ctx.space.lock(), &aside);
             return Err(self.ctx.health.halted());
         }
         let t0 = std::time::Instant::now();

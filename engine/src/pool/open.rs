@@ -271,7 +271,7 @@ impl Pool {
         // New chains for the new epoch: an open segment per shard first, then next segments
         // only beyond the reserve the running pool keeps (the recovery checkpoint needs it).
         let epoch = image.epoch + 1;
-        let (ckpt_reserve, ckpt_segments, paged) = {
+        let (mut ckpt_reserve, mut ckpt_segments, mut paged, blob_plan) = {
             let mut pages = 0u64;
             for v in table.by_name.values() {
                 for m in &v.maps {
@@ -326,13 +326,15 @@ impl Pool {
                     "no room to upgrade the pool to format 3: it stays format 2 for now"
                 );
             }
-            let est = if paged { paged_est } else { blob };
-            (
-                segs(est),
-                est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES)
-                    .max(1) as usize,
-                paged,
-            )
+            let plan = |est: u64| {
+                (
+                    segs(est),
+                    est.div_ceil(geo.segment_bytes - SEGMENT_HEADER_BYTES)
+                        .max(1) as usize,
+                )
+            };
+            let (reserve, need) = plan(if paged { paged_est } else { blob });
+            (reserve, need, paged, plan(blob))
         };
         // A shard's new chain continues its old one just past the last replayed record when
         // that segment has room: otherwise every open would strand a partly filled segment per
@@ -402,6 +404,30 @@ impl Pool {
                 match devices.preallocate(dev, base, geo.segment_bytes) {
                     Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => refused.push(seg),
                     _ => set_aside.push(seg),
+                }
+            }
+        }
+        // An upgrade whose whole first checkpoint the host cannot back waits for an open that
+        // can (a full host file system): format 2's fits the room there is.
+        let aside_tried = !pf.prefilled && !o.read_only;
+        if aside_tried && paged && !was_paged && set_aside.len() < ckpt_segments {
+            tracing::warn!(
+                target: "ingot_engine::recovery",
+                "no room on the host file system to upgrade the pool to format 3: it stays \
+                 format 2 for now"
+            );
+            paged = false;
+            (ckpt_reserve, ckpt_segments) = blob_plan;
+            for sb in &mut sbs {
+                sb.version = crate::format::FORMAT_VERSION;
+            }
+            space.backed_reserve = 2 * ckpt_reserve;
+            while set_aside.len() > ckpt_segments {
+                if let Some(s) = set_aside.pop() {
+                    // Held: the next checkpoints take it first.
+                    space.set_state(s, SegState::Free);
+                    space.undiscarded[s as usize] = true;
+                    space.undiscarded_count += 1;
                 }
             }
         }
