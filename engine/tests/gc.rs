@@ -209,8 +209,11 @@ fn trimming_everything_gives_space_back_to_the_host() {
         pool.checkpoint().unwrap();
     }
     let s = pool.stats();
+    // The shards' and the mover's open and next segments (6), and the checkpoint's: format 3
+    // keeps pages that did not change (the block table's) where they were written, beside the
+    // newest pages, in up to three segments before cleaning packs them (`MetaSegs::sparse`).
     assert!(
-        s.physical_used_bytes <= 16 * MIB,
+        s.physical_used_bytes <= 18 * MIB,
         "physical_used_bytes {} after trimming everything",
         s.physical_used_bytes
     );
