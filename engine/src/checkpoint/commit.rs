@@ -114,15 +114,13 @@ impl Checkpointer {
         &self,
         ck: &mut CkptState,
         image: &Image,
-        aside: Vec<u32>,
+        mut aside: Vec<u32>,
         taken: &mut Vec<u32>,
     ) -> Result<Written> {
-        let aside = std::cell::RefCell::new(aside);
-        let r = self.write_paged_from(ck, image, &aside, taken);
+        let r = self.write_paged_from(ck, image, &mut aside, taken);
         // What the open set aside and this did not use.
-        let left = aside.into_inner();
-        if !left.is_empty() {
-            free_aside(&self.ctx, &mut self.ctx.space.lock(), &left);
+        if !aside.is_empty() {
+            free_aside(&self.ctx, &mut self.ctx.space.lock(), &aside);
         }
         r
     }
@@ -131,7 +129,7 @@ impl Checkpointer {
         &self,
         ck: &mut CkptState,
         image: &Image,
-        aside: &std::cell::RefCell<Vec<u32>>,
+        aside: &mut Vec<u32>,
         taken: &mut Vec<u32>,
     ) -> Result<Written> {
         let t0 = std::time::Instant::now();
@@ -165,7 +163,7 @@ impl Checkpointer {
             }
         };
         let mut alloc = || -> Result<u32> {
-            if let Some(seg) = aside.borrow_mut().pop() {
+            if let Some(seg) = aside.pop() {
                 taken.push(seg);
                 return Ok(seg);
             }
@@ -368,7 +366,7 @@ impl Checkpointer {
             ck.generation = generation;
             Ok(w)
         };
-        let w = match written.and_then(&mut write) {
+        let mut w = match written.and_then(&mut write) {
             Ok(w) => w,
             Err(e) => {
                 if paged {
@@ -383,7 +381,6 @@ impl Checkpointer {
                 return Err(e);
             }
         };
-        let mut w = w;
         if let Some((state, leaves)) = w.paged.take() {
             // Committed (a superblock copy points at it): the leaves it wrote are held there
             // until they change, and the next checkpoint starts from its pages.

@@ -426,8 +426,10 @@ impl Pool {
                 if let Some(s) = set_aside.pop() {
                     // Held: the next checkpoints take it first.
                     space.set_state(s, SegState::Free);
-                    space.undiscarded[s as usize] = true;
-                    space.undiscarded_count += 1;
+                    if !space.undiscarded[s as usize] {
+                        space.undiscarded[s as usize] = true;
+                        space.undiscarded_count += 1;
+                    }
                 }
             }
         }

@@ -44,15 +44,7 @@ pub(crate) fn read_checkpoint(
             offset: 0,
         };
         let buf = store::read_now(store, 0, at, SEGMENT_HEADER_BYTES as usize + want)?;
-        let h =
-            SegmentHeader::decode_authentic(&buf, sb.log_key.as_ref()).ok_or(Error::Corrupt {
-                what: "checkpoint segment header",
-            })?;
-        if h.kind != SegmentKind::Checkpoint || h.segment != seg || h.pool_uuid != sb.pool_uuid {
-            return Err(Error::Corrupt {
-                what: "checkpoint segment header",
-            });
-        }
+        let h = own_header(&buf, sb, seg, SegmentKind::Checkpoint)?;
         blob.extend_from_slice(
             &buf[SEGMENT_HEADER_BYTES as usize..SEGMENT_HEADER_BYTES as usize + want],
         );
@@ -106,6 +98,18 @@ impl PageSource for Noting<'_> {
     }
 }
 
+/// The sealed header at the start of `buf`, of a segment of `kind` that is `seg` of the pool
+/// `sb` belongs to: a checkpoint is read only from segments its own pool wrote for it.
+fn own_header(buf: &[u8], sb: &Superblock, seg: u32, kind: SegmentKind) -> Result<SegmentHeader> {
+    let bad = Error::Corrupt {
+        what: "checkpoint segment header",
+    };
+    match SegmentHeader::decode_authentic(buf, sb.log_key.as_ref()) {
+        Some(h) if h.kind == kind && h.segment == seg && h.pool_uuid == sb.pool_uuid => Ok(h),
+        _ => Err(bad),
+    }
+}
+
 /// Format 3: the root the superblock points at (in a metadata segment of this pool, its CRC
 /// in the superblock), then every page it names.
 fn read_paged(
@@ -134,15 +138,7 @@ fn read_paged(
         offset,
     };
     let header = store::read_now(store, 0, at(0), PAGE_BYTES)?;
-    let h =
-        SegmentHeader::decode_authentic(&header, sb.log_key.as_ref()).ok_or(Error::Corrupt {
-            what: "checkpoint segment header",
-        })?;
-    if h.kind != SegmentKind::Meta || h.segment != seg || h.pool_uuid != sb.pool_uuid {
-        return Err(Error::Corrupt {
-            what: "checkpoint segment header",
-        });
-    }
+    own_header(&header, sb, seg, SegmentKind::Meta)?;
     let read = (len as usize).next_multiple_of(PAGE_BYTES).max(PAGE_BYTES);
     let buf = store::read_now(store, 0, at(off), read)?;
     let bytes = &buf[..len as usize];
