@@ -120,6 +120,36 @@ pub fn render(s: &Stats) -> String {
         s.metadata_ram_bytes,
     );
     gauge(
+        "metadata_cache_bytes",
+        "Map leaf entries held in RAM by the metadata cache.",
+        "gauge",
+        s.metadata_cache_bytes,
+    );
+    gauge(
+        "metadata_cache_budget_bytes",
+        "The metadata cache's budget.",
+        "gauge",
+        s.metadata_cache_budget_bytes,
+    );
+    gauge(
+        "metadata_cache_hits_total",
+        "Map leaf uses that found the entries in RAM.",
+        "counter",
+        s.metadata_cache_hits,
+    );
+    gauge(
+        "metadata_cache_misses_total",
+        "Map leaf uses that read the entries back from their page.",
+        "counter",
+        s.metadata_cache_misses,
+    );
+    gauge(
+        "metadata_cache_evictions_total",
+        "Map leaves whose entries were evicted.",
+        "counter",
+        s.metadata_cache_evictions,
+    );
+    gauge(
         "process_rss_bytes",
         "Resident memory of the serving process, caches included.",
         "gauge",

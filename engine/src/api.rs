@@ -253,9 +253,26 @@ pub struct Stats {
     /// Fingerprints in the dedup index.
     pub dedup_index_entries: u64,
     /// RAM the engine holds for metadata outside its caches and the dedup index: the block
-    /// table, reference counts and volume maps, as it counts them itself.
+    /// table, reference counts and volume maps (their slots and leaves' stubs; the leaves'
+    /// entries are the metadata cache's), as it counts them itself.
     #[serde(default)]
     pub metadata_ram_bytes: u64,
+    /// The metadata cache (map leaves' entries in RAM; format 3 pools evict them past the
+    /// budget): its budget, the bytes it holds, leaves known (held or evicted), and since the
+    /// pool was opened the uses that found the entries in RAM, those that read them back
+    /// from their page, and the leaves evicted.
+    #[serde(default)]
+    pub metadata_cache_budget_bytes: u64,
+    #[serde(default)]
+    pub metadata_cache_bytes: u64,
+    #[serde(default)]
+    pub metadata_cache_leaves: u64,
+    #[serde(default)]
+    pub metadata_cache_hits: u64,
+    #[serde(default)]
+    pub metadata_cache_misses: u64,
+    #[serde(default)]
+    pub metadata_cache_evictions: u64,
     /// (`metadata_ram_bytes` + `dedup_index_bytes`) / `unique_blocks`: the RAM each stored
     /// block costs beyond the caches (0 for an empty pool).
     #[serde(default)]

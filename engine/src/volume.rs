@@ -270,7 +270,11 @@ impl Volume {
         // space lock: a front-end thread's cached read takes only a map's and a cache's.
         let seen = self.ctx.reuse.now();
         for (slot, lba) in found.iter_mut().zip(first..=last) {
-            *slot = self.state.maps[shard_of(lba, shards)].lock().get(lba);
+            // A leaf that does not read back: the shard's read reports it.
+            *slot = self.state.maps[shard_of(lba, shards)]
+                .lock()
+                .get(lba)
+                .ok()?;
         }
         let cache_of = |lba: u64| self.ctx.caches[shard_of(lba, shards)].lock();
         let n = len as usize;
@@ -348,7 +352,7 @@ impl Volume {
         while pos < end {
             let lba = pos / BLOCK_BYTES;
             let next = ((lba + 1) * BLOCK_BYTES).min(end);
-            let hole = self.state.lookup(lba) == 0;
+            let hole = self.state.lookup(lba)? == 0;
             let run = next - pos;
             match out.last_mut() {
                 Some(last) if last.hole == hole => last.len += run,

@@ -319,6 +319,9 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         write_back_bytes: write_back_bytes(engine),
         read_only: false,
         paged_metadata: false,
+        // Two leaves: format 3 pools evict map leaves all the time and read them back (format
+        // 2 keeps every leaf).
+        metadata_cache_bytes: Some(8 << 10),
     }
 }
 
@@ -876,6 +879,8 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     };
     let mut runner = TestRunner::new(config);
     let ops = prop::collection::vec(op(), 1..60);
+    // Map leaves read back from flash over all cases (format 3 only).
+    let misses = std::sync::atomic::AtomicU64::new(0);
     let result = runner.run(&ops, |ops| {
         let mut h = Harness::new(engine, paged);
         for (i, op) in ops.iter().enumerate() {
@@ -884,6 +889,7 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
         }
         h.step = ops.len();
         h.verify_all(false);
+        misses.fetch_add(h.pool().stats().metadata_cache_misses, Ordering::Relaxed);
         // And once more from disk.
         h.pool().shutdown().expect("shutdown");
         h.pool = None;
@@ -894,6 +900,13 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     if let Err(e) = result {
         panic!("{engine:?} (format 3: {paged}): {e}");
     }
+    // The cases ran on evicted leaves, not only on leaves in RAM.
+    let misses = misses.into_inner();
+    assert_eq!(
+        misses > 0,
+        paged,
+        "metadata cache misses over the run: {misses}"
+    );
 }
 
 /// The same with format 3 checkpoints (a root and metadata pages), snapshots' shared leaves

@@ -65,6 +65,15 @@ fn print_stats(s: &Stats) {
         human(s.process_rss_bytes)
     );
     outln!(
+        "metadata cache  {} of {} ({} leaves; {} hits, {} misses, {} evicted)",
+        human(s.metadata_cache_bytes),
+        human(s.metadata_cache_budget_bytes),
+        s.metadata_cache_leaves,
+        s.metadata_cache_hits,
+        s.metadata_cache_misses,
+        s.metadata_cache_evictions
+    );
+    outln!(
         "written         {} by clients, {} to devices",
         human(s.client_written_bytes),
         human(s.device_written_bytes)

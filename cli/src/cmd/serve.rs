@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// index keeps a sample of fingerprints.
     #[arg(long, value_parser = parse_size)]
     dedup_index_mem: Option<u64>,
+    /// RAM for map leaves, the metadata cache (default: 1/64 of physical memory, at least
+    /// 64 MiB). Past it, leaves a checkpoint holds unchanged are evicted and read back from
+    /// flash when next used; format 3 pools only.
+    #[arg(long, value_parser = parse_size)]
+    metadata_cache: Option<u64>,
     /// Write-back buffer: writes without FUA are acknowledged once the engine has taken them,
     /// up to this many bytes not yet on the device; FLUSH, SYNCHRONIZE CACHE and FUA writes
     /// make them durable. 0: acknowledge each write once it is stored (write-through). At most
@@ -58,6 +63,7 @@ impl RunArgs {
             cache_bytes: self.cache_size,
             checkpoint_interval_bytes: self.checkpoint_interval,
             dedup_index_bytes: self.dedup_index_mem,
+            metadata_cache_bytes: self.metadata_cache,
             write_back_bytes: self.write_back,
             ..PoolOptions::default()
         }

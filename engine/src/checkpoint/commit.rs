@@ -49,7 +49,7 @@ impl Checkpointer {
     /// Format 2: the image as one blob over a chain of checkpoint segments.
     fn write_blob(&self, image: &Image, aside: Vec<u32>, taken: &mut Vec<u32>) -> Result<Written> {
         let t0 = std::time::Instant::now();
-        let blob = super::encode(image);
+        let blob = super::encode(image)?;
         let encoded_us = t0.elapsed().as_micros() as u64;
         tracing::debug!(target: "ingot_engine::checkpoint", bytes = blob.len(), encoded_us, "checkpoint image");
         let crc = crc32fast::hash(&blob);
@@ -387,6 +387,8 @@ impl Checkpointer {
             for (leaf, at) in leaves {
                 leaf.set_written_at(at);
             }
+            // Leaves waiting for this checkpoint may go now.
+            self.ctx.meta.trim();
             self.pages_ram.store(state.ram_bytes(), Ordering::Relaxed);
             ck.paged = Some(state);
         }

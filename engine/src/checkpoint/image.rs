@@ -68,7 +68,7 @@ pub fn fuzz_decode_checkpoint(blob: &[u8]) -> bool {
     decode(blob, 1 << 20).is_ok()
 }
 
-pub(crate) fn encode(img: &Image) -> Vec<u8> {
+pub(crate) fn encode(img: &Image) -> Result<Vec<u8>> {
     let live = img.refs.live_iter().filter(|&l| l).count() as u64;
     let pages: u64 = img.volumes.iter().map(|v| v.pages.len() as u64).sum();
     // The lowest version that holds the image, so that older binaries read what they can
@@ -135,9 +135,11 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
         let mut raw = [0u8; 8 + MAP_PAGE_ENTRIES as usize * 8];
         for (idx, page) in &v.pages {
             raw[..8].copy_from_slice(&idx.to_le_bytes());
-            for (slot, id) in raw[8..].chunks_exact_mut(8).zip(page.iter()) {
-                slot.copy_from_slice(&id.to_le_bytes());
-            }
+            page.with_entries(*idx, |ids| {
+                for (slot, id) in raw[8..].chunks_exact_mut(8).zip(ids.iter()) {
+                    slot.copy_from_slice(&id.to_le_bytes());
+                }
+            })?;
             out.extend_from_slice(&raw);
         }
     }
@@ -184,7 +186,7 @@ pub(crate) fn encode(img: &Image) -> Vec<u8> {
             }
         }
     }
-    out.finish()
+    Ok(out.finish())
 }
 
 /// Writes the sections as LZ4 frames of [`CHECKPOINT_FRAME_BYTES`] (the last one shorter),
@@ -579,7 +581,7 @@ mod tests {
             .collect();
         img.volumes = vec![v];
         img.index = (0..50_000u64).map(|k| (k * 7919, k % n)).collect();
-        let blob = encode(&img);
+        let blob = encode(&img).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         // The frames, decompressed and cut again in 4 MiB pieces, give the same blob.
         let mut body = Vec::new();
@@ -611,7 +613,7 @@ mod tests {
         let (vb, vi) = (&back.volumes[0], &img.volumes[0]);
         assert_eq!(vb.pages.len(), vi.pages.len());
         for ((ib, pb), (ii, pi)) in vb.pages.iter().zip(&vi.pages) {
-            assert_eq!((ib, &pb[..]), (ii, &pi[..]));
+            assert_eq!((ib, &pb.ids()[..]), (ii, &pi.ids()[..]));
         }
         assert_eq!(back.index, img.index);
         // A cut anywhere is corrupt, never a panic.
@@ -665,7 +667,7 @@ mod tests {
             volume(3, DedupDomain::Named("tenant-a".into())),
         ];
         img.index = vec![(0xdead_beef, 3)];
-        let blob = encode(&img);
+        let blob = encode(&img).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         assert_eq!(h.version, CHECKPOINT_VERSION_DOMAINS);
         let back = decode(&blob, 16).unwrap();
@@ -678,7 +680,7 @@ mod tests {
                 DedupDomain::Named("tenant-a".into())
             ]
         );
-        assert_eq!(back.volumes[2].pages[0].1[0], 3);
+        assert_eq!(back.volumes[2].pages[0].1.ids()[0], 3);
         assert_eq!((back.data_chains, back.shards.len()), (2, 3));
         assert!(back.keyed_fingerprints);
         assert_eq!(back.index, [(0xdead_beef, 3)]);
@@ -689,7 +691,7 @@ mod tests {
         // Only shared volumes: the version older binaries read, as before.
         let mut img = image(2, 2);
         img.volumes = vec![volume(1, DedupDomain::Shared)];
-        let blob = encode(&img);
+        let blob = encode(&img).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         assert_eq!(h.version, CHECKPOINT_VERSION_PLAIN);
         assert_ne!(h.flags & CHECKPOINT_KEYED, 0);
@@ -698,7 +700,7 @@ mod tests {
         assert_eq!(back.volumes[0].domain, DedupDomain::Shared);
         // A checkpoint written before keyed fingerprints: no flag, its index is not trusted.
         img.keyed_fingerprints = false;
-        let back = decode(&encode(&img), 16).unwrap();
+        let back = decode(&encode(&img).unwrap(), 16).unwrap();
         assert!(!back.keyed_fingerprints);
     }
 
@@ -706,7 +708,7 @@ mod tests {
     fn bad_dedup_domain_is_corrupt() {
         let mut img = image(1, 1);
         img.volumes = vec![volume(1, DedupDomain::Named("abc".into()))];
-        let blob = encode(&img);
+        let blob = encode(&img).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         let raw = sections(&blob, &h).unwrap();
         // Volume section: id 4, name_len 2, flags 2, size 8, page_count 4, name "v1" 2, then
@@ -731,7 +733,7 @@ mod tests {
         ];
         img.index = vec![(5, 0)];
         // No limits: no flag, the blob older binaries wrote.
-        let plain = encode(&img);
+        let plain = encode(&img).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&plain, "t")).unwrap();
         assert_eq!(h.flags & CHECKPOINT_QOS, 0);
         let limits = QosLimits {
@@ -741,7 +743,7 @@ mod tests {
             burst_bytes: 0,
         };
         img.volumes[1].qos = limits;
-        let blob = encode(&img);
+        let blob = encode(&img).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         // Limits alone keep the version (older binaries still open the pool).
         assert_eq!(h.version, CHECKPOINT_VERSION_PLAIN);
@@ -759,7 +761,7 @@ mod tests {
 
     #[test]
     fn move_chain_round_trips_as_version_2() {
-        let blob = encode(&image(2, 3));
+        let blob = encode(&image(2, 3)).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         assert_eq!(h.version, CHECKPOINT_VERSION_MOVE_CHAINS);
         let img = decode(&blob, 16).unwrap();
@@ -769,7 +771,7 @@ mod tests {
 
     #[test]
     fn checkpoint_without_move_chain_stays_version_1() {
-        let blob = encode(&image(2, 2));
+        let blob = encode(&image(2, 2)).unwrap();
         let h = CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap();
         assert_eq!(h.version, CHECKPOINT_VERSION_PLAIN);
         let img = decode(&blob, 16).unwrap();
@@ -781,7 +783,7 @@ mod tests {
         // Version 1 with a chain of kind "moves": written by no binary, refused.
         let mut img = image(2, 3);
         img.data_chains = 3;
-        let blob = encode(&img);
+        let blob = encode(&img).unwrap();
         let mut raw = sections(
             &blob,
             &CheckpointHeader::decode(&mut Get::new(&blob, "t")).unwrap(),

@@ -19,13 +19,13 @@ use super::{Image, VolumeImage};
 use crate::api::DedupDomain;
 use crate::error::{Error, Result};
 use crate::format::{
-    get_u48, put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray,
-    PageHeader, PageKind, PagePtr, PageWant, Put, RootChain, RootIndex, RootVolume, CHAIN_DATA,
-    CHAIN_MOVES, DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_ENTRIES, MAP_PAGE_SLOTS,
-    PAGE_BODY_BYTES, PAGE_HEADER_BYTES, ROOT_KEYED,
+    put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray, PageKind,
+    PagePtr, Put, RootChain, RootIndex, RootVolume, CHAIN_DATA, CHAIN_MOVES, DOMAIN_NAMED,
+    DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_SLOTS, PAGE_BODY_BYTES, ROOT_KEYED,
 };
 use crate::log::ShardPosition;
-use crate::map::{leaf_slots, MapLeaf, MapPage};
+use crate::map::{leaf_slots, MapLeaf};
+use crate::meta::cache::open_leaf;
 use crate::meta::paged::{ArrayPages, PageEntry, PageSource};
 use crate::meta::writer::MetaWriter;
 use crate::qos::QosLimits;
@@ -220,7 +220,7 @@ pub(crate) fn write_image(
             let Some(slot) = dir.get_mut(*idx as usize) else {
                 continue;
             };
-            mapped += leaf.iter().filter(|&&id| id != 0).count() as u64;
+            mapped += leaf.count();
             let kept = leaf
                 .written_at()
                 .filter(|p| !victims.contains(&p.segment) && named.contains_key(p));
@@ -229,9 +229,12 @@ pub(crate) fn write_image(
                 (None, None) => {
                     body.fill(0);
                     let mut p = Put::new(&mut body);
-                    for &id in leaf.iter() {
-                        put_u48(&mut p, id);
-                    }
+                    // A leaf in a segment being cleaned may have been evicted: read back.
+                    leaf.with_entries(*idx, |ids| {
+                        for &id in ids.iter() {
+                            put_u48(&mut p, id);
+                        }
+                    })?;
                     let at = w.page(
                         PageKind::MapLeaf,
                         0,
@@ -477,28 +480,11 @@ pub(crate) fn read_image(
         want.dedup_by_key(|(_, p)| *p);
         let ptrs: Vec<PagePtr> = want.iter().map(|&(_, p)| p).collect();
         for ((idx, at), buf) in want.iter().zip(src.read_pages(&ptrs)?) {
-            let w = PageWant {
-                kind: PageKind::MapLeaf,
-                level: 0,
-                key: *idx,
-                array: PageArray::MapTree,
-                at: *at,
-            };
-            let h = PageHeader::open(&buf, key, &w).map_err(|_| Error::Corrupt {
-                what: "map leaf page",
-            })?;
-            if h.entries as usize != MAP_PAGE_SLOTS {
-                return Err(Error::Corrupt {
-                    what: "map leaf page",
-                });
-            }
-            let mut g = Get::new(&buf[PAGE_HEADER_BYTES..], "map leaf page");
-            let mut ids_of: MapPage = [0; MAP_PAGE_ENTRIES as usize];
-            for slot in ids_of.iter_mut() {
-                *slot = get_u48(&mut g)?;
-            }
-            // Its users are counted as each volume takes it, below.
-            leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids_of))));
+            let ids = open_leaf(&buf, key, *idx, *at)?;
+            // Its users are counted as each volume takes it, below. Its page stays until the
+            // first checkpoint after the open has written its own: the entries may be evicted
+            // and read back from there meanwhile.
+            leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids, *at))));
         }
         let mut pages = Vec::with_capacity(named.len());
         for (idx, at) in named {
@@ -593,7 +579,7 @@ mod tests_support {
     use super::*;
 
     fn leaf(seed: u64) -> Arc<MapLeaf> {
-        let mut ids = [0u64; MAP_PAGE_ENTRIES as usize];
+        let mut ids = [0u64; crate::format::MAP_PAGE_ENTRIES as usize];
         for (i, id) in ids.iter_mut().enumerate() {
             *id = if i % 3 == 0 {
                 0
@@ -710,7 +696,7 @@ mod tests {
             assert_eq!((&b.domain, b.qos), (&i.domain, i.qos));
             assert_eq!(b.pages.len(), i.pages.len());
             for ((bi, bl), (ii, il)) in b.pages.iter().zip(&i.pages) {
-                assert_eq!((bi, &***bl), (ii, &***il));
+                assert_eq!((bi, bl.ids()), (ii, il.ids()));
             }
         }
         let (a, b) = (&back.volumes[0].pages[0].1, &back.volumes[1].pages[0].1);

@@ -103,6 +103,8 @@ pub(crate) struct Context {
     /// Checkpoints are format 3 (a root and pages): the checkpoint reserve counts what they
     /// write.
     pub paged_checkpoints: bool,
+    /// Map leaves in RAM, under a budget (format 3; see `meta::cache`).
+    pub meta: Arc<crate::meta::cache::MetaCache>,
 }
 
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
@@ -130,6 +132,7 @@ pub(crate) struct Parts {
     pub volumes: VolumeTable,
     pub data_shards: usize,
     pub paged_checkpoints: bool,
+    pub meta: Arc<crate::meta::cache::MetaCache>,
 }
 
 impl Context {
@@ -178,6 +181,7 @@ impl Context {
             data_shards: p.data_shards,
             chains,
             paged_checkpoints: p.paged_checkpoints,
+            meta: p.meta,
         }
     }
 
@@ -320,7 +324,7 @@ mod tests {
             .map(|&lba| {
                 let data = vec![lba as u8 + 1; BLOCK_BYTES as usize];
                 v.write(lba * BLOCK_BYTES, &data, false).unwrap();
-                state.maps[shard_of(lba, shards)].lock().get(lba)
+                state.maps[shard_of(lba, shards)].lock().get(lba).unwrap()
             })
             .collect();
         v.flush().unwrap();
@@ -364,7 +368,7 @@ mod tests {
             v.write(lba * BLOCK_BYTES, &data, false).unwrap();
         }
         v.flush().unwrap();
-        let id = |lba: u64| state.maps[shard_of(lba, shards)].lock().get(lba);
+        let id = |lba: u64| state.maps[shard_of(lba, shards)].lock().get(lba).unwrap();
         let (gone, kept) = ((id(20), id(530)), (id(21), id(531)));
         v.trim(20 * BLOCK_BYTES, BLOCK_BYTES, false).unwrap();
         v.trim(530 * BLOCK_BYTES, BLOCK_BYTES, false).unwrap();

@@ -388,7 +388,7 @@ mod tests {
         let shards = inner.ctx.shards();
         let mut corrupted = 0;
         for lba in (1..blocks).step_by(2) {
-            let id = state.maps[shard_of(lba, shards)].lock().get(lba);
+            let id = state.maps[shard_of(lba, shards)].lock().get(lba).unwrap();
             let seen = inner.ctx.reuse.now();
             for cache in &inner.ctx.caches {
                 let mut cache = cache.lock();

@@ -9,54 +9,183 @@
 //! one reference per block, and the first write to a shared leaf gives the writer its own copy,
 //! which adds a reference to each block the copy points at.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
 use crate::format::{PagePtr, MAP_PAGE_ENTRIES};
+use crate::meta::cache::MetaCache;
 
 pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
 
-/// A page of a map, and how many volume maps hold it.
-#[derive(Debug)]
-pub struct MapLeaf {
-    ids: MapPage,
-    /// Volume maps holding this leaf (images of checkpoints do not count). Changed only by the
-    /// shard that owns the leaf's index, or with every shard paused.
-    users: AtomicU32,
+/// A leaf's entries (absent while evicted) and where a committed checkpoint holds them.
+struct LeafState {
+    ids: Option<Box<MapPage>>,
     /// Where a committed format 3 checkpoint holds this leaf as it is (absent: changed since,
     /// or never written). Set by the checkpointer once the checkpoint that wrote it is
     /// committed, on the image's `Arc`, which a map shares only while it does not change it:
-    /// a change copies the leaf (`Arc::make_mut` while the image holds it) or, once the image
-    /// is gone, clears this in place. The next checkpoint names the page again instead of
-    /// rewriting it.
-    at: parking_lot::Mutex<PagePtr>,
+    /// a change copies the leaf while the image holds it or, once the image is gone, clears
+    /// this in place. The next checkpoint names the page again instead of rewriting it, and
+    /// only a leaf with a page may give its entries back (`meta::cache`).
+    at: PagePtr,
+}
+
+/// A page of a map, and how many volume maps hold it. Its entries may be evicted and read
+/// back from its page (`meta::cache`); the rest stays in RAM.
+pub struct MapLeaf {
+    state: Mutex<LeafState>,
+    /// Entries that are not holes (known while the entries are evicted).
+    count: AtomicU32,
+    /// Volume maps holding this leaf (images of checkpoints do not count). Changed only by the
+    /// shard that owns the leaf's index, or with every shard paused.
+    users: AtomicU32,
+    /// Used since the cache's hand last passed it.
+    referenced: AtomicBool,
+    /// The cache that counts it, once a map took it.
+    cache: OnceLock<Arc<MetaCache>>,
+}
+
+impl std::fmt::Debug for MapLeaf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapLeaf")
+            .field("count", &self.count())
+            .field("users", &self.users())
+            .field("at", &self.written_at())
+            .finish()
+    }
 }
 
 impl MapLeaf {
     pub fn new(ids: MapPage) -> MapLeaf {
+        MapLeaf::boxed(Box::new(ids))
+    }
+
+    fn boxed(ids: Box<MapPage>) -> MapLeaf {
         MapLeaf {
-            ids,
+            count: AtomicU32::new(count(&ids) as u32),
+            state: Mutex::new(LeafState {
+                ids: Some(ids),
+                at: PagePtr::ABSENT,
+            }),
             users: AtomicU32::new(1),
-            at: parking_lot::Mutex::new(PagePtr::ABSENT),
+            referenced: AtomicBool::new(true),
+            cache: OnceLock::new(),
         }
     }
 
-    /// A leaf no map holds yet (read from a checkpoint: each volume that names it adds itself).
-    pub(crate) fn unheld(ids: MapPage) -> MapLeaf {
-        MapLeaf {
-            users: AtomicU32::new(0),
-            ..MapLeaf::new(ids)
+    /// A leaf no map holds yet, read from a checkpoint that holds it at `at` (each volume
+    /// that names it adds itself).
+    pub(crate) fn unheld(ids: Box<MapPage>, at: PagePtr) -> MapLeaf {
+        let mut leaf = MapLeaf::boxed(ids);
+        leaf.users.store(0, Ordering::Relaxed);
+        leaf.state.get_mut().at = at;
+        leaf
+    }
+
+    /// Entries that are not holes.
+    pub fn count(&self) -> u64 {
+        u64::from(self.count.load(Ordering::Relaxed))
+    }
+
+    /// The entries, read back from the leaf's page if they were evicted (`idx`: the leaf's
+    /// index in its maps, which its page is bound to).
+    pub(crate) fn read(&self, idx: u64) -> Result<MappedMutexGuard<'_, MapPage>> {
+        let st = self.loaded(idx)?;
+        Ok(MutexGuard::map(st, |s| {
+            &mut **s.ids.as_mut().expect("loaded above")
+        }))
+    }
+
+    /// Run `f` on the entries; evicted ones are read from the page and not kept (for walks
+    /// over every leaf: `stats`, check, checkpoints). Neither a hit nor a use for the cache.
+    pub(crate) fn with_entries<R>(&self, idx: u64, f: impl FnOnce(&MapPage) -> R) -> Result<R> {
+        let st = self.state.lock();
+        if let Some(ids) = &st.ids {
+            return Ok(f(ids));
         }
+        let c = self.cache.get().ok_or(Error::Corrupt {
+            what: "map leaf without entries",
+        })?;
+        let ids = c.read_page(idx, st.at)?;
+        Ok(f(&ids))
+    }
+
+    /// The entries (tests).
+    #[cfg(test)]
+    pub(crate) fn ids(&self) -> MapPage {
+        *self.read(0).expect("entries in RAM")
+    }
+
+    /// A copy of the entries if they are in RAM.
+    pub(crate) fn resident_copy(&self) -> Option<Box<MapPage>> {
+        self.state.lock().ids.clone()
+    }
+
+    /// Entry `i`.
+    pub(crate) fn get(&self, idx: u64, i: usize) -> Result<u64> {
+        Ok(self.read(idx)?[i])
+    }
+
+    /// The state with the entries in RAM.
+    fn loaded(&self, idx: u64) -> Result<MutexGuard<'_, LeafState>> {
+        self.referenced.store(true, Ordering::Relaxed);
+        let mut st = self.state.lock();
+        let cache = self.cache.get();
+        if st.ids.is_some() {
+            if let Some(c) = cache {
+                c.hit();
+            }
+            return Ok(st);
+        }
+        let c = cache.ok_or(Error::Corrupt {
+            what: "map leaf without entries",
+        })?;
+        st.ids = Some(c.load(idx, st.at)?);
+        // Trimming takes other leaves' locks with `try_lock` only: holding this one is safe.
+        c.loaded();
+        Ok(st)
+    }
+
+    /// Set entry `i` in place (the caller owns the leaf: no image or other map holds it).
+    fn put(&self, idx: u64, i: usize, id: u64) -> Result<u64> {
+        let mut st = self.loaded(idx)?;
+        let ids = st.ids.as_mut().expect("loaded above");
+        let old = std::mem::replace(&mut ids[i], id);
+        match (old, id) {
+            (0, 0) => {}
+            (0, _) => {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            (_, 0) => {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if old != id {
+            st.at = PagePtr::ABSENT;
+        }
+        Ok(old)
+    }
+
+    /// A copy for the same maps (a checkpoint's image or a snapshot held the original): same
+    /// users, no page.
+    fn copy(&self, idx: u64) -> Result<MapLeaf> {
+        let ids = Box::new(*self.read(idx)?);
+        let leaf = MapLeaf::boxed(ids);
+        leaf.users.store(self.users(), Ordering::Relaxed);
+        Ok(leaf)
     }
 
     /// Where a committed checkpoint holds it unchanged, if one does.
     pub(crate) fn written_at(&self) -> Option<PagePtr> {
-        Some(*self.at.lock()).filter(|p| !p.is_absent())
+        Some(self.state.lock().at).filter(|p| !p.is_absent())
     }
 
     /// A committed checkpoint holds it at `at`.
     pub(crate) fn set_written_at(&self, at: PagePtr) {
-        *self.at.lock() = at;
+        self.state.lock().at = at;
     }
 
     /// One more map holds it.
@@ -68,33 +197,58 @@ impl MapLeaf {
     pub fn users(&self) -> u32 {
         self.users.load(Ordering::Relaxed)
     }
+
+    /// Counted by `cache` from now on; false if a cache counts it already.
+    pub(crate) fn adopt(&self, cache: &Arc<MetaCache>) -> bool {
+        self.cache.set(cache.clone()).is_ok()
+    }
+
+    pub(crate) fn has_entries(&self) -> bool {
+        self.state.lock().ids.is_some()
+    }
+
+    /// Clear the used mark, returning it.
+    pub(crate) fn take_referenced(&self) -> bool {
+        self.referenced.swap(false, Ordering::Relaxed)
+    }
+
+    /// Give the entries back if a committed page holds them and nobody is using them now.
+    pub(crate) fn evict(&self) -> bool {
+        let Some(mut st) = self.state.try_lock() else {
+            return false;
+        };
+        if st.at.is_absent() || st.ids.is_none() {
+            return false;
+        }
+        st.ids = None;
+        true
+    }
 }
 
-impl Clone for MapLeaf {
-    /// A copy for the same maps (a checkpoint's image held the original): same users.
-    fn clone(&self) -> MapLeaf {
-        MapLeaf {
-            ids: self.ids,
-            users: AtomicU32::new(self.users()),
-            at: parking_lot::Mutex::new(PagePtr::ABSENT),
+impl Drop for MapLeaf {
+    fn drop(&mut self) {
+        if let Some(c) = self.cache.get() {
+            c.dropped(self.state.get_mut().ids.is_some());
         }
     }
 }
 
-impl std::ops::Deref for MapLeaf {
-    type Target = MapPage;
-    fn deref(&self) -> &MapPage {
-        &self.ids
-    }
-}
-
-/// Let go of a map's hold on `leaf`; the last holder drops a reference for each block in it.
-fn release(leaf: &MapLeaf, drop_ref: &mut dyn FnMut(u64)) {
-    if leaf.users.fetch_sub(1, Ordering::Relaxed) == 1 {
-        for &id in leaf.ids.iter().filter(|&&id| id != 0) {
-            drop_ref(id);
+/// Let go of a map's hold on `leaf` (at index `idx`); the last holder drops a reference for
+/// each block in it, reading its entries back first if they were evicted (nothing changes if
+/// that fails).
+fn release(leaf: &MapLeaf, idx: u64, drop_ref: &mut dyn FnMut(u64)) -> Result<()> {
+    if leaf.users() == 1 {
+        if leaf.count() > 0 {
+            let ids = leaf.read(idx)?;
+            for &id in ids.iter().filter(|&&id| id != 0) {
+                drop_ref(id);
+            }
         }
+        leaf.users.store(0, Ordering::Relaxed);
+    } else {
+        leaf.users.fetch_sub(1, Ordering::Relaxed);
     }
+    Ok(())
 }
 
 /// Map pages of one volume that one shard owns (pages `p` with `p % shards == shard`); the
@@ -108,21 +262,31 @@ pub struct LbaMap {
     /// Pages allocated (`Some`): what a checkpoint of the map costs, which the space reserve
     /// is computed from on every segment roll-over (counting them walked every page).
     present: u64,
+    /// Counts the leaves and holds their entries under a budget.
+    cache: Arc<MetaCache>,
 }
 
 impl LbaMap {
+    #[cfg(test)]
     pub fn new(blocks: u64) -> Self {
+        LbaMap::cached(blocks, Arc::default())
+    }
+
+    /// A map whose leaves `cache` counts.
+    pub(crate) fn cached(blocks: u64, cache: Arc<MetaCache>) -> Self {
         LbaMap {
             pages: vec![None; blocks.div_ceil(MAP_PAGE_ENTRIES) as usize],
             mapped: 0,
             present: 0,
+            cache,
         }
     }
 
-    /// Bytes of RAM this map holds: its page slots, and each page `seen` does not hold yet
-    /// (snapshots and clones share pages; pass one set over all of them).
+    /// Bytes of RAM this map holds outside the metadata cache: its page slots, and the stub
+    /// of each leaf `seen` does not hold yet (snapshots and clones share leaves; pass one set
+    /// over all of them). The entries a leaf holds are the cache's.
     pub fn ram_bytes(&self, seen: &mut std::collections::HashSet<*const MapLeaf>) -> u64 {
-        // A page's `Arc` allocation: two counts, then the page.
+        // A leaf's `Arc` allocation: two counts, then the stub.
         let page = (std::mem::size_of::<MapLeaf>() + 2 * std::mem::size_of::<usize>()) as u64;
         let slots = (self.pages.capacity() * std::mem::size_of::<Option<Arc<MapLeaf>>>()) as u64;
         let pages = self
@@ -146,70 +310,85 @@ impl LbaMap {
             return false;
         };
         match slot {
-            Some(old) => self.mapped -= count(old),
+            Some(old) => self.mapped -= old.count(),
             None => self.present += 1,
         }
-        self.mapped += count(&page);
+        self.mapped += page.count();
+        self.cache.admit(&page);
         *slot = Some(page);
         true
     }
 
-    pub fn get(&self, lba: u64) -> u64 {
+    pub fn get(&self, lba: u64) -> Result<u64> {
         let (p, i) = split(lba);
         match self.pages.get(p) {
-            Some(Some(page)) => page[i],
-            _ => 0,
+            Some(Some(page)) => page.get(p as u64, i),
+            _ => Ok(0),
         }
     }
 
     /// The entry at `lba`, and whether its leaf is held by other maps too.
-    pub fn get_shared(&self, lba: u64) -> (u64, bool) {
+    pub fn get_shared(&self, lba: u64) -> Result<(u64, bool)> {
         let (p, i) = split(lba);
         match self.pages.get(p) {
-            Some(Some(page)) => (page[i], page.users() > 1),
-            _ => (0, false),
+            Some(Some(page)) => Ok((page.get(p as u64, i)?, page.users() > 1)),
+            _ => Ok((0, false)),
         }
     }
 
     /// Set an entry, returning the previous block id (0 for a hole). A leaf other volumes
-    /// share is copied first, and the copy's blocks get a reference each (`add_ref`).
-    pub fn set(&mut self, lba: u64, id: u64, add_ref: &mut dyn FnMut(u64)) -> u64 {
+    /// share is copied first, and the copy's blocks get a reference each (`add_ref`). On an
+    /// error (an evicted leaf that cannot be read back) nothing changed.
+    pub fn set(&mut self, lba: u64, id: u64, add_ref: &mut dyn FnMut(u64)) -> Result<u64> {
         let (p, i) = split(lba);
         if p >= self.pages.len() {
-            return 0;
+            return Ok(0);
         }
         let slot = &mut self.pages[p];
         let old = match slot {
-            Some(page) => page[i],
+            Some(page) => page.get(p as u64, i)?,
             None => 0,
         };
         if old == id {
-            return old;
+            return Ok(old);
         }
-        if id != 0 || slot.is_some() {
-            if slot.is_none() {
+        match slot {
+            None => {
+                let mut ids = [0; MAP_PAGE_ENTRIES as usize];
+                ids[i] = id;
+                let leaf = Arc::new(MapLeaf::new(ids));
+                self.cache.admit(&leaf);
+                *slot = Some(leaf);
                 self.present += 1;
             }
-            let page =
-                slot.get_or_insert_with(|| Arc::new(MapLeaf::new([0; MAP_PAGE_ENTRIES as usize])));
-            if page.users() > 1 {
-                let own = MapLeaf::new(page.ids);
-                page.users.fetch_sub(1, Ordering::Relaxed);
-                for &b in own.ids.iter().filter(|&&b| b != 0) {
-                    add_ref(b);
+            Some(page) if page.users() > 1 || Arc::strong_count(page) > 1 => {
+                // Another map holds it (a snapshot: the copy is ours, with a reference to
+                // each of its blocks), or a checkpoint's image does (the copy replaces it for
+                // the same maps).
+                let shared = page.users() > 1;
+                let mut own = page.copy(p as u64)?;
+                if shared {
+                    own.users = AtomicU32::new(1);
+                    page.users.fetch_sub(1, Ordering::Relaxed);
+                    for &b in own.read(p as u64)?.iter().filter(|&&b| b != 0) {
+                        add_ref(b);
+                    }
                 }
-                *page = Arc::new(own);
+                own.put(p as u64, i, id)?;
+                let own = Arc::new(own);
+                self.cache.admit(&own);
+                *page = own;
             }
-            let leaf = Arc::make_mut(page);
-            leaf.ids[i] = id;
-            *leaf.at.get_mut() = PagePtr::ABSENT;
+            Some(page) => {
+                page.put(p as u64, i, id)?;
+            }
         }
         match (old, id) {
             (0, _) => self.mapped += 1,
             (_, 0) => self.mapped -= 1,
             _ => {}
         }
-        old
+        Ok(old)
     }
 
     /// Resize to `blocks` entries. Entries past the new end are dropped (`drop_ref` for each
@@ -220,23 +399,27 @@ impl LbaMap {
         blocks: u64,
         add_ref: &mut dyn FnMut(u64),
         drop_ref: &mut dyn FnMut(u64),
-    ) {
+    ) -> Result<()> {
         let keep = blocks.div_ceil(MAP_PAGE_ENTRIES) as usize;
         let kept_end = (keep.min(self.pages.len()) as u64) * MAP_PAGE_ENTRIES;
         for lba in blocks..kept_end {
-            let id = self.set(lba, 0, add_ref);
+            let id = self.set(lba, 0, add_ref)?;
             if id != 0 {
                 drop_ref(id);
             }
         }
-        if keep < self.pages.len() {
-            for leaf in self.pages.drain(keep..).flatten() {
+        // From the end, so that an error leaves the map whole up to the leaf that failed.
+        while self.pages.len() > keep {
+            let idx = self.pages.len() - 1;
+            if let Some(leaf) = &self.pages[idx] {
+                release(leaf, idx as u64, drop_ref)?;
                 self.present -= 1;
-                self.mapped -= count(&leaf);
-                release(&leaf, drop_ref);
+                self.mapped -= leaf.count();
             }
+            self.pages.pop();
         }
         self.pages.resize(keep, None);
+        Ok(())
     }
 
     /// A map holding the same leaves (a snapshot or clone): one more user per leaf, no block
@@ -249,23 +432,25 @@ impl LbaMap {
     }
 
     /// Let go of every leaf (the volume is deleted): `drop_ref` for each block of the leaves
-    /// no other map holds.
-    pub fn release_all(&mut self, drop_ref: &mut dyn FnMut(u64)) {
-        for leaf in std::mem::take(&mut self.pages).into_iter().flatten() {
-            release(&leaf, drop_ref);
-        }
-        *self = LbaMap::default();
+    /// no other map holds. On an error the leaves not let go of stay.
+    pub fn release_all(&mut self, drop_ref: &mut dyn FnMut(u64)) -> Result<()> {
+        self.resize(0, &mut |_| {}, drop_ref)?;
+        *self = LbaMap {
+            cache: self.cache.clone(),
+            ..LbaMap::default()
+        };
+        Ok(())
     }
 
     /// Iterate (lba, block id) over mapped entries.
     #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.pages.iter().enumerate().flat_map(|(p, page)| {
-            page.iter().flat_map(move |page| {
-                page.iter()
-                    .enumerate()
-                    .filter(|(_, &id)| id != 0)
-                    .map(move |(i, &id)| (p as u64 * MAP_PAGE_ENTRIES + i as u64, id))
+            let ids = page.as_ref().map(|l| *l.read(p as u64).unwrap());
+            ids.into_iter().flat_map(move |ids| {
+                (0..MAP_PAGE_ENTRIES as usize)
+                    .filter(move |&i| ids[i] != 0)
+                    .map(move |i| (p as u64 * MAP_PAGE_ENTRIES + i as u64, ids[i]))
             })
         })
     }
@@ -306,7 +491,7 @@ pub(crate) fn trim_owned(
     shards: usize,
     add_ref: &mut dyn FnMut(u64),
     mut freed: impl FnMut(u64),
-) {
+) -> Result<()> {
     let end = (lba + count).min(map.pages.len() as u64 * MAP_PAGE_ENTRIES);
     let mut pos = lba;
     while pos < end {
@@ -314,7 +499,7 @@ pub(crate) fn trim_owned(
         let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
         if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
             for l in pos..page_end {
-                let old = map.set(l, 0, add_ref);
+                let old = map.set(l, 0, add_ref)?;
                 if old != 0 {
                     freed(old);
                 }
@@ -322,6 +507,7 @@ pub(crate) fn trim_owned(
         }
         pos = page_end;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -345,7 +531,8 @@ mod tests {
             let lba = x % (m.pages.len() as u64 * MAP_PAGE_ENTRIES + 8);
             match step % 97 {
                 0 => {
-                    m.resize((x >> 8) % (96 * MAP_PAGE_ENTRIES), &mut |_| {}, &mut |_| {});
+                    m.resize((x >> 8) % (96 * MAP_PAGE_ENTRIES), &mut |_| {}, &mut |_| {})
+                        .unwrap();
                 }
                 1 => {
                     m.load_page(
@@ -354,7 +541,8 @@ mod tests {
                     );
                 }
                 _ => {
-                    m.set(lba, if x & 1 == 0 { 0 } else { step + 1 }, &mut none);
+                    m.set(lba, if x & 1 == 0 { 0 } else { step + 1 }, &mut none)
+                        .unwrap();
                 }
             }
             assert_eq!(m.present_pages(), counted(&m), "step {step}");
@@ -375,29 +563,29 @@ mod tests {
         };
         let mut m = LbaMap::new(4 * MAP_PAGE_ENTRIES);
         let mut none = |_| {};
-        m.set(5, 1, &mut none);
+        m.set(5, 1, &mut none).unwrap();
         let leaf = m.pages[0].clone().unwrap();
         leaf.set_written_at(at);
         drop(leaf);
         // Unchanged: still there; an entry set to what it holds changes nothing.
         assert_eq!(m.pages[0].as_ref().unwrap().written_at(), Some(at));
-        m.set(5, 1, &mut none);
+        m.set(5, 1, &mut none).unwrap();
         assert_eq!(m.pages[0].as_ref().unwrap().written_at(), Some(at));
         // Changed in place (nothing else holds it).
-        m.set(6, 2, &mut none);
+        m.set(6, 2, &mut none).unwrap();
         assert_eq!(m.pages[0].as_ref().unwrap().written_at(), None);
         // Changed while an image holds it: the map gets a copy without a place, the image's
         // leaf keeps its own.
         let image = m.pages[0].clone().unwrap();
         image.set_written_at(at);
-        m.set(7, 3, &mut none);
+        m.set(7, 3, &mut none).unwrap();
         assert_eq!(m.pages[0].as_ref().unwrap().written_at(), None);
         assert_eq!(image.written_at(), Some(at));
-        assert_eq!(image[7], 0);
+        assert_eq!(image.ids()[7], 0);
         // Shared with a snapshot: the writer's copy has no place either.
         let snap = m.share();
         snap.pages[0].as_ref().unwrap().set_written_at(at);
-        m.set(8, 4, &mut none);
+        m.set(8, 4, &mut none).unwrap();
         assert_eq!(m.pages[0].as_ref().unwrap().written_at(), None);
         assert_eq!(snap.pages[0].as_ref().unwrap().written_at(), Some(at));
     }
@@ -425,15 +613,18 @@ mod tests {
                 }
                 1 if maps.len() > 1 => {
                     let mut gone = maps.swap_remove(m);
-                    gone.release_all(&mut |id| *refs.entry(id).or_default() -= 1);
+                    gone.release_all(&mut |id| *refs.entry(id).or_default() -= 1)
+                        .unwrap();
                 }
                 2 => {
                     let mut dropped = Vec::new();
-                    maps[m].resize((x >> 20) % blocks, &mut add, &mut |id| dropped.push(id));
+                    maps[m]
+                        .resize((x >> 20) % blocks, &mut add, &mut |id| dropped.push(id))
+                        .unwrap();
                     for id in dropped {
                         *refs.entry(id).or_default() -= 1;
                     }
-                    maps[m].resize(blocks, &mut |_| {}, &mut |_| {});
+                    maps[m].resize(blocks, &mut |_| {}, &mut |_| {}).unwrap();
                 }
                 _ => {
                     // Few distinct ids, so that leaves share blocks as well as being shared.
@@ -441,7 +632,7 @@ mod tests {
                     if id != 0 {
                         add(id);
                     }
-                    let old = maps[m].set(lba, id, &mut add);
+                    let old = maps[m].set(lba, id, &mut add).unwrap();
                     if old != 0 {
                         *refs.entry(old).or_default() -= 1;
                     }
@@ -451,7 +642,7 @@ mod tests {
             let mut seen = HashSet::new();
             for leaf in maps.iter().flat_map(|m| m.pages.iter().flatten()) {
                 if seen.insert(Arc::as_ptr(leaf)) {
-                    for &id in leaf.iter().filter(|&&id| id != 0) {
+                    for &id in leaf.ids().iter().filter(|&&id| id != 0) {
                         *want.entry(id).or_default() += 1;
                     }
                 }

@@ -9,6 +9,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::api::{DedupDomain, BLOCK_BYTES};
 use crate::map::lba::{shard_of, LbaMap};
+use crate::meta::cache::MetaCache;
 use crate::reduce::FingerprintKey;
 
 /// Volumes by name, and the id the next one gets.
@@ -44,14 +45,21 @@ pub(crate) struct VolumeState {
 struct PerShard<T>(T);
 
 impl VolumeState {
-    pub fn new(id: u32, name: String, size_bytes: u64, shards: usize) -> Self {
+    /// A volume whose map leaves `meta` counts.
+    pub(crate) fn new(
+        id: u32,
+        name: String,
+        size_bytes: u64,
+        shards: usize,
+        meta: &Arc<MetaCache>,
+    ) -> Self {
         let blocks = size_bytes.div_ceil(BLOCK_BYTES);
         VolumeState {
             id,
             name,
             size_bytes: AtomicU64::new(size_bytes),
             maps: (0..shards)
-                .map(|_| Mutex::new(LbaMap::new(blocks)))
+                .map(|_| Mutex::new(LbaMap::cached(blocks, meta.clone())))
                 .collect(),
             deleted: AtomicBool::new(false),
             dedup: AtomicBool::new(true),
@@ -125,14 +133,14 @@ impl VolumeState {
         self.size().div_ceil(BLOCK_BYTES)
     }
 
-    pub fn lookup(&self, lba: u64) -> u64 {
+    pub fn lookup(&self, lba: u64) -> crate::error::Result<u64> {
         self.maps[shard_of(lba, self.maps.len())].lock().get(lba)
     }
 
     /// The block at `lba`, and whether overwriting it frees nothing because another volume
     /// holds it too: through the same leaf (a snapshot or clone not written since), or through
     /// another leaf (more than one reference is checked by the caller).
-    pub fn lookup_shared(&self, lba: u64) -> (u64, bool) {
+    pub fn lookup_shared(&self, lba: u64) -> crate::error::Result<(u64, bool)> {
         self.maps[shard_of(lba, self.maps.len())]
             .lock()
             .get_shared(lba)

@@ -5,6 +5,7 @@
 //! pages in RAM (`paged::PagedArray`) and the retention of metadata segments (`segs`) wait for
 //! incremental checkpoints.
 
+pub(crate) mod cache;
 pub(crate) mod paged;
 pub(crate) mod segs;
 pub(crate) mod writer;

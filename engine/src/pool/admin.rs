@@ -146,7 +146,7 @@ impl Pool {
                 }
                 let id = t.next_id;
                 t.next_id += 1;
-                let v = VolumeState::new(id, name.clone(), size_bytes, shards);
+                let v = VolumeState::new(id, name.clone(), size_bytes, shards, &ctx.meta);
                 v.set_dedup_domain(domain.clone(), &ctx.log_key.0);
                 t.by_name.insert(name.clone(), Arc::new(v));
                 Ok(())
@@ -225,7 +225,7 @@ impl Pool {
                     .ok_or_else(|| Error::VolumeNotFound(src.clone()))?;
                 let id = t.next_id;
                 t.next_id += 1;
-                let v = VolumeState::new(id, name.clone(), s.size(), shards);
+                let v = VolumeState::new(id, name.clone(), s.size(), shards, &ctx.meta);
                 v.set_flags(s.flags() & !crate::format::VOLUME_READ_ONLY);
                 v.read_only.store(read_only, Ordering::Relaxed);
                 // A clone of a private volume is private to itself (it shares the source's blocks
@@ -266,9 +266,15 @@ impl Pool {
                 v.deleted.store(true, Ordering::Release);
                 let mut space = ctx.space.lock();
                 for m in &v.maps {
-                    m.lock().release_all(&mut |id| {
+                    let released = m.lock().release_all(&mut |id| {
                         space.drop_ref(id, seq);
                     });
+                    // An evicted leaf that does not read back: the counts are half changed,
+                    // and no checkpoint may keep them (the next open counts afresh).
+                    if let Err(e) = released {
+                        ctx.health.set_fault(format!("deleting volume {name}: {e}"));
+                        return Err(e);
+                    }
                 }
                 Ok(())
             }))
@@ -305,12 +311,18 @@ impl Pool {
                 let mut space = ctx.space.lock();
                 for m in &v.maps {
                     let mut dropped = Vec::new();
-                    m.lock()
+                    let resized = m
+                        .lock()
                         .resize(blocks, &mut |id| space.add_ref(id), &mut |id| {
                             dropped.push(id)
                         });
                     for id in dropped {
                         space.drop_ref(id, seq);
+                    }
+                    // As in `delete_volume`.
+                    if let Err(e) = resized {
+                        ctx.health.set_fault(format!("resizing volume {name}: {e}"));
+                        return Err(e);
                     }
                 }
                 v.size_bytes.store(size_bytes, Ordering::Release);
@@ -396,7 +408,7 @@ mod tests {
         let ctx = &pool.inner.ctx;
         let shards = ctx.shards();
         let (src, snap) = (ctx.lookup("v").unwrap(), ctx.lookup("s").unwrap());
-        let id = |lba: u64| src.maps[shard_of(lba, shards)].lock().get(lba);
+        let id = |lba: u64| src.maps[shard_of(lba, shards)].lock().get(lba).unwrap();
         let refs = |id: u64| ctx.space.lock().refs.get(id);
         assert!(
             (0..blocks).all(|lba| refs(id(lba)) == 1),

@@ -34,6 +34,7 @@ use crate::io::sync::FileSet;
 use crate::io::{open_devices, AlignedBuf, Doorbell, SharedDevices};
 use crate::log::ShardPosition;
 use crate::map::VolumeState;
+use crate::meta::cache::MetaCache;
 use crate::recovery::{replay, Rebuild, Replayed};
 use crate::reduce::DedupIndex;
 use crate::shard::Shard;
@@ -146,6 +147,19 @@ impl Pool {
                 source,
             })?,
         };
+        // Map leaves: a format 3 pool's may be evicted from the start (each was read from a
+        // page the open keeps until its recovery checkpoint commits); format 2's may not.
+        let meta_budget = o
+            .metadata_cache_bytes
+            .unwrap_or_else(super::options::default_metadata_cache_bytes);
+        let meta = Arc::new(MetaCache::new(
+            if newest.version >= crate::format::FORMAT_VERSION_PAGED {
+                meta_budget
+            } else {
+                u64::MAX
+            },
+        ));
+        meta.set_source(store.clone(), log_key, 0);
         for sb in &mut sbs {
             // Version 1 becomes at least 2 (below: 3 when there is room).
             sb.version = sb.version.max(crate::format::FORMAT_VERSION);
@@ -210,7 +224,7 @@ impl Pool {
         let mut counted: std::collections::HashSet<*const crate::map::MapLeaf> =
             std::collections::HashSet::new();
         for v in image.volumes {
-            let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards);
+            let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards, &meta);
             if v.flags & !crate::format::VOLUME_KNOWN_FLAGS != 0 {
                 return Err(Error::Corrupt {
                     what: "a volume has flags this build does not know (written by a newer ingot?)",
@@ -221,14 +235,16 @@ impl Pool {
             vs.qos.set(v.qos);
             for (idx, page) in v.pages {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
-                let ids = page.clone();
-                if m.load_page(idx as usize, page) && counted.insert(Arc::as_ptr(&ids)) {
-                    for &id in ids.iter() {
-                        if id != 0 {
+                let leaf = page.clone();
+                if counted.insert(Arc::as_ptr(&leaf)) {
+                    // Before the map takes it: taking it may evict its entries.
+                    leaf.with_entries(idx, |ids| {
+                        for &id in ids.iter().filter(|&&id| id != 0) {
                             space.add_ref(id);
                         }
-                    }
+                    })?;
                 }
+                m.load_page(idx as usize, page);
             }
             let vs = Arc::new(vs);
             by_id.insert(v.id, vs.clone());
@@ -501,6 +517,10 @@ impl Pool {
         let usable_bytes = usable_bytes(&geo, nshards, paged);
         let health = Arc::new(Health::default());
         let reuse = ReuseEpoch::default();
+        // An upgraded pool's leaves may go once its first format 3 checkpoint holds them.
+        if paged {
+            meta.set_budget(meta_budget);
+        }
         // Writes and deletes of earlier owners are refused from now on.
         store.fence(epoch);
         let ctx = Arc::new(Context::new(Parts {
@@ -538,6 +558,7 @@ impl Pool {
             volumes: table,
             data_shards: nshards,
             paged_checkpoints: paged,
+            meta: meta.clone(),
         }));
         let workers = Arc::new(Workers::new(senders, bells, urgent));
         let ckpt = Arc::new(Checkpointer::new(

@@ -67,6 +67,12 @@ pub struct PoolOptions {
     /// RAM for the dedup index; `None` = 2% of physical memory, at least 64 MiB. Past it the
     /// index keeps a sample of fingerprints (fewer dedup hits, never a failed write).
     pub dedup_index_bytes: Option<u64>,
+    /// RAM for map leaves (the metadata cache, issue 22); `None` = 1/64 of physical memory,
+    /// at least 64 MiB. Past it, leaves a checkpoint holds unchanged give their entries back
+    /// and read them from their page when next used; leaves changed since stay until the next
+    /// checkpoint, which comes early when they alone pass it. Format 3 pools only (format 2
+    /// keeps every leaf).
+    pub metadata_cache_bytes: Option<u64>,
     /// Write-back: most bytes of writes (without FUA) acknowledged once the engine has taken
     /// them, before they are on the device (at most a 64th of the usable capacity); 0
     /// acknowledges every write when it is stored. The block protocols allow it (a flush,
@@ -91,6 +97,7 @@ impl Default for PoolOptions {
             fault: None,
             paged_metadata: true,
             dedup_index_bytes: None,
+            metadata_cache_bytes: None,
             write_back_bytes: 0,
             read_only: false,
         }
@@ -247,6 +254,15 @@ pub(crate) fn default_index_bytes() -> u64 {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let total = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
     (total / 50).max(64 << 20)
+}
+
+pub(crate) fn default_metadata_cache_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let total = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    (total / 64).max(64 << 20)
 }
 
 pub(crate) fn default_cache_bytes() -> u64 {

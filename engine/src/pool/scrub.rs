@@ -47,7 +47,22 @@ impl Pool {
                         .or_insert((0, leaf.users()));
                     h.0 += 1;
                     let first = h.0 == 1;
-                    for (i, &id) in leaf.iter().enumerate().filter(|(_, &id)| id != 0) {
+                    let ids = match leaf.with_entries(p as u64, |e| Box::new(*e)) {
+                        Ok(ids) => ids,
+                        Err(e) => {
+                            report.problems.push(Problem {
+                                kind: "map leaf".into(),
+                                detail: format!(
+                                    "volume {} blocks {}..{}: {e}",
+                                    v.name,
+                                    p as u64 * MAP_PAGE_ENTRIES,
+                                    (p as u64 + 1) * MAP_PAGE_ENTRIES
+                                ),
+                            });
+                            continue;
+                        }
+                    };
+                    for (i, &id) in ids.iter().enumerate().filter(|(_, &id)| id != 0) {
                         let lba = p as u64 * MAP_PAGE_ENTRIES + i as u64;
                         match counted.get_mut(id as usize) {
                             Some(c) if refs.live(id) => {

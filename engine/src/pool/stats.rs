@@ -62,7 +62,7 @@ impl Pool {
         // Lock order is checkpoint state, then space (as a checkpoint takes them): read the
         // checkpoint's sequence number before taking the space lock.
         let checkpoint_seq = inner.ckpt.state.lock().seq_end;
-        let space = inner.ctx.space.lock();
+        let mut space = inner.ctx.space.lock();
         // Map pages are shared by snapshots and clones: each counted once.
         let mut pages_seen = HashSet::new();
         let mut map_ram = 0u64;
@@ -80,9 +80,21 @@ impl Pool {
                 // A block's share: one over its references (the distinct leaves pointing at
                 // it) times this leaf's holders (the volumes sharing the leaf), so that the
                 // volumes' shares add up to one.
-                for leaf in m.pages.iter().flatten() {
+                for (idx, leaf) in m.pages.iter().enumerate() {
+                    let Some(leaf) = leaf else { continue };
                     let users = f64::from(leaf.users().max(1));
-                    for &id in leaf.iter().filter(|&&id| id != 0) {
+                    // An evicted leaf is read back without the space lock (and not kept); one
+                    // that does not read back counts nothing here (reads and check report it).
+                    let ids = match leaf.resident_copy() {
+                        Some(ids) => ids,
+                        None => match parking_lot::MutexGuard::unlocked(&mut space, || {
+                            leaf.with_entries(idx as u64, |e| Box::new(*e))
+                        }) {
+                            Ok(ids) => ids,
+                            Err(_) => continue,
+                        },
+                    };
+                    for &id in ids.iter().filter(|&&id| id != 0) {
                         if let Some(b) = space.get(id) {
                             let r = f64::from(space.refs.get(id)) * users;
                             unique += 1.0 / r;
@@ -105,6 +117,7 @@ impl Pool {
             let d = inner.ctx.dedup.lock();
             (d.bytes(), d.len() as u64, 1u64 << d.sample_bits())
         };
+        let meta = inner.ctx.meta.stats();
         let metadata_ram = map_ram
             + space.ram_bytes()
             + inner
@@ -179,6 +192,12 @@ impl Pool {
             data_reduction_ratio: ratio(logical as f64, space.stored_bytes as f64),
             dedup_index_bytes: index_bytes,
             metadata_ram_bytes: metadata_ram,
+            metadata_cache_budget_bytes: meta.budget_bytes,
+            metadata_cache_bytes: meta.resident_bytes,
+            metadata_cache_leaves: meta.leaves,
+            metadata_cache_hits: meta.hits,
+            metadata_cache_misses: meta.misses,
+            metadata_cache_evictions: meta.evictions,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {
                 0.0
             } else {

@@ -298,6 +298,15 @@ impl Reader {
         // Scratch kept by the reader: a 4k read allocates only its job, buffer and span.
         let mut found = std::mem::take(&mut self.found);
         found.clear();
+        // Evicted leaves are read back before the space lock is taken (the look-ups below find
+        // them then); one that does not read back goes to the shard, which reports it.
+        for lba in first..=last {
+            if state.maps[shard_of(lba, shards)].lock().get(lba).is_err() {
+                ctx.reads.leave(ticket);
+                self.found = found;
+                return Err(done);
+            }
+        }
         let seen;
         {
             // Space, then maps, as the shards apply records.
@@ -305,7 +314,10 @@ impl Reader {
             // Under the space lock: no release of ids can fall between it and the look-ups.
             seen = ctx.reuse.now();
             for lba in first..=last {
-                let id = state.maps[shard_of(lba, shards)].lock().get(lba);
+                let id = state.maps[shard_of(lba, shards)]
+                    .lock()
+                    .get(lba)
+                    .unwrap_or(u64::MAX);
                 let entry = if id == 0 { None } else { space.get(id) };
                 if id != 0 && entry.is_none() {
                     drop(space);

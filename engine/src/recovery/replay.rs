@@ -108,7 +108,7 @@ pub(crate) fn replay(
                         d.lba,
                         d.block_id,
                         &mut |id| space.add_ref(id),
-                    );
+                    )?;
                     if old != 0 {
                         r.space.drop_ref(old, rec.seq);
                     }
@@ -139,7 +139,7 @@ pub(crate) fn replay(
                             r.old_shards.max(1),
                             &mut |id| space.add_ref(id),
                             |id| freed.push(id),
-                        );
+                        )?;
                         drop(map);
                         for id in freed {
                             r.space.drop_ref(id, rec.seq);

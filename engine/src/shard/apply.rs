@@ -165,6 +165,21 @@ impl Shard {
         let mut cached = Vec::with_capacity(applies.len());
         // Blocks this record left unreferenced: out of the cache, their slots serve the copies.
         let mut dead: Vec<u64> = Vec::new();
+        // Leaves whose entries were evicted are read back now, not under the pool's space lock
+        // below (a later eviction in between reads again there; `meta::cache`).
+        for a in &applies {
+            if let Apply::Block { vol, lba, .. }
+            | Apply::Ref { vol, lba, .. }
+            | Apply::Hole { vol, lba } = a
+            {
+                if *lba < vol.blocks() {
+                    let _ = vol.maps[me].lock().get(*lba);
+                }
+            }
+        }
+        // A map that cannot be changed (an evicted leaf that does not read back) after its
+        // record is in the log: the pool stops, and the next open replays the record.
+        let mut failed: Option<crate::error::Error> = None;
         let mut space = self.ctx.space.lock();
         // Copies of the blocks placed below may be cached only while no id was released since.
         let seen = self.ctx.reuse.now();
@@ -197,6 +212,13 @@ impl Shard {
                     }
                     space.add_ref(*id);
                     let old = map_of!(vol).set(*lba, *id, &mut |b| space.add_ref(b));
+                    let old = match old {
+                        Ok(old) => old,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            continue;
+                        }
+                    };
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
@@ -222,6 +244,13 @@ impl Shard {
                         space.add_ref(*id);
                     }
                     let old = map_of!(vol).set(*lba, *id, &mut |b| space.add_ref(b));
+                    let old = match old {
+                        Ok(old) => old,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            continue;
+                        }
+                    };
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
@@ -229,6 +258,13 @@ impl Shard {
                 }
                 Apply::Hole { vol, lba } => {
                     let old = map_of!(vol).set(*lba, 0, &mut |b| space.add_ref(b));
+                    let old = match old {
+                        Ok(old) => old,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            continue;
+                        }
+                    };
                     if old != 0 && space.drop_ref(old, seq) {
                         dead.push(old);
                     }
@@ -238,7 +274,7 @@ impl Shard {
                     // Trimmed blocks stay cached until evicted: a trim can free millions.
                     // Both callbacks change the space, one at a time.
                     let sp = std::cell::RefCell::new(&mut *space);
-                    trim_owned(
+                    let trimmed = trim_owned(
                         map_of!(vol),
                         *lba,
                         *count,
@@ -249,6 +285,9 @@ impl Shard {
                             sp.borrow_mut().drop_ref(old, seq);
                         },
                     );
+                    if let Err(e) = trimmed {
+                        failed.get_or_insert(e);
+                    }
                 }
                 Apply::Absorbed { vol, blocks } => {
                     if !vol.deleted.load(Ordering::Acquire) {
@@ -269,6 +308,9 @@ impl Shard {
         }
         drop(map);
         drop(space);
+        if let Some(e) = failed {
+            self.ctx.health.set_fault(format!("map change failed: {e}"));
+        }
         if !cached.is_empty() || !dead.is_empty() {
             let mut cache = self.cache();
             for id in dead {
@@ -298,6 +340,11 @@ impl Shard {
         let due = self.ctx.checkpoint_due.load(Ordering::Relaxed);
         if before < due && before + written >= due {
             self.ctx.wake.nudge_checkpointer();
+        }
+        // Leaves changed since the last checkpoint fill the metadata cache: only a checkpoint
+        // lets them go.
+        if self.ctx.meta.wants_checkpoint() {
+            self.ctx.wake.kick_checkpoint();
         }
         self.ctx
             .counters

@@ -111,8 +111,15 @@ impl Shard {
         ids.clear();
         entries.clear();
         {
+            // An evicted leaf that does not read back fails the read (its blocks read as
+            // holes meanwhile, never as another block).
             let map = vol.maps[self.id].lock();
-            ids.extend((first..=last).map(|lba| map.get(lba)));
+            ids.extend((first..=last).map(|lba| {
+                map.get(lba).unwrap_or_else(|e| {
+                    part.fail(e);
+                    0
+                })
+            }));
         }
         let seen;
         {
@@ -139,7 +146,7 @@ impl Shard {
                 let map = vol.maps[self.id].lock();
                 (lo..first)
                     .chain(last + 1..=hi)
-                    .map(|lba| map.get(lba))
+                    .filter_map(|lba| map.get(lba).ok())
                     .filter(|&id| id != 0)
                     .collect()
             };
@@ -269,7 +276,7 @@ impl Shard {
         vol: &VolumeState,
         lba: u64,
     ) -> Result<Box<[u8]>, Error> {
-        let id = vol.maps[self.id].lock().get(lba);
+        let id = vol.maps[self.id].lock().get(lba)?;
         if id == 0 {
             return Ok(vec![0u8; BLOCK].into_boxed_slice());
         }

@@ -132,7 +132,8 @@ impl Shard {
                     if shard_of(lba, n) != self.id {
                         return false;
                     }
-                    let (id, shared_leaf) = vol.lookup_shared(lba);
+                    // A leaf that does not read back counts as new data.
+                    let (id, shared_leaf) = vol.lookup_shared(lba).unwrap_or((0, false));
                     id == 0 || shared_leaf || space.refs.get(id) > 1
                 })
                 .count() as u64;

@@ -1,0 +1,384 @@
+//! The metadata cache (issue 22, docs/design/paged-metadata.md §6, milestone 14): map leaves
+//! that a committed format 3 checkpoint holds unchanged give their 4 KiB of entries back when
+//! the leaves in RAM pass the budget, and read them again from their page on the next use.
+//!
+//! A leaf stays in RAM as a small stub (its users, its count of entries, where it was
+//! written), so sharing between snapshots, reference counting and the checkpoint's naming of
+//! unchanged leaves do not need the entries. Only a leaf with a page can go: one changed since
+//! the last checkpoint stays until a checkpoint writes it, and when those alone pass the budget
+//! the shards ask for a checkpoint (`wants_checkpoint`).
+//!
+//! Eviction is CLOCK over a ring of weak pointers: a leaf used since the hand last passed gets
+//! a second chance. Misses read the page with a blocking read on the caller's thread for now
+//! (design milestone 15 parks them instead).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    get_u48, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant, MAP_PAGE_ENTRIES,
+    MAP_PAGE_SLOTS, PAGE_BYTES, PAGE_HEADER_BYTES,
+};
+use crate::map::{MapLeaf, MapPage};
+use crate::store::{self, Range, SegmentStore};
+
+/// What a leaf's entries cost in RAM while they are held.
+pub(crate) const LEAF_BYTES: u64 = std::mem::size_of::<MapPage>() as u64;
+
+/// Where evicted leaves are read back from.
+struct Source {
+    store: Arc<dyn SegmentStore>,
+    key: LogKey,
+    epoch: u64,
+}
+
+/// The pool's map leaves in RAM, under a budget.
+pub(crate) struct MetaCache {
+    /// Bytes of leaf entries to hold at most (`u64::MAX`: never evict).
+    budget: AtomicU64,
+    /// Bytes of leaf entries held now.
+    resident: AtomicU64,
+    /// Leaves with a stub alive (entries held or not).
+    leaves: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+    /// Leaves in the order they came in (the CLOCK's ring). Dead entries are dropped as the
+    /// hand passes them, or in a sweep when they outnumber the live ones.
+    ring: Mutex<VecDeque<Weak<MapLeaf>>>,
+    /// Set once the pool's store is known (pools opened read-write or read-only alike).
+    source: OnceLock<Source>,
+    /// A pass could not get under the budget: what is over it has not been written yet.
+    over: AtomicBool,
+}
+
+/// What `stats` reports of the cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetaCacheStats {
+    pub budget_bytes: u64,
+    pub resident_bytes: u64,
+    pub leaves: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+impl Default for MetaCache {
+    fn default() -> MetaCache {
+        MetaCache::new(u64::MAX)
+    }
+}
+
+impl MetaCache {
+    pub(crate) fn new(budget: u64) -> MetaCache {
+        MetaCache {
+            budget: AtomicU64::new(budget),
+            resident: AtomicU64::new(0),
+            leaves: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            ring: Mutex::new(VecDeque::new()),
+            source: OnceLock::new(),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    /// Evicted leaves are read back through `store`, their pages checked under `key`.
+    pub(crate) fn set_source(&self, store: Arc<dyn SegmentStore>, key: LogKey, epoch: u64) {
+        let _ = self.source.set(Source { store, key, epoch });
+    }
+
+    /// Hold at most `budget` bytes of entries from now on (`u64::MAX`: never evict).
+    pub(crate) fn set_budget(&self, budget: u64) {
+        self.budget.store(budget, Ordering::Relaxed);
+        self.trim();
+    }
+
+    pub(crate) fn stats(&self) -> MetaCacheStats {
+        MetaCacheStats {
+            budget_bytes: self.budget.load(Ordering::Relaxed),
+            resident_bytes: self.resident.load(Ordering::Relaxed),
+            leaves: self.leaves.load(Ordering::Relaxed),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A map took `leaf` (new, copied or loaded from a checkpoint): count it and put it in
+    /// the ring. A leaf already counted by this cache is left alone.
+    pub(crate) fn admit(self: &Arc<Self>, leaf: &Arc<MapLeaf>) {
+        if !leaf.adopt(self) {
+            return;
+        }
+        self.leaves.fetch_add(1, Ordering::Relaxed);
+        if leaf.has_entries() {
+            self.resident.fetch_add(LEAF_BYTES, Ordering::Relaxed);
+        }
+        let mut ring = self.ring.lock();
+        ring.push_back(Arc::downgrade(leaf));
+        // Leaves copied or dropped leave dead entries (each keeps its stub's allocation).
+        let live = self.leaves.load(Ordering::Relaxed) as usize;
+        if ring.len() > 2 * live + 4096 {
+            ring.retain(|w| w.strong_count() > 0);
+        }
+        drop(ring);
+        self.trim();
+    }
+
+    /// A stub this cache counted is gone.
+    pub(crate) fn dropped(&self, had_entries: bool) {
+        self.leaves.fetch_sub(1, Ordering::Relaxed);
+        if had_entries {
+            self.resident.fetch_sub(LEAF_BYTES, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Read back the entries of the leaf at index `idx` written at `at`.
+    pub(crate) fn load(&self, idx: u64, at: PagePtr) -> Result<Box<MapPage>> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let ids = self.read_page(idx, at)?;
+        self.resident.fetch_add(LEAF_BYTES, Ordering::Relaxed);
+        Ok(ids)
+    }
+
+    /// The entries of the leaf at index `idx` written at `at`, not kept (walks over every
+    /// leaf read evicted ones this way).
+    pub(crate) fn read_page(&self, idx: u64, at: PagePtr) -> Result<Box<MapPage>> {
+        let src = self.source.get().ok_or(Error::Corrupt {
+            what: "map leaf evicted from a pool without a store",
+        })?;
+        let buf = store::read_now(
+            &*src.store,
+            src.epoch,
+            Range {
+                segment: at.segment,
+                offset: u64::from(at.offset),
+            },
+            PAGE_BYTES,
+        )?;
+        open_leaf(&buf, &src.key, idx, at)
+    }
+
+    /// After a miss's load: hand back leaves until under the budget again.
+    pub(crate) fn loaded(&self) {
+        self.trim();
+    }
+
+    /// Over the budget, give back the entries of leaves not used since the hand last passed
+    /// them, down to seven eighths of it; a pass that finds too few clean ones asks for a
+    /// checkpoint (`wants_checkpoint`).
+    pub(crate) fn trim(&self) {
+        let budget = self.budget.load(Ordering::Relaxed);
+        if self.resident.load(Ordering::Relaxed) <= budget {
+            return;
+        }
+        let goal = budget - budget / 8;
+        let Some(mut ring) = self.ring.try_lock() else {
+            // Another thread is trimming.
+            return;
+        };
+        let mut looked = 0;
+        let rounds = 2 * ring.len();
+        while self.resident.load(Ordering::Relaxed) > goal && looked < rounds {
+            looked += 1;
+            let Some(w) = ring.pop_front() else { break };
+            let Some(leaf) = w.upgrade() else { continue };
+            if leaf.take_referenced() {
+                ring.push_back(w);
+                continue;
+            }
+            if leaf.evict() {
+                self.resident.fetch_sub(LEAF_BYTES, Ordering::Relaxed);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            ring.push_back(w);
+        }
+        let over = self.resident.load(Ordering::Relaxed) > budget;
+        self.over.store(over, Ordering::Relaxed);
+    }
+
+    /// The leaves in RAM are over the budget and cannot go before a checkpoint writes them:
+    /// true once per such pass (the shard that sees it asks for a checkpoint).
+    pub(crate) fn wants_checkpoint(&self) -> bool {
+        self.over.load(Ordering::Relaxed) && self.over.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// The entries of the map leaf page in `buf`, checked to be the page written for leaf `idx`
+/// at `at` under `key`.
+pub(crate) fn open_leaf(buf: &[u8], key: &LogKey, idx: u64, at: PagePtr) -> Result<Box<MapPage>> {
+    let bad = || Error::Corrupt {
+        what: "map leaf page",
+    };
+    let want = PageWant {
+        kind: PageKind::MapLeaf,
+        level: 0,
+        key: idx,
+        array: PageArray::MapTree,
+        at,
+    };
+    let h = PageHeader::open(buf, key, &want).map_err(|_| bad())?;
+    if h.entries as usize != MAP_PAGE_SLOTS {
+        return Err(bad());
+    }
+    let mut g = Get::new(&buf[PAGE_HEADER_BYTES..], "map leaf page");
+    let mut ids: Box<MapPage> = Box::new([0; MAP_PAGE_ENTRIES as usize]);
+    for slot in ids.iter_mut() {
+        *slot = get_u48(&mut g)?;
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    use crate::api::BLOCK_BYTES;
+    use crate::error::Error;
+    use crate::format::{DATA_START, MAP_PAGE_ENTRIES};
+    use crate::map::shard_of;
+    use crate::pool::{CreateOptions, Pool, PoolOptions};
+
+    const LEAVES: u64 = 64;
+    const BUDGET: u64 = 8 * super::LEAF_BYTES;
+
+    fn options() -> PoolOptions {
+        PoolOptions {
+            shards: 2,
+            cache_bytes: Some(0),
+            metadata_cache_bytes: Some(BUDGET),
+            ..Default::default()
+        }
+    }
+
+    /// A 256 MiB pool (not a tight one: checkpoints are incremental) with volume `v` of 64
+    /// leaves, a block written in each.
+    fn pool(dir: &Path) -> Pool {
+        let c = CreateOptions {
+            size_bytes: 256 << 20,
+            segment_bytes: 2 << 20,
+            ..Default::default()
+        };
+        let pool = Pool::create(dir, &c, &options()).unwrap();
+        pool.create_volume("v", LEAVES * MAP_PAGE_ENTRIES * BLOCK_BYTES)
+            .unwrap();
+        let v = pool.volume("v").unwrap();
+        for i in 0..LEAVES {
+            v.write(lba(i) * BLOCK_BYTES, &block(i, 1), false).unwrap();
+        }
+        v.flush().unwrap();
+        pool.checkpoint().unwrap();
+        pool
+    }
+
+    fn lba(leaf: u64) -> u64 {
+        leaf * MAP_PAGE_ENTRIES + leaf % 7
+    }
+
+    fn block(leaf: u64, gen: u8) -> Vec<u8> {
+        let mut b = vec![gen; BLOCK_BYTES as usize];
+        b[..8].copy_from_slice(&leaf.to_le_bytes());
+        b
+    }
+
+    /// Leaves past the budget give their entries back once a checkpoint holds them, and read
+    /// back (and change) correctly, also after a reopen.
+    #[test]
+    fn leaves_past_the_budget_are_evicted_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(dir.path());
+        let st = pool.stats();
+        assert!(st.metadata_cache_bytes <= BUDGET, "{st:?}");
+        assert!(st.metadata_cache_evictions >= LEAVES - 8, "{st:?}");
+        assert_eq!(st.metadata_cache_leaves, LEAVES);
+        let v = pool.volume("v").unwrap();
+        for i in 0..LEAVES {
+            assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));
+        }
+        let after = pool.stats();
+        assert!(
+            after.metadata_cache_misses >= LEAVES - 8,
+            "reads found evicted leaves in RAM: {after:?}"
+        );
+        assert!(after.metadata_cache_bytes <= BUDGET);
+        // Overwrites of evicted leaves, and a block next to each.
+        for i in (0..LEAVES).step_by(2) {
+            v.write(lba(i) * BLOCK_BYTES, &block(i, 2), false).unwrap();
+            v.write((lba(i) + 1) * BLOCK_BYTES, &block(i, 3), false)
+                .unwrap();
+        }
+        v.flush().unwrap();
+        let check = |pool: &Pool| {
+            let v = pool.volume("v").unwrap();
+            for i in 0..LEAVES {
+                let gen = if i % 2 == 0 { 2 } else { 1 };
+                assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, gen));
+                let next = v.read((lba(i) + 1) * BLOCK_BYTES, 4096).unwrap();
+                if i % 2 == 0 {
+                    assert_eq!(next, block(i, 3));
+                } else {
+                    assert!(next.iter().all(|&b| b == 0));
+                }
+            }
+            let r = pool.check(&mut |_, _| {});
+            assert!(r.problems.is_empty(), "{:?}", r.problems);
+        };
+        check(&pool);
+        pool.shutdown().unwrap();
+        drop(pool);
+        let pool = Pool::open(dir.path(), &options()).unwrap();
+        check(&pool);
+        assert!(pool.stats().metadata_cache_bytes <= BUDGET);
+    }
+
+    /// A damaged page of an evicted leaf fails the reads of that leaf's blocks with a
+    /// corruption error, and check reports it; the other leaves read as written.
+    #[test]
+    fn a_damaged_evicted_leaf_fails_its_reads_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool(dir.path());
+        let state = pool.inner.ctx.lookup("v").unwrap();
+        let shards = pool.inner.ctx.shards();
+        let (victim, at) = (0..LEAVES)
+            .find_map(|i| {
+                let m = state.maps[shard_of(lba(i), shards)].lock();
+                let leaf = m.pages[i as usize].as_ref()?;
+                (!leaf.has_entries()).then(|| (i, leaf.written_at().unwrap()))
+            })
+            .expect("an evicted leaf");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("dev0.img"))
+            .unwrap();
+        let pos = DATA_START + u64::from(at.segment) * (2 << 20) + u64::from(at.offset) + 200;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, pos).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], pos).unwrap();
+        let v = pool.volume("v").unwrap();
+        match v.read(lba(victim) * BLOCK_BYTES, 4096) {
+            Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
+            other => panic!("read of a damaged leaf: {other:?}"),
+        }
+        for i in (0..LEAVES).filter(|&i| i != victim) {
+            assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));
+        }
+        let r = pool.check(&mut |_, _| {});
+        assert!(
+            r.problems.iter().any(|p| p.kind == "map leaf"),
+            "{:?}",
+            r.problems
+        );
+    }
+}
