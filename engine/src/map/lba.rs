@@ -9,7 +9,7 @@
 //! one reference per block, and the first write to a shared leaf gives the writer its own copy,
 //! which adds a reference to each block the copy points at.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
@@ -132,14 +132,10 @@ impl MapLeaf {
     fn loaded(&self, idx: u64) -> Result<MutexGuard<'_, LeafState>> {
         self.referenced.store(true, Ordering::Relaxed);
         let mut st = self.state.lock();
-        let cache = self.cache.get();
         if st.ids.is_some() {
-            if let Some(c) = cache {
-                c.hit();
-            }
             return Ok(st);
         }
-        let c = cache.ok_or(Error::Corrupt {
+        let c = self.cache.get().ok_or(Error::Corrupt {
             what: "map leaf without entries",
         })?;
         st.ids = Some(c.load(idx, st.at)?);
@@ -253,7 +249,7 @@ fn release(leaf: &MapLeaf, idx: u64, drop_ref: &mut dyn FnMut(u64)) -> Result<()
 
 /// Map pages of one volume that one shard owns (pages `p` with `p % shards == shard`); the
 /// vector is indexed by the global page number.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct LbaMap {
     /// Change through `set`, `load_page` and `resize`, which keep `present` in step.
     pub pages: Vec<Option<Arc<MapLeaf>>>,
@@ -264,6 +260,21 @@ pub struct LbaMap {
     present: u64,
     /// Counts the leaves and holds their entries under a budget.
     cache: Arc<MetaCache>,
+    /// Look-ups of entries (hits are these less the cache's misses). Changed under the map's
+    /// lock: a load and a store, no atomic read-modify-write.
+    uses: AtomicU64,
+}
+
+impl Clone for LbaMap {
+    fn clone(&self) -> LbaMap {
+        LbaMap {
+            pages: self.pages.clone(),
+            mapped: self.mapped,
+            present: self.present,
+            cache: self.cache.clone(),
+            uses: AtomicU64::new(0),
+        }
+    }
 }
 
 impl LbaMap {
@@ -279,6 +290,7 @@ impl LbaMap {
             mapped: 0,
             present: 0,
             cache,
+            uses: AtomicU64::new(0),
         }
     }
 
@@ -319,7 +331,18 @@ impl LbaMap {
         true
     }
 
+    /// Look-ups of entries so far.
+    pub(crate) fn uses(&self) -> u64 {
+        self.uses.load(Ordering::Relaxed)
+    }
+
+    fn used(&self) {
+        self.uses
+            .store(self.uses.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
     pub fn get(&self, lba: u64) -> Result<u64> {
+        self.used();
         let (p, i) = split(lba);
         match self.pages.get(p) {
             Some(Some(page)) => page.get(p as u64, i),
@@ -327,8 +350,19 @@ impl LbaMap {
         }
     }
 
+    /// Have the entries of `lba`'s leaf in RAM (read back if evicted) without a look-up: a
+    /// step before one made under a lock that must not wait for a read.
+    pub(crate) fn fetch(&self, lba: u64) -> Result<()> {
+        let (p, _) = split(lba);
+        if let Some(Some(page)) = self.pages.get(p) {
+            drop(page.read(p as u64)?);
+        }
+        Ok(())
+    }
+
     /// The entry at `lba`, and whether its leaf is held by other maps too.
     pub fn get_shared(&self, lba: u64) -> Result<(u64, bool)> {
+        self.used();
         let (p, i) = split(lba);
         match self.pages.get(p) {
             Some(Some(page)) => Ok((page.get(p as u64, i)?, page.users() > 1)),
@@ -340,6 +374,7 @@ impl LbaMap {
     /// share is copied first, and the copy's blocks get a reference each (`add_ref`). On an
     /// error (an evicted leaf that cannot be read back) nothing changed.
     pub fn set(&mut self, lba: u64, id: u64, add_ref: &mut dyn FnMut(u64)) -> Result<u64> {
+        self.used();
         let (p, i) = split(lba);
         if p >= self.pages.len() {
             return Ok(0);
@@ -435,6 +470,7 @@ impl LbaMap {
     /// no other map holds. On an error the leaves not let go of stay.
     pub fn release_all(&mut self, drop_ref: &mut dyn FnMut(u64)) -> Result<()> {
         self.resize(0, &mut |_| {}, drop_ref)?;
+        self.cache.retire_uses(self.uses());
         *self = LbaMap {
             cache: self.cache.clone(),
             ..LbaMap::default()

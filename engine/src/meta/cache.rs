@@ -26,6 +26,9 @@ use crate::format::{
 use crate::map::{MapLeaf, MapPage};
 use crate::store::{self, Range, SegmentStore};
 
+/// Leaves the hand looks at for each leaf that comes in.
+const TRIM_STEP: usize = 64;
+
 /// What a leaf's entries cost in RAM while they are held.
 pub(crate) const LEAF_BYTES: u64 = std::mem::size_of::<MapPage>() as u64;
 
@@ -44,6 +47,8 @@ pub(crate) struct MetaCache {
     resident: AtomicU64,
     /// Leaves with a stub alive (entries held or not).
     leaves: AtomicU64,
+    /// Uses counted by maps that are gone (the maps count their own: a shared counter here
+    /// cost every look-up a contended atomic).
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
@@ -62,7 +67,8 @@ pub(crate) struct MetaCacheStats {
     pub budget_bytes: u64,
     pub resident_bytes: u64,
     pub leaves: u64,
-    pub hits: u64,
+    /// Of gone maps only: `stats` adds the live maps' uses and takes the misses off.
+    pub uses_retired: u64,
     pub misses: u64,
     pub evictions: u64,
 }
@@ -104,7 +110,7 @@ impl MetaCache {
             budget_bytes: self.budget.load(Ordering::Relaxed),
             resident_bytes: self.resident.load(Ordering::Relaxed),
             leaves: self.leaves.load(Ordering::Relaxed),
-            hits: self.hits.load(Ordering::Relaxed),
+            uses_retired: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
         }
@@ -128,7 +134,7 @@ impl MetaCache {
             ring.retain(|w| w.strong_count() > 0);
         }
         drop(ring);
-        self.trim();
+        self.trim_within(TRIM_STEP);
     }
 
     /// A stub this cache counted is gone.
@@ -139,8 +145,14 @@ impl MetaCache {
         }
     }
 
-    pub(crate) fn hit(&self) {
-        self.hits.fetch_add(1, Ordering::Relaxed);
+    /// Whether any leaf was ever evicted (else none needs reading back).
+    pub(crate) fn evicted_any(&self) -> bool {
+        self.evictions.load(Ordering::Relaxed) > 0
+    }
+
+    /// `uses` look-ups of leaves by maps that let go of them (a deleted volume's) count on.
+    pub(crate) fn retire_uses(&self, uses: u64) {
+        self.hits.fetch_add(uses, Ordering::Relaxed);
     }
 
     /// Read back the entries of the leaf at index `idx` written at `at`.
@@ -171,13 +183,20 @@ impl MetaCache {
 
     /// After a miss's load: hand back leaves until under the budget again.
     pub(crate) fn loaded(&self) {
-        self.trim();
+        self.trim_within(TRIM_STEP);
     }
 
     /// Over the budget, give back the entries of leaves not used since the hand last passed
-    /// them, down to seven eighths of it; a pass that finds too few clean ones asks for a
-    /// checkpoint (`wants_checkpoint`).
+    /// them, down to seven eighths of it, looking at every leaf at most twice (after a
+    /// checkpoint made leaves clean; after a budget change).
     pub(crate) fn trim(&self) {
+        self.trim_within(usize::MAX);
+    }
+
+    /// As `trim`, looking at `limit` leaves at most: a leaf coming in costs a bounded step of
+    /// the hand, also when what is over the budget are leaves no checkpoint holds yet. Well
+    /// over it (by an eighth), the shards ask for a checkpoint (`wants_checkpoint`).
+    fn trim_within(&self, limit: usize) {
         let budget = self.budget.load(Ordering::Relaxed);
         if self.resident.load(Ordering::Relaxed) <= budget {
             return;
@@ -188,7 +207,7 @@ impl MetaCache {
             return;
         };
         let mut looked = 0;
-        let rounds = 2 * ring.len();
+        let rounds = (2 * ring.len()).min(limit);
         while self.resident.load(Ordering::Relaxed) > goal && looked < rounds {
             looked += 1;
             let Some(w) = ring.pop_front() else { break };
@@ -203,7 +222,7 @@ impl MetaCache {
             }
             ring.push_back(w);
         }
-        let over = self.resident.load(Ordering::Relaxed) > budget;
+        let over = self.resident.load(Ordering::Relaxed) > budget.saturating_add(budget / 8);
         self.over.store(over, Ordering::Relaxed);
     }
 

@@ -66,6 +66,7 @@ impl Pool {
         // Map pages are shared by snapshots and clones: each counted once.
         let mut pages_seen = HashSet::new();
         let mut map_ram = 0u64;
+        let mut map_uses = 0u64;
         // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
         for v in &states {
             // A volume created since `volumes` was listed still holds RAM.
@@ -74,6 +75,7 @@ impl Pool {
             for m in &v.maps {
                 let m = m.lock();
                 map_ram += m.ram_bytes(&mut pages_seen);
+                map_uses += m.uses();
                 if info.is_none() {
                     continue;
                 }
@@ -195,7 +197,7 @@ impl Pool {
             metadata_cache_budget_bytes: meta.budget_bytes,
             metadata_cache_bytes: meta.resident_bytes,
             metadata_cache_leaves: meta.leaves,
-            metadata_cache_hits: meta.hits,
+            metadata_cache_hits: (map_uses + meta.uses_retired).saturating_sub(meta.misses),
             metadata_cache_misses: meta.misses,
             metadata_cache_evictions: meta.evictions,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {

@@ -301,7 +301,9 @@ impl Reader {
         // Evicted leaves are read back before the space lock is taken (the look-ups below find
         // them then); one that does not read back goes to the shard, which reports it.
         for lba in first..=last {
-            if state.maps[shard_of(lba, shards)].lock().get(lba).is_err() {
+            if ctx.meta.evicted_any()
+                && state.maps[shard_of(lba, shards)].lock().fetch(lba).is_err()
+            {
                 ctx.reads.leave(ticket);
                 self.found = found;
                 return Err(done);

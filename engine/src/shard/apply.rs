@@ -167,13 +167,15 @@ impl Shard {
         let mut dead: Vec<u64> = Vec::new();
         // Leaves whose entries were evicted are read back now, not under the pool's space lock
         // below (a later eviction in between reads again there; `meta::cache`).
-        for a in &applies {
-            if let Apply::Block { vol, lba, .. }
-            | Apply::Ref { vol, lba, .. }
-            | Apply::Hole { vol, lba } = a
-            {
-                if *lba < vol.blocks() {
-                    let _ = vol.maps[me].lock().get(*lba);
+        if self.ctx.meta.evicted_any() {
+            for a in &applies {
+                if let Apply::Block { vol, lba, .. }
+                | Apply::Ref { vol, lba, .. }
+                | Apply::Hole { vol, lba } = a
+                {
+                    if *lba < vol.blocks() {
+                        let _ = vol.maps[me].lock().fetch(*lba);
+                    }
                 }
             }
         }
