@@ -20,6 +20,7 @@ mod dbbatch;
 mod engine;
 mod fio;
 mod flush;
+mod metacache;
 mod peers;
 mod qos;
 mod ram;
@@ -55,6 +56,9 @@ enum Cmd {
     /// Checkpoint bytes and time per GiB written as the pool grows, format 2 against format 3
     /// (metadata pages, only what changed), in-process, alternating.
     Checkpoints(ckpt::CkptArgs),
+    /// 4k random reads and writes over working sets of map leaves several times the metadata
+    /// cache, against every leaf in RAM, in-process (issue 22).
+    MetadataCache(metacache::MetaCacheArgs),
     /// In-process engine I/O against fio io_uring on a raw file in the same directory.
     Engine {
         #[arg(long)]
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
         Cmd::Qos(a) => qos::run(&a),
         Cmd::Ram(a) => ram::run(&a),
         Cmd::Checkpoints(a) => ckpt::run(&a),
+        Cmd::MetadataCache(a) => metacache::run_bench(&a),
         Cmd::Engine {
             dir,
             size_mib,

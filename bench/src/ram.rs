@@ -41,6 +41,9 @@ pub struct RamArgs {
     /// Keep the pools.
     #[arg(long)]
     pub keep: bool,
+    /// More `ingot serve` arguments for every start (e.g. `--serve-arg=--metadata-cache=16M`).
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    pub serve_args: Vec<String>,
     /// Where to write the JSON (default: DIR/ram.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -222,11 +225,12 @@ fn one(a: &RamArgs, bin: &Path, size: u64) -> Result<SizeResult> {
             ])
             .arg(&pool),
     )?;
-    let (s, _) = Server::start(bin, &pool, &sock, &[])?;
+    let extra: Vec<&str> = a.serve_args.iter().map(String::as_str).collect();
+    let (s, _) = Server::start(bin, &pool, &sock, &extra)?;
     write(&sock, 0, size)?;
     s.stop(false)?;
 
-    let (s, clean_open) = Server::start(bin, &pool, &sock, &[])?;
+    let (s, clean_open) = Server::start(bin, &pool, &sock, &extra)?;
     std::thread::sleep(Duration::from_secs(1));
     let rss_bytes = s.status_kib("VmRSS:") * 1024;
     let st = stats(bin, &pool)?;
@@ -236,7 +240,7 @@ fn one(a: &RamArgs, bin: &Path, size: u64) -> Result<SizeResult> {
 
     let (mut churn_checkpoints, mut churn_checkpoint_bytes, mut churn_client_bytes) = (0, 0, 0);
     if a.churn > 0 {
-        let (s, _) = Server::start(bin, &pool, &sock, &[])?;
+        let (s, _) = Server::start(bin, &pool, &sock, &extra)?;
         let before = stats(bin, &pool)?;
         write(&sock, 0, a.churn.min(size))?;
         let after = stats(bin, &pool)?;
@@ -257,7 +261,7 @@ fn one(a: &RamArgs, bin: &Path, size: u64) -> Result<SizeResult> {
         let (s, _) = Server::start(bin, &pool, &sock, &hold)?;
         write(&sock, size, a.tail)?;
         s.stop(true)?;
-        let (s, open) = Server::start(bin, &pool, &sock, &[])?;
+        let (s, open) = Server::start(bin, &pool, &sock, &extra)?;
         s.stop(false)?;
         Some(open)
     } else {

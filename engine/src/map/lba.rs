@@ -10,13 +10,13 @@
 //! which adds a reference to each block the copy points at.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::format::{PagePtr, MAP_PAGE_ENTRIES};
-use crate::meta::cache::MetaCache;
+use crate::meta::cache::{Evictable, MetaCache};
 
 pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
 
@@ -194,22 +194,25 @@ impl MapLeaf {
         self.users.load(Ordering::Relaxed)
     }
 
-    /// Counted by `cache` from now on; false if a cache counts it already.
-    pub(crate) fn adopt(&self, cache: &Arc<MetaCache>) -> bool {
-        self.cache.set(cache.clone()).is_ok()
-    }
-
     pub(crate) fn has_entries(&self) -> bool {
         self.state.lock().ids.is_some()
     }
+}
 
-    /// Clear the used mark, returning it.
-    pub(crate) fn take_referenced(&self) -> bool {
+/// A map took `leaf`: `cache` counts it from now on (unless a cache does already).
+fn admit(cache: &Arc<MetaCache>, leaf: &Arc<MapLeaf>) {
+    if leaf.cache.set(cache.clone()).is_ok() {
+        let weak: Weak<dyn Evictable> = Arc::downgrade(leaf) as Weak<MapLeaf>;
+        cache.admit(weak, leaf.has_entries());
+    }
+}
+
+impl Evictable for MapLeaf {
+    fn take_referenced(&self) -> bool {
         self.referenced.swap(false, Ordering::Relaxed)
     }
 
-    /// Give the entries back if a committed page holds them and nobody is using them now.
-    pub(crate) fn evict(&self) -> bool {
+    fn evict(&self) -> bool {
         let Some(mut st) = self.state.try_lock() else {
             return false;
         };
@@ -326,7 +329,7 @@ impl LbaMap {
             None => self.present += 1,
         }
         self.mapped += page.count();
-        self.cache.admit(&page);
+        admit(&self.cache, &page);
         *slot = Some(page);
         true
     }
@@ -392,7 +395,7 @@ impl LbaMap {
                 let mut ids = [0; MAP_PAGE_ENTRIES as usize];
                 ids[i] = id;
                 let leaf = Arc::new(MapLeaf::new(ids));
-                self.cache.admit(&leaf);
+                admit(&self.cache, &leaf);
                 *slot = Some(leaf);
                 self.present += 1;
             }
@@ -411,7 +414,7 @@ impl LbaMap {
                 }
                 own.put(p as u64, i, id)?;
                 let own = Arc::new(own);
-                self.cache.admit(&own);
+                admit(&self.cache, &own);
                 *page = own;
             }
             Some(page) => {

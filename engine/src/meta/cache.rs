@@ -23,8 +23,18 @@ use crate::format::{
     get_u48, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant, MAP_PAGE_ENTRIES,
     MAP_PAGE_SLOTS, PAGE_BYTES, PAGE_HEADER_BYTES,
 };
-use crate::map::{MapLeaf, MapPage};
 use crate::store::{self, Range, SegmentStore};
+
+/// A map leaf's entries (`map::MapPage`).
+type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
+
+/// What the cache's hand asks of a leaf (`map::MapLeaf`).
+pub(crate) trait Evictable: Send + Sync {
+    /// Clear the used mark, returning it.
+    fn take_referenced(&self) -> bool;
+    /// Give the entries back if a committed page holds them and nobody is using them now.
+    fn evict(&self) -> bool;
+}
 
 /// Leaves the hand looks at for each leaf that comes in.
 const TRIM_STEP: usize = 64;
@@ -54,7 +64,7 @@ pub(crate) struct MetaCache {
     evictions: AtomicU64,
     /// Leaves in the order they came in (the CLOCK's ring). Dead entries are dropped as the
     /// hand passes them, or in a sweep when they outnumber the live ones.
-    ring: Mutex<VecDeque<Weak<MapLeaf>>>,
+    ring: Mutex<VecDeque<Weak<dyn Evictable>>>,
     /// Set once the pool's store is known (pools opened read-write or read-only alike).
     source: OnceLock<Source>,
     /// A pass could not get under the budget: what is over it has not been written yet.
@@ -116,18 +126,15 @@ impl MetaCache {
         }
     }
 
-    /// A map took `leaf` (new, copied or loaded from a checkpoint): count it and put it in
-    /// the ring. A leaf already counted by this cache is left alone.
-    pub(crate) fn admit(self: &Arc<Self>, leaf: &Arc<MapLeaf>) {
-        if !leaf.adopt(self) {
-            return;
-        }
+    /// A map took a leaf this cache did not count yet (new, copied or loaded from a
+    /// checkpoint): count it and put it in the ring.
+    pub(crate) fn admit(&self, leaf: Weak<dyn Evictable>, has_entries: bool) {
         self.leaves.fetch_add(1, Ordering::Relaxed);
-        if leaf.has_entries() {
+        if has_entries {
             self.resident.fetch_add(LEAF_BYTES, Ordering::Relaxed);
         }
         let mut ring = self.ring.lock();
-        ring.push_back(Arc::downgrade(leaf));
+        ring.push_back(leaf);
         // Leaves copied or dropped leave dead entries (each keeps its stub's allocation).
         let live = self.leaves.load(Ordering::Relaxed) as usize;
         if ring.len() > 2 * live + 4096 {
