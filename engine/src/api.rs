@@ -177,6 +177,11 @@ pub struct VolumeInfo {
     /// Mapped bytes / attributed stored bytes.
     #[serde(default)]
     pub data_reduction_ratio: f64,
+    /// The attributed figures above are estimates: some of the volume's map leaves were
+    /// evicted from the metadata cache, and `stats` read a sample of them (about 32 per shard)
+    /// instead of every one.
+    #[serde(default)]
+    pub reduction_estimated: bool,
 }
 
 fn yes() -> bool {

@@ -328,6 +328,9 @@ mod tests {
         assert!(st.metadata_cache_bytes <= BUDGET, "{st:?}");
         assert!(st.metadata_cache_evictions >= LEAVES - 8, "{st:?}");
         assert_eq!(st.metadata_cache_leaves, LEAVES);
+        // Per-volume figures read evicted leaves (all of them, this few).
+        assert_eq!(st.volumes[0].unique_blocks, LEAVES, "{st:?}");
+        assert!(!st.volumes[0].reduction_estimated);
         let v = pool.volume("v").unwrap();
         for i in 0..LEAVES {
             assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));

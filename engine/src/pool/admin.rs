@@ -38,6 +38,7 @@ impl Pool {
             .by_name
             .values()
             .map(|v| VolumeInfo {
+                reduction_estimated: false,
                 name: v.name.clone(),
                 size_bytes: v.size(),
                 mapped_bytes: v.mapped_blocks() * BLOCK_BYTES,

@@ -53,6 +53,9 @@ fn process_rss_bytes() -> u64 {
     pages * u64::try_from(page).unwrap_or(4096)
 }
 
+/// Evicted map leaves `stats` reads per volume and shard, at most about (see `Pool::stats`).
+const STATS_SAMPLE_LEAVES: u64 = 32;
+
 impl Pool {
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
@@ -72,6 +75,9 @@ impl Pool {
             // A volume created since `volumes` was listed still holds RAM.
             let info = volumes.iter_mut().find(|i| i.name == v.name);
             let (mut unique, mut stored, mut mapped) = (0f64, 0f64, 0u64);
+            // Entries seen, each weighted by its leaf's share (1/users), and those of evicted
+            // leaves skipped, likewise: the skipped ones are estimated from the ones seen.
+            let (mut seen_w, mut skipped_w, mut skipped) = (0f64, 0f64, 0u64);
             for m in &v.maps {
                 let m = m.lock();
                 map_ram += m.ram_bytes(&mut pages_seen);
@@ -82,13 +88,23 @@ impl Pool {
                 // A block's share: one over its references (the distinct leaves pointing at
                 // it) times this leaf's holders (the volumes sharing the leaf), so that the
                 // volumes' shares add up to one.
+                // Evicted leaves: every `stride`-th is read (a sample, spread over the map), so
+                // that stats (and each metrics scrape) read a bounded number of pages.
+                let stride = (m.present_pages() / STATS_SAMPLE_LEAVES).max(1) as usize;
+                let mut k = 0usize;
                 for (idx, leaf) in m.pages.iter().enumerate() {
                     let Some(leaf) = leaf else { continue };
+                    k += 1;
                     let users = f64::from(leaf.users().max(1));
                     // An evicted leaf is read back without the space lock (and not kept); one
                     // that does not read back counts nothing here (reads and check report it).
                     let ids = match leaf.resident_copy() {
                         Some(ids) => ids,
+                        None if k % stride != 0 => {
+                            skipped_w += leaf.count() as f64 / users;
+                            skipped += leaf.count();
+                            continue;
+                        }
                         None => match parking_lot::MutexGuard::unlocked(&mut space, || {
                             leaf.with_entries(idx as u64, |e| Box::new(*e))
                         }) {
@@ -97,6 +113,7 @@ impl Pool {
                         },
                     };
                     for &id in ids.iter().filter(|&&id| id != 0) {
+                        seen_w += 1.0 / users;
                         if let Some(b) = space.get(id) {
                             let r = f64::from(space.refs.get(id)) * users;
                             unique += 1.0 / r;
@@ -109,6 +126,13 @@ impl Pool {
             let Some(info) = info else {
                 continue;
             };
+            if skipped > 0 && seen_w > 0.0 {
+                let scale = 1.0 + skipped_w / seen_w;
+                unique *= scale;
+                stored *= scale;
+            }
+            mapped += skipped;
+            info.reduction_estimated = skipped > 0;
             info.unique_blocks = unique.round() as u64;
             info.stored_bytes = stored.round() as u64;
             info.dedup_ratio = ratio(mapped as f64, unique);
