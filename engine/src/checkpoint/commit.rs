@@ -378,6 +378,15 @@ impl Checkpointer {
                 for &s in &taken {
                     space.set_state(s, SegState::Free);
                 }
+                drop(space);
+                // Damaged metadata (an evicted map leaf whose page does not read back): every
+                // later checkpoint would need it too, so nothing could be reclaimed any more;
+                // the pool stops with the reason instead of failing checkpoints one by one.
+                if let Error::Corrupt { what } = &e {
+                    self.ctx
+                        .health
+                        .set_fault(format!("a checkpoint found damaged metadata: {what}"));
+                }
                 return Err(e);
             }
         };

@@ -16,7 +16,7 @@ use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::format::{PagePtr, MAP_PAGE_ENTRIES};
-use crate::meta::cache::{Evictable, MetaCache};
+use crate::meta::cache::{Evictable, Evicted, MetaCache};
 
 pub type MapPage = [u64; MAP_PAGE_ENTRIES as usize];
 
@@ -100,16 +100,29 @@ impl MapLeaf {
 
     /// Run `f` on the entries; evicted ones are read from the page and not kept (for walks
     /// over every leaf: `stats`, check, checkpoints). Neither a hit nor a use for the cache.
+    /// The read is made without the leaf's lock (a shard that needs the leaf meanwhile does
+    /// not wait for it); should it fail while the leaf changed or moved, it is made again.
     pub(crate) fn with_entries<R>(&self, idx: u64, f: impl FnOnce(&MapPage) -> R) -> Result<R> {
-        let st = self.state.lock();
-        if let Some(ids) = &st.ids {
-            return Ok(f(ids));
+        loop {
+            let st = self.state.lock();
+            if let Some(ids) = &st.ids {
+                return Ok(f(ids));
+            }
+            let at = st.at;
+            drop(st);
+            let c = self.cache.get().ok_or(Error::Corrupt {
+                what: "map leaf without entries",
+            })?;
+            match c.read_page(idx, at) {
+                Ok(ids) => return Ok(f(&ids)),
+                Err(e) => {
+                    let st = self.state.lock();
+                    if st.ids.is_none() && st.at == at {
+                        return Err(e);
+                    }
+                }
+            }
         }
-        let c = self.cache.get().ok_or(Error::Corrupt {
-            what: "map leaf without entries",
-        })?;
-        let ids = c.read_page(idx, st.at)?;
-        Ok(f(&ids))
     }
 
     /// The entries (tests).
@@ -118,14 +131,15 @@ impl MapLeaf {
         *self.read(0).expect("entries in RAM")
     }
 
-    /// A copy of the entries if they are in RAM.
-    pub(crate) fn resident_copy(&self) -> Option<Box<MapPage>> {
-        self.state.lock().ids.clone()
+    /// Run `f` on the entries if they are in RAM (never reads).
+    pub(crate) fn with_resident<R>(&self, f: impl FnOnce(&MapPage) -> R) -> Option<R> {
+        self.state.lock().ids.as_deref().map(f)
     }
 
-    /// Entry `i`.
-    pub(crate) fn get(&self, idx: u64, i: usize) -> Result<u64> {
-        Ok(self.read(idx)?[i])
+    /// Entry `i`, and whether the entries were in RAM (a hit).
+    fn get_counted(&self, idx: u64, i: usize) -> Result<(u64, bool)> {
+        let hit = self.state.lock().ids.is_some();
+        Ok((self.read(idx)?[i], hit))
     }
 
     /// The state with the entries in RAM.
@@ -138,7 +152,12 @@ impl MapLeaf {
         let c = self.cache.get().ok_or(Error::Corrupt {
             what: "map leaf without entries",
         })?;
-        st.ids = Some(c.load(idx, st.at)?);
+        st.ids = Some(if self.count() == 0 {
+            // All holes: nothing to read.
+            c.zeroed()
+        } else {
+            c.load(idx, st.at)?
+        });
         // Trimming takes other leaves' locks with `try_lock` only: holding this one is safe.
         c.loaded();
         Ok(st)
@@ -212,15 +231,18 @@ impl Evictable for MapLeaf {
         self.referenced.swap(false, Ordering::Relaxed)
     }
 
-    fn evict(&self) -> bool {
+    fn evict(&self) -> Evicted {
         let Some(mut st) = self.state.try_lock() else {
-            return false;
+            return Evicted::No;
         };
-        if st.at.is_absent() || st.ids.is_none() {
-            return false;
+        if st.ids.is_none() {
+            return Evicted::No;
+        }
+        if st.at.is_absent() {
+            return Evicted::Dirty;
         }
         st.ids = None;
-        true
+        Evicted::Yes
     }
 }
 
@@ -238,10 +260,12 @@ impl Drop for MapLeaf {
 fn release(leaf: &MapLeaf, idx: u64, drop_ref: &mut dyn FnMut(u64)) -> Result<()> {
     if leaf.users() == 1 {
         if leaf.count() > 0 {
-            let ids = leaf.read(idx)?;
-            for &id in ids.iter().filter(|&&id| id != 0) {
-                drop_ref(id);
-            }
+            // Read back without being kept: the leaf is going.
+            leaf.with_entries(idx, |ids| {
+                for &id in ids.iter().filter(|&&id| id != 0) {
+                    drop_ref(id);
+                }
+            })?;
         }
         leaf.users.store(0, Ordering::Relaxed);
     } else {
@@ -263,9 +287,10 @@ pub struct LbaMap {
     present: u64,
     /// Counts the leaves and holds their entries under a budget.
     cache: Arc<MetaCache>,
-    /// Look-ups of entries (hits are these less the cache's misses). Changed under the map's
-    /// lock: a load and a store, no atomic read-modify-write.
-    uses: AtomicU64,
+    /// Look-ups that found their leaf's entries in RAM (the cache counts the reads back).
+    /// Changed under the map's lock: a load and a store, no atomic read-modify-write, as a
+    /// counter shared by every map would cost each look-up.
+    hits: AtomicU64,
 }
 
 impl Clone for LbaMap {
@@ -275,7 +300,7 @@ impl Clone for LbaMap {
             mapped: self.mapped,
             present: self.present,
             cache: self.cache.clone(),
-            uses: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         }
     }
 }
@@ -293,7 +318,7 @@ impl LbaMap {
             mapped: 0,
             present: 0,
             cache,
-            uses: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -334,22 +359,39 @@ impl LbaMap {
         true
     }
 
-    /// Look-ups of entries so far.
-    pub(crate) fn uses(&self) -> u64 {
-        self.uses.load(Ordering::Relaxed)
+    /// Look-ups that found their leaf's entries in RAM so far.
+    pub(crate) fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 
-    fn used(&self) {
-        self.uses
-            .store(self.uses.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    /// The entry of leaf `page` (index `p`), counting a hit.
+    fn entry(&self, page: &MapLeaf, p: usize, i: usize) -> Result<u64> {
+        let (id, hit) = page.get_counted(p as u64, i)?;
+        if hit {
+            self.hits
+                .store(self.hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        Ok(id)
     }
 
     pub fn get(&self, lba: u64) -> Result<u64> {
-        self.used();
         let (p, i) = split(lba);
         match self.pages.get(p) {
-            Some(Some(page)) => page.get(p as u64, i),
+            Some(Some(page)) => self.entry(page, p, i),
             _ => Ok(0),
+        }
+    }
+
+    /// The entry at `lba` if its leaf's entries are in RAM (`None`: evicted), and whether its
+    /// leaf is held by other maps too; never reads. For checks made under the space lock.
+    pub(crate) fn get_shared_resident(&self, lba: u64) -> Option<(u64, bool)> {
+        let (p, i) = split(lba);
+        match self.pages.get(p) {
+            Some(Some(page)) => {
+                let id = page.state.lock().ids.as_ref().map(|ids| ids[i])?;
+                Some((id, page.users() > 1))
+            }
+            _ => Some((0, false)),
         }
     }
 
@@ -363,30 +405,19 @@ impl LbaMap {
         Ok(())
     }
 
-    /// The entry at `lba`, and whether its leaf is held by other maps too.
-    pub fn get_shared(&self, lba: u64) -> Result<(u64, bool)> {
-        self.used();
-        let (p, i) = split(lba);
-        match self.pages.get(p) {
-            Some(Some(page)) => Ok((page.get(p as u64, i)?, page.users() > 1)),
-            _ => Ok((0, false)),
-        }
-    }
-
     /// Set an entry, returning the previous block id (0 for a hole). A leaf other volumes
     /// share is copied first, and the copy's blocks get a reference each (`add_ref`). On an
     /// error (an evicted leaf that cannot be read back) nothing changed.
     pub fn set(&mut self, lba: u64, id: u64, add_ref: &mut dyn FnMut(u64)) -> Result<u64> {
-        self.used();
         let (p, i) = split(lba);
         if p >= self.pages.len() {
             return Ok(0);
         }
-        let slot = &mut self.pages[p];
-        let old = match slot {
-            Some(page) => page.get(p as u64, i)?,
+        let old = match &self.pages[p] {
+            Some(page) => self.entry(page, p, i)?,
             None => 0,
         };
+        let slot = &mut self.pages[p];
         if old == id {
             return Ok(old);
         }
@@ -473,7 +504,7 @@ impl LbaMap {
     /// no other map holds. On an error the leaves not let go of stay.
     pub fn release_all(&mut self, drop_ref: &mut dyn FnMut(u64)) -> Result<()> {
         self.resize(0, &mut |_| {}, drop_ref)?;
-        self.cache.retire_uses(self.uses());
+        self.cache.retire_hits(self.hits());
         *self = LbaMap {
             cache: self.cache.clone(),
             ..LbaMap::default()
@@ -536,7 +567,11 @@ pub(crate) fn trim_owned(
     while pos < end {
         let page = pos / MAP_PAGE_ENTRIES;
         let page_end = ((page + 1) * MAP_PAGE_ENTRIES).min(end);
-        if shard_of(pos, shards) == shard && map.pages[page as usize].is_some() {
+        // An empty leaf (known without its entries) has nothing to clear.
+        let has = map.pages[page as usize]
+            .as_ref()
+            .is_some_and(|l| l.count() > 0);
+        if shard_of(pos, shards) == shard && has {
             for l in pos..page_end {
                 let old = map.set(l, 0, add_ref)?;
                 if old != 0 {

@@ -3,5 +3,5 @@
 pub(crate) mod lba;
 mod volume;
 
-pub(crate) use lba::{leaf_slots, shard_of, trim_owned, LbaMap, MapLeaf};
+pub(crate) use lba::{leaf_slots, shard_of, trim_owned, LbaMap, MapLeaf, MapPage};
 pub(crate) use volume::{VolumeState, VolumeTable};

@@ -137,15 +137,6 @@ impl VolumeState {
         self.maps[shard_of(lba, self.maps.len())].lock().get(lba)
     }
 
-    /// The block at `lba`, and whether overwriting it frees nothing because another volume
-    /// holds it too: through the same leaf (a snapshot or clone not written since), or through
-    /// another leaf (more than one reference is checked by the caller).
-    pub fn lookup_shared(&self, lba: u64) -> crate::error::Result<(u64, bool)> {
-        self.maps[shard_of(lba, self.maps.len())]
-            .lock()
-            .get_shared(lba)
-    }
-
     pub fn mapped_blocks(&self) -> u64 {
         self.maps.iter().map(|m| m.lock().mapped).sum()
     }

@@ -147,13 +147,15 @@ impl Pool {
                 source,
             })?,
         };
-        // Map leaves: a format 3 pool's may be evicted from the start (each was read from a
-        // page the open keeps until its recovery checkpoint commits); format 2's may not.
+        // Map leaves: a read-only open of a format 3 pool may evict them from the start (each
+        // was read from a page nothing frees). A writable open keeps them all until its
+        // recovery checkpoint has committed: that checkpoint is whole, and would read every
+        // evicted leaf back one page at a time. Format 2 pools keep every leaf.
         let meta_budget = o
             .metadata_cache_bytes
             .unwrap_or_else(super::options::default_metadata_cache_bytes);
         let meta = Arc::new(MetaCache::new(
-            if newest.version >= crate::format::FORMAT_VERSION_PAGED {
+            if o.read_only && newest.version >= crate::format::FORMAT_VERSION_PAGED {
                 meta_budget
             } else {
                 u64::MAX
@@ -236,15 +238,14 @@ impl Pool {
             for (idx, page) in v.pages {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
                 let leaf = page.clone();
-                if counted.insert(Arc::as_ptr(&leaf)) {
-                    // Before the map takes it: taking it may evict its entries.
+                // Taking it may evict its entries (read-only): read back, not kept.
+                if m.load_page(idx as usize, page) && counted.insert(Arc::as_ptr(&leaf)) {
                     leaf.with_entries(idx, |ids| {
                         for &id in ids.iter().filter(|&&id| id != 0) {
                             space.add_ref(id);
                         }
                     })?;
                 }
-                m.load_page(idx as usize, page);
             }
             let vs = Arc::new(vs);
             by_id.insert(v.id, vs.clone());
@@ -517,10 +518,6 @@ impl Pool {
         let usable_bytes = usable_bytes(&geo, nshards, paged);
         let health = Arc::new(Health::default());
         let reuse = ReuseEpoch::default();
-        // An upgraded pool's leaves may go once its first format 3 checkpoint holds them.
-        if paged {
-            meta.set_budget(meta_budget);
-        }
         // Writes and deletes of earlier owners are refused from now on.
         store.fence(epoch);
         let ctx = Arc::new(Context::new(Parts {
@@ -600,6 +597,11 @@ impl Pool {
             let mut ck = inner.ckpt.state.lock();
             inner.ckpt.commit(&mut ck, &image, &live_then)?;
             inner.ctx.release_all_ids(&mut inner.ctx.space.lock());
+            // Every leaf is held by that checkpoint now (format 3): past the budget, leaves
+            // may go.
+            if paged {
+                meta.set_budget(meta_budget);
+            }
         }
         inner.ctx.top_up_backed();
         if inner.ctx.discard_freed && !o.read_only {

@@ -56,6 +56,16 @@ fn process_rss_bytes() -> u64 {
 /// Evicted map leaves `stats` reads per volume and shard, at most about (see `Pool::stats`).
 const STATS_SAMPLE_LEAVES: u64 = 32;
 
+/// A leaf of a volume as `stats` walks it.
+struct Walked {
+    idx: u64,
+    leaf: std::sync::Weak<crate::map::MapLeaf>,
+    /// Read if evicted.
+    sample: bool,
+    /// Its entries, read for the sample.
+    read: Option<Box<crate::map::MapPage>>,
+}
+
 impl Pool {
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
@@ -65,53 +75,65 @@ impl Pool {
         // Lock order is checkpoint state, then space (as a checkpoint takes them): read the
         // checkpoint's sequence number before taking the space lock.
         let checkpoint_seq = inner.ckpt.state.lock().seq_end;
-        let mut space = inner.ctx.space.lock();
         // Map pages are shared by snapshots and clones: each counted once.
         let mut pages_seen = HashSet::new();
         let mut map_ram = 0u64;
-        let mut map_uses = 0u64;
-        // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
+        let mut map_hits = 0u64;
+        // First, with no space lock: each volume's leaves (weak: a strong hold would make
+        // writes copy them meanwhile), and the entries of a sample of the evicted ones, read
+        // without any lock (evicted leaves: every `stride`-th of a map, so that stats and each
+        // metrics scrape read a bounded number of pages).
+        let mut walks: Vec<Vec<Walked>> = Vec::with_capacity(states.len());
         for v in &states {
-            // A volume created since `volumes` was listed still holds RAM.
-            let info = volumes.iter_mut().find(|i| i.name == v.name);
-            let (mut unique, mut stored, mut mapped) = (0f64, 0f64, 0u64);
-            // Entries seen, each weighted by its leaf's share (1/users), and those of evicted
-            // leaves skipped, likewise: the skipped ones are estimated from the ones seen.
-            let (mut seen_w, mut skipped_w, mut skipped) = (0f64, 0f64, 0u64);
+            let mut walk = Vec::new();
             for m in &v.maps {
                 let m = m.lock();
                 map_ram += m.ram_bytes(&mut pages_seen);
-                map_uses += m.uses();
-                if info.is_none() {
-                    continue;
-                }
-                // A block's share: one over its references (the distinct leaves pointing at
-                // it) times this leaf's holders (the volumes sharing the leaf), so that the
-                // volumes' shares add up to one.
-                // Evicted leaves: every `stride`-th is read (a sample, spread over the map), so
-                // that stats (and each metrics scrape) read a bounded number of pages.
+                map_hits += m.hits();
                 let stride = (m.present_pages() / STATS_SAMPLE_LEAVES).max(1) as usize;
                 let mut k = 0usize;
                 for (idx, leaf) in m.pages.iter().enumerate() {
                     let Some(leaf) = leaf else { continue };
                     k += 1;
-                    let users = f64::from(leaf.users().max(1));
-                    // An evicted leaf is read back without the space lock (and not kept); one
-                    // that does not read back counts nothing here (reads and check report it).
-                    let ids = match leaf.resident_copy() {
-                        Some(ids) => ids,
-                        None if k % stride != 0 => {
-                            skipped_w += leaf.count() as f64 / users;
-                            skipped += leaf.count();
-                            continue;
-                        }
-                        None => match parking_lot::MutexGuard::unlocked(&mut space, || {
-                            leaf.with_entries(idx as u64, |e| Box::new(*e))
-                        }) {
-                            Ok(ids) => ids,
-                            Err(_) => continue,
-                        },
-                    };
+                    walk.push(Walked {
+                        idx: idx as u64,
+                        leaf: Arc::downgrade(leaf),
+                        sample: k % stride == 0,
+                        read: None,
+                    });
+                }
+            }
+            for w in walk.iter_mut().filter(|w| w.sample) {
+                if let Some(leaf) = w.leaf.upgrade() {
+                    if !leaf.has_entries() {
+                        // One that does not read back counts nothing here (reads and check
+                        // report it).
+                        w.read = leaf.with_entries(w.idx, |e| Box::new(*e)).ok();
+                    }
+                }
+            }
+            walks.push(walk);
+        }
+        let space = inner.ctx.space.lock();
+        // Attribute shared blocks to the volumes mapping them: 1/refs of the block each.
+        for (v, walk) in states.iter().zip(&walks) {
+            let Some(info) = volumes.iter_mut().find(|i| i.name == v.name) else {
+                // Created since `volumes` was listed.
+                continue;
+            };
+            let (mut unique, mut stored, mut mapped) = (0f64, 0f64, 0u64);
+            // Entries seen, each weighted by its leaf's share (1/users), and those of evicted
+            // leaves skipped, likewise: the skipped ones are estimated from the ones seen.
+            let (mut seen_w, mut skipped_w, mut skipped) = (0f64, 0f64, 0u64);
+            for w in walk {
+                let Some(leaf) = w.leaf.upgrade() else {
+                    continue;
+                };
+                // A block's share: one over its references (the distinct leaves pointing at
+                // it) times this leaf's holders (the volumes sharing the leaf), so that the
+                // volumes' shares add up to one.
+                let users = f64::from(leaf.users().max(1));
+                let mut count = |ids: &crate::map::MapPage| {
                     for &id in ids.iter().filter(|&&id| id != 0) {
                         seen_w += 1.0 / users;
                         if let Some(b) = space.get(id) {
@@ -121,11 +143,19 @@ impl Pool {
                             mapped += 1;
                         }
                     }
+                };
+                let done = match &w.read {
+                    Some(ids) => {
+                        count(ids);
+                        true
+                    }
+                    None => leaf.with_resident(|ids| count(ids)).is_some(),
+                };
+                if !done {
+                    skipped_w += leaf.count() as f64 / users;
+                    skipped += leaf.count();
                 }
             }
-            let Some(info) = info else {
-                continue;
-            };
             if skipped > 0 && seen_w > 0.0 {
                 let scale = 1.0 + skipped_w / seen_w;
                 unique *= scale;
@@ -221,7 +251,7 @@ impl Pool {
             metadata_cache_budget_bytes: meta.budget_bytes,
             metadata_cache_bytes: meta.resident_bytes,
             metadata_cache_leaves: meta.leaves,
-            metadata_cache_hits: (map_uses + meta.uses_retired).saturating_sub(meta.misses),
+            metadata_cache_hits: map_hits + meta.hits_retired,
             metadata_cache_misses: meta.misses,
             metadata_cache_evictions: meta.evictions,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {

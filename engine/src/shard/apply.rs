@@ -1,7 +1,8 @@
 //! Applying completed records to the maps and the block table, in sequence order.
 
 use super::Shard;
-use crate::map::trim_owned;
+use crate::format::MAP_PAGE_ENTRIES;
+use crate::map::{shard_of, trim_owned};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -175,6 +176,20 @@ impl Shard {
                 {
                     if *lba < vol.blocks() {
                         let _ = vol.maps[me].lock().fetch(*lba);
+                    }
+                }
+                if let Apply::Trim { vol, lba, count } = a {
+                    // The leaves of this shard's with entries to clear (a large trim reads
+                    // them all back; design milestone 20 moves this off the shard).
+                    let m = vol.maps[me].lock();
+                    let (first, end) = (
+                        lba / MAP_PAGE_ENTRIES,
+                        (lba + count).div_ceil(MAP_PAGE_ENTRIES),
+                    );
+                    for p in (first..end.min(m.pages.len() as u64))
+                        .filter(|&p| shard_of(p * MAP_PAGE_ENTRIES, shards) == me)
+                    {
+                        let _ = m.fetch(p * MAP_PAGE_ENTRIES);
                     }
                 }
             }

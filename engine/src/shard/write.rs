@@ -132,8 +132,11 @@ impl Shard {
                     if shard_of(lba, n) != self.id {
                         return false;
                     }
-                    // A leaf that does not read back counts as new data.
-                    let (id, shared_leaf) = vol.lookup_shared(lba).unwrap_or((0, false));
+                    // Under the space lock: no read; a block of an evicted leaf counts as new.
+                    let Some((id, shared_leaf)) = vol.maps[self.id].lock().get_shared_resident(lba)
+                    else {
+                        return true;
+                    };
                     id == 0 || shared_leaf || space.refs.get(id) > 1
                 })
                 .count() as u64;
