@@ -138,16 +138,21 @@ impl MapLeaf {
 
     /// Entry `i`, and whether the entries were in RAM (a hit).
     fn get_counted(&self, idx: u64, i: usize) -> Result<(u64, bool)> {
-        let hit = self.state.lock().ids.is_some();
-        Ok((self.read(idx)?[i], hit))
+        let (st, hit) = self.loaded_hit(idx)?;
+        Ok((st.ids.as_ref().expect("loaded")[i], hit))
     }
 
     /// The state with the entries in RAM.
     fn loaded(&self, idx: u64) -> Result<MutexGuard<'_, LeafState>> {
+        Ok(self.loaded_hit(idx)?.0)
+    }
+
+    /// The state with the entries in RAM, and whether they were (a hit).
+    fn loaded_hit(&self, idx: u64) -> Result<(MutexGuard<'_, LeafState>, bool)> {
         self.referenced.store(true, Ordering::Relaxed);
         let mut st = self.state.lock();
         if st.ids.is_some() {
-            return Ok(st);
+            return Ok((st, true));
         }
         let c = self.cache.get().ok_or(Error::Corrupt {
             what: "map leaf without entries",
@@ -160,12 +165,13 @@ impl MapLeaf {
         });
         // Trimming takes other leaves' locks with `try_lock` only: holding this one is safe.
         c.loaded();
-        Ok(st)
+        Ok((st, false))
     }
 
-    /// Set entry `i` in place (the caller owns the leaf: no image or other map holds it).
-    fn put(&self, idx: u64, i: usize, id: u64) -> Result<u64> {
-        let mut st = self.loaded(idx)?;
+    /// Set entry `i` in place (the caller owns the leaf: no image or other map holds it);
+    /// returns the entry it held and whether the entries were in RAM.
+    fn put(&self, idx: u64, i: usize, id: u64) -> Result<(u64, bool)> {
+        let (mut st, hit) = self.loaded_hit(idx)?;
         let ids = st.ids.as_mut().expect("loaded above");
         let old = std::mem::replace(&mut ids[i], id);
         match (old, id) {
@@ -181,7 +187,7 @@ impl MapLeaf {
         if old != id {
             st.at = PagePtr::ABSENT;
         }
-        Ok(old)
+        Ok((old, hit))
     }
 
     /// A copy for the same maps (a checkpoint's image or a snapshot held the original): same
@@ -368,10 +374,14 @@ impl LbaMap {
     fn entry(&self, page: &MapLeaf, p: usize, i: usize) -> Result<u64> {
         let (id, hit) = page.get_counted(p as u64, i)?;
         if hit {
-            self.hits
-                .store(self.hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            self.hit();
         }
         Ok(id)
+    }
+
+    fn hit(&self) {
+        self.hits
+            .store(self.hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     pub fn get(&self, lba: u64) -> Result<u64> {
@@ -413,6 +423,22 @@ impl LbaMap {
         if p >= self.pages.len() {
             return Ok(0);
         }
+        // Owned by this map alone: changed in place under one lock of the leaf.
+        if let Some(page) = &self.pages[p] {
+            if page.users() == 1 && Arc::strong_count(page) == 1 {
+                let (old, hit) = page.put(p as u64, i, id)?;
+                if hit {
+                    self.hit();
+                }
+                match (old, id) {
+                    (0, 0) => {}
+                    (0, _) => self.mapped += 1,
+                    (_, 0) => self.mapped -= 1,
+                    _ => {}
+                }
+                return Ok(old);
+            }
+        }
         let old = match &self.pages[p] {
             Some(page) => self.entry(page, p, i)?,
             None => 0,
@@ -452,6 +478,7 @@ impl LbaMap {
                 page.put(p as u64, i, id)?;
             }
         }
+        // (Not reached for (0, 0): `old == id` returned above.)
         match (old, id) {
             (0, _) => self.mapped += 1,
             (_, 0) => self.mapped -= 1,
