@@ -276,6 +276,7 @@ impl Checkpointer {
             index_sample_bits: 0,
             keyed_fingerprints: true,
             changed: Some(changed),
+            pages: None,
         };
         (image, space.seg_live.clone())
     }

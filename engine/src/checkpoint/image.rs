@@ -51,6 +51,9 @@ pub(crate) struct Image {
     pub keyed_fingerprints: bool,
     /// What changed since the previous image was taken (`None`: not known, write it all).
     pub changed: Option<Changed>,
+    /// Read from a format 3 checkpoint: where its pages are, for the next checkpoint to
+    /// write only what changed since (`None`: written whole).
+    pub pages: Option<Box<super::paged::PagedState>>,
 }
 
 /// Units (of [`crate::space::CHANGE_UNIT`] ids) of the block table and of the reference counts
@@ -502,6 +505,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         index_sample_bits: h.index_sample_bits,
         keyed_fingerprints: h.flags & CHECKPOINT_KEYED != 0,
         changed: None,
+        pages: None,
     })
 }
 
@@ -531,6 +535,7 @@ mod tests {
             index_sample_bits: 0,
             keyed_fingerprints: true,
             changed: None,
+            pages: None,
         }
     }
 

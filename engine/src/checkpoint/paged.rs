@@ -76,6 +76,26 @@ pub(crate) struct PagedState {
 }
 
 impl PagedState {
+    /// Pages of this image per metadata segment (the root's included): what `MetaSegs`
+    /// retains for it.
+    pub(crate) fn segment_pages(&self) -> std::collections::BTreeMap<u32, u32> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut add = |p: &PagePtr| *out.entry(p.segment).or_insert(0) += 1;
+        self.table.all().for_each(&mut add);
+        self.refs.all().for_each(&mut add);
+        for d in self.dirs.values() {
+            d.pages.all().for_each(&mut add);
+        }
+        self.named.keys().for_each(&mut add);
+        if let Some((p, _)) = &self.index {
+            p.all().for_each(&mut add);
+        }
+        if let Some((seg, n)) = self.root {
+            *out.entry(seg).or_insert(0) += n;
+        }
+        out
+    }
+
     /// Bytes of RAM it holds: page pointers of the arrays and directories, and the names of
     /// map leaf pages (a hash map entry about twice the pointer and its count).
     pub(crate) fn ram_bytes(&self) -> u64 {
@@ -433,8 +453,11 @@ pub(crate) fn read_image(
     if table_root.len != ids || refs_root.len != ids || ids > max_blocks {
         return Err(BAD_ROOT);
     }
-    let (table, _) = ArrayPages::load::<BlockLoc>(&table_root, key, src)?;
-    let (live, _) = ArrayPages::load::<u8>(&refs_root, key, src)?;
+    let (table, table_pages) = ArrayPages::load::<BlockLoc>(&table_root, key, src)?;
+    let (live, refs_pages) = ArrayPages::load::<u8>(&refs_root, key, src)?;
+    // What the next checkpoint starts from (`PagedState`), as it would after writing this one.
+    let mut dirs = HashMap::with_capacity(root.volumes.len());
+    let mut named_pages: HashMap<PagePtr, u32> = HashMap::new();
     let mut blocks = BlockTable::default();
     blocks.grow_to(ids.max(1) as usize, BlockEntry::default());
     let mut refs = RefCounts::with_len(ids.max(1) as usize);
@@ -463,7 +486,7 @@ pub(crate) fn read_image(
             len: leaf_slots(v.size_bytes),
             root: v.dir_root,
         };
-        let (dir, _) = ArrayPages::load::<PagePtr>(&dir_root, key, src)?;
+        let (dir, dir_pages) = ArrayPages::load::<PagePtr>(&dir_root, key, src)?;
         let named: Vec<(u64, PagePtr)> = (0..dir.len())
             .filter_map(|i| {
                 dir.get(i)
@@ -497,6 +520,22 @@ pub(crate) fn read_image(
             }
             leaf.add_user();
             pages.push((idx, leaf.clone()));
+            *named_pages.entry(at).or_default() += 1;
+        }
+        let ptrs = (0..dir.len())
+            .map(|i| dir.get(i).copied().unwrap_or(PagePtr::ABSENT))
+            .collect();
+        if dirs
+            .insert(
+                v.id,
+                Dir {
+                    pages: dir_pages,
+                    ptrs,
+                },
+            )
+            .is_some()
+        {
+            return Err(BAD_ROOT);
         }
         let domain = match (v.domain_kind, v.domain_name.as_str()) {
             (DOMAIN_SHARED, "") => DedupDomain::Shared,
@@ -538,6 +577,7 @@ pub(crate) fn read_image(
             nonce: None,
         });
     }
+    let mut index_pages = None;
     let (index, index_sample_bits) = match &root.index {
         Some(ix) => {
             let per = <IndexSlot as PageEntry>::PER_PAGE;
@@ -548,7 +588,8 @@ pub(crate) fn read_image(
                 len: ix.entries,
                 root: ix.root,
             };
-            let (slots, _) = ArrayPages::load::<IndexSlot>(&r, key, src)?;
+            let (slots, pages) = ArrayPages::load::<IndexSlot>(&r, key, src)?;
+            index_pages = Some((pages, *ix));
             let index = (0..slots.len())
                 .filter_map(|i| slots.get(i))
                 .filter(|s| s.id < ids)
@@ -571,6 +612,16 @@ pub(crate) fn read_image(
         index_sample_bits,
         keyed_fingerprints: root.flags & ROOT_KEYED != 0,
         changed: None,
+        pages: Some(Box::new(PagedState {
+            table: table_pages,
+            refs: refs_pages,
+            dirs,
+            named: named_pages,
+            index: index_pages,
+            index_age: 0,
+            // Filled in by the caller, which knows where the root lies.
+            root: None,
+        })),
     })
 }
 
@@ -652,6 +703,7 @@ mod tests_support {
             index_sample_bits: 1,
             keyed_fingerprints: true,
             changed: None,
+            pages: None,
         }
     }
 }

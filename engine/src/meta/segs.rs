@@ -38,6 +38,19 @@ impl MetaSegs {
         }
     }
 
+    /// The checkpoint an open read, with its pages per segment known (`pages`): the current
+    /// image, which the next checkpoint changes only in part. Other segments it was read from
+    /// (`read`; none, as the counts cover every page) are kept until a commit writes both
+    /// superblock slots.
+    pub(crate) fn adopt_pages(&mut self, pages: &BTreeMap<u32, u32>, read: &[u32]) {
+        for (&s, &n) in pages {
+            self.counts.entry(s).or_default()[CUR] = n;
+        }
+        for s in read.iter().filter(|s| !pages.contains_key(s)) {
+            self.counts.entry(*s).or_default()[PREV] = 1;
+        }
+    }
+
     /// A whole write-out begins: the next image names none of the current one's pages.
     pub(crate) fn begin_whole(&mut self) {
         for c in self.counts.values_mut() {

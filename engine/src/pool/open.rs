@@ -135,7 +135,7 @@ impl Pool {
         let mut space = Space::new(geo.total_segments);
         space.set_devices(&geo.devs.iter().map(|&(first, _)| first).collect::<Vec<_>>());
         // Load the newest checkpoint (or the one before, when a commit stopped half way).
-        let (image, ckpt_segs) = load_checkpoint(&*store, &geo, &mut sbs, &older, &mut newest)?;
+        let (mut image, ckpt_segs) = load_checkpoint(&*store, &geo, &mut sbs, &older, &mut newest)?;
         // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,
         // then the recovery checkpoint below writes version 2 superblocks with a new key, and
         // every chain starts in a fresh segment sealed under it.
@@ -252,6 +252,12 @@ impl Pool {
             table.by_name.insert(v.name, vs);
         }
         // Replay every chain of the checkpoint, in sequence order.
+        // What the checkpoint holds is on flash as it is in RAM now: what replay changes is
+        // what the recovery checkpoint (format 3) rewrites. (The counts were recounted from
+        // the maps above; only unreferenced ids can differ from the liveness on flash, and an
+        // open recounts them again.)
+        space.blocks.take_changed();
+        space.refs.take_changed();
         let Replayed {
             seq_end,
             chain_segs,
@@ -558,6 +564,21 @@ impl Pool {
             meta: meta.clone(),
         }));
         let workers = Arc::new(Workers::new(senders, bells, urgent));
+        // A format 3 checkpoint read by a writable open that stays format 3: the recovery
+        // checkpoint writes only what replay changed, and the pages it does not rewrite stay
+        // where they are (retained per segment by their counts).
+        let (ckpt_segs, loaded, meta_segs) = match image
+            .pages
+            .take()
+            .filter(|_| was_paged && paged && !o.read_only)
+        {
+            Some(state) => {
+                let mut m = crate::meta::segs::MetaSegs::default();
+                m.adopt_pages(&state.segment_pages(), &ckpt_segs);
+                (Vec::new(), Some(*state), m)
+            }
+            None => (ckpt_segs, None, Default::default()),
+        };
         let ckpt = Arc::new(Checkpointer::new(
             ctx.clone(),
             workers.clone(),
@@ -569,8 +590,8 @@ impl Pool {
                 both_seq: image.seq,
                 written_at_last: 0,
                 stamps: None,
-                paged: None,
-                meta: Default::default(),
+                paged: loaded,
+                meta: meta_segs,
                 set_aside,
             },
             sbs,

@@ -157,7 +157,10 @@ fn read_paged(
         segment_bytes: geo.segment_bytes,
         segments: Default::default(),
     };
-    let image = checkpoint::read_image(&root, key, &src, max_blocks(geo))?;
+    let mut image = checkpoint::read_image(&root, key, &src, max_blocks(geo))?;
+    if let Some(state) = image.pages.as_mut() {
+        state.root = Some((seg, read.div_ceil(PAGE_BYTES) as u32));
+    }
     let mut segs = src.segments.into_inner();
     segs.insert(seg);
     Ok((image, segs.into_iter().collect()))
@@ -192,6 +195,7 @@ pub(crate) fn load_checkpoint(
             // be keyed: nothing is lost but dedup candidates.
             keyed_fingerprints: false,
             changed: None,
+            pages: None,
         };
         return Ok((image, Vec::new()));
     }
