@@ -9,8 +9,10 @@
 //! milestone 11): the block table and liveness pages under the chunks the image says changed,
 //! the map leaves no committed checkpoint holds as they are, the directory pages whose entries
 //! changed, and the interior pages above all of these; plus every page of the segments being
-//! cleaned, so that they can be freed. The first checkpoint after an open (or after a failed
-//! one) writes everything, as does every checkpoint of a pool of a few dozen segments.
+//! cleaned, so that they can be freed. The first checkpoint after an open starts from the
+//! pages of the checkpoint the open read (`Image::pages`); one after a failed checkpoint, or
+//! after an upgrade from format 2, writes everything, as does every checkpoint of a pool of a
+//! few dozen segments.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -504,9 +506,9 @@ pub(crate) fn read_image(
         let ptrs: Vec<PagePtr> = want.iter().map(|&(_, p)| p).collect();
         for ((idx, at), buf) in want.iter().zip(src.read_pages(&ptrs)?) {
             let ids = open_leaf(&buf, key, *idx, *at)?;
-            // Its users are counted as each volume takes it, below. Its page stays until the
-            // first checkpoint after the open has written its own: the entries may be evicted
-            // and read back from there meanwhile.
+            // Its users are counted as each volume takes it, below. It is held where it was
+            // read (`at`): the next checkpoint names that page again unless the leaf changes,
+            // and its entries may be evicted and read back from there.
             leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids, *at))));
         }
         let mut pages = Vec::with_capacity(named.len());
@@ -618,7 +620,12 @@ pub(crate) fn read_image(
             dirs,
             named: named_pages,
             index: index_pages,
-            index_age: 0,
+            // An index older than the checkpoint (a crash came before a close saved it) is
+            // written again by the next checkpoint: replay put hints back in since.
+            index_age: match &root.index {
+                Some(ix) if ix.saved_at_seq < root.seq_end => INDEX_EVERY - 1,
+                _ => 0,
+            },
             // Filled in by the caller, which knows where the root lies.
             root: None,
         })),

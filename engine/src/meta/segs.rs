@@ -30,8 +30,9 @@ const CUR: usize = 1;
 const NEXT: usize = 2;
 
 impl MetaSegs {
-    /// Segments a checkpoint read at open lies in: the current image, whose page counts are
-    /// not known (one each keeps them until two commits no longer name them).
+    /// Segments a checkpoint read at open lies in when its page counts are not known (a format
+    /// 2 checkpoint being upgraded): the current image, one count each, which keeps them until
+    /// two commits no longer name them.
     pub(crate) fn adopt(&mut self, segments: &[u32]) {
         for &s in segments {
             self.counts.entry(s).or_default()[CUR] = 1;
