@@ -455,16 +455,13 @@ pub(crate) fn read_image(
     if table_root.len != ids || refs_root.len != ids || ids > max_blocks {
         return Err(BAD_ROOT);
     }
-    let (table, table_pages) = ArrayPages::load::<BlockLoc>(&table_root, key, src)?;
     let (live, refs_pages) = ArrayPages::load::<u8>(&refs_root, key, src)?;
-    // What the next checkpoint starts from (`PagedState`), as it would after writing this one.
-    let mut dirs = HashMap::with_capacity(root.volumes.len());
-    let mut named_pages: HashMap<PagePtr, u32> = HashMap::new();
     let mut blocks = BlockTable::default();
     blocks.grow_to(ids.max(1) as usize, BlockEntry::default());
     let mut refs = RefCounts::with_len(ids.max(1) as usize);
-    for id in 0..ids as usize {
-        if let (Some(l), Some(&1)) = (table.get(id), live.get(id)) {
+    // Straight into the table, a run of pages at a time (one copy of it at the peak).
+    let table_pages = ArrayPages::load_each::<BlockLoc>(&table_root, key, src, &mut |id, l| {
+        if live.get(id) == Some(&1) {
             if let Some(e) = blocks.get_mut(id) {
                 *e = BlockEntry {
                     segment: l.segment,
@@ -476,7 +473,11 @@ pub(crate) fn read_image(
             }
             refs.add(id as u64);
         }
-    }
+    })?;
+    drop(live);
+    // What the next checkpoint starts from (`PagedState`), as it would after writing this one.
+    let mut dirs = HashMap::with_capacity(root.volumes.len());
+    let mut named_pages: HashMap<PagePtr, u32> = HashMap::new();
     // Leaves by where they lie (with the index they were written for): a leaf several
     // directories name is read once and shared.
     let mut leaves: HashMap<PagePtr, (u64, Arc<MapLeaf>)> = HashMap::new();
@@ -503,13 +504,16 @@ pub(crate) fn read_image(
             .collect();
         want.sort_by_key(|&(_, p)| (p.segment, p.offset));
         want.dedup_by_key(|(_, p)| *p);
-        let ptrs: Vec<PagePtr> = want.iter().map(|&(_, p)| p).collect();
-        for ((idx, at), buf) in want.iter().zip(src.read_pages(&ptrs)?) {
-            let ids = open_leaf(&buf, key, *idx, *at)?;
-            // Its users are counted as each volume takes it, below. It is held where it was
-            // read (`at`): the next checkpoint names that page again unless the leaf changes,
-            // and its entries may be evicted and read back from there.
-            leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids, *at))));
+        // A run of pages at a time: the pages read are not all held with the leaves.
+        for run in want.chunks(256) {
+            let ptrs: Vec<PagePtr> = run.iter().map(|&(_, p)| p).collect();
+            for ((idx, at), buf) in run.iter().zip(src.read_pages(&ptrs)?) {
+                let ids = open_leaf(&buf, key, *idx, *at)?;
+                // Its users are counted as each volume takes it, below. It is held where it
+                // was read (`at`): the next checkpoint names that page again unless the leaf
+                // changes, and its entries may be evicted and read back from there.
+                leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids, *at))));
+            }
         }
         let mut pages = Vec::with_capacity(named.len());
         for (idx, at) in named {

@@ -433,6 +433,41 @@ impl ArrayPages {
         key: &LogKey,
         src: &dyn PageSource,
     ) -> Result<(PagedArray<T>, ArrayPages)> {
+        let mut array = PagedArray::<T>::default();
+        let pages = Self::load_leaves::<T>(root, key, src, &mut |_, leaf| {
+            array.leaves.push(Arc::new(leaf));
+            array.dirty.push(false);
+            Ok(())
+        })?;
+        array.len = root.len as usize;
+        Ok((array, pages))
+    }
+
+    /// As [`ArrayPages::load`], handing each entry to `f` (its index, the entry) instead of
+    /// keeping them: the leaves are read a run at a time, so that an open holds one copy of a
+    /// large array (the block table) rather than three.
+    pub(crate) fn load_each<T: PageEntry>(
+        root: &ArrayRoot,
+        key: &LogKey,
+        src: &dyn PageSource,
+        f: &mut dyn FnMut(usize, T),
+    ) -> Result<ArrayPages> {
+        Self::load_leaves::<T>(root, key, src, &mut |leaf, entries| {
+            for (i, e) in entries.into_iter().enumerate() {
+                f(leaf * T::PER_PAGE + i, e);
+            }
+            Ok(())
+        })
+    }
+
+    /// Read the page tree under `root`, handing each leaf's entries in order to `on_leaf`
+    /// (its index, its entries), `LOAD_RUN` leaf pages read at a time.
+    fn load_leaves<T: PageEntry>(
+        root: &ArrayRoot,
+        key: &LogKey,
+        src: &dyn PageSource,
+        on_leaf: &mut dyn FnMut(usize, Vec<T>) -> Result<()>,
+    ) -> Result<ArrayPages> {
         let counts = level_counts(root.len, T::PER_PAGE);
         if counts.len() != usize::from(root.height) || (counts.is_empty() != root.root.is_absent())
         {
@@ -445,9 +480,8 @@ impl ArrayPages {
             levels: vec![Vec::new(); counts.len()],
             len: root.len,
         };
-        let mut array = PagedArray::<T>::default();
         let Some(top) = counts.len().checked_sub(1) else {
-            return Ok((array, pages));
+            return Ok(pages);
         };
         pages.levels[top] = vec![root.root];
         for level in (1..=top).rev() {
@@ -469,20 +503,26 @@ impl ArrayPages {
         }
         let len = root.len as usize;
         let entries = |i: usize| (len - i * T::PER_PAGE).min(T::PER_PAGE);
-        let bodies = read_level(src, key, root.array, 0, &pages.levels[0], &entries)?;
-        for (i, b) in bodies.iter().enumerate() {
-            let mut g = Get::new(b, "paged array leaf");
-            let mut leaf = Vec::with_capacity(T::PER_PAGE);
-            for _ in 0..entries(i) {
-                leaf.push(T::get(&mut g)?);
+        for (run, ptrs) in pages.levels[0].chunks(LOAD_RUN).enumerate() {
+            let first = run * LOAD_RUN;
+            let bodies = read_level_from(src, key, root.array, 0, ptrs, first, &|i| {
+                entries(first + i)
+            })?;
+            for (i, b) in bodies.iter().enumerate() {
+                let mut g = Get::new(b, "paged array leaf");
+                let mut leaf = Vec::with_capacity(T::PER_PAGE);
+                for _ in 0..entries(first + i) {
+                    leaf.push(T::get(&mut g)?);
+                }
+                on_leaf(first + i, leaf)?;
             }
-            array.leaves.push(Arc::new(leaf));
-            array.dirty.push(false);
         }
-        array.len = len;
-        Ok((array, pages))
+        Ok(pages)
     }
 }
+
+/// Leaf pages an array load reads at a time (1 MiB).
+const LOAD_RUN: usize = 256;
 
 /// The bodies of the pages at `ptrs` (`level` of `array`, keys in order from 0), each checked
 /// against its pointer and the entries it must hold.
@@ -492,6 +532,20 @@ fn read_level(
     array: PageArray,
     level: usize,
     ptrs: &[PagePtr],
+    want_entries: &dyn Fn(usize) -> usize,
+) -> Result<Vec<Vec<u8>>> {
+    read_level_from(src, key, array, level, ptrs, 0, want_entries)
+}
+
+/// As [`read_level`] for the pages of a level from the `first`-th on (`want_entries` is
+/// indexed from there).
+fn read_level_from(
+    src: &dyn PageSource,
+    key: &LogKey,
+    array: PageArray,
+    level: usize,
+    ptrs: &[PagePtr],
+    first: usize,
     want_entries: &dyn Fn(usize) -> usize,
 ) -> Result<Vec<Vec<u8>>> {
     let bufs = src.read_pages(ptrs)?;
@@ -504,7 +558,7 @@ fn read_level(
                 PageKind::ArrayInterior
             },
             level: level as u8,
-            key: i as u64,
+            key: (first + i) as u64,
             array,
             at: *at,
         };
