@@ -126,8 +126,14 @@ pub fn render(s: &Stats) -> String {
         s.metadata_cache_bytes,
     );
     gauge(
+        "metadata_cache_leaves",
+        "Map leaves known to the metadata cache, their entries held or evicted.",
+        "gauge",
+        s.metadata_cache_leaves,
+    );
+    gauge(
         "metadata_cache_budget_bytes",
-        "The metadata cache's budget.",
+        "The metadata cache's budget (0: every leaf kept, format 2).",
         "gauge",
         s.metadata_cache_budget_bytes,
     );

@@ -178,8 +178,8 @@ pub struct VolumeInfo {
     #[serde(default)]
     pub data_reduction_ratio: f64,
     /// The attributed figures above are estimates: some of the volume's map leaves were
-    /// evicted from the metadata cache, and `stats` read a sample of them (about 32 per shard)
-    /// instead of every one.
+    /// evicted from the metadata cache, and `stats` read a sample of them (about 32 for each
+    /// of the volume's per-shard maps) instead of every one.
     #[serde(default)]
     pub reduction_estimated: bool,
 }
@@ -263,9 +263,9 @@ pub struct Stats {
     #[serde(default)]
     pub metadata_ram_bytes: u64,
     /// The metadata cache (map leaves' entries in RAM; format 3 pools evict them past the
-    /// budget): its budget, the bytes it holds, leaves known (held or evicted), and since the
-    /// pool was opened the uses that found the entries in RAM, those that read them back
-    /// from their page, and the leaves evicted.
+    /// budget): its budget (0: a format 2 pool, which keeps every leaf), the bytes it holds,
+    /// leaves known (held or evicted), and since the pool was opened the look-ups that found
+    /// the entries in RAM, the leaves read back from their page, and the leaves evicted.
     #[serde(default)]
     pub metadata_cache_budget_bytes: u64,
     #[serde(default)]

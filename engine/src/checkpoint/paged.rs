@@ -505,7 +505,7 @@ pub(crate) fn read_image(
         want.sort_by_key(|&(_, p)| (p.segment, p.offset));
         want.dedup_by_key(|(_, p)| *p);
         // A run of pages at a time: the pages read are not all held with the leaves.
-        for run in want.chunks(256) {
+        for run in want.chunks(crate::meta::paged::LOAD_RUN) {
             let ptrs: Vec<PagePtr> = run.iter().map(|&(_, p)| p).collect();
             for ((idx, at), buf) in run.iter().zip(src.read_pages(&ptrs)?) {
                 let ids = open_leaf(&buf, key, *idx, *at)?;
@@ -594,13 +594,13 @@ pub(crate) fn read_image(
                 len: ix.entries,
                 root: ix.root,
             };
-            let (slots, pages) = ArrayPages::load::<IndexSlot>(&r, key, src)?;
+            let mut index = Vec::with_capacity(ix.entries.min(ids) as usize);
+            let pages = ArrayPages::load_each::<IndexSlot>(&r, key, src, &mut |_, s| {
+                if s.id < ids {
+                    index.push((s.key, s.id));
+                }
+            })?;
             index_pages = Some((pages, *ix));
-            let index = (0..slots.len())
-                .filter_map(|i| slots.get(i))
-                .filter(|s| s.id < ids)
-                .map(|s| (s.key, s.id))
-                .collect();
             (index, ix.sample_bits)
         }
         None => (Vec::new(), 0),

@@ -129,7 +129,10 @@ impl MetaCache {
 
     pub(crate) fn stats(&self) -> MetaCacheStats {
         MetaCacheStats {
-            budget_bytes: self.budget.load(Ordering::Relaxed),
+            // Never evicting (format 2): reported as 0.
+            budget_bytes: Some(self.budget.load(Ordering::Relaxed))
+                .filter(|&b| b != u64::MAX)
+                .unwrap_or(0),
             resident_bytes: self.resident.load(Ordering::Relaxed),
             leaves: self.leaves.load(Ordering::Relaxed),
             hits_retired: self.hits.load(Ordering::Relaxed),
@@ -413,7 +416,7 @@ mod tests {
 
     /// A damaged page of an evicted leaf fails the reads of that leaf's blocks with a
     /// corruption error, and check reports it; the other leaves read as written (or, once a
-    /// checkpoint needed that page, the pool stops with the reason).
+    /// checkpoint needed that page, the pool stops with the reason). A reopen refuses the pool.
     #[test]
     fn a_damaged_evicted_leaf_fails_its_reads_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -462,5 +465,13 @@ mod tests {
             "{:?}",
             r.problems
         );
+        // An open reads every leaf: a restart refuses the pool, saying why.
+        let _ = pool.shutdown();
+        drop(pool);
+        match Pool::open(dir.path(), &options()) {
+            Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
+            Err(e) => panic!("reopen of a pool with a damaged leaf page: {e}"),
+            Ok(_) => panic!("a pool with a damaged leaf page opened"),
+        }
     }
 }

@@ -522,7 +522,7 @@ impl ArrayPages {
 }
 
 /// Leaf pages an array load reads at a time (1 MiB).
-const LOAD_RUN: usize = 256;
+pub(crate) const LOAD_RUN: usize = 256;
 
 /// The bodies of the pages at `ptrs` (`level` of `array`, keys in order from 0), each checked
 /// against its pointer and the entries it must hold.
