@@ -174,16 +174,10 @@ impl MapLeaf {
         let (mut st, hit) = self.loaded_hit(idx)?;
         let ids = st.ids.as_mut().expect("loaded above");
         let old = std::mem::replace(&mut ids[i], id);
-        match (old, id) {
-            (0, 0) => {}
-            (0, _) => {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-            (_, 0) => {
-                self.count.fetch_sub(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
+        // Changed only under the leaf's lock: a load and a store.
+        let n = self.count.load(Ordering::Relaxed);
+        self.count
+            .store(moved_count(u64::from(n), old, id) as u32, Ordering::Relaxed);
         if old != id {
             st.at = PagePtr::ABSENT;
         }
@@ -430,12 +424,7 @@ impl LbaMap {
                 if hit {
                     self.hit();
                 }
-                match (old, id) {
-                    (0, 0) => {}
-                    (0, _) => self.mapped += 1,
-                    (_, 0) => self.mapped -= 1,
-                    _ => {}
-                }
+                self.mapped = moved_count(self.mapped, old, id);
                 return Ok(old);
             }
         }
@@ -478,12 +467,7 @@ impl LbaMap {
                 page.put(p as u64, i, id)?;
             }
         }
-        // (Not reached for (0, 0): `old == id` returned above.)
-        match (old, id) {
-            (0, _) => self.mapped += 1,
-            (_, 0) => self.mapped -= 1,
-            _ => {}
-        }
+        self.mapped = moved_count(self.mapped, old, id);
         Ok(old)
     }
 
@@ -550,6 +534,17 @@ impl LbaMap {
                     .map(move |i| (p as u64 * MAP_PAGE_ENTRIES + i as u64, ids[i]))
             })
         })
+    }
+}
+
+/// `n` entries that are not holes, after one of them went from block `old` to `new` (0: a
+/// hole).
+fn moved_count(n: u64, old: u64, new: u64) -> u64 {
+    match (old, new) {
+        (0, 0) => n,
+        (0, _) => n + 1,
+        (_, 0) => n - 1,
+        _ => n,
     }
 }
 
