@@ -84,6 +84,18 @@ pub fn render(s: &Stats) -> String {
         s.device_written_bytes,
     );
     gauge(
+        "gc_read_bytes_total",
+        "Bytes the cleaner read from devices (victims' records and live blocks), since open.",
+        "counter",
+        s.gc_bytes_read,
+    );
+    gauge(
+        "gc_table_scans_total",
+        "Victims whose live blocks the cleaner looked for in the whole block table (their records did not name them all), since open.",
+        "counter",
+        s.gc_table_scans,
+    );
+    gauge(
         "cache_bytes",
         "Bytes held by the block cache.",
         "gauge",

@@ -234,13 +234,19 @@ pub struct Stats {
     pub reclaimable_bytes: u64,
     /// Payload bytes the cleaner has moved since the pool was opened.
     pub gc_bytes_moved: u64,
-    /// Bytes the cleaner read from devices to move victims' live blocks.
+    /// Bytes the cleaner read from devices: victims' records (to find their blocks) and the
+    /// live blocks it moved.
     pub gc_bytes_read: u64,
     /// Payload bytes the cleaner took from the block cache instead of reading them.
     pub gc_bytes_from_cache: u64,
     /// Cached copies the cleaner found not to match their block's checksum (and read from the
     /// device instead): memory gone bad, or a bug; 0 on a healthy pool.
     pub gc_cache_mismatches: u64,
+    /// Victims the cleaner looked for in the whole block table because their own records,
+    /// walked, did not name all their live blocks (a damaged or torn record header, a segment
+    /// from before the pool had a key); 0 in the normal case.
+    #[serde(default)]
+    pub gc_table_scans: u64,
     /// Device bytes written / client bytes written since the pool was opened.
     pub write_amplification: f64,
     /// Segments the running cleaning pass is emptying (0 when idle).

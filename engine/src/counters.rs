@@ -23,10 +23,13 @@ pub(crate) struct Counters {
     pub gc_moved: AtomicU64,
     /// Segments the running cleaning pass is emptying.
     pub gc_cleaning: AtomicU64,
-    /// Device bytes the cleaner read from victims.
+    /// Device bytes the cleaner read from victims (their records and live blocks).
     pub gc_read: AtomicU64,
     /// Payload bytes the cleaner took from the block cache instead of the device.
     pub gc_from_cache: AtomicU64,
+    /// Victims whose live blocks were looked for in the block table, their records naming
+    /// fewer than their usage counts (see `gc::summary`).
+    pub gc_table_scans: AtomicU64,
     /// Cached copies the mover found not to match their block's CRC.
     pub gc_cache_mismatches: AtomicU64,
     /// `WriteBreakdown`, by record kind: [records, entries, bytes, header bytes] for data

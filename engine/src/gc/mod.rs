@@ -3,6 +3,7 @@
 mod gather;
 mod mover;
 mod policy;
+mod summary;
 
 pub(crate) use gather::VICTIM_READS;
 
@@ -94,7 +95,7 @@ impl Cleaner {
         let ckpt_reserve = self.ctx.ckpt_reserve();
         // Lock order: checkpoint state before space.
         let ckpt_seq = self.ckpt.state.lock().both_seq;
-        let (victims, victim_of, scan_end) = {
+        let (victims, scan_end) = {
             let mut space = self.ctx.space.lock();
             let now = self.ctx.seq.load(Ordering::Acquire);
             let mut cands: Vec<(f64, u32)> = space
@@ -143,45 +144,12 @@ impl Cleaner {
                 SegState::Sealed { seq } => seq,
                 _ => u64::MAX,
             });
-            // Segment -> victim index, so the scan of the block table is one lookup per block.
-            let mut victim_of = vec![u32::MAX; space.seg_state.len()];
-            for (i, &v) in victims.iter().enumerate() {
-                victim_of[v as usize] = i as u32;
-            }
-            (victims, victim_of, space.blocks.len())
+            (victims, space.blocks.len())
         };
-        // The victims' live blocks, from the block table a slice at a time with the space lock
-        // let go between slices: scanned whole, 2 M ids held every shard's records up for 13 ms
-        // a pass (0.5-0.7 ms a slice now). What changes meanwhile is what could change after
-        // the old single scan: a block that leaves a victim (an overwrite, a trim) is skipped by
-        // `Space::relocate` when its move applies; one that still lands in a victim (a record in
-        // flight when its segment was sealed) may be missed, and the victim, whose usage is
-        // then not zero, is not freed but cleaned again later. Ids past `scan_end` are newer.
-        let mut moves_by_victim: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
         let scan_start = std::time::Instant::now();
         // Cached copies of the blocks found are good while no id was released since.
         let seen = self.ctx.reuse.now();
-        let mut longest_hold = Duration::ZERO;
-        // A pass without victims (no room) scans nothing.
-        let mut from = if victims.is_empty() { scan_end } else { 0 };
-        while from < scan_end {
-            let to = (from + SCAN_SLICE_IDS).min(scan_end);
-            let space = self.ctx.space.lock();
-            let held = std::time::Instant::now();
-            for (id, e) in space.blocks.range(from..to) {
-                if let Some(&i) = victim_of
-                    .get(e.segment as usize)
-                    .filter(|&&i| i != u32::MAX)
-                {
-                    if space.refs.live(id as u64) {
-                        moves_by_victim[i as usize].push((id as u64, *e));
-                    }
-                }
-            }
-            drop(space);
-            longest_hold = longest_hold.max(held.elapsed());
-            from = to;
-        }
+        let (moves_by_victim, scanned, longest_hold) = self.victims_blocks(&victims, scan_end);
         let scan_us = scan_start.elapsed().as_micros();
         let mut report = GcReport::default();
         if tracing::enabled!(target: "ingot_engine::gc", tracing::Level::DEBUG) {
@@ -200,6 +168,7 @@ impl Cleaner {
                 free = space.free_segments,
                 victims = %us.join(" "),
                 scan_us,
+                scanned,
                 longest_hold_us = longest_hold.as_micros(),
                 "cleaning pass"
             );

@@ -239,6 +239,7 @@ impl Pool {
                 .counters
                 .gc_cache_mismatches
                 .load(Ordering::Relaxed),
+            gc_table_scans: inner.ctx.counters.gc_table_scans.load(Ordering::Relaxed),
             unique_blocks: space.live_blocks,
             dedup_ratio: ratio((logical / BLOCK_BYTES) as f64, space.live_blocks as f64),
             compression_ratio: ratio(
