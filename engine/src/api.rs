@@ -263,15 +263,16 @@ pub struct Stats {
     pub dedup_index_bytes: u64,
     /// Fingerprints in the dedup index.
     pub dedup_index_entries: u64,
-    /// RAM the engine holds for metadata outside its caches and the dedup index: the block
-    /// table, reference counts and volume maps (their slots and leaves' stubs; the leaves'
+    /// RAM the engine holds for metadata outside its caches and the dedup index: reference
+    /// counts, and the block table's and volume maps' slots and leaves' stubs (the leaves'
     /// entries are the metadata cache's), as it counts them itself.
     #[serde(default)]
     pub metadata_ram_bytes: u64,
-    /// The metadata cache (map leaves' entries in RAM; format 3 pools evict them past the
-    /// budget): its budget (0: a format 2 pool, which keeps every leaf), the bytes it holds,
-    /// leaves known (held or evicted), and since the pool was opened the look-ups that found
-    /// the entries in RAM, the leaves read back from their page, and the leaves evicted.
+    /// The metadata cache (map leaves' and block-table leaves' entries in RAM; format 3 pools
+    /// evict them past the budget): its budget (0: a format 2 pool, which keeps every leaf),
+    /// the bytes it holds, leaves known (held or evicted), and since the pool was opened the
+    /// look-ups that found the entries in RAM, the leaves read back from their page, and the
+    /// leaves evicted.
     #[serde(default)]
     pub metadata_cache_budget_bytes: u64,
     #[serde(default)]
@@ -284,6 +285,9 @@ pub struct Stats {
     pub metadata_cache_misses: u64,
     #[serde(default)]
     pub metadata_cache_evictions: u64,
+    /// Of `metadata_cache_misses`: block-table leaves read back (the rest are map leaves).
+    #[serde(default)]
+    pub metadata_cache_table_misses: u64,
     /// (`metadata_ram_bytes` + `dedup_index_bytes`) / `unique_blocks`: the RAM each stored
     /// block costs beyond the caches (0 for an empty pool).
     #[serde(default)]

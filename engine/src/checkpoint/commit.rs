@@ -409,6 +409,11 @@ impl Checkpointer {
         let durable_us = t0.elapsed().as_micros() as u64;
         self.ctx.reads.fence();
         let mut space = self.ctx.space.lock();
+        // Block-table leaves unchanged since the image was cut are on flash as they are in
+        // RAM: past the metadata cache's budget they may go (the table evicts its own).
+        if let Some(p) = &ck.paged {
+            space.blocks.committed(p.table_leaves());
+        }
         // Once both copies point at the new checkpoint the previous one is unreferenced; if the
         // second copy could not be written it still points at the previous one, kept until the
         // next commit.

@@ -78,6 +78,11 @@ pub(crate) struct PagedState {
 }
 
 impl PagedState {
+    /// Where each block-table leaf's page is.
+    pub(crate) fn table_leaves(&self) -> &[PagePtr] {
+        self.table.leaf_ptrs()
+    }
+
     /// Pages of this image per metadata segment (the root's included): what `MetaSegs`
     /// retains for it.
     pub(crate) fn segment_pages(&self) -> std::collections::BTreeMap<u32, u32> {
@@ -191,10 +196,26 @@ pub(crate) fn write_image(
     let ids = img.blocks.len() as u64;
     let per = <BlockLoc as PageEntry>::PER_PAGE;
     let leaves = leaves_to_write(ids, per, changed.map(|c| &c.blocks[..]), &table, victims);
+    // A leaf to write that is evicted (its page in a segment being cleaned, or a whole
+    // checkpoint) is read back; one that cannot be fails the checkpoint.
+    let mut unread = None;
     superseded.extend(table.write_with(ids, per, &leaves, w, &mut |leaf, body| {
         let mut p = Put::new(body);
         let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
-        for (_, e) in img.blocks.range(from..to) {
+        let entries = match img.blocks.leaf_entries(leaf) {
+            Ok(e) if e.len() >= to - from => e,
+            Ok(_) => {
+                unread.get_or_insert(crate::error::Error::Corrupt {
+                    what: "block table leaf",
+                });
+                return (to - from) as u32;
+            }
+            Err(e) => {
+                unread.get_or_insert(e);
+                return (to - from) as u32;
+            }
+        };
+        for e in entries.iter().take(to - from) {
             BlockLoc {
                 segment: e.segment,
                 offset: e.offset,
@@ -206,6 +227,9 @@ pub(crate) fn write_image(
         }
         (to - from) as u32
     })?);
+    if let Some(e) = unread {
+        return Err(e);
+    }
     let per = <u8 as PageEntry>::PER_PAGE;
     let leaves = leaves_to_write(ids, per, changed.map(|c| &c.refs[..]), &refs, victims);
     superseded.extend(refs.write_with(ids, per, &leaves, w, &mut |leaf, body| {
@@ -462,7 +486,7 @@ pub(crate) fn read_image(
     // Straight into the table, a run of pages at a time (one copy of it at the peak).
     let table_pages = ArrayPages::load_each::<BlockLoc>(&table_root, key, src, &mut |id, l| {
         if live.get(id) == Some(&1) {
-            if let Some(e) = blocks.get_mut(id) {
+            if let Ok(Some(e)) = blocks.get_mut(id) {
                 *e = BlockEntry {
                     segment: l.segment,
                     offset: l.offset,

@@ -202,6 +202,16 @@ impl Context {
         })
     }
 
+    /// A change to the space could not be made (a block-table leaf that did not read back):
+    /// its counts are off, and no checkpoint may keep them; the pool stops (the next open
+    /// replays the log).
+    pub fn fault_on_table_failure(&self, space: &mut Space) {
+        if let Some(e) = space.take_failure() {
+            self.health
+                .set_fault(format!("block table change failed: {e}"));
+        }
+    }
+
     /// Index key of a fingerprint: its keyed low 64 bits. When tests force collisions, the
     /// domain tag (high 64 bits) instead, so that every block of a domain collides with every
     /// other of that domain, and still with none of another domain's.

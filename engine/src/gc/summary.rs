@@ -35,11 +35,14 @@ const WALK_WINDOW: usize = 256 << 10;
 /// header areas are one page).
 const LARGE_RECORD: u64 = 32 << 10;
 
+/// A segment's blocks as its records name them: (block id, payload offset in the segment).
+pub(crate) type Stored = Vec<(u64, u32)>;
+
 /// Payload-carrying blocks written to `seg` by its records: (block id, payload offset in the
 /// segment), in log order, and the bytes read to find them. `None` when the segment's header
 /// does not verify as a data segment of this pool (one written before the pool had a key, or
 /// damaged): the caller scans the block table instead.
-pub(crate) fn stored_blocks(ctx: &Context, seg: u32) -> Result<(Option<Vec<(u64, u32)>>, u64)> {
+pub(crate) fn stored_blocks(ctx: &Context, seg: u32) -> Result<(Option<Stored>, u64)> {
     let seg_bytes = ctx.geo.segment_bytes;
     let read = |at: u64, len: usize| {
         let r = Range {
@@ -174,13 +177,15 @@ impl Cleaner {
             };
             cands.sort_unstable();
             cands.dedup();
-            let space = self.ctx.space.lock();
+            let mut space = self.ctx.space.lock();
             let mut live = 0u64;
             for (id, off) in cands {
-                if let Some(e) = space.blocks.get(id as usize) {
-                    if e.segment == seg && e.offset == off && space.refs.live(id) {
+                // Leaves evicted are read back here, on the cleaner's thread (a failure sends
+                // the victim to the scan, which reports it).
+                if let Ok(Some(e)) = space.get(id) {
+                    if e.segment == seg && e.offset == off {
                         live += e.share();
-                        moves[i].push((id, *e));
+                        moves[i].push((id, e));
                     }
                 }
             }
@@ -211,7 +216,7 @@ impl Cleaner {
             let to = (from + SCAN_SLICE_IDS).min(scan_end);
             let space = self.ctx.space.lock();
             let held = std::time::Instant::now();
-            for (id, e) in space.blocks.range(from..to) {
+            let r = space.blocks.for_each_in(from..to, &mut |id, e| {
                 if let Some(&i) = victim_of
                     .get(e.segment as usize)
                     .filter(|&&i| i != u32::MAX)
@@ -220,8 +225,13 @@ impl Cleaner {
                         moves[i as usize].push((id as u64, *e));
                     }
                 }
-            }
+            });
             drop(space);
+            if let Err(e) = r {
+                // The victims stay as they are (their usage not zero, they are not freed).
+                tracing::warn!(target: "ingot_engine::gc", error = %e, "block table scan failed");
+                return (vec![Vec::new(); victims.len()], scanned, longest_hold);
+            }
             longest_hold = longest_hold.max(held.elapsed());
             from = to;
         }

@@ -20,9 +20,10 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    get_u48, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant, MAP_PAGE_ENTRIES,
-    MAP_PAGE_SLOTS, PAGE_BYTES, PAGE_HEADER_BYTES,
+    get_u48, BlockLoc, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant,
+    MAP_PAGE_ENTRIES, MAP_PAGE_SLOTS, PAGE_BYTES, PAGE_HEADER_BYTES,
 };
+use crate::space::{BlockEntry, TablePages, TABLE_LEAF};
 use crate::store::{self, Range, SegmentStore};
 
 /// A map leaf's entries (`map::MapPage`).
@@ -74,6 +75,13 @@ pub(crate) struct MetaCache {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
+    /// Block-table leaves read back and evicted (the table evicts its own, under the space
+    /// lock: `space::BlockTable`); apart from the map leaves' so that `evicted_any` keeps
+    /// saying whether a map leaf may need reading back.
+    table_misses: AtomicU64,
+    table_evictions: AtomicU64,
+    /// Block-table leaves known (in RAM or not), as the table last said.
+    table_leaves: AtomicU64,
     /// Leaves in the order they came in (the CLOCK's ring). Dead entries are dropped as the
     /// hand passes them, or in a sweep when they outnumber the live ones.
     ring: Mutex<VecDeque<Weak<dyn Evictable>>>,
@@ -93,6 +101,8 @@ pub(crate) struct MetaCacheStats {
     pub hits_retired: u64,
     pub misses: u64,
     pub evictions: u64,
+    /// Of `misses`: block-table leaves.
+    pub table_misses: u64,
 }
 
 impl Default for MetaCache {
@@ -110,6 +120,9 @@ impl MetaCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            table_misses: AtomicU64::new(0),
+            table_evictions: AtomicU64::new(0),
+            table_leaves: AtomicU64::new(0),
             ring: Mutex::new(VecDeque::new()),
             source: OnceLock::new(),
             over: AtomicBool::new(false),
@@ -134,10 +147,12 @@ impl MetaCache {
                 .filter(|&b| b != u64::MAX)
                 .unwrap_or(0),
             resident_bytes: self.resident.load(Ordering::Relaxed),
-            leaves: self.leaves.load(Ordering::Relaxed),
+            leaves: self.leaves.load(Ordering::Relaxed) + self.table_leaves.load(Ordering::Relaxed),
             hits_retired: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            evictions: self.evictions.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed) + self.table_misses.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed)
+                + self.table_evictions.load(Ordering::Relaxed),
+            table_misses: self.table_misses.load(Ordering::Relaxed),
         }
     }
 
@@ -283,6 +298,83 @@ impl MetaCache {
     }
 }
 
+/// Block-table leaves are evicted by the table itself (under the space lock) and counted
+/// here, against the same budget as map leaves.
+impl TablePages for MetaCache {
+    fn read_leaf(&self, leaf: usize, at: PagePtr, entries: usize) -> Result<Vec<BlockEntry>> {
+        let bad = || Error::Corrupt {
+            what: "block table leaf page",
+        };
+        let src = self.source.get().ok_or_else(bad)?;
+        if at.is_absent() {
+            return Err(bad());
+        }
+        let buf = store::read_now(
+            &*src.store,
+            src.epoch,
+            Range {
+                segment: at.segment,
+                offset: u64::from(at.offset),
+            },
+            PAGE_BYTES,
+        )?;
+        let want = PageWant {
+            kind: PageKind::ArrayLeaf,
+            level: 0,
+            key: leaf as u64,
+            array: PageArray::BlockTable,
+            at,
+        };
+        let h = PageHeader::open(&buf, &src.key, &want).map_err(|_| bad())?;
+        if h.entries as usize != entries || entries > TABLE_LEAF {
+            return Err(bad());
+        }
+        let mut g = Get::new(&buf[PAGE_HEADER_BYTES..], "block table leaf page");
+        (0..entries)
+            .map(|_| {
+                let l = BlockLoc::get(&mut g)?;
+                Ok(BlockEntry {
+                    segment: l.segment,
+                    offset: l.offset,
+                    stored_len: l.stored_len,
+                    flags: l.flags,
+                    crc: l.crc,
+                })
+            })
+            .collect()
+    }
+
+    fn resident(&self, bytes: i64) {
+        if bytes >= 0 {
+            self.resident.fetch_add(bytes as u64, Ordering::Relaxed);
+        } else {
+            self.resident
+                .fetch_sub(bytes.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    fn evicted(&self, leaves: u64) {
+        self.table_evictions.fetch_add(leaves, Ordering::Relaxed);
+    }
+
+    fn over(&self) -> u64 {
+        let budget = self.budget.load(Ordering::Relaxed);
+        let held = self.resident.load(Ordering::Relaxed);
+        if held <= budget {
+            return 0;
+        }
+        held - (budget - budget / 8)
+    }
+
+    fn missed(&self) {
+        self.table_misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn leaves(&self, n: u64) {
+        self.table_leaves.store(n, Ordering::Relaxed);
+    }
+}
+
 /// The entries of the map leaf page in `buf`, checked to be the page written for leaf `idx`
 /// at `at` under `key`.
 pub(crate) fn open_leaf(buf: &[u8], key: &LogKey, idx: u64, at: PagePtr) -> Result<Box<MapPage>> {
@@ -370,7 +462,9 @@ mod tests {
         let st = pool.stats();
         assert!(st.metadata_cache_bytes <= BUDGET, "{st:?}");
         assert!(st.metadata_cache_evictions >= LEAVES - 8, "{st:?}");
-        assert_eq!(st.metadata_cache_leaves, LEAVES);
+        // Map leaves and the block table's (a leaf of 252 ids).
+        let table = pool.block_ids().div_ceil(crate::space::TABLE_LEAF as u64);
+        assert_eq!(st.metadata_cache_leaves, LEAVES + table);
         // Per-volume figures read evicted leaves (all of them, this few).
         assert_eq!(st.volumes[0].unique_blocks, LEAVES, "{st:?}");
         assert!(!st.volumes[0].reduction_estimated);

@@ -280,6 +280,11 @@ impl ArrayPages {
         self.len
     }
 
+    /// Where each leaf page was last written.
+    pub(crate) fn leaf_ptrs(&self) -> &[PagePtr] {
+        self.levels.first().map_or(&[], |l| &l[..])
+    }
+
     /// Every page of the array as last written.
     pub(crate) fn all(&self) -> impl Iterator<Item = &PagePtr> + '_ {
         self.levels.iter().flatten().filter(|p| !p.is_absent())

@@ -267,9 +267,12 @@ impl Pool {
                 v.deleted.store(true, Ordering::Release);
                 let mut space = ctx.space.lock();
                 for m in &v.maps {
-                    let released = m.lock().release_all(&mut |id| {
-                        space.drop_ref(id, seq);
-                    });
+                    let released = m
+                        .lock()
+                        .release_all(&mut |id| {
+                            space.drop_ref(id, seq);
+                        })
+                        .and_then(|()| space.take_failure().map_or(Ok(()), Err));
                     // An evicted leaf that does not read back: the counts are half changed,
                     // and no checkpoint may keep them (the next open counts afresh).
                     if let Err(e) = released {
@@ -320,6 +323,7 @@ impl Pool {
                     for id in dropped {
                         space.drop_ref(id, seq);
                     }
+                    let resized = resized.and_then(|()| space.take_failure().map_or(Ok(()), Err));
                     // As in `delete_volume`.
                     if let Err(e) = resized {
                         ctx.health.set_fault(format!("resizing volume {name}: {e}"));

@@ -195,6 +195,9 @@ impl Pool {
         // Opening counts the map entries afresh (dropped first: a byte per id less at the peak).
         drop(image.refs);
         space.set_blocks(image.blocks);
+        // Its leaves count against the metadata cache, and go past its budget once a format 3
+        // checkpoint holds them (`BlockTable::committed`).
+        space.blocks.set_pages(meta.clone());
         // Tests may force every fingerprint of a domain to collide (to exercise verification).
         #[cfg(any(test, feature = "testing"))]
         let collide = o
@@ -250,6 +253,9 @@ impl Pool {
                         }
                     })?;
                 }
+            }
+            if let Some(e) = space.take_failure() {
+                return Err(e);
             }
             let vs = Arc::new(vs);
             by_id.insert(v.id, vs.clone());

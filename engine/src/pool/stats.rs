@@ -125,6 +125,9 @@ impl Pool {
             // Entries seen, each weighted by its leaf's share (1/users), and those of evicted
             // leaves skipped, likewise: the skipped ones are estimated from the ones seen.
             let (mut seen_w, mut skipped_w, mut skipped) = (0f64, 0f64, 0u64);
+            // Unique blocks whose block-table leaf is evicted (weighted), whose stored bytes
+            // are estimated from those whose leaf is in RAM.
+            let (mut unplaced, mut placed) = (0f64, 0f64);
             for w in walk {
                 let Some(leaf) = w.leaf.upgrade() else {
                     continue;
@@ -136,11 +139,18 @@ impl Pool {
                 let mut count = |ids: &crate::map::MapPage| {
                     for &id in ids.iter().filter(|&&id| id != 0) {
                         seen_w += 1.0 / users;
-                        if let Some(b) = space.get(id) {
-                            let r = f64::from(space.refs.get(id)) * users;
-                            unique += 1.0 / r;
-                            stored += b.share() as f64 / r;
-                            mapped += 1;
+                        if !space.refs.live(id) {
+                            continue;
+                        }
+                        let r = f64::from(space.refs.get(id)) * users;
+                        unique += 1.0 / r;
+                        mapped += 1;
+                        match space.get_resident(id) {
+                            Some(b) => {
+                                stored += b.share() as f64 / r;
+                                placed += 1.0 / r;
+                            }
+                            None => unplaced += 1.0 / r,
                         }
                     }
                 };
@@ -156,13 +166,16 @@ impl Pool {
                     skipped += leaf.count();
                 }
             }
+            if unplaced > 0.0 && placed > 0.0 {
+                stored *= 1.0 + unplaced / placed;
+            }
             if skipped > 0 && seen_w > 0.0 {
                 let scale = 1.0 + skipped_w / seen_w;
                 unique *= scale;
                 stored *= scale;
             }
             mapped += skipped;
-            info.reduction_estimated = skipped > 0;
+            info.reduction_estimated = skipped > 0 || unplaced > 0.0;
             info.unique_blocks = unique.round() as u64;
             info.stored_bytes = stored.round() as u64;
             info.dedup_ratio = ratio(mapped as f64, unique);
@@ -252,9 +265,10 @@ impl Pool {
             metadata_cache_budget_bytes: meta.budget_bytes,
             metadata_cache_bytes: meta.resident_bytes,
             metadata_cache_leaves: meta.leaves,
-            metadata_cache_hits: map_hits + meta.hits_retired,
+            metadata_cache_hits: map_hits + meta.hits_retired + space.blocks.hits,
             metadata_cache_misses: meta.misses,
             metadata_cache_evictions: meta.evictions,
+            metadata_cache_table_misses: meta.table_misses,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {
                 0.0
             } else {

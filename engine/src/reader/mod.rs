@@ -312,7 +312,7 @@ impl Reader {
         let seen;
         {
             // Space, then maps, as the shards apply records.
-            let space = ctx.space.lock();
+            let mut space = ctx.space.lock();
             // Under the space lock: no release of ids can fall between it and the look-ups.
             seen = ctx.reuse.now();
             for lba in first..=last {
@@ -320,7 +320,13 @@ impl Reader {
                     .lock()
                     .get(lba)
                     .unwrap_or(u64::MAX);
-                let entry = if id == 0 { None } else { space.get(id) };
+                // A block-table leaf that does not read back sends the read to the shards,
+                // which report the error.
+                let entry = if id == 0 {
+                    None
+                } else {
+                    space.get(id).unwrap_or(None)
+                };
                 if id != 0 && entry.is_none() {
                     drop(space);
                     ctx.reads.leave(ticket);

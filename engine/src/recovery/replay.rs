@@ -89,7 +89,7 @@ pub(crate) fn replay(
                     if d.lba >= vol.blocks() {
                         continue;
                     }
-                    if is_ref && !r.space.is_placed(d.block_id) {
+                    if is_ref && !r.space.is_placed(d.block_id)? {
                         // The block it shares was in a record lost at the crash (never
                         // flushed, so neither was this one): the LBA keeps its old data.
                         continue;
@@ -148,6 +148,10 @@ pub(crate) fn replay(
                 }
             }
         }
+    }
+    // A block-table leaf that did not read back while a record was applied.
+    if let Some(e) = r.space.take_failure() {
+        return Err(e);
     }
     Ok(Replayed {
         seq_end,

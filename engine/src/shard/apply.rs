@@ -120,6 +120,7 @@ impl Shard {
                         _ => {}
                     }
                 }
+                self.ctx.fault_on_table_failure(&mut space);
                 drop(space);
                 // Where the write went, for the error each of its requests gets.
                 let (device, offset) = rec
@@ -324,6 +325,10 @@ impl Shard {
             }
         }
         drop(map);
+        // A block-table leaf that did not read back: the change it needed was not made.
+        if let Some(e) = space.take_failure() {
+            failed.get_or_insert(e);
+        }
         drop(space);
         if let Some(e) = failed {
             self.ctx.health.set_fault(format!("map change failed: {e}"));

@@ -123,13 +123,18 @@ impl Shard {
         }
         let seen;
         {
-            let space = self.ctx.space.lock();
+            let mut space = self.ctx.space.lock();
             // Under the space lock, with the look-ups (see `cache`).
             seen = self.ctx.reuse.now();
-            entries.extend(
-                ids.iter()
-                    .map(|&id| if id == 0 { None } else { space.get(id) }),
-            );
+            // A block-table leaf that does not read back fails the read, first with its own
+            // error.
+            entries.extend(ids.iter().map(|&id| match id {
+                0 => None,
+                _ => space.get(id).unwrap_or_else(|e| {
+                    part.fail(e);
+                    None
+                }),
+            }));
         }
         // When a block read belongs to a compressed group, the neighbours in the same group
         // come along: the group is read and decompressed anyway, and caching all of it saves a
@@ -150,9 +155,9 @@ impl Shard {
                     .filter(|&id| id != 0)
                     .collect()
             };
-            let space = self.ctx.space.lock();
+            let mut space = self.ctx.space.lock();
             near.into_iter()
-                .filter_map(|id| Some((id, space.get(id)?)))
+                .filter_map(|id| Some((id, space.get(id).ok()??)))
                 .filter(|(_, e)| reduce::group_of(e.flags).1 > 1)
                 .collect()
         } else {
@@ -280,7 +285,7 @@ impl Shard {
         if id == 0 {
             return Ok(vec![0u8; BLOCK].into_boxed_slice());
         }
-        let e = self.ctx.space.lock().get(id).ok_or(Error::Corrupt {
+        let e = self.ctx.space.lock().get(id)?.ok_or(Error::Corrupt {
             what: "map points at a free block",
         })?;
         if let Some(data) = self.cache().get(id) {

@@ -257,7 +257,9 @@ impl Shard {
             cands
                 .into_iter()
                 .filter_map(|(i, id)| {
-                    let e = space.get(id)?;
+                    // A candidate whose block-table leaf is evicted is not verified (no read
+                    // for a hint): the block is stored anew.
+                    let e = space.get_resident(id)?;
                     space.add_ref(id);
                     Some((i, id, e))
                 })
@@ -351,6 +353,7 @@ impl Shard {
             for id in misses {
                 space.drop_ref(id, seq);
             }
+            self.ctx.fault_on_table_failure(&mut space);
         }
         if hit.iter().all(Option::is_none) {
             return;
@@ -389,6 +392,7 @@ impl Shard {
         for id in ids {
             space.drop_ref(id, seq);
         }
+        self.ctx.fault_on_table_failure(&mut space);
     }
 }
 

@@ -1,13 +1,12 @@
-//! Per-block arrays in shared chunks, copied on write: a checkpoint's image takes the block
-//! table and the reference counts by cloning a pointer per chunk inside the pause instead of
+//! Per-block arrays in shared chunks, copied on write (the reference counts; the block table
+//! works the same way in leaves it can evict, `paged_table.rs`): a checkpoint's image takes them
+//! by cloning a pointer per chunk inside the pause instead of
 //! copying every entry (6-12 MiB for a 1 GiB volume overwritten: 5-15 ms of every shard
 //! stopped, the p99 of 1M writes over NBD). The first change to a chunk the image still shares
 //! copies that chunk, outside the pause.
 
 use std::ops::{Index, IndexMut};
 use std::sync::Arc;
-
-use super::BlockEntry;
 
 /// Entries per chunk (64 KiB of block entries, 4 KiB of reference counts), copied at most
 /// once per checkpoint when written.
@@ -19,9 +18,6 @@ pub(crate) const CHANGE_UNIT: usize = 64;
 
 /// An `Arc<Vec<_>>`'s own allocation: two counts and the vector's pointer, capacity, length.
 const ARC_VEC_BYTES: usize = 5 * std::mem::size_of::<usize>();
-
-/// Block id -> location and checksum.
-pub type BlockTable = Chunked<BlockEntry>;
 
 /// An array of `T` indexed by block id, in copy-on-write chunks.
 #[derive(Clone)]
@@ -46,10 +42,6 @@ impl<T> Default for Chunked<T> {
 impl<T: Clone> Chunked<T> {
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn get(&self, i: usize) -> Option<&T> {
@@ -105,6 +97,7 @@ impl<T: Clone> Chunked<T> {
     }
 
     /// Entries `range` (clamped to the length) with their indexes, chunk by chunk.
+    #[cfg(test)]
     pub fn range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = (usize, &T)> + '_ {
         let end = range.end.min(self.len);
         let start = range.start.min(end);
@@ -221,6 +214,9 @@ impl<T> std::fmt::Debug for Chunked<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::space::BlockEntry;
+
+    type BlockTable = Chunked<BlockEntry>;
 
     fn entry(n: u32) -> BlockEntry {
         BlockEntry {

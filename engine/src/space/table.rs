@@ -80,6 +80,10 @@ pub struct Space {
     /// the cleaner, so that they never meet a full host file system (see
     /// `Inner::top_up_backed`). 0: every segment is allocated (prefilled pools, block devices).
     pub backed_reserve: usize,
+    /// The first evicted block-table leaf that could not be read back while a change was
+    /// applied (the change was not made): whoever applied it stops the pool
+    /// ([`Space::take_failure`]).
+    failure: Option<crate::error::Error>,
 }
 
 /// Who a segment is for: data prefers segments the backing file does not hold yet while the
@@ -119,13 +123,14 @@ impl Space {
             live_blocks: 0,
             cleaning: Vec::new(),
             backed_reserve: 0,
+            failure: None,
         }
     }
 
     /// RAM held per block id: the block table and the reference counts, with the ids waiting
     /// for a checkpoint.
     pub fn ram_bytes(&self) -> u64 {
-        self.blocks.ram_bytes() + self.refs.ram_bytes() + self.pending_ids.capacity() as u64 * 16
+        self.blocks.stub_bytes() + self.refs.ram_bytes() + self.pending_ids.capacity() as u64 * 16
     }
 
     /// Free segments the backing files hold blocks for.
@@ -165,14 +170,38 @@ impl Space {
             self.blocks.grow_to(idx + 1, BlockEntry::default());
             self.refs.grow_to(idx + 1);
         }
-        let old = self.blocks[idx];
         let live = self.refs.live(id);
+        let old = match self.blocks.get_mut(idx) {
+            Ok(Some(slot)) => std::mem::replace(slot, e),
+            Ok(None) => return,
+            Err(err) => return self.fail(err),
+        };
         if live {
             self.unaccount(&old);
-        }
-        self.blocks[idx] = e;
-        if live {
             self.account(&e);
+        }
+    }
+
+    /// A change could not be made (its block-table leaf did not read back).
+    fn fail(&mut self, e: crate::error::Error) {
+        self.failure.get_or_insert(e);
+    }
+
+    /// The first change that could not be made since the last call: the caller, which
+    /// applied changes already in the log, stops the pool (the next open replays them).
+    pub fn take_failure(&mut self) -> Option<crate::error::Error> {
+        self.failure.take()
+    }
+
+    /// Block `id`'s entry, its leaf read back if evicted; `None` (recorded as a failure) when
+    /// it cannot be.
+    fn entry_or_fail(&mut self, id: u64) -> Option<BlockEntry> {
+        match self.blocks.entry(id as usize) {
+            Ok(e) => e,
+            Err(err) => {
+                self.fail(err);
+                None
+            }
         }
     }
 
@@ -196,13 +225,24 @@ impl Space {
 
     /// Whether `id` holds a stored block (placed, whatever its reference count): a dedup
     /// reference replayed from the log may only point at such a block.
-    pub fn is_placed(&self, id: u64) -> bool {
-        self.blocks
-            .get(id as usize)
-            .is_some_and(|e| id != 0 && e.stored_len > 0)
+    pub fn is_placed(&mut self, id: u64) -> crate::error::Result<bool> {
+        Ok(id != 0
+            && self
+                .blocks
+                .entry(id as usize)?
+                .is_some_and(|e| e.stored_len > 0))
     }
 
-    pub fn get(&self, id: u64) -> Option<BlockEntry> {
+    /// A live block's entry (`None`: no such block), its leaf read back if evicted.
+    pub fn get(&mut self, id: u64) -> crate::error::Result<Option<BlockEntry>> {
+        if !self.refs.live(id) {
+            return Ok(None);
+        }
+        self.blocks.entry(id as usize)
+    }
+
+    /// A live block's entry if its leaf is in RAM (never reads).
+    pub fn get_resident(&self, id: u64) -> Option<BlockEntry> {
         self.blocks
             .get(id as usize)
             .copied()
@@ -211,8 +251,9 @@ impl Space {
 
     pub fn add_ref(&mut self, id: u64) {
         if self.refs.add(id) == Some(1) {
-            let e = self.blocks[id as usize];
-            self.account(&e);
+            if let Some(e) = self.entry_or_fail(id) {
+                self.account(&e);
+            }
         }
     }
 
@@ -222,8 +263,9 @@ impl Space {
         if self.refs.drop_one(id) != Some(0) {
             return false;
         }
-        let e = self.blocks[id as usize];
-        self.unaccount(&e);
+        if let Some(e) = self.entry_or_fail(id) {
+            self.unaccount(&e);
+        }
         self.pending_ids.push((seq, id));
         true
     }
@@ -238,19 +280,29 @@ impl Space {
         from_offset: u32,
         to: &BlockEntry,
     ) -> bool {
-        let Some(e) = self.blocks.get(id as usize).copied() else {
-            return false;
-        };
-        if !self.refs.live(id) || e.segment != from_segment || e.offset != from_offset {
+        if !self.refs.live(id) {
             return false;
         }
-        self.unaccount(&e);
+        let Some(e) = self.entry_or_fail(id) else {
+            return false;
+        };
+        if e.segment != from_segment || e.offset != from_offset {
+            return false;
+        }
         let moved = BlockEntry {
             segment: to.segment,
             offset: to.offset,
             ..e
         };
-        self.blocks[id as usize] = moved;
+        match self.blocks.get_mut(id as usize) {
+            Ok(Some(slot)) => *slot = moved,
+            Ok(None) => return false,
+            Err(err) => {
+                self.fail(err);
+                return false;
+            }
+        }
+        self.unaccount(&e);
         self.account(&moved);
         true
     }
