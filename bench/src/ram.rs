@@ -90,8 +90,11 @@ impl SizeResult {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub sizes: Vec<SizeResult>,
-    /// Between the smallest and the largest size: bytes per added block.
+    /// Between the smallest and the largest size: bytes per added block (the engine's
+    /// metadata outside its caches with the dedup index, and without it: the index is bounded
+    /// by `--dedup-index-mem`, a cache of its own).
     pub engine_slope: Option<f64>,
+    pub metadata_slope: Option<f64>,
     pub rss_slope: Option<f64>,
 }
 
@@ -313,6 +316,7 @@ pub fn run(a: &RamArgs) -> Result<()> {
     };
     let report = Report {
         engine_slope: slope(|r| (r.metadata_ram_bytes + r.dedup_index_bytes) as f64),
+        metadata_slope: slope(|r| r.metadata_ram_bytes as f64),
         rss_slope: slope(|r| r.rss_bytes as f64),
         sizes,
     };
@@ -341,13 +345,13 @@ pub fn table(r: &Report) -> String {
             None => ("-".into(), "-".into()),
         };
         t.push_str(&format!(
-            "| {} GiB | {} | {:.2} | {} | {} | {} | {} | {:.1} | {:.1} | {crash} | {crash_peak} | {} |\n",
+            "| {} GiB | {} | {:.2} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {crash} | {crash_peak} | {} |\n",
             s.unique_bytes >> 30,
             s.unique_blocks,
             s.clean_open.seconds,
             mib(s.clean_open.peak_rss_bytes),
             mib(s.rss_bytes),
-            mib(s.metadata_ram_bytes),
+            s.metadata_ram_bytes as f64 / f64::from(1 << 20),
             mib(s.dedup_index_bytes),
             s.engine_bytes_per_block,
             s.rss_bytes_per_block,
@@ -360,8 +364,9 @@ pub fn table(r: &Report) -> String {
     }
     let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
     t.push_str(&format!(
-        "\nSlope, smallest to largest pool: engine {} bytes per added block, RSS {} (target: at most 2 outside the caches).",
+        "\nSlope, smallest to largest pool: engine {} bytes per added block ({} without the dedup index, which `--dedup-index-mem` bounds), RSS {} (target: at most 2 outside the caches).",
         f(r.engine_slope),
+        f(r.metadata_slope),
         f(r.rss_slope)
     ));
     t

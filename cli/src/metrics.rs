@@ -127,19 +127,19 @@ pub fn render(s: &Stats) -> String {
     );
     gauge(
         "metadata_ram_bytes",
-        "RAM held for the block table, reference counts and volume maps.",
+        "RAM held for reference counts and the block table's and volume maps' slots and stubs (outside the metadata cache).",
         "gauge",
         s.metadata_ram_bytes,
     );
     gauge(
         "metadata_cache_bytes",
-        "Map leaf entries held in RAM by the metadata cache.",
+        "Map and block-table leaf entries held in RAM by the metadata cache.",
         "gauge",
         s.metadata_cache_bytes,
     );
     gauge(
         "metadata_cache_leaves",
-        "Map leaves known to the metadata cache, their entries held or evicted.",
+        "Map and block-table leaves known to the metadata cache, their entries held or evicted.",
         "gauge",
         s.metadata_cache_leaves,
     );
@@ -151,19 +151,25 @@ pub fn render(s: &Stats) -> String {
     );
     gauge(
         "metadata_cache_hits_total",
-        "Map leaf uses that found the entries in RAM.",
+        "Map and block-table leaf uses that found the entries in RAM.",
         "counter",
         s.metadata_cache_hits,
     );
     gauge(
         "metadata_cache_misses_total",
-        "Map leaf uses that read the entries back from their page.",
+        "Map and block-table leaf uses that read the entries back from their page.",
         "counter",
         s.metadata_cache_misses,
     );
     gauge(
+        "metadata_cache_table_misses_total",
+        "Of the metadata cache's misses, block-table leaves read back.",
+        "counter",
+        s.metadata_cache_table_misses,
+    );
+    gauge(
         "metadata_cache_evictions_total",
-        "Map leaves whose entries were evicted.",
+        "Map and block-table leaves whose entries were evicted.",
         "counter",
         s.metadata_cache_evictions,
     );

@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// index keeps a sample of fingerprints.
     #[arg(long, value_parser = parse_size)]
     dedup_index_mem: Option<u64>,
-    /// RAM for map leaves, the metadata cache (default: 1/64 of physical memory, at least
+    /// RAM for map and block-table leaves, the metadata cache (default: 1/64 of physical memory, at least
     /// 64 MiB). Past it, leaves a checkpoint holds unchanged are evicted and read back from
     /// flash when next used; format 3 pools only.
     #[arg(long, value_parser = parse_size)]

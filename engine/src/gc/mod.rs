@@ -149,7 +149,14 @@ impl Cleaner {
         let scan_start = std::time::Instant::now();
         // Cached copies of the blocks found are good while no id was released since.
         let seen = self.ctx.reuse.now();
-        let (moves_by_victim, scanned, longest_hold) = self.victims_blocks(&victims, scan_end);
+        let (moves_by_victim, scanned, longest_hold) = match self.victims_blocks(&victims, scan_end)
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.ctx.space.lock().cleaning.clear();
+                return Err(e);
+            }
+        };
         let scan_us = scan_start.elapsed().as_micros();
         let mut report = GcReport::default();
         if tracing::enabled!(target: "ingot_engine::gc", tracing::Level::DEBUG) {

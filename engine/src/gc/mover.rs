@@ -38,6 +38,10 @@ impl Cleaner {
         self.ctx.reads.fence();
         let ck = self.ckpt.state.lock();
         let mut space = self.ctx.space.lock();
+        // A change that failed since the sync (its counts are off) frees nothing.
+        if self.ctx.health.is_faulted() {
+            return Err(self.ctx.health.halted());
+        }
         let mut freed = Vec::new();
         for s in dead {
             // A dead segment stays dead; one the cleaner or a checkpoint took since is skipped.
@@ -85,6 +89,9 @@ impl Cleaner {
         // The checkpoint lock keeps `check` (which reads by location) and a commit out.
         let ck = self.ckpt.state.lock();
         let mut space = self.ctx.space.lock();
+        if self.ctx.health.is_faulted() {
+            return Err(self.ctx.health.halted());
+        }
         let mut freed = Vec::new();
         for &v in &old {
             if matches!(space.seg_state[v as usize], SegState::Sealed { .. })

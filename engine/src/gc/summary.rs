@@ -121,25 +121,28 @@ pub(crate) fn stored_blocks(ctx: &Context, seg: u32) -> Result<(Option<Stored>, 
     Ok((Some(out), bytes_read))
 }
 
+/// Each victim's live blocks, how many victims needed the table scanned, and the longest hold
+/// of the space lock that took.
+pub(crate) type VictimsBlocks = (Vec<Vec<(u64, BlockEntry)>>, usize, Duration);
+
 impl Cleaner {
     /// The live blocks of each victim, and how many victims needed the block table scanned,
     /// with the longest hold of the space lock that took.
     ///
     /// Each victim's own records name its candidates (walked `VICTIM_READS` victims at a
     /// time, each on a thread, as gathers are); a candidate is live if the table still places
-    /// it there and it has references. A victim whose walk failed, or found fewer live bytes
-    /// than its usage counts, is looked for in the block table instead, a slice of ids at a
-    /// time with the space lock let go between slices (whole, 2 M ids held every shard's
-    /// records up for 13 ms). What changes meanwhile is what could change after a single
-    /// scan: a block that leaves a victim (an overwrite, a trim) is skipped by
+    /// it there and it has references. A victim whose walk failed, or found other than its
+    /// usage in live bytes, is looked for in the block table instead: in a copy of the table
+    /// (a pointer per leaf) walked without the space lock, its candidates' counts checked
+    /// under the lock a slice at a time (a whole scan under it held every shard's records up
+    /// for 13 ms over 2 M ids); an evicted leaf that does not read back fails the pass (the
+    /// victims keep their blocks and are not freed). What changes meanwhile is what could
+    /// change after a single scan: a block that leaves a victim (an overwrite, a trim) is
+    /// skipped by
     /// `Space::relocate` when its move applies; one that still lands in a victim (a record in
     /// flight when its segment was sealed) may be missed, and the victim, whose usage is then
     /// not zero, is not freed but cleaned again later. Ids past `scan_end` are newer.
-    pub(crate) fn victims_blocks(
-        &self,
-        victims: &[u32],
-        scan_end: usize,
-    ) -> (Vec<Vec<(u64, BlockEntry)>>, usize, Duration) {
+    pub(crate) fn victims_blocks(&self, victims: &[u32], scan_end: usize) -> Result<VictimsBlocks> {
         let mut moves: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
         let mut walked = Vec::with_capacity(victims.len());
         for group in victims.chunks(VICTIM_READS) {
@@ -189,7 +192,13 @@ impl Cleaner {
                     }
                 }
             }
-            if live < space.seg_live[seg as usize] {
+            // The live bytes found are a checked subset of the victim's: equal to its usage,
+            // nothing was missed. Anything else (a walk that ended early; a usage count that
+            // is off) goes to the scan, which does not depend on the count.
+            if live != space.seg_live[seg as usize] {
+                if live > space.seg_live[seg as usize] {
+                    tracing::warn!(target: "ingot_engine::gc", seg, live, usage = space.seg_live[seg as usize], "a victim's blocks add up to more than its usage");
+                }
                 scan[i] = true;
                 moves[i].clear();
             }
@@ -202,7 +211,7 @@ impl Cleaner {
             .fetch_add(scanned as u64, Ordering::Relaxed);
         let mut longest_hold = Duration::ZERO;
         if scanned == 0 {
-            return (moves, 0, longest_hold);
+            return Ok((moves, 0, longest_hold));
         }
         // Segment -> victim index, so the scan is one lookup per block.
         let mut victim_of = vec![u32::MAX; self.ctx.geo.total_segments as usize];
@@ -211,31 +220,34 @@ impl Cleaner {
                 victim_of[v as usize] = i as u32;
             }
         }
-        let mut from = 0;
-        while from < scan_end {
-            let to = (from + SCAN_SLICE_IDS).min(scan_end);
+        // A copy of the table (a pointer per leaf) taken under the space lock, walked without
+        // it: evicted leaves are read back meanwhile, not with every shard waiting. What
+        // changes meanwhile is what could change during a scan in slices (see above).
+        let held = std::time::Instant::now();
+        let table = self.ctx.space.lock().blocks.clone();
+        longest_hold = held.elapsed();
+        let mut found: Vec<(u32, u64, BlockEntry)> = Vec::new();
+        table.for_each_in(0..scan_end, &mut |id, e| {
+            if let Some(&i) = victim_of
+                .get(e.segment as usize)
+                .filter(|&&i| i != u32::MAX)
+            {
+                found.push((i, id as u64, *e));
+            }
+        })?;
+        drop(table);
+        for chunk in found.chunks(SCAN_SLICE_IDS) {
             let space = self.ctx.space.lock();
             let held = std::time::Instant::now();
-            let r = space.blocks.for_each_in(from..to, &mut |id, e| {
-                if let Some(&i) = victim_of
-                    .get(e.segment as usize)
-                    .filter(|&&i| i != u32::MAX)
-                {
-                    if space.refs.live(id as u64) {
-                        moves[i as usize].push((id as u64, *e));
-                    }
+            for &(i, id, e) in chunk {
+                if space.refs.live(id) {
+                    moves[i as usize].push((id, e));
                 }
-            });
-            drop(space);
-            if let Err(e) = r {
-                // The victims stay as they are (their usage not zero, they are not freed).
-                tracing::warn!(target: "ingot_engine::gc", error = %e, "block table scan failed");
-                return (vec![Vec::new(); victims.len()], scanned, longest_hold);
             }
+            drop(space);
             longest_hold = longest_hold.max(held.elapsed());
-            from = to;
         }
-        (moves, scanned, longest_hold)
+        Ok((moves, scanned, longest_hold))
     }
 }
 

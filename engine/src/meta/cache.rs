@@ -370,6 +370,13 @@ impl TablePages for MetaCache {
         self.table_misses.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn settled(&self) {
+        let budget = self.budget.load(Ordering::Relaxed);
+        if self.resident.load(Ordering::Relaxed) > budget.saturating_add(budget / 8) {
+            self.over.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn leaves(&self, n: u64) {
         self.table_leaves.store(n, Ordering::Relaxed);
     }

@@ -272,7 +272,7 @@ impl Pool {
                         .release_all(&mut |id| {
                             space.drop_ref(id, seq);
                         })
-                        .and_then(|()| space.take_failure().map_or(Ok(()), Err));
+                        .and(space.take_failure().map_or(Ok(()), Err));
                     // An evicted leaf that does not read back: the counts are half changed,
                     // and no checkpoint may keep them (the next open counts afresh).
                     if let Err(e) = released {
@@ -323,7 +323,7 @@ impl Pool {
                     for id in dropped {
                         space.drop_ref(id, seq);
                     }
-                    let resized = resized.and_then(|()| space.take_failure().map_or(Ok(()), Err));
+                    let resized = resized.and(space.take_failure().map_or(Ok(()), Err));
                     // As in `delete_volume`.
                     if let Err(e) = resized {
                         ctx.health.set_fault(format!("resizing volume {name}: {e}"));

@@ -173,6 +173,12 @@ impl Pool {
         // Where the pages of a format 3 checkpoint are, for a writable open's recovery
         // checkpoint to start from (a pool that was format 3 stays so); dropped at once
         // otherwise (16 bytes per 2 MiB of every volume, and more).
+        // A read-only open never checkpoints: its block-table leaves may go once replayed, held
+        // by the checkpoint it read (a few bytes per 252 blocks).
+        let read_only_table: Vec<crate::format::PagePtr> = match &image.pages {
+            Some(p) if was_paged && o.read_only => p.table_leaves().to_vec(),
+            _ => Vec::new(),
+        };
         let loaded_pages = image.pages.take().filter(|_| was_paged && !o.read_only);
         for &s in &ckpt_segs {
             space.set_state(s, SegState::Checkpoint);
@@ -289,6 +295,11 @@ impl Pool {
                 old_shards,
             },
         )?;
+        // Leaves replay did not change are as the checkpoint read holds them (their dead ids'
+        // entries aside, which nothing reads after replay).
+        if !read_only_table.is_empty() {
+            space.blocks.committed(&read_only_table);
+        }
         // Segment states: whatever holds live data, or was part of a chain, stays.
         for &s in &chain_segs {
             if (s as usize) < space.seg_state.len() && space.seg_state[s as usize] == SegState::Free

@@ -80,8 +80,10 @@ pub(crate) fn replay(
                     let is_ref = d.flags & FLAG_REF != 0;
                     // A new block is placed even when its volume is gone: a dedup
                     // reference later in the record may point at it.
-                    if d.block_id != 0 && !is_ref {
-                        r.space.place(d.block_id, rec.block_entry(d));
+                    if d.block_id != 0 && !is_ref && !r.space.place(d.block_id, rec.block_entry(d))
+                    {
+                        // Its leaf did not read back: the open fails below.
+                        continue;
                     }
                     let Some(vol) = r.volumes.get(&d.volume) else {
                         continue;

@@ -223,7 +223,11 @@ impl Shard {
                     large,
                     key,
                 } => {
-                    space.place(*id, *entry);
+                    if !space.place(*id, *entry) {
+                        // Its block-table leaf did not read back: nothing may point at the id
+                        // (its entry may name another block); the pool stops below.
+                        continue;
+                    }
                     if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
                         space.discard_id(*id, seq);
                         continue;

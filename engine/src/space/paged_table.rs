@@ -5,6 +5,11 @@
 //!
 //! Everything here runs under the space lock. A leaf read back on a miss is read with the lock
 //! held, for now (milestone 15 moves misses off the shards).
+//!
+//! A leaf read back holds its live ids' entries as they were in RAM. A dead id's entry may be
+//! older than RAM's: an open keeps only live ids' entries (the rest default), while pages keep
+//! whatever the entry last was. Nothing reads a dead id's entry once replay is over (`get`
+//! checks the count; `place` overwrites), and no leaf is evicted before then.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -40,6 +45,10 @@ pub(crate) trait TablePages: Send + Sync {
     fn over(&self) -> u64;
     /// A leaf was read back.
     fn missed(&self);
+    /// Leaves came in and what could go went: if the cache is still well over its budget,
+    /// what holds it there has changed since the last checkpoint, and a checkpoint is asked
+    /// for (its commit lets those leaves go).
+    fn settled(&self);
 }
 
 #[derive(Clone, Debug)]
@@ -179,7 +188,10 @@ impl BlockTable {
         self.counted(LEAF_BYTES as i64);
         let over = pages.over();
         if over > 0 {
-            self.evict(over, EVICT_STEP, Some(l));
+            let (freed, changed) = self.evict(over, EVICT_STEP, Some(l));
+            if freed < over && changed > 0 {
+                pages.settled();
+            }
         }
         Ok(())
     }
@@ -336,8 +348,12 @@ impl BlockTable {
             return;
         }
         for (l, &at) in leaves.iter().enumerate().take(self.leaves.len()) {
-            // An evicted leaf cannot have changed (a change reads it back and forgets `at`).
-            if !at.is_absent() && (self.leaves[l].entries.is_none() || !self.changed_since_cut(l)) {
+            // A leaf with a place has not changed since the commit that gave it (a change
+            // forgets it), so neither since this image was cut: its page now is this one
+            // (which may have moved). Evicted leaves are such. Another is this page if none
+            // of its entries changed since the cut (by units of 64 entries, which may span
+            // two leaves: a neighbour's change keeps it in RAM until the next commit).
+            if !at.is_absent() && (!self.leaves[l].at.is_absent() || !self.changed_since_cut(l)) {
                 self.leaves[l].at = at;
             }
         }
@@ -348,12 +364,14 @@ impl BlockTable {
     }
 
     /// Evict up to `bytes` of leaves a committed checkpoint holds and that were not used since
-    /// the hand last passed, looking at no more than `steps` leaves; never `keep`.
-    fn evict(&mut self, bytes: u64, steps: usize, keep: Option<usize>) {
+    /// the hand last passed, looking at no more than `steps` leaves; never `keep`. Returns the
+    /// bytes freed and the leaves in RAM passed over for having changed since the checkpoint.
+    fn evict(&mut self, bytes: u64, steps: usize, keep: Option<usize>) -> (u64, usize) {
         let n = self.leaves.len();
         if n == 0 || !self.own {
-            return;
+            return (0, 0);
         }
+        let mut changed = 0;
         let mut freed = 0u64;
         let mut count = 0u64;
         for _ in 0..steps.min(2 * n) {
@@ -364,7 +382,11 @@ impl BlockTable {
             let l = self.hand;
             let leaf = &mut self.leaves[l];
             // The last leaf stays: new ids grow it, and growth never reads.
-            if leaf.entries.is_none() || leaf.at.is_absent() || keep == Some(l) || l + 1 == n {
+            if leaf.entries.is_none() || keep == Some(l) || l + 1 == n {
+                continue;
+            }
+            if leaf.at.is_absent() {
+                changed += 1;
                 continue;
             }
             if std::mem::take(&mut leaf.used) {
@@ -379,6 +401,7 @@ impl BlockTable {
         if let Some(p) = self.own_pages().filter(|_| count > 0) {
             p.evicted(count);
         }
+        (freed, changed)
     }
 }
 
@@ -416,11 +439,126 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use std::path::Path;
 
-    use super::{LEAF_BYTES, TABLE_LEAF};
+    use std::sync::Arc;
+
+    use super::{BlockTable, TablePages, LEAF_BYTES, TABLE_LEAF};
     use crate::api::BLOCK_BYTES;
     use crate::error::Error;
+    use crate::format::PagePtr;
     use crate::format::DATA_START;
     use crate::pool::{CreateOptions, Pool, PoolOptions};
+    use crate::space::BlockEntry;
+
+    /// A store of leaf pages for the table's own tests: what `read_leaf` reads is what was
+    /// last "written" at a place.
+    struct Pages {
+        written: parking_lot::Mutex<std::collections::HashMap<(u32, u32), Vec<BlockEntry>>>,
+        budget: u64,
+        held: std::sync::atomic::AtomicI64,
+    }
+
+    impl TablePages for Pages {
+        fn read_leaf(
+            &self,
+            _: usize,
+            at: PagePtr,
+            n: usize,
+        ) -> crate::error::Result<Vec<BlockEntry>> {
+            match self.written.lock().get(&(at.segment, at.offset)) {
+                Some(e) if e.len() == n => Ok(e.clone()),
+                _ => Err(Error::Corrupt {
+                    what: "block table leaf page",
+                }),
+            }
+        }
+        fn resident(&self, bytes: i64) {
+            self.held
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn evicted(&self, _: u64) {}
+        fn leaves(&self, _: u64) {}
+        fn over(&self) -> u64 {
+            (self.held.load(std::sync::atomic::Ordering::Relaxed) as u64)
+                .saturating_sub(self.budget)
+        }
+        fn missed(&self) {}
+        fn settled(&self) {}
+    }
+
+    fn entry(n: u32) -> BlockEntry {
+        BlockEntry {
+            segment: n,
+            stored_len: 4096,
+            crc: n,
+            ..BlockEntry::default()
+        }
+    }
+
+    /// "Write" every leaf of `t` as a checkpoint would (its image: a clone at the cut) at
+    /// places `round`, and commit them.
+    fn checkpoint(t: &mut BlockTable, pages: &Pages, round: u32) {
+        let image = t.clone();
+        t.take_changed();
+        let mut ptrs = Vec::new();
+        for l in 0..t.leaves.len() {
+            let e = image.leaf_entries(l).unwrap().into_owned();
+            let at = PagePtr {
+                segment: round,
+                offset: l as u32,
+                stamp: 1,
+            };
+            pages.written.lock().insert((round, l as u32), e);
+            ptrs.push(at);
+        }
+        // The old places are gone (their segments reused).
+        pages.written.lock().retain(|k, _| k.0 == round);
+        t.committed(&ptrs);
+    }
+
+    /// A leaf in RAM that kept its place while a neighbour sharing a change unit changed
+    /// after the cut still follows its page when a checkpoint moves it: evicted later, it
+    /// reads back from where its page is now (it read a freed segment's bytes before).
+    #[test]
+    fn a_leaf_follows_its_page_when_a_neighbour_changed_after_the_cut() {
+        let pages = Arc::new(Pages {
+            written: Default::default(),
+            budget: u64::MAX,
+            held: Default::default(),
+        });
+        let mut t: BlockTable = (0..3 * TABLE_LEAF as u32).map(entry).collect();
+        t.set_pages(pages.clone());
+        checkpoint(&mut t, &pages, 1);
+        // Id 253 is in leaf 1, and in the change unit 192..256 that leaf 0 shares.
+        let cut = t.clone();
+        t.take_changed();
+        *t.get_mut(TABLE_LEAF + 1).unwrap().unwrap() = entry(7);
+        // The checkpoint of that cut moves every page (a whole one).
+        let mut ptrs = Vec::new();
+        for l in 0..3 {
+            pages
+                .written
+                .lock()
+                .insert((2, l), cut.leaf_entries(l as usize).unwrap().into_owned());
+            ptrs.push(PagePtr {
+                segment: 2,
+                offset: l,
+                stamp: 1,
+            });
+        }
+        pages.written.lock().retain(|k, _| k.0 == 2);
+        drop(cut);
+        t.committed(&ptrs);
+        assert_eq!(
+            t.leaves[0].at.segment, 2,
+            "leaf 0 kept a place that is gone"
+        );
+        // Evicted, it reads back.
+        t.leaves[0].entries = None;
+        t.resident -= 1;
+        assert_eq!(t.entry(5).unwrap(), Some(entry(5)));
+        checkpoint(&mut t, &pages, 3);
+        assert_eq!(t.entry(TABLE_LEAF + 1).unwrap(), Some(entry(7)));
+    }
 
     /// Block ids: 12 table leaves.
     const BLOCKS: u64 = 12 * TABLE_LEAF as u64;
@@ -515,6 +653,21 @@ mod tests {
         pool.shutdown().unwrap();
         drop(pool);
         let pool = Pool::open(dir.path(), &options()).unwrap();
+        check(&pool, &|lba| if lba % 4 == 1 { 3 } else { gen(lba) });
+        // A read-only open (which never checkpoints) lets them go too, held by the
+        // checkpoint it read.
+        pool.shutdown().unwrap();
+        drop(pool);
+        let ro = PoolOptions {
+            read_only: true,
+            ..options()
+        };
+        let pool = Pool::open(dir.path(), &ro).unwrap();
+        let (resident, leaves) = pool.inner.ctx.space.lock().blocks.leaf_counts();
+        assert!(
+            resident < leaves / 2,
+            "read-only: {resident} of {leaves} in RAM"
+        );
         check(&pool, &|lba| if lba % 4 == 1 { 3 } else { gen(lba) });
     }
 

@@ -164,7 +164,10 @@ impl Space {
     }
 
     /// Set a block's location (a new block, or one replayed from the log).
-    pub fn place(&mut self, id: u64, e: BlockEntry) {
+    /// Returns false when the block's leaf did not read back (the failure is recorded): the
+    /// caller must not reference the id, whose entry may still name another block.
+    #[must_use]
+    pub fn place(&mut self, id: u64, e: BlockEntry) -> bool {
         let idx = id as usize;
         if idx >= self.blocks.len() {
             self.blocks.grow_to(idx + 1, BlockEntry::default());
@@ -173,13 +176,17 @@ impl Space {
         let live = self.refs.live(id);
         let old = match self.blocks.get_mut(idx) {
             Ok(Some(slot)) => std::mem::replace(slot, e),
-            Ok(None) => return,
-            Err(err) => return self.fail(err),
+            Ok(None) => return false,
+            Err(err) => {
+                self.fail(err);
+                return false;
+            }
         };
         if live {
             self.unaccount(&old);
             self.account(&e);
         }
+        true
     }
 
     /// A change could not be made (its block-table leaf did not read back).
