@@ -23,6 +23,7 @@ use crate::format::{
     get_u48, BlockLoc, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant,
     MAP_PAGE_ENTRIES, MAP_PAGE_SLOTS, PAGE_BYTES, PAGE_HEADER_BYTES,
 };
+use crate::io::AlignedBuf;
 use crate::space::{BlockEntry, TablePages, TABLE_LEAF};
 use crate::store::{self, Range, SegmentStore};
 
@@ -209,19 +210,19 @@ impl MetaCache {
     /// The entries of the leaf at index `idx` written at `at`, not kept (walks over every
     /// leaf read evicted ones this way).
     pub(crate) fn read_page(&self, idx: u64, at: PagePtr) -> Result<Box<MapPage>> {
-        let src = self.source.get().ok_or(Error::Corrupt {
-            what: "map leaf evicted from a pool without a store",
-        })?;
-        let buf = store::read_now(
-            &*src.store,
-            src.epoch,
-            Range {
-                segment: at.segment,
-                offset: u64::from(at.offset),
-            },
-            PAGE_BYTES,
-        )?;
-        open_leaf(&buf, &src.key, idx, at)
+        let (buf, key) = self.page_at(at, "map leaf evicted from a pool without a store")?;
+        open_leaf(&buf, key, idx, at)
+    }
+
+    /// The page at `at`, read through the pool's store, and the key its MAC is under.
+    fn page_at(&self, at: PagePtr, no_store: &'static str) -> Result<(AlignedBuf, &LogKey)> {
+        let src = self.source.get().ok_or(Error::Corrupt { what: no_store })?;
+        let at_range = Range {
+            segment: at.segment,
+            offset: u64::from(at.offset),
+        };
+        let buf = store::read_now(&*src.store, src.epoch, at_range, PAGE_BYTES)?;
+        Ok((buf, &src.key))
     }
 
     /// After a miss's load: hand back leaves until under the budget again.
@@ -305,19 +306,11 @@ impl TablePages for MetaCache {
         let bad = || Error::Corrupt {
             what: "block table leaf page",
         };
-        let src = self.source.get().ok_or_else(bad)?;
         if at.is_absent() {
             return Err(bad());
         }
-        let buf = store::read_now(
-            &*src.store,
-            src.epoch,
-            Range {
-                segment: at.segment,
-                offset: u64::from(at.offset),
-            },
-            PAGE_BYTES,
-        )?;
+        let (buf, key) =
+            self.page_at(at, "block table leaf evicted from a pool without a store")?;
         let want = PageWant {
             kind: PageKind::ArrayLeaf,
             level: 0,
@@ -325,7 +318,7 @@ impl TablePages for MetaCache {
             array: PageArray::BlockTable,
             at,
         };
-        let h = PageHeader::open(&buf, &src.key, &want).map_err(|_| bad())?;
+        let h = PageHeader::open(&buf, key, &want).map_err(|_| bad())?;
         if h.entries as usize != entries || entries > TABLE_LEAF {
             return Err(bad());
         }
@@ -409,12 +402,11 @@ pub(crate) fn open_leaf(buf: &[u8], key: &LogKey, idx: u64, at: PagePtr) -> Resu
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
     use std::path::Path;
 
     use crate::api::BLOCK_BYTES;
     use crate::error::Error;
-    use crate::format::{DATA_START, MAP_PAGE_ENTRIES};
+    use crate::format::MAP_PAGE_ENTRIES;
     use crate::map::shard_of;
     use crate::pool::{CreateOptions, Pool, PoolOptions};
 
@@ -534,15 +526,7 @@ mod tests {
                 (!leaf.has_entries()).then(|| (i, leaf.written_at().unwrap()))
             })
             .expect("an evicted leaf");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.path().join("dev0.img"))
-            .unwrap();
-        let pos = DATA_START + u64::from(at.segment) * (2 << 20) + u64::from(at.offset) + 200;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, pos).unwrap();
-        f.write_all_at(&[b[0] ^ 0x10], pos).unwrap();
+        crate::meta::tests::damage_page(dir.path(), 2 << 20, at, 200);
         let v = pool.volume("v").unwrap();
         match v.read(lba(victim) * BLOCK_BYTES, 4096) {
             Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),

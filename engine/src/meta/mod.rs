@@ -27,6 +27,25 @@ pub(crate) mod tests {
 
     pub(crate) const SEG: u64 = 1 << 20;
 
+    /// Flip a bit `off` bytes into the page at `at` of the pool in `dir` (one device, segments
+    /// of `segment_bytes`): bit rot under a page a test then reads.
+    pub(crate) fn damage_page(
+        dir: &std::path::Path,
+        segment_bytes: u64,
+        at: crate::format::PagePtr,
+        off: u64,
+    ) {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("dev0.img"))
+            .unwrap();
+        let pos = DATA_START + u64::from(at.segment) * segment_bytes + u64::from(at.offset) + off;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, pos).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], pos).unwrap();
+    }
+
     /// A pool file of `segments` 1 MiB segments behind the real segment store; the writer
     /// takes fresh segments in order (none is reused).
     pub(crate) struct Disk {

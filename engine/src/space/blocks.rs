@@ -24,9 +24,57 @@ const ARC_VEC_BYTES: usize = 5 * std::mem::size_of::<usize>();
 pub struct Chunked<T> {
     chunks: Vec<Arc<Vec<T>>>,
     len: usize,
-    /// A bit per [`CHANGE_UNIT`] entries changed since the last [`Chunked::take_changed`]: a
-    /// format 3 checkpoint writes the pages of those only.
-    changed: Vec<u64>,
+    /// Units changed since the last [`Chunked::take_changed`]: a format 3 checkpoint writes
+    /// the pages of those only.
+    changed: ChangeBits,
+}
+
+/// A bit per [`CHANGE_UNIT`] entries of an array (the block table's, the counts').
+#[derive(Clone, Default)]
+pub(crate) struct ChangeBits(Vec<u64>);
+
+impl ChangeBits {
+    /// Mark the unit holding entry `i`.
+    pub(crate) fn mark(&mut self, i: usize) {
+        self.set(i / CHANGE_UNIT);
+    }
+
+    /// Mark every unit of entries `range`.
+    pub(crate) fn mark_range(&mut self, range: std::ops::Range<usize>) {
+        for unit in range.start / CHANGE_UNIT..range.end.div_ceil(CHANGE_UNIT) {
+            self.set(unit);
+        }
+    }
+
+    fn set(&mut self, unit: usize) {
+        if self.0.len() <= unit / 64 {
+            self.0.resize(unit / 64 + 1, 0);
+        }
+        self.0[unit / 64] |= 1 << (unit % 64);
+    }
+
+    /// Whether an entry of `range` changed.
+    pub(crate) fn any_in(&self, range: std::ops::Range<usize>) -> bool {
+        (range.start / CHANGE_UNIT..range.end.div_ceil(CHANGE_UNIT))
+            .any(|u| self.0.get(u / 64).is_some_and(|w| w & (1 << (u % 64)) != 0))
+    }
+
+    /// The units changed since the last call, ascending; clears the marks.
+    pub(crate) fn take(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (w, bits) in self.0.iter_mut().enumerate() {
+            let mut b = std::mem::take(bits);
+            while b != 0 {
+                out.push(w * 64 + b.trailing_zeros() as usize);
+                b &= b - 1;
+            }
+        }
+        out
+    }
+
+    pub(crate) fn ram_bytes(&self) -> u64 {
+        self.0.capacity() as u64 * 8
+    }
 }
 
 impl<T> Default for Chunked<T> {
@@ -34,7 +82,7 @@ impl<T> Default for Chunked<T> {
         Chunked {
             chunks: Vec::new(),
             len: 0,
-            changed: Vec::new(),
+            changed: ChangeBits::default(),
         }
     }
 }
@@ -79,9 +127,7 @@ impl<T: Clone> Chunked<T> {
             let last = Arc::make_mut(self.chunks.last_mut().expect("a chunk with room"));
             let add = (CHUNK - last.len()).min(n - self.len);
             let first = self.len;
-            for unit in first / CHANGE_UNIT..(first + add).div_ceil(CHANGE_UNIT) {
-                Self::set_bit(&mut self.changed, unit);
-            }
+            self.changed.mark_range(first..first + add);
             last.resize(last.len() + add, e.clone());
             self.len += add;
         }
@@ -91,9 +137,8 @@ impl<T: Clone> Chunked<T> {
     /// copied since it was taken).
     pub fn ram_bytes(&self) -> u64 {
         let chunk = CHUNK * std::mem::size_of::<T>() + ARC_VEC_BYTES;
-        (self.chunks.len() * chunk
-            + self.chunks.capacity() * std::mem::size_of::<usize>()
-            + self.changed.capacity() * 8) as u64
+        (self.chunks.len() * chunk + self.chunks.capacity() * std::mem::size_of::<usize>()) as u64
+            + self.changed.ram_bytes()
     }
 
     /// Entries `range` (clamped to the length) with their indexes, chunk by chunk.
@@ -115,29 +160,14 @@ impl<T: Clone> Chunked<T> {
         self.chunks.iter().flat_map(|c| c.iter())
     }
 
-    fn set_bit(bits: &mut Vec<u64>, unit: usize) {
-        if bits.len() <= unit / 64 {
-            bits.resize(unit / 64 + 1, 0);
-        }
-        bits[unit / 64] |= 1 << (unit % 64);
-    }
-
     fn mark(&mut self, i: usize) {
-        Self::set_bit(&mut self.changed, i / CHANGE_UNIT);
+        self.changed.mark(i);
     }
 
     /// The units of [`CHANGE_UNIT`] entries changed (or added) since the last call,
     /// ascending; clears the marks.
     pub fn take_changed(&mut self) -> Vec<usize> {
-        let mut out = Vec::new();
-        for (w, bits) in self.changed.iter_mut().enumerate() {
-            let mut b = std::mem::take(bits);
-            while b != 0 {
-                out.push(w * 64 + b.trailing_zeros() as usize);
-                b &= b - 1;
-            }
-        }
-        out
+        self.changed.take()
     }
 }
 
@@ -167,13 +197,8 @@ impl<T: Clone> From<Vec<T>> for Chunked<T> {
                 Arc::new(chunk)
             })
             .collect();
-        let units = v.len().div_ceil(CHANGE_UNIT);
-        let mut changed = vec![u64::MAX; units.div_ceil(64)];
-        if units % 64 != 0 {
-            if let Some(last) = changed.last_mut() {
-                *last = (1 << (units % 64)) - 1;
-            }
-        }
+        let mut changed = ChangeBits::default();
+        changed.mark_range(0..v.len());
         Chunked {
             chunks,
             len: v.len(),

@@ -18,7 +18,7 @@ use super::BlockEntry;
 use crate::error::Result;
 use crate::format::{BlockLoc, PagePtr, PAGE_BODY_BYTES};
 
-use super::blocks::CHANGE_UNIT;
+use super::blocks::ChangeBits;
 
 /// Entries per leaf: those of a block-table page, so that a leaf is evicted and read back as
 /// one page.
@@ -76,9 +76,9 @@ impl Leaf {
 pub struct BlockTable {
     leaves: Vec<Leaf>,
     len: usize,
-    /// A bit per [`CHANGE_UNIT`] entries changed since the last [`BlockTable::take_changed`]:
-    /// a format 3 checkpoint writes the pages of those only.
-    changed: Vec<u64>,
+    /// Units changed since the last [`BlockTable::take_changed`]: a format 3 checkpoint
+    /// writes the pages of those only.
+    changed: ChangeBits,
     /// Leaves whose entries are in RAM.
     resident: usize,
     /// The eviction hand (a leaf index).
@@ -244,21 +244,21 @@ impl BlockTable {
             }
             let leaf = &mut self.leaves[l];
             leaf.at = PagePtr::ABSENT;
-            let v = Arc::make_mut(leaf.entries.as_mut().expect("loaded"));
+            let Some(v) = leaf.entries.as_mut().map(Arc::make_mut) else {
+                return;
+            };
             let add = (TABLE_LEAF - v.len()).min(n - self.len);
             v.resize(v.len() + add, e);
             let first = self.len;
             self.len += add;
-            for unit in first / CHANGE_UNIT..self.len.div_ceil(CHANGE_UNIT) {
-                set_bit(&mut self.changed, unit);
-            }
+            self.changed.mark_range(first..self.len);
         }
     }
 
     /// Bytes of RAM this table holds outside the metadata cache: a stub per leaf and the
     /// change bits (a clone shares the leaves).
     pub fn stub_bytes(&self) -> u64 {
-        (self.leaves.capacity() * std::mem::size_of::<Leaf>() + self.changed.capacity() * 8) as u64
+        (self.leaves.capacity() * std::mem::size_of::<Leaf>()) as u64 + self.changed.ram_bytes()
     }
 
     /// Bytes of the leaves' entries in RAM.
@@ -312,31 +312,19 @@ impl BlockTable {
     }
 
     fn mark(&mut self, i: usize) {
-        set_bit(&mut self.changed, i / CHANGE_UNIT);
+        self.changed.mark(i);
     }
 
-    /// The units of [`CHANGE_UNIT`] entries changed (or added) since the last call,
+    /// The units of [`CHANGE_UNIT`](super::CHANGE_UNIT) entries changed (or added) since the last call,
     /// ascending; clears the marks.
     pub fn take_changed(&mut self) -> Vec<usize> {
-        let mut out = Vec::new();
-        for (w, bits) in self.changed.iter_mut().enumerate() {
-            let mut b = std::mem::take(bits);
-            while b != 0 {
-                out.push(w * 64 + b.trailing_zeros() as usize);
-                b &= b - 1;
-            }
-        }
-        out
+        self.changed.take()
     }
 
     /// Whether an entry of leaf `l` changed since the last [`BlockTable::take_changed`].
     fn changed_since_cut(&self, l: usize) -> bool {
-        let (lo, hi) = (l * TABLE_LEAF, ((l + 1) * TABLE_LEAF).min(self.len));
-        (lo / CHANGE_UNIT..hi.div_ceil(CHANGE_UNIT)).any(|u| {
-            self.changed
-                .get(u / 64)
-                .is_some_and(|w| w & (1 << (u % 64)) != 0)
-        })
+        self.changed
+            .any_in(l * TABLE_LEAF..((l + 1) * TABLE_LEAF).min(self.len))
     }
 
     /// A checkpoint whose image was cut at the last [`BlockTable::take_changed`] is committed
@@ -411,13 +399,6 @@ impl Drop for BlockTable {
     }
 }
 
-fn set_bit(bits: &mut Vec<u64>, unit: usize) {
-    if bits.len() <= unit / 64 {
-        bits.resize(unit / 64 + 1, 0);
-    }
-    bits[unit / 64] |= 1 << (unit % 64);
-}
-
 impl From<Vec<BlockEntry>> for BlockTable {
     fn from(v: Vec<BlockEntry>) -> BlockTable {
         v.into_iter().collect()
@@ -436,7 +417,6 @@ impl FromIterator<BlockEntry> for BlockTable {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
     use std::path::Path;
 
     use std::sync::Arc;
@@ -445,7 +425,6 @@ mod tests {
     use crate::api::BLOCK_BYTES;
     use crate::error::Error;
     use crate::format::PagePtr;
-    use crate::format::DATA_START;
     use crate::pool::{CreateOptions, Pool, PoolOptions};
     use crate::space::BlockEntry;
 
@@ -720,15 +699,7 @@ mod tests {
                 })
                 .expect("an evicted table leaf")
         };
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dir.path().join("dev0.img"))
-            .unwrap();
-        let pos = DATA_START + u64::from(at.segment) * (2 << 20) + u64::from(at.offset) + 300;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, pos).unwrap();
-        f.write_all_at(&[b[0] ^ 0x10], pos).unwrap();
+        crate::meta::tests::damage_page(dir.path(), 2 << 20, at, 300);
         // Ids were given out in order of the writes: the leaf's ids are those lbas' blocks.
         let ids = (leaf * TABLE_LEAF) as u64..((leaf + 1) * TABLE_LEAF) as u64;
         let v = pool.volume("v").unwrap();
