@@ -198,6 +198,8 @@ impl Shard {
         // A map that cannot be changed (an evicted leaf that does not read back) after its
         // record is in the log: the pool stops, and the next open replays the record.
         let mut failed: Option<crate::error::Error> = None;
+        // Blocks of this batch whose table leaf did not read back: no entry may point at them.
+        let mut unplaced: Vec<u64> = Vec::new();
         let mut space = self.ctx.space.lock();
         // Copies of the blocks placed below may be cached only while no id was released since.
         let seen = self.ctx.reuse.now();
@@ -226,6 +228,7 @@ impl Shard {
                     if !space.place(*id, *entry) {
                         // Its block-table leaf did not read back: nothing may point at the id
                         // (its entry may name another block); the pool stops below.
+                        unplaced.push(*id);
                         continue;
                     }
                     if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
@@ -256,6 +259,10 @@ impl Shard {
                     id,
                     pinned,
                 } => {
+                    // A duplicate of a block of this record that could not be placed.
+                    if unplaced.contains(id) {
+                        continue;
+                    }
                     if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
                         if *pinned {
                             space.drop_ref(*id, seq);
