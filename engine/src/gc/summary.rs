@@ -138,10 +138,11 @@ impl Cleaner {
     /// for 13 ms over 2 M ids); an evicted leaf that does not read back fails the pass (the
     /// victims keep their blocks and are not freed). What changes meanwhile is what could
     /// change after a single scan: a block that leaves a victim (an overwrite, a trim) is
-    /// skipped by
-    /// `Space::relocate` when its move applies; one that still lands in a victim (a record in
-    /// flight when its segment was sealed) may be missed, and the victim, whose usage is then
-    /// not zero, is not freed but cleaned again later. Ids past `scan_end` are newer.
+    /// skipped by `Space::relocate` when its move applies; one that still lands in a victim (a
+    /// record in flight when its segment was sealed) may be missed, and the victim, whose
+    /// usage is then not zero, is not freed but cleaned again later. Ids past `scan_end` are
+    /// newer. Candidates whose table leaf is evicted are read back under the space lock (as
+    /// every miss is until misses move off the shards, design milestone 15).
     pub(crate) fn victims_blocks(&self, victims: &[u32], scan_end: usize) -> Result<VictimsBlocks> {
         let mut moves: Vec<Vec<(u64, BlockEntry)>> = vec![Vec::new(); victims.len()];
         let mut walked = Vec::with_capacity(victims.len());
