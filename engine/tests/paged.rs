@@ -416,3 +416,87 @@ fn a_volume_of_many_leaves_reopens_whole() {
     let pool = Pool::open(dir.path(), &opts()).unwrap();
     check(&pool);
 }
+
+/// An open takes the reference counts and the segments' usage the checkpoint stored
+/// (`ROOT_COUNTS`): it reads no block-table leaf and keeps no map leaf's entries, yet every
+/// count is exact (a block shared 300 times included: its count lives in the root), which
+/// `check` verifies against the maps, and so are the space figures; the same after a crash,
+/// whose replay changes counts of blocks whose leaves it reads back.
+#[test]
+fn an_open_takes_the_stored_counts_and_reads_no_leaf() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), 256 << 20);
+    pool.create_volume("v", 64 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let data = blocks(3, 8192);
+    v.write(0, &data, false).unwrap();
+    // One block 300 times (deduplicated): a count past a byte.
+    let same: Vec<u8> = data[..BLOCK].repeat(300);
+    v.write((8192 * BLOCK) as u64, &same, false).unwrap();
+    v.flush().unwrap();
+    pool.snapshot_volume("v", "s").unwrap();
+    let changed = blocks(4, 16);
+    v.write(0, &changed, false).unwrap();
+    v.flush().unwrap();
+    assert_clean(&pool);
+    let figures = |p: &Pool| {
+        let s = p.stats();
+        let mapped: Vec<u64> = s.volumes.iter().map(|v| v.mapped_bytes).collect();
+        (s.unique_blocks, s.stored_bytes, mapped)
+    };
+    let before = figures(&pool);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let small = PoolOptions {
+        metadata_cache_bytes: Some(64 << 10),
+        ..opts()
+    };
+    let pool = Pool::open(dir.path(), &small).unwrap();
+    let s = pool.stats();
+    assert_eq!(
+        (s.metadata_cache_table_misses, s.metadata_cache_misses),
+        (0, 0),
+        "the open read leaves back"
+    );
+    assert!(
+        s.metadata_cache_bytes <= 8 << 10,
+        "the open kept {} bytes of leaves",
+        s.metadata_cache_bytes
+    );
+    assert_eq!(figures(&pool), before);
+    assert_clean(&pool);
+    let now = read_all(&pool, "v", 8492 * BLOCK);
+    assert!(now[..16 * BLOCK] == changed[..], "v's new blocks");
+    assert!(
+        now[16 * BLOCK..8192 * BLOCK] == data[16 * BLOCK..],
+        "v's old blocks"
+    );
+    assert!(now[8192 * BLOCK..] == same[..], "the shared block");
+    assert!(read_all(&pool, "s", 8192 * BLOCK) == data, "the snapshot");
+    // A crash after the shared block lost 100 of its references and more blocks changed:
+    // replay moves the stored counts on from where the checkpoint left them.
+    let v = pool.volume("v").unwrap();
+    let other = blocks(5, 100);
+    v.write((8192 * BLOCK) as u64, &other, false).unwrap();
+    v.write((4000 * BLOCK) as u64, &changed, false).unwrap();
+    v.flush().unwrap();
+    pool.halt();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &small).unwrap();
+    assert_clean(&pool);
+    let got = read_all(&pool, "v", 8492 * BLOCK);
+    assert!(got[8192 * BLOCK..8292 * BLOCK] == other[..]);
+    assert!(got[8292 * BLOCK..] == same[100 * BLOCK..]);
+    assert!(got[4000 * BLOCK..4016 * BLOCK] == changed[..]);
+    assert!(
+        read_all(&pool, "s", 8192 * BLOCK) == data,
+        "the snapshot after the crash"
+    );
+    // And once more through a clean open of what that recovery checkpoint wrote.
+    let after_crash = figures(&pool);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &small).unwrap();
+    assert_eq!(figures(&pool), after_crash);
+    assert_clean(&pool);
+}

@@ -234,7 +234,7 @@ impl Checkpointer {
     }
 
     /// A consistent image of the current state (shards paused, or not yet running).
-    pub(crate) fn snapshot(&self, seq_end: u64, shards: Vec<ShardPosition>) -> (Image, Vec<u64>) {
+    pub(crate) fn snapshot(&self, seq_end: u64, shards: Vec<ShardPosition>) -> Image {
         let vols = self.ctx.volumes.read();
         let n = self.ctx.shards().max(1);
         let mut volumes = Vec::new();
@@ -262,13 +262,13 @@ impl Checkpointer {
             blocks: space.blocks.take_changed(),
             refs: space.refs.take_changed(),
         };
-        let image = Image {
+        Image {
             seq: seq_end,
             epoch: self.ctx.epoch,
             next_volume_id: vols.next_id,
             volumes,
             blocks: space.blocks.clone(),
-            refs: space.refs.liveness(),
+            refs: space.refs.clone(),
             shards,
             data_chains: self.ctx.shards(),
             // Filled by `add_index` once the workers run again.
@@ -277,8 +277,12 @@ impl Checkpointer {
             keyed_fingerprints: true,
             changed: Some(changed),
             pages: None,
-        };
-        (image, space.seg_live.clone())
+            counts: Some(super::Counts {
+                live_blocks: space.live_blocks,
+                stored_bytes: space.stored_bytes,
+                usage: space.seg_live.clone(),
+            }),
+        }
     }
 
     /// Put the dedup index into `image`, after the workers resumed: walking and copying it
@@ -317,12 +321,9 @@ impl Checkpointer {
 
     /// Write a checkpoint image, make it and everything before it durable, point the
     /// superblocks at it, then free what it no longer needs.
-    pub(crate) fn commit(
-        &self,
-        ck: &mut CkptState,
-        image: &Image,
-        live_then: &[u64],
-    ) -> Result<()> {
+    pub(crate) fn commit(&self, ck: &mut CkptState, image: &Image) -> Result<()> {
+        // Segments' live bytes when the image was cut.
+        let live_then = image.counts.as_ref().map_or(&[][..], |c| &c.usage[..]);
         // The image may come from state a failed thread left half changed.
         if self.ctx.health.is_faulted() {
             // What it says changed is gone with it: the next checkpoint writes everything.

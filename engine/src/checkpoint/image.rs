@@ -36,10 +36,14 @@ pub(crate) struct Image {
     pub volumes: Vec<VolumeImage>,
     /// Indexed by block id; entries whose `refs` count is 0 are free and not written.
     pub blocks: crate::space::BlockTable,
-    /// Which block ids are live (`RefCounts::liveness`: counts of 254 and more are not
-    /// carried); only that is written. A decoded image counts 1 for each block it holds (opening counts the map
-    /// entries instead).
+    /// Reference counts by block id. Format 2 writes only which ids are live, and a decoded
+    /// blob counts 1 for each block it holds (the open recounts the maps); format 3 writes the
+    /// counts, and an image read with [`Image::counts`] holds them exactly.
     pub refs: crate::space::RefCounts,
+    /// What the pool accounted when the image was cut (`Some` for every image a checkpoint
+    /// takes); read back from a format 3 root that stored it (`format::ROOT_COUNTS`), it is
+    /// taken as it is, with `refs`, instead of being recounted.
+    pub counts: Option<Counts>,
     /// Chain positions: the data shards' (`data_chains` of them), then move chains.
     pub shards: Vec<ShardPosition>,
     pub data_chains: usize,
@@ -54,6 +58,15 @@ pub(crate) struct Image {
     /// Read from a format 3 checkpoint: where its pages are, for the next checkpoint to
     /// write only what changed since (`None`: written whole).
     pub pages: Option<Box<super::paged::PagedState>>,
+}
+
+/// Totals and per-segment live bytes when an image was cut.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Counts {
+    pub live_blocks: u64,
+    pub stored_bytes: u64,
+    /// Live bytes per segment (`Space::seg_live`).
+    pub usage: Vec<u64>,
 }
 
 /// Units (of [`crate::space::CHANGE_UNIT`] ids) of the block table and of the reference counts
@@ -513,6 +526,7 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         keyed_fingerprints: h.flags & CHECKPOINT_KEYED != 0,
         changed: None,
         pages: None,
+        counts: None,
     })
 }
 
@@ -543,6 +557,7 @@ mod tests {
             keyed_fingerprints: true,
             changed: None,
             pages: None,
+            counts: None,
         }
     }
 

@@ -7,7 +7,7 @@ mod paged;
 
 pub use image::fuzz_decode_checkpoint;
 pub(crate) use image::*;
-pub(crate) use paged::read_image;
+pub(crate) use paged::{read_image, ROOT_OVERFLOW_MAX};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -220,7 +220,7 @@ impl Checkpointer {
             })
             .collect();
         let starved = positions.iter().any(|p| p.next == NO_SEGMENT);
-        let (mut image, live_then) = self.snapshot(seq_end, positions);
+        let mut image = self.snapshot(seq_end, positions);
         self.ctx.chain_broken.store(false, Ordering::Release);
         drop(resumes);
         let paused_us = paused_at.elapsed().as_micros() as u64;
@@ -235,7 +235,7 @@ impl Checkpointer {
         // Commit even when the mutation was refused (volume exists, not found): the shards
         // have restarted their chains, possibly in segments only this checkpoint reaches, and a
         // broken chain was just marked repaired.
-        if let Err(e) = self.commit(&mut ck, &image, &live_then) {
+        if let Err(e) = self.commit(&mut ck, &image) {
             self.ctx.chain_broken.store(true, Ordering::Release);
             return Err(e);
         }

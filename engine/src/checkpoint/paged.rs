@@ -22,8 +22,9 @@ use crate::api::DedupDomain;
 use crate::error::{Error, Result};
 use crate::format::{
     put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray, PageKind,
-    PagePtr, Put, RootChain, RootIndex, RootVolume, CHAIN_DATA, CHAIN_MOVES, DOMAIN_NAMED,
-    DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_SLOTS, PAGE_BODY_BYTES, ROOT_KEYED,
+    PagePtr, Put, RootChain, RootIndex, RootVolume, SegUsage, CHAIN_DATA, CHAIN_MOVES,
+    DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_SLOTS, PAGE_BODY_BYTES, ROOT_COUNTS,
+    ROOT_KEYED,
 };
 use crate::log::ShardPosition;
 use crate::map::{leaf_slots, MapLeaf};
@@ -52,6 +53,24 @@ fn all(n: u64, per_page: usize) -> Vec<usize> {
 /// moved by more than an eighth, and by a pool's last checkpoint before it closes.
 const INDEX_EVERY: u32 = 16;
 
+/// Counts of 254 and more a root carries at most (13 bytes each: 13 MiB). Past it, the root
+/// goes without [`ROOT_COUNTS`] and the next open recounts the maps: the root stays bounded.
+pub(crate) const ROOT_OVERFLOW_MAX: usize = 1 << 20;
+
+/// Segment usage leaves at most that every checkpoint rewrites whole (32 KiB, 4032 segments).
+const USAGE_WHOLE: usize = 8;
+
+/// A block-table entry as stored.
+fn entry_of(l: &BlockLoc) -> BlockEntry {
+    BlockEntry {
+        segment: l.segment,
+        offset: l.offset,
+        stored_len: l.stored_len,
+        flags: l.flags,
+        crc: l.crc,
+    }
+}
+
 /// A volume's leaf directory as last written: its pages and its entries.
 #[derive(Debug)]
 struct Dir {
@@ -67,6 +86,12 @@ struct Dir {
 pub(crate) struct PagedState {
     table: ArrayPages,
     refs: ArrayPages,
+    /// Whether the count pages hold counts (a build before `ROOT_COUNTS` wrote liveness
+    /// only: the next checkpoint rewrites them all).
+    counts: bool,
+    /// Segment usage pages, and the live bytes they hold.
+    usage: ArrayPages,
+    usage_bytes: Vec<u32>,
     dirs: HashMap<u32, Dir>,
     /// Map leaf pages -> directories naming them.
     named: HashMap<PagePtr, u32>,
@@ -90,6 +115,7 @@ impl PagedState {
         let mut add = |p: &PagePtr| *out.entry(p.segment).or_insert(0) += 1;
         self.table.all().for_each(&mut add);
         self.refs.all().for_each(&mut add);
+        self.usage.all().for_each(&mut add);
         for d in self.dirs.values() {
             d.pages.all().for_each(&mut add);
         }
@@ -116,6 +142,8 @@ impl PagedState {
         let index = self.index.as_ref().map_or(0, |(p, _)| pages(p));
         pages(&self.table)
             + pages(&self.refs)
+            + pages(&self.usage)
+            + self.usage_bytes.capacity() as u64 * 4
             + dirs
             + index
             + self.named.capacity() as u64 * 2 * (ptr + 4)
@@ -170,8 +198,15 @@ pub(crate) fn write_image(
     save_index: bool,
     w: &mut MetaWriter<'_>,
 ) -> Result<WriteOut> {
-    let prev = prev.filter(|_| img.changed.is_some());
+    let mut prev = prev.filter(|_| img.changed.is_some());
     let changed = img.changed.as_ref().filter(|_| prev.is_some());
+    let prev_usage = prev.as_mut().map(|p| {
+        (
+            p.counts,
+            std::mem::replace(&mut p.usage, ArrayPages::new(PageArray::SegmentUsage)),
+            std::mem::take(&mut p.usage_bytes),
+        )
+    });
     let (mut table, mut refs, mut dirs, mut named, old_index, index_age, old_root) = match prev {
         Some(p) => (
             p.table,
@@ -191,6 +226,10 @@ pub(crate) fn write_image(
             0,
             None,
         ),
+    };
+    let (counted_pages, mut usage, old_usage) = match prev_usage {
+        Some(u) => u,
+        None => (false, ArrayPages::new(PageArray::SegmentUsage), Vec::new()),
     };
     let mut superseded = Vec::new();
     let ids = img.blocks.len() as u64;
@@ -230,15 +269,61 @@ pub(crate) fn write_image(
     if let Some(e) = unread {
         return Err(e);
     }
+    // Count pages written by a build that stored liveness only are all rewritten.
     let per = <u8 as PageEntry>::PER_PAGE;
-    let leaves = leaves_to_write(ids, per, changed.map(|c| &c.refs[..]), &refs, victims);
+    let units = changed.filter(|_| counted_pages).map(|c| &c.refs[..]);
+    let leaves = leaves_to_write(ids, per, units, &refs, victims);
     superseded.extend(refs.write_with(ids, per, &leaves, w, &mut |leaf, body| {
         let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
         for (b, id) in body.iter_mut().zip(from..to) {
-            *b = u8::from(img.refs.live(id as u64));
+            *b = img.refs.stored_byte(id as u64);
         }
         (to - from) as u32
     })?);
+    // Segment usage: the leaves whose live bytes changed since the last write-out (a leaf
+    // covers 504 segments: a few pages per checkpoint however large the pool), or all of
+    // them when they are a few: a leaf no write changes would hold an old metadata segment
+    // until cleaning moves it.
+    let usage_now: Vec<u32> = img.counts.as_ref().map_or(Vec::new(), |c| {
+        c.usage
+            .iter()
+            .map(|&b| u32::try_from(b).unwrap_or(u32::MAX))
+            .collect()
+    });
+    let per = <SegUsage as PageEntry>::PER_PAGE;
+    let n = usage_now.len() as u64;
+    let mut usage_leaves: BTreeSet<usize> = usage.leaves_in(victims).into_iter().collect();
+    for (l, now) in usage_now.chunks(per).enumerate() {
+        if old_usage.get(l * per..l * per + now.len()) != Some(now)
+            || usage.len() != n
+            || usage_now.len() <= USAGE_WHOLE * per
+        {
+            usage_leaves.insert(l);
+        }
+    }
+    let usage_leaves: Vec<usize> = usage_leaves
+        .into_iter()
+        .filter(|&l| l < usage_now.len().div_ceil(per))
+        .collect();
+    if usage.len() > n {
+        // Segments never go away; a shorter array is a new pool's image: written anew.
+        superseded.extend(usage.all().copied());
+        usage = ArrayPages::new(PageArray::SegmentUsage);
+    }
+    superseded.extend(
+        usage.write_with(n, per, &usage_leaves, w, &mut |leaf, body| {
+            let mut p = Put::new(body);
+            let (from, to) = (leaf * per, ((leaf + 1) * per).min(usage_now.len()));
+            for &live_bytes in &usage_now[from..to] {
+                SegUsage {
+                    live_bytes,
+                    ..SegUsage::default()
+                }
+                .put(&mut p);
+            }
+            (to - from) as u32
+        })?,
+    );
     // Each distinct leaf once, however many volumes hold it; one a committed checkpoint holds
     // unchanged (and that the current image names, outside the segments being cleaned) is
     // named again, not rewritten.
@@ -400,19 +485,42 @@ pub(crate) fn write_image(
             ((index, r), 0)
         }
     };
-    let live = img.refs.live_iter().filter(|&l| l).count() as u64;
+    // The counts, when the image has them and their overflow fits the root.
+    let counts = img
+        .counts
+        .as_ref()
+        .filter(|_| img.refs.overflow_len() <= ROOT_OVERFLOW_MAX);
+    let (live_blocks, stored_bytes) = match &img.counts {
+        Some(c) => (c.live_blocks, c.stored_bytes),
+        None => (img.refs.live_iter().filter(|&l| l).count() as u64, 0),
+    };
+    let mut overflow: Vec<(PageArray, u64, u32)> = match counts {
+        Some(_) => img
+            .refs
+            .overflowed()
+            .map(|(id, n)| (PageArray::BlockRefs, id, n))
+            .collect(),
+        None => Vec::new(),
+    };
+    overflow.sort_unstable_by_key(|&(_, id, _)| id);
+    let mut arrays = vec![table.root(), refs.root()];
+    if img.counts.is_some() {
+        arrays.push(usage.root());
+    }
     let root = CheckpointRoot {
         flags: if img.keyed_fingerprints {
             ROOT_KEYED
         } else {
             0
-        },
+        } | if counts.is_some() { ROOT_COUNTS } else { 0 },
         seq_end: img.seq,
         epoch: img.epoch,
         next_block_id: ids,
         next_volume_id: img.next_volume_id,
-        live_blocks: live,
-        arrays: vec![table.root(), refs.root()],
+        live_blocks,
+        stored_bytes,
+        overflow,
+        arrays,
         volumes,
         chains: img
             .shards
@@ -438,6 +546,9 @@ pub(crate) fn write_image(
         state: PagedState {
             table,
             refs,
+            counts: true,
+            usage,
+            usage_bytes: usage_now,
             dirs: new_dirs,
             named,
             index: Some(index),
@@ -479,26 +590,62 @@ pub(crate) fn read_image(
     if table_root.len != ids || refs_root.len != ids || ids > max_blocks {
         return Err(BAD_ROOT);
     }
-    let (live, refs_pages) = ArrayPages::load::<u8>(&refs_root, key, src)?;
-    let mut blocks = BlockTable::default();
-    blocks.grow_to(ids.max(1) as usize, BlockEntry::default());
-    let mut refs = RefCounts::with_len(ids.max(1) as usize);
-    // Straight into the table, a run of pages at a time (one copy of it at the peak).
-    let table_pages = ArrayPages::load_each::<BlockLoc>(&table_root, key, src, &mut |id, l| {
-        if live.get(id) == Some(&1) {
-            if let Ok(Some(e)) = blocks.get_mut(id) {
-                *e = BlockEntry {
-                    segment: l.segment,
-                    offset: l.offset,
-                    stored_len: l.stored_len,
-                    flags: l.flags,
-                    crc: l.crc,
-                };
-            }
-            refs.add(id as u64);
-        }
-    })?;
-    drop(live);
+    let (stored, refs_pages) = ArrayPages::load::<u8>(&refs_root, key, src)?;
+    let counted = root.flags & ROOT_COUNTS != 0;
+    let (blocks, refs, table_pages, counts, usage, usage_bytes) = if counted {
+        // The counts as stored; the block table's leaves stay on their pages (the last one
+        // read: growth never reads), read when used.
+        let over: Vec<(u64, u32)> = root
+            .overflow
+            .iter()
+            .filter(|&&(a, _, _)| a == PageArray::BlockRefs)
+            .map(|&(_, id, n)| (id, n))
+            .collect();
+        let refs = RefCounts::from_stored(
+            (0..ids as usize).map(|i| *stored.get(i).unwrap_or(&0)),
+            &over,
+        )
+        .map_err(|what| Error::Corrupt { what })?;
+        drop(stored);
+        let (table_pages, last) = ArrayPages::load_tree::<BlockLoc>(&table_root, key, src)?;
+        let last: Vec<BlockEntry> = last.unwrap_or_default().iter().map(entry_of).collect();
+        let blocks = BlockTable::on_pages(ids as usize, table_pages.leaf_ptrs(), last);
+        let (usage, usage_pages) =
+            ArrayPages::load::<SegUsage>(&array(PageArray::SegmentUsage)?, key, src)?;
+        let usage_bytes: Vec<u32> = (0..usage.len())
+            .map(|i| usage.get(i).map_or(0, |u| u.live_bytes))
+            .collect();
+        let counts = super::Counts {
+            live_blocks: root.live_blocks,
+            stored_bytes: root.stored_bytes,
+            usage: usage_bytes.iter().map(|&b| u64::from(b)).collect(),
+        };
+        (
+            blocks,
+            refs,
+            table_pages,
+            Some(counts),
+            usage_pages,
+            usage_bytes,
+        )
+    } else {
+        let mut blocks = BlockTable::default();
+        blocks.grow_to(ids.max(1) as usize, BlockEntry::default());
+        let mut refs = RefCounts::with_len(ids.max(1) as usize);
+        // Straight into the table, a run of pages at a time (one copy of it at the peak).
+        let table_pages =
+            ArrayPages::load_each::<BlockLoc>(&table_root, key, src, &mut |id, l| {
+                if stored.get(id).is_some_and(|&b| b != 0) {
+                    if let Ok(Some(e)) = blocks.get_mut(id) {
+                        *e = entry_of(&l);
+                    }
+                    refs.add(id as u64);
+                }
+            })?;
+        drop(stored);
+        let usage = ArrayPages::new(PageArray::SegmentUsage);
+        (blocks, refs, table_pages, None, usage, Vec::new())
+    };
     // What the next checkpoint starts from (`PagedState`), as it would after writing this one.
     let mut dirs = HashMap::with_capacity(root.volumes.len());
     let mut named_pages: HashMap<PagePtr, u32> = HashMap::new();
@@ -535,8 +682,14 @@ pub(crate) fn read_image(
                 let ids = open_leaf(&buf, key, *idx, *at)?;
                 // Its users are counted as each volume takes it, below. It is held where it
                 // was read (`at`): the next checkpoint names that page again unless the leaf
-                // changes, and its entries may be evicted and read back from there.
-                leaves.insert(*at, (*idx, Arc::new(MapLeaf::unheld(ids, *at))));
+                // changes, and its entries may be evicted and read back from there. With
+                // the counts stored, nothing needs its entries now: only how many are set.
+                let leaf = if counted {
+                    MapLeaf::on_page(ids.iter().filter(|&&id| id != 0).count() as u64, *at)
+                } else {
+                    MapLeaf::unheld(ids, *at)
+                };
+                leaves.insert(*at, (*idx, Arc::new(leaf)));
             }
         }
         let mut pages = Vec::with_capacity(named.len());
@@ -642,9 +795,13 @@ pub(crate) fn read_image(
         index_sample_bits,
         keyed_fingerprints: root.flags & ROOT_KEYED != 0,
         changed: None,
+        counts,
         pages: Some(Box::new(PagedState {
             table: table_pages,
             refs: refs_pages,
+            counts: counted,
+            usage,
+            usage_bytes,
             dirs,
             named: named_pages,
             index: index_pages,
@@ -692,6 +849,16 @@ mod tests_support {
                 refs.add(u64::from(i));
             }
         }
+        // A count past a byte, kept in the root.
+        for _ in 0..300 {
+            refs.add(3);
+        }
+        let live = refs.live_iter().filter(|&l| l).count() as u64;
+        let counts = super::super::Counts {
+            live_blocks: live,
+            stored_bytes: live * 4096,
+            usage: (0..1000u64).map(|s| (s * 7919) % (8 << 20)).collect(),
+        };
         let shared = leaf(1);
         let vol = |id: u32, pages: Vec<(u64, Arc<MapLeaf>)>, domain: DedupDomain| VolumeImage {
             id,
@@ -739,6 +906,7 @@ mod tests_support {
             keyed_fingerprints: true,
             changed: None,
             pages: None,
+            counts: Some(counts),
         }
     }
 }
@@ -749,27 +917,49 @@ mod tests {
     use super::*;
     use crate::meta::tests::Disk;
 
-    /// An image written as pages and a root reads back the same: blocks (live ones), volumes
-    /// with their settings and leaves, chains, index. A leaf two volumes share is written once
-    /// and comes back as one leaf with two users.
+    /// An image written as pages and a root reads back the same: the counts (one past a
+    /// byte included) and the segments' usage, taken as stored, with the block table's leaves
+    /// left on their pages but the last; volumes with their settings and leaves, chains,
+    /// index. A leaf two volumes share is written once and comes back as one leaf with two
+    /// users.
     #[test]
     fn an_image_round_trips_through_pages_and_keeps_shared_leaves_shared() {
         let disk = Disk::new(64);
         let img = image();
         let (root, pages) = disk.write(|w| write_whole(&img, w));
-        // Block table 20 leaves + a top, liveness 2 + 1, 4 distinct map leaves, two
-        // directories of 1500 slots (6 leaves + a top each), index 4 leaves + a top.
-        assert_eq!(pages, 21 + 3 + 4 + 2 * 7 + 5);
+        // Block table 20 leaves + a top, counts 2 + 1, usage 2 + 1, 4 distinct map leaves,
+        // two directories of 1500 slots (6 leaves + a top each), index 4 leaves + a top.
+        assert_eq!(pages, 21 + 3 + 3 + 4 + 2 * 7 + 5);
+        assert_eq!(root.flags & ROOT_COUNTS, ROOT_COUNTS);
         let root = CheckpointRoot::decode(&root.encode(&disk.key), &disk.key).unwrap();
         let back = read_image(&root, &disk.key, &disk.source(), 1 << 20).unwrap();
         assert_eq!((back.seq, back.epoch, back.next_volume_id), (99, 4, 3));
         assert_eq!(back.blocks.len(), 5000);
         for id in 0..5000u64 {
-            assert_eq!(back.refs.live(id), img.refs.live(id), "id {id}");
-            if img.refs.live(id) {
-                assert_eq!(back.blocks.get(id as usize), img.blocks.get(id as usize));
-            }
+            let want = if img.refs.live(id) {
+                img.refs.get(id)
+            } else {
+                0
+            };
+            assert_eq!(back.refs.get(id), want, "id {id}");
         }
+        assert_eq!(back.refs.get(3), 301);
+        assert_eq!(
+            back.blocks.get(4999),
+            img.blocks.get(4999),
+            "the last leaf is read"
+        );
+        assert!(
+            back.blocks.get(1).is_none(),
+            "the other leaves stay on their pages"
+        );
+        let (c, i) = (back.counts.as_ref().unwrap(), img.counts.as_ref().unwrap());
+        assert_eq!(
+            (c.live_blocks, c.stored_bytes),
+            (i.live_blocks, i.stored_bytes)
+        );
+        assert_eq!(c.usage, i.usage);
+        // Leaves too stay on their pages, each knowing how many entries it holds.
         assert_eq!(back.shards, img.shards);
         assert_eq!(back.data_chains, 2);
         assert_eq!(back.index, img.index);
@@ -783,13 +973,40 @@ mod tests {
             assert_eq!((&b.domain, b.qos), (&i.domain, i.qos));
             assert_eq!(b.pages.len(), i.pages.len());
             for ((bi, bl), (ii, il)) in b.pages.iter().zip(&i.pages) {
-                assert_eq!((bi, bl.ids()), (ii, il.ids()));
+                assert_eq!((bi, bl.count()), (ii, il.count()));
+                assert!(!bl.has_entries() && bl.written_at().is_some());
             }
         }
         let (a, b) = (&back.volumes[0].pages[0].1, &back.volumes[1].pages[0].1);
         assert!(Arc::ptr_eq(a, b), "the shared leaf came back as two");
         assert_eq!(a.users(), 2);
         assert_eq!(back.volumes[0].pages[1].1.users(), 1);
+    }
+
+    /// An image without the counts (a root without `ROOT_COUNTS`: an older build's, or one
+    /// whose overflow did not fit) reads the whole block table and counts each live block
+    /// once, for the open to recount.
+    #[test]
+    fn an_image_without_counts_reads_the_table_whole() {
+        let disk = Disk::new(64);
+        let mut img = image();
+        img.counts = None;
+        let (root, _) = disk.write(|w| write_whole(&img, w));
+        assert_eq!(root.flags & ROOT_COUNTS, 0);
+        assert!(root.overflow.is_empty());
+        let back = read_image(&root, &disk.key, &disk.source(), 1 << 20).unwrap();
+        assert!(back.counts.is_none());
+        for id in 0..5000u64 {
+            assert_eq!(back.refs.get(id), u32::from(img.refs.live(id)), "id {id}");
+            if img.refs.live(id) {
+                assert_eq!(back.blocks.get(id as usize), img.blocks.get(id as usize));
+            }
+        }
+        for (b, i) in back.volumes.iter().zip(&img.volumes) {
+            for ((bi, bl), (ii, il)) in b.pages.iter().zip(&i.pages) {
+                assert_eq!((bi, bl.ids()), (ii, il.ids()));
+            }
+        }
     }
 
     /// A root whose arrays do not match its counts (more ids than its table holds, more than
@@ -842,6 +1059,8 @@ mod estimate {
             dir,
             img.volumes.len() as u64,
             img.shards.len() as u64,
+            img.counts.as_ref().map_or(0, |c| c.usage.len() as u64),
+            img.refs.overflow_len() as u64,
         );
         assert!(est >= written, "estimate {est} < {written} written");
         assert!(

@@ -66,8 +66,10 @@ pub(crate) fn checkpoint_estimate_bytes(pages: u64, blocks: u64, volumes: u64, s
 /// Upper bound on a format 3 checkpoint written whole (`checkpoint::paged::write_image`):
 /// `leaves` map leaves, block table and liveness pages for `ids` ids (every id up to the
 /// highest, live or not), `dir_pages` pages of the volumes' directories (each its own tree:
-/// [`dir_pages`]), the dedup index (at most an entry per live block, `blocks`), the root, and
-/// each segment's header and summary.
+/// [`dir_pages`]), the dedup index (at most an entry per live block, `blocks`), the usage of
+/// `segments` segments, the root (with `overflowed` counts of 254 and more), and each
+/// segment's header and summary.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn paged_checkpoint_estimate_bytes(
     leaves: u64,
     ids: u64,
@@ -75,15 +77,20 @@ pub(crate) fn paged_checkpoint_estimate_bytes(
     dir_pages: u64,
     volumes: u64,
     shards: u64,
+    segments: u64,
+    overflowed: u64,
 ) -> u64 {
-    use crate::format::{INDEX_PER_PAGE, PAGE_BYTES, PTRS_PER_PAGE, REFS_PER_PAGE};
+    use crate::format::{INDEX_PER_PAGE, PAGE_BYTES, PTRS_PER_PAGE, REFS_PER_PAGE, USAGE_PER_PAGE};
     use crate::meta::paged::pages as array;
     let pages = leaves
         + array(ids, PTRS_PER_PAGE)
         + array(ids, REFS_PER_PAGE)
         + dir_pages
-        + array(blocks, INDEX_PER_PAGE);
-    let root = 104 + volumes * (83 + 64 + DedupDomain::MAX_NAME as u64) + shards * 24 + 1024;
+        + array(blocks, INDEX_PER_PAGE)
+        + array(segments, USAGE_PER_PAGE);
+    let overflow = overflowed.min(crate::checkpoint::ROOT_OVERFLOW_MAX as u64) * 13;
+    let root =
+        104 + volumes * (83 + 64 + DedupDomain::MAX_NAME as u64) + shards * 24 + overflow + 1024;
     // Summaries take 12 bytes a page, headers a page per segment (of at least 2 MiB).
     let body = pages * PAGE_BYTES as u64 + root.next_multiple_of(PAGE_BYTES as u64);
     body + body / 300 + body / 500
@@ -122,9 +129,13 @@ impl Context {
             }
             dir += dir_pages(v.size());
         }
-        let (blocks, ids) = {
+        let (blocks, ids, overflowed) = {
             let s = self.space.lock();
-            (s.live_blocks, s.blocks.len() as u64)
+            (
+                s.live_blocks,
+                s.blocks.len() as u64,
+                s.refs.overflow_len() as u64,
+            )
         };
         let volumes = vols.by_name.len() as u64 + extra_volumes;
         let mut est = checkpoint_estimate_bytes(pages, blocks, volumes, self.chains() as u64);
@@ -136,6 +147,8 @@ impl Context {
                 dir,
                 volumes,
                 self.chains() as u64,
+                u64::from(self.geo.total_segments),
+                overflowed,
             ));
         }
         est.div_ceil(self.geo.segment_bytes - SEGMENT_HEADER_BYTES) as usize + 1 + self.chains()

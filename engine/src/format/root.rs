@@ -13,6 +13,12 @@ use crate::error::{Error, Result};
 pub const ROOT_VERSION: u16 = 1;
 /// Root flag: fingerprints are keyed by the pool's secret (as `CHECKPOINT_KEYED`).
 pub const ROOT_KEYED: u16 = 1;
+/// Root flag: the block reference count array holds every id's count (254: the count is in
+/// section 4) and the segment usage array every segment's live bytes, as they were when the
+/// image was cut; `live_blocks` and `stored_bytes` are exact. An open takes them as they are
+/// and reads no block-table or map page to count references. Without it, the count array
+/// holds only whether each id is live (1) or not (0), and an open recounts the maps.
+pub const ROOT_COUNTS: u16 = 2;
 /// Largest root accepted (a root lists volumes, chains and bounded lists: 64 MiB is far
 /// beyond any real one and keeps a corrupt length from allocating without bound).
 pub const MAX_ROOT_BYTES: usize = 64 << 20;
@@ -89,7 +95,7 @@ pub struct RootIndex {
 /// |----:|----:|---|
 /// | 0 | 4 | magic `ICKR` |
 /// | 4 | 2 | version ([`ROOT_VERSION`]) |
-/// | 6 | 2 | flags ([`ROOT_KEYED`]) |
+/// | 6 | 2 | flags ([`ROOT_KEYED`], [`ROOT_COUNTS`]) |
 /// | 8 | 8 | seq_end: records below it are in the checkpoint |
 /// | 16 | 8 | epoch: records after it carry it |
 /// | 24 | 8 | generation: of the superblocks that point at it |

@@ -84,6 +84,18 @@ impl MapLeaf {
         leaf
     }
 
+    /// A leaf a checkpoint holds at `at` with `count` entries that are not holes, its entries
+    /// left there (read when used), held by no map yet.
+    pub(crate) fn on_page(count: u64, at: PagePtr) -> MapLeaf {
+        MapLeaf {
+            count: AtomicU32::new(count as u32),
+            state: Mutex::new(LeafState { ids: None, at }),
+            users: AtomicU32::new(0),
+            referenced: AtomicBool::new(false),
+            cache: OnceLock::new(),
+        }
+    }
+
     /// Entries that are not holes.
     pub fn count(&self) -> u64 {
         u64::from(self.count.load(Ordering::Relaxed))

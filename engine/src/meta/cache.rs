@@ -504,7 +504,13 @@ mod tests {
         drop(pool);
         let pool = Pool::open(dir.path(), &options()).unwrap();
         check(&pool);
-        assert!(pool.stats().metadata_cache_bytes <= BUDGET);
+        // Within a leaf of the budget: each leaf coming in moves the hand a bounded step,
+        // which may only clear the use bits of the leaves in RAM (the next one evicts).
+        let st = pool.stats();
+        assert!(
+            st.metadata_cache_bytes <= BUDGET + super::LEAF_BYTES,
+            "{st:?}"
+        );
     }
 
     /// A damaged page of an evicted leaf fails the reads of that leaf's blocks with a

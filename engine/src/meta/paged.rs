@@ -439,7 +439,7 @@ impl ArrayPages {
         src: &dyn PageSource,
     ) -> Result<(PagedArray<T>, ArrayPages)> {
         let mut array = PagedArray::<T>::default();
-        let pages = Self::load_leaves::<T>(root, key, src, &mut |_, leaf| {
+        let pages = Self::load_leaves::<T>(root, key, src, 0, &mut |_, leaf| {
             array.leaves.push(Arc::new(leaf));
             array.dirty.push(false);
             Ok(())
@@ -457,7 +457,7 @@ impl ArrayPages {
         src: &dyn PageSource,
         f: &mut dyn FnMut(usize, T),
     ) -> Result<ArrayPages> {
-        Self::load_leaves::<T>(root, key, src, &mut |leaf, entries| {
+        Self::load_leaves::<T>(root, key, src, 0, &mut |leaf, entries| {
             for (i, e) in entries.into_iter().enumerate() {
                 f(leaf * T::PER_PAGE + i, e);
             }
@@ -465,12 +465,29 @@ impl ArrayPages {
         })
     }
 
-    /// Read the page tree under `root`, handing each leaf's entries in order to `on_leaf`
-    /// (its index, its entries), `LOAD_RUN` leaf pages read at a time.
+    /// The page tree under `root` without its leaves, but the last one's entries (`None` for
+    /// an empty array): where every leaf is, for an open that reads leaves when they are used.
+    pub(crate) fn load_tree<T: PageEntry>(
+        root: &ArrayRoot,
+        key: &LogKey,
+        src: &dyn PageSource,
+    ) -> Result<(ArrayPages, Option<Vec<T>>)> {
+        let last = (root.len as usize).div_ceil(T::PER_PAGE).saturating_sub(1);
+        let mut out = None;
+        let pages = Self::load_leaves::<T>(root, key, src, last, &mut |_, leaf| {
+            out = Some(leaf);
+            Ok(())
+        })?;
+        Ok((pages, out))
+    }
+
+    /// Read the page tree under `root`, handing the entries of each leaf from the `from`-th on
+    /// in order to `on_leaf` (its index, its entries), `LOAD_RUN` leaf pages read at a time.
     fn load_leaves<T: PageEntry>(
         root: &ArrayRoot,
         key: &LogKey,
         src: &dyn PageSource,
+        from: usize,
         on_leaf: &mut dyn FnMut(usize, Vec<T>) -> Result<()>,
     ) -> Result<ArrayPages> {
         let counts = level_counts(root.len, T::PER_PAGE);
@@ -508,8 +525,12 @@ impl ArrayPages {
         }
         let len = root.len as usize;
         let entries = |i: usize| (len - i * T::PER_PAGE).min(T::PER_PAGE);
-        for (run, ptrs) in pages.levels[0].chunks(LOAD_RUN).enumerate() {
-            let first = run * LOAD_RUN;
+        let leaves = &pages.levels[0];
+        for (run, ptrs) in leaves[from.min(leaves.len())..]
+            .chunks(LOAD_RUN)
+            .enumerate()
+        {
+            let first = from + run * LOAD_RUN;
             let bodies = read_level_from(src, key, root.array, 0, ptrs, first, &|i| {
                 entries(first + i)
             })?;

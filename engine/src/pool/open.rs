@@ -198,9 +198,27 @@ impl Pool {
             next_id: image.next_volume_id.max(1),
         };
         let mut by_id: HashMap<u32, Arc<VolumeState>> = HashMap::new();
-        // Opening counts the map entries afresh (dropped first: a byte per id less at the peak).
-        drop(image.refs);
-        space.set_blocks(image.blocks);
+        // A root that stored the counts (`format::ROOT_COUNTS`): taken as they are, the block
+        // table left on its pages. Else the open counts the map entries afresh (the counts
+        // dropped first: a byte per id less at the peak).
+        let recount = match image.counts.take() {
+            Some(c) => {
+                if c.usage.len() != geo.total_segments as usize
+                    || c.usage.iter().any(|&b| b > geo.segment_bytes)
+                {
+                    return Err(Error::Corrupt {
+                        what: "segment usage",
+                    });
+                }
+                space.set_counted(image.blocks, image.refs, &c);
+                false
+            }
+            None => {
+                drop(image.refs);
+                space.set_blocks(image.blocks);
+                true
+            }
+        };
         // Its leaves count against the metadata cache, and go past its budget once a format 3
         // checkpoint holds them (`BlockTable::committed`).
         space.blocks.set_pages(meta.clone());
@@ -236,7 +254,7 @@ impl Pool {
         drop(image.index);
         // A block counts the distinct leaves pointing at it: a leaf several volumes share (a
         // format 3 checkpoint keeps snapshots' leaves shared) counts once.
-        let mut counted: std::collections::HashSet<*const crate::map::MapLeaf> =
+        let mut seen: std::collections::HashSet<*const crate::map::MapLeaf> =
             std::collections::HashSet::new();
         for v in image.volumes {
             let vs = VolumeState::new(v.id, v.name.clone(), v.size_bytes, nshards, &meta);
@@ -252,7 +270,7 @@ impl Pool {
                 let mut m = vs.maps[(idx % nshards as u64) as usize].lock();
                 let leaf = page.clone();
                 // Taking it may evict its entries (read-only): read back, not kept.
-                if m.load_page(idx as usize, page) && counted.insert(Arc::as_ptr(&leaf)) {
+                if m.load_page(idx as usize, page) && recount && seen.insert(Arc::as_ptr(&leaf)) {
                     leaf.with_entries(idx, |ids| {
                         for &id in ids.iter().filter(|&&id| id != 0) {
                             space.add_ref(id);
@@ -340,6 +358,8 @@ impl Pool {
                 dir,
                 table.by_name.len() as u64,
                 nshards as u64,
+                u64::from(geo.total_segments),
+                space.refs.overflow_len() as u64,
             ));
             // As `Inner::reserve_segments` will keep back.
             let segs = |est: u64| {
@@ -630,10 +650,10 @@ impl Pool {
         inner.ctx.top_up_backed();
         // The recovery checkpoint: the new epoch and chains are durable before any write.
         if !o.read_only {
-            let (mut image, live_then) = inner.ckpt.snapshot(seq_end, positions.clone());
+            let mut image = inner.ckpt.snapshot(seq_end, positions.clone());
             inner.ckpt.add_index(&mut image);
             let mut ck = inner.ckpt.state.lock();
-            inner.ckpt.commit(&mut ck, &image, &live_then)?;
+            inner.ckpt.commit(&mut ck, &image)?;
             inner.ctx.release_all_ids(&mut inner.ctx.space.lock());
             // An upgraded pool's leaves are held by that checkpoint now: past the budget,
             // they may go.

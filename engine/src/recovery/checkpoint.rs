@@ -196,6 +196,7 @@ pub(crate) fn load_checkpoint(
             keyed_fingerprints: false,
             changed: None,
             pages: None,
+            counts: None,
         };
         return Ok((image, Vec::new()));
     }

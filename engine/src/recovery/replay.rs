@@ -91,7 +91,7 @@ pub(crate) fn replay(
                     if d.lba >= vol.blocks() {
                         continue;
                     }
-                    if is_ref && !r.space.is_placed(d.block_id)? {
+                    if is_ref && !r.space.is_placed(d.block_id) {
                         // The block it shares was in a record lost at the crash (never
                         // flushed, so neither was this one): the LBA keeps its old data.
                         continue;

@@ -7,9 +7,11 @@
 //! held, for now (milestone 15 moves misses off the shards).
 //!
 //! A leaf read back holds its live ids' entries as they were in RAM. A dead id's entry may be
-//! older than RAM's: an open keeps only live ids' entries (the rest default), while pages keep
-//! whatever the entry last was. Nothing reads a dead id's entry once replay is over (`get`
-//! checks the count; `place` overwrites), and no leaf is evicted before then.
+//! older than RAM's (an open that recounts keeps only live ids' entries, the rest default),
+//! and an open that takes the stored counts starts with every leaf but the last evicted, dead
+//! ids' entries as their pages hold them. Nothing reads a dead id's entry as the block's:
+//! `get` checks the count, `place` overwrites, replay asks the counts whether a block is
+//! stored (`Space::is_placed`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -220,6 +222,29 @@ impl BlockTable {
             .entries
             .as_mut()
             .map(|e| &mut Arc::make_mut(e)[i % TABLE_LEAF]))
+    }
+
+    /// A table of `len` entries whose leaves are all on pages (`at`, one per leaf), the last
+    /// one's entries (`last`) excepted: growth never reads.
+    pub(crate) fn on_pages(len: usize, at: &[PagePtr], last: Vec<BlockEntry>) -> BlockTable {
+        let mut leaves: Vec<Leaf> = at
+            .iter()
+            .map(|&at| Leaf {
+                entries: None,
+                at,
+                used: false,
+            })
+            .collect();
+        let mut resident = 0;
+        if let Some(l) = leaves.last_mut() {
+            l.entries = Some(Arc::new(last));
+            resident = 1;
+        }
+        let mut t = BlockTable::default();
+        t.leaves = leaves;
+        t.len = len;
+        t.resident = resident;
+        t
     }
 
     pub fn push(&mut self, e: BlockEntry) {

@@ -13,7 +13,7 @@
 //! list of free ids (8 bytes each), and the lowest ids are reused first, so the arrays stay
 //! near the live high-water mark.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::blocks::Chunked;
@@ -24,13 +24,64 @@ const OVERFLOW: u8 = 254;
 /// The byte of an id held with no reference (see the module's table).
 const HELD: u8 = 255;
 
+/// Ids per part of the side map: the unit an image shares and a change copies.
+const OVERFLOW_PART: u64 = 1 << 14;
+
+/// Counts of 254 and more, in parts of [`OVERFLOW_PART`] ids shared copy-on-write with a
+/// checkpoint's image: the first change after a cut copies one part (at most 16 Ki entries),
+/// not the whole map (every block of a volume with 254 snapshots is in it).
+#[derive(Clone, Default)]
+struct Overflow {
+    parts: BTreeMap<u64, Arc<HashMap<u64, u32>>>,
+    len: usize,
+}
+
+impl Overflow {
+    fn get(&self, id: u64) -> Option<u32> {
+        self.parts.get(&(id / OVERFLOW_PART))?.get(&id).copied()
+    }
+
+    fn insert(&mut self, id: u64, n: u32) {
+        let part = Arc::make_mut(self.parts.entry(id / OVERFLOW_PART).or_default());
+        if part.insert(id, n).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        let key = id / OVERFLOW_PART;
+        let Some(part) = self.parts.get_mut(&key) else {
+            return;
+        };
+        if !part.contains_key(&id) {
+            return;
+        }
+        let part = Arc::make_mut(part);
+        part.remove(&id);
+        self.len -= 1;
+        if part.is_empty() {
+            self.parts.remove(&key);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.parts
+            .values()
+            .flat_map(|p| p.iter().map(|(&id, &n)| (id, n)))
+    }
+
+    fn capacity(&self) -> usize {
+        self.parts.values().map(|p| p.capacity()).sum()
+    }
+}
+
 /// Reference counts by block id, copied on write by chunk like the block table (a checkpoint's
 /// image clones them inside its pause).
 #[derive(Clone, Default)]
 pub struct RefCounts {
     bytes: Chunked<u8>,
-    /// Counts of 254 and more. Shared with images like the chunks, copied at its first change.
-    overflow: Arc<HashMap<u64, u32>>,
+    /// Counts of 254 and more.
+    overflow: Overflow,
     /// No free id lies below it (ids from 1).
     cursor: usize,
 }
@@ -39,22 +90,65 @@ impl std::fmt::Debug for RefCounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RefCounts")
             .field("ids", &self.bytes.len())
-            .field("overflowed", &self.overflow.len())
+            .field("overflowed", &self.overflow.len)
             .finish()
     }
 }
 
 impl RefCounts {
-    /// A copy for a checkpoint's image, which asks only whether an id is live: the byte chunks
-    /// are shared (copied on write), the side map is left out. Sharing it would make the first
-    /// change to any count of 254 or more after each checkpoint copy the whole map under the
-    /// space lock (every block of a volume with 254 snapshots is in it).
-    pub fn liveness(&self) -> RefCounts {
-        RefCounts {
-            bytes: self.bytes.clone(),
-            overflow: Arc::default(),
-            cursor: 0,
+    /// Counts as a checkpoint stored them (`stored`: a byte per id as [`RefCounts::stored_byte`]
+    /// wrote it, `overflow`: the counts of the ids whose byte is 254). A byte of 254 without
+    /// its count, a count for another byte, or one under 254 is corruption.
+    pub fn from_stored(
+        stored: impl IntoIterator<Item = u8>,
+        overflow: &[(u64, u32)],
+    ) -> Result<RefCounts, &'static str> {
+        let mut r = RefCounts {
+            bytes: stored.into_iter().collect(),
+            overflow: Overflow::default(),
+            cursor: 1,
+        };
+        if r.bytes.len() == 0 {
+            r.bytes.push(0);
         }
+        for &(id, n) in overflow {
+            if r.bytes.get(id as usize) != Some(&OVERFLOW) || n < u32::from(OVERFLOW) {
+                return Err("reference count overflow entry");
+            }
+            r.overflow.insert(id, n);
+        }
+        let marked = r.bytes.iter().filter(|&&b| b == OVERFLOW).count();
+        if marked != r.overflow.len || r.bytes.iter().any(|&b| b == HELD) {
+            return Err("reference count bytes");
+        }
+        // Loading is not a change.
+        r.bytes.take_changed();
+        Ok(r)
+    }
+
+    /// The byte a checkpoint stores for `id`: its count up to 253, 254 for a larger count (in
+    /// [`RefCounts::overflowed`]), 0 for a free or held id (an open releases every held id).
+    pub fn stored_byte(&self, id: u64) -> u8 {
+        match self.bytes.get(id as usize) {
+            None | Some(&HELD) => 0,
+            Some(&b) => b,
+        }
+    }
+
+    /// The ids whose count is 254 or more, with their counts.
+    pub fn overflowed(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.overflow.iter()
+    }
+
+    /// How many ids have a count of 254 or more.
+    pub fn overflow_len(&self) -> usize {
+        self.overflow.len
+    }
+
+    /// Whether `id` is referenced or held: handed out (a block was, or is being, stored under
+    /// it) and not released since.
+    pub fn in_use(&self, id: u64) -> bool {
+        self.bytes.get(id as usize).is_some_and(|&b| b != 0)
     }
 
     /// `n` ids, all free.
@@ -73,11 +167,7 @@ impl RefCounts {
     pub fn get(&self, id: u64) -> u32 {
         match self.bytes.get(id as usize) {
             None | Some(&HELD) => 0,
-            Some(&OVERFLOW) => self
-                .overflow
-                .get(&id)
-                .copied()
-                .unwrap_or(u32::from(OVERFLOW)),
+            Some(&OVERFLOW) => self.overflow.get(id).unwrap_or(u32::from(OVERFLOW)),
             Some(&b) => u32::from(b),
         }
     }
@@ -169,15 +259,18 @@ impl RefCounts {
             *b += 1;
             return Some(u32::from(*b));
         }
-        let overflow = Arc::make_mut(&mut self.overflow);
         if *b == OVERFLOW - 1 {
             *b = OVERFLOW;
-            overflow.insert(id, u32::from(OVERFLOW));
+            self.overflow.insert(id, u32::from(OVERFLOW));
             return Some(u32::from(OVERFLOW));
         }
-        let c = overflow.entry(id).or_insert(u32::from(OVERFLOW));
-        *c = c.saturating_add(1);
-        Some(*c)
+        let c = self
+            .overflow
+            .get(id)
+            .unwrap_or(u32::from(OVERFLOW))
+            .saturating_add(1);
+        self.overflow.insert(id, c);
+        Some(c)
     }
 
     /// One reference less; the count after it, or `None` when nothing was dropped: a free or
@@ -192,12 +285,11 @@ impl RefCounts {
         let b = self.bytes.get_mut(id as usize)?;
         let after = cur - 1;
         if *b == OVERFLOW {
-            let overflow = Arc::make_mut(&mut self.overflow);
             if after < u32::from(OVERFLOW) {
-                overflow.remove(&id);
+                self.overflow.remove(id);
                 *b = after as u8;
             } else {
-                overflow.insert(id, after);
+                self.overflow.insert(id, after);
             }
         } else {
             *b -= 1;
@@ -212,12 +304,6 @@ impl RefCounts {
     pub fn ram_bytes(&self) -> u64 {
         // A hashbrown slot of (u64, u32) and its control byte, with 8 buckets per 7 entries.
         self.bytes.ram_bytes() + self.overflow.capacity() as u64 * 17 * 8 / 7
-    }
-
-    /// Ids with counts kept in the side map.
-    #[cfg(test)]
-    fn overflowed(&self) -> usize {
-        self.overflow.len()
     }
 }
 
@@ -234,13 +320,13 @@ mod tests {
             assert_eq!(r.add(1), Some(n));
             assert_eq!(r.get(1), n);
         }
-        assert_eq!(r.overflowed(), 1);
+        assert_eq!(r.overflow_len(), 1);
         assert_eq!(r.get(2), 0, "a neighbour is untouched");
         for n in (0..600u32).rev() {
             assert_eq!(r.drop_one(1), Some(n));
             assert_eq!(r.get(1), n);
         }
-        assert_eq!(r.overflowed(), 0, "the side map empties below 254");
+        assert_eq!(r.overflow_len(), 0, "the side map empties below 254");
         assert_eq!(r.drop_one(1), None, "nothing to drop from a free id");
         assert_eq!(r.add(3), None, "beyond the table");
         assert_eq!(r.drop_one(3), None);
@@ -285,7 +371,7 @@ mod tests {
         for _ in 0..254 {
             r.add(1);
         }
-        Arc::make_mut(&mut r.overflow).insert(1, u32::MAX - 1);
+        r.overflow.insert(1, u32::MAX - 1);
         assert_eq!(r.add(1), Some(u32::MAX));
         assert_eq!(r.add(1), Some(u32::MAX));
         assert_eq!(r.drop_one(1), None);
@@ -307,11 +393,41 @@ mod tests {
         r.add(7);
         assert_eq!((image.get(5), image.get(9_000), image.get(7)), (300, 1, 0));
         assert_eq!((r.get(5), r.get(9_000), r.get(7)), (200, 0, 1));
-        assert_eq!(image.overflowed(), 1);
-        assert_eq!(r.overflowed(), 0);
-        // A checkpoint's copy knows which ids are live, without the side map.
-        let live = image.liveness();
-        assert!(live.live(5) && live.live(9_000) && !live.live(7));
-        assert_eq!(live.overflowed(), 0);
+        assert_eq!(image.overflow_len(), 1);
+        assert_eq!(r.overflow_len(), 0);
+    }
+
+    /// What a checkpoint stores of the counts reads back as the same counts; held ids come
+    /// back free; inconsistent stored counts are refused.
+    #[test]
+    fn stored_counts_read_back() {
+        let mut r = RefCounts::with_len(40_000);
+        for _ in 0..300 {
+            r.add(5);
+        }
+        for _ in 0..254 {
+            r.add(30_000);
+        }
+        r.add(7);
+        r.add(8);
+        r.drop_one(8);
+        assert_eq!(r.take_free(), Some(1));
+        let stored: Vec<u8> = (0..40_000).map(|id| r.stored_byte(id)).collect();
+        let over: Vec<(u64, u32)> = r.overflowed().collect();
+        assert_eq!(over.len(), 2);
+        let back = RefCounts::from_stored(stored.iter().copied(), &over).unwrap();
+        for id in 0..40_000u64 {
+            let want = if r.live(id) { r.get(id) } else { 0 };
+            assert_eq!(back.get(id), want, "id {id}");
+        }
+        assert!(
+            back.is_free(1) && back.is_free(8),
+            "held ids come back free"
+        );
+        assert!(RefCounts::from_stored(stored.iter().copied(), &over[..1]).is_err());
+        let mut bad = over.clone();
+        bad.push((7, 300));
+        assert!(RefCounts::from_stored(stored.iter().copied(), &bad).is_err());
+        assert!(RefCounts::from_stored([0u8, 255], &[]).is_err());
     }
 }

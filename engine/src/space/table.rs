@@ -150,6 +150,27 @@ impl Space {
         self.blocks = blocks;
     }
 
+    /// Take the counts a checkpoint stored (`format::ROOT_COUNTS`) as they are, with a block
+    /// table whose leaves are on pages: nothing is recounted.
+    pub(crate) fn set_counted(
+        &mut self,
+        mut blocks: BlockTable,
+        mut refs: RefCounts,
+        counts: &crate::checkpoint::Counts,
+    ) {
+        if blocks.is_empty() {
+            blocks.push(BlockEntry::default());
+        }
+        refs.grow_to(blocks.len());
+        self.refs = refs;
+        self.blocks = blocks;
+        for (l, &b) in self.seg_live.iter_mut().zip(&counts.usage) {
+            *l = b;
+        }
+        self.live_blocks = counts.live_blocks;
+        self.stored_bytes = counts.stored_bytes;
+    }
+
     /// Allocate an id for a new block, the lowest free one: held, with no reference, until
     /// [`Space::add_ref`] adds the first (or [`Space::discard_id`] gives it back).
     pub fn alloc_id(&mut self) -> u64 {
@@ -186,6 +207,9 @@ impl Space {
             self.unaccount(&old);
             self.account(&e);
         }
+        // Replay places ids no one holds yet: held from now on, so that a dedup reference
+        // later in the log finds the block stored (`is_placed`).
+        self.refs.hold(id);
         true
     }
 
@@ -231,13 +255,12 @@ impl Space {
     }
 
     /// Whether `id` holds a stored block (placed, whatever its reference count): a dedup
-    /// reference replayed from the log may only point at such a block.
-    pub fn is_placed(&mut self, id: u64) -> crate::error::Result<bool> {
-        Ok(id != 0
-            && self
-                .blocks
-                .entry(id as usize)?
-                .is_some_and(|e| e.stored_len > 0))
+    /// reference replayed from the log may only point at such a block. Asked of the counts,
+    /// not the table: an id live in the checkpoint, or placed since, is in use until a
+    /// checkpoint after its death releases it, while a free id's entry on a page may still
+    /// name the block it held before.
+    pub fn is_placed(&self, id: u64) -> bool {
+        id != 0 && self.refs.in_use(id)
     }
 
     /// A live block's entry (`None`: no such block), its leaf read back if evicted.
