@@ -71,11 +71,13 @@ pub enum PageArray {
     BlockTable = 1,
     /// Page id -> [`PagePtr`].
     PageTable = 2,
-    /// Block id -> reference count byte.
+    /// Block id -> reference count byte: 0 free, 1..=253 the count, 254 a count in the root's
+    /// overflow section (with `ROOT_COUNTS`; without it, 1 live and 0 not, as older builds
+    /// wrote).
     BlockRefs = 3,
     /// Page id -> reference count byte.
     PageRefs = 4,
-    /// Segment -> [`SegUsage`].
+    /// Segment -> [`SegUsage`] (written with `ROOT_COUNTS`: every segment's live bytes).
     SegmentUsage = 5,
     /// The saved dedup index.
     DedupIndex = 6,

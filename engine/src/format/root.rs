@@ -9,15 +9,18 @@ use super::page::{get_u48, put_u48, PageArray, PagePtr};
 use super::ROOT_MAGIC;
 use crate::error::{Error, Result};
 
-/// Root layout version.
-pub const ROOT_VERSION: u16 = 1;
+/// Root layout version written. Version 2 count pages hold counts (see [`ROOT_COUNTS`]);
+/// version 1 roots (still read) come from builds whose count pages held liveness only, and
+/// which refuse version 2 rather than take a count of 2 for a dead block.
+pub const ROOT_VERSION: u16 = 2;
 /// Root flag: fingerprints are keyed by the pool's secret (as `CHECKPOINT_KEYED`).
 pub const ROOT_KEYED: u16 = 1;
 /// Root flag: the block reference count array holds every id's count (254: the count is in
 /// section 4) and the segment usage array every segment's live bytes, as they were when the
-/// image was cut; `live_blocks` and `stored_bytes` are exact. An open takes them as they are
-/// and reads no block-table or map page to count references. Without it, the count array
-/// holds only whether each id is live (1) or not (0), and an open recounts the maps.
+/// image was cut; `live_blocks` and `stored_bytes` are exact. An open takes them as they are,
+/// reads no block-table page and recounts nothing. Without it (a version 1 root, or one whose
+/// overflow did not fit), the open recounts the maps: the count array holds only whether
+/// each id is live (version 1), or counts without their overflow.
 pub const ROOT_COUNTS: u16 = 2;
 /// Largest root accepted (a root lists volumes, chains and bounded lists: 64 MiB is far
 /// beyond any real one and keeps a corrupt length from allocating without bound).
@@ -120,7 +123,7 @@ pub struct RootIndex {
 ///    of `size_bytes`);
 /// 3. chains: count u32, then [`RootChain`]s (24 B);
 /// 4. overflowing reference counts: count u32, then (array u8: block or page refs, id u64,
-///    refs u32) for counts of 254 and more;
+///    refs u32) for counts of 254 and more (every such id with [`ROOT_COUNTS`]);
 /// 5. dead block ids whose usage is not yet taken off their segments: count u32, ids u64;
 /// 6. orphans: count u32, then (top u48, height u8, cursor u64);
 /// 7. reference count deltas of pages not loaded yet: count u32, then (array u8, id u64,
@@ -334,7 +337,7 @@ impl CheckpointRoot {
         }
         let mut g = Get::new(buf, "checkpoint root");
         g.skip(4)?;
-        if g.u16()? != ROOT_VERSION {
+        if !(1..=ROOT_VERSION).contains(&g.u16()?) {
             return Err(Error::Corrupt {
                 what: "checkpoint root version",
             });
@@ -648,5 +651,28 @@ mod tests {
         assert!(CheckpointRoot::decode(&b, &KEY).is_err());
         let good = CheckpointRoot::default().encode(&KEY);
         assert!(CheckpointRoot::decode(&good, &LogKey([5; 32])).is_err());
+    }
+
+    /// Roots of layout 1 (an older build's) still read; one of a later layout is refused.
+    #[test]
+    fn roots_of_known_layouts_read_and_a_later_one_is_refused() {
+        let with = |version: u16| {
+            let mut b = sample().encode(&KEY);
+            b[4..6].copy_from_slice(&version.to_le_bytes());
+            b[MAC_AT..MAC_AT + MAC_BYTES].fill(0);
+            let crc = super::super::codec::crc_with_zeroed_field(&b, CRC_AT);
+            b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            let mac = log_mac(&KEY, MAC_DOMAIN, &[&b]);
+            b[MAC_AT..MAC_AT + MAC_BYTES].copy_from_slice(&mac);
+            CheckpointRoot::decode(&b, &KEY)
+        };
+        assert_eq!(with(1).unwrap(), sample());
+        assert_eq!(with(ROOT_VERSION).unwrap(), sample());
+        assert!(matches!(
+            with(ROOT_VERSION + 1),
+            Err(Error::Corrupt {
+                what: "checkpoint root version"
+            })
+        ));
     }
 }
