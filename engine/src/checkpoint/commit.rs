@@ -277,6 +277,8 @@ impl Checkpointer {
             keyed_fingerprints: true,
             changed: Some(changed),
             pages: None,
+            pins: space.pins().collect(),
+            held: Vec::new(),
             counts: Some(super::Counts {
                 live_blocks: space.live_blocks,
                 stored_bytes: space.stored_bytes,

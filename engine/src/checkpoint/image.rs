@@ -44,6 +44,12 @@ pub(crate) struct Image {
     /// takes); read back from a format 3 root that stored it (`format::ROOT_COUNTS`), it is
     /// taken as it is, with `refs`, instead of being recounted.
     pub counts: Option<Counts>,
+    /// Dedup pins when the image was cut (`Space::pins`): counted in `refs`, held by no map
+    /// entry of the image. A format 3 checkpoint stores the counts without them.
+    pub pins: Vec<(u64, u32)>,
+    /// Read back: ids a format 3 root lists as in use with no reference (root section 10),
+    /// which the open holds so that replay finds their blocks stored.
+    pub held: Vec<u64>,
     /// Chain positions: the data shards' (`data_chains` of them), then move chains.
     pub shards: Vec<ShardPosition>,
     pub data_chains: usize,
@@ -527,6 +533,8 @@ pub(crate) fn decode(blob: &[u8], max_blocks: u64) -> Result<Image> {
         changed: None,
         pages: None,
         counts: None,
+        pins: Vec::new(),
+        held: Vec::new(),
     })
 }
 
@@ -558,6 +566,8 @@ mod tests {
             changed: None,
             pages: None,
             counts: None,
+            pins: Vec::new(),
+            held: Vec::new(),
         }
     }
 

@@ -53,9 +53,11 @@ fn all(n: u64, per_page: usize) -> Vec<usize> {
 /// moved by more than an eighth, and by a pool's last checkpoint before it closes.
 const INDEX_EVERY: u32 = 16;
 
-/// Counts of 254 and more a root carries at most (13 bytes each: 13 MiB). Past it, the root
-/// goes without [`ROOT_COUNTS`] and the next open recounts the maps: the root stays bounded.
-pub(crate) const ROOT_OVERFLOW_MAX: usize = 1 << 20;
+/// Counts of 254 and more a root carries at most (13 bytes each: 832 KiB, so that a root
+/// with them and its volumes fits the smallest segment, 2 MiB, as `MetaWriter::record`
+/// needs). Past it, the root goes without [`ROOT_COUNTS`] and the next open recounts the
+/// maps.
+pub(crate) const ROOT_OVERFLOW_MAX: usize = 64 << 10;
 
 /// Segment usage leaves at most that every checkpoint rewrites whole (32 KiB, 4032 segments).
 const USAGE_WHOLE: usize = 8;
@@ -92,6 +94,9 @@ pub(crate) struct PagedState {
     /// Segment usage pages, and the live bytes they hold.
     usage: ArrayPages,
     usage_bytes: Vec<u32>,
+    /// Ids whose stored counts left dedup pins out: their count pages are rewritten by the
+    /// next checkpoint (a pin that becomes a map entry's reference changes no count byte).
+    pinned: Vec<u64>,
     dirs: HashMap<u32, Dir>,
     /// Map leaf pages -> directories naming them.
     named: HashMap<PagePtr, u32>,
@@ -205,6 +210,7 @@ pub(crate) fn write_image(
             p.counts,
             std::mem::replace(&mut p.usage, ArrayPages::new(PageArray::SegmentUsage)),
             std::mem::take(&mut p.usage_bytes),
+            std::mem::take(&mut p.pinned),
         )
     });
     let (mut table, mut refs, mut dirs, mut named, old_index, index_age, old_root) = match prev {
@@ -227,10 +233,44 @@ pub(crate) fn write_image(
             None,
         ),
     };
-    let (counted_pages, mut usage, old_usage) = match prev_usage {
+    let (counted_pages, mut usage, old_usage, old_pinned) = match prev_usage {
         Some(u) => u,
-        None => (false, ArrayPages::new(PageArray::SegmentUsage), Vec::new()),
+        None => (
+            false,
+            ArrayPages::new(PageArray::SegmentUsage),
+            Vec::new(),
+            Vec::new(),
+        ),
     };
+    // Counts as the image's maps hold them: dedup pins taken off (their records are not
+    // written yet). Ids left with none are in use all the same: listed (root section 10)
+    // for the open to hold, and taken off the totals.
+    let unpinned: HashMap<u64, u32> = img
+        .pins
+        .iter()
+        .map(|&(id, n)| (id, img.refs.get(id).saturating_sub(n)))
+        .collect();
+    let stored_byte = |id: u64| match unpinned.get(&id) {
+        Some(&c) => c.min(254) as u8,
+        None => img.refs.stored_byte(id),
+    };
+    let mut held: Vec<u64> = unpinned
+        .iter()
+        .filter(|&(_, &c)| c == 0)
+        .map(|(&id, _)| id)
+        .collect();
+    held.sort_unstable();
+    let mut held_shares: Vec<BlockEntry> = Vec::with_capacity(held.len());
+    for &id in &held {
+        let l = id as usize / crate::space::TABLE_LEAF;
+        if let Some(e) = img
+            .blocks
+            .leaf_entries(l)?
+            .get(id as usize % crate::space::TABLE_LEAF)
+        {
+            held_shares.push(*e);
+        }
+    }
     let mut superseded = Vec::new();
     let ids = img.blocks.len() as u64;
     let per = <BlockLoc as PageEntry>::PER_PAGE;
@@ -272,11 +312,22 @@ pub(crate) fn write_image(
     // Count pages written by a build that stored liveness only are all rewritten.
     let per = <u8 as PageEntry>::PER_PAGE;
     let units = changed.filter(|_| counted_pages).map(|c| &c.refs[..]);
-    let leaves = leaves_to_write(ids, per, units, &refs, victims);
+    let mut leaves: BTreeSet<usize> = leaves_to_write(ids, per, units, &refs, victims)
+        .into_iter()
+        .collect();
+    // Ids with pins now or at the last write-out: their stored counts differ from RAM's.
+    leaves.extend(
+        unpinned
+            .keys()
+            .chain(&old_pinned)
+            .map(|&id| id as usize / per)
+            .filter(|&l| l < (ids as usize).div_ceil(per)),
+    );
+    let leaves: Vec<usize> = leaves.into_iter().collect();
     superseded.extend(refs.write_with(ids, per, &leaves, w, &mut |leaf, body| {
         let (from, to) = (leaf * per, ((leaf + 1) * per).min(ids as usize));
         for (b, id) in body.iter_mut().zip(from..to) {
-            *b = img.refs.stored_byte(id as u64);
+            *b = stored_byte(id as u64);
         }
         (to - from) as u32
     })?);
@@ -284,12 +335,17 @@ pub(crate) fn write_image(
     // covers 504 segments: a few pages per checkpoint however large the pool), or all of
     // them when they are a few: a leaf no write changes would hold an old metadata segment
     // until cleaning moves it.
-    let usage_now: Vec<u32> = img.counts.as_ref().map_or(Vec::new(), |c| {
+    let mut usage_now: Vec<u32> = img.counts.as_ref().map_or(Vec::new(), |c| {
         c.usage
             .iter()
             .map(|&b| u32::try_from(b).unwrap_or(u32::MAX))
             .collect()
     });
+    for e in &held_shares {
+        if let Some(u) = usage_now.get_mut(e.segment as usize) {
+            *u = u.saturating_sub(e.share() as u32);
+        }
+    }
     let per = <SegUsage as PageEntry>::PER_PAGE;
     let n = usage_now.len() as u64;
     let mut usage_leaves: BTreeSet<usize> = usage.leaves_in(victims).into_iter().collect();
@@ -491,13 +547,24 @@ pub(crate) fn write_image(
         .as_ref()
         .filter(|_| img.refs.overflow_len() <= ROOT_OVERFLOW_MAX);
     let (live_blocks, stored_bytes) = match &img.counts {
-        Some(c) => (c.live_blocks, c.stored_bytes),
+        Some(c) => (
+            c.live_blocks.saturating_sub(held.len() as u64),
+            c.stored_bytes
+                .saturating_sub(held_shares.iter().map(BlockEntry::share).sum()),
+        ),
         None => (img.refs.live_iter().filter(|&l| l).count() as u64, 0),
     };
     let mut overflow: Vec<(PageArray, u64, u32)> = match counts {
         Some(_) => img
             .refs
             .overflowed()
+            .filter(|(id, _)| !unpinned.contains_key(id))
+            .chain(
+                unpinned
+                    .iter()
+                    .filter(|&(_, &c)| c >= 254)
+                    .map(|(&id, &c)| (id, c)),
+            )
             .map(|(id, n)| (PageArray::BlockRefs, id, n))
             .collect(),
         None => Vec::new(),
@@ -520,6 +587,7 @@ pub(crate) fn write_image(
         live_blocks,
         stored_bytes,
         overflow,
+        held: held.clone(),
         arrays,
         volumes,
         chains: img
@@ -549,6 +617,7 @@ pub(crate) fn write_image(
             counts: true,
             usage,
             usage_bytes: usage_now,
+            pinned: unpinned.keys().copied().collect(),
             dirs: new_dirs,
             named,
             index: Some(index),
@@ -796,12 +865,15 @@ pub(crate) fn read_image(
         keyed_fingerprints: root.flags & ROOT_KEYED != 0,
         changed: None,
         counts,
+        pins: Vec::new(),
+        held: root.held.clone(),
         pages: Some(Box::new(PagedState {
             table: table_pages,
             refs: refs_pages,
             counts: counted,
             usage,
             usage_bytes,
+            pinned: root.held.clone(),
             dirs,
             named: named_pages,
             index: index_pages,
@@ -907,6 +979,8 @@ mod tests_support {
             changed: None,
             pages: None,
             counts: Some(counts),
+            pins: Vec::new(),
+            held: Vec::new(),
         }
     }
 }
@@ -1007,6 +1081,29 @@ mod tests {
                 assert_eq!((bi, bl.ids()), (ii, il.ids()));
             }
         }
+    }
+
+    /// Dedup pins outstanding at the cut are left out of the stored counts and totals (the
+    /// image's maps do not hold them); a block whose only references were pins is listed as
+    /// held, for the open to hold.
+    #[test]
+    fn pins_are_left_out_of_the_stored_counts() {
+        let disk = Disk::new(64);
+        let mut img = image();
+        assert_eq!((img.refs.get(5), img.refs.get(3)), (1, 301));
+        img.pins = vec![(5, 1), (3, 2)];
+        let (root, _) = disk.write(|w| write_whole(&img, w));
+        assert_eq!(root.held, vec![5]);
+        let back = read_image(&root, &disk.key, &disk.source(), 1 << 20).unwrap();
+        assert_eq!(back.held, vec![5]);
+        assert_eq!((back.refs.get(5), back.refs.get(3)), (0, 299));
+        let (c, i) = (back.counts.as_ref().unwrap(), img.counts.as_ref().unwrap());
+        let share = img.blocks.get(5).unwrap().share();
+        assert_eq!(c.live_blocks, i.live_blocks - 1);
+        assert_eq!(c.stored_bytes, i.stored_bytes - share);
+        let seg = img.blocks.get(5).unwrap().segment as usize;
+        assert_eq!(c.usage[seg], i.usage[seg] - share);
+        assert_eq!(c.usage[seg + 1], i.usage[seg + 1]);
     }
 
     /// A root whose arrays do not match its counts (more ids than its table holds, more than

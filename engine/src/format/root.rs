@@ -129,7 +129,12 @@ pub struct RootIndex {
 /// 7. reference count deltas of pages not loaded yet: count u32, then (array u8, id u64,
 ///    delta i32);
 /// 8. metadata segments written by this checkpoint and the previous one: count u32, u32 each;
-/// 9. the dedup index run: root 16 B, entries u64, sample_bits u8, saved_at_seq u64.
+/// 9. the dedup index run: root 16 B, entries u64, sample_bits u8, saved_at_seq u64;
+/// 10. block ids in use with no map reference when the image was cut (dedup references
+///     pinned and not yet logged; their counts leave the pins out): count u32, ids u64. An
+///     open holds them, so that replay finds their blocks stored.
+///
+/// Sections 1-8 are always there, 9 and 10 when they hold something.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CheckpointRoot {
     pub flags: u16,
@@ -153,13 +158,14 @@ pub struct CheckpointRoot {
     pub deltas: Vec<(PageArray, u64, i32)>,
     pub segments: Vec<u32>,
     pub index: Option<RootIndex>,
+    pub held: Vec<u64>,
 }
 
 const HEADER_BYTES: usize = 104;
 const CRC_AT: usize = 84;
 const MAC_AT: usize = 88;
 const MAC_DOMAIN: &[u8] = b"ingot checkpoint root v1";
-const SECTIONS: u32 = 9;
+const SECTIONS: u32 = 10;
 
 fn array_of(v: u8) -> Result<PageArray> {
     PageArray::from_u32(u32::from(v)).ok_or(CORRUPT)
@@ -290,11 +296,15 @@ impl CheckpointRoot {
                 o.u64(ix.saved_at_seq);
             });
         }
-        let sections = if self.index.is_some() {
-            SECTIONS
-        } else {
-            SECTIONS - 1
-        };
+        if !self.held.is_empty() {
+            section(&mut o, 10, &|o| {
+                o.count(self.held.len());
+                for &id in &self.held {
+                    o.u64(id);
+                }
+            });
+        }
+        let sections = 8 + u32::from(self.index.is_some()) + u32::from(!self.held.is_empty());
         let bytes = u32::try_from(o.0.len()).expect("a root beyond 4 GiB");
         Put::new(&mut o.0[..HEADER_BYTES])
             .bytes(&ROOT_MAGIC)
@@ -489,6 +499,12 @@ impl CheckpointRoot {
                     self.dead.push(s.u64()?);
                 }
             }
+            10 => {
+                let n = count(s, 8)?;
+                for _ in 0..n {
+                    self.held.push(s.u64()?);
+                }
+            }
             6 => {
                 let n = count(s, 15)?;
                 for _ in 0..n {
@@ -603,6 +619,7 @@ mod tests {
                 sample_bits: 2,
                 saved_at_seq: 900,
             }),
+            held: vec![77, 4_000_000],
         }
     }
 
@@ -611,6 +628,11 @@ mod tests {
         let r = sample();
         assert_eq!(CheckpointRoot::decode(&r.encode(&KEY), &KEY).unwrap(), r);
         let r = CheckpointRoot { index: None, ..r };
+        assert_eq!(CheckpointRoot::decode(&r.encode(&KEY), &KEY).unwrap(), r);
+        let r = CheckpointRoot {
+            held: Vec::new(),
+            ..r
+        };
         assert_eq!(CheckpointRoot::decode(&r.encode(&KEY), &KEY).unwrap(), r);
         let empty = CheckpointRoot::default();
         assert_eq!(

@@ -274,7 +274,8 @@ impl Pool {
                         })
                         .and(space.take_failure().map_or(Ok(()), Err));
                     // An evicted leaf that does not read back: the counts are half changed,
-                    // and no checkpoint may keep them (the next open counts afresh).
+                    // and no checkpoint may keep them (the next open starts from the last
+                    // checkpoint's and replays the log).
                     if let Err(e) = released {
                         ctx.health.set_fault(format!("deleting volume {name}: {e}"));
                         return Err(e);

@@ -201,6 +201,10 @@ impl Pool {
         // A root that stored the counts (`format::ROOT_COUNTS`): taken as they are, the block
         // table left on its pages. Else the open counts the map entries afresh (the counts
         // dropped first: a byte per id less at the peak).
+        // Ids the image holds as in use with no reference (dedup references not logged at the
+        // cut; root section 10): held, so that replay finds their blocks stored (`is_placed`).
+        let held = std::mem::take(&mut image.held);
+        let mut was_live = None;
         let recount = match image.counts.take() {
             Some(c) => {
                 if c.usage.len() != geo.total_segments as usize
@@ -214,7 +218,9 @@ impl Pool {
                 false
             }
             None => {
-                drop(image.refs);
+                // Which ids the image holds as live: those the recount finds unreferenced are
+                // held all the same (a pin the image counted), for `is_placed` in replay.
+                was_live = Some(image.refs);
                 space.set_blocks(image.blocks);
                 true
             }
@@ -285,11 +291,23 @@ impl Pool {
             by_id.insert(v.id, vs.clone());
             table.by_name.insert(v.name, vs);
         }
+        if let Some(live) = was_live.take() {
+            for id in 1..space.blocks.len() as u64 {
+                if live.live(id) && !space.refs.in_use(id) {
+                    space.refs.hold(id);
+                }
+            }
+        }
+        for id in held {
+            if !space.refs.in_use(id) {
+                space.refs.hold(id);
+            }
+        }
         // Replay every chain of the checkpoint, in sequence order.
         // What the checkpoint holds is on flash as it is in RAM now: what replay changes is
-        // what the recovery checkpoint (format 3) rewrites. (The counts were recounted from
-        // the maps above; only unreferenced ids can differ from the liveness on flash, and an
-        // open recounts them again.)
+        // what the recovery checkpoint (format 3) rewrites. (Counts recounted from the maps
+        // above differ from what a format 3 checkpoint stored only where it did not store
+        // counts: the recovery checkpoint writes every count page then.)
         space.blocks.take_changed();
         space.refs.take_changed();
         let Replayed {

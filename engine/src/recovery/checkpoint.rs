@@ -163,6 +163,11 @@ fn read_paged(
     }
     let mut segs = src.segments.into_inner();
     segs.insert(seg);
+    // Pages left unread (block-table leaves an open reads when used) are the checkpoint's
+    // too: their segments must not be reused while it is the one an open would read.
+    if let Some(state) = image.pages.as_ref() {
+        segs.extend(state.segment_pages().into_keys());
+    }
     Ok((image, segs.into_iter().collect()))
 }
 
@@ -197,6 +202,8 @@ pub(crate) fn load_checkpoint(
             changed: None,
             pages: None,
             counts: None,
+            pins: Vec::new(),
+            held: Vec::new(),
         };
         return Ok((image, Vec::new()));
     }

@@ -115,7 +115,7 @@ impl Shard {
                         Apply::Ref {
                             id, pinned: true, ..
                         } => {
-                            space.drop_ref(*id, rec.seq);
+                            space.unpin(*id, rec.seq);
                         }
                         _ => {}
                     }
@@ -265,11 +265,13 @@ impl Shard {
                     }
                     if vol.deleted.load(Ordering::Acquire) || *lba >= vol.blocks() {
                         if *pinned {
-                            space.drop_ref(*id, seq);
+                            space.unpin(*id, seq);
                         }
                         continue;
                     }
-                    if !*pinned {
+                    if *pinned {
+                        space.pin_taken(*id);
+                    } else {
                         space.add_ref(*id);
                     }
                     let old = map_of!(vol).set(*lba, *id, &mut |b| space.add_ref(b));

@@ -40,6 +40,9 @@ pub(crate) struct VerifyRead {
 /// cache cost a third of the server's CPU per MiB of 1M writes over NBD (docs/benchmarks.md).
 pub(crate) const WRITE_AROUND_BYTES: u64 = 256 << 10;
 
+/// Evicted block-table leaves a dedup pass reads back at most, under the space lock.
+const DEDUP_LEAF_READS: usize = 8;
+
 impl Shard {
     // ---------------------------------------------------------------- writes
 
@@ -254,13 +257,22 @@ impl Shard {
         let pinned: Vec<(usize, u64, BlockEntry)> = {
             let mut space = self.ctx.space.lock();
             seen = self.ctx.reuse.now();
+            // Candidates whose block-table leaf is evicted (every leaf after an open) are
+            // read back, a few per pass: the read holds the space lock. Past them, the block
+            // is stored anew.
+            let mut reads = DEDUP_LEAF_READS;
             cands
                 .into_iter()
                 .filter_map(|(i, id)| {
-                    // A candidate whose block-table leaf is evicted is not verified (no read
-                    // for a hint): the block is stored anew.
-                    let e = space.get_resident(id)?;
-                    space.add_ref(id);
+                    let e = match space.get_resident(id) {
+                        Some(e) => e,
+                        None if reads > 0 && space.refs.live(id) => {
+                            reads -= 1;
+                            space.get(id).ok().flatten()?
+                        }
+                        None => return None,
+                    };
+                    space.pin(id);
                     Some((i, id, e))
                 })
                 .collect()
@@ -351,7 +363,7 @@ impl Shard {
             let seq = self.ctx.seq.load(Ordering::Acquire);
             let mut space = self.ctx.space.lock();
             for id in misses {
-                space.drop_ref(id, seq);
+                space.unpin(id, seq);
             }
             self.ctx.fault_on_table_failure(&mut space);
         }
@@ -390,7 +402,7 @@ impl Shard {
         let seq = self.ctx.seq.load(Ordering::Acquire);
         let mut space = self.ctx.space.lock();
         for id in ids {
-            space.drop_ref(id, seq);
+            space.unpin(id, seq);
         }
         self.ctx.fault_on_table_failure(&mut space);
     }

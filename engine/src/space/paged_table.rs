@@ -756,4 +756,81 @@ mod tests {
             r.problems
         );
     }
+
+    /// An open that leaves the block table on its pages keeps their segments as the
+    /// checkpoint's, also those that hold nothing else (more than a segment's worth of table
+    /// leaves, written whole): none may be taken for data or another checkpoint.
+    #[test]
+    fn segments_of_unread_table_leaves_stay_the_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CreateOptions {
+            size_bytes: 1 << 30,
+            segment_bytes: 2 << 20,
+            ..Default::default()
+        };
+        // No checkpoint before the close, which writes the table whole (a large cache asks
+        // for none either).
+        let fill = PoolOptions {
+            metadata_cache_bytes: None,
+            checkpoint_interval_bytes: 16 << 30,
+            ..options()
+        };
+        let pool = Pool::create(dir.path(), &c, &fill).unwrap();
+        // 150 Ki blocks that compress to little: 600 table leaves, more than a segment's
+        // 509 pages.
+        let n = 150u64 << 10;
+        pool.create_volume("v", n * BLOCK_BYTES).unwrap();
+        let v = pool.volume("v").unwrap();
+        for chunk in 0..n / 256 {
+            let buf: Vec<u8> = (chunk * 256..(chunk + 1) * 256)
+                .flat_map(|lba| block(lba, 1))
+                .collect();
+            v.write(chunk * 256 * BLOCK_BYTES, &buf, false).unwrap();
+        }
+        v.flush().unwrap();
+        pool.shutdown().unwrap();
+        drop(pool);
+        let pool = Pool::open(dir.path(), &options()).unwrap();
+        let leaves: Vec<PagePtr> = pool
+            .inner
+            .ckpt
+            .state
+            .lock()
+            .paged
+            .as_ref()
+            .expect("format 3")
+            .table_leaves()
+            .to_vec();
+        assert!(leaves.len() > 590);
+        let only_table = {
+            let space = pool.inner.ctx.space.lock();
+            let mut segs: Vec<u32> = leaves.iter().map(|p| p.segment).collect();
+            segs.dedup();
+            for &s in &segs {
+                assert_ne!(
+                    space.seg_state[s as usize],
+                    crate::space::SegState::Free,
+                    "segment {s} holds table leaves"
+                );
+            }
+            segs.len()
+        };
+        assert!(only_table >= 2);
+        // Writes that take fresh segments leave the leaves' pages alone.
+        let v = pool.volume("v").unwrap();
+        for chunk in 0..64u64 {
+            let buf: Vec<u8> = (chunk * 256..(chunk + 1) * 256)
+                .flat_map(|lba| block(lba, 2))
+                .collect();
+            v.write(chunk * 256 * BLOCK_BYTES, &buf, false).unwrap();
+        }
+        v.flush().unwrap();
+        for lba in (0..n).step_by(97) {
+            let gen = if lba < 64 * 256 { 2 } else { 1 };
+            let got = v.read(lba * BLOCK_BYTES, BLOCK_BYTES as u32).unwrap();
+            assert!(got == block(lba, gen), "block {lba} reads wrong");
+        }
+        let r = pool.check(&mut |_, _| {});
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
 }

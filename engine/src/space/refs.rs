@@ -112,7 +112,10 @@ impl RefCounts {
             r.bytes.push(0);
         }
         for &(id, n) in overflow {
-            if r.bytes.get(id as usize) != Some(&OVERFLOW) || n < u32::from(OVERFLOW) {
+            if r.bytes.get(id as usize) != Some(&OVERFLOW)
+                || n < u32::from(OVERFLOW)
+                || r.overflow.get(id).is_some()
+            {
                 return Err("reference count overflow entry");
             }
             r.overflow.insert(id, n);

@@ -84,6 +84,10 @@ pub struct Space {
     /// applied (the change was not made): whoever applied it stops the pool
     /// ([`Space::take_failure`]).
     failure: Option<crate::error::Error>,
+    /// References taken by dedup on blocks that writes waiting for their record will point
+    /// at (`Space::pin`): counted, but no map entry holds them yet. A checkpoint's image
+    /// leaves them out of the counts it stores (the maps it holds do not have them).
+    pins: std::collections::HashMap<u64, u32>,
 }
 
 /// Who a segment is for: data prefers segments the backing file does not hold yet while the
@@ -124,6 +128,7 @@ impl Space {
             cleaning: Vec::new(),
             backed_reserve: 0,
             failure: None,
+            pins: std::collections::HashMap::new(),
         }
     }
 
@@ -289,6 +294,34 @@ impl Space {
 
     /// Drop one reference; when it was the last (the return value), the id becomes reusable
     /// after a checkpoint covering `seq`.
+    /// A reference for a dedup hit whose record is not written yet: the block cannot be freed
+    /// meanwhile. It becomes the map entry's (`pin_taken`) or goes (`unpin`).
+    pub fn pin(&mut self, id: u64) {
+        self.add_ref(id);
+        *self.pins.entry(id).or_default() += 1;
+    }
+
+    /// A pin became the reference of the map entry its record set.
+    pub fn pin_taken(&mut self, id: u64) {
+        if let Some(n) = self.pins.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(&id);
+            }
+        }
+    }
+
+    /// A pin goes with no map entry (its write failed, or its volume went); as `drop_ref`.
+    pub fn unpin(&mut self, id: u64, seq: u64) -> bool {
+        self.pin_taken(id);
+        self.drop_ref(id, seq)
+    }
+
+    /// Pins held now, by id.
+    pub(crate) fn pins(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.pins.iter().map(|(&id, &n)| (id, n))
+    }
+
     pub fn drop_ref(&mut self, id: u64, seq: u64) -> bool {
         if self.refs.drop_one(id) != Some(0) {
             return false;
