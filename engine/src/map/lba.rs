@@ -96,6 +96,24 @@ impl MapLeaf {
         }
     }
 
+    /// Entries read ahead of their use from the page at `at`: taken if the leaf is still
+    /// evicted there (returns whether they were).
+    pub(crate) fn take_prefetched(&self, ids: Box<MapPage>, at: PagePtr) -> bool {
+        let mut st = self.state.lock();
+        if st.ids.is_some() || st.at != at {
+            return false;
+        }
+        st.ids = Some(ids);
+        self.referenced.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Where its page is, if its entries are evicted.
+    pub(crate) fn evicted_at(&self) -> Option<PagePtr> {
+        let st = self.state.lock();
+        Some(st.at).filter(|p| st.ids.is_none() && !p.is_absent())
+    }
+
     /// Entries that are not holes.
     pub fn count(&self) -> u64 {
         u64::from(self.count.load(Ordering::Relaxed))

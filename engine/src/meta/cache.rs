@@ -130,6 +130,68 @@ impl MetaCache {
         }
     }
 
+    /// Bytes of leaves it holds at most.
+    pub(crate) fn budget_bytes(&self) -> u64 {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// The pages at `ptrs` (in any order), a run of adjacent ones per read (up to 1 MiB):
+    /// `(index in ptrs, page)` in disk order.
+    fn read_runs(&self, ptrs: &[PagePtr]) -> Result<Vec<(usize, AlignedBuf)>> {
+        let src = self.source.get().ok_or(Error::Corrupt {
+            what: "metadata pages read from a pool without a store",
+        })?;
+        let mut order: Vec<usize> = (0..ptrs.len()).collect();
+        order.sort_unstable_by_key(|&i| (ptrs[i].segment, ptrs[i].offset));
+        let mut out = Vec::with_capacity(ptrs.len());
+        let mut k = 0;
+        while k < order.len() {
+            let first = ptrs[order[k]];
+            let mut n = 1;
+            while k + n < order.len()
+                && n < PREFETCH_RUN
+                && ptrs[order[k + n]].segment == first.segment
+                && u64::from(ptrs[order[k + n]].offset)
+                    == u64::from(first.offset) + (n * PAGE_BYTES) as u64
+            {
+                n += 1;
+            }
+            let at = Range {
+                segment: first.segment,
+                offset: u64::from(first.offset),
+            };
+            let buf = store::read_now(&*src.store, src.epoch, at, n * PAGE_BYTES)?;
+            for j in 0..n {
+                let mut page = AlignedBuf::new(PAGE_BYTES);
+                page.copy_from_slice(&buf[j * PAGE_BYTES..(j + 1) * PAGE_BYTES]);
+                out.push((order[k + j], page));
+            }
+            k += n;
+        }
+        Ok(out)
+    }
+
+    /// Read evicted map leaves about to be used (replay), adjacent pages together, and take
+    /// their entries back; a page that does not read or check is left for the use to report.
+    pub(crate) fn prefetch_leaves(&self, leaves: &[(Arc<crate::map::MapLeaf>, u64, PagePtr)]) {
+        let Some(src) = self.source.get() else {
+            return;
+        };
+        let ptrs: Vec<PagePtr> = leaves.iter().map(|l| l.2).collect();
+        let Ok(pages) = self.read_runs(&ptrs) else {
+            return;
+        };
+        for (i, page) in pages {
+            let (leaf, idx, at) = &leaves[i];
+            if let Ok(ids) = open_leaf(&page, &src.key, *idx, *at) {
+                if leaf.take_prefetched(ids, *at) {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    self.resident.fetch_add(LEAF_BYTES, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// Evicted leaves are read back through `store`, their pages checked under `key`.
     pub(crate) fn set_source(&self, store: Arc<dyn SegmentStore>, key: LogKey, epoch: u64) {
         let _ = self.source.set(Source { store, key, epoch });
@@ -299,42 +361,73 @@ impl MetaCache {
     }
 }
 
+/// Pages a prefetch reads at most in one request (1 MiB).
+const PREFETCH_RUN: usize = 256;
+
+/// The `entries` entries of block-table leaf `leaf` from `buf`, the page at `at`.
+fn table_leaf(
+    buf: &[u8],
+    key: &LogKey,
+    leaf: usize,
+    at: PagePtr,
+    entries: usize,
+) -> Result<Vec<BlockEntry>> {
+    let bad = || Error::Corrupt {
+        what: "block table leaf page",
+    };
+    let want = PageWant {
+        kind: PageKind::ArrayLeaf,
+        level: 0,
+        key: leaf as u64,
+        array: PageArray::BlockTable,
+        at,
+    };
+    let h = PageHeader::open(buf, key, &want).map_err(|_| bad())?;
+    if h.entries as usize != entries || entries > TABLE_LEAF {
+        return Err(bad());
+    }
+    let mut g = Get::new(&buf[PAGE_HEADER_BYTES..], "block table leaf page");
+    (0..entries)
+        .map(|_| {
+            let l = BlockLoc::get(&mut g)?;
+            Ok(BlockEntry {
+                segment: l.segment,
+                offset: l.offset,
+                stored_len: l.stored_len,
+                flags: l.flags,
+                crc: l.crc,
+            })
+        })
+        .collect()
+}
+
 /// Block-table leaves are evicted by the table itself (under the space lock) and counted
 /// here, against the same budget as map leaves.
 impl TablePages for MetaCache {
     fn read_leaf(&self, leaf: usize, at: PagePtr, entries: usize) -> Result<Vec<BlockEntry>> {
-        let bad = || Error::Corrupt {
-            what: "block table leaf page",
-        };
         if at.is_absent() {
-            return Err(bad());
+            return Err(Error::Corrupt {
+                what: "block table leaf page",
+            });
         }
         let (buf, key) =
             self.page_at(at, "block table leaf evicted from a pool without a store")?;
-        let want = PageWant {
-            kind: PageKind::ArrayLeaf,
-            level: 0,
-            key: leaf as u64,
-            array: PageArray::BlockTable,
-            at,
+        table_leaf(&buf, key, leaf, at, entries)
+    }
+
+    fn read_leaves(&self, want: &[(usize, PagePtr, usize)]) -> Vec<Option<Vec<BlockEntry>>> {
+        let mut out = vec![None; want.len()];
+        let Some(src) = self.source.get() else {
+            return out;
         };
-        let h = PageHeader::open(&buf, key, &want).map_err(|_| bad())?;
-        if h.entries as usize != entries || entries > TABLE_LEAF {
-            return Err(bad());
+        let ptrs: Vec<PagePtr> = want.iter().map(|w| w.1).collect();
+        if let Ok(pages) = self.read_runs(&ptrs) {
+            for (i, page) in pages {
+                let (leaf, at, entries) = want[i];
+                out[i] = table_leaf(&page, &src.key, leaf, at, entries).ok();
+            }
         }
-        let mut g = Get::new(&buf[PAGE_HEADER_BYTES..], "block table leaf page");
-        (0..entries)
-            .map(|_| {
-                let l = BlockLoc::get(&mut g)?;
-                Ok(BlockEntry {
-                    segment: l.segment,
-                    offset: l.offset,
-                    stored_len: l.stored_len,
-                    flags: l.flags,
-                    crc: l.crc,
-                })
-            })
-            .collect()
+        out
     }
 
     fn resident(&self, bytes: i64) {

@@ -329,6 +329,7 @@ impl Pool {
                 index: keyed_index,
                 shards: nshards,
                 old_shards,
+                meta: Some(&meta),
             },
         )?;
         // Leaves replay did not change are as the checkpoint read holds them (their dead ids'

@@ -6,9 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::format::{Superblock, FLAG_REF, NO_SEGMENT};
+use crate::format::{PagePtr, Superblock, FLAG_REF, MAP_PAGE_ENTRIES, NO_SEGMENT};
 use crate::log::ShardPosition;
-use crate::map::{shard_of, trim_owned, VolumeState};
+use crate::map::{shard_of, trim_owned, MapLeaf, VolumeState};
+use crate::meta::cache::MetaCache;
+use crate::recovery::scan::ReplayRecord;
 use crate::recovery::{scan_chain, Entry};
 use crate::reduce::DedupIndex;
 use crate::space::{Geometry, Space};
@@ -27,6 +29,67 @@ pub(crate) struct Rebuild<'a> {
     pub shards: usize,
     /// Data chains of the checkpoint: a trim clears the pages its writer owned then.
     pub old_shards: usize,
+    /// The metadata cache, whose evicted leaves replay reads ahead (`None`: read as used).
+    pub meta: Option<&'a MetaCache>,
+}
+
+/// Records' data entries replay reads the leaves of ahead at most, per leaf it may read:
+/// a window of records whose leaves fit half the metadata cache.
+const WINDOW_ENTRIES_PER_LEAF: usize = 64;
+
+/// Read ahead, adjacent pages together, the evicted leaves the data entries of `records`
+/// will use, at most `max` map leaves and `max` block-table leaves: the maps' leaves they
+/// set, then the table's leaves of the blocks they place or move and of those they replace
+/// (as the maps hold them before the window). Without it, each would be a 4 KiB read of
+/// its own when used (an open of a format 3 pool starts with every leaf evicted).
+fn prefetch(records: &[ReplayRecord], r: &mut Rebuild<'_>, max: usize) {
+    let Some(meta) = r.meta else {
+        return;
+    };
+    let mut leaves: Vec<(Arc<MapLeaf>, u64, PagePtr)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut set: Vec<(&Arc<VolumeState>, u64)> = Vec::new();
+    let mut ids: Vec<u64> = Vec::new();
+    for rec in records {
+        for e in &rec.entries {
+            match e {
+                Entry::Data(d) => {
+                    if d.block_id != 0 {
+                        ids.push(d.block_id);
+                    }
+                    let Some(vol) = r.volumes.get(&d.volume) else {
+                        continue;
+                    };
+                    if d.lba >= vol.blocks() {
+                        continue;
+                    }
+                    set.push((vol, d.lba));
+                    let idx = d.lba / MAP_PAGE_ENTRIES;
+                    if leaves.len() >= max || !seen.insert((d.volume, idx)) {
+                        continue;
+                    }
+                    let m = vol.maps[shard_of(d.lba, r.shards)].lock();
+                    if let Some(Some(leaf)) = m.pages.get(idx as usize) {
+                        if let Some(at) = leaf.evicted_at() {
+                            leaves.push((leaf.clone(), idx, at));
+                        }
+                    }
+                }
+                Entry::Move(d) => ids.push(d.block_id),
+                Entry::Trim(_) => {}
+            }
+        }
+    }
+    meta.prefetch_leaves(&leaves);
+    for (vol, lba) in set {
+        let m = vol.maps[shard_of(lba, r.shards)].lock();
+        if let Some((old, _)) = m.get_shared_resident(lba) {
+            if old != 0 {
+                ids.push(old);
+            }
+        }
+    }
+    r.space.blocks.prefetch(&mut ids.into_iter(), max);
 }
 
 /// What replay found.
@@ -48,7 +111,7 @@ pub(crate) fn replay(
     epoch: u64,
     seq: u64,
     sb: &Superblock,
-    r: Rebuild<'_>,
+    mut r: Rebuild<'_>,
 ) -> Result<Replayed> {
     let mut records = Vec::new();
     let mut chain_segs = Vec::new();
@@ -72,8 +135,42 @@ pub(crate) fn replay(
     }
     records.sort_by_key(|r| r.seq);
     let mut seq_end = seq.max(1);
-    for rec in &records {
-        seq_end = seq_end.max(rec.seq + 1);
+    // Leaves a window reads ahead: half the metadata cache's (none for format 2, whose
+    // leaves are never evicted).
+    let max_leaves = r.meta.map_or(0, |m| {
+        (m.budget_bytes() / 2 / crate::meta::cache::LEAF_BYTES).min(1 << 16) as usize
+    });
+    let mut start = 0;
+    while start < records.len() {
+        let mut end = start;
+        let mut entries = 0;
+        while end < records.len()
+            && (end == start || entries < max_leaves.max(1) * WINDOW_ENTRIES_PER_LEAF)
+        {
+            entries += records[end].entries.len();
+            end += 1;
+        }
+        if max_leaves > 0 {
+            prefetch(&records[start..end], &mut r, max_leaves);
+        }
+        apply(&records[start..end], &mut r, &mut seq_end)?;
+        start = end;
+    }
+    // A block-table leaf that did not read back while a record was applied.
+    if let Some(e) = r.space.take_failure() {
+        return Err(e);
+    }
+    Ok(Replayed {
+        seq_end,
+        chain_segs,
+        ends,
+    })
+}
+
+/// Apply `records` (in sequence order) to `r`.
+fn apply(records: &[ReplayRecord], r: &mut Rebuild<'_>, seq_end: &mut u64) -> Result<()> {
+    for rec in records {
+        *seq_end = (*seq_end).max(rec.seq + 1);
         for e in &rec.entries {
             match e {
                 Entry::Data(d) => {
@@ -151,13 +248,5 @@ pub(crate) fn replay(
             }
         }
     }
-    // A block-table leaf that did not read back while a record was applied.
-    if let Some(e) = r.space.take_failure() {
-        return Err(e);
-    }
-    Ok(Replayed {
-        seq_end,
-        chain_segs,
-        ends,
-    })
+    Ok(())
 }

@@ -47,6 +47,14 @@ pub(crate) trait TablePages: Send + Sync {
     fn over(&self) -> u64;
     /// A leaf was read back.
     fn missed(&self);
+    /// Several leaves about to be used, `(leaf, at, entries)` each: those that read and
+    /// check (`None` for the others, left for their use to report). One read per leaf unless
+    /// the store batches adjacent pages.
+    fn read_leaves(&self, want: &[(usize, PagePtr, usize)]) -> Vec<Option<Vec<BlockEntry>>> {
+        want.iter()
+            .map(|&(l, at, n)| self.read_leaf(l, at, n).ok())
+            .collect()
+    }
     /// Leaves came in and what could go went: if the cache is still well over its budget,
     /// what holds it there has changed since the last checkpoint, and a checkpoint is asked
     /// for (its commit lets those leaves go).
@@ -196,6 +204,36 @@ impl BlockTable {
             }
         }
         Ok(())
+    }
+
+    /// Read the evicted leaves of `ids` ahead of their use (replay), at most `max` of them,
+    /// adjacent pages together. Each counts as a miss; none evicts another.
+    pub(crate) fn prefetch(&mut self, ids: &mut dyn Iterator<Item = u64>, max: usize) {
+        let Some(pages) = self.own_pages().cloned() else {
+            return;
+        };
+        let mut want: Vec<usize> = ids
+            .map(|id| id as usize / TABLE_LEAF)
+            .filter(|&l| l < self.leaves.len() && self.leaves[l].entries.is_none())
+            .collect();
+        want.sort_unstable();
+        want.dedup();
+        want.truncate(max);
+        let asks: Vec<(usize, PagePtr, usize)> = want
+            .iter()
+            .map(|&l| (l, self.leaves[l].at, self.leaf_len(l)))
+            .filter(|w| !w.1.is_absent())
+            .collect();
+        for ((l, _, _), got) in asks.iter().zip(pages.read_leaves(&asks)) {
+            let Some(entries) = got else { continue };
+            let leaf = &mut self.leaves[*l];
+            leaf.entries = Some(Arc::new(entries));
+            leaf.used = true;
+            self.resident += 1;
+            self.misses += 1;
+            pages.missed();
+            self.counted(LEAF_BYTES as i64);
+        }
     }
 
     /// The entry (`None` beyond the table), its leaf read back first if it was evicted.
