@@ -242,12 +242,19 @@ pub(crate) fn write_image(
             Vec::new(),
         ),
     };
-    // Counts as the image's maps hold them: dedup pins taken off (their records are not
-    // written yet). Ids left with none are in use all the same: listed (root section 10)
-    // for the open to hold, and taken off the totals.
+    // The counts, when the image has them and their overflow fits the root.
+    let counts = img
+        .counts
+        .as_ref()
+        .filter(|_| img.refs.overflow_len() <= ROOT_OVERFLOW_MAX);
+    // Stored counts as the image's maps hold them: dedup pins taken off (their records are
+    // not written yet). Ids left with none are in use all the same: listed (root section 10)
+    // for the open to hold, and taken off the totals. Without the counts stored, the bytes
+    // keep the pins: an open that recounts holds the ids they make live.
     let unpinned: HashMap<u64, u32> = img
         .pins
         .iter()
+        .filter(|_| counts.is_some())
         .map(|&(id, n)| (id, img.refs.get(id).saturating_sub(n)))
         .collect();
     let stored_byte = |id: u64| match unpinned.get(&id) {
@@ -541,11 +548,6 @@ pub(crate) fn write_image(
             ((index, r), 0)
         }
     };
-    // The counts, when the image has them and their overflow fits the root.
-    let counts = img
-        .counts
-        .as_ref()
-        .filter(|_| img.refs.overflow_len() <= ROOT_OVERFLOW_MAX);
     let (live_blocks, stored_bytes) = match &img.counts {
         Some(c) => (
             c.live_blocks.saturating_sub(held.len() as u64),
@@ -617,7 +619,7 @@ pub(crate) fn write_image(
             counts: true,
             usage,
             usage_bytes: usage_now,
-            pinned: unpinned.keys().copied().collect(),
+            pinned: img.pins.iter().map(|&(id, _)| id).collect(),
             dirs: new_dirs,
             named,
             index: Some(index),
@@ -1059,15 +1061,17 @@ mod tests {
 
     /// An image without the counts (a root without `ROOT_COUNTS`: an older build's, or one
     /// whose overflow did not fit) reads the whole block table and counts each live block
-    /// once, for the open to recount.
+    /// once, for the open to recount; a block live only by a dedup pin is among them.
     #[test]
     fn an_image_without_counts_reads_the_table_whole() {
         let disk = Disk::new(64);
         let mut img = image();
         img.counts = None;
+        // A pin stays in the stored liveness: the recounting open holds what it makes live.
+        img.pins = vec![(5, 1)];
         let (root, _) = disk.write(|w| write_whole(&img, w));
         assert_eq!(root.flags & ROOT_COUNTS, 0);
-        assert!(root.overflow.is_empty());
+        assert!(root.overflow.is_empty() && root.held.is_empty());
         let back = read_image(&root, &disk.key, &disk.source(), 1 << 20).unwrap();
         assert!(back.counts.is_none());
         for id in 0..5000u64 {

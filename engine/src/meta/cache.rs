@@ -90,6 +90,9 @@ pub(crate) struct MetaCache {
     source: OnceLock<Source>,
     /// A pass could not get under the budget: what is over it has not been written yet.
     over: AtomicBool,
+    /// A leaf came in without its entries (an open that left them on their pages): like an
+    /// eviction, users must expect reads back.
+    stubs_admitted: AtomicBool,
 }
 
 /// What `stats` reports of the cache.
@@ -127,6 +130,7 @@ impl MetaCache {
             ring: Mutex::new(VecDeque::new()),
             source: OnceLock::new(),
             over: AtomicBool::new(false),
+            stubs_admitted: AtomicBool::new(false),
         }
     }
 
@@ -190,6 +194,8 @@ impl MetaCache {
                 }
             }
         }
+        // What came in makes room as loads do, the hand going round what it brought.
+        self.trim_within(TRIM_STEP + 2 * leaves.len());
     }
 
     /// Evicted leaves are read back through `store`, their pages checked under `key`.
@@ -225,6 +231,8 @@ impl MetaCache {
         self.leaves.fetch_add(1, Ordering::Relaxed);
         if has_entries {
             self.resident.fetch_add(LEAF_BYTES, Ordering::Relaxed);
+        } else {
+            self.stubs_admitted.store(true, Ordering::Relaxed);
         }
         let mut ring = self.ring.lock();
         ring.push_back(leaf);
@@ -247,7 +255,7 @@ impl MetaCache {
 
     /// Whether any leaf was ever evicted (else none needs reading back).
     pub(crate) fn evicted_any(&self) -> bool {
-        self.evictions.load(Ordering::Relaxed) > 0
+        self.evictions.load(Ordering::Relaxed) > 0 || self.stubs_admitted.load(Ordering::Relaxed)
     }
 
     /// Hits counted by a map that is gone (a deleted volume's) count on.

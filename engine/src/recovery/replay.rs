@@ -54,7 +54,9 @@ fn prefetch(records: &[ReplayRecord], r: &mut Rebuild<'_>, max: usize) {
         for e in &rec.entries {
             match e {
                 Entry::Data(d) => {
-                    if d.block_id != 0 {
+                    // A new block's entry is set; a dedup reference's block is live, its
+                    // entry not needed.
+                    if d.block_id != 0 && d.flags & FLAG_REF == 0 {
                         ids.push(d.block_id);
                     }
                     let Some(vol) = r.volumes.get(&d.volume) else {
@@ -135,11 +137,14 @@ pub(crate) fn replay(
     }
     records.sort_by_key(|r| r.seq);
     let mut seq_end = seq.max(1);
-    // Leaves a window reads ahead: half the metadata cache's (none for format 2, whose
-    // leaves are never evicted).
-    let max_leaves = r.meta.map_or(0, |m| {
-        (m.budget_bytes() / 2 / crate::meta::cache::LEAF_BYTES).min(1 << 16) as usize
-    });
+    // Leaves a window reads ahead: half the metadata cache's (none without a budget: format
+    // 2, whose leaves are never evicted).
+    let max_leaves = r
+        .meta
+        .filter(|m| m.budget_bytes() != u64::MAX)
+        .map_or(0, |m| {
+            (m.budget_bytes() / 2 / crate::meta::cache::LEAF_BYTES).min(1 << 16) as usize
+        });
     let mut start = 0;
     while start < records.len() {
         let mut end = start;

@@ -234,6 +234,11 @@ impl BlockTable {
             pages.missed();
             self.counted(LEAF_BYTES as i64);
         }
+        // Room as loads make it: the hand passes what came in once (used), older leaves go.
+        let over = pages.over();
+        if over > 0 {
+            self.evict(over, EVICT_STEP + 2 * asks.len(), None);
+        }
     }
 
     /// The entry (`None` beyond the table), its leaf read back first if it was evicted.

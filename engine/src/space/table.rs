@@ -292,8 +292,6 @@ impl Space {
         }
     }
 
-    /// Drop one reference; when it was the last (the return value), the id becomes reusable
-    /// after a checkpoint covering `seq`.
     /// A reference for a dedup hit whose record is not written yet: the block cannot be freed
     /// meanwhile. It becomes the map entry's (`pin_taken`) or goes (`unpin`).
     pub fn pin(&mut self, id: u64) {
@@ -303,6 +301,7 @@ impl Space {
 
     /// A pin became the reference of the map entry its record set.
     pub fn pin_taken(&mut self, id: u64) {
+        debug_assert!(self.pins.contains_key(&id), "a pin of {id} not taken");
         if let Some(n) = self.pins.get_mut(&id) {
             *n -= 1;
             if *n == 0 {
@@ -322,6 +321,8 @@ impl Space {
         self.pins.iter().map(|(&id, &n)| (id, n))
     }
 
+    /// Drop one reference; when it was the last (the return value), the id becomes reusable
+    /// after a checkpoint covering `seq`.
     pub fn drop_ref(&mut self, id: u64, seq: u64) -> bool {
         if self.refs.drop_one(id) != Some(0) {
             return false;
