@@ -20,6 +20,12 @@
 //! block report it. A read error is reported with its device and offset, never taken for the
 //! end of the log.
 //!
+//! Small records are read a window of 256 KiB at a time; after a record of 32 KiB or more,
+//! the next record's header area is read on its own, and the payloads of such records are
+//! read only where their checksums decide something: records no later one declares flushed
+//! (and moves, whose copy must have landed). A tail of large writes is then replayed from its
+//! headers, a few percent of its bytes.
+//!
 //! Version 1 pools (no key) are replayed once with version 1 rules (records sealed by CRC-32,
 //! the same walk), then upgraded by the open's recovery checkpoint.
 
@@ -77,10 +83,56 @@ struct Scanned {
     rec: ReplayRecord,
     shard_seq: u64,
     durable: u64,
-    payload_ok: bool,
+    /// `None`: not checked yet (the record was walked by its header alone).
+    payload_ok: Option<bool>,
     end: u64,
     next: u32,
     nonce: Option<[u8; 16]>,
+    /// The record's header (to check its payloads later).
+    header: RecordHeader,
+}
+
+/// Bytes of a segment read at once while its records are small.
+const WINDOW: usize = 256 << 10;
+
+/// Records of at least this many bytes are walked by their headers: the next record's
+/// header is read on its own, the payloads only when they must be checked.
+const LARGE_RECORD: u32 = 32 << 10;
+
+/// The part of a segment the walk has read: a window of [`WINDOW`] bytes while records are
+/// small, the header area of one record at a time after a large one.
+struct SegReader<'a> {
+    store: &'a dyn SegmentStore,
+    seg: u32,
+    seg_bytes: u64,
+    start: u64,
+    buf: AlignedBuf,
+    /// Read only what is asked for (after a large record).
+    exact: bool,
+}
+
+impl SegReader<'_> {
+    /// `len` bytes at `off` (cut at the segment's end), reading if they are not held.
+    fn at(&mut self, off: u64, len: usize) -> Result<&[u8]> {
+        let end = (off + len as u64).min(self.seg_bytes);
+        if off < self.start || end > self.start + self.buf.len() as u64 {
+            let want = (end - off) as usize;
+            let n = if self.exact {
+                want.next_multiple_of(IO_ALIGN)
+            } else {
+                want.max(WINDOW)
+            }
+            .min((self.seg_bytes - off) as usize);
+            self.buf = if n > 0 {
+                read(self.store, self.seg, off, n)?
+            } else {
+                AlignedBuf::new(IO_ALIGN)
+            };
+            self.start = off;
+        }
+        let rel = (off - self.start) as usize;
+        Ok(&self.buf[rel..(rel + (end - off) as usize).min(self.buf.len())])
+    }
 }
 
 /// What a chain's records must match.
@@ -200,22 +252,23 @@ pub(crate) fn scan_chain(
     let mut nonce = start_nonce;
     'chain: while seg != NO_SEGMENT && seg < geo.total_segments {
         segments.push(seg);
-        // The rest of the segment in one read: replay is bounded by the device's sequential
-        // bandwidth, not by a read per record.
-        let seg_start = off.min(seg_bytes);
-        let seg_len = (seg_bytes - seg_start) as usize;
-        let segbuf = if seg_len > 0 {
-            read(store, seg, seg_start, seg_len)?
-        } else {
-            AlignedBuf::new(IO_ALIGN)
+        // The segment's records from `off`: a window at a time while they are small (replay
+        // is then bounded by the device's sequential bandwidth, not by a read per record),
+        // header by header after a large one (its payloads are read only to check them).
+        let mut r = SegReader {
+            store,
+            seg,
+            seg_bytes,
+            start: 0,
+            buf: AlignedBuf::new(0),
+            exact: false,
         };
         if key.is_some() && nonce.is_none() {
             // The segment's header does not verify: nothing in it can. A header that rotted
             // under records that were written is corruption, not an empty chain.
-            let rel = (off - seg_start) as usize;
             if off + IO_ALIGN as u64 <= seg_bytes
                 && want
-                    .named(&segbuf[rel..], seg, off, seg_bytes, expect)
+                    .named(r.at(off, IO_ALIGN)?, seg, off, seg_bytes, expect)
                     .is_some()
             {
                 return Err(Error::Corrupt {
@@ -225,22 +278,33 @@ pub(crate) fn scan_chain(
             break 'chain;
         }
         while off + IO_ALIGN as u64 <= seg_bytes {
-            let rel = (off - seg_start) as usize;
-            let Some(h) = want.record(&segbuf[rel..], seg, off, seg_bytes, nonce, expect) else {
+            let named = want.named(r.at(off, IO_ALIGN)?, seg, off, seg_bytes, expect);
+            let sealed = match &named {
+                Some(d) => {
+                    let area = r.at(off, (d.header_bytes as usize).max(IO_ALIGN))?;
+                    want.record(area, seg, off, seg_bytes, nonce, expect)
+                }
+                None => None,
+            };
+            let Some(h) = sealed else {
                 // Not the expected record: the end of this segment's records (the chain goes
                 // on in the next segment if it was opened), or a torn write. A damaged header
                 // of a record that the next one declares flushed is corruption.
-                if let Some(d) = want.named(&segbuf[rel..], seg, off, seg_bytes, expect) {
+                if let Some(d) = named {
                     let after = off + u64::from(d.record_bytes);
-                    let arel = (after - seg_start) as usize;
                     if after + IO_ALIGN as u64 <= seg_bytes {
-                        if let Some(n) =
-                            want.record(&segbuf[arel..], seg, after, seg_bytes, nonce, expect + 1)
-                        {
-                            if n.durable_shard_seq > expect {
-                                return Err(Error::Corrupt {
-                                    what: "a flushed log record's header does not verify",
-                                });
+                        let next_named =
+                            want.named(r.at(after, IO_ALIGN)?, seg, after, seg_bytes, expect + 1);
+                        if let Some(nd) = next_named {
+                            let area = r.at(after, (nd.header_bytes as usize).max(IO_ALIGN))?;
+                            if let Some(n) =
+                                want.record(area, seg, after, seg_bytes, nonce, expect + 1)
+                            {
+                                if n.durable_shard_seq > expect {
+                                    return Err(Error::Corrupt {
+                                        what: "a flushed log record's header does not verify",
+                                    });
+                                }
                             }
                         }
                     }
@@ -250,10 +314,19 @@ pub(crate) fn scan_chain(
                 }
                 break;
             };
-            let buf = &segbuf[rel..rel + h.record_bytes as usize];
+            // The whole record when it is in the window already (or a move, whose payload
+            // decides whether it applies), else its header area alone.
+            let whole = h.kind == RecordKind::Move
+                || (off >= r.start
+                    && off + u64::from(h.record_bytes) <= r.start + r.buf.len() as u64);
+            let buf = if whole {
+                r.at(off, h.record_bytes as usize)?
+            } else {
+                r.at(off, h.header_bytes as usize)?
+            };
             let eb = h.entry_bytes();
             let mut entries = Vec::with_capacity(h.entry_count as usize);
-            let mut payload_ok = true;
+            let mut payload_ok = whole.then_some(true);
             for i in 0..h.entry_count as usize {
                 let at = h.entries_at() + i * eb;
                 let raw = &buf[at..at + eb];
@@ -261,8 +334,9 @@ pub(crate) fn scan_chain(
                     RecordKind::Data => {
                         let e = DataEntry::decode(raw)?;
                         // Dedup references carry no payload.
-                        if e.block_id != 0 && e.flags & FLAG_REF == 0 {
-                            payload_ok &= payload_matches(buf, &h, &e);
+                        if whole && e.block_id != 0 && e.flags & FLAG_REF == 0 {
+                            payload_ok =
+                                Some(payload_ok == Some(true) && payload_matches(buf, &h, &e));
                         }
                         entries.push(Entry::Data(e));
                     }
@@ -280,6 +354,14 @@ pub(crate) fn scan_chain(
                     RecordKind::Void => {}
                 }
             }
+            // Nothing to check in a record without payloads (trims, references, voids).
+            let has_payload = entries
+                .iter()
+                .any(|e| matches!(e, Entry::Data(d) if d.block_id != 0 && d.flags & FLAG_REF == 0));
+            if !has_payload {
+                payload_ok = Some(payload_ok != Some(false));
+            }
+            let record_bytes = h.record_bytes;
             scanned.push(Scanned {
                 rec: ReplayRecord {
                     seq: h.seq,
@@ -291,12 +373,15 @@ pub(crate) fn scan_chain(
                 shard_seq: h.shard_seq,
                 durable: h.durable_shard_seq,
                 payload_ok,
-                end: off + u64::from(h.record_bytes),
+                end: off + u64::from(record_bytes),
                 next,
                 nonce,
+                header: h,
             });
+            // Past a large record, its successor's header is read on its own.
+            r.exact = record_bytes >= LARGE_RECORD;
             expect += 1;
-            off += u64::from(h.record_bytes);
+            off += u64::from(record_bytes);
         }
         // End of the records in this segment: follow the chain if the next one was opened.
         if next == NO_SEGMENT || next >= geo.total_segments {
@@ -327,7 +412,15 @@ pub(crate) fn scan_chain(
         ..start
     };
     for s in scanned {
-        if !s.payload_ok && s.shard_seq >= durable {
+        // Payloads walked past by header are read now where they decide (records no later
+        // one declares flushed: a torn write drops them); below that, a bad one is kept
+        // either way.
+        let ok = match s.payload_ok {
+            Some(ok) => ok,
+            None if s.shard_seq >= durable => payloads_ok(store, &s)?,
+            None => true,
+        };
+        if !ok && s.shard_seq >= durable {
             continue;
         }
         end = ShardPosition {
@@ -344,6 +437,22 @@ pub(crate) fn scan_chain(
         segments,
         end,
     })
+}
+
+/// Whether the payloads of record `s`, walked past by its header, match their CRCs.
+fn payloads_ok(store: &dyn SegmentStore, s: &Scanned) -> Result<bool> {
+    let buf = read(
+        store,
+        s.rec.segment,
+        u64::from(s.rec.offset),
+        s.header.record_bytes as usize,
+    )?;
+    Ok(s.rec.entries.iter().all(|e| match e {
+        Entry::Data(d) if d.block_id != 0 && d.flags & FLAG_REF == 0 => {
+            payload_matches(&buf, &s.header, d)
+        }
+        _ => true,
+    }))
 }
 
 /// Whether entry `e`'s payload lies in the record's payload area and matches its CRC.
