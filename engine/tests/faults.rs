@@ -413,8 +413,8 @@ fn corrupt_flushed_record_in_the_middle_of_the_log() {
 #[test]
 fn torn_large_record_after_a_large_one_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    // Records of 64 blocks: past the walk's 256 KiB window, so the second is walked by its
-    // header alone.
+    // Records of 64 blocks (260 KiB, past the walk's large-record size): the second is
+    // walked by its header alone.
     let a = blocks(41, 64);
     let b = blocks(42, 64);
     {

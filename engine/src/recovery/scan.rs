@@ -20,11 +20,11 @@
 //! block report it. A read error is reported with its device and offset, never taken for the
 //! end of the log.
 //!
-//! Small records are read a window of 256 KiB at a time; after a record of 32 KiB or more,
+//! Small records are read a window of 256 KiB at a time; after a record of 256 KiB or more,
 //! the next record's header area is read on its own, and the payloads of such records are
 //! read only where their checksums decide something: records no later one declares flushed
-//! (and moves, whose copy must have landed). A tail of large writes is then replayed from its
-//! headers, a few percent of its bytes.
+//! (read together, 8 MiB at a time), and moves, whose copy must have landed. A flushed tail
+//! of large writes is then replayed from its headers, a few percent of its bytes.
 //!
 //! Version 1 pools (no key) are replayed once with version 1 rules (records sealed by CRC-32,
 //! the same walk), then upgraded by the open's recovery checkpoint.
@@ -95,9 +95,14 @@ struct Scanned {
 /// Bytes of a segment read at once while its records are small.
 const WINDOW: usize = 256 << 10;
 
-/// Records of at least this many bytes are walked by their headers: the next record's
-/// header is read on its own, the payloads only when they must be checked.
-const LARGE_RECORD: u32 = 32 << 10;
+/// Records of at least this many bytes (a window's worth: skipping less would cost more reads
+/// than it saves) are walked by their headers: the next record's header is read on its own,
+/// the payloads only when they must be checked.
+const LARGE_RECORD: u32 = WINDOW as u32;
+
+/// Bytes of records whose payloads must be checked read at once, records that follow each
+/// other in a segment together.
+const CHECK_SPAN: u64 = 8 << 20;
 
 /// The part of a segment the walk has read: a window of [`WINDOW`] bytes while records are
 /// small, the header area of one record at a time after a large one.
@@ -114,6 +119,10 @@ struct SegReader<'a> {
 impl SegReader<'_> {
     /// `len` bytes at `off` (cut at the segment's end), reading if they are not held.
     fn at(&mut self, off: u64, len: usize) -> Result<&[u8]> {
+        debug_assert!(
+            off + len as u64 <= self.seg_bytes,
+            "a read past the segment"
+        );
         let end = (off + len as u64).min(self.seg_bytes);
         if off < self.start || end > self.start + self.buf.len() as u64 {
             let want = (end - off) as usize;
@@ -259,7 +268,8 @@ pub(crate) fn scan_chain(
             store,
             seg,
             seg_bytes,
-            start: 0,
+            // Holds nothing yet.
+            start: u64::MAX,
             buf: AlignedBuf::new(0),
             exact: false,
         };
@@ -406,21 +416,17 @@ pub(crate) fn scan_chain(
     // A bad payload at or below what a later record declares flushed is corruption (kept, so
     // that reads of the block report it); above it, a torn write that was never flushed
     // (dropped).
+    // Payloads walked past by header are read now where they decide (records no later one
+    // declares flushed: a torn write drops them), adjacent records in one read; below that,
+    // a bad one is kept either way.
+    check_deferred(store, &mut scanned, durable)?;
     let mut records = Vec::with_capacity(scanned.len());
     let mut end = ShardPosition {
         nonce: start_nonce,
         ..start
     };
     for s in scanned {
-        // Payloads walked past by header are read now where they decide (records no later
-        // one declares flushed: a torn write drops them); below that, a bad one is kept
-        // either way.
-        let ok = match s.payload_ok {
-            Some(ok) => ok,
-            None if s.shard_seq >= durable => payloads_ok(store, &s)?,
-            None => true,
-        };
-        if !ok && s.shard_seq >= durable {
+        if s.payload_ok == Some(false) && s.shard_seq >= durable {
             continue;
         }
         end = ShardPosition {
@@ -439,20 +445,42 @@ pub(crate) fn scan_chain(
     })
 }
 
-/// Whether the payloads of record `s`, walked past by its header, match their CRCs.
-fn payloads_ok(store: &dyn SegmentStore, s: &Scanned) -> Result<bool> {
-    let buf = read(
-        store,
-        s.rec.segment,
-        u64::from(s.rec.offset),
-        s.header.record_bytes as usize,
-    )?;
-    Ok(s.rec.entries.iter().all(|e| match e {
-        Entry::Data(d) if d.block_id != 0 && d.flags & FLAG_REF == 0 => {
-            payload_matches(&buf, &s.header, d)
+/// Check the payloads of the records walked past by their headers whose checksums decide
+/// (`shard_seq >= durable`), reading records that follow each other in a segment together,
+/// up to [`CHECK_SPAN`] bytes at a time.
+fn check_deferred(store: &dyn SegmentStore, scanned: &mut [Scanned], durable: u64) -> Result<()> {
+    let due = |s: &Scanned| s.payload_ok.is_none() && s.shard_seq >= durable;
+    let mut i = 0;
+    while i < scanned.len() {
+        if !due(&scanned[i]) {
+            i += 1;
+            continue;
         }
-        _ => true,
-    }))
+        let (seg, from) = (scanned[i].rec.segment, u64::from(scanned[i].rec.offset));
+        let mut j = i + 1;
+        while j < scanned.len()
+            && due(&scanned[j])
+            && scanned[j].rec.segment == seg
+            && u64::from(scanned[j].rec.offset) == scanned[j - 1].end
+            && scanned[j].end - from <= CHECK_SPAN
+        {
+            j += 1;
+        }
+        let buf = read(store, seg, from, (scanned[j - 1].end - from) as usize)?;
+        for s in &mut scanned[i..j] {
+            let at = (u64::from(s.rec.offset) - from) as usize;
+            let rec = &buf[at..at + s.header.record_bytes as usize];
+            let ok = s.rec.entries.iter().all(|e| match e {
+                Entry::Data(d) if d.block_id != 0 && d.flags & FLAG_REF == 0 => {
+                    payload_matches(rec, &s.header, d)
+                }
+                _ => true,
+            });
+            s.payload_ok = Some(ok);
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 /// Whether entry `e`'s payload lies in the record's payload area and matches its CRC.
