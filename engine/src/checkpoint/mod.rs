@@ -7,7 +7,7 @@ mod paged;
 
 pub use image::fuzz_decode_checkpoint;
 pub(crate) use image::*;
-pub(crate) use paged::{read_image, ROOT_OVERFLOW_MAX};
+pub(crate) use paged::read_image;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -24,7 +24,7 @@ use crate::format::{
     put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray, PageKind,
     PagePtr, Put, RootChain, RootIndex, RootVolume, SegUsage, CHAIN_DATA, CHAIN_MOVES,
     DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_SLOTS, PAGE_BODY_BYTES, ROOT_COUNTS,
-    ROOT_KEYED,
+    ROOT_KEYED, ROOT_OVERFLOW_MAX,
 };
 use crate::log::ShardPosition;
 use crate::map::{leaf_slots, MapLeaf};
@@ -52,12 +52,6 @@ fn all(n: u64, per_page: usize) -> Vec<usize> {
 /// older one loses some hits after an open, never data). It is written sooner when its size
 /// moved by more than an eighth, and by a pool's last checkpoint before it closes.
 const INDEX_EVERY: u32 = 16;
-
-/// Counts of 254 and more a root carries at most (13 bytes each: 832 KiB, so that a root
-/// with them and its volumes fits the smallest segment, 2 MiB, as `MetaWriter::record`
-/// needs). Past it, the root goes without [`ROOT_COUNTS`] and the next open recounts the
-/// maps.
-pub(crate) const ROOT_OVERFLOW_MAX: usize = 64 << 10;
 
 /// Segment usage leaves at most that every checkpoint rewrites whole (32 KiB, 4032 segments).
 const USAGE_WHOLE: usize = 8;

@@ -88,7 +88,7 @@ pub(crate) fn paged_checkpoint_estimate_bytes(
         + dir_pages
         + array(blocks, INDEX_PER_PAGE)
         + array(segments, USAGE_PER_PAGE);
-    let overflow = overflowed.min(crate::checkpoint::ROOT_OVERFLOW_MAX as u64) * 13;
+    let overflow = overflowed.min(crate::format::ROOT_OVERFLOW_MAX as u64) * 13;
     let root =
         104 + volumes * (83 + 64 + DedupDomain::MAX_NAME as u64) + shards * 24 + overflow + 1024;
     // Summaries take 12 bytes a page, headers a page per segment (of at least 2 MiB).

@@ -47,7 +47,7 @@ pub use page::{
 pub use record::{DataEntry, RecordHeader, RecordKind, RecordSeal, TrimEntry};
 pub use root::{
     ArrayRoot, CheckpointRoot, Orphan, RootChain, RootIndex, RootVolume, MAX_ROOT_BYTES,
-    ROOT_COUNTS, ROOT_KEYED, ROOT_VERSION,
+    ROOT_COUNTS, ROOT_KEYED, ROOT_OVERFLOW_MAX, ROOT_VERSION,
 };
 pub use segment::{SegmentHeader, SegmentKind};
 pub use superblock::{Superblock, SuperblockFault};

@@ -22,6 +22,10 @@ pub const ROOT_KEYED: u16 = 1;
 /// overflow did not fit), the open recounts the maps: the count array holds only whether
 /// each id is live (version 1), or counts without their overflow.
 pub const ROOT_COUNTS: u16 = 2;
+/// Counts of 254 and more a root carries at most (13 bytes each: 832 KiB, so that a root
+/// with them and its volumes fits the smallest segment, 2 MiB). Past it, the root goes
+/// without [`ROOT_COUNTS`] and the next open recounts the maps.
+pub const ROOT_OVERFLOW_MAX: usize = 64 << 10;
 /// Largest root accepted (a root lists volumes, chains and bounded lists: 64 MiB is far
 /// beyond any real one and keeps a corrupt length from allocating without bound).
 pub const MAX_ROOT_BYTES: usize = 64 << 20;

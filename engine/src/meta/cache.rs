@@ -175,27 +175,31 @@ impl MetaCache {
         Ok(out)
     }
 
-    /// Read evicted map leaves about to be used (replay), adjacent pages together, and take
-    /// their entries back; a page that does not read or check is left for the use to report.
-    pub(crate) fn prefetch_leaves(&self, leaves: &[(Arc<crate::map::MapLeaf>, u64, PagePtr)]) {
+    /// The entries of evicted map leaves about to be used (replay), `(leaf index, page)`
+    /// each, adjacent pages read together: `None` for a page that does not read or check,
+    /// left for its use to report.
+    pub(crate) fn read_leaves_ahead(&self, want: &[(u64, PagePtr)]) -> Vec<Option<Box<MapPage>>> {
+        let mut out = vec![None; want.len()];
         let Some(src) = self.source.get() else {
-            return;
+            return out;
         };
-        let ptrs: Vec<PagePtr> = leaves.iter().map(|l| l.2).collect();
-        let Ok(pages) = self.read_runs(&ptrs) else {
-            return;
-        };
-        for (i, page) in pages {
-            let (leaf, idx, at) = &leaves[i];
-            if let Ok(ids) = open_leaf(&page, &src.key, *idx, *at) {
-                if leaf.take_prefetched(ids, *at) {
-                    self.misses.fetch_add(1, Ordering::Relaxed);
-                    self.resident.fetch_add(LEAF_BYTES, Ordering::Relaxed);
-                }
+        let ptrs: Vec<PagePtr> = want.iter().map(|w| w.1).collect();
+        if let Ok(pages) = self.read_runs(&ptrs) {
+            for (i, page) in pages {
+                let (idx, at) = want[i];
+                out[i] = open_leaf(&page, &src.key, idx, at).ok();
             }
         }
-        // What came in makes room as loads do, the hand going round what it brought.
-        self.trim_within(TRIM_STEP + 2 * leaves.len());
+        out
+    }
+
+    /// `taken` leaves read ahead came into RAM (of `read` read): counted as misses, then
+    /// room is made as loads make it, the hand going round what came in.
+    pub(crate) fn took_ahead(&self, taken: usize, read: usize) {
+        self.misses.fetch_add(taken as u64, Ordering::Relaxed);
+        self.resident
+            .fetch_add(taken as u64 * LEAF_BYTES, Ordering::Relaxed);
+        self.trim_within(TRIM_STEP + 2 * read);
     }
 
     /// Evicted leaves are read back through `store`, their pages checked under `key`.

@@ -199,8 +199,7 @@ impl Pool {
         };
         let mut by_id: HashMap<u32, Arc<VolumeState>> = HashMap::new();
         // A root that stored the counts (`format::ROOT_COUNTS`): taken as they are, the block
-        // table left on its pages. Else the open counts the map entries afresh (the counts
-        // dropped first: a byte per id less at the peak).
+        // table left on its pages. Else the open counts the map entries afresh.
         // Ids the image holds as in use with no reference (dedup references not logged at the
         // cut; root section 10): held, so that replay finds their blocks stored (`is_placed`).
         let held = std::mem::take(&mut image.held);
@@ -214,7 +213,12 @@ impl Pool {
                         what: "segment usage",
                     });
                 }
-                space.set_counted(image.blocks, image.refs, &c);
+                space.set_counted(
+                    image.blocks,
+                    image.refs,
+                    &c.usage,
+                    (c.live_blocks, c.stored_bytes),
+                );
                 false
             }
             None => {

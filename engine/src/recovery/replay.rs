@@ -82,7 +82,14 @@ fn prefetch(records: &[ReplayRecord], r: &mut Rebuild<'_>, max: usize) {
             }
         }
     }
-    meta.prefetch_leaves(&leaves);
+    let want: Vec<(u64, PagePtr)> = leaves.iter().map(|&(_, idx, at)| (idx, at)).collect();
+    let mut taken = 0;
+    for ((leaf, _, at), ids) in leaves.iter().zip(meta.read_leaves_ahead(&want)) {
+        if ids.is_some_and(|ids| leaf.take_prefetched(ids, *at)) {
+            taken += 1;
+        }
+    }
+    meta.took_ahead(taken, want.len());
     for (vol, lba) in set {
         let m = vol.maps[shard_of(lba, r.shards)].lock();
         if let Some((old, _)) = m.get_shared_resident(lba) {

@@ -191,11 +191,7 @@ impl BlockTable {
             what: "block table leaf",
         })?;
         let entries = pages.read_leaf(l, self.leaves[l].at, self.leaf_len(l))?;
-        self.leaves[l].entries = Some(Arc::new(entries));
-        self.resident += 1;
-        self.misses += 1;
-        pages.missed();
-        self.counted(LEAF_BYTES as i64);
+        self.took(l, entries, &*pages);
         let over = pages.over();
         if over > 0 {
             let (freed, changed) = self.evict(over, EVICT_STEP, Some(l));
@@ -206,8 +202,20 @@ impl BlockTable {
         Ok(())
     }
 
+    /// Leaf `l`'s entries, read back from its page: in RAM again, counted as a miss.
+    fn took(&mut self, l: usize, entries: Vec<BlockEntry>, pages: &dyn TablePages) {
+        let leaf = &mut self.leaves[l];
+        leaf.entries = Some(Arc::new(entries));
+        leaf.used = true;
+        self.resident += 1;
+        self.misses += 1;
+        pages.missed();
+        self.counted(LEAF_BYTES as i64);
+    }
+
     /// Read the evicted leaves of `ids` ahead of their use (replay), at most `max` of them,
-    /// adjacent pages together. Each counts as a miss; none evicts another.
+    /// adjacent pages together. Each counts as a miss; then leaves not used since the hand
+    /// last passed make room, as after a load.
     pub(crate) fn prefetch(&mut self, ids: &mut dyn Iterator<Item = u64>, max: usize) {
         let Some(pages) = self.own_pages().cloned() else {
             return;
@@ -225,14 +233,9 @@ impl BlockTable {
             .filter(|w| !w.1.is_absent())
             .collect();
         for ((l, _, _), got) in asks.iter().zip(pages.read_leaves(&asks)) {
-            let Some(entries) = got else { continue };
-            let leaf = &mut self.leaves[*l];
-            leaf.entries = Some(Arc::new(entries));
-            leaf.used = true;
-            self.resident += 1;
-            self.misses += 1;
-            pages.missed();
-            self.counted(LEAF_BYTES as i64);
+            if let Some(entries) = got {
+                self.took(*l, entries, &*pages);
+            }
         }
         // Room as loads make it: the hand passes what came in once (used), older leaves go.
         let over = pages.over();

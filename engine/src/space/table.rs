@@ -157,11 +157,13 @@ impl Space {
 
     /// Take the counts a checkpoint stored (`format::ROOT_COUNTS`) as they are, with a block
     /// table whose leaves are on pages: nothing is recounted.
+    /// `usage`: live bytes per segment.
     pub(crate) fn set_counted(
         &mut self,
         mut blocks: BlockTable,
         mut refs: RefCounts,
-        counts: &crate::checkpoint::Counts,
+        usage: &[u64],
+        (live_blocks, stored_bytes): (u64, u64),
     ) {
         if blocks.is_empty() {
             blocks.push(BlockEntry::default());
@@ -169,11 +171,11 @@ impl Space {
         refs.grow_to(blocks.len());
         self.refs = refs;
         self.blocks = blocks;
-        for (l, &b) in self.seg_live.iter_mut().zip(&counts.usage) {
+        for (l, &b) in self.seg_live.iter_mut().zip(usage) {
             *l = b;
         }
-        self.live_blocks = counts.live_blocks;
-        self.stored_bytes = counts.stored_bytes;
+        self.live_blocks = live_blocks;
+        self.stored_bytes = stored_bytes;
     }
 
     /// Allocate an id for a new block, the lowest free one: held, with no reference, until
