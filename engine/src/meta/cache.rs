@@ -581,7 +581,12 @@ mod tests {
             after.metadata_cache_misses >= LEAVES - 8,
             "reads found evicted leaves in RAM: {after:?}"
         );
-        assert!(after.metadata_cache_bytes <= BUDGET);
+        // Within a leaf of the budget: each leaf coming in moves the hand a bounded step,
+        // which may only clear the use bits of the leaves in RAM (the next one evicts).
+        assert!(
+            after.metadata_cache_bytes <= BUDGET + super::LEAF_BYTES,
+            "{after:?}"
+        );
         // Overwrites of evicted leaves, and a block next to each.
         for i in (0..LEAVES).step_by(2) {
             v.write(lba(i) * BLOCK_BYTES, &block(i, 2), false).unwrap();
