@@ -139,15 +139,21 @@ impl MetaCache {
         self.budget.load(Ordering::Relaxed)
     }
 
-    /// The pages at `ptrs` (in any order), a run of adjacent ones per read (up to 1 MiB):
-    /// `(index in ptrs, page)` in disk order.
-    fn read_runs(&self, ptrs: &[PagePtr]) -> Result<Vec<(usize, AlignedBuf)>> {
-        let src = self.source.get().ok_or(Error::Corrupt {
-            what: "metadata pages read from a pool without a store",
-        })?;
+    /// The pages at `ptrs` (in any order) parsed by `parse` (index in `ptrs`, page bytes,
+    /// key), a run of adjacent ones per read (up to 1 MiB), each parsed where it was read:
+    /// `None` for a page that does not read or parse (the reads stop at the first that
+    /// fails), left for its use to report.
+    fn read_ahead<T: Clone>(
+        &self,
+        ptrs: &[PagePtr],
+        parse: impl Fn(usize, &[u8], &LogKey) -> Result<T>,
+    ) -> Vec<Option<T>> {
+        let mut out = vec![None; ptrs.len()];
+        let Some(src) = self.source.get() else {
+            return out;
+        };
         let mut order: Vec<usize> = (0..ptrs.len()).collect();
         order.sort_unstable_by_key(|&i| (ptrs[i].segment, ptrs[i].offset));
-        let mut out = Vec::with_capacity(ptrs.len());
         let mut k = 0;
         while k < order.len() {
             let first = ptrs[order[k]];
@@ -164,33 +170,27 @@ impl MetaCache {
                 segment: first.segment,
                 offset: u64::from(first.offset),
             };
-            let buf = store::read_now(&*src.store, src.epoch, at, n * PAGE_BYTES)?;
-            for j in 0..n {
-                let mut page = AlignedBuf::new(PAGE_BYTES);
-                page.copy_from_slice(&buf[j * PAGE_BYTES..(j + 1) * PAGE_BYTES]);
-                out.push((order[k + j], page));
+            let Ok(buf) = store::read_now(&*src.store, src.epoch, at, n * PAGE_BYTES) else {
+                break;
+            };
+            for (j, page) in buf.chunks_exact(PAGE_BYTES).enumerate() {
+                let i = order[k + j];
+                out[i] = parse(i, page, &src.key).ok();
             }
             k += n;
         }
-        Ok(out)
+        out
     }
 
     /// The entries of evicted map leaves about to be used (replay), `(leaf index, page)`
     /// each, adjacent pages read together: `None` for a page that does not read or check,
     /// left for its use to report.
     pub(crate) fn read_leaves_ahead(&self, want: &[(u64, PagePtr)]) -> Vec<Option<Box<MapPage>>> {
-        let mut out = vec![None; want.len()];
-        let Some(src) = self.source.get() else {
-            return out;
-        };
         let ptrs: Vec<PagePtr> = want.iter().map(|w| w.1).collect();
-        if let Ok(pages) = self.read_runs(&ptrs) {
-            for (i, page) in pages {
-                let (idx, at) = want[i];
-                out[i] = open_leaf(&page, &src.key, idx, at).ok();
-            }
-        }
-        out
+        self.read_ahead(&ptrs, |i, page, key| {
+            let (idx, at) = want[i];
+            open_leaf(page, key, idx, at)
+        })
     }
 
     /// `taken` leaves read ahead came into RAM (of `read` read): counted as misses, then
@@ -428,18 +428,11 @@ impl TablePages for MetaCache {
     }
 
     fn read_leaves(&self, want: &[(usize, PagePtr, usize)]) -> Vec<Option<Vec<BlockEntry>>> {
-        let mut out = vec![None; want.len()];
-        let Some(src) = self.source.get() else {
-            return out;
-        };
         let ptrs: Vec<PagePtr> = want.iter().map(|w| w.1).collect();
-        if let Ok(pages) = self.read_runs(&ptrs) {
-            for (i, page) in pages {
-                let (leaf, at, entries) = want[i];
-                out[i] = table_leaf(&page, &src.key, leaf, at, entries).ok();
-            }
-        }
-        out
+        self.read_ahead(&ptrs, |i, page, key| {
+            let (leaf, at, entries) = want[i];
+            table_leaf(page, key, leaf, at, entries)
+        })
     }
 
     fn resident(&self, bytes: i64) {
