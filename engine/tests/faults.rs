@@ -412,33 +412,43 @@ fn corrupt_flushed_record_in_the_middle_of_the_log() {
 /// large one, whose payloads were torn, is dropped; the flushed one before it stays.
 #[test]
 fn torn_large_record_after_a_large_one_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    // Records of 64 blocks (260 KiB, past the walk's large-record size): the second is
-    // walked by its header alone.
-    let a = blocks(41, 64);
-    let b = blocks(42, 64);
-    {
-        let pool = create(dir.path(), 64 << 20, None);
-        pool.create_volume("v", 16 << 20).unwrap();
+    // Records held from the first walk of the log, and walked again to apply them.
+    for hold in [PoolOptions::default().replay_hold_entries, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        // Records of 64 blocks (260 KiB, past the walk's large-record size): the second is
+        // walked by its header alone.
+        let a = blocks(41, 64);
+        let b = blocks(42, 64);
+        {
+            let pool = create(dir.path(), 64 << 20, None);
+            pool.create_volume("v", 16 << 20).unwrap();
+            let v = pool.volume("v").unwrap();
+            v.write(0, &a, false).unwrap();
+            v.flush().unwrap();
+            v.write(100 * 4096, &b, false).unwrap();
+            pool.halt();
+        }
+        for i in 32..64 {
+            let at = the_block(dir.path(), &b[i * BLOCK..(i + 1) * BLOCK]);
+            patch(dir.path(), at, |blk| blk.fill(0));
+        }
+        let pool = Pool::open(
+            dir.path(),
+            &PoolOptions {
+                replay_hold_entries: hold,
+                ..opts(None)
+            },
+        )
+        .expect("reopen after a torn record");
         let v = pool.volume("v").unwrap();
-        v.write(0, &a, false).unwrap();
-        v.flush().unwrap();
-        v.write(100 * 4096, &b, false).unwrap();
-        pool.halt();
+        same!(v.read(0, 64 * 4096).unwrap(), a, "flushed data intact");
+        same!(
+            v.read(100 * 4096, 64 * 4096).unwrap(),
+            vec![0u8; 64 * BLOCK],
+            "the torn write is absent"
+        );
+        assert_clean(&pool);
     }
-    for i in 32..64 {
-        let at = the_block(dir.path(), &b[i * BLOCK..(i + 1) * BLOCK]);
-        patch(dir.path(), at, |blk| blk.fill(0));
-    }
-    let pool = Pool::open(dir.path(), &opts(None)).expect("reopen after a torn record");
-    let v = pool.volume("v").unwrap();
-    same!(v.read(0, 64 * 4096).unwrap(), a, "flushed data intact");
-    same!(
-        v.read(100 * 4096, 64 * 4096).unwrap(),
-        vec![0u8; 64 * BLOCK],
-        "the torn write is absent"
-    );
-    assert_clean(&pool);
 }
 
 /// A large flushed record walked by its header whose payload rotted is kept (a later record
@@ -446,50 +456,60 @@ fn torn_large_record_after_a_large_one_is_dropped() {
 /// and the records after it, large or small, flushed or only acknowledged, are replayed.
 #[test]
 fn corrupt_large_flushed_record_walked_by_its_header_is_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a0, a, b, c) = (
-        blocks(51, 64),
-        blocks(52, 64),
-        blocks(53, 64),
-        blocks(54, 4),
-    );
-    {
-        let pool = create(dir.path(), 64 << 20, None);
-        pool.create_volume("v", 16 << 20).unwrap();
-        let v = pool.volume("v").unwrap();
-        for (lba, data) in [(0u64, &a0), (100, &a), (200, &b)] {
-            v.write(lba * 4096, data, false).unwrap();
-            v.flush().unwrap();
+    // Records held from the first walk of the log, and walked again to apply them.
+    for hold in [PoolOptions::default().replay_hold_entries, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let (a0, a, b, c) = (
+            blocks(51, 64),
+            blocks(52, 64),
+            blocks(53, 64),
+            blocks(54, 4),
+        );
+        {
+            let pool = create(dir.path(), 64 << 20, None);
+            pool.create_volume("v", 16 << 20).unwrap();
+            let v = pool.volume("v").unwrap();
+            for (lba, data) in [(0u64, &a0), (100, &a), (200, &b)] {
+                v.write(lba * 4096, data, false).unwrap();
+                v.flush().unwrap();
+            }
+            // Acknowledged, not flushed: the process dies, the OS keeps it.
+            v.write(300 * 4096, &c, false).unwrap();
+            pool.halt();
         }
-        // Acknowledged, not flushed: the process dies, the OS keeps it.
-        v.write(300 * 4096, &c, false).unwrap();
-        pool.halt();
+        let at = the_block(dir.path(), &a[BLOCK..2 * BLOCK]);
+        patch(dir.path(), at, |blk| blk[7] ^= 0x80);
+        let pool = Pool::open(
+            dir.path(),
+            &PoolOptions {
+                replay_hold_entries: hold,
+                ..opts(None)
+            },
+        )
+        .expect("reopen");
+        let v = pool.volume("v").unwrap();
+        match v.read(101 * 4096, 4096) {
+            Err(Error::ChecksumMismatch { .. }) => {}
+            other => panic!("read of the corrupted block: {other:?}"),
+        }
+        same!(v.read(0, 64 * 4096).unwrap(), a0);
+        same!(v.read(100 * 4096, 4096).unwrap(), a[..BLOCK]);
+        same!(v.read(102 * 4096, 62 * 4096).unwrap(), a[2 * BLOCK..]);
+        same!(
+            v.read(200 * 4096, 64 * 4096).unwrap(),
+            b,
+            "later flushed record"
+        );
+        same!(
+            v.read(300 * 4096, 4 * 4096).unwrap(),
+            c,
+            "later acknowledged record"
+        );
+        let report = pool.check(&mut |_, _| {});
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].kind, "checksum");
+        assert!(report.problems[0].detail.contains("volume v block 101 "));
     }
-    let at = the_block(dir.path(), &a[BLOCK..2 * BLOCK]);
-    patch(dir.path(), at, |blk| blk[7] ^= 0x80);
-    let pool = Pool::open(dir.path(), &opts(None)).expect("reopen");
-    let v = pool.volume("v").unwrap();
-    match v.read(101 * 4096, 4096) {
-        Err(Error::ChecksumMismatch { .. }) => {}
-        other => panic!("read of the corrupted block: {other:?}"),
-    }
-    same!(v.read(0, 64 * 4096).unwrap(), a0);
-    same!(v.read(100 * 4096, 4096).unwrap(), a[..BLOCK]);
-    same!(v.read(102 * 4096, 62 * 4096).unwrap(), a[2 * BLOCK..]);
-    same!(
-        v.read(200 * 4096, 64 * 4096).unwrap(),
-        b,
-        "later flushed record"
-    );
-    same!(
-        v.read(300 * 4096, 4 * 4096).unwrap(),
-        c,
-        "later acknowledged record"
-    );
-    let report = pool.check(&mut |_, _| {});
-    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
-    assert_eq!(report.problems[0].kind, "checksum");
-    assert!(report.problems[0].detail.contains("volume v block 101 "));
 }
 
 /// A flushed record whose header rotted cannot be replayed (its entries are unknown). The

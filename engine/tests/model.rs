@@ -314,6 +314,13 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         cache_bytes: Some(256 << 10),
         checkpoint_interval_bytes: 64 << 20,
         fault: plan.clone(),
+        // The io_uring and fault runs walk the log twice at each replay (holding almost none
+        // of its records), the sync runs once.
+        replay_hold_entries: if matches!(engine, Engine::Sync) {
+            PoolOptions::default().replay_hold_entries
+        } else {
+            8
+        },
         // Small enough that long cases sample the index.
         dedup_index_bytes: Some(16 << 10),
         write_back_bytes: write_back_bytes(engine),

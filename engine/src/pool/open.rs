@@ -135,6 +135,7 @@ impl Pool {
         let mut space = Space::new(geo.total_segments);
         space.set_devices(&geo.devs.iter().map(|&(first, _)| first).collect::<Vec<_>>());
         // Load the newest checkpoint (or the one before, when a commit stopped half way).
+        let opening = std::time::Instant::now();
         let (mut image, ckpt_segs) = load_checkpoint(&*store, &geo, &mut sbs, &older, &mut newest)?;
         // A version 1 pool's log is sealed by CRC only: it is replayed with those rules once,
         // then the recovery checkpoint below writes version 2 superblocks with a new key, and
@@ -314,10 +315,12 @@ impl Pool {
         // counts: the recovery checkpoint writes every count page then.)
         space.blocks.take_changed();
         space.refs.take_changed();
+        let loaded_in = opening.elapsed();
         let Replayed {
             seq_end,
             chain_segs,
             ends,
+            stats: replay_stats,
         } = replay(
             &*store,
             &geo,
@@ -334,6 +337,10 @@ impl Pool {
                 shards: nshards,
                 old_shards,
                 meta: Some(&meta),
+                #[cfg(any(test, feature = "testing"))]
+                hold_entries: o.replay_hold_entries,
+                #[cfg(not(any(test, feature = "testing")))]
+                hold_entries: crate::recovery::HOLD_ENTRIES,
             },
         )?;
         // Leaves replay did not change are as the checkpoint read holds them (their dead ids'
@@ -676,7 +683,19 @@ impl Pool {
             let mut image = inner.ckpt.snapshot(seq_end, positions.clone());
             inner.ckpt.add_index(&mut image);
             let mut ck = inner.ckpt.state.lock();
+            let committing = std::time::Instant::now();
             inner.ckpt.commit(&mut ck, &image)?;
+            tracing::info!(
+                target: "ingot_engine::recovery",
+                load_ms = loaded_in.as_millis() as u64,
+                scan_ms = replay_stats.scan.as_millis() as u64,
+                apply_ms = replay_stats.apply.as_millis() as u64,
+                records = replay_stats.records,
+                entries = replay_stats.entries,
+                checkpoint_ms = committing.elapsed().as_millis() as u64,
+                total_ms = opening.elapsed().as_millis() as u64,
+                "pool opened"
+            );
             inner.ctx.release_all_ids(&mut inner.ctx.space.lock());
             // An upgraded pool's leaves are held by that checkpoint now: past the budget,
             // they may go.

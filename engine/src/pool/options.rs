@@ -58,6 +58,10 @@ pub struct PoolOptions {
     /// Tests (the `testing` feature): inject faults through these rules.
     #[cfg(any(test, feature = "testing"))]
     pub fault: Option<std::sync::Arc<FaultPlan>>,
+    /// Tests (the `testing` feature): data entries replay holds from its first walk of the
+    /// log before it walks the chains again to apply them (small, to test the second walk).
+    #[cfg(any(test, feature = "testing"))]
+    pub replay_hold_entries: usize,
     /// Write format 3 checkpoints (metadata pages, only what changed; issue 22), the default:
     /// a new pool is created in it, and a writable open upgrades a format 1 or 2 pool when it
     /// has room (no binary older than this one opens it then). `false` creates format 2 pools
@@ -95,6 +99,8 @@ impl Default for PoolOptions {
             checkpoint_interval_bytes: 1 << 30,
             #[cfg(any(test, feature = "testing"))]
             fault: None,
+            #[cfg(any(test, feature = "testing"))]
+            replay_hold_entries: crate::recovery::HOLD_ENTRIES,
             paged_metadata: true,
             dedup_index_bytes: None,
             metadata_cache_bytes: None,

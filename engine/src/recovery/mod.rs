@@ -6,6 +6,6 @@ mod scan;
 mod superblock;
 
 pub(crate) use checkpoint::load_checkpoint;
-pub(crate) use replay::{replay, Rebuild, Replayed};
+pub(crate) use replay::{replay, Rebuild, Replayed, HOLD_ENTRIES};
 pub(crate) use scan::*;
 pub(crate) use superblock::read_superblocks;

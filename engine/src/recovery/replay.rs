@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{PagePtr, Superblock, FLAG_REF, MAP_PAGE_ENTRIES, NO_SEGMENT};
 use crate::log::ShardPosition;
 use crate::map::{shard_of, trim_owned, MapLeaf, VolumeState};
 use crate::meta::cache::MetaCache;
 use crate::recovery::scan::ReplayRecord;
-use crate::recovery::{scan_chain, Entry};
+use crate::recovery::{survey_chain, ChainRecords, Entry, Survey};
 use crate::reduce::DedupIndex;
 use crate::space::{Geometry, Space};
 use crate::store::SegmentStore;
@@ -31,6 +31,8 @@ pub(crate) struct Rebuild<'a> {
     pub old_shards: usize,
     /// The metadata cache, whose evicted leaves replay reads ahead (`None`: read as used).
     pub meta: Option<&'a MetaCache>,
+    /// Data entries the first walk holds ([`HOLD_ENTRIES`] but in tests).
+    pub hold_entries: usize,
 }
 
 /// Records' data entries replay reads the leaves of ahead at most, per leaf it may read:
@@ -109,10 +111,52 @@ pub(crate) struct Replayed {
     pub chain_segs: Vec<u32>,
     /// Where each chain ended.
     pub ends: Vec<ShardPosition>,
+    /// What it took (logged by the open).
+    pub stats: ReplayStats,
 }
 
-/// Scan the chains that start at `chains` (the checkpoint's, under its `epoch` and `seq`) and
+/// Time and counts of a replay.
+#[derive(Default)]
+pub(crate) struct ReplayStats {
+    /// Walking the chains and checking payloads.
+    pub scan: std::time::Duration,
+    /// Applying the records (with the leaves read ahead for them).
+    pub apply: std::time::Duration,
+    pub records: u64,
+    pub entries: u64,
+}
+
+/// Data entries replay holds from its first walk of the chains, at most (about 16 MiB): past
+/// it, the chains are walked again as their records are applied, so that an open's memory does
+/// not follow the length of the log it replays.
+pub(crate) const HOLD_ENTRIES: usize = 256 << 10;
+
+/// Records a chain's second walk reads ahead of those being applied.
+const WALK_AHEAD: usize = 16;
+
+/// A chain's records in order, from RAM or from the thread that walks it again.
+enum Feed<'a> {
+    Here(Box<ChainRecords<'a>>),
+    Walker(crossbeam_channel::Receiver<Result<Option<ReplayRecord>>>),
+}
+
+impl Feed<'_> {
+    fn next_record(&mut self) -> Result<Option<ReplayRecord>> {
+        match self {
+            Feed::Here(c) => c.next_record(),
+            // A walker that stopped without a last word panicked: the scope says so.
+            Feed::Walker(rx) => rx.recv().unwrap_or(Ok(None)),
+        }
+    }
+}
+
+/// Walk the chains that start at `chains` (the checkpoint's, under its `epoch` and `seq`) and
 /// apply their records to `r`, in sequence order.
+///
+/// A first walk of every chain, side by side (each is bound by its reads and checksums),
+/// decides where each ends and which torn records it drops, and holds the records while they
+/// are few; a longer log is walked again by a thread per chain while its records are applied,
+/// a window at a time (its leaves read ahead first).
 pub(crate) fn replay(
     store: &dyn SegmentStore,
     geo: &Geometry,
@@ -122,27 +166,36 @@ pub(crate) fn replay(
     sb: &Superblock,
     mut r: Rebuild<'_>,
 ) -> Result<Replayed> {
-    let mut records = Vec::new();
+    let scanning = std::time::Instant::now();
+    let (uuid, key) = (&sb.pool_uuid, sb.log_key.as_ref());
+    let hold = r.hold_entries / chains.len().max(1);
+    let mut surveys = std::thread::scope(|s| {
+        let walks: Vec<_> = chains
+            .iter()
+            .enumerate()
+            .map(|(i, pos)| {
+                s.spawn(move || survey_chain(store, geo, uuid, key, epoch, i as u16, *pos, hold))
+            })
+            .collect();
+        walks
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Result<Vec<Survey>>>()
+    })?;
     let mut chain_segs = Vec::new();
     let mut ends = Vec::new();
-    for (i, pos) in chains.iter().enumerate() {
-        let scan = scan_chain(
-            store,
-            geo,
-            &sb.pool_uuid,
-            sb.log_key.as_ref(),
-            epoch,
-            i as u16,
-            *pos,
-        )?;
-        records.extend(scan.records);
-        chain_segs.extend(scan.segments);
-        ends.push(scan.end);
+    for (survey, pos) in surveys.iter().zip(chains) {
+        chain_segs.extend_from_slice(&survey.segments);
+        ends.push(survey.end);
         if pos.next != NO_SEGMENT {
             chain_segs.push(pos.next);
         }
     }
-    records.sort_by_key(|r| r.seq);
+    let mut stats = ReplayStats {
+        scan: scanning.elapsed(),
+        ..Default::default()
+    };
+    let applying = std::time::Instant::now();
     let mut seq_end = seq.max(1);
     // Leaves a window reads ahead: half the metadata cache's (none without a budget: format
     // 2, whose leaves are never evicted).
@@ -152,30 +205,86 @@ pub(crate) fn replay(
         .map_or(0, |m| {
             (m.budget_bytes() / 2 / crate::meta::cache::LEAF_BYTES).min(1 << 16) as usize
         });
-    let mut start = 0;
-    while start < records.len() {
-        let mut end = start;
-        let mut entries = 0;
-        while end < records.len()
-            && (end == start || entries < max_leaves.max(1) * WINDOW_ENTRIES_PER_LEAF)
-        {
-            entries += records[end].entries.len();
-            end += 1;
-        }
-        if max_leaves > 0 {
-            prefetch(&records[start..end], &mut r, max_leaves);
-        }
-        apply(&records[start..end], &mut r, &mut seq_end)?;
-        start = end;
+    let window_entries = if max_leaves > 0 {
+        max_leaves * WINDOW_ENTRIES_PER_LEAF
+    } else {
+        HOLD_ENTRIES
+    };
+    let mut sources = Vec::with_capacity(surveys.len());
+    for (i, survey) in surveys.iter_mut().enumerate() {
+        sources.push(ChainRecords::new(
+            store, geo, uuid, key, epoch, i as u16, survey,
+        )?);
     }
+    std::thread::scope(|s| -> Result<()> {
+        let mut feeds: Vec<Feed<'_>> = sources
+            .into_iter()
+            .map(|mut c| {
+                if !c.walks() {
+                    return Feed::Here(Box::new(c));
+                }
+                let (tx, rx) = crossbeam_channel::bounded(WALK_AHEAD);
+                s.spawn(move || loop {
+                    let next = c.next_record();
+                    let last = !matches!(next, Ok(Some(_)));
+                    // A closed channel: replay stopped on an error of its own.
+                    if tx.send(next).is_err() || last {
+                        break;
+                    }
+                });
+                Feed::Walker(rx)
+            })
+            .collect();
+        let mut heads = Vec::with_capacity(feeds.len());
+        for f in &mut feeds {
+            heads.push(f.next_record()?);
+        }
+        let mut window: Vec<ReplayRecord> = Vec::new();
+        let mut entries = 0;
+        loop {
+            // The lowest sequence number next: each chain's are in order.
+            let pick = heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.as_ref().map(|rec| (rec.seq, i)))
+                .min();
+            if let Some((seq_now, i)) = pick {
+                let next = feeds[i].next_record()?;
+                if next.as_ref().is_some_and(|n| n.seq <= seq_now) {
+                    return Err(Error::Corrupt {
+                        what: "a log chain's records are out of sequence order",
+                    });
+                }
+                let rec = std::mem::replace(&mut heads[i], next).expect("picked");
+                entries += rec.entries.len();
+                window.push(rec);
+                if entries < window_entries {
+                    continue;
+                }
+            }
+            if window.is_empty() {
+                return Ok(());
+            }
+            if max_leaves > 0 {
+                prefetch(&window, &mut r, max_leaves);
+            }
+            apply(&window, &mut r, &mut seq_end)?;
+            stats.records += window.len() as u64;
+            stats.entries += entries as u64;
+            window.clear();
+            entries = 0;
+        }
+    })?;
     // A block-table leaf that did not read back while a record was applied.
     if let Some(e) = r.space.take_failure() {
         return Err(e);
     }
+    stats.apply = applying.elapsed();
     Ok(Replayed {
         seq_end,
         chain_segs,
         ends,
+        stats,
     })
 }
 
