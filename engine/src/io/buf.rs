@@ -9,6 +9,8 @@ use crate::format::IO_ALIGN;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Bytes allocated (`len` until [`AlignedBuf::truncate`]).
+    cap: usize,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -24,7 +26,7 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
     }
 
     /// Allocate without zeroing, for buffers the caller fills completely (record buffers: the
@@ -41,11 +43,22 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size; the caller initialises the contents.
         let raw = unsafe { alloc(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf { ptr, len, cap: len }
     }
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Keep the first `len` bytes (a multiple of 4 KiB, at most the length): a buffer sized
+    /// for the most it may hold is written as far as it was filled, without a copy.
+    pub fn truncate(&mut self, len: usize) {
+        assert!(
+            len <= self.len && len % IO_ALIGN == 0,
+            "truncating {} bytes to {len}",
+            self.len
+        );
+        self.len = len;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,7 +97,7 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, IO_ALIGN).expect("valid layout");
+        let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("valid layout");
         // SAFETY: allocated in `new` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }

@@ -81,8 +81,11 @@ pub(crate) struct MetaTarget<'a> {
 
 struct Open {
     segment: u32,
-    /// Header, summary, then the pages added so far.
-    buf: Vec<u8>,
+    /// Header, summary, then the pages added so far: a segment's worth, allocated once (a
+    /// growing `Vec` and a copy into an aligned buffer held up to three times as much).
+    buf: AlignedBuf,
+    /// Bytes of `buf` used.
+    used: usize,
     pages: usize,
 }
 
@@ -152,8 +155,9 @@ impl<'a> MetaWriter<'a> {
             entries,
             at,
         };
-        debug_assert_eq!(o.buf.len(), offset);
-        o.buf.extend_from_slice(&h.seal(body, seal_key)[..]);
+        debug_assert_eq!(o.used, offset);
+        o.buf[offset..offset + PAGE_BYTES].copy_from_slice(&h.seal(body, seal_key)[..]);
+        o.used += PAGE_BYTES;
         let s = IO_ALIGN + slot / SUMMARY_PER_PAGE * PAGE_BYTES + slot % SUMMARY_PER_PAGE * 12;
         Put::new(&mut o.buf[s..s + 12])
             .bytes(&[array as u32 as u8, level])
@@ -181,9 +185,10 @@ impl<'a> MetaWriter<'a> {
             self.put()?;
         }
         let o = self.open_segment()?;
-        let offset = o.buf.len();
-        o.buf.extend_from_slice(bytes);
-        o.buf.resize(offset + pages * PAGE_BYTES, 0);
+        // The rest of its pages are zero (a fresh buffer).
+        let offset = o.used;
+        o.buf[offset..offset + bytes.len()].copy_from_slice(bytes);
+        o.used += pages * PAGE_BYTES;
         for slot in o.pages..o.pages + pages {
             let s = IO_ALIGN + slot / SUMMARY_PER_PAGE * PAGE_BYTES + slot % SUMMARY_PER_PAGE * 12;
             o.buf[s] = 255;
@@ -198,7 +203,8 @@ impl<'a> MetaWriter<'a> {
             let segment = (self.t.alloc)()?;
             self.open = Some(Open {
                 segment,
-                buf: vec![0u8; IO_ALIGN + self.summary_pages * PAGE_BYTES],
+                buf: AlignedBuf::new(self.t.segment_bytes as usize),
+                used: IO_ALIGN + self.summary_pages * PAGE_BYTES,
                 pages: 0,
             });
         }
@@ -220,9 +226,9 @@ impl<'a> MetaWriter<'a> {
             nonce: (self.t.nonce)(o.segment),
         };
         h.encode(&mut o.buf[..IO_ALIGN], self.t.key);
-        let used = o.buf.len();
-        let mut data = AlignedBuf::new(used);
-        data.copy_from_slice(&o.buf);
+        let used = o.used;
+        let mut data = o.buf;
+        data.truncate(used);
         let (store, epoch, seg) = (self.t.store, self.t.epoch, o.segment);
         store::wait(|done| store.put(epoch, seg, data, done))?;
         self.written.segments.push(o.segment);
