@@ -105,8 +105,9 @@ struct SegReader<'a> {
     seg_bytes: u64,
     start: u64,
     buf: AlignedBuf,
-    /// Read only what is asked for (after a large record).
-    exact: bool,
+    /// After a large record: read only what is asked for, at least this many bytes (the last
+    /// record's header area: the next one's is likely as large, and is then one read).
+    exact: Option<usize>,
 }
 
 impl SegReader<'_> {
@@ -119,8 +120,8 @@ impl SegReader<'_> {
         let end = (off + len as u64).min(self.seg_bytes);
         if off < self.start || end > self.start + self.buf.len() as u64 {
             let want = (end - off) as usize;
-            let n = if self.exact {
-                want.next_multiple_of(IO_ALIGN)
+            let n = if let Some(least) = self.exact {
+                want.max(least).next_multiple_of(IO_ALIGN)
             } else {
                 want.max(WINDOW)
             }
@@ -322,7 +323,7 @@ impl<'a> ChainWalk<'a> {
                     // Holds nothing yet.
                     start: u64::MAX,
                     buf: AlignedBuf::new(0),
-                    exact: false,
+                    exact: None,
                 };
                 if self.want.key.is_some() && self.nonce.is_none() {
                     // The segment's header does not verify: nothing in it can. A header that
@@ -359,7 +360,7 @@ impl<'a> ChainWalk<'a> {
                     // Past a large record, its successor's header is read on its own.
                     let bytes = w.header.record_bytes;
                     if let Some(r) = self.reader.as_mut() {
-                        r.exact = bytes >= LARGE_RECORD;
+                        r.exact = (bytes >= LARGE_RECORD).then_some(w.header.header_bytes as usize);
                     }
                     self.expect += 1;
                     self.off += u64::from(bytes);
