@@ -168,6 +168,12 @@ pub fn render(s: &Stats) -> String {
         s.metadata_cache_table_misses,
     );
     gauge(
+        "metadata_open_pages",
+        "Pages of metadata the pool's open read from its checkpoint.",
+        "gauge",
+        s.metadata_open_pages,
+    );
+    gauge(
         "metadata_cache_evictions_total",
         "Map and block-table leaves whose entries were evicted.",
         "counter",

@@ -288,6 +288,10 @@ pub struct Stats {
     /// Of `metadata_cache_misses`: block-table leaves read back (the rest are map leaves).
     #[serde(default)]
     pub metadata_cache_table_misses: u64,
+    /// Pages of metadata the open read from its checkpoint (root, directories, interior
+    /// pages, counts): what an open costs, which does not follow the pool's size.
+    #[serde(default)]
+    pub metadata_open_pages: u64,
     /// (`metadata_ram_bytes` + `dedup_index_bytes`) / `unique_blocks`: the RAM each stored
     /// block costs beyond the caches (0 for an empty pool).
     #[serde(default)]

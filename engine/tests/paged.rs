@@ -426,10 +426,20 @@ fn a_volume_of_many_leaves_reopens_whole() {
 fn an_open_takes_the_stored_counts_and_reads_no_leaf() {
     let dir = tempfile::tempdir().unwrap();
     let pool = create(dir.path(), 256 << 20);
-    pool.create_volume("v", 64 << 20).unwrap();
+    pool.create_volume("v", 1 << 30).unwrap();
     let v = pool.volume("v").unwrap();
     let data = blocks(3, 8192);
     v.write(0, &data, false).unwrap();
+    // A block in each of 400 more map leaves (2 MiB apart), which the open must not read.
+    let sparse = blocks(6, 400);
+    for i in 0..400 {
+        v.write(
+            ((40 + i) << 21) as u64,
+            &sparse[i * BLOCK..(i + 1) * BLOCK],
+            false,
+        )
+        .unwrap();
+    }
     // One block 300 times (deduplicated): a count past a byte.
     let same: Vec<u8> = data[..BLOCK].repeat(300);
     v.write((8192 * BLOCK) as u64, &same, false).unwrap();
@@ -457,6 +467,13 @@ fn an_open_takes_the_stored_counts_and_reads_no_leaf() {
         (s.metadata_cache_table_misses, s.metadata_cache_misses),
         (0, 0),
         "the open read leaves back"
+    );
+    // The root, the directories (3 pages a volume), the block table's interior page and last
+    // leaf, the count and usage pages and the dedup index: not the 417 map leaves.
+    assert!(
+        s.metadata_open_pages < 64,
+        "the open read {} pages",
+        s.metadata_open_pages
     );
     assert!(
         s.metadata_cache_bytes <= 8 << 10,

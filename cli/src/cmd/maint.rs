@@ -65,14 +65,15 @@ fn print_stats(s: &Stats) {
         human(s.process_rss_bytes)
     );
     outln!(
-        "metadata cache  {} of {} ({} leaves; {} hits, {} misses ({} of the block table), {} evicted)",
+        "metadata cache  {} of {} ({} leaves; {} hits, {} misses ({} of the block table), {} evicted; {} pages read to open)",
         human(s.metadata_cache_bytes),
         human(s.metadata_cache_budget_bytes),
         s.metadata_cache_leaves,
         s.metadata_cache_hits,
         s.metadata_cache_misses,
         s.metadata_cache_table_misses,
-        s.metadata_cache_evictions
+        s.metadata_cache_evictions,
+        s.metadata_open_pages
     );
     outln!(
         "written         {} by clients, {} to devices",

@@ -21,10 +21,10 @@ use super::{Image, VolumeImage};
 use crate::api::DedupDomain;
 use crate::error::{Error, Result};
 use crate::format::{
-    put_u48, ArrayRoot, BlockLoc, CheckpointRoot, Get, IndexSlot, LogKey, PageArray, PageKind,
-    PagePtr, Put, RootChain, RootIndex, RootVolume, SegUsage, CHAIN_DATA, CHAIN_MOVES,
+    put_u48, ArrayRoot, BlockLoc, CheckpointRoot, DirEntry, Get, IndexSlot, LogKey, PageArray,
+    PageKind, PagePtr, Put, RootChain, RootIndex, RootVolume, SegUsage, CHAIN_DATA, CHAIN_MOVES,
     DOMAIN_NAMED, DOMAIN_PRIVATE, DOMAIN_SHARED, MAP_PAGE_SLOTS, PAGE_BODY_BYTES, ROOT_COUNTS,
-    ROOT_KEYED, ROOT_OVERFLOW_MAX,
+    ROOT_DIR_COUNTS, ROOT_KEYED, ROOT_OVERFLOW_MAX,
 };
 use crate::log::ShardPosition;
 use crate::map::{leaf_slots, MapLeaf};
@@ -85,6 +85,9 @@ pub(crate) struct PagedState {
     /// Whether the count pages hold counts (a build before `ROOT_COUNTS` wrote liveness
     /// only: the next checkpoint rewrites them all).
     counts: bool,
+    /// Whether the directories carry their leaves' counts (`ROOT_DIR_COUNTS`; else the next
+    /// checkpoint rewrites every directory page).
+    dir_counts: bool,
     /// Segment usage pages, and the live bytes they hold.
     usage: ArrayPages,
     usage_bytes: Vec<u32>,
@@ -99,6 +102,8 @@ pub(crate) struct PagedState {
     index_age: u32,
     /// The root's segment and the page slots it takes.
     pub(crate) root: Option<(u32, u32)>,
+    /// Pages an open read to learn this state (0 when written).
+    pub(crate) pages_read: u64,
 }
 
 impl PagedState {
@@ -207,6 +212,9 @@ pub(crate) fn write_image(
             std::mem::take(&mut p.pinned),
         )
     });
+    // Directories written without their leaves' counts are rewritten (a whole write has none
+    // to keep).
+    let dir_counts = prev.as_ref().is_none_or(|p| p.dir_counts);
     let (mut table, mut refs, mut dirs, mut named, old_index, index_age, old_root) = match prev {
         Some(p) => (
             p.table,
@@ -403,12 +411,14 @@ pub(crate) fn write_image(
             None => (ArrayPages::new(PageArray::MapDirectory), Vec::new()),
         };
         let mut dir = vec![PagePtr::ABSENT; slots as usize];
+        let mut counts = vec![0u16; slots as usize];
         let mut mapped = 0u64;
         for (idx, leaf) in &v.pages {
             let Some(slot) = dir.get_mut(*idx as usize) else {
                 continue;
             };
             mapped += leaf.count();
+            counts[*idx as usize] = leaf.count() as u16;
             let kept = leaf
                 .written_at()
                 .filter(|p| !victims.contains(&p.segment) && named.contains_key(p));
@@ -455,13 +465,21 @@ pub(crate) fn write_image(
             changed_dir.extend(old.len() / per..dir.len().div_ceil(per));
         }
         changed_dir.extend(pages.leaves_in(victims));
+        if !dir_counts {
+            // Written without the leaves' counts: all of it again, with them.
+            changed_dir.extend(0..dir.len().div_ceil(per));
+        }
         let changed_dir: Vec<usize> = changed_dir.into_iter().collect();
         superseded.extend(
             pages.write_with(slots, per, &changed_dir, w, &mut |leaf, body| {
                 let mut p = Put::new(body);
                 let (from, to) = (leaf * per, ((leaf + 1) * per).min(dir.len()));
-                for ptr in &dir[from..to] {
-                    ptr.put(&mut p);
+                for (at, &count) in dir[from..to].iter().zip(&counts[from..to]) {
+                    DirEntry {
+                        at: *at,
+                        count: Some(count),
+                    }
+                    .put(&mut p);
                 }
                 (to - from) as u32
             })?,
@@ -575,7 +593,8 @@ pub(crate) fn write_image(
             ROOT_KEYED
         } else {
             0
-        } | if counts.is_some() { ROOT_COUNTS } else { 0 },
+        } | if counts.is_some() { ROOT_COUNTS } else { 0 }
+            | ROOT_DIR_COUNTS,
         seq_end: img.seq,
         epoch: img.epoch,
         next_block_id: ids,
@@ -611,6 +630,7 @@ pub(crate) fn write_image(
             table,
             refs,
             counts: true,
+            dir_counts: true,
             usage,
             usage_bytes: usage_now,
             pinned: img.pins.iter().map(|&(id, _)| id).collect(),
@@ -619,6 +639,7 @@ pub(crate) fn write_image(
             index: Some(index),
             index_age,
             root: old_root,
+            pages_read: 0,
         },
         superseded,
         leaves: new_leaves,
@@ -711,6 +732,9 @@ pub(crate) fn read_image(
         let usage = ArrayPages::new(PageArray::SegmentUsage);
         (blocks, refs, table_pages, None, usage, Vec::new())
     };
+    // With the counts stored, an open needs of each map leaf only how many entries it has
+    // set: the directories carry that, and the leaves stay on their pages.
+    let dir_counts = root.flags & ROOT_DIR_COUNTS != 0;
     // What the next checkpoint starts from (`PagedState`), as it would after writing this one.
     let mut dirs = HashMap::with_capacity(root.volumes.len());
     let mut named_pages: HashMap<PagePtr, u32> = HashMap::new();
@@ -725,19 +749,28 @@ pub(crate) fn read_image(
             len: leaf_slots(v.size_bytes),
             root: v.dir_root,
         };
-        let (dir, dir_pages) = ArrayPages::load::<PagePtr>(&dir_root, key, src)?;
+        let (dir, dir_pages) = ArrayPages::load::<DirEntry>(&dir_root, key, src)?;
         let named: Vec<(u64, PagePtr)> = (0..dir.len())
             .filter_map(|i| {
                 dir.get(i)
-                    .filter(|p| !p.is_absent())
-                    .map(|p| (i as u64, *p))
+                    .filter(|e| !e.at.is_absent())
+                    .map(|e| (i as u64, e.at))
             })
             .collect();
-        let mut want: Vec<(u64, PagePtr)> = named
-            .iter()
-            .filter(|(_, p)| !leaves.contains_key(p))
-            .copied()
-            .collect();
+        let mut want: Vec<(u64, PagePtr)> = Vec::new();
+        for (idx, at) in &named {
+            if leaves.contains_key(at) {
+                continue;
+            }
+            match dir.get(*idx as usize).and_then(|e| e.count) {
+                // Its page is checked when its entries are first read (MAC, index, count).
+                Some(count) if counted && dir_counts => {
+                    let leaf = MapLeaf::on_page(u64::from(count), *at);
+                    leaves.insert(*at, (*idx, Arc::new(leaf)));
+                }
+                _ => want.push((*idx, *at)),
+            }
+        }
         want.sort_by_key(|&(_, p)| (p.segment, p.offset));
         want.dedup_by_key(|(_, p)| *p);
         // A run of pages at a time: the pages read are not all held with the leaves.
@@ -771,7 +804,7 @@ pub(crate) fn read_image(
             *named_pages.entry(at).or_default() += 1;
         }
         let ptrs = (0..dir.len())
-            .map(|i| dir.get(i).copied().unwrap_or(PagePtr::ABSENT))
+            .map(|i| dir.get(i).map_or(PagePtr::ABSENT, |e| e.at))
             .collect();
         if dirs
             .insert(
@@ -867,6 +900,7 @@ pub(crate) fn read_image(
             table: table_pages,
             refs: refs_pages,
             counts: counted,
+            dir_counts,
             usage,
             usage_bytes,
             pinned: root.held.clone(),
@@ -881,6 +915,7 @@ pub(crate) fn read_image(
             },
             // Filled in by the caller, which knows where the root lies.
             root: None,
+            pages_read: 0,
         })),
     })
 }
@@ -1051,6 +1086,33 @@ mod tests {
         assert!(Arc::ptr_eq(a, b), "the shared leaf came back as two");
         assert_eq!(a.users(), 2);
         assert_eq!(back.volumes[0].pages[1].1.users(), 1);
+    }
+
+    /// Directories written without their leaves' counts (a root without `ROOT_DIR_COUNTS`:
+    /// an older build's) are all written again, with them, by the next write-out; once they
+    /// carry them, a write-out that changes nothing rewrites none.
+    #[test]
+    fn directories_without_counts_are_rewritten_with_them() {
+        let disk = Disk::new(64);
+        let mut img = image();
+        let none = BTreeSet::new();
+        let (out, _) = disk.write(|w| write_image(&img, None, &none, true, w));
+        // Committed: the leaves are held where they were written.
+        for (leaf, at) in &out.leaves {
+            leaf.set_written_at(*at);
+        }
+        img.changed = Some(crate::checkpoint::image::Changed {
+            blocks: Vec::new(),
+            refs: Vec::new(),
+        });
+        let mut older = out.state;
+        older.dir_counts = false;
+        let (again, without) = disk.write(|w| write_image(&img, Some(older), &none, false, w));
+        assert!(again.state.dir_counts);
+        assert_ne!(again.root.flags & ROOT_DIR_COUNTS, 0);
+        let (_, with) = disk.write(|w| write_image(&img, Some(again.state), &none, false, w));
+        // Two directories of 1500 slots: 6 leaves and a top each.
+        assert_eq!(without - with, 2 * 7);
     }
 
     /// An image without the counts (a root without `ROOT_COUNTS`: an older build's, or one

@@ -40,14 +40,14 @@ pub use checkpoint::{
 pub use codec::{Get, Put};
 pub use key::{log_mac, random_bytes, LogKey, MAC_BYTES};
 pub use page::{
-    get_u48, put_u48, BlockLoc, IndexSlot, PageArray, PageFault, PageHeader, PageKind, PagePtr,
-    PageWant, SegUsage, INDEX_PER_PAGE, MAP_PAGE_SLOTS, MAX_U48, PAGE_BODY_BYTES, PAGE_BYTES,
-    PAGE_HEADER_BYTES, PAGE_VERSION, PTRS_PER_PAGE, REFS_PER_PAGE, USAGE_PER_PAGE,
+    get_u48, put_u48, BlockLoc, DirEntry, IndexSlot, PageArray, PageFault, PageHeader, PageKind,
+    PagePtr, PageWant, SegUsage, INDEX_PER_PAGE, MAP_PAGE_SLOTS, MAX_U48, PAGE_BODY_BYTES,
+    PAGE_BYTES, PAGE_HEADER_BYTES, PAGE_VERSION, PTRS_PER_PAGE, REFS_PER_PAGE, USAGE_PER_PAGE,
 };
 pub use record::{DataEntry, RecordHeader, RecordKind, RecordSeal, TrimEntry};
 pub use root::{
     ArrayRoot, CheckpointRoot, Orphan, RootChain, RootIndex, RootVolume, MAX_ROOT_BYTES,
-    ROOT_COUNTS, ROOT_KEYED, ROOT_OVERFLOW_MAX, ROOT_VERSION,
+    ROOT_COUNTS, ROOT_DIR_COUNTS, ROOT_KEYED, ROOT_OVERFLOW_MAX, ROOT_VERSION,
 };
 pub use segment::{SegmentHeader, SegmentKind};
 pub use superblock::{Superblock, SuperblockFault};

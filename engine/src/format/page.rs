@@ -102,6 +102,58 @@ impl PageArray {
     }
 }
 
+/// A volume's map directory entry (array [`PageArray::MapDirectory`]): where the map leaf of
+/// its 2 MiB slot lies and how many of the leaf's entries are set, so that an open learns each
+/// leaf's count without reading the leaf. 16 bytes, as a [`PagePtr`]: segment u32; offset u32,
+/// whose low 12 bits (always zero in a page's offset) hold the count plus one (0: not stored,
+/// as in directories of roots without [`super::root::ROOT_DIR_COUNTS`]); stamp u64. An absent
+/// entry is [`PagePtr::ABSENT`] with no count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry {
+    pub at: PagePtr,
+    pub count: Option<u16>,
+}
+
+impl DirEntry {
+    pub const BYTES: usize = PagePtr::BYTES;
+    /// Bits of the offset that hold the count plus one.
+    const COUNT_MASK: u32 = PAGE_BYTES as u32 - 1;
+
+    pub fn put(&self, p: &mut Put<'_>) {
+        debug_assert_eq!(self.at.offset & Self::COUNT_MASK, 0, "a page's offset");
+        let low = match self.count {
+            Some(c) if !self.at.is_absent() => u32::from(c) + 1,
+            _ => 0,
+        };
+        p.u32(self.at.segment)
+            .u32(self.at.offset | low)
+            .u64(self.at.stamp);
+    }
+
+    pub fn get(g: &mut Get<'_>) -> crate::error::Result<DirEntry> {
+        let segment = g.u32()?;
+        let raw = g.u32()?;
+        let stamp = g.u64()?;
+        let count = match raw & Self::COUNT_MASK {
+            0 => None,
+            n if n as usize <= MAP_PAGE_SLOTS + 1 => Some(n as u16 - 1),
+            _ => {
+                return Err(crate::error::Error::Corrupt {
+                    what: "map directory entry",
+                })
+            }
+        };
+        Ok(DirEntry {
+            at: PagePtr {
+                segment,
+                offset: raw & !Self::COUNT_MASK,
+                stamp,
+            },
+            count,
+        })
+    }
+}
+
 /// Where a page was written, and which write of it: the stamp is unique per page write in the
 /// pool's life, so an older page left at the same place never passes for the one pointed at.
 /// 16 bytes: segment u32, offset u32 (bytes within the segment), stamp u64.
@@ -458,6 +510,51 @@ mod tests {
         let mut g = Get::new(&page[PAGE_HEADER_BYTES..], "map leaf");
         let ids: Vec<u64> = (0..3).map(|_| get_u48(&mut g).unwrap()).collect();
         assert_eq!(ids, [1, 0, MAX_U48]);
+    }
+
+    /// Directory entries keep their pointer whole and carry a count from 0 to a leaf's
+    /// slots; one written without a count (an older root's) reads as a pointer with none, and
+    /// a count past a leaf's slots is corruption.
+    #[test]
+    fn directory_entries_carry_their_leaves_counts() {
+        let at = PagePtr {
+            segment: 3,
+            offset: 77 * PAGE_BYTES as u32,
+            stamp: u64::MAX - 1,
+        };
+        let round = |e: DirEntry| {
+            let mut b = [0u8; DirEntry::BYTES];
+            e.put(&mut Put::new(&mut b));
+            DirEntry::get(&mut Get::new(&b, "entry")).unwrap()
+        };
+        for count in [Some(0), Some(1), Some(MAP_PAGE_SLOTS as u16), None] {
+            assert_eq!(round(DirEntry { at, count }), DirEntry { at, count });
+        }
+        // An absent slot stays exactly `ABSENT` (no count).
+        let absent = DirEntry {
+            at: PagePtr::ABSENT,
+            count: Some(5),
+        };
+        assert_eq!(
+            round(absent),
+            DirEntry {
+                at: PagePtr::ABSENT,
+                count: None
+            }
+        );
+        // A pointer as an older root wrote it.
+        let mut b = [0u8; DirEntry::BYTES];
+        at.put(&mut Put::new(&mut b));
+        let old = DirEntry::get(&mut Get::new(&b, "entry")).unwrap();
+        assert_eq!(old, DirEntry { at, count: None });
+        // Low bits past a leaf's slots.
+        let mut b = [0u8; DirEntry::BYTES];
+        let bad = PagePtr {
+            offset: at.offset | (MAP_PAGE_SLOTS as u32 + 2),
+            ..at
+        };
+        bad.put(&mut Put::new(&mut b));
+        assert!(DirEntry::get(&mut Get::new(&b, "entry")).is_err());
     }
 
     /// A page is refused under another key, at another place, from another write (stamp), as

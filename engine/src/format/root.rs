@@ -11,8 +11,10 @@ use crate::error::{Error, Result};
 
 /// Root layout version written. Version 2 count pages hold counts (see [`ROOT_COUNTS`]);
 /// version 1 roots (still read) come from builds whose count pages held liveness only, and
-/// which refuse version 2 rather than take a count of 2 for a dead block.
-pub const ROOT_VERSION: u16 = 2;
+/// which refuse version 2 rather than take a count of 2 for a dead block. Version 3 map
+/// directories carry their leaves' counts ([`ROOT_DIR_COUNTS`]), which version 2 builds would
+/// take for misplaced page pointers: they refuse it.
+pub const ROOT_VERSION: u16 = 3;
 /// Root flag: fingerprints are keyed by the pool's secret (as `CHECKPOINT_KEYED`).
 pub const ROOT_KEYED: u16 = 1;
 /// Root flag: the block reference count array holds every id's count (254: the count is in
@@ -22,6 +24,10 @@ pub const ROOT_KEYED: u16 = 1;
 /// overflow did not fit), the open recounts the maps: the count array holds only whether
 /// each id is live (version 1), or counts without their overflow.
 pub const ROOT_COUNTS: u16 = 2;
+/// Root flag: every map directory entry carries its leaf's count of set entries
+/// ([`super::page::DirEntry`]): an open learns them without reading the leaves. A directory
+/// of a root without it (an older build's) is rewritten whole by the next checkpoint.
+pub const ROOT_DIR_COUNTS: u16 = 4;
 /// Counts of 254 and more a root carries at most (13 bytes each: 832 KiB, so that a root
 /// with them and its volumes fits the smallest segment, 2 MiB). Past it, the root goes
 /// without [`ROOT_COUNTS`] and the next open recounts the maps.
@@ -102,7 +108,7 @@ pub struct RootIndex {
 /// |----:|----:|---|
 /// | 0 | 4 | magic `ICKR` |
 /// | 4 | 2 | version ([`ROOT_VERSION`]) |
-/// | 6 | 2 | flags ([`ROOT_KEYED`], [`ROOT_COUNTS`]) |
+/// | 6 | 2 | flags ([`ROOT_KEYED`], [`ROOT_COUNTS`], [`ROOT_DIR_COUNTS`]) |
 /// | 8 | 8 | seq_end: records below it are in the checkpoint |
 /// | 16 | 8 | epoch: records after it carry it |
 /// | 24 | 8 | generation: of the superblocks that point at it |

@@ -100,7 +100,7 @@ impl MapLeaf {
     /// evicted there (returns whether they were).
     pub(crate) fn take_prefetched(&self, ids: Box<MapPage>, at: PagePtr) -> bool {
         let mut st = self.state.lock();
-        if st.ids.is_some() || st.at != at {
+        if st.ids.is_some() || st.at != at || count(&ids) != self.count() {
             return false;
         }
         st.ids = Some(ids);
@@ -144,7 +144,17 @@ impl MapLeaf {
                 what: "map leaf without entries",
             })?;
             match c.read_page(idx, at) {
-                Ok(ids) => return Ok(f(&ids)),
+                Ok(ids) => {
+                    // As a load checks it, while the leaf is still evicted there.
+                    let st = self.state.lock();
+                    if st.ids.is_none() && st.at == at && count(&ids) != self.count() {
+                        return Err(Error::Corrupt {
+                            what: "map leaf page (entries set differ from its count)",
+                        });
+                    }
+                    drop(st);
+                    return Ok(f(&ids));
+                }
                 Err(e) => {
                     let st = self.state.lock();
                     if st.ids.is_none() && st.at == at {
@@ -191,7 +201,15 @@ impl MapLeaf {
             // All holes: nothing to read.
             c.zeroed()
         } else {
-            c.load(idx, st.at)?
+            let ids = c.load(idx, st.at)?;
+            // The count came with the leaf's pointer (an open takes it from the directory),
+            // or was the page's when it was evicted: entries that disagree are not this leaf's.
+            if count(&ids) != self.count() {
+                return Err(Error::Corrupt {
+                    what: "map leaf page (entries set differ from its count)",
+                });
+            }
+            ids
         });
         // Trimming takes other leaves' locks with `try_lock` only: holding this one is safe.
         c.loaded();

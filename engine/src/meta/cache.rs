@@ -93,6 +93,7 @@ pub(crate) struct MetaCache {
     /// A leaf came in without its entries (an open that left them on their pages): like an
     /// eviction, users must expect reads back.
     stubs_admitted: AtomicBool,
+    open_pages: AtomicU64,
 }
 
 /// What `stats` reports of the cache.
@@ -107,6 +108,8 @@ pub(crate) struct MetaCacheStats {
     pub evictions: u64,
     /// Of `misses`: block-table leaves.
     pub table_misses: u64,
+    /// Pages of metadata the open read (its checkpoint's root and pages).
+    pub open_pages: u64,
 }
 
 impl Default for MetaCache {
@@ -131,6 +134,7 @@ impl MetaCache {
             source: OnceLock::new(),
             over: AtomicBool::new(false),
             stubs_admitted: AtomicBool::new(false),
+            open_pages: AtomicU64::new(0),
         }
     }
 
@@ -226,7 +230,13 @@ impl MetaCache {
             evictions: self.evictions.load(Ordering::Relaxed)
                 + self.table_evictions.load(Ordering::Relaxed),
             table_misses: self.table_misses.load(Ordering::Relaxed),
+            open_pages: self.open_pages.load(Ordering::Relaxed),
         }
+    }
+
+    /// The open read `pages` pages of metadata (its checkpoint's).
+    pub(crate) fn set_open_pages(&self, pages: u64) {
+        self.open_pages.store(pages, Ordering::Relaxed);
     }
 
     /// A map took a leaf this cache did not count yet (new, copied or loaded from a

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    ArrayRoot, BlockLoc, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant, Put,
-    SegUsage, PAGE_BODY_BYTES, PAGE_BYTES, PAGE_HEADER_BYTES, PTRS_PER_PAGE,
+    ArrayRoot, BlockLoc, DirEntry, Get, LogKey, PageArray, PageHeader, PageKind, PagePtr, PageWant,
+    Put, SegUsage, PAGE_BODY_BYTES, PAGE_BYTES, PAGE_HEADER_BYTES, PTRS_PER_PAGE,
 };
 use crate::io::AlignedBuf;
 use crate::meta::writer::MetaWriter;
@@ -46,6 +46,16 @@ impl PageEntry for PagePtr {
     }
     fn get(g: &mut Get<'_>) -> Result<Self> {
         PagePtr::get(g)
+    }
+}
+
+impl PageEntry for DirEntry {
+    const PER_PAGE: usize = PTRS_PER_PAGE;
+    fn put(&self, p: &mut Put<'_>) {
+        DirEntry::put(self, p);
+    }
+    fn get(g: &mut Get<'_>) -> Result<Self> {
+        DirEntry::get(g)
     }
 }
 

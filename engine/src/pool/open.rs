@@ -163,6 +163,7 @@ impl Pool {
             },
         ));
         meta.set_source(store.clone(), log_key, 0);
+        meta.set_open_pages(image.pages.as_ref().map_or(0, |p| p.pages_read));
         for sb in &mut sbs {
             // Version 1 becomes at least 2 (below: 3 when there is room).
             sb.version = sb.version.max(crate::format::FORMAT_VERSION);

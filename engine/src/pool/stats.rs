@@ -269,6 +269,7 @@ impl Pool {
             metadata_cache_misses: meta.misses,
             metadata_cache_evictions: meta.evictions,
             metadata_cache_table_misses: meta.table_misses,
+            metadata_open_pages: meta.open_pages,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {
                 0.0
             } else {

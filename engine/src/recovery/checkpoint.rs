@@ -75,6 +75,7 @@ struct Noting<'a> {
     total_segments: u32,
     segment_bytes: u64,
     segments: std::cell::RefCell<std::collections::BTreeSet<u32>>,
+    pages: std::cell::Cell<u64>,
 }
 
 impl PageSource for Noting<'_> {
@@ -94,6 +95,7 @@ impl PageSource for Noting<'_> {
         self.segments
             .borrow_mut()
             .extend(ptrs.iter().map(|p| p.segment));
+        self.pages.set(self.pages.get() + ptrs.len() as u64);
         self.inner.read_pages(ptrs)
     }
 }
@@ -156,10 +158,13 @@ fn read_paged(
         total_segments: geo.total_segments,
         segment_bytes: geo.segment_bytes,
         segments: Default::default(),
+        pages: Default::default(),
     };
     let mut image = checkpoint::read_image(&root, key, &src, max_blocks(geo))?;
     if let Some(state) = image.pages.as_mut() {
         state.root = Some((seg, read.div_ceil(PAGE_BYTES) as u32));
+        // The root's own pages and the pages it named.
+        state.pages_read = src.pages.get() + read.div_ceil(PAGE_BYTES) as u64;
     }
     let mut segs = src.segments.into_inner();
     segs.insert(seg);
