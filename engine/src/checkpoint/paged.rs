@@ -411,14 +411,14 @@ pub(crate) fn write_image(
             None => (ArrayPages::new(PageArray::MapDirectory), Vec::new()),
         };
         let mut dir = vec![PagePtr::ABSENT; slots as usize];
-        let mut counts = vec![0u16; slots as usize];
+        let mut leaf_counts = vec![0u16; slots as usize];
         let mut mapped = 0u64;
         for (idx, leaf) in &v.pages {
             let Some(slot) = dir.get_mut(*idx as usize) else {
                 continue;
             };
             mapped += leaf.count();
-            counts[*idx as usize] = leaf.count() as u16;
+            leaf_counts[*idx as usize] = leaf.count() as u16;
             let kept = leaf
                 .written_at()
                 .filter(|p| !victims.contains(&p.segment) && named.contains_key(p));
@@ -474,7 +474,7 @@ pub(crate) fn write_image(
             pages.write_with(slots, per, &changed_dir, w, &mut |leaf, body| {
                 let mut p = Put::new(body);
                 let (from, to) = (leaf * per, ((leaf + 1) * per).min(dir.len()));
-                for (at, &count) in dir[from..to].iter().zip(&counts[from..to]) {
+                for (at, &count) in dir[from..to].iter().zip(&leaf_counts[from..to]) {
                     DirEntry {
                         at: *at,
                         count: Some(count),
@@ -763,8 +763,10 @@ pub(crate) fn read_image(
                 continue;
             }
             match dir.get(*idx as usize).and_then(|e| e.count) {
-                // Its page is checked when its entries are first read (MAC, index, count).
-                Some(count) if counted && dir_counts => {
+                // Its page is checked when its entries are first read (MAC, index, count). A
+                // leaf of holes is read now: a count of 0 is never checked later (its entries
+                // are never read to serve a request).
+                Some(count) if counted && dir_counts && count > 0 => {
                     let leaf = MapLeaf::on_page(u64::from(count), *at);
                     leaves.insert(*at, (*idx, Arc::new(leaf)));
                 }
@@ -793,8 +795,12 @@ pub(crate) fn read_image(
         let mut pages = Vec::with_capacity(named.len());
         for (idx, at) in named {
             let (written_for, leaf) = leaves.get(&at).ok_or(BAD_ROOT)?;
-            // A leaf named at another index than its own is not the one meant there.
-            if *written_for != idx {
+            // A leaf named at another index than its own is not the one meant there; nor one
+            // whose count this directory gives otherwise than another did.
+            let told = dir.get(idx as usize).and_then(|e| e.count);
+            if *written_for != idx
+                || (dir_counts && told.is_some_and(|c| u64::from(c) != leaf.count()))
+            {
                 return Err(Error::Corrupt {
                     what: "map leaf page",
                 });

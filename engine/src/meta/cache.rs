@@ -663,13 +663,25 @@ mod tests {
             "{:?}",
             r.problems
         );
-        // An open reads every leaf: a restart refuses the pool, saying why.
+        // An open takes each leaf's count from its directory and reads no leaf, but this
+        // pool is small (under 64 segments): its checkpoints are whole, so the recovery
+        // checkpoint reads the damaged page and the open refuses the pool, saying why. An
+        // open that gets past it fails the damaged leaf's reads only.
         let _ = pool.shutdown();
         drop(pool);
         match Pool::open(dir.path(), &options()) {
             Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
             Err(e) => panic!("reopen of a pool with a damaged leaf page: {e}"),
-            Ok(_) => panic!("a pool with a damaged leaf page opened"),
+            Ok(pool) => {
+                let v = pool.volume("v").unwrap();
+                match v.read(lba(victim) * BLOCK_BYTES, 4096) {
+                    Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
+                    other => panic!("read of a damaged leaf after a reopen: {other:?}"),
+                }
+                for i in (0..LEAVES).filter(|&i| i != victim) {
+                    assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));
+                }
+            }
         }
     }
 }

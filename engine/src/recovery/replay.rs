@@ -144,8 +144,10 @@ impl Feed<'_> {
     fn next_record(&mut self) -> Result<Option<ReplayRecord>> {
         match self {
             Feed::Here(c) => c.next_record(),
-            // A walker that stopped without a last word panicked: the scope says so.
-            Feed::Walker(rx) => rx.recv().unwrap_or(Ok(None)),
+            // A walker that stopped without a last word panicked (the scope says how).
+            Feed::Walker(rx) => rx.recv().unwrap_or(Err(Error::Internal {
+                what: "a replay walker stopped",
+            })),
         }
     }
 }
@@ -205,8 +207,10 @@ pub(crate) fn replay(
         .map_or(0, |m| {
             (m.budget_bytes() / 2 / crate::meta::cache::LEAF_BYTES).min(1 << 16) as usize
         });
+    // No more entries at once than the first walk holds: a large cache reads ahead for
+    // windows of that size, it does not make them larger.
     let window_entries = if max_leaves > 0 {
-        max_leaves * WINDOW_ENTRIES_PER_LEAF
+        (max_leaves * WINDOW_ENTRIES_PER_LEAF).min(HOLD_ENTRIES)
     } else {
         HOLD_ENTRIES
     };
