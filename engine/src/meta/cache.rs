@@ -269,7 +269,9 @@ impl MetaCache {
 
     /// Whether any leaf was ever evicted (else none needs reading back).
     pub(crate) fn evicted_any(&self) -> bool {
-        self.evictions.load(Ordering::Relaxed) > 0 || self.stubs_admitted.load(Ordering::Relaxed)
+        self.evictions.load(Ordering::Relaxed) > 0
+            || self.table_evictions.load(Ordering::Relaxed) > 0
+            || self.stubs_admitted.load(Ordering::Relaxed)
     }
 
     /// Hits counted by a map that is gone (a deleted volume's) count on.

@@ -33,7 +33,7 @@ use crate::job::{Job, Timing};
 use crate::map::shard_of;
 use crate::reduce;
 use crate::shard::{decode_piece, MAX_READ_SPAN};
-use crate::space::BlockEntry;
+use crate::space::{BlockEntry, Space};
 use crate::volume::Volume;
 
 /// Longest read served on the caller's queue; longer ones go to the shards, which split them
@@ -300,14 +300,25 @@ impl Reader {
         found.clear();
         // Evicted leaves are read back before the space lock is taken (the look-ups below find
         // them then); one that does not read back goes to the shard, which reports it.
-        for lba in first..=last {
-            if ctx.meta.evicted_any()
-                && state.maps[shard_of(lba, shards)].lock().fetch(lba).is_err()
-            {
-                ctx.reads.leave(ticket);
-                self.found = found;
-                return Err(done);
+        if ctx.meta.evicted_any() {
+            for lba in first..=last {
+                if state.maps[shard_of(lba, shards)].lock().fetch(lba).is_err() {
+                    ctx.reads.leave(ticket);
+                    self.found = found;
+                    return Err(done);
+                }
             }
+            // Likewise the block-table leaves of the blocks the maps hold now.
+            let ids: Vec<u64> = (first..=last)
+                .filter_map(|lba| {
+                    state.maps[shard_of(lba, shards)]
+                        .lock()
+                        .get(lba)
+                        .ok()
+                        .filter(|&id| id != 0)
+                })
+                .collect();
+            Space::fetch_leaves(&ctx.space, &mut ids.into_iter(), usize::MAX);
         }
         let seen;
         {

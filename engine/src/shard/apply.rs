@@ -13,7 +13,7 @@ use crate::error::Error;
 
 use crate::map::LbaMap;
 use crate::map::VolumeState;
-use crate::space::BlockEntry;
+use crate::space::{BlockEntry, Space};
 
 pub(crate) enum Apply {
     Block {
@@ -194,6 +194,29 @@ impl Shard {
                     }
                 }
             }
+            // The block-table leaves of the blocks placed, shared and replaced, read without
+            // the space lock too.
+            let mut ids = Vec::new();
+            for a in &applies {
+                let (vol, lba, id) = match a {
+                    Apply::Block { vol, lba, id, .. } | Apply::Ref { vol, lba, id, .. } => {
+                        (vol, *lba, *id)
+                    }
+                    Apply::Hole { vol, lba } => (vol, *lba, 0),
+                    _ => continue,
+                };
+                if id != 0 {
+                    ids.push(id);
+                }
+                if lba < vol.blocks() {
+                    if let Ok(old) = vol.maps[me].lock().get(lba) {
+                        if old != 0 {
+                            ids.push(old);
+                        }
+                    }
+                }
+            }
+            Space::fetch_leaves(&self.ctx.space, &mut ids.into_iter(), usize::MAX);
         }
         // A map that cannot be changed (an evicted leaf that does not read back) after its
         // record is in the log: the pool stops, and the next open replays the record.

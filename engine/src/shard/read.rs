@@ -15,7 +15,7 @@ use crate::io::{AlignedBuf, IoDone, IoOp, OpKind};
 use crate::job::Job;
 use crate::map::VolumeState;
 use crate::reduce;
-use crate::space::BlockEntry;
+use crate::space::{BlockEntry, Space};
 use crate::store::{self, Range};
 
 /// One block a read wants out of a stored payload.
@@ -120,6 +120,15 @@ impl Shard {
                     0
                 })
             }));
+        }
+        // Evicted block-table leaves are read back before the space lock, which the other
+        // shards and readers need meanwhile.
+        if self.ctx.meta.evicted_any() {
+            Space::fetch_leaves(
+                &self.ctx.space,
+                &mut ids.iter().copied().filter(|&id| id != 0),
+                usize::MAX,
+            );
         }
         let seen;
         {

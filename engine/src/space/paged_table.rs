@@ -81,6 +81,13 @@ impl Leaf {
     }
 }
 
+/// Block-table leaves to read without the table's lock ([`BlockTable::evicted_of`]).
+pub(crate) struct TableAsk {
+    pub pages: Arc<dyn TablePages>,
+    /// (leaf, its page, its entries).
+    pub leaves: Vec<(usize, PagePtr, usize)>,
+}
+
 /// Block id -> location and checksum.
 #[derive(Default)]
 pub struct BlockTable {
@@ -217,9 +224,21 @@ impl BlockTable {
     /// adjacent pages together. Each counts as a miss; then leaves not used since the hand
     /// last passed make room, as after a load.
     pub(crate) fn prefetch(&mut self, ids: &mut dyn Iterator<Item = u64>, max: usize) {
-        let Some(pages) = self.own_pages().cloned() else {
-            return;
-        };
+        if let Some(ask) = self.evicted_of(ids, max) {
+            let got = ask.pages.read_leaves(&ask.leaves);
+            self.take_read(&ask, got);
+        }
+    }
+
+    /// The evicted leaves of `ids` (at most `max`) and where their pages are, to be read
+    /// without the lock that guards the table (`TableAsk::pages`), then handed to
+    /// [`BlockTable::take_read`]. `None` when none is evicted.
+    pub(crate) fn evicted_of(
+        &self,
+        ids: &mut dyn Iterator<Item = u64>,
+        max: usize,
+    ) -> Option<TableAsk> {
+        let pages = self.own_pages()?.clone();
         let mut want: Vec<usize> = ids
             .map(|id| id as usize / TABLE_LEAF)
             .filter(|&l| l < self.leaves.len() && self.leaves[l].entries.is_none())
@@ -227,20 +246,31 @@ impl BlockTable {
         want.sort_unstable();
         want.dedup();
         want.truncate(max);
-        let asks: Vec<(usize, PagePtr, usize)> = want
+        let leaves: Vec<(usize, PagePtr, usize)> = want
             .iter()
             .map(|&l| (l, self.leaves[l].at, self.leaf_len(l)))
             .filter(|w| !w.1.is_absent())
             .collect();
-        for ((l, _, _), got) in asks.iter().zip(pages.read_leaves(&asks)) {
-            if let Some(entries) = got {
-                self.took(*l, entries, &*pages);
+        (!leaves.is_empty()).then_some(TableAsk { pages, leaves })
+    }
+
+    /// The leaves `ask` named, as read: each taken if it is still evicted where it was read
+    /// from (one loaded, changed or moved meanwhile keeps what it has). Then room is made as
+    /// loads make it: the hand passes what came in once (used), older leaves go.
+    pub(crate) fn take_read(&mut self, ask: &TableAsk, got: Vec<Option<Vec<BlockEntry>>>) {
+        for (&(l, at, n), got) in ask.leaves.iter().zip(got) {
+            let Some(entries) = got else { continue };
+            if l < self.leaves.len()
+                && self.leaves[l].entries.is_none()
+                && self.leaves[l].at == at
+                && self.leaf_len(l) == n
+            {
+                self.took(l, entries, &*ask.pages);
             }
         }
-        // Room as loads make it: the hand passes what came in once (used), older leaves go.
-        let over = pages.over();
+        let over = ask.pages.over();
         if over > 0 {
-            self.evict(over, EVICT_STEP + 2 * asks.len(), None);
+            self.evict(over, EVICT_STEP + 2 * ask.leaves.len(), None);
         }
     }
 

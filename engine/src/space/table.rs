@@ -100,6 +100,22 @@ pub enum SegUse {
 }
 
 impl Space {
+    /// Read back the evicted block-table leaves of `ids` (at most `max`), holding `space`'s
+    /// lock only to find them and to take them in, not while reading: a miss under the lock
+    /// stops every shard and reader for the read. The look-ups that follow under the lock
+    /// then find them (a leaf evicted again meanwhile is read there, as before).
+    pub(crate) fn fetch_leaves(
+        space: &parking_lot::Mutex<Space>,
+        ids: &mut dyn Iterator<Item = u64>,
+        max: usize,
+    ) {
+        let ask = space.lock().blocks.evicted_of(ids, max);
+        if let Some(ask) = ask {
+            let got = ask.pages.read_leaves(&ask.leaves);
+            space.lock().blocks.take_read(&ask, got);
+        }
+    }
+
     /// The first segment of each device (ascending), so that allocations take the devices in
     /// turn: with the segments numbered device after device and one search hint, a pool of
     /// several devices filled the first before writing to the next, and never wrote to two
