@@ -648,14 +648,18 @@ mod tests {
             })
             .expect("an evicted leaf");
         crate::meta::tests::damage_page(dir.path(), 2 << 20, at, 200);
-        let v = pool.volume("v").unwrap();
-        match v.read(lba(victim) * BLOCK_BYTES, 4096) {
-            Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
-            other => panic!("read of a damaged leaf: {other:?}"),
-        }
-        for i in (0..LEAVES).filter(|&i| i != victim) {
-            assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));
-        }
+        // The damaged leaf's reads fail, every other leaf's read back.
+        let reads = |pool: &Pool| {
+            let v = pool.volume("v").unwrap();
+            match v.read(lba(victim) * BLOCK_BYTES, 4096) {
+                Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
+                other => panic!("read of a damaged leaf: {other:?}"),
+            }
+            for i in (0..LEAVES).filter(|&i| i != victim) {
+                assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));
+            }
+        };
+        reads(&pool);
         drop(ck);
         // A checkpoint from now on that needs the page (cleaning its segment) stops the pool
         // with the reason; check reports the leaf either way.
@@ -674,16 +678,7 @@ mod tests {
         match Pool::open(dir.path(), &options()) {
             Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
             Err(e) => panic!("reopen of a pool with a damaged leaf page: {e}"),
-            Ok(pool) => {
-                let v = pool.volume("v").unwrap();
-                match v.read(lba(victim) * BLOCK_BYTES, 4096) {
-                    Err(Error::Corrupt { what }) => assert_eq!(what, "map leaf page"),
-                    other => panic!("read of a damaged leaf after a reopen: {other:?}"),
-                }
-                for i in (0..LEAVES).filter(|&i| i != victim) {
-                    assert_eq!(v.read(lba(i) * BLOCK_BYTES, 4096).unwrap(), block(i, 1));
-                }
-            }
+            Ok(pool) => reads(&pool),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::log::ShardPosition;
 use crate::map::{shard_of, trim_owned, MapLeaf, VolumeState};
 use crate::meta::cache::MetaCache;
 use crate::recovery::scan::ReplayRecord;
-use crate::recovery::{survey_chain, ChainRecords, Entry, Survey};
+use crate::recovery::{survey_chain, ChainRecords, Entry, LogSource, Survey};
 use crate::reduce::DedupIndex;
 use crate::space::{Geometry, Space};
 use crate::store::SegmentStore;
@@ -169,15 +169,19 @@ pub(crate) fn replay(
     mut r: Rebuild<'_>,
 ) -> Result<Replayed> {
     let scanning = std::time::Instant::now();
-    let (uuid, key) = (&sb.pool_uuid, sb.log_key.as_ref());
+    let src = LogSource {
+        store,
+        geo,
+        pool_uuid: &sb.pool_uuid,
+        key: sb.log_key.as_ref(),
+        epoch,
+    };
     let hold = r.hold_entries / chains.len().max(1);
     let mut surveys = std::thread::scope(|s| {
         let walks: Vec<_> = chains
             .iter()
             .enumerate()
-            .map(|(i, pos)| {
-                s.spawn(move || survey_chain(store, geo, uuid, key, epoch, i as u16, *pos, hold))
-            })
+            .map(|(i, pos)| s.spawn(move || survey_chain(src, i as u16, *pos, hold)))
             .collect();
         walks
             .into_iter()
@@ -216,9 +220,7 @@ pub(crate) fn replay(
     };
     let mut sources = Vec::with_capacity(surveys.len());
     for (i, survey) in surveys.iter_mut().enumerate() {
-        sources.push(ChainRecords::new(
-            store, geo, uuid, key, epoch, i as u16, survey,
-        )?);
+        sources.push(ChainRecords::new(src, i as u16, survey)?);
     }
     std::thread::scope(|s| -> Result<()> {
         let mut feeds: Vec<Feed<'_>> = sources

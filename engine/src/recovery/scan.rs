@@ -254,20 +254,33 @@ enum Step {
     ChainEnd,
 }
 
+/// The log every walk reads: where, and what its records must match.
+#[derive(Clone, Copy)]
+pub(crate) struct LogSource<'a> {
+    pub store: &'a dyn SegmentStore,
+    pub geo: &'a Geometry,
+    pub pool_uuid: &'a [u8; 16],
+    /// The pool's log key (`None` for a version 1 pool).
+    pub key: Option<&'a LogKey>,
+    /// The checkpoint's epoch, which its chains' records carry.
+    pub epoch: u64,
+}
+
 impl<'a> ChainWalk<'a> {
-    /// A walk of chain `shard` from `start`. `key` is the pool's log key (`None` for a
-    /// version 1 pool).
-    #[allow(clippy::too_many_arguments)]
+    /// A walk of chain `shard` from `start`.
     fn new(
-        store: &'a dyn SegmentStore,
-        geo: &Geometry,
-        pool_uuid: &'a [u8; 16],
-        key: Option<&'a LogKey>,
-        epoch: u64,
+        src: LogSource<'a>,
         shard: u16,
         start: ShardPosition,
         check: bool,
     ) -> Result<ChainWalk<'a>> {
+        let LogSource {
+            store,
+            geo,
+            pool_uuid,
+            key,
+            epoch,
+        } = src;
         let want = Expect {
             key,
             pool_uuid,
@@ -550,25 +563,19 @@ pub(crate) struct Survey {
 }
 
 /// Walk one shard's chain, check its payloads where they decide, and hold its records if
-/// they have at most `hold` entries. `key` is the pool's log key (`None` for a version 1
-/// pool).
+/// they have at most `hold` entries.
 ///
 /// A bad payload at or below what a later record declares flushed is corruption (kept, so
 /// that reads of the block report it); above it, a torn write that was never flushed
 /// (dropped). Payloads walked past by header are read at the end where they decide (records
 /// no later one declares flushed), adjacent records in one read.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn survey_chain(
-    store: &dyn SegmentStore,
-    geo: &Geometry,
-    pool_uuid: &[u8; 16],
-    key: Option<&LogKey>,
-    epoch: u64,
+    src: LogSource<'_>,
     shard: u16,
     start: ShardPosition,
     hold: usize,
 ) -> Result<Survey> {
-    let mut walk = ChainWalk::new(store, geo, pool_uuid, key, epoch, shard, start, true)?;
+    let mut walk = ChainWalk::new(src, shard, start, true)?;
     let mut end = ShardPosition {
         nonce: walk.start_nonce,
         ..start
@@ -616,7 +623,7 @@ pub(crate) fn survey_chain(
         }
     }
     pending.retain(|p| p.header.shard_seq >= durable);
-    check_deferred(store, &walk.want, geo.segment_bytes, &mut pending)?;
+    check_deferred(src.store, &walk.want, src.geo.segment_bytes, &mut pending)?;
     let mut dropped = Vec::new();
     for p in &pending {
         if p.payload_ok == Some(false) {
@@ -653,31 +660,14 @@ pub(crate) struct ChainRecords<'a> {
 }
 
 impl<'a> ChainRecords<'a> {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        store: &'a dyn SegmentStore,
-        geo: &Geometry,
-        pool_uuid: &'a [u8; 16],
-        key: Option<&'a LogKey>,
-        epoch: u64,
+        src: LogSource<'a>,
         shard: u16,
         survey: &mut Survey,
     ) -> Result<ChainRecords<'a>> {
         let (held, walk) = match survey.held.take() {
             Some(h) => (Some(h.into_iter()), None),
-            None => (
-                None,
-                Some(ChainWalk::new(
-                    store,
-                    geo,
-                    pool_uuid,
-                    key,
-                    epoch,
-                    shard,
-                    survey.start,
-                    false,
-                )?),
-            ),
+            None => (None, Some(ChainWalk::new(src, shard, survey.start, false)?)),
         };
         Ok(ChainRecords {
             held,
