@@ -308,13 +308,14 @@ impl Reader {
                     return Err(done);
                 }
             }
-            // Likewise the block-table leaves of the blocks the maps hold now.
+            // Likewise the block-table leaves of the blocks the maps hold now (looked up
+            // without a read, and not counted as uses).
             let ids: Vec<u64> = (first..=last)
                 .filter_map(|lba| {
                     state.maps[shard_of(lba, shards)]
                         .lock()
-                        .get(lba)
-                        .ok()
+                        .get_shared_resident(lba)
+                        .map(|(id, _)| id)
                         .filter(|&id| id != 0)
                 })
                 .collect();

@@ -209,7 +209,8 @@ impl Shard {
                     ids.push(id);
                 }
                 if lba < vol.blocks() {
-                    if let Ok(old) = vol.maps[me].lock().get(lba) {
+                    // Without a read, and not counted as a use.
+                    if let Some((old, _)) = vol.maps[me].lock().get_shared_resident(lba) {
                         if old != 0 {
                             ids.push(old);
                         }
