@@ -102,6 +102,8 @@ pub struct Reader {
     /// Scratch of `direct`: (lba, block id, entry) looked up; cached pieces; device reads
     /// (segment, aligned start, aligned end, payloads).
     found: Vec<(u64, u64, Option<BlockEntry>)>,
+    /// Block ids whose table leaves are read back before the space lock.
+    fetch_ids: Vec<u64>,
     cached: Vec<(usize, Bytes)>,
     groups: Vec<(u32, u32, u32, Vec<Piece>)>,
 }
@@ -125,6 +127,7 @@ impl Reader {
             pieces: false,
             broken: false,
             found: Vec::new(),
+            fetch_ids: Vec::new(),
             cached: Vec::new(),
             groups: Vec::new(),
         })
@@ -301,25 +304,22 @@ impl Reader {
         // Evicted leaves are read back before the space lock is taken (the look-ups below find
         // them then); one that does not read back goes to the shard, which reports it.
         if ctx.meta.evicted_any() {
+            // Likewise the block-table leaves of the blocks the maps hold now (looked up
+            // without a read, and not counted as uses).
+            self.fetch_ids.clear();
             for lba in first..=last {
-                if state.maps[shard_of(lba, shards)].lock().fetch(lba).is_err() {
+                let map = state.maps[shard_of(lba, shards)].lock();
+                if map.fetch(lba).is_err() {
+                    drop(map);
                     ctx.reads.leave(ticket);
                     self.found = found;
                     return Err(done);
                 }
+                if let Some((id, _)) = map.get_shared_resident(lba).filter(|&(id, _)| id != 0) {
+                    self.fetch_ids.push(id);
+                }
             }
-            // Likewise the block-table leaves of the blocks the maps hold now (looked up
-            // without a read, and not counted as uses).
-            let ids: Vec<u64> = (first..=last)
-                .filter_map(|lba| {
-                    state.maps[shard_of(lba, shards)]
-                        .lock()
-                        .get_shared_resident(lba)
-                        .map(|(id, _)| id)
-                        .filter(|&id| id != 0)
-                })
-                .collect();
-            Space::fetch_leaves(&ctx.space, &mut ids.into_iter(), usize::MAX);
+            Space::fetch_leaves(&ctx.space, &mut self.fetch_ids.iter().copied(), usize::MAX);
         }
         let seen;
         {

@@ -170,32 +170,8 @@ impl Shard {
         // Leaves whose entries were evicted are read back now, not under the pool's space lock
         // below (a later eviction in between reads again there; `meta::cache`).
         if self.ctx.meta.evicted_any() {
-            for a in &applies {
-                if let Apply::Block { vol, lba, .. }
-                | Apply::Ref { vol, lba, .. }
-                | Apply::Hole { vol, lba } = a
-                {
-                    if *lba < vol.blocks() {
-                        let _ = vol.maps[me].lock().fetch(*lba);
-                    }
-                }
-                if let Apply::Trim { vol, lba, count } = a {
-                    // The leaves of this shard's with entries to clear (a large trim reads
-                    // them all back; design milestone 20 moves this off the shard).
-                    let m = vol.maps[me].lock();
-                    let (first, end) = (
-                        lba / MAP_PAGE_ENTRIES,
-                        (lba + count).div_ceil(MAP_PAGE_ENTRIES),
-                    );
-                    for p in (first..end.min(m.pages.len() as u64))
-                        .filter(|&p| shard_of(p * MAP_PAGE_ENTRIES, shards) == me)
-                    {
-                        let _ = m.fetch(p * MAP_PAGE_ENTRIES);
-                    }
-                }
-            }
-            // The block-table leaves of the blocks placed, shared and replaced, read without
-            // the space lock too.
+            // With them, the block-table leaves of the blocks placed, shared and replaced
+            // (the replaced ones looked up without a read, and not counted as uses).
             let mut ids = Vec::new();
             for a in &applies {
                 let (vol, lba, id) = match a {
@@ -203,17 +179,32 @@ impl Shard {
                         (vol, *lba, *id)
                     }
                     Apply::Hole { vol, lba } => (vol, *lba, 0),
+                    Apply::Trim { vol, lba, count } => {
+                        // The leaves of this shard's with entries to clear (a large trim reads
+                        // them all back; design milestone 20 moves this off the shard).
+                        let m = vol.maps[me].lock();
+                        let (first, end) = (
+                            lba / MAP_PAGE_ENTRIES,
+                            (lba + count).div_ceil(MAP_PAGE_ENTRIES),
+                        );
+                        for p in (first..end.min(m.pages.len() as u64))
+                            .filter(|&p| shard_of(p * MAP_PAGE_ENTRIES, shards) == me)
+                        {
+                            let _ = m.fetch(p * MAP_PAGE_ENTRIES);
+                        }
+                        continue;
+                    }
                     _ => continue,
                 };
                 if id != 0 {
                     ids.push(id);
                 }
                 if lba < vol.blocks() {
-                    // Without a read, and not counted as a use.
-                    if let Some((old, _)) = vol.maps[me].lock().get_shared_resident(lba) {
-                        if old != 0 {
-                            ids.push(old);
-                        }
+                    let m = vol.maps[me].lock();
+                    let _ = m.fetch(lba);
+                    if let Some((old, _)) = m.get_shared_resident(lba).filter(|&(old, _)| old != 0)
+                    {
+                        ids.push(old);
                     }
                 }
             }
