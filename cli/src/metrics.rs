@@ -168,6 +168,18 @@ pub fn render(s: &Stats) -> String {
         s.metadata_cache_table_misses,
     );
     gauge(
+        "metadata_ring_reads_total",
+        "Metadata pages the shards read through their queues while the requests needing them waited.",
+        "counter",
+        s.metadata_ring_reads,
+    );
+    gauge(
+        "metadata_shard_waits_total",
+        "Metadata pages a shard's thread waited for in a blocking read.",
+        "counter",
+        s.metadata_shard_waits,
+    );
+    gauge(
         "metadata_open_pages",
         "Pages of metadata the pool's open read from its checkpoint.",
         "gauge",

@@ -292,6 +292,14 @@ pub struct Stats {
     /// pages, counts): what an open costs, which does not follow the pool's size.
     #[serde(default)]
     pub metadata_open_pages: u64,
+    /// Metadata pages a shard's thread waited for in a blocking read (its other requests
+    /// waited with it): the fallback when a page read through its queue did not stay.
+    #[serde(default)]
+    pub metadata_shard_waits: u64,
+    /// Metadata pages the shards read through their own queues while only the requests that
+    /// needed them waited.
+    #[serde(default)]
+    pub metadata_ring_reads: u64,
     /// (`metadata_ram_bytes` + `dedup_index_bytes`) / `unique_blocks`: the RAM each stored
     /// block costs beyond the caches (0 for an empty pool).
     #[serde(default)]

@@ -889,6 +889,8 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     // Map leaves read back from flash over all cases (format 3 only).
     let misses = std::sync::atomic::AtomicU64::new(0);
     let table_misses = std::sync::atomic::AtomicU64::new(0);
+    // Pages the shards read through their queues while requests waited (`shard::fetch`).
+    let ring_reads = std::sync::atomic::AtomicU64::new(0);
     let big = std::sync::atomic::AtomicU64::new(0);
     let result = runner.run(&ops, |ops| {
         let mut h = Harness::new(engine, paged);
@@ -901,6 +903,7 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
         let s = h.pool().stats();
         misses.fetch_add(s.metadata_cache_misses, Ordering::Relaxed);
         table_misses.fetch_add(s.metadata_cache_table_misses, Ordering::Relaxed);
+        ring_reads.fetch_add(s.metadata_ring_reads, Ordering::Relaxed);
         // And once more from disk (an open that takes the stored counts starts with every
         // block-table leaf but the last on its page: reading every block reads them back).
         h.pool().shutdown().expect("shutdown");
@@ -910,6 +913,7 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
         let s = h.pool().stats();
         misses.fetch_add(s.metadata_cache_misses, Ordering::Relaxed);
         table_misses.fetch_add(s.metadata_cache_table_misses, Ordering::Relaxed);
+        ring_reads.fetch_add(s.metadata_ring_reads, Ordering::Relaxed);
         // More live blocks than a table leaf holds (252): some lie in a leaf the open left on
         // its page, which reading every block must read back.
         if s.unique_blocks > 252 {
@@ -924,6 +928,7 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
     let misses = misses.into_inner();
     let table_misses = table_misses.into_inner();
     let big = big.into_inner();
+    let ring_reads = ring_reads.into_inner();
     // Map leaves in every run; block-table leaves whenever a case ended with more live
     // blocks than a leaf holds (one of fewer may keep its whole table in RAM).
     assert_eq!(
@@ -931,6 +936,12 @@ fn run_model_in(engine: Engine, default_cases: u32, paged: bool) {
         paged,
         "metadata cache misses over the run: {misses}, block-table leaves {table_misses} \
          ({big} cases of more than a leaf of blocks)"
+    );
+    // And requests waited for some of them parked, not on their shard's thread.
+    assert_eq!(
+        ring_reads > 0,
+        paged,
+        "pages read through the shards' queues: {ring_reads}"
     );
 }
 

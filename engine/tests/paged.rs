@@ -124,7 +124,6 @@ fn paged_checkpoints_give_back_their_segments() {
     assert_clean(&pool);
 }
 
-/// Device bytes the next checkpoint writes.
 fn read_all(pool: &Pool, name: &str, len: usize) -> Vec<u8> {
     let v = pool.volume(name).unwrap();
     let mut out = Vec::with_capacity(len);
@@ -135,6 +134,7 @@ fn read_all(pool: &Pool, name: &str, len: usize) -> Vec<u8> {
     out
 }
 
+/// Device bytes the next checkpoint writes.
 fn checkpoint_bytes(pool: &Pool) -> u64 {
     let before = pool.stats().device_written_breakdown.checkpoint_bytes;
     pool.checkpoint().unwrap();
@@ -515,5 +515,101 @@ fn an_open_takes_the_stored_counts_and_reads_no_leaf() {
     drop(pool);
     let pool = Pool::open(dir.path(), &small).unwrap();
     assert_eq!(figures(&pool), after_crash);
+    assert_clean(&pool);
+}
+
+/// Evicted leaves a request needs are read through its shard's queue while the request
+/// waits and the shard goes on with its others (`shard::fetch`): with 256 leaves of cache for
+/// over 400, reads from four threads, overwrites, a trim and a snapshot's copies leave no
+/// shard thread waiting for a page in a blocking read, and everything reads back, also after
+/// a crash.
+#[test]
+fn evicted_leaves_are_read_through_the_shards_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), 256 << 20);
+    pool.create_volume("v", 1 << 30).unwrap();
+    let v = pool.volume("v").unwrap();
+    // Four blocks in each of 420 map leaves (2 MiB apart).
+    const LEAVES: usize = 420;
+    let data = blocks(7, 4 * LEAVES);
+    for i in 0..LEAVES {
+        v.write(
+            (i << 21) as u64,
+            &data[4 * i * BLOCK..4 * (i + 1) * BLOCK],
+            false,
+        )
+        .unwrap();
+    }
+    v.flush().unwrap();
+    pool.snapshot_volume("v", "s").unwrap();
+    pool.shutdown().unwrap();
+    drop(pool);
+    let small = PoolOptions {
+        io: IoKind::Auto,
+        metadata_cache_bytes: Some(1 << 20),
+        ..opts()
+    };
+    let pool = std::sync::Arc::new(Pool::open(dir.path(), &small).unwrap());
+    let expect = |i: usize, data: &[u8]| data[4 * i * BLOCK..4 * (i + 1) * BLOCK].to_vec();
+    // Reads, four threads at a time, each over every fourth leaf.
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let pool = pool.clone();
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let v = pool.volume("v").unwrap();
+                for i in (t..LEAVES).step_by(4) {
+                    let got = v.read((i << 21) as u64, (4 * BLOCK) as u32).unwrap();
+                    assert!(got == expect(i, &data), "leaf {i}");
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+    // Overwrites of one block in every third leaf (their applies need the leaves, and the
+    // block-table leaves of the blocks they replace), and a trim over 8 leaves.
+    let v = pool.volume("v").unwrap();
+    let new = blocks(8, LEAVES);
+    for i in (0..LEAVES).step_by(3) {
+        v.write((i << 21) as u64, &new[i * BLOCK..(i + 1) * BLOCK], false)
+            .unwrap();
+    }
+    v.trim(100 << 21, 8 << 21, false).unwrap();
+    v.flush().unwrap();
+    let check = |pool: &Pool| {
+        let v = pool.volume("v").unwrap();
+        let s = pool.volume("s").unwrap();
+        for i in 0..LEAVES {
+            let mut want = expect(i, &data);
+            if (100..108).contains(&i) {
+                want.fill(0);
+            } else if i % 3 == 0 {
+                want[..BLOCK].copy_from_slice(&new[i * BLOCK..(i + 1) * BLOCK]);
+            }
+            let got = v.read((i << 21) as u64, (4 * BLOCK) as u32).unwrap();
+            assert!(got == want, "v's leaf {i}");
+            let got = s.read((i << 21) as u64, (4 * BLOCK) as u32).unwrap();
+            assert!(got == expect(i, &data), "s's leaf {i}");
+        }
+    };
+    check(&pool);
+    let st = pool.stats();
+    assert!(
+        st.metadata_ring_reads >= LEAVES as u64,
+        "{} pages read through the queues",
+        st.metadata_ring_reads
+    );
+    assert_eq!(
+        st.metadata_shard_waits, 0,
+        "a shard's thread waited for a page ({} read through the queues)",
+        st.metadata_ring_reads
+    );
+    assert_clean(&pool);
+    pool.halt();
+    drop(pool);
+    let pool = Pool::open(dir.path(), &small).unwrap();
+    check(&pool);
     assert_clean(&pool);
 }

@@ -65,7 +65,7 @@ fn print_stats(s: &Stats) {
         human(s.process_rss_bytes)
     );
     outln!(
-        "metadata cache  {} of {} ({} leaves; {} hits, {} misses ({} of the block table), {} evicted; {} pages read to open)",
+        "metadata cache  {} of {} ({} leaves; {} hits, {} misses ({} of the block table), {} evicted; {} pages read to open; {} read through the shards' queues, {} waited for)",
         human(s.metadata_cache_bytes),
         human(s.metadata_cache_budget_bytes),
         s.metadata_cache_leaves,
@@ -73,7 +73,9 @@ fn print_stats(s: &Stats) {
         s.metadata_cache_misses,
         s.metadata_cache_table_misses,
         s.metadata_cache_evictions,
-        s.metadata_open_pages
+        s.metadata_open_pages,
+        s.metadata_ring_reads,
+        s.metadata_shard_waits
     );
     outln!(
         "written         {} by clients, {} to devices",

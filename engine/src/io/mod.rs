@@ -19,6 +19,21 @@ use std::sync::Arc;
 pub use buf::AlignedBuf;
 pub use doorbell::Doorbell;
 
+thread_local! {
+    static ON_SHARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this is a shard's thread: it owns an [`IoQueue`], must never wait for the shards,
+/// and should not wait for a blocking read either (its other requests would wait with it).
+pub(crate) fn on_shard_thread() -> bool {
+    ON_SHARD.with(std::cell::Cell::get)
+}
+
+/// Mark this thread as a shard's (see [`on_shard_thread`]).
+pub(crate) fn mark_shard_thread() {
+    ON_SHARD.with(|c| c.set(true));
+}
+
 /// What an [`IoOp`] does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {

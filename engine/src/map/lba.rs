@@ -447,6 +447,18 @@ impl LbaMap {
         }
     }
 
+    /// The leaves of `first..=last` whose entries are evicted: (index, leaf, its page), for a
+    /// read through a shard's queue ([`MapLeaf::take_prefetched`] takes it in). Never reads.
+    pub(crate) fn evicted_in(&self, first: u64, last: u64) -> Vec<(u64, Arc<MapLeaf>, PagePtr)> {
+        let (lo, hi) = (first / MAP_PAGE_ENTRIES, last / MAP_PAGE_ENTRIES);
+        (lo..=hi)
+            .filter_map(|p| {
+                let leaf = self.pages.get(p as usize)?.as_ref()?;
+                Some((p, leaf.clone(), leaf.evicted_at()?))
+            })
+            .collect()
+    }
+
     /// Have the entries of `lba`'s leaf in RAM (read back if evicted) without a look-up: a
     /// step before one made under a lock that must not wait for a read.
     pub(crate) fn fetch(&self, lba: u64) -> Result<()> {

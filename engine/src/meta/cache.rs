@@ -94,6 +94,10 @@ pub(crate) struct MetaCache {
     /// eviction, users must expect reads back.
     stubs_admitted: AtomicBool,
     open_pages: AtomicU64,
+    /// Pages a shard's thread waited for in a blocking read (see `shard::fetch`).
+    shard_waits: AtomicU64,
+    /// Pages shards read through their own queues while the requests needing them waited.
+    ring_reads: AtomicU64,
 }
 
 /// What `stats` reports of the cache.
@@ -110,6 +114,11 @@ pub(crate) struct MetaCacheStats {
     pub table_misses: u64,
     /// Pages of metadata the open read (its checkpoint's root and pages).
     pub open_pages: u64,
+    /// Leaf pages a shard's thread waited for in a blocking read (its other requests waited
+    /// with it).
+    pub shard_waits: u64,
+    /// Leaf pages shards read through their queues while the requests needing them waited.
+    pub ring_reads: u64,
 }
 
 impl Default for MetaCache {
@@ -135,6 +144,8 @@ impl MetaCache {
             over: AtomicBool::new(false),
             stubs_admitted: AtomicBool::new(false),
             open_pages: AtomicU64::new(0),
+            shard_waits: AtomicU64::new(0),
+            ring_reads: AtomicU64::new(0),
         }
     }
 
@@ -174,6 +185,7 @@ impl MetaCache {
                 segment: first.segment,
                 offset: u64::from(first.offset),
             };
+            self.waited(n);
             let Ok(buf) = store::read_now(&*src.store, src.epoch, at, n * PAGE_BYTES) else {
                 break;
             };
@@ -231,6 +243,8 @@ impl MetaCache {
                 + self.table_evictions.load(Ordering::Relaxed),
             table_misses: self.table_misses.load(Ordering::Relaxed),
             open_pages: self.open_pages.load(Ordering::Relaxed),
+            shard_waits: self.shard_waits.load(Ordering::Relaxed),
+            ring_reads: self.ring_reads.load(Ordering::Relaxed),
         }
     }
 
@@ -307,8 +321,41 @@ impl MetaCache {
             segment: at.segment,
             offset: u64::from(at.offset),
         };
+        self.waited(1);
         let buf = store::read_now(&*src.store, src.epoch, at_range, PAGE_BYTES)?;
         Ok((buf, &src.key))
+    }
+
+    /// A blocking read of `pages` pages: counted when a shard's thread makes it.
+    fn waited(&self, pages: usize) {
+        if crate::io::on_shard_thread() {
+            self.shard_waits.fetch_add(pages as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The entries of map leaf `idx` from its page at `at`, read into `buf` by a shard's
+    /// queue (see `shard::fetch`); counted as read through a ring.
+    pub(crate) fn parse_map_leaf(&self, buf: &[u8], idx: u64, at: PagePtr) -> Result<Box<MapPage>> {
+        self.ring_reads.fetch_add(1, Ordering::Relaxed);
+        let src = self.source.get().ok_or(Error::Corrupt {
+            what: "map leaf evicted from a pool without a store",
+        })?;
+        open_leaf(buf, &src.key, idx, at)
+    }
+
+    /// As [`MetaCache::parse_map_leaf`], for block-table leaf `leaf` of `entries` entries.
+    pub(crate) fn parse_table_leaf(
+        &self,
+        buf: &[u8],
+        leaf: usize,
+        at: PagePtr,
+        entries: usize,
+    ) -> Result<Vec<BlockEntry>> {
+        self.ring_reads.fetch_add(1, Ordering::Relaxed);
+        let src = self.source.get().ok_or(Error::Corrupt {
+            what: "block table leaf evicted from a pool without a store",
+        })?;
+        table_leaf(buf, &src.key, leaf, at, entries)
     }
 
     /// After a miss's load: hand back leaves until under the budget again.

@@ -270,6 +270,8 @@ impl Pool {
             metadata_cache_evictions: meta.evictions,
             metadata_cache_table_misses: meta.table_misses,
             metadata_open_pages: meta.open_pages,
+            metadata_shard_waits: meta.shard_waits,
+            metadata_ring_reads: meta.ring_reads,
             ram_bytes_per_stored_block: if space.live_blocks == 0 {
                 0.0
             } else {

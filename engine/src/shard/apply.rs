@@ -66,6 +66,16 @@ impl Shard {
     /// Apply completed records at the head of the queue, in order, and acknowledge them.
     pub(crate) fn apply_completed(&mut self) {
         while self.inflight.front().is_some_and(|r| r.result.is_some()) {
+            // A record written wholly waits here for the evicted leaves its apply uses,
+            // read through the queue (`fetch`), while the shard goes on.
+            if self
+                .inflight
+                .front()
+                .is_some_and(|r| matches!(r.result, Some(Ok(()))))
+                && !self.head_ready()
+            {
+                break;
+            }
             let Some(mut rec) = self.inflight.pop_front() else {
                 break;
             };
@@ -168,8 +178,9 @@ impl Shard {
         // Blocks this record left unreferenced: out of the cache, their slots serve the copies.
         let mut dead: Vec<u64> = Vec::new();
         // Leaves whose entries were evicted are read back now, not under the pool's space lock
-        // below (a later eviction in between reads again there; `meta::cache`).
-        if self.ctx.meta.evicted_any() {
+        // below (a later eviction in between reads again there; `meta::cache`), unless the
+        // record waited for them through the queue and found them all in (`fetch`).
+        if !self.take_head_clean() && self.ctx.meta.evicted_any() {
             // With them, the block-table leaves of the blocks placed, shared and replaced
             // (the replaced ones looked up without a read, and not counted as uses).
             let mut ids = Vec::new();

@@ -3,6 +3,7 @@
 //! and the ordered apply of completed records live beside it, the records and the chain in `log/`.
 
 mod apply;
+mod fetch;
 mod flush;
 mod pack;
 mod prewrite;
@@ -116,14 +117,7 @@ pub(crate) struct UrgentPause {
     pub resume: Receiver<()>,
 }
 
-thread_local! {
-    static ON_SHARD: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether this is a shard's thread (which must never wait for the shards).
-pub(crate) fn on_shard_thread() -> bool {
-    ON_SHARD.with(Cell::get)
-}
+pub(crate) use crate::io::on_shard_thread;
 
 /// Writes acknowledged early that this shard has received and not yet applied.
 #[derive(Default)]
@@ -319,6 +313,8 @@ pub(crate) struct Shard {
     pub(crate) flushes: flush::Flushes,
     /// Zeroes written ahead of a flush-heavy chain.
     pub(crate) prewrites: prewrite::Prewrites,
+    /// Metadata pages read through the queue, and the requests waiting for them.
+    pub(crate) fetches: fetch::Fetches,
 }
 
 impl Drop for Shard {
@@ -378,6 +374,7 @@ impl Shard {
             unapplied: Rc::default(),
             flushes: flush::Flushes::default(),
             prewrites: prewrite::Prewrites::default(),
+            fetches: fetch::Fetches::default(),
         }
     }
 
@@ -385,7 +382,7 @@ impl Shard {
         // Front ends defer the replies of completions to the end of each turn (see
         // `api::after_batch`), so that one turn's replies leave together.
         crate::api::begin_batch();
-        ON_SHARD.with(|c| c.set(true));
+        crate::io::mark_shard_thread();
         // From now on FUA writes completed on this thread are flushed by this shard.
         drop(crate::job::take_local_flushes());
         loop {
@@ -616,6 +613,7 @@ impl Shard {
 
     /// At stop: fail what is stalled or deferred.
     pub(crate) fn fail_waiting(&mut self) {
+        self.fail_parked();
         let stalled = std::mem::take(&mut self.stalled);
         self.unpin(stalled.iter());
         for item in stalled {
@@ -648,6 +646,8 @@ impl Shard {
     }
 
     pub(crate) fn fail_all_inflight(&mut self, e: std::io::Error) {
+        // Page reads lost with the queue: what waits for them runs again at the next reap.
+        self.fetches.forget_reads();
         for r in self.inflight.iter_mut() {
             if r.result.is_none() {
                 r.result = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
@@ -683,6 +683,9 @@ impl Shard {
                 Ok(()) => continue,
                 Err(d) => d,
             };
+            let Some(d) = self.page_done(d) else {
+                continue;
+            };
             if let Some(pr) = self.reads.remove(&d.tag) {
                 self.ctx.stages.device(Op::Read, pr.sent);
                 self.finish_read(pr, d);
@@ -697,6 +700,7 @@ impl Shard {
             }
         }
         self.done = done;
+        self.resume_parked();
         self.apply_completed();
     }
 

@@ -1,5 +1,6 @@
 //! The read path: map lookups, cache hits, device reads in spans, checksum checks and decoding.
 
+use super::fetch::{PageFor, MAX_PARKS};
 use super::{Part, Shard, ShardMsg, BLOCK};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -79,9 +80,23 @@ impl Shard {
         at: usize,
         job: Arc<Job>,
     ) {
+        self.read_try(vol, offset, len, at, job, 0);
+    }
+
+    /// A read that waited `tries` times for metadata pages (see `fetch`).
+    pub(crate) fn read_try(
+        &mut self,
+        vol: Arc<VolumeState>,
+        offset: u64,
+        len: usize,
+        at: usize,
+        job: Arc<Job>,
+        tries: u8,
+    ) {
         // An early-acknowledged write to these blocks arrived before this read: store it
-        // first, so the read sees it in the map.
-        if self.overlaps_unapplied(vol.id, offset, len) {
+        // first, so the read sees it in the map. (A read run again after waiting for pages
+        // was taken before any write that arrived since: it need not see those.)
+        if tries == 0 && self.overlaps_unapplied(vol.id, offset, len) {
             self.pack_records();
             self.drain();
             if self.ctx.health.is_faulted() {
@@ -100,10 +115,21 @@ impl Shard {
                 return;
             }
         }
-        let part = Part::new(job, &self.env);
-        part.records.set(1); // released at the end of this function
         let first = offset / BLOCK_BYTES;
         let last = (offset + len as u64 - 1) / BLOCK_BYTES;
+        // Evicted leaves are read through the queue while this read waits, and the shard
+        // goes on with its other requests (`fetch`).
+        let may_park = tries < MAX_PARKS && self.ctx.meta.evicted_any();
+        if may_park {
+            let waits = self.read_map_pages(&vol, first, last);
+            if !waits.is_empty() {
+                self.park_read(vol, offset, len, at, job, waits, tries);
+                return;
+            }
+        }
+        let part = Part::new(job, &self.env);
+        // Released at the end of this function.
+        part.records.set(1);
         // Scratch vectors kept by the shard: allocating two per read showed as ~6% of a cached
         // 4k random-read profile.
         let mut ids = std::mem::take(&mut self.scratch_ids);
@@ -121,29 +147,47 @@ impl Shard {
                 })
             }));
         }
-        // Evicted block-table leaves are read back before the space lock, which the other
-        // shards and readers need meanwhile.
-        if self.ctx.meta.evicted_any() {
-            Space::fetch_leaves(
-                &self.ctx.space,
-                &mut ids.iter().copied().filter(|&id| id != 0),
-                usize::MAX,
-            );
-        }
-        let seen;
-        {
+        // Evicted block-table leaves are read without the space lock, which the other shards
+        // and readers need meanwhile: through the queue while this read waits, or (after
+        // waiting enough, or once a look-up failed) here. They are looked for under the lock
+        // the look-ups take, so that none can go in between.
+        let mut seen = 0;
+        let ask = {
             let mut space = self.ctx.space.lock();
-            // Under the space lock, with the look-ups (see `cache`).
+            let ask = match self.ctx.meta.evicted_any() {
+                true => space
+                    .blocks
+                    .evicted_of(&mut ids.iter().copied().filter(|&id| id != 0), usize::MAX),
+                false => None,
+            };
+            if ask.is_none() {
+                seen = self.ctx.reuse.now();
+                look_up(&mut space, &ids, &mut entries, &part);
+            }
+            ask
+        };
+        if let Some(ask) = ask {
+            if may_park && part.error.borrow().is_none() {
+                let waits = ask
+                    .leaves
+                    .iter()
+                    .map(|&(leaf, at, entries)| {
+                        self.fetch_page(at, PageFor::Table { leaf, entries })
+                    })
+                    .collect();
+                self.scratch_ids = ids;
+                self.scratch_entries = entries;
+                // Nothing of this part was started: the job waits for the read again.
+                let job = part.job.clone();
+                drop(part);
+                self.park_read(vol, offset, len, at, job, waits, tries);
+                return;
+            }
+            let got = ask.pages.read_leaves(&ask.leaves);
+            let mut space = self.ctx.space.lock();
+            space.blocks.take_read(&ask, got);
             seen = self.ctx.reuse.now();
-            // A block-table leaf that does not read back fails the read, first with its own
-            // error.
-            entries.extend(ids.iter().map(|&id| match id {
-                0 => None,
-                _ => space.get(id).unwrap_or_else(|e| {
-                    part.fail(e);
-                    None
-                }),
-            }));
+            look_up(&mut space, &ids, &mut entries, &part);
         }
         // When a block read belongs to a compressed group, the neighbours in the same group
         // come along: the group is read and decompressed anyway, and caching all of it saves a
@@ -156,17 +200,18 @@ impl Shard {
             let reach = reduce::GROUP_BLOCKS as u64 - 1;
             let lo = first.saturating_sub(reach);
             let hi = (last + reach).min(vol.blocks().saturating_sub(1));
+            // Only those whose leaves are in RAM: a neighbour is worth no metadata read.
             let near: Vec<u64> = {
                 let map = vol.maps[self.id].lock();
                 (lo..first)
                     .chain(last + 1..=hi)
-                    .filter_map(|lba| map.get(lba).ok())
+                    .filter_map(|lba| map.get_shared_resident(lba).map(|(id, _)| id))
                     .filter(|&id| id != 0)
                     .collect()
             };
-            let mut space = self.ctx.space.lock();
+            let space = self.ctx.space.lock();
             near.into_iter()
-                .filter_map(|id| Some((id, space.get(id).ok()??)))
+                .filter_map(|id| Some((id, space.get_resident(id)?)))
                 .filter(|(_, e)| reduce::group_of(e.flags).1 > 1)
                 .collect()
         } else {
@@ -324,6 +369,19 @@ impl Shard {
         }
         self.read_block_now(vol, lba)
     }
+}
+
+/// The entries of `ids` (0: a hole), under the space lock, with the reuse epoch read under
+/// it too (see `cache`). A block-table leaf that does not read back fails the read, first with
+/// its own error.
+fn look_up(space: &mut Space, ids: &[u64], entries: &mut Vec<Option<BlockEntry>>, part: &Part) {
+    entries.extend(ids.iter().map(|&id| match id {
+        0 => None,
+        _ => space.get(id).unwrap_or_else(|e| {
+            part.fail(e);
+            None
+        }),
+    }));
 }
 
 /// Add a wanted block to the reads of a request: to the payload read just before when it is

@@ -40,7 +40,7 @@ pub(crate) struct VerifyRead {
 /// cache cost a third of the server's CPU per MiB of 1M writes over NBD (docs/benchmarks.md).
 pub(crate) const WRITE_AROUND_BYTES: u64 = 256 << 10;
 
-/// Evicted block-table leaves a dedup pass reads back at most, under the space lock.
+/// Evicted block-table leaves a dedup pass reads back at most.
 const DEDUP_LEAF_READS: usize = 8;
 
 impl Shard {
@@ -252,26 +252,26 @@ impl Shard {
         if cands.is_empty() {
             return;
         }
+        // Candidates whose block-table leaf is evicted (every leaf after an open) are read
+        // back, a few leaves per pass, before the space lock, which the other shards need
+        // meanwhile. Past them, and when a leaf went again in between, the block is stored
+        // anew.
+        if self.ctx.meta.evicted_any() {
+            crate::space::Space::fetch_leaves(
+                &self.ctx.space,
+                &mut cands.iter().map(|c| c.1),
+                DEDUP_LEAF_READS,
+            );
+        }
         // Pin every live candidate so it cannot be freed (and its id reused) meanwhile.
         let seen;
         let pinned: Vec<(usize, u64, BlockEntry)> = {
             let mut space = self.ctx.space.lock();
             seen = self.ctx.reuse.now();
-            // Candidates whose block-table leaf is evicted (every leaf after an open) are
-            // read back, a few per pass: the read holds the space lock. Past them, the block
-            // is stored anew.
-            let mut reads = DEDUP_LEAF_READS;
             cands
                 .into_iter()
                 .filter_map(|(i, id)| {
-                    let e = match space.get_resident(id) {
-                        Some(e) => e,
-                        None if reads > 0 && space.refs.live(id) => {
-                            reads -= 1;
-                            space.get(id).ok().flatten()?
-                        }
-                        None => return None,
-                    };
+                    let e = space.get_resident(id)?;
                     space.pin(id);
                     Some((i, id, e))
                 })

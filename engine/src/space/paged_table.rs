@@ -201,7 +201,7 @@ impl BlockTable {
         self.took(l, entries, &*pages);
         let over = pages.over();
         if over > 0 {
-            let (freed, changed) = self.evict(over, EVICT_STEP, Some(l));
+            let (freed, changed) = self.evict(over, EVICT_STEP, &[l]);
             if freed < over && changed > 0 {
                 pages.settled();
             }
@@ -258,6 +258,7 @@ impl BlockTable {
     /// from (one loaded, changed or moved meanwhile keeps what it has). Then room is made as
     /// loads make it: the hand passes what came in once (used), older leaves go.
     pub(crate) fn take_read(&mut self, ask: &TableAsk, got: Vec<Option<Vec<BlockEntry>>>) {
+        let mut taken = Vec::new();
         for (&(l, at, n), got) in ask.leaves.iter().zip(got) {
             let Some(entries) = got else { continue };
             if l < self.leaves.len()
@@ -266,12 +267,29 @@ impl BlockTable {
                 && self.leaf_len(l) == n
             {
                 self.took(l, entries, &*ask.pages);
+                taken.push(l);
             }
         }
+        // Not what just came in: it is about to be used. (The hand sees only the table's
+        // leaves, so over a budget that map leaves fill it could pass a leaf twice in one
+        // call and take it before its use.)
         let over = ask.pages.over();
         if over > 0 {
-            self.evict(over, EVICT_STEP + 2 * ask.leaves.len(), None);
+            self.evict(over, EVICT_STEP + 2 * ask.leaves.len(), &taken);
         }
+    }
+
+    /// Leaf `l`'s `n` entries as a shard's queue read them from its page at `at`: taken as
+    /// [`BlockTable::take_read`] takes what it is handed.
+    pub(crate) fn take_one(&mut self, l: usize, at: PagePtr, n: usize, entries: Vec<BlockEntry>) {
+        let Some(pages) = self.own_pages().cloned() else {
+            return;
+        };
+        let ask = TableAsk {
+            pages,
+            leaves: vec![(l, at, n)],
+        };
+        self.take_read(&ask, vec![Some(entries)]);
     }
 
     /// The entry (`None` beyond the table), its leaf read back first if it was evicted.
@@ -448,14 +466,14 @@ impl BlockTable {
         }
         let over = self.pages.as_ref().map_or(0, |p| p.over());
         if over > 0 {
-            self.evict(over, 2 * self.leaves.len(), None);
+            self.evict(over, 2 * self.leaves.len(), &[]);
         }
     }
 
     /// Evict up to `bytes` of leaves a committed checkpoint holds and that were not used since
     /// the hand last passed, looking at no more than `steps` leaves; never `keep`. Returns the
     /// bytes freed and the leaves in RAM passed over for having changed since the checkpoint.
-    fn evict(&mut self, bytes: u64, steps: usize, keep: Option<usize>) -> (u64, usize) {
+    fn evict(&mut self, bytes: u64, steps: usize, keep: &[usize]) -> (u64, usize) {
         let n = self.leaves.len();
         if n == 0 || !self.own {
             return (0, 0);
@@ -471,7 +489,7 @@ impl BlockTable {
             let l = self.hand;
             let leaf = &mut self.leaves[l];
             // The last leaf stays: new ids grow it, and growth never reads.
-            if leaf.entries.is_none() || keep == Some(l) || l + 1 == n {
+            if leaf.entries.is_none() || keep.contains(&l) || l + 1 == n {
                 continue;
             }
             if leaf.at.is_absent() {
