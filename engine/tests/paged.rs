@@ -520,9 +520,9 @@ fn an_open_takes_the_stored_counts_and_reads_no_leaf() {
 
 /// Evicted leaves a request needs are read through its shard's queue while the request
 /// waits and the shard goes on with its others (`shard::fetch`): with 256 leaves of cache for
-/// over 400, reads from four threads, overwrites, a trim and a snapshot's copies leave no
-/// shard thread waiting for a page in a blocking read, and everything reads back, also after
-/// a crash.
+/// over 400, reads from four threads and through a `Reader`, overwrites, a trim and a
+/// snapshot's copies leave no shard thread waiting for a page in a blocking read, and
+/// everything reads back, also after a crash.
 #[test]
 fn evicted_leaves_are_read_through_the_shards_queues() {
     let dir = tempfile::tempdir().unwrap();
@@ -567,6 +567,17 @@ fn evicted_leaves_are_read_through_the_shards_queues() {
         .collect();
     for r in readers {
         r.join().unwrap();
+    }
+    // Reads on a caller's own queue (`Reader`, as an NBD connection's) send a miss to the
+    // shard instead of waiting for the page on the caller's thread.
+    {
+        let v = pool.volume("v").unwrap();
+        let mut r = ingot_engine::Reader::new(&v, 8).unwrap();
+        for i in (0..LEAVES).rev() {
+            let got = common::read_through(&mut r, (i << 21) as u64, (4 * BLOCK) as u32).unwrap();
+            assert!(got == expect(i, &data), "leaf {i} through a reader");
+        }
+        assert!(r.handed_off() > 0, "no read missed");
     }
     // Overwrites of one block in every third leaf (their applies need the leaves, and the
     // block-table leaves of the blocks they replace), and a trim over 8 leaves.

@@ -434,6 +434,24 @@ impl LbaMap {
         }
     }
 
+    /// The entry at `lba` if its leaf's entries are in RAM, counted as a use and a hit
+    /// (`None`: evicted); never reads. For a reader that sends a miss to the shard instead.
+    pub(crate) fn get_if_resident(&self, lba: u64) -> Option<u64> {
+        let (p, i) = split(lba);
+        let Some(Some(page)) = self.pages.get(p) else {
+            return Some(0);
+        };
+        page.referenced.store(true, Ordering::Relaxed);
+        let id = match &page.state.lock().ids {
+            Some(ids) => ids[i],
+            // Evicted holes: nothing to read for them either.
+            None if page.count() == 0 => 0,
+            None => return None,
+        };
+        self.hit();
+        Some(id)
+    }
+
     /// The entry at `lba` if its leaf's entries are in RAM (`None`: evicted), and whether its
     /// leaf is held by other maps too; never reads. For checks made under the space lock.
     pub(crate) fn get_shared_resident(&self, lba: u64) -> Option<(u64, bool)> {

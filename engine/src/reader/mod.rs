@@ -33,7 +33,7 @@ use crate::job::{Job, Timing};
 use crate::map::shard_of;
 use crate::reduce;
 use crate::shard::{decode_piece, MAX_READ_SPAN};
-use crate::space::{BlockEntry, Space};
+use crate::space::BlockEntry;
 use crate::volume::Volume;
 
 /// Longest read served on the caller's queue; longer ones go to the shards, which split them
@@ -102,8 +102,6 @@ pub struct Reader {
     /// Scratch of `direct`: (lba, block id, entry) looked up; cached pieces; device reads
     /// (segment, aligned start, aligned end, payloads).
     found: Vec<(u64, u64, Option<BlockEntry>)>,
-    /// Block ids whose table leaves are read back before the space lock.
-    fetch_ids: Vec<u64>,
     cached: Vec<(usize, Bytes)>,
     groups: Vec<(u32, u32, u32, Vec<Piece>)>,
 }
@@ -127,7 +125,6 @@ impl Reader {
             pieces: false,
             broken: false,
             found: Vec::new(),
-            fetch_ids: Vec::new(),
             cached: Vec::new(),
             groups: Vec::new(),
         })
@@ -301,26 +298,9 @@ impl Reader {
         // Scratch kept by the reader: a 4k read allocates only its job, buffer and span.
         let mut found = std::mem::take(&mut self.found);
         found.clear();
-        // Evicted leaves are read back before the space lock is taken (the look-ups below find
-        // them then); one that does not read back goes to the shard, which reports it.
-        if ctx.meta.evicted_any() {
-            // Likewise the block-table leaves of the blocks the maps hold now (looked up
-            // without a read, and not counted as uses).
-            self.fetch_ids.clear();
-            for lba in first..=last {
-                let map = state.maps[shard_of(lba, shards)].lock();
-                if map.fetch(lba).is_err() {
-                    drop(map);
-                    ctx.reads.leave(ticket);
-                    self.found = found;
-                    return Err(done);
-                }
-                if let Some((id, _)) = map.get_shared_resident(lba).filter(|&(id, _)| id != 0) {
-                    self.fetch_ids.push(id);
-                }
-            }
-            Space::fetch_leaves(&ctx.space, &mut self.fetch_ids.iter().copied(), usize::MAX);
-        }
+        // A read that needs an evicted map or block-table leaf goes to its shard, which reads
+        // the page through its queue while the read waits there (`shard/fetch.rs`): this
+        // thread, and the connection's other reads, never wait for a metadata page.
         let seen;
         {
             // Space, then maps, as the shards apply records.
@@ -330,22 +310,21 @@ impl Reader {
             for lba in first..=last {
                 let id = state.maps[shard_of(lba, shards)]
                     .lock()
-                    .get(lba)
-                    .unwrap_or(u64::MAX);
-                // A block-table leaf that does not read back sends the read to the shards,
-                // which report the error.
-                let entry = if id == 0 {
-                    None
-                } else {
-                    space.get(id).unwrap_or(None)
+                    .get_if_resident(lba);
+                // An evicted leaf (or a map entry without a block, which the shard reports)
+                // sends the read to the shards.
+                let entry = match id {
+                    Some(0) => None,
+                    Some(id) => space.get_if_resident(id).unwrap_or(None),
+                    None => None,
                 };
-                if id != 0 && entry.is_none() {
+                if id != Some(0) && entry.is_none() {
                     drop(space);
                     ctx.reads.leave(ticket);
                     self.found = found;
                     return Err(done);
                 }
-                found.push((lba, id, entry));
+                found.push((lba, id.unwrap_or(0), entry));
             }
         }
         let now = Instant::now();

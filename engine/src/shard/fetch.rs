@@ -73,6 +73,12 @@ impl Fetches {
         waits.iter().any(|t| self.reads.contains_key(t))
     }
 
+    /// Page reads in flight (a queue may hold some back from its count, as the fault
+    /// injector's delayed reads are).
+    pub(crate) fn reading(&self) -> bool {
+        !self.reads.is_empty()
+    }
+
     /// The queue failed: its page reads will not complete.
     pub(crate) fn forget_reads(&mut self) {
         self.reads.clear();
@@ -222,6 +228,19 @@ impl Shard {
             .collect();
         self.fetches.head_tries += 1;
         false
+    }
+
+    /// Start reading the evicted leaves the newest record's apply will use while the record
+    /// is written: its apply then waits only for what is still missing (the block-table
+    /// leaves of the blocks a leaf read now names, a leaf given back meanwhile).
+    pub(crate) fn prefetch_newest(&mut self) {
+        let pages = match self.inflight.back() {
+            Some(rec) => self.apply_pages(&rec.applies),
+            None => return,
+        };
+        for (at, what) in pages {
+            self.fetch_page(at, what);
+        }
     }
 
     /// Whether the record about to apply was found with its leaves in RAM (see `head_ready`);

@@ -386,8 +386,10 @@ impl Shard {
         // From now on FUA writes completed on this thread are flushed by this shard.
         drop(crate::job::take_local_flushes());
         loop {
-            let busy =
-                !self.inflight.is_empty() || !self.reads.is_empty() || self.queue.in_flight() > 0;
+            let busy = !self.inflight.is_empty()
+                || !self.reads.is_empty()
+                || self.fetches.reading()
+                || self.queue.in_flight() > 0;
             let first = if busy {
                 match self.rx.try_recv() {
                     Ok(m) => Some(m),

@@ -548,6 +548,9 @@ impl Shard {
             parts,
             sent: Instant::now(),
         });
+        if self.ctx.meta.evicted_any() {
+            self.prefetch_newest();
+        }
     }
 
     /// Drop the writes of `batch` (one data record) that a later write in it supersedes: same

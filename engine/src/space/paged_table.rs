@@ -187,6 +187,21 @@ impl BlockTable {
             .get(i % TABLE_LEAF)
     }
 
+    /// The entry (`None` beyond the table) if its leaf is in RAM, counted as a use and a hit;
+    /// `Err(())` when the leaf is evicted. Never reads.
+    pub(crate) fn entry_if_resident(&mut self, i: usize) -> Result<Option<BlockEntry>, ()> {
+        if i >= self.len {
+            return Ok(None);
+        }
+        let leaf = &mut self.leaves[i / TABLE_LEAF];
+        let Some(entries) = &leaf.entries else {
+            return Err(());
+        };
+        leaf.used = true;
+        self.hits += 1;
+        Ok(entries.get(i % TABLE_LEAF).copied())
+    }
+
     /// Make leaf `l` resident, reading it back if it was evicted.
     fn load(&mut self, l: usize) -> Result<()> {
         self.leaves[l].used = true;
@@ -273,6 +288,7 @@ impl BlockTable {
         // Not what just came in: it is about to be used. (The hand sees only the table's
         // leaves, so over a budget that map leaves fill it could pass a leaf twice in one
         // call and take it before its use.)
+        taken.sort_unstable();
         let over = ask.pages.over();
         if over > 0 {
             self.evict(over, EVICT_STEP + 2 * ask.leaves.len(), &taken);
@@ -471,7 +487,8 @@ impl BlockTable {
     }
 
     /// Evict up to `bytes` of leaves a committed checkpoint holds and that were not used since
-    /// the hand last passed, looking at no more than `steps` leaves; never `keep`. Returns the
+    /// the hand last passed, looking at no more than `steps` leaves; never `keep` (ascending).
+    /// Returns the
     /// bytes freed and the leaves in RAM passed over for having changed since the checkpoint.
     fn evict(&mut self, bytes: u64, steps: usize, keep: &[usize]) -> (u64, usize) {
         let n = self.leaves.len();
@@ -489,7 +506,7 @@ impl BlockTable {
             let l = self.hand;
             let leaf = &mut self.leaves[l];
             // The last leaf stays: new ids grow it, and growth never reads.
-            if leaf.entries.is_none() || keep.contains(&l) || l + 1 == n {
+            if leaf.entries.is_none() || keep.binary_search(&l).is_ok() || l + 1 == n {
                 continue;
             }
             if leaf.at.is_absent() {

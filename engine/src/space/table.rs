@@ -294,6 +294,15 @@ impl Space {
         self.blocks.entry(id as usize)
     }
 
+    /// A live block's entry, counted as a use of its leaf; `Err(())` when its leaf is evicted
+    /// (never reads).
+    pub fn get_if_resident(&mut self, id: u64) -> std::result::Result<Option<BlockEntry>, ()> {
+        if !self.refs.live(id) {
+            return Ok(None);
+        }
+        self.blocks.entry_if_resident(id as usize)
+    }
+
     /// A live block's entry if its leaf is in RAM (never reads).
     pub fn get_resident(&self, id: u64) -> Option<BlockEntry> {
         self.blocks
