@@ -154,6 +154,11 @@ impl MetaCache {
         self.budget.load(Ordering::Relaxed)
     }
 
+    /// Leaves it holds at most (map and block-table leaves take 4 KiB each).
+    pub(crate) fn budget_leaves(&self) -> usize {
+        usize::try_from(self.budget_bytes() / LEAF_BYTES).unwrap_or(usize::MAX)
+    }
+
     /// The pages at `ptrs` (in any order) parsed by `parse` (index in `ptrs`, page bytes,
     /// key), a run of adjacent ones per read (up to 1 MiB), each parsed where it was read:
     /// `None` for a page that does not read or parse (the reads stop at the first that
