@@ -9,8 +9,9 @@
 //! an eighth over the budget the shards ask for a checkpoint (`wants_checkpoint`).
 //!
 //! Eviction is CLOCK over a ring of weak pointers: a leaf used since the hand last passed gets
-//! a second chance. Misses read the page with a blocking read on the caller's thread for now
-//! (design milestone 15 parks them instead).
+//! a second chance. A shard reads a missing page through its own queue while the request that
+//! needs it waits (`shard::fetch`, which takes it in through `parse_map_leaf`); the other
+//! callers (walks, checks, replay, the fallbacks) read it with a blocking read on their thread.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

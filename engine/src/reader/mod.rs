@@ -14,8 +14,10 @@
 //!
 //! What it leaves to the shards (the read goes there as before): blocks with a write
 //! acknowledged early and not yet applied (the shard orders the read after it), long reads
-//! (device-bound already, and split across shards), and map entries without a block (the
-//! shard reports the corruption). A location looked up here stays valid until the read
+//! (device-bound already, and split across shards), map entries without a block (the shard
+//! reports the corruption), and blocks whose map or block-table leaf is evicted from the
+//! metadata cache (the shard reads the page through its queue while the read waits; this
+//! thread never waits for one). A location looked up here stays valid until the read
 //! completes: segments are freed only after a fence (`Context::reads`) that waits for it.
 
 use std::sync::Arc;

@@ -5,6 +5,10 @@
 //! shard's thread waited for each such page in a blocking read, and every request it held
 //! waited with it.
 //!
+//! A record starts reading its leaves already when it is written (`prefetch_newest`), while
+//! the reads in flight stay under an eighth of the shard's share of the cache; a record that
+//! needs more than half of that share reads them at its apply, as before.
+//!
 //! A page read here only brings a leaf in: whatever is still evicted when the request runs
 //! again (a small cache may give a leaf back before then, or a page may fail to read or
 //! check) is waited for again, at most [`MAX_PARKS`] times, then read the blocking way, which
@@ -25,6 +29,15 @@ use crate::map::{MapLeaf, VolumeState};
 /// twice more should a leaf go again meanwhile (a cache small for the requests in flight);
 /// progress never depends on the cache's budget.
 pub(crate) const MAX_PARKS: u8 = 4;
+
+/// Times the head of the apply order waits for pages: its map leaves, then the block-table
+/// leaves of the blocks they name. Missing pages after that were pushed out before the apply
+/// could use them (the cache is small for the records in flight): the head reads them itself,
+/// and so do the next [`CALM_RECORDS`] records, whose waits would be lost the same way.
+const HEAD_PARKS: u8 = 2;
+
+/// Records applied the blocking way after a head's pages were pushed out before its apply.
+const CALM_RECORDS: u32 = 256;
 
 /// Page reads one request (or one record's apply) starts at most per wait: a trim over a
 /// large evicted range reads the rest the blocking way (design milestone 20 moves that off
@@ -63,6 +76,8 @@ pub(crate) struct Fetches {
     /// What the head of the apply order waits for, and how many times it waited.
     head: Vec<u64>,
     head_tries: u8,
+    /// Records left to apply without waiting (see [`CALM_RECORDS`]).
+    calm: u32,
     /// The head was just found with every leaf its apply uses in RAM: the apply need not
     /// look again (`take_head_clean`).
     head_clean: bool,
@@ -201,15 +216,20 @@ impl Shard {
     }
 
     /// Whether the completed record at the head of the apply order may apply now: its
-    /// evicted map and block-table leaves are in, or it waited for them [`MAX_PARKS`] times
-    /// (the apply reads what is left). Otherwise their page reads are started (or still in
+    /// evicted map and block-table leaves are in, it waited for them [`HEAD_PARKS`] times, or
+    /// they are more than half the shard's share of the cache (the apply reads what is left). Otherwise their page reads are started (or still in
     /// flight) and it waits.
     pub(crate) fn head_ready(&mut self) -> bool {
         if self.fetches.pending(&self.fetches.head) {
             return false;
         }
         self.fetches.head.clear();
-        if self.fetches.head_tries >= MAX_PARKS || !self.ctx.meta.evicted_any() {
+        if !self.ctx.meta.evicted_any() {
+            self.fetches.head_tries = 0;
+            return true;
+        }
+        if self.fetches.calm > 0 {
+            self.fetches.calm -= 1;
             self.fetches.head_tries = 0;
             return true;
         }
@@ -222,9 +242,15 @@ impl Shard {
             self.fetches.head_clean = true;
             return true;
         }
-        // More leaves than half the cache holds would push each other out before the apply
-        // uses them: the apply reads them itself, one after the other as it uses them.
-        if pages.len() > self.cache_leaves() / 2 {
+        if self.fetches.head_tries >= HEAD_PARKS {
+            self.fetches.calm = CALM_RECORDS;
+            self.fetches.head_tries = 0;
+            return true;
+        }
+        // More leaves than this shard's half of the cache holds would push each other out
+        // before the apply uses them: the apply reads them itself, as it did before these
+        // waits (all of them before the space lock, then again under it any that went).
+        if pages.len() > self.cache_share() / 2 {
             self.fetches.head_tries = 0;
             return true;
         }
@@ -240,14 +266,18 @@ impl Shard {
     /// is written: its apply then waits only for what is still missing (the block-table
     /// leaves of the blocks a leaf read now names, a leaf given back meanwhile).
     pub(crate) fn prefetch_newest(&mut self) {
+        // Only while what is being read stays well within this shard's share of the cache:
+        // leaves read for records far behind the head would push out those the head needs (a
+        // small cache under random writes ran at 0.4x of reading them at the apply).
+        let limit = self.cache_share() / 8;
+        if self.fetches.reads.len() >= limit || self.fetches.calm > 0 {
+            return;
+        }
         let pages = match self.inflight.back() {
             Some(rec) => self.apply_pages(&rec.applies),
             None => return,
         };
-        // Only while what is being read stays well within the cache: leaves read for records
-        // far behind the head would push out those the head needs (a small cache under
-        // random writes ran at 0.4x of reading them at the apply).
-        if self.fetches.reads.len() + pages.len() > self.cache_leaves() / 8 {
+        if self.fetches.reads.len() + pages.len() > limit {
             return;
         }
         for (at, what) in pages {
@@ -255,8 +285,9 @@ impl Shard {
         }
     }
 
-    fn cache_leaves(&self) -> usize {
-        self.ctx.meta.budget_leaves()
+    /// The leaves of the metadata cache per shard (map and block-table leaves alike).
+    fn cache_share(&self) -> usize {
+        self.ctx.meta.budget_leaves() / self.ctx.shards().max(1)
     }
 
     /// Whether the record about to apply was found with its leaves in RAM (see `head_ready`);

@@ -3,8 +3,9 @@
 //! unchanged (docs/design/paged-metadata.md, milestone 14): an evicted leaf keeps only where
 //! its page is, and comes back through [`TablePages`] (the metadata cache) when it is used.
 //!
-//! Everything here runs under the space lock. A leaf read back on a miss is read with the lock
-//! held, for now (milestone 15 moves misses off the shards).
+//! Everything here runs under the space lock. The paths that serve requests find the leaves
+//! they miss under it ([`BlockTable::evicted_of`]) and read them without it (a shard through
+//! its queue, `shard::fetch`); a leaf still missing when used is read with the lock held.
 //!
 //! A leaf read back holds its live ids' entries as they were in RAM. A dead id's entry may be
 //! older than RAM's (an open that recounts keeps only live ids' entries, the rest default),
