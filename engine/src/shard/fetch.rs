@@ -6,13 +6,14 @@
 //! waited with it.
 //!
 //! A record starts reading its leaves already when it is written (`prefetch_newest`), while
-//! the reads in flight stay under an eighth of the shard's share of the cache; a record that
-//! needs more than half of that share reads them at its apply, as before.
+//! the reads in flight stay under an eighth of the shard's share of the cache. A record that
+//! needs more than half of that share reads them at its apply, as before, and so does one
+//! whose pages went again before its apply, with the [`CALM_RECORDS`] after it.
 //!
 //! A page read here only brings a leaf in: whatever is still evicted when the request runs
 //! again (a small cache may give a leaf back before then, or a page may fail to read or
-//! check) is waited for again, at most [`MAX_PARKS`] times, then read the blocking way, which
-//! reports a page that does not read or check as today.
+//! check) is waited for again, at most [`MAX_PARKS`] times for a read and [`HEAD_PARKS`] for
+//! a record, then read the blocking way, which reports a page that does not read or check.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
