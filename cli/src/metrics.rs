@@ -120,6 +120,12 @@ pub fn render(s: &Stats) -> String {
         s.unique_blocks,
     );
     gauge(
+        "dedup_stream_hits_total",
+        "Dedup hits found by following a stream of duplicates rather than in the index.",
+        "counter",
+        s.dedup_stream_hits,
+    );
+    gauge(
         "dedup_index_bytes",
         "RAM held by the dedup index.",
         "gauge",

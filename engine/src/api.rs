@@ -263,6 +263,11 @@ pub struct Stats {
     pub dedup_index_bytes: u64,
     /// Fingerprints in the dedup index.
     pub dedup_index_entries: u64,
+    /// Dedup hits found by following a stream of duplicates (the block after one that
+    /// duplicates stored block `id` tried against `id + 1`), not in the index, since the pool
+    /// opened: what keeps copies deduplicated once the index samples its fingerprints.
+    #[serde(default)]
+    pub dedup_stream_hits: u64,
     /// RAM the engine holds for metadata outside its caches and the dedup index: reference
     /// counts, and the block table's and volume maps' slots and leaves' stubs (the leaves'
     /// entries are the metadata cache's), as it counts them itself.

@@ -37,6 +37,8 @@ pub(crate) struct Counters {
     pub records: [[AtomicU64; 4]; 2],
     pub checkpoints: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
+    /// Dedup hits found by following a stream of duplicates rather than in the index.
+    pub dedup_stream_hits: AtomicU64,
 }
 
 /// What kind of request a stage timing belongs to.

@@ -850,3 +850,79 @@ fn fingerprints_are_keyed_by_the_pool_secret() {
     );
     assert_ne!(seen[0] >> 64, seen[1] >> 64);
 }
+
+/// Past its budget the index keeps a few fingerprints; a copy of stored data is still found
+/// whole by following its stream from the ones it keeps (the block after a duplicate of block
+/// `id` is tried against `id + 1`, checked by CRC, then byte for byte). A copy with every
+/// eighth block changed stores only those, and the stream goes on after each.
+#[test]
+fn a_copy_is_deduplicated_past_the_index_budget_by_following_its_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 256 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let o = PoolOptions {
+        dedup_index_bytes: Some(1),
+        ..opts(None)
+    };
+    let pool = Pool::create(dir.path(), &c, &o).unwrap();
+    const N: u64 = 2048;
+    let data: Vec<u8> = (0..N).flat_map(random_block).collect();
+    let changed: Vec<u8> = (0..N)
+        .flat_map(|i| {
+            if i % 8 == 5 {
+                random_block(1 << 40 | i)
+            } else {
+                random_block(i)
+            }
+        })
+        .collect();
+    for name in ["a", "b", "c"] {
+        pool.create_volume(name, 16 << 20).unwrap();
+    }
+    let write = |name: &str, bytes: &[u8], blocks: usize| {
+        let v = pool.volume(name).unwrap();
+        for (k, chunk) in bytes.chunks(blocks * BLOCK).enumerate() {
+            v.write((k * blocks * BLOCK) as u64, chunk, false).unwrap();
+        }
+        v.flush().unwrap();
+    };
+    write("a", &data, 64);
+    let stored = pool.stats().unique_blocks;
+    assert_eq!(stored, N, "a is stored whole");
+    assert!(pool.stats().dedup_index_sampling > 1, "the index samples");
+    // The copy, in requests of another size.
+    write("b", &data, 16);
+    let s = pool.stats();
+    assert!(
+        s.unique_blocks - stored <= N / 10,
+        "the copy stored {} of its {N} blocks anew ({} found by following the stream)",
+        s.unique_blocks - stored,
+        s.dedup_stream_hits
+    );
+    assert!(s.dedup_stream_hits > N / 2, "{}", s.dedup_stream_hits);
+    let stored = s.unique_blocks;
+    write("c", &changed, 64);
+    let added = pool.stats().unique_blocks - stored;
+    assert!(
+        (N / 8..=N / 8 + N / 10).contains(&added),
+        "the changed copy stored {added} blocks anew"
+    );
+    let check = |pool: &Pool| {
+        for (name, want) in [("a", &data), ("b", &data), ("c", &changed)] {
+            let got = pool
+                .volume(name)
+                .unwrap()
+                .read(0, (N as usize * BLOCK) as u32)
+                .unwrap();
+            assert!(&got == want, "{name} reads back");
+        }
+        clean(pool);
+    };
+    check(&pool);
+    drop(pool);
+    let pool = Pool::open(dir.path(), &o).unwrap();
+    check(&pool);
+}

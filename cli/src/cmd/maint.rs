@@ -53,10 +53,11 @@ fn print_stats(s: &Stats) {
         s.unique_blocks
     );
     outln!(
-        "dedup index     {} entries, {} of RAM, keeps 1 in {} fingerprints",
+        "dedup index     {} entries, {} of RAM, keeps 1 in {} fingerprints; {} hits found by following streams",
         s.dedup_index_entries,
         human(s.dedup_index_bytes),
-        s.dedup_index_sampling
+        s.dedup_index_sampling,
+        s.dedup_stream_hits
     );
     outln!(
         "metadata RAM    {} (block table, reference counts, maps); {:.1} bytes per stored block with the index; process RSS {}",

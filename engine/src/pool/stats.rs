@@ -279,6 +279,11 @@ impl Pool {
             },
             process_rss_bytes: process_rss_bytes(),
             dedup_index_entries: index_entries,
+            dedup_stream_hits: inner
+                .ctx
+                .counters
+                .dedup_stream_hits
+                .load(std::sync::atomic::Ordering::Relaxed),
             dedup_index_sampling: index_sampling,
             write_back_limit_bytes: inner.ctx.write_back.limit(),
             write_back_bytes: inner.ctx.write_back.bytes(),

@@ -315,6 +315,9 @@ pub(crate) struct Shard {
     pub(crate) prewrites: prewrite::Prewrites,
     /// Metadata pages read through the queue, and the requests waiting for them.
     pub(crate) fetches: fetch::Fetches,
+    /// Where the last dedup pass's stream of duplicates ended: (volume id, LBA, the stored
+    /// block its last block duplicates), see `Shard::stream_candidates`.
+    pub(crate) dedup_stream: Option<(u32, u64, u64)>,
 }
 
 impl Drop for Shard {
@@ -375,6 +378,7 @@ impl Shard {
             flushes: flush::Flushes::default(),
             prewrites: prewrite::Prewrites::default(),
             fetches: fetch::Fetches::default(),
+            dedup_stream: None,
         }
     }
 

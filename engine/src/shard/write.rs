@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::api::BLOCK_BYTES;
 use crate::error::Error;
-use crate::format::{DataEntry, FLAG_REF, IO_ALIGN};
+use crate::format::{DataEntry, FLAG_LZ4, FLAG_REF, IO_ALIGN};
 use crate::io::{AlignedBuf, IoOp, OpKind};
 use crate::job::Job;
 use crate::map::shard_of;
@@ -249,6 +249,7 @@ impl Shard {
                 }
             }
         }
+        let streamed = self.stream_candidates(items, &mut cands);
         if cands.is_empty() {
             return;
         }
@@ -367,6 +368,11 @@ impl Shard {
             }
             self.ctx.fault_on_table_failure(&mut space);
         }
+        self.dedup_stream = stream_end(items, &hit);
+        self.ctx.counters.dedup_stream_hits.fetch_add(
+            streamed.iter().filter(|&&i| hit[i].is_some()).count() as u64,
+            Ordering::Relaxed,
+        );
         if hit.iter().all(Option::is_none) {
             return;
         }
@@ -388,6 +394,73 @@ impl Shard {
         }));
     }
 
+    /// Candidates for the blocks of `items` the dedup index has none for, from the stream
+    /// they continue: a block written right after one (same volume, next LBA) that duplicates
+    /// stored block `id` is tried against block `id + 1`, the next block stored by the write
+    /// that stored `id` (ids are taken in order within a record). Past its memory budget the
+    /// index keeps 1 in 2^n fingerprints; a copy of stored data then finds its blocks through
+    /// the few it keeps. A candidate is kept only if its block is stored whole (not in a
+    /// compressed group) with the checksum of the new block's bytes, so a stream that stops
+    /// duplicating costs a CRC per block, no read; every candidate kept is then compared byte
+    /// for byte as the index's are. Returns the items given one.
+    fn stream_candidates(&mut self, items: &[Item], cands: &mut Vec<(usize, u64)>) -> Vec<usize> {
+        let mut from_index: Vec<Option<u64>> = vec![None; items.len()];
+        for &(i, id) in cands.iter() {
+            from_index[i] = Some(id);
+        }
+        // (item, proposed id), chained from the index's candidates and the previous batch.
+        let mut proposed: Vec<(usize, u64)> = Vec::new();
+        let mut prev = self.dedup_stream.take();
+        for (i, it) in items.iter().enumerate() {
+            let Item::Data { vol, lba, .. } = it else {
+                prev = None;
+                continue;
+            };
+            if !vol.dedup.load(Ordering::Relaxed) {
+                prev = None;
+                continue;
+            }
+            let follows = prev
+                .filter(|&(v, l, _)| v == vol.id && l + 1 == *lba)
+                .map(|(_, _, id)| id + 1);
+            let cand = match (from_index[i], follows) {
+                (Some(id), _) => Some(id),
+                (None, Some(id)) => {
+                    proposed.push((i, id));
+                    Some(id)
+                }
+                (None, None) => None,
+            };
+            prev = cand.map(|id| (vol.id, *lba, id));
+        }
+        if proposed.is_empty() {
+            return Vec::new();
+        }
+        // The checksum a whole stored block of these bytes has, outside the space lock.
+        let crcs: Vec<u32> = proposed
+            .iter()
+            .map(|&(i, _)| match &items[i] {
+                Item::Data { src, .. } => crc32fast::hash(src),
+                _ => 0,
+            })
+            .collect();
+        let space = self.ctx.space.lock();
+        let mut taken = Vec::new();
+        for (&(i, id), crc) in proposed.iter().zip(crcs) {
+            let whole = space.get_resident(id).is_some_and(|e| {
+                e.flags & FLAG_LZ4 == 0
+                    && reduce::group_of(e.flags).1 == 1
+                    && usize::from(e.stored_len) == BLOCK
+                    && e.crc == crc
+            });
+            if whole {
+                cands.push((i, id));
+                taken.push(i);
+            }
+        }
+        taken
+    }
+
     /// Give back the references dedup hits hold (their records will not be written).
     pub(crate) fn unpin<'a>(&self, items: impl Iterator<Item = &'a Item>) {
         let ids: Vec<u64> = items
@@ -405,6 +478,15 @@ impl Shard {
             space.unpin(id, seq);
         }
         self.ctx.fault_on_table_failure(&mut space);
+    }
+}
+
+/// Where the stream of duplicates `items` ended, for the next batch (see
+/// `Shard::stream_candidates`): the last item, if it was found to duplicate a stored block.
+fn stream_end(items: &[Item], hit: &[Option<u64>]) -> Option<(u32, u64, u64)> {
+    match (items.last(), hit.last().copied().flatten()) {
+        (Some(Item::Data { vol, lba, .. }), Some(id)) => Some((vol.id, *lba, id)),
+        _ => None,
     }
 }
 
