@@ -926,3 +926,56 @@ fn a_copy_is_deduplicated_past_the_index_budget_by_following_its_stream() {
     let pool = Pool::open(dir.path(), &o).unwrap();
     check(&pool);
 }
+
+/// The same for data stored in compressed groups: a stream goes on through a group's blocks
+/// (checked by the read its payload gets anyway) and into the next groups.
+#[test]
+fn a_compressed_copy_is_followed_through_its_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 256 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let o = PoolOptions {
+        dedup_index_bytes: Some(1),
+        ..opts(None)
+    };
+    let pool = Pool::create(dir.path(), &c, &o).unwrap();
+    const N: u64 = 2048;
+    let data: Vec<u8> = (0..N).flat_map(|i| text_block(i * 1000)).collect();
+    for name in ["a", "b"] {
+        pool.create_volume(name, 16 << 20).unwrap();
+    }
+    let write = |name: &str, blocks: usize| {
+        let v = pool.volume(name).unwrap();
+        for (k, chunk) in data.chunks(blocks * BLOCK).enumerate() {
+            v.write((k * blocks * BLOCK) as u64, chunk, false).unwrap();
+        }
+        v.flush().unwrap();
+    };
+    write("a", 64);
+    let s = pool.stats();
+    assert_eq!(s.unique_blocks, N);
+    assert!(
+        s.compression_ratio > 2.0,
+        "stored in compressed groups: {s:?}"
+    );
+    write("b", 16);
+    let s = pool.stats();
+    assert!(
+        s.unique_blocks - N <= N / 10,
+        "the copy stored {} of its {N} blocks anew ({} found by following the stream)",
+        s.unique_blocks - N,
+        s.dedup_stream_hits
+    );
+    for name in ["a", "b"] {
+        let got = pool
+            .volume(name)
+            .unwrap()
+            .read(0, (N as usize * BLOCK) as u32)
+            .unwrap();
+        assert!(got == data, "{name} reads back");
+    }
+    clean(&pool);
+}

@@ -40,6 +40,11 @@ pub(crate) struct VerifyRead {
 /// cache cost a third of the server's CPU per MiB of 1M writes over NBD (docs/benchmarks.md).
 pub(crate) const WRITE_AROUND_BYTES: u64 = 256 << 10;
 
+/// Compressed payloads a dedup pass reads to check candidates that follow a stream of
+/// duplicates into them (see `Shard::stream_candidates`); a whole stored block is checked by
+/// its CRC first and costs no read unless it matches.
+const STREAM_GROUP_READS: usize = 64;
+
 /// Evicted block-table leaves a dedup pass reads back at most.
 const DEDUP_LEAF_READS: usize = 8;
 
@@ -399,10 +404,11 @@ impl Shard {
     /// stored block `id` is tried against block `id + 1`, the next block stored by the write
     /// that stored `id` (ids are taken in order within a record). Past its memory budget the
     /// index keeps 1 in 2^n fingerprints; a copy of stored data then finds its blocks through
-    /// the few it keeps. A candidate is kept only if its block is stored whole (not in a
-    /// compressed group) with the checksum of the new block's bytes, so a stream that stops
-    /// duplicating costs a CRC per block, no read; every candidate kept is then compared byte
-    /// for byte as the index's are. Returns the items given one.
+    /// the few it keeps. A candidate stored whole is kept only if its checksum is the new
+    /// block's, so a stream that stops duplicating costs a CRC per block, no read; one in a
+    /// compressed group only if it shares its payload with the previous block's candidate, or
+    /// starts a payload (a few per pass: each costs a read). Every candidate kept is then
+    /// compared byte for byte as the index's are. Returns the items given one.
     fn stream_candidates(&mut self, items: &[Item], cands: &mut Vec<(usize, u64)>) -> Vec<usize> {
         let mut from_index: Vec<Option<u64>> = vec![None; items.len()];
         for &(i, id) in cands.iter() {
@@ -446,17 +452,52 @@ impl Shard {
             .collect();
         let space = self.ctx.space.lock();
         let mut taken = Vec::new();
-        for (&(i, id), crc) in proposed.iter().zip(crcs) {
-            let whole = space.get_resident(id).is_some_and(|e| {
-                e.flags & FLAG_LZ4 == 0
-                    && reduce::group_of(e.flags).1 == 1
-                    && usize::from(e.stored_len) == BLOCK
-                    && e.crc == crc
-            });
-            if whole {
+        // The previous item and the payload of its candidate: a proposal in the same payload
+        // (the next block of a compressed group) is checked by the read that payload gets
+        // anyway; one that starts another compressed payload costs a read of its own, and a
+        // pass spends at most `STREAM_GROUP_READS` of those.
+        let mut prev: Option<(usize, (u32, u32))> = None;
+        let mut new_payloads = STREAM_GROUP_READS;
+        let mut next = proposed.iter().zip(crcs).peekable();
+        for (i, index_cand) in from_index.iter().enumerate() {
+            let (id, crc) = match (index_cand, next.peek()) {
+                (&Some(id), _) => (id, None),
+                (None, Some(&(&(j, id), crc))) if j == i => {
+                    next.next();
+                    (id, Some(crc))
+                }
+                _ => {
+                    prev = None;
+                    continue;
+                }
+            };
+            let Some(e) = space.get_resident(id) else {
+                prev = None;
+                continue;
+            };
+            let payload = (e.segment, e.offset);
+            if let Some(crc) = crc {
+                let (at, count) = reduce::group_of(e.flags);
+                let whole =
+                    count == 1 && e.flags & FLAG_LZ4 == 0 && usize::from(e.stored_len) == BLOCK;
+                let kept = if whole {
+                    e.crc == crc
+                } else if prev.is_some_and(|(j, p)| j + 1 == i && p == payload) {
+                    true
+                } else if at == 0 && new_payloads > 0 {
+                    new_payloads -= 1;
+                    true
+                } else {
+                    false
+                };
+                if !kept {
+                    prev = None;
+                    continue;
+                }
                 cands.push((i, id));
                 taken.push(i);
             }
+            prev = Some((i, payload));
         }
         taken
     }
