@@ -8,7 +8,8 @@
 #     volume at different offsets (two "nightly" copies): ingot's stored bytes against the
 #     logical bytes and against `qemu-img convert -c -O qcow2` of the same two copies.
 # Usage: bench/scripts/reduction.sh [DIR] [SECONDS] [PGBENCH_SCALE]   (run as root: part 3
-# mounts a loop device and runs PostgreSQL as the postgres user)
+# mounts a loop device and runs PostgreSQL as the postgres user). INGOT_SERVE_ARGS adds
+# options to `ingot serve` (e.g. "--dedup-index-mem 1M": copies past the index's budget).
 set -euo pipefail
 DIR=${1:-/tmp/ingot-reduction-bench}
 SECS=${2:-15}
@@ -55,7 +56,8 @@ step "ingot: pool and volumes (on: dedup+compression, off: neither)"
 "$INGOT" volume create off --size $SIZE --dedup off --compression off --pool "$DIR/pool" >/dev/null
 "$INGOT" volume create mixed --size $SIZE --pool "$DIR/pool" >/dev/null
 "$INGOT" volume create pg --size 16G --pool "$DIR/pool" >/dev/null
-"$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" >"$DIR/ingot.log" 2>&1 &
+# shellcheck disable=SC2086  # INGOT_SERVE_ARGS is a list of words (e.g. --dedup-index-mem 1M)
+"$INGOT" serve --pool "$DIR/pool" --nbd "unix:$DIR/ingot.sock" ${INGOT_SERVE_ARGS:-} >"$DIR/ingot.log" 2>&1 &
 IPID=$!
 for _ in $(seq 100); do [ -S "$DIR/ingot.sock" ] && break; sleep 0.1; done
 
@@ -145,4 +147,5 @@ printf '%-44s %14s %14s %7.2fx\n' "pgbench -s $SCALE, two copies: ingot" "$pg_lo
 printf '%-44s %14s %14s %7.2fx\n' "pgbench -s $SCALE, two copies: qcow2 -c" "$pg_logical" "$qcow2_bytes" \
   "$(python3 -c "print($pg_logical/max($qcow2_bytes,1))")"
 printf '%-44s %29.2fx\n' "ingot stored / qcow2 file" "$(python3 -c "print($pg_stored/$qcow2_bytes)")"
+grep '^dedup index' "$DIR/stats.txt" || true
 echo "(stats of the pool at the end: $DIR/stats.txt)"

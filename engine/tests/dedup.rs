@@ -979,3 +979,33 @@ fn a_compressed_copy_is_followed_through_its_groups() {
     }
     clean(&pool);
 }
+
+/// A stream never crosses dedup domains: the block stored after one a private volume
+/// duplicates may be another domain's, and a hit on it would tell the private volume what
+/// that domain stores.
+#[test]
+fn a_stream_does_not_cross_dedup_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(dir.path(), None);
+    pool.create_volume_in("p", 64 << 20, DedupDomain::Private)
+        .unwrap();
+    pool.create_volume("s", 64 << 20).unwrap();
+    let (x, y) = (random_block(41), random_block(42));
+    // x in p (one id), then y in s (the next id).
+    let p = pool.volume("p").unwrap();
+    let s = pool.volume("s").unwrap();
+    p.write(10 * BLOCK as u64, &x, false).unwrap();
+    p.flush().unwrap();
+    s.write(0, &y, false).unwrap();
+    s.flush().unwrap();
+    let before = pool.stats().unique_blocks;
+    // p writes x again (found in p's own domain) and then y: y must be stored anew.
+    let xy = [x.clone(), y.clone()].concat();
+    p.write(50 * BLOCK as u64, &xy, false).unwrap();
+    p.flush().unwrap();
+    let st = pool.stats();
+    assert_eq!(st.unique_blocks, before + 1, "y was stored for p: {st:?}");
+    assert_eq!(st.dedup_stream_hits, 0);
+    assert_eq!(p.read(50 * BLOCK as u64, 2 * BLOCK as u32).unwrap(), xy);
+    clean(&pool);
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::api::BLOCK_BYTES;
+use crate::api::{DedupDomain, BLOCK_BYTES};
 use crate::error::Error;
 use crate::format::{DataEntry, FLAG_LZ4, FLAG_REF, IO_ALIGN};
 use crate::io::{AlignedBuf, IoOp, OpKind};
@@ -410,6 +410,9 @@ impl Shard {
     /// starts a payload (a few per pass: each costs a read). Every candidate kept is then
     /// compared byte for byte as the index's are. Returns the items given one.
     fn stream_candidates(&mut self, items: &[Item], cands: &mut Vec<(usize, u64)>) -> Vec<usize> {
+        if cands.is_empty() && self.dedup_stream.is_none() {
+            return Vec::new();
+        }
         let mut from_index: Vec<Option<u64>> = vec![None; items.len()];
         for &(i, id) in cands.iter() {
             from_index[i] = Some(id);
@@ -440,6 +443,20 @@ impl Shard {
             prev = cand.map(|id| (vol.id, *lba, id));
         }
         if proposed.is_empty() {
+            return Vec::new();
+        }
+        // Only while every volume is in the shared domain: the block after `id` may be any
+        // volume's, and nothing in the block table says whose, so across domains a hit would
+        // tell a writer what another domain stores (`reduce`: domains never see each other's
+        // blocks). In a pool of shared volumes it tells nothing the index does not.
+        let one_domain = self
+            .ctx
+            .volumes
+            .read()
+            .by_name
+            .values()
+            .all(|v| v.dedup_domain() == DedupDomain::Shared);
+        if !one_domain {
             return Vec::new();
         }
         // The checksum a whole stored block of these bytes has, outside the space lock.
