@@ -375,9 +375,8 @@ fn policy_off_stores_every_copy_raw() {
     clean(&pool);
 }
 
-#[test]
-fn index_past_its_budget_samples_and_never_fails_a_write() {
-    let dir = tempfile::tempdir().unwrap();
+/// A pool whose dedup index holds almost nothing (it samples at once), and its options.
+fn sampled_pool(dir: &Path) -> (Pool, PoolOptions) {
     let c = CreateOptions {
         size_bytes: 256 << 20,
         segment_bytes: 2 << 20,
@@ -387,7 +386,13 @@ fn index_past_its_budget_samples_and_never_fails_a_write() {
         dedup_index_bytes: Some(1),
         ..opts(None)
     };
-    let pool = Pool::create(dir.path(), &c, &o).unwrap();
+    (Pool::create(dir, &c, &o).unwrap(), o)
+}
+
+#[test]
+fn index_past_its_budget_samples_and_never_fails_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, _) = sampled_pool(dir.path());
     pool.create_volume("v", 64 << 20).unwrap();
     let v = pool.volume("v").unwrap();
     for i in 0..5000u64 {
@@ -858,16 +863,7 @@ fn fingerprints_are_keyed_by_the_pool_secret() {
 #[test]
 fn a_copy_is_deduplicated_past_the_index_budget_by_following_its_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 256 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    let o = PoolOptions {
-        dedup_index_bytes: Some(1),
-        ..opts(None)
-    };
-    let pool = Pool::create(dir.path(), &c, &o).unwrap();
+    let (pool, o) = sampled_pool(dir.path());
     const N: u64 = 2048;
     let data: Vec<u8> = (0..N).flat_map(random_block).collect();
     let changed: Vec<u8> = (0..N)
@@ -932,16 +928,7 @@ fn a_copy_is_deduplicated_past_the_index_budget_by_following_its_stream() {
 #[test]
 fn a_compressed_copy_is_followed_through_its_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 256 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    let o = PoolOptions {
-        dedup_index_bytes: Some(1),
-        ..opts(None)
-    };
-    let pool = Pool::create(dir.path(), &c, &o).unwrap();
+    let (pool, _) = sampled_pool(dir.path());
     const N: u64 = 2048;
     let data: Vec<u8> = (0..N).flat_map(|i| text_block(i * 1000)).collect();
     for name in ["a", "b"] {
