@@ -222,7 +222,7 @@ impl Job {
         })
     }
 
-    /// Acknowledged before it is stored: reads must wait for it (see `Shard::read`).
+    /// Acknowledged before it is stored: reads must wait for it (see `Shard::read_try`).
     pub fn is_write_back(&self) -> bool {
         self.early
     }

@@ -545,7 +545,7 @@ impl Shard {
                 job,
             } => {
                 job.picked(&self.env.stages);
-                self.read(vol, offset, len, at, job);
+                self.read_try(vol, offset, len, at, job, 0);
                 0
             }
             ShardMsg::Write {

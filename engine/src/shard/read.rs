@@ -72,18 +72,8 @@ impl Shard {
         (first..=last).any(|lba| set.blocks.contains_key(&(vol, lba)))
     }
 
-    pub(crate) fn read(
-        &mut self,
-        vol: Arc<VolumeState>,
-        offset: u64,
-        len: usize,
-        at: usize,
-        job: Arc<Job>,
-    ) {
-        self.read_try(vol, offset, len, at, job, 0);
-    }
-
-    /// A read that waited `tries` times for metadata pages (see `fetch`).
+    /// A read that waited `tries` times for metadata pages (0 when it first arrives; see
+    /// `fetch`).
     pub(crate) fn read_try(
         &mut self,
         vol: Arc<VolumeState>,
