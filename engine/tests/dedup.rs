@@ -996,3 +996,54 @@ fn a_stream_does_not_cross_dedup_domains() {
     assert_eq!(p.read(50 * BLOCK as u64, 2 * BLOCK as u32).unwrap(), xy);
     clean(&pool);
 }
+
+/// After a reopen every block-table leaf is evicted: a copy of stored data finds its
+/// candidates' leaves through the shard's own queue (read side by side, while the shard
+/// reaps), never in a blocking read on the shard's thread, and is deduplicated as before.
+#[test]
+fn a_copy_after_a_reopen_reads_its_candidates_leaves_through_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, o) = sampled_pool(dir.path());
+    const N: u64 = 2048;
+    let data: Vec<u8> = (0..N).flat_map(random_block).collect();
+    for name in ["a", "b"] {
+        pool.create_volume(name, 16 << 20).unwrap();
+    }
+    let a = pool.volume("a").unwrap();
+    for (k, chunk) in data.chunks(64 * BLOCK).enumerate() {
+        a.write((k * 64 * BLOCK) as u64, chunk, false).unwrap();
+    }
+    a.flush().unwrap();
+    drop(a);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let o = PoolOptions {
+        metadata_cache_bytes: Some(1 << 20),
+        ..o
+    };
+    let pool = Pool::open(dir.path(), &o).unwrap();
+    let stored = pool.stats().unique_blocks;
+    let b = pool.volume("b").unwrap();
+    for (k, chunk) in data.chunks(16 * BLOCK).enumerate() {
+        b.write((k * 16 * BLOCK) as u64, chunk, false).unwrap();
+    }
+    b.flush().unwrap();
+    let s = pool.stats();
+    assert!(
+        s.unique_blocks - stored <= N / 10,
+        "the copy stored {} of its {N} blocks anew",
+        s.unique_blocks - stored
+    );
+    assert!(
+        s.metadata_ring_reads > 0,
+        "no leaf was read through the queue"
+    );
+    assert_eq!(
+        s.metadata_shard_waits, 0,
+        "the shard's thread waited for a page ({} read through the queue)",
+        s.metadata_ring_reads
+    );
+    let got = b.read(0, (N as usize * BLOCK) as u32).unwrap();
+    assert!(got == data, "the copy reads back");
+    clean(&pool);
+}

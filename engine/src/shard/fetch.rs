@@ -286,8 +286,20 @@ impl Shard {
         }
     }
 
+    /// Reap until the page reads `tags` are in (or the queue has nothing left in flight:
+    /// whatever is still evicted is then looked up as such by the caller).
+    pub(crate) fn wait_for_pages(&mut self, tags: &[u64]) {
+        while self.fetches.pending(tags) && self.queue.in_flight() > 0 {
+            if let Err(e) = self.queue.submit(1) {
+                self.fail_all_inflight(e);
+                break;
+            }
+            self.reap();
+        }
+    }
+
     /// The leaves of the metadata cache per shard (map and block-table leaves alike).
-    fn cache_share(&self) -> usize {
+    pub(crate) fn cache_share(&self) -> usize {
         self.ctx.meta.budget_leaves() / self.ctx.shards().max(1)
     }
 

@@ -316,7 +316,7 @@ pub(crate) struct Shard {
     /// Metadata pages read through the queue, and the requests waiting for them.
     pub(crate) fetches: fetch::Fetches,
     /// Where the last dedup pass's stream of duplicates ended: (volume id, LBA, the stored
-    /// block its last block duplicates), see `Shard::stream_candidates`.
+    /// block its last block duplicates), see `Shard::stream_proposals`.
     pub(crate) dedup_stream: Option<(u32, u64, u64)>,
 }
 

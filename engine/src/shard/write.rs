@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::fetch::PageFor;
 use crate::api::{DedupDomain, BLOCK_BYTES};
 use crate::error::Error;
 use crate::format::{DataEntry, FLAG_LZ4, FLAG_REF, IO_ALIGN};
@@ -41,12 +42,13 @@ pub(crate) struct VerifyRead {
 pub(crate) const WRITE_AROUND_BYTES: u64 = 256 << 10;
 
 /// Compressed payloads a dedup pass reads to check candidates that follow a stream of
-/// duplicates into them (see `Shard::stream_candidates`); a whole stored block is checked by
+/// duplicates into them (see `Shard::stream_proposals`); a whole stored block is checked by
 /// its CRC first and costs no read unless it matches.
 const STREAM_GROUP_READS: usize = 64;
 
-/// Evicted block-table leaves a dedup pass reads back at most.
-const DEDUP_LEAF_READS: usize = 8;
+/// Evicted block-table leaves a dedup pass reads back at most (fewer when the shard's share
+/// of the metadata cache is smaller: see `Shard::dedup_leaf_reads`).
+const DEDUP_LEAF_READS: usize = 64;
 
 impl Shard {
     // ---------------------------------------------------------------- writes
@@ -254,20 +256,33 @@ impl Shard {
                 }
             }
         }
-        let streamed = self.stream_candidates(items, &mut cands);
-        if cands.is_empty() {
+        let proposed = self.stream_proposals(items, &cands);
+        if cands.is_empty() && proposed.is_empty() {
             return;
         }
-        // Candidates whose block-table leaf is evicted (every leaf after an open) are read
-        // back, a few leaves per pass, before the space lock, which the other shards need
-        // meanwhile. Past them, and when a leaf went again in between, the block is stored
-        // anew.
+        // The block-table leaves of the candidates (every leaf is evicted after an open) are
+        // read through this shard's queue, side by side, before anything looks the candidates
+        // up; the shard goes on reaping meanwhile. Past `dedup_leaf_reads`, and when a leaf
+        // went again in between, the block is stored anew.
         if self.ctx.meta.evicted_any() {
-            crate::space::Space::fetch_leaves(
-                &self.ctx.space,
-                &mut cands.iter().map(|c| c.1),
-                DEDUP_LEAF_READS,
+            let ask = self.ctx.space.lock().blocks.evicted_of(
+                &mut cands.iter().chain(&proposed).map(|c| c.1),
+                self.dedup_leaf_reads(),
             );
+            if let Some(ask) = ask {
+                let tags: Vec<u64> = ask
+                    .leaves
+                    .into_iter()
+                    .map(|(leaf, at, entries)| {
+                        self.fetch_page(at, PageFor::Table { leaf, entries })
+                    })
+                    .collect();
+                self.wait_for_pages(&tags);
+            }
+        }
+        let streamed = self.stream_keep(items, &mut cands, proposed);
+        if cands.is_empty() {
+            return;
         }
         // Pin every live candidate so it cannot be freed (and its id reused) meanwhile.
         let seen;
@@ -408,13 +423,16 @@ impl Shard {
     /// block's, so a stream that stops duplicating costs a CRC per block, no read; one in a
     /// compressed group only if it shares its payload with the previous block's candidate, or
     /// starts a payload (a few per pass: each costs a read). Every candidate kept is then
-    /// compared byte for byte as the index's are. Returns the items given one.
-    fn stream_candidates(&mut self, items: &[Item], cands: &mut Vec<(usize, u64)>) -> Vec<usize> {
+    /// compared byte for byte as the index's are.
+    ///
+    /// This part proposes, as (item, id), without the space lock; [`Shard::stream_keep`]
+    /// keeps, once the proposals' block-table leaves are in.
+    fn stream_proposals(&mut self, items: &[Item], cands: &[(usize, u64)]) -> Vec<(usize, u64)> {
         if cands.is_empty() && self.dedup_stream.is_none() {
             return Vec::new();
         }
         let mut from_index: Vec<Option<u64>> = vec![None; items.len()];
-        for &(i, id) in cands.iter() {
+        for &(i, id) in cands {
             from_index[i] = Some(id);
         }
         // (item, proposed id), chained from the index's candidates and the previous batch.
@@ -458,6 +476,24 @@ impl Shard {
             .all(|v| v.dedup_domain() == DedupDomain::Shared);
         if !one_domain {
             return Vec::new();
+        }
+        proposed
+    }
+
+    /// The proposals of [`Shard::stream_proposals`] worth a byte-for-byte check, added to
+    /// `cands`; returns the items given one.
+    fn stream_keep(
+        &self,
+        items: &[Item],
+        cands: &mut Vec<(usize, u64)>,
+        proposed: Vec<(usize, u64)>,
+    ) -> Vec<usize> {
+        if proposed.is_empty() {
+            return Vec::new();
+        }
+        let mut from_index: Vec<Option<u64>> = vec![None; items.len()];
+        for &(i, id) in cands.iter() {
+            from_index[i] = Some(id);
         }
         // The checksum a whole stored block of these bytes has, outside the space lock.
         let crcs: Vec<u32> = proposed
@@ -519,6 +555,12 @@ impl Shard {
         taken
     }
 
+    /// Block-table leaves a dedup pass may read: no more than half this shard's share of the
+    /// metadata cache, so they do not push each other out before the look-ups use them.
+    fn dedup_leaf_reads(&self) -> usize {
+        DEDUP_LEAF_READS.min(self.cache_share() / 2).max(1)
+    }
+
     /// Give back the references dedup hits hold (their records will not be written).
     pub(crate) fn unpin<'a>(&self, items: impl Iterator<Item = &'a Item>) {
         let ids: Vec<u64> = items
@@ -540,7 +582,7 @@ impl Shard {
 }
 
 /// Where the stream of duplicates `items` ended, for the next batch (see
-/// `Shard::stream_candidates`): the last item, if it was found to duplicate a stored block.
+/// `Shard::stream_proposals`): the last item, if it was found to duplicate a stored block.
 fn stream_end(items: &[Item], hit: &[Option<u64>]) -> Option<(u32, u64, u64)> {
     match (items.last(), hit.last().copied().flatten()) {
         (Some(Item::Data { vol, lba, .. }), Some(id)) => Some((vol.id, *lba, id)),
