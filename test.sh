@@ -25,6 +25,8 @@ declare -A PKG=(
   [pgbench]=postgresql-contrib [/usr/lib/postgresql/15/bin/initdb]=postgresql
   # The fuzz step: libfuzzer-sys compiles libFuzzer (C++) with `c++`; the doc and cycle checks.
   [c++]=g++ [python3]=python3
+  # A single-node Ceph cluster for the RADOS tests (tests/ceph/ceph-up.sh).
+  [ceph-mon]=ceph-mon [ceph-osd]=ceph-osd [rados]=ceph-common [uuidgen]=uuid-runtime
 )
 missing_pkgs() {
   local t pkgs=()
@@ -123,9 +125,15 @@ done
 rm -rf "$fuzz_tmp"
 echo "(${#fuzz_targets[@]} targets, smoke runs $((SECONDS - t))s)"
 
-step "cargo test --release --workspace"
+step "a single-node Ceph cluster for the RADOS tests"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+ceph_dir=$(mktemp -d "${TMPDIR:-/tmp}/ingot-ceph.XXXXXX")
+# Stopped by its PID files whatever happens below.
+trap 'tests/ceph/ceph-down.sh "$ceph_dir/cluster"; rm -rf "$ceph_dir" "$log"' EXIT
+timed tests/ceph/ceph-up.sh "$ceph_dir/cluster"
+export INGOT_CEPH_CONF="$ceph_dir/cluster/ceph.conf"
+
+step "cargo test --release --workspace"
 if INGOT_BIN="$target/release/ingot" cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log"; then
   status=0
 else

@@ -1,0 +1,443 @@
+//! One owner at a time for a named pool in RADOS: a lease object changed only by
+//! compare-and-swap, and a log of write-once objects numbered contiguously
+//! (`docs/design/ceph-fencing.md`, section 2c, measured on Ceph 16).
+//!
+//! - `NAME.lease` carries the owner's epoch (xattr `ingot.epoch`, 20 decimal digits) and who
+//!   holds it (`ingot.owner`). Its data is a renewal count: each renewal rewrites it under
+//!   "epoch still E". A node that wants the pool waits until epoch and count stood still for
+//!   a whole lease period by its own clock, or is told the owner is
+//!   gone (`Takeover::Now`), then swaps the epoch to E + 1 (compare-and-swap: of two nodes
+//!   racing, one wins).
+//! - `NAME.log.<16 hex digits>` are log objects, each created exclusively, with the writer's
+//!   epoch in an xattr. A new owner seals the log: it creates a seal object at the first free
+//!   number, walking past any its predecessor managed to add. From then on every append of
+//!   the previous owner finds its number taken (`EEXIST`): it cannot overwrite or extend what
+//!   the new owner serves, and learns that it is deposed.
+//! - An owner stops serving, reads included, once its last renewal is older than the lease
+//!   period less a margin by its own clock ([`Lease::valid`]): a paused owner must not hand out
+//!   blocks another node may have changed since. The new owner also blocklists the previous
+//!   owner's RADOS client (best effort: it fails operations already in flight), though the
+//!   fence itself is the epoch and the write-once log.
+
+use std::time::{Duration, Instant};
+
+use crate::{Error, Pool, Result, Step};
+
+const EPOCH: &str = "ingot.epoch";
+const OWNER: &str = "ingot.owner";
+/// Set on a seal object: the epoch whose owner sealed the log there.
+const SEAL: &str = "ingot.seal";
+
+/// How a node that finds the lease held takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// Once the holder stopped renewing for a whole lease period.
+    Wait,
+    /// At once: the operator knows the holder is gone (or fenced it).
+    Now,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseOptions {
+    /// How long a holder's lease lasts after it starts a renewal.
+    pub period: Duration,
+    /// What a holder takes off its lease for clock drift and the renewal's own latency.
+    pub margin: Duration,
+    /// How long blocklisting lasts (seconds).
+    pub blocklist_secs: u32,
+}
+
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        LeaseOptions {
+            period: Duration::from_secs(15),
+            margin: Duration::from_secs(3),
+            blocklist_secs: 3600,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Another node holds the lease now (it took it, or won a race for it).
+    #[error("pool {name} was taken by epoch {epoch} ({owner}): this node no longer owns it")]
+    Deposed {
+        name: String,
+        epoch: u64,
+        owner: String,
+    },
+    #[error("lease of {name}: {what}")]
+    Corrupt { name: String, what: String },
+    #[error(transparent)]
+    Rados(#[from] Error),
+}
+
+/// What the lease object says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub epoch: u64,
+    pub owner: String,
+}
+
+fn epoch_text(e: u64) -> String {
+    format!("{e:020}")
+}
+
+/// Read who holds the lease of `name`, and its renewal count (which, with the epoch, changes
+/// at every renewal).
+pub fn holder(pool: &Pool, name: &str) -> std::result::Result<Option<(Holder, u64)>, LeaseError> {
+    let oid = lease_oid(name);
+    let epoch = match pool.xattr(&oid, EPOCH) {
+        Ok(e) => e,
+        Err(e) if e.not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let owner = pool.xattr(&oid, OWNER)?;
+    let mut count = [0u8; 8];
+    let n = pool.read(&oid, 0, &mut count)?;
+    let renewals = if n == 8 {
+        u64::from_le_bytes(count)
+    } else {
+        u64::MAX
+    };
+    let epoch = std::str::from_utf8(&epoch)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| LeaseError::Corrupt {
+            name: name.into(),
+            what: "its epoch is not a number".into(),
+        })?;
+    Ok(Some((
+        Holder {
+            epoch,
+            owner: String::from_utf8_lossy(&owner).into_owned(),
+        },
+        renewals,
+    )))
+}
+
+pub fn lease_oid(name: &str) -> String {
+    format!("{name}.lease")
+}
+
+pub fn log_oid(name: &str, n: u64) -> String {
+    format!("{name}.log.{n:016x}")
+}
+
+/// A held lease.
+pub struct Lease {
+    pool: Pool,
+    name: String,
+    owner: String,
+    epoch: u64,
+    opts: LeaseOptions,
+    renewals: u64,
+    /// When the last successful renewal (or the acquisition) started.
+    renewed_at: Instant,
+    /// The first log number after the seal this owner wrote.
+    next_log: u64,
+}
+
+impl Lease {
+    /// Take the lease of `name` as `owner` (who it is, for operators: host and process), then
+    /// seal the log. `address`: this node's RADOS client address, recorded so that a later
+    /// owner can blocklist it.
+    pub fn acquire(
+        pool: &Pool,
+        name: &str,
+        owner: &str,
+        address: &str,
+        how: Takeover,
+        opts: LeaseOptions,
+        cluster: Option<&crate::Cluster>,
+    ) -> std::result::Result<Lease, LeaseError> {
+        let oid = lease_oid(name);
+        let me = format!("{owner} {address}");
+        // The lease runs from the start of the operation that took it.
+        let mut started = Instant::now();
+        let (epoch, previous) = match holder(pool, name)? {
+            None => {
+                // The first owner: an exclusive create, so that two first owners cannot both
+                // believe they are.
+                match pool.create_once(
+                    &oid,
+                    &0u64.to_le_bytes(),
+                    &[(EPOCH, epoch_text(1).as_bytes()), (OWNER, me.as_bytes())],
+                ) {
+                    Ok(()) => (1, None),
+                    Err(e) if e.exists() => {
+                        let h = holder(pool, name)?.map(|(h, _)| h);
+                        return Err(deposed(name, h));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Some((held, count)) => {
+                let held = match how {
+                    Takeover::Now => held,
+                    Takeover::Wait => wait_expiry(pool, name, held, count, &opts)?,
+                };
+                let next = held.epoch + 1;
+                started = Instant::now();
+                let r = pool.operate(
+                    &oid,
+                    &[
+                        Step::XattrEquals {
+                            name: EPOCH,
+                            value: epoch_text(held.epoch).as_bytes(),
+                        },
+                        Step::WriteFull(&0u64.to_le_bytes()),
+                        Step::SetXattr {
+                            name: EPOCH,
+                            value: epoch_text(next).as_bytes(),
+                        },
+                        Step::SetXattr {
+                            name: OWNER,
+                            value: me.as_bytes(),
+                        },
+                    ],
+                );
+                match r {
+                    Ok(()) => (next, Some(held)),
+                    Err(e) if e.lost_race() => {
+                        let h = holder(pool, name)?.map(|(h, _)| h);
+                        return Err(deposed(name, h));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        // Fence the previous owner's client: whatever it still has in flight fails. Best
+        // effort (it may be gone, or this user may lack the cap): the seal below is the fence.
+        if let (Some(prev), Some(c)) = (&previous, cluster) {
+            if let Some(addr) = prev.owner.rsplit(' ').next().filter(|a| a.contains('/')) {
+                if addr != address {
+                    let _ = c.blocklist(addr, opts.blocklist_secs);
+                }
+            }
+        }
+        let mut lease = Lease {
+            pool: pool.clone(),
+            name: name.into(),
+            owner: me,
+            epoch,
+            opts,
+            renewals: 0,
+            renewed_at: started,
+            next_log: 0,
+        };
+        lease.seal()?;
+        Ok(lease)
+    }
+
+    /// Write the seal at the first free log number.
+    fn seal(&mut self) -> std::result::Result<(), LeaseError> {
+        let mut n = first_free(&self.pool, &self.name)?;
+        loop {
+            match self.pool.create_once(
+                &log_oid(&self.name, n),
+                &[],
+                &[
+                    (EPOCH, epoch_text(self.epoch).as_bytes()),
+                    (SEAL, epoch_text(self.epoch).as_bytes()),
+                ],
+            ) {
+                Ok(()) => {
+                    self.next_log = n + 1;
+                    return Ok(());
+                }
+                // The previous owner (or a racing one) took this number meanwhile: it is
+                // part of the log; seal after it.
+                Err(e) if e.exists() => n += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The next log number this owner appends at.
+    pub fn next_log(&self) -> u64 {
+        self.next_log
+    }
+
+    /// Whether this node may still act as the owner by its own clock: its last renewal
+    /// started less than the lease period, less the margin, ago.
+    pub fn valid(&self) -> bool {
+        self.renewed_at.elapsed() + self.opts.margin < self.opts.period
+    }
+
+    /// Renew: count one more renewal, under "the epoch is still mine".
+    pub fn renew(&mut self) -> std::result::Result<(), LeaseError> {
+        let started = Instant::now();
+        let count = self.renewals + 1;
+        let r = self.pool.operate(
+            &lease_oid(&self.name),
+            &[
+                Step::XattrEquals {
+                    name: EPOCH,
+                    value: epoch_text(self.epoch).as_bytes(),
+                },
+                Step::WriteFull(&count.to_le_bytes()),
+            ],
+        );
+        match r {
+            Ok(()) => {
+                self.renewals = count;
+                self.renewed_at = started;
+                Ok(())
+            }
+            Err(e) if e.lost_race() || e.not_found() => {
+                let h = holder(&self.pool, &self.name)
+                    .ok()
+                    .flatten()
+                    .map(|(h, _)| h);
+                Err(deposed(&self.name, h))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Append `data` as the next log object. A number already taken means another node
+    /// sealed the log: this one is deposed and must stop.
+    pub fn append(&mut self, data: &[u8]) -> std::result::Result<u64, LeaseError> {
+        if !self.valid() {
+            return Err(deposed(&self.name, None));
+        }
+        let n = self.next_log;
+        match self.pool.create_once(
+            &log_oid(&self.name, n),
+            data,
+            &[(EPOCH, epoch_text(self.epoch).as_bytes())],
+        ) {
+            Ok(()) => {
+                self.next_log = n + 1;
+                Ok(n)
+            }
+            Err(e) if e.exists() => {
+                let h = holder(&self.pool, &self.name)
+                    .ok()
+                    .flatten()
+                    .map(|(h, _)| h);
+                Err(deposed(&self.name, h))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+fn deposed(name: &str, h: Option<Holder>) -> LeaseError {
+    let h = h.unwrap_or(Holder {
+        epoch: 0,
+        owner: "(unknown: the lease ran out by this node's clock)".into(),
+    });
+    LeaseError::Deposed {
+        name: name.into(),
+        epoch: h.epoch,
+        owner: h.owner,
+    }
+}
+
+/// Wait until the lease's epoch and renewal count stood still for a whole period (the holder
+/// stopped renewing), measured from when this node first saw them.
+fn wait_expiry(
+    pool: &Pool,
+    name: &str,
+    mut held: Holder,
+    mut count: u64,
+    opts: &LeaseOptions,
+) -> std::result::Result<Holder, LeaseError> {
+    let mut since = Instant::now();
+    let step = (opts.period / 8).max(Duration::from_millis(50));
+    loop {
+        if since.elapsed() >= opts.period {
+            return Ok(held);
+        }
+        std::thread::sleep(step.min(opts.period.saturating_sub(since.elapsed())));
+        match holder(pool, name)? {
+            Some((h, v)) if v == count && h == held => {}
+            Some((h, v)) => {
+                held = h;
+                count = v;
+                since = Instant::now();
+            }
+            None => {
+                return Err(LeaseError::Corrupt {
+                    name: name.into(),
+                    what: "the lease object went away".into(),
+                })
+            }
+        }
+    }
+}
+
+/// The first log number with no object: log objects are contiguous from 0, so a doubling
+/// probe and a binary search find it in O(log n) stats.
+pub fn first_free(pool: &Pool, name: &str) -> Result<u64> {
+    let exists = |n: u64| -> Result<bool> {
+        match pool.stat(&log_oid(name, n)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    if !exists(0)? {
+        return Ok(0);
+    }
+    let (mut lo, mut hi) = (0u64, 1u64);
+    while exists(hi)? {
+        lo = hi;
+        hi *= 2;
+    }
+    // exists(lo), !exists(hi)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if exists(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(hi)
+}
+
+/// A log object as read back: its data, the epoch that wrote it, and whether it is a seal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogObject {
+    pub n: u64,
+    pub epoch: u64,
+    pub seal: bool,
+    pub data: Vec<u8>,
+}
+
+/// Read log object `n` of `name` (`None` past the end).
+pub fn read_log(pool: &Pool, name: &str, n: u64, max: usize) -> Result<Option<LogObject>> {
+    let oid = log_oid(name, n);
+    let epoch = match pool.xattr(&oid, EPOCH) {
+        Ok(e) => e,
+        Err(e) if e.not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let seal = match pool.xattr(&oid, SEAL) {
+        Ok(_) => true,
+        Err(e) if e.errno() == Some(libc::ENODATA) => false,
+        Err(e) => return Err(e),
+    };
+    let (data, _) = pool.read_all(&oid, max)?;
+    let epoch = std::str::from_utf8(&epoch)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(Some(LogObject {
+        n,
+        epoch,
+        seal,
+        data,
+    }))
+}
