@@ -19,7 +19,7 @@ DOC = os.path.join(ROOT, "docs", "format.md")
 # the order of the page's sections; rustfmt sorts `mod` lines, so mod.rs cannot give it.
 FILES = [
     "mod.rs", "codec.rs", "key.rs", "superblock.rs", "segment.rs", "record.rs", "checkpoint.rs",
-    "page.rs", "root.rs",
+    "page.rs", "root.rs", "replica.rs",
 ]
 
 

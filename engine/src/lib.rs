@@ -25,6 +25,7 @@ mod qos;
 mod reader;
 mod recovery;
 pub mod reduce;
+pub mod replica;
 mod shard;
 mod space;
 mod store;

@@ -28,6 +28,7 @@ mod codec;
 mod key;
 mod page;
 mod record;
+mod replica;
 mod root;
 mod segment;
 mod superblock;
@@ -45,6 +46,10 @@ pub use page::{
     PAGE_BYTES, PAGE_HEADER_BYTES, PAGE_VERSION, PTRS_PER_PAGE, REFS_PER_PAGE, USAGE_PER_PAGE,
 };
 pub use record::{DataEntry, RecordHeader, RecordKind, RecordSeal, TrimEntry};
+pub use replica::{
+    ExtentKind, ReplicaBatch, ReplicaExtent, REPLICA_EXTENT_BYTES, REPLICA_HEADER_BYTES,
+    REPLICA_MAGIC, REPLICA_MAX_DEVICES, REPLICA_VERSION,
+};
 pub use root::{
     ArrayRoot, CheckpointRoot, Orphan, RootChain, RootIndex, RootVolume, MAX_ROOT_BYTES,
     ROOT_COUNTS, ROOT_DIR_COUNTS, ROOT_KEYED, ROOT_OVERFLOW_MAX, ROOT_VERSION,

@@ -95,7 +95,17 @@ impl Pool {
             Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
             None => base,
         };
-        let devices: SharedDevices = base;
+        let devices: SharedDevices = match &o.replica {
+            Some(r) if !o.read_only => Arc::new(
+                crate::replica::MirrorDevices::new(base, r.clone(), o.replica_base).map_err(
+                    |source| Error::File {
+                        path: abs[0].clone(),
+                        source,
+                    },
+                )?,
+            ),
+            _ => base,
+        };
         let (mut sbs, older) = read_superblocks(&*devices, &abs)?;
         let mut newest =
             sbs.iter()

@@ -88,6 +88,12 @@ pub struct PoolOptions {
     /// checkpoints, cleaning and volume changes fail with `ReadOnly`. Works on a pool whose
     /// host file system is full.
     pub read_only: bool,
+    /// Append what each sync covers to this replica before the sync completes (a pool on an
+    /// object store, issue 23: `replica`).
+    pub replica: Option<std::sync::Arc<dyn crate::replica::Replica>>,
+    /// The replica does not hold the devices' contents yet: the first sync sends every range
+    /// that holds data.
+    pub replica_base: bool,
 }
 
 impl Default for PoolOptions {
@@ -106,6 +112,8 @@ impl Default for PoolOptions {
             metadata_cache_bytes: None,
             write_back_bytes: 0,
             read_only: false,
+            replica: None,
+            replica_base: false,
         }
     }
 }

@@ -1,0 +1,286 @@
+//! The pool's devices, with every sync also appending what was written since the previous one
+//! to the pool's [`Replica`].
+
+use std::io;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{Replica, BATCH_DATA_BYTES};
+use crate::format::{ExtentKind, ReplicaBatch, ReplicaExtent, IO_ALIGN};
+use crate::io::{
+    AlignedBuf, Devices, Doorbell, HostSpace, IoDone, IoOp, IoQueue, OpKind, SharedDevices,
+};
+
+/// A range written (or discarded) since the last sync that reached the replica.
+#[derive(Debug, Clone, Copy)]
+struct Dirty {
+    dev: u16,
+    kind: ExtentKind,
+    offset: u64,
+    len: u64,
+}
+
+pub(crate) struct MirrorDevices {
+    s: Arc<Shared>,
+}
+
+struct Shared {
+    inner: SharedDevices,
+    replica: Arc<dyn Replica>,
+    /// Ranges written since the last upload, in the order their writes completed.
+    dirty: Mutex<Vec<Dirty>>,
+    /// Held while a sync uploads: uploads go one at a time, in the order they read the
+    /// devices, so a later batch never carries older bytes than an earlier one.
+    upload: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    /// The replica refused a batch: nothing after it may be acknowledged as durable.
+    failed: Option<String>,
+}
+
+fn lost(what: &str) -> io::Error {
+    io::Error::other(format!("the pool's replica: {what}"))
+}
+
+impl MirrorDevices {
+    /// `base`: the devices' current contents are not in the replica yet (a pool just put on
+    /// a store): the first sync uploads every range that holds data.
+    pub(crate) fn new(
+        inner: SharedDevices,
+        replica: Arc<dyn Replica>,
+        base: bool,
+    ) -> io::Result<Self> {
+        let mut dirty = Vec::new();
+        if base {
+            for dev in 0..inner.count() as u16 {
+                let ranges = inner
+                    .data_ranges(dev)?
+                    .unwrap_or_else(|| vec![(0, inner.size(dev))]);
+                dirty.extend(ranges.into_iter().map(|(offset, end)| Dirty {
+                    dev,
+                    kind: ExtentKind::Data,
+                    offset,
+                    len: end - offset,
+                }));
+            }
+        }
+        Ok(MirrorDevices {
+            s: Arc::new(Shared {
+                inner,
+                replica,
+                dirty: Mutex::new(dirty),
+                upload: Mutex::new(Health::default()),
+            }),
+        })
+    }
+}
+
+impl Shared {
+    fn note(&self, dev: u16, kind: ExtentKind, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut d = self.dirty.lock();
+        // Consecutive writes of one stream (a log segment filling) become one range.
+        if let Some(last) = d.last_mut() {
+            if last.dev == dev && last.kind == kind && last.offset + last.len == offset {
+                last.len += len;
+                return;
+            }
+        }
+        d.push(Dirty {
+            dev,
+            kind,
+            offset,
+            len,
+        });
+    }
+
+    /// Append what was written since the last upload. Called after a sync of the devices
+    /// completed: every write the sync covers was noted before it.
+    fn upload(&self) -> io::Result<()> {
+        let mut health = self.upload.lock();
+        if let Some(why) = &health.failed {
+            return Err(lost(why));
+        }
+        let dirty = std::mem::take(&mut *self.dirty.lock());
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let r = self.send(&dirty);
+        if let Err(e) = &r {
+            health.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    fn send(&self, dirty: &[Dirty]) -> io::Result<()> {
+        let sizes: Vec<u64> = (0..self.inner.count() as u16)
+            .map(|d| self.inner.size(d))
+            .collect();
+        let mut batch = ReplicaBatch {
+            sizes: sizes.clone(),
+            extents: Vec::new(),
+        };
+        let mut data: Vec<AlignedBuf> = Vec::new();
+        let mut bytes = 0usize;
+        let flush = |batch: &mut ReplicaBatch, data: &mut Vec<AlignedBuf>, bytes: &mut usize| {
+            if batch.extents.is_empty() {
+                return Ok(());
+            }
+            let parts: Vec<&[u8]> = data.iter().map(|b| &b[..]).collect();
+            let out = batch.encode(&parts);
+            batch.extents.clear();
+            data.clear();
+            *bytes = 0;
+            self.replica.append(out)
+        };
+        for d in dirty {
+            if d.kind == ExtentKind::Zero {
+                let mut at = d.offset;
+                while at < d.offset + d.len {
+                    let n = (d.offset + d.len - at).min(1 << 30);
+                    batch.extents.push(ReplicaExtent {
+                        dev: d.dev,
+                        kind: ExtentKind::Zero,
+                        len: n as u32,
+                        offset: at,
+                        crc: 0,
+                    });
+                    at += n;
+                }
+                continue;
+            }
+            // Read back what the range holds now, in pieces a batch can carry; aligned for
+            // O_DIRECT (writes are 4 KiB-aligned; a base range from the file's extents is too).
+            let end = d.offset + d.len;
+            let mut at = d.offset & !(IO_ALIGN as u64 - 1);
+            while at < end {
+                let n = ((end - at).next_multiple_of(IO_ALIGN as u64) as usize)
+                    .min(BATCH_DATA_BYTES - bytes)
+                    .min(sizes[usize::from(d.dev)].saturating_sub(at) as usize);
+                if n == 0 {
+                    break;
+                }
+                let mut buf = AlignedBuf::new(n);
+                self.inner.read_at(d.dev, &mut buf, at)?;
+                batch.extents.push(ReplicaExtent {
+                    dev: d.dev,
+                    kind: ExtentKind::Data,
+                    len: n as u32,
+                    offset: at,
+                    crc: crc32fast::hash(&buf),
+                });
+                data.push(buf);
+                bytes += n;
+                at += n as u64;
+                if bytes >= BATCH_DATA_BYTES {
+                    flush(&mut batch, &mut data, &mut bytes)?;
+                }
+            }
+        }
+        flush(&mut batch, &mut data, &mut bytes)
+    }
+
+    fn check_valid(&self) -> io::Result<()> {
+        if self.replica.valid() {
+            Ok(())
+        } else {
+            Err(lost(
+                "this node's lease ran out: another node may serve the pool",
+            ))
+        }
+    }
+}
+
+impl Devices for MirrorDevices {
+    fn engine_name(&self) -> &'static str {
+        self.s.inner.engine_name()
+    }
+    fn count(&self) -> usize {
+        self.s.inner.count()
+    }
+    fn size(&self, dev: u16) -> u64 {
+        self.s.inner.size(dev)
+    }
+    fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.s.check_valid()?;
+        self.s.inner.read_at(dev, buf, offset)
+    }
+    fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.s.check_valid()?;
+        self.s.inner.write_at(dev, buf, offset)?;
+        self.s.note(dev, ExtentKind::Data, offset, buf.len() as u64);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.s.inner.sync()?;
+        self.s.upload()
+    }
+    fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.s.inner.discard(dev, offset, len)?;
+        self.s.note(dev, ExtentKind::Zero, offset, len);
+        Ok(())
+    }
+    fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.s.inner.preallocate(dev, offset, len)
+    }
+    fn data_ranges(&self, dev: u16) -> io::Result<Option<Vec<(u64, u64)>>> {
+        self.s.inner.data_ranges(dev)
+    }
+    fn host_space(&self, dev: u16) -> io::Result<Option<HostSpace>> {
+        self.s.inner.host_space(dev)
+    }
+    fn queue(&self, depth: u32) -> io::Result<Box<dyn IoQueue>> {
+        Ok(Box::new(MirrorQueue {
+            inner: self.s.inner.queue(depth)?,
+            devices: self.s.clone(),
+        }))
+    }
+}
+
+/// A shard's queue: each completed write is noted, and a completed sync is held back until
+/// what it covers is in the replica (it fails if that cannot be). Reads fail once the lease
+/// ran out.
+struct MirrorQueue {
+    inner: Box<dyn IoQueue>,
+    devices: Arc<Shared>,
+}
+
+impl IoQueue for MirrorQueue {
+    fn push(&mut self, op: IoOp) {
+        self.inner.push(op);
+    }
+    fn submit(&mut self, min_complete: usize) -> io::Result<()> {
+        self.inner.submit(min_complete)
+    }
+    fn reap(&mut self, out: &mut Vec<IoDone>) {
+        let from = out.len();
+        self.inner.reap(out);
+        let s = &self.devices;
+        for d in &out[from..] {
+            if d.kind == OpKind::Write && d.result.is_ok() {
+                s.note(d.dev, ExtentKind::Data, d.offset, d.buf.len() as u64);
+            }
+        }
+        for d in &mut out[from..] {
+            match d.kind {
+                OpKind::Sync if d.result.is_ok() => d.result = s.upload(),
+                OpKind::Read if d.result.is_ok() => d.result = s.check_valid(),
+                _ => {}
+            }
+        }
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
+        self.inner.wait(bell)
+    }
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.fd()
+    }
+}

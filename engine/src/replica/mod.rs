@@ -1,0 +1,141 @@
+//! A pool whose flushed bytes also live in an object store, in order (issue 23, first step):
+//! every sync of the pool's devices (a client's FLUSH or FUA write, a checkpoint's commit)
+//! completes only once the device ranges written since the previous sync are appended to the
+//! store as one or more [`ReplicaBatch`]es (`format/replica.rs`). Another node that replays the
+//! store's batches in order onto empty devices ([`restore`]) has the pool as it was at the last
+//! sync, and opens it as after a crash: the log replays its tail.
+//!
+//! The store is behind [`Replica`], implemented by the binary (the `ingot` CLI on RADOS, with a
+//! lease and a write-once log of batches: a node that lost the lease cannot append, so its
+//! syncs, and the flushes that wait for them, fail). The pool's devices stay whole on local
+//! flash: reads never go to the store.
+
+mod devices;
+
+pub(crate) use devices::MirrorDevices;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::error::{Error, Result};
+use crate::format::{ExtentKind, ReplicaBatch};
+
+/// Where a pool's batches go.
+pub trait Replica: Send + Sync {
+    /// Store `batch` (an encoded [`ReplicaBatch`]) durably after every batch given before.
+    /// An error means this node may no longer write the pool (it was deposed, or the store
+    /// failed): the sync that asked fails, and so does every later one.
+    fn append(&self, batch: Vec<u8>) -> io::Result<()>;
+    /// Whether this node may still serve the pool by its own clock (its lease holds). Reads
+    /// from the devices fail once it does not: another node may have changed the blocks.
+    fn valid(&self) -> bool;
+}
+
+/// Data bytes per batch at most (a store object stays well under RADOS' 90 MiB write limit).
+pub const BATCH_DATA_BYTES: usize = 32 << 20;
+
+/// Apply one batch to `files` (the pool's devices, in order), growing each to its listed size.
+/// The batch is checked whole (table and every extent's CRC) before anything is written.
+pub fn apply_batch(files: &[File], batch: &[u8]) -> Result<()> {
+    let (b, at) = ReplicaBatch::decode(batch)?;
+    if b.sizes.len() != files.len() {
+        return Err(Error::Corrupt {
+            what: "replica batch for another number of devices",
+        });
+    }
+    let io = |source: io::Error| Error::Io {
+        device: 0,
+        offset: 0,
+        source,
+    };
+    for (f, &size) in files.iter().zip(&b.sizes) {
+        if f.metadata().map_err(io)?.len() != size {
+            f.set_len(size).map_err(io)?;
+        }
+    }
+    for (e, at) in b.extents.iter().zip(at) {
+        let f = &files[usize::from(e.dev)];
+        match (e.kind, at) {
+            (ExtentKind::Data, Some(at)) => f
+                .write_all_at(&batch[at..at + e.len as usize], e.offset)
+                .map_err(|source| Error::Io {
+                    device: e.dev,
+                    offset: e.offset,
+                    source,
+                })?,
+            _ => punch(f, e.offset, u64::from(e.len)).map_err(|source| Error::Io {
+                device: e.dev,
+                offset: e.offset,
+                source,
+            })?,
+        }
+    }
+    Ok(())
+}
+
+fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // A file system without hole punching: write the zeroes.
+    let zero = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zero.len() as u64) as usize;
+        f.write_all_at(&zero[..n], offset + at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Rebuild a pool's devices from its batches, in store order: create (or truncate) `paths`
+/// and apply each batch `next` yields, then sync them. What comes out is the pool at its last
+/// replicated sync; open it as usual.
+pub fn restore(
+    paths: &[std::path::PathBuf],
+    next: &mut dyn FnMut() -> Result<Option<Vec<u8>>>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let files = paths
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(|source| Error::File {
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (mut batches, mut bytes) = (0u64, 0u64);
+    while let Some(b) = next()? {
+        apply_batch(&files, &b)?;
+        batches += 1;
+        bytes += b.len() as u64;
+        progress(batches, bytes);
+    }
+    for (f, p) in files.iter().zip(paths) {
+        f.sync_all().map_err(|source| Error::File {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    Ok(batches)
+}

@@ -1,0 +1,161 @@
+//! A pool with a replica (issue 23): every sync appends what it covers, and the batches, replayed
+//! in order onto empty devices on another "node", give a pool that opens with every flushed
+//! block. The replica here keeps its batches in memory (the CLI's is RADOS, tested against a
+//! real cluster in `tests/tests/ceph.rs`).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ingot_engine::replica::{restore, Replica};
+use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, POOL_FILE};
+use parking_lot::Mutex;
+
+const BLOCK: usize = 4096;
+
+#[derive(Default)]
+struct Memory {
+    batches: Mutex<Vec<Vec<u8>>>,
+    refuse: AtomicBool,
+    expired: AtomicBool,
+}
+
+impl Replica for Memory {
+    fn append(&self, batch: Vec<u8>) -> std::io::Result<()> {
+        if self.refuse.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("deposed"));
+        }
+        self.batches.lock().push(batch);
+        Ok(())
+    }
+    fn valid(&self) -> bool {
+        !self.expired.load(Ordering::Relaxed)
+    }
+}
+
+fn opts(io: IoKind, replica: Option<Arc<Memory>>, base: bool) -> PoolOptions {
+    PoolOptions {
+        io,
+        shards: 2,
+        cache_bytes: Some(0),
+        replica: replica.map(|r| r as Arc<dyn Replica>),
+        replica_base: base,
+        ..Default::default()
+    }
+}
+
+fn blocks(seed: u64, n: usize) -> Vec<u8> {
+    (0..n as u64)
+        .flat_map(|i| common::xorshift_block(seed << 32 | i))
+        .collect()
+}
+
+/// Rebuild `from`'s pool in `to` from the batches (`pool.json` copied, as the CLI stores it).
+fn restore_into(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u8>]) {
+    std::fs::copy(from.join(POOL_FILE), to.join(POOL_FILE)).unwrap();
+    let mut it = batches.iter().cloned();
+    let n = restore(
+        &[to.join("dev0.img")],
+        &mut || Ok(it.next()),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(n as usize, batches.len());
+}
+
+fn replica_round_trip(io: IoKind) {
+    let a = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 128 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    drop(Pool::create(a.path(), &c, &opts(io, None, false)).unwrap());
+    let r = Arc::new(Memory::default());
+    let pool = Pool::open(a.path(), &opts(io, Some(r.clone()), true)).unwrap();
+    pool.create_volume("v", 32 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let first = blocks(1, 512);
+    v.write(0, &first, false).unwrap();
+    v.flush().unwrap();
+    // Overwrites, a trim, a FUA write: flushed.
+    let second = blocks(2, 64);
+    v.write(4 << 20, &second, false).unwrap();
+    v.trim(BLOCK as u64 * 8, BLOCK as u64 * 8, false).unwrap();
+    v.write(8 << 20, &second[..BLOCK], true).unwrap();
+    v.flush().unwrap();
+    // Written after the last flush: may be lost on the other node, but nothing before it.
+    v.write(12 << 20, &second, false).unwrap();
+    let batches = r.batches.lock().clone();
+    assert!(batches.len() >= 2, "{} batches", batches.len());
+    pool.halt();
+    drop(v);
+    drop(pool);
+    let b = tempfile::tempdir().unwrap();
+    restore_into(a.path(), b.path(), &batches);
+    let pool = Pool::open(b.path(), &opts(io, None, false)).unwrap();
+    let v = pool.volume("v").unwrap();
+    let mut want = first.clone();
+    want[8 * BLOCK..16 * BLOCK].fill(0);
+    assert!(
+        v.read(0, (512 * BLOCK) as u32).unwrap() == want,
+        "the first write"
+    );
+    assert!(v.read(4 << 20, (64 * BLOCK) as u32).unwrap() == second);
+    assert!(v.read(8 << 20, BLOCK as u32).unwrap() == second[..BLOCK]);
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[test]
+fn flushed_blocks_reach_another_node_through_the_replica() {
+    replica_round_trip(IoKind::Sync);
+}
+
+#[test]
+fn flushed_blocks_reach_another_node_through_the_replica_with_io_uring() {
+    replica_round_trip(IoKind::Auto);
+}
+
+/// A replica that refuses (the node was deposed) fails the flush, and every flush after it:
+/// nothing is acknowledged as durable that the store does not hold. A node whose lease ran out
+/// by its own clock fails its reads.
+#[test]
+fn a_refused_batch_fails_the_flush_and_an_expired_lease_fails_reads() {
+    let a = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 64 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    drop(Pool::create(a.path(), &c, &opts(IoKind::Sync, None, false)).unwrap());
+    let r = Arc::new(Memory::default());
+    let pool = Pool::open(a.path(), &opts(IoKind::Sync, Some(r.clone()), true)).unwrap();
+    pool.create_volume("v", 8 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    v.write(0, &blocks(3, 16), false).unwrap();
+    v.flush().unwrap();
+    r.refuse.store(true, Ordering::Relaxed);
+    let _ = v.write(BLOCK as u64 * 16, &blocks(4, 16), false);
+    assert!(v.flush().is_err(), "a flush the replica refused succeeded");
+    r.refuse.store(false, Ordering::Relaxed);
+    let _ = v.write(BLOCK as u64 * 32, &blocks(5, 1), false);
+    assert!(
+        v.flush().is_err(),
+        "a flush after a refused batch succeeded"
+    );
+    drop(v);
+    pool.halt();
+    drop(pool);
+
+    let r = Arc::new(Memory::default());
+    let pool = Pool::open(a.path(), &opts(IoKind::Sync, Some(r.clone()), false)).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert!(v.read(0, BLOCK as u32).unwrap() == blocks(3, 1));
+    r.expired.store(true, Ordering::Relaxed);
+    assert!(
+        v.read(BLOCK as u64, BLOCK as u32).is_err(),
+        "a read after the lease ran out"
+    );
+}
