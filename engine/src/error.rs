@@ -96,6 +96,10 @@ pub enum Error {
     Fenced { epoch: u64, owner: u64 },
     #[error("the engine is shutting down")]
     ShutDown,
+    /// A pool on a store: this node's lease ran out by its own clock, or another node took
+    /// the pool. It serves nothing more (another node may have changed any block).
+    #[error("this node no longer holds the pool's lease: another node may serve it")]
+    LeaseLost,
     /// An engine thread failed (a bug): the pool stopped taking requests rather than risk
     /// acknowledging writes it cannot keep. What was flushed before is on the devices; a
     /// restart recovers it.
@@ -211,6 +215,7 @@ impl Clone for Error {
             },
             &Error::Fenced { epoch, owner } => Error::Fenced { epoch, owner },
             Error::ShutDown => Error::ShutDown,
+            Error::LeaseLost => Error::LeaseLost,
             Error::Halted { reason } => Error::Halted {
                 reason: reason.clone(),
             },
@@ -274,7 +279,8 @@ impl Error {
             Error::Io { .. }
             | Error::Sync { .. }
             | Error::File { .. }
-            | Error::Undecodable { .. } => ErrorKind::Media,
+            | Error::Undecodable { .. }
+            | Error::LeaseLost => ErrorKind::Media,
             Error::NotAPool { .. }
             | Error::UnsupportedVersion { .. }
             | Error::Corrupt { .. }

@@ -82,6 +82,10 @@ impl Volume {
             done(Err(ctx.health.halted()));
             return None;
         }
+        if ctx.replica.as_ref().is_some_and(|r| !r.valid()) {
+            done(Err(Error::LeaseLost));
+            return None;
+        }
         if ctx.health.is_closed() || self.state.deleted.load(Ordering::Acquire) {
             let e = if self.state.deleted.load(Ordering::Acquire) {
                 Error::VolumeNotFound(self.state.name.clone())

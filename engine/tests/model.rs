@@ -325,6 +325,8 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         dedup_index_bytes: Some(16 << 10),
         write_back_bytes: write_back_bytes(engine),
         read_only: false,
+        replica: None,
+        replica_base: false,
         paged_metadata: false,
         // Two leaves: format 3 pools evict map leaves all the time and read them back (format
         // 2 keeps every leaf).

@@ -136,6 +136,8 @@ pub struct Lease {
     renewed_at: Instant,
     /// The first log number after the seal this owner wrote.
     next_log: u64,
+    /// Objects this owner appended after its seal.
+    appended: u64,
 }
 
 impl Lease {
@@ -174,6 +176,8 @@ impl Lease {
             }
             Some((held, count)) => {
                 let held = match how {
+                    // A holder that released the lease (a clean stop) needs no wait.
+                    _ if held.owner.is_empty() => held,
                     Takeover::Now => held,
                     Takeover::Wait => wait_expiry(pool, name, held, count, &opts)?,
                 };
@@ -225,6 +229,7 @@ impl Lease {
             renewals: 0,
             renewed_at: started,
             next_log: 0,
+            appended: 0,
         };
         lease.seal()?;
         Ok(lease)
@@ -256,6 +261,48 @@ impl Lease {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// When this node stops acting as the owner unless it renews first (see
+    /// [`Lease::valid`]).
+    pub fn valid_until(&self) -> Instant {
+        self.renewed_at + self.opts.period.saturating_sub(self.opts.margin)
+    }
+
+    /// The log number of this owner's seal.
+    pub fn sealed_at(&self) -> u64 {
+        self.next_log - self.appended - 1
+    }
+
+    /// Give the lease up (a clean stop): the next node takes it without waiting for it to run
+    /// out. The epoch stays; this node must not write again.
+    pub fn release(self) -> std::result::Result<(), LeaseError> {
+        let count = self.renewals + 1;
+        let r = self.pool.operate(
+            &lease_oid(&self.name),
+            &[
+                Step::XattrEquals {
+                    name: EPOCH,
+                    value: epoch_text(self.epoch).as_bytes(),
+                },
+                Step::WriteFull(&count.to_le_bytes()),
+                Step::SetXattr {
+                    name: OWNER,
+                    value: b"",
+                },
+            ],
+        );
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.lost_race() => {
+                let h = holder(&self.pool, &self.name)
+                    .ok()
+                    .flatten()
+                    .map(|(h, _)| h);
+                Err(deposed(&self.name, h))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The next log number this owner appends at.
@@ -314,6 +361,7 @@ impl Lease {
         ) {
             Ok(()) => {
                 self.next_log = n + 1;
+                self.appended += 1;
                 Ok(n)
             }
             Err(e) if e.exists() => {

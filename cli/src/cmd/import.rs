@@ -45,6 +45,7 @@ pub fn import(
             human(vol_size)
         );
     }
+    crate::store::refuse_local_write(dir)?;
     let pool = Pool::open(dir, &PoolOptions::default())
         .with_context(|| format!("opening pool {}", dir.display()))?;
     let start = std::time::Instant::now();

@@ -169,6 +169,7 @@ pub fn gc(dir: &Path, max_utilisation: f64, json: bool) -> Result<i32> {
     let report: ingot_engine::GcReport = match control::call(dir, &req) {
         Some(r) => serde_json::from_value(r?)?,
         None => {
+            crate::store::refuse_local_write(dir)?;
             let pool = Pool::open(dir, &PoolOptions::default())
                 .with_context(|| format!("opening pool {}", dir.display()))?;
             let mut progress = Progress::new();

@@ -32,6 +32,9 @@ pub fn request(dir: &Path, req: Request) -> Result<serde_json::Value> {
     // Requests that only look open the pool without writing to it (a pool whose host file
     // system is full still answers them).
     let read_only = matches!(req, Request::VolumeList | Request::Stats | Request::Check);
+    if !read_only {
+        crate::store::refuse_local_write(dir)?;
+    }
     let o = PoolOptions {
         read_only,
         ..PoolOptions::default()

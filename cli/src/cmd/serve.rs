@@ -382,6 +382,7 @@ pub fn serve(
     dir: &Path,
     nbd: Vec<String>,
     read_only: bool,
+    takeover: bool,
     metrics_addr: Option<String>,
     nbd_opts: &NbdArgs,
     access: &AccessArgs,
@@ -391,10 +392,19 @@ pub fn serve(
     // Before anything is opened: a bad list is a startup error, not a surprise later.
     let lists = Lists::build(&access.allow, nbd_opts.tls_client_ca.is_some())?;
     let baseline = Settings::load().context("reading the settings")?;
-    let opts = PoolOptions {
+    let mut opts = PoolOptions {
         read_only,
         ..run.options()
     };
+    // A pool on a store: its lease first, and devices brought up to date from the store.
+    let replica = if read_only || dir_is_empty_or_missing(dir) {
+        None
+    } else {
+        crate::store::prepare_serve(dir, takeover)?
+    };
+    if let Some(r) = &replica {
+        opts.replica = Some(r.clone());
+    }
     let pool = if dir_is_empty_or_missing(dir) {
         if read_only {
             bail!("{} holds no pool to serve read-only", dir.display());
@@ -561,5 +571,8 @@ pub fn serve(
     }
     let _ = std::fs::remove_file(control::socket_path(dir));
     pool.shutdown().context("final checkpoint")?;
+    if let Some(r) = replica {
+        r.finish()?;
+    }
     Ok(0)
 }

@@ -105,6 +105,8 @@ pub(crate) struct Context {
     pub paged_checkpoints: bool,
     /// Map leaves in RAM, under a budget (format 3; see `meta::cache`).
     pub meta: Arc<crate::meta::cache::MetaCache>,
+    /// A pool on a store: requests are refused once this node's lease ran out (`replica`).
+    pub replica: Option<Arc<dyn crate::replica::Replica>>,
 }
 
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
@@ -133,6 +135,7 @@ pub(crate) struct Parts {
     pub data_shards: usize,
     pub paged_checkpoints: bool,
     pub meta: Arc<crate::meta::cache::MetaCache>,
+    pub replica: Option<Arc<dyn crate::replica::Replica>>,
 }
 
 impl Context {
@@ -182,6 +185,7 @@ impl Context {
             chains,
             paged_checkpoints: p.paged_checkpoints,
             meta: p.meta,
+            replica: p.replica,
         }
     }
 

@@ -644,6 +644,7 @@ impl Pool {
             data_shards: nshards,
             paged_checkpoints: paged,
             meta: meta.clone(),
+            replica: o.replica.clone().filter(|_| !o.read_only),
         }));
         let workers = Arc::new(Workers::new(senders, bells, urgent));
         // A format 3 checkpoint read by a writable open that stays format 3: the recovery

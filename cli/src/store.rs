@@ -1,0 +1,496 @@
+//! Pools on Ceph (issue 23, first step): `--store rados://POOL/NAME`. The pool's devices stay
+//! whole in the local directory; every sync also appends what it covers to a write-once log
+//! of RADOS objects under a lease (`ingot_rados`), so that another node can take the pool
+//! over with every flushed block (`ingot pool attach`, then `ingot serve`).
+//!
+//! In the pool directory, `store.json` (0600) names the store and what this node last knew of
+//! it: the epoch it served under, the log position it reached, and whether it stopped cleanly.
+//! A node that starts serving restores its devices from the store's log unless it was the last
+//! to write it and stopped cleanly (after a crash its devices may hold writes the store never
+//! got, which a later batch would not carry: the store is the truth).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ingot_engine::replica::Replica;
+use ingot_rados::lease::{first_free, holder, read_log};
+use ingot_rados::{Cluster, ConnectOptions, Lease, LeaseError, LeaseOptions, Takeover};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::progress::Progress;
+use crate::size::human;
+
+pub const STORE_FILE: &str = "store.json";
+
+/// `rados://POOL/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    pub pool: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rados://{}/{}", self.pool, self.name)
+    }
+}
+
+pub fn parse_url(s: &str) -> Result<StoreUrl, String> {
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 100
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if let Some(rest) = s.strip_prefix("rados://") {
+        if let Some((pool, name)) = rest.split_once('/') {
+            if ok(pool) && ok(name) {
+                return Ok(StoreUrl {
+                    pool: pool.into(),
+                    name: name.into(),
+                });
+            }
+        }
+        return Err(format!(
+            "{s:?}: expected rados://POOL/NAME (letters, digits, '.', '_' and '-')"
+        ));
+    }
+    if s.starts_with("s3://") {
+        return Err(format!(
+            "{s:?}: S3 stores are not supported; use rados://POOL/NAME (docs/design/ceph-fencing.md says why)"
+        ));
+    }
+    Err(format!("{s:?}: expected rados://POOL/NAME"))
+}
+
+/// How to reach the cluster: `--ceph-conf`, `--ceph-user`, with librados' defaults (and
+/// `CEPH_CONF`, `CEPH_ARGS`) when not given.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct CephArgs {
+    /// ceph.conf of the cluster (default: librados' search: $CEPH_CONF, /etc/ceph/ceph.conf).
+    #[arg(long)]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph client id to connect as (default: admin); its keyring as ceph.conf says.
+    #[arg(long)]
+    pub ceph_user: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct StoreFile {
+    url: String,
+    ceph_conf: Option<PathBuf>,
+    ceph_user: Option<String>,
+    /// The epoch this node last served under (0: never).
+    epoch: u64,
+    /// The log position this node's devices reflect (its next append when it stopped).
+    next_log: u64,
+    /// It stopped cleanly: its devices hold nothing the store lacks.
+    clean: bool,
+}
+
+fn read_store_file(dir: &Path) -> Result<Option<StoreFile>> {
+    let p = dir.join(STORE_FILE);
+    match std::fs::read(&p) {
+        Ok(b) => {
+            Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                format!("{} is not valid", p.display())
+            })?))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+fn write_store_file(dir: &Path, sf: &StoreFile) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{STORE_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec_pretty(sf)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(STORE_FILE))?;
+    Ok(())
+}
+
+fn connect(url: &StoreUrl, ceph: &CephArgs) -> Result<(Cluster, ingot_rados::Pool)> {
+    let c = Cluster::connect(&ConnectOptions {
+        conf: ceph.ceph_conf.clone(),
+        user: ceph.ceph_user.clone(),
+        op_timeout: Some(Duration::from_secs(30)),
+    })
+    .context("connecting to the Ceph cluster")?;
+    let p = c
+        .pool(&url.pool)
+        .with_context(|| format!("opening RADOS pool {}", url.pool))?;
+    Ok((c, p))
+}
+
+fn pool_json_oid(url: &StoreUrl) -> String {
+    format!("{}.pool.json", url.name)
+}
+
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
+/// The lease period: `INGOT_LEASE_SECS` (tests shorten it), else 15 s.
+fn lease_options() -> LeaseOptions {
+    let period = std::env::var("INGOT_LEASE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s >= 0.5)
+        .map_or(Duration::from_secs(15), Duration::from_secs_f64);
+    LeaseOptions {
+        period,
+        margin: period / 5,
+        ..LeaseOptions::default()
+    }
+}
+
+/// The pool's replica: the lease, renewed by a thread of its own, and the log it appends to.
+pub struct RadosReplica {
+    lease: Mutex<Option<Lease>>,
+    /// When this node stops acting as the owner, in nanoseconds after `base`.
+    valid_until: AtomicU64,
+    base: Instant,
+    deposed: AtomicBool,
+    stop: AtomicBool,
+    renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    dir: PathBuf,
+    sf: Mutex<StoreFile>,
+}
+
+impl RadosReplica {
+    fn start(lease: Lease, dir: &Path, sf: StoreFile) -> Arc<RadosReplica> {
+        let base = Instant::now();
+        let r = Arc::new(RadosReplica {
+            valid_until: AtomicU64::new(0),
+            base,
+            lease: Mutex::new(None),
+            deposed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            renewer: Mutex::new(None),
+            dir: dir.to_path_buf(),
+            sf: Mutex::new(sf),
+        });
+        r.set_valid(&lease);
+        *r.lease.lock() = Some(lease);
+        let period = lease_options().period;
+        let me = r.clone();
+        let t = std::thread::Builder::new()
+            .name("ingot-lease".into())
+            .spawn(move || me.renew_loop(period / 4))
+            .expect("spawn the lease thread");
+        *r.renewer.lock() = Some(t);
+        r
+    }
+
+    fn set_valid(&self, lease: &Lease) {
+        let until = lease.valid_until().saturating_duration_since(self.base);
+        self.valid_until
+            .store(until.as_nanos() as u64, Ordering::Release);
+    }
+
+    fn renew_loop(&self, every: Duration) {
+        let mut next = Instant::now() + every;
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50).min(every));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + every;
+            let mut guard = self.lease.lock();
+            let Some(lease) = guard.as_mut() else { return };
+            match lease.renew() {
+                Ok(()) => self.set_valid(lease),
+                Err(e @ LeaseError::Deposed { .. }) => {
+                    tracing::error!(error = %e, "lease lost: this node stops serving the pool");
+                    self.deposed.store(true, Ordering::Release);
+                    return;
+                }
+                // The cluster did not answer: try again; the lease runs out meanwhile.
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// A clean stop, after the pool's last sync: give the lease back and note that this node's
+    /// devices hold what the store holds.
+    pub fn finish(&self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.renewer.lock().take() {
+            let _ = t.join();
+        }
+        let Some(lease) = self.lease.lock().take() else {
+            return Ok(());
+        };
+        if self.deposed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let next = lease.next_log();
+        lease.release().context("releasing the lease")?;
+        let mut sf = self.sf.lock().clone();
+        sf.next_log = next;
+        sf.clean = true;
+        write_store_file(&self.dir, &sf)
+    }
+}
+
+impl Replica for RadosReplica {
+    fn append(&self, batch: Vec<u8>) -> io::Result<()> {
+        let mut guard = self.lease.lock();
+        let lease = guard
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the pool's lease was given up"))?;
+        match lease.append(&batch) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if matches!(e, LeaseError::Deposed { .. }) {
+                    self.deposed.store(true, Ordering::Release);
+                }
+                Err(io::Error::other(e.to_string()))
+            }
+        }
+    }
+
+    fn valid(&self) -> bool {
+        !self.deposed.load(Ordering::Acquire)
+            && (self.base.elapsed().as_nanos() as u64) < self.valid_until.load(Ordering::Acquire)
+    }
+}
+
+/// A pool on a store changes only while `ingot serve` holds its lease: a change made by
+/// opening it here would never reach the store.
+pub fn refuse_local_write(dir: &Path) -> Result<()> {
+    if dir.join(STORE_FILE).exists() {
+        bail!(
+            "{} is a pool on a store: start `ingot serve --pool {}` and run this command while it serves",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `ingot pool create --store`: after the pool is created here, put it in the store: take the
+/// lease of a new name, store pool.json, send the devices' contents.
+pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
+    let (c, p) = connect(url, ceph)?;
+    if holder(&p, &url.name)?.is_some() {
+        bail!("{url} already holds a pool: attach to it with `ingot pool attach`");
+    }
+    let lease = Lease::acquire(
+        &p,
+        &url.name,
+        &owner_name(),
+        &c.address()?,
+        Takeover::Now,
+        lease_options(),
+        None,
+    )?;
+    let pool_json = std::fs::read(dir.join(ingot_engine::POOL_FILE))?;
+    p.create_once(&pool_json_oid(url), &pool_json, &[])
+        .with_context(|| format!("storing {}", pool_json_oid(url)))?;
+    let sf = StoreFile {
+        url: url.to_string(),
+        ceph_conf: ceph.ceph_conf.clone(),
+        ceph_user: ceph.ceph_user.clone(),
+        epoch: lease.epoch(),
+        next_log: lease.next_log(),
+        clean: false,
+    };
+    write_store_file(dir, &sf)?;
+    let replica = RadosReplica::start(lease, dir, sf);
+    let o = ingot_engine::PoolOptions {
+        replica: Some(replica.clone()),
+        replica_base: true,
+        ..Default::default()
+    };
+    let pool = ingot_engine::Pool::open(dir, &o).context("sending the new pool to the store")?;
+    pool.shutdown()
+        .context("sending the new pool to the store")?;
+    drop(pool);
+    replica.finish()
+}
+
+/// `ingot pool attach`: a directory that will serve the pool in the store once it holds the
+/// lease (`ingot serve` restores the devices from the store first).
+pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        bail!("{} is not empty", dir.display());
+    }
+    let (_c, p) = connect(url, ceph)?;
+    let (pool_json, _) = p
+        .read_all(&pool_json_oid(url), 1 << 20)
+        .with_context(|| format!("{url} holds no pool (no {})", pool_json_oid(url)))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let relative = serde_json::from_slice::<serde_json::Value>(&pool_json)
+        .ok()
+        .and_then(|v| {
+            v["devices"].as_array().map(|d| {
+                d.iter().all(|p| {
+                    p.as_str()
+                        .is_some_and(|s| !s.starts_with('/') && !s.contains(".."))
+                })
+            })
+        });
+    if relative != Some(true) {
+        bail!("{url}: its pool.json must name devices inside the pool directory");
+    }
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = dir.join(ingot_engine::POOL_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .with_context(|| format!("writing {}", p.display()))?;
+        f.write_all(&pool_json)?;
+        f.sync_all()?;
+    }
+    write_store_file(
+        dir,
+        &StoreFile {
+            url: url.to_string(),
+            ceph_conf: ceph.ceph_conf.clone(),
+            ceph_user: ceph.ceph_user.clone(),
+            epoch: 0,
+            next_log: 0,
+            clean: false,
+        },
+    )
+}
+
+/// Before `ingot serve` opens a pool directory: if it is on a store, take the lease (waiting
+/// for it to run out, or at once with `takeover`), bring the devices up to date from the
+/// store's log, and return the replica the pool must sync to.
+pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosReplica>>> {
+    let Some(mut sf) = read_store_file(dir)? else {
+        if takeover {
+            bail!("--takeover: {} is not a pool on a store", dir.display());
+        }
+        return Ok(None);
+    };
+    let url = parse_url(&sf.url).map_err(anyhow::Error::msg)?;
+    let ceph = CephArgs {
+        ceph_conf: sf.ceph_conf.clone(),
+        ceph_user: sf.ceph_user.clone(),
+    };
+    let (c, p) = connect(&url, &ceph)?;
+    let opts = lease_options();
+    if let Some((h, _)) = holder(&p, &url.name)? {
+        if !h.owner.is_empty() && !takeover {
+            tracing::info!(
+                store = %url,
+                owner = %h.owner,
+                "the pool's lease is held: waiting for it to run out ({:?} without renewal; --takeover if that node is gone)",
+                opts.period
+            );
+        }
+    }
+    let how = if takeover {
+        Takeover::Now
+    } else {
+        Takeover::Wait
+    };
+    let lease = Lease::acquire(
+        &p,
+        &url.name,
+        &owner_name(),
+        &c.address()?,
+        how,
+        opts,
+        Some(&c),
+    )?;
+    let seal = lease.sealed_at();
+    // Current here only if this node wrote the log last and stopped cleanly: nothing but
+    // seals since.
+    let mut current = sf.clean && sf.epoch > 0;
+    if current {
+        for n in sf.next_log..seal {
+            match read_log(&p, &url.name, n, 0)? {
+                Some(o) if o.seal => {}
+                _ => {
+                    current = false;
+                    break;
+                }
+            }
+        }
+    }
+    if !current {
+        restore_from(dir, &p, &url, seal)?;
+    }
+    sf.epoch = lease.epoch();
+    sf.next_log = lease.next_log();
+    sf.clean = false;
+    write_store_file(dir, &sf)?;
+    tracing::info!(store = %url, epoch = sf.epoch, restored = !current, "serving the pool from its store");
+    Ok(Some(RadosReplica::start(lease, dir, sf)))
+}
+
+/// Rebuild the devices from the log objects before `end`.
+fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> Result<()> {
+    let pool_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
+    let devices: Vec<PathBuf> = pool_json["devices"]
+        .as_array()
+        .context("pool.json lists no devices")?
+        .iter()
+        .map(|d| dir.join(d.as_str().unwrap_or_default()))
+        .collect();
+    let end = end.min(first_free(p, &url.name)?);
+    let mut n = 0u64;
+    let started = Instant::now();
+    let mut progress = Progress::new();
+    let mut next = || -> ingot_engine::Result<Option<Vec<u8>>> {
+        while n < end {
+            let at = n;
+            n += 1;
+            let o = read_log(p, &url.name, at, 64 << 20).map_err(|e| ingot_engine::Error::Io {
+                device: 0,
+                offset: at,
+                source: io::Error::other(e.to_string()),
+            })?;
+            match o {
+                Some(o) if o.seal => continue,
+                Some(o) => return Ok(Some(o.data)),
+                None => {
+                    return Err(ingot_engine::Error::Corrupt {
+                        what: "a log object missing from the store",
+                    })
+                }
+            }
+        }
+        Ok(None)
+    };
+    let batches = ingot_engine::replica::restore(&devices, &mut next, &mut |b, bytes| {
+        progress.draw(format_args!(
+            "restoring from {url}: {b} batches, {}",
+            human(bytes)
+        ))
+    })
+    .with_context(|| format!("restoring the pool from {url}"))?;
+    progress.finish();
+    tracing::info!(store = %url, batches, ms = started.elapsed().as_millis() as u64, "restored the devices from the store");
+    Ok(())
+}

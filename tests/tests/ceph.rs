@@ -1,0 +1,254 @@
+//! A pool kept in a real Ceph cluster (issue 23; `tests/ceph/ceph-up.sh`, which `./test.sh`
+//! starts, names it in `INGOT_CEPH_CONF`): the real `ingot` binary on several "nodes" (pool
+//! directories), written and read by qemu-io over NBD.
+//!
+//! - `kill -9` of the serving node, then another node attaches and serves with `--takeover`:
+//!   every flushed block reads back, over several cycles, each on a new node.
+//! - A paused owner (SIGSTOP) whose lease ran out: another node takes the pool; the old one,
+//!   resumed, fails its clients' writes, flushes and reads, and a third node serves exactly
+//!   what the second wrote.
+//!
+//! Leases last 2 s here (`INGOT_LEASE_SECS`; 15 s by default). Without `INGOT_CEPH_CONF` these
+//! tests fail; they never skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ingot_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+fn ceph_conf() -> PathBuf {
+    std::env::var_os("INGOT_CEPH_CONF").map(Into::into).expect(
+        "INGOT_CEPH_CONF must name a test cluster's ceph.conf (./test.sh starts one with tests/ceph/ceph-up.sh)",
+    )
+}
+
+fn store_name(what: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("rados://ingot/{what}-{}-{t}", std::process::id())
+}
+
+fn ceph_args() -> Vec<String> {
+    vec!["--ceph-conf".into(), ceph_conf().display().to_string()]
+}
+
+fn serve(dir: &Path, sock: &Path, extra: &[&str]) -> Server {
+    let mut o = ServeOpts::new(dir, sock);
+    o.tcp_port = None;
+    o.extra_args.extend(extra.iter().map(|s| s.to_string()));
+    o.env.push(("INGOT_LEASE_SECS".into(), "2".into()));
+    let _ = std::fs::remove_file(sock);
+    Server::start(o)
+}
+
+/// `qemu-io` on `uri` running `cmds`; its output, and whether every command succeeded (qemu-io
+/// prints errors and exits 0 for some of them, so the output is checked too).
+fn qemu_io(uri: &str, cmds: &[String]) -> (bool, String) {
+    let mut c = Command::new(require_tool("qemu-io"));
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(uri);
+    let out = output(&mut c);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = !out.status.success()
+        || text.contains("failed")
+        || text.contains("error")
+        || text.contains("Error");
+    (!failed, text)
+}
+
+/// Write pattern `pat` over `len` bytes at `off`, then flush: durable once this returns.
+fn write_flushed(uri: &str, off: u64, len: u64, pat: u8) {
+    let (ok, text) = qemu_io(
+        uri,
+        &[format!("write -P {pat} {off} {len}"), "flush".to_string()],
+    );
+    assert!(ok, "write of pattern {pat} at {off}: {text}");
+}
+
+fn reads_back(uri: &str, regions: &[(u64, u64, u8)]) -> Result<(), String> {
+    let cmds: Vec<String> = regions
+        .iter()
+        .map(|(off, len, pat)| format!("read -P {pat} {off} {len}"))
+        .collect();
+    let (ok, text) = qemu_io(uri, &cmds);
+    if ok {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+fn create_on_store(dir: &Path, url: &str) {
+    let mut c = ingot();
+    c.args(["pool", "create", "--pool"])
+        .arg(dir)
+        .args(["--size", "1G", "--segment-size", "2M", "--store", url])
+        .args(ceph_args());
+    run(&mut c);
+}
+
+fn attach(dir: &Path, url: &str) {
+    let mut c = ingot();
+    c.args(["pool", "attach", "--pool"])
+        .arg(dir)
+        .args(["--store", url])
+        .args(ceph_args());
+    run(&mut c);
+    let mode = |p: PathBuf| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(dir.join("store.json")), 0o600);
+    assert_eq!(mode(dir.join("pool.json")), 0o600);
+}
+
+#[test]
+fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
+    let tmp = TempDir::new("ceph-takeover");
+    let url = store_name("takeover");
+    create_on_store(&tmp.join("node0"), &url);
+    let sock = tmp.join("nbd.sock");
+    let s = serve(&tmp.join("node0"), &sock, &[]);
+    ingot_ok([
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "64M",
+        "--pool",
+        &tmp.join("node0").display().to_string(),
+    ]);
+    let mut server = s;
+    let mut written: Vec<(u64, u64, u8)> = Vec::new();
+    const CYCLES: u64 = 4;
+    for k in 0..CYCLES {
+        let uri = server.unix_uri("v");
+        // This cycle's region, and an overwrite of half of the previous one.
+        let region = (k * 8 * MIB, 8 * MIB, 10 + k as u8);
+        write_flushed(&uri, region.0, region.1, region.2);
+        written.push(region);
+        if k > 0 {
+            let prev = written[k as usize - 1];
+            let half = (prev.0, prev.1 / 2, 100 + k as u8);
+            write_flushed(&uri, half.0, half.1, half.2);
+            written.push(half);
+        }
+        // Written and never flushed: it may or may not survive, and must not break anything.
+        let _ = qemu_io(&uri, &[format!("write -P 222 {} {}", 48 * MIB, MIB)]);
+        server.kill9();
+        // The next node: every other cycle waits for the lease to run out instead of taking
+        // it at once.
+        let next = tmp.join(format!("node{}", k + 1));
+        attach(&next, &url);
+        let t = Instant::now();
+        let args: &[&str] = if k % 2 == 0 { &["--takeover"] } else { &[] };
+        server = serve(&next, &sock, args);
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(30), "takeover took {took:?}");
+        // Later writes win where regions overlap: check from the newest down, each region
+        // less what later ones covered (here: the first half of an overwritten region).
+        let mut expect: Vec<(u64, u64, u8)> = Vec::new();
+        for (i, r) in written.iter().enumerate() {
+            let covered = written[i + 1..].iter().any(|w| w.0 == r.0 && w.1 >= r.1);
+            if covered {
+                continue;
+            }
+            let half = written[i + 1..].iter().find(|w| w.0 == r.0 && w.1 < r.1);
+            match half {
+                Some(h) => expect.push((r.0 + h.1, r.1 - h.1, r.2)),
+                None => expect.push(*r),
+            }
+        }
+        if let Err(text) = reads_back(&server.unix_uri("v"), &expect) {
+            panic!(
+                "cycle {k}: flushed data lost after the takeover:\n{text}\n--- server ---\n{}",
+                server.stderr()
+            );
+        }
+        eprintln!("cycle {k}: node{} serves after {took:?}", k + 1);
+    }
+    let check = ingot()
+        .args(["check", "--pool"])
+        .arg(server.pool())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    server.stop();
+}
+
+#[test]
+fn a_paused_owner_is_fenced_and_a_third_node_serves_what_the_second_wrote() {
+    let tmp = TempDir::new("ceph-stale");
+    let url = store_name("stale");
+    let a_dir = tmp.join("a");
+    create_on_store(&a_dir, &url);
+    let a = serve(&a_dir, &tmp.join("a.sock"), &[]);
+    ingot_ok([
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "64M",
+        "--pool",
+        &a_dir.display().to_string(),
+    ]);
+    let a_uri = a.unix_uri("v");
+    write_flushed(&a_uri, 0, 4 * MIB, 1);
+    // A stops (a long GC pause, a frozen VM): it renews nothing.
+    signal(a.pid(), "STOP");
+    let b_dir = tmp.join("b");
+    attach(&b_dir, &url);
+    let b = serve(&b_dir, &tmp.join("b.sock"), &[]);
+    let b_uri = b.unix_uri("v");
+    write_flushed(&b_uri, 0, MIB, 2);
+    write_flushed(&b_uri, 8 * MIB, MIB, 3);
+    // A wakes up, its clients still connected: it must not write, and must not serve reads
+    // either (its lease ran out by its own clock; B may have changed any block).
+    signal(a.pid(), "CONT");
+    let (ok, text) = qemu_io(
+        &a_uri,
+        &[
+            format!("write -P 9 {} {}", 8 * MIB, MIB),
+            "flush".to_string(),
+        ],
+    );
+    assert!(
+        !ok,
+        "the stale owner acknowledged a write and a flush:\n{text}"
+    );
+    let (ok, text) = qemu_io(&a_uri, &[format!("read 0 {}", 4 * MIB)]);
+    assert!(!ok, "the stale owner served a read:\n{text}");
+    // B goes on; a third node takes over from B and serves exactly B's data.
+    write_flushed(&b_uri, 16 * MIB, MIB, 4);
+    b.kill9();
+    let c_dir = tmp.join("c");
+    attach(&c_dir, &url);
+    let c = serve(&c_dir, &tmp.join("c.sock"), &["--takeover"]);
+    let want = [
+        (0, MIB, 2u8),
+        (MIB, 3 * MIB, 1),
+        (8 * MIB, MIB, 3),
+        (16 * MIB, MIB, 4),
+    ];
+    if let Err(text) = reads_back(&c.unix_uri("v"), &want) {
+        panic!("the third node does not serve the second's data:\n{text}");
+    }
+    drop(a);
+    c.stop();
+}
