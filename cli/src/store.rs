@@ -205,7 +205,7 @@ impl RadosReplica {
 
     fn renew_loop(&self, every: Duration) {
         let mut next = Instant::now() + every;
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.stop.load(Ordering::Acquire) && !self.deposed.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50).min(every));
             if Instant::now() < next {
                 continue;
@@ -257,9 +257,11 @@ impl Replica for RadosReplica {
         match lease.append(&batch) {
             Ok(_) => Ok(()),
             Err(e) => {
-                if matches!(e, LeaseError::Deposed { .. }) {
-                    self.deposed.store(true, Ordering::Release);
-                }
+                // Whatever the cause, this node can no longer make writes durable: it stops
+                // renewing, so that another node can take the pool over once the lease runs
+                // out, rather than holding it while failing every flush.
+                tracing::error!(error = %e, "the store refused a batch: this node gives the pool up");
+                self.deposed.store(true, Ordering::Release);
                 Err(io::Error::other(e.to_string()))
             }
         }
@@ -437,15 +439,20 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
             }
         }
     }
-    if !current {
-        restore_from(dir, &p, &url, seal)?;
-    }
     sf.epoch = lease.epoch();
     sf.next_log = lease.next_log();
     sf.clean = false;
     write_store_file(dir, &sf)?;
-    tracing::info!(store = %url, epoch = sf.epoch, restored = !current, "serving the pool from its store");
-    Ok(Some(RadosReplica::start(lease, dir, sf)))
+    // Renewed from now on: a restore may take longer than the lease.
+    let replica = RadosReplica::start(lease, dir, sf);
+    if !current {
+        restore_from(dir, &p, &url, seal)?;
+    }
+    if !replica.valid() {
+        bail!("the pool's lease was lost while restoring it from {url}");
+    }
+    tracing::info!(store = %url, restored = !current, "serving the pool from its store");
+    Ok(Some(replica))
 }
 
 /// Rebuild the devices from the log objects before `end`.
@@ -483,7 +490,7 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         }
         Ok(None)
     };
-    let batches = ingot_engine::replica::restore(&devices, &mut next, &mut |b, bytes| {
+    let batches = ingot_engine::replica::restore(dir, &devices, &mut next, &mut |b, bytes| {
         progress.draw(format_args!(
             "restoring from {url}: {b} batches, {}",
             human(bytes)

@@ -82,10 +82,25 @@ impl Volume {
             done(Err(ctx.health.halted()));
             return None;
         }
-        if ctx.replica.as_ref().is_some_and(|r| !r.valid()) {
-            done(Err(Error::LeaseLost));
-            return None;
-        }
+        let done = match &ctx.replica {
+            Some(r) if !r.valid() => {
+                done(Err(Error::LeaseLost));
+                return None;
+            }
+            // A read may wait (QoS, a shard busy uploading) past the lease's end: its data is
+            // checked again as it is answered.
+            Some(r) if matches!(req, Request::Read { .. }) => {
+                let r = r.clone();
+                Box::new(move |res: Result<crate::api::Reply>| {
+                    if res.is_ok() && !r.valid() {
+                        done(Err(Error::LeaseLost))
+                    } else {
+                        done(res)
+                    }
+                }) as Completion
+            }
+            _ => done,
+        };
         if ctx.health.is_closed() || self.state.deleted.load(Ordering::Acquire) {
             let e = if self.state.deleted.load(Ordering::Acquire) {
                 Error::VolumeNotFound(self.state.name.clone())

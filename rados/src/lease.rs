@@ -25,6 +25,8 @@ use crate::{Error, Pool, Result, Step};
 
 const EPOCH: &str = "ingot.epoch";
 const OWNER: &str = "ingot.owner";
+/// The renewal count, as in the data, where a takeover can compare it.
+const COUNT: &str = "ingot.count";
 /// Set on a seal object: the epoch whose owner sealed the log there.
 const SEAL: &str = "ingot.seal";
 
@@ -93,12 +95,13 @@ pub fn holder(pool: &Pool, name: &str) -> std::result::Result<Option<(Holder, u6
         Err(e) => return Err(e.into()),
     };
     let owner = pool.xattr(&oid, OWNER)?;
-    let mut count = [0u8; 8];
-    let n = pool.read(&oid, 0, &mut count)?;
-    let renewals = if n == 8 {
-        u64::from_le_bytes(count)
-    } else {
-        u64::MAX
+    let renewals = match pool.xattr(&oid, COUNT) {
+        Ok(c) => std::str::from_utf8(&c)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX),
+        Err(e) if e.errno() == Some(libc::ENODATA) => u64::MAX,
+        Err(e) => return Err(e.into()),
     };
     let epoch = std::str::from_utf8(&epoch)
         .ok()
@@ -164,7 +167,11 @@ impl Lease {
                 match pool.create_once(
                     &oid,
                     &0u64.to_le_bytes(),
-                    &[(EPOCH, epoch_text(1).as_bytes()), (OWNER, me.as_bytes())],
+                    &[
+                        (EPOCH, epoch_text(1).as_bytes()),
+                        (OWNER, me.as_bytes()),
+                        (COUNT, epoch_text(0).as_bytes()),
+                    ],
                 ) {
                     Ok(()) => (1, None),
                     Err(e) if e.exists() => {
@@ -174,42 +181,66 @@ impl Lease {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Some((held, count)) => {
-                let held = match how {
+            Some((mut held, mut count)) => loop {
+                let (h, c) = match how {
                     // A holder that released the lease (a clean stop) needs no wait.
-                    _ if held.owner.is_empty() => held,
-                    Takeover::Now => held,
-                    Takeover::Wait => wait_expiry(pool, name, held, count, &opts)?,
+                    _ if held.owner.is_empty() => (held.clone(), count),
+                    Takeover::Now => (held.clone(), count),
+                    Takeover::Wait => wait_expiry(pool, name, held.clone(), count, &opts)?,
                 };
-                let next = held.epoch + 1;
+                let next = h.epoch + 1;
                 started = Instant::now();
+                // The swap holds only if neither the epoch nor the renewal count moved since
+                // they were last seen: a renewal landing after the waiter's last look would
+                // otherwise leave its holder believing itself the owner for another period.
+                let (epoch_was, count_was) = (epoch_text(h.epoch), epoch_text(c));
+                let mut steps = vec![Step::XattrEquals {
+                    name: EPOCH,
+                    value: epoch_was.as_bytes(),
+                }];
+                // (A lease without a count, which no build writes, is swapped on its epoch.)
+                if c != u64::MAX {
+                    steps.push(Step::XattrEquals {
+                        name: COUNT,
+                        value: count_was.as_bytes(),
+                    });
+                }
                 let r = pool.operate(
                     &oid,
                     &[
-                        Step::XattrEquals {
-                            name: EPOCH,
-                            value: epoch_text(held.epoch).as_bytes(),
-                        },
-                        Step::WriteFull(&0u64.to_le_bytes()),
-                        Step::SetXattr {
-                            name: EPOCH,
-                            value: epoch_text(next).as_bytes(),
-                        },
-                        Step::SetXattr {
-                            name: OWNER,
-                            value: me.as_bytes(),
-                        },
-                    ],
+                        &steps[..],
+                        &[
+                            Step::WriteFull(&0u64.to_le_bytes()),
+                            Step::SetXattr {
+                                name: EPOCH,
+                                value: epoch_text(next).as_bytes(),
+                            },
+                            Step::SetXattr {
+                                name: OWNER,
+                                value: me.as_bytes(),
+                            },
+                            Step::SetXattr {
+                                name: COUNT,
+                                value: epoch_text(0).as_bytes(),
+                            },
+                        ],
+                    ]
+                    .concat(),
                 );
                 match r {
-                    Ok(()) => (next, Some(held)),
-                    Err(e) if e.lost_race() => {
-                        let h = holder(pool, name)?.map(|(h, _)| h);
-                        return Err(deposed(name, h));
-                    }
+                    Ok(()) => break (next, Some(h)),
+                    Err(e) if e.lost_race() => match holder(pool, name)? {
+                        // Renewed meanwhile under the same epoch: the holder lives; wait
+                        // again (or, told it is gone, swap against what it is now).
+                        Some((now, c2)) if now.epoch == h.epoch => {
+                            held = now;
+                            count = c2;
+                        }
+                        other => return Err(deposed(name, other.map(|(h, _)| h))),
+                    },
                     Err(e) => return Err(e.into()),
                 }
-            }
+            },
         };
         // Fence the previous owner's client: whatever it still has in flight fails. Best
         // effort (it may be gone, or this user may lack the cap): the seal below is the fence.
@@ -287,6 +318,10 @@ impl Lease {
                 },
                 Step::WriteFull(&count.to_le_bytes()),
                 Step::SetXattr {
+                    name: COUNT,
+                    value: epoch_text(count).as_bytes(),
+                },
+                Step::SetXattr {
                     name: OWNER,
                     value: b"",
                 },
@@ -318,6 +353,11 @@ impl Lease {
 
     /// Renew: count one more renewal, under "the epoch is still mine".
     pub fn renew(&mut self) -> std::result::Result<(), LeaseError> {
+        // Past its end by this node's clock another node may hold the pool already: a renewal
+        // that succeeded now would make this one act as an owner again.
+        if !self.valid() {
+            return Err(self.lapsed());
+        }
         let started = Instant::now();
         let count = self.renewals + 1;
         let r = self.pool.operate(
@@ -328,6 +368,10 @@ impl Lease {
                     value: epoch_text(self.epoch).as_bytes(),
                 },
                 Step::WriteFull(&count.to_le_bytes()),
+                Step::SetXattr {
+                    name: COUNT,
+                    value: epoch_text(count).as_bytes(),
+                },
             ],
         );
         match r {
@@ -351,7 +395,7 @@ impl Lease {
     /// sealed the log: this one is deposed and must stop.
     pub fn append(&mut self, data: &[u8]) -> std::result::Result<u64, LeaseError> {
         if !self.valid() {
-            return Err(deposed(&self.name, None));
+            return Err(self.lapsed());
         }
         let n = self.next_log;
         match self.pool.create_once(
@@ -373,6 +417,16 @@ impl Lease {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Why this node may not act after its lease ran out: who holds it now, if another node
+    /// took it.
+    fn lapsed(&self) -> LeaseError {
+        let now = holder(&self.pool, &self.name)
+            .ok()
+            .flatten()
+            .map(|(h, _)| h);
+        deposed(&self.name, now.filter(|h| h.epoch != self.epoch))
     }
 
     pub fn owner(&self) -> &str {
@@ -400,12 +454,12 @@ fn wait_expiry(
     mut held: Holder,
     mut count: u64,
     opts: &LeaseOptions,
-) -> std::result::Result<Holder, LeaseError> {
+) -> std::result::Result<(Holder, u64), LeaseError> {
     let mut since = Instant::now();
     let step = (opts.period / 8).max(Duration::from_millis(50));
     loop {
         if since.elapsed() >= opts.period {
-            return Ok(held);
+            return Ok((held, count));
         }
         std::thread::sleep(step.min(opts.period.saturating_sub(since.elapsed())));
         match holder(pool, name)? {

@@ -130,7 +130,18 @@ impl Cluster {
     pub fn connect(o: &ConnectOptions) -> Result<Cluster> {
         let api = api()?;
         let mut cluster: *mut c_void = std::ptr::null_mut();
-        let user = o.user.as_deref().map(cstr).transpose()?;
+        // librados wants the full name (`client.admin`); `--ceph-user admin` means that.
+        let user = o
+            .user
+            .as_deref()
+            .map(|u| {
+                if u.contains('.') {
+                    cstr(u)
+                } else {
+                    cstr(&format!("client.{u}"))
+                }
+            })
+            .transpose()?;
         // SAFETY: out-pointer to a local; the names are NUL-terminated and outlive the call.
         let r = unsafe {
             (api.create2)(

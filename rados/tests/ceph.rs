@@ -347,3 +347,32 @@ fn the_previous_owners_client_is_blocklisted() {
     // B's own client is not affected.
     p2.create_once(&unique("b-after"), b"y", &[]).unwrap();
 }
+
+/// A lease past its end by its holder's clock is never renewed again, even when nobody took
+/// it: another node may be about to, and the holder must not act as the owner meanwhile.
+#[test]
+fn a_lapsed_lease_is_not_renewed() {
+    let name = unique("pool");
+    let (c, p) = node();
+    let mut a = Lease::acquire(
+        &p,
+        &name,
+        "a",
+        &c.address().unwrap(),
+        Takeover::Now,
+        quick(),
+        None,
+    )
+    .unwrap();
+    a.renew().unwrap();
+    std::thread::sleep(quick().period);
+    assert!(!a.valid());
+    assert!(matches!(a.renew(), Err(LeaseError::Deposed { .. })));
+    assert!(matches!(a.append(b"x"), Err(LeaseError::Deposed { .. })));
+    assert!(!a.valid());
+    // The next node takes it after a period without renewals, as it would after a crash.
+    let t = Instant::now();
+    let b = Lease::acquire(&p, &name, "b", "-", Takeover::Wait, quick(), None).unwrap();
+    assert!(t.elapsed() >= quick().period);
+    assert_eq!(b.epoch(), 2);
+}

@@ -179,6 +179,37 @@ fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
         }
         eprintln!("cycle {k}: node{} serves after {took:?}", k + 1);
     }
+    // A clean stop gives the lease back and leaves the store holding what the devices hold:
+    // the same node serves again at once without a restore, and a node after it (taking over
+    // from a kill -9) finds the same blocks.
+    let last = server.pool().to_path_buf();
+    server.stop();
+    let server = serve(&last, &sock, &[]);
+    assert!(
+        server.stderr().contains("restored=false"),
+        "a clean restart restored from the store:\n{}",
+        server.stderr()
+    );
+    let expect_all = |server: &Server| {
+        let mut expect: Vec<(u64, u64, u8)> = Vec::new();
+        for (i, r) in written.iter().enumerate() {
+            let later = written[i + 1..].iter().find(|w| w.0 == r.0);
+            match later {
+                Some(w) if w.1 >= r.1 => {}
+                Some(w) => expect.push((r.0 + w.1, r.1 - w.1, r.2)),
+                None => expect.push(*r),
+            }
+        }
+        if let Err(text) = reads_back(&server.unix_uri("v"), &expect) {
+            panic!("after the clean stop:\n{text}");
+        }
+    };
+    expect_all(&server);
+    server.kill9();
+    let next = tmp.join("last");
+    attach(&next, &url);
+    let server = serve(&next, &sock, &["--takeover"]);
+    expect_all(&server);
     let check = ingot()
         .args(["check", "--pool"])
         .arg(server.pool())

@@ -128,6 +128,13 @@ impl Pool {
             .settle_writes(&self.inner.ctx)
             .and_then(|()| self.inner.ckpt.checkpoint_with(None));
         self.stop_threads();
+        // A pool on a store: what the checkpoint's end and the stopping threads changed after
+        // its last sync (freed segments given back, prewritten zeroes) goes too, so that the
+        // store holds what the devices hold.
+        let r = match r {
+            Ok(()) if self.inner.ctx.replica.is_some() => self.inner.ctx.sync(),
+            r => r,
+        };
         if r.is_ok() && self.inner.ctx.health.is_faulted() {
             // Something failed as the threads stopped (an early write still waiting for space).
             return Err(self.inner.ctx.health.halted());

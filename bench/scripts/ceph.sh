@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# A pool on Ceph (issue 23) against Ceph's own clients on the same single-node cluster, in one
+# run:
+#  1. sequential ingest: `rados bench write -b 8M -t 16` (bounded by --max-objects) against 1M
+#     writes QD16 through ingot over NBD (fio's nbd engine) of the same bytes, the final flush
+#     included (every byte is in the cluster when fio ends); ingot without a store for scale;
+#  2. 4k random writes QD32 with a flush every 1,000 writes (fio --fsync=1000): ingot over NBD
+#     against librbd (fio's rbd engine on an RBD image in the same pool): IOPS, flush p50/p99;
+#     4k random reads QD32 on both;
+#  3. takeover after kill -9: time until another node's `ingot serve` answers NBD, with
+#     --takeover and with the default wait for the lease (15 s) to run out. The store's log
+#     is not compacted yet: a takeover replays everything written before it (here the
+#     ingest and the random writes), and the time says so.
+# Usage: bench/scripts/ceph.sh [DIR] [SECONDS]   (root: it starts a cluster in DIR/cluster with
+# tests/ceph/ceph-up.sh unless INGOT_CEPH_CONF names one; ports 3300, 6789 and 6800-7300).
+set -euo pipefail
+DIR=${1:-/tmp/ingot-ceph-bench}
+SECS=${2:-10}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+INGOT=${INGOT_BIN:-$ROOT/target/release/ingot}
+for t in fio rados rbd "$INGOT"; do
+  command -v "$t" >/dev/null || { echo "missing: $t (apt-get install fio ceph-common; cargo build --release)" >&2; exit 1; }
+done
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
+rm -rf "$DIR"/node* "$DIR"/*.sock "$DIR"/local
+STARTED=
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  [ -n "$STARTED" ] && "$ROOT/tests/ceph/ceph-down.sh" "$DIR/cluster"
+  true
+}
+trap cleanup EXIT
+step() { printf '\n== %s\n' "$*" >&2; }
+if [ -z "${INGOT_CEPH_CONF:-}" ]; then
+  step "starting a single-node cluster in $DIR/cluster"
+  OSD_BYTES=$((24 << 30)) "$ROOT/tests/ceph/ceph-up.sh" "$DIR/cluster" >&2
+  STARTED=1
+  INGOT_CEPH_CONF=$DIR/cluster/ceph.conf
+fi
+export CEPH_CONF=$INGOT_CEPH_CONF
+NAME=bench-$$-$(date +%s)
+INGEST_OBJECTS=128 # 1 GiB of 8 MiB objects
+
+serve() { # dir sock [args...]: start, wait for the socket, print the pid
+  local d=$1 s=$2
+  shift 2
+  rm -f "$s"
+  "$INGOT" serve --pool "$d" --nbd "unix:$s" "$@" >"$d.log" 2>&1 &
+  local p=$!
+  for _ in $(seq 600); do [ -S "$s" ] && break; sleep 0.05; done
+  [ -S "$s" ] || { cat "$d.log" >&2; exit 1; }
+  echo $p
+}
+fio_json() { fio --output-format=json "$@" 2>/dev/null | sed -n '/^{/,$p'; }
+
+step "1. rados bench: $INGEST_OBJECTS objects of 8 MiB, 16 in flight"
+rados_bw=$(rados -p ingot bench 60 write -b 8M -t 16 --max-objects $INGEST_OBJECTS --run-name "$NAME" 2>/dev/null |
+  awk '/^Bandwidth \(MB\/sec\)/ {print $3}')
+rados -p ingot cleanup --run-name "$NAME" >/dev/null 2>&1 || true
+
+step "1. ingot on the store: pool, volume, 1 GiB of 1M writes QD16 and a flush"
+"$INGOT" pool create --pool "$DIR/node0" --size 12G --store "rados://ingot/$NAME" >/dev/null 2>&1
+P=$(serve "$DIR/node0" "$DIR/n0.sock"); PIDS+=("$P")
+"$INGOT" volume create v --size 4G --pool "$DIR/node0" >/dev/null
+ingest() { # socket
+  fio_json --name=ingest --ioengine=nbd --uri="nbd+unix:///v?socket=$1" --rw=write --bs=1M \
+    --iodepth=16 --size=1G --end_fsync=1 |
+    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.0f" % (1024 * 1000 / j["job_runtime"]))'
+}
+ingot_bw=$(ingest "$DIR/n0.sock")
+
+step "1. ingot without a store, for scale"
+"$INGOT" pool create --pool "$DIR/local" --size 12G >/dev/null 2>&1
+L=$(serve "$DIR/local" "$DIR/local.sock"); PIDS+=("$L")
+"$INGOT" volume create v --size 4G --pool "$DIR/local" >/dev/null
+local_bw=$(ingest "$DIR/local.sock")
+kill -INT "$L"; wait "$L" 2>/dev/null || true
+echo "ingest, MB/s: rados bench $rados_bw, ingot on the store $ingot_bw ($(python3 -c "print('%.2f' % ($ingot_bw / $rados_bw))")x), ingot without a store $local_bw"
+
+rand() { # engine args...: prints iops, p50 and p99 of the flushes in ms
+  fio_json --name=r --rw="$RW" --bs=4k --iodepth=32 --size=4G --runtime="$SECS" --time_based \
+    --randrepeat=0 "$@" | python3 -c '
+import json, os, sys
+j = json.load(sys.stdin)["jobs"][0]
+rw = "write" if os.environ["RW"] == "randwrite" else "read"
+s = j.get("sync", {}).get("lat_ns", {}).get("percentile", {})
+p = lambda k: "%.2f" % (s[k] / 1e6) if k in s else "-"
+print("%.0f %s %s" % (j[rw]["iops"], p("50.000000"), p("99.000000")))'
+}
+step "2. 4k random writes, a flush every 1,000 (ingot over NBD, then librbd)"
+rbd create "ingot/$NAME-img" --size 4G
+rbd bench --io-type write --io-size 4M --io-total 4G --io-pattern seq "ingot/$NAME-img" >/dev/null 2>&1
+export RW=randwrite
+ingot_w=$(rand --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/n0.sock" --fsync=1000)
+rbd_w=$(rand --ioengine=rbd --clientname=admin --pool=ingot --rbdname="$NAME-img" --fsync=1000)
+export RW=randread
+step "2. 4k random reads"
+ingot_r=$(rand --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/n0.sock")
+rbd_r=$(rand --ioengine=rbd --clientname=admin --pool=ingot --rbdname="$NAME-img")
+rbd rm "ingot/$NAME-img" >/dev/null 2>&1 || true
+read -r iw iw50 iw99 <<<"$ingot_w"
+read -r rw rw50 rw99 <<<"$rbd_w"
+read -r ir _ _ <<<"$ingot_r"
+read -r rr _ _ <<<"$rbd_r"
+echo "4k randwrite QD32, flush every 1000: ingot $iw IOPS (flush p50 $iw50 ms, p99 $iw99 ms), librbd $rw IOPS (flush p50 $rw50 ms, p99 $rw99 ms): $(python3 -c "print('%.2f' % ($iw / $rw))")x"
+echo "4k randread QD32: ingot $ir IOPS, librbd $rr IOPS: $(python3 -c "print('%.2f' % ($ir / $rr))")x"
+
+step "3. takeover after kill -9"
+takeover() { # from-pid new-node [serve args]
+  local from=$1 node=$2
+  shift 2
+  kill -9 "$from"
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$INGOT" pool attach --pool "$DIR/$node" --store "rados://ingot/$NAME" >/dev/null
+  local p
+  p=$(serve "$DIR/$node" "$DIR/$node.sock" "$@")
+  t1=$(date +%s.%N)
+  echo "$p $(python3 -c "print('%.2f' % ($t1 - $t0))")"
+}
+read -r P1 t_now < <(takeover "$P" node1 --takeover)
+PIDS+=("$P1")
+read -r P2 t_wait < <(takeover "$P1" node2)
+PIDS+=("$P2")
+kill -INT "$P2"
+echo "takeover after kill -9 (attach, lease, restore, open): --takeover $t_now s, waiting for the lease $t_wait s"
