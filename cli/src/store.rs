@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ingot_engine::format::ReplicaCommit;
 use ingot_engine::replica::Replica;
 use ingot_rados::lease::{first_free, holder, read_log};
 use ingot_rados::{Cluster, ConnectOptions, Lease, LeaseError, LeaseOptions, Takeover};
@@ -162,6 +163,13 @@ fn lease_options() -> LeaseOptions {
 /// The pool's replica: the lease, renewed by a thread of its own, and the log it appends to.
 pub struct RadosReplica {
     lease: Mutex<Option<Lease>>,
+    /// The batch objects of the sync in progress, written side by side by `uploaders`.
+    sync: Mutex<SyncState>,
+    uploads: Arc<Uploads>,
+    uploaders: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    jobs: Mutex<Option<crossbeam_channel::Sender<(String, Vec<u8>)>>>,
+    name: String,
+    epoch: u64,
     /// When this node stops acting as the owner, in nanoseconds after `base`.
     valid_until: AtomicU64,
     base: Instant,
@@ -172,10 +180,73 @@ pub struct RadosReplica {
     sf: Mutex<StoreFile>,
 }
 
+/// Batch objects written at once at most (as `rados bench -t 16`).
+const UPLOAD_WINDOW: usize = 16;
+/// A sync whose one batch is at most this large goes inline in its commit record: one write.
+const INLINE_MAX: usize = 256 << 10;
+
+#[derive(Default)]
+struct SyncState {
+    /// The next batch object's number (per epoch).
+    next: u64,
+    /// The sync in progress: its first batch object and how many were sent.
+    first: u64,
+    count: u32,
+    /// A small first batch, kept back in case it is the sync's only one.
+    held: Option<(u64, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct Uploads {
+    state: Mutex<UploadState>,
+    done: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct UploadState {
+    in_flight: usize,
+    failed: Option<String>,
+}
+
+fn data_oid(name: &str, epoch: u64, n: u64) -> String {
+    format!("{name}.data.{epoch:016x}.{n:016x}")
+}
+
 impl RadosReplica {
-    fn start(lease: Lease, dir: &Path, sf: StoreFile) -> Arc<RadosReplica> {
+    fn start(lease: Lease, pool: &ingot_rados::Pool, name: &str, dir: &Path, sf: StoreFile) -> Arc<RadosReplica> {
         let base = Instant::now();
+        let uploads = Arc::new(Uploads::default());
+        let (tx, rx) = crossbeam_channel::bounded::<(String, Vec<u8>)>(UPLOAD_WINDOW);
+        let epoch = lease.epoch();
+        let uploaders = (0..UPLOAD_WINDOW)
+            .map(|i| {
+                let rx = rx.clone();
+                let pool = pool.clone();
+                let uploads = uploads.clone();
+                std::thread::Builder::new()
+                    .name(format!("ingot-upload-{i}"))
+                    .spawn(move || {
+                        let e = format!("{epoch:020}");
+                        for (oid, data) in rx {
+                            let r = pool.create_once(&oid, &data, &[("ingot.epoch", e.as_bytes())]);
+                            let mut st = uploads.state.lock();
+                            st.in_flight -= 1;
+                            if let Err(e) = r {
+                                st.failed.get_or_insert_with(|| format!("{oid}: {e}"));
+                            }
+                            uploads.done.notify_all();
+                        }
+                    })
+                    .expect("spawn an upload thread")
+            })
+            .collect();
         let r = Arc::new(RadosReplica {
+            sync: Mutex::new(SyncState::default()),
+            uploads,
+            uploaders: Mutex::new(uploaders),
+            jobs: Mutex::new(Some(tx)),
+            name: name.to_string(),
+            epoch,
             valid_until: AtomicU64::new(0),
             base,
             lease: Mutex::new(None),
@@ -230,6 +301,10 @@ impl RadosReplica {
     /// devices hold what the store holds.
     pub fn finish(&self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
+        drop(self.jobs.lock().take());
+        for t in std::mem::take(&mut *self.uploaders.lock()) {
+            let _ = t.join();
+        }
         if let Some(t) = self.renewer.lock().take() {
             let _ = t.join();
         }
@@ -248,23 +323,85 @@ impl RadosReplica {
     }
 }
 
+impl RadosReplica {
+    /// This node can no longer make writes durable: it stops renewing, so that another node
+    /// can take the pool over once the lease runs out, rather than holding it while failing
+    /// every flush.
+    fn give_up(&self, why: impl std::fmt::Display) -> io::Error {
+        if !self.deposed.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %why, "the store refused a sync: this node gives the pool up");
+        }
+        io::Error::other(why.to_string())
+    }
+
+    fn send(&self, n: u64, batch: Vec<u8>) -> io::Result<()> {
+        self.uploads.state.lock().in_flight += 1;
+        let sent = self
+            .jobs
+            .lock()
+            .as_ref()
+            .map(|tx| tx.send((data_oid(&self.name, self.epoch, n), batch)).is_ok());
+        if sent != Some(true) {
+            self.uploads.state.lock().in_flight -= 1;
+            return Err(self.give_up("the pool's uploads were stopped"));
+        }
+        Ok(())
+    }
+}
+
 impl Replica for RadosReplica {
-    fn append(&self, batch: Vec<u8>) -> io::Result<()> {
+    fn put(&self, batch: Vec<u8>) -> io::Result<()> {
+        if !self.valid() {
+            return Err(self.give_up("this node's lease ran out"));
+        }
+        let mut sync = self.sync.lock();
+        let n = sync.next;
+        sync.next += 1;
+        if sync.count == 0 && sync.held.is_none() {
+            sync.first = n;
+            if batch.len() <= INLINE_MAX {
+                sync.held = Some((n, batch));
+                return Ok(());
+            }
+        }
+        if let Some((h, held)) = sync.held.take() {
+            self.send(h, held)?;
+            sync.count += 1;
+        }
+        self.send(n, batch)?;
+        sync.count += 1;
+        Ok(())
+    }
+
+    fn commit(&self) -> io::Result<()> {
+        let mut sync = self.sync.lock();
+        let record = match (sync.held.take(), sync.count) {
+            (Some((_, b)), 0) => ReplicaCommit::Inline(b),
+            (None, 0) => return Ok(()),
+            (_, count) => ReplicaCommit::Objects {
+                epoch: self.epoch,
+                first: sync.first,
+                count,
+            },
+        };
+        sync.count = 0;
+        {
+            let mut st = self.uploads.state.lock();
+            while st.in_flight > 0 {
+                self.uploads.done.wait(&mut st);
+            }
+            if let Some(e) = st.failed.clone() {
+                return Err(self.give_up(e));
+            }
+        }
         let mut guard = self.lease.lock();
         let lease = guard
             .as_mut()
-            .ok_or_else(|| io::Error::other("the pool's lease was given up"))?;
-        match lease.append(&batch) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                // Whatever the cause, this node can no longer make writes durable: it stops
-                // renewing, so that another node can take the pool over once the lease runs
-                // out, rather than holding it while failing every flush.
-                tracing::error!(error = %e, "the store refused a batch: this node gives the pool up");
-                self.deposed.store(true, Ordering::Release);
-                Err(io::Error::other(e.to_string()))
-            }
-        }
+            .ok_or_else(|| self.give_up("the pool's lease was given up"))?;
+        lease
+            .append(&record.encode())
+            .map(drop)
+            .map_err(|e| self.give_up(e))
     }
 
     fn valid(&self) -> bool {
@@ -314,7 +451,7 @@ pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
         clean: false,
     };
     write_store_file(dir, &sf)?;
-    let replica = RadosReplica::start(lease, dir, sf);
+    let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
     let o = ingot_engine::PoolOptions {
         replica: Some(replica.clone()),
         replica_base: true,
@@ -444,7 +581,7 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     sf.clean = false;
     write_store_file(dir, &sf)?;
     // Renewed from now on: a restore may take longer than the lease.
-    let replica = RadosReplica::start(lease, dir, sf);
+    let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
     if !current {
         restore_from(dir, &p, &url, seal)?;
     }
@@ -469,26 +606,64 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
     let mut n = 0u64;
     let started = Instant::now();
     let mut progress = Progress::new();
+    let io_err = |at: u64, e: String| ingot_engine::Error::Io {
+        device: 0,
+        offset: at,
+        source: io::Error::other(e),
+    };
+    // Batches of the commit being replayed, fetched side by side, applied in order.
+    let mut ready: std::collections::VecDeque<Vec<u8>> = Default::default();
+    let mut pending: Option<(u64, u64, u64)> = None; // (epoch, next, end)
     let mut next = || -> ingot_engine::Result<Option<Vec<u8>>> {
-        while n < end {
+        loop {
+            if let Some(b) = ready.pop_front() {
+                return Ok(Some(b));
+            }
+            if let Some((epoch, from, to)) = pending {
+                let upto = to.min(from + UPLOAD_WINDOW as u64);
+                let got: Vec<ingot_engine::Result<Vec<u8>>> = std::thread::scope(|sc| {
+                    let hs: Vec<_> = (from..upto)
+                        .map(|k| {
+                            sc.spawn(move || {
+                                let oid = data_oid(&url.name, epoch, k);
+                                p.read_all(&oid, 64 << 20)
+                                    .map(|(d, _)| d)
+                                    .map_err(|e| io_err(k, format!("{oid}: {e}")))
+                            })
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err(io_err(0, "a reader panicked".into()))))
+                        .collect()
+                });
+                for g in got {
+                    ready.push_back(g?);
+                }
+                pending = (upto < to).then_some((epoch, upto, to));
+                continue;
+            }
+            if n >= end {
+                return Ok(None);
+            }
             let at = n;
             n += 1;
-            let o = read_log(p, &url.name, at, 64 << 20).map_err(|e| ingot_engine::Error::Io {
-                device: 0,
-                offset: at,
-                source: io::Error::other(e.to_string()),
-            })?;
-            match o {
-                Some(o) if o.seal => continue,
-                Some(o) => return Ok(Some(o.data)),
-                None => {
-                    return Err(ingot_engine::Error::Corrupt {
-                        what: "a log object missing from the store",
-                    })
-                }
+            let o = read_log(p, &url.name, at, 64 << 20)
+                .map_err(|e| io_err(at, e.to_string()))?
+                .ok_or(ingot_engine::Error::Corrupt {
+                    what: "a log object missing from the store",
+                })?;
+            if o.seal {
+                continue;
+            }
+            match ReplicaCommit::decode(&o.data)? {
+                ReplicaCommit::Inline(b) => return Ok(Some(b)),
+                ReplicaCommit::Objects {
+                    epoch,
+                    first,
+                    count,
+                } => pending = Some((epoch, first, first + u64::from(count))),
             }
         }
-        Ok(None)
     };
     let batches = ingot_engine::replica::restore(dir, &devices, &mut next, &mut |b, bytes| {
         progress.draw(format_args!(

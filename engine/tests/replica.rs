@@ -17,16 +17,23 @@ const BLOCK: usize = 4096;
 #[derive(Default)]
 struct Memory {
     batches: Mutex<Vec<Vec<u8>>>,
+    /// Put and not committed yet.
+    pending: Mutex<Vec<Vec<u8>>>,
     refuse: AtomicBool,
     expired: AtomicBool,
 }
 
 impl Replica for Memory {
-    fn append(&self, batch: Vec<u8>) -> std::io::Result<()> {
+    fn put(&self, batch: Vec<u8>) -> std::io::Result<()> {
+        self.pending.lock().push(batch);
+        Ok(())
+    }
+    fn commit(&self) -> std::io::Result<()> {
+        let pending = std::mem::take(&mut *self.pending.lock());
         if self.refuse.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("deposed"));
         }
-        self.batches.lock().push(batch);
+        self.batches.lock().extend(pending);
         Ok(())
     }
     fn valid(&self) -> bool {

@@ -47,8 +47,9 @@ pub use page::{
 };
 pub use record::{DataEntry, RecordHeader, RecordKind, RecordSeal, TrimEntry};
 pub use replica::{
-    ExtentKind, ReplicaBatch, ReplicaExtent, REPLICA_EXTENT_BYTES, REPLICA_HEADER_BYTES,
-    REPLICA_MAGIC, REPLICA_MAX_DEVICES, REPLICA_VERSION,
+    ExtentKind, ReplicaBatch, ReplicaCommit, ReplicaExtent, REPLICA_COMMIT_BYTES,
+    REPLICA_COMMIT_MAGIC, REPLICA_EXTENT_BYTES, REPLICA_HEADER_BYTES, REPLICA_MAGIC,
+    REPLICA_MAX_DEVICES, REPLICA_VERSION,
 };
 pub use root::{
     ArrayRoot, CheckpointRoot, Orphan, RootChain, RootIndex, RootVolume, MAX_ROOT_BYTES,

@@ -202,6 +202,83 @@ impl ReplicaBatch {
     }
 }
 
+pub const REPLICA_COMMIT_MAGIC: [u8; 4] = *b"IRPC";
+/// Bytes of a [`ReplicaCommit`] header.
+pub const REPLICA_COMMIT_BYTES: usize = 32;
+
+/// One sync of a pool on an object store: the record appended to the store's log (write-once,
+/// numbered) once the sync's batches are stored. Replaying the log replays each commit's
+/// batches in order; batches no commit names (a sync that failed half-way) are never read.
+///
+/// | offset | size | field | meaning |
+/// |---:|---:|---|---|
+/// | 0 | 4 | `magic` | `IRPC` |
+/// | 4 | 2 | `version` | 1 |
+/// | 6 | 2 | `kind` | 0: one [`ReplicaBatch`] follows the header; 1: the batches are objects |
+/// | 8 | 8 | `epoch` | kind 1: the epoch in the batch objects' names |
+/// | 16 | 8 | `first` | kind 1: the number of the first batch object |
+/// | 24 | 4 | `count` | kind 1: batch objects `first..first + count`, replayed in that order |
+/// | 28 | 4 | `crc` | CRC-32 of bytes 0..28 |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaCommit {
+    /// A small sync's one batch, in the record itself.
+    Inline(Vec<u8>),
+    Objects { epoch: u64, first: u64, count: u32 },
+}
+
+impl ReplicaCommit {
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, epoch, first, count, tail): (u16, u64, u64, u32, &[u8]) = match self {
+            ReplicaCommit::Inline(b) => (0, 0, 0, 0, b),
+            &ReplicaCommit::Objects {
+                epoch,
+                first,
+                count,
+            } => (1, epoch, first, count, &[]),
+        };
+        let mut out = vec![0u8; REPLICA_COMMIT_BYTES + tail.len()];
+        Put::new(&mut out[..28])
+            .bytes(&REPLICA_COMMIT_MAGIC)
+            .u16(REPLICA_VERSION)
+            .u16(kind)
+            .u64(epoch)
+            .u64(first)
+            .u32(count);
+        let crc = crc32fast::hash(&out[..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        out[REPLICA_COMMIT_BYTES..].copy_from_slice(tail);
+        out
+    }
+
+    /// Parse a commit record (an inline batch is checked when it is applied).
+    pub fn decode(buf: &[u8]) -> Result<ReplicaCommit> {
+        let mut g = Get::new(buf, "replica commit");
+        if g.array::<4>()? != REPLICA_COMMIT_MAGIC {
+            return Err(bad("replica commit magic"));
+        }
+        if g.u16()? != REPLICA_VERSION {
+            return Err(bad("replica commit version"));
+        }
+        let kind = g.u16()?;
+        let epoch = g.u64()?;
+        let first = g.u64()?;
+        let count = g.u32()?;
+        let crc = g.u32()?;
+        if crc32fast::hash(&buf[..28]) != crc {
+            return Err(bad("replica commit CRC"));
+        }
+        match kind {
+            0 => Ok(ReplicaCommit::Inline(buf[REPLICA_COMMIT_BYTES..].to_vec())),
+            1 if buf.len() == REPLICA_COMMIT_BYTES => Ok(ReplicaCommit::Objects {
+                epoch,
+                first,
+                count,
+            }),
+            _ => Err(bad("replica commit kind")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +329,25 @@ mod tests {
         let mut past = batch.clone();
         past.extents[1].offset = 1 << 20;
         assert!(ReplicaBatch::decode(&past.encode(&[&a, &b])).is_err());
+    }
+
+    #[test]
+    fn commits_round_trip_and_a_flipped_byte_is_refused() {
+        for c in [
+            ReplicaCommit::Inline(vec![1, 2, 3]),
+            ReplicaCommit::Objects {
+                epoch: 7,
+                first: 1 << 40,
+                count: 12,
+            },
+        ] {
+            let bytes = c.encode();
+            assert_eq!(ReplicaCommit::decode(&bytes).unwrap(), c);
+            for i in 0..REPLICA_COMMIT_BYTES {
+                let mut bad = bytes.clone();
+                bad[i] ^= 1;
+                assert!(ReplicaCommit::decode(&bad).is_err(), "byte {i}");
+            }
+        }
     }
 }

@@ -136,7 +136,7 @@ impl Shared {
             batch.extents.clear();
             data.clear();
             *bytes = 0;
-            self.replica.append(out)
+            self.replica.put(out)
         };
         for d in dirty {
             if d.kind == ExtentKind::Zero {
@@ -182,7 +182,8 @@ impl Shared {
                 }
             }
         }
-        flush(&mut batch, &mut data, &mut bytes)
+        flush(&mut batch, &mut data, &mut bytes)?;
+        self.replica.commit()
     }
 
     fn check_valid(&self) -> io::Result<()> {

@@ -23,17 +23,24 @@ use crate::format::{ExtentKind, ReplicaBatch};
 
 /// Where a pool's batches go.
 pub trait Replica: Send + Sync {
-    /// Store `batch` (an encoded [`ReplicaBatch`]) durably after every batch given before.
-    /// An error means this node may no longer write the pool (it was deposed, or the store
+    /// Start storing `batch` (an encoded [`ReplicaBatch`]), the next of the sync in progress.
+    /// It may return before the batch is durable (a store may write several side by side,
+    /// and should bound how many it holds), and the batch counts only once [`Replica::commit`]
+    /// succeeds.
+    fn put(&self, batch: Vec<u8>) -> io::Result<()>;
+    /// Make every batch put since the last commit durable, as one step after every earlier
+    /// one: replayed in the order they were put, or not at all. An error (from here or from
+    /// a put) means this node may no longer write the pool (it was deposed, or the store
     /// failed): the sync that asked fails, and so does every later one.
-    fn append(&self, batch: Vec<u8>) -> io::Result<()>;
+    fn commit(&self) -> io::Result<()>;
     /// Whether this node may still serve the pool by its own clock (its lease holds). Reads
     /// from the devices fail once it does not: another node may have changed the blocks.
     fn valid(&self) -> bool;
 }
 
-/// Data bytes per batch at most (a store object stays well under RADOS' 90 MiB write limit).
-pub const BATCH_DATA_BYTES: usize = 32 << 20;
+/// Data bytes per batch at most: objects of the size RADOS writes best (as `rados bench`), many
+/// of them side by side for a large sync.
+pub const BATCH_DATA_BYTES: usize = 8 << 20;
 
 /// Apply one batch to `files` (the pool's devices, in order), growing each to its listed size.
 /// The batch is checked whole (table and every extent's CRC) before anything is written.
