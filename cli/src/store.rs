@@ -167,7 +167,7 @@ pub struct RadosReplica {
     sync: Mutex<SyncState>,
     uploads: Arc<Uploads>,
     uploaders: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    jobs: Mutex<Option<crossbeam_channel::Sender<(String, Vec<u8>)>>>,
+    jobs: Mutex<Option<crossbeam_channel::Sender<Upload>>>,
     name: String,
     epoch: u64,
     /// When this node stops acting as the owner, in nanoseconds after `base`.
@@ -184,6 +184,9 @@ pub struct RadosReplica {
 const UPLOAD_WINDOW: usize = 16;
 /// A sync whose one batch is at most this large goes inline in its commit record: one write.
 const INLINE_MAX: usize = 256 << 10;
+
+/// A batch object to write: its name and bytes.
+type Upload = (String, Vec<u8>);
 
 #[derive(Default)]
 struct SyncState {
@@ -216,7 +219,7 @@ impl RadosReplica {
     fn start(lease: Lease, pool: &ingot_rados::Pool, name: &str, dir: &Path, sf: StoreFile) -> Arc<RadosReplica> {
         let base = Instant::now();
         let uploads = Arc::new(Uploads::default());
-        let (tx, rx) = crossbeam_channel::bounded::<(String, Vec<u8>)>(UPLOAD_WINDOW);
+        let (tx, rx) = crossbeam_channel::bounded::<Upload>(UPLOAD_WINDOW);
         let epoch = lease.epoch();
         let uploaders = (0..UPLOAD_WINDOW)
             .map(|i| {
@@ -592,6 +595,24 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     Ok(Some(replica))
 }
 
+/// `f` over `range` on a thread each, results in order.
+fn parallel<T: Send>(
+    range: std::ops::Range<u64>,
+    f: impl Fn(u64) -> ingot_engine::Result<T> + Sync,
+) -> ingot_engine::Result<Vec<T>> {
+    std::thread::scope(|sc| {
+        let f = &f;
+        let hs: Vec<_> = range.map(|k| sc.spawn(move || f(k))).collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or(Err(ingot_engine::Error::Internal {
+                    what: "a store reader panicked",
+                }))
+            })
+            .collect()
+    })
+}
+
 /// Rebuild the devices from the log objects before `end`.
 fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> Result<()> {
     let pool_json: serde_json::Value =
@@ -611,59 +632,53 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         offset: at,
         source: io::Error::other(e),
     };
-    // Batches of the commit being replayed, fetched side by side, applied in order.
+    // The log is read UPLOAD_WINDOW records at a time, and the batch objects they name
+    // UPLOAD_WINDOW at a time, side by side; batches are applied in log order.
     let mut ready: std::collections::VecDeque<Vec<u8>> = Default::default();
-    let mut pending: Option<(u64, u64, u64)> = None; // (epoch, next, end)
     let mut next = || -> ingot_engine::Result<Option<Vec<u8>>> {
-        loop {
-            if let Some(b) = ready.pop_front() {
-                return Ok(Some(b));
-            }
-            if let Some((epoch, from, to)) = pending {
-                let upto = to.min(from + UPLOAD_WINDOW as u64);
-                let got: Vec<ingot_engine::Result<Vec<u8>>> = std::thread::scope(|sc| {
-                    let hs: Vec<_> = (from..upto)
-                        .map(|k| {
-                            sc.spawn(move || {
-                                let oid = data_oid(&url.name, epoch, k);
-                                p.read_all(&oid, 64 << 20)
-                                    .map(|(d, _)| d)
-                                    .map_err(|e| io_err(k, format!("{oid}: {e}")))
-                            })
-                        })
-                        .collect();
-                    hs.into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err(io_err(0, "a reader panicked".into()))))
-                        .collect()
-                });
-                for g in got {
-                    ready.push_back(g?);
-                }
-                pending = (upto < to).then_some((epoch, upto, to));
-                continue;
-            }
+        while ready.is_empty() {
             if n >= end {
                 return Ok(None);
             }
-            let at = n;
-            n += 1;
-            let o = read_log(p, &url.name, at, 64 << 20)
-                .map_err(|e| io_err(at, e.to_string()))?
-                .ok_or(ingot_engine::Error::Corrupt {
-                    what: "a log object missing from the store",
-                })?;
-            if o.seal {
-                continue;
+            let (from, to) = (n, end.min(n + UPLOAD_WINDOW as u64));
+            n = to;
+            let records = parallel(from..to, |at| {
+                read_log(p, &url.name, at, 64 << 20)
+                    .map_err(|e| io_err(at, e.to_string()))?
+                    .ok_or(ingot_engine::Error::Corrupt {
+                        what: "a log object missing from the store",
+                    })
+            })?;
+            // In order: an inline batch, or the name of a batch object.
+            let mut items: Vec<Result<Vec<u8>, String>> = Vec::new();
+            for o in records {
+                if o.seal {
+                    continue;
+                }
+                match ReplicaCommit::decode(&o.data)? {
+                    ReplicaCommit::Inline(b) => items.push(Ok(b)),
+                    ReplicaCommit::Objects {
+                        epoch,
+                        first,
+                        count,
+                    } => items.extend(
+                        (first..first + u64::from(count))
+                            .map(|k| Err(data_oid(&url.name, epoch, k))),
+                    ),
+                }
             }
-            match ReplicaCommit::decode(&o.data)? {
-                ReplicaCommit::Inline(b) => return Ok(Some(b)),
-                ReplicaCommit::Objects {
-                    epoch,
-                    first,
-                    count,
-                } => pending = Some((epoch, first, first + u64::from(count))),
+            for chunk in items.chunks(UPLOAD_WINDOW) {
+                let got = parallel(0..chunk.len() as u64, |k| match &chunk[k as usize] {
+                    Ok(b) => Ok(b.clone()),
+                    Err(oid) => p
+                        .read_all(oid, 64 << 20)
+                        .map(|(d, _)| d)
+                        .map_err(|e| io_err(k, format!("{oid}: {e}"))),
+                })?;
+                ready.extend(got);
             }
         }
+        Ok(ready.pop_front())
     };
     let batches = ingot_engine::replica::restore(dir, &devices, &mut next, &mut |b, bytes| {
         progress.draw(format_args!(

@@ -2,9 +2,11 @@
 //! to the pool's [`Replica`].
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::{Replica, BATCH_DATA_BYTES};
 use crate::format::{ExtentKind, ReplicaBatch, ReplicaExtent, IO_ALIGN};
@@ -23,6 +25,22 @@ struct Dirty {
 
 pub(crate) struct MirrorDevices {
     s: Arc<Shared>,
+    /// The early sender, joined at drop: it holds the devices open.
+    early: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Data bytes noted past which a background thread starts sending them, before any sync asks:
+/// a large write's bytes then travel while it is written, and its flush sends only the rest.
+const EARLY_BYTES: u64 = 32 << 20;
+
+impl Drop for MirrorDevices {
+    fn drop(&mut self) {
+        self.s.stop.store(true, Ordering::Release);
+        self.s.kick.notify_all();
+        if let Some(t) = self.early.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 struct Shared {
@@ -30,15 +48,24 @@ struct Shared {
     replica: Arc<dyn Replica>,
     /// Ranges written since the last upload, in the order their writes completed.
     dirty: Mutex<Vec<Dirty>>,
+    /// Data bytes in `dirty`.
+    dirty_bytes: AtomicU64,
     /// Held while a sync uploads: uploads go one at a time, in the order they read the
     /// devices, so a later batch never carries older bytes than an earlier one.
     upload: Mutex<Health>,
+    /// Wakes the early sender (`EARLY_BYTES`).
+    kick: Condvar,
+    kick_lock: Mutex<()>,
+    stop: AtomicBool,
 }
 
 #[derive(Default)]
 struct Health {
     /// The replica refused a batch: nothing after it may be acknowledged as durable.
     failed: Option<String>,
+    /// Batches were put (early) since the last commit: the next sync commits even if it
+    /// finds nothing new.
+    uncommitted: bool,
 }
 
 fn lost(what: &str) -> io::Error {
@@ -67,13 +94,23 @@ impl MirrorDevices {
                 }));
             }
         }
+        let s = Arc::new(Shared {
+            inner,
+            replica,
+            dirty: Mutex::new(dirty),
+            dirty_bytes: AtomicU64::new(0),
+            upload: Mutex::new(Health::default()),
+            kick: Condvar::new(),
+            kick_lock: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        });
+        let early = s.clone();
+        let early = std::thread::Builder::new()
+            .name("ingot-replica".into())
+            .spawn(move || early.send_early())?;
         Ok(MirrorDevices {
-            s: Arc::new(Shared {
-                inner,
-                replica,
-                dirty: Mutex::new(dirty),
-                upload: Mutex::new(Health::default()),
-            }),
+            s,
+            early: Some(early),
         })
     }
 }
@@ -82,6 +119,12 @@ impl Shared {
     fn note(&self, dev: u16, kind: ExtentKind, offset: u64, len: u64) {
         if len == 0 {
             return;
+        }
+        if kind == ExtentKind::Data {
+            let before = self.dirty_bytes.fetch_add(len, Ordering::Relaxed);
+            if before < EARLY_BYTES && before + len >= EARLY_BYTES {
+                self.kick.notify_one();
+            }
         }
         let mut d = self.dirty.lock();
         // Consecutive writes of one stream (a log segment filling) become one range.
@@ -99,22 +142,50 @@ impl Shared {
         });
     }
 
-    /// Append what was written since the last upload. Called after a sync of the devices
+    /// Send what was written since the last upload and, with `commit`, make it (and what
+    /// was sent early) one durable step. A sync calls it with `commit` after the devices' sync
     /// completed: every write the sync covers was noted before it.
-    fn upload(&self) -> io::Result<()> {
+    fn upload(&self, commit: bool) -> io::Result<()> {
         let mut health = self.upload.lock();
         if let Some(why) = &health.failed {
             return Err(lost(why));
         }
-        let dirty = std::mem::take(&mut *self.dirty.lock());
-        if dirty.is_empty() {
+        let dirty = {
+            let mut d = self.dirty.lock();
+            self.dirty_bytes.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *d)
+        };
+        if dirty.is_empty() && !(commit && health.uncommitted) {
             return Ok(());
         }
-        let r = self.send(&dirty);
-        if let Err(e) = &r {
-            health.failed = Some(e.to_string());
+        let r = self.send(&dirty).and_then(|()| {
+            if commit {
+                self.replica.commit()
+            } else {
+                Ok(())
+            }
+        });
+        match &r {
+            Err(e) => health.failed = Some(e.to_string()),
+            Ok(()) => health.uncommitted = !commit,
         }
         r
+    }
+
+    /// The early sender: puts noted data past `EARLY_BYTES` without waiting for a sync.
+    fn send_early(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            {
+                let mut g = self.kick_lock.lock();
+                if self.dirty_bytes.load(Ordering::Relaxed) < EARLY_BYTES {
+                    self.kick.wait_for(&mut g, Duration::from_millis(100));
+                }
+            }
+            if self.dirty_bytes.load(Ordering::Relaxed) >= EARLY_BYTES {
+                // An error is kept in `Health` and fails the next sync.
+                let _ = self.upload(false);
+            }
+        }
     }
 
     fn send(&self, dirty: &[Dirty]) -> io::Result<()> {
@@ -182,8 +253,7 @@ impl Shared {
                 }
             }
         }
-        flush(&mut batch, &mut data, &mut bytes)?;
-        self.replica.commit()
+        flush(&mut batch, &mut data, &mut bytes)
     }
 
     fn check_valid(&self) -> io::Result<()> {
@@ -219,7 +289,7 @@ impl Devices for MirrorDevices {
     }
     fn sync(&self) -> io::Result<()> {
         self.s.inner.sync()?;
-        self.s.upload()
+        self.s.upload(true)
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.s.inner.discard(dev, offset, len)?;
@@ -269,7 +339,7 @@ impl IoQueue for MirrorQueue {
         }
         for d in &mut out[from..] {
             match d.kind {
-                OpKind::Sync if d.result.is_ok() => d.result = s.upload(),
+                OpKind::Sync if d.result.is_ok() => d.result = s.upload(true),
                 OpKind::Read if d.result.is_ok() => d.result = s.check_valid(),
                 _ => {}
             }
