@@ -216,7 +216,13 @@ fn data_oid(name: &str, epoch: u64, n: u64) -> String {
 }
 
 impl RadosReplica {
-    fn start(lease: Lease, pool: &ingot_rados::Pool, name: &str, dir: &Path, sf: StoreFile) -> Arc<RadosReplica> {
+    fn start(
+        lease: Lease,
+        pool: &ingot_rados::Pool,
+        name: &str,
+        dir: &Path,
+        sf: StoreFile,
+    ) -> Arc<RadosReplica> {
         let base = Instant::now();
         let uploads = Arc::new(Uploads::default());
         let (tx, rx) = crossbeam_channel::bounded::<Upload>(UPLOAD_WINDOW);
@@ -339,11 +345,10 @@ impl RadosReplica {
 
     fn send(&self, n: u64, batch: Vec<u8>) -> io::Result<()> {
         self.uploads.state.lock().in_flight += 1;
-        let sent = self
-            .jobs
-            .lock()
-            .as_ref()
-            .map(|tx| tx.send((data_oid(&self.name, self.epoch, n), batch)).is_ok());
+        let sent = self.jobs.lock().as_ref().map(|tx| {
+            tx.send((data_oid(&self.name, self.epoch, n), batch))
+                .is_ok()
+        });
         if sent != Some(true) {
             self.uploads.state.lock().in_flight -= 1;
             return Err(self.give_up("the pool's uploads were stopped"));
@@ -634,48 +639,61 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
     };
     // The log is read UPLOAD_WINDOW records at a time, and the batch objects they name
     // UPLOAD_WINDOW at a time, side by side; batches are applied in log order.
+    // Committed batches still to fetch, in log order: a small sync's inline batch, or a run
+    // of batch objects (fetched UPLOAD_WINDOW at a time, side by side: a commit may name the
+    // whole pool).
+    enum Item {
+        Inline(Vec<u8>),
+        Objects { epoch: u64, next: u64, end: u64 },
+    }
+    let mut items: std::collections::VecDeque<Item> = Default::default();
     let mut ready: std::collections::VecDeque<Vec<u8>> = Default::default();
     let mut next = || -> ingot_engine::Result<Option<Vec<u8>>> {
         while ready.is_empty() {
-            if n >= end {
-                return Ok(None);
-            }
-            let (from, to) = (n, end.min(n + UPLOAD_WINDOW as u64));
-            n = to;
-            let records = parallel(from..to, |at| {
-                read_log(p, &url.name, at, 64 << 20)
-                    .map_err(|e| io_err(at, e.to_string()))?
-                    .ok_or(ingot_engine::Error::Corrupt {
-                        what: "a log object missing from the store",
-                    })
-            })?;
-            // In order: an inline batch, or the name of a batch object.
-            let mut items: Vec<Result<Vec<u8>, String>> = Vec::new();
-            for o in records {
-                if o.seal {
-                    continue;
+            match items.pop_front() {
+                Some(Item::Inline(b)) => ready.push_back(b),
+                Some(Item::Objects { epoch, next, end }) => {
+                    let upto = end.min(next + UPLOAD_WINDOW as u64);
+                    ready.extend(parallel(next..upto, |k| {
+                        let oid = data_oid(&url.name, epoch, k);
+                        p.read_all(&oid, 64 << 20)
+                            .map(|(d, _)| d)
+                            .map_err(|e| io_err(k, format!("{oid}: {e}")))
+                    })?);
+                    if upto < end {
+                        items.push_front(Item::Objects {
+                            epoch,
+                            next: upto,
+                            end,
+                        });
+                    }
                 }
-                match ReplicaCommit::decode(&o.data)? {
-                    ReplicaCommit::Inline(b) => items.push(Ok(b)),
-                    ReplicaCommit::Objects {
-                        epoch,
-                        first,
-                        count,
-                    } => items.extend(
-                        (first..first + u64::from(count))
-                            .map(|k| Err(data_oid(&url.name, epoch, k))),
-                    ),
+                None if n >= end => return Ok(None),
+                None => {
+                    let (from, to) = (n, end.min(n + UPLOAD_WINDOW as u64));
+                    n = to;
+                    let records = parallel(from..to, |at| {
+                        read_log(p, &url.name, at, 64 << 20)
+                            .map_err(|e| io_err(at, e.to_string()))?
+                            .ok_or(ingot_engine::Error::Corrupt {
+                                what: "a log object missing from the store",
+                            })
+                    })?;
+                    for o in records.into_iter().filter(|o| !o.seal) {
+                        items.push_back(match ReplicaCommit::decode(&o.data)? {
+                            ReplicaCommit::Inline(b) => Item::Inline(b),
+                            ReplicaCommit::Objects {
+                                epoch,
+                                first,
+                                count,
+                            } => Item::Objects {
+                                epoch,
+                                next: first,
+                                end: first + u64::from(count),
+                            },
+                        });
+                    }
                 }
-            }
-            for chunk in items.chunks(UPLOAD_WINDOW) {
-                let got = parallel(0..chunk.len() as u64, |k| match &chunk[k as usize] {
-                    Ok(b) => Ok(b.clone()),
-                    Err(oid) => p
-                        .read_all(oid, 64 << 20)
-                        .map(|(d, _)| d)
-                        .map_err(|e| io_err(k, format!("{oid}: {e}"))),
-                })?;
-                ready.extend(got);
             }
         }
         Ok(ready.pop_front())

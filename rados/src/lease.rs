@@ -308,28 +308,37 @@ impl Lease {
     /// Give the lease up (a clean stop): the next node takes it without waiting for it to run
     /// out. The epoch stays; this node must not write again.
     pub fn release(self) -> std::result::Result<(), LeaseError> {
-        let count = self.renewals + 1;
-        let r = self.pool.operate(
-            &lease_oid(&self.name),
-            &[
-                Step::XattrEquals {
-                    name: EPOCH,
-                    value: epoch_text(self.epoch).as_bytes(),
-                },
-                Step::WriteFull(&count.to_le_bytes()),
-                Step::SetXattr {
-                    name: COUNT,
-                    value: epoch_text(count).as_bytes(),
-                },
-                Step::SetXattr {
-                    name: OWNER,
-                    value: b"",
-                },
-            ],
+        self.swap_count(self.renewals + 1, true)
+    }
+
+    /// Set the renewal count to `count` under "the epoch is still mine" (and, giving the
+    /// lease up, clear the owner).
+    fn swap_count(&self, count: u64, release: bool) -> std::result::Result<(), LeaseError> {
+        let (epoch, count_text, bytes) = (
+            epoch_text(self.epoch),
+            epoch_text(count),
+            count.to_le_bytes(),
         );
-        match r {
+        let mut steps = vec![
+            Step::XattrEquals {
+                name: EPOCH,
+                value: epoch.as_bytes(),
+            },
+            Step::WriteFull(&bytes),
+            Step::SetXattr {
+                name: COUNT,
+                value: count_text.as_bytes(),
+            },
+        ];
+        if release {
+            steps.push(Step::SetXattr {
+                name: OWNER,
+                value: b"",
+            });
+        }
+        match self.pool.operate(&lease_oid(&self.name), &steps) {
             Ok(()) => Ok(()),
-            Err(e) if e.lost_race() => {
+            Err(e) if e.lost_race() || e.not_found() => {
                 let h = holder(&self.pool, &self.name)
                     .ok()
                     .flatten()
@@ -360,35 +369,10 @@ impl Lease {
         }
         let started = Instant::now();
         let count = self.renewals + 1;
-        let r = self.pool.operate(
-            &lease_oid(&self.name),
-            &[
-                Step::XattrEquals {
-                    name: EPOCH,
-                    value: epoch_text(self.epoch).as_bytes(),
-                },
-                Step::WriteFull(&count.to_le_bytes()),
-                Step::SetXattr {
-                    name: COUNT,
-                    value: epoch_text(count).as_bytes(),
-                },
-            ],
-        );
-        match r {
-            Ok(()) => {
-                self.renewals = count;
-                self.renewed_at = started;
-                Ok(())
-            }
-            Err(e) if e.lost_race() || e.not_found() => {
-                let h = holder(&self.pool, &self.name)
-                    .ok()
-                    .flatten()
-                    .map(|(h, _)| h);
-                Err(deposed(&self.name, h))
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.swap_count(count, false)?;
+        self.renewals = count;
+        self.renewed_at = started;
+        Ok(())
     }
 
     /// Append `data` as the next log object. A number already taken means another node

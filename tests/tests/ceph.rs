@@ -99,6 +99,19 @@ fn create_on_store(dir: &Path, url: &str) {
     run(&mut c);
 }
 
+/// Volume `v` (64 MiB), through the server that holds `dir`.
+fn create_volume(dir: &Path) {
+    ingot_ok([
+        "volume",
+        "create",
+        "v",
+        "--size",
+        "64M",
+        "--pool",
+        &dir.display().to_string(),
+    ]);
+}
+
 fn attach(dir: &Path, url: &str) {
     let mut c = ingot();
     c.args(["pool", "attach", "--pool"])
@@ -121,15 +134,7 @@ fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
     create_on_store(&tmp.join("node0"), &url);
     let sock = tmp.join("nbd.sock");
     let s = serve(&tmp.join("node0"), &sock, &[]);
-    ingot_ok([
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "64M",
-        "--pool",
-        &tmp.join("node0").display().to_string(),
-    ]);
+    create_volume(&tmp.join("node0"));
     let mut server = s;
     let mut written: Vec<(u64, u64, u8)> = Vec::new();
     const CYCLES: u64 = 4;
@@ -230,15 +235,7 @@ fn a_paused_owner_is_fenced_and_a_third_node_serves_what_the_second_wrote() {
     let a_dir = tmp.join("a");
     create_on_store(&a_dir, &url);
     let a = serve(&a_dir, &tmp.join("a.sock"), &[]);
-    ingot_ok([
-        "volume",
-        "create",
-        "v",
-        "--size",
-        "64M",
-        "--pool",
-        &a_dir.display().to_string(),
-    ]);
+    create_volume(&a_dir);
     let a_uri = a.unix_uri("v");
     write_flushed(&a_uri, 0, 4 * MIB, 1);
     // A stops (a long GC pause, a frozen VM): it renews nothing.

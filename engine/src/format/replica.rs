@@ -223,7 +223,11 @@ pub const REPLICA_COMMIT_BYTES: usize = 32;
 pub enum ReplicaCommit {
     /// A small sync's one batch, in the record itself.
     Inline(Vec<u8>),
-    Objects { epoch: u64, first: u64, count: u32 },
+    Objects {
+        epoch: u64,
+        first: u64,
+        count: u32,
+    },
 }
 
 impl ReplicaCommit {

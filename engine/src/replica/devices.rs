@@ -56,6 +56,7 @@ struct Shared {
     /// Wakes the early sender (`EARLY_BYTES`).
     kick: Condvar,
     kick_lock: Mutex<()>,
+    /// Set with `stop` at drop, and once an upload failed (nothing more is sent then).
     stop: AtomicBool,
 }
 
@@ -166,7 +167,11 @@ impl Shared {
             }
         });
         match &r {
-            Err(e) => health.failed = Some(e.to_string()),
+            Err(e) => {
+                health.failed = Some(e.to_string());
+                // The early sender would find the data it waits for forever.
+                self.stop.store(true, Ordering::Release);
+            }
             Ok(()) => health.uncommitted = !commit,
         }
         r
