@@ -63,7 +63,6 @@ fn restore_into(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u8>
     std::fs::copy(from.join(POOL_FILE), to.join(POOL_FILE)).unwrap();
     let mut it = batches.iter().cloned();
     let n = restore(
-        to,
         &[to.join("dev0.img")],
         &mut || Ok(it.next()),
         &mut |_, _| {},

@@ -106,18 +106,16 @@ fn punch(f: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Rebuild the devices of the pool in `dir` from its batches, in store order: create (or
-/// truncate) `paths` and apply each batch `next` yields, then sync them. What comes out is the
-/// pool at its last replicated sync; open it as usual. The pool's lock is held meanwhile, so a
-/// server still running on `dir` is refused, not truncated under its feet.
+/// Rebuild a pool's devices from its batches, in store order: create (or truncate) `paths`
+/// and apply each batch `next` yields, then sync them. What comes out is the pool at its last
+/// replicated sync; open it as usual. The caller holds the pool's lock (`pool.lock`), so that
+/// a server still running on the pool is refused, not truncated under its feet.
 pub fn restore(
-    dir: &std::path::Path,
     paths: &[std::path::PathBuf],
     next: &mut dyn FnMut() -> Result<Option<Vec<u8>>>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
     use std::os::unix::fs::OpenOptionsExt;
-    let _lock = crate::pool::lock_dir(dir)?;
     let files = paths
         .iter()
         .map(|p| {
