@@ -9,7 +9,8 @@
 //!   what the second wrote.
 //!
 //! Leases last 2 s here (`INGOT_LEASE_SECS`; 15 s by default). Without `INGOT_CEPH_CONF` these
-//! tests fail; they never skip.
+//! tests fail; they never skip. `INGOT_CEPH_CYCLES` sets the takeover cycles (4 by default; the
+//! long mode runs 20 or more).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -90,6 +91,20 @@ fn reads_back(uri: &str, regions: &[(u64, u64, u8)]) -> Result<(), String> {
     }
 }
 
+/// What the volume holds after `written` (offset, length, pattern), in order: each MiB's last
+/// pattern, as (offset, length, pattern) runs of one MiB.
+fn expected(written: &[(u64, u64, u8)]) -> Vec<(u64, u64, u8)> {
+    let mut mib: std::collections::BTreeMap<u64, u8> = Default::default();
+    for &(off, len, pat) in written {
+        for m in off / MIB..(off + len) / MIB {
+            mib.insert(m, pat);
+        }
+    }
+    mib.into_iter()
+        .map(|(m, pat)| (m * MIB, MIB, pat))
+        .collect()
+}
+
 fn create_on_store(dir: &Path, url: &str) {
     let mut c = ingot();
     c.args(["pool", "create", "--pool"])
@@ -137,16 +152,20 @@ fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
     create_volume(&tmp.join("node0"));
     let mut server = s;
     let mut written: Vec<(u64, u64, u8)> = Vec::new();
-    const CYCLES: u64 = 4;
-    for k in 0..CYCLES {
+    let cycles: u64 = std::env::var("INGOT_CEPH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    for k in 0..cycles {
         let uri = server.unix_uri("v");
-        // This cycle's region, and an overwrite of half of the previous one.
-        let region = (k * 8 * MIB, 8 * MIB, 10 + k as u8);
+        // This cycle's region, and an overwrite of half of the previous one (the 64 MiB volume
+        // holds 6 regions; later cycles wrap around and overwrite whole regions).
+        let region = ((k % 6) * 8 * MIB, 8 * MIB, 10 + (k % 200) as u8);
         write_flushed(&uri, region.0, region.1, region.2);
         written.push(region);
         if k > 0 {
-            let prev = written[k as usize - 1];
-            let half = (prev.0, prev.1 / 2, 100 + k as u8);
+            // The first half of the previous cycle's region.
+            let half = (((k - 1) % 6) * 8 * MIB, 4 * MIB, 210 + (k % 40) as u8);
             write_flushed(&uri, half.0, half.1, half.2);
             written.push(half);
         }
@@ -164,21 +183,19 @@ fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
         assert!(took < Duration::from_secs(30), "takeover took {took:?}");
         // Later writes win where regions overlap: check from the newest down, each region
         // less what later ones covered (here: the first half of an overwritten region).
-        let mut expect: Vec<(u64, u64, u8)> = Vec::new();
-        for (i, r) in written.iter().enumerate() {
-            let covered = written[i + 1..].iter().any(|w| w.0 == r.0 && w.1 >= r.1);
-            if covered {
-                continue;
-            }
-            let half = written[i + 1..].iter().find(|w| w.0 == r.0 && w.1 < r.1);
-            match half {
-                Some(h) => expect.push((r.0 + h.1, r.1 - h.1, r.2)),
-                None => expect.push(*r),
-            }
-        }
+        let expect = expected(&written);
         if let Err(text) = reads_back(&server.unix_uri("v"), &expect) {
+            let bad: Vec<String> = expect
+                .iter()
+                .filter(|r| reads_back(&server.unix_uri("v"), &[**r]).is_err())
+                .map(|r| {
+                    let (_, dump) =
+                        qemu_io(&server.unix_uri("v"), &[format!("read -v {} 16", r.0)]);
+                    format!("{r:?}: {}", dump.lines().next().unwrap_or(""))
+                })
+                .collect();
             panic!(
-                "cycle {k}: flushed data lost after the takeover:\n{text}\n--- server ---\n{}",
+                "cycle {k}: flushed data lost after the takeover:\n{text}\nwrong: {bad:#?}\nwritten: {written:?}\n--- server ---\n{}",
                 server.stderr()
             );
         }
@@ -196,15 +213,7 @@ fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
         server.stderr()
     );
     let expect_all = |server: &Server| {
-        let mut expect: Vec<(u64, u64, u8)> = Vec::new();
-        for (i, r) in written.iter().enumerate() {
-            let later = written[i + 1..].iter().find(|w| w.0 == r.0);
-            match later {
-                Some(w) if w.1 >= r.1 => {}
-                Some(w) => expect.push((r.0 + w.1, r.1 - w.1, r.2)),
-                None => expect.push(*r),
-            }
-        }
+        let expect = expected(&written);
         if let Err(text) = reads_back(&server.unix_uri("v"), &expect) {
             panic!("after the clean stop:\n{text}");
         }
