@@ -11,8 +11,9 @@
 #     --takeover and with the default wait for the lease (15 s) to run out. The store's log
 #     is not compacted yet: a takeover replays everything written before it (here the
 #     ingest and the random writes), and the time says so.
-# Usage: bench/scripts/ceph.sh [DIR] [SECONDS]   (root: it starts a cluster in DIR/cluster with
-# tests/ceph/ceph-up.sh unless INGOT_CEPH_CONF names one; ports 3300, 6789 and 6800-7300).
+# Usage: bench/scripts/ceph.sh [DIR] [SECONDS]   (root: it starts a cluster in DIR/cluster, or
+# CEPH_DIR, with tests/ceph/ceph-up.sh unless INGOT_CEPH_CONF names one; ports 3300, 6789 and
+# 6800-7300; OSD_BYTES sizes its OSD, 24 GiB by default).
 set -euo pipefail
 DIR=${1:-/tmp/ingot-ceph-bench}
 SECS=${2:-10}
@@ -28,16 +29,19 @@ STARTED=
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  [ -n "$STARTED" ] && "$ROOT/tests/ceph/ceph-down.sh" "$DIR/cluster"
+  [ -n "$STARTED" ] && "$ROOT/tests/ceph/ceph-down.sh" "$CLUSTER"
   true
 }
 trap cleanup EXIT
 step() { printf '\n== %s\n' "$*" >&2; }
+# CEPH_DIR=/dev/shm/...: the cluster's OSD in RAM, as a remote cluster's disks would not be
+# this machine's (on one disk, ingot's writes, its read-back and the OSD share the device).
+CLUSTER=${CEPH_DIR:-$DIR/cluster}
 if [ -z "${INGOT_CEPH_CONF:-}" ]; then
-  step "starting a single-node cluster in $DIR/cluster"
-  OSD_BYTES=$((24 << 30)) "$ROOT/tests/ceph/ceph-up.sh" "$DIR/cluster" >&2
+  step "starting a single-node cluster in $CLUSTER"
+  OSD_BYTES=${OSD_BYTES:-$((24 << 30))} "$ROOT/tests/ceph/ceph-up.sh" "$CLUSTER" >&2
   STARTED=1
-  INGOT_CEPH_CONF=$DIR/cluster/ceph.conf
+  INGOT_CEPH_CONF=$CLUSTER/ceph.conf
 fi
 export CEPH_CONF=$INGOT_CEPH_CONF
 NAME=bench-$$-$(date +%s)

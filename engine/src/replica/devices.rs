@@ -14,6 +14,19 @@ use crate::io::{
     AlignedBuf, Devices, Doorbell, HostSpace, IoDone, IoOp, IoQueue, OpKind, SharedDevices,
 };
 
+/// Data pieces (at most a batch each) read back side by side.
+const READERS: usize = 4;
+
+/// Where an upload's time went (debug log `ingot_engine::replica`).
+#[derive(Default)]
+struct Timing {
+    bytes: u64,
+    read: Duration,
+    encode: Duration,
+    put: Duration,
+    commit: Duration,
+}
+
 /// A range written (or discarded) since the last sync that reached the replica.
 #[derive(Debug, Clone, Copy)]
 struct Dirty {
@@ -159,13 +172,29 @@ impl Shared {
         if dirty.is_empty() && !(commit && health.uncommitted) {
             return Ok(());
         }
-        let r = self.send(&dirty).and_then(|()| {
+        let started = std::time::Instant::now();
+        let mut t = Timing::default();
+        let r = self.send(&dirty, &mut t).and_then(|()| {
             if commit {
-                self.replica.commit()
+                let c = std::time::Instant::now();
+                let r = self.replica.commit();
+                t.commit += c.elapsed();
+                r
             } else {
                 Ok(())
             }
         });
+        tracing::debug!(
+            target: "ingot_engine::replica",
+            commit,
+            bytes = t.bytes,
+            total_us = started.elapsed().as_micros() as u64,
+            read_us = t.read.as_micros() as u64,
+            encode_us = t.encode.as_micros() as u64,
+            put_us = t.put.as_micros() as u64,
+            commit_us = t.commit.as_micros() as u64,
+            "replica upload"
+        );
         match &r {
             Err(e) => {
                 health.failed = Some(e.to_string());
@@ -193,7 +222,7 @@ impl Shared {
         }
     }
 
-    fn send(&self, dirty: &[Dirty]) -> io::Result<()> {
+    fn send(&self, dirty: &[Dirty], t: &mut Timing) -> io::Result<()> {
         let sizes: Vec<u64> = (0..self.inner.count() as u16)
             .map(|d| self.inner.size(d))
             .collect();
@@ -203,62 +232,136 @@ impl Shared {
         };
         let mut data: Vec<AlignedBuf> = Vec::new();
         let mut bytes = 0usize;
-        let flush = |batch: &mut ReplicaBatch, data: &mut Vec<AlignedBuf>, bytes: &mut usize| {
+        let flush = |batch: &mut ReplicaBatch,
+                     data: &mut Vec<AlignedBuf>,
+                     bytes: &mut usize,
+                     t: &mut Timing| {
             if batch.extents.is_empty() {
                 return Ok(());
             }
+            let e = std::time::Instant::now();
             let parts: Vec<&[u8]> = data.iter().map(|b| &b[..]).collect();
             let out = batch.encode(&parts);
             batch.extents.clear();
             data.clear();
+            t.bytes += *bytes as u64;
             *bytes = 0;
-            self.replica.put(out)
+            let p = std::time::Instant::now();
+            t.encode += p - e;
+            let r = self.replica.put(out);
+            t.put += p.elapsed();
+            r
         };
+        // What to send, in order: zero extents, and data pieces cut where a batch fills.
+        enum Piece {
+            Zero { dev: u16, offset: u64, len: u64 },
+            Data { dev: u16, offset: u64, len: usize },
+        }
+        let mut pieces = Vec::new();
+        let mut fill = 0usize;
         for d in dirty {
             if d.kind == ExtentKind::Zero {
                 let mut at = d.offset;
                 while at < d.offset + d.len {
                     let n = (d.offset + d.len - at).min(1 << 30);
-                    batch.extents.push(ReplicaExtent {
+                    pieces.push(Piece::Zero {
                         dev: d.dev,
-                        kind: ExtentKind::Zero,
-                        len: n as u32,
                         offset: at,
-                        crc: 0,
+                        len: n,
                     });
                     at += n;
                 }
                 continue;
             }
-            // Read back what the range holds now, in pieces a batch can carry; aligned for
-            // O_DIRECT (writes are 4 KiB-aligned; a base range from the file's extents is too).
+            // Aligned for O_DIRECT (writes are 4 KiB-aligned; a base range from the file's
+            // extents is too).
             let end = d.offset + d.len;
             let mut at = d.offset & !(IO_ALIGN as u64 - 1);
             while at < end {
                 let n = ((end - at).next_multiple_of(IO_ALIGN as u64) as usize)
-                    .min(BATCH_DATA_BYTES - bytes)
+                    .min(BATCH_DATA_BYTES - fill)
                     .min(sizes[usize::from(d.dev)].saturating_sub(at) as usize);
                 if n == 0 {
                     break;
                 }
-                let mut buf = AlignedBuf::new(n);
-                self.inner.read_at(d.dev, &mut buf, at)?;
-                batch.extents.push(ReplicaExtent {
+                pieces.push(Piece::Data {
                     dev: d.dev,
-                    kind: ExtentKind::Data,
-                    len: n as u32,
                     offset: at,
-                    crc: crc32fast::hash(&buf),
+                    len: n,
                 });
-                data.push(buf);
-                bytes += n;
+                fill = (fill + n) % BATCH_DATA_BYTES;
                 at += n as u64;
-                if bytes >= BATCH_DATA_BYTES {
-                    flush(&mut batch, &mut data, &mut bytes)?;
+            }
+        }
+        // Read back what the data pieces hold now, a few side by side (one reader left the
+        // device idle: the read-back was most of an upload's time), checksummed by the reader.
+        let mut rest = &pieces[..];
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut reads = 0;
+            while take < rest.len() && reads < READERS {
+                if matches!(rest[take], Piece::Data { .. }) {
+                    reads += 1;
+                }
+                take += 1;
+            }
+            let (now, later) = rest.split_at(take);
+            rest = later;
+            let rd = std::time::Instant::now();
+            let got: Vec<Option<io::Result<(AlignedBuf, u32)>>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = now
+                    .iter()
+                    .map(|p| match *p {
+                        Piece::Data { dev, offset, len } => Some(sc.spawn(move || {
+                            let mut buf = AlignedBuf::new(len);
+                            self.inner.read_at(dev, &mut buf, offset)?;
+                            let crc = crc32fast::hash(&buf);
+                            Ok((buf, crc))
+                        })),
+                        Piece::Zero { .. } => None,
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.map(|h| {
+                            h.join()
+                                .unwrap_or_else(|_| Err(io::Error::other("a reader panicked")))
+                        })
+                    })
+                    .collect()
+            });
+            t.read += rd.elapsed();
+            for (p, g) in now.iter().zip(got) {
+                match (p, g) {
+                    (&Piece::Zero { dev, offset, len }, _) => batch.extents.push(ReplicaExtent {
+                        dev,
+                        kind: ExtentKind::Zero,
+                        len: len as u32,
+                        offset,
+                        crc: 0,
+                    }),
+                    (&Piece::Data { dev, offset, len }, Some(r)) => {
+                        let (buf, crc) = r?;
+                        batch.extents.push(ReplicaExtent {
+                            dev,
+                            kind: ExtentKind::Data,
+                            len: len as u32,
+                            offset,
+                            crc,
+                        });
+                        data.push(buf);
+                        bytes += len;
+                        if bytes >= BATCH_DATA_BYTES {
+                            flush(&mut batch, &mut data, &mut bytes, t)?;
+                        }
+                    }
+                    (Piece::Data { .. }, None) => {
+                        return Err(io::Error::other("a data piece was not read back"))
+                    }
                 }
             }
         }
-        flush(&mut batch, &mut data, &mut bytes)
+        flush(&mut batch, &mut data, &mut bytes, t)
     }
 
     fn check_valid(&self) -> io::Result<()> {
