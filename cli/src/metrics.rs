@@ -173,6 +173,56 @@ pub fn render(s: &Stats) -> String {
         "counter",
         s.metadata_cache_table_misses,
     );
+    if let Some(r) = &s.replica {
+        gauge(
+            "replica_sent_bytes_total",
+            "Data bytes a pool on a store sent in batches since it was opened.",
+            "counter",
+            r.sent_bytes,
+        );
+        gauge(
+            "replica_commits_total",
+            "Syncs made durable in the store since the pool was opened.",
+            "counter",
+            r.commits,
+        );
+        gauge(
+            "replica_commit_mean_microseconds",
+            "Mean time a sync's commit to the store took.",
+            "gauge",
+            r.commit_mean_us,
+        );
+        gauge(
+            "replica_commit_max_microseconds",
+            "Longest time a sync's commit to the store took.",
+            "gauge",
+            r.commit_max_us,
+        );
+        gauge(
+            "replica_pending_bytes",
+            "Data noted and not sent to the store yet.",
+            "gauge",
+            r.pending_bytes,
+        );
+        gauge(
+            "replica_store_objects_total",
+            "Objects written to the store since the pool was opened.",
+            "counter",
+            r.store_objects,
+        );
+        gauge(
+            "replica_store_bytes_total",
+            "Bytes written to the store since the pool was opened.",
+            "counter",
+            r.store_bytes,
+        );
+        gauge(
+            "replica_uploads_in_flight",
+            "Batch objects being written to the store now.",
+            "gauge",
+            r.uploads_in_flight,
+        );
+    }
     gauge(
         "metadata_ring_reads_total",
         "Metadata pages the shards read through their queues while the requests needing them waited.",

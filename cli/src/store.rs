@@ -209,6 +209,9 @@ struct Uploads {
 struct UploadState {
     in_flight: usize,
     failed: Option<String>,
+    /// Objects and bytes written to the store (`stats`).
+    objects: u64,
+    bytes: u64,
 }
 
 fn data_oid(name: &str, epoch: u64, n: u64) -> String {
@@ -240,6 +243,10 @@ impl RadosReplica {
                             let r = pool.create_once(&oid, &data, &[("ingot.epoch", e.as_bytes())]);
                             let mut st = uploads.state.lock();
                             st.in_flight -= 1;
+                            if r.is_ok() {
+                                st.objects += 1;
+                                st.bytes += data.len() as u64;
+                            }
                             if let Err(e) = r {
                                 st.failed.get_or_insert_with(|| format!("{oid}: {e}"));
                             }
@@ -406,10 +413,24 @@ impl Replica for RadosReplica {
         let lease = guard
             .as_mut()
             .ok_or_else(|| self.give_up("the pool's lease was given up"))?;
-        lease
-            .append(&record.encode())
-            .map(drop)
-            .map_err(|e| self.give_up(e))
+        let record = record.encode();
+        lease.append(&record).map_err(|e| self.give_up(e))?;
+        let mut st = self.uploads.state.lock();
+        st.objects += 1;
+        st.bytes += record.len() as u64;
+        Ok(())
+    }
+
+    fn stats(&self) -> ingot_engine::ReplicaStats {
+        let st = self.uploads.state.lock();
+        ingot_engine::ReplicaStats {
+            store: self.sf.lock().url.clone(),
+            epoch: self.epoch,
+            store_objects: st.objects,
+            store_bytes: st.bytes,
+            uploads_in_flight: st.in_flight as u64,
+            ..Default::default()
+        }
     }
 
     fn valid(&self) -> bool {

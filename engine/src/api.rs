@@ -312,6 +312,9 @@ pub struct Stats {
     /// Resident memory of the process serving the pool, caches included (`/proc/self/statm`).
     #[serde(default)]
     pub process_rss_bytes: u64,
+    /// A pool kept in an object store: what its syncs sent (`None` for a local pool).
+    #[serde(default)]
+    pub replica: Option<ReplicaStats>,
     /// The index keeps 1 in this many fingerprints (1 until its memory budget is reached).
     pub dedup_index_sampling: u64,
     /// Write-back limit (0: every write is acknowledged once stored).
@@ -375,6 +378,31 @@ impl StageTimes {
             device_ns: self.device_ns.saturating_sub(before.device_ns),
         }
     }
+}
+
+/// A pool kept in an object store (`Stats::replica`; `replica`): what its syncs sent, since
+/// the pool was opened.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplicaStats {
+    /// Where the pool is kept (`rados://POOL/NAME`).
+    pub store: String,
+    /// The epoch this node serves the pool under.
+    pub epoch: u64,
+    /// Data bytes sent in batches.
+    pub sent_bytes: u64,
+    pub batches: u64,
+    /// Syncs made durable in the store (commits).
+    pub commits: u64,
+    /// Mean and longest time a commit took (its batches still in flight, then the record).
+    pub commit_mean_us: u64,
+    pub commit_max_us: u64,
+    /// Data written to the devices and not taken for sending yet.
+    pub pending_bytes: u64,
+    /// Objects written to the store and their bytes (batch objects and log records).
+    pub store_objects: u64,
+    pub store_bytes: u64,
+    /// Batch objects being written now (the upload queue).
+    pub uploads_in_flight: u64,
 }
 
 /// Device bytes written by kind of write (`Stats::device_written_breakdown`).

@@ -34,8 +34,8 @@ mod write_back;
 
 pub use api::{
     after_batch, check_range, wait_reply, CheckReport, Completion, DedupDomain, Extent,
-    InvalidDedupDomain, LatencyBreakdown, Problem, Reply, Request, StageTimes, Stats, VolumeInfo,
-    WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES,
+    InvalidDedupDomain, LatencyBreakdown, Problem, ReplicaStats, Reply, Request, StageTimes, Stats,
+    VolumeInfo, WriteBreakdown, BLOCK_BYTES, MAX_REQUEST_BYTES, SECTOR_BYTES,
 };
 #[doc(hidden)]
 pub use checkpoint::fuzz_decode_checkpoint;

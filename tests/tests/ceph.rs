@@ -212,6 +212,17 @@ fn a_pool_on_ceph_is_taken_over_after_kill_9_with_every_flushed_block() {
         "a clean restart restored from the store:\n{}",
         server.stderr()
     );
+    // `stats` names the store and counts what the syncs sent.
+    let st = parse_json(&ingot_ok([
+        "stats",
+        "--json",
+        "--pool",
+        &last.display().to_string(),
+    ]));
+    let r = &st["replica"];
+    assert_eq!(r["store"], url.as_str(), "{st}");
+    assert!(r["commits"].as_u64() > Some(0), "{r}");
+    assert!(r["store_objects"].as_u64() > Some(0), "{r}");
     let expect_all = |server: &Server| {
         let expect = expected(&written);
         if let Err(text) = reads_back(&server.unix_uri("v"), &expect) {

@@ -78,6 +78,22 @@ fn print_stats(s: &Stats) {
         s.metadata_ring_reads,
         s.metadata_shard_waits
     );
+    if let Some(r) = &s.replica {
+        outln!(
+            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} not sent yet; {} objects ({}) written since open, {} uploading",
+            r.store,
+            r.epoch,
+            human(r.sent_bytes),
+            r.batches,
+            r.commits,
+            r.commit_mean_us,
+            r.commit_max_us,
+            human(r.pending_bytes),
+            r.store_objects,
+            human(r.store_bytes),
+            r.uploads_in_flight
+        );
+    }
     outln!(
         "written         {} by clients, {} to devices",
         human(s.client_written_bytes),

@@ -107,6 +107,8 @@ pub(crate) struct Context {
     pub meta: Arc<crate::meta::cache::MetaCache>,
     /// A pool on a store: requests are refused once this node's lease ran out (`replica`).
     pub replica: Option<Arc<dyn crate::replica::Replica>>,
+    /// What its syncs sent (`stats`).
+    pub replica_counters: Option<Arc<crate::replica::Counters>>,
 }
 
 /// What a [`Context`] is made of; `Context::new` adds the counters it starts itself.
@@ -136,6 +138,7 @@ pub(crate) struct Parts {
     pub paged_checkpoints: bool,
     pub meta: Arc<crate::meta::cache::MetaCache>,
     pub replica: Option<Arc<dyn crate::replica::Replica>>,
+    pub replica_counters: Option<Arc<crate::replica::Counters>>,
 }
 
 impl Context {
@@ -186,6 +189,7 @@ impl Context {
             paged_checkpoints: p.paged_checkpoints,
             meta: p.meta,
             replica: p.replica,
+            replica_counters: p.replica_counters,
         }
     }
 

@@ -95,15 +95,17 @@ impl Pool {
             Some(plan) => Arc::new(FaultDevices::new(base, plan.clone())),
             None => base,
         };
+        let mut replica_counters = None;
         let devices: SharedDevices = match &o.replica {
-            Some(r) if !o.read_only => Arc::new(
-                crate::replica::MirrorDevices::new(base, r.clone(), o.replica_base).map_err(
-                    |source| Error::File {
+            Some(r) if !o.read_only => {
+                let m = crate::replica::MirrorDevices::new(base, r.clone(), o.replica_base)
+                    .map_err(|source| Error::File {
                         path: abs[0].clone(),
                         source,
-                    },
-                )?,
-            ),
+                    })?;
+                replica_counters = Some(m.counters());
+                Arc::new(m)
+            }
             _ => base,
         };
         let (mut sbs, older) = read_superblocks(&*devices, &abs)?;
@@ -645,6 +647,7 @@ impl Pool {
             paged_checkpoints: paged,
             meta: meta.clone(),
             replica: o.replica.clone().filter(|_| !o.read_only),
+            replica_counters,
         }));
         let workers = Arc::new(Workers::new(senders, bells, urgent));
         // A format 3 checkpoint read by a writable open that stays format 3: the recovery

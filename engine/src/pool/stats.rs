@@ -278,6 +278,10 @@ impl Pool {
                 (metadata_ram + index_bytes) as f64 / space.live_blocks as f64
             },
             process_rss_bytes: process_rss_bytes(),
+            replica: match (&inner.ctx.replica, &inner.ctx.replica_counters) {
+                (Some(r), Some(c)) => Some(c.stats(&**r)),
+                _ => None,
+            },
             dedup_index_entries: index_entries,
             dedup_stream_hits: inner
                 .ctx

@@ -21,6 +21,7 @@ const READERS: usize = 4;
 #[derive(Default)]
 struct Timing {
     bytes: u64,
+    batches: u64,
     read: Duration,
     encode: Duration,
     put: Duration,
@@ -71,6 +72,7 @@ struct Shared {
     kick_lock: Mutex<()>,
     /// Set with `stop` at drop, and once an upload failed (nothing more is sent then).
     stop: AtomicBool,
+    counters: Arc<super::Counters>,
 }
 
 #[derive(Default)]
@@ -117,6 +119,7 @@ impl MirrorDevices {
             kick: Condvar::new(),
             kick_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
+            counters: Arc::default(),
         });
         let early = s.clone();
         let early = std::thread::Builder::new()
@@ -129,6 +132,13 @@ impl MirrorDevices {
     }
 }
 
+impl MirrorDevices {
+    /// What this pool's syncs sent (`stats`).
+    pub(crate) fn counters(&self) -> Arc<super::Counters> {
+        self.s.counters.clone()
+    }
+}
+
 impl Shared {
     fn note(&self, dev: u16, kind: ExtentKind, offset: u64, len: u64) {
         if len == 0 {
@@ -136,6 +146,9 @@ impl Shared {
         }
         if kind == ExtentKind::Data {
             let before = self.dirty_bytes.fetch_add(len, Ordering::Relaxed);
+            self.counters
+                .pending_bytes
+                .store(before + len, Ordering::Relaxed);
             if before < EARLY_BYTES && before + len >= EARLY_BYTES {
                 self.kick.notify_one();
             }
@@ -167,6 +180,7 @@ impl Shared {
         let dirty = {
             let mut d = self.dirty.lock();
             self.dirty_bytes.store(0, Ordering::Relaxed);
+            self.counters.pending_bytes.store(0, Ordering::Relaxed);
             std::mem::take(&mut *d)
         };
         if dirty.is_empty() && !(commit && health.uncommitted) {
@@ -184,6 +198,15 @@ impl Shared {
                 Ok(())
             }
         });
+        let c = &self.counters;
+        c.sent_bytes.fetch_add(t.bytes, Ordering::Relaxed);
+        c.batches.fetch_add(t.batches, Ordering::Relaxed);
+        if commit && r.is_ok() {
+            let us = t.commit.as_micros() as u64;
+            c.commits.fetch_add(1, Ordering::Relaxed);
+            c.commit_us.fetch_add(us, Ordering::Relaxed);
+            c.commit_max_us.fetch_max(us, Ordering::Relaxed);
+        }
         tracing::debug!(
             target: "ingot_engine::replica",
             commit,
@@ -245,6 +268,7 @@ impl Shared {
             batch.extents.clear();
             data.clear();
             t.bytes += *bytes as u64;
+            t.batches += 1;
             *bytes = 0;
             let p = std::time::Instant::now();
             t.encode += p - e;

@@ -36,6 +36,43 @@ pub trait Replica: Send + Sync {
     /// Whether this node may still serve the pool by its own clock (its lease holds). Reads
     /// from the devices fail once it does not: another node may have changed the blocks.
     fn valid(&self) -> bool;
+    /// What the store side knows for `stats`: its name, the epoch, objects and bytes written
+    /// and uploads in flight (the engine fills in the rest).
+    fn stats(&self) -> crate::api::ReplicaStats {
+        crate::api::ReplicaStats::default()
+    }
+}
+
+/// What a pool's syncs sent, counted by [`MirrorDevices`] (`stats`).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub sent_bytes: std::sync::atomic::AtomicU64,
+    pub batches: std::sync::atomic::AtomicU64,
+    pub commits: std::sync::atomic::AtomicU64,
+    pub commit_us: std::sync::atomic::AtomicU64,
+    pub commit_max_us: std::sync::atomic::AtomicU64,
+    pub pending_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    /// The store's view with these counts filled in.
+    pub(crate) fn stats(&self, replica: &dyn Replica) -> crate::api::ReplicaStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let commits = self.commits.load(Relaxed);
+        crate::api::ReplicaStats {
+            sent_bytes: self.sent_bytes.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            commits,
+            commit_mean_us: self
+                .commit_us
+                .load(Relaxed)
+                .checked_div(commits)
+                .unwrap_or(0),
+            commit_max_us: self.commit_max_us.load(Relaxed),
+            pending_bytes: self.pending_bytes.load(Relaxed),
+            ..replica.stats()
+        }
+    }
 }
 
 /// Data bytes per batch at most: objects of the size RADOS writes best (as `rados bench`), many
