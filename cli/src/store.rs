@@ -621,30 +621,6 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     Ok(Some(replica))
 }
 
-/// Hold the pool's lock (`pool.lock`, as `ingot serve` does) while its devices are rebuilt: a
-/// server still running on the directory is refused rather than truncated under its feet.
-fn lock_pool(dir: &Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("pool.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "{} is in use by another ingot process: stop it before restoring the pool here",
-            dir.display()
-        );
-    }
-    Ok(f)
-}
-
 /// `f` over `range` on a thread each, results in order.
 fn parallel<T: Send>(
     range: std::ops::Range<u64>,
@@ -743,7 +719,13 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         }
         Ok(ready.pop_front())
     };
-    let _lock = lock_pool(dir)?;
+    // A server still running on the directory is refused rather than truncated under its feet.
+    let _lock = ingot_engine::Pool::lock_dir(dir).with_context(|| {
+        format!(
+            "{} is in use by another ingot process: stop it before restoring the pool here",
+            dir.display()
+        )
+    })?;
     let batches = ingot_engine::replica::restore(&devices, &mut next, &mut |b, bytes| {
         progress.draw(format_args!(
             "restoring from {url}: {b} batches, {}",

@@ -338,13 +338,7 @@ impl Lease {
         }
         match self.pool.operate(&lease_oid(&self.name), &steps) {
             Ok(()) => Ok(()),
-            Err(e) if e.lost_race() || e.not_found() => {
-                let h = holder(&self.pool, &self.name)
-                    .ok()
-                    .flatten()
-                    .map(|(h, _)| h);
-                Err(deposed(&self.name, h))
-            }
+            Err(e) if e.lost_race() || e.not_found() => Err(self.taken()),
             Err(e) => Err(e.into()),
         }
     }
@@ -392,13 +386,7 @@ impl Lease {
                 self.appended += 1;
                 Ok(n)
             }
-            Err(e) if e.exists() => {
-                let h = holder(&self.pool, &self.name)
-                    .ok()
-                    .flatten()
-                    .map(|(h, _)| h);
-                Err(deposed(&self.name, h))
-            }
+            Err(e) if e.exists() => Err(self.taken()),
             Err(e) => Err(e.into()),
         }
     }
@@ -406,11 +394,22 @@ impl Lease {
     /// Why this node may not act after its lease ran out: who holds it now, if another node
     /// took it.
     fn lapsed(&self) -> LeaseError {
-        let now = holder(&self.pool, &self.name)
+        deposed(
+            &self.name,
+            self.holder_now().filter(|h| h.epoch != self.epoch),
+        )
+    }
+
+    /// Another node took the lease: who holds it now.
+    fn taken(&self) -> LeaseError {
+        deposed(&self.name, self.holder_now())
+    }
+
+    fn holder_now(&self) -> Option<Holder> {
+        holder(&self.pool, &self.name)
             .ok()
             .flatten()
-            .map(|(h, _)| h);
-        deposed(&self.name, now.filter(|h| h.epoch != self.epoch))
+            .map(|(h, _)| h)
     }
 
     pub fn owner(&self) -> &str {

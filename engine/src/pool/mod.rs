@@ -107,6 +107,13 @@ impl Pool {
         self.inner.ctx.flush()
     }
 
+    /// Hold the lock of the pool in `dir` (`pool.lock`, as an open pool does) without opening
+    /// it: for work on its files that a running server must not see (a restore from a store).
+    /// Fails with [`Error::Locked`] while another process holds it; released on drop.
+    pub fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+        lock_dir(dir)
+    }
+
     /// Flush, checkpoint and stop every thread. Idempotent.
     pub fn shutdown(&self) -> Result<()> {
         if self.halted.swap(true, Ordering::AcqRel) {
