@@ -199,6 +199,12 @@ pub fn render(s: &Stats) -> String {
             r.commit_max_us,
         );
         gauge(
+            "replica_bases_total",
+            "Bases sent whole to the store since the pool was opened.",
+            "counter",
+            r.bases,
+        );
+        gauge(
             "replica_pending_bytes",
             "Data noted and not sent to the store yet.",
             "gauge",

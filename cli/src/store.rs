@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ingot_engine::format::ReplicaCommit;
+use ingot_engine::format::{ReplicaCommit, REPLICA_COMMIT_BYTES};
 use ingot_engine::replica::Replica;
 use ingot_rados::lease::{first_free, holder, read_log};
 use ingot_rados::{Cluster, ConnectOptions, Lease, LeaseError, LeaseOptions, Takeover};
@@ -170,6 +170,8 @@ pub struct RadosReplica {
     jobs: Mutex<Option<crossbeam_channel::Sender<Upload>>>,
     name: String,
     epoch: u64,
+    /// The log number where the base being sent starts.
+    base_start: Mutex<Option<u64>>,
     /// When this node stops acting as the owner, in nanoseconds after `base`.
     valid_until: AtomicU64,
     base: Instant,
@@ -263,6 +265,7 @@ impl RadosReplica {
             jobs: Mutex::new(Some(tx)),
             name: name.to_string(),
             epoch,
+            base_start: Mutex::new(None),
             valid_until: AtomicU64::new(0),
             base,
             lease: Mutex::new(None),
@@ -419,6 +422,26 @@ impl Replica for RadosReplica {
         st.objects += 1;
         st.bytes += record.len() as u64;
         Ok(())
+    }
+
+    fn base_begin(&self) {
+        // The next commit's log number: the base and everything after it start there.
+        let start = self.lease.lock().as_ref().map(|l| l.next_log());
+        *self.base_start.lock() = start;
+    }
+
+    fn base_end(&self) -> io::Result<()> {
+        let Some(start) = self.base_start.lock().take() else {
+            return Ok(());
+        };
+        let mut guard = self.lease.lock();
+        let lease = guard
+            .as_mut()
+            .ok_or_else(|| self.give_up("the pool's lease was given up"))?;
+        lease
+            .append(&ReplicaCommit::Base { start }.encode())
+            .map(drop)
+            .map_err(|e| self.give_up(e))
     }
 
     fn stats(&self) -> ingot_engine::ReplicaStats {
@@ -650,16 +673,32 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         .map(|d| dir.join(d.as_str().unwrap_or_default()))
         .collect();
     let end = end.min(first_free(p, &url.name)?);
-    let mut n = 0u64;
-    let started = Instant::now();
-    let mut progress = Progress::new();
     let io_err = |at: u64, e: String| ingot_engine::Error::Io {
         device: 0,
         offset: at,
         source: io::Error::other(e),
     };
-    // The log is read UPLOAD_WINDOW records at a time, and the batch objects they name
-    // UPLOAD_WINDOW at a time, side by side; batches are applied in log order.
+    // Where to start: the start of the last whole base, found from the records' headers
+    // (everything before it is no longer needed).
+    let mut n = 0u64;
+    let mut at = 0u64;
+    while at < end {
+        let to = end.min(at + 64);
+        let heads = parallel(at..to, |k| {
+            read_log(p, &url.name, k, REPLICA_COMMIT_BYTES).map_err(|e| io_err(k, e.to_string()))
+        })?;
+        for o in heads.into_iter().flatten().filter(|o| !o.seal) {
+            if let Ok(ReplicaCommit::Base { start }) = ReplicaCommit::decode(&o.data) {
+                if start < o.n {
+                    n = n.max(start);
+                }
+            }
+        }
+        at = to;
+    }
+    let first = n;
+    let started = Instant::now();
+    let mut progress = Progress::new();
     // Committed batches still to fetch, in log order: a small sync's inline batch, or a run
     // of batch objects (fetched UPLOAD_WINDOW at a time, side by side: a commit may name the
     // whole pool).
@@ -701,18 +740,20 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
                             })
                     })?;
                     for o in records.into_iter().filter(|o| !o.seal) {
-                        items.push_back(match ReplicaCommit::decode(&o.data)? {
-                            ReplicaCommit::Inline(b) => Item::Inline(b),
+                        match ReplicaCommit::decode(&o.data)? {
+                            ReplicaCommit::Inline(b) => items.push_back(Item::Inline(b)),
                             ReplicaCommit::Objects {
                                 epoch,
                                 first,
                                 count,
-                            } => Item::Objects {
+                            } => items.push_back(Item::Objects {
                                 epoch,
                                 next: first,
                                 end: first + u64::from(count),
-                            },
-                        });
+                            }),
+                            // A marker only: where a restore may start (found above).
+                            ReplicaCommit::Base { .. } => {}
+                        }
                     }
                 }
             }
@@ -734,6 +775,6 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
     })
     .with_context(|| format!("restoring the pool from {url}"))?;
     progress.finish();
-    tracing::info!(store = %url, batches, ms = started.elapsed().as_millis() as u64, "restored the devices from the store");
+    tracing::info!(store = %url, from = first, batches, ms = started.elapsed().as_millis() as u64, "restored the devices from the store");
     Ok(())
 }

@@ -398,6 +398,9 @@ pub struct ReplicaStats {
     pub commit_max_us: u64,
     /// Data written to the devices and not taken for sending yet.
     pub pending_bytes: u64,
+    /// Bases sent whole (a restore replays the last one and what came after it).
+    #[serde(default)]
+    pub bases: u64,
     /// Objects written to the store and their bytes (batch objects and log records).
     pub store_objects: u64,
     pub store_bytes: u64,

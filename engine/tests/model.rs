@@ -327,6 +327,7 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         read_only: false,
         replica: None,
         replica_base: false,
+        replica_rebase_bytes: 0,
         paged_metadata: false,
         // Two leaves: format 3 pools evict map leaves all the time and read them back (format
         // 2 keeps every leaf).

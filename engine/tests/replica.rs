@@ -21,6 +21,9 @@ struct Memory {
     pending: Mutex<Vec<Vec<u8>>>,
     refuse: AtomicBool,
     expired: AtomicBool,
+    /// Where each whole base starts (an index in `batches`), and the one being sent.
+    bases: Mutex<Vec<usize>>,
+    base_start: Mutex<Option<usize>>,
 }
 
 impl Replica for Memory {
@@ -39,10 +42,21 @@ impl Replica for Memory {
     fn valid(&self) -> bool {
         !self.expired.load(Ordering::Relaxed)
     }
+    fn base_begin(&self) {
+        // Batches put and not committed yet go into the next commit: they count as after.
+        *self.base_start.lock() = Some(self.batches.lock().len());
+    }
+    fn base_end(&self) -> std::io::Result<()> {
+        let start = self.base_start.lock().take().expect("a base began");
+        self.bases.lock().push(start);
+        Ok(())
+    }
 }
 
 fn opts(io: IoKind, replica: Option<Arc<Memory>>, base: bool) -> PoolOptions {
     PoolOptions {
+        // Never, unless a test asks.
+        replica_rebase_bytes: u64::MAX,
         io,
         shards: 2,
         cache_bytes: Some(0),
@@ -165,4 +179,63 @@ fn a_refused_batch_fails_the_flush_and_an_expired_lease_fails_reads() {
         v.read(BLOCK as u64, BLOCK as u32).is_err(),
         "a read after the lease ran out"
     );
+}
+
+/// Past its threshold the replica gets a new base (every range that holds data, sent while
+/// syncs go on): replaying only the base and what came after it gives the pool, with every
+/// flushed block, as replaying the whole history does.
+#[test]
+fn a_new_base_replaces_the_history_before_it() {
+    let a = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 128 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    drop(Pool::create(a.path(), &c, &opts(IoKind::Sync, None, false)).unwrap());
+    let r = Arc::new(Memory::default());
+    let o = PoolOptions {
+        replica_rebase_bytes: 1 << 20,
+        ..opts(IoKind::Sync, Some(r.clone()), true)
+    };
+    let pool = Pool::open(a.path(), &o).unwrap();
+    pool.create_volume("v", 32 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    // Overwrites of the same 8 MiB, flushed each time: the history grows, the data does not.
+    let mut last = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut round = 0u64;
+    while r.bases.lock().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no base after {round} rounds"
+        );
+        last = blocks(100 + round, 2048);
+        v.write(0, &last, false).unwrap();
+        v.flush().unwrap();
+        round += 1;
+    }
+    // More after the base, then a crash.
+    let tail = blocks(999, 64);
+    v.write(16 << 20, &tail, false).unwrap();
+    v.flush().unwrap();
+    let batches = r.batches.lock().clone();
+    let start = *r.bases.lock().last().unwrap();
+    assert!(start > 0, "the base starts after the history");
+    pool.halt();
+    drop(v);
+    drop(pool);
+    for (name, from) in [("from the base", start), ("the whole history", 0)] {
+        let b = tempfile::tempdir().unwrap();
+        restore_into(a.path(), b.path(), &batches[from..]);
+        let pool = Pool::open(b.path(), &opts(IoKind::Sync, None, false)).unwrap();
+        let v = pool.volume("v").unwrap();
+        assert!(v.read(0, (2048 * BLOCK) as u32).unwrap() == last, "{name}");
+        assert!(
+            v.read(16 << 20, (64 * BLOCK) as u32).unwrap() == tail,
+            "{name}"
+        );
+        let report = pool.check(&mut |_, _| {});
+        assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
+    }
 }

@@ -39,7 +39,13 @@ fn ceph_args() -> Vec<String> {
 }
 
 fn serve(dir: &Path, sock: &Path, extra: &[&str]) -> Server {
+    serve_env(dir, sock, extra, &[])
+}
+
+fn serve_env(dir: &Path, sock: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut o = ServeOpts::new(dir, sock);
+    o.env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     o.tcp_port = None;
     o.extra_args.extend(extra.iter().map(|s| s.to_string()));
     o.env.push(("INGOT_LEASE_SECS".into(), "2".into()));
@@ -299,4 +305,60 @@ fn a_paused_owner_is_fenced_and_a_third_node_serves_what_the_second_wrote() {
     }
     drop(a);
     c.stop();
+}
+
+/// Past twice what the pool holds, the store gets a new base (every range holding data, sent
+/// while the server goes on); a takeover then replays the base and what came after it, not the
+/// whole history, and every flushed block is there.
+#[test]
+fn a_takeover_replays_from_the_last_base() {
+    let tmp = TempDir::new("ceph-base");
+    let url = store_name("base");
+    let a_dir = tmp.join("a");
+    create_on_store(&a_dir, &url);
+    let sock = tmp.join("nbd.sock");
+    // A base as soon as the history passes twice the allocated bytes.
+    let a = serve_env(&a_dir, &sock, &[], &[("INGOT_REPLICA_REBASE_BYTES", "1")]);
+    create_volume(&a_dir);
+    let uri = a.unix_uri("v");
+    let stats = || {
+        parse_json(&ingot_ok([
+            "stats",
+            "--json",
+            "--pool",
+            &a_dir.display().to_string(),
+        ]))
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut round = 0u8;
+    while stats()["replica"]["bases"].as_u64() == Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "no base after {round} rounds of 48 MiB"
+        );
+        write_flushed(&uri, 0, 48 * MIB, 30 + round % 50);
+        round += 1;
+    }
+    // After the base: a last write, flushed.
+    write_flushed(&uri, 40 * MIB, 16 * MIB, 99);
+    let last = 30 + (round - 1) % 50;
+    a.kill9();
+    let b_dir = tmp.join("b");
+    attach(&b_dir, &url);
+    let b = serve(&b_dir, &sock, &["--takeover"]);
+    let log = b.stderr();
+    let from = log
+        .split("from=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no restore logged:\n{log}"));
+    assert!(from > 0, "the restore replayed the whole history:\n{log}");
+    if let Err(text) = reads_back(
+        &b.unix_uri("v"),
+        &[(0, 40 * MIB, last), (40 * MIB, 16 * MIB, 99)],
+    ) {
+        panic!("after a takeover from the base:\n{text}");
+    }
+    b.stop();
 }

@@ -80,7 +80,7 @@ fn print_stats(s: &Stats) {
     );
     if let Some(r) = &s.replica {
         outln!(
-            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} not sent yet; {} objects ({}) written since open, {} uploading",
+            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} bases, {} not sent yet; {} objects ({}) written since open, {} uploading",
             r.store,
             r.epoch,
             human(r.sent_bytes),
@@ -88,6 +88,7 @@ fn print_stats(s: &Stats) {
             r.commits,
             r.commit_mean_us,
             r.commit_max_us,
+            r.bases,
             human(r.pending_bytes),
             r.store_objects,
             human(r.store_bytes),

@@ -404,6 +404,13 @@ pub fn serve(
     };
     if let Some(r) = &replica {
         opts.replica = Some(r.clone());
+        // Tests shorten the history between bases.
+        if let Some(b) = std::env::var("INGOT_REPLICA_REBASE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            opts.replica_rebase_bytes = b;
+        }
     }
     let pool = if dir_is_empty_or_missing(dir) {
         if read_only {

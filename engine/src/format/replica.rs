@@ -214,9 +214,9 @@ pub const REPLICA_COMMIT_BYTES: usize = 32;
 /// |---:|---:|---|---|
 /// | 0 | 4 | `magic` | `IRPC` |
 /// | 4 | 2 | `version` | 1 |
-/// | 6 | 2 | `kind` | 0: one [`ReplicaBatch`] follows the header; 1: the batches are objects |
+/// | 6 | 2 | `kind` | 0: one [`ReplicaBatch`] follows the header; 1: the batches are objects; 2: a base is whole |
 /// | 8 | 8 | `epoch` | kind 1: the epoch in the batch objects' names |
-/// | 16 | 8 | `first` | kind 1: the number of the first batch object |
+/// | 16 | 8 | `first` | kind 1: the number of the first batch object; kind 2: the log number the base starts at |
 /// | 24 | 4 | `count` | kind 1: batch objects `first..first + count`, replayed in that order |
 /// | 28 | 4 | `crc` | CRC-32 of bytes 0..28 |
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +227,11 @@ pub enum ReplicaCommit {
         epoch: u64,
         first: u64,
         count: u32,
+    },
+    /// Replaying the log from `start` onto empty devices gives the pool: what came before
+    /// is no longer needed.
+    Base {
+        start: u64,
     },
 }
 
@@ -239,6 +244,7 @@ impl ReplicaCommit {
                 first,
                 count,
             } => (1, epoch, first, count, &[]),
+            &ReplicaCommit::Base { start } => (2, 0, start, 0, &[]),
         };
         let mut out = vec![0u8; REPLICA_COMMIT_BYTES + tail.len()];
         Put::new(&mut out[..28])
@@ -278,6 +284,7 @@ impl ReplicaCommit {
                 first,
                 count,
             }),
+            2 if buf.len() == REPLICA_COMMIT_BYTES => Ok(ReplicaCommit::Base { start: first }),
             _ => Err(bad("replica commit kind")),
         }
     }
@@ -344,6 +351,7 @@ mod tests {
                 first: 1 << 40,
                 count: 12,
             },
+            ReplicaCommit::Base { start: 77 },
         ] {
             let bytes = c.encode();
             assert_eq!(ReplicaCommit::decode(&bytes).unwrap(), c);

@@ -98,11 +98,16 @@ impl Pool {
         let mut replica_counters = None;
         let devices: SharedDevices = match &o.replica {
             Some(r) if !o.read_only => {
-                let m = crate::replica::MirrorDevices::new(base, r.clone(), o.replica_base)
-                    .map_err(|source| Error::File {
-                        path: abs[0].clone(),
-                        source,
-                    })?;
+                let m = crate::replica::MirrorDevices::new(
+                    base,
+                    r.clone(),
+                    o.replica_base,
+                    o.replica_rebase_bytes,
+                )
+                .map_err(|source| Error::File {
+                    path: abs[0].clone(),
+                    source,
+                })?;
                 replica_counters = Some(m.counters());
                 Arc::new(m)
             }

@@ -94,6 +94,9 @@ pub struct PoolOptions {
     /// The replica does not hold the devices' contents yet: the first sync sends every range
     /// that holds data.
     pub replica_base: bool,
+    /// Data bytes committed to the replica after which a new base is sent (once they are also
+    /// twice the devices' allocated bytes), so that a restore does not replay the whole history.
+    pub replica_rebase_bytes: u64,
 }
 
 impl Default for PoolOptions {
@@ -114,6 +117,7 @@ impl Default for PoolOptions {
             read_only: false,
             replica: None,
             replica_base: false,
+            replica_rebase_bytes: 4 << 30,
         }
     }
 }

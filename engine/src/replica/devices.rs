@@ -14,6 +14,9 @@ use crate::io::{
     AlignedBuf, Devices, Doorbell, HostSpace, IoDone, IoOp, IoQueue, OpKind, SharedDevices,
 };
 
+/// Bytes of a base sent under one hold of the upload lock (syncs go between pieces).
+const REBASE_PIECE: u64 = 64 << 20;
+
 /// Data pieces (at most a batch each) read back side by side.
 const READERS: usize = 4;
 
@@ -73,6 +76,11 @@ struct Shared {
     /// Set with `stop` at drop, and once an upload failed (nothing more is sent then).
     stop: AtomicBool,
     counters: Arc<super::Counters>,
+    /// Data bytes committed since the last base began.
+    since_base: AtomicU64,
+    /// A new base is sent once `since_base` passes this (it grows to twice the devices'
+    /// allocated bytes when they hold more: a base sends all of them).
+    rebase_after: AtomicU64,
 }
 
 #[derive(Default)]
@@ -95,6 +103,7 @@ impl MirrorDevices {
         inner: SharedDevices,
         replica: Arc<dyn Replica>,
         base: bool,
+        rebase_bytes: u64,
     ) -> io::Result<Self> {
         let mut dirty = Vec::new();
         if base {
@@ -120,6 +129,8 @@ impl MirrorDevices {
             kick_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
             counters: Arc::default(),
+            since_base: AtomicU64::new(0),
+            rebase_after: AtomicU64::new(rebase_bytes.max(1)),
         });
         let early = s.clone();
         let early = std::thread::Builder::new()
@@ -202,6 +213,7 @@ impl Shared {
         c.sent_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         c.batches.fetch_add(t.batches, Ordering::Relaxed);
         if commit && r.is_ok() {
+            self.since_base.fetch_add(t.bytes, Ordering::Relaxed);
             let us = t.commit.as_micros() as u64;
             c.commits.fetch_add(1, Ordering::Relaxed);
             c.commit_us.fetch_add(us, Ordering::Relaxed);
@@ -242,7 +254,84 @@ impl Shared {
                 // An error is kept in `Health` and fails the next sync.
                 let _ = self.upload(false);
             }
+            if self.since_base.load(Ordering::Relaxed) >= self.rebase_after.load(Ordering::Relaxed)
+            {
+                let _ = self.rebase();
+            }
         }
+    }
+
+    /// Send a new base (every range that holds data, a piece at a time, letting syncs go on
+    /// between pieces), so that a restore replays the base and what came after it instead of
+    /// the whole history. Only when the history since the last base is twice what a base
+    /// sends.
+    fn rebase(&self) -> io::Result<()> {
+        let mut ranges = Vec::new();
+        let mut allocated = 0u64;
+        for dev in 0..self.inner.count() as u16 {
+            let r = self
+                .inner
+                .data_ranges(dev)?
+                .unwrap_or_else(|| vec![(0, self.inner.size(dev))]);
+            allocated += r.iter().map(|(a, b)| b - a).sum::<u64>();
+            ranges.extend(r.into_iter().map(|(a, b)| (dev, a, b)));
+        }
+        let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
+        if self.since_base.load(Ordering::Relaxed) < floor {
+            self.rebase_after.store(floor, Ordering::Relaxed);
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.since_base.store(0, Ordering::Relaxed);
+        self.replica.base_begin();
+        let mut t = Timing::default();
+        for (dev, start, end) in ranges {
+            let mut at = start;
+            while at < end {
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let len = (end - at).min(REBASE_PIECE);
+                let mut health = self.upload.lock();
+                if let Some(why) = &health.failed {
+                    return Err(lost(why));
+                }
+                let piece = Dirty {
+                    dev,
+                    kind: ExtentKind::Data,
+                    offset: at,
+                    len,
+                };
+                if let Err(e) = self.send(&[piece], &mut t) {
+                    health.failed = Some(e.to_string());
+                    self.stop.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                health.uncommitted = true;
+                at += len;
+            }
+        }
+        // Commit the base's last pieces (with whatever was noted meanwhile), then mark it.
+        self.upload(true)?;
+        let mut health = self.upload.lock();
+        let r = self.replica.base_end();
+        match &r {
+            Err(e) => {
+                health.failed = Some(e.to_string());
+                self.stop.store(true, Ordering::Release);
+            }
+            Ok(()) => {
+                self.counters.bases.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tracing::info!(
+            target: "ingot_engine::replica",
+            bytes = t.bytes,
+            allocated,
+            ms = started.elapsed().as_millis() as u64,
+            "replica: a new base is in the store"
+        );
+        r
     }
 
     fn send(&self, dirty: &[Dirty], t: &mut Timing) -> io::Result<()> {

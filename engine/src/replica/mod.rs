@@ -41,6 +41,16 @@ pub trait Replica: Send + Sync {
     fn stats(&self) -> crate::api::ReplicaStats {
         crate::api::ReplicaStats::default()
     }
+    /// A new base starts: every commit from the next one on, replayed onto empty devices,
+    /// gives the pool (the base's batches hold every range that held data when they were read,
+    /// and the commits between them and after hold every change since it started). Nothing
+    /// before it is needed once [`Replica::base_end`] succeeds.
+    fn base_begin(&self) {}
+    /// The base that began last is whole: its batches are committed. A store records that a
+    /// restore may start at the base's start, and may drop what came before.
+    fn base_end(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a pool's syncs sent, counted by [`MirrorDevices`] (`stats`).
@@ -52,6 +62,7 @@ pub(crate) struct Counters {
     pub commit_us: std::sync::atomic::AtomicU64,
     pub commit_max_us: std::sync::atomic::AtomicU64,
     pub pending_bytes: std::sync::atomic::AtomicU64,
+    pub bases: std::sync::atomic::AtomicU64,
 }
 
 impl Counters {
@@ -70,6 +81,7 @@ impl Counters {
                 .unwrap_or(0),
             commit_max_us: self.commit_max_us.load(Relaxed),
             pending_bytes: self.pending_bytes.load(Relaxed),
+            bases: self.bases.load(Relaxed),
             ..replica.stats()
         }
     }
