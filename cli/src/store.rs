@@ -678,23 +678,24 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         offset: at,
         source: io::Error::other(e),
     };
-    // Where to start: the start of the last whole base, found from the records' headers
-    // (everything before it is no longer needed).
+    // Where to start: the start of the last whole base, found from the records' headers,
+    // newest first (a later base starts later; everything before it is no longer needed).
     let mut n = 0u64;
-    let mut at = 0u64;
-    while at < end {
-        let to = end.min(at + 64);
-        let heads = parallel(at..to, |k| {
+    let mut at = end;
+    'search: while at > 0 {
+        let from = at.saturating_sub(64);
+        let heads = parallel(from..at, |k| {
             read_log(p, &url.name, k, REPLICA_COMMIT_BYTES).map_err(|e| io_err(k, e.to_string()))
         })?;
-        for o in heads.into_iter().flatten().filter(|o| !o.seal) {
+        for o in heads.into_iter().rev().flatten().filter(|o| !o.seal) {
             if let Ok(ReplicaCommit::Base { start }) = ReplicaCommit::decode(&o.data) {
                 if start < o.n {
-                    n = n.max(start);
+                    n = start;
+                    break 'search;
                 }
             }
         }
-        at = to;
+        at = from;
     }
     let first = n;
     let started = Instant::now();

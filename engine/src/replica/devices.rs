@@ -14,6 +14,9 @@ use crate::io::{
     AlignedBuf, Devices, Doorbell, HostSpace, IoDone, IoOp, IoQueue, OpKind, SharedDevices,
 };
 
+/// A device's byte range: (device, start, end).
+type DevRange = (u16, u64, u64);
+
 /// Bytes of a base sent under one hold of the upload lock (syncs go between pieces).
 const REBASE_PIECE: u64 = 64 << 20;
 
@@ -90,6 +93,8 @@ struct Health {
     /// Batches were put (early) since the last commit: the next sync commits even if it
     /// finds nothing new.
     uncommitted: bool,
+    /// Their data bytes, counted into `since_base` when they are committed.
+    uncommitted_bytes: u64,
 }
 
 fn lost(what: &str) -> io::Error {
@@ -213,7 +218,9 @@ impl Shared {
         c.sent_bytes.fetch_add(t.bytes, Ordering::Relaxed);
         c.batches.fetch_add(t.batches, Ordering::Relaxed);
         if commit && r.is_ok() {
-            self.since_base.fetch_add(t.bytes, Ordering::Relaxed);
+            let early = std::mem::take(&mut health.uncommitted_bytes);
+            self.since_base
+                .fetch_add(t.bytes + early, Ordering::Relaxed);
             let us = t.commit.as_micros() as u64;
             c.commits.fetch_add(1, Ordering::Relaxed);
             c.commit_us.fetch_add(us, Ordering::Relaxed);
@@ -236,7 +243,12 @@ impl Shared {
                 // The early sender would find the data it waits for forever.
                 self.stop.store(true, Ordering::Release);
             }
-            Ok(()) => health.uncommitted = !commit,
+            Ok(()) => {
+                health.uncommitted = !commit;
+                if !commit {
+                    health.uncommitted_bytes += t.bytes;
+                }
+            }
         }
         r
     }
@@ -261,11 +273,8 @@ impl Shared {
         }
     }
 
-    /// Send a new base (every range that holds data, a piece at a time, letting syncs go on
-    /// between pieces), so that a restore replays the base and what came after it instead of
-    /// the whole history. Only when the history since the last base is twice what a base
-    /// sends.
-    fn rebase(&self) -> io::Result<()> {
+    /// Every range of the devices that holds data, and their bytes.
+    fn ranges(&self) -> io::Result<(Vec<DevRange>, u64)> {
         let mut ranges = Vec::new();
         let mut allocated = 0u64;
         for dev in 0..self.inner.count() as u16 {
@@ -276,14 +285,31 @@ impl Shared {
             allocated += r.iter().map(|(a, b)| b - a).sum::<u64>();
             ranges.extend(r.into_iter().map(|(a, b)| (dev, a, b)));
         }
+        Ok((ranges, allocated))
+    }
+
+    /// Send a new base (every range that holds data, a piece at a time, letting syncs go on
+    /// between pieces), so that a restore replays the base and what came after it instead of
+    /// the whole history. Only when the history since the last base is twice what a base
+    /// sends.
+    fn rebase(&self) -> io::Result<()> {
+        let (_, allocated) = self.ranges()?;
         let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
         if self.since_base.load(Ordering::Relaxed) < floor {
             self.rebase_after.store(floor, Ordering::Relaxed);
             return Ok(());
         }
         let started = std::time::Instant::now();
-        self.since_base.store(0, Ordering::Relaxed);
-        self.replica.base_begin();
+        // The base starts at the next commit, and its ranges are listed after that, with no
+        // upload in between: every write a commit before the start covers is on the devices
+        // by then (listed, or punched and rightly a hole), and every later one is noted and
+        // committed after the start.
+        let ranges = {
+            let _no_upload = self.upload.lock();
+            self.since_base.store(0, Ordering::Relaxed);
+            self.replica.base_begin();
+            self.ranges()?.0
+        };
         let mut t = Timing::default();
         for (dev, start, end) in ranges {
             let mut at = start;
