@@ -172,9 +172,9 @@ pub struct RadosReplica {
     epoch: u64,
     /// The log number where the base being sent starts.
     base_start: Mutex<Option<u64>>,
-    /// When this node stops acting as the owner, in nanoseconds after `base`.
+    /// When this node stops acting as the owner: nanoseconds on the boot clock
+    /// (`ingot_rados::lease::boot_now`, which counts suspends).
     valid_until: AtomicU64,
-    base: Instant,
     deposed: AtomicBool,
     stop: AtomicBool,
     renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -228,7 +228,6 @@ impl RadosReplica {
         dir: &Path,
         sf: StoreFile,
     ) -> Arc<RadosReplica> {
-        let base = Instant::now();
         let uploads = Arc::new(Uploads::default());
         let (tx, rx) = crossbeam_channel::bounded::<Upload>(UPLOAD_WINDOW);
         let epoch = lease.epoch();
@@ -267,7 +266,6 @@ impl RadosReplica {
             epoch,
             base_start: Mutex::new(None),
             valid_until: AtomicU64::new(0),
-            base,
             lease: Mutex::new(None),
             deposed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -288,7 +286,7 @@ impl RadosReplica {
     }
 
     fn set_valid(&self, lease: &Lease) {
-        let until = lease.valid_until().saturating_duration_since(self.base);
+        let until = lease.valid_until();
         self.valid_until
             .store(until.as_nanos() as u64, Ordering::Release);
     }
@@ -458,7 +456,8 @@ impl Replica for RadosReplica {
 
     fn valid(&self) -> bool {
         !self.deposed.load(Ordering::Acquire)
-            && (self.base.elapsed().as_nanos() as u64) < self.valid_until.load(Ordering::Acquire)
+            && (ingot_rados::lease::boot_now().as_nanos() as u64)
+                < self.valid_until.load(Ordering::Acquire)
     }
 }
 

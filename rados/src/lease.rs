@@ -136,7 +136,8 @@ pub struct Lease {
     opts: LeaseOptions,
     renewals: u64,
     /// When the last successful renewal (or the acquisition) started.
-    renewed_at: Instant,
+    /// On the boot clock ([`boot_now`]).
+    renewed_at: Duration,
     /// The first log number after the seal this owner wrote.
     next_log: u64,
     /// Objects this owner appended after its seal.
@@ -159,7 +160,7 @@ impl Lease {
         let oid = lease_oid(name);
         let me = format!("{owner} {address}");
         // The lease runs from the start of the operation that took it.
-        let mut started = Instant::now();
+        let mut started = boot_now();
         let (epoch, previous) = match holder(pool, name)? {
             None => {
                 // The first owner: an exclusive create, so that two first owners cannot both
@@ -189,7 +190,7 @@ impl Lease {
                     Takeover::Wait => wait_expiry(pool, name, held.clone(), count, &opts)?,
                 };
                 let next = h.epoch + 1;
-                started = Instant::now();
+                started = boot_now();
                 // The swap holds only if neither the epoch nor the renewal count moved since
                 // they were last seen: a renewal landing after the waiter's last look would
                 // otherwise leave its holder believing itself the owner for another period.
@@ -295,8 +296,8 @@ impl Lease {
     }
 
     /// When this node stops acting as the owner unless it renews first (see
-    /// [`Lease::valid`]).
-    pub fn valid_until(&self) -> Instant {
+    /// [`Lease::valid`]), on the boot clock ([`boot_now`]).
+    pub fn valid_until(&self) -> Duration {
         self.renewed_at + self.opts.period.saturating_sub(self.opts.margin)
     }
 
@@ -351,7 +352,7 @@ impl Lease {
     /// Whether this node may still act as the owner by its own clock: its last renewal
     /// started less than the lease period, less the margin, ago.
     pub fn valid(&self) -> bool {
-        self.renewed_at.elapsed() + self.opts.margin < self.opts.period
+        boot_now().saturating_sub(self.renewed_at) + self.opts.margin < self.opts.period
     }
 
     /// Renew: count one more renewal, under "the epoch is still mine".
@@ -361,7 +362,7 @@ impl Lease {
         if !self.valid() {
             return Err(self.lapsed());
         }
-        let started = Instant::now();
+        let started = boot_now();
         let count = self.renewals + 1;
         self.swap_count(count, false)?;
         self.renewals = count;
@@ -415,6 +416,24 @@ impl Lease {
     pub fn owner(&self) -> &str {
         &self.owner
     }
+}
+
+/// Time since boot, suspends included (`CLOCK_BOOTTIME`). A holder measures its lease on it:
+/// `CLOCK_MONOTONIC` stops while a machine (or a VM, by its hypervisor) is suspended, and a
+/// resumed holder would believe its lease still ran. A waiter may use either: a clock that
+/// stops only makes it wait longer.
+pub fn boot_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        // Not on this kernel (before 2.6.39): the monotonic clock, as before.
+        // SAFETY: as above.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn deposed(name: &str, h: Option<Holder>) -> LeaseError {
