@@ -223,6 +223,12 @@ pub fn render(s: &Stats) -> String {
             r.store_bytes,
         );
         gauge(
+            "replica_store_deleted_objects_total",
+            "Batch objects deleted from the store since the pool was opened (before a new base).",
+            "counter",
+            r.store_deleted_objects,
+        );
+        gauge(
             "replica_uploads_in_flight",
             "Batch objects being written to the store now.",
             "gauge",

@@ -172,6 +172,10 @@ pub struct RadosReplica {
     epoch: u64,
     /// The log number where the base being sent starts.
     base_start: Mutex<Option<u64>>,
+    /// Log ranges whose batch objects a base made unneeded, for the collector thread.
+    gc: Mutex<Option<crossbeam_channel::Sender<u64>>>,
+    collector: Mutex<Option<std::thread::JoinHandle<()>>>,
+    deleted: Arc<AtomicU64>,
     /// When this node stops acting as the owner: nanoseconds on the boot clock
     /// (`ingot_rados::lease::boot_now`, which counts suspends).
     valid_until: AtomicU64,
@@ -257,6 +261,25 @@ impl RadosReplica {
                     .expect("spawn an upload thread")
             })
             .collect();
+        // Deletes the batch objects of commits before each new base: no restore replays them
+        // again (it starts at the last base), whoever holds the lease, so this needs no lease.
+        let (gc_tx, gc_rx) = crossbeam_channel::unbounded::<u64>();
+        let deleted = Arc::new(AtomicU64::new(0));
+        let collector = {
+            let (pool, name, deleted) = (pool.clone(), name.to_string(), deleted.clone());
+            std::thread::Builder::new()
+                .name("ingot-store-gc".into())
+                .spawn(move || {
+                    let mut from = 0u64;
+                    for upto in gc_rx {
+                        match collect(&pool, &name, from, upto, &deleted) {
+                            Ok(()) => from = from.max(upto),
+                            Err(e) => tracing::warn!(error = %e, "store: deleting what a base made unneeded failed; the next base tries again"),
+                        }
+                    }
+                })
+                .expect("spawn the store's collector")
+        };
         let r = Arc::new(RadosReplica {
             sync: Mutex::new(SyncState::default()),
             uploads,
@@ -265,6 +288,9 @@ impl RadosReplica {
             name: name.to_string(),
             epoch,
             base_start: Mutex::new(None),
+            gc: Mutex::new(Some(gc_tx)),
+            collector: Mutex::new(Some(collector)),
+            deleted,
             valid_until: AtomicU64::new(0),
             lease: Mutex::new(None),
             deposed: AtomicBool::new(false),
@@ -318,6 +344,10 @@ impl RadosReplica {
     /// devices hold what the store holds.
     pub fn finish(&self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
+        drop(self.gc.lock().take());
+        if let Some(t) = self.collector.lock().take() {
+            let _ = t.join();
+        }
         drop(self.jobs.lock().take());
         for t in std::mem::take(&mut *self.uploaders.lock()) {
             let _ = t.join();
@@ -438,8 +468,11 @@ impl Replica for RadosReplica {
             .ok_or_else(|| self.give_up("the pool's lease was given up"))?;
         lease
             .append(&ReplicaCommit::Base { start }.encode())
-            .map(drop)
-            .map_err(|e| self.give_up(e))
+            .map_err(|e| self.give_up(e))?;
+        if let Some(tx) = self.gc.lock().as_ref() {
+            let _ = tx.send(start);
+        }
+        Ok(())
     }
 
     fn stats(&self) -> ingot_engine::ReplicaStats {
@@ -448,6 +481,7 @@ impl Replica for RadosReplica {
             store: self.sf.lock().url.clone(),
             epoch: self.epoch,
             store_objects: st.objects,
+            store_deleted_objects: self.deleted.load(Ordering::Relaxed),
             store_bytes: st.bytes,
             uploads_in_flight: st.in_flight as u64,
             ..Default::default()
@@ -641,6 +675,54 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     }
     tracing::info!(store = %url, restored = !current, "serving the pool from its store");
     Ok(Some(replica))
+}
+
+/// Delete the batch objects named by the commits in log numbers `from..upto` (before a base's
+/// start): 64 records, then their objects 64 at a time. Objects already gone are fine.
+fn collect(
+    pool: &ingot_rados::Pool,
+    name: &str,
+    from: u64,
+    upto: u64,
+    deleted: &AtomicU64,
+) -> ingot_engine::Result<()> {
+    let err = |k: u64, e: String| ingot_engine::Error::Io {
+        device: 0,
+        offset: k,
+        source: io::Error::other(e),
+    };
+    let mut at = from;
+    while at < upto {
+        let to = upto.min(at + 64);
+        let heads = parallel(at..to, |k| {
+            read_log(pool, name, k, REPLICA_COMMIT_BYTES).map_err(|e| err(k, e.to_string()))
+        })?;
+        let mut oids = Vec::new();
+        for o in heads.into_iter().flatten().filter(|o| !o.seal) {
+            if let Ok(ReplicaCommit::Objects {
+                epoch,
+                first,
+                count,
+            }) = ReplicaCommit::decode(&o.data)
+            {
+                oids.extend((first..first + u64::from(count)).map(|k| data_oid(name, epoch, k)));
+            }
+        }
+        for chunk in oids.chunks(64) {
+            parallel(0..chunk.len() as u64, |k| {
+                match pool.remove(&chunk[k as usize]) {
+                    Ok(()) => {
+                        deleted.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(e) if e.not_found() => Ok(()),
+                    Err(e) => Err(err(k, format!("{}: {e}", chunk[k as usize]))),
+                }
+            })?;
+        }
+        at = to;
+    }
+    Ok(())
 }
 
 /// `f` over `range` on a thread each, results in order.

@@ -308,8 +308,9 @@ fn a_paused_owner_is_fenced_and_a_third_node_serves_what_the_second_wrote() {
 }
 
 /// Past twice what the pool holds, the store gets a new base (every range holding data, sent
-/// while the server goes on); a takeover then replays the base and what came after it, not the
-/// whole history, and every flushed block is there.
+/// while the server goes on), and the batch objects before it are deleted; a takeover then
+/// replays the base and what came after it, not the whole history, and every flushed block is
+/// there.
 #[test]
 fn a_takeover_replays_from_the_last_base() {
     let tmp = TempDir::new("ceph-base");
@@ -338,6 +339,15 @@ fn a_takeover_replays_from_the_last_base() {
         );
         write_flushed(&uri, 0, 48 * MIB, 30 + round % 50);
         round += 1;
+    }
+    // What the base made unneeded leaves the store.
+    while stats()["replica"]["store_deleted_objects"].as_u64() == Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing deleted after the base: {}",
+            stats()["replica"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     // After the base: a last write, flushed.
     write_flushed(&uri, 40 * MIB, 16 * MIB, 99);

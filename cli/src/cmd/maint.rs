@@ -80,7 +80,7 @@ fn print_stats(s: &Stats) {
     );
     if let Some(r) = &s.replica {
         outln!(
-            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} bases, {} not sent yet; {} objects ({}) written since open, {} uploading",
+            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} bases, {} not sent yet; {} objects ({}) written and {} deleted since open, {} uploading",
             r.store,
             r.epoch,
             human(r.sent_bytes),
@@ -92,6 +92,7 @@ fn print_stats(s: &Stats) {
             human(r.pending_bytes),
             r.store_objects,
             human(r.store_bytes),
+            r.store_deleted_objects,
             r.uploads_in_flight
         );
     }
