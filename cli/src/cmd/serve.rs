@@ -398,6 +398,12 @@ pub fn serve(
     };
     // A pool on a store: its lease first, and devices brought up to date from the store.
     let replica = if read_only || dir_is_empty_or_missing(dir) {
+        if read_only && dir.join(crate::store::STORE_FILE).exists() {
+            tracing::warn!(
+                pool = %dir.display(),
+                "serving a pool on a store read-only without its lease: what this directory holds, which may be older than the store"
+            );
+        }
         None
     } else {
         crate::store::prepare_serve(dir, takeover)?
