@@ -108,19 +108,26 @@ fn read_store_file(dir: &Path) -> Result<Option<StoreFile>> {
 }
 
 fn write_store_file(dir: &Path, sf: &StoreFile) -> Result<()> {
+    let tmp = dir.join(format!("{STORE_FILE}.tmp"));
+    write_private(&tmp, &serde_json::to_vec_pretty(sf)?, false)?;
+    std::fs::rename(&tmp, dir.join(STORE_FILE))?;
+    Ok(())
+}
+
+/// Write `bytes` to a file only its owner may read (0600), synced; `new`: it must not exist.
+fn write_private(path: &Path, bytes: &[u8], new: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{STORE_FILE}.tmp"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create(!new)
+        .create_new(new)
+        .truncate(!new)
         .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(sf)?)?;
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(STORE_FILE))?;
     Ok(())
 }
 
@@ -556,7 +563,7 @@ pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
         bail!("{} is not empty", dir.display());
     }
     let (_c, p) = connect(url, ceph)?;
-    let (pool_json, _) = p
+    let pool_json = p
         .read_all(&pool_json_oid(url), 1 << 20)
         .with_context(|| format!("{url} holds no pool (no {})", pool_json_oid(url)))?;
     {
@@ -579,19 +586,7 @@ pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
     if relative != Some(true) {
         bail!("{url}: its pool.json must name devices inside the pool directory");
     }
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = dir.join(ingot_engine::POOL_FILE);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-            .with_context(|| format!("writing {}", p.display()))?;
-        f.write_all(&pool_json)?;
-        f.sync_all()?;
-    }
+    write_private(&dir.join(ingot_engine::POOL_FILE), &pool_json, true)?;
     write_store_file(
         dir,
         &StoreFile {
@@ -799,7 +794,6 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
                     ready.extend(parallel(next..upto, |k| {
                         let oid = data_oid(&url.name, epoch, k);
                         p.read_all(&oid, 64 << 20)
-                            .map(|(d, _)| d)
                             .map_err(|e| io_err(k, format!("{oid}: {e}")))
                     })?);
                     if upto < end {

@@ -131,12 +131,11 @@ pub fn log_oid(name: &str, n: u64) -> String {
 pub struct Lease {
     pool: Pool,
     name: String,
-    owner: String,
     epoch: u64,
     opts: LeaseOptions,
     renewals: u64,
-    /// When the last successful renewal (or the acquisition) started.
-    /// On the boot clock ([`boot_now`]).
+    /// When the last successful renewal (or the acquisition) started, on the boot clock
+    /// ([`boot_now`]).
     renewed_at: Duration,
     /// The first log number after the seal this owner wrote.
     next_log: u64,
@@ -255,7 +254,6 @@ impl Lease {
         let mut lease = Lease {
             pool: pool.clone(),
             name: name.into(),
-            owner: me,
             epoch,
             opts,
             renewals: 0,
@@ -412,10 +410,6 @@ impl Lease {
             .flatten()
             .map(|(h, _)| h)
     }
-
-    pub fn owner(&self) -> &str {
-        &self.owner
-    }
 }
 
 /// Time since boot, suspends included (`CLOCK_BOOTTIME`). A holder measures its lease on it:
@@ -533,7 +527,7 @@ pub fn read_log(pool: &Pool, name: &str, n: u64, max: usize) -> Result<Option<Lo
         Err(e) if e.errno() == Some(libc::ENODATA) => false,
         Err(e) => return Err(e),
     };
-    let (data, _) = pool.read_all(&oid, max)?;
+    let data = pool.read_all(&oid, max)?;
     let epoch = std::str::from_utf8(&epoch)
         .ok()
         .and_then(|s| s.parse().ok())

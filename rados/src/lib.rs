@@ -1,6 +1,5 @@
 //! A binding to the librados C API (Ceph's RADOS client) for what a fenced pool needs: atomic
-//! write operations (exclusive create, full write, xattrs, compare-xattr, assert-version),
-//! reads, removal, the client's own address and OSD blocklisting (`docs/design/ceph-fencing.md`
+//! write operations (exclusive create, full write, xattrs, compare-xattr), reads, removal, the client's own address and OSD blocklisting (`docs/design/ceph-fencing.md`
 //! says why these, measured on Ceph 16).
 //!
 //! `librados.so.2` is opened at run time (`dlopen`), so that ingot builds and runs without it
@@ -13,7 +12,6 @@ pub mod lease;
 
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_void};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -279,17 +277,12 @@ pub enum Step<'a> {
         name: &'a str,
         value: &'a [u8],
     },
-    /// Fail (`ERANGE` or `EOVERFLOW`) unless the object's version is `version`.
-    AssertVersion(u64),
-    /// Fail with `ENOENT` unless the object exists.
-    AssertExists,
     /// Replace the object's data.
     WriteFull(&'a [u8]),
     SetXattr {
         name: &'a str,
         value: &'a [u8],
     },
-    Remove,
 }
 
 impl Pool {
@@ -330,8 +323,6 @@ impl Pool {
                         value.as_ptr().cast(),
                         value.len(),
                     ),
-                    Step::AssertVersion(v) => (api.write_op_assert_version)(op, v),
-                    Step::AssertExists => (api.write_op_assert_exists)(op),
                     Step::WriteFull(d) => (api.write_op_write_full)(op, d.as_ptr().cast(), d.len()),
                     Step::SetXattr { value, .. } => (api.write_op_setxattr)(
                         op,
@@ -339,7 +330,6 @@ impl Pool {
                         value.as_ptr().cast(),
                         value.len(),
                     ),
-                    Step::Remove => (api.write_op_remove)(op),
                 }
             }
         }
@@ -363,13 +353,6 @@ impl Pool {
         self.operate(oid, &steps)
     }
 
-    /// The version of the object the last operation on this context saw (for
-    /// [`Step::AssertVersion`]).
-    pub fn last_version(&self) -> u64 {
-        // SAFETY: live context.
-        unsafe { (self.api().get_last_version)(self.io.io) }
-    }
-
     /// Read up to `buf.len()` bytes at `offset`; the bytes read (fewer at the object's end).
     pub fn read(&self, oid: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let o = cstr(oid)?;
@@ -386,13 +369,13 @@ impl Pool {
         check(r, "read", || oid.to_string()).map(|n| n as usize)
     }
 
-    /// The whole object (up to `max` bytes) and its version.
-    pub fn read_all(&self, oid: &str, max: usize) -> Result<(Vec<u8>, u64)> {
+    /// The whole object (up to `max` bytes).
+    pub fn read_all(&self, oid: &str, max: usize) -> Result<Vec<u8>> {
         let size = self.stat(oid)?.min(max as u64) as usize;
         let mut buf = vec![0u8; size];
         let n = self.read(oid, 0, &mut buf)?;
         buf.truncate(n);
-        Ok((buf, self.last_version()))
+        Ok(buf)
     }
 
     /// Xattr `name` of `oid` (at most 4 KiB).
@@ -430,24 +413,5 @@ impl Pool {
         // SAFETY: live context.
         let r = unsafe { (self.api().remove)(self.io.io, o.as_ptr()) };
         check(r, "remove", || oid.to_string()).map(drop)
-    }
-}
-
-/// Whether `librados.so.2` can be loaded here.
-pub fn available() -> Result<()> {
-    api().map(drop)
-}
-
-/// Open `path` as a ceph.conf only to check it exists (librados' own message for a missing
-/// file is a bare ENOENT).
-pub fn check_conf(path: &Path) -> Result<()> {
-    if path.exists() {
-        Ok(())
-    } else {
-        Err(Error::Rados {
-            op: "read ceph.conf",
-            what: path.display().to_string(),
-            errno: libc::ENOENT,
-        })
     }
 }
