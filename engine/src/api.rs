@@ -409,6 +409,14 @@ pub struct ReplicaStats {
     pub store_deleted_objects: u64,
     /// Batch objects being written now (the upload queue).
     pub uploads_in_flight: u64,
+    /// After a lazy takeover: device bytes still only in the store, and the bytes and range
+    /// reads fetched from it since open (reads of cold ranges and the background filler).
+    #[serde(default)]
+    pub cold_bytes: u64,
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    #[serde(default)]
+    pub fetches: u64,
 }
 
 /// Device bytes written by kind of write (`Stats::device_written_breakdown`).

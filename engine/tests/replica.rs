@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ingot_engine::replica::{restore, Replica};
+use ingot_engine::replica::{restore, restore_cold, ColdMap, Replica, Stored};
 use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, POOL_FILE};
 use parking_lot::Mutex;
 
@@ -24,6 +24,7 @@ struct Memory {
     /// Where each whole base starts (an index in `batches`), and the one being sent.
     bases: Mutex<Vec<usize>>,
     base_start: Mutex<Option<usize>>,
+    fetches: std::sync::atomic::AtomicU64,
 }
 
 impl Replica for Memory {
@@ -49,6 +50,22 @@ impl Replica for Memory {
     fn base_end(&self) -> std::io::Result<()> {
         let start = self.base_start.lock().take().expect("a base began");
         self.bases.lock().push(start);
+        Ok(())
+    }
+    /// Objects are named by their index in `batches`.
+    fn fetch(&self, object: &str, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let b = self.batches.lock();
+        let o = object
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| b.get(i))
+            .ok_or_else(|| std::io::Error::other(format!("no object {object}")))?;
+        let at = offset as usize;
+        let src = o
+            .get(at..at + buf.len())
+            .ok_or_else(|| std::io::Error::other("a read past the object"))?;
+        buf.copy_from_slice(src);
         Ok(())
     }
 }
@@ -238,4 +255,138 @@ fn a_new_base_replaces_the_history_before_it() {
         let report = pool.check(&mut |_, _| {});
         assert!(report.problems.is_empty(), "{name}: {:?}", report.problems);
     }
+}
+
+/// A lazy takeover: batches up to this size come inline (in their log record), larger ones as
+/// objects whose table alone is read.
+fn restore_lazily(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u8>]) -> ColdMap {
+    std::fs::copy(from.join(POOL_FILE), to.join(POOL_FILE)).unwrap();
+    let mut it = batches.iter().enumerate();
+    restore_cold(
+        &[to.join("dev0.img")],
+        &mut || {
+            Ok(it.next().map(|(i, b)| {
+                if b.len() <= 64 << 10 {
+                    Stored::Inline(b.clone())
+                } else {
+                    let table = ingot_engine::format::ReplicaBatch::table_bytes(b).unwrap();
+                    Stored::Object {
+                        name: i.to_string(),
+                        head: b[..table].to_vec(),
+                        len: b.len() as u64,
+                    }
+                }
+            }))
+        },
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
+/// Another node takes the pool over without copying it: the devices' ranges stay in the store's
+/// objects until a read needs them (fetched then, a window at a time), a write makes them local,
+/// and the filler fetches the rest; every flushed block reads back at each step, and once the
+/// filler is done the local directory holds the whole pool.
+fn lazy_takeover(io: IoKind) {
+    let a = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 128 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    drop(Pool::create(a.path(), &c, &opts(io, None, false)).unwrap());
+    let r = Arc::new(Memory::default());
+    let pool = Pool::open(a.path(), &opts(io, Some(r.clone()), true)).unwrap();
+    pool.create_volume("v", 32 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let mut want = blocks(1, 4096);
+    v.write(0, &want, false).unwrap();
+    v.flush().unwrap();
+    // Small flushed syncs (inline) over the large one.
+    for k in 0..8u64 {
+        let b = blocks(10 + k, 2);
+        let at = (k * 300 + 5) as usize * BLOCK;
+        v.write(at as u64, &b, true).unwrap();
+        want[at..at + 2 * BLOCK].copy_from_slice(&b);
+    }
+    v.flush().unwrap();
+    let batches = r.batches.lock().clone();
+    assert!(batches.iter().any(|b| b.len() <= 64 << 10));
+    assert!(batches.iter().any(|b| b.len() > 64 << 10));
+    pool.halt();
+    drop(v);
+    drop(pool);
+
+    let b = tempfile::tempdir().unwrap();
+    let cold = Arc::new(restore_lazily(a.path(), b.path(), &batches));
+    let cold_at_start = cold.cold_bytes();
+    assert!(cold_at_start >= 16 << 20, "{cold_at_start} bytes cold");
+    let r2 = Arc::new(Memory::default());
+    *r2.batches.lock() = batches.clone();
+    let o = PoolOptions {
+        replica_cold: Some(cold.clone()),
+        replica_fill: false,
+        ..opts(io, Some(r2.clone()), false)
+    };
+    let pool = Pool::open(b.path(), &o).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert!(cold.cold_bytes() > 0, "the open fetched everything");
+    // Scattered reads fetch only around themselves.
+    for k in [7u64, 2900, 1000, 4000] {
+        let at = k as usize * BLOCK;
+        assert!(
+            v.read(at as u64, BLOCK as u32).unwrap() == want[at..at + BLOCK],
+            "block {k}"
+        );
+    }
+    assert!(cold.cold_bytes() > 0);
+    // Overwrites of cold blocks stay over what the store has.
+    let new = blocks(77, 64);
+    v.write(3 << 20, &new, false).unwrap();
+    want[3 << 20..(3 << 20) + 64 * BLOCK].copy_from_slice(&new);
+    v.flush().unwrap();
+    assert!(
+        v.read(0, (4096 * BLOCK) as u32).unwrap() == want,
+        "after the first reads"
+    );
+    let stats = pool.stats().replica.unwrap();
+    assert!(stats.fetches > 0 && stats.fetched_bytes > 0, "{stats:?}");
+    let fetched = r2.fetches.load(Ordering::Relaxed);
+    drop(v);
+    pool.shutdown().unwrap();
+    drop(pool);
+
+    // The filler: the rest comes in without reads, and the directory is whole.
+    let o = PoolOptions {
+        replica_cold: Some(cold.clone()),
+        replica_fill: true,
+        ..opts(io, Some(r2.clone()), false)
+    };
+    let pool = Pool::open(b.path(), &o).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cold.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the filler stalled");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(r2.fetches.load(Ordering::Relaxed) > fetched);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let pool = Pool::open(b.path(), &opts(io, None, false)).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert!(
+        v.read(0, (4096 * BLOCK) as u32).unwrap() == want,
+        "the filled directory"
+    );
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[test]
+fn a_lazy_takeover_fetches_cold_ranges_on_read() {
+    lazy_takeover(IoKind::Sync);
+}
+
+#[test]
+fn a_lazy_takeover_fetches_cold_ranges_on_read_with_io_uring() {
+    lazy_takeover(IoKind::Auto);
 }

@@ -393,7 +393,7 @@ impl IoQueue for FaultQueue {
     fn in_flight(&self) -> usize {
         self.failed.len() + self.inner.in_flight()
     }
-    fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
+    fn wait(&mut self, bell: &Arc<Doorbell>) -> io::Result<()> {
         if !self.failed.is_empty() || self.inner.in_flight() == 0 {
             return self.submit(1);
         }

@@ -108,7 +108,7 @@ pub trait IoQueue: Send {
     fn in_flight(&self) -> usize;
     /// Submit everything queued and wait for one completion, or for `bell` to ring (see
     /// [`Doorbell`]). The caller has called [`Doorbell::about_to_wait`] and found nothing new.
-    fn wait(&mut self, _bell: &Doorbell) -> io::Result<()> {
+    fn wait(&mut self, _bell: &Arc<Doorbell>) -> io::Result<()> {
         self.submit(1)
     }
     /// A descriptor that polls readable while completions wait to be reaped, for a thread

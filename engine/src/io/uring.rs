@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring, Probe};
 
@@ -282,7 +283,7 @@ impl IoQueue for UringQueue {
         Some(self.ring.as_raw_fd())
     }
 
-    fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
+    fn wait(&mut self, bell: &Arc<Doorbell>) -> io::Result<()> {
         if !self.bell_armed {
             let entry = opcode::Read::new(types::Fd(bell.fd()), self.bell_buf.as_mut_ptr(), 8)
                 .build()

@@ -103,6 +103,8 @@ impl Pool {
                     r.clone(),
                     o.replica_base,
                     o.replica_rebase_bytes,
+                    o.replica_cold.clone(),
+                    o.replica_fill,
                 )
                 .map_err(|source| Error::File {
                     path: abs[0].clone(),

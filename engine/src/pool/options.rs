@@ -97,6 +97,12 @@ pub struct PoolOptions {
     /// Data bytes committed to the replica after which a new base is sent (once they are also
     /// twice the devices' allocated bytes), so that a restore does not replay the whole history.
     pub replica_rebase_bytes: u64,
+    /// After a lazy takeover ([`crate::replica::restore_cold`]): where the devices' ranges
+    /// not fetched yet are in the store. Reads fetch them on first use.
+    pub replica_cold: Option<std::sync::Arc<crate::replica::ColdMap>>,
+    /// With `replica_cold`: a background thread fetches every cold range (the local
+    /// directory becomes whole again). Off, only reads fetch.
+    pub replica_fill: bool,
 }
 
 impl Default for PoolOptions {
@@ -118,6 +124,8 @@ impl Default for PoolOptions {
             replica: None,
             replica_base: false,
             replica_rebase_bytes: 4 << 30,
+            replica_cold: None,
+            replica_fill: true,
         }
     }
 }

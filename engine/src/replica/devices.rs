@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::cold::{ColdMap, Piece};
 use super::{Replica, BATCH_DATA_BYTES};
 use crate::format::{ExtentKind, ReplicaBatch, ReplicaExtent, IO_ALIGN};
 use crate::io::{
@@ -45,8 +46,30 @@ struct Dirty {
 
 pub(crate) struct MirrorDevices {
     s: Arc<Shared>,
-    /// The early sender, joined at drop: it holds the devices open.
-    early: Option<std::thread::JoinHandle<()>>,
+    /// The early sender, the fetchers and the filler, joined at drop: they hold the devices
+    /// open.
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Threads that fetch the cold ranges queued reads need (a shard goes on meanwhile).
+const FETCHERS: usize = 8;
+/// A cold read fetches the cold parts of the aligned window around it: neighbouring blocks
+/// of one record or segment are likely next, and a range read of this size costs the store
+/// little more than one of 4 KiB.
+const FETCH_WINDOW: u64 = 64 << 10;
+/// The filler's pieces, and how many it fetches side by side.
+const FILL_PIECE: u64 = 4 << 20;
+const FILL_WINDOW: usize = 4;
+
+/// A queued read waiting for its cold range, and the queue's completions of such reads.
+type FetchJob = (IoOp, Arc<Parked>);
+
+#[derive(Default)]
+struct Parked {
+    done: Mutex<Vec<IoDone>>,
+    cv: Condvar,
+    /// The shard's doorbell, rung when a read completes while it waits in its ring.
+    bell: Mutex<Option<Arc<Doorbell>>>,
 }
 
 /// Data bytes noted past which a background thread starts sending them, before any sync asks:
@@ -57,7 +80,7 @@ impl Drop for MirrorDevices {
     fn drop(&mut self) {
         self.s.stop.store(true, Ordering::Release);
         self.s.kick.notify_all();
-        if let Some(t) = self.early.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -84,6 +107,9 @@ struct Shared {
     /// A new base is sent once `since_base` passes this (it grows to twice the devices'
     /// allocated bytes when they hold more: a base sends all of them).
     rebase_after: AtomicU64,
+    /// Ranges still only in the store (a lazy takeover), and the fetchers' queue.
+    cold: Option<Arc<ColdMap>>,
+    fetch: Option<crossbeam_channel::Sender<FetchJob>>,
 }
 
 #[derive(Default)]
@@ -109,6 +135,8 @@ impl MirrorDevices {
         replica: Arc<dyn Replica>,
         base: bool,
         rebase_bytes: u64,
+        cold: Option<Arc<ColdMap>>,
+        fill: bool,
     ) -> io::Result<Self> {
         let mut dirty = Vec::new();
         if base {
@@ -124,6 +152,8 @@ impl MirrorDevices {
                 }));
             }
         }
+        let cold = cold.filter(|c| !c.is_empty());
+        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<FetchJob>();
         let s = Arc::new(Shared {
             inner,
             replica,
@@ -133,18 +163,41 @@ impl MirrorDevices {
             kick: Condvar::new(),
             kick_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
-            counters: Arc::default(),
+            counters: Arc::new(super::Counters {
+                cold: cold.clone(),
+                ..Default::default()
+            }),
             since_base: AtomicU64::new(0),
             rebase_after: AtomicU64::new(rebase_bytes.max(1)),
+            fetch: cold.is_some().then_some(fetch_tx),
+            cold,
         });
+        let mut threads = Vec::new();
         let early = s.clone();
-        let early = std::thread::Builder::new()
-            .name("ingot-replica".into())
-            .spawn(move || early.send_early())?;
-        Ok(MirrorDevices {
-            s,
-            early: Some(early),
-        })
+        threads.push(
+            std::thread::Builder::new()
+                .name("ingot-replica".into())
+                .spawn(move || early.send_early())?,
+        );
+        if s.cold.is_some() {
+            for i in 0..FETCHERS {
+                let (me, rx) = (s.clone(), fetch_rx.clone());
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("ingot-fetch-{i}"))
+                        .spawn(move || me.fetcher(rx))?,
+                );
+            }
+            if fill {
+                let me = s.clone();
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("ingot-fill".into())
+                        .spawn(move || me.filler())?,
+                );
+            }
+        }
+        Ok(MirrorDevices { s, threads })
     }
 }
 
@@ -156,6 +209,111 @@ impl MirrorDevices {
 }
 
 impl Shared {
+    /// Make `start..end` of device `dev` local: fetch its cold parts (with `window`, the cold
+    /// parts of the aligned window around it) from the store and write them to the device.
+    fn ensure(&self, dev: u16, start: u64, end: u64, window: u64) -> io::Result<()> {
+        let Some(cold) = &self.cold else {
+            return Ok(());
+        };
+        if !cold.overlaps(dev, start, end) {
+            return Ok(());
+        }
+        let (from, to) = if window > 0 {
+            (
+                start - start % window,
+                end.next_multiple_of(window).min(self.inner.size(dev)),
+            )
+        } else {
+            (start, end)
+        };
+        for piece in cold.pieces(dev, from, to) {
+            self.fetch_piece(cold, dev, piece)?;
+        }
+        Ok(())
+    }
+
+    fn fetch_piece(&self, cold: &ColdMap, dev: u16, piece: Piece) -> io::Result<()> {
+        let (start, p) = piece;
+        let len = (p.end - start) as usize;
+        let mut buf = AlignedBuf::new(len.next_multiple_of(IO_ALIGN));
+        self.replica
+            .fetch(cold.object_name(p.object), p.at, &mut buf[..len])
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "fetching device {dev} bytes {start}..{} from {}: {e}",
+                        p.end,
+                        cold.object_name(p.object)
+                    ),
+                )
+            })?;
+        cold.land(dev, piece, &buf[..len], |b, at| {
+            self.inner.write_at(dev, b, at)
+        })
+    }
+
+    /// A fetcher thread: queued reads of cold ranges, completed into their queue's list.
+    fn fetcher(&self, rx: crossbeam_channel::Receiver<FetchJob>) {
+        while !self.stop.load(Ordering::Acquire) {
+            let Ok((mut op, parked)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            let end = op.offset + op.len as u64;
+            let r = self
+                .ensure(op.dev, op.offset, end, FETCH_WINDOW)
+                .and_then(|()| self.inner.read_at(op.dev, &mut op.buf[..op.len], op.offset))
+                .and_then(|()| self.check_valid());
+            parked.done.lock().push(op.done(r));
+            parked.cv.notify_all();
+            let bell = parked.bell.lock().clone();
+            if let Some(bell) = bell {
+                bell.ring();
+            }
+        }
+    }
+
+    /// The filler: fetches every cold range, a few pieces side by side, until none is left.
+    fn filler(&self) {
+        let Some(cold) = &self.cold else { return };
+        let started = std::time::Instant::now();
+        while !self.stop.load(Ordering::Acquire) && !cold.is_empty() {
+            if let Err(e) = self.fill_step(cold) {
+                tracing::warn!(target: "ingot_engine::replica", error = %e, "filling cold ranges from the store failed; trying again");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        if cold.is_empty() {
+            tracing::info!(
+                target: "ingot_engine::replica",
+                bytes = cold.fetched_bytes.load(Ordering::Relaxed),
+                ms = started.elapsed().as_millis() as u64,
+                "every cold range is local now"
+            );
+        }
+    }
+
+    fn fill_step(&self, cold: &ColdMap) -> io::Result<()> {
+        let pieces = cold.next_pieces(FILL_WINDOW, FILL_PIECE);
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = pieces
+                .into_iter()
+                .map(|(dev, p)| sc.spawn(move || self.fetch_piece(cold, dev, p)))
+                .collect();
+            hs.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a filler panicked")))
+            })
+        })
+    }
+
+    /// Write or discard of `start..end`: local from now on, whatever the store had.
+    fn make_local(&self, dev: u16, start: u64, end: u64) {
+        if let Some(cold) = &self.cold {
+            cold.clear(dev, start, end);
+        }
+    }
+
     fn note(&self, dev: u16, kind: ExtentKind, offset: u64, len: u64) {
         if len == 0 {
             return;
@@ -293,6 +451,16 @@ impl Shared {
     /// the whole history. Only when the history since the last base is twice what a base
     /// sends.
     fn rebase(&self) -> io::Result<()> {
+        // A base lists the devices' local data: what is still only in the objects of the
+        // current history must be local first (the base lets that history go).
+        if let Some(cold) = &self.cold {
+            while !cold.is_empty() {
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                self.fill_step(cold)?;
+            }
+        }
         let (_, allocated) = self.ranges()?;
         let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
         if self.since_base.load(Ordering::Relaxed) < floor {
@@ -526,10 +694,13 @@ impl Devices for MirrorDevices {
     }
     fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.s.check_valid()?;
+        self.s
+            .ensure(dev, offset, offset + buf.len() as u64, FETCH_WINDOW)?;
         self.s.inner.read_at(dev, buf, offset)
     }
     fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
         self.s.check_valid()?;
+        self.s.make_local(dev, offset, offset + buf.len() as u64);
         self.s.inner.write_at(dev, buf, offset)?;
         self.s.note(dev, ExtentKind::Data, offset, buf.len() as u64);
         Ok(())
@@ -539,6 +710,7 @@ impl Devices for MirrorDevices {
         self.s.upload(true)
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.s.make_local(dev, offset, offset + len);
         self.s.inner.discard(dev, offset, len)?;
         self.s.note(dev, ExtentKind::Zero, offset, len);
         Ok(())
@@ -556,26 +728,67 @@ impl Devices for MirrorDevices {
         Ok(Box::new(MirrorQueue {
             inner: self.s.inner.queue(depth)?,
             devices: self.s.clone(),
+            parked: Arc::default(),
+            parked_n: 0,
         }))
     }
 }
 
 /// A shard's queue: each completed write is noted, and a completed sync is held back until
 /// what it covers is in the replica (it fails if that cannot be). Reads fail once the lease
-/// ran out.
+/// ran out. A read of a cold range goes to the fetchers, and completes from their list.
 struct MirrorQueue {
     inner: Box<dyn IoQueue>,
     devices: Arc<Shared>,
+    parked: Arc<Parked>,
+    /// Reads handed to the fetchers and not reaped yet.
+    parked_n: usize,
 }
 
 impl IoQueue for MirrorQueue {
     fn push(&mut self, op: IoOp) {
-        self.inner.push(op);
+        let s = &self.devices;
+        let end = op.offset + op.len as u64;
+        match (op.kind, &s.cold, &s.fetch) {
+            (OpKind::Read, Some(cold), Some(tx)) if cold.overlaps(op.dev, op.offset, end) => {
+                self.parked_n += 1;
+                if let Err(e) = tx.send((op, self.parked.clone())) {
+                    let (op, _) = e.into_inner();
+                    self.parked
+                        .done
+                        .lock()
+                        .push(op.done(Err(lost("the fetchers stopped"))));
+                }
+            }
+            (OpKind::Write, Some(_), _) => {
+                s.make_local(op.dev, op.offset, end);
+                self.inner.push(op);
+            }
+            _ => self.inner.push(op),
+        }
     }
     fn submit(&mut self, min_complete: usize) -> io::Result<()> {
-        self.inner.submit(min_complete)
+        if min_complete == 0 || self.parked_n == 0 || !self.parked.done.lock().is_empty() {
+            return self
+                .inner
+                .submit(if self.parked_n == 0 { min_complete } else { 0 });
+        }
+        if self.inner.in_flight() > 0 {
+            return self.inner.submit(1);
+        }
+        self.inner.submit(0)?;
+        let mut d = self.parked.done.lock();
+        while d.is_empty() {
+            self.parked.cv.wait_for(&mut d, Duration::from_millis(100));
+        }
+        Ok(())
     }
     fn reap(&mut self, out: &mut Vec<IoDone>) {
+        if self.parked_n > 0 {
+            let mut d = self.parked.done.lock();
+            self.parked_n -= d.len();
+            out.append(&mut d);
+        }
         let from = out.len();
         self.inner.reap(out);
         let s = &self.devices;
@@ -593,12 +806,43 @@ impl IoQueue for MirrorQueue {
         }
     }
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        self.inner.in_flight() + self.parked_n
     }
-    fn wait(&mut self, bell: &Doorbell) -> io::Result<()> {
-        self.inner.wait(bell)
+    fn wait(&mut self, bell: &Arc<Doorbell>) -> io::Result<()> {
+        if self.parked_n == 0 {
+            return self.inner.wait(bell);
+        }
+        // A fetcher that finishes from here on rings the bell: the caller set it to be rung
+        // (`about_to_wait`) before calling.
+        {
+            let mut b = self.parked.bell.lock();
+            if b.as_ref().is_none_or(|b| !Arc::ptr_eq(b, bell)) {
+                *b = Some(bell.clone());
+            }
+        }
+        if !self.parked.done.lock().is_empty() {
+            return self.inner.submit(0);
+        }
+        if self.inner.fd().is_some() {
+            // A ring: it wakes for the bell as well as for its own completions.
+            return self.inner.wait(bell);
+        }
+        if self.inner.in_flight() > 0 {
+            return self.inner.submit(1);
+        }
+        self.inner.submit(0)?;
+        let mut d = self.parked.done.lock();
+        if d.is_empty() {
+            self.parked.cv.wait_for(&mut d, Duration::from_millis(1));
+        }
+        Ok(())
     }
     fn fd(&self) -> Option<std::os::fd::RawFd> {
-        self.inner.fd()
+        // A connection's reader polls this descriptor alone: while ranges are cold, reads
+        // go through the shards, whose queues wait for the fetchers too.
+        match &self.devices.cold {
+            Some(c) if !c.is_empty() => None,
+            _ => self.inner.fd(),
+        }
     }
 }

@@ -8,10 +8,13 @@
 //! The store is behind [`Replica`], implemented by the binary (the `ingot` CLI on RADOS, with a
 //! lease and a write-once log of batches: a node that lost the lease cannot append, so its
 //! syncs, and the flushes that wait for them, fail). The pool's devices stay whole on local
-//! flash: reads never go to the store.
+//! flash, except after a lazy takeover ([`restore_cold`]): ranges not fetched yet are read
+//! from the store's objects on first use, and a background filler fetches the rest.
 
+mod cold;
 mod devices;
 
+pub use cold::{restore_cold, ColdMap, Stored};
 pub(crate) use devices::MirrorDevices;
 
 use std::fs::File;
@@ -51,6 +54,15 @@ pub trait Replica: Send + Sync {
     fn base_end(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Read `buf.len()` bytes of store object `object` at byte `offset` (a cold range of a
+    /// lazy takeover, [`ColdMap`]). A short object is an error.
+    fn fetch(&self, object: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let _ = (object, offset, buf);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this replica cannot read back from its store",
+        ))
+    }
 }
 
 /// What a pool's syncs sent, counted by [`MirrorDevices`] (`stats`).
@@ -63,6 +75,8 @@ pub(crate) struct Counters {
     pub commit_max_us: std::sync::atomic::AtomicU64,
     pub pending_bytes: std::sync::atomic::AtomicU64,
     pub bases: std::sync::atomic::AtomicU64,
+    /// A lazy takeover's cold ranges.
+    pub cold: Option<std::sync::Arc<ColdMap>>,
 }
 
 impl Counters {
@@ -82,6 +96,12 @@ impl Counters {
             commit_max_us: self.commit_max_us.load(Relaxed),
             pending_bytes: self.pending_bytes.load(Relaxed),
             bases: self.bases.load(Relaxed),
+            cold_bytes: self.cold.as_ref().map_or(0, |c| c.cold_bytes()),
+            fetched_bytes: self
+                .cold
+                .as_ref()
+                .map_or(0, |c| c.fetched_bytes.load(Relaxed)),
+            fetches: self.cold.as_ref().map_or(0, |c| c.fetches.load(Relaxed)),
             ..replica.stats()
         }
     }
@@ -164,23 +184,7 @@ pub fn restore(
     next: &mut dyn FnMut() -> Result<Option<Vec<u8>>>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let files = paths
-        .iter()
-        .map(|p| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(p)
-                .map_err(|source| Error::File {
-                    path: p.clone(),
-                    source,
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let files = create_devices(paths)?;
     let (mut batches, mut bytes) = (0u64, 0u64);
     while let Some(b) = next()? {
         apply_batch(&files, &b)?;
@@ -195,4 +199,25 @@ pub fn restore(
         })?;
     }
     Ok(batches)
+}
+
+/// Create (or truncate) the pool's device files for a restore.
+fn create_devices(paths: &[std::path::PathBuf]) -> Result<Vec<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(|source| Error::File {
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .collect()
 }
