@@ -88,12 +88,8 @@ enum Cmd {
         /// Serve every export read-only.
         #[arg(long)]
         read_only: bool,
-        /// A pool on a store (`ingot pool attach`): take its lease at once instead of waiting
-        /// for the node that holds it to stop renewing it. Only when that node is known to be
-        /// gone or fenced: it is deposed, and cut off from the cluster if this user may
-        /// blocklist.
-        #[arg(long)]
-        takeover: bool,
+        #[command(flatten)]
+        store: store::ServeStoreArgs,
         /// Serve Prometheus metrics at http://HOST:PORT/metrics.
         #[arg(long)]
         metrics: Option<String>,
@@ -282,9 +278,9 @@ fn run(cmd: Cmd) -> Result<i32> {
             access,
             iscsi,
             run,
-            takeover,
+            store,
         } => cmd::serve::serve(
-            &pool.pool, nbd, read_only, takeover, metrics, &nbd_opts, &access, &iscsi, &run,
+            &pool.pool, nbd, read_only, &store, metrics, &nbd_opts, &access, &iscsi, &run,
         ),
         Cmd::Volume { cmd } => cmd::volume::run(cmd),
         Cmd::Stats {

@@ -234,6 +234,24 @@ pub fn render(s: &Stats) -> String {
             "gauge",
             r.uploads_in_flight,
         );
+        gauge(
+            "replica_cold_bytes",
+            "Device bytes a takeover left in the store and not fetched yet.",
+            "gauge",
+            r.cold_bytes,
+        );
+        gauge(
+            "replica_fetched_bytes_total",
+            "Device bytes fetched from the store since the pool was opened (cold reads and the filler).",
+            "counter",
+            r.fetched_bytes,
+        );
+        gauge(
+            "replica_fetches_total",
+            "Range reads of the store since the pool was opened.",
+            "counter",
+            r.fetches,
+        );
     }
     gauge(
         "metadata_ring_reads_total",

@@ -4,10 +4,13 @@
 //! over with every flushed block (`ingot pool attach`, then `ingot serve`).
 //!
 //! In the pool directory, `store.json` (0600) names the store and what this node last knew of
-//! it: the epoch it served under, the log position it reached, and whether it stopped cleanly.
-//! A node that starts serving restores its devices from the store's log unless it was the last
-//! to write it and stopped cleanly (after a crash its devices may hold writes the store never
-//! got, which a later batch would not carry: the store is the truth).
+//! it: the epoch it served under, the log position it reached, and whether it stopped cleanly
+//! with its devices whole. A node that starts serving takes its devices from the store's log
+//! unless it was the last to write it and stopped cleanly (after a crash its devices may hold
+//! writes the store never got, which a later batch would not carry: the store is the truth).
+//! It does so lazily: it reads the log and the tables of the batch objects since the last base
+//! (not their data), serves at once, and fetches each range from its object on first read while
+//! a filler fetches the rest (`ingot_engine::replica::ColdMap`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ingot_engine::format::{ReplicaCommit, REPLICA_COMMIT_BYTES};
-use ingot_engine::replica::Replica;
+use ingot_engine::format::{ReplicaBatch, ReplicaCommit, REPLICA_COMMIT_BYTES};
+use ingot_engine::replica::{ColdMap, Replica, Stored};
 use ingot_rados::lease::{first_free, holder, read_log};
 use ingot_rados::{Cluster, ConnectOptions, Lease, LeaseError, LeaseOptions, Takeover};
 use parking_lot::Mutex;
@@ -27,6 +30,21 @@ use crate::progress::Progress;
 use crate::size::human;
 
 pub const STORE_FILE: &str = "store.json";
+
+/// `ingot serve`'s options for a pool on a store.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ServeStoreArgs {
+    /// A pool on a store (`ingot pool attach`): take its lease at once instead of waiting
+    /// for the node that holds it to stop renewing it. Only when that node is known to be
+    /// gone or fenced: it is deposed, and cut off from the cluster if this user may
+    /// blocklist.
+    #[arg(long)]
+    pub takeover: bool,
+    /// A pool on a store, taken over: fetch ranges from the store only when they are read,
+    /// instead of also filling the local directory in the background.
+    #[arg(long)]
+    pub no_fill: bool,
+}
 
 /// `rados://POOL/NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +108,8 @@ struct StoreFile {
     epoch: u64,
     /// The log position this node's devices reflect (its next append when it stopped).
     next_log: u64,
-    /// It stopped cleanly: its devices hold nothing the store lacks.
+    /// It stopped cleanly: its devices hold nothing the store lacks, and every range the
+    /// store has.
     clean: bool,
 }
 
@@ -191,6 +210,9 @@ pub struct RadosReplica {
     renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
     dir: PathBuf,
     sf: Mutex<StoreFile>,
+    /// Where ranges not fetched yet are (a lazy takeover), and where to read them.
+    cold: Mutex<Option<Arc<ColdMap>>>,
+    pool: ingot_rados::Pool,
 }
 
 /// Batch objects written at once at most (as `rados bench -t 16`).
@@ -305,6 +327,8 @@ impl RadosReplica {
             renewer: Mutex::new(None),
             dir: dir.to_path_buf(),
             sf: Mutex::new(sf),
+            cold: Mutex::new(None),
+            pool: pool.clone(),
         });
         r.set_valid(&lease);
         *r.lease.lock() = Some(lease);
@@ -372,8 +396,14 @@ impl RadosReplica {
         lease.release().context("releasing the lease")?;
         let mut sf = self.sf.lock().clone();
         sf.next_log = next;
-        sf.clean = true;
+        // With ranges still cold, the next start takes them from the store again.
+        sf.clean = self.cold.lock().as_ref().is_none_or(|c| c.is_empty());
         write_store_file(&self.dir, &sf)
+    }
+
+    /// The ranges a lazy takeover left in the store, for the pool's devices.
+    pub fn cold(&self) -> Option<Arc<ColdMap>> {
+        self.cold.lock().clone()
     }
 }
 
@@ -493,6 +523,25 @@ impl Replica for RadosReplica {
             uploads_in_flight: st.in_flight as u64,
             ..Default::default()
         }
+    }
+
+    fn fetch(&self, object: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = self
+                .pool
+                .read(object, offset + got as u64, &mut buf[got..])
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            if n == 0 {
+                return Err(io::Error::other(format!(
+                    "{object} ends at {} bytes, before {}",
+                    offset + got as u64,
+                    offset + buf.len() as u64
+                )));
+            }
+            got += n;
+        }
+        Ok(())
     }
 
     fn valid(&self) -> bool {
@@ -663,7 +712,7 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
     if !current {
-        restore_from(dir, &p, &url, seal)?;
+        *replica.cold.lock() = Some(Arc::new(restore_from(dir, &p, &url, seal)?));
     }
     if !replica.valid() {
         bail!("the pool's lease was lost while restoring it from {url}");
@@ -738,8 +787,13 @@ fn parallel<T: Send>(
     })
 }
 
-/// Rebuild the devices from the log objects before `end`.
-fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> Result<()> {
+/// Bytes of a batch object read to find its table (one range read for any batch up to a few
+/// thousand extents; a larger table is read in a second).
+const HEAD_BYTES: usize = 64 << 10;
+
+/// Take the devices from the log objects before `end`, lazily: the inline batches are applied,
+/// and the batch objects' tables say where each range is (`ColdMap`).
+fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> Result<ColdMap> {
     let pool_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
     let devices: Vec<PathBuf> = pool_json["devices"]
@@ -784,17 +838,27 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         Objects { epoch: u64, next: u64, end: u64 },
     }
     let mut items: std::collections::VecDeque<Item> = Default::default();
-    let mut ready: std::collections::VecDeque<Vec<u8>> = Default::default();
-    let mut next = || -> ingot_engine::Result<Option<Vec<u8>>> {
+    let mut ready: std::collections::VecDeque<Stored> = Default::default();
+    let mut next = || -> ingot_engine::Result<Option<Stored>> {
         while ready.is_empty() {
             match items.pop_front() {
-                Some(Item::Inline(b)) => ready.push_back(b),
+                Some(Item::Inline(b)) => ready.push_back(Stored::Inline(b)),
                 Some(Item::Objects { epoch, next, end }) => {
                     let upto = end.min(next + UPLOAD_WINDOW as u64);
                     ready.extend(parallel(next..upto, |k| {
-                        let oid = data_oid(&url.name, epoch, k);
-                        p.read_all(&oid, 64 << 20)
-                            .map_err(|e| io_err(k, format!("{oid}: {e}")))
+                        let name = data_oid(&url.name, epoch, k);
+                        let e = |e: ingot_rados::Error| io_err(k, format!("{name}: {e}"));
+                        let len = p.stat(&name).map_err(e)?;
+                        let mut head = vec![0u8; HEAD_BYTES.min(len as usize)];
+                        let n = p.read(&name, 0, &mut head).map_err(e)?;
+                        head.truncate(n);
+                        let table = ReplicaBatch::table_bytes(&head)?;
+                        if table > head.len() {
+                            head.resize(table, 0);
+                            let n = p.read(&name, 0, &mut head).map_err(e)?;
+                            head.truncate(n);
+                        }
+                        Ok(Stored::Object { name, head, len })
                     })?);
                     if upto < end {
                         items.push_front(Item::Objects {
@@ -843,14 +907,14 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
             dir.display()
         )
     })?;
-    let batches = ingot_engine::replica::restore(&devices, &mut next, &mut |b, bytes| {
+    let cold = ingot_engine::replica::restore_cold(&devices, &mut next, &mut |b, bytes| {
         progress.draw(format_args!(
-            "restoring from {url}: {b} batches, {}",
+            "taking the pool from {url}: {b} batches, {} listed",
             human(bytes)
         ))
     })
-    .with_context(|| format!("restoring the pool from {url}"))?;
+    .with_context(|| format!("taking the pool from {url}"))?;
     progress.finish();
-    tracing::info!(store = %url, from = first, batches, ms = started.elapsed().as_millis() as u64, "restored the devices from the store");
-    Ok(())
+    tracing::info!(store = %url, from = first, cold_bytes = cold.cold_bytes(), ms = started.elapsed().as_millis() as u64, "took the devices from the store: ranges are fetched as they are read");
+    Ok(cold)
 }

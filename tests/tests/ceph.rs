@@ -372,3 +372,104 @@ fn a_takeover_replays_from_the_last_base() {
     }
     b.stop();
 }
+
+/// The volume's first `len` bytes, copied out with nbdcopy.
+fn volume_bytes(uri: &str, tmp: &Path, len: u64) -> Vec<u8> {
+    let out = tmp.join("copy.raw");
+    let _ = std::fs::remove_file(&out);
+    run(Command::new(require_tool("nbdcopy")).arg(uri).arg(&out));
+    let mut b = read_file(&out);
+    b.truncate(len as usize);
+    b
+}
+
+/// A takeover serves before the data is local: it lists where each range is in the store's
+/// objects and fetches a range when it is first read (`--no-fill`: nothing else is fetched).
+/// Writes go over cold ranges. With the filler, the directory becomes whole, and a clean stop
+/// after that needs nothing from the store on the next start.
+#[test]
+fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
+    let tmp = TempDir::new("ceph-lazy");
+    let url = store_name("lazy");
+    let a_dir = tmp.join("a");
+    create_on_store(&a_dir, &url);
+    let sock = tmp.join("nbd.sock");
+    let a = serve(&a_dir, &sock, &[]);
+    create_volume(&a_dir);
+    // Random bytes: nothing to compress or deduplicate, so the store holds 24 MiB of them.
+    let mut want = vec![0u8; 24 << 20];
+    Prng::new(23).fill(&mut want);
+    let src = tmp.join("src.raw");
+    std::fs::write(&src, &want).unwrap();
+    let (ok, text) = qemu_io(
+        &a.unix_uri("v"),
+        &[
+            format!("write -s {} 0 {}", src.display(), want.len()),
+            "flush".to_string(),
+        ],
+    );
+    assert!(ok, "{text}");
+    // A clean stop: its last checkpoint covers every record, so the next node's open replays
+    // no log tail (a tail is read, and so fetched, at open).
+    a.stop();
+    let b_dir = tmp.join("b");
+    attach(&b_dir, &url);
+    let b = serve(&b_dir, &sock, &["--no-fill"]);
+    let stats = |dir: &Path| {
+        parse_json(&ingot_ok([
+            "stats",
+            "--json",
+            "--pool",
+            &dir.display().to_string(),
+        ]))["replica"]
+            .clone()
+    };
+    let r = stats(&b_dir);
+    let cold = r["cold_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        cold >= 24 * MIB,
+        "{cold} bytes cold after the takeover: {r}"
+    );
+    // One 4 KiB read fetches a window around it, not the pool.
+    let (ok, text) = qemu_io(&b.unix_uri("v"), &[format!("read {} 4096", 20 * MIB)]);
+    assert!(ok, "{text}");
+    let r = stats(&b_dir);
+    assert!(r["fetches"].as_u64() > Some(0), "{r}");
+    let after = r["cold_bytes"].as_u64().unwrap();
+    assert!(
+        after < cold && cold - after <= 4 * MIB,
+        "a 4 KiB read fetched {} bytes",
+        cold - after
+    );
+    // A write over cold ranges stays; the rest reads from the store.
+    write_flushed(&b.unix_uri("v"), 16 * MIB, 2 * MIB, 7);
+    want[16 << 20..18 << 20].fill(7);
+    assert!(
+        volume_bytes(&b.unix_uri("v"), tmp.path(), want.len() as u64) == want,
+        "reads fetched from the store differ from what was written"
+    );
+    b.stop();
+    // With the filler (the default), everything comes in without reads.
+    let b = serve(&b_dir, &sock, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&b_dir)["cold_bytes"].as_u64() != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the filler did not finish: {}",
+            stats(&b_dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.stop();
+    let b = serve(&b_dir, &sock, &[]);
+    assert!(
+        b.stderr().contains("restored=false"),
+        "a clean restart of a filled directory took the pool from the store again:\n{}",
+        b.stderr()
+    );
+    assert!(
+        volume_bytes(&b.unix_uri("v"), tmp.path(), want.len() as u64) == want,
+        "after the filler and a clean restart"
+    );
+    b.stop();
+}

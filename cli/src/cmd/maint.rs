@@ -95,6 +95,14 @@ fn print_stats(s: &Stats) {
             r.store_deleted_objects,
             r.uploads_in_flight
         );
+        if r.cold_bytes > 0 || r.fetches > 0 {
+            outln!(
+                "store cold      {} still only in the store; {} fetched in {} range reads since open",
+                human(r.cold_bytes),
+                human(r.fetched_bytes),
+                r.fetches
+            );
+        }
     }
     outln!(
         "written         {} by clients, {} to devices",

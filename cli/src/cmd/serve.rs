@@ -382,7 +382,7 @@ pub fn serve(
     dir: &Path,
     nbd: Vec<String>,
     read_only: bool,
-    takeover: bool,
+    store: &crate::store::ServeStoreArgs,
     metrics_addr: Option<String>,
     nbd_opts: &NbdArgs,
     access: &AccessArgs,
@@ -406,10 +406,12 @@ pub fn serve(
         }
         None
     } else {
-        crate::store::prepare_serve(dir, takeover)?
+        crate::store::prepare_serve(dir, store.takeover)?
     };
     if let Some(r) = &replica {
         opts.replica = Some(r.clone());
+        opts.replica_cold = r.cold();
+        opts.replica_fill = !store.no_fill;
         // Tests shorten the history between bases.
         if let Some(b) = std::env::var("INGOT_REPLICA_REBASE_BYTES")
             .ok()
