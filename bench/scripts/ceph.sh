@@ -8,9 +8,13 @@
 #     against librbd (fio's rbd engine on an RBD image in the same pool): IOPS, flush p50/p99;
 #     4k random reads QD32 on both;
 #  3. takeover after kill -9: time until another node's `ingot serve` answers NBD, with
-#     --takeover and with the default wait for the lease (15 s) to run out. The store's log
-#     is not compacted yet: a takeover replays everything written before it (here the
-#     ingest and the random writes), and the time says so.
+#     --takeover and with the default wait for the lease (15 s) to run out. A takeover reads
+#     the log since the last base and the tables of its batch objects, not their data, and
+#     replays the engine's log tail (the random writes since the last checkpoint), fetching
+#     what that tail reads;
+#  4. cold 4k random reads QD32: a node that took the pool over with --no-fill, so every read
+#     of a range not fetched yet is a range read of a store object, against `rados bench rand`
+#     on 4 KiB objects (32 in flight).
 # Usage: bench/scripts/ceph.sh [DIR] [SECONDS]   (root: it starts a cluster in DIR/cluster, or
 # CEPH_DIR, with tests/ceph/ceph-up.sh unless INGOT_CEPH_CONF names one; ports 3300, 6789 and
 # 6800-7300; OSD_BYTES sizes its OSD, 24 GiB by default).
@@ -128,5 +132,30 @@ read -r P1 t_now < <(takeover "$P" node1 --takeover)
 PIDS+=("$P1")
 read -r P2 t_wait < <(takeover "$P1" node2)
 PIDS+=("$P2")
-kill -INT "$P2"
-echo "takeover after kill -9 (attach, lease, restore, open): --takeover $t_now s, waiting for the lease $t_wait s"
+echo "takeover after kill -9 (attach, lease, listing the store's ranges, open): --takeover $t_now s, waiting for the lease $t_wait s"
+
+step "4. cold 4k random reads: a node that took the pool over and fetches only what is read"
+kill -INT "$P2"; wait "$P2" 2>/dev/null || true
+"$INGOT" pool attach --pool "$DIR/node3" --store "rados://ingot/$NAME" >/dev/null
+P3=$(serve "$DIR/node3" "$DIR/node3.sock" --no-fill); PIDS+=("$P3")
+cold_before=$("$INGOT" stats --json --pool "$DIR/node3" | python3 -c 'import json,sys; print(json.load(sys.stdin)["replica"]["cold_bytes"])')
+cold() { # engine args...: iops, clat p50 and p99 in ms
+  fio_json --name=c --rw=randread --bs=4k --iodepth=32 --size=1G --runtime="$SECS" --time_based \
+    --randrepeat=0 "$@" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]["read"]
+s = j["clat_ns"]["percentile"]
+print("%.0f %.2f %.2f" % (j["iops"], s["50.000000"] / 1e6, s["99.000000"] / 1e6))'
+}
+read -r ci c50 c99 <<<"$(cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/node3.sock")"
+"$INGOT" stats --json --pool "$DIR/node3" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["replica"]
+print("fetched %d range reads, %.0f MiB; %.0f MiB still cold of %.0f" % (r["fetches"], r["fetched_bytes"] / 2**20, r["cold_bytes"] / 2**20, '"$cold_before"' / 2**20))' >&2
+kill -INT "$P3"
+rados -p ingot bench 10 write -b 4K -t 32 --no-cleanup --run-name "$NAME-rand" >/dev/null 2>&1
+rb=$(rados -p ingot bench "$SECS" rand -t 32 --run-name "$NAME-rand" 2>/dev/null |
+  awk '/^Average IOPS/ {i=$3} /^Average Latency/ {a=$3} /^Max latency/ {m=$3} END {printf "%s %.2f %.2f", i, a * 1000, m * 1000}')
+rados -p ingot cleanup --run-name "$NAME-rand" >/dev/null 2>&1 || true
+read -r ri ra rm_ <<<"$rb"
+echo "cold 4k randread QD32 over NBD: ingot $ci IOPS, p50 $c50 ms, p99 $c99 ms; rados bench rand (4 KiB objects, 32 in flight): $ri IOPS, mean $ra ms, max $rm_ ms"

@@ -111,6 +111,10 @@ struct StoreFile {
     /// It stopped cleanly: its devices hold nothing the store lacks, and every range the
     /// store has.
     clean: bool,
+    /// Its devices were taken from the store lazily and may still lack ranges (holes, or
+    /// older bytes): only the store and the serving node's map know which.
+    #[serde(default)]
+    partial: bool,
 }
 
 fn read_store_file(dir: &Path) -> Result<Option<StoreFile>> {
@@ -396,8 +400,11 @@ impl RadosReplica {
         lease.release().context("releasing the lease")?;
         let mut sf = self.sf.lock().clone();
         sf.next_log = next;
-        // With ranges still cold, the next start takes them from the store again.
-        sf.clean = self.cold.lock().as_ref().is_none_or(|c| c.is_empty());
+        // With ranges still cold (or fetched and not synced), the next start takes them from
+        // the store again.
+        let whole = self.cold.lock().as_ref().is_none_or(|c| c.is_whole());
+        sf.clean = whole;
+        sf.partial = !whole;
         write_store_file(&self.dir, &sf)
     }
 
@@ -551,6 +558,19 @@ impl Replica for RadosReplica {
     }
 }
 
+/// `ingot serve --read-only` serves the local devices without the lease: refused where they
+/// may lack ranges (a lazy takeover not filled, or an attached directory never served).
+pub fn refuse_partial(dir: &Path) -> Result<()> {
+    if read_store_file(dir)?.is_some_and(|sf| sf.partial) {
+        bail!(
+            "{} holds only part of its pool (the rest is in {}): serve it with its lease (`ingot serve` without --read-only) until it is filled",
+            dir.display(),
+            STORE_FILE
+        );
+    }
+    Ok(())
+}
+
 /// A pool on a store changes only while `ingot serve` holds its lease: a change made by
 /// opening it here would never reach the store.
 pub fn refuse_local_write(dir: &Path) -> Result<()> {
@@ -590,6 +610,7 @@ pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
         epoch: lease.epoch(),
         next_log: lease.next_log(),
         clean: false,
+        partial: false,
     };
     write_store_file(dir, &sf)?;
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
@@ -645,6 +666,7 @@ pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
             epoch: 0,
             next_log: 0,
             clean: false,
+            partial: true,
         },
     )
 }
@@ -708,6 +730,7 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     sf.epoch = lease.epoch();
     sf.next_log = lease.next_log();
     sf.clean = false;
+    sf.partial |= !current;
     write_store_file(dir, &sf)?;
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
@@ -790,6 +813,8 @@ fn parallel<T: Send>(
 /// Bytes of a batch object read to find its table (one range read for any batch up to a few
 /// thousand extents; a larger table is read in a second).
 const HEAD_BYTES: usize = 64 << 10;
+/// A batch's table at most: 8 MiB of data in 4 KiB extents.
+const TABLE_MAX: usize = 16 << 20;
 
 /// Take the devices from the log objects before `end`, lazily: the inline batches are applied,
 /// and the batch objects' tables say where each range is (`ColdMap`).
@@ -849,14 +874,27 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
                         let name = data_oid(&url.name, epoch, k);
                         let e = |e: ingot_rados::Error| io_err(k, format!("{name}: {e}"));
                         let len = p.stat(&name).map_err(e)?;
-                        let mut head = vec![0u8; HEAD_BYTES.min(len as usize)];
-                        let n = p.read(&name, 0, &mut head).map_err(e)?;
-                        head.truncate(n);
+                        let read = |n: usize| -> ingot_engine::Result<Vec<u8>> {
+                            let mut head = vec![0u8; n];
+                            let mut got = 0;
+                            while got < n {
+                                match p.read(&name, got as u64, &mut head[got..]).map_err(e)? {
+                                    0 => break,
+                                    k => got += k,
+                                }
+                            }
+                            head.truncate(got);
+                            Ok(head)
+                        };
+                        let mut head = read(HEAD_BYTES.min(len as usize))?;
                         let table = ReplicaBatch::table_bytes(&head)?;
+                        if table as u64 > len || table > TABLE_MAX {
+                            return Err(ingot_engine::Error::Corrupt {
+                                what: "a batch object's table is longer than the object",
+                            });
+                        }
                         if table > head.len() {
-                            head.resize(table, 0);
-                            let n = p.read(&name, 0, &mut head).map_err(e)?;
-                            head.truncate(n);
+                            head = read(table)?;
                         }
                         Ok(Stored::Object { name, head, len })
                     })?);

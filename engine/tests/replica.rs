@@ -283,11 +283,18 @@ fn restore_lazily(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u
     .unwrap()
 }
 
-/// Another node takes the pool over without copying it: the devices' ranges stay in the store's
-/// objects until a read needs them (fetched then, a window at a time), a write makes them local,
-/// and the filler fetches the rest; every flushed block reads back at each step, and once the
-/// filler is done the local directory holds the whole pool.
-fn lazy_takeover(io: IoKind) {
+/// A pool written with a replica (a 16 MiB write, then small FUA writes over it: object and
+/// inline batches), taken over lazily into a new directory: the two directories, the batches,
+/// what volume `v` holds, and the cold map.
+struct Lazy {
+    _a: tempfile::TempDir,
+    b: tempfile::TempDir,
+    batches: Vec<Vec<u8>>,
+    want: Vec<u8>,
+    cold: Arc<ColdMap>,
+}
+
+fn lazy_source(io: IoKind) -> Lazy {
     let a = tempfile::tempdir().unwrap();
     let c = CreateOptions {
         size_bytes: 128 << 20,
@@ -316,9 +323,29 @@ fn lazy_takeover(io: IoKind) {
     pool.halt();
     drop(v);
     drop(pool);
-
     let b = tempfile::tempdir().unwrap();
     let cold = Arc::new(restore_lazily(a.path(), b.path(), &batches));
+    Lazy {
+        _a: a,
+        b,
+        batches,
+        want,
+        cold,
+    }
+}
+
+/// Another node takes the pool over without copying it: the devices' ranges stay in the store's
+/// objects until a read needs them (fetched then, a window at a time), a write makes them local,
+/// and the filler fetches the rest; every flushed block reads back at each step, and once the
+/// filler is done the local directory holds the whole pool.
+fn lazy_takeover(io: IoKind) {
+    let Lazy {
+        _a,
+        b,
+        batches,
+        mut want,
+        cold,
+    } = lazy_source(io);
     let cold_at_start = cold.cold_bytes();
     assert!(cold_at_start >= 16 << 20, "{cold_at_start} bytes cold");
     let r2 = Arc::new(Memory::default());
@@ -370,6 +397,7 @@ fn lazy_takeover(io: IoKind) {
     }
     assert!(r2.fetches.load(Ordering::Relaxed) > fetched);
     pool.shutdown().unwrap();
+    assert!(cold.is_whole(), "filled and synced, yet not whole");
     drop(pool);
     let pool = Pool::open(b.path(), &opts(io, None, false)).unwrap();
     let v = pool.volume("v").unwrap();
@@ -389,4 +417,38 @@ fn a_lazy_takeover_fetches_cold_ranges_on_read() {
 #[test]
 fn a_lazy_takeover_fetches_cold_ranges_on_read_with_io_uring() {
     lazy_takeover(IoKind::Auto);
+}
+
+/// Once the store refused a sync (this node lost the pool), queued reads of cold ranges still
+/// complete, and the pool closes: nothing waits for a fetcher that stopped.
+#[test]
+fn cold_reads_complete_after_the_store_refused_a_sync() {
+    for io in [IoKind::Sync, IoKind::Auto] {
+        let l = lazy_source(io);
+        let r = Arc::new(Memory::default());
+        *r.batches.lock() = l.batches.clone();
+        let o = PoolOptions {
+            replica_cold: Some(l.cold.clone()),
+            replica_fill: false,
+            ..opts(io, Some(r.clone()), false)
+        };
+        let pool = Pool::open(l.b.path(), &o).unwrap();
+        let v = pool.volume("v").unwrap();
+        r.refuse.store(true, Ordering::Relaxed);
+        v.write(1 << 20, &blocks(5, 1), false).unwrap();
+        assert!(v.flush().is_err(), "a refused sync succeeded");
+        // Long enough for any thread that stops on the failure to have stopped.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let at = 3000 * BLOCK;
+        assert!(!l.cold.is_empty());
+        // Served from the store still (the lease holds by this node's clock), or failed:
+        // either way it completes.
+        if let Ok(got) = v.read(at as u64, BLOCK as u32) {
+            assert!(got == l.want[at..at + BLOCK]);
+        }
+        drop(v);
+        pool.halt();
+        drop(pool);
+        assert!(!l.cold.is_whole());
+    }
 }

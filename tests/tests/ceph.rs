@@ -449,6 +449,19 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
         "reads fetched from the store differ from what was written"
     );
     b.stop();
+    // Not filled: serving it read-only, without the lease, would serve holes.
+    let out = output(
+        ingot()
+            .args(["serve", "--read-only", "--nbd"])
+            .arg(format!("unix:{}", tmp.join("ro.sock").display()))
+            .arg("--pool")
+            .arg(&b_dir),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds only part of its pool"),
+        "serve --read-only of a partial directory: {err}"
+    );
     // With the filler (the default), everything comes in without reads.
     let b = serve(&b_dir, &sock, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);

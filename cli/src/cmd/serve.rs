@@ -398,6 +398,9 @@ pub fn serve(
     };
     // A pool on a store: its lease first, and devices brought up to date from the store.
     let replica = if read_only || dir_is_empty_or_missing(dir) {
+        if read_only {
+            crate::store::refuse_partial(dir)?;
+        }
         if read_only && dir.join(crate::store::STORE_FILE).exists() {
             tracing::warn!(
                 pool = %dir.display(),

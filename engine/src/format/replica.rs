@@ -210,6 +210,9 @@ impl ReplicaBatch {
             let size = *sizes
                 .get(usize::from(dev))
                 .ok_or(bad("replica extent device"))?;
+            if len == 0 {
+                return Err(bad("replica extent of no bytes"));
+            }
             if offset
                 .checked_add(u64::from(len))
                 .is_none_or(|end| end > size)
@@ -405,6 +408,10 @@ mod tests {
                 "table byte {i}"
             );
         }
+        // An extent of no bytes is refused (a cold map would lose the range it starts).
+        let mut empty = batch.clone();
+        empty.extents[1].len = 0;
+        assert!(ReplicaBatch::decode(&empty.encode(&[&a, &b])).is_err());
         // An extent past its device is refused even with a correct CRC.
         let mut past = batch.clone();
         past.extents[1].offset = 1 << 20;

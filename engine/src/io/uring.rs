@@ -291,6 +291,21 @@ impl IoQueue for UringQueue {
             // SAFETY: the buffer is never freed (see `bell_buf`).
             self.bell_armed = unsafe { self.ring.submission().push(&entry).is_ok() };
         }
+        if self.bell_armed && self.in_kernel == 0 && self.pending.is_empty() && self.done.is_empty()
+        {
+            // Nothing of ours in flight (a wrapper waits for work of its own, which rings the
+            // bell when done): only the bell can end this wait, and `submit(1)` would not wait.
+            loop {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.collect();
+            return Ok(());
+        }
         self.submit(1)
     }
 }

@@ -33,8 +33,15 @@ pub(crate) type Piece = (u64, Cold);
 pub struct ColdMap {
     objects: Vec<String>,
     devs: Vec<Mutex<BTreeMap<u64, Cold>>>,
+    /// Held shared by a fetch from its look at what is still cold until it took what it
+    /// wrote out of the map, and exclusively by a write of a range that is still cold: such a
+    /// write waits for the fetches writing there, and no fetch starts writing there after it
+    /// (it finds the range local). Fetches write side by side.
+    gate: parking_lot::RwLock<()>,
     /// Bytes still cold.
     bytes: AtomicU64,
+    /// Nothing is cold, and a sync of the devices after that made every fetch durable.
+    whole: std::sync::atomic::AtomicBool,
     /// Bytes and pieces fetched since open (`stats`).
     pub(crate) fetched_bytes: AtomicU64,
     pub(crate) fetches: AtomicU64,
@@ -83,7 +90,9 @@ impl ColdMap {
         ColdMap {
             objects: Vec::new(),
             devs: (0..devices).map(|_| Mutex::default()).collect(),
+            gate: parking_lot::RwLock::new(()),
             bytes: AtomicU64::new(0),
+            whole: std::sync::atomic::AtomicBool::new(false),
             fetched_bytes: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         }
@@ -98,6 +107,15 @@ impl ColdMap {
         self.cold_bytes() == 0
     }
 
+    /// Every range is local and durable: the local devices hold the whole pool again.
+    pub fn is_whole(&self) -> bool {
+        self.whole.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_whole(&self) {
+        self.whole.store(true, Ordering::Release);
+    }
+
     pub(crate) fn object_name(&self, object: u32) -> &str {
         &self.objects[object as usize]
     }
@@ -110,11 +128,15 @@ impl ColdMap {
         *self.bytes.get_mut() += (end - start) - removed;
     }
 
-    /// `start..end` of device `dev` is local from now on (written, discarded, or fetched).
+    /// `start..end` of device `dev` is local from now on: it is about to be written or
+    /// discarded. Returns once no fetch can write there any more.
     pub(crate) fn clear(&self, dev: u16, start: u64, end: u64) {
-        if self.is_empty() {
+        // A range that is not cold now has no fetch writing it (a fetch takes what it wrote
+        // out of the map only after writing).
+        if !self.overlaps(dev, start, end) {
             return;
         }
+        let _no_fetch_writes = self.gate.write();
         let mut map = self.devs[usize::from(dev)].lock();
         self.clear_locked(&mut map, start, end);
     }
@@ -197,7 +219,7 @@ impl ColdMap {
     /// After `buf` was fetched for `piece` of device `dev`: write (with `write`) and mark
     /// local the parts of it that are still cold and still from that object at that place
     /// (a write or another fetch may have made some local meanwhile; those are not touched).
-    /// Holds the device's map while writing, so a later write of the range lands after.
+    /// A write of the range waits until this is done (`gate`), and lands after.
     pub(crate) fn land(
         &self,
         dev: u16,
@@ -206,27 +228,32 @@ impl ColdMap {
         write: impl Fn(&[u8], u64) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         let (start, p) = piece;
-        let mut map = self.devs[usize::from(dev)].lock();
-        let now: Vec<(u64, Cold)> = map
-            .range(..p.end)
-            .rev()
-            .take_while(|(_, c)| c.end > start)
-            .map(|(&s, &c)| (s, c))
-            .collect();
-        for (s, c) in now {
-            if c.object != p.object {
-                continue;
-            }
-            let (from, to) = (s.max(start), c.end.min(p.end));
-            // The same bytes of the object at the same place of the device.
-            if c.at + (from - s) != p.at + (from - start) {
-                continue;
-            }
+        let _writing = self.gate.read();
+        let parts: Vec<(u64, u64)> = {
+            let map = self.devs[usize::from(dev)].lock();
+            map.range(..p.end)
+                .rev()
+                .take_while(|(_, c)| c.end > start)
+                // The same bytes of the same object at the same place of the device.
+                .filter(|(&s, c)| {
+                    let from = s.max(start);
+                    c.object == p.object && c.at + (from - s) == p.at + (from - start)
+                })
+                .map(|(&s, c)| (s.max(start), c.end.min(p.end)))
+                .collect()
+        };
+        for &(from, to) in &parts {
             let lo = (from - start) as usize;
             let hi = (to - start) as usize;
             write(&buf[lo..hi], from)?;
+        }
+        // Still cold, as no write can have come in between (the gate), and another fetch
+        // of the same bytes wrote the same bytes.
+        let mut map = self.devs[usize::from(dev)].lock();
+        for (from, to) in parts {
             self.clear_locked(&mut map, from, to);
         }
+        drop(map);
         self.fetches.fetch_add(1, Ordering::Relaxed);
         self.fetched_bytes
             .fetch_add(p.end - start, Ordering::Relaxed);

@@ -52,7 +52,7 @@ pub(crate) struct MirrorDevices {
 }
 
 /// Threads that fetch the cold ranges queued reads need (a shard goes on meanwhile).
-const FETCHERS: usize = 8;
+const FETCHERS: usize = 32;
 /// A cold read fetches the cold parts of the aligned window around it: neighbouring blocks
 /// of one record or segment are likely next, and a range read of this size costs the store
 /// little more than one of 4 KiB.
@@ -79,6 +79,7 @@ const EARLY_BYTES: u64 = 32 << 20;
 impl Drop for MirrorDevices {
     fn drop(&mut self) {
         self.s.stop.store(true, Ordering::Release);
+        self.s.closing.store(true, Ordering::Release);
         self.s.kick.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -101,6 +102,9 @@ struct Shared {
     kick_lock: Mutex<()>,
     /// Set with `stop` at drop, and once an upload failed (nothing more is sent then).
     stop: AtomicBool,
+    /// Set at drop only: the fetchers run until then (queued reads wait on them even after an
+    /// upload failed), and complete what is left with an error.
+    closing: AtomicBool,
     counters: Arc<super::Counters>,
     /// Data bytes committed since the last base began.
     since_base: AtomicU64,
@@ -163,6 +167,7 @@ impl MirrorDevices {
             kick: Condvar::new(),
             kick_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             counters: Arc::new(super::Counters {
                 cold: cold.clone(),
                 ..Default::default()
@@ -218,16 +223,23 @@ impl Shared {
         if !cold.overlaps(dev, start, end) {
             return Ok(());
         }
-        let (from, to) = if window > 0 {
-            (
-                start - start % window,
-                end.next_multiple_of(window).min(self.inner.size(dev)),
-            )
-        } else {
-            (start, end)
-        };
-        for piece in cold.pieces(dev, from, to) {
+        let from = start - start % window.max(1);
+        let to = end
+            .next_multiple_of(window.max(1))
+            .min(self.inner.size(dev));
+        // The read's own range, with the window's cold neighbours that touch it in the same
+        // range reads; the rest of the window only as a bonus (its failure fails no read).
+        let pieces = cold.pieces(dev, from, to);
+        let (mine, rest): (Vec<Piece>, Vec<Piece>) = pieces
+            .into_iter()
+            .partition(|(s, c)| *s < end && c.end > start);
+        for piece in mine {
             self.fetch_piece(cold, dev, piece)?;
+        }
+        for piece in rest {
+            if let Err(e) = self.fetch_piece(cold, dev, piece) {
+                tracing::debug!(target: "ingot_engine::replica", error = %e, "a read's window: not fetched");
+            }
         }
         Ok(())
     }
@@ -254,36 +266,54 @@ impl Shared {
     }
 
     /// A fetcher thread: queued reads of cold ranges, completed into their queue's list.
+    /// Every read handed to it completes, with an error if it cannot be served (the pool's
+    /// queues wait for them all).
     fn fetcher(&self, rx: crossbeam_channel::Receiver<FetchJob>) {
-        while !self.stop.load(Ordering::Acquire) {
-            let Ok((mut op, parked)) = rx.recv_timeout(Duration::from_millis(100)) else {
-                continue;
-            };
-            let end = op.offset + op.len as u64;
-            let r = self
-                .ensure(op.dev, op.offset, end, FETCH_WINDOW)
-                .and_then(|()| self.inner.read_at(op.dev, &mut op.buf[..op.len], op.offset))
-                .and_then(|()| self.check_valid());
+        let complete = |op: IoOp, parked: &Parked, r: io::Result<()>| {
             parked.done.lock().push(op.done(r));
             parked.cv.notify_all();
             let bell = parked.bell.lock().clone();
             if let Some(bell) = bell {
                 bell.ring();
             }
+        };
+        while !self.closing.load(Ordering::Acquire) {
+            let Ok((mut op, parked)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            let end = op.offset + op.len as u64;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.check_valid()?;
+                self.ensure(op.dev, op.offset, end, FETCH_WINDOW)?;
+                self.inner
+                    .read_at(op.dev, &mut op.buf[..op.len], op.offset)?;
+                self.check_valid()
+            }))
+            .unwrap_or_else(|_| Err(lost("a fetcher panicked")));
+            complete(op, &parked, r);
+        }
+        while let Ok((op, parked)) = rx.try_recv() {
+            complete(op, &parked, Err(lost("the pool is closing")));
         }
     }
 
-    /// The filler: fetches every cold range, a few pieces side by side, until none is left.
+    /// The filler: fetches every cold range, a few pieces side by side, until none is left,
+    /// then makes them durable locally (a clean stop may then say the directory is whole).
     fn filler(&self) {
         let Some(cold) = &self.cold else { return };
         let started = std::time::Instant::now();
         while !self.stop.load(Ordering::Acquire) && !cold.is_empty() {
-            if let Err(e) = self.fill_step(cold) {
-                tracing::warn!(target: "ingot_engine::replica", error = %e, "filling cold ranges from the store failed; trying again");
-                std::thread::sleep(Duration::from_secs(1));
+            match self.fill_step(cold) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(target: "ingot_engine::replica", error = %e, "filling cold ranges from the store failed; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
         }
-        if cold.is_empty() {
+        if cold.is_empty() && self.inner.sync().is_ok() {
+            cold.set_whole();
             tracing::info!(
                 target: "ingot_engine::replica",
                 bytes = cold.fetched_bytes.load(Ordering::Relaxed),
@@ -293,8 +323,12 @@ impl Shared {
         }
     }
 
-    fn fill_step(&self, cold: &ColdMap) -> io::Result<()> {
+    /// Fetch the next few cold pieces; `false` when there were none.
+    fn fill_step(&self, cold: &ColdMap) -> io::Result<bool> {
         let pieces = cold.next_pieces(FILL_WINDOW, FILL_PIECE);
+        if pieces.is_empty() {
+            return Ok(false);
+        }
         std::thread::scope(|sc| {
             let hs: Vec<_> = pieces
                 .into_iter()
@@ -304,7 +338,8 @@ impl Shared {
                 h.join()
                     .unwrap_or_else(|_| Err(io::Error::other("a filler panicked")))
             })
-        })
+        })?;
+        Ok(true)
     }
 
     /// Write or discard of `start..end`: local from now on, whatever the store had.
@@ -451,21 +486,20 @@ impl Shared {
     /// the whole history. Only when the history since the last base is twice what a base
     /// sends.
     fn rebase(&self) -> io::Result<()> {
-        // A base lists the devices' local data: what is still only in the objects of the
-        // current history must be local first (the base lets that history go).
-        if let Some(cold) = &self.cold {
-            while !cold.is_empty() {
-                if self.stop.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                self.fill_step(cold)?;
-            }
-        }
         let (_, allocated) = self.ranges()?;
         let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
         if self.since_base.load(Ordering::Relaxed) < floor {
             self.rebase_after.store(floor, Ordering::Relaxed);
             return Ok(());
+        }
+        // A base lists the devices' local data: what is still only in the objects of the
+        // current history must be local first (the base lets that history go).
+        if let Some(cold) = &self.cold {
+            while !cold.is_empty() {
+                if self.stop.load(Ordering::Acquire) || !self.fill_step(cold)? {
+                    return Ok(());
+                }
+            }
         }
         let started = std::time::Instant::now();
         // The base starts at the next commit, and its ranges are listed after that, with no
@@ -706,7 +740,15 @@ impl Devices for MirrorDevices {
         Ok(())
     }
     fn sync(&self) -> io::Result<()> {
+        // Nothing is added to a cold map: empty before the sync, every fetched range was
+        // written before it, and is durable after it.
+        let whole = self.s.cold.as_ref().is_some_and(|c| c.is_empty());
         self.s.inner.sync()?;
+        if whole {
+            if let Some(c) = &self.s.cold {
+                c.set_whole();
+            }
+        }
         self.s.upload(true)
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
