@@ -62,10 +62,20 @@ serve() { # dir sock [args...]: start, wait for the socket, print the pid
   echo $p
 }
 fio_json() { fio --output-format=json "$@" 2>/dev/null | sed -n '/^{/,$p'; }
+# The machine's busy and total CPU ticks (/proc/stat): what a phase cost the two cores that
+# fio, ingot and the OSD share here.
+ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+cpu_since() { # busy0 total0: busy core-seconds since, and the busy share of the cores
+  local b0=$1 t0=$2 b1 t1
+  read -r b1 t1 < <(ticks)
+  python3 -c "import os; hz = os.sysconf('SC_CLK_TCK'); print('%.1f %.0f' % (($b1 - $b0) / hz, 100 * ($b1 - $b0) / max(1, $t1 - $t0)))"
+}
 
 step "1. rados bench: $INGEST_OBJECTS objects of 8 MiB, 16 in flight"
+read -r b0 t0 < <(ticks)
 rados_bw=$(rados -p ingot bench 60 write -b 8M -t 16 --max-objects $INGEST_OBJECTS --run-name "$NAME" 2>/dev/null |
   awk '/^Bandwidth \(MB\/sec\)/ {print $3}')
+read -r rados_cpu rados_busy < <(cpu_since "$b0" "$t0")
 rados -p ingot cleanup --run-name "$NAME" >/dev/null 2>&1 || true
 
 step "1. ingot on the store: pool, volume, 1 GiB of 1M writes QD16 and a flush"
@@ -77,15 +87,20 @@ ingest() { # socket
     --iodepth=16 --size=1G --end_fsync=1 |
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.0f" % (1024 * 1000 / j["job_runtime"]))'
 }
+read -r b0 t0 < <(ticks)
 ingot_bw=$(ingest "$DIR/n0.sock")
+read -r ingot_cpu ingot_busy < <(cpu_since "$b0" "$t0")
 
 step "1. ingot without a store, for scale"
 "$INGOT" pool create --pool "$DIR/local" --size 12G >/dev/null 2>&1
 L=$(serve "$DIR/local" "$DIR/local.sock"); PIDS+=("$L")
 "$INGOT" volume create v --size 4G --pool "$DIR/local" >/dev/null
+read -r b0 t0 < <(ticks)
 local_bw=$(ingest "$DIR/local.sock")
+read -r local_cpu local_busy < <(cpu_since "$b0" "$t0")
 kill -INT "$L"; wait "$L" 2>/dev/null || true
 echo "ingest, MB/s: rados bench $rados_bw, ingot on the store $ingot_bw ($(python3 -c "print('%.2f' % ($ingot_bw / $rados_bw))")x), ingot without a store $local_bw"
+echo "ingest, machine CPU per GiB (core-seconds, cores busy): rados bench $rados_cpu ($rados_busy%), ingot on the store $ingot_cpu ($ingot_busy%), ingot without a store $local_cpu ($local_busy%)"
 
 rand() { # engine args...: prints iops, p50 and p99 of the flushes in ms
   fio_json --name=r --rw="$RW" --bs=4k --iodepth=32 --size=4G --runtime="$SECS" --time_based \
@@ -145,13 +160,15 @@ cold() { # engine args...: iops, clat p50 and p99 in ms
 import json, sys
 j = json.load(sys.stdin)["jobs"][0]["read"]
 s = j["clat_ns"]["percentile"]
-print("%.0f %.2f %.2f" % (j["iops"], s["50.000000"] / 1e6, s["99.000000"] / 1e6))'
+print("%.0f %.2f %.2f %d" % (j["iops"], s["50.000000"] / 1e6, s["99.000000"] / 1e6, j["total_ios"]))'
 }
-read -r ci c50 c99 <<<"$(cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/node3.sock")"
+fetches0=$("$INGOT" stats --json --pool "$DIR/node3" | python3 -c 'import json,sys; print(json.load(sys.stdin)["replica"]["fetches"])')
+read -r ci c50 c99 cn <<<"$(cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/node3.sock")"
 "$INGOT" stats --json --pool "$DIR/node3" | python3 -c '
 import json, sys
 r = json.load(sys.stdin)["replica"]
-print("fetched %d range reads, %.0f MiB; %.0f MiB still cold of %.0f" % (r["fetches"], r["fetched_bytes"] / 2**20, r["cold_bytes"] / 2**20, '"$cold_before"' / 2**20))' >&2
+f = r["fetches"] - '"$fetches0"'
+print("cold reads: %d reads, %d range reads of the store during them (%.0f%% of reads; the open made %d); %.0f MiB fetched; %.0f MiB still cold of %.0f" % ('"$cn"', f, 100 * f / max(1, '"$cn"'), '"$fetches0"', r["fetched_bytes"] / 2**20, r["cold_bytes"] / 2**20, '"$cold_before"' / 2**20))' >&2
 kill -INT "$P3"
 rados -p ingot bench 10 write -b 4K -t 32 --no-cleanup --run-name "$NAME-rand" >/dev/null 2>&1
 rb=$(rados -p ingot bench "$SECS" rand -t 32 --run-name "$NAME-rand" 2>/dev/null |

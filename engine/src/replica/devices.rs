@@ -57,6 +57,12 @@ const FETCHERS: usize = 32;
 /// of one record or segment are likely next, and a range read of this size costs the store
 /// little more than one of 4 KiB.
 const FETCH_WINDOW: u64 = 64 << 10;
+/// The window of the blocking reads (superblocks, checkpoints, the log's replay at open): the
+/// replay walks the log tail a record at a time, and one range read per record made an open
+/// after a takeover take seconds.
+const BLOCKING_WINDOW: u64 = 1 << 20;
+/// Pieces of one read fetched side by side at most.
+const PIECES_AT_ONCE: usize = 8;
 /// The filler's pieces, and how many it fetches side by side.
 const FILL_PIECE: u64 = 4 << 20;
 const FILL_WINDOW: usize = 4;
@@ -233,13 +239,29 @@ impl Shared {
         let (mine, rest): (Vec<Piece>, Vec<Piece>) = pieces
             .into_iter()
             .partition(|(s, c)| *s < end && c.end > start);
-        for piece in mine {
-            self.fetch_piece(cold, dev, piece)?;
+        self.fetch_all(cold, dev, &mine)?;
+        if let Err(e) = self.fetch_all(cold, dev, &rest) {
+            tracing::debug!(target: "ingot_engine::replica", error = %e, "a read's window: not fetched");
         }
-        for piece in rest {
-            if let Err(e) = self.fetch_piece(cold, dev, piece) {
-                tracing::debug!(target: "ingot_engine::replica", error = %e, "a read's window: not fetched");
-            }
+        Ok(())
+    }
+
+    /// Fetch `pieces`, a few side by side (a range read costs the store's round trip).
+    fn fetch_all(&self, cold: &ColdMap, dev: u16, pieces: &[Piece]) -> io::Result<()> {
+        if let [one] = pieces {
+            return self.fetch_piece(cold, dev, *one);
+        }
+        for group in pieces.chunks(PIECES_AT_ONCE) {
+            std::thread::scope(|sc| {
+                let hs: Vec<_> = group
+                    .iter()
+                    .map(|&p| sc.spawn(move || self.fetch_piece(cold, dev, p)))
+                    .collect();
+                hs.into_iter().try_for_each(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a fetch panicked")))
+                })
+            })?;
         }
         Ok(())
     }
@@ -729,7 +751,7 @@ impl Devices for MirrorDevices {
     fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.s.check_valid()?;
         self.s
-            .ensure(dev, offset, offset + buf.len() as u64, FETCH_WINDOW)?;
+            .ensure(dev, offset, offset + buf.len() as u64, BLOCKING_WINDOW)?;
         self.s.inner.read_at(dev, buf, offset)
     }
     fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
