@@ -224,7 +224,7 @@ pub fn render(s: &Stats) -> String {
         );
         gauge(
             "replica_store_deleted_objects_total",
-            "Batch objects deleted from the store since the pool was opened (before a new base).",
+            "Objects deleted from the store since the pool was opened (batch objects and log records before a new base).",
             "counter",
             r.store_deleted_objects,
         );

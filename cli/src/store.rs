@@ -268,6 +268,7 @@ impl RadosReplica {
         let uploads = Arc::new(Uploads::default());
         let (tx, rx) = crossbeam_channel::bounded::<Upload>(UPLOAD_WINDOW);
         let epoch = lease.epoch();
+        let head = lease.head();
         let uploaders = (0..UPLOAD_WINDOW)
             .map(|i| {
                 let rx = rx.clone();
@@ -303,7 +304,7 @@ impl RadosReplica {
             std::thread::Builder::new()
                 .name("ingot-store-gc".into())
                 .spawn(move || {
-                    let mut from = 0u64;
+                    let mut from = head;
                     for upto in gc_rx {
                         match collect(&pool, &name, from, upto, &deleted) {
                             Ok(()) => from = from.max(upto),
@@ -513,8 +514,16 @@ impl Replica for RadosReplica {
         lease
             .append(&ReplicaCommit::Base { start }.encode())
             .map_err(|e| self.give_up(e))?;
-        if let Some(tx) = self.gc.lock().as_ref() {
-            let _ = tx.send(start);
+        // The log starts at the base from now on: what came before may go.
+        match lease.set_head(start) {
+            Ok(()) => {
+                if let Some(tx) = self.gc.lock().as_ref() {
+                    let _ = tx.send(start);
+                }
+            }
+            Err(e @ LeaseError::Deposed { .. }) => return Err(self.give_up(e)),
+            // Only the store's space waits for the next base.
+            Err(e) => tracing::warn!(error = %e, "store: raising the log's head failed"),
         }
         Ok(())
     }
@@ -713,6 +722,7 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
         Some(&c),
     )?;
     let seal = lease.sealed_at();
+    let head = lease.head();
     // Current here only if this node wrote the log last and stopped cleanly: nothing but
     // seals since.
     let mut current = sf.clean && sf.epoch > 0;
@@ -735,7 +745,7 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
     if !current {
-        *replica.cold.lock() = Some(Arc::new(restore_from(dir, &p, &url, seal)?));
+        *replica.cold.lock() = Some(Arc::new(restore_from(dir, &p, &url, head, seal)?));
     }
     if !replica.valid() {
         bail!("the pool's lease was lost while restoring it from {url}");
@@ -744,8 +754,9 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
     Ok(Some(replica))
 }
 
-/// Delete the batch objects named by the commits in log numbers `from..upto` (before a base's
-/// start): 64 records, then their objects 64 at a time. Objects already gone are fine.
+/// Delete the batch objects named by the commits in log numbers `from..upto` (before the log's
+/// head, a base's start), and those records: 64 records at a time, their objects before them.
+/// Objects already gone are fine.
 fn collect(
     pool: &ingot_rados::Pool,
     name: &str,
@@ -775,17 +786,24 @@ fn collect(
                 oids.extend((first..first + u64::from(count)).map(|k| data_oid(name, epoch, k)));
             }
         }
-        for chunk in oids.chunks(64) {
-            parallel(0..chunk.len() as u64, |k| {
-                match pool.remove(&chunk[k as usize]) {
-                    Ok(()) => {
-                        deleted.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
+        // The batch objects, then the records that named them (below the log's head now: no
+        // restore reads them): a failure leaves the records to name what is left.
+        let records: Vec<String> = (at..to)
+            .map(|k| ingot_rados::lease::log_oid(name, k))
+            .collect();
+        for list in [oids, records] {
+            for chunk in list.chunks(64) {
+                parallel(0..chunk.len() as u64, |k| {
+                    match pool.remove(&chunk[k as usize]) {
+                        Ok(()) => {
+                            deleted.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(e) if e.not_found() => Ok(()),
+                        Err(e) => Err(err(k, format!("{}: {e}", chunk[k as usize]))),
                     }
-                    Err(e) if e.not_found() => Ok(()),
-                    Err(e) => Err(err(k, format!("{}: {e}", chunk[k as usize]))),
-                }
-            })?;
+                })?;
+            }
         }
         at = to;
     }
@@ -818,7 +836,13 @@ const TABLE_MAX: usize = 16 << 20;
 
 /// Take the devices from the log objects before `end`, lazily: the inline batches are applied,
 /// and the batch objects' tables say where each range is (`ColdMap`).
-fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> Result<ColdMap> {
+fn restore_from(
+    dir: &Path,
+    p: &ingot_rados::Pool,
+    url: &StoreUrl,
+    head: u64,
+    end: u64,
+) -> Result<ColdMap> {
     let pool_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
     let devices: Vec<PathBuf> = pool_json["devices"]
@@ -827,7 +851,7 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
         .iter()
         .map(|d| dir.join(d.as_str().unwrap_or_default()))
         .collect();
-    let end = end.min(first_free(p, &url.name)?);
+    let end = end.min(first_free(p, &url.name, head)?);
     let io_err = |at: u64, e: String| ingot_engine::Error::Io {
         device: 0,
         offset: at,
@@ -835,10 +859,10 @@ fn restore_from(dir: &Path, p: &ingot_rados::Pool, url: &StoreUrl, end: u64) -> 
     };
     // Where to start: the start of the last whole base, found from the records' headers,
     // newest first (a later base starts later; everything before it is no longer needed).
-    let mut n = 0u64;
+    let mut n = head;
     let mut at = end;
-    'search: while at > 0 {
-        let from = at.saturating_sub(64);
+    'search: while at > head {
+        let from = at.saturating_sub(64).max(head);
         let heads = parallel(from..at, |k| {
             read_log(p, &url.name, k, REPLICA_COMMIT_BYTES).map_err(|e| io_err(k, e.to_string()))
         })?;

@@ -404,7 +404,8 @@ pub struct ReplicaStats {
     /// Objects written to the store and their bytes (batch objects and log records).
     pub store_objects: u64,
     pub store_bytes: u64,
-    /// Batch objects deleted from the store since open: those of commits before a new base.
+    /// Objects deleted from the store since open: the batch objects and log records of
+    /// commits before a new base.
     #[serde(default)]
     pub store_deleted_objects: u64,
     /// Batch objects being written now (the upload queue).

@@ -12,7 +12,9 @@
 //!   epoch in an xattr. A new owner seals the log: it creates a seal object at the first free
 //!   number, walking past any its predecessor managed to add. From then on every append of
 //!   the previous owner finds its number taken (`EEXIST`): it cannot overwrite or extend what
-//!   the new owner serves, and learns that it is deposed.
+//!   the new owner serves, and learns that it is deposed. The log starts at its *head*
+//!   (`ingot.head` on the lease object, 0 until an owner raises it): objects before the head
+//!   may be deleted, and the log's end is searched from there.
 //! - An owner stops serving, reads included, once its last renewal is older than the lease
 //!   period less a margin by its own clock ([`Lease::valid`]): a paused owner must not hand out
 //!   blocks another node may have changed since. The new owner also blocklists the previous
@@ -29,6 +31,9 @@ const OWNER: &str = "ingot.owner";
 const COUNT: &str = "ingot.count";
 /// Set on a seal object: the epoch whose owner sealed the log there.
 const SEAL: &str = "ingot.seal";
+/// The log's first number still kept (objects before it may be deleted): set by the owner
+/// under "the epoch is still mine", only ever raised.
+const HEAD: &str = "ingot.head";
 
 /// How a node that finds the lease held takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,8 @@ pub enum LeaseError {
 pub struct Holder {
     pub epoch: u64,
     pub owner: String,
+    /// The log's head: its first number still kept.
+    pub head: u64,
 }
 
 fn epoch_text(e: u64) -> String {
@@ -110,10 +117,22 @@ pub fn holder(pool: &Pool, name: &str) -> std::result::Result<Option<(Holder, u6
             name: name.into(),
             what: "its epoch is not a number".into(),
         })?;
+    let head = match pool.xattr(&oid, HEAD) {
+        Ok(h) => std::str::from_utf8(&h)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| LeaseError::Corrupt {
+                name: name.into(),
+                what: "its log head is not a number".into(),
+            })?,
+        Err(e) if e.errno() == Some(libc::ENODATA) => 0,
+        Err(e) => return Err(e.into()),
+    };
     Ok(Some((
         Holder {
             epoch,
             owner: String::from_utf8_lossy(&owner).into_owned(),
+            head,
         },
         renewals,
     )))
@@ -141,6 +160,8 @@ pub struct Lease {
     next_log: u64,
     /// Objects this owner appended after its seal.
     appended: u64,
+    /// The log's head as this owner knows it (it alone may raise it).
+    head: u64,
 }
 
 impl Lease {
@@ -260,6 +281,14 @@ impl Lease {
             renewed_at: started,
             next_log: 0,
             appended: 0,
+            head: 0,
+        };
+        // The head as it is now that the epoch is ours: no earlier owner can raise it any
+        // more (one read before the swap could be older, and the log may no longer start
+        // there).
+        lease.head = match holder(pool, name)? {
+            Some((h, _)) if h.epoch == epoch => h.head,
+            other => return Err(deposed(name, other.map(|(h, _)| h))),
         };
         lease.seal()?;
         Ok(lease)
@@ -267,7 +296,7 @@ impl Lease {
 
     /// Write the seal at the first free log number.
     fn seal(&mut self) -> std::result::Result<(), LeaseError> {
-        let mut n = first_free(&self.pool, &self.name)?;
+        let mut n = first_free(&self.pool, &self.name, self.head)?;
         loop {
             match self.pool.create_once(
                 &log_oid(&self.name, n),
@@ -345,6 +374,49 @@ impl Lease {
     /// The next log number this owner appends at.
     pub fn next_log(&self) -> u64 {
         self.next_log
+    }
+
+    /// The log's first number still kept.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Raise the log's head to `n` (at most this owner's next number), under "the epoch is
+    /// still mine": objects before it may be deleted once this returns.
+    pub fn set_head(&mut self, n: u64) -> std::result::Result<(), LeaseError> {
+        if n <= self.head {
+            return Ok(());
+        }
+        if n > self.next_log {
+            return Err(LeaseError::Corrupt {
+                name: self.name.clone(),
+                what: format!("a head ({n}) past the log's end ({})", self.next_log),
+            });
+        }
+        if !self.valid() {
+            return Err(self.lapsed());
+        }
+        let (epoch, head) = (epoch_text(self.epoch), epoch_text(n));
+        match self.pool.operate(
+            &lease_oid(&self.name),
+            &[
+                Step::XattrEquals {
+                    name: EPOCH,
+                    value: epoch.as_bytes(),
+                },
+                Step::SetXattr {
+                    name: HEAD,
+                    value: head.as_bytes(),
+                },
+            ],
+        ) {
+            Ok(()) => {
+                self.head = n;
+                Ok(())
+            }
+            Err(e) if e.lost_race() || e.not_found() => Err(self.taken()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Whether this node may still act as the owner by its own clock: its last renewal
@@ -434,6 +506,7 @@ fn deposed(name: &str, h: Option<Holder>) -> LeaseError {
     let h = h.unwrap_or(Holder {
         epoch: 0,
         owner: "(unknown: the lease ran out by this node's clock)".into(),
+        head: 0,
     });
     LeaseError::Deposed {
         name: name.into(),
@@ -477,7 +550,7 @@ fn wait_expiry(
 
 /// The first log number with no object: log objects are contiguous from 0, so a doubling
 /// probe and a binary search find it in O(log n) stats.
-pub fn first_free(pool: &Pool, name: &str) -> Result<u64> {
+pub fn first_free(pool: &Pool, name: &str, head: u64) -> Result<u64> {
     let exists = |n: u64| -> Result<bool> {
         match pool.stat(&log_oid(name, n)) {
             Ok(_) => Ok(true),
@@ -485,13 +558,13 @@ pub fn first_free(pool: &Pool, name: &str) -> Result<u64> {
             Err(e) => Err(e),
         }
     };
-    if !exists(0)? {
-        return Ok(0);
+    if !exists(head)? {
+        return Ok(head);
     }
-    let (mut lo, mut hi) = (0u64, 1u64);
+    let (mut lo, mut hi) = (head, head + 1);
     while exists(hi)? {
         lo = hi;
-        hi *= 2;
+        hi = head + 2 * (hi - head);
     }
     // exists(lo), !exists(hi)
     while hi - lo > 1 {

@@ -196,7 +196,7 @@ fn a_stale_owner_is_fenced_by_the_epoch_and_the_write_once_log() {
     b.append(b"from b").unwrap();
     // A third node reads the log: A's seal and objects, B's seal, B's object.
     let (_c3, p3) = node();
-    let log: Vec<_> = (0..first_free(&p3, &name).unwrap())
+    let log: Vec<_> = (0..first_free(&p3, &name, 0).unwrap())
         .map(|n| read_log(&p3, &name, n, 1 << 20).unwrap().unwrap())
         .collect();
     let summary: Vec<(u64, bool)> = log.iter().map(|o| (o.epoch, o.seal)).collect();
@@ -246,6 +246,47 @@ fn an_append_racing_the_takeover_is_kept_before_the_seal() {
     );
     assert!(a.append(b"three").is_err());
     b.append(b"b1").unwrap();
+}
+
+/// The owner raises the log's head and deletes what came before it: the next owner finds the
+/// log's end from the head and seals after it, and a stale owner can no longer move the head.
+#[test]
+fn a_raised_head_lets_the_log_start_later() {
+    let name = unique("pool");
+    let (c1, p1) = node();
+    let (_c2, p2) = node();
+    let mut a = Lease::acquire(
+        &p1,
+        &name,
+        "a",
+        &c1.address().unwrap(),
+        Takeover::Now,
+        quick(),
+        None,
+    )
+    .unwrap();
+    for k in 0..6u8 {
+        a.append(&[k]).unwrap();
+    }
+    assert_eq!(a.next_log(), 7);
+    assert!(a.set_head(8).is_err(), "a head past the log's end");
+    a.set_head(5).unwrap();
+    assert_eq!(holder(&p2, &name).unwrap().unwrap().0.head, 5);
+    for n in 0..5 {
+        p1.remove(&ingot_rados::lease::log_oid(&name, n)).unwrap();
+    }
+    assert_eq!(first_free(&p2, &name, 5).unwrap(), 7);
+    let mut b = Lease::acquire(&p2, &name, "b", "none", Takeover::Now, quick(), None).unwrap();
+    assert_eq!(
+        (b.head(), b.next_log()),
+        (5, 8),
+        "sealed at 7, after A's last object"
+    );
+    assert!(a.set_head(6).is_err(), "the stale owner moved the head");
+    assert_eq!(holder(&p2, &name).unwrap().unwrap().0.head, 5);
+    b.append(b"b1").unwrap();
+    b.set_head(7).unwrap();
+    assert_eq!(holder(&p2, &name).unwrap().unwrap().0.head, 7);
 }
 
 /// Nodes racing to take the same lease: each epoch has exactly one winner, and every winner

@@ -349,6 +349,31 @@ fn a_takeover_replays_from_the_last_base() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The log's first records go too: the log starts at the base (its head).
+    let name = url.rsplit('/').next().unwrap();
+    let first_record_exists = || {
+        Command::new(require_tool("rados"))
+            .args([
+                "-c",
+                &ceph_conf().display().to_string(),
+                "-p",
+                "ingot",
+                "stat",
+            ])
+            .arg(format!("{name}.log.{:016x}", 0))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    while first_record_exists() {
+        assert!(
+            Instant::now() < deadline,
+            "log record 0 still in the store after the base: {}",
+            stats()["replica"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // After the base: a last write, flushed.
     write_flushed(&uri, 40 * MIB, 16 * MIB, 99);
     let last = 30 + (round - 1) % 50;
@@ -426,8 +451,9 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
     };
     let r = stats(&b_dir);
     let cold = r["cold_bytes"].as_u64().unwrap_or(0);
+    // (The open reads a few ranges of metadata, whose windows may take in some data.)
     assert!(
-        cold >= 24 * MIB,
+        cold >= 20 * MIB,
         "{cold} bytes cold after the takeover: {r}"
     );
     // One 4 KiB read fetches a window around it, not the pool.
