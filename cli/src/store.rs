@@ -44,6 +44,20 @@ pub struct ServeStoreArgs {
     /// instead of also filling the local directory in the background.
     #[arg(long)]
     pub no_fill: bool,
+    /// A pool on a store: when a client's FLUSH or FUA write is answered. `store`: once what
+    /// it covers is in the store (survives the loss of this node). `local`: once it is on
+    /// this node's flash, the store following behind by up to 256 MiB (survives a crash of
+    /// the server, not the loss of the node; a restart after a crash keeps the local devices
+    /// and sends the store a new base).
+    #[arg(long, value_enum, default_value_t = Durability::Store)]
+    pub durability: Durability,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    #[default]
+    Store,
+    Local,
 }
 
 /// `rados://POOL/NAME`.
@@ -115,6 +129,10 @@ struct StoreFile {
     /// older bytes): only the store and the serving node's map know which.
     #[serde(default)]
     partial: bool,
+    /// It served with local acknowledgement (`--durability local`): after a crash its devices
+    /// hold syncs the store may lack.
+    #[serde(default)]
+    local_ack: bool,
 }
 
 fn read_store_file(dir: &Path) -> Result<Option<StoreFile>> {
@@ -216,6 +234,8 @@ pub struct RadosReplica {
     sf: Mutex<StoreFile>,
     /// Where ranges not fetched yet are (a lazy takeover), and where to read them.
     cold: Mutex<Option<Arc<ColdMap>>>,
+    /// The devices were kept after a crash with local acknowledgement: a base is due.
+    rebase_now: AtomicBool,
     pool: ingot_rados::Pool,
 }
 
@@ -333,6 +353,7 @@ impl RadosReplica {
             dir: dir.to_path_buf(),
             sf: Mutex::new(sf),
             cold: Mutex::new(None),
+            rebase_now: AtomicBool::new(false),
             pool: pool.clone(),
         });
         r.set_valid(&lease);
@@ -376,9 +397,10 @@ impl RadosReplica {
         }
     }
 
-    /// A clean stop, after the pool's last sync: give the lease back and note that this node's
-    /// devices hold what the store holds.
-    pub fn finish(&self) -> Result<()> {
+    /// A clean stop, after the pool's last sync: give the lease back and note whether this
+    /// node's devices hold what the store holds (`complete`: the store holds every sync this
+    /// node acknowledged, `ReplicaStats::behind`).
+    pub fn finish(&self, complete: bool) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         drop(self.gc.lock().take());
         if let Some(t) = self.collector.lock().take() {
@@ -404,7 +426,7 @@ impl RadosReplica {
         // With ranges still cold (or fetched and not synced), the next start takes them from
         // the store again.
         let whole = self.cold.lock().as_ref().is_none_or(|c| c.is_whole());
-        sf.clean = whole;
+        sf.clean = whole && complete;
         sf.partial = !whole;
         write_store_file(&self.dir, &sf)
     }
@@ -412,6 +434,12 @@ impl RadosReplica {
     /// The ranges a lazy takeover left in the store, for the pool's devices.
     pub fn cold(&self) -> Option<Arc<ColdMap>> {
         self.cold.lock().clone()
+    }
+
+    /// The devices were kept after a crash with local acknowledgement: the pool must send
+    /// a base before anything else (`PoolOptions::replica_rebase_now`).
+    pub fn rebase_now(&self) -> bool {
+        self.rebase_now.load(Ordering::Acquire)
     }
 }
 
@@ -620,6 +648,7 @@ pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
         next_log: lease.next_log(),
         clean: false,
         partial: false,
+        local_ack: false,
     };
     write_store_file(dir, &sf)?;
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
@@ -631,8 +660,9 @@ pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
     let pool = ingot_engine::Pool::open(dir, &o).context("sending the new pool to the store")?;
     pool.shutdown()
         .context("sending the new pool to the store")?;
+    let complete = pool.stats().replica.is_some_and(|s| !s.behind);
     drop(pool);
-    replica.finish()
+    replica.finish(complete)
 }
 
 /// `ingot pool attach`: a directory that will serve the pool in the store once it holds the
@@ -676,6 +706,7 @@ pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
             next_log: 0,
             clean: false,
             partial: true,
+            local_ack: false,
         },
     )
 }
@@ -683,7 +714,11 @@ pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
 /// Before `ingot serve` opens a pool directory: if it is on a store, take the lease (waiting
 /// for it to run out, or at once with `takeover`), bring the devices up to date from the
 /// store's log, and return the replica the pool must sync to.
-pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosReplica>>> {
+pub fn prepare_serve(
+    dir: &Path,
+    takeover: bool,
+    durability: Durability,
+) -> Result<Option<Arc<RadosReplica>>> {
     let Some(mut sf) = read_store_file(dir)? else {
         if takeover {
             bail!("--takeover: {} is not a pool on a store", dir.display());
@@ -737,20 +772,28 @@ pub fn prepare_serve(dir: &Path, takeover: bool) -> Result<Option<Arc<RadosRepli
             }
         }
     }
+    // After a crash with local acknowledgement, with no other owner since: these devices
+    // hold syncs this node acknowledged that the store may lack; they are the truth, and the
+    // store gets a base of them before anything else.
+    let keep =
+        !current && sf.local_ack && !sf.partial && sf.epoch > 0 && lease.epoch() == sf.epoch + 1;
     sf.epoch = lease.epoch();
     sf.next_log = lease.next_log();
     sf.clean = false;
-    sf.partial |= !current;
+    sf.partial |= !current && !keep;
+    sf.local_ack = durability == Durability::Local;
     write_store_file(dir, &sf)?;
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
-    if !current {
+    if keep {
+        replica.rebase_now.store(true, Ordering::Release);
+    } else if !current {
         *replica.cold.lock() = Some(Arc::new(restore_from(dir, &p, &url, head, seal)?));
     }
     if !replica.valid() {
         bail!("the pool's lease was lost while restoring it from {url}");
     }
-    tracing::info!(store = %url, restored = !current, "serving the pool from its store");
+    tracing::info!(store = %url, restored = !current && !keep, kept_local = keep, "serving the pool from its store");
     Ok(Some(replica))
 }
 

@@ -418,6 +418,10 @@ pub struct ReplicaStats {
     pub fetched_bytes: u64,
     #[serde(default)]
     pub fetches: u64,
+    /// The store lacks syncs this node acknowledged: with local acknowledgement, the uploads
+    /// behind them (or a base due after a crash), or an upload failed.
+    #[serde(default)]
+    pub behind: bool,
 }
 
 /// Device bytes written by kind of write (`Stats::device_written_breakdown`).

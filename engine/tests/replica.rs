@@ -25,6 +25,9 @@ struct Memory {
     bases: Mutex<Vec<usize>>,
     base_start: Mutex<Option<usize>>,
     fetches: std::sync::atomic::AtomicU64,
+    /// Commits wait while this is set (a slow or unreachable store).
+    blocked: Mutex<bool>,
+    unblocked: parking_lot::Condvar,
 }
 
 impl Replica for Memory {
@@ -33,6 +36,12 @@ impl Replica for Memory {
         Ok(())
     }
     fn commit(&self) -> std::io::Result<()> {
+        {
+            let mut b = self.blocked.lock();
+            while *b {
+                self.unblocked.wait(&mut b);
+            }
+        }
         let pending = std::mem::take(&mut *self.pending.lock());
         if self.refuse.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("deposed"));
@@ -451,4 +460,108 @@ fn cold_reads_complete_after_the_store_refused_a_sync() {
         drop(pool);
         assert!(!l.cold.is_whole());
     }
+}
+
+fn set_blocked(r: &Memory, on: bool) {
+    *r.blocked.lock() = on;
+    r.unblocked.notify_all();
+}
+
+/// With local acknowledgement a client's flush returns once local while the store is stuck,
+/// and the store follows once it answers. After a crash with syncs the store never got, the
+/// pool reopened on the same devices sends a base before anything else: the store then
+/// restores to every acknowledged block.
+#[test]
+fn local_acknowledgement_commits_behind_and_a_kept_pool_sends_a_base_first() {
+    let a = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: 128 << 20,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    drop(Pool::create(a.path(), &c, &opts(IoKind::Auto, None, false)).unwrap());
+    let r = Arc::new(Memory::default());
+    let o = PoolOptions {
+        replica_local_ack: true,
+        ..opts(IoKind::Auto, Some(r.clone()), true)
+    };
+    let pool = Arc::new(Pool::open(a.path(), &o).unwrap());
+    pool.create_volume("v", 32 << 20).unwrap();
+    let v = Arc::new(pool.volume("v").unwrap());
+    let first = blocks(1, 256);
+    v.write(0, &first, false).unwrap();
+    v.flush().unwrap();
+    // The store stops answering: flushes still return.
+    set_blocked(&r, true);
+    let second = blocks(2, 256);
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (v, second) = (v.clone(), second.clone());
+        std::thread::spawn(move || {
+            let r = v.write(4 << 20, &second, false).and_then(|()| v.flush());
+            let _ = tx.send(r.is_ok());
+        });
+    }
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(20)),
+        Ok(true),
+        "a flush waited for a stuck store"
+    );
+    assert!(pool.stats().replica.unwrap().behind, "behind, and not said");
+    // It answers again: the committer catches up.
+    set_blocked(&r, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while pool.stats().replica.unwrap().behind {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never caught up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Stuck again, a third flushed write, and the process dies.
+    set_blocked(&r, true);
+    let third = blocks(3, 256);
+    v.write(8 << 20, &third, false).unwrap();
+    v.flush().unwrap();
+    pool.halt();
+    drop(v);
+    let pool = Arc::try_unwrap(pool).ok().expect("the only handle");
+    // The commit thread is stuck in the store: let it fail out, as a dead process's would.
+    r.refuse.store(true, Ordering::Relaxed);
+    set_blocked(&r, false);
+    drop(pool);
+    let lacking = r.batches.lock().clone();
+
+    // Restarted on the same devices: a base goes first, holding the third write.
+    let r2 = Arc::new(Memory::default());
+    *r2.batches.lock() = lacking;
+    let o = PoolOptions {
+        replica_local_ack: true,
+        replica_rebase_now: true,
+        ..opts(IoKind::Auto, Some(r2.clone()), false)
+    };
+    let pool = Pool::open(a.path(), &o).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while r2.bases.lock().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no base after the restart"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    pool.shutdown().unwrap();
+    assert!(!pool.stats().replica.unwrap().behind);
+    drop(pool);
+    let batches = r2.batches.lock().clone();
+    let start = r2.bases.lock()[0];
+    let b = tempfile::tempdir().unwrap();
+    restore_into(a.path(), b.path(), &batches[start..]);
+    let pool = Pool::open(b.path(), &opts(IoKind::Auto, None, false)).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert!(v.read(0, (256 * BLOCK) as u32).unwrap() == first);
+    assert!(v.read(4 << 20, (256 * BLOCK) as u32).unwrap() == second);
+    assert!(
+        v.read(8 << 20, (256 * BLOCK) as u32).unwrap() == third,
+        "a locally acknowledged write the store never got is not in the base"
+    );
 }

@@ -512,3 +512,72 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
     );
     b.stop();
 }
+
+/// `--durability local`: flushes are answered once local and the store follows. A `kill -9`
+/// of the server, restarted on the same directory, keeps its devices (the store may lack what
+/// it acknowledged) and sends the store a base first; after that, another node that takes the
+/// pool over has every flushed block.
+#[test]
+fn local_durability_survives_a_crash_and_the_store_catches_up() {
+    let tmp = TempDir::new("ceph-local");
+    let url = store_name("local");
+    let a_dir = tmp.join("a");
+    create_on_store(&a_dir, &url);
+    let sock = tmp.join("nbd.sock");
+    let a = serve(&a_dir, &sock, &["--durability", "local"]);
+    create_volume(&a_dir);
+    write_flushed(&a.unix_uri("v"), 0, 8 * MIB, 41);
+    write_flushed(&a.unix_uri("v"), 8 * MIB, 8 * MIB, 42);
+    a.kill9();
+    let a = serve(&a_dir, &sock, &["--durability", "local"]);
+    assert!(
+        a.stderr().contains("kept_local=true"),
+        "the restart after a crash with local acknowledgement did not keep its devices:\n{}",
+        a.stderr()
+    );
+    let want = [(0, 8 * MIB, 41u8), (8 * MIB, 8 * MIB, 42)];
+    if let Err(text) = reads_back(&a.unix_uri("v"), &want) {
+        panic!("after the restart:\n{text}");
+    }
+    let stats = || {
+        parse_json(&ingot_ok([
+            "stats",
+            "--json",
+            "--pool",
+            &a_dir.display().to_string(),
+        ]))["replica"]
+            .clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats()["bases"].as_u64() == Some(0) || stats()["behind"] == true {
+        assert!(
+            Instant::now() < deadline,
+            "no base after the restart: {}",
+            stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    write_flushed(&a.unix_uri("v"), 16 * MIB, 4 * MIB, 43);
+    // The store catches up with the last flush too.
+    while stats()["behind"] == true {
+        assert!(
+            Instant::now() < deadline,
+            "the store stays behind: {}",
+            stats()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.kill9();
+    let b_dir = tmp.join("b");
+    attach(&b_dir, &url);
+    let b = serve(&b_dir, &sock, &["--takeover"]);
+    let want = [
+        (0, 8 * MIB, 41u8),
+        (8 * MIB, 8 * MIB, 42),
+        (16 * MIB, 4 * MIB, 43),
+    ];
+    if let Err(text) = reads_back(&b.unix_uri("v"), &want) {
+        panic!("another node after the store caught up:\n{text}");
+    }
+    b.stop();
+}

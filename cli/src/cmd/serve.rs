@@ -409,12 +409,14 @@ pub fn serve(
         }
         None
     } else {
-        crate::store::prepare_serve(dir, store.takeover)?
+        crate::store::prepare_serve(dir, store.takeover, store.durability)?
     };
     if let Some(r) = &replica {
         opts.replica = Some(r.clone());
         opts.replica_cold = r.cold();
         opts.replica_fill = !store.no_fill;
+        opts.replica_local_ack = store.durability == crate::store::Durability::Local;
+        opts.replica_rebase_now = r.rebase_now();
         // Tests shorten the history between bases.
         if let Some(b) = std::env::var("INGOT_REPLICA_REBASE_BYTES")
             .ok()
@@ -590,7 +592,8 @@ pub fn serve(
     let _ = std::fs::remove_file(control::socket_path(dir));
     pool.shutdown().context("final checkpoint")?;
     if let Some(r) = replica {
-        r.finish()?;
+        let complete = pool.stats().replica.is_some_and(|s| !s.behind);
+        r.finish(complete)?;
     }
     Ok(0)
 }

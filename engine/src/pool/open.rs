@@ -105,6 +105,8 @@ impl Pool {
                     o.replica_rebase_bytes,
                     o.replica_cold.clone(),
                     o.replica_fill,
+                    o.replica_local_ack,
+                    o.replica_rebase_now,
                 )
                 .map_err(|source| Error::File {
                     path: abs[0].clone(),

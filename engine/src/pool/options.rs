@@ -103,6 +103,13 @@ pub struct PoolOptions {
     /// With `replica_cold`: a background thread fetches every cold range (the local
     /// directory becomes whole again). Off, only reads fetch.
     pub replica_fill: bool,
+    /// Acknowledge clients' syncs (FLUSH, FUA) once they are durable locally, and commit them
+    /// to the replica behind (it may fall up to 256 MiB behind): survives a crash of the
+    /// process, not the loss of the node. The engine's own syncs (checkpoints) still wait.
+    pub replica_local_ack: bool,
+    /// Send a base before committing anything else (devices kept after a crash with local
+    /// acknowledgement: the store lacks what they acknowledged).
+    pub replica_rebase_now: bool,
 }
 
 impl Default for PoolOptions {
@@ -126,6 +133,8 @@ impl Default for PoolOptions {
             replica_rebase_bytes: 4 << 30,
             replica_cold: None,
             replica_fill: true,
+            replica_local_ack: false,
+            replica_rebase_now: false,
         }
     }
 }

@@ -51,6 +51,10 @@ pub(crate) struct MirrorDevices {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// With local acknowledgement, data noted and not sent past which a client's sync waits for
+/// the store again: how far the store may fall behind.
+const LOCAL_LAG_BYTES: u64 = 256 << 20;
+
 /// Threads that fetch the cold ranges queued reads need (a shard goes on meanwhile).
 const FETCHERS: usize = 32;
 /// A cold read fetches the cold parts of the aligned window around it: neighbouring blocks
@@ -87,6 +91,8 @@ impl Drop for MirrorDevices {
         self.s.stop.store(true, Ordering::Release);
         self.s.closing.store(true, Ordering::Release);
         self.s.kick.notify_all();
+        self.s.commit_cv.notify_all();
+        self.s.hold_cv.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -119,6 +125,19 @@ struct Shared {
     rebase_after: AtomicU64,
     /// Ranges still only in the store (a lazy takeover), and the fetchers' queue.
     cold: Option<Arc<ColdMap>>,
+    /// Set with `Health::failed`, for the syncs that do not take the upload lock.
+    failed: AtomicBool,
+    /// Clients' syncs are acknowledged once local, and committed to the replica behind them
+    /// (`PoolOptions::replica_local_ack`).
+    local: bool,
+    /// Asked of the committer thread (local acknowledgement).
+    commit_wanted: Mutex<bool>,
+    commit_cv: Condvar,
+    /// A base is due before anything else may be committed (a node that kept its devices
+    /// after a crash with local acknowledgement: the store lacks what it acknowledged, and
+    /// later commits would build on what the store never got). Cleared when the base is in.
+    hold: Mutex<bool>,
+    hold_cv: Condvar,
     fetch: Option<crossbeam_channel::Sender<FetchJob>>,
 }
 
@@ -147,6 +166,8 @@ impl MirrorDevices {
         rebase_bytes: u64,
         cold: Option<Arc<ColdMap>>,
         fill: bool,
+        local: bool,
+        rebase_now: bool,
     ) -> io::Result<Self> {
         let mut dirty = Vec::new();
         if base {
@@ -176,14 +197,29 @@ impl MirrorDevices {
             closing: AtomicBool::new(false),
             counters: Arc::new(super::Counters {
                 cold: cold.clone(),
+                holding: AtomicBool::new(rebase_now),
                 ..Default::default()
             }),
             since_base: AtomicU64::new(0),
             rebase_after: AtomicU64::new(rebase_bytes.max(1)),
             fetch: cold.is_some().then_some(fetch_tx),
             cold,
+            failed: AtomicBool::new(false),
+            local,
+            commit_wanted: Mutex::new(false),
+            commit_cv: Condvar::new(),
+            hold: Mutex::new(rebase_now),
+            hold_cv: Condvar::new(),
         });
         let mut threads = Vec::new();
+        if local {
+            let me = s.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("ingot-commit".into())
+                    .spawn(move || me.committer())?,
+            );
+        }
         let early = s.clone();
         threads.push(
             std::thread::Builder::new()
@@ -220,6 +256,73 @@ impl MirrorDevices {
 }
 
 impl Shared {
+    /// A client's sync (a shard's queued sync op) completed on the devices: make what it
+    /// covers durable in the replica, or with local acknowledgement have it committed behind.
+    fn after_sync(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return self.upload(true);
+        }
+        if !self.local {
+            self.wait_hold()?;
+            return self.upload(true);
+        }
+        self.check_valid()?;
+        self.counters.acked.fetch_add(1, Ordering::AcqRel);
+        if *self.hold.lock() {
+            // The base in progress commits it.
+            return Ok(());
+        }
+        if self.dirty_bytes.load(Ordering::Relaxed) >= LOCAL_LAG_BYTES {
+            // The store falls behind: this sync waits for it, as without local
+            // acknowledgement.
+            return self.commit_now();
+        }
+        *self.commit_wanted.lock() = true;
+        self.commit_cv.notify_one();
+        Ok(())
+    }
+
+    /// Commit everything noted, counting the local acknowledgements it covers.
+    fn commit_now(&self) -> io::Result<()> {
+        let covers = self.counters.acked.load(Ordering::Acquire);
+        self.upload(true)?;
+        self.counters.committed.fetch_max(covers, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The committer: commits what local acknowledgements left behind, one upload at a time.
+    fn committer(&self) {
+        loop {
+            {
+                let mut w = self.commit_wanted.lock();
+                while !*w && !self.closing.load(Ordering::Acquire) {
+                    self.commit_cv.wait_for(&mut w, Duration::from_millis(100));
+                }
+                if !*w {
+                    return;
+                }
+                *w = false;
+            }
+            if *self.hold.lock() {
+                continue;
+            }
+            // An error is kept in `Health`: later syncs fail, and the replica gives up.
+            let _ = self.commit_now();
+        }
+    }
+
+    /// Wait until no base is due first (a sync that must reach the store).
+    fn wait_hold(&self) -> io::Result<()> {
+        let mut h = self.hold.lock();
+        while *h {
+            if self.failed.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
+                return Err(lost("the base it waited for was not sent"));
+            }
+            self.hold_cv.wait_for(&mut h, Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Make `start..end` of device `dev` local: fetch its cold parts (with `window`, the cold
     /// parts of the aligned window around it) from the store and write them to the device.
     fn ensure(&self, dev: u16, start: u64, end: u64, window: u64) -> io::Result<()> {
@@ -455,6 +558,8 @@ impl Shared {
         match &r {
             Err(e) => {
                 health.failed = Some(e.to_string());
+                self.failed.store(true, Ordering::Release);
+                self.counters.failed.store(true, Ordering::Release);
                 // The early sender would find the data it waits for forever.
                 self.stop.store(true, Ordering::Release);
             }
@@ -481,9 +586,22 @@ impl Shared {
                 // An error is kept in `Health` and fails the next sync.
                 let _ = self.upload(false);
             }
-            if self.since_base.load(Ordering::Relaxed) >= self.rebase_after.load(Ordering::Relaxed)
+            if *self.hold.lock() {
+                let r = self.rebase(true);
+                if r.is_ok() && !self.stop.load(Ordering::Acquire) {
+                    *self.hold.lock() = false;
+                    self.counters.holding.store(false, Ordering::Release);
+                    self.hold_cv.notify_all();
+                    // What was acknowledged meanwhile went with the base's last commit.
+                    if self.local {
+                        *self.commit_wanted.lock() = true;
+                        self.commit_cv.notify_one();
+                    }
+                }
+            } else if self.since_base.load(Ordering::Relaxed)
+                >= self.rebase_after.load(Ordering::Relaxed)
             {
-                let _ = self.rebase();
+                let _ = self.rebase(false);
             }
         }
     }
@@ -507,10 +625,11 @@ impl Shared {
     /// between pieces), so that a restore replays the base and what came after it instead of
     /// the whole history. Only when the history since the last base is twice what a base
     /// sends.
-    fn rebase(&self) -> io::Result<()> {
+    /// `now`: whatever the history's length (a base is due before anything else commits).
+    fn rebase(&self, now: bool) -> io::Result<()> {
         let (_, allocated) = self.ranges()?;
         let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
-        if self.since_base.load(Ordering::Relaxed) < floor {
+        if !now && self.since_base.load(Ordering::Relaxed) < floor {
             self.rebase_after.store(floor, Ordering::Relaxed);
             return Ok(());
         }
@@ -554,6 +673,8 @@ impl Shared {
                 };
                 if let Err(e) = self.send(&[piece], &mut t) {
                     health.failed = Some(e.to_string());
+                    self.failed.store(true, Ordering::Release);
+                    self.counters.failed.store(true, Ordering::Release);
                     self.stop.store(true, Ordering::Release);
                     return Err(e);
                 }
@@ -562,12 +683,14 @@ impl Shared {
             }
         }
         // Commit the base's last pieces (with whatever was noted meanwhile), then mark it.
-        self.upload(true)?;
+        self.commit_now()?;
         let mut health = self.upload.lock();
         let r = self.replica.base_end();
         match &r {
             Err(e) => {
                 health.failed = Some(e.to_string());
+                self.failed.store(true, Ordering::Release);
+                self.counters.failed.store(true, Ordering::Release);
                 self.stop.store(true, Ordering::Release);
             }
             Ok(()) => {
@@ -771,7 +894,14 @@ impl Devices for MirrorDevices {
                 c.set_whole();
             }
         }
-        self.s.upload(true)
+        // The engine's own syncs (checkpoints, the last one at shutdown) reach the store
+        // before they complete, in either mode; with local acknowledgement, while a base is
+        // due, they stay local (the base commits them).
+        if self.s.local && *self.s.hold.lock() && !self.s.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.s.wait_hold()?;
+        self.s.commit_now()
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.s.make_local(dev, offset, offset + len);
@@ -863,7 +993,7 @@ impl IoQueue for MirrorQueue {
         }
         for d in &mut out[from..] {
             match d.kind {
-                OpKind::Sync if d.result.is_ok() => d.result = s.upload(true),
+                OpKind::Sync if d.result.is_ok() => d.result = s.after_sync(),
                 OpKind::Read if d.result.is_ok() => d.result = s.check_valid(),
                 _ => {}
             }

@@ -77,6 +77,13 @@ pub(crate) struct Counters {
     pub bases: std::sync::atomic::AtomicU64,
     /// A lazy takeover's cold ranges.
     pub cold: Option<std::sync::Arc<ColdMap>>,
+    /// Clients' syncs acknowledged before the replica held them (local acknowledgement), and
+    /// how many of those the replica holds now.
+    pub acked: std::sync::atomic::AtomicU64,
+    pub committed: std::sync::atomic::AtomicU64,
+    /// A base is due before anything else commits; an upload failed.
+    pub holding: std::sync::atomic::AtomicBool,
+    pub failed: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -102,6 +109,9 @@ impl Counters {
                 .as_ref()
                 .map_or(0, |c| c.fetched_bytes.load(Relaxed)),
             fetches: self.cold.as_ref().map_or(0, |c| c.fetches.load(Relaxed)),
+            behind: self.holding.load(Relaxed)
+                || self.failed.load(Relaxed)
+                || self.committed.load(Relaxed) < self.acked.load(Relaxed),
             ..replica.stats()
         }
     }
