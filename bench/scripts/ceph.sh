@@ -7,7 +7,10 @@
 #  2. 4k random writes QD32 with a flush every 1,000 writes (fio --fsync=1000): ingot over NBD
 #     against librbd (fio's rbd engine on an RBD image in the same pool): IOPS, flush p50/p99;
 #     4k random reads QD32 on both;
-#  3. takeover after kill -9: time until another node's `ingot serve` answers NBD, with
+#     4k writes at QD1 each flushed (fio --fsync=1), with `--durability store` and `local`,
+#     and the random writes again with `local`;
+#  3. takeover after kill -9 (of the local-mode server): time until another node's
+#     `ingot serve` answers NBD, with
 #     --takeover and with the default wait for the lease (15 s) to run out. A takeover reads
 #     the log since the last base and the tables of its batch objects, not their data, and
 #     replays the engine's log tail (the random writes since the last checkpoint), fetching
@@ -129,6 +132,24 @@ read -r ir _ _ <<<"$ingot_r"
 read -r rr _ _ <<<"$rbd_r"
 echo "4k randwrite QD32, flush every 1000: ingot $iw IOPS (flush p50 $iw50 ms, p99 $iw99 ms), librbd $rw IOPS (flush p50 $rw50 ms, p99 $rw99 ms): $(python3 -c "print('%.2f' % ($iw / $rw))")x"
 echo "4k randread QD32: ingot $ir IOPS, librbd $rr IOPS: $(python3 -c "print('%.2f' % ($ir / $rr))")x"
+
+step "2. commits: 4k writes at QD1, each one flushed, answered once in the store, then once local"
+qd1() { # engine args...: pairs per second, flush p50 and p99 in ms
+  fio_json --name=q --rw=randwrite --bs=4k --iodepth=1 --size=1G --runtime="$SECS" --time_based \
+    --randrepeat=0 --fsync=1 "$@" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+s = j["sync"]["lat_ns"]["percentile"]
+print("%.0f %.3f %.3f" % (j["write"]["iops"], s["50.000000"] / 1e6, s["99.000000"] / 1e6))'
+}
+read -r sq sq50 sq99 <<<"$(qd1 --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/n0.sock")"
+kill -INT "$P"; wait "$P" 2>/dev/null || true
+P=$(serve "$DIR/node0" "$DIR/n0.sock" --durability local); PIDS+=("$P")
+read -r lq lq50 lq99 <<<"$(qd1 --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/n0.sock")"
+export RW=randwrite
+read -r lw lw50 lw99 <<<"$(rand --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/n0.sock" --fsync=1000)"
+echo "4k write + flush at QD1: --durability store $sq per s (flush p50 $sq50 ms, p99 $sq99 ms), --durability local $lq per s (flush p50 $lq50 ms, p99 $lq99 ms)"
+echo "4k randwrite QD32, flush every 1000, --durability local: $lw IOPS (flush p50 $lw50 ms, p99 $lw99 ms)"
 
 step "3. takeover after kill -9"
 takeover() { # from-pid new-node [serve args]
