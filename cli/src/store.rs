@@ -382,6 +382,7 @@ impl RadosReplica {
                 continue;
             }
             next = Instant::now() + every;
+            self.note_whole();
             let mut guard = self.lease.lock();
             let Some(lease) = guard.as_mut() else { return };
             match lease.renew() {
@@ -393,6 +394,20 @@ impl RadosReplica {
                 }
                 // The cluster did not answer: try again; the lease runs out meanwhile.
                 Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// Once a lazy takeover's ranges are all local and synced, say so in `store.json`: after a
+    /// crash from then on, the devices are whole (with local acknowledgement, they are kept).
+    fn note_whole(&self) {
+        let whole = self.cold.lock().as_ref().is_some_and(|c| c.is_whole());
+        let mut sf = self.sf.lock();
+        if whole && sf.partial {
+            sf.partial = false;
+            if let Err(e) = write_store_file(&self.dir, &sf) {
+                sf.partial = true;
+                tracing::warn!(error = %e, "store: noting that the devices are whole failed");
             }
         }
     }
@@ -428,6 +443,13 @@ impl RadosReplica {
         let whole = self.cold.lock().as_ref().is_none_or(|c| c.is_whole());
         sf.clean = whole && complete;
         sf.partial = !whole;
+        // Devices holding syncs the store lacks stay the truth for this node's next start.
+        sf.local_ack &= !complete;
+        if !complete {
+            tracing::error!(
+                "the store lacks syncs this node answered (--durability local): only this directory holds them; restart ingot serve here to send them"
+            );
+        }
         write_store_file(&self.dir, &sf)
     }
 
@@ -775,13 +797,18 @@ pub fn prepare_serve(
     // After a crash with local acknowledgement, with no other owner since: these devices
     // hold syncs this node acknowledged that the store may lack; they are the truth, and the
     // store gets a base of them before anything else.
-    let keep =
-        !current && sf.local_ack && !sf.partial && sf.epoch > 0 && lease.epoch() == sf.epoch + 1;
+    let keep = !current
+        && sf.local_ack
+        && !sf.partial
+        && sf.epoch > 0
+        && only_mine_since(&p, &url.name, sf.epoch, sf.next_log.max(head), seal)?;
     sf.epoch = lease.epoch();
     sf.next_log = lease.next_log();
     sf.clean = false;
     sf.partial |= !current && !keep;
-    sf.local_ack = durability == Durability::Local;
+    // Sticky until a clean stop with nothing behind: a crash during the base, even in store
+    // mode, must keep the devices again.
+    sf.local_ack = durability == Durability::Local || keep;
     write_store_file(dir, &sf)?;
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
@@ -795,6 +822,36 @@ pub fn prepare_serve(
     }
     tracing::info!(store = %url, restored = !current && !keep, kept_local = keep, "serving the pool from its store");
     Ok(Some(replica))
+}
+
+/// Whether the log's records `from..to` are all seals or written under `epoch`: no other owner
+/// committed anything since this node's last start under that epoch.
+fn only_mine_since(
+    p: &ingot_rados::Pool,
+    name: &str,
+    epoch: u64,
+    from: u64,
+    to: u64,
+) -> Result<bool> {
+    let mut at = from;
+    while at < to {
+        let end = to.min(at + 64);
+        let records = parallel(at..end, |n| {
+            read_log(p, name, n, 0).map_err(|e| ingot_engine::Error::Io {
+                device: 0,
+                offset: n,
+                source: io::Error::other(e.to_string()),
+            })
+        })?;
+        if records
+            .iter()
+            .any(|o| o.as_ref().is_none_or(|o| !o.seal && o.epoch != epoch))
+        {
+            return Ok(false);
+        }
+        at = end;
+    }
+    Ok(true)
 }
 
 /// Delete the batch objects named by the commits in log numbers `from..upto` (before the log's

@@ -422,6 +422,9 @@ pub struct ReplicaStats {
     /// behind them (or a base due after a crash), or an upload failed.
     #[serde(default)]
     pub behind: bool,
+    /// An upload or commit failed: no sync succeeds from now on.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 /// Device bytes written by kind of write (`Stats::device_written_breakdown`).

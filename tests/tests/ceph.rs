@@ -511,6 +511,19 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
         "after the filler and a clean restart"
     );
     b.stop();
+    // The first node, stopped cleanly before B wrote: its directory is out of date, and it
+    // takes B's writes from the store.
+    let a = serve(&a_dir, &sock, &[]);
+    assert!(
+        a.stderr().contains("restored=true"),
+        "an out-of-date directory served as current:\n{}",
+        a.stderr()
+    );
+    assert!(
+        volume_bytes(&a.unix_uri("v"), tmp.path(), want.len() as u64) == want,
+        "the first node again, after B's writes"
+    );
+    a.stop();
 }
 
 /// `--durability local`: flushes are answered once local and the store follows. A `kill -9`

@@ -592,7 +592,22 @@ pub fn serve(
     let _ = std::fs::remove_file(control::socket_path(dir));
     pool.shutdown().context("final checkpoint")?;
     if let Some(r) = replica {
-        let complete = pool.stats().replica.is_some_and(|s| !s.behind);
+        // With local acknowledgement (a base due after a crash), the store may still be
+        // catching up: a clean stop hands over only what the store holds.
+        let behind = || pool.stats().replica.is_some_and(|s| s.behind);
+        if behind() {
+            tracing::info!("waiting for the store to hold every sync this node answered");
+        }
+        while behind()
+            && ingot_engine::replica::Replica::valid(&*r)
+            && pool.stats().replica.is_some_and(|s| !s.failed)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let complete = !behind();
+        // Its threads stop first (a base in progress among them): nothing uploads while the
+        // replica is taken down.
+        drop(pool);
         r.finish(complete)?;
     }
     Ok(0)

@@ -262,9 +262,12 @@ impl Shared {
         if self.failed.load(Ordering::Acquire) {
             return self.upload(true);
         }
-        if !self.local {
+        // Devices still partly in the store cannot be kept after a crash (the map of what is
+        // cold dies with the process): until they are whole, syncs reach the store first.
+        let whole = self.cold.as_ref().is_none_or(|c| c.is_whole());
+        if !self.local || !whole {
             self.wait_hold()?;
-            return self.upload(true);
+            return self.commit_now();
         }
         self.check_valid()?;
         self.counters.acked.fetch_add(1, Ordering::AcqRel);

@@ -112,6 +112,7 @@ impl Counters {
             behind: self.holding.load(Relaxed)
                 || self.failed.load(Relaxed)
                 || self.committed.load(Relaxed) < self.acked.load(Relaxed),
+            failed: self.failed.load(Relaxed),
             ..replica.stats()
         }
     }
