@@ -328,6 +328,10 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         replica: None,
         replica_base: false,
         replica_rebase_bytes: 0,
+        replica_cold: None,
+        replica_fill: false,
+        replica_local_ack: false,
+        replica_rebase_now: false,
         paged_metadata: false,
         // Two leaves: format 3 pools evict map leaves all the time and read them back (format
         // 2 keeps every leaf).

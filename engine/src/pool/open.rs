@@ -101,12 +101,14 @@ impl Pool {
                 let m = crate::replica::MirrorDevices::new(
                     base,
                     r.clone(),
-                    o.replica_base,
-                    o.replica_rebase_bytes,
-                    o.replica_cold.clone(),
-                    o.replica_fill,
-                    o.replica_local_ack,
-                    o.replica_rebase_now,
+                    crate::replica::MirrorOptions {
+                        base: o.replica_base,
+                        rebase_bytes: o.replica_rebase_bytes,
+                        cold: o.replica_cold.clone(),
+                        fill: o.replica_fill,
+                        local: o.replica_local_ack,
+                        rebase_now: o.replica_rebase_now,
+                    },
                 )
                 .map_err(|source| Error::File {
                     path: abs[0].clone(),

@@ -44,6 +44,16 @@ struct Dirty {
     len: u64,
 }
 
+/// How a pool's devices follow its replica (`PoolOptions::replica_*`).
+pub(crate) struct MirrorOptions {
+    pub base: bool,
+    pub rebase_bytes: u64,
+    pub cold: Option<Arc<ColdMap>>,
+    pub fill: bool,
+    pub local: bool,
+    pub rebase_now: bool,
+}
+
 pub(crate) struct MirrorDevices {
     s: Arc<Shared>,
     /// The early sender, the fetchers and the filler, joined at drop: they hold the devices
@@ -162,13 +172,16 @@ impl MirrorDevices {
     pub(crate) fn new(
         inner: SharedDevices,
         replica: Arc<dyn Replica>,
-        base: bool,
-        rebase_bytes: u64,
-        cold: Option<Arc<ColdMap>>,
-        fill: bool,
-        local: bool,
-        rebase_now: bool,
+        o: MirrorOptions,
     ) -> io::Result<Self> {
+        let MirrorOptions {
+            base,
+            rebase_bytes,
+            cold,
+            fill,
+            local,
+            rebase_now,
+        } = o;
         let mut dirty = Vec::new();
         if base {
             for dev in 0..inner.count() as u16 {

@@ -15,7 +15,7 @@ mod cold;
 mod devices;
 
 pub use cold::{restore_cold, ColdMap, Stored};
-pub(crate) use devices::MirrorDevices;
+pub(crate) use devices::{MirrorDevices, MirrorOptions};
 
 use std::fs::File;
 use std::io;
