@@ -111,6 +111,17 @@ fn expected(written: &[(u64, u64, u8)]) -> Vec<(u64, u64, u8)> {
         .collect()
 }
 
+/// `ingot stats --json`'s `replica` of the pool a server holds.
+fn replica_stats(dir: &Path) -> serde_json::Value {
+    parse_json(&ingot_ok([
+        "stats",
+        "--json",
+        "--pool",
+        &dir.display().to_string(),
+    ]))["replica"]
+        .clone()
+}
+
 fn create_on_store(dir: &Path, url: &str) {
     let mut c = ingot();
     c.args(["pool", "create", "--pool"])
@@ -322,17 +333,10 @@ fn a_takeover_replays_from_the_last_base() {
     let a = serve_env(&a_dir, &sock, &[], &[("INGOT_REPLICA_REBASE_BYTES", "1")]);
     create_volume(&a_dir);
     let uri = a.unix_uri("v");
-    let stats = || {
-        parse_json(&ingot_ok([
-            "stats",
-            "--json",
-            "--pool",
-            &a_dir.display().to_string(),
-        ]))
-    };
+    let stats = || replica_stats(&a_dir);
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut round = 0u8;
-    while stats()["replica"]["bases"].as_u64() == Some(0) {
+    while stats()["bases"].as_u64() == Some(0) {
         assert!(
             Instant::now() < deadline,
             "no base after {round} rounds of 48 MiB"
@@ -341,11 +345,11 @@ fn a_takeover_replays_from_the_last_base() {
         round += 1;
     }
     // What the base made unneeded leaves the store.
-    while stats()["replica"]["store_deleted_objects"].as_u64() == Some(0) {
+    while stats()["store_deleted_objects"].as_u64() == Some(0) {
         assert!(
             Instant::now() < deadline,
             "nothing deleted after the base: {}",
-            stats()["replica"]
+            stats()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -370,7 +374,7 @@ fn a_takeover_replays_from_the_last_base() {
         assert!(
             Instant::now() < deadline,
             "log record 0 still in the store after the base: {}",
-            stats()["replica"]
+            stats()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -440,15 +444,7 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
     let b_dir = tmp.join("b");
     attach(&b_dir, &url);
     let b = serve(&b_dir, &sock, &["--no-fill"]);
-    let stats = |dir: &Path| {
-        parse_json(&ingot_ok([
-            "stats",
-            "--json",
-            "--pool",
-            &dir.display().to_string(),
-        ]))["replica"]
-            .clone()
-    };
+    let stats = replica_stats;
     let r = stats(&b_dir);
     let cold = r["cold_bytes"].as_u64().unwrap_or(0);
     // (The open reads a few ranges of metadata, whose windows may take in some data.)
@@ -552,15 +548,7 @@ fn local_durability_survives_a_crash_and_the_store_catches_up() {
     if let Err(text) = reads_back(&a.unix_uri("v"), &want) {
         panic!("after the restart:\n{text}");
     }
-    let stats = || {
-        parse_json(&ingot_ok([
-            "stats",
-            "--json",
-            "--pool",
-            &a_dir.display().to_string(),
-        ]))["replica"]
-            .clone()
-    };
+    let stats = || replica_stats(&a_dir);
     let deadline = Instant::now() + Duration::from_secs(60);
     while stats()["bases"].as_u64() == Some(0) || stats()["behind"] == true {
         assert!(

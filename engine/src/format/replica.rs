@@ -163,22 +163,15 @@ impl ReplicaBatch {
         table: usize,
         total: Option<u64>,
     ) -> Result<(ReplicaBatch, Vec<Option<usize>>)> {
+        // Magic, version and counts were checked by `table_bytes`, which gave `table`.
         let mut g = Get::new(buf, "replica batch");
-        if g.array::<4>()? != REPLICA_MAGIC {
-            return Err(bad("replica batch magic"));
-        }
-        if g.u16()? != REPLICA_VERSION {
-            return Err(bad("replica batch version"));
-        }
+        g.skip(6)?;
         let devices = usize::from(g.u16()?);
         let extents = g.u32()? as usize;
         g.skip(4)?;
         let data_bytes = g.u64()?;
         let crc = g.u32()?;
         g.skip(4)?;
-        if devices == 0 || devices > REPLICA_MAX_DEVICES {
-            return Err(bad("replica batch device count"));
-        }
         if table > buf.len() {
             return Err(bad("replica batch extent count"));
         }

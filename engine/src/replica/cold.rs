@@ -351,12 +351,7 @@ pub fn restore_cold(
         batches += 1;
         progress(batches, bytes);
     }
-    for (f, p) in files.iter().zip(paths) {
-        f.sync_all().map_err(|source| Error::File {
-            path: p.clone(),
-            source,
-        })?;
-    }
+    super::sync_devices(&files, paths)?;
     Ok(map)
 }
 

@@ -203,13 +203,19 @@ pub fn restore(
         bytes += b.len() as u64;
         progress(batches, bytes);
     }
+    sync_devices(&files, paths)?;
+    Ok(batches)
+}
+
+/// Make a restore's device files durable.
+fn sync_devices(files: &[File], paths: &[std::path::PathBuf]) -> Result<()> {
     for (f, p) in files.iter().zip(paths) {
         f.sync_all().map_err(|source| Error::File {
             path: p.clone(),
             source,
         })?;
     }
-    Ok(batches)
+    Ok(())
 }
 
 /// Create (or truncate) the pool's device files for a restore.
