@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ingot_engine::format::{ReplicaBatch, ReplicaCommit, REPLICA_COMMIT_BYTES};
 use ingot_engine::replica::{ColdMap, Replica, Stored};
-use ingot_rados::lease::{first_free, holder, read_log};
+use ingot_rados::lease::{first_free, holder, read_log, read_log_data};
 use ingot_rados::{Cluster, ConnectOptions, Lease, LeaseError, LeaseOptions, Takeover};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -931,6 +931,11 @@ fn parallel<T: Send>(
 /// Bytes of a batch object read to find its table (one range read for any batch up to a few
 /// thousand extents; a larger table is read in a second).
 const HEAD_BYTES: usize = 64 << 10;
+/// A commit record read in one go: an inline batch and its header, with room to spare.
+const RECORD_READ: usize = INLINE_MAX + (64 << 10);
+/// Records and batch tables a takeover reads side by side (each a round trip of well under a
+/// millisecond: the listing is latency-bound).
+const LIST_WINDOW: usize = 64;
 /// A batch's table at most: 8 MiB of data in 4 KiB extents.
 const TABLE_MAX: usize = 16 << 20;
 
@@ -964,11 +969,15 @@ fn restore_from(
     'search: while at > head {
         let from = at.saturating_sub(64).max(head);
         let heads = parallel(from..at, |k| {
-            read_log(p, &url.name, k, REPLICA_COMMIT_BYTES).map_err(|e| io_err(k, e.to_string()))
+            read_log_data(p, &url.name, k, REPLICA_COMMIT_BYTES)
+                .map_err(|e| io_err(k, e.to_string()))
         })?;
-        for o in heads.into_iter().rev().flatten().filter(|o| !o.seal) {
-            if let Ok(ReplicaCommit::Base { start }) = ReplicaCommit::decode(&o.data) {
-                if start < o.n {
+        for (i, data) in heads.into_iter().enumerate().rev() {
+            let k = from + i as u64;
+            // (A seal reads as empty, and decodes as nothing.)
+            if let Some(Ok(ReplicaCommit::Base { start })) = data.map(|d| ReplicaCommit::decode(&d))
+            {
+                if start < k {
                     n = start;
                     break 'search;
                 }
@@ -980,7 +989,7 @@ fn restore_from(
     let started = Instant::now();
     let mut progress = Progress::new();
     // Committed batches still to fetch, in log order: a small sync's inline batch, or a run
-    // of batch objects (fetched UPLOAD_WINDOW at a time, side by side: a commit may name the
+    // of batch objects (their tables read LIST_WINDOW at a time, side by side: a commit may name the
     // whole pool).
     enum Item {
         Inline(Vec<u8>),
@@ -993,7 +1002,7 @@ fn restore_from(
             match items.pop_front() {
                 Some(Item::Inline(b)) => ready.push_back(Stored::Inline(b)),
                 Some(Item::Objects { epoch, next, end }) => {
-                    let upto = end.min(next + UPLOAD_WINDOW as u64);
+                    let upto = end.min(next + LIST_WINDOW as u64);
                     ready.extend(parallel(next..upto, |k| {
                         let name = data_oid(&url.name, epoch, k);
                         let e = |e: ingot_rados::Error| io_err(k, format!("{name}: {e}"));
@@ -1032,17 +1041,29 @@ fn restore_from(
                 }
                 None if n >= end => return Ok(None),
                 None => {
-                    let (from, to) = (n, end.min(n + UPLOAD_WINDOW as u64));
+                    let (from, to) = (n, end.min(n + LIST_WINDOW as u64));
                     n = to;
                     let records = parallel(from..to, |at| {
-                        read_log(p, &url.name, at, 64 << 20)
-                            .map_err(|e| io_err(at, e.to_string()))?
-                            .ok_or(ingot_engine::Error::Corrupt {
-                                what: "a log object missing from the store",
-                            })
+                        let missing = ingot_engine::Error::Corrupt {
+                            what: "a log object missing from the store",
+                        };
+                        let e = |e: ingot_rados::Error| io_err(at, e.to_string());
+                        // One read for a record up to an inline batch's size; the rare larger
+                        // one (no writer makes them) is read whole.
+                        let data = read_log_data(p, &url.name, at, RECORD_READ)
+                            .map_err(e)?
+                            .ok_or(missing)?;
+                        if data.len() < RECORD_READ {
+                            return Ok(data);
+                        }
+                        Ok(read_log(p, &url.name, at, 64 << 20)
+                            .map_err(e)?
+                            .map(|o| o.data)
+                            .unwrap_or_default())
                     })?;
-                    for o in records.into_iter().filter(|o| !o.seal) {
-                        match ReplicaCommit::decode(&o.data)? {
+                    // (Seals read as empty.)
+                    for data in records.into_iter().filter(|d| !d.is_empty()) {
+                        match ReplicaCommit::decode(&data)? {
                             ReplicaCommit::Inline(b) => items.push_back(Item::Inline(b)),
                             ReplicaCommit::Objects {
                                 epoch,
