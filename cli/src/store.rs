@@ -152,6 +152,8 @@ fn write_store_file(dir: &Path, sf: &StoreFile) -> Result<()> {
     let tmp = dir.join(format!("{STORE_FILE}.tmp"));
     write_private(&tmp, &serde_json::to_vec_pretty(sf)?, false)?;
     std::fs::rename(&tmp, dir.join(STORE_FILE))?;
+    // The rename itself survives a power cut only once the directory is synced.
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -382,7 +384,6 @@ impl RadosReplica {
                 continue;
             }
             next = Instant::now() + every;
-            self.note_whole();
             let mut guard = self.lease.lock();
             let Some(lease) = guard.as_mut() else { return };
             match lease.renew() {
@@ -398,18 +399,19 @@ impl RadosReplica {
         }
     }
 
-    /// Once a lazy takeover's ranges are all local and synced, say so in `store.json`: after a
-    /// crash from then on, the devices are whole (with local acknowledgement, they are kept).
-    fn note_whole(&self) {
-        let whole = self.cold.lock().as_ref().is_some_and(|c| c.is_whole());
+    /// A lazy takeover's ranges are all local and synced: say so in `store.json`, so that after
+    /// a crash from then on the devices count as whole (with local acknowledgement, they are
+    /// kept).
+    fn note_whole(&self) -> Result<()> {
         let mut sf = self.sf.lock();
-        if whole && sf.partial {
+        if sf.partial {
             sf.partial = false;
             if let Err(e) = write_store_file(&self.dir, &sf) {
                 sf.partial = true;
-                tracing::warn!(error = %e, "store: noting that the devices are whole failed");
+                return Err(e);
             }
         }
+        Ok(())
     }
 
     /// A clean stop, after the pool's last sync: give the lease back and note whether this
@@ -470,6 +472,11 @@ impl RadosReplica {
     /// can take the pool over once the lease runs out, rather than holding it while failing
     /// every flush.
     fn give_up(&self, why: impl std::fmt::Display) -> io::Error {
+        // A clean stop (`finish`) tears the uploads down under a base or fill still running:
+        // their failures are this node's own doing, not a reason to give the pool up.
+        if self.stop.load(Ordering::Acquire) {
+            return io::Error::other(format!("the pool is stopping: {why}"));
+        }
         if !self.deposed.swap(true, Ordering::AcqRel) {
             tracing::error!(error = %why, "the store refused a sync: this node gives the pool up");
         }
@@ -589,6 +596,11 @@ impl Replica for RadosReplica {
             uploads_in_flight: st.in_flight as u64,
             ..Default::default()
         }
+    }
+
+    fn devices_whole(&self) -> io::Result<()> {
+        self.note_whole()
+            .map_err(|e| io::Error::other(format!("{e:#}")))
     }
 
     fn fetch(&self, object: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -815,7 +827,13 @@ pub fn prepare_serve(
     if keep {
         replica.rebase_now.store(true, Ordering::Release);
     } else if !current {
-        *replica.cold.lock() = Some(Arc::new(restore_from(dir, &p, &url, head, seal)?));
+        let cold = restore_from(dir, &p, &url, head, seal)?;
+        if cold.is_empty() {
+            // Everything came inline (or as holes): whole already, on disk since the restore.
+            replica.note_whole()?;
+        } else {
+            *replica.cold.lock() = Some(Arc::new(cold));
+        }
     }
     if !replica.valid() {
         bail!("the pool's lease was lost while restoring it from {url}");
@@ -1058,8 +1076,10 @@ fn restore_from(
                         }
                         Ok(read_log(p, &url.name, at, 64 << 20)
                             .map_err(e)?
-                            .map(|o| o.data)
-                            .unwrap_or_default())
+                            .ok_or(ingot_engine::Error::Corrupt {
+                                what: "a log object missing from the store",
+                            })?
+                            .data)
                     })?;
                     // (Seals read as empty.)
                     for data in records.into_iter().filter(|d| !d.is_empty()) {

@@ -495,6 +495,15 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Recorded while serving, not only at a clean stop: a crash from now on keeps the devices.
+    let partial = || {
+        let sf = parse_json(&String::from_utf8(read_file(&b_dir.join("store.json"))).unwrap());
+        sf["partial"] == true
+    };
+    while partial() {
+        assert!(Instant::now() < deadline, "store.json still says partial");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     b.stop();
     let b = serve(&b_dir, &sock, &[]);
     assert!(

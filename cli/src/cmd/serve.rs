@@ -604,11 +604,9 @@ pub fn serve(
         {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let complete = !behind();
-        // Its threads stop first (a base in progress among them): nothing uploads while the
-        // replica is taken down.
-        drop(pool);
-        r.finish(complete)?;
+        // (The pool's own threads may still run a base or a fill: their failures while the
+        // replica is taken down are not taken for a lost lease.)
+        r.finish(!behind())?;
     }
     Ok(0)
 }

@@ -453,14 +453,30 @@ impl Shared {
                 }
             }
         }
-        if cold.is_empty() && self.inner.sync().is_ok() {
-            cold.set_whole();
+        if cold.is_empty() && self.inner.sync().is_ok() && self.mark_whole(cold) {
             tracing::info!(
                 target: "ingot_engine::replica",
                 bytes = cold.fetched_bytes.load(Ordering::Relaxed),
                 ms = started.elapsed().as_millis() as u64,
                 "every cold range is local now"
             );
+        }
+    }
+
+    /// Every range is local and synced: once the replica recorded it, the map says whole.
+    fn mark_whole(&self, cold: &ColdMap) -> bool {
+        if cold.is_whole() {
+            return true;
+        }
+        match self.replica.devices_whole() {
+            Ok(()) => {
+                cold.set_whole();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(target: "ingot_engine::replica", error = %e, "recording that the devices are whole failed; the next sync tries again");
+                false
+            }
         }
     }
 
@@ -604,6 +620,10 @@ impl Shared {
             }
             if *self.hold.lock() {
                 let r = self.rebase(true);
+                if let Err(e) = &r {
+                    tracing::warn!(target: "ingot_engine::replica", error = %e, "the base due after a crash failed; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
                 if r.is_ok() && !self.stop.load(Ordering::Acquire) {
                     *self.hold.lock() = false;
                     self.counters.holding.store(false, Ordering::Release);
@@ -907,7 +927,7 @@ impl Devices for MirrorDevices {
         self.s.inner.sync()?;
         if whole {
             if let Some(c) = &self.s.cold {
-                c.set_whole();
+                self.s.mark_whole(c);
             }
         }
         // The engine's own syncs (checkpoints, the last one at shutdown) reach the store

@@ -54,6 +54,12 @@ pub trait Replica: Send + Sync {
     fn base_end(&self) -> io::Result<()> {
         Ok(())
     }
+    /// After a lazy takeover, every range is local and durable: record it where the next start
+    /// will look (until this returns, the devices count as partial: with local
+    /// acknowledgement, flushes still wait for the store).
+    fn devices_whole(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Read `buf.len()` bytes of store object `object` at byte `offset` (a cold range of a
     /// lazy takeover, [`ColdMap`]). A short object is an error.
     fn fetch(&self, object: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
