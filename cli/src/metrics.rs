@@ -252,6 +252,18 @@ pub fn render(s: &Stats) -> String {
             "counter",
             r.fetches,
         );
+        gauge(
+            "replica_behind",
+            "1 while the store lacks syncs this node answered (--durability local, or a base due).",
+            "gauge",
+            u64::from(r.behind),
+        );
+        gauge(
+            "replica_failed",
+            "1 once an upload to the store failed: no flush succeeds any more.",
+            "gauge",
+            u64::from(r.failed),
+        );
     }
     gauge(
         "metadata_ring_reads_total",

@@ -95,6 +95,16 @@ fn print_stats(s: &Stats) {
             r.store_deleted_objects,
             r.uploads_in_flight
         );
+        if r.behind || r.failed {
+            outln!(
+                "store behind    {}",
+                if r.failed {
+                    "an upload failed: no flush succeeds any more"
+                } else {
+                    "the store lacks syncs this node answered (--durability local, or a base due)"
+                }
+            );
+        }
         if r.cold_bytes > 0 || r.fetches > 0 {
             outln!(
                 "store cold      {} still only in the store; {} fetched in {} range reads since open",

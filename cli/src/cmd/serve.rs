@@ -598,11 +598,23 @@ pub fn serve(
         if behind() {
             tracing::info!("waiting for the store to hold every sync this node answered");
         }
+        let waiting = std::time::Instant::now();
+        let mut said = 0u64;
         while behind()
             && ingot_engine::replica::Replica::valid(&*r)
             && pool.stats().replica.is_some_and(|s| !s.failed)
         {
             std::thread::sleep(std::time::Duration::from_millis(50));
+            // A base that keeps failing holds the stop: say so (a kill leaves the directory
+            // to send it at the next start).
+            let secs = waiting.elapsed().as_secs();
+            if secs >= said + 10 {
+                said = secs;
+                tracing::warn!(
+                    waited_s = secs,
+                    "still waiting for the store to hold every sync this node answered"
+                );
+            }
         }
         // (The pool's own threads may still run a base or a fill: their failures while the
         // replica is taken down are not taken for a lost lease.)
