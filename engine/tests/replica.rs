@@ -92,6 +92,18 @@ fn opts(io: IoKind, replica: Option<Arc<Memory>>, base: bool) -> PoolOptions {
     }
 }
 
+/// A new pool of `size` bytes in 2 MiB segments, in a directory of its own.
+fn new_pool(io: IoKind, size: u64) -> tempfile::TempDir {
+    let a = tempfile::tempdir().unwrap();
+    let c = CreateOptions {
+        size_bytes: size,
+        segment_bytes: 2 << 20,
+        ..Default::default()
+    };
+    drop(Pool::create(a.path(), &c, &opts(io, None, false)).unwrap());
+    a
+}
+
 fn blocks(seed: u64, n: usize) -> Vec<u8> {
     (0..n as u64)
         .flat_map(|i| common::xorshift_block(seed << 32 | i))
@@ -112,13 +124,7 @@ fn restore_into(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u8>
 }
 
 fn replica_round_trip(io: IoKind) {
-    let a = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 128 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    drop(Pool::create(a.path(), &c, &opts(io, None, false)).unwrap());
+    let a = new_pool(io, 128 << 20);
     let r = Arc::new(Memory::default());
     let pool = Pool::open(a.path(), &opts(io, Some(r.clone()), true)).unwrap();
     pool.create_volume("v", 32 << 20).unwrap();
@@ -170,13 +176,7 @@ fn flushed_blocks_reach_another_node_through_the_replica_with_io_uring() {
 /// by its own clock fails its reads.
 #[test]
 fn a_refused_batch_fails_the_flush_and_an_expired_lease_fails_reads() {
-    let a = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 64 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    drop(Pool::create(a.path(), &c, &opts(IoKind::Sync, None, false)).unwrap());
+    let a = new_pool(IoKind::Sync, 64 << 20);
     let r = Arc::new(Memory::default());
     let pool = Pool::open(a.path(), &opts(IoKind::Sync, Some(r.clone()), true)).unwrap();
     pool.create_volume("v", 8 << 20).unwrap();
@@ -212,13 +212,7 @@ fn a_refused_batch_fails_the_flush_and_an_expired_lease_fails_reads() {
 /// flushed block, as replaying the whole history does.
 #[test]
 fn a_new_base_replaces_the_history_before_it() {
-    let a = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 128 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    drop(Pool::create(a.path(), &c, &opts(IoKind::Sync, None, false)).unwrap());
+    let a = new_pool(IoKind::Sync, 128 << 20);
     let r = Arc::new(Memory::default());
     let o = PoolOptions {
         replica_rebase_bytes: 1 << 20,
@@ -304,13 +298,7 @@ struct Lazy {
 }
 
 fn lazy_source(io: IoKind) -> Lazy {
-    let a = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 128 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    drop(Pool::create(a.path(), &c, &opts(io, None, false)).unwrap());
+    let a = new_pool(io, 128 << 20);
     let r = Arc::new(Memory::default());
     let pool = Pool::open(a.path(), &opts(io, Some(r.clone()), true)).unwrap();
     pool.create_volume("v", 32 << 20).unwrap();
@@ -473,13 +461,7 @@ fn set_blocked(r: &Memory, on: bool) {
 /// restores to every acknowledged block.
 #[test]
 fn local_acknowledgement_commits_behind_and_a_kept_pool_sends_a_base_first() {
-    let a = tempfile::tempdir().unwrap();
-    let c = CreateOptions {
-        size_bytes: 128 << 20,
-        segment_bytes: 2 << 20,
-        ..Default::default()
-    };
-    drop(Pool::create(a.path(), &c, &opts(IoKind::Auto, None, false)).unwrap());
+    let a = new_pool(IoKind::Auto, 128 << 20);
     let r = Arc::new(Memory::default());
     let o = PoolOptions {
         replica_local_ack: true,

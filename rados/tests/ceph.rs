@@ -43,6 +43,20 @@ fn unique(what: &str) -> String {
     )
 }
 
+/// The lease of `name` for `who` on this client, taken at once.
+fn take_now(c: &Cluster, p: &Pool, name: &str, who: &str) -> Lease {
+    Lease::acquire(
+        p,
+        name,
+        who,
+        &c.address().unwrap(),
+        Takeover::Now,
+        quick(),
+        None,
+    )
+    .unwrap()
+}
+
 fn quick() -> LeaseOptions {
     LeaseOptions {
         period: Duration::from_millis(1500),
@@ -222,16 +236,7 @@ fn an_append_racing_the_takeover_is_kept_before_the_seal() {
     let name = unique("pool");
     let (c1, p1) = node();
     let (_c2, p2) = node();
-    let mut a = Lease::acquire(
-        &p1,
-        &name,
-        "a",
-        &c1.address().unwrap(),
-        Takeover::Now,
-        quick(),
-        None,
-    )
-    .unwrap();
+    let mut a = take_now(&c1, &p1, &name, "a");
     a.append(b"one").unwrap();
     // A's next object is written between B's lease swap and B's seal: B's seal walks past
     // it. (Simulated by writing it first: the seal's search and exclusive create are what
@@ -255,16 +260,7 @@ fn a_raised_head_lets_the_log_start_later() {
     let name = unique("pool");
     let (c1, p1) = node();
     let (_c2, p2) = node();
-    let mut a = Lease::acquire(
-        &p1,
-        &name,
-        "a",
-        &c1.address().unwrap(),
-        Takeover::Now,
-        quick(),
-        None,
-    )
-    .unwrap();
+    let mut a = take_now(&c1, &p1, &name, "a");
     for k in 0..6u8 {
         a.append(&[k]).unwrap();
     }

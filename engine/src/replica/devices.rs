@@ -135,8 +135,6 @@ struct Shared {
     rebase_after: AtomicU64,
     /// Ranges still only in the store (a lazy takeover), and the fetchers' queue.
     cold: Option<Arc<ColdMap>>,
-    /// Set with `Health::failed`, for the syncs that do not take the upload lock.
-    failed: AtomicBool,
     /// Clients' syncs are acknowledged once local, and committed to the replica behind them
     /// (`PoolOptions::replica_local_ack`).
     local: bool,
@@ -217,7 +215,6 @@ impl MirrorDevices {
             rebase_after: AtomicU64::new(rebase_bytes.max(1)),
             fetch: cold.is_some().then_some(fetch_tx),
             cold,
-            failed: AtomicBool::new(false),
             local,
             commit_wanted: Mutex::new(false),
             commit_cv: Condvar::new(),
@@ -272,7 +269,7 @@ impl Shared {
     /// A client's sync (a shard's queued sync op) completed on the devices: make what it
     /// covers durable in the replica, or with local acknowledgement have it committed behind.
     fn after_sync(&self) -> io::Result<()> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.has_failed() {
             return self.upload(true);
         }
         // Devices still partly in the store cannot be kept after a crash (the map of what is
@@ -296,6 +293,19 @@ impl Shared {
         *self.commit_wanted.lock() = true;
         self.commit_cv.notify_one();
         Ok(())
+    }
+
+    /// The replica refused something: nothing after it may be acknowledged as durable, and
+    /// nothing more is sent (the early sender would wait forever for the data it expects).
+    fn fail(&self, health: &mut Health, e: &io::Error) {
+        health.failed = Some(e.to_string());
+        self.counters.failed.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// `Health::failed`, for the syncs that do not take the upload lock.
+    fn has_failed(&self) -> bool {
+        self.counters.failed.load(Ordering::Acquire)
     }
 
     /// Commit everything noted, counting the local acknowledgements it covers.
@@ -331,7 +341,7 @@ impl Shared {
     fn wait_hold(&self) -> io::Result<()> {
         let mut h = self.hold.lock();
         while *h {
-            if self.failed.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire) {
+            if self.has_failed() || self.closing.load(Ordering::Acquire) {
                 return Err(lost("the base it waited for was not sent"));
             }
             self.hold_cv.wait_for(&mut h, Duration::from_millis(100));
@@ -589,11 +599,7 @@ impl Shared {
         );
         match &r {
             Err(e) => {
-                health.failed = Some(e.to_string());
-                self.failed.store(true, Ordering::Release);
-                self.counters.failed.store(true, Ordering::Release);
-                // The early sender would find the data it waits for forever.
-                self.stop.store(true, Ordering::Release);
+                self.fail(&mut health, e);
             }
             Ok(()) => {
                 health.uncommitted = !commit;
@@ -708,10 +714,7 @@ impl Shared {
                     len,
                 };
                 if let Err(e) = self.send(&[piece], &mut t) {
-                    health.failed = Some(e.to_string());
-                    self.failed.store(true, Ordering::Release);
-                    self.counters.failed.store(true, Ordering::Release);
-                    self.stop.store(true, Ordering::Release);
+                    self.fail(&mut health, &e);
                     return Err(e);
                 }
                 health.uncommitted = true;
@@ -724,10 +727,7 @@ impl Shared {
         let r = self.replica.base_end();
         match &r {
             Err(e) => {
-                health.failed = Some(e.to_string());
-                self.failed.store(true, Ordering::Release);
-                self.counters.failed.store(true, Ordering::Release);
-                self.stop.store(true, Ordering::Release);
+                self.fail(&mut health, e);
             }
             Ok(()) => {
                 self.counters.bases.fetch_add(1, Ordering::Relaxed);
@@ -933,7 +933,7 @@ impl Devices for MirrorDevices {
         // The engine's own syncs (checkpoints, the last one at shutdown) reach the store
         // before they complete, in either mode; with local acknowledgement, while a base is
         // due, they stay local (the base commits them).
-        if self.s.local && *self.s.hold.lock() && !self.s.failed.load(Ordering::Acquire) {
+        if self.s.local && *self.s.hold.lock() && !self.s.has_failed() {
             return Ok(());
         }
         self.s.wait_hold()?;
