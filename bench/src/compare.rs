@@ -291,6 +291,7 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
     for (r, q) in rows.iter_mut().zip(ratios) {
         r.ingot_ratio = q;
     }
+    flushes.extend(nbd_bound(&flushes));
     if let Some(i) = flushes
         .iter()
         .find(|f| f.target == "ingot")
@@ -312,6 +313,30 @@ pub fn compare(a: &CompareArgs) -> Result<Report> {
         goals,
         started_unix,
         wall_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Target name of the commit bound row (see [`nbd_bound`]).
+pub const NBD_BOUND: &str = "bound: nbdkit-memory's round trips + the raw file's pair";
+
+/// The most write+flush pairs any NBD server could give here: each pair costs at least what
+/// nbdkit-memory's costs (the client and two round trips, no storage) plus what the raw file's
+/// `pwrite` + `fdatasync` costs (the storage, no protocol). When the run has both.
+fn nbd_bound(flushes: &[FlushRow]) -> Option<FlushRow> {
+    let of = |t: &str| flushes.iter().find(|f| f.target == t).map(|f| &f.latency);
+    let (m, r) = (of("nbdkit-memory")?, of(RAW)?);
+    if !(m.pairs_per_s > 0.0 && r.pairs_per_s > 0.0) {
+        return None;
+    }
+    Some(FlushRow {
+        target: NBD_BOUND.into(),
+        latency: crate::flush::FlushLatency {
+            pairs_per_s: 1.0 / (1.0 / m.pairs_per_s + 1.0 / r.pairs_per_s),
+            latency_us_p50: m.latency_us_p50 + r.latency_us_p50,
+            // Tails do not add.
+            latency_us_p99: f64::NAN,
+        },
+        ingot_ratio: f64::NAN,
     })
 }
 
@@ -531,4 +556,43 @@ pub fn write_outputs(r: &Report, out: &std::path::Path) -> Result<(PathBuf, Path
     fs::write(&json, serde_json::to_string_pretty(r)?)?;
     fs::write(&svg_path, chart(r))?;
     Ok((json, svg_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flush::FlushLatency;
+
+    fn row(target: &str, pairs_per_s: f64, p50: f64) -> FlushRow {
+        FlushRow {
+            target: target.into(),
+            latency: FlushLatency {
+                pairs_per_s,
+                latency_us_p50: p50,
+                latency_us_p99: 2.0 * p50,
+            },
+            ingot_ratio: f64::NAN,
+        }
+    }
+
+    #[test]
+    fn the_commit_bound_adds_the_round_trips_to_the_local_pair() {
+        let rows = [
+            row("ingot", 6136.0, 157.0),
+            row("nbdkit-memory", 18012.0, 55.7),
+            row(RAW, 12941.0, 75.8),
+        ];
+        let b = nbd_bound(&rows).expect("both rows are there");
+        assert_eq!(b.target, NBD_BOUND);
+        // 1 / (1/18012 + 1/12941) pairs a second.
+        assert!(
+            (b.latency.pairs_per_s - 7530.4).abs() < 1.0,
+            "{}",
+            b.latency.pairs_per_s
+        );
+        assert!((b.latency.latency_us_p50 - 131.5).abs() < 1e-9);
+        assert!(b.latency.latency_us_p99.is_nan());
+        assert!(nbd_bound(&rows[..2]).is_none(), "no raw file, no bound");
+        assert!(nbd_bound(&[rows[0].clone(), rows[2].clone()]).is_none());
+    }
 }
