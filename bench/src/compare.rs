@@ -88,6 +88,8 @@ pub struct Goal {
     pub goal: String,
     pub ratio: f64,
     pub wanted: f64,
+    /// `wanted` is a ceiling (a latency ratio), not a floor.
+    pub at_most: bool,
     pub met: bool,
 }
 
@@ -355,7 +357,45 @@ fn goals(rows: &[Row]) -> Vec<Goal> {
                 goal: format!("ingot / {} on {} x{}", r.target, r.workload, r.connections),
                 ratio: r.ingot_ratio,
                 wanted,
+                at_most: false,
                 met: r.ingot_ratio >= wanted,
+            });
+        }
+        // Over NBD against the raw file (issue 21): 4k random writes at 1.2x and 1M writes at
+        // 0.9x of its speed, and no stalls beyond the device's own (p99 within 2x of its p99).
+        let raw_wanted = match r.workload.as_str() {
+            w if w.starts_with("4k randwrite") => Some(1.2),
+            w if w.starts_with("1M write") => Some(0.9),
+            _ => None,
+        };
+        let (Some(wanted), true) = (raw_wanted, r.target == RAW) else {
+            continue;
+        };
+        let Some(ingot) = rows.iter().find(|i| {
+            i.target == "ingot" && i.workload == r.workload && i.connections == r.connections
+        }) else {
+            continue;
+        };
+        if r.ingot_ratio.is_finite() {
+            out.push(Goal {
+                goal: format!("ingot / raw file on {} x{}", r.workload, r.connections),
+                ratio: r.ingot_ratio,
+                wanted,
+                at_most: false,
+                met: r.ingot_ratio >= wanted,
+            });
+        }
+        let p99 = ingot.measured.latency_us_p99 / r.measured.latency_us_p99;
+        if p99.is_finite() {
+            out.push(Goal {
+                goal: format!(
+                    "ingot p99 / raw file p99 on {} x{}",
+                    r.workload, r.connections
+                ),
+                ratio: p99,
+                wanted: 2.0,
+                at_most: true,
+                met: p99 <= 2.0,
             });
         }
     }
@@ -431,9 +471,10 @@ pub fn table(r: &Report) -> String {
         s.push_str("\n| goal (this run) | ratio | wanted | met |\n|---|---:|---:|---|\n");
         for g in &r.goals {
             s.push_str(&format!(
-                "| {} | {} | ≥ {:.1}x | {} |\n",
+                "| {} | {} | {} {:.1}x | {} |\n",
                 g.goal,
                 ratio(g.ratio),
+                if g.at_most { "≤" } else { "≥" },
                 g.wanted,
                 if g.met { "yes" } else { "**no**" }
             ));
@@ -573,6 +614,54 @@ mod tests {
             },
             ingot_ratio: f64::NAN,
         }
+    }
+
+    fn io_row(target: &str, workload: &str, iops: f64, p99: f64) -> Row {
+        Row {
+            target: target.into(),
+            workload: workload.into(),
+            connections: 1,
+            measured: crate::fio::Measured {
+                iops,
+                latency_us_p99: p99,
+                ..Default::default()
+            },
+            limit: String::new(),
+            ingot_ratio: f64::NAN,
+        }
+    }
+
+    #[test]
+    fn raw_file_goals_take_the_run_s_ratios_and_tails() {
+        let mut rows = vec![
+            io_row("ingot", "4k randwrite QD32", 150_000.0, 700.0),
+            io_row(RAW, "4k randwrite QD32", 100_000.0, 300.0),
+            io_row("ingot", "1M write QD8", 2_000.0, 9_000.0),
+            io_row(RAW, "1M write QD8", 2_500.0, 5_000.0),
+            io_row("ingot", "4k randread QD32", 1.0, 1.0),
+            io_row(RAW, "4k randread QD32", 1.0, 1.0),
+        ];
+        for r in &mut rows {
+            r.ingot_ratio = match (r.target.as_str(), r.workload.as_str()) {
+                (RAW, w) if w.starts_with("4k randwrite") => 1.5,
+                (RAW, w) if w.starts_with("1M write") => 0.8,
+                _ => 1.0,
+            };
+        }
+        let g = goals(&rows);
+        let find = |name: &str| g.iter().find(|g| g.goal == name).expect(name);
+        let w4 = find("ingot / raw file on 4k randwrite QD32 x1");
+        assert!(w4.met && !w4.at_most && w4.wanted == 1.2);
+        let w1m = find("ingot / raw file on 1M write QD8 x1");
+        assert!(!w1m.met && w1m.wanted == 0.9);
+        let t4 = find("ingot p99 / raw file p99 on 4k randwrite QD32 x1");
+        assert!(t4.at_most && !t4.met && (t4.ratio - 700.0 / 300.0).abs() < 1e-9);
+        let t1m = find("ingot p99 / raw file p99 on 1M write QD8 x1");
+        assert!(t1m.met && (t1m.ratio - 1.8).abs() < 1e-9);
+        assert!(
+            !g.iter().any(|g| g.goal.contains("randread")),
+            "no raw-file goal for reads"
+        );
     }
 
     #[test]

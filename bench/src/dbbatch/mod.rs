@@ -340,6 +340,7 @@ fn goals(summary: &[Summary], baseline: &str) -> Vec<crate::compare::Goal> {
             goal: format!("ingot total / {baseline} total (at most)"),
             ratio: ingot.ratio_to_local,
             wanted: 1.05,
+            at_most: true,
             met: ingot.ratio_to_local <= 1.05,
         });
         for (peer, frac) in [("qemu-nbd", 1.0 / 3.0), ("nbdkit-file", 0.5)] {
@@ -354,6 +355,7 @@ fn goals(summary: &[Summary], baseline: &str) -> Vec<crate::compare::Goal> {
                     goal: format!("ingot storage share / {peer} storage share (at most)"),
                     ratio: r,
                     wanted: frac,
+                    at_most: true,
                     met: r <= frac,
                 });
             }
@@ -365,6 +367,7 @@ fn goals(summary: &[Summary], baseline: &str) -> Vec<crate::compare::Goal> {
             goal: "ingot stored bytes / logical mapped bytes (below)".into(),
             ratio: r,
             wanted: 1.0,
+            at_most: true,
             met: r < 1.0,
         });
     }
