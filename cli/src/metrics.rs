@@ -235,6 +235,12 @@ pub fn render(s: &Stats) -> String {
             r.uploads_in_flight,
         );
         gauge(
+            "replica_history_bytes",
+            "Data bytes committed to the store since its last base (what a takeover replays; a new base is sent past the rebase threshold).",
+            "gauge",
+            r.history_bytes,
+        );
+        gauge(
             "replica_cold_bytes",
             "Device bytes a takeover left in the store and not fetched yet.",
             "gauge",

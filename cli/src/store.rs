@@ -133,6 +133,11 @@ struct StoreFile {
     /// hold syncs the store may lack.
     #[serde(default)]
     local_ack: bool,
+    /// Data bytes the store's history held since its last base when this node last stopped
+    /// cleanly (`ReplicaStats::history_bytes`): the next start counts on from there, so that
+    /// a pool restarted often still gets a new base.
+    #[serde(default)]
+    history_bytes: u64,
 }
 
 fn read_store_file(dir: &Path) -> Result<Option<StoreFile>> {
@@ -238,6 +243,9 @@ pub struct RadosReplica {
     cold: Mutex<Option<Arc<ColdMap>>>,
     /// The devices were kept after a crash with local acknowledgement: a base is due.
     rebase_now: AtomicBool,
+    /// The store's history since its last base as this node found it at start (its last clean
+    /// stop's count, or what a takeover listed).
+    history: AtomicU64,
     pool: ingot_rados::Pool,
 }
 
@@ -356,6 +364,7 @@ impl RadosReplica {
             sf: Mutex::new(sf),
             cold: Mutex::new(None),
             rebase_now: AtomicBool::new(false),
+            history: AtomicU64::new(0),
             pool: pool.clone(),
         });
         r.set_valid(&lease);
@@ -417,7 +426,7 @@ impl RadosReplica {
     /// A clean stop, after the pool's last sync: give the lease back and note whether this
     /// node's devices hold what the store holds (`complete`: the store holds every sync this
     /// node acknowledged, `ReplicaStats::behind`).
-    pub fn finish(&self, complete: bool) -> Result<()> {
+    pub fn finish(&self, complete: bool, history_bytes: u64) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         drop(self.gc.lock().take());
         if let Some(t) = self.collector.lock().take() {
@@ -440,6 +449,7 @@ impl RadosReplica {
         lease.release().context("releasing the lease")?;
         let mut sf = self.sf.lock().clone();
         sf.next_log = next;
+        sf.history_bytes = history_bytes;
         // With ranges still cold (or fetched and not synced), the next start takes them from
         // the store again.
         let whole = self.cold.lock().as_ref().is_none_or(|c| c.is_whole());
@@ -458,6 +468,12 @@ impl RadosReplica {
     /// The ranges a lazy takeover left in the store, for the pool's devices.
     pub fn cold(&self) -> Option<Arc<ColdMap>> {
         self.cold.lock().clone()
+    }
+
+    /// The store's history since its last base when this node started
+    /// (`PoolOptions::replica_history_bytes`).
+    pub fn history_bytes(&self) -> u64 {
+        self.history.load(Ordering::Acquire)
     }
 
     /// The devices were kept after a crash with local acknowledgement: the pool must send
@@ -683,6 +699,7 @@ pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
         clean: false,
         partial: false,
         local_ack: false,
+        history_bytes: 0,
     };
     write_store_file(dir, &sf)?;
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
@@ -694,9 +711,10 @@ pub fn create(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
     let pool = ingot_engine::Pool::open(dir, &o).context("sending the new pool to the store")?;
     pool.shutdown()
         .context("sending the new pool to the store")?;
-    let complete = pool.stats().replica.is_some_and(|s| !s.behind);
+    let stats = pool.stats().replica;
+    let complete = stats.as_ref().is_some_and(|s| !s.behind);
     drop(pool);
-    replica.finish(complete)
+    replica.finish(complete, stats.map_or(0, |s| s.history_bytes))
 }
 
 /// `ingot pool attach`: a directory that will serve the pool in the store once it holds the
@@ -741,6 +759,7 @@ pub fn attach(dir: &Path, url: &StoreUrl, ceph: &CephArgs) -> Result<()> {
             clean: false,
             partial: true,
             local_ack: false,
+            history_bytes: 0,
         },
     )
 }
@@ -822,12 +841,19 @@ pub fn prepare_serve(
     // mode, must keep the devices again.
     sf.local_ack = durability == Durability::Local || keep;
     write_store_file(dir, &sf)?;
+    // As this directory last knew it (a restore below lists it afresh; after a crash it
+    // misses that run's commits, and a base is due first with kept devices anyway).
+    let history = sf.history_bytes;
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
+    replica.history.store(history, Ordering::Release);
     if keep {
         replica.rebase_now.store(true, Ordering::Release);
     } else if !current {
         let cold = restore_from(dir, &p, &url, head, seal)?;
+        replica
+            .history
+            .store(cold.history_bytes(), Ordering::Release);
         if cold.is_empty() {
             // Everything came inline (or as holes): whole already, on disk since the restore.
             replica.note_whole()?;

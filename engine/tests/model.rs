@@ -328,6 +328,7 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         replica: None,
         replica_base: false,
         replica_rebase_bytes: 0,
+        replica_history_bytes: 0,
         replica_cold: None,
         replica_fill: false,
         replica_local_ack: false,

@@ -260,6 +260,57 @@ fn a_new_base_replaces_the_history_before_it() {
     }
 }
 
+/// The history the store already held at open counts towards the next base: a pool restarted
+/// more often than it writes twice its data still gets one (before, each open counted from
+/// zero, and such a pool's history grew without end).
+#[test]
+fn the_history_before_an_open_counts_towards_the_next_base() {
+    for (history, based) in [(0u64, false), (1 << 30, true)] {
+        let a = new_pool(IoKind::Sync, 128 << 20);
+        let r = Arc::new(Memory::default());
+        let o = PoolOptions {
+            replica_rebase_bytes: 64 << 20,
+            replica_history_bytes: history,
+            ..opts(IoKind::Sync, Some(r.clone()), true)
+        };
+        let pool = Pool::open(a.path(), &o).unwrap();
+        pool.create_volume("v", 32 << 20).unwrap();
+        let v = pool.volume("v").unwrap();
+        v.write(0, &blocks(7, 16), false).unwrap();
+        v.flush().unwrap();
+        let stats = pool.stats().replica.unwrap();
+        if !based {
+            assert!(
+                stats.history_bytes > 0 && stats.history_bytes < 64 << 20,
+                "this open's commits: {}",
+                stats.history_bytes
+            );
+        }
+        // The early sender looks every 100 ms.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while r.bases.lock().is_empty() && std::time::Instant::now() < deadline && based {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !based {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        assert_eq!(
+            !r.bases.lock().is_empty(),
+            based,
+            "a history of {history} bytes at open"
+        );
+        if based {
+            let after = pool.stats().replica.unwrap().history_bytes;
+            assert!(
+                after < 1 << 30,
+                "the base started the history again: {after}"
+            );
+        }
+        drop(v);
+        pool.shutdown().unwrap();
+    }
+}
+
 /// A lazy takeover: batches up to this size come inline (in their log record), larger ones as
 /// objects whose table alone is read.
 fn restore_lazily(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u8>]) -> ColdMap {

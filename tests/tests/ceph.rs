@@ -402,6 +402,55 @@ fn a_takeover_replays_from_the_last_base() {
     b.stop();
 }
 
+/// The store's history since its last base, as `stats` counts it, carries over a clean stop
+/// (`store.json`) and a takeover (what the restore listed): a pool restarted more often than
+/// it writes twice its data still reaches its next base.
+#[test]
+fn the_history_since_the_last_base_outlives_a_restart() {
+    let tmp = TempDir::new("ceph-history");
+    let url = store_name("history");
+    let a_dir = tmp.join("a");
+    create_on_store(&a_dir, &url);
+    let sock = tmp.join("nbd.sock");
+    let history = |dir: &Path| replica_stats(dir)["history_bytes"].as_u64().unwrap();
+    let stored = |dir: &Path| {
+        let sf: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("store.json")).unwrap()).unwrap();
+        sf["history_bytes"].as_u64().unwrap_or(0)
+    };
+    let a = serve(&a_dir, &sock, &[]);
+    create_volume(&a_dir);
+    write_flushed(&a.unix_uri("v"), 0, 8 * MIB, 5);
+    let first = history(&a_dir);
+    // (qemu-io's patterns compress: far fewer bytes reach the store than were written.)
+    assert!(first > 0, "8 MiB flushed, a history of {first}");
+    a.stop();
+    let kept = stored(&a_dir);
+    assert!(kept >= first, "store.json keeps {kept}, stats said {first}");
+    // The same node again: it counts on from there.
+    let a = serve(&a_dir, &sock, &[]);
+    // (The open's own syncs add to it.)
+    let again = history(&a_dir);
+    assert!(again >= kept, "{again} after a clean restart, {kept} kept");
+    write_flushed(&a.unix_uri("v"), 8 * MIB, 8 * MIB, 6);
+    let second = history(&a_dir);
+    assert!(second > kept, "{second} after {kept} and 8 MiB more");
+    a.stop();
+    // Another node: its restore lists the history.
+    let b_dir = tmp.join("b");
+    attach(&b_dir, &url);
+    let b = serve(&b_dir, &sock, &[]);
+    let listed = history(&b_dir);
+    assert!(
+        listed >= second,
+        "the takeover listed {listed} bytes of history, the last owner had {second}"
+    );
+    if let Err(text) = reads_back(&b.unix_uri("v"), &[(0, 8 * MIB, 5), (8 * MIB, 8 * MIB, 6)]) {
+        panic!("after the takeover:\n{text}");
+    }
+    b.stop();
+}
+
 /// The volume's first `len` bytes, copied out with nbdcopy.
 fn volume_bytes(uri: &str, tmp: &Path, len: u64) -> Vec<u8> {
     let out = tmp.join("copy.raw");

@@ -80,7 +80,7 @@ fn print_stats(s: &Stats) {
     );
     if let Some(r) = &s.replica {
         outln!(
-            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} bases, {} not sent yet; {} objects ({}) written and {} deleted since open, {} uploading",
+            "store           {} (epoch {}): {} sent in {} batches, {} commits (mean {} µs, max {} µs), {} bases ({} since the last), {} not sent yet; {} objects ({}) written and {} deleted since open, {} uploading",
             r.store,
             r.epoch,
             human(r.sent_bytes),
@@ -89,6 +89,7 @@ fn print_stats(s: &Stats) {
             r.commit_mean_us,
             r.commit_max_us,
             r.bases,
+            human(r.history_bytes),
             human(r.pending_bytes),
             r.store_objects,
             human(r.store_bytes),

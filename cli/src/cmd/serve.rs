@@ -417,6 +417,7 @@ pub fn serve(
         opts.replica_fill = !store.no_fill;
         opts.replica_local_ack = store.durability == crate::store::Durability::Local;
         opts.replica_rebase_now = r.rebase_now();
+        opts.replica_history_bytes = r.history_bytes();
         // Tests shorten the history between bases.
         if let Some(b) = std::env::var("INGOT_REPLICA_REBASE_BYTES")
             .ok()
@@ -618,7 +619,8 @@ pub fn serve(
         }
         // (The pool's own threads may still run a base or a fill: their failures while the
         // replica is taken down are not taken for a lost lease.)
-        r.finish(!behind())?;
+        let history = pool.stats().replica.map_or(0, |s| s.history_bytes);
+        r.finish(!behind(), history)?;
     }
     Ok(0)
 }

@@ -104,6 +104,7 @@ impl Pool {
                     crate::replica::MirrorOptions {
                         base: o.replica_base,
                         rebase_bytes: o.replica_rebase_bytes,
+                        history_bytes: o.replica_history_bytes,
                         cold: o.replica_cold.clone(),
                         fill: o.replica_fill,
                         local: o.replica_local_ack,

@@ -97,6 +97,12 @@ pub struct PoolOptions {
     /// Data bytes committed to the replica after which a new base is sent (once they are also
     /// twice the devices' allocated bytes), so that a restore does not replay the whole history.
     pub replica_rebase_bytes: u64,
+    /// Data bytes the replica's history already held since its last base when this open
+    /// began (what the node knew of the store's history at start: kept at its last clean stop,
+    /// or listed by a takeover). Counted towards `replica_rebase_bytes`: without it, a pool
+    /// restarted more often than it wrote twice its data never got a new base, and its history
+    /// in the store grew without end.
+    pub replica_history_bytes: u64,
     /// After a lazy takeover ([`crate::replica::restore_cold`]): where the devices' ranges
     /// not fetched yet are in the store. Reads fetch them on first use.
     pub replica_cold: Option<std::sync::Arc<crate::replica::ColdMap>>,
@@ -131,6 +137,7 @@ impl Default for PoolOptions {
             replica: None,
             replica_base: false,
             replica_rebase_bytes: 4 << 30,
+            replica_history_bytes: 0,
             replica_cold: None,
             replica_fill: true,
             replica_local_ack: false,

@@ -48,6 +48,9 @@ struct Dirty {
 pub(crate) struct MirrorOptions {
     pub base: bool,
     pub rebase_bytes: u64,
+    /// Data bytes the store's history held since its last base when this open began
+    /// (`PoolOptions::replica_history_bytes`).
+    pub history_bytes: u64,
     pub cold: Option<Arc<ColdMap>>,
     pub fill: bool,
     pub local: bool,
@@ -128,9 +131,7 @@ struct Shared {
     /// upload failed), and complete what is left with an error.
     closing: AtomicBool,
     counters: Arc<super::Counters>,
-    /// Data bytes committed since the last base began.
-    since_base: AtomicU64,
-    /// A new base is sent once `since_base` passes this (it grows to twice the devices'
+    /// A new base is sent once `counters.history` passes this (it grows to twice the devices'
     /// allocated bytes when they hold more: a base sends all of them).
     rebase_after: AtomicU64,
     /// Ranges still only in the store (a lazy takeover), and the fetchers' queue.
@@ -156,7 +157,7 @@ struct Health {
     /// Batches were put (early) since the last commit: the next sync commits even if it
     /// finds nothing new.
     uncommitted: bool,
-    /// Their data bytes, counted into `since_base` when they are committed.
+    /// Their data bytes, counted into `counters.history` when they are committed.
     uncommitted_bytes: u64,
 }
 
@@ -175,6 +176,7 @@ impl MirrorDevices {
         let MirrorOptions {
             base,
             rebase_bytes,
+            history_bytes,
             cold,
             fill,
             local,
@@ -209,9 +211,9 @@ impl MirrorDevices {
             counters: Arc::new(super::Counters {
                 cold: cold.clone(),
                 holding: AtomicBool::new(rebase_now),
+                history: AtomicU64::new(history_bytes),
                 ..Default::default()
             }),
-            since_base: AtomicU64::new(0),
             rebase_after: AtomicU64::new(rebase_bytes.max(1)),
             fetch: cold.is_some().then_some(fetch_tx),
             cold,
@@ -579,8 +581,7 @@ impl Shared {
         c.batches.fetch_add(t.batches, Ordering::Relaxed);
         if commit && r.is_ok() {
             let early = std::mem::take(&mut health.uncommitted_bytes);
-            self.since_base
-                .fetch_add(t.bytes + early, Ordering::Relaxed);
+            c.history.fetch_add(t.bytes + early, Ordering::Relaxed);
             let us = t.commit.as_micros() as u64;
             c.commits.fetch_add(1, Ordering::Relaxed);
             c.commit_us.fetch_add(us, Ordering::Relaxed);
@@ -640,7 +641,7 @@ impl Shared {
                         self.commit_cv.notify_one();
                     }
                 }
-            } else if self.since_base.load(Ordering::Relaxed)
+            } else if self.counters.history.load(Ordering::Relaxed)
                 >= self.rebase_after.load(Ordering::Relaxed)
             {
                 let _ = self.rebase(false);
@@ -671,7 +672,7 @@ impl Shared {
     fn rebase(&self, now: bool) -> io::Result<()> {
         let (_, allocated) = self.ranges()?;
         let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
-        if !now && self.since_base.load(Ordering::Relaxed) < floor {
+        if !now && self.counters.history.load(Ordering::Relaxed) < floor {
             self.rebase_after.store(floor, Ordering::Relaxed);
             return Ok(());
         }
@@ -691,7 +692,7 @@ impl Shared {
         // committed after the start.
         let ranges = {
             let _no_upload = self.upload.lock();
-            self.since_base.store(0, Ordering::Relaxed);
+            self.counters.history.store(0, Ordering::Relaxed);
             self.replica.base_begin();
             self.ranges()?.0
         };

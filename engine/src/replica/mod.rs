@@ -81,6 +81,10 @@ pub(crate) struct Counters {
     pub commit_max_us: std::sync::atomic::AtomicU64,
     pub pending_bytes: std::sync::atomic::AtomicU64,
     pub bases: std::sync::atomic::AtomicU64,
+    /// Data bytes committed since the last base began: counted from this open on, from what
+    /// the store held when it began (`PoolOptions::replica_history_bytes`). A restore replays
+    /// them; past `PoolOptions::replica_rebase_bytes` (or twice the data) a new base is sent.
+    pub history: std::sync::atomic::AtomicU64,
     /// A lazy takeover's cold ranges.
     pub cold: Option<std::sync::Arc<ColdMap>>,
     /// Clients' syncs acknowledged before the replica held them (local acknowledgement), and
@@ -109,6 +113,7 @@ impl Counters {
             commit_max_us: self.commit_max_us.load(Relaxed),
             pending_bytes: self.pending_bytes.load(Relaxed),
             bases: self.bases.load(Relaxed),
+            history_bytes: self.history.load(Relaxed),
             cold_bytes: self.cold.as_ref().map_or(0, |c| c.cold_bytes()),
             fetched_bytes: self
                 .cold
