@@ -850,10 +850,8 @@ pub fn prepare_serve(
     if keep {
         replica.rebase_now.store(true, Ordering::Release);
     } else if !current {
-        let cold = restore_from(dir, &p, &url, head, seal)?;
-        replica
-            .history
-            .store(cold.history_bytes(), Ordering::Release);
+        let (cold, history) = restore_from(dir, &p, &url, head, seal)?;
+        replica.history.store(history, Ordering::Release);
         if cold.is_empty() {
             // Everything came inline (or as holes): whole already, on disk since the restore.
             replica.note_whole()?;
@@ -991,7 +989,7 @@ fn restore_from(
     url: &StoreUrl,
     head: u64,
     end: u64,
-) -> Result<ColdMap> {
+) -> Result<(ColdMap, u64)> {
     let pool_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
     let devices: Vec<PathBuf> = pool_json["devices"]
@@ -1009,6 +1007,9 @@ fn restore_from(
     // Where to start: the start of the last whole base, found from the records' headers,
     // newest first (a later base starts later; everything before it is no longer needed).
     let mut n = head;
+    // The record that marks the base whole: its batches (from `n` on, up to it) are the base,
+    // the ones after it the history since.
+    let mut marker = None;
     let mut at = end;
     'search: while at > head {
         let from = at.saturating_sub(64).max(head);
@@ -1023,6 +1024,7 @@ fn restore_from(
             {
                 if start < k {
                     n = start;
+                    marker = Some(k);
                     break 'search;
                 }
             }
@@ -1035,19 +1037,38 @@ fn restore_from(
     // Committed batches still to fetch, in log order: a small sync's inline batch, or a run
     // of batch objects (their tables read LIST_WINDOW at a time, side by side: a commit may name the
     // whole pool).
+    // Each with the log record that named it.
     enum Item {
-        Inline(Vec<u8>),
-        Objects { epoch: u64, next: u64, end: u64 },
+        Inline(Vec<u8>, u64),
+        Objects {
+            epoch: u64,
+            next: u64,
+            end: u64,
+            record: u64,
+        },
     }
+    // Bytes of the batches after the base's marker (all of them without a base).
+    let history = std::cell::Cell::new(0u64);
+    let after_base = |record: u64| marker.is_none_or(|m| record > m);
     let mut items: std::collections::VecDeque<Item> = Default::default();
     let mut ready: std::collections::VecDeque<Stored> = Default::default();
     let mut next = || -> ingot_engine::Result<Option<Stored>> {
         while ready.is_empty() {
             match items.pop_front() {
-                Some(Item::Inline(b)) => ready.push_back(Stored::Inline(b)),
-                Some(Item::Objects { epoch, next, end }) => {
+                Some(Item::Inline(b, record)) => {
+                    if after_base(record) {
+                        history.set(history.get() + b.len() as u64);
+                    }
+                    ready.push_back(Stored::Inline(b));
+                }
+                Some(Item::Objects {
+                    epoch,
+                    next,
+                    end,
+                    record,
+                }) => {
                     let upto = end.min(next + LIST_WINDOW as u64);
-                    ready.extend(parallel(next..upto, |k| {
+                    let stored = parallel(next..upto, |k| {
                         let name = data_oid(&url.name, epoch, k);
                         let e = |e: ingot_rados::Error| io_err(k, format!("{name}: {e}"));
                         let len = p.stat(&name).map_err(e)?;
@@ -1074,12 +1095,24 @@ fn restore_from(
                             head = read(table)?;
                         }
                         Ok(Stored::Object { name, head, len })
-                    })?);
+                    })?;
+                    if after_base(record) {
+                        let listed: u64 = stored
+                            .iter()
+                            .map(|s| match s {
+                                Stored::Object { len, .. } => *len,
+                                Stored::Inline(b) => b.len() as u64,
+                            })
+                            .sum();
+                        history.set(history.get() + listed);
+                    }
+                    ready.extend(stored);
                     if upto < end {
                         items.push_front(Item::Objects {
                             epoch,
                             next: upto,
                             end,
+                            record,
                         });
                     }
                 }
@@ -1108,9 +1141,12 @@ fn restore_from(
                             .data)
                     })?;
                     // (Seals read as empty.)
-                    for data in records.into_iter().filter(|d| !d.is_empty()) {
+                    for (record, data) in (from..to).zip(records) {
+                        if data.is_empty() {
+                            continue;
+                        }
                         match ReplicaCommit::decode(&data)? {
-                            ReplicaCommit::Inline(b) => items.push_back(Item::Inline(b)),
+                            ReplicaCommit::Inline(b) => items.push_back(Item::Inline(b, record)),
                             ReplicaCommit::Objects {
                                 epoch,
                                 first,
@@ -1119,6 +1155,7 @@ fn restore_from(
                                 epoch,
                                 next: first,
                                 end: first + u64::from(count),
+                                record,
                             }),
                             // A marker only: where a restore may start (found above).
                             ReplicaCommit::Base { .. } => {}
@@ -1144,6 +1181,7 @@ fn restore_from(
     })
     .with_context(|| format!("taking the pool from {url}"))?;
     progress.finish();
-    tracing::info!(store = %url, from = first, cold_bytes = cold.cold_bytes(), ms = started.elapsed().as_millis() as u64, "took the devices from the store: ranges are fetched as they are read");
-    Ok(cold)
+    let history = history.get();
+    tracing::info!(store = %url, from = first, cold_bytes = cold.cold_bytes(), history_bytes = history, ms = started.elapsed().as_millis() as u64, "took the devices from the store: ranges are fetched as they are read");
+    Ok((cold, history))
 }

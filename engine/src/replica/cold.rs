@@ -45,8 +45,6 @@ pub struct ColdMap {
     /// Bytes and pieces fetched since open (`stats`).
     pub(crate) fetched_bytes: AtomicU64,
     pub(crate) fetches: AtomicU64,
-    /// Bytes of the batches the restore listed: the store's history since its last base.
-    history: u64,
 }
 
 impl std::fmt::Debug for ColdMap {
@@ -97,15 +95,7 @@ impl ColdMap {
             whole: std::sync::atomic::AtomicBool::new(false),
             fetched_bytes: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
-            history: 0,
         }
-    }
-
-    /// Bytes of the batches the restore that made this map listed (inline and objects): the
-    /// store's history since its last base, which the pool counts towards its next base
-    /// (`PoolOptions::replica_history_bytes`).
-    pub fn history_bytes(&self) -> u64 {
-        self.history
     }
 
     /// Bytes of the devices still only in the store.
@@ -362,7 +352,6 @@ pub fn restore_cold(
         progress(batches, bytes);
     }
     super::sync_devices(&files, paths)?;
-    map.history = bytes;
     Ok(map)
 }
 

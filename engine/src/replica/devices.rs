@@ -670,7 +670,9 @@ impl Shared {
     /// sends.
     /// `now`: whatever the history's length (a base is due before anything else commits).
     fn rebase(&self, now: bool) -> io::Result<()> {
-        let (_, allocated) = self.ranges()?;
+        let (_, local) = self.ranges()?;
+        // After a lazy takeover the local files hold holes where the store still has data.
+        let allocated = local + self.cold.as_ref().map_or(0, |c| c.cold_bytes());
         let floor = self.rebase_after.load(Ordering::Relaxed).max(2 * allocated);
         if !now && self.counters.history.load(Ordering::Relaxed) < floor {
             self.rebase_after.store(floor, Ordering::Relaxed);
@@ -690,11 +692,13 @@ impl Shared {
         // upload in between: every write a commit before the start covers is on the devices
         // by then (listed, or punched and rightly a hole), and every later one is noted and
         // committed after the start.
-        let ranges = {
+        let (ranges, before) = {
             let _no_upload = self.upload.lock();
-            self.counters.history.store(0, Ordering::Relaxed);
+            // The history before the start: behind the base once it is whole, and only then
+            // (a base cut short by a stop leaves the history as it was).
+            let before = self.counters.history.load(Ordering::Relaxed);
             self.replica.base_begin();
-            self.ranges()?.0
+            (self.ranges()?.0, before)
         };
         let mut t = Timing::default();
         for (dev, start, end) in ranges {
@@ -732,6 +736,12 @@ impl Shared {
             }
             Ok(()) => {
                 self.counters.bases.fetch_add(1, Ordering::Relaxed);
+                let _ =
+                    self.counters
+                        .history
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                            Some(h.saturating_sub(before))
+                        });
             }
         }
         tracing::info!(
