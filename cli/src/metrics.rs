@@ -236,7 +236,7 @@ pub fn render(s: &Stats) -> String {
         );
         gauge(
             "replica_history_bytes",
-            "Data bytes committed to the store since its last base (what a takeover replays; a new base is sent past the rebase threshold).",
+            "Data bytes committed to the store since its last whole base (what a takeover replays after it; a new base is sent past the rebase threshold).",
             "gauge",
             r.history_bytes,
         );

@@ -401,8 +401,8 @@ pub struct ReplicaStats {
     /// Bases sent whole (a restore replays the last one and what came after it).
     #[serde(default)]
     pub bases: u64,
-    /// Data bytes committed since the last base began, the opens before this one included
-    /// as far as this node learnt them at open (what a restore would replay).
+    /// Data bytes committed since the last whole base, the opens before this one included as
+    /// far as this node learnt them at open (while a base is sent, those before it count too).
     #[serde(default)]
     pub history_bytes: u64,
     /// Objects written to the store and their bytes (batch objects and log records).

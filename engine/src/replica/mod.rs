@@ -81,9 +81,10 @@ pub(crate) struct Counters {
     pub commit_max_us: std::sync::atomic::AtomicU64,
     pub pending_bytes: std::sync::atomic::AtomicU64,
     pub bases: std::sync::atomic::AtomicU64,
-    /// Data bytes committed since the last base began: counted from this open on, from what
+    /// Data bytes committed since the last whole base: counted from this open on, from what
     /// the store held when it began (`PoolOptions::replica_history_bytes`). A restore replays
-    /// them; past `PoolOptions::replica_rebase_bytes` (or twice the data) a new base is sent.
+    /// them; past `PoolOptions::replica_rebase_bytes` (and twice the data) a new base is sent,
+    /// which takes off what was counted before it began once it is whole.
     pub history: std::sync::atomic::AtomicU64,
     /// A lazy takeover's cold ranges.
     pub cold: Option<std::sync::Arc<ColdMap>>,
