@@ -131,6 +131,17 @@ fn create_on_store(dir: &Path, url: &str) {
     run(&mut c);
 }
 
+/// A pool created on a store of its own (`store_name(what)`) in `TMP/a`: the temporary
+/// directory, the store's URL, the pool's directory and a path for the NBD socket.
+fn pool_on_store(what: &str) -> (TempDir, String, PathBuf, PathBuf) {
+    let tmp = TempDir::new(&format!("ceph-{what}"));
+    let url = store_name(what);
+    let a_dir = tmp.join("a");
+    create_on_store(&a_dir, &url);
+    let sock = tmp.join("nbd.sock");
+    (tmp, url, a_dir, sock)
+}
+
 /// Volume `v` (64 MiB), through the server that holds `dir`.
 fn create_volume(dir: &Path) {
     ingot_ok([
@@ -324,11 +335,7 @@ fn a_paused_owner_is_fenced_and_a_third_node_serves_what_the_second_wrote() {
 /// there.
 #[test]
 fn a_takeover_replays_from_the_last_base() {
-    let tmp = TempDir::new("ceph-base");
-    let url = store_name("base");
-    let a_dir = tmp.join("a");
-    create_on_store(&a_dir, &url);
-    let sock = tmp.join("nbd.sock");
+    let (tmp, url, a_dir, sock) = pool_on_store("base");
     // A base as soon as the history passes twice the allocated bytes.
     let a = serve_env(&a_dir, &sock, &[], &[("INGOT_REPLICA_REBASE_BYTES", "1")]);
     create_volume(&a_dir);
@@ -407,11 +414,7 @@ fn a_takeover_replays_from_the_last_base() {
 /// it writes twice its data still reaches its next base.
 #[test]
 fn the_history_since_the_last_base_outlives_a_restart() {
-    let tmp = TempDir::new("ceph-history");
-    let url = store_name("history");
-    let a_dir = tmp.join("a");
-    create_on_store(&a_dir, &url);
-    let sock = tmp.join("nbd.sock");
+    let (tmp, url, a_dir, sock) = pool_on_store("history");
     let history = |dir: &Path| replica_stats(dir)["history_bytes"].as_u64().unwrap();
     let stored = |dir: &Path| {
         let sf: serde_json::Value =
@@ -467,11 +470,7 @@ fn volume_bytes(uri: &str, tmp: &Path, len: u64) -> Vec<u8> {
 /// after that needs nothing from the store on the next start.
 #[test]
 fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
-    let tmp = TempDir::new("ceph-lazy");
-    let url = store_name("lazy");
-    let a_dir = tmp.join("a");
-    create_on_store(&a_dir, &url);
-    let sock = tmp.join("nbd.sock");
+    let (tmp, url, a_dir, sock) = pool_on_store("lazy");
     let a = serve(&a_dir, &sock, &[]);
     create_volume(&a_dir);
     // Random bytes: nothing to compress or deduplicate, so the store holds 24 MiB of them.
@@ -586,11 +585,7 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
 /// pool over has every flushed block.
 #[test]
 fn local_durability_survives_a_crash_and_the_store_catches_up() {
-    let tmp = TempDir::new("ceph-local");
-    let url = store_name("local");
-    let a_dir = tmp.join("a");
-    create_on_store(&a_dir, &url);
-    let sock = tmp.join("nbd.sock");
+    let (tmp, url, a_dir, sock) = pool_on_store("local");
     let a = serve(&a_dir, &sock, &["--durability", "local"]);
     create_volume(&a_dir);
     write_flushed(&a.unix_uri("v"), 0, 8 * MIB, 41);
