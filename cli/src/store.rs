@@ -841,8 +841,8 @@ pub fn prepare_serve(
     // mode, must keep the devices again.
     sf.local_ack = durability == Durability::Local || keep;
     write_store_file(dir, &sf)?;
-    // As this directory last knew it (a restore below lists it afresh; after a crash it
-    // misses that run's commits, and a base is due first with kept devices anyway).
+    // As this directory's last clean stop counted it: used as is only after one (a restore
+    // below lists it afresh, and kept devices send a base first).
     let history = sf.history_bytes;
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
