@@ -553,30 +553,41 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
         std::thread::sleep(Duration::from_millis(100));
     }
     b.stop();
-    let b = serve(&b_dir, &sock, &[]);
-    assert!(
-        b.stderr().contains("restored=false"),
-        "a clean restart of a filled directory took the pool from the store again:\n{}",
-        b.stderr()
+    restart_serves(
+        &b_dir,
+        &sock,
+        tmp.path(),
+        false,
+        &want,
+        "a clean restart of a filled directory",
     );
-    assert!(
-        volume_bytes(&b.unix_uri("v"), tmp.path(), want.len() as u64) == want,
-        "after the filler and a clean restart"
-    );
-    b.stop();
     // The first node, stopped cleanly before B wrote: its directory is out of date, and it
     // takes B's writes from the store.
-    let a = serve(&a_dir, &sock, &[]);
+    restart_serves(
+        &a_dir,
+        &sock,
+        tmp.path(),
+        true,
+        &want,
+        "the first node again, after B's writes",
+    );
+}
+
+/// `ingot serve` on `dir` again: whether it took the pool from the store (`restored`, as its
+/// log says), and that volume `v` then begins with `want`.
+fn restart_serves(dir: &Path, sock: &Path, tmp: &Path, restored: bool, want: &[u8], what: &str) {
+    let s = serve(dir, sock, &[]);
+    let said = format!("restored={restored}");
     assert!(
-        a.stderr().contains("restored=true"),
-        "an out-of-date directory served as current:\n{}",
-        a.stderr()
+        s.stderr().contains(&said),
+        "{what}: the start did not log {said}:\n{}",
+        s.stderr()
     );
     assert!(
-        volume_bytes(&a.unix_uri("v"), tmp.path(), want.len() as u64) == want,
-        "the first node again, after B's writes"
+        volume_bytes(&s.unix_uri("v"), tmp, want.len() as u64) == want,
+        "{what}: the volume does not read back"
     );
-    a.stop();
+    s.stop();
 }
 
 /// `--durability local`: flushes are answered once local and the store follows. A `kill -9`

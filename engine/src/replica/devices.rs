@@ -223,37 +223,33 @@ impl MirrorDevices {
             hold: Mutex::new(rebase_now),
             hold_cv: Condvar::new(),
         });
+        let named = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name).spawn(f)
+        };
         let mut threads = Vec::new();
         if local {
             let me = s.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("ingot-commit".into())
-                    .spawn(move || me.committer())?,
-            );
+            threads.push(named(
+                "ingot-commit".into(),
+                Box::new(move || me.committer()),
+            )?);
         }
         let early = s.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("ingot-replica".into())
-                .spawn(move || early.send_early())?,
-        );
+        threads.push(named(
+            "ingot-replica".into(),
+            Box::new(move || early.send_early()),
+        )?);
         if s.cold.is_some() {
             for i in 0..FETCHERS {
                 let (me, rx) = (s.clone(), fetch_rx.clone());
-                threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("ingot-fetch-{i}"))
-                        .spawn(move || me.fetcher(rx))?,
-                );
+                threads.push(named(
+                    format!("ingot-fetch-{i}"),
+                    Box::new(move || me.fetcher(rx)),
+                )?);
             }
             if fill {
                 let me = s.clone();
-                threads.push(
-                    std::thread::Builder::new()
-                        .name("ingot-fill".into())
-                        .spawn(move || me.filler())?,
-                );
+                threads.push(named("ingot-fill".into(), Box::new(move || me.filler()))?);
             }
         }
         Ok(MirrorDevices { s, threads })
