@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ingot_engine::format::{ReplicaBatch, ReplicaCommit, REPLICA_COMMIT_BYTES};
-use ingot_engine::replica::{ColdMap, Replica, Stored};
+use ingot_engine::replica::{ColdMap, Placed, Replica, Stored};
 use ingot_rados::lease::{first_free, holder, read_log, read_log_data};
 use ingot_rados::{Cluster, ConnectOptions, Lease, LeaseError, LeaseOptions, Takeover};
 use parking_lot::Mutex;
@@ -51,6 +51,12 @@ pub struct ServeStoreArgs {
     /// and sends the store a new base).
     #[arg(long, value_enum, default_value_t = Durability::Store)]
     pub durability: Durability,
+    /// A pool on a store: keep at most SIZE of its devices on this node's flash (e.g. 64G).
+    /// Past it, ranges the store holds and no write changed since are dropped from the local
+    /// files, the least recently used first, and read back from the store when used: the pool
+    /// may be larger than this node's disk. Default: keep everything.
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub local_cache: Option<u64>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -408,6 +414,20 @@ impl RadosReplica {
         }
     }
 
+    /// Ranges are about to be dropped from the local files (`--local-cache`): say so in
+    /// `store.json` first, so that after a crash from then on the devices count as partial.
+    fn note_partial(&self) -> Result<()> {
+        let mut sf = self.sf.lock();
+        if !sf.partial {
+            sf.partial = true;
+            if let Err(e) = write_store_file(&self.dir, &sf) {
+                sf.partial = false;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// A lazy takeover's ranges are all local and synced: say so in `store.json`, so that after
     /// a crash from then on the devices count as whole (with local acknowledgement, they are
     /// kept).
@@ -450,10 +470,10 @@ impl RadosReplica {
         let mut sf = self.sf.lock().clone();
         sf.next_log = next;
         sf.history_bytes = history_bytes;
-        // With ranges still cold (or fetched and not synced), the next start takes them from
-        // the store again.
+        // With ranges still cold (or fetched and not synced), the next start lists where they
+        // are again: its holes are what is cold.
         let whole = self.cold.lock().as_ref().is_none_or(|c| c.is_whole());
-        sf.clean = whole && complete;
+        sf.clean = complete;
         sf.partial = !whole;
         // Devices holding syncs the store lacks stay the truth for this node's next start.
         sf.local_ack &= !complete;
@@ -537,16 +557,29 @@ impl Replica for RadosReplica {
         Ok(())
     }
 
-    fn commit(&self) -> io::Result<()> {
+    fn commit(&self) -> io::Result<Vec<Placed>> {
         let mut sync = self.sync.lock();
         let record = match (sync.held.take(), sync.count) {
             (Some((_, b)), 0) => ReplicaCommit::Inline(b),
-            (None, 0) => return Ok(()),
+            (None, 0) => return Ok(Vec::new()),
             (_, count) => ReplicaCommit::Objects {
                 epoch: self.epoch,
                 first: sync.first,
                 count,
             },
+        };
+        let placed = |n: u64| match &record {
+            ReplicaCommit::Objects { first, count, .. } => (*first..first + u64::from(*count))
+                .map(|k| Placed {
+                    object: data_oid(&self.name, self.epoch, k),
+                    at: 0,
+                })
+                .collect(),
+            // The batch follows the record's header in the log object itself.
+            _ => vec![Placed {
+                object: ingot_rados::lease::log_oid(&self.name, n),
+                at: REPLICA_COMMIT_BYTES as u64,
+            }],
         };
         sync.count = 0;
         {
@@ -562,12 +595,12 @@ impl Replica for RadosReplica {
         let lease = guard
             .as_mut()
             .ok_or_else(|| self.give_up("the pool's lease was given up"))?;
-        let record = record.encode();
-        lease.append(&record).map_err(|e| self.give_up(e))?;
+        let bytes = record.encode();
+        let n = lease.append(&bytes).map_err(|e| self.give_up(e))?;
         let mut st = self.uploads.state.lock();
         st.objects += 1;
-        st.bytes += record.len() as u64;
-        Ok(())
+        st.bytes += bytes.len() as u64;
+        Ok(placed(n))
     }
 
     fn base_begin(&self) {
@@ -616,6 +649,11 @@ impl Replica for RadosReplica {
 
     fn devices_whole(&self) -> io::Result<()> {
         self.note_whole()
+            .map_err(|e| io::Error::other(format!("{e:#}")))
+    }
+
+    fn devices_partial(&self) -> io::Result<()> {
+        self.note_partial()
             .map_err(|e| io::Error::other(format!("{e:#}")))
     }
 
@@ -771,6 +809,7 @@ pub fn prepare_serve(
     dir: &Path,
     takeover: bool,
     durability: Durability,
+    local_cache: bool,
 ) -> Result<Option<Arc<RadosReplica>>> {
     let Some(mut sf) = read_store_file(dir)? else {
         if takeover {
@@ -833,6 +872,9 @@ pub fn prepare_serve(
         && !sf.partial
         && sf.epoch > 0
         && only_mine_since(&p, &url.name, sf.epoch, sf.next_log.max(head), seal)?;
+    // As this node's last stop left it (a clean stop may leave it partial: a local cache's
+    // holes, or a lazy takeover not filled).
+    let sf_partial = sf.partial;
     sf.epoch = lease.epoch();
     sf.next_log = lease.next_log();
     sf.clean = false;
@@ -847,12 +889,17 @@ pub fn prepare_serve(
     // Renewed from now on: a restore may take longer than the lease.
     let replica = RadosReplica::start(lease, &p, &url.name, dir, sf);
     replica.history.store(history, Ordering::Release);
+    // A directory this node left cleanly keeps its files: a listing says where the store
+    // has each range (a local cache drops ranges by it), and which of its holes are cold.
+    let partial = sf_partial;
     if keep {
         replica.rebase_now.store(true, Ordering::Release);
-    } else if !current {
-        let (cold, history) = restore_from(dir, &p, &url, head, seal)?;
-        replica.history.store(history, Ordering::Release);
-        if cold.is_empty() {
+    } else if !current || partial || local_cache {
+        let (cold, history) = restore_from(dir, &p, &url, head, seal, current)?;
+        if !current {
+            replica.history.store(history, Ordering::Release);
+        }
+        if cold.is_empty() && !local_cache {
             // Everything came inline (or as holes): whole already, on disk since the restore.
             replica.note_whole()?;
         } else {
@@ -989,6 +1036,7 @@ fn restore_from(
     url: &StoreUrl,
     head: u64,
     end: u64,
+    keep: bool,
 ) -> Result<(ColdMap, u64)> {
     let pool_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
@@ -1059,7 +1107,11 @@ fn restore_from(
                     if after_base(record) {
                         history.set(history.get() + b.len() as u64);
                     }
-                    ready.push_back(Stored::Inline(b));
+                    ready.push_back(Stored::Inline {
+                        batch: b,
+                        object: ingot_rados::lease::log_oid(&url.name, record),
+                        at: REPLICA_COMMIT_BYTES as u64,
+                    });
                 }
                 Some(Item::Objects {
                     epoch,
@@ -1101,7 +1153,7 @@ fn restore_from(
                             .iter()
                             .map(|s| match s {
                                 Stored::Object { len, .. } => *len,
-                                Stored::Inline(b) => b.len() as u64,
+                                Stored::Inline { batch, .. } => batch.len() as u64,
                             })
                             .sum();
                         history.set(history.get() + listed);
@@ -1173,12 +1225,17 @@ fn restore_from(
             dir.display()
         )
     })?;
-    let cold = ingot_engine::replica::restore_cold(&devices, &mut next, &mut |b, bytes| {
-        progress.draw(format_args!(
-            "taking the pool from {url}: {b} batches, {} listed",
-            human(bytes)
-        ))
-    })
+    let cold = ingot_engine::replica::restore_cold(
+        &devices,
+        &mut next,
+        &mut |b, bytes| {
+            progress.draw(format_args!(
+                "taking the pool from {url}: {b} batches, {} listed",
+                human(bytes)
+            ))
+        },
+        keep,
+    )
     .with_context(|| format!("taking the pool from {url}"))?;
     progress.finish();
     let history = history.get();

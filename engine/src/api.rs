@@ -422,6 +422,15 @@ pub struct ReplicaStats {
     pub fetched_bytes: u64,
     #[serde(default)]
     pub fetches: u64,
+    /// With a local cache budget (`ingot serve --local-cache`): the budget, the device bytes
+    /// the local files hold now, and the bytes dropped from them since open (clean ranges the
+    /// store holds, read back from it on use).
+    #[serde(default)]
+    pub local_cache_limit_bytes: u64,
+    #[serde(default)]
+    pub local_bytes: u64,
+    #[serde(default)]
+    pub evicted_bytes: u64,
     /// The store lacks syncs this node acknowledged: with local acknowledgement, the uploads
     /// behind them (or a base due after a crash), or an upload failed.
     #[serde(default)]

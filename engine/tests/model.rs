@@ -333,6 +333,7 @@ fn pool_options(engine: Engine, plan: &Option<Arc<FaultPlan>>) -> PoolOptions {
         replica_fill: false,
         replica_local_ack: false,
         replica_rebase_now: false,
+        replica_cache_bytes: 0,
         paged_metadata: false,
         // Two leaves: format 3 pools evict map leaves all the time and read them back (format
         // 2 keeps every leaf).

@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ingot_engine::replica::{restore, restore_cold, ColdMap, Replica, Stored};
+use ingot_engine::replica::{restore, restore_cold, ColdMap, Placed, Replica, Stored};
 use ingot_engine::{CreateOptions, IoKind, Pool, PoolOptions, POOL_FILE};
 use parking_lot::Mutex;
 
@@ -27,6 +27,10 @@ struct Memory {
     fetches: std::sync::atomic::AtomicU64,
     /// Commits wait while this is set (a slow or unreachable store).
     blocked: Mutex<bool>,
+    /// With `collect`, a whole base deletes the objects before it (as the CLI's collector):
+    /// fetches of objects below `gone` fail.
+    collect: AtomicBool,
+    gone: std::sync::atomic::AtomicUsize,
     unblocked: parking_lot::Condvar,
 }
 
@@ -35,7 +39,8 @@ impl Replica for Memory {
         self.pending.lock().push(batch);
         Ok(())
     }
-    fn commit(&self) -> std::io::Result<()> {
+    /// Objects are named by their index in `batches`.
+    fn commit(&self) -> std::io::Result<Vec<Placed>> {
         {
             let mut b = self.blocked.lock();
             while *b {
@@ -46,8 +51,15 @@ impl Replica for Memory {
         if self.refuse.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("deposed"));
         }
-        self.batches.lock().extend(pending);
-        Ok(())
+        let mut b = self.batches.lock();
+        let placed = (b.len()..b.len() + pending.len())
+            .map(|i| Placed {
+                object: i.to_string(),
+                at: 0,
+            })
+            .collect();
+        b.extend(pending);
+        Ok(placed)
     }
     fn valid(&self) -> bool {
         !self.expired.load(Ordering::Relaxed)
@@ -59,6 +71,9 @@ impl Replica for Memory {
     fn base_end(&self) -> std::io::Result<()> {
         let start = self.base_start.lock().take().expect("a base began");
         self.bases.lock().push(start);
+        if self.collect.load(Ordering::Relaxed) {
+            self.gone.store(start, Ordering::Relaxed);
+        }
         Ok(())
     }
     /// Objects are named by their index in `batches`.
@@ -68,6 +83,7 @@ impl Replica for Memory {
         let o = object
             .parse::<usize>()
             .ok()
+            .filter(|&i| i >= self.gone.load(Ordering::Relaxed))
             .and_then(|i| b.get(i))
             .ok_or_else(|| std::io::Error::other(format!("no object {object}")))?;
         let at = offset as usize;
@@ -315,13 +331,22 @@ fn the_history_before_an_open_counts_towards_the_next_base() {
 /// objects whose table alone is read.
 fn restore_lazily(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u8>]) -> ColdMap {
     std::fs::copy(from.join(POOL_FILE), to.join(POOL_FILE)).unwrap();
-    let mut it = batches.iter().enumerate();
+    list_store(to, batches, 0, false)
+}
+
+/// [`restore_cold`] into `to` from `batches`, the first of them object `first`.
+fn list_store(to: &std::path::Path, batches: &[Vec<u8>], first: usize, keep: bool) -> ColdMap {
+    let mut it = batches.iter().enumerate().map(|(i, b)| (i + first, b));
     restore_cold(
         &[to.join("dev0.img")],
         &mut || {
             Ok(it.next().map(|(i, b)| {
                 if b.len() <= 64 << 10 {
-                    Stored::Inline(b.clone())
+                    Stored::Inline {
+                        batch: b.clone(),
+                        object: i.to_string(),
+                        at: 0,
+                    }
                 } else {
                     let table = ingot_engine::format::ReplicaBatch::table_bytes(b).unwrap();
                     Stored::Object {
@@ -333,8 +358,145 @@ fn restore_lazily(from: &std::path::Path, to: &std::path::Path, batches: &[Vec<u
             }))
         },
         &mut |_, _| {},
+        keep,
     )
     .unwrap()
+}
+
+/// Bytes the files of directory `dir` hold on disk.
+fn allocated(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+/// Wait until the pool's local files are within `budget`, more than `evicted` bytes dropped.
+fn within_budget(pool: &Pool, budget: u64, evicted: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = pool.stats().replica.unwrap();
+        if s.evicted_bytes > evicted && s.local_bytes <= budget {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never within the budget: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Read volume `v` whole, a MiB at a time.
+fn read_all(v: &ingot_engine::Volume, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    for at in (0..len).step_by(1 << 20) {
+        out.extend(v.read(at as u64, (1 << 20).min(len - at) as u32).unwrap());
+    }
+    out
+}
+
+/// A local cache budget (the pool larger than the node's flash): past it, clean ranges the
+/// store holds are dropped from the local files and read back from the store when used, and
+/// writes over them stay. A clean restart keeps the files and lists the store: its holes are
+/// what is cold. A base copies the dropped ranges, so that once the objects before it are gone
+/// every block still reads back; a restore from the base gives the same pool.
+fn local_cache(io: IoKind) {
+    let a = new_pool(io, 256 << 20);
+    let r = Arc::new(Memory::default());
+    // Above what the engine keeps allocated whatever it holds (segments reserved ahead: 12
+    // of these 2 MiB ones).
+    let budget: u64 = 40 << 20;
+    let o = PoolOptions {
+        replica_cache_bytes: budget,
+        ..opts(io, Some(r.clone()), true)
+    };
+    let pool = Pool::open(a.path(), &o).unwrap();
+    pool.create_volume("v", 128 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let len = 96 << 20;
+    let mut want = blocks(1, len / BLOCK);
+    for (i, part) in want.chunks(4 << 20).enumerate() {
+        v.write((i << 22) as u64, part, false).unwrap();
+        v.flush().unwrap();
+    }
+    within_budget(&pool, budget, 0);
+    assert!(
+        allocated(a.path()) < budget + (1 << 20),
+        "{} bytes still on disk",
+        allocated(a.path())
+    );
+    let fetched = r.fetches.load(Ordering::Relaxed);
+    assert!(read_all(&v, len) == want, "read back after dropping");
+    assert!(
+        r.fetches.load(Ordering::Relaxed) > fetched,
+        "nothing was fetched"
+    );
+    // Writes over dropped ranges stay over what the store has.
+    let new = blocks(2, 512);
+    v.write(4 << 20, &new, false).unwrap();
+    v.flush().unwrap();
+    want[4 << 20..(4 << 20) + new.len()].copy_from_slice(&new);
+    assert!(read_all(&v, len) == want, "after overwrites");
+    // What the reads fetched back is dropped again.
+    within_budget(&pool, budget, pool.stats().replica.unwrap().evicted_bytes);
+    drop(v);
+    pool.shutdown().unwrap();
+    drop(pool);
+
+    // A clean restart keeps its files, with a base sent soon (the history is long).
+    let batches = r.batches.lock().clone();
+    let cold = Arc::new(list_store(a.path(), &batches, 0, true));
+    assert!(
+        cold.cold_bytes() >= len as u64 - budget,
+        "{} bytes cold: the holes are not",
+        cold.cold_bytes()
+    );
+    r.collect.store(true, Ordering::Relaxed);
+    let o = PoolOptions {
+        replica_cache_bytes: budget,
+        replica_cold: Some(cold),
+        replica_rebase_bytes: 1 << 20,
+        replica_history_bytes: 1 << 30,
+        ..opts(io, Some(r.clone()), false)
+    };
+    let pool = Pool::open(a.path(), &o).unwrap();
+    let v = pool.volume("v").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while r.bases.lock().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no base");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let start = *r.bases.lock().last().unwrap();
+    assert!(r.gone.load(Ordering::Relaxed) == start && start > 0);
+    let cold_now = pool.stats().replica.unwrap().cold_bytes;
+    assert!(
+        cold_now >= 8 << 20,
+        "only {cold_now} bytes cold after the base"
+    );
+    // Everything reads back from what is left: the local files and the base onwards.
+    assert!(read_all(&v, len) == want, "after the base");
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(v);
+    pool.shutdown().unwrap();
+    drop(pool);
+    let b = tempfile::tempdir().unwrap();
+    restore_into(a.path(), b.path(), &r.batches.lock()[start..]);
+    let pool = Pool::open(b.path(), &opts(io, None, false)).unwrap();
+    let v = pool.volume("v").unwrap();
+    assert!(read_all(&v, len) == want, "restored from the base");
+}
+
+#[test]
+fn a_local_cache_drops_clean_ranges_and_reads_them_back() {
+    local_cache(IoKind::Sync);
+}
+
+#[test]
+fn a_local_cache_drops_clean_ranges_and_reads_them_back_with_io_uring() {
+    local_cache(IoKind::Auto);
 }
 
 /// A pool written with a replica (a 16 MiB write, then small FUA writes over it: object and

@@ -409,8 +409,19 @@ pub fn serve(
         }
         None
     } else {
-        crate::store::prepare_serve(dir, store.takeover, store.durability)?
+        crate::store::prepare_serve(
+            dir,
+            store.takeover,
+            store.durability,
+            store.local_cache.is_some(),
+        )?
     };
+    if replica.is_none() && store.local_cache.is_some() {
+        bail!(
+            "--local-cache: {} is not a pool on a store (served with its lease)",
+            dir.display()
+        );
+    }
     if let Some(r) = &replica {
         opts.replica = Some(r.clone());
         opts.replica_cold = r.cold();
@@ -418,6 +429,7 @@ pub fn serve(
         opts.replica_local_ack = store.durability == crate::store::Durability::Local;
         opts.replica_rebase_now = r.rebase_now();
         opts.replica_history_bytes = r.history_bytes();
+        opts.replica_cache_bytes = store.local_cache.unwrap_or(0);
         // Tests shorten the history between bases.
         if let Some(b) = std::env::var("INGOT_REPLICA_REBASE_BYTES")
             .ok()

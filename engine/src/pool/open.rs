@@ -109,6 +109,7 @@ impl Pool {
                         fill: o.replica_fill,
                         local: o.replica_local_ack,
                         rebase_now: o.replica_rebase_now,
+                        cache_bytes: o.replica_cache_bytes,
                     },
                 )
                 .map_err(|source| Error::File {

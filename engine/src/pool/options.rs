@@ -116,6 +116,10 @@ pub struct PoolOptions {
     /// Send a base before committing anything else (devices kept after a crash with local
     /// acknowledgement: the store lacks what they acknowledged).
     pub replica_rebase_now: bool,
+    /// With `replica`: local device bytes to keep at most (0: all). Past it, clean ranges the
+    /// replica holds are dropped from the local files, the least recently used first, and read
+    /// back from the store when used (`ingot serve --local-cache`).
+    pub replica_cache_bytes: u64,
 }
 
 impl Default for PoolOptions {
@@ -142,6 +146,7 @@ impl Default for PoolOptions {
             replica_fill: true,
             replica_local_ack: false,
             replica_rebase_now: false,
+            replica_cache_bytes: 0,
         }
     }
 }

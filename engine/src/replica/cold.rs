@@ -6,33 +6,43 @@
 //! it local; a background filler fetches the rest.
 //!
 //! The map is the truth for the ranges it holds: whatever the local file has there (an older
-//! inline batch, a stale copy) is never read.
+//! inline batch, a stale copy) is never read. A cold range is a hole in the local file (a
+//! takeover punches what an inline batch left under it), so that after a clean stop the holes
+//! say again which located ranges are cold ([`restore_cold`] with `keep`).
+//!
+//! The map also knows where every committed range is in the store (`stored`, kept up to date by
+//! each commit's placements), so that a node with a local cache budget can drop a clean range
+//! from its files ([`ColdMap::evict`]): it is cold again, and read back from the store on use.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::format::{ExtentKind, ReplicaBatch, IO_ALIGN};
 
-/// A cold range: bytes `start..end` of a device (the map's key is `start`) are bytes
-/// `at..at + (end - start)` of store object `object`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A stored range: bytes `start..end` of a device (the map's key is `start`) are bytes
+/// `at..at + (end - start)` of store object `object` (its name, shared by the ranges it holds:
+/// it goes when the last of them does).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Cold {
     pub end: u64,
-    pub object: u32,
+    pub object: Arc<str>,
     pub at: u64,
 }
 
 /// One cold piece to fetch: `(start, cold)`.
 pub(crate) type Piece = (u64, Cold);
 
-/// Where the cold ranges of a pool's devices are in the store.
+/// Where the cold ranges of a pool's devices are in the store, and where every range the store
+/// holds is.
 pub struct ColdMap {
-    objects: Vec<String>,
     devs: Vec<Mutex<BTreeMap<u64, Cold>>>,
+    /// Every committed data range, cold or local: where its newest bytes are in the store.
+    stored: Vec<Mutex<BTreeMap<u64, Cold>>>,
     /// Held shared by a fetch from its look at what is still cold until it took what it
     /// wrote out of the map, and exclusively by a write of a range that is still cold: such a
     /// write waits for the fetches writing there, and no fetch starts writing there after it
@@ -42,6 +52,11 @@ pub struct ColdMap {
     bytes: AtomicU64,
     /// Nothing is cold, and a sync of the devices after that made every fetch durable.
     whole: std::sync::atomic::AtomicBool,
+    /// Held while `whole` changes, and while the store's record of it does: an eviction
+    /// records the devices partial before its first hole, and a sync that found nothing cold
+    /// says whole only if no eviction came since (`evictions`).
+    whole_lock: Mutex<()>,
+    evictions: AtomicU64,
     /// Bytes and pieces fetched since open (`stats`).
     pub(crate) fetched_bytes: AtomicU64,
     pub(crate) fetches: AtomicU64,
@@ -50,7 +65,6 @@ pub struct ColdMap {
 impl std::fmt::Debug for ColdMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ColdMap")
-            .field("objects", &self.objects.len())
             .field("cold_bytes", &self.cold_bytes())
             .finish()
     }
@@ -62,37 +76,93 @@ fn cut(map: &mut BTreeMap<u64, Cold>, start: u64, end: u64) -> u64 {
         .range(..end)
         .rev()
         .take_while(|(_, c)| c.end > start)
-        .map(|(&s, &c)| (s, c))
+        .map(|(&s, c)| (s, c.clone()))
         .collect();
     let mut removed = 0;
     for (s, c) in hit {
         map.remove(&s);
-        if s < start {
-            map.insert(s, Cold { end: start, ..c });
-        }
+        removed += c.end.min(end) - s.max(start);
         if c.end > end {
             map.insert(
                 end,
                 Cold {
                     end: c.end,
-                    object: c.object,
+                    object: c.object.clone(),
                     at: c.at + (end - s),
                 },
             );
         }
-        removed += c.end.min(end) - s.max(start);
+        if s < start {
+            map.insert(s, Cold { end: start, ..c });
+        }
     }
     removed
+}
+
+/// The entries of `map` over `start..end`, clipped to it, in order.
+fn clipped(map: &BTreeMap<u64, Cold>, start: u64, end: u64) -> Vec<Piece> {
+    let mut out: Vec<Piece> = map
+        .range(..end)
+        .rev()
+        .take_while(|(_, c)| c.end > start)
+        .map(|(&s, c)| {
+            let from = s.max(start);
+            (
+                from,
+                Cold {
+                    end: c.end.min(end),
+                    object: c.object.clone(),
+                    at: c.at + (from - s),
+                },
+            )
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// `a` less every range of `b` (both sorted, `a`'s ranges disjoint).
+pub(crate) fn subtract(a: &[Piece], b: &[(u64, u64)]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    for (s, c) in a {
+        let mut at = *s;
+        for &(bs, be) in b.iter().filter(|(bs, be)| *be > *s && *bs < c.end) {
+            if bs > at {
+                out.push((
+                    at,
+                    Cold {
+                        end: bs,
+                        object: c.object.clone(),
+                        at: c.at + (at - s),
+                    },
+                ));
+            }
+            at = at.max(be);
+        }
+        if at < c.end {
+            out.push((
+                at,
+                Cold {
+                    end: c.end,
+                    object: c.object.clone(),
+                    at: c.at + (at - s),
+                },
+            ));
+        }
+    }
+    out
 }
 
 impl ColdMap {
     pub fn new(devices: usize) -> ColdMap {
         ColdMap {
-            objects: Vec::new(),
             devs: (0..devices).map(|_| Mutex::default()).collect(),
+            stored: (0..devices).map(|_| Mutex::default()).collect(),
             gate: parking_lot::RwLock::new(()),
             bytes: AtomicU64::new(0),
             whole: std::sync::atomic::AtomicBool::new(false),
+            whole_lock: Mutex::new(()),
+            evictions: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         }
@@ -112,20 +182,153 @@ impl ColdMap {
         self.whole.load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_whole(&self) {
+    /// Evictions so far: read before a sync that may make the devices whole.
+    pub(crate) fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Acquire)
+    }
+
+    /// After a sync of the devices: they are whole if nothing was cold before it (and no
+    /// eviction came since `evictions` was read then) nor is now; `record` writes that where
+    /// the next start looks first.
+    pub(crate) fn set_whole_if(
+        &self,
+        evictions: u64,
+        record: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<bool> {
+        let _g = self.whole_lock.lock();
+        if self.is_whole() {
+            return Ok(true);
+        }
+        if self.evictions() != evictions || !self.is_empty() {
+            return Ok(false);
+        }
+        record()?;
         self.whole.store(true, Ordering::Release);
+        Ok(true)
     }
 
-    pub(crate) fn object_name(&self, object: u32) -> &str {
-        &self.objects[object as usize]
-    }
-
-    /// Bytes `start..end` of device `dev` are now in `object` at `at` (a later batch).
-    fn set(&mut self, dev: u16, start: u64, end: u64, object: u32, at: u64) {
+    /// Bytes `start..end` of device `dev` are now in `object` at `at` (a later batch), and
+    /// only there.
+    fn set(&mut self, dev: u16, start: u64, end: u64, object: Arc<str>, at: u64) {
+        let c = Cold { end, object, at };
+        let stored = self.stored[usize::from(dev)].get_mut();
+        cut(stored, start, end);
+        stored.insert(start, c.clone());
         let map = self.devs[usize::from(dev)].get_mut();
         let removed = cut(map, start, end);
-        map.insert(start, Cold { end, object, at });
+        map.insert(start, c);
         *self.bytes.get_mut() += (end - start) - removed;
+    }
+
+    /// Bytes `start..end` of device `dev` are local, and also in `object` at `at` (an inline
+    /// batch applied to the local files).
+    fn set_local(&mut self, dev: u16, start: u64, end: u64, object: Arc<str>, at: u64) {
+        let stored = self.stored[usize::from(dev)].get_mut();
+        cut(stored, start, end);
+        stored.insert(start, Cold { end, object, at });
+        let removed = cut(self.devs[usize::from(dev)].get_mut(), start, end);
+        *self.bytes.get_mut() -= removed;
+    }
+
+    /// `start..end` of device `dev` reads as zeroes.
+    fn set_zero(&mut self, dev: u16, start: u64, end: u64) {
+        cut(self.stored[usize::from(dev)].get_mut(), start, end);
+        let removed = cut(self.devs[usize::from(dev)].get_mut(), start, end);
+        *self.bytes.get_mut() -= removed;
+    }
+
+    /// A commit placed bytes `start..end` of device `dev` in `object` at `at`: the newest bytes
+    /// of that range are there, and the cold parts of it are read from there from now on (a
+    /// base copied them; the objects they were in may go).
+    pub(crate) fn committed(&self, dev: u16, start: u64, end: u64, object: &Arc<str>, at: u64) {
+        let c = Cold {
+            end,
+            object: object.clone(),
+            at,
+        };
+        {
+            let mut stored = self.stored[usize::from(dev)].lock();
+            cut(&mut stored, start, end);
+            stored.insert(start, c);
+        }
+        if self.is_empty() {
+            return;
+        }
+        let mut map = self.devs[usize::from(dev)].lock();
+        for (from, p) in clipped(&map, start, end) {
+            cut(&mut map, from, p.end);
+            map.insert(
+                from,
+                Cold {
+                    end: p.end,
+                    object: object.clone(),
+                    at: at + (from - start),
+                },
+            );
+        }
+    }
+
+    /// A commit discarded `start..end` of device `dev`, or could not say where it put it:
+    /// nothing in the store holds its newest bytes.
+    pub(crate) fn uncommitted(&self, dev: u16, start: u64, end: u64) {
+        cut(&mut self.stored[usize::from(dev)].lock(), start, end);
+    }
+
+    /// Where the committed ranges in `start..end` of device `dev` are, clipped to it.
+    pub(crate) fn stored_pieces(&self, dev: u16, start: u64, end: u64) -> Vec<Piece> {
+        clipped(&self.stored[usize::from(dev)].lock(), start, end)
+    }
+
+    /// Every cold range of device `dev`, as `(start, end)`.
+    pub(crate) fn cold_ranges(&self, dev: u16) -> Vec<(u64, u64)> {
+        let map = self.devs[usize::from(dev)].lock();
+        map.iter().map(|(&s, c)| (s, c.end)).collect()
+    }
+
+    /// Drop `pieces` of device `dev` (local and clean, each where the store has its newest
+    /// bytes) from the local file: they are cold from now on. `clean` is asked again under the
+    /// map's lock, which a write takes to see whether its range is cold: a write that began
+    /// before makes it false, and one that begins after finds the range cold and waits for
+    /// the holes (`gate`) before it writes. Returns the bytes made cold.
+    /// `partial` records, before the first hole of devices that were whole, that they no
+    /// longer are.
+    pub(crate) fn evict(
+        &self,
+        dev: u16,
+        pieces: &[Piece],
+        clean: impl FnOnce() -> bool,
+        partial: impl FnOnce() -> std::io::Result<()>,
+        punch: impl Fn(u64, u64) -> std::io::Result<()>,
+    ) -> std::io::Result<u64> {
+        if pieces.is_empty() {
+            return Ok(0);
+        }
+        let _punching = self.gate.read();
+        {
+            let _whole = self.whole_lock.lock();
+            if self.is_whole() {
+                partial()?;
+                self.whole.store(false, Ordering::Release);
+            }
+            self.evictions.fetch_add(1, Ordering::AcqRel);
+            let mut map = self.devs[usize::from(dev)].lock();
+            if !clean() {
+                return Ok(0);
+            }
+            for (s, c) in pieces {
+                let removed = cut(&mut map, *s, c.end);
+                map.insert(*s, c.clone());
+                self.bytes
+                    .fetch_add((c.end - s) - removed, Ordering::AcqRel);
+            }
+        }
+        let mut bytes = 0;
+        for (s, c) in pieces {
+            // A hole that failed to punch leaves local bytes nobody reads: only space is lost.
+            punch(*s, c.end - s)?;
+            bytes += c.end - s;
+        }
+        Ok(bytes)
     }
 
     /// `start..end` of device `dev` is local from now on: it is about to be written or
@@ -164,25 +367,7 @@ impl ColdMap {
         if self.is_empty() {
             return Vec::new();
         }
-        let map = self.devs[usize::from(dev)].lock();
-        let mut out: Vec<Piece> = map
-            .range(..end)
-            .rev()
-            .take_while(|(_, c)| c.end > start)
-            .map(|(&s, &c)| {
-                let from = s.max(start);
-                (
-                    from,
-                    Cold {
-                        end: c.end.min(end),
-                        object: c.object,
-                        at: c.at + (from - s),
-                    },
-                )
-            })
-            .collect();
-        out.reverse();
-        out
+        clipped(&self.devs[usize::from(dev)].lock(), start, end)
     }
 
     /// Up to `n` cold pieces of at most `max` bytes each, from the lowest: what the filler
@@ -191,7 +376,7 @@ impl ColdMap {
         let mut out = Vec::new();
         for (dev, m) in self.devs.iter().enumerate() {
             let map = m.lock();
-            for (&s, &c) in map.iter() {
+            for (&s, c) in map.iter() {
                 let mut at = s;
                 while at < c.end && out.len() < n {
                     let end = c.end.min(at + max);
@@ -201,7 +386,7 @@ impl ColdMap {
                             at,
                             Cold {
                                 end,
-                                object: c.object,
+                                object: c.object.clone(),
                                 at: c.at + (at - s),
                             },
                         ),
@@ -263,8 +448,13 @@ impl ColdMap {
 
 /// What a lazy restore gets from the store, in log order.
 pub enum Stored {
-    /// A small sync's batch, whole (from its log record): applied to the local files.
-    Inline(Vec<u8>),
+    /// A small sync's batch, whole (from its log record): applied to the local files. It is
+    /// also bytes `at..` of store object `object` (the record).
+    Inline {
+        batch: Vec<u8>,
+        object: String,
+        at: u64,
+    },
     /// A batch object: its name, its first bytes (at least its table), and its length.
     Object {
         name: String,
@@ -277,12 +467,22 @@ pub enum Stored {
 /// inline batches `next` yields and list where the objects' ranges are, then sync the files.
 /// Open the pool with the map (`PoolOptions::replica_cold`): reads of cold ranges fetch
 /// them. The caller holds the pool's lock (`pool.lock`), as for [`super::restore`].
+///
+/// With `keep`, the local files are this node's own after a clean stop with nothing committed
+/// since (they hold every committed byte, except the ranges it had dropped, which are holes):
+/// nothing is written; the map lists where every range is, and the located ranges that are
+/// holes locally are cold.
 pub fn restore_cold(
     paths: &[std::path::PathBuf],
     next: &mut dyn FnMut() -> Result<Option<Stored>>,
     progress: &mut dyn FnMut(u64, u64),
+    keep: bool,
 ) -> Result<ColdMap> {
-    let files = super::create_devices(paths)?;
+    let files = if keep {
+        super::open_devices(paths)?
+    } else {
+        super::create_devices(paths)?
+    };
     let mut map = ColdMap::new(files.len());
     let io = |source: std::io::Error| Error::Io {
         device: 0,
@@ -295,6 +495,9 @@ pub fn restore_cold(
                 what: "replica batch for another number of devices",
             });
         }
+        if keep {
+            return Ok(());
+        }
         for (f, &size) in files.iter().zip(sizes) {
             if f.metadata().map_err(io)?.len() != size {
                 f.set_len(size).map_err(io)?;
@@ -305,21 +508,28 @@ pub fn restore_cold(
     let (mut batches, mut bytes) = (0u64, 0u64);
     while let Some(s) = next()? {
         match s {
-            Stored::Inline(b) => {
-                let (batch, _) = ReplicaBatch::decode(&b)?;
-                super::apply_batch(&files, &b)?;
-                for e in &batch.extents {
-                    let m = map.devs[usize::from(e.dev)].get_mut();
-                    let removed = cut(m, e.offset, e.offset + u64::from(e.len));
-                    *map.bytes.get_mut() -= removed;
+            Stored::Inline { batch, object, at } => {
+                let (b, data_at) = ReplicaBatch::decode(&batch)?;
+                grow(&files, &b.sizes)?;
+                if !keep {
+                    super::apply_batch(&files, &batch)?;
                 }
-                bytes += b.len() as u64;
+                let object: Arc<str> = object.into();
+                for (e, d) in b.extents.iter().zip(data_at) {
+                    let (start, end) = (e.offset, e.offset + u64::from(e.len));
+                    match d {
+                        Some(d) if e.kind == ExtentKind::Data => {
+                            map.set_local(e.dev, start, end, object.clone(), at + d as u64)
+                        }
+                        _ => map.set_zero(e.dev, start, end),
+                    }
+                }
+                bytes += batch.len() as u64;
             }
             Stored::Object { name, head, len } => {
                 let (batch, at) = ReplicaBatch::decode_table(&head, len)?;
                 grow(&files, &batch.sizes)?;
-                let object = map.objects.len() as u32;
-                map.objects.push(name);
+                let object: Arc<str> = name.into();
                 for (e, at) in batch.extents.iter().zip(at) {
                     let (start, end) = (e.offset, e.offset + u64::from(e.len));
                     match (e.kind, at) {
@@ -329,19 +539,18 @@ pub fn restore_cold(
                                     what: "replica extent not aligned to 4 KiB",
                                 });
                             }
-                            map.set(e.dev, start, end, object, at);
+                            map.set(e.dev, start, end, object.clone(), at);
                         }
                         _ => {
-                            let m = map.devs[usize::from(e.dev)].get_mut();
-                            let removed = cut(m, start, end);
-                            *map.bytes.get_mut() -= removed;
-                            super::punch(&files[usize::from(e.dev)], start, end - start).map_err(
-                                |source| Error::Io {
-                                    device: e.dev,
-                                    offset: start,
-                                    source,
-                                },
-                            )?;
+                            map.set_zero(e.dev, start, end);
+                            if !keep {
+                                super::punch(&files[usize::from(e.dev)], start, end - start)
+                                    .map_err(|source| Error::Io {
+                                        device: e.dev,
+                                        offset: start,
+                                        source,
+                                    })?;
+                            }
                         }
                     }
                 }
@@ -351,7 +560,38 @@ pub fn restore_cold(
         batches += 1;
         progress(batches, bytes);
     }
-    super::sync_devices(&files, paths)?;
+    for (dev, f) in files.iter().enumerate() {
+        let err = |source| Error::Io {
+            device: dev as u16,
+            offset: 0,
+            source,
+        };
+        let dev16 = dev as u16;
+        if keep {
+            // What the store has and the local file does not: dropped by this node (its data
+            // ranges hold every other committed byte).
+            let size = f.metadata().map_err(io)?.len();
+            let local = crate::io::sync::data_extents(f, size).map_err(err)?;
+            let stored = clipped(map.stored[dev].get_mut(), 0, u64::MAX);
+            let cold = subtract(&stored, &local);
+            let m = map.devs[dev].get_mut();
+            m.clear();
+            *map.bytes.get_mut() = 0;
+            for (s, c) in cold {
+                *map.bytes.get_mut() += c.end - s;
+                m.insert(s, c);
+            }
+        } else {
+            // An inline batch may have left older bytes under a range a later object holds: a
+            // cold range is a hole, so that a clean stop's holes say what is cold.
+            for (s, e) in map.cold_ranges(dev16) {
+                super::punch(f, s, e - s).map_err(err)?;
+            }
+        }
+    }
+    if !keep {
+        super::sync_devices(&files, paths)?;
+    }
     Ok(map)
 }
 
@@ -359,16 +599,20 @@ pub fn restore_cold(
 mod tests {
     use super::*;
 
-    fn cold(end: u64, object: u32, at: u64) -> Cold {
-        Cold { end, object, at }
+    fn cold(end: u64, object: usize, at: u64) -> Cold {
+        Cold {
+            end,
+            object: ["a", "b"][object].into(),
+            at,
+        }
     }
 
     #[test]
     fn later_batches_overwrite_and_writes_clear_cold_ranges() {
         let mut m = ColdMap::new(1);
-        m.objects = vec!["a".into(), "b".into()];
-        m.set(0, 0, 100, 0, 1000);
-        m.set(0, 40, 60, 1, 5);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        m.set(0, 0, 100, a.clone(), 1000);
+        m.set(0, 40, 60, b.clone(), 5);
         assert_eq!(m.cold_bytes(), 100);
         assert_eq!(
             m.pieces(0, 0, 100),

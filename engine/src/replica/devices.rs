@@ -2,15 +2,17 @@
 //! to the pool's [`Replica`].
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::cold::{ColdMap, Piece};
-use super::{Replica, BATCH_DATA_BYTES};
-use crate::format::{ExtentKind, ReplicaBatch, ReplicaExtent, IO_ALIGN};
+use super::cold::{subtract, ColdMap, Piece};
+use super::{Placed, Replica, BATCH_DATA_BYTES};
+use crate::format::{
+    ExtentKind, ReplicaBatch, ReplicaExtent, IO_ALIGN, REPLICA_EXTENT_BYTES, REPLICA_HEADER_BYTES,
+};
 use crate::io::{
     AlignedBuf, Devices, Doorbell, HostSpace, IoDone, IoOp, IoQueue, OpKind, SharedDevices,
 };
@@ -35,6 +37,23 @@ struct Timing {
     commit: Duration,
 }
 
+/// One batch put and not committed yet: its extents as (device, start, end, where the data
+/// starts in the batch; `None` for a zero extent), for the placements its commit returns.
+type SentBatch = Vec<(u16, u64, u64, Option<u64>)>;
+
+/// `ranges` sorted, with overlapping and touching ones joined.
+fn merge(mut ranges: Vec<DevRange>) -> Vec<DevRange> {
+    ranges.sort_unstable();
+    let mut out: Vec<DevRange> = Vec::with_capacity(ranges.len());
+    for (dev, a, b) in ranges {
+        match out.last_mut() {
+            Some(l) if l.0 == dev && a <= l.2 => l.2 = l.2.max(b),
+            _ => out.push((dev, a, b)),
+        }
+    }
+    out
+}
+
 /// A range written (or discarded) since the last sync that reached the replica.
 #[derive(Debug, Clone, Copy)]
 struct Dirty {
@@ -55,6 +74,79 @@ pub(crate) struct MirrorOptions {
     pub fill: bool,
     pub local: bool,
     pub rebase_now: bool,
+    /// Local device bytes to keep at most (0: keep everything): clean ranges the store holds
+    /// are dropped from the local files past it, the least recently used first.
+    pub cache_bytes: u64,
+}
+
+/// Device bytes per unit a local cache follows: when it was last read or written, and whether
+/// a write of it is in flight.
+const CHUNK_SHIFT: u32 = 22;
+/// How often the evictor looks at the local files' size (a round of the cache's clock).
+const EVICT_EVERY: Duration = Duration::from_millis(200);
+/// Chunks looked at under one hold of the upload lock.
+const EVICT_GROUP: usize = 16;
+
+/// A local cache budget's bookkeeping.
+struct Cache {
+    limit: u64,
+    /// Per device and chunk: reads and writes begun (the high 32 bits, wrapping) and in
+    /// flight (the low 32 bits). An eviction drops a range only if no read or write of its
+    /// chunk was in flight or began since it looked at what was not committed yet: a read
+    /// that began before would find a hole, and a write's bytes would be lost.
+    writes: Vec<Vec<AtomicU64>>,
+    /// Per device and chunk: the round of its last read or write.
+    used: Vec<Vec<AtomicU32>>,
+    round: AtomicU32,
+}
+
+impl Cache {
+    fn new(limit: u64, sizes: impl Iterator<Item = u64>) -> Cache {
+        let (mut writes, mut used) = (Vec::new(), Vec::new());
+        for size in sizes {
+            let n = size.div_ceil(1 << CHUNK_SHIFT) as usize;
+            writes.push((0..n).map(|_| AtomicU64::new(0)).collect());
+            used.push((0..n).map(|_| AtomicU32::new(0)).collect());
+        }
+        Cache {
+            limit,
+            writes,
+            used,
+            round: AtomicU32::new(1),
+        }
+    }
+
+    fn chunks(&self, dev: u16, start: u64, end: u64) -> std::ops::Range<usize> {
+        let n = self.used[usize::from(dev)].len();
+        let first = ((start >> CHUNK_SHIFT) as usize).min(n);
+        let last = (end.max(start + 1).div_ceil(1 << CHUNK_SHIFT) as usize).min(n);
+        first..last
+    }
+
+    fn touch(&self, dev: u16, start: u64, end: u64) {
+        let round = self.round.load(Ordering::Relaxed);
+        for c in self.chunks(dev, start, end) {
+            let u = &self.used[usize::from(dev)][c];
+            if u.load(Ordering::Relaxed) != round {
+                u.store(round, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Before a read, write or discard of `start..end` looks at the cold map.
+    fn begin(&self, dev: u16, start: u64, end: u64) {
+        self.touch(dev, start, end);
+        for c in self.chunks(dev, start, end) {
+            self.writes[usize::from(dev)][c].fetch_add((1 << 32) + 1, Ordering::SeqCst);
+        }
+    }
+
+    /// After it completed (a write: and was noted).
+    fn end(&self, dev: u16, start: u64, end: u64) {
+        for c in self.chunks(dev, start, end) {
+            self.writes[usize::from(dev)][c].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 pub(crate) struct MirrorDevices {
@@ -134,8 +226,10 @@ struct Shared {
     /// A new base is sent once `counters.history` passes this (it grows to twice the devices'
     /// allocated bytes when they hold more: a base sends all of them).
     rebase_after: AtomicU64,
-    /// Ranges still only in the store (a lazy takeover), and the fetchers' queue.
+    /// Ranges still only in the store (a lazy takeover, or dropped by the local cache), where
+    /// the store holds each range, and the fetchers' queue.
     cold: Option<Arc<ColdMap>>,
+    cache: Option<Cache>,
     /// Clients' syncs are acknowledged once local, and committed to the replica behind them
     /// (`PoolOptions::replica_local_ack`).
     local: bool,
@@ -159,6 +253,8 @@ struct Health {
     uncommitted: bool,
     /// Their data bytes, counted into `counters.history` when they are committed.
     uncommitted_bytes: u64,
+    /// The batches put since the last commit, in order: where they are once it succeeds.
+    sent: Vec<SentBatch>,
 }
 
 fn lost(what: &str) -> io::Error {
@@ -181,6 +277,7 @@ impl MirrorDevices {
             fill,
             local,
             rebase_now,
+            cache_bytes,
         } = o;
         let mut dirty = Vec::new();
         if base {
@@ -196,7 +293,23 @@ impl MirrorDevices {
                 }));
             }
         }
-        let cold = cold.filter(|c| !c.is_empty());
+        let cache = (cache_bytes > 0).then(|| {
+            Cache::new(
+                cache_bytes,
+                (0..inner.count() as u16).map(|d| inner.size(d)),
+            )
+        });
+        // A local cache needs the map even with nothing cold: it is where the store's ranges
+        // are listed.
+        let cold = if cache.is_some() {
+            let c = cold.unwrap_or_else(|| Arc::new(ColdMap::new(inner.count())));
+            if c.is_empty() {
+                c.set_whole_if(c.evictions(), || replica.devices_whole())?;
+            }
+            Some(c)
+        } else {
+            cold.filter(|c| !c.is_empty())
+        };
         let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<FetchJob>();
         let s = Arc::new(Shared {
             inner,
@@ -212,11 +325,13 @@ impl MirrorDevices {
                 cold: cold.clone(),
                 holding: AtomicBool::new(rebase_now),
                 history: AtomicU64::new(history_bytes),
+                cache_limit: cache_bytes,
                 ..Default::default()
             }),
             rebase_after: AtomicU64::new(rebase_bytes.max(1)),
             fetch: cold.is_some().then_some(fetch_tx),
             cold,
+            cache,
             local,
             commit_wanted: Mutex::new(false),
             commit_cv: Condvar::new(),
@@ -247,10 +362,15 @@ impl MirrorDevices {
                     Box::new(move || me.fetcher(rx)),
                 )?);
             }
-            if fill {
+            // A local cache fetches on use only: filling would undo its evictions.
+            if fill && s.cache.is_none() {
                 let me = s.clone();
                 threads.push(named("ingot-fill".into(), Box::new(move || me.filler()))?);
             }
+        }
+        if s.cache.is_some() {
+            let me = s.clone();
+            threads.push(named("ingot-evict".into(), Box::new(move || me.evictor()))?);
         }
         Ok(MirrorDevices { s, threads })
     }
@@ -376,13 +496,13 @@ impl Shared {
     /// Fetch `pieces`, a few side by side (a range read costs the store's round trip).
     fn fetch_all(&self, cold: &ColdMap, dev: u16, pieces: &[Piece]) -> io::Result<()> {
         if let [one] = pieces {
-            return self.fetch_piece(cold, dev, *one);
+            return self.fetch_piece(cold, dev, one.clone());
         }
         for group in pieces.chunks(PIECES_AT_ONCE) {
             std::thread::scope(|sc| {
                 let hs: Vec<_> = group
                     .iter()
-                    .map(|&p| sc.spawn(move || self.fetch_piece(cold, dev, p)))
+                    .map(|p| sc.spawn(move || self.fetch_piece(cold, dev, p.clone())))
                     .collect();
                 hs.into_iter().try_for_each(|h| {
                     h.join()
@@ -394,18 +514,17 @@ impl Shared {
     }
 
     fn fetch_piece(&self, cold: &ColdMap, dev: u16, piece: Piece) -> io::Result<()> {
-        let (start, p) = piece;
+        let (start, ref p) = piece;
         let len = (p.end - start) as usize;
         let mut buf = AlignedBuf::new(len.next_multiple_of(IO_ALIGN));
         self.replica
-            .fetch(cold.object_name(p.object), p.at, &mut buf[..len])
+            .fetch(&p.object, p.at, &mut buf[..len])
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!(
                         "fetching device {dev} bytes {start}..{} from {}: {e}",
-                        p.end,
-                        cold.object_name(p.object)
+                        p.end, p.object
                     ),
                 )
             })?;
@@ -461,7 +580,8 @@ impl Shared {
                 }
             }
         }
-        if cold.is_empty() && self.inner.sync().is_ok() && self.mark_whole(cold) {
+        let evictions = cold.evictions();
+        if cold.is_empty() && self.inner.sync().is_ok() && self.mark_whole(cold, evictions) {
             tracing::info!(
                 target: "ingot_engine::replica",
                 bytes = cold.fetched_bytes.load(Ordering::Relaxed),
@@ -471,16 +591,11 @@ impl Shared {
         }
     }
 
-    /// Every range is local and synced: once the replica recorded it, the map says whole.
-    fn mark_whole(&self, cold: &ColdMap) -> bool {
-        if cold.is_whole() {
-            return true;
-        }
-        match self.replica.devices_whole() {
-            Ok(()) => {
-                cold.set_whole();
-                true
-            }
+    /// Every range was local before a sync of the devices (and no eviction came since
+    /// `evictions`): once the replica recorded it, the map says whole.
+    fn mark_whole(&self, cold: &ColdMap, evictions: u64) -> bool {
+        match cold.set_whole_if(evictions, || self.replica.devices_whole()) {
+            Ok(whole) => whole,
             Err(e) => {
                 tracing::warn!(target: "ingot_engine::replica", error = %e, "recording that the devices are whole failed; the next sync tries again");
                 false
@@ -562,12 +677,13 @@ impl Shared {
         }
         let started = std::time::Instant::now();
         let mut t = Timing::default();
-        let r = self.send(&dirty, &mut t).and_then(|()| {
+        let r = self.send(&dirty, &mut t).and_then(|sent| {
+            health.sent.extend(sent);
             if commit {
                 let c = std::time::Instant::now();
                 let r = self.replica.commit();
                 t.commit += c.elapsed();
-                r
+                r.map(|placed| self.placed(std::mem::take(&mut health.sent), placed))
             } else {
                 Ok(())
             }
@@ -674,15 +790,6 @@ impl Shared {
             self.rebase_after.store(floor, Ordering::Relaxed);
             return Ok(());
         }
-        // A base lists the devices' local data: what is still only in the objects of the
-        // current history must be local first (the base lets that history go).
-        if let Some(cold) = &self.cold {
-            while !cold.is_empty() {
-                if self.stop.load(Ordering::Acquire) || !self.fill_step(cold)? {
-                    return Ok(());
-                }
-            }
-        }
         let started = std::time::Instant::now();
         // The base starts at the next commit, and its ranges are listed after that, with no
         // upload in between: every write a commit before the start covers is on the devices
@@ -694,7 +801,15 @@ impl Shared {
             // (a base cut short by a stop leaves the history as it was).
             let before = self.counters.history.load(Ordering::Relaxed);
             self.replica.base_begin();
-            (self.ranges()?.0, before)
+            // The devices' local data and what is still only in the store (read from there:
+            // the base lets the objects that hold it go, and its commit says where it is now).
+            let mut ranges = self.ranges()?.0;
+            if let Some(cold) = &self.cold {
+                for dev in 0..self.inner.count() as u16 {
+                    ranges.extend(cold.cold_ranges(dev).into_iter().map(|(a, b)| (dev, a, b)));
+                }
+            }
+            (merge(ranges), before)
         };
         let mut t = Timing::default();
         for (dev, start, end) in ranges {
@@ -714,9 +829,12 @@ impl Shared {
                     offset: at,
                     len,
                 };
-                if let Err(e) = self.send(&[piece], &mut t) {
-                    self.fail(&mut health, &e);
-                    return Err(e);
+                match self.send(&[piece], &mut t) {
+                    Ok(sent) => health.sent.extend(sent),
+                    Err(e) => {
+                        self.fail(&mut health, &e);
+                        return Err(e);
+                    }
                 }
                 health.uncommitted = true;
                 at += len;
@@ -750,7 +868,8 @@ impl Shared {
         r
     }
 
-    fn send(&self, dirty: &[Dirty], t: &mut Timing) -> io::Result<()> {
+    /// Put `dirty`'s ranges as they are now; returns the batches put, in order.
+    fn send(&self, dirty: &[Dirty], t: &mut Timing) -> io::Result<Vec<SentBatch>> {
         let sizes: Vec<u64> = (0..self.inner.count() as u16)
             .map(|d| self.inner.size(d))
             .collect();
@@ -760,16 +879,36 @@ impl Shared {
         };
         let mut data: Vec<AlignedBuf> = Vec::new();
         let mut bytes = 0usize;
+        let mut sent: Vec<SentBatch> = Vec::new();
         let flush = |batch: &mut ReplicaBatch,
                      data: &mut Vec<AlignedBuf>,
                      bytes: &mut usize,
-                     t: &mut Timing| {
+                     t: &mut Timing,
+                     sent: &mut Vec<SentBatch>| {
             if batch.extents.is_empty() {
                 return Ok(());
             }
             let e = std::time::Instant::now();
             let parts: Vec<&[u8]> = data.iter().map(|b| &b[..]).collect();
             let out = batch.encode(&parts);
+            // Where each extent's data is in the batch: after the table, in extent order.
+            let mut at = (REPLICA_HEADER_BYTES
+                + 8 * batch.sizes.len()
+                + REPLICA_EXTENT_BYTES * batch.extents.len()) as u64;
+            sent.push(
+                batch
+                    .extents
+                    .iter()
+                    .map(|x| {
+                        let end = x.offset + u64::from(x.len);
+                        if x.kind == ExtentKind::Zero {
+                            return (x.dev, x.offset, end, None);
+                        }
+                        at += u64::from(x.len);
+                        (x.dev, x.offset, end, Some(at - u64::from(x.len)))
+                    })
+                    .collect(),
+            );
             batch.extents.clear();
             data.clear();
             t.bytes += *bytes as u64;
@@ -843,7 +982,7 @@ impl Shared {
                     .map(|p| match *p {
                         Piece::Data { dev, offset, len } => Some(sc.spawn(move || {
                             let mut buf = AlignedBuf::new(len);
-                            self.inner.read_at(dev, &mut buf, offset)?;
+                            self.read_current(dev, &mut buf, offset)?;
                             let crc = crc32fast::hash(&buf);
                             Ok((buf, crc))
                         })),
@@ -881,7 +1020,7 @@ impl Shared {
                         data.push(buf);
                         bytes += len;
                         if bytes >= BATCH_DATA_BYTES {
-                            flush(&mut batch, &mut data, &mut bytes, t)?;
+                            flush(&mut batch, &mut data, &mut bytes, t, &mut sent)?;
                         }
                     }
                     (Piece::Data { .. }, None) => {
@@ -890,7 +1029,170 @@ impl Shared {
                 }
             }
         }
-        flush(&mut batch, &mut data, &mut bytes, t)
+        flush(&mut batch, &mut data, &mut bytes, t, &mut sent)?;
+        Ok(sent)
+    }
+
+    /// The newest bytes of `buf.len()` bytes of device `dev` at `offset`: the local file's,
+    /// and the store's for what is cold (a base sends cold ranges as well). Called under the
+    /// upload lock, so no eviction drops what it reads locally.
+    fn read_current(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        // Listed first: a piece that lands meanwhile is the same bytes in either place.
+        let pieces = self
+            .cold
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.pieces(dev, offset, end));
+        self.inner.read_at(dev, buf, offset)?;
+        for (s, p) in pieces {
+            let part = &mut buf[(s - offset) as usize..(p.end - offset) as usize];
+            self.replica.fetch(&p.object, p.at, part)?;
+        }
+        Ok(())
+    }
+
+    /// A commit succeeded: `placed` says where each of `sent` is. The map of the store's
+    /// ranges follows (a store that cannot say loses the ranges: they stay local for good).
+    fn placed(&self, sent: Vec<SentBatch>, placed: Vec<Placed>) {
+        let Some(cold) = &self.cold else { return };
+        let known = placed.len() == sent.len();
+        for (i, batch) in sent.into_iter().enumerate() {
+            let object: Option<Arc<str>> = known.then(|| placed[i].object.as_str().into());
+            for (dev, start, end, at) in batch {
+                match (&object, at) {
+                    (Some(o), Some(at)) => cold.committed(dev, start, end, o, placed[i].at + at),
+                    _ => cold.uncommitted(dev, start, end),
+                }
+            }
+        }
+    }
+
+    /// A blocking read, write or discard of `start..end`, counted for the local cache's
+    /// evictions.
+    fn counted(
+        &self,
+        dev: u16,
+        start: u64,
+        end: u64,
+        f: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(c) = &self.cache else { return f() };
+        c.begin(dev, start, end);
+        let r = f();
+        c.end(dev, start, end);
+        r
+    }
+
+    /// Device bytes the local files hold.
+    fn local_bytes(&self) -> io::Result<u64> {
+        let mut total = 0;
+        for dev in 0..self.inner.count() as u16 {
+            total += match self.inner.host_space(dev)? {
+                Some(h) => self.inner.size(dev).saturating_sub(h.unallocated_bytes),
+                None => self.inner.size(dev),
+            };
+        }
+        Ok(total)
+    }
+
+    /// The evictor: each round, past the local cache's budget, drops the least recently used
+    /// clean ranges the store holds until a tenth of the budget is free.
+    fn evictor(&self) {
+        let (Some(cache), Some(cold)) = (&self.cache, &self.cold) else {
+            return;
+        };
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(EVICT_EVERY);
+            let round = cache.round.fetch_add(1, Ordering::Relaxed) + 1;
+            let local = match self.local_bytes() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(target: "ingot_engine::replica", error = %e, "the local cache cannot measure its files");
+                    continue;
+                }
+            };
+            self.counters.local_bytes.store(local, Ordering::Relaxed);
+            if local <= cache.limit {
+                continue;
+            }
+            let want = local - cache.limit / 10 * 9;
+            match self.evict(cache, cold, want, round) {
+                Ok(n) => {
+                    self.counters.evicted_bytes.fetch_add(n, Ordering::Relaxed);
+                    tracing::debug!(target: "ingot_engine::replica", local, want, evicted = n, "local cache: dropped ranges the store holds");
+                }
+                Err(e) => {
+                    tracing::warn!(target: "ingot_engine::replica", error = %e, "local cache: dropping ranges failed");
+                }
+            }
+        }
+    }
+
+    /// Drop up to `want` bytes of clean ranges, the chunks least recently used first (none
+    /// used in this round or the last). Returns the bytes dropped.
+    fn evict(&self, cache: &Cache, cold: &ColdMap, want: u64, round: u32) -> io::Result<u64> {
+        let mut chunks: Vec<(u32, u16, usize)> = Vec::new();
+        for (dev, used) in cache.used.iter().enumerate() {
+            for (c, u) in used.iter().enumerate() {
+                let u = u.load(Ordering::Relaxed);
+                if round.wrapping_sub(u) >= 2 {
+                    chunks.push((u, dev as u16, c));
+                }
+            }
+        }
+        chunks.sort_unstable_by_key(|&(u, _, _)| round.wrapping_sub(u));
+        chunks.reverse();
+        let mut done = 0;
+        for group in chunks.chunks(EVICT_GROUP) {
+            if done >= want || self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            // Each chunk's writes as they were before anything uncommitted is looked at: a
+            // write that begins after this changes them, and its range is not dropped.
+            let seen: Vec<u64> = group
+                .iter()
+                .map(|&(_, dev, c)| cache.writes[usize::from(dev)][c].load(Ordering::SeqCst))
+                .collect();
+            // Held while ranges are dropped: no upload takes ranges to send or commits them
+            // meanwhile, so what is not noted nor sent is committed where the map says.
+            let health = self.upload.lock();
+            if let Some(why) = &health.failed {
+                return Err(lost(why));
+            }
+            let mut busy: Vec<Vec<(u64, u64)>> = vec![Vec::new(); cache.used.len()];
+            for d in self.dirty.lock().iter() {
+                busy[usize::from(d.dev)].push((d.offset, d.offset + d.len));
+            }
+            for &(dev, a, b, _) in health.sent.iter().flatten() {
+                busy[usize::from(dev)].push((a, b));
+            }
+            for b in &mut busy {
+                b.sort_unstable();
+            }
+            for (&(_, dev, c), &seen) in group.iter().zip(&seen) {
+                if seen as u32 != 0 {
+                    continue;
+                }
+                let start = (c as u64) << CHUNK_SHIFT;
+                let end = (start + (1 << CHUNK_SHIFT)).min(self.inner.size(dev));
+                let cold_now: Vec<(u64, u64)> = cold
+                    .pieces(dev, start, end)
+                    .into_iter()
+                    .map(|(s, p)| (s, p.end))
+                    .collect();
+                let local = subtract(&cold.stored_pieces(dev, start, end), &cold_now);
+                let clean = subtract(&local, &busy[usize::from(dev)]);
+                done += cold.evict(
+                    dev,
+                    &clean,
+                    || cache.writes[usize::from(dev)][c].load(Ordering::SeqCst) == seen,
+                    || self.replica.devices_partial(),
+                    |at, len| self.inner.discard(dev, at, len),
+                )?;
+            }
+            drop(health);
+        }
+        Ok(done)
     }
 
     fn check_valid(&self) -> io::Result<()> {
@@ -916,26 +1218,34 @@ impl Devices for MirrorDevices {
     }
     fn read_at(&self, dev: u16, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.s.check_valid()?;
-        self.s
-            .ensure(dev, offset, offset + buf.len() as u64, BLOCKING_WINDOW)?;
-        self.s.inner.read_at(dev, buf, offset)
+        let end = offset + buf.len() as u64;
+        self.s.counted(dev, offset, end, || {
+            self.s.ensure(dev, offset, end, BLOCKING_WINDOW)?;
+            self.s.inner.read_at(dev, buf, offset)
+        })
     }
     fn write_at(&self, dev: u16, buf: &[u8], offset: u64) -> io::Result<()> {
         self.s.check_valid()?;
-        self.s.make_local(dev, offset, offset + buf.len() as u64);
-        self.s.inner.write_at(dev, buf, offset)?;
-        self.s.note(dev, ExtentKind::Data, offset, buf.len() as u64);
-        Ok(())
+        let end = offset + buf.len() as u64;
+        self.s.counted(dev, offset, end, || {
+            self.s.make_local(dev, offset, end);
+            self.s.inner.write_at(dev, buf, offset)?;
+            self.s.note(dev, ExtentKind::Data, offset, buf.len() as u64);
+            Ok(())
+        })
     }
     fn sync(&self) -> io::Result<()> {
         // Nothing is added to a cold map: empty before the sync, every fetched range was
         // written before it, and is durable after it.
-        let whole = self.s.cold.as_ref().is_some_and(|c| c.is_empty());
+        let whole = self
+            .s
+            .cold
+            .as_ref()
+            .filter(|c| !c.is_whole() && c.is_empty())
+            .map(|c| c.evictions());
         self.s.inner.sync()?;
-        if whole {
-            if let Some(c) = &self.s.cold {
-                self.s.mark_whole(c);
-            }
+        if let (Some(evictions), Some(c)) = (whole, &self.s.cold) {
+            self.s.mark_whole(c, evictions);
         }
         // The engine's own syncs (checkpoints, the last one at shutdown) reach the store
         // before they complete, in either mode; with local acknowledgement, while a base is
@@ -947,10 +1257,12 @@ impl Devices for MirrorDevices {
         self.s.commit_now()
     }
     fn discard(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
-        self.s.make_local(dev, offset, offset + len);
-        self.s.inner.discard(dev, offset, len)?;
-        self.s.note(dev, ExtentKind::Zero, offset, len);
-        Ok(())
+        self.s.counted(dev, offset, offset + len, || {
+            self.s.make_local(dev, offset, offset + len);
+            self.s.inner.discard(dev, offset, len)?;
+            self.s.note(dev, ExtentKind::Zero, offset, len);
+            Ok(())
+        })
     }
     fn preallocate(&self, dev: u16, offset: u64, len: u64) -> io::Result<()> {
         self.s.inner.preallocate(dev, offset, len)
@@ -986,6 +1298,13 @@ impl IoQueue for MirrorQueue {
     fn push(&mut self, op: IoOp) {
         let s = &self.devices;
         let end = op.offset + op.len as u64;
+        if let Some(c) = &s.cache {
+            // The whole buffer, as its completion is counted off (it may be longer than
+            // `len`).
+            if matches!(op.kind, OpKind::Write | OpKind::Read) {
+                c.begin(op.dev, op.offset, op.offset + op.buf.len() as u64);
+            }
+        }
         match (op.kind, &s.cold, &s.fetch) {
             (OpKind::Read, Some(cold), Some(tx)) if cold.overlaps(op.dev, op.offset, end) => {
                 self.parked_n += 1;
@@ -1021,6 +1340,7 @@ impl IoQueue for MirrorQueue {
         Ok(())
     }
     fn reap(&mut self, out: &mut Vec<IoDone>) {
+        let parked_from = out.len();
         if self.parked_n > 0 {
             let mut d = self.parked.done.lock();
             self.parked_n -= d.len();
@@ -1032,6 +1352,13 @@ impl IoQueue for MirrorQueue {
         for d in &out[from..] {
             if d.kind == OpKind::Write && d.result.is_ok() {
                 s.note(d.dev, ExtentKind::Data, d.offset, d.buf.len() as u64);
+            }
+        }
+        if let Some(c) = &s.cache {
+            for d in &out[parked_from..] {
+                if matches!(d.kind, OpKind::Write | OpKind::Read) {
+                    c.end(d.dev, d.offset, d.offset + d.buf.len() as u64);
+                }
             }
         }
         for d in &mut out[from..] {

@@ -35,7 +35,11 @@ pub trait Replica: Send + Sync {
     /// one: replayed in the order they were put, or not at all. An error (from here or from
     /// a put) means this node may no longer write the pool (it was deposed, or the store
     /// failed): the sync that asked fails, and so does every later one.
-    fn commit(&self) -> io::Result<()>;
+    ///
+    /// Returns where each of those batches is now, in the order they were put ([`Replica::fetch`]
+    /// reads them there), or nothing if the store cannot say: their ranges then stay on local
+    /// flash (a local cache budget drops only ranges it knows where to read back).
+    fn commit(&self) -> io::Result<Vec<Placed>>;
     /// Whether this node may still serve the pool by its own clock (its lease holds). Reads
     /// from the devices fail once it does not: another node may have changed the blocks.
     fn valid(&self) -> bool;
@@ -60,6 +64,11 @@ pub trait Replica: Send + Sync {
     fn devices_whole(&self) -> io::Result<()> {
         Ok(())
     }
+    /// Ranges are about to be dropped from the local devices (a local cache budget): record
+    /// that they are partial where the next start will look, before any is.
+    fn devices_partial(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Read `buf.len()` bytes of store object `object` at byte `offset` (a cold range of a
     /// lazy takeover, [`ColdMap`]). A short object is an error.
     fn fetch(&self, object: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -69,6 +78,13 @@ pub trait Replica: Send + Sync {
             "this replica cannot read back from its store",
         ))
     }
+}
+
+/// Where a committed batch is in the store: bytes `at..` of object `object`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub object: String,
+    pub at: u64,
 }
 
 /// What a pool's syncs sent, counted by [`MirrorDevices`] (`stats`).
@@ -86,8 +102,13 @@ pub(crate) struct Counters {
     /// them; past `PoolOptions::replica_rebase_bytes` (and twice the data) a new base is sent,
     /// which takes off what was counted before it began once it is whole.
     pub history: std::sync::atomic::AtomicU64,
-    /// A lazy takeover's cold ranges.
+    /// A lazy takeover's cold ranges, or a local cache's.
     pub cold: Option<std::sync::Arc<ColdMap>>,
+    /// The local cache budget (0: none), the bytes the local files hold (as last measured),
+    /// and the bytes dropped from them.
+    pub cache_limit: u64,
+    pub local_bytes: std::sync::atomic::AtomicU64,
+    pub evicted_bytes: std::sync::atomic::AtomicU64,
     /// Clients' syncs acknowledged before the replica held them (local acknowledgement), and
     /// how many of those the replica holds now.
     pub acked: std::sync::atomic::AtomicU64,
@@ -121,6 +142,9 @@ impl Counters {
                 .as_ref()
                 .map_or(0, |c| c.fetched_bytes.load(Relaxed)),
             fetches: self.cold.as_ref().map_or(0, |c| c.fetches.load(Relaxed)),
+            local_cache_limit_bytes: self.cache_limit,
+            local_bytes: self.local_bytes.load(Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Relaxed),
             behind: self.holding.load(Relaxed)
                 || self.failed.load(Relaxed)
                 || self.committed.load(Relaxed) < self.acked.load(Relaxed),
@@ -228,6 +252,23 @@ fn sync_devices(files: &[File], paths: &[std::path::PathBuf]) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Open the pool's device files as they are, for a restore that keeps them.
+fn open_devices(paths: &[std::path::PathBuf]) -> Result<Vec<File>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|source| Error::File {
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 /// Create (or truncate) the pool's device files for a restore.
