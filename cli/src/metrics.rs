@@ -242,7 +242,7 @@ pub fn render(s: &Stats) -> String {
         );
         gauge(
             "replica_cold_bytes",
-            "Device bytes a takeover left in the store and not fetched yet.",
+            "Device bytes only in the store: left by a takeover or dropped by the local cache, and not fetched yet.",
             "gauge",
             r.cold_bytes,
         );
@@ -251,6 +251,24 @@ pub fn render(s: &Stats) -> String {
             "Device bytes fetched from the store since the pool was opened (cold reads and the filler).",
             "counter",
             r.fetched_bytes,
+        );
+        gauge(
+            "replica_local_bytes",
+            "Device bytes the pool's local files hold (measured by a local cache budget's rounds; 0 without one).",
+            "gauge",
+            r.local_bytes,
+        );
+        gauge(
+            "replica_local_cache_limit_bytes",
+            "The local cache budget (ingot serve --local-cache; 0: none).",
+            "gauge",
+            r.local_cache_limit_bytes,
+        );
+        gauge(
+            "replica_evicted_bytes_total",
+            "Device bytes dropped from the local files since open (clean ranges the store holds, read back on use).",
+            "counter",
+            r.evicted_bytes,
         );
         gauge(
             "replica_fetches_total",

@@ -646,3 +646,96 @@ fn local_durability_survives_a_crash_and_the_store_catches_up() {
     }
     b.stop();
 }
+
+/// Bytes the files of directory `dir` hold on disk.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+/// `--local-cache`: a node keeps at most that much of the pool on its flash. Past it, ranges
+/// the store holds are dropped from the local files and read back from the store when used;
+/// writes over them stay. A clean restart keeps the files (its holes are what is cold), and
+/// after a `kill -9` another node takes over with every flushed block.
+#[test]
+fn a_local_cache_keeps_the_pool_within_its_budget() {
+    let (tmp, url, a_dir, sock) = pool_on_store("cache");
+    let budget = 40 * MIB;
+    let cache = ["--local-cache", "40M"];
+    let a = serve(&a_dir, &sock, &cache);
+    create_volume(&a_dir);
+    // Random bytes: nothing to compress or deduplicate.
+    let mut want = vec![0u8; 56 << 20];
+    Prng::new(29).fill(&mut want);
+    let src = tmp.join("src.raw");
+    std::fs::write(&src, &want).unwrap();
+    let (ok, text) = qemu_io(
+        &a.unix_uri("v"),
+        &[
+            format!("write -s {} 0 {}", src.display(), want.len()),
+            "flush".to_string(),
+        ],
+    );
+    assert!(ok, "{text}");
+    let within = |dir: &Path, evicted: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = replica_stats(dir);
+            if r["evicted_bytes"].as_u64() > Some(evicted)
+                && r["local_bytes"].as_u64() <= Some(budget)
+            {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "never within the budget: {r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let r = within(&a_dir, 0);
+    assert!(
+        allocated(&a_dir) <= budget + MIB,
+        "{} bytes on disk, {r}",
+        allocated(&a_dir)
+    );
+    // A write over dropped ranges stays.
+    write_flushed(&a.unix_uri("v"), 8 * MIB, 2 * MIB, 9);
+    want[8 << 20..10 << 20].fill(9);
+    assert!(
+        volume_bytes(&a.unix_uri("v"), tmp.path(), want.len() as u64) == want,
+        "the volume does not read back"
+    );
+    a.stop();
+    let sf = parse_json(&String::from_utf8(read_file(&a_dir.join("store.json"))).unwrap());
+    assert!(sf["partial"] == true && sf["clean"] == true, "{sf}");
+    // A clean restart keeps its files: nothing is taken from the store again but what it had
+    // dropped.
+    let a = serve(&a_dir, &sock, &cache);
+    assert!(a.stderr().contains("restored=false"), "{}", a.stderr());
+    let r = replica_stats(&a_dir);
+    let cold = r["cold_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        cold >= 8 * MIB,
+        "{cold} bytes cold after a clean restart: {r}"
+    );
+    // The read cache in RAM is empty now: reads fetch what was dropped, and what they bring
+    // back is dropped again.
+    assert!(
+        volume_bytes(&a.unix_uri("v"), tmp.path(), want.len() as u64) == want,
+        "the volume does not read back through the store after a clean restart"
+    );
+    let r = within(&a_dir, 0);
+    assert!(r["fetches"].as_u64() > Some(0), "{r}");
+    write_flushed(&a.unix_uri("v"), 20 * MIB, 4 * MIB, 11);
+    want[20 << 20..24 << 20].fill(11);
+    a.kill9();
+    let b_dir = tmp.join("b");
+    attach(&b_dir, &url);
+    let b = serve(&b_dir, &sock, &["--takeover", "--local-cache", "40M"]);
+    assert!(
+        volume_bytes(&b.unix_uri("v"), tmp.path(), want.len() as u64) == want,
+        "another node after kill -9 does not read back every flushed block"
+    );
+    b.stop();
+}

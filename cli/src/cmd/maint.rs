@@ -114,6 +114,14 @@ fn print_stats(s: &Stats) {
                 r.fetches
             );
         }
+        if r.local_cache_limit_bytes > 0 {
+            outln!(
+                "store cache     {} of devices on local flash (budget {}); {} dropped since open",
+                human(r.local_bytes),
+                human(r.local_cache_limit_bytes),
+                human(r.evicted_bytes)
+            );
+        }
     }
     outln!(
         "written         {} by clients, {} to devices",
