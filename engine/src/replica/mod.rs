@@ -9,7 +9,9 @@
 //! lease and a write-once log of batches: a node that lost the lease cannot append, so its
 //! syncs, and the flushes that wait for them, fail). The pool's devices stay whole on local
 //! flash, except after a lazy takeover ([`restore_cold`]): ranges not fetched yet are read
-//! from the store's objects on first use, and a background filler fetches the rest.
+//! from the store's objects on first use, and a background filler fetches the rest; and with
+//! a local cache budget (`PoolOptions::replica_cache_bytes`), past which clean ranges the
+//! store holds are dropped from the local files and read back the same way.
 
 mod cold;
 mod devices;
