@@ -372,12 +372,13 @@ fn allocated(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// Wait until the pool's local files are within `budget`, more than `evicted` bytes dropped.
-fn within_budget(pool: &Pool, budget: u64, evicted: u64) {
+/// Wait until the files of the pool in `dir` are within `budget`, more than `evicted` bytes
+/// dropped.
+fn within_budget(pool: &Pool, dir: &std::path::Path, budget: u64, evicted: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let s = pool.stats().replica.unwrap();
-        if s.evicted_bytes > evicted && s.local_bytes <= budget {
+        if s.evicted_bytes > evicted && allocated(dir) <= budget {
             return;
         }
         assert!(
@@ -417,16 +418,14 @@ fn local_cache(io: IoKind) {
     let v = pool.volume("v").unwrap();
     let len = 96 << 20;
     let mut want = blocks(1, len / BLOCK);
+    // The last 32 MiB are not flushed: the cache commits them itself to drop them.
     for (i, part) in want.chunks(4 << 20).enumerate() {
         v.write((i << 22) as u64, part, false).unwrap();
-        v.flush().unwrap();
+        if i < 16 {
+            v.flush().unwrap();
+        }
     }
-    within_budget(&pool, budget, 0);
-    assert!(
-        allocated(a.path()) < budget + (1 << 20),
-        "{} bytes still on disk",
-        allocated(a.path())
-    );
+    within_budget(&pool, a.path(), budget, 0);
     let fetched = r.fetches.load(Ordering::Relaxed);
     assert!(read_all(&v, len) == want, "read back after dropping");
     assert!(
@@ -440,7 +439,12 @@ fn local_cache(io: IoKind) {
     want[4 << 20..(4 << 20) + new.len()].copy_from_slice(&new);
     assert!(read_all(&v, len) == want, "after overwrites");
     // What the reads fetched back is dropped again.
-    within_budget(&pool, budget, pool.stats().replica.unwrap().evicted_bytes);
+    within_budget(
+        &pool,
+        a.path(),
+        budget,
+        pool.stats().replica.unwrap().evicted_bytes,
+    );
     drop(v);
     pool.shutdown().unwrap();
     drop(pool);

@@ -1120,12 +1120,23 @@ impl Shared {
                 Ok(n) => {
                     self.counters.evicted_bytes.fetch_add(n, Ordering::Relaxed);
                     tracing::debug!(target: "ingot_engine::replica", local, want, evicted = n, "local cache: dropped ranges the store holds");
+                    // Writes no client flushed can be dropped only once committed: commit
+                    // them (a state a power cut could leave as well; the next sync commits
+                    // its own), unless a base is due first.
+                    if n < want && !*self.hold.lock() && self.uncommitted() {
+                        let _ = self.upload(true);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(target: "ingot_engine::replica", error = %e, "local cache: dropping ranges failed");
                 }
             }
         }
+    }
+
+    /// Whether anything was written and not committed yet.
+    fn uncommitted(&self) -> bool {
+        !self.dirty.lock().is_empty() || !self.upload.lock().sent.is_empty()
     }
 
     /// Drop up to `want` bytes of clean ranges, the chunks least recently used first (none
