@@ -894,6 +894,11 @@ pub fn prepare_serve(
     let partial = sf_partial;
     if keep {
         replica.rebase_now.store(true, Ordering::Release);
+        if local_cache {
+            // The map the cache fills as it commits, shared so that a clean stop knows
+            // whether ranges were dropped.
+            *replica.cold.lock() = Some(Arc::new(ColdMap::new(device_paths(dir)?.len())));
+        }
     } else if !current || partial || local_cache {
         let (cold, history) = restore_from(dir, &p, &url, head, seal, current)?;
         if !current {
@@ -1028,6 +1033,18 @@ const LIST_WINDOW: usize = 64;
 /// A batch's table at most: 8 MiB of data in 4 KiB extents.
 const TABLE_MAX: usize = 16 << 20;
 
+/// The pool's device files, as its `pool.json` lists them.
+fn device_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let pool_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
+    Ok(pool_json["devices"]
+        .as_array()
+        .context("pool.json lists no devices")?
+        .iter()
+        .map(|d| dir.join(d.as_str().unwrap_or_default()))
+        .collect())
+}
+
 /// Take the devices from the log objects before `end`, lazily: the inline batches are applied,
 /// and the batch objects' tables say where each range is (`ColdMap`).
 fn restore_from(
@@ -1038,14 +1055,7 @@ fn restore_from(
     end: u64,
     keep: bool,
 ) -> Result<(ColdMap, u64)> {
-    let pool_json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join(ingot_engine::POOL_FILE))?)?;
-    let devices: Vec<PathBuf> = pool_json["devices"]
-        .as_array()
-        .context("pool.json lists no devices")?
-        .iter()
-        .map(|d| dir.join(d.as_str().unwrap_or_default()))
-        .collect();
+    let devices = device_paths(dir)?;
     let end = end.min(first_free(p, &url.name, head)?);
     let io_err = |at: u64, e: String| ingot_engine::Error::Io {
         device: 0,

@@ -665,6 +665,34 @@ fn a_local_cache_keeps_the_pool_within_its_budget() {
     let (tmp, url, a_dir, sock) = pool_on_store("cache");
     let budget = 40 * MIB;
     let cache = ["--local-cache", "40M"];
+    // Refused: with local durability (a directory with holes cannot be kept after a crash),
+    // and on a pool that is not on a store.
+    let plain = tmp.join("plain");
+    create_pool(&plain, "256M");
+    for (dir, extra, says) in [
+        (&a_dir, "local", "needs --durability store"),
+        (&plain, "store", "is not a pool on a store"),
+    ] {
+        let out = output(
+            ingot()
+                .args([
+                    "serve",
+                    "--local-cache",
+                    "40M",
+                    "--durability",
+                    extra,
+                    "--nbd",
+                ])
+                .arg(format!("unix:{}", tmp.join("refused.sock").display()))
+                .arg("--pool")
+                .arg(dir),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra}: {err}"
+        );
+    }
     let a = serve(&a_dir, &sock, &cache);
     create_volume(&a_dir);
     // Random bytes: nothing to compress or deduplicate.

@@ -396,6 +396,9 @@ pub fn serve(
         read_only,
         ..run.options()
     };
+    if store.local_cache.is_some() && store.durability == crate::store::Durability::Local {
+        bail!("--local-cache needs --durability store: a directory that drops ranges cannot be kept as the truth after a crash");
+    }
     // A pool on a store: its lease first, and devices brought up to date from the store.
     let replica = if read_only || dir_is_empty_or_missing(dir) {
         if read_only {

@@ -57,6 +57,9 @@ pub struct ColdMap {
     /// says whole only if no eviction came since (`evictions`).
     whole_lock: Mutex<()>,
     evictions: AtomicU64,
+    /// The store's record says partial, as this process last wrote it (an eviction writes it
+    /// before its first hole, whatever the record said at start).
+    partial_noted: std::sync::atomic::AtomicBool,
     /// Bytes and pieces fetched since open (`stats`).
     pub(crate) fetched_bytes: AtomicU64,
     pub(crate) fetches: AtomicU64,
@@ -163,6 +166,7 @@ impl ColdMap {
             whole: std::sync::atomic::AtomicBool::new(false),
             whole_lock: Mutex::new(()),
             evictions: AtomicU64::new(0),
+            partial_noted: std::sync::atomic::AtomicBool::new(false),
             fetched_bytes: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         }
@@ -170,7 +174,9 @@ impl ColdMap {
 
     /// Bytes of the devices still only in the store.
     pub fn cold_bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Acquire)
+        // Sequentially consistent: the fast paths that skip an empty map rely on it against
+        // an eviction (`evict`).
+        self.bytes.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -203,6 +209,7 @@ impl ColdMap {
             return Ok(false);
         }
         record()?;
+        self.partial_noted.store(false, Ordering::Release);
         self.whole.store(true, Ordering::Release);
         Ok(true)
     }
@@ -306,20 +313,26 @@ impl ColdMap {
         let _punching = self.gate.read();
         {
             let _whole = self.whole_lock.lock();
-            if self.is_whole() {
+            if !self.partial_noted.load(Ordering::Acquire) {
                 partial()?;
-                self.whole.store(false, Ordering::Release);
+                self.partial_noted.store(true, Ordering::Release);
             }
+            self.whole.store(false, Ordering::Release);
             self.evictions.fetch_add(1, Ordering::AcqRel);
             let mut map = self.devs[usize::from(dev)].lock();
+            // Counted before `clean` looks (both sequentially consistent): a read or write
+            // that begins after that look finds the map not empty, so it takes the map's
+            // lock and sees the ranges cold; one that began before makes `clean` false.
+            let total: u64 = pieces.iter().map(|(s, c)| c.end - s).sum();
+            self.bytes.fetch_add(total, Ordering::SeqCst);
             if !clean() {
+                self.bytes.fetch_sub(total, Ordering::SeqCst);
                 return Ok(0);
             }
             for (s, c) in pieces {
                 let removed = cut(&mut map, *s, c.end);
                 map.insert(*s, c.clone());
-                self.bytes
-                    .fetch_add((c.end - s) - removed, Ordering::AcqRel);
+                self.bytes.fetch_sub(removed, Ordering::SeqCst);
             }
         }
         let mut bytes = 0;
@@ -560,6 +573,9 @@ pub fn restore_cold(
         batches += 1;
         progress(batches, bytes);
     }
+    if keep {
+        *map.bytes.get_mut() = 0;
+    }
     for (dev, f) in files.iter().enumerate() {
         let err = |source| Error::Io {
             device: dev as u16,
@@ -576,7 +592,6 @@ pub fn restore_cold(
             let cold = subtract(&stored, &local);
             let m = map.devs[dev].get_mut();
             m.clear();
-            *map.bytes.get_mut() = 0;
             for (s, c) in cold {
                 *map.bytes.get_mut() += c.end - s;
                 m.insert(s, c);
@@ -605,6 +620,53 @@ mod tests {
             object: ["a", "b"][object].into(),
             at,
         }
+    }
+
+    /// A clean restart keeps the files: on each device, the listed ranges it holds no data
+    /// for are cold, and only those.
+    #[test]
+    fn a_kept_restart_finds_the_holes_of_every_device_cold() {
+        use crate::format::ReplicaExtent;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [dir.path().join("d0"), dir.path().join("d1")];
+        for p in &paths {
+            let f = File::create(p).unwrap();
+            f.write_all_at(&vec![7u8; 256 << 10], 0).unwrap();
+            f.set_len(1 << 20).unwrap();
+        }
+        // Device 0 dropped its first 64 KiB; device 1 holds everything.
+        super::super::punch(
+            &File::options().write(true).open(&paths[0]).unwrap(),
+            0,
+            64 << 10,
+        )
+        .unwrap();
+        let data = vec![7u8; 128 << 10];
+        let extent = |dev| ReplicaExtent {
+            dev,
+            kind: ExtentKind::Data,
+            len: 128 << 10,
+            offset: 0,
+            crc: crc32fast::hash(&data),
+        };
+        let batch = ReplicaBatch {
+            sizes: vec![1 << 20, 1 << 20],
+            extents: vec![extent(0), extent(1)],
+        }
+        .encode(&[&data, &data]);
+        let table = ReplicaBatch::table_bytes(&batch).unwrap();
+        let mut one = Some(Stored::Object {
+            name: "o".into(),
+            head: batch[..table].to_vec(),
+            len: batch.len() as u64,
+        });
+        let m = restore_cold(&paths, &mut || Ok(one.take()), &mut |_, _| {}, true).unwrap();
+        assert_eq!(m.cold_bytes(), 64 << 10);
+        assert_eq!(m.cold_ranges(0), vec![(0, 64 << 10)]);
+        assert!(m.cold_ranges(1).is_empty());
+        assert!(m.overlaps(0, 0, 4096));
+        assert_eq!(m.stored_pieces(1, 0, 1 << 20).len(), 1);
     }
 
     #[test]

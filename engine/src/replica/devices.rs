@@ -299,6 +299,26 @@ impl MirrorDevices {
                 (0..inner.count() as u16).map(|d| inner.size(d)),
             )
         });
+        if cache.is_some() {
+            // Dropped ranges are holes, which a restart finds again, and what the local files
+            // hold is measured by their allocated blocks: files only.
+            for dev in 0..inner.count() as u16 {
+                if inner.host_space(dev)?.is_none() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a local cache needs the pool's devices to be files, not block devices",
+                    ));
+                }
+            }
+            // Syncs answered before the store has them could not be kept across a crash once
+            // ranges are dropped (the directory is partial then).
+            if local {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a local cache needs flushes answered by the store (not local durability)",
+                ));
+            }
+        }
         // A local cache needs the map even with nothing cold: it is where the store's ranges
         // are listed.
         let cold = if cache.is_some() {
@@ -486,9 +506,29 @@ impl Shared {
         let (mine, rest): (Vec<Piece>, Vec<Piece>) = pieces
             .into_iter()
             .partition(|(s, c)| *s < end && c.end > start);
-        self.fetch_all(cold, dev, &mine)?;
+        let mut result = self.fetch_all(cold, dev, &mine);
+        let mut tried = mine;
         if let Err(e) = self.fetch_all(cold, dev, &rest) {
             tracing::debug!(target: "ingot_engine::replica", error = %e, "a read's window: not fetched");
+        }
+        // A fetch lands only where the map still names what it read: a base's commit may
+        // have moved a range to the base's copy meanwhile (and the collector deleted the
+        // object it was in). Fetch again from where the map says now.
+        for _ in 0..8 {
+            let left = cold.pieces(dev, start, end);
+            if left.is_empty() {
+                return Ok(());
+            }
+            match result {
+                Err(e) if left == tried => return Err(e),
+                _ => {}
+            }
+            result = self.fetch_all(cold, dev, &left);
+            tried = left;
+        }
+        result?;
+        if cold.overlaps(dev, start, end) {
+            return Err(lost("a cold range kept moving while it was fetched"));
         }
         Ok(())
     }
@@ -1415,8 +1455,9 @@ impl IoQueue for MirrorQueue {
     fn fd(&self) -> Option<std::os::fd::RawFd> {
         // A connection's reader polls this descriptor alone: while ranges are cold, reads
         // go through the shards, whose queues wait for the fetchers too.
+        // With a local cache, ranges may turn cold after a reader took the descriptor.
         match &self.devices.cold {
-            Some(c) if !c.is_empty() => None,
+            Some(c) if !c.is_empty() || self.devices.cache.is_some() => None,
             _ => self.inner.fd(),
         }
     }
