@@ -472,7 +472,8 @@ impl RadosReplica {
         sf.history_bytes = history_bytes;
         // With ranges still cold (or fetched and not synced), the next start lists where they
         // are again: its holes are what is cold.
-        let whole = self.cold.lock().as_ref().is_none_or(|c| c.is_whole());
+        // Sealed first: an eviction still running could drop a range after this looked.
+        let whole = self.cold.lock().as_ref().is_none_or(|c| c.seal());
         sf.clean = complete;
         sf.partial = !whole;
         // Devices holding syncs the store lacks stay the truth for this node's next start.

@@ -764,3 +764,89 @@ fn local_acknowledgement_commits_behind_and_a_kept_pool_sends_a_base_first() {
         "a locally acknowledged write the store never got is not in the base"
     );
 }
+
+/// Reads, writes and flushes from two threads while the local cache drops ranges all along: a
+/// window of 16 MiB moves through each thread's half of the volume, so the chunks it leaves
+/// are dropped while the other thread works, and coming back reads them from the store and
+/// writes over them. Every read returns the last bytes written there.
+fn cache_under_load(io: IoKind) {
+    let a = new_pool(io, 256 << 20);
+    let r = Arc::new(Memory::default());
+    let budget: u64 = 40 << 20;
+    let o = PoolOptions {
+        replica_cache_bytes: budget,
+        ..opts(io, Some(r.clone()), true)
+    };
+    let pool = Pool::open(a.path(), &o).unwrap();
+    pool.create_volume("v", 128 << 20).unwrap();
+    let v = pool.volume("v").unwrap();
+    let half: u64 = 64 << 20;
+    let window: u64 = 16 << 20;
+    let stop_at = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    std::thread::scope(|sc| {
+        for t in 0..2u64 {
+            let v = &v;
+            sc.spawn(move || {
+                let base = t * half;
+                let blocks_n = (half / BLOCK as u64) as usize;
+                // The seed of each block's last write (0: never written).
+                let mut model = vec![0u64; blocks_n];
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t + 1);
+                let mut next = || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                let mut n = 0u64;
+                while std::time::Instant::now() < stop_at {
+                    // The window moves every 400 operations, wrapping around the half.
+                    let w = (n / 400) * (window / 2) % half;
+                    let at = ((w + next() % window) % (half - (64 << 10))) & !(BLOCK as u64 - 1);
+                    let first = (at / BLOCK as u64) as usize;
+                    if next() % 2 == 0 {
+                        let k = 1 + (next() % 16) as usize;
+                        let seed = n + 1;
+                        let data = blocks(seed, k);
+                        v.write(base + at, &data, false).unwrap();
+                        for (i, m) in model[first..first + k].iter_mut().enumerate() {
+                            *m = (seed << 32) | i as u64;
+                        }
+                    } else {
+                        let k = 1 + (next() % 16) as usize;
+                        let got = v.read(base + at, (k * BLOCK) as u32).unwrap();
+                        for i in 0..k {
+                            let want = match model[first + i] {
+                                0 => vec![0u8; BLOCK],
+                                s => common::xorshift_block(s),
+                            };
+                            assert!(
+                                got[i * BLOCK..(i + 1) * BLOCK] == want[..],
+                                "thread {t}: block {} after {n} operations",
+                                first + i
+                            );
+                        }
+                    }
+                    if n % 16 == 15 {
+                        v.flush().unwrap();
+                    }
+                    n += 1;
+                }
+            });
+        }
+    });
+    let s = pool.stats().replica.unwrap();
+    assert!(s.evicted_bytes > 0 && s.fetches > 0, "{s:?}");
+    let report = pool.check(&mut |_, _| {});
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[test]
+fn a_local_cache_under_reads_and_writes_returns_the_last_bytes_written() {
+    cache_under_load(IoKind::Sync);
+}
+
+#[test]
+fn a_local_cache_under_reads_and_writes_returns_the_last_bytes_written_with_io_uring() {
+    cache_under_load(IoKind::Auto);
+}

@@ -60,6 +60,8 @@ pub struct ColdMap {
     /// The store's record says partial, as this process last wrote it (an eviction writes it
     /// before its first hole, whatever the record said at start).
     partial_noted: std::sync::atomic::AtomicBool,
+    /// No eviction from now on ([`ColdMap::seal`]).
+    sealed: std::sync::atomic::AtomicBool,
     /// Bytes and pieces fetched since open (`stats`).
     pub(crate) fetched_bytes: AtomicU64,
     pub(crate) fetches: AtomicU64,
@@ -167,6 +169,7 @@ impl ColdMap {
             whole_lock: Mutex::new(()),
             evictions: AtomicU64::new(0),
             partial_noted: std::sync::atomic::AtomicBool::new(false),
+            sealed: std::sync::atomic::AtomicBool::new(false),
             fetched_bytes: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         }
@@ -186,6 +189,14 @@ impl ColdMap {
     /// Every range is local and durable: the local devices hold the whole pool again.
     pub fn is_whole(&self) -> bool {
         self.whole.load(Ordering::Acquire)
+    }
+
+    /// A clean stop: no range is dropped from now on, and whether the devices are whole (what
+    /// the stop records for the next start; an eviction after it would make that untrue).
+    pub fn seal(&self) -> bool {
+        let _g = self.whole_lock.lock();
+        self.sealed.store(true, Ordering::Release);
+        self.is_whole()
     }
 
     /// Evictions so far: read before a sync that may make the devices whole.
@@ -294,9 +305,10 @@ impl ColdMap {
 
     /// Drop `pieces` of device `dev` (local and clean, each where the store has its newest
     /// bytes) from the local file: they are cold from now on. `clean` is asked again under the
-    /// map's lock, which a write takes to see whether its range is cold: a write that began
-    /// before makes it false, and one that begins after finds the range cold and waits for
-    /// the holes (`gate`) before it writes. Returns the bytes made cold.
+    /// map's lock, which a read or write takes to see whether its range is cold: one that
+    /// began before makes it false; a write that begins after finds the range cold and waits
+    /// for the holes (`gate`) before it writes, and a read fetches it, landing once the holes
+    /// are punched (under the map's lock). Returns the bytes made cold.
     /// `partial` records, before the first hole of devices that were whole, that they no
     /// longer are.
     pub(crate) fn evict(
@@ -313,11 +325,14 @@ impl ColdMap {
         let _punching = self.gate.read();
         {
             let _whole = self.whole_lock.lock();
+            if self.sealed.load(Ordering::Acquire) {
+                return Ok(0);
+            }
             if !self.partial_noted.load(Ordering::Acquire) {
                 partial()?;
                 self.partial_noted.store(true, Ordering::Release);
             }
-            self.whole.store(false, Ordering::Release);
+            let was_whole = self.whole.swap(false, Ordering::AcqRel);
             self.evictions.fetch_add(1, Ordering::AcqRel);
             let mut map = self.devs[usize::from(dev)].lock();
             // Counted before `clean` looks (both sequentially consistent): a read or write
@@ -327,6 +342,8 @@ impl ColdMap {
             self.bytes.fetch_add(total, Ordering::SeqCst);
             if !clean() {
                 self.bytes.fetch_sub(total, Ordering::SeqCst);
+                // Nothing was dropped (the store's record stays partial: only a cost).
+                self.whole.store(was_whole, Ordering::Release);
                 return Ok(0);
             }
             for (s, c) in pieces {
@@ -334,14 +351,19 @@ impl ColdMap {
                 map.insert(*s, c.clone());
                 self.bytes.fetch_sub(removed, Ordering::SeqCst);
             }
+            // The holes are punched under the map's lock: a fetch that lands these ranges
+            // (for a read that found them cold) looks at the map after, and its bytes are not
+            // punched (fetches land side by side under the gate, which does not keep them out).
+            let mut bytes = 0;
+            for (s, c) in pieces {
+                // A hole that failed to punch leaves local bytes nobody reads: only space is
+                // lost.
+                punch(*s, c.end - s)?;
+                bytes += c.end - s;
+            }
+            drop(map);
+            Ok(bytes)
         }
-        let mut bytes = 0;
-        for (s, c) in pieces {
-            // A hole that failed to punch leaves local bytes nobody reads: only space is lost.
-            punch(*s, c.end - s)?;
-            bytes += c.end - s;
-        }
-        Ok(bytes)
     }
 
     /// `start..end` of device `dev` is local from now on: it is about to be written or

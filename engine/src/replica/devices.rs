@@ -84,6 +84,10 @@ pub(crate) struct MirrorOptions {
 const CHUNK_SHIFT: u32 = 22;
 /// How often the evictor looks at the local files' size (a round of the cache's clock).
 const EVICT_EVERY: Duration = Duration::from_millis(200);
+/// The evictor commits writes no client flushed (to drop them) at most this often, and only
+/// when they could cover what it lacks or this much.
+const SELF_COMMIT_EVERY: Duration = Duration::from_secs(1);
+const SELF_COMMIT_MIN: u64 = 8 << 20;
 /// Chunks looked at under one hold of the upload lock.
 const EVICT_GROUP: usize = 16;
 
@@ -507,7 +511,21 @@ impl Shared {
             .into_iter()
             .partition(|(s, c)| *s < end && c.end > start);
         let mut result = self.fetch_all(cold, dev, &mine);
-        let mut tried = mine;
+        // What was tried of the read's own range, to compare with what is left of it.
+        let mut tried: Vec<Piece> = mine
+            .into_iter()
+            .map(|(s, c)| {
+                let from = s.max(start);
+                (
+                    from,
+                    super::cold::Cold {
+                        end: c.end.min(end),
+                        at: c.at + (from - s),
+                        object: c.object,
+                    },
+                )
+            })
+            .collect();
         if let Err(e) = self.fetch_all(cold, dev, &rest) {
             tracing::debug!(target: "ingot_engine::replica", error = %e, "a read's window: not fetched");
         }
@@ -525,6 +543,9 @@ impl Shared {
             }
             result = self.fetch_all(cold, dev, &left);
             tried = left;
+        }
+        if !cold.overlaps(dev, start, end) {
+            return Ok(());
         }
         result?;
         if cold.overlaps(dev, start, end) {
@@ -1141,6 +1162,7 @@ impl Shared {
         let (Some(cache), Some(cold)) = (&self.cache, &self.cold) else {
             return;
         };
+        let mut last_commit = std::time::Instant::now();
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(EVICT_EVERY);
             let round = cache.round.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1163,7 +1185,12 @@ impl Shared {
                     // Writes no client flushed can be dropped only once committed: commit
                     // them (a state a power cut could leave as well; the next sync commits
                     // its own), unless a base is due first.
-                    if n < want && !*self.hold.lock() && self.uncommitted() {
+                    if n < want
+                        && !*self.hold.lock()
+                        && last_commit.elapsed() >= SELF_COMMIT_EVERY
+                        && self.uncommitted_bytes() >= (want - n).min(SELF_COMMIT_MIN)
+                    {
+                        last_commit = std::time::Instant::now();
                         let _ = self.upload(true);
                     }
                 }
@@ -1174,9 +1201,9 @@ impl Shared {
         }
     }
 
-    /// Whether anything was written and not committed yet.
-    fn uncommitted(&self) -> bool {
-        !self.dirty.lock().is_empty() || !self.upload.lock().sent.is_empty()
+    /// Data bytes written and not committed yet: noted, or sent early.
+    fn uncommitted_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed) + self.upload.lock().uncommitted_bytes
     }
 
     /// Drop up to `want` bytes of clean ranges, the chunks least recently used first (none
