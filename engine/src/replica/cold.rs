@@ -50,6 +50,8 @@ pub struct ColdMap {
     gate: parking_lot::RwLock<()>,
     /// Bytes still cold.
     bytes: AtomicU64,
+    /// Fetches landing now (`land`).
+    landing: AtomicU64,
     /// Nothing is cold, and a sync of the devices after that made every fetch durable.
     whole: std::sync::atomic::AtomicBool,
     /// Held while `whole` changes, and while the store's record of it does: an eviction
@@ -165,6 +167,7 @@ impl ColdMap {
             stored: (0..devices).map(|_| Mutex::default()).collect(),
             gate: parking_lot::RwLock::new(()),
             bytes: AtomicU64::new(0),
+            landing: AtomicU64::new(0),
             whole: std::sync::atomic::AtomicBool::new(false),
             whole_lock: Mutex::new(()),
             evictions: AtomicU64::new(0),
@@ -369,9 +372,10 @@ impl ColdMap {
     /// `start..end` of device `dev` is local from now on: it is about to be written or
     /// discarded. Returns once no fetch can write there any more.
     pub(crate) fn clear(&self, dev: u16, start: u64, end: u64) {
-        // A range that is not cold now has no fetch writing it (a fetch takes what it wrote
-        // out of the map only after writing).
-        if !self.overlaps(dev, start, end) {
+        // A range that is not cold now, while no fetch is landing, has no fetch writing it.
+        // (Two fetches of the same range may both have picked it while cold: the first to
+        // land takes it out of the map, and the other still writes it.)
+        if self.landing.load(Ordering::SeqCst) == 0 && !self.overlaps(dev, start, end) {
             return;
         }
         let _no_fetch_writes = self.gate.write();
@@ -449,6 +453,15 @@ impl ColdMap {
     ) -> std::io::Result<()> {
         let (start, p) = piece;
         let _writing = self.gate.read();
+        // Counted before it looks at the map (`clear`), until it took what it wrote out.
+        self.landing.fetch_add(1, Ordering::SeqCst);
+        struct Landed<'a>(&'a AtomicU64);
+        impl Drop for Landed<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _landed = Landed(&self.landing);
         let parts: Vec<(u64, u64)> = {
             let map = self.devs[usize::from(dev)].lock();
             map.range(..p.end)

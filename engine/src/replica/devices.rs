@@ -862,14 +862,17 @@ impl Shared {
             // (a base cut short by a stop leaves the history as it was).
             let before = self.counters.history.load(Ordering::Relaxed);
             self.replica.base_begin();
-            // The devices' local data and what is still only in the store (read from there:
-            // the base lets the objects that hold it go, and its commit says where it is now).
-            let mut ranges = self.ranges()?.0;
+            // What is still only in the store (read from there: the base lets the objects
+            // that hold it go, and its commit says where it is now), then the devices' local
+            // data: in that order, a range a fetch lands meanwhile is in one list or the other
+            // (it is written before it leaves the map).
+            let mut ranges = Vec::new();
             if let Some(cold) = &self.cold {
                 for dev in 0..self.inner.count() as u16 {
                     ranges.extend(cold.cold_ranges(dev).into_iter().map(|(a, b)| (dev, a, b)));
                 }
             }
+            ranges.extend(self.ranges()?.0);
             (merge(ranges), before)
         };
         let mut t = Timing::default();
@@ -1315,12 +1318,11 @@ impl Devices for MirrorDevices {
     fn sync(&self) -> io::Result<()> {
         // Nothing is added to a cold map: empty before the sync, every fetched range was
         // written before it, and is durable after it.
-        let whole = self
-            .s
-            .cold
-            .as_ref()
-            .filter(|c| !c.is_whole() && c.is_empty())
-            .map(|c| c.evictions());
+        // (The evictions counted before it looks: one after that keeps it from saying whole.)
+        let whole = self.s.cold.as_ref().and_then(|c| {
+            let evictions = c.evictions();
+            (!c.is_whole() && c.is_empty()).then_some(evictions)
+        });
         self.s.inner.sync()?;
         if let (Some(evictions), Some(c)) = (whole, &self.s.cold) {
             self.s.mark_whole(c, evictions);
