@@ -372,13 +372,31 @@ fn allocated(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// Wait until the files of the pool in `dir` are within `budget`, more than `evicted` bytes
-/// dropped.
-fn within_budget(pool: &Pool, dir: &std::path::Path, budget: u64, evicted: u64) {
+/// The local cache budget of the tests: above what the engine keeps allocated whatever it holds
+/// (segments reserved ahead: 12 of these 2 MiB ones).
+const CACHE_BUDGET: u64 = 40 << 20;
+
+/// A new pool of 256 MiB with a replica in memory and a local cache of [`CACHE_BUDGET`], and
+/// its volume `v` of 128 MiB.
+fn cache_pool(io: IoKind) -> (tempfile::TempDir, Arc<Memory>, Pool) {
+    let a = new_pool(io, 256 << 20);
+    let r = Arc::new(Memory::default());
+    let o = PoolOptions {
+        replica_cache_bytes: CACHE_BUDGET,
+        ..opts(io, Some(r.clone()), true)
+    };
+    let pool = Pool::open(a.path(), &o).unwrap();
+    pool.create_volume("v", 128 << 20).unwrap();
+    (a, r, pool)
+}
+
+/// Wait until the files of the pool in `dir` are within [`CACHE_BUDGET`], more than `evicted`
+/// bytes dropped.
+fn within_budget(pool: &Pool, dir: &std::path::Path, evicted: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let s = pool.stats().replica.unwrap();
-        if s.evicted_bytes > evicted && allocated(dir) <= budget {
+        if s.evicted_bytes > evicted && allocated(dir) <= CACHE_BUDGET {
             return;
         }
         assert!(
@@ -404,17 +422,8 @@ fn read_all(v: &ingot_engine::Volume, len: usize) -> Vec<u8> {
 /// what is cold. A base copies the dropped ranges, so that once the objects before it are gone
 /// every block still reads back; a restore from the base gives the same pool.
 fn local_cache(io: IoKind) {
-    let a = new_pool(io, 256 << 20);
-    let r = Arc::new(Memory::default());
-    // Above what the engine keeps allocated whatever it holds (segments reserved ahead: 12
-    // of these 2 MiB ones).
-    let budget: u64 = 40 << 20;
-    let o = PoolOptions {
-        replica_cache_bytes: budget,
-        ..opts(io, Some(r.clone()), true)
-    };
-    let pool = Pool::open(a.path(), &o).unwrap();
-    pool.create_volume("v", 128 << 20).unwrap();
+    let (a, r, pool) = cache_pool(io);
+    let budget = CACHE_BUDGET;
     let v = pool.volume("v").unwrap();
     let len = 96 << 20;
     let mut want = blocks(1, len / BLOCK);
@@ -425,7 +434,7 @@ fn local_cache(io: IoKind) {
             v.flush().unwrap();
         }
     }
-    within_budget(&pool, a.path(), budget, 0);
+    within_budget(&pool, a.path(), 0);
     let fetched = r.fetches.load(Ordering::Relaxed);
     assert!(read_all(&v, len) == want, "read back after dropping");
     assert!(
@@ -439,12 +448,7 @@ fn local_cache(io: IoKind) {
     want[4 << 20..(4 << 20) + new.len()].copy_from_slice(&new);
     assert!(read_all(&v, len) == want, "after overwrites");
     // What the reads fetched back is dropped again.
-    within_budget(
-        &pool,
-        a.path(),
-        budget,
-        pool.stats().replica.unwrap().evicted_bytes,
-    );
+    within_budget(&pool, a.path(), pool.stats().replica.unwrap().evicted_bytes);
     drop(v);
     pool.shutdown().unwrap();
     drop(pool);
@@ -770,15 +774,7 @@ fn local_acknowledgement_commits_behind_and_a_kept_pool_sends_a_base_first() {
 /// are dropped while the other thread works, and coming back reads them from the store and
 /// writes over them. Every read returns the last bytes written there.
 fn cache_under_load(io: IoKind) {
-    let a = new_pool(io, 256 << 20);
-    let r = Arc::new(Memory::default());
-    let budget: u64 = 40 << 20;
-    let o = PoolOptions {
-        replica_cache_bytes: budget,
-        ..opts(io, Some(r.clone()), true)
-    };
-    let pool = Pool::open(a.path(), &o).unwrap();
-    pool.create_volume("v", 128 << 20).unwrap();
+    let (_a, _r, pool) = cache_pool(io);
     let v = pool.volume("v").unwrap();
     let half: u64 = 64 << 20;
     let window: u64 = 16 << 20;

@@ -454,6 +454,24 @@ fn the_history_since_the_last_base_outlives_a_restart() {
     b.stop();
 }
 
+/// Write `len` random bytes (nothing to compress or deduplicate) at the start of `uri`, then
+/// flush; returns them.
+fn write_random(uri: &str, tmp: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut want = vec![0u8; len];
+    Prng::new(seed).fill(&mut want);
+    let src = tmp.join("src.raw");
+    std::fs::write(&src, &want).unwrap();
+    let (ok, text) = qemu_io(
+        uri,
+        &[
+            format!("write -s {} 0 {len}", src.display()),
+            "flush".to_string(),
+        ],
+    );
+    assert!(ok, "{text}");
+    want
+}
+
 /// The volume's first `len` bytes, copied out with nbdcopy.
 fn volume_bytes(uri: &str, tmp: &Path, len: u64) -> Vec<u8> {
     let out = tmp.join("copy.raw");
@@ -473,19 +491,8 @@ fn a_takeover_fetches_ranges_from_the_store_as_they_are_read() {
     let (tmp, url, a_dir, sock) = pool_on_store("lazy");
     let a = serve(&a_dir, &sock, &[]);
     create_volume(&a_dir);
-    // Random bytes: nothing to compress or deduplicate, so the store holds 24 MiB of them.
-    let mut want = vec![0u8; 24 << 20];
-    Prng::new(23).fill(&mut want);
-    let src = tmp.join("src.raw");
-    std::fs::write(&src, &want).unwrap();
-    let (ok, text) = qemu_io(
-        &a.unix_uri("v"),
-        &[
-            format!("write -s {} 0 {}", src.display(), want.len()),
-            "flush".to_string(),
-        ],
-    );
-    assert!(ok, "{text}");
+    // The store holds 24 MiB of random bytes.
+    let mut want = write_random(&a.unix_uri("v"), tmp.path(), 24 << 20, 23);
     // A clean stop: its last checkpoint covers every record, so the next node's open replays
     // no log tail (a tail is read, and so fetched, at open).
     a.stop();
@@ -695,19 +702,7 @@ fn a_local_cache_keeps_the_pool_within_its_budget() {
     }
     let a = serve(&a_dir, &sock, &cache);
     create_volume(&a_dir);
-    // Random bytes: nothing to compress or deduplicate.
-    let mut want = vec![0u8; 56 << 20];
-    Prng::new(29).fill(&mut want);
-    let src = tmp.join("src.raw");
-    std::fs::write(&src, &want).unwrap();
-    let (ok, text) = qemu_io(
-        &a.unix_uri("v"),
-        &[
-            format!("write -s {} 0 {}", src.display(), want.len()),
-            "flush".to_string(),
-        ],
-    );
-    assert!(ok, "{text}");
+    let mut want = write_random(&a.unix_uri("v"), tmp.path(), 56 << 20, 29);
     let within = |dir: &Path, evicted: u64| {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

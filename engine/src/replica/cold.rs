@@ -526,11 +526,7 @@ pub fn restore_cold(
     progress: &mut dyn FnMut(u64, u64),
     keep: bool,
 ) -> Result<ColdMap> {
-    let files = if keep {
-        super::open_devices(paths)?
-    } else {
-        super::create_devices(paths)?
-    };
+    let files = super::open_devices(paths, keep)?;
     let mut map = ColdMap::new(files.len());
     let io = |source: std::io::Error| Error::Io {
         device: 0,

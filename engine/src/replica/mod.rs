@@ -233,7 +233,7 @@ pub fn restore(
     next: &mut dyn FnMut() -> Result<Option<Vec<u8>>>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
-    let files = create_devices(paths)?;
+    let files = open_devices(paths, false)?;
     let (mut batches, mut bytes) = (0u64, 0u64);
     while let Some(b) = next()? {
         apply_batch(&files, &b)?;
@@ -256,25 +256,9 @@ fn sync_devices(files: &[File], paths: &[std::path::PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Open the pool's device files as they are, for a restore that keeps them.
-fn open_devices(paths: &[std::path::PathBuf]) -> Result<Vec<File>> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(|source| Error::File {
-                    path: p.clone(),
-                    source,
-                })
-        })
-        .collect()
-}
-
-/// Create (or truncate) the pool's device files for a restore.
-fn create_devices(paths: &[std::path::PathBuf]) -> Result<Vec<File>> {
+/// The pool's device files for a restore: created (or truncated), or with `keep` opened as
+/// they are.
+fn open_devices(paths: &[std::path::PathBuf], keep: bool) -> Result<Vec<File>> {
     use std::os::unix::fs::OpenOptionsExt;
     paths
         .iter()
@@ -282,8 +266,8 @@ fn create_devices(paths: &[std::path::PathBuf]) -> Result<Vec<File>> {
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create(!keep)
+                .truncate(!keep)
                 .mode(0o600)
                 .open(p)
                 .map_err(|source| Error::File {
