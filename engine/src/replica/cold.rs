@@ -106,23 +106,26 @@ fn cut(map: &mut BTreeMap<u64, Cold>, start: u64, end: u64) -> u64 {
     removed
 }
 
+/// Piece `(s, c)` clipped to `start..end` (which it overlaps).
+pub(crate) fn clip((s, c): (u64, &Cold), start: u64, end: u64) -> Piece {
+    let from = s.max(start);
+    (
+        from,
+        Cold {
+            end: c.end.min(end),
+            object: c.object.clone(),
+            at: c.at + (from - s),
+        },
+    )
+}
+
 /// The entries of `map` over `start..end`, clipped to it, in order.
 fn clipped(map: &BTreeMap<u64, Cold>, start: u64, end: u64) -> Vec<Piece> {
     let mut out: Vec<Piece> = map
         .range(..end)
         .rev()
         .take_while(|(_, c)| c.end > start)
-        .map(|(&s, c)| {
-            let from = s.max(start);
-            (
-                from,
-                Cold {
-                    end: c.end.min(end),
-                    object: c.object.clone(),
-                    at: c.at + (from - s),
-                },
-            )
-        })
+        .map(|(&s, c)| clip((s, c), start, end))
         .collect();
     out.reverse();
     out

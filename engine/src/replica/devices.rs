@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::cold::{subtract, ColdMap, Piece};
+use super::cold::{clip, subtract, ColdMap, Piece};
 use super::{Placed, Replica, BATCH_DATA_BYTES};
 use crate::format::{
     ExtentKind, ReplicaBatch, ReplicaExtent, IO_ALIGN, REPLICA_EXTENT_BYTES, REPLICA_HEADER_BYTES,
@@ -80,7 +80,7 @@ pub(crate) struct MirrorOptions {
 }
 
 /// Device bytes per unit a local cache follows: when it was last read or written, and whether
-/// a write of it is in flight.
+/// a read or write of it is in flight.
 const CHUNK_SHIFT: u32 = 22;
 /// How often the evictor looks at the local files' size (a round of the cache's clock).
 const EVICT_EVERY: Duration = Duration::from_millis(200);
@@ -98,7 +98,7 @@ struct Cache {
     /// flight (the low 32 bits). An eviction drops a range only if no read or write of its
     /// chunk was in flight or began since it looked at what was not committed yet: a read
     /// that began before would find a hole, and a write's bytes would be lost.
-    writes: Vec<Vec<AtomicU64>>,
+    ops: Vec<Vec<AtomicU64>>,
     /// Per device and chunk: the round of its last read or write.
     used: Vec<Vec<AtomicU32>>,
     round: AtomicU32,
@@ -106,15 +106,15 @@ struct Cache {
 
 impl Cache {
     fn new(limit: u64, sizes: impl Iterator<Item = u64>) -> Cache {
-        let (mut writes, mut used) = (Vec::new(), Vec::new());
+        let (mut ops, mut used) = (Vec::new(), Vec::new());
         for size in sizes {
             let n = size.div_ceil(1 << CHUNK_SHIFT) as usize;
-            writes.push((0..n).map(|_| AtomicU64::new(0)).collect());
+            ops.push((0..n).map(|_| AtomicU64::new(0)).collect());
             used.push((0..n).map(|_| AtomicU32::new(0)).collect());
         }
         Cache {
             limit,
-            writes,
+            ops,
             used,
             round: AtomicU32::new(1),
         }
@@ -141,14 +141,14 @@ impl Cache {
     fn begin(&self, dev: u16, start: u64, end: u64) {
         self.touch(dev, start, end);
         for c in self.chunks(dev, start, end) {
-            self.writes[usize::from(dev)][c].fetch_add((1 << 32) + 1, Ordering::SeqCst);
+            self.ops[usize::from(dev)][c].fetch_add((1 << 32) + 1, Ordering::SeqCst);
         }
     }
 
     /// After it completed (a write: and was noted).
     fn end(&self, dev: u16, start: u64, end: u64) {
         for c in self.chunks(dev, start, end) {
-            self.writes[usize::from(dev)][c].fetch_sub(1, Ordering::SeqCst);
+            self.ops[usize::from(dev)][c].fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -513,18 +513,8 @@ impl Shared {
         let mut result = self.fetch_all(cold, dev, &mine);
         // What was tried of the read's own range, to compare with what is left of it.
         let mut tried: Vec<Piece> = mine
-            .into_iter()
-            .map(|(s, c)| {
-                let from = s.max(start);
-                (
-                    from,
-                    super::cold::Cold {
-                        end: c.end.min(end),
-                        at: c.at + (from - s),
-                        object: c.object,
-                    },
-                )
-            })
+            .iter()
+            .map(|(s, c)| clip((*s, c), start, end))
             .collect();
         if let Err(e) = self.fetch_all(cold, dev, &rest) {
             tracing::debug!(target: "ingot_engine::replica", error = %e, "a read's window: not fetched");
@@ -1232,7 +1222,7 @@ impl Shared {
             // write that begins after this changes them, and its range is not dropped.
             let seen: Vec<u64> = group
                 .iter()
-                .map(|&(_, dev, c)| cache.writes[usize::from(dev)][c].load(Ordering::SeqCst))
+                .map(|&(_, dev, c)| cache.ops[usize::from(dev)][c].load(Ordering::SeqCst))
                 .collect();
             // Held while ranges are dropped: no upload takes ranges to send or commits them
             // meanwhile, so what is not noted nor sent is committed where the map says.
@@ -1266,7 +1256,7 @@ impl Shared {
                 done += cold.evict(
                     dev,
                     &clean,
-                    || cache.writes[usize::from(dev)][c].load(Ordering::SeqCst) == seen,
+                    || cache.ops[usize::from(dev)][c].load(Ordering::SeqCst) == seen,
                     || self.replica.devices_partial(),
                     |at, len| self.inner.discard(dev, at, len),
                 )?;
