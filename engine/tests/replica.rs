@@ -378,11 +378,14 @@ const CACHE_BUDGET: u64 = 40 << 20;
 
 /// A new pool of 256 MiB with a replica in memory and a local cache of [`CACHE_BUDGET`], and
 /// its volume `v` of 128 MiB.
-fn cache_pool(io: IoKind) -> (tempfile::TempDir, Arc<Memory>, Pool) {
+fn cache_pool(io: IoKind, rebase_bytes: u64) -> (tempfile::TempDir, Arc<Memory>, Pool) {
     let a = new_pool(io, 256 << 20);
     let r = Arc::new(Memory::default());
+    // A base deletes the objects before it, as the CLI's collector does.
+    r.collect.store(true, Ordering::Relaxed);
     let o = PoolOptions {
         replica_cache_bytes: CACHE_BUDGET,
+        replica_rebase_bytes: rebase_bytes,
         ..opts(io, Some(r.clone()), true)
     };
     let pool = Pool::open(a.path(), &o).unwrap();
@@ -422,7 +425,7 @@ fn read_all(v: &ingot_engine::Volume, len: usize) -> Vec<u8> {
 /// what is cold. A base copies the dropped ranges, so that once the objects before it are gone
 /// every block still reads back; a restore from the base gives the same pool.
 fn local_cache(io: IoKind) {
-    let (a, r, pool) = cache_pool(io);
+    let (a, r, pool) = cache_pool(io, u64::MAX);
     let budget = CACHE_BUDGET;
     let v = pool.volume("v").unwrap();
     let len = 96 << 20;
@@ -461,7 +464,6 @@ fn local_cache(io: IoKind) {
         "{} bytes cold: the holes are not",
         cold.cold_bytes()
     );
-    r.collect.store(true, Ordering::Relaxed);
     let o = PoolOptions {
         replica_cache_bytes: budget,
         replica_cold: Some(cold),
@@ -774,7 +776,9 @@ fn local_acknowledgement_commits_behind_and_a_kept_pool_sends_a_base_first() {
 /// are dropped while the other thread works, and coming back reads them from the store and
 /// writes over them. Every read returns the last bytes written there.
 fn cache_under_load(io: IoKind) {
-    let (_a, _r, pool) = cache_pool(io);
+    // Bases as well, every 64 MiB of history past twice the data: they copy cold ranges
+    // from the store while reads fetch them and writes go over them.
+    let (_a, _r, pool) = cache_pool(io, 64 << 20);
     let v = pool.volume("v").unwrap();
     let half: u64 = 64 << 20;
     let window: u64 = 16 << 20;
