@@ -892,7 +892,6 @@ pub fn prepare_serve(
     replica.history.store(history, Ordering::Release);
     // A directory this node left cleanly keeps its files: a listing says where the store
     // has each range (a local cache drops ranges by it), and which of its holes are cold.
-    let partial = sf_partial;
     if keep {
         replica.rebase_now.store(true, Ordering::Release);
         if local_cache {
@@ -900,7 +899,7 @@ pub fn prepare_serve(
             // whether ranges were dropped.
             *replica.cold.lock() = Some(Arc::new(ColdMap::new(device_paths(dir)?.len())));
         }
-    } else if !current || partial || local_cache {
+    } else if !current || sf_partial || local_cache {
         let (cold, history) = restore_from(dir, &p, &url, head, seal, current)?;
         if !current {
             replica.history.store(history, Ordering::Release);

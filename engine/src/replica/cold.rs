@@ -106,6 +106,14 @@ fn cut(map: &mut BTreeMap<u64, Cold>, start: u64, end: u64) -> u64 {
     removed
 }
 
+/// Make `start..c.end` of `map` the range `c` says, replacing what overlaps it. Returns the
+/// bytes it replaced.
+fn place(map: &mut BTreeMap<u64, Cold>, start: u64, c: Cold) -> u64 {
+    let removed = cut(map, start, c.end);
+    map.insert(start, c);
+    removed
+}
+
 /// Piece `(s, c)` clipped to `start..end` (which it overlaps).
 pub(crate) fn clip((s, c): (u64, &Cold), start: u64, end: u64) -> Piece {
     let from = s.max(start);
@@ -138,26 +146,12 @@ pub(crate) fn subtract(a: &[Piece], b: &[(u64, u64)]) -> Vec<Piece> {
         let mut at = *s;
         for &(bs, be) in b.iter().filter(|(bs, be)| *be > *s && *bs < c.end) {
             if bs > at {
-                out.push((
-                    at,
-                    Cold {
-                        end: bs,
-                        object: c.object.clone(),
-                        at: c.at + (at - s),
-                    },
-                ));
+                out.push(clip((*s, c), at, bs));
             }
             at = at.max(be);
         }
         if at < c.end {
-            out.push((
-                at,
-                Cold {
-                    end: c.end,
-                    object: c.object.clone(),
-                    at: c.at + (at - s),
-                },
-            ));
+            out.push(clip((*s, c), at, c.end));
         }
     }
     out
@@ -235,21 +229,19 @@ impl ColdMap {
     /// only there.
     fn set(&mut self, dev: u16, start: u64, end: u64, object: Arc<str>, at: u64) {
         let c = Cold { end, object, at };
-        let stored = self.stored[usize::from(dev)].get_mut();
-        cut(stored, start, end);
-        stored.insert(start, c.clone());
-        let map = self.devs[usize::from(dev)].get_mut();
-        let removed = cut(map, start, end);
-        map.insert(start, c);
+        place(self.stored[usize::from(dev)].get_mut(), start, c.clone());
+        let removed = place(self.devs[usize::from(dev)].get_mut(), start, c);
         *self.bytes.get_mut() += (end - start) - removed;
     }
 
     /// Bytes `start..end` of device `dev` are local, and also in `object` at `at` (an inline
     /// batch applied to the local files).
     fn set_local(&mut self, dev: u16, start: u64, end: u64, object: Arc<str>, at: u64) {
-        let stored = self.stored[usize::from(dev)].get_mut();
-        cut(stored, start, end);
-        stored.insert(start, Cold { end, object, at });
+        place(
+            self.stored[usize::from(dev)].get_mut(),
+            start,
+            Cold { end, object, at },
+        );
         let removed = cut(self.devs[usize::from(dev)].get_mut(), start, end);
         *self.bytes.get_mut() -= removed;
     }
@@ -270,25 +262,13 @@ impl ColdMap {
             object: object.clone(),
             at,
         };
-        {
-            let mut stored = self.stored[usize::from(dev)].lock();
-            cut(&mut stored, start, end);
-            stored.insert(start, c);
-        }
+        place(&mut self.stored[usize::from(dev)].lock(), start, c.clone());
         if self.is_empty() {
             return;
         }
         let mut map = self.devs[usize::from(dev)].lock();
         for (from, p) in clipped(&map, start, end) {
-            cut(&mut map, from, p.end);
-            map.insert(
-                from,
-                Cold {
-                    end: p.end,
-                    object: object.clone(),
-                    at: at + (from - start),
-                },
-            );
+            place(&mut map, from, clip((start, &c), from, p.end).1);
         }
     }
 
@@ -329,47 +309,40 @@ impl ColdMap {
             return Ok(0);
         }
         let _punching = self.gate.read();
-        {
-            let _whole = self.whole_lock.lock();
-            if self.sealed.load(Ordering::Acquire) {
-                return Ok(0);
-            }
-            if !self.partial_noted.load(Ordering::Acquire) {
-                partial()?;
-                self.partial_noted.store(true, Ordering::Release);
-            }
-            let was_whole = self.whole.swap(false, Ordering::AcqRel);
-            self.evictions.fetch_add(1, Ordering::AcqRel);
-            let mut map = self.devs[usize::from(dev)].lock();
-            // Counted before `clean` looks (both sequentially consistent): a read or write
-            // that begins after that look finds the map not empty, so it takes the map's
-            // lock and sees the ranges cold; one that began before makes `clean` false.
-            let total: u64 = pieces.iter().map(|(s, c)| c.end - s).sum();
-            self.bytes.fetch_add(total, Ordering::SeqCst);
-            if !clean() {
-                self.bytes.fetch_sub(total, Ordering::SeqCst);
-                // Nothing was dropped (the store's record stays partial: only a cost).
-                self.whole.store(was_whole, Ordering::Release);
-                return Ok(0);
-            }
-            for (s, c) in pieces {
-                let removed = cut(&mut map, *s, c.end);
-                map.insert(*s, c.clone());
-                self.bytes.fetch_sub(removed, Ordering::SeqCst);
-            }
-            // The holes are punched under the map's lock: a fetch that lands these ranges
-            // (for a read that found them cold) looks at the map after, and its bytes are not
-            // punched (fetches land side by side under the gate, which does not keep them out).
-            let mut bytes = 0;
-            for (s, c) in pieces {
-                // A hole that failed to punch leaves local bytes nobody reads: only space is
-                // lost.
-                punch(*s, c.end - s)?;
-                bytes += c.end - s;
-            }
-            drop(map);
-            Ok(bytes)
+        let _whole = self.whole_lock.lock();
+        if self.sealed.load(Ordering::Acquire) {
+            return Ok(0);
         }
+        if !self.partial_noted.load(Ordering::Acquire) {
+            partial()?;
+            self.partial_noted.store(true, Ordering::Release);
+        }
+        let was_whole = self.whole.swap(false, Ordering::AcqRel);
+        self.evictions.fetch_add(1, Ordering::AcqRel);
+        let mut map = self.devs[usize::from(dev)].lock();
+        // Counted before `clean` looks (both sequentially consistent): a read or write that
+        // begins after that look finds the map not empty, so it takes the map's lock and sees
+        // the ranges cold; one that began before makes `clean` false.
+        let total: u64 = pieces.iter().map(|(s, c)| c.end - s).sum();
+        self.bytes.fetch_add(total, Ordering::SeqCst);
+        if !clean() {
+            self.bytes.fetch_sub(total, Ordering::SeqCst);
+            // Nothing was dropped (the store's record stays partial: only a cost).
+            self.whole.store(was_whole, Ordering::Release);
+            return Ok(0);
+        }
+        for (s, c) in pieces {
+            let removed = place(&mut map, *s, c.clone());
+            self.bytes.fetch_sub(removed, Ordering::SeqCst);
+        }
+        // The holes are punched under the map's lock: a fetch that lands these ranges (for a
+        // read that found them cold) looks at the map after, and its bytes are not punched
+        // (fetches land side by side under the gate, which does not keep them out). A hole that
+        // failed to punch leaves local bytes nobody reads: only space is lost.
+        for (s, c) in pieces {
+            punch(*s, c.end - s)?;
+        }
+        Ok(total)
     }
 
     /// `start..end` of device `dev` is local from now on: it is about to be written or

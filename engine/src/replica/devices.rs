@@ -1211,15 +1211,14 @@ impl Shared {
                 }
             }
         }
-        chunks.sort_unstable_by_key(|&(u, _, _)| round.wrapping_sub(u));
-        chunks.reverse();
+        chunks.sort_unstable_by_key(|&(u, _, _)| std::cmp::Reverse(round.wrapping_sub(u)));
         let mut done = 0;
         for group in chunks.chunks(EVICT_GROUP) {
             if done >= want || self.stop.load(Ordering::Acquire) {
                 break;
             }
-            // Each chunk's writes as they were before anything uncommitted is looked at: a
-            // write that begins after this changes them, and its range is not dropped.
+            // Each chunk's reads and writes as they were before anything uncommitted is looked
+            // at: one that begins after this changes them, and the chunk is not dropped.
             let seen: Vec<u64> = group
                 .iter()
                 .map(|&(_, dev, c)| cache.ops[usize::from(dev)][c].load(Ordering::SeqCst))
@@ -1261,7 +1260,6 @@ impl Shared {
                     |at, len| self.inner.discard(dev, at, len),
                 )?;
             }
-            drop(health);
         }
         Ok(done)
     }
