@@ -393,6 +393,10 @@ impl IoQueue for FaultQueue {
     fn in_flight(&self) -> usize {
         self.failed.len() + self.inner.in_flight()
     }
+    unsafe fn write_buf(&mut self, len: usize) -> AlignedBuf {
+        // SAFETY: the caller's contract.
+        unsafe { self.inner.write_buf(len) }
+    }
     fn wait(&mut self, bell: &Arc<Doorbell>) -> io::Result<()> {
         if !self.failed.is_empty() || self.inner.in_flight() == 0 {
             return self.submit(1);

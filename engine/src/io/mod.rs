@@ -16,7 +16,7 @@ pub mod uring;
 use std::io;
 use std::sync::Arc;
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, BufPool};
 pub use doorbell::Doorbell;
 
 thread_local! {
@@ -115,6 +115,15 @@ pub trait IoQueue: Send {
     /// that also waits on something else (a socket). `None`: wait with `submit(1)`.
     fn fd(&self) -> Option<std::os::fd::RawFd> {
         None
+    }
+    /// A buffer of `len` bytes for a write this queue will carry: from the buffers the queue
+    /// registered with the kernel when it has room (io_uring), else from the heap.
+    ///
+    /// # Safety
+    /// As [`AlignedBuf::new_uninit`]: every byte must be written before the buffer is read.
+    unsafe fn write_buf(&mut self, len: usize) -> AlignedBuf {
+        // SAFETY: the caller's contract.
+        unsafe { AlignedBuf::new_uninit(len) }
     }
 }
 

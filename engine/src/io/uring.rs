@@ -9,7 +9,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring, Probe};
 
 use super::sync::FileSet;
-use super::{Devices, Doorbell, IoDone, IoOp, IoQueue, OpKind};
+use super::{AlignedBuf, BufPool, Devices, Doorbell, IoDone, IoOp, IoQueue, OpKind};
 
 /// Check that the kernel offers io_uring with the opcodes we use.
 pub fn probe() -> io::Result<()> {
@@ -77,6 +77,34 @@ impl Devices for UringDevices {
 /// `user_data` of the doorbell's eventfd read (slots are indexed from 0).
 const BELL: u64 = u64::MAX;
 
+/// Bytes of write buffers each ring registers: room for 32 full records (1 MiB of blocks and
+/// their 16 KiB header area each) or many more small ones; smaller sizes are tried when the
+/// kernel refuses (an unprivileged user's `RLIMIT_MEMLOCK`), and none at all still works.
+const POOL_BYTES: [usize; 3] = [34 << 20, 8 << 20, 2 << 20];
+
+/// The fixed-buffer index of the pool: it is registered as one buffer.
+const POOL_INDEX: u16 = 0;
+
+/// A pool registered with `ring`, or `None` if the kernel refused every size.
+fn register_pool(ring: &IoUring) -> Option<Arc<BufPool>> {
+    for bytes in POOL_BYTES {
+        let pool = BufPool::new(bytes);
+        let (base, len) = pool.region();
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        // SAFETY: the region is valid for `len` bytes and the kernel pins its pages; the ring
+        // reaches it only through ops whose buffers hold a count on the pool (`Drop` waits
+        // for those, or leaks them).
+        match unsafe { ring.submitter().register_buffers(&[iov]) } {
+            Ok(()) => return Some(pool),
+            Err(e) => tracing::debug!("io_uring refused {len} bytes of fixed buffers: {e}"),
+        }
+    }
+    None
+}
+
 /// One ring. Ops in flight live in `slots` (indexed by user_data) until their completion.
 pub struct UringQueue {
     /// Where the doorbell's eventfd read lands, when one is armed. Leaked, not freed: a read
@@ -90,6 +118,8 @@ pub struct UringQueue {
     done: Vec<IoDone>,
     in_kernel: usize,
     registered: bool,
+    /// Buffers registered with the ring (see [`BufPool`]), if the kernel took them.
+    fixed: Option<Arc<BufPool>>,
     fds: Vec<i32>,
     // Keeps the fds open for as long as the ring uses them.
     _files: Vec<std::fs::File>,
@@ -107,6 +137,7 @@ impl UringQueue {
         let fds: Vec<i32> = owned.iter().map(|f| f.as_raw_fd()).collect();
         // Registered files save an fget/fput per op; fall back to plain fds if refused.
         let registered = ring.submitter().register_files(&fds).is_ok();
+        let fixed = register_pool(&ring);
         Ok(UringQueue {
             bell_buf: Box::leak(Box::new([0u8; 8])),
             bell_armed: false,
@@ -117,6 +148,7 @@ impl UringQueue {
             done: Vec::new(),
             in_kernel: 0,
             registered,
+            fixed,
             fds,
             _files: owned,
         })
@@ -141,7 +173,24 @@ impl UringQueue {
                 }
             };
             let len = op.len as u32;
+            let fixed = self.fixed.as_ref().is_some_and(|p| op.buf.is_in(p));
             let entry = match (op.kind, self.registered) {
+                (OpKind::Write, true) if fixed => opcode::WriteFixed::new(
+                    types::Fixed(op.dev as u32),
+                    op.buf.as_ptr(),
+                    len,
+                    POOL_INDEX,
+                )
+                .offset(op.offset)
+                .build(),
+                (OpKind::Write, false) if fixed => opcode::WriteFixed::new(
+                    types::Fd(self.fds[op.dev as usize]),
+                    op.buf.as_ptr(),
+                    len,
+                    POOL_INDEX,
+                )
+                .offset(op.offset)
+                .build(),
                 (OpKind::Read, true) => {
                     opcode::Read::new(types::Fixed(op.dev as u32), op.buf.as_mut_ptr(), len)
                         .offset(op.offset)
@@ -234,6 +283,16 @@ impl Drop for UringQueue {
 }
 
 impl IoQueue for UringQueue {
+    unsafe fn write_buf(&mut self, len: usize) -> AlignedBuf {
+        if let Some(pool) = &self.fixed {
+            // SAFETY: the caller's contract.
+            if let Some(b) = unsafe { pool.take(len) } {
+                return b;
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { AlignedBuf::new_uninit(len) }
+    }
     fn push(&mut self, op: IoOp) {
         self.pending.push_back(op);
     }
@@ -307,5 +366,88 @@ impl IoQueue for UringQueue {
             return Ok(());
         }
         self.submit(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::IoOp;
+
+    fn queue(dir: &std::path::Path) -> UringQueue {
+        let path = dir.join("dev.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let files = FileSet::open(&[path]).unwrap();
+        UringQueue::new(&files, 64).unwrap()
+    }
+
+    fn write(q: &mut UringQueue, offset: u64, buf: AlignedBuf) -> IoDone {
+        let len = buf.len();
+        q.push(IoOp {
+            kind: OpKind::Write,
+            dev: 0,
+            offset,
+            len,
+            buf,
+            tag: 7,
+        });
+        q.submit(1).unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            q.reap(&mut done);
+        }
+        done.pop().unwrap()
+    }
+
+    /// Writes from the registered pool reach the file like any other, the pool gets its
+    /// chunks back when the buffers drop, and a request the pool cannot hold comes from the
+    /// heap instead of failing.
+    #[test]
+    fn writes_from_registered_buffers_land_and_give_their_chunks_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = queue(dir.path());
+        let pool = q
+            .fixed
+            .clone()
+            .expect("the kernel takes the buffers (root here)");
+        let (_, pool_bytes) = pool.region();
+
+        // SAFETY: filled whole below before any read.
+        let mut b = unsafe { q.write_buf(3 * 4096) };
+        assert!(b.is_in(&pool));
+        assert_eq!(b.len(), 3 * 4096);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        let expect = b.to_vec();
+        let done = write(&mut q, 1 << 20, b);
+        assert!(done.result.is_ok(), "{:?}", done.result);
+        drop(done);
+        assert_eq!(pool.in_use(), 0, "the written buffer went back");
+        let mut got = vec![0u8; expect.len()];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(dir.path().join("dev.img")).unwrap(),
+            &mut got,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(got, expect);
+
+        // The whole pool in one buffer, then one more: from the heap.
+        // SAFETY: never read.
+        let whole = unsafe { q.write_buf(pool_bytes) };
+        assert!(whole.is_in(&pool));
+        // SAFETY: as above.
+        let spill = unsafe { q.write_buf(4096) };
+        assert!(!spill.is_in(&pool));
+        drop(whole);
+        // SAFETY: as above.
+        let again = unsafe { q.write_buf(4096) };
+        assert!(again.is_in(&pool));
+        drop(again);
+        assert_eq!(pool.in_use(), 0);
     }
 }

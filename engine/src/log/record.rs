@@ -59,8 +59,19 @@ impl Layout {
     }
 
     /// The record's buffer with its payloads in place: the header area and the tail after the
-    /// last payload zeroed, nothing left uninitialised.
-    pub(crate) fn fill(&self, raw: &[&[u8]], packed: &[impl AsRef<[u8]>]) -> AlignedBuf {
+    /// last payload zeroed, nothing left uninitialised. `b` is a buffer of `record_bytes`
+    /// whose contents do not matter (from `IoQueue::write_buf`).
+    pub(crate) fn fill(
+        &self,
+        mut b: AlignedBuf,
+        raw: &[&[u8]],
+        packed: &[impl AsRef<[u8]>],
+    ) -> AlignedBuf {
+        assert_eq!(
+            b.len(),
+            self.record_bytes,
+            "a buffer of the record's length"
+        );
         assert_eq!(raw.len(), self.raw_count, "raw payloads as laid out");
         assert_eq!(
             packed.len(),
@@ -71,7 +82,6 @@ impl Layout {
         // below (the asserts bound them by the layout) and the tail past the last payload is
         // zeroed, so all `record_bytes` are initialised before the first slice access.
         unsafe {
-            let mut b = AlignedBuf::new_uninit(self.record_bytes);
             let base = b.as_mut_ptr();
             std::ptr::write_bytes(base, 0, self.header_bytes);
             let mut at = self.header_bytes;

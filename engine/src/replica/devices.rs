@@ -1440,6 +1440,10 @@ impl IoQueue for MirrorQueue {
     fn in_flight(&self) -> usize {
         self.inner.in_flight() + self.parked_n
     }
+    unsafe fn write_buf(&mut self, len: usize) -> AlignedBuf {
+        // SAFETY: the caller's contract.
+        unsafe { self.inner.write_buf(len) }
+    }
     fn wait(&mut self, bell: &Arc<Doorbell>) -> io::Result<()> {
         if self.parked_n == 0 {
             return self.inner.wait(bell);

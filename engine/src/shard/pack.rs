@@ -348,7 +348,9 @@ impl Shard {
                 }
             }
         }
-        let mut buf = layout.fill(&plan.raw, &plan.packed);
+        // SAFETY: `fill` writes every byte of it.
+        let buf = unsafe { self.queue.write_buf(layout.record_bytes) };
+        let mut buf = layout.fill(buf, &plan.raw, &plan.packed);
         let packed_crc: Vec<u32> = plan
             .packed
             .iter()
