@@ -51,7 +51,10 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(32);
+        // Runs of 16 consecutive ids (a record's blocks) land in consecutive buckets, one
+        // control group and four cache lines of entries, instead of 16 random misses.
+        let run = (v >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(32);
+        self.0 = (run & !15) | (v & 15);
     }
 }
 
