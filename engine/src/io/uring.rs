@@ -77,17 +77,46 @@ impl Devices for UringDevices {
 /// `user_data` of the doorbell's eventfd read (slots are indexed from 0).
 const BELL: u64 = u64::MAX;
 
-/// Bytes of write buffers each ring registers: room for 32 full records (1 MiB of blocks and
-/// their 16 KiB header area each) or many more small ones; smaller sizes are tried when the
-/// kernel refuses (an unprivileged user's `RLIMIT_MEMLOCK`), and none at all still works.
+/// Bytes of write buffers a ring registers: room for 32 full records (1 MiB of blocks and
+/// their 16 KiB header area each); smaller sizes are tried when the kernel refuses (an
+/// unprivileged user's `RLIMIT_MEMLOCK`) or the process's budget runs low, and none at all
+/// still works (heap buffers).
 const POOL_BYTES: [usize; 3] = [34 << 20, 8 << 20, 2 << 20];
+
+/// Registered bytes the whole process may hold (the pages are pinned: a machine with many
+/// cores runs a shard per core, each with its own ring).
+const POOL_BUDGET: usize = 256 << 20;
+
+/// Registered bytes held by the rings alive now.
+static POOL_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A ring's registered buffers.
+enum Fixed {
+    /// No long write yet.
+    Untried,
+    /// Registered: the pool, and the bytes counted in `POOL_HELD`.
+    Pool(Arc<BufPool>, usize),
+    /// Refused (or no budget left): heap buffers.
+    None,
+}
+
+/// Writes shorter than this take heap buffers: pinning a few pages costs little, and 4k random
+/// writes over NBD (records of 13-15 blocks) ran 8% slower from the pool (four alternating
+/// rounds, docs/benchmarks.md).
+const FIXED_MIN_BYTES: usize = 256 << 10;
 
 /// The fixed-buffer index of the pool: it is registered as one buffer.
 const POOL_INDEX: u16 = 0;
 
-/// A pool registered with `ring`, or `None` if the kernel refused every size.
-fn register_pool(ring: &IoUring) -> Option<Arc<BufPool>> {
+/// A pool registered with `ring` within the process's budget, or `Fixed::None` if the kernel
+/// refused every size that fits.
+fn register_pool(ring: &IoUring) -> Fixed {
+    use std::sync::atomic::Ordering;
     for bytes in POOL_BYTES {
+        if POOL_HELD.fetch_add(bytes, Ordering::AcqRel) + bytes > POOL_BUDGET {
+            POOL_HELD.fetch_sub(bytes, Ordering::AcqRel);
+            continue;
+        }
         let pool = BufPool::new(bytes);
         let (base, len) = pool.region();
         let iov = libc::iovec {
@@ -98,11 +127,14 @@ fn register_pool(ring: &IoUring) -> Option<Arc<BufPool>> {
         // reaches it only through ops whose buffers hold a count on the pool (`Drop` waits
         // for those, or leaks them).
         match unsafe { ring.submitter().register_buffers(&[iov]) } {
-            Ok(()) => return Some(pool),
-            Err(e) => tracing::debug!("io_uring refused {len} bytes of fixed buffers: {e}"),
+            Ok(()) => return Fixed::Pool(pool, bytes),
+            Err(e) => {
+                POOL_HELD.fetch_sub(bytes, Ordering::AcqRel);
+                tracing::debug!("io_uring refused {len} bytes of fixed buffers: {e}");
+            }
         }
     }
-    None
+    Fixed::None
 }
 
 /// One ring. Ops in flight live in `slots` (indexed by user_data) until their completion.
@@ -118,8 +150,9 @@ pub struct UringQueue {
     done: Vec<IoDone>,
     in_kernel: usize,
     registered: bool,
-    /// Buffers registered with the ring (see [`BufPool`]), if the kernel took them.
-    fixed: Option<Arc<BufPool>>,
+    /// Buffers registered with the ring (see [`BufPool`]): registered at the first long
+    /// write, so rings that never write one (a connection's reads) pin nothing.
+    fixed: Fixed,
     fds: Vec<i32>,
     // Keeps the fds open for as long as the ring uses them.
     _files: Vec<std::fs::File>,
@@ -137,7 +170,6 @@ impl UringQueue {
         let fds: Vec<i32> = owned.iter().map(|f| f.as_raw_fd()).collect();
         // Registered files save an fget/fput per op; fall back to plain fds if refused.
         let registered = ring.submitter().register_files(&fds).is_ok();
-        let fixed = register_pool(&ring);
         Ok(UringQueue {
             bell_buf: Box::leak(Box::new([0u8; 8])),
             bell_armed: false,
@@ -148,7 +180,7 @@ impl UringQueue {
             done: Vec::new(),
             in_kernel: 0,
             registered,
-            fixed,
+            fixed: Fixed::Untried,
             fds,
             _files: owned,
         })
@@ -173,7 +205,11 @@ impl UringQueue {
                 }
             };
             let len = op.len as u32;
-            let fixed = self.fixed.as_ref().is_some_and(|p| op.buf.is_in(p));
+            let fixed = match &self.fixed {
+                // The whole range lies in the registered region only if it lies in the buffer.
+                Fixed::Pool(p, _) => op.buf.is_in(p) && op.len <= op.buf.len(),
+                _ => false,
+            };
             let entry = match (op.kind, self.registered) {
                 (OpKind::Write, true) if fixed => opcode::WriteFixed::new(
                     types::Fixed(op.dev as u32),
@@ -279,15 +315,24 @@ impl Drop for UringQueue {
             // Could not wait: leak the buffers rather than free memory the device may touch.
             std::mem::forget(std::mem::take(&mut self.slots));
         }
+        if let Fixed::Pool(_, bytes) = self.fixed {
+            // The ring closes with the queue, and its registration with it.
+            POOL_HELD.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
 
 impl IoQueue for UringQueue {
     unsafe fn write_buf(&mut self, len: usize) -> AlignedBuf {
-        if let Some(pool) = &self.fixed {
-            // SAFETY: the caller's contract.
-            if let Some(b) = unsafe { pool.take(len) } {
-                return b;
+        if len >= FIXED_MIN_BYTES {
+            if matches!(self.fixed, Fixed::Untried) {
+                self.fixed = register_pool(&self.ring);
+            }
+            if let Fixed::Pool(pool, _) = &self.fixed {
+                // SAFETY: the caller's contract.
+                if let Some(b) = unsafe { pool.take(len) } {
+                    return b;
+                }
             }
         }
         // SAFETY: the caller's contract.
@@ -402,23 +447,32 @@ mod tests {
         done.pop().unwrap()
     }
 
-    /// Writes from the registered pool reach the file like any other, the pool gets its
-    /// chunks back when the buffers drop, and a request the pool cannot hold comes from the
-    /// heap instead of failing.
+    /// Long writes from the registered pool reach the file like any other, the pool gets its
+    /// chunks back when the buffers drop, and a request the pool cannot hold (or a short one)
+    /// comes from the heap instead of failing.
     #[test]
     fn writes_from_registered_buffers_land_and_give_their_chunks_back() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = queue(dir.path());
-        let pool = q
-            .fixed
-            .clone()
-            .expect("the kernel takes the buffers (root here)");
-        let (_, pool_bytes) = pool.region();
+        assert!(
+            matches!(q.fixed, Fixed::Untried),
+            "nothing pinned before a long write"
+        );
+        // A short write's buffer comes from the heap, and registers nothing.
+        // SAFETY: never read.
+        let short = unsafe { q.write_buf(4096) };
+        assert!(matches!(q.fixed, Fixed::Untried));
 
         // SAFETY: filled whole below before any read.
-        let mut b = unsafe { q.write_buf(3 * 4096) };
+        let mut b = unsafe { q.write_buf(FIXED_MIN_BYTES + 3 * 4096) };
+        let Fixed::Pool(pool, _) = &q.fixed else {
+            panic!("the kernel refused the buffers (run as root, or raise RLIMIT_MEMLOCK)");
+        };
+        let pool = pool.clone();
+        let (_, pool_bytes) = pool.region();
         assert!(b.is_in(&pool));
-        assert_eq!(b.len(), 3 * 4096);
+        assert!(!short.is_in(&pool));
+        assert_eq!(b.len(), FIXED_MIN_BYTES + 3 * 4096);
         for (i, x) in b.iter_mut().enumerate() {
             *x = (i % 251) as u8;
         }
@@ -441,11 +495,11 @@ mod tests {
         let whole = unsafe { q.write_buf(pool_bytes) };
         assert!(whole.is_in(&pool));
         // SAFETY: as above.
-        let spill = unsafe { q.write_buf(4096) };
+        let spill = unsafe { q.write_buf(FIXED_MIN_BYTES) };
         assert!(!spill.is_in(&pool));
         drop(whole);
         // SAFETY: as above.
-        let again = unsafe { q.write_buf(4096) };
+        let again = unsafe { q.write_buf(FIXED_MIN_BYTES) };
         assert!(again.is_in(&pool));
         drop(again);
         assert_eq!(pool.in_use(), 0);

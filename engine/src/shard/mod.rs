@@ -702,7 +702,11 @@ impl Shard {
                     self.ctx.stages.device(Op::Write, r.sent);
                 }
                 r.result = Some(d.result);
-                r.buf = Some(d.buf);
+                // Kept only for a segment header, which a failure writes again; a record's
+                // buffer goes back now (to its ring's pool) rather than when it is applied.
+                if r.header_at.is_some() {
+                    r.buf = Some(d.buf);
+                }
             }
         }
         self.done = done;
