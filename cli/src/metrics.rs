@@ -314,6 +314,12 @@ pub fn render(s: &Stats) -> String {
         s.metadata_cache_evictions,
     );
     gauge(
+        "io_registered_bytes",
+        "Write buffers the io_uring rings registered (pinned) with the kernel.",
+        "gauge",
+        s.io_registered_bytes,
+    );
+    gauge(
         "process_rss_bytes",
         "Resident memory of the serving process, caches included.",
         "gauge",

@@ -229,6 +229,11 @@ pub struct Stats {
     pub checkpoint_seq: u64,
     pub last_seq: u64,
     pub io_engine: String,
+    /// Bytes of write buffers the process's io_uring rings registered with the kernel (pinned;
+    /// 0 when the kernel refused them, e.g. under a low `RLIMIT_MEMLOCK`, or with no long
+    /// write yet): records of 256 KiB and more are written from them.
+    #[serde(default)]
+    pub io_registered_bytes: u64,
     pub shards: usize,
     /// Bytes of sealed segments not holding live data: what cleaning can give back.
     pub reclaimable_bytes: u64,

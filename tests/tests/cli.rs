@@ -794,6 +794,7 @@ fn prometheus_metrics_from_the_cli_and_the_server() {
         "ingot_request_seconds_count{op=\"read\"} ",
         "ingot_device_seconds_sum{op=\"flush\"} ",
         "# TYPE ingot_queued_seconds summary",
+        "ingot_io_registered_bytes ",
     ] {
         assert!(text.contains(name), "{name:?} missing from:\n{text}");
     }
@@ -860,6 +861,11 @@ fn data_reduction_policy_and_stats() {
     let rss = u64_of(&s, "process_rss_bytes");
     assert!(meta > 0 && meta < rss, "metadata {meta}, rss {rss}: {s}");
     assert!(f64_of(&s, "ram_bytes_per_stored_block") > 0.0, "{s}");
+    // The raw volume's 1 MiB records went out from buffers the server's rings registered.
+    assert!(
+        u64_of(&s, "io_registered_bytes") >= 2 << 20,
+        "no registered write buffers (io_uring refused them?): {s}"
+    );
     let on = volume_stats(&s, "vol0");
     let raw = volume_stats(&s, "raw");
     assert_eq!(u64_of(&on, "mapped_bytes"), 8 * MIB);

@@ -135,7 +135,12 @@ fn print_stats(s: &Stats) {
         s.cache_hits,
         s.cache_misses
     );
-    outln!("engine          {} x {} shards", s.io_engine, s.shards);
+    outln!(
+        "engine          {} x {} shards, {} of registered write buffers",
+        s.io_engine,
+        s.shards,
+        human(s.io_registered_bytes)
+    );
     if s.write_back_limit_bytes > 0 {
         outln!(
             "write-back      {} of {} acknowledged, not yet stored ({} writes early since open)",

@@ -90,6 +90,11 @@ const POOL_BUDGET: usize = 256 << 20;
 /// Registered bytes held by the rings alive now.
 static POOL_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Bytes of write buffers the process's rings hold registered now.
+pub fn registered_bytes() -> usize {
+    POOL_HELD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A ring's registered buffers.
 enum Fixed {
     /// No long write yet.

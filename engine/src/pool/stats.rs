@@ -226,6 +226,7 @@ impl Pool {
             checkpoint_seq,
             last_seq: inner.ctx.seq.load(Ordering::Relaxed).saturating_sub(1),
             io_engine: inner.ctx.devices.engine_name().to_string(),
+            io_registered_bytes: crate::io::uring::registered_bytes() as u64,
             shards: inner.ctx.shards(),
             reclaimable_bytes: space
                 .seg_state
