@@ -230,6 +230,8 @@ impl Checkpointer {
             paused_us,
             // Of which waiting for every worker to stop (its queue and records in flight).
             stopping_us = all_paused_us,
+            // Then the dedup index's copy for the image.
+            index_us = paused_at.elapsed().as_micros() as u64 - paused_us,
             "workers paused for the image"
         );
         // Commit even when the mutation was refused (volume exists, not found): the shards
