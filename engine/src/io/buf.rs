@@ -122,8 +122,8 @@ impl BufPool {
         let chunks = bytes.div_ceil(CHUNK).max(1);
         let bytes = chunks * CHUNK;
         let layout = Layout::from_size_align(bytes, IO_ALIGN).expect("valid layout");
-        // SAFETY: layout has non-zero size. Zeroed so that a buffer handed out holds no
-        // earlier process's bytes before its first use (the pages are fresh anyway).
+        // SAFETY: layout has non-zero size. Zeroed once: fresh pages cost nothing more, and no
+        // buffer ever hands out bytes another allocation left.
         let raw = unsafe { alloc_zeroed(layout) };
         let base = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         let mut free = vec![0u64; chunks.div_ceil(64)];
