@@ -201,7 +201,7 @@ impl Volume {
                 len,
                 ctx.accepted_bytes.load(Ordering::Acquire),
                 &ctx.health,
-                &ctx.gc_stuck,
+                ctx.full_of_live_data(),
             );
         let timing = Some(Timing {
             since: Instant::now(),

@@ -2,7 +2,7 @@
 //! [`EarlyWrites`] owns the accounting: bytes and requests outstanding, the budget they may
 //! hold, and per-block pending counts that tell reads when the maps may be behind.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::api::BLOCK_BYTES;
 use crate::health::Health;
@@ -96,7 +96,7 @@ impl EarlyWrites {
         len: u64,
         accepted: u64,
         health: &Health,
-        gc_stuck: &AtomicBool,
+        full_of_live_data: bool,
     ) -> bool {
         if self.limit == 0 || health.is_faulted() || health.is_closed() {
             return false;
@@ -104,7 +104,7 @@ impl EarlyWrites {
         let before = self.bytes.fetch_add(len, Ordering::AcqRel);
         let ok = before + len <= self.budget.load(Ordering::Acquire)
             && before + len + accepted <= self.room.load(Ordering::Acquire)
-            && !gc_stuck.load(Ordering::Acquire);
+            && !full_of_live_data;
         if ok {
             self.jobs.fetch_add(1, Ordering::AcqRel);
             self.total.fetch_add(1, Ordering::Relaxed);

@@ -79,8 +79,11 @@ pub(crate) struct Context {
     pub checkpoint_due: AtomicU64,
     /// Punch freed segments out of the backing files (not for prefilled pools).
     pub discard_freed: bool,
-    /// The last automatic cleaning pass freed nothing: writes waiting for space fail now.
+    /// The last automatic cleaning pass freed nothing and could win nothing back: writes
+    /// waiting for space fail now (see [`Context::full_of_live_data`]).
     pub gc_stuck: AtomicBool,
+    /// `counters.client_written` when `gc_stuck` was last set.
+    pub gc_stuck_at: AtomicU64,
     /// Payload bytes the pool stores before writes of new blocks fail (see `usable_bytes`).
     pub usable_bytes: u64,
     /// Bytes of writes the shards have taken (see `Shard::reserve_capacity`) and not yet
@@ -176,6 +179,7 @@ impl Context {
             checkpoint_due: AtomicU64::new(u64::MAX),
             discard_freed: p.discard_freed,
             gc_stuck: AtomicBool::new(false),
+            gc_stuck_at: AtomicU64::new(0),
             usable_bytes: p.usable_bytes,
             accepted_bytes: AtomicU64::new(0),
             dedup: Mutex::new(p.dedup),
@@ -271,6 +275,21 @@ impl Context {
     }
 
     /// Sync every device.
+    /// Whether writes that wait for space should fail now: the cleaner found the pool full of
+    /// live data, and less than two segments were written since. Overwrites after that
+    /// verdict leave dead space a later pass takes back; a verdict older than them made four
+    /// writers of a 24-segment pool fail with no space while five segments were dead (the
+    /// flag, set right after the volume's first fill, outlived it until the next pass ended).
+    pub(crate) fn full_of_live_data(&self) -> bool {
+        self.gc_stuck.load(Ordering::Acquire)
+            && self
+                .counters
+                .client_written
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.gc_stuck_at.load(Ordering::Acquire))
+                < 2 * self.geo.segment_bytes
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.devices.sync().map_err(|source| Error::Sync { source })
     }

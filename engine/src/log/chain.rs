@@ -106,7 +106,7 @@ impl Chain {
         if stalled_since.is_some_and(|t| t.elapsed() > MAX_STALL) || self.ctx.health.is_faulted() {
             return false;
         }
-        if free <= reserve && self.ctx.gc_stuck.load(Ordering::Acquire) {
+        if free <= reserve && self.ctx.full_of_live_data() {
             // The cleaner cannot win space back: the pool is full of live data.
             self.ctx.wake.kick_cleaner();
             return false;

@@ -232,6 +232,10 @@ pub(crate) fn checkpointer(inner: Arc<Inner>, rx: Receiver<WakeMsg>) {
                     "stuck"
                 );
             }
+            if stuck {
+                let written = inner.ctx.counters.client_written.load(Ordering::Relaxed);
+                inner.ctx.gc_stuck_at.store(written, Ordering::Release);
+            }
             inner.ctx.gc_stuck.store(stuck, Ordering::Release);
             if r.segments_cleaned == 0 {
                 // Nothing behind the last checkpoint is worth cleaning: checkpoint, so that
