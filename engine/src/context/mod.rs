@@ -274,7 +274,6 @@ impl Context {
         }
     }
 
-    /// Sync every device.
     /// Whether writes that wait for space should fail now: the cleaner found the pool full of
     /// live data, and less than two segments were written since. Overwrites after that
     /// verdict leave dead space a later pass takes back; a verdict older than them made four
@@ -290,6 +289,7 @@ impl Context {
                 < 2 * self.geo.segment_bytes
     }
 
+    /// Sync every device.
     pub fn sync(&self) -> Result<()> {
         self.devices.sync().map_err(|source| Error::Sync { source })
     }
